@@ -1,0 +1,1 @@
+"""The ``flowyard`` CLI, deployment serving, schedules and Prefect API triggers."""

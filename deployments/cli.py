@@ -1,0 +1,101 @@
+"""The ``flowyard`` command line.
+
+Each pipeline adds a sub-command group from its own ``deployments/cli_<name>.py`` module.
+A :class:`~tasks.errors.UserError` anywhere becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from tasks.errors import UserError
+from tasks.settings import get_settings
+
+app = typer.Typer(
+    name="flowyard",
+    help="Database-heavy platform operations as Prefect pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# (module under deployments/, command group name)
+SUBCOMMANDS: list[tuple[str, str]] = [
+    ("cli_migrate", "migrate"),
+]
+
+
+@app.command()
+def up() -> None:
+    """Start embedded PostgreSQL (unless FLOWYARD_DATABASE_URL is set), the Prefect server and the deployments."""
+    from deployments import runtime
+
+    settings = get_settings()
+    runtime.up(settings)
+    _print_status()
+    typer.echo(f"Prefect UI: http://127.0.0.1:{settings.prefect_port}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the deployment server, the Prefect server and the embedded PostgreSQL."""
+    from deployments import runtime
+
+    stopped = runtime.down(get_settings())
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status() -> None:
+    """Say what runs and where."""
+    _print_status()
+
+
+@app.command()
+def demo() -> None:
+    """Run the demo pipelines through the Prefect API against the embedded default."""
+    from deployments.demo import run_demo
+
+    run_demo(get_settings())
+
+
+def _print_status() -> None:
+    from deployments import runtime
+
+    settings = get_settings()
+    st = runtime.status(settings)
+    embedded = {None: "not used (FLOWYARD_DATABASE_URL)", True: "running", False: "stopped"}[
+        st.embedded_running
+    ]
+    prefect = "stopped"
+    if st.prefect_pid or st.prefect_healthy:
+        health = "healthy" if st.prefect_healthy else "not answering"
+        prefect = f"pid {st.prefect_pid}, {settings.prefect_api_url} ({health})"
+    typer.echo(f"database:          {st.database}")
+    typer.echo(f"embedded postgres: {embedded} ({settings.pgdata})")
+    typer.echo(f"prefect server:    {prefect}")
+    typer.echo(f"deployments:       {'pid ' + str(st.serve_pid) if st.serve_pid else 'not served'}")
+
+
+def _register_subcommands() -> None:
+    for module_name, group in SUBCOMMANDS:
+        module = importlib.import_module(f"deployments.{module_name}")
+        app.add_typer(module.app, name=group)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"flowyard: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Bring flowyard's local runtime up and down: embedded PostgreSQL, Prefect server, deployment server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks import services
+from tasks.db import mask_url
+from tasks.embedded_pg import EmbeddedPostgres
+from tasks.prefect_runtime import SERVE, SERVER, api_healthy, serve_service, server_service, use_flowyard_api
+from tasks.settings import Settings
+from tasks.state import state_url
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    database: str
+    embedded_running: bool | None
+    prefect_pid: int | None
+    prefect_healthy: bool
+    serve_pid: int | None
+
+
+def embedded(settings: Settings) -> EmbeddedPostgres:
+    return EmbeddedPostgres(settings.pgdata, settings.pg_port)
+
+
+def ensure_prefect(settings: Settings) -> str:
+    """Start what is missing of PostgreSQL and the Prefect server; point this process at it."""
+    url = state_url()
+    if not api_healthy(settings.prefect_api_url):
+        services.start(server_service(settings, url), settings.run_dir)
+    use_flowyard_api(settings)
+    return url
+
+
+def up(settings: Settings) -> str:
+    url = ensure_prefect(settings)
+    services.start(serve_service(settings, PROJECT_DIR), settings.run_dir)
+    return url
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop the deployment server, the Prefect server, then the embedded PostgreSQL."""
+    stopped = [name for name in (SERVE, SERVER) if services.stop(settings.run_dir, name)]
+    if settings.database_url is None and embedded(settings).stop():
+        stopped.append("embedded-postgres")
+    return stopped
+
+
+def status(settings: Settings) -> RuntimeStatus:
+    server = embedded(settings)
+    database = mask_url(settings.database_url) if settings.database_url else server.url("flowyard")
+    return RuntimeStatus(
+        database=database,
+        embedded_running=None if settings.database_url else server.is_running(),
+        prefect_pid=services.running_pid(settings.run_dir, SERVER),
+        prefect_healthy=api_healthy(settings.prefect_api_url),
+        serve_pid=services.running_pid(settings.run_dir, SERVE),
+    )

@@ -1,0 +1,85 @@
+"""Serve every deployment declared in ``prefect.yaml`` from one long-running process.
+
+``prefect.yaml`` is the single source of truth: ``prefect deploy`` reads it for work-pool
+deployments, and this module reads the same entries to serve them in-process, so
+``flowyard up`` needs no work pool. Run as ``python -m deployments.serve [prefect.yaml]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from tasks.errors import UserError
+
+
+class ScheduleSpec(BaseModel):
+    cron: str | None = None
+    interval: float | None = Field(default=None, gt=0, description="seconds")
+    timezone: str | None = None
+    active: bool = True
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ScheduleSpec:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("a schedule needs exactly one of 'cron' or 'interval'")
+        return self
+
+
+class DeploymentSpec(BaseModel):
+    name: str
+    entrypoint: str = Field(pattern=r"^flows/[a-z_]+\.py:[a-z_]+$")
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    schedules: list[ScheduleSpec] = Field(default_factory=list)
+    concurrency_limit: int | None = None
+
+    def load_flow(self) -> Any:
+        """Import the flow object named by ``entrypoint`` (``flows/x.py:fn`` → ``flows.x.fn``)."""
+        path, attr = self.entrypoint.split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        return getattr(module, attr)
+
+
+def read_deployments(prefect_yaml: Path) -> list[DeploymentSpec]:
+    if not prefect_yaml.exists():
+        raise UserError(f"{prefect_yaml} not found; run from the flowyard project directory")
+    document = yaml.safe_load(prefect_yaml.read_text()) or {}
+    return [DeploymentSpec.model_validate(entry) for entry in document.get("deployments", [])]
+
+
+def to_deployment(spec: DeploymentSpec) -> Any:
+    from prefect.schedules import Cron, Interval
+
+    schedules = [
+        Cron(s.cron, timezone=s.timezone, active=s.active)
+        if s.cron
+        else Interval(s.interval, timezone=s.timezone, active=s.active)
+        for s in spec.schedules
+    ]
+    return spec.load_flow().to_deployment(
+        name=spec.name,
+        description=spec.description,
+        tags=spec.tags,
+        parameters=spec.parameters,
+        schedules=schedules,
+        concurrency_limit=spec.concurrency_limit,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    from prefect import serve
+
+    args = sys.argv[1:] if argv is None else argv
+    prefect_yaml = Path(args[0]) if args else Path("prefect.yaml")
+    serve(*[to_deployment(spec) for spec in read_deployments(prefect_yaml)], limit=8)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Trigger deployments over the Prefect REST API and wait for their final state.
+
+This is the same call a scheduler, a CI job or another service makes:
+``POST /api/deployments/{id}/create_flow_run`` with parameters, then polling the run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tasks.errors import UserError
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass(frozen=True)
+class FlowRunOutcome:
+    id: str
+    name: str
+    state: str
+    message: str | None
+
+
+def deployment_id(api_url: str, flow_name: str, deployment_name: str) -> str:
+    response = httpx.get(f"{api_url}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
+    if response.status_code == 404:
+        raise UserError(
+            f"deployment {flow_name}/{deployment_name} not found at {api_url}; is `flowyard up` running?"
+        )
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def create_flow_run(api_url: str, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> str:
+    """Create a flow run of a deployment; returns the flow run id."""
+    dep_id = deployment_id(api_url, flow_name, deployment_name)
+    response = httpx.post(
+        f"{api_url}/deployments/{dep_id}/create_flow_run", json={"parameters": parameters}, timeout=10
+    )
+    if response.status_code == 409 or response.status_code == 422:
+        raise UserError(f"Prefect refused the parameters for {flow_name}/{deployment_name}: {response.text}")
+    response.raise_for_status()
+    return str(response.json()["id"])
+
+
+def wait_for_flow_run(api_url: str, flow_run_id: str, timeout: float = 600.0) -> FlowRunOutcome:
+    """Poll the run until it reaches a terminal state (or ``timeout`` seconds pass)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()
+        state = run.get("state") or {}
+        if state.get("type") in TERMINAL or time.monotonic() > deadline:
+            return FlowRunOutcome(run["id"], run["name"], state.get("type", "UNKNOWN"), state.get("message"))
+        time.sleep(1.0)
+
+
+def run_deployment(
+    api_url: str, flow_name: str, deployment_name: str, parameters: dict[str, Any], timeout: float = 600.0
+) -> FlowRunOutcome:
+    return wait_for_flow_run(
+        api_url, create_flow_run(api_url, flow_name, deployment_name, parameters), timeout
+    )

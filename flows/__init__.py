@@ -1,0 +1,1 @@
+"""Prefect flows: one thin module per pipeline, composing tasks from ``tasks``."""

@@ -1,0 +1,1 @@
+"""Data-quality suites, scoring and profiling."""

@@ -1,0 +1,1 @@
+"""Retryable Prefect tasks and the shared flowyard runtime (settings, connections, embedded PostgreSQL)."""

@@ -1,0 +1,129 @@
+"""Connections to PostgreSQL, resolved from a flow parameter, ``FLOWYARD_DATABASE_URL`` or the embedded server.
+
+Every flow takes an optional ``database_url``; :func:`resolve_url` turns "not given" into
+the embedded server, started on demand. Connection failures become one-line
+:class:`~tasks.errors.UserError` messages with the password masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from tasks.errors import UserError
+
+MIN_SERVER_VERSION = 140000
+_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
+
+
+def validate_postgres_url(url: str) -> str:
+    """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in _SCHEMES or not parts.path.strip("/"):
+        raise UserError(
+            f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
+        )
+    return urlunsplit(parts._replace(scheme="postgresql"))
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The same URL for SQLAlchemy's psycopg 3 dialect."""
+    return validate_postgres_url(url).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def with_database(url: str, database: str) -> str:
+    """The URL pointing at another database on the same server."""
+    parts = urlsplit(validate_postgres_url(url))
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
+def resolve_url(database_url: str | None = None) -> str:
+    """The URL to use: the explicit one, else ``FLOWYARD_DATABASE_URL``, else the embedded server.
+
+    The embedded server is started if it is not running, and its ``flowyard`` database created.
+    """
+    if database_url:
+        return validate_postgres_url(database_url)
+    from tasks.settings import get_settings
+
+    settings = get_settings()
+    if settings.database_url:
+        return settings.database_url
+    from tasks.embedded_pg import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.pgdata, settings.pg_port)
+    server.start()
+    ensure_database(server.url(), "flowyard")
+    return server.url("flowyard")
+
+
+def connect(url: str, *, autocommit: bool = False, application_name: str = "flowyard") -> psycopg.Connection:
+    """Open a psycopg connection, turning connection failures into a one-line UserError."""
+    try:
+        conn = psycopg.connect(
+            validate_postgres_url(url),
+            autocommit=autocommit,
+            application_name=application_name,
+            connect_timeout=10,
+        )
+    except psycopg.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot connect to {mask_url(url)}: {reason}; check the URL (FLOWYARD_DATABASE_URL) "
+            "or start the embedded server with `flowyard up`"
+        ) from None
+    if conn.info.server_version < MIN_SERVER_VERSION:
+        conn.close()
+        raise UserError(
+            f"{mask_url(url)} runs PostgreSQL {conn.info.server_version}; flowyard needs 14 or newer"
+        )
+    return conn
+
+
+@contextmanager
+def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+    """A connection that commits on success, rolls back on error, and is always closed."""
+    conn = connect(url, autocommit=autocommit)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def ensure_database(server_url: str, name: str) -> None:
+    """Create database ``name`` on the server behind ``server_url`` unless it exists.
+
+    Two processes may race here; the loser's duplicate_database error is ignored.
+    """
+    with connection(with_database(server_url, "postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists:
+            return
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            pass
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name`` (terminating its sessions); used by tests and restores."""
+    with connection(with_database(server_url, "postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

