@@ -1,0 +1,149 @@
+"""Integrity checks run after anything that changes a database: row counts, NOT NULL, foreign keys, indexes.
+
+Shared by the deploy, bulk-copy and sync pipelines. Every check is one query per table or
+constraint that runs inside PostgreSQL; nothing is pulled into Python but the counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass(frozen=True)
+class Problem:
+    check: str
+    table: str
+    detail: str
+    count: int
+
+
+@dataclass(frozen=True)
+class IntegrityReport:
+    row_counts: dict[str, int]
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def user_tables(conn: psycopg.Connection, schemas: list[str] | None = None) -> list[tuple[str, str]]:
+    """(schema, table) of ordinary and partitioned tables outside system and flowyard schemas."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'flowyard') AND n.nspname NOT LIKE 'pg\\_%%'
+          AND (%(schemas)s::text[] IS NULL OR n.nspname = ANY(%(schemas)s::text[]))
+        ORDER BY 1, 2
+        """,
+        {"schemas": schemas},
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def row_counts(conn: psycopg.Connection, schemas: list[str] | None = None) -> dict[str, int]:
+    """Exact ``count(*)`` per table, keyed ``schema.table``."""
+    counts = {}
+    for schema, table in user_tables(conn, schemas):
+        query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+        counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
+    return counts
+
+
+def not_null_violations(conn: psycopg.Connection, schemas: list[str] | None = None) -> list[Problem]:
+    """Rows holding NULL in a NOT NULL column (possible after ``NOT VALID`` tricks or catalog edits)."""
+    columns = conn.execute(
+        """
+        SELECT n.nspname, c.relname, a.attname FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE a.attnotnull AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
+          AND NOT c.relispartition
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'flowyard') AND n.nspname NOT LIKE 'pg\\_%%'
+          AND (%(schemas)s::text[] IS NULL OR n.nspname = ANY(%(schemas)s::text[]))
+        ORDER BY 1, 2, 3
+        """,
+        {"schemas": schemas},
+    ).fetchall()
+    problems = []
+    for schema, table, column in columns:
+        query = sql.SQL("SELECT count(*) FROM {}.{} WHERE {} IS NULL").format(
+            sql.Identifier(schema), sql.Identifier(table), sql.Identifier(column)
+        )
+        count = conn.execute(query).fetchone()[0]
+        if count:
+            problems.append(Problem("not_null", f"{schema}.{table}", f"{column} is NULL", count))
+    return problems
+
+
+def foreign_key_orphans(conn: psycopg.Connection, schemas: list[str] | None = None) -> list[Problem]:
+    """Rows whose foreign key points at no parent row (e.g. after loading with constraints deferred)."""
+    constraints = conn.execute(
+        """
+        SELECT con.conname, cn.nspname, c.relname, pn.nspname, p.relname,
+               array(SELECT attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
+                     JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.n ORDER BY k.i),
+               array(SELECT attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
+                     JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n ORDER BY k.i)
+        FROM pg_constraint con
+        JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+        JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+        WHERE con.contype = 'f' AND cn.nspname <> 'flowyard'
+          AND (%(schemas)s::text[] IS NULL OR cn.nspname = ANY(%(schemas)s::text[]))
+        ORDER BY 2, 3, 1
+        """,
+        {"schemas": schemas},
+    ).fetchall()
+    problems = []
+    for name, cschema, ctable, pschema, ptable, ccols, pcols in constraints:
+        join = sql.SQL(" AND ").join(
+            sql.SQL("p.{} = c.{}").format(sql.Identifier(pc), sql.Identifier(cc))
+            for cc, pc in zip(ccols, pcols, strict=True)
+        )
+        not_null = sql.SQL(" AND ").join(
+            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(cc)) for cc in ccols
+        )
+        query = sql.SQL(
+            "SELECT count(*) FROM {}.{} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {}.{} p WHERE {})"
+        ).format(
+            sql.Identifier(cschema),
+            sql.Identifier(ctable),
+            not_null,
+            sql.Identifier(pschema),
+            sql.Identifier(ptable),
+            join,
+        )
+        count = conn.execute(query).fetchone()[0]
+        if count:
+            problems.append(
+                Problem("fk_orphans", f"{cschema}.{ctable}", f"{name} → {pschema}.{ptable}", count)
+            )
+    return problems
+
+
+def invalid_indexes(conn: psycopg.Connection, schemas: list[str] | None = None) -> list[Problem]:
+    """Indexes left invalid (e.g. by a failed ``CREATE INDEX CONCURRENTLY``)."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, t.relname, i.relname FROM pg_index x
+        JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid
+        JOIN pg_namespace n ON n.oid = t.relnamespace
+        WHERE NOT x.indisvalid AND n.nspname <> 'flowyard'
+          AND (%(schemas)s::text[] IS NULL OR n.nspname = ANY(%(schemas)s::text[]))
+        """,
+        {"schemas": schemas},
+    ).fetchall()
+    return [Problem("invalid_index", f"{s}.{t}", f"index {i} is invalid", 1) for s, t, i in rows]
+
+
+def check_integrity(conn: psycopg.Connection, schemas: list[str] | None = None) -> IntegrityReport:
+    """All checks at once: row counts plus NOT NULL, foreign-key and index problems."""
+    problems = (
+        not_null_violations(conn, schemas)
+        + foreign_key_orphans(conn, schemas)
+        + invalid_indexes(conn, schemas)
+    )
+    return IntegrityReport(row_counts(conn, schemas), problems)

@@ -1,0 +1,31 @@
+"""Integrity checks against real tables with injected problems."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tasks.integrity import check_integrity
+
+
+def test_counts_orphans_and_invalid_indexes(fresh_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE parent (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE child (id int PRIMARY KEY, parent_id int NOT NULL, note text)")
+        conn.execute("INSERT INTO parent VALUES (1), (2)")
+        conn.execute("INSERT INTO child VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 9, 'c'), (4, 8, 'd')")
+        # Orphans can only exist when the FK was added NOT VALID (as bulk loads do).
+        conn.execute("ALTER TABLE child ADD CONSTRAINT child_parent FOREIGN KEY (parent_id) REFERENCES parent NOT VALID")
+        report = check_integrity(conn)
+        assert report.row_counts == {"public.child": 4, "public.parent": 2}
+        assert [(p.check, p.table, p.count) for p in report.problems] == [("fk_orphans", "public.child", 2)]
+        assert not report.ok
+
+        conn.execute("DELETE FROM child WHERE parent_id > 2")
+        conn.execute("INSERT INTO child VALUES (5, 1, 'x'), (6, 1, 'x')")
+        try:
+            conn.execute("CREATE UNIQUE INDEX CONCURRENTLY child_note ON child (note)")
+        except psycopg.errors.UniqueViolation:
+            pass
+        report = check_integrity(conn)
+        assert [(p.check, p.detail) for p in report.problems] == [("invalid_index", "index child_note is invalid")]
+        assert check_integrity(conn, schemas=["other"]).row_counts == {}
