@@ -7,11 +7,10 @@ A :class:`~tasks.errors.UserError` anywhere becomes one line on stderr and exit 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import typer
 
-from tasks.errors import UserError
+from tasks.errors import exit_on_user_error
 from tasks.settings import get_settings
 
 app = typer.Typer(
@@ -90,11 +89,7 @@ _register_subcommands()
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as exc:
-        typer.echo(f"flowyard: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    exit_on_user_error(app, "flowyard")
 
 
 if __name__ == "__main__":

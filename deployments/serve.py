@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.errors import UserError
+from tasks.errors import UserError, exit_on_user_error
 
 
 class ScheduleSpec(BaseModel):
@@ -73,13 +73,12 @@ def to_deployment(spec: DeploymentSpec) -> Any:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     from prefect import serve
 
-    args = sys.argv[1:] if argv is None else argv
-    prefect_yaml = Path(args[0]) if args else Path("prefect.yaml")
+    prefect_yaml = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("prefect.yaml")
     serve(*[to_deployment(spec) for spec in read_deployments(prefect_yaml)], limit=8)
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main, "flowyard serve")

@@ -77,4 +77,4 @@ def serve_service(settings: Settings, project_dir: Path) -> services.Service:
     """The process that serves every deployment declared in ``prefect.yaml``."""
     env = {**os.environ, **prefect_client_env(settings), "PYTHONPATH": str(project_dir)}
     argv = [sys.executable, "-m", "deployments.serve", str(project_dir / "prefect.yaml")]
-    return services.Service(SERVE, argv, env, ready=None)
+    return services.Service(SERVE, argv, env, ready=None, cwd=project_dir)

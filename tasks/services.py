@@ -23,6 +23,7 @@ class Service:
     env: Mapping[str, str] = field(default_factory=dict)
     ready: Callable[[], bool] | None = None
     ready_timeout: float = 120.0
+    cwd: Path | None = None
 
 
 def pid_file(run_dir: Path, name: str) -> Path:
@@ -56,7 +57,7 @@ def start(service: Service, run_dir: Path) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_file(run_dir, service.name)
     with log_path.open("ab") as log:
-        proc = spawn_group(service.argv, env=service.env, stdout=log, stderr=log)
+        proc = spawn_group(service.argv, env=service.env, cwd=service.cwd, stdout=log, stderr=log)
     pid_file(run_dir, service.name).write_text(str(proc.pid))
     deadline = time.monotonic() + service.ready_timeout
     while service.ready is not None and not service.ready():

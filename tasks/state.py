@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from psycopg.types.json import Jsonb
 
-from tasks.db import connection, resolve_url, sqlalchemy_url
+from tasks.db import connect, connection, resolve_url, sqlalchemy_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
 _upgraded: set[str] = set()
@@ -27,6 +27,7 @@ def state_url(database_url: str | None = None) -> str:
     url = resolve_url(database_url)
     with _upgrade_lock:
         if url not in _upgraded:
+            connect(url).close()  # a clear one-line error before Alembic's traceback-heavy one
             upgrade_state_schema(url)
             _upgraded.add(url)
     return url

@@ -1,0 +1,71 @@
+"""The real ``flowyard`` CLI: help everywhere, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from deployments.cli import app
+from tasks.embedded_pg import free_port
+from tests.conftest import ROOT, run_cli
+
+
+def _command_paths(command: object, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for name, sub in getattr(command, "commands", {}).items():
+        paths += _command_paths(sub, (*prefix, name))
+    return paths
+
+
+def test_every_command_has_help():
+    root = typer.main.get_command(app)
+    paths = _command_paths(root)
+    assert ("up",) in paths and ("down",) in paths and ("status",) in paths and ("migrate",) in paths
+    runner = CliRunner()
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage" in result.output, path
+
+
+def _assert_one_line_error(result, expected: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("flowyard")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_bad_url_is_one_line(tmp_path):
+    result = run_cli(
+        "up", env={"FLOWYARD_DATABASE_URL": "mysql://root@localhost/app", "FLOWYARD_HOME": str(tmp_path)}
+    )
+    _assert_one_line_error(result, "not a PostgreSQL URL")
+
+
+def test_unreachable_database_is_one_line(tmp_path):
+    url = f"postgresql://app:pw@127.0.0.1:{free_port()}/app"
+    result = run_cli("up", env={"FLOWYARD_DATABASE_URL": url, "FLOWYARD_HOME": str(tmp_path)})
+    _assert_one_line_error(result, "cannot connect to postgresql://app:***@127.0.0.1")
+    assert not (tmp_path / "run" / "prefect-server.pid").exists(), "nothing may be left running"
+
+
+def test_missing_prefect_yaml_is_one_line(tmp_path):
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "deployments.serve", str(tmp_path / "prefect.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("not found; run from the flowyard project directory")
+
+
+@pytest.mark.parametrize("args", [["no-such-command"], ["up", "--no-such-flag"]])
+def test_usage_errors_exit_non_zero(args):
+    result = run_cli(*args)
+    assert result.returncode != 0 and "Traceback" not in result.stderr

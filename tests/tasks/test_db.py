@@ -1,0 +1,59 @@
+"""Connections: URL resolution, one-line errors, database creation."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.db import connect, ensure_database, mask_url, resolve_url, sqlalchemy_url, with_database
+from tasks.embedded_pg import free_port
+from tasks.errors import UserError
+
+
+def test_unreachable_server_is_a_one_line_error_without_password():
+    url = f"postgresql://app:hunter2@127.0.0.1:{free_port()}/app"
+    with pytest.raises(UserError, match="cannot connect to postgresql://app:\\*\\*\\*@127.0.0.1") as info:
+        connect(url)
+    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_database_is_a_clear_error(pg):
+    with pytest.raises(UserError, match='database "no_such_db" does not exist'):
+        connect(pg.url("no_such_db"))
+
+
+def test_ensure_database_is_idempotent(pg):
+    ensure_database(pg.url(), "created_twice")
+    ensure_database(pg.url(), "created_twice")
+    with connect(pg.url("created_twice")) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("created_twice",)
+
+
+def test_explicit_url_wins_and_is_normalised(pg):
+    assert resolve_url("postgres://u@h:1/d") == "postgresql://u@h:1/d"
+    assert sqlalchemy_url("postgres://u@h:1/d") == "postgresql+psycopg://u@h:1/d"
+    assert (
+        with_database("postgresql://u:p@h:1/d?sslmode=require", "x")
+        == "postgresql://u:p@h:1/x?sslmode=require"
+    )
+    assert mask_url("postgresql://u:p@h/d") == "postgresql://u:***@h/d"
+
+
+def test_state_schema_migrated_once(state_db):
+    from tasks.state import load_checkpoint, save_checkpoint, state_url
+
+    assert state_url(state_db) == state_db
+    save_checkpoint(state_db, "test", "k", {"n": 1})
+    save_checkpoint(state_db, "test", "k", {"n": 2})
+    assert load_checkpoint(state_db, "test", "k") == {"n": 2}
+    assert load_checkpoint(state_db, "test", "missing") is None
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from tasks.state import MIGRATIONS_DIR
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    shipped_heads = set(ScriptDirectory.from_config(config).get_heads())
+    with connect(state_db) as conn:
+        applied = {row[0] for row in conn.execute("SELECT version_num FROM flowyard.alembic_version")}
+    assert applied == shipped_heads
