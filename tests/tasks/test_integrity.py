@@ -14,7 +14,9 @@ def test_counts_orphans_and_invalid_indexes(fresh_db):
         conn.execute("INSERT INTO parent VALUES (1), (2)")
         conn.execute("INSERT INTO child VALUES (1, 1, 'a'), (2, 2, 'b'), (3, 9, 'c'), (4, 8, 'd')")
         # Orphans can only exist when the FK was added NOT VALID (as bulk loads do).
-        conn.execute("ALTER TABLE child ADD CONSTRAINT child_parent FOREIGN KEY (parent_id) REFERENCES parent NOT VALID")
+        conn.execute(
+            "ALTER TABLE child ADD CONSTRAINT child_parent FOREIGN KEY (parent_id) REFERENCES parent NOT VALID"
+        )
         report = check_integrity(conn)
         assert report.row_counts == {"public.child": 4, "public.parent": 2}
         assert [(p.check, p.table, p.count) for p in report.problems] == [("fk_orphans", "public.child", 2)]
@@ -27,5 +29,7 @@ def test_counts_orphans_and_invalid_indexes(fresh_db):
         except psycopg.errors.UniqueViolation:
             pass
         report = check_integrity(conn)
-        assert [(p.check, p.detail) for p in report.problems] == [("invalid_index", "index child_note is invalid")]
+        assert [(p.check, p.detail) for p in report.problems] == [
+            ("invalid_index", "index child_note is invalid")
+        ]
         assert check_integrity(conn, schemas=["other"]).row_counts == {}
