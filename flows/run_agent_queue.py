@@ -1,0 +1,114 @@
+"""Drain the agent task queue: claim ready tasks in priority order and run each agent as a Prefect task.
+
+DAG: recover tasks of dead workers → loop { claim ready tasks (dependencies completed) up to
+``max_agents`` → run each as ``run-agent`` (retries resume from the last checkpoint,
+``wait_for`` its dependencies) } → mark tasks blocked by failed dependencies → metrics.
+On cancellation or SIGTERM/SIGINT every running agent is stopped gracefully and its task
+goes back to the queue with a ``graceful_shutdown`` checkpoint.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import agent_queue as queue
+from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover_stale_tasks, run_agent
+from tasks.agent_metrics import metrics_table, publish_metrics
+from tasks.agent_process import DEFAULT_GRACE_SECONDS, DEFAULT_TIMEOUT_SECONDS, AgentLimits, templates_from
+from tasks.state import state_url
+
+
+@flow(name="run-agent-queue", log_prints=True)
+def run_agent_queue(
+    max_agents: int = 4,
+    database_url: str | None = None,
+    output_dir: str | None = None,
+    logs_dir: str | None = None,
+    agents: dict[str, Any] | None = None,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    retries: int = 2,
+    lease_seconds: float = 120.0,
+    max_tasks: int | None = None,
+) -> dict[str, Any]:
+    """Run queued agent tasks until none is ready (or ``max_tasks`` were claimed).
+
+    ``agents`` adds or overrides agent templates ({type: {argv, delivery, env}}); the
+    ``reference`` type is built in. Agents work in ``output_dir`` (default
+    ``<FLOWYARD_HOME>/agents``) and log to ``<logs_dir>/<task_id>.jsonl`` (default
+    ``<output_dir>/logs``).
+    """
+    url = state_url(database_url)
+    base = Path(output_dir) if output_dir else default_agents_dir()
+    setup = AgentSetup(
+        database_url=url,
+        worker=queue.new_worker_id(),
+        output_dir=base.resolve(),
+        logs_dir=(Path(logs_dir) if logs_dir else base / "logs").resolve(),
+        templates=templates_from(agents),
+        limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds),
+    )
+    logger = get_run_logger()
+    recovered = recover_stale_tasks(url, lease_seconds)
+    if recovered:
+        logger.info("resuming tasks of workers that are gone: %s", recovered)
+    attempt = run_agent.with_options(retries=retries)
+    outcomes: dict[int, str] = {}
+    with ThreadPoolTaskRunner(max_workers=max_agents) as runner, fleet(setup):
+        running: dict[int, PrefectFuture[dict[str, Any]]] = {}
+        finished: dict[int, PrefectFuture[dict[str, Any]]] = {}
+        claimed = 0
+        while True:
+            room = max_agents - len(running)
+            if max_tasks is not None:
+                room = min(room, max_tasks - claimed)
+            for task in queue.claim_ready(url, setup.worker, room):
+                claimed += 1
+                running[task.id] = runner.submit(
+                    attempt.with_options(task_run_name=f"agent-{task.id}-{task.agent_type}"),
+                    parameters={"task_id": task.id, "setup": setup},
+                    wait_for=[finished[d] for d in task.blocked_by if d in finished],
+                )
+            if not running:
+                break
+            wait_futures(
+                [f.wrapped_future for f in running.values()], timeout=1.0, return_when=FIRST_COMPLETED
+            )
+            for task_id in [t for t, f in running.items() if f.wrapped_future.done()]:
+                finished[task_id] = running.pop(task_id)
+                outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
+    blocked = queue.blocked_by_failure(url)
+    for task_id, reason in blocked.items():
+        logger.warning("task %s %s", task_id, reason)
+    metrics = publish_metrics(url)
+    summary = {
+        "outcomes": outcomes,
+        "blocked": blocked,
+        "recovered": recovered,
+        "metrics": metrics_table(metrics),
+    }
+    create_table_artifact(
+        table=[{"task_id": t, "outcome": o} for t, o in sorted(outcomes.items())]
+        + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())],
+        key="agent-queue-run",
+        description="Tasks this run of the agent queue executed, and tasks it could not run",
+    )
+    return summary
+
+
+def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:
+    """Record the final outcome of a task's Prefect task run; a failure after the last retry fails it."""
+    state = future.state
+    if state.is_completed():
+        return str(future.result()["outcome"])
+    message = state.message or state.name
+    queue.fail_task(url, task_id, worker, message)
+    return f"failed: {message}"

@@ -1,0 +1,334 @@
+"""Running queued agent tasks as Prefect tasks: one attempt, its logs, checkpoints and artifacts,
+and the fleet of attempts a flow run holds, which it stops gracefully on cancellation or signals.
+
+Every message an agent sends goes to ``<logs_dir>/<task_id>.jsonl`` and to the Prefect run
+log; every checkpoint goes to ``flowyard.agent_checkpoints`` (and is the task's last
+checkpoint, handed back on the next attempt); artifacts become Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from tasks import agent_queue as queue
+from tasks.agent_process import (
+    AgentJob,
+    AgentLimits,
+    AgentOutcome,
+    AgentProcess,
+    AgentTemplate,
+    resolve_workdir,
+)
+from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
+from tasks.errors import UserError
+from tasks.process_group import terminate_group
+from tasks.settings import get_settings
+
+
+def default_agents_dir() -> Path:
+    return get_settings().home_dir / "agents"
+
+
+@dataclass(frozen=True)
+class AgentSetup:
+    """What every attempt of one flow run shares (a plain value: Prefect stores task inputs)."""
+
+    database_url: str
+    worker: str
+    output_dir: Path
+    logs_dir: Path
+    templates: dict[str, AgentTemplate]
+    limits: AgentLimits = AgentLimits()
+
+
+class AgentFailed(Exception):
+    """An attempt failed or timed out; Prefect retries it, resuming from the last checkpoint."""
+
+
+class TaskLog:
+    """``<logs_dir>/<task_id>.jsonl`` plus the Prefect run log, for one attempt."""
+
+    def __init__(
+        self, logs_dir: Path, task_id: int, attempt: int, logger: logging.LoggerAdapter[Any] | logging.Logger
+    ) -> None:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        self.path = logs_dir / f"{task_id}.jsonl"
+        self._file = self.path.open("a", encoding="utf-8")
+        self._task_id = task_id
+        self._attempt = attempt
+        self._logger = logger
+        self._lock = threading.Lock()
+
+    def write(self, stream: str, message: AgentMessage) -> None:
+        record = {
+            "ts": datetime.now(UTC).isoformat(),
+            "task_id": self._task_id,
+            "attempt": self._attempt,
+            "stream": stream,
+            **message.model_dump(mode="json"),
+        }
+        with self._lock:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        self._logger.log(*_log_line(self._task_id, stream, message))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
+    prefix = f"[task {task_id} {stream}]"
+    if isinstance(message, CheckpointMessage):
+        return logging.INFO, f"{prefix} checkpoint {json.dumps(message.state)[:200]}"
+    if isinstance(message, ErrorMessage):
+        return logging.ERROR, f"{prefix} error: {message.message}"
+    if isinstance(message, LogMessage):
+        level = logging.WARNING if message.level in ("stderr", "warning", "error") else logging.INFO
+        return level, f"{prefix} {message.message}"
+    return (
+        logging.INFO,
+        f"{prefix} {message.model_dump_json(exclude={'data'} if isinstance(message, ArtifactMessage) else None)}",
+    )
+
+
+def publish_artifact(task_id: int, message: ArtifactMessage) -> None:
+    """An agent-reported artifact as a Prefect artifact of the current task run."""
+    key = message.key or f"agent-task-{task_id}"
+    description = message.description or f"artifact of agent task {task_id}"
+    if message.type == "link":
+        create_link_artifact(link=str(message.data), key=key, description=description)
+    elif message.type == "table":
+        create_table_artifact(table=message.data, key=key, description=description)
+    else:
+        create_markdown_artifact(markdown=str(message.data), key=key, description=description)
+
+
+@dataclass
+class _Attempt:
+    process: AgentProcess
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class Fleet:
+    """The attempts one flow run is executing, so a shutdown can reach all of them."""
+
+    def __init__(self, setup: AgentSetup) -> None:
+        self.setup = setup
+        self.stopping = threading.Event()
+        self._attempts: dict[int, _Attempt] = {}
+        self._lock = threading.Lock()
+
+    def add(self, task_id: int, process: AgentProcess) -> _Attempt:
+        with self._lock:
+            if self.stopping.is_set():
+                raise _Stopping
+            attempt = self._attempts[task_id] = _Attempt(process)
+        return attempt
+
+    def remove(self, task_id: int) -> None:
+        with self._lock:
+            attempt = self._attempts.pop(task_id, None)
+        if attempt is not None:
+            attempt.done.set()
+
+    def shutdown(self, reason: str) -> list[int]:
+        """Graceful shutdown of every running agent (in parallel), then release every task this
+        worker still holds. Returns the ids of the tasks released back to the queue."""
+        self.stopping.set()
+        with self._lock:
+            attempts = dict(self._attempts)
+        for attempt in attempts.values():
+            attempt.process.request_stop(reason)
+        limits = self.setup.limits
+        wait = limits.checkpoint_wait_seconds + 2 * limits.grace_seconds + 10.0
+        for task_id, attempt in attempts.items():
+            if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
+                terminate_group(attempt.process.pgid, 0.0)  # bookkeeping stuck: never leave the group
+                _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None, reason)
+        released = [
+            t.id
+            for t in queue.list_tasks(self.setup.database_url, "in_progress")
+            if t.worker == self.setup.worker
+            and queue.release_task(self.setup.database_url, t.id, self.setup.worker, reason)
+        ]
+        return sorted(set(released) | set(attempts))
+
+
+class _Stopping(Exception):
+    """The fleet is shutting down; attempts that have not started do not start."""
+
+
+_FLEETS: dict[str, Fleet] = {}
+
+
+@contextmanager
+def fleet(setup: AgentSetup) -> Iterator[Fleet]:
+    """Register the flow run's fleet; on any BaseException (TerminationSignal from Prefect's
+    SIGTERM bridge on cancellation or worker shutdown, KeyboardInterrupt on SIGINT) stop
+    every agent gracefully before the exception leaves the flow."""
+    current = _FLEETS[setup.worker] = Fleet(setup)
+    try:
+        yield current
+    except BaseException as exc:
+        with _signals_deferred():
+            released = current.shutdown(f"graceful_shutdown: {type(exc).__name__}")
+            logging.getLogger("flowyard.agents").warning(
+                "graceful shutdown: released tasks %s back to the queue", released
+            )
+        raise
+    finally:
+        _FLEETS.pop(setup.worker, None)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Keep a second SIGTERM/SIGINT from interrupting the shutdown itself (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _record_interrupted(
+    setup: AgentSetup, task_id: int, attempt: int, checkpoint: dict[str, Any] | None, reason: str
+) -> None:
+    """The ``graceful_shutdown`` checkpoint: the agent's latest state, so the task resumes from it."""
+    state = checkpoint if checkpoint is not None else _last_state(setup.database_url, task_id)
+    queue.record_checkpoint(setup.database_url, task_id, attempt, state, kind="graceful_shutdown")
+
+
+def _last_state(url: str, task_id: int) -> dict[str, Any]:
+    last = queue.get_task(url, task_id).last_checkpoint
+    return dict(last["state"]) if last else {}
+
+
+def _retryable(task: Any, task_run: Any, state: Any) -> bool:
+    """Agent failures are retried; configuration errors (UserError) are not."""
+    return not isinstance(state.data, UserError)
+
+
+@task(
+    name="run-agent",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=_retryable,
+    cache_policy=NO_CACHE,
+    persist_result=True,
+)
+def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:
+    """One attempt of a queued task. Returns the task's outcome and last checkpoint (the Prefect
+    result); raises :class:`AgentFailed` on failure or timeout so Prefect retries it."""
+    current = _FLEETS.get(setup.worker)
+    if current is None or current.stopping.is_set():
+        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": None}
+    url = setup.database_url
+    row = queue.get_task(url, task_id)
+    template = setup.templates.get(row.agent_type)
+    if template is None:
+        raise UserError(
+            f"task {task_id} needs agent type {row.agent_type!r} but only {sorted(setup.templates)} are "
+            "configured; pass an `agents` template for it"
+        )
+    workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
+    attempt, run_id = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+    job = AgentJob(
+        task_id, attempt, row.title, row.type, row.description, row.payload, row.last_checkpoint, workdir
+    )
+    log = TaskLog(setup.logs_dir, task_id, attempt, get_run_logger())
+
+    def on_message(stream: str, message: AgentMessage) -> None:
+        if isinstance(message, CheckpointMessage):
+            queue.record_checkpoint(url, task_id, attempt, message.state)
+        log.write(stream, message)
+        if isinstance(message, ArtifactMessage):
+            publish_artifact(task_id, message)
+
+    process = AgentProcess(
+        job,
+        template,
+        on_message=on_message,
+        limits=setup.limits,
+        keep_going=lambda: queue.heartbeat(url, task_id, setup.worker),
+        on_start=lambda pgid: queue.set_agent_pgid(url, task_id, setup.worker, pgid),
+    )
+    try:
+        current.add(task_id, process)
+    except _Stopping:
+        queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
+        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": row.last_checkpoint}
+    try:
+        outcome = process.run()
+        _finish(setup, task_id, attempt, run_id, outcome)
+    finally:
+        log.close()
+        current.remove(task_id)
+    if outcome.outcome in ("failed", "timeout"):
+        raise AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}")
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "outcome": outcome.outcome,
+        "result": outcome.result,
+        "checkpoint": outcome.checkpoint,
+    }
+
+
+def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome) -> None:
+    if outcome.outcome == "interrupted":
+        _record_interrupted(setup, task_id, attempt, outcome.checkpoint, outcome.error or "interrupted")
+    queue.finish_attempt(
+        setup.database_url,
+        run_id,
+        setup.worker,
+        outcome.outcome,
+        result=outcome.result if outcome.outcome == "completed" else None,
+        error=outcome.error,
+    )
+
+
+def recover_stale_tasks(url: str, lease_seconds: float) -> list[int]:
+    """Hand tasks of dead or silent workers back to the queue, ending any agent group they left.
+
+    A leftover group is only signalled when one of its processes still carries the task's
+    ``FLOWYARD_TASK_ID``, so a recycled process-group id is never hit.
+    """
+    recovered = []
+    for stale in queue.stale_tasks(url, lease_seconds):
+        if stale.agent_pgid and _group_runs_task(stale.agent_pgid, stale.id):
+            terminate_group(stale.agent_pgid, AgentLimits().grace_seconds)
+        if queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone"):
+            recovered.append(stale.id)
+    return recovered
+
+
+def _group_runs_task(pgid: int, task_id: int) -> bool:
+    import psutil
+
+    from tasks.process_group import group_members
+
+    for proc in group_members(pgid):
+        try:
+            if proc.environ().get("FLOWYARD_TASK_ID") == str(task_id):
+                return True
+        except psutil.Error:
+            continue
+    return False

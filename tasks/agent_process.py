@@ -1,0 +1,367 @@
+"""One agent attempt as an external process: spawn, speak the line protocol, time out, shut down.
+
+An agent is any command, configured per agent type by an :class:`AgentTemplate`. It runs
+in its own process group (``tasks.process_group``) with its working directory inside the
+configured output directory, gets the task on stdin, argv or env, and reports on stdout
+(see ``tasks.agent_protocol``). Whatever happens – normal exit, timeout, graceful shutdown –
+the whole group is gone when :meth:`AgentProcess.run` returns, grandchildren included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from pydantic import BaseModel, Field
+
+from tasks.agent_protocol import (
+    CHECKPOINT_REQUEST,
+    AgentMessage,
+    CheckpointMessage,
+    ErrorMessage,
+    LogMessage,
+    ResultMessage,
+    parse_line,
+)
+from tasks.agent_wire import TASK_ENV_VAR
+from tasks.errors import UserError
+from tasks.process_group import spawn_group, terminate_group
+
+DEFAULT_TIMEOUT_SECONDS = 300.0
+DEFAULT_GRACE_SECONDS = 5.0
+PLACEHOLDERS = ("{task_id}", "{attempt}", "{workdir}", "{task_json}")
+
+
+class AgentTemplate(BaseModel):
+    """How to start an agent of one type.
+
+    ``argv`` may use the placeholders ``{task_id}``, ``{attempt}``, ``{workdir}`` and
+    ``{task_json}``; ``delivery`` says where the task envelope goes (for ``argv`` it replaces
+    ``{task_json}``, or is appended when the template has no such placeholder).
+    """
+
+    argv: list[str] = Field(min_length=1)
+    delivery: Literal["stdin", "argv", "env"] = "stdin"
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+REFERENCE_TEMPLATE = AgentTemplate(argv=[sys.executable, "-m", "tasks.reference_agent"])
+DEFAULT_TEMPLATES: dict[str, AgentTemplate] = {"reference": REFERENCE_TEMPLATE}
+
+
+def templates_from(config: dict[str, Any] | None) -> dict[str, AgentTemplate]:
+    """The built-in templates overlaid with user ones ({agent type: {argv, delivery, env}})."""
+    user = {name: AgentTemplate.model_validate(spec) for name, spec in (config or {}).items()}
+    return {**DEFAULT_TEMPLATES, **user}
+
+
+def resolve_workdir(output_dir: Path, workdir: str, task_id: int) -> Path:
+    """The agent's working directory, which must resolve inside ``output_dir``.
+
+    Resolution follows symlinks, so ``..`` components and links that point outside are
+    both caught; the resolved path is what the agent gets, so a link swapped afterwards
+    cannot redirect it.
+    """
+    base = output_dir.expanduser().resolve()
+    target = (base / (workdir or f"task-{task_id}")).resolve()
+    if not target.is_relative_to(base):
+        raise UserError(
+            f"working directory {workdir!r} of task {task_id} resolves to {target}, outside the agent "
+            f"output directory {base}; use a relative path that stays inside it (no '..', no symlinks out)"
+        )
+    return target
+
+
+@dataclass(frozen=True)
+class AgentJob:
+    """Everything an agent attempt needs to know; serialised as the task envelope."""
+
+    task_id: int
+    attempt: int
+    title: str
+    type: str
+    description: str
+    payload: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+    workdir: Path
+
+    def envelope(self) -> str:
+        return json.dumps(
+            {
+                "task_id": self.task_id,
+                "attempt": self.attempt,
+                "title": self.title,
+                "type": self.type,
+                "description": self.description,
+                "payload": self.payload,
+                "checkpoint": self.checkpoint,
+                "workdir": str(self.workdir),
+                "control": "stdin",
+            }
+        )
+
+
+def command_for(template: AgentTemplate, job: AgentJob) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of one attempt."""
+    values = dict(
+        zip(PLACEHOLDERS, (str(job.task_id), str(job.attempt), str(job.workdir), job.envelope()), strict=True)
+    )
+    argv = []
+    for arg in template.argv:
+        for placeholder, value in values.items():
+            arg = arg.replace(placeholder, value)
+        argv.append(arg)
+    if template.delivery == "argv" and not any("{task_json}" in a for a in template.argv):
+        argv.append(job.envelope())
+    env = {**os.environ, **template.env, "FLOWYARD_TASK_ID": str(job.task_id)}
+    if template.delivery == "env":
+        env[TASK_ENV_VAR] = job.envelope()
+    return argv, env
+
+
+Outcome = Literal["completed", "failed", "timeout", "interrupted"]
+
+
+@dataclass
+class AgentOutcome:
+    outcome: Outcome
+    exit_code: int | None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    checkpoint: dict[str, Any] | None = None
+    killed: bool = False
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    heartbeat_seconds: float = 5.0
+    checkpoint_wait_seconds: float = 2.0
+
+
+class AgentProcess:
+    """One running attempt. :meth:`run` blocks in the worker thread; :meth:`shutdown` may be
+    called from any other thread (signal handler path, cancellation, heartbeat)."""
+
+    def __init__(
+        self,
+        job: AgentJob,
+        template: AgentTemplate,
+        *,
+        on_message: Callable[[str, AgentMessage], None],
+        limits: AgentLimits = AgentLimits(),
+        keep_going: Callable[[], bool] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.template = template
+        self.limits = limits
+        self._on_message = on_message
+        self._keep_going = keep_going
+        self._on_start = on_start
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stdin_lock = threading.Lock()
+        self._checkpoint_seen = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopper: threading.Thread | None = None
+        self._stop_reason: tuple[Outcome, str] | None = None
+        self._killed = False
+        self.started = threading.Event()
+
+    @property
+    def pgid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def run(self) -> AgentOutcome:
+        argv, env = command_for(self.template, self.job)
+        self.job.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._proc = spawn_group(
+                argv,
+                env=env,
+                cwd=self.job.workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
+        self.started.set()
+        if self._on_start is not None:
+            self._on_start(self._proc.pid)
+        self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
+        if self.template.delivery == "stdin":
+            threading.Thread(target=self._write_stdin, args=(self.job.envelope(),), daemon=True).start()
+        outcome = self._pump(self._proc)
+        self._stop_group_leftovers()
+        return outcome
+
+    def shutdown(self, reason: str, outcome: Outcome = "interrupted") -> None:
+        """Graceful stop, waiting for it: ask for a checkpoint, SIGTERM the group, SIGKILL after grace."""
+        stopper = self.request_stop(reason, outcome)
+        if stopper is not None:
+            stopper.join()
+
+    def request_stop(self, reason: str, outcome: Outcome = "interrupted") -> threading.Thread | None:
+        """Start the graceful stop sequence in the background (once); returns its thread."""
+        with self._stop_lock:
+            if self._stopper is None:
+                self._stop_reason = (outcome, reason)
+                self._stopper = threading.Thread(target=self._stop_sequence, daemon=True)
+                self._stopper.start()
+            return self._stopper
+
+    def _stop_sequence(self) -> None:
+        if not self.started.wait(timeout=self.limits.grace_seconds) or self._proc is None:
+            return
+        assert self._stop_reason is not None
+        self._emit_flowyard(f"stopping agent ({self._stop_reason[1]}): asking for a checkpoint")
+        self._checkpoint_seen.clear()
+        if self._write_stdin(CHECKPOINT_REQUEST):
+            self._checkpoint_seen.wait(timeout=self.limits.checkpoint_wait_seconds)
+        self._killed = terminate_group(self._proc.pid, self.limits.grace_seconds)
+        if self._killed:
+            self._emit_flowyard(f"agent group {self._proc.pid} ignored SIGTERM; sent SIGKILL")
+
+    def _write_stdin(self, line: str) -> bool:
+        assert self._proc is not None and self._proc.stdin is not None
+        with self._stdin_lock:
+            try:
+                self._proc.stdin.write(line.encode() + b"\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                return False
+        return True
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> AgentOutcome:
+        """Read stdout/stderr until the agent and its pipes are done, enforcing timeout and heartbeat."""
+        assert proc.stdout is not None and proc.stderr is not None
+        state = _RunState()
+        deadline = time.monotonic() + self.limits.timeout_seconds
+        next_beat = time.monotonic() + self.limits.heartbeat_seconds
+        selector = selectors.DefaultSelector()
+        buffers: dict[int, bytearray] = {}
+        for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            os.set_blocking(stream.fileno(), False)
+            selector.register(stream, selectors.EVENT_READ, name)
+            buffers[stream.fileno()] = bytearray()
+        exited_at: float | None = None
+        while selector.get_map():
+            for key, _ in selector.select(timeout=0.25):
+                self._read(key.fileobj, key.data, buffers, selector, state)  # type: ignore[arg-type]
+            now = time.monotonic()
+            if now >= deadline:
+                self.request_stop(f"timeout after {self.limits.timeout_seconds:g}s", "timeout")
+            if self._keep_going is not None and now >= next_beat:
+                next_beat = now + self.limits.heartbeat_seconds
+                if not self._keep_going():
+                    self.request_stop("task cancelled or reclaimed")
+            if proc.poll() is not None:
+                exited_at = exited_at or now
+                if now - exited_at > 1.0:  # a grandchild holds the pipes open: end the group
+                    terminate_group(proc.pid, self.limits.grace_seconds)
+        selector.close()
+        exit_code = proc.wait()
+        if self._stopper is not None:
+            self._stopper.join()
+        return self._outcome(exit_code, state)
+
+    def _read(
+        self,
+        stream: IO[bytes],
+        name: str,
+        buffers: dict[int, bytearray],
+        selector: selectors.BaseSelector,
+        state: _RunState,
+    ) -> None:
+        fd = stream.fileno()
+        chunk = os.read(fd, 65536)
+        buffer = buffers[fd]
+        if chunk:
+            buffer.extend(chunk)
+            *lines, rest = buffer.split(b"\n")
+            buffers[fd] = bytearray(rest)
+        else:
+            selector.unregister(stream)
+            lines, buffers[fd] = ([bytes(buffer)] if buffer else []), bytearray()
+        for raw in lines:
+            self._line(name, raw.decode(errors="replace"), state)
+
+    def _line(self, stream: str, text: str, state: _RunState) -> None:
+        if stream == "stderr":
+            state.stderr_tail.append(text)
+            self._on_message("stderr", LogMessage(kind="log", level="stderr", message=text))
+            return
+        message = parse_line(text)
+        if isinstance(message, CheckpointMessage):
+            state.checkpoint = message.state
+        elif isinstance(message, ResultMessage):
+            state.result = message.data
+        elif isinstance(message, ErrorMessage):
+            state.errors.append(message.message)
+        self._on_message("stdout", message)
+        if isinstance(message, CheckpointMessage):
+            self._checkpoint_seen.set()
+
+    def _emit_flowyard(self, text: str) -> None:
+        self._on_message("flowyard", LogMessage(kind="log", level="info", message=text))
+
+    def _outcome(self, exit_code: int, state: _RunState) -> AgentOutcome:
+        tail = list(state.stderr_tail)
+        if self._stop_reason is not None:
+            outcome, reason = self._stop_reason
+            return AgentOutcome(
+                outcome, exit_code, state.result, reason, state.checkpoint, self._killed, tail
+            )
+        if exit_code == 0 and not state.errors:
+            return AgentOutcome(
+                "completed", exit_code, state.result or {}, None, state.checkpoint, False, tail
+            )
+        detail = "; ".join(state.errors) or (tail[-1] if tail else "no error message")
+        return AgentOutcome(
+            "failed",
+            exit_code,
+            state.result,
+            f"agent exited {_exit_text(exit_code)}: {detail}",
+            state.checkpoint,
+            False,
+            tail,
+        )
+
+    def _stop_group_leftovers(self) -> None:
+        """Processes the agent left behind in its group (daemons, grandchildren) die with it."""
+        assert self._proc is not None
+        try:
+            os.killpg(self._proc.pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass
+        terminate_group(self._proc.pid, self.limits.grace_seconds)
+
+
+@dataclass
+class _RunState:
+    checkpoint: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    errors: list[str] = field(default_factory=list)
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        return f"on signal {signal.Signals(-code).name}"
+    return f"with code {code}"

@@ -1,0 +1,90 @@
+"""The line protocol between flowyard and an agent process.
+
+Agent → flowyard, one JSON object per stdout line, ``kind`` being one of:
+
+- ``{"kind": "log", "message": "...", "level": "info"}``
+- ``{"kind": "progress", "percent": 40, "message": "..."}``
+- ``{"kind": "checkpoint", "state": {...}}`` – everything the agent needs to resume; the
+  latest one is handed back on the next attempt.
+- ``{"kind": "artifact", "key": "report", "type": "markdown"|"link"|"table", "data": ...,
+  "description": "..."}`` – becomes a Prefect artifact.
+- ``{"kind": "result", "data": {...}}`` – the task's result; the agent then exits 0.
+- ``{"kind": "error", "message": "...", "retryable": true}``
+
+A line that is not valid JSON, or not one of these shapes, is kept as a ``log`` line with
+``level="raw"``: agents are external programs and their stray prints must not break a run.
+
+flowyard → agent, on stdin (one JSON object per line):
+
+- the task envelope (first line) when the template delivers the task on stdin;
+- ``{"kind": "control", "command": "checkpoint"}`` – "emit a checkpoint now": sent before a
+  graceful shutdown, after which the process group gets SIGTERM and, after the grace
+  period, SIGKILL. Agents that do not read stdin simply lose the work since their last
+  checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
+
+__all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "parse_line"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class LogMessage(_Message):
+    kind: Literal["log"]
+    message: str
+    level: str = "info"
+
+
+class ProgressMessage(_Message):
+    kind: Literal["progress"]
+    percent: float = Field(ge=0, le=100)
+    message: str = ""
+
+
+class CheckpointMessage(_Message):
+    kind: Literal["checkpoint"]
+    state: dict[str, Any]
+
+
+class ArtifactMessage(_Message):
+    kind: Literal["artifact"]
+    key: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$")
+    type: Literal["markdown", "link", "table"] = "markdown"
+    data: Any
+    description: str | None = None
+
+
+class ResultMessage(_Message):
+    kind: Literal["result"]
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorMessage(_Message):
+    kind: Literal["error"]
+    message: str
+    retryable: bool = True
+
+
+AgentMessage = Annotated[
+    LogMessage | ProgressMessage | CheckpointMessage | ArtifactMessage | ResultMessage | ErrorMessage,
+    Field(discriminator="kind"),
+]
+_ADAPTER: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
+
+
+def parse_line(line: str) -> AgentMessage:
+    """One stdout line as a message; anything unparseable becomes a raw log line."""
+    text = line.rstrip("\r\n")
+    try:
+        return _ADAPTER.validate_json(text)
+    except ValidationError:
+        return LogMessage(kind="log", message=text, level="raw")

@@ -1,0 +1,463 @@
+"""The durable agent task queue in PostgreSQL (``flowyard.agent_tasks`` and friends).
+
+Status flow: ``draft → pending → in_progress → completed | failed | cancelled``, with
+``review`` between ``in_progress`` and ``completed`` for tasks that require it. A task is
+*ready* when it is pending and every task that ``blocks`` it is completed. Workers claim
+ready tasks with ``SELECT … FOR UPDATE SKIP LOCKED`` in priority order, so two workers
+never take the same task, and stamp them with their worker id; a task whose worker died
+is handed back to ``pending`` by :func:`recover_stale`, keeping its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import psutil
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from tasks.db import connection
+from tasks.errors import UserError
+
+Priority = Literal["critical", "high", "medium", "low"]
+Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
+TaskType = Literal["epic", "story", "task", "subtask", "bug", "spike"]
+Outcome = Literal["completed", "failed", "timeout", "interrupted"]
+PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
+STATUSES: tuple[str, ...] = ("draft", "pending", "in_progress", "review", "completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class NewTask:
+    title: str
+    agent_type: str
+    type: TaskType = "task"
+    description: str = ""
+    priority: Priority = "medium"
+    blocked_by: tuple[int, ...] = ()
+    payload: dict[str, Any] = field(default_factory=dict)
+    workdir: str = ""
+    requires_review: bool = False
+    draft: bool = False
+
+
+@dataclass(frozen=True)
+class AgentTask:
+    id: int
+    title: str
+    type: str
+    description: str
+    priority: str
+    status: str
+    agent_type: str
+    payload: dict[str, Any]
+    workdir: str
+    requires_review: bool
+    attempts: int
+    last_checkpoint: dict[str, Any] | None
+    result: dict[str, Any] | None
+    error: str | None
+    blocked_reason: str | None
+    worker: str | None
+    agent_pgid: int | None
+    blocked_by: tuple[int, ...]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+_COLUMNS = """
+    t.id, t.title, t.type, t.description, t.priority, t.status, t.agent_type, t.payload, t.workdir,
+    t.requires_review, t.attempts, t.last_checkpoint, t.result, t.error, t.blocked_reason, t.worker,
+    t.agent_pgid, t.created_at, t.updated_at, t.started_at, t.finished_at,
+    ARRAY(SELECT b.blocker_id FROM flowyard.agent_task_blocks b
+          WHERE b.blocked_id = t.id ORDER BY b.blocker_id) AS blocked_by
+"""
+
+
+def _task(row: dict[str, Any]) -> AgentTask:
+    return AgentTask(**{**row, "blocked_by": tuple(row["blocked_by"])})
+
+
+def new_worker_id() -> str:
+    """``host:pid:process-start:nonce`` – enough for :func:`recover_stale` to tell a dead worker."""
+    started = int(psutil.Process().create_time())
+    return f"{socket.gethostname()}:{os.getpid()}:{started}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_alive(worker: str) -> bool | None:
+    """Whether the worker process is alive; None when it ran on another host (cannot tell)."""
+    try:
+        host, pid, started, _ = worker.rsplit(":", 3)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        return int(psutil.Process(int(pid)).create_time()) == int(started)
+    except (psutil.Error, ValueError):
+        return False
+
+
+def create_task(url: str, task: NewTask) -> int:
+    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
+    with connection(url) as conn:
+        if task.blocked_by:
+            found = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM flowyard.agent_tasks WHERE id = ANY(%s)", (list(task.blocked_by),)
+                )
+            }
+            missing = sorted(set(task.blocked_by) - found)
+            if missing:
+                raise UserError(
+                    f"unknown dependency task id(s) {missing}; list existing tasks with `flowyard queue list`"
+                )
+        row = conn.execute(
+            """
+            INSERT INTO flowyard.agent_tasks
+                (title, type, description, priority, status, agent_type, payload, workdir, requires_review)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
+            """,
+            (
+                task.title,
+                task.type,
+                task.description,
+                task.priority,
+                "draft" if task.draft else "pending",
+                task.agent_type,
+                Jsonb(task.payload),
+                task.workdir,
+                task.requires_review,
+            ),
+        ).fetchone()
+        assert row is not None
+        conn.cursor().executemany(
+            "INSERT INTO flowyard.agent_task_blocks (blocker_id, blocked_id) VALUES (%s, %s)",
+            [(blocker, row[0]) for blocker in sorted(set(task.blocked_by))],
+        )
+    return int(row[0])
+
+
+def get_task(url: str, task_id: int) -> AgentTask:
+    with connection(url) as conn:
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE t.id = %s", (task_id,)
+        ).fetchone()  # noqa: S608 - constant column list
+    if row is None:
+        raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
+    return _task(row)
+
+
+def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
+    with connection(url) as conn:
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id",  # noqa: S608 - constant column list
+            {"s": status},
+        ).fetchall()
+    return [_task(r) for r in rows]
+
+
+def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb: str, reset: bool) -> None:
+    """Move a task from one of ``allowed`` to ``to``; a one-line UserError says why not otherwise."""
+    with connection(url) as conn:
+        row = conn.execute(
+            """
+            UPDATE flowyard.agent_tasks
+               SET status = %s, updated_at = now(),
+                   error = CASE WHEN %s THEN NULL ELSE error END,
+                   blocked_reason = CASE WHEN %s THEN NULL ELSE blocked_reason END,
+                   finished_at = CASE WHEN %s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
+             WHERE id = %s AND status = ANY(%s)
+            RETURNING id
+            """,
+            (to, reset, reset, to, task_id, list(allowed)),
+        ).fetchone()
+        if row is None:
+            current = conn.execute(
+                "SELECT status FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
+            ).fetchone()
+    if row is None:
+        if current is None:
+            raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
+        raise UserError(
+            f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
+        )
+
+
+def cancel_task(url: str, task_id: int) -> None:
+    """Cancel a task; a running one is stopped gracefully by its worker at the next heartbeat."""
+    _transition(
+        url, task_id, ("draft", "pending", "in_progress", "review"), "cancelled", "cancel", reset=False
+    )
+
+
+def retry_task(url: str, task_id: int) -> None:
+    """Put a failed or cancelled task back in the queue; it resumes from its last checkpoint."""
+    _transition(url, task_id, ("failed", "cancelled"), "pending", "retry", reset=True)
+
+
+def submit_task(url: str, task_id: int) -> None:
+    """Release a draft into the queue."""
+    _transition(url, task_id, ("draft",), "pending", "submit", reset=False)
+
+
+def approve_task(url: str, task_id: int) -> None:
+    """Accept a task waiting in review as completed (which unblocks its dependents)."""
+    _transition(url, task_id, ("review",), "completed", "approve", reset=False)
+
+
+def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
+    """Claim up to ``limit`` ready tasks, highest priority first, oldest first within a priority.
+
+    ``FOR UPDATE SKIP LOCKED`` makes concurrent claimers skip each other's rows; a row
+    another worker claimed and committed no longer matches ``status = 'pending'`` on
+    re-check, so no task is ever claimed twice.
+    """
+    if limit <= 0:
+        return []
+    with connection(url) as conn:
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        ids = [
+            r["id"]
+            for r in conn.execute(
+                """
+                WITH ready AS (
+                    SELECT t.id FROM flowyard.agent_tasks t
+                     WHERE t.status = 'pending'
+                       AND NOT EXISTS (
+                           SELECT 1 FROM flowyard.agent_task_blocks b
+                             JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
+                            WHERE b.blocked_id = t.id AND d.status <> 'completed')
+                     ORDER BY t.priority_rank, t.id
+                     LIMIT %s
+                     FOR UPDATE OF t SKIP LOCKED
+                )
+                UPDATE flowyard.agent_tasks t
+                   SET status = 'in_progress', worker = %s, heartbeat_at = now(), updated_at = now(),
+                       blocked_reason = NULL, error = NULL, started_at = coalesce(t.started_at, now())
+                  FROM ready WHERE t.id = ready.id
+                RETURNING t.id
+                """,
+                (limit, worker),
+            )
+        ]
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE t.id = ANY(%s) ORDER BY t.priority_rank, t.id",  # noqa: S608 - constant column list
+            (ids,),
+        ).fetchall()
+    return [_task(r) for r in rows]
+
+
+def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) -> tuple[int, int]:
+    """Count a new attempt of a task this worker holds; returns (attempt number, run id)."""
+    with connection(url) as conn:
+        row = conn.execute(
+            """
+            WITH t AS (
+                UPDATE flowyard.agent_tasks SET attempts = attempts + 1, heartbeat_at = now(), updated_at = now()
+                 WHERE id = %s AND worker = %s AND status = 'in_progress'
+                RETURNING id, attempts, agent_type
+            )
+            INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id)
+            SELECT id, attempts, agent_type, %s, %s FROM t
+            RETURNING attempt, id
+            """,
+            (task_id, worker, worker, flow_run_id),
+        ).fetchone()
+    if row is None:
+        raise UserError(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
+    return int(row[0]), int(row[1])
+
+
+def set_agent_pgid(url: str, task_id: int, worker: str, pgid: int | None) -> None:
+    with connection(url) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET agent_pgid = %s WHERE id = %s AND worker = %s",
+            (pgid, task_id, worker),
+        )
+
+
+def heartbeat(url: str, task_id: int, worker: str) -> bool:
+    """Refresh the claim; False when the task was cancelled or taken away, so the agent must stop."""
+    with connection(url) as conn:
+        row = conn.execute(
+            """
+            UPDATE flowyard.agent_tasks SET heartbeat_at = now()
+             WHERE id = %s AND worker = %s AND status = 'in_progress' RETURNING id
+            """,
+            (task_id, worker),
+        ).fetchone()
+    return row is not None
+
+
+def record_checkpoint(
+    url: str, task_id: int, attempt: int, state: dict[str, Any], kind: str = "agent"
+) -> None:
+    """Append to the checkpoint history and make it the task's last checkpoint, in one statement."""
+    value = {"attempt": attempt, "kind": kind, "state": state}
+    with connection(url) as conn:
+        conn.execute(
+            """
+            WITH h AS (
+                INSERT INTO flowyard.agent_checkpoints (task_id, attempt, kind, state) VALUES (%s, %s, %s, %s)
+            )
+            UPDATE flowyard.agent_tasks SET last_checkpoint = %s, updated_at = now() WHERE id = %s
+            """,
+            (task_id, attempt, kind, Jsonb(state), Jsonb(value), task_id),
+        )
+
+
+def checkpoint_history(url: str, task_id: int) -> list[dict[str, Any]]:
+    with connection(url) as conn:
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        return conn.execute(
+            "SELECT attempt, kind, state, created_at FROM flowyard.agent_checkpoints WHERE task_id = %s ORDER BY id",
+            (task_id,),
+        ).fetchall()
+
+
+def finish_attempt(
+    url: str,
+    run_id: int,
+    worker: str,
+    outcome: Outcome,
+    *,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+) -> str | None:
+    """Close an attempt and move its task: completed → ``completed`` (or ``review``);
+    interrupted → back to ``pending`` (resumable); failed/timeout → stays claimed for a retry.
+
+    Returns the task's new status, or None when this worker no longer held the task.
+    """
+    with connection(url) as conn:
+        row = conn.execute(
+            """
+            WITH r AS (
+                UPDATE flowyard.agent_runs
+                   SET finished_at = now(), outcome = %(outcome)s, error = %(error)s,
+                       seconds = extract(epoch FROM now() - started_at)
+                 WHERE id = %(run)s RETURNING task_id
+            )
+            UPDATE flowyard.agent_tasks t
+               SET status = CASE %(outcome)s
+                                WHEN 'completed' THEN CASE WHEN t.requires_review THEN 'review' ELSE 'completed' END
+                                WHEN 'interrupted' THEN 'pending'
+                                ELSE t.status END,
+                   result = coalesce(%(result)s, t.result),
+                   error = %(error)s,
+                   worker = CASE WHEN %(outcome)s IN ('completed', 'interrupted') THEN NULL ELSE t.worker END,
+                   agent_pgid = NULL, updated_at = now(),
+                   finished_at = CASE WHEN %(outcome)s = 'completed' THEN now() ELSE t.finished_at END
+              FROM r
+             WHERE t.id = r.task_id AND t.worker = %(worker)s AND t.status = 'in_progress'
+            RETURNING t.status
+            """,
+            {
+                "outcome": outcome,
+                "error": error,
+                "run": run_id,
+                "result": Jsonb(result) if result is not None else None,
+                "worker": worker,
+            },
+        ).fetchone()
+    return row[0] if row else None
+
+
+def fail_task(url: str, task_id: int, worker: str, error: str) -> None:
+    """Give up on a task after its last retry (only if this worker still holds it)."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            UPDATE flowyard.agent_tasks
+               SET status = 'failed', error = %s, worker = NULL, agent_pgid = NULL,
+                   finished_at = now(), updated_at = now()
+             WHERE id = %s AND worker = %s AND status = 'in_progress'
+            """,
+            (error, task_id, worker),
+        )
+
+
+def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
+    """Hand a claimed task back to ``pending`` (keeping its checkpoint) so a later run resumes it."""
+    with connection(url) as conn:
+        row = conn.execute(
+            """
+            UPDATE flowyard.agent_tasks
+               SET status = 'pending', worker = NULL, agent_pgid = NULL, error = %s, updated_at = now()
+             WHERE id = %s AND worker = %s AND status = 'in_progress' RETURNING id
+            """,
+            (reason, task_id, worker),
+        ).fetchone()
+        if row is not None:
+            conn.execute(
+                """
+                UPDATE flowyard.agent_runs
+                   SET outcome = 'interrupted', finished_at = now(), error = %s,
+                       seconds = extract(epoch FROM now() - started_at)
+                 WHERE task_id = %s AND worker = %s AND outcome IS NULL
+                """,
+                (reason, task_id, worker),
+            )
+    return row is not None
+
+
+@dataclass(frozen=True)
+class StaleTask:
+    id: int
+    worker: str
+    agent_pgid: int | None
+
+
+def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
+    """In-progress tasks whose worker is dead (same host) or silent for longer than the lease."""
+    with connection(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT id, worker, agent_pgid, heartbeat_at < now() - make_interval(secs => %s)
+              FROM flowyard.agent_tasks WHERE status = 'in_progress'
+            """,
+            (lease_seconds,),
+        ).fetchall()
+    return [
+        StaleTask(row[0], row[1] or "", row[2])
+        for row in rows
+        if row[1] is None or row[3] or worker_alive(row[1]) is False
+    ]
+
+
+def blocked_by_failure(url: str) -> dict[int, str]:
+    """Pending tasks that can never become ready because a dependency failed or was cancelled.
+
+    They stay pending (a retried dependency unblocks them) but carry the reason, which
+    ``flowyard queue list`` shows. Returns {task id: reason}.
+    """
+    with connection(url) as conn:
+        rows = conn.execute(
+            """
+            WITH reasons AS (
+                SELECT b.blocked_id AS id,
+                       'not run: dependency ' || string_agg(
+                           format('#%s %L is %s', d.id, d.title, d.status), ', ' ORDER BY d.id) AS reason
+                  FROM flowyard.agent_task_blocks b
+                  JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
+                  JOIN flowyard.agent_tasks t ON t.id = b.blocked_id
+                 WHERE t.status = 'pending' AND d.status IN ('failed', 'cancelled')
+                 GROUP BY b.blocked_id
+            )
+            UPDATE flowyard.agent_tasks t SET blocked_reason = reasons.reason
+              FROM reasons WHERE t.id = reasons.id
+            RETURNING t.id, t.blocked_reason
+            """
+        ).fetchall()
+    return {int(r[0]): str(r[1]) for r in rows}

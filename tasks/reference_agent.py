@@ -1,0 +1,125 @@
+"""The bundled reference agent: deterministic, offline, speaking flowyard's agent protocol.
+
+Run as ``python -m tasks.reference_agent``. It reads the task envelope from argv[1], the
+``FLOWYARD_TASK`` variable or the first stdin line, then performs ``steps`` steps of a
+SHA-256 chain, emitting a checkpoint after each one, and writes ``result.txt`` into its
+working directory. Handed a checkpoint, it resumes from that step with that digest, so a
+resumed run ends with the same digest as an uninterrupted one.
+
+Knobs (in the task payload), for the demo and the tests:
+
+- ``steps`` (3), ``sleep`` seconds per step (0);
+- ``crash_after``: exit 3 right after checkpointing step N, unless the attempt resumed at N or later;
+- ``fail``: report this error and exit 1 on every attempt;
+- ``garbage``: also print lines that are not protocol messages;
+- ``spawn_child``: start a long-sleeping child process (to prove the whole group is ended);
+- ``ignore_term``: ignore SIGTERM (to exercise the SIGKILL after the grace period);
+- ``artifact``: report a markdown artifact with the final digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.agent_wire import TASK_ENV_VAR, is_checkpoint_request, message_line
+
+
+class ReferenceAgent:
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        self.task_id = int(envelope["task_id"])
+        self.payload: dict[str, Any] = envelope.get("payload") or {}
+        state = (envelope.get("checkpoint") or {}).get("state") or {}
+        self.step = int(state.get("step", 0))
+        self.digest = str(state.get("digest", hashlib.sha256(str(self.task_id).encode()).hexdigest()))
+        self.resumed_from = self.step
+        self._out = threading.RLock()  # re-entrant: the SIGTERM handler may interrupt an emit
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        with self._out:
+            sys.stdout.write(message_line(kind, **fields) + "\n")
+            sys.stdout.flush()
+
+    def checkpoint(self) -> None:
+        self.emit("checkpoint", state={"step": self.step, "digest": self.digest})
+
+    def run(self) -> int:
+        steps = int(self.payload.get("steps", 3))
+        if self.payload.get("spawn_child"):
+            child = subprocess.Popen(  # noqa: S603 - fixed argv
+                [sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL
+            )
+            self.emit("log", message=f"spawned child pid {child.pid}")
+        if self.resumed_from:
+            self.emit("log", message=f"resuming at step {self.step}")
+        if self.payload.get("fail"):
+            self.emit("error", message=str(self.payload["fail"]), retryable=False)
+            return 1
+        crash_after = self.payload.get("crash_after")
+        while self.step < steps:
+            if self.payload.get("garbage"):
+                print(f"garbage line {self.step} {{not json", flush=True)
+                print(json.dumps({"kind": "progress", "percent": "lots"}), flush=True)
+            time.sleep(float(self.payload.get("sleep", 0)))
+            self.step += 1
+            self.digest = hashlib.sha256(f"{self.digest}:{self.task_id}:{self.step}".encode()).hexdigest()
+            self.checkpoint()
+            self.emit("progress", percent=100.0 * self.step / steps, message=f"step {self.step}")
+            if crash_after is not None and self.step == int(crash_after) and self.resumed_from < self.step:
+                print(f"crashing after step {self.step} as asked", file=sys.stderr, flush=True)
+                return 3
+        Path("result.txt").write_text(self.digest + "\n")
+        if self.payload.get("artifact"):
+            self.emit(
+                "artifact",
+                key=f"reference-agent-{self.task_id}",
+                type="markdown",
+                data=f"# Task {self.task_id}\n\nFinal digest after {steps} steps: `{self.digest}`",
+                description="reference agent result",
+            )
+        self.emit("result", data={"digest": self.digest, "steps": steps, "resumed_from": self.resumed_from})
+        return 0
+
+    def listen(self) -> None:
+        """Answer checkpoint requests arriving on stdin (runs in a daemon thread)."""
+        for line in sys.stdin:
+            if is_checkpoint_request(line):
+                self.checkpoint()
+
+
+def read_envelope(argv: list[str]) -> dict[str, Any]:
+    if len(argv) > 1:
+        return json.loads(argv[1])
+    if os.environ.get(TASK_ENV_VAR):
+        return json.loads(os.environ[TASK_ENV_VAR])
+    return json.loads(sys.stdin.readline())
+
+
+def main(argv: list[str] | None = None) -> int:
+    agent = ReferenceAgent(read_envelope(sys.argv if argv is None else argv))
+    if agent.payload.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, _exit_after_checkpoint(agent))
+    threading.Thread(target=agent.listen, daemon=True).start()
+    return agent.run()
+
+
+def _exit_after_checkpoint(agent: ReferenceAgent) -> Any:
+    def handler(signum: int, frame: object) -> None:
+        agent.checkpoint()
+        os._exit(128 + signum)
+
+    return handler
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Agent processes for real: the reference agent as a subprocess in its own process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tasks.agent_process import (
+    REFERENCE_TEMPLATE,
+    AgentJob,
+    AgentLimits,
+    AgentProcess,
+    AgentTemplate,
+    resolve_workdir,
+)
+from tasks.agent_protocol import AgentMessage, CheckpointMessage, LogMessage
+from tasks.errors import UserError
+from tasks.process_group import group_members
+
+DEFAULT_LIMITS = AgentLimits()
+
+
+def _job(tmp_path: Path, payload: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> AgentJob:
+    return AgentJob(7, 1, "t", "task", "", payload, checkpoint, tmp_path / "work")
+
+
+def _run(
+    job: AgentJob, template: AgentTemplate = REFERENCE_TEMPLATE, limits: AgentLimits = DEFAULT_LIMITS
+) -> tuple[Any, list[tuple[str, AgentMessage]], AgentProcess]:
+    seen: list[tuple[str, AgentMessage]] = []
+    process = AgentProcess(job, template, on_message=lambda s, m: seen.append((s, m)), limits=limits)
+    return process.run(), seen, process
+
+
+def test_workdir_must_stay_inside_the_output_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    assert resolve_workdir(out, "a/b", 1) == (out / "a" / "b").resolve()
+    assert resolve_workdir(out, "", 3) == (out / "task-3").resolve()
+    for escape in ("../elsewhere", "a/../../x", str(tmp_path / "abs")):
+        with pytest.raises(UserError, match="outside the agent output directory"):
+            resolve_workdir(out, escape, 1)
+
+
+def test_symlink_escape_is_rejected(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "secret").mkdir()
+    (out / "link").symlink_to(tmp_path / "secret")
+    with pytest.raises(UserError, match=r"resolves to .*secret"):
+        resolve_workdir(out, "link/sub", 1)
+
+
+@pytest.mark.parametrize("delivery", ["stdin", "argv", "env"])
+def test_task_reaches_the_agent_by_every_delivery(tmp_path: Path, delivery: str) -> None:
+    template = REFERENCE_TEMPLATE.model_copy(update={"delivery": delivery})
+    outcome, seen, _ = _run(_job(tmp_path, {"steps": 2}), template)
+    assert outcome.outcome == "completed", outcome
+    assert outcome.result["steps"] == 2
+    assert outcome.checkpoint["step"] == 2
+    assert (tmp_path / "work" / "result.txt").read_text().strip() == outcome.result["digest"]
+    assert [m.state["step"] for _, m in seen if isinstance(m, CheckpointMessage)] == [1, 2]
+
+
+def test_protocol_garbage_is_kept_as_log_lines(tmp_path: Path) -> None:
+    outcome, seen, _ = _run(_job(tmp_path, {"steps": 2, "garbage": True}))
+    assert outcome.outcome == "completed"
+    raw = [m.message for _, m in seen if isinstance(m, LogMessage) and m.level == "raw"]
+    assert "garbage line 0 {not json" in raw
+    assert json.dumps({"kind": "progress", "percent": "lots"}) in raw
+
+
+def test_resume_from_checkpoint_gives_the_uninterrupted_digest(tmp_path: Path) -> None:
+    whole, _, _ = _run(_job(tmp_path, {"steps": 4}))
+    crashed, seen, _ = _run(_job(tmp_path, {"steps": 4, "crash_after": 2}))
+    assert crashed.outcome == "failed" and crashed.exit_code == 3
+    assert "crashing after step 2" in crashed.error
+    resumed, _, _ = _run(_job(tmp_path, {"steps": 4, "crash_after": 2}, {"state": crashed.checkpoint}))
+    assert resumed.outcome == "completed"
+    assert resumed.result["resumed_from"] == 2
+    assert resumed.result["digest"] == whole.result["digest"]
+
+
+def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
+    limits = AgentLimits(timeout_seconds=1.0, grace_seconds=0.5, checkpoint_wait_seconds=0.5)
+    job = _job(tmp_path, {"steps": 100, "sleep": 0.2, "spawn_child": True, "ignore_term": True})
+    outcome, seen, process = _run(job, limits=limits)
+    assert outcome.outcome == "timeout"
+    assert outcome.killed, "the agent ignores SIGTERM, so SIGKILL must have ended it"
+    child_pids = [
+        int(m.message.rsplit(" ", 1)[1])
+        for _, m in seen
+        if isinstance(m, LogMessage) and m.message.startswith("spawned child")
+    ]
+    assert child_pids, "the agent spawned a child"
+    assert group_members(process.pgid) == []
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in child_pids)
+
+
+def test_leftover_children_die_with_a_finished_agent(tmp_path: Path) -> None:
+    outcome, _, process = _run(_job(tmp_path, {"steps": 1, "spawn_child": True}))
+    assert outcome.outcome == "completed"
+    assert group_members(process.pgid) == []
+
+
+def test_shutdown_asks_for_a_checkpoint_then_ends_the_group(tmp_path: Path) -> None:
+    seen: list[AgentMessage] = []
+    job = _job(tmp_path, {"steps": 1000, "sleep": 0.1})
+    process = AgentProcess(job, REFERENCE_TEMPLATE, on_message=lambda s, m: seen.append(m))
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(process.run()))
+    runner.start()
+    while not any(isinstance(m, CheckpointMessage) for m in seen):
+        runner.join(0.05)
+    before = sum(isinstance(m, CheckpointMessage) for m in seen)
+    process.shutdown("test shutdown")
+    runner.join()
+    outcome = result[0]
+    assert outcome.outcome == "interrupted" and outcome.error == "test shutdown"
+    assert sum(isinstance(m, CheckpointMessage) for m in seen) > before
+    assert group_members(process.pgid) == []
+
+
+def test_an_agent_that_cannot_start_is_a_user_error(tmp_path: Path) -> None:
+    template = AgentTemplate(argv=[str(tmp_path / "no-such-agent")])
+    with pytest.raises(UserError, match="cannot start agent"):
+        _run(_job(tmp_path, {}), template)
+
+
+def test_failed_agent_reports_its_error_and_stderr(tmp_path: Path) -> None:
+    outcome, _, _ = _run(_job(tmp_path, {"fail": "no such repository"}))
+    assert outcome.outcome == "failed"
+    assert "no such repository" in outcome.error and "code 1" in outcome.error
+    template = AgentTemplate(
+        argv=[sys.executable, "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"]
+    )
+    outcome, seen, _ = _run(_job(tmp_path, {}), template)
+    assert outcome.outcome == "failed" and "boom" in outcome.error and outcome.exit_code == 4
+    assert ("stderr", LogMessage(kind="log", level="stderr", message="boom")) in seen
+    assert os.environ.get("FLOWYARD_TASK_ID") is None

@@ -1,0 +1,147 @@
+"""The agent queue on the real embedded PostgreSQL, each test in a fresh database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tasks import agent_queue as queue
+from tasks.agent_execution import recover_stale_tasks
+from tasks.agent_process import REFERENCE_TEMPLATE
+from tasks.errors import UserError
+from tasks.process_group import group_members, spawn_group
+from tasks.state import state_url
+
+
+@pytest.fixture()
+def qdb(fresh_db: str) -> str:
+    return state_url(fresh_db)
+
+
+def _new(
+    title: str, priority: str = "medium", blocked_by: tuple[int, ...] = (), **kw: object
+) -> queue.NewTask:
+    return queue.NewTask(title=title, agent_type="reference", priority=priority, blocked_by=blocked_by, **kw)  # type: ignore[arg-type]
+
+
+def test_claims_follow_priority_then_age_and_only_ready_tasks(qdb: str) -> None:
+    low = queue.create_task(qdb, _new("low", "low"))
+    first = queue.create_task(qdb, _new("first"))
+    crit = queue.create_task(qdb, _new("crit", "critical"))
+    blocked = queue.create_task(qdb, _new("blocked", "critical", (first,)))
+    draft = queue.create_task(qdb, _new("draft", "critical", draft=True))
+    claimed = queue.claim_ready(qdb, "w1", 10)
+    assert [t.id for t in claimed] == [crit, first, low]
+    assert all(t.status == "in_progress" and t.worker == "w1" for t in claimed)
+    assert queue.claim_ready(qdb, "w2", 10) == []
+    run_attempt, run_id = queue.start_attempt(qdb, first, "w1", None)
+    assert run_attempt == 1
+    assert queue.finish_attempt(qdb, run_id, "w1", "completed", result={"ok": 1}) == "completed"
+    assert [t.id for t in queue.claim_ready(qdb, "w2", 10)] == [blocked]
+    assert queue.get_task(qdb, draft).status == "draft"
+    queue.submit_task(qdb, draft)
+    assert [t.id for t in queue.claim_ready(qdb, "w2", 10)] == [draft]
+
+
+def test_transitions_and_their_errors(qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("x"))
+    with pytest.raises(UserError, match=r"cannot retry task \d+: it is pending"):
+        queue.retry_task(qdb, task_id)
+    queue.cancel_task(qdb, task_id)
+    assert queue.get_task(qdb, task_id).status == "cancelled"
+    queue.retry_task(qdb, task_id)
+    assert queue.get_task(qdb, task_id).status == "pending"
+    with pytest.raises(UserError, match="no agent task 999999"):
+        queue.cancel_task(qdb, 999999)
+    with pytest.raises(UserError, match=r"unknown dependency task id\(s\) \[424242\]"):
+        queue.create_task(qdb, _new("y", blocked_by=(424242,)))
+
+
+def test_review_holds_dependents_until_approved(qdb: str) -> None:
+    reviewed = queue.create_task(qdb, _new("needs review", requires_review=True))
+    after = queue.create_task(qdb, _new("after", blocked_by=(reviewed,)))
+    queue.claim_ready(qdb, "w", 5)
+    _, run_id = queue.start_attempt(qdb, reviewed, "w", None)
+    assert queue.finish_attempt(qdb, run_id, "w", "completed", result={}) == "review"
+    assert queue.claim_ready(qdb, "w", 5) == []
+    queue.approve_task(qdb, reviewed)
+    assert [t.id for t in queue.claim_ready(qdb, "w", 5)] == [after]
+
+
+def test_failed_dependency_blocks_with_a_reason(qdb: str) -> None:
+    dep = queue.create_task(qdb, _new("build"))
+    child = queue.create_task(qdb, _new("deploy", blocked_by=(dep,)))
+    queue.claim_ready(qdb, "w", 5)
+    queue.fail_task(qdb, dep, "w", "compiler exploded")
+    assert queue.blocked_by_failure(qdb) == {child: f"not run: dependency #{dep} 'build' is failed"}
+    assert queue.get_task(qdb, child).blocked_reason.startswith("not run: dependency")
+    queue.retry_task(qdb, dep)
+    assert queue.blocked_by_failure(qdb) == {}
+
+
+_CLAIMER = textwrap.dedent(
+    """
+    import json, sys
+    from tasks import agent_queue as queue
+    url, name = sys.argv[1], sys.argv[2]
+    got = []
+    while True:
+        batch = queue.claim_ready(url, name, 3)
+        if not batch:
+            break
+        got += [t.id for t in batch]
+    print(json.dumps(got))
+    """
+)
+
+
+def test_two_worker_processes_never_claim_the_same_task(qdb: str) -> None:
+    ids = {
+        queue.create_task(qdb, _new(f"t{i}", ("critical", "high", "medium", "low")[i % 4]))
+        for i in range(300)
+    }
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _CLAIMER, qdb, f"w{n}"], stdout=subprocess.PIPE, text=True)
+        for n in range(2)
+    ]
+    claims = [json.loads(w.communicate(timeout=300)[0]) for w in workers]
+    assert all(w.returncode == 0 for w in workers)
+    assert claims[0] and claims[1], "both workers claimed concurrently"
+    assert not set(claims[0]) & set(claims[1])
+    assert set(claims[0]) | set(claims[1]) == ids
+    owners = {t.id: t.worker for t in queue.list_tasks(qdb, "in_progress")}
+    assert all(owners[i] == "w0" for i in claims[0]) and all(owners[i] == "w1" for i in claims[1])
+
+
+def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "from tasks.agent_queue import new_worker_id; print(new_worker_id())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert queue.worker_alive(gone) is False
+    assert queue.worker_alive(queue.new_worker_id()) is True
+    task_id = queue.create_task(qdb, _new("orphaned"))
+    queue.claim_ready(qdb, gone, 1)
+    queue.start_attempt(qdb, task_id, gone, None)
+    agent = spawn_group(
+        [
+            *REFERENCE_TEMPLATE.argv,
+            json.dumps({"task_id": task_id, "payload": {"steps": 1000, "sleep": 0.1}}),
+        ],
+        env={**os.environ, "FLOWYARD_TASK_ID": str(task_id)},
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+    )
+    queue.set_agent_pgid(qdb, task_id, gone, agent.pid)
+    assert recover_stale_tasks(qdb, lease_seconds=3600) == [task_id]
+    agent.wait(timeout=30)
+    assert group_members(agent.pid) == []
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "pending" and task.worker is None and "is gone" in task.error
