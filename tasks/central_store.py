@@ -1,0 +1,277 @@
+"""The central PostgreSQL side of device sync (seed 002 §3.2, §3.3, §6.1).
+
+- ``devflow.events`` is partitioned by month of the event time; partitions are created on
+  demand. Events are immutable: every one is kept, deduplicated by ``sync_id`` through
+  ``devflow.event_keys`` (a partitioned table cannot have a unique index without the
+  partition key, so the global key registry carries ``ON CONFLICT (sync_id) DO NOTHING``).
+- A batch is COPY'd into a temporary table and moved with one ``INSERT … SELECT`` that
+  also bumps the hourly/daily rollups by exactly the newly inserted rows, so a re-sent
+  batch changes nothing.
+- ``devflow.project_status`` holds the mutable per-project snapshot (events of type
+  ``project_status``): last write wins by event time, ties broken by device id then
+  sync id, and an older arrival never replaces a newer value.
+- Every snapshot change takes the next value of ``devflow.change_seq`` under a
+  transaction-scoped advisory lock, so seq order equals commit order and a device can
+  download "everything after cursor N" without missing a row committed late.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from tasks.copy_pipe import copy_in_statement
+from tasks.db import connect
+
+SCHEMA = "devflow"
+STATUS_EVENT = "project_status"
+_PARTITION_LOCK = 7_202_611_001
+_SEQUENCER_LOCK = 7_202_611_002
+
+_DDL = (
+    "CREATE SCHEMA IF NOT EXISTS devflow",
+    "CREATE SEQUENCE IF NOT EXISTS devflow.change_seq",
+    "CREATE TABLE IF NOT EXISTS devflow.event_keys (sync_id uuid PRIMARY KEY)",
+    """
+    CREATE TABLE IF NOT EXISTS devflow.events (
+        seq          bigint      NOT NULL DEFAULT nextval('devflow.change_seq'),
+        sync_id      uuid        NOT NULL,
+        local_id     bigint      NOT NULL,
+        device_id    text        NOT NULL,
+        user_id      text        NOT NULL,
+        project_id   text        NOT NULL,
+        event_type   text        NOT NULL,
+        event_data   jsonb       NOT NULL,
+        occurred_at  timestamptz NOT NULL,
+        received_at  timestamptz NOT NULL DEFAULT now()
+    ) PARTITION BY RANGE (occurred_at)
+    """,
+    "CREATE INDEX IF NOT EXISTS events_seq ON devflow.events (seq)",
+    "CREATE INDEX IF NOT EXISTS events_project_time ON devflow.events (project_id, occurred_at)",
+    "CREATE INDEX IF NOT EXISTS events_user_time ON devflow.events (user_id, occurred_at)",
+    """
+    CREATE TABLE IF NOT EXISTS devflow.project_status (
+        project_id  text        PRIMARY KEY,
+        status      jsonb       NOT NULL,
+        updated_at  timestamptz NOT NULL,
+        device_id   text        NOT NULL,
+        sync_id     uuid        NOT NULL,
+        seq         bigint      NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS project_status_seq ON devflow.project_status (seq)",
+)
+
+ROLLUP_TABLES = ("rollup_hourly", "rollup_daily")
+_ROLLUP_DDL = sql.SQL(
+    """
+    CREATE TABLE IF NOT EXISTS {} (
+        bucket      timestamptz NOT NULL,
+        project_id  text        NOT NULL,
+        user_id     text        NOT NULL,
+        event_type  text        NOT NULL,
+        events      bigint      NOT NULL,
+        PRIMARY KEY (bucket, project_id, user_id, event_type)
+    )
+    """
+)
+
+_TEMP_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS upload_batch (
+    sync_id uuid, local_id bigint, ts_ms bigint, device_id text, user_id text,
+    project_id text, event_type text, event_data jsonb
+) ON COMMIT DELETE ROWS
+"""
+UPLOAD_COLUMNS = (
+    "sync_id",
+    "local_id",
+    "ts_ms",
+    "device_id",
+    "user_id",
+    "project_id",
+    "event_type",
+    "event_data",
+)
+_COPY = copy_in_statement(sql.Identifier("upload_batch"), UPLOAD_COLUMNS, "text")
+
+# Events, key registry and rollups in one statement: the rollups count only rows that were
+# really inserted, so a re-sent batch (crash before the local mark) adds nothing twice.
+_INSERT_EVENTS = """
+WITH fresh AS (
+    INSERT INTO devflow.event_keys (sync_id)
+    SELECT sync_id FROM upload_batch
+    ON CONFLICT (sync_id) DO NOTHING
+    RETURNING sync_id
+), ins AS (
+    INSERT INTO devflow.events
+        (sync_id, local_id, device_id, user_id, project_id, event_type, event_data, occurred_at)
+    SELECT b.sync_id, b.local_id, b.device_id, b.user_id, b.project_id, b.event_type, b.event_data,
+           to_timestamp(b.ts_ms / 1000.0)
+    FROM upload_batch b JOIN fresh USING (sync_id)
+    RETURNING project_id, user_id, event_type, occurred_at
+), hourly AS (
+    INSERT INTO devflow.rollup_hourly AS r (bucket, project_id, user_id, event_type, events)
+    SELECT date_trunc('hour', occurred_at), project_id, user_id, event_type, count(*)
+    FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (bucket, project_id, user_id, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
+), daily AS (
+    INSERT INTO devflow.rollup_daily AS r (bucket, project_id, user_id, event_type, events)
+    SELECT date_trunc('day', occurred_at), project_id, user_id, event_type, count(*)
+    FROM ins GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (bucket, project_id, user_id, event_type) DO UPDATE SET events = r.events + EXCLUDED.events
+)
+SELECT count(*) FROM ins
+"""
+
+# Last write wins: newest event time, then device id, then sync id; the WHERE clause makes a
+# late (older) arrival a no-op, so replays and out-of-order batches converge.
+_UPSERT_STATUS = """
+WITH latest AS (
+    SELECT DISTINCT ON (project_id)
+           project_id, event_data, to_timestamp(ts_ms / 1000.0) AS updated_at, device_id, sync_id
+    FROM upload_batch WHERE event_type = %s
+    ORDER BY project_id, ts_ms DESC, device_id DESC, sync_id DESC
+), changed AS (
+    INSERT INTO devflow.project_status AS s (project_id, status, updated_at, device_id, sync_id, seq)
+    SELECT project_id, event_data, updated_at, device_id, sync_id, nextval('devflow.change_seq')
+    FROM latest
+    ON CONFLICT (project_id) DO UPDATE
+        SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, device_id = EXCLUDED.device_id,
+            sync_id = EXCLUDED.sync_id, seq = EXCLUDED.seq
+        WHERE (EXCLUDED.updated_at, EXCLUDED.device_id, EXCLUDED.sync_id)
+            > (s.updated_at, s.device_id, s.sync_id)
+    RETURNING 1
+)
+SELECT count(*) FROM changed
+"""
+
+UploadRow = tuple[str, int, int, str, str, str, str, str]
+"""(sync_id, local_id, timestamp_ms, device_id, user_id, project_id, event_type, event_data JSON)."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    inserted: int
+    duplicates: int
+    status_changes: int
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    project_id: str
+    status: dict[str, Any]
+    updated_at: datetime
+    device_id: str
+    seq: int
+
+
+def ensure_schema(url: str) -> None:
+    """Create the central tables if missing (idempotent; serialised by an advisory lock)."""
+    with connect(url) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+        for statement in _DDL:
+            conn.execute(statement)
+        for name in ROLLUP_TABLES:
+            conn.execute(_ROLLUP_DDL.format(sql.Identifier(SCHEMA, name)))
+
+
+def month_start(ts_ms: int) -> date:
+    moment = datetime.fromtimestamp(ts_ms / 1000, UTC)
+    return date(moment.year, moment.month, 1)
+
+
+def _partition_name(month: date) -> str:
+    return f"events_y{month.year:04d}m{month.month:02d}"
+
+
+def _partition_month(name: str) -> date:
+    return date(int(name[8:12]), int(name[13:15]), 1)
+
+
+def _next_month(month: date) -> date:
+    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
+
+
+class CentralSession:
+    """One device task's connection to the central database, with its upload machinery.
+
+    Remembers the temp table and the partitions already known to exist, so a batch costs a
+    COPY and one INSERT in the common case.
+    """
+
+    def __init__(self, url: str, *, application_name: str = "flowyard-sync") -> None:
+        self.url = url
+        self.conn: psycopg.Connection = connect(url, application_name=application_name)
+        self.conn.execute("SET TIME ZONE 'UTC'")
+        self.conn.execute(_TEMP_TABLE)
+        self.conn.commit()
+        self._months = self._existing_months()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _existing_months(self) -> set[date]:
+        rows = self.conn.execute(
+            """
+            SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+            WHERE i.inhparent = 'devflow.events'::regclass
+            """
+        ).fetchall()
+        self.conn.commit()
+        return {_partition_month(name) for (name,) in rows}
+
+    def ensure_partitions(self, timestamps_ms: Sequence[int]) -> None:
+        """Create the month partitions a batch needs (own short transaction, before the upload)."""
+        lo, hi = month_start(min(timestamps_ms)), month_start(max(timestamps_ms))
+        if lo == hi and lo in self._months:
+            return
+        needed = {month_start(ts) for ts in timestamps_ms} - self._months
+        if not needed:
+            return
+        with self.conn.transaction():
+            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+            for month in sorted(needed):
+                self.conn.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier(SCHEMA, _partition_name(month)),
+                        sql.Literal(f"{month.isoformat()} 00:00:00+00"),
+                        sql.Literal(f"{_next_month(month).isoformat()} 00:00:00+00"),
+                    )
+                )
+        self._months |= needed
+
+    def upload(self, rows: Sequence[UploadRow]) -> UploadResult:
+        """COPY the batch into the temp table and insert it idempotently, in one transaction."""
+        if not rows:
+            return UploadResult(0, 0, 0)
+        self.ensure_partitions([row[2] for row in rows])
+        has_status = any(row[6] == STATUS_EVENT for row in rows)
+        with self.conn.transaction():
+            with self.conn.cursor().copy(_COPY) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            inserted = self.conn.execute(_INSERT_EVENTS).fetchone()[0]
+            changes = 0
+            if has_status:
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEQUENCER_LOCK,))
+                changes = self.conn.execute(_UPSERT_STATUS, (STATUS_EVENT,)).fetchone()[0]
+        return UploadResult(inserted, len(rows) - inserted, changes)
+
+    def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:
+        """Project status snapshots changed after cursor ``since`` (seed ``downloadUpdates``)."""
+        rows = self.conn.execute(
+            """
+            SELECT project_id, status, updated_at, device_id, seq FROM devflow.project_status
+            WHERE seq > %s ORDER BY seq LIMIT %s
+            """,
+            (since, limit),
+        ).fetchall()
+        self.conn.commit()
+        return [StatusUpdate(*row) for row in rows]

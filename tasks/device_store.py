@@ -1,0 +1,317 @@
+"""A developer machine's local SQLite event store (seed 002 §5.1, §7.2, §7.3).
+
+v1 is the seed's plain ``events`` table. v2 adds the sync metadata in place: a ``sync_id``
+UUID per event (generated for existing rows and, by trigger, for rows a v1-era writer
+inserts later), the sync state columns, the device/user/project identity and an index on
+``sync_status``. ``downgrade_to_v1`` removes exactly that metadata and never an event.
+
+The version lives in ``PRAGMA user_version``. Every open failure (not a database, locked
+by another process, missing file) becomes a one-line :class:`UserError` naming the store,
+so one bad device never hides the others.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from tasks.errors import UserError
+
+V1, V2 = 1, 2
+SYNC_STATUSES = ("pending", "synced", "failed")
+DEFAULT_BUSY_TIMEOUT = 5.0
+RETRY_BASE_SECONDS = 30
+RETRY_CAP_SECONDS = 3600
+
+_V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp   INTEGER NOT NULL,              -- Unix epoch milliseconds
+    event_type  TEXT    NOT NULL,
+    event_data  TEXT    NOT NULL DEFAULT '{}'  -- JSON object
+);
+PRAGMA user_version = 1;
+"""
+
+# A random RFC 4122 version-4 UUID in plain SQL, so v1-era writers get sync ids too.
+_UUID4_SQL = (
+    "lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || "
+    "substr(lower(hex(randomblob(2))), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) || "
+    "substr(lower(hex(randomblob(2))), 2) || '-' || lower(hex(randomblob(6)))"
+)
+
+_V2_COLUMNS = (
+    "ALTER TABLE events ADD COLUMN sync_id TEXT",
+    "ALTER TABLE events ADD COLUMN sync_status TEXT NOT NULL DEFAULT 'pending' "
+    "CHECK (sync_status IN ('pending', 'synced', 'failed'))",
+    "ALTER TABLE events ADD COLUMN sync_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE events ADD COLUMN last_sync_error TEXT",
+    "ALTER TABLE events ADD COLUMN synced_at INTEGER",
+    "ALTER TABLE events ADD COLUMN next_retry_at INTEGER",
+    "ALTER TABLE events ADD COLUMN device_id TEXT",
+    "ALTER TABLE events ADD COLUMN user_id TEXT",
+    "ALTER TABLE events ADD COLUMN project_id TEXT",
+)
+_V2_OBJECTS = (
+    "CREATE TABLE sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
+    "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL)",
+    # Constant SQL fragments only (no input is ever concatenated), hence the noqa.
+    "UPDATE events SET sync_id = " + _UUID4_SQL + " WHERE sync_id IS NULL",  # noqa: S608
+    "CREATE TABLE remote_project_status (project_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+    "updated_at TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL)",
+    "CREATE UNIQUE INDEX idx_events_sync_id ON events (sync_id)",
+    "CREATE INDEX idx_sync_status ON events (sync_status, id)",
+    "CREATE TRIGGER events_sync_defaults AFTER INSERT ON events "  # noqa: S608
+    "WHEN NEW.sync_id IS NULL OR NEW.device_id IS NULL OR NEW.user_id IS NULL OR NEW.project_id IS NULL "
+    "BEGIN UPDATE events SET "
+    "sync_id = coalesce(NEW.sync_id, " + _UUID4_SQL + "), "
+    "device_id = coalesce(NEW.device_id, (SELECT device_id FROM sync_identity)), "
+    "user_id = coalesce(NEW.user_id, (SELECT user_id FROM sync_identity)), "
+    "project_id = coalesce(NEW.project_id, (SELECT project_id FROM sync_identity)) "
+    "WHERE id = NEW.id; END",
+)
+_V2_DOWN = (
+    "DROP TRIGGER IF EXISTS events_sync_defaults",
+    "DROP INDEX IF EXISTS idx_sync_status",
+    "DROP INDEX IF EXISTS idx_events_sync_id",
+    "DROP TABLE IF EXISTS sync_identity",
+    "DROP TABLE IF EXISTS remote_project_status",
+    "ALTER TABLE events DROP COLUMN project_id",
+    "ALTER TABLE events DROP COLUMN user_id",
+    "ALTER TABLE events DROP COLUMN device_id",
+    "ALTER TABLE events DROP COLUMN next_retry_at",
+    "ALTER TABLE events DROP COLUMN synced_at",
+    "ALTER TABLE events DROP COLUMN last_sync_error",
+    "ALTER TABLE events DROP COLUMN sync_attempts",
+    "ALTER TABLE events DROP COLUMN sync_status",
+    "ALTER TABLE events DROP COLUMN sync_id",
+)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who wrote a store's events; stamped on existing rows at upgrade and on new rows by trigger."""
+
+    device_id: str
+    user_id: str
+    project_id: str
+
+
+@dataclass(frozen=True)
+class LocalEvent:
+    """One pending event as read for upload (``event_data`` still the raw local JSON text)."""
+
+    local_id: int
+    sync_id: str
+    timestamp_ms: int
+    device_id: str
+    user_id: str
+    project_id: str
+    event_type: str
+    event_data: str
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    pending: int
+    failed: int
+    synced: int
+    oldest_pending_ms: int | None
+
+
+def _explain(path: Path, exc: sqlite3.Error) -> UserError:
+    """Turn a SQLite failure into the one-line, per-device message the user can act on."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return UserError(
+            f"device store {path} is locked by another process ({text}); "
+            "close the program holding it or retry later — its events stay pending"
+        )
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
+        return UserError(
+            f"device store {path} is corrupt ({text}); restore it from a backup or remove it "
+            "with `flowyard sync configure --remove-store`"
+        )
+    return UserError(f"device store {path}: {text}")
+
+
+@contextmanager
+def open_store(path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
+    """An autocommit connection to an existing store; SQLite errors become per-device UserErrors."""
+    if not path.is_file():
+        raise UserError(
+            f"device store {path} does not exist; check the path given to `flowyard sync configure`"
+        )
+    try:
+        conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _explain(path, exc) from None
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        yield conn
+    except sqlite3.Error as exc:
+        raise _explain(path, exc) from None
+    finally:
+        conn.close()
+
+
+def create_v1(path: Path) -> None:
+    """Create an empty v1 store (the seed's ``events`` table), as the local app does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.executescript(_V1_SCHEMA)
+    finally:
+        conn.close()
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
+    """Upgrade a v1 store in place in one transaction; returns False when already v2."""
+    version = schema_version(conn)
+    if version == V2:
+        return False
+    if version != V1:
+        raise UserError(f"device store has unknown schema version {version}; expected v1 or v2")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _V2_COLUMNS:
+            conn.execute(statement)
+        for statement in _V2_OBJECTS:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO sync_identity (only_row, device_id, user_id, project_id) VALUES (1, ?, ?, ?)",
+            (identity.device_id, identity.user_id, identity.project_id),
+        )
+        conn.execute(
+            "UPDATE events SET device_id = ?, user_id = ?, project_id = ?",
+            (identity.device_id, identity.user_id, identity.project_id),
+        )
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
+
+
+def downgrade_to_v1(conn: sqlite3.Connection) -> bool:
+    """``migrate down --to=v1``: drop the sync metadata only; every event row stays."""
+    if schema_version(conn) == V1:
+        return False
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _V2_DOWN:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
+
+
+def identity_of(conn: sqlite3.Connection) -> Identity:
+    row = conn.execute("SELECT device_id, user_id, project_id FROM sync_identity").fetchone()
+    return Identity(*row)
+
+
+def insert_events(conn: sqlite3.Connection, events: Iterable[tuple[int, str, dict[str, object]]]) -> int:
+    """Append ``(timestamp_ms, event_type, event_data)`` events the way the local app does."""
+    conn.execute("BEGIN IMMEDIATE")
+    cursor = conn.executemany(
+        "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, ?, ?)",
+        ((ts, kind, orjson.dumps(data).decode()) for ts, kind, data in events),
+    )
+    conn.execute("COMMIT")
+    return cursor.rowcount
+
+
+def read_pending(
+    conn: sqlite3.Connection, after_id: int, limit: int, *, now_ms: int, force: bool = False
+) -> list[LocalEvent]:
+    """The next ``limit`` unsynced events after ``after_id``, by local id.
+
+    Failed events whose backoff has not elapsed are skipped unless ``force``.
+    """
+    rows = conn.execute(
+        """
+        SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
+        FROM events
+        WHERE id > ? AND sync_status IN ('pending', 'failed')
+          AND (? OR next_retry_at IS NULL OR next_retry_at <= ?)
+        ORDER BY id LIMIT ?
+        """,
+        (after_id, force, now_ms, limit),
+    ).fetchall()
+    return [LocalEvent(*row) for row in rows]
+
+
+def mark_synced(conn: sqlite3.Connection, local_ids: Sequence[int], *, now_ms: int) -> None:
+    conn.execute(
+        """
+        UPDATE events SET sync_status = 'synced', synced_at = ?, last_sync_error = NULL,
+                          next_retry_at = NULL, sync_attempts = sync_attempts + 1
+        WHERE id IN (SELECT value FROM json_each(?))
+        """,
+        (now_ms, orjson.dumps(list(local_ids)).decode()),
+    )
+
+
+def mark_failed(conn: sqlite3.Connection, local_ids: Sequence[int], error: str, *, now_ms: int) -> None:
+    """Record a failed upload attempt; the events stay in the store and are retried after backoff.
+
+    The backoff doubles per attempt (30 s, 60 s, 120 s …, capped at an hour); SET expressions
+    see the old ``sync_attempts``, so the shift uses the attempt count before this one.
+    """
+    conn.execute(
+        """
+        UPDATE events SET sync_status = 'failed', sync_attempts = sync_attempts + 1,
+                          last_sync_error = ?,
+                          next_retry_at = ? + min(? << min(sync_attempts, 20), ?)
+        WHERE id IN (SELECT value FROM json_each(?))
+        """,
+        (
+            error[:1000],
+            now_ms,
+            RETRY_BASE_SECONDS * 1000,
+            RETRY_CAP_SECONDS * 1000,
+            orjson.dumps(list(local_ids)).decode(),
+        ),
+    )
+
+
+def save_remote_status(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]]) -> None:
+    """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(
+        "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
+        "VALUES (?, ?, ?, ?, ?)",
+        rows,
+    )
+    conn.execute("COMMIT")
+
+
+def counts(conn: sqlite3.Connection) -> StoreCounts:
+    row = conn.execute(
+        """
+        SELECT coalesce(sum(sync_status = 'pending'), 0), coalesce(sum(sync_status = 'failed'), 0),
+               coalesce(sum(sync_status = 'synced'), 0),
+               min(CASE WHEN sync_status != 'synced' THEN timestamp END)
+        FROM events
+        """
+    ).fetchone()
+    return StoreCounts(*row)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

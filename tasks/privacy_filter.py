@@ -1,0 +1,64 @@
+"""Only metadata leaves a developer machine (seed 002 §9.1).
+
+Fields of ``event_data`` outside the configured allowlist (code content, file paths,
+commit messages …) are dropped, or replaced by a keyed hash so the central side can still
+count distinct values without seeing them. The filter runs on the device side, before the
+batch is encoded for upload, so a raw value never reaches the central database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+DEFAULT_ALLOWLIST: tuple[str, ...] = (
+    "action",
+    "status",
+    "tool",
+    "language",
+    "file_extension",
+    "duration_ms",
+    "lines_added",
+    "lines_removed",
+    "files_changed",
+    "exit_code",
+)
+
+
+class PrivacyPolicy(BaseModel):
+    """Which ``event_data`` fields may leave the device, and what happens to the rest."""
+
+    allowlist: tuple[str, ...] = Field(default=DEFAULT_ALLOWLIST, description="Top-level fields kept as is.")
+    mode: Literal["drop", "hash"] = Field(default="drop", description="What to do with any other field.")
+    hash_key: str = Field(
+        default="", description="HMAC key for mode=hash; set one so short values resist guessing."
+    )
+
+
+def _digest(value: Any, key: bytes) -> str:
+    encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    return "hmac-sha256:" + hmac.new(key, encoded, hashlib.sha256).hexdigest()
+
+
+def filter_event_data(raw: str, policy: PrivacyPolicy) -> str:
+    """The event's JSON with every non-allowlisted field dropped or hashed, as JSON text.
+
+    Anything that is not a JSON object (bad JSON included) is not metadata and becomes ``{}``.
+    """
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "{}"
+    if not isinstance(data, dict):
+        return "{}"
+    allowed = policy.allowlist
+    if policy.mode == "drop":
+        kept = {k: v for k, v in data.items() if k in allowed}
+    else:
+        key = policy.hash_key.encode()
+        kept = {k: (v if k in allowed else _digest(v, key)) for k, v in data.items()}
+    return orjson.dumps(kept).decode()

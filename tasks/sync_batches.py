@@ -1,0 +1,245 @@
+"""Sync one device store into the central database, batch by batch (seed 002 §5.2, §6.2).
+
+Per batch: read pending events by local id, filter their ``event_data`` for privacy, upload
+(COPY + ``INSERT … ON CONFLICT (sync_id) DO NOTHING``), then mark them synced locally.
+The local mark comes strictly after the central commit, so a crash in between only means
+the batch is sent again, and central keeps one copy. A batch that cannot be uploaded after
+a few quick reconnect attempts is marked failed (attempts and error recorded, retried after
+backoff on a later run); it is never dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import orjson
+import psycopg
+
+from tasks import device_store
+from tasks.central_store import CentralSession, UploadResult, UploadRow
+from tasks.db import mask_url
+from tasks.device_store import Identity, LocalEvent
+from tasks.errors import UserError
+from tasks.privacy_filter import PrivacyPolicy, filter_event_data
+
+PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
+"""Test hook: a file path; after the first upload commits, the process writes it and waits to be killed."""
+
+Quality = Literal["excellent", "good", "fair", "poor"]
+# Seed §6.2 sizes (1000/500/100/50) as fractions of the configured batch size.
+_QUALITY_SHARE: dict[Quality, float] = {"excellent": 1.0, "good": 0.5, "fair": 0.1, "poor": 0.05}
+MIN_BATCH = 10
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    central_url: str
+    batch_size: int = 5000
+    policy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    force: bool = False
+    upload_attempts: int = 3
+    reconnect_backoff_seconds: float = 0.5
+    busy_timeout: float = device_store.DEFAULT_BUSY_TIMEOUT
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """What one device's sync did; becomes a row of the run's table artifact and the device state."""
+
+    device_id: str
+    store: str
+    pending_before: int
+    uploaded: int
+    duplicates: int
+    failed: int
+    pending_after: int
+    lag_seconds: float | None
+    last_local_id: int
+    batches: int
+    final_batch_size: int
+    download_cursor: int | None
+    error: str | None = None
+
+
+def classify(events: int, seconds: float, failed: bool) -> Quality:
+    """Network quality from the last upload's time per event (seed §6.2's categories)."""
+    if failed:
+        return "poor"
+    per_event = seconds / max(events, 1)
+    if per_event <= 50e-6:
+        return "excellent"
+    if per_event <= 200e-6:
+        return "good"
+    if per_event <= 1e-3:
+        return "fair"
+    return "poor"
+
+
+def adapt_batch_size(base: int, quality: Quality) -> int:
+    return max(MIN_BATCH, int(base * _QUALITY_SHARE[quality]))
+
+
+def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadRow]:
+    """The batch as central rows, with ``event_data`` passed through the privacy filter."""
+    return [
+        (
+            e.sync_id,
+            e.local_id,
+            e.timestamp_ms,
+            e.device_id,
+            e.user_id,
+            e.project_id,
+            e.event_type,
+            filter_event_data(e.event_data, policy),
+        )
+        for e in events
+    ]
+
+
+class _Uploader:
+    """Holds the central session; reconnects with backoff when the connection is cut or refused."""
+
+    def __init__(self, options: SyncOptions) -> None:
+        self.options = options
+        self.session: CentralSession | None = None
+
+    def session_or_connect(self) -> CentralSession:
+        if self.session is None or self.session.conn.closed:
+            self.session = CentralSession(self.options.central_url)
+        return self.session
+
+    def upload(self, rows: list[UploadRow]) -> UploadResult:
+        last_error: Exception | None = None
+        for attempt in range(self.options.upload_attempts):
+            try:
+                return self.session_or_connect().upload(rows)
+            except (psycopg.OperationalError, psycopg.errors.DeadlockDetected, UserError) as exc:
+                last_error = exc
+                self.close()
+                time.sleep(self.options.reconnect_backoff_seconds * 2**attempt)
+        raise _UploadFailed(_one_line(last_error, self.options.central_url))
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.close()
+            except psycopg.Error:
+                pass
+            self.session = None
+
+
+class _UploadFailed(Exception):
+    pass
+
+
+def _one_line(exc: Exception | None, url: str) -> str:
+    text = " ".join(str(exc).split()) if exc else "unknown error"
+    return f"upload to {mask_url(url)} failed: {text}"
+
+
+def _pause_for_crash_test() -> None:
+    marker = os.environ.get(PAUSE_AFTER_UPLOAD_ENV)
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+
+
+def sync_device(
+    store: Path,
+    identity: Identity,
+    options: SyncOptions,
+    download_since: int | None = None,
+) -> DeviceReport:
+    """Sync every eligible pending event of one store; raises UserError for an unusable store.
+
+    With ``download_since`` (a central cursor), project status snapshots changed after it are
+    pulled into the store afterwards and the new cursor is reported.
+    """
+    with device_store.open_store(store, busy_timeout=options.busy_timeout) as conn:
+        device_store.upgrade_to_v2(conn, identity)
+        identity = device_store.identity_of(conn)
+        before = device_store.counts(conn)
+        pending_before = before.pending + before.failed
+        uploader = _Uploader(options)
+        uploaded = duplicates = failed = batches = last_id = 0
+        size = options.batch_size
+        error: str | None = None
+        cursor = download_since
+        try:
+            while True:
+                events = device_store.read_pending(
+                    conn, last_id, size, now_ms=device_store.now_ms(), force=options.force
+                )
+                if not events:
+                    break
+                rows = upload_rows(events, options.policy)
+                ids = [e.local_id for e in events]
+                started = time.perf_counter()
+                try:
+                    result = uploader.upload(rows)
+                except (_UploadFailed, psycopg.Error) as exc:
+                    error = (
+                        str(exc) if isinstance(exc, _UploadFailed) else _one_line(exc, options.central_url)
+                    )
+                    device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
+                    failed += len(ids)
+                    size = adapt_batch_size(options.batch_size, "poor")
+                    break
+                _pause_for_crash_test()
+                device_store.mark_synced(conn, ids, now_ms=device_store.now_ms())
+                elapsed = time.perf_counter() - started
+                uploaded += result.inserted
+                duplicates += result.duplicates
+                batches += 1
+                last_id = ids[-1]
+                size = adapt_batch_size(options.batch_size, classify(len(ids), elapsed, False))
+            if cursor is not None and error is None:
+                cursor = download_into_store(conn, uploader, cursor)
+        finally:
+            uploader.close()
+        after = device_store.counts(conn)
+    return DeviceReport(
+        device_id=identity.device_id,
+        store=str(store),
+        pending_before=pending_before,
+        uploaded=uploaded,
+        duplicates=duplicates,
+        failed=failed,
+        pending_after=after.pending + after.failed,
+        lag_seconds=_lag_seconds(before.oldest_pending_ms),
+        last_local_id=last_id,
+        batches=batches,
+        final_batch_size=size,
+        download_cursor=cursor,
+        error=error,
+    )
+
+
+def download_into_store(conn: sqlite3.Connection, uploader: _Uploader, since: int) -> int:
+    """Pull project status snapshots changed after ``since`` into the store; returns the new cursor."""
+    session = uploader.session_or_connect()
+    while True:
+        updates = session.download_updates(since)
+        if not updates:
+            return since
+        device_store.save_remote_status(
+            conn,
+            (
+                (u.project_id, orjson.dumps(u.status).decode(), u.updated_at.isoformat(), u.device_id, u.seq)
+                for u in updates
+            ),
+        )
+        since = updates[-1].seq
+
+
+def _lag_seconds(oldest_pending_ms: int | None) -> float | None:
+    """How far behind central this device was: age of its oldest unsynced event."""
+    if oldest_pending_ms is None:
+        return None
+    return max(0.0, (device_store.now_ms() - oldest_pending_ms) / 1000)

@@ -1,0 +1,125 @@
+"""The local SQLite store: v1→v2 upgrade with data, downgrade keeping every event, clear errors."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tasks import device_store
+from tasks.device_store import Identity
+from tasks.errors import UserError
+from tasks.sample_devices import make_store
+
+UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+IDENTITY = Identity("laptop-1", "alice", "proj-x")
+
+
+def _events(conn: sqlite3.Connection) -> list[tuple]:
+    return conn.execute("SELECT id, timestamp, event_type, event_data FROM events ORDER BY id").fetchall()
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+
+
+def test_upgrade_with_data_then_downgrade_keeps_every_event(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 500, seed=3)
+    with device_store.open_store(store) as conn:
+        original = _events(conn)
+        assert device_store.schema_version(conn) == 1
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is False
+        assert device_store.schema_version(conn) == 2
+        rows = conn.execute(
+            "SELECT sync_id, sync_status, sync_attempts, last_sync_error, synced_at, device_id, user_id, project_id "
+            "FROM events"
+        ).fetchall()
+        assert len(rows) == 500
+        assert all(UUID4.match(r[0]) for r in rows)
+        assert len({r[0] for r in rows}) == 500
+        assert {r[1:] for r in rows} == {("pending", 0, None, None, "laptop-1", "alice", "proj-x")}
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+        assert "idx_sync_status" in indexes
+        assert conn.execute("PRAGMA index_info(idx_sync_status)").fetchone()[2] == "sync_status"
+        assert _events(conn) == original
+
+        # A v1-era writer (no sync columns in its INSERT) still gets a sync id and the identity.
+        device_store.insert_events(conn, [(1, "file_edit", {"action": "save"})])
+        new = conn.execute(
+            "SELECT sync_id, device_id, user_id, project_id, sync_status FROM events ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        assert UUID4.match(new[0]) and new[1:] == ("laptop-1", "alice", "proj-x", "pending")
+        device_store.mark_synced(conn, [1, 2], now_ms=device_store.now_ms())
+        with_new = _events(conn)
+
+        assert device_store.downgrade_to_v1(conn) is True
+        assert device_store.schema_version(conn) == 1
+        assert _columns(conn) == {"id", "timestamp", "event_type", "event_data"}
+        assert _events(conn) == with_new
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert not tables & {
+            "sync_identity",
+            "remote_project_status",
+            "idx_sync_status",
+            "events_sync_defaults",
+        }
+
+        # And up again: fresh sync ids, everything pending once more.
+        device_store.upgrade_to_v2(conn, IDENTITY)
+        assert device_store.counts(conn).pending == 501
+
+
+def test_failed_events_wait_for_backoff_unless_forced(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        now = device_store.now_ms()
+        batch = device_store.read_pending(conn, 0, 4, now_ms=now)
+        assert [e.local_id for e in batch] == [1, 2, 3, 4]
+        device_store.mark_failed(conn, [1, 2], "boom", now_ms=now)
+        device_store.mark_failed(conn, [1], "boom again", now_ms=now)
+        row1, row2 = conn.execute(
+            "SELECT sync_status, sync_attempts, last_sync_error, next_retry_at FROM events WHERE id IN (1, 2) ORDER BY id"
+        ).fetchall()
+        assert row1[:3] == ("failed", 2, "boom again") and row2[:3] == ("failed", 1, "boom")
+        assert row1[3] - now == 2 * (row2[3] - now) == 2 * device_store.RETRY_BASE_SECONDS * 1000
+        assert [e.local_id for e in device_store.read_pending(conn, 0, 3, now_ms=now)] == [3, 4, 5]
+        later = now + device_store.RETRY_BASE_SECONDS * 1000
+        assert [e.local_id for e in device_store.read_pending(conn, 0, 3, now_ms=later)] == [2, 3, 4]
+        assert [e.local_id for e in device_store.read_pending(conn, 0, 3, now_ms=now, force=True)] == [
+            1,
+            2,
+            3,
+        ]
+        counts = device_store.counts(conn)
+        assert (counts.pending, counts.failed, counts.synced) == (8, 2, 0)
+
+
+def test_corrupt_store_gives_one_line_error(tmp_path: Path) -> None:
+    store = tmp_path / "broken.db"
+    store.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(UserError, match=r"device store .*broken\.db is corrupt") as info:
+        with device_store.open_store(store):
+            pass
+    assert "\n" not in str(info.value)
+
+
+def test_locked_store_gives_one_line_error(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "busy.db", 5)
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(UserError, match=r"busy\.db is locked by another process"):
+            with device_store.open_store(store, busy_timeout=0.2) as conn:
+                device_store.upgrade_to_v2(conn, IDENTITY)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        with device_store.open_store(tmp_path / "nope.db"):
+            pass
