@@ -1,0 +1,313 @@
+"""Device-sync state in the ``flowyard`` schema: configuration, devices with cursors, run history.
+
+``flowyard sync configure`` writes here, so a scheduled ``sync-devices`` run with no
+parameters knows which stores to sync and where to; every run records each device's
+cursor (last local id uploaded, download cursor), status and a history row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.db import connection, ensure_database, validate_postgres_url, with_database
+from tasks.device_store import Identity
+from tasks.errors import UserError
+from tasks.privacy_filter import PrivacyPolicy
+from tasks.sync_batches import DeviceReport
+
+
+class AlertThresholds(BaseModel):
+    """Seed 002 §8.1's alert settings."""
+
+    queue_threshold: int = Field(
+        default=1000, ge=0, description="Pending events per device that trigger an alert."
+    )
+    failure_rate: float = Field(default=0.1, ge=0, le=1, description="Share of a run's events that failed.")
+    offline_seconds: int = Field(
+        default=3600, ge=0, description="Time since a device's last successful sync."
+    )
+
+
+class SyncConfig(BaseModel):
+    """Seed 002 ``sync/configure``: on/off, endpoint, batch size, plus privacy and alert settings."""
+
+    enabled: bool = True
+    central_url: str | None = Field(
+        default=None, description="Central PostgreSQL; unset: database devflow_central."
+    )
+    batch_size: int = Field(default=5000, ge=1)
+    max_workers: int | None = Field(default=None, ge=1)
+    download_updates: bool = False
+    privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
+    alerts: AlertThresholds = Field(default_factory=AlertThresholds)
+
+    @field_validator("central_url")
+    @classmethod
+    def _postgres(cls, value: str | None) -> str | None:
+        return validate_postgres_url(value) if value else None
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    store_path: str
+    user_id: str
+    project_id: str
+    enabled: bool
+    registered: bool
+    last_local_id: int
+    download_cursor: int
+    pending: int | None
+    last_attempt_at: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.device_id, self.user_id, self.project_id)
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    finished_at: datetime
+    device_id: str
+    pending_before: int
+    uploaded: int
+    duplicates: int
+    failed: int
+    pending_after: int | None
+    lag_seconds: float | None
+    error: str | None
+
+
+_DEVICE_COLUMNS = sql.SQL(", ").join(
+    sql.Identifier(name)
+    for name in (
+        "device_id",
+        "store_path",
+        "user_id",
+        "project_id",
+        "enabled",
+        "registered",
+        "last_local_id",
+        "download_cursor",
+        "pending",
+        "last_attempt_at",
+        "last_success_at",
+        "last_error",
+    )
+)
+
+
+@dataclass(frozen=True)
+class SyncTarget:
+    """One store a run will sync, with the identity stamped on its events at the v1→v2 upgrade."""
+
+    store: str
+    device_id: str
+    user_id: str
+    project_id: str
+    download_since: int | None
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.device_id, self.user_id, self.project_id)
+
+
+CENTRAL_DATABASE = "devflow_central"
+
+
+def default_central_url(state: str) -> str:
+    """With no central URL configured, the ``devflow_central`` database next to flowyard's state."""
+    ensure_database(state, CENTRAL_DATABASE)
+    return with_database(state, CENTRAL_DATABASE)
+
+
+def resolve_targets(
+    state: str, stores: list[str] | None, *, force: bool, download: bool | None, config: SyncConfig
+) -> list[SyncTarget]:
+    """Explicit store paths, or else the configured devices (enabled ones unless ``force``)."""
+    pull = config.download_updates if download is None else download
+    if stores:
+        targets = []
+        for store in stores:
+            path = Path(store).expanduser().resolve()
+            known = device_for_store(state, path)
+            identity = known.identity if known else Identity(path.stem, "unknown", "default")
+            cursor = known.download_cursor if known else 0
+            targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
+        return targets
+    return [
+        SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None)
+        for d in list_devices(state, registered_only=True)
+        if d.enabled or force
+    ]
+
+
+def _identity_fields(identity: Identity) -> tuple[str, str, str]:
+    return identity.device_id, identity.user_id, identity.project_id
+
+
+def load_config(url: str) -> SyncConfig:
+    with connection(url) as conn:
+        row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
+    return SyncConfig.model_validate(row[0]) if row else SyncConfig()
+
+
+def save_config(url: str, config: SyncConfig) -> None:
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.sync_config (config) VALUES (%s)
+            ON CONFLICT (only_row) DO UPDATE SET config = EXCLUDED.config, updated_at = now()
+            """,
+            (Jsonb(config.model_dump(mode="json")),),
+        )
+
+
+def register_device(url: str, store: Path, identity: Identity) -> None:
+    """Add (or re-point) a device so default runs sync it."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.sync_devices (device_id, store_path, user_id, project_id, registered)
+            VALUES (%s, %s, %s, %s, true)
+            ON CONFLICT (device_id) DO UPDATE SET store_path = EXCLUDED.store_path,
+                user_id = EXCLUDED.user_id, project_id = EXCLUDED.project_id, registered = true
+            """,
+            (identity.device_id, str(store.resolve()), identity.user_id, identity.project_id),
+        )
+
+
+def remove_device(url: str, device_id: str) -> None:
+    with connection(url) as conn:
+        deleted = conn.execute(
+            "DELETE FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)
+        ).rowcount
+    if not deleted:
+        raise UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
+
+
+def set_enabled(url: str, device_id: str, enabled: bool) -> None:
+    with connection(url) as conn:
+        updated = conn.execute(
+            "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, device_id)
+        ).rowcount
+    if not updated:
+        raise UserError(
+            f"no device {device_id!r}; add it with `flowyard sync configure --add-store PATH --device-id {device_id}`"
+        )
+
+
+def list_devices(url: str, *, registered_only: bool = False) -> list[Device]:
+    query = sql.SQL(
+        "SELECT {} FROM flowyard.sync_devices WHERE registered OR NOT %s ORDER BY device_id"
+    ).format(_DEVICE_COLUMNS)
+    with connection(url) as conn:
+        rows = conn.execute(query, (registered_only,)).fetchall()
+    return [Device(*row) for row in rows]
+
+
+def device_for_store(url: str, store: Path) -> Device | None:
+    query = sql.SQL("SELECT {} FROM flowyard.sync_devices WHERE store_path = %s LIMIT 1").format(
+        _DEVICE_COLUMNS
+    )
+    with connection(url) as conn:
+        row = conn.execute(query, (str(store.resolve()),)).fetchone()
+    return Device(*row) if row else None
+
+
+def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) -> None:
+    """Store a device's outcome: cursors and status on the device row, plus a history row."""
+    succeeded = report.error is None
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.sync_devices AS d
+                (device_id, store_path, user_id, project_id, last_local_id, download_cursor, pending,
+                 last_attempt_at, last_success_at, last_error)
+            VALUES (%(device_id)s, %(store)s, '', '', %(last_id)s, coalesce(%(cursor)s, 0), %(pending)s,
+                    now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
+            ON CONFLICT (device_id) DO UPDATE SET
+                last_local_id = greatest(d.last_local_id, EXCLUDED.last_local_id),
+                download_cursor = greatest(d.download_cursor, EXCLUDED.download_cursor),
+                pending = EXCLUDED.pending, last_attempt_at = now(),
+                last_success_at = coalesce(EXCLUDED.last_success_at, d.last_success_at),
+                last_error = EXCLUDED.last_error
+            """,
+            {
+                "device_id": report.device_id,
+                "store": report.store,
+                "last_id": report.last_local_id,
+                "cursor": report.download_cursor,
+                "pending": report.pending_after,
+                "ok": succeeded,
+                "error": report.error,
+            },
+        )
+        _insert_history(conn, flow_run_id, report.device_id, report, report.error)
+
+
+def record_device_error(url: str, flow_run_id: UUID | None, device_id: str, store: str, error: str) -> None:
+    """A device whose store could not be used at all (corrupt, locked, missing)."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.sync_devices AS d (device_id, store_path, user_id, project_id,
+                                                   last_attempt_at, last_error)
+            VALUES (%s, %s, '', '', now(), %s)
+            ON CONFLICT (device_id) DO UPDATE SET last_attempt_at = now(), last_error = EXCLUDED.last_error
+            """,
+            (device_id, store, error),
+        )
+        _insert_history(conn, flow_run_id, device_id, None, error)
+
+
+def _insert_history(
+    conn: psycopg.Connection,
+    flow_run_id: UUID | None,
+    device_id: str,
+    report: DeviceReport | None,
+    error: str | None,
+) -> None:
+    conn.execute(
+        """
+        INSERT INTO flowyard.sync_runs (flow_run_id, device_id, pending_before, uploaded, duplicates, failed,
+                                        pending_after, lag_seconds, error)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (
+            flow_run_id,
+            device_id,
+            report.pending_before if report else 0,
+            report.uploaded if report else 0,
+            report.duplicates if report else 0,
+            report.failed if report else 0,
+            report.pending_after if report else None,
+            report.lag_seconds if report else None,
+            error,
+        ),
+    )
+
+
+def history(url: str, *, limit: int = 20, since: datetime | None = None) -> list[HistoryRow]:
+    with connection(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT finished_at, device_id, pending_before, uploaded, duplicates, failed, pending_after,
+                   lag_seconds, error
+            FROM flowyard.sync_runs
+            WHERE finished_at >= coalesce(%s, '-infinity'::timestamptz)
+            ORDER BY finished_at DESC, id DESC LIMIT %s
+            """,
+            (since, limit),
+        ).fetchall()
+    return [HistoryRow(*row) for row in rows]

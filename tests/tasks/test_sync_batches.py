@@ -1,0 +1,136 @@
+"""One device's sync against a real central PostgreSQL: faults lose nothing, re-sends dedupe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tasks import central_store, device_store
+from tasks.device_store import Identity
+from tasks.embedded_pg import free_port
+from tasks.privacy_filter import PrivacyPolicy
+from tasks.sample_devices import make_store
+from tasks.sync_batches import SyncOptions, adapt_batch_size, classify, sync_device
+
+IDENTITY = Identity("dev-a", "alice", "proj")
+
+
+@pytest.fixture()
+def central(fresh_db: str) -> str:
+    central_store.ensure_schema(fresh_db)
+    return fresh_db
+
+
+def _central_counts(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*), count(DISTINCT sync_id) FROM devflow.events").fetchone()
+
+
+def _local(store: Path) -> device_store.StoreCounts:
+    with device_store.open_store(store) as conn:
+        return device_store.counts(conn)
+
+
+def test_sync_uploads_filtered_events_in_batches(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 1234)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=500, policy=PrivacyPolicy()))
+    assert (report.pending_before, report.uploaded, report.duplicates, report.failed) == (1234, 1234, 0, 0)
+    assert report.pending_after == 0 and report.last_local_id == 1234 and report.error is None
+    assert report.lag_seconds is not None and report.lag_seconds > 86_400  # oldest event is days old
+    assert _central_counts(central) == (1234, 1234)
+    assert _local(store).synced == 1234
+    with psycopg.connect(central) as conn:
+        keys = conn.execute("SELECT DISTINCT jsonb_object_keys(event_data) FROM devflow.events").fetchall()
+        identity = conn.execute(
+            "SELECT DISTINCT device_id, user_id, project_id FROM devflow.events"
+        ).fetchall()
+    # Privacy: code and file paths never left the device; only allowlisted metadata did.
+    assert {k for (k,) in keys} <= set(PrivacyPolicy().allowlist)
+    assert {"action", "language", "status"} <= {k for (k,) in keys}
+    assert identity == [("dev-a", "alice", "proj")]
+
+
+def test_store_with_nothing_pending(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "empty.db", 0)
+    report = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (report.pending_before, report.uploaded, report.batches, report.pending_after) == (0, 0, 0, 0)
+    assert report.error is None and report.lag_seconds is None
+    again = sync_device(make_store(tmp_path / "done.db", 50), IDENTITY, SyncOptions(central))
+    assert again.uploaded == 50
+    assert sync_device(tmp_path / "done.db", IDENTITY, SyncOptions(central)).pending_before == 0
+
+
+def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 300)
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    options = SyncOptions(dead, batch_size=100, upload_attempts=2, reconnect_backoff_seconds=0.01)
+    report = sync_device(store, IDENTITY, options)
+    assert report.uploaded == 0 and report.failed == 100
+    assert "cannot connect" in report.error and "\n" not in report.error
+    counts = _local(store)
+    assert (counts.pending, counts.failed, counts.synced) == (200, 100, 0)
+    with device_store.open_store(store) as conn:
+        attempts = conn.execute(
+            "SELECT DISTINCT sync_attempts, last_sync_error FROM events WHERE sync_status='failed'"
+        ).fetchall()
+    assert attempts == [(1, report.error)]
+    # Central is back: the pending events go now; the failed ones after their backoff (or forced).
+    later = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (later.uploaded, later.pending_after) == (200, 100)
+    forced = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (forced.uploaded, forced.duplicates, forced.pending_after) == (100, 0, 0)
+    assert _central_counts(central) == (300, 300)
+
+
+def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 20_000)
+    stop = threading.Event()
+    kills = []
+
+    def killer() -> None:
+        with psycopg.connect(central, autocommit=True) as conn:
+            while not stop.is_set():
+                killed = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = 'flowyard-sync' AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+                kills.append(killed)
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        # One attempt per batch, so a cut connection marks the batch failed instead of reconnecting.
+        options = SyncOptions(central, batch_size=200, upload_attempts=1, reconnect_backoff_seconds=0.01)
+        reports = [sync_device(store, IDENTITY, options) for _ in range(5)]
+    finally:
+        stop.set()
+        thread.join()
+    assert sum(kills) > 0
+    assert any(r.error for r in reports), "the killer never hit an upload"
+    assert _local(store).failed > 0
+    # Everything synced locally is in central; nothing central is unknown locally; no duplicates.
+    with device_store.open_store(store) as conn:
+        synced = {r[0] for r in conn.execute("SELECT sync_id FROM events WHERE sync_status = 'synced'")}
+        everything = {r[0] for r in conn.execute("SELECT sync_id FROM events")}
+    with psycopg.connect(central) as conn:
+        central_ids = {str(r[0]) for r in conn.execute("SELECT sync_id FROM devflow.events")}
+    assert synced <= central_ids <= everything
+    final = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert final.error is None and final.pending_after == 0
+    assert _central_counts(central) == (20_000, 20_000)
+
+
+def test_batch_size_adapts_to_measured_quality() -> None:
+    assert classify(1000, 0.01, failed=False) == "excellent"
+    assert classify(1000, 0.1, failed=False) == "good"
+    assert classify(1000, 0.5, failed=False) == "fair"
+    assert classify(1000, 5.0, failed=False) == "poor"
+    assert classify(1000, 0.01, failed=True) == "poor"
+    # Seed §6.2's 1000/500/100/50 ladder, scaled to the configured size.
+    assert [adapt_batch_size(1000, q) for q in ("excellent", "good", "fair", "poor")] == [1000, 500, 100, 50]
+    assert adapt_batch_size(100, "poor") == 10
