@@ -1,0 +1,217 @@
+"""``flowyard sync``: the seed's ``sync/*`` tools — status, configure, trigger, history,
+enable/disable per device — plus ``migrate`` for a device store's local schema (v1 ⇄ v2)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from tasks import device_store, sync_state
+from tasks.db import mask_url
+from tasks.errors import UserError
+from tasks.settings import get_settings
+from tasks.state import state_url
+
+app = typer.Typer(
+    help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
+)
+migrate_app = typer.Typer(help="Upgrade or downgrade a device store's local schema.", no_args_is_help=True)
+app.add_typer(migrate_app, name="migrate")
+
+
+@app.command()
+def status() -> None:
+    """Configuration and, per device: enabled, queued events, last success, last error."""
+    state = state_url()
+    config = sync_state.load_config(state)
+    central = (
+        mask_url(config.central_url) if config.central_url else f"{sync_state.CENTRAL_DATABASE} (default)"
+    )
+    typer.echo(f"sync:       {'enabled' if config.enabled else 'disabled'}")
+    typer.echo(f"central:    {central}")
+    typer.echo(
+        f"batch size: {config.batch_size}   privacy: {config.privacy.mode} outside {len(config.privacy.allowlist)} fields"
+    )
+    devices = sync_state.list_devices(state, registered_only=True)
+    if not devices:
+        typer.echo("devices:    none; add one with `flowyard sync configure --add-store PATH`")
+    for device in devices:
+        typer.echo(
+            f"  {device.device_id:<16} {'on ' if device.enabled else 'off'} queued={_queued(Path(device.store_path))}"
+            f" last_success={_when(device.last_success_at)} error={device.last_error or '-'}"
+        )
+
+
+def _queued(store: Path) -> str:
+    """Live count from the store itself (pending + failed), or why it cannot be read."""
+    try:
+        with device_store.open_store(store, busy_timeout=1.0) as conn:
+            if device_store.schema_version(conn) < device_store.V2:
+                total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                return f"{total} (v1 store, upgraded on first sync)"
+            counts = device_store.counts(conn)
+            return f"{counts.pending + counts.failed} ({counts.failed} failed)"
+    except UserError as exc:
+        return f"unreadable: {exc}"
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
+
+
+@app.command()
+def configure(
+    enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Turn syncing on or off.")] = None,
+    central_url: Annotated[str | None, typer.Option(help="Central PostgreSQL URL.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Events per batch at best quality.")] = None,
+    download_updates: Annotated[bool | None, typer.Option("--download-updates/--no-download-updates")] = None,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="event_data field allowed to leave devices (repeat).")
+    ] = None,
+    privacy_mode: Annotated[str | None, typer.Option(help="drop or hash the other fields.")] = None,
+    hash_key: Annotated[str | None, typer.Option(help="HMAC key for --privacy-mode hash.")] = None,
+    queue_threshold: Annotated[int | None, typer.Option(min=0)] = None,
+    failure_rate: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    offline_seconds: Annotated[int | None, typer.Option(min=0)] = None,
+    add_store: Annotated[Path | None, typer.Option(help="Register a device store (SQLite file).")] = None,
+    device_id: Annotated[
+        str | None, typer.Option(help="Device id for --add-store (default: file name).")
+    ] = None,
+    user_id: Annotated[str, typer.Option(help="User id stamped on the store's events.")] = "unknown",
+    project_id: Annotated[str, typer.Option(help="Project id stamped on the store's events.")] = "default",
+    remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
+) -> None:
+    """Change the sync configuration and the device list (unset options keep their value)."""
+    state = state_url()
+    config = sync_state.load_config(state)
+    privacy = config.privacy.model_copy(
+        update=_given(allowlist=tuple(allow) if allow else None, mode=_mode(privacy_mode), hash_key=hash_key)
+    )
+    alerts = config.alerts.model_copy(
+        update=_given(
+            queue_threshold=queue_threshold, failure_rate=failure_rate, offline_seconds=offline_seconds
+        )
+    )
+    config = config.model_copy(
+        update={
+            **_given(
+                enabled=enable,
+                central_url=central_url,
+                batch_size=batch_size,
+                download_updates=download_updates,
+            ),
+            "privacy": privacy,
+            "alerts": alerts,
+        }
+    )
+    sync_state.save_config(state, sync_state.SyncConfig.model_validate(config.model_dump()))
+    typer.echo("configuration saved")
+    if add_store is not None:
+        if not add_store.is_file():
+            raise UserError(
+                f"device store {add_store} does not exist; give the path of the device's SQLite file"
+            )
+        identity = device_store.Identity(device_id or add_store.stem, user_id, project_id)
+        sync_state.register_device(state, add_store, identity)
+        typer.echo(f"added device {identity.device_id}: {add_store.resolve()}")
+    if remove_store is not None:
+        sync_state.remove_device(state, remove_store)
+        typer.echo(f"removed device {remove_store}")
+    status()
+
+
+def _given(**values: object) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _mode(value: str | None) -> Literal["drop", "hash"] | None:
+    if value not in (None, "drop", "hash"):
+        raise UserError(f"--privacy-mode must be drop or hash, not {value!r}")
+    return value  # type: ignore[return-value]
+
+
+@app.command()
+def trigger(
+    force: Annotated[bool, typer.Option(help="Also disabled devices; retry failed events now.")] = False,
+    store: Annotated[list[str] | None, typer.Option(help="Sync only this store path (repeat).")] = None,
+    central_url: Annotated[str | None, typer.Option(help="Override the configured central URL.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Run the ``sync-devices`` flow now and print the per-device results."""
+    from deployments.runtime import ensure_prefect
+
+    ensure_prefect(get_settings())
+    from flows.sync_devices import sync_devices
+
+    result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
+    for device, outcome in sorted(result.get("devices", {}).items()):
+        typer.echo(
+            f"{device}: uploaded={outcome['uploaded']} duplicates={outcome['duplicates']} "
+            f"failed={outcome['failed']} pending={outcome['pending_after']}"
+        )
+    if "skipped" in result:
+        typer.echo(f"skipped: {result['skipped']}")
+
+
+@app.command()
+def history(
+    limit: Annotated[int, typer.Option(min=1)] = 20,
+    since: Annotated[datetime | None, typer.Option(help="Only runs finished at or after this time.")] = None,
+) -> None:
+    """Recent per-device sync results, newest first."""
+    rows = sync_state.history(state_url(), limit=limit, since=since)
+    if not rows:
+        typer.echo("no sync runs yet")
+    for row in rows:
+        lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
+        typer.echo(
+            f"{_when(row.finished_at)} {row.device_id:<16} pending_before={row.pending_before} "
+            f"uploaded={row.uploaded} duplicates={row.duplicates} failed={row.failed} lag={lag}"
+            + (f" error={row.error}" if row.error else "")
+        )
+
+
+@app.command()
+def enable(device: str) -> None:
+    """Include a device in scheduled syncs again."""
+    sync_state.set_enabled(state_url(), device, True)
+    typer.echo(f"device {device} enabled")
+
+
+@app.command()
+def disable(device: str) -> None:
+    """Leave a device out of scheduled syncs (its events stay queued locally; nothing is lost)."""
+    sync_state.set_enabled(state_url(), device, False)
+    typer.echo(f"device {device} disabled")
+
+
+@migrate_app.command("up")
+def migrate_up(
+    store: Path,
+    device_id: Annotated[str | None, typer.Option(help="Default: the file name.")] = None,
+    user_id: str = "unknown",
+    project_id: str = "default",
+) -> None:
+    """Upgrade a v1 store to v2 in place (sync ids generated for existing events)."""
+    with device_store.open_store(store) as conn:
+        changed = device_store.upgrade_to_v2(
+            conn, device_store.Identity(device_id or store.stem, user_id, project_id)
+        )
+    typer.echo(f"{store}: {'upgraded to v2' if changed else 'already v2'}")
+
+
+@migrate_app.command("down")
+def migrate_down(
+    store: Path,
+    to: Annotated[str, typer.Option("--to", help="Target version; only v1 exists below v2.")] = "v1",
+) -> None:
+    """Remove the sync metadata (``--to=v1``); every event stays."""
+    if to != "v1":
+        raise UserError(f"--to must be v1 (the only version below v2), not {to!r}")
+    with device_store.open_store(store) as conn:
+        changed = device_store.downgrade_to_v1(conn)
+        events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    typer.echo(f"{store}: {'downgraded to v1' if changed else 'already v1'}, {events} events kept")

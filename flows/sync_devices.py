@@ -1,0 +1,128 @@
+"""``sync-devices``: sync every developer machine's SQLite event store into the central PostgreSQL.
+
+One mapped task per device store, on a bounded thread pool. Each device uploads its pending
+events in adaptive batches (COPY + ``ON CONFLICT (sync_id) DO NOTHING``) and only then marks
+them synced locally, so a crash re-sends and central keeps one copy. A corrupt or locked
+store fails its own task with a one-line message; the other devices still sync, and the
+run fails at the end naming the devices that need attention.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import central_store, sync_alerts, sync_state
+from tasks.advisory_lock import advisory_lock
+from tasks.db import mask_url
+from tasks.errors import UserError
+from tasks.settings import get_settings
+from tasks.state import state_url
+from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
+from tasks.sync_state import SyncTarget, default_central_url, resolve_targets
+
+DEVICE_LOCK_WAIT_SECONDS = 5.0
+
+
+@task(name="sync-device", cache_policy=NO_CACHE, task_run_name="sync-device-{target.device_id}")
+def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport:
+    """One device; the per-device advisory lock keeps a manual trigger and the schedule apart."""
+    with advisory_lock(state, f"flowyard-sync-device:{target.device_id}", DEVICE_LOCK_WAIT_SECONDS):
+        return sync_device(Path(target.store), target.identity, options, target.download_since)
+
+
+@flow(name="sync-devices", task_runner=ThreadPoolTaskRunner(max_workers=get_settings().max_workers))
+def sync_devices(
+    stores: list[str] | None = None,
+    central_url: str | None = None,
+    batch_size: int | None = None,
+    force: bool = False,
+    download_updates: bool | None = None,
+    state_database_url: str | None = None,
+) -> dict[str, Any]:
+    """Sync the given stores (default: the devices set up with ``flowyard sync configure``).
+
+    ``force`` also syncs disabled devices and retries failed events before their backoff ends.
+    Returns each device's cursors and outcome (the run's persisted state).
+    """
+    logger = get_run_logger()
+    state = state_url(state_database_url)
+    config = sync_state.load_config(state)
+    if not config.enabled and not force:
+        logger.warning("sync is disabled (`flowyard sync configure --enable` or `sync trigger --force`)")
+        return {"devices": {}, "skipped": "sync disabled"}
+    central = central_url or config.central_url or default_central_url(state)
+    targets = resolve_targets(state, stores, force=force, download=download_updates, config=config)
+    try:
+        central_store.ensure_schema(central)
+    except UserError as exc:  # central unreachable: the device tasks record it per device
+        logger.warning("central database not reachable yet: %s", exc)
+    options = SyncOptions(
+        central_url=central, batch_size=batch_size or config.batch_size, policy=config.privacy, force=force
+    )
+    last_success = {d.device_id: d.last_success_at for d in sync_state.list_devices(state)}
+    progress_id = create_progress_artifact(0.0, description=f"devices synced of {len(targets)}")
+    futures = sync_device_task.map(targets, unmapped(options), unmapped(state))
+    target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
+    rows, outcomes, errors = [], {}, []
+    for done, future in enumerate(as_completed(futures), start=1):
+        target = target_of[future.task_run_id]
+        result = future.result(raise_on_failure=False)
+        report = result if isinstance(result, DeviceReport) else None
+        error = report.error if report else str(result)
+        if report:
+            sync_state.record_device_run(state, flow_run.id, report)
+        else:
+            sync_state.record_device_error(state, flow_run.id, target.device_id, target.store, error)
+        if error:
+            errors.append(f"{target.device_id}: {error}")
+        alerts = sync_alerts.evaluate(
+            target.device_id, report, last_success.get(target.device_id), config.alerts, datetime.now(UTC)
+        )
+        sync_alerts.emit(alerts, logger)
+        rows.append(_table_row(target, report, error))
+        outcomes[target.device_id] = _outcome(report, error)
+        update_progress_artifact(progress_id, 100.0 * done / max(len(targets), 1))
+    update_progress_artifact(progress_id, 100.0)
+    create_table_artifact(
+        sorted(rows, key=lambda r: r["device"]), key="sync-devices-run", description="Per-device sync results"
+    )
+    if errors:
+        raise UserError(f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors))
+    return {"central": mask_url(central), "devices": outcomes}
+
+
+def _table_row(target: SyncTarget, report: DeviceReport | None, error: str | None) -> dict[str, Any]:
+    lag = report.lag_seconds if report else None
+    return {
+        "device": target.device_id,
+        "pending before": report.pending_before if report else None,
+        "uploaded": report.uploaded if report else 0,
+        "duplicates skipped": report.duplicates if report else 0,
+        "failed": report.failed if report else None,
+        "lag": "-" if lag is None else f"{lag:.0f}s",
+        "error": error or "",
+    }
+
+
+def _outcome(report: DeviceReport | None, error: str | None) -> dict[str, Any]:
+    """The per-device part of the flow's returned state: cursors and the result."""
+    if report is None:
+        return {"error": error}
+    return {
+        "last_local_id": report.last_local_id,
+        "download_cursor": report.download_cursor,
+        "uploaded": report.uploaded,
+        "duplicates": report.duplicates,
+        "failed": report.failed,
+        "pending_after": report.pending_after,
+        "error": error,
+    }

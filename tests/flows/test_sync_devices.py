@@ -1,0 +1,182 @@
+"""The sync-devices flow end to end on a real Prefect server, real SQLite files and real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tasks import central_store, device_store, sync_state
+from tasks.device_store import Identity
+from tasks.errors import UserError
+from tasks.sample_devices import make_store
+from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _central_counts(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*), count(DISTINCT sync_id) FROM devflow.events").fetchone()
+
+
+def _synced(store: Path) -> int:
+    with device_store.open_store(store) as conn:
+        return device_store.counts(conn).synced
+
+
+def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    store = make_store(tmp_path / "crashy.db", 1000, seed=1)
+    marker = tmp_path / "uploaded"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "sync",
+            "trigger",
+            "--store",
+            str(store),
+            "--central-url",
+            fresh_db,
+            "--batch-size",
+            "300",
+        ],
+        cwd=ROOT,
+        env={**os.environ, PAUSE_AFTER_UPLOAD_ENV: str(marker)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.1)
+        # The first batch is committed centrally and not yet marked locally: kill it right there.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _central_counts(fresh_db) == (300, 300)
+    assert _synced(store) == 0
+
+    from flows.sync_devices import sync_devices
+
+    result = sync_devices(stores=[str(store)], central_url=fresh_db, batch_size=300)
+    outcome = result["devices"]["crashy"]
+    assert (outcome["uploaded"], outcome["duplicates"], outcome["pending_after"]) == (700, 300, 0)
+    assert _central_counts(fresh_db) == (1000, 1000)
+    assert _synced(store) == 1000
+
+
+def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    from flows.sync_devices import sync_devices
+
+    good = [make_store(tmp_path / f"good{n}.db", 400, seed=n) for n in range(2)]
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"\x00garbage, not a database" * 200)
+    locked = make_store(tmp_path / "locked.db", 50)
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(UserError) as info:
+            sync_devices(stores=[str(p) for p in [*good, corrupt, locked]], central_url=fresh_db)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    message = str(info.value)
+    assert message.startswith("2 of 4 devices did not sync fully")
+    assert "corrupt: device store" in message and "is corrupt" in message
+    assert "locked: device store" in message and "is locked by another process" in message
+    assert _central_counts(fresh_db) == (800, 800)
+    assert [_synced(p) for p in good] == [400, 400]
+    history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
+    assert history["good0"].uploaded == 400 and history["good0"].error is None
+    assert "is corrupt" in history["corrupt"].error and "is locked" in history["locked"].error
+    # The locked device's events were untouched and sync once the lock is gone.
+    sync_devices(stores=[str(locked)], central_url=fresh_db)
+    assert _central_counts(fresh_db) == (850, 850)
+
+
+def test_default_run_uses_configured_devices_and_records_state(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.sync_devices import sync_devices
+
+    on = make_store(tmp_path / "on.db", 120)
+    off = make_store(tmp_path / "off.db", 80)
+    saved = sync_state.load_config(state_db)
+    sync_state.save_config(
+        state_db,
+        saved.model_copy(update={"central_url": fresh_db, "download_updates": True, "batch_size": 50}),
+    )
+    sync_state.register_device(state_db, on, Identity("cfg-on", "bob", "proj-cfg"))
+    sync_state.register_device(state_db, off, Identity("cfg-off", "carol", "proj-cfg"))
+    sync_state.set_enabled(state_db, "cfg-off", False)
+    try:
+        state = sync_devices(return_state=True)
+        result = state.result()
+        assert set(result["devices"]) == {"cfg-on"}
+        assert result["devices"]["cfg-on"]["uploaded"] == 120
+        cursor = result["devices"]["cfg-on"]["download_cursor"]
+        assert cursor > 0
+        devices = {d.device_id: d for d in sync_state.list_devices(state_db, registered_only=True)}
+        assert devices["cfg-on"].last_local_id == 120 and devices["cfg-on"].download_cursor == cursor
+        assert devices["cfg-on"].pending == 0 and devices["cfg-on"].last_success_at is not None
+        assert devices["cfg-off"].last_attempt_at is None
+        with device_store.open_store(on) as conn:
+            remote = conn.execute("SELECT project_id, device_id FROM remote_project_status").fetchall()
+            stamped = conn.execute("SELECT DISTINCT user_id, project_id FROM events").fetchall()
+        assert remote == [("proj-cfg", "cfg-on")] and stamped == [("bob", "proj-cfg")]
+
+        forced = sync_devices(force=True)
+        assert forced["devices"]["cfg-off"]["uploaded"] == 80
+        assert forced["devices"]["cfg-on"]["uploaded"] == 0
+
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts()
+        mine = [a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id]
+        table = next(a for a in mine if a.type == "table")
+        assert "cfg-on" in str(table.data) and "duplicates skipped" in str(table.data)
+        progress = next(a for a in mine if a.type == "progress")
+        assert progress.data == 100.0
+    finally:
+        sync_state.remove_device(state_db, "cfg-on")
+        sync_state.remove_device(state_db, "cfg-off")
+        sync_state.save_config(state_db, saved)
+
+
+def test_alerts_are_logged_and_emitted(fresh_db: str, state_db: str, tmp_path: Path, caplog) -> None:
+    from flows.sync_devices import sync_devices
+
+    saved = sync_state.load_config(state_db)
+    alerts = saved.alerts.model_copy(update={"queue_threshold": 10})
+    sync_state.save_config(state_db, saved.model_copy(update={"alerts": alerts}))
+    store = make_store(tmp_path / "alerty.db", 100)
+    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
+    try:
+        with pytest.raises(UserError, match="alerty: upload to"):
+            sync_devices(stores=[str(store)], central_url=dead, batch_size=40)
+    finally:
+        sync_state.save_config(state_db, saved)
+    warnings = [r.getMessage() for r in caplog.records if "sync alert" in r.getMessage()]
+    assert any("queue-threshold" in w and "100 events still queued" in w for w in warnings)
+    assert any("failure-rate" in w for w in warnings)
+    central_store.ensure_schema(fresh_db)
+    sync_devices(stores=[str(store)], central_url=fresh_db, force=True)
+    assert _central_counts(fresh_db) == (100, 100)

@@ -1,0 +1,30 @@
+"""Seed §8.1 alerts: thresholds decide, and a successful run is never "offline"."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from tasks.sync_alerts import evaluate
+from tasks.sync_batches import DeviceReport
+from tasks.sync_state import AlertThresholds
+
+NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
+OK = DeviceReport("d", "/s.db", 50, 50, 0, 0, 0, 1.0, 50, 1, 5000, None)
+LIMITS = AlertThresholds(queue_threshold=100, failure_rate=0.1, offline_seconds=3600)
+
+
+def _kinds(report: DeviceReport | None, last_success: datetime | None) -> list[str]:
+    return [a.kind for a in evaluate("d", report, last_success, LIMITS, NOW)]
+
+
+def test_healthy_run_raises_nothing() -> None:
+    assert _kinds(OK, NOW - timedelta(days=3)) == []
+
+
+def test_queue_failure_rate_and_offline() -> None:
+    failing = replace(OK, uploaded=80, failed=20, pending_after=101, error="upload failed")
+    assert _kinds(failing, NOW - timedelta(seconds=3601)) == ["queue-threshold", "failure-rate", "offline"]
+    assert _kinds(replace(failing, failed=8), NOW - timedelta(seconds=3599)) == ["queue-threshold"]
+    assert _kinds(None, NOW - timedelta(hours=2)) == ["offline"]
+    assert _kinds(None, None) == []
