@@ -1,0 +1,108 @@
+"""``quality-check``: run data-quality suites, score, profile, spot anomalies and trends, alert, report.
+
+    resolve suites ─▶ check each table (GX in PostgreSQL) / file (GX on pandas), bounded workers
+                   ─▶ profile + anomalies per table (SQL)
+                   ─▶ trends vs previous runs (flowyard.quality_scores), record this run
+                   ─▶ recommendations ─▶ alerts (event + webhook, once per change)
+                   ─▶ dashboard artifacts, score chart, GX Data Docs
+
+The flow reports, it does not fail on bad data; use :func:`quality.gate.quality_gate`
+for a pass/fail step inside another flow.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from quality.alerts import AlertConfig
+from quality.dashboard import QualityReport
+from quality.recommendations import recommend
+from quality.runner import DEFAULT_SAMPLE, GxSession
+from quality.scoring import overall_score
+from quality.sql_rules import TimeWindow
+from quality.steps import (
+    alerts_task,
+    check_file_task,
+    check_table_task,
+    dashboard_task,
+    profile_task,
+    trends_task,
+)
+from quality.suite_spec import resolve_suites
+from quality.suites import ENTITY_SUITES
+from tasks.db import resolve_url
+from tasks.settings import get_settings
+from tasks.state import state_url
+
+
+@flow(name="quality-check", task_runner=ThreadPoolTaskRunner(max_workers=get_settings().max_workers))
+def quality_check(
+    database_url: str | None = None,
+    suites: list[str] | None = None,
+    schema: str = "public",
+    files: dict[str, str] | None = None,
+    window: Literal["day", "hour"] | None = None,
+    window_start: dt.datetime | None = None,
+    profile: bool = True,
+    alerts: AlertConfig | None = None,
+    output_dir: str | None = None,
+    sample_size: int = DEFAULT_SAMPLE,
+    history_runs: int = 20,
+    state_database_url: str | None = None,
+) -> dict[str, Any]:
+    """Check tables (``suites``: entity names, YAML paths or module:attr; default the four entities)
+    and files (``files``: suite reference → CSV/Parquet/JSON path). ``window`` checks one daily or
+    hourly batch on each suite's timestamp column, the one holding ``window_start`` (default now)."""
+    url = resolve_url(database_url)
+    state = state_url(state_database_url)
+    table_suites = resolve_suites(list(ENTITY_SUITES) if suites is None else suites)
+    file_suites = [(suite, path) for ref, path in (files or {}).items() for suite in resolve_suites([ref])]
+    time_window = TimeWindow.containing(window, window_start or dt.datetime.now(dt.UTC)) if window else None
+    out = Path(output_dir) if output_dir else get_settings().home_dir / "quality"
+    session = GxSession(docs_dir=out / "data_docs")
+
+    checks = [
+        check_table_task.submit(session, url, s, schema, time_window, sample_size) for s in table_suites
+    ]
+    checks += [check_file_task.submit(session, s, path, sample_size) for s, path in file_suites]
+    profiles = [profile_task.submit(url, s, schema, time_window) for s in table_suites] if profile else []
+    results = [c.result() for c in checks]
+    profiled = [p.result() for p in profiles]
+
+    run_id = str(flow_run.id or uuid.uuid4())
+    trends, breaks, score_history = trends_task(state, run_id, results, history_runs)
+    found = [a for _, table_anomalies in profiled for a in table_anomalies] + breaks
+    report = QualityReport(
+        overall_score=overall_score(r.score for r in results),
+        results=results,
+        trends=trends,
+        anomalies=found,
+        recommendations=recommend(results, found),
+        profiles={s.name: p for s, (p, _) in zip(table_suites, profiled, strict=True)},
+    )
+    sent = alerts_task(state, results, alerts or AlertConfig())
+    files_written = dashboard_task(session, report, score_history, out)
+    return {
+        "overall_score": report.overall_score,
+        "suites": {
+            r.suite: {
+                "score": r.score,
+                "rows": r.row_count,
+                "success": r.success,
+                "violations": len(r.violations),
+            }
+            for r in results
+        },
+        "trends": {t.suite: t.direction for t in trends},
+        "anomalies": len(found),
+        "recommendations": len(report.recommendations),
+        "alerts_sent": len(sent),
+        **files_written,
+    }

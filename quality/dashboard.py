@@ -1,0 +1,158 @@
+"""The seed's data-quality dashboard as Prefect artifacts and files.
+
+- markdown artifact ``quality-dashboard``: overall score; per entity its score,
+  violations, anomalies and trend; recommendations; the score-trend chart embedded as a
+  PNG data URI so it shows in the Prefect UI without a file server;
+- table artifacts: every rule's result (``quality-rules``) and each table's profile
+  (``quality-profile-<suite>``);
+- files in the output directory: ``score_trend.png``, ``dashboard.md`` and GX Data Docs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from quality.anomalies import Anomaly, Trend  # noqa: E402
+from quality.history import ScorePoint  # noqa: E402
+from quality.profiling import TableProfile  # noqa: E402
+from quality.recommendations import Recommendation  # noqa: E402
+from quality.runner import SuiteResult  # noqa: E402
+
+_ARROWS = {"up": "↑ up", "down": "↓ down", "stable": "→ stable"}
+
+
+@dataclass
+class QualityReport:
+    overall_score: float
+    results: list[SuiteResult]
+    trends: list[Trend] = field(default_factory=list)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    recommendations: list[Recommendation] = field(default_factory=list)
+    profiles: dict[str, TableProfile] = field(default_factory=dict)
+
+    def trend(self, suite: str) -> Trend | None:
+        return next((t for t in self.trends if t.suite == suite), None)
+
+
+def score_chart(history: dict[str, list[ScorePoint]], path: Path) -> bytes:
+    """A PNG line chart of each suite's score over its recorded runs; also written to ``path``."""
+    fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
+    for suite, points in sorted(history.items()):
+        if points:
+            ax.plot([p.checked_at for p in points], [p.score for p in points], marker="o", label=suite)
+    ax.set_title("Data-quality score per run")
+    ax.set_ylabel("score (0-100)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower left", fontsize="small")
+    fig.autofmt_xdate()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def render_markdown(report: QualityReport, chart_png: bytes | None = None) -> str:
+    lines = [f"# Data quality: {report.overall_score:.2f} / 100", ""]
+    lines += [
+        "| Entity | Rows | Score | Violations | Anomalies | Trend | Change |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in report.results:
+        trend = report.trend(r.suite)
+        change = f"{trend.change:+.2f}" if trend and trend.change is not None else "–"
+        anomalies = sum(1 for a in report.anomalies if a.suite == r.suite)
+        direction = _ARROWS[trend.direction] if trend else _ARROWS["stable"]
+        lines.append(
+            f"| {r.suite} ({r.target}{', ' + r.window if r.window else ''}) | {r.row_count} | {r.score:.2f} "
+            f"| {len(r.violations)} | {anomalies} | {direction} | {change} |"
+        )
+    violations = [(r, v) for r in report.results for v in r.violations]
+    if violations:
+        lines += [
+            "",
+            "## Violations",
+            "",
+            "| Entity | Rule | Severity | Unexpected | % | Sample |",
+            "|---|---|---|---:|---:|---|",
+        ]
+        for r, v in violations:
+            sample = ", ".join(str(s) for s in v.sample[:5]) if not v.error else f"error: {v.error}"
+            lines.append(
+                f"| {r.suite} | {v.rule} | {v.severity} | {v.unexpected_count} | {v.unexpected_percent:.2f} | {_cell(sample)} |"
+            )
+    if report.anomalies:
+        lines += [
+            "",
+            "## Anomalies",
+            "",
+            "| Entity | Field | Type | Severity | Count | Sample |",
+            "|---|---|---|---|---:|---|",
+        ]
+        for a in report.anomalies:
+            lines.append(
+                f"| {a.suite} | {a.field} | {a.type} | {a.severity} | {a.count} | {_cell(', '.join(map(str, a.sample[:5])))} |"
+            )
+    lines += ["", "## Recommendations", ""]
+    lines += [
+        f"- **{x.priority}** {x.title}: {x.description}. {x.action}." for x in report.recommendations
+    ] or ["- none"]
+    if chart_png:
+        encoded = base64.b64encode(chart_png).decode()
+        lines += ["", "## Score trend", "", f"![score trend](data:image/png;base64,{encoded})"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:200]
+
+
+def _key(text: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+
+
+def rule_rows(results: list[SuiteResult]) -> list[dict[str, object]]:
+    return [
+        {
+            "suite": r.suite,
+            "rule": v.rule,
+            "check": v.check,
+            "column": v.column or "",
+            "severity": v.severity,
+            "success": v.success,
+            "unexpected_count": v.unexpected_count,
+            "unexpected_percent": round(v.unexpected_percent, 4),
+            "sample": ", ".join(str(s) for s in v.sample[:5]),
+            "error": v.error or "",
+        }
+        for r in results
+        for v in r.rules
+    ]
+
+
+def publish(report: QualityReport, history: dict[str, list[ScorePoint]], output_dir: Path) -> dict[str, str]:
+    """Create the Prefect artifacts and write chart and markdown to ``output_dir``; returns the file paths."""
+    chart_path = output_dir / "score_trend.png"
+    chart = score_chart(history, chart_path)
+    markdown = render_markdown(report, chart)
+    (output_dir / "dashboard.md").write_text(markdown)
+    create_markdown_artifact(markdown, key="quality-dashboard", description="Data-quality dashboard")
+    create_table_artifact(rule_rows(report.results), key="quality-rules", description="Result of every rule")
+    for suite, profile in report.profiles.items():
+        create_table_artifact(
+            profile.rows(), key=_key(f"quality-profile-{suite}"), description=f"Profile of {profile.target}"
+        )
+    return {"chart": str(chart_path), "dashboard": str(output_dir / "dashboard.md")}

@@ -1,0 +1,368 @@
+"""Run suites with Great Expectations Core 1.x in an ephemeral context.
+
+PostgreSQL tables go through GX's SQL datasource, so every expectation is a query inside
+the database and no table is loaded into Python; a time window becomes a GX query asset
+over ``[start, end)`` of the suite's timestamp column. DataFrames and files go through
+GX's pandas datasource. Each rule maps to GX built-ins where GX has one, otherwise to an
+``UnexpectedRowsExpectation`` built from the same SQL predicate the scorer uses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+import pandas as pd
+from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+from great_expectations.data_context.types.base import ProgressBarsConfig
+
+from quality.scoring import TableScore, score_rows, score_table
+from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
+from quality.suite_spec import Rule, Suite
+from tasks.db import sqlalchemy_url
+from tasks.errors import UserError
+
+Backend = Literal["sql", "pandas"]
+DEFAULT_SAMPLE = 20
+
+
+@dataclass
+class RuleResult:
+    """One rule's outcome: how many rows broke it, which share of the rows, and a bounded sample."""
+
+    rule: str
+    check: str
+    severity: str
+    column: str | None
+    success: bool
+    unexpected_count: int
+    unexpected_percent: float
+    sample: list[Any] = field(default_factory=list)
+    observed: Any = None
+    error: str | None = None
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    target: str
+    window: str | None
+    row_count: int
+    score: float
+    rules: list[RuleResult]
+
+    @property
+    def success(self) -> bool:
+        return all(r.success for r in self.rules)
+
+    @property
+    def violations(self) -> list[RuleResult]:
+        return [r for r in self.rules if not r.success]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "success": self.success}
+
+
+class UnexpectedRowsWithSample(gxe.UnexpectedRowsExpectation):
+    """GX's unexpected-rows expectation that always returns its sample rows.
+
+    GX fetches up to 200 unexpected rows in any case but only reports them under the
+    COMPLETE result format, which for the built-in column expectations would list every
+    unexpected value. This keeps SUMMARY for the run and still gives a bounded sample here.
+    """
+
+    def _validate(
+        self,
+        metrics: dict,
+        runtime_configuration: dict | None = None,
+        execution_engine: Any = None,
+    ) -> Any:
+        complete = {**(runtime_configuration or {}), "result_format": {"result_format": "COMPLETE"}}
+        return super()._validate(metrics, complete, execution_engine)
+
+
+def expectations_for(
+    rule: Rule, backend: Backend, source: TableSource | None = None
+) -> list[gxe.Expectation]:
+    """GX expectations that together check ``rule``; each is tagged with the rule's name."""
+    meta = {"rule": rule.name}
+    column = rule.column
+    match rule.check:
+        case "not_null":
+            return [gxe.ExpectColumnValuesToNotBeNull(column=column, meta=meta)]
+        case "unique":
+            return [gxe.ExpectColumnValuesToBeUnique(column=column, meta=meta)]
+        case "in_set":
+            return [
+                gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(rule.values or []), meta=meta)
+            ]
+        case "regex":
+            return [gxe.ExpectColumnValuesToMatchRegex(column=column, regex=rule.pattern, meta=meta)]
+        case "range":
+            return [
+                gxe.ExpectColumnValuesToBeBetween(
+                    column=column, min_value=rule.min, max_value=rule.max, meta=meta
+                )
+            ]
+        case "row_count":
+            return [gxe.ExpectTableRowCountToBeBetween(min_value=rule.min, max_value=rule.max, meta=meta)]
+        case "not_future" if backend == "pandas":
+            now = dt.datetime.now(dt.UTC)
+            return [
+                gxe.ExpectColumnValuesToNotBeNull(column=column, meta=meta),
+                gxe.ExpectColumnValuesToBeBetween(column=column, max_value=now, meta=meta),
+            ]
+        case "foreign_key" if backend == "pandas":
+            raise UserError(
+                f"rule '{rule.name}' (foreign_key) needs the referenced table; check this suite against "
+                "a PostgreSQL table, or drop the rule for file input"
+            )
+        case "not_future" | "foreign_key":
+            assert source is not None
+            query = gx_unexpected_rows_query(rule, source)
+            return [UnexpectedRowsWithSample(unexpected_rows_query=query, meta=meta)]
+    raise ValueError(f"unsupported check {rule.check!r}")
+
+
+class GxSession:
+    """One ephemeral GX context shared by concurrent checks; its configuration is guarded by a lock.
+
+    GX's stores are plain dictionaries, so adding datasources, assets and suites is
+    serialised; the validations themselves (the expensive part, all in the database) run
+    in parallel.
+    """
+
+    def __init__(self, docs_dir: Path | None = None) -> None:
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self._lock = threading.Lock()
+        self._datasources: dict[str, Any] = {}
+        self._names = itertools.count(1)
+        self.docs_dir = docs_dir
+        if docs_dir is not None:
+            self.context.add_data_docs_site(
+                "flowyard",
+                {
+                    "class_name": "SiteBuilder",
+                    "store_backend": {
+                        "class_name": "TupleFilesystemStoreBackend",
+                        "base_directory": str(docs_dir),
+                    },
+                    "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                },
+            )
+
+    def _unique(self, name: str) -> str:
+        return f"{name}-{next(self._names)}"
+
+    def _postgres(self, url: str) -> Any:
+        if url not in self._datasources:
+            self._datasources[url] = self.context.data_sources.add_postgres(
+                self._unique("postgres"), connection_string=sqlalchemy_url(url)
+            )
+        return self._datasources[url]
+
+    def _validation(self, suite: Suite, batch_definition: Any, expectations: list[gxe.Expectation]) -> Any:
+        gx_suite = self.context.suites.add(gx.ExpectationSuite(name=self._unique(suite.name)))
+        for expectation in expectations:
+            gx_suite.add_expectation(expectation)
+        definition = gx.ValidationDefinition(
+            name=self._unique(suite.name), data=batch_definition, suite=gx_suite
+        )
+        return self.context.validation_definitions.add(definition)
+
+    def validate_table(self, url: str, suite: Suite, source: TableSource, sample_size: int) -> list[Any]:
+        expectations = [e for r in suite.rules for e in expectations_for(r, "sql", source)]
+        with self._lock:
+            datasource = self._postgres(url)
+            if source.window is None:
+                asset = datasource.add_table_asset(
+                    self._unique(suite.name), table_name=source.table, schema_name=source.schema
+                )
+            else:
+                asset = datasource.add_query_asset(
+                    self._unique(suite.name), query=source.window_query().as_string(None)
+                )
+            validation = self._validation(suite, asset.add_batch_definition_whole_table("all"), expectations)
+        result = validation.run(
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample_size}
+        )
+        return list(result.results)
+
+    def validate_frame(self, suite: Suite, frame: pd.DataFrame, sample_size: int) -> list[Any]:
+        expectations = [e for r in suite.rules for e in expectations_for(r, "pandas")]
+        with self._lock:
+            asset = self.context.data_sources.add_pandas(self._unique("pandas")).add_dataframe_asset(
+                suite.name
+            )
+            validation = self._validation(
+                suite, asset.add_batch_definition_whole_dataframe("all"), expectations
+            )
+        result = validation.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "COMPLETE", "partial_unexpected_count": sample_size},
+        )
+        return list(result.results)
+
+    def build_docs(self) -> Path | None:
+        """Write GX Data Docs (HTML) for every validation of this session into ``docs_dir``."""
+        if self.docs_dir is None:
+            return None
+        with self._lock:
+            self.context.build_data_docs()
+        return self.docs_dir / "index.html"
+
+
+def _error(result: ExpectationValidationResult) -> str | None:
+    info = result.exception_info or {}
+    entries = [info] if "raised_exception" in info else list(info.values())
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("raised_exception"):
+            return str(entry.get("exception_message", "")).strip().splitlines()[0]
+    return None
+
+
+def _unexpected(result: ExpectationValidationResult) -> tuple[int, list[Any]]:
+    """(count, sample) from a GX result, whatever the expectation's result shape."""
+    outcome = result.result or {}
+    if result.expectation_config.type == "unexpected_rows_with_sample":
+        rows = (outcome.get("details") or {}).get("unexpected_rows") or []
+        # The query selects only the rule's column, so each row holds a single value.
+        return int(outcome.get("observed_value") or 0), [next(iter(row.values()), None) for row in rows]
+    return int(outcome.get("unexpected_count") or 0), list(outcome.get("partial_unexpected_list") or [])
+
+
+def collect(suite: Suite, gx_results: Iterable[Any], row_count: int, sample_size: int) -> list[RuleResult]:
+    """Fold GX's per-expectation results back into one :class:`RuleResult` per rule, in suite order."""
+    by_rule: dict[str, list[Any]] = {}
+    for result in gx_results:
+        by_rule.setdefault(result.expectation_config.meta["rule"], []).append(result)
+    rules = []
+    for rule in suite.rules:
+        results = by_rule.get(rule.name, [])
+        count, sample, errors = 0, [], []
+        for result in results:
+            n, values = _unexpected(result)
+            count += n
+            sample.extend(values)
+            if message := _error(result):
+                errors.append(message)
+        observed = results[0].result.get("observed_value") if rule.check == "row_count" and results else None
+        rules.append(
+            RuleResult(
+                rule=rule.name,
+                check=rule.check,
+                severity=rule.severity,
+                column=rule.column,
+                success=all(r.success for r in results) and not errors,
+                unexpected_count=count,
+                unexpected_percent=100.0 * count / row_count if row_count else 0.0,
+                sample=[_plain(v) for v in sample[:sample_size]],
+                observed=observed,
+                error="; ".join(errors) or None,
+            )
+        )
+    return rules
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly sample values (timestamps, UUIDs, numpy scalars become str/float/int)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def check_table(
+    session: GxSession,
+    url: str,
+    suite: Suite,
+    schema: str = "public",
+    window: TimeWindow | None = None,
+    sample_size: int = DEFAULT_SAMPLE,
+) -> SuiteResult:
+    """Validate a PostgreSQL table (or one window of it) and score it, all inside the database."""
+    source = TableSource.for_suite(suite, schema, window)
+    gx_results = session.validate_table(url, suite, source, sample_size)
+    score: TableScore = score_table(url, suite, source)
+    return SuiteResult(
+        suite=suite.name,
+        target=f"{source.schema}.{source.table}",
+        window=window.label if window else None,
+        row_count=score.row_count,
+        score=score.score,
+        rules=collect(suite, gx_results, score.row_count, sample_size),
+    )
+
+
+def check_frame(
+    session: GxSession, suite: Suite, frame: pd.DataFrame, target: str, sample_size: int = DEFAULT_SAMPLE
+) -> SuiteResult:
+    """Validate a DataFrame with GX's pandas datasource; row scores come from GX's unexpected indexes."""
+    frame = frame.reset_index(drop=True)
+    for rule in suite.rules:
+        if rule.column is not None and rule.column not in frame.columns:
+            raise UserError(
+                f"suite '{suite.name}' rule '{rule.name}': column '{rule.column}' is not in {target}"
+            )
+        if rule.check == "not_future":
+            frame[rule.column] = pd.to_datetime(frame[rule.column], errors="coerce", utc=True, format="mixed")
+    gx_results = session.validate_frame(suite, frame, sample_size)
+    violating: dict[str, set[int]] = {}
+    for result in gx_results:
+        indexes = (result.result or {}).get("unexpected_index_list") or []
+        violating.setdefault(result.expectation_config.meta["rule"], set()).update(int(i) for i in indexes)
+    score = score_rows(len(frame), suite, violating)
+    return SuiteResult(
+        suite=suite.name,
+        target=target,
+        window=None,
+        row_count=len(frame),
+        score=score.score,
+        rules=collect(suite, gx_results, len(frame), sample_size),
+    )
+
+
+def read_file(path: str | Path) -> pd.DataFrame:
+    """A CSV, Parquet, JSON or JSON-lines file as a DataFrame."""
+    file = Path(path)
+    readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".json": pd.read_json}
+    if not file.is_file():
+        raise UserError(f"file not found: {file}")
+    if file.suffix == ".jsonl":
+        return pd.read_json(file, lines=True)
+    if file.suffix not in readers:
+        raise UserError(f"cannot read {file}: use a .csv, .parquet, .json or .jsonl file")
+    return readers[file.suffix](file)
+
+
+def check_file(
+    session: GxSession, suite: Suite, path: str | Path, sample_size: int = DEFAULT_SAMPLE
+) -> SuiteResult:
+    return check_frame(session, suite, read_file(path), str(path), sample_size)
+
+
+def run_suites(
+    url: str,
+    suites: list[Suite],
+    *,
+    schema: str = "public",
+    window: TimeWindow | None = None,
+    max_workers: int = 2,
+    sample_size: int = DEFAULT_SAMPLE,
+    session: GxSession | None = None,
+) -> list[SuiteResult]:
+    """Check several tables concurrently with at most ``max_workers`` at a time (outside Prefect)."""
+    session = session or GxSession()
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        futures = [pool.submit(check_table, session, url, s, schema, window, sample_size) for s in suites]
+        return [f.result() for f in futures]

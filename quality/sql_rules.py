@@ -1,0 +1,157 @@
+"""Rules as SQL: the relation a suite checks (whole table or a time window) and each rule's row predicate.
+
+Two consumers share these fragments so they cannot drift apart: GX's
+``UnexpectedRowsExpectation`` (for the checks GX has no built-in for) and the per-row
+scoring query in :mod:`quality.scoring`. Each predicate mirrors GX's semantics for the
+matching built-in expectation: column-map checks ignore NULLs, ``not_null`` counts them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from psycopg import sql
+
+from quality.suite_spec import Rule, Suite
+from tasks.errors import UserError
+
+Grain = Literal["day", "hour"]
+_STEP = {"day": dt.timedelta(days=1), "hour": dt.timedelta(hours=1)}
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """One daily or hourly batch ``[start, start + grain)`` on a suite's timestamp column."""
+
+    grain: Grain
+    start: dt.datetime
+
+    @classmethod
+    def containing(cls, grain: Grain, moment: dt.datetime) -> TimeWindow:
+        """The window of ``grain`` that holds ``moment`` (UTC; naive means UTC)."""
+        if grain not in _STEP:
+            raise UserError(f"window grain must be 'day' or 'hour', not {grain!r}")
+        moment = moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+        start = moment.replace(minute=0, second=0, microsecond=0)
+        if grain == "day":
+            start = start.replace(hour=0)
+        return cls(grain, start)
+
+    @property
+    def end(self) -> dt.datetime:
+        return self.start + _STEP[self.grain]
+
+    @property
+    def label(self) -> str:
+        return self.start.strftime("%Y-%m-%d" if self.grain == "day" else "%Y-%m-%dT%H:00Z")
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """Where a suite's rows live in PostgreSQL, optionally narrowed to a time window."""
+
+    schema: str
+    table: str
+    timestamp_column: str | None = None
+    window: TimeWindow | None = None
+
+    @classmethod
+    def for_suite(cls, suite: Suite, schema: str = "public", window: TimeWindow | None = None) -> TableSource:
+        if window is not None and not suite.timestamp_column:
+            raise UserError(
+                f"suite '{suite.name}' has no timestamp_column, so it cannot be checked by {window.grain}; "
+                "add timestamp_column to the suite or drop the window"
+            )
+        schema_name, table = suite.qualified_table(schema)
+        return cls(schema_name, table, suite.timestamp_column, window)
+
+    @property
+    def table_ref(self) -> sql.Composable:
+        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.table))
+
+    def window_query(self) -> sql.Composable:
+        """``SELECT *`` of the window. Bounds are literals because GX query assets take no parameters."""
+        assert self.window is not None and self.timestamp_column is not None
+        return sql.SQL("SELECT * FROM {} WHERE {col} >= {start} AND {col} < {end}").format(
+            self.table_ref,
+            col=sql.Identifier(self.timestamp_column),
+            start=sql.Literal(self.window.start),
+            end=sql.Literal(self.window.end),
+        )
+
+    def relation(self) -> sql.Composable:
+        """A FROM item for the rows under check."""
+        return self.table_ref if self.window is None else sql.SQL("({})").format(self.window_query())
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """A boolean SQL expression over alias ``b`` that is true for a violating row, and its parameters."""
+
+    sql: sql.Composable
+    params: tuple[Any, ...] = ()
+
+
+def violation(rule: Rule, source: TableSource) -> Predicate:
+    """The row predicate for a row-level rule, evaluated against ``<relation> AS b``."""
+    col = sql.SQL("b.{}").format(sql.Identifier(rule.column)) if rule.column else None
+    present = sql.SQL("{} IS NOT NULL AND ").format(col) if col is not None else sql.SQL("")
+    match rule.check:
+        case "not_null":
+            return Predicate(sql.SQL("{} IS NULL").format(col))
+        case "unique":
+            raw = sql.Identifier(rule.column)
+            query = sql.SQL("{col} IN (SELECT {raw} FROM {rel} AS d GROUP BY {raw} HAVING count(*) > 1)")
+            return Predicate(query.format(col=col, raw=raw, rel=source.relation()))
+        case "in_set":
+            return Predicate(sql.SQL("{}NOT ({} = ANY(%s))").format(present, col), (list(rule.values or []),))
+        case "regex":
+            return Predicate(sql.SQL("{}NOT ({} ~ %s)").format(present, col), (rule.pattern,))
+        case "range":
+            return _range(rule, col, present)
+        case "not_future":
+            return Predicate(not_future_sql(col))
+        case "foreign_key":
+            return Predicate(sql.SQL("{}").format(present) + foreign_key_missing_sql(rule, source, col))
+    raise ValueError(f"rule {rule.name!r} ({rule.check}) has no row predicate")
+
+
+def _range(rule: Rule, col: sql.Composable, present: sql.Composable) -> Predicate:
+    bounds: list[sql.Composable] = []
+    params: list[float] = []
+    if rule.min is not None:
+        bounds.append(sql.SQL("{} < %s").format(col))
+        params.append(rule.min)
+    if rule.max is not None:
+        bounds.append(sql.SQL("{} > %s").format(col))
+        params.append(rule.max)
+    return Predicate(sql.SQL("{}({})").format(present, sql.SQL(" OR ").join(bounds)), tuple(params))
+
+
+def not_future_sql(col: sql.Composable) -> sql.Composable:
+    """Missing, infinite or later than now: the seed's 'valid timestamp' rule."""
+    return sql.SQL("({col} IS NULL OR NOT isfinite({col}) OR {col} > now())").format(col=col)
+
+
+def foreign_key_missing_sql(rule: Rule, source: TableSource, col: sql.Composable) -> sql.Composable:
+    schema, table, column = rule.reference(source.schema)
+    return sql.SQL("NOT EXISTS (SELECT 1 FROM {}.{} AS r WHERE r.{} = {})").format(
+        sql.Identifier(schema), sql.Identifier(table), sql.Identifier(column), col
+    )
+
+
+def gx_unexpected_rows_query(rule: Rule, source: TableSource) -> str:
+    """The ``UnexpectedRowsExpectation`` query for checks GX has no SQL built-in for.
+
+    Only the rule's column is selected, cast to text, so samples stay small and values like
+    ``'infinity'`` (which Python datetimes cannot hold) still come back. GX substitutes
+    ``{batch}`` with or without an alias depending on the asset, hence the extra sub-select.
+    """
+    predicate = violation(rule, source)
+    assert not predicate.params, "GX queries cannot take parameters"
+    query = sql.SQL(
+        "SELECT CAST(b.{col} AS text) AS {col} FROM (SELECT * FROM {{batch}}) AS b WHERE {pred}"
+    ).format(col=sql.Identifier(rule.column), pred=predicate.sql)
+    return query.as_string(None)

@@ -1,0 +1,147 @@
+"""GX runs on real PostgreSQL tables and on files: exact unexpected counts, samples and seed scores."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pandas as pd
+import psycopg
+import pytest
+
+from quality.runner import GxSession, check_file, check_table, run_suites
+from quality.sql_rules import TimeWindow
+from quality.suites import ENTITY_SUITES, USERS
+from tests.quality.conftest import INFINITY, NOW, expected_for_users, injected_users, insert_users, uid
+
+
+def _by_rule(result):
+    return {r.rule: r for r in result.rules}
+
+
+def test_table_counts_samples_and_score_are_exact(entity_db):
+    rows = injected_users()
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        insert_users(conn, rows)
+    expected = expected_for_users(rows)
+
+    result = check_table(GxSession(), entity_db, USERS, sample_size=3)
+
+    rules = _by_rule(result)
+    assert result.row_count == expected.rows == 40
+    assert {name: rules[name].unexpected_count for name in expected.counts} == expected.counts
+    assert result.score == pytest.approx(expected.score, abs=1e-9)
+    for name, count in expected.counts.items():
+        assert rules[name].success is (count == 0)
+        assert rules[name].unexpected_percent == pytest.approx(100 * count / 40)
+        assert len(rules[name].sample) <= 3
+    assert set(rules["valid_email"].sample) <= expected.samples["valid_email"]
+    assert set(rules["valid_role"].sample) == expected.samples["valid_role"]
+    # The future/infinite timestamps come back as text samples rather than crashing the run.
+    assert rules["valid_timestamps"].error is None
+    full_sample = _by_rule(check_table(GxSession(), entity_db, USERS, sample_size=50))[
+        "valid_timestamps"
+    ].sample
+    assert INFINITY in full_sample and None in full_sample
+    assert rules["row_count_bounds"].success and rules["row_count_bounds"].observed == 40
+    assert not result.success
+
+
+def test_foreign_keys_and_window(entity_db):
+    """Every task's project must exist; a daily window checks only that day's rows."""
+    yesterday = NOW - dt.timedelta(days=1)
+    projects = [uid(1000 + i) for i in range(5)]
+    tasks = []
+    for i in range(30):
+        dangling = i in (2, 7, 11, 29)
+        project = str(uuid.uuid4()) if dangling else projects[i % 5]
+        when = yesterday if i % 3 == 0 else NOW - dt.timedelta(minutes=1)
+        tasks.append(
+            (uid(2000 + i), None if i == 20 else project, "task", f"t{i}", "todo", "low", "S", 1, 1, when)
+        )
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        for p in projects:
+            conn.execute(
+                "INSERT INTO projects (id, name, owner_id, type, status, visibility, version, created_at) "
+                "VALUES (%s, 'p', NULL, 'web', 'active', 'team', 1, now() - interval '2 days')",
+                (p,),
+            )
+        conn.cursor().executemany(
+            "INSERT INTO tasks (id, project_id, type, title, status, priority, complexity, actual_hours, version, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            tasks,
+        )
+    suite = ENTITY_SUITES["tasks"]
+    session = GxSession()
+
+    whole = _by_rule(check_table(session, entity_db, suite))
+    assert whole["project_exists"].unexpected_count == 4  # the NULL project_id is not a dangling reference
+    assert set(whole["project_exists"].sample) == {t[1] for i, t in enumerate(tasks) if i in (2, 7, 11, 29)}
+
+    window = TimeWindow.containing("day", yesterday)
+    in_window = [t for t in tasks if t[9] == yesterday]
+    windowed = check_table(session, entity_db, suite, window=window)
+    assert windowed.window == yesterday.strftime("%Y-%m-%d")
+    assert windowed.row_count == len(in_window) == 10
+    expected_dangling = sum(1 for i, t in enumerate(tasks) if t[9] == yesterday and i in (2, 7, 11, 29))
+    assert _by_rule(windowed)["project_exists"].unexpected_count == expected_dangling
+    assert windowed.score == pytest.approx(100 - 5 * expected_dangling / 10)
+
+
+def test_file_input_matches_table_semantics(tmp_path):
+    rows = injected_users()
+    frame = pd.DataFrame(
+        {
+            "id": [r.id for r in rows],
+            "email": [r.email for r in rows],
+            "username": [r.username for r in rows],
+            "role": [r.role for r in rows],
+            "status": [r.status for r in rows],
+            "version": [r.version for r in rows],
+            "created_at": [
+                r.created_at.isoformat() if isinstance(r.created_at, dt.datetime) else r.created_at
+                for r in rows
+            ],
+        }
+    )
+    path = tmp_path / "users.csv"
+    frame.to_csv(path, index=False)
+    expected = expected_for_users(rows)
+
+    result = check_file(GxSession(), USERS, path)
+
+    rules = _by_rule(result)
+    assert result.row_count == 40 and result.target == str(path)
+    assert {name: rules[name].unexpected_count for name in expected.counts} == expected.counts
+    assert result.score == pytest.approx(expected.score, abs=1e-9)
+
+
+def test_empty_table_scores_100_and_fails_row_count(entity_db):
+    result = check_table(GxSession(), entity_db, USERS)
+    rules = _by_rule(result)
+    assert result.row_count == 0 and result.score == 100.0
+    assert not rules["row_count_bounds"].success and rules["row_count_bounds"].observed == 0
+    assert all(r.success and r.unexpected_count == 0 for r in result.rules if r.rule != "row_count_bounds")
+
+
+def test_suites_run_concurrently_with_bounded_workers(entity_db):
+    from quality.sample_data import fill_entity_tables
+
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        fill_entity_tables(conn, 1000)
+        # Independent expectations straight from the data.
+        bad_status = conn.execute(
+            "SELECT count(*) FROM projects WHERE status <> ALL('{planning,active,paused,completed,archived}')"
+        ).fetchone()[0]
+        bad_agent = conn.execute("SELECT count(*) FROM agents WHERE type NOT LIKE '%Agent'").fetchone()[0]
+        dangling = conn.execute(
+            "SELECT count(*) FROM tasks t WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.id = t.project_id)"
+        ).fetchone()[0]
+
+    results = {r.suite: r for r in run_suites(entity_db, list(ENTITY_SUITES.values()), max_workers=2)}
+
+    assert set(results) == {"users", "projects", "agents", "tasks"}
+    assert _by_rule(results["projects"])["valid_status"].unexpected_count == bad_status > 0
+    assert _by_rule(results["agents"])["valid_agent_type"].unexpected_count == bad_agent > 0
+    assert _by_rule(results["tasks"])["project_exists"].unexpected_count == dangling > 0
+    assert all(r.row_count == 1000 for r in results.values())
