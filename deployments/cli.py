@@ -25,6 +25,7 @@ app = typer.Typer(
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("cli_migrate", "migrate"),
     ("cli_sync", "sync"),
+    ("cli_quality", "quality"),
 ]
 
 

@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from quality.sql_rules import TableSource
+from tasks.errors import UserError
 
 KIND_BY_CATEGORY = {"N": "number", "S": "string", "D": "date"}
 """pg_type.typcategory → profile kind; everything else (bool, uuid, json...) gets the common stats only."""
@@ -115,6 +116,8 @@ def top_values(
 def profile_table(conn: psycopg.Connection, source: TableSource, top_n: int = 5) -> TableProfile:
     """Profile every column of ``source`` (a table or one time window of it)."""
     columns = table_columns(conn, source.schema, source.table)
+    if not columns:
+        raise UserError(f"table {source.schema}.{source.table} not found; check the schema and table name")
     names: list[tuple[str, str]] = []
     expressions: list[sql.Composable] = [sql.SQL("count(*)")]
     for name, _type, kind in columns:

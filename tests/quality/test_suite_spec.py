@@ -1,0 +1,163 @@
+"""Users' own suites in YAML or Python, and one-line errors for bad definitions."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from quality.runner import GxSession, check_table
+from quality.suite_spec import Rule, Suite, load_suite_file, parse_suite, resolve_suites
+from tasks.errors import UserError
+from tests.conftest import run_cli
+
+ORDERS_YAML = """
+suites:
+  - name: orders
+    table: shop.orders
+    timestamp_column: placed_at
+    rules:
+      - {name: id_present, check: not_null, column: id, severity: critical}
+      - {name: amount_range, check: range, column: amount, min: 0, max: 1000, severity: high}
+      - {name: sku_shape, check: regex, column: sku, pattern: '^SKU-[0-9]{4}$', severity: medium}
+      - {name: currency, check: in_set, column: currency, values: [EUR, USD], severity: low}
+      - {name: few_rows, check: row_count, min: 1, max: 5, severity: low}
+"""
+
+# SUITES for the module:attr test
+SUITES = [
+    Suite(
+        name="py-orders",
+        table="shop.orders",
+        rules=[Rule(name="id_present", check="not_null", column="id", severity="critical")],
+    )
+]
+
+
+def test_yaml_suite_runs_against_a_user_table(fresh_db, tmp_path):
+    path = tmp_path / "orders.yaml"
+    path.write_text(ORDERS_YAML)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA shop")
+        conn.execute(
+            "CREATE TABLE shop.orders (id int, amount numeric, sku text, currency text, placed_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO shop.orders VALUES (1, 10, 'SKU-0001', 'EUR', now()), (NULL, -5, 'SKU-1', 'EUR', now()),"
+            " (3, 2000, 'SKU-0003', 'GBP', now()), (4, NULL, NULL, NULL, now())"
+        )
+    [suite] = load_suite_file(path)
+
+    result = check_table(GxSession(), fresh_db, suite)
+
+    counts = {r.rule: r.unexpected_count for r in result.rules}
+    assert counts == {"id_present": 1, "amount_range": 2, "sku_shape": 1, "currency": 1, "few_rows": 0}
+    # rows: 100, 100-10-5-2=83, 100-5-1=94, 100 -> mean
+    assert result.score == pytest.approx((100 + 83 + 94 + 100) / 4)
+    assert result.target == "shop.orders"
+
+
+def test_python_suites_resolve_by_module_attribute():
+    assert [s.name for s in resolve_suites(["tests.quality.test_suite_spec:SUITES", "users"])] == [
+        "py-orders",
+        "users",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("definition", "message"),
+    [
+        (
+            {
+                "name": "orders",
+                "table": "orders",
+                "rules": [{"name": "sku", "check": "regex", "column": "sku", "severity": "high"}],
+            },
+            "suite 'orders' rule 'sku': field 'pattern' is required for check 'regex'",
+        ),
+        (
+            {
+                "name": "orders",
+                "table": "orders",
+                "rules": [
+                    {"name": "sku", "check": "regex", "column": "sku", "pattern": "([", "severity": "high"}
+                ],
+            },
+            "suite 'orders' rule 'sku' field 'pattern': invalid regular expression",
+        ),
+        (
+            {
+                "name": "orders",
+                "table": "orders",
+                "rules": [{"name": "id", "check": "not_null", "column": "id", "severity": "urgent"}],
+            },
+            "suite 'orders' rule 'id' field 'severity': Input should be 'critical', 'high', 'medium' or 'low'",
+        ),
+        (
+            {
+                "name": "orders",
+                "table": "orders",
+                "rules": [
+                    {"name": "amt", "check": "range", "column": "a", "min": 5, "max": 1, "severity": "low"}
+                ],
+            },
+            "suite 'orders' rule 'amt': field 'min' (5.0) is greater than 'max' (1.0)",
+        ),
+        (
+            {
+                "name": "orders",
+                "table": "orders; drop",
+                "rules": [{"name": "id", "check": "not_null", "column": "id", "severity": "low"}],
+            },
+            "suite 'orders' field 'table': must be table or schema.table",
+        ),
+        (
+            {
+                "name": "orders",
+                "table": "orders",
+                "rules": [
+                    {
+                        "name": "fk",
+                        "check": "foreign_key",
+                        "column": "c",
+                        "references": "x",
+                        "severity": "low",
+                    }
+                ],
+            },
+            "suite 'orders' rule 'fk' field 'references': must be table.column or schema.table.column",
+        ),
+    ],
+)
+def test_bad_definition_names_suite_rule_and_field(definition, message):
+    with pytest.raises(UserError) as info:
+        parse_suite(definition, "orders.yaml")
+    text = str(info.value)
+    assert text.startswith(message) and text.endswith("fix it in orders.yaml")
+    assert "\n" not in text
+
+
+def test_bad_yaml_and_unknown_refs_are_one_line_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nrules: [\n")
+    with pytest.raises(UserError, match=r"is not valid YAML at line \d+"):
+        load_suite_file(broken)
+    with pytest.raises(UserError, match="unknown suite 'userz'"):
+        resolve_suites(["userz"])
+    with pytest.raises(UserError, match="given twice"):
+        resolve_suites(["users", "users"])
+
+
+def test_cli_validate_suite_reports_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: orders\ntable: orders\nrules:\n  - {name: sku, check: regex, column: sku, severity: high}\n"
+    )
+    proc = run_cli("quality", "validate-suite", str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "suite 'orders' rule 'sku': field 'pattern' is required" in proc.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(ORDERS_YAML)
+    proc = run_cli("quality", "validate-suite", str(good))
+    assert proc.returncode == 0, proc.stderr
+    assert "orders: 5 rules" in proc.stdout
