@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
@@ -33,33 +33,17 @@ def status() -> None:
     typer.echo(f"sync:       {'enabled' if config.enabled else 'disabled'}")
     typer.echo(f"central:    {central}")
     typer.echo(
-        f"batch size: {config.batch_size}   privacy: {config.privacy.mode} outside {len(config.privacy.allowlist)} fields"
+        f"batch size: {config.batch_size}   privacy: {config.privacy.mode} fields outside "
+        f"{', '.join(config.privacy.allowlist)}"
     )
-    devices = sync_state.list_devices(state, registered_only=True)
-    if not devices:
+    rows = sync_state.status_rows(state)
+    if not rows:
         typer.echo("devices:    none; add one with `flowyard sync configure --add-store PATH`")
-    for device in devices:
+    for row in rows:
         typer.echo(
-            f"  {device.device_id:<16} {'on ' if device.enabled else 'off'} queued={_queued(Path(device.store_path))}"
-            f" last_success={_when(device.last_success_at)} error={device.last_error or '-'}"
+            f"  {row['device']:<16} enabled={row['enabled']} queued={row['queued']} "
+            f"last_success={row['last success']} error={row['last error']}"
         )
-
-
-def _queued(store: Path) -> str:
-    """Live count from the store itself (pending + failed), or why it cannot be read."""
-    try:
-        with device_store.open_store(store, busy_timeout=1.0) as conn:
-            if device_store.schema_version(conn) < device_store.V2:
-                total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-                return f"{total} (v1 store, upgraded on first sync)"
-            counts = device_store.counts(conn)
-            return f"{counts.pending + counts.failed} ({counts.failed} failed)"
-    except UserError as exc:
-        return f"unreadable: {exc}"
-
-
-def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "never"
 
 
 @app.command()
@@ -86,28 +70,21 @@ def configure(
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
     state = state_url()
-    config = sync_state.load_config(state)
-    privacy = config.privacy.model_copy(
-        update=_given(allowlist=tuple(allow) if allow else None, mode=_mode(privacy_mode), hash_key=hash_key)
+    sync_state.update_config(
+        state,
+        {
+            "enabled": enable,
+            "central_url": central_url,
+            "batch_size": batch_size,
+            "download_updates": download_updates,
+        },
+        privacy={"allowlist": tuple(allow) if allow else None, "mode": privacy_mode, "hash_key": hash_key},
+        alerts={
+            "queue_threshold": queue_threshold,
+            "failure_rate": failure_rate,
+            "offline_seconds": offline_seconds,
+        },
     )
-    alerts = config.alerts.model_copy(
-        update=_given(
-            queue_threshold=queue_threshold, failure_rate=failure_rate, offline_seconds=offline_seconds
-        )
-    )
-    config = config.model_copy(
-        update={
-            **_given(
-                enabled=enable,
-                central_url=central_url,
-                batch_size=batch_size,
-                download_updates=download_updates,
-            ),
-            "privacy": privacy,
-            "alerts": alerts,
-        }
-    )
-    sync_state.save_config(state, sync_state.SyncConfig.model_validate(config.model_dump()))
     typer.echo("configuration saved")
     if add_store is not None:
         if not add_store.is_file():
@@ -121,16 +98,6 @@ def configure(
         sync_state.remove_device(state, remove_store)
         typer.echo(f"removed device {remove_store}")
     status()
-
-
-def _given(**values: object) -> dict[str, object]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _mode(value: str | None) -> Literal["drop", "hash"] | None:
-    if value not in (None, "drop", "hash"):
-        raise UserError(f"--privacy-mode must be drop or hash, not {value!r}")
-    return value  # type: ignore[return-value]
 
 
 @app.command()
@@ -168,7 +135,7 @@ def history(
     for row in rows:
         lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
         typer.echo(
-            f"{_when(row.finished_at)} {row.device_id:<16} pending_before={row.pending_before} "
+            f"{row.finished_at:%Y-%m-%d %H:%M:%S} {row.device_id:<16} pending_before={row.pending_before} "
             f"uploaded={row.uploaded} duplicates={row.duplicates} failed={row.failed} lag={lag}"
             + (f" error={row.error}" if row.error else "")
         )

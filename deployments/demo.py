@@ -12,10 +12,12 @@ from typing import Any
 
 import typer
 
+from deployments.online_demo import online_demo_parameters
 from deployments.runtime import PROJECT_DIR, ensure_prefect
 from deployments.trigger import run_deployment
 from tasks.db import drop_database, ensure_database, with_database
 from tasks.errors import UserError
+from tasks.sample_devices import demo_sync_parameters
 from tasks.settings import Settings
 
 DEMO_DATABASE = "flowyard_demo"
@@ -40,6 +42,8 @@ def _deploy_migrations_parameters(demo_url: str) -> dict[str, Any]:
 
 DEMO_STEPS: list[DemoStep] = [
     DemoStep("versioned migrations", "deploy-migrations", "deploy-migrations", _deploy_migrations_parameters),
+    DemoStep("device sync", "sync-devices", "sync-devices", demo_sync_parameters),
+    DemoStep("online schema change", "online-migrate", "online-migrate", online_demo_parameters),
 ]
 
 

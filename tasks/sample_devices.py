@@ -57,3 +57,14 @@ def make_store(
 def make_fleet(directory: Path, devices: int, events_per_device: int, *, prefix: str = "dev") -> list[Path]:
     """``devices`` v1 stores named ``<prefix>NN.db`` (device id = file stem)."""
     return [make_store(directory / f"{prefix}{n:02d}.db", events_per_device, seed=n) for n in range(devices)]
+
+
+def demo_sync_parameters(demo_url: str) -> dict[str, object]:
+    """``flowyard demo``: three fresh device stores under the flowyard home, synced into the demo database."""
+    from tasks.settings import get_settings
+
+    directory = get_settings().home_dir / "demo_devices"
+    for old in directory.glob("*.db"):
+        old.unlink()
+    stores = make_fleet(directory, 3, 2000, prefix="demo-laptop-")
+    return {"stores": [str(p) for p in stores], "central_url": demo_url, "batch_size": 500}

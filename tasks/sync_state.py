@@ -15,8 +15,9 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from tasks import device_store
 from tasks.db import connection, ensure_database, validate_postgres_url, with_database
 from tasks.device_store import Identity
 from tasks.errors import UserError
@@ -162,6 +163,32 @@ def load_config(url: str) -> SyncConfig:
     return SyncConfig.model_validate(row[0]) if row else SyncConfig()
 
 
+def update_config(
+    url: str,
+    settings: dict[str, object],
+    privacy: dict[str, object] | None = None,
+    alerts: dict[str, object] | None = None,
+) -> SyncConfig:
+    """Merge the given (non-None) values into the stored configuration, validate and save it."""
+    config = load_config(url)
+    merged = config.model_dump()
+    merged.update(_given(settings))
+    merged["privacy"].update(_given(privacy or {}))
+    merged["alerts"].update(_given(alerts or {}))
+    try:
+        updated = SyncConfig.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"invalid sync setting {where}: {first['msg']}") from None
+    save_config(url, updated)
+    return updated
+
+
+def _given(values: dict[str, object]) -> dict[str, object]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def save_config(url: str, config: SyncConfig) -> None:
     with connection(url) as conn:
         conn.execute(
@@ -296,6 +323,38 @@ def _insert_history(
             error,
         ),
     )
+
+
+def live_queue(store: Path) -> str:
+    """A device's queued events read from the store itself, or why the store cannot be read."""
+    try:
+        with device_store.open_store(store, busy_timeout=1.0) as conn:
+            if device_store.schema_version(conn) < device_store.V2:
+                total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                return f"{total} (v1 store, upgraded on first sync)"
+            counts = device_store.counts(conn)
+            return f"{counts.pending + counts.failed} ({counts.failed} failed)"
+    except UserError as exc:
+        return f"unreadable: {exc}"
+
+
+def status_rows(url: str) -> list[dict[str, str]]:
+    """``sync status`` per configured device, for the CLI and the ``sync-status`` flow alike."""
+    return [
+        {
+            "device": d.device_id,
+            "enabled": "yes" if d.enabled else "no",
+            "queued": live_queue(Path(d.store_path)),
+            "last success": _when(d.last_success_at),
+            "last error": d.last_error or "-",
+            "store": d.store_path,
+        }
+        for d in list_devices(url, registered_only=True)
+    ]
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
 
 
 def history(url: str, *, limit: int = 20, since: datetime | None = None) -> list[HistoryRow]:

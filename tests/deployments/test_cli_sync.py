@@ -1,0 +1,116 @@
+"""`flowyard sync …` through the real CLI (subprocesses), and the control flows."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tasks import device_store, sync_state
+from tasks.db import mask_url
+from tasks.sample_devices import demo_sync_parameters, make_store
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def test_configure_status_disable_trigger_history(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "cli-dev.db", 75)
+    saved = sync_state.load_config(state_db)
+    try:
+        out = run_cli(
+            "sync",
+            "configure",
+            "--central-url",
+            fresh_db,
+            "--batch-size",
+            "20",
+            "--add-store",
+            str(store),
+            "--device-id",
+            "cli-dev",
+            "--user-id",
+            "dana",
+            "--project-id",
+            "proj-cli",
+            "--allow",
+            "action",
+        )
+        assert out.returncode == 0, out.stderr
+        assert "added device cli-dev" in out.stdout and "drop fields outside action" in out.stdout
+        assert "cli-dev" in out.stdout and "queued=75 (v1 store, upgraded on first sync)" in out.stdout
+        assert f"central:    {mask_url(fresh_db)}" in out.stdout
+
+        assert run_cli("sync", "disable", "cli-dev").returncode == 0
+        status = run_cli("sync", "status").stdout
+        assert "cli-dev" in status and "enabled=no" in status
+
+        skipped = run_cli("sync", "trigger")
+        assert skipped.returncode == 0, skipped.stderr
+        assert "cli-dev" not in skipped.stdout
+
+        assert run_cli("sync", "enable", "cli-dev").returncode == 0
+        ran = run_cli("sync", "trigger")
+        assert ran.returncode == 0, ran.stderr
+        assert "cli-dev: uploaded=75 duplicates=0 failed=0 pending=0" in ran.stdout
+        with psycopg.connect(fresh_db) as conn:
+            keys = {
+                k
+                for (k,) in conn.execute("SELECT DISTINCT jsonb_object_keys(event_data) FROM devflow.events")
+            }
+        assert keys == {"action"}  # the configured allowlist was applied
+
+        history = run_cli("sync", "history", "--limit", "5").stdout
+        assert "cli-dev" in history and "uploaded=75" in history
+        assert "queued=0 (0 failed)" in run_cli("sync", "status").stdout
+    finally:
+        sync_state.remove_device(state_db, "cli-dev")
+        sync_state.save_config(state_db, saved)
+
+
+def test_user_errors_are_one_line(state_db: str, tmp_path: Path) -> None:
+    for args, expected in (
+        (("sync", "configure", "--privacy-mode", "scramble"), "invalid sync setting privacy.mode"),
+        (("sync", "disable", "no-such-device"), "no device 'no-such-device'"),
+        (("sync", "configure", "--central-url", "mysql://x/y"), "not a PostgreSQL URL"),
+        (("sync", "migrate", "down", "--to=v0", str(tmp_path / "x.db")), "--to must be v1"),
+        (("sync", "migrate", "up", str(tmp_path / "missing.db")), "does not exist"),
+    ):
+        out = run_cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_migrate_down_to_v1_and_up_again(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "m.db", 40)
+    up = run_cli("sync", "migrate", "up", str(store), "--device-id", "m1")
+    assert up.returncode == 0 and "upgraded to v2" in up.stdout
+    down = run_cli("sync", "migrate", "down", "--to=v1", str(store))
+    assert down.returncode == 0 and "downgraded to v1, 40 events kept" in down.stdout
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == 1
+
+
+def test_control_flows_and_demo_parameters(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    from flows.sync_controls import sync_configure, sync_history, sync_status
+    from flows.sync_devices import sync_devices
+
+    params = demo_sync_parameters(fresh_db)
+    assert len(params["stores"]) == 3 and all(os.path.exists(p) for p in params["stores"])
+    result = sync_devices(**params)
+    assert {o["uploaded"] for o in result["devices"].values()} == {2000}
+
+    saved = sync_state.load_config(state_db)
+    sync_state.register_device(
+        state_db, Path(params["stores"][0]), device_store.Identity("flow-dev", "u", "p")
+    )
+    try:
+        assert sync_configure(disable_devices=["flow-dev"], batch_size=123)["batch_size"] == 123
+        rows = {r["device"]: r for r in sync_status()}
+        assert rows["flow-dev"]["enabled"] == "no" and rows["flow-dev"]["queued"] == "0 (0 failed)"
+        assert any(r["device_id"] == "demo-laptop-00" for r in sync_history(limit=10))
+    finally:
+        sync_state.remove_device(state_db, "flow-dev")
+        sync_state.save_config(state_db, saved)
