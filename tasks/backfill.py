@@ -1,0 +1,119 @@
+"""Keyset-batched backfill of a live table: short transactions, a rate limit, a checkpoint per batch.
+
+Each batch is one short transaction that touches the next ``batch_size`` rows in key order
+(``UPDATE ... SET touch = touch``), so the table's sync trigger recomputes the new columns.
+Row locks are held for one batch only, the lock-timeout retry of :mod:`tasks.ddl_retry`
+protects application writers, and after each batch the last key is saved, so a crash or a
+cancel resumes from the last finished batch. Re-running a batch is harmless: the trigger
+computes the same values again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import psycopg
+from psycopg import sql
+
+from tasks.ddl_retry import LockPolicy, with_lock_retry
+from tasks.online_plan import BackfillTarget
+from tasks.online_state import StoredCheckpoint
+
+
+@dataclass(frozen=True)
+class BackfillOptions:
+    batch_size: int = 5000
+    delay_seconds: float = 0.0
+    """Pause between batches, to leave I/O to the application."""
+    max_rows_per_second: float | None = None
+    policy: LockPolicy = LockPolicy(statement_timeout_ms=60_000)
+
+
+@dataclass
+class BackfillResult:
+    table: str
+    rows: int
+    batches: int
+    seconds: float
+    resumed_from: str | None
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+class CheckpointStore(Protocol):
+    def load(self, table: str) -> StoredCheckpoint | None: ...
+
+    def save(self, table: str, checkpoint: StoredCheckpoint) -> None: ...
+
+
+def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
+    key, tbl, key_type = (
+        sql.Identifier(target.key),
+        sql.Identifier(target.schema_name, target.table),
+        sql.SQL(target.key_type),
+    )
+    lower = sql.SQL("") if first else sql.SQL("{} > CAST(%(last)s AS {}) AND ").format(key, key_type)
+    return sql.SQL(
+        "WITH batch AS (SELECT {key} FROM {tbl} WHERE {lower}{key} <= CAST(%(upper)s AS {key_type}) "
+        "ORDER BY {key} LIMIT %(size)s), "
+        "touched AS (UPDATE {tbl} AS t SET {touch} = t.{touch} FROM batch WHERE t.{key} = batch.{key} RETURNING 1) "
+        "SELECT (SELECT max({key})::text FROM batch), (SELECT count(*) FROM touched)"
+    ).format(key=key, tbl=tbl, lower=lower, key_type=key_type, touch=sql.Identifier(target.touch))
+
+
+def backfill(
+    conn: psycopg.Connection,
+    target: BackfillTarget,
+    store: CheckpointStore,
+    options: BackfillOptions,
+    on_batch: Callable[[StoredCheckpoint], None] | None = None,
+) -> BackfillResult:
+    """Backfill ``target`` from its checkpoint to the key that was highest when the backfill began.
+
+    Rows inserted after that are filled by the trigger as they are written. ``conn`` must be
+    in autocommit mode and use the old version's search_path (so the trigger computes ``up``).
+    """
+    checkpoint = store.load(target.table)
+    if checkpoint is None:
+        tbl = sql.Identifier(target.schema_name, target.table)
+        upper = conn.execute(
+            sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(target.key), tbl)
+        ).fetchone()[0]  # type: ignore[index]
+        checkpoint = StoredCheckpoint(None, upper, 0, upper is None)
+        store.save(target.table, checkpoint)
+    resumed_from = checkpoint.last_key
+    started, rows, batches = time.monotonic(), 0, 0
+    while not checkpoint.done:
+        batch_started = time.monotonic()
+        query = _batch_query(target, checkpoint.last_key is None)
+        params = {"last": checkpoint.last_key, "upper": checkpoint.upper_key, "size": options.batch_size}
+        (last, touched), _ = with_lock_retry(
+            conn,
+            lambda c, q=query, p=params: c.execute(q, p).fetchone(),
+            options.policy,
+            what=f"backfill {target.table}",
+        )
+        batches += 1
+        rows += touched
+        checkpoint = StoredCheckpoint(
+            last or checkpoint.last_key, checkpoint.upper_key, checkpoint.rows_done + touched, last is None
+        )
+        store.save(target.table, checkpoint)
+        if on_batch is not None:
+            on_batch(checkpoint)
+        _throttle(options, touched, time.monotonic() - batch_started)
+    return BackfillResult(target.table, rows, batches, time.monotonic() - started, resumed_from)
+
+
+def _throttle(options: BackfillOptions, rows: int, elapsed: float) -> None:
+    """Sleep for the configured delay, and long enough to stay under the row-rate limit."""
+    pause = options.delay_seconds
+    if options.max_rows_per_second:
+        pause = max(pause, rows / options.max_rows_per_second - elapsed)
+    if pause > 0:
+        time.sleep(pause)

@@ -1,0 +1,126 @@
+"""Run DDL (or any lock-taking work) with a short lock_timeout, retrying on lock timeouts.
+
+Why: a DDL statement waiting for a lock sits in PostgreSQL's lock queue, and every
+application write that arrives after it queues behind it. With a short ``lock_timeout``
+(default 200 ms) the waiting statement gives up quickly, the queue drains, and we retry
+later with exponential backoff and jitter until a deadline. Writers are never stalled for
+longer than about the lock timeout. Every pipeline that changes a live schema uses this.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import psycopg
+from psycopg import sql
+
+from tasks.errors import UserError
+
+T = TypeVar("T")
+Statement = str | sql.Composable
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How long one attempt may wait for a lock and run, and how long to keep retrying."""
+
+    lock_timeout_ms: int = 200
+    statement_timeout_ms: int = 10_000
+    deadline_seconds: float = 300.0
+    base_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 5.0
+
+
+@dataclass
+class RetryStats:
+    """What it took: attempts made, lock timeouts survived, seconds spent."""
+
+    attempts: int = 0
+    lock_timeouts: int = 0
+    seconds: float = 0.0
+
+
+class LockRetryDeadline(UserError):
+    """The lock could not be taken before the deadline."""
+
+
+def backoff_seconds(retry: int, policy: LockPolicy) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.5) x, capped at ``max_backoff_seconds``."""
+    return min(policy.base_backoff_seconds * 2**retry, policy.max_backoff_seconds) * random.uniform(0.5, 1.5)
+
+
+def set_timeouts(conn: psycopg.Connection, policy: LockPolicy, *, local: bool) -> None:
+    """Apply the policy's lock and statement timeouts to the transaction (``local``) or session."""
+    conn.execute(
+        "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
+        (f"{policy.lock_timeout_ms}ms", local, f"{policy.statement_timeout_ms}ms", local),
+    )
+
+
+def with_lock_retry(
+    conn: psycopg.Connection,
+    work: Callable[[psycopg.Connection], T],
+    policy: LockPolicy,
+    *,
+    transactional: bool = True,
+    what: str = "DDL",
+    on_retry: Callable[[int, float], None] | None = None,
+) -> tuple[T, RetryStats]:
+    """Call ``work(conn)`` under the policy's timeouts, retrying whole attempts on SQLSTATE 55P03.
+
+    ``conn`` must be in autocommit mode. With ``transactional`` each attempt is one transaction
+    (``SET LOCAL`` timeouts); without it the timeouts are set on the session, for statements such
+    as ``CREATE INDEX CONCURRENTLY`` that cannot run in a transaction block.
+    """
+    if not conn.autocommit:
+        raise ValueError("with_lock_retry needs an autocommit connection")
+    stats = RetryStats()
+    started = time.monotonic()
+    while True:
+        stats.attempts += 1
+        try:
+            if transactional:
+                with conn.transaction():
+                    set_timeouts(conn, policy, local=True)
+                    result = work(conn)
+            else:
+                set_timeouts(conn, policy, local=False)
+                result = work(conn)
+            stats.seconds = time.monotonic() - started
+            return result, stats
+        except psycopg.errors.LockNotAvailable:
+            stats.lock_timeouts += 1
+            elapsed = time.monotonic() - started
+            if elapsed >= policy.deadline_seconds:
+                raise LockRetryDeadline(
+                    f"{what}: could not take its lock within {policy.lock_timeout_ms} ms in {stats.attempts} attempts "
+                    f"over {elapsed:.0f}s; a long transaction holds a conflicting lock (see pg_stat_activity / "
+                    "pg_blocking_pids) — end it or raise the retry deadline"
+                ) from None
+            pause = min(backoff_seconds(stats.lock_timeouts - 1, policy), policy.deadline_seconds - elapsed)
+            if on_retry is not None:
+                on_retry(stats.lock_timeouts, pause)
+            time.sleep(max(pause, 0.0))
+
+
+def execute_with_lock_retry(
+    conn: psycopg.Connection,
+    statements: Sequence[Statement],
+    policy: LockPolicy,
+    *,
+    transactional: bool = True,
+    what: str = "DDL",
+    on_retry: Callable[[int, float], None] | None = None,
+) -> RetryStats:
+    """Run ``statements`` (one transaction unless ``transactional`` is False) with lock retries."""
+
+    def run(c: psycopg.Connection) -> None:
+        for statement in statements:
+            c.execute(statement)
+
+    _, stats = with_lock_retry(conn, run, policy, transactional=transactional, what=what, on_retry=on_retry)
+    return stats

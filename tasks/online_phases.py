@@ -1,0 +1,163 @@
+"""Execute one phase of an online migration plan: step by step, resumable, every lock bounded.
+
+Each step runs through :mod:`tasks.ddl_retry` (short lock_timeout, retried with backoff), its
+completion is recorded in the flowyard state, and a step whose ``only_if`` guard says it already
+happened is skipped, so a crashed phase resumes exactly where it stopped. Concurrent index
+builds first drop an invalid leftover of an earlier failed attempt, then build it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from tasks.backfill import BackfillOptions, BackfillResult, backfill
+from tasks.db import connect
+from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
+from tasks.errors import UserError
+from tasks.online_plan import Phase, Step
+from tasks.online_state import (
+    BackfillCheckpoints,
+    MigrationRecord,
+    StoredCheckpoint,
+    set_phase,
+    set_steps_done,
+)
+
+log = logging.getLogger(__name__)
+
+PHASE_STATES: dict[Phase, tuple[str, str]] = {
+    "start": ("starting", "expanded"),
+    "complete": ("completing", "completed"),
+    "rollback": ("rolling_back", "rolled_back"),
+}
+ALLOWED_FROM: dict[Phase, tuple[str, ...]] = {
+    "start": ("starting", "expanded"),
+    "complete": ("expanded", "completing"),
+    "rollback": ("starting", "expanded", "rolling_back"),
+}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    policy: LockPolicy = LockPolicy()
+    long_statement_timeout_ms: int = 3_600_000
+    backfill: BackfillOptions = BackfillOptions()
+
+
+@dataclass
+class PhaseReport:
+    phase: Phase
+    steps_run: int = 0
+    steps_skipped: int = 0
+    lock_timeouts: int = 0
+    backfills: list[BackfillResult] = field(default_factory=list)
+
+
+def _policy(options: RunOptions, step: Step) -> LockPolicy:
+    if not step.long_running:
+        return options.policy
+    return LockPolicy(
+        lock_timeout_ms=options.policy.lock_timeout_ms,
+        statement_timeout_ms=options.long_statement_timeout_ms,
+        deadline_seconds=options.policy.deadline_seconds,
+        base_backoff_seconds=options.policy.base_backoff_seconds,
+        max_backoff_seconds=options.policy.max_backoff_seconds,
+    )
+
+
+def _build_index(conn: psycopg.Connection, schema: str, name: str, statement: str) -> None:
+    """CREATE INDEX CONCURRENTLY, first dropping an invalid leftover of a failed attempt; no-op if valid."""
+    row = conn.execute(
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name),
+    ).fetchone()
+    if row is not None and row[0]:
+        return
+    if row is not None:
+        log.warning(
+            "dropping invalid index %s.%s left by an earlier attempt, then rebuilding it", schema, name
+        )
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)))
+    conn.execute(statement)
+
+
+def run_phase(
+    target_url: str,
+    state: str,
+    record: MigrationRecord,
+    phase: Phase,
+    options: RunOptions,
+    on_progress: Callable[[str, StoredCheckpoint], None] | None = None,
+) -> PhaseReport:
+    """Run ``phase`` of the recorded plan from its first unfinished step; move the migration's phase."""
+    if record.phase not in ALLOWED_FROM[phase]:
+        raise UserError(
+            f"migration {record.name!r} is {record.phase}; cannot {phase} it now "
+            f"(allowed from: {', '.join(ALLOWED_FROM[phase])})"
+        )
+    running, finished = PHASE_STATES[phase]
+    set_phase(state, record.id, running)
+    steps = record.plan.steps(phase)
+    report = PhaseReport(phase)
+    checkpoints = BackfillCheckpoints(state, record.id)
+    conn = connect(target_url, autocommit=True)
+    try:
+        for n in range(record.steps_done(phase), len(steps)):
+            step = steps[n]
+            if step.only_if and not conn.execute(step.only_if).fetchone()[0]:  # type: ignore[index]
+                report.steps_skipped += 1
+            else:
+                _run_step(conn, record, step, options, report, checkpoints, on_progress)
+                report.steps_run += 1
+            set_steps_done(state, record.id, phase, n + 1)
+    finally:
+        conn.close()
+    set_phase(state, record.id, finished)
+    return report
+
+
+def _run_step(
+    conn: psycopg.Connection,
+    record: MigrationRecord,
+    step: Step,
+    options: RunOptions,
+    report: PhaseReport,
+    checkpoints: BackfillCheckpoints,
+    on_progress: Callable[[str, StoredCheckpoint], None] | None,
+) -> None:
+    policy = _policy(options, step)
+    started = time.monotonic()
+    if step.kind == "backfill" and step.backfill is not None:
+        target = step.backfill
+        result = backfill(
+            conn,
+            target,
+            checkpoints,
+            options.backfill,
+            lambda cp: on_progress(target.table, cp) if on_progress else None,
+        )
+        report.backfills.append(result)
+    elif step.kind == "concurrent" and step.index:
+        name, statement = step.index, step.statements[0]
+        _, stats = with_lock_retry(
+            conn,
+            lambda c: _build_index(c, record.schema_name, name, statement),
+            policy,
+            transactional=False,
+            what=step.title,
+        )
+        report.lock_timeouts += stats.lock_timeouts
+    elif step.kind == "concurrent":
+        stats = execute_with_lock_retry(conn, step.statements, policy, transactional=False, what=step.title)
+        report.lock_timeouts += stats.lock_timeouts
+    else:
+        stats = execute_with_lock_retry(conn, step.statements, policy, what=step.title)
+        report.lock_timeouts += stats.lock_timeouts
+    log.info("%s: %s (%.2fs)", record.name, step.title, time.monotonic() - started)

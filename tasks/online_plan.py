@@ -1,0 +1,805 @@
+"""Turn a migration file into the exact statements of each phase: start (expand), complete (contract), rollback.
+
+The model is pgroll's/reshape's expand/contract with versioned schemas:
+
+- Start only adds: new columns, *shadow* columns ``_fy_new_<col>`` for altered columns, a trigger
+  per table that keeps old and new columns in sync (old-version writes fill the new column through
+  ``up``, new-version writes fill the old one through ``down``), constraints ``NOT VALID`` then
+  ``VALIDATE``, indexes ``CONCURRENTLY``, and a schema of views ``<schema>_<migration>`` that shows
+  the new version. Applications choose a version with ``search_path``; the physical schema (or the
+  previous migration's view schema) stays the old version.
+- Complete switches to the final physical names in short transactions and drops the triggers,
+  shadow columns and the previous version's views.
+- Rollback drops everything start created; every rollback statement is idempotent, so it works
+  from any point of a partial start.
+
+Names in a migration file refer to the tables and columns as they are before the migration
+(plus the columns it adds). Each step is rendered once, here, to SQL text; the runner executes
+exactly what ``flowyard online plan`` prints and what the lint checked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from psycopg import sql
+from pydantic import BaseModel
+
+from tasks.ddl_lint import is_volatile_expression
+from tasks.errors import UserError
+from tasks.online_catalog import SchemaSnapshot, TableInfo
+from tasks.online_spec import (
+    AddColumn,
+    AlterColumn,
+    Column,
+    CreateIndex,
+    CreateTable,
+    DropColumn,
+    DropIndex,
+    DropTable,
+    MigrationSpec,
+    RawSql,
+    RenameColumn,
+    RenameTable,
+)
+
+Phase = Literal["start", "complete", "rollback"]
+PHASES: tuple[Phase, ...] = ("start", "complete", "rollback")
+SHADOW_PREFIX = "_fy_new_"
+
+
+class BackfillTarget(BaseModel):
+    """A table to backfill in keyset batches: touching ``touch`` fires the sync trigger."""
+
+    schema_name: str
+    table: str
+    key: str
+    key_type: str
+    touch: str
+
+
+class Step(BaseModel):
+    """One unit of work: its statements run in one transaction unless ``kind`` says otherwise."""
+
+    title: str
+    kind: Literal["sql", "concurrent", "backfill"] = "sql"
+    statements: list[str] = []
+    only_if: str | None = None
+    """A query returning one boolean; false means the step already happened (resume after a crash)."""
+    long_running: bool = False
+    """Scans the table without blocking writes (VALIDATE, CONCURRENTLY): long statement timeout."""
+    raw_sql_index: int | None = None
+    unsafe: bool = False
+    index: str | None = None
+    backfill: BackfillTarget | None = None
+
+
+class Plan(BaseModel):
+    migration: str
+    schema_name: str
+    version_schema: str
+    previous_schema: str | None
+    start: list[Step]
+    complete: list[Step]
+    rollback: list[Step]
+
+    def steps(self, phase: Phase) -> list[Step]:
+        return {"start": self.start, "complete": self.complete, "rollback": self.rollback}[phase]
+
+
+def version_schema_name(schema: str, migration: str) -> str:
+    return f"{schema}_{migration}"[:63]
+
+
+def _render(statement: sql.Composable) -> str:
+    return statement.as_string(None)
+
+
+def _shadow(column: str) -> str:
+    return f"{SHADOW_PREFIX}{column}"
+
+
+def _fragment(text: str) -> sql.Composable:
+    """A user-supplied SQL fragment (type, default, expression), parenthesised where it is an expression."""
+    return sql.SQL(text)  # type: ignore[arg-type]
+
+
+def _expr(text: str) -> sql.Composable:
+    return sql.SQL("({})").format(_fragment(text))
+
+
+def rename_identifier(expression: str, old: str, new: str) -> str:
+    """Rewrite references to column ``old`` as ``new`` in an expression, outside string literals."""
+    quoted = '"' + new.replace('"', '""') + '"'
+    pieces = re.split(r"('(?:[^']|'')*')", expression)
+    pattern = re.compile(rf'(?<![\w."])(?:{re.escape(old)}|"{re.escape(old)}")(?![\w"])')
+    return "".join(p if p.startswith("'") else pattern.sub(quoted, p) for p in pieces)
+
+
+@dataclass
+class _Sync:
+    """One trigger action: ``target := expression`` for old-version writes or new-version writes."""
+
+    target: str
+    expression: str
+    new_version: bool
+    only_when_null: bool
+
+
+@dataclass
+class _TableWork:
+    """Everything a migration does to one physical table."""
+
+    info: TableInfo
+    view_name: str
+    view_columns: dict[str, str]
+    """New-version column name → physical column."""
+    shadows: dict[str, str] = field(default_factory=dict)
+    syncs: list[_Sync] = field(default_factory=list)
+    backfill_touch: str | None = None
+    swap_statements: list[sql.Composable] = field(default_factory=list)
+    finalize_statements: list[sql.Composable] = field(default_factory=list)
+    dropped: bool = False
+
+
+class _Planner:
+    def __init__(self, spec: MigrationSpec, snap: SchemaSnapshot, previous_schema: str | None) -> None:
+        self.spec = spec
+        self.snap = snap
+        self.schema = snap.schema
+        self.vschema = version_schema_name(snap.schema, spec.name)
+        self.previous = previous_schema
+        self.tables: dict[str, _TableWork] = {
+            name: _TableWork(info, name, {c.name: c.name for c in info.columns})
+            for name, info in snap.tables.items()
+        }
+        self.structural: list[Step] = []
+        self.not_valid: list[Step] = []
+        self.indexes: list[Step] = []
+        self.validate: list[Step] = []
+        self.complete_early: list[Step] = []
+        self.complete_late: list[Step] = []
+        self.rollback_ops: list[Step] = []
+        self.rollback_indexes: list[Step] = []
+        self.table_renames: list[Step] = []
+
+    # -- helpers -----------------------------------------------------------------------------
+    def tbl(self, table: str) -> sql.Composable:
+        return sql.Identifier(self.schema, table)
+
+    def work(self, index: int, kind: str, table: str) -> _TableWork:
+        work = self.tables.get(table)
+        if work is None or work.dropped:
+            raise UserError(f"operation {index} ({kind}): table {self.schema}.{table} does not exist")
+        return work
+
+    def column(self, index: int, kind: str, work: _TableWork, column: str) -> None:
+        if work.info.column(column) is None and column not in work.view_columns.values():
+            raise UserError(f"operation {index} ({kind}): column {work.info.name}.{column} does not exist")
+
+    def physical(self, work: _TableWork, column: str) -> str:
+        return work.shadows.get(column, column)
+
+    def exists_query(self, query: str, *params: str) -> str:
+        return _render(sql.SQL(query).format(*[sql.Literal(p) for p in params]))
+
+    def column_exists(self, table: str, column: str) -> str:
+        return self.exists_query(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass({}) AND attname = {} "
+            "AND attnum > 0 AND NOT attisdropped)",
+            _render(self.tbl(table)),
+            column,
+        )
+
+    def constraint_missing(self, table: str, name: str) -> str:
+        return self.exists_query(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass({}) AND conname = {})",
+            _render(self.tbl(table)),
+            name,
+        )
+
+    def alter(self, table: str, *actions: sql.Composable) -> str:
+        return _render(sql.SQL("ALTER TABLE {} {}").format(self.tbl(table), sql.SQL(", ").join(actions)))
+
+    def add_not_valid(self, table: str, name: str, definition: sql.Composable) -> None:
+        self.not_valid.append(
+            Step(
+                title=f"add constraint {name} NOT VALID on {table}",
+                statements=[
+                    self.alter(
+                        table,
+                        sql.SQL("ADD CONSTRAINT {} {} NOT VALID").format(sql.Identifier(name), definition),
+                    )
+                ],
+                only_if=self.constraint_missing(table, name),
+            )
+        )
+        self.validate.append(
+            Step(
+                title=f"validate constraint {name} on {table}",
+                statements=[
+                    self.alter(table, sql.SQL("VALIDATE CONSTRAINT {}").format(sql.Identifier(name)))
+                ],
+                long_running=True,
+            )
+        )
+
+    def concurrent_index(self, name: str, definition: sql.Composable) -> None:
+        self.indexes.append(
+            Step(
+                title=f"build index {name} concurrently",
+                kind="concurrent",
+                index=name,
+                statements=[_render(definition)],
+                long_running=True,
+            )
+        )
+        self.rollback_indexes.append(
+            Step(
+                title=f"drop index {name}",
+                kind="concurrent",
+                statements=[
+                    _render(
+                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                            sql.Identifier(self.schema, name)
+                        )
+                    )
+                ],
+            )
+        )
+
+    def constraints(self, table: str, column: str, physical: str, col: Column | AlterColumn) -> None:
+        """CHECK / FOREIGN KEY NOT VALID + VALIDATE, UNIQUE via a concurrent index attached at complete."""
+        if col.check is not None:
+            expression = rename_identifier(col.check.constraint, column, physical)
+            self.add_not_valid(
+                table,
+                col.check.name or f"{table}_{column}_check",
+                sql.SQL("CHECK {}").format(_expr(expression)),
+            )
+        if col.references is not None:
+            ref = col.references
+            if ref.table not in self.snap.tables and not any(
+                w.info.name == ref.table for w in self.tables.values()
+            ):
+                raise UserError(f"references: table {self.schema}.{ref.table} does not exist")
+            self.add_not_valid(
+                table,
+                ref.name or f"{table}_{column}_fkey",
+                sql.SQL("FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {}").format(
+                    sql.Identifier(physical),
+                    self.tbl(ref.table),
+                    sql.Identifier(ref.column),
+                    sql.SQL(ref.on_delete),
+                ),
+            )
+        if col.unique is not None:
+            name = col.unique.name or f"{table}_{column}_key"
+            self.concurrent_index(
+                name,
+                sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})").format(
+                    sql.Identifier(name), self.tbl(table), sql.Identifier(physical)
+                ),
+            )
+            self.complete_early.append(
+                Step(
+                    title=f"attach unique constraint {name} on {table}",
+                    statements=[
+                        self.alter(
+                            table,
+                            sql.SQL("ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                                sql.Identifier(name), sql.Identifier(name)
+                            ),
+                        )
+                    ],
+                    only_if=self.constraint_missing(table, name),
+                )
+            )
+
+    def not_null_check(self, work: _TableWork, column: str, physical: str) -> None:
+        """NOT NULL without a long lock: CHECK NOT VALID, VALIDATE, then SET NOT NULL at complete."""
+        table = work.info.name
+        name = f"_fy_nn_{column}"[:63]
+        self.add_not_valid(table, name, sql.SQL("CHECK ({} IS NOT NULL)").format(sql.Identifier(physical)))
+        work.finalize_statements += [
+            sql.SQL("ALTER COLUMN {} SET NOT NULL").format(sql.Identifier(column)),
+            sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)),
+        ]
+
+    # -- operations ----------------------------------------------------------------------------
+    def add_column(self, i: int, op: AddColumn) -> None:
+        work = self.work(i, "add_column", op.table)
+        c = op.column
+        if work.info.column(c.name) is not None or c.name in work.view_columns:
+            raise UserError(
+                f"operation {i} (add_column): field 'column.name': {op.table}.{c.name} already exists"
+            )
+        table, col = op.table, sql.Identifier(c.name)
+        fill = op.up or (c.default if c.default and is_volatile_expression(c.default) else None)
+        actions = [sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(col, _fragment(c.type))]
+        if c.default is not None and fill is None:
+            actions[0] = sql.SQL("{} DEFAULT {}").format(actions[0], _expr(c.default))
+            if not c.nullable:
+                actions[0] = sql.SQL("{} NOT NULL").format(actions[0])
+        elif c.default is not None:
+            actions.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, _expr(c.default)))
+        self.structural.append(
+            Step(title=f"add column {table}.{c.name}", statements=[self.alter(table, *actions)])
+        )
+        self.rollback_ops.append(
+            Step(
+                title=f"drop added column {table}.{c.name}",
+                statements=[self.alter(table, sql.SQL("DROP COLUMN IF EXISTS {}").format(col))],
+            )
+        )
+        work.view_columns[c.name] = c.name
+        if fill is not None:
+            work.syncs.append(_Sync(c.name, fill, new_version=False, only_when_null=True))
+            work.backfill_touch = work.backfill_touch or c.name
+            if not c.nullable:
+                self.not_null_check(work, c.name, c.name)
+        self.constraints(table, c.name, c.name, c)
+
+    def drop_column(self, i: int, op: DropColumn) -> None:
+        work = self.work(i, "drop_column", op.table)
+        info = work.info.column(op.column)
+        if info is None:
+            raise UserError(f"operation {i} (drop_column): column {op.table}.{op.column} does not exist")
+        if info.not_null and info.default is None and op.down is None:
+            raise UserError(
+                f"operation {i} (drop_column): field 'down': {op.table}.{op.column} is NOT NULL without a default; "
+                "give down so new-version inserts can fill it"
+            )
+        work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
+        if op.down is not None:
+            work.syncs.append(_Sync(op.column, op.down, new_version=True, only_when_null=True))
+        self.complete_late.append(
+            Step(
+                title=f"drop column {op.table}.{op.column}",
+                statements=[
+                    self.alter(
+                        op.table, sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(op.column))
+                    )
+                ],
+            )
+        )
+
+    def rename_column(self, i: int, op: RenameColumn) -> None:
+        work = self.work(i, "rename_column", op.table)
+        self.column(i, "rename_column", work, op.from_)
+        if op.to in work.view_columns:
+            raise UserError(f"operation {i} (rename_column): field 'to': {op.table}.{op.to} already exists")
+        work.view_columns = {(op.to if k == op.from_ else k): v for k, v in work.view_columns.items()}
+        self.complete_late.append(
+            Step(
+                title=f"rename column {op.table}.{op.from_} to {op.to}",
+                statements=[
+                    self.alter(
+                        op.table,
+                        sql.SQL("RENAME COLUMN {} TO {}").format(
+                            sql.Identifier(op.from_), sql.Identifier(op.to)
+                        ),
+                    )
+                ],
+                only_if=self.column_exists(op.table, op.from_),
+            )
+        )
+
+    def alter_column(self, i: int, op: AlterColumn) -> None:
+        work = self.work(i, "alter_column", op.table)
+        info = work.info.column(op.column)
+        if info is None:
+            raise UserError(f"operation {i} (alter_column): column {op.table}.{op.column} does not exist")
+        table, col = op.table, sql.Identifier(op.column)
+        if not op.needs_shadow:
+            actions = []
+            if op.default is not None:
+                actions.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, _expr(op.default)))
+            if op.nullable:
+                actions.append(sql.SQL("ALTER COLUMN {} DROP NOT NULL").format(col))
+            self.complete_late.append(
+                Step(title=f"alter column {table}.{op.column}", statements=[self.alter(table, *actions)])
+            )
+            return
+        if info.indexed:
+            raise UserError(
+                f"operation {i} (alter_column): column {table}.{op.column} is part of an index, key or constraint; "
+                "a shadow-column swap would drop it — drop that index/constraint first (drop_index) and recreate it after"
+            )
+        if op.column in work.shadows:
+            raise UserError(
+                f"operation {i} (alter_column): column {table}.{op.column} is already altered by an earlier operation"
+            )
+        shadow = _shadow(op.column)
+        work.shadows[op.column] = shadow
+        new_type = op.type or info.type
+        default = op.default if op.default is not None else (info.default if op.type is None else None)
+        actions = [
+            sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(sql.Identifier(shadow), _fragment(new_type))
+        ]
+        if default is not None:
+            actions.append(
+                sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(sql.Identifier(shadow), _expr(default))
+            )
+        self.structural.append(
+            Step(
+                title=f"add shadow column {table}.{shadow} ({new_type})",
+                statements=[self.alter(table, *actions)],
+            )
+        )
+        self.rollback_ops.append(
+            Step(
+                title=f"drop shadow column {table}.{shadow}",
+                statements=[
+                    self.alter(table, sql.SQL("DROP COLUMN IF EXISTS {}").format(sql.Identifier(shadow)))
+                ],
+            )
+        )
+        work.view_columns = {k: (shadow if v == op.column else v) for k, v in work.view_columns.items()}
+        work.syncs.append(_Sync(shadow, op.up or op.column, new_version=False, only_when_null=False))
+        logical = next(k for k, v in work.view_columns.items() if v == shadow)
+        work.syncs.append(_Sync(op.column, op.down or logical, new_version=True, only_when_null=False))
+        work.backfill_touch = work.backfill_touch or shadow
+        work.swap_statements += [
+            sql.SQL("DROP COLUMN {}").format(col),
+            sql.SQL("RENAME COLUMN {} TO {}").format(sql.Identifier(shadow), col),
+        ]
+        if op.nullable is False or (op.nullable is None and info.not_null):
+            self.not_null_check(work, op.column, shadow)
+        self.constraints(table, op.column, shadow, op)
+
+    def create_index(self, i: int, op: CreateIndex) -> None:
+        work = self.work(i, "create_index", op.table)
+        if op.name in self.snap.indexes:
+            raise UserError(
+                f"operation {i} (create_index): field 'name': index {self.schema}.{op.name} already exists"
+            )
+        for column in op.columns:
+            self.column(i, "create_index", work, column)
+        self.concurrent_index(
+            op.name,
+            sql.SQL("CREATE {}INDEX CONCURRENTLY {} ON {} USING {} ({})").format(
+                sql.SQL("UNIQUE " if op.unique else ""),
+                sql.Identifier(op.name),
+                self.tbl(op.table),
+                sql.SQL(op.method),
+                sql.SQL(", ").join(sql.Identifier(self.physical(work, c)) for c in op.columns),
+            ),
+        )
+
+    def drop_index(self, i: int, op: DropIndex) -> None:
+        if op.name not in self.snap.indexes:
+            raise UserError(
+                f"operation {i} (drop_index): field 'name': index {self.schema}.{op.name} does not exist"
+            )
+        self.complete_late.append(
+            Step(
+                title=f"drop index {op.name}",
+                kind="concurrent",
+                statements=[
+                    _render(
+                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                            sql.Identifier(self.schema, op.name)
+                        )
+                    )
+                ],
+            )
+        )
+
+    def create_table(self, i: int, op: CreateTable) -> None:
+        if op.name in self.tables:
+            raise UserError(
+                f"operation {i} (create_table): field 'name': table {self.schema}.{op.name} already exists"
+            )
+        defs = [self.column_definition(c) for c in op.columns]
+        keys = [sql.Identifier(c.name) for c in op.columns if c.primary_key]
+        if keys:
+            defs.append(sql.SQL("PRIMARY KEY ({})").format(sql.SQL(", ").join(keys)))
+        self.structural.append(
+            Step(
+                title=f"create table {op.name}",
+                statements=[
+                    _render(
+                        sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+                            self.tbl(op.name), sql.SQL(", ").join(defs)
+                        )
+                    )
+                ],
+            )
+        )
+        self.rollback_ops.append(
+            Step(
+                title=f"drop created table {op.name}",
+                statements=[_render(sql.SQL("DROP TABLE IF EXISTS {}").format(self.tbl(op.name)))],
+            )
+        )
+        info = TableInfo(op.name)
+        self.tables[op.name] = _TableWork(info, op.name, {c.name: c.name for c in op.columns})
+
+    def column_definition(self, c: Column) -> sql.Composable:
+        parts = [sql.Identifier(c.name), _fragment(c.type)]
+        if c.default is not None:
+            parts.append(sql.SQL("DEFAULT {}").format(_expr(c.default)))
+        if not c.nullable:
+            parts.append(sql.SQL("NOT NULL"))
+        if c.unique is not None:
+            parts.append(sql.SQL("UNIQUE"))
+        if c.check is not None:
+            parts.append(sql.SQL("CHECK {}").format(_expr(c.check.constraint)))
+        if c.references is not None:
+            parts.append(
+                sql.SQL("REFERENCES {} ({}) ON DELETE {}").format(
+                    self.tbl(c.references.table),
+                    sql.Identifier(c.references.column),
+                    sql.SQL(c.references.on_delete),
+                )
+            )
+        return sql.SQL(" ").join(parts)
+
+    def drop_table(self, i: int, op: DropTable) -> None:
+        self.work(i, "drop_table", op.name).dropped = True
+        self.complete_late.append(
+            Step(
+                title=f"drop table {op.name}",
+                statements=[_render(sql.SQL("DROP TABLE IF EXISTS {}").format(self.tbl(op.name)))],
+            )
+        )
+
+    def rename_table(self, i: int, op: RenameTable) -> None:
+        work = self.work(i, "rename_table", op.from_)
+        if any(w.view_name == op.to and not w.dropped for w in self.tables.values()):
+            raise UserError(
+                f"operation {i} (rename_table): field 'to': table {self.schema}.{op.to} already exists"
+            )
+        work.view_name = op.to
+        self.table_renames.append(
+            Step(
+                title=f"rename table {op.from_} to {op.to}",
+                statements=[self.alter(op.from_, sql.SQL("RENAME TO {}").format(sql.Identifier(op.to)))],
+                only_if=self.exists_query("SELECT to_regclass({}) IS NOT NULL", _render(self.tbl(op.from_))),
+            )
+        )
+
+    def raw_sql(self, i: int, op: RawSql) -> None:
+        self.structural.append(
+            Step(title=f"raw_sql operation {i}", statements=[op.up], raw_sql_index=i, unsafe=op.unsafe)
+        )
+        if op.down is not None:
+            self.rollback_ops.append(
+                Step(
+                    title=f"raw_sql operation {i} (down)",
+                    statements=[op.down],
+                    raw_sql_index=i,
+                    unsafe=op.unsafe,
+                )
+            )
+
+    # -- whole-table steps -------------------------------------------------------------------------
+    def trigger_step(self, work: _TableWork) -> Step:
+        """One BEFORE INSERT OR UPDATE trigger per table; the session's search_path says which version writes."""
+        table = work.info.name
+        function = sql.Identifier(self.vschema, f"_fy_sync_{table}"[:63])
+
+        def declare(names: dict[str, str]) -> sql.Composable:
+            return sql.SQL(" ").join(
+                sql.SQL("{} {}.{}.{}%TYPE := NEW.{};").format(
+                    sql.Identifier(name),
+                    sql.Identifier(self.schema),
+                    sql.Identifier(table),
+                    sql.Identifier(phys),
+                    sql.Identifier(phys),
+                )
+                for name, phys in names.items()
+            )
+
+        def assignments(new_version: bool) -> sql.Composable:
+            parts = []
+            for s in (s for s in work.syncs if s.new_version == new_version):
+                assign = sql.SQL("NEW.{} := {};").format(sql.Identifier(s.target), _expr(s.expression))
+                if s.only_when_null:
+                    assign = sql.SQL("IF NEW.{} IS NULL THEN {} END IF;").format(
+                        sql.Identifier(s.target), assign
+                    )
+                parts.append(assign)
+            return sql.SQL(" ").join(parts) if parts else sql.SQL("NULL;")
+
+        old_columns = {c.name: c.name for c in work.info.columns}
+        body = sql.SQL(
+            "BEGIN IF coalesce((current_schemas(false))[1] = {}, false) THEN "
+            "DECLARE {} BEGIN {} END; ELSE DECLARE {} BEGIN {} END; END IF; RETURN NEW; END"
+        ).format(
+            sql.Literal(self.vschema),
+            declare(work.view_columns),
+            assignments(True),
+            declare(old_columns),
+            assignments(False),
+        )
+        trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
+        return Step(
+            title=f"sync trigger on {table}",
+            statements=[
+                _render(
+                    sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
+                        function, sql.Literal(_render(body))
+                    )
+                ),
+                _render(
+                    sql.SQL(
+                        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+                    ).format(trigger, self.tbl(table), function)
+                ),
+            ],
+        )
+
+    def contract_table(self, work: _TableWork) -> Step | None:
+        """Drop the trigger and swap shadow columns in one short transaction per table."""
+        table = work.info.name
+        statements = []
+        if work.syncs:
+            trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
+            statements.append(
+                _render(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, self.tbl(table)))
+            )
+        statements += [self.alter(table, action) for action in work.swap_statements]
+        if work.finalize_statements:
+            statements.append(self.alter(table, *work.finalize_statements))
+        if not statements:
+            return None
+        only_if = self.column_exists(table, next(iter(work.shadows.values()))) if work.shadows else None
+        return Step(
+            title=f"contract {table}: drop sync trigger, switch to final columns",
+            statements=statements,
+            only_if=only_if,
+        )
+
+    def backfill_step(self, work: _TableWork) -> Step:
+        info = work.info
+        if len(info.primary_key) != 1:
+            raise UserError(
+                f"table {self.schema}.{info.name} needs a single-column primary key for the keyset backfill; add one first"
+            )
+        key = info.primary_key[0]
+        target = BackfillTarget(
+            schema_name=self.schema,
+            table=info.name,
+            key=key,
+            key_type=info.column(key).type,
+            touch=work.backfill_touch or key,  # type: ignore[union-attr]
+        )
+        return Step(
+            title=f"backfill {info.name} in keyset batches",
+            kind="backfill",
+            backfill=target,
+            long_running=True,
+        )
+
+    def views_step(self) -> Step:
+        statements = []
+        for work in self.tables.values():
+            if work.dropped:
+                continue
+            columns = sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(sql.Identifier(phys), sql.Identifier(name))
+                for name, phys in work.view_columns.items()
+            )
+            statements.append(
+                _render(
+                    sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT {} FROM {}").format(
+                        sql.Identifier(self.vschema, work.view_name), columns, self.tbl(work.info.name)
+                    )
+                )
+            )
+        return Step(
+            title=f"create version schema {self.vschema} (views of the new version)", statements=statements
+        )
+
+    def build(self) -> Plan:
+        handlers = {
+            AddColumn: self.add_column,
+            DropColumn: self.drop_column,
+            RenameColumn: self.rename_column,
+            AlterColumn: self.alter_column,
+            CreateIndex: self.create_index,
+            DropIndex: self.drop_index,
+            CreateTable: self.create_table,
+            DropTable: self.drop_table,
+            RenameTable: self.rename_table,
+            RawSql: self.raw_sql,
+        }
+        for i, op in enumerate(self.spec.operations):
+            handlers[type(op)](i, op)  # type: ignore[operator]
+        synced = [w for w in self.tables.values() if w.syncs]
+        schema_step = Step(
+            title=f"create version schema {self.vschema}",
+            statements=[
+                _render(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.vschema)))
+            ],
+        )
+        start = [
+            schema_step,
+            *self.structural,
+            *[self.trigger_step(w) for w in synced],
+            *self.not_valid,
+            *[self.backfill_step(w) for w in self.tables.values() if w.backfill_touch],
+            *self.indexes,
+            *self.validate,
+            self.views_step(),
+        ]
+        complete: list[Step] = []
+        if self.previous:
+            complete.append(
+                Step(
+                    title=f"drop previous version schema {self.previous}",
+                    statements=[
+                        _render(
+                            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.previous))
+                        )
+                    ],
+                )
+            )
+        complete += [s for w in self.tables.values() if (s := self.contract_table(w))]
+        complete += self.complete_early + self.complete_late + self.table_renames
+        if synced:
+            complete.append(
+                Step(
+                    title="drop sync trigger functions",
+                    statements=[
+                        _render(
+                            sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
+                                sql.Identifier(self.vschema, f"_fy_sync_{w.info.name}"[:63])
+                            )
+                        )
+                        for w in synced
+                    ],
+                )
+            )
+        rollback = [
+            Step(
+                title=f"drop version schema {self.vschema} (views, sync triggers)",
+                statements=[
+                    _render(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.vschema)))
+                ],
+            ),
+            *self.rollback_indexes,
+            *reversed(self.rollback_ops),
+        ]
+        return Plan(
+            migration=self.spec.name,
+            schema_name=self.schema,
+            version_schema=self.vschema,
+            previous_schema=self.previous,
+            start=start,
+            complete=complete,
+            rollback=rollback,
+        )
+
+
+def build_plan(spec: MigrationSpec, snap: SchemaSnapshot, previous_schema: str | None = None) -> Plan:
+    """Every statement of every phase, from the migration and a snapshot of the schema it changes."""
+    if not snap.tables and not any(isinstance(op, CreateTable) for op in spec.operations):
+        raise UserError(f"schema {snap.schema!r} has no tables; check the schema name (--schema)")
+    return _Planner(spec, snap, previous_schema).build()
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as text: every statement, phase by phase (what ``flowyard online plan`` prints)."""
+    lines = [
+        f"-- migration {plan.migration} on schema {plan.schema_name}; new version: search_path={plan.version_schema}"
+    ]
+    for phase in PHASES:
+        lines.append(f"\n-- ===== {phase} =====")
+        for n, step in enumerate(plan.steps(phase), 1):
+            note = {"concurrent": " (outside a transaction)", "backfill": "", "sql": " (one transaction)"}[
+                step.kind
+            ]
+            lines.append(f"-- {phase} step {n}: {step.title}{note}")
+            if step.backfill is not None:
+                b = step.backfill
+                lines.append(
+                    f"--   keyset batches of {b.schema_name}.{b.table} ordered by {b.key}, each touching {b.touch} "
+                    "so the sync trigger fills the new columns"
+                )
+            lines.extend(f"{statement};" for statement in step.statements)
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""Every operation, start → complete and start → rollback, on a real PostgreSQL.
+
+Rollback must give back exactly the prior schema (pg_dump --schema-only) and data (checksums);
+complete must give the new schema with the same data, and both versions must answer during expand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tasks.db import connect
+from tests.online_support import checksum, make_schema, plan_for, run, schema_dump
+
+
+@dataclass(frozen=True)
+class Case:
+    op: list[dict[str, Any]]
+    before: str
+    """A query over the old version ..."""
+    after: str
+    """... and the same data, read from the new version after complete."""
+    final: str
+    """A query that is true only for the final (contracted) schema."""
+    table: str = "orders"
+
+
+def _col(table: str, column: str) -> str:
+    return (
+        "SELECT format_type(atttypid, atttypmod) || ':' || attnotnull FROM pg_attribute "
+        f"WHERE attrelid = 'public.{table}'::regclass AND attname = '{column}' AND NOT attisdropped"
+    )
+
+
+CASES: dict[str, Case] = {
+    "add_column_not_null_default": Case(
+        [
+            {
+                "add_column": {
+                    "table": "orders",
+                    "column": {"name": "priority", "type": "int", "nullable": False, "default": "3"},
+                }
+            }
+        ],
+        "SELECT id, 3 FROM orders",
+        "SELECT id, priority FROM orders",
+        f"SELECT ({_col('orders', 'priority')}) = 'integer:true'",
+    ),
+    "add_column_up_check_unique": Case(
+        [
+            {
+                "add_column": {
+                    "table": "orders",
+                    "column": {
+                        "name": "ref",
+                        "type": "bigint",
+                        "nullable": False,
+                        "check": {"constraint": "ref > 0"},
+                        "unique": {},
+                    },
+                    "up": "id * 10",
+                }
+            }
+        ],
+        "SELECT id, id * 10 FROM orders",
+        "SELECT id, ref FROM orders",
+        f"SELECT ({_col('orders', 'ref')}) = 'bigint:true' AND EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_ref_key' AND contype = 'u')"
+        " AND EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_ref_check' AND convalidated)",
+    ),
+    "add_column_volatile_default": Case(
+        [
+            {
+                "add_column": {
+                    "table": "orders",
+                    "column": {
+                        "name": "token",
+                        "type": "uuid",
+                        "nullable": False,
+                        "default": "gen_random_uuid()",
+                    },
+                }
+            }
+        ],
+        "SELECT id, true FROM orders",
+        "SELECT id, token IS NOT NULL FROM orders",
+        f"SELECT ({_col('orders', 'token')}) = 'uuid:true' AND (SELECT count(DISTINCT token) FROM orders) = (SELECT count(*) FROM orders)",
+    ),
+    "drop_column": Case(
+        [{"drop_column": {"table": "orders", "column": "legacy"}}],
+        "SELECT id, amount FROM orders",
+        "SELECT id, amount FROM orders",
+        f"SELECT ({_col('orders', 'legacy')}) IS NULL",
+    ),
+    "rename_column": Case(
+        [{"rename_column": {"table": "orders", "from": "note", "to": "comment"}}],
+        "SELECT id, note FROM orders",
+        "SELECT id, comment FROM orders",
+        f"SELECT ({_col('orders', 'comment')}) = 'text:false' AND to_regclass('public.orders_note_idx') IS NOT NULL",
+    ),
+    "alter_type_int_bigint": Case(
+        [
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "amount",
+                    "type": "bigint",
+                    "up": "amount::bigint",
+                    "down": "amount::int",
+                }
+            }
+        ],
+        "SELECT id, amount::bigint FROM orders",
+        "SELECT id, amount FROM orders",
+        f"SELECT ({_col('orders', 'amount')}) = 'bigint:true' AND "
+        "(SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'public.orders'::regclass "
+        "AND adnum = (SELECT attnum FROM pg_attribute WHERE attrelid = 'public.orders'::regclass AND attname = 'amount')) IS NULL",
+    ),
+    "alter_type_text_enum": Case(
+        [
+            {
+                "raw_sql": {
+                    "up": "CREATE TYPE order_status AS ENUM ('new', 'paid')",
+                    "down": "DROP TYPE IF EXISTS order_status",
+                }
+            },
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "status",
+                    "type": "order_status",
+                    "default": "'new'",
+                    "up": "status::order_status",
+                    "down": "status::text",
+                }
+            },
+        ],
+        "SELECT id, status FROM orders",
+        "SELECT id, status::text FROM orders",
+        f"SELECT ({_col('orders', 'status')}) = 'order_status:true'",
+    ),
+    "alter_set_not_null": Case(
+        [
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "legacy",
+                    "nullable": False,
+                    "up": "coalesce(legacy, '')",
+                    "down": "legacy",
+                }
+            }
+        ],
+        "SELECT id, coalesce(legacy, '') FROM orders",
+        "SELECT id, legacy FROM orders",
+        f"SELECT ({_col('orders', 'legacy')}) = 'text:true'",
+    ),
+    "alter_check": Case(
+        [
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "amount",
+                    "check": {"name": "amount_small", "constraint": "amount < 500"},
+                    "up": "least(amount, 499)",
+                    "down": "amount",
+                }
+            }
+        ],
+        "SELECT id, least(amount, 499) FROM orders",
+        "SELECT id, amount FROM orders",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'amount_small' AND convalidated AND contype = 'c')",
+    ),
+    "alter_unique": Case(
+        [
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "legacy",
+                    "unique": {"name": "orders_legacy_key"},
+                    "up": "legacy || id",
+                    "down": "legacy",
+                }
+            }
+        ],
+        "SELECT id, legacy || id FROM orders",
+        "SELECT id, legacy FROM orders",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_legacy_key' AND contype = 'u')",
+    ),
+    "alter_foreign_key": Case(
+        [
+            {
+                "alter_column": {
+                    "table": "orders",
+                    "column": "customer_id",
+                    "references": {"table": "customers", "column": "id"},
+                }
+            }
+        ],
+        "SELECT id, customer_id FROM orders",
+        "SELECT id, customer_id FROM orders",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_customer_id_fkey' AND contype = 'f' AND convalidated)",
+    ),
+    "alter_default_drop_not_null": Case(
+        [{"alter_column": {"table": "orders", "column": "status", "default": "'paid'", "nullable": True}}],
+        "SELECT id, status FROM orders",
+        "SELECT id, status FROM orders",
+        f"SELECT ({_col('orders', 'status')}) = 'text:false'",
+    ),
+    "create_index": Case(
+        [{"create_index": {"name": "orders_amount_idx", "table": "orders", "columns": ["amount", "id"]}}],
+        "SELECT id, amount FROM orders",
+        "SELECT id, amount FROM orders",
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'public.orders_amount_idx'::regclass",
+    ),
+    "drop_index": Case(
+        [{"drop_index": {"name": "orders_note_idx"}}],
+        "SELECT id, note FROM orders",
+        "SELECT id, note FROM orders",
+        "SELECT to_regclass('public.orders_note_idx') IS NULL",
+    ),
+    "create_table": Case(
+        [
+            {
+                "create_table": {
+                    "name": "refunds",
+                    "columns": [
+                        {"name": "id", "type": "bigint", "primary_key": True, "nullable": False},
+                        {
+                            "name": "order_id",
+                            "type": "bigint",
+                            "nullable": False,
+                            "references": {"table": "orders", "column": "id"},
+                        },
+                    ],
+                }
+            }
+        ],
+        "SELECT id FROM orders",
+        "SELECT id FROM orders",
+        "SELECT to_regclass('public.refunds') IS NOT NULL",
+    ),
+    "drop_table": Case(
+        [{"drop_table": {"name": "archive"}}],
+        "SELECT id FROM orders",
+        "SELECT id FROM orders",
+        "SELECT to_regclass('public.archive') IS NULL",
+    ),
+    "rename_table": Case(
+        [{"rename_table": {"from": "archive", "to": "history"}}],
+        "SELECT id, payload FROM archive",
+        "SELECT id, payload FROM history",
+        "SELECT to_regclass('public.archive') IS NULL AND to_regclass('public.history') IS NOT NULL",
+        table="archive",
+    ),
+    "raw_sql": Case(
+        [
+            {
+                "raw_sql": {
+                    "up": "CREATE TABLE audit (id bigint PRIMARY KEY)",
+                    "down": "DROP TABLE IF EXISTS audit",
+                }
+            }
+        ],
+        "SELECT id FROM orders",
+        "SELECT id FROM orders",
+        "SELECT to_regclass('public.audit') IS NOT NULL",
+    ),
+}
+
+
+def _scalar(url: str, query: str, search_path: str = "public") -> Any:
+    with connect(url, autocommit=True) as conn:
+        conn.execute(f"SET search_path = {search_path}")
+        return conn.execute(query).fetchone()[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_start_then_rollback_restores_schema_and_data(fresh_db: str, state_db: str, name: str) -> None:
+    case = CASES[name]
+    make_schema(fresh_db)
+    dump_before = schema_dump(fresh_db)
+    tables = ("orders", "customers", "archive")
+    data_before = {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in tables}
+    plan = plan_for(fresh_db, state_db, {"name": f"rb_{name}"[:40], "operations": case.op})
+
+    run(fresh_db, state_db, plan, "start")
+    assert schema_dump(fresh_db) != dump_before, "start changed nothing"
+    run(fresh_db, state_db, plan, "rollback")
+
+    assert schema_dump(fresh_db) == dump_before
+    assert {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in tables} == data_before
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_start_then_complete_keeps_data_and_reaches_final_schema(
+    fresh_db: str, state_db: str, name: str
+) -> None:
+    case = CASES[name]
+    make_schema(fresh_db)
+    expected = checksum(fresh_db, case.before)
+    plan = plan_for(fresh_db, state_db, {"name": f"co_{name}"[:40], "operations": case.op})
+
+    run(fresh_db, state_db, plan, "start")
+    # During expand both versions answer, each through its own search_path.
+    assert checksum(fresh_db, case.before, "public") == expected
+    assert checksum(fresh_db, case.after, plan.version_schema) == expected
+    run(fresh_db, state_db, plan, "complete")
+
+    assert checksum(fresh_db, case.after) == expected
+    assert checksum(fresh_db, case.after, plan.version_schema) == expected
+    assert _scalar(fresh_db, case.final) is True
+    assert (
+        _scalar(
+            fresh_db,
+            "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+            "WHERE c.relkind IN ('r', 'v') AND attname LIKE '\\_fy\\_%' AND NOT attisdropped",
+        )
+        == 0
+    )
+    assert _scalar(fresh_db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_fy\\_%'") == 0
