@@ -1,0 +1,354 @@
+"""``bulk-migrate``: copy tables into PostgreSQL in parallel chunks, exactly once, verified.
+
+DAG: open the run (lock, run key) → create target tables and persist chunk plans → copy
+chunks in parallel (one Prefect task each, cached by run key + table + bounds) → per table:
+indexes, keys, sequences → foreign keys (NOT VALID, VALIDATE) → validate (count, checksum,
+sample) → integrity checks → artifacts. ``mode="seed"`` loads every table with upserts in
+one transaction instead. See docs/bulk_migrate.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from tasks.advisory_lock import advisory_lock
+from tasks.bulk_progress import Progress, TableStat, publish_table_artifact
+from tasks.bulk_tables import (
+    TablePlan,
+    create_targets,
+    finish_foreign_keys,
+    finish_table,
+    plan_tables,
+    table_specs,
+)
+from tasks.chunk_checkpoint import (
+    ChunkCheckpoint,
+    RunHandle,
+    committed_chunks,
+    fingerprint,
+    finish_run,
+    open_run,
+)
+from tasks.chunk_load import ChunkJob, load_chunk, load_chunk_in
+from tasks.column_mapping import parse_mapping
+from tasks.copy_pipe import normalize_session
+from tasks.copy_validation import CHECKS, TableValidation, validate_table
+from tasks.db import connection, mask_url
+from tasks.errors import UserError
+from tasks.integrity import check_integrity
+from tasks.retry_policy import retry_transient
+from tasks.settings import get_settings
+from tasks.state import state_url
+from tasks.task_runners import build_task_runner
+
+SEED_CHUNK_ROWS = 2**62
+
+
+@dataclass
+class BulkReport:
+    """What the run did; the flow's return value (and the place to hang post-steps on)."""
+
+    run_key: str
+    resumed: bool
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    integrity_problems: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(t["rows"] for t in self.tables)
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+
+
+@task(name="open-bulk-run")
+def open_bulk_run(target_url: str, config_hash: str, mode: str, restart: bool) -> RunHandle:
+    with connection(target_url) as conn:
+        return open_run(conn, config_hash, mode, restart)
+
+
+@task(name="prepare-tables")
+def prepare_tables(
+    source_url: str,
+    target_url: str,
+    run: RunHandle,
+    lineage: str,
+    tables: list[str] | None,
+    mapping: dict[str, Any] | None,
+    mode: str,
+    chunk_rows: int,
+    target_schema: str,
+    cursor_column: str | None,
+) -> list[TablePlan]:
+    specs = table_specs(source_url, tables, parse_mapping(mapping), target_schema, mode, cursor_column)
+    create_targets(source_url, target_url, specs)
+    plans = plan_tables(source_url, target_url, run.run_key, lineage, mode, specs, chunk_rows)
+    logger = get_run_logger()
+    for plan in plans:
+        logger.info(
+            "%s → %s: %d chunks (%s), %d already committed",
+            plan.spec.source.qualified,
+            plan.spec.target_label,
+            len(plan.chunks),
+            plan.chunks[0].method if plan.chunks else "none",
+            len(plan.committed),
+        )
+    return plans
+
+
+def chunk_cache_key(context: Any, parameters: dict[str, Any]) -> str:  # noqa: ANN401 - Prefect hook
+    """Run key + table + chunk bounds (hashed: the key becomes a result file name)."""
+    job: ChunkJob = parameters["job"]
+    identity = f"{job.run_key}|{job.source.qualified}|{job.chunk.chunk_id}"
+    return "bulk-chunk-" + hashlib.sha256(identity.encode()).hexdigest()
+
+
+@task(
+    name="copy-chunk",
+    task_run_name="copy {job.source.name} #{job.chunk.index}",
+    retries=5,
+    retry_delay_seconds=exponential_backoff(backoff_factor=0.5),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+    persist_result=True,
+    cache_key_fn=chunk_cache_key,
+)
+def copy_chunk(job: ChunkJob) -> ChunkCheckpoint:
+    checkpoint = load_chunk(job, str(flow_run.id) if flow_run.id else None)
+    rate = checkpoint.rows_written / checkpoint.seconds if checkpoint.seconds else 0
+    get_run_logger().info(
+        "%s: %d rows read, %d written, %d quarantined in %.2fs (%.0f rows/s)",
+        job.describe,
+        checkpoint.rows_read,
+        checkpoint.rows_written,
+        checkpoint.quarantined,
+        checkpoint.seconds,
+        rate,
+    )
+    return checkpoint
+
+
+@task(name="seed-tables")
+def seed_tables(jobs: list[ChunkJob]) -> list[ChunkCheckpoint]:
+    """Seed 004: every table upserted in ONE transaction, so reference data changes all or nothing."""
+    with connection(jobs[0].target_url) as target:
+        normalize_session(target)
+        return [load_chunk_in(target, job, str(flow_run.id) if flow_run.id else None) for job in jobs]
+
+
+@task(name="finish-table", task_run_name="finish {plan.spec.target.name}")
+def finish_table_task(
+    source_url: str, target_url: str, run_key: str, lineage: str, plan: TablePlan
+) -> list[str]:
+    return finish_table(source_url, target_url, run_key, lineage, plan)
+
+
+@task(name="add-foreign-keys")
+def add_foreign_keys_task(source_url: str, target_url: str, plans: list[TablePlan]) -> list[str]:
+    return finish_foreign_keys(source_url, target_url, [p.spec for p in plans])
+
+
+@task(name="validate-table", task_run_name="validate {plan.spec.target.name}")
+def validate_table_task(
+    plan: TablePlan, job: ChunkJob, checks: list[str], sample_rows: int
+) -> TableValidation:
+    with connection(job.target_url) as conn:
+        committed = committed_chunks(conn, job.run_key, plan.spec.source.qualified)
+    result = validate_table(plan, job, committed, checks, sample_rows)
+    get_run_logger().info("%s: %s", plan.spec.target_label, result.summary)
+    return result
+
+
+@task(name="check-integrity")
+def check_integrity_task(target_url: str, plans: list[TablePlan]) -> list[str]:
+    """Seed 004's post-load checks (NOT NULL, foreign-key orphans, invalid indexes) on the copied tables."""
+    copied = {p.spec.target_label for p in plans}
+    with connection(target_url) as conn:
+        report = check_integrity(conn, sorted({p.spec.target_schema for p in plans}))
+    return [f"{p.check} {p.table}: {p.detail} ({p.count})" for p in report.problems if p.table in copied]
+
+
+# --- the flow -------------------------------------------------------------------------------------
+
+
+def chunk_jobs(
+    plan: TablePlan,
+    run_key: str,
+    source_url: str,
+    target_url: str,
+    mode: str,
+    quarantine: bool,
+    report_rows: int,
+) -> list[ChunkJob]:
+    spec = plan.spec
+    return [
+        ChunkJob(
+            run_key,
+            source_url,
+            target_url,
+            spec.source,
+            spec.target,
+            spec.target_schema,
+            chunk,
+            spec.mapping,
+            mode,
+            spec.cursor,
+            quarantine,
+            report_rows,
+        )  # type: ignore[arg-type]
+        for chunk in plan.chunks
+    ]
+
+
+def run_chunks(
+    jobs: list[ChunkJob], runner_kind: str, parallelism: int, dask_address: str | None, progress: Progress
+) -> dict[str, list[ChunkCheckpoint]]:
+    """Submit every chunk to the task runner; report progress as they finish; fail after all settle."""
+    logger = get_run_logger()
+    done: dict[str, list[ChunkCheckpoint]] = {}
+    failures: list[str] = []
+    with build_task_runner(runner_kind, parallelism, dask_address) as runner:
+        futures: list[PrefectFuture[ChunkCheckpoint]] = [
+            runner.submit(copy_chunk, {"job": job}) for job in jobs
+        ]
+        for future in as_completed(futures):
+            future.wait()
+            state = future.state
+            if not state.is_completed():
+                failures.append(str(state.message or state.name))
+                continue
+            checkpoint = future.result()
+            done.setdefault(checkpoint.table, []).append(checkpoint)
+            logger.info("progress: %s", progress.advance(checkpoint.rows_written, state.name != "Cached"))
+    if failures:
+        raise UserError(
+            f"{len(failures)} of {len(jobs)} chunks failed (committed chunks resume on rerun); "
+            f"first: {failures[0].splitlines()[0]}"
+        )
+    return done
+
+
+@flow(name="bulk-migrate")
+def bulk_migrate(
+    source_url: str,
+    target_url: str | None = None,
+    tables: list[str] | None = None,
+    mapping: dict[str, Any] | None = None,
+    mode: str = "full",
+    chunk_rows: int = 100_000,
+    parallelism: int | None = None,
+    validate: list[str] = ["count", "checksum", "sample"],  # noqa: B006 - Prefect parameter default
+    quarantine: bool = False,
+    restart: bool = False,
+    target_schema: str = "public",
+    cursor_column: str | None = None,
+    task_runner: str = "threads",
+    dask_address: str | None = None,
+    sample_rows: int = 100,
+    report_rows: int = 10,
+    lock_timeout_seconds: float = 30.0,
+) -> dict[str, Any]:
+    """Copy ``tables`` (None = all) from ``source_url`` (PostgreSQL, SQLite file or a directory of
+    JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database)."""
+    if mode not in ("full", "incremental", "seed"):
+        raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
+    if unknown := [c for c in validate if c not in CHECKS]:
+        raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
+    if chunk_rows < 1:
+        raise UserError("chunk_rows must be at least 1")
+    logger = get_run_logger()
+    target = state_url(target_url)
+    parallelism = parallelism or get_settings().max_workers
+    config = {
+        "source": source_url,
+        "target": target,
+        "tables": tables,
+        "mapping": mapping,
+        "mode": mode,
+        "chunk_rows": chunk_rows,
+        "schema": target_schema,
+        "cursor": cursor_column,
+    }
+    lineage = fingerprint({k: config[k] for k in ("source", "target", "mapping", "schema", "cursor")})
+    config_hash = fingerprint(config)
+
+    with advisory_lock(target, f"bulk-migrate:{config_hash}", lock_timeout_seconds):
+        run = open_bulk_run(target, config_hash, mode, restart)
+        logger.info(
+            "run %s (%s) %s → %s",
+            run.run_key,
+            "resumed" if run.resumed else "new",
+            mask_url(source_url),
+            mask_url(target),
+        )
+        plans = prepare_tables(
+            source_url,
+            target,
+            run,
+            lineage,
+            tables,
+            mapping,
+            mode,
+            SEED_CHUNK_ROWS if mode == "seed" else chunk_rows,
+            target_schema,
+            cursor_column,
+        )
+        jobs = {
+            p.spec.source.qualified: chunk_jobs(
+                p, run.run_key, source_url, target, mode, quarantine, report_rows
+            )
+            for p in plans
+        }
+        progress = Progress(sum(p.est_rows for p in plans), sum(len(j) for j in jobs.values()))
+        progress.start(run.run_key)
+        all_jobs = [j for table_jobs in jobs.values() for j in table_jobs]
+        if mode == "seed" and all_jobs:
+            checkpoints = seed_tables(all_jobs)
+            for c in checkpoints:
+                progress.advance(c.rows_written, True)
+        else:
+            checkpoints = [
+                c
+                for cs in run_chunks(all_jobs, task_runner, parallelism, dask_address, progress).values()
+                for c in cs
+            ]
+
+        for plan in plans:
+            finish_table_task(source_url, target, run.run_key, lineage, plan)
+        add_foreign_keys_task(source_url, target, plans)
+
+        report = BulkReport(run.run_key, run.resumed)
+        failures: list[str] = []
+        stats: list[TableStat] = []
+        for plan in plans:
+            table_jobs = jobs[plan.spec.source.qualified]
+            validation = TableValidation(plan.spec.source.qualified)
+            if validate and table_jobs:
+                validation = validate_table_task(plan, table_jobs[0], validate, sample_rows)
+            failures += validation.problems
+            mine = [c for c in checkpoints if c.table == plan.spec.source.qualified]
+            stat = TableStat(
+                plan.spec.target_label,
+                sum(c.rows_written for c in mine),
+                len(plan.chunks),
+                sum(c.seconds for c in mine),
+                validation.summary,
+            )
+            stats.append(stat)
+            report.tables.append(stat.row())
+        report.integrity_problems = check_integrity_task(target, plans)
+        failures += report.integrity_problems
+        publish_table_artifact(run.run_key, stats)
+        with connection(target) as conn:
+            finish_run(conn, run.run_key, "failed" if failures else "completed", asdict(report))
+    if failures:
+        raise UserError(f"validation failed: {'; '.join(failures)}")
+    logger.info("bulk copy %s done: %s rows in %d tables", run.run_key, f"{report.rows:,}", len(plans))
+    return asdict(report)

@@ -1,0 +1,341 @@
+"""Where bulk copies read from: PostgreSQL, SQLite files, or a directory of static files.
+
+``source_url`` picks the kind: ``postgresql://...``; ``sqlite:///path.db`` (or a path to a
+``.db``/``.sqlite``/``.sqlite3`` file); or a directory (``file:///dir`` or a plain path) whose
+``<table>.json``, ``<table>.jsonl``, ``<table>.csv`` and ``<table>.parquet`` files become
+tables (seed 004's static reference data). Every source describes its tables in
+PostgreSQL types and reads a chunk as a stream of Arrow record batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from psycopg import sql
+
+from tasks.copy_pipe import normalize_session, read_csv_batches
+from tasks.db import connection, validate_postgres_url
+from tasks.errors import UserError
+from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow, sqlite_to_pg
+
+if TYPE_CHECKING:
+    from tasks.chunk_plan import Chunk
+
+SourceKind = Literal["postgres", "sqlite", "files"]
+FILE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".ndjson", ".json")
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+BATCH_ROWS = 50_000
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    pg_type: str
+    not_null: bool = False
+    generated: bool = False
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """A source table in PostgreSQL terms. ``schema`` is None for SQLite and files."""
+
+    name: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...] = ()
+    schema: str | None = None
+    path: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name) if self.schema else sql.Identifier(self.name)
+
+    @property
+    def copy_columns(self) -> list[str]:
+        """Columns that carry data (generated columns are recomputed by the target)."""
+        return [c.name for c in self.columns if not c.generated]
+
+    def arrow_schema(self) -> pa.Schema:
+        return pa.schema([(c.name, pg_to_arrow(c.pg_type)) for c in self.columns if not c.generated])
+
+
+def source_kind(source_url: str) -> SourceKind:
+    """Which kind of source a URL or path names; a UserError says what is accepted otherwise."""
+    scheme = urlsplit(source_url).scheme
+    if scheme.startswith("postgres"):
+        return "postgres"
+    path = source_path(source_url)
+    if scheme == "sqlite" or path.suffix.lower() in SQLITE_SUFFIXES:
+        if not path.is_file():
+            raise UserError(f"SQLite file {path} does not exist; pass an existing .db file")
+        return "sqlite"
+    if path.is_dir():
+        return "files"
+    raise UserError(
+        f"cannot read source {source_url!r}: pass postgresql://..., sqlite:///file.db or a directory "
+        "of .json/.jsonl/.csv/.parquet files"
+    )
+
+
+def source_path(source_url: str) -> Path:
+    parts = urlsplit(source_url)
+    if parts.scheme in ("sqlite", "file"):
+        return Path(parts.netloc + parts.path) if parts.netloc else Path(parts.path)
+    return Path(source_url)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def pg_describe(conn: object, schema: str, table: str) -> TableInfo:
+    rows = conn.execute(  # type: ignore[attr-defined]
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> ''
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        (schema, table),
+    ).fetchall()
+    if not rows:
+        raise UserError(f"table {schema}.{table} does not exist in the source; check the tables parameter")
+    key = conn.execute(  # type: ignore[attr-defined]
+        """
+        SELECT a.attname FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE n.nspname = %s AND c.relname = %s AND i.indisprimary ORDER BY k.ord
+        """,
+        (schema, table),
+    ).fetchall()
+    columns = tuple(Column(r[0], r[1], r[2], r[3]) for r in rows)
+    return TableInfo(table, columns, tuple(r[0] for r in key), schema)
+
+
+def split_name(name: str, default_schema: str = "public") -> tuple[str, str]:
+    schema, _, table = name.rpartition(".")
+    return schema or default_schema, table
+
+
+# --- SQLite -----------------------------------------------------------------------------------
+
+
+def sqlite_connect(source_url: str) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{source_path(source_url)}?mode=ro", uri=True)
+
+
+def sqlite_tables(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def sqlite_describe(conn: sqlite3.Connection, table: str) -> TableInfo:
+    rows = conn.execute('SELECT name, type, "notnull", pk FROM pragma_table_info(?)', (table,)).fetchall()
+    if not rows:
+        raise UserError(f"table {table} does not exist in the SQLite source; check the tables parameter")
+    columns = tuple(Column(r[0], sqlite_to_pg(r[1] or ""), bool(r[2])) for r in rows)
+    key = tuple(r[0] for r in sorted((r for r in rows if r[3]), key=lambda r: r[3]))
+    return TableInfo(table, columns, key)
+
+
+def sqlite_rowid_span(conn: sqlite3.Connection, table: str) -> tuple[int, int]:
+    """(first rowid, last rowid + 1); (0, 0) for an empty table."""
+    query = "SELECT min(rowid), max(rowid) FROM " + _sqlite_ident(table)  # noqa: S608 - quoted identifier
+    low, high = conn.execute(query).fetchone()
+    return (0, 0) if low is None else (low, high + 1)
+
+
+def _sqlite_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sqlite_value(value: object) -> object:
+    return "\\x" + value.hex() if isinstance(value, bytes) else value
+
+
+def sqlite_batches(source_url: str, info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch]:
+    """Rows of the chunk's rowid range, as Arrow batches typed from the PostgreSQL types.
+
+    SQLite has no columnar export, so rows are transposed per batch; BLOBs become bytea hex.
+    """
+    schema = pa.schema([(c.name, _sqlite_arrow(c.pg_type)) for c in info.columns])
+    query = "SELECT {} FROM {} WHERE rowid >= ? AND rowid < ?".format(  # noqa: S608 - identifiers quoted
+        ", ".join(_sqlite_ident(c.name) for c in info.columns), _sqlite_ident(info.name)
+    )
+    low = int(chunk.lo[0]) if chunk.lo else -(2**63)
+    high = int(chunk.hi[0]) if chunk.hi else 2**63 - 1
+    with sqlite_connect(source_url) as conn:
+        cursor = conn.execute(query, (low, high))
+        while rows := cursor.fetchmany(BATCH_ROWS):
+            columns = list(zip(*rows, strict=True))
+            try:
+                arrays = [
+                    pa.array(
+                        [_sqlite_value(v) for v in col] if field.type == pa.string() else col, field.type
+                    )
+                    for col, field in zip(columns, schema, strict=True)
+                ]
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                raise UserError(
+                    f"SQLite table {info.name} holds a value that does not fit its declared type ({exc}); "
+                    "fix the value or cast the column in the mapping"
+                ) from None
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _sqlite_arrow(pg_type: str) -> pa.DataType:
+    """SQLite values are read as int, float or text; PostgreSQL parses the text forms."""
+    return {"bigint": pa.int64(), "double precision": pa.float64()}.get(pg_type, pa.string())
+
+
+# --- static files -----------------------------------------------------------------------------
+
+
+def file_tables(directory: Path) -> dict[str, Path]:
+    """``{table: file}`` for the supported files in ``directory``; one file per table."""
+    found: dict[str, Path] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise UserError(f"two files define table {path.stem!r} in {directory}; keep one of them")
+        found[path.stem] = path
+    return found
+
+
+def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The file's rows as Arrow batches. JSON arrays are parsed whole (reference data); JSON Lines,
+    CSV and Parquet stream."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        elif suffix == ".csv":
+            yield from pa_csv.open_csv(path)
+        elif suffix in (".jsonl", ".ndjson"):
+            yield from pa_json.open_json(path)
+        else:
+            records = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(records, list):
+                raise UserError(
+                    f"{path} must hold a JSON array of objects (or use .jsonl, one object a line)"
+                )
+            for start in range(0, len(records), BATCH_ROWS):
+                yield pa.RecordBatch.from_pylist(records[start : start + BATCH_ROWS])
+    except (pa.ArrowInvalid, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
+
+
+def file_describe(path: Path) -> TableInfo:
+    if path.suffix.lower() == ".parquet":
+        schema = pq.read_schema(path)
+    else:
+        first = next(file_batches(path), None)
+        schema = first.schema if first is not None else pa.schema([])
+    columns = tuple(Column(f.name, arrow_to_pg(f.type)) for f in schema)
+    return TableInfo(path.stem, columns, path=str(path))
+
+
+def file_row_count(path: Path) -> int:
+    if path.suffix.lower() == ".parquet":
+        return pq.ParquetFile(path).metadata.num_rows
+    return sum(batch.num_rows for batch in file_batches(path))
+
+
+def file_chunk_batches(info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch]:
+    """The rows ``[lo, hi)`` of the file, by position, streamed and sliced batch by batch."""
+    low = int(chunk.lo[0]) if chunk.lo else 0
+    high = int(chunk.hi[0]) if chunk.hi else None
+    offset = 0
+    for batch in file_batches(Path(info.path or "")):
+        end = offset + batch.num_rows
+        if end > low and (high is None or offset < high):
+            start = max(low - offset, 0)
+            stop = batch.num_rows if high is None else min(high - offset, batch.num_rows)
+            yield batch.slice(start, stop - start)
+        offset = end
+        if high is not None and offset >= high:
+            return
+
+
+# --- one entry point per operation ------------------------------------------------------------
+
+
+def list_tables(source_url: str) -> list[str]:
+    """All tables of the source: ``schema.table`` for PostgreSQL, bare names otherwise."""
+    kind = source_kind(source_url)
+    if kind == "postgres":
+        from tasks.integrity import user_tables
+
+        with connection(validate_postgres_url(source_url)) as conn:
+            return [f"{s}.{t}" for s, t in user_tables(conn)]
+    if kind == "sqlite":
+        with sqlite_connect(source_url) as conn:
+            return sqlite_tables(conn)
+    return list(file_tables(source_path(source_url)))
+
+
+def describe(source_url: str, table: str) -> TableInfo:
+    kind = source_kind(source_url)
+    if kind == "postgres":
+        with connection(validate_postgres_url(source_url)) as conn:
+            return pg_describe(conn, *split_name(table))
+    if kind == "sqlite":
+        with sqlite_connect(source_url) as conn:
+            return sqlite_describe(conn, table)
+    files = file_tables(source_path(source_url))
+    if table not in files:
+        raise UserError(
+            f"no file for table {table!r} in {source_url}; expected {table}.jsonl/.json/.csv/.parquet"
+        )
+    return file_describe(files[table])
+
+
+def read_chunk(
+    source_url: str, info: TableInfo, chunk: Chunk, cursor: str | None
+) -> Iterator[pa.RecordBatch]:
+    """Stream one chunk of the source table as Arrow batches."""
+    kind = source_kind(source_url)
+    if kind == "sqlite":
+        yield from sqlite_batches(source_url, info, chunk)
+        return
+    if kind == "files":
+        yield from file_chunk_batches(info, chunk)
+        return
+    where, params = chunk.pg_filter(info.key, cursor)
+    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in info.copy_columns), info.ident, where
+    )
+    with connection(validate_postgres_url(source_url)) as conn:
+        normalize_session(conn)
+        yield from read_csv_batches(conn, query, info.arrow_schema(), params)
+
+
+def row_count(source_url: str, info: TableInfo) -> int:
+    """Exact row count of a source table, counted where the data lives."""
+    kind = source_kind(source_url)
+    if kind == "files":
+        return file_row_count(Path(info.path or ""))
+    if kind == "sqlite":
+        with sqlite_connect(source_url) as conn:
+            query = "SELECT count(*) FROM " + _sqlite_ident(info.name)  # noqa: S608 - quoted identifier
+            return conn.execute(query).fetchone()[0]
+    with connection(validate_postgres_url(source_url)) as conn:
+        return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(info.ident)).fetchone()[0]

@@ -1,0 +1,194 @@
+"""The tables of a bulk run: which, where they go, their persisted plans, and their completion.
+
+Before the load: target tables are created and the chunk plans persisted; the plans and the
+emptying of the target tables commit together, so a run that crashes later resumes from the
+persisted plan and never empties a table it has started loading. After the load: indexes
+and keys, foreign keys (``NOT VALID`` then ``VALIDATE``), sequences, incremental cursors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from psycopg import sql
+
+from tasks.bulk_sources import TableInfo, describe, list_tables, source_kind, split_name
+from tasks.chunk_checkpoint import (
+    ChunkCheckpoint,
+    committed_chunks,
+    last_cursor,
+    load_plan,
+    mark_table_completed,
+    save_cursor,
+    save_plan,
+)
+from tasks.chunk_plan import Chunk, plan_table
+from tasks.column_mapping import TableMapping, mapped_table
+from tasks.db import connection
+from tasks.errors import UserError
+from tasks.schema_copy import (
+    add_foreign_keys,
+    build_indexes_and_keys,
+    copy_table_ddl,
+    create_mapped_table,
+    reset_sequences,
+    source_foreign_keys,
+    table_exists,
+    truncate,
+)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A source table, its mapping and its target table (columns and key in target terms)."""
+
+    source: TableInfo
+    target: TableInfo
+    target_schema: str
+    mapping: TableMapping | None
+    cursor: str | None
+    identical: bool
+
+    @property
+    def target_ident(self) -> sql.Identifier:
+        return sql.Identifier(self.target_schema, self.target.name)
+
+    @property
+    def target_label(self) -> str:
+        return f"{self.target_schema}.{self.target.name}"
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    spec: TableSpec
+    chunks: list[Chunk]
+    committed: dict[str, ChunkCheckpoint] = field(default_factory=dict)
+
+    @property
+    def est_rows(self) -> int:
+        return sum(c.est_rows for c in self.chunks)
+
+
+def table_specs(
+    source_url: str,
+    tables: list[str] | None,
+    mapping: dict[str, TableMapping],
+    target_schema: str,
+    mode: str,
+    cursor_column: str | None,
+) -> list[TableSpec]:
+    """Resolve ``tables`` (None = all) against the source and the mapping."""
+    kind = source_kind(source_url)
+    available = list_tables(source_url)
+    names = tables or available
+    if kind == "postgres":
+        names = [n if "." in n else f"public.{n}" for n in names]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UserError(f"source has no tables {missing}; available: {', '.join(available) or 'none'}")
+    specs = []
+    for name in names:
+        source = describe(source_url, name)
+        table_map = mapping.get(name) or mapping.get(source.name)
+        target = mapped_table(source, table_map)
+        schema = source.schema or target_schema
+        if table_map and table_map.target:
+            schema, target_name = split_name(table_map.target, schema)
+            target = TableInfo(target_name, target.columns, target.key, target.schema, target.path)
+        cursor = (table_map.cursor if table_map else None) or cursor_column
+        if mode == "incremental":
+            cursor = cursor or (source.key[0] if len(source.key) == 1 else None)
+            if not source.key or cursor is None or kind != "postgres":
+                raise UserError(
+                    f"incremental mode needs a PostgreSQL source table with a primary key and a cursor column; "
+                    f"{source.qualified} has key {list(source.key)}: set cursor_column or use mode='full'"
+                )
+        if mode == "seed" and not target.key:
+            raise UserError(
+                f"seed mode upserts by key but {source.qualified} has none; set the mapping's `key`"
+            )
+        identical = (
+            kind == "postgres"
+            and (table_map is None or not table_map.transforms)
+            and (not table_map or not table_map.target)
+        )
+        specs.append(
+            TableSpec(source, target, schema, table_map, cursor if mode == "incremental" else None, identical)
+        )
+    _ensure_distinct_targets(specs)
+    return specs
+
+
+def _ensure_distinct_targets(specs: list[TableSpec]) -> None:
+    """Two source tables must not land in one target table."""
+    seen: dict[str, str] = {}
+    for spec in specs:
+        other = seen.setdefault(spec.target_label, spec.source.qualified)
+        if other != spec.source.qualified:
+            raise UserError(
+                f"{other} and {spec.source.qualified} both map to {spec.target_label}; rename one"
+            )
+
+
+def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:
+    """Create the target tables that do not exist yet (identical DDL or mapped types)."""
+    with connection(target_url) as conn:
+        absent = [s for s in specs if not table_exists(conn, s.target_schema, s.target.name)]
+        for spec in absent:
+            if not spec.identical:
+                create_mapped_table(conn, spec.target_schema, spec.target)
+    copy_table_ddl(source_url, target_url, [s.source for s in absent if s.identical])
+
+
+def plan_tables(
+    source_url: str,
+    target_url: str,
+    run_key: str,
+    lineage: str,
+    mode: str,
+    specs: list[TableSpec],
+    chunk_rows: int,
+) -> list[TablePlan]:
+    """Load each table's persisted plan, or plan it now; a new full plan empties its target table."""
+    plans = []
+    with connection(target_url) as conn:
+        emptied: list[sql.Identifier] = []
+        for spec in specs:
+            name = spec.source.qualified
+            chunks = load_plan(conn, run_key, name)
+            if chunks is None:
+                since = last_cursor(conn, lineage, name) if spec.cursor else None
+                chunks = plan_table(source_url, spec.source, chunk_rows, spec.cursor, since)
+                save_plan(conn, run_key, name, spec.target_label, chunks)
+                if mode == "full":
+                    emptied.append(spec.target_ident)
+            plans.append(TablePlan(spec, chunks, committed_chunks(conn, run_key, name)))
+        truncate(conn, emptied)
+    return plans
+
+
+def finish_table(source_url: str, target_url: str, run_key: str, lineage: str, plan: TablePlan) -> list[str]:
+    """After a table's chunks: indexes and keys, sequences, the cursor, and the table marked complete."""
+    spec = plan.spec
+    with connection(target_url) as target:
+        if spec.identical:
+            with connection(source_url) as source:
+                built = build_indexes_and_keys(source, target, spec.source, spec.target_schema, spec.target)
+        else:
+            built = build_indexes_and_keys(None, target, spec.source, spec.target_schema, spec.target)
+        built += reset_sequences(target, spec.target_schema, spec.target)
+        if spec.cursor and plan.chunks and plan.chunks[0].cursor_hi is not None:
+            save_cursor(target, lineage, spec.source.qualified, plan.chunks[0].cursor_hi, run_key)
+        mark_table_completed(target, run_key, spec.source.qualified)
+    return built
+
+
+def finish_foreign_keys(source_url: str, target_url: str, specs: list[TableSpec]) -> list[str]:
+    """Foreign keys among the copied PG→PG tables, added NOT VALID then validated."""
+    copied = {s.source.qualified for s in specs if s.identical}
+    if not copied:
+        return []
+    with connection(source_url) as source:
+        keys = [k for s in specs if s.identical for k in source_foreign_keys(source, s.source)]
+    with connection(target_url, autocommit=True) as target:
+        return add_foreign_keys(target, keys)

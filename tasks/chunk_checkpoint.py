@@ -1,0 +1,165 @@
+"""Bulk-copy checkpoints in the target database's ``flowyard`` schema.
+
+- ``bulk_runs``: one row per run key. Re-running the same configuration resumes (or, once
+  completed in full mode, re-verifies) the same run key; ``restart`` or a new incremental
+  pass starts a new one.
+- ``bulk_plans``: the chunk plan of each table, persisted the first time, so a resumed run
+  copies exactly the chunks it planned before the crash.
+- ``bulk_chunks``: one row per committed chunk, written in the *same transaction* as the
+  chunk's rows. A crash at any instant leaves a chunk either fully loaded with its row or
+  not loaded at all, never half or twice.
+- ``bulk_cursors``: the incremental high-water mark per source table and lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from tasks.chunk_plan import Chunk
+
+
+@dataclass(frozen=True)
+class ChunkCheckpoint:
+    """What a committed chunk did; also the chunk task's persisted Prefect result."""
+
+    run_key: str
+    table: str
+    chunk_id: str
+    rows_read: int
+    rows_written: int
+    quarantined: int
+    sent_checksum: int | None
+    cursor_max: str | None
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    run_key: str
+    resumed: bool
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """A stable hash of a JSON-able configuration."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: bool) -> RunHandle:
+    """The run key to use: the latest one for this configuration unless a new pass is due."""
+    latest = conn.execute(
+        "SELECT run_key, status FROM flowyard.bulk_runs WHERE config_hash = %s ORDER BY created_at DESC LIMIT 1",
+        (config_hash,),
+    ).fetchone()
+    new_pass = latest is None or restart or (mode == "incremental" and latest[1] == "completed")
+    if not new_pass:
+        conn.execute("UPDATE flowyard.bulk_runs SET status = 'running' WHERE run_key = %s", (latest[0],))
+        return RunHandle(latest[0], resumed=True)
+    passes = conn.execute(
+        "SELECT count(*) FROM flowyard.bulk_runs WHERE config_hash = %s", (config_hash,)
+    ).fetchone()[0]
+    run_key = f"{config_hash}-{passes + 1}"
+    conn.execute(
+        "INSERT INTO flowyard.bulk_runs (run_key, config_hash, mode, status) VALUES (%s, %s, %s, 'running')",
+        (run_key, config_hash, mode),
+    )
+    return RunHandle(run_key, resumed=False)
+
+
+def finish_run(conn: psycopg.Connection, run_key: str, status: str, report: dict[str, Any]) -> None:
+    conn.execute(
+        "UPDATE flowyard.bulk_runs SET status = %s, finished_at = now(), report = %s WHERE run_key = %s",
+        (status, Jsonb(report), run_key),
+    )
+
+
+def load_plan(conn: psycopg.Connection, run_key: str, table: str) -> list[Chunk] | None:
+    row = conn.execute(
+        "SELECT plan FROM flowyard.bulk_plans WHERE run_key = %s AND source_table = %s", (run_key, table)
+    ).fetchone()
+    return None if row is None else [Chunk.from_json(c) for c in row[0]]
+
+
+def save_plan(conn: psycopg.Connection, run_key: str, table: str, target: str, chunks: list[Chunk]) -> None:
+    conn.execute(
+        "INSERT INTO flowyard.bulk_plans (run_key, source_table, target_table, plan) VALUES (%s, %s, %s, %s)",
+        (run_key, table, target, Jsonb([c.to_json() for c in chunks])),
+    )
+
+
+_CHUNK_COLUMNS = "chunk_id, rows_read, rows_written, quarantined, sent_checksum, cursor_max, seconds"
+
+
+def _checkpoint(run_key: str, table: str, row: tuple[Any, ...]) -> ChunkCheckpoint:
+    digest = None if row[4] is None else int(row[4])
+    return ChunkCheckpoint(run_key, table, row[0], row[1], row[2], row[3], digest, row[5], row[6])
+
+
+def committed_chunks(
+    conn: psycopg.Connection, run_key: str, table: str, chunk_id: str | None = None
+) -> dict[str, ChunkCheckpoint]:
+    """The committed chunks of a table (or just ``chunk_id``), keyed by chunk id."""
+    rows = conn.execute(
+        "SELECT " + _CHUNK_COLUMNS + " FROM flowyard.bulk_chunks "  # noqa: S608 - constant column list
+        "WHERE run_key = %s AND source_table = %s AND (%s::text IS NULL OR chunk_id = %s)",
+        (run_key, table, chunk_id, chunk_id),
+    ).fetchall()
+    return {row[0]: _checkpoint(run_key, table, row) for row in rows}
+
+
+def record_chunk(conn: psycopg.Connection, checkpoint: ChunkCheckpoint, flow_run_id: str | None) -> None:
+    """Insert the checkpoint; call inside the transaction that loaded the chunk's rows."""
+    c = checkpoint
+    conn.execute(
+        """
+        INSERT INTO flowyard.bulk_chunks (run_key, source_table, chunk_id, rows_read, rows_written, quarantined,
+                                          sent_checksum, cursor_max, seconds, flow_run_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (
+            c.run_key,
+            c.table,
+            c.chunk_id,
+            c.rows_read,
+            c.rows_written,
+            c.quarantined,
+            c.sent_checksum,
+            c.cursor_max,
+            c.seconds,
+            flow_run_id,
+        ),
+    )
+
+
+def mark_table_completed(conn: psycopg.Connection, run_key: str, table: str) -> None:
+    conn.execute(
+        "UPDATE flowyard.bulk_plans SET completed = true WHERE run_key = %s AND source_table = %s",
+        (run_key, table),
+    )
+
+
+def last_cursor(conn: psycopg.Connection, lineage: str, table: str) -> str | None:
+    row = conn.execute(
+        "SELECT cursor_value FROM flowyard.bulk_cursors WHERE lineage = %s AND source_table = %s",
+        (lineage, table),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def save_cursor(conn: psycopg.Connection, lineage: str, table: str, value: str, run_key: str) -> None:
+    conn.execute(
+        """
+        INSERT INTO flowyard.bulk_cursors (lineage, source_table, cursor_value, run_key) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (lineage, source_table)
+        DO UPDATE SET cursor_value = EXCLUDED.cursor_value, run_key = EXCLUDED.run_key, updated_at = now()
+        """,
+        (lineage, table, value, run_key),
+    )

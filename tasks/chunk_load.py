@@ -1,0 +1,298 @@
+"""Load one chunk into the target exactly once: its rows and its checkpoint in one transaction.
+
+Two ways in:
+
+- *direct*: a full PG→PG copy of an identical table pipes binary COPY straight into the
+  target table, the raw-speed path;
+- *staged*: everything else (mappings, SQLite and file sources, incremental upserts, and the
+  diagnosis of a direct load that hit bad rows) COPYs the chunk into a temporary staging
+  table with the target's column types, checksums it there (what was *sent*), then inserts
+  or upserts it into the target.
+
+A constraint violation or bad value is permanent. The staged insert then bisects the chunk
+into halves that load and halves that fail, down to the offending rows, so the error names
+their keys (the first ``report_rows``) — or, with ``quarantine``, moves them into
+``flowyard.bulk_quarantine`` and loads the rest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import psycopg
+from psycopg import sql
+
+from tasks.bulk_sources import TableInfo, read_chunk, source_kind
+from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chunk
+from tasks.chunk_plan import Chunk
+from tasks.column_mapping import TableMapping, apply_mapping
+from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
+from tasks.db import connection
+from tasks.errors import UserError
+from tasks.table_checksum import checksum, row_hash
+
+Mode = Literal["full", "incremental", "seed"]
+PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+STAGE = sql.Identifier("fy_stage")
+ORD = "fy_ord"
+
+
+class ChunkRejected(UserError):
+    """Rows of a chunk violate the target's constraints; the message names their keys."""
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """Everything one chunk task needs; plain data, so it travels to thread or Dask workers."""
+
+    run_key: str
+    source_url: str
+    target_url: str
+    source: TableInfo
+    target: TableInfo
+    target_schema: str
+    chunk: Chunk
+    mapping: TableMapping | None
+    mode: Mode
+    cursor: str | None = None
+    quarantine: bool = False
+    report_rows: int = 10
+
+    @property
+    def identical(self) -> bool:
+        """Same columns and types both sides: the binary COPY pipe applies."""
+        return source_kind(self.source_url) == "postgres" and (
+            self.mapping is None or not self.mapping.transforms
+        )
+
+    @property
+    def target_ident(self) -> sql.Identifier:
+        return sql.Identifier(self.target_schema, self.target.name)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.target.copy_columns
+
+    @property
+    def describe(self) -> str:
+        return f"{self.source.qualified} {self.chunk.chunk_id}"
+
+
+def load_chunk(job: ChunkJob, flow_run_id: str | None = None) -> ChunkCheckpoint:
+    """Copy the chunk unless its checkpoint is already committed; return the checkpoint."""
+    with connection(job.target_url) as target:
+        normalize_session(target)
+        return load_chunk_in(target, job, flow_run_id)
+
+
+def load_chunk_in(target: psycopg.Connection, job: ChunkJob, flow_run_id: str | None) -> ChunkCheckpoint:
+    """Load the chunk and record its checkpoint in ``target``'s open transaction (the caller commits)."""
+    started = time.monotonic()
+    done = committed_chunks(target, job.run_key, job.source.qualified, job.chunk.chunk_id)
+    if done:
+        return done[job.chunk.chunk_id]
+    result = _load_direct(job, target) if job.identical and job.mode == "full" else None
+    if result is None:
+        result = _load_staged(job, target)
+    rows_read, rows_written, quarantined, digest, cursor_max = result
+    checkpoint = ChunkCheckpoint(
+        job.run_key,
+        job.source.qualified,
+        job.chunk.chunk_id,
+        rows_read,
+        rows_written,
+        quarantined,
+        digest,
+        cursor_max,
+        round(time.monotonic() - started, 3),
+    )
+    record_chunk(target, checkpoint, flow_run_id)
+    return checkpoint
+
+
+_Loaded = tuple[int, int, int, int | None, str | None]
+
+
+def _source_select(job: ChunkJob) -> tuple[sql.Composed, list[str]]:
+    where, params = job.chunk.pg_filter(job.source.key, job.cursor)
+    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in job.source.copy_columns), job.source.ident, where
+    )
+    return query, params
+
+
+def _pipe_from_source(job: ChunkJob, target: psycopg.Connection, into: sql.Composable) -> int:
+    query, params = _source_select(job)
+    with connection(job.source_url) as source:
+        return pipe_binary(source, query, target, into, job.columns, params)
+
+
+def _load_direct(job: ChunkJob, target: psycopg.Connection) -> _Loaded | None:
+    """Binary pipe into the target; None (nothing loaded) when the chunk holds rows the target rejects."""
+    try:
+        with target.transaction():
+            rows = _pipe_from_source(job, target, job.target_ident)
+    except PERMANENT:
+        return None
+    return rows, rows, 0, None, None
+
+
+def create_stage(job: ChunkJob, target: psycopg.Connection) -> None:
+    """A temporary table with the target's column types, no constraints, and a row ordinal."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
+    target.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(STAGE))
+    target.execute(
+        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+            STAGE, cols, job.target_ident
+        )
+    )
+    target.execute(
+        sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint GENERATED ALWAYS AS IDENTITY").format(
+            STAGE, sql.Identifier(ORD)
+        )
+    )
+
+
+def fill_stage(job: ChunkJob, target: psycopg.Connection) -> int:
+    """COPY the chunk into the stage; returns the rows read from the source."""
+    if job.identical:
+        return _pipe_from_source(job, target, STAGE)
+    read = 0
+
+    def mapped() -> object:
+        nonlocal read
+        for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor):
+            read += batch.num_rows
+            yield apply_mapping(batch, job.mapping)
+
+    write_batches(target, STAGE, mapped())  # type: ignore[arg-type]
+    return read
+
+
+def _has_unique_key(target: psycopg.Connection, job: ChunkJob) -> bool:
+    if not job.target.key:
+        return False
+    row = target.execute(
+        """
+        SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique
+          AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute
+               WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey)) = %s::text[]
+        """,
+        (job.target_ident.as_string(target), sorted(job.target.key)),
+    ).fetchone()
+    return row is not None
+
+
+def _insert_statement(job: ChunkJob, target: psycopg.Connection) -> sql.Composed:
+    """INSERT (or upsert by key) the stage rows with ``fy_ord`` in ``[%s, %s)``."""
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
+    statement = sql.SQL(
+        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
+    ).format(job.target_ident, cols, cols, STAGE, sql.Identifier(ORD), sql.Identifier(ORD))
+    if job.mode != "full" and _has_unique_key(target, job):
+        others = [c for c in job.columns if c not in job.target.key]
+        action = sql.SQL("DO NOTHING")
+        if others:
+            action = sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
+            )
+        statement = sql.SQL("{} ON CONFLICT ({}) {}").format(
+            statement, sql.SQL(", ").join(sql.Identifier(k) for k in job.target.key), action
+        )
+    return statement
+
+
+def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
+    create_stage(job, target)
+    rows_read = fill_stage(job, target)
+    sent = checksum(target, STAGE, job.columns)
+    insert = _insert_statement(job, target)
+    bad: list[tuple[int, str]] = []
+    limit = 2**62 if job.quarantine else job.report_rows
+    _insert_bisecting(target, insert, 1, sent.rows + 1, bad, limit)
+    if bad and not job.quarantine:
+        raise ChunkRejected(_rejection(job, target, bad))
+    if bad:
+        _quarantine(job, target, bad)
+    cursor_max = None
+    if job.cursor:
+        cursor_col = job.mapping.rename.get(job.cursor, job.cursor) if job.mapping else job.cursor
+        cursor_max = target.execute(
+            sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor_col), STAGE)
+        ).fetchone()[0]
+    bad_set = {o for o, _ in bad}
+    if bad_set:
+        kept = target.execute(
+            sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {} WHERE {} <> ALL(%s)").format(
+                row_hash(job.columns), STAGE, sql.Identifier(ORD)
+            ),
+            (sorted(bad_set),),
+        ).fetchone()
+        return rows_read, int(kept[0]), len(bad_set), int(kept[1]), cursor_max
+    return rows_read, sent.rows, 0, sent.digest, cursor_max
+
+
+def _insert_bisecting(
+    target: psycopg.Connection,
+    insert: sql.Composed,
+    low: int,
+    high: int,
+    bad: list[tuple[int, str]],
+    limit: int,
+) -> None:
+    """Insert stage rows ``[low, high)``; split failing ranges until single bad rows remain.
+
+    Ranges that insert stay inserted, so the cost is one pass plus log(n) statements per bad row.
+    """
+    if high <= low or len(bad) >= limit:
+        return
+    try:
+        with target.transaction():
+            target.execute(insert, (low, high))
+    except PERMANENT as exc:
+        if high - low == 1:
+            bad.append((low, exc.diag.message_primary or str(exc)))
+            return
+        middle = (low + high) // 2
+        _insert_bisecting(target, insert, low, middle, bad, limit)
+        _insert_bisecting(target, insert, middle, high, bad, limit)
+
+
+def _bad_keys(job: ChunkJob, target: psycopg.Connection, ords: Sequence[int]) -> list[str]:
+    if not job.target.key:
+        return [f"row #{o} of the chunk" for o in ords]
+    key_text = sql.SQL(" || ', ' || ").join(
+        sql.SQL("{} || '=' || coalesce({}::text, 'NULL')").format(sql.Literal(k), sql.Identifier(k))
+        for k in job.target.key
+    )
+    rows = target.execute(
+        sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s) ORDER BY {}").format(
+            key_text, STAGE, sql.Identifier(ORD), sql.Identifier(ORD)
+        ),
+        (list(ords),),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _rejection(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, str]]) -> str:
+    keys = _bad_keys(job, target, [o for o, _ in bad])
+    more = "at least " if len(bad) >= job.report_rows else ""
+    return (
+        f"chunk {job.describe} rejected: {more}{len(bad)} rows violate the target ({bad[0][1]}); "
+        f"offending rows: {'; '.join(keys)}. Fix those source rows, or rerun with quarantine=True "
+        "to load the rest and keep these in flowyard.bulk_quarantine"
+    )
+
+
+def _quarantine(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, str]]) -> None:
+    target.execute(
+        sql.SQL(
+            "INSERT INTO flowyard.bulk_quarantine (run_key, source_table, chunk_id, row_data, error) "
+            "SELECT %s, %s, %s, to_jsonb(s) - {ord_name}, b.err FROM {stage} s "
+            "JOIN unnest(%s::bigint[], %s::text[]) AS b(ord, err) ON s.{ord} = b.ord"
+        ).format(ord_name=sql.Literal(ORD), stage=STAGE, ord=sql.Identifier(ORD)),
+        (job.run_key, job.source.qualified, job.chunk.chunk_id, [o for o, _ in bad], [e for _, e in bad]),
+    )

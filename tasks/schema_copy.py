@@ -1,0 +1,269 @@
+"""Target tables for a bulk copy: created before the data, indexes and constraints after it.
+
+As pgcopydb does, a PG→PG copy takes the *pre-data* DDL from ``pg_dump`` (tables, owned
+sequences, defaults, CHECK and NOT NULL) so the target table is identical, loads the
+rows, then builds indexes and key constraints from the source catalogs, adds foreign keys
+``NOT VALID`` and validates them (no long exclusive lock), and moves sequences past the
+loaded maximum. Mapped, SQLite and file sources get a ``CREATE TABLE`` from the mapped
+PostgreSQL types and a primary key on the declared key.
+
+Every step is idempotent (existing tables, indexes and constraints are kept), so a resumed
+run can repeat it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from tasks.bulk_sources import TableInfo
+from tasks.db import connection, mask_url
+from tasks.embedded_pg import BIN_DIR
+from tasks.errors import UserError
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    table: sql.Identifier
+    name: str
+    definition: str
+
+
+def table_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (schema, name),
+    ).fetchone()
+    return row is not None
+
+
+def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]) -> None:
+    """Create ``tables`` in the target from the source's pre-data DDL (``pg_dump | psql``)."""
+    if not tables:
+        return
+    patterns = [arg for t in tables for arg in ("-t", f'"{t.schema}"."{t.name}"')]
+    dump = subprocess.run(
+        [
+            str(BIN_DIR / "pg_dump"),
+            "--schema-only",
+            "--section=pre-data",
+            "--no-owner",
+            "--no-privileges",
+            "--no-comments",
+            *patterns,
+            "--dbname",
+            source_url,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if dump.returncode != 0:
+        raise UserError(
+            f"pg_dump of the source DDL failed ({mask_url(source_url)}): {_last_line(dump.stderr)}"
+        )
+    with connection(target_url) as conn:
+        for schema in sorted({t.schema for t in tables if t.schema}):
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    restore = subprocess.run(
+        [
+            str(BIN_DIR / "psql"),
+            "--no-psqlrc",
+            "--quiet",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--single-transaction",
+            "--dbname",
+            target_url,
+            "-f",
+            "-",
+        ],
+        input=dump.stdout,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if restore.returncode != 0:
+        raise UserError(
+            f"creating target tables failed ({mask_url(target_url)}): {_last_line(restore.stderr)}; "
+            "create missing types/extensions in the target first"
+        )
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo) -> None:
+    """``CREATE TABLE`` with the mapped column types (constraints come after the load)."""
+    if not table.columns:
+        raise UserError(f"source table {table.qualified} has no columns; nothing to create")
+    columns = sql.SQL(", ").join(
+        sql.SQL("{} {}{}").format(
+            sql.Identifier(c.name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.not_null else "")
+        )
+        for c in table.columns
+    )
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    conn.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} ({})").format(
+            sql.Identifier(schema), sql.Identifier(table.name), columns
+        )
+    )
+
+
+def truncate(conn: psycopg.Connection, tables: Sequence[sql.Identifier]) -> None:
+    """Empty the tables a new full copy loads, in one statement (so foreign keys among them allow it)."""
+    if tables:
+        try:
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(tables)))
+        except psycopg.errors.FeatureNotSupported as exc:
+            raise UserError(
+                f"cannot empty the target tables: {exc.diag.message_primary}; include the referencing "
+                "tables in `tables` or drop their foreign keys"
+            ) from None
+
+
+def _existing(conn: psycopg.Connection, query: str, params: tuple[object, ...]) -> set[str]:
+    return {row[0] for row in conn.execute(query, params).fetchall()}
+
+
+def build_indexes_and_keys(
+    source: psycopg.Connection | None,
+    target: psycopg.Connection,
+    source_info: TableInfo,
+    schema: str,
+    target_info: TableInfo,
+) -> list[str]:
+    """Indexes and primary/unique/exclusion constraints after the load; returns what was built.
+
+    With a PostgreSQL ``source`` copied unchanged, they are the source's own definitions; otherwise
+    a primary key on the mapped key.
+    """
+    table = sql.Identifier(schema, target_info.name)
+    constraints = _existing(
+        target, "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass", (table.as_string(target),)
+    )
+    indexes = _existing(
+        target,
+        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass",
+        (table.as_string(target),),
+    )
+    built: list[str] = []
+    if source is None:
+        has_pk = target.execute(
+            "SELECT 1 FROM pg_index WHERE indrelid = %s::regclass AND indisprimary",
+            (table.as_string(target),),
+        ).fetchone()
+        if target_info.key and not has_pk:
+            target.execute(
+                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                    table, sql.SQL(", ").join(sql.Identifier(k) for k in target_info.key)
+                )
+            )
+            built.append("primary key")
+        return built
+    source_table = source_info.ident.as_string(source)
+    for name, definition in source.execute(
+        """
+        SELECT con.conname, pg_get_constraintdef(con.oid) FROM pg_constraint con
+        WHERE con.conrelid = %s::regclass AND con.contype IN ('p', 'u', 'x') ORDER BY con.contype, con.conname
+        """,
+        (source_table,),
+    ).fetchall():
+        if name not in constraints:
+            target.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    table, sql.Identifier(name), sql.SQL(definition)
+                )
+            )
+            built.append(name)
+    for name, definition in source.execute(
+        """
+        SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i
+        WHERE i.indrelid = %s::regclass
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
+        """,
+        (source_table,),
+    ).fetchall():
+        if name not in indexes:
+            target.execute(sql.SQL(definition))
+            built.append(name)
+    return built
+
+
+def source_foreign_keys(source: psycopg.Connection, info: TableInfo) -> list[ForeignKey]:
+    rows = source.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
+        (info.ident.as_string(source),),
+    ).fetchall()
+    return [ForeignKey(info.ident, name, definition) for name, definition in rows]
+
+
+def add_foreign_keys(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> list[str]:
+    """Add each foreign key ``NOT VALID`` (instant), then ``VALIDATE`` it (no exclusive lock).
+
+    A key whose rows do not validate fails with a one-line message naming it.
+    """
+    added = []
+    for key in keys:
+        exists = target.execute(
+            "SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+            (key.table.as_string(target), key.name),
+        ).fetchone()
+        if exists:
+            continue
+        definition = key.definition.removesuffix(" NOT VALID")
+        try:
+            target.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
+                    key.table, sql.Identifier(key.name), sql.SQL(definition)
+                )
+            )
+        except psycopg.errors.UndefinedTable:
+            continue  # the referenced table was not copied and does not exist in the target
+        if definition != key.definition:
+            continue
+        try:
+            with target.transaction():
+                target.execute(
+                    sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                        key.table, sql.Identifier(key.name)
+                    )
+                )
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise UserError(
+                f"foreign key {key.name} on {key.table.as_string(target)} does not hold in the copied data: "
+                f"{exc.diag.message_detail or exc.diag.message_primary}; fix the source rows or leave the table out"
+            ) from None
+        added.append(key.name)
+    return added
+
+
+def reset_sequences(target: psycopg.Connection, schema: str, table: TableInfo) -> list[str]:
+    """Move every serial/identity sequence of the table to the loaded maximum."""
+    moved = []
+    qualified = sql.Identifier(schema, table.name).as_string(target)
+    for column in table.columns:
+        sequence = target.execute(
+            "SELECT pg_get_serial_sequence(%s, %s)", (qualified, column.name)
+        ).fetchone()[0]
+        if sequence is None:
+            continue
+        target.execute(
+            sql.SQL("SELECT setval({}::regclass, coalesce(max({}), 1), max({}) IS NOT NULL) FROM {}").format(
+                sql.Literal(sequence),
+                sql.Identifier(column.name),
+                sql.Identifier(column.name),
+                sql.Identifier(schema, table.name),
+            )
+        )
+        moved.append(sequence)
+    return moved

@@ -1,0 +1,27 @@
+"""Task runners by name, so a flow can move from threads to a Dask cluster by configuration alone."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from tasks.errors import UserError
+
+RunnerKind = Literal["threads", "dask"]
+
+
+def build_task_runner(kind: str, max_workers: int, dask_address: str | None = None) -> TaskRunner:
+    """``threads``: a bounded thread pool. ``dask``: prefect-dask, on ``dask_address`` or a local
+    cluster of one process with ``max_workers`` threads."""
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": 1, "threads_per_worker": max_workers, "processes": False}
+        )
+    raise UserError(f"unknown task runner {kind!r}; use 'threads' or 'dask'")
