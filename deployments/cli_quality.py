@@ -56,7 +56,7 @@ def check(
     summary = quality_check(
         database_url=database_url,
         suites=suite or (None if not files else []),
-        schema=schema,
+        table_schema=schema,
         files=files or None,
         window=window,
         output_dir=output_dir,

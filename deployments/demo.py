@@ -15,6 +15,7 @@ import typer
 from deployments.online_demo import online_demo_parameters
 from deployments.runtime import PROJECT_DIR, ensure_prefect
 from deployments.trigger import run_deployment
+from quality.sample_data import demo_parameters
 from tasks.db import drop_database, ensure_database, with_database
 from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters
@@ -44,6 +45,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("versioned migrations", "deploy-migrations", "deploy-migrations", _deploy_migrations_parameters),
     DemoStep("device sync", "sync-devices", "sync-devices", demo_sync_parameters),
     DemoStep("online schema change", "online-migrate", "online-migrate", online_demo_parameters),
+    DemoStep("data quality", "quality-check", "quality-check", demo_parameters),
 ]
 
 

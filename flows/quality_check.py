@@ -46,7 +46,7 @@ from tasks.state import state_url
 def quality_check(
     database_url: str | None = None,
     suites: list[str] | None = None,
-    schema: str = "public",
+    table_schema: str = "public",
     files: dict[str, str] | None = None,
     window: Literal["day", "hour"] | None = None,
     window_start: dt.datetime | None = None,
@@ -57,7 +57,8 @@ def quality_check(
     history_runs: int = 20,
     state_database_url: str | None = None,
 ) -> dict[str, Any]:
-    """Check tables (``suites``: entity names, YAML paths or module:attr; default the four entities)
+    """Check tables (``suites``: entity names, YAML paths or module:attr; default the four entities,
+    looked up in ``table_schema``)
     and files (``files``: suite reference → CSV/Parquet/JSON path). ``window`` checks one daily or
     hourly batch on each suite's timestamp column, the one holding ``window_start`` (default now)."""
     url = resolve_url(database_url)
@@ -69,23 +70,25 @@ def quality_check(
     session = GxSession(docs_dir=out / "data_docs")
 
     checks = [
-        check_table_task.submit(session, url, s, schema, time_window, sample_size) for s in table_suites
+        check_table_task.submit(session, url, s, table_schema, time_window, sample_size) for s in table_suites
     ]
     checks += [check_file_task.submit(session, s, path, sample_size) for s, path in file_suites]
-    profiles = [profile_task.submit(url, s, schema, time_window) for s in table_suites] if profile else []
+    profiles = {
+        s.name: profile_task.submit(url, s, table_schema, time_window) for s in table_suites if profile
+    }
     results = [c.result() for c in checks]
-    profiled = [p.result() for p in profiles]
+    profiled = {name: p.result() for name, p in profiles.items()}
 
     run_id = str(flow_run.id or uuid.uuid4())
     trends, breaks, score_history = trends_task(state, run_id, results, history_runs)
-    found = [a for _, table_anomalies in profiled for a in table_anomalies] + breaks
+    found = [a for _, table_anomalies in profiled.values() for a in table_anomalies] + breaks
     report = QualityReport(
         overall_score=overall_score(r.score for r in results),
         results=results,
         trends=trends,
         anomalies=found,
         recommendations=recommend(results, found),
-        profiles={s.name: p for s, (p, _) in zip(table_suites, profiled, strict=True)},
+        profiles={name: table_profile for name, (table_profile, _) in profiled.items()},
     )
     sent = alerts_task(state, results, alerts or AlertConfig())
     files_written = dashboard_task(session, report, score_history, out)

@@ -86,3 +86,16 @@ def fill_entity_tables(conn: psycopg.Connection, rows: int, schema: str = "publi
         ref = sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
         conn.execute(sql.SQL("INSERT INTO {} {}").format(ref, sql.SQL(select)), {"rows": rows})
         conn.execute(sql.SQL("ANALYZE {}").format(ref))
+
+
+DEMO_SCHEMA = "quality_demo"
+
+
+def demo_parameters(demo_url: str) -> dict[str, object]:
+    """``flowyard demo``: entity tables with injected defects in the demo database, then check them."""
+    from tasks.db import connection
+
+    with connection(demo_url) as conn:
+        create_entity_tables(conn, DEMO_SCHEMA)
+        fill_entity_tables(conn, 2000, DEMO_SCHEMA)
+    return {"database_url": demo_url, "table_schema": DEMO_SCHEMA}

@@ -1,0 +1,112 @@
+"""The quality-check flow end to end on a real database and Prefect server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import psycopg
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.quality_check import quality_check
+from quality.sample_data import DEMO_SCHEMA, demo_parameters
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+async def _artifacts(flow_run_id):
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def _expected_counts(url: str) -> dict[str, int]:
+    """Violations straight from the generated data, in hand-written SQL."""
+    with psycopg.connect(url) as conn:
+        conn.execute(f"SET search_path TO {DEMO_SCHEMA}")
+        one = lambda q: conn.execute(q).fetchone()[0]  # noqa: E731
+        return {
+            "users.valid_email": one(
+                r"SELECT count(*) FROM users WHERE email !~ '^[^\s@]+@[^\s@]+\.[^\s@]+$'"
+            ),
+            "users.not_null_id": one("SELECT count(*) FROM users WHERE id IS NULL"),
+            "agents.valid_agent_type": one("SELECT count(*) FROM agents WHERE right(type, 5) <> 'Agent'"),
+            "tasks.project_exists": one(
+                "SELECT count(*) FROM tasks t LEFT JOIN projects p ON p.id = t.project_id WHERE p.id IS NULL"
+            ),
+        }
+
+
+def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
+    params = demo_parameters(fresh_db)
+    expected = _expected_counts(fresh_db)
+
+    state = quality_check(**params, output_dir=str(tmp_path), return_state=True)
+    first = state.result()
+
+    assert set(first["suites"]) == {"users", "projects", "agents", "tasks"}
+    assert all(s["rows"] == 2000 and not s["success"] for s in first["suites"].values())
+    assert first["overall_score"] == pytest.approx(sum(s["score"] for s in first["suites"].values()) / 4)
+    artifacts = asyncio.run(_artifacts(state.state_details.flow_run_id))
+    rules = {(r["suite"], r["rule"]): r for r in json.loads(artifacts["quality-rules"].data)}
+    for key, count in expected.items():
+        suite, rule = key.split(".")
+        assert rules[(suite, rule)]["unexpected_count"] == count > 0
+    dashboard = artifacts["quality-dashboard"].data
+    assert f"# Data quality: {first['overall_score']:.2f} / 100" in dashboard
+    assert "data:image/png;base64," in dashboard and "## Recommendations" in dashboard
+    assert "quality-profile-users" in artifacts
+    assert (tmp_path / "score_trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "data_docs" / "index.html").is_file()
+    assert first["anomalies"] > 0  # injected outliers and the e-mail pattern break
+
+    # Second run after the data got worse: trends go down for users only.
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(f"UPDATE {DEMO_SCHEMA}.users SET email = 'broken' WHERE random() < 0.3")
+    second = quality_check(**params, output_dir=str(tmp_path), profile=False)
+    assert second["trends"]["users"] == "down"
+    assert {second["trends"][s] for s in ("projects", "agents", "tasks")} == {"stable"}
+    assert second["suites"]["users"]["score"] < first["suites"]["users"]["score"]
+    assert second["recommendations"] >= 1  # valid_email now fails on >10% of rows
+
+
+def test_flow_checks_files(tmp_path, state_db):
+    path = tmp_path / "users.csv"
+    path.write_text(
+        "id,email,username,role,status,version,created_at\n"
+        "1,a@b.io,alice,admin,active,1,2024-01-01T00:00:00Z\n"
+        "2,not-an-email,bob,admin,active,1,2024-01-01T00:00:00Z\n"
+        "2,c@d.io,carol,root,active,0,2999-01-01T00:00:00Z\n"
+    )
+    result = quality_check(suites=[], files={"users": str(path)}, output_dir=str(tmp_path), profile=False)
+    # row 1: 100; row 2: dup id (10) + email (5) = 85; row 3: dup id (10) + role (2) + future (5) + version (2) = 81
+    assert result["suites"]["users"]["score"] == pytest.approx((100 + 85 + 81) / 3)
+
+
+def test_cli_check_and_profile(fresh_db, tmp_path, state_db):
+    demo_parameters(fresh_db)
+    proc = run_cli(
+        "quality",
+        "check",
+        "--database-url",
+        fresh_db,
+        "--schema",
+        DEMO_SCHEMA,
+        "-s",
+        "agents",
+        "--output-dir",
+        str(tmp_path),
+        "--no-profile",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "overall score:" in proc.stdout and "agents" in proc.stdout
+    proc = run_cli("quality", "profile", f"{DEMO_SCHEMA}.agents", "--database-url", fresh_db)
+    assert proc.returncode == 0, proc.stderr
+    assert "2000 rows" in proc.stdout and "temperature" in proc.stdout
+    proc = run_cli("quality", "profile", "nope", "--database-url", fresh_db)
+    assert proc.returncode == 2 and "table public.nope not found" in proc.stderr
