@@ -88,7 +88,9 @@ def online_migrate(
         decision = "complete"
     else:
         logger.info("paused: resume this run with action=complete or action=rollback")
-        decision = pause_flow_run(wait_for_input=OnlineDecision, timeout=pause_timeout_seconds).action
+        decision = pause_flow_run(
+            wait_for_input=OnlineDecision, timeout=pause_timeout_seconds, poll_interval=5
+        ).action
     online_phase(target, state, plan, decision, options)
     phase = "completed" if decision == "complete" else "rolled_back"
     logger.info("%s %s", plan.migration, phase)

@@ -133,8 +133,9 @@ def lint_statements(statements: Iterable[str], context: LintContext | None = Non
     ctx = context or LintContext()
     statements = list(statements)
     findings: list[Finding] = []
+    in_script = sum(not re.match(r"^\s*(SET|RESET)\b", st, re.IGNORECASE) for st in statements) > 1
     for statement in statements:
-        findings.extend(_lint_one(statement, _normalize(statement), ctx, in_script=len(statements) > 1))
+        findings.extend(_lint_one(statement, _normalize(statement), ctx, in_script=in_script))
     return findings
 
 
@@ -144,7 +145,9 @@ def _lint_one(raw: str, s: str, ctx: LintContext, *, in_script: bool) -> list[Fi
     def flag(rule: str, message: str) -> None:
         found.append(Finding(rule, message, raw))
 
-    if m := re.match(r"^(SET|RESET)\s+(SESSION\s+|LOCAL\s+)?LOCK_TIMEOUT\b\s*(?:=|TO)?\s*'?(\w*)", s):
+    if m := re.match(
+        r"^(SET|RESET)\s+(SESSION\s+|LOCAL\s+)?LOCK_TIMEOUT\b\s*(?:=|TO)?\s*'?(\w*)", raw.strip().upper()
+    ):
         ctx.lock_timeout_set = m.group(1) == "SET" and m.group(3) not in ("", "0", "DEFAULT")
         return found
     if "SET_CONFIG" in s and "LOCK_TIMEOUT" in s:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tasks.db import connect
+from tasks.online_migration import lint_plan
 from tests.online_support import checksum, make_schema, plan_for, run, schema_dump
 
 
@@ -301,6 +302,7 @@ def test_start_then_complete_keeps_data_and_reaches_final_schema(
     make_schema(fresh_db)
     expected = checksum(fresh_db, case.before)
     plan = plan_for(fresh_db, state_db, {"name": f"co_{name}"[:40], "operations": case.op})
+    assert lint_plan(plan, lock_timeout_ms=200).warnings == []  # every generated statement passes the lint
 
     run(fresh_db, state_db, plan, "start")
     # During expand both versions answer, each through its own search_path.

@@ -1,0 +1,93 @@
+"""A long transaction holding a lock makes the DDL retry with a short lock_timeout instead of stalling writers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tasks.db import connect
+from tasks.ddl_retry import LockPolicy, LockRetryDeadline, backoff_seconds, execute_with_lock_retry
+
+HOLD_SECONDS = 4.0
+
+
+class Writer(threading.Thread):
+    """Inserts as fast as it can and records each insert's latency and any failure."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop, self.latencies, self.errors = url, threading.Event(), [], []
+
+    def run(self) -> None:
+        with connect(self.url, autocommit=True) as conn:
+            n = 1_000_000
+            while not self.stop.is_set():
+                n += 1
+                started = time.monotonic()
+                try:
+                    conn.execute("INSERT INTO items (id, v) VALUES (%s, 1)", (n,))
+                except Exception as exc:  # noqa: BLE001 - any failed write is what we count
+                    self.errors.append(exc)
+                self.latencies.append(time.monotonic() - started)
+
+
+def _scenario(url: str, policy: LockPolicy) -> tuple[Writer, int]:
+    with connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, v int)")
+    writer = Writer(url)
+    writer.start()
+    holder = connect(url)
+    holder.execute("SELECT count(*) FROM items")  # a long transaction holding ACCESS SHARE
+    release = threading.Timer(HOLD_SECONDS, holder.commit)
+    release.start()
+    time.sleep(0.3)
+    try:
+        with connect(url, autocommit=True) as ddl:
+            stats = execute_with_lock_retry(ddl, ["ALTER TABLE items ADD COLUMN w int"], policy)
+    finally:
+        release.join()
+        holder.close()
+        time.sleep(0.3)
+        writer.stop.set()
+        writer.join()
+    return writer, stats.lock_timeouts
+
+
+def test_ddl_retries_instead_of_stalling_writers(fresh_db: str) -> None:
+    writer, lock_timeouts = _scenario(fresh_db, LockPolicy(lock_timeout_ms=200, deadline_seconds=60))
+    assert lock_timeouts >= 1
+    assert writer.errors == []
+    assert len(writer.latencies) > 10
+    # Queued behind the waiting DDL for at most about one lock_timeout, never for the holder's 4 s.
+    assert max(writer.latencies) < HOLD_SECONDS / 2
+
+
+def test_without_lock_timeout_writers_queue_behind_the_ddl(fresh_db: str) -> None:
+    """The contrast: a DDL with no lock_timeout stalls every writer until the long transaction ends."""
+    writer, lock_timeouts = _scenario(fresh_db, LockPolicy(lock_timeout_ms=0, deadline_seconds=60))
+    assert lock_timeouts == 0
+    assert max(writer.latencies) > HOLD_SECONDS / 2
+
+
+def test_deadline_gives_a_one_line_user_error(fresh_db: str) -> None:
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id bigint PRIMARY KEY)")
+    holder = connect(fresh_db)
+    holder.execute("SELECT count(*) FROM items")
+    try:
+        with connect(fresh_db, autocommit=True) as ddl, pytest.raises(LockRetryDeadline) as info:
+            execute_with_lock_retry(
+                ddl, ["DROP TABLE items"], LockPolicy(lock_timeout_ms=50, deadline_seconds=0.5)
+            )
+    finally:
+        holder.close()
+    assert "pg_blocking_pids" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
+    policy = LockPolicy(base_backoff_seconds=0.1, max_backoff_seconds=1.0)
+    assert 0.05 <= backoff_seconds(0, policy) < 0.15
+    assert 0.2 <= backoff_seconds(2, policy) < 0.6
+    assert backoff_seconds(20, policy) < 1.5

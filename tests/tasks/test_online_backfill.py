@@ -1,0 +1,105 @@
+"""The backfill survives a SIGKILL of the process running it, and resumes from its last checkpointed batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from tasks.backfill import BackfillOptions
+from tasks.db import connect
+from tasks.online_phases import RunOptions
+from tasks.online_state import active_migration, target_key
+from tasks.process_group import spawn_group
+from tests.conftest import ROOT
+from tests.online_support import make_schema, run
+
+SPEC = {
+    "name": "kill_backfill",
+    "operations": [
+        {
+            "alter_column": {
+                "table": "orders",
+                "column": "amount",
+                "type": "bigint",
+                "up": "amount::bigint * 3",
+                "down": "(amount / 3)::int",
+            }
+        },
+        {
+            "add_column": {
+                "table": "orders",
+                "column": {"name": "score", "type": "int", "nullable": False},
+                "up": "amount + 1",
+            }
+        },
+    ],
+}
+
+CHILD = textwrap.dedent(
+    """
+    import json
+    import sys
+    from tasks.backfill import BackfillOptions
+    from tasks.online_phases import RunOptions
+    from tests.online_support import plan_for, run
+    url, state, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    plan = plan_for(url, state, spec)
+    run(url, state, plan, "start", RunOptions(backfill=BackfillOptions(batch_size=200, delay_seconds=0.05)))
+    """
+)
+
+
+def _rows_done(state: str, url: str) -> int:
+    with connect(state) as conn:
+        row = conn.execute(
+            "SELECT b.rows_done FROM flowyard.online_backfill b JOIN flowyard.online_migrations m ON m.id = b.migration_id "
+            "WHERE m.target = %s AND m.name = %s",
+            (target_key(url), SPEC["name"]),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=20_000)
+    child = spawn_group(
+        [sys.executable, "-c", CHILD, fresh_db, state_db, json.dumps(SPEC)], cwd=ROOT, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while _rows_done(state_db, fresh_db) < 2000:
+        assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child exited"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+    done_at_kill = _rows_done(state_db, fresh_db)
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "starting"
+    assert 2000 <= done_at_kill < 20_000
+
+    report = run(
+        fresh_db, state_db, record.plan, "start", RunOptions(backfill=BackfillOptions(batch_size=5000))
+    )
+    (result,) = report.backfills
+    assert result.resumed_from is not None and int(result.resumed_from) >= done_at_kill - 200
+    assert result.rows == 20_000 - int(result.resumed_from)  # only the rest, not from the beginning
+    assert report.steps_skipped == 0 and report.steps_run < len(record.plan.start)
+
+    with connect(fresh_db) as conn:
+        wrong = conn.execute(
+            "SELECT count(*) FROM orders WHERE _fy_new_amount IS DISTINCT FROM amount::bigint * 3 "
+            "OR score IS DISTINCT FROM amount + 1"
+        ).fetchone()[0]
+    assert wrong == 0
+    run(fresh_db, state_db, record.plan, "complete")
+    with connect(fresh_db) as conn:
+        assert conn.execute("SELECT count(*), sum(amount) = sum(score - 1) * 3 FROM orders").fetchone() == (
+            20_000,
+            True,
+        )

@@ -1,0 +1,146 @@
+"""Migration files are validated before anything runs; errors are one line naming operation, field and problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import UserError
+from tasks.online_migration import lint_plan
+from tasks.online_spec import AddColumn, AlterColumn, load_spec, parse_spec
+from tests.online_support import make_schema, plan_for
+
+
+def _error(data: object) -> str:
+    with pytest.raises(UserError) as info:
+        parse_spec(data, "m.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_yaml_and_json_files_load(tmp_path: Path) -> None:
+    yaml_file = tmp_path / "m.yaml"
+    yaml_file.write_text(
+        "name: m1\noperations:\n  - add_column: {table: t, column: {name: c, type: int, default: '0'}}\n"
+        "  - alter_column: {table: t, column: a, type: bigint, up: a::bigint, down: a::int}\n"
+    )
+    json_file = tmp_path / "m.json"
+    json_file.write_text(
+        json.dumps({"name": "m1", "operations": [{"rename_table": {"from": "a", "to": "b"}}]})
+    )
+    spec = load_spec(yaml_file)
+    assert [type(op) for op in spec.operations] == [AddColumn, AlterColumn]
+    assert load_spec(json_file).operations[0].to == "b"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"name": "m", "operations": [{"add_column": {"table": "t"}}]},
+            "operation 0 (add_column): field 'column': Field required",
+        ),
+        (
+            {"name": "m", "operations": [{"rename_column": {"table": "t", "from": "a"}}, {"drop_table": {}}]},
+            "operation 0 (rename_column): field 'to'",
+        ),
+        ({"name": "m", "operations": [{"frobnicate": {}}]}, "operation 0: unknown type 'frobnicate'"),
+        (
+            {"name": "m", "operations": [{"alter_column": {"table": "t", "column": "a", "type": "bigint"}}]},
+            "operation 0 (alter_column): field '(operation)': up/down: a type change needs both",
+        ),
+        (
+            {
+                "name": "m",
+                "operations": [
+                    {"add_column": {"table": "t", "column": {"name": "c", "type": "int", "nullable": False}}}
+                ],
+            },
+            "up: a NOT NULL column needs a default or an up expression",
+        ),
+        (
+            {
+                "name": "m",
+                "operations": [
+                    {"create_index": {"name": "i", "table": "t", "columns": ["a"], "method": "nope"}}
+                ],
+            },
+            "operation 0 (create_index): field 'method'",
+        ),
+        ({"name": "Bad-Name", "operations": []}, "field 'name' must be 1-40 lowercase"),
+        ({"name": "m", "operations": []}, "field 'operations' must be a non-empty list"),
+        (
+            {"name": "m", "operations": [{"drop_table": {"name": "x; drop"}}]},
+            "operation 0 (drop_table): field 'name'",
+        ),
+    ],
+)
+def test_bad_files_get_one_precise_line(data: object, expected: str) -> None:
+    assert expected in _error(data)
+
+
+def test_operations_on_missing_or_indexed_columns_are_refused(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=10)
+    with pytest.raises(UserError, match=r"operation 1 \(rename_column\): column orders.nope does not exist"):
+        plan_for(
+            fresh_db,
+            state_db,
+            {
+                "name": "bad",
+                "operations": [
+                    {"drop_index": {"name": "orders_note_idx"}},
+                    {"rename_column": {"table": "orders", "from": "nope", "to": "x"}},
+                ],
+            },
+        )
+    with pytest.raises(UserError, match="part of an index"):
+        plan_for(
+            fresh_db,
+            state_db,
+            {
+                "name": "bad",
+                "operations": [
+                    {
+                        "alter_column": {
+                            "table": "orders",
+                            "column": "note",
+                            "type": "varchar(10)",
+                            "up": "note",
+                            "down": "note",
+                        }
+                    }
+                ],
+            },
+        )
+
+
+def test_raw_sql_breaking_a_rule_is_refused_unless_unsafe(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=10)
+    raw = {
+        "raw_sql": {
+            "up": "CREATE INDEX orders_amount ON orders (amount)",
+            "down": "DROP INDEX CONCURRENTLY orders_amount",
+        }
+    }
+    plan = plan_for(fresh_db, state_db, {"name": "raw", "operations": [raw]})
+    with pytest.raises(
+        UserError, match=r"operation 0 \(raw_sql\): field 'up': index-not-concurrent.*unsafe: true"
+    ):
+        lint_plan(plan, 200)
+    raw["raw_sql"]["unsafe"] = True  # type: ignore[index]
+    warnings = lint_plan(plan_for(fresh_db, state_db, {"name": "raw", "operations": [raw]}), 200).warnings
+    assert len(warnings) == 1 and "index-not-concurrent" in warnings[0]
+
+
+def test_zero_lock_timeout_fails_the_lint(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(
+        fresh_db,
+        state_db,
+        {"name": "lt", "operations": [{"drop_column": {"table": "orders", "column": "legacy"}}]},
+    )
+    with pytest.raises(UserError, match="missing-lock-timeout"):
+        lint_plan(plan, 0)
