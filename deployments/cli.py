@@ -24,6 +24,7 @@ app = typer.Typer(
 # (module under deployments/, command group name)
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("cli_migrate", "migrate"),
+    ("cli_online", "online"),
     ("cli_sync", "sync"),
     ("cli_quality", "quality"),
 ]
