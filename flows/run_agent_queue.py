@@ -106,6 +106,7 @@ def run_agent_queue(
 
 def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:
     """Record the final outcome of a task's Prefect task run; a failure after the last retry fails it."""
+    future.wait()  # sets the future's final state from the finished thread
     state = future.state
     if state.is_completed():
         return str(future.result()["outcome"])

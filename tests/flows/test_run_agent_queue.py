@@ -1,0 +1,249 @@
+"""run-agent-queue end to end: real Prefect server, real PostgreSQL, real agent subprocesses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from flows.run_agent_queue import run_agent_queue
+from tasks import agent_queue as queue
+from tasks.db import connection
+from tasks.process_group import group_members
+from tasks.state import state_url
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@pytest.fixture()
+def qdb(fresh_db: str) -> str:
+    return state_url(fresh_db)
+
+
+def _new(title: str, payload: dict[str, Any], blocked_by: tuple[int, ...] = (), **kw: Any) -> queue.NewTask:
+    return queue.NewTask(title=title, agent_type="reference", payload=payload, blocked_by=blocked_by, **kw)
+
+
+def _runs(url: str) -> list[dict[str, Any]]:
+    with connection(url) as conn:
+        rows = conn.execute(
+            "SELECT task_id, attempt, outcome, started_at, finished_at FROM flowyard.agent_runs ORDER BY id"
+        ).fetchall()
+    return [dict(zip(("task_id", "attempt", "outcome", "started", "finished"), r, strict=True)) for r in rows]
+
+
+def _digest(task_id: int, steps: int) -> str:
+    """The reference agent's uninterrupted SHA-256 chain (the oracle for resumed runs)."""
+    digest = hashlib.sha256(str(task_id).encode()).hexdigest()
+    for step in range(1, steps + 1):
+        digest = hashlib.sha256(f"{digest}:{task_id}:{step}".encode()).hexdigest()
+    return digest
+
+
+def _kw(tmp_path: Path, url: str, **extra: Any) -> dict[str, Any]:
+    return {"database_url": url, "output_dir": str(tmp_path / "agents"), **extra}
+
+
+def test_dependencies_run_in_dag_order_and_logs_are_written(tmp_path: Path, qdb: str) -> None:
+    step = {"steps": 2, "sleep": 0.2}
+    a = queue.create_task(qdb, _new("a", step, priority="low"))
+    b = queue.create_task(qdb, _new("b", step, (a,), priority="critical"))
+    c = queue.create_task(qdb, _new("c", step, (a,)))
+    d = queue.create_task(qdb, _new("d", {**step, "artifact": True}, (b, c), priority="critical"))
+    free = queue.create_task(qdb, _new("free", step, priority="low"))
+    summary = run_agent_queue(max_agents=3, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {t: "completed" for t in (a, b, c, d, free)}
+    runs = {r["task_id"]: r for r in _runs(qdb)}
+    for child, deps in ((b, (a,)), (c, (a,)), (d, (b, c))):
+        assert all(runs[child]["started"] >= runs[dep]["finished"] for dep in deps), (child, deps)
+    assert queue.get_task(qdb, d).result["digest"] == _digest(d, 2)
+    log = [
+        json.loads(line) for line in (tmp_path / "agents" / "logs" / f"{d}.jsonl").read_text().splitlines()
+    ]
+    assert [r["state"]["step"] for r in log if r["kind"] == "checkpoint"] == [1, 2]
+    assert {"artifact", "result", "progress"} <= {r["kind"] for r in log}
+    metrics = {m["agent_type"]: m for m in summary["metrics"]}
+    assert metrics["reference"]["tasks_completed"] == 5 and metrics["reference"]["error_rate"] == 0.0
+
+
+def test_concurrency_limit_is_respected(tmp_path: Path, qdb: str) -> None:
+    ids = [queue.create_task(qdb, _new(f"t{i}", {"steps": 2, "sleep": 0.4})) for i in range(6)]
+    run_agent_queue(max_agents=2, **_kw(tmp_path, qdb))
+    runs = _runs(qdb)
+    assert sorted(r["task_id"] for r in runs) == ids
+    events = sorted([(r["started"], 1) for r in runs] + [(r["finished"], -1) for r in runs])
+    level, peak = 0, 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    assert peak == 2, f"at most 2 agents at once, and the limit was used: peak {peak}"
+
+
+def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("crashy", {"steps": 4, "crash_after": 2}))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"}
+    task = queue.get_task(qdb, task_id)
+    assert task.attempts == 2
+    assert task.result == {"digest": _digest(task_id, 4), "steps": 4, "resumed_from": 2}
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
+    history = queue.checkpoint_history(qdb, task_id)
+    assert [(h["attempt"], h["state"]["step"]) for h in history] == [(1, 1), (1, 2), (2, 3), (2, 4)]
+
+
+def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: str) -> None:
+    bad = queue.create_task(qdb, _new("bad", {"fail": "cannot reach repo"}))
+    child = queue.create_task(qdb, _new("child", {"steps": 1}, (bad,)))
+    summary = run_agent_queue(max_agents=2, retries=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][bad].startswith("failed")
+    assert child not in summary["outcomes"]
+    assert summary["blocked"] == {child: f"not run: dependency #{bad} 'bad' is failed"}
+    task = queue.get_task(qdb, child)
+    assert task.status == "pending" and task.attempts == 0 and "'bad' is failed" in task.blocked_reason
+    assert "cannot reach repo" in queue.get_task(qdb, bad).error
+    metrics = {m["agent_type"]: m for m in summary["metrics"]}
+    assert metrics["reference"]["tasks_failed"] == 2 and metrics["reference"]["error_rate"] == 1.0
+
+
+def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("escape", {"steps": 1}, workdir="../../etc"))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert "outside the agent output directory" in summary["outcomes"][task_id]
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "failed" and task.attempts == 0
+
+
+def _wait_running(url: str, task_id: int, min_step: int = 1, timeout: float = 120.0) -> queue.AgentTask:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        task = queue.get_task(url, task_id)
+        if task.agent_pgid and task.last_checkpoint and task.last_checkpoint["state"]["step"] >= min_step:
+            return task
+        time.sleep(0.2)
+    raise AssertionError(f"task {task_id} never got running: {queue.get_task(url, task_id)}")
+
+
+def _assert_gracefully_stopped(url: str, task_id: int, pgid: int) -> None:
+    assert group_members(pgid) == [], "no process of the agent's group survives"
+    task = queue.get_task(url, task_id)
+    assert task.status == "pending" and task.worker is None, task
+    kinds = [h["kind"] for h in queue.checkpoint_history(url, task_id)]
+    assert kinds[-1] == "graceful_shutdown"
+    assert task.last_checkpoint["kind"] == "graceful_shutdown"
+    assert task.last_checkpoint["state"]["step"] >= 1
+
+
+def _child_pid(logs: Path, task_id: int) -> int:
+    lines = [json.loads(x) for x in (logs / f"{task_id}.jsonl").read_text().splitlines()]
+    return next(
+        int(r["message"].rsplit(" ", 1)[1]) for r in lines if r.get("message", "").startswith("spawned child")
+    )
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    from flows.run_agent_queue import run_agent_queue
+    run_agent_queue(max_agents=2, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2)
+    """
+)
+
+
+def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path, qdb: str) -> None:
+    payload = {"steps": 1000, "sleep": 0.1, "spawn_child": True}
+    task_id = queue.create_task(qdb, _new("long", payload))
+    stubborn = queue.create_task(qdb, _new("stubborn", {**payload, "ignore_term": True}))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running = [_wait_running(qdb, t) for t in (task_id, stubborn)]
+    children = [_child_pid(tmp_path / "agents" / "logs", t) for t in (task_id, stubborn)]
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=120)
+    for task in running:
+        _assert_gracefully_stopped(qdb, task.id, task.agent_pgid)
+    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb, max_tasks=0))
+    assert summary["outcomes"] == {}
+    queue.cancel_task(qdb, stubborn)
+    resumed_from = queue.get_task(qdb, task_id).last_checkpoint["state"]["step"]
+    with connection(qdb) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET payload = payload || jsonb_build_object('steps', %s::int, 'sleep', 0) WHERE id = %s",
+            (resumed_from + 2, task_id),
+        )
+    summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).result["resumed_from"] == resumed_from
+
+
+def _serve_only_agent_queue(tmp_path: Path) -> Path:
+    spec = tmp_path / "prefect.yaml"
+    spec.write_text(
+        textwrap.dedent(
+            """
+            deployments:
+              - name: run-agent-queue-test
+                entrypoint: flows/run_agent_queue.py:run_agent_queue
+                parameters: {}
+            """
+        )
+    )
+    return spec
+
+
+def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orphans(
+    tmp_path: Path, qdb: str, prefect_api: str
+) -> None:
+    from deployments.trigger import create_flow_run, wait_for_flow_run
+
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve", str(_serve_only_agent_queue(tmp_path))],
+        cwd=ROOT,
+        env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                run_id = create_flow_run(
+                    prefect_api,
+                    "run-agent-queue",
+                    "run-agent-queue-test",
+                    _kw(tmp_path, qdb, grace_seconds=2, max_agents=1),
+                )
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        running = _wait_running(qdb, task_id)
+        child = _child_pid(tmp_path / "agents" / "logs", task_id)
+        response = httpx.post(
+            f"{prefect_api}/flow_runs/{run_id}/set_state",
+            json={"state": {"type": "CANCELLING", "message": "cancelled by test"}, "force": True},
+            timeout=10,
+        )
+        assert response.status_code in (200, 201), response.text
+        outcome = wait_for_flow_run(prefect_api, run_id, timeout=120)
+        assert outcome.state == "CANCELLED", outcome
+        deadline = time.monotonic() + 30
+        while queue.get_task(qdb, task_id).status != "pending" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
+        assert not (psutil.pid_exists(child) and psutil.Process(child).status() != "zombie")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
