@@ -62,7 +62,6 @@ _V2_OBJECTS = (
     "CREATE TABLE sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
     "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL)",
     # Constant SQL fragments only (no input is ever concatenated), hence the noqa.
-    "UPDATE events SET sync_id = " + _UUID4_SQL + " WHERE sync_id IS NULL",  # noqa: S608
     "CREATE TABLE remote_project_status (project_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
     "updated_at TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL)",
     "CREATE UNIQUE INDEX idx_events_sync_id ON events (sync_id)",
@@ -186,14 +185,15 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
     try:
         for statement in _V2_COLUMNS:
             conn.execute(statement)
+        # One pass over the existing rows, before the indexes exist (building them after is cheaper).
+        conn.execute(
+            "UPDATE events SET sync_id = " + _UUID4_SQL + ", device_id = ?, user_id = ?, project_id = ?",  # noqa: S608
+            (identity.device_id, identity.user_id, identity.project_id),
+        )
         for statement in _V2_OBJECTS:
             conn.execute(statement)
         conn.execute(
             "INSERT INTO sync_identity (only_row, device_id, user_id, project_id) VALUES (1, ?, ?, ?)",
-            (identity.device_id, identity.user_id, identity.project_id),
-        )
-        conn.execute(
-            "UPDATE events SET device_id = ?, user_id = ?, project_id = ?",
             (identity.device_id, identity.user_id, identity.project_id),
         )
         conn.execute("PRAGMA user_version = 2")
@@ -241,17 +241,26 @@ def read_pending(
 ) -> list[LocalEvent]:
     """The next ``limit`` unsynced events after ``after_id``, by local id.
 
-    Failed events whose backoff has not elapsed are skipped unless ``force``.
+    Failed events whose backoff has not elapsed are skipped unless ``force``. Each status is
+    read as its own ordered range of ``idx_sync_status`` (status, id), so a batch costs
+    O(limit) however many events are pending or already synced.
     """
     rows = conn.execute(
         """
-        SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
-        FROM events
-        WHERE id > ? AND sync_status IN ('pending', 'failed')
-          AND (? OR next_retry_at IS NULL OR next_retry_at <= ?)
-        ORDER BY id LIMIT ?
+        SELECT * FROM (
+            SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
+            FROM events WHERE sync_status = 'pending' AND id > :after ORDER BY id LIMIT :limit
+        )
+        UNION ALL
+        SELECT * FROM (
+            SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
+            FROM events
+            WHERE sync_status = 'failed' AND id > :after AND (:force OR next_retry_at <= :now)
+            ORDER BY id LIMIT :limit
+        )
+        ORDER BY id LIMIT :limit
         """,
-        (after_id, force, now_ms, limit),
+        {"after": after_id, "limit": limit, "force": force, "now": now_ms},
     ).fetchall()
     return [LocalEvent(*row) for row in rows]
 

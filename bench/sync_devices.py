@@ -1,0 +1,159 @@
+"""Device sync throughput: 20 stores × 100k events through the real ``sync-devices`` flow,
+against a naive per-row INSERT loop in the same run.
+
+Starts its own embedded PostgreSQL and Prefect server in a temporary directory (nothing
+shared with a running flowyard). The naive loop (one INSERT + commit per event, one local
+UPDATE per event) is run on a subset and extrapolated, because at its speed the full 2M
+events would take far longer than the benchmark budget; the output says so.
+
+    .venv/bin/python bench/sync_devices.py [--devices 20] [--events 100000] [--naive-events 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tasks.embedded_pg import EmbeddedPostgres, free_port  # noqa: E402
+from tasks.settings import Settings  # noqa: E402
+
+TARGET_EVENTS_PER_SECOND = 50_000
+
+
+def _start_runtime(workdir: Path, workers: int) -> tuple[EmbeddedPostgres, Settings, str]:
+    """Embedded PostgreSQL + a Prefect server on it, with this process pointed at them."""
+    from tasks.prefect_runtime import prefect_client_env
+
+    settings = Settings(
+        home=workdir / "home", prefect_port=free_port(), pg_port=free_port(), max_workers=workers
+    )
+    os.environ.update(prefect_client_env(settings))
+    os.environ.update(
+        {
+            "FLOWYARD_HOME": str(settings.home),
+            "FLOWYARD_MAX_WORKERS": str(workers),
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
+    (settings.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
+    server = EmbeddedPostgres(workdir / "pg", settings.pg_port)
+    server.start()
+    from tasks import services
+    from tasks.db import ensure_database
+    from tasks.prefect_runtime import server_service
+    from tasks.settings import get_settings
+    from tasks.state import state_url
+
+    ensure_database(server.url(), "flowyard")
+    os.environ["FLOWYARD_DATABASE_URL"] = server.url("flowyard")
+    get_settings.cache_clear()
+    state = state_url(server.url("flowyard"))
+    services.start(server_service(settings, state), settings.run_dir)
+    return server, settings, state
+
+
+def _naive_loop(store: Path, central: str, limit: int) -> float:
+    """Seconds for ``limit`` events synced one by one: INSERT + commit, then a local UPDATE each."""
+    import psycopg
+
+    from tasks import central_store, device_store
+
+    central_store.ensure_schema(central)
+    with device_store.open_store(store) as local, psycopg.connect(central, autocommit=True) as conn:
+        device_store.upgrade_to_v2(local, device_store.Identity("naive", "naive", "naive"))
+        events = device_store.read_pending(local, 0, limit, now_ms=device_store.now_ms())
+        session = central_store.CentralSession(central)
+        session.ensure_partitions([e.timestamp_ms for e in events])
+        session.close()
+        started = time.perf_counter()
+        for e in events:
+            conn.execute(
+                """
+                INSERT INTO devflow.events (sync_id, local_id, device_id, user_id, project_id, event_type,
+                                            event_data, occurred_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, to_timestamp(%s / 1000.0))
+                """,
+                (
+                    e.sync_id,
+                    e.local_id,
+                    e.device_id,
+                    e.user_id,
+                    e.project_id,
+                    e.event_type,
+                    e.event_data,
+                    e.timestamp_ms,
+                ),
+            )
+            local.execute("UPDATE events SET sync_status = 'synced' WHERE id = ?", (e.local_id,))
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--naive-events", type=int, default=5_000)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="flowyard-bench-sync-"))
+    server, settings, state = _start_runtime(workdir, args.workers)
+    try:
+        from tasks import services
+        from tasks.db import ensure_database, with_database
+        from tasks.prefect_runtime import SERVER
+        from tasks.sample_devices import make_fleet, make_store
+
+        started = time.perf_counter()
+        stores = make_fleet(workdir / "devices", args.devices, args.events)
+        naive_store = make_store(workdir / "naive.db", args.naive_events, seed=999)
+        print(
+            f"generated {args.devices} v1 stores × {args.events} events in {time.perf_counter() - started:.1f}s"
+        )
+        for name in ("central", "naive"):
+            ensure_database(server.url(), name)
+
+        from flows.sync_devices import sync_devices
+
+        total = args.devices * args.events
+        started = time.perf_counter()
+        result = sync_devices(
+            stores=[str(p) for p in stores],
+            central_url=with_database(state, "central"),
+            batch_size=args.batch_size,
+        )
+        flow_seconds = time.perf_counter() - started
+        uploaded = sum(o["uploaded"] for o in result["devices"].values())
+        assert uploaded == total, f"uploaded {uploaded} of {total}"
+
+        naive_seconds = _naive_loop(naive_store, with_database(state, "naive"), args.naive_events)
+        naive_rate = args.naive_events / naive_seconds
+        flow_rate = total / flow_seconds
+        print(
+            f"sync-devices flow: {total} events in {flow_seconds:.1f}s = {flow_rate:,.0f} events/s "
+            f"({args.workers} workers, batch size {args.batch_size}; includes the v1→v2 upgrade of every store)"
+        )
+        print(
+            f"naive per-row loop: {args.naive_events} events in {naive_seconds:.1f}s = {naive_rate:,.0f} events/s "
+            f"(subset; extrapolated to {total} events: {total / naive_rate / 60:.1f} min)"
+        )
+        print(
+            f"speed-up: {flow_rate / naive_rate:.1f}x; target {TARGET_EVENTS_PER_SECOND:,} events/s: "
+            f"{'met' if flow_rate >= TARGET_EVENTS_PER_SECOND else 'MISSED'}"
+        )
+        services.stop(settings.run_dir, SERVER)
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
