@@ -61,4 +61,16 @@ def filter_event_data(raw: str, policy: PrivacyPolicy) -> str:
     else:
         key = policy.hash_key.encode()
         kept = {k: (v if k in allowed else _digest(v, key)) for k, v in data.items()}
-    return orjson.dumps(kept).decode()
+    text = orjson.dumps(kept).decode()
+    # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
+    return orjson.dumps(_without_nul(kept)).decode() if "\\u0000" in text else text
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value

@@ -183,14 +183,21 @@ def sync_device(
                 started = time.perf_counter()
                 try:
                     result = uploader.upload(rows)
-                except (_UploadFailed, psycopg.Error) as exc:
-                    error = (
-                        str(exc) if isinstance(exc, _UploadFailed) else _one_line(exc, options.central_url)
-                    )
+                except _UploadFailed as exc:  # central unreachable: keep the rest queued for later
+                    error = str(exc)
                     device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
                     failed += len(ids)
                     size = adapt_batch_size(options.batch_size, "poor")
                     break
+                except psycopg.Error as exc:  # central refused this data: bisect down to the bad events
+                    if len(ids) > 1:
+                        size = max(1, len(ids) // 2)
+                        continue
+                    error = _one_line(exc, options.central_url)
+                    device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
+                    failed += 1
+                    last_id = ids[-1]
+                    continue
                 _pause_for_crash_test()
                 device_store.mark_synced(conn, ids, now_ms=device_store.now_ms())
                 elapsed = time.perf_counter() - started

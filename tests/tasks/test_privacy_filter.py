@@ -32,3 +32,11 @@ def test_non_objects_carry_no_metadata() -> None:
     policy = PrivacyPolicy()
     assert filter_event_data("[1, 2]", policy) == "{}"
     assert filter_event_data("not json", policy) == "{}"
+
+
+def test_nul_characters_are_removed_for_jsonb() -> None:
+    raw = orjson.dumps({"action": ["sa\u0000ve"], "status": "\\u0000 stays"}).decode()
+    assert orjson.loads(filter_event_data(raw, PrivacyPolicy())) == {
+        "action": ["save"],
+        "status": "\\u0000 stays",
+    }

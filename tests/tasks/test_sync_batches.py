@@ -86,6 +86,19 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     assert _central_counts(central) == (300, 300)
 
 
+def test_a_refused_event_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET sync_id = 'not-a-uuid' WHERE id = 37")
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed) == (99, 1)
+    assert "invalid input syntax for type uuid" in report.error
+    with device_store.open_store(store) as conn:
+        failed = conn.execute("SELECT id, sync_attempts FROM events WHERE sync_status = 'failed'").fetchall()
+    assert failed == [(37, 1)]
+    assert _central_counts(central) == (99, 99)
+
+
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 20_000)
     stop = threading.Event()
