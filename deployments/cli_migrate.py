@@ -1,7 +1,124 @@
-"""``flowyard migrate``: versioned Alembic deploys with backup, validation and restore."""
+"""``flowyard migrate``: versioned Alembic deploys with backup, validation and restore.
+
+Each command checks its input first (URL, migrations directory), so a typo costs no
+server start, then points Prefect at flowyard's server and runs the flow in-process;
+the run shows up in the Prefect UI like a deployment run.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from tasks.alembic_deploy import check_migrations_dir
+from tasks.db import validate_postgres_url
+
 app = typer.Typer(help="Versioned migrations: deploy, status, rollback.", no_args_is_help=True)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", "-d", help="Target PostgreSQL URL (default: FLOWYARD_DATABASE_URL or embedded)."
+    ),
+]
+MigrationsDir = Annotated[
+    Path, typer.Option("--migrations-dir", "-m", help="Alembic script directory (env.py + versions/).")
+]
+Validate = Annotated[
+    list[str] | None,
+    typer.Option("--validate", help="SQL returning one truthy value after the run; repeatable."),
+]
+NoBackup = Annotated[bool, typer.Option("--no-backup", help="Skip the pg_dump backup (and so any restore).")]
+NoRestore = Annotated[bool, typer.Option("--no-restore", help="Keep the failed state instead of restoring.")]
+LockTimeout = Annotated[float, typer.Option(help="Seconds to wait for another deploy on the same database.")]
+BackupDir = Annotated[Path | None, typer.Option(help="Where backups go (default: <FLOWYARD_HOME>/backups).")]
+
+
+def _prepare(database_url: str | None, migrations_dir: Path) -> str | None:
+    """Validate the input, then start/attach to flowyard's Prefect server."""
+    from deployments.cli_logging import console_without_tracebacks
+    from deployments.runtime import ensure_prefect
+    from tasks.settings import get_settings
+
+    url = validate_postgres_url(database_url) if database_url else None
+    check_migrations_dir(migrations_dir)
+    ensure_prefect(get_settings())
+    console_without_tracebacks()
+    return url
+
+
+@app.command()
+def deploy(
+    database_url: DatabaseUrl = None,
+    migrations_dir: MigrationsDir = Path("migrations"),
+    target: Annotated[str, typer.Option(help="Revision to upgrade to.")] = "head",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the SQL plan; change nothing.")] = False,
+    no_backup: NoBackup = False,
+    no_restore: NoRestore = False,
+    validate: Validate = None,
+    lock_timeout: LockTimeout = 60.0,
+    backup_dir: BackupDir = None,
+) -> None:
+    """Apply pending migrations: preflight, lock, backup, upgrade, validate; restore on failure."""
+    url = _prepare(database_url, migrations_dir)
+    from flows.deploy_migrations import deploy_migrations
+
+    report = deploy_migrations(
+        database_url=url,
+        migrations_dir=str(migrations_dir),
+        target=target,
+        dry_run=dry_run,
+        backup=not no_backup,
+        restore_on_failure=not no_restore,
+        validation_queries=validate or [],
+        lock_timeout=lock_timeout,
+        backup_dir=str(backup_dir) if backup_dir else None,
+    )
+    typer.echo(report.markdown())
+
+
+@app.command()
+def status(
+    database_url: DatabaseUrl = None,
+    migrations_dir: MigrationsDir = Path("migrations"),
+    target: Annotated[str, typer.Option(help="Revision pending revisions are counted up to.")] = "head",
+) -> None:
+    """Show applied, pending and head revisions."""
+    url = _prepare(database_url, migrations_dir)
+    from flows.deploy_migrations import migration_status
+    from tasks.db import mask_url, resolve_url
+    from tasks.migration_report import status_markdown
+
+    typer.echo(
+        status_markdown(mask_url(resolve_url(url)), migration_status(url, str(migrations_dir), target))
+    )
+
+
+@app.command()
+def rollback(
+    steps: Annotated[int, typer.Option(min=1, help="How many revisions to undo (Alembic downgrade).")] = 1,
+    database_url: DatabaseUrl = None,
+    migrations_dir: MigrationsDir = Path("migrations"),
+    no_backup: NoBackup = False,
+    no_restore: NoRestore = False,
+    validate: Validate = None,
+    lock_timeout: LockTimeout = 60.0,
+    backup_dir: BackupDir = None,
+) -> None:
+    """Undo the last N revisions, with the same lock, backup, validation and restore as a deploy."""
+    url = _prepare(database_url, migrations_dir)
+    from flows.deploy_migrations import migration_rollback
+
+    report = migration_rollback(
+        steps=steps,
+        database_url=url,
+        migrations_dir=str(migrations_dir),
+        backup=not no_backup,
+        restore_on_failure=not no_restore,
+        validation_queries=validate or [],
+        lock_timeout=lock_timeout,
+        backup_dir=str(backup_dir) if backup_dir else None,
+    )
+    typer.echo(report.markdown())

@@ -1,0 +1,256 @@
+"""Versioned Alembic migrations as Prefect flows: deploy (or dry-run), status and rollback.
+
+deploy / rollback, each step a task:
+
+    lock ─▶ preflight ─▶ [dry run: SQL plan, stop] ─▶ backup ─▶ adopt checksums
+         ─▶ upgrade/downgrade, one task per revision ─▶ validate
+         on any failure after the backup: restore from it, then fail the run
+
+Every run publishes table artifacts (revisions with durations, row counts before/after)
+and a markdown summary, whatever its outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import alembic_deploy, migration_report, revision_checksums
+from tasks.advisory_lock import advisory_lock
+from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
+from tasks.db import database_name, mask_url, resolve_url
+from tasks.errors import UserError
+from tasks.migration_preflight import run_preflight
+from tasks.migration_report import MigrationReport
+from tasks.migration_validation import require_valid, validate
+from tasks.pg_backup import backup_database, maintenance_url, restore_database
+from tasks.settings import get_settings
+
+DEFAULT_MIGRATIONS_DIR = "migrations"
+
+
+class MigrationFailed(UserError):
+    """A revision or the validation failed; the message says whether the database was restored."""
+
+
+def _not_user_error(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry transient failures only: a UserError will fail the same way again."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # anything else may be transient
+        return True
+    return False
+
+
+_task = partial(task, cache_policy=NO_CACHE)
+preflight_task = _task(
+    run_preflight, name="preflight", retries=2, retry_delay_seconds=2, retry_condition_fn=_not_user_error
+)
+plan_task = _task(alembic_deploy.offline_plan, name="sql-plan")
+backup_task = _task(
+    backup_database, name="backup", retries=1, retry_delay_seconds=2, retry_condition_fn=_not_user_error
+)
+adopt_task = _task(revision_checksums.adopt, name="adopt-checksums")
+upgrade_task = _task(alembic_deploy.upgrade_revision, name="upgrade")
+downgrade_task = _task(alembic_deploy.downgrade_revision, name="downgrade")
+validate_task = _task(validate, name="validate")
+restore_task = _task(restore_database, name="restore")
+status_task = _task(alembic_deploy.migration_status, name="status")
+publish_task = _task(migration_report.publish, name="publish-report")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    url: str
+    migrations_dir: str
+    target: str
+    backup_dir: Path | None
+    """None: no backup (and so no restore)."""
+    restore_on_failure: bool
+    validation_queries: list[str]
+    lock_timeout: float
+    max_active_connections: int
+
+
+def deploy_lock(url: str, timeout: float) -> AbstractContextManager[psycopg.Connection]:
+    """One deploy or rollback at a time per database.
+
+    The lock lives in the maintenance database, not the target: a restore rebuilds the
+    target database, which would end a lock session held inside it and let a waiting run in.
+    """
+    return advisory_lock(maintenance_url(url), f"flowyard.deploy:{database_name(url)}", timeout)
+
+
+def _options(
+    database_url: str | None,
+    migrations_dir: str,
+    target: str,
+    backup: bool,
+    backup_dir: str | None,
+    restore_on_failure: bool,
+    validation_queries: list[str] | None,
+    lock_timeout: float,
+    max_active_connections: int,
+) -> RunOptions:
+    alembic_deploy.check_migrations_dir(migrations_dir)
+    backups = Path(backup_dir) if backup_dir else get_settings().home_dir / "backups"
+    return RunOptions(
+        resolve_url(database_url),
+        str(Path(migrations_dir).resolve()),
+        target,
+        backups if backup else None,
+        restore_on_failure,
+        list(validation_queries or []),
+        lock_timeout,
+        max_active_connections,
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _step(step: Any, opts: RunOptions, revision: Revision) -> RevisionRun:
+    """One upgrade/downgrade task, named after its revision in the UI."""
+    name = f"{step.name} {revision.revision}"
+    try:
+        return step.with_options(task_run_name=name)(opts.url, opts.migrations_dir, revision)
+    except Exception as exc:
+        raise MigrationFailed(f"{name} failed: {_one_line(exc)}") from exc
+
+
+def _protected(report: MigrationReport, opts: RunOptions, revisions: Sequence[Revision], step: Any) -> None:
+    """Backup, change, validate; on any failure after the backup restore it and fail."""
+    report.backup = backup_task(opts.url, opts.backup_dir) if opts.backup_dir else None
+    try:
+        report.adopted = adopt_task(opts.url, report.preflight.status.applied_files)
+        for revision in revisions:
+            report.revisions.append(_step(step, opts, revision))
+        report.validation = validate_task(opts.url, opts.validation_queries, report.preflight.integrity)
+        require_valid(report.validation)
+    except Exception as exc:
+        report.error = _one_line(exc)
+        if report.backup is None or not opts.restore_on_failure:
+            why = "no backup was taken" if report.backup is None else "restore_on_failure is off"
+            raise MigrationFailed(f"{report.error}; the database was NOT restored ({why})") from exc
+        report.restore = restore_task(opts.url, report.backup)
+        raise MigrationFailed(
+            f"{report.error}; restored {database_name(opts.url)} from {report.backup.path}"
+        ) from exc
+
+
+def _run(
+    action: str, opts: RunOptions, select: Callable[[MigrationStatus], Sequence[Revision]] | None, step: Any
+) -> MigrationReport:
+    """Lock, preflight, then a dry-run plan (``select`` None) or the protected change; always publish."""
+    report = MigrationReport(action, mask_url(opts.url), opts.migrations_dir)
+    try:
+        with deploy_lock(opts.url, opts.lock_timeout):
+            report.preflight = preflight_task(
+                opts.url,
+                opts.migrations_dir,
+                opts.target,
+                None if select is None else opts.backup_dir,
+                opts.max_active_connections,
+            )
+            if select is None:
+                report.plan = plan_task(opts.url, opts.migrations_dir, report.preflight.status)
+                print(report.plan)
+            else:
+                _protected(report, opts, select(report.preflight.status), step)
+        report.outcome = "completed"
+    except BaseException as exc:
+        report.outcome = "failed, restored from backup" if report.restore else "failed"
+        report.error = report.error or _one_line(exc)
+        raise
+    finally:
+        publish_task(report)
+    return report
+
+
+@flow(name="deploy-migrations", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def deploy_migrations(
+    database_url: str | None = None,
+    migrations_dir: str = DEFAULT_MIGRATIONS_DIR,
+    target: str = "head",
+    dry_run: bool = False,
+    backup: bool = True,
+    restore_on_failure: bool = True,
+    validation_queries: list[str] | None = None,
+    lock_timeout: float = 60.0,
+    backup_dir: str | None = None,
+    max_active_connections: int = 50,
+) -> MigrationReport:
+    """Apply a project's Alembic migrations up to ``target`` with preflight, lock, backup, validation
+    and restore on failure. ``dry_run`` only prints the SQL plan. ``database_url`` None: flowyard's
+    database; ``backup_dir`` None: ``<FLOWYARD_HOME>/backups``."""
+    opts = _options(
+        database_url,
+        migrations_dir,
+        target,
+        backup,
+        backup_dir,
+        restore_on_failure,
+        validation_queries,
+        lock_timeout,
+        max_active_connections,
+    )
+    if dry_run:
+        return _run("dry-run", opts, None, None)
+    return _run("deploy", opts, lambda status: status.pending, upgrade_task)
+
+
+@flow(name="migration-rollback", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def migration_rollback(
+    steps: int = 1,
+    database_url: str | None = None,
+    migrations_dir: str = DEFAULT_MIGRATIONS_DIR,
+    backup: bool = True,
+    restore_on_failure: bool = True,
+    validation_queries: list[str] | None = None,
+    lock_timeout: float = 60.0,
+    backup_dir: str | None = None,
+    max_active_connections: int = 50,
+) -> MigrationReport:
+    """Undo the ``steps`` most recent revisions (Alembic downgrade), protected like a deploy."""
+    opts = _options(
+        database_url,
+        migrations_dir,
+        "heads",
+        backup,
+        backup_dir,
+        restore_on_failure,
+        validation_queries,
+        lock_timeout,
+        max_active_connections,
+    )
+    return _run("rollback", opts, partial(alembic_deploy.rollback_revisions, steps=steps), downgrade_task)
+
+
+@flow(name="migration-status", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def migration_status(
+    database_url: str | None = None, migrations_dir: str = DEFAULT_MIGRATIONS_DIR, target: str = "head"
+) -> MigrationStatus:
+    """Applied, pending and head revisions of the database, as a markdown artifact too."""
+    from prefect.artifacts import create_markdown_artifact
+
+    url = resolve_url(database_url)
+    alembic_deploy.check_migrations_dir(migrations_dir)
+    status = status_task(url, migrations_dir, target)
+    create_markdown_artifact(
+        migration_report.status_markdown(mask_url(url), status),
+        key=migration_report.artifact_key("migrations-status", url),
+    )
+    return status

