@@ -160,6 +160,18 @@ def open_store(path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Ite
         conn.close()
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front, roll back on any error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def create_v1(path: Path) -> None:
     """Create an empty v1 store (the seed's ``events`` table), as the local app does."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,14 +187,18 @@ def schema_version(conn: sqlite3.Connection) -> int:
 
 
 def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
-    """Upgrade a v1 store in place in one transaction; returns False when already v2."""
-    version = schema_version(conn)
-    if version == V2:
+    """Upgrade a v1 store in place in one transaction; returns False when already v2.
+
+    The version is read under the write lock, so two processes upgrading at once cannot both try.
+    """
+    if schema_version(conn) == V2:
         return False
-    if version != V1:
-        raise UserError(f"device store has unknown schema version {version}; expected v1 or v2")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
+        version = schema_version(conn)
+        if version == V2:
+            return False
+        if version != V1:
+            raise UserError(f"device store has unknown schema version {version}; expected v1 or v2")
         for statement in _V2_COLUMNS:
             conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).
@@ -197,26 +213,17 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
             (identity.device_id, identity.user_id, identity.project_id),
         )
         conn.execute("PRAGMA user_version = 2")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return True
 
 
 def downgrade_to_v1(conn: sqlite3.Connection) -> bool:
     """``migrate down --to=v1``: drop the sync metadata only; every event row stays."""
-    if schema_version(conn) == V1:
-        return False
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with write_transaction(conn):
+        if schema_version(conn) == V1:
+            return False
         for statement in _V2_DOWN:
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return True
 
 
@@ -227,12 +234,11 @@ def identity_of(conn: sqlite3.Connection) -> Identity:
 
 def insert_events(conn: sqlite3.Connection, events: Iterable[tuple[int, str, dict[str, object]]]) -> int:
     """Append ``(timestamp_ms, event_type, event_data)`` events the way the local app does."""
-    conn.execute("BEGIN IMMEDIATE")
-    cursor = conn.executemany(
-        "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, ?, ?)",
-        ((ts, kind, orjson.dumps(data).decode()) for ts, kind, data in events),
-    )
-    conn.execute("COMMIT")
+    with write_transaction(conn):
+        cursor = conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, ?, ?)",
+            ((ts, kind, orjson.dumps(data).decode()) for ts, kind, data in events),
+        )
     return cursor.rowcount
 
 
@@ -301,13 +307,12 @@ def mark_failed(conn: sqlite3.Connection, local_ids: Sequence[int], error: str, 
 
 def save_remote_status(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]]) -> None:
     """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(
-        "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
-        "VALUES (?, ?, ?, ?, ?)",
-        rows,
-    )
-    conn.execute("COMMIT")
+    with write_transaction(conn):
+        conn.executemany(
+            "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
+            "VALUES (?, ?, ?, ?, ?)",
+            rows,
+        )
 
 
 def counts(conn: sqlite3.Connection) -> StoreCounts:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -136,6 +138,34 @@ def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> No
     final = sync_device(store, IDENTITY, SyncOptions(central, force=True))
     assert final.error is None and final.pending_after == 0
     assert _central_counts(central) == (20_000, 20_000)
+
+
+WRITER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+for i in range(int(sys.argv[2])):
+    conn.execute("INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'file_edit', '{}')",
+                 (int(time.time() * 1000),))
+    time.sleep(0.001)
+"""
+
+
+def test_sync_while_the_app_keeps_writing(central: str, tmp_path: Path) -> None:
+    """A real concurrent writer (the local app, unaware of sync columns) appends during syncs."""
+    store = make_store(tmp_path / "dev.db", 2000, identity=IDENTITY)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(store), "1500"])
+    reports = []
+    while writer.poll() is None:
+        reports.append(sync_device(store, IDENTITY, SyncOptions(central, batch_size=300)))
+    assert writer.returncode == 0
+    reports.append(sync_device(store, IDENTITY, SyncOptions(central, batch_size=300)))
+    assert len(reports) > 1 and all(r.error is None for r in reports)
+    assert sum(r.uploaded for r in reports) == 3500
+    assert _central_counts(central) == (3500, 3500)
+    with psycopg.connect(central) as conn:
+        assert (
+            conn.execute("SELECT count(*) FROM devflow.events WHERE device_id <> 'dev-a'").fetchone()[0] == 0
+        )
 
 
 def test_batch_size_adapts_to_measured_quality() -> None:
