@@ -27,6 +27,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("cli_online", "online"),
     ("cli_sync", "sync"),
     ("cli_quality", "quality"),
+    ("cli_agents", "queue"),
+    ("cli_bulk", "bulk"),
 ]
 
 

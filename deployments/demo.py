@@ -12,6 +12,7 @@ from typing import Any
 
 import typer
 
+from deployments.agents_demo import agent_queue_demo_parameters
 from deployments.online_demo import online_demo_parameters
 from deployments.runtime import PROJECT_DIR, ensure_prefect
 from deployments.trigger import run_deployment
@@ -46,6 +47,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("device sync", "sync-devices", "sync-devices", demo_sync_parameters),
     DemoStep("online schema change", "online-migrate", "online-migrate", online_demo_parameters),
     DemoStep("data quality", "quality-check", "quality-check", demo_parameters),
+    DemoStep("agent task queue", "run-agent-queue", "run-agent-queue", agent_queue_demo_parameters),
 ]
 
 

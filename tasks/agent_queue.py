@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import psutil
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -29,6 +30,7 @@ Status = Literal["draft", "pending", "in_progress", "review", "completed", "fail
 TaskType = Literal["epic", "story", "task", "subtask", "bug", "spike"]
 Outcome = Literal["completed", "failed", "timeout", "interrupted"]
 PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
+TASK_TYPES: tuple[str, ...] = ("epic", "story", "task", "subtask", "bug", "spike")
 STATUSES: tuple[str, ...] = ("draft", "pending", "in_progress", "review", "completed", "failed", "cancelled")
 
 
@@ -72,13 +74,17 @@ class AgentTask:
     finished_at: datetime | None
 
 
-_COLUMNS = """
+_SELECT_TASKS = sql.SQL(
+    """
+    SELECT
     t.id, t.title, t.type, t.description, t.priority, t.status, t.agent_type, t.payload, t.workdir,
     t.requires_review, t.attempts, t.last_checkpoint, t.result, t.error, t.blocked_reason, t.worker,
     t.agent_pgid, t.created_at, t.updated_at, t.started_at, t.finished_at,
     ARRAY(SELECT b.blocker_id FROM flowyard.agent_task_blocks b
           WHERE b.blocked_id = t.id ORDER BY b.blocker_id) AS blocked_by
-"""
+      FROM flowyard.agent_tasks t
+    """
+)
 
 
 def _task(row: dict[str, Any]) -> AgentTask:
@@ -149,9 +155,7 @@ def create_task(url: str, task: NewTask) -> int:
 def get_task(url: str, task_id: int) -> AgentTask:
     with connection(url) as conn:
         conn.row_factory = dict_row  # type: ignore[assignment]
-        row = conn.execute(
-            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE t.id = %s", (task_id,)
-        ).fetchone()  # noqa: S608 - constant column list
+        row = conn.execute(_SELECT_TASKS + sql.SQL(" WHERE t.id = %s"), (task_id,)).fetchone()
     if row is None:
         raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
     return _task(row)
@@ -161,7 +165,7 @@ def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
     with connection(url) as conn:
         conn.row_factory = dict_row  # type: ignore[assignment]
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id",  # noqa: S608 - constant column list
+            _SELECT_TASKS + sql.SQL(" WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id"),
             {"s": status},
         ).fetchall()
     return [_task(r) for r in rows]
@@ -252,7 +256,7 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
             )
         ]
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM flowyard.agent_tasks t WHERE t.id = ANY(%s) ORDER BY t.priority_rank, t.id",  # noqa: S608 - constant column list
+            _SELECT_TASKS + sql.SQL(" WHERE t.id = ANY(%s) ORDER BY t.priority_rank, t.id"),
             (ids,),
         ).fetchall()
     return [_task(r) for r in rows]

@@ -1,0 +1,224 @@
+"""``flowyard queue``: the agent task queue – create, list, cancel, retry, run, metrics.
+
+Queue commands talk to the state database directly; ``run`` points Prefect at flowyard's
+server and drains the queue in-process, so the run shows in the Prefect UI like a
+deployment run (the ``run-agent-queue`` deployment does the same every minute).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks import agent_queue as queue
+from tasks.errors import UserError
+
+app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url", "-d", help="State PostgreSQL URL (default: FLOWYARD_DATABASE_URL or embedded)."
+    ),
+]
+TaskId = Annotated[int, typer.Argument(help="Task id (see `flowyard queue list`).")]
+
+
+def _url(database_url: str | None) -> str:
+    from tasks.state import state_url
+
+    return state_url(database_url)
+
+
+def _payload(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UserError(
+            f"--payload is not valid JSON ({exc}); pass an object such as '{{\"steps\": 3}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError("--payload must be a JSON object such as '{\"steps\": 3}'")
+    return value
+
+
+@app.command()
+def create(
+    title: Annotated[str, typer.Argument(help="What the agent should do (1-200 characters).")],
+    agent_type: Annotated[
+        str, typer.Option("--agent-type", "-a", help="Agent template to run.")
+    ] = "reference",
+    priority: Annotated[
+        str, typer.Option("--priority", "-p", help="critical, high, medium or low.")
+    ] = "medium",
+    task_type: Annotated[
+        str, typer.Option("--type", help="epic, story, task, subtask, bug or spike.")
+    ] = "task",
+    description: Annotated[str, typer.Option(help="Longer description handed to the agent.")] = "",
+    after: Annotated[
+        list[int] | None, typer.Option("--after", help="Id of a task that blocks this one; repeatable.")
+    ] = None,
+    payload: Annotated[str, typer.Option(help="JSON object handed to the agent.")] = "{}",
+    workdir: Annotated[str, typer.Option(help="Working directory inside the agent output directory.")] = "",
+    review: Annotated[bool, typer.Option("--review", help="Stop in 'review' until `queue approve`.")] = False,
+    draft: Annotated[
+        bool, typer.Option("--draft", help="Create as draft; `queue submit` releases it.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Add a task to the queue."""
+    from tasks.agent_execution import default_agents_dir
+    from tasks.agent_process import resolve_workdir
+
+    if priority not in queue.PRIORITIES:
+        raise UserError(f"unknown priority {priority!r}; use one of {', '.join(queue.PRIORITIES)}")
+    if task_type not in queue.TASK_TYPES:
+        raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(queue.TASK_TYPES)}")
+    if not 1 <= len(title) <= 200:
+        raise UserError("the title must have 1 to 200 characters")
+    if workdir:
+        resolve_workdir(default_agents_dir(), workdir, 0)
+    new = queue.NewTask(
+        title=title,
+        agent_type=agent_type,
+        type=task_type,  # type: ignore[arg-type]
+        description=description,
+        priority=priority,  # type: ignore[arg-type]
+        blocked_by=tuple(after or ()),
+        payload=_payload(payload),
+        workdir=workdir,
+        requires_review=review,
+        draft=draft,
+    )
+    typer.echo(queue.create_task(_url(database_url), new))
+
+
+@app.command("list")
+def list_(
+    status: Annotated[str | None, typer.Option(help="Only tasks in this status.")] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Show the queue: id, status, priority, agent, attempts, last checkpoint, dependencies, notes."""
+    if status is not None and status not in queue.STATUSES:
+        raise UserError(f"unknown status {status!r}; use one of {', '.join(queue.STATUSES)}")
+    tasks = queue.list_tasks(_url(database_url), status)
+    typer.echo(
+        f"{'id':>5}  {'status':<11} {'priority':<8} {'agent':<10} {'tries':>5}  {'ckpt':<18} {'after':<10} title / note"
+    )
+    for t in tasks:
+        checkpoint = (
+            f"{t.last_checkpoint['kind']}@{t.last_checkpoint['attempt']}" if t.last_checkpoint else "-"
+        )
+        note = t.blocked_reason or t.error or ""
+        after = ",".join(map(str, t.blocked_by)) or "-"
+        typer.echo(
+            f"{t.id:>5}  {t.status:<11} {t.priority:<8} {t.agent_type:<10} {t.attempts:>5}  {checkpoint:<18} "
+            f"{after:<10} {t.title}{'  — ' + note if note else ''}"
+        )
+
+
+@app.command()
+def cancel(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
+    """Cancel a task; a running agent is stopped gracefully at its worker's next heartbeat."""
+    queue.cancel_task(_url(database_url), task_id)
+    typer.echo(f"task {task_id} cancelled")
+
+
+@app.command()
+def retry(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
+    """Queue a failed or cancelled task again; it resumes from its last checkpoint."""
+    queue.retry_task(_url(database_url), task_id)
+    typer.echo(f"task {task_id} is pending again")
+
+
+@app.command()
+def submit(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
+    """Release a draft into the queue."""
+    queue.submit_task(_url(database_url), task_id)
+    typer.echo(f"task {task_id} is pending")
+
+
+@app.command()
+def approve(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
+    """Accept a task waiting in review (its dependents become ready)."""
+    queue.approve_task(_url(database_url), task_id)
+    typer.echo(f"task {task_id} completed")
+
+
+@app.command()
+def run(
+    max_agents: Annotated[int, typer.Option(min=1, help="Agents running at once.")] = 4,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds per attempt before the agent's group is killed.")
+    ] = 300.0,
+    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.")] = 5.0,
+    retries: Annotated[int, typer.Option(min=0, help="Prefect retries per task (each resumes).")] = 2,
+    output_dir: Annotated[Path | None, typer.Option(help="Agents' output directory.")] = None,
+    logs_dir: Annotated[Path | None, typer.Option(help="Where <task_id>.jsonl logs go.")] = None,
+    agents_file: Annotated[
+        Path | None, typer.Option(help="YAML/JSON {agent type: {argv, delivery, env}} templates.")
+    ] = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run)."""
+    from deployments.cli_logging import console_without_tracebacks
+    from deployments.runtime import ensure_prefect
+    from tasks.settings import get_settings
+
+    agents = _agents(agents_file)
+    ensure_prefect(get_settings())
+    console_without_tracebacks()
+    from flows.run_agent_queue import run_agent_queue
+
+    summary = run_agent_queue(
+        max_agents=max_agents,
+        database_url=database_url,
+        output_dir=str(output_dir) if output_dir else None,
+        logs_dir=str(logs_dir) if logs_dir else None,
+        agents=agents,
+        timeout_seconds=timeout,
+        grace_seconds=grace,
+        retries=retries,
+    )
+    for task_id, outcome in sorted(summary["outcomes"].items()):
+        typer.echo(f"task {task_id}: {outcome}")
+    for task_id, reason in sorted(summary["blocked"].items()):
+        typer.echo(f"task {task_id}: {reason}")
+    if not summary["outcomes"] and not summary["blocked"]:
+        typer.echo("no ready tasks")
+
+
+def _agents(agents_file: Path | None) -> dict[str, Any] | None:
+    if agents_file is None:
+        return None
+    import yaml
+
+    from tasks.agent_process import templates_from
+
+    if not agents_file.is_file():
+        raise UserError(f"agents file {agents_file} not found")
+    try:
+        config = yaml.safe_load(agents_file.read_text()) or {}
+        templates_from(config)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0]
+        raise UserError(f"{agents_file} is not a valid agent template file ({reason})") from None
+    return config
+
+
+@app.command()
+def metrics(database_url: DatabaseUrl = None) -> None:
+    """Per agent type: completed, failed, average and total execution time, error rate."""
+    from tasks.agent_metrics import agent_metrics
+
+    typer.echo(
+        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'avg s':>8} {'total s':>9} {'error rate':>10}"
+    )
+    for m in agent_metrics(_url(database_url)):
+        typer.echo(
+            f"{m.agent_type:<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.average_execution_seconds:>8.2f} "
+            f"{m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"
+        )

@@ -1,0 +1,72 @@
+"""``flowyard queue`` through the real CLI in subprocesses, against a fresh state database."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.agents_demo import agent_queue_demo_parameters
+from flows.run_agent_queue import run_agent_queue
+from tasks import agent_queue as queue
+from tasks.state import state_url
+from tests.conftest import run_cli
+
+
+@pytest.fixture()
+def env(fresh_db: str) -> dict[str, str]:
+    state_url(fresh_db)
+    return {"FLOWYARD_DATABASE_URL": fresh_db}
+
+
+def _ok(*args: str, env: dict[str, str]) -> str:
+    result = run_cli("queue", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _user_error(*args: str, env: dict[str, str]) -> str:
+    result = run_cli("queue", *args, env=env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    return result.stderr
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_create_list_run_metrics_cancel_retry(env: dict[str, str], tmp_path) -> None:
+    first = int(_ok("create", "first", "--priority", "high", "--payload", '{"steps": 2}', env=env))
+    second = int(_ok("create", "second", "--after", str(first), env=env))
+    draft = int(_ok("create", "later", "--draft", env=env))
+    listing = _ok("list", env=env)
+    assert f"{second:>5}  pending" in listing and f"{draft:>5}  draft" in listing
+    out = _ok("run", "--max-agents", "2", "--output-dir", str(tmp_path), env=env)
+    assert f"task {first}: completed" in out and f"task {second}: completed" in out
+    assert (tmp_path / "logs" / f"{first}.jsonl").exists()
+    metrics = _ok("metrics", env=env)
+    assert "reference" in metrics and "0.0%" in metrics
+    _ok("cancel", str(draft), env=env)
+    assert f"{draft:>5}  cancelled" in _ok("list", "--status", "cancelled", env=env)
+    _ok("retry", str(draft), env=env)
+    assert f"{draft:>5}  pending" in _ok("list", env=env)
+
+
+def test_user_errors_are_one_line(env: dict[str, str]) -> None:
+    assert "unknown priority 'urgent'" in _user_error("create", "x", "--priority", "urgent", env=env)
+    assert "outside the agent output directory" in _user_error(
+        "create", "x", "--workdir", "../../etc", env=env
+    )
+    assert "--payload is not valid JSON" in _user_error("create", "x", "--payload", "{nope", env=env)
+    assert "unknown dependency" in _user_error("create", "x", "--after", "99999", env=env)
+    assert "no agent task 424242" in _user_error("retry", "424242", env=env)
+    done = int(_ok("create", "y", env=env))
+    _ok("cancel", str(done), env=env)
+    assert f"cannot cancel task {done}: it is cancelled" in _user_error("cancel", str(done), env=env)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_demo_graph_runs_with_a_resumed_crash(fresh_db: str, tmp_path) -> None:
+    params = agent_queue_demo_parameters(fresh_db)
+    summary = run_agent_queue(**params, output_dir=str(tmp_path))
+    tasks = {t.title: t for t in queue.list_tasks(fresh_db)}
+    assert set(summary["outcomes"].values()) == {"completed"} and len(summary["outcomes"]) == 4
+    assert tasks["build the backend"].attempts == 2
+    assert tasks["build the backend"].result["resumed_from"] == 2
