@@ -9,7 +9,6 @@ run fails at the end naming the devices that need attention.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,14 @@ from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks import central_store, sync_alerts, sync_state
+from tasks import central_store, sync_state
 from tasks.advisory_lock import advisory_lock
 from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
+from tasks.sync_report import settle_device
 from tasks.sync_state import SyncTarget, default_central_url, resolve_targets
 
 DEVICE_LOCK_WAIT_SECONDS = 5.0
@@ -72,57 +72,23 @@ def sync_devices(
     progress_id = create_progress_artifact(0.0, description=f"devices synced of {len(targets)}")
     futures = sync_device_task.map(targets, unmapped(options), unmapped(state))
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
-    rows, outcomes, errors = [], {}, []
+    outcomes = []
     for done, future in enumerate(as_completed(futures), start=1):
         target = target_of[future.task_run_id]
         result = future.result(raise_on_failure=False)
-        report = result if isinstance(result, DeviceReport) else None
-        error = report.error if report else str(result)
-        if report:
-            sync_state.record_device_run(state, flow_run.id, report)
-        else:
-            sync_state.record_device_error(state, flow_run.id, target.device_id, target.store, error)
-        if error:
-            errors.append(f"{target.device_id}: {error}")
-        alerts = sync_alerts.evaluate(
-            target.device_id, report, last_success.get(target.device_id), config.alerts, datetime.now(UTC)
+        outcomes.append(
+            settle_device(
+                state, flow_run.id, target, result, last_success.get(target.device_id), config, logger
+            )
         )
-        sync_alerts.emit(alerts, logger)
-        rows.append(_table_row(target, report, error))
-        outcomes[target.device_id] = _outcome(report, error)
         update_progress_artifact(progress_id, 100.0 * done / max(len(targets), 1))
     update_progress_artifact(progress_id, 100.0)
     create_table_artifact(
-        sorted(rows, key=lambda r: r["device"]), key="sync-devices-run", description="Per-device sync results"
+        sorted((o.row for o in outcomes), key=lambda r: r["device"]),
+        key="sync-devices-run",
+        description="Per-device sync results",
     )
+    errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
     if errors:
         raise UserError(f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors))
-    return {"central": mask_url(central), "devices": outcomes}
-
-
-def _table_row(target: SyncTarget, report: DeviceReport | None, error: str | None) -> dict[str, Any]:
-    lag = report.lag_seconds if report else None
-    return {
-        "device": target.device_id,
-        "pending before": report.pending_before if report else None,
-        "uploaded": report.uploaded if report else 0,
-        "duplicates skipped": report.duplicates if report else 0,
-        "failed": report.failed if report else None,
-        "lag": "-" if lag is None else f"{lag:.0f}s",
-        "error": error or "",
-    }
-
-
-def _outcome(report: DeviceReport | None, error: str | None) -> dict[str, Any]:
-    """The per-device part of the flow's returned state: cursors and the result."""
-    if report is None:
-        return {"error": error}
-    return {
-        "last_local_id": report.last_local_id,
-        "download_cursor": report.download_cursor,
-        "uploaded": report.uploaded,
-        "duplicates": report.duplicates,
-        "failed": report.failed,
-        "pending_after": report.pending_after,
-        "error": error,
-    }
+    return {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
