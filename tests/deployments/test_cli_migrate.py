@@ -1,0 +1,103 @@
+"""``flowyard migrate`` as a user runs it (real subprocesses, real databases, real Prefect server)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tasks.embedded_pg import free_port
+from tests.conftest import run_cli
+from tests.migration_helpers import fingerprint, migrations_dir, write_revision
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _one_line_error(result, expected: str) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("flowyard")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["deploy", "status", "rollback"])
+def test_bad_url_is_one_line(command, tmp_path):
+    directory = migrations_dir(tmp_path)
+    result = run_cli("migrate", command, "-d", "mysql://root@localhost/app", "-m", str(directory))
+    _one_line_error(result, "not a PostgreSQL URL: 'mysql://root@localhost/app'")
+
+
+@pytest.mark.parametrize("command", ["deploy", "status", "rollback"])
+def test_missing_dir_is_one_line(command, tmp_path, fresh_db):
+    result = run_cli("migrate", command, "-d", fresh_db, "-m", str(tmp_path / "nope"))
+    _one_line_error(result, "does not exist; pass the path of your Alembic folder")
+
+
+def test_dir_without_env_py_is_one_line(tmp_path, fresh_db):
+    (tmp_path / "versions").mkdir()
+    result = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(tmp_path))
+    _one_line_error(result, "has no env.py; it must be an Alembic script directory")
+
+
+def test_unreachable_database_is_one_line(tmp_path):
+    directory = migrations_dir(tmp_path)
+    url = f"postgresql://app:secret@127.0.0.1:{free_port()}/app"
+    line = _one_line_error(run_cli("migrate", "deploy", "-d", url, "-m", str(directory)), "cannot connect to")
+    assert "secret" not in line and "app:***@" in line
+
+
+def test_bad_steps_and_unknown_target(tmp_path, fresh_db):
+    directory = migrations_dir(tmp_path)
+    result = run_cli("migrate", "rollback", "--steps", "0", "-d", fresh_db, "-m", str(directory))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    _one_line_error(
+        run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--target", "zzz"),
+        "Can't locate revision identified by 'zzz'",
+    )
+    _one_line_error(
+        run_cli("migrate", "rollback", "--steps", "2", "-d", fresh_db, "-m", str(directory)),
+        "cannot roll back 2 revisions: only 0 are applied",
+    )
+
+
+def test_deploy_status_rollback_and_a_failing_deploy(tmp_path, fresh_db):
+    directory = migrations_dir(tmp_path)
+    backups = str(tmp_path / "backups")
+    dry = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "CREATE TABLE accounts" in dry.stdout and "Migration dry-run: completed" in dry.stdout
+
+    deploy = run_cli(
+        "migrate",
+        "deploy",
+        "-d",
+        fresh_db,
+        "-m",
+        str(directory),
+        "--backup-dir",
+        backups,
+        "--validate",
+        "SELECT count(*) = 3 FROM accounts",
+        "--validate",
+        "SELECT count(*) = 2 FROM transfers",
+    )
+    assert deploy.returncode == 0, deploy.stderr
+    assert "Migration deploy: completed" in deploy.stdout and "| d003 |" in deploy.stdout
+
+    status = run_cli("migrate", "status", "-d", fresh_db, "-m", str(directory))
+    assert status.returncode == 0, status.stderr
+    assert "- current: `d003`" in status.stdout and "- pending: none" in status.stdout
+
+    rollback = run_cli(
+        "migrate", "rollback", "--steps", "1", "-d", fresh_db, "-m", str(directory), "--backup-dir", backups
+    )
+    assert rollback.returncode == 0, rollback.stderr
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("d002",)
+
+    write_revision(directory, "bad", "d003", ["SELECT 1/0"], [])
+    before = fingerprint(fresh_db)
+    failed = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--backup-dir", backups)
+    line = _one_line_error(failed, "upgrade bad failed: ")
+    assert "DivisionByZero" in line and "; restored " in line
+    assert fingerprint(fresh_db) == before
