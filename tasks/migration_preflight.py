@@ -62,7 +62,7 @@ def unvalidated_constraints(conn: psycopg.Connection) -> list[str]:
     """Constraints added ``NOT VALID`` and never validated (rows may violate them)."""
     rows = conn.execute(
         """
-        SELECT format('%%s.%%s', c.conrelid::regclass, c.conname) FROM pg_constraint c
+        SELECT c.conrelid::regclass::text || '.' || c.conname FROM pg_constraint c
         JOIN pg_namespace n ON n.oid = c.connamespace
         WHERE NOT c.convalidated AND n.nspname NOT IN ('pg_catalog', 'information_schema')
         ORDER BY 1

@@ -1,0 +1,93 @@
+"""Backups with matching client tools, verified archives, and restores that rebuild a database exactly."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tasks.embedded_pg import BIN_DIR
+from tasks.errors import UserError
+from tasks.pg_backup import backup_database, pg_binaries, restore_database
+from tests.migration_helpers import fingerprint
+
+DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
+
+
+def test_client_tools_match_the_server_major():
+    assert pg_binaries(18) == BIN_DIR
+    if (DEBIAN_15 / "pg_dump").exists():
+        assert pg_binaries(15) == DEBIAN_15
+    with pytest.raises(UserError, match=r"^no pg_dump for PostgreSQL 11 .*install postgresql-client-11"):
+        pg_binaries(11, search_path=str(BIN_DIR))
+
+
+def _populate(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("CREATE TABLE app.items (id serial PRIMARY KEY, name text NOT NULL)")
+        conn.execute("INSERT INTO app.items (name) SELECT 'item ' || g FROM generate_series(1, 200) g")
+        conn.execute("CREATE TABLE public.notes (id int PRIMARY KEY, item_id int REFERENCES app.items)")
+        conn.execute("INSERT INTO public.notes VALUES (1, 1), (2, 2)")
+        conn.execute("CREATE INDEX items_name ON app.items (name)")
+    with psycopg.connect(url, autocommit=True) as conn:
+        _set_work_mem(conn, "7MB")
+
+
+def _set_work_mem(conn: psycopg.Connection, value: str) -> None:
+    statement = sql.SQL("ALTER DATABASE {} SET work_mem = {}").format(
+        sql.Identifier(conn.info.dbname), sql.Literal(value)
+    )
+    conn.execute(statement)
+
+
+def _work_mem(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SHOW work_mem").fetchone()[0]
+
+
+def test_backup_then_restore_rebuilds_the_database_exactly(fresh_db, tmp_path):
+    _populate(fresh_db)
+    backup = backup_database(fresh_db, tmp_path / "backups")
+    assert Path(backup.path).stat().st_size == backup.size_bytes > 0
+    assert backup.server_major == 18 and backup.contents["TABLE DATA"] == 2 and backup.contents["INDEX"] == 1
+    before = fingerprint(fresh_db)
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA extra")
+        conn.execute("CREATE TABLE extra.t (id int)")
+        conn.execute("DROP TABLE public.notes")
+        conn.execute("INSERT INTO app.items (name) VALUES ('late')")
+        _set_work_mem(conn, "9MB")
+    bystander = psycopg.connect(fresh_db, autocommit=True)
+
+    report = restore_database(fresh_db, backup)
+
+    assert fingerprint(fresh_db) == before
+    assert _work_mem(fresh_db) == "7MB"
+    assert report.terminated_connections >= 1
+    assert report.row_counts == {"app.items": 200, "public.notes": 2}
+    with pytest.raises(psycopg.OperationalError):
+        bystander.execute("SELECT 1")
+    bystander.close()
+
+
+def test_a_failed_restore_puts_the_database_back(fresh_db, tmp_path):
+    _populate(fresh_db)
+    backup = backup_database(fresh_db, tmp_path)
+    truncated = tmp_path / "truncated.dump"
+    shutil.copy(backup.path, truncated)
+    with truncated.open("r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("INSERT INTO app.items (name) VALUES ('after the backup')")
+    before = fingerprint(fresh_db)
+
+    with pytest.raises(UserError, match=r"^pg_restore of .*truncated.dump failed: "):
+        restore_database(fresh_db, replace(backup, path=str(truncated)))
+
+    assert fingerprint(fresh_db) == before
