@@ -3,6 +3,7 @@ enable/disable per device — plus ``migrate`` for a device store's local schema
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -113,6 +114,8 @@ def trigger(
     ensure_prefect(get_settings())
     from flows.sync_devices import sync_devices
 
+    _no_tracebacks_for_user_errors()
+
     result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
     for device, outcome in sorted(result.get("devices", {}).items()):
         typer.echo(
@@ -121,6 +124,21 @@ def trigger(
         )
     if "skipped" in result:
         typer.echo(f"skipped: {result['skipped']}")
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Prefect logs a failed run with its traceback; for a UserError the message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _no_tracebacks_for_user_errors() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_UserErrorWithoutTraceback())
 
 
 @app.command()

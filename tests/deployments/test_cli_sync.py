@@ -114,3 +114,16 @@ def test_control_flows_and_demo_parameters(fresh_db: str, state_db: str, tmp_pat
     finally:
         sync_state.remove_device(state_db, "flow-dev")
         sync_state.save_config(state_db, saved)
+
+
+def test_trigger_with_a_corrupt_store_ends_in_one_line_without_traceback(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"junk" * 300)
+    out = run_cli("sync", "trigger", "--store", str(bad), "--central-url", fresh_db)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("flowyard: error: 1 of 1 devices did not sync fully: bad: device store")
+    assert "is corrupt (file is not a database)" in last
