@@ -106,6 +106,9 @@ class EmbeddedPostgres:
         )
 
     def _pg_ctl(self, *args: str) -> None:
+        if os.geteuid() == 0:
+            # Re-granted every time: tools such as pytest reset /tmp parents to 0700 between runs.
+            _grant_traversal(self.pgdata)
         _run([str(BIN_DIR / "pg_ctl"), "-D", str(self.pgdata), *args], as_server_user=True)
 
 
@@ -132,13 +135,18 @@ def _prepare_for_server_user(pgdata: Path, log_file: Path) -> None:
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
         entry = pwd.getpwnam(SERVER_USER)
+    _grant_traversal(pgdata)
+    for path in (pgdata, log_file):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    pgdata.chmod(0o700)
+
+
+def _grant_traversal(pgdata: Path) -> None:
+    """Let the server user walk down to the data directory and the binaries (o+x on each parent)."""
     for parent in [*reversed(pgdata.parents), *reversed(BIN_DIR.parents)]:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)
-    for path in (pgdata, log_file):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    pgdata.chmod(0o700)
 
 
 def _pid_alive(pid: int) -> bool:

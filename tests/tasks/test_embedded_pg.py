@@ -48,3 +48,15 @@ def test_busy_port_is_a_clear_error(tmp_path, pg):
     clash = EmbeddedPostgres(tmp_path / "pg", pg.running_port())
     with pytest.raises(UserError, match="is taken by another program"):
         clash.start()
+
+
+def test_stop_after_parent_permissions_were_reset(tmp_path):
+    """pytest (and umask-happy tools) may make a parent 0700 again while the server runs."""
+    parent = tmp_path / "home"
+    server = EmbeddedPostgres(parent / "pg", free_port())
+    server.start()
+    parent.chmod(0o700)
+    tmp_path.chmod(0o700)
+    assert server.stop() is True
+    assert server.start() is True
+    assert server.stop() is True
