@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from deployments.agents_demo import agent_queue_demo_parameters
+from deployments.bulk_demo import bulk_demo_parameters
 from deployments.online_demo import online_demo_parameters
 from deployments.runtime import PROJECT_DIR, ensure_prefect
 from deployments.trigger import run_deployment
@@ -48,6 +49,7 @@ DEMO_STEPS: list[DemoStep] = [
     DemoStep("online schema change", "online-migrate", "online-migrate", online_demo_parameters),
     DemoStep("data quality", "quality-check", "quality-check", demo_parameters),
     DemoStep("agent task queue", "run-agent-queue", "run-agent-queue", agent_queue_demo_parameters),
+    DemoStep("bulk copy", "bulk-migrate", "bulk-migrate", bulk_demo_parameters),
 ]
 
 

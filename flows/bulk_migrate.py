@@ -222,7 +222,7 @@ def run_chunks(
             future.wait()
             state = future.state
             if not state.is_completed():
-                failures.append(str(state.message or state.name))
+                failures.append(str(state.result(raise_on_failure=False) or state.message or state.name))
                 continue
             checkpoint = future.result()
             done.setdefault(checkpoint.table, []).append(checkpoint)

@@ -92,9 +92,13 @@ def source_kind(source_url: str) -> SourceKind:
 
 
 def source_path(source_url: str) -> Path:
+    """The file or directory a source URL names: ``sqlite:///rel.db``, ``sqlite:////abs.db`` (as
+    SQLAlchemy spells them), ``file:///dir`` or a plain path."""
     parts = urlsplit(source_url)
-    if parts.scheme in ("sqlite", "file"):
-        return Path(parts.netloc + parts.path) if parts.netloc else Path(parts.path)
+    if parts.scheme == "sqlite":
+        return Path(parts.netloc + parts.path[1:])
+    if parts.scheme == "file":
+        return Path(parts.netloc + parts.path)
     return Path(source_url)
 
 
@@ -136,7 +140,7 @@ def split_name(name: str, default_schema: str = "public") -> tuple[str, str]:
 
 
 def sqlite_connect(source_url: str) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{source_path(source_url)}?mode=ro", uri=True)
+    return sqlite3.connect(source_path(source_url).resolve().as_uri() + "?mode=ro", uri=True)
 
 
 def sqlite_tables(conn: sqlite3.Connection) -> list[str]:
@@ -228,7 +232,9 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         if suffix == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
         elif suffix == ".csv":
-            yield from pa_csv.open_csv(path)
+            # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
+            nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
+            yield from pa_csv.open_csv(path, convert_options=nulls)
         elif suffix in (".jsonl", ".ndjson"):
             yield from pa_json.open_json(path)
         else:

@@ -59,7 +59,7 @@ def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: boo
         "SELECT run_key, status FROM flowyard.bulk_runs WHERE config_hash = %s ORDER BY created_at DESC LIMIT 1",
         (config_hash,),
     ).fetchone()
-    new_pass = latest is None or restart or (mode == "incremental" and latest[1] == "completed")
+    new_pass = latest is None or restart or (mode != "full" and latest[1] == "completed")
     if not new_pass:
         conn.execute("UPDATE flowyard.bulk_runs SET status = 'running' WHERE run_key = %s", (latest[0],))
         return RunHandle(latest[0], resumed=True)
@@ -163,3 +163,25 @@ def save_cursor(conn: psycopg.Connection, lineage: str, table: str, value: str, 
         """,
         (lineage, table, value, run_key),
     )
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    run_key: str
+    chunks_planned: int
+    chunks_done: int
+    rows_done: int
+
+
+def latest_run_progress(conn: psycopg.Connection) -> RunProgress | None:
+    """Progress of the most recently started bulk run on this target (for terminal progress bars)."""
+    row = conn.execute(
+        """
+        SELECT r.run_key,
+               (SELECT coalesce(sum(jsonb_array_length(p.plan)), 0) FROM flowyard.bulk_plans p WHERE p.run_key = r.run_key),
+               (SELECT count(*) FROM flowyard.bulk_chunks c WHERE c.run_key = r.run_key),
+               (SELECT coalesce(sum(rows_written), 0) FROM flowyard.bulk_chunks c WHERE c.run_key = r.run_key)
+        FROM flowyard.bulk_runs r ORDER BY r.created_at DESC LIMIT 1
+        """
+    ).fetchone()
+    return None if row is None else RunProgress(row[0], int(row[1]), int(row[2]), int(row[3]))

@@ -48,12 +48,15 @@ class TableMapping(BaseModel):
 
 
 def parse_mapping(mapping: dict[str, Any] | None) -> dict[str, TableMapping]:
-    try:
-        return {table: TableMapping.model_validate(spec) for table, spec in (mapping or {}).items()}
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"invalid mapping at {where}: {first['msg']}; see docs/bulk_migrate.md") from None
+    parsed = {}
+    for table, spec in (mapping or {}).items():
+        try:
+            parsed[table] = TableMapping.model_validate(spec)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join([table, *(str(p) for p in first["loc"])])
+            raise UserError(f"invalid mapping at {where}: {first['msg']}; see docs/bulk_migrate.md") from None
+    return parsed
 
 
 # --- expressions ------------------------------------------------------------------------------

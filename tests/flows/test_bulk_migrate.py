@@ -1,13 +1,32 @@
-"""bulk-migrate end to end on the real embedded PostgreSQL and a real Prefect server."""
+"""bulk-migrate end to end: real embedded PostgreSQL, real SQLite files, real Prefect server,
+a real worker process killed with SIGKILL."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+
 import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+from psycopg import sql
 
 from flows.bulk_migrate import bulk_migrate
 from tasks.copy_pipe import normalize_session
+from tasks.db import drop_database, ensure_database
+from tasks.errors import UserError
+from tasks.process_group import spawn_group
 from tasks.table_checksum import checksum
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -18,47 +37,388 @@ def _exec(url: str, *statements: str) -> None:
             conn.execute(statement)
 
 
-def _fetch(url: str, query: str) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(query).fetchall()
-
-
-def _table_sum(url: str, table: str, columns: list[str]):
-    from psycopg import sql
-
+def _fetch(url: str, query: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url) as conn:
         normalize_session(conn)
-        schema, name = table.split(".")
+        return conn.execute(query, params).fetchall()
+
+
+def _sum(url: str, table: str, columns: list[str]):
+    schema, name = table.split(".")
+    with psycopg.connect(url) as conn:
+        normalize_session(conn)
         return checksum(conn, sql.Identifier(schema, name), columns)
+
+
+def _task_states(flow_state) -> list[str]:
+    """State names of the copy-chunk task runs of one flow run (read back from the Prefect API)."""
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="copy ")),
+        )
+    return [r.state.name for r in runs]
 
 
 @pytest.fixture()
 def target_db(pg):
-    import uuid
-
-    from tasks.db import drop_database, ensure_database
-
     name = f"tgt_{uuid.uuid4().hex[:10]}"
     ensure_database(pg.url(), name)
     yield pg.url(name)
     drop_database(pg.url(), name)
 
 
-def test_full_copy_equals_source(fresh_db, target_db):
+ORDER_COLUMNS = ["id", "account_id", "amount", "placed", "tags", "doc", "blob", "note"]
+
+
+def _shop(url: str, orders: int = 2000) -> None:
     _exec(
-        fresh_db,
+        url,
         "CREATE TABLE accounts (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE)",
         "CREATE TABLE orders (id int PRIMARY KEY, account_id bigint REFERENCES accounts, amount numeric(12,2),"
         " placed timestamptz, tags text[], doc jsonb, blob bytea, note text CHECK (note <> 'x'))",
         "CREATE INDEX orders_account ON orders (account_id)",
         "INSERT INTO accounts (name) SELECT 'acct ' || g FROM generate_series(1, 50) g",
-        "INSERT INTO orders SELECT g, 1 + g % 50, g * 1.25, '2024-01-01 00:00+02'::timestamptz + g * interval '1 h',"
-        " ARRAY['a', NULL, 'ü ' || g], jsonb_build_object('g', g, 'ключ', 'значение'), decode(md5(g::text), 'hex'),"
+        f"INSERT INTO orders SELECT g, 1 + g % 50, g * 1.25, '2024-01-01 00:00+02'::timestamptz + g * interval '1 h',"
+        " ARRAY['a', NULL, 'ü ' || g], jsonb_build_object('g', g, 'ключ', 'значение 😀'), decode(md5(g::text), 'hex'),"
         " CASE WHEN g % 7 = 0 THEN NULL WHEN g % 11 = 0 THEN '' ELSE 'naïve \"q\" , ' || chr(10) || 'line' END"
-        " FROM generate_series(1, 2000) g",
+        f" FROM generate_series(1, {orders}) g",
     )
-    report = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3)
-    cols = ["id", "account_id", "amount", "placed", "tags", "doc", "blob", "note"]
-    assert _table_sum(target_db, "public.orders", cols) == _table_sum(fresh_db, "public.orders", cols)
+
+
+def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_db):
+    _shop(fresh_db)
+    state = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3, return_state=True)
+    report = state.result()
+
+    assert _sum(target_db, "public.orders", ORDER_COLUMNS) == _sum(fresh_db, "public.orders", ORDER_COLUMNS)
+    assert _sum(target_db, "public.accounts", ["id", "name"]) == _sum(
+        fresh_db, "public.accounts", ["id", "name"]
+    )
     assert {t["table"]: t["rows"] for t in report["tables"]} == {"public.accounts": 50, "public.orders": 2000}
-    print(report)
+    assert all("MISMATCH" not in t["validation"] for t in report["tables"])
+    # NULL and empty string stay distinct, unicode/bytea/arrays/jsonb/timestamptz survive byte for byte
+    probe = "SELECT id, note IS NULL, note, tags::text, doc::text, encode(blob, 'hex'), placed FROM orders WHERE id IN (7, 11, 12) ORDER BY id"
+    assert _fetch(target_db, probe) == _fetch(fresh_db, probe)
+    # post-data: PK, unique, index, check, validated FK, sequence past the max
+    constraints = "SELECT conname, contype, convalidated, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'orders'::regclass ORDER BY 1"
+    assert _fetch(target_db, constraints) == _fetch(fresh_db, constraints)
+    assert {"orders_pkey", "orders_note_check", "orders_account_id_fkey"} <= {
+        c[0] for c in _fetch(target_db, constraints)
+    }
+    assert _fetch(target_db, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'") == [(1,)]
+    assert len(_task_states(state)) == 8 and "Cached" not in _task_states(state)
+
+    again = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3, return_state=True)
+    assert again.result()["run_key"] == report["run_key"]
+    assert set(_task_states(again)) == {"Cached"}
+
+    assert _fetch(target_db, "INSERT INTO accounts (name) VALUES ('new') RETURNING id") == [(51,)]
+    _exec(target_db, "UPDATE orders SET amount = 0 WHERE id = 1000")
+    with pytest.raises(UserError, match=r"orders chunks: key\["):
+        bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3)
+
+
+def _committed(url: str) -> dict[str, tuple]:
+    rows = _fetch(url, "SELECT chunk_id, flow_run_id, completed_at FROM flowyard.bulk_chunks")
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, target_db, tmp_path):
+    _exec(
+        fresh_db,
+        "CREATE TABLE events (id bigint PRIMARY KEY, payload text)",
+        "INSERT INTO events SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 300000) g",
+    )
+    script = (
+        "import sys; from flows.bulk_migrate import bulk_migrate; "
+        "bulk_migrate(sys.argv[1], sys.argv[2], chunk_rows=10000, parallelism=2, validate=[])"
+    )
+    log = (tmp_path / "worker.log").open("wb")
+    worker = spawn_group(
+        [sys.executable, "-c", script, fresh_db, target_db], cwd=ROOT, env=os.environ, stdout=log, stderr=log
+    )
+    committed: dict[str, tuple] = {}
+    while len(committed) < 3:
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+        try:
+            committed = _committed(target_db)
+        except psycopg.errors.UndefinedTable:
+            pass
+        time.sleep(0.02)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    before = _committed(target_db)
+    assert 3 <= len(before) < 30, "the kill must land while chunks are still in flight"
+    assert _fetch(target_db, "SELECT count(*) FROM events")[0][0] < 300000
+
+    state = bulk_migrate(fresh_db, target_db, chunk_rows=10000, parallelism=2, return_state=True)
+    state.result()
+
+    assert _fetch(target_db, "SELECT count(*), count(DISTINCT id) FROM events") == [(300000, 300000)]
+    assert _sum(target_db, "public.events", ["id", "payload"]) == _sum(
+        fresh_db, "public.events", ["id", "payload"]
+    )
+    after = _committed(target_db)
+    assert len(after) == 30
+    assert {k: after[k] for k in before} == before, "chunks committed before the kill were not copied again"
+    states = _task_states(state)
+    assert states.count("Cached") >= 1 and len(states) == 30
+
+
+def test_incremental_copies_only_new_and_changed_rows(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE TABLE items (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL)",
+        "INSERT INTO items SELECT g, 'item ' || g, '2024-01-01'::timestamptz + g * interval '1 min' FROM generate_series(1, 1000) g",
+    )
+    first = bulk_migrate(fresh_db, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert first["tables"][0]["rows"] == 1000
+    untouched_xmin = _fetch(target_db, "SELECT xmin::text FROM items WHERE id = 500")
+    _exec(
+        fresh_db,
+        "UPDATE items SET name = 'changed', updated_at = '2025-01-01' WHERE id IN (3, 600)",
+        "INSERT INTO items SELECT g, 'new ' || g, '2025-01-02' FROM generate_series(1001, 1005) g",
+    )
+    second = bulk_migrate(fresh_db, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert second["run_key"] != first["run_key"]
+    assert second["tables"][0]["rows"] == 7
+    assert _fetch(target_db, "SELECT name FROM items WHERE id IN (3, 600) ORDER BY id") == [
+        ("changed",),
+        ("changed",),
+    ]
+    assert _fetch(target_db, "SELECT xmin::text FROM items WHERE id = 500") == untouched_xmin
+    cols = ["id", "name", "updated_at"]
+    assert _sum(target_db, "public.items", cols) == _sum(fresh_db, "public.items", cols)
+    third = bulk_migrate(fresh_db, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert third["tables"][0]["rows"] == 0
+
+
+def test_mapping_renames_casts_computes_filters_and_drops(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb, amount numeric(12,2))",
+        "INSERT INTO events SELECT g, g % 10, CASE WHEN g % 4 = 0 THEN 'debug' ELSE 'click' END,"
+        " jsonb_build_object('g', g), g * 0.25 FROM generate_series(1, 3000) g",
+    )
+    mapping = {
+        "events": {
+            "target": "clicks",
+            "rename": {"user_id": "account_id"},
+            "cast": {"amount": "double precision"},
+            "compute": {"amount_cents": "amount * 100", "kind_upper": "utf8_upper(kind)"},
+            "types": {"amount_cents": "bigint"},
+            "filter": "kind != 'debug' and account_id >= 2",
+            "drop": ["payload"],
+        }
+    }
+    report = bulk_migrate(fresh_db, target_db, mapping=mapping, chunk_rows=500)
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    columns = _fetch(
+        target_db,
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'clicks' ORDER BY ordinal_position",
+    )
+    assert columns == [
+        ("id", "bigint"),
+        ("account_id", "integer"),
+        ("kind", "text"),
+        ("amount", "double precision"),
+        ("amount_cents", "bigint"),
+        ("kind_upper", "text"),
+    ]
+    expected = _fetch(
+        fresh_db,
+        "SELECT id, user_id, kind, amount::float8, (amount * 100)::bigint, upper(kind) FROM events"
+        " WHERE kind <> 'debug' AND user_id >= 2 ORDER BY id",
+    )
+    assert _fetch(target_db, "SELECT * FROM clicks ORDER BY id") == expected
+    assert _fetch(
+        target_db, "SELECT count(*) FROM pg_index WHERE indrelid = 'clicks'::regclass AND indisprimary"
+    ) == [(1,)]
+
+
+def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE TABLE payments (id int PRIMARY KEY, amount int)",
+        "INSERT INTO payments SELECT g, CASE WHEN g IN (17, 230, 231) THEN -g ELSE g END FROM generate_series(1, 1000) g",
+    )
+    _exec(
+        target_db,
+        "CREATE TABLE payments (id int PRIMARY KEY, amount int CONSTRAINT positive CHECK (amount >= 0))",
+    )
+    with pytest.raises(UserError, match=r"id=230; id=231") as failure:
+        bulk_migrate(fresh_db, target_db, chunk_rows=200)
+    assert "positive" in str(failure.value) and "quarantine" in str(failure.value)
+    assert "\n" not in str(failure.value)
+
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=200, quarantine=True)
+    assert report["tables"][0]["rows"] == 997
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    quarantined = _fetch(target_db, "SELECT row_data->>'id', error FROM flowyard.bulk_quarantine ORDER BY 1")
+    assert [q[0] for q in quarantined] == ["17", "230", "231"]
+    assert all("positive" in q[1] for q in quarantined)
+    assert _fetch(target_db, "SELECT count(*) FROM payments WHERE amount < 0") == [(0,)]
+
+
+def test_table_without_primary_key_copies_by_ctid(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE TABLE logs (line text, n int)",
+        "INSERT INTO logs SELECT 'same line', 1 FROM generate_series(1, 50)",
+        "INSERT INTO logs SELECT 'line ' || g, g FROM generate_series(1, 5000) g",
+        "ANALYZE logs",
+    )
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=700)
+    assert report["tables"][0]["chunks"] > 3
+    assert _sum(target_db, "public.logs", ["line", "n"]) == _sum(fresh_db, "public.logs", ["line", "n"])
+    assert _fetch(target_db, "SELECT count(*) FROM logs WHERE line = 'same line'") == [(50,)]
+
+
+def test_empty_table_and_empty_source(fresh_db, target_db, tmp_path):
+    _exec(fresh_db, "CREATE TABLE nothing (id int PRIMARY KEY, v text)")
+    report = bulk_migrate(fresh_db, target_db)
+    assert report["tables"][0]["rows"] == 0 and "ok" in report["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*) FROM nothing") == [(0,)]
+
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    assert bulk_migrate(str(empty_dir), target_db)["tables"] == []
+
+
+def test_static_files_load_into_tables(target_db, tmp_path):
+    data = tmp_path / "reference"
+    data.mkdir()
+    (data / "countries.json").write_text(
+        json.dumps([{"code": "KR", "name": "대한민국"}, {"code": "DE", "name": "Deutschland"}])
+    )
+    (data / "currencies.jsonl").write_text('{"code": "KRW", "digits": 0}\n{"code": "EUR", "digits": 2}\n')
+    (data / "rates.csv").write_text('code,rate,note\nKRW,1350.5,"comma, inside"\nEUR,0.92,\n')
+    pq.write_table(
+        pa.table({"id": [1, 2, 3], "tag": ["a", None, "ü"], "raw": [b"\x00\x01", None, b"\xff"]}),
+        data / "tags.parquet",
+    )
+    report = bulk_migrate(str(data), target_db, mapping={"countries": {"key": ["code"]}}, chunk_rows=2)
+    assert {t["table"] for t in report["tables"]} == {
+        "public.countries",
+        "public.currencies",
+        "public.rates",
+        "public.tags",
+    }
+    assert _fetch(target_db, "SELECT code, name FROM countries ORDER BY code") == [
+        ("DE", "Deutschland"),
+        ("KR", "대한민국"),
+    ]
+    assert _fetch(target_db, "SELECT code, digits FROM currencies ORDER BY code") == [("EUR", 2), ("KRW", 0)]
+    assert _fetch(target_db, "SELECT code, rate, note FROM rates ORDER BY code") == [
+        ("EUR", 0.92, None),
+        ("KRW", 1350.5, "comma, inside"),
+    ]
+    assert _fetch(target_db, "SELECT id, tag, encode(raw, 'hex') FROM tags ORDER BY id") == [
+        (1, "a", "0001"),
+        (2, None, None),
+        (3, "ü", "ff"),
+    ]
+    assert _fetch(
+        target_db, "SELECT count(*) FROM pg_index WHERE indrelid = 'countries'::regclass AND indisprimary"
+    ) == [(1,)]
+
+
+def test_seed_upserts_all_tables_in_one_transaction(target_db, tmp_path):
+    data = tmp_path / "seed"
+    data.mkdir()
+    (data / "plans.jsonl").write_text('{"id": 1, "name": "free"}\n{"id": 2, "name": "pro"}\n')
+    (data / "limits.jsonl").write_text('{"plan_id": 1, "seats": 1}\n')
+    keys = {"plans": {"key": ["id"]}, "limits": {"key": ["plan_id"]}}
+    bulk_migrate(str(data), target_db, mapping=keys, mode="seed")
+    (data / "plans.jsonl").write_text(
+        '{"id": 1, "name": "free"}\n{"id": 2, "name": "professional"}\n{"id": 3, "name": "team"}\n'
+    )
+    bulk_migrate(str(data), target_db, mapping=keys, mode="seed")
+    assert _fetch(target_db, "SELECT id, name FROM plans ORDER BY id") == [
+        (1, "free"),
+        (2, "professional"),
+        (3, "team"),
+    ]
+
+    _exec(target_db, "ALTER TABLE limits ADD CONSTRAINT seats_positive CHECK (seats > 0)")
+    (data / "plans.jsonl").write_text('{"id": 4, "name": "enterprise"}\n')
+    (data / "limits.jsonl").write_text('{"plan_id": 2, "seats": 0}\n')
+    with pytest.raises(UserError, match="plan_id=2"):
+        bulk_migrate(str(data), target_db, mapping=keys, mode="seed")
+    assert _fetch(target_db, "SELECT count(*) FROM plans WHERE id = 4") == [(0,)], "all or nothing"
+
+
+def test_sqlite_source(target_db, tmp_path):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL, score REAL, avatar BLOB, bio TEXT)"
+        )
+        db.executemany(
+            "INSERT INTO users VALUES (?, ?, ?, ?, ?)",
+            [
+                (i, f"user {i} ✓", i / 3, bytes([i % 256, 0]), None if i % 5 == 0 else f"bio\n{i}")
+                for i in range(1, 2501)
+            ],
+        )
+    report = bulk_migrate(f"sqlite:///{path}", target_db, chunk_rows=400)
+    assert report["tables"][0]["rows"] == 2500 and "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(
+        target_db,
+        "SELECT id, name, score, encode(avatar, 'hex'), bio FROM users WHERE id IN (5, 6) ORDER BY id",
+    ) == [
+        (5, "user 5 ✓", 5 / 3, "0500", None),
+        (6, "user 6 ✓", 2.0, "0600", "bio\n6"),
+    ]
+    assert _fetch(
+        target_db, "SELECT count(*) FROM pg_index WHERE indrelid = 'users'::regclass AND indisprimary"
+    ) == [(1,)]
+
+
+def test_lost_connection_mid_chunk_is_retried(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE TABLE big (id int PRIMARY KEY, pad text)",
+        "INSERT INTO big SELECT g, repeat('x', 500) FROM generate_series(1, 200000) g",
+    )
+    killed: list[int] = []
+    target_name = target_db.rsplit("/", 1)[1]
+
+    def cut_first_copy() -> None:
+        with psycopg.connect(fresh_db, autocommit=True) as admin:
+            while not killed:
+                rows = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE 'COPY%%FROM STDIN%%' AND state = 'active'",
+                    (target_name,),
+                ).fetchall()
+                for (pid,) in rows[:1]:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    killed.append(pid)
+                time.sleep(0.005)
+
+    cutter = threading.Thread(target=cut_first_copy, daemon=True)
+    cutter.start()
+    state = bulk_migrate(fresh_db, target_db, chunk_rows=20000, parallelism=2, return_state=True)
+    state.result()
+    cutter.join(timeout=5)
+    assert killed, "a COPY into the target was cut"
+    assert _fetch(target_db, "SELECT count(*), count(DISTINCT id) FROM big") == [(200000, 200000)]
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert max(r.run_count for r in runs if r.name.startswith("copy ")) >= 2
+
+
+def test_dask_runner_by_configuration(fresh_db, target_db):
+    from prefect_dask import DaskTaskRunner
+
+    from tasks.task_runners import build_task_runner
+
+    assert isinstance(build_task_runner("dask", 2), DaskTaskRunner)
+    _exec(fresh_db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 500)")
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=100, parallelism=2, task_runner="dask")
+    assert report["tables"][0]["rows"] == 500
+    with pytest.raises(UserError, match="unknown task runner"):
+        bulk_migrate(fresh_db, target_db, task_runner="spark", restart=True)

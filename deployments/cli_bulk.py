@@ -1,0 +1,157 @@
+"""``flowyard bulk``: copy tables into PostgreSQL with the bulk-migrate flow, with a progress bar.
+
+The flow runs in-process against flowyard's Prefect server (started if needed); a thread
+polls the target's checkpoint table and draws the progress bar from committed chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from tasks.db import connection, mask_url
+from tasks.errors import UserError
+
+app = typer.Typer(
+    help="Bulk copies: PostgreSQL, SQLite or static files into PostgreSQL.", no_args_is_help=True
+)
+
+Target = Annotated[
+    str | None, typer.Option("--target", help="Target PostgreSQL URL (default: flowyard's database).")
+]
+
+
+def load_mapping(path: Path | None) -> dict[str, Any] | None:
+    """A mapping file (JSON or YAML) as a dict, with a one-line error when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise UserError(f"cannot read mapping file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"mapping file {path} must hold an object keyed by source table")
+    return data
+
+
+def _progress_bar(target_url: str, stop: threading.Event) -> None:
+    """Draw committed chunks of the newest run on the target until ``stop`` is set."""
+    from tasks.chunk_checkpoint import latest_run_progress
+
+    shown = None
+    bar = None
+    with connection(target_url, autocommit=True) as conn:
+        while not stop.wait(0.5):
+            try:
+                progress = latest_run_progress(conn)
+            except Exception:  # noqa: BLE001 - schema not migrated yet: keep polling
+                continue
+            if progress is None or progress.chunks_planned == 0:
+                continue
+            if bar is None:
+                bar = typer.progressbar(length=progress.chunks_planned, label="chunks", file=None)
+                bar.__enter__()
+            bar.update(progress.chunks_done - (shown or 0))
+            shown = progress.chunks_done
+            bar.label = f"{progress.rows_done:,} rows"
+    if bar is not None:
+        bar.__exit__(None, None, None)
+
+
+@app.command()
+def copy(
+    source: Annotated[
+        str, typer.Argument(help="postgresql://..., sqlite:///file.db, or a directory of files.")
+    ],
+    target: Target = None,
+    table: Annotated[
+        list[str] | None, typer.Option("--table", help="Table to copy; repeatable (default: all).")
+    ] = None,
+    mapping: Annotated[
+        Path | None, typer.Option(help="Mapping file (JSON or YAML), see docs/bulk_migrate.md.")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="full | incremental | seed")] = "full",
+    chunk_rows: Annotated[int, typer.Option(help="Rows per chunk.")] = 100_000,
+    parallelism: Annotated[
+        int | None, typer.Option(help="Chunks copied at once (default FLOWYARD_MAX_WORKERS).")
+    ] = None,
+    validate: Annotated[
+        str, typer.Option(help="Checks, comma-separated: count,checksum,sample (or 'none').")
+    ] = "count,checksum,sample",
+    quarantine: Annotated[
+        bool, typer.Option("--quarantine", help="Keep rows the target rejects aside and load the rest.")
+    ] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over instead of resuming the previous run.")
+    ] = False,
+    cursor_column: Annotated[
+        str | None, typer.Option(help="Incremental cursor column (default: the key).")
+    ] = None,
+    task_runner: Annotated[str, typer.Option(help="threads | dask")] = "threads",
+) -> None:
+    """Copy tables exactly once with checkpoints; resumes where a crashed run stopped."""
+    from deployments.cli_logging import console_without_tracebacks
+    from deployments.runtime import ensure_prefect
+    from tasks.settings import get_settings
+    from tasks.state import state_url
+
+    spec = load_mapping(mapping)
+    checks = [] if validate == "none" else [c.strip() for c in validate.split(",") if c.strip()]
+    ensure_prefect(get_settings())
+    console_without_tracebacks()
+    target_url = state_url(target)
+    from flows.bulk_migrate import bulk_migrate
+
+    stop = threading.Event()
+    drawer = threading.Thread(target=_progress_bar, args=(target_url, stop), daemon=True)
+    drawer.start()
+    try:
+        report = bulk_migrate(
+            source_url=source,
+            target_url=target_url,
+            tables=table or None,
+            mapping=spec,
+            mode=mode,
+            chunk_rows=chunk_rows,
+            parallelism=parallelism,
+            validate=checks,
+            quarantine=quarantine,
+            restart=restart,
+            cursor_column=cursor_column,
+            task_runner=task_runner,
+        )
+    finally:
+        stop.set()
+        drawer.join(timeout=5)
+    typer.echo(f"\nrun {report['run_key']} into {mask_url(target_url)}")
+    for row in report["tables"]:
+        typer.echo(
+            f"  {row['table']}: {row['rows']:,} rows, {row['chunks']} chunks, {row['rows/s']:,} rows/s — {row['validation']}"
+        )
+
+
+@app.command()
+def status(target: Target = None) -> None:
+    """Show the newest bulk run on the target: chunks committed of planned, rows."""
+    from tasks.chunk_checkpoint import latest_run_progress
+    from tasks.state import state_url
+
+    with connection(state_url(target)) as conn:
+        progress = latest_run_progress(conn)
+        state = conn.execute(
+            "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s",
+            (progress.run_key if progress else None,),
+        ).fetchone()
+    if progress is None:
+        typer.echo("no bulk runs on this target")
+        return
+    typer.echo(
+        f"run {progress.run_key} ({state[0]}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
+        f"{progress.rows_done:,} rows"
+    )
