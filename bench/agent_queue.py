@@ -1,0 +1,160 @@
+"""Agent queue overhead: N short reference-agent tasks through ``run-agent-queue`` with K agents,
+against the same agent commands run by a bare K-thread subprocess pool, in one run.
+
+Per-task overhead is measured in agent-slot time: ``wall × agents / tasks`` minus the agent's
+own work (``steps × sleep``). The bare pool gives the cost of spawning the agent process
+(Python start-up included); the difference to the queue is what the queue claim, the
+Prefect task run (states, logs, result) and the per-attempt bookkeeping add. Target:
+≤ 100 ms per task above the agent's own run time.
+
+    .venv/bin/python bench/agent_queue.py [--tasks 200] [--agents 8] [--sleep 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._runtime import bench_runtime  # noqa: E402
+
+TARGET_MS = 100.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU used by a process, its reaped children and its live descendants (user + system)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    t = root.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in root.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:
+            continue
+    return total
+
+
+class CpuMeter:
+    """CPU seconds spent by this process (flow + agents), the Prefect server and PostgreSQL."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    def sample(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    @staticmethod
+    def per_task_ms(before: dict[str, float], after: dict[str, float], tasks: int) -> dict[str, float]:
+        return {name: 1000 * (after[name] - before[name]) / tasks for name in before}
+
+
+def bare_pool(tasks: int, agents: int, payload: dict[str, float], workdir: Path) -> float:
+    """Wall seconds for the same agent commands through a plain thread pool (the spawn baseline)."""
+    from tasks.agent_process import REFERENCE_TEMPLATE
+
+    def one(i: int) -> None:
+        envelope = json.dumps({"task_id": i, "payload": payload})
+        subprocess.run([*REFERENCE_TEMPLATE.argv, envelope], cwd=workdir, check=True, capture_output=True)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(agents) as pool:
+        list(pool.map(one, range(tasks)))
+    return time.perf_counter() - started
+
+
+def through_queue(
+    url: str, tasks: int, agents: int, payload: dict[str, float], workdir: Path
+) -> tuple[float, float]:
+    """Wall seconds through the flow, and the mean attempt duration (spawn to bookkeeping done)."""
+    from flows.run_agent_queue import run_agent_queue
+    from tasks import agent_queue as queue
+    from tasks.db import connection
+
+    for i in range(tasks):
+        queue.create_task(url, queue.NewTask(title=f"bench {i}", agent_type="reference", payload=payload))
+    started = time.perf_counter()
+    summary = run_agent_queue(max_agents=agents, database_url=url, output_dir=str(workdir))
+    wall = time.perf_counter() - started
+    done = sum(1 for o in summary["outcomes"].values() if o == "completed")
+    if done != tasks:
+        raise SystemExit(f"only {done} of {tasks} tasks completed: {summary['outcomes']}")
+    with connection(url) as conn:
+        row = conn.execute(
+            "SELECT avg(seconds) FROM flowyard.agent_runs WHERE outcome = 'completed'"
+        ).fetchone()
+    return wall, float(row[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--sleep", type=float, default=0.2, help="agent work per task, seconds")
+    args = parser.parse_args()
+    payload = {"steps": 1, "sleep": args.sleep}
+    with bench_runtime() as rt:
+        from tasks import services
+        from tasks.prefect_runtime import SERVER
+        from tasks.state import state_url
+
+        url = state_url(rt.database("bench_agents"))
+        workdir = Path(tempfile.mkdtemp(prefix="flowyard-bench-agents-"))
+        meter = CpuMeter(
+            {
+                "flow+agents": os.getpid(),
+                "prefect server": services.running_pid(rt.settings.run_dir, SERVER) or os.getpid(),
+                "postgresql": int((rt.server.pgdata / "postmaster.pid").read_text().split()[0]),
+            }
+        )
+        c0 = meter.sample()
+        bare = bare_pool(args.tasks, args.agents, payload, workdir)
+        c1 = meter.sample()
+        queued, attempt_seconds = through_queue(url, args.tasks, args.agents, payload, workdir)
+        c2 = meter.sample()
+
+    def per_task_ms(wall: float) -> float:
+        return 1000 * wall * args.agents / args.tasks
+
+    work_ms = 1000 * args.sleep
+    bare_over = per_task_ms(bare) - work_ms
+    queue_over = per_task_ms(queued) - work_ms
+    print(f"{args.tasks} tasks, {args.agents} agents, agent work {work_ms:.0f} ms per task")
+    print(
+        f"bare subprocess pool : wall {bare:6.2f} s  slot time/task {per_task_ms(bare):6.1f} ms  spawn overhead {bare_over:6.1f} ms"
+    )
+    print(
+        f"run-agent-queue      : wall {queued:6.2f} s  slot time/task {per_task_ms(queued):6.1f} ms  overhead {queue_over:6.1f} ms"
+    )
+    print(
+        f"  of which inside the attempt (spawn, protocol, checkpoint writes): {1000 * attempt_seconds - work_ms:6.1f} ms"
+    )
+    print(
+        f"  of which claim + Prefect task run around it: {per_task_ms(queued) - 1000 * attempt_seconds:6.1f} ms"
+    )
+    print(f"queue / bare slot time: {per_task_ms(queued) / per_task_ms(bare):.2f}x")
+    bare_cpu, queue_cpu = CpuMeter.per_task_ms(c0, c1, args.tasks), CpuMeter.per_task_ms(c1, c2, args.tasks)
+    print(
+        "CPU per task (ms)    : " + "  ".join(f"{k} {v:.1f}" for k, v in bare_cpu.items()) + "  [bare pool]"
+    )
+    print("CPU per task (ms)    : " + "  ".join(f"{k} {v:.1f}" for k, v in queue_cpu.items()) + "  [queue]")
+    extra = sum(queue_cpu.values()) - sum(bare_cpu.values())
+    print(f"extra CPU per task through the queue: {extra:.1f} ms (this machine has 2 cores)")
+    verdict = "meets" if queue_over <= TARGET_MS else "MISSES"
+    print(
+        f"overhead above the agent's own run time: {queue_over:.1f} ms per task; {verdict} the {TARGET_MS:.0f} ms target"
+    )
+
+
+if __name__ == "__main__":
+    main()
