@@ -1,0 +1,33 @@
+"""Checksums are order independent, sensitive to any change, and equal across session settings."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from tasks.copy_pipe import normalize_session
+from tasks.table_checksum import checksum
+
+COLUMNS = ["id", "at", "v", "f"]
+
+
+def test_checksum_is_order_independent_and_pinned_across_sessions(fresh_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE a (id int, at timestamptz, v text, f float8)")
+        conn.execute("CREATE TABLE b (id int, at timestamptz, v text, f float8)")
+        conn.execute(
+            "INSERT INTO a SELECT g, now() - g * interval '1 h', 'v' || g, g / 3.0 FROM generate_series(1, 500) g"
+        )
+        conn.execute("INSERT INTO b SELECT * FROM a ORDER BY random()")
+    with psycopg.connect(fresh_db) as one, psycopg.connect(fresh_db) as two:
+        one.execute("SET TimeZone = 'Asia/Seoul'")
+        two.execute("SET TimeZone = 'America/Lima'; SET extra_float_digits = 0")
+        normalize_session(one)
+        normalize_session(two)
+        assert checksum(one, sql.Identifier("a"), COLUMNS) == checksum(two, sql.Identifier("b"), COLUMNS)
+        two.execute("UPDATE b SET v = 'changed' WHERE id = 250")
+        assert checksum(one, sql.Identifier("a"), COLUMNS) != checksum(two, sql.Identifier("b"), COLUMNS)
+        part = checksum(one, sql.Identifier("a"), COLUMNS, sql.SQL("id <= 100"))
+        rest = checksum(one, sql.Identifier("a"), COLUMNS, sql.SQL("id > 100"))
+        assert part + rest == checksum(one, sql.Identifier("a"), COLUMNS)
+        assert part.rows == 100
