@@ -8,6 +8,7 @@ deployment run (the ``run-agent-queue`` deployment does the same every minute).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -120,32 +121,36 @@ def list_(
         )
 
 
-@app.command()
-def cancel(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
-    """Cancel a task; a running agent is stopped gracefully at its worker's next heartbeat."""
-    queue.cancel_task(_url(database_url), task_id)
-    typer.echo(f"task {task_id} cancelled")
+def _transition_command(name: str, action: Callable[[str, int], None], done: str, help_text: str) -> None:
+    """Register ``queue <name> ID``: one status change, one confirmation line."""
+
+    def command(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
+        action(_url(database_url), task_id)
+        typer.echo(f"task {task_id} {done}")
+
+    command.__doc__ = help_text
+    app.command(name)(command)
 
 
-@app.command()
-def retry(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
-    """Queue a failed or cancelled task again; it resumes from its last checkpoint."""
-    queue.retry_task(_url(database_url), task_id)
-    typer.echo(f"task {task_id} is pending again")
-
-
-@app.command()
-def submit(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
-    """Release a draft into the queue."""
-    queue.submit_task(_url(database_url), task_id)
-    typer.echo(f"task {task_id} is pending")
-
-
-@app.command()
-def approve(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
-    """Accept a task waiting in review (its dependents become ready)."""
-    queue.approve_task(_url(database_url), task_id)
-    typer.echo(f"task {task_id} completed")
+_transition_command(
+    "cancel",
+    queue.cancel_task,
+    "cancelled",
+    "Cancel a task; a running agent is stopped gracefully within a heartbeat.",
+)
+_transition_command(
+    "retry",
+    queue.retry_task,
+    "is pending again",
+    "Queue a failed or cancelled task again; it resumes from its checkpoint.",
+)
+_transition_command("submit", queue.submit_task, "is pending", "Release a draft into the queue.")
+_transition_command(
+    "approve",
+    queue.approve_task,
+    "completed",
+    "Accept a task waiting in review (its dependents become ready).",
+)
 
 
 @app.command()

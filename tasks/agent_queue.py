@@ -473,27 +473,38 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
 
 
 def blocked_by_failure(url: str) -> dict[int, str]:
-    """Pending tasks that can never become ready because a dependency failed or was cancelled.
+    """Pending tasks that can never become ready because a dependency failed or was cancelled,
+    directly or through a dependency blocked the same way.
 
     They stay pending (a retried dependency unblocks them) but carry the reason, which
-    ``flowyard queue list`` shows. Returns {task id: reason}.
+    ``flowyard queue list`` shows. Reasons are recomputed from scratch, one dependency level
+    per pass. Returns {task id: reason}.
     """
     with _connection(url) as conn:
-        rows = conn.execute(
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET blocked_reason = NULL WHERE status = 'pending' AND blocked_reason IS NOT NULL"
+        )
+        while conn.execute(
             """
             WITH reasons AS (
                 SELECT b.blocked_id AS id,
                        'not run: dependency ' || string_agg(
-                           format('#%s %L is %s', d.id, d.title, d.status), ', ' ORDER BY d.id) AS reason
+                           format('#%s %L is %s', d.id, d.title,
+                                  CASE WHEN d.status = 'pending' THEN 'blocked' ELSE d.status END),
+                           ', ' ORDER BY d.id) AS reason
                   FROM flowyard.agent_task_blocks b
                   JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
                   JOIN flowyard.agent_tasks t ON t.id = b.blocked_id
-                 WHERE t.status = 'pending' AND d.status IN ('failed', 'cancelled')
+                 WHERE t.status = 'pending' AND t.blocked_reason IS NULL
+                   AND (d.status IN ('failed', 'cancelled') OR (d.status = 'pending' AND d.blocked_reason IS NOT NULL))
                  GROUP BY b.blocked_id
             )
             UPDATE flowyard.agent_tasks t SET blocked_reason = reasons.reason
               FROM reasons WHERE t.id = reasons.id
-            RETURNING t.id, t.blocked_reason
             """
+        ).rowcount:
+            pass
+        rows = conn.execute(
+            "SELECT id, blocked_reason FROM flowyard.agent_tasks WHERE status = 'pending' AND blocked_reason IS NOT NULL"
         ).fetchall()
     return {int(r[0]): str(r[1]) for r in rows}

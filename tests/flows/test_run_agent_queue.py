@@ -247,3 +247,24 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running = _wait_running(qdb, task_id)
+    queue.cancel_task(qdb, task_id)
+    assert worker.wait(timeout=120) == 0, "the worker carries on and ends normally"
+    assert group_members(running.agent_pgid) == []
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "cancelled" and task.last_checkpoint["kind"] == "graceful_shutdown"
+    step = task.last_checkpoint["state"]["step"]
+    assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
+    queue.retry_task(qdb, task_id)
+    with connection(qdb) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET payload = jsonb_build_object('steps', %s::int) WHERE id = %s",
+            (step + 1, task_id),
+        )
+    assert run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).result["resumed_from"] == step

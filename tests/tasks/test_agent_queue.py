@@ -78,7 +78,11 @@ def test_failed_dependency_blocks_with_a_reason(qdb: str) -> None:
     child = queue.create_task(qdb, _new("deploy", blocked_by=(dep,)))
     queue.claim_ready(qdb, "w", 5)
     queue.fail_task(qdb, dep, "w", "compiler exploded")
-    assert queue.blocked_by_failure(qdb) == {child: f"not run: dependency #{dep} 'build' is failed"}
+    grandchild = queue.create_task(qdb, _new("announce", blocked_by=(child,)))
+    assert queue.blocked_by_failure(qdb) == {
+        child: f"not run: dependency #{dep} 'build' is failed",
+        grandchild: f"not run: dependency #{child} 'deploy' is blocked",
+    }
     assert queue.get_task(qdb, child).blocked_reason.startswith("not run: dependency")
     queue.retry_task(qdb, dep)
     assert queue.blocked_by_failure(qdb) == {}
