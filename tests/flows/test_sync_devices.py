@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -161,7 +163,29 @@ def test_default_run_uses_configured_devices_and_records_state(
         sync_state.save_config(state_db, saved)
 
 
-def test_alerts_are_logged_and_emitted(fresh_db: str, state_db: str, tmp_path: Path, caplog) -> None:
+def _events_for(api: str, resource_id: str) -> set[str]:
+    """Event names the Prefect server has stored for a resource (events arrive asynchronously)."""
+    body = {"filter": {"resource": {"id": [resource_id]}}, "limit": 50}
+    for _ in range(100):
+        events = httpx.post(f"{api}/events/filter", json=body, timeout=10).json()["events"]
+        if events:
+            return {e["event"] for e in events}
+        time.sleep(0.2)
+    return set()
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_alerts_are_logged_and_emitted(
+    fresh_db: str, state_db: str, prefect_api: str, tmp_path: Path
+) -> None:
     from flows.sync_devices import sync_devices
 
     saved = sync_state.load_config(state_db)
@@ -169,14 +193,18 @@ def test_alerts_are_logged_and_emitted(fresh_db: str, state_db: str, tmp_path: P
     sync_state.save_config(state_db, saved.model_copy(update={"alerts": alerts}))
     store = make_store(tmp_path / "alerty.db", 100)
     dead = "postgresql://postgres@127.0.0.1:1/nowhere"
+    collect = _Collect()
+    logging.getLogger("prefect.flow_runs").addHandler(collect)
     try:
         with pytest.raises(UserError, match="alerty: upload to"):
             sync_devices(stores=[str(store)], central_url=dead, batch_size=40)
     finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(collect)
         sync_state.save_config(state_db, saved)
-    warnings = [r.getMessage() for r in caplog.records if "sync alert" in r.getMessage()]
+    warnings = [m for m in collect.messages if "sync alert" in m]
     assert any("queue-threshold" in w and "100 events still queued" in w for w in warnings)
     assert any("failure-rate" in w for w in warnings)
+    assert "flowyard.sync.queue-threshold" in _events_for(prefect_api, "flowyard.sync-device.alerty")
     central_store.ensure_schema(fresh_db)
     sync_devices(stores=[str(store)], central_url=fresh_db, force=True)
     assert _central_counts(fresh_db) == (100, 100)
