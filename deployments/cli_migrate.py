@@ -49,6 +49,23 @@ def _prepare(database_url: str | None, migrations_dir: Path) -> str | None:
     return url
 
 
+def _protection(
+    no_backup: bool,
+    no_restore: bool,
+    validate: list[str] | None,
+    lock_timeout: float,
+    backup_dir: Path | None,
+) -> dict[str, object]:
+    """The flow parameters deploy and rollback share, from their CLI options."""
+    return {
+        "backup": not no_backup,
+        "restore_on_failure": not no_restore,
+        "validation_queries": validate or [],
+        "lock_timeout": lock_timeout,
+        "backup_dir": str(backup_dir) if backup_dir else None,
+    }
+
+
 @app.command()
 def deploy(
     database_url: DatabaseUrl = None,
@@ -70,11 +87,7 @@ def deploy(
         migrations_dir=str(migrations_dir),
         target=target,
         dry_run=dry_run,
-        backup=not no_backup,
-        restore_on_failure=not no_restore,
-        validation_queries=validate or [],
-        lock_timeout=lock_timeout,
-        backup_dir=str(backup_dir) if backup_dir else None,
+        **_protection(no_backup, no_restore, validate, lock_timeout, backup_dir),
     )
     typer.echo(report.markdown())
 
@@ -115,10 +128,6 @@ def rollback(
         steps=steps,
         database_url=url,
         migrations_dir=str(migrations_dir),
-        backup=not no_backup,
-        restore_on_failure=not no_restore,
-        validation_queries=validate or [],
-        lock_timeout=lock_timeout,
-        backup_dir=str(backup_dir) if backup_dir else None,
+        **_protection(no_backup, no_restore, validate, lock_timeout, backup_dir),
     )
     typer.echo(report.markdown())

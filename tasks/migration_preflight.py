@@ -98,6 +98,7 @@ def run_preflight(
         integrity = check_integrity(conn)
         status = migration_status(url, migrations_dir, target)
         edited = edited_revisions(conn, status.applied_files)
+        holds_state = conn.execute("SELECT to_regclass('flowyard.run_ledger')").fetchone()[0] is not None
     if edited:
         raise UserError(
             "applied revisions were edited after they were applied: "
@@ -113,6 +114,10 @@ def run_preflight(
         warnings.append(f"{sessions} other sessions are connected (threshold {max_active_connections})")
     if unvalidated:
         warnings.append(f"constraints not validated: {', '.join(unvalidated)}")
+    if holds_state:
+        warnings.append(
+            "this is flowyard's own state database: a restore would roll back other pipelines' state"
+        )
     warnings += [
         f"before the run: {p.check} in {p.table}: {p.detail} ({p.count})" for p in integrity.problems
     ]

@@ -53,7 +53,8 @@ def check_query(conn: psycopg.Connection, query: str) -> QueryCheck:
     except psycopg.Error as exc:
         return QueryCheck(query, False, f"error: {str(exc).strip().splitlines()[0]}")
     if len(rows) != 1 or len(rows[0]) != 1:
-        return QueryCheck(query, False, f"must return one row with one value, got {len(rows)} row(s)")
+        shape = f"{len(rows)} row(s) of {len(rows[0]) if rows else 0} column(s)"
+        return QueryCheck(query, False, f"must return one row with one value, got {shape}")
     return QueryCheck(query, bool(rows[0][0]), f"returned {rows[0][0]!r}")
 
 

@@ -43,7 +43,13 @@ def test_preflight_reports_state_and_soft_problems(fresh_db, tmp_path):
     assert any("other sessions are connected (threshold 0)" in w for w in report.warnings)
     assert any("constraints not validated: child.child_parent" in w for w in report.warnings)
     assert any(w.startswith("before the run: fk_orphans in public.child") for w in report.warnings)
+    assert not any("state database" in w for w in report.warnings)
     assert not (tmp_path / "backups").exists(), "preflight creates nothing"
+
+
+def test_deploying_into_flowyard_state_database_is_warned(state_db, tmp_path):
+    report = run_preflight(state_db, str(migrations_dir(tmp_path)), "head", None, 1000)
+    assert any("flowyard's own state database" in w for w in report.warnings)
 
 
 def test_unreachable_database_is_refused(tmp_path):
