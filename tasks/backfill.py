@@ -1,7 +1,9 @@
 """Keyset-batched backfill of a live table: short transactions, a rate limit, a checkpoint per batch.
 
-Each batch is one short transaction that touches the next ``batch_size`` rows in key order
-(``UPDATE ... SET touch = touch``), so the table's sync trigger recomputes the new columns.
+Each batch is one short transaction that updates the next ``batch_size`` rows in key order with
+set-based assignments (``UPDATE ... SET new = up(old)``); the session marks itself with
+``flowyard.backfill = on`` so the per-row sync trigger stands aside, and runs with the table's
+schema as search_path so the expressions resolve as they do in the trigger.
 Row locks are held for one batch only, the lock-timeout retry of :mod:`tasks.ddl_retry`
 protects application writers, and after each batch the last key is saved, so a crash or a
 cancel resumes from the last finished batch. Re-running a batch is harmless: the trigger
@@ -61,9 +63,25 @@ def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
     return sql.SQL(
         "WITH batch AS (SELECT {key} FROM {tbl} WHERE {lower}{key} <= CAST(%(upper)s AS {key_type}) "
         "ORDER BY {key} LIMIT %(size)s), "
-        "touched AS (UPDATE {tbl} AS t SET {touch} = t.{touch} FROM batch WHERE t.{key} = batch.{key} RETURNING 1) "
+        "touched AS (UPDATE {tbl} SET {assignments} WHERE {lower}{key} <= (SELECT max({key}) FROM batch) RETURNING 1) "
         "SELECT (SELECT max({key})::text FROM batch), (SELECT count(*) FROM touched)"
-    ).format(key=key, tbl=tbl, lower=lower, key_type=key_type, touch=sql.Identifier(target.touch))
+    ).format(
+        key=key,
+        tbl=tbl,
+        lower=lower,
+        key_type=key_type,
+        assignments=sql.SQL(", ").join(sql.SQL(a) for a in target.assignments),  # type: ignore[arg-type]
+    )
+
+
+def _run_batch(
+    conn: psycopg.Connection, target: BackfillTarget, query: sql.Composable, params: dict[str, object]
+) -> tuple[str | None, int]:
+    conn.execute(
+        "SELECT set_config('search_path', %s, true), set_config('flowyard.backfill', 'on', true)",
+        (target.schema_name,),
+    )
+    return conn.execute(query, params).fetchone()  # type: ignore[return-value]
 
 
 def backfill(
@@ -76,7 +94,7 @@ def backfill(
     """Backfill ``target`` from its checkpoint to the key that was highest when the backfill began.
 
     Rows inserted after that are filled by the trigger as they are written. ``conn`` must be
-    in autocommit mode and use the old version's search_path (so the trigger computes ``up``).
+    in autocommit mode.
     """
     checkpoint = store.load(target.table)
     if checkpoint is None:
@@ -94,7 +112,7 @@ def backfill(
         params = {"last": checkpoint.last_key, "upper": checkpoint.upper_key, "size": options.batch_size}
         (last, touched), _ = with_lock_retry(
             conn,
-            lambda c, q=query, p=params: c.execute(q, p).fetchone(),
+            lambda c, q=query, p=params: _run_batch(c, target, q, p),
             options.policy,
             what=f"backfill {target.table}",
         )

@@ -51,13 +51,17 @@ SHADOW_PREFIX = "_fy_new_"
 
 
 class BackfillTarget(BaseModel):
-    """A table to backfill in keyset batches: touching ``touch`` fires the sync trigger."""
+    """A table to backfill in keyset batches, by set-based ``UPDATE ... SET <assignments>``.
+
+    The assignments are the old-version halves of the sync trigger (``new := up``), evaluated
+    in SQL over the old column names, which is far faster than firing the trigger per row.
+    """
 
     schema_name: str
     table: str
     key: str
     key_type: str
-    touch: str
+    assignments: list[str]
 
 
 class Step(BaseModel):
@@ -138,7 +142,6 @@ class _TableWork:
     """New-version column name → physical column."""
     shadows: dict[str, str] = field(default_factory=dict)
     syncs: list[_Sync] = field(default_factory=list)
-    backfill_touch: str | None = None
     swap_statements: list[sql.Composable] = field(default_factory=list)
     finalize_statements: list[sql.Composable] = field(default_factory=list)
     dropped: bool = False
@@ -337,7 +340,6 @@ class _Planner:
         work.view_columns[c.name] = c.name
         if fill is not None:
             work.syncs.append(_Sync(c.name, fill, new_version=False, only_when_null=True))
-            work.backfill_touch = work.backfill_touch or c.name
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
         self.constraints(table, c.name, c.name, c)
@@ -441,7 +443,6 @@ class _Planner:
         work.syncs.append(_Sync(shadow, op.up or op.column, new_version=False, only_when_null=False))
         logical = next(k for k, v in work.view_columns.items() if v == shadow)
         work.syncs.append(_Sync(op.column, op.down or logical, new_version=True, only_when_null=False))
-        work.backfill_touch = work.backfill_touch or shadow
         work.swap_statements += [
             sql.SQL("DROP COLUMN {}").format(col),
             sql.SQL("RENAME COLUMN {} TO {}").format(sql.Identifier(shadow), col),
@@ -577,58 +578,79 @@ class _Planner:
             )
 
     # -- whole-table steps -------------------------------------------------------------------------
-    def trigger_step(self, work: _TableWork) -> Step:
-        """One BEFORE INSERT OR UPDATE trigger per table; the session's search_path says which version writes."""
-        table = work.info.name
-        function = sql.Identifier(self.vschema, f"_fy_sync_{table}"[:63])
+    def sync_functions(self, table: str) -> dict[str, sql.Composable]:
+        """The trigger function and its two halves (old-version writes, new-version writes) of ``table``."""
+        return {
+            kind: sql.Identifier(self.vschema, f"_fy_{kind}_{table}"[:63]) for kind in ("sync", "up", "down")
+        }
 
-        def declare(names: dict[str, str]) -> sql.Composable:
-            return sql.SQL(" ").join(
-                sql.SQL("{} {}.{}.{}%TYPE := NEW.{};").format(
-                    sql.Identifier(name),
+    def trigger_step(self, work: _TableWork) -> Step:
+        """One BEFORE INSERT OR UPDATE trigger per table; the session's search_path says which version writes.
+
+        The trigger itself only decides the direction (it must see the caller's search_path); the
+        ``up``/``down`` expressions run in two helper functions pinned to the table's schema, so user
+        types and functions resolve whatever search_path the writing application uses.
+        """
+        table = work.info.name
+        functions = self.sync_functions(table)
+        row = sql.Identifier("_fy_row")
+
+        def half(name: sql.Composable, names: dict[str, str], new_version: bool) -> str:
+            declare = sql.SQL(" ").join(
+                sql.SQL("{} {}.{}.{}%TYPE := {}.{};").format(
+                    sql.Identifier(var),
                     sql.Identifier(self.schema),
                     sql.Identifier(table),
                     sql.Identifier(phys),
+                    row,
                     sql.Identifier(phys),
                 )
-                for name, phys in names.items()
+                for var, phys in names.items()
             )
-
-        def assignments(new_version: bool) -> sql.Composable:
             parts = []
             for s in (s for s in work.syncs if s.new_version == new_version):
-                assign = sql.SQL("NEW.{} := {};").format(sql.Identifier(s.target), _expr(s.expression))
+                assign = sql.SQL("{}.{} := {};").format(row, sql.Identifier(s.target), _expr(s.expression))
                 if s.only_when_null:
-                    assign = sql.SQL("IF NEW.{} IS NULL THEN {} END IF;").format(
-                        sql.Identifier(s.target), assign
+                    assign = sql.SQL("IF {}.{} IS NULL THEN {} END IF;").format(
+                        row, sql.Identifier(s.target), assign
                     )
                 parts.append(assign)
-            return sql.SQL(" ").join(parts) if parts else sql.SQL("NULL;")
+            body = sql.SQL("DECLARE {} BEGIN {} RETURN {}; END").format(
+                declare, sql.SQL(" ").join(parts), row
+            )
+            return _render(
+                sql.SQL(
+                    "CREATE OR REPLACE FUNCTION {}({} {}) RETURNS {} LANGUAGE plpgsql SET search_path = {} AS {}"
+                ).format(
+                    name,
+                    row,
+                    self.tbl(table),
+                    self.tbl(table),
+                    sql.Identifier(self.schema),
+                    sql.Literal(_render(body)),
+                )
+            )
 
-        old_columns = {c.name: c.name for c in work.info.columns}
-        body = sql.SQL(
-            "BEGIN IF coalesce((current_schemas(false))[1] = {}, false) THEN "
-            "DECLARE {} BEGIN {} END; ELSE DECLARE {} BEGIN {} END; END IF; RETURN NEW; END"
-        ).format(
-            sql.Literal(self.vschema),
-            declare(work.view_columns),
-            assignments(True),
-            declare(old_columns),
-            assignments(False),
-        )
+        dispatch = sql.SQL(
+            "BEGIN IF current_setting('flowyard.backfill', true) = 'on' THEN RETURN NEW; END IF; "
+            "IF coalesce((current_schemas(false))[1] = {}, false) THEN NEW := {}(NEW); "
+            "ELSE NEW := {}(NEW); END IF; RETURN NEW; END"
+        ).format(sql.Literal(self.vschema), functions["down"], functions["up"])
         trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
         return Step(
             title=f"sync trigger on {table}",
             statements=[
+                half(functions["up"], {c.name: c.name for c in work.info.columns}, new_version=False),
+                half(functions["down"], work.view_columns, new_version=True),
                 _render(
                     sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}").format(
-                        function, sql.Literal(_render(body))
+                        functions["sync"], sql.Literal(_render(dispatch))
                     )
                 ),
                 _render(
                     sql.SQL(
                         "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
-                    ).format(trigger, self.tbl(table), function)
+                    ).format(trigger, self.tbl(table), functions["sync"])
                 ),
             ],
         )
@@ -666,7 +688,17 @@ class _Planner:
             table=info.name,
             key=key,
             key_type=info.column(key).type,
-            touch=work.backfill_touch or key,  # type: ignore[union-attr]
+            assignments=[
+                _render(
+                    sql.SQL("{} = coalesce({}, {})" if s.only_when_null else "{} = {}{}").format(
+                        sql.Identifier(s.target),
+                        sql.Identifier(s.target) if s.only_when_null else sql.SQL(""),
+                        _expr(s.expression),
+                    )
+                )
+                for s in work.syncs
+                if not s.new_version
+            ],
         )
         return Step(
             title=f"backfill {info.name} in keyset batches",
@@ -721,8 +753,8 @@ class _Planner:
             schema_step,
             *self.structural,
             *[self.trigger_step(w) for w in synced],
+            *[self.backfill_step(w) for w in self.tables.values() if any(not s.new_version for s in w.syncs)],
             *self.not_valid,
-            *[self.backfill_step(w) for w in self.tables.values() if w.backfill_touch],
             *self.indexes,
             *self.validate,
             self.views_step(),
@@ -747,11 +779,16 @@ class _Planner:
                     title="drop sync trigger functions",
                     statements=[
                         _render(
-                            sql.SQL("DROP FUNCTION IF EXISTS {}()").format(
-                                sql.Identifier(self.vschema, f"_fy_sync_{w.info.name}"[:63])
+                            sql.SQL("DROP FUNCTION IF EXISTS {}(), {}({}), {}({})").format(
+                                fns["sync"],
+                                fns["up"],
+                                self.tbl(w.info.name),
+                                fns["down"],
+                                self.tbl(w.info.name),
                             )
                         )
                         for w in synced
+                        if (fns := self.sync_functions(w.info.name))
                     ],
                 )
             )
@@ -798,8 +835,8 @@ def format_plan(plan: Plan) -> str:
             if step.backfill is not None:
                 b = step.backfill
                 lines.append(
-                    f"--   keyset batches of {b.schema_name}.{b.table} ordered by {b.key}, each touching {b.touch} "
-                    "so the sync trigger fills the new columns"
+                    f"--   keyset batches of {b.schema_name}.{b.table} ordered by {b.key}, each batch setting: "
+                    + ", ".join(b.assignments)
                 )
             lines.extend(f"{statement};" for statement in step.statements)
     return "\n".join(lines)

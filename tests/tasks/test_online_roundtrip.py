@@ -322,3 +322,22 @@ def test_start_then_complete_keeps_data_and_reaches_final_schema(
         == 0
     )
     assert _scalar(fresh_db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_fy\\_%'") == 0
+
+
+def test_sync_expressions_resolve_types_whatever_the_writers_search_path(
+    fresh_db: str, state_db: str
+) -> None:
+    """up/down may use the schema's own types (an enum) even when the writer's search_path lacks the schema."""
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(fresh_db, state_db, {"name": "enum_path", "operations": CASES["alter_type_text_enum"].op})
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("SET search_path = pg_catalog")  # an old-version writer that qualifies its tables
+        conn.execute("INSERT INTO public.orders (id, status) VALUES (101, 'paid')")
+        conn.execute(f"SET search_path = {plan.version_schema}")  # a new-version writer, views only
+        conn.execute("INSERT INTO orders (id, status) VALUES (102, 'paid')")
+        conn.execute("SET search_path = public")
+        rows = conn.execute(
+            "SELECT id, status, _fy_new_status::text FROM orders WHERE id > 100 ORDER BY id"
+        ).fetchall()
+    assert rows == [(101, "paid", "paid"), (102, "paid", "paid")]

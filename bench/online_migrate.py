@@ -1,0 +1,408 @@
+"""Online schema changes under full write load, against a naive ALTER TABLE ... TYPE bigint.
+
+For each table size, a ``bench_orders`` table is filled, then writer threads run INSERTs and
+UPDATEs at full speed for the whole run while the seed-000 scenarios run one after another
+through the real online-migration code (plan, lint, start, complete; no Prefect in the loop):
+
+1. add a NOT NULL column with a default   4. add an index
+2. rename a column                         5. add a foreign key
+3. int -> bigint and text -> enum          6. add a CHECK
+
+Writers use the old version (previous view schema) during expand and switch to the new
+version before complete, as a rolling deploy does. Measured: failed writes, max write latency
+per scenario, backfill rows/s, both versions answering during expand, and, after complete, a
+checksum of every row against the writers' own record of what they wrote. Then the naive
+``ALTER TABLE ... ALTER COLUMN ... TYPE bigint`` runs under the same load.
+
+    .venv/bin/python -m bench.online_migrate --rows 1000000 --rows 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from psycopg import sql
+from psycopg.types.string import StrDumperUnknown
+
+from bench._runtime import bench_runtime
+from tasks.backfill import BackfillOptions
+from tasks.db import connect
+from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
+from tasks.online_phases import RunOptions
+
+STATUSES = ("new", "paid", "shipped")
+SETUP = """
+DROP TABLE IF EXISTS bench_orders, bench_customers CASCADE;
+DROP TYPE IF EXISTS order_status;
+CREATE TABLE bench_customers (id int PRIMARY KEY);
+INSERT INTO bench_customers SELECT generate_series(1, 1000);
+CREATE TABLE bench_orders (
+    id bigint PRIMARY KEY, customer_id int NOT NULL, amount int NOT NULL, note text, status text NOT NULL
+);
+INSERT INTO bench_orders
+SELECT g, 1 + g % 1000, g % 10000, 'n' || g, (ARRAY['new', 'paid', 'shipped'])[1 + g % 3]
+FROM generate_series(1, {rows}) g;
+VACUUM ANALYZE bench_orders;
+"""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    title: str
+    operations: list[dict[str, Any]]
+    rename_note: str | None = None
+    """What the writers call the ``note`` column in the new version, when the scenario renames it."""
+
+
+SCENARIOS = [
+    Scenario(
+        "1 add NOT NULL column with default",
+        [
+            {
+                "add_column": {
+                    "table": "bench_orders",
+                    "column": {"name": "priority", "type": "int", "nullable": False, "default": "0"},
+                }
+            }
+        ],
+    ),
+    Scenario(
+        "2 rename column",
+        [{"rename_column": {"table": "bench_orders", "from": "note", "to": "comment"}}],
+        rename_note="comment",
+    ),
+    Scenario(
+        "3a int -> bigint",
+        [
+            {
+                "alter_column": {
+                    "table": "bench_orders",
+                    "column": "amount",
+                    "type": "bigint",
+                    "up": "amount::bigint",
+                    "down": "amount::int",
+                }
+            }
+        ],
+    ),
+    Scenario(
+        "3b text -> enum",
+        [
+            {
+                "raw_sql": {
+                    "up": "CREATE TYPE order_status AS ENUM ('new', 'paid', 'shipped')",
+                    "down": "DROP TYPE IF EXISTS order_status",
+                }
+            },
+            {
+                "alter_column": {
+                    "table": "bench_orders",
+                    "column": "status",
+                    "type": "order_status",
+                    "up": "status::order_status",
+                    "down": "status::text",
+                }
+            },
+        ],
+    ),
+    Scenario(
+        "4 add index",
+        [
+            {
+                "create_index": {
+                    "name": "bench_orders_status_idx",
+                    "table": "bench_orders",
+                    "columns": ["status"],
+                }
+            }
+        ],
+    ),
+    Scenario(
+        "5 add foreign key",
+        [
+            {
+                "alter_column": {
+                    "table": "bench_orders",
+                    "column": "customer_id",
+                    "references": {"table": "bench_customers", "column": "id"},
+                }
+            }
+        ],
+    ),
+    Scenario(
+        "6 add CHECK",
+        [
+            {
+                "alter_column": {
+                    "table": "bench_orders",
+                    "column": "amount",
+                    "check": {"name": "amount_not_negative", "constraint": "amount >= 0"},
+                }
+            }
+        ],
+    ),
+]
+
+
+@dataclass
+class Writers:
+    """Writer threads: INSERT new rows and UPDATE random rows as fast as they can, recording what they wrote."""
+
+    url: str
+    rows: int
+    threads: int = 2
+    search_path: str = "public"
+    note_column: str = "note"
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    written: dict[int, tuple[int, int, str, str]] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    writes: int = 0
+    _next_id: int = 0
+
+    def __post_init__(self) -> None:
+        self._next_id = 10 * self.rows
+        self._workers = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.threads)
+        ]
+
+    def start(self) -> None:
+        for worker in self._workers:
+            worker.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for worker in self._workers:
+            worker.join()
+
+    def take_max_latency(self) -> float:
+        with self.lock:
+            worst, self.latencies = max(self.latencies, default=0.0), []
+        return worst
+
+    def _run(self, seed: int) -> None:
+        rng = random.Random(seed)
+        conn = _app_connection(self.url)
+        current = None
+        while not self.stop.is_set():
+            path, note = self.search_path, self.note_column
+            if path != current:  # a new application version comes with its own connections
+                conn.close()
+                conn = _app_connection(self.url)
+                conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(path)))
+                current = path
+            with self.lock:
+                self._next_id += 1
+                new_id = self._next_id
+            row_id = new_id if rng.random() < 0.5 else rng.randint(1, self.rows)
+            value = (1 + row_id % 1000, rng.randint(0, 100_000), f"w{rng.random():.6f}", rng.choice(STATUSES))
+            started = time.monotonic()
+            try:
+                if row_id == new_id:
+                    conn.execute(
+                        sql.SQL(
+                            "INSERT INTO bench_orders (id, customer_id, amount, {}, status) VALUES (%s, %s, %s, %s, %s)"
+                        ).format(sql.Identifier(note)),
+                        (row_id, *value),
+                    )
+                else:
+                    conn.execute(
+                        sql.SQL(
+                            "UPDATE bench_orders SET amount = %s, {} = %s, status = %s WHERE id = %s"
+                        ).format(sql.Identifier(note)),
+                        (value[1], value[2], value[3], row_id),
+                    )
+            except Exception as exc:  # noqa: BLE001 - every failed application write is the measurement
+                with self.lock:
+                    self.failures.append(str(exc).splitlines()[0])
+                conn.close()
+                conn, current = _app_connection(self.url), None
+                continue
+            elapsed = time.monotonic() - started
+            with self.lock:
+                self.latencies.append(elapsed)
+                self.writes += 1
+                self.written[row_id] = value
+        conn.close()
+
+
+def _app_connection(url: str) -> psycopg.Connection:
+    """An application connection that sends strings untyped, so the server casts them to enums as apps expect."""
+    conn = connect(url, autocommit=True)
+    conn.adapters.register_dumper(str, StrDumperUnknown)
+    return conn
+
+
+def _setup(url: str, rows: int) -> None:
+    with connect(url, autocommit=True) as conn:
+        for statement in SETUP.format(rows=int(rows)).strip().split(";\n"):
+            conn.execute(statement)
+
+
+def _data_matches(url: str, rows: int, writers: Writers, search_path: str, note: str) -> tuple[bool, int]:
+    """Checksum of every row (through the new version) against the writers' record; mismatching rows."""
+    with connect(url) as conn:
+        conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(search_path)))
+        conn.execute(
+            "CREATE TEMP TABLE expected_writes (id bigint PRIMARY KEY, customer_id int, amount bigint, note text, status text)"
+        )
+        with conn.cursor().copy("COPY expected_writes FROM STDIN") as copy:
+            for row_id, (customer, amount, text, status) in writers.written.items():
+                copy.write_row((row_id, customer, amount, text, status))
+        expected = (
+            "SELECT g AS id, coalesce(e.customer_id, 1 + mod(g, 1000)) AS customer_id, coalesce(e.amount, mod(g, 10000)) AS amount, "
+            "coalesce(e.note, 'n' || g) AS note, coalesce(e.status, (ARRAY['new', 'paid', 'shipped'])[1 + mod(g, 3)]) AS status "
+            "FROM generate_series(1, %(rows)s::bigint) g LEFT JOIN expected_writes e ON e.id = g "
+            "UNION ALL SELECT id, customer_id, amount, note, status FROM expected_writes WHERE id > %(rows)s"
+        )
+        actual = sql.SQL(
+            "SELECT id, customer_id, amount::bigint AS amount, {} AS note, status::text AS status FROM bench_orders"
+        ).format(sql.Identifier(note))
+        digest = "SELECT md5(string_agg(md5(row(id, customer_id, amount, note, status)::text), '' ORDER BY id)) FROM ({}) q"
+        want = conn.execute(sql.SQL(digest).format(sql.SQL(expected)), {"rows": rows}).fetchone()[0]
+        got = conn.execute(sql.SQL(digest).format(actual)).fetchone()[0]
+        mismatches = conn.execute(
+            sql.SQL(
+                "SELECT count(*) FROM ({}) a FULL JOIN ({}) b USING (id) WHERE row(a.*) IS DISTINCT FROM row(b.*)"
+            ).format(actual, sql.SQL(expected)),
+            {"rows": rows},
+        ).fetchone()[0]
+    return want == got, int(mismatches)
+
+
+def _versions_answer(url: str, old: str, new: str, note_old: str, note_new: str) -> bool:
+    with connect(url, autocommit=True) as conn:
+        for path, note in ((old, note_old), (new, note_new)):
+            conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(path)))
+            conn.execute(
+                sql.SQL("SELECT id, amount, {}, status FROM bench_orders ORDER BY id DESC LIMIT 5").format(
+                    sql.Identifier(note)
+                )
+            ).fetchall()
+    return True
+
+
+def run_online(
+    url: str, state: str, rows: int, workdir: Path, scenarios: list[Scenario], options: RunOptions
+) -> list[dict[str, Any]]:
+    writers = Writers(url, rows)
+    writers.start()
+    results = []
+    old_path, old_note = "public", "note"
+    try:
+        for n, scenario in enumerate(scenarios):
+            file = workdir / f"s{n}.yaml"
+            file.write_text(yaml.safe_dump({"name": f"bench_{n}", "operations": scenario.operations}))
+            writers.take_max_latency()
+            started = time.monotonic()
+            plan = prepare_plan(url, state, str(file), "public")
+            lint_plan(plan, 200)
+            start = run_online_phase(url, state, plan, "start", options)
+            new_note = scenario.rename_note or old_note
+            both = _versions_answer(url, old_path, plan.version_schema, old_note, new_note)
+            time.sleep(1.0)  # the old version keeps writing through the sync triggers for a moment
+            writers.note_column, writers.search_path = (
+                new_note,
+                plan.version_schema,
+            )  # deploy the new app
+            time.sleep(1.0)
+            complete = run_online_phase(url, state, plan, "complete", options)
+            seconds = time.monotonic() - started
+            latency = writers.take_max_latency()
+            backfill = sum(b.rows for b in start.backfills), sum(b.seconds for b in start.backfills)
+            results.append(
+                {
+                    "scenario": scenario.title,
+                    "seconds": seconds,
+                    "max_write_ms": latency * 1000,
+                    "backfill_rows_per_s": backfill[0] / backfill[1] if backfill[1] else None,
+                    "lock_timeouts": start.lock_timeouts + complete.lock_timeouts,
+                    "both_versions": both,
+                }
+            )
+            old_path, old_note = plan.version_schema, new_note
+            print(f"  {scenario.title}: {results[-1]}", flush=True)
+    finally:
+        writers.finish()
+    same, mismatches = _data_matches(url, rows, writers, old_path, old_note)
+    for result in results:
+        result.update(failed_writes=len(writers.failures), checksum_equal=same, mismatched_rows=mismatches)
+    print(f"  writes: {writers.writes}, failed: {len(writers.failures)} {writers.failures[:3]}", flush=True)
+    return results
+
+
+def run_naive(url: str, rows: int) -> dict[str, float]:
+    """The baseline: ALTER COLUMN ... TYPE bigint, rewriting the table under ACCESS EXCLUSIVE, same load."""
+    _setup(url, rows)
+    writers = Writers(url, rows)
+    writers.start()
+    time.sleep(2.0)
+    writers.take_max_latency()
+    started = time.monotonic()
+    with connect(url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE bench_orders ALTER COLUMN amount TYPE bigint")
+    seconds = time.monotonic() - started
+    time.sleep(0.5)
+    writers.finish()
+    return {
+        "alter_seconds": seconds,
+        "max_write_ms": writers.take_max_latency() * 1000,
+        "failed_writes": len(writers.failures),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, action="append", help="table size (repeat for several)")
+    parser.add_argument("--only", default="", help="run only scenarios whose title starts with this")
+    parser.add_argument("--batch-size", type=int, default=BackfillOptions().batch_size)
+    args = parser.parse_args()
+    sizes = args.rows or [1_000_000]
+    with bench_runtime(with_prefect=False) as rt, tempfile.TemporaryDirectory() as tmp:
+        from tasks.state import state_url
+
+        state = state_url(rt.state_url)
+        for rows in sizes:
+            url = rt.database(f"bench_online_{rows}")
+            print(f"== {rows:,} rows", flush=True)
+            _setup(url, rows)
+            scenarios = [s for s in SCENARIOS if s.title.startswith(args.only)]
+            options = RunOptions(backfill=replace(BackfillOptions(), batch_size=args.batch_size))
+            online = run_online(url, state, rows, Path(tmp), scenarios, options)
+            naive = run_naive(url, rows)
+            worst = max(r["max_write_ms"] for r in online)
+            backfills = [r["backfill_rows_per_s"] for r in online if r["backfill_rows_per_s"]]
+            print(
+                f"\n| scenario ({rows:,} rows) | duration s | max write latency ms | backfill rows/s | lock timeouts retried |"
+            )
+            print("|---|---:|---:|---:|---:|")
+            for r in online:
+                rate = f"{r['backfill_rows_per_s']:,.0f}" if r["backfill_rows_per_s"] else "—"
+                print(
+                    f"| {r['scenario']} | {r['seconds']:.1f} | {r['max_write_ms']:.0f} | {rate} | {r['lock_timeouts']} |"
+                )
+            print(
+                f"\nonline: failed writes {online[0]['failed_writes']}, both versions answered during expand: "
+                f"{all(r['both_versions'] for r in online)}, checksum equal after complete: {online[0]['checksum_equal']} "
+                f"(mismatched rows {online[0]['mismatched_rows']}), worst write latency {worst:.0f} ms, "
+                f"min backfill {min(backfills):,.0f} rows/s"
+            )
+            print(
+                f"naive ALTER COLUMN amount TYPE bigint: took {naive['alter_seconds']:.1f}s, max write latency "
+                f"{naive['max_write_ms']:.0f} ms (blocked writes), failed writes {naive['failed_writes']}; "
+                f"ratio naive/online worst latency = {naive['max_write_ms'] / worst:.1f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
