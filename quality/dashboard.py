@@ -2,7 +2,8 @@
 
 - markdown artifact ``quality-dashboard``: overall score; per entity its score,
   violations, anomalies and trend; recommendations; the score-trend chart embedded as a
-  PNG data URI so it shows in the Prefect UI without a file server;
+  PNG data URI so it shows in the Prefect UI without a file server; the same chart as the
+  image artifact ``quality-score-trend``;
 - table artifacts: every rule's result (``quality-rules``) and each table's profile
   (``quality-profile-<suite>``);
 - files in the output directory: ``score_trend.png``, ``dashboard.md`` and GX Data Docs.
@@ -20,7 +21,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_image_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 from quality.anomalies import Anomaly, Trend  # noqa: E402
 from quality.history import ScorePoint  # noqa: E402
@@ -110,9 +115,13 @@ def render_markdown(report: QualityReport, chart_png: bytes | None = None) -> st
         f"- **{x.priority}** {x.title}: {x.description}. {x.action}." for x in report.recommendations
     ] or ["- none"]
     if chart_png:
-        encoded = base64.b64encode(chart_png).decode()
-        lines += ["", "## Score trend", "", f"![score trend](data:image/png;base64,{encoded})"]
+        lines += ["", "## Score trend", "", f"![score trend]({data_uri(chart_png)})"]
     return "\n".join(lines) + "\n"
+
+
+def data_uri(png: bytes) -> str:
+    """The PNG inline, so the Prefect UI shows it with no file server (Prefect renders data URIs)."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _cell(text: str) -> str:
@@ -150,6 +159,7 @@ def publish(report: QualityReport, history: dict[str, list[ScorePoint]], output_
     markdown = render_markdown(report, chart)
     (output_dir / "dashboard.md").write_text(markdown)
     create_markdown_artifact(markdown, key="quality-dashboard", description="Data-quality dashboard")
+    create_image_artifact(data_uri(chart), key="quality-score-trend", description="Score per suite over runs")
     create_table_artifact(rule_rows(report.results), key="quality-rules", description="Result of every rule")
     for suite, profile in report.profiles.items():
         create_table_artifact(

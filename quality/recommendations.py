@@ -6,8 +6,7 @@ a high-severity anomaly means the data source itself should be investigated.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from quality.anomalies import Anomaly
 from quality.runner import SuiteResult
@@ -23,9 +22,6 @@ class Recommendation:
     title: str
     description: str
     action: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def recommend(results: list[SuiteResult], anomalies: list[Anomaly]) -> list[Recommendation]:

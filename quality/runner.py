@@ -14,7 +14,7 @@ import itertools
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,9 +66,6 @@ class SuiteResult:
     @property
     def violations(self) -> list[RuleResult]:
         return [r for r in self.rules if not r.success]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "success": self.success}
 
 
 class UnexpectedRowsWithSample(gxe.UnexpectedRowsExpectation):

@@ -67,8 +67,6 @@ _FILL = {
         FROM generate_series(1, %(rows)s) AS g""",
 }
 
-ENTITY_TABLES = tuple(_DDL)
-
 
 def create_entity_tables(conn: psycopg.Connection, schema: str = "public") -> None:
     """(Re)create the four entity tables, empty, with the indexes the checks' joins use."""

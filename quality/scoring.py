@@ -38,11 +38,14 @@ def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composable, list
     """One scan: row count, mean row score and each rule's violation count."""
     rules = row_rules(suite)
     flags: list[sql.Composable] = []
+    joins: list[sql.Composable] = []
     params: list[object] = []
     for i, rule in enumerate(rules):
         predicate = violation(rule, source)
         flags.append(sql.SQL("coalesce({}, false) AS {}").format(predicate.sql, sql.Identifier(f"r{i}")))
         params.extend(predicate.params)
+        if predicate.join is not None:
+            joins.append(predicate.join)
     penalty = sql.SQL(" + ").join(
         [
             sql.SQL("CASE WHEN {} THEN {} ELSE 0 END").format(
@@ -56,12 +59,13 @@ def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composable, list
         sql.SQL(", count(*) FILTER (WHERE {})").format(sql.Identifier(f"r{i}")) for i in range(len(rules))
     ]
     query = sql.SQL(
-        "SELECT count(*), avg(GREATEST(0, 100 - ({penalty}))){counts} FROM (SELECT {flags} FROM {rel} AS b) AS p"
+        "SELECT count(*), avg(GREATEST(0, 100 - ({penalty}))){counts} FROM (SELECT {flags} FROM {rel} AS b{joins}) AS p"
     ).format(
         penalty=penalty,
         counts=sql.SQL("").join(counts),
         flags=sql.SQL(", ").join(flags) if flags else sql.SQL("1 AS one"),
         rel=source.relation(),
+        joins=sql.SQL("").join(joins),  # joins take no parameters, so params stay in flag order
     )
     return query, params
 

@@ -88,10 +88,14 @@ class TableSource:
 
 @dataclass(frozen=True)
 class Predicate:
-    """A boolean SQL expression over alias ``b`` that is true for a violating row, and its parameters."""
+    """A boolean SQL expression over alias ``b`` that is true for a violating row, and its parameters.
+
+    ``join`` is a ``LEFT JOIN`` the expression needs next to ``b`` (it never multiplies rows).
+    """
 
     sql: sql.Composable
     params: tuple[Any, ...] = ()
+    join: sql.Composable | None = None
 
 
 def violation(rule: Rule, source: TableSource) -> Predicate:
@@ -102,9 +106,7 @@ def violation(rule: Rule, source: TableSource) -> Predicate:
         case "not_null":
             return Predicate(sql.SQL("{} IS NULL").format(col))
         case "unique":
-            raw = sql.Identifier(rule.column)
-            query = sql.SQL("{col} IN (SELECT {raw} FROM {rel} AS d GROUP BY {raw} HAVING count(*) > 1)")
-            return Predicate(query.format(col=col, raw=raw, rel=source.relation()))
+            return _duplicated(rule, source, col)
         case "in_set":
             return Predicate(sql.SQL("{}NOT ({} = ANY(%s))").format(present, col), (list(rule.values or []),))
         case "regex":
@@ -116,6 +118,19 @@ def violation(rule: Rule, source: TableSource) -> Predicate:
         case "foreign_key":
             return Predicate(sql.SQL("{}").format(present) + foreign_key_missing_sql(rule, source, col))
     raise ValueError(f"rule {rule.name!r} ({rule.check}) has no row predicate")
+
+
+def _duplicated(rule: Rule, source: TableSource, col: sql.Composable) -> Predicate:
+    """Rows whose value occurs more than once: a join on the duplicated values.
+
+    A join rather than ``IN (subquery)``: on big tables PostgreSQL would not hash that subplan
+    and would rescan it for every row.
+    """
+    alias = sql.Identifier(f"dup_{rule.name}")
+    join = sql.SQL(
+        " LEFT JOIN (SELECT {raw} AS v FROM {rel} AS d GROUP BY {raw} HAVING count(*) > 1) AS {alias} ON {alias}.v = {col}"
+    ).format(raw=sql.Identifier(rule.column), rel=source.relation(), alias=alias, col=col)
+    return Predicate(sql.SQL("{}.v IS NOT NULL").format(alias), join=join)
 
 
 def _range(rule: Rule, col: sql.Composable, present: sql.Composable) -> Predicate:
@@ -150,7 +165,7 @@ def gx_unexpected_rows_query(rule: Rule, source: TableSource) -> str:
     ``{batch}`` with or without an alias depending on the asset, hence the extra sub-select.
     """
     predicate = violation(rule, source)
-    assert not predicate.params, "GX queries cannot take parameters"
+    assert not predicate.params and predicate.join is None, "GX queries take neither parameters nor joins"
     query = sql.SQL(
         "SELECT CAST(b.{col} AS text) AS {col} FROM (SELECT * FROM {{batch}}) AS b WHERE {pred}"
     ).format(col=sql.Identifier(rule.column), pred=predicate.sql)

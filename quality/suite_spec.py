@@ -148,9 +148,6 @@ class Suite(BaseModel):
         parts = self.table.split(".")
         return (default_schema, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
-    def rule(self, name: str) -> Rule:
-        return next(r for r in self.rules if r.name == name)
-
 
 def parse_suite(data: Any, source: str = "suite definition") -> Suite:
     """Validate one suite from plain data, turning the first problem into a one-line UserError."""

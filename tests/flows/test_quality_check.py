@@ -61,6 +61,7 @@ def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
     assert f"# Data quality: {first['overall_score']:.2f} / 100" in dashboard
     assert "data:image/png;base64," in dashboard and "## Recommendations" in dashboard
     assert "quality-profile-users" in artifacts
+    assert artifacts["quality-score-trend"].data.startswith("data:image/png;base64,")
     assert (tmp_path / "score_trend.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "data_docs" / "index.html").is_file()
     assert first["anomalies"] > 0  # injected outliers and the e-mail pattern break
