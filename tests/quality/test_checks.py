@@ -87,6 +87,14 @@ def test_foreign_keys_and_window(entity_db):
     assert _by_rule(windowed)["project_exists"].unexpected_count == expected_dangling
     assert windowed.score == pytest.approx(100 - 5 * expected_dangling / 10)
 
+    # Hourly: only the rows created in the hour holding "yesterday".
+    hourly = check_table(session, entity_db, suite, window=TimeWindow.containing("hour", yesterday))
+    assert hourly.row_count == len(in_window) and hourly.window.endswith(":00Z")
+    empty_hour = check_table(
+        session, entity_db, suite, window=TimeWindow.containing("hour", NOW - dt.timedelta(days=3))
+    )
+    assert (empty_hour.row_count, empty_hour.score) == (0, 100.0)
+
 
 def test_file_input_matches_table_semantics(tmp_path):
     rows = injected_users()
