@@ -21,7 +21,6 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from tasks import agent_queue as queue
@@ -221,6 +220,12 @@ def _last_state(url: str, task_id: int) -> dict[str, Any]:
     return dict(last["state"]) if last else {}
 
 
+def _result_key(context: Any, parameters: dict[str, Any]) -> str:
+    """One result record per task run: the outcome and last checkpoint are persisted for every
+    run, and never served from cache (a re-queued task must run again)."""
+    return f"agent-task-{parameters['task_id']}-{context.task_run.id}"
+
+
 def _retryable(task: Any, task_run: Any, state: Any) -> bool:
     """Agent failures are retried; configuration errors (UserError) are not."""
     return not isinstance(state.data, UserError)
@@ -231,7 +236,7 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
     retries=2,
     retry_delay_seconds=1,
     retry_condition_fn=_retryable,
-    cache_policy=NO_CACHE,
+    cache_key_fn=_result_key,
     persist_result=True,
 )
 def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:

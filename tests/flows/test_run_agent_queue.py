@@ -56,7 +56,9 @@ def _kw(tmp_path: Path, url: str, **extra: Any) -> dict[str, Any]:
     return {"database_url": url, "output_dir": str(tmp_path / "agents"), **extra}
 
 
-def test_dependencies_run_in_dag_order_and_logs_are_written(tmp_path: Path, qdb: str) -> None:
+def test_dependencies_run_in_dag_order_and_logs_are_written(
+    tmp_path: Path, qdb: str, prefect_api: str
+) -> None:
     step = {"steps": 2, "sleep": 0.2}
     a = queue.create_task(qdb, _new("a", step, priority="low"))
     b = queue.create_task(qdb, _new("b", step, (a,), priority="critical"))
@@ -74,6 +76,13 @@ def test_dependencies_run_in_dag_order_and_logs_are_written(tmp_path: Path, qdb:
     ]
     assert [r["state"]["step"] for r in log if r["kind"] == "checkpoint"] == [1, 2]
     assert {"artifact", "result", "progress"} <= {r["kind"] for r in log}
+    found = httpx.post(
+        f"{prefect_api}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": [f"reference-agent-{d}", "agent-metrics"]}}},
+        timeout=10,
+    ).json()
+    assert {a["key"] for a in found} == {f"reference-agent-{d}", "agent-metrics"}
+    assert _digest(d, 2) in next(a["data"] for a in found if a["key"] == f"reference-agent-{d}")
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
     assert metrics["reference"]["tasks_completed"] == 5 and metrics["reference"]["error_rate"] == 0.0
 
@@ -93,14 +102,33 @@ def test_concurrency_limit_is_respected(tmp_path: Path, qdb: str) -> None:
 
 def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) -> None:
     task_id = queue.create_task(qdb, _new("crashy", {"steps": 4, "crash_after": 2}))
-    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
-    assert summary["outcomes"] == {task_id: "completed"}
+    state = run_agent_queue(max_agents=1, return_state=True, **_kw(tmp_path, qdb))
+    assert state.result()["outcomes"] == {task_id: "completed"}
     task = queue.get_task(qdb, task_id)
     assert task.attempts == 2
+    assert _task_run_results(state.state_details.flow_run_id) == [
+        {
+            "task_id": task_id,
+            "attempt": 2,
+            "outcome": "completed",
+            "result": task.result,
+            "checkpoint": {"step": 4, "digest": _digest(task_id, 4)},
+        }
+    ]
     assert task.result == {"digest": _digest(task_id, 4), "steps": 4, "resumed_from": 2}
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
     history = queue.checkpoint_history(qdb, task_id)
     assert [(h["attempt"], h["state"]["step"]) for h in history] == [(1, 1), (1, 2), (2, 3), (2, 4)]
+
+
+def _task_run_results(flow_run_id: Any) -> list[Any]:
+    """The persisted results of a flow run's completed ``run-agent`` task runs, read back through the API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [r.state.result() for r in runs if r.name.startswith("agent-") and r.state.is_completed()]
 
 
 def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: str) -> None:
