@@ -145,7 +145,17 @@ def _protected(report: MigrationReport, opts: RunOptions, revisions: Sequence[Re
         if report.backup is None or not opts.restore_on_failure:
             why = "no backup was taken" if report.backup is None else "restore_on_failure is off"
             raise MigrationFailed(f"{report.error}; the database was NOT restored ({why})") from exc
-        report.restore = restore_task(opts.url, report.backup)
+        try:
+            report.restore = restore_task(opts.url, report.backup)
+        except Exception as restore_exc:
+            raise MigrationFailed(
+                f"{report.error}; restoring {report.backup.path} failed too: {_one_line(restore_exc)}"
+            ) from exc
+        restored = report.restore
+        print(
+            f"restored {database_name(opts.url)} from {restored.backup_path}: {len(restored.row_counts)} tables, "
+            f"{sum(restored.row_counts.values())} rows, {restored.terminated_connections} sessions terminated"
+        )
         raise MigrationFailed(
             f"{report.error}; restored {database_name(opts.url)} from {report.backup.path}"
         ) from exc

@@ -293,3 +293,40 @@ def test_status_and_rollback(fresh_db, tmp_path):
             backup_dir=str(tmp_path / "backups"),
         )
     assert fingerprint(fresh_db) == before
+
+
+SABOTAGE = '''"""Deletes the run's backup, then fails: the restore itself must fail, loudly."""
+
+import pathlib
+
+from alembic import op
+
+revision = "sabotage"
+down_revision = "d003"
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE half_done (id int)")
+    for dump in pathlib.Path({backups!r}).glob("*.dump"):
+        dump.unlink()
+    op.execute("SELECT 1/0")
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def test_a_failed_restore_is_reported_and_leaves_the_database_in_place(fresh_db, tmp_path):
+    directory = migrations_dir(tmp_path)
+    _deploy(fresh_db, directory, tmp_path)
+    (directory / "versions" / "sabotage.py").write_text(SABOTAGE.format(backups=str(tmp_path / "backups")))
+    before = fingerprint(fresh_db)
+
+    with pytest.raises(
+        MigrationFailed, match=r"upgrade sabotage failed: .*; restoring .* failed too: pg_restore"
+    ):
+        _deploy(fresh_db, directory, tmp_path)
+
+    # The migration's transaction rolled back, and the database (renamed aside for the restore) is back.
+    assert fingerprint(fresh_db) == before
