@@ -67,9 +67,7 @@ class MigrationReport:
         lines.append(f"- migrations: `{self.migrations_dir}`")
         if self.preflight:
             p = self.preflight
-            lines.append(
-                f"- server: PostgreSQL {p.server_version}, database {p.database_bytes / 2**20:,.1f} MiB"
-            )
+            lines.append(f"- server: PostgreSQL {p.server_version}, database {_size(p.database_bytes)}")
             lines.append(
                 f"- before: at {_revs(p.status.current)}; pending {_revs(r.revision for r in p.status.pending)}"
             )
@@ -78,7 +76,7 @@ class MigrationReport:
             lines.append(f"- checksums recorded for revisions applied before flowyard: {_revs(self.adopted)}")
         if self.backup:
             b = self.backup
-            lines.append(f"- backup: `{b.path}` ({b.size_bytes / 2**20:,.2f} MiB, {_kinds(b.contents)})")
+            lines.append(f"- backup: `{b.path}` ({_size(b.size_bytes)}, {_kinds(b.contents)})")
         if self.revisions:
             lines += ["", "| revision | description | direction | seconds |", "|---|---|---|---|"]
             lines += [f"| {r.revision} | {r.doc} | {r.direction} | {r.seconds:.3f} |" for r in self.revisions]
@@ -105,7 +103,8 @@ class MigrationReport:
         if self.row_count_rows():
             lines += ["", "| table | rows before | rows after |", "|---|---|---|"]
             lines += [
-                f"| {r['table']} | {r['rows_before']} | {r['rows_after']} |" for r in self.row_count_rows()
+                f"| {r['table']} | {_count(r['rows_before'])} | {_count(r['rows_after'])} |"
+                for r in self.row_count_rows()
             ]
         if self.plan is not None:
             plan = self.plan if len(self.plan) <= PLAN_LIMIT else self.plan[:PLAN_LIMIT] + "\n-- (truncated)"
@@ -155,3 +154,14 @@ def _revs(revisions: Iterable[str]) -> str:
 def _kinds(kinds: dict[str, int]) -> str:
     main = ("TABLE", "TABLE DATA", "INDEX", "CONSTRAINT", "FK CONSTRAINT", "SEQUENCE")
     return ", ".join(f"{kinds[k]} {k.lower()}" for k in main if k in kinds) or "empty"
+
+
+def _count(value: object) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _size(size_bytes: int) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= factor:
+            return f"{size_bytes / factor:,.1f} {unit}"
+    return f"{size_bytes} B"
