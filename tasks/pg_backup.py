@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -103,7 +103,7 @@ def _libpq(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(validate_postgres_url(url))
     env = {**os.environ}
     if parts.password is not None:
-        env["PGPASSWORD"] = parts.password
+        env["PGPASSWORD"] = unquote(parts.password)
         netloc = parts.netloc.replace(f":{parts.password}@", "@", 1)
         parts = parts._replace(netloc=netloc)
     return urlunsplit(parts), env

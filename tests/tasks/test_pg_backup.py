@@ -91,3 +91,11 @@ def test_a_failed_restore_puts_the_database_back(fresh_db, tmp_path):
         restore_database(fresh_db, replace(backup, path=str(truncated)))
 
     assert fingerprint(fresh_db) == before
+
+
+def test_password_goes_to_the_environment_not_the_command_line():
+    from tasks.pg_backup import _libpq
+
+    uri, env = _libpq("postgresql://app:p%40ss%25w@db.example:5433/app?sslmode=require")
+    assert uri == "postgresql://app@db.example:5433/app?sslmode=require"
+    assert env["PGPASSWORD"] == "p@ss%w"
