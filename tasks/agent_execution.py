@@ -131,12 +131,11 @@ class Fleet:
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
 
-    def add(self, task_id: int, process: AgentProcess) -> _Attempt:
+    def add(self, task_id: int, process: AgentProcess) -> None:
         with self._lock:
             if self.stopping.is_set():
                 raise _Stopping
-            attempt = self._attempts[task_id] = _Attempt(process)
-        return attempt
+            self._attempts[task_id] = _Attempt(process)
 
     def remove(self, task_id: int) -> None:
         with self._lock:
