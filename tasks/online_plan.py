@@ -665,8 +665,9 @@ class _Planner:
                 _render(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, self.tbl(table)))
             )
         statements += [self.alter(table, action) for action in work.swap_statements]
-        if work.finalize_statements:
-            statements.append(self.alter(table, *work.finalize_statements))
+        # One statement each: in a single ALTER TABLE, DROP CONSTRAINT would run before SET NOT NULL's
+        # check and the validated CHECK could no longer spare it a full scan under ACCESS EXCLUSIVE.
+        statements += [self.alter(table, action) for action in work.finalize_statements]
         if not statements:
             return None
         only_if = self.column_exists(table, next(iter(work.shadows.values()))) if work.shadows else None

@@ -208,3 +208,14 @@ def test_cli_plan_prints_every_phase_and_status_reports(fresh_db: str, state_db:
     assert "expanded" in line
     assert "backfill orders: 10 rows (done)" in status.stdout
     online_migrate(database_url=fresh_db, action="rollback")
+
+
+def test_demo_change_completes_unattended(fresh_db: str, state_db: str) -> None:
+    from deployments.online_demo import online_demo_parameters
+
+    result = online_migrate(**online_demo_parameters(fresh_db))
+    assert result["phase"] == "completed"
+    with connect(fresh_db) as conn:
+        assert conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE priority = 9), pg_typeof(min(amount))::text FROM demo_orders"
+        ).fetchone() == (50_000, 24_950, "bigint")

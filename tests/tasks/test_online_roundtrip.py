@@ -341,3 +341,13 @@ def test_sync_expressions_resolve_types_whatever_the_writers_search_path(
             "SELECT id, status, _fy_new_status::text FROM orders WHERE id > 100 ORDER BY id"
         ).fetchall()
     assert rows == [(101, "paid", "paid"), (102, "paid", "paid")]
+
+
+def test_set_not_null_runs_before_its_proving_check_is_dropped(fresh_db: str, state_db: str) -> None:
+    """In one ALTER TABLE the DROP CONSTRAINT would run first and SET NOT NULL would scan the table under lock."""
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(fresh_db, state_db, {"name": "nn_order", "operations": CASES["alter_set_not_null"].op})
+    statements = [s for step in plan.complete for s in step.statements]
+    set_nn = next(i for i, s in enumerate(statements) if "SET NOT NULL" in s)
+    drop = next(i for i, s in enumerate(statements) if "DROP CONSTRAINT" in s)
+    assert set_nn < drop and "DROP CONSTRAINT" not in statements[set_nn]
