@@ -102,6 +102,12 @@ def test_up_trigger_over_rest_down(tmp_path):
         assert outcome.state == "COMPLETED", outcome
         with psycopg.connect(server.url("e2e_target")) as conn:
             assert conn.execute("SELECT count(*) FROM e2e_items").fetchone() == (2,)
+
+        # A "Quick run" from the UI sends no parameters: the deployment's defaults must work.
+        quick = wait_for_flow_run(api, create_flow_run(api, "deploy-migrations", "deploy-migrations", {}), 300)
+        assert quick.state == "COMPLETED", quick
+        with psycopg.connect(server.url("flowyard")) as conn:
+            assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == ("accounts",)
         pids = [int((home / "run" / f"{name}.pid").read_text()) for name in ("prefect-server", "deployments")]
     finally:
         down = run_cli("down", env=env)
