@@ -59,8 +59,11 @@ def sync_devices(
     if not config.enabled and not force:
         logger.warning("sync is disabled (`flowyard sync configure --enable` or `sync trigger --force`)")
         return {"devices": {}, "skipped": "sync disabled"}
-    central = central_url or config.central_url or default_central_url(state)
     targets = resolve_targets(state, stores, force=force, download=download_updates, config=config)
+    if not targets:
+        logger.info("no devices to sync; add one with `flowyard sync configure --add-store PATH`")
+        return {"devices": {}, "skipped": "no devices"}
+    central = central_url or config.central_url or default_central_url(state)
     try:
         central_store.ensure_schema(central)
     except UserError as exc:  # central unreachable: the device tasks record it per device

@@ -49,7 +49,11 @@ def test_configure_status_disable_trigger_history(fresh_db: str, state_db: str, 
 
         skipped = run_cli("sync", "trigger")
         assert skipped.returncode == 0, skipped.stderr
-        assert "cli-dev" not in skipped.stdout
+        assert "skipped: no devices" in skipped.stdout
+
+        assert run_cli("sync", "configure", "--disable").returncode == 0
+        assert "skipped: sync disabled" in run_cli("sync", "trigger").stdout
+        assert run_cli("sync", "configure", "--enable").returncode == 0
 
         assert run_cli("sync", "enable", "cli-dev").returncode == 0
         ran = run_cli("sync", "trigger")
