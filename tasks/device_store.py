@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -102,12 +103,14 @@ class Identity:
     project_id: str
 
 
-@dataclass(frozen=True)
-class LocalEvent:
-    """One pending event as read for upload (``event_data`` still the raw local JSON text)."""
+class LocalEvent(NamedTuple):
+    """One pending event as read for upload (``event_data`` still the raw local JSON text).
 
-    local_id: int
+    A tuple in the central upload's column order, so a batch needs no per-field copying.
+    """
+
     sync_id: str
+    local_id: int
     timestamp_ms: int
     device_id: str
     user_id: str
@@ -254,12 +257,12 @@ def read_pending(
     rows = conn.execute(
         """
         SELECT * FROM (
-            SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
+            SELECT sync_id, id, timestamp, device_id, user_id, project_id, event_type, event_data
             FROM events WHERE sync_status = 'pending' AND id > :after ORDER BY id LIMIT :limit
         )
         UNION ALL
         SELECT * FROM (
-            SELECT id, sync_id, timestamp, device_id, user_id, project_id, event_type, event_data
+            SELECT sync_id, id, timestamp, device_id, user_id, project_id, event_type, event_data
             FROM events
             WHERE sync_status = 'failed' AND id > :after AND (:force OR next_retry_at <= :now)
             ORDER BY id LIMIT :limit
@@ -268,7 +271,7 @@ def read_pending(
         """,
         {"after": after_id, "limit": limit, "force": force, "now": now_ms},
     ).fetchall()
-    return [LocalEvent(*row) for row in rows]
+    return list(map(LocalEvent._make, rows))
 
 
 def mark_synced(conn: sqlite3.Connection, local_ids: Sequence[int], *, now_ms: int) -> None:

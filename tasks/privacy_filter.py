@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
@@ -44,26 +45,33 @@ def _digest(value: Any, key: bytes) -> str:
     return "hmac-sha256:" + hmac.new(key, encoded, hashlib.sha256).hexdigest()
 
 
-def filter_event_data(raw: str, policy: PrivacyPolicy) -> str:
-    """The event's JSON with every non-allowlisted field dropped or hashed, as JSON text.
+def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
+    """A function from an event's JSON to the JSON that may leave the device.
 
-    Anything that is not a JSON object (bad JSON included) is not metadata and becomes ``{}``.
+    Non-allowlisted fields are dropped or hashed; anything that is not a JSON object (bad
+    JSON included) is not metadata and becomes ``{}``. Built once per batch, so the
+    allowlist lookup is a set and the key is encoded once.
     """
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "{}"
-    if not isinstance(data, dict):
-        return "{}"
-    allowed = policy.allowlist
-    if policy.mode == "drop":
-        kept = {k: v for k, v in data.items() if k in allowed}
-    else:
-        key = policy.hash_key.encode()
-        kept = {k: (v if k in allowed else _digest(v, key)) for k, v in data.items()}
-    text = orjson.dumps(kept).decode()
-    # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
-    return orjson.dumps(_without_nul(kept)).decode() if "\\u0000" in text else text
+    allowed = frozenset(policy.allowlist)
+    key = policy.hash_key.encode()
+    hashing = policy.mode == "hash"
+
+    def keep(raw: str) -> str:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return "{}"
+        if not isinstance(data, dict):
+            return "{}"
+        if hashing:
+            kept = {k: (v if k in allowed else _digest(v, key)) for k, v in data.items()}
+        else:
+            kept = {k: data[k] for k in data.keys() & allowed}
+        text = orjson.dumps(kept).decode()
+        # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
+        return orjson.dumps(_without_nul(kept)).decode() if "\\u0000" in text else text
+
+    return keep
 
 
 def _without_nul(value: Any) -> Any:

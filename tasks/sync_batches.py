@@ -25,7 +25,7 @@ from tasks.central_store import CentralSession, UploadResult, UploadRow
 from tasks.db import mask_url
 from tasks.device_store import Identity, LocalEvent
 from tasks.errors import UserError
-from tasks.privacy_filter import PrivacyPolicy, filter_event_data
+from tasks.privacy_filter import PrivacyPolicy, compile_filter
 
 PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
 """Test hook: a file path; after the first upload commits, the process writes it and waits to be killed."""
@@ -86,19 +86,8 @@ def adapt_batch_size(base: int, quality: Quality) -> int:
 
 def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadRow]:
     """The batch as central rows, with ``event_data`` passed through the privacy filter."""
-    return [
-        (
-            e.sync_id,
-            e.local_id,
-            e.timestamp_ms,
-            e.device_id,
-            e.user_id,
-            e.project_id,
-            e.event_type,
-            filter_event_data(e.event_data, policy),
-        )
-        for e in events
-    ]
+    keep = compile_filter(policy)
+    return [(*e[:7], keep(e.event_data)) for e in events]
 
 
 class _Uploader:
