@@ -1,62 +1,25 @@
 """Device sync throughput: 20 stores × 100k events through the real ``sync-devices`` flow,
 against a naive per-row INSERT loop in the same run.
 
-Starts its own embedded PostgreSQL and Prefect server in a temporary directory (nothing
-shared with a running flowyard). The naive loop (one INSERT + commit per event, one local
+Starts its own embedded PostgreSQL and Prefect server in a temporary directory
+(``bench/_runtime.py``; nothing shared with a running flowyard). The naive loop (one INSERT + commit per event, one local
 UPDATE per event) is run on a subset and extrapolated, because at its speed the full 2M
 events would take far longer than the benchmark budget; the output says so.
 
-    .venv/bin/python bench/sync_devices.py [--devices 20] [--events 100000] [--naive-events 5000]
+    .venv/bin/python -m bench.sync_devices [--devices 20] [--events 100000] [--naive-events 2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.embedded_pg import EmbeddedPostgres, free_port  # noqa: E402
-from tasks.settings import Settings  # noqa: E402
+from bench._runtime import bench_runtime
+from tasks.embedded_pg import EmbeddedPostgres
 
 TARGET_EVENTS_PER_SECOND = 50_000
-
-
-def _start_runtime(workdir: Path, workers: int) -> tuple[EmbeddedPostgres, Settings, str]:
-    """Embedded PostgreSQL + a Prefect server on it, with this process pointed at them."""
-    from tasks.prefect_runtime import prefect_client_env
-
-    settings = Settings(
-        home=workdir / "home", prefect_port=free_port(), pg_port=free_port(), max_workers=workers
-    )
-    os.environ.update(prefect_client_env(settings))
-    os.environ.update(
-        {
-            "FLOWYARD_HOME": str(settings.home),
-            "FLOWYARD_MAX_WORKERS": str(workers),
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-        }
-    )
-    (settings.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
-    server = EmbeddedPostgres(workdir / "pg", settings.pg_port)
-    server.start()
-    from tasks import services
-    from tasks.db import ensure_database
-    from tasks.prefect_runtime import server_service
-    from tasks.settings import get_settings
-    from tasks.state import state_url
-
-    ensure_database(server.url(), "flowyard")
-    os.environ["FLOWYARD_DATABASE_URL"] = server.url("flowyard")
-    get_settings.cache_clear()
-    state = state_url(server.url("flowyard"))
-    services.start(server_service(settings, state), settings.run_dir)
-    return server, settings, state
 
 
 def _naive_loop(store: Path, central: str, limit: int) -> float:
@@ -133,73 +96,70 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--naive-events", type=int, default=5_000)
+    parser.add_argument("--naive-events", type=int, default=2_000)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
 
-    workdir = Path(tempfile.mkdtemp(prefix="flowyard-bench-sync-"))
-    server, settings, state = _start_runtime(workdir, args.workers)
-    try:
-        from tasks import services
-        from tasks.db import ensure_database, with_database
-        from tasks.prefect_runtime import SERVER
+    os.environ["FLOWYARD_MAX_WORKERS"] = str(args.workers)
+    with bench_runtime() as rt:
+        from flows.sync_devices import sync_devices
         from tasks.sample_devices import make_fleet, make_store
 
+        workdir = rt.settings.home_dir
         started = time.perf_counter()
         stores = make_fleet(workdir / "devices", args.devices, args.events)
         naive_store = make_store(workdir / "naive.db", args.naive_events, seed=999)
         print(
             f"generated {args.devices} v1 stores × {args.events} events in {time.perf_counter() - started:.1f}s"
         )
-        for name in ("central", "naive"):
-            ensure_database(server.url(), name)
-
-        from flows.sync_devices import sync_devices
-
         total = args.devices * args.events
         upgrade_seconds = _upgrade_all(stores, args.workers)
-        cpu_before = _cpu_seconds(server)
+        cpu_before = _cpu_seconds(rt.server)
         started = time.perf_counter()
         result = sync_devices(
-            stores=[str(p) for p in stores],
-            central_url=with_database(state, "central"),
-            batch_size=args.batch_size,
+            stores=[str(p) for p in stores], central_url=rt.database("central"), batch_size=args.batch_size
         )
         flow_seconds = time.perf_counter() - started
-        flow_cpu = _cpu_seconds(server) - cpu_before
+        flow_cpu = _cpu_seconds(rt.server) - cpu_before
         uploaded = sum(o["uploaded"] for o in result["devices"].values())
         assert uploaded == total, f"uploaded {uploaded} of {total}"
 
-        naive_seconds = _naive_loop(naive_store, with_database(state, "naive"), args.naive_events)
-        naive_rate = args.naive_events / naive_seconds
-        flow_rate = total / flow_seconds
-        first_rate = total / (upgrade_seconds + flow_seconds)
-        print(
-            f"v1→v2 upgrade of {args.devices} stores ({args.workers} threads): {upgrade_seconds:.1f}s "
-            f"(one-time, {total / upgrade_seconds:,.0f} events/s)"
-        )
-        print(
-            f"sync-devices flow: {total} events in {flow_seconds:.1f}s = {flow_rate:,.0f} events/s "
-            f"({args.workers} workers, batch size {args.batch_size})"
-        )
-        print(
-            f"  CPU used by the flow process + PostgreSQL: {flow_cpu:.1f}s = {flow_cpu / total * 1e6:.1f} µs/event; "
-            f"{total / flow_cpu:,.0f} events per CPU-second (≈ {2 * total / flow_cpu:,.0f} events/s on 2 idle cores)"
-        )
-        print(f"first sync including the upgrade: {first_rate:,.0f} events/s")
-        print(
-            f"naive per-row loop: {args.naive_events} events in {naive_seconds:.1f}s = {naive_rate:,.0f} events/s "
-            f"(subset; extrapolated to {total} events: {total / naive_rate / 60:.1f} min)"
-        )
-        print(
-            f"speed-up: {flow_rate / naive_rate:.1f}x; target {TARGET_EVENTS_PER_SECOND:,} events/s: "
-            f"{'met' if flow_rate >= TARGET_EVENTS_PER_SECOND else 'MISSED'}"
-        )
-        services.stop(settings.run_dir, SERVER)
-    finally:
-        server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        naive_seconds = _naive_loop(naive_store, rt.database("naive"), args.naive_events)
+        _report(args, total, upgrade_seconds, flow_seconds, flow_cpu, naive_seconds)
+
+
+def _report(
+    args: argparse.Namespace,
+    total: int,
+    upgrade_seconds: float,
+    flow_seconds: float,
+    flow_cpu: float,
+    naive_seconds: float,
+) -> None:
+    naive_rate = args.naive_events / naive_seconds
+    flow_rate = total / flow_seconds
+    print(
+        f"v1→v2 upgrade of {args.devices} stores ({args.workers} threads): {upgrade_seconds:.1f}s "
+        f"(one-time, {total / upgrade_seconds:,.0f} events/s)"
+    )
+    print(
+        f"sync-devices flow: {total} events in {flow_seconds:.1f}s = {flow_rate:,.0f} events/s "
+        f"({args.workers} workers, batch size {args.batch_size})"
+    )
+    print(
+        f"  CPU used by the flow process + PostgreSQL: {flow_cpu:.1f}s = {flow_cpu / total * 1e6:.1f} µs/event; "
+        f"{total / flow_cpu:,.0f} events per CPU-second (≈ {2 * total / flow_cpu:,.0f} events/s on 2 idle cores)"
+    )
+    print(f"first sync including the upgrade: {total / (upgrade_seconds + flow_seconds):,.0f} events/s")
+    print(
+        f"naive per-row loop: {args.naive_events} events in {naive_seconds:.1f}s = {naive_rate:,.0f} events/s "
+        f"(subset; extrapolated to {total} events: {total / naive_rate / 60:.1f} min)"
+    )
+    print(
+        f"speed-up: {flow_rate / naive_rate:.1f}x; target {TARGET_EVENTS_PER_SECOND:,} events/s: "
+        f"{'met' if flow_rate >= TARGET_EVENTS_PER_SECOND else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":
