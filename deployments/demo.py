@@ -15,15 +15,13 @@ import typer
 from deployments.agents_demo import agent_queue_demo_parameters
 from deployments.bulk_demo import bulk_demo_parameters
 from deployments.online_demo import online_demo_parameters
-from deployments.runtime import PROJECT_DIR, ensure_prefect
+from deployments.runtime import DEMO_DATABASE, PROJECT_DIR, demo_database_url, ensure_prefect
 from deployments.trigger import run_deployment
 from quality.sample_data import demo_parameters
-from tasks.db import drop_database, ensure_database, with_database
+from tasks.db import drop_database
 from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters
 from tasks.settings import Settings
-
-DEMO_DATABASE = "flowyard_demo"
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,7 @@ DEMO_STEPS: list[DemoStep] = [
 def run_demo(settings: Settings) -> None:
     state = ensure_prefect(settings)
     drop_database(state, DEMO_DATABASE)
-    ensure_database(state, DEMO_DATABASE)
-    demo_url = with_database(state, DEMO_DATABASE)
+    demo_url = demo_database_url(state)
     ui = f"http://127.0.0.1:{settings.prefect_port}"
     failed = []
     for step in DEMO_STEPS:

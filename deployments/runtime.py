@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import services
-from tasks.db import mask_url
+from tasks.db import ensure_database, mask_url, with_database
 from tasks.embedded_pg import EmbeddedPostgres
 from tasks.prefect_runtime import SERVE, SERVER, api_healthy, serve_service, server_service, use_flowyard_api
 from tasks.settings import Settings
 from tasks.state import state_url
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEMO_DATABASE = "flowyard_demo"
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,19 @@ def ensure_prefect(settings: Settings) -> str:
     return url
 
 
+def demo_database_url(state: str) -> str:
+    """The demo database next to flowyard's state database (created if missing).
+
+    Deployments whose defaults change a database point there, never at flowyard's own state.
+    """
+    ensure_database(state, DEMO_DATABASE)
+    return with_database(state, DEMO_DATABASE)
+
+
 def up(settings: Settings) -> str:
     url = ensure_prefect(settings)
-    services.start(serve_service(settings, PROJECT_DIR), settings.run_dir)
+    demo_env = {"FLOWYARD_DEMO_DATABASE_URL": demo_database_url(url)}
+    services.start(serve_service(settings, PROJECT_DIR, demo_env), settings.run_dir)
     return url
 
 

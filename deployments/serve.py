@@ -8,6 +8,8 @@ deployments, and this module reads the same entries to serve them in-process, so
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from tasks.errors import UserError, exit_on_user_error
+
+_ENV_TEMPLATE = re.compile(r"\{\{\s*\$(?P<var>[A-Z_][A-Z0-9_]*)\s*\}\}")
 
 
 class ScheduleSpec(BaseModel):
@@ -39,6 +43,18 @@ class DeploymentSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     schedules: list[ScheduleSpec] = Field(default_factory=list)
     concurrency_limit: int | None = None
+
+    def resolved_parameters(self) -> dict[str, Any]:
+        """Parameters with ``"{{ $VAR }}"`` values taken from the environment, as ``prefect deploy`` does."""
+        resolved = {}
+        for key, value in self.parameters.items():
+            match = _ENV_TEMPLATE.fullmatch(value) if isinstance(value, str) else None
+            if match and match["var"] not in os.environ:
+                raise UserError(
+                    f"deployment {self.name}: parameter {key} needs ${match['var']}; serve it through `flowyard up`"
+                )
+            resolved[key] = os.environ[match["var"]] if match else value
+        return resolved
 
     def load_flow(self) -> Any:
         """Import the flow object named by ``entrypoint`` (``flows/x.py:fn`` → ``flows.x.fn``)."""
@@ -67,7 +83,7 @@ def to_deployment(spec: DeploymentSpec) -> Any:
         name=spec.name,
         description=spec.description,
         tags=spec.tags,
-        parameters=spec.parameters,
+        parameters=spec.resolved_parameters(),
         schedules=schedules,
         concurrency_limit=spec.concurrency_limit,
     )

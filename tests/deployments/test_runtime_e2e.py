@@ -106,8 +106,10 @@ def test_up_trigger_over_rest_down(tmp_path):
         # A "Quick run" from the UI sends no parameters: the deployment's defaults must work.
         quick = wait_for_flow_run(api, create_flow_run(api, "deploy-migrations", "deploy-migrations", {}), 300)
         assert quick.state == "COMPLETED", quick
-        with psycopg.connect(server.url("flowyard")) as conn:
+        with psycopg.connect(server.url("flowyard_demo")) as conn:
             assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == ("accounts",)
+        with psycopg.connect(server.url("flowyard")) as conn:
+            assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == (None,), "state DB untouched"
         pids = [int((home / "run" / f"{name}.pid").read_text()) for name in ("prefect-server", "deployments")]
     finally:
         down = run_cli("down", env=env)
