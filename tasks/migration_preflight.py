@@ -98,7 +98,7 @@ def run_preflight(
         integrity = check_integrity(conn)
         status = migration_status(url, migrations_dir, target)
         edited = edited_revisions(conn, status.applied_files)
-        holds_state = conn.execute("SELECT to_regclass('flowyard.run_ledger')").fetchone()[0] is not None
+        holds_state = conn.execute("SELECT to_regclass('flowyard.alembic_version')").fetchone()[0] is not None
     if edited:
         raise UserError(
             "applied revisions were edited after they were applied: "

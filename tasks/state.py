@@ -1,4 +1,4 @@
-"""flowyard's own state in PostgreSQL: the ``flowyard`` schema, its migrations, ledger and checkpoints.
+"""flowyard's own state in PostgreSQL: the ``flowyard`` schema and its migrations.
 
 :func:`state_url` is how every pipeline reaches its state database: it resolves the URL
 (parameter, ``FLOWYARD_DATABASE_URL`` or embedded) and applies the shipped migrations
@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from psycopg.types.json import Jsonb
 
-from tasks.db import connect, connection, resolve_url, sqlalchemy_url
+from tasks.db import connect, resolve_url, sqlalchemy_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
 _upgraded: set[str] = set()
@@ -39,23 +37,3 @@ def upgrade_state_schema(url: str) -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
     command.upgrade(config, "heads")
-
-
-def save_checkpoint(url: str, scope: str, key: str, value: dict[str, Any]) -> None:
-    """Upsert one checkpoint; the last write for a (scope, key) wins."""
-    with connection(url) as conn:
-        conn.execute(
-            """
-            INSERT INTO flowyard.checkpoints (scope, key, value) VALUES (%s, %s, %s)
-            ON CONFLICT (scope, key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
-            """,
-            (scope, key, Jsonb(value)),
-        )
-
-
-def load_checkpoint(url: str, scope: str, key: str) -> dict[str, Any] | None:
-    with connection(url) as conn:
-        row = conn.execute(
-            "SELECT value FROM flowyard.checkpoints WHERE scope = %s AND key = %s", (scope, key)
-        ).fetchone()
-    return row[0] if row else None

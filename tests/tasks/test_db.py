@@ -39,13 +39,9 @@ def test_explicit_url_wins_and_is_normalised(pg):
 
 
 def test_state_schema_migrated_once(state_db):
-    from tasks.state import load_checkpoint, save_checkpoint, state_url
+    from tasks.state import state_url
 
     assert state_url(state_db) == state_db
-    save_checkpoint(state_db, "test", "k", {"n": 1})
-    save_checkpoint(state_db, "test", "k", {"n": 2})
-    assert load_checkpoint(state_db, "test", "k") == {"n": 2}
-    assert load_checkpoint(state_db, "test", "missing") is None
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 

@@ -1,9 +1,11 @@
-"""The flowyard schema: run ledger and checkpoints shared by every pipeline.
+"""The root of the flowyard schema's history.
+
+env.py creates the schema itself; each pipeline's tables hang off this revision on a
+branch of their own (``down_revision = "0001"``), so pipelines evolve their state
+independently and ``upgrade heads`` applies them all.
 
 Revision ID: 0001
 """
-
-from alembic import op
 
 revision = "0001"
 down_revision = None
@@ -12,33 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute(
-        """
-        CREATE TABLE flowyard.run_ledger (
-            id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            pipeline     text        NOT NULL,
-            flow_run_id  uuid,
-            status       text        NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
-            started_at   timestamptz NOT NULL DEFAULT now(),
-            finished_at  timestamptz,
-            details      jsonb       NOT NULL DEFAULT '{}'::jsonb
-        )
-        """
-    )
-    op.execute("CREATE INDEX run_ledger_pipeline_started ON flowyard.run_ledger (pipeline, started_at DESC)")
-    op.execute(
-        """
-        CREATE TABLE flowyard.checkpoints (
-            scope       text        NOT NULL,
-            key         text        NOT NULL,
-            value       jsonb       NOT NULL,
-            updated_at  timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (scope, key)
-        )
-        """
-    )
+    """Nothing beyond the schema, which env.py creates before any revision runs."""
 
 
 def downgrade() -> None:
-    op.execute("DROP TABLE flowyard.checkpoints")
-    op.execute("DROP TABLE flowyard.run_ledger")
+    """Nothing to undo: the schema outlives its revisions."""
