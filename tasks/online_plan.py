@@ -239,18 +239,17 @@ class _Planner:
                 long_running=True,
             )
         )
-        self.rollback_indexes.append(
-            Step(
-                title=f"drop index {name}",
-                kind="concurrent",
-                statements=[
-                    _render(
-                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                            sql.Identifier(self.schema, name)
-                        )
-                    )
-                ],
-            )
+        self.rollback_indexes.append(self.drop_index_step(name))
+
+    def drop_index_step(self, name: str) -> Step:
+        return Step(
+            title=f"drop index {name}",
+            kind="concurrent",
+            statements=[
+                _render(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(self.schema, name))
+                )
+            ],
         )
 
     def constraints(self, table: str, column: str, physical: str, col: Column | AlterColumn) -> None:
@@ -475,19 +474,7 @@ class _Planner:
             raise UserError(
                 f"operation {i} (drop_index): field 'name': index {self.schema}.{op.name} does not exist"
             )
-        self.complete_late.append(
-            Step(
-                title=f"drop index {op.name}",
-                kind="concurrent",
-                statements=[
-                    _render(
-                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                            sql.Identifier(self.schema, op.name)
-                        )
-                    )
-                ],
-            )
-        )
+        self.complete_late.append(self.drop_index_step(op.name))
 
     def create_table(self, i: int, op: CreateTable) -> None:
         if op.name in self.tables:

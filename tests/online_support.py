@@ -34,6 +34,18 @@ INSERT INTO archive SELECT g, 'old ' || g FROM generate_series(1, 20) g;
 """
 
 
+WIDEN_AMOUNT: dict[str, Any] = {
+    "alter_column": {
+        "table": "orders",
+        "column": "amount",
+        "type": "bigint",
+        "up": "amount::bigint",
+        "down": "amount::int",
+    }
+}
+"""The int -> bigint change through a shadow column, used by several tests."""
+
+
 def make_schema(url: str, rows: int = 3000) -> None:
     with connect(url, autocommit=True) as conn:
         for statement in BASE_SCHEMA.strip().split(";\n"):

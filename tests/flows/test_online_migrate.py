@@ -17,22 +17,14 @@ from tasks.db import connect
 from tasks.errors import UserError
 from tasks.online_state import target_key
 from tests.conftest import ROOT, run_cli
-from tests.online_support import checksum, make_schema, schema_dump
+from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, schema_dump
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 SPEC = {
     "name": "widen_amount",
     "operations": [
-        {
-            "alter_column": {
-                "table": "orders",
-                "column": "amount",
-                "type": "bigint",
-                "up": "amount::bigint",
-                "down": "amount::int",
-            }
-        },
+        WIDEN_AMOUNT,
         {"rename_column": {"table": "orders", "from": "note", "to": "comment"}},
     ],
 }

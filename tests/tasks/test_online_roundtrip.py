@@ -13,7 +13,7 @@ import pytest
 
 from tasks.db import connect
 from tasks.online_migration import lint_plan
-from tests.online_support import checksum, make_schema, plan_for, run, schema_dump
+from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
 
 
 @dataclass(frozen=True)
@@ -101,17 +101,7 @@ CASES: dict[str, Case] = {
         f"SELECT ({_col('orders', 'comment')}) = 'text:false' AND to_regclass('public.orders_note_idx') IS NOT NULL",
     ),
     "alter_type_int_bigint": Case(
-        [
-            {
-                "alter_column": {
-                    "table": "orders",
-                    "column": "amount",
-                    "type": "bigint",
-                    "up": "amount::bigint",
-                    "down": "amount::int",
-                }
-            }
-        ],
+        [WIDEN_AMOUNT],
         "SELECT id, amount::bigint FROM orders",
         "SELECT id, amount FROM orders",
         f"SELECT ({_col('orders', 'amount')}) = 'bigint:true' AND "
