@@ -42,7 +42,7 @@ from tasks.copy_pipe import normalize_session
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
 from tasks.db import connection, mask_url
 from tasks.errors import UserError
-from tasks.integrity import check_integrity
+from tasks.integrity import foreign_key_orphans, invalid_indexes
 from tasks.retry_policy import retry_transient
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -168,11 +168,13 @@ def validate_table_task(
 
 @task(name="check-integrity")
 def check_integrity_task(target_url: str, plans: list[TablePlan]) -> list[str]:
-    """Seed 004's post-load checks (NOT NULL, foreign-key orphans, invalid indexes) on the copied tables."""
+    """Seed 004's post-load checks on the copied tables: foreign-key orphans and indexes left
+    invalid (row counts were compared by validation; NOT NULL held during the load)."""
     copied = {p.spec.target_label for p in plans}
+    schemas = sorted({p.spec.target_schema for p in plans})
     with connection(target_url) as conn:
-        report = check_integrity(conn, sorted({p.spec.target_schema for p in plans}))
-    return [f"{p.check} {p.table}: {p.detail} ({p.count})" for p in report.problems if p.table in copied]
+        problems = foreign_key_orphans(conn, schemas) + invalid_indexes(conn, schemas)
+    return [f"{p.check} {p.table}: {p.detail} ({p.count})" for p in problems if p.table in copied]
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -213,24 +215,28 @@ def run_chunks(
     """Submit every chunk to the task runner; report progress as they finish; fail after all settle."""
     logger = get_run_logger()
     done: dict[str, list[ChunkCheckpoint]] = {}
-    failures: list[str] = []
+    failures: dict[int, str] = {}
     with build_task_runner(runner_kind, parallelism, dask_address) as runner:
         futures: list[PrefectFuture[ChunkCheckpoint]] = [
             runner.submit(copy_chunk, {"job": job}) for job in jobs
         ]
+        position = {id(f): i for i, f in enumerate(futures)}
         for future in as_completed(futures):
             future.wait()
             state = future.state
             if not state.is_completed():
-                failures.append(str(state.result(raise_on_failure=False) or state.message or state.name))
+                error = state.result(raise_on_failure=False) or state.message or state.name
+                failures[position[id(future)]] = str(error).splitlines()[0]
                 continue
             checkpoint = future.result()
             done.setdefault(checkpoint.table, []).append(checkpoint)
             logger.info("progress: %s", progress.advance(checkpoint.rows_written, state.name != "Cached"))
     if failures:
+        first, *others = sorted(failures)
+        also = f" Also failed: {', '.join(jobs[i].describe for i in others)}." if others else ""
         raise UserError(
-            f"{len(failures)} of {len(jobs)} chunks failed (committed chunks resume on rerun); "
-            f"first: {failures[0].splitlines()[0]}"
+            f"{len(failures)} of {len(jobs)} chunks failed (committed chunks resume on rerun): "
+            f"{failures[first]}{also}"
         )
     return done
 

@@ -32,7 +32,7 @@ from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection
 from tasks.errors import UserError
-from tasks.table_checksum import checksum, row_hash
+from tasks.table_checksum import checksum
 
 Mode = Literal["full", "incremental", "seed"]
 PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
@@ -223,15 +223,15 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
         cursor_max = target.execute(
             sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor_col), STAGE)
         ).fetchone()[0]
-    bad_set = {o for o, _ in bad}
-    if bad_set:
-        kept = target.execute(
-            sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {} WHERE {} <> ALL(%s)").format(
-                row_hash(job.columns), STAGE, sql.Identifier(ORD)
-            ),
-            (sorted(bad_set),),
-        ).fetchone()
-        return rows_read, int(kept[0]), len(bad_set), int(kept[1]), cursor_max
+    if bad:
+        kept = checksum(
+            target,
+            STAGE,
+            job.columns,
+            sql.SQL("{} <> ALL(%s)").format(sql.Identifier(ORD)),
+            [sorted(o for o, _ in bad)],
+        )
+        return rows_read, kept.rows, len(bad), kept.digest, cursor_max
     return rows_read, sent.rows, 0, sent.digest, cursor_max
 
 

@@ -75,25 +75,29 @@ def pipe_binary(
 
 
 class _CopyReader(io.RawIOBase):
-    """A read-only file over a COPY TO STDOUT stream, so pyarrow can pull blocks from it."""
+    """A read-only file over a COPY TO STDOUT stream, so pyarrow can pull large blocks from it."""
 
     def __init__(self, blocks: Iterator[memoryview | bytes]) -> None:
         self._blocks = blocks
-        self._pending = b""
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            try:
-                self._pending = bytes(next(self._blocks))
-            except StopIteration:
-                return 0
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
+        """Fill ``buffer`` from as many COPY blocks as fit (few, large reads for pyarrow)."""
+        filled = 0
+        while filled < len(buffer):
+            if not self._pending:
+                block = next(self._blocks, None)
+                if block is None:
+                    break
+                self._pending = memoryview(block)
+            size = min(len(buffer) - filled, len(self._pending))
+            buffer[filled : filled + size] = self._pending[:size]
+            self._pending = self._pending[size:]
+            filled += size
+        return filled
 
 
 def csv_convert_options(schema: pa.Schema) -> pa_csv.ConvertOptions:
@@ -118,9 +122,9 @@ def read_csv_batches(
     out_stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(query)
     with source.cursor().copy(out_stmt, params or None) as copy_out:
         reader = pa_csv.open_csv(
-            io.BufferedReader(_CopyReader(iter(copy_out)), buffer_size=1 << 20),
+            _CopyReader(iter(copy_out)),
             read_options=pa_csv.ReadOptions(
-                column_names=schema.names, block_size=CSV_BLOCK_BYTES, use_threads=False
+                column_names=schema.names, block_size=CSV_BLOCK_BYTES, use_threads=True
             ),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
             convert_options=csv_convert_options(schema),

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import psycopg
@@ -26,7 +27,7 @@ from tasks.chunk_checkpoint import ChunkCheckpoint
 from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage
 from tasks.copy_pipe import normalize_session
 from tasks.db import connection
-from tasks.table_checksum import EMPTY, Checksum, checksum, row_hash, row_texts
+from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
 
 CHECKS = ("count", "checksum", "sample")
 
@@ -36,6 +37,8 @@ class TableValidation:
     table: str
     results: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    totals: tuple[Checksum, Checksum] | None = None
+    """Whole-table (source, target) checksums when the checksum step computed both."""
 
     @property
     def ok(self) -> bool:
@@ -57,13 +60,22 @@ def validate_table(
     result = TableValidation(plan.spec.source.qualified)
     with connection(job.target_url) as target:
         normalize_session(target)
-        if "count" in checks:
-            _check_count(plan, job, committed, target, result)
         if "checksum" in checks:
             _check_checksums(plan, job, committed, target, result)
+        if "count" in checks:
+            _check_count(job, committed, target, result)
         if "sample" in checks:
             _check_sample(plan, job, committed, target, result, sample_rows)
     return result
+
+
+def _side_checksums(
+    url: str, table: sql.Composable, columns: list[str], ranges: list[tuple[sql.Composable, list[str]]]
+) -> list[Checksum]:
+    """Checksums of ``ranges`` of one table, on its own connection (source and target run at once)."""
+    with connection(url) as conn:
+        normalize_session(conn)
+        return [checksum(conn, table, columns, where, params) for where, params in ranges]
 
 
 def _source_count(job: ChunkJob) -> int:
@@ -75,20 +87,23 @@ def _target_count(target: psycopg.Connection, job: ChunkJob) -> int:
 
 
 def _check_count(
-    plan: TablePlan,
     job: ChunkJob,
     committed: dict[str, ChunkCheckpoint],
     target: psycopg.Connection,
     result: TableValidation,
 ) -> None:
-    target_rows = _target_count(target, job)
+    """Target rows against the source (or the rows written, after a filter or quarantine).
+
+    Reuses the whole-table row counts of the checksum step when it ran (no second scan).
+    """
+    target_rows = result.totals[1].rows if result.totals else _target_count(target, job)
     filtered = job.mapping is not None and bool(job.mapping.filter)
     if job.mode == "full" and not filtered and not any(c.quarantined for c in committed.values()):
-        expected, what = _source_count(job), "source"
+        expected, what = (result.totals[0].rows if result.totals else _source_count(job)), "source"
     elif job.mode == "full":
         expected, what = sum(c.rows_written for c in committed.values()), "rows written"
     elif not filtered:
-        expected, what = _source_count(job), "source"
+        expected, what = (result.totals[0].rows if result.totals else _source_count(job)), "source"
     else:
         result.results["count"] = f"{target_rows} (not comparable: filtered {job.mode} load)"
         return
@@ -113,28 +128,28 @@ def _check_checksums(
 ) -> None:
     columns = job.columns
     if job.identical:
-        if job.mode == "full" and _target_key_chunks(plan, job):
-            differing = []
-            with connection(job.source_url) as source:
-                normalize_session(source)
-                for chunk in plan.chunks:
-                    where, params = replace(chunk, cursor_hi=None).pg_filter(job.source.key)
-                    sent = committed.get(chunk.chunk_id)
-                    if sent is not None and sent.quarantined:
-                        expected = Checksum(sent.rows_written, sent.sent_checksum or 0)
-                    else:
-                        expected = checksum(source, job.source.ident, columns, where, params)
-                    if expected != checksum(target, job.target_ident, columns, where, params):
-                        differing.append(chunk.chunk_id)
-            _report_checksum(result, differing, len(plan.chunks))
-            return
-        if any(c.quarantined for c in committed.values()):
+        if any(c.quarantined for c in committed.values()) and not _target_key_chunks(plan, job):
             result.results["checksum"] = "skipped (rows quarantined from a table without chunk keys)"
             return
-        with connection(job.source_url) as source:
-            normalize_session(source)
-            same = checksum(source, job.source.ident, columns) == checksum(target, job.target_ident, columns)
-        _report_checksum(result, [] if same else ["whole table"], 1)
+        per_chunk = job.mode == "full" and _target_key_chunks(plan, job)
+        ranges = (
+            [replace(c, cursor_hi=None).pg_filter(job.source.key) for c in plan.chunks] if per_chunk else []
+        )
+        ranges = ranges or [(ALL_ROWS, [])]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            source_sums = pool.submit(_side_checksums, job.source_url, job.source.ident, columns, ranges)
+            target_sums = pool.submit(_side_checksums, job.target_url, job.target_ident, columns, ranges)
+            got_source, got_target = source_sums.result(), target_sums.result()
+        ids = [c.chunk_id for c in plan.chunks] if per_chunk else ["whole table"]
+        differing = []
+        for chunk_id, expected, got in zip(ids, got_source, got_target, strict=True):
+            sent = committed.get(chunk_id)
+            if sent is not None and sent.quarantined:
+                expected = Checksum(sent.rows_written, sent.sent_checksum or 0)
+            if expected != got:
+                differing.append(chunk_id)
+        result.totals = (sum(got_source, EMPTY), sum(got_target, EMPTY))
+        _report_checksum(result, differing, len(ids))
         return
     if job.mode != "full":
         result.results["checksum"] = f"skipped ({job.mode} load with a mapping: see sample)"

@@ -248,12 +248,17 @@ def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fres
         target_db,
         "CREATE TABLE payments (id int PRIMARY KEY, amount int CONSTRAINT positive CHECK (amount >= 0))",
     )
-    with pytest.raises(UserError, match=r"id=230; id=231") as failure:
-        bulk_migrate(fresh_db, target_db, chunk_rows=200)
-    assert "positive" in str(failure.value) and "quarantine" in str(failure.value)
+    with pytest.raises(
+        UserError, match=r"1 of 4 chunks failed.*3 rows .*offending rows: id=17; id=230; id=231\."
+    ) as failure:
+        bulk_migrate(fresh_db, target_db, chunk_rows=300)
+    assert "positive" in str(failure.value) and "quarantine=True" in str(failure.value)
     assert "\n" not in str(failure.value)
+    with pytest.raises(UserError, match=r"at least 2 rows .*offending rows: id=17; id=230\."):
+        bulk_migrate(fresh_db, target_db, chunk_rows=300, report_rows=2)
+    assert _fetch(target_db, "SELECT count(*) FROM payments") == [(700,)], "the other chunks committed"
 
-    report = bulk_migrate(fresh_db, target_db, chunk_rows=200, quarantine=True)
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=300, quarantine=True)
     assert report["tables"][0]["rows"] == 997
     assert "MISMATCH" not in report["tables"][0]["validation"]
     quarantined = _fetch(target_db, "SELECT row_data->>'id', error FROM flowyard.bulk_quarantine ORDER BY 1")

@@ -31,3 +31,19 @@ def test_checksum_is_order_independent_and_pinned_across_sessions(fresh_db):
         rest = checksum(one, sql.Identifier("a"), COLUMNS, sql.SQL("id > 100"))
         assert part + rest == checksum(one, sql.Identifier("a"), COLUMNS)
         assert part.rows == 100
+
+
+def test_types_without_hash_functions_fall_back_to_text_hashes(fresh_db):
+    with psycopg.connect(fresh_db) as conn:
+        normalize_session(conn)
+        conn.execute("CREATE TABLE j (id int, doc json, p point)")
+        conn.execute(
+            """INSERT INTO j SELECT g, json_build_object('g', g), point(g, g) FROM generate_series(1, 50) g"""
+        )
+        conn.execute("CREATE TABLE k AS SELECT * FROM j ORDER BY id DESC")
+        first = checksum(conn, sql.Identifier("j"), ["id", "doc", "p"])
+        assert first == checksum(conn, sql.Identifier("k"), ["id", "doc", "p"]) and first.rows == 50
+        conn.execute("UPDATE k SET doc = '{\"g\": 0}' WHERE id = 7")
+        assert checksum(conn, sql.Identifier("j"), ["id", "doc", "p"]) != checksum(
+            conn, sql.Identifier("k"), ["id", "doc", "p"]
+        )

@@ -1,0 +1,180 @@
+"""Bulk copy throughput: flowyard's bulk-migrate against a raw COPY pipe and pandas.to_sql.
+
+One embedded PostgreSQL (temp dir) holds the source and the targets; a Prefect server runs
+on it as in the tests. The source is ``events(id bigint pk, user_id int, kind text, payload
+jsonb, created_at timestamptz, amount numeric(12,2))``. Methods, each timed to the same end
+state (rows loaded and the primary key built):
+
+1. raw: one psycopg binary ``COPY TO STDOUT`` → ``COPY FROM STDIN`` pipe, then the PK;
+2. flowyard: ``bulk_migrate`` full, with checkpoints and count + checksum validation;
+3. flowyard + mapping: rename + cast + computed column (Arrow path, staged, sent checksums);
+4. pandas: ``read_sql(chunksize)`` + ``to_sql`` (on ``--pandas-rows`` rows, rate extrapolated).
+
+Prints rows/s and the ratio to the raw pipe, and the peak RSS of this (the flow) process.
+For the 5M-row memory check: ``--rows 5000000 --methods flowyard``.
+
+    .venv/bin/python -m bench.bulk_copy --rows 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from bench._runtime import bench_runtime
+
+EVENTS_DDL = (
+    "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb,"
+    " created_at timestamptz, amount numeric(12,2))"
+)
+MAPPING = {
+    "events": {
+        "target": "events_mapped",
+        "rename": {"user_id": "account_id"},
+        "cast": {"amount": "double precision"},
+        "compute": {"amount_cents": "round(amount * 100)"},
+        "types": {"amount_cents": "bigint"},
+    }
+}
+
+
+@dataclass
+class Result:
+    method: str
+    rows: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds
+
+
+def seed(url: str, rows: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(EVENTS_DDL)
+        conn.execute(
+            """
+            INSERT INTO events
+            SELECT g, (g::bigint * 7919) %% 100000, (ARRAY['view', 'click', 'purchase', 'signup'])[1 + g %% 4],
+                   jsonb_build_object('page', '/p/' || (g %% 1000), 'ref', md5(g::text), 'n', g %% 97),
+                   '2025-01-01'::timestamptz + g * interval '1 second', round((g %% 100000) / 7.0, 2)
+            FROM generate_series(1, %s) g
+            """,
+            (rows,),
+        )
+        conn.execute("VACUUM ANALYZE events")
+
+
+def timed(method: str, rows: int, run: Callable[[], None]) -> Result:
+    started = time.perf_counter()
+    run()
+    result = Result(method, rows, time.perf_counter() - started)
+    print(f"  {method}: {result.seconds:.2f}s, {result.rate:,.0f} rows/s", flush=True)
+    return result
+
+
+def raw_pipe(source: str, target: str) -> None:
+    from tasks.copy_pipe import pipe_binary
+
+    with psycopg.connect(source) as src, psycopg.connect(target) as tgt:
+        tgt.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
+        columns = ["id", "user_id", "kind", "payload", "created_at", "amount"]
+        pipe_binary(src, sql.SQL("SELECT * FROM events"), tgt, sql.Identifier("events"), columns)
+        tgt.execute("ALTER TABLE events ADD PRIMARY KEY (id)")
+
+
+def pandas_to_sql(source: str, target: str, rows: int) -> None:
+    import pandas as pd
+    from sqlalchemy import create_engine
+
+    from tasks.db import sqlalchemy_url
+
+    src, tgt = create_engine(sqlalchemy_url(source)), create_engine(sqlalchemy_url(target))
+    from sqlalchemy.dialects.postgresql import JSONB
+
+    query = f"SELECT * FROM events WHERE id <= {int(rows)}"  # noqa: S608 - integer
+    for frame in pd.read_sql_query(query, src, chunksize=50_000):
+        frame.to_sql(
+            "events", tgt, if_exists="append", index=False, chunksize=10_000, dtype={"payload": JSONB()}
+        )
+    with tgt.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE events ADD PRIMARY KEY (id)")
+    src.dispose()
+    tgt.dispose()
+
+
+def warm_up(rt: object, bulk_migrate: Callable[..., object]) -> None:
+    """One tiny untimed flow run: Prefect's one-time process start-up (client, API handshake,
+    flow registration, ~4 s here) is paid once per worker process, not per copy."""
+    source = rt.database("bench_warmup_src")  # type: ignore[attr-defined]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS warm (id int PRIMARY KEY)")
+    bulk_migrate(source, rt.database("bench_warmup_dst"), restart=True)  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--pandas-rows", type=int, default=200_000)
+    parser.add_argument("--chunk-rows", type=int, default=100_000)
+    parser.add_argument("--parallelism", type=int, default=2)
+    parser.add_argument("--methods", default="raw,flowyard,mapping,pandas")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+
+    with bench_runtime() as rt:
+        from flows.bulk_migrate import bulk_migrate
+
+        source = rt.database("bench_source")
+        print(f"seeding {args.rows:,} events ...", flush=True)
+        seed(source, args.rows)
+        results: list[Result] = []
+        if "raw" in methods:
+            results.append(
+                timed("raw binary COPY pipe", args.rows, lambda: raw_pipe(source, rt.database("bench_raw")))
+            )
+        flow_args = {
+            "chunk_rows": args.chunk_rows,
+            "parallelism": args.parallelism,
+            "validate": ["count", "checksum"],
+        }
+        warm_up(rt, bulk_migrate)
+        if "flowyard" in methods:
+            target = rt.database("bench_flowyard")
+            results.append(
+                timed("flowyard bulk_migrate", args.rows, lambda: bulk_migrate(source, target, **flow_args))
+            )
+        if "mapping" in methods:
+            target = rt.database("bench_mapping")
+            results.append(
+                timed(
+                    "flowyard + mapping",
+                    args.rows,
+                    lambda: bulk_migrate(source, target, mapping=MAPPING, **flow_args),
+                )
+            )
+        if "pandas" in methods:
+            target = rt.database("bench_pandas")
+            with psycopg.connect(target, autocommit=True) as conn:
+                conn.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
+            rows = min(args.pandas_rows, args.rows)
+            results.append(
+                timed(f"pandas.to_sql ({rows:,} rows)", rows, lambda: pandas_to_sql(source, target, rows))
+            )
+
+    base = results[0].rate if results else 1.0
+    print(f"\n{'method':34} {'rows':>11} {'seconds':>9} {'rows/s':>11} {'ratio':>7}")
+    for r in results:
+        print(f"{r.method:34} {r.rows:>11,} {r.seconds:>9.2f} {r.rate:>11,.0f} {r.rate / base:>6.2f}x")
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak RSS of this process (flow runs in-process): {peak_mb:,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
