@@ -61,6 +61,16 @@ def _task_states(flow_state) -> list[str]:
     return [r.state.name for r in runs]
 
 
+def _artifacts(flow_state) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
 @pytest.fixture()
 def target_db(pg):
     name = f"tgt_{uuid.uuid4().hex[:10]}"
@@ -109,6 +119,15 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
     }
     assert _fetch(target_db, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'") == [(1,)]
     assert len(_task_states(state)) == 8 and "Cached" not in _task_states(state)
+    artifacts = {a.type: a for a in _artifacts(state)}
+    assert artifacts["progress"].data == 100.0 and "rows/s" in artifacts["progress"].description
+    table = (
+        json.loads(artifacts["table"].data)
+        if isinstance(artifacts["table"].data, str)
+        else artifacts["table"].data
+    )
+    assert {row["table"]: row["rows"] for row in table} == {"public.accounts": 50, "public.orders": 2000}
+    assert set(table[0]) == {"table", "rows", "chunks", "seconds", "rows/s", "validation"}
 
     again = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3, return_state=True)
     assert again.result()["run_key"] == report["run_key"]
