@@ -1,0 +1,88 @@
+"""Phase execution against real contention: lock retries while writers keep writing, invalid index rebuilds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from tasks.db import connect
+from tasks.ddl_retry import LockPolicy
+from tasks.online_phases import RunOptions
+from tests.online_support import make_schema, plan_for, run
+
+
+def test_long_transaction_makes_start_retry_while_writers_keep_writing(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=500)
+    plan = plan_for(
+        fresh_db,
+        state_db,
+        {
+            "name": "under_lock",
+            "operations": [{"add_column": {"table": "orders", "column": {"name": "flag", "type": "int"}}}],
+        },
+    )
+    holder = connect(fresh_db)
+    holder.execute("SELECT count(*) FROM orders")  # a long transaction holding ACCESS SHARE on orders
+    stop, failures, waits = threading.Event(), [], []
+
+    def write() -> None:
+        with connect(fresh_db, autocommit=True) as conn:
+            n = 10_000
+            while not stop.is_set():
+                n += 1
+                started = time.monotonic()
+                try:
+                    conn.execute("INSERT INTO orders (id, amount) VALUES (%s, 1)", (n,))
+                except psycopg.Error as exc:
+                    failures.append(exc)
+                waits.append(time.monotonic() - started)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    release = threading.Timer(3.0, holder.commit)
+    release.start()
+    try:
+        report = run(
+            fresh_db,
+            state_db,
+            plan,
+            "start",
+            RunOptions(policy=LockPolicy(lock_timeout_ms=200, deadline_seconds=60)),
+        )
+    finally:
+        release.join()
+        holder.close()
+        stop.set()
+        writer.join()
+    assert report.lock_timeouts >= 1
+    assert failures == [] and len(waits) > 10
+    assert max(waits) < 1.5  # queued behind the waiting DDL for about one lock_timeout, not the 3 s hold
+
+
+def test_invalid_leftover_index_is_dropped_and_rebuilt(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=200)
+    plan = plan_for(
+        fresh_db,
+        state_db,
+        {
+            "name": "rebuild_idx",
+            "operations": [
+                {"create_index": {"name": "orders_cust_idx", "table": "orders", "columns": ["customer_id"]}}
+            ],
+        },
+    )
+    with connect(fresh_db, autocommit=True) as conn:
+        try:  # a failed concurrent build (duplicates) leaves an invalid index with that name behind
+            conn.execute("CREATE UNIQUE INDEX CONCURRENTLY orders_cust_idx ON orders (customer_id)")
+        except psycopg.errors.UniqueViolation:
+            pass
+        assert conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'orders_cust_idx'::regclass"
+        ).fetchone() == (False,)
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db) as conn:
+        assert conn.execute(
+            "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = 'orders_cust_idx'::regclass"
+        ).fetchone() == (True, False)
