@@ -33,6 +33,7 @@ from tasks.agent_process import (
     resolve_workdir,
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
+from tasks.agent_reaper import Reaper
 from tasks.errors import UserError
 from tasks.process_group import terminate_group
 from tasks.settings import get_settings
@@ -128,6 +129,7 @@ class Fleet:
     def __init__(self, setup: AgentSetup) -> None:
         self.setup = setup
         self.stopping = threading.Event()
+        self.reaper = Reaper(setup.limits.grace_seconds)
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
 
@@ -177,7 +179,8 @@ _FLEETS: dict[str, Fleet] = {}
 def fleet(setup: AgentSetup) -> Iterator[Fleet]:
     """Register the flow run's fleet; on any BaseException (TerminationSignal from Prefect's
     SIGTERM bridge on cancellation or worker shutdown, KeyboardInterrupt on SIGINT) stop
-    every agent gracefully before the exception leaves the flow."""
+    every agent gracefully before the exception leaves the flow. A reaper sidecar ends the
+    agents even if this process is killed outright (see ``tasks.agent_reaper``)."""
     current = _FLEETS[setup.worker] = Fleet(setup)
     try:
         yield current
@@ -190,6 +193,7 @@ def fleet(setup: AgentSetup) -> Iterator[Fleet]:
         raise
     finally:
         _FLEETS.pop(setup.worker, None)
+        current.reaper.close()
 
 
 @contextmanager
@@ -272,7 +276,7 @@ def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:
         on_message=on_message,
         limits=setup.limits,
         keep_going=lambda: queue.heartbeat(url, task_id, setup.worker),
-        on_start=lambda pgid: queue.set_agent_pgid(url, task_id, setup.worker, pgid),
+        on_start=lambda pgid: _started(setup, current, task_id, pgid),
     )
     try:
         current.add(task_id, process)
@@ -284,6 +288,8 @@ def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:
         _finish(setup, task_id, attempt, run_id, outcome)
     finally:
         log.close()
+        if process.pgid is not None:
+            current.reaper.unwatch(process.pgid)
         current.remove(task_id)
     if outcome.outcome in ("failed", "timeout"):
         raise AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}")
@@ -294,6 +300,11 @@ def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:
         "result": outcome.result,
         "checkpoint": outcome.checkpoint,
     }
+
+
+def _started(setup: AgentSetup, current: Fleet, task_id: int, pgid: int) -> None:
+    current.reaper.watch(pgid)
+    queue.set_agent_pgid(setup.database_url, task_id, setup.worker, pgid)
 
 
 def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome) -> None:

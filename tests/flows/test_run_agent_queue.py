@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +202,7 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     worker.wait(timeout=120)
     for task in running:
         _assert_gracefully_stopped(qdb, task.id, task.agent_pgid)
-    assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert not [p for p in children if _alive(p)]
     summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb, max_tasks=0))
     assert summary["outcomes"] == {}
     queue.cancel_task(qdb, stubborn)
@@ -230,12 +232,11 @@ def _serve_only_agent_queue(tmp_path: Path) -> Path:
     return spec
 
 
-def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orphans(
-    tmp_path: Path, qdb: str, prefect_api: str
-) -> None:
-    from deployments.trigger import create_flow_run, wait_for_flow_run
+@contextmanager
+def _served_run(tmp_path: Path, qdb: str, api: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``deployments.serve`` serving only run-agent-queue (a real runner process), and one run of it."""
+    from deployments.trigger import create_flow_run
 
-    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
     server = subprocess.Popen(
         [sys.executable, "-m", "deployments.serve", str(_serve_only_agent_queue(tmp_path))],
         cwd=ROOT,
@@ -246,17 +247,37 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
         deadline = time.monotonic() + 120
         while True:
             try:
-                run_id = create_flow_run(
-                    prefect_api,
-                    "run-agent-queue",
-                    "run-agent-queue-test",
-                    _kw(tmp_path, qdb, grace_seconds=2, max_agents=1),
-                )
+                parameters = _kw(tmp_path, qdb, grace_seconds=2, max_agents=1)
+                run_id = create_flow_run(api, "run-agent-queue", "run-agent-queue-test", parameters)
                 break
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        yield server, run_id
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def _wait_pending(url: str, task_id: int) -> None:
+    deadline = time.monotonic() + 60
+    while queue.get_task(url, task_id).status != "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+
+
+def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orphans(
+    tmp_path: Path, qdb: str, prefect_api: str
+) -> None:
+    from deployments.trigger import wait_for_flow_run
+
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    with _served_run(tmp_path, qdb, prefect_api) as (_, run_id):
         running = _wait_running(qdb, task_id)
         child = _child_pid(tmp_path / "agents" / "logs", task_id)
         response = httpx.post(
@@ -267,14 +288,51 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
         assert response.status_code in (200, 201), response.text
         outcome = wait_for_flow_run(prefect_api, run_id, timeout=120)
         assert outcome.state == "CANCELLED", outcome
-        deadline = time.monotonic() + 30
-        while queue.get_task(qdb, task_id).status != "pending" and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_pending(qdb, task_id)
         _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
-        assert not (psutil.pid_exists(child) and psutil.Process(child).status() != "zombie")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        assert not _alive(child)
+
+
+def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask, child: int) -> None:
+    """The worker died without cleaning up: its reaper ended the agent group, and the next
+    run hands the task back and resumes it from its last checkpoint."""
+    deadline = time.monotonic() + 60
+    while (group_members(task.agent_pgid) or _alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert group_members(task.agent_pgid) == [] and not _alive(child), "no orphan survives the worker"
+    step = queue.get_task(qdb, task.id).last_checkpoint["state"]["step"]
+    with connection(qdb) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET payload = jsonb_build_object('steps', %s::int) WHERE id = %s",
+            (step + 1, task.id),
+        )
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert summary["recovered"] == [task.id] and summary["outcomes"] == {task.id: "completed"}
+    assert queue.get_task(qdb, task.id).result["resumed_from"] == step
+
+
+def test_sigterm_to_the_serving_worker_leaves_no_orphans_and_the_task_resumes(
+    tmp_path: Path, qdb: str, prefect_api: str
+) -> None:
+    """``prefect serve`` exits on SIGTERM killing its flow-run processes hard; the reaper copes."""
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    with _served_run(tmp_path, qdb, prefect_api) as (server, _):
+        running = _wait_running(qdb, task_id)
+        child = _child_pid(tmp_path / "agents" / "logs", task_id)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        _assert_reaped_then_resumed(tmp_path, qdb, running, child)
+
+
+def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running = _wait_running(qdb, task_id)
+    child = _child_pid(tmp_path / "agents" / "logs", task_id)
+    worker.kill()
+    worker.wait(timeout=60)
+    assert queue.get_task(qdb, task_id).status == "in_progress", "SIGKILL left no chance to clean up"
+    _assert_reaped_then_resumed(tmp_path, qdb, running, child)
 
 
 def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: Path, qdb: str) -> None:

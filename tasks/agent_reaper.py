@@ -1,0 +1,100 @@
+"""The last line against orphaned agents: a sidecar that ends agent groups if their worker dies.
+
+A worker that gets SIGKILL (or whose runner kills it hard, as ``prefect serve`` does on its
+own SIGTERM) cannot stop its agents, and each agent runs in its own session, so nothing
+else would. Each flow run starts one reaper, in a session of its own, and tells it on a pipe
+which agent process groups are alive (``+pgid`` / ``-pgid``). When the pipe closes – the
+worker ended, cleanly or not – the reaper SIGTERMs the groups still listed, SIGKILLs them
+after the grace period, and exits. The tasks themselves are resumed by the next run
+(``recover_stale_tasks``) from their last checkpoint.
+
+Run as ``python -m tasks.agent_reaper <grace_seconds>`` (standard library only).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+
+class Reaper:
+    """The worker's side: start the sidecar, report agent groups as they come and go."""
+
+    def __init__(self, grace_seconds: float) -> None:
+        self._proc = subprocess.Popen(  # noqa: S603 - fixed argv
+            [sys.executable, "-m", "tasks.agent_reaper", str(grace_seconds)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def watch(self, pgid: int) -> None:
+        self._send(f"+{pgid}")
+
+    def unwatch(self, pgid: int) -> None:
+        self._send(f"-{pgid}")
+
+    def close(self) -> None:
+        """The worker is done: the reaper ends what is still listed (normally nothing) and exits."""
+        with self._lock:
+            if self._proc.stdin is not None and not self._proc.stdin.closed:
+                self._proc.stdin.close()
+        self._proc.wait()
+
+    def _send(self, line: str) -> None:
+        assert self._proc.stdin is not None
+        with self._lock:
+            self._proc.stdin.write(line.encode() + b"\n")
+            self._proc.stdin.flush()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal(pgids: set[int], sig: signal.Signals) -> None:
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def main(argv: list[str]) -> int:
+    grace = float(argv[1]) if len(argv) > 1 else 5.0
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the terminal is the worker's business
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    groups: set[int] = set()
+    for line in sys.stdin:
+        text = line.strip()
+        if text.startswith("+"):
+            groups.add(int(text[1:]))
+        elif text.startswith("-"):
+            groups.discard(int(text[1:]))
+    left = {g for g in groups if _group_alive(g)}
+    if not left:
+        return 0
+    _signal(left, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_group_alive(g) for g in left):
+        time.sleep(0.1)
+    _signal({g for g in left if _group_alive(g)}, signal.SIGKILL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
