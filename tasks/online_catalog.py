@@ -36,7 +36,6 @@ class SchemaSnapshot:
     schema: str
     tables: dict[str, TableInfo]
     indexes: set[str]
-    enums: set[str]
 
 
 def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
@@ -71,14 +70,4 @@ def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
             "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)
         ).fetchall()
     }
-    enums = {
-        row[0]
-        for row in conn.execute(
-            """
-            SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-            WHERE n.nspname = %s AND t.typtype = 'e'
-            """,
-            (schema,),
-        ).fetchall()
-    }
-    return SchemaSnapshot(schema, tables, indexes, enums)
+    return SchemaSnapshot(schema, tables, indexes)
