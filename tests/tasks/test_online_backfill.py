@@ -16,7 +16,7 @@ from tasks.online_phases import RunOptions
 from tasks.online_state import active_migration, target_key
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT
-from tests.online_support import make_schema, run
+from tests.online_support import checksum, make_schema, run, schema_dump
 
 SPEC = {
     "name": "kill_backfill",
@@ -64,19 +64,24 @@ def _rows_done(state: str, url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, state_db: str) -> None:
-    make_schema(fresh_db, rows=20_000)
+def _kill_mid_backfill(url: str, state: str) -> None:
+    """Run start in a real process and SIGKILL its process group once 2000 rows are backfilled."""
     child = spawn_group(
-        [sys.executable, "-c", CHILD, fresh_db, state_db, json.dumps(SPEC)], cwd=ROOT, stderr=subprocess.PIPE
+        [sys.executable, "-c", CHILD, url, state, json.dumps(SPEC)], cwd=ROOT, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
-    while _rows_done(state_db, fresh_db) < 2000:
+    while _rows_done(state, url) < 2000:
         assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child exited"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL
+
+
+def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=20_000)
+    _kill_mid_backfill(fresh_db, state_db)
 
     done_at_kill = _rows_done(state_db, fresh_db)
     record = active_migration(state_db, target_key(fresh_db), "public")
@@ -103,3 +108,14 @@ def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, s
             20_000,
             True,
         )
+
+
+def test_sigkill_during_backfill_then_rollback_restores_everything(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=20_000)
+    dump, data = schema_dump(fresh_db), checksum(fresh_db, "SELECT * FROM orders")
+    _kill_mid_backfill(fresh_db, state_db)
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "starting"
+    run(fresh_db, state_db, record.plan, "rollback")
+    assert schema_dump(fresh_db) == dump
+    assert checksum(fresh_db, "SELECT * FROM orders") == data
