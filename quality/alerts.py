@@ -1,6 +1,6 @@
 """Alerts for severe violations: a Prefect event plus an optional webhook, sent once per change.
 
-Each alerting violation gets a fingerprint (suite, rule, unexpected count, sample). The
+Each alerting violation gets a fingerprint (suite, window, rule, unexpected count, error). The
 fingerprint is claimed in ``flowyard.quality_alerts`` with one upsert that only succeeds
 when it differs from the stored one, so an unchanged violation is not re-sent on every
 hourly run and two concurrent runs cannot both send it. When a rule passes again its row
@@ -53,7 +53,8 @@ class SentAlert:
 
 
 def fingerprint(result: SuiteResult, rule: RuleResult) -> str:
-    data = [result.suite, result.window, rule.rule, rule.unexpected_count, rule.sample, rule.error]
+    """What makes a violation 'the same': not the sample, whose rows PostgreSQL may return in any order."""
+    data = [result.suite, result.window, rule.rule, rule.unexpected_count, rule.error]
     return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
 
 

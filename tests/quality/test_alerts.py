@@ -75,6 +75,10 @@ def test_alert_fires_once_per_new_critical_violation(state_db, receiver):
     # Same violation on the next runs: nothing is re-sent. The high-severity email rule never alerts.
     for _ in range(2):
         assert dispatch_alerts(state_db, [_result(suite, bad_ids=2)], config) == []
+    # A different sample of the same rows (scan order is not fixed) is still the same violation.
+    resampled = _result(suite, bad_ids=2)
+    resampled.rules[0].sample = ["x", "y"]
+    assert dispatch_alerts(state_db, [resampled], config) == []
     assert len(receiver.bodies) == 1
 
     # It changes (more rows) and a second critical rule starts failing: one alert each.
