@@ -24,10 +24,11 @@ import pandas as pd
 from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 from great_expectations.data_context.types.base import ProgressBarsConfig
 
+from quality.profiling import table_columns
 from quality.scoring import TableScore, score_rows, score_table
 from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
 from quality.suite_spec import Rule, Suite
-from tasks.db import sqlalchemy_url
+from tasks.db import connection, sqlalchemy_url
 from tasks.errors import UserError
 
 Backend = Literal["sql", "pandas"]
@@ -279,6 +280,40 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def require_columns(suite: Suite, columns: set[str], target: str) -> None:
+    """Fail before GX runs, naming the rule, when a rule's column does not exist."""
+    for rule in suite.rules:
+        if rule.column is not None and rule.column not in columns:
+            raise UserError(
+                f"suite '{suite.name}' rule '{rule.name}': column '{rule.column}' is not in {target}; "
+                "fix the rule's column"
+            )
+
+
+def require_table(url: str, suite: Suite, source: TableSource) -> None:
+    """The table, the rules' columns and foreign keys' targets exist (else a one-line UserError)."""
+    with connection(url) as conn:
+        columns = {name for name, _type, _kind in table_columns(conn, source.schema, source.table)}
+        references = {
+            rule.name: (
+                rule.reference(source.schema),
+                table_columns(conn, *rule.reference(source.schema)[:2]),
+            )
+            for rule in suite.rules
+            if rule.check == "foreign_key"
+        }
+    if not columns:
+        raise UserError(
+            f"suite '{suite.name}': table {source.schema}.{source.table} not found; check its table and the schema"
+        )
+    require_columns(suite, columns, f"{source.schema}.{source.table}")
+    for name, ((schema, table, column), found) in references.items():
+        if column not in {c[0] for c in found}:
+            raise UserError(
+                f"suite '{suite.name}' rule '{name}': referenced {schema}.{table}.{column} not found; fix 'references'"
+            )
+
+
 def check_table(
     session: GxSession,
     url: str,
@@ -289,6 +324,7 @@ def check_table(
 ) -> SuiteResult:
     """Validate a PostgreSQL table (or one window of it) and score it, all inside the database."""
     source = TableSource.for_suite(suite, schema, window)
+    require_table(url, suite, source)
     gx_results = session.validate_table(url, suite, source, sample_size)
     score: TableScore = score_table(url, suite, source)
     return SuiteResult(
@@ -306,11 +342,8 @@ def check_frame(
 ) -> SuiteResult:
     """Validate a DataFrame with GX's pandas datasource; row scores come from GX's unexpected indexes."""
     frame = frame.reset_index(drop=True)
+    require_columns(suite, set(frame.columns), target)
     for rule in suite.rules:
-        if rule.column is not None and rule.column not in frame.columns:
-            raise UserError(
-                f"suite '{suite.name}' rule '{rule.name}': column '{rule.column}' is not in {target}"
-            )
         if rule.check == "not_future":
             frame[rule.column] = pd.to_datetime(frame[rule.column], errors="coerce", utc=True, format="mixed")
     gx_results = session.validate_frame(suite, frame, sample_size)

@@ -161,3 +161,46 @@ def test_cli_validate_suite_reports_one_line(tmp_path):
     proc = run_cli("quality", "validate-suite", str(good))
     assert proc.returncode == 0, proc.stderr
     assert "orders: 5 rules" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("table", "rule", "message"),
+    [
+        ("nope", {"check": "not_null", "column": "id"}, "suite 'orders': table public.nope not found"),
+        (
+            "t",
+            {"check": "not_null", "column": "nocol"},
+            "suite 'orders' rule 'r': column 'nocol' is not in public.t",
+        ),
+        (
+            "t",
+            {"check": "foreign_key", "column": "id", "references": "missing.id"},
+            "suite 'orders' rule 'r': referenced public.missing.id not found",
+        ),
+    ],
+)
+def test_suite_that_does_not_fit_the_database_fails_before_gx(fresh_db, table, rule, message):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+    suite = parse_suite(
+        {"name": "orders", "table": table, "rules": [{"name": "r", "severity": "low", **rule}]}
+    )
+    with pytest.raises(UserError) as info:
+        check_table(GxSession(), fresh_db, suite)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_file_missing_a_rule_column_is_a_user_error(tmp_path):
+    from quality.runner import check_file
+
+    path = tmp_path / "u.csv"
+    path.write_text("id\n1\n")
+    suite = parse_suite(
+        {
+            "name": "u",
+            "table": "u",
+            "rules": [{"name": "r", "check": "not_null", "column": "email", "severity": "low"}],
+        }
+    )
+    with pytest.raises(UserError, match=rf"suite 'u' rule 'r': column 'email' is not in {path}"):
+        check_file(GxSession(), suite, path)
