@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover_stale_tasks, run_agent
-from tasks.agent_metrics import metrics_table, publish_metrics
+from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import DEFAULT_GRACE_SECONDS, DEFAULT_TIMEOUT_SECONDS, AgentLimits, templates_from
 from tasks.state import state_url
 
@@ -88,20 +88,21 @@ def run_agent_queue(
     blocked = queue.blocked_by_failure(url)
     for task_id, reason in blocked.items():
         logger.warning("task %s %s", task_id, reason)
-    metrics = publish_metrics(url)
-    summary = {
+    metrics = agent_metrics(url)
+    if outcomes or recovered:  # an idle scheduled drain adds no artifact versions
+        publish_metrics(metrics)
+        create_table_artifact(
+            table=[{"task_id": t, "outcome": o} for t, o in sorted(outcomes.items())]
+            + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())],
+            key="agent-queue-run",
+            description="Tasks this run of the agent queue executed, and tasks it could not run",
+        )
+    return {
         "outcomes": outcomes,
         "blocked": blocked,
         "recovered": recovered,
         "metrics": metrics_table(metrics),
     }
-    create_table_artifact(
-        table=[{"task_id": t, "outcome": o} for t, o in sorted(outcomes.items())]
-        + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())],
-        key="agent-queue-run",
-        description="Tasks this run of the agent queue executed, and tasks it could not run",
-    )
-    return summary
 
 
 def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:

@@ -66,12 +66,10 @@ def metrics_table(metrics: list[AgentTypeMetrics]) -> list[dict[str, object]]:
     ]
 
 
-def publish_metrics(url: str) -> list[AgentTypeMetrics]:
-    """Compute the metrics and show them as the ``agent-metrics`` table artifact."""
-    metrics = agent_metrics(url)
+def publish_metrics(metrics: list[AgentTypeMetrics]) -> None:
+    """Show the metrics as the ``agent-metrics`` table artifact (a new version per call)."""
     create_table_artifact(
         table=metrics_table(metrics),
         key="agent-metrics",
         description="Agent metrics per agent type: completed, failed, execution time, error rate",
     )
-    return metrics
