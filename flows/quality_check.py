@@ -36,7 +36,7 @@ from quality.steps import (
     trends_task,
 )
 from quality.suite_spec import resolve_suites
-from quality.suites import ENTITY_SUITES
+from quality.suites import present_entity_suites
 from tasks.db import resolve_url
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -57,13 +57,13 @@ def quality_check(
     history_runs: int = 20,
     state_database_url: str | None = None,
 ) -> dict[str, Any]:
-    """Check tables (``suites``: entity names, YAML paths or module:attr; default the four entities,
-    looked up in ``table_schema``)
+    """Check tables (``suites``: entity names, YAML paths or module:attr; default: those of the four
+    entities whose table exists in ``table_schema``)
     and files (``files``: suite reference → CSV/Parquet/JSON path). ``window`` checks one daily or
     hourly batch on each suite's timestamp column, the one holding ``window_start`` (default now)."""
     url = resolve_url(database_url)
     state = state_url(state_database_url)
-    table_suites = resolve_suites(list(ENTITY_SUITES) if suites is None else suites)
+    table_suites = resolve_suites(suites) if suites is not None else present_entity_suites(url, table_schema)
     file_suites = [(suite, path) for ref, path in (files or {}).items() for suite in resolve_suites([ref])]
     time_window = TimeWindow.containing(window, window_start or dt.datetime.now(dt.UTC)) if window else None
     out = Path(output_dir) if output_dir else get_settings().home_dir / "quality"

@@ -76,6 +76,18 @@ def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
     assert second["recommendations"] >= 1  # valid_email now fails on >10% of rows
 
 
+def test_default_run_on_a_database_without_entity_tables(fresh_db, tmp_path, state_db):
+    """The hourly deployment runs with defaults: missing entity tables are skipped, not fatal."""
+    result = quality_check(database_url=fresh_db, output_dir=str(tmp_path))
+    assert (result["suites"], result["overall_score"], result["alerts_sent"]) == ({}, 100.0, 0)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE users (id uuid, email text, username text, role text, status text,"
+            " version int, created_at timestamptz)"
+        )
+    assert set(quality_check(database_url=fresh_db, output_dir=str(tmp_path))["suites"]) == {"users"}
+
+
 def test_flow_checks_files(tmp_path, state_db):
     path = tmp_path / "users.csv"
     path.write_text(
