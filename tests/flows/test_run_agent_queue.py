@@ -182,6 +182,24 @@ def _child_pid(logs: Path, task_id: int) -> int:
     )
 
 
+LONG = {"steps": 1000, "sleep": 0.1, "spawn_child": True}
+"""A reference-agent payload that runs until stopped, with a child process in its group."""
+
+
+def _running_with_child(tmp_path: Path, qdb: str, task_id: int) -> tuple[queue.AgentTask, int]:
+    """Wait until the long task's agent has checkpointed; return the task and its child's pid."""
+    return _wait_running(qdb, task_id), _child_pid(tmp_path / "agents" / "logs", task_id)
+
+
+def _shorten(qdb: str, task_id: int, steps: int) -> None:
+    """Make a long task finish right after it resumes (same task, same checkpoint)."""
+    with connection(qdb) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET payload = jsonb_build_object('steps', %s::int) WHERE id = %s",
+            (steps, task_id),
+        )
+
+
 _WORKER = textwrap.dedent(
     """
     import sys
@@ -192,9 +210,8 @@ _WORKER = textwrap.dedent(
 
 
 def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path, qdb: str) -> None:
-    payload = {"steps": 1000, "sleep": 0.1, "spawn_child": True}
-    task_id = queue.create_task(qdb, _new("long", payload))
-    stubborn = queue.create_task(qdb, _new("stubborn", {**payload, "ignore_term": True}))
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    stubborn = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
     worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
     running = [_wait_running(qdb, t) for t in (task_id, stubborn)]
     children = [_child_pid(tmp_path / "agents" / "logs", t) for t in (task_id, stubborn)]
@@ -207,11 +224,7 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     assert summary["outcomes"] == {}
     queue.cancel_task(qdb, stubborn)
     resumed_from = queue.get_task(qdb, task_id).last_checkpoint["state"]["step"]
-    with connection(qdb) as conn:
-        conn.execute(
-            "UPDATE flowyard.agent_tasks SET payload = payload || jsonb_build_object('steps', %s::int, 'sleep', 0) WHERE id = %s",
-            (resumed_from + 2, task_id),
-        )
+    _shorten(qdb, task_id, resumed_from + 2)
     summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb))
     assert summary["outcomes"] == {task_id: "completed"}
     assert queue.get_task(qdb, task_id).result["resumed_from"] == resumed_from
@@ -276,10 +289,9 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
 ) -> None:
     from deployments.trigger import wait_for_flow_run
 
-    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    task_id = queue.create_task(qdb, _new("long", LONG))
     with _served_run(tmp_path, qdb, prefect_api) as (_, run_id):
-        running = _wait_running(qdb, task_id)
-        child = _child_pid(tmp_path / "agents" / "logs", task_id)
+        running, child = _running_with_child(tmp_path, qdb, task_id)
         response = httpx.post(
             f"{prefect_api}/flow_runs/{run_id}/set_state",
             json={"state": {"type": "CANCELLING", "message": "cancelled by test"}, "force": True},
@@ -301,11 +313,7 @@ def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask,
         time.sleep(0.2)
     assert group_members(task.agent_pgid) == [] and not _alive(child), "no orphan survives the worker"
     step = queue.get_task(qdb, task.id).last_checkpoint["state"]["step"]
-    with connection(qdb) as conn:
-        conn.execute(
-            "UPDATE flowyard.agent_tasks SET payload = jsonb_build_object('steps', %s::int) WHERE id = %s",
-            (step + 1, task.id),
-        )
+    _shorten(qdb, task.id, step + 1)
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
     assert summary["recovered"] == [task.id] and summary["outcomes"] == {task.id: "completed"}
     assert queue.get_task(qdb, task.id).result["resumed_from"] == step
@@ -315,20 +323,18 @@ def test_sigterm_to_the_serving_worker_leaves_no_orphans_and_the_task_resumes(
     tmp_path: Path, qdb: str, prefect_api: str
 ) -> None:
     """``prefect serve`` exits on SIGTERM killing its flow-run processes hard; the reaper copes."""
-    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    task_id = queue.create_task(qdb, _new("long", LONG))
     with _served_run(tmp_path, qdb, prefect_api) as (server, _):
-        running = _wait_running(qdb, task_id)
-        child = _child_pid(tmp_path / "agents" / "logs", task_id)
+        running, child = _running_with_child(tmp_path, qdb, task_id)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
         _assert_reaped_then_resumed(tmp_path, qdb, running, child)
 
 
 def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: Path, qdb: str) -> None:
-    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    task_id = queue.create_task(qdb, _new("long", LONG))
     worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
-    running = _wait_running(qdb, task_id)
-    child = _child_pid(tmp_path / "agents" / "logs", task_id)
+    running, child = _running_with_child(tmp_path, qdb, task_id)
     worker.kill()
     worker.wait(timeout=60)
     assert queue.get_task(qdb, task_id).status == "in_progress", "SIGKILL left no chance to clean up"
@@ -336,7 +342,7 @@ def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: 
 
 
 def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: Path, qdb: str) -> None:
-    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1, "spawn_child": True}))
+    task_id = queue.create_task(qdb, _new("long", LONG))
     worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
     running = _wait_running(qdb, task_id)
     queue.cancel_task(qdb, task_id)
@@ -347,10 +353,6 @@ def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: P
     step = task.last_checkpoint["state"]["step"]
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
     queue.retry_task(qdb, task_id)
-    with connection(qdb) as conn:
-        conn.execute(
-            "UPDATE flowyard.agent_tasks SET payload = jsonb_build_object('steps', %s::int) WHERE id = %s",
-            (step + 1, task_id),
-        )
+    _shorten(qdb, task_id, step + 1)
     assert run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))["outcomes"] == {task_id: "completed"}
     assert queue.get_task(qdb, task_id).result["resumed_from"] == step
