@@ -322,7 +322,7 @@ def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask,
 def test_sigterm_to_the_serving_worker_leaves_no_orphans_and_the_task_resumes(
     tmp_path: Path, qdb: str, prefect_api: str
 ) -> None:
-    """``prefect serve`` exits on SIGTERM killing its flow-run processes hard; the reaper copes."""
+    """``prefect serve`` exits on SIGTERM without letting its flow-run process shut down gracefully; the reaper copes."""
     task_id = queue.create_task(qdb, _new("long", LONG))
     with _served_run(tmp_path, qdb, prefect_api) as (server, _):
         running, child = _running_with_child(tmp_path, qdb, task_id)
