@@ -5,8 +5,9 @@ A worker that gets SIGKILL (or whose runner ends it without a graceful shutdown,
 agent runs in its own session, so nothing else would. Each flow run starts one reaper, in a
 session of its own, and tells it on a pipe which agent process groups are alive (``+pgid``
 / ``-pgid``). When the pipe closes – the worker ended, cleanly or not – the reaper
-SIGTERMs the groups still listed, SIGKILLs them after the grace period, and exits. The tasks themselves are resumed by the next run
-(``recover_stale_tasks``) from their last checkpoint.
+SIGTERMs the groups still listed, SIGKILLs them after the grace period, and exits. The
+tasks themselves are resumed by the next run (``recover_stale_tasks``) from their last
+checkpoint.
 
 Run as ``python -m tasks.agent_reaper <grace_seconds>`` (standard library only).
 """
