@@ -314,6 +314,15 @@ def describe(source_url: str, table: str) -> TableInfo:
     return file_describe(files[table])
 
 
+def pg_chunk_query(info: TableInfo, chunk: Chunk, cursor: str | None) -> tuple[sql.Composed, list[str]]:
+    """``SELECT <data columns> FROM table WHERE <chunk bounds>`` and its parameters."""
+    where, params = chunk.pg_filter(info.key, cursor)
+    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in info.copy_columns), info.ident, where
+    )
+    return query, params
+
+
 def read_chunk(
     source_url: str, info: TableInfo, chunk: Chunk, cursor: str | None
 ) -> Iterator[pa.RecordBatch]:
@@ -325,10 +334,7 @@ def read_chunk(
     if kind == "files":
         yield from file_chunk_batches(info, chunk)
         return
-    where, params = chunk.pg_filter(info.key, cursor)
-    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in info.copy_columns), info.ident, where
-    )
+    query, params = pg_chunk_query(info, chunk, cursor)
     with connection(validate_postgres_url(source_url)) as conn:
         normalize_session(conn)
         yield from read_csv_batches(conn, query, info.arrow_schema(), params)

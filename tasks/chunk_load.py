@@ -25,7 +25,7 @@ from typing import Literal
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo, read_chunk, source_kind
+from tasks.bulk_sources import TableInfo, pg_chunk_query, read_chunk, source_kind
 from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chunk
 from tasks.chunk_plan import Chunk
 from tasks.column_mapping import TableMapping, apply_mapping
@@ -116,16 +116,8 @@ def load_chunk_in(target: psycopg.Connection, job: ChunkJob, flow_run_id: str | 
 _Loaded = tuple[int, int, int, int | None, str | None]
 
 
-def _source_select(job: ChunkJob) -> tuple[sql.Composed, list[str]]:
-    where, params = job.chunk.pg_filter(job.source.key, job.cursor)
-    query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in job.source.copy_columns), job.source.ident, where
-    )
-    return query, params
-
-
 def _pipe_from_source(job: ChunkJob, target: psycopg.Connection, into: sql.Composable) -> int:
-    query, params = _source_select(job)
+    query, params = pg_chunk_query(job.source, job.chunk, job.cursor)
     with connection(job.source_url) as source:
         return pipe_binary(source, query, target, into, job.columns, params)
 

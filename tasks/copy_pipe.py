@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from psycopg import sql
 
-CSV_BLOCK_BYTES = 4 << 20
+CSV_BLOCK_BYTES = 1 << 20
 
 
 # Settings that change how values print as text. Both ends of a copy or a checksum use the
@@ -172,8 +172,10 @@ def write_batches(
         for batch in itertools.chain([first], stream):
             if batch.num_rows == 0:
                 continue
-            buffer = io.BytesIO()
-            pa_csv.write_csv(csv_ready(batch), buffer, pa_csv.WriteOptions(include_header=False))
-            copy.write(buffer.getbuffer())
+            # Arrow's own pool holds the CSV text (reused batch after batch); growing Python
+            # buffers here fragment the heap and inflate RSS for long copies.
+            sink = pa.BufferOutputStream()
+            pa_csv.write_csv(csv_ready(batch), sink, pa_csv.WriteOptions(include_header=False))
+            copy.write(memoryview(sink.getvalue()))
             rows += batch.num_rows
     return rows
