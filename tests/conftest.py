@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,22 @@ def prefect_api(state_db: str) -> Iterator[str]:
     services.start(server_service(settings, state_db), settings.run_dir)
     yield settings.prefect_api_url
     services.stop(settings.run_dir, SERVER)
+
+
+def flow_run_artifacts(flow_state: Any) -> list[Any]:
+    """The artifacts of one flow run (and its tasks), filtered on the server.
+
+    Reading all artifacts and filtering locally breaks in a full test run: the first page
+    fills up with other tests' artifacts.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run_id = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 def run_cli(

@@ -26,7 +26,7 @@ from tasks.db import drop_database, ensure_database
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tasks.table_checksum import checksum
-from tests.conftest import ROOT
+from tests.conftest import ROOT, flow_run_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -59,16 +59,6 @@ def _task_states(flow_state) -> list[str]:
             task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="copy ")),
         )
     return [r.state.name for r in runs]
-
-
-def _artifacts(flow_state) -> list:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    flow_run_id = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
 
 
 @pytest.fixture()
@@ -119,7 +109,7 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
     }
     assert _fetch(target_db, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'") == [(1,)]
     assert len(_task_states(state)) == 8 and "Cached" not in _task_states(state)
-    artifacts = {a.type: a for a in _artifacts(state)}
+    artifacts = {a.type: a for a in flow_run_artifacts(state)}
     assert artifacts["progress"].data == 100.0 and "rows/s" in artifacts["progress"].description
     table = (
         json.loads(artifacts["table"].data)

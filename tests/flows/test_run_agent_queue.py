@@ -24,7 +24,7 @@ from tasks import agent_queue as queue
 from tasks.db import connection
 from tasks.process_group import group_members
 from tasks.state import state_url
-from tests.conftest import ROOT
+from tests.conftest import ROOT, flow_run_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -67,7 +67,8 @@ def test_dependencies_run_in_dag_order_and_logs_are_written(
     c = queue.create_task(qdb, _new("c", step, (a,)))
     d = queue.create_task(qdb, _new("d", {**step, "artifact": True}, (b, c), priority="critical"))
     free = queue.create_task(qdb, _new("free", step, priority="low"))
-    summary = run_agent_queue(max_agents=3, **_kw(tmp_path, qdb))
+    state = run_agent_queue(max_agents=3, return_state=True, **_kw(tmp_path, qdb))
+    summary = state.result()
     assert summary["outcomes"] == {t: "completed" for t in (a, b, c, d, free)}
     runs = {r["task_id"]: r for r in _runs(qdb)}
     for child, deps in ((b, (a,)), (c, (a,)), (d, (b, c))):
@@ -78,13 +79,9 @@ def test_dependencies_run_in_dag_order_and_logs_are_written(
     ]
     assert [r["state"]["step"] for r in log if r["kind"] == "checkpoint"] == [1, 2]
     assert {"artifact", "result", "progress"} <= {r["kind"] for r in log}
-    found = httpx.post(
-        f"{prefect_api}/artifacts/filter",
-        json={"artifacts": {"key": {"any_": [f"reference-agent-{d}", "agent-metrics"]}}},
-        timeout=10,
-    ).json()
-    assert {a["key"] for a in found} == {f"reference-agent-{d}", "agent-metrics"}
-    assert _digest(d, 2) in next(a["data"] for a in found if a["key"] == f"reference-agent-{d}")
+    found = {a.key: a for a in flow_run_artifacts(state)}
+    assert {f"reference-agent-{d}", "agent-metrics"} <= set(found)
+    assert _digest(d, 2) in str(found[f"reference-agent-{d}"].data)
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
     assert metrics["reference"]["tasks_completed"] == 5 and metrics["reference"]["error_rate"] == 0.0
 

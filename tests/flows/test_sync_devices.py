@@ -20,7 +20,7 @@ from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV
-from tests.conftest import ROOT
+from tests.conftest import ROOT, flow_run_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -116,7 +116,6 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
 def test_default_run_uses_configured_devices_and_records_state(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
-    from prefect.client.orchestration import get_client
 
     from flows.sync_devices import sync_devices
 
@@ -150,9 +149,7 @@ def test_default_run_uses_configured_devices_and_records_state(
         assert forced["devices"]["cfg-off"]["uploaded"] == 80
         assert forced["devices"]["cfg-on"]["uploaded"] == 0
 
-        with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts()
-        mine = [a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id]
+        mine = flow_run_artifacts(state)
         table = next(a for a in mine if a.type == "table")
         assert "cfg-on" in str(table.data) and "duplicates skipped" in str(table.data)
         progress = next(a for a in mine if a.type == "progress")
