@@ -18,6 +18,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
+from quality.gate import quality_gate
 from tasks.advisory_lock import advisory_lock
 from tasks.bulk_progress import Progress, TableStat, publish_table_artifact
 from tasks.bulk_tables import (
@@ -260,9 +261,13 @@ def bulk_migrate(
     sample_rows: int = 100,
     report_rows: int = 10,
     lock_timeout_seconds: float = 30.0,
+    quality_suite: str | None = None,
+    quality_gate_mode: str = "fail",
 ) -> dict[str, Any]:
     """Copy ``tables`` (None = all) from ``source_url`` (PostgreSQL, SQLite file or a directory of
-    JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database)."""
+    JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database).
+    ``quality_suite`` (optional, see docs/quality.md): data-quality suites checked on the target
+    after the copy, failing or warning per ``quality_gate_mode``."""
     if mode not in ("full", "incremental", "seed"):
         raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
     if unknown := [c for c in validate if c not in CHECKS]:
@@ -357,4 +362,6 @@ def bulk_migrate(
     if failures:
         raise UserError(f"validation failed: {'; '.join(failures)}")
     logger.info("bulk copy %s done: %s rows in %d tables", run.run_key, f"{report.rows:,}", len(plans))
+    if quality_suite:
+        quality_gate(target, quality_suite, mode=quality_gate_mode, schema=target_schema)
     return asdict(report)

@@ -24,6 +24,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from quality.gate import quality_gate
 from tasks import alembic_deploy, migration_report, revision_checksums
 from tasks.advisory_lock import advisory_lock
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
@@ -202,10 +203,14 @@ def deploy_migrations(
     lock_timeout: float = 60.0,
     backup_dir: str | None = None,
     max_active_connections: int = 50,
+    quality_suite: str | None = None,
+    quality_gate_mode: str = "fail",
 ) -> MigrationReport:
     """Apply a project's Alembic migrations up to ``target`` with preflight, lock, backup, validation
     and restore on failure. ``dry_run`` only prints the SQL plan. ``database_url`` None: flowyard's
-    database; ``backup_dir`` None: ``<FLOWYARD_HOME>/backups``."""
+    database; ``backup_dir`` None: ``<FLOWYARD_HOME>/backups``. ``quality_suite`` (optional, see
+    docs/quality.md): data-quality suites checked after the deploy, failing or warning per
+    ``quality_gate_mode``."""
     opts = _options(
         database_url,
         migrations_dir,
@@ -219,7 +224,10 @@ def deploy_migrations(
     )
     if dry_run:
         return _run("dry-run", opts, None, None)
-    return _run("deploy", opts, lambda status: status.pending, upgrade_task)
+    report = _run("deploy", opts, lambda status: status.pending, upgrade_task)
+    if quality_suite:
+        quality_gate(opts.url, quality_suite, mode=quality_gate_mode)
+    return report
 
 
 @flow(name="migration-rollback", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
