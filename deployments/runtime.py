@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.serve import read_deployments
+from deployments.trigger import deployment_exists
 from tasks import services
 from tasks.db import ensure_database, mask_url, with_database
 from tasks.embedded_pg import EmbeddedPostgres
@@ -50,7 +52,13 @@ def demo_database_url(state: str) -> str:
 def up(settings: Settings) -> str:
     url = ensure_prefect(settings)
     demo_env = {"FLOWYARD_DEMO_DATABASE_URL": demo_database_url(url)}
-    services.start(serve_service(settings, PROJECT_DIR, demo_env), settings.run_dir)
+    specs = read_deployments(PROJECT_DIR / "prefect.yaml")
+
+    def all_registered() -> bool:
+        # Flow and deployment share a name (tests/deployments/test_serve.py holds that).
+        return all(deployment_exists(settings.prefect_api_url, spec.name, spec.name) for spec in specs)
+
+    services.start(serve_service(settings, PROJECT_DIR, demo_env, all_registered), settings.run_dir)
     return url
 
 

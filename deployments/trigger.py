@@ -25,8 +25,19 @@ class FlowRunOutcome:
     message: str | None
 
 
+def _read_deployment(api_url: str, flow_name: str, deployment_name: str) -> httpx.Response:
+    return httpx.get(f"{api_url}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
+
+
+def deployment_exists(api_url: str, flow_name: str, deployment_name: str) -> bool:
+    try:
+        return _read_deployment(api_url, flow_name, deployment_name).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def deployment_id(api_url: str, flow_name: str, deployment_name: str) -> str:
-    response = httpx.get(f"{api_url}/deployments/name/{flow_name}/{deployment_name}", timeout=10)
+    response = _read_deployment(api_url, flow_name, deployment_name)
     if response.status_code == 404:
         raise UserError(
             f"deployment {flow_name}/{deployment_name} not found at {api_url}; is `flowyard up` running?"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -74,11 +74,14 @@ def server_service(settings: Settings, state_url: str) -> services.Service:
     return services.Service(SERVER, argv, env, ready=lambda: api_healthy(settings.prefect_api_url))
 
 
-def serve_service(settings: Settings, project_dir: Path, extra_env: Mapping[str, str]) -> services.Service:
+def serve_service(
+    settings: Settings, project_dir: Path, extra_env: Mapping[str, str], ready: Callable[[], bool]
+) -> services.Service:
     """The process that serves every deployment declared in ``prefect.yaml``.
 
-    ``extra_env`` carries the values that ``{{ $VAR }}`` parameters in prefect.yaml refer to.
+    ``extra_env`` carries the values that ``{{ $VAR }}`` parameters in prefect.yaml refer to;
+    ``ready`` says when the deployments are registered, so callers can trigger them at once.
     """
     env = {**os.environ, **prefect_client_env(settings), **extra_env, "PYTHONPATH": str(project_dir)}
     argv = [sys.executable, "-m", "deployments.serve", str(project_dir / "prefect.yaml")]
-    return services.Service(SERVE, argv, env, ready=None, cwd=project_dir)
+    return services.Service(SERVE, argv, env, ready=ready, cwd=project_dir)

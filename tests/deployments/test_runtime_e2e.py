@@ -8,7 +8,6 @@ as ``make demo`` does, rather than reusing the session fixtures.
 from __future__ import annotations
 
 import textwrap
-import time
 
 import httpx
 import psutil
@@ -53,15 +52,6 @@ def _write_migrations(path):
     (path / "versions" / "a1_items.py").write_text(textwrap.dedent(REVISION))
 
 
-def _wait_for_deployment(api: str, name: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(f"{api}/deployments/name/{name}", timeout=5).status_code == 200:
-            return
-        time.sleep(1)
-    raise AssertionError(f"deployment {name} was never served")
-
-
 def test_up_trigger_over_rest_down(tmp_path):
     home = tmp_path / "home"
     prefect_port, pg_port = free_port(), free_port()
@@ -88,7 +78,8 @@ def test_up_trigger_over_rest_down(tmp_path):
         with psycopg.connect(server.url("prefect")) as conn:
             assert conn.execute("SELECT to_regclass('flow_run')").fetchone() == ("flow_run",)
 
-        _wait_for_deployment(api, "deploy-migrations/deploy-migrations")
+        # `up` returns only once every deployment is registered: trigger at once, no polling.
+        assert httpx.get(f"{api}/deployments/name/deploy-migrations/deploy-migrations").status_code == 200
         ensure_database(server.url(), "e2e_target")
         migrations = tmp_path / "migrations"
         _write_migrations(migrations)
@@ -104,12 +95,16 @@ def test_up_trigger_over_rest_down(tmp_path):
             assert conn.execute("SELECT count(*) FROM e2e_items").fetchone() == (2,)
 
         # A "Quick run" from the UI sends no parameters: the deployment's defaults must work.
-        quick = wait_for_flow_run(api, create_flow_run(api, "deploy-migrations", "deploy-migrations", {}), 300)
+        quick = wait_for_flow_run(
+            api, create_flow_run(api, "deploy-migrations", "deploy-migrations", {}), 300
+        )
         assert quick.state == "COMPLETED", quick
         with psycopg.connect(server.url("flowyard_demo")) as conn:
             assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == ("accounts",)
         with psycopg.connect(server.url("flowyard")) as conn:
-            assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == (None,), "state DB untouched"
+            assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == (None,), (
+                "state DB untouched"
+            )
         pids = [int((home / "run" / f"{name}.pid").read_text()) for name in ("prefect-server", "deployments")]
     finally:
         down = run_cli("down", env=env)
