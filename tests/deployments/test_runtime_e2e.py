@@ -8,6 +8,7 @@ as ``make demo`` does, rather than reusing the session fixtures.
 from __future__ import annotations
 
 import textwrap
+import time
 
 import httpx
 import psutil
@@ -50,6 +51,18 @@ def _write_migrations(path):
     (path / "versions").mkdir(parents=True)
     (path / "env.py").write_text(textwrap.dedent(ENV_PY))
     (path / "versions" / "a1_items.py").write_text(textwrap.dedent(REVISION))
+
+
+def _first_completed_run(api: str, deployment: str, timeout: float) -> dict:
+    dep_id = httpx.get(f"{api}/deployments/name/{deployment}/{deployment}", timeout=10).json()["id"]
+    query = {"flow_runs": {"deployment_id": {"any_": [dep_id]}, "state": {"type": {"any_": ["COMPLETED"]}}}}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{api}/flow_runs/filter", json=query, timeout=10).json()
+        if runs:
+            return runs[0]
+        time.sleep(2)
+    raise AssertionError(f"no scheduled run of {deployment} completed within {timeout:g}s")
 
 
 def test_up_trigger_over_rest_down(tmp_path):
@@ -105,6 +118,11 @@ def test_up_trigger_over_rest_down(tmp_path):
             assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == (None,), (
                 "state DB untouched"
             )
+
+        # Schedules work end to end: the scheduler creates runs of run-agent-queue (every
+        # minute), and the serve process executes them. Nothing here triggers it by hand.
+        scheduled = _first_completed_run(api, "run-agent-queue", timeout=300)
+        assert scheduled["auto_scheduled"] is True
         pids = [int((home / "run" / f"{name}.pid").read_text()) for name in ("prefect-server", "deployments")]
     finally:
         down = run_cli("down", env=env)
