@@ -28,7 +28,7 @@ from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 
 from tasks import revision_checksums
-from tasks.db import sqlalchemy_url
+from tasks.db import connection, sqlalchemy_url
 from tasks.errors import UserError
 
 
@@ -115,7 +115,13 @@ def current_heads(config: Config) -> tuple[str, ...]:
 
 
 def migration_status(url: str, migrations_dir: str | Path, target: str = "head") -> MigrationStatus:
-    """Applied revisions (ancestors of the current heads), pending ones up to ``target``, and the heads."""
+    """Applied revisions (ancestors of the current heads), pending ones up to ``target``, and the heads.
+
+    Connects once through flowyard first: an unreachable database is then a one-line
+    UserError, not the SQLAlchemy traceback the user's ``env.py`` would raise.
+    """
+    with connection(url):
+        pass
     config = alembic_config(url, migrations_dir)
     scripts = ScriptDirectory.from_config(config)
 

@@ -39,10 +39,11 @@ def test_dir_without_env_py_is_one_line(tmp_path, fresh_db):
     _one_line_error(result, "has no env.py; it must be an Alembic script directory")
 
 
-def test_unreachable_database_is_one_line(tmp_path):
+@pytest.mark.parametrize("command", ["deploy", "status", "rollback"])
+def test_unreachable_database_is_one_line(command, tmp_path):
     directory = migrations_dir(tmp_path)
     url = f"postgresql://app:secret@127.0.0.1:{free_port()}/app"
-    line = _one_line_error(run_cli("migrate", "deploy", "-d", url, "-m", str(directory)), "cannot connect to")
+    line = _one_line_error(run_cli("migrate", command, "-d", url, "-m", str(directory)), "cannot connect to")
     assert "secret" not in line and "app:***@" in line
 
 

@@ -33,3 +33,22 @@ def test_counts_orphans_and_invalid_indexes(fresh_db):
             ("invalid_index", "index child_note is invalid")
         ]
         assert check_integrity(conn, schemas=["other"]).row_counts == {}
+
+
+def test_nulls_in_not_null_columns_are_counted(fresh_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE people (id int PRIMARY KEY, email text, nick text)")
+        conn.execute("INSERT INTO people VALUES (1, 'a@x', NULL), (2, NULL, NULL), (3, NULL, 'c')")
+        assert check_integrity(conn).ok, "a nullable column may hold NULLs"
+        # PostgreSQL 18 can add NOT NULL without checking existing rows: the rows that slipped in count.
+        conn.execute("ALTER TABLE people ADD CONSTRAINT people_email_nn NOT NULL email NOT VALID")
+        conn.execute("ALTER TABLE people ADD CONSTRAINT people_nick_nn NOT NULL nick NOT VALID")
+        report = check_integrity(conn)
+        assert [(p.check, p.table, p.detail, p.count) for p in report.problems] == [
+            ("not_null", "public.people", "email is NULL", 2),
+            ("not_null", "public.people", "nick is NULL", 2),
+        ]
+        # New rows are checked, so repairs go through: fix row 1's nick, delete row 2.
+        conn.execute("UPDATE people SET nick = 'n' WHERE id = 1")
+        conn.execute("DELETE FROM people WHERE id = 2")
+        assert [(p.detail, p.count) for p in check_integrity(conn).problems] == [("email is NULL", 1)]
