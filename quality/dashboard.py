@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.dates as mdates  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_image_artifact,
     create_markdown_artifact,
@@ -49,18 +52,50 @@ class QualityReport:
         return next((t for t in self.trends if t.suite == suite), None)
 
 
-def score_chart(history: dict[str, list[ScorePoint]], path: Path) -> bytes:
-    """A PNG line chart of each suite's score over its recorded runs; also written to ``path``."""
+SINGLE_RUN_PAD = dt.timedelta(minutes=30)
+"""Half the time axis around a lone run (or runs recorded at one instant)."""
+SPAN_PAD = 0.05
+"""Share of the runs' time span added on each side, so end points are not on the frame."""
+
+
+def time_limits(history: dict[str, list[ScorePoint]]) -> tuple[dt.datetime, dt.datetime] | None:
+    """The chart's x range: the runs' span plus a margin, or an hour around a single run.
+
+    Left to itself matplotlib widens a zero-width date range to four years, which squeezes
+    the first run of a new deployment into an unreadable dot.
+    """
+    times = [p.checked_at for points in history.values() for p in points]
+    if not times:
+        return None
+    first, last = min(times), max(times)
+    pad = (last - first) * SPAN_PAD if last > first else SINGLE_RUN_PAD
+    return first - pad, last + pad
+
+
+def draw_score_chart(history: dict[str, list[ScorePoint]]) -> Figure:
+    """A line chart of each suite's score over its recorded runs, scores on a fixed 0-100 axis."""
     fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
     for suite, points in sorted(history.items()):
         if points:
             ax.plot([p.checked_at for p in points], [p.score for p in points], marker="o", label=suite)
     ax.set_title("Data-quality score per run")
     ax.set_ylabel("score (0-100)")
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
+    limits = time_limits(history)
+    if limits:
+        ax.set_xlim(*limits)
+        locator = mdates.AutoDateLocator()
+        ax.xaxis.set_major_locator(locator)
+        ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     if ax.lines:
         ax.legend(loc="lower left", fontsize="small")
-    fig.autofmt_xdate()
+    return fig
+
+
+def score_chart(history: dict[str, list[ScorePoint]], path: Path) -> bytes:
+    """The score chart as PNG bytes, also written to ``path``."""
+    fig = draw_score_chart(history)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
