@@ -38,7 +38,10 @@ def check(
     no_profile: Annotated[bool, typer.Option("--no-profile", help="skip profiling and anomalies")] = False,
 ) -> None:
     """Run the quality-check flow (reported to flowyard's Prefect server) and print the scores."""
+    from deployments.cli_logging import console_without_tracebacks
     from deployments.runtime import ensure_prefect
+    from quality.suite_spec import resolve_suites
+    from tasks.db import validate_postgres_url
     from tasks.errors import UserError
     from tasks.settings import get_settings
 
@@ -50,7 +53,15 @@ def check(
         files[ref] = path
     if window not in (None, "day", "hour"):
         raise UserError(f"--window must be 'day' or 'hour', not {window!r}")
+    if database_url:
+        validate_postgres_url(database_url)
     ensure_prefect(get_settings())
+    console_without_tracebacks()
+    # Resolved once here so a bad suite is one line, not a failed run (after ensure_prefect:
+    # loading suites imports Prefect, which must already point at flowyard's server).
+    resolve_suites(suite or [])
+    for ref in files:
+        resolve_suites([ref])
     from flows.quality_check import quality_check
 
     summary = quality_check(
@@ -100,9 +111,11 @@ def profile(
 
 
 @app.command("validate-suite")
-def validate_suite(path: Annotated[str, typer.Argument(help="suite YAML file")]) -> None:
-    """Check a suite file without running it."""
-    from quality.suite_spec import load_suite_file
+def validate_suite(
+    ref: Annotated[str, typer.Argument(help="suite YAML file, built-in entity name or module:attr")],
+) -> None:
+    """Check a suite definition without running it."""
+    from quality.suite_spec import resolve_suites
 
-    for s in load_suite_file(path):
+    for s in resolve_suites([ref]):
         typer.echo(f"{s.name}: {len(s.rules)} rules on {s.table}")

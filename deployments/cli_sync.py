@@ -70,6 +70,8 @@ def configure(
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
+    if add_store is not None and not add_store.is_file():  # before saving anything: all or nothing
+        raise UserError(f"device store {add_store} does not exist; give the path of the device's SQLite file")
     state = state_url()
     sync_state.update_config(
         state,
@@ -88,10 +90,6 @@ def configure(
     )
     typer.echo("configuration saved")
     if add_store is not None:
-        if not add_store.is_file():
-            raise UserError(
-                f"device store {add_store} does not exist; give the path of the device's SQLite file"
-            )
         identity = device_store.Identity(device_id or add_store.stem, user_id, project_id)
         sync_state.register_device(state, add_store, identity)
         typer.echo(f"added device {identity.device_id}: {add_store.resolve()}")

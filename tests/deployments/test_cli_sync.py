@@ -131,3 +131,14 @@ def test_trigger_with_a_corrupt_store_ends_in_one_line_without_traceback(
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("flowyard: error: 1 of 1 devices did not sync fully: bad: device store")
     assert "is corrupt (file is not a database)" in last
+
+
+def test_configure_with_a_missing_store_changes_nothing(state_db: str, tmp_path: Path) -> None:
+    before = sync_state.load_config(state_db)
+    out = run_cli("sync", "configure", "--batch-size", "777", "--add-store", str(tmp_path / "missing.db"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"flowyard: error: device store {tmp_path / 'missing.db'} does not exist; "
+        "give the path of the device's SQLite file"
+    ]
+    assert sync_state.load_config(state_db) == before

@@ -123,3 +123,20 @@ def test_cli_check_and_profile(fresh_db, tmp_path, state_db):
     assert "2000 rows" in proc.stdout and "temperature" in proc.stdout
     proc = run_cli("quality", "profile", "nope", "--database-url", fresh_db)
     assert proc.returncode == 2 and "table public.nope not found" in proc.stderr
+
+
+def test_cli_check_errors_are_one_line_without_traceback(fresh_db, state_db):
+    unknown = run_cli("quality", "check", "--database-url", fresh_db, "-s", "nope")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().splitlines() == [
+        "flowyard: error: unknown suite 'nope'; use one of users, projects, agents, tasks, "
+        "a .yaml file or module:attribute"
+    ]
+    # A suite whose table is missing fails inside the run: Prefect logs it, the terminal gets no traceback.
+    missing = run_cli("quality", "check", "--database-url", fresh_db, "-s", "users", "--no-profile")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "flowyard: error: suite 'users': table public.users not found; check its table and the schema"
+    )
+    builtin = run_cli("quality", "validate-suite", "users")
+    assert builtin.returncode == 0 and "users: 9 rules on users" in builtin.stdout

@@ -73,6 +73,7 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     report = sync_device(store, IDENTITY, options)
     assert report.uploaded == 0 and report.failed == 100
     assert "cannot connect" in report.error and "\n" not in report.error
+    assert report.final_batch_size == adapt_batch_size(100, "poor") == 10
     counts = _local(store)
     assert (counts.pending, counts.failed, counts.synced) == (200, 100, 0)
     with device_store.open_store(store) as conn:
@@ -177,3 +178,21 @@ def test_batch_size_adapts_to_measured_quality() -> None:
     # Seed §6.2's 1000/500/100/50 ladder, scaled to the configured size.
     assert [adapt_batch_size(1000, q) for q in ("excellent", "good", "fair", "poor")] == [1000, 500, 100, 50]
     assert adapt_batch_size(100, "poor") == 10
+
+
+def test_a_slow_central_shrinks_the_next_batches(central: str, tmp_path: Path) -> None:
+    """A server that needs >= 2 ms per event (a real per-row delay in PostgreSQL) is 'poor': the
+    batches after the first one drop to 5% of the configured size (seed §6.2)."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION devflow.slow() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(0.002); RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow BEFORE INSERT ON devflow.event_keys FOR EACH ROW EXECUTE FUNCTION devflow.slow()"
+        )
+    store = make_store(tmp_path / "dev.db", 1100)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=1000))
+    # 1000 events at the configured size, then the remaining 100 in batches of 50.
+    assert (report.uploaded, report.batches, report.final_batch_size) == (1100, 3, 50)
+    assert _central_counts(central) == (1100, 1100)
