@@ -153,3 +153,63 @@ def test_suites_run_concurrently_with_bounded_workers(entity_db):
     assert _by_rule(results["agents"])["valid_agent_type"].unexpected_count == bad_agent > 0
     assert _by_rule(results["tasks"])["project_exists"].unexpected_count == dangling > 0
     assert all(r.row_count == 1000 for r in results.values())
+
+
+def _slow_suites(url: str, count: int) -> list:
+    """``count`` suites over views that take a real 0.2 s per scan, so overlapping checks are visible."""
+    from quality.suite_spec import parse_suite
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(count):
+            conn.execute(
+                psycopg.sql.SQL(
+                    "CREATE VIEW {} AS SELECT g AS id FROM generate_series(1, 2) g, LATERAL (SELECT pg_sleep(0.1)) AS s"
+                ).format(psycopg.sql.Identifier(f"slow_{i}"))
+            )
+    return [
+        parse_suite(
+            {
+                "name": f"slow-{i}",
+                "table": f"slow_{i}",
+                "rules": [{"name": "id_present", "check": "not_null", "column": "id", "severity": "low"}],
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def _peak_concurrent_scans(url: str, run) -> int:
+    """Run ``run()`` while sampling how many sessions are scanning a slow view at the same moment."""
+    import threading
+
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.is_set():
+                active = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND state = 'active' AND query LIKE '%slow\\_%' AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+                peak[0] = max(peak[0], active)
+                stop.wait(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()
+    finally:
+        stop.set()
+        sampler.join()
+    return peak[0]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_suites_overlap_up_to_max_workers_and_never_more(fresh_db, workers):
+    suites = _slow_suites(fresh_db, 4)
+    results: list = []
+    peak = _peak_concurrent_scans(
+        fresh_db, lambda: results.extend(run_suites(fresh_db, suites, max_workers=workers))
+    )
+    assert peak == workers
+    assert [(r.suite, r.row_count, r.success) for r in results] == [(s.name, 2, True) for s in suites]
