@@ -178,21 +178,23 @@ def _slow_suites(url: str, count: int) -> list:
     ]
 
 
+SCANNING_SLOW_VIEWS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND state = 'active' AND query LIKE '%slow\\_%' AND pid <> pg_backend_pid()"
+)
+
+
 def _peak_concurrent_scans(url: str, run) -> int:
     """Run ``run()`` while sampling how many sessions are scanning a slow view at the same moment."""
     import threading
 
-    peak, stop = [0], threading.Event()
+    samples: list[int] = []
+    stop = threading.Event()
 
     def sample() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
-            while not stop.is_set():
-                active = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND state = 'active' AND query LIKE '%slow\\_%' AND pid <> pg_backend_pid()"
-                ).fetchone()[0]
-                peak[0] = max(peak[0], active)
-                stop.wait(0.01)
+            while not stop.wait(0.01):
+                samples.append(conn.execute(SCANNING_SLOW_VIEWS).fetchone()[0])
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -201,7 +203,7 @@ def _peak_concurrent_scans(url: str, run) -> int:
     finally:
         stop.set()
         sampler.join()
-    return peak[0]
+    return max(samples, default=0)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
