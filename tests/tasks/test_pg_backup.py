@@ -99,3 +99,18 @@ def test_password_goes_to_the_environment_not_the_command_line():
     uri, env = _libpq("postgresql://app:p%40ss%25w@db.example:5433/app?sslmode=require")
     assert uri == "postgresql://app@db.example:5433/app?sslmode=require"
     assert env["PGPASSWORD"] == "p@ss%w"
+
+
+def test_an_unreadable_archive_is_refused(fresh_db, tmp_path):
+    from tasks.pg_backup import archive_contents
+
+    _populate(fresh_db)
+    backup = backup_database(fresh_db, tmp_path)
+    assert archive_contents(BIN_DIR, Path(backup.path)) == backup.contents
+    cut = tmp_path / "cut.dump"
+    cut.write_bytes(Path(backup.path).read_bytes()[:64])  # the table of contents is gone
+    garbage = tmp_path / "garbage.dump"
+    garbage.write_bytes(b"not an archive" * 100)
+    for broken in (cut, garbage):
+        with pytest.raises(UserError, match=r"^pg_restore --list failed: "):
+            archive_contents(BIN_DIR, broken)
