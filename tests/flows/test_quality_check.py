@@ -11,8 +11,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.quality_check import quality_check
+from quality.alerts import AlertConfig
 from quality.sample_data import DEMO_SCHEMA, demo_parameters
 from tests.conftest import run_cli
+from tests.quality.test_alerts import Receiver
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -45,8 +47,17 @@ def _expected_counts(url: str) -> dict[str, int]:
 def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
     params = demo_parameters(fresh_db)
     expected = _expected_counts(fresh_db)
+    with psycopg.connect(state_db, autocommit=True) as conn:  # earlier runs on the same demo data
+        conn.execute(
+            "DELETE FROM flowyard.quality_alerts WHERE suite IN ('users', 'projects', 'agents', 'tasks')"
+        )
+    receiver = Receiver()
+    alerts = AlertConfig(webhook_url=receiver.url, emit_event=False)
 
-    state = quality_check(**params, output_dir=str(tmp_path), return_state=True)
+    try:
+        state = quality_check(**params, output_dir=str(tmp_path), alerts=alerts, return_state=True)
+    finally:
+        receiver.server.shutdown()
     first = state.result()
 
     assert set(first["suites"]) == {"users", "projects", "agents", "tasks"}
@@ -57,6 +68,12 @@ def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
     for key, count in expected.items():
         suite, rule = key.split(".")
         assert rules[(suite, rule)]["unexpected_count"] == count > 0
+    # One webhook call per failing critical rule, and nothing for the other severities.
+    critical = {
+        (r["suite"], r["rule"]) for r in rules.values() if r["severity"] == "critical" and not r["success"]
+    }
+    assert {(b["suite"], b["rule"]) for b in receiver.bodies} == critical
+    assert first["alerts_sent"] == len(receiver.bodies) == len(critical) >= 2
     dashboard = artifacts["quality-dashboard"].data
     assert f"# Data quality: {first['overall_score']:.2f} / 100" in dashboard
     assert "data:image/png;base64," in dashboard and "## Recommendations" in dashboard
@@ -70,6 +87,7 @@ def test_flow_scores_reports_and_trends(fresh_db, tmp_path, state_db):
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(f"UPDATE {DEMO_SCHEMA}.users SET email = 'broken' WHERE random() < 0.3")
     second = quality_check(**params, output_dir=str(tmp_path), profile=False)
+    assert second["alerts_sent"] == 0  # the critical violations did not change
     assert second["trends"]["users"] == "down"
     assert {second["trends"][s] for s in ("projects", "agents", "tasks")} == {"stable"}
     assert second["suites"]["users"]["score"] < first["suites"]["users"]["score"]
