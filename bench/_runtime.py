@@ -13,6 +13,7 @@ Prefect reads its settings at import time, so import flows only inside the ``wit
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,3 +68,6 @@ def bench_runtime(keep_dir: Path | None = None, with_prefect: bool = True) -> It
                 services.stop(settings.run_dir, SERVER)
     finally:
         server.stop()
+        if keep_dir is None:
+            # a 1M-row run leaves GBs of data files: a temp dir per run fills the disk
+            shutil.rmtree(home, ignore_errors=True)
