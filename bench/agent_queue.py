@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,14 +30,22 @@ from bench._runtime import bench_runtime  # noqa: E402
 TARGET_MS = 100.0
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU used by a process, its reaped children and its live descendants (user + system)."""
+def cpu_seconds(pid: int, exclude: frozenset[int] = frozenset()) -> float:
+    """CPU used by a process, its reaped children and its live descendants (user + system),
+    leaving out the subtrees of ``exclude`` (servers this process started, metered on their own)."""
     import psutil
 
     root = psutil.Process(pid)
     t = root.cpu_times()
     total = t.user + t.system + t.children_user + t.children_system
+    skipped: set[int] = set()
+    for proc in root.children():
+        if proc.pid in exclude:
+            skipped.add(proc.pid)
+            skipped.update(c.pid for c in proc.children(recursive=True))
     for child in root.children(recursive=True):
+        if child.pid in skipped:
+            continue
         try:
             c = child.cpu_times()
             total += c.user + c.system
@@ -52,7 +61,11 @@ class CpuMeter:
         self.pids = pids
 
     def sample(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        own = os.getpid()
+        servers = frozenset(pid for pid in self.pids.values() if pid != own)
+        return {
+            name: cpu_seconds(pid, servers if pid == own else frozenset()) for name, pid in self.pids.items()
+        }
 
     @staticmethod
     def per_task_ms(before: dict[str, float], after: dict[str, float], tasks: int) -> dict[str, float]:
@@ -73,27 +86,39 @@ def bare_pool(tasks: int, agents: int, payload: dict[str, float], workdir: Path)
     return time.perf_counter() - started
 
 
-def through_queue(
-    url: str, tasks: int, agents: int, payload: dict[str, float], workdir: Path
-) -> tuple[float, float]:
-    """Wall seconds through the flow, and the mean attempt duration (spawn to bookkeeping done)."""
+@dataclass(frozen=True)
+class QueueRun:
+    wall: float  # seconds in ``run_agent_queue``
+    attempt: float  # mean attempt duration: spawn to bookkeeping done
+    startup: float  # flow call until the first attempt started
+    teardown: float  # last attempt finished until the flow returned
+
+
+def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], workdir: Path) -> QueueRun:
+    """One ``run_agent_queue`` over ``tasks`` new tasks, timed from the flow call to its return."""
     from flows.run_agent_queue import run_agent_queue
     from tasks import agent_queue as queue
     from tasks.db import connection
 
+    with connection(url) as conn:
+        (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM flowyard.agent_runs").fetchone()
     for i in range(tasks):
         queue.create_task(url, queue.NewTask(title=f"bench {i}", agent_type="reference", payload=payload))
-    started = time.perf_counter()
+    called, started = time.time(), time.perf_counter()
     summary = run_agent_queue(max_agents=agents, database_url=url, output_dir=str(workdir))
-    wall = time.perf_counter() - started
+    wall, returned = time.perf_counter() - started, time.time()
     done = sum(1 for o in summary["outcomes"].values() if o == "completed")
     if done != tasks:
         raise SystemExit(f"only {done} of {tasks} tasks completed: {summary['outcomes']}")
     with connection(url) as conn:
         row = conn.execute(
-            "SELECT avg(seconds) FROM flowyard.agent_runs WHERE outcome = 'completed'"
+            """
+            SELECT avg(seconds), extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at))
+              FROM flowyard.agent_runs WHERE outcome = 'completed' AND id > %s
+            """,
+            (before,),
         ).fetchone()
-    return wall, float(row[0])
+    return QueueRun(wall, float(row[0]), float(row[1]) - called, returned - float(row[2]))
 
 
 def main() -> None:
@@ -103,13 +128,14 @@ def main() -> None:
     parser.add_argument("--sleep", type=float, default=0.2, help="agent work per task, seconds")
     args = parser.parse_args()
     payload = {"steps": 1, "sleep": args.sleep}
-    with bench_runtime() as rt:
+    with tempfile.TemporaryDirectory(prefix="flowyard-bench-agents-") as tmp, bench_runtime(Path(tmp)) as rt:
         from tasks import services
         from tasks.prefect_runtime import SERVER
         from tasks.state import state_url
 
         url = state_url(rt.database("bench_agents"))
-        workdir = Path(tempfile.mkdtemp(prefix="flowyard-bench-agents-"))
+        workdir = Path(tmp) / "agents"
+        workdir.mkdir()
         meter = CpuMeter(
             {
                 "flow+agents": os.getpid(),
@@ -120,30 +146,37 @@ def main() -> None:
         c0 = meter.sample()
         bare = bare_pool(args.tasks, args.agents, payload, workdir)
         c1 = meter.sample()
-        queued, attempt_seconds = through_queue(url, args.tasks, args.agents, payload, workdir)
+        through_queue(url, args.agents, args.agents, payload, workdir)  # warm-up: imports, connections
         c2 = meter.sample()
+        run = through_queue(url, args.tasks, args.agents, payload, workdir)
+        c3 = meter.sample()
 
     def per_task_ms(wall: float) -> float:
         return 1000 * wall * args.agents / args.tasks
 
     work_ms = 1000 * args.sleep
     bare_over = per_task_ms(bare) - work_ms
-    queue_over = per_task_ms(queued) - work_ms
+    queue_over = per_task_ms(run.wall) - work_ms
+    fixed_ms = per_task_ms(run.startup + run.teardown)
+    attempt_ms = 1000 * run.attempt - work_ms
     print(f"{args.tasks} tasks, {args.agents} agents, agent work {work_ms:.0f} ms per task")
     print(
         f"bare subprocess pool : wall {bare:6.2f} s  slot time/task {per_task_ms(bare):6.1f} ms  spawn overhead {bare_over:6.1f} ms"
     )
     print(
-        f"run-agent-queue      : wall {queued:6.2f} s  slot time/task {per_task_ms(queued):6.1f} ms  overhead {queue_over:6.1f} ms"
+        f"run-agent-queue      : wall {run.wall:6.2f} s  slot time/task {per_task_ms(run.wall):6.1f} ms  overhead {queue_over:6.1f} ms"
     )
     print(
-        f"  of which inside the attempt (spawn, protocol, checkpoint writes): {1000 * attempt_seconds - work_ms:6.1f} ms"
+        f"  of which the flow run's own start and end, spread over the tasks: {fixed_ms:6.1f} ms"
+        f" (start until the first attempt {1000 * run.startup:.0f} ms, last attempt until return"
+        f" {1000 * run.teardown:.0f} ms)"
     )
+    print(f"  of which inside the attempt (spawn, protocol, checkpoint writes): {attempt_ms:6.1f} ms")
     print(
-        f"  of which claim + Prefect task run around it: {per_task_ms(queued) - 1000 * attempt_seconds:6.1f} ms"
+        f"  of which claim + Prefect task run around it, waits for a core: {queue_over - fixed_ms - attempt_ms:6.1f} ms"
     )
-    print(f"queue / bare slot time: {per_task_ms(queued) / per_task_ms(bare):.2f}x")
-    bare_cpu, queue_cpu = CpuMeter.per_task_ms(c0, c1, args.tasks), CpuMeter.per_task_ms(c1, c2, args.tasks)
+    print(f"queue / bare slot time: {per_task_ms(run.wall) / per_task_ms(bare):.2f}x")
+    bare_cpu, queue_cpu = CpuMeter.per_task_ms(c0, c1, args.tasks), CpuMeter.per_task_ms(c2, c3, args.tasks)
     print(
         "CPU per task (ms)    : " + "  ".join(f"{k} {v:.1f}" for k, v in bare_cpu.items()) + "  [bare pool]"
     )

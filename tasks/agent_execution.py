@@ -45,7 +45,7 @@ def default_agents_dir() -> Path:
 
 @dataclass(frozen=True)
 class AgentSetup:
-    """What every attempt of one flow run shares (a plain value: Prefect stores task inputs)."""
+    """What every attempt of one flow run shares (held by its :class:`Fleet`)."""
 
     database_url: str
     worker: str
@@ -242,12 +242,18 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
     cache_key_fn=_result_key,
     persist_result=True,
 )
-def run_agent(task_id: int, setup: AgentSetup) -> dict[str, Any]:
-    """One attempt of a queued task. Returns the task's outcome and last checkpoint (the Prefect
-    result); raises :class:`AgentFailed` on failure or timeout so Prefect retries it."""
-    current = _FLEETS.get(setup.worker)
+def run_agent(task_id: int, worker: str) -> dict[str, Any]:
+    """One attempt of a queued task, run by the fleet of flow run ``worker``. Returns the task's
+    outcome and last checkpoint (the Prefect result); raises :class:`AgentFailed` on failure
+    or timeout so Prefect retries it.
+
+    The fleet's :class:`AgentSetup` is looked up, not passed: Prefect walks every task
+    parameter on every attempt (for futures and task inputs), and the worker id is all it
+    needs to see."""
+    current = _FLEETS.get(worker)
     if current is None or current.stopping.is_set():
         return {"task_id": task_id, "outcome": "interrupted", "checkpoint": None}
+    setup = current.setup
     url = setup.database_url
     row = queue.get_task(url, task_id)
     template = setup.templates.get(row.agent_type)

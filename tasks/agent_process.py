@@ -56,7 +56,18 @@ class AgentTemplate(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
 
 
-REFERENCE_TEMPLATE = AgentTemplate(argv=[sys.executable, "-m", "tasks.reference_agent"])
+def _reference_argv() -> list[str]:
+    """``python -m tasks.reference_agent``, started lean, because its start-up is part of every
+    task's overhead: ``-S`` skips ``site`` (the site-packages scan and the .pth import hooks,
+    half the start-up), ``-c`` skips runpy, ``-I`` keeps the user's PYTHON* variables and the
+    agent's working directory off its import path; the directory holding ``tasks`` is put
+    back explicitly."""
+    root = str(Path(__file__).resolve().parent.parent)
+    boot = f"import sys; sys.path.insert(0, {root!r}); from tasks.reference_agent import serve; serve()"
+    return [sys.executable, "-I", "-S", "-c", boot]
+
+
+REFERENCE_TEMPLATE = AgentTemplate(argv=_reference_argv())
 DEFAULT_TEMPLATES: dict[str, AgentTemplate] = {"reference": REFERENCE_TEMPLATE}
 
 

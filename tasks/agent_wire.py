@@ -1,21 +1,21 @@
 """The standard-library half of the agent protocol, for agents themselves.
 
-Importing it costs nothing beyond ``json``, so a Python agent (like the bundled reference
-agent) starts in milliseconds; flowyard's side parses and validates lines with the
-pydantic models in ``tasks.agent_protocol``.
+Importing it costs nothing beyond ``json`` (not even ``typing``): an agent's start-up is
+part of every task's overhead, so a Python agent (like the bundled reference agent) must
+start in milliseconds. flowyard's side parses and validates lines with the pydantic models
+in ``tasks.agent_protocol``.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 KINDS = ("log", "progress", "checkpoint", "artifact", "result", "error")
 TASK_ENV_VAR = "FLOWYARD_TASK"
 CHECKPOINT_REQUEST = json.dumps({"kind": "control", "command": "checkpoint"})
 
 
-def message_line(kind: str, **fields: Any) -> str:
+def message_line(kind: str, **fields: object) -> str:
     """One protocol line for stdout."""
     if kind not in KINDS:
         raise ValueError(f"unknown agent message kind {kind!r}; expected one of {', '.join(KINDS)}")

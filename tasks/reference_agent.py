@@ -1,6 +1,10 @@
 """The bundled reference agent: deterministic, offline, speaking flowyard's agent protocol.
 
-Run as ``python -m tasks.reference_agent``. It reads the task envelope from argv[1], the
+Run as ``python -m tasks.reference_agent``. Its start-up is part of each task's overhead,
+so it imports the standard library's bare minimum (no ``typing``, ``pathlib`` or
+``subprocess`` unless asked to spawn a child) and the built-in template starts it without
+``site`` and exits without interpreter teardown (see ``tasks.agent_process.REFERENCE_TEMPLATE``
+and :func:`serve`). It reads the task envelope from argv[1], the
 ``FLOWYARD_TASK`` variable or the first stdin line, then performs ``steps`` steps of a
 SHA-256 chain, emitting a checkpoint after each one, and writes ``result.txt`` into its
 working directory. Handed a checkpoint, it resumes from that step with that digest, so a
@@ -19,31 +23,32 @@ Knobs (in the task payload), for the demo and the tests:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
+
+try:  # CPython's built-in SHA-256: hashlib's default loads OpenSSL, ~2 ms of every start-up
+    from _sha256 import sha256
+except ImportError:  # Python 3.12+ (``_sha2``) or a build without it
+    from hashlib import sha256
 
 from tasks.agent_wire import TASK_ENV_VAR, is_checkpoint_request, message_line
 
 
 class ReferenceAgent:
-    def __init__(self, envelope: dict[str, Any]) -> None:
+    def __init__(self, envelope: dict) -> None:
         self.task_id = int(envelope["task_id"])
-        self.payload: dict[str, Any] = envelope.get("payload") or {}
+        self.payload: dict = envelope.get("payload") or {}
         state = (envelope.get("checkpoint") or {}).get("state") or {}
         self.step = int(state.get("step", 0))
-        self.digest = str(state.get("digest", hashlib.sha256(str(self.task_id).encode()).hexdigest()))
+        self.digest = str(state.get("digest", sha256(str(self.task_id).encode()).hexdigest()))
         self.resumed_from = self.step
         self._out = threading.RLock()  # re-entrant: the SIGTERM handler may interrupt an emit
 
-    def emit(self, kind: str, **fields: Any) -> None:
+    def emit(self, kind: str, **fields: object) -> None:
         with self._out:
             sys.stdout.write(message_line(kind, **fields) + "\n")
             sys.stdout.flush()
@@ -54,6 +59,8 @@ class ReferenceAgent:
     def run(self) -> int:
         steps = int(self.payload.get("steps", 3))
         if self.payload.get("spawn_child"):
+            import subprocess
+
             child = subprocess.Popen(  # noqa: S603 - fixed argv
                 [sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL
             )
@@ -70,13 +77,14 @@ class ReferenceAgent:
                 print(json.dumps({"kind": "progress", "percent": "lots"}), flush=True)
             time.sleep(float(self.payload.get("sleep", 0)))
             self.step += 1
-            self.digest = hashlib.sha256(f"{self.digest}:{self.task_id}:{self.step}".encode()).hexdigest()
+            self.digest = sha256(f"{self.digest}:{self.task_id}:{self.step}".encode()).hexdigest()
             self.checkpoint()
             self.emit("progress", percent=100.0 * self.step / steps, message=f"step {self.step}")
             if crash_after is not None and self.step == int(crash_after) and self.resumed_from < self.step:
                 print(f"crashing after step {self.step} as asked", file=sys.stderr, flush=True)
                 return 3
-        Path("result.txt").write_text(self.digest + "\n")
+        with open("result.txt", "w") as out:
+            out.write(self.digest + "\n")
         if self.payload.get("artifact"):
             self.emit(
                 "artifact",
@@ -95,7 +103,7 @@ class ReferenceAgent:
                 self.checkpoint()
 
 
-def read_envelope(argv: list[str]) -> dict[str, Any]:
+def read_envelope(argv: list[str]) -> dict:
     if len(argv) > 1:
         return json.loads(argv[1])
     if os.environ.get(TASK_ENV_VAR):
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     return agent.run()
 
 
-def _exit_after_checkpoint(agent: ReferenceAgent) -> Any:
+def _exit_after_checkpoint(agent: ReferenceAgent) -> object:
     def handler(signum: int, frame: object) -> None:
         agent.checkpoint()
         os._exit(128 + signum)
@@ -121,5 +129,15 @@ def _exit_after_checkpoint(agent: ReferenceAgent) -> Any:
     return handler
 
 
+def serve() -> None:
+    """Run, then leave without interpreter teardown (module cleanup and GC cost milliseconds of
+    every task, and there is nothing to clean up: every message is flushed as it is written
+    and ``result.txt`` is closed)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    serve()
