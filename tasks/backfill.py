@@ -53,30 +53,56 @@ class CheckpointStore(Protocol):
     def save(self, table: str, checkpoint: StoredCheckpoint) -> None: ...
 
 
-def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
-    key, tbl, key_type = (
-        sql.Identifier(target.key),
-        sql.Identifier(target.schema_name, target.table),
-        sql.SQL(target.key_type),
+def _row(target: BackfillTarget, param: str | None = None) -> sql.Composable:
+    """The key as a row value: ``(k1, k2)``, or ``(CAST(%(param0)s AS t1), ...)`` for a bound one."""
+    if param is None:
+        items = [sql.Identifier(k) for k in target.key_columns]
+    else:
+        items = [
+            sql.SQL("CAST({} AS {})").format(sql.Placeholder(f"{param}{n}"), sql.SQL(t))  # type: ignore[arg-type]
+            for n, t in enumerate(target.key_types)
+        ]
+    return sql.SQL("({})").format(sql.SQL(", ").join(items))
+
+
+def _key_text(target: BackfillTarget) -> sql.Composable:
+    """The key as ``ARRAY[k1::text, ...]``: how checkpoints store it, whatever its types."""
+    return sql.SQL("ARRAY[{}]").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in target.key_columns)
     )
-    lower = sql.SQL("") if first else sql.SQL("{} > CAST(%(last)s AS {}) AND ").format(key, key_type)
+
+
+def _order(target: BackfillTarget, descending: bool = False) -> sql.Composable:
+    return sql.SQL(", ").join(
+        sql.SQL("{} DESC" if descending else "{}").format(sql.Identifier(k)) for k in target.key_columns
+    )
+
+
+def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
+    """One keyset batch: the next ``size`` keys after ``last`` (row-value comparison, so composite keys work)."""
+    key = _row(target)
+    lower = sql.SQL("") if first else sql.SQL("{} > {} AND ").format(key, _row(target, "last"))
     return sql.SQL(
-        "WITH batch AS (SELECT {key} FROM {tbl} WHERE {lower}{key} <= CAST(%(upper)s AS {key_type}) "
-        "ORDER BY {key} LIMIT %(size)s), "
-        "touched AS (UPDATE {tbl} SET {assignments} WHERE {lower}{key} <= (SELECT max({key}) FROM batch) RETURNING 1) "
-        "SELECT (SELECT max({key})::text FROM batch), (SELECT count(*) FROM touched)"
+        "WITH batch AS (SELECT {keys} FROM {tbl} WHERE {lower}{key} <= {upper} ORDER BY {order} LIMIT %(size)s), "
+        "last AS (SELECT {keys} FROM batch ORDER BY {desc} LIMIT 1), "
+        "touched AS (UPDATE {tbl} SET {assignments} WHERE {lower}{key} <= (SELECT {keys} FROM last) RETURNING 1) "
+        "SELECT (SELECT {key_text} FROM last), (SELECT count(*) FROM touched)"
     ).format(
+        keys=sql.SQL(", ").join(sql.Identifier(k) for k in target.key_columns),
         key=key,
-        tbl=tbl,
+        tbl=sql.Identifier(target.schema_name, target.table),
         lower=lower,
-        key_type=key_type,
+        upper=_row(target, "upper"),
+        order=_order(target),
+        desc=_order(target, descending=True),
+        key_text=_key_text(target),
         assignments=sql.SQL(", ").join(sql.SQL(a) for a in target.assignments),  # type: ignore[arg-type]
     )
 
 
 def _run_batch(
     conn: psycopg.Connection, target: BackfillTarget, query: sql.Composable, params: dict[str, object]
-) -> tuple[str | None, int]:
+) -> tuple[list[str] | None, int]:
     conn.execute(
         "SELECT set_config('search_path', %s, true), set_config('flowyard.backfill', 'on', true)",
         (target.schema_name,),
@@ -98,10 +124,14 @@ def backfill(
     """
     checkpoint = store.load(target.table)
     if checkpoint is None:
-        tbl = sql.Identifier(target.schema_name, target.table)
-        upper = conn.execute(
-            sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(target.key), tbl)
-        ).fetchone()[0]  # type: ignore[index]
+        row = conn.execute(
+            sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+                _key_text(target),
+                sql.Identifier(target.schema_name, target.table),
+                _order(target, descending=True),
+            )
+        ).fetchone()
+        upper = row[0] if row else None
         checkpoint = StoredCheckpoint(None, upper, 0, upper is None)
         store.save(target.table, checkpoint)
     resumed_from = checkpoint.last_key
@@ -109,7 +139,9 @@ def backfill(
     while not checkpoint.done:
         batch_started = time.monotonic()
         query = _batch_query(target, checkpoint.last_key is None)
-        params = {"last": checkpoint.last_key, "upper": checkpoint.upper_key, "size": options.batch_size}
+        params: dict[str, object] = {"size": options.batch_size}
+        for name, values in (("last", checkpoint.last_key or []), ("upper", checkpoint.upper_key or [])):
+            params.update({f"{name}{n}": value for n, value in enumerate(values)})
         (last, touched), _ = with_lock_retry(
             conn,
             lambda c, q=query, p=params: _run_batch(c, target, q, p),

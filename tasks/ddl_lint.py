@@ -57,7 +57,7 @@ _LOCK_TAKING = re.compile(
 
 def is_volatile_expression(expression: str) -> bool:
     """Whether a SQL expression calls a known volatile function (so as a DEFAULT it rewrites the table)."""
-    return bool(_VOLATILE.search(_blank_literals(expression)))
+    return bool(_VOLATILE.search(_normalize(expression)))
 
 
 @dataclass(frozen=True)
@@ -82,50 +82,82 @@ class LintContext:
     validated_not_null: set[tuple[str, str]] = field(default_factory=set)
 
 
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+    |(?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))
+    |(?P<string>[eE]'(?:[^'\\]|\\.|'')*'?|(?:[uU]&|[bBxXnN])?'(?:[^']|'')*'?
+        |\$(?P<tag>[A-Za-z_][A-Za-z_0-9]*|)\$.*?(?:\$(?P=tag)\$|\Z))
+    |(?P<quoted>"(?:[^"]|"")*"?)
+    |(?P<word>[A-Za-z_\x80-\U0010ffff][\w$]*)
+    |(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+    |(?P<op>::|\S)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+_KINDS = ("space", "comment", "string", "quoted", "word", "number", "op")
+
+
+@dataclass(frozen=True)
+class Token:
+    """One lexical token of SQL: space, comment, string (any literal form), quoted (identifier), word, number, op."""
+
+    kind: str
+    text: str
+
+    @property
+    def name(self) -> str | None:
+        """The identifier this token spells (unquoted words fold to lower case, as PostgreSQL does), else None."""
+        if self.kind == "word":
+            return self.text.lower()
+        if self.kind == "quoted":
+            return self.text[1:-1].replace('""', '"')
+        return None
+
+
+def tokenize(text: str) -> list[Token]:
+    """SQL tokens, so rules and rewrites never look inside literals, quoted identifiers or comments."""
+    return [
+        Token(next(kind for kind in _KINDS if m.group(kind) is not None), m.group())
+        for m in _TOKEN.finditer(text)
+    ]
+
+
 def split_statements(script: str) -> list[str]:
     """Split a SQL script on top-level semicolons (respecting quotes, dollar quotes and comments)."""
-    statements, current, i, n = [], [], 0, len(script)
-    while i < n:
-        ch = script[i]
-        if ch in "'\"":
-            end = script.find(ch, i + 1)
-            while end != -1 and end + 1 < n and script[end + 1] == ch:
-                end = script.find(ch, end + 2)
-            end = n - 1 if end == -1 else end
-            current.append(script[i : end + 1])
-            i = end + 1
-        elif ch == "$" and (match := re.match(r"\$[A-Za-z_0-9]*\$", script[i:])):
-            tag = match.group(0)
-            end = script.find(tag, i + len(tag))
-            end = n if end == -1 else end + len(tag)
-            current.append(script[i:end])
-            i = end
-        elif script.startswith("--", i):
-            i = n if (end := script.find("\n", i)) == -1 else end
-        elif script.startswith("/*", i):
-            i = n if (end := script.find("*/", i)) == -1 else end + 2
-        elif ch == ";":
-            statements.append("".join(current).strip())
-            current, i = [], i + 1
-        else:
-            current.append(ch)
-            i += 1
-    statements.append("".join(current).strip())
-    return [s for s in statements if s]
-
-
-def _blank_literals(text: str) -> str:
-    text = re.sub(r"\$([A-Za-z_0-9]*)\$.*?\$\1\$", "$$", text, flags=re.DOTALL)
-    return re.sub(r"'(?:[^']|'')*'", "''", text)
+    statements: list[str] = [""]
+    for token in tokenize(script):
+        if token.kind == "op" and token.text == ";":
+            statements.append("")
+        elif token.kind != "comment":
+            statements[-1] += token.text
+    return [s.strip() for s in statements if s.strip()]
 
 
 def _normalize(statement: str) -> str:
-    return " ".join(_blank_literals(statement).upper().split())
+    """One line, keywords upper-cased, literals blanked, quoted identifiers hex-encoded (lower case).
+
+    The rules are regular expressions over this text: a literal or a quoted identifier that
+    spells a keyword (``'random()'``, ``"rename"``) can no longer look like one, and
+    :func:`_bare` decodes the identifiers back.
+    """
+    parts = []
+    for token in tokenize(statement):
+        if token.kind == "string":
+            parts.append("''")
+        elif token.kind == "quoted":
+            parts.append(f'"{(token.name or "").encode().hex()}"')
+        elif token.kind in ("space", "comment"):
+            parts.append(" ")
+        else:
+            parts.append(token.text.upper())
+    return " ".join("".join(parts).split())
 
 
 def _bare(name: str) -> str:
-    """The unqualified, unquoted, lower-case name of a (possibly qualified) identifier."""
-    return re.split(r"\s*\.\s*", name)[-1].strip('"').lower()
+    """The unqualified name of a (possibly qualified) identifier in :func:`_normalize` d text."""
+    last = re.split(r"\s*\.\s*", name)[-1]
+    return bytes.fromhex(last[1:-1]).decode() if last.startswith('"') else last.lower()
 
 
 def lint_statements(statements: Iterable[str], context: LintContext | None = None) -> list[Finding]:
@@ -158,12 +190,13 @@ def _lint_one(raw: str, s: str, ctx: LintContext, *, in_script: bool) -> list[Fi
         ctx.created_tables.add(_bare(m.group(1)))
         return found
     new_table = table is not None and table in ctx.created_tables
+    concurrently = re.search(r"\bCONCURRENTLY\b", s) is not None
     if _LOCK_TAKING.match(s) and not ctx.lock_timeout_set and not new_table:
         flag(
             "missing-lock-timeout",
             "set lock_timeout first (e.g. SET lock_timeout = '200ms') so waiting DDL cannot stall writers",
         )
-    if "CONCURRENTLY" in s and in_script:
+    if concurrently and in_script:
         flag(
             "concurrently-in-transaction",
             "CONCURRENTLY cannot run inside a multi-statement transaction; give it its own step",
@@ -185,13 +218,13 @@ def _lint_one(raw: str, s: str, ctx: LintContext, *, in_script: bool) -> list[Fi
             "explicit-lock",
             "explicit LOCK TABLE blocks the application; let each statement take its own short lock",
         )
-    if s.startswith("REFRESH MATERIALIZED VIEW") and "CONCURRENTLY" not in s:
+    if s.startswith("REFRESH MATERIALIZED VIEW") and not concurrently:
         flag("refresh-not-concurrent", "use REFRESH MATERIALIZED VIEW CONCURRENTLY (needs a unique index)")
-    if re.match(r"^REINDEX\b", s) and "CONCURRENTLY" not in s:
+    if re.match(r"^REINDEX\b", s) and not concurrently:
         flag("reindex-not-concurrent", "use REINDEX ... CONCURRENTLY")
-    if re.match(r"^CREATE\s+(UNIQUE\s+)?INDEX\b", s) and "CONCURRENTLY" not in s and not new_table:
+    if re.match(r"^CREATE\s+(UNIQUE\s+)?INDEX\b", s) and not concurrently and not new_table:
         flag("index-not-concurrent", "build indexes with CREATE INDEX CONCURRENTLY outside a transaction")
-    if re.match(r"^DROP\s+INDEX\b", s) and "CONCURRENTLY" not in s:
+    if re.match(r"^DROP\s+INDEX\b", s) and not concurrently:
         flag("drop-index-not-concurrent", "use DROP INDEX CONCURRENTLY")
     if s.startswith("ALTER TABLE") and not new_table:
         found.extend(

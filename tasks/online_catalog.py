@@ -1,7 +1,9 @@
 """A read-only snapshot of one schema's tables, as the online-migration planner needs it.
 
 The planner renders every statement up front (so ``flowyard online plan`` can print them and
-the lint can check them), which needs the columns, types, defaults and keys of each table.
+the lint can check them), which needs the columns, types, defaults, keys, indexes and
+constraints of each table: a shadow-column swap must rebuild every index and constraint that
+involves the column it replaces.
 """
 
 from __future__ import annotations
@@ -17,8 +19,39 @@ class ColumnInfo:
     type: str
     not_null: bool
     default: str | None
-    indexed: bool
-    """Part of an index or a constraint other than NOT NULL: a shadow swap would lose it."""
+    identity: str = ""
+    """``a`` (ALWAYS), ``d`` (BY DEFAULT) or empty."""
+    sequence: list[str] | None = None
+    """Schema and name of the sequence the column owns (serial or identity): a swap must keep it alive."""
+    sequence_increment: int = 1
+
+
+@dataclass
+class IndexInfo:
+    name: str
+    definition: str
+    """``pg_get_indexdef``: ``CREATE [UNIQUE] INDEX name ON schema.table USING method (...) ...``."""
+    columns: list[str]
+    """Every column the index depends on: keys, INCLUDE, expressions and predicate."""
+    constraint_type: str | None = None
+    """``p`` (primary key), ``u`` (unique), ``x`` (exclusion) when a constraint owns the index."""
+    constraint: str | None = None
+    deferrable: bool = False
+
+
+@dataclass
+class ConstraintInfo:
+    """A CHECK (``c``) or FOREIGN KEY (``f``) constraint of ``table``."""
+
+    name: str
+    table: str
+    type: str
+    definition: str
+    """``pg_get_constraintdef``: ``CHECK (...)`` or ``FOREIGN KEY (...) REFERENCES t(...) ...``."""
+    columns: list[str]
+    ref_table: str | None
+    ref_columns: list[str]
+    validated: bool
 
 
 @dataclass
@@ -26,6 +59,14 @@ class TableInfo:
     name: str
     columns: list[ColumnInfo] = field(default_factory=list)
     primary_key: list[str] = field(default_factory=list)
+    """In key order."""
+    unique_keys: list[list[str]] = field(default_factory=list)
+    """Non-partial unique indexes on NOT NULL plain columns: keyset alternatives to a primary key."""
+    indexes: list[IndexInfo] = field(default_factory=list)
+    constraints: list[ConstraintInfo] = field(default_factory=list)
+    """CHECK and FOREIGN KEY constraints of this table."""
+    referenced_by: list[ConstraintInfo] = field(default_factory=list)
+    """FOREIGN KEYs of any table of the schema that reference this one."""
 
     def column(self, name: str) -> ColumnInfo | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -38,32 +79,78 @@ class SchemaSnapshot:
     indexes: set[str]
 
 
+_COLUMNS = """
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
+       a.attidentity::text,
+       (SELECT ARRAY[sn.nspname, s.relname]::text[] FROM pg_class s JOIN pg_namespace sn ON sn.oid = s.relnamespace
+        WHERE s.oid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass),
+       coalesce((SELECT seqincrement FROM pg_sequence
+                 WHERE seqrelid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass), 1)
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+WHERE n.nspname = %s AND c.relkind IN ('r', 'p')
+ORDER BY c.relname, a.attnum
+"""
+
+_INDEXES = """
+SELECT t.relname, ic.relname, pg_get_indexdef(i.indexrelid),
+       ARRAY(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 AND (
+             a.attnum = ANY (i.indkey) OR EXISTS (
+                 SELECT 1 FROM pg_depend dep WHERE dep.classid = 'pg_class'::regclass AND dep.objid = i.indexrelid
+                 AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid = t.oid AND dep.refobjsubid = a.attnum))
+             ORDER BY a.attnum),
+       k.contype::text, k.conname, coalesce(k.condeferrable, false),
+       i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT EXISTS (
+           SELECT 1 FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum = ANY (i.indkey) AND NOT a.attnotnull),
+       ARRAY(SELECT a.attname FROM unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY u(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = u.attnum ORDER BY u.ord)
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_class t ON t.oid = i.indrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+LEFT JOIN pg_constraint k ON k.conindid = i.indexrelid AND k.conrelid = t.oid AND k.contype IN ('p', 'u', 'x')
+WHERE n.nspname = %s AND t.relkind IN ('r', 'p')
+ORDER BY t.relname, ic.relname
+"""
+
+_CONSTRAINTS = """
+SELECT t.relname, k.conname, k.contype::text, pg_get_constraintdef(k.oid),
+       ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY u(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum ORDER BY u.ord),
+       CASE WHEN r.relnamespace = t.relnamespace THEN r.relname END,
+       ARRAY(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY u(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.attnum ORDER BY u.ord),
+       k.convalidated
+FROM pg_constraint k
+JOIN pg_class t ON t.oid = k.conrelid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+LEFT JOIN pg_class r ON r.oid = k.confrelid
+WHERE n.nspname = %s AND k.contype IN ('c', 'f') AND t.relkind IN ('r', 'p')
+ORDER BY t.relname, k.conname
+"""
+
+
 def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
-    """Tables (ordinary and partitioned), columns, primary keys and index names of ``schema``."""
+    """Tables (ordinary and partitioned), columns, keys, indexes and constraints of ``schema``."""
     tables: dict[str, TableInfo] = {}
-    rows = conn.execute(
-        """
-        SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-               pg_get_expr(d.adbin, d.adrelid),
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey))
-               OR EXISTS (SELECT 1 FROM pg_constraint k
-                          WHERE (k.conrelid = c.oid AND a.attnum = ANY (k.conkey) AND k.contype <> 'n')
-                             OR (k.confrelid = c.oid AND a.attnum = ANY (k.confkey))),
-               EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY (i.indkey))
-        FROM pg_class c
-        JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-        LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
-        WHERE n.nspname = %s AND c.relkind IN ('r', 'p')
-        ORDER BY c.relname, a.attnum
-        """,
-        (schema,),
-    ).fetchall()
-    for table, column, type_, not_null, default, indexed, in_pk in rows:
-        info = tables.setdefault(table, TableInfo(table))
-        info.columns.append(ColumnInfo(column, type_, not_null, default, indexed))
-        if in_pk:
-            info.primary_key.append(column)
+    for table, *column in conn.execute(_COLUMNS, (schema,)).fetchall():
+        tables.setdefault(table, TableInfo(table)).columns.append(ColumnInfo(*column))
+    for table, name, definition, columns, con_type, con_name, deferrable, keyset, keys in conn.execute(
+        _INDEXES, (schema,)
+    ).fetchall():
+        info = tables[table]
+        info.indexes.append(IndexInfo(name, definition, columns, con_type, con_name, deferrable))
+        if con_type == "p":
+            info.primary_key = keys
+        elif keyset:
+            info.unique_keys.append(keys)
+    for table, *row in conn.execute(_CONSTRAINTS, (schema,)).fetchall():
+        constraint = ConstraintInfo(row[0], table, *row[1:])
+        tables[table].constraints.append(constraint)
+        if constraint.ref_table in tables:
+            tables[constraint.ref_table].referenced_by.append(constraint)
     indexes = {
         row[0]
         for row in conn.execute(

@@ -112,8 +112,7 @@ class _Progress:
         if TaskRunContext.get() is None or (time.monotonic() - self.last < 1.0 and not checkpoint.done):
             return
         self.last = time.monotonic()
-        upper = int(checkpoint.upper_key) if checkpoint.upper_key and checkpoint.upper_key.isdigit() else 0
-        last = int(checkpoint.last_key) if checkpoint.last_key and checkpoint.last_key.isdigit() else 0
+        upper, last = _leading_number(checkpoint.upper_key), _leading_number(checkpoint.last_key)
         percent = 100.0 if checkpoint.done else min(100.0 * last / upper, 100.0) if upper else 0.0
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(
@@ -121,6 +120,11 @@ class _Progress:
             )
         else:
             update_progress_artifact(self.artifact_id, percent)
+
+
+def _leading_number(key: list[str] | None) -> int:
+    """The first key column as a number (the progress estimate), 0 when it is not an integer."""
+    return int(key[0]) if key and key[0].isdigit() else 0
 
 
 def run_online_phase(

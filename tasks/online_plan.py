@@ -20,16 +20,15 @@ exactly what ``flowyard online plan`` prints and what the lint checked.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from psycopg import sql
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
-from tasks.ddl_lint import is_volatile_expression
+from tasks.ddl_lint import Token, is_volatile_expression, tokenize
 from tasks.errors import UserError
-from tasks.online_catalog import SchemaSnapshot, TableInfo
+from tasks.online_catalog import ColumnInfo, ConstraintInfo, IndexInfo, SchemaSnapshot, TableInfo
 from tasks.online_spec import (
     AddColumn,
     AlterColumn,
@@ -59,9 +58,19 @@ class BackfillTarget(BaseModel):
 
     schema_name: str
     table: str
-    key: str
-    key_type: str
+    key_columns: list[str]
+    """The primary key (or a unique NOT NULL key), in index order: batches compare it as a row value."""
+    key_types: list[str]
     assignments: list[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_key_plans(cls, data: Any) -> Any:
+        """Plans persisted before composite keys name one ``key``/``key_type``; they still resume."""
+        if isinstance(data, dict) and "key" in data:
+            rest = {k: v for k, v in data.items() if k not in ("key", "key_type")}
+            data = {**rest, "key_columns": [data["key"]], "key_types": [data["key_type"]]}
+        return data
 
 
 class Step(BaseModel):
@@ -105,6 +114,11 @@ def _shadow(column: str) -> str:
     return f"{SHADOW_PREFIX}{column}"
 
 
+def _temp_name(name: str) -> str:
+    """The expand-phase name of an index or constraint rebuilt on a shadow column."""
+    return f"_fy_{name}"[:63]
+
+
 def _fragment(text: str) -> sql.Composable:
     """A user-supplied SQL fragment (type, default, expression), parenthesised where it is an expression."""
     return sql.SQL(text)  # type: ignore[arg-type]
@@ -114,12 +128,44 @@ def _expr(text: str) -> sql.Composable:
     return sql.SQL("({})").format(_fragment(text))
 
 
+INTEGER_TYPES = {"smallint", "int2", "integer", "int", "int4", "bigint", "int8"}
+
+
+def _neighbour(tokens: list[Token], i: int, step: int) -> Token | None:
+    """The nearest token before (``step`` -1) or after (+1) ``tokens[i]`` that is not space or a comment."""
+    i += step
+    while 0 <= i < len(tokens) and tokens[i].kind in ("space", "comment"):
+        i += step
+    return tokens[i] if 0 <= i < len(tokens) else None
+
+
+def _is_column_reference(tokens: list[Token], i: int) -> bool:
+    """Not a qualified name's tail (``t.c``), a qualifier (``c.x``), a type (``::c``, ``AS c``) or a call (``c(``)."""
+    before, after = _neighbour(tokens, i, -1), _neighbour(tokens, i, 1)
+    if before is not None and (before.text in (".", "::") or before.name == "as" and before.kind == "word"):
+        return False
+    return after is None or after.text not in (".", "(")
+
+
 def rename_identifier(expression: str, old: str, new: str) -> str:
-    """Rewrite references to column ``old`` as ``new`` in an expression, outside string literals."""
-    quoted = '"' + new.replace('"', '""') + '"'
-    pieces = re.split(r"('(?:[^']|'')*')", expression)
-    pattern = re.compile(rf'(?<![\w."])(?:{re.escape(old)}|"{re.escape(old)}")(?![\w"])')
-    return "".join(p if p.startswith("'") else pattern.sub(quoted, p) for p in pieces)
+    """Rewrite references to column ``old`` as ``new`` in an SQL expression, token by token.
+
+    String literals (also ``E'...'`` and dollar-quoted), comments, other quoted identifiers,
+    qualified names, casts and function calls are left alone; an unquoted name matches after
+    folding to lower case, a quoted one exactly, as PostgreSQL resolves them.
+    """
+    tokens = tokenize(expression)
+    quoted = _render(sql.Identifier(new))
+    return "".join(
+        quoted if t.name == old and _is_column_reference(tokens, i) else t.text for i, t in enumerate(tokens)
+    )
+
+
+def _split_at(definition: str, keyword: str) -> tuple[str, str]:
+    """A catalog definition cut before its first ``keyword`` token (REFERENCES, USING), outside names and literals."""
+    tokens = tokenize(definition)
+    cut = next(i for i, t in enumerate(tokens) if t.kind == "word" and t.name == keyword)
+    return "".join(t.text for t in tokens[:cut]), "".join(t.text for t in tokens[cut:])
 
 
 @dataclass
@@ -142,8 +188,13 @@ class _TableWork:
     """New-version column name → physical column."""
     shadows: dict[str, str] = field(default_factory=dict)
     syncs: list[_Sync] = field(default_factory=list)
+    before_swap: list[str] = field(default_factory=list)
+    """Keep what the old column's drop would take along: other tables' FKs to it, its sequence."""
     swap_statements: list[sql.Composable] = field(default_factory=list)
-    finalize_statements: list[sql.Composable] = field(default_factory=list)
+    not_null_statements: list[sql.Composable] = field(default_factory=list)
+    attach_statements: list[str] = field(default_factory=list)
+    """Give rebuilt keys, indexes, constraints and sequences their final names and types."""
+    cleanup_statements: list[sql.Composable] = field(default_factory=list)
     dropped: bool = False
 
 
@@ -162,6 +213,9 @@ class _Planner:
         self.not_valid: list[Step] = []
         self.indexes: list[Step] = []
         self.validate: list[Step] = []
+        self.after_indexes: list[Step] = []
+        """NOT VALID foreign keys that need a unique index built in this start (other tables' FKs to a shadow key)."""
+        self.rollback_first: list[Step] = []
         self.complete_early: list[Step] = []
         self.complete_late: list[Step] = []
         self.rollback_ops: list[Step] = []
@@ -206,8 +260,16 @@ class _Planner:
     def alter(self, table: str, *actions: sql.Composable) -> str:
         return _render(sql.SQL("ALTER TABLE {} {}").format(self.tbl(table), sql.SQL(", ").join(actions)))
 
-    def add_not_valid(self, table: str, name: str, definition: sql.Composable) -> None:
-        self.not_valid.append(
+    def add_not_valid(
+        self,
+        table: str,
+        name: str,
+        definition: sql.Composable,
+        *,
+        validate: bool = True,
+        after_indexes: bool = False,
+    ) -> None:
+        (self.after_indexes if after_indexes else self.not_valid).append(
             Step(
                 title=f"add constraint {name} NOT VALID on {table}",
                 statements=[
@@ -219,6 +281,8 @@ class _Planner:
                 only_if=self.constraint_missing(table, name),
             )
         )
+        if not validate:
+            return
         self.validate.append(
             Step(
                 title=f"validate constraint {name} on {table}",
@@ -305,10 +369,169 @@ class _Planner:
         table = work.info.name
         name = f"_fy_nn_{column}"[:63]
         self.add_not_valid(table, name, sql.SQL("CHECK ({} IS NOT NULL)").format(sql.Identifier(physical)))
-        work.finalize_statements += [
-            sql.SQL("ALTER COLUMN {} SET NOT NULL").format(sql.Identifier(column)),
-            sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)),
+        work.not_null_statements.append(
+            sql.SQL("ALTER COLUMN {} SET NOT NULL").format(sql.Identifier(column))
+        )
+        work.cleanup_statements.append(sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)))
+
+    def rebuild_dependents(
+        self, i: int, work: _TableWork, column: str, shadow: str, new_type: str | None
+    ) -> None:
+        """Give the shadow column everything the old column has, since the swap's DROP COLUMN takes it along.
+
+        Indexes are built CONCURRENTLY on the shadow (unique ones attached as PRIMARY KEY/UNIQUE USING
+        INDEX at complete), CHECK and FOREIGN KEY constraints are added NOT VALID and VALIDATEd, other
+        tables' foreign keys to the column get a twin against the shadow's unique index; each carries
+        a ``_fy_`` name during expand and takes the original name back at complete. An owned sequence
+        is handed to the shadow before the drop and widened with the type.
+        """
+        info, table = work.info, work.info.name
+        where = f"operation {i} (alter_column): {table}.{column}"
+        old = info.column(column)
+        assert old is not None
+        for fk in info.referenced_by:
+            if fk.table == table and column in fk.columns + fk.ref_columns:
+                raise UserError(
+                    f"{where}: self-referencing foreign key {fk.name} is not supported; drop it first and add it after"
+                )
+        for index in (x for x in info.indexes if column in x.columns):
+            self.rebuild_index(where, work, index, column, shadow)
+        for constraint in (c for c in info.constraints if column in c.columns):
+            if constraint.type == "f":  # rename the referencing side only
+                head, tail = _split_at(constraint.definition, "references")
+                definition = rename_identifier(head, column, shadow) + tail
+            else:
+                definition = rename_identifier(constraint.definition, column, shadow)
+            temp = _temp_name(constraint.name)
+            self.add_not_valid(table, temp, _fragment(definition), validate=constraint.validated)
+            work.attach_statements.append(self.rename_constraint(table, temp, constraint.name))
+        for fk in (c for c in info.referenced_by if column in c.ref_columns):
+            self.rebuild_incoming_fk(where, work, fk, column, shadow)
+        if old.sequence is not None and old.identity:
+            self.move_identity(work, old, shadow)
+        elif old.sequence is not None:
+            sequence = sql.Identifier(*old.sequence)
+            work.before_swap.append(
+                _render(
+                    sql.SQL("ALTER SEQUENCE {} OWNED BY {}.{}").format(
+                        sequence, self.tbl(table), sql.Identifier(shadow)
+                    )
+                )
+            )
+            if new_type is not None and " ".join(new_type.lower().split()) in INTEGER_TYPES:
+                work.attach_statements.append(
+                    _render(sql.SQL("ALTER SEQUENCE {} AS {}").format(sequence, _fragment(new_type)))
+                )
+
+    def move_identity(self, work: _TableWork, old: ColumnInfo, shadow: str) -> None:
+        """An identity sequence cannot change columns: give the shadow its own, continuing where the old one is.
+
+        Before the old column (and its sequence) is dropped, the shadow becomes NOT NULL (proven by
+        its validated CHECK), trades the ``nextval`` default it had during expand for an identity of
+        the same kind and increment, and its sequence is set to the old one's position; after the
+        swap the new sequence takes the old name.
+        """
+        table, column = work.info.name, sql.Identifier(shadow)
+        assert old.sequence is not None
+        seq_schema, seq_name = old.sequence
+        temp = sql.Identifier(seq_schema, _temp_name(seq_name))
+        work.before_swap += [
+            self.alter(table, sql.SQL("ALTER COLUMN {} SET NOT NULL").format(column)),
+            self.alter(table, sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(column)),
+            self.alter(
+                table,
+                sql.SQL(
+                    "ALTER COLUMN {} ADD GENERATED {} AS IDENTITY (SEQUENCE NAME {} INCREMENT BY {})"
+                ).format(
+                    column,
+                    sql.SQL("ALWAYS" if old.identity == "a" else "BY DEFAULT"),
+                    temp,
+                    sql.Literal(old.sequence_increment),
+                ),
+            ),
+            _render(
+                sql.SQL("SELECT setval({}::regclass, s.last_value, s.is_called) FROM {} s").format(
+                    sql.Literal(_render(temp)), sql.Identifier(*old.sequence)
+                )
+            ),
         ]
+        work.attach_statements.append(
+            _render(sql.SQL("ALTER SEQUENCE {} RENAME TO {}").format(temp, sql.Identifier(seq_name)))
+        )
+
+    def rebuild_index(self, where: str, work: _TableWork, index: IndexInfo, column: str, shadow: str) -> None:
+        """The same index on the shadow, built CONCURRENTLY; at complete it takes the original name (or constraint)."""
+        if index.constraint_type == "x" or index.deferrable:
+            raise UserError(
+                f"{where} is part of exclusion or deferrable constraint {index.constraint}; drop it first and recreate it after"
+            )
+        if others := [c for c in index.columns if c != column and c in work.shadows]:
+            raise UserError(
+                f"{where}: index {index.name} also covers {', '.join(others)}, altered by an earlier operation; "
+                "alter them in separate migrations"
+            )
+        temp = _temp_name(index.name)
+        unique = index.definition.startswith("CREATE UNIQUE")
+        tail = rename_identifier(_split_at(index.definition, "using")[1], column, shadow)
+        self.concurrent_index(
+            temp,
+            sql.SQL("CREATE {}INDEX CONCURRENTLY {} ON {} {}").format(
+                sql.SQL("UNIQUE " if unique else ""),
+                sql.Identifier(temp),
+                self.tbl(work.info.name),
+                _fragment(tail),
+            ),
+        )
+        if index.constraint_type is None:
+            work.attach_statements.append(
+                _render(
+                    sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        sql.Identifier(self.schema, temp), sql.Identifier(index.name)
+                    )
+                )
+            )
+            return
+        work.attach_statements.append(
+            self.alter(
+                work.info.name,
+                sql.SQL("ADD CONSTRAINT {} {} USING INDEX {}").format(
+                    sql.Identifier(index.constraint or index.name),
+                    sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE"),
+                    sql.Identifier(temp),
+                ),
+            )
+        )
+
+    def rebuild_incoming_fk(
+        self, where: str, work: _TableWork, fk: ConstraintInfo, column: str, shadow: str
+    ) -> None:
+        """Another table's FK to the column: a twin against the shadow's unique index, NOT VALID then VALIDATE.
+
+        At complete the old FK is dropped before the column (DROP COLUMN would refuse) and the twin
+        takes its name, all in the table's one short contract transaction.
+        """
+        if fk.table in self.tables and self.tables[fk.table].shadows:
+            raise UserError(
+                f"{where}: foreign key {fk.table}.{fk.name} references it from a table this migration also alters; "
+                "alter them in separate migrations"
+            )
+        temp = _temp_name(fk.name)
+        head, tail = _split_at(fk.definition, "references")
+        definition = head + rename_identifier(tail, column, shadow)
+        self.add_not_valid(fk.table, temp, _fragment(definition), validate=fk.validated, after_indexes=True)
+        drop_twin = self.alter(fk.table, sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(temp)))
+        self.rollback_first.append(
+            Step(title=f"drop foreign key {temp} on {fk.table}", statements=[drop_twin])
+        )
+        work.before_swap.append(
+            self.alter(fk.table, sql.SQL("DROP CONSTRAINT {}").format(sql.Identifier(fk.name)))
+        )
+        work.attach_statements.append(self.rename_constraint(fk.table, temp, fk.name))
+
+    def rename_constraint(self, table: str, old: str, new: str) -> str:
+        return self.alter(
+            table, sql.SQL("RENAME CONSTRAINT {} TO {}").format(sql.Identifier(old), sql.Identifier(new))
+        )
 
     # -- operations ----------------------------------------------------------------------------
     def add_column(self, i: int, op: AddColumn) -> None:
@@ -404,11 +627,6 @@ class _Planner:
                 Step(title=f"alter column {table}.{op.column}", statements=[self.alter(table, *actions)])
             )
             return
-        if info.indexed:
-            raise UserError(
-                f"operation {i} (alter_column): column {table}.{op.column} is part of an index, key or constraint; "
-                "a shadow-column swap would drop it — drop that index/constraint first (drop_index) and recreate it after"
-            )
         if op.column in work.shadows:
             raise UserError(
                 f"operation {i} (alter_column): column {table}.{op.column} is already altered by an earlier operation"
@@ -417,6 +635,10 @@ class _Planner:
         work.shadows[op.column] = shadow
         new_type = op.type or info.type
         default = op.default if op.default is not None else (info.default if op.type is None else None)
+        if default is None and info.sequence is not None:  # a serial column keeps numbering from its sequence
+            default = _render(
+                sql.SQL("nextval({}::regclass)").format(sql.Literal(_render(sql.Identifier(*info.sequence))))
+            )
         actions = [
             sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(sql.Identifier(shadow), _fragment(new_type))
         ]
@@ -448,6 +670,7 @@ class _Planner:
         ]
         if op.nullable is False or (op.nullable is None and info.not_null):
             self.not_null_check(work, op.column, shadow)
+        self.rebuild_dependents(i, work, op.column, shadow, op.type)
         self.constraints(table, op.column, shadow, op)
 
     def create_index(self, i: int, op: CreateIndex) -> None:
@@ -651,10 +874,14 @@ class _Planner:
             statements.append(
                 _render(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, self.tbl(table)))
             )
+        statements += work.before_swap
         statements += [self.alter(table, action) for action in work.swap_statements]
         # One statement each: in a single ALTER TABLE, DROP CONSTRAINT would run before SET NOT NULL's
-        # check and the validated CHECK could no longer spare it a full scan under ACCESS EXCLUSIVE.
-        statements += [self.alter(table, action) for action in work.finalize_statements]
+        # check and the validated CHECK could no longer spare it a full scan under ACCESS EXCLUSIVE;
+        # a primary key attached USING INDEX needs the column NOT NULL already.
+        statements += [self.alter(table, action) for action in work.not_null_statements]
+        statements += work.attach_statements
+        statements += [self.alter(table, action) for action in work.cleanup_statements]
         if not statements:
             return None
         only_if = self.column_exists(table, next(iter(work.shadows.values()))) if work.shadows else None
@@ -666,16 +893,17 @@ class _Planner:
 
     def backfill_step(self, work: _TableWork) -> Step:
         info = work.info
-        if len(info.primary_key) != 1:
+        keys = info.primary_key or min(info.unique_keys, key=len, default=[])
+        if not keys:
             raise UserError(
-                f"table {self.schema}.{info.name} needs a single-column primary key for the keyset backfill; add one first"
+                f"table {self.schema}.{info.name} has no primary key or unique NOT NULL key for the keyset backfill; "
+                "add one first (CREATE UNIQUE INDEX CONCURRENTLY, then ADD PRIMARY KEY USING INDEX)"
             )
-        key = info.primary_key[0]
         target = BackfillTarget(
             schema_name=self.schema,
             table=info.name,
-            key=key,
-            key_type=info.column(key).type,
+            key_columns=keys,
+            key_types=[info.column(k).type for k in keys],  # type: ignore[union-attr]
             assignments=[
                 _render(
                     sql.SQL("{} = coalesce({}, {})" if s.only_when_null else "{} = {}{}").format(
@@ -744,6 +972,7 @@ class _Planner:
             *[self.backfill_step(w) for w in self.tables.values() if any(not s.new_version for s in w.syncs)],
             *self.not_valid,
             *self.indexes,
+            *self.after_indexes,
             *self.validate,
             self.views_step(),
         ]
@@ -787,6 +1016,7 @@ class _Planner:
                     _render(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.vschema)))
                 ],
             ),
+            *self.rollback_first,
             *self.rollback_indexes,
             *reversed(self.rollback_ops),
         ]
@@ -823,7 +1053,7 @@ def format_plan(plan: Plan) -> str:
             if step.backfill is not None:
                 b = step.backfill
                 lines.append(
-                    f"--   keyset batches of {b.schema_name}.{b.table} ordered by {b.key}, each batch setting: "
+                    f"--   keyset batches of {b.schema_name}.{b.table} ordered by ({', '.join(b.key_columns)}), each batch setting: "
                     + ", ".join(b.assignments)
                 )
             lines.extend(f"{statement};" for statement in step.statements)

@@ -124,10 +124,16 @@ def set_steps_done(state: str, migration_id: int, phase: Phase, done: int) -> No
 
 @dataclass
 class StoredCheckpoint:
-    last_key: str | None
-    upper_key: str | None
+    last_key: list[str] | None
+    """The key (one text per key column) of the last backfilled row."""
+    upper_key: list[str] | None
     rows_done: int
     done: bool
+
+
+def _key_list(value: Any) -> list[str] | None:
+    """A stored key: a list of texts, or one text as checkpoints before composite keys had it."""
+    return None if value is None else [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 class BackfillCheckpoints:
@@ -140,11 +146,14 @@ class BackfillCheckpoints:
     def load(self, table: str) -> StoredCheckpoint | None:
         with connection(self.state) as conn:
             row = conn.execute(
-                "SELECT last_key #>> '{}', upper_key #>> '{}', rows_done, done FROM flowyard.online_backfill "
+                "SELECT last_key, upper_key, rows_done, done FROM flowyard.online_backfill "
                 "WHERE migration_id = %s AND table_name = %s",
                 (self.migration_id, table),
             ).fetchone()
-        return StoredCheckpoint(*row) if row else None
+        if row is None:
+            return None
+        last, upper, rows_done, done = row
+        return StoredCheckpoint(_key_list(last), _key_list(upper), rows_done, done)
 
     def save(self, table: str, checkpoint: StoredCheckpoint) -> None:
         with connection(self.state) as conn:

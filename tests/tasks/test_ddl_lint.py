@@ -96,3 +96,45 @@ def test_volatility_ignores_string_literals() -> None:
     assert is_volatile_expression("nextval('s')")
     assert not is_volatile_expression("'random()'")
     assert not is_volatile_expression("now()")
+
+
+# Inputs the regex-only lint misjudged before it tokenized: keywords inside quoted identifiers
+# and E'' strings, substrings of names, and the case of quoted names.
+MISJUDGED: dict[str, tuple[list[str], list[str]]] = {
+    "quoted column named rename is no rename": ([SET, 'ALTER TABLE t ADD COLUMN "rename" text'], []),
+    "quoted column with serial in its name is no serial": (
+        [SET, 'ALTER TABLE t ADD COLUMN "order serial" int'],
+        [],
+    ),
+    "escaped quote inside an E'' default": (
+        [SET, "ALTER TABLE t ADD COLUMN c text DEFAULT E'it\\'s random()'"],
+        [],
+    ),
+    "an index named concurrently_* is still built with a lock": (
+        [SET, "CREATE INDEX concurrently_idx ON t (a)"],
+        ["index-not-concurrent"],
+    ),
+    'a new table "T" does not exempt t': (
+        ['CREATE TABLE "T" (id int)', SET, "CREATE INDEX t_id ON t (id)"],
+        ["index-not-concurrent"],
+    ),
+    'a validated check on "A" does not prove a': (
+        [
+            SET,
+            'ALTER TABLE t ADD CONSTRAINT nn CHECK ("A" IS NOT NULL) NOT VALID',
+            "ALTER TABLE t VALIDATE CONSTRAINT nn",
+            "ALTER TABLE t ALTER COLUMN a SET NOT NULL",
+        ],
+        ["set-not-null-unvalidated"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISJUDGED))
+def test_literals_and_quoted_identifiers_are_not_mistaken_for_keywords(case: str) -> None:
+    statements, rules = MISJUDGED[case]
+    assert [f.rule for f in lint_statements(statements, LintContext(expand_phase=True))] == rules
+
+
+def test_splitter_respects_escaped_quotes_in_e_strings() -> None:
+    assert split_statements("SELECT E'a\\';b'; SELECT 2") == ["SELECT E'a\\';b'", "SELECT 2"]

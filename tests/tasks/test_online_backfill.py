@@ -40,6 +40,22 @@ SPEC = {
     ],
 }
 
+COMPOSITE = {
+    "name": "kill_composite",
+    "operations": [
+        {
+            "alter_column": {
+                "table": "shipments",
+                "column": "qty",
+                "type": "bigint",
+                "up": "qty::bigint * 3",
+                "down": "(qty / 3)::int",
+            }
+        }
+    ],
+}
+"""A backfill of shipments, keyed by (order_id, line): batches compare row values."""
+
 CHILD = textwrap.dedent(
     """
     import json
@@ -54,23 +70,23 @@ CHILD = textwrap.dedent(
 )
 
 
-def _rows_done(state: str, url: str) -> int:
+def _rows_done(state: str, url: str, name: str) -> int:
     with connect(state) as conn:
         row = conn.execute(
             "SELECT b.rows_done FROM flowyard.online_backfill b JOIN flowyard.online_migrations m ON m.id = b.migration_id "
             "WHERE m.target = %s AND m.name = %s",
-            (target_key(url), SPEC["name"]),
+            (target_key(url), name),
         ).fetchone()
     return int(row[0]) if row else 0
 
 
-def _kill_mid_backfill(url: str, state: str) -> None:
+def _kill_mid_backfill(url: str, state: str, spec: dict = SPEC) -> None:
     """Run start in a real process and SIGKILL its process group once 2000 rows are backfilled."""
     child = spawn_group(
-        [sys.executable, "-c", CHILD, url, state, json.dumps(SPEC)], cwd=ROOT, stderr=subprocess.PIPE
+        [sys.executable, "-c", CHILD, url, state, json.dumps(spec)], cwd=ROOT, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 120
-    while _rows_done(state, url) < 2000:
+    while _rows_done(state, url, spec["name"]) < 2000:
         assert child.poll() is None, child.stderr.read().decode() if child.stderr else "child exited"
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -83,7 +99,7 @@ def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, s
     make_schema(fresh_db, rows=20_000)
     _kill_mid_backfill(fresh_db, state_db)
 
-    done_at_kill = _rows_done(state_db, fresh_db)
+    done_at_kill = _rows_done(state_db, fresh_db, SPEC["name"])
     record = active_migration(state_db, target_key(fresh_db), "public")
     assert record is not None and record.phase == "starting"
     assert 2000 <= done_at_kill < 20_000
@@ -92,8 +108,8 @@ def test_sigkill_during_backfill_then_resume_finishes_correctly(fresh_db: str, s
         fresh_db, state_db, record.plan, "start", RunOptions(backfill=BackfillOptions(batch_size=5000))
     )
     (result,) = report.backfills
-    assert result.resumed_from is not None and int(result.resumed_from) >= done_at_kill - 200
-    assert result.rows == 20_000 - int(result.resumed_from)  # only the rest, not from the beginning
+    assert result.resumed_from is not None and int(result.resumed_from[0]) >= done_at_kill - 200
+    assert result.rows == 20_000 - int(result.resumed_from[0])  # only the rest, not from the beginning
     assert report.steps_skipped == 0 and report.steps_run < len(record.plan.start)
 
     with connect(fresh_db) as conn:
@@ -119,3 +135,30 @@ def test_sigkill_during_backfill_then_rollback_restores_everything(fresh_db: str
     run(fresh_db, state_db, record.plan, "rollback")
     assert schema_dump(fresh_db) == dump
     assert checksum(fresh_db, "SELECT * FROM orders") == data
+
+
+def test_composite_key_backfill_resumes_after_sigkill_from_its_row_value_checkpoint(
+    fresh_db: str, state_db: str
+) -> None:
+    make_schema(fresh_db, rows=20_000)
+    before = checksum(fresh_db, "SELECT order_id, line, qty::bigint * 3 FROM shipments")
+    _kill_mid_backfill(fresh_db, state_db, COMPOSITE)
+    done_at_kill = _rows_done(state_db, fresh_db, COMPOSITE["name"])
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "starting" and 2000 <= done_at_kill < 20_000
+
+    report = run(fresh_db, state_db, record.plan, "start")
+    (result,) = report.backfills
+    assert result.resumed_from is not None and len(result.resumed_from) == 2
+    with connect(fresh_db) as conn:
+        rest = conn.execute(
+            "SELECT count(*) FROM shipments WHERE (order_id, line) > (%s::bigint, %s::int)",
+            result.resumed_from,
+        ).fetchone()[0]
+        wrong = conn.execute(
+            "SELECT count(*) FROM shipments WHERE _fy_new_qty IS DISTINCT FROM qty::bigint * 3"
+        ).fetchone()[0]
+    assert result.rows == rest == 20_000 - done_at_kill  # only the rest, not from the beginning
+    assert wrong == 0
+    run(fresh_db, state_db, record.plan, "complete")
+    assert checksum(fresh_db, "SELECT order_id, line, qty FROM shipments") == before

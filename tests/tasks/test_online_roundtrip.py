@@ -13,7 +13,16 @@ import pytest
 
 from tasks.db import connect
 from tasks.online_migration import lint_plan
-from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
+from tests.online_support import (
+    TABLES,
+    WIDEN_AMOUNT,
+    checksum,
+    make_schema,
+    plan_for,
+    run,
+    schema_dump,
+    widen,
+)
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,8 @@ CASES: dict[str, Case] = {
                 "alter_column": {
                     "table": "orders",
                     "column": "amount",
-                    "check": {"name": "amount_small", "constraint": "amount < 500"},
+                    # upper case and a literal naming the column: both must be read as SQL reads them
+                    "check": {"name": "amount_small", "constraint": "AMOUNT < 500 AND note <> 'amount'"},
                     "up": "least(amount, 499)",
                     "down": "amount",
                 }
@@ -161,7 +171,8 @@ CASES: dict[str, Case] = {
         ],
         "SELECT id, least(amount, 499) FROM orders",
         "SELECT id, amount FROM orders",
-        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'amount_small' AND convalidated AND contype = 'c')",
+        "SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'amount_small' AND convalidated AND contype = 'c'"
+        " AND pg_get_constraintdef(oid) = 'CHECK (((amount < 500) AND (note <> ''amount''::text)))')",
     ),
     "alter_unique": Case(
         [
@@ -245,6 +256,66 @@ CASES: dict[str, Case] = {
         "SELECT to_regclass('public.archive') IS NULL AND to_regclass('public.history') IS NOT NULL",
         table="archive",
     ),
+    "alter_type_serial_primary_key_referenced_by_fk": Case(
+        [widen("tickets", "id")],
+        "SELECT t.id, e.id FROM tickets t JOIN ticket_events e ON e.ticket_id = t.id",
+        "SELECT t.id, e.id FROM tickets t JOIN ticket_events e ON e.ticket_id = t.id",
+        f"SELECT ({_col('tickets', 'id')}) = 'bigint:true'"
+        " AND (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'tickets_pkey') = 'PRIMARY KEY (id)'"
+        " AND (SELECT convalidated AND pg_get_constraintdef(oid) = 'FOREIGN KEY (ticket_id) REFERENCES tickets(id) ON DELETE CASCADE'"
+        "      FROM pg_constraint WHERE conname = 'ticket_events_ticket_id_fkey')"
+        " AND pg_get_serial_sequence('public.tickets', 'id') = 'public.tickets_id_seq'"
+        " AND (SELECT data_type::text FROM pg_sequences WHERE sequencename = 'tickets_id_seq') = 'bigint'"
+        " AND (SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'public.tickets'::regclass"
+        "      AND adnum = (SELECT attnum FROM pg_attribute WHERE attrelid = 'public.tickets'::regclass AND attname = 'id'))"
+        "     = 'nextval(''tickets_id_seq''::regclass)'",
+        table="tickets",
+    ),
+    "alter_type_unique_column": Case(
+        [widen("tickets", "code")],
+        "SELECT id, code FROM tickets",
+        "SELECT id, code FROM tickets",
+        f"SELECT ({_col('tickets', 'code')}) = 'bigint:true'"
+        " AND (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'tickets_code_key') = 'UNIQUE (code)'",
+        table="tickets",
+    ),
+    "alter_type_column_in_check": Case(
+        [widen("tickets", "score")],
+        "SELECT id, score FROM tickets",
+        "SELECT id, score FROM tickets",
+        f"SELECT ({_col('tickets', 'score')}) = 'bigint:false'"
+        " AND (SELECT convalidated AND pg_get_constraintdef(oid) = 'CHECK (((score >= 0) AND (score < 1000000)))'"
+        "      FROM pg_constraint WHERE conname = 'tickets_score_check')",
+        table="tickets",
+    ),
+    "alter_type_indexed_column": Case(
+        [widen("tickets", "queue")],
+        "SELECT id, queue FROM tickets",
+        "SELECT id, queue FROM tickets",
+        f"SELECT ({_col('tickets', 'queue')}) = 'bigint:false'"
+        " AND pg_get_indexdef('public.tickets_queue_idx'::regclass)"
+        "     = 'CREATE INDEX tickets_queue_idx ON public.tickets USING btree (queue) WHERE (queue IS NOT NULL)'",
+        table="tickets",
+    ),
+    "alter_type_composite_key_column": Case(
+        [widen("shipments", "line")],
+        "SELECT order_id, line, qty FROM shipments",
+        "SELECT order_id, line, qty FROM shipments",
+        f"SELECT ({_col('shipments', 'line')}) = 'bigint:true'"
+        " AND (SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'shipments_pkey')"
+        "     = 'PRIMARY KEY (order_id, line)'",
+        table="shipments",
+    ),
+    "alter_type_identity_column": Case(
+        [widen("shipments", "serial_no")],
+        "SELECT order_id, line, serial_no FROM shipments",
+        "SELECT order_id, line, serial_no FROM shipments",
+        f"SELECT ({_col('shipments', 'serial_no')}) = 'bigint:true'"
+        " AND (SELECT attidentity FROM pg_attribute WHERE attrelid = 'public.shipments'::regclass AND attname = 'serial_no') = 'd'"
+        " AND pg_get_serial_sequence('public.shipments', 'serial_no') = 'public.shipments_serial_no_seq'"
+        " AND (SELECT last_value FROM shipments_serial_no_seq) = (SELECT max(serial_no) FROM shipments)",
+        table="shipments",
+    ),
     "raw_sql": Case(
         [
             {
@@ -272,8 +343,7 @@ def test_start_then_rollback_restores_schema_and_data(fresh_db: str, state_db: s
     case = CASES[name]
     make_schema(fresh_db)
     dump_before = schema_dump(fresh_db)
-    tables = ("orders", "customers", "archive")
-    data_before = {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in tables}
+    data_before = {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in TABLES}
     plan = plan_for(fresh_db, state_db, {"name": f"rb_{name}"[:40], "operations": case.op})
 
     run(fresh_db, state_db, plan, "start")
@@ -281,7 +351,7 @@ def test_start_then_rollback_restores_schema_and_data(fresh_db: str, state_db: s
     run(fresh_db, state_db, plan, "rollback")
 
     assert schema_dump(fresh_db) == dump_before
-    assert {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in tables} == data_before
+    assert {t: checksum(fresh_db, f"SELECT * FROM {t}") for t in TABLES} == data_before
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -312,6 +382,8 @@ def test_start_then_complete_keeps_data_and_reaches_final_schema(
         == 0
     )
     assert _scalar(fresh_db, "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_fy\\_%'") == 0
+    assert _scalar(fresh_db, "SELECT count(*) FROM pg_class WHERE relname LIKE '\\_fy\\_%'") == 0
+    assert _scalar(fresh_db, "SELECT count(*) FROM pg_constraint WHERE conname LIKE '\\_fy\\_%'") == 0
 
 
 def test_sync_expressions_resolve_types_whatever_the_writers_search_path(

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.db import connect
 from tasks.errors import UserError
 from tasks.online_migration import lint_plan
 from tasks.online_spec import AddColumn, AlterColumn, load_spec, parse_spec
-from tests.online_support import make_schema, plan_for
+from tests.online_support import make_schema, plan_for, widen
 
 
 def _error(data: object) -> str:
@@ -96,25 +97,33 @@ def test_operations_on_missing_or_indexed_columns_are_refused(fresh_db: str, sta
                 ],
             },
         )
-    with pytest.raises(UserError, match="part of an index"):
-        plan_for(
-            fresh_db,
-            state_db,
-            {
-                "name": "bad",
-                "operations": [
-                    {
-                        "alter_column": {
-                            "table": "orders",
-                            "column": "note",
-                            "type": "varchar(10)",
-                            "up": "note",
-                            "down": "note",
-                        }
-                    }
-                ],
-            },
-        )
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE tickets ADD COLUMN parent int REFERENCES tickets (id)")
+    with pytest.raises(
+        UserError,
+        match=r"operation 0 \(alter_column\): tickets.id: self-referencing foreign key tickets_parent_fkey is not supported",
+    ):
+        plan_for(fresh_db, state_db, {"name": "bad", "operations": [widen("tickets", "id")]})
+
+
+def test_a_backfill_without_a_key_is_refused_in_one_line(fresh_db: str, state_db: str) -> None:
+    make_schema(fresh_db, rows=10)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE heap (a int, b text)")
+        conn.execute("CREATE UNIQUE INDEX heap_a ON heap (a)")  # unique but nullable: no keyset order
+    add = {"add_column": {"table": "heap", "column": {"name": "c", "type": "int"}, "up": "a + 1"}}
+    with pytest.raises(
+        UserError, match=r"public.heap has no primary key or unique NOT NULL key .*; add one first"
+    ):
+        plan_for(fresh_db, state_db, {"name": "nokey", "operations": [add]})
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE heap ALTER COLUMN a SET NOT NULL")
+    (backfill,) = [
+        s.backfill
+        for s in plan_for(fresh_db, state_db, {"name": "nokey", "operations": [add]}).start
+        if s.backfill
+    ]
+    assert backfill.key_columns == ["a"]
 
 
 def test_raw_sql_breaking_a_rule_is_refused_unless_unsafe(fresh_db: str, state_db: str) -> None:
