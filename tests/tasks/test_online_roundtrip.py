@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 import pytest
 
 from tasks.db import connect
@@ -413,3 +414,34 @@ def test_set_not_null_runs_before_its_proving_check_is_dropped(fresh_db: str, st
     set_nn = next(i for i, s in enumerate(statements) if "SET NOT NULL" in s)
     drop = next(i for i, s in enumerate(statements) if "DROP CONSTRAINT" in s)
     assert set_nn < drop and "DROP CONSTRAINT" not in statements[set_nn]
+
+
+def test_both_versions_write_through_a_primary_key_type_change(fresh_db: str, state_db: str) -> None:
+    """During expand of tickets.id int -> bigint both versions insert (numbered by the one sequence) and
+    reference the new rows from ticket_events; after complete the key, the FK and the numbering hold."""
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(fresh_db, state_db, {"name": "pk_writes", "operations": [widen("tickets", "id")]})
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        old_id = conn.execute("INSERT INTO tickets (code) VALUES (-1) RETURNING id").fetchone()[0]
+        conn.execute(f"SET search_path = {plan.version_schema}")
+        new_id = conn.execute("INSERT INTO tickets (code) VALUES (-2) RETURNING id").fetchone()[0]
+        conn.execute(
+            "INSERT INTO ticket_events VALUES (1001, %s, 'new'), (1002, %s, 'old')", (new_id, old_id)
+        )
+        conn.execute("SET search_path = public")
+        assert conn.execute(
+            "SELECT count(*) FROM tickets WHERE id IS DISTINCT FROM _fy_new_id OR id IS NULL"
+        ).fetchone() == (0,)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):  # the old FK and its twin both still check
+            conn.execute("INSERT INTO ticket_events VALUES (1003, 999999, 'dangling')")
+    run(fresh_db, state_db, plan, "complete")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT array_agg(e.id ORDER BY e.id) FROM ticket_events e JOIN tickets t ON t.id = e.ticket_id "
+            "WHERE t.code < 0"
+        ).fetchone() == ([1001, 1002],)
+        next_id = conn.execute("INSERT INTO tickets (code) VALUES (-3) RETURNING id").fetchone()[0]
+        assert next_id > max(old_id, new_id)
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("INSERT INTO ticket_events VALUES (1004, 999999, 'dangling')")
