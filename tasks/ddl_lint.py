@@ -23,6 +23,11 @@ Each rule names one known way a schema change stalls or breaks production:
 
 Statements on tables created earlier in the same script are exempt from the lock rules: nobody
 else uses a table that did not exist.
+
+The rules are regular expressions, but over a normalized text built by a small SQL tokenizer
+(:func:`tokenize`): literals (also ``E'...'`` and dollar-quoted) are blanked and quoted
+identifiers hex-encoded, so a name or a string that spells a keyword (``"rename"``,
+``'random()'``) is never taken for one, and quoted names keep their case.
 """
 
 from __future__ import annotations

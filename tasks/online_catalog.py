@@ -67,6 +67,7 @@ class TableInfo:
     """CHECK and FOREIGN KEY constraints of this table."""
     referenced_by: list[ConstraintInfo] = field(default_factory=list)
     """FOREIGN KEYs of any table of the schema that reference this one."""
+    partitioned: bool = False
 
     def column(self, name: str) -> ColumnInfo | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -80,7 +81,7 @@ class SchemaSnapshot:
 
 
 _COLUMNS = """
-SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
+SELECT c.relname, c.relkind = 'p', a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),
        a.attidentity::text,
        (SELECT ARRAY[sn.nspname, s.relname]::text[] FROM pg_class s JOIN pg_namespace sn ON sn.oid = s.relnamespace
         WHERE s.oid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass),
@@ -135,8 +136,10 @@ ORDER BY t.relname, k.conname
 def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
     """Tables (ordinary and partitioned), columns, keys, indexes and constraints of ``schema``."""
     tables: dict[str, TableInfo] = {}
-    for table, *column in conn.execute(_COLUMNS, (schema,)).fetchall():
-        tables.setdefault(table, TableInfo(table)).columns.append(ColumnInfo(*column))
+    for table, partitioned, *column in conn.execute(_COLUMNS, (schema,)).fetchall():
+        tables.setdefault(table, TableInfo(table, partitioned=partitioned)).columns.append(
+            ColumnInfo(*column)
+        )
     for table, name, definition, columns, con_type, con_name, deferrable, keyset, keys in conn.execute(
         _INDEXES, (schema,)
     ).fetchall():

@@ -461,6 +461,11 @@ class _Planner:
 
     def rebuild_index(self, where: str, work: _TableWork, index: IndexInfo, column: str, shadow: str) -> None:
         """The same index on the shadow, built CONCURRENTLY; at complete it takes the original name (or constraint)."""
+        if work.info.partitioned:
+            raise UserError(
+                f"{where} is indexed ({index.name}) on a partitioned table, where indexes cannot be built "
+                "CONCURRENTLY; alter it per partition or drop the index first"
+            )
         if index.constraint_type == "x" or index.deferrable:
             raise UserError(
                 f"{where} is part of exclusion or deferrable constraint {index.constraint}; drop it first and recreate it after"

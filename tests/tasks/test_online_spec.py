@@ -104,6 +104,11 @@ def test_operations_on_missing_or_indexed_columns_are_refused(fresh_db: str, sta
         match=r"operation 0 \(alter_column\): tickets.id: self-referencing foreign key tickets_parent_fkey is not supported",
     ):
         plan_for(fresh_db, state_db, {"name": "bad", "operations": [widen("tickets", "id")]})
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE parts (id int PRIMARY KEY, k int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE INDEX parts_k ON parts (k)")
+    with pytest.raises(UserError, match=r"parts.k is indexed \(parts_k\) on a partitioned table"):
+        plan_for(fresh_db, state_db, {"name": "bad", "operations": [widen("parts", "k")]})
 
 
 def test_a_backfill_without_a_key_is_refused_in_one_line(fresh_db: str, state_db: str) -> None:
