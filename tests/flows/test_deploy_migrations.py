@@ -99,7 +99,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(fresh_db, tmp_path):
     assert len(list((tmp_path / "backups").iterdir())) == 1  # only the first deploy's backup
 
 
-def test_failing_revision_restores_the_pre_run_state(fresh_db, tmp_path):
+def test_failing_revision_restores_the_pre_run_state(fresh_db, tmp_path, prefect_api):
     _seed_legacy(fresh_db)
     directory = migrations_dir(tmp_path)
     _deploy(fresh_db, directory, tmp_path)
@@ -129,6 +129,11 @@ def test_failing_revision_restores_the_pre_run_state(fresh_db, tmp_path):
     with pytest.raises(psycopg.OperationalError):
         bystander.execute("SELECT 1")
     bystander.close()
+    # The failed run still leaves its summary and tables: what ran, and what the restore brought back.
+    key = artifact_key("migrations-deploy", fresh_db)
+    [summary] = [a for a in _artifacts(prefect_api, key) if "failed, restored from backup" in a["data"]]
+    assert "UniqueViolation" in summary["data"]
+    assert any('"x1"' in a["data"] for a in _artifacts(prefect_api, f"{key}-revisions"))
     with psycopg.connect(with_database(fresh_db, "postgres")) as conn:
         leftovers = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s",
