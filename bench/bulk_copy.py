@@ -10,8 +10,12 @@ state (rows loaded and the primary key built):
 3. flowyard + mapping: rename + cast + computed column (Arrow path, staged, sent checksums);
 4. pandas: ``read_sql(chunksize)`` + ``to_sql`` (on ``--pandas-rows`` rows, rate extrapolated).
 
+Both the raw pipe and flowyard load into a table of the same shape without its primary key
+and build the key afterwards (flowyard's DDL comes from ``pg_dump``; pre-data has no PK).
+
 Prints rows/s and the ratio to the raw pipe, and the peak RSS of this (the flow) process.
-For the 5M-row memory check: ``--rows 5000000 --methods flowyard``.
+``--phases`` also prints where each flow run's time went (its task runs, from the Prefect
+API). For the 5M-row memory check: ``--rows 5000000 --methods flowyard,mapping``.
 
     .venv/bin/python -m bench.bulk_copy --rows 1000000
 """
@@ -28,6 +32,7 @@ import psycopg
 from psycopg import sql
 
 from bench._runtime import bench_runtime
+from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 
 EVENTS_DDL = (
     "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb,"
@@ -109,6 +114,28 @@ def pandas_to_sql(source: str, target: str, rows: int) -> None:
     tgt.dispose()
 
 
+def print_phases(flow_state: object) -> None:
+    """Wall time of each phase of one flow run: its task runs (chunks as one span) and the
+    remainder outside them (Prefect's flow start-up and tear-down)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run_id = flow_state.state_details.flow_run_id  # type: ignore[attr-defined]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    spans: dict[str, list[float]] = {}
+    for t in tasks:
+        if t.start_time and t.end_time:
+            phase = "copy chunks" if t.name.startswith("copy ") else t.name.rsplit("-", 1)[0]
+            start, end = (x.timestamp() for x in (t.start_time, t.end_time))
+            lo, hi = spans.get(phase, [start, end])
+            spans[phase] = [min(lo, start), max(hi, end)]
+    for phase, (start, end) in sorted(spans.items(), key=lambda kv: kv[1][0]):
+        print(f"    {phase:24} {end - start:6.2f}s")
+    print(f"    {'flow run (total)':24} {(run.end_time - run.start_time).total_seconds():6.2f}s")
+
+
 def warm_up(rt: object, bulk_migrate: Callable[..., object]) -> None:
     """One tiny untimed flow run: Prefect's one-time process start-up (client, API handshake,
     flow registration, ~4 s here) is paid once per worker process, not per copy."""
@@ -122,9 +149,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--pandas-rows", type=int, default=200_000)
-    parser.add_argument("--chunk-rows", type=int, default=100_000)
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--methods", default="raw,flowyard,mapping,pandas")
+    parser.add_argument("--phases", action="store_true", help="print each flow run's phase timings")
     args = parser.parse_args()
     methods = args.methods.split(",")
 
@@ -144,20 +172,21 @@ def main() -> None:
             "parallelism": args.parallelism,
             "validate": ["count", "checksum"],
         }
+        states: list[tuple[str, object]] = []
+
+        def run_flow(label: str, target: str, **extra: object) -> None:
+            state = bulk_migrate(source, target, return_state=True, **flow_args, **extra)
+            state.result()  # raises if the run failed
+            states.append((label, state))
+
         warm_up(rt, bulk_migrate)
         if "flowyard" in methods:
             target = rt.database("bench_flowyard")
-            results.append(
-                timed("flowyard bulk_migrate", args.rows, lambda: bulk_migrate(source, target, **flow_args))
-            )
+            results.append(timed("flowyard bulk_migrate", args.rows, lambda: run_flow("flowyard", target)))
         if "mapping" in methods:
             target = rt.database("bench_mapping")
             results.append(
-                timed(
-                    "flowyard + mapping",
-                    args.rows,
-                    lambda: bulk_migrate(source, target, mapping=MAPPING, **flow_args),
-                )
+                timed("flowyard + mapping", args.rows, lambda: run_flow("mapping", target, mapping=MAPPING))
             )
         if "pandas" in methods:
             target = rt.database("bench_pandas")
@@ -167,8 +196,12 @@ def main() -> None:
             results.append(
                 timed(f"pandas.to_sql ({rows:,} rows)", rows, lambda: pandas_to_sql(source, target, rows))
             )
+        for label, state in states if args.phases else []:
+            print(f"\nphases of the {label} flow run:")
+            print_phases(state)
 
     base = results[0].rate if results else 1.0
+
     print(f"\n{'method':34} {'rows':>11} {'seconds':>9} {'rows/s':>11} {'ratio':>7}")
     for r in results:
         print(f"{r.method:34} {r.rows:>11,} {r.seconds:>9.2f} {r.rate:>11,.0f} {r.rate / base:>6.2f}x")

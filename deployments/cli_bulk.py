@@ -77,7 +77,9 @@ def copy(
         Path | None, typer.Option(help="Mapping file (JSON or YAML), see docs/bulk_migrate.md.")
     ] = None,
     mode: Annotated[str, typer.Option(help="full | incremental | seed")] = "full",
-    chunk_rows: Annotated[int, typer.Option(help="Rows per chunk.")] = 100_000,
+    chunk_rows: Annotated[
+        int | None, typer.Option(help="Rows per chunk (default: the flow's).")
+    ] = None,
     parallelism: Annotated[
         int | None, typer.Option(help="Chunks copied at once (default FLOWYARD_MAX_WORKERS).")
     ] = None,
@@ -108,6 +110,7 @@ def copy(
     target_url = state_url(target)
     from flows.bulk_migrate import bulk_migrate
 
+    sizing = {"chunk_rows": chunk_rows} if chunk_rows is not None else {}
     stop = threading.Event()
     drawer = threading.Thread(target=_progress_bar, args=(target_url, stop), daemon=True)
     drawer.start()
@@ -118,13 +121,13 @@ def copy(
             tables=table or None,
             mapping=spec,
             mode=mode,
-            chunk_rows=chunk_rows,
             parallelism=parallelism,
             validate=checks,
             quarantine=quarantine,
             restart=restart,
             cursor_column=cursor_column,
             task_runner=task_runner,
+            **sizing,
         )
     finally:
         stop.set()

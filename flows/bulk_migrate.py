@@ -18,7 +18,6 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from quality.gate import quality_gate
 from tasks.advisory_lock import advisory_lock
 from tasks.bulk_progress import Progress, TableStat, publish_table_artifact
 from tasks.bulk_tables import (
@@ -38,6 +37,7 @@ from tasks.chunk_checkpoint import (
     open_run,
 )
 from tasks.chunk_load import ChunkJob, load_chunk, load_chunk_in
+from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
 from tasks.copy_pipe import normalize_session
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
@@ -249,7 +249,7 @@ def bulk_migrate(
     tables: list[str] | None = None,
     mapping: dict[str, Any] | None = None,
     mode: str = "full",
-    chunk_rows: int = 100_000,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     parallelism: int | None = None,
     validate: list[str] = ["count", "checksum", "sample"],  # noqa: B006 - Prefect parameter default
     quarantine: bool = False,
@@ -363,5 +363,9 @@ def bulk_migrate(
         raise UserError(f"validation failed: {'; '.join(failures)}")
     logger.info("bulk copy %s done: %s rows in %d tables", run.run_key, f"{report.rows:,}", len(plans))
     if quality_suite:
+        # Imported here: the quality stack (Great Expectations) costs ~200 MB of RSS and seconds
+        # of import time that a copy without a quality gate should not carry.
+        from quality.gate import quality_gate
+
         quality_gate(target, quality_suite, mode=quality_gate_mode, schema=target_schema)
     return asdict(report)

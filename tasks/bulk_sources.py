@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -69,8 +69,15 @@ class TableInfo:
         """Columns that carry data (generated columns are recomputed by the target)."""
         return [c.name for c in self.columns if not c.generated]
 
-    def arrow_schema(self) -> pa.Schema:
-        return pa.schema([(c.name, pg_to_arrow(c.pg_type)) for c in self.columns if not c.generated])
+    def arrow_schema(self, as_text: Collection[str] = ()) -> pa.Schema:
+        """Arrow types of the data columns; ``as_text`` columns stay PostgreSQL text (pass-through)."""
+        return pa.schema(
+            [
+                (c.name, pa.string() if c.name in as_text else pg_to_arrow(c.pg_type))
+                for c in self.columns
+                if not c.generated
+            ]
+        )
 
 
 def source_kind(source_url: str) -> SourceKind:
@@ -324,9 +331,14 @@ def pg_chunk_query(info: TableInfo, chunk: Chunk, cursor: str | None) -> tuple[s
 
 
 def read_chunk(
-    source_url: str, info: TableInfo, chunk: Chunk, cursor: str | None
+    source_url: str, info: TableInfo, chunk: Chunk, cursor: str | None, as_text: Collection[str] = ()
 ) -> Iterator[pa.RecordBatch]:
-    """Stream one chunk of the source table as Arrow batches."""
+    """Stream one chunk of the source table as Arrow batches.
+
+    From PostgreSQL, ``as_text`` columns are read as the server's text form and written back
+    as such: a mapping that does not touch them saves parsing and re-printing every value
+    (the text of a value is valid input of its own type, with the pinned session settings).
+    """
     kind = source_kind(source_url)
     if kind == "sqlite":
         yield from sqlite_batches(source_url, info, chunk)
@@ -337,7 +349,7 @@ def read_chunk(
     query, params = pg_chunk_query(info, chunk, cursor)
     with connection(validate_postgres_url(source_url)) as conn:
         normalize_session(conn)
-        yield from read_csv_batches(conn, query, info.arrow_schema(), params)
+        yield from read_csv_batches(conn, query, info.arrow_schema(as_text), params)
 
 
 def row_count(source_url: str, info: TableInfo) -> int:

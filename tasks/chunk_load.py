@@ -3,7 +3,9 @@
 Two ways in:
 
 - *direct*: a full PG→PG copy of an identical table pipes binary COPY straight into the
-  target table, the raw-speed path;
+  target table, the raw-speed path. The chunk's source checksum is taken in the same
+  REPEATABLE READ snapshot as its COPY OUT (index range scan over just-read, hot buffers), so
+  validation compares it with the target without scanning the source again;
 - *staged*: everything else (mappings, SQLite and file sources, incremental upserts, and the
   diagnosis of a direct load that hit bad rows) COPYs the chunk into a temporary staging
   table with the target's column types, checksums it there (what was *sent*), then inserts
@@ -32,7 +34,7 @@ from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection
 from tasks.errors import UserError
-from tasks.table_checksum import checksum
+from tasks.table_checksum import Checksum, checksum
 
 Mode = Literal["full", "incremental", "seed"]
 PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
@@ -85,6 +87,9 @@ def load_chunk(job: ChunkJob, flow_run_id: str | None = None) -> ChunkCheckpoint
     """Copy the chunk unless its checkpoint is already committed; return the checkpoint."""
     with connection(job.target_url) as target:
         normalize_session(target)
+        # The staging table is temporary: with the default 8 MB of temp buffers a 250k-row
+        # stage spills to disk and is read back by the checksum and the insert.
+        target.execute("SET temp_buffers = '128MB'")
         return load_chunk_in(target, job, flow_run_id)
 
 
@@ -116,20 +121,30 @@ def load_chunk_in(target: psycopg.Connection, job: ChunkJob, flow_run_id: str | 
 _Loaded = tuple[int, int, int, int | None, str | None]
 
 
-def _pipe_from_source(job: ChunkJob, target: psycopg.Connection, into: sql.Composable) -> int:
+def _pipe_from_source(
+    job: ChunkJob, target: psycopg.Connection, into: sql.Composable, *, with_checksum: bool = False
+) -> tuple[int, Checksum | None]:
+    """Pipe the chunk into ``into``; return the rows copied and, if asked, the source checksum
+    of exactly the rows sent (same snapshot as the COPY OUT)."""
     query, params = pg_chunk_query(job.source, job.chunk, job.cursor)
     with connection(job.source_url) as source:
-        return pipe_binary(source, query, target, into, job.columns, params)
+        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        normalize_session(source)
+        rows = pipe_binary(source, query, target, into, job.columns, params)
+        if not with_checksum:
+            return rows, None
+        where, where_params = job.chunk.pg_filter(job.source.key, job.cursor)
+        return rows, checksum(source, job.source.ident, job.columns, where, where_params)
 
 
 def _load_direct(job: ChunkJob, target: psycopg.Connection) -> _Loaded | None:
     """Binary pipe into the target; None (nothing loaded) when the chunk holds rows the target rejects."""
     try:
         with target.transaction():
-            rows = _pipe_from_source(job, target, job.target_ident)
+            rows, sent = _pipe_from_source(job, target, job.target_ident, with_checksum=True)
     except PERMANENT:
         return None
-    return rows, rows, 0, None, None
+    return rows, rows, 0, sent.digest if sent else None, None
 
 
 def create_stage(job: ChunkJob, target: psycopg.Connection) -> None:
@@ -151,12 +166,13 @@ def create_stage(job: ChunkJob, target: psycopg.Connection) -> None:
 def fill_stage(job: ChunkJob, target: psycopg.Connection) -> int:
     """COPY the chunk into the stage; returns the rows read from the source."""
     if job.identical:
-        return _pipe_from_source(job, target, STAGE)
+        return _pipe_from_source(job, target, STAGE)[0]
     read = 0
 
     def mapped() -> object:
         nonlocal read
-        for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor):
+        as_text = job.mapping.untouched(job.source.copy_columns) if job.mapping else set()
+        for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor, as_text):
             read += batch.num_rows
             yield apply_mapping(batch, job.mapping)
 

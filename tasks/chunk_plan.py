@@ -28,6 +28,11 @@ Method = Literal["key", "ctid", "rowid", "ordinal"]
 
 ALL_ROWS = sql.SQL("true")
 
+DEFAULT_CHUNK_ROWS = 250_000
+"""Rows per chunk by default. Each chunk is a Prefect task with its own connections and
+checkpoint (~50 ms of overhead); on a 2-core machine 250k-row chunks keep that under 5% of
+a chunk's copy time while a retry still redoes only about a second of work."""
+
 
 @dataclass(frozen=True)
 class Chunk:

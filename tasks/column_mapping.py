@@ -17,6 +17,7 @@ and nothing is passed to Python's ``eval``.
 from __future__ import annotations
 
 import ast
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
@@ -45,6 +46,13 @@ class TableMapping(BaseModel):
     def transforms(self) -> bool:
         """Whether rows change shape or content (otherwise a PG→PG copy can stay binary)."""
         return bool(self.rename or self.cast or self.compute or self.filter or self.drop)
+
+    def untouched(self, source_columns: Collection[str]) -> set[str]:
+        """Source columns whose values the mapping never reads or changes (only renames or drops):
+        they can travel as text, unparsed."""
+        names = {expr_name for e in [*self.compute.values(), self.filter or ""] for expr_name in _names(e)}
+        read = {n for n in source_columns if self.rename.get(n, n) in names | set(self.cast)}
+        return set(source_columns) - read
 
 
 def parse_mapping(mapping: dict[str, Any] | None) -> dict[str, TableMapping]:
@@ -76,6 +84,15 @@ _COMPARE = {
     ast.Gt: "greater",
     ast.GtE: "greater_equal",
 }
+
+
+def _names(expression: str) -> set[str]:
+    """Column names an expression refers to (empty when it does not parse: evaluate says why)."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
 
 
 def evaluate(expression: str, batch: pa.RecordBatch) -> pa.Array | pa.Scalar:

@@ -37,8 +37,10 @@ class TableValidation:
     table: str
     results: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    totals: tuple[Checksum, Checksum] | None = None
-    """Whole-table (source, target) checksums when the checksum step computed both."""
+    source_rows: int | None = None
+    """Source rows counted by the checksum step when it scanned the source (else counted anew)."""
+    target_rows: int | None = None
+    """Target rows counted by the checksum step's whole-table scan."""
 
     @property
     def ok(self) -> bool:
@@ -96,14 +98,18 @@ def _check_count(
 
     Reuses the whole-table row counts of the checksum step when it ran (no second scan).
     """
-    target_rows = result.totals[1].rows if result.totals else _target_count(target, job)
+    target_rows = result.target_rows if result.target_rows is not None else _target_count(target, job)
+
+    def source_rows() -> int:
+        return result.source_rows if result.source_rows is not None else _source_count(job)
+
     filtered = job.mapping is not None and bool(job.mapping.filter)
     if job.mode == "full" and not filtered and not any(c.quarantined for c in committed.values()):
-        expected, what = (result.totals[0].rows if result.totals else _source_count(job)), "source"
+        expected, what = source_rows(), "source"
     elif job.mode == "full":
         expected, what = sum(c.rows_written for c in committed.values()), "rows written"
     elif not filtered:
-        expected, what = (result.totals[0].rows if result.totals else _source_count(job)), "source"
+        expected, what = source_rows(), "source"
     else:
         result.results["count"] = f"{target_rows} (not comparable: filtered {job.mode} load)"
         return
@@ -126,47 +132,75 @@ def _check_checksums(
     target: psycopg.Connection,
     result: TableValidation,
 ) -> None:
-    columns = job.columns
-    if job.identical:
-        if any(c.quarantined for c in committed.values()) and not _target_key_chunks(plan, job):
-            result.results["checksum"] = "skipped (rows quarantined from a table without chunk keys)"
-            return
-        per_chunk = job.mode == "full" and _target_key_chunks(plan, job)
-        ranges = (
-            [replace(c, cursor_hi=None).pg_filter(job.source.key) for c in plan.chunks] if per_chunk else []
-        )
-        ranges = ranges or [(ALL_ROWS, [])]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            source_sums = pool.submit(_side_checksums, job.source_url, job.source.ident, columns, ranges)
-            target_sums = pool.submit(_side_checksums, job.target_url, job.target_ident, columns, ranges)
-            got_source, got_target = source_sums.result(), target_sums.result()
-        ids = [c.chunk_id for c in plan.chunks] if per_chunk else ["whole table"]
-        differing = []
-        for chunk_id, expected, got in zip(ids, got_source, got_target, strict=True):
-            sent = committed.get(chunk_id)
-            if sent is not None and sent.quarantined:
-                expected = Checksum(sent.rows_written, sent.sent_checksum or 0)
-            if expected != got:
-                differing.append(chunk_id)
-        result.totals = (sum(got_source, EMPTY), sum(got_target, EMPTY))
-        _report_checksum(result, differing, len(ids))
-        return
-    if job.mode != "full":
+    """Compare the chunks' sent checksums with the target (one scan), or rescan both sides.
+
+    Every chunk of a full load carries its sent checksum (source snapshot or staging table),
+    so one whole-table scan of the target settles the common case; only on a mismatch are
+    the target's chunks checksummed one by one, to name the bounds that differ.
+    """
+    sent = {
+        c.chunk_id: Checksum(c.rows_written, c.sent_checksum)
+        for c in committed.values()
+        if c.sent_checksum is not None
+    }
+    if job.mode == "full" and len(sent) == len(plan.chunks):
+        _compare_with_sent(plan, job, sent, target, result)
+    elif job.identical:
+        _compare_both_sides(plan, job, committed, result)
+    else:
         result.results["checksum"] = f"skipped ({job.mode} load with a mapping: see sample)"
+
+
+def _compare_with_sent(
+    plan: TablePlan,
+    job: ChunkJob,
+    sent: dict[str, Checksum],
+    target: psycopg.Connection,
+    result: TableValidation,
+) -> None:
+    columns = job.columns
+    got = checksum(target, job.target_ident, columns)
+    result.target_rows = got.rows
+    differing: list[str] = []
+    if got != sum(sent.values(), EMPTY):
+        differing = ["whole table"]
+        if _target_key_chunks(plan, job):
+            differing = [
+                c.chunk_id
+                for c in plan.chunks
+                if sent[c.chunk_id]
+                != checksum(target, job.target_ident, columns, *c.pg_filter(job.target.key))
+            ]
+    _report_checksum(result, differing, len(plan.chunks) if _target_key_chunks(plan, job) else 1)
+
+
+def _compare_both_sides(
+    plan: TablePlan, job: ChunkJob, committed: dict[str, ChunkCheckpoint], result: TableValidation
+) -> None:
+    """Identical tables without sent checksums for every chunk (incremental runs, chunks
+    committed by an older version): checksum source and target over the same ranges."""
+    columns = job.columns
+    if any(c.quarantined for c in committed.values()) and not _target_key_chunks(plan, job):
+        result.results["checksum"] = "skipped (rows quarantined from a table without chunk keys)"
         return
-    if _target_key_chunks(plan, job):
-        differing = []
-        for chunk in plan.chunks:
-            sent = committed.get(chunk.chunk_id)
-            where, params = chunk.pg_filter(job.target.key)
-            got = checksum(target, job.target_ident, columns, where, params)
-            if sent is None or Checksum(sent.rows_written, sent.sent_checksum or 0) != got:
-                differing.append(chunk.chunk_id)
-        _report_checksum(result, differing, len(plan.chunks))
-        return
-    sent_total = sum((Checksum(c.rows_written, c.sent_checksum or 0) for c in committed.values()), EMPTY)
-    same = sent_total == checksum(target, job.target_ident, columns)
-    _report_checksum(result, [] if same else ["whole table"], 1)
+    per_chunk = job.mode == "full" and _target_key_chunks(plan, job)
+    ranges = [replace(c, cursor_hi=None).pg_filter(job.source.key) for c in plan.chunks] if per_chunk else []
+    ranges = ranges or [(ALL_ROWS, [])]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        source_sums = pool.submit(_side_checksums, job.source_url, job.source.ident, columns, ranges)
+        target_sums = pool.submit(_side_checksums, job.target_url, job.target_ident, columns, ranges)
+        got_source, got_target = source_sums.result(), target_sums.result()
+    ids = [c.chunk_id for c in plan.chunks] if per_chunk else ["whole table"]
+    differing = []
+    for chunk_id, expected, got in zip(ids, got_source, got_target, strict=True):
+        sent = committed.get(chunk_id)
+        if sent is not None and sent.quarantined:
+            expected = Checksum(sent.rows_written, sent.sent_checksum or 0)
+        if expected != got:
+            differing.append(chunk_id)
+    result.source_rows = sum(got_source, EMPTY).rows
+    result.target_rows = sum(got_target, EMPTY).rows
+    _report_checksum(result, differing, len(ids))
 
 
 def _report_checksum(result: TableValidation, differing: list[str], total: int) -> None:

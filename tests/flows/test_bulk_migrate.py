@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -21,11 +22,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from psycopg import sql
 
 from flows.bulk_migrate import bulk_migrate
+from tasks.chunk_plan import Chunk
 from tasks.copy_pipe import normalize_session
 from tasks.db import drop_database, ensure_database
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
-from tasks.table_checksum import checksum
+from tasks.table_checksum import Checksum, checksum
 from tests.conftest import ROOT, flow_run_artifacts
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -127,6 +129,53 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
     _exec(target_db, "UPDATE orders SET amount = 0 WHERE id = 1000")
     with pytest.raises(UserError, match=r"orders chunks: key\["):
         bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3)
+
+
+def test_chunk_checksums_are_taken_in_the_copy_snapshot_and_checked_against_the_target(fresh_db, target_db):
+    """Each direct chunk records the source checksum of exactly the rows it sent (same snapshot
+    as its COPY OUT); validation compares those with the target, so a source row changed after
+    the load does not fail re-verification, while a changed target row does."""
+    _shop(fresh_db, orders=900)
+    bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=2)
+    recorded = _fetch(
+        target_db,
+        "SELECT chunk_id, rows_written, sent_checksum FROM flowyard.bulk_chunks WHERE source_table = 'public.orders'",
+    )
+    plan = _fetch(target_db, "SELECT plan FROM flowyard.bulk_plans WHERE source_table = 'public.orders'")[0][
+        0
+    ]
+    chunks = [Chunk.from_json(c) for c in plan]
+    assert len(chunks) == 3
+    assert {r[0]: Checksum(r[1], int(r[2])) for r in recorded} == {
+        c.chunk_id: _chunk_sum(fresh_db, c) for c in chunks
+    }
+
+    _exec(fresh_db, "UPDATE orders SET note = 'changed later' WHERE id = 5")
+    again = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=2)
+    assert all("MISMATCH" not in t["validation"] for t in again["tables"])
+    _exec(target_db, "DELETE FROM orders WHERE id = 850")
+    with pytest.raises(UserError, match=re.escape(f"orders chunks: {chunks[-1].chunk_id}")):
+        bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=2)
+
+
+def _chunk_sum(url: str, chunk: Chunk) -> Checksum:
+    with psycopg.connect(url) as conn:
+        normalize_session(conn)
+        return checksum(conn, sql.Identifier("public", "orders"), ORDER_COLUMNS, *chunk.pg_filter(["id"]))
+
+
+def test_mapping_passes_untouched_columns_through_as_text_byte_for_byte(fresh_db, target_db):
+    """A rename-only mapping takes the Arrow path with every column as PostgreSQL text: arrays,
+    jsonb, bytea, timestamptz, NULL vs empty string and quotes/newlines arrive unchanged."""
+    _shop(fresh_db, orders=400)
+    mapping = {"orders": {"target": "orders_v2", "rename": {"note": "remark"}}}
+    report = bulk_migrate(fresh_db, target_db, tables=["orders"], mapping=mapping, chunk_rows=150)
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    columns = ", ".join(ORDER_COLUMNS[:-1])
+    probe = "SELECT {}, {} IS NULL, {} FROM {} ORDER BY id"
+    assert _fetch(target_db, probe.format(columns, "remark", "remark", "orders_v2")) == _fetch(
+        fresh_db, probe.format(columns, "note", "note", "orders")
+    )
 
 
 def _committed(url: str) -> dict[str, tuple]:

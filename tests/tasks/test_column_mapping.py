@@ -89,3 +89,21 @@ def test_user_mistakes_are_one_line_errors():
     with pytest.raises(UserError, match="cannot cast column 'kind' to integer") as err:
         apply_mapping(BATCH, parse_mapping({"events": {"cast": {"kind": "integer"}}})["events"])
     assert "\n" not in str(err.value)
+
+
+def test_untouched_columns_are_those_no_cast_or_expression_reads():
+    """Columns only renamed, dropped or passed along may travel as text; the others are parsed."""
+    mapping = parse_mapping(
+        {
+            "events": {
+                "rename": {"user_id": "account_id", "kind": "category"},
+                "cast": {"amount": "double precision"},
+                "compute": {"big": "account_id > 10"},
+                "filter": "category != 'debug'",
+                "drop": ["id"],
+            }
+        }
+    )["events"]
+    assert mapping.untouched(["id", "user_id", "kind", "amount"]) == {"id"}
+    only_rename = parse_mapping({"events": {"rename": {"user_id": "account_id"}}})["events"]
+    assert only_rename.untouched(["id", "user_id"]) == {"id", "user_id"}
