@@ -64,7 +64,7 @@ def run_agent_queue(
         logger.info("resuming tasks of workers that are gone: %s", recovered)
     attempt = _attempt_tasks(retries)
     outcomes: dict[int, str] = {}
-    with ThreadPoolTaskRunner(max_workers=max_agents) as runner, fleet(setup):
+    with ThreadPoolTaskRunner(max_workers=max_agents) as runner, fleet(setup) as agents_fleet:
         running: dict[int, PrefectFuture[dict[str, Any]]] = {}
         finished: dict[int, PrefectFuture[dict[str, Any]]] = {}
         claimed = 0
@@ -74,6 +74,7 @@ def run_agent_queue(
                 room = min(room, max_tasks - claimed)
             for task in queue.claim_ready(url, setup.worker, room):
                 claimed += 1
+                agents_fleet.claimed(task)
                 running[task.id] = runner.submit(
                     attempt(task.agent_type),
                     parameters={"task_id": task.id, "worker": setup.worker},

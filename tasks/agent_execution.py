@@ -130,8 +130,15 @@ class Fleet:
         self.setup = setup
         self.stopping = threading.Event()
         self.reaper = Reaper(setup.limits.grace_seconds)
+        self.tasks: dict[int, queue.AgentTask] = {}  # as claimed; see :meth:`claimed`
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
+
+    def claimed(self, task: queue.AgentTask) -> None:
+        """A task the flow claimed for this fleet. Its attempts take the fields that never
+        change (agent type, payload, working directory...) from this row instead of reading
+        the task again; the checkpoint to resume from comes fresh with each attempt."""
+        self.tasks[task.id] = task
 
     def add(self, task_id: int, process: AgentProcess) -> None:
         with self._lock:
@@ -255,7 +262,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         return {"task_id": task_id, "outcome": "interrupted", "checkpoint": None}
     setup = current.setup
     url = setup.database_url
-    row = queue.get_task(url, task_id)
+    row = current.tasks[task_id]
     template = setup.templates.get(row.agent_type)
     if template is None:
         raise UserError(
@@ -263,9 +270,10 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             "configured; pass an `agents` template for it"
         )
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
-    attempt, run_id = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+    started = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+    attempt, run_id = started.number, started.run_id
     job = AgentJob(
-        task_id, attempt, row.title, row.type, row.description, row.payload, row.last_checkpoint, workdir
+        task_id, attempt, row.title, row.type, row.description, row.payload, started.checkpoint, workdir
     )
     log = TaskLog(setup.logs_dir, task_id, attempt, get_run_logger())
 
@@ -288,7 +296,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.add(task_id, process)
     except _Stopping:
         queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
-        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": row.last_checkpoint}
+        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": started.checkpoint}
     try:
         outcome = process.run()
         _finish(setup, task_id, attempt, run_id, outcome)

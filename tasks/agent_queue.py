@@ -314,25 +314,37 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
     return [_task(r) for r in rows]
 
 
-def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) -> tuple[int, int]:
-    """Count a new attempt of a task this worker holds; returns (attempt number, run id)."""
+@dataclass(frozen=True)
+class Attempt:
+    """A started attempt: its number, its ``agent_runs`` id, and the checkpoint to resume from."""
+
+    number: int
+    run_id: int
+    checkpoint: dict[str, Any] | None
+
+
+def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) -> Attempt:
+    """Count a new attempt of a task this worker holds. The task's last checkpoint comes back
+    from the same statement: a retry resumes from whatever the failed attempt saved."""
     with _connection(url, durable=False) as conn:
         row = conn.execute(
             """
             WITH t AS (
                 UPDATE flowyard.agent_tasks SET attempts = attempts + 1, heartbeat_at = now(), updated_at = now()
                  WHERE id = %s AND worker = %s AND status = 'in_progress'
-                RETURNING id, attempts, agent_type
+                RETURNING id, attempts, agent_type, last_checkpoint
+            ), r AS (
+                INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id)
+                SELECT id, attempts, agent_type, %s, %s FROM t
+                RETURNING attempt, id
             )
-            INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id)
-            SELECT id, attempts, agent_type, %s, %s FROM t
-            RETURNING attempt, id
+            SELECT r.attempt, r.id, t.last_checkpoint FROM r, t
             """,
             (task_id, worker, worker, flow_run_id),
         ).fetchone()
     if row is None:
         raise UserError(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
-    return int(row[0]), int(row[1])
+    return Attempt(int(row[0]), int(row[1]), row[2])
 
 
 def set_agent_pgid(url: str, task_id: int, worker: str, pgid: int | None) -> None:

@@ -39,9 +39,10 @@ def test_claims_follow_priority_then_age_and_only_ready_tasks(qdb: str) -> None:
     assert [t.id for t in claimed] == [crit, first, low]
     assert all(t.status == "in_progress" and t.worker == "w1" for t in claimed)
     assert queue.claim_ready(qdb, "w2", 10) == []
-    run_attempt, run_id = queue.start_attempt(qdb, first, "w1", None)
-    assert run_attempt == 1
-    assert queue.finish_attempt(qdb, run_id, "w1", "completed", result={"ok": 1}) == "completed"
+    queue.record_checkpoint(qdb, first, 0, {"step": 7})
+    attempt = queue.start_attempt(qdb, first, "w1", None)
+    assert attempt.number == 1 and attempt.checkpoint == {"attempt": 0, "kind": "agent", "state": {"step": 7}}
+    assert queue.finish_attempt(qdb, attempt.run_id, "w1", "completed", result={"ok": 1}) == "completed"
     assert [t.id for t in queue.claim_ready(qdb, "w2", 10)] == [blocked]
     assert queue.get_task(qdb, draft).status == "draft"
     queue.submit_task(qdb, draft)
@@ -66,7 +67,7 @@ def test_review_holds_dependents_until_approved(qdb: str) -> None:
     reviewed = queue.create_task(qdb, _new("needs review", requires_review=True))
     after = queue.create_task(qdb, _new("after", blocked_by=(reviewed,)))
     queue.claim_ready(qdb, "w", 5)
-    _, run_id = queue.start_attempt(qdb, reviewed, "w", None)
+    run_id = queue.start_attempt(qdb, reviewed, "w", None).run_id
     assert queue.finish_attempt(qdb, run_id, "w", "completed", result={}) == "review"
     assert queue.claim_ready(qdb, "w", 5) == []
     queue.approve_task(qdb, reviewed)
