@@ -137,12 +137,17 @@ def print_phases(flow_state: object) -> None:
 
 
 def warm_up(rt: object, bulk_migrate: Callable[..., object]) -> None:
-    """One tiny untimed flow run: Prefect's one-time process start-up (client, API handshake,
-    flow registration, ~4 s here) is paid once per worker process, not per copy."""
+    """Two tiny untimed flow runs, plain and mapped: one-time process start-up is paid once per
+    worker process, not per copy — Prefect's (client, API handshake, flow registration, ~4 s
+    here) and, for mappings, pyarrow's lazy import of pandas on its first conversion of a
+    Python value (a mapping constant; ~1 s)."""
     source = rt.database("bench_warmup_src")  # type: ignore[attr-defined]
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS warm (id int PRIMARY KEY)")
-    bulk_migrate(source, rt.database("bench_warmup_dst"), restart=True)  # type: ignore[attr-defined]
+        conn.execute("INSERT INTO warm VALUES (1) ON CONFLICT DO NOTHING")
+    target = rt.database("bench_warmup_dst")  # type: ignore[attr-defined]
+    bulk_migrate(source, target, restart=True)
+    bulk_migrate(source, target, mapping={"warm": {"target": "warm_mapped", "compute": {"twice": "id * 2"}}})
 
 
 def main() -> None:
