@@ -2,10 +2,17 @@
 against the same agent commands run by a bare K-thread subprocess pool, in one run.
 
 Per-task overhead is measured in agent-slot time: ``wall × agents / tasks`` minus the agent's
-own work (``steps × sleep``). The bare pool gives the cost of spawning the agent process
-(Python start-up included); the difference to the queue is what the queue claim, the
-Prefect task run (states, logs, result) and the per-attempt bookkeeping add. Target:
-≤ 100 ms per task above the agent's own run time.
+own work (``steps × sleep``), ``wall`` being the whole ``run_agent_queue`` call. The bare
+pool gives the cost of spawning the agent process (Python start-up included); the
+difference to the queue is what the queue claim, the Prefect task run (states, events,
+result) and the per-attempt bookkeeping add. Target: ≤ 100 ms per task above the agent's
+own run time.
+
+A small warm-up run (``agents`` tasks) goes first, so imports and first connections of this
+process are not counted; everything a flow run does is (its start, its end, its artifacts,
+and Prefect's wait for its heartbeat thread, which makes every flow call last whole seconds).
+The breakdown splits that per-run part from the per-attempt time (``flowyard.agent_runs``)
+and the rest.
 
     .venv/bin/python bench/agent_queue.py [--tasks 200] [--agents 8] [--sleep 0.2]
 """
