@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,36 @@ def flow_run_artifacts(flow_state: Any) -> list[Any]:
         return client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
+
+
+def recorded_task_runs(flow_state: Any, name_like: str, count: int, attempts: int = 240) -> list[Any]:
+    """The task runs of one flow run whose name contains ``name_like``, read back once the
+    server shows ``count`` of them, all in a final state.
+
+    flowyard's Prefect server records task runs from the client's events in batches flushed
+    every second (``TASK_RUN_RECORDER_BATCHING``), so right after a flow returns its task runs
+    may be missing or still in an earlier state. This reads up to ``attempts`` times, 0.25 s
+    apart (a generous bound, not a timing assertion), and returns the last read either way:
+    the caller's assertions then show what the server did record.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+    task_run_filter = TaskRunFilter(name=TaskRunFilterName(like_=name_like))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=flow_run_filter, task_run_filter=task_run_filter)
+        for _ in range(attempts - 1):
+            if len(runs) == count and all(r.state is not None and r.state.is_final() for r in runs):
+                break
+            time.sleep(0.25)
+            runs = client.read_task_runs(flow_run_filter=flow_run_filter, task_run_filter=task_run_filter)
+    return runs
 
 
 def run_cli(

@@ -17,8 +17,6 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 from psycopg import sql
 
 from flows.bulk_migrate import bulk_migrate
@@ -28,7 +26,7 @@ from tasks.db import drop_database, ensure_database
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tasks.table_checksum import Checksum, checksum
-from tests.conftest import ROOT, flow_run_artifacts
+from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -52,15 +50,15 @@ def _sum(url: str, table: str, columns: list[str]):
         return checksum(conn, sql.Identifier(schema, name), columns)
 
 
-def _task_states(flow_state) -> list[str]:
-    """State names of the copy-chunk task runs of one flow run (read back from the Prefect API)."""
-    flow_run_id = flow_state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="copy ")),
-        )
-    return [r.state.name for r in runs]
+def _copy_runs(flow_state, chunks: int) -> list:
+    """The copy-chunk task runs of one flow run, read back from the Prefect API once all
+    ``chunks`` of them are recorded in a final state."""
+    return recorded_task_runs(flow_state, "copy ", chunks)
+
+
+def _task_states(flow_state, chunks: int) -> list[str]:
+    """State names of the copy-chunk task runs of one flow run."""
+    return [r.state.name for r in _copy_runs(flow_state, chunks)]
 
 
 @pytest.fixture()
@@ -110,7 +108,8 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
         c[0] for c in _fetch(target_db, constraints)
     }
     assert _fetch(target_db, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'") == [(1,)]
-    assert len(_task_states(state)) == 8 and "Cached" not in _task_states(state)
+    states = _task_states(state, 8)
+    assert len(states) == 8 and "Cached" not in states
     artifacts = {a.type: a for a in flow_run_artifacts(state)}
     assert artifacts["progress"].data == 100.0 and "rows/s" in artifacts["progress"].description
     table = (
@@ -123,7 +122,7 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
 
     again = bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3, return_state=True)
     assert again.result()["run_key"] == report["run_key"]
-    assert set(_task_states(again)) == {"Cached"}
+    assert set(_task_states(again, 8)) == {"Cached"}
 
     assert _fetch(target_db, "INSERT INTO accounts (name) VALUES ('new') RETURNING id") == [(51,)]
     _exec(target_db, "UPDATE orders SET amount = 0 WHERE id = 1000")
@@ -224,7 +223,7 @@ def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, targ
     after = _committed(target_db)
     assert len(after) == 30
     assert {k: after[k] for k in before} == before, "chunks committed before the kill were not copied again"
-    states = _task_states(state)
+    states = _task_states(state, 30)
     assert states.count("Cached") >= 1 and len(states) == 30
 
 
@@ -467,14 +466,12 @@ def test_lost_connection_mid_chunk_is_retried(fresh_db, target_db):
     cutter = threading.Thread(target=cut_first_copy, daemon=True)
     cutter.start()
     state = bulk_migrate(fresh_db, target_db, chunk_rows=20000, parallelism=2, return_state=True)
-    state.result()
+    report = state.result()
     cutter.join(timeout=5)
     assert killed, "a COPY into the target was cut"
     assert _fetch(target_db, "SELECT count(*), count(DISTINCT id) FROM big") == [(200000, 200000)]
-    flow_run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    assert max(r.run_count for r in runs if r.name.startswith("copy ")) >= 2
+    runs = _copy_runs(state, report["tables"][0]["chunks"])
+    assert max(r.run_count for r in runs) >= 2
 
 
 def test_dask_runner_by_configuration(fresh_db, target_db):

@@ -24,7 +24,7 @@ from tasks import agent_queue as queue
 from tasks.db import connection
 from tasks.process_group import group_members
 from tasks.state import state_url
-from tests.conftest import ROOT, flow_run_artifacts
+from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -105,7 +105,7 @@ def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) ->
     assert state.result()["outcomes"] == {task_id: "completed"}
     task = queue.get_task(qdb, task_id)
     assert task.attempts == 2
-    assert _task_run_results(state.state_details.flow_run_id) == [
+    assert _task_run_results(state, tasks=1) == [
         {
             "task_id": task_id,
             "attempt": 2,
@@ -120,14 +120,11 @@ def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) ->
     assert [(h["attempt"], h["state"]["step"]) for h in history] == [(1, 1), (1, 2), (2, 3), (2, 4)]
 
 
-def _task_run_results(flow_run_id: Any) -> list[Any]:
-    """The persisted results of a flow run's completed ``run-agent`` task runs, read back through the API."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return [r.state.result() for r in runs if r.name.startswith("agent-") and r.state.is_completed()]
+def _task_run_results(flow_state: Any, tasks: int) -> list[Any]:
+    """The persisted results of a flow run's completed ``run-agent`` task runs (one per queue
+    task, retries included), read back through the API once all ``tasks`` are recorded."""
+    runs = recorded_task_runs(flow_state, "agent-", tasks)
+    return [r.state.result() for r in runs if r.state.is_completed()]
 
 
 def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: str) -> None:
