@@ -1,7 +1,7 @@
 """The bundled reference agent: deterministic, offline, speaking flowyard's agent protocol.
 
 Run as ``python -m tasks.reference_agent``. Its start-up is part of each task's overhead,
-so it imports the standard library's bare minimum (no ``typing``, ``pathlib`` or
+so it imports the standard library's bare minimum (no ``json``, ``typing``, ``pathlib`` or
 ``subprocess`` unless asked to spawn a child) and the built-in template starts it without
 ``site`` and exits without interpreter teardown (see ``tasks.agent_process.REFERENCE_TEMPLATE``
 and :func:`serve`). It reads the task envelope from argv[1], the
@@ -23,19 +23,21 @@ Knobs (in the task payload), for the demo and the tests:
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
-import threading
 import time
+
+# The C halves of ``signal`` and ``threading``: those modules import enum, functools and
+# weakref machinery, ~14 ms of every start-up, for the three calls used here.
+from _signal import SIG_IGN, SIGTERM, signal
+from _thread import RLock, start_new_thread
 
 try:  # CPython's built-in SHA-256: hashlib's default loads OpenSSL, ~2 ms of every start-up
     from _sha256 import sha256
 except ImportError:  # Python 3.12+ (``_sha2``) or a build without it
     from hashlib import sha256
 
-from tasks.agent_wire import TASK_ENV_VAR, is_checkpoint_request, message_line
+from tasks.agent_wire import TASK_ENV_VAR, dumps, is_checkpoint_request, loads, message_line
 
 
 class ReferenceAgent:
@@ -46,7 +48,7 @@ class ReferenceAgent:
         self.step = int(state.get("step", 0))
         self.digest = str(state.get("digest", sha256(str(self.task_id).encode()).hexdigest()))
         self.resumed_from = self.step
-        self._out = threading.RLock()  # re-entrant: the SIGTERM handler may interrupt an emit
+        self._out = RLock()  # re-entrant: the SIGTERM handler may interrupt an emit
 
     def emit(self, kind: str, **fields: object) -> None:
         with self._out:
@@ -74,7 +76,7 @@ class ReferenceAgent:
         while self.step < steps:
             if self.payload.get("garbage"):
                 print(f"garbage line {self.step} {{not json", flush=True)
-                print(json.dumps({"kind": "progress", "percent": "lots"}), flush=True)
+                print(dumps({"kind": "progress", "percent": "lots"}), flush=True)
             time.sleep(float(self.payload.get("sleep", 0)))
             self.step += 1
             self.digest = sha256(f"{self.digest}:{self.task_id}:{self.step}".encode()).hexdigest()
@@ -97,7 +99,7 @@ class ReferenceAgent:
         return 0
 
     def listen(self) -> None:
-        """Answer checkpoint requests arriving on stdin (runs in a daemon thread)."""
+        """Answer checkpoint requests arriving on stdin (runs in a background thread)."""
         for line in sys.stdin:
             if is_checkpoint_request(line):
                 self.checkpoint()
@@ -105,19 +107,19 @@ class ReferenceAgent:
 
 def read_envelope(argv: list[str]) -> dict:
     if len(argv) > 1:
-        return json.loads(argv[1])
+        return loads(argv[1])
     if os.environ.get(TASK_ENV_VAR):
-        return json.loads(os.environ[TASK_ENV_VAR])
-    return json.loads(sys.stdin.readline())
+        return loads(os.environ[TASK_ENV_VAR])
+    return loads(sys.stdin.readline())
 
 
 def main(argv: list[str] | None = None) -> int:
     agent = ReferenceAgent(read_envelope(sys.argv if argv is None else argv))
     if agent.payload.get("ignore_term"):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, _exit_after_checkpoint(agent))
-    threading.Thread(target=agent.listen, daemon=True).start()
+        signal(SIGTERM, _exit_after_checkpoint(agent))
+    start_new_thread(agent.listen, ())  # never joined: serve() leaves with os._exit
     return agent.run()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -145,3 +146,15 @@ def test_failed_agent_reports_its_error_and_stderr(tmp_path: Path) -> None:
     assert outcome.outcome == "failed" and "boom" in outcome.error and outcome.exit_code == 4
     assert ("stderr", LogMessage(kind="log", level="stderr", message="boom")) in seen
     assert os.environ.get("FLOWYARD_TASK_ID") is None
+
+
+def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Path) -> None:
+    """Its start-up is part of every task's overhead: the exact interpreter flags of the
+    template, importing the agent, must leave json, re, enum, typing, threading and signal
+    (each several ms of CPU) unloaded."""
+    *interpreter, boot = REFERENCE_TEMPLATE.argv
+    assert boot.endswith("serve()")
+    probe = boot.removesuffix("serve()") + "print(' '.join(sys.modules))"
+    loaded = set(subprocess.run([*interpreter, probe], capture_output=True, text=True, check=True).stdout.split())
+    assert "tasks.reference_agent" in loaded
+    assert loaded.isdisjoint({"json", "re", "enum", "typing", "threading", "signal", "site", "hashlib"})

@@ -15,7 +15,7 @@ from tasks.agent_protocol import (
     ResultMessage,
     parse_line,
 )
-from tasks.agent_wire import CHECKPOINT_REQUEST, KINDS, is_checkpoint_request, message_line
+from tasks.agent_wire import CHECKPOINT_REQUEST, KINDS, dumps, is_checkpoint_request, loads, message_line
 
 
 @pytest.mark.parametrize(
@@ -62,3 +62,34 @@ def test_agent_side_helpers_speak_the_same_protocol() -> None:
     assert is_checkpoint_request(CHECKPOINT_REQUEST + "\n")
     assert not is_checkpoint_request('{"kind": "control", "command": "stop"}')
     assert not is_checkpoint_request("checkpoint please")
+
+
+CODEC_SAMPLES = [
+    {"kind": "result", "data": {"digest": "ab" * 32, "steps": 3, "resumed_from": 0}},
+    {"nested": [1, -2, 3.5, 1e300, None, True, False, [], {}], "text": 'é "quoted"\n\t\\ \u2028 \U0001f600'},
+    [],
+    "just a string",
+    0,
+    -0.0,
+]
+
+
+@pytest.mark.parametrize("value", CODEC_SAMPLES)
+def test_lean_codec_matches_the_json_module(value: object) -> None:
+    assert dumps(value) == json.dumps(value)
+    assert loads(json.dumps(value)) == value
+    assert loads(f" \t{json.dumps(value, indent=2)}\r\n") == value
+
+
+@pytest.mark.parametrize("text", ["", "   ", "{not json", '{"a": 1} trailing', "[1, 2", "nan"])
+def test_lean_codec_rejects_what_the_json_module_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        loads(text)
+
+
+def test_lean_codec_refuses_unserializable_values_like_json() -> None:
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"when": object()})
+    assert dumps({"x": float("nan")}) == json.dumps({"x": float("nan")})
