@@ -1,8 +1,8 @@
 """``sync-devices``: sync every developer machine's SQLite event store into the central PostgreSQL.
 
 One mapped task per device store, on a bounded thread pool. Each device uploads its pending
-events in adaptive batches (COPY + ``ON CONFLICT (sync_id) DO NOTHING``) and only then marks
-them synced locally, so a crash re-sends and central keeps one copy. A corrupt or locked
+events in adaptive batches (COPY + ``ON CONFLICT DO NOTHING`` on sync id and origin) and only
+then marks them synced locally, so a crash re-sends and central keeps one copy. A corrupt or locked
 store fails its own task with a one-line message; the other devices still sync, and the
 run fails at the end naming the devices that need attention.
 """

@@ -1,9 +1,14 @@
 """The central PostgreSQL side of device sync (seed 002 §3.2, §3.3, §6.1).
 
 - ``devflow.events`` is partitioned by month of the event time; partitions are created on
-  demand. Events are immutable: every one is kept, deduplicated by ``sync_id`` through
-  ``devflow.event_keys`` (a partitioned table cannot have a unique index without the
-  partition key, so the global key registry carries ``ON CONFLICT (sync_id) DO NOTHING``).
+  demand. Events are immutable: every one is kept exactly once, through the global key
+  registry ``devflow.event_keys`` (a partitioned table cannot have a unique index without
+  the partition key). The registry has two unique keys and the upload inserts into it with
+  ``ON CONFLICT DO NOTHING``, so an event is a duplicate if either is already known:
+  ``sync_id``, and its origin ``(device_id, local_id, occurred_at, event_type)``. The origin
+  catches an event that comes back under a new sync id, because ``migrate down --to=v1``
+  dropped its id and the re-upgrade generated another; a store recreated under the same
+  device id restarts its local ids, but its new events have other times, so they are kept.
 - A batch is COPY'd into a temporary table and moved with one ``INSERT … SELECT`` that
   also bumps the hourly/daily rollups by exactly the newly inserted rows, so a re-sent
   batch changes nothing.
@@ -36,7 +41,11 @@ _SEQUENCER_LOCK = 7_202_611_002
 _DDL = (
     "CREATE SCHEMA IF NOT EXISTS devflow",
     "CREATE SEQUENCE IF NOT EXISTS devflow.change_seq",
-    "CREATE TABLE IF NOT EXISTS devflow.event_keys (sync_id uuid PRIMARY KEY)",
+    """
+    CREATE TABLE IF NOT EXISTS devflow.event_keys (
+        sync_id uuid PRIMARY KEY, device_id text, local_id bigint, occurred_at timestamptz, event_type text
+    )
+    """,
     """
     CREATE TABLE IF NOT EXISTS devflow.events (
         seq          bigint      NOT NULL DEFAULT nextval('devflow.change_seq'),
@@ -65,6 +74,30 @@ _DDL = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS project_status_seq ON devflow.project_status (seq)",
+)
+
+# The origin key, added in place to registries created before it existed. The origin is
+# NULL on keys an older version registered until the backfill; of events already stored
+# twice under different sync ids (by that older version) only the first copy gets it.
+_ORIGIN_INDEX = "devflow.event_keys_origin"
+_ORIGIN_UPGRADE = (
+    """
+    ALTER TABLE devflow.event_keys ADD COLUMN IF NOT EXISTS device_id text,
+        ADD COLUMN IF NOT EXISTS local_id bigint, ADD COLUMN IF NOT EXISTS occurred_at timestamptz,
+        ADD COLUMN IF NOT EXISTS event_type text
+    """,
+    """
+    UPDATE devflow.event_keys k
+    SET device_id = e.device_id, local_id = e.local_id, occurred_at = e.occurred_at, event_type = e.event_type
+    FROM (
+        SELECT DISTINCT ON (device_id, local_id, occurred_at, event_type)
+               sync_id, device_id, local_id, occurred_at, event_type
+        FROM devflow.events ORDER BY device_id, local_id, occurred_at, event_type, seq
+    ) e
+    WHERE k.sync_id = e.sync_id AND k.device_id IS NULL
+    """,
+    "CREATE UNIQUE INDEX IF NOT EXISTS event_keys_origin "
+    "ON devflow.event_keys (device_id, local_id, occurred_at, event_type)",
 )
 
 ROLLUP_TABLES = ("rollup_hourly", "rollup_daily")
@@ -101,11 +134,13 @@ _COPY = copy_in_statement(sql.Identifier("upload_batch"), UPLOAD_COLUMNS, "text"
 
 # Events, key registry and rollups in one statement: the rollups count only rows that were
 # really inserted, so a re-sent batch (crash before the local mark) adds nothing twice.
+# ON CONFLICT without a target skips a row that hits either unique key of the registry
+# (sync id or origin), also when a concurrent upload inserted that key first.
 _INSERT_EVENTS = """
 WITH fresh AS (
-    INSERT INTO devflow.event_keys (sync_id)
-    SELECT sync_id FROM upload_batch
-    ON CONFLICT (sync_id) DO NOTHING
+    INSERT INTO devflow.event_keys (sync_id, device_id, local_id, occurred_at, event_type)
+    SELECT sync_id, device_id, local_id, to_timestamp(ts_ms / 1000.0), event_type FROM upload_batch
+    ON CONFLICT DO NOTHING
     RETURNING sync_id
 ), ins AS (
     INSERT INTO devflow.events
@@ -129,12 +164,15 @@ SELECT count(*) FROM ins
 """
 
 # Last write wins: newest event time, then device id, then sync id; the WHERE clause makes a
-# late (older) arrival a no-op, so replays and out-of-order batches converge.
+# late (older) arrival a no-op, so replays and out-of-order batches converge. Only events
+# registered under their own sync id count: a copy skipped by its origin (a re-upgraded
+# store's new sync id) would otherwise win the sync-id tie-break against itself.
 _UPSERT_STATUS = """
 WITH latest AS (
     SELECT DISTINCT ON (project_id)
            project_id, event_data, to_timestamp(ts_ms / 1000.0) AS updated_at, device_id, sync_id
-    FROM upload_batch WHERE event_type = %s
+    FROM upload_batch b
+    WHERE event_type = %s AND EXISTS (SELECT FROM devflow.event_keys k WHERE k.sync_id = b.sync_id)
     ORDER BY project_id, ts_ms DESC, device_id DESC, sync_id DESC
 ), changed AS (
     INSERT INTO devflow.project_status AS s (project_id, status, updated_at, device_id, sync_id, seq)
@@ -171,13 +209,21 @@ class StatusUpdate:
 
 
 def ensure_schema(url: str) -> None:
-    """Create the central tables if missing (idempotent; serialised by an advisory lock)."""
+    """Create the central tables if missing, or upgrade them in place (idempotent; serialised
+    by an advisory lock).
+
+    The origin-key upgrade runs only while its index is missing: its ALTER TABLE would
+    otherwise take an exclusive lock on the key registry at the start of every run.
+    """
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
         for statement in _DDL:
             conn.execute(statement)
         for name in ROLLUP_TABLES:
             conn.execute(_ROLLUP_DDL.format(sql.Identifier(SCHEMA, name)))
+        if conn.execute("SELECT to_regclass(%s)", (_ORIGIN_INDEX,)).fetchone()[0] is None:
+            for statement in _ORIGIN_UPGRADE:
+                conn.execute(statement)
 
 
 def month_start(ts_ms: int) -> date:

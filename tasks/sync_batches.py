@@ -1,9 +1,11 @@
 """Sync one device store into the central database, batch by batch (seed 002 §5.2, §6.2).
 
 Per batch: read pending events by local id, filter their ``event_data`` for privacy, upload
-(COPY + ``INSERT … ON CONFLICT (sync_id) DO NOTHING``), then mark them synced locally.
-The local mark comes strictly after the central commit, so a crash in between only means
-the batch is sent again, and central keeps one copy. A batch that cannot be uploaded after
+(COPY + ``INSERT … ON CONFLICT DO NOTHING`` on the sync id and the event's origin), then
+mark them synced locally. The local mark comes strictly after the central commit, so a
+crash in between only means the batch is sent again, and central keeps one copy; events
+central already holds (re-sent, or back under new sync ids after a downgrade and
+re-upgrade) count as duplicates and are marked synced too. A batch that cannot be uploaded after
 a few quick reconnect attempts is marked failed (attempts and error recorded, retried after
 backoff on a later run); it is never dropped.
 """

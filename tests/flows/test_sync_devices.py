@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV
-from tests.conftest import ROOT, flow_run_artifacts
+from tests.conftest import ROOT, flow_run_artifacts, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -205,3 +206,44 @@ def test_alerts_are_logged_and_emitted(
     central_store.ensure_schema(fresh_db)
     sync_devices(stores=[str(store)], central_url=fresh_db, force=True)
     assert _central_counts(fresh_db) == (100, 100)
+
+
+def _app_writes_with_own_sync_ids(store: Path, count: int) -> None:
+    """A v2-aware app that sets ``sync_id`` itself (the trigger fills only the identity)."""
+    with device_store.open_store(store) as conn, device_store.write_transaction(conn):
+        conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data, sync_id) VALUES (?, 'build', '{}', ?)",
+            ((device_store.now_ms() - n, str(uuid.uuid4())) for n in range(count)),
+        )
+
+
+def test_downgrade_and_re_upgrade_never_duplicates_centrally(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """``migrate down --to=v1`` drops every sync id; the re-upgrade gives the same events new
+    ones. The next sync must report them as duplicates and keep one central copy each."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "roundtrip.db", 500, seed=4)
+    first = sync_devices(stores=[str(store)], central_url=fresh_db, batch_size=200)["devices"]["roundtrip"]
+    assert first["uploaded"] == 500
+    _app_writes_with_own_sync_ids(store, 20)
+    assert sync_devices(stores=[str(store)], central_url=fresh_db)["devices"]["roundtrip"]["uploaded"] == 20
+
+    down = run_cli("sync", "migrate", "down", "--to=v1", str(store))
+    assert down.returncode == 0 and "520 events kept" in down.stdout, down.stderr
+    with device_store.open_store(store) as conn:
+        device_store.insert_events(conn, [(device_store.now_ms(), "commit", {"action": "save"})] * 30)
+
+    again = sync_devices(stores=[str(store)], central_url=fresh_db, batch_size=200)["devices"]["roundtrip"]
+    counts = (again["uploaded"], again["duplicates"], again["failed"], again["pending_after"])
+    assert counts == (30, 520, 0, 0)
+    assert _synced(store) == 550
+    with psycopg.connect(fresh_db) as conn:
+        copies = conn.execute(
+            "SELECT count(*), count(DISTINCT (device_id, local_id, occurred_at, event_type)) FROM devflow.events"
+        ).fetchone()
+        rollup = conn.execute("SELECT sum(events) FROM devflow.rollup_daily").fetchone()[0]
+    assert copies == (550, 550) and rollup == 550
+    history = sync_state.history(state_db, limit=1)[0]
+    assert (history.device_id, history.uploaded, history.duplicates) == ("roundtrip", 30, 520)

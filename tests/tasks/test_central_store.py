@@ -19,12 +19,16 @@ def _ms(year: int, month: int, day: int, hour: int = 0) -> int:
     return int(datetime(year, month, day, hour, tzinfo=UTC).timestamp() * 1000)
 
 
+_LOCAL_IDS = itertools.count(1)
+
+
 def _row(
     ts: int, *, device: str = "d1", kind: str = "file_edit", data: dict | None = None, project: str = "p"
 ) -> UploadRow:
+    """A new event: own sync id and own local id (a device never reuses one within a store)."""
     return (
         str(uuid.uuid4()),
-        1,
+        next(_LOCAL_IDS),
         ts,
         device,
         f"user-{device}",
@@ -162,3 +166,65 @@ def test_download_since_cursor_returns_only_newer_changes(central: str) -> None:
         session.close()
     assert [(u.project_id, u.status, u.device_id) for u in later] == [("p1", {"status": "newer"}, "b")]
     assert later[0].seq > cursor
+
+
+def test_an_event_back_under_a_new_sync_id_is_a_duplicate(central: str) -> None:
+    """A re-upgraded store re-sends its events with new sync ids: the origin key skips them,
+    without touching rollups or snapshots; an event with only the local id in common is new."""
+    base = _ms(2026, 8, 1)
+    first = [_row(base + i * 1000) for i in range(99)] + [_status("d1", base + 99_000, "green", "p")]
+    session = CentralSession(central)
+    try:
+        assert session.upload(first).inserted == 100
+        cursor = max(u.seq for u in session.download_updates(0))
+        again = [(str(uuid.uuid4()), *row[1:]) for row in first[:-1]]
+        again.append(("ffffffff-ffff-4fff-bfff-ffffffffffff", *first[-1][1:]))  # wins any sync-id tie
+        assert session.upload(again) == central_store.UploadResult(0, 100, 0)
+        assert session.download_updates(cursor) == []
+        reused_id = (str(uuid.uuid4()), first[0][1], base - 1, *first[0][3:])
+        assert session.upload([reused_id]).inserted == 1
+    finally:
+        session.close()
+    assert _scalar(central, "SELECT count(*) FROM devflow.events") == 101
+    assert _scalar(central, "SELECT sum(events) FROM devflow.rollup_daily") == 101
+    with psycopg.connect(central) as conn:
+        snapshot = conn.execute("SELECT sync_id::text FROM devflow.project_status").fetchall()
+    assert snapshot == [(first[-1][0],)]
+
+
+def test_a_central_database_from_before_the_origin_key_is_upgraded_in_place(central: str) -> None:
+    """The registry as the previous version created it (sync id only), holding an event that
+    version already stored twice: ensure_schema adds and backfills the origin key, keeps
+    both old copies (it never deletes an event) and dedups every later copy."""
+    base = _ms(2026, 9, 1)
+    rows = [_row(base + i * 1000) for i in range(50)]
+    session = CentralSession(central)
+    try:
+        session.upload(rows)
+        with psycopg.connect(central, autocommit=True) as conn:
+            conn.execute("DROP INDEX devflow.event_keys_origin")
+            conn.execute(
+                "ALTER TABLE devflow.event_keys DROP COLUMN device_id, DROP COLUMN local_id, "
+                "DROP COLUMN occurred_at, DROP COLUMN event_type"
+            )
+            twin = str(uuid.uuid4())  # the old duplication: the first event again, under a new sync id
+            conn.execute("INSERT INTO devflow.event_keys (sync_id) VALUES (%s)", (twin,))
+            conn.execute(
+                "INSERT INTO devflow.events (sync_id, local_id, device_id, user_id, project_id, event_type, "
+                "event_data, occurred_at) SELECT %s, local_id, device_id, user_id, project_id, event_type, "
+                "event_data, occurred_at FROM devflow.events WHERE sync_id = %s",
+                (twin, rows[0][0]),
+            )
+        central_store.ensure_schema(central)
+        central_store.ensure_schema(central)
+        session.close()
+        session = CentralSession(central)
+        later = [(str(uuid.uuid4()), *row[1:]) for row in rows]
+        assert session.upload(later) == central_store.UploadResult(0, 50, 0)
+    finally:
+        session.close()
+    assert _scalar(central, "SELECT count(*) FROM devflow.events") == 51
+    assert _scalar(central, "SELECT count(*) FROM devflow.event_keys WHERE device_id IS NULL") == 1
+    assert _scalar(central, "SELECT to_regclass('devflow.event_keys_origin')::text") == (
+        "devflow.event_keys_origin"
+    )

@@ -196,3 +196,22 @@ def test_a_slow_central_shrinks_the_next_batches(central: str, tmp_path: Path) -
     # 1000 events at the configured size, then the remaining 100 in batches of 50.
     assert (report.uploaded, report.batches, report.final_batch_size) == (1100, 3, 50)
     assert _central_counts(central) == (1100, 1100)
+
+
+def test_a_recreated_store_reusing_local_ids_is_not_taken_for_duplicates(
+    central: str, tmp_path: Path
+) -> None:
+    """Wiped and recreated under the same device id, a store numbers its events from 1 again;
+    those are other events (other times), so the origin key must let every one of them in."""
+    path = tmp_path / "dev.db"
+    make_store(path, 300, seed=1, end_ms=device_store.now_ms() - 86_400_000)
+    assert sync_device(path, IDENTITY, SyncOptions(central)).uploaded == 300
+    path.unlink()
+    make_store(path, 300, seed=1)  # same device id, local ids 1..300 again, same event types
+    report = sync_device(path, IDENTITY, SyncOptions(central))
+    assert (report.uploaded, report.duplicates, report.pending_after) == (300, 0, 0)
+    with psycopg.connect(central) as conn:
+        per_id = conn.execute(
+            "SELECT min(n), max(n) FROM (SELECT count(*) AS n FROM devflow.events GROUP BY local_id) c"
+        ).fetchone()
+    assert _central_counts(central) == (600, 600) and per_id == (2, 2)
