@@ -71,7 +71,7 @@ def sync_devices(
     options = SyncOptions(
         central_url=central, batch_size=batch_size or config.batch_size, policy=config.privacy, force=force
     )
-    last_success = {d.device_id: d.last_success_at for d in sync_state.list_devices(state)}
+    offline_since = {d.device_id: d.offline_since for d in sync_state.list_devices(state)}
     progress_id = create_progress_artifact(0.0, description=f"devices synced of {len(targets)}")
     futures = sync_device_task.map(targets, unmapped(options), unmapped(state))
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
@@ -81,7 +81,7 @@ def sync_devices(
         result = future.result(raise_on_failure=False)
         outcomes.append(
             settle_device(
-                state, flow_run.id, target, result, last_success.get(target.device_id), config, logger
+                state, flow_run.id, target, result, offline_since.get(target.device_id), config, logger
             )
         )
         update_progress_artifact(progress_id, 100.0 * done / max(len(targets), 1))

@@ -29,11 +29,16 @@ class Alert:
 def evaluate(
     device_id: str,
     report: DeviceReport | None,
-    last_success_at: datetime | None,
+    offline_since: datetime | None,
     thresholds: AlertThresholds,
     now: datetime,
 ) -> list[Alert]:
-    """Alerts for one device after a run (``report`` is None when the store was unusable)."""
+    """Alerts for one device after a run (``report`` is None when the store was unusable).
+
+    Offline means no successful sync for longer than the threshold, counted from
+    ``offline_since``: the last successful sync or, for a device that never had one, when it
+    was configured or first seen (None: first seen in this run). A successful run is never offline.
+    """
     alerts = []
     if report is not None and report.pending_after > thresholds.queue_threshold:
         alerts.append(
@@ -60,7 +65,7 @@ def evaluate(
             )
         )
     succeeded_now = report is not None and report.error is None
-    offline = None if last_success_at is None else (now - last_success_at).total_seconds()
+    offline = None if offline_since is None else (now - offline_since).total_seconds()
     if not succeeded_now and offline is not None and offline > thresholds.offline_seconds:
         alerts.append(
             Alert(

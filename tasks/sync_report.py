@@ -29,18 +29,21 @@ def settle_device(
     flow_run_id: UUID | None,
     target: SyncTarget,
     result: DeviceReport | BaseException,
-    last_success_at: datetime | None,
+    offline_since: datetime | None,
     config: SyncConfig,
     logger: logging.Logger | logging.LoggerAdapter,
 ) -> DeviceOutcome:
-    """Record one device's result (a report, or the exception its task failed with) and alert."""
+    """Record one device's result (a report, or the exception its task failed with) and alert.
+
+    ``offline_since`` is :attr:`sync_state.Device.offline_since`; None for a device first seen now.
+    """
     report = result if isinstance(result, DeviceReport) else None
     error = report.error if report else str(result)
     if report:
         sync_state.record_device_run(state_url, flow_run_id, report)
     else:
         sync_state.record_device_error(state_url, flow_run_id, target.device_id, target.store, error)
-    alerts = sync_alerts.evaluate(target.device_id, report, last_success_at, config.alerts, datetime.now(UTC))
+    alerts = sync_alerts.evaluate(target.device_id, report, offline_since, config.alerts, datetime.now(UTC))
     sync_alerts.emit(alerts, logger)
     return DeviceOutcome(target.device_id, error, _table_row(target, report, error), _state(report, error))
 

@@ -33,7 +33,9 @@ class AlertThresholds(BaseModel):
     )
     failure_rate: float = Field(default=0.1, ge=0, le=1, description="Share of a run's events that failed.")
     offline_seconds: int = Field(
-        default=3600, ge=0, description="Time since a device's last successful sync."
+        default=3600,
+        ge=0,
+        description="Time since a device's last successful sync (never synced: since it was configured).",
     )
 
 
@@ -70,10 +72,17 @@ class Device:
     last_attempt_at: datetime | None
     last_success_at: datetime | None
     last_error: str | None
+    created_at: datetime
 
     @property
     def identity(self) -> Identity:
         return Identity(self.device_id, self.user_id, self.project_id)
+
+    @property
+    def offline_since(self) -> datetime:
+        """Where the offline clock starts: the last successful sync, or for a device that never
+        synced, when it was configured (or first seen by a run), so it can still raise the alert."""
+        return self.last_success_at or self.created_at
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ _DEVICE_COLUMNS = sql.SQL(", ").join(
         "last_attempt_at",
         "last_success_at",
         "last_error",
+        "created_at",
     )
 )
 

@@ -247,3 +247,35 @@ def test_downgrade_and_re_upgrade_never_duplicates_centrally(
     assert copies == (550, 550) and rollup == 550
     history = sync_state.history(state_db, limit=1)[0]
     assert (history.device_id, history.uploaded, history.duplicates) == ("roundtrip", 30, 520)
+
+
+def test_a_configured_device_that_never_synced_raises_the_offline_alert(
+    state_db: str, tmp_path: Path
+) -> None:
+    """No successful sync ever: the offline clock runs from when the device was configured."""
+    from flows.sync_devices import sync_devices
+
+    saved = sync_state.load_config(state_db)
+    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
+    sync_state.save_config(state_db, saved.model_copy(update={"central_url": dead}))
+    sync_state.register_device(
+        state_db, make_store(tmp_path / "n.db", 10), Identity("never-synced", "u", "p")
+    )
+    with psycopg.connect(state_db) as conn:
+        conn.execute(
+            "UPDATE flowyard.sync_devices SET created_at = now() - interval '2 hours' "
+            "WHERE device_id = 'never-synced'"
+        )
+    collect = _Collect()
+    logging.getLogger("prefect.flow_runs").addHandler(collect)
+    try:
+        with pytest.raises(UserError, match="never-synced: upload to"):
+            sync_devices()
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(collect)
+        sync_state.remove_device(state_db, "never-synced")
+        sync_state.save_config(state_db, saved)
+    offline = [m for m in collect.messages if "sync alert offline" in m]
+    assert offline == [
+        "sync alert offline: device never-synced: no successful sync for 120 min (threshold 60 min)"
+    ]
