@@ -191,6 +191,12 @@ def update_config(
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(f"invalid sync setting {where}: {first['msg']}") from None
+    if updated.privacy.mode == "hash" and not updated.privacy.hash_key:
+        # Checked here, not in the model: a configuration stored before must still load and sync.
+        raise UserError(
+            "invalid sync setting privacy.hash_key: privacy mode hash needs a key "
+            "(--hash-key; without one the hashes of short values are easy to guess)"
+        )
     save_config(url, updated)
     return updated
 

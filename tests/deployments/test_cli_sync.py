@@ -77,6 +77,8 @@ def test_configure_status_disable_trigger_history(fresh_db: str, state_db: str, 
 def test_user_errors_are_one_line(state_db: str, tmp_path: Path) -> None:
     for args, expected in (
         (("sync", "configure", "--privacy-mode", "scramble"), "invalid sync setting privacy.mode"),
+        (("sync", "configure", "--privacy-mode", "hash"), "privacy mode hash needs a key (--hash-key"),
+        (("sync", "configure", "--privacy-mode", "hash", "--hash-key", ""), "needs a key"),
         (("sync", "disable", "no-such-device"), "no device 'no-such-device'"),
         (("sync", "configure", "--central-url", "mysql://x/y"), "not a PostgreSQL URL"),
         (("sync", "migrate", "down", "--to=v0", str(tmp_path / "x.db")), "--to must be v1"),
@@ -85,6 +87,7 @@ def test_user_errors_are_one_line(state_db: str, tmp_path: Path) -> None:
         out = run_cli(*args)
         assert out.returncode == 2, (args, out.stderr)
         assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sync_state.load_config(state_db).privacy.mode == "drop"  # nothing was saved
 
 
 def test_migrate_down_to_v1_and_up_again(tmp_path: Path) -> None:
