@@ -84,7 +84,7 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = _failure_reason(exc)
         raise UserError(
             f"cannot connect to {mask_url(url)}: {reason}; check the URL (FLOWYARD_DATABASE_URL) "
             "or start the embedded server with `flowyard up`"
@@ -95,6 +95,24 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
             f"{mask_url(url)} runs PostgreSQL {conn.info.server_version}; flowyard needs 14 or newer"
         )
     return conn
+
+
+def _failure_reason(exc: psycopg.OperationalError) -> str:
+    """The driver's reason on one line, e.g. ``connection to server at "db", port 5432 failed:
+    Connection refused``.
+
+    libpq states host, port and cause on the first line of each failed attempt; the
+    tab-indented lines after it are generic hints ("Is the server running …?"). With several
+    hosts psycopg lists every attempt after a header; each distinct cause is kept once.
+    """
+    reasons: list[str] = []
+    for line in str(exc).splitlines():
+        if not line.strip() or line[0] == "\t" or line.startswith("Multiple connection attempts failed"):
+            continue
+        reason = " ".join(line.split()).split("connection failed: ", 1)[-1]
+        if reason not in reasons:
+            reasons.append(reason)
+    return "; ".join(reasons) or type(exc).__name__
 
 
 @contextmanager

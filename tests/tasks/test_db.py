@@ -10,10 +10,25 @@ from tasks.errors import UserError
 
 
 def test_unreachable_server_is_a_one_line_error_without_password():
-    url = f"postgresql://app:hunter2@127.0.0.1:{free_port()}/app"
+    port = free_port()
+    url = f"postgresql://app:hunter2@127.0.0.1:{port}/app"
     with pytest.raises(UserError, match="cannot connect to postgresql://app:\\*\\*\\*@127.0.0.1") as info:
         connect(url)
-    assert "hunter2" not in str(info.value) and "\n" not in str(info.value)
+    message = str(info.value)
+    assert "hunter2" not in message and "\n" not in message
+    # The cause and where it happened, not libpq's generic last-line hint.
+    assert f'connection to server at "127.0.0.1", port {port} failed: Connection refused' in message
+    assert "Is the server running" not in message
+
+
+def test_each_host_tried_is_named_once():
+    first, second = free_port(), free_port()
+    with pytest.raises(UserError) as info:
+        connect(f"postgresql://app@127.0.0.1:{first},127.0.0.1:{second}/app")
+    message = str(info.value)
+    assert "\n" not in message and "Multiple connection attempts" not in message
+    for port in (first, second):
+        assert message.count(f"port {port} failed: Connection refused") == 1
 
 
 def test_missing_database_is_a_clear_error(pg):
