@@ -94,6 +94,8 @@ _CLAIMER = textwrap.dedent(
     import json, sys
     from tasks import agent_queue as queue
     url, name = sys.argv[1], sys.argv[2]
+    print("ready", flush=True)
+    sys.stdin.readline()  # start line: both workers claim from the same instant
     got = []
     while True:
         batch = queue.claim_ready(url, name, 3)
@@ -111,9 +113,17 @@ def test_two_worker_processes_never_claim_the_same_task(qdb: str) -> None:
         for i in range(300)
     }
     workers = [
-        subprocess.Popen([sys.executable, "-c", _CLAIMER, qdb, f"w{n}"], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, qdb, f"w{n}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         for n in range(2)
     ]
+    # Interpreter start-up differs by tens of ms: without a common start one worker could
+    # drain the queue before the other has imported anything, and nothing would be concurrent.
+    assert [w.stdout.readline() for w in workers] == ["ready\n", "ready\n"]
+    for w in workers:
+        w.stdin.write("go\n")
+        w.stdin.flush()
     claims = [json.loads(w.communicate(timeout=300)[0]) for w in workers]
     assert all(w.returncode == 0 for w in workers)
     assert claims[0] and claims[1], "both workers claimed concurrently"
