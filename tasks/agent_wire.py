@@ -36,7 +36,6 @@ def _c_codec() -> tuple[Callable[[object], str], Callable[[str], object]]:
         parse_float = float
         parse_int = int
         parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
-        memo: dict = {}
 
     scanner = make_scanner(_Context())
 

@@ -124,12 +124,11 @@ def recorded_task_runs(flow_state: Any, name_like: str, count: int, attempts: in
     flow_run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
     task_run_filter = TaskRunFilter(name=TaskRunFilterName(like_=name_like))
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=flow_run_filter, task_run_filter=task_run_filter)
-        for _ in range(attempts - 1):
+        for _ in range(attempts):
+            runs = client.read_task_runs(flow_run_filter=flow_run_filter, task_run_filter=task_run_filter)
             if len(runs) == count and all(r.state is not None and r.state.is_final() for r in runs):
                 break
             time.sleep(0.25)
-            runs = client.read_task_runs(flow_run_filter=flow_run_filter, task_run_filter=task_run_filter)
     return runs
 
 
