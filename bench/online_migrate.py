@@ -1,8 +1,10 @@
 """Online schema changes under full write load, against a naive ALTER TABLE ... TYPE bigint.
 
-For each table size, a ``bench_orders`` table is filled, then writer threads run INSERTs and
+For each table size, a ``bench_orders`` table is filled, then two writer processes run INSERTs and
 UPDATEs at full speed for the whole run while the seed-000 scenarios run one after another
-through the real online-migration code (plan, lint, start, complete; no Prefect in the loop):
+through the real online-migration code (plan, lint, start, complete; no Prefect in the loop).
+The writers are separate processes, as application instances are, so none of them shares a
+GIL or a garbage collector with the migration driver:
 
 1. add a NOT NULL column with a default   4. add an index
 2. rename a column                         5. add a foreign key
@@ -22,11 +24,12 @@ the primary key ``id`` (which also rebuilds its index and rechecks bench_refunds
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import random
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
 from tasks.online_phases import RunOptions
 
 STATUSES = ("new", "paid", "shipped")
+IDLE_SECONDS = 10.0
 SETUP = """
 DROP TABLE IF EXISTS bench_refunds, bench_orders, bench_customers CASCADE;
 DROP TYPE IF EXISTS order_status;
@@ -173,86 +177,124 @@ SCENARIOS = [
 
 
 @dataclass
-class Writers:
-    """Writer threads: INSERT new rows and UPDATE random rows as fast as they can, recording what they wrote."""
+class WriterLog:
+    """What the writers did: the rows they wrote last, every write's latency, their failures."""
 
-    url: str
-    rows: int
-    threads: int = 2
-    search_path: str = "public"
-    note_column: str = "note"
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
     written: dict[int, tuple[int, int, str, str]] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    """(time.monotonic() at the end of the write, seconds it took); CLOCK_MONOTONIC is system-wide."""
     failures: list[str] = field(default_factory=list)
-    writes: int = 0
-    _next_id: int = 0
 
-    def __post_init__(self) -> None:
-        self._next_id = 10 * self.rows
-        self._workers = [
-            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(self.threads)
-        ]
+    def max_latency(self, since: float, until: float = float("inf")) -> float:
+        """The slowest write that finished in [since, until), in seconds."""
+        return max((seconds for end, seconds in self.samples if since <= end < until), default=0.0)
+
+    def p99_latency(self, since: float, until: float) -> float:
+        window = sorted(seconds for end, seconds in self.samples if since <= end < until)
+        return window[int(0.99 * (len(window) - 1))] if window else 0.0
+
+    def merge(self, other: WriterLog) -> None:
+        self.written.update(other.written)
+        self.samples.extend(other.samples)
+        self.failures.extend(other.failures)
+
+
+def _write(
+    conn: psycopg.Connection, note: str, row_id: int, is_new: bool, value: tuple[int, int, str, str]
+) -> None:
+    if is_new:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO bench_orders (id, customer_id, amount, {}, status) VALUES (%s, %s, %s, %s, %s)"
+            ).format(sql.Identifier(note)),
+            (row_id, *value),
+        )
+    else:
+        conn.execute(
+            sql.SQL("UPDATE bench_orders SET amount = %s, {} = %s, status = %s WHERE id = %s").format(
+                sql.Identifier(note)
+            ),
+            (value[1], value[2], value[3], row_id),
+        )
+
+
+def _writer_process(url: str, rows: int, seed: int, stride: int, control: Connection) -> None:
+    """One application process: INSERTs new rows and UPDATEs random ones as fast as it can.
+
+    ``control`` carries ``(search_path, note_column)`` when a new application version is deployed
+    (it comes with its own connections) and ``None`` to stop; the log goes back over it at the end.
+    Each process owns the ids ``seed + k * stride`` (it inserts them above ``10 * rows`` and updates
+    them below ``rows``), so no two processes write one row and each log is the truth for its rows.
+    """
+    rng, log = random.Random(seed), WriterLog()
+    next_id, note = 10 * rows + seed, "note"
+    conn = _app_connection(url)
+    control.send("ready")
+    while True:
+        if control.poll():
+            message = control.recv()
+            if message is None:
+                break
+            path, note = message
+            conn.close()
+            conn = _app_connection(url)
+            conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(path)))
+        is_new = rng.random() < 0.5
+        if is_new:
+            next_id += stride
+        row_id = next_id if is_new else rng.randrange(1 + seed, rows + 1, stride)
+        value = (1 + row_id % 1000, rng.randint(0, 100_000), f"w{rng.random():.6f}", rng.choice(STATUSES))
+        started = time.monotonic()
+        try:
+            _write(conn, note, row_id, is_new, value)
+        except Exception as exc:  # noqa: BLE001 - every failed application write is the measurement
+            log.failures.append(str(exc).splitlines()[0])
+            conn.close()
+            conn = _app_connection(url)
+            continue
+        ended = time.monotonic()
+        log.samples.append((ended, ended - started))
+        log.written[row_id] = value
+    conn.close()
+    control.send(log)
+
+
+class Writers:
+    """Writer *processes*, as real application instances are: none shares a GIL with the migration driver."""
+
+    def __init__(self, url: str, rows: int, processes: int = 2) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.log = WriterLog()
+        self._pipes: list[Connection] = []
+        self._processes = []
+        for seed in range(processes):
+            ours, theirs = context.Pipe()
+            self._pipes.append(ours)
+            self._processes.append(
+                context.Process(
+                    target=_writer_process, args=(url, rows, seed, processes, theirs), daemon=True
+                )
+            )
 
     def start(self) -> None:
-        for worker in self._workers:
-            worker.start()
+        """Start the writers and return once every one is connected and writing."""
+        for process in self._processes:
+            process.start()
+        for pipe in self._pipes:
+            pipe.recv()
 
-    def finish(self) -> None:
-        self.stop.set()
-        for worker in self._workers:
-            worker.join()
+    def deploy(self, search_path: str, note_column: str) -> None:
+        """Roll out a new application version: new connections with its ``search_path``."""
+        for pipe in self._pipes:
+            pipe.send((search_path, note_column))
 
-    def take_max_latency(self) -> float:
-        with self.lock:
-            worst, self.latencies = max(self.latencies, default=0.0), []
-        return worst
-
-    def _run(self, seed: int) -> None:
-        rng = random.Random(seed)
-        conn = _app_connection(self.url)
-        current = None
-        while not self.stop.is_set():
-            path, note = self.search_path, self.note_column
-            if path != current:  # a new application version comes with its own connections
-                conn.close()
-                conn = _app_connection(self.url)
-                conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(path)))
-                current = path
-            with self.lock:
-                self._next_id += 1
-                new_id = self._next_id
-            row_id = new_id if rng.random() < 0.5 else rng.randint(1, self.rows)
-            value = (1 + row_id % 1000, rng.randint(0, 100_000), f"w{rng.random():.6f}", rng.choice(STATUSES))
-            started = time.monotonic()
-            try:
-                if row_id == new_id:
-                    conn.execute(
-                        sql.SQL(
-                            "INSERT INTO bench_orders (id, customer_id, amount, {}, status) VALUES (%s, %s, %s, %s, %s)"
-                        ).format(sql.Identifier(note)),
-                        (row_id, *value),
-                    )
-                else:
-                    conn.execute(
-                        sql.SQL(
-                            "UPDATE bench_orders SET amount = %s, {} = %s, status = %s WHERE id = %s"
-                        ).format(sql.Identifier(note)),
-                        (value[1], value[2], value[3], row_id),
-                    )
-            except Exception as exc:  # noqa: BLE001 - every failed application write is the measurement
-                with self.lock:
-                    self.failures.append(str(exc).splitlines()[0])
-                conn.close()
-                conn, current = _app_connection(self.url), None
-                continue
-            elapsed = time.monotonic() - started
-            with self.lock:
-                self.latencies.append(elapsed)
-                self.writes += 1
-                self.written[row_id] = value
-        conn.close()
+    def finish(self) -> WriterLog:
+        for pipe in self._pipes:
+            pipe.send(None)
+        for pipe, process in zip(self._pipes, self._processes, strict=True):
+            self.log.merge(pipe.recv())
+            process.join()
+        return self.log
 
 
 def _app_connection(url: str) -> psycopg.Connection:
@@ -268,7 +310,7 @@ def _setup(url: str, rows: int) -> None:
             conn.execute(statement)
 
 
-def _data_matches(url: str, rows: int, writers: Writers, search_path: str, note: str) -> tuple[bool, int]:
+def _data_matches(url: str, rows: int, log: WriterLog, search_path: str, note: str) -> tuple[bool, int]:
     """Checksum of every row (through the new version) against the writers' record; mismatching rows."""
     with connect(url) as conn:
         conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(search_path)))
@@ -276,7 +318,7 @@ def _data_matches(url: str, rows: int, writers: Writers, search_path: str, note:
             "CREATE TEMP TABLE expected_writes (id bigint PRIMARY KEY, customer_id int, amount bigint, note text, status text)"
         )
         with conn.cursor().copy("COPY expected_writes FROM STDIN") as copy:
-            for row_id, (customer, amount, text, status) in writers.written.items():
+            for row_id, (customer, amount, text, status) in log.written.items():
                 copy.write_row((row_id, customer, amount, text, status))
         expected = (
             "SELECT g AS id, coalesce(e.customer_id, 1 + mod(g, 1000)) AS customer_id, coalesce(e.amount, mod(g, 10000)) AS amount, "
@@ -316,49 +358,60 @@ def run_online(
 ) -> list[dict[str, Any]]:
     writers = Writers(url, rows)
     writers.start()
-    results = []
+    idle = time.monotonic()
+    time.sleep(IDLE_SECONDS)  # the control: the same writers with no migration running
+    runs: list[tuple[Scenario, float, float, float, Any, Any, bool]] = []
     old_path, old_note = "public", "note"
     try:
         for n, scenario in enumerate(scenarios):
             file = workdir / f"s{n}.yaml"
             file.write_text(yaml.safe_dump({"name": f"bench_{n}", "operations": scenario.operations}))
-            writers.take_max_latency()
             started = time.monotonic()
             plan = prepare_plan(url, state, str(file), "public")
             lint_plan(plan, options.policy.lock_timeout_ms)
             start = run_online_phase(url, state, plan, "start", options)
-            expand_latency = writers.take_max_latency()
+            expanded = time.monotonic()
             new_note = scenario.rename_note or old_note
             both = _versions_answer(url, old_path, plan.version_schema, old_note, new_note)
             time.sleep(1.0)  # the old version keeps writing through the sync triggers for a moment
-            writers.note_column, writers.search_path = (
-                new_note,
-                plan.version_schema,
-            )  # deploy the new app
+            writers.deploy(plan.version_schema, new_note)  # then the new app version rolls out
             time.sleep(1.0)
             complete = run_online_phase(url, state, plan, "complete", options)
-            seconds = time.monotonic() - started
-            latency = max(expand_latency, writers.take_max_latency())
-            backfill = sum(b.rows for b in start.backfills), sum(b.seconds for b in start.backfills)
-            results.append(
-                {
-                    "scenario": scenario.title,
-                    "seconds": seconds,
-                    "max_write_ms": latency * 1000,
-                    "max_write_ms_start": expand_latency * 1000,
-                    "backfill_rows_per_s": backfill[0] / backfill[1] if backfill[1] else None,
-                    "lock_timeouts": start.lock_timeouts + complete.lock_timeouts,
-                    "both_versions": both,
-                }
-            )
+            runs.append((scenario, started, expanded, time.monotonic(), start, complete, both))
             old_path, old_note = plan.version_schema, new_note
-            print(f"  {scenario.title}: {results[-1]}", flush=True)
+            print(f"  {scenario.title}: {runs[-1][3] - started:.1f}s", flush=True)
     finally:
-        writers.finish()
-    same, mismatches = _data_matches(url, rows, writers, old_path, old_note)
+        log = writers.finish()
+    same, mismatches = _data_matches(url, rows, log, old_path, old_note)
+    print(f"  writes: {len(log.samples)}, failed: {len(log.failures)} {log.failures[:3]}", flush=True)
+    results = [
+        {
+            "scenario": f"0 writers alone for {IDLE_SECONDS:.0f}s (no migration; the control)",
+            "seconds": IDLE_SECONDS,
+            "max_write_ms": log.max_latency(idle, runs[0][1] if runs else float("inf")) * 1000,
+            "max_write_ms_start": None,
+            "p99_write_ms": log.p99_latency(idle, runs[0][1] if runs else float("inf")) * 1000,
+            "backfill_rows_per_s": None,
+            "lock_timeouts": 0,
+            "both_versions": True,
+        }
+    ]
+    for scenario, started, expanded, ended, start, complete, both in runs:
+        backfill = sum(b.rows for b in start.backfills), sum(b.seconds for b in start.backfills)
+        results.append(
+            {
+                "scenario": scenario.title,
+                "seconds": ended - started,
+                "max_write_ms": log.max_latency(started, ended) * 1000,
+                "max_write_ms_start": log.max_latency(started, expanded) * 1000,
+                "p99_write_ms": log.p99_latency(started, ended) * 1000,
+                "backfill_rows_per_s": backfill[0] / backfill[1] if backfill[1] else None,
+                "lock_timeouts": start.lock_timeouts + complete.lock_timeouts,
+                "both_versions": both,
+            }
+        )
     for result in results:
-        result.update(failed_writes=len(writers.failures), checksum_equal=same, mismatched_rows=mismatches)
-    print(f"  writes: {writers.writes}, failed: {len(writers.failures)} {writers.failures[:3]}", flush=True)
+        result.update(failed_writes=len(log.failures), checksum_equal=same, mismatched_rows=mismatches)
     return results
 
 
@@ -368,7 +421,6 @@ def run_naive(url: str, rows: int, column: str) -> dict[str, float]:
     writers = Writers(url, rows)
     writers.start()
     time.sleep(2.0)
-    writers.take_max_latency()
     started = time.monotonic()
     with connect(url, autocommit=True) as conn:
         conn.execute(
@@ -376,11 +428,11 @@ def run_naive(url: str, rows: int, column: str) -> dict[str, float]:
         )
     seconds = time.monotonic() - started
     time.sleep(0.5)
-    writers.finish()
+    log = writers.finish()
     return {
         "alter_seconds": seconds,
-        "max_write_ms": writers.take_max_latency() * 1000,
-        "failed_writes": len(writers.failures),
+        "max_write_ms": log.max_latency(started) * 1000,
+        "failed_writes": len(log.failures),
     }
 
 
@@ -389,6 +441,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, action="append", help="table size (repeat for several)")
     parser.add_argument("--only", default="", help="run only scenarios whose title starts with this")
     parser.add_argument("--batch-size", type=int, default=BackfillOptions().batch_size)
+    parser.add_argument("--skip-naive", action="store_true", help="do not run the naive ALTER TABLE baseline")
     parser.add_argument("--lock-timeout-ms", type=int, default=LockPolicy().lock_timeout_ms)
     args = parser.parse_args()
     sizes = args.rows or [1_000_000]
@@ -406,17 +459,22 @@ def main() -> None:
                 backfill=BackfillOptions(args.batch_size, policy=LockPolicy(args.lock_timeout_ms, 60_000)),
             )
             online = run_online(url, state, rows, Path(tmp), scenarios, options)
-            naive = {column: run_naive(url, rows, column) for column in ("amount", "id")}
-            worst = max(r["max_write_ms"] for r in online)
+            naive = (
+                {}
+                if args.skip_naive
+                else {column: run_naive(url, rows, column) for column in ("amount", "id")}
+            )
+            worst = max(r["max_write_ms"] for r in online if r["max_write_ms_start"] is not None)
             backfills = [r["backfill_rows_per_s"] for r in online if r["backfill_rows_per_s"]]
             print(
-                f"\n| scenario ({rows:,} rows) | duration s | max write latency ms | of which in start ms | backfill rows/s | lock timeouts retried |"
+                f"\n| scenario ({rows:,} rows) | duration s | max write latency ms | p99 write ms | of which in start ms | backfill rows/s | lock timeouts retried |"
             )
-            print("|---|---:|---:|---:|---:|---:|")
+            print("|---|---:|---:|---:|---:|---:|---:|")
             for r in online:
                 rate = f"{r['backfill_rows_per_s']:,.0f}" if r["backfill_rows_per_s"] else "—"
+                in_start = "—" if r["max_write_ms_start"] is None else f"{r['max_write_ms_start']:.0f}"
                 print(
-                    f"| {r['scenario']} | {r['seconds']:.1f} | {r['max_write_ms']:.0f} | {r['max_write_ms_start']:.0f} | {rate} | {r['lock_timeouts']} |"
+                    f"| {r['scenario']} | {r['seconds']:.1f} | {r['max_write_ms']:.0f} | {r['p99_write_ms']:.0f} | {in_start} | {rate} | {r['lock_timeouts']} |"
                 )
             print(
                 f"\nonline: failed writes {online[0]['failed_writes']}, both versions answered during expand: "

@@ -2,7 +2,8 @@
 
 Each batch is one short transaction that updates the next ``batch_size`` rows in key order with
 set-based assignments (``UPDATE ... SET new = up(old)``); the session marks itself with
-``flowyard.backfill = on`` so the per-row sync trigger stands aside, and runs with the table's
+``flowyard.backfill = on`` so the per-row sync trigger stands aside (its ``WHEN`` condition, with no
+PL/pgSQL call per row), and runs with the table's
 schema as search_path so the expressions resolve as they do in the trigger.
 Row locks are held for one batch only, the lock-timeout retry of :mod:`tasks.ddl_retry`
 protects application writers, and after each batch the last key is saved, so a crash or a

@@ -5,6 +5,12 @@ application write that arrives after it queues behind it. With a short ``lock_ti
 (default 200 ms) the waiting statement gives up quickly, the queue drains, and we retry
 later with exponential backoff and jitter until a deadline. Writers are never stalled for
 longer than about the lock timeout. Every pipeline that changes a live schema uses this.
+
+Autovacuum is the most common holder of a conflicting lock on a table that was just
+backfilled. PostgreSQL cancels a (non-wraparound) autovacuum that blocks a lock waiter, but
+only after ``deadlock_timeout`` (1 s by default, far beyond our lock timeout), so the DDL
+would time out and retry while autovacuum keeps the lock. Each attempt therefore lowers its
+own ``deadlock_timeout`` below the lock timeout when the role may set it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ class LockPolicy:
     deadline_seconds: float = 300.0
     base_backoff_seconds: float = 0.05
     max_backoff_seconds: float = 5.0
+    deadlock_timeout_ms: int | None = 50
+    """Set for each attempt, so a blocking autovacuum is cancelled before ``lock_timeout``; needs
+    superuser or ``GRANT SET ON PARAMETER deadlock_timeout`` (PostgreSQL 15+), else left alone.
+    ``None`` keeps the server's setting."""
 
 
 @dataclass
@@ -53,11 +63,30 @@ def backoff_seconds(retry: int, policy: LockPolicy) -> float:
     return min(policy.base_backoff_seconds * 2**retry, policy.max_backoff_seconds) * random.uniform(0.5, 1.5)
 
 
+def _may_set_deadlock_timeout(conn: psycopg.Connection) -> sql.Composable:
+    """A boolean SQL expression: may the current role set ``deadlock_timeout`` (a superuser-only setting)?"""
+    if conn.info.server_version >= 150000:
+        return sql.SQL("has_parameter_privilege('deadlock_timeout', 'SET')")
+    return sql.SQL("(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)")
+
+
 def set_timeouts(conn: psycopg.Connection, policy: LockPolicy, *, local: bool) -> None:
-    """Apply the policy's lock and statement timeouts to the transaction (``local``) or session."""
+    """Apply the policy's lock, statement and deadlock timeouts to the transaction (``local``) or session."""
+    query = sql.SQL(
+        "SELECT set_config('lock_timeout', %(lock)s, %(local)s), set_config('statement_timeout', %(stmt)s, %(local)s)"
+    )
+    if policy.deadlock_timeout_ms is not None:
+        query += sql.SQL(
+            ", CASE WHEN {} THEN set_config('deadlock_timeout', %(deadlock)s, %(local)s) END"
+        ).format(_may_set_deadlock_timeout(conn))
     conn.execute(
-        "SELECT set_config('lock_timeout', %s, %s), set_config('statement_timeout', %s, %s)",
-        (f"{policy.lock_timeout_ms}ms", local, f"{policy.statement_timeout_ms}ms", local),
+        query,
+        {
+            "lock": f"{policy.lock_timeout_ms}ms",
+            "stmt": f"{policy.statement_timeout_ms}ms",
+            "deadlock": f"{policy.deadlock_timeout_ms}ms",
+            "local": local,
+        },
     )
 
 

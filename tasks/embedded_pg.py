@@ -24,6 +24,11 @@ SERVER_USER = "embedded_postgres"
 
 # Settings for a development server that must carry bulk loads, many Prefect connections
 # and concurrent tests on a small machine. Durability settings stay at their defaults.
+# wal_init_zero=off: a new 16 MB WAL segment is created sparse instead of zero-filled and
+# fsynced by whichever backend crosses into it. With a 4 GB max_wal_size few segments are
+# recycled, so a backfill or bulk load creates many, and each zero-fill stalled an unlucky
+# application commit for 100-500 ms (wait event WalInitSync, docs/benchmarks.md). The cost:
+# a full disk shows up on a WAL write rather than at segment creation.
 SERVER_CONFIG: dict[str, str] = {
     "listen_addresses": "127.0.0.1",
     "unix_socket_directories": "",
@@ -31,6 +36,7 @@ SERVER_CONFIG: dict[str, str] = {
     "shared_buffers": "256MB",
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
+    "wal_init_zero": "off",
     "wal_level": "logical",
     "log_min_messages": "warning",
 }

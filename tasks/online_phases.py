@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
@@ -62,13 +62,7 @@ class PhaseReport:
 def _policy(options: RunOptions, step: Step) -> LockPolicy:
     if not step.long_running:
         return options.policy
-    return LockPolicy(
-        lock_timeout_ms=options.policy.lock_timeout_ms,
-        statement_timeout_ms=options.long_statement_timeout_ms,
-        deadline_seconds=options.policy.deadline_seconds,
-        base_backoff_seconds=options.policy.base_backoff_seconds,
-        max_backoff_seconds=options.policy.max_backoff_seconds,
-    )
+    return replace(options.policy, statement_timeout_ms=options.long_statement_timeout_ms)
 
 
 def _build_index(conn: psycopg.Connection, schema: str, name: str, statement: str) -> None:

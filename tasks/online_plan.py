@@ -847,8 +847,7 @@ class _Planner:
             )
 
         dispatch = sql.SQL(
-            "BEGIN IF current_setting('flowyard.backfill', true) = 'on' THEN RETURN NEW; END IF; "
-            "IF coalesce((current_schemas(false))[1] = {}, false) THEN NEW := {}(NEW); "
+            "BEGIN IF coalesce((current_schemas(false))[1] = {}, false) THEN NEW := {}(NEW); "
             "ELSE NEW := {}(NEW); END IF; RETURN NEW; END"
         ).format(sql.Literal(self.vschema), functions["down"], functions["up"])
         trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
@@ -864,7 +863,8 @@ class _Planner:
                 ),
                 _render(
                     sql.SQL(
-                        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW EXECUTE FUNCTION {}()"
+                        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW "
+                        "WHEN (current_setting('flowyard.backfill', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION {}()"
                     ).format(trigger, self.tbl(table), functions["sync"])
                 ),
             ],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tasks.db import connect
 from tasks.ddl_retry import LockPolicy, LockRetryDeadline, backoff_seconds, execute_with_lock_retry
+from tasks.embedded_pg import EmbeddedPostgres
 
 HOLD_SECONDS = 4.0
 
@@ -91,3 +93,64 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     assert 0.05 <= backoff_seconds(0, policy) < 0.15
     assert 0.2 <= backoff_seconds(2, policy) < 0.6
     assert backoff_seconds(20, policy) < 1.5
+
+
+@pytest.fixture()
+def eager_autovacuum(pg: EmbeddedPostgres) -> Iterator[None]:
+    """Autovacuum wakes every second (server-wide, for this test only)."""
+    with connect(pg.url(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        conn.execute("SELECT pg_reload_conf()")
+    yield
+    with connect(pg.url(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _crawling_autovacuum(url: str) -> int:
+    """A real autovacuum worker holding ``items`` for minutes (cost limit 1); returns its pid."""
+    with connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, pad text) WITH (autovacuum_vacuum_threshold = 0, "
+            "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 20, autovacuum_vacuum_cost_limit = 1)"
+        )
+        conn.execute("INSERT INTO items SELECT g, repeat('x', 100) FROM generate_series(1, 60000) g")
+        conn.execute("DELETE FROM items WHERE id % 2 = 0")
+        for _ in range(600):
+            row = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'autovacuum worker' "
+                "AND datname = current_database() AND query LIKE %s",
+                ("%items%",),
+            ).fetchone()
+            if row:
+                return int(row[0])
+            time.sleep(0.1)
+    pytest.fail("autovacuum never started on the table")
+
+
+def test_a_blocking_autovacuum_yields_to_the_ddl_before_its_lock_timeout(
+    fresh_db: str, eager_autovacuum: None
+) -> None:
+    vacuum_pid = _crawling_autovacuum(fresh_db)
+    with connect(fresh_db, autocommit=True) as ddl:
+        stats = execute_with_lock_retry(
+            ddl, ["ALTER TABLE items ADD COLUMN w int"], LockPolicy(lock_timeout_ms=200, deadline_seconds=10)
+        )
+        still_vacuuming = ddl.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE %s", (vacuum_pid, "%items%")
+        ).fetchone()[0]
+    assert stats.lock_timeouts <= 1  # PostgreSQL cancelled autovacuum at our 50 ms deadlock_timeout
+    assert still_vacuuming == 0
+
+
+def test_without_a_lower_deadlock_timeout_autovacuum_keeps_the_lock(
+    fresh_db: str, eager_autovacuum: None
+) -> None:
+    """The contrast: at the server's 1 s deadlock_timeout the 200 ms DDL attempts never outlast autovacuum."""
+    _crawling_autovacuum(fresh_db)
+    with connect(fresh_db, autocommit=True) as ddl, pytest.raises(LockRetryDeadline):
+        execute_with_lock_retry(
+            ddl,
+            ["ALTER TABLE items ADD COLUMN w int"],
+            LockPolicy(lock_timeout_ms=200, deadline_seconds=3, deadlock_timeout_ms=None),
+        )

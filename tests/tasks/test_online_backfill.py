@@ -10,13 +10,15 @@ import sys
 import textwrap
 import time
 
+from psycopg import sql
+
 from tasks.backfill import BackfillOptions
 from tasks.db import connect
 from tasks.online_phases import RunOptions
 from tasks.online_state import active_migration, target_key
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT
-from tests.online_support import checksum, make_schema, run, schema_dump
+from tests.online_support import checksum, make_schema, plan_for, run, schema_dump
 
 SPEC = {
     "name": "kill_backfill",
@@ -162,3 +164,36 @@ def test_composite_key_backfill_resumes_after_sigkill_from_its_row_value_checkpo
     assert wrong == 0
     run(fresh_db, state_db, record.plan, "complete")
     assert checksum(fresh_db, "SELECT order_id, line, qty FROM shipments") == before
+
+
+def _sync_trigger_calls(url: str) -> int:
+    with connect(url) as conn:
+        return int(
+            conn.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname LIKE %s",
+                ("\\_fy\\_sync\\_%",),
+            ).fetchone()[0]
+        )
+
+
+def test_the_backfill_never_calls_the_sync_trigger_but_application_writes_do(
+    fresh_db: str, state_db: str
+) -> None:
+    """The trigger's WHEN condition keeps the backfill free of one PL/pgSQL call per row."""
+    make_schema(fresh_db, rows=5000)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET track_functions = 'pl'").format(sql.Identifier(conn.info.dbname))
+        )
+    report = run(fresh_db, state_db, plan_for(fresh_db, state_db, SPEC), "start")
+    assert report.backfills[0].rows == 5000
+    assert _sync_trigger_calls(fresh_db) == 0
+    with connect(fresh_db) as app:
+        app.execute("UPDATE orders SET amount = amount + 1 WHERE id <= 3")
+    calls = 0
+    for _ in range(50):  # a backend reports its function counters when it ends, shortly after
+        calls = _sync_trigger_calls(fresh_db)
+        if calls:
+            break
+        time.sleep(0.1)
+    assert calls == 3
