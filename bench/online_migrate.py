@@ -43,7 +43,7 @@ from tasks.backfill import BackfillOptions
 from tasks.db import connect
 from tasks.ddl_retry import LockPolicy
 from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
-from tasks.online_phases import RunOptions
+from tasks.online_phases import PhaseReport, RunOptions
 
 STATUSES = ("new", "paid", "shipped")
 IDLE_SECONDS = 10.0
@@ -186,13 +186,12 @@ class WriterLog:
     """(time.monotonic() at the end of the write, seconds it took); CLOCK_MONOTONIC is system-wide."""
     failures: list[str] = field(default_factory=list)
 
-    def max_latency(self, since: float, until: float = float("inf")) -> float:
-        """The slowest write that finished in [since, until), in seconds."""
-        return max((seconds for end, seconds in self.samples if since <= end < until), default=0.0)
-
-    def p99_latency(self, since: float, until: float) -> float:
+    def latencies(self, since: float, until: float = float("inf")) -> tuple[float, float]:
+        """(max, p99) in seconds of the writes that finished in [since, until)."""
         window = sorted(seconds for end, seconds in self.samples if since <= end < until)
-        return window[int(0.99 * (len(window) - 1))] if window else 0.0
+        if not window:
+            return 0.0, 0.0
+        return window[-1], window[int(0.99 * (len(window) - 1))]
 
     def merge(self, other: WriterLog) -> None:
         self.written.update(other.written)
@@ -265,7 +264,6 @@ class Writers:
 
     def __init__(self, url: str, rows: int, processes: int = 2) -> None:
         context = multiprocessing.get_context("spawn")
-        self.log = WriterLog()
         self._pipes: list[Connection] = []
         self._processes = []
         for seed in range(processes):
@@ -290,12 +288,14 @@ class Writers:
             pipe.send((search_path, note_column))
 
     def finish(self) -> WriterLog:
+        """Stop the writers and return their merged log."""
+        log = WriterLog()
         for pipe in self._pipes:
             pipe.send(None)
         for pipe, process in zip(self._pipes, self._processes, strict=True):
-            self.log.merge(pipe.recv())
+            log.merge(pipe.recv())
             process.join()
-        return self.log
+        return log
 
 
 def _app_connection(url: str) -> psycopg.Connection:
@@ -354,6 +354,29 @@ def _versions_answer(url: str, old: str, new: str, note_old: str, note_new: str)
     return True
 
 
+@dataclass(frozen=True)
+class ScenarioRun:
+    """One scenario's time window (monotonic seconds) and what its phases reported."""
+
+    scenario: Scenario
+    started: float
+    expanded: float
+    ended: float
+    start: PhaseReport
+    complete: PhaseReport
+    both_versions: bool
+
+
+def _result(title: str, log: WriterLog, since: float, until: float, **extra: Any) -> dict[str, Any]:
+    worst, p99 = log.latencies(since, until)
+    return {
+        "scenario": title,
+        "seconds": until - since,
+        "max_write_ms": worst * 1000,
+        "p99_write_ms": p99 * 1000,
+    } | extra
+
+
 def run_online(
     url: str, state: str, rows: int, workdir: Path, scenarios: list[Scenario], options: RunOptions
 ) -> list[dict[str, Any]]:
@@ -362,7 +385,7 @@ def run_online(
     time.sleep(1.0)  # warm-up: the writers' first statements load catalog caches and plans
     idle = time.monotonic()
     time.sleep(IDLE_SECONDS)  # the control: the same writers with no migration running
-    runs: list[tuple[Scenario, float, float, float, Any, Any, bool]] = []
+    runs: list[ScenarioRun] = []
     old_path, old_note = "public", "note"
     try:
         for n, scenario in enumerate(scenarios):
@@ -379,41 +402,44 @@ def run_online(
             writers.deploy(plan.version_schema, new_note)  # then the new app version rolls out
             time.sleep(1.0)
             complete = run_online_phase(url, state, plan, "complete", options)
-            runs.append((scenario, started, expanded, time.monotonic(), start, complete, both))
+            runs.append(ScenarioRun(scenario, started, expanded, time.monotonic(), start, complete, both))
             old_path, old_note = plan.version_schema, new_note
-            print(f"  {scenario.title}: {runs[-1][3] - started:.1f}s", flush=True)
+            print(f"  {scenario.title}: {runs[-1].ended - started:.1f}s", flush=True)
     finally:
         log = writers.finish()
     same, mismatches = _data_matches(url, rows, log, old_path, old_note)
     print(f"  writes: {len(log.samples)}, failed: {len(log.failures)} {log.failures[:3]}", flush=True)
+    shared = {"failed_writes": len(log.failures), "checksum_equal": same, "mismatched_rows": mismatches}
+    control_end = runs[0].started if runs else idle + IDLE_SECONDS
     results = [
-        {
-            "scenario": f"0 writers alone for {IDLE_SECONDS:.0f}s (no migration; the control)",
-            "seconds": IDLE_SECONDS,
-            "max_write_ms": log.max_latency(idle, runs[0][1] if runs else float("inf")) * 1000,
-            "max_write_ms_start": None,
-            "p99_write_ms": log.p99_latency(idle, runs[0][1] if runs else float("inf")) * 1000,
-            "backfill_rows_per_s": None,
-            "lock_timeouts": 0,
-            "both_versions": True,
-        }
-    ]
-    for scenario, started, expanded, ended, start, complete, both in runs:
-        backfill = sum(b.rows for b in start.backfills), sum(b.seconds for b in start.backfills)
-        results.append(
-            {
-                "scenario": scenario.title,
-                "seconds": ended - started,
-                "max_write_ms": log.max_latency(started, ended) * 1000,
-                "max_write_ms_start": log.max_latency(started, expanded) * 1000,
-                "p99_write_ms": log.p99_latency(started, ended) * 1000,
-                "backfill_rows_per_s": backfill[0] / backfill[1] if backfill[1] else None,
-                "lock_timeouts": start.lock_timeouts + complete.lock_timeouts,
-                "both_versions": both,
-            }
+        _result(
+            f"0 writers alone for {IDLE_SECONDS:.0f}s (no migration; the control)",
+            log,
+            idle,
+            control_end,
+            max_write_ms_start=None,
+            backfill_rows_per_s=None,
+            lock_timeouts=0,
+            both_versions=True,
+            **shared,
         )
-    for result in results:
-        result.update(failed_writes=len(log.failures), checksum_equal=same, mismatched_rows=mismatches)
+    ]
+    for run in runs:
+        backfilled = sum(b.rows for b in run.start.backfills)
+        backfill_seconds = sum(b.seconds for b in run.start.backfills)
+        results.append(
+            _result(
+                run.scenario.title,
+                log,
+                run.started,
+                run.ended,
+                max_write_ms_start=log.latencies(run.started, run.expanded)[0] * 1000,
+                backfill_rows_per_s=backfilled / backfill_seconds if backfill_seconds else None,
+                lock_timeouts=run.start.lock_timeouts + run.complete.lock_timeouts,
+                both_versions=run.both_versions,
+                **shared,
+            )
+        )
     return results
 
 
@@ -433,7 +459,7 @@ def run_naive(url: str, rows: int, column: str) -> dict[str, float]:
     log = writers.finish()
     return {
         "alter_seconds": seconds,
-        "max_write_ms": log.max_latency(started) * 1000,
+        "max_write_ms": log.latencies(started)[0] * 1000,
         "failed_writes": len(log.failures),
     }
 

@@ -166,14 +166,24 @@ def test_composite_key_backfill_resumes_after_sigkill_from_its_row_value_checkpo
     assert checksum(fresh_db, "SELECT order_id, line, qty FROM shipments") == before
 
 
-def _sync_trigger_calls(url: str) -> int:
-    with connect(url) as conn:
-        return int(
-            conn.execute(
-                "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname LIKE %s",
+def _flushed_stats(url: str, updates: int) -> int:
+    """Sync-trigger calls, read once ``orders`` shows ``updates`` updated rows.
+
+    A backend reports its table and function counters together when it ends, a little after
+    its client has closed the connection: the update count says the report has landed, so a
+    zero call count is a real zero and not a report still on its way.
+    """
+    for _ in range(100):
+        with connect(url) as conn:
+            done, calls = conn.execute(
+                "SELECT (SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'orders'), "
+                "(SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname LIKE %s)",
                 ("\\_fy\\_sync\\_%",),
-            ).fetchone()[0]
-        )
+            ).fetchone()
+        if done >= updates:
+            return int(calls)
+        time.sleep(0.1)
+    raise AssertionError(f"orders never showed {updates} updates in pg_stat_user_tables")
 
 
 def test_the_backfill_never_calls_the_sync_trigger_but_application_writes_do(
@@ -187,13 +197,7 @@ def test_the_backfill_never_calls_the_sync_trigger_but_application_writes_do(
         )
     report = run(fresh_db, state_db, plan_for(fresh_db, state_db, SPEC), "start")
     assert report.backfills[0].rows == 5000
-    assert _sync_trigger_calls(fresh_db) == 0
+    assert _flushed_stats(fresh_db, 5000) == 0
     with connect(fresh_db) as app:
         app.execute("UPDATE orders SET amount = amount + 1 WHERE id <= 3")
-    calls = 0
-    for _ in range(50):  # a backend reports its function counters when it ends, shortly after
-        calls = _sync_trigger_calls(fresh_db)
-        if calls:
-            break
-        time.sleep(0.1)
-    assert calls == 3
+    assert _flushed_stats(fresh_db, 5003) == 3
