@@ -12,6 +12,41 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+_INTEGER_RANGE = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+@dataclass(frozen=True)
+class SequenceOptions:
+    """An identity sequence's options, as its column's successor must get them.
+
+    ``min``/``max`` are None where they are the defaults for the sequence's type and
+    direction: a successor of a wider type then gets that type's defaults (an ``integer``
+    identity widened to ``bigint`` must not stay capped at 2^31-1), while a bound the user
+    chose is kept.
+    """
+
+    start: int
+    increment: int
+    min: int | None
+    max: int | None
+    cache: int
+    cycle: bool
+
+    @classmethod
+    def from_catalog(cls, row: list[str]) -> SequenceOptions:
+        """From ``[type, start, increment, min, max, cache, cycle]`` as ``pg_sequence`` has them."""
+        type_name, start, increment, low, high, cache = row[0], *map(int, row[1:6])
+        span = _INTEGER_RANGE[type_name]
+        default_low, default_high = (1, span - 1) if increment > 0 else (-span, -1)
+        return cls(
+            start=start,
+            increment=increment,
+            min=None if low == default_low else low,
+            max=None if high == default_high else high,
+            cache=cache,
+            cycle=row[6] == "true",
+        )
+
 
 @dataclass
 class ColumnInfo:
@@ -23,7 +58,8 @@ class ColumnInfo:
     """``a`` (ALWAYS), ``d`` (BY DEFAULT) or empty."""
     sequence: list[str] | None = None
     """Schema and name of the sequence the column owns (serial or identity): a swap must keep it alive."""
-    sequence_increment: int = 1
+    sequence_options: SequenceOptions | None = None
+    """Set for identity columns only (a serial's sequence is handed over whole)."""
 
 
 @dataclass
@@ -54,6 +90,19 @@ class ConstraintInfo:
     validated: bool
 
 
+@dataclass(frozen=True)
+class OutsideUse:
+    """An object the planner does not rebuild that uses a table or one of its columns: a view or
+    materialized view (any schema), or a foreign key from another schema. DROP COLUMN/TABLE fails on it."""
+
+    schema: str
+    """The schema the using object lives in."""
+    description: str
+    """``view reports.daily`` or ``foreign key billing.invoices_order_fkey``."""
+    column: str | None
+    """None when the whole table is used (a view's whole-row reference)."""
+
+
 @dataclass
 class TableInfo:
     name: str
@@ -67,7 +116,13 @@ class TableInfo:
     """CHECK and FOREIGN KEY constraints of this table."""
     referenced_by: list[ConstraintInfo] = field(default_factory=list)
     """FOREIGN KEYs of any table of the schema that reference this one."""
+    outside_uses: list[OutsideUse] = field(default_factory=list)
     partitioned: bool = False
+
+    def uses_of(self, column: str | None = None) -> list[OutsideUse]:
+        """What uses ``column`` (or, with None, the table at all), each object once."""
+        uses = {u.description: u for u in self.outside_uses if column is None or u.column in (column, None)}
+        return sorted(uses.values(), key=lambda u: u.description)
 
     def column(self, name: str) -> ColumnInfo | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -85,8 +140,10 @@ SELECT c.relname, c.relkind = 'p', a.attname, format_type(a.atttypid, a.atttypmo
        a.attidentity::text,
        (SELECT ARRAY[sn.nspname, s.relname]::text[] FROM pg_class s JOIN pg_namespace sn ON sn.oid = s.relnamespace
         WHERE s.oid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass),
-       coalesce((SELECT seqincrement FROM pg_sequence
-                 WHERE seqrelid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass), 1)
+       (SELECT ARRAY[format_type(seqtypid, NULL), seqstart::text, seqincrement::text, seqmin::text, seqmax::text,
+                     seqcache::text, seqcycle::text]
+        FROM pg_sequence WHERE a.attidentity <> ''
+         AND seqrelid = pg_get_serial_sequence(format('%%I.%%I', n.nspname, c.relname), a.attname)::regclass)
 FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
@@ -132,13 +189,36 @@ WHERE n.nspname = %s AND k.contype IN ('c', 'f') AND t.relkind IN ('r', 'p')
 ORDER BY t.relname, k.conname
 """
 
+# A view's rewrite rule depends on each column it reads (refobjsubid = attnum) or on the whole
+# table; a foreign key from another schema on each referenced column (same-schema ones are rebuilt).
+_OUTSIDE_USES = """
+SELECT DISTINCT t.relname, vn.nspname, format('view %%I.%%I', vn.nspname, v.relname), a.attname
+FROM pg_depend d
+JOIN pg_rewrite w ON d.classid = 'pg_rewrite'::regclass AND w.oid = d.objid
+JOIN pg_class v ON v.oid = w.ev_class
+JOIN pg_namespace vn ON vn.oid = v.relnamespace
+JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND t.oid = d.refobjid
+JOIN pg_namespace n ON n.oid = t.relnamespace
+LEFT JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.refobjsubid AND d.refobjsubid > 0
+WHERE n.nspname = %(schema)s AND t.relkind IN ('r', 'p') AND v.oid <> t.oid AND d.deptype = 'n'
+UNION
+SELECT r.relname, cn.nspname, format('foreign key %%I.%%I', cn.nspname, k.conname), a.attname
+FROM pg_constraint k
+JOIN pg_class r ON r.oid = k.confrelid
+JOIN pg_namespace rn ON rn.oid = r.relnamespace
+JOIN pg_class c ON c.oid = k.conrelid
+JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum = ANY (k.confkey)
+WHERE k.contype = 'f' AND rn.nspname = %(schema)s AND cn.nspname <> %(schema)s
+"""
+
 
 def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
     """Tables (ordinary and partitioned), columns, keys, indexes and constraints of ``schema``."""
     tables: dict[str, TableInfo] = {}
-    for table, partitioned, *column in conn.execute(_COLUMNS, (schema,)).fetchall():
+    for table, partitioned, *column, options in conn.execute(_COLUMNS, (schema,)).fetchall():
         tables.setdefault(table, TableInfo(table, partitioned=partitioned)).columns.append(
-            ColumnInfo(*column)
+            ColumnInfo(*column, sequence_options=SequenceOptions.from_catalog(options) if options else None)
         )
     for table, name, definition, columns, con_type, con_name, deferrable, keyset, keys in conn.execute(
         _INDEXES, (schema,)
@@ -154,6 +234,9 @@ def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
         tables[table].constraints.append(constraint)
         if constraint.ref_table in tables:
             tables[constraint.ref_table].referenced_by.append(constraint)
+    for table, *use in conn.execute(_OUTSIDE_USES, {"schema": schema}).fetchall():
+        if table in tables:  # a table without columns has no entry and nothing to alter
+            tables[table].outside_uses.append(OutsideUse(*use))
     indexes = {
         row[0]
         for row in conn.execute(

@@ -29,6 +29,7 @@ from tasks.online_spec import load_spec
 from tasks.online_state import (
     StoredCheckpoint,
     active_migration,
+    another_migration_runs,
     begin_migration,
     current_version_schema,
     target_key,
@@ -82,8 +83,10 @@ def prepare_plan(target_url: str, state: str, migration_file: str, schema: str) 
     """The plan to run: the persisted one when this migration is already under way, else a new one."""
     spec = load_spec(migration_file)
     active = active_migration(state, target_key(target_url), schema)
-    if active is not None and active.name == spec.name:
-        return active.plan
+    if active is not None:  # resume it, or refuse before planning against its half-built schema
+        if active.name == spec.name:
+            return active.plan
+        raise another_migration_runs(active, target_key(target_url))
     with connection(target_url) as conn:
         snap = snapshot(conn, schema)
     return build_plan(spec, snap, current_version_schema(state, target_key(target_url), schema))

@@ -20,6 +20,7 @@ exactly what ``flowyard online plan`` prints and what the lint checked.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +29,14 @@ from pydantic import BaseModel, model_validator
 
 from tasks.ddl_lint import Token, is_volatile_expression, tokenize
 from tasks.errors import UserError
-from tasks.online_catalog import ColumnInfo, ConstraintInfo, IndexInfo, SchemaSnapshot, TableInfo
+from tasks.online_catalog import (
+    ColumnInfo,
+    ConstraintInfo,
+    IndexInfo,
+    SchemaSnapshot,
+    SequenceOptions,
+    TableInfo,
+)
 from tasks.online_spec import (
     AddColumn,
     AlterColumn,
@@ -47,6 +55,7 @@ from tasks.online_spec import (
 Phase = Literal["start", "complete", "rollback"]
 PHASES: tuple[Phase, ...] = ("start", "complete", "rollback")
 SHADOW_PREFIX = "_fy_new_"
+_MAX_NAME_BYTES = 63  # NAMEDATALEN - 1
 
 
 class BackfillTarget(BaseModel):
@@ -102,8 +111,42 @@ class Plan(BaseModel):
         return {"start": self.start, "complete": self.complete, "rollback": self.rollback}[phase]
 
 
+def pg_name(text: str) -> str:
+    """``text`` as a PostgreSQL name that stays unique when it is too long to fit.
+
+    PostgreSQL cuts names to 63 bytes (a NOTICE, no error), so two long derived names, such as
+    ``_fy_new_`` plus two column names that differ only at the end, would become one, and a name
+    the plan compares in Python would no longer match the catalog's. A name that does not fit
+    keeps its head and ends in a hash of the whole (cut on a UTF-8 boundary).
+    """
+    raw = text.encode()
+    if len(raw) <= _MAX_NAME_BYTES:
+        return text
+    digest = hashlib.sha256(raw).hexdigest()[:10]
+    return raw[: _MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "_" + digest
+
+
 def version_schema_name(schema: str, migration: str) -> str:
-    return f"{schema}_{migration}"[:63]
+    return pg_name(f"{schema}_{migration}")
+
+
+def _identity_options(name: sql.Identifier, options: SequenceOptions) -> sql.Composed:
+    """``SEQUENCE NAME … START WITH … INCREMENT BY … MINVALUE|NO MINVALUE … CACHE … [NO] CYCLE``."""
+
+    def bound(keyword: str, value: int | None) -> sql.Composable:
+        if value is None:
+            return sql.SQL("NO ") + sql.SQL(keyword)
+        return sql.SQL(keyword) + sql.SQL(" ") + sql.Literal(value)
+
+    return sql.SQL("SEQUENCE NAME {} START WITH {} INCREMENT BY {} {} {} CACHE {} {}").format(
+        name,
+        sql.Literal(options.start),
+        sql.Literal(options.increment),
+        bound("MINVALUE", options.min),
+        bound("MAXVALUE", options.max),
+        sql.Literal(options.cache),
+        sql.SQL("CYCLE" if options.cycle else "NO CYCLE"),
+    )
 
 
 def _render(statement: sql.Composable) -> str:
@@ -111,12 +154,12 @@ def _render(statement: sql.Composable) -> str:
 
 
 def _shadow(column: str) -> str:
-    return f"{SHADOW_PREFIX}{column}"
+    return pg_name(f"{SHADOW_PREFIX}{column}")
 
 
 def _temp_name(name: str) -> str:
     """The expand-phase name of an index or constraint rebuilt on a shadow column."""
-    return f"_fy_{name}"[:63]
+    return pg_name(f"_fy_{name}")
 
 
 def _fragment(text: str) -> sql.Composable:
@@ -367,12 +410,24 @@ class _Planner:
     def not_null_check(self, work: _TableWork, column: str, physical: str) -> None:
         """NOT NULL without a long lock: CHECK NOT VALID, VALIDATE, then SET NOT NULL at complete."""
         table = work.info.name
-        name = f"_fy_nn_{column}"[:63]
+        name = pg_name(f"_fy_nn_{column}")
         self.add_not_valid(table, name, sql.SQL("CHECK ({} IS NOT NULL)").format(sql.Identifier(physical)))
         work.not_null_statements.append(
             sql.SQL("ALTER COLUMN {} SET NOT NULL").format(sql.Identifier(column))
         )
         work.cleanup_statements.append(sql.SQL("DROP CONSTRAINT IF EXISTS {}").format(sql.Identifier(name)))
+
+    def refuse_outside_uses(self, where: str, info: TableInfo, column: str | None) -> None:
+        """Complete drops the old column (or the table), which a user's view or another schema's
+        foreign key would block halfway through the contract; say so before anything runs.
+        flowyard's own version views are rebuilt, so they do not count."""
+        ours = {self.vschema, self.previous}
+        if uses := [u.description for u in info.uses_of(column) if u.schema not in ours]:
+            them = "it" if len(uses) == 1 else "them"
+            raise UserError(
+                f"{where} is used by {', '.join(uses)}, which complete would have to drop: "
+                f"drop {them} first and recreate {them} after the migration completes"
+            )
 
     def rebuild_dependents(
         self, i: int, work: _TableWork, column: str, shadow: str, new_type: str | None
@@ -389,6 +444,7 @@ class _Planner:
         where = f"operation {i} (alter_column): {table}.{column}"
         old = info.column(column)
         assert old is not None
+        self.refuse_outside_uses(where, info, column)
         for fk in info.referenced_by:
             if fk.table == table and column in fk.columns + fk.ref_columns:
                 raise UserError(
@@ -428,11 +484,11 @@ class _Planner:
 
         Before the old column (and its sequence) is dropped, the shadow becomes NOT NULL (proven by
         its validated CHECK), trades the ``nextval`` default it had during expand for an identity of
-        the same kind and increment, and its sequence is set to the old one's position; after the
-        swap the new sequence takes the old name.
+        the same kind and options (start, increment, user-set bounds, cache, cycle), and its sequence
+        is set to the old one's position; after the swap the new sequence takes the old name.
         """
         table, column = work.info.name, sql.Identifier(shadow)
-        assert old.sequence is not None
+        assert old.sequence is not None and old.sequence_options is not None
         seq_schema, seq_name = old.sequence
         temp = sql.Identifier(seq_schema, _temp_name(seq_name))
         work.before_swap += [
@@ -440,13 +496,10 @@ class _Planner:
             self.alter(table, sql.SQL("ALTER COLUMN {} DROP DEFAULT").format(column)),
             self.alter(
                 table,
-                sql.SQL(
-                    "ALTER COLUMN {} ADD GENERATED {} AS IDENTITY (SEQUENCE NAME {} INCREMENT BY {})"
-                ).format(
+                sql.SQL("ALTER COLUMN {} ADD GENERATED {} AS IDENTITY ({})").format(
                     column,
                     sql.SQL("ALWAYS" if old.identity == "a" else "BY DEFAULT"),
-                    temp,
-                    sql.Literal(old.sequence_increment),
+                    _identity_options(temp, old.sequence_options),
                 ),
             ),
             _render(
@@ -576,6 +629,7 @@ class _Planner:
         info = work.info.column(op.column)
         if info is None:
             raise UserError(f"operation {i} (drop_column): column {op.table}.{op.column} does not exist")
+        self.refuse_outside_uses(f"operation {i} (drop_column): {op.table}.{op.column}", work.info, op.column)
         if info.not_null and info.default is None and op.down is None:
             raise UserError(
                 f"operation {i} (drop_column): field 'down': {op.table}.{op.column} is NOT NULL without a default; "
@@ -755,7 +809,9 @@ class _Planner:
         return sql.SQL(" ").join(parts)
 
     def drop_table(self, i: int, op: DropTable) -> None:
-        self.work(i, "drop_table", op.name).dropped = True
+        work = self.work(i, "drop_table", op.name)
+        self.refuse_outside_uses(f"operation {i} (drop_table): {op.name}", work.info, None)
+        work.dropped = True
         self.complete_late.append(
             Step(
                 title=f"drop table {op.name}",
@@ -796,7 +852,7 @@ class _Planner:
     def sync_functions(self, table: str) -> dict[str, sql.Composable]:
         """The trigger function and its two halves (old-version writes, new-version writes) of ``table``."""
         return {
-            kind: sql.Identifier(self.vschema, f"_fy_{kind}_{table}"[:63]) for kind in ("sync", "up", "down")
+            kind: sql.Identifier(self.vschema, pg_name(f"_fy_{kind}_{table}")) for kind in ("sync", "up", "down")
         }
 
     def trigger_step(self, work: _TableWork) -> Step:
@@ -850,7 +906,7 @@ class _Planner:
             "BEGIN IF coalesce((current_schemas(false))[1] = {}, false) THEN NEW := {}(NEW); "
             "ELSE NEW := {}(NEW); END IF; RETURN NEW; END"
         ).format(sql.Literal(self.vschema), functions["down"], functions["up"])
-        trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
+        trigger = sql.Identifier(pg_name(f"_fy_sync_{self.spec.name}"))
         return Step(
             title=f"sync trigger on {table}",
             statements=[
@@ -875,7 +931,7 @@ class _Planner:
         table = work.info.name
         statements = []
         if work.syncs:
-            trigger = sql.Identifier(f"_fy_sync_{self.spec.name}"[:63])
+            trigger = sql.Identifier(pg_name(f"_fy_sync_{self.spec.name}"))
             statements.append(
                 _render(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, self.tbl(table)))
             )

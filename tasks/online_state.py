@@ -71,16 +71,21 @@ def current_version_schema(state: str, target: str, schema: str) -> str | None:
     return row[0] if row else None
 
 
+def another_migration_runs(existing: MigrationRecord, target: str) -> UserError:
+    """The one-line refusal of a second migration while ``existing`` is under way on the schema."""
+    return UserError(
+        f"migration {existing.name!r} is {existing.phase} on {target} schema {existing.schema_name}; "
+        "only one migration can run on a schema — complete or roll it back first (flowyard online complete/rollback)"
+    )
+
+
 def begin_migration(state: str, target: str, plan: Plan, flow_run_id: str | None) -> MigrationRecord:
     """Record a new migration in phase 'starting', or return the same unfinished one to resume it."""
     existing = active_migration(state, target, plan.schema_name)
     if existing is not None:
         if existing.name == plan.migration and existing.phase in ("starting", "expanded"):
             return existing
-        raise UserError(
-            f"migration {existing.name!r} is {existing.phase} on {target} schema {plan.schema_name}; "
-            "only one migration can run on a schema — complete or roll it back first (flowyard online complete/rollback)"
-        )
+        raise another_migration_runs(existing, target)
     try:
         with connection(state) as conn:
             row = conn.execute(

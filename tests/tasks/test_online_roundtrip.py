@@ -11,8 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks.db import connect
+from tasks.errors import UserError
 from tasks.online_migration import lint_plan
 from tests.online_support import (
     TABLES,
@@ -314,7 +316,11 @@ CASES: dict[str, Case] = {
         f"SELECT ({_col('shipments', 'serial_no')}) = 'bigint:true'"
         " AND (SELECT attidentity FROM pg_attribute WHERE attrelid = 'public.shipments'::regclass AND attname = 'serial_no') = 'd'"
         " AND pg_get_serial_sequence('public.shipments', 'serial_no') = 'public.shipments_serial_no_seq'"
-        " AND (SELECT last_value FROM shipments_serial_no_seq) = (SELECT max(serial_no) FROM shipments)",
+        " AND (SELECT last_value FROM shipments_serial_no_seq) >= (SELECT max(serial_no) FROM shipments)"
+        # the identity's options carry over; the int-sized default maximum widens with the type
+        " AND (SELECT (seqstart, seqincrement, seqmin, seqmax, seqcache, seqcycle) FROM pg_sequence"
+        "      WHERE seqrelid = 'public.shipments_serial_no_seq'::regclass)"
+        "     = (7::bigint, 3::bigint, 7::bigint, 9223372036854775807::bigint, 5::bigint, true)",
         table="shipments",
     ),
     "raw_sql": Case(
@@ -445,3 +451,117 @@ def test_both_versions_write_through_a_primary_key_type_change(fresh_db: str, st
         assert next_id > max(old_id, new_id)
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             conn.execute("INSERT INTO ticket_events VALUES (1004, 999999, 'dangling')")
+
+
+def _widen_to_completion(url: str, state: str, target: tuple[str, str], *setup: str | sql.Composable) -> None:
+    """Run the ``setup`` statements, then widen ``target`` (table, column) to bigint: start, then complete."""
+    with connect(url, autocommit=True) as conn:
+        for statement in setup:
+            conn.execute(statement)  # type: ignore[arg-type]
+    table, column = target
+    plan = plan_for(url, state, {"name": f"widen_{table}", "operations": [widen(table, column)]})
+    run(url, state, plan, "start")
+    run(url, state, plan, "complete")
+
+
+def test_descending_identity_keeps_its_chosen_bound_and_widens_the_default_one(
+    fresh_db: str, state_db: str
+) -> None:
+    """A countdown identity int -> bigint: its user-set MAXVALUE stays, its int-sized default MINVALUE
+    becomes bigint's, and new rows continue the countdown below the old ones."""
+    _widen_to_completion(
+        fresh_db,
+        state_db,
+        ("countdown", "n"),
+        "CREATE TABLE countdown (n int GENERATED ALWAYS AS IDENTITY "
+        "(START WITH 100 INCREMENT BY -2 MAXVALUE 100) PRIMARY KEY, note text)",
+        "INSERT INTO countdown (note) SELECT 'x' FROM generate_series(1, 10)",
+    )
+    with connect(fresh_db, autocommit=True) as conn:
+        options = conn.execute(
+            "SELECT seqtypid::regtype::text, seqstart, seqincrement, seqmin, seqmax, seqcycle FROM pg_sequence "
+            "WHERE seqrelid = pg_get_serial_sequence('public.countdown', 'n')::regclass"
+        ).fetchone()
+        assert options == ("bigint", 100, -2, -(2**63), 100, False)
+        assert conn.execute("INSERT INTO countdown (note) VALUES ('y') RETURNING n").fetchone() == (80,)
+        assert conn.execute(
+            "SELECT attidentity FROM pg_attribute WHERE attrelid = 'public.countdown'::regclass AND attname = 'n'"
+        ).fetchone() == ("a",)
+
+
+def test_long_constraint_names_get_distinct_expand_names(fresh_db: str, state_db: str) -> None:
+    """Two 62-character CHECK names that differ only in their last character, both on the widened
+    column: ``_fy_`` + name is over PostgreSQL's 63-byte limit, so cut-off expand-phase names would
+    collide; both constraints must be rebuilt and take their own names back at complete."""
+    first, second = "c" * 61 + "1", "c" * 61 + "2"
+    _widen_to_completion(
+        fresh_db,
+        state_db,
+        ("bounded", "v"),
+        sql.SQL(
+            "CREATE TABLE bounded (id int PRIMARY KEY, v int CONSTRAINT {} CHECK (v > 0) CONSTRAINT {} CHECK (v < 100))"
+        ).format(sql.Identifier(first), sql.Identifier(second)),
+        "INSERT INTO bounded SELECT g, g FROM generate_series(1, 20) g",
+    )
+    with connect(fresh_db, autocommit=True) as conn:
+        checks = conn.execute(
+            "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+            "WHERE conrelid = 'public.bounded'::regclass AND contype = 'c' ORDER BY conname"
+        ).fetchall()
+        assert checks == [(first, "CHECK ((v > 0))", True), (second, "CHECK ((v < 100))", True)]
+        assert conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = 'public.bounded'::regclass AND attname = 'v'"
+        ).fetchone() == ("bigint",)
+
+
+def test_user_views_on_a_swapped_or_dropped_column_are_refused_before_start(fresh_db: str, state_db: str) -> None:
+    """Complete's DROP COLUMN/TABLE would fail halfway through the contract on a user's view (any
+    schema, materialized too) or another schema's foreign key; the plan names it instead. A view on
+    other columns is no obstacle."""
+    make_schema(fresh_db, rows=10)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA reports")
+        conn.execute("CREATE VIEW reports.scores AS SELECT id, score FROM tickets")
+        conn.execute("CREATE MATERIALIZED VIEW reports.archive_copy AS SELECT * FROM archive")
+        conn.execute("CREATE TABLE reports.escalations (ticket_id int REFERENCES public.tickets (id))")
+    cases = [
+        ("alter_column", [widen("tickets", "score")], "tickets.score is used by view reports.scores"),
+        (
+            "drop_column",
+            [{"drop_column": {"table": "tickets", "column": "score"}}],
+            "tickets.score is used by view reports.scores",
+        ),
+        ("drop_table", [{"drop_table": {"name": "archive"}}], "archive is used by view reports.archive_copy"),
+        (
+            "alter_column",
+            [widen("tickets", "id")],
+            "tickets.id is used by foreign key reports.escalations_ticket_id_fkey, view reports.scores",
+        ),
+    ]
+    for n, (kind, operations, expected) in enumerate(cases):
+        pattern = rf"operation 0 \({kind}\): {expected}, which complete would have to drop: drop (it|them) first"
+        with pytest.raises(UserError, match=pattern):
+            plan_for(fresh_db, state_db, {"name": f"outside_{n}", "operations": operations})
+    plan = plan_for(fresh_db, state_db, {"name": "views_other", "operations": [widen("tickets", "queue")]})
+    run(fresh_db, state_db, plan, "start")
+    run(fresh_db, state_db, plan, "complete")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM reports.scores").fetchone() == (300,)
+
+
+def test_a_second_migration_may_alter_columns_the_previous_version_views_read(
+    fresh_db: str, state_db: str
+) -> None:
+    """The previous migration's version schema has views on every column; they are flowyard's own
+    (dropped at the next complete), so they do not block the next migration."""
+    make_schema(fresh_db, rows=10)
+    first = plan_for(fresh_db, state_db, {"name": "first", "operations": [widen("tickets", "queue")]})
+    run(fresh_db, state_db, first, "start")
+    run(fresh_db, state_db, first, "complete")
+    second = plan_for(fresh_db, state_db, {"name": "second", "operations": [widen("tickets", "score")]})
+    assert second.previous_schema == first.version_schema
+    run(fresh_db, state_db, second, "start")
+    run(fresh_db, state_db, second, "complete")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(_col("tickets", "score")).fetchone() == ("bigint:false",)
