@@ -82,14 +82,15 @@ def _judge(raw_index: int | None, unsafe: bool, phase: Phase, finding: Finding, 
 def prepare_plan(target_url: str, state: str, migration_file: str, schema: str) -> Plan:
     """The plan to run: the persisted one when this migration is already under way, else a new one."""
     spec = load_spec(migration_file)
-    active = active_migration(state, target_key(target_url), schema)
+    target = target_key(target_url)
+    active = active_migration(state, target, schema)
     if active is not None:  # resume it, or refuse before planning against its half-built schema
         if active.name == spec.name:
             return active.plan
-        raise another_migration_runs(active, target_key(target_url))
+        raise another_migration_runs(active, target)
     with connection(target_url) as conn:
         snap = snapshot(conn, schema)
-    return build_plan(spec, snap, current_version_schema(state, target_key(target_url), schema))
+    return build_plan(spec, snap, current_version_schema(state, target, schema))
 
 
 @task(name="plan-online-migration", cache_policy=NO_CACHE)

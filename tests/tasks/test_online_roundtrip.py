@@ -6,6 +6,8 @@ complete must give the new schema with the same data, and both versions must ans
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -453,15 +455,20 @@ def test_both_versions_write_through_a_primary_key_type_change(fresh_db: str, st
             conn.execute("INSERT INTO ticket_events VALUES (1004, 999999, 'dangling')")
 
 
-def _widen_to_completion(url: str, state: str, target: tuple[str, str], *setup: str | sql.Composable) -> None:
-    """Run the ``setup`` statements, then widen ``target`` (table, column) to bigint: start, then complete."""
+@contextmanager
+def _widened(
+    url: str, state: str, target: tuple[str, str], *setup: str | sql.Composable
+) -> Iterator[psycopg.Connection]:
+    """Run the ``setup`` statements, widen ``target`` (table, column) to bigint through start and
+    complete, and yield a connection for checking the result."""
     with connect(url, autocommit=True) as conn:
         for statement in setup:
             conn.execute(statement)  # type: ignore[arg-type]
-    table, column = target
-    plan = plan_for(url, state, {"name": f"widen_{table}", "operations": [widen(table, column)]})
-    run(url, state, plan, "start")
-    run(url, state, plan, "complete")
+        table, column = target
+        plan = plan_for(url, state, {"name": f"widen_{table}", "operations": [widen(table, column)]})
+        run(url, state, plan, "start")
+        run(url, state, plan, "complete")
+        yield conn
 
 
 def test_descending_identity_keeps_its_chosen_bound_and_widens_the_default_one(
@@ -469,15 +476,14 @@ def test_descending_identity_keeps_its_chosen_bound_and_widens_the_default_one(
 ) -> None:
     """A countdown identity int -> bigint: its user-set MAXVALUE stays, its int-sized default MINVALUE
     becomes bigint's, and new rows continue the countdown below the old ones."""
-    _widen_to_completion(
+    with _widened(
         fresh_db,
         state_db,
         ("countdown", "n"),
         "CREATE TABLE countdown (n int GENERATED ALWAYS AS IDENTITY "
         "(START WITH 100 INCREMENT BY -2 MAXVALUE 100) PRIMARY KEY, note text)",
         "INSERT INTO countdown (note) SELECT 'x' FROM generate_series(1, 10)",
-    )
-    with connect(fresh_db, autocommit=True) as conn:
+    ) as conn:
         options = conn.execute(
             "SELECT seqtypid::regtype::text, seqstart, seqincrement, seqmin, seqmax, seqcycle FROM pg_sequence "
             "WHERE seqrelid = pg_get_serial_sequence('public.countdown', 'n')::regclass"
@@ -494,7 +500,7 @@ def test_long_constraint_names_get_distinct_expand_names(fresh_db: str, state_db
     column: ``_fy_`` + name is over PostgreSQL's 63-byte limit, so cut-off expand-phase names would
     collide; both constraints must be rebuilt and take their own names back at complete."""
     first, second = "c" * 61 + "1", "c" * 61 + "2"
-    _widen_to_completion(
+    with _widened(
         fresh_db,
         state_db,
         ("bounded", "v"),
@@ -502,8 +508,7 @@ def test_long_constraint_names_get_distinct_expand_names(fresh_db: str, state_db
             "CREATE TABLE bounded (id int PRIMARY KEY, v int CONSTRAINT {} CHECK (v > 0) CONSTRAINT {} CHECK (v < 100))"
         ).format(sql.Identifier(first), sql.Identifier(second)),
         "INSERT INTO bounded SELECT g, g FROM generate_series(1, 20) g",
-    )
-    with connect(fresh_db, autocommit=True) as conn:
+    ) as conn:
         checks = conn.execute(
             "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
             "WHERE conrelid = 'public.bounded'::regclass AND contype = 'c' ORDER BY conname"
