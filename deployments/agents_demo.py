@@ -16,11 +16,11 @@ def agent_queue_demo_parameters(demo_url: str) -> dict[str, Any]:
     """Enqueue the demo graph in the demo database; the run drains it with two agents."""
     url = state_url(demo_url)
 
-    def add(title: str, payload: dict[str, Any], *after: int, priority: str = "medium") -> int:
+    def add(title: str, payload: dict[str, Any], *after: int, priority: queue.Priority = "medium") -> int:
         task = queue.NewTask(
             title=title,
             agent_type="reference",
-            priority=priority,  # type: ignore[arg-type]
+            priority=priority,
             payload={"steps": 3, "sleep": 0.2, **payload},
             blocked_by=after,
         )

@@ -74,9 +74,9 @@ def create(
     from tasks.agent_execution import default_agents_dir
     from tasks.agent_process import resolve_workdir
 
-    if priority not in queue.PRIORITIES:
+    if not queue.is_priority(priority):
         raise UserError(f"unknown priority {priority!r}; use one of {', '.join(queue.PRIORITIES)}")
-    if task_type not in queue.TASK_TYPES:
+    if not queue.is_task_type(task_type):
         raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(queue.TASK_TYPES)}")
     if not 1 <= len(title) <= 200:
         raise UserError("the title must have 1 to 200 characters")
@@ -85,9 +85,9 @@ def create(
     new = queue.NewTask(
         title=title,
         agent_type=agent_type,
-        type=task_type,  # type: ignore[arg-type]
+        type=task_type,
         description=description,
-        priority=priority,  # type: ignore[arg-type]
+        priority=priority,
         blocked_by=tuple(after or ()),
         payload=_payload(payload),
         workdir=workdir,

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from tasks.db import connection, mask_url
+from tasks.db import connection, mask_url, one_row
 from tasks.errors import UserError
 
 app = typer.Typer(
@@ -109,8 +109,8 @@ def copy(
     console_without_tracebacks()
     target_url = state_url(target)
     from flows.bulk_migrate import bulk_migrate
+    from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 
-    sizing = {"chunk_rows": chunk_rows} if chunk_rows is not None else {}
     stop = threading.Event()
     drawer = threading.Thread(target=_progress_bar, args=(target_url, stop), daemon=True)
     drawer.start()
@@ -127,7 +127,7 @@ def copy(
             restart=restart,
             cursor_column=cursor_column,
             task_runner=task_runner,
-            **sizing,
+            chunk_rows=DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows,
         )
     finally:
         stop.set()
@@ -147,14 +147,11 @@ def status(target: Target = None) -> None:
 
     with connection(state_url(target)) as conn:
         progress = latest_run_progress(conn)
-        state = conn.execute(
-            "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s",
-            (progress.run_key if progress else None,),
-        ).fetchone()
-    if progress is None:
-        typer.echo("no bulk runs on this target")
-        return
+        if progress is None:
+            typer.echo("no bulk runs on this target")
+            return
+        run_status = one_row(conn, "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s", (progress.run_key,))[0]
     typer.echo(
-        f"run {progress.run_key} ({state[0]}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
+        f"run {progress.run_key} ({run_status}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
         f"{progress.rows_done:,} rows"
     )

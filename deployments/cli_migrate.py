@@ -8,7 +8,7 @@ the run shows up in the Prefect UI like a deployment run.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypedDict
 
 import typer
 
@@ -49,13 +49,21 @@ def _prepare(database_url: str | None, migrations_dir: Path) -> str | None:
     return url
 
 
+class _Protection(TypedDict):
+    backup: bool
+    restore_on_failure: bool
+    validation_queries: list[str]
+    lock_timeout: float
+    backup_dir: str | None
+
+
 def _protection(
     no_backup: bool,
     no_restore: bool,
     validate: list[str] | None,
     lock_timeout: float,
     backup_dir: Path | None,
-) -> dict[str, object]:
+) -> _Protection:
     """The flow parameters deploy and rollback share, from their CLI options."""
     return {
         "backup": not no_backup,

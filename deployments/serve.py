@@ -12,12 +12,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from tasks.errors import UserError, exit_on_user_error
+
+if TYPE_CHECKING:
+    from prefect.schedules import Schedule
 
 _ENV_TEMPLATE = re.compile(r"\{\{\s*\$(?P<var>[A-Z_][A-Z0-9_]*)\s*\}\}")
 
@@ -33,6 +36,15 @@ class ScheduleSpec(BaseModel):
         if (self.cron is None) == (self.interval is None):
             raise ValueError("a schedule needs exactly one of 'cron' or 'interval'")
         return self
+
+    def to_schedule(self) -> Schedule:
+        """The Prefect schedule, interval or cron: the validator lets exactly one of them through."""
+        from prefect.schedules import Cron, Interval
+
+        if self.interval is not None:
+            return Interval(self.interval, timezone=self.timezone, active=self.active)
+        assert self.cron is not None
+        return Cron(self.cron, timezone=self.timezone, active=self.active)
 
 
 class DeploymentSpec(BaseModel):
@@ -71,14 +83,7 @@ def read_deployments(prefect_yaml: Path) -> list[DeploymentSpec]:
 
 
 def to_deployment(spec: DeploymentSpec) -> Any:
-    from prefect.schedules import Cron, Interval
-
-    schedules = [
-        Cron(s.cron, timezone=s.timezone, active=s.active)
-        if s.cron
-        else Interval(s.interval, timezone=s.timezone, active=s.active)
-        for s in spec.schedules
-    ]
+    schedules = [s.to_schedule() for s in spec.schedules]
     return spec.load_flow().to_deployment(
         name=spec.name,
         description=spec.description,

@@ -36,7 +36,7 @@ from tasks.chunk_checkpoint import (
     finish_run,
     open_run,
 )
-from tasks.chunk_load import ChunkJob, load_chunk, load_chunk_in
+from tasks.chunk_load import ChunkJob, Mode, load_chunk, load_chunk_in
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
 from tasks.copy_pipe import normalize_session
@@ -186,7 +186,7 @@ def chunk_jobs(
     run_key: str,
     source_url: str,
     target_url: str,
-    mode: str,
+    mode: Mode,
     quarantine: bool,
     report_rows: int,
 ) -> list[ChunkJob]:
@@ -205,7 +205,7 @@ def chunk_jobs(
             spec.cursor,
             quarantine,
             report_rows,
-        )  # type: ignore[arg-type]
+        )
         for chunk in plan.chunks
     ]
 
@@ -268,8 +268,11 @@ def bulk_migrate(
     JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database).
     ``quality_suite`` (optional, see docs/quality.md): data-quality suites checked on the target
     after the copy, failing or warning per ``quality_gate_mode``."""
-    if mode not in ("full", "incremental", "seed"):
-        raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
+    match mode:  # not `in`: a match narrows the str to chunk_load.Mode for type checkers
+        case "full" | "incremental" | "seed":
+            pass
+        case _:
+            raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
     if unknown := [c for c in validate if c not in CHECKS]:
         raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
     if chunk_rows < 1:

@@ -17,12 +17,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import psycopg
-from prefect import flow, task
+from prefect import Task, flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from quality.gate import quality_gate
 from tasks import alembic_deploy, migration_report, revision_checksums
@@ -30,13 +29,16 @@ from tasks.advisory_lock import advisory_lock
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
 from tasks.db import database_name, mask_url, resolve_url
 from tasks.errors import UserError
-from tasks.migration_preflight import run_preflight
+from tasks.migration_preflight import Preflight, run_preflight
 from tasks.migration_report import MigrationReport
 from tasks.migration_validation import require_valid, validate
 from tasks.pg_backup import backup_database, maintenance_url, restore_database
 from tasks.settings import get_settings
+from tasks.task_runners import thread_pool
 
 DEFAULT_MIGRATIONS_DIR = "migrations"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class MigrationFailed(UserError):
@@ -54,7 +56,15 @@ def _not_user_error(_task: Any, _run: Any, state: Any) -> bool:
     return False
 
 
-_task = partial(task, cache_policy=NO_CACHE)
+def _task(fn: Callable[P, R], **options: Any) -> Task[P, R]:
+    """``fn`` as an uncached task: every step must really run against the database.
+
+    Written ``task(**options)(fn)``, the form Prefect's overloads type: ``task(fn, **options)``
+    matches none of them, so type checkers saw every step returning a coroutine.
+    """
+    return task(cache_policy=NO_CACHE, **options)(fn)
+
+
 preflight_task = _task(
     run_preflight, name="preflight", retries=2, retry_delay_seconds=2, retry_condition_fn=_not_user_error
 )
@@ -132,14 +142,16 @@ def _step(step: Any, opts: RunOptions, revision: Revision) -> RevisionRun:
         raise MigrationFailed(f"{name} failed: {_one_line(exc)}") from exc
 
 
-def _protected(report: MigrationReport, opts: RunOptions, revisions: Sequence[Revision], step: Any) -> None:
+def _protected(
+    report: MigrationReport, opts: RunOptions, preflight: Preflight, revisions: Sequence[Revision], step: Any
+) -> None:
     """Backup, change, validate; on any failure after the backup restore it and fail."""
     report.backup = backup_task(opts.url, opts.backup_dir) if opts.backup_dir else None
     try:
-        report.adopted = adopt_task(opts.url, report.preflight.status.applied_files)
+        report.adopted = adopt_task(opts.url, preflight.status.applied_files)
         for revision in revisions:
             report.revisions.append(_step(step, opts, revision))
-        report.validation = validate_task(opts.url, opts.validation_queries, report.preflight.integrity)
+        report.validation = validate_task(opts.url, opts.validation_queries, preflight.integrity)
         require_valid(report.validation)
     except Exception as exc:
         report.error = _one_line(exc)
@@ -169,7 +181,7 @@ def _run(
     report = MigrationReport(action, mask_url(opts.url), opts.migrations_dir)
     try:
         with deploy_lock(opts.url, opts.lock_timeout):
-            report.preflight = preflight_task(
+            report.preflight = preflight = preflight_task(
                 opts.url,
                 opts.migrations_dir,
                 opts.target,
@@ -177,10 +189,10 @@ def _run(
                 opts.max_active_connections,
             )
             if select is None:
-                report.plan = plan_task(opts.url, opts.migrations_dir, report.preflight.status)
+                report.plan = plan_task(opts.url, opts.migrations_dir, preflight.status)
                 print(report.plan)
             else:
-                _protected(report, opts, select(report.preflight.status), step)
+                _protected(report, opts, preflight, select(preflight.status), step)
         report.outcome = "completed"
     except BaseException as exc:
         report.outcome = "failed, restored from backup" if report.restore else "failed"
@@ -191,7 +203,7 @@ def _run(
     return report
 
 
-@flow(name="deploy-migrations", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="deploy-migrations", task_runner=thread_pool(2), log_prints=True)
 def deploy_migrations(
     database_url: str | None = None,
     migrations_dir: str = DEFAULT_MIGRATIONS_DIR,
@@ -230,7 +242,7 @@ def deploy_migrations(
     return report
 
 
-@flow(name="migration-rollback", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(name="migration-rollback", task_runner=thread_pool(2), log_prints=True)
 def migration_rollback(
     steps: int = 1,
     database_url: str | None = None,
@@ -257,7 +269,7 @@ def migration_rollback(
     return _run("rollback", opts, partial(alembic_deploy.rollback_revisions, steps=steps), downgrade_task)
 
 
-@flow(name="migration-status", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="migration-status", task_runner=thread_pool(1))
 def migration_status(
     database_url: str | None = None, migrations_dir: str = DEFAULT_MIGRATIONS_DIR, target: str = "head"
 ) -> MigrationStatus:

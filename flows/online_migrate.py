@@ -15,7 +15,6 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.backfill import BackfillOptions
 from tasks.db import resolve_url
@@ -29,6 +28,7 @@ from tasks.online_migration import (
 )
 from tasks.online_phases import RunOptions
 from tasks.state import state_url
+from tasks.task_runners import thread_pool
 
 DEMO_MIGRATION = str(
     Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ DEMO_MIGRATION = str(
 )
 
 
-@flow(name="online-migrate", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="online-migrate", task_runner=thread_pool(2))
 def online_migrate(
     database_url: str | None = None,
     migration_file: str = DEMO_MIGRATION,

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from quality.alerts import AlertConfig
 from quality.dashboard import QualityReport
@@ -40,9 +39,10 @@ from quality.suites import present_entity_suites
 from tasks.db import resolve_url
 from tasks.settings import get_settings
 from tasks.state import state_url
+from tasks.task_runners import thread_pool
 
 
-@flow(name="quality-check", task_runner=ThreadPoolTaskRunner(max_workers=get_settings().max_workers))
+@flow(name="quality-check", task_runner=thread_pool(get_settings().max_workers))
 def quality_check(
     database_url: str | None = None,
     suites: list[str] | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
@@ -64,9 +64,10 @@ def run_agent_queue(
         logger.info("resuming tasks of workers that are gone: %s", recovered)
     attempt = _attempt_tasks(retries)
     outcomes: dict[int, str] = {}
-    with ThreadPoolTaskRunner(max_workers=max_agents) as runner, fleet(setup) as agents_fleet:
-        running: dict[int, PrefectFuture[dict[str, Any]]] = {}
-        finished: dict[int, PrefectFuture[dict[str, Any]]] = {}
+    runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=max_agents)
+    with runner, fleet(setup) as agents_fleet:
+        running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
+        finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
         claimed = 0
         while True:
             room = max_agents - len(running)
@@ -128,6 +129,6 @@ def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str,
     state = future.state
     if state.is_completed():
         return str(future.result()["outcome"])
-    message = state.message or state.name
+    message = state.message or state.name or state.type.value
     queue.fail_task(url, task_id, worker, message)
     return f"failed: {message}"

@@ -13,21 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import central_store, sync_state
 from tasks.advisory_lock import advisory_lock
 from tasks.db import mask_url
 from tasks.errors import UserError
+from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
 from tasks.sync_report import settle_device
 from tasks.sync_state import SyncTarget, default_central_url, resolve_targets
+from tasks.task_runners import thread_pool
 
 DEVICE_LOCK_WAIT_SECONDS = 5.0
 
@@ -39,7 +40,7 @@ def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> De
         return sync_device(Path(target.store), target.identity, options, target.download_since)
 
 
-@flow(name="sync-devices", task_runner=ThreadPoolTaskRunner(max_workers=get_settings().max_workers))
+@flow(name="sync-devices", task_runner=thread_pool(get_settings().max_workers))
 def sync_devices(
     stores: list[str] | None = None,
     central_url: str | None = None,
@@ -72,7 +73,7 @@ def sync_devices(
         central_url=central, batch_size=batch_size or config.batch_size, policy=config.privacy, force=force
     )
     offline_since = {d.device_id: d.offline_since for d in sync_state.list_devices(state)}
-    progress_id = create_progress_artifact(0.0, description=f"devices synced of {len(targets)}")
+    progress_id = new_progress_artifact(0.0, description=f"devices synced of {len(targets)}")
     futures = sync_device_task.map(targets, unmapped(options), unmapped(state))
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
     outcomes = []

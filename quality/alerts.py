@@ -29,6 +29,10 @@ EVENT = "flowyard.quality.violation"
 logger = get_logger("flowyard.quality.alerts")
 
 
+def _critical_only() -> list[Severity]:
+    return ["critical"]
+
+
 def _default_webhook() -> str | None:
     return os.environ.get("FLOWYARD_QUALITY_WEBHOOK_URL") or None
 
@@ -37,7 +41,7 @@ class AlertConfig(BaseModel):
     """Which violations alert and where to. The webhook defaults to ``FLOWYARD_QUALITY_WEBHOOK_URL``."""
 
     enabled: bool = True
-    severities: list[Severity] = Field(default_factory=lambda: ["critical"])
+    severities: list[Severity] = Field(default_factory=_critical_only)
     emit_event: bool = True
     webhook_url: str | None = Field(default_factory=_default_webhook)
     timeout_seconds: float = 10.0

@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from statistics import fmean
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from quality.history import ScorePoint
 from quality.profiling import TableProfile
 from quality.runner import SuiteResult
 from quality.sql_rules import TableSource
+from tasks.db import one_row
 
 OUTLIER_HIGH_SHARE = 0.1
 DOMINANT_SHARE = 0.8
@@ -35,8 +37,9 @@ class Anomaly:
     type: Literal["outlier", "pattern_violation", "trend_break"]
     severity: Literal["high", "medium"]
     count: int
-    sample: list[Any] = field(default_factory=list)
-    threshold: dict[str, Any] = field(default_factory=dict)
+    # dataclasses.field, spelt out: the ``field`` attribute above shadows the bare name here.
+    sample: list[Any] = dataclasses.field(default_factory=list)
+    threshold: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,14 @@ def iqr_outliers(
             outside=outside, col=sql.Identifier(column.name), rel=source.relation()
         )
         bounds = {"lower": lower, "upper": upper}
-        count, non_null = conn.execute(query, bounds).fetchone()
+        count, non_null = one_row(conn, query, bounds)
         if not count:
             continue
         sample_query = sql.SQL("SELECT b.{col} FROM {rel} AS b WHERE {outside} LIMIT %(limit)s").format(
             col=sql.Identifier(column.name), rel=source.relation(), outside=outside
         )
         sample = [_number(r[0]) for r in conn.execute(sample_query, {**bounds, "limit": sample_size})]
-        severity = "high" if count / non_null > OUTLIER_HIGH_SHARE else "medium"
+        severity: Literal["high", "medium"] = "high" if count / non_null > OUTLIER_HIGH_SHARE else "medium"
         anomalies.append(Anomaly(suite, column.name, "outlier", severity, count, sample, bounds))
     return anomalies
 
@@ -102,6 +105,8 @@ def pattern_violations(
                 "SELECT {shape}, count(*) FROM {rel} AS b WHERE b.{col} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1"
             ).format(shape=_shape(column.name), rel=source.relation(), col=sql.Identifier(column.name))
         ).fetchone()
+        if dominant is None:  # the values were deleted after the profile counted them
+            continue
         shape, matching = dominant
         if matching == non_null or matching / non_null < DOMINANT_SHARE:
             continue

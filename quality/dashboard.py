@@ -77,14 +77,16 @@ def draw_score_chart(history: dict[str, list[ScorePoint]]) -> Figure:
     fig, ax = plt.subplots(figsize=(8, 3.5), dpi=100)
     for suite, points in sorted(history.items()):
         if points:
-            ax.plot([p.checked_at for p in points], [p.score for p in points], marker="o", label=suite)
+            times = [p.checked_at for p in points]
+            # matplotlib's stubs type x as numbers; its date converter takes datetimes.
+            ax.plot(times, [p.score for p in points], marker="o", label=suite)  # type: ignore[arg-type]
     ax.set_title("Data-quality score per run")
     ax.set_ylabel("score (0-100)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     limits = time_limits(history)
     if limits:
-        ax.set_xlim(*limits)
+        ax.set_xlim(*limits)  # type: ignore[arg-type]  # datetimes, as for plot() above
         locator = mdates.AutoDateLocator()
         ax.xaxis.set_major_locator(locator)
         ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))

@@ -8,6 +8,7 @@ GROUP BY per string column. Nothing but the aggregates reaches Python.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import psycopg
 from psycopg import sql
 
 from quality.sql_rules import TableSource
+from tasks.db import one_row
 from tasks.errors import UserError
 
 KIND_BY_CATEGORY = {"N": "number", "S": "string", "D": "date"}
@@ -65,7 +67,7 @@ def table_columns(conn: psycopg.Connection, schema: str, table: str) -> list[tup
     return [(name, type_, KIND_BY_CATEGORY.get(category, "other")) for name, type_, category in rows]
 
 
-def _aggregates(name: str, kind: str) -> list[tuple[str, sql.Composable]]:
+def _aggregates(name: str, kind: str) -> Sequence[tuple[str, sql.Composable]]:
     """(stat name, expression) for one column."""
     col = sql.Identifier(name)
     common = [
@@ -124,9 +126,7 @@ def profile_table(conn: psycopg.Connection, source: TableSource, top_n: int = 5)
         for stat, expression in _aggregates(name, kind):
             names.append((name, stat))
             expressions.append(expression)
-    row = conn.execute(
-        sql.SQL("SELECT {} FROM {} AS b").format(sql.SQL(", ").join(expressions), source.relation())
-    ).fetchone()
+    row = one_row(conn, sql.SQL("SELECT {} FROM {} AS b").format(sql.SQL(", ").join(expressions), source.relation()))
     values: dict[str, dict[str, Any]] = {}
     for (column, stat), value in zip(names, row[1:], strict=True):
         values.setdefault(column, {})[stat] = value

@@ -92,7 +92,13 @@ def expectations_for(
 ) -> list[gxe.Expectation]:
     """GX expectations that together check ``rule``; each is tagged with the rule's name."""
     meta = {"rule": rule.name}
-    column = rule.column
+    if rule.check == "row_count":
+        return [
+            gxe.ExpectTableRowCountToBeBetween(
+                min_value=_row_bound(rule.min), max_value=_row_bound(rule.max), meta=meta
+            )
+        ]
+    column = rule.required_column
     match rule.check:
         case "not_null":
             return [gxe.ExpectColumnValuesToNotBeNull(column=column, meta=meta)]
@@ -103,6 +109,7 @@ def expectations_for(
                 gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(rule.values or []), meta=meta)
             ]
         case "regex":
+            assert rule.pattern is not None, "validation requires a pattern for regex rules"
             return [gxe.ExpectColumnValuesToMatchRegex(column=column, regex=rule.pattern, meta=meta)]
         case "range":
             return [
@@ -110,8 +117,6 @@ def expectations_for(
                     column=column, min_value=rule.min, max_value=rule.max, meta=meta
                 )
             ]
-        case "row_count":
-            return [gxe.ExpectTableRowCountToBeBetween(min_value=rule.min, max_value=rule.max, meta=meta)]
         case "not_future" if backend == "pandas":
             now = dt.datetime.now(dt.UTC)
             return [
@@ -128,6 +133,11 @@ def expectations_for(
             query = gx_unexpected_rows_query(rule, source)
             return [UnexpectedRowsWithSample(unexpected_rows_query=query, meta=meta)]
     raise ValueError(f"unsupported check {rule.check!r}")
+
+
+def _row_bound(bound: float | None) -> int | None:
+    """A row-count bound as GX types it; GX would truncate a float to int the same way."""
+    return None if bound is None else int(bound)
 
 
 class GxSession:
@@ -231,6 +241,7 @@ def _error(result: ExpectationValidationResult) -> str | None:
 def _unexpected(result: ExpectationValidationResult) -> tuple[int, list[Any]]:
     """(count, sample) from a GX result, whatever the expectation's result shape."""
     outcome = result.result or {}
+    assert result.expectation_config is not None, "validation results carry their expectation"
     if result.expectation_config.type == "unexpected_rows_with_sample":
         rows = (outcome.get("details") or {}).get("unexpected_rows") or []
         # The query selects only the rule's column, so each row holds a single value.

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from quality.sql_rules import TableSource, violation
 from quality.suite_spec import Rule, Suite
-from tasks.db import connection
+from tasks.db import connection, one_row
 
 PERFECT = 100.0
 
@@ -34,7 +34,7 @@ def row_rules(suite: Suite) -> list[Rule]:
     return [r for r in suite.rules if r.row_level]
 
 
-def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composable, list[object]]:
+def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composed, list[object]]:
     """One scan: row count, mean row score and each rule's violation count."""
     rules = row_rules(suite)
     flags: list[sql.Composable] = []
@@ -46,15 +46,11 @@ def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composable, list
         params.extend(predicate.params)
         if predicate.join is not None:
             joins.append(predicate.join)
-    penalty = sql.SQL(" + ").join(
-        [
-            sql.SQL("CASE WHEN {} THEN {} ELSE 0 END").format(
-                sql.Identifier(f"r{i}"), sql.Literal(rule.weight)
-            )
-            for i, rule in enumerate(rules)
-        ]
-        or [sql.SQL("0")]
-    )
+    penalties: list[sql.Composable] = [
+        sql.SQL("CASE WHEN {} THEN {} ELSE 0 END").format(sql.Identifier(f"r{i}"), sql.Literal(rule.weight))
+        for i, rule in enumerate(rules)
+    ]
+    penalty = sql.SQL(" + ").join(penalties or [sql.SQL("0")])
     counts = [
         sql.SQL(", count(*) FILTER (WHERE {})").format(sql.Identifier(f"r{i}")) for i in range(len(rules))
     ]
@@ -73,7 +69,7 @@ def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composable, list
 def score_table(url: str, suite: Suite, source: TableSource) -> TableScore:
     query, params = score_query(suite, source)
     with connection(url) as conn:
-        row = conn.execute(query, params).fetchone()
+        row = one_row(conn, query, params)
     rules = row_rules(suite)
     return TableScore(
         row_count=row[0],

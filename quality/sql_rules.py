@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from psycopg import sql
+from psycopg.sql import Composable
 
 from quality.suite_spec import Rule, Suite
 from tasks.errors import UserError
@@ -93,15 +94,15 @@ class Predicate:
     ``join`` is a ``LEFT JOIN`` the expression needs next to ``b`` (it never multiplies rows).
     """
 
-    sql: sql.Composable
+    sql: Composable  # the field shadows the module inside this class, hence the plain name
     params: tuple[Any, ...] = ()
-    join: sql.Composable | None = None
+    join: Composable | None = None
 
 
 def violation(rule: Rule, source: TableSource) -> Predicate:
     """The row predicate for a row-level rule, evaluated against ``<relation> AS b``."""
-    col = sql.SQL("b.{}").format(sql.Identifier(rule.column)) if rule.column else None
-    present = sql.SQL("{} IS NOT NULL AND ").format(col) if col is not None else sql.SQL("")
+    col = sql.SQL("b.{}").format(sql.Identifier(rule.required_column))
+    present = sql.SQL("{} IS NOT NULL AND ").format(col)
     match rule.check:
         case "not_null":
             return Predicate(sql.SQL("{} IS NULL").format(col))
@@ -129,7 +130,7 @@ def _duplicated(rule: Rule, source: TableSource, col: sql.Composable) -> Predica
     alias = sql.Identifier(f"dup_{rule.name}")
     join = sql.SQL(
         " LEFT JOIN (SELECT {raw} AS v FROM {rel} AS d GROUP BY {raw} HAVING count(*) > 1) AS {alias} ON {alias}.v = {col}"
-    ).format(raw=sql.Identifier(rule.column), rel=source.relation(), alias=alias, col=col)
+    ).format(raw=sql.Identifier(rule.required_column), rel=source.relation(), alias=alias, col=col)
     return Predicate(sql.SQL("{}.v IS NOT NULL").format(alias), join=join)
 
 
@@ -168,5 +169,5 @@ def gx_unexpected_rows_query(rule: Rule, source: TableSource) -> str:
     assert not predicate.params and predicate.join is None, "GX queries take neither parameters nor joins"
     query = sql.SQL(
         "SELECT CAST(b.{col} AS text) AS {col} FROM (SELECT * FROM {{batch}}) AS b WHERE {pred}"
-    ).format(col=sql.Identifier(rule.column), pred=predicate.sql)
+    ).format(col=sql.Identifier(rule.required_column), pred=predicate.sql)
     return query.as_string(None)

@@ -104,10 +104,18 @@ class Rule(BaseModel):
     def row_level(self) -> bool:
         return self.check not in TABLE_CHECKS
 
+    @property
+    def required_column(self) -> str:
+        """``column`` of a row-level rule, which validation guarantees; a table-level rule has none."""
+        if self.column is None:
+            raise ValueError(f"rule {self.name!r} ({self.check}) checks no column")
+        return self.column
+
     def reference(self, default_schema: str) -> tuple[str, str, str]:
         """(schema, table, column) a foreign_key rule points at."""
         parts = (self.references or "").split(".")
-        return (default_schema, *parts) if len(parts) == 2 else tuple(parts)  # type: ignore[return-value]
+        schema, table, column = [default_schema, *parts] if len(parts) == 2 else parts
+        return schema, table, column
 
 
 class Suite(BaseModel):

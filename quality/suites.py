@@ -7,10 +7,12 @@ Tables are looked up in the schema the run is given (``public`` by default).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prefect.logging import get_logger
 
 from quality.profiling import table_columns
-from quality.suite_spec import Rule, Suite
+from quality.suite_spec import Rule, Severity, Suite
 from tasks.db import connection
 
 USER_ROLES = ["admin", "developer", "viewer", "guest"]
@@ -68,8 +70,8 @@ def common_rules() -> list[Rule]:
     ]
 
 
-def _in_set(name: str, column: str, values: list[str], severity: str) -> Rule:
-    return Rule(name=name, check="in_set", column=column, values=values, severity=severity)  # type: ignore[arg-type]
+def _in_set(name: str, column: str, values: Sequence[str], severity: Severity) -> Rule:
+    return Rule(name=name, check="in_set", column=column, values=list(values), severity=severity)
 
 
 def _exists(name: str, column: str, references: str) -> Rule:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from tasks.db import connect, mask_url
+from tasks.db import connect, mask_url, one_row
 from tasks.errors import UserError
 
 
@@ -47,7 +47,7 @@ def advisory_lock(url: str, name: str, timeout_seconds: float = 30.0) -> Iterato
     try:
         deadline = time.monotonic() + timeout_seconds
         delay = 0.05
-        while not conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (name,)).fetchone()[0]:
+        while not one_row(conn, "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (name,))[0]:
             if time.monotonic() >= deadline:
                 raise LockTimeout(
                     f"{name!r} on {mask_url(url)} is held by {_holder(conn, name)}; waited {timeout_seconds:g}s. "

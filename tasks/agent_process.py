@@ -265,14 +265,15 @@ class AgentProcess:
         next_beat = time.monotonic() + self.limits.heartbeat_seconds
         selector = selectors.DefaultSelector()
         buffers: dict[int, bytearray] = {}
-        for stream, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+        streams = {"stdout": proc.stdout, "stderr": proc.stderr}
+        for name, stream in streams.items():
             os.set_blocking(stream.fileno(), False)
             selector.register(stream, selectors.EVENT_READ, name)
             buffers[stream.fileno()] = bytearray()
         exited_at: float | None = None
         while selector.get_map():
             for key, _ in selector.select(timeout=0.25):
-                self._read(key.fileobj, key.data, buffers, selector, state)  # type: ignore[arg-type]
+                self._read(streams[key.data], key.data, buffers, selector, state)
             now = time.monotonic()
             if now >= deadline:
                 self.request_stop(f"timeout after {self.limits.timeout_seconds:g}s", "timeout")
@@ -307,7 +308,7 @@ class AgentProcess:
             buffers[fd] = bytearray(rest)
         else:
             selector.unregister(stream)
-            lines, buffers[fd] = ([bytes(buffer)] if buffer else []), bytearray()
+            lines, buffers[fd] = ([buffer] if buffer else []), bytearray()
         for raw in lines:
             self._line(name, raw.decode(errors="replace"), state)
 

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import psutil
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
@@ -36,6 +36,16 @@ Outcome = Literal["completed", "failed", "timeout", "interrupted"]
 PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 TASK_TYPES: tuple[str, ...] = ("epic", "story", "task", "subtask", "bug", "spike")
 STATUSES: tuple[str, ...] = ("draft", "pending", "in_progress", "review", "completed", "failed", "cancelled")
+
+
+def is_priority(value: str) -> TypeGuard[Priority]:
+    """Whether user input names a priority; the check narrows it for the type checker too."""
+    return value in PRIORITIES
+
+
+def is_task_type(value: str) -> TypeGuard[TaskType]:
+    """Whether user input names a task type; the check narrows it for the type checker too."""
+    return value in TASK_TYPES
 
 
 @dataclass(frozen=True)
@@ -116,7 +126,6 @@ def _connection(url: str, *, atomic: bool = False, durable: bool = True) -> Iter
         conn = connect(url, autocommit=True)
         if not durable:
             conn.execute("SET synchronous_commit = off")
-    conn.row_factory = tuple_row  # type: ignore[assignment]
     try:
         if atomic:
             with conn.transaction():
@@ -208,8 +217,11 @@ def create_task(url: str, task: NewTask) -> int:
 
 def get_task(url: str, task_id: int) -> AgentTask:
     with _connection(url) as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        row = conn.execute(_SELECT_TASKS + sql.SQL(" WHERE t.id = %s"), (task_id,)).fetchone()
+        row = (
+            conn.cursor(row_factory=dict_row)
+            .execute(_SELECT_TASKS + sql.SQL(" WHERE t.id = %s"), (task_id,))
+            .fetchone()
+        )
     if row is None:
         raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
     return _task(row)
@@ -217,8 +229,7 @@ def get_task(url: str, task_id: int) -> AgentTask:
 
 def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
     with _connection(url) as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        rows = conn.execute(
+        rows = conn.cursor(row_factory=dict_row).execute(
             _SELECT_TASKS + sql.SQL(" WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id"),
             {"s": status},
         ).fetchall()
@@ -285,8 +296,7 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
     if limit <= 0:
         return []
     with _connection(url) as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        rows = conn.execute(
+        rows = conn.cursor(row_factory=dict_row).execute(
             sql.SQL(
                 """
                 WITH ready AS (
@@ -387,8 +397,7 @@ def record_checkpoint(
 
 def checkpoint_history(url: str, task_id: int) -> list[dict[str, Any]]:
     with _connection(url) as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        return conn.execute(
+        return conn.cursor(row_factory=dict_row).execute(
             "SELECT attempt, kind, state, created_at FROM flowyard.agent_checkpoints WHERE task_id = %s ORDER BY id",
             (task_id,),
         ).fetchall()

@@ -14,13 +14,14 @@ from __future__ import annotations
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~20 ms)
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 KINDS = ("log", "progress", "checkpoint", "artifact", "result", "error")
 TASK_ENV_VAR = "FLOWYARD_TASK"
 _JSON_WHITESPACE = " \t\n\r"
 
 
-def _c_codec() -> tuple[Callable[[object], str], Callable[[str], object]]:
+def _c_codec() -> tuple[Callable[[object], str], Callable[[str], Any]]:
     """``json.dumps``/``json.loads`` equivalents (default separators, ``allow_nan``) on ``_json``."""
     from _json import encode_basestring_ascii, make_encoder, make_scanner
 
@@ -37,12 +38,13 @@ def _c_codec() -> tuple[Callable[[object], str], Callable[[str], object]]:
         parse_int = int
         parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
 
-    scanner = make_scanner(_Context())
+    # typeshed types ``context`` as make_scanner; the C scanner only reads the attributes above.
+    scanner = make_scanner(_Context())  # type: ignore[arg-type]
 
     def dumps(obj: object) -> str:
         return "".join(encoder(obj, 0))
 
-    def loads(text: str) -> object:
+    def loads(text: str) -> Any:  # any JSON value, as from json.loads
         body = text.strip(_JSON_WHITESPACE)
         try:
             value, end = scanner(body, 0)

@@ -127,7 +127,7 @@ def migration_status(url: str, migrations_dir: str | Path, target: str = "head")
 
     def read() -> MigrationStatus:
         current = current_heads(config)
-        applied_ids = {s.revision for s in scripts.walk_revisions("base", current)} if current else set()
+        applied_ids = {s.revision for head in current for s in scripts.walk_revisions("base", head)}
         ordered = list(reversed(list(scripts.walk_revisions("base", "heads"))))
         wanted = {s.revision for s in scripts.walk_revisions("base", target)}
         return MigrationStatus(

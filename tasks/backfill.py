@@ -16,11 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import psycopg
 from psycopg import sql
 
+from tasks.db import one_row
 from tasks.ddl_retry import LockPolicy, with_lock_retry
 from tasks.online_plan import BackfillTarget
 from tasks.online_state import StoredCheckpoint
@@ -41,7 +43,8 @@ class BackfillResult:
     rows: int
     batches: int
     seconds: float
-    resumed_from: str | None
+    resumed_from: list[str] | None
+    """The checkpointed key (as text) the run continued after; None for a fresh start."""
 
     @property
     def rows_per_second(self) -> float:
@@ -57,10 +60,10 @@ class CheckpointStore(Protocol):
 def _row(target: BackfillTarget, param: str | None = None) -> sql.Composable:
     """The key as a row value: ``(k1, k2)``, or ``(CAST(%(param0)s AS t1), ...)`` for a bound one."""
     if param is None:
-        items = [sql.Identifier(k) for k in target.key_columns]
+        items: list[sql.Composable] = [sql.Identifier(k) for k in target.key_columns]
     else:
         items = [
-            sql.SQL("CAST({} AS {})").format(sql.Placeholder(f"{param}{n}"), sql.SQL(t))  # type: ignore[arg-type]
+            sql.SQL("CAST({} AS {})").format(sql.Placeholder(f"{param}{n}"), sql.SQL(t))
             for n, t in enumerate(target.key_types)
         ]
     return sql.SQL("({})").format(sql.SQL(", ").join(items))
@@ -79,7 +82,7 @@ def _order(target: BackfillTarget, descending: bool = False) -> sql.Composable:
     )
 
 
-def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
+def _batch_query(target: BackfillTarget, first: bool) -> sql.Composed:
     """One keyset batch: the next ``size`` keys after ``last`` (row-value comparison, so composite keys work)."""
     key = _row(target)
     lower = sql.SQL("") if first else sql.SQL("{} > {} AND ").format(key, _row(target, "last"))
@@ -97,18 +100,18 @@ def _batch_query(target: BackfillTarget, first: bool) -> sql.Composable:
         order=_order(target),
         desc=_order(target, descending=True),
         key_text=_key_text(target),
-        assignments=sql.SQL(", ").join(sql.SQL(a) for a in target.assignments),  # type: ignore[arg-type]
+        assignments=sql.SQL(", ").join(sql.SQL(a) for a in target.assignments),
     )
 
 
 def _run_batch(
-    conn: psycopg.Connection, target: BackfillTarget, query: sql.Composable, params: dict[str, object]
+    conn: psycopg.Connection, target: BackfillTarget, query: sql.Composed, params: dict[str, object]
 ) -> tuple[list[str] | None, int]:
     conn.execute(
         "SELECT set_config('search_path', %s, true), set_config('flowyard.backfill', 'on', true)",
         (target.schema_name,),
     )
-    return conn.execute(query, params).fetchone()  # type: ignore[return-value]
+    return one_row(conn, query, params)
 
 
 def backfill(
@@ -145,7 +148,7 @@ def backfill(
             params.update({f"{name}{n}": value for n, value in enumerate(values)})
         (last, touched), _ = with_lock_retry(
             conn,
-            lambda c, q=query, p=params: _run_batch(c, target, q, p),
+            partial(_run_batch, target=target, query=query, params=params),
             options.policy,
             what=f"backfill {target.table}",
         )

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact, update_progress_artifact
+
+from tasks.prefect_artifacts import new_progress_artifact
 
 
 @dataclass
@@ -24,8 +26,8 @@ class Progress:
     artifact_id: UUID | None = None
 
     def start(self, run_key: str) -> None:
-        self.artifact_id = create_progress_artifact(
-            progress=0.0, key=None, description=f"bulk copy {run_key}: {self.total_chunks} chunks planned"
+        self.artifact_id = new_progress_artifact(
+            0.0, description=f"bulk copy {run_key}: {self.total_chunks} chunks planned"
         )
 
     def advance(self, rows: int, fresh: bool) -> str:

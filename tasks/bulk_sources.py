@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
+import psycopg
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from tasks.copy_pipe import normalize_session, read_csv_batches
-from tasks.db import connection, validate_postgres_url
+from tasks.db import connection, one_row, validate_postgres_url
 from tasks.errors import UserError
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow, sqlite_to_pg
 
@@ -112,8 +113,8 @@ def source_path(source_url: str) -> Path:
 # --- PostgreSQL -------------------------------------------------------------------------------
 
 
-def pg_describe(conn: object, schema: str, table: str) -> TableInfo:
-    rows = conn.execute(  # type: ignore[attr-defined]
+def pg_describe(conn: psycopg.Connection, schema: str, table: str) -> TableInfo:
+    rows = conn.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attgenerated <> ''
         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -124,7 +125,7 @@ def pg_describe(conn: object, schema: str, table: str) -> TableInfo:
     ).fetchall()
     if not rows:
         raise UserError(f"table {schema}.{table} does not exist in the source; check the tables parameter")
-    key = conn.execute(  # type: ignore[attr-defined]
+    key = conn.execute(
         """
         SELECT a.attname FROM pg_index i
         JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -362,4 +363,4 @@ def row_count(source_url: str, info: TableInfo) -> int:
             query = "SELECT count(*) FROM " + _sqlite_ident(info.name)  # noqa: S608 - quoted identifier
             return conn.execute(query).fetchone()[0]
     with connection(validate_postgres_url(source_url)) as conn:
-        return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(info.ident)).fetchone()[0]
+        return one_row(conn, sql.SQL("SELECT count(*) FROM {}").format(info.ident))[0]

@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.copy_pipe import copy_in_statement
-from tasks.db import connect
+from tasks.db import connect, one_row
 
 SCHEMA = "devflow"
 STATUS_EVENT = "project_status"
@@ -224,7 +224,7 @@ def ensure_schema(url: str) -> None:
             conn.execute(statement)
         for name in ROLLUP_TABLES:
             conn.execute(_ROLLUP_DDL.format(sql.Identifier(SCHEMA, name)))
-        if conn.execute("SELECT to_regclass(%s)", (_ORIGIN_INDEX,)).fetchone()[0] is None:
+        if one_row(conn, "SELECT to_regclass(%s)", (_ORIGIN_INDEX,))[0] is None:
             for statement in _ORIGIN_UPGRADE:
                 conn.execute(statement)
 
@@ -306,11 +306,11 @@ class CentralSession:
             with self.conn.cursor().copy(_COPY) as copy:
                 for row in rows:
                     copy.write_row(row)
-            inserted = self.conn.execute(_INSERT_EVENTS).fetchone()[0]
+            inserted = one_row(self.conn, _INSERT_EVENTS)[0]
             changes = 0
             if has_status:
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEQUENCER_LOCK,))
-                changes = self.conn.execute(_UPSERT_STATUS, (STATUS_EVENT,)).fetchone()[0]
+                changes = one_row(self.conn, _UPSERT_STATUS, (STATUS_EVENT,))[0]
         return UploadResult(inserted, len(rows) - inserted, changes)
 
     def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:

@@ -22,6 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from tasks.chunk_plan import Chunk
+from tasks.db import one_row
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,10 @@ def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: boo
         (config_hash,),
     ).fetchone()
     new_pass = latest is None or restart or (mode != "full" and latest[1] == "completed")
-    if not new_pass:
+    if latest is not None and not new_pass:
         conn.execute("UPDATE flowyard.bulk_runs SET status = 'running' WHERE run_key = %s", (latest[0],))
         return RunHandle(latest[0], resumed=True)
-    passes = conn.execute(
-        "SELECT count(*) FROM flowyard.bulk_runs WHERE config_hash = %s", (config_hash,)
-    ).fetchone()[0]
+    passes = one_row(conn, "SELECT count(*) FROM flowyard.bulk_runs WHERE config_hash = %s", (config_hash,))[0]
     run_key = f"{config_hash}-{passes + 1}"
     conn.execute(
         "INSERT INTO flowyard.bulk_runs (run_key, config_hash, mode, status) VALUES (%s, %s, %s, 'running')",

@@ -20,11 +20,12 @@ their keys (the first ``report_rows``) — or, with ``quarantine``, moves them i
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import psycopg
+import pyarrow as pa
 from psycopg import sql
 
 from tasks.bulk_sources import TableInfo, pg_chunk_query, read_chunk, source_kind
@@ -32,7 +33,7 @@ from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chu
 from tasks.chunk_plan import Chunk
 from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
-from tasks.db import connection
+from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.table_checksum import Checksum, checksum
 
@@ -169,14 +170,14 @@ def fill_stage(job: ChunkJob, target: psycopg.Connection) -> int:
         return _pipe_from_source(job, target, STAGE)[0]
     read = 0
 
-    def mapped() -> object:
+    def mapped() -> Iterator[pa.RecordBatch]:
         nonlocal read
         as_text = job.mapping.untouched(job.source.copy_columns) if job.mapping else set()
         for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor, as_text):
             read += batch.num_rows
             yield apply_mapping(batch, job.mapping)
 
-    write_batches(target, STAGE, mapped())  # type: ignore[arg-type]
+    write_batches(target, STAGE, mapped())
     return read
 
 
@@ -202,7 +203,7 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection) -> sql.Composed
     ).format(job.target_ident, cols, cols, STAGE, sql.Identifier(ORD), sql.Identifier(ORD))
     if job.mode != "full" and _has_unique_key(target, job):
         others = [c for c in job.columns if c not in job.target.key]
-        action = sql.SQL("DO NOTHING")
+        action: sql.Composable = sql.SQL("DO NOTHING")
         if others:
             action = sql.SQL("DO UPDATE SET {}").format(
                 sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
@@ -228,9 +229,9 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     cursor_max = None
     if job.cursor:
         cursor_col = job.mapping.rename.get(job.cursor, job.cursor) if job.mapping else job.cursor
-        cursor_max = target.execute(
-            sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor_col), STAGE)
-        ).fetchone()[0]
+        cursor_max = one_row(
+            target, sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor_col), STAGE)
+        )[0]
     if bad:
         kept = checksum(
             target,

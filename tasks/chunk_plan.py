@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.bulk_sources import TableInfo, file_row_count, source_kind, sqlite_connect, sqlite_rowid_span
-from tasks.db import connection
+from tasks.db import connection, one_row
 
 Method = Literal["key", "ctid", "rowid", "ordinal"]
 
@@ -122,14 +122,15 @@ def plan_by_key(
 
 def plan_by_ctid(conn: psycopg.Connection, table: sql.Composable, chunk_rows: int) -> list[Chunk]:
     """Block-range chunks for a table without a key; block counts come from the relation size."""
-    pages, tuples = conn.execute(
+    pages, tuples = one_row(
+        conn,
         sql.SQL(
             "SELECT pg_relation_size({t}::regclass) / current_setting('block_size')::int, "
             "(SELECT reltuples FROM pg_class WHERE oid = {t}::regclass)"
-        ).format(t=sql.Literal(table.as_string(conn)))
-    ).fetchone()
+        ).format(t=sql.Literal(table.as_string(conn))),
+    )
     if tuples is None or tuples <= 0:
-        tuples = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0]
+        tuples = one_row(conn, sql.SQL("SELECT count(*) FROM {}").format(table))[0]
     per_page = max(tuples / pages, 1.0) if pages else 1.0
     step = max(int(chunk_rows / per_page), 1)
     bounds = [(f"({block},0)",) for block in range(step, int(pages), step)]
@@ -166,14 +167,14 @@ def plan_table(
             sql.SQL("{} > %s").format(sql.Identifier(cursor)) if cursor_lo is not None else sql.SQL("true")
         )
         params = [cursor_lo] if cursor_lo is not None else []
-        cursor_hi = conn.execute(
-            sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor), info.ident)
-        ).fetchone()[0]
+        cursor_hi = one_row(
+            conn, sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor), info.ident)
+        )[0]
         if cursor_hi is None or (
             cursor_lo is not None
-            and not conn.execute(
-                sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(info.ident, window), params
-            ).fetchone()[0]
+            and not one_row(
+                conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(info.ident, window), params
+            )[0]
         ):
             return []
         chunks = plan_by_key(conn, info.ident, info.key, chunk_rows, window, params)

@@ -18,12 +18,17 @@ import io
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from psycopg import sql
+from psycopg.abc import Buffer
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 CSV_BLOCK_BYTES = 1 << 18
 """Arrow batch size in CSV bytes. Each copy stream keeps a few batches in flight (read ahead,
@@ -85,24 +90,25 @@ def pipe_binary(
 class _CopyReader(io.RawIOBase):
     """A read-only file over a COPY TO STDOUT stream, so pyarrow can pull large blocks from it."""
 
-    def __init__(self, blocks: Iterator[memoryview | bytes]) -> None:
+    def __init__(self, blocks: Iterator[Buffer]) -> None:
         self._blocks = blocks
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer) -> int:
         """Fill ``buffer`` from as many COPY blocks as fit (few, large reads for pyarrow)."""
+        view = memoryview(buffer)
         filled = 0
-        while filled < len(buffer):
+        while filled < len(view):
             if not self._pending:
                 block = next(self._blocks, None)
                 if block is None:
                     break
                 self._pending = memoryview(block)
-            size = min(len(buffer) - filled, len(self._pending))
-            buffer[filled : filled + size] = self._pending[:size]
+            size = min(len(view) - filled, len(self._pending))
+            view[filled : filled + size] = self._pending[:size]
             self._pending = self._pending[size:]
             filled += size
         return filled

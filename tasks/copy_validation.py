@@ -26,7 +26,7 @@ from tasks.bulk_tables import TablePlan
 from tasks.chunk_checkpoint import ChunkCheckpoint
 from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage
 from tasks.copy_pipe import normalize_session
-from tasks.db import connection
+from tasks.db import connection, one_row
 from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
 
 CHECKS = ("count", "checksum", "sample")
@@ -85,7 +85,7 @@ def _source_count(job: ChunkJob) -> int:
 
 
 def _target_count(target: psycopg.Connection, job: ChunkJob) -> int:
-    return target.execute(sql.SQL("SELECT count(*) FROM {}").format(job.target_ident)).fetchone()[0]
+    return one_row(target, sql.SQL("SELECT count(*) FROM {}").format(job.target_ident))[0]
 
 
 def _check_count(

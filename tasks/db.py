@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import Params, QueryNoTemplate
 
 from tasks.errors import UserError
 
@@ -124,6 +126,18 @@ def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connec
             yield conn
     finally:
         conn.close()
+
+
+def one_row(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> tuple[Any, ...]:
+    """The row of a query that always returns exactly one (``count(*)``, ``SHOW``, a function call).
+
+    psycopg types ``fetchone()`` as possibly ``None``; for these queries no row would be a
+    server fault, so it is raised here once instead of being checked at every call site.
+    """
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from a query that always returns one: {query!r}")
+    return row
 
 
 def ensure_database(server_url: str, name: str) -> None:

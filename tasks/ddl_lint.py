@@ -337,7 +337,9 @@ def _alter_table_rules(raw: str, s: str, table: str, ctx: LintContext) -> list[t
 def _clauses(s: str) -> list[str]:
     """The comma-separated actions of an ALTER TABLE, after its table name (commas inside parentheses kept)."""
     body = re.sub(rf"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_QUALIFIED}\s*", "", s)
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in body:
         depth += ch == "("
         depth -= ch == ")"

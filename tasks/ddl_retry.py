@@ -27,7 +27,7 @@ from psycopg import sql
 from tasks.errors import UserError
 
 T = TypeVar("T")
-Statement = str | sql.Composable
+Statement = str | sql.SQL | sql.Composed  # what psycopg's execute() takes
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _may_set_deadlock_timeout(conn: psycopg.Connection) -> sql.Composable:
 
 def set_timeouts(conn: psycopg.Connection, policy: LockPolicy, *, local: bool) -> None:
     """Apply the policy's lock, statement and deadlock timeouts to the transaction (``local``) or session."""
-    query = sql.SQL(
+    query: sql.SQL | sql.Composed = sql.SQL(
         "SELECT set_config('lock_timeout', %(lock)s, %(local)s), set_config('statement_timeout', %(stmt)s, %(local)s)"
     )
     if policy.deadlock_timeout_ms is not None:

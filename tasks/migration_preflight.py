@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 
 from tasks.alembic_deploy import MigrationStatus, migration_status
-from tasks.db import connection
+from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.integrity import IntegrityReport, check_integrity
 from tasks.pg_backup import pg_binaries
@@ -73,12 +73,13 @@ def unvalidated_constraints(conn: psycopg.Connection) -> list[str]:
 
 def active_connections(conn: psycopg.Connection) -> int:
     """Other client sessions on this database."""
-    return conn.execute(
+    return one_row(
+        conn,
         """
         SELECT count(*) FROM pg_stat_activity
         WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-        """
-    ).fetchone()[0]
+        """,
+    )[0]
 
 
 def run_preflight(
@@ -90,15 +91,15 @@ def run_preflight(
 ) -> Preflight:
     """All checks; raises UserError on a hard problem. ``backup_dir`` None skips the backup checks."""
     with connection(url) as conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
+        version = one_row(conn, "SHOW server_version")[0]
         major = conn.info.server_version // 10000
-        size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        size = one_row(conn, "SELECT pg_database_size(current_database())")[0]
         sessions = active_connections(conn)
         unvalidated = unvalidated_constraints(conn)
         integrity = check_integrity(conn)
         status = migration_status(url, migrations_dir, target)
         edited = edited_revisions(conn, status.applied_files)
-        holds_state = conn.execute("SELECT to_regclass('flowyard.alembic_version')").fetchone()[0] is not None
+        holds_state = one_row(conn, "SELECT to_regclass('flowyard.alembic_version')")[0] is not None
     if edited:
         raise UserError(
             "applied revisions were edited after they were applied: "

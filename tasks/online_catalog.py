@@ -216,9 +216,19 @@ WHERE k.contype = 'f' AND rn.nspname = %(schema)s AND cn.nspname <> %(schema)s
 def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
     """Tables (ordinary and partitioned), columns, keys, indexes and constraints of ``schema``."""
     tables: dict[str, TableInfo] = {}
-    for table, partitioned, *column, options in conn.execute(_COLUMNS, (schema,)).fetchall():
+    for table, partitioned, name, type_, not_null, default, identity, sequence, options in conn.execute(
+        _COLUMNS, (schema,)
+    ).fetchall():
         tables.setdefault(table, TableInfo(table, partitioned=partitioned)).columns.append(
-            ColumnInfo(*column, sequence_options=SequenceOptions.from_catalog(options) if options else None)
+            ColumnInfo(
+                name,
+                type_,
+                not_null,
+                default,
+                identity,
+                sequence,
+                sequence_options=SequenceOptions.from_catalog(options) if options else None,
+            )
         )
     for table, name, definition, columns, con_type, con_name, deferrable, keyset, keys in conn.execute(
         _INDEXES, (schema,)

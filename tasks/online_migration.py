@@ -11,9 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
+from uuid import UUID
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.input import RunInput
@@ -34,6 +35,7 @@ from tasks.online_state import (
     current_version_schema,
     target_key,
 )
+from tasks.prefect_artifacts import new_progress_artifact
 
 log = logging.getLogger(__name__)
 Decision = Literal["complete", "rollback"]
@@ -109,7 +111,7 @@ class _Progress:
 
     def __init__(self, migration: str) -> None:
         self.migration = migration
-        self.artifact_id = None
+        self.artifact_id: UUID | None = None
         self.last = 0.0
 
     def __call__(self, table: str, checkpoint: StoredCheckpoint) -> None:
@@ -119,7 +121,7 @@ class _Progress:
         upper, last = _leading_number(checkpoint.upper_key), _leading_number(checkpoint.last_key)
         percent = 100.0 if checkpoint.done else min(100.0 * last / upper, 100.0) if upper else 0.0
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(
+            self.artifact_id = new_progress_artifact(
                 percent, description=f"backfill of {table} for online migration {self.migration}"
             )
         else:
@@ -140,12 +142,13 @@ def run_online_phase(
         if phase == "start":
             record = begin_migration(state, target, plan, flow_run_id)
         else:
-            record = active_migration(state, target, plan.schema_name)
-            if record is None or record.name != plan.migration:
+            active = active_migration(state, target, plan.schema_name)
+            if active is None or active.name != plan.migration:
                 raise UserError(
                     f"no unfinished migration {plan.migration!r} on {target} schema {plan.schema_name}; "
                     "see `flowyard online status`"
                 )
+            record = active
         report = run_phase(target_url, state, record, phase, options, _Progress(plan.migration))
     log.info(
         "%s %s: %d steps run, %d skipped (already done), %d lock timeouts retried",
@@ -189,7 +192,7 @@ def health_gate(target_url: str, query: str, checks: int, interval_seconds: floa
         try:
             with connection(target_url) as conn:
                 conn.execute("SET TRANSACTION READ ONLY")
-                row = conn.execute(query).fetchone()  # type: ignore[arg-type]
+                row = conn.execute(query).fetchone()
         except Exception as exc:  # noqa: BLE001 - any failure of the user's query means unhealthy
             log.warning("health query failed (%s): rolling back", str(exc).splitlines()[0])
             return "rollback"

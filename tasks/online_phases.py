@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
-from tasks.db import connect
+from tasks.db import connect, one_row
 from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
 from tasks.errors import UserError
 from tasks.online_plan import Phase, Step
@@ -105,7 +105,7 @@ def run_phase(
     try:
         for n in range(record.steps_done(phase), len(steps)):
             step = steps[n]
-            if step.only_if and not conn.execute(step.only_if).fetchone()[0]:  # type: ignore[index]
+            if step.only_if and not one_row(conn, step.only_if)[0]:
                 report.steps_skipped += 1
             else:
                 _run_step(conn, record, step, options, report, checkpoints, on_progress)

@@ -21,6 +21,7 @@ exactly what ``flowyard online plan`` prints and what the lint checked.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ from tasks.online_spec import (
     DropIndex,
     DropTable,
     MigrationSpec,
+    Operation,
     RawSql,
     RenameColumn,
     RenameTable,
@@ -164,7 +166,7 @@ def _temp_name(name: str) -> str:
 
 def _fragment(text: str) -> sql.Composable:
     """A user-supplied SQL fragment (type, default, expression), parenthesised where it is an expression."""
-    return sql.SQL(text)  # type: ignore[arg-type]
+    return sql.SQL(text)
 
 
 def _expr(text: str) -> sql.Composable:
@@ -960,11 +962,12 @@ class _Planner:
                 f"table {self.schema}.{info.name} has no primary key or unique NOT NULL key for the keyset backfill; "
                 "add one first (CREATE UNIQUE INDEX CONCURRENTLY, then ADD PRIMARY KEY USING INDEX)"
             )
+        types = {c.name: c.type for c in info.columns}
         target = BackfillTarget(
             schema_name=self.schema,
             table=info.name,
             key_columns=keys,
-            key_types=[info.column(k).type for k in keys],  # type: ignore[union-attr]
+            key_types=[types[k] for k in keys],
             assignments=[
                 _render(
                     sql.SQL("{} = coalesce({}, {})" if s.only_when_null else "{} = {}{}").format(
@@ -1005,7 +1008,7 @@ class _Planner:
         )
 
     def build(self) -> Plan:
-        handlers = {
+        handlers: dict[type[Operation], Callable[[int, Any], None]] = {  # each takes its own operation type
             AddColumn: self.add_column,
             DropColumn: self.drop_column,
             RenameColumn: self.rename_column,
@@ -1018,7 +1021,7 @@ class _Planner:
             RawSql: self.raw_sql,
         }
         for i, op in enumerate(self.spec.operations):
-            handlers[type(op)](i, op)  # type: ignore[operator]
+            handlers[type(op)](i, op)
         synced = [w for w in self.tables.values() if w.syncs]
         schema_step = Step(
             title=f"create version schema {self.vschema}",

@@ -173,7 +173,7 @@ Operation = (
     | RawSql
 )
 
-OPERATION_TYPES: dict[str, type[BaseModel]] = {
+OPERATION_TYPES: dict[str, type[Operation]] = {
     "add_column": AddColumn,
     "drop_column": DropColumn,
     "rename_column": RenameColumn,
@@ -228,7 +228,7 @@ def _parse_operation(index: int, raw: Any, source: str) -> Operation:
             f"{source}: operation {index}: unknown type {kind!r}; expected one of {', '.join(OPERATION_TYPES)}"
         )
     try:
-        return model.model_validate(body if body is not None else {})  # type: ignore[return-value]
+        return model.model_validate(body if body is not None else {})
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(part) for part in error["loc"]) or "(operation)"

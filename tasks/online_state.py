@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg.types.json import Jsonb
 
-from tasks.db import connection, database_name
+from tasks.db import connection, database_name, one_row
 from tasks.errors import UserError
 from tasks.online_plan import Phase, Plan
 
@@ -88,7 +88,8 @@ def begin_migration(state: str, target: str, plan: Plan, flow_run_id: str | None
         raise another_migration_runs(existing, target)
     try:
         with connection(state) as conn:
-            row = conn.execute(
+            row = one_row(
+                conn,
                 "INSERT INTO flowyard.online_migrations (target, schema_name, name, phase, version_schema, "
                 "previous_schema, plan, flow_run_id) VALUES (%s, %s, %s, 'starting', %s, %s, %s, %s) "
                 "RETURNING id, target, schema_name, name, phase, plan, progress, updated_at",
@@ -101,13 +102,13 @@ def begin_migration(state: str, target: str, plan: Plan, flow_run_id: str | None
                     Jsonb(plan.model_dump(mode="json")),
                     flow_run_id,
                 ),
-            ).fetchone()
+            )
     except psycopg.errors.UniqueViolation:
         raise UserError(
             f"another migration was just started on {target} schema {plan.schema_name}; "
             "only one migration can run on a schema — see `flowyard online status`"
         ) from None
-    return _record(row)  # type: ignore[arg-type]
+    return _record(row)
 
 
 def set_phase(state: str, migration_id: int, phase: str) -> None:

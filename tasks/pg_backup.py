@@ -31,7 +31,15 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from tasks.db import connect, connection, database_name, mask_url, validate_postgres_url, with_database
+from tasks.db import (
+    connect,
+    connection,
+    database_name,
+    mask_url,
+    one_row,
+    validate_postgres_url,
+    with_database,
+)
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
 from tasks.integrity import row_counts
@@ -155,10 +163,11 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
 
 
 def _terminate_sessions(conn: psycopg.Connection, database: str) -> int:
-    row = conn.execute(
+    row = one_row(
+        conn,
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
         (database,),
-    ).fetchone()
+    )
     return int(row[0])
 
 

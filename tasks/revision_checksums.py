@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 
-from tasks.db import connection
+from tasks.db import connection, one_row
 
 _CREATE = (
     "CREATE SCHEMA IF NOT EXISTS flowyard",
@@ -51,7 +51,7 @@ def file_checksum(path: str | Path) -> str:
 
 def stored_checksums(conn: psycopg.Connection) -> dict[str, str]:
     """Recorded checksums by revision; empty when the table does not exist (nothing is created)."""
-    if conn.execute("SELECT to_regclass('flowyard.applied_revisions')").fetchone()[0] is None:
+    if one_row(conn, "SELECT to_regclass('flowyard.applied_revisions')")[0] is None:
         return {}
     return dict(conn.execute("SELECT revision, sha256 FROM flowyard.applied_revisions").fetchall())
 

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.bulk_sources import TableInfo
-from tasks.db import connection, mask_url
+from tasks.db import connection, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
 
@@ -252,9 +252,7 @@ def reset_sequences(target: psycopg.Connection, schema: str, table: TableInfo) -
     moved = []
     qualified = sql.Identifier(schema, table.name).as_string(target)
     for column in table.columns:
-        sequence = target.execute(
-            "SELECT pg_get_serial_sequence(%s, %s)", (qualified, column.name)
-        ).fetchone()[0]
+        sequence = one_row(target, "SELECT pg_get_serial_sequence(%s, %s)", (qualified, column.name))[0]
         if sequence is None:
             continue
         target.execute(

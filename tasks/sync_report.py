@@ -38,10 +38,11 @@ def settle_device(
     ``offline_since`` is :attr:`sync_state.Device.offline_since`; None for a device first seen now.
     """
     report = result if isinstance(result, DeviceReport) else None
-    error = report.error if report else str(result)
     if report:
+        error = report.error
         sync_state.record_device_run(state_url, flow_run_id, report)
     else:
+        error = str(result)
         sync_state.record_device_error(state_url, flow_run_id, target.device_id, target.store, error)
     alerts = sync_alerts.evaluate(target.device_id, report, offline_since, config.alerts, datetime.now(UTC))
     sync_alerts.emit(alerts, logger)

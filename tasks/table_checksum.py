@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from tasks.db import one_row
+
 ALL_ROWS = sql.SQL("true")
 
 
@@ -70,7 +72,7 @@ def _summed(
     params: Sequence[object],
 ) -> Checksum:
     query = sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {} WHERE {}").format(hashed, table, where)
-    rows, digest = conn.execute(query, list(params)).fetchone()
+    rows, digest = one_row(conn, query, list(params))
     return Checksum(int(rows), int(digest))
 
 

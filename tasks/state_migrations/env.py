@@ -17,7 +17,10 @@ config = context.config
 
 
 def run_migrations_online() -> None:
-    engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=None)
+    url = config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("flowyard's state migrations need sqlalchemy.url (set by tasks.state)")
+    engine = create_engine(url, poolclass=None)
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": LOCK_KEY})
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
