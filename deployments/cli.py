@@ -11,6 +11,7 @@ import importlib
 import typer
 
 from tasks.errors import exit_on_user_error
+from tasks.prefect_runtime import use_flowyard_api
 from tasks.settings import get_settings
 
 app = typer.Typer(
@@ -93,8 +94,17 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _run() -> None:
+    # Prefect fixes its settings when first imported. Pointing it at flowyard's server here,
+    # before any command imports a flow, keeps every in-process run off Prefect's ephemeral
+    # (SQLite) server, whatever a command imports first. Inside the user-error guard: bad
+    # settings (e.g. FLOWYARD_DATABASE_URL) are one line, like every other user error.
+    use_flowyard_api(get_settings())
+    app()
+
+
 def main() -> None:
-    exit_on_user_error(app, "flowyard")
+    exit_on_user_error(_run, "flowyard")
 
 
 if __name__ == "__main__":

@@ -169,13 +169,11 @@ def run(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run)."""
-    from deployments.cli_logging import console_without_tracebacks
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
-    ensure_prefect(get_settings())
-    console_without_tracebacks()
+    prepare_flow_run(get_settings())
     from flows.run_agent_queue import run_agent_queue
 
     summary = run_agent_queue(

@@ -98,15 +98,13 @@ def copy(
     task_runner: Annotated[str, typer.Option(help="threads | dask")] = "threads",
 ) -> None:
     """Copy tables exactly once with checkpoints; resumes where a crashed run stopped."""
-    from deployments.cli_logging import console_without_tracebacks
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
     from tasks.settings import get_settings
     from tasks.state import state_url
 
     spec = load_mapping(mapping)
     checks = [] if validate == "none" else [c.strip() for c in validate.split(",") if c.strip()]
-    ensure_prefect(get_settings())
-    console_without_tracebacks()
+    prepare_flow_run(get_settings())
     target_url = state_url(target)
     from flows.bulk_migrate import bulk_migrate
     from tasks.chunk_plan import DEFAULT_CHUNK_ROWS

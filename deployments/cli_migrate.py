@@ -38,14 +38,12 @@ BackupDir = Annotated[Path | None, typer.Option(help="Where backups go (default:
 
 def _prepare(database_url: str | None, migrations_dir: Path) -> str | None:
     """Validate the input, then start/attach to flowyard's Prefect server."""
-    from deployments.cli_logging import console_without_tracebacks
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
     from tasks.settings import get_settings
 
     url = validate_postgres_url(database_url) if database_url else None
     check_migrations_dir(migrations_dir)
-    ensure_prefect(get_settings())
-    console_without_tracebacks()
+    prepare_flow_run(get_settings())
     return url
 
 

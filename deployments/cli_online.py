@@ -57,10 +57,11 @@ def status() -> None:
 
 
 def _run(**parameters: Any) -> None:
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
+
+    prepare_flow_run(get_settings())
     from flows.online_migrate import online_migrate
 
-    ensure_prefect(get_settings())
     result = online_migrate(**{k: v for k, v in parameters.items() if v is not None})
     typer.echo(
         f"{result['migration']}: {result['phase']} (new version: search_path={result['version_schema']})"

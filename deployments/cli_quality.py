@@ -38,8 +38,7 @@ def check(
     no_profile: Annotated[bool, typer.Option("--no-profile", help="skip profiling and anomalies")] = False,
 ) -> None:
     """Run the quality-check flow (reported to flowyard's Prefect server) and print the scores."""
-    from deployments.cli_logging import console_without_tracebacks
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
     from quality.suite_spec import resolve_suites
     from tasks.db import validate_postgres_url
     from tasks.errors import UserError
@@ -58,9 +57,8 @@ def check(
             raise UserError(f"--window must be 'day' or 'hour', not {window!r}")
     if database_url:
         validate_postgres_url(database_url)
-    ensure_prefect(get_settings())
-    console_without_tracebacks()
-    # Resolved once here so a bad suite is one line, not a failed run (after ensure_prefect:
+    prepare_flow_run(get_settings())
+    # Resolved once here so a bad suite is one line, not a failed run (after prepare_flow_run:
     # loading suites imports Prefect, which must already point at flowyard's server).
     resolve_suites(suite or [])
     for ref in files:

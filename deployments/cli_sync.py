@@ -3,7 +3,6 @@ enable/disable per device — plus ``migrate`` for a device store's local schema
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -107,12 +106,10 @@ def trigger(
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
     """Run the ``sync-devices`` flow now and print the per-device results."""
-    from deployments.runtime import ensure_prefect
+    from deployments.runtime import prepare_flow_run
 
-    ensure_prefect(get_settings())
+    prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
-
-    _no_tracebacks_for_user_errors()
 
     result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
     for device, outcome in sorted(result.get("devices", {}).items()):
@@ -122,21 +119,6 @@ def trigger(
         )
     if "skipped" in result:
         typer.echo(f"skipped: {result['skipped']}")
-
-
-class _UserErrorWithoutTraceback(logging.Filter):
-    """Prefect logs a failed run with its traceback; for a UserError the message says it all."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _no_tracebacks_for_user_errors() -> None:
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_UserErrorWithoutTraceback())
 
 
 @app.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deployments.cli_logging import console_without_tracebacks
 from deployments.serve import read_deployments
 from deployments.trigger import deployment_exists
 from tasks import services
@@ -37,6 +38,16 @@ def ensure_prefect(settings: Settings) -> str:
     if not api_healthy(settings.prefect_api_url):
         services.start(server_service(settings, url), settings.run_dir)
     use_flowyard_api(settings)
+    return url
+
+
+def prepare_flow_run(settings: Settings) -> str:
+    """Before a CLI command runs a flow in this process: start what is missing of flowyard's
+    PostgreSQL and Prefect server, point Prefect at it, and keep tracebacks off the console
+    (the command prints the run's error as one line; the Prefect UI keeps the traceback).
+    Returns flowyard's state database URL."""
+    url = ensure_prefect(settings)
+    console_without_tracebacks()
     return url
 
 

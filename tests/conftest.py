@@ -133,14 +133,16 @@ def recorded_task_runs(flow_state: Any, name_like: str, count: int, attempts: in
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real ``flowyard`` CLI in a subprocess."""
+    """Run the real ``flowyard`` CLI in a subprocess; ``unset`` drops variables of this
+    process's environment (e.g. the Prefect settings a user's shell does not have)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "deployments.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**inherited, **(env or {})},
         timeout=600,
     )

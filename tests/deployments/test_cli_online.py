@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import FlowRun
 
 from tasks.db import connect
 from tasks.online_state import target_key
@@ -60,6 +64,40 @@ def test_bad_file_is_one_line_exit_2(fresh_db: str, state_db: str, tmp_path: Pat
     assert (
         result.stderr.strip().count("\n") == 0 and "operation 0 (add_column): field 'column'" in result.stderr
     )
+
+
+# What a user's shell has of Prefect's settings: nothing. The CLI must still report to
+# flowyard's server, not to the ephemeral SQLite one Prefect starts when it has no API URL.
+USER_SHELL = tuple(k for k in os.environ if k.startswith("PREFECT_"))
+
+
+def _flow_runs_of(migration_file: str) -> list[FlowRun]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["online-migrate"])), limit=200
+        )
+    return [r for r in runs if r.parameters.get("migration_file") == migration_file]
+
+
+def test_start_from_a_user_shell_runs_on_flowyards_server(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    make_schema(fresh_db, rows=10)
+    migration = _file(tmp_path, {**SPEC, "name": "from_shell"})
+    result = run_cli("online", "start", migration, "--database-url", fresh_db, unset=USER_SHELL)
+    assert result.returncode == 0, result.stderr
+    assert "temporary server" not in result.stdout + result.stderr
+    assert [r.state_name for r in _flow_runs_of(migration)] == ["Completed"]
+    assert run_cli("online", "rollback", "--database-url", fresh_db, unset=USER_SHELL).returncode == 0
+
+
+def test_start_with_a_missing_file_fails_in_one_line_without_traceback(state_db: str, tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.yaml")
+    result = run_cli("online", "start", missing, unset=USER_SHELL)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"flowyard: error: migration file '{missing}' not found; pass the path of a .yaml or .json migration"
+    )
+    assert [r.state_name for r in _flow_runs_of(missing)] == ["Failed"]
 
 
 def test_start_status_complete(fresh_db: str, state_db: str, tmp_path: Path) -> None:
