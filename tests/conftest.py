@@ -84,6 +84,9 @@ def prefect_api(state_db: str) -> Iterator[str]:
     settings = TEST_SETTINGS
     services.start(server_service(settings, state_db), settings.run_dir)
     yield settings.prefect_api_url
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # queued run logs reach the server before it stops
     services.stop(settings.run_dir, SERVER)
 
 
