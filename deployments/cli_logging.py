@@ -26,6 +26,10 @@ def console_without_tracebacks() -> None:
     from prefect.logging.configuration import setup_logging
 
     setup_logging()
+    # Prefect's background senders warn "Still processing items" while they drain at exit,
+    # which would print after the run's one-line error; they still drain, so only the noise goes.
+    for service in ("EventsWorker", "APILogWorker"):
+        logging.getLogger(service).setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
             handler.formatter, _WithoutTraceback

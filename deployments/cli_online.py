@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 
@@ -16,6 +17,11 @@ DATABASE_URL = typer.Option(
 )
 SCHEMA = typer.Option("public", "--schema", help="Schema the migration changes.")
 MIGRATION_FILE = typer.Argument(..., help="Migration file (.yaml/.json).")
+LOCK_TIMEOUT_MS = typer.Option(200, help="lock_timeout of every DDL statement; on timeout it is retried.")
+STATEMENT_TIMEOUT_MS = typer.Option(10_000, help="statement_timeout of every short DDL statement.")
+RETRY_DEADLINE_SECONDS = typer.Option(
+    300.0, help="Give up retrying a statement that keeps hitting the lock timeout after this long."
+)
 
 
 @app.command()
@@ -23,7 +29,7 @@ def plan(
     migration_file: Path = MIGRATION_FILE,
     database_url: str | None = DATABASE_URL,
     schema: str = SCHEMA,
-    lock_timeout_ms: int = typer.Option(200, help="lock_timeout the statements will run with (linted)."),
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
 ) -> None:
     """Print every statement, phase by phase, after validation and lint. Runs nothing."""
     from tasks.db import resolve_url
@@ -63,9 +69,8 @@ def _run(**parameters: Any) -> None:
     from flows.online_migrate import online_migrate
 
     result = online_migrate(**{k: v for k, v in parameters.items() if v is not None})
-    typer.echo(
-        f"{result['migration']}: {result['phase']} (new version: search_path={result['version_schema']})"
-    )
+    version = f" (new version: search_path={result['version_schema']})" if result["phase"] == "expanded" else ""
+    typer.echo(f"{result['migration']}: {result['phase']}{version}")
 
 
 @app.command()
@@ -74,7 +79,11 @@ def start(
     database_url: str | None = DATABASE_URL,
     schema: str = SCHEMA,
     batch_size: int = typer.Option(5000, help="Rows per backfill batch."),
+    batch_delay_seconds: float = typer.Option(0.0, help="Pause between backfill batches."),
     max_rows_per_second: float | None = typer.Option(None, help="Backfill rate limit."),
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+    retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,
 ) -> None:
     """Expand: add shadow columns, triggers and the new version's views; backfill. Resumes a crashed start."""
     _run(
@@ -83,17 +92,40 @@ def start(
         database_url=database_url,
         schema=schema,
         batch_size=batch_size,
+        batch_delay_seconds=batch_delay_seconds,
         max_rows_per_second=max_rows_per_second,
+        lock_timeout_ms=lock_timeout_ms,
+        statement_timeout_ms=statement_timeout_ms,
+        retry_deadline_seconds=retry_deadline_seconds,
     )
 
 
-@app.command()
-def complete(database_url: str | None = DATABASE_URL, schema: str = SCHEMA) -> None:
-    """Contract: switch to the final names, drop triggers, shadow columns and the old version's views."""
-    _run(action="complete", database_url=database_url, schema=schema)
+def _contract_or_rollback(action: Literal["complete", "rollback"]) -> Callable[..., None]:
+    """complete and rollback take the same options: one command body serves both."""
+
+    def command(
+        database_url: str | None = DATABASE_URL,
+        schema: str = SCHEMA,
+        lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+        statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+        retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,
+    ) -> None:
+        _run(
+            action=action,
+            database_url=database_url,
+            schema=schema,
+            lock_timeout_ms=lock_timeout_ms,
+            statement_timeout_ms=statement_timeout_ms,
+            retry_deadline_seconds=retry_deadline_seconds,
+        )
+
+    return command
 
 
-@app.command()
-def rollback(database_url: str | None = DATABASE_URL, schema: str = SCHEMA) -> None:
-    """Undo everything start did, leaving schema and data as before."""
-    _run(action="rollback", database_url=database_url, schema=schema)
+app.command(
+    "complete",
+    help="Contract: switch to the final names, drop triggers, shadow columns and the old version's views.",
+)(_contract_or_rollback("complete"))
+app.command("rollback", help="Undo everything start did, leaving schema and data as before.")(
+    _contract_or_rollback("rollback")
+)

@@ -16,9 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from tasks.backfill import BackfillOptions
 from tasks.db import resolve_url
-from tasks.ddl_retry import LockPolicy
 from tasks.online_migration import (
     OnlineDecision,
     active_plan,
@@ -26,7 +24,7 @@ from tasks.online_migration import (
     online_phase,
     plan_online_migration,
 )
-from tasks.online_phases import RunOptions
+from tasks.online_phases import run_options
 from tasks.state import state_url
 from tasks.task_runners import thread_pool
 
@@ -60,15 +58,13 @@ def online_migrate(
     """Run an online migration; ``action`` = run (all phases), start, complete or rollback."""
     logger = get_run_logger()
     target, state = resolve_url(database_url), state_url()
-    policy = LockPolicy(lock_timeout_ms, statement_timeout_ms, retry_deadline_seconds)
-    options = RunOptions(
-        policy=policy,
-        backfill=BackfillOptions(
-            batch_size,
-            batch_delay_seconds,
-            max_rows_per_second,
-            LockPolicy(lock_timeout_ms, 60_000, retry_deadline_seconds),
-        ),
+    options = run_options(
+        batch_size=batch_size,
+        batch_delay_seconds=batch_delay_seconds,
+        max_rows_per_second=max_rows_per_second,
+        lock_timeout_ms=lock_timeout_ms,
+        statement_timeout_ms=statement_timeout_ms,
+        retry_deadline_seconds=retry_deadline_seconds,
     )
     if action in ("run", "start"):
         plan = plan_online_migration(target, state, migration_file, schema, lock_timeout_ms)

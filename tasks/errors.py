@@ -16,6 +16,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message: PostgreSQL's adds LINE/HINT/CONTEXT lines after it."""
+    return next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+
+
 def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
     """Run an entry point; a UserError becomes ``prog: error: <message>`` on stderr and its exit code."""
     try:

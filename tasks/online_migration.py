@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from typing import Literal
 from uuid import UUID
 
+import psycopg
 from prefect import task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.input import RunInput
+from psycopg import sql
 
 from tasks.advisory_lock import advisory_lock
 from tasks.db import connection
 from tasks.ddl_lint import Finding, LintContext, lint_statements, split_statements
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.online_catalog import snapshot
 from tasks.online_phases import PhaseReport, RunOptions, run_phase
 from tasks.online_plan import PHASES, Phase, Plan, build_plan
@@ -91,8 +93,25 @@ def prepare_plan(target_url: str, state: str, migration_file: str, schema: str) 
             return active.plan
         raise another_migration_runs(active, target)
     with connection(target_url) as conn:
-        snap = snapshot(conn, schema)
-    return build_plan(spec, snap, current_version_schema(state, target, schema))
+        plan = build_plan(spec, snapshot(conn, schema), current_version_schema(state, target, schema))
+        check_expressions(conn, plan)
+    return plan
+
+
+def check_expressions(conn: psycopg.Connection, plan: Plan) -> None:
+    """Run the plan's read-only checks of the user's SQL; the first that fails is the user's error.
+
+    Each runs with the schema as ``search_path``, as the trigger functions do, in its own
+    read-only transaction, so a check can neither write nor leave the connection aborted.
+    """
+    for check in plan.checks:
+        try:
+            with conn.transaction():
+                conn.execute("SET LOCAL transaction_read_only = on")
+                conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(plan.schema_name)))
+                conn.execute(check.query)
+        except psycopg.Error as exc:
+            raise UserError(f"{check.where}: {first_line(exc)}; fix the migration file") from None
 
 
 @task(name="plan-online-migration", cache_policy=NO_CACHE)

@@ -19,7 +19,7 @@ from psycopg import sql
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
 from tasks.db import connect, one_row
 from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.online_plan import Phase, Step
 from tasks.online_state import (
     BackfillCheckpoints,
@@ -41,6 +41,20 @@ ALLOWED_FROM: dict[Phase, tuple[str, ...]] = {
     "complete": ("expanded", "completing"),
     "rollback": ("starting", "expanded", "rolling_back"),
 }
+USER_FIXABLE = (
+    psycopg.errors.DataError,  # class 22: a value the up/down expression or the new type cannot take
+    psycopg.errors.IntegrityError,  # class 23: existing rows break a new constraint or unique index
+    psycopg.errors.ProgrammingError,  # class 42 and kin: SQL in the migration, privileges
+    psycopg.errors.NotSupportedError,
+    psycopg.errors.QueryCanceled,  # statement_timeout
+)
+"""Errors the same step would raise again on a retry: the user has to change something first."""
+AFTER_FIX: dict[Phase, str] = {
+    "start": "fix the data (or the timeout) and run start again to resume from this step, "
+    "or roll back (`flowyard online rollback`), fix the migration file and start again",
+    "complete": "fix it and run complete again to resume from this step",
+    "rollback": "fix it and run rollback again to resume from this step",
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,44 @@ class RunOptions:
     policy: LockPolicy = LockPolicy()
     long_statement_timeout_ms: int = 3_600_000
     backfill: BackfillOptions = BackfillOptions()
+
+
+def run_options(
+    *,
+    batch_size: int,
+    batch_delay_seconds: float,
+    max_rows_per_second: float | None,
+    lock_timeout_ms: int,
+    statement_timeout_ms: int,
+    retry_deadline_seconds: float,
+) -> RunOptions:
+    """The flow's parameters as run options; a value out of range is the user's one-line error.
+
+    Checked here, before planning: a lock_timeout of 0 would otherwise surface as a lint finding
+    on a generated statement, and a batch size of 0 as a backfill that never moves.
+    """
+    positive = {
+        "batch_size": batch_size,
+        "max_rows_per_second": max_rows_per_second,
+        "lock_timeout_ms": lock_timeout_ms,
+        "statement_timeout_ms": statement_timeout_ms,
+        "retry_deadline_seconds": retry_deadline_seconds,
+    }
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            raise UserError(f"{name} must be greater than 0 (got {value})")
+    if batch_delay_seconds < 0:
+        raise UserError(f"batch_delay_seconds must be 0 or more (got {batch_delay_seconds})")
+    policy = LockPolicy(lock_timeout_ms, statement_timeout_ms, retry_deadline_seconds)
+    return RunOptions(
+        policy=policy,
+        backfill=BackfillOptions(
+            batch_size,
+            batch_delay_seconds,
+            max_rows_per_second,
+            replace(policy, statement_timeout_ms=BackfillOptions.policy.statement_timeout_ms),
+        ),
+    )
 
 
 @dataclass
@@ -108,7 +160,13 @@ def run_phase(
             if step.only_if and not one_row(conn, step.only_if)[0]:
                 report.steps_skipped += 1
             else:
-                _run_step(conn, record, step, options, report, checkpoints, on_progress)
+                try:
+                    _run_step(conn, record, step, options, report, checkpoints, on_progress)
+                except USER_FIXABLE as exc:
+                    raise UserError(
+                        f"{record.name}: {phase} step {n + 1} ({step.title}) failed: {first_line(exc)}; "
+                        + AFTER_FIX[phase]
+                    ) from exc
                 report.steps_run += 1
             set_steps_done(state, record.id, phase, n + 1)
     finally:

@@ -100,11 +100,28 @@ class Step(BaseModel):
     backfill: BackfillTarget | None = None
 
 
+class ExpressionCheck(BaseModel):
+    """A read-only query that parses a user's SQL expression against the live catalog.
+
+    The sync trigger compiles ``up``/``down`` only when a row is first written, so a typo (an
+    unknown column, function or operator) would otherwise pass start's DDL and then fail every
+    application write to the table until rollback. Each check selects the expression over the
+    same names the trigger gives it, with ``WHERE false``: PostgreSQL resolves every name and
+    operator but reads no row.
+    """
+
+    where: str
+    """The migration field the expression comes from, as errors name it."""
+    query: str
+
+
 class Plan(BaseModel):
     migration: str
     schema_name: str
     version_schema: str
     previous_schema: str | None
+    checks: list[ExpressionCheck] = []
+    """Run read-only before start; plans persisted before they existed have none."""
     start: list[Step]
     complete: list[Step]
     rollback: list[Step]
@@ -221,6 +238,8 @@ class _Sync:
     expression: str
     new_version: bool
     only_when_null: bool
+    source: str | None = None
+    """The migration field the expression comes from; None when flowyard generated it."""
 
 
 @dataclass
@@ -231,6 +250,8 @@ class _TableWork:
     view_name: str
     view_columns: dict[str, str]
     """New-version column name → physical column."""
+    added_types: dict[str, str] = field(default_factory=dict)
+    """Type of each physical column start adds (new and shadow columns)."""
     shadows: dict[str, str] = field(default_factory=dict)
     syncs: list[_Sync] = field(default_factory=list)
     before_swap: list[str] = field(default_factory=list)
@@ -254,6 +275,7 @@ class _Planner:
             name: _TableWork(info, name, {c.name: c.name for c in info.columns})
             for name, info in snap.tables.items()
         }
+        self.checks: list[ExpressionCheck] = []
         self.structural: list[Step] = []
         self.not_valid: list[Step] = []
         self.indexes: list[Step] = []
@@ -270,6 +292,51 @@ class _Planner:
     # -- helpers -----------------------------------------------------------------------------
     def tbl(self, table: str) -> sql.Composable:
         return sql.Identifier(self.schema, table)
+
+    def type_checks(self, where: str, type_: str, default: str | None) -> None:
+        """Check a column type and its default, named ``<where>type'`` and ``<where>default'``."""
+        checks = {"type": sql.SQL("NULL")} | ({"default": _expr(default)} if default is not None else {})
+        self.checks += [
+            ExpressionCheck(
+                where=f"{where}{name}'",
+                query=_render(
+                    sql.SQL("SELECT CAST({} AS {}) WHERE false").format(value, _fragment(type_))
+                ),
+            )
+            for name, value in checks.items()
+        ]
+
+    def expression_checks(self, work: _TableWork) -> list[ExpressionCheck]:
+        """Each user ``up`` over the old version's columns, each ``down`` over the new version's.
+
+        These are the names the trigger's two halves declare; a column start has yet to add
+        stands in as a typed NULL.
+        """
+        old = self.tbl(work.info.name)
+        new = sql.SQL("(SELECT {} FROM {}) AS _fy_new_version").format(
+            sql.SQL(", ").join(
+                sql.SQL("{} AS {}").format(
+                    sql.SQL("CAST(NULL AS {})").format(_fragment(work.added_types[phys]))
+                    if phys in work.added_types
+                    else sql.Identifier(phys),
+                    sql.Identifier(name),
+                )
+                for name, phys in work.view_columns.items()
+            ),
+            old,
+        )
+        return [
+            ExpressionCheck(
+                where=s.source,
+                query=_render(
+                    sql.SQL("SELECT {} FROM {} WHERE false").format(
+                        _expr(s.expression), new if s.new_version else old
+                    )
+                ),
+            )
+            for s in work.syncs
+            if s.source is not None
+        ]
 
     def work(self, index: int, kind: str, table: str) -> _TableWork:
         work = self.tables.get(table)
@@ -620,8 +687,13 @@ class _Planner:
             )
         )
         work.view_columns[c.name] = c.name
+        work.added_types[c.name] = c.type
+        self.type_checks(f"operation {i} (add_column): field 'column.", c.type, c.default)
         if fill is not None:
-            work.syncs.append(_Sync(c.name, fill, new_version=False, only_when_null=True))
+            field_name = "up" if op.up else "column.default"
+            work.syncs.append(
+                _Sync(c.name, fill, False, True, source=f"operation {i} (add_column): field '{field_name}'")
+            )
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
         self.constraints(table, c.name, c.name, c)
@@ -639,7 +711,9 @@ class _Planner:
             )
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
-            work.syncs.append(_Sync(op.column, op.down, new_version=True, only_when_null=True))
+            work.syncs.append(
+                _Sync(op.column, op.down, True, True, source=f"operation {i} (drop_column): field 'down'")
+            )
         self.complete_late.append(
             Step(
                 title=f"drop column {op.table}.{op.column}",
@@ -679,6 +753,7 @@ class _Planner:
             raise UserError(f"operation {i} (alter_column): column {op.table}.{op.column} does not exist")
         table, col = op.table, sql.Identifier(op.column)
         if not op.needs_shadow:
+            self.type_checks(f"operation {i} (alter_column): field '", info.type, op.default)
             actions = []
             if op.default is not None:
                 actions.append(sql.SQL("ALTER COLUMN {} SET DEFAULT {}").format(col, _expr(op.default)))
@@ -722,9 +797,14 @@ class _Planner:
             )
         )
         work.view_columns = {k: (shadow if v == op.column else v) for k, v in work.view_columns.items()}
-        work.syncs.append(_Sync(shadow, op.up or op.column, new_version=False, only_when_null=False))
+        work.added_types[shadow] = new_type
+        where = f"operation {i} (alter_column): field '"
+        self.type_checks(where, new_type, op.default)
         logical = next(k for k, v in work.view_columns.items() if v == shadow)
-        work.syncs.append(_Sync(op.column, op.down or logical, new_version=True, only_when_null=False))
+        work.syncs += [
+            _Sync(shadow, op.up or op.column, False, False, source=f"{where}up'" if op.up else None),
+            _Sync(op.column, op.down or logical, True, False, source=f"{where}down'" if op.down else None),
+        ]
         work.swap_statements += [
             sql.SQL("DROP COLUMN {}").format(col),
             sql.SQL("RENAME COLUMN {} TO {}").format(sql.Identifier(shadow), col),
@@ -765,6 +845,8 @@ class _Planner:
             raise UserError(
                 f"operation {i} (create_table): field 'name': table {self.schema}.{op.name} already exists"
             )
+        for n, c in enumerate(op.columns):
+            self.type_checks(f"operation {i} (create_table): field 'columns.{n}.", c.type, c.default)
         defs = [self.column_definition(c) for c in op.columns]
         keys = [sql.Identifier(c.name) for c in op.columns if c.primary_key]
         if keys:
@@ -1089,6 +1171,7 @@ class _Planner:
             schema_name=self.schema,
             version_schema=self.vschema,
             previous_schema=self.previous,
+            checks=[*self.checks, *(c for w in self.tables.values() for c in self.expression_checks(w))],
             start=start,
             complete=complete,
             rollback=rollback,
@@ -1107,6 +1190,9 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"-- migration {plan.migration} on schema {plan.schema_name}; new version: search_path={plan.version_schema}"
     ]
+    if plan.checks:
+        lines.append("\n-- ===== checks (read-only, before start runs anything) =====")
+        lines.extend(f"-- {check.where}\n{check.query};" for check in plan.checks)
     for phase in PHASES:
         lines.append(f"\n-- ===== {phase} =====")
         for n, step in enumerate(plan.steps(phase), 1):

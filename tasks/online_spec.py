@@ -231,9 +231,10 @@ def _parse_operation(index: int, raw: Any, source: str) -> Operation:
         return model.model_validate(body if body is not None else {})
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "(operation)"
+        field = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        raise UserError(f"{source}: operation {index} ({kind}): field '{field}': {message}") from None
+        where = f"field '{field}': " if field else ""  # checks across fields name them in the message
+        raise UserError(f"{source}: operation {index} ({kind}): {where}{message}") from None
 
 
 def load_spec(path: str | Path) -> MigrationSpec:

@@ -79,7 +79,9 @@ def _flow_runs_of(migration_file: str) -> list[FlowRun]:
     return [r for r in runs if r.parameters.get("migration_file") == migration_file]
 
 
-def test_start_from_a_user_shell_runs_on_flowyards_server(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+def test_start_from_a_user_shell_runs_on_flowyards_server(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
     make_schema(fresh_db, rows=10)
     migration = _file(tmp_path, {**SPEC, "name": "from_shell"})
     result = run_cli("online", "start", migration, "--database-url", fresh_db, unset=USER_SHELL)
@@ -128,7 +130,33 @@ def test_start_then_rollback(fresh_db: str, state_db: str, tmp_path: Path) -> No
     assert run_cli("online", "start", _file(tmp_path, SPEC), "--database-url", fresh_db).returncode == 0
     result = run_cli("online", "rollback", "--database-url", fresh_db)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "cli_widen: rolled_back"  # no version to point at
     assert "rolled_back" in _status_line(fresh_db)
     assert schema_dump(fresh_db) == before
     with connect(fresh_db) as conn:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (50,)
+
+
+def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    make_schema(fresh_db, rows=10)
+    migration = _file(tmp_path, {**SPEC, "name": "tuned"})
+    for option, value, message in (
+        ("--lock-timeout-ms", "0", "lock_timeout_ms must be greater than 0 (got 0)"),
+        ("--batch-size", "-1", "batch_size must be greater than 0 (got -1)"),
+        ("--batch-delay-seconds", "-0.5", "batch_delay_seconds must be 0 or more (got -0.5)"),
+    ):
+        result = run_cli("online", "start", migration, "--database-url", fresh_db, option, value)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == f"flowyard: error: {message}"
+    tuned = ("--lock-timeout-ms", "150", "--statement-timeout-ms", "5000", "--retry-deadline-seconds", "30")
+    started = run_cli(
+        "online", "start", migration, "--database-url", fresh_db, "--batch-delay-seconds", "0.01", *tuned
+    )
+    assert started.returncode == 0, started.stderr
+    rolled_back = run_cli("online", "rollback", "--database-url", fresh_db, *tuned)
+    assert rolled_back.returncode == 0, rolled_back.stderr
+    (run,) = [r for r in _flow_runs_of(migration) if r.state_name == "Completed"]
+    assert (run.parameters["lock_timeout_ms"], run.parameters["batch_delay_seconds"]) == (150, 0.01)
+    assert (run.parameters["statement_timeout_ms"], run.parameters["retry_deadline_seconds"]) == (5000, 30.0)

@@ -51,7 +51,7 @@ def test_valid_yaml_and_json_files_load(tmp_path: Path) -> None:
         ({"name": "m", "operations": [{"frobnicate": {}}]}, "operation 0: unknown type 'frobnicate'"),
         (
             {"name": "m", "operations": [{"alter_column": {"table": "t", "column": "a", "type": "bigint"}}]},
-            "operation 0 (alter_column): field '(operation)': up/down: a type change needs both",
+            "operation 0 (alter_column): up/down: a type change needs both",
         ),
         (
             {
