@@ -29,7 +29,7 @@ from quality.scoring import TableScore, score_rows, score_table
 from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
 from quality.suite_spec import Rule, Suite
 from tasks.db import connection, sqlalchemy_url
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 Backend = Literal["sql", "pandas"]
 DEFAULT_SAMPLE = 20
@@ -234,7 +234,7 @@ def _error(result: ExpectationValidationResult) -> str | None:
     entries = [info] if "raised_exception" in info else list(info.values())
     for entry in entries:
         if isinstance(entry, dict) and entry.get("raised_exception"):
-            return str(entry.get("exception_message", "")).strip().splitlines()[0]
+            return first_line(str(entry.get("exception_message", "")))
     return None
 
 

@@ -29,7 +29,7 @@ from alembic.util import CommandError
 
 from tasks import revision_checksums
 from tasks.db import connection, sqlalchemy_url
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _alembic(action: Callable[[], Any], migrations_dir: str | Path) -> Any:
     try:
         return action()
     except CommandError as exc:
-        raise UserError(f"alembic ({migrations_dir}): {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"alembic ({migrations_dir}): {first_line(exc)}") from None
 
 
 def _revision(script: Script) -> Revision:

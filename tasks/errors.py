@@ -16,9 +16,10 @@ class UserError(Exception):
     exit_code = 2
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message: PostgreSQL's adds LINE/HINT/CONTEXT lines after it."""
-    return next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error message: PostgreSQL's add LINE/HINT/CONTEXT lines after it."""
+    fallback = "" if isinstance(error, str) else type(error).__name__  # an exception without a message
+    return next(iter(str(error).strip().splitlines()), fallback)
 
 
 def exit_on_user_error(main: Callable[[], None], prog: str) -> None:

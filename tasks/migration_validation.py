@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from tasks.db import connection
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.integrity import IntegrityReport, Problem, check_integrity
 
 
@@ -51,7 +51,7 @@ def check_query(conn: psycopg.Connection, query: str) -> QueryCheck:
             conn.execute("SET TRANSACTION READ ONLY")
             rows = conn.execute(query).fetchall()
     except psycopg.Error as exc:
-        return QueryCheck(query, False, f"error: {str(exc).strip().splitlines()[0]}")
+        return QueryCheck(query, False, f"error: {first_line(exc)}")
     if len(rows) != 1 or len(rows[0]) != 1:
         shape = f"{len(rows)} row(s) of {len(rows[0]) if rows else 0} column(s)"
         return QueryCheck(query, False, f"must return one row with one value, got {shape}")

@@ -213,7 +213,7 @@ def health_gate(target_url: str, query: str, checks: int, interval_seconds: floa
                 conn.execute("SET TRANSACTION READ ONLY")
                 row = conn.execute(query).fetchone()
         except Exception as exc:  # noqa: BLE001 - any failure of the user's query means unhealthy
-            log.warning("health query failed (%s): rolling back", str(exc).splitlines()[0])
+            log.warning("health query failed (%s): rolling back", first_line(exc))
             return "rollback"
         if not row or row[0] is not True:
             log.warning(

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=50)]
 """Identifiers: letters, digits and underscores, short enough to leave room for shadow-name prefixes."""
@@ -248,7 +248,7 @@ def load_spec(path: str | Path) -> MigrationSpec:
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc)
         raise UserError(
             f"{file.name}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {reason}"
         ) from None
