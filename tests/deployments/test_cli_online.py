@@ -46,6 +46,8 @@ def test_plan_prints_every_phase_and_runs_nothing(fresh_db: str, state_db: str, 
     result = run_cli("online", "plan", _file(tmp_path, SPEC), "--database-url", fresh_db)
     assert result.returncode == 0, result.stderr
     for marker in (
+        "===== checks (read-only, before start runs anything) =====",
+        "-- operation 0 (alter_column): field 'up'\nSELECT (amount::bigint) FROM \"public\".\"orders\" WHERE false;",
         "===== start =====",
         "===== complete =====",
         "===== rollback =====",
