@@ -73,6 +73,8 @@ def configure(
         with device_store.open_store(add_store):  # a missing, non-SQLite or corrupt file is refused here
             pass
     state = state_url()
+    if remove_store is not None:
+        sync_state.require_device(state, remove_store)
     sync_state.update_config(
         state,
         {
