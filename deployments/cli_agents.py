@@ -170,9 +170,11 @@ def run(
 ) -> None:
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run)."""
     from deployments.runtime import prepare_flow_run
+    from tasks.agent_process import AgentLimits
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
+    AgentLimits(timeout_seconds=timeout, grace_seconds=grace)  # a bad --timeout/--grace: one line, no flow run
     prepare_flow_run(get_settings())
     from flows.run_agent_queue import run_agent_queue
 

@@ -69,9 +69,12 @@ def configure(
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
-    if add_store is not None and not add_store.is_file():  # before saving anything: all or nothing
-        raise UserError(f"device store {add_store} does not exist; give the path of the device's SQLite file")
+    if add_store is not None:  # before saving anything: all or nothing
+        with device_store.open_store(add_store):  # a missing, non-SQLite or corrupt file is refused here
+            pass
     state = state_url()
+    if remove_store is not None:
+        sync_state.require_device(state, remove_store)
     sync_state.update_config(
         state,
         {

@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from tasks import central_store, sync_state
 from tasks.advisory_lock import advisory_lock
-from tasks.db import mask_url
+from tasks.db import mask_url, validate_postgres_url
 from tasks.errors import UserError
 from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
@@ -55,6 +55,9 @@ def sync_devices(
     Returns each device's cursors and outcome (the run's persisted state).
     """
     logger = get_run_logger()
+    # A malformed override is the caller's typo, not an outage: refuse it before any device is
+    # touched, or every pending event would be marked failed and wait out a retry backoff.
+    central_override = validate_postgres_url(central_url) if central_url else None
     state = state_url(state_database_url)
     config = sync_state.load_config(state)
     if not config.enabled and not force:
@@ -64,7 +67,7 @@ def sync_devices(
     if not targets:
         logger.info("no devices to sync; add one with `flowyard sync configure --add-store PATH`")
         return {"devices": {}, "skipped": "no devices"}
-    central = central_url or config.central_url or default_central_url(state)
+    central = central_override or config.central_url or default_central_url(state)
     try:
         central_store.ensure_schema(central)
     except UserError as exc:  # central unreachable: the device tasks record it per device

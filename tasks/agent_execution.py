@@ -300,6 +300,11 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     try:
         outcome = process.run()
         _finish(setup, task_id, attempt, run_id, outcome)
+    except UserError as exc:
+        # The agent could not be started (missing or not executable command): close the attempt
+        # as failed, so it counts in the metrics and never stays open, then fail without retries.
+        queue.finish_attempt(url, run_id, setup.worker, "failed", error=str(exc))
+        raise
     finally:
         log.close()
         if process.pgid is not None:

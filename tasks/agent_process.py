@@ -162,6 +162,21 @@ class AgentLimits:
     heartbeat_seconds: float = 5.0
     checkpoint_wait_seconds: float = 2.0
 
+    def __post_init__(self) -> None:
+        """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
+        starts and burns all its retries; a negative grace period is a typo. (``not >`` also
+        catches NaN.)"""
+        if not self.timeout_seconds > 0:
+            raise UserError(
+                f"the agent timeout must be more than 0 seconds, not {self.timeout_seconds:g} "
+                "(--timeout / timeout_seconds)"
+            )
+        if not self.grace_seconds >= 0:
+            raise UserError(
+                f"the grace period must be 0 seconds or more, not {self.grace_seconds:g} "
+                "(--grace / grace_seconds)"
+            )
+
 
 class AgentProcess:
     """One running attempt. :meth:`run` blocks in the worker thread; :meth:`shutdown` may be

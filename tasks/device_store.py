@@ -143,13 +143,19 @@ def _explain(path: Path, exc: sqlite3.Error) -> UserError:
     return UserError(f"device store {path}: {text}")
 
 
+def check_store_path(path: Path) -> None:
+    """A store is a file: a missing path and a directory (a common slip: the app's data folder
+    instead of its database) each get their own one-line message."""
+    if path.is_dir():
+        raise UserError(f"device store {path} is a directory; give the path of the device's SQLite file in it")
+    if not path.is_file():
+        raise UserError(f"device store {path} does not exist; give the path of the device's SQLite file")
+
+
 @contextmanager
 def open_store(path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
     """An autocommit connection to an existing store; SQLite errors become per-device UserErrors."""
-    if not path.is_file():
-        raise UserError(
-            f"device store {path} does not exist; check the path given to `flowyard sync configure`"
-        )
+    check_store_path(path)
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:

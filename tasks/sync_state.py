@@ -230,13 +230,25 @@ def register_device(url: str, store: Path, identity: Identity) -> None:
         )
 
 
+def _unknown_device(device_id: str) -> UserError:
+    return UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
+
+
+def require_device(url: str, device_id: str) -> None:
+    """Fail before a multi-part ``configure`` saves anything, when the device it names is unknown."""
+    with connection(url) as conn:
+        known = conn.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)).fetchone()
+    if known is None:
+        raise _unknown_device(device_id)
+
+
 def remove_device(url: str, device_id: str) -> None:
     with connection(url) as conn:
         deleted = conn.execute(
             "DELETE FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)
         ).rowcount
     if not deleted:
-        raise UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
+        raise _unknown_device(device_id)
 
 
 def set_enabled(url: str, device_id: str, enabled: bool) -> None:

@@ -60,6 +60,9 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     done = int(_ok("create", "y", env=env))
     _ok("cancel", str(done), env=env)
     assert f"cannot cancel task {done}: it is cancelled" in _user_error("cancel", str(done), env=env)
+    assert "agent timeout must be more than 0 seconds, not -5" in _user_error("run", "--timeout", "-5", env=env)
+    assert "grace period must be 0 seconds or more, not -1" in _user_error("run", "--grace", "-1", env=env)
+    assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), done).status == "cancelled"
 
 
 @pytest.mark.usefixtures("prefect_api")

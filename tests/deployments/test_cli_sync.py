@@ -145,3 +145,23 @@ def test_configure_with_a_missing_store_changes_nothing(state_db: str, tmp_path:
         "give the path of the device's SQLite file"
     ]
     assert sync_state.load_config(state_db) == before
+
+
+def test_configure_refuses_a_file_that_is_not_a_store(state_db: str, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.db"
+    notes.write_text("just some notes\n")
+    out = run_cli("sync", "configure", "--add-store", str(notes), "--device-id", "notes")
+    assert out.returncode == 2 and out.stdout == ""
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"flowyard: error: device store {notes} is corrupt (file is not a database)")
+    assert "notes" not in {d.device_id for d in sync_state.list_devices(state_db)}
+
+
+def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> None:
+    before = sync_state.load_config(state_db)
+    out = run_cli("sync", "configure", "--batch-size", "778", "--remove-store", "no-such-device")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "flowyard: error: no device 'no-such-device'; `flowyard sync status` lists the configured devices"
+    ]
+    assert sync_state.load_config(state_db) == before

@@ -149,6 +149,17 @@ def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: s
     assert task.status == "failed" and task.attempts == 0
 
 
+def test_an_agent_that_cannot_start_fails_its_attempt_at_once(tmp_path: Path, qdb: str) -> None:
+    missing = str(tmp_path / "no-such-agent")
+    task_id = queue.create_task(qdb, queue.NewTask(title="missing", agent_type="ghost"))
+    summary = run_agent_queue(max_agents=1, agents={"ghost": {"argv": [missing]}}, **_kw(tmp_path, qdb))
+    assert f"cannot start agent {missing!r}" in summary["outcomes"][task_id]
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "failed" and task.attempts == 1
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed")]
+    assert _runs(qdb)[0]["finished"] is not None
+
+
 def _wait_running(url: str, task_id: int, min_step: int = 1, timeout: float = 120.0) -> queue.AgentTask:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

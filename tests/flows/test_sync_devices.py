@@ -114,6 +114,20 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     assert _central_counts(fresh_db) == (850, 850)
 
 
+def test_a_malformed_central_url_is_refused_before_any_event_is_touched(
+    state_db: str, tmp_path: Path
+) -> None:
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "typo.db", 30, identity=Identity("typo", "dana", "proj"))
+    with pytest.raises(UserError, match="^not a PostgreSQL URL: 'garbage'"):
+        sync_devices(stores=[str(store)], central_url="garbage")
+    with device_store.open_store(store) as conn:
+        counts = device_store.counts(conn)
+        attempts = conn.execute("SELECT max(sync_attempts) FROM events").fetchone()[0]
+    assert (counts.pending, counts.failed, counts.synced, attempts) == (30, 0, 0, 0)
+
+
 def test_default_run_uses_configured_devices_and_records_state(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

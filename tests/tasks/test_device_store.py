@@ -123,3 +123,9 @@ def test_missing_store(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         with device_store.open_store(tmp_path / "nope.db"):
             pass
+
+
+def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"is a directory; give the path of the device's SQLite file in it"):
+        with device_store.open_store(tmp_path):
+            pass
