@@ -88,8 +88,8 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
     except psycopg.OperationalError as exc:
         reason = _failure_reason(exc)
         raise UserError(
-            f"cannot connect to {mask_url(url)}: {reason}; check the URL (FLOWYARD_DATABASE_URL) "
-            "or start the embedded server with `flowyard up`"
+            f"cannot connect to {mask_url(url)}: {reason}; check the URL and that the server is running "
+            "(`flowyard up` starts the embedded one)"
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
         conn.close()

@@ -151,6 +151,7 @@ def resolve_targets(
         targets = []
         for store in stores:
             path = Path(store).expanduser().resolve()
+            device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
             known = device_for_store(state, path)
             identity = known.identity if known else Identity(path.stem, "unknown", "default")
             cursor = known.download_cursor if known else 0

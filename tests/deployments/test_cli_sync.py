@@ -165,3 +165,16 @@ def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> 
         "flowyard: error: no device 'no-such-device'; `flowyard sync status` lists the configured devices"
     ]
     assert sync_state.load_config(state_db) == before
+
+
+def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    typo = tmp_path / "laptop.dbb"
+    out = run_cli("sync", "trigger", "--store", str(typo), "--central-url", fresh_db)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"flowyard: error: device store {typo} does not exist; give the path of the device's SQLite file"
+    )
+    assert str(typo) not in {d.store_path for d in sync_state.list_devices(state_db)}
+    assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
