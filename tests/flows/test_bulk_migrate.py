@@ -485,3 +485,17 @@ def test_dask_runner_by_configuration(fresh_db, target_db):
     assert report["tables"][0]["rows"] == 500
     with pytest.raises(UserError, match="unknown task runner"):
         bulk_migrate(fresh_db, target_db, task_runner="spark", restart=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"parallelism": -1}, "parallelism must be at least 1"), ({"task_runner": "spark"}, "unknown task runner")],
+)
+def test_bad_runner_parameters_fail_before_the_target_is_emptied(fresh_db, target_db, options, message):
+    """Checked with the other parameters: a negative parallelism used to be a raw ValueError, and
+    both used to surface only after the new plan had emptied the target tables."""
+    _exec(fresh_db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 50)")
+    bulk_migrate(fresh_db, target_db, validate=["count"])
+    with pytest.raises(UserError, match=message):
+        bulk_migrate(fresh_db, target_db, validate=["count"], restart=True, **options)
+    assert _fetch(target_db, "SELECT count(*) FROM t") == [(50,)]
