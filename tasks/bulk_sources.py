@@ -256,9 +256,7 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         if suffix == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
         elif suffix == ".csv":
-            # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
-            nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
-            yield from pa_csv.open_csv(path, convert_options=nulls)
+            yield from _open_csv(path)
         elif suffix in (".jsonl", ".ndjson"):
             yield from pa_json.open_json(path)
         else:
@@ -273,9 +271,22 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
 
 
+def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
+    # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
+    nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
+    return pa_csv.open_csv(path, convert_options=nulls)
+
+
 def file_describe(path: Path) -> TableInfo:
+    """The file's columns. A CSV's come from its header, so a header-only file is an empty table
+    with those columns (typed text), not a table without columns."""
     if path.suffix.lower() == ".parquet":
         schema = pq.read_schema(path)
+    elif path.suffix.lower() == ".csv":
+        try:
+            schema = _open_csv(path).schema
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
     else:
         first = next(file_batches(path), None)
         schema = first.schema if first is not None else pa.schema([])

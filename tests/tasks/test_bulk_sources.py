@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from tasks.bulk_sources import sqlite_batches, sqlite_connect, sqlite_describe
+from tasks.bulk_sources import file_describe, file_row_count, sqlite_batches, sqlite_connect, sqlite_describe
 from tasks.chunk_plan import Chunk
 from tasks.errors import UserError
 
@@ -44,3 +44,11 @@ def test_sqlite_value_that_does_not_fit_an_integer_column_names_the_column(tmp_p
     with pytest.raises(UserError, match=r"SQLite column t\.n holds a value") as err:
         _read(url, "t")
     assert "\n" not in str(err.value)
+
+
+def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
+    """It used to describe as a table without columns, which the copy refused to create."""
+    (tmp_path / "plans.csv").write_text("id,name\n")
+    info = file_describe(tmp_path / "plans.csv")
+    assert [c.name for c in info.columns] == ["id", "name"]
+    assert file_row_count(tmp_path / "plans.csv") == 0
