@@ -47,7 +47,7 @@ from tasks.integrity import foreign_key_orphans, invalid_indexes
 from tasks.retry_policy import retry_transient
 from tasks.settings import get_settings
 from tasks.state import state_url
-from tasks.task_runners import build_task_runner
+from tasks.task_runners import build_task_runner, check_task_runner
 
 SEED_CHUNK_ROWS = 2**62
 
@@ -277,9 +277,10 @@ def bulk_migrate(
         raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
     if chunk_rows < 1:
         raise UserError("chunk_rows must be at least 1")
+    parallelism = get_settings().max_workers if parallelism is None else parallelism
+    check_task_runner(task_runner, parallelism)  # before the run empties any target table
     logger = get_run_logger()
     target = state_url(target_url)
-    parallelism = parallelism or get_settings().max_workers
     config = {
         "source": source_url,
         "target": target,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -178,8 +178,18 @@ def _sqlite_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _sqlite_value(value: object) -> object:
-    return "\\x" + value.hex() if isinstance(value, bytes) else value
+def _sqlite_text(value: object) -> str | None:
+    """A value of any SQLite storage class as PostgreSQL input text, for columns read as text.
+
+    SQLite stores what it is given: a NUMERIC, BOOLEAN, DATETIME or untyped column holds
+    integers and reals next to text, so every non-text value is spelled out here (BLOBs as
+    bytea hex) instead of being handed to Arrow as a string it is not.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    return str(value)
 
 
 def sqlite_batches(source_url: str, info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch]:
@@ -197,19 +207,25 @@ def sqlite_batches(source_url: str, info: TableInfo, chunk: Chunk) -> Iterator[p
         cursor = conn.execute(query, (low, high))
         while rows := cursor.fetchmany(BATCH_ROWS):
             columns = list(zip(*rows, strict=True))
-            try:
-                arrays = [
-                    pa.array(
-                        [_sqlite_value(v) for v in col] if field.type == pa.string() else col, field.type
-                    )
-                    for col, field in zip(columns, schema, strict=True)
-                ]
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                raise UserError(
-                    f"SQLite table {info.name} holds a value that does not fit its declared type ({exc}); "
-                    "fix the value or cast the column in the mapping"
-                ) from None
+            arrays = [
+                _sqlite_array(info.name, field, col) for col, field in zip(columns, schema, strict=True)
+            ]
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _sqlite_array(table: str, field: pa.Field, values: Sequence[object]) -> pa.Array:
+    """One column of a batch as Arrow; a value its declared type cannot hold is a one-line error
+    naming the table and column (it fails before any mapping applies)."""
+    if field.type == pa.string():
+        return pa.array([_sqlite_text(v) for v in values], pa.string())
+    try:
+        return pa.array(values, field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+        raise UserError(
+            f"SQLite column {table}.{field.name} holds a value that does not fit its declared type "
+            f"({str(exc).splitlines()[0]}); fix the value in the SQLite file or declare the column's "
+            "type to match its values"
+        ) from None
 
 
 def _sqlite_arrow(pg_type: str) -> pa.DataType:
@@ -240,9 +256,7 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         if suffix == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
         elif suffix == ".csv":
-            # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
-            nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
-            yield from pa_csv.open_csv(path, convert_options=nulls)
+            yield from _open_csv(path)
         elif suffix in (".jsonl", ".ndjson"):
             yield from pa_json.open_json(path)
         else:
@@ -257,9 +271,22 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
 
 
+def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
+    # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
+    nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
+    return pa_csv.open_csv(path, convert_options=nulls)
+
+
 def file_describe(path: Path) -> TableInfo:
+    """The file's columns. A CSV's come from its header, so a header-only file is an empty table
+    with those columns (typed text), not a table without columns."""
     if path.suffix.lower() == ".parquet":
         schema = pq.read_schema(path)
+    elif path.suffix.lower() == ".csv":
+        try:
+            schema = _open_csv(path).schema
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
     else:
         first = next(file_batches(path), None)
         schema = first.schema if first is not None else pa.schema([])

@@ -86,6 +86,13 @@ def table_specs(
     missing = [n for n in names if n not in available]
     if missing:
         raise UserError(f"source has no tables {missing}; available: {', '.join(available) or 'none'}")
+    # A mapping keyed by a misspelt table would otherwise be ignored: the table copied unmapped.
+    known = {*available, *(split_name(n)[1] for n in available)}
+    if unmatched := sorted(set(mapping) - known):
+        raise UserError(
+            f"mapping names tables the source does not have: {unmatched}; "
+            f"key it by source table ({', '.join(available) or 'none'})"
+        )
     specs = []
     for name in names:
         source = describe(source_url, name)

@@ -19,6 +19,7 @@ their keys (the first ``report_rows``) — or, with ``quarantine``, moves them i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -216,7 +217,10 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection) -> sql.Composed
 
 def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     create_stage(job, target)
-    rows_read = fill_stage(job, target)
+    try:
+        rows_read = fill_stage(job, target)
+    except psycopg.errors.DataError as exc:
+        raise ChunkRejected(_unloadable(job, exc)) from None
     sent = checksum(target, STAGE, job.columns)
     insert = _insert_statement(job, target)
     bad: list[tuple[int, str]] = []
@@ -284,6 +288,22 @@ def _bad_keys(job: ChunkJob, target: psycopg.Connection, ords: Sequence[int]) ->
         (list(ords),),
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def _unloadable(job: ChunkJob, exc: psycopg.errors.DataError) -> str:
+    """Why the chunk could not even be staged: a source value its target column's type cannot take
+    (text from SQLite or a file, or a target table that already existed with other types).
+
+    PostgreSQL's COPY context names the row and column; the staging table's name means nothing to
+    the user, so only those are kept.
+    """
+    where = re.search(r"line (\d+), column (.+?):", exc.diag.context or "")
+    at = f" (row {where[1]} of the chunk, column {where[2]})" if where else ""
+    return (
+        f"chunk {job.describe} holds a value the target column cannot take: {exc.diag.message_primary}"
+        f"{at}; fix the source value, or cast or filter it in the mapping, or alter the column of "
+        f"{job.target_schema}.{job.target.name}"
+    )
 
 
 def _rejection(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, str]]) -> str:

@@ -136,8 +136,20 @@ def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays
         if type(op) in _COMPARE:
             return pc.call_function(_COMPARE[type(op)], [left, _eval(right, batch)])
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-        return pc.call_function(node.func.id, [_eval(arg, batch) for arg in node.args])
+        return pc.call_function(_function(node.func.id), [_eval(arg, batch) for arg in node.args])
     raise UserError(f"unsupported mapping expression part: {ast.unparse(node)!r}; see docs/bulk_migrate.md")
+
+
+def _function(name: str) -> str:
+    """``name`` if pyarrow.compute has that function: a typo is a user error, not a KeyError."""
+    try:
+        pc.get_function(name)
+    except pa.ArrowKeyError:
+        raise UserError(
+            f"mapping expression calls unknown function {name!r}; use a pyarrow.compute function "
+            "name such as utf8_upper, round or coalesce"
+        ) from None
+    return name
 
 
 def _literal(node: ast.AST) -> Any:  # noqa: ANN401 - any literal
@@ -191,9 +203,14 @@ def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
     source_names = [c.name for c in info.columns if not c.generated]
     renamed = [mapping.rename.get(n, n) for n in source_names]
     unknown = [n for n in mapping.rename if n not in source_names]
+    unknown += [n for n in mapping.cast if n not in renamed]
+    unknown += [n for n in mapping.types if n not in mapping.compute]
     unknown += [n for n in mapping.drop if n not in renamed and n not in mapping.compute]
     if unknown:
-        raise UserError(f"mapping for {info.qualified} names unknown columns {unknown}; check rename/drop")
+        raise UserError(
+            f"mapping for {info.qualified} names unknown columns {unknown}; check rename/cast/types/drop "
+            f"(cast, types and drop use the renamed names; columns: {renamed})"
+        )
     columns = [
         Column(name, mapping.cast.get(name, c.pg_type), c.not_null)
         for c, name in zip((c for c in info.columns if not c.generated), renamed, strict=True)
@@ -201,6 +218,8 @@ def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
     schema = info.arrow_schema()
     empty = pa.RecordBatch.from_arrays([pa.array([], t) for t in schema.types], schema=schema)
     empty = apply_mapping(empty, mapping.model_copy(update={"filter": None, "drop": []}))
+    if mapping.filter:  # a typo in the filter fails here, once, not in every chunk
+        evaluate(mapping.filter, empty)
     for name in mapping.compute:
         pg_type = mapping.types.get(name) or arrow_to_pg(empty.schema.field(name).type)
         columns.append(Column(name, pg_type))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo
+from tasks.bulk_sources import Column, TableInfo
 from tasks.db import connection, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
@@ -104,6 +104,8 @@ def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo)
     """``CREATE TABLE`` with the mapped column types (constraints come after the load)."""
     if not table.columns:
         raise UserError(f"source table {table.qualified} has no columns; nothing to create")
+    for column in table.columns:
+        _check_type(conn, table.name, column)
     columns = sql.SQL(", ").join(
         sql.SQL("{} {}{}").format(
             sql.Identifier(c.name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.not_null else "")
@@ -116,6 +118,25 @@ def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo)
             sql.Identifier(schema), sql.Identifier(table.name), columns
         )
     )
+
+
+def _check_type(conn: psycopg.Connection, table: str, column: Column) -> None:
+    """Refuse a column type the target does not know, before it is spliced into ``CREATE TABLE``.
+
+    Types come from mappings (``cast``, ``types``) as SQL text that no ``Identifier`` can quote
+    (``numeric(10,2)``, ``double precision``): PostgreSQL's own type-name parser vets each one,
+    so a typo is a one-line error and anything but a type name never reaches the DDL.
+    """
+    try:
+        with conn.transaction():
+            known = one_row(conn, "SELECT to_regtype(%s) IS NOT NULL", (column.pg_type,))[0]
+    except psycopg.errors.SyntaxError:
+        known = False
+    if not known:
+        raise UserError(
+            f"column {table}.{column.name} has type {column.pg_type!r}, which the target does not know; "
+            "fix the type in the mapping (cast/types), e.g. bigint, double precision, numeric(12,2), text"
+        )
 
 
 def truncate(conn: psycopg.Connection, tables: Sequence[sql.Identifier]) -> None:

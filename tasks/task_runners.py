@@ -22,17 +22,30 @@ def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
     return cast("TaskRunner[PrefectFuture[Any]]", ThreadPoolTaskRunner(max_workers=max_workers))
 
 
+def check_task_runner(kind: str, max_workers: int) -> None:
+    """Refuse an unknown runner or a pool of fewer than one worker as a one-line user error.
+
+    Flows call it with their other parameter checks, before they change anything: the runner
+    itself is built later, once the work is planned.
+    """
+    if kind not in ("threads", "dask"):
+        raise UserError(f"unknown task runner {kind!r}; use 'threads' or 'dask'")
+    if max_workers < 1:
+        raise UserError(
+            f"parallelism must be at least 1, got {max_workers}; leave it unset for FLOWYARD_MAX_WORKERS"
+        )
+
+
 def build_task_runner(kind: str, max_workers: int, dask_address: str | None = None) -> TaskRunner:
     """``threads``: a bounded thread pool. ``dask``: prefect-dask, on ``dask_address`` or a local
     cluster of one process with ``max_workers`` threads."""
+    check_task_runner(kind, max_workers)
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=max_workers)
-    if kind == "dask":
-        from prefect_dask import DaskTaskRunner
+    from prefect_dask import DaskTaskRunner
 
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(
-            cluster_kwargs={"n_workers": 1, "threads_per_worker": max_workers, "processes": False}
-        )
-    raise UserError(f"unknown task runner {kind!r}; use 'threads' or 'dask'")
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": 1, "threads_per_worker": max_workers, "processes": False}
+    )

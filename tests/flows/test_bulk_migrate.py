@@ -485,3 +485,29 @@ def test_dask_runner_by_configuration(fresh_db, target_db):
     assert report["tables"][0]["rows"] == 500
     with pytest.raises(UserError, match="unknown task runner"):
         bulk_migrate(fresh_db, target_db, task_runner="spark", restart=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"parallelism": -1}, "parallelism must be at least 1"), ({"task_runner": "spark"}, "unknown task runner")],
+)
+def test_bad_runner_parameters_fail_before_the_target_is_emptied(fresh_db, target_db, options, message):
+    """Checked with the other parameters: a negative parallelism used to be a raw ValueError, and
+    both used to surface only after the new plan had emptied the target tables."""
+    _exec(fresh_db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 50)")
+    bulk_migrate(fresh_db, target_db, validate=["count"])
+    with pytest.raises(UserError, match=message):
+        bulk_migrate(fresh_db, target_db, validate=["count"], restart=True, **options)
+    assert _fetch(target_db, "SELECT count(*) FROM t") == [(50,)]
+
+
+def test_source_value_the_target_type_rejects_names_table_row_and_column(target_db, tmp_path):
+    """A text value that the column's type cannot parse fails at the staging COPY: the error used
+    to be PostgreSQL's bare 'invalid input syntax', naming neither the table nor a fix."""
+    path = tmp_path / "legacy.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE prices (id INTEGER PRIMARY KEY, amount NUMERIC)")
+        db.executemany("INSERT INTO prices VALUES (?, ?)", [(1, 2.5), (2, "n/a"), (3, 4)])
+    with pytest.raises(UserError, match=r"chunk prices rowid\[,\) holds a value") as err:
+        bulk_migrate(f"sqlite:///{path}", target_db)
+    assert "row 2 of the chunk, column amount" in str(err.value) and "\n" not in str(err.value)

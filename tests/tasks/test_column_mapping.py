@@ -107,3 +107,21 @@ def test_untouched_columns_are_those_no_cast_or_expression_reads():
     assert mapping.untouched(["id", "user_id", "kind", "amount"]) == {"id"}
     only_rename = parse_mapping({"events": {"rename": {"user_id": "account_id"}}})["events"]
     assert only_rename.untouched(["id", "user_id"]) == {"id", "user_id"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"compute": {"c": "nosuchfn(amount)"}}, "unknown function 'nosuchfn'"),
+        ({"cast": {"amnt": "double precision"}}, r"unknown columns \['amnt'\]"),
+        ({"rename": {"amount": "total"}, "cast": {"amount": "bigint"}}, r"unknown columns \['amount'\]"),
+        ({"compute": {"c": "amount * 2"}, "types": {"d": "bigint"}}, r"unknown columns \['d'\]"),
+        ({"filter": "knd != 'debug'"}, "unknown column 'knd'"),
+    ],
+)
+def test_mapping_typos_fail_once_when_the_table_is_planned(spec, message):
+    """Misspelt functions, cast/types columns and filter names are one-line errors before any
+    chunk runs, not a traceback (unknown function) or a silently ignored entry (cast, types)."""
+    with pytest.raises(UserError, match=message) as err:
+        mapped_table(INFO, parse_mapping({"events": spec})["events"])
+    assert "\n" not in str(err.value)

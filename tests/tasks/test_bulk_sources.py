@@ -1,0 +1,54 @@
+"""Bulk-copy sources read from real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from tasks.bulk_sources import file_describe, file_row_count, sqlite_batches, sqlite_connect, sqlite_describe
+from tasks.chunk_plan import Chunk
+from tasks.errors import UserError
+
+WHOLE = Chunk(0, "rowid", None, None)
+
+
+def _read(url: str, table: str) -> list[dict[str, object]]:
+    with sqlite_connect(url) as conn:
+        info = sqlite_describe(conn, table)
+    return [row for batch in sqlite_batches(url, info, WHOLE) for row in batch.to_pylist()]
+
+
+def test_sqlite_numeric_boolean_and_untyped_columns_holding_numbers_read_as_text(tmp_path):
+    """SQLite keeps integers and reals in NUMERIC, BOOLEAN, DATETIME and untyped columns; they
+    are read as PostgreSQL input text (BLOBs as bytea hex) instead of failing the chunk."""
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    with sqlite3.connect(tmp_path / "legacy.db") as db:
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, price NUMERIC, flag BOOLEAN, at DATETIME, misc)")
+        db.executemany(
+            "INSERT INTO t VALUES (?, ?, ?, ?, ?)",
+            [(1, 2.5, 1, 1700000000, "x"), (2, 3, 0, "2024-01-01 00:00:00", b"\x01\xff"), (3, None, None, None, 7)],
+        )
+    assert _read(url, "t") == [
+        {"id": 1, "price": "2.5", "flag": "1", "at": "1700000000", "misc": "x"},
+        {"id": 2, "price": "3", "flag": "0", "at": "2024-01-01 00:00:00", "misc": "\\x01ff"},
+        {"id": 3, "price": None, "flag": None, "at": None, "misc": "7"},
+    ]
+
+
+def test_sqlite_value_that_does_not_fit_an_integer_column_names_the_column(tmp_path):
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    with sqlite3.connect(tmp_path / "legacy.db") as db:
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, n INT)")
+        db.execute("INSERT INTO t VALUES (1, 'notanint')")
+    with pytest.raises(UserError, match=r"SQLite column t\.n holds a value") as err:
+        _read(url, "t")
+    assert "\n" not in str(err.value)
+
+
+def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
+    """It used to describe as a table without columns, which the copy refused to create."""
+    (tmp_path / "plans.csv").write_text("id,name\n")
+    info = file_describe(tmp_path / "plans.csv")
+    assert [c.name for c in info.columns] == ["id", "name"]
+    assert file_row_count(tmp_path / "plans.csv") == 0
