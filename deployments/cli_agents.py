@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks import agent_queue as queue
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 
 app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
 
@@ -209,7 +209,7 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
         config = yaml.safe_load(agents_file.read_text()) or {}
         templates_from(config)
     except Exception as exc:
-        reason = str(exc).splitlines()[0]
+        reason = first_line(exc)
         raise UserError(f"{agents_file} is not a valid agent template file ({reason})") from None
     return config
 

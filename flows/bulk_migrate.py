@@ -42,7 +42,7 @@ from tasks.column_mapping import parse_mapping
 from tasks.copy_pipe import normalize_session
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
 from tasks.db import connection, mask_url
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.integrity import foreign_key_orphans, invalid_indexes
 from tasks.retry_policy import retry_transient
 from tasks.settings import get_settings
@@ -227,7 +227,7 @@ def run_chunks(
             state = future.state
             if not state.is_completed():
                 error = state.result(raise_on_failure=False) or state.message or state.name
-                failures[position[id(future)]] = str(error).splitlines()[0]
+                failures[position[id(future)]] = first_line(str(error))
                 continue
             checkpoint = future.result()
             done.setdefault(checkpoint.table, []).append(checkpoint)

@@ -26,7 +26,7 @@ from psycopg import sql
 
 from tasks.copy_pipe import normalize_session, read_csv_batches
 from tasks.db import connection, one_row, validate_postgres_url
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow, sqlite_to_pg
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ def _sqlite_array(table: str, field: pa.Field, values: Sequence[object]) -> pa.A
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
         raise UserError(
             f"SQLite column {table}.{field.name} holds a value that does not fit its declared type "
-            f"({str(exc).splitlines()[0]}); fix the value in the SQLite file or declare the column's "
+            f"({first_line(exc)}); fix the value in the SQLite file or declare the column's "
             "type to match its values"
         ) from None
 
@@ -268,7 +268,7 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
             for start in range(0, len(records), BATCH_ROWS):
                 yield pa.RecordBatch.from_pylist(records[start : start + BATCH_ROWS])
     except (pa.ArrowInvalid, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
+        raise UserError(f"cannot parse {path}: {first_line(exc)}; fix the file") from None
 
 
 def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
@@ -286,7 +286,7 @@ def file_describe(path: Path) -> TableInfo:
         try:
             schema = _open_csv(path).schema
         except pa.ArrowInvalid as exc:
-            raise UserError(f"cannot parse {path}: {str(exc).splitlines()[0]}; fix the file") from None
+            raise UserError(f"cannot parse {path}: {first_line(exc)}; fix the file") from None
     else:
         first = next(file_batches(path), None)
         schema = first.schema if first is not None else pa.schema([])

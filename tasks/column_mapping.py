@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.bulk_sources import Column, TableInfo
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow
 
 
@@ -103,7 +103,7 @@ def evaluate(expression: str, batch: pa.RecordBatch) -> pa.Array | pa.Scalar:
     except SyntaxError as exc:
         raise UserError(f"cannot parse mapping expression {expression!r}: {exc.msg}") from None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise UserError(f"mapping expression {expression!r} failed: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"mapping expression {expression!r} failed: {first_line(exc)}") from None
 
 
 def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays or scalars
@@ -165,7 +165,7 @@ def _cast(array: pa.Array, pg_type: str, column: str) -> pa.Array:
     try:
         return pc.cast(array, pg_to_arrow(pg_type))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise UserError(f"cannot cast column {column!r} to {pg_type}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot cast column {column!r} to {pg_type}: {first_line(exc)}") from None
 
 
 def apply_mapping(batch: pa.RecordBatch, mapping: TableMapping | None) -> pa.RecordBatch:
