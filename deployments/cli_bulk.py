@@ -96,6 +96,13 @@ def copy(
         str | None, typer.Option(help="Incremental cursor column (default: the key).")
     ] = None,
     task_runner: Annotated[str, typer.Option(help="threads | dask")] = "threads",
+    dask_address: Annotated[
+        str | None, typer.Option(help="Dask scheduler for --task-runner dask (default: a local cluster).")
+    ] = None,
+    target_schema: Annotated[
+        str, typer.Option(help="Schema for SQLite and file tables (PostgreSQL tables keep theirs).")
+    ] = "public",
+    sample_rows: Annotated[int, typer.Option(help="Rows compared one by one by the sample check.")] = 100,
 ) -> None:
     """Copy tables exactly once with checkpoints; resumes where a crashed run stopped."""
     from deployments.runtime import prepare_flow_run
@@ -125,6 +132,9 @@ def copy(
             restart=restart,
             cursor_column=cursor_column,
             task_runner=task_runner,
+            dask_address=dask_address,
+            target_schema=target_schema,
+            sample_rows=sample_rows,
             chunk_rows=DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows,
         )
     finally:

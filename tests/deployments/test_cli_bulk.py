@@ -34,13 +34,15 @@ def test_cli_copies_files_with_a_mapping_file_and_reports(fresh_db, tmp_path):
         str(mapping),
         "--chunk-rows",
         "300",
+        "--target-schema",
+        "reference",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     purchases = sum(
         1 for line in (BULK_DEMO_ASSETS / "events.csv").read_text().splitlines() if ",purchase," in line
     )
-    assert f"public.events: {purchases:,} rows" in result.stdout
-    assert _one(fresh_db, "SELECT count(*), count(*) FILTER (WHERE kind <> 'purchase') FROM events") == (
+    assert f"reference.events: {purchases:,} rows" in result.stdout
+    assert _one(fresh_db, "SELECT count(*), count(*) FILTER (WHERE kind <> 'purchase') FROM reference.events") == (
         purchases,
         0,
     )
