@@ -56,7 +56,12 @@ class AgentSetup:
 
 
 class AgentFailed(Exception):
-    """An attempt failed or timed out; Prefect retries it, resuming from the last checkpoint."""
+    """An attempt failed or timed out; Prefect retries it, resuming from the last checkpoint,
+    unless the agent said the error is not retryable."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class TaskLog:
@@ -237,8 +242,10 @@ def _result_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 def _retryable(task: Any, task_run: Any, state: Any) -> bool:
-    """Agent failures are retried; configuration errors (UserError) are not."""
-    return not isinstance(state.data, UserError)
+    """Agent failures are retried; configuration errors (UserError) and errors the agent itself
+    marked ``"retryable": false`` are not."""
+    error = state.data
+    return not isinstance(error, UserError) and not (isinstance(error, AgentFailed) and not error.retryable)
 
 
 @task(
@@ -311,7 +318,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             current.reaper.unwatch(process.pgid)
         current.remove(task_id)
     if outcome.outcome in ("failed", "timeout"):
-        raise AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}")
+        raise AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}", retryable=outcome.retryable)
     return {
         "task_id": task_id,
         "attempt": attempt,

@@ -153,6 +153,8 @@ class AgentOutcome:
     checkpoint: dict[str, Any] | None = None
     killed: bool = False
     stderr_tail: list[str] = field(default_factory=list)
+    retryable: bool = True
+    """False when the agent reported an error with ``"retryable": false``: another attempt would fail alike."""
 
 
 @dataclass(frozen=True)
@@ -339,6 +341,7 @@ class AgentProcess:
             state.result = message.data
         elif isinstance(message, ErrorMessage):
             state.errors.append(message.message)
+            state.retryable = state.retryable and message.retryable
         self._on_message("stdout", message)
         if isinstance(message, CheckpointMessage):
             self._checkpoint_seen.set()
@@ -362,10 +365,11 @@ class AgentProcess:
             "failed",
             exit_code,
             state.result,
-            f"agent exited {_exit_text(exit_code)}: {detail}",
+            f"agent exited {_exit_text(exit_code)}: {detail}" + ("" if state.retryable else " (not retryable)"),
             state.checkpoint,
             False,
             tail,
+            state.retryable,
         )
 
     def _stop_group_leftovers(self) -> None:
@@ -385,6 +389,7 @@ class _RunState:
     checkpoint: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     errors: list[str] = field(default_factory=list)
+    retryable: bool = True
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
 
 

@@ -136,9 +136,11 @@ def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: st
     assert summary["blocked"] == {child: f"not run: dependency #{bad} 'bad' is failed"}
     task = queue.get_task(qdb, child)
     assert task.status == "pending" and task.attempts == 0 and "'bad' is failed" in task.blocked_reason
-    assert "cannot reach repo" in queue.get_task(qdb, bad).error
+    assert "cannot reach repo (not retryable)" in queue.get_task(qdb, bad).error
+    # The reference agent reports this error as not retryable: one attempt, despite retries=1.
+    assert queue.get_task(qdb, bad).attempts == 1
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
-    assert metrics["reference"]["tasks_failed"] == 2 and metrics["reference"]["error_rate"] == 1.0
+    assert metrics["reference"]["tasks_failed"] == 1 and metrics["reference"]["error_rate"] == 1.0
 
 
 def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: str) -> None:
