@@ -64,8 +64,14 @@ def configure(
     device_id: Annotated[
         str | None, typer.Option(help="Device id for --add-store (default: file name).")
     ] = None,
-    user_id: Annotated[str, typer.Option(help="User id stamped on the store's events.")] = "unknown",
-    project_id: Annotated[str, typer.Option(help="Project id stamped on the store's events.")] = "default",
+    user_id: Annotated[
+        str | None,
+        typer.Option(help="User id stamped on the store's events (default: the device's, else 'unknown')."),
+    ] = None,
+    project_id: Annotated[
+        str | None,
+        typer.Option(help="Project id stamped on the store's events (default: the device's, else 'default')."),
+    ] = None,
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
@@ -92,7 +98,14 @@ def configure(
     )
     typer.echo("configuration saved")
     if add_store is not None:
-        identity = device_store.Identity(device_id or add_store.stem, user_id, project_id)
+        device = device_id or add_store.stem
+        # Re-pointing a known device keeps the user and project it has unless they are given.
+        known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
+        identity = device_store.Identity(
+            device,
+            user_id or (known.user_id if known else "unknown"),
+            project_id or (known.project_id if known else "default"),
+        )
         sync_state.register_device(state, add_store, identity)
         typer.echo(f"added device {identity.device_id}: {add_store.resolve()}")
     if remove_store is not None:

@@ -178,3 +178,17 @@ def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     )
     assert str(typo) not in {d.store_path for d in sync_state.list_devices(state_db)}
     assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+
+
+def test_re_adding_a_device_keeps_its_user_and_project(state_db: str, tmp_path: Path) -> None:
+    first, moved = make_store(tmp_path / "first.db", 3), make_store(tmp_path / "moved.db", 3)
+    added = run_cli("sync", "configure", "--add-store", str(first), "--device-id", "kept",
+                    "--user-id", "dana", "--project-id", "apollo")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    try:
+        moved_out = run_cli("sync", "configure", "--add-store", str(moved), "--device-id", "kept")
+        assert moved_out.returncode == 0, moved_out.stderr
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "kept"]
+        assert (device.store_path, device.user_id, device.project_id) == (str(moved.resolve()), "dana", "apollo")
+    finally:
+        sync_state.remove_device(state_db, "kept")
