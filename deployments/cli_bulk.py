@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from tasks.db import connection, mask_url, one_row
+from tasks.db import connection, mask_url, one_row, resolve_url
 from tasks.errors import UserError, first_line
 
 app = typer.Typer(
@@ -153,12 +153,20 @@ def status(target: Target = None) -> None:
     from tasks.chunk_checkpoint import latest_run_progress
     from tasks.state import state_url
 
-    with connection(state_url(target)) as conn:
-        progress = latest_run_progress(conn)
-        if progress is None:
-            typer.echo("no bulk runs on this target")
-            return
-        run_status = one_row(conn, "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s", (progress.run_key,))[0]
+    url = resolve_url(target)
+    with connection(url) as conn:  # a look must not create flowyard's schema in someone's database
+        recorded = one_row(conn, "SELECT to_regclass('flowyard.bulk_runs') IS NOT NULL")[0]
+    progress = None
+    if recorded:
+        with connection(state_url(url)) as conn:
+            progress = latest_run_progress(conn)
+            if progress is not None:
+                run_status = one_row(
+                    conn, "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s", (progress.run_key,)
+                )[0]
+    if progress is None:
+        typer.echo("no bulk runs on this target")
+        return
     typer.echo(
         f"run {progress.run_key} ({run_status}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
         f"{progress.rows_done:,} rows"

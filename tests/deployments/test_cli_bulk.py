@@ -77,3 +77,10 @@ def test_demo_step_parameters_load_the_shipped_assets(fresh_db):
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     entry = next(d for d in deployments if d["name"] == "bulk-migrate")
     assert entry["entrypoint"] == "flows/bulk_migrate.py:bulk_migrate" and entry["parameters"]["source_url"]
+
+
+def test_status_of_a_database_without_runs_leaves_it_untouched(fresh_db):
+    status = run_cli("bulk", "status", "--target", fresh_db)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.strip() == "no bulk runs on this target"
+    assert _one(fresh_db, "SELECT to_regnamespace('flowyard')") == (None,)
