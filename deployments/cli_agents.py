@@ -190,9 +190,10 @@ def run(
     )
     for task_id, outcome in sorted(summary["outcomes"].items()):
         typer.echo(f"task {task_id}: {outcome}")
-    for task_id, reason in sorted(summary["blocked"].items()):
+    unrun = {**summary["blocked"], **summary["waiting"]}
+    for task_id, reason in sorted(unrun.items()):
         typer.echo(f"task {task_id}: {reason}")
-    if not summary["outcomes"] and not summary["blocked"]:
+    if not summary["outcomes"] and not unrun:
         typer.echo("no ready tasks")
 
 

@@ -73,7 +73,7 @@ def run_agent_queue(
             room = max_agents - len(running)
             if max_tasks is not None:
                 room = min(room, max_tasks - claimed)
-            for task in queue.claim_ready(url, setup.worker, room):
+            for task in queue.claim_ready(url, setup.worker, room, setup.templates):
                 claimed += 1
                 agents_fleet.claimed(task)
                 running[task.id] = runner.submit(
@@ -90,20 +90,23 @@ def run_agent_queue(
                 finished[task_id] = running.pop(task_id)
                 outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
     blocked = queue.blocked_by_failure(url)
-    for task_id, reason in blocked.items():
+    waiting = queue.waiting_for_agents(url, setup.templates)
+    for task_id, reason in {**blocked, **waiting}.items():
         logger.warning("task %s %s", task_id, reason)
     metrics = agent_metrics(url)
     if outcomes or recovered:  # an idle scheduled drain adds no artifact versions
         publish_metrics(metrics)
         create_table_artifact(
             table=[{"task_id": t, "outcome": o} for t, o in sorted(outcomes.items())]
-            + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())],
+            + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())]
+            + [{"task_id": t, "outcome": r} for t, r in sorted(waiting.items())],
             key="agent-queue-run",
             description="Tasks this run of the agent queue executed, and tasks it could not run",
         )
     return {
         "outcomes": outcomes,
         "blocked": blocked,
+        "waiting": waiting,
         "recovered": recovered,
         "metrics": metrics_table(metrics),
     }

@@ -270,12 +270,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     setup = current.setup
     url = setup.database_url
     row = current.tasks[task_id]
-    template = setup.templates.get(row.agent_type)
-    if template is None:
-        raise UserError(
-            f"task {task_id} needs agent type {row.agent_type!r} but only {sorted(setup.templates)} are "
-            "configured; pass an `agents` template for it"
-        )
+    template = setup.templates[row.agent_type]  # claims take only the types this fleet has
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
     started = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
     attempt, run_id = started.number, started.run_id

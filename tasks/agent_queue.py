@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -285,8 +285,14 @@ def approve_task(url: str, task_id: int) -> None:
     _transition(url, task_id, ("review",), "completed", "approve", reset=False)
 
 
-def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
+def claim_ready(
+    url: str, worker: str, limit: int, agent_types: Collection[str] | None = None
+) -> list[AgentTask]:
     """Claim up to ``limit`` ready tasks, highest priority first, oldest first within a priority.
+
+    With ``agent_types``, only tasks of those types: a worker never takes a task it has no
+    agent for (the scheduled drain has the built-in types only; a ``queue run`` with an
+    agents file serves the rest).
 
     ``FOR UPDATE SKIP LOCKED`` makes concurrent claimers skip each other's rows; a row
     another worker claimed and committed no longer matches ``status = 'pending'`` on
@@ -295,6 +301,7 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
     """
     if limit <= 0:
         return []
+    types = None if agent_types is None else list(agent_types)
     with _connection(url) as conn:
         rows = conn.cursor(row_factory=dict_row).execute(
             sql.SQL(
@@ -302,6 +309,7 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
                 WITH ready AS (
                     SELECT t.id FROM flowyard.agent_tasks t
                      WHERE t.status = 'pending'
+                       AND (%s::text[] IS NULL OR t.agent_type = ANY(%s::text[]))
                        AND NOT EXISTS (
                            SELECT 1 FROM flowyard.agent_task_blocks b
                              JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
@@ -319,9 +327,28 @@ def claim_ready(url: str, worker: str, limit: int) -> list[AgentTask]:
                 SELECT {columns} FROM claimed t ORDER BY t.priority_rank, t.id
                 """
             ).format(columns=_TASK_COLUMNS),
-            (limit, worker),
+            (types, types, limit, worker),
         ).fetchall()
     return [_task(r) for r in rows]
+
+
+def waiting_for_agents(url: str, agent_types: Collection[str]) -> dict[int, str]:
+    """Pending tasks of agent types outside ``agent_types``, which this worker left for another.
+
+    Returns {task id: reason}, so a drain that skipped them says why instead of going quiet.
+    """
+    with _connection(url) as conn:
+        rows = conn.execute(
+            "SELECT id, agent_type FROM flowyard.agent_tasks "
+            "WHERE status = 'pending' AND NOT agent_type = ANY(%s::text[]) ORDER BY id",
+            (list(agent_types),),
+        ).fetchall()
+    known = ", ".join(sorted(agent_types))
+    return {
+        int(task_id): f"waiting: no {agent_type!r} agent in this run (it has {known}); "
+        "run `flowyard queue run --agents-file FILE` with one"
+        for task_id, agent_type in rows
+    }
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import pytest
 
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks.agent_process import DEFAULT_TEMPLATES
 from tasks.db import connection
 from tasks.process_group import group_members
 from tasks.state import state_url
@@ -149,6 +150,18 @@ def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: s
     assert "outside the agent output directory" in summary["outcomes"][task_id]
     task = queue.get_task(qdb, task_id)
     assert task.status == "failed" and task.attempts == 0
+
+
+def test_a_drain_without_the_tasks_agent_type_leaves_it_for_one_that_has_it(tmp_path: Path, qdb: str) -> None:
+    """The scheduled drain knows only the built-in agents: it must not fail a task of another type."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="custom", agent_type="coder", payload={"steps": 1}))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert task_id not in summary["outcomes"] and "no 'coder' agent" in summary["waiting"][task_id]
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "pending" and task.attempts == 0
+    coder = DEFAULT_TEMPLATES["reference"].model_dump()
+    summary = run_agent_queue(max_agents=1, agents={"coder": coder}, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][task_id] == "completed" and summary["waiting"] == {}
 
 
 def test_an_agent_that_cannot_start_fails_its_attempt_at_once(tmp_path: Path, qdb: str) -> None:

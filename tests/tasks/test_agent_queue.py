@@ -29,6 +29,17 @@ def _new(
     return queue.NewTask(title=title, agent_type="reference", priority=priority, blocked_by=blocked_by, **kw)  # type: ignore[arg-type]
 
 
+def test_a_worker_claims_only_the_agent_types_it_has(qdb: str) -> None:
+    custom = queue.create_task(qdb, queue.NewTask(title="custom", agent_type="coder", priority="critical"))
+    plain = queue.create_task(qdb, _new("plain"))
+    assert [t.id for t in queue.claim_ready(qdb, "w1", 10, ["reference"])] == [plain]
+    assert queue.get_task(qdb, custom).status == "pending"
+    waiting = queue.waiting_for_agents(qdb, ["reference"])
+    assert list(waiting) == [custom] and "no 'coder' agent in this run" in waiting[custom]
+    assert [t.id for t in queue.claim_ready(qdb, "w2", 10, ["reference", "coder"])] == [custom]
+    assert queue.waiting_for_agents(qdb, ["reference"]) == {}
+
+
 def test_claims_follow_priority_then_age_and_only_ready_tasks(qdb: str) -> None:
     low = queue.create_task(qdb, _new("low", "low"))
     first = queue.create_task(qdb, _new("first"))
@@ -114,7 +125,10 @@ def test_two_worker_processes_never_claim_the_same_task(qdb: str) -> None:
     }
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _CLAIMER, qdb, f"w{n}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", _CLAIMER, qdb, f"w{n}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for n in range(2)
     ]
