@@ -1,16 +1,19 @@
 """The ``flowyard`` command line.
 
 Each pipeline adds a sub-command group from its own ``deployments/cli_<name>.py`` module.
-A :class:`~tasks.errors.UserError` anywhere becomes one line on stderr and exit code 2.
+A :class:`~tasks.errors.UserError` anywhere, and any usage error (unknown command or option, a
+value of the wrong type or out of range), becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click, exports neither
 
-from tasks.errors import exit_on_user_error
+from tasks.errors import UserError, exit_on_user_error
 from tasks.prefect_runtime import use_flowyard_api
 from tasks.settings import get_settings
 
@@ -100,7 +103,27 @@ def _run() -> None:
     # (SQLite) server, whatever a command imports first. Inside the user-error guard: bad
     # settings (e.g. FLOWYARD_DATABASE_URL) are one line, like every other user error.
     use_flowyard_api(get_settings())
-    app()
+    try:
+        code = app(prog_name="flowyard", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        exc.show()  # the help the bare group prints is what was asked for, not an error
+        sys.exit(exc.exit_code)
+    except UsageError as exc:
+        raise UserError(usage_error_line(exc)) from None
+    except typer.Abort:
+        code = 130
+    if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into Exit(130)
+        print("flowyard: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def usage_error_line(exc: UsageError) -> str:
+    """Click's usage error as one line: what is wrong, and where the usage is (click prints a
+    usage block and a boxed message, five lines or more)."""
+    command = exc.ctx.command_path if exc.ctx is not None else "flowyard"
+    message = " ".join(exc.format_message().split())
+    return f"{message} (see '{command} --help')"
 
 
 def main() -> None:

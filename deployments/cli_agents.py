@@ -168,7 +168,8 @@ def run(
     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run)."""
+    """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run).
+    Exits 1 when a task failed or is blocked by a failed dependency."""
     from deployments.runtime import prepare_flow_run
     from tasks.agent_process import AgentLimits
     from tasks.settings import get_settings
@@ -195,6 +196,21 @@ def run(
         typer.echo(f"task {task_id}: {reason}")
     if not summary["outcomes"] and not unrun:
         typer.echo("no ready tasks")
+    failed = [t for t, o in sorted(summary["outcomes"].items()) if o.startswith("failed")]
+    if failed or summary["blocked"]:
+        # a script or CI job draining the queue must see that work failed, as with make or pytest
+        typer.echo(f"flowyard: {_unfinished(failed, sorted(summary['blocked']))}", err=True)
+        raise typer.Exit(1)
+
+
+def _unfinished(failed: list[int], blocked: list[int]) -> str:
+    def ids(tasks: list[int]) -> str:
+        return ", ".join(map(str, tasks))
+
+    parts = [f"{len(failed)} task(s) failed ({ids(failed)})"] if failed else []
+    if blocked:
+        parts.append(f"{len(blocked)} blocked by a failed dependency ({ids(blocked)})")
+    return "; ".join(parts) + ": see <logs dir>/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
 
 
 def _agents(agents_file: Path | None) -> dict[str, Any] | None:

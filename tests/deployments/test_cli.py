@@ -65,7 +65,23 @@ def test_missing_prefect_yaml_is_one_line(tmp_path):
     assert result.stderr.strip().endswith("not found; run from the flowyard project directory")
 
 
-@pytest.mark.parametrize("args", [["no-such-command"], ["up", "--no-such-flag"]])
-def test_usage_errors_exit_non_zero(args):
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["queu"], "No such command 'queu'. Did you mean 'queue'? (see 'flowyard --help')"),
+        (["up", "--no-such-flag"], "No such option: --no-such-flag (see 'flowyard up --help')"),
+        (["queue", "create"], "Missing argument 'title'. (see 'flowyard queue create --help')"),
+        (["bulk", "copy", "--parallelism", "two", "src.db"], "Invalid value for '--parallelism'"),
+        (["sync", "trigger", "--batch-size", "0"], "'--batch-size': Input should be greater than or equal to 1"),
+    ],
+)
+def test_usage_errors_are_one_line(args, expected):
+    """Click would print a usage block and a boxed message; the user gets one line and exit 2."""
     result = run_cli(*args)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == "", result.stderr
+    _assert_one_line_error(result, expected)
+
+
+def test_bare_command_still_prints_help():
+    result = run_cli()
+    assert "Usage: flowyard" in result.stdout + result.stderr and "error" not in result.stderr

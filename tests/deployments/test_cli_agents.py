@@ -49,6 +49,22 @@ def test_create_list_run_metrics_cancel_retry(env: dict[str, str], tmp_path) -> 
     assert f"{draft:>5}  pending" in _ok("list", env=env)
 
 
+@pytest.mark.usefixtures("prefect_api")
+def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> None:
+    """A script draining the queue must see failures: exit 1, one line naming the tasks."""
+    failing = int(_ok("create", "doomed", "--payload", '{"fail": "disk full"}', env=env))
+    dependent = int(_ok("create", "after it", "--after", str(failing), env=env))
+    fine = int(_ok("create", "independent", env=env))
+    result = run_cli("queue", "run", "--output-dir", str(tmp_path), env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"task {failing}: failed" in result.stdout and f"task {fine}: completed" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"flowyard: 1 task(s) failed ({failing}); 1 blocked by a failed dependency ({dependent}):"
+        " see <logs dir>/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert "unknown priority 'urgent'" in _user_error("create", "x", "--priority", "urgent", env=env)
     assert "outside the agent output directory" in _user_error(
