@@ -89,13 +89,14 @@ class TaskLog:
         with self._lock:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-        self._logger.log(*_log_line(self._task_id, stream, message))
+        self._logger.log(*run_log_line(self._task_id, stream, message))
 
     def close(self) -> None:
         self._file.close()
 
 
-def _log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
+def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
+    """How one agent message reads in the Prefect run log: its level and its line."""
     prefix = f"[task {task_id} {stream}]"
     if isinstance(message, CheckpointMessage):
         return logging.INFO, f"{prefix} checkpoint {json.dumps(message.state)[:200]}"

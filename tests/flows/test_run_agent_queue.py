@@ -21,7 +21,9 @@ import pytest
 
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks.agent_execution import run_log_line
 from tasks.agent_process import DEFAULT_TEMPLATES
+from tasks.agent_protocol import parse_line
 from tasks.db import connection
 from tasks.process_group import group_members
 from tasks.state import state_url
@@ -85,6 +87,45 @@ def test_dependencies_run_in_dag_order_and_logs_are_written(
     assert _digest(d, 2) in str(found[f"reference-agent-{d}"].data)
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
     assert metrics["reference"]["tasks_completed"] == 5 and metrics["reference"]["error_rate"] == 0.0
+
+
+@contextmanager
+def _run_logs_at_info() -> Iterator[None]:
+    """The tests run Prefect at WARNING; agent output reaches the run log at INFO, as under
+    ``flowyard up``."""
+    import logging
+
+    task_runs = logging.getLogger("prefect.task_runs")
+    previous = task_runs.level
+    task_runs.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        task_runs.setLevel(previous)
+
+
+def test_every_agent_message_reaches_the_prefect_run_log(tmp_path: Path, qdb: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    ids = [queue.create_task(qdb, _new(f"logged {i}", {"steps": 2, "sleep": 0.1})) for i in range(2)]
+    with _run_logs_at_info():
+        state = run_agent_queue(max_agents=2, return_state=True, **_kw(tmp_path, qdb))
+        APILogWorker.drain_all(timeout=30)
+    assert set(state.result()["outcomes"].values()) == {"completed"}
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        run_log = "\n".join(record.message for record in client.read_logs(log_filter=log_filter))
+    for task_id in ids:
+        messages = [
+            json.loads(line) for line in (tmp_path / "agents" / "logs" / f"{task_id}.jsonl").read_text().splitlines()
+        ]
+        assert [m["kind"] for m in messages].count("checkpoint") == 2
+        for m in messages:  # every line of the file is in the run log, as its task and stream show it
+            fields = {k: v for k, v in m.items() if k not in ("ts", "task_id", "attempt", "stream")}
+            assert run_log_line(task_id, m["stream"], parse_line(json.dumps(fields)))[1] in run_log, m
+        assert f'"digest":"{_digest(task_id, 2)}"' in run_log
 
 
 def test_concurrency_limit_is_respected(tmp_path: Path, qdb: str) -> None:
