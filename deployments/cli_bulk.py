@@ -149,8 +149,10 @@ def copy(
 
 @app.command()
 def status(target: Target = None) -> None:
-    """Show the newest bulk run on the target: chunks committed of planned, rows."""
-    from tasks.chunk_checkpoint import latest_run_progress
+    """Show the newest bulk run on the target: whether it runs, ended or failed (and why),
+    chunks committed of planned, rows."""
+    from tasks.advisory_lock import lock_holder
+    from tasks.chunk_checkpoint import latest_run_progress, run_lock_name
     from tasks.state import state_url
 
     url = resolve_url(target)
@@ -160,14 +162,16 @@ def status(target: Target = None) -> None:
     if recorded:
         with connection(state_url(url)) as conn:
             progress = latest_run_progress(conn)
-            if progress is not None:
-                run_status = one_row(
-                    conn, "SELECT status FROM flowyard.bulk_runs WHERE run_key = %s", (progress.run_key,)
-                )[0]
+            alive = progress is not None and lock_holder(conn, run_lock_name(progress.config_hash)) is not None
     if progress is None:
         typer.echo("no bulk runs on this target")
         return
+    state = progress.status
+    if progress.status == "failed":
+        state = f"failed: {progress.error}; run the same copy again to resume"
+    elif progress.status == "running" and not alive:
+        state = "stopped before it finished (no process holds its lock); run the same copy again to resume"
     typer.echo(
-        f"run {progress.run_key} ({run_status}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
+        f"run {progress.run_key} ({state}): {progress.chunks_done}/{progress.chunks_planned} chunks, "
         f"{progress.rows_done:,} rows"
     )

@@ -32,9 +32,11 @@ from tasks.chunk_checkpoint import (
     ChunkCheckpoint,
     RunHandle,
     committed_chunks,
+    failure_recorded,
     fingerprint,
     finish_run,
     open_run,
+    run_lock_name,
 )
 from tasks.chunk_load import ChunkJob, Mode, load_chunk, load_chunk_in
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
@@ -294,77 +296,79 @@ def bulk_migrate(
     lineage = fingerprint({k: config[k] for k in ("source", "target", "mapping", "schema", "cursor")})
     config_hash = fingerprint(config)
 
-    with advisory_lock(target, f"bulk-migrate:{config_hash}", lock_timeout_seconds):
+    with advisory_lock(target, run_lock_name(config_hash), lock_timeout_seconds):
         run = open_bulk_run(target, config_hash, mode, restart)
-        logger.info(
-            "run %s (%s) %s → %s",
-            run.run_key,
-            "resumed" if run.resumed else "new",
-            mask_url(source_url),
-            mask_url(target),
-        )
-        plans = prepare_tables(
-            source_url,
-            target,
-            run,
-            lineage,
-            tables,
-            mapping,
-            mode,
-            SEED_CHUNK_ROWS if mode == "seed" else chunk_rows,
-            target_schema,
-            cursor_column,
-        )
-        jobs = {
-            p.spec.source.qualified: chunk_jobs(
-                p, run.run_key, source_url, target, mode, quarantine, report_rows
+        with failure_recorded(target, run.run_key):
+            logger.info(
+                "run %s (%s) %s → %s",
+                run.run_key,
+                "resumed" if run.resumed else "new",
+                mask_url(source_url),
+                mask_url(target),
             )
-            for p in plans
-        }
-        progress = Progress(sum(p.est_rows for p in plans), sum(len(j) for j in jobs.values()))
-        progress.start(run.run_key)
-        all_jobs = [j for table_jobs in jobs.values() for j in table_jobs]
-        if mode == "seed" and all_jobs:
-            checkpoints = seed_tables(all_jobs)
-            for c in checkpoints:
-                progress.advance(c.rows_written, True)
-        else:
-            checkpoints = [
-                c
-                for cs in run_chunks(all_jobs, task_runner, parallelism, dask_address, progress).values()
-                for c in cs
-            ]
-
-        for plan in plans:
-            finish_table_task(source_url, target, run.run_key, lineage, plan)
-        add_foreign_keys_task(source_url, target, plans)
-
-        report = BulkReport(run.run_key, run.resumed)
-        failures: list[str] = []
-        stats: list[TableStat] = []
-        for plan in plans:
-            table_jobs = jobs[plan.spec.source.qualified]
-            validation = TableValidation(plan.spec.source.qualified)
-            if validate and table_jobs:
-                validation = validate_table_task(plan, table_jobs[0], validate, sample_rows)
-            failures += validation.problems
-            mine = [c for c in checkpoints if c.table == plan.spec.source.qualified]
-            stat = TableStat(
-                plan.spec.target_label,
-                sum(c.rows_written for c in mine),
-                len(plan.chunks),
-                sum(c.seconds for c in mine),
-                validation.summary,
+            plans = prepare_tables(
+                source_url,
+                target,
+                run,
+                lineage,
+                tables,
+                mapping,
+                mode,
+                SEED_CHUNK_ROWS if mode == "seed" else chunk_rows,
+                target_schema,
+                cursor_column,
             )
-            stats.append(stat)
-            report.tables.append(stat.row())
-        report.integrity_problems = check_integrity_task(target, plans)
-        failures += report.integrity_problems
-        publish_table_artifact(run.run_key, stats)
-        with connection(target) as conn:
-            finish_run(conn, run.run_key, "failed" if failures else "completed", asdict(report))
-    if failures:
-        raise UserError(f"validation failed: {'; '.join(failures)}")
+            jobs = {
+                p.spec.source.qualified: chunk_jobs(
+                    p, run.run_key, source_url, target, mode, quarantine, report_rows
+                )
+                for p in plans
+            }
+            progress = Progress(sum(p.est_rows for p in plans), sum(len(j) for j in jobs.values()))
+            progress.start(run.run_key)
+            all_jobs = [j for table_jobs in jobs.values() for j in table_jobs]
+            if mode == "seed" and all_jobs:
+                checkpoints = seed_tables(all_jobs)
+                for c in checkpoints:
+                    progress.advance(c.rows_written, True)
+            else:
+                checkpoints = [
+                    c
+                    for cs in run_chunks(all_jobs, task_runner, parallelism, dask_address, progress).values()
+                    for c in cs
+                ]
+
+            for plan in plans:
+                finish_table_task(source_url, target, run.run_key, lineage, plan)
+            add_foreign_keys_task(source_url, target, plans)
+
+            report = BulkReport(run.run_key, run.resumed)
+            failures: list[str] = []
+            stats: list[TableStat] = []
+            for plan in plans:
+                table_jobs = jobs[plan.spec.source.qualified]
+                validation = TableValidation(plan.spec.source.qualified)
+                if validate and table_jobs:
+                    validation = validate_table_task(plan, table_jobs[0], validate, sample_rows)
+                failures += validation.problems
+                mine = [c for c in checkpoints if c.table == plan.spec.source.qualified]
+                stat = TableStat(
+                    plan.spec.target_label,
+                    sum(c.rows_written for c in mine),
+                    len(plan.chunks),
+                    sum(c.seconds for c in mine),
+                    validation.summary,
+                )
+                stats.append(stat)
+                report.tables.append(stat.row())
+            report.integrity_problems = check_integrity_task(target, plans)
+            failures += report.integrity_problems
+            publish_table_artifact(run.run_key, stats)
+            problem = f"validation failed: {'; '.join(failures)}" if failures else None
+            with connection(target) as conn:
+                finish_run(conn, run.run_key, asdict(report), error=problem)
+    if problem:
+        raise UserError(problem)
     logger.info("bulk copy %s done: %s rows in %d tables", run.run_key, f"{report.rows:,}", len(plans))
     if quality_suite:
         # Imported here: the quality stack (Great Expectations) costs ~200 MB of RSS and seconds

@@ -11,6 +11,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 
@@ -22,8 +23,9 @@ class LockTimeout(UserError):
     """Another run held the lock for longer than the caller was willing to wait."""
 
 
-def _holder(conn: psycopg.Connection, name: str) -> str:
-    row = conn.execute(
+def lock_holder(conn: psycopg.Connection, name: str) -> tuple[int, str, Any] | None:
+    """The session holding advisory lock ``name``: (pid, application name, since), or None."""
+    return conn.execute(
         """
         SELECT a.pid, a.application_name, a.backend_start
         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -33,6 +35,10 @@ def _holder(conn: psycopg.Connection, name: str) -> str:
         """,
         (name,),
     ).fetchone()
+
+
+def _holder(conn: psycopg.Connection, name: str) -> str:
+    row = lock_holder(conn, name)
     return f"pid {row[0]} ({row[1] or 'unknown app'}, since {row[2]:%H:%M:%S})" if row else "another session"
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,7 +24,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from tasks.chunk_plan import Chunk
-from tasks.db import one_row
+from tasks.db import connection, one_row
+from tasks.errors import first_line
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,31 @@ def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: boo
     return RunHandle(run_key, resumed=False)
 
 
-def finish_run(conn: psycopg.Connection, run_key: str, status: str, report: dict[str, Any]) -> None:
+def finish_run(conn: psycopg.Connection, run_key: str, report: dict[str, Any], error: str | None = None) -> None:
+    """The run ended: ``completed``, or ``failed`` with ``error`` (the first line) in its report.
+    A failed run's committed chunks are kept: the same copy resumes it."""
     conn.execute(
         "UPDATE flowyard.bulk_runs SET status = %s, finished_at = now(), report = %s WHERE run_key = %s",
-        (status, Jsonb(report), run_key),
+        ("failed" if error else "completed", Jsonb({**report, "error": error} if error else report), run_key),
     )
+
+
+@contextmanager
+def failure_recorded(target_url: str, run_key: str) -> Iterator[None]:
+    """A run stopped by an error, a cancellation or Ctrl-C is recorded as ``failed`` with why,
+    instead of staying ``running`` for ``flowyard bulk status`` to show forever. When the target
+    itself is what failed, the record cannot be written; status then tells the run is gone by
+    its free advisory lock (:func:`run_lock_name`)."""
+    try:
+        yield
+    except BaseException as exc:
+        why = first_line(exc) if isinstance(exc, Exception) else f"interrupted ({type(exc).__name__})"
+        try:
+            with connection(target_url) as conn:
+                finish_run(conn, run_key, {}, error=why)
+        except psycopg.Error:
+            pass
+        raise
 
 
 def load_plan(conn: psycopg.Connection, run_key: str, table: str) -> list[Chunk] | None:
@@ -164,12 +187,20 @@ def save_cursor(conn: psycopg.Connection, lineage: str, table: str, value: str, 
     )
 
 
+def run_lock_name(config_hash: str) -> str:
+    """The advisory lock a bulk run of one configuration holds while it works."""
+    return f"bulk-migrate:{config_hash}"
+
+
 @dataclass(frozen=True)
 class RunProgress:
     run_key: str
     chunks_planned: int
     chunks_done: int
     rows_done: int
+    status: str  # running | completed | failed
+    error: str | None
+    config_hash: str
 
 
 def latest_run_progress(conn: psycopg.Connection) -> RunProgress | None:
@@ -179,8 +210,9 @@ def latest_run_progress(conn: psycopg.Connection) -> RunProgress | None:
         SELECT r.run_key,
                (SELECT coalesce(sum(jsonb_array_length(p.plan)), 0) FROM flowyard.bulk_plans p WHERE p.run_key = r.run_key),
                (SELECT count(*) FROM flowyard.bulk_chunks c WHERE c.run_key = r.run_key),
-               (SELECT coalesce(sum(rows_written), 0) FROM flowyard.bulk_chunks c WHERE c.run_key = r.run_key)
+               (SELECT coalesce(sum(rows_written), 0) FROM flowyard.bulk_chunks c WHERE c.run_key = r.run_key),
+               r.status, r.report->>'error', r.config_hash
         FROM flowyard.bulk_runs r ORDER BY r.created_at DESC LIMIT 1
         """
     ).fetchone()
-    return None if row is None else RunProgress(row[0], int(row[1]), int(row[2]), int(row[3]))
+    return None if row is None else RunProgress(row[0], int(row[1]), int(row[2]), int(row[3]), *row[4:])

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import time
+import uuid
 
 import psycopg
 import pytest
 import yaml
 
 from deployments.bulk_demo import BULK_DEMO_ASSETS, bulk_demo_parameters
+from tasks.db import drop_database, ensure_database
+from tasks.process_group import spawn_group
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -84,3 +91,40 @@ def test_status_of_a_database_without_runs_leaves_it_untouched(fresh_db):
     assert status.returncode == 0, status.stderr
     assert status.stdout.strip() == "no bulk runs on this target"
     assert _one(fresh_db, "SELECT to_regnamespace('flowyard')") == (None,)
+
+
+def test_ctrl_c_stops_the_copy_with_one_line_and_the_same_command_resumes(fresh_db, pg, tmp_path):
+    """SIGINT to the CLI's process group, as a terminal sends it: exit 130 and one line, the run
+    recorded as failed (not left 'running'), and the same command finishes the copy."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, payload text)")
+        conn.execute("INSERT INTO events SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 300000) g")
+    target = pg.url(f"tgt_{uuid.uuid4().hex[:10]}")
+    ensure_database(pg.url(), target.rsplit("/", 1)[1])
+    args = ["bulk", "copy", fresh_db, "--target", target, "--chunk-rows", "10000", "--validate", "count"]
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as sink:
+        cli = spawn_group(
+            [sys.executable, "-m", "deployments.cli", *args], cwd=ROOT, env=os.environ, stdout=sink, stderr=sink
+        )
+        committed = 0
+        while committed < 2:
+            assert cli.poll() is None, err.read_text()[-2000:]
+            try:
+                committed = _one(target, "SELECT count(*) FROM flowyard.bulk_chunks")[0]
+            except psycopg.errors.UndefinedTable:
+                pass
+            time.sleep(0.02)
+        os.killpg(cli.pid, signal.SIGINT)
+        assert cli.wait(timeout=300) == 130, err.read_text()[-2000:]
+    assert err.read_text().strip().splitlines()[-1] == "flowyard: interrupted"
+    stopped_at = _one(target, "SELECT count(*) FROM flowyard.bulk_chunks")[0]
+    assert stopped_at < 30, "the interrupt must land while chunks are still to copy"
+    status = run_cli("bulk", "status", "--target", target).stdout
+    assert f"(failed: interrupted (KeyboardInterrupt); run the same copy again to resume): {stopped_at}/30" in status
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _one(target, "SELECT count(*), count(DISTINCT id) FROM events") == (300000, 300000)
+    assert "(completed): 30/30 chunks, 300,000 rows" in run_cli("bulk", "status", "--target", target).stdout
+    drop_database(pg.url(), target.rsplit("/", 1)[1])

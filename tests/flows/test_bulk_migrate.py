@@ -26,7 +26,7 @@ from tasks.db import drop_database, ensure_database
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tasks.table_checksum import Checksum, checksum
-from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
+from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -212,6 +212,8 @@ def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, targ
     before = _committed(target_db)
     assert 3 <= len(before) < 30, "the kill must land while chunks are still in flight"
     assert _fetch(target_db, "SELECT count(*) FROM events")[0][0] < 300000
+    status = run_cli("bulk", "status", "--target", target_db).stdout
+    assert f"(stopped before it finished (no process holds its lock); run the same copy again to resume): {len(before)}/30 chunks" in status
 
     state = bulk_migrate(fresh_db, target_db, chunk_rows=10000, parallelism=2, return_state=True)
     state.result()
@@ -314,6 +316,8 @@ def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fres
         bulk_migrate(fresh_db, target_db, chunk_rows=300)
     assert "positive" in str(failure.value) and "quarantine=True" in str(failure.value)
     assert "\n" not in str(failure.value)
+    status = run_cli("bulk", "status", "--target", target_db).stdout
+    assert f"(failed: {failure.value}; run the same copy again to resume): 3/4 chunks" in status
     with pytest.raises(UserError, match=r"at least 2 rows .*offending rows: id=17; id=230\."):
         bulk_migrate(fresh_db, target_db, chunk_rows=300, report_rows=2)
     assert _fetch(target_db, "SELECT count(*) FROM payments") == [(700,)], "the other chunks committed"
@@ -325,6 +329,7 @@ def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fres
     assert [q[0] for q in quarantined] == ["17", "230", "231"]
     assert all("positive" in q[1] for q in quarantined)
     assert _fetch(target_db, "SELECT count(*) FROM payments WHERE amount < 0") == [(0,)]
+    assert "(completed): 4/4 chunks, 997 rows" in run_cli("bulk", "status", "--target", target_db).stdout
 
 
 def test_table_without_primary_key_copies_by_ctid(fresh_db, target_db):
