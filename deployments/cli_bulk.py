@@ -106,11 +106,15 @@ def copy(
 ) -> None:
     """Copy tables exactly once with checkpoints; resumes where a crashed run stopped."""
     from deployments.runtime import prepare_flow_run
+    from tasks.bulk_sources import source_kind
+    from tasks.column_mapping import parse_mapping
     from tasks.settings import get_settings
     from tasks.state import state_url
 
     spec = load_mapping(mapping)
     checks = [] if validate == "none" else [c.strip() for c in validate.split(",") if c.strip()]
+    source_kind(source)  # a typo in the source or the mapping: one line, before any server starts
+    parse_mapping(spec)
     prepare_flow_run(get_settings())
     target_url = state_url(target)
     from flows.bulk_migrate import bulk_migrate

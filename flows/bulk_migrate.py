@@ -20,6 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from tasks.advisory_lock import advisory_lock
 from tasks.bulk_progress import Progress, TableStat, publish_table_artifact
+from tasks.bulk_sources import source_kind
 from tasks.bulk_tables import (
     TablePlan,
     create_targets,
@@ -279,6 +280,8 @@ def bulk_migrate(
         raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
     if chunk_rows < 1:
         raise UserError("chunk_rows must be at least 1")
+    source_kind(source_url)  # a missing file, an unknown kind of source or a bad mapping:
+    parse_mapping(mapping)  # refused before any run is recorded
     parallelism = get_settings().max_workers if parallelism is None else parallelism
     check_task_runner(task_runner, parallelism)  # before the run empties any target table
     logger = get_run_logger()

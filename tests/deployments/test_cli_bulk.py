@@ -67,6 +67,11 @@ def test_cli_user_errors_are_one_line(fresh_db, tmp_path):
         result.stderr.strip().splitlines()[-1].startswith("flowyard: error: invalid mapping at events.renmae")
     )
     assert "Traceback" not in result.stderr
+    missing = run_cli("bulk", "copy", str(tmp_path / "legacy.db"), "--target", fresh_db)
+    assert missing.returncode == 2 and missing.stderr == (
+        f"flowyard: error: SQLite file {tmp_path / 'legacy.db'} does not exist; pass an existing .db file\n"
+    )
+    assert _one(fresh_db, "SELECT to_regclass('flowyard.bulk_runs')") == (None,), "no run recorded for a typo"
 
 
 def test_demo_step_parameters_load_the_shipped_assets(fresh_db):
