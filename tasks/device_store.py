@@ -191,8 +191,29 @@ def create_v1(path: Path) -> None:
         conn.close()
 
 
+_V1_COLUMNS = frozenset({"id", "timestamp", "event_type", "event_data"})
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    """The store's schema version, ``PRAGMA user_version``.
+
+    The local app may create its v1 store without setting a version (SQLite's default is 0, and
+    seed 002 only asks for "version < 2"): a version-0 store whose ``events`` table has the v1
+    columns and no sync columns is v1. Any other version-0 file is refused, naming the file.
+    """
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version != 0:
+        return version
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    if _V1_COLUMNS <= columns and "sync_id" not in columns:
+        return V1
+    store = conn.execute("PRAGMA database_list").fetchone()[2]
+    if not columns:
+        raise UserError(f"{store} has no events table: it is not a DevFlow event store")
+    raise UserError(
+        f"{store} has no schema version and its events table is not a v1 store (columns: "
+        f"{', '.join(sorted(columns))}); it was changed by another tool: set PRAGMA user_version to its version"
+    )
 
 
 def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
@@ -207,7 +228,8 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
         if version == V2:
             return False
         if version != V1:
-            raise UserError(f"device store has unknown schema version {version}; expected v1 or v2")
+            store = conn.execute("PRAGMA database_list").fetchone()[2]
+            raise UserError(f"{store} has unknown schema version {version}; flowyard knows v1 and v2")
         for statement in _V2_COLUMNS:
             conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).

@@ -129,3 +129,52 @@ def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"is a directory; give the path of the device's SQLite file in it"):
         with device_store.open_store(tmp_path):
             pass
+
+
+def test_a_v1_store_the_app_made_without_a_schema_version_upgrades(tmp_path: Path) -> None:
+    """Seed 002 only asks for "version < 2": the app may leave PRAGMA user_version at 0."""
+    store = tmp_path / "app.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp INTEGER NOT NULL, "
+            "event_type TEXT NOT NULL, event_data TEXT NOT NULL DEFAULT '{}', app_flag INTEGER)"
+        )
+        conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'file_edit', '{}')", [(1,), (2,)]
+        )
+    with device_store.open_store(store) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+        assert device_store.schema_version(conn) == 1
+        assert device_store.downgrade_to_v1(conn) is False, "already v1: nothing to remove"
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        assert conn.execute("SELECT count(*), count(sync_id) FROM events").fetchone() == (2, 2)
+        assert device_store.downgrade_to_v1(conn) is True
+        assert device_store.schema_version(conn) == 1 and "app_flag" in _columns(conn)
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (2,)
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ("", "has no events table: it is not a DevFlow event store"),
+        ("CREATE TABLE notes (body TEXT)", "has no events table: it is not a DevFlow event store"),
+        (
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, timestamp INTEGER, event_type TEXT, "
+            "event_data TEXT, sync_id TEXT)",
+            "has no schema version and its events table is not a v1 store (columns: event_data, event_type, "
+            "id, sync_id, timestamp); it was changed by another tool",
+        ),
+        ("CREATE TABLE events (id INTEGER); PRAGMA user_version = 7", "has unknown schema version 7"),
+    ],
+)
+def test_a_file_that_is_no_store_flowyard_knows_is_refused_naming_it(
+    tmp_path: Path, schema: str, message: str
+) -> None:
+    store = tmp_path / "other.db"
+    with sqlite3.connect(store) as conn:
+        conn.executescript(schema or "PRAGMA user_version = 0")
+    with device_store.open_store(store) as conn, pytest.raises(UserError) as refused:
+        device_store.upgrade_to_v2(conn, IDENTITY)
+    assert str(refused.value).startswith(f"{store} ") and message in str(refused.value)
+    with sqlite3.connect(store) as conn:
+        assert conn.execute("SELECT count(*) FROM pragma_table_info('events') WHERE name = 'sync_status'").fetchone() == (0,)
