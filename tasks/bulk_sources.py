@@ -192,12 +192,21 @@ def _sqlite_text(value: object) -> str | None:
     return str(value)
 
 
-def sqlite_batches(source_url: str, info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch]:
-    """Rows of the chunk's rowid range, as Arrow batches typed from the PostgreSQL types.
+class UnfitValue(UserError):
+    """A source value its declared column type cannot hold (SQLite stores whatever it is given)."""
+
+
+def sqlite_batches(
+    source_url: str, info: TableInfo, chunk: Chunk, as_text: Collection[str] = ()
+) -> Iterator[pa.RecordBatch]:
+    """Rows of the chunk's rowid range, as Arrow batches typed from the PostgreSQL types
+    (``as_text`` columns as their text forms, whatever they hold).
 
     SQLite has no columnar export, so rows are transposed per batch; BLOBs become bytea hex.
     """
-    schema = pa.schema([(c.name, _sqlite_arrow(c.pg_type)) for c in info.columns])
+    schema = pa.schema(
+        [(c.name, pa.string() if c.name in as_text else _sqlite_arrow(c.pg_type)) for c in info.columns]
+    )
     query = "SELECT {} FROM {} WHERE rowid >= ? AND rowid < ?".format(  # noqa: S608 - identifiers quoted
         ", ".join(_sqlite_ident(c.name) for c in info.columns), _sqlite_ident(info.name)
     )
@@ -221,10 +230,10 @@ def _sqlite_array(table: str, field: pa.Field, values: Sequence[object]) -> pa.A
     try:
         return pa.array(values, field.type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-        raise UserError(
+        raise UnfitValue(
             f"SQLite column {table}.{field.name} holds a value that does not fit its declared type "
             f"({first_line(exc)}); fix the value in the SQLite file or declare the column's "
-            "type to match its values"
+            "type to match its values, or rerun with quarantine=True to load the rest"
         ) from None
 
 
@@ -366,10 +375,11 @@ def read_chunk(
     From PostgreSQL, ``as_text`` columns are read as the server's text form and written back
     as such: a mapping that does not touch them saves parsing and re-printing every value
     (the text of a value is valid input of its own type, with the pinned session settings).
+    From SQLite, they are read as text whatever the column holds. Files keep their own types.
     """
     kind = source_kind(source_url)
     if kind == "sqlite":
-        yield from sqlite_batches(source_url, info, chunk)
+        yield from sqlite_batches(source_url, info, chunk, as_text)
         return
     if kind == "files":
         yield from file_chunk_batches(info, chunk)

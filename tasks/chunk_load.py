@@ -14,7 +14,10 @@ Two ways in:
 A constraint violation or bad value is permanent. The staged insert then bisects the chunk
 into halves that load and halves that fail, down to the offending rows, so the error names
 their keys (the first ``report_rows``) — or, with ``quarantine``, moves them into
-``flowyard.bulk_quarantine`` and loads the rest.
+``flowyard.bulk_quarantine`` and loads the rest. With ``quarantine``, a source value the
+stage's types reject (text in a SQLite INTEGER column, a file value a numeric column cannot
+parse) stages the chunk as text instead, and the insert casts it row by row, so those rows
+are quarantined the same way.
 """
 
 from __future__ import annotations
@@ -29,14 +32,14 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo, pg_chunk_query, read_chunk, source_kind
+from tasks.bulk_sources import TableInfo, UnfitValue, pg_chunk_query, read_chunk, source_kind
 from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chunk
 from tasks.chunk_plan import Chunk
 from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection, one_row
 from tasks.errors import UserError
-from tasks.table_checksum import Checksum, checksum
+from tasks.table_checksum import ALL_ROWS, Checksum, checksum
 
 Mode = Literal["full", "incremental", "seed"]
 PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
@@ -149,15 +152,20 @@ def _load_direct(job: ChunkJob, target: psycopg.Connection) -> _Loaded | None:
     return rows, rows, 0, sent.digest if sent else None, None
 
 
-def create_stage(job: ChunkJob, target: psycopg.Connection) -> None:
-    """A temporary table with the target's column types, no constraints, and a row ordinal."""
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
+def create_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False) -> None:
+    """A temporary table with the target's column types (or every column ``text``), no
+    constraints, and a row ordinal."""
     target.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.{}").format(STAGE))
-    target.execute(
-        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-            STAGE, cols, job.target_ident
+    if as_text:
+        columns = sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in job.columns)
+        target.execute(sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(STAGE, columns))
+    else:
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
+        target.execute(
+            sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
+                STAGE, cols, job.target_ident
+            )
         )
-    )
     target.execute(
         sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint GENERATED ALWAYS AS IDENTITY").format(
             STAGE, sql.Identifier(ORD)
@@ -165,21 +173,44 @@ def create_stage(job: ChunkJob, target: psycopg.Connection) -> None:
     )
 
 
-def fill_stage(job: ChunkJob, target: psycopg.Connection) -> int:
-    """COPY the chunk into the stage; returns the rows read from the source."""
-    if job.identical:
+def fill_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False) -> int:
+    """COPY the chunk into the stage; returns the rows read from the source. ``as_text`` reads
+    every column the mapping does not compute from as text (for a text stage)."""
+    if job.identical and not as_text:
         return _pipe_from_source(job, target, STAGE)[0]
     read = 0
+    columns = job.source.copy_columns
+    untouched = job.mapping.untouched(columns) if job.mapping else (set(columns) if as_text else set())
 
     def mapped() -> Iterator[pa.RecordBatch]:
         nonlocal read
-        as_text = job.mapping.untouched(job.source.copy_columns) if job.mapping else set()
-        for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor, as_text):
+        for batch in read_chunk(job.source_url, job.source, job.chunk, job.cursor, untouched):
             read += batch.num_rows
             yield apply_mapping(batch, job.mapping)
 
     write_batches(target, STAGE, mapped())
     return read
+
+
+def _column_types(job: ChunkJob, target: psycopg.Connection) -> dict[str, str]:
+    """The target columns' types as ``format_type`` spells them (identifiers quoted by the catalog)."""
+    rows = target.execute(
+        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (job.target_ident.as_string(target),),
+    ).fetchall()
+    return dict(rows)
+
+
+def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
+    """The stage as rows of the target's types: the stage itself, or a text stage cast column by
+    column (a simple subquery, so a filter on the ordinal runs before any cast)."""
+    if types is None:
+        return STAGE
+    casts = sql.SQL(", ").join(
+        sql.SQL("{}::{} AS {}").format(sql.Identifier(c), sql.SQL(types[c]), sql.Identifier(c)) for c in job.columns
+    )
+    return sql.SQL("(SELECT {}, {} FROM {}) AS fy_typed").format(casts, sql.Identifier(ORD), STAGE)
 
 
 def _has_unique_key(target: psycopg.Connection, job: ChunkJob) -> bool:
@@ -196,12 +227,12 @@ def _has_unique_key(target: psycopg.Connection, job: ChunkJob) -> bool:
     return row is not None
 
 
-def _insert_statement(job: ChunkJob, target: psycopg.Connection) -> sql.Composed:
-    """INSERT (or upsert by key) the stage rows with ``fy_ord`` in ``[%s, %s)``."""
+def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Composable) -> sql.Composed:
+    """INSERT (or upsert by key) the stage ``rows`` with ``fy_ord`` in ``[%s, %s)``."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
     statement = sql.SQL(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
-    ).format(job.target_ident, cols, cols, STAGE, sql.Identifier(ORD), sql.Identifier(ORD))
+    ).format(job.target_ident, cols, cols, rows, sql.Identifier(ORD), sql.Identifier(ORD))
     if job.mode != "full" and _has_unique_key(target, job):
         others = [c for c in job.columns if c not in job.target.key]
         action: sql.Composable = sql.SQL("DO NOTHING")
@@ -216,35 +247,47 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection) -> sql.Composed
 
 
 def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
-    create_stage(job, target)
+    """Stage the chunk with the target's types; with ``quarantine``, a value those types reject
+    makes it stage every value as text instead, so the insert casts row by row and only the rows
+    holding such values go to quarantine."""
+    types: dict[str, str] | None = None
     try:
-        rows_read = fill_stage(job, target)
-    except psycopg.errors.DataError as exc:
-        raise ChunkRejected(_unloadable(job, exc)) from None
-    sent = checksum(target, STAGE, job.columns)
-    insert = _insert_statement(job, target)
+        with target.transaction():  # a savepoint: a rejected value undoes only the stage
+            create_stage(job, target)
+            rows_read = fill_stage(job, target)
+    except (psycopg.errors.DataError, UnfitValue) as exc:
+        if not job.quarantine:
+            raise ChunkRejected(str(exc) if isinstance(exc, UnfitValue) else _unloadable(job, exc)) from None
+        types = _column_types(job, target)
+        create_stage(job, target, as_text=True)
+        rows_read = fill_stage(job, target, as_text=True)
+    rows = _stage_rows(job, types)
+    sent = checksum(target, STAGE, job.columns) if types is None else None
+    staged = sent.rows if sent else one_row(target, sql.SQL("SELECT count(*) FROM {}").format(STAGE))[0]
     bad: list[tuple[int, str]] = []
     limit = 2**62 if job.quarantine else job.report_rows
-    _insert_bisecting(target, insert, 1, sent.rows + 1, bad, limit)
+    _insert_bisecting(target, _insert_statement(job, target, rows), 1, staged + 1, bad, limit)
     if bad and not job.quarantine:
         raise ChunkRejected(_rejection(job, target, bad))
     if bad:
         _quarantine(job, target, bad)
+    kept = sql.SQL("{} <> ALL(%s)").format(sql.Identifier(ORD))
+    bad_ords = [sorted(o for o, _ in bad)]
     cursor_max = None
     if job.cursor:
+        # Past every staged row, quarantined ones included, so the next pass does not read them again;
+        # from a text stage, past the rows that cast (a quarantined row may hold no valid cursor).
         cursor_col = job.mapping.rename.get(job.cursor, job.cursor) if job.mapping else job.cursor
         cursor_max = one_row(
-            target, sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor_col), STAGE)
-        )[0]
-    if bad:
-        kept = checksum(
             target,
-            STAGE,
-            job.columns,
-            sql.SQL("{} <> ALL(%s)").format(sql.Identifier(ORD)),
-            [sorted(o for o, _ in bad)],
-        )
-        return rows_read, kept.rows, len(bad), kept.digest, cursor_max
+            sql.SQL("SELECT max({})::text FROM {} WHERE {}").format(
+                sql.Identifier(cursor_col), rows, ALL_ROWS if types is None else kept
+            ),
+            [] if types is None else bad_ords,
+        )[0]
+    if sent is None or bad:
+        loaded = checksum(target, rows, job.columns, kept, bad_ords)
+        return rows_read, loaded.rows, len(bad), loaded.digest, cursor_max
     return rows_read, sent.rows, 0, sent.digest, cursor_max
 
 

@@ -516,3 +516,45 @@ def test_source_value_the_target_type_rejects_names_table_row_and_column(target_
     with pytest.raises(UserError, match=r"chunk prices rowid\[,\) holds a value") as err:
         bulk_migrate(f"sqlite:///{path}", target_db)
     assert "row 2 of the chunk, column amount" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quarantine_takes_rows_whose_values_their_types_reject_and_loads_the_rest(target_db, tmp_path):
+    """SQLite keeps text in INTEGER and NUMERIC columns; with quarantine those rows go aside, with
+    PostgreSQL's reason, and the rest of the chunk loads and validates."""
+    path = tmp_path / "legacy.db"
+    rows = [(i, i * 10, f"{i}.5") for i in range(1, 1001)]
+    rows[16] = (17, "lots", "17.5")  # INTEGER column: the Arrow batch cannot even be built
+    rows[229] = (230, 2300, "n/a")  # NUMERIC column (read as text): PostgreSQL rejects it
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE prices (id INTEGER PRIMARY KEY, qty INTEGER, amount NUMERIC)")
+        db.executemany("INSERT INTO prices VALUES (?, ?, ?)", rows)
+    with pytest.raises(UserError, match=r"SQLite column prices.qty holds a value .*quarantine=True"):
+        bulk_migrate(f"sqlite:///{path}", target_db, chunk_rows=300)
+
+    report = bulk_migrate(f"sqlite:///{path}", target_db, chunk_rows=300, quarantine=True)
+    assert report["tables"][0]["rows"] == 998
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*), sum(qty), sum(amount) FROM prices") == [
+        (998, sum(r[1] for r in rows if isinstance(r[1], int)) - 2300, sum(r[0] + 0.5 for r in rows) - 17.5 - 230.5)
+    ]
+    quarantined = _fetch(target_db, "SELECT row_data, error FROM flowyard.bulk_quarantine ORDER BY (row_data->>'id')::int")
+    assert [(q[0]["id"], q[0]["qty"], q[0]["amount"]) for q in quarantined] == [
+        ("17", "lots", "17.5"),
+        ("230", "2300", "n/a"),
+    ]
+    assert 'invalid input syntax for type bigint: "lots"' in quarantined[0][1]
+    assert 'invalid input syntax for type numeric: "n/a"' in quarantined[1][1]
+
+
+def test_quarantine_takes_file_rows_an_existing_target_column_rejects(target_db, tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "rates.csv").write_text("code,rate\nEUR,1.08\nXXX,unknown\nGBP,1.27\n")
+    _exec(target_db, "CREATE TABLE rates (code text PRIMARY KEY, rate numeric(6,2) NOT NULL)")
+    with pytest.raises(UserError, match=r'holds a value the target column cannot take: invalid input syntax for type numeric: "unknown" \(row 2 of the chunk, column rate\)'):
+        bulk_migrate(str(tmp_path / "files"), target_db)
+    report = bulk_migrate(str(tmp_path / "files"), target_db, quarantine=True)
+    assert report["tables"][0]["rows"] == 2 and "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT code, rate::text FROM rates ORDER BY code") == [("EUR", "1.08"), ("GBP", "1.27")]
+    assert _fetch(target_db, "SELECT row_data->>'code', row_data->>'rate' FROM flowyard.bulk_quarantine") == [
+        ("XXX", "unknown")
+    ]
