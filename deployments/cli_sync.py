@@ -124,6 +124,8 @@ def trigger(
     """Run the ``sync-devices`` flow now and print the per-device results."""
     from deployments.runtime import prepare_flow_run
 
+    for path in store or []:
+        device_store.check_store_path(Path(path).resolve())  # a typo: one line, before any server starts
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
 

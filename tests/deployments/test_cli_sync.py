@@ -173,8 +173,8 @@ def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     typo = tmp_path / "laptop.dbb"
     out = run_cli("sync", "trigger", "--store", str(typo), "--central-url", fresh_db)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
-        f"flowyard: error: device store {typo} does not exist; give the path of the device's SQLite file"
+    assert out.stderr == (
+        f"flowyard: error: device store {typo} does not exist; give the path of the device's SQLite file\n"
     )
     assert str(typo) not in {d.store_path for d in sync_state.list_devices(state_db)}
     assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
