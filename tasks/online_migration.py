@@ -98,6 +98,16 @@ def prepare_plan(target_url: str, state: str, migration_file: str, schema: str) 
     return plan
 
 
+NOT_YET_CREATED = (
+    psycopg.errors.UndefinedObject,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.InvalidSchemaName,
+)
+"""What a check fails with when it names something a raw_sql operation has yet to create."""
+
+
 def check_expressions(conn: psycopg.Connection, plan: Plan) -> None:
     """Run the plan's read-only checks of the user's SQL; the first that fails is the user's error.
 
@@ -111,6 +121,8 @@ def check_expressions(conn: psycopg.Connection, plan: Plan) -> None:
                 conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(plan.schema_name)))
                 conn.execute(check.query)
         except psycopg.Error as exc:
+            if check.after_raw_sql and isinstance(exc, NOT_YET_CREATED):
+                continue  # an earlier raw_sql may create it; start checks it again right after that runs
             raise UserError(f"{check.where}: {first_line(exc)}; fix the migration file") from None
 
 

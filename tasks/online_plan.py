@@ -113,6 +113,10 @@ class ExpressionCheck(BaseModel):
     where: str
     """The migration field the expression comes from, as errors name it."""
     query: str
+    after_raw_sql: bool = False
+    """An earlier ``raw_sql`` operation may create what it names (an enum type, a function):
+    before start it can only fail for a name that does not exist yet, so start runs it again
+    right after the raw_sql, before any trigger uses it."""
 
 
 class Plan(BaseModel):
@@ -240,6 +244,7 @@ class _Sync:
     only_when_null: bool
     source: str | None = None
     """The migration field the expression comes from; None when flowyard generated it."""
+    after_raw_sql: bool = False
 
 
 @dataclass
@@ -276,6 +281,7 @@ class _Planner:
             for name, info in snap.tables.items()
         }
         self.checks: list[ExpressionCheck] = []
+        self.raw_sql_seen = False
         self.structural: list[Step] = []
         self.not_valid: list[Step] = []
         self.indexes: list[Step] = []
@@ -302,9 +308,19 @@ class _Planner:
                 query=_render(
                     sql.SQL("SELECT CAST({} AS {}) WHERE false").format(value, _fragment(type_))
                 ),
+                after_raw_sql=self.raw_sql_seen,
             )
             for name, value in checks.items()
         ]
+
+    def deferred_checks_step(self, checks: list[ExpressionCheck]) -> list[Step]:
+        """The checks that name what a raw_sql operation may create, run again in start after
+        the raw_sql and before any trigger: a read-only step, its failure one line like any step's."""
+        deferred = [c.query for c in checks if c.after_raw_sql]
+        if not deferred:
+            return []
+        search_path = _render(sql.SQL("SET LOCAL search_path = {}").format(sql.Identifier(self.schema)))
+        return [Step(title="check the expressions that follow raw_sql operations", statements=[search_path, *deferred])]
 
     def expression_checks(self, work: _TableWork) -> list[ExpressionCheck]:
         """Each user ``up`` over the old version's columns, each ``down`` over the new version's.
@@ -333,6 +349,7 @@ class _Planner:
                         _expr(s.expression), new if s.new_version else old
                     )
                 ),
+                after_raw_sql=s.after_raw_sql,
             )
             for s in work.syncs
             if s.source is not None
@@ -692,7 +709,14 @@ class _Planner:
         if fill is not None:
             field_name = "up" if op.up else "column.default"
             work.syncs.append(
-                _Sync(c.name, fill, False, True, source=f"operation {i} (add_column): field '{field_name}'")
+                _Sync(
+                    c.name,
+                    fill,
+                    False,
+                    True,
+                    source=f"operation {i} (add_column): field '{field_name}'",
+                    after_raw_sql=self.raw_sql_seen,
+                )
             )
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
@@ -712,7 +736,14 @@ class _Planner:
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
             work.syncs.append(
-                _Sync(op.column, op.down, True, True, source=f"operation {i} (drop_column): field 'down'")
+                _Sync(
+                    op.column,
+                    op.down,
+                    True,
+                    True,
+                    source=f"operation {i} (drop_column): field 'down'",
+                    after_raw_sql=self.raw_sql_seen,
+                )
             )
         self.complete_late.append(
             Step(
@@ -802,8 +833,12 @@ class _Planner:
         self.type_checks(where, new_type, op.default)
         logical = next(k for k, v in work.view_columns.items() if v == shadow)
         work.syncs += [
-            _Sync(shadow, op.up or op.column, False, False, source=f"{where}up'" if op.up else None),
-            _Sync(op.column, op.down or logical, True, False, source=f"{where}down'" if op.down else None),
+            _Sync(
+                shadow, op.up or op.column, False, False, f"{where}up'" if op.up else None, self.raw_sql_seen
+            ),
+            _Sync(
+                op.column, op.down or logical, True, False, f"{where}down'" if op.down else None, self.raw_sql_seen
+            ),
         ]
         work.swap_statements += [
             sql.SQL("DROP COLUMN {}").format(col),
@@ -919,6 +954,7 @@ class _Planner:
         )
 
     def raw_sql(self, i: int, op: RawSql) -> None:
+        self.raw_sql_seen = True
         self.structural.append(
             Step(title=f"raw_sql operation {i}", statements=[op.up], raw_sql_index=i, unsafe=op.unsafe)
         )
@@ -1111,9 +1147,11 @@ class _Planner:
                 _render(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.vschema)))
             ],
         )
+        checks = [*self.checks, *(c for w in self.tables.values() for c in self.expression_checks(w))]
         start = [
             schema_step,
             *self.structural,
+            *self.deferred_checks_step(checks),
             *[self.trigger_step(w) for w in synced],
             *[self.backfill_step(w) for w in self.tables.values() if any(not s.new_version for s in w.syncs)],
             *self.not_valid,
@@ -1171,7 +1209,7 @@ class _Planner:
             schema_name=self.schema,
             version_schema=self.vschema,
             previous_schema=self.previous,
-            checks=[*self.checks, *(c for w in self.tables.values() for c in self.expression_checks(w))],
+            checks=checks,
             start=start,
             complete=complete,
             rollback=rollback,
