@@ -32,7 +32,7 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo, UnfitValue, pg_chunk_query, read_chunk, source_kind
+from tasks.bulk_sources import TableInfo, UnfitValue, pg_chunk_query, pg_describe, read_chunk, source_kind
 from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chunk
 from tasks.chunk_plan import Chunk
 from tasks.column_mapping import TableMapping, apply_mapping
@@ -192,16 +192,6 @@ def fill_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False)
     return read
 
 
-def _column_types(job: ChunkJob, target: psycopg.Connection) -> dict[str, str]:
-    """The target columns' types as ``format_type`` spells them (identifiers quoted by the catalog)."""
-    rows = target.execute(
-        "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
-        (job.target_ident.as_string(target),),
-    ).fetchall()
-    return dict(rows)
-
-
 def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
     """The stage as rows of the target's types: the stage itself, or a text stage cast column by
     column (a simple subquery, so a filter on the ordinal runs before any cast)."""
@@ -258,7 +248,8 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     except (psycopg.errors.DataError, UnfitValue) as exc:
         if not job.quarantine:
             raise ChunkRejected(str(exc) if isinstance(exc, UnfitValue) else _unloadable(job, exc)) from None
-        types = _column_types(job, target)
+        existing = pg_describe(target, job.target_schema, job.target.name)  # it may predate this copy
+        types = {c.name: c.pg_type for c in existing.columns}
         create_stage(job, target, as_text=True)
         rows_read = fill_stage(job, target, as_text=True)
     rows = _stage_rows(job, types)

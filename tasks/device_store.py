@@ -194,6 +194,11 @@ def create_v1(path: Path) -> None:
 _V1_COLUMNS = frozenset({"id", "timestamp", "event_type", "event_data"})
 
 
+def _store_file(conn: sqlite3.Connection) -> str:
+    """The file of the store a connection has open, for errors that must name the store."""
+    return str(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
     """The store's schema version, ``PRAGMA user_version``.
 
@@ -207,7 +212,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
     if _V1_COLUMNS <= columns and "sync_id" not in columns:
         return V1
-    store = conn.execute("PRAGMA database_list").fetchone()[2]
+    store = _store_file(conn)
     if not columns:
         raise UserError(f"{store} has no events table: it is not a DevFlow event store")
     raise UserError(
@@ -228,8 +233,7 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
         if version == V2:
             return False
         if version != V1:
-            store = conn.execute("PRAGMA database_list").fetchone()[2]
-            raise UserError(f"{store} has unknown schema version {version}; flowyard knows v1 and v2")
+            raise UserError(f"{_store_file(conn)} has unknown schema version {version}; flowyard knows v1 and v2")
         for statement in _V2_COLUMNS:
             conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).

@@ -296,6 +296,12 @@ class _Planner:
         self.table_renames: list[Step] = []
 
     # -- helpers -----------------------------------------------------------------------------
+    def sync(
+        self, target: str, expression: str, new_version: bool, only_when_null: bool, source: str | None
+    ) -> _Sync:
+        """A trigger action of the operation being planned (after a raw_sql one or not)."""
+        return _Sync(target, expression, new_version, only_when_null, source, self.raw_sql_seen)
+
     def tbl(self, table: str) -> sql.Composable:
         return sql.Identifier(self.schema, table)
 
@@ -709,14 +715,7 @@ class _Planner:
         if fill is not None:
             field_name = "up" if op.up else "column.default"
             work.syncs.append(
-                _Sync(
-                    c.name,
-                    fill,
-                    False,
-                    True,
-                    source=f"operation {i} (add_column): field '{field_name}'",
-                    after_raw_sql=self.raw_sql_seen,
-                )
+self.sync(c.name, fill, False, True, f"operation {i} (add_column): field '{field_name}'")
             )
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
@@ -736,14 +735,7 @@ class _Planner:
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
             work.syncs.append(
-                _Sync(
-                    op.column,
-                    op.down,
-                    True,
-                    True,
-                    source=f"operation {i} (drop_column): field 'down'",
-                    after_raw_sql=self.raw_sql_seen,
-                )
+self.sync(op.column, op.down, True, True, f"operation {i} (drop_column): field 'down'")
             )
         self.complete_late.append(
             Step(
@@ -833,12 +825,8 @@ class _Planner:
         self.type_checks(where, new_type, op.default)
         logical = next(k for k, v in work.view_columns.items() if v == shadow)
         work.syncs += [
-            _Sync(
-                shadow, op.up or op.column, False, False, f"{where}up'" if op.up else None, self.raw_sql_seen
-            ),
-            _Sync(
-                op.column, op.down or logical, True, False, f"{where}down'" if op.down else None, self.raw_sql_seen
-            ),
+            self.sync(shadow, op.up or op.column, False, False, f"{where}up'" if op.up else None),
+            self.sync(op.column, op.down or logical, True, False, f"{where}down'" if op.down else None),
         ]
         work.swap_statements += [
             sql.SQL("DROP COLUMN {}").format(col),
