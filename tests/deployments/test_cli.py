@@ -71,6 +71,7 @@ def test_missing_prefect_yaml_is_one_line(tmp_path):
         (["queu"], "No such command 'queu'. Did you mean 'queue'? (see 'flowyard --help')"),
         (["up", "--no-such-flag"], "No such option: --no-such-flag (see 'flowyard up --help')"),
         (["queue", "create"], "Missing argument 'title'. (see 'flowyard queue create --help')"),
+        (["queue", "create", "x", "--priority"], "requires an argument. (see 'flowyard queue create --help')"),
         (["bulk", "copy", "--parallelism", "two", "src.db"], "Invalid value for '--parallelism'"),
         (["sync", "trigger", "--batch-size", "0"], "'--batch-size': Input should be greater than or equal to 1"),
     ],

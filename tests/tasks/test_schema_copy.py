@@ -6,9 +6,9 @@ import psycopg
 import pytest
 
 from tasks.bulk_sources import Column, TableInfo
-from tasks.db import connection
+from tasks.db import connection, database_name, drop_database, ensure_database
 from tasks.errors import UserError
-from tasks.schema_copy import create_mapped_table, table_exists
+from tasks.schema_copy import copy_table_ddl, create_mapped_table, replayable_on, table_exists
 
 
 @pytest.mark.parametrize("pg_type", ["dubble", "integer); DROP TABLE victim; --"])
@@ -35,3 +35,29 @@ def test_mapped_table_takes_multiword_and_modified_types(fresh_db):
             "WHERE attrelid = 'public.t'::regclass AND attnum > 0 ORDER BY attnum"
         ).fetchall()
     assert types == [("double precision",), ("numeric(12,2)",), ("text[]",)]
+
+
+def test_pre_data_ddl_replays_on_an_older_server(older_pg, older_db):
+    """The bundled pg_dump 18 writes ``SET transaction_timeout``, which PostgreSQL 14-16 reject;
+    a PG→PG copy between two databases of such a server still creates the target table."""
+    target_name = f"{database_name(older_db)}_target"
+    ensure_database(older_pg.url(), target_name)
+    target = older_pg.url(target_name)
+    try:
+        with psycopg.connect(older_db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, note text NOT NULL DEFAULT 'n/a')")
+        table = TableInfo("orders", (Column("id", "bigint", True), Column("note", "text")), schema="public")
+        copy_table_ddl(older_db, target, [table])
+        with connection(target) as conn:
+            default = conn.execute(
+                "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'public.orders'::regclass"
+            ).fetchone()
+        assert default == ("'n/a'::text",)
+    finally:
+        drop_database(older_pg.url(), target_name)
+
+
+def test_replayable_on_drops_only_the_setting_older_servers_lack():
+    script = "SET statement_timeout = 0;\nSET transaction_timeout = 0;\nCREATE TABLE t (a int);\n"
+    assert replayable_on(script, 160004) == "SET statement_timeout = 0;\nCREATE TABLE t (a int);\n"
+    assert replayable_on(script, 170000) == script
