@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 
 from tasks.integrity import check_integrity
+from tasks.pg_backup import server_major
 
 
 def test_counts_orphans_and_invalid_indexes(fresh_db):
@@ -36,6 +38,8 @@ def test_counts_orphans_and_invalid_indexes(fresh_db):
 
 
 def test_nulls_in_not_null_columns_are_counted(fresh_db):
+    if server_major(fresh_db) < 18:
+        pytest.skip("rows that break NOT NULL need PostgreSQL 18's NOT NULL ... NOT VALID")
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE people (id int PRIMARY KEY, email text, nick text)")
         conn.execute("INSERT INTO people VALUES (1, 'a@x', NULL), (2, NULL, NULL), (3, NULL, 'c')")
