@@ -50,8 +50,15 @@ class Progress:
         return self.fresh_rows / elapsed
 
     def describe(self) -> str:
+        """One line for the log and the artifact. Until a chunk was copied in this run (a resumed
+        run first counts its cached chunks) there is no rate, so no ETA either."""
         remaining = max(self.total_rows - self.done_rows, 0)
-        eta = f"{remaining / self.rate:.0f}s" if self.rate > 0 and remaining else "0s"
+        if not remaining:
+            eta = "0s"
+        elif self.rate > 0:
+            eta = f"{remaining / self.rate:.0f}s"
+        else:
+            eta = "unknown"
         return (
             f"{self.done_chunks}/{self.total_chunks} chunks, {self.done_rows:,} rows, "
             f"{self.rate:,.0f} rows/s, ETA {eta}"

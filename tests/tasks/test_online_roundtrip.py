@@ -341,6 +341,11 @@ CASES: dict[str, Case] = {
 }
 
 
+SERVERS = ["fresh_db", "older_db"]
+"""Each round trip runs on the embedded PostgreSQL 18 and on the machine's PostgreSQL 14-17
+package (flowyard's state staying on the embedded one): the generated SQL must not need 18."""
+
+
 def _scalar(url: str, query: str, search_path: str = "public") -> Any:
     with connect(url, autocommit=True) as conn:
         conn.execute(f"SET search_path = {search_path}")
@@ -348,7 +353,11 @@ def _scalar(url: str, query: str, search_path: str = "public") -> Any:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_start_then_rollback_restores_schema_and_data(fresh_db: str, state_db: str, name: str) -> None:
+@pytest.mark.parametrize("server", SERVERS)
+def test_start_then_rollback_restores_schema_and_data(
+    server: str, state_db: str, name: str, request: pytest.FixtureRequest
+) -> None:
+    fresh_db = request.getfixturevalue(server)
     case = CASES[name]
     make_schema(fresh_db)
     dump_before = schema_dump(fresh_db)
@@ -364,9 +373,11 @@ def test_start_then_rollback_restores_schema_and_data(fresh_db: str, state_db: s
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("server", SERVERS)
 def test_start_then_complete_keeps_data_and_reaches_final_schema(
-    fresh_db: str, state_db: str, name: str
+    server: str, state_db: str, name: str, request: pytest.FixtureRequest
 ) -> None:
+    fresh_db = request.getfixturevalue(server)
     case = CASES[name]
     make_schema(fresh_db)
     expected = checksum(fresh_db, case.before)

@@ -50,7 +50,10 @@ def _work_mem(url: str) -> str:
         return conn.execute("SHOW work_mem").fetchone()[0]
 
 
-def test_backup_then_restore_rebuilds_the_database_exactly(fresh_db, tmp_path):
+@pytest.mark.parametrize("server", ["fresh_db", "older_db"])
+def test_backup_then_restore_rebuilds_the_database_exactly(server, request, tmp_path):
+    """On the embedded 18 and on the machine's older PostgreSQL package (its own client tools)."""
+    fresh_db = request.getfixturevalue(server)
     _populate(fresh_db)
     backup = backup_database(fresh_db, tmp_path / "backups")
     assert Path(backup.path).stat().st_size == backup.size_bytes > 0
