@@ -156,6 +156,13 @@ def ensure_database(server_url: str, name: str) -> None:
 
 
 def drop_database(server_url: str, name: str) -> None:
-    """Drop database ``name`` (terminating its sessions); used by tests and restores."""
-    with connection(with_database(server_url, "postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    """Drop database ``name`` (terminating its sessions); used by the demo, tests and restores."""
+    conn_url = with_database(server_url, "postgres")
+    with connection(conn_url, autocommit=True) as conn:
+        try:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        except psycopg.errors.InsufficientPrivilege:
+            raise UserError(
+                f"cannot drop database {name} (connected as {mask_url(conn_url)}): another role owns it; drop it "
+                f"as that role or a superuser, or hand it over (ALTER DATABASE {name} OWNER TO ...)"
+            ) from None

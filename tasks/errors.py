@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import psycopg
+
 
 class UserError(Exception):
     """An error the user can fix; the message says what is wrong and how to fix it."""
@@ -23,9 +25,19 @@ def first_line(error: BaseException | str) -> str:
 
 
 def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
-    """Run an entry point; a UserError becomes ``prog: error: <message>`` on stderr and its exit code."""
+    """Run an entry point; a UserError becomes ``prog: error: <message>`` on stderr and its exit code.
+
+    So does a privilege PostgreSQL refused (SQLSTATE 42501) wherever it surfaces: the role in
+    the URL lacks a grant or an ownership, which the user fixes, not flowyard."""
     try:
         main()
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print(
+            f"{prog}: error: PostgreSQL refused a privilege: {first_line(exc)} "
+            "(grant it to the role in the database URL, or connect as a role that has it)",
+            file=sys.stderr,
+        )
+        sys.exit(UserError.exit_code)

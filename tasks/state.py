@@ -10,10 +10,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.exc import DBAPIError
 
-from tasks.db import connect, resolve_url, sqlalchemy_url
+from tasks.db import connect, database_name, mask_url, resolve_url, sqlalchemy_url
+from tasks.errors import UserError, first_line
 
 MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
 _upgraded: set[str] = set()
@@ -36,4 +39,13 @@ def upgrade_state_schema(url: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    command.upgrade(config, "heads")
+    try:
+        command.upgrade(config, "heads")
+    except DBAPIError as exc:
+        if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+            raise
+        raise UserError(
+            f"cannot create or upgrade flowyard's schema in {mask_url(url)}: {first_line(exc.orig)}; "
+            f"grant the role CREATE on database {database_name(url)}, or have an owner run "
+            "'CREATE SCHEMA flowyard AUTHORIZATION <role>' first"
+        ) from None

@@ -19,11 +19,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from psycopg import sql
 
 from tasks.db import with_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
@@ -135,6 +137,31 @@ def fresh_db(pg: Server) -> Iterator[str]:
     ensure_database(pg.url(), name)
     yield pg.url(name)
     drop_database(pg.url(), name)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    password: str
+
+    def url(self, url: str) -> str:
+        """``url`` (a superuser's) as this role."""
+        parts = urlsplit(url)
+        return parts._replace(netloc=f"{self.name}:{self.password}@{parts.hostname}:{parts.port}").geturl()
+
+
+@pytest.fixture()
+def limited_role(pg: Server) -> Iterator[Role]:
+    """A login role with no privileges beyond PUBLIC's. Request it before ``fresh_db``, so the
+    database (and every grant and object of the role in it) is dropped before the role is."""
+    from tasks.db import connect
+
+    role = Role(f"r_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex)
+    with connect(pg.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role.name), role.password))
+    yield role
+    with connect(pg.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role.name)))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,10 @@ def run_migrations_online() -> None:
     engine = create_engine(url, poolclass=None)
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": LOCK_KEY})
-        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        # Created only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the
+        # database, which a role given a ready-made ``flowyard`` schema may not have.
+        if conn.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": SCHEMA}).first() is None:
+            conn.execute(text("CREATE SCHEMA flowyard"))
         context.configure(connection=conn, version_table_schema=SCHEMA, transactional_ddl=True)
         with context.begin_transaction():
             context.run_migrations()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from psycopg import sql
 
-from tasks.db import connect, ensure_database, mask_url, resolve_url, sqlalchemy_url, with_database
+from tasks.db import (
+    connect,
+    database_name,
+    drop_database,
+    ensure_database,
+    mask_url,
+    resolve_url,
+    sqlalchemy_url,
+    with_database,
+)
 from tasks.embedded_pg import free_port
 from tasks.errors import UserError
+from tasks.state import state_url
 
 
 def test_unreachable_server_is_a_one_line_error_without_password():
@@ -68,3 +79,23 @@ def test_state_schema_migrated_once(state_db):
     with connect(state_db) as conn:
         applied = {row[0] for row in conn.execute("SELECT version_num FROM flowyard.alembic_version")}
     assert applied == shipped_heads
+
+
+def test_dropping_a_database_another_role_owns_is_one_line(limited_role, fresh_db):
+    name = database_name(fresh_db)
+    with pytest.raises(UserError, match=rf"^cannot drop database {name} .*another role owns it") as err:
+        drop_database(limited_role.url(fresh_db), name)
+    assert "\n" not in str(err.value) and limited_role.password not in str(err.value)
+    connect(fresh_db).close()  # still there
+
+
+def test_a_role_without_create_gets_one_line_then_works_in_a_schema_made_for_it(limited_role, fresh_db):
+    role_url = limited_role.url(fresh_db)
+    with pytest.raises(UserError, match=r"permission denied for database .*grant the role CREATE") as err:
+        state_url(role_url)
+    assert "\n" not in str(err.value)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA flowyard AUTHORIZATION {}").format(sql.Identifier(limited_role.name)))
+    assert state_url(role_url) == role_url
+    with connect(role_url) as conn:
+        assert conn.execute("SELECT count(*) FROM flowyard.alembic_version").fetchone()[0] >= 1

@@ -1,4 +1,5 @@
-"""``first_line``: what a one-line error keeps of a PostgreSQL message (its LINE/HINT/CONTEXT go)."""
+"""One-line errors: what ``first_line`` keeps of a PostgreSQL message (its LINE/HINT/CONTEXT go),
+and what an entry point prints for a user error or a privilege PostgreSQL refused."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import psycopg
 import pytest
 
 from tasks.db import connect
-from tasks.errors import first_line
+from tasks.errors import exit_on_user_error, first_line
 
 
 def test_a_postgres_error_keeps_only_its_message(fresh_db: str) -> None:
@@ -20,3 +21,19 @@ def test_an_empty_message_still_says_something() -> None:
     assert first_line(ValueError()) == "ValueError"
     assert first_line("  \n") == ""
     assert first_line("  first\nsecond") == "first"
+
+
+def test_a_refused_privilege_is_one_line_at_the_entry_point(limited_role, fresh_db, capsys) -> None:
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE secret (id int)")
+
+    def entry_point() -> None:
+        with connect(limited_role.url(fresh_db)) as conn:
+            conn.execute("SELECT * FROM secret")
+
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(entry_point, "prog")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("prog: error: PostgreSQL refused a privilege: ")
+    assert "permission denied for table secret" in err and "grant it to the role" in err
