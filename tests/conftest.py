@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,8 @@ def older_pg() -> Iterator[EmbeddedPostgres]:
 @pytest.fixture()
 def older_db(older_pg: EmbeddedPostgres) -> Iterator[str]:
     """A new, empty database on the older server; dropped after the test."""
-    from tasks.db import drop_database, ensure_database
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    ensure_database(older_pg.url(), name)
-    yield older_pg.url(name)
-    drop_database(older_pg.url(), name)
+    with scratch_database(older_pg) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -131,12 +128,18 @@ def state_db(pg: Server) -> Iterator[str]:
 @pytest.fixture()
 def fresh_db(pg: Server) -> Iterator[str]:
     """A new, empty database on the session server; dropped after the test."""
+    with scratch_database(pg) as url:
+        yield url
+
+
+@contextmanager
+def scratch_database(server: Server) -> Iterator[str]:
     from tasks.db import drop_database, ensure_database
 
     name = f"t_{uuid.uuid4().hex[:12]}"
-    ensure_database(pg.url(), name)
-    yield pg.url(name)
-    drop_database(pg.url(), name)
+    ensure_database(server.url(), name)
+    yield server.url(name)
+    drop_database(server.url(), name)
 
 
 @dataclass(frozen=True)
