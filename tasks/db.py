@@ -7,10 +7,11 @@ the embedded server, started on demand. Connection failures become one-line
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -50,6 +51,18 @@ def with_database(url: str, database: str) -> str:
     """The URL pointing at another database on the same server."""
     parts = urlsplit(validate_postgres_url(url))
     return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def libpq_target(url: str) -> tuple[str, dict[str, str]]:
+    """For a client tool (pg_dump, psql...): the connection URI without its password, since argv
+    is visible to every user of the machine, and this process's environment with the password in
+    ``PGPASSWORD``."""
+    parts = urlsplit(validate_postgres_url(url))
+    env = {**os.environ}
+    if parts.password is not None:
+        env["PGPASSWORD"] = unquote(parts.password)
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
+    return urlunsplit(parts), env
 
 
 def database_name(url: str) -> str:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -35,9 +34,9 @@ from tasks.db import (
     connect,
     connection,
     database_name,
+    libpq_target,
     mask_url,
     one_row,
-    validate_postgres_url,
     with_database,
 )
 from tasks.embedded_pg import BIN_DIR
@@ -106,17 +105,6 @@ def pg_binaries(server_major: int, search_path: str | None = None) -> Path:
     )
 
 
-def _libpq(url: str) -> tuple[str, dict[str, str]]:
-    """A connection URI without the password (argv is visible to others) and the env carrying it."""
-    parts = urlsplit(validate_postgres_url(url))
-    env = {**os.environ}
-    if parts.password is not None:
-        env["PGPASSWORD"] = unquote(parts.password)
-        netloc = parts.netloc.replace(f":{parts.password}@", "@", 1)
-        parts = parts._replace(netloc=netloc)
-    return urlunsplit(parts), env
-
-
 def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
     """Run a client tool in its own process group (killed with us if the run is cancelled)."""
     proc = spawn_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -154,7 +142,7 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
     directory.mkdir(parents=True, exist_ok=True)
     name = database_name(url)
     path = directory / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.dump"
-    uri, env = _libpq(url)
+    uri, env = libpq_target(url)
     _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(path), "-d", uri], env, "pg_dump")
     contents = archive_contents(bin_dir, path)
     return Backup(
@@ -194,7 +182,7 @@ def restore_database(url: str, backup: Backup) -> RestoreReport:
     name = database_name(url)
     aside = f"{name[:40]}_pre_restore_{uuid.uuid4().hex[:8]}"
     maintenance = maintenance_url(url)
-    uri, env = _libpq(maintenance)
+    uri, env = libpq_target(maintenance)
     with connect(maintenance, autocommit=True) as conn:
         terminated = _rename(conn, name, aside)
         try:

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.bulk_sources import Column, TableInfo
-from tasks.db import connection, mask_url, one_row
+from tasks.db import connection, libpq_target, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
 
@@ -47,9 +47,11 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     if not tables:
         return
     patterns = [arg for t in tables for arg in ("-t", f'"{t.schema}"."{t.name}"')]
+    source_uri, source_env = libpq_target(source_url)
     dump = subprocess.run(
         [
             str(BIN_DIR / "pg_dump"),
+            "--no-password",
             "--schema-only",
             "--section=pre-data",
             "--no-owner",
@@ -57,8 +59,9 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
             "--no-comments",
             *patterns,
             "--dbname",
-            source_url,
+            source_uri,
         ],
+        env=source_env,
         capture_output=True,
         text=True,
         check=False,
@@ -71,19 +74,22 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
         for schema in sorted({t.schema for t in tables if t.schema}):
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         target_version = conn.info.server_version
+    target_uri, target_env = libpq_target(target_url)
     restore = subprocess.run(
         [
             str(BIN_DIR / "psql"),
+            "--no-password",
             "--no-psqlrc",
             "--quiet",
             "-v",
             "ON_ERROR_STOP=1",
             "--single-transaction",
             "--dbname",
-            target_url,
+            target_uri,
             "-f",
             "-",
         ],
+        env=target_env,
         input=replayable_on(dump.stdout, target_version),
         capture_output=True,
         text=True,

@@ -97,9 +97,9 @@ def test_a_failed_restore_puts_the_database_back(fresh_db, tmp_path):
 
 
 def test_password_goes_to_the_environment_not_the_command_line():
-    from tasks.pg_backup import _libpq
+    from tasks.db import libpq_target
 
-    uri, env = _libpq("postgresql://app:p%40ss%25w@db.example:5433/app?sslmode=require")
+    uri, env = libpq_target("postgresql://app:p%40ss%25w@db.example:5433/app?sslmode=require")
     assert uri == "postgresql://app@db.example:5433/app?sslmode=require"
     assert env["PGPASSWORD"] == "p@ss%w"
 
