@@ -109,6 +109,12 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
         raise UserError(
             f"{mask_url(url)} runs PostgreSQL {conn.info.server_version}; flowyard needs 14 or newer"
         )
+    # As pg_dump and pg_restore do: a chunk copy, a checksum or an index build lasts as long as its
+    # data, and a role's statement_timeout (common in production) would cancel it. Statements that
+    # must stay short (online DDL, backfill batches, health queries) set their own limit.
+    conn.execute("SET statement_timeout = 0")
+    if not autocommit:
+        conn.commit()
     return conn
 
 

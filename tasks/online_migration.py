@@ -216,6 +216,10 @@ def active_plan(target_url: str, state: str, schema: str) -> Plan:
     return record.plan
 
 
+HEALTH_QUERY_TIMEOUT_MS = 30_000
+"""A health query still running after this is a failed check (so it rolls back), not a hung flow."""
+
+
 @task(name="online-health-gate", cache_policy=NO_CACHE)
 def health_gate(target_url: str, query: str, checks: int, interval_seconds: float) -> Decision:
     """Run the user's health query ``checks`` times (read-only); all true → complete, else rollback."""
@@ -223,6 +227,7 @@ def health_gate(target_url: str, query: str, checks: int, interval_seconds: floa
         try:
             with connection(target_url) as conn:
                 conn.execute("SET TRANSACTION READ ONLY")
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{HEALTH_QUERY_TIMEOUT_MS}ms"])
                 row = conn.execute(query).fetchone()
         except Exception as exc:  # noqa: BLE001 - any failure of the user's query means unhealthy
             log.warning("health query failed (%s): rolling back", first_line(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from psycopg import sql
 
@@ -99,3 +100,17 @@ def test_a_role_without_create_gets_one_line_then_works_in_a_schema_made_for_it(
     assert state_url(role_url) == role_url
     with connect(role_url) as conn:
         assert conn.execute("SELECT count(*) FROM flowyard.alembic_version").fetchone()[0] >= 1
+
+
+@pytest.mark.parametrize("autocommit", [False, True])
+def test_a_roles_statement_timeout_does_not_cut_flowyards_sessions(limited_role, fresh_db, autocommit):
+    """A production role often has a short statement_timeout; flowyard's sessions lift it as
+    pg_dump's do, so a long copy, checksum or index build is not cancelled half way."""
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET statement_timeout = '20ms'").format(sql.Identifier(limited_role.name)))
+    with connect(limited_role.url(fresh_db), autocommit=autocommit) as conn:
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"
+        conn.execute("SELECT pg_sleep(0.2)")
+    with psycopg.connect(limited_role.url(fresh_db)) as raw, pytest.raises(psycopg.errors.QueryCanceled):
+        raw.execute("SELECT pg_sleep(0.2)")  # what the role's own sessions get
