@@ -108,7 +108,9 @@ def test_ctrl_c_stops_the_copy_with_one_line_and_the_same_command_resumes(fresh_
     ensure_database(pg.url(), target.rsplit("/", 1)[1])
     args = ["bulk", "copy", fresh_db, "--target", target, "--chunk-rows", "10000", "--validate", "count"]
     err = tmp_path / "stderr.log"
-    with err.open("wb") as sink:
+    # One open connection watches the copy: a new connection per look costs more than a chunk
+    # on a loaded machine, and the copy could end before the test saw two chunks committed.
+    with err.open("wb") as sink, psycopg.connect(target, autocommit=True) as watch:
         cli = spawn_group(
             [sys.executable, "-m", "deployments.cli", *args], cwd=ROOT, env=os.environ, stdout=sink, stderr=sink
         )
@@ -116,7 +118,7 @@ def test_ctrl_c_stops_the_copy_with_one_line_and_the_same_command_resumes(fresh_
         while committed < 2:
             assert cli.poll() is None, err.read_text()[-2000:]
             try:
-                committed = _one(target, "SELECT count(*) FROM flowyard.bulk_chunks")[0]
+                committed = watch.execute("SELECT count(*) FROM flowyard.bulk_chunks").fetchone()[0]
             except psycopg.errors.UndefinedTable:
                 pass
             time.sleep(0.02)
