@@ -108,12 +108,17 @@ def test_ctrl_c_stops_the_copy_with_one_line_and_the_same_command_resumes(fresh_
     ensure_database(pg.url(), target.rsplit("/", 1)[1])
     args = ["bulk", "copy", fresh_db, "--target", target, "--chunk-rows", "10000", "--validate", "count"]
     err = tmp_path / "stderr.log"
-    # One open connection watches the copy: a new connection per look costs more than a chunk
-    # on a loaded machine, and the copy could end before the test saw two chunks committed.
     with err.open("wb") as sink, psycopg.connect(target, autocommit=True) as watch:
-        cli = spawn_group(
-            [sys.executable, "-m", "deployments.cli", *args], cwd=ROOT, env=os.environ, stdout=sink, stderr=sink
-        )
+        # A terminal's foreground job starts with SIGINT at its default. A test run started in the
+        # background by a script (`make test &`) ignores SIGINT, and an ignored signal stays ignored
+        # across exec: the CLI would finish the copy and exit 0 (seen in such a run).
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            cli = spawn_group(
+                [sys.executable, "-m", "deployments.cli", *args], cwd=ROOT, env=os.environ, stdout=sink, stderr=sink
+            )
+        finally:
+            signal.signal(signal.SIGINT, inherited)
         committed = 0
         while committed < 2:
             assert cli.poll() is None, err.read_text()[-2000:]
