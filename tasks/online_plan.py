@@ -715,7 +715,7 @@ class _Planner:
         if fill is not None:
             field_name = "up" if op.up else "column.default"
             work.syncs.append(
-self.sync(c.name, fill, False, True, f"operation {i} (add_column): field '{field_name}'")
+                self.sync(c.name, fill, False, True, f"operation {i} (add_column): field '{field_name}'")
             )
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
@@ -734,9 +734,7 @@ self.sync(c.name, fill, False, True, f"operation {i} (add_column): field '{field
             )
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
-            work.syncs.append(
-self.sync(op.column, op.down, True, True, f"operation {i} (drop_column): field 'down'")
-            )
+            work.syncs.append(self.sync(op.column, op.down, True, True, f"operation {i} (drop_column): field 'down'"))
         self.complete_late.append(
             Step(
                 title=f"drop column {op.table}.{op.column}",
