@@ -10,6 +10,7 @@ GX's pandas datasource. Each rule maps to GX built-ins where GX has one, otherwi
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import itertools
 import threading
 from collections.abc import Iterable
@@ -23,12 +24,13 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 from great_expectations.data_context.types.base import ProgressBarsConfig
+from great_expectations.datasource.fluent import PostgresDatasource
 
 from quality.profiling import table_columns
 from quality.scoring import TableScore, score_rows, score_table
 from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
 from quality.suite_spec import Rule, Suite
-from tasks.db import connection, sqlalchemy_url
+from tasks.db import connect, connection, sqlalchemy_url
 from tasks.errors import UserError, first_line
 
 Backend = Literal["sql", "pandas"]
@@ -173,9 +175,14 @@ class GxSession:
 
     def _postgres(self, url: str) -> Any:
         if url not in self._datasources:
-            self._datasources[url] = self.context.data_sources.add_postgres(
-                self._unique("postgres"), connection_string=sqlalchemy_url(url)
+            datasource = PostgresDatasource(
+                name=self._unique("postgres"),
+                connection_string=sqlalchemy_url(url),
+                # GX's SQLAlchemy sessions are opened by flowyard's ``connect`` like every other:
+                # a role's statement_timeout is lifted (a check lasts as long as its table).
+                kwargs={"creator": functools.partial(connect, url)},
             )
+            self._datasources[url] = self.context.data_sources.add_postgres(datasource=datasource)
         return self._datasources[url]
 
     def _validation(self, suite: Suite, batch_definition: Any, expectations: list[gxe.Expectation]) -> Any:

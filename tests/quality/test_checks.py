@@ -215,3 +215,33 @@ def test_suites_overlap_up_to_max_workers_and_never_more(fresh_db, workers):
     )
     assert peak == workers
     assert [(r.suite, r.row_count, r.success) for r in results] == [(s.name, 2, True) for s in suites]
+
+
+def test_a_roles_statement_timeout_does_not_cut_a_check(limited_role, entity_db):
+    """A production role often has a short statement_timeout. GX's own SQLAlchemy sessions go
+    through flowyard's ``connect`` too, so a check over a large table is not cancelled half way.
+
+    Row-level security makes every query of the role on ``users`` last ≥ 50 ms (one sleep per
+    query, in an InitPlan), longer than the role's 20 ms limit."""
+    rows = injected_users()
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        insert_users(conn, rows)
+        role = psycopg.sql.Identifier(limited_role.name)
+        conn.execute(psycopg.sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(role))
+        conn.execute("ALTER TABLE users ENABLE ROW LEVEL SECURITY")
+        conn.execute(
+            psycopg.sql.SQL("CREATE POLICY slow ON users TO {} USING ((SELECT pg_sleep(0.05)) IS NOT NULL)").format(
+                role
+            )
+        )
+        conn.execute(psycopg.sql.SQL("ALTER ROLE {} SET statement_timeout = '20ms'").format(role))
+    role_url = limited_role.url(entity_db)
+    with psycopg.connect(role_url) as raw, pytest.raises(psycopg.errors.QueryCanceled):
+        raw.execute("SELECT count(*) FROM users")  # what the role's own sessions get
+
+    result = check_table(GxSession(), role_url, USERS, sample_size=3)
+
+    expected = expected_for_users(rows)
+    assert [r.rule for r in result.rules if r.error] == []
+    assert result.row_count == expected.rows
+    assert {name: _by_rule(result)[name].unexpected_count for name in expected.counts} == expected.counts
