@@ -215,10 +215,10 @@ def chunk_jobs(
 
 def run_chunks(
     jobs: list[ChunkJob], runner_kind: str, parallelism: int, dask_address: str | None, progress: Progress
-) -> dict[str, list[ChunkCheckpoint]]:
+) -> list[ChunkCheckpoint]:
     """Submit every chunk to the task runner; report progress as they finish; fail after all settle."""
     logger = get_run_logger()
-    done: dict[str, list[ChunkCheckpoint]] = {}
+    done: list[ChunkCheckpoint] = []
     failures: dict[int, str] = {}
     with build_task_runner(runner_kind, parallelism, dask_address) as runner:
         futures: list[PrefectFuture[ChunkCheckpoint]] = [
@@ -233,7 +233,7 @@ def run_chunks(
                 failures[position[id(future)]] = first_line(str(error))
                 continue
             checkpoint = future.result()
-            done.setdefault(checkpoint.table, []).append(checkpoint)
+            done.append(checkpoint)
             logger.info("progress: %s", progress.advance(checkpoint.rows_written, state.name != "Cached"))
     if failures:
         first, *others = sorted(failures)
@@ -243,6 +243,71 @@ def run_chunks(
             f"{failures[first]}{also}"
         )
     return done
+
+
+def check_parameters(
+    mode: str, validate: list[str], chunk_rows: int, source_url: str, mapping: dict[str, Any] | None
+) -> Mode:
+    """Refuse a bad call in one line before any run is recorded or any target table emptied."""
+    match mode:  # not `in`: a match narrows the str to chunk_load.Mode for type checkers
+        case "full" | "incremental" | "seed":
+            checked: Mode = mode
+        case _:
+            raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
+    if unknown := [c for c in validate if c not in CHECKS]:
+        raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
+    if chunk_rows < 1:
+        raise UserError("chunk_rows must be at least 1")
+    source_kind(source_url)  # a missing file or an unknown kind of source
+    parse_mapping(mapping)
+    return checked
+
+
+def copy_tables(
+    jobs: list[ChunkJob],
+    mode: Mode,
+    runner_kind: str,
+    parallelism: int,
+    dask_address: str | None,
+    progress: Progress,
+) -> list[ChunkCheckpoint]:
+    """Seed mode upserts everything in one transaction; the others copy chunks in parallel."""
+    if mode != "seed":
+        return run_chunks(jobs, runner_kind, parallelism, dask_address, progress)
+    checkpoints = seed_tables(jobs) if jobs else []
+    for c in checkpoints:
+        progress.advance(c.rows_written, True)
+    return checkpoints
+
+
+def validate_tables(
+    plans: list[TablePlan],
+    jobs: dict[str, list[ChunkJob]],
+    checkpoints: list[ChunkCheckpoint],
+    checks: list[str],
+    sample_rows: int,
+) -> tuple[list[TableStat], list[str]]:
+    """Validate each copied table (one Prefect task each); its row of the run's table artifact,
+    and the problems found."""
+    stats: list[TableStat] = []
+    problems: list[str] = []
+    for plan in plans:
+        name = plan.spec.source.qualified
+        validation = TableValidation(name)
+        if checks and jobs[name]:
+            validation = validate_table_task(plan, jobs[name][0], checks, sample_rows)
+        problems += validation.problems
+        mine = [c for c in checkpoints if c.table == name]
+        stats.append(
+            TableStat(
+                plan.spec.target_label,
+                sum(c.rows_written for c in mine),
+                len(plan.chunks),
+                sum(c.seconds for c in mine),
+                validation.summary,
+            )
+        )
+    return stats, problems
 
 
 @flow(name="bulk-migrate")
@@ -271,19 +336,9 @@ def bulk_migrate(
     JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database).
     ``quality_suite`` (optional, see docs/quality.md): data-quality suites checked on the target
     after the copy, failing or warning per ``quality_gate_mode``."""
-    match mode:  # not `in`: a match narrows the str to chunk_load.Mode for type checkers
-        case "full" | "incremental" | "seed":
-            pass
-        case _:
-            raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
-    if unknown := [c for c in validate if c not in CHECKS]:
-        raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
-    if chunk_rows < 1:
-        raise UserError("chunk_rows must be at least 1")
-    source_kind(source_url)  # a missing file, an unknown kind of source or a bad mapping:
-    parse_mapping(mapping)  # refused before any run is recorded
+    load_mode = check_parameters(mode, validate, chunk_rows, source_url, mapping)
     parallelism = get_settings().max_workers if parallelism is None else parallelism
-    check_task_runner(task_runner, parallelism)  # before the run empties any target table
+    check_task_runner(task_runner, parallelism)
     logger = get_run_logger()
     target = state_url(target_url)
     config = {
@@ -323,47 +378,21 @@ def bulk_migrate(
             )
             jobs = {
                 p.spec.source.qualified: chunk_jobs(
-                    p, run.run_key, source_url, target, mode, quarantine, report_rows
+                    p, run.run_key, source_url, target, load_mode, quarantine, report_rows
                 )
                 for p in plans
             }
             progress = Progress(sum(p.est_rows for p in plans), sum(len(j) for j in jobs.values()))
             progress.start(run.run_key)
             all_jobs = [j for table_jobs in jobs.values() for j in table_jobs]
-            if mode == "seed" and all_jobs:
-                checkpoints = seed_tables(all_jobs)
-                for c in checkpoints:
-                    progress.advance(c.rows_written, True)
-            else:
-                checkpoints = [
-                    c
-                    for cs in run_chunks(all_jobs, task_runner, parallelism, dask_address, progress).values()
-                    for c in cs
-                ]
+            checkpoints = copy_tables(all_jobs, load_mode, task_runner, parallelism, dask_address, progress)
 
             for plan in plans:
                 finish_table_task(source_url, target, run.run_key, lineage, plan)
             add_foreign_keys_task(source_url, target, plans)
 
-            report = BulkReport(run.run_key, run.resumed)
-            failures: list[str] = []
-            stats: list[TableStat] = []
-            for plan in plans:
-                table_jobs = jobs[plan.spec.source.qualified]
-                validation = TableValidation(plan.spec.source.qualified)
-                if validate and table_jobs:
-                    validation = validate_table_task(plan, table_jobs[0], validate, sample_rows)
-                failures += validation.problems
-                mine = [c for c in checkpoints if c.table == plan.spec.source.qualified]
-                stat = TableStat(
-                    plan.spec.target_label,
-                    sum(c.rows_written for c in mine),
-                    len(plan.chunks),
-                    sum(c.seconds for c in mine),
-                    validation.summary,
-                )
-                stats.append(stat)
-                report.tables.append(stat.row())
+            stats, failures = validate_tables(plans, jobs, checkpoints, validate, sample_rows)
+            report = BulkReport(run.run_key, run.resumed, [stat.row() for stat in stats])
             report.integrity_problems = check_integrity_task(target, plans)
             failures += report.integrity_problems
             publish_table_artifact(run.run_key, stats)
