@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +40,20 @@ class BenchRuntime:
         return self.server.url(name)
 
 
+def machine_yardstick(iterations: int = 10_000_000) -> float:
+    """Seconds for a fixed pure-Python loop. This VM's CPU speed changes by up to ~2.7x from day
+    to day (docs/benchmarks.md), so every run prints this figure to make runs comparable."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(iterations):
+        total += i
+    return time.perf_counter() - started
+
+
 @contextmanager
 def bench_runtime(keep_dir: Path | None = None, with_prefect: bool = True) -> Iterator[BenchRuntime]:
     """Start PostgreSQL (and the Prefect server) in a temporary directory; stop both on exit."""
+    print(f"machine yardstick: 10M pure-Python additions in {machine_yardstick():.2f} s (lower is faster)")
     home = keep_dir or Path(tempfile.mkdtemp(prefix="flowyard-bench-"))
     settings = Settings(home=home / "home", prefect_port=free_port(), pg_port=free_port())
     server = EmbeddedPostgres(home / "pg", settings.pg_port)
