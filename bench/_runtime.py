@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks import services
 from tasks.db import ensure_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
-from tasks.prefect_runtime import SERVER, prefect_client_env, server_service
+from tasks.prefect_runtime import SERVER, server_service, use_flowyard_api
 from tasks.settings import Settings, get_settings
 
 
@@ -61,7 +61,7 @@ def bench_runtime(keep_dir: Path | None = None, with_prefect: bool = True) -> It
     try:
         ensure_database(server.url(), "flowyard")
         state = server.url("flowyard")
-        os.environ.update(prefect_client_env(settings))
+        use_flowyard_api(settings)
         os.environ.update(
             {
                 "FLOWYARD_HOME": str(settings.home),
@@ -69,7 +69,6 @@ def bench_runtime(keep_dir: Path | None = None, with_prefect: bool = True) -> It
                 "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
             }
         )
-        (settings.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
         get_settings.cache_clear()
         if with_prefect:
             services.start(server_service(settings, state), settings.run_dir)

@@ -1,6 +1,19 @@
 """Prefect flows: one thin module per pipeline, composing tasks from ``tasks``."""
 
+import os
+import sys
 import warnings
+
+from tasks.prefect_runtime import use_flowyard_api
+from tasks.settings import get_settings
+
+# A flow imported straight into Python (a script, a notebook) with no Prefect API configured
+# would start Prefect's ephemeral server on SQLite, which gives "database is locked" under
+# concurrent task runs. Point it at flowyard's server instead, as the CLI does; an API URL set in
+# the environment wins. Prefect fixes its settings when first imported, hence before any flow
+# module imports it.
+if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
+    use_flowyard_api(get_settings())
 
 # Prefect validates a flow's parameters through a pydantic model it generates from the
 # signature. Parameter names the issues ask for (``validate``, ``schema``) shadow BaseModel

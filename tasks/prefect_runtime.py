@@ -45,8 +45,12 @@ def prefect_client_env(settings: Settings) -> dict[str, str]:
 
 
 def use_flowyard_api(settings: Settings) -> None:
-    """Point this process's Prefect client at flowyard's server (never an ephemeral SQLite one)."""
+    """Point this process's Prefect client at flowyard's server (never an ephemeral SQLite one).
+
+    Prefect creates its home directory at import without parents, and warns if it cannot; on a
+    machine where flowyard has not run yet the parents are missing."""
     os.environ.update(prefect_client_env(settings))
+    (settings.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
 
 
 def api_healthy(api_url: str) -> bool:

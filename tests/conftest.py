@@ -36,10 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="flowyard-tests-"))
 TEST_SETTINGS = Settings(home=_SESSION_DIR / "home", prefect_port=free_port(), pg_port=free_port())
 
-from tasks.prefect_runtime import prefect_client_env  # noqa: E402
+from tasks.prefect_runtime import use_flowyard_api  # noqa: E402
 
-os.environ.update(prefect_client_env(TEST_SETTINGS))
-(TEST_SETTINGS.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
+use_flowyard_api(TEST_SETTINGS)
 os.environ["FLOWYARD_HOME"] = str(TEST_SETTINGS.home)
 os.environ["FLOWYARD_PG_PORT"] = str(TEST_SETTINGS.pg_port)
 os.environ["FLOWYARD_PREFECT_PORT"] = str(TEST_SETTINGS.prefect_port)

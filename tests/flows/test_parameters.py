@@ -3,8 +3,12 @@ filters around collection and each test, so only a new process shows what a user
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
 
 from tests.conftest import ROOT
 
@@ -20,3 +24,40 @@ def test_parameters_named_like_pydantic_attributes_validate_without_warnings():
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["['count']", "app"]
     assert "shadows an attribute" not in done.stderr
+
+
+def _plain_python_env(home: str) -> dict[str, str]:
+    """This process's environment as a user's shell has it: flowyard's settings, no Prefect ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["HOME"] = home  # where Prefect's default profile and its SQLite database would live
+    return env
+
+
+def test_a_flow_imported_into_plain_python_runs_on_flowyards_server_not_an_ephemeral_sqlite_one(
+    prefect_api, state_db, tmp_path
+):
+    script = (
+        "from flows.sync_controls import sync_status\n"
+        "state = sync_status(return_state=True)\n"
+        "print(state.name, state.state_details.flow_run_id)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=_plain_python_env(str(tmp_path)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    name, flow_run_id = done.stdout.split()
+    assert name == "Completed"
+    with get_client(sync_client=True) as client:  # the test session's flowyard server
+        assert client.read_flow_run(UUID(flow_run_id)).name
+    assert list(tmp_path.rglob("*.db")) == []
+
+
+def test_a_prefect_api_url_set_in_the_environment_wins(tmp_path):
+    script = "import flows\nfrom prefect.settings import get_current_settings\nprint(get_current_settings().api.url)\n"
+    env = _plain_python_env(str(tmp_path)) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "http://127.0.0.1:9/api"

@@ -230,9 +230,9 @@ def test_a_roles_statement_timeout_does_not_cut_a_check(limited_role, entity_db)
         conn.execute(psycopg.sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {}").format(role))
         conn.execute("ALTER TABLE users ENABLE ROW LEVEL SECURITY")
         conn.execute(
-            psycopg.sql.SQL("CREATE POLICY slow ON users TO {} USING ((SELECT pg_sleep(0.05)) IS NOT NULL)").format(
-                role
-            )
+            psycopg.sql.SQL(
+                "CREATE POLICY slow ON users TO {} USING ((SELECT pg_sleep(0.05)) IS NOT NULL)"
+            ).format(role)
         )
         conn.execute(psycopg.sql.SQL("ALTER ROLE {} SET statement_timeout = '20ms'").format(role))
     role_url = limited_role.url(entity_db)
