@@ -22,9 +22,11 @@ from typing import Any, Literal
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
+import psycopg
 from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.datasource.fluent import PostgresDatasource
+from psycopg import sql
 
 from quality.profiling import table_columns
 from quality.scoring import TableScore, score_rows, score_table
@@ -309,7 +311,8 @@ def require_columns(suite: Suite, columns: set[str], target: str) -> None:
 
 
 def require_table(url: str, suite: Suite, source: TableSource) -> None:
-    """The table, the rules' columns and foreign keys' targets exist (else a one-line UserError)."""
+    """The table, the rules' columns and foreign keys' targets exist and are readable (else a
+    one-line UserError)."""
     with connection(url) as conn:
         columns = {name for name, _type, _kind in table_columns(conn, source.schema, source.table)}
         references = {
@@ -320,16 +323,38 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
             for rule in suite.rules
             if rule.check == "foreign_key"
         }
-    if not columns:
-        raise UserError(
-            f"suite '{suite.name}': table {source.schema}.{source.table} not found; check its table and the schema"
-        )
-    require_columns(suite, columns, f"{source.schema}.{source.table}")
-    for name, ((schema, table, column), found) in references.items():
-        if column not in {c[0] for c in found}:
+        if not columns:
             raise UserError(
-                f"suite '{suite.name}' rule '{name}': referenced {schema}.{table}.{column} not found; fix 'references'"
+                f"suite '{suite.name}': table {source.schema}.{source.table} not found; check its table and the schema"
             )
+        require_columns(suite, columns, f"{source.schema}.{source.table}")
+        used = {rule.column for rule in suite.rules if rule.column} | (
+            {suite.timestamp_column} if suite.timestamp_column else set()
+        )
+        require_readable(conn, suite, source.schema, source.table, used)
+        for name, ((schema, table, column), found) in references.items():
+            if column not in {c[0] for c in found}:
+                raise UserError(
+                    f"suite '{suite.name}' rule '{name}': referenced {schema}.{table}.{column} not found; "
+                    "fix 'references'"
+                )
+            require_readable(conn, suite, schema, table, {column})
+
+
+def require_readable(conn: psycopg.Connection, suite: Suite, schema: str, table: str, columns: set[str]) -> None:
+    """The session may read ``columns`` of the table. GX would report a missing privilege as a
+    failed connection test, with a traceback; a query that reads no row finds it first."""
+    selected = sql.SQL(", ").join(sql.Identifier(c) for c in sorted(columns)) if columns else sql.SQL("1")
+    try:
+        with conn.transaction():
+            conn.execute(
+                sql.SQL("SELECT {} FROM {}.{} LIMIT 0").format(selected, sql.Identifier(schema), sql.Identifier(table))
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise UserError(
+            f"suite '{suite.name}': {first_line(str(exc))} (role {conn.info.user}); "
+            f"grant it SELECT on {schema}.{table}"
+        ) from None
 
 
 def check_table(

@@ -12,6 +12,7 @@ import pytest
 from quality.runner import GxSession, check_file, check_table, run_suites
 from quality.sql_rules import TimeWindow
 from quality.suites import ENTITY_SUITES, USERS
+from tasks.errors import UserError
 from tests.quality.conftest import INFINITY, NOW, expected_for_users, injected_users, insert_users, uid
 
 
@@ -245,3 +246,25 @@ def test_a_roles_statement_timeout_does_not_cut_a_check(limited_role, entity_db)
     assert [r.rule for r in result.rules if r.error] == []
     assert result.row_count == expected.rows
     assert {name: _by_rule(result)[name].unexpected_count for name in expected.counts} == expected.counts
+
+
+def test_a_table_the_role_may_not_read_is_one_line_naming_the_grant(limited_role, entity_db):
+    """GX reports a missing privilege as a failed connection test with a traceback; flowyard
+    names the table and the grant instead, for the checked table and a foreign key's target."""
+    role = psycopg.sql.Identifier(limited_role.name)
+    role_url = limited_role.url(entity_db)
+    with pytest.raises(UserError) as err:
+        check_table(GxSession(), role_url, ENTITY_SUITES["tasks"])
+    assert "permission denied for table tasks" in str(err.value)
+    assert str(err.value).endswith("grant it SELECT on public.tasks") and "\n" not in str(err.value)
+
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("GRANT SELECT ON tasks TO {}").format(role))
+    with pytest.raises(
+        UserError, match=r"permission denied for table projects .*grant it SELECT on public\.projects$"
+    ):
+        check_table(GxSession(), role_url, ENTITY_SUITES["tasks"])
+
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("GRANT SELECT ON projects TO {}").format(role))
+    assert check_table(GxSession(), role_url, ENTITY_SUITES["tasks"]).row_count == 0
