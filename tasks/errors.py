@@ -24,6 +24,17 @@ def first_line(error: BaseException | str) -> str:
     return next(iter(str(error).strip().splitlines()), fallback)
 
 
+def tool_error(stderr: str, exit_code: int) -> str:
+    """The line of a client tool's stderr that says what went wrong.
+
+    pg_dump, pg_restore and psql print the error first and context after it
+    (``pg_dump: error: query failed: ERROR:  permission denied for table users`` followed by
+    ``pg_dump: detail: Query was: LOCK TABLE …``), so the last line alone can hide the cause."""
+    lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line.lower()]
+    return (errors or lines or [f"exit code {exit_code}"])[0 if errors else -1]
+
+
 def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
     """Run an entry point; a UserError becomes ``prog: error: <message>`` on stderr and its exit code.
 

@@ -40,7 +40,7 @@ from tasks.db import (
     with_database,
 )
 from tasks.embedded_pg import BIN_DIR
-from tasks.errors import UserError
+from tasks.errors import UserError, tool_error
 from tasks.integrity import row_counts
 from tasks.process_group import spawn_group, terminate_group
 
@@ -114,8 +114,7 @@ def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
         terminate_group(proc.pid)
         raise
     if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"]
-        raise UserError(f"{what} failed: {lines[-1]}")
+        raise UserError(f"{what} failed: {tool_error(err.decode(errors='replace'), proc.returncode)}")
     return out.decode(errors="replace")
 
 

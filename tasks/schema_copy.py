@@ -23,7 +23,7 @@ from psycopg import sql
 from tasks.bulk_sources import Column, TableInfo
 from tasks.db import connection, libpq_target, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
-from tasks.errors import UserError
+from tasks.errors import UserError, tool_error
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     )
     if dump.returncode != 0:
         raise UserError(
-            f"pg_dump of the source DDL failed ({mask_url(source_url)}): {_last_line(dump.stderr)}"
+            f"pg_dump of the source DDL failed ({mask_url(source_url)}): {tool_error(dump.stderr, dump.returncode)}"
         )
     with connection(target_url) as conn:
         for schema in sorted({t.schema for t in tables if t.schema}):
@@ -97,7 +97,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     )
     if restore.returncode != 0:
         raise UserError(
-            f"creating target tables failed ({mask_url(target_url)}): {_last_line(restore.stderr)}; "
+            f"creating target tables failed ({mask_url(target_url)}): {tool_error(restore.stderr, restore.returncode)}; "
             "create missing types/extensions in the target first"
         )
 
@@ -113,11 +113,6 @@ def replayable_on(script: str, server_version: int) -> str:
     if server_version >= 170000:
         return script
     return script.replace(_TRANSACTION_TIMEOUT, "", 1)
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo) -> None:

@@ -7,7 +7,7 @@ import pytest
 
 from tasks.bulk_sources import Column, TableInfo
 from tasks.db import connection, database_name, drop_database, ensure_database
-from tasks.errors import UserError
+from tasks.errors import UserError, tool_error
 from tasks.schema_copy import copy_table_ddl, create_mapped_table, replayable_on, table_exists
 
 
@@ -61,3 +61,22 @@ def test_replayable_on_drops_only_the_setting_older_servers_lack():
     script = "SET statement_timeout = 0;\nSET transaction_timeout = 0;\nCREATE TABLE t (a int);\n"
     assert replayable_on(script, 160004) == "SET statement_timeout = 0;\nCREATE TABLE t (a int);\n"
     assert replayable_on(script, 170000) == script
+
+
+def test_a_source_table_the_role_may_not_read_names_the_cause_not_pg_dumps_context(limited_role, fresh_db):
+    """pg_dump prints the error, then the query it ran; the message keeps the error."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE secrets (id bigint PRIMARY KEY)")
+    table = TableInfo("secrets", (Column("id", "bigint", True),), schema="public")
+    with pytest.raises(UserError) as err:
+        copy_table_ddl(limited_role.url(fresh_db), fresh_db, [table])
+    message = str(err.value)
+    assert "permission denied for table secrets" in message and "Query was" not in message
+    assert "\n" not in message and limited_role.password not in message
+
+
+def test_a_statement_the_target_rejects_names_psqls_error_line():
+    stderr = 'psql:<stdin>:12: ERROR:  type "mood" does not exist\nLINE 3:     m mood\n              ^\n'
+    assert tool_error(stderr, 3) == 'psql:<stdin>:12: ERROR: type "mood" does not exist'
+    assert tool_error("pg_restore: warning: something\n", 1) == "pg_restore: warning: something"
+    assert tool_error("", 1) == "exit code 1"
