@@ -57,6 +57,16 @@ AFTER_FIX: dict[Phase, str] = {
 }
 
 
+def after_fix(phase: Phase, exc: Exception) -> str:
+    """What to do after a step failed: a refused privilege is fixed by a grant, not in the data."""
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return (
+            f"connect as the tables' owner (or grant the role in the URL that privilege) and run {phase} "
+            "again to resume from this step"
+        )
+    return AFTER_FIX[phase]
+
+
 @dataclass(frozen=True)
 class RunOptions:
     policy: LockPolicy = LockPolicy()
@@ -165,7 +175,7 @@ def run_phase(
                 except USER_FIXABLE as exc:
                     raise UserError(
                         f"{record.name}: {phase} step {n + 1} ({step.title}) failed: {first_line(exc)}; "
-                        + AFTER_FIX[phase]
+                        + after_fix(phase, exc)
                     ) from exc
                 report.steps_run += 1
             set_steps_done(state, record.id, phase, n + 1)

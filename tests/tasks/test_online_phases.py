@@ -6,9 +6,11 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from tasks.db import connect
 from tasks.ddl_retry import LockPolicy
+from tasks.errors import UserError
 from tasks.online_phases import RunOptions
 from tests.online_support import make_schema, plan_for, run
 
@@ -86,3 +88,21 @@ def test_invalid_leftover_index_is_dropped_and_rebuilt(fresh_db: str, state_db: 
         assert conn.execute(
             "SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = 'orders_cust_idx'::regclass"
         ).fetchone() == (True, False)
+
+
+def test_a_privilege_the_role_lacks_is_one_line_saying_to_connect_as_the_owner(
+    limited_role, fresh_db: str, state_db: str
+) -> None:
+    """Advice to "fix the data" would send the user the wrong way."""
+    make_schema(fresh_db, rows=10)
+    spec = {
+        "name": "not_mine",
+        "operations": [{"add_column": {"table": "orders", "column": {"name": "flag", "type": "int"}}}],
+    }
+    role_url = limited_role.url(fresh_db)
+    with pytest.raises(UserError) as err:
+        run(role_url, state_db, plan_for(role_url, state_db, spec), "start")
+    message = str(err.value)
+    assert "step 1 (create version schema public_not_mine) failed: permission denied for database" in message
+    assert "connect as the tables' owner (or grant the role in the URL that privilege)" in message
+    assert "fix the data" not in message and "\n" not in message
