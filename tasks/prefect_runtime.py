@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 
 from tasks import services
-from tasks.db import ensure_database, validate_postgres_url, with_database
+from tasks.db import connection, ensure_database, mask_url, validate_postgres_url, with_database
+from tasks.errors import UserError
 from tasks.settings import Settings
 
 SERVER = "prefect-server"
@@ -64,7 +65,23 @@ def server_database_url(settings: Settings, state_url: str) -> str:
     """Prefect's own database: ``FLOWYARD_PREFECT_DATABASE`` on the state database's server."""
     ensure_database(state_url, settings.prefect_database)
     url = with_database(validate_postgres_url(state_url), settings.prefect_database)
+    require_own_prefect_schema(url, settings.prefect_database)
     return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+
+def require_own_prefect_schema(url: str, database: str) -> None:
+    """On a server several people share, the Prefect database may hold another role's Prefect;
+    the server would then die at start-up on its migrations table, and only its log would say why."""
+    with connection(url) as conn:
+        foreign = conn.execute(
+            "SELECT to_regclass('public.alembic_version') IS NOT NULL"
+            " AND NOT has_table_privilege('public.alembic_version', 'UPDATE')"
+        ).fetchone()
+    if foreign is not None and foreign[0]:
+        raise UserError(
+            f"database {database} ({mask_url(url)}) holds another role's Prefect schema; set "
+            "FLOWYARD_PREFECT_DATABASE to a database of your own, or connect as that role"
+        )
 
 
 def server_service(settings: Settings, state_url: str) -> services.Service:

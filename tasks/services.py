@@ -5,6 +5,7 @@ Each service runs in its own process group, so stopping it also stops whatever i
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,16 +58,32 @@ def start(service: Service, run_dir: Path) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_file(run_dir, service.name)
     with log_path.open("ab") as log:
+        this_start = log.tell()
         proc = spawn_group(service.argv, env=service.env, cwd=service.cwd, stdout=log, stderr=log)
     pid_file(run_dir, service.name).write_text(str(proc.pid))
     deadline = time.monotonic() + service.ready_timeout
     while service.ready is not None and not service.ready():
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(run_dir, service.name)
-            tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-            raise UserError(f"{service.name} did not start (see {log_path}): {tail}")
+            with log_path.open("rb") as log:
+                log.seek(this_start)
+                output = log.read().decode(errors="replace")
+            raise UserError(f"{service.name} did not start (see {log_path}): {failure_cause(output)}")
         time.sleep(0.5)
     return True
+
+
+# ``asyncpg.exceptions.InsufficientPrivilegeError: permission denied …``: an exception line of a
+# traceback, at column 0 (uvicorn's own ``ERROR:    …`` lines are not).
+_EXCEPTION_LINE = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception): \S")
+
+
+def failure_cause(output: str) -> str:
+    """The cause a service that failed to start printed: the first exception line of its output
+    (a chained traceback prints the root cause first, its wrappers after), else its last lines."""
+    lines = output.strip().splitlines()
+    causes = [line.strip() for line in lines if _EXCEPTION_LINE.match(line)]
+    return causes[0] if causes else " | ".join(lines[-3:])
 
 
 def stop(run_dir: Path, name: str, grace_seconds: float = 15.0) -> bool:
