@@ -338,7 +338,7 @@ def bulk_migrate(
     after the copy, failing or warning per ``quality_gate_mode``."""
     load_mode = check_parameters(mode, validate, chunk_rows, source_url, mapping)
     parallelism = get_settings().max_workers if parallelism is None else parallelism
-    check_task_runner(task_runner, parallelism)
+    check_task_runner(task_runner, parallelism)  # before the run empties any target table
     logger = get_run_logger()
     target = state_url(target_url)
     config = {

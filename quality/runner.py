@@ -352,7 +352,7 @@ def require_readable(conn: psycopg.Connection, suite: Suite, schema: str, table:
             )
     except psycopg.errors.InsufficientPrivilege as exc:
         raise UserError(
-            f"suite '{suite.name}': {first_line(str(exc))} (role {conn.info.user}); "
+            f"suite '{suite.name}': {first_line(exc)} (role {conn.info.user}); "
             f"grant it SELECT on {schema}.{table}"
         ) from None
 

@@ -32,7 +32,9 @@ def tool_error(stderr: str, exit_code: int) -> str:
     ``pg_dump: detail: Query was: LOCK TABLE …``), so the last line alone can hide the cause."""
     lines = [" ".join(line.split()) for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if "error:" in line.lower()]
-    return (errors or lines or [f"exit code {exit_code}"])[0 if errors else -1]
+    if errors:
+        return errors[0]
+    return lines[-1] if lines else f"exit code {exit_code}"
 
 
 def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
