@@ -348,7 +348,7 @@ def require_readable(conn: psycopg.Connection, suite: Suite, schema: str, table:
     try:
         with conn.transaction():
             conn.execute(
-                sql.SQL("SELECT {} FROM {}.{} LIMIT 0").format(selected, sql.Identifier(schema), sql.Identifier(table))
+                sql.SQL("SELECT {} FROM {} LIMIT 0").format(selected, sql.Identifier(schema, table))
             )
     except psycopg.errors.InsufficientPrivilege as exc:
         raise UserError(

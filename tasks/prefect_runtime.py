@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tasks import services
-from tasks.db import connection, ensure_database, mask_url, validate_postgres_url, with_database
+from tasks.db import connection, ensure_database, mask_url, one_row, validate_postgres_url, with_database
 from tasks.errors import UserError
 from tasks.settings import Settings
 
@@ -73,11 +73,12 @@ def require_own_prefect_schema(url: str, database: str) -> None:
     """On a server several people share, the Prefect database may hold another role's Prefect;
     the server would then die at start-up on its migrations table, and only its log would say why."""
     with connection(url) as conn:
-        foreign = conn.execute(
+        (foreign,) = one_row(
+            conn,
             "SELECT to_regclass('public.alembic_version') IS NOT NULL"
-            " AND NOT has_table_privilege('public.alembic_version', 'UPDATE')"
-        ).fetchone()
-    if foreign is not None and foreign[0]:
+            " AND NOT has_table_privilege('public.alembic_version', 'UPDATE')",
+        )
+    if foreign:
         raise UserError(
             f"database {database} ({mask_url(url)}) holds another role's Prefect schema; set "
             "FLOWYARD_PREFECT_DATABASE to a database of your own, or connect as that role"

@@ -1,5 +1,6 @@
-"""Flow parameters as users pass them, checked in a fresh interpreter: pytest resets warning
-filters around collection and each test, so only a new process shows what a user's console shows."""
+"""Flows as a user's own Python uses them (their parameters, the Prefect API they report to),
+checked in a fresh interpreter: pytest resets warning filters around collection and each test, and
+Prefect fixes its settings at import, so only a new process shows what a user gets."""
 
 from __future__ import annotations
 
