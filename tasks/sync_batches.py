@@ -189,14 +189,14 @@ def sync_device(
                     failed += 1
                     last_id = ids[-1]
                     continue
+                upload_seconds = time.perf_counter() - started
                 _pause_for_crash_test()
                 device_store.mark_synced(conn, ids, now_ms=device_store.now_ms())
-                elapsed = time.perf_counter() - started
                 uploaded += result.inserted
                 duplicates += result.duplicates
                 batches += 1
                 last_id = ids[-1]
-                size = adapt_batch_size(options.batch_size, classify(len(ids), elapsed, False))
+                size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
             if cursor is not None and error is None:
                 cursor = download_into_store(conn, uploader, cursor)
         finally:

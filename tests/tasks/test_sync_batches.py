@@ -215,3 +215,39 @@ def test_a_recreated_store_reusing_local_ids_is_not_taken_for_duplicates(
             "SELECT min(n), max(n) FROM (SELECT count(*) AS n FROM devflow.events GROUP BY local_id) c"
         ).fetchone()
     assert _central_counts(central) == (600, 600) and per_id == (2, 2)
+
+
+def test_a_slow_local_mark_does_not_shrink_the_next_batch(central: str, tmp_path: Path) -> None:
+    """Only the upload measures the link: a local mark that waits 3 s for the app's write lock
+    (a real second SQLite connection holding ``BEGIN IMMEDIATE``) is not a poor network.
+
+    Counted into the first batch's time, that wait is 3 ms per event: 'poor', and the second
+    batch would hold 50 events. Measured on the upload alone, the second batch holds at least
+    100 ('fair' or better) unless uploading 1000 events to the local PostgreSQL took over a
+    second. Each batch is one central transaction, so the rows' ``xmin`` gives the batch sizes.
+    """
+    store = make_store(tmp_path / "dev.db", 2000, identity=IDENTITY)
+    locked = threading.Event()
+
+    def hold_write_lock() -> None:
+        with device_store.open_store(store) as app, device_store.write_transaction(app):
+            locked.set()
+            time.sleep(3)
+
+    holder = threading.Thread(target=hold_write_lock)
+    holder.start()
+    locked.wait()
+    started = time.monotonic()
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=1000))
+    holder.join()
+    assert time.monotonic() - started >= 2.5  # the first mark really waited for the lock
+    assert (report.uploaded, report.error) == (2000, None)
+    with psycopg.connect(central) as conn:
+        sizes = [
+            n
+            for (n,) in conn.execute(
+                "SELECT count(*) FROM devflow.events GROUP BY xmin::text ORDER BY min(local_id)"
+            )
+        ]
+    assert sum(sizes) == 2000 and sizes[0] == 1000
+    assert sizes[1] >= adapt_batch_size(1000, "fair"), sizes
