@@ -1,11 +1,11 @@
 """Keyset-batched backfill of a live table: short transactions, a rate limit, a checkpoint per batch.
 
-Each batch is one short transaction that reads the keys of its ``batch_size`` rows, then updates
-the rows between the first and the last of them with set-based assignments (``UPDATE ... SET new = up(old)``); the session marks itself with
-``flowyard.backfill = on`` so the per-row sync trigger stands aside (its ``WHEN`` condition, with no
-PL/pgSQL call per row), and runs with the table's
-schema as search_path so the expressions resolve as they do in the trigger.
-Row locks are held for one batch only, the lock-timeout retry of :mod:`tasks.ddl_retry`
+Each batch is one short transaction: it reads the keys of its next ``batch_size`` rows, then
+updates the rows between the first and the last of them with set-based assignments
+(``UPDATE ... SET new = up(old)``). The session marks itself with ``flowyard.backfill = on`` so
+the per-row sync trigger stands aside (its ``WHEN`` condition, with no PL/pgSQL call per row),
+and runs with the table's schema as search_path so the expressions resolve as they do in the
+trigger. Row locks are held for one batch only, the lock-timeout retry of :mod:`tasks.ddl_retry`
 protects application writers, and after each batch the last key is saved, so a crash or a
 cancel resumes from the last finished batch. Re-running a batch is harmless: the trigger
 computes the same values again.
