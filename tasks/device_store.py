@@ -40,11 +40,16 @@ CREATE TABLE IF NOT EXISTS events (
 PRAGMA user_version = 1;
 """
 
-# A random RFC 4122 version-4 UUID in plain SQL, so v1-era writers get sync ids too.
-_UUID4_SQL = (
-    "lower(hex(randomblob(4))) || '-' || lower(hex(randomblob(2))) || '-4' || "
-    "substr(lower(hex(randomblob(2))), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) || "
-    "substr(lower(hex(randomblob(2))), 2) || '-' || lower(hex(randomblob(6)))"
+# An RFC 9562 version-7 UUID in plain SQL, so v1-era writers get sync ids too: the event's own
+# millisecond timestamp in the top 48 bits, 74 random bits below. Ids of events close in time
+# are close in the central registry's primary key and the store's unique index, so a batch
+# inserts into a few adjacent index pages instead of 5,000 random ones (a random version-4 id
+# touches a random leaf page of an index that grows with every device, forever). The masks
+# keep every field in range whatever the column holds, so the id is always well formed.
+_UUID7_SQL = (
+    "printf('%08x-%04x-7%03x-%x%03x-%012x', (events.timestamp & 281474976710655) >> 16, "
+    "events.timestamp & 65535, random() & 4095, 8 + (random() & 3), random() & 4095, "
+    "random() & 281474976710655)"
 )
 
 _V2_COLUMNS = (
@@ -70,7 +75,7 @@ _V2_OBJECTS = (
     "CREATE TRIGGER events_sync_defaults AFTER INSERT ON events "  # noqa: S608
     "WHEN NEW.sync_id IS NULL OR NEW.device_id IS NULL OR NEW.user_id IS NULL OR NEW.project_id IS NULL "
     "BEGIN UPDATE events SET "
-    "sync_id = coalesce(NEW.sync_id, " + _UUID4_SQL + "), "
+    "sync_id = coalesce(NEW.sync_id, " + _UUID7_SQL + "), "
     "device_id = coalesce(NEW.device_id, (SELECT device_id FROM sync_identity)), "
     "user_id = coalesce(NEW.user_id, (SELECT user_id FROM sync_identity)), "
     "project_id = coalesce(NEW.project_id, (SELECT project_id FROM sync_identity)) "
@@ -238,7 +243,7 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
             conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).
         conn.execute(
-            "UPDATE events SET sync_id = " + _UUID4_SQL + ", device_id = ?, user_id = ?, project_id = ?",  # noqa: S608
+            "UPDATE events SET sync_id = " + _UUID7_SQL + ", device_id = ?, user_id = ?, project_id = ?",  # noqa: S608
             (identity.device_id, identity.user_id, identity.project_id),
         )
         for statement in _V2_OBJECTS:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import sqlite3
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,12 +13,18 @@ from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
 
-UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 IDENTITY = Identity("laptop-1", "alice", "proj-x")
 
 
 def _events(conn: sqlite3.Connection) -> list[tuple]:
     return conn.execute("SELECT id, timestamp, event_type, event_data FROM events ORDER BY id").fetchall()
+
+
+def _uuid7_time_ms(sync_id: str) -> int:
+    """The millisecond time a canonical RFC 9562 version-7 id carries; fails on anything else."""
+    parsed = uuid.UUID(sync_id)
+    assert str(parsed) == sync_id and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+    return parsed.int >> 80
 
 
 def _columns(conn: sqlite3.Connection) -> set[str]:
@@ -35,10 +41,11 @@ def test_upgrade_with_data_then_downgrade_keeps_every_event(tmp_path: Path) -> N
         assert device_store.schema_version(conn) == 2
         rows = conn.execute(
             "SELECT sync_id, sync_status, sync_attempts, last_sync_error, synced_at, device_id, user_id, project_id "
-            "FROM events"
+            "FROM events ORDER BY id"
         ).fetchall()
         assert len(rows) == 500
-        assert all(UUID4.match(r[0]) for r in rows)
+        # Version-7 ids carry each event's own time, so they sort like the events.
+        assert [_uuid7_time_ms(r[0]) for r in rows] == [e[1] for e in original]
         assert len({r[0] for r in rows}) == 500
         assert {r[1:] for r in rows} == {("pending", 0, None, None, "laptop-1", "alice", "proj-x")}
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
@@ -51,7 +58,7 @@ def test_upgrade_with_data_then_downgrade_keeps_every_event(tmp_path: Path) -> N
         new = conn.execute(
             "SELECT sync_id, device_id, user_id, project_id, sync_status FROM events ORDER BY id DESC LIMIT 1"
         ).fetchone()
-        assert UUID4.match(new[0]) and new[1:] == ("laptop-1", "alice", "proj-x", "pending")
+        assert _uuid7_time_ms(new[0]) == 1 and new[1:] == ("laptop-1", "alice", "proj-x", "pending")
         device_store.mark_synced(conn, [1, 2], now_ms=device_store.now_ms())
         with_new = _events(conn)
 
