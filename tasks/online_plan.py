@@ -1058,6 +1058,22 @@ class _Planner:
             only_if=only_if,
         )
 
+    def backfilled(self) -> list[_TableWork]:
+        """Tables whose rows start rewrites: each gets a keyset backfill at start and an ANALYZE at complete."""
+        return [w for w in self.tables.values() if any(not s.new_version for s in w.syncs)]
+
+    def analyze_step(self, work: _TableWork) -> Step:
+        """Statistics for the columns complete swapped in. A backfilled shadow column is new to
+        ``pg_statistic`` until an ANALYZE reaches it, so right after complete the planner guesses
+        for every query on it (a key column without statistics made whole-table scans of the next
+        backfill's batches); autovacuum gets there only after its next nap, later on a busy server.
+        ANALYZE reads a fixed-size sample and takes SHARE UPDATE EXCLUSIVE, which writers never wait on."""
+        return Step(
+            title=f"analyze {work.info.name}: statistics for the swapped-in columns",
+            statements=[_render(sql.SQL("ANALYZE {}").format(self.tbl(work.info.name)))],
+            long_running=True,
+        )
+
     def backfill_step(self, work: _TableWork) -> Step:
         info = work.info
         keys = info.primary_key or min(info.unique_keys, key=len, default=[])
@@ -1139,7 +1155,7 @@ class _Planner:
             *self.structural,
             *self.deferred_checks_step(checks),
             *[self.trigger_step(w) for w in synced],
-            *[self.backfill_step(w) for w in self.tables.values() if any(not s.new_version for s in w.syncs)],
+            *[self.backfill_step(w) for w in self.backfilled()],
             *self.not_valid,
             *self.indexes,
             *self.after_indexes,
@@ -1159,6 +1175,7 @@ class _Planner:
                 )
             )
         complete += [s for w in self.tables.values() if (s := self.contract_table(w))]
+        complete += [self.analyze_step(w) for w in self.backfilled() if not w.dropped]
         complete += self.complete_early + self.complete_late + self.table_renames
         if synced:
             complete.append(
