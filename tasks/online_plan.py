@@ -1143,6 +1143,7 @@ class _Planner:
         for i, op in enumerate(self.spec.operations):
             handlers[type(op)](i, op)
         synced = [w for w in self.tables.values() if w.syncs]
+        backfilled = self.backfilled()
         schema_step = Step(
             title=f"create version schema {self.vschema}",
             statements=[
@@ -1155,7 +1156,7 @@ class _Planner:
             *self.structural,
             *self.deferred_checks_step(checks),
             *[self.trigger_step(w) for w in synced],
-            *[self.backfill_step(w) for w in self.backfilled()],
+            *[self.backfill_step(w) for w in backfilled],
             *self.not_valid,
             *self.indexes,
             *self.after_indexes,
@@ -1175,7 +1176,7 @@ class _Planner:
                 )
             )
         complete += [s for w in self.tables.values() if (s := self.contract_table(w))]
-        complete += [self.analyze_step(w) for w in self.backfilled() if not w.dropped]
+        complete += [self.analyze_step(w) for w in backfilled if not w.dropped]
         complete += self.complete_early + self.complete_late + self.table_renames
         if synced:
             complete.append(

@@ -409,7 +409,8 @@ def test_start_then_complete_keeps_data_and_reaches_final_schema(
 def test_complete_leaves_statistics_for_the_swapped_in_column(fresh_db: str, state_db: str) -> None:
     """The bigint column that replaces orders.amount has statistics as soon as complete returns, with
     autovacuum off: without them the planner guesses for every query on the column."""
-    make_schema(fresh_db, rows=3000)  # amount takes 700 distinct values
+    rows = 3000  # amount = g % 700 + 1 takes 700 distinct values
+    make_schema(fresh_db, rows=rows)
     with connect(fresh_db, autocommit=True) as conn:
         conn.execute("ALTER TABLE orders SET (autovacuum_enabled = false)")
         conn.execute("ANALYZE orders")  # the old column has statistics; its shadow will not
@@ -417,17 +418,18 @@ def test_complete_leaves_statistics_for_the_swapped_in_column(fresh_db: str, sta
     run(fresh_db, state_db, plan, "start")
     run(fresh_db, state_db, plan, "complete")
 
-    assert (
-        _scalar(
-            fresh_db,
-            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = 'orders'::regclass AND attname = 'amount'",
-        )
-        == "bigint"
-    )
-    # n_distinct is stored as a fraction of the rows when it grows with the table (-700/3000 here).
-    distinct = "SELECT round(CASE WHEN n_distinct < 0 THEN -n_distinct * 3000 ELSE n_distinct END) FROM pg_stats"
-    assert _scalar(fresh_db, distinct + " WHERE tablename = 'orders' AND attname = 'amount'") == 700
+    with connect(fresh_db, autocommit=True) as conn:
+        amount_type, distinct = conn.execute(
+            """
+            SELECT format_type(a.atttypid, a.atttypmod),
+                   -- NULL without statistics; a negative n_distinct is a fraction of the rows
+                   (SELECT round(CASE WHEN s.n_distinct < 0 THEN -s.n_distinct * %s ELSE s.n_distinct END)
+                    FROM pg_stats s WHERE s.tablename = 'orders' AND s.attname = a.attname)
+            FROM pg_attribute a WHERE a.attrelid = 'orders'::regclass AND a.attname = 'amount'
+            """,
+            (rows,),
+        ).fetchone()
+    assert (amount_type, distinct) == ("bigint", 700)
 
 
 def test_sync_expressions_resolve_types_whatever_the_writers_search_path(
