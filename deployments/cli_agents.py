@@ -74,26 +74,20 @@ def create(
     from tasks.agent_execution import default_agents_dir
     from tasks.agent_process import resolve_workdir
 
-    if not queue.is_priority(priority):
-        raise UserError(f"unknown priority {priority!r}; use one of {', '.join(queue.PRIORITIES)}")
-    if not queue.is_task_type(task_type):
-        raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(queue.TASK_TYPES)}")
-    if not 1 <= len(title) <= 200:
-        raise UserError("the title must have 1 to 200 characters")
-    if workdir:
-        resolve_workdir(default_agents_dir(), workdir, 0)
-    new = queue.NewTask(
-        title=title,
-        agent_type=agent_type,
-        type=task_type,
+    new = queue.NewTask.from_input(
+        title,
+        agent_type,
+        priority,
+        task_type,
         description=description,
-        priority=priority,
         blocked_by=tuple(after or ()),
         payload=_payload(payload),
         workdir=workdir,
         requires_review=review,
         draft=draft,
     )
+    if workdir:
+        resolve_workdir(default_agents_dir(), workdir, 0)
     typer.echo(queue.create_task(_url(database_url), new))
 
 
@@ -177,18 +171,23 @@ def run(
     agents = _agents(agents_file)
     AgentLimits(timeout_seconds=timeout, grace_seconds=grace)  # a bad --timeout/--grace: one line, no flow run
     prepare_flow_run(get_settings())
+    from prefect.exceptions import CancelledRun
+
     from flows.run_agent_queue import run_agent_queue
 
-    summary = run_agent_queue(
-        max_agents=max_agents,
-        database_url=database_url,
-        output_dir=str(output_dir) if output_dir else None,
-        logs_dir=str(logs_dir) if logs_dir else None,
-        agents=agents,
-        timeout_seconds=timeout,
-        grace_seconds=grace,
-        retries=retries,
-    )
+    try:
+        summary = run_agent_queue(
+            max_agents=max_agents,
+            database_url=database_url,
+            output_dir=str(output_dir) if output_dir else None,
+            logs_dir=str(logs_dir) if logs_dir else None,
+            agents=agents,
+            timeout_seconds=timeout,
+            grace_seconds=grace,
+            retries=retries,
+        )
+    except CancelledRun as cancelled:  # through the UI or API: the agents were stopped gracefully
+        raise UserError(f"queue run cancelled: {first_line(cancelled)}") from None
     for task_id, outcome in sorted(summary["outcomes"].items()):
         typer.echo(f"task {task_id}: {outcome}")
     unrun = {**summary["blocked"], **summary["waiting"]}
@@ -233,14 +232,16 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
 
 @app.command()
 def metrics(database_url: DatabaseUrl = None) -> None:
-    """Per agent type: completed, failed, average and total execution time, error rate."""
+    """Per agent type: tasks completed and failed, attempts, average (per attempt) and total
+    execution time, error rate (failed / finished tasks)."""
     from tasks.agent_metrics import agent_metrics
 
     typer.echo(
-        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'avg s':>8} {'total s':>9} {'error rate':>10}"
+        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'attempts':>8} {'avg s':>8} {'total s':>9} "
+        f"{'error rate':>10}"
     )
     for m in agent_metrics(_url(database_url)):
         typer.echo(
-            f"{m.agent_type:<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.average_execution_seconds:>8.2f} "
-            f"{m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"
+            f"{m.agent_type:<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
+            f"{m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"
         )

@@ -4,7 +4,8 @@ DAG: recover tasks of dead workers → loop { claim ready tasks (dependencies co
 ``max_agents`` → run each as ``run-agent`` (retries resume from the last checkpoint,
 ``wait_for`` its dependencies) } → mark tasks blocked by failed dependencies → metrics.
 On cancellation or SIGTERM/SIGINT every running agent is stopped gracefully and its task
-goes back to the queue with a ``graceful_shutdown`` checkpoint.
+goes back to the queue with a ``graceful_shutdown`` checkpoint. A run called in-process (no
+runner to deliver SIGTERM) notices a cancellation through the API and ends ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
+from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover_stale_tasks, run_agent
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import DEFAULT_GRACE_SECONDS, DEFAULT_TIMEOUT_SECONDS, AgentLimits, templates_from
+from tasks.cancel_watch import CancelWatch
 from tasks.state import state_url
 
 
@@ -63,6 +66,8 @@ def run_agent_queue(
     if recovered:
         logger.info("resuming tasks of workers that are gone: %s", recovered)
     attempt = _attempt_tasks(retries)
+    cancel = CancelWatch()
+    released: list[int] | None = None
     outcomes: dict[int, str] = {}
     runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=max_agents)
     with runner, fleet(setup) as agents_fleet:
@@ -86,9 +91,17 @@ def run_agent_queue(
             wait_futures(
                 [f.wrapped_future for f in running.values()], timeout=1.0, return_when=FIRST_COMPLETED
             )
+            if cancel.requested():
+                released = agents_fleet.shutdown("graceful_shutdown: flow run cancelled")
+                break
             for task_id in [t for t, f in running.items() if f.wrapped_future.done()]:
                 finished[task_id] = running.pop(task_id)
                 outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
+    if released is not None:
+        # Prefect makes a returned state the run's final state; a caller never gets the state
+        # object as the value (it gets CancelledRun raised, or the state with return_state=True).
+        message = f"cancelled through the Prefect API; tasks {released} are back in the queue"
+        return cast(dict[str, Any], Cancelled(message=message))
     blocked = queue.blocked_by_failure(url)
     waiting = queue.waiting_for_agents(url, setup.templates)
     for task_id, reason in {**blocked, **waiting}.items():

@@ -13,15 +13,18 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from pydantic import ValidationError
 
 from tasks import agent_queue as queue
 from tasks.agent_process import (
@@ -34,7 +37,7 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.process_group import terminate_group
 from tasks.settings import get_settings
 
@@ -111,16 +114,29 @@ def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int,
     )
 
 
-def publish_artifact(task_id: int, message: ArtifactMessage) -> None:
-    """An agent-reported artifact as a Prefect artifact of the current task run."""
+def publish_artifact(task_id: int, message: ArtifactMessage) -> str | None:
+    """An agent-reported artifact as a Prefect artifact of the current task run.
+
+    Returns why it was not published, or None. An artifact is a side output of the agent's
+    work: one Prefect refuses (table data of the wrong shape, an API rejection) is reported in
+    the task's log while the agent carries on, instead of failing the attempt.
+    """
     key = message.key or f"agent-task-{task_id}"
     description = message.description or f"artifact of agent task {task_id}"
-    if message.type == "link":
-        create_link_artifact(link=str(message.data), key=key, description=description)
-    elif message.type == "table":
-        create_table_artifact(table=message.data, key=key, description=description)
+    try:
+        if message.type == "link":
+            create_link_artifact(link=str(message.data), key=key, description=description)
+        elif message.type == "table":
+            create_table_artifact(table=message.data, key=key, description=description)
+        else:
+            create_markdown_artifact(markdown=str(message.data), key=key, description=description)
+    except ValidationError:
+        reason = "table data must be a list of row objects, a list of row lists or an object of column lists"
+    except httpx.HTTPStatusError as exc:
+        reason = f"the Prefect API refused it ({first_line(exc)})"
     else:
-        create_markdown_artifact(markdown=str(message.data), key=key, description=description)
+        return None
+    return f"artifact {key!r} not published: {reason}"
 
 
 @dataclass
@@ -284,8 +300,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         if isinstance(message, CheckpointMessage):
             queue.record_checkpoint(url, task_id, attempt, message.state)
         log.write(stream, message)
-        if isinstance(message, ArtifactMessage):
-            publish_artifact(task_id, message)
+        if isinstance(message, ArtifactMessage) and (refused := publish_artifact(task_id, message)):
+            log.write("flowyard", LogMessage(kind="log", level="warning", message=refused))
 
     process = AgentProcess(
         job,
@@ -303,10 +319,13 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     try:
         outcome = process.run()
         _finish(setup, task_id, attempt, run_id, outcome)
-    except UserError as exc:
-        # The agent could not be started (missing or not executable command): close the attempt
-        # as failed, so it counts in the metrics and never stays open, then fail without retries.
-        queue.finish_attempt(url, run_id, setup.worker, "failed", error=str(exc))
+    except Exception as exc:
+        # The agent could not be started (UserError: missing or not executable command; not
+        # retried) or a callback failed (a checkpoint or heartbeat write; retried from the last
+        # checkpoint): close the attempt as failed, so it counts in the metrics and never stays
+        # open. The database may be what failed, so closing is best effort.
+        with suppress(psycopg.Error):
+            queue.finish_attempt(url, run_id, setup.worker, "failed", error=first_line(exc))
         raise
     finally:
         log.close()

@@ -1,8 +1,13 @@
-"""Per-agent-type metrics (seed 001's ``Agent.metrics``), computed from ``flowyard.agent_runs``.
+"""Per-agent-type metrics (seed 001's ``Agent.metrics``).
 
-Each attempt is one run: ``completed`` counts successful attempts, ``failed`` counts failed
-and timed-out ones, execution time sums finished attempts, and the error rate is
-failed / (completed + failed). Interrupted attempts (graceful shutdown) count in neither.
+Task counts come from the tasks' final status in ``flowyard.agent_tasks``: a task that
+crashed once and then completed is one completed task, not one failure and one success.
+``tasks_completed`` counts tasks ``completed`` (or waiting in ``review``: the agent's part is
+done), ``tasks_failed`` tasks ``failed``, and the error rate is failed / (completed + failed)
+tasks. Execution time comes from the attempts in ``flowyard.agent_runs``: ``attempts`` counts
+finished attempts that completed, failed or timed out, the total sums their seconds and the
+average is per such attempt. Interrupted attempts (graceful shutdown) are counted apart
+(``interrupted``) and left out of the times.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class AgentTypeMetrics:
     agent_type: str
     tasks_completed: int
     tasks_failed: int
+    attempts: int
     interrupted: int
     total_execution_seconds: float
     average_execution_seconds: float
@@ -31,16 +37,28 @@ def agent_metrics(url: str) -> list[AgentTypeMetrics]:
     with connection(url) as conn:
         rows = conn.execute(
             """
-            SELECT agent_type,
-                   count(*) FILTER (WHERE outcome = 'completed'),
-                   count(*) FILTER (WHERE outcome IN ('failed', 'timeout')),
-                   count(*) FILTER (WHERE outcome = 'interrupted'),
-                   coalesce(sum(seconds) FILTER (WHERE outcome <> 'interrupted'), 0),
-                   coalesce(avg(seconds) FILTER (WHERE outcome <> 'interrupted'), 0),
-                   max(finished_at)
-              FROM flowyard.agent_runs
-             WHERE outcome IS NOT NULL
-             GROUP BY agent_type ORDER BY agent_type
+            WITH tasks AS (
+                SELECT agent_type,
+                       count(*) FILTER (WHERE status IN ('completed', 'review')) AS completed,
+                       count(*) FILTER (WHERE status = 'failed') AS failed
+                  FROM flowyard.agent_tasks
+                 GROUP BY agent_type
+            ), runs AS (
+                SELECT agent_type,
+                       count(*) FILTER (WHERE outcome <> 'interrupted') AS attempts,
+                       count(*) FILTER (WHERE outcome = 'interrupted') AS interrupted,
+                       sum(seconds) FILTER (WHERE outcome <> 'interrupted') AS total,
+                       avg(seconds) FILTER (WHERE outcome <> 'interrupted') AS average,
+                       max(finished_at) AS last
+                  FROM flowyard.agent_runs
+                 WHERE outcome IS NOT NULL
+                 GROUP BY agent_type
+            )
+            SELECT agent_type, coalesce(t.completed, 0), coalesce(t.failed, 0), coalesce(r.attempts, 0),
+                   coalesce(r.interrupted, 0), coalesce(r.total, 0), coalesce(r.average, 0), r.last
+              FROM tasks t FULL JOIN runs r USING (agent_type)
+             WHERE t.completed + t.failed > 0 OR r.agent_type IS NOT NULL
+             ORDER BY agent_type
             """
         ).fetchall()
     return [
@@ -48,11 +66,12 @@ def agent_metrics(url: str) -> list[AgentTypeMetrics]:
             agent_type=r[0],
             tasks_completed=r[1],
             tasks_failed=r[2],
-            interrupted=r[3],
-            total_execution_seconds=round(float(r[4]), 3),
-            average_execution_seconds=round(float(r[5]), 3),
+            attempts=r[3],
+            interrupted=r[4],
+            total_execution_seconds=round(float(r[5]), 3),
+            average_execution_seconds=round(float(r[6]), 3),
             error_rate=round(r[2] / (r[1] + r[2]), 4) if r[1] + r[2] else 0.0,
-            last_execution_at=r[6],
+            last_execution_at=r[7],
         )
         for r in rows
     ]
@@ -71,5 +90,6 @@ def publish_metrics(metrics: list[AgentTypeMetrics]) -> None:
     create_table_artifact(
         table=metrics_table(metrics),
         key="agent-metrics",
-        description="Agent metrics per agent type: completed, failed, execution time, error rate",
+        description="Agent metrics per agent type: tasks completed and failed, attempts, execution time, "
+        "error rate (failed / finished tasks)",
     )

@@ -3,8 +3,9 @@
 An agent is any command, configured per agent type by an :class:`AgentTemplate`. It runs
 in its own process group (``tasks.process_group``) with its working directory inside the
 configured output directory, gets the task on stdin, argv or env, and reports on stdout
-(see ``tasks.agent_protocol``). Whatever happens – normal exit, timeout, graceful shutdown –
-the whole group is gone when :meth:`AgentProcess.run` returns, grandchildren included.
+(see ``tasks.agent_protocol``). Whatever happens – normal exit, timeout, graceful shutdown,
+an exception in a callback – the whole group is gone when :meth:`AgentProcess.run` returns
+or raises, grandchildren included.
 """
 
 from __future__ import annotations
@@ -227,15 +228,19 @@ class AgentProcess:
             )
         except OSError as exc:
             raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
-        self.started.set()
-        if self._on_start is not None:
-            self._on_start(self._proc.pid)
-        self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
-        if self.template.delivery == "stdin":
-            threading.Thread(target=self._write_stdin, args=(self.job.envelope(),), daemon=True).start()
-        outcome = self._pump(self._proc)
-        self._stop_group_leftovers()
-        return outcome
+        try:
+            self.started.set()
+            if self._on_start is not None:
+                self._on_start(self._proc.pid)
+            self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
+            if self.template.delivery == "stdin":
+                threading.Thread(target=self._write_stdin, args=(self.job.envelope(),), daemon=True).start()
+            return self._pump(self._proc)
+        finally:
+            # Also when a callback raised (a database error recording a checkpoint, a heartbeat):
+            # the exception fails the attempt and Prefect starts another agent, so this one's
+            # group must not keep running beside it.
+            self._stop_group_leftovers()
 
     def shutdown(self, reason: str, outcome: Outcome = "interrupted") -> None:
         """Graceful stop, waiting for it: ask for a checkpoint, SIGTERM the group, SIGKILL after grace."""

@@ -61,6 +61,18 @@ class NewTask:
     requires_review: bool = False
     draft: bool = False
 
+    @classmethod
+    def from_input(cls, title: str, agent_type: str, priority: str, task_type: str, **fields: Any) -> NewTask:
+        """A task from untyped input (CLI options, flow parameters), with one-line errors naming
+        the choices instead of the table's constraint names."""
+        if not is_priority(priority):
+            raise UserError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
+        if not is_task_type(task_type):
+            raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
+        if not 1 <= len(title) <= 200:
+            raise UserError("the title must have 1 to 200 characters")
+        return cls(title=title, agent_type=agent_type, priority=priority, type=task_type, **fields)
+
 
 @dataclass(frozen=True)
 class AgentTask:
@@ -174,8 +186,29 @@ def worker_alive(worker: str) -> bool | None:
         return False
 
 
+def _has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in a string or key: PostgreSQL's jsonb cannot
+    store ``\\u0000``, and its error (UntranslatableCharacter) names neither the task nor the fix."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _refuse_nul(value: Any, what: str) -> None:
+    if _has_nul(value):
+        raise UserError(
+            f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store; "
+            "remove it or encode that value (e.g. as base64)"
+        )
+
+
 def create_task(url: str, task: NewTask) -> int:
     """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
+    _refuse_nul(task.payload, f"the payload of task {task.title!r}")
     with _connection(url, atomic=True) as conn:
         if task.blocked_by:
             found = {
@@ -409,6 +442,7 @@ def record_checkpoint(
     url: str, task_id: int, attempt: int, state: dict[str, Any], kind: str = "agent"
 ) -> None:
     """Append to the checkpoint history and make it the task's last checkpoint, in one statement."""
+    _refuse_nul(state, f"the checkpoint of task {task_id} attempt {attempt}")
     value = {"attempt": attempt, "kind": kind, "state": state}
     with _connection(url) as conn:
         conn.execute(

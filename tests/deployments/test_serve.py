@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.serve import DeploymentSpec, read_deployments
+from deployments.serve import DeploymentSpec, read_deployments, to_deployment
 from tasks.errors import UserError
 from tests.conftest import ROOT
 
@@ -13,10 +13,20 @@ def test_every_declared_deployment_loads_its_flow():
     specs = read_deployments(ROOT / "prefect.yaml")
     names = {spec.name for spec in specs}
     assert {"deploy-migrations", "bulk-migrate", "online-migrate", "quality-check", "sync-devices"} <= names
-    assert "run-agent-queue" in names
+    agent_queue = {"run-agent-queue", "agent-task-create", "agent-task-list", "agent-task-cancel", "agent-task-retry"}
+    assert agent_queue <= names
     for spec in specs:
         flow = spec.load_flow()
         assert flow.name == spec.name, "deployment and flow share a name, so API triggers read naturally"
+
+
+def test_the_agent_drain_runs_one_at_a_time_every_minute():
+    """Overlapping drains would run up to twice max_agents agents."""
+    specs = {spec.name: spec for spec in read_deployments(ROOT / "prefect.yaml")}
+    drain, sync = specs["run-agent-queue"], specs["sync-devices"]
+    assert [s.interval for s in drain.schedules] == [60] and drain.concurrency_limit == 1
+    assert to_deployment(drain).concurrency_limit == 1
+    assert [s.interval for s in sync.schedules] == [300]
 
 
 def test_env_templates_resolve_like_prefect_deploy(monkeypatch):

@@ -160,6 +160,10 @@ def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) ->
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
     history = queue.checkpoint_history(qdb, task_id)
     assert [(h["attempt"], h["state"]["step"]) for h in history] == [(1, 1), (1, 2), (2, 3), (2, 4)]
+    metrics = {m["agent_type"]: m for m in state.result()["metrics"]}["reference"]
+    # one task, completed: its crashed first attempt is an attempt, not a failed task
+    assert (metrics["tasks_completed"], metrics["tasks_failed"], metrics["error_rate"]) == (1, 0, 0.0)
+    assert metrics["attempts"] == 2
 
 
 def _task_run_results(flow_state: Any, tasks: int) -> list[Any]:
@@ -417,3 +421,48 @@ def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: P
     _shorten(qdb, task_id, step + 1)
     assert run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))["outcomes"] == {task_id: "completed"}
     assert queue.get_task(qdb, task_id).result["resumed_from"] == step
+
+
+def _flow_run_of(url: str, task_id: int) -> str:
+    """The flow run executing a task, as its attempt recorded it."""
+    with connection(url) as conn:
+        row = conn.execute(
+            "SELECT flow_run_id FROM flowyard.agent_runs WHERE task_id = %s ORDER BY id LIMIT 1", (task_id,)
+        ).fetchone()
+    assert row is not None and row[0], f"task {task_id} has no attempt with a flow run"
+    return str(row[0])
+
+
+def test_cancelling_an_in_process_run_through_the_api_checkpoints_and_ends_cancelled(
+    tmp_path: Path, qdb: str, prefect_api: str
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from deployments.trigger import wait_for_flow_run
+
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    # ``flowyard queue run`` calls the flow in the terminal's process: no runner around it.
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "queue", "run", "--max-agents", "1", "--grace", "2",
+         "--output-dir", str(tmp_path / "agents")],
+        cwd=ROOT,
+        env={**os.environ, "FLOWYARD_DATABASE_URL": qdb},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    running, child = _running_with_child(tmp_path, qdb, task_id)
+    run_id = _flow_run_of(qdb, task_id)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(message="cancelled by test"), force=True)
+    _, err = worker.communicate()
+    assert worker.returncode == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        f"flowyard: error: queue run cancelled: cancelled through the Prefect API; tasks [{task_id}] are back in the queue"
+    )
+    outcome = wait_for_flow_run(prefect_api, run_id)
+    assert outcome.state == "CANCELLED" and f"tasks [{task_id}] are back in the queue" in outcome.message
+    _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
+    assert not _alive(child)
+    assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tasks import agent_queue as queue
 from tasks.agent_process import (
     REFERENCE_TEMPLATE,
     AgentJob,
@@ -22,8 +24,10 @@ from tasks.agent_process import (
     resolve_workdir,
 )
 from tasks.agent_protocol import AgentMessage, CheckpointMessage, LogMessage
+from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members
+from tasks.state import state_url
 
 DEFAULT_LIMITS = AgentLimits()
 
@@ -38,6 +42,19 @@ def _run(
     seen: list[tuple[str, AgentMessage]] = []
     process = AgentProcess(job, template, on_message=lambda s, m: seen.append((s, m)), limits=limits)
     return process.run(), seen, process
+
+
+def _child_pids(messages: list[AgentMessage]) -> list[int]:
+    """The pids the reference agent reports for the children it spawned (``spawn_child``)."""
+    return [
+        int(m.message.rsplit(" ", 1)[1])
+        for m in messages
+        if isinstance(m, LogMessage) and m.message.startswith("spawned child")
+    ]
+
+
+def _any_alive(pids: list[int]) -> bool:
+    return any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
 
 
 def test_workdir_must_stay_inside_the_output_dir(tmp_path: Path) -> None:
@@ -95,14 +112,113 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     outcome, seen, process = _run(job, limits=limits)
     assert outcome.outcome == "timeout"
     assert outcome.killed, "the agent ignores SIGTERM, so SIGKILL must have ended it"
-    child_pids = [
-        int(m.message.rsplit(" ", 1)[1])
-        for _, m in seen
-        if isinstance(m, LogMessage) and m.message.startswith("spawned child")
-    ]
+    child_pids = _child_pids([m for _, m in seen])
     assert child_pids, "the agent spawned a child"
     assert group_members(process.pgid) == []
-    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in child_pids)
+    assert not _any_alive(child_pids)
+
+
+def test_an_exception_in_a_callback_ends_the_group_and_propagates(tmp_path: Path) -> None:
+    """A callback that raises (the database refusing a checkpoint) fails the attempt, and Prefect
+    then starts another agent: the old one's group, SIGTERM-proof child included, must be gone."""
+    seen: list[AgentMessage] = []
+
+    def on_message(stream: str, message: AgentMessage) -> None:
+        seen.append(message)
+        if isinstance(message, CheckpointMessage):
+            raise RuntimeError("the database refused the checkpoint")
+
+    job = _job(tmp_path, {"steps": 1000, "sleep": 0.1, "spawn_child": True, "ignore_term": True})
+    limits = AgentLimits(grace_seconds=0.5)
+    process = AgentProcess(job, REFERENCE_TEMPLATE, on_message=on_message, limits=limits)
+    with pytest.raises(RuntimeError, match="refused the checkpoint"):
+        process.run()
+    assert _child_pids(seen), "the agent spawned a child"
+    assert group_members(process.pgid) == []
+    assert not _any_alive(_child_pids(seen))
+
+
+BAD_TABLE_AGENT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+
+    def say(**message):
+        print(json.dumps(message), flush=True)
+
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    say(kind="log", message=f"group {os.getpgid(0)}")
+    say(kind="artifact", key="scores", type="table", data="not rows")
+    time.sleep(0.5)
+    say(kind="result", data={"after_the_artifact": True})
+    """
+)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_table_artifact_of_the_wrong_shape_is_logged_and_the_agent_runs_on(
+    tmp_path: Path, fresh_db: str
+) -> None:
+    """Prefect refuses the table; that must neither fail the attempt nor leave the agent's group
+    (here a sleeping child) running."""
+    from flows.run_agent_queue import run_agent_queue
+
+    url = state_url(fresh_db)
+    task_id = queue.create_task(url, queue.NewTask(title="bad table", agent_type="tabler"))
+    agents = {"tabler": {"argv": [sys.executable, "-c", BAD_TABLE_AGENT]}}
+    summary = run_agent_queue(max_agents=1, database_url=url, output_dir=str(tmp_path), agents=agents)
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(url, task_id).result == {"after_the_artifact": True}
+    log = [json.loads(line) for line in (tmp_path / "logs" / f"{task_id}.jsonl").read_text().splitlines()]
+    assert [(r["stream"], r["level"], r["message"]) for r in log if r.get("level") == "warning"] == [
+        (
+            "flowyard",
+            "warning",
+            "artifact 'scores' not published: table data must be a list of row objects, "
+            "a list of row lists or an object of column lists",
+        )
+    ]
+    pgid = next(int(r["message"].split()[1]) for r in log if r.get("message", "").startswith("group "))
+    assert group_members(pgid) == []
+
+
+UNSTORABLE_CHECKPOINT_AGENT = textwrap.dedent(
+    """
+    import json, os, subprocess, sys, time
+
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(json.dumps({"kind": "log", "message": f"group {os.getpgid(0)}"}), flush=True)
+    print(json.dumps({"kind": "checkpoint", "state": {"note": "nul \\u0000 here"}}), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_checkpoint_the_database_refuses_fails_the_attempt_and_closes_it(
+    tmp_path: Path, fresh_db: str
+) -> None:
+    """jsonb cannot hold a NUL character, so the checkpoint write in the message callback raises: the
+    attempt must be closed as failed with a one-line reason (never left open), its group ended,
+    and it is not retried (the same checkpoint would fail again)."""
+    from flows.run_agent_queue import run_agent_queue
+
+    url = state_url(fresh_db)
+    task_id = queue.create_task(url, queue.NewTask(title="nul checkpoint", agent_type="nul"))
+    agents = {"nul": {"argv": [sys.executable, "-c", UNSTORABLE_CHECKPOINT_AGENT]}}
+    summary = run_agent_queue(max_agents=1, database_url=url, output_dir=str(tmp_path), agents=agents, retries=0)
+    assert summary["outcomes"][task_id].startswith("failed")
+    with connection(url) as conn:
+        runs = conn.execute(
+            "SELECT outcome, finished_at IS NOT NULL, error FROM flowyard.agent_runs WHERE task_id = %s", (task_id,)
+        ).fetchall()
+    assert [(outcome, closed) for outcome, closed, _ in runs] == [("failed", True)]
+    assert runs[0][2] == (
+        f"the checkpoint of task {task_id} attempt 1 contains a NUL character (\\u0000), which PostgreSQL "
+        "cannot store; remove it or encode that value (e.g. as base64)"
+    )
+    log = [json.loads(line) for line in (tmp_path / "logs" / f"{task_id}.jsonl").read_text().splitlines()]
+    pgid = next(int(r["message"].split()[1]) for r in log if r.get("message", "").startswith("group "))
+    assert group_members(pgid) == []
 
 
 def test_leftover_children_die_with_a_finished_agent(tmp_path: Path) -> None:

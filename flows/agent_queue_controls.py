@@ -1,0 +1,107 @@
+"""The ``flowyard queue`` controls as flows, so the UI, a REST trigger or an automation can use them:
+``agent-task-create``, ``agent-task-list``, ``agent-task-cancel`` and ``agent-task-retry``.
+``queue run`` is the ``run-agent-queue`` flow itself. Each one is a thin wrapper around the same
+``tasks.agent_queue`` functions the CLI calls and returns the tasks as JSON; the list is also
+published as a table artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from pydantic_core import to_jsonable_python
+
+from tasks import agent_queue as queue
+from tasks.agent_execution import default_agents_dir
+from tasks.agent_process import resolve_workdir
+from tasks.errors import UserError
+from tasks.state import state_url
+
+
+@flow(name="agent-task-create")
+def agent_task_create(
+    title: str,
+    agent_type: str = "reference",
+    priority: str = "medium",
+    task_type: str = "task",
+    description: str = "",
+    blocked_by: list[int] | None = None,
+    payload: dict[str, Any] | None = None,
+    workdir: str = "",
+    requires_review: bool = False,
+    draft: bool = False,
+    database_url: str | None = None,
+) -> dict[str, Any]:
+    """Add a task to the queue (``pending``, or ``draft``); returns it as stored.
+
+    ``priority`` and ``task_type`` are plain strings, checked here: a bad value then fails the
+    run with one line naming the choices, not Prefect's parameter-validation dump."""
+    new = queue.NewTask.from_input(
+        title,
+        agent_type,
+        priority,
+        task_type,
+        description=description,
+        blocked_by=tuple(blocked_by or ()),
+        payload=payload or {},
+        workdir=workdir,
+        requires_review=requires_review,
+        draft=draft,
+    )
+    if workdir:
+        resolve_workdir(default_agents_dir(), workdir, 0)
+    url = state_url(database_url)
+    return _as_json(queue.get_task(url, queue.create_task(url, new)))
+
+
+@flow(name="agent-task-list")
+def agent_task_list(status: str | None = None, database_url: str | None = None) -> list[dict[str, Any]]:
+    """The queue (or the tasks in one status), oldest first, with the ``agent-tasks`` table artifact."""
+    if status is not None and status not in queue.STATUSES:
+        raise UserError(f"unknown status {status!r}; use one of {', '.join(queue.STATUSES)}")
+    tasks = queue.list_tasks(state_url(database_url), status)
+    create_table_artifact(
+        [_table_row(t) for t in tasks], key="agent-tasks", description=f"Agent tasks ({status or 'all'})"
+    )
+    return [_as_json(t) for t in tasks]
+
+
+@flow(name="agent-task-cancel")
+def agent_task_cancel(task_id: int, database_url: str | None = None) -> dict[str, Any]:
+    """Cancel a task; a running agent is stopped gracefully within a heartbeat."""
+    url = state_url(database_url)
+    queue.cancel_task(url, task_id)
+    return _as_json(queue.get_task(url, task_id))
+
+
+@flow(name="agent-task-retry")
+def agent_task_retry(task_id: int, database_url: str | None = None) -> dict[str, Any]:
+    """Queue a failed or cancelled task again; it resumes from its last checkpoint."""
+    url = state_url(database_url)
+    queue.retry_task(url, task_id)
+    return _as_json(queue.get_task(url, task_id))
+
+
+def _as_json(task: queue.AgentTask) -> dict[str, Any]:
+    """A task as the flow's result: timestamps as ISO strings, dependencies as a list."""
+    value: dict[str, Any] = to_jsonable_python(asdict(task))
+    return value
+
+
+def _table_row(task: queue.AgentTask) -> dict[str, Any]:
+    """The columns ``flowyard queue list`` shows, for the artifact."""
+    checkpoint = task.last_checkpoint
+    return {
+        "id": task.id,
+        "status": task.status,
+        "priority": task.priority,
+        "agent_type": task.agent_type,
+        "attempts": task.attempts,
+        "checkpoint": f"{checkpoint['kind']}@{checkpoint['attempt']}" if checkpoint else "",
+        "after": ",".join(map(str, task.blocked_by)),
+        "title": task.title,
+        "note": task.blocked_reason or task.error or "",
+    }

@@ -1,0 +1,100 @@
+"""The agent-queue controls as flows (``agent-task-*``): real Prefect server, real queue in PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from flows.agent_queue_controls import agent_task_cancel, agent_task_create, agent_task_list, agent_task_retry
+from tasks import agent_queue as queue
+from tasks.errors import UserError
+from tasks.state import state_url
+from tests.conftest import flow_run_artifacts
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def test_create_stores_priority_dependencies_and_payload(fresh_db: str) -> None:
+    build = agent_task_create("build", database_url=fresh_db)
+    deploy = agent_task_create(
+        "deploy",
+        priority="critical",
+        task_type="story",
+        blocked_by=[build["id"]],
+        payload={"steps": 3},
+        requires_review=True,
+        database_url=fresh_db,
+    )
+    assert json.loads(json.dumps(deploy)) == deploy, "the result is plain JSON"
+    stored = queue.get_task(state_url(fresh_db), deploy["id"])
+    assert (stored.priority, stored.type, stored.status) == ("critical", "story", "pending")
+    assert stored.blocked_by == (build["id"],) and stored.payload == {"steps": 3} and stored.requires_review
+    assert (
+        deploy["blocked_by"] == [build["id"]]
+        and datetime.fromisoformat(deploy["created_at"]) == stored.created_at
+    )
+
+
+def test_list_returns_the_tasks_and_publishes_them_as_a_table(fresh_db: str) -> None:
+    first = agent_task_create("first", database_url=fresh_db)["id"]
+    second = agent_task_create("second", blocked_by=[first], draft=True, database_url=fresh_db)["id"]
+    state = agent_task_list(database_url=fresh_db, return_state=True)
+    assert [(t["id"], t["status"]) for t in state.result()] == [(first, "pending"), (second, "draft")]
+    [artifact] = [a for a in flow_run_artifacts(state) if a.key == "agent-tasks"]
+    rows = json.loads(artifact.data)
+    assert [(r["id"], r["title"], r["after"]) for r in rows] == [
+        (first, "first", ""),
+        (second, "second", str(first)),
+    ]
+    assert [t["id"] for t in agent_task_list(status="draft", database_url=fresh_db)] == [second]
+
+
+def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> None:
+    url = state_url(fresh_db)
+    task_id = agent_task_create("flaky", database_url=fresh_db)["id"]
+    assert agent_task_cancel(task_id, database_url=fresh_db)["status"] == "cancelled"
+    assert queue.get_task(url, task_id).status == "cancelled"
+    assert agent_task_retry(task_id, database_url=fresh_db)["status"] == "pending"
+    [claimed] = queue.claim_ready(url, "test-worker", 1)
+    queue.fail_task(url, claimed.id, "test-worker", "agent crashed")
+    assert queue.get_task(url, task_id).status == "failed"
+    retried = agent_task_retry(task_id, database_url=fresh_db)
+    assert retried["status"] == "pending" and retried["error"] is None
+    assert [t.id for t in queue.claim_ready(url, "test-worker", 1)] == [task_id], "ready to run again"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda url: agent_task_cancel(999999, database_url=url), "no agent task 999999; list tasks with"),
+        (lambda url: agent_task_retry(999999, database_url=url), "no agent task 999999; list tasks with"),
+        (
+            lambda url: agent_task_create("x", priority="urgent", database_url=url),
+            "unknown priority 'urgent'; use one of critical, high",
+        ),
+        (
+            lambda url: agent_task_create("x", blocked_by=[999999], database_url=url),
+            "unknown dependency task id(s) [999999]",
+        ),
+        (
+            lambda url: agent_task_list(status="done", database_url=url),
+            "unknown status 'done'; use one of draft",
+        ),
+    ],
+    ids=["cancel-unknown-id", "retry-unknown-id", "bad-priority", "unknown-dependency", "bad-status"],
+)
+def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:
+    with pytest.raises(UserError) as raised:
+        call(fresh_db)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+    assert queue.list_tasks(state_url(fresh_db)) == [], "nothing was created"
+
+
+def test_retrying_a_pending_task_says_which_states_allow_it(fresh_db: str) -> None:
+    task_id = agent_task_create("fine", database_url=fresh_db)["id"]
+    with pytest.raises(
+        UserError, match=rf"^cannot retry task {task_id}: it is pending \(possible from: failed"
+    ):
+        agent_task_retry(task_id, database_url=fresh_db)
