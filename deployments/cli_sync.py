@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,6 +14,7 @@ from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
+from tasks.sync_setup import NewStore, SetupChange, apply_setup
 
 app = typer.Typer(
     help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
@@ -75,41 +76,28 @@ def configure(
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
-    if add_store is not None:  # before saving anything: all or nothing
-        with device_store.open_store(add_store):  # a missing, non-SQLite or corrupt file is refused here
-            pass
-    state = state_url()
-    if remove_store is not None:
-        sync_state.require_device(state, remove_store)
-    sync_state.update_config(
-        state,
-        {
-            "enabled": enable,
-            "central_url": central_url,
-            "batch_size": batch_size,
-            "download_updates": download_updates,
-        },
-        privacy={"allowlist": tuple(allow) if allow else None, "mode": privacy_mode, "hash_key": hash_key},
-        alerts={
-            "queue_threshold": queue_threshold,
-            "failure_rate": failure_rate,
-            "offline_seconds": offline_seconds,
-        },
+    new_store = NewStore(add_store, device_id, user_id, project_id) if add_store is not None else None
+    result = apply_setup(
+        None,
+        SetupChange(
+            enabled=enable,
+            central_url=central_url,
+            batch_size=batch_size,
+            download_updates=download_updates,
+            allow=tuple(allow or ()),
+            privacy_mode=privacy_mode,
+            hash_key=hash_key,
+            queue_threshold=queue_threshold,
+            failure_rate=failure_rate,
+            offline_seconds=offline_seconds,
+            add_store=new_store,
+            remove_store=remove_store,
+        ),
     )
     typer.echo("configuration saved")
-    if add_store is not None:
-        device = device_id or add_store.stem
-        # Re-pointing a known device keeps the user and project it has unless they are given.
-        known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
-        identity = device_store.Identity(
-            device,
-            user_id or (known.user_id if known else "unknown"),
-            project_id or (known.project_id if known else "default"),
-        )
-        sync_state.register_device(state, add_store, identity)
-        typer.echo(f"added device {identity.device_id}: {add_store.resolve()}")
+    if result.added is not None and add_store is not None:
+        typer.echo(f"added device {result.added.device_id}: {add_store.resolve()}")
     if remove_store is not None:
-        sync_state.remove_device(state, remove_store)
         typer.echo(f"removed device {remove_store}")
     status()
 
@@ -121,22 +109,42 @@ def trigger(
     central_url: Annotated[str | None, typer.Option(help="Override the configured central URL.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
-    """Run the ``sync-devices`` flow now and print the per-device results."""
+    """Run the ``sync-devices`` flow now and print the per-device results.
+
+    A run where some device did not sync fully ends Failed but still carries every device's
+    outcome: those are printed first, then the run's one-line summary is the error."""
     from deployments.runtime import prepare_flow_run
 
     for path in store or []:
         device_store.check_store_path(Path(path).resolve())  # a typo: one line, before any server starts
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
+    from tasks.sync_report import SyncIncomplete
 
-    result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
+    try:
+        result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
+    except SyncIncomplete as incomplete:  # every device's outcome first, then the one-line summary
+        _print_outcomes(incomplete.result)
+        raise
+    _print_outcomes(result)
+
+
+def _print_outcomes(result: dict[str, Any]) -> None:
     for device, outcome in sorted(result.get("devices", {}).items()):
-        typer.echo(
-            f"{device}: uploaded={outcome['uploaded']} duplicates={outcome['duplicates']} "
-            f"failed={outcome['failed']} pending={outcome['pending_after']}"
-        )
+        typer.echo(_outcome_line(device, outcome))
     if "skipped" in result:
         typer.echo(f"skipped: {result['skipped']}")
+
+
+def _outcome_line(device: str, outcome: dict[str, Any]) -> str:
+    """One device's line; a store that could not be opened at all has only its error."""
+    counts = (
+        f"uploaded={outcome['uploaded']} duplicates={outcome['duplicates']} "
+        f"failed={outcome['failed']} pending={outcome['pending_after']}"
+        if "uploaded" in outcome
+        else "not synced"
+    )
+    return f"{device}: {counts}" + (f" error={outcome['error']}" if outcome.get("error") else "")
 
 
 @app.command()

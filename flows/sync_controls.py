@@ -1,13 +1,15 @@
 """The ``flowyard sync`` controls as flows, so the UI, a REST trigger or an automation can use them:
 ``sync-status``, ``sync-history`` and ``sync-configure`` (which also enables/disables devices).
 ``sync trigger`` is the ``sync-devices`` flow itself. Each one is a thin wrapper around the same
-``tasks.sync_state`` functions the CLI calls, and publishes its answer as a table artifact.
+``tasks.sync_state`` / ``tasks.sync_setup`` functions the CLI calls; status and history publish
+their answer as a table artifact.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -15,6 +17,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks import sync_state
 from tasks.state import state_url
+from tasks.sync_setup import NewStore, SetupChange, apply_setup
 
 
 @flow(name="sync-status")
@@ -43,23 +46,44 @@ def sync_configure(
     central_url: str | None = None,
     batch_size: int | None = None,
     download_updates: bool | None = None,
+    allow: list[str] | None = None,
+    privacy_mode: str | None = None,
+    hash_key: str | None = None,
+    queue_threshold: int | None = None,
+    failure_rate: float | None = None,
+    offline_seconds: int | None = None,
+    add_store: str | None = None,
+    device_id: str | None = None,
+    user_id: str | None = None,
+    project_id: str | None = None,
+    remove_store: str | None = None,
     enable_devices: list[str] | None = None,
     disable_devices: list[str] | None = None,
     state_database_url: str | None = None,
 ) -> dict[str, Any]:
-    """Change settings (None keeps the current value) and switch devices on or off."""
-    state = state_url(state_database_url)
-    config = sync_state.update_config(
-        state,
-        {
-            "enabled": enabled,
-            "central_url": central_url,
-            "batch_size": batch_size,
-            "download_updates": download_updates,
-        },
+    """Everything ``flowyard sync configure`` does (None keeps the current value), plus switching
+    devices on or off; every device id is checked before anything is saved.
+
+    ``allow`` replaces the privacy allowlist. ``hash_key`` and ``central_url`` are kept with the
+    run's parameters on the Prefect server; the returned configuration leaves both out.
+    """
+    result = apply_setup(
+        state_database_url,
+        SetupChange(
+            enabled=enabled,
+            central_url=central_url,
+            batch_size=batch_size,
+            download_updates=download_updates,
+            allow=tuple(allow or ()),
+            privacy_mode=privacy_mode,
+            hash_key=hash_key,
+            queue_threshold=queue_threshold,
+            failure_rate=failure_rate,
+            offline_seconds=offline_seconds,
+            add_store=NewStore(Path(add_store), device_id, user_id, project_id) if add_store else None,
+            remove_store=remove_store,
+            enable_devices=tuple(enable_devices or ()),
+            disable_devices=tuple(disable_devices or ()),
+        ),
     )
-    for device in enable_devices or []:
-        sync_state.set_enabled(state, device, True)
-    for device in disable_devices or []:
-        sync_state.set_enabled(state, device, False)
-    return config.model_dump(mode="json", exclude={"central_url": True, "privacy": {"hash_key"}})
+    return result.config.model_dump(mode="json", exclude={"central_url": True, "privacy": {"hash_key"}})

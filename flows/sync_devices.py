@@ -4,7 +4,8 @@ One mapped task per device store, on a bounded thread pool. Each device uploads 
 events in adaptive batches (COPY + ``ON CONFLICT DO NOTHING`` on sync id and origin) and only
 then marks them synced locally, so a crash re-sends and central keeps one copy. A corrupt or locked
 store fails its own task with a one-line message; the other devices still sync, and the
-run fails at the end naming the devices that need attention.
+run ends Failed with a one-line message naming the devices that need attention, its result
+still holding every device's cursors and outcome.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
-from tasks.sync_report import settle_device
+from tasks.sync_report import SyncIncomplete, settle_device
 from tasks.sync_state import SyncTarget, default_central_url, resolve_targets
 from tasks.task_runners import thread_pool
 
@@ -52,7 +53,8 @@ def sync_devices(
     """Sync the given stores (default: the devices set up with ``flowyard sync configure``).
 
     ``force`` also syncs disabled devices and retries failed events before their backoff ends.
-    Returns each device's cursors and outcome (the run's persisted state).
+    Returns each device's cursors and outcome (the run's persisted result); when a device did
+    not sync fully, raises :class:`SyncIncomplete` carrying that same result.
     """
     logger = get_run_logger()
     # A malformed override is the caller's typo, not an outage: refuse it before any device is
@@ -95,7 +97,9 @@ def sync_devices(
         key="sync-devices-run",
         description="Per-device sync results",
     )
+    run_result = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
     errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
     if errors:
-        raise UserError(f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors))
-    return {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
+        summary = f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors)
+        raise SyncIncomplete(summary, run_result)
+    return run_result

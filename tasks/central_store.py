@@ -234,6 +234,22 @@ def month_start(ts_ms: int) -> date:
     return date(moment.year, moment.month, 1)
 
 
+def _month_range(timestamps_ms: Sequence[int]) -> tuple[date, date]:
+    """The first and last month of a batch.
+
+    A local ``timestamp`` may hold anything (SQLite keeps text or a year-10000 value in an
+    INTEGER column); such a time is that row's bad data, raised as :class:`psycopg.DataError`
+    like the values PostgreSQL refuses, so the upload isolates the row instead of failing
+    the device on every run.
+    """
+    try:
+        return month_start(min(timestamps_ms)), month_start(max(timestamps_ms))
+    except (TypeError, ValueError, OverflowError, OSError) as exc:
+        raise psycopg.DataError(
+            f"event time is not Unix milliseconds within the years 1-9999 ({exc})"
+        ) from None
+
+
 def _partition_name(month: date) -> str:
     return f"events_y{month.year:04d}m{month.month:02d}"
 
@@ -256,10 +272,23 @@ class CentralSession:
     def __init__(self, url: str, *, application_name: str = "flowyard-sync") -> None:
         self.url = url
         self.conn: psycopg.Connection = connect(url, application_name=application_name)
-        self.conn.execute("SET TIME ZONE 'UTC'")
-        self.conn.execute(_TEMP_TABLE)
-        self.conn.commit()
-        self._months = self._existing_months()
+        try:
+            self.conn.execute("SET TIME ZONE 'UTC'")
+            self._ensure_schema()
+            self.conn.execute(_TEMP_TABLE)
+            self.conn.commit()
+            self._months = self._existing_months()
+        except BaseException:
+            self.conn.close()  # a half-built session must not hold a server connection
+            raise
+
+    def _ensure_schema(self) -> None:
+        """Create or upgrade the schema when it is missing: the run's own schema step could not
+        reach central, or the schema was dropped since. The origin index is the last object
+        :func:`ensure_schema` builds, in one transaction, so its presence means the schema is
+        complete; checking it costs one catalog lookup per session, not the DDL's table locks."""
+        if one_row(self.conn, "SELECT to_regclass(%s)", (_ORIGIN_INDEX,))[0] is None:
+            ensure_schema(self.url)
 
     def close(self) -> None:
         self.conn.close()
@@ -276,7 +305,7 @@ class CentralSession:
 
     def ensure_partitions(self, timestamps_ms: Sequence[int]) -> None:
         """Create the month partitions a batch needs (own short transaction, before the upload)."""
-        lo, hi = month_start(min(timestamps_ms)), month_start(max(timestamps_ms))
+        lo, hi = _month_range(timestamps_ms)
         if lo == hi and lo in self._months:
             return
         needed = {month_start(ts) for ts in timestamps_ms} - self._months

@@ -6,8 +6,10 @@ mark them synced locally. The local mark comes strictly after the central commit
 crash in between only means the batch is sent again, and central keeps one copy; events
 central already holds (re-sent, or back under new sync ids after a downgrade and
 re-upgrade) count as duplicates and are marked synced too. A batch that cannot be uploaded after
-a few quick reconnect attempts is marked failed (attempts and error recorded, retried after
-backoff on a later run); it is never dropped.
+a few quick reconnect attempts, or that central refuses for a reason other than its rows'
+data (missing schema objects, privileges), is marked failed as a whole (attempts and error
+recorded, retried after backoff on a later run); it is never dropped. Only a data error is
+bisected down to the offending events.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tasks import device_store
 from tasks.central_store import CentralSession, UploadResult, UploadRow
 from tasks.db import mask_url
 from tasks.device_store import Identity, LocalEvent
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.privacy_filter import PrivacyPolicy, compile_filter
 
 PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
@@ -36,6 +38,11 @@ Quality = Literal["excellent", "good", "fair", "poor"]
 # Seed §6.2 sizes (1000/500/100/50) as fractions of the configured batch size.
 _QUALITY_SHARE: dict[Quality, float] = {"excellent": 1.0, "good": 0.5, "fair": 0.1, "poor": 0.05}
 MIN_BATCH = 10
+REFUSED_DATA = (psycopg.DataError, psycopg.IntegrityError)
+"""What an upload raises for rows central will not store (a malformed sync id or JSON, a NUL
+byte, a time out of range, a missing value): only these are bisected down to the bad events.
+Any other error is about the connection, the schema or privileges, and would fail every
+single event the same way."""
 
 
 @dataclass(frozen=True)
@@ -105,14 +112,21 @@ class _Uploader:
         return self.session
 
     def upload(self, rows: list[UploadRow]) -> UploadResult:
+        """Upload one batch; raises a :data:`REFUSED_DATA` error for the caller to bisect, or
+        :class:`_UploadFailed` when the batch as a whole cannot go now."""
         last_error: Exception | None = None
         for attempt in range(self.options.upload_attempts):
             try:
                 return self.session_or_connect().upload(rows)
-            except (psycopg.OperationalError, psycopg.errors.DeadlockDetected, UserError) as exc:
+            except REFUSED_DATA:
+                raise
+            except (psycopg.OperationalError, UserError) as exc:  # cut, refused, deadlock: reconnect
                 last_error = exc
                 self.close()
                 time.sleep(self.options.reconnect_backoff_seconds * 2**attempt)
+            except psycopg.Error as exc:  # schema or privileges: a retry now would fail the same way
+                self.close()
+                raise _UploadFailed(_one_line(exc, self.options.central_url)) from None
         raise _UploadFailed(_one_line(last_error, self.options.central_url))
 
     def close(self) -> None:
@@ -128,9 +142,10 @@ class _UploadFailed(Exception):
     pass
 
 
-def _one_line(exc: Exception | None, url: str) -> str:
-    text = " ".join(str(exc).split()) if exc else "unknown error"
-    return f"upload to {mask_url(url)} failed: {text}"
+def _one_line(exc: Exception | None, url: str, action: str = "upload to") -> str:
+    """The error a report and the store record: PostgreSQL's LINE/DETAIL/CONTEXT lines dropped."""
+    text = first_line(exc) if exc else "unknown error"
+    return f"{action} {mask_url(url)} failed: {text}"
 
 
 def _pause_for_crash_test() -> None:
@@ -180,7 +195,7 @@ def sync_device(
                     failed += len(ids)
                     size = adapt_batch_size(options.batch_size, "poor")
                     break
-                except psycopg.Error as exc:  # central refused this data: bisect down to the bad events
+                except REFUSED_DATA as exc:  # central refused this data: bisect down to the bad events
                     if len(ids) > 1:
                         size = max(1, len(ids) // 2)
                         continue
@@ -198,7 +213,10 @@ def sync_device(
                 last_id = ids[-1]
                 size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
             if cursor is not None and error is None:
-                cursor = download_into_store(conn, uploader, cursor)
+                try:
+                    cursor = download_into_store(conn, uploader, cursor)
+                except (psycopg.Error, UserError) as exc:  # the uploads stand; the old cursor is kept
+                    error = _one_line(exc, options.central_url, "download from")
         finally:
             uploader.close()
         after = device_store.counts(conn)

@@ -10,8 +10,23 @@ from typing import Any
 from uuid import UUID
 
 from tasks import sync_alerts, sync_state
+from tasks.errors import UserError, first_line
 from tasks.sync_batches import DeviceReport
 from tasks.sync_state import SyncConfig, SyncTarget
+
+
+class SyncIncomplete(UserError):
+    """Some devices did not sync fully. Raised by the flow so the run ends Failed with a
+    one-line message (and a direct Python call raises, as for any failed flow), while
+    ``result`` keeps every device's cursors and outcome: Prefect persists the exception as the
+    failed run's result, so the devices that did sync are not lost from the run's state."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type[SyncIncomplete], tuple[str, dict[str, Any]]]:
+        return (type(self), (str(self), self.result))  # the result survives persistence
 
 
 @dataclass(frozen=True)
@@ -36,13 +51,15 @@ def settle_device(
     """Record one device's result (a report, or the exception its task failed with) and alert.
 
     ``offline_since`` is :attr:`sync_state.Device.offline_since`; None for a device first seen now.
+    An exception is reduced to its first line: a PostgreSQL or SQLite message can carry
+    DETAIL/CONTEXT lines that would break the table row, the history and the run's message.
     """
     report = result if isinstance(result, DeviceReport) else None
-    if report:
-        error = report.error
-        sync_state.record_device_run(state_url, flow_run_id, report)
+    if isinstance(result, DeviceReport):
+        error = result.error
+        sync_state.record_device_run(state_url, flow_run_id, result)
     else:
-        error = str(result)
+        error = first_line(result)
         sync_state.record_device_error(state_url, flow_run_id, target.device_id, target.store, error)
     alerts = sync_alerts.evaluate(target.device_id, report, offline_since, config.alerts, datetime.now(UTC))
     sync_alerts.emit(alerts, logger)

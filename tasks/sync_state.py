@@ -7,6 +7,9 @@ cursor (last local id uploaded, download cursor), status and a history row.
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -148,20 +151,76 @@ def resolve_targets(
     """Explicit store paths, or else the configured devices (enabled ones unless ``force``)."""
     pull = config.download_updates if download is None else download
     if stores:
-        targets = []
-        for store in stores:
-            path = Path(store).expanduser().resolve()
-            device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
-            known = device_for_store(state, path)
-            identity = known.identity if known else Identity(path.stem, "unknown", "default")
-            cursor = known.download_cursor if known else 0
-            targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
-        return targets
+        return _store_targets(state, stores, pull)
     return [
         SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None)
         for d in list_devices(state, registered_only=True)
         if d.enabled or force
     ]
+
+
+def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget]:
+    """Targets for explicit store paths, each under its own device id.
+
+    A store flowyard has synced before keeps its device row's identity; one upgraded before
+    (``sync migrate up``, another flowyard) the identity recorded in it; a new one gets
+    :func:`new_device_id`, avoiding every id flowyard knows and the ids of this run's other
+    stores, so two ``devflow.db`` files never share a lock, a state row or central's origin key.
+    """
+    paths = [Path(store).expanduser().resolve() for store in stores]
+    for path in paths:
+        device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
+    known = {path: device_for_store(state, path) for path in paths}
+    found = {path: device.identity if (device := known[path]) else recorded_identity(path) for path in paths}
+    new_stems = Counter(path.stem for path, identity in found.items() if identity is None)
+    taken = (
+        {d.device_id for d in list_devices(state)}
+        | {identity.device_id for identity in found.values() if identity}
+        | {stem for stem, count in new_stems.items() if count > 1}
+    )
+    targets = []
+    for path in paths:
+        identity = found[path] or Identity(new_device_id(path, taken), "unknown", "default")
+        cursor = device.download_cursor if (device := known[path]) else 0
+        targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
+    return targets
+
+
+def recorded_identity(store: Path) -> Identity | None:
+    """The identity a v2 store was upgraded with; None for a v1 store, or for one that cannot
+    be read now (a corrupt or locked store fails its own task later, with the reason)."""
+    try:
+        with device_store.open_store(store, busy_timeout=1.0) as conn:
+            if device_store.schema_version(conn) < device_store.V2:
+                return None
+            return device_store.identity_of(conn)
+    except UserError:
+        return None
+
+
+def default_device_id(state: str, store: Path) -> str:
+    """The id a store registered without one gets: the id flowyard or the store itself already
+    has, else :func:`new_device_id` avoiding every id flowyard knows (so registering a second
+    ``devflow.db`` adds a device instead of re-pointing the first)."""
+    path = store.expanduser().resolve()
+    if (device := device_for_store(state, path)) is not None:
+        return device.identity.device_id
+    if (identity := recorded_identity(path)) is not None:
+        return identity.device_id
+    return new_device_id(path, {d.device_id for d in list_devices(state)})
+
+
+def new_device_id(store: Path, taken: Collection[str] = ()) -> str:
+    """A device id for a store that has none yet: its file stem (``laptop-1.db``: ``laptop-1``),
+    or, when that id is taken (the DevFlow app names every store ``devflow.db``), the stem plus
+    the first 8 hex digits of the SHA-256 of the store's absolute path.
+
+    Stable: the first sync records the id in the store (its v2 upgrade), and later runs read
+    it back from there or from the device's row.
+    """
+    if store.stem not in taken:
+        return store.stem
+    return f"{store.stem}-{hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:8]}"
 
 
 def _identity_fields(identity: Identity) -> tuple[str, str, str]:

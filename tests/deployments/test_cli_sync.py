@@ -10,6 +10,7 @@ import pytest
 
 from tasks import device_store, sync_state
 from tasks.db import mask_url
+from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters, make_store
 from tests.conftest import run_cli
 
@@ -123,17 +124,63 @@ def test_control_flows_and_demo_parameters(fresh_db: str, state_db: str, tmp_pat
         sync_state.save_config(state_db, saved)
 
 
-def test_trigger_with_a_corrupt_store_ends_in_one_line_without_traceback(
+def test_trigger_with_a_corrupt_store_prints_every_device_then_fails_in_one_line(
     fresh_db: str, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"junk" * 300)
-    out = run_cli("sync", "trigger", "--store", str(bad), "--central-url", fresh_db)
+    good = make_store(tmp_path / "good.db", 40, identity=device_store.Identity("cli-good", "u", "p"))
+    out = run_cli("sync", "trigger", "--store", str(bad), "--store", str(good), "--central-url", fresh_db)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("flowyard: error: 1 of 1 devices did not sync fully: bad: device store")
-    assert "is corrupt (file is not a database)" in last
+    errors = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
+    assert errors == [out.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("flowyard: error: 1 of 2 devices did not sync fully: bad: device store")
+    assert "is corrupt (file is not a database)" in errors[0]
+    lines = out.stdout.splitlines()
+    assert "cli-good: uploaded=40 duplicates=0 failed=0 pending=0" in lines
+    assert any(line.startswith("bad: not synced error=device store") for line in lines), out.stdout
+
+
+def test_configure_flow_does_what_the_cli_does(state_db: str, tmp_path: Path) -> None:
+    from flows.sync_controls import sync_configure
+
+    store = make_store(tmp_path / "flow-store.db", 5)
+    saved = sync_state.load_config(state_db)
+    try:
+        answer = sync_configure(
+            allow=["action", "tool"],
+            privacy_mode="hash",
+            hash_key="flow-key",
+            queue_threshold=7,
+            failure_rate=0.5,
+            add_store=str(store),
+            device_id="flow-added",
+            project_id="apollo",
+            disable_devices=["flow-added"],
+        )
+        config = sync_state.load_config(state_db)
+        assert config.privacy.allowlist == ("action", "tool") and config.privacy.mode == "hash"
+        assert config.privacy.hash_key == "flow-key" and "hash_key" not in answer["privacy"]
+        assert (config.alerts.queue_threshold, config.alerts.failure_rate) == (7, 0.5)
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "flow-added"]
+        assert (device.store_path, device.project_id) == (str(store.resolve()), "apollo")
+        assert not device.enabled
+        sync_configure(remove_store="flow-added")
+        assert "flow-added" not in {d.device_id for d in sync_state.list_devices(state_db)}
+    finally:
+        sync_state.save_config(state_db, saved)
+
+
+def test_configure_flow_with_an_unknown_device_saves_nothing(state_db: str) -> None:
+    from flows.sync_controls import sync_configure
+
+    before = sync_state.load_config(state_db)
+    with pytest.raises(UserError) as info:
+        sync_configure(batch_size=779, allow=["action"], disable_devices=["no-such-device"])
+    message = "no device 'no-such-device'; `flowyard sync status` lists the configured devices"
+    assert str(info.value) == message
+    assert sync_state.load_config(state_db) == before
 
 
 def test_configure_with_a_missing_store_changes_nothing(state_db: str, tmp_path: Path) -> None:

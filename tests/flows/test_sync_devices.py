@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import os
 import signal
@@ -11,8 +14,10 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
+import orjson
 import psycopg
 import pytest
 
@@ -20,7 +25,8 @@ from tasks import central_store, device_store, sync_state
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
-from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV
+from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
+from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, flow_run_artifacts, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -34,6 +40,16 @@ def _central_counts(url: str) -> tuple[int, int]:
 def _synced(store: Path) -> int:
     with device_store.open_store(store) as conn:
         return device_store.counts(conn).synced
+
+
+def _persisted_result(flow_state: Any) -> Any:
+    """A run's result as stored by the server (not the in-process copy), failed runs included."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(flow_state.state_details.flow_run_id).state
+    persisted = stored.result(raise_on_failure=False)
+    return persisted.result if isinstance(persisted, SyncIncomplete) else persisted
 
 
 def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
@@ -95,13 +111,18 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     holder = sqlite3.connect(locked, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(UserError) as info:
-            sync_devices(stores=[str(p) for p in [*good, corrupt, locked]], central_url=fresh_db)
+        run = sync_devices(
+            stores=[str(p) for p in [*good, corrupt, locked]], central_url=fresh_db, return_state=True
+        )
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    message = str(info.value)
-    assert message.startswith("2 of 4 devices did not sync fully")
+    assert run.is_failed()
+    error = run.result(raise_on_failure=False)
+    assert isinstance(error, SyncIncomplete)
+    message = str(error)
+    assert message.startswith("2 of 4 devices did not sync fully") and "\n" not in message
+    assert message in run.message
     assert "corrupt: device store" in message and "is corrupt" in message
     assert "locked: device store" in message and "is locked by another process" in message
     assert _central_counts(fresh_db) == (800, 800)
@@ -109,6 +130,14 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
     assert history["good0"].uploaded == 400 and history["good0"].error is None
     assert "is corrupt" in history["corrupt"].error and "is locked" in history["locked"].error
+    # The failed run still persisted every device's cursors and outcome, as read back from the server.
+    persisted = _persisted_result(run)["devices"]
+    assert persisted["good0"] == {
+        "last_local_id": 400, "download_cursor": None, "uploaded": 400, "duplicates": 0,
+        "failed": 0, "pending_after": 0, "error": None,
+    }  # fmt: skip
+    assert persisted["good1"]["uploaded"] == 400 and persisted["good1"]["last_local_id"] == 400
+    assert "is corrupt" in persisted["corrupt"]["error"] and "is locked" in persisted["locked"]["error"]
     # The locked device's events were untouched and sync once the lock is gone.
     sync_devices(stores=[str(locked)], central_url=fresh_db)
     assert _central_counts(fresh_db) == (850, 850)
@@ -166,7 +195,16 @@ def test_default_run_uses_configured_devices_and_records_state(
 
         mine = flow_run_artifacts(state)
         table = next(a for a in mine if a.type == "table")
-        assert "cfg-on" in str(table.data) and "duplicates skipped" in str(table.data)
+        [row] = json.loads(table.data)
+        assert set(row) == {
+            "device", "pending before", "uploaded", "duplicates skipped", "failed", "lag", "error"
+        }  # fmt: skip
+        assert row["lag"].endswith("s") and row["lag"] != "-"
+        del row["lag"]
+        assert row == {
+            "device": "cfg-on", "pending before": 120, "uploaded": 120, "duplicates skipped": 0,
+            "failed": 0, "error": "",
+        }  # fmt: skip
         progress = next(a for a in mine if a.type == "progress")
         assert progress.data == 100.0
     finally:
@@ -208,8 +246,8 @@ def test_alerts_are_logged_and_emitted(
     collect = _Collect()
     logging.getLogger("prefect.flow_runs").addHandler(collect)
     try:
-        with pytest.raises(UserError, match="alerty: upload to"):
-            sync_devices(stores=[str(store)], central_url=dead, batch_size=40)
+        run = sync_devices(stores=[str(store)], central_url=dead, batch_size=40, return_state=True)
+        assert run.is_failed() and "alerty: upload to" in run.message
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(collect)
         sync_state.save_config(state_db, saved)
@@ -283,8 +321,8 @@ def test_a_configured_device_that_never_synced_raises_the_offline_alert(
     collect = _Collect()
     logging.getLogger("prefect.flow_runs").addHandler(collect)
     try:
-        with pytest.raises(UserError, match="never-synced: upload to"):
-            sync_devices()
+        run = sync_devices(return_state=True)
+        assert run.is_failed() and "never-synced: upload to" in run.message
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(collect)
         sync_state.remove_device(state_db, "never-synced")
@@ -293,3 +331,89 @@ def test_a_configured_device_that_never_synced_raises_the_offline_alert(
     assert offline == [
         "sync alert offline: device never-synced: no successful sync for 120 min (threshold 60 min)"
     ]
+
+
+def test_hash_mode_sends_only_keyed_hashes_of_fields_outside_the_allowlist(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    from flows.sync_devices import sync_devices
+
+    allowlist, key = ("action", "duration_ms"), "test-key"
+    store = make_store(tmp_path / "hashed.db", 120, seed=7, identity=Identity("hashed", "u", "p"))
+    with device_store.open_store(store) as conn:
+        raw = {
+            local_id: orjson.loads(data)
+            for local_id, data in conn.execute("SELECT id, event_data FROM events")
+        }
+    saved = sync_state.load_config(state_db)
+    sync_state.update_config(state_db, {}, privacy={"allowlist": allowlist, "mode": "hash", "hash_key": key})
+    try:
+        result = sync_devices(stores=[str(store)], central_url=fresh_db)
+    finally:
+        sync_state.save_config(state_db, saved)
+    assert result["devices"]["hashed"]["uploaded"] == 120
+    with psycopg.connect(fresh_db) as conn:
+        central = dict(conn.execute("SELECT local_id, event_data FROM devflow.events").fetchall())
+    assert central.keys() == raw.keys()
+    for local_id, original in raw.items():
+        expected = {
+            field: value if field in allowlist else _keyed_hash(value, key)
+            for field, value in original.items()
+        }
+        assert central[local_id] == expected
+    stored = json.dumps(list(central.values()))
+    private = {
+        v for data in raw.values() for f, v in data.items() if f not in allowlist and isinstance(v, str)
+    }
+    assert private and not [value for value in private if value in stored]
+
+
+def _keyed_hash(value: object, key: str) -> str:
+    """The documented hashed form: HMAC-SHA256 of the value's canonical JSON."""
+    digest = hmac.new(key.encode(), orjson.dumps(value, option=orjson.OPT_SORT_KEYS), hashlib.sha256)
+    return "hmac-sha256:" + digest.hexdigest()
+
+
+def _write_status(store: Path, timestamp_ms: int, status: str) -> None:
+    with device_store.open_store(store) as conn:
+        device_store.insert_events(conn, [(timestamp_ms, "project_status", {"status": status})])
+
+
+def test_skewed_device_clocks_converge_on_the_newest_status_snapshot(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Last write wins by the device's event time (ties: the greater device id), whatever the
+    arrival order; a third device downloading the snapshots never sees the value move back."""
+    from flows.sync_devices import sync_devices
+
+    central_store.ensure_schema(fresh_db)
+    options = SyncOptions(central_url=fresh_db)
+    now, hour = device_store.now_ms(), 3_600_000
+    ahead, behind, reader = (
+        make_store(tmp_path / f"{name}.db", 0, identity=Identity(name, "u", "skewed"))
+        for name in ("skew-ahead", "skew-behind", "skew-reader")
+    )
+
+    def upload(store: Path) -> None:
+        report = sync_device(store, Identity(store.stem, "u", "skewed"), options)
+        assert (report.uploaded, report.error) == (1, None)
+
+    def download() -> tuple[list[tuple[str, str, str]], int]:
+        devices = sync_devices(stores=[str(reader)], central_url=fresh_db, download_updates=True)["devices"]
+        with device_store.open_store(reader) as conn:
+            rows = conn.execute("SELECT project_id, status, device_id FROM remote_project_status").fetchall()
+        return rows, devices["skew-reader"]["download_cursor"]
+
+    _write_status(ahead, now + hour, "green")  # this machine's clock runs an hour fast
+    upload(ahead)
+    first, cursor = download()
+    assert first == [("skewed", '{"status":"green"}', "skew-ahead")]
+
+    _write_status(behind, now - hour, "red")  # written later, stamped earlier: the older snapshot
+    upload(behind)
+    assert download() == (first, cursor)  # central kept the newer one, so nothing new to download
+
+    _write_status(behind, now + hour, "yellow")  # same event time: the greater device id wins
+    upload(behind)
+    rows, later = download()
+    assert rows == [("skewed", '{"status":"yellow"}', "skew-behind")] and later > cursor

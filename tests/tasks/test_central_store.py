@@ -13,6 +13,7 @@ import pytest
 
 from tasks import central_store
 from tasks.central_store import CentralSession, UploadRow
+from tests.conftest import Role
 
 
 def _ms(year: int, month: int, day: int, hour: int = 0) -> int:
@@ -228,3 +229,16 @@ def test_a_central_database_from_before_the_origin_key_is_upgraded_in_place(cent
     assert _scalar(central, "SELECT to_regclass('devflow.event_keys_origin')::text") == (
         "devflow.event_keys_origin"
     )
+
+
+def test_a_session_that_cannot_be_built_closes_its_connection(limited_role: Role, fresh_db: str) -> None:
+    """A central without the schema, for a role that may not create it: the session fails, and
+    its half-built connection is closed at once. Left to the garbage collector, it would stay
+    open for as long as anything holds the exception (here ``info``; in a run, the task's
+    failed state)."""
+    name = f"flowyard-test-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied for database") as info:
+        CentralSession(limited_role.url(fresh_db), application_name=name)
+    with psycopg.connect(fresh_db) as conn:
+        left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,))
+        assert left.fetchone() == (0,), info.value

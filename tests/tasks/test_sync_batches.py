@@ -10,13 +10,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks import central_store, device_store
+from tasks.db import database_name
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sample_devices import make_store
 from tasks.sync_batches import SyncOptions, adapt_batch_size, classify, sync_device
+from tests.conftest import Role
 
 IDENTITY = Identity("dev-a", "alice", "proj")
 
@@ -251,3 +254,97 @@ def test_a_slow_local_mark_does_not_shrink_the_next_batch(central: str, tmp_path
         ]
     assert sum(sizes) == 2000 and sizes[0] == 1000
     assert sizes[1] >= adapt_batch_size(1000, "fair"), sizes
+
+
+@pytest.mark.parametrize("schema", ["dropped", "never created"])
+def test_a_missing_central_schema_is_created_by_the_first_session(
+    schema: str, fresh_db: str, tmp_path: Path
+) -> None:
+    """Central was unreachable when the run's schema step ran, and is reachable without the
+    ``devflow`` schema by the time the device uploads: the session creates it, nothing fails."""
+    if schema == "dropped":
+        central_store.ensure_schema(fresh_db)
+        with psycopg.connect(fresh_db, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA devflow CASCADE")
+    store = make_store(tmp_path / "dev.db", 300, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(fresh_db, batch_size=100))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (300, 0, 0, None)
+    assert _central_counts(fresh_db) == (300, 300)
+
+
+def _failed_rows(store: Path) -> list[tuple[int, int, str]]:
+    with device_store.open_store(store) as conn:
+        return conn.execute(
+            "SELECT id, sync_attempts, last_sync_error FROM events WHERE sync_status = 'failed' ORDER BY id"
+        ).fetchall()
+
+
+def test_every_kind_of_bad_row_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:
+    """What a store can really hold that central refuses: each such row alone is marked failed.
+
+    A NUL byte fails in the driver, a missing value on a NOT NULL column and a fractional time
+    in PostgreSQL, and a time past year 9999 or a text time in flowyard's own partition
+    routing; each is a data error, so the batch is bisected down to it."""
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET event_type = ? WHERE id = 10", ("build\x00x",))
+        conn.execute("UPDATE events SET user_id = NULL WHERE id = 20")
+        conn.execute("UPDATE events SET timestamp = ? WHERE id = 30", (1_700_000_000_000.5,))
+        conn.execute("UPDATE events SET timestamp = ? WHERE id = 40", (10**17,))
+        conn.execute("UPDATE events SET timestamp = ? WHERE id = 50", ("soon",))
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after) == (95, 5, 5)
+    failed = _failed_rows(store)
+    assert [(local_id, attempts) for local_id, attempts, _ in failed] == [
+        (n, 1) for n in (10, 20, 30, 40, 50)
+    ]
+    errors = [error for _, _, error in failed]
+    assert all("\n" not in error for error in errors)
+    assert "cannot contain NUL" in errors[0] and "not-null constraint" in errors[1]
+    assert "invalid input syntax for type bigint" in errors[2]
+    assert all("event time is not Unix milliseconds" in error for error in errors[3:])
+    assert _central_counts(central) == (95, 95)
+
+
+def test_a_refused_privilege_fails_the_batch_as_a_whole(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """Not the data's fault: the batch is marked failed as a whole, once, and the device stops
+    for this run; bisecting would mark every pending event failed one by one."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(database_name(fresh_db)), sql.Identifier(limited_role.name)
+            )
+        )
+    central = limited_role.url(fresh_db)
+    central_store.ensure_schema(central)  # the role owns the schema, as a central's sync role would
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE INSERT ON devflow.event_keys FROM {}").format(role))
+    store = make_store(tmp_path / "dev.db", 300, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (report.uploaded, report.failed, report.pending_after) == (0, 100, 300)
+    assert report.error is not None and "\n" not in report.error
+    assert "permission denied for table event_keys" in report.error
+    counts = _local(store)
+    assert (counts.pending, counts.failed, counts.synced) == (200, 100, 0)
+    assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT INSERT ON devflow.event_keys TO {}").format(role))
+    later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (300, 0, 0, None)
+    assert _central_counts(fresh_db) == (300, 300)
+
+
+def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_path: Path) -> None:
+    """The uploads committed before the download failed are reported, and the device keeps its
+    old download cursor, so the next run downloads from there again."""
+    store = make_store(tmp_path / "dev.db", 40, identity=IDENTITY)  # no project_status event
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.project_status")
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7)
+    assert (report.uploaded, report.pending_after, report.download_cursor) == (40, 0, 7)
+    assert report.error is not None and "\n" not in report.error
+    assert report.error.startswith("download from ") and 'relation "devflow.project_status"' in report.error
+    assert _central_counts(central) == (40, 40)

@@ -1,0 +1,98 @@
+"""Which device a store passed by path syncs as, and what a device's failure leaves in the state."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tasks import central_store, sync_state
+from tasks.device_store import Identity
+from tasks.sample_devices import make_store
+from tasks.sync_batches import SyncOptions, sync_device
+from tasks.sync_report import settle_device
+from tasks.sync_setup import NewStore, SetupChange, apply_setup
+from tasks.sync_state import SyncConfig, SyncTarget, resolve_targets
+
+
+def _targets(state: str, *stores: Path) -> list[SyncTarget]:
+    return resolve_targets(state, [str(s) for s in stores], force=False, download=None, config=SyncConfig())
+
+
+def _events_per_device(central: str) -> dict[str, int]:
+    with psycopg.connect(central) as conn:
+        rows = conn.execute("SELECT device_id, count(*) FROM devflow.events GROUP BY device_id").fetchall()
+    return dict(rows)
+
+
+def test_same_named_stores_sync_as_different_devices(state_db: str, fresh_db: str, tmp_path: Path) -> None:
+    """The DevFlow app names every store ``devflow.db``: two of them synced in one run must not
+    share a device id (lock, state row, central's origin key), and keep their ids next run."""
+    central_store.ensure_schema(fresh_db)
+    first = make_store(tmp_path / "alice" / "devflow.db", 200, seed=1)
+    second = make_store(tmp_path / "bob" / "devflow.db", 300, seed=2)
+    targets = _targets(state_db, first, second)
+    ids = [t.device_id for t in targets]
+    assert len(set(ids)) == 2 and all(i.startswith("devflow-") for i in ids)
+    reports = [sync_device(Path(t.store), t.identity, SyncOptions(fresh_db)) for t in targets]
+    assert [r.device_id for r in reports] == ids
+    assert [r.uploaded for r in reports] == [200, 300]
+    assert _events_per_device(fresh_db) == {ids[0]: 200, ids[1]: 300}
+    # Stable: the next run reads each id back from its store, also when one store is synced alone.
+    assert [t.device_id for t in _targets(state_db, first, second)] == ids
+    assert [t.device_id for t in _targets(state_db, second)] == ids[1:]
+
+
+def test_a_new_store_avoids_the_ids_flowyard_knows(state_db: str, tmp_path: Path) -> None:
+    """A store upgraded before syncs under the identity recorded in it; a new one takes its
+    file stem only while no known device has that id."""
+    upgraded = make_store(tmp_path / "a" / "work.db", 5, identity=Identity("laptop-9", "erin", "web"))
+    registered = make_store(tmp_path / "b" / "desk.db", 5)
+    sync_state.register_device(state_db, registered, Identity("desk", "frank", "web"))
+    try:
+        fresh = make_store(tmp_path / "c" / "desk.db", 5)
+        unique = make_store(tmp_path / "c" / "travel.db", 5)
+        targets = _targets(state_db, upgraded, fresh, unique)
+    finally:
+        sync_state.remove_device(state_db, "desk")
+    assert targets[0].identity == Identity("laptop-9", "erin", "web")
+    assert targets[1].device_id.startswith("desk-") and targets[1].device_id == sync_state.new_device_id(
+        fresh, {"desk"}
+    )
+    assert targets[2].device_id == "travel"
+
+
+def test_registering_a_second_same_named_store_adds_a_device(state_db: str, tmp_path: Path) -> None:
+    """``sync configure --add-store`` without ``--device-id``: the second ``devflow.db`` must become
+    its own device, not re-point the first; registering the first again keeps its id."""
+    first = make_store(tmp_path / "alice" / "devflow.db", 5)
+    second = make_store(tmp_path / "bob" / "devflow.db", 5)
+    try:
+        ids = [apply_setup(state_db, SetupChange(add_store=NewStore(s))).added for s in (first, second)]
+        assert ids[0] is not None and ids[1] is not None and ids[0].device_id != ids[1].device_id
+        again = apply_setup(state_db, SetupChange(add_store=NewStore(first))).added
+        assert again is not None and again.device_id == ids[0].device_id
+        stores = {d.device_id: d.store_path for d in sync_state.list_devices(state_db, registered_only=True)}
+        assert stores[ids[0].device_id] == str(first.resolve()) and stores[ids[1].device_id] == str(second.resolve())
+    finally:
+        for identity in ids:
+            sync_state.remove_device(state_db, identity.device_id)
+
+
+def test_a_multi_line_task_error_is_recorded_as_one_line(
+    state_db: str, fresh_db: str, tmp_path: Path
+) -> None:
+    """A device task that failed with a PostgreSQL error (message, then LINE and caret lines)
+    leaves one line in the outcome, the run's table row and the history."""
+    with psycopg.connect(fresh_db) as conn, pytest.raises(psycopg.Error) as info:
+        conn.execute("SELEC 1")
+    assert "\n" in str(info.value)
+    target = SyncTarget(str(tmp_path / "x.db"), "one-line-error", "u", "p", None)
+    outcome = settle_device(state_db, None, target, info.value, None, SyncConfig(), logging.getLogger("test"))
+    assert outcome.error == 'syntax error at or near "SELEC"'
+    assert outcome.row["error"] == outcome.error and outcome.state == {"error": outcome.error}
+    recorded = [row for row in sync_state.history(state_db, limit=50) if row.device_id == "one-line-error"]
+    assert [row.error for row in recorded] == [outcome.error]
+    sync_state.remove_device(state_db, "one-line-error")
