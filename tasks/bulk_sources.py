@@ -167,6 +167,12 @@ def sqlite_describe(conn: sqlite3.Connection, table: str) -> TableInfo:
     return TableInfo(table, columns, key)
 
 
+def sqlite_has_rowid(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether the table has a rowid to chunk by (a ``WITHOUT ROWID`` table has none)."""
+    row = conn.execute("SELECT wr FROM pragma_table_list(?) WHERE schema = 'main'", (table,)).fetchone()
+    return row is not None and not row[0]
+
+
 def sqlite_rowid_span(conn: sqlite3.Connection, table: str) -> tuple[int, int]:
     """(first rowid, last rowid + 1); (0, 0) for an empty table."""
     query = "SELECT min(rowid), max(rowid) FROM " + _sqlite_ident(table)  # noqa: S608 - quoted identifier
@@ -203,17 +209,19 @@ def sqlite_batches(
     (``as_text`` columns as their text forms, whatever they hold).
 
     SQLite has no columnar export, so rows are transposed per batch; BLOBs become bytea hex.
+    An unbounded chunk names no rowid: it is how a ``WITHOUT ROWID`` table is read.
     """
     schema = pa.schema(
         [(c.name, pa.string() if c.name in as_text else _sqlite_arrow(c.pg_type)) for c in info.columns]
     )
-    query = "SELECT {} FROM {} WHERE rowid >= ? AND rowid < ?".format(  # noqa: S608 - identifiers quoted
-        ", ".join(_sqlite_ident(c.name) for c in info.columns), _sqlite_ident(info.name)
+    bounds = [(op, int(bound[0])) for bound, op in ((chunk.lo, ">="), (chunk.hi, "<")) if bound]
+    query = "SELECT {} FROM {} WHERE {}".format(  # noqa: S608 - identifiers quoted, values bound
+        ", ".join(_sqlite_ident(c.name) for c in info.columns),
+        _sqlite_ident(info.name),
+        " AND ".join(f"rowid {op} ?" for op, _ in bounds) or "1",
     )
-    low = int(chunk.lo[0]) if chunk.lo else -(2**63)
-    high = int(chunk.hi[0]) if chunk.hi else 2**63 - 1
     with sqlite_connect(source_url) as conn:
-        cursor = conn.execute(query, (low, high))
+        cursor = conn.execute(query, [value for _, value in bounds])
         while rows := cursor.fetchmany(BATCH_ROWS):
             columns = list(zip(*rows, strict=True))
             arrays = [

@@ -1,15 +1,17 @@
 """The tables of a bulk run: which, where they go, their persisted plans, and their completion.
 
-Before the load: target tables are created and the chunk plans persisted; the plans and the
-emptying of the target tables commit together, so a run that crashes later resumes from the
-persisted plan and never empties a table it has started loading. After the load: indexes
-and keys, foreign keys (``NOT VALID`` then ``VALIDATE``), sequences, incremental cursors.
+Before the load: target tables are created (upserting modes also build their keys) and the
+chunk plans persisted; the plans and the emptying of the target tables commit together, so a
+run that crashes later resumes from the persisted plan and never empties a table it has
+started loading. After the load: indexes and keys, foreign keys (``NOT VALID`` then
+``VALIDATE``), sequences, incremental cursors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import psycopg
 from psycopg import sql
 
 from tasks.bulk_sources import TableInfo, describe, list_tables, source_kind, split_name
@@ -169,6 +171,8 @@ def plan_tables(
                 save_plan(conn, run_key, name, spec.target_label, chunks)
                 if mode == "full":
                     emptied.append(spec.target_ident)
+            if mode != "full":
+                build_keys(source_url, conn, spec, with_indexes=False)
             plans.append(TablePlan(spec, chunks, committed_chunks(conn, run_key, name)))
         truncate(conn, emptied)
     return plans
@@ -178,16 +182,28 @@ def finish_table(source_url: str, target_url: str, run_key: str, lineage: str, p
     """After a table's chunks: indexes and keys, sequences, the cursor, and the table marked complete."""
     spec = plan.spec
     with connection(target_url) as target:
-        if spec.identical:
-            with connection(source_url) as source:
-                built = build_indexes_and_keys(source, target, spec.source, spec.target_schema, spec.target)
-        else:
-            built = build_indexes_and_keys(None, target, spec.source, spec.target_schema, spec.target)
+        built = build_keys(source_url, target, spec)
         built += reset_sequences(target, spec.target_schema, spec.target)
         if spec.cursor and plan.chunks and plan.chunks[0].cursor_hi is not None:
             save_cursor(target, lineage, spec.source.qualified, plan.chunks[0].cursor_hi, run_key)
         mark_table_completed(target, run_key, spec.source.qualified)
     return built
+
+
+def build_keys(
+    source_url: str, target: psycopg.Connection, spec: TableSpec, *, with_indexes: bool = True
+) -> list[str]:
+    """The target table's keys (and, ``with_indexes``, its other indexes): the source's own for
+    an identical copy, else a primary key on the mapped key. Upserting loads build the keys before
+    the data, so ``ON CONFLICT`` has its unique index and no duplicate can land."""
+    if not spec.identical:
+        return build_indexes_and_keys(
+            None, target, spec.source, spec.target_schema, spec.target, with_indexes=with_indexes
+        )
+    with connection(source_url) as source:
+        return build_indexes_and_keys(
+            source, target, spec.source, spec.target_schema, spec.target, with_indexes=with_indexes
+        )
 
 
 def finish_foreign_keys(source_url: str, target_url: str, specs: list[TableSpec]) -> list[str]:

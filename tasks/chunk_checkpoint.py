@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from tasks.chunk_plan import Chunk
-from tasks.db import connection, one_row
+from tasks.db import connection
 from tasks.errors import first_line
 
 
@@ -58,7 +59,13 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: bool) -> RunHandle:
-    """The run key to use: the latest one for this configuration unless a new pass is due."""
+    """The run key to use: the latest one for this configuration unless a new pass is due.
+
+    A new pass gets a random key, never one derived from what this target recorded: chunk
+    results cached by Prefect (keyed by run key) outlive the target, and a dropped and
+    re-created target would otherwise hand its first pass the key of the old one, whose
+    chunks would all come back *Cached* while the new tables stay empty. A resumed run
+    reads its key back from ``bulk_runs``."""
     latest = conn.execute(
         "SELECT run_key, status FROM flowyard.bulk_runs WHERE config_hash = %s ORDER BY created_at DESC LIMIT 1",
         (config_hash,),
@@ -67,8 +74,7 @@ def open_run(conn: psycopg.Connection, config_hash: str, mode: str, restart: boo
     if latest is not None and not new_pass:
         conn.execute("UPDATE flowyard.bulk_runs SET status = 'running' WHERE run_key = %s", (latest[0],))
         return RunHandle(latest[0], resumed=True)
-    passes = one_row(conn, "SELECT count(*) FROM flowyard.bulk_runs WHERE config_hash = %s", (config_hash,))[0]
-    run_key = f"{config_hash}-{passes + 1}"
+    run_key = f"{config_hash}-{uuid4().hex[:12]}"
     conn.execute(
         "INSERT INTO flowyard.bulk_runs (run_key, config_hash, mode, status) VALUES (%s, %s, %s, 'running')",
         (run_key, config_hash, mode),

@@ -11,13 +11,14 @@ Two ways in:
   table with the target's column types, checksums it there (what was *sent*), then inserts
   or upserts it into the target.
 
-A constraint violation or bad value is permanent. The staged insert then bisects the chunk
-into halves that load and halves that fail, down to the offending rows, so the error names
-their keys (the first ``report_rows``) — or, with ``quarantine``, moves them into
-``flowyard.bulk_quarantine`` and loads the rest. With ``quarantine``, a source value the
-stage's types reject (text in a SQLite INTEGER column, a file value a numeric column cannot
-parse) stages the chunk as text instead, and the insert casts it row by row, so those rows
-are quarantined the same way.
+Upserts need a unique index on the key (built before the load, see ``bulk_tables``); a chunk
+that repeats a key value fails naming those values. A constraint violation or bad value is
+permanent. The staged insert then bisects the chunk into halves that load and halves that
+fail, down to the offending rows, so the error names their keys (the first ``report_rows``) —
+or, with ``quarantine``, moves them into ``flowyard.bulk_quarantine`` and loads the rest.
+With ``quarantine``, a source value the stage's types reject (text in a SQLite INTEGER column,
+a file value a numeric column cannot parse) stages the chunk as text instead, and the insert
+casts it row by row, so those rows are quarantined the same way.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection, one_row
 from tasks.errors import UserError
+from tasks.schema_copy import duplicate_keys, key_text
 from tasks.table_checksum import ALL_ROWS, Checksum, checksum
 
 Mode = Literal["full", "incremental", "seed"]
@@ -223,7 +225,14 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Compo
     statement = sql.SQL(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
     ).format(job.target_ident, cols, cols, rows, sql.Identifier(ORD), sql.Identifier(ORD))
-    if job.mode != "full" and _has_unique_key(target, job):
+    if job.mode != "full":
+        if not _has_unique_key(target, job):
+            keys = ", ".join(job.target.key)
+            raise UserError(
+                f"{job.target_schema}.{job.target.name} has no unique index on its key ({keys}), which "
+                f"{job.mode} mode upserts by; add a primary key or unique constraint on ({keys}) to it, "
+                "or set the mapping's `key` to the columns of its unique key"
+            )
         others = [c for c in job.columns if c not in job.target.key]
         action: sql.Composable = sql.SQL("DO NOTHING")
         if others:
@@ -257,7 +266,15 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     staged = sent.rows if sent else one_row(target, sql.SQL("SELECT count(*) FROM {}").format(STAGE))[0]
     bad: list[tuple[int, str]] = []
     limit = 2**62 if job.quarantine else job.report_rows
-    _insert_bisecting(target, _insert_statement(job, target, rows), 1, staged + 1, bad, limit)
+    try:
+        _insert_bisecting(target, _insert_statement(job, target, rows), 1, staged + 1, bad, limit)
+    except psycopg.errors.CardinalityViolation:  # an upsert met one key twice in the chunk
+        repeated = duplicate_keys(target, STAGE, job.target.key, job.report_rows)
+        raise ChunkRejected(
+            f"chunk {job.describe} repeats key values of {job.target_schema}.{job.target.name} "
+            f"({', '.join(job.target.key)}): {repeated}; dedupe the source or drop the repeated rows "
+            "with a mapping filter"
+        ) from None
     if bad and not job.quarantine:
         raise ChunkRejected(_rejection(job, target, bad))
     if bad:
@@ -311,13 +328,9 @@ def _insert_bisecting(
 def _bad_keys(job: ChunkJob, target: psycopg.Connection, ords: Sequence[int]) -> list[str]:
     if not job.target.key:
         return [f"row #{o} of the chunk" for o in ords]
-    key_text = sql.SQL(" || ', ' || ").join(
-        sql.SQL("{} || '=' || coalesce({}::text, 'NULL')").format(sql.Literal(k), sql.Identifier(k))
-        for k in job.target.key
-    )
     rows = target.execute(
         sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s) ORDER BY {}").format(
-            key_text, STAGE, sql.Identifier(ORD), sql.Identifier(ORD)
+            key_text(job.target.key), STAGE, sql.Identifier(ORD), sql.Identifier(ORD)
         ),
         (list(ords),),
     ).fetchall()

@@ -3,7 +3,8 @@
 - Key ranges over the primary key (any orderable type, composite keys compared as rows),
   with boundaries taken from the data so every chunk holds about ``chunk_rows`` rows.
 - ``ctid`` block ranges when a PostgreSQL table has no key (TID range scans, PG 14+).
-- ``rowid`` ranges for SQLite, row-ordinal ranges for static files.
+- ``rowid`` ranges for SQLite (a ``WITHOUT ROWID`` table is one chunk), row-ordinal ranges
+  for static files.
 
 Bounds travel as text and are compared against untyped literals, so PostgreSQL casts
 them to the key's own type. A plan is persisted per run (see ``chunk_checkpoint``), so a
@@ -21,7 +22,15 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo, file_row_count, source_kind, sqlite_connect, sqlite_rowid_span
+from tasks.bulk_sources import (
+    TableInfo,
+    file_row_count,
+    row_count,
+    source_kind,
+    sqlite_connect,
+    sqlite_has_rowid,
+    sqlite_rowid_span,
+)
 from tasks.db import connection, one_row
 
 Method = Literal["key", "ctid", "rowid", "ordinal"]
@@ -143,6 +152,21 @@ def plan_by_ordinal(total_rows: int, chunk_rows: int, method: Method, start: int
     return ranges(bounds, method, chunk_rows)
 
 
+def plan_sqlite(source_url: str, info: TableInfo, chunk_rows: int) -> list[Chunk]:
+    """Rowid ranges of a SQLite table; a ``WITHOUT ROWID`` table is one chunk.
+
+    Such a table has no rowid, and ranges of its key would not be safe: bounds travel as text,
+    while SQLite orders one column's values by storage class (integers, text and blobs may share
+    a key column), so text bounds could skip or repeat rows. One chunk still streams in batches,
+    so memory stays bounded; only parallelism and the granularity of a retry are lost.
+    """
+    with sqlite_connect(source_url) as conn:
+        if not sqlite_has_rowid(conn, info.name):
+            return ranges([], "rowid", row_count(source_url, info))
+        low, high = sqlite_rowid_span(conn, info.name)
+    return plan_by_ordinal(high - low, chunk_rows, "rowid", low)
+
+
 def plan_table(
     source_url: str,
     info: TableInfo,
@@ -153,9 +177,7 @@ def plan_table(
     """The chunks of one source table; with ``cursor``, only rows past ``cursor_lo`` (incremental)."""
     kind = source_kind(source_url)
     if kind == "sqlite":
-        with sqlite_connect(source_url) as conn:
-            low, high = sqlite_rowid_span(conn, info.name)
-        return plan_by_ordinal(high - low, chunk_rows, "rowid", low)
+        return plan_sqlite(source_url, info, chunk_rows)
     if kind == "files":
         return plan_by_ordinal(file_row_count(Path(info.path or "")), chunk_rows, "ordinal")
     with connection(source_url) as conn:

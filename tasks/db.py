@@ -2,7 +2,7 @@
 
 Every flow takes an optional ``database_url``; :func:`resolve_url` turns "not given" into
 the embedded server, started on demand. Connection failures become one-line
-:class:`~tasks.errors.UserError` messages with the password masked.
+:class:`~tasks.errors.ConnectionUnavailable` messages (a UserError) with the password masked.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Params, QueryNoTemplate
 
-from tasks.errors import UserError
+from tasks.errors import ConnectionUnavailable, UserError
 
 MIN_SERVER_VERSION = 140000
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
@@ -100,9 +100,10 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
         )
     except psycopg.OperationalError as exc:
         reason = _failure_reason(exc)
-        raise UserError(
+        raise ConnectionUnavailable(
             f"cannot connect to {mask_url(url)}: {reason}; check the URL and that the server is running "
-            "(`flowyard up` starts the embedded one)"
+            "(`flowyard up` starts the embedded one)",
+            _refusal_sqlstate(exc),
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
         conn.close()
@@ -134,6 +135,25 @@ def _failure_reason(exc: psycopg.OperationalError) -> str:
         if reason not in reasons:
             reasons.append(reason)
     return "; ".join(reasons) or type(exc).__name__
+
+
+# What the server says when it turns a connection away for now, and the SQLSTATE it sends
+# with it: libpq keeps the SQLSTATE of an error received while connecting to itself, so
+# psycopg's error has none and the server's (English) message is all there is to go by.
+_REFUSALS = (
+    ("too many clients already", "53300"),
+    ("too many connections for", "53300"),  # a role's or a database's CONNECTION LIMIT
+    ("remaining connection slots are reserved", "53300"),
+    ("the database system is ", "57P03"),  # starting up, shutting down, in recovery mode...
+)
+
+
+def _refusal_sqlstate(exc: psycopg.OperationalError) -> str | None:
+    """The SQLSTATE of a refusal that a later attempt may not meet (see ``_REFUSALS``), so
+    callers can retry it; None for anything else (a wrong password, a missing database, no
+    server), and for a server whose messages are not in English."""
+    message = str(exc)
+    return exc.sqlstate or next((state for phrase, state in _REFUSALS if phrase in message), None)
 
 
 @contextmanager

@@ -18,6 +18,17 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ConnectionUnavailable(UserError):
+    """Connecting to PostgreSQL failed. ``sqlstate`` is the server's reason when it is one a
+    later attempt can meet differently (53300 too many connections, 57P03 starting up or
+    shutting down), so a retry policy can tell a busy server from a wrong URL; None otherwise.
+    (Defaulted, so that pickling, e.g. back from a Dask worker, can rebuild the error.)"""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
 def first_line(error: BaseException | str) -> str:
     """The first line of an error message: PostgreSQL's add LINE/HINT/CONTEXT lines after it."""
     fallback = "" if isinstance(error, str) else type(error).__name__  # an exception without a message

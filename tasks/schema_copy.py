@@ -5,7 +5,8 @@ sequences, defaults, CHECK and NOT NULL) so the target table is identical, loads
 rows, then builds indexes and key constraints from the source catalogs, adds foreign keys
 ``NOT VALID`` and validates them (no long exclusive lock), and moves sequences past the
 loaded maximum. Mapped, SQLite and file sources get a ``CREATE TABLE`` from the mapped
-PostgreSQL types and a primary key on the declared key.
+PostgreSQL types and a primary key on the declared key. A partitioned table comes with its
+partitions. Upserting loads (incremental, seed) get their keys before the data instead.
 
 Every step is idempotent (existing tables, indexes and constraints are kept), so a resumed
 run can repeat it.
@@ -46,7 +47,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     """Create ``tables`` in the target from the source's pre-data DDL (``pg_dump | psql``)."""
     if not tables:
         return
-    patterns = [arg for t in tables for arg in ("-t", f'"{t.schema}"."{t.name}"')]
+    patterns = _dump_patterns(source_url, tables)
     source_uri, source_env = libpq_target(source_url)
     dump = subprocess.run(
         [
@@ -100,6 +101,30 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
             f"creating target tables failed ({mask_url(target_url)}): {tool_error(restore.stderr, restore.returncode)}; "
             "create missing types/extensions in the target first"
         )
+
+
+def _dump_patterns(source_url: str, tables: Sequence[TableInfo]) -> list[str]:
+    """``pg_dump`` options naming ``tables``: a partitioned table with its partitions
+    (``--table-and-children``), since its rows can only land in partitions; they are copied
+    through the parent, which is why ``integrity.user_tables`` never lists partitions as tables.
+    Any other table alone, so an inheritance child that was not asked for is not created."""
+    with connection(source_url) as conn:
+        partitioned = set(
+            conn.execute(
+                "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "JOIN unnest(%s::text[], %s::text[]) t(nsp, rel) ON n.nspname = t.nsp AND c.relname = t.rel "
+                "WHERE c.relkind = 'p'",
+                ([t.schema for t in tables], [t.name for t in tables]),
+            ).fetchall()
+        )
+    return [
+        arg
+        for t in tables
+        for arg in (
+            "--table-and-children" if (t.schema, t.name) in partitioned else "-t",
+            f'"{t.schema}"."{t.name}"',
+        )
+    ]
 
 
 # pg_dump 17 and later open every script with this setting, which servers before 17 reject.
@@ -176,11 +201,15 @@ def build_indexes_and_keys(
     source_info: TableInfo,
     schema: str,
     target_info: TableInfo,
+    *,
+    with_indexes: bool = True,
 ) -> list[str]:
-    """Indexes and primary/unique/exclusion constraints after the load; returns what was built.
+    """Indexes and primary/unique/exclusion constraints; returns what was built.
 
     With a PostgreSQL ``source`` copied unchanged, they are the source's own definitions; otherwise
-    a primary key on the mapped key.
+    a primary key on the mapped key. They come after a full load (cheaper than maintaining them
+    row by row); upserts need the unique key before it, so those build it with ``with_indexes=False``
+    and leave the other indexes to after the load.
     """
     table = sql.Identifier(schema, target_info.name)
     constraints = _existing(
@@ -198,11 +227,7 @@ def build_indexes_and_keys(
             (table.as_string(target),),
         ).fetchone()
         if target_info.key and not has_pk:
-            target.execute(
-                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
-                    table, sql.SQL(", ").join(sql.Identifier(k) for k in target_info.key)
-                )
-            )
+            add_primary_key(target, schema, target_info)
             built.append("primary key")
         return built
     source_table = source_info.ident.as_string(source)
@@ -220,18 +245,83 @@ def build_indexes_and_keys(
                 )
             )
             built.append(name)
-    for name, definition in source.execute(
+    if not with_indexes:
+        return built
+    for name, quoted, definition in source.execute(
         """
-        SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i
+        SELECT i.indexrelid::regclass::text, quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
         WHERE i.indrelid = %s::regclass
           AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
         """,
         (source_table,),
     ).fetchall():
         if name not in indexes:
-            target.execute(sql.SQL(definition))
+            target.execute(sql.SQL(_on_partitions_too(definition, quoted)))
             built.append(name)
     return built
+
+
+def _on_partitions_too(definition: str, quoted_name: str) -> str:
+    """An index definition that also indexes a partitioned table's partitions.
+
+    ``pg_get_indexdef`` spells a partitioned table's index ``CREATE INDEX i ON ONLY t``: replayed as
+    is, it is an invalid index on the parent alone (pg_dump attaches each partition's index after
+    it). Without ``ONLY``, PostgreSQL builds it on every partition and attaches them. The index name
+    comes first and is quoted, so the first match is the real clause.
+    """
+    return definition.replace(f"INDEX {quoted_name} ON ONLY ", f"INDEX {quoted_name} ON ", 1)
+
+
+DUPLICATES_SHOWN = 5
+
+
+def key_text(key: Sequence[str]) -> sql.Composable:
+    """SQL text ``k1=v1, k2=v2`` of a row's key: how error messages name a row."""
+    return sql.SQL(" || ', ' || ").join(
+        sql.SQL("{} || '=' || coalesce({}::text, 'NULL')").format(sql.Literal(k), sql.Identifier(k))
+        for k in key
+    )
+
+
+def duplicate_keys(conn: psycopg.Connection, rows: sql.Composable, key: Sequence[str], limit: int) -> str:
+    """The first ``limit`` key values that ``rows`` holds more than once, as ``k=v (n rows); …``."""
+    columns = sql.SQL(", ").join(sql.Identifier(k) for k in key)
+    found = conn.execute(
+        sql.SQL(
+            "SELECT {} || ' (' || count(*) || ' rows)' FROM {} GROUP BY {} HAVING count(*) > 1 ORDER BY {} LIMIT %s"
+        ).format(key_text(key), rows, columns, columns),
+        (limit,),
+    ).fetchall()
+    more = " and maybe more" if len(found) >= limit else ""
+    return "; ".join(r[0] for r in found) + more
+
+
+def add_primary_key(target: psycopg.Connection, schema: str, info: TableInfo) -> None:
+    """``ADD PRIMARY KEY`` on ``info.key``. Rows that repeat a key value or lack one are the source's
+    fault: a one-line error names the first few such values (or the column) and the fix, where
+    PostgreSQL's error would end the run in a traceback."""
+    table = sql.Identifier(schema, info.name)
+    try:
+        with target.transaction():
+            target.execute(
+                sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                    table, sql.SQL(", ").join(sql.Identifier(k) for k in info.key)
+                )
+            )
+    except psycopg.errors.UniqueViolation:
+        repeated = duplicate_keys(target, table, info.key, DUPLICATES_SHOWN)
+        raise UserError(
+            f"cannot add the primary key ({', '.join(info.key)}) to {schema}.{info.name}: the copied rows "
+            f"repeat key values: {repeated}; dedupe the source and rerun with restart=True (--restart), "
+            "or drop the repeated rows with a mapping filter"
+        ) from None
+    except psycopg.errors.NotNullViolation as exc:
+        raise UserError(
+            f"cannot add the primary key ({', '.join(info.key)}) to {schema}.{info.name}: "
+            f"{exc.diag.message_primary}; fill in the key in the source and rerun with restart=True "
+            "(--restart), or drop those rows with a mapping filter"
+        ) from None
 
 
 def source_foreign_keys(source: psycopg.Connection, info: TableInfo) -> list[ForeignKey]:

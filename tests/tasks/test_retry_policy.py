@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
+from psycopg import sql
 
-from tasks.errors import UserError
+from tasks.db import connect
+from tasks.errors import ConnectionUnavailable, UserError
 from tasks.retry_policy import is_transient
+from tests.conftest import Role
 
 
 def _raise(url: str, statement: str) -> BaseException:
@@ -36,3 +41,27 @@ def test_constraint_violations_and_user_errors_are_permanent(fresh_db):
     error = _raise(fresh_db, "CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1), (1)")
     assert isinstance(error, psycopg.errors.UniqueViolation) and not is_transient(error)
     assert not is_transient(UserError("fix the mapping"))
+
+
+def test_a_connection_refused_for_too_many_connections_is_transient(limited_role, fresh_db):
+    """The server turns a connection away while the role is at its CONNECTION LIMIT: a later
+    attempt can get in, so the one-line error keeps SQLSTATE 53300 and is retried."""
+    with connect(fresh_db, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(sql.Identifier(limited_role.name)))
+    url = limited_role.url(fresh_db)
+    with connect(url), pytest.raises(ConnectionUnavailable, match="too many connections for role") as caught:
+        connect(url)
+    assert caught.value.sqlstate == "53300" and is_transient(caught.value)
+    assert isinstance(caught.value, UserError) and "\n" not in str(caught.value)
+
+
+def test_a_missing_database_or_role_fails_to_connect_for_good(pg):
+    """A wrong URL fails the same way every time: permanent, the one-line message kept."""
+    missing_role = Role(f"r_{uuid.uuid4().hex[:12]}", "secret")
+    for url, reason in [
+        (pg.url("no_such_db"), 'database "no_such_db" does not exist'),
+        (missing_role.url(pg.url()), f'role "{missing_role.name}" does not exist'),
+    ]:
+        with pytest.raises(ConnectionUnavailable, match=reason) as caught:
+            connect(url)
+        assert not is_transient(caught.value) and "\n" not in str(caught.value)

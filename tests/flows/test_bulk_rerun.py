@@ -1,0 +1,126 @@
+"""Bulk copies run again: into a target database that was dropped and re-created (whose old
+chunk results Prefect still holds), and chunks whose connection the server refused at first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from flows.bulk_migrate import bulk_migrate
+from tasks.db import connection, database_name, drop_database, ensure_database
+from tests.conftest import ROOT, recorded_task_runs, scratch_database
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def _exec(url: str, *statements: str | sql.Composable) -> None:
+    with connection(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def _fetch_one(url: str, query: str) -> tuple[Any, ...] | None:
+    with psycopg.connect(url) as conn:
+        return conn.execute(query).fetchone()
+
+
+_COPY = (
+    "import sys; from flows.bulk_migrate import bulk_migrate; "
+    "print(bulk_migrate(sys.argv[1], sys.argv[2], chunk_rows=300, return_state=True).state_details.flow_run_id)"
+)
+
+
+def _copy_in_new_process(source: str, target: str) -> Any:  # noqa: ANN401 - a Prefect State
+    """Copy in a process of its own, as each run `flowyard demo` triggers is, and return the
+    flow run's final state as the Prefect server recorded it."""
+    from prefect.client.orchestration import get_client
+
+    done = subprocess.run(
+        [sys.executable, "-c", _COPY, source, target], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(uuid.UUID(done.stdout.strip().splitlines()[-1])).state
+
+
+def test_a_recreated_target_is_copied_again_not_served_from_cache(pg, fresh_db):
+    """`flowyard demo` drops and re-creates its database: the same copy into the new, empty
+    database must load the rows, not answer every chunk with the old run's cached result."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE items (id int PRIMARY KEY, label text)",
+        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 900) g",
+    )
+    with scratch_database(pg) as target:
+        assert _copy_in_new_process(fresh_db, target).is_completed()
+        assert _fetch_one(target, "SELECT count(*) FROM items") == (900,)
+
+        drop_database(pg.url(), database_name(target))
+        ensure_database(pg.url(), database_name(target))
+        again = _copy_in_new_process(fresh_db, target)
+
+        states = [r.state.name for r in recorded_task_runs(again, "copy ", 3)]
+        assert len(states) == 3 and "Cached" not in states
+        assert again.is_completed(), again.message
+        assert _fetch_one(target, "SELECT count(*) FROM items") == (900,)
+
+
+_ACTIVE_COPY = (
+    "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() AND usename = %s"
+    " AND query LIKE 'COPY%%FROM STDIN%%' AND state = 'active'"
+)
+
+
+def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fresh_db):
+    """While the first chunk copies, the target role's CONNECTION LIMIT drops to the one
+    connection the run's lock holds: the next chunk's connection is refused with SQLSTATE
+    53300, as by a server at max_connections. Two seconds after the first chunk committed the
+    limit is lifted, and the refused chunk gets in on a retry instead of failing the run."""
+    role = sql.Identifier(limited_role.name)
+    _exec(
+        fresh_db,
+        sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database_name(fresh_db)), role),
+    )
+    target = limited_role.url(fresh_db)
+    lowered = threading.Event()
+    done = threading.Event()
+
+    def wait_for(admin: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> None:
+        while not done.is_set() and admin.execute(query, params).fetchone() is None:
+            time.sleep(0.005)
+
+    def refuse_while_the_first_chunk_copies() -> None:
+        with connection(fresh_db, autocommit=True) as admin:
+            wait_for(admin, _ACTIVE_COPY, (limited_role.name,))
+            admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(role))
+            lowered.set()
+            wait_for(admin, "SELECT 1 FROM flowyard.bulk_chunks")
+            done.wait(2)
+            admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT -1").format(role))
+
+    with scratch_database(pg) as source:
+        _exec(
+            source,
+            "CREATE TABLE big (id int PRIMARY KEY, pad text)",
+            "INSERT INTO big SELECT g, repeat('x', 300) FROM generate_series(1, 200000) g",
+        )
+        limiter = threading.Thread(target=refuse_while_the_first_chunk_copies)
+        limiter.start()
+        try:
+            state = bulk_migrate(source, target, chunk_rows=100000, parallelism=1, return_state=True)
+        finally:
+            done.set()
+            limiter.join()
+
+    state.result()
+    assert lowered.is_set(), "the limit was lowered while the first chunk copied"
+    assert _fetch_one(target, "SELECT count(*), count(DISTINCT id) FROM big") == (200000, 200000)
+    runs = recorded_task_runs(state, "copy ", 2)
+    assert sorted(r.run_count for r in runs)[-1] >= 2
