@@ -2,7 +2,7 @@
 
 :func:`state_url` is how every pipeline reaches its state database: it resolves the URL
 (parameter, ``FLOWYARD_DATABASE_URL`` or embedded) and applies the shipped migrations
-the first time a process sees that URL.
+the first time a process sees that URL, or again when the schema has gone.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import DBAPIError
 
-from tasks.db import connect, database_name, mask_url, resolve_url, sqlalchemy_url
+from tasks.db import connect, database_name, mask_url, one_row, resolve_url, sqlalchemy_url
 from tasks.errors import UserError, first_line
 
 MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
@@ -27,8 +27,12 @@ def state_url(database_url: str | None = None) -> str:
     """The state database URL, with the ``flowyard`` schema migrated to the latest revisions."""
     url = resolve_url(database_url)
     with _upgrade_lock:
-        if url not in _upgraded:
-            connect(url).close()  # a clear one-line error before Alembic's traceback-heavy one
+        # Connecting first gives a clear one-line error before Alembic's traceback-heavy one. The
+        # schema is looked up on every call, not only remembered: a database dropped and
+        # re-created under the same URL (the demo does that) has lost it.
+        with connect(url) as conn:
+            present = one_row(conn, "SELECT to_regclass('flowyard.alembic_version') IS NOT NULL")[0]
+        if url not in _upgraded or not present:
             upgrade_state_schema(url)
             _upgraded.add(url)
     return url

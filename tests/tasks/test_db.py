@@ -82,6 +82,18 @@ def test_state_schema_migrated_once(state_db):
     assert applied == shipped_heads
 
 
+def test_state_schema_comes_back_after_the_database_is_recreated(pg, fresh_db):
+    """Same URL, same process: the database dropped and created again has no flowyard schema,
+    and state_url must migrate it anew instead of trusting what it did before."""
+    state_url(fresh_db)
+    name = database_name(fresh_db)
+    drop_database(pg.url(), name)
+    ensure_database(pg.url(), name)
+    assert state_url(fresh_db) == fresh_db
+    with connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('flowyard.bulk_runs') IS NOT NULL").fetchone() == (True,)
+
+
 def test_dropping_a_database_another_role_owns_is_one_line(limited_role, fresh_db):
     name = database_name(fresh_db)
     with pytest.raises(UserError, match=rf"^cannot drop database {name} .*another role owns it") as err:
