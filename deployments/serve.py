@@ -3,23 +3,35 @@
 ``prefect.yaml`` is the single source of truth: ``prefect deploy`` reads it for work-pool
 deployments, and this module reads the same entries to serve them in-process, so
 ``flowyard up`` needs no work pool. Run as ``python -m deployments.serve [prefect.yaml]``.
+
+SIGTERM or SIGINT to this process lets every flow run it is executing stop gracefully first
+(run-agent-queue checkpoints its agents and hands their tasks back): Prefect's runner alone
+would SIGKILL its flow-run processes as it exits. Signal this process, not its process group
+(``flowyard down`` does): a flow-run process must get SIGTERM once, from here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import re
+import signal
 import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.agent_process import AgentLimits
 from tasks.errors import UserError, exit_on_user_error
 
 if TYPE_CHECKING:
+    from prefect.runner import Runner
     from prefect.schedules import Schedule
 
 _ENV_TEMPLATE = re.compile(r"\{\{\s*\$(?P<var>[A-Z_][A-Z0-9_]*)\s*\}\}")
@@ -94,11 +106,59 @@ def to_deployment(spec: DeploymentSpec) -> Any:
     )
 
 
-def main() -> None:
-    from prefect import serve
+_LIMITS = AgentLimits()
+FLOW_RUNS_STOP_SECONDS = _LIMITS.checkpoint_wait_seconds + 2 * _LIMITS.grace_seconds + 20.0
+"""How long the worker waits for its flow runs to stop: a run-agent-queue run with default
+limits asks its agents for a checkpoint, gives them the grace period after SIGTERM, SIGKILLs
+and waits again (``Fleet.shutdown``), then reports its state, all within this."""
 
+
+def stop_flow_runs(timeout: float) -> None:
+    """SIGTERM each flow-run process of this worker (its children) once; wait up to ``timeout``
+    seconds for all of them to end. Not reaped here: the runner's event loop reaps its own."""
+    runs = psutil.Process().children()
+    for run in runs:
+        with suppress(psutil.NoSuchProcess):
+            run.terminate()
+    deadline = time.monotonic() + timeout
+    while any(_running(run) for run in runs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def graceful_runner(limit: int) -> Runner:
+    """A Prefect runner whose SIGTERM handler (installed by ``Runner.start``, and used for SIGINT
+    here too) stops the flow runs first, then shuts the runner down as Prefect does. Further
+    SIGTERM/SIGINT are ignored from the first one on, so none cuts the wait short."""
+    from prefect.runner import Runner
+
+    class GracefulRunner(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_IGN)
+            stop_flow_runs(FLOW_RUNS_STOP_SECONDS)
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = GracefulRunner(limit=limit)
+    signal.signal(signal.SIGINT, runner.handle_sigterm)
+    return runner
+
+
+def main() -> None:
+    """What ``prefect.serve`` does, with :func:`graceful_runner`'s runner."""
     prefect_yaml = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("prefect.yaml")
-    serve(*[to_deployment(spec) for spec in read_deployments(prefect_yaml)], limit=8)
+    specs = read_deployments(prefect_yaml)
+    runner = graceful_runner(limit=8)
+    for spec in specs:
+        runner.add_deployment(to_deployment(spec))
+    print(f"serving {', '.join(spec.name for spec in specs)} from {prefect_yaml}", flush=True)
+    asyncio.run(runner.start())
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """Long-running background services (Prefect server, deployment server) tracked by pid files.
 
-Each service runs in its own process group, so stopping it also stops whatever it spawned.
+Each service runs in its own process group, so stopping it also ends whatever it spawned.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from tasks.errors import UserError
-from tasks.process_group import spawn_group, terminate_group
+from tasks.process_group import group_members, spawn_group, terminate_group
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,23 @@ def failure_cause(output: str) -> str:
     return causes[0] if causes else " | ".join(lines[-3:])
 
 
-def stop(run_dir: Path, name: str, grace_seconds: float = 15.0) -> bool:
-    """Stop the service's whole process group. False when it was not running."""
+def stop(run_dir: Path, name: str, grace_seconds: float = 60.0) -> bool:
+    """Stop the service. False when it was not running.
+
+    SIGTERM goes to the service's own process, which stops what it spawned its own way: the
+    deployment server gives each flow run one SIGTERM and waits (up to
+    ``deployments.serve.FLOW_RUNS_STOP_SECONDS``) while it stops its agents gracefully; a
+    group-wide SIGTERM would reach the flow runs a second time. Whatever of its process group
+    is left after ``grace_seconds`` is killed.
+    """
     pid = running_pid(run_dir, name)
     if pid is None:
         return False
-    terminate_group(pid, grace_seconds)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while group_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    terminate_group(pid, 0.0)
     pid_file(run_dir, name).unlink(missing_ok=True)
     return True

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,12 @@ import pytest
 
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks import services
 from tasks.agent_execution import run_log_line
 from tasks.agent_process import DEFAULT_TEMPLATES
 from tasks.agent_protocol import parse_line
 from tasks.db import connection
+from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
@@ -384,16 +386,53 @@ def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask,
     assert queue.get_task(qdb, task.id).result["resumed_from"] == step
 
 
-def test_sigterm_to_the_serving_worker_leaves_no_orphans_and_the_task_resumes(
-    tmp_path: Path, qdb: str, prefect_api: str
+def _ignores_sigterm(pid: int) -> bool:
+    """Whether ``pid`` ignores SIGTERM now: the serving worker does while its flow runs stop."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    ignored = int(next(line.split()[1] for line in status if line.startswith("SigIgn:")), 16)
+    return bool(ignored >> (signal.SIGTERM - 1) & 1)
+
+
+def _signal_again_while_stopping(first: signal.Signals) -> Callable[[subprocess.Popen[bytes], Path], None]:
+    """Signal the serving worker, then SIGINT and SIGTERM it again while its flow run stops."""
+
+    def stop(server: subprocess.Popen[bytes], run_dir: Path) -> None:
+        server.send_signal(first)
+        while server.poll() is None and not _ignores_sigterm(server.pid):
+            time.sleep(0.05)
+        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)
+
+    return stop
+
+
+def _flowyard_down(server: subprocess.Popen[bytes], run_dir: Path) -> None:
+    """What ``flowyard down`` does to the deployment server it started."""
+    services.pid_file(run_dir, SERVE).write_text(str(server.pid))
+    assert services.stop(run_dir, SERVE)
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        _signal_again_while_stopping(signal.SIGTERM),
+        _signal_again_while_stopping(signal.SIGINT),
+        _flowyard_down,
+    ],
+    ids=["sigterm", "sigint", "flowyard-down"],
+)
+def test_stopping_the_serving_worker_checkpoints_and_leaves_no_orphans(
+    tmp_path: Path, qdb: str, prefect_api: str, stop: Callable[[subprocess.Popen[bytes], Path], None]
 ) -> None:
-    """``prefect serve`` exits on SIGTERM without letting its flow-run process shut down gracefully; the reaper copes."""
-    task_id = queue.create_task(qdb, _new("long", LONG))
+    """The serving worker lets its flow run stop the agents gracefully before it exits, even
+    when the agent ignores SIGTERM (so the flow run's stop lasts the whole grace period)."""
+    task_id = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
     with _served_run(tmp_path, qdb, prefect_api) as (server, _):
         running, child = _running_with_child(tmp_path, qdb, task_id)
-        server.send_signal(signal.SIGTERM)
+        stop(server, tmp_path)
         server.wait(timeout=120)
-        _assert_reaped_then_resumed(tmp_path, qdb, running, child)
+        _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
+        assert not _alive(child)
 
 
 def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: Path, qdb: str) -> None:
