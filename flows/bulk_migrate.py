@@ -46,7 +46,7 @@ from tasks.copy_pipe import normalize_session
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
 from tasks.db import connection, mask_url
 from tasks.errors import UserError, first_line
-from tasks.integrity import foreign_key_orphans, invalid_indexes
+from tasks.integrity import foreign_key_orphans, invalid_indexes, missing_indexes, missing_key
 from tasks.retry_policy import retry_transient
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -62,7 +62,7 @@ class BulkReport:
     run_key: str
     resumed: bool
     tables: list[dict[str, Any]] = field(default_factory=list)
-    integrity_problems: list[str] = field(default_factory=list)
+    integrity: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -171,14 +171,37 @@ def validate_table_task(
 
 
 @task(name="check-integrity")
-def check_integrity_task(target_url: str, plans: list[TablePlan]) -> list[str]:
-    """Seed 004's post-load checks on the copied tables: foreign-key orphans and indexes left
-    invalid (row counts were compared by validation; NOT NULL held during the load)."""
-    copied = {p.spec.target_label for p in plans}
-    schemas = sorted({p.spec.target_schema for p in plans})
+def check_integrity_task(source_url: str, target_url: str, plans: list[TablePlan]) -> dict[str, list[str]]:
+    """Seed 004's post-load checks on the copied tables, each with the problems it found: foreign-key
+    orphans, indexes left invalid, and indexes present (an identical copy has every index and key
+    constraint of its source table, any other its declared key). Row counts were compared by
+    validation; NOT NULL is not scanned for, since PostgreSQL checks it on every row the load writes."""
+    specs = [p.spec for p in plans]
+    copied = {s.target_label for s in specs}
+    schemas = sorted({s.target_schema for s in specs})
     with connection(target_url) as conn:
-        problems = foreign_key_orphans(conn, schemas) + invalid_indexes(conn, schemas)
-    return [f"{p.check} {p.table}: {p.detail} ({p.count})" for p in problems if p.table in copied]
+        present = [
+            p
+            for s in specs
+            if not s.identical
+            for p in missing_key(conn, s.target_schema, s.target.name, s.target.key)
+        ]
+        if identical := [s for s in specs if s.identical]:
+            with connection(source_url) as source:
+                present += [
+                    p
+                    for s in identical
+                    for p in missing_indexes(source, s.source.ident, conn, s.target_schema, s.target.name)
+                ]
+        checks = {
+            "fk_orphans": foreign_key_orphans(conn, schemas),
+            "invalid_indexes": invalid_indexes(conn, schemas),
+            "indexes_present": present,
+        }
+    return {
+        check: [f"{p.check} {p.table}: {p.detail} ({p.count})" for p in problems if p.table in copied]
+        for check, problems in checks.items()
+    }
 
 
 # --- the flow -------------------------------------------------------------------------------------
@@ -393,8 +416,8 @@ def bulk_migrate(
 
             stats, failures = validate_tables(plans, jobs, checkpoints, validate, sample_rows)
             report = BulkReport(run.run_key, run.resumed, [stat.row() for stat in stats])
-            report.integrity_problems = check_integrity_task(target, plans)
-            failures += report.integrity_problems
+            report.integrity = check_integrity_task(source_url, target, plans)
+            failures += [problem for found in report.integrity.values() for problem in found]
             publish_table_artifact(run.run_key, stats)
             problem = f"validation failed: {'; '.join(failures)}" if failures else None
             with connection(target) as conn:

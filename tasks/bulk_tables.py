@@ -29,6 +29,7 @@ from tasks.column_mapping import TableMapping, mapped_table
 from tasks.db import connection
 from tasks.errors import UserError
 from tasks.schema_copy import (
+    add_checks,
     add_foreign_keys,
     build_indexes_and_keys,
     copy_table_ddl,
@@ -42,7 +43,11 @@ from tasks.schema_copy import (
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A source table, its mapping and its target table (columns and key in target terms)."""
+    """A source table, its mapping and its target table (columns and key in target terms).
+
+    ``identical``: a PostgreSQL table copied with its columns and types unchanged, maybe under
+    another name (a mapping with only a ``target``): it gets the source's own CHECKs, indexes,
+    keys and foreign keys."""
 
     source: TableInfo
     target: TableInfo
@@ -58,6 +63,12 @@ class TableSpec:
     @property
     def target_label(self) -> str:
         return f"{self.target_schema}.{self.target.name}"
+
+    @property
+    def dumped(self) -> bool:
+        """Whether the target table is created from the source's ``pg_dump`` DDL, which names the
+        source table: only for an identical copy under the same name."""
+        return self.identical and self.target_label == self.source.qualified
 
 
 @dataclass(frozen=True)
@@ -116,11 +127,7 @@ def table_specs(
             raise UserError(
                 f"seed mode upserts by key but {source.qualified} has none; set the mapping's `key`"
             )
-        identical = (
-            kind == "postgres"
-            and (table_map is None or not table_map.transforms)
-            and (not table_map or not table_map.target)
-        )
+        identical = kind == "postgres" and (table_map is None or not table_map.transforms)
         specs.append(
             TableSpec(source, target, schema, table_map, cursor if mode == "incremental" else None, identical)
         )
@@ -140,13 +147,18 @@ def _ensure_distinct_targets(specs: list[TableSpec]) -> None:
 
 
 def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:
-    """Create the target tables that do not exist yet (identical DDL or mapped types)."""
+    """Create the target tables that do not exist yet: the source's DDL (``pg_dump``), or mapped
+    types, with the source's CHECK constraints for an identical copy under another name."""
     with connection(target_url) as conn:
         absent = [s for s in specs if not table_exists(conn, s.target_schema, s.target.name)]
         for spec in absent:
-            if not spec.identical:
+            if not spec.dumped:
                 create_mapped_table(conn, spec.target_schema, spec.target)
-    copy_table_ddl(source_url, target_url, [s.source for s in absent if s.identical])
+        if renamed := [s for s in absent if s.identical and not s.dumped]:
+            with connection(source_url) as source:
+                for spec in renamed:
+                    add_checks(source, conn, spec.source, spec.target_ident)
+    copy_table_ddl(source_url, target_url, [s.source for s in absent if s.dumped])
 
 
 def plan_tables(
@@ -207,11 +219,13 @@ def build_keys(
 
 
 def finish_foreign_keys(source_url: str, target_url: str, specs: list[TableSpec]) -> list[str]:
-    """Foreign keys among the copied PG→PG tables, added NOT VALID then validated."""
-    copied = {s.source.qualified for s in specs if s.identical}
+    """Foreign keys of the identical PG→PG copies, added NOT VALID then validated; one that
+    references a table copied under another name references the copy."""
+    copied = [s for s in specs if s.identical]
     if not copied:
         return []
+    copies = {s.source.qualified: s.target_ident for s in copied if not s.dumped}
     with connection(source_url) as source:
-        keys = [k for s in specs if s.identical for k in source_foreign_keys(source, s.source)]
+        keys = [k for s in copied for k in source_foreign_keys(source, s.source, s.target_ident, copies)]
     with connection(target_url, autocommit=True) as target:
         return add_foreign_keys(target, keys)

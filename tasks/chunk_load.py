@@ -40,6 +40,7 @@ from tasks.column_mapping import TableMapping, apply_mapping
 from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection, one_row
 from tasks.errors import UserError
+from tasks.integrity import has_unique_key
 from tasks.schema_copy import duplicate_keys, key_text
 from tasks.table_checksum import ALL_ROWS, Checksum, checksum
 
@@ -205,20 +206,6 @@ def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
     return sql.SQL("(SELECT {}, {} FROM {}) AS fy_typed").format(casts, sql.Identifier(ORD), STAGE)
 
 
-def _has_unique_key(target: psycopg.Connection, job: ChunkJob) -> bool:
-    if not job.target.key:
-        return False
-    row = target.execute(
-        """
-        SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique
-          AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute
-               WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey)) = %s::text[]
-        """,
-        (job.target_ident.as_string(target), sorted(job.target.key)),
-    ).fetchone()
-    return row is not None
-
-
 def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Composable) -> sql.Composed:
     """INSERT (or upsert by key) the stage ``rows`` with ``fy_ord`` in ``[%s, %s)``."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
@@ -226,7 +213,7 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Compo
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
     ).format(job.target_ident, cols, cols, rows, sql.Identifier(ORD), sql.Identifier(ORD))
     if job.mode != "full":
-        if not _has_unique_key(target, job):
+        if not has_unique_key(target, job.target_ident, job.target.key):
             keys = ", ".join(job.target.key)
             raise UserError(
                 f"{job.target_schema}.{job.target.name} has no unique index on its key ({keys}), which "

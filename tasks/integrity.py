@@ -1,11 +1,14 @@
 """Integrity checks run after anything that changes a database: row counts, NOT NULL, foreign keys, indexes.
 
 Shared by the deploy, bulk-copy and sync pipelines. Every check is one query per table or
-constraint that runs inside PostgreSQL; nothing is pulled into Python but the counts.
+constraint that runs inside PostgreSQL; nothing is pulled into Python but the counts. A copy
+is also checked against its source: every index and key constraint present (compared by
+shape, since a copy under another name has other index names) or its declared key enforced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -149,3 +152,98 @@ def check_integrity(conn: psycopg.Connection, schemas: list[str] | None = None) 
         + invalid_indexes(conn, schemas)
     )
     return IntegrityReport(row_counts(conn, schemas), problems)
+
+
+@dataclass(frozen=True)
+class IndexShape:
+    """An index or key constraint without its own name or its table's: the same index on a
+    table copied under another name (where PostgreSQL names it after the new table) has the
+    same shape. ``body`` is the constraint's definition (``PRIMARY KEY (id)``) or, for a plain
+    index, its definition from ``USING`` on (``USING btree (lower(sku)) WHERE …``)."""
+
+    name: str
+    constraint: bool
+    unique: bool
+    body: str
+
+    @property
+    def shape(self) -> tuple[bool, bool, str]:
+        return self.constraint, self.unique, self.body
+
+    @property
+    def describe(self) -> str:
+        if self.constraint:
+            return f"constraint {self.name} ({self.body})"
+        return f"{'unique ' if self.unique else ''}index {self.name} ({self.body})"
+
+
+def index_shapes(conn: psycopg.Connection, table: sql.Identifier) -> list[IndexShape]:
+    """The table's indexes and primary key/unique/exclusion constraints, constraints first.
+
+    ``pg_get_indexdef`` always spells ``CREATE [UNIQUE] INDEX <name> ON [ONLY] <schema>.<table>
+    USING …`` with both names quoted as ``quote_ident`` quotes them, so cutting at the end of
+    that exact head (its first occurrence: only ``CREATE [UNIQUE]`` precedes it) leaves the
+    name-free rest; key constraints are compared by ``pg_get_constraintdef``, which names
+    neither the constraint nor its table.
+    """
+    rows = conn.execute(
+        """
+        SELECT ic.relname, con.oid IS NOT NULL, x.indisunique,
+               coalesce(pg_get_constraintdef(con.oid), substr(d.def, strpos(d.def, d.head) + length(d.head)))
+        FROM pg_index x
+        JOIN pg_class ic ON ic.oid = x.indexrelid
+        JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+        LEFT JOIN pg_constraint con
+          ON con.conrelid = x.indrelid AND con.conindid = x.indexrelid AND con.contype IN ('p', 'u', 'x')
+        CROSS JOIN LATERAL (
+            SELECT pg_get_indexdef(x.indexrelid) AS def,
+                   ' INDEX ' || quote_ident(ic.relname) || ' ON '
+                   || CASE WHEN ic.relkind = 'I' THEN 'ONLY ' ELSE '' END
+                   || quote_ident(n.nspname) || '.' || quote_ident(t.relname) || ' ' AS head
+        ) d
+        WHERE x.indrelid = %s::regclass
+        ORDER BY con.contype NULLS LAST, ic.relname
+        """,
+        (table.as_string(conn),),
+    ).fetchall()
+    return [IndexShape(*row) for row in rows]
+
+
+def missing_indexes(
+    source: psycopg.Connection,
+    source_table: sql.Identifier,
+    target: psycopg.Connection,
+    schema: str,
+    table: str,
+) -> list[Problem]:
+    """Indexes and key constraints of ``source_table`` that its copy ``schema.table`` lacks."""
+    present = {i.shape for i in index_shapes(target, sql.Identifier(schema, table))}
+    return [
+        Problem("index_missing", f"{schema}.{table}", f"no {i.describe} as in the source", 1)
+        for i in index_shapes(source, source_table)
+        if i.shape not in present
+    ]
+
+
+def has_unique_key(conn: psycopg.Connection, table: sql.Identifier, key: Sequence[str]) -> bool:
+    """Whether a unique index (a primary key's or any other) covers exactly the ``key`` columns."""
+    if not key:
+        return False
+    row = conn.execute(
+        """
+        SELECT 1 FROM pg_index i WHERE i.indrelid = %s::regclass AND i.indisunique
+          AND (SELECT array_agg(attname::text ORDER BY attname) FROM pg_attribute
+               WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey)) = %s::text[]
+        """,
+        (table.as_string(conn), sorted(key)),
+    ).fetchone()
+    return row is not None
+
+
+def missing_key(conn: psycopg.Connection, schema: str, table: str, key: Sequence[str]) -> list[Problem]:
+    """The declared ``key`` of a copied table (mapped, SQLite, files) not enforced by its primary
+    key or a unique index (an existing target table may enforce it with a unique constraint)."""
+    if not key or has_unique_key(conn, sql.Identifier(schema, table), key):
+        return []
+    detail = f"no primary key or unique index on ({', '.join(key)})"
+    return [Problem("key_missing", f"{schema}.{table}", detail, 1)]

@@ -6,7 +6,10 @@ rows, then builds indexes and key constraints from the source catalogs, adds for
 ``NOT VALID`` and validates them (no long exclusive lock), and moves sequences past the
 loaded maximum. Mapped, SQLite and file sources get a ``CREATE TABLE`` from the mapped
 PostgreSQL types and a primary key on the declared key. A partitioned table comes with its
-partitions. Upserting loads (incremental, seed) get their keys before the data instead.
+partitions. A PG→PG table copied unchanged under another name cannot take ``pg_dump``'s DDL
+(it names the source table): it is created from its column types, with the source's CHECK
+constraints, and gets the source's indexes and keys under names PostgreSQL picks for it.
+Upserting loads (incremental, seed) get their keys before the data instead.
 
 Every step is idempotent (existing tables, indexes and constraints are kept), so a resumed
 run can repeat it.
@@ -15,7 +18,7 @@ run can repeat it.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -25,6 +28,7 @@ from tasks.bulk_sources import Column, TableInfo
 from tasks.db import connection, libpq_target, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError, tool_error
+from tasks.integrity import IndexShape, index_shapes
 
 
 @dataclass(frozen=True)
@@ -191,10 +195,6 @@ def truncate(conn: psycopg.Connection, tables: Sequence[sql.Identifier]) -> None
             ) from None
 
 
-def _existing(conn: psycopg.Connection, query: str, params: tuple[object, ...]) -> set[str]:
-    return {row[0] for row in conn.execute(query, params).fetchall()}
-
-
 def build_indexes_and_keys(
     source: psycopg.Connection | None,
     target: psycopg.Connection,
@@ -206,21 +206,16 @@ def build_indexes_and_keys(
 ) -> list[str]:
     """Indexes and primary/unique/exclusion constraints; returns what was built.
 
-    With a PostgreSQL ``source`` copied unchanged, they are the source's own definitions; otherwise
-    a primary key on the mapped key. They come after a full load (cheaper than maintaining them
-    row by row); upserts need the unique key before it, so those build it with ``with_indexes=False``
-    and leave the other indexes to after the load.
+    With a PostgreSQL ``source`` copied unchanged, they are the source's own definitions, under
+    their own names, or, on a table copied under another name, under the names PostgreSQL gives
+    them for that table (the source's index names may be taken in the target's schema, by the
+    source table itself when both are one database). Otherwise a primary key on the mapped key.
+    They come after a full load (cheaper than maintaining them row by row); upserts need the
+    unique key before it, so those build it with ``with_indexes=False`` and leave the other
+    indexes to after the load. One the target table already has (same shape) is kept; so is one
+    of another shape under the same name, which the integrity check then reports.
     """
     table = sql.Identifier(schema, target_info.name)
-    constraints = _existing(
-        target, "SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass", (table.as_string(target),)
-    )
-    indexes = _existing(
-        target,
-        "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass",
-        (table.as_string(target),),
-    )
-    built: list[str] = []
     if source is None:
         has_pk = target.execute(
             "SELECT 1 FROM pg_index WHERE indrelid = %s::regclass AND indisprimary",
@@ -228,49 +223,33 @@ def build_indexes_and_keys(
         ).fetchone()
         if target_info.key and not has_pk:
             add_primary_key(target, schema, target_info)
-            built.append("primary key")
-        return built
-    source_table = source_info.ident.as_string(source)
-    for name, definition in source.execute(
-        """
-        SELECT con.conname, pg_get_constraintdef(con.oid) FROM pg_constraint con
-        WHERE con.conrelid = %s::regclass AND con.contype IN ('p', 'u', 'x') ORDER BY con.contype, con.conname
-        """,
-        (source_table,),
-    ).fetchall():
-        if name not in constraints:
-            target.execute(
-                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                    table, sql.Identifier(name), sql.SQL(definition)
-                )
-            )
-            built.append(name)
-    if not with_indexes:
-        return built
-    for name, quoted, definition in source.execute(
-        """
-        SELECT i.indexrelid::regclass::text, quote_ident(ic.relname), pg_get_indexdef(i.indexrelid)
-        FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-        WHERE i.indrelid = %s::regclass
-          AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)
-        """,
-        (source_table,),
-    ).fetchall():
-        if name not in indexes:
-            target.execute(sql.SQL(_on_partitions_too(definition, quoted)))
-            built.append(name)
+            return ["primary key"]
+        return []
+    renamed = (schema, target_info.name) != (source_info.schema, source_info.name)
+    present = index_shapes(target, table)
+    shapes, names = {i.shape for i in present}, {i.name for i in present}
+    built: list[str] = []
+    for index in index_shapes(source, source_info.ident):
+        if index.shape in shapes or index.name in names or not (index.constraint or with_indexes):
+            continue
+        target.execute(_build_index(index, table, None if renamed else index.name))
+        built.append(index.name)
     return built
 
 
-def _on_partitions_too(definition: str, quoted_name: str) -> str:
-    """An index definition that also indexes a partitioned table's partitions.
-
-    ``pg_get_indexdef`` spells a partitioned table's index ``CREATE INDEX i ON ONLY t``: replayed as
-    is, it is an invalid index on the parent alone (pg_dump attaches each partition's index after
-    it). Without ``ONLY``, PostgreSQL builds it on every partition and attaches them. The index name
-    comes first and is quoted, so the first match is the real clause.
-    """
-    return definition.replace(f"INDEX {quoted_name} ON ONLY ", f"INDEX {quoted_name} ON ", 1)
+def _build_index(index: IndexShape, table: sql.Identifier, name: str | None) -> sql.Composed:
+    """The statement building ``index`` on ``table``, named ``name`` or (None) as PostgreSQL
+    names it for that table. Spelt without ``ONLY``, an index on a partitioned table is built on
+    every partition too and attached (``pg_get_indexdef``'s ``ON ONLY`` form, replayed as is,
+    would leave an invalid index on the parent alone)."""
+    named: sql.Composable = sql.SQL("")
+    if name is not None:
+        kind = sql.SQL("CONSTRAINT " if index.constraint else "")
+        named = sql.SQL("{}{} ").format(kind, sql.Identifier(name))
+    if index.constraint:
+        return sql.SQL("ALTER TABLE {} ADD {}{}").format(table, named, sql.SQL(index.body))
+    unique = sql.SQL("UNIQUE " if index.unique else "")
+    return sql.SQL("CREATE {}INDEX {}ON {} {}").format(unique, named, table, sql.SQL(index.body))
 
 
 DUPLICATES_SHOWN = 5
@@ -324,13 +303,60 @@ def add_primary_key(target: psycopg.Connection, schema: str, info: TableInfo) ->
         ) from None
 
 
-def source_foreign_keys(source: psycopg.Connection, info: TableInfo) -> list[ForeignKey]:
-    rows = source.execute(
+def add_checks(
+    source: psycopg.Connection, target: psycopg.Connection, info: TableInfo, table: sql.Identifier
+) -> None:
+    """The CHECK constraints of source table ``info`` on ``table``, its copy under another name
+    (``pg_dump``'s DDL, which creates them for a copy under the same name, names the source table)."""
+    for name, definition in source.execute(
         "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-        "WHERE conrelid = %s::regclass AND contype = 'f' ORDER BY conname",
+        "WHERE conrelid = %s::regclass AND contype = 'c' ORDER BY conname",
+        (info.ident.as_string(source),),
+    ).fetchall():
+        target.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                table, sql.Identifier(name), sql.SQL(definition)
+            )
+        )
+
+
+def source_foreign_keys(
+    source: psycopg.Connection, info: TableInfo, table: sql.Identifier, copies: Mapping[str, sql.Identifier]
+) -> list[ForeignKey]:
+    """The foreign keys of source table ``info``, for its copy ``table``.
+
+    A key referencing a table copied under another name (``copies``: source ``schema.table`` →
+    target) references the copy instead. ``pg_get_constraintdef`` spells ``FOREIGN KEY (<columns>)
+    REFERENCES <table>(…`` with the columns quoted as ``quote_ident`` quotes them and the table as
+    ``regclass`` prints it, so that exact head is replaced, never a search for the name.
+    """
+    rows = source.execute(
+        """
+        SELECT con.conname, pg_get_constraintdef(con.oid), n.nspname || '.' || p.relname,
+               'FOREIGN KEY (' || array_to_string(array(
+                   SELECT quote_ident(attname) FROM unnest(con.conkey) WITH ORDINALITY k(num, i)
+                   JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.num ORDER BY k.i
+               ), ', ') || ') REFERENCES ',
+               con.confrelid::regclass::text || '('
+        FROM pg_constraint con
+        JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace n ON n.oid = p.relnamespace
+        WHERE con.conrelid = %s::regclass AND con.contype = 'f' ORDER BY con.conname
+        """,
         (info.ident.as_string(source),),
     ).fetchall()
-    return [ForeignKey(info.ident, name, definition) for name, definition in rows]
+    keys = []
+    for name, definition, referenced, head, reference in rows:
+        copy = copies.get(referenced)
+        if copy is not None:
+            if not definition.startswith(head + reference):
+                raise UserError(
+                    f"foreign key {name} of {info.qualified} references {referenced}, which is copied under "
+                    f"another name, in a form flowyard cannot point at the copy ({definition}); "
+                    f"copy {referenced} under its own name or add the key by hand"
+                )
+            definition = f"{head}{copy.as_string(source)}({definition.removeprefix(head + reference)}"
+        keys.append(ForeignKey(table, name, definition))
+    return keys
 
 
 def add_foreign_keys(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> list[str]:

@@ -108,6 +108,7 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
         c[0] for c in _fetch(target_db, constraints)
     }
     assert _fetch(target_db, "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_account'") == [(1,)]
+    assert report["integrity"] == {"fk_orphans": [], "invalid_indexes": [], "indexes_present": []}
     states = _task_states(state, 8)
     assert len(states) == 8 and "Cached" not in states
     artifacts = {a.type: a for a in flow_run_artifacts(state)}
@@ -178,6 +179,68 @@ def test_mapping_passes_untouched_columns_through_as_text_byte_for_byte(fresh_db
     assert _fetch(target_db, probe.format(columns, "remark", "remark", "orders_v2")) == _fetch(
         fresh_db, probe.format(columns, "note", "note", "orders")
     )
+
+
+def test_table_copied_under_a_new_name_keeps_keys_indexes_checks_and_foreign_keys(fresh_db):
+    """A mapping with only a ``target`` used to create a bare table with a primary key at most: no
+    unique constraint, index, CHECK or foreign key. Copied within one database, so the copies'
+    index names must not clash with the source's, and the foreign key must reach the copied parent."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL)",
+        "CREATE TABLE orders (id int PRIMARY KEY, account_id int REFERENCES accounts, sku text NOT NULL,"
+        " amount numeric CONSTRAINT positive CHECK (amount > 0), CONSTRAINT orders_sku UNIQUE (sku))",
+        "CREATE INDEX orders_account ON orders (account_id)",
+        "CREATE INDEX orders_big ON orders (amount) WHERE amount > 1000",
+        "INSERT INTO accounts SELECT g, 'acct ' || g FROM generate_series(1, 20) g",
+        "INSERT INTO orders SELECT g, 1 + g % 20, 'sku-' || g, g * 1.5 FROM generate_series(1, 900) g",
+    )
+    mapping = {"accounts": {"target": "accounts_v2"}, "orders": {"target": "sales.orders_v2"}}
+    report = bulk_migrate(fresh_db, fresh_db, tables=["accounts", "orders"], mapping=mapping, chunk_rows=200)
+
+    constraints = (
+        "SELECT conname, contype, convalidated, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'sales.orders_v2'::regclass AND contype <> 'n' ORDER BY 2"
+    )
+    assert _fetch(fresh_db, constraints) == [
+        ("positive", "c", True, "CHECK ((amount > (0)::numeric))"),
+        ("orders_account_id_fkey", "f", True, "FOREIGN KEY (account_id) REFERENCES accounts_v2(id)"),
+        ("orders_v2_pkey", "p", True, "PRIMARY KEY (id)"),
+        ("orders_v2_sku_key", "u", True, "UNIQUE (sku)"),
+    ]
+    indexes = "SELECT indexdef FROM pg_indexes WHERE schemaname = 'sales' AND tablename = 'orders_v2' ORDER BY 1"
+    assert _fetch(fresh_db, indexes) == [
+        ("CREATE INDEX orders_v2_account_id_idx ON sales.orders_v2 USING btree (account_id)",),
+        ("CREATE INDEX orders_v2_amount_idx ON sales.orders_v2 USING btree (amount) WHERE (amount > (1000)::numeric)",),
+        ("CREATE UNIQUE INDEX orders_v2_pkey ON sales.orders_v2 USING btree (id)",),
+        ("CREATE UNIQUE INDEX orders_v2_sku_key ON sales.orders_v2 USING btree (sku)",),
+    ]
+    columns = ["id", "account_id", "sku", "amount"]
+    assert _sum(fresh_db, "sales.orders_v2", columns) == _sum(fresh_db, "public.orders", columns)
+    assert _sum(fresh_db, "public.accounts_v2", ["id", "name"]) == _sum(fresh_db, "public.accounts", ["id", "name"])
+    assert {t["table"]: t["rows"] for t in report["tables"]} == {"public.accounts_v2": 20, "sales.orders_v2": 900}
+    assert all("MISMATCH" not in t["validation"] for t in report["tables"])
+    assert report["integrity"] == {"fk_orphans": [], "invalid_indexes": [], "indexes_present": []}
+
+
+def test_target_index_unlike_the_sources_fails_the_run_naming_table_and_index(fresh_db, target_db):
+    """An existing target table is kept, and so is its index of the source index's name but on
+    another column: the run used to pass with the source's index missing from the target."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE items (id int PRIMARY KEY, sku text, price numeric)",
+        "CREATE INDEX items_price ON items (price)",
+        "INSERT INTO items SELECT g, 'sku-' || g, g FROM generate_series(1, 50) g",
+    )
+    _exec(
+        target_db,
+        "CREATE TABLE items (id int PRIMARY KEY, sku text, price numeric)",
+        "CREATE INDEX items_price ON items (sku)",
+    )
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db)
+    assert "index_missing public.items: no index items_price (USING btree (price)) as in the source" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def _committed(url: str) -> dict[str, tuple]:

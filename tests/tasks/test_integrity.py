@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from psycopg import sql
 
-from tasks.integrity import check_integrity
+from tasks.integrity import check_integrity, missing_indexes, missing_key
 from tasks.pg_backup import server_major
+from tests.conftest import scratch_database
 
 
 def test_counts_orphans_and_invalid_indexes(fresh_db):
@@ -56,3 +58,51 @@ def test_nulls_in_not_null_columns_are_counted(fresh_db):
         conn.execute("UPDATE people SET nick = 'n' WHERE id = 1")
         conn.execute("DELETE FROM people WHERE id = 2")
         assert [(p.detail, p.count) for p in check_integrity(conn).problems] == [("email is NULL", 1)]
+
+
+SOURCE_INDEXES = (
+    "CREATE TABLE items (id int PRIMARY KEY, sku text NOT NULL, name text, price numeric)",
+    "CREATE UNIQUE INDEX items_sku ON items (sku)",
+    "CREATE INDEX items_pricey ON items (price) WHERE price > 100",
+    "CREATE INDEX items_lower_name ON items (lower(name))",
+)
+
+
+def test_indexes_present_compares_the_copy_with_its_source_by_shape_not_name(fresh_db, pg):
+    """The copy lives in another database under another schema and name, and its indexes are named
+    after it: only an index of another shape (or none) counts as missing, whatever its name."""
+    with scratch_database(pg) as copy_url, psycopg.connect(fresh_db, autocommit=True) as source:
+        for statement in SOURCE_INDEXES:
+            source.execute(statement)
+        with psycopg.connect(copy_url, autocommit=True) as target:
+            target.execute("CREATE SCHEMA shop")
+            target.execute("CREATE TABLE shop.stock (id int PRIMARY KEY, sku text NOT NULL, name text, price numeric)")
+            target.execute("CREATE UNIQUE INDEX ON shop.stock (sku)")
+            target.execute("CREATE INDEX ON shop.stock (lower(name))")
+
+            def missing() -> list[tuple[str, str, str]]:
+                found = missing_indexes(source, sql.Identifier("public", "items"), target, "shop", "stock")
+                return [(p.check, p.table, p.detail) for p in found]
+
+            partial = "index items_pricey (USING btree (price) WHERE (price > (100)::numeric))"
+            assert missing() == [("index_missing", "shop.stock", f"no {partial} as in the source")]
+            target.execute("CREATE INDEX items_pricey ON shop.stock (price)")
+            assert [m[2] for m in missing()] == [f"no {partial} as in the source"], "same name, no predicate"
+            target.execute("CREATE INDEX ON shop.stock (price) WHERE price > 100")
+            assert missing() == []
+            # a unique index on the key is not the primary key constraint the source has
+            target.execute("ALTER TABLE shop.stock DROP CONSTRAINT stock_pkey")
+            target.execute("CREATE UNIQUE INDEX stock_id ON shop.stock (id)")
+            assert [m[2] for m in missing()] == ["no constraint items_pkey (PRIMARY KEY (id)) as in the source"]
+
+
+def test_declared_key_present_needs_a_primary_key_or_unique_index_on_it(fresh_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE rates (code text NOT NULL, day date NOT NULL, rate numeric)")
+        conn.execute("CREATE INDEX rates_code_day ON rates (code, day)")
+        assert [(p.check, p.table, p.detail) for p in missing_key(conn, "public", "rates", ["code", "day"])] == [
+            ("key_missing", "public.rates", "no primary key or unique index on (code, day)")
+        ]
+        assert missing_key(conn, "public", "rates", []) == []
+        conn.execute("ALTER TABLE rates ADD PRIMARY KEY (day, code)")
+        assert missing_key(conn, "public", "rates", ["code", "day"]) == []
