@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
@@ -50,7 +49,7 @@ from tasks.integrity import foreign_key_orphans, invalid_indexes, missing_indexe
 from tasks.retry_policy import retry_transient
 from tasks.settings import get_settings
 from tasks.state import state_url
-from tasks.task_runners import build_task_runner, check_task_runner
+from tasks.task_runners import build_task_runner, check_task_runner, submit_bounded
 
 SEED_CHUNK_ROWS = 2**62
 
@@ -239,21 +238,19 @@ def chunk_jobs(
 def run_chunks(
     jobs: list[ChunkJob], runner_kind: str, parallelism: int, dask_address: str | None, progress: Progress
 ) -> list[ChunkCheckpoint]:
-    """Submit every chunk to the task runner; report progress as they finish; fail after all settle."""
+    """Copy the chunks, at most ``parallelism`` in flight whatever the runner (each holds a source
+    and a target connection); report progress as they finish; fail after all settle."""
     logger = get_run_logger()
     done: list[ChunkCheckpoint] = []
     failures: dict[int, str] = {}
     with build_task_runner(runner_kind, parallelism, dask_address) as runner:
-        futures: list[PrefectFuture[ChunkCheckpoint]] = [
-            runner.submit(copy_chunk, {"job": job}) for job in jobs
-        ]
-        position = {id(f): i for i, f in enumerate(futures)}
-        for future in as_completed(futures):
+        finished = submit_bounded(runner, copy_chunk, [{"job": job} for job in jobs], parallelism)
+        for index, future in finished:
             future.wait()
             state = future.state
             if not state.is_completed():
                 error = state.result(raise_on_failure=False) or state.message or state.name
-                failures[position[id(future)]] = first_line(str(error))
+                failures[index] = first_line(str(error))
                 continue
             checkpoint = future.result()
             done.append(checkpoint)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+import itertools
+import queue
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, TypeVar, cast
 
+from prefect import Task
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.errors import UserError
 
 RunnerKind = Literal["threads", "dask"]
+R = TypeVar("R")
 
 
 def thread_pool(max_workers: int) -> TaskRunner[PrefectFuture[Any]]:
@@ -49,3 +54,35 @@ def build_task_runner(kind: str, max_workers: int, dask_address: str | None = No
     return DaskTaskRunner(
         cluster_kwargs={"n_workers": 1, "threads_per_worker": max_workers, "processes": False}
     )
+
+
+def submit_bounded(
+    runner: TaskRunner[Any], task: Task[..., R], parameters: Sequence[dict[str, Any]], limit: int
+) -> Iterator[tuple[int, PrefectFuture[R]]]:
+    """Submit ``task`` once per parameter set, never more than ``limit`` unfinished at once; yield
+    ``(index, future)`` as each finishes, in the order they finish.
+
+    A thread pool bounds itself, but a Dask cluster runs as many tasks as it has threads, and
+    each bulk chunk holds a source and a target connection: submitting every chunk at once
+    would let the cluster's size, not ``parallelism``, decide how many connections are open.
+    The next task is submitted before the finished one is handed back, so the runner never
+    idles while the caller reads a result.
+    """
+    finished: queue.SimpleQueue[tuple[int, PrefectFuture[R]]] = queue.SimpleQueue()
+    waiting = iter(enumerate(parameters))
+
+    def submit(index: int, params: dict[str, Any]) -> None:
+        future = runner.submit(task, params)
+        future.add_done_callback(lambda done: finished.put((index, done)))
+
+    running = 0
+    for index, params in itertools.islice(waiting, limit):
+        submit(index, params)
+        running += 1
+    while running:
+        done = finished.get()
+        running -= 1
+        for index, params in itertools.islice(waiting, 1):
+            submit(index, params)
+            running += 1
+        yield done

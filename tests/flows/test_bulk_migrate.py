@@ -555,6 +555,43 @@ def test_dask_runner_by_configuration(fresh_db, target_db):
         bulk_migrate(fresh_db, target_db, task_runner="spark", restart=True)
 
 
+def _peak_overlap(runs: list) -> int:
+    """The most task runs that were running at one instant (a run ending as another starts does
+    not overlap it)."""
+    edges = sorted([(r.start_time, 1) for r in runs] + [(r.end_time, -1) for r in runs])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_an_external_dask_cluster_runs_at_most_parallelism_chunks_at_once(fresh_db, target_db):
+    """A cluster runs as many tasks as it has threads: every chunk used to be submitted at once,
+    so a six-thread cluster ran (and held connections for) more chunks than parallelism allows."""
+    from distributed import LocalCluster
+
+    _exec(
+        fresh_db,
+        "CREATE TABLE t (id int PRIMARY KEY, pad text)",
+        "INSERT INTO t SELECT g, repeat('x', 200) FROM generate_series(1, 12000) g",
+    )
+    with LocalCluster(n_workers=1, threads_per_worker=6, processes=False, dashboard_address=None) as cluster:
+        state = bulk_migrate(
+            fresh_db,
+            target_db,
+            chunk_rows=1000,
+            parallelism=2,
+            task_runner="dask",
+            dask_address=cluster.scheduler_address,
+            return_state=True,
+        )
+    assert state.result()["tables"][0]["rows"] == 12000
+    runs = _copy_runs(state, 12)
+    assert len(runs) == 12
+    assert _peak_overlap(runs) <= 2
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"parallelism": -1}, "parallelism must be at least 1"), ({"task_runner": "spark"}, "unknown task runner")],
