@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -203,10 +204,11 @@ class UnfitValue(UserError):
 
 
 def sqlite_batches(
-    source_url: str, info: TableInfo, chunk: Chunk, as_text: Collection[str] = ()
+    source_url: str, info: TableInfo, chunk: Chunk, as_text: Collection[str] = (), cursor: str | None = None
 ) -> Iterator[pa.RecordBatch]:
-    """Rows of the chunk's rowid range, as Arrow batches typed from the PostgreSQL types
-    (``as_text`` columns as their text forms, whatever they hold).
+    """Rows of the chunk's rowid range (and, incrementally, its ``cursor`` window), as Arrow
+    batches typed from the PostgreSQL types (``as_text`` columns as their text forms, whatever
+    they hold).
 
     SQLite has no columnar export, so rows are transposed per batch; BLOBs become bytea hex.
     An unbounded chunk names no rowid: it is how a ``WITHOUT ROWID`` table is read.
@@ -214,20 +216,56 @@ def sqlite_batches(
     schema = pa.schema(
         [(c.name, pa.string() if c.name in as_text else _sqlite_arrow(c.pg_type)) for c in info.columns]
     )
-    bounds = [(op, int(bound[0])) for bound, op in ((chunk.lo, ">="), (chunk.hi, "<")) if bound]
+    bounds: list[tuple[str, object]] = [
+        (f"rowid {op} ?", int(bound[0])) for bound, op in ((chunk.lo, ">="), (chunk.hi, "<")) if bound
+    ]
+    if cursor is not None and chunk.cursor_hi is not None:
+        bounds += _sqlite_cursor_window(cursor, chunk.cursor_lo, chunk.cursor_hi)
     query = "SELECT {} FROM {} WHERE {}".format(  # noqa: S608 - identifiers quoted, values bound
         ", ".join(_sqlite_ident(c.name) for c in info.columns),
         _sqlite_ident(info.name),
-        " AND ".join(f"rowid {op} ?" for op, _ in bounds) or "1",
+        " AND ".join(condition for condition, _ in bounds) or "1",
     )
     with sqlite_connect(source_url) as conn:
-        cursor = conn.execute(query, [value for _, value in bounds])
-        while rows := cursor.fetchmany(BATCH_ROWS):
+        cursor_rows = conn.execute(query, [value for _, value in bounds])
+        while rows := cursor_rows.fetchmany(BATCH_ROWS):
             columns = list(zip(*rows, strict=True))
             arrays = [
                 _sqlite_array(info.name, field, col) for col, field in zip(columns, schema, strict=True)
             ]
             yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _sqlite_cursor_window(cursor: str, low: str | None, high: str | None) -> list[tuple[str, object]]:
+    """Conditions and parameters for ``low < cursor <= high`` (None = open).
+
+    The bounds are bound as text, as the saved cursor is: SQLite converts a parameter compared
+    with a column to the column's affinity, so an INTEGER, REAL or NUMERIC cursor compares as a
+    number and a TEXT one (ISO timestamps) as text.
+    """
+    column = _sqlite_ident(cursor)
+    window: list[tuple[str, object]] = [] if low is None else [(f"{column} > ?", low)]
+    return window + ([] if high is None else [(f"{column} <= ?", high)])
+
+
+def sqlite_rows_since(
+    conn: sqlite3.Connection, table: str, cursor: str, since: str | None, every: int
+) -> tuple[str | None, int, list[int]]:
+    """For an incremental pass: the highest cursor value (as text), the rows past ``since``,
+    and the rowid of every ``every``-th of them after the first (the chunk bounds; none for a
+    ``WITHOUT ROWID`` table, which is one chunk)."""
+    name, column = _sqlite_ident(table), _sqlite_ident(cursor)
+    (high,) = conn.execute(f"SELECT max({column}) FROM {name}").fetchone()  # noqa: S608 - quoted identifiers
+    window = _sqlite_cursor_window(cursor, since, None)
+    where = " AND ".join(condition for condition, _ in window) or "1"
+    params = [value for _, value in window]
+    (rows,) = conn.execute(f"SELECT count(*) FROM {name} WHERE {where}", params).fetchone()  # noqa: S608
+    bounds: list[int] = []
+    if rows > every and sqlite_has_rowid(conn, table):
+        numbered = f"SELECT rowid AS fy_rowid, row_number() OVER (ORDER BY rowid) AS fy_rn FROM {name} WHERE {where}"  # noqa: S608
+        query = f"SELECT fy_rowid FROM ({numbered}) WHERE fy_rn % ? = 1 AND fy_rn > 1 ORDER BY fy_rn"  # noqa: S608
+        bounds = [r[0] for r in conn.execute(query, [*params, every])]
+    return None if high is None else str(high), rows, bounds
 
 
 def _sqlite_array(table: str, field: pa.Field, values: Sequence[object]) -> pa.Array:
@@ -317,8 +355,9 @@ def file_row_count(path: Path) -> int:
     return sum(batch.num_rows for batch in file_batches(path))
 
 
-def file_chunk_batches(info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch]:
-    """The rows ``[lo, hi)`` of the file, by position, streamed and sliced batch by batch."""
+def file_chunk_batches(info: TableInfo, chunk: Chunk, cursor: str | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows ``[lo, hi)`` of the file, by position, streamed and sliced batch by batch; with
+    ``cursor``, only those in the chunk's cursor window."""
     low = int(chunk.lo[0]) if chunk.lo else 0
     high = int(chunk.hi[0]) if chunk.hi else None
     offset = 0
@@ -327,10 +366,43 @@ def file_chunk_batches(info: TableInfo, chunk: Chunk) -> Iterator[pa.RecordBatch
         if end > low and (high is None or offset < high):
             start = max(low - offset, 0)
             stop = batch.num_rows if high is None else min(high - offset, batch.num_rows)
-            yield batch.slice(start, stop - start)
+            rows = batch.slice(start, stop - start)
+            if cursor is not None and chunk.cursor_hi is not None:
+                rows = rows.filter(_cursor_mask(rows, info, cursor, chunk.cursor_lo, chunk.cursor_hi))
+            yield rows
         offset = end
         if high is not None and offset >= high:
             return
+
+
+def _cursor_mask(batch: pa.RecordBatch, info: TableInfo, cursor: str, low: str | None, high: str | None) -> pa.Array:
+    """Which rows of a file batch lie in ``low < cursor <= high`` (None = open); rows whose cursor
+    is null lie nowhere, as in SQL. The text bounds are cast to the column's Arrow type."""
+    column = batch.column(cursor)
+    try:
+        mask = pc.is_valid(column)
+        for bound, compare in ((low, pc.greater), (high, pc.less_equal)):
+            if bound is not None:
+                mask = pc.and_kleene(mask, compare(column, pa.scalar(bound).cast(column.type)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise UserError(
+            f"cursor column {info.name}.{cursor} cannot be compared with the saved cursor {low or high!r} "
+            f"({first_line(exc)}); pick a cursor column of numbers, timestamps or text, or use mode='full'"
+        ) from None
+    return pc.fill_null(mask, False)
+
+
+def file_rows_since(info: TableInfo, cursor: str, since: str | None) -> tuple[str | None, int, int]:
+    """For an incremental pass over a file: the highest cursor value (as text), the rows past
+    ``since``, and all rows; one streamed pass, compared column-wise."""
+    top: pa.Scalar | None = None
+    past = rows = 0
+    for batch in file_batches(Path(info.path or "")):
+        rows += batch.num_rows
+        past += pc.sum(_cursor_mask(batch, info, cursor, since, None)).as_py() or 0
+        if (batch_top := pc.max(batch.column(cursor))).is_valid:
+            top = batch_top if top is None or pc.greater(batch_top, top).as_py() else top
+    return None if top is None else top.cast(pa.string()).as_py(), past, rows
 
 
 # --- one entry point per operation ------------------------------------------------------------
@@ -387,10 +459,10 @@ def read_chunk(
     """
     kind = source_kind(source_url)
     if kind == "sqlite":
-        yield from sqlite_batches(source_url, info, chunk, as_text)
+        yield from sqlite_batches(source_url, info, chunk, as_text, cursor)
         return
     if kind == "files":
-        yield from file_chunk_batches(info, chunk)
+        yield from file_chunk_batches(info, chunk, cursor)
         return
     query, params = pg_chunk_query(info, chunk, cursor)
     with connection(validate_postgres_url(source_url)) as conn:

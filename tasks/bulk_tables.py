@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import TableInfo, describe, list_tables, source_kind, split_name
+from tasks.bulk_sources import SourceKind, TableInfo, describe, list_tables, source_kind, split_name
 from tasks.chunk_checkpoint import (
     ChunkCheckpoint,
     committed_chunks,
@@ -117,12 +117,7 @@ def table_specs(
             target = TableInfo(target_name, target.columns, target.key, target.schema, target.path)
         cursor = (table_map.cursor if table_map else None) or cursor_column
         if mode == "incremental":
-            cursor = cursor or (source.key[0] if len(source.key) == 1 else None)
-            if not source.key or cursor is None or kind != "postgres":
-                raise UserError(
-                    f"incremental mode needs a PostgreSQL source table with a primary key and a cursor column; "
-                    f"{source.qualified} has key {list(source.key)}: set cursor_column or use mode='full'"
-                )
+            cursor = incremental_cursor(kind, source, target, cursor)
         if mode == "seed" and not target.key:
             raise UserError(
                 f"seed mode upserts by key but {source.qualified} has none; set the mapping's `key`"
@@ -133,6 +128,33 @@ def table_specs(
         )
     _ensure_distinct_targets(specs)
     return specs
+
+
+def incremental_cursor(kind: SourceKind, source: TableInfo, target: TableInfo, cursor: str | None) -> str:
+    """The cursor column of an incremental load (by default a single-column source key), refused
+    in one line when there is none or no key to upsert by. PostgreSQL tables are chunked by
+    their own key; SQLite and file tables by position, so the target's key (the mapping's
+    ``key``) is enough. A file's cursor must be declared: neither row order nor a key says
+    which rows changed."""
+    if kind == "files" and cursor is None:
+        raise UserError(
+            f"incremental mode on file table {source.name} needs a cursor column whose values grow with "
+            "every change (e.g. updated_at): set cursor_column or the mapping's `cursor`, or use mode='full'"
+        )
+    cursor = cursor or (source.key[0] if len(source.key) == 1 else None)
+    keyed = source.key if kind == "postgres" else target.key
+    if not keyed or cursor is None:
+        key_fix = "" if kind == "postgres" else " (and the mapping's `key` if it has none)"
+        raise UserError(
+            f"incremental mode upserts by key the rows past a cursor column; {source.qualified} has key "
+            f"{list(keyed)}: set cursor_column{key_fix} or use mode='full'"
+        )
+    if cursor not in {c.name for c in source.columns}:
+        raise UserError(
+            f"cursor column {cursor!r} is not a column of {source.qualified}; set cursor_column (or the "
+            f"mapping's `cursor`) to one of: {', '.join(c.name for c in source.columns)}"
+        )
+    return cursor
 
 
 def _ensure_distinct_targets(specs: list[TableSpec]) -> None:

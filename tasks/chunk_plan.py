@@ -25,11 +25,13 @@ from psycopg import sql
 from tasks.bulk_sources import (
     TableInfo,
     file_row_count,
+    file_rows_since,
     row_count,
     source_kind,
     sqlite_connect,
     sqlite_has_rowid,
     sqlite_rowid_span,
+    sqlite_rows_since,
 )
 from tasks.db import connection, one_row
 
@@ -152,8 +154,11 @@ def plan_by_ordinal(total_rows: int, chunk_rows: int, method: Method, start: int
     return ranges(bounds, method, chunk_rows)
 
 
-def plan_sqlite(source_url: str, info: TableInfo, chunk_rows: int) -> list[Chunk]:
-    """Rowid ranges of a SQLite table; a ``WITHOUT ROWID`` table is one chunk.
+def plan_sqlite(
+    source_url: str, info: TableInfo, chunk_rows: int, cursor: str | None = None, cursor_lo: str | None = None
+) -> list[Chunk]:
+    """Rowid ranges of a SQLite table; a ``WITHOUT ROWID`` table is one chunk. With ``cursor``,
+    ranges of about ``chunk_rows`` of the rows past ``cursor_lo`` (none when there are none).
 
     Such a table has no rowid, and ranges of its key would not be safe: bounds travel as text,
     while SQLite orders one column's values by storage class (integers, text and blobs may share
@@ -161,10 +166,23 @@ def plan_sqlite(source_url: str, info: TableInfo, chunk_rows: int) -> list[Chunk
     so memory stays bounded; only parallelism and the granularity of a retry are lost.
     """
     with sqlite_connect(source_url) as conn:
+        if cursor is not None:
+            cursor_hi, past, bounds = sqlite_rows_since(conn, info.name, cursor, cursor_lo, chunk_rows)
+            chunks = ranges([(str(b),) for b in bounds], "rowid", min(past, chunk_rows))
+            return with_cursor(chunks, cursor_lo, cursor_hi) if past else []
         if not sqlite_has_rowid(conn, info.name):
             return ranges([], "rowid", row_count(source_url, info))
         low, high = sqlite_rowid_span(conn, info.name)
     return plan_by_ordinal(high - low, chunk_rows, "rowid", low)
+
+
+def plan_file(info: TableInfo, chunk_rows: int, cursor: str | None = None, cursor_lo: str | None = None) -> list[Chunk]:
+    """Row-ordinal ranges of a file; with ``cursor``, the same ranges over a file that has rows
+    past ``cursor_lo`` (each chunk keeps only those), else none."""
+    if cursor is None:
+        return plan_by_ordinal(file_row_count(Path(info.path or "")), chunk_rows, "ordinal")
+    cursor_hi, past, rows = file_rows_since(info, cursor, cursor_lo)
+    return with_cursor(plan_by_ordinal(rows, chunk_rows, "ordinal"), cursor_lo, cursor_hi) if past else []
 
 
 def plan_table(
@@ -177,9 +195,9 @@ def plan_table(
     """The chunks of one source table; with ``cursor``, only rows past ``cursor_lo`` (incremental)."""
     kind = source_kind(source_url)
     if kind == "sqlite":
-        return plan_sqlite(source_url, info, chunk_rows)
+        return plan_sqlite(source_url, info, chunk_rows, cursor, cursor_lo)
     if kind == "files":
-        return plan_by_ordinal(file_row_count(Path(info.path or "")), chunk_rows, "ordinal")
+        return plan_file(info, chunk_rows, cursor, cursor_lo)
     with connection(source_url) as conn:
         if cursor is None:
             if info.key:

@@ -320,6 +320,114 @@ def test_incremental_copies_only_new_and_changed_rows(fresh_db, target_db):
     assert third["tables"][0]["rows"] == 0
 
 
+def _chunk_rows(url: str, run_key: str) -> tuple[int, int]:
+    """Rows read and written by the chunks a run committed."""
+    return _fetch(
+        url,
+        "SELECT coalesce(sum(rows_read), 0)::int, coalesce(sum(rows_written), 0)::int FROM flowyard.bulk_chunks WHERE run_key = %s",
+        (run_key,),
+    )[0]
+
+
+def _sqlite_items(path, rows: list[tuple[int, str, str]]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, updated_at DATETIME NOT NULL)"
+        )
+        db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?)", rows)
+
+
+def test_incremental_from_sqlite_copies_only_new_and_changed_rows(target_db, tmp_path):
+    """SQLite sources used to be refused in incremental mode."""
+    path = tmp_path / "app.db"
+    _sqlite_items(path, [(i, f"item {i}", f"2024-01-01 {i // 60:02d}:{i % 60:02d}:00") for i in range(1, 1001)])
+    source = f"sqlite:///{path}"
+    with pytest.raises(UserError, match=r"cursor column 'changed_at' is not a column of items; set cursor_column"):
+        bulk_migrate(source, target_db, mode="incremental", cursor_column="changed_at")
+    first = bulk_migrate(source, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert first["tables"][0]["rows"] == 1000 and first["tables"][0]["chunks"] == 5
+    untouched_xmin = _fetch(target_db, "SELECT xmin::text FROM items WHERE id = 500")
+    _sqlite_items(
+        path,
+        [(3, "changed", "2025-01-01 00:00:00"), (600, "changed", "2025-01-01 00:00:00")]
+        + [(i, f"new {i}", "2025-01-02 00:00:00") for i in range(1001, 1006)],
+    )
+    second = bulk_migrate(source, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert second["tables"][0]["rows"] == 7
+    assert _chunk_rows(target_db, second["run_key"]) == (7, 7)
+    assert "MISMATCH" not in second["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT xmin::text FROM items WHERE id = 500") == untouched_xmin
+    with sqlite3.connect(path) as db:
+        expected = db.execute("SELECT id, name, updated_at FROM items ORDER BY id").fetchall()
+    copied = "SELECT id, name, to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS') FROM items ORDER BY id"
+    assert _fetch(target_db, copied) == expected
+    third = bulk_migrate(source, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert third["tables"][0]["rows"] == 0
+
+
+@pytest.mark.parametrize("kind", ["postgres", "sqlite"])
+def test_incremental_cursor_defaults_to_the_key(kind, fresh_db, target_db, tmp_path):
+    """Without cursor_column an append-only table moves by its single-column key."""
+    if kind == "postgres":
+        source = fresh_db
+        _exec(fresh_db, "CREATE TABLE items (id int PRIMARY KEY, name text, updated_at timestamp NOT NULL)")
+
+        def add(ids: range) -> None:
+            _exec(
+                fresh_db,
+                "INSERT INTO items SELECT g, 'item ' || g, '2024-01-01' "
+                f"FROM generate_series({ids.start}, {ids.stop - 1}) g",
+            )
+    else:
+        source = f"sqlite:///{tmp_path / 'app.db'}"
+
+        def add(ids: range) -> None:
+            _sqlite_items(tmp_path / "app.db", [(i, f"item {i}", "2024-01-01 00:00:00") for i in ids])
+
+    add(range(1, 301))
+    first = bulk_migrate(source, target_db, mode="incremental", chunk_rows=100)
+    assert first["tables"][0]["rows"] == 300
+    add(range(301, 311))
+    second = bulk_migrate(source, target_db, mode="incremental", chunk_rows=100)
+    assert second["tables"][0]["rows"] == 10
+    assert _chunk_rows(target_db, second["run_key"]) == (10, 10)
+    assert _fetch(target_db, "SELECT count(*), max(id) FROM items") == [(310, 310)]
+
+
+def test_incremental_from_files_filters_past_the_declared_cursor(target_db, tmp_path):
+    """A file table moves by a declared cursor column (compared column-wise); without one it is
+    refused in one line, as neither row order nor a key tells which rows changed."""
+    data = tmp_path / "files"
+    data.mkdir()
+
+    def write(rows: list[tuple[int, str, str]]) -> None:
+        lines = [json.dumps({"id": i, "name": n, "updated_at": at}) for i, n, at in rows]
+        (data / "items.jsonl").write_text("\n".join(lines) + "\n")
+
+    rows = [(i, f"item {i}", f"2024-01-01T00:{i:02d}:00") for i in range(1, 41)]
+    write(rows)
+    with pytest.raises(UserError, match=r"file table items needs a cursor column") as refused:
+        bulk_migrate(str(data), target_db, mode="incremental", mapping={"items": {"key": ["id"]}})
+    assert "\n" not in str(refused.value)
+    mapping = {"items": {"key": ["id"], "cursor": "updated_at"}}
+    first = bulk_migrate(str(data), target_db, mode="incremental", mapping=mapping, chunk_rows=15)
+    assert first["tables"][0]["rows"] == 40
+    rows[4] = (5, "changed", "2024-06-01T00:00:00")
+    write([*rows, (41, "new", "2024-06-02T00:00:00")])
+    second = bulk_migrate(str(data), target_db, mode="incremental", mapping=mapping, chunk_rows=15)
+    assert second["tables"][0]["rows"] == 2
+    assert _chunk_rows(target_db, second["run_key"]) == (2, 2)
+    assert "MISMATCH" not in second["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT id, name FROM items WHERE id IN (4, 5, 41) ORDER BY id") == [
+        (4, "item 4"),
+        (5, "changed"),
+        (41, "new"),
+    ]
+    assert _fetch(target_db, "SELECT count(*) FROM items") == [(41,)]
+    third = bulk_migrate(str(data), target_db, mode="incremental", mapping=mapping, chunk_rows=15)
+    assert third["tables"][0]["rows"] == 0
+
+
 def test_mapping_renames_casts_computes_filters_and_drops(fresh_db, target_db):
     _exec(
         fresh_db,
