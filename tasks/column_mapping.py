@@ -165,7 +165,10 @@ def _cast(array: pa.Array, pg_type: str, column: str) -> pa.Array:
     try:
         return pc.cast(array, pg_to_arrow(pg_type))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise UserError(f"cannot cast column {column!r} to {pg_type}: {first_line(exc)}") from None
+        raise UserError(
+            f"cannot cast column {column!r} to {pg_type}: {first_line(exc)}; cast it to a type its values "
+            "convert to, or leave it uncast (JSON arrays and objects load as jsonb)"
+        ) from None
 
 
 def apply_mapping(batch: pa.RecordBatch, mapping: TableMapping | None) -> pa.RecordBatch:

@@ -68,8 +68,14 @@ def arrow_to_pg(kind: pa.DataType) -> str:
 
 
 def sqlite_to_pg(declared: str) -> str:
-    """PostgreSQL type for a SQLite declared type, following SQLite's affinity rules."""
+    """PostgreSQL type for a SQLite declared type, following SQLite's affinity rules, except for
+    JSON (SQLAlchemy's and others' spelling for JSON text, NUMERIC by affinity: its objects would
+    not load as numbers) and timestamps declared with a time zone (an offset would be dropped)."""
     decl = declared.upper()
+    if "JSON" in decl:
+        return "jsonb"
+    if "TIMESTAMPTZ" in decl or "WITH TIME ZONE" in decl:
+        return "timestamp with time zone"
     if "INT" in decl:
         return "bigint"
     if any(word in decl for word in ("CHAR", "CLOB", "TEXT")) or not decl:

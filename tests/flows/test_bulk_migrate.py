@@ -541,12 +541,13 @@ def test_static_files_load_into_tables(target_db, tmp_path):
         data / "tags.parquet",
     )
     report = bulk_migrate(str(data), target_db, mapping={"countries": {"key": ["code"]}}, chunk_rows=2)
-    assert {t["table"] for t in report["tables"]} == {
-        "public.countries",
-        "public.currencies",
-        "public.rates",
-        "public.tags",
-    }
+    # every table validated against what its chunks sent (whole table: file chunks are row
+    # positions, not key ranges) and sampled from a chunk re-read through the file reader
+    rows = {"public.countries": 2, "public.currencies": 2, "public.rates": 2, "public.tags": 3}
+    assert {t["table"]: t["rows"] for t in report["tables"]} == rows
+    for table in report["tables"]:
+        expected = rf"checksum: ok \(1 chunk\), count: ok \({rows[table['table']]}\), sample: ok \([12] rows\)"
+        assert re.fullmatch(expected, table["validation"]), table
     assert _fetch(target_db, "SELECT code, name FROM countries ORDER BY code") == [
         ("DE", "Deutschland"),
         ("KR", "대한민국"),
@@ -564,6 +565,86 @@ def test_static_files_load_into_tables(target_db, tmp_path):
     assert _fetch(
         target_db, "SELECT count(*) FROM pg_index WHERE indrelid = 'countries'::regclass AND indisprimary"
     ) == [(1,)]
+
+
+TYPED_COLUMNS = (
+    "SELECT column_name, data_type FROM information_schema.columns "
+    "WHERE table_name = 'events' AND column_name <> 'id' ORDER BY column_name"
+)
+TYPED_VALUES = "SELECT id, doc::text, tags::text, at::text FROM events ORDER BY id"
+
+
+def _events_jsonl(directory) -> str:
+    directory.mkdir()
+    (directory / "events.jsonl").write_text(
+        '{"id": 1, "doc": {"k": "ü", "n": [1, 2]}, "tags": ["a", "b"], "at": "2024-01-01T10:00:00+02:00"}\n'
+        '{"id": 2, "doc": null, "tags": [], "at": null}\n'
+    )
+    return str(directory)
+
+
+def test_json_lines_objects_arrays_and_offsets_land_in_jsonb_and_timestamptz(target_db, tmp_path):
+    """JSON objects and arrays load as jsonb; an offset timestamp keeps its instant, into a
+    timestamptz declared by a mapping cast or by an existing target table."""
+    files = _events_jsonl(tmp_path / "files")
+    report = bulk_migrate(files, target_db, mapping={"events": {"cast": {"at": "timestamp with time zone"}}})
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, TYPED_COLUMNS) == [
+        ("at", "timestamp with time zone"),
+        ("doc", "jsonb"),
+        ("tags", "jsonb"),
+    ]
+    expected = [(1, '{"k": "ü", "n": [1, 2]}', '["a", "b"]', "2024-01-01 08:00:00+00"), (2, None, "[]", None)]
+    assert _fetch(target_db, TYPED_VALUES) == expected
+
+    _exec(
+        target_db,
+        "DROP TABLE events",
+        "CREATE TABLE events (id int PRIMARY KEY, doc jsonb, tags jsonb, at timestamptz)",
+    )
+    report = bulk_migrate(files, target_db, restart=True)
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, TYPED_VALUES) == expected
+
+
+def test_json_lines_arrays_into_postgres_arrays_fail_in_one_line(target_db, tmp_path):
+    """A JSON array is not a PostgreSQL array literal: declaring text[] is refused, whether by a
+    mapping cast or by an existing target column."""
+    files = _events_jsonl(tmp_path / "files")
+    with pytest.raises(UserError, match=r"cannot cast column 'tags' to text\[\]: .*leave it uncast") as cast:
+        bulk_migrate(files, target_db, mapping={"events": {"cast": {"tags": "text[]"}}})
+    _exec(
+        target_db,
+        "DROP TABLE events",
+        "CREATE TABLE events (id int PRIMARY KEY, doc jsonb, tags text[], at timestamptz)",
+    )
+    with pytest.raises(UserError, match=r"malformed array literal.*column tags") as column:
+        bulk_migrate(files, target_db)
+    assert "\n" not in str(cast.value) + str(column.value)
+
+
+def test_sqlite_json_arrays_and_offsets_land_in_declared_types(target_db, tmp_path):
+    """SQLite has no such types: JSON text and offset timestamps become jsonb and timestamptz by
+    their declared types (JSON used to become numeric, failing every object), PostgreSQL array
+    literals text[] by a mapping cast."""
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, doc JSON, tags TEXT, at TIMESTAMPTZ)")
+        db.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?)",
+            [(1, '{"k": "ü", "n": [1, 2]}', '{a,"b c"}', "2024-01-01 10:00:00+02:00"), (2, None, None, None)],
+        )
+    report = bulk_migrate(f"sqlite:///{path}", target_db, mapping={"events": {"cast": {"tags": "text[]"}}})
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, TYPED_COLUMNS) == [
+        ("at", "timestamp with time zone"),
+        ("doc", "jsonb"),
+        ("tags", "ARRAY"),
+    ]
+    assert _fetch(target_db, TYPED_VALUES) == [
+        (1, '{"k": "ü", "n": [1, 2]}', '{a,"b c"}', "2024-01-01 08:00:00+00"),
+        (2, None, None, None),
+    ]
 
 
 def test_seed_upserts_all_tables_in_one_transaction(target_db, tmp_path):
