@@ -1,7 +1,8 @@
 """The last line against orphaned agents: a sidecar that ends agent groups if their worker dies.
 
-A worker that gets SIGKILL (or whose runner ends it without a graceful shutdown, as
-``prefect serve`` 3.8.8 does when it gets SIGTERM itself) cannot stop its agents, and each
+A worker that gets SIGKILL (or whose runner ends it without a graceful shutdown, as a plain
+``prefect serve`` 3.8.8 does when it gets SIGTERM itself; flowyard's own server in
+``deployments.serve`` lets its flow runs stop first) cannot stop its agents, and each
 agent runs in its own session, so nothing else would. Each flow run starts one reaper, in a
 session of its own, and tells it on a pipe which agent process groups are alive (``+pgid``
 / ``-pgid``). When the pipe closes – the worker ended, cleanly or not – the reaper
