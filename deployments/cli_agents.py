@@ -97,17 +97,12 @@ def list_(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Show the queue: id, status, priority, agent, attempts, last checkpoint, dependencies, notes."""
-    if status is not None and status not in queue.STATUSES:
-        raise UserError(f"unknown status {status!r}; use one of {', '.join(queue.STATUSES)}")
     tasks = queue.list_tasks(_url(database_url), status)
     typer.echo(
         f"{'id':>5}  {'status':<11} {'priority':<8} {'agent':<10} {'tries':>5}  {'ckpt':<18} {'after':<10} title / note"
     )
     for t in tasks:
-        checkpoint = (
-            f"{t.last_checkpoint['kind']}@{t.last_checkpoint['attempt']}" if t.last_checkpoint else "-"
-        )
-        note = t.blocked_reason or t.error or ""
+        checkpoint, note = t.checkpoint_label or "-", t.note
         after = ",".join(map(str, t.blocked_by)) or "-"
         typer.echo(
             f"{t.id:>5}  {t.status:<11} {t.priority:<8} {t.agent_type:<10} {t.attempts:>5}  {checkpoint:<18} "

@@ -17,7 +17,6 @@ from pydantic_core import to_jsonable_python
 from tasks import agent_queue as queue
 from tasks.agent_execution import default_agents_dir
 from tasks.agent_process import resolve_workdir
-from tasks.errors import UserError
 from tasks.state import state_url
 
 
@@ -37,8 +36,8 @@ def agent_task_create(
 ) -> dict[str, Any]:
     """Add a task to the queue (``pending``, or ``draft``); returns it as stored.
 
-    ``priority`` and ``task_type`` are plain strings, checked here: a bad value then fails the
-    run with one line naming the choices, not Prefect's parameter-validation dump."""
+    ``priority`` and ``task_type`` are plain strings, checked by ``NewTask.from_input``: a bad
+    value then fails the run with one line naming the choices, not Prefect's validation dump."""
     new = queue.NewTask.from_input(
         title,
         agent_type,
@@ -60,8 +59,6 @@ def agent_task_create(
 @flow(name="agent-task-list")
 def agent_task_list(status: str | None = None, database_url: str | None = None) -> list[dict[str, Any]]:
     """The queue (or the tasks in one status), oldest first, with the ``agent-tasks`` table artifact."""
-    if status is not None and status not in queue.STATUSES:
-        raise UserError(f"unknown status {status!r}; use one of {', '.join(queue.STATUSES)}")
     tasks = queue.list_tasks(state_url(database_url), status)
     create_table_artifact(
         [_table_row(t) for t in tasks], key="agent-tasks", description=f"Agent tasks ({status or 'all'})"
@@ -93,15 +90,14 @@ def _as_json(task: queue.AgentTask) -> dict[str, Any]:
 
 def _table_row(task: queue.AgentTask) -> dict[str, Any]:
     """The columns ``flowyard queue list`` shows, for the artifact."""
-    checkpoint = task.last_checkpoint
     return {
         "id": task.id,
         "status": task.status,
         "priority": task.priority,
         "agent_type": task.agent_type,
         "attempts": task.attempts,
-        "checkpoint": f"{checkpoint['kind']}@{checkpoint['attempt']}" if checkpoint else "",
+        "checkpoint": task.checkpoint_label,
         "after": ",".join(map(str, task.blocked_by)),
         "title": task.title,
-        "note": task.blocked_reason or task.error or "",
+        "note": task.note,
     }

@@ -99,6 +99,17 @@ class AgentTask:
     started_at: datetime | None
     finished_at: datetime | None
 
+    @property
+    def checkpoint_label(self) -> str:
+        """``kind@attempt`` of the last checkpoint ('' without one), as the listings show it."""
+        last = self.last_checkpoint
+        return f"{last['kind']}@{last['attempt']}" if last else ""
+
+    @property
+    def note(self) -> str:
+        """Why the task is where it is: what blocks it, or its last error."""
+        return self.blocked_reason or self.error or ""
+
 
 _TASK_COLUMNS = sql.SQL(
     """
@@ -261,6 +272,9 @@ def get_task(url: str, task_id: int) -> AgentTask:
 
 
 def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
+    """The queue (or the tasks in one ``status``), oldest first."""
+    if status is not None and status not in STATUSES:
+        raise UserError(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
     with _connection(url) as conn:
         rows = conn.cursor(row_factory=dict_row).execute(
             _SELECT_TASKS + sql.SQL(" WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id"),
