@@ -15,6 +15,11 @@ from tasks.settings import get_settings
 if "PREFECT_API_URL" not in os.environ and "prefect" not in sys.modules:
     use_flowyard_api(get_settings())
 
+# Imported only now: Prefect reads its settings at import, and the API URL above must come first.
+from tasks.flow_heartbeat import end_flows_without_heartbeat_wait  # noqa: E402
+
+end_flows_without_heartbeat_wait()
+
 # Prefect validates a flow's parameters through a pydantic model it generates from the
 # signature. Parameter names the issues ask for (``validate``, ``schema``) shadow BaseModel
 # attributes in that model, and pydantic warns about it at import and on every run. The model
