@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from decimal import Decimal
 
+import psycopg
 import pyarrow as pa
 import pytest
 
@@ -125,3 +127,19 @@ def test_mapping_typos_fail_once_when_the_table_is_planned(spec, message):
     with pytest.raises(UserError, match=message) as err:
         mapped_table(INFO, parse_mapping({"events": spec})["events"])
     assert "\n" not in str(err.value)
+
+
+def test_numeric_cast_to_float_rounds_as_postgresql_does(fresh_db):
+    """Casting numeric to double precision or real gives exactly what PostgreSQL's own cast gives."""
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute(
+            "SELECT v::text, v::double precision, v::real FROM"
+            " (SELECT round((random() * 2e8 - 1e8)::numeric, 2)::numeric(12,2) AS v"
+            "  FROM generate_series(1, 5000)) s"
+        ).fetchall()
+    batch = pa.RecordBatch.from_pydict({"v": pa.array([Decimal(r[0]) for r in rows], pa.decimal128(12, 2))})
+    as_double = apply_mapping(batch, parse_mapping({"t": {"cast": {"v": "double precision"}}})["t"])
+    as_real = apply_mapping(batch, parse_mapping({"t": {"cast": {"v": "real"}}})["t"])
+    assert as_double.column("v").to_pylist() == [r[1] for r in rows]
+    # a real arrives from PostgreSQL as its shortest text, parsed as a double: compare as float32
+    assert as_real.column("v").to_pylist() == [struct.unpack("f", struct.pack("f", r[2]))[0] for r in rows]
