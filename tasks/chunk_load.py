@@ -2,14 +2,18 @@
 
 Two ways in:
 
-- *direct*: a full PG→PG copy of an identical table pipes binary COPY straight into the
+- *direct*, for full loads: an identical PG→PG table pipes binary COPY straight into the
   target table, the raw-speed path. The chunk's source checksum is taken in the same
   REPEATABLE READ snapshot as its COPY OUT (index range scan over just-read, hot buffers), so
-  validation compares it with the target without scanning the source again;
-- *staged*: everything else (mappings, SQLite and file sources, incremental upserts, and the
-  diagnosis of a direct load that hit bad rows) COPYs the chunk into a temporary staging
-  table with the target's column types, checksums it there (what was *sent*), then inserts
-  or upserts it into the target.
+  validation compares it with the target without scanning the source again. A mapped PG
+  table whose key the target keeps unchanged (and orders the same way: no collation) COPYs
+  its mapped batches straight into the target too, and checksums the chunk's key range there,
+  in the same transaction: the target was emptied when the run opened, so that range holds
+  exactly the rows just sent. This skips the staging table's second write of every row;
+- *staged*: everything else (other mappings, SQLite and file sources, incremental upserts,
+  and the diagnosis of a direct load that hit bad rows) COPYs the chunk into a temporary
+  staging table with the target's column types, checksums it there (what was *sent*), then
+  inserts or upserts it into the target.
 
 Upserts need a unique index on the key (built before the load, see ``bulk_tables``); a chunk
 that repeats a key value fails naming those values. A constraint violation or bad value is
@@ -48,6 +52,20 @@ Mode = Literal["full", "incremental", "seed"]
 PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
 STAGE = sql.Identifier("fy_stage")
 ORD = "fy_ord"
+# Key types whose order is the same in every PostgreSQL database (no collation), so a chunk's
+# bounds, taken in the source, select the same rows in the target.
+COLLATION_FREE_KEY_TYPES = frozenset(
+    {
+        "smallint",
+        "integer",
+        "bigint",
+        "numeric",
+        "date",
+        "uuid",
+        "timestamp without time zone",
+        "timestamp with time zone",
+    }
+)
 
 
 class ChunkRejected(UserError):
@@ -79,6 +97,27 @@ class ChunkJob:
         )
 
     @property
+    def direct(self) -> bool:
+        """Whether a full load may go straight into the target table (see the module docstring)."""
+        if self.mode != "full" or source_kind(self.source_url) != "postgres":
+            return False
+        return self.identical or (self.chunk.method == "key" and self._target_keeps_key)
+
+    @property
+    def _target_keeps_key(self) -> bool:
+        """The target's key is the source key, renamed at most, with its values and their order unchanged."""
+        mapping = self.mapping
+        renamed = tuple(mapping.rename.get(k, k) for k in self.source.key) if mapping else self.source.key
+        cast = set(mapping.cast) if mapping else set()
+        types = {c.name: c.pg_type for c in self.source.columns}
+        return (
+            bool(self.source.key)
+            and self.target.key == renamed
+            and not cast.intersection(renamed)
+            and all(types.get(k) in COLLATION_FREE_KEY_TYPES for k in self.source.key)
+        )
+
+    @property
     def target_ident(self) -> sql.Identifier:
         return sql.Identifier(self.target_schema, self.target.name)
 
@@ -107,7 +146,7 @@ def load_chunk_in(target: psycopg.Connection, job: ChunkJob, flow_run_id: str | 
     done = committed_chunks(target, job.run_key, job.source.qualified, job.chunk.chunk_id)
     if done:
         return done[job.chunk.chunk_id]
-    result = _load_direct(job, target) if job.identical and job.mode == "full" else None
+    result = _load_direct(job, target) if job.direct else None
     if result is None:
         result = _load_staged(job, target)
     rows_read, rows_written, quarantined, digest, cursor_max = result
@@ -146,13 +185,17 @@ def _pipe_from_source(
 
 
 def _load_direct(job: ChunkJob, target: psycopg.Connection) -> _Loaded | None:
-    """Binary pipe into the target; None (nothing loaded) when the chunk holds rows the target rejects."""
+    """Copy straight into the target; None (nothing loaded) when the chunk holds rows the target rejects."""
     try:
         with target.transaction():
-            rows, sent = _pipe_from_source(job, target, job.target_ident, with_checksum=True)
+            if job.identical:
+                rows, sent = _pipe_from_source(job, target, job.target_ident, with_checksum=True)
+                return rows, rows, 0, sent.digest if sent else None, None
+            rows_read = fill_stage(job, target, into=job.target_ident)
+            landed = checksum(target, job.target_ident, job.columns, *job.chunk.pg_filter(job.target.key))
     except PERMANENT:
         return None
-    return rows, rows, 0, sent.digest if sent else None, None
+    return rows_read, landed.rows, 0, landed.digest, None
 
 
 def create_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False) -> None:
@@ -176,11 +219,14 @@ def create_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = Fals
     )
 
 
-def fill_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False) -> int:
-    """COPY the chunk into the stage; returns the rows read from the source. ``as_text`` reads
-    every column the mapping does not compute from as text (for a text stage)."""
+def fill_stage(
+    job: ChunkJob, target: psycopg.Connection, as_text: bool = False, into: sql.Composable = STAGE
+) -> int:
+    """COPY the chunk, mapped, into the stage (or ``into``); returns the rows read from the
+    source. ``as_text`` reads every column the mapping does not compute from as text (for a
+    text stage)."""
     if job.identical and not as_text:
-        return _pipe_from_source(job, target, STAGE)[0]
+        return _pipe_from_source(job, target, into)[0]
     read = 0
     columns = job.source.copy_columns
     untouched = job.mapping.untouched(columns) if job.mapping else (set(columns) if as_text else set())
@@ -191,7 +237,7 @@ def fill_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = False)
             read += batch.num_rows
             yield apply_mapping(batch, job.mapping)
 
-    write_batches(target, STAGE, mapped())
+    write_batches(target, into, mapped())
     return read
 
 
@@ -201,7 +247,8 @@ def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
     if types is None:
         return STAGE
     casts = sql.SQL(", ").join(
-        sql.SQL("{}::{} AS {}").format(sql.Identifier(c), sql.SQL(types[c]), sql.Identifier(c)) for c in job.columns
+        sql.SQL("{}::{} AS {}").format(sql.Identifier(c), sql.SQL(types[c]), sql.Identifier(c))
+        for c in job.columns
     )
     return sql.SQL("(SELECT {}, {} FROM {}) AS fy_typed").format(casts, sql.Identifier(ORD), STAGE)
 

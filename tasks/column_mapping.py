@@ -220,6 +220,12 @@ def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
             f"mapping for {info.qualified} names unknown columns {unknown}; check rename/cast/types/drop "
             f"(cast, types and drop use the renamed names; columns: {renamed})"
         )
+    clashing = [n for n in mapping.compute if n in renamed]
+    if clashing:
+        raise UserError(
+            f"mapping for {info.qualified} computes columns the table already has: {clashing}; give the "
+            "computed columns new names (and drop the old ones if they should go)"
+        )
     columns = [
         Column(name, mapping.cast.get(name, c.pg_type), c.not_null)
         for c, name in zip((c for c in info.columns if not c.generated), renamed, strict=True)

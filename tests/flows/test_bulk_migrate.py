@@ -248,19 +248,23 @@ def _committed(url: str) -> dict[str, tuple]:
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
-def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, target_db, tmp_path):
+@pytest.mark.parametrize(
+    "mapping", [None, {"events": {"compute": {"size": "utf8_length(payload)"}}}], ids=["identical", "mapped"]
+)
+def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, target_db, tmp_path, mapping):
     _exec(
         fresh_db,
         "CREATE TABLE events (id bigint PRIMARY KEY, payload text)",
         "INSERT INTO events SELECT g, repeat(md5(g::text), 16) FROM generate_series(1, 300000) g",
     )
     script = (
-        "import sys; from flows.bulk_migrate import bulk_migrate; "
-        "bulk_migrate(sys.argv[1], sys.argv[2], chunk_rows=10000, parallelism=2, validate=[])"
+        "import json, sys; from flows.bulk_migrate import bulk_migrate; "
+        "bulk_migrate(sys.argv[1], sys.argv[2], chunk_rows=10000, parallelism=2, validate=[],"
+        " mapping=json.loads(sys.argv[3]))"
     )
     log = (tmp_path / "worker.log").open("wb")
     worker = spawn_group(
-        [sys.executable, "-c", script, fresh_db, target_db], cwd=ROOT, env=os.environ, stdout=log, stderr=log
+        [sys.executable, "-c", script, fresh_db, target_db, json.dumps(mapping)], cwd=ROOT, env=os.environ, stdout=log, stderr=log
     )
     committed: dict[str, tuple] = {}
     while len(committed) < 3:
@@ -278,10 +282,12 @@ def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, targ
     status = run_cli("bulk", "status", "--target", target_db).stdout
     assert f"(stopped before it finished (no process holds its lock); run the same copy again to resume): {len(before)}/30 chunks" in status
 
-    state = bulk_migrate(fresh_db, target_db, chunk_rows=10000, parallelism=2, return_state=True)
+    state = bulk_migrate(fresh_db, target_db, chunk_rows=10000, parallelism=2, mapping=mapping, return_state=True)
     state.result()
 
     assert _fetch(target_db, "SELECT count(*), count(DISTINCT id) FROM events") == [(300000, 300000)]
+    if mapping:
+        assert _fetch(target_db, "SELECT count(*) FROM events WHERE size IS DISTINCT FROM length(payload)") == [(0,)]
     assert _sum(target_db, "public.events", ["id", "payload"]) == _sum(
         fresh_db, "public.events", ["id", "payload"]
     )
@@ -471,7 +477,12 @@ def test_mapping_renames_casts_computes_filters_and_drops(fresh_db, target_db):
     ) == [(1,)]
 
 
-def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fresh_db, target_db):
+@pytest.mark.parametrize(
+    "mapping",
+    [None, {"payments": {"cast": {"amount": "integer"}}}],
+    ids=["identical", "mapped"],  # both try the target table directly first, then diagnose via a stage
+)
+def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fresh_db, target_db, mapping):
     _exec(
         fresh_db,
         "CREATE TABLE payments (id int PRIMARY KEY, amount int)",
@@ -484,16 +495,16 @@ def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fres
     with pytest.raises(
         UserError, match=r"1 of 4 chunks failed.*3 rows .*offending rows: id=17; id=230; id=231\."
     ) as failure:
-        bulk_migrate(fresh_db, target_db, chunk_rows=300)
+        bulk_migrate(fresh_db, target_db, chunk_rows=300, mapping=mapping)
     assert "positive" in str(failure.value) and "quarantine=True" in str(failure.value)
     assert "\n" not in str(failure.value)
     status = run_cli("bulk", "status", "--target", target_db).stdout
     assert f"(failed: {failure.value}; run the same copy again to resume): 3/4 chunks" in status
     with pytest.raises(UserError, match=r"at least 2 rows .*offending rows: id=17; id=230\."):
-        bulk_migrate(fresh_db, target_db, chunk_rows=300, report_rows=2)
+        bulk_migrate(fresh_db, target_db, chunk_rows=300, report_rows=2, mapping=mapping)
     assert _fetch(target_db, "SELECT count(*) FROM payments") == [(700,)], "the other chunks committed"
 
-    report = bulk_migrate(fresh_db, target_db, chunk_rows=300, quarantine=True)
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=300, quarantine=True, mapping=mapping)
     assert report["tables"][0]["rows"] == 997
     assert "MISMATCH" not in report["tables"][0]["validation"]
     quarantined = _fetch(target_db, "SELECT row_data->>'id', error FROM flowyard.bulk_quarantine ORDER BY 1")

@@ -119,6 +119,8 @@ def test_untouched_columns_are_those_no_cast_or_expression_reads():
         ({"rename": {"amount": "total"}, "cast": {"amount": "bigint"}}, r"unknown columns \['amount'\]"),
         ({"compute": {"c": "amount * 2"}, "types": {"d": "bigint"}}, r"unknown columns \['d'\]"),
         ({"filter": "knd != 'debug'"}, "unknown column 'knd'"),
+        ({"compute": {"amount": "amount * 2"}}, r"computes columns the table already has: \['amount'\]"),
+        ({"rename": {"kind": "k"}, "compute": {"k": "utf8_upper(k)"}}, r"already has: \['k'\]"),
     ],
 )
 def test_mapping_typos_fail_once_when_the_table_is_planned(spec, message):
