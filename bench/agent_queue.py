@@ -15,7 +15,8 @@ worker is drained before the last CPU sample, so the server's work on the logs i
 
 A small warm-up run (``agents`` tasks) goes first, so imports and first connections of this
 process are not counted; everything a flow run does is (its start, its end, its artifacts,
-and Prefect's wait for its heartbeat thread, which makes every flow call last whole seconds).
+and whatever wait for its heartbeat thread remains: Prefect's sync engine would make every
+flow call last whole seconds, flowyard's flows do not wait, see ``tasks/flow_heartbeat.py``).
 The breakdown splits that per-run part from the per-attempt time (``flowyard.agent_runs``)
 and the rest.
 
@@ -104,7 +105,7 @@ class QueueRun:
     attempt: float  # mean attempt duration: spawn to bookkeeping done
     startup: float  # flow call until the first attempt started
     teardown: float  # last attempt finished until the flow returned
-    heartbeat_wait: float  # flow run Completed until the call returned (Prefect's heartbeat join)
+    heartbeat_wait: float  # flow run Completed until the call returned (tear-down, heartbeat stop)
 
 
 def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], workdir: Path) -> QueueRun:
@@ -201,9 +202,9 @@ def main() -> None:
         f" {1000 * run.teardown:.0f} ms)"
     )
     print(
-        f"    (in it, Prefect's wait for its flow-run heartbeat thread after the run completed:"
-        f" {1000 * run.heartbeat_wait:.0f} ms; that thread sleeps in 1 s steps, so a flow call lasts whole"
-        f" seconds: {per_task_ms(1.0):.0f} ms per task per second here)"
+        f"    (in it, from the run's Completed state until the flow call returned:"
+        f" {1000 * run.heartbeat_wait:.0f} ms; Prefect's own sync engine waits there for its heartbeat"
+        f" thread's 1 s sleep, {per_task_ms(1.0):.0f} ms per task per second here; flowyard's flows do not)"
     )
     print(f"  of which inside the attempt (spawn, protocol, checkpoint writes): {attempt_ms:6.1f} ms")
     print(
