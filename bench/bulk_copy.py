@@ -160,8 +160,7 @@ def print_phases(flow_state: object) -> None:
 def warm_up(rt: object, bulk_migrate: Callable[..., object]) -> None:
     """Two tiny untimed flow runs, plain and mapped: one-time process start-up is paid once per
     worker process, not per copy — Prefect's (client, API handshake, flow registration, ~4 s
-    here) and, for mappings, pyarrow's lazy import of pandas on its first conversion of a
-    Python value (a mapping constant; ~1 s)."""
+    here) and, for mappings, pyarrow's compute and CSV modules."""
     source = rt.database("bench_warmup_src")  # type: ignore[attr-defined]
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS warm (id int PRIMARY KEY)")

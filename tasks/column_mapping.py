@@ -17,7 +17,9 @@ and nothing is passed to Python's ``eval``.
 from __future__ import annotations
 
 import ast
-from collections.abc import Collection
+import itertools
+import struct
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -114,7 +116,7 @@ def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays
             )
         return batch.column(node.id)
     if isinstance(node, ast.Constant):
-        return pa.scalar(node.value)
+        return _literals([node.value])[0]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         return pc.call_function(_BINARY[type(node.op)], [_eval(node.left, batch), _eval(node.right, batch)])
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -130,7 +132,7 @@ def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays
     if isinstance(node, ast.Compare) and len(node.ops) == 1:
         left, op, right = _eval(node.left, batch), node.ops[0], node.comparators[0]
         if isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.List | ast.Tuple):
-            values = pa.array([_literal(v) for v in right.elts])
+            values = _literals([_literal(v) for v in right.elts])
             member = pc.is_in(left, value_set=values)
             return member if isinstance(op, ast.In) else pc.invert(member)
         if type(op) in _COMPARE:
@@ -150,6 +152,33 @@ def _function(name: str) -> str:
             "name such as utf8_upper, round or coalesce"
         ) from None
     return name
+
+
+def _literals(values: Sequence[Any]) -> pa.Array:
+    """The expression's literals as an Arrow array, built from their bytes when they are all
+    None, all bool, all int64, all numbers or all str.
+
+    Converting Python values with ``pa.array`` or ``pa.scalar`` makes pyarrow import pandas
+    (to check for pandas objects): ~40 MB of RSS and ~1 s the first time in a process, for a
+    literal or two; the 5M-row mapped copy's peak RSS went over 300 MB on that alone. Other
+    literals (mixed lists, huge ints) are converted the usual way."""
+    n, kinds = len(values), {type(v) for v in values}
+    if kinds == {type(None)}:
+        return pa.nulls(n)
+    if kinds == {bool}:
+        bits = sum(1 << i for i, v in enumerate(values) if v).to_bytes((n + 7) // 8, "little")
+        return pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(bits)])
+    if kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):
+        return pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(struct.pack(f"<{n}q", *values))])
+    if kinds and kinds <= {int, float}:
+        return pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(struct.pack(f"<{n}d", *values))])
+    if kinds == {str}:
+        data = [v.encode() for v in values]
+        offsets = list(itertools.accumulate((len(d) for d in data), initial=0))
+        if offsets[-1] < 2**31:
+            buffers = [pa.py_buffer(struct.pack(f"<{n + 1}i", *offsets)), pa.py_buffer(b"".join(data))]
+            return pa.Array.from_buffers(pa.string(), n, [None, *buffers])
+    return pa.array(values)
 
 
 def _literal(node: ast.AST) -> Any:  # noqa: ANN401 - any literal
@@ -192,13 +221,13 @@ def apply_mapping(batch: pa.RecordBatch, mapping: TableMapping | None) -> pa.Rec
     for name, expression in mapping.compute.items():
         value = evaluate(expression, batch)
         if isinstance(value, pa.Scalar):
-            value = pa.array([value.as_py()] * batch.num_rows, value.type)
+            value = pa.repeat(value, batch.num_rows)
         if name in mapping.types:
             value = _cast(value, mapping.types[name], name)
         batch = batch.append_column(name, value)
     if mapping.filter:
         mask = evaluate(mapping.filter, batch)
-        batch = batch.filter(pc.fill_null(mask, False))
+        batch = batch.filter(mask, null_selection_behavior="drop")  # a null condition drops the row
     if mapping.drop:
         batch = batch.select([n for n in batch.schema.names if n not in set(mapping.drop)])
     return batch
@@ -231,7 +260,7 @@ def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
         for c, name in zip((c for c in info.columns if not c.generated), renamed, strict=True)
     ]
     schema = info.arrow_schema()
-    empty = pa.RecordBatch.from_arrays([pa.array([], t) for t in schema.types], schema=schema)
+    empty = pa.RecordBatch.from_arrays([pa.nulls(0, t) for t in schema.types], schema=schema)
     empty = apply_mapping(empty, mapping.model_copy(update={"filter": None, "drop": []}))
     if mapping.filter:  # a typo in the filter fails here, once, not in every chunk
         evaluate(mapping.filter, empty)

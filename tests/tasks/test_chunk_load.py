@@ -14,7 +14,9 @@ from tasks.column_mapping import mapped_table, parse_mapping
 
 
 def _job(source: str, key_type: str, mapping: dict | None, mode: Mode, method: Method) -> ChunkJob:
-    info = TableInfo("events", (Column("id", key_type, True), Column("amount", "numeric(12,2)")), ("id",), "public")
+    info = TableInfo(
+        "events", (Column("id", key_type, True), Column("amount", "numeric(12,2)")), ("id",), "public"
+    )
     table_mapping = parse_mapping({"events": mapping})["events"] if mapping else None
     return ChunkJob(
         "run",
@@ -35,7 +37,14 @@ def _job(source: str, key_type: str, mapping: dict | None, mode: Mode, method: M
         ("pg", "bigint", None, "full", "key", True),
         ("pg", "bigint", None, "full", "ctid", True),
         ("pg", "bigint", {"cast": {"amount": "double precision"}}, "full", "key", True),
-        ("pg", "bigint", {"rename": {"id": "event_id"}, "compute": {"cents": "amount * 100"}}, "full", "key", True),
+        (
+            "pg",
+            "bigint",
+            {"rename": {"id": "event_id"}, "compute": {"cents": "amount * 100"}},
+            "full",
+            "key",
+            True,
+        ),
         ("pg", "uuid", {"filter": "amount > 0"}, "full", "key", True),
         # the key's values or their order could change: the chunk's bounds would not select its rows
         ("pg", "bigint", {"cast": {"id": "text"}}, "full", "key", False),
