@@ -18,16 +18,20 @@ Both the raw pipe and flowyard load into a table of the same shape without its p
 and build the key afterwards (flowyard's DDL comes from ``pg_dump``; pre-data has no PK).
 
 Prints rows/s and the ratio to the raw pipe, and the peak RSS of this (the flow) process.
+This VM's speed drifts by up to 1.6x within minutes, the raw pipe's own time included, so
+``--rounds N`` times every method N times, interleaved (each round against a fresh target),
+and reports medians and each round's ratios.
 ``--phases`` also prints where each flow run's time went (its task runs, from the Prefect
 API). For the 5M-row memory check: ``--rows 5000000 --methods flowyard,mapping``.
 
-    .venv/bin/python -m bench.bulk_copy --rows 1000000
+    .venv/bin/python -m bench.bulk_copy --rows 1000000 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ from psycopg import sql
 
 from bench._runtime import bench_runtime
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
+from tasks.db import drop_database
 
 EVENTS_DDL = (
     "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb,"
@@ -177,9 +182,12 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--parallelism", type=int, default=2)
     parser.add_argument("--methods", default="raw,verified,flowyard,mapping,pandas")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="time every method this many times, interleaved; report medians"
+    )
     parser.add_argument("--phases", action="store_true", help="print each flow run's phase timings")
     args = parser.parse_args()
-    methods = args.methods.split(",")
+    chosen = args.methods.split(",")
 
     with bench_runtime() as rt:
         from flows.bulk_migrate import bulk_migrate
@@ -187,19 +195,6 @@ def main() -> None:
         source = rt.database("bench_source")
         print(f"seeding {args.rows:,} events ...", flush=True)
         seed(source, args.rows)
-        results: list[Result] = []
-        if "raw" in methods:
-            results.append(
-                timed("raw binary COPY pipe", args.rows, lambda: raw_pipe(source, rt.database("bench_raw")))
-            )
-        if "verified" in methods:
-            results.append(
-                timed(
-                    "raw pipe + both-side checksums",
-                    args.rows,
-                    lambda: verified_pipe(source, rt.database("bench_verified")),
-                )
-            )
         flow_args = {
             "chunk_rows": args.chunk_rows,
             "parallelism": args.parallelism,
@@ -212,32 +207,65 @@ def main() -> None:
             state.result()  # raises if the run failed
             states.append((label, state))
 
-        warm_up(rt, bulk_migrate)
-        if "flowyard" in methods:
-            target = rt.database("bench_flowyard")
-            results.append(timed("flowyard bulk_migrate", args.rows, lambda: run_flow("flowyard", target)))
-        if "mapping" in methods:
-            target = rt.database("bench_mapping")
-            results.append(
-                timed("flowyard + mapping", args.rows, lambda: run_flow("mapping", target, mapping=MAPPING))
-            )
-        if "pandas" in methods:
-            target = rt.database("bench_pandas")
+        def pandas(target: str) -> None:
             with psycopg.connect(target, autocommit=True) as conn:
                 conn.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
-            rows = min(args.pandas_rows, args.rows)
-            results.append(
-                timed(f"pandas.to_sql ({rows:,} rows)", rows, lambda: pandas_to_sql(source, target, rows))
-            )
+            pandas_to_sql(source, target, pandas_rows)
+
+        pandas_rows = min(args.pandas_rows, args.rows)
+        methods: dict[str, tuple[str, int, Callable[[str], None]]] = {
+            "raw": ("raw binary COPY pipe", args.rows, lambda target: raw_pipe(source, target)),
+            "verified": (
+                "raw pipe + both-side checksums",
+                args.rows,
+                lambda target: verified_pipe(source, target),
+            ),
+            "flowyard": ("flowyard bulk_migrate", args.rows, lambda target: run_flow("flowyard", target)),
+            "mapping": (
+                "flowyard + mapping",
+                args.rows,
+                lambda target: run_flow("mapping", target, mapping=MAPPING),
+            ),
+            "pandas": (f"pandas.to_sql ({pandas_rows:,} rows)", pandas_rows, pandas),
+        }
+        warm_up(rt, bulk_migrate)
+        results: dict[str, list[Result]] = {key: [] for key in methods if key in chosen}
+        for round_no in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {round_no + 1} of {args.rounds}", flush=True)
+            for key, runs in results.items():
+                if key == "pandas" and round_no:
+                    continue  # minutes per run, and 20x off the others: once is enough
+                label, rows, run = methods[key]
+                target = rt.database(f"bench_{key}")
+                runs.append(timed(label, rows, lambda: run(target)))  # noqa: B023 - called at once
+                drop_database(rt.server.url(), f"bench_{key}")
         for label, state in states if args.phases else []:
             print(f"\nphases of the {label} flow run:")
             print_phases(state)
 
-    base = results[0].rate if results else 1.0
+    report(results, args.rounds)
 
-    print(f"\n{'method':34} {'rows':>11} {'seconds':>9} {'rows/s':>11} {'ratio':>7}")
-    for r in results:
+
+def report(results: dict[str, list[Result]], rounds: int) -> None:
+    """Median seconds per method and its rate's ratio to the first method's median; with several
+    rounds also each round's ratios (the baseline of the same round), which show the spread."""
+    if not results:
+        return
+    medians = {
+        key: Result(runs[0].method, runs[0].rows, statistics.median(r.seconds for r in runs))
+        for key, runs in results.items()
+    }
+    base_key = next(iter(results))
+    base = medians[base_key].rate
+    what = f"median of {rounds} rounds" if rounds > 1 else "seconds"
+    print(f"\n{'method':34} {'rows':>11} {'seconds':>9} {'rows/s':>11} {'ratio':>7}   ({what})")
+    for r in medians.values():
         print(f"{r.method:34} {r.rows:>11,} {r.seconds:>9.2f} {r.rate:>11,.0f} {r.rate / base:>6.2f}x")
+    if rounds > 1:
+        for key, runs in results.items():
+            ratios = [run.rate / results[base_key][i].rate for i, run in enumerate(runs)]
+            print(f"  {medians[key].method:32} per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process (flow runs in-process): {peak_mb:,.0f} MB")
 
