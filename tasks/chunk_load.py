@@ -109,7 +109,8 @@ class ChunkJob:
         mapping = self.mapping
         renamed = tuple(mapping.rename.get(k, k) for k in self.source.key) if mapping else self.source.key
         cast = set(mapping.cast) if mapping else set()
-        types = {c.name: c.pg_type for c in self.source.columns}
+        # the type without its modifiers: numeric(12,2), timestamp(3) with time zone
+        types = {c.name: re.sub(r"\(\d+(,\d+)?\)", "", c.pg_type) for c in self.source.columns}
         return (
             bool(self.source.key)
             and self.target.key == renamed

@@ -161,7 +161,7 @@ def _literals(values: Sequence[Any]) -> pa.Array:
     Converting Python values with ``pa.array`` or ``pa.scalar`` makes pyarrow import pandas
     (to check for pandas objects): ~40 MB of RSS and ~1 s the first time in a process, for a
     literal or two; the 5M-row mapped copy's peak RSS went over 300 MB on that alone. Other
-    literals (mixed lists, huge ints) are converted the usual way."""
+    literals (mixed lists, ints beyond int64) are converted the usual way."""
     n, kinds = len(values), {type(v) for v in values}
     if kinds == {type(None)}:
         return pa.nulls(n)
@@ -170,7 +170,7 @@ def _literals(values: Sequence[Any]) -> pa.Array:
         return pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(bits)])
     if kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):
         return pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(struct.pack(f"<{n}q", *values))])
-    if kinds and kinds <= {int, float}:
+    if float in kinds and kinds <= {int, float}:
         return pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(struct.pack(f"<{n}d", *values))])
     if kinds == {str}:
         data = [v.encode() for v in values]

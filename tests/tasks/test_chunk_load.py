@@ -46,6 +46,9 @@ def _job(source: str, key_type: str, mapping: dict | None, mode: Mode, method: M
             True,
         ),
         ("pg", "uuid", {"filter": "amount > 0"}, "full", "key", True),
+        ("pg", "numeric(20,0)", {"filter": "amount > 0"}, "full", "key", True),
+        ("pg", "timestamp(3) with time zone", {"filter": "amount > 0"}, "full", "key", True),
+        ("pg", "character varying(20)", {"filter": "amount > 0"}, "full", "key", False),
         # the key's values or their order could change: the chunk's bounds would not select its rows
         ("pg", "bigint", {"cast": {"id": "text"}}, "full", "key", False),
         ("pg", "text", {"cast": {"amount": "double precision"}}, "full", "key", False),
