@@ -105,7 +105,7 @@ class QueueRun:
     attempt: float  # mean attempt duration: spawn to bookkeeping done
     startup: float  # flow call until the first attempt started
     teardown: float  # last attempt finished until the flow returned
-    heartbeat_wait: float  # flow run Completed until the call returned (tear-down, heartbeat stop)
+    end_wait: float  # flow run Completed until the call returned (tear-down, heartbeat stop)
 
 
 def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], workdir: Path) -> QueueRun:
@@ -203,7 +203,7 @@ def main() -> None:
     )
     print(
         f"    (in it, from the run's Completed state until the flow call returned:"
-        f" {1000 * run.heartbeat_wait:.0f} ms; Prefect's own sync engine waits there for its heartbeat"
+        f" {1000 * run.end_wait:.0f} ms; Prefect's own sync engine waits there for its heartbeat"
         f" thread's 1 s sleep, {per_task_ms(1.0):.0f} ms per task per second here; flowyard's flows do not)"
     )
     print(f"  of which inside the attempt (spawn, protocol, checkpoint writes): {attempt_ms:6.1f} ms")

@@ -47,6 +47,7 @@ EVENTS_DDL = (
     "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb,"
     " created_at timestamptz, amount numeric(12,2))"
 )
+EVENTS_COLUMNS = ["id", "user_id", "kind", "payload", "created_at", "amount"]
 MAPPING = {
     "events": {
         "target": "events_mapped",
@@ -98,8 +99,7 @@ def raw_pipe(source: str, target: str) -> None:
 
     with psycopg.connect(source) as src, psycopg.connect(target) as tgt:
         tgt.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
-        columns = ["id", "user_id", "kind", "payload", "created_at", "amount"]
-        pipe_binary(src, sql.SQL("SELECT * FROM events"), tgt, sql.Identifier("events"), columns)
+        pipe_binary(src, sql.SQL("SELECT * FROM events"), tgt, sql.Identifier("events"), EVENTS_COLUMNS)
         tgt.execute("ALTER TABLE events ADD PRIMARY KEY (id)")
 
 
@@ -109,11 +109,10 @@ def verified_pipe(source: str, target: str) -> None:
     from tasks.table_checksum import checksum
 
     raw_pipe(source, target)
-    columns = ["id", "user_id", "kind", "payload", "created_at", "amount"]
 
     def side(url: str) -> object:
         with psycopg.connect(url) as conn:
-            return checksum(conn, sql.Identifier("events"), columns)
+            return checksum(conn, sql.Identifier("events"), EVENTS_COLUMNS)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         sums = list(pool.map(side, [source, target]))
@@ -207,12 +206,13 @@ def main() -> None:
             state.result()  # raises if the run failed
             states.append((label, state))
 
+        pandas_rows = min(args.pandas_rows, args.rows)
+
         def pandas(target: str) -> None:
             with psycopg.connect(target, autocommit=True) as conn:
                 conn.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
             pandas_to_sql(source, target, pandas_rows)
 
-        pandas_rows = min(args.pandas_rows, args.rows)
         methods: dict[str, tuple[str, int, Callable[[str], None]]] = {
             "raw": ("raw binary COPY pipe", args.rows, lambda target: raw_pipe(source, target)),
             "verified": (

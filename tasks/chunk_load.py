@@ -45,6 +45,7 @@ from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
 from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.integrity import has_unique_key
+from tasks.pg_arrow_types import base_type
 from tasks.schema_copy import duplicate_keys, key_text
 from tasks.table_checksum import ALL_ROWS, Checksum, checksum
 
@@ -109,8 +110,7 @@ class ChunkJob:
         mapping = self.mapping
         renamed = tuple(mapping.rename.get(k, k) for k in self.source.key) if mapping else self.source.key
         cast = set(mapping.cast) if mapping else set()
-        # the type without its modifiers: numeric(12,2), timestamp(3) with time zone
-        types = {c.name: re.sub(r"\(\d+(,\d+)?\)", "", c.pg_type) for c in self.source.columns}
+        types = {c.name: base_type(c.pg_type) for c in self.source.columns}
         return (
             bool(self.source.key)
             and self.target.key == renamed

@@ -26,7 +26,13 @@ _PG_TO_ARROW: dict[str, pa.DataType] = {
     "timestamp without time zone": pa.timestamp("us"),
 }
 _NUMERIC = re.compile(r"numeric\((\d+),(\d+)\)")
-_TYPMOD = re.compile(r"\(\d+\)")
+_TYPMOD = re.compile(r"\(\d+(,\d+)?\)")
+
+
+def base_type(pg_type: str) -> str:
+    """``pg_type`` (``format_type`` text) without its modifiers: ``numeric(12,2)`` → ``numeric``,
+    ``timestamp(3) with time zone`` → ``timestamp with time zone``."""
+    return _TYPMOD.sub("", pg_type)
 
 
 def pg_to_arrow(pg_type: str) -> pa.DataType:
@@ -36,7 +42,7 @@ def pg_to_arrow(pg_type: str) -> pa.DataType:
         return pa.decimal128(int(numeric.group(1)), int(numeric.group(2)))
     if pg_type.endswith("[]"):
         return pa.string()
-    return _PG_TO_ARROW.get(_TYPMOD.sub("", pg_type), pa.string())
+    return _PG_TO_ARROW.get(base_type(pg_type), pa.string())
 
 
 def arrow_to_pg(kind: pa.DataType) -> str:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
+import sys
 from decimal import Decimal
 
 import psycopg
@@ -12,6 +15,7 @@ import pytest
 from tasks.bulk_sources import Column, TableInfo
 from tasks.column_mapping import apply_mapping, evaluate, mapped_table, parse_mapping
 from tasks.errors import UserError
+from tests.conftest import ROOT
 
 INFO = TableInfo(
     "events",
@@ -173,12 +177,6 @@ print(json.dumps({"pandas": "pandas" in sys.modules, "rows": out.to_pylist()}, e
 def test_literals_need_no_pandas_import_and_keep_their_types():
     """A literal in an expression is built from its bytes: converting it the usual way imports
     pandas into the copy process (~40 MB of RSS, the 5M-row peak over 300 MB)."""
-    import json
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     done = subprocess.run(
         [sys.executable, "-c", LITERALS_WITHOUT_PANDAS], cwd=ROOT, capture_output=True, text=True, check=True
     )
