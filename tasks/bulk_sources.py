@@ -25,6 +25,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from psycopg import sql
 
+from tasks.arrow_literals import literal_array
 from tasks.copy_pipe import normalize_session, read_csv_batches
 from tasks.db import connection, one_row, validate_postgres_url
 from tasks.errors import UserError, first_line
@@ -383,13 +384,13 @@ def _cursor_mask(batch: pa.RecordBatch, info: TableInfo, cursor: str, low: str |
         mask = pc.is_valid(column)
         for bound, compare in ((low, pc.greater), (high, pc.less_equal)):
             if bound is not None:
-                mask = pc.and_kleene(mask, compare(column, pa.scalar(bound).cast(column.type)))
+                mask = pc.and_kleene(mask, compare(column, literal_array([bound]).cast(column.type)[0]))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise UserError(
             f"cursor column {info.name}.{cursor} cannot be compared with the saved cursor {low or high!r} "
             f"({first_line(exc)}); pick a cursor column of numbers, timestamps or text, or use mode='full'"
         ) from None
-    return pc.fill_null(mask, False)
+    return pc.fill_null(mask, literal_array([False])[0])
 
 
 def file_rows_since(info: TableInfo, cursor: str, since: str | None) -> tuple[str | None, int, int]:

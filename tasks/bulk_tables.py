@@ -29,11 +29,11 @@ from tasks.column_mapping import TableMapping, mapped_table
 from tasks.db import connection
 from tasks.errors import UserError
 from tasks.schema_copy import (
-    add_checks,
     add_foreign_keys,
     build_indexes_and_keys,
     copy_table_ddl,
     create_mapped_table,
+    create_table_like,
     reset_sequences,
     source_foreign_keys,
     table_exists,
@@ -169,17 +169,17 @@ def _ensure_distinct_targets(specs: list[TableSpec]) -> None:
 
 
 def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:
-    """Create the target tables that do not exist yet: the source's DDL (``pg_dump``), or mapped
-    types, with the source's CHECK constraints for an identical copy under another name."""
+    """Create the target tables that do not exist yet: the source's DDL (``pg_dump``), the
+    source's column definitions for an identical copy under another name, or mapped types."""
     with connection(target_url) as conn:
         absent = [s for s in specs if not table_exists(conn, s.target_schema, s.target.name)]
         for spec in absent:
-            if not spec.dumped:
+            if not spec.identical:
                 create_mapped_table(conn, spec.target_schema, spec.target)
         if renamed := [s for s in absent if s.identical and not s.dumped]:
             with connection(source_url) as source:
                 for spec in renamed:
-                    add_checks(source, conn, spec.source, spec.target_ident)
+                    create_table_like(source, conn, spec.source, spec.target_schema, spec.target.name)
     copy_table_ddl(source_url, target_url, [s.source for s in absent if s.dumped])
 
 

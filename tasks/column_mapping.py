@@ -17,15 +17,14 @@ and nothing is passed to Python's ``eval``.
 from __future__ import annotations
 
 import ast
-import itertools
-import struct
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.arrow_literals import literal_array
 from tasks.bulk_sources import Column, TableInfo
 from tasks.errors import UserError, first_line
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow
@@ -116,7 +115,7 @@ def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays
             )
         return batch.column(node.id)
     if isinstance(node, ast.Constant):
-        return _literals([node.value])[0]
+        return literal_array([node.value])[0]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         return pc.call_function(_BINARY[type(node.op)], [_eval(node.left, batch), _eval(node.right, batch)])
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -132,7 +131,7 @@ def _eval(node: ast.AST, batch: pa.RecordBatch) -> Any:  # noqa: ANN401 - arrays
     if isinstance(node, ast.Compare) and len(node.ops) == 1:
         left, op, right = _eval(node.left, batch), node.ops[0], node.comparators[0]
         if isinstance(op, ast.In | ast.NotIn) and isinstance(right, ast.List | ast.Tuple):
-            values = _literals([_literal(v) for v in right.elts])
+            values = literal_array([_literal(v) for v in right.elts])
             member = pc.is_in(left, value_set=values)
             return member if isinstance(op, ast.In) else pc.invert(member)
         if type(op) in _COMPARE:
@@ -152,33 +151,6 @@ def _function(name: str) -> str:
             "name such as utf8_upper, round or coalesce"
         ) from None
     return name
-
-
-def _literals(values: Sequence[Any]) -> pa.Array:
-    """The expression's literals as an Arrow array, built from their bytes when they are all
-    None, all bool, all int64, all numbers or all str.
-
-    Converting Python values with ``pa.array`` or ``pa.scalar`` makes pyarrow import pandas
-    (to check for pandas objects): ~40 MB of RSS and ~1 s the first time in a process, for a
-    literal or two; the 5M-row mapped copy's peak RSS went over 300 MB on that alone. Other
-    literals (mixed lists, ints beyond int64) are converted the usual way."""
-    n, kinds = len(values), {type(v) for v in values}
-    if kinds == {type(None)}:
-        return pa.nulls(n)
-    if kinds == {bool}:
-        bits = sum(1 << i for i, v in enumerate(values) if v).to_bytes((n + 7) // 8, "little")
-        return pa.Array.from_buffers(pa.bool_(), n, [None, pa.py_buffer(bits)])
-    if kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):
-        return pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(struct.pack(f"<{n}q", *values))])
-    if float in kinds and kinds <= {int, float}:
-        return pa.Array.from_buffers(pa.float64(), n, [None, pa.py_buffer(struct.pack(f"<{n}d", *values))])
-    if kinds == {str}:
-        data = [v.encode() for v in values]
-        offsets = list(itertools.accumulate((len(d) for d in data), initial=0))
-        if offsets[-1] < 2**31:
-            buffers = [pa.py_buffer(struct.pack(f"<{n + 1}i", *offsets)), pa.py_buffer(b"".join(data))]
-            return pa.Array.from_buffers(pa.string(), n, [None, *buffers])
-    return pa.array(values)
 
 
 def _literal(node: ast.AST) -> Any:  # noqa: ANN401 - any literal

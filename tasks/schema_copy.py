@@ -7,8 +7,10 @@ rows, then builds indexes and key constraints from the source catalogs, adds for
 loaded maximum. Mapped, SQLite and file sources get a ``CREATE TABLE`` from the mapped
 PostgreSQL types and a primary key on the declared key. A partitioned table comes with its
 partitions. A PG→PG table copied unchanged under another name cannot take ``pg_dump``'s DDL
-(it names the source table): it is created from its column types, with the source's CHECK
-constraints, and gets the source's indexes and keys under names PostgreSQL picks for it.
+(it names the source table): it is created from the source catalog's column definitions
+(types, collations, defaults, identity, generation expressions, a serial column's own
+sequence) with the source's CHECK constraints, and gets the source's indexes and keys under
+names PostgreSQL picks for it.
 Upserting loads (incremental, seed) get their keys before the data instead.
 
 Every step is idempotent (existing tables, indexes and constraints are kept), so a resumed
@@ -144,15 +146,27 @@ def replayable_on(script: str, server_version: int) -> str:
     return script.replace(_TRANSACTION_TIMEOUT, "", 1)
 
 
-def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo) -> None:
-    """``CREATE TABLE`` with the mapped column types (constraints come after the load)."""
+def create_mapped_table(
+    conn: psycopg.Connection,
+    schema: str,
+    table: TableInfo,
+    clauses: Mapping[str, sql.Composable] | None = None,
+) -> None:
+    """``CREATE TABLE`` with the mapped column types (constraints come after the load).
+
+    ``clauses`` adds to a column's definition what its type leaves out (collation, default,
+    identity, generation expression), for a table copied unchanged under another name."""
     if not table.columns:
         raise UserError(f"source table {table.qualified} has no columns; nothing to create")
     for column in table.columns:
         _check_type(conn, table.name, column)
+    extra = clauses or {}
     columns = sql.SQL(", ").join(
-        sql.SQL("{} {}{}").format(
-            sql.Identifier(c.name), sql.SQL(c.pg_type), sql.SQL(" NOT NULL" if c.not_null else "")
+        sql.SQL("{} {}{}{}").format(
+            sql.Identifier(c.name),
+            sql.SQL(c.pg_type),
+            extra.get(c.name, sql.SQL("")),
+            sql.SQL(" NOT NULL" if c.not_null else ""),
         )
         for c in table.columns
     )
@@ -162,6 +176,156 @@ def create_mapped_table(conn: psycopg.Connection, schema: str, table: TableInfo)
             sql.Identifier(schema), sql.Identifier(table.name), columns
         )
     )
+
+
+@dataclass(frozen=True)
+class SequenceOptions:
+    """A sequence's parameters, as ``pg_sequence`` holds them."""
+
+    data_type: str
+    start: int
+    increment: int
+    minimum: int
+    maximum: int
+    cache: int
+    cycle: bool
+
+    def clause(self) -> sql.Composed:
+        """The options as ``CREATE SEQUENCE`` and ``AS IDENTITY (…)`` take them (without ``AS``)."""
+        return sql.SQL("START WITH {} INCREMENT BY {} MINVALUE {} MAXVALUE {} CACHE {} {}").format(
+            sql.Literal(self.start),
+            sql.Literal(self.increment),
+            sql.Literal(self.minimum),
+            sql.Literal(self.maximum),
+            sql.Literal(self.cache),
+            sql.SQL("CYCLE" if self.cycle else "NO CYCLE"),
+        )
+
+
+@dataclass(frozen=True)
+class ColumnDefinition:
+    """What ``format_type`` leaves out of a source column: collation, default, identity, generation.
+
+    A ``serial``/``bigserial`` column owns the sequence it takes its default from: the copy gets
+    a sequence of its own with the same options, since the source's is not in the target (or,
+    in the same database, belongs to the source table)."""
+
+    name: str
+    collation: tuple[str, str] | None
+    identity: str  # '' none, 'a' ALWAYS, 'd' BY DEFAULT
+    generated: str  # '' none, 's' STORED, 'v' VIRTUAL
+    expression: str | None  # the default, or the generation expression
+    sequence: SequenceOptions | None  # of the identity, or of the serial default
+
+    @property
+    def serial_sequence(self) -> SequenceOptions | None:
+        """The options of a serial column's own sequence (None for an identity's or no sequence)."""
+        return None if self.identity else self.sequence
+
+    def clause(self) -> sql.Composed:
+        """The definition after the type; a serial default is set once its sequence exists."""
+        parts: list[sql.Composable] = []
+        if self.collation:
+            parts.append(sql.SQL("COLLATE {}").format(sql.Identifier(*self.collation)))
+        if self.generated:
+            kind = "STORED" if self.generated == "s" else "VIRTUAL"
+            parts.append(
+                sql.SQL("GENERATED ALWAYS AS ({}) {}").format(sql.SQL(self.expression or ""), sql.SQL(kind))
+            )
+        elif self.identity and self.sequence:
+            kind = "ALWAYS" if self.identity == "a" else "BY DEFAULT"
+            parts.append(
+                sql.SQL("GENERATED {} AS IDENTITY ({})").format(sql.SQL(kind), self.sequence.clause())
+            )
+        elif self.expression and not self.serial_sequence:
+            parts.append(sql.SQL("DEFAULT {}").format(sql.SQL(self.expression)))
+        return sql.SQL("").join(sql.SQL(" {}").format(p) for p in parts)
+
+
+# Catalog text (pg_get_expr, regtype) is PostgreSQL's own deparsing, spliced like add_checks'
+# pg_get_constraintdef: it is valid SQL naming the source's objects.
+_COLUMN_DEFINITIONS = """
+SELECT a.attname, cn.nspname, co.collname, a.attidentity, a.attgenerated, pg_get_expr(d.adbin, d.adrelid),
+       s.seqtypid::regtype::text, s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> t.typcollation
+LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+LEFT JOIN pg_sequence s ON s.seqrelid = pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+
+def column_definitions(source: psycopg.Connection, info: TableInfo) -> list[ColumnDefinition]:
+    """Each source column's collation (when not its type's), default, identity and generation."""
+    definitions = []
+    for name, coll_schema, coll, identity, generated, expression, *seq in source.execute(
+        _COLUMN_DEFINITIONS, (info.ident.as_string(source),)
+    ).fetchall():
+        sequence = SequenceOptions(*seq) if seq[0] is not None else None
+        collation = (coll_schema, coll) if coll else None
+        definitions.append(ColumnDefinition(name, collation, identity, generated, expression, sequence))
+    return definitions
+
+
+def create_table_like(
+    source: psycopg.Connection, target: psycopg.Connection, info: TableInfo, schema: str, name: str
+) -> None:
+    """Source table ``info``, copied unchanged under another name, with its columns as defined
+    there (collation, default, identity, generation expression, own serial sequence) and its
+    CHECK constraints. ``pg_dump``'s DDL does all this for a copy under the same name, but names
+    the source table throughout."""
+    definitions = column_definitions(source, info)
+    table = sql.Identifier(schema, name)
+    try:
+        with target.transaction():
+            create_mapped_table(
+                target, schema, TableInfo(name, info.columns), {d.name: d.clause() for d in definitions}
+            )
+            for column in definitions:
+                if options := column.serial_sequence:
+                    _add_serial_sequence(target, schema, name, column.name, options)
+            add_checks(source, target, info, table)
+    except (
+        psycopg.errors.UndefinedFunction,
+        psycopg.errors.UndefinedObject,
+        psycopg.errors.UndefinedTable,
+    ) as exc:
+        raise UserError(
+            f"cannot create {schema}.{name} like {info.qualified}: {exc.diag.message_primary} in the target "
+            "(a default, generated column or CHECK uses it); create it in the target first"
+        ) from None
+
+
+def _add_serial_sequence(
+    target: psycopg.Connection, schema: str, table: str, column: str, options: SequenceOptions
+) -> None:
+    """A sequence owned by the copied column, with the source sequence's options, as its default."""
+    sequence = sql.Identifier(schema, _free_relation_name(target, schema, f"{table}_{column}_seq"))
+    target.execute(
+        sql.SQL("CREATE SEQUENCE {} AS {} {} OWNED BY {}").format(
+            sequence, sql.SQL(options.data_type), options.clause(), sql.Identifier(schema, table, column)
+        )
+    )
+    target.execute(
+        sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT nextval({}::regclass)").format(
+            sql.Identifier(schema, table), sql.Identifier(column), sql.Literal(sequence.as_string(target))
+        )
+    )
+
+
+def _free_relation_name(conn: psycopg.Connection, schema: str, wanted: str) -> str:
+    """``wanted`` (cut to PostgreSQL's 63 bytes), or with a number appended if that name is taken."""
+    for suffix in ("", *map(str, range(1, 1000))):
+        name = wanted.encode()[: 63 - len(suffix)].decode(errors="ignore") + suffix
+        taken = one_row(
+            conn, "SELECT to_regclass(%s) IS NOT NULL", (sql.Identifier(schema, name).as_string(conn),)
+        )[0]
+        if not taken:
+            return name
+    raise UserError(f"no free name like {wanted!r} in schema {schema}; drop some of the relations named so")
 
 
 def _check_type(conn: psycopg.Connection, table: str, column: Column) -> None:
@@ -400,7 +564,8 @@ def add_foreign_keys(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> 
 
 
 def reset_sequences(target: psycopg.Connection, schema: str, table: TableInfo) -> list[str]:
-    """Move every serial/identity sequence of the table to the loaded maximum."""
+    """Move every serial/identity sequence of the table to the loaded maximum (an empty table
+    leaves it where it starts: resetting it to 1 would fail a sequence whose minimum is higher)."""
     moved = []
     qualified = sql.Identifier(schema, table.name).as_string(target)
     for column in table.columns:
@@ -408,11 +573,11 @@ def reset_sequences(target: psycopg.Connection, schema: str, table: TableInfo) -
         if sequence is None:
             continue
         target.execute(
-            sql.SQL("SELECT setval({}::regclass, coalesce(max({}), 1), max({}) IS NOT NULL) FROM {}").format(
+            sql.SQL("SELECT setval({}::regclass, max({})) FROM {} HAVING max({}) IS NOT NULL").format(
                 sql.Literal(sequence),
                 sql.Identifier(column.name),
-                sql.Identifier(column.name),
                 sql.Identifier(schema, table.name),
+                sql.Identifier(column.name),
             )
         )
         moved.append(sequence)

@@ -223,6 +223,61 @@ def test_table_copied_under_a_new_name_keeps_keys_indexes_checks_and_foreign_key
     assert report["integrity"] == {"fk_orphans": [], "invalid_indexes": [], "indexes_present": []}
 
 
+COLUMN_DEFINITIONS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, a.attcollation::regcollation::text,
+       a.attidentity, a.attgenerated, regexp_replace(pg_get_expr(d.adbin, d.adrelid), '[a-z_0-9.]*_seq', 'SEQ'),
+       s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle,
+       pg_get_serial_sequence(a.attrelid::regclass::text, a.attname) IS NOT NULL
+FROM pg_attribute a
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+LEFT JOIN pg_sequence s ON s.seqrelid = pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
+"""
+
+
+@pytest.mark.parametrize("same_database", [False, True], ids=["other-database", "same-database"])
+def test_table_copied_under_a_new_name_keeps_its_column_definitions(fresh_db, target_db, same_database):
+    """A copy under another name used to get bare typed columns: no serial default or sequence, no
+    identity, no default, no collation, and a generated column left NULL on every row. Inserting
+    into the copy then failed or gave other values than the source."""
+    target = fresh_db if same_database else target_db
+    _exec(
+        fresh_db,
+        "CREATE TABLE tickets (id serial PRIMARY KEY,"
+        " code bigint GENERATED ALWAYS AS IDENTITY (START WITH 100 INCREMENT BY 5 MINVALUE 100),"
+        " label text COLLATE \"C\" NOT NULL DEFAULT 'new', opened date DEFAULT current_date,"
+        " label_len int GENERATED ALWAYS AS (length(label) * 2) STORED)",
+        "INSERT INTO tickets (label, opened) SELECT 'ticket ' || g, date '2026-01-01' + g FROM generate_series(1, 30) g",
+    )
+    report = bulk_migrate(fresh_db, target, tables=["tickets"], mapping={"tickets": {"target": "archive.tickets_v2"}})
+
+    source_columns = _fetch(fresh_db, COLUMN_DEFINITIONS, ("public.tickets",))
+    assert _fetch(target, COLUMN_DEFINITIONS, ("archive.tickets_v2",)) == source_columns
+    assert [c[0] for c in source_columns if c[-1]] == ["id", "code"]  # both own a sequence
+    rows = "SELECT id, code, label, opened, label_len FROM {} ORDER BY id"
+    assert _fetch(target, rows.format("archive.tickets_v2")) == _fetch(fresh_db, rows.format("public.tickets"))
+    assert report["tables"][0]["rows"] == 30 and "MISMATCH" not in report["tables"][0]["validation"]
+    # the copy goes on where the source would: sequences past the loaded maximum, defaults, generation
+    insert = "INSERT INTO {} (label) VALUES ('fresh') RETURNING id, code, label, opened = current_date, label_len"
+    expected = _fetch(fresh_db, insert.format("public.tickets"))
+    assert expected == [(31, 250, "fresh", True, 10)]
+    assert _fetch(target, insert.format("archive.tickets_v2")) == expected
+
+
+def test_copy_under_a_new_name_needing_a_missing_function_is_one_line(fresh_db, target_db):
+    _exec(
+        fresh_db,
+        "CREATE FUNCTION next_code() RETURNS text LANGUAGE sql AS $$ SELECT 'c-' || random() $$",
+        "CREATE TABLE codes (id int PRIMARY KEY, code text DEFAULT next_code())",
+    )
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, tables=["codes"], mapping={"codes": {"target": "codes_v2"}})
+    assert str(err.value) == (
+        "cannot create public.codes_v2 like public.codes: function next_code() does not exist in the target "
+        "(a default, generated column or CHECK uses it); create it in the target first"
+    )
+
+
 def test_target_index_unlike_the_sources_fails_the_run_naming_table_and_index(fresh_db, target_db):
     """An existing target table is kept, and so is its index of the source index's name but on
     another column: the run used to pass with the source's index missing from the target."""
