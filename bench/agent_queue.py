@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._runtime import bench_runtime  # noqa: E402
+from bench._runtime import CopyReference, bench_runtime  # noqa: E402
 
 TARGET_MS = 100.0
 
@@ -169,6 +169,8 @@ def main() -> None:
                 "postgresql": int((rt.server.pgdata / "postmaster.pid").read_text().split()[0]),
             }
         )
+        reference = CopyReference.seeded(rt)
+        speed_before = reference.measure()
         c0 = meter.sample()
         bare = bare_pool(args.tasks, args.agents, payload, workdir)
         c1 = meter.sample()
@@ -177,6 +179,7 @@ def main() -> None:
         run = through_queue(url, args.tasks, args.agents, payload, workdir)
         APILogWorker.drain_all(timeout=60)  # the run's log lines, still queued, reach the server
         c3 = meter.sample()
+        speed_after = reference.measure()
 
     def per_task_ms(wall: float) -> float:
         return 1000 * wall * args.agents / args.tasks
@@ -222,6 +225,7 @@ def main() -> None:
     print(
         f"overhead above the agent's own run time: {queue_over:.1f} ms per task; {verdict} the {TARGET_MS:.0f} ms target"
     )
+    print(CopyReference.describe(speed_before, speed_after))
 
 
 if __name__ == "__main__":

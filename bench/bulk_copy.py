@@ -39,15 +39,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from bench._runtime import bench_runtime
+from bench._events import EVENTS_COLUMNS, EVENTS_DDL, raw_pipe, seed
+from bench._runtime import REFERENCE_COPY_RATE, bench_runtime
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.db import drop_database
 
-EVENTS_DDL = (
-    "CREATE TABLE events (id bigint PRIMARY KEY, user_id int, kind text, payload jsonb,"
-    " created_at timestamptz, amount numeric(12,2))"
-)
-EVENTS_COLUMNS = ["id", "user_id", "kind", "payload", "created_at", "amount"]
 MAPPING = {
     "events": {
         "target": "events_mapped",
@@ -70,37 +66,12 @@ class Result:
         return self.rows / self.seconds
 
 
-def seed(url: str, rows: int) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(EVENTS_DDL)
-        conn.execute(
-            """
-            INSERT INTO events
-            SELECT g, (g::bigint * 7919) %% 100000, (ARRAY['view', 'click', 'purchase', 'signup'])[1 + g %% 4],
-                   jsonb_build_object('page', '/p/' || (g %% 1000), 'ref', md5(g::text), 'n', g %% 97),
-                   '2025-01-01'::timestamptz + g * interval '1 second', round((g %% 100000) / 7.0, 2)
-            FROM generate_series(1, %s) g
-            """,
-            (rows,),
-        )
-        conn.execute("VACUUM ANALYZE events")
-
-
 def timed(method: str, rows: int, run: Callable[[], None]) -> Result:
     started = time.perf_counter()
     run()
     result = Result(method, rows, time.perf_counter() - started)
     print(f"  {method}: {result.seconds:.2f}s, {result.rate:,.0f} rows/s", flush=True)
     return result
-
-
-def raw_pipe(source: str, target: str) -> None:
-    from tasks.copy_pipe import pipe_binary
-
-    with psycopg.connect(source) as src, psycopg.connect(target) as tgt:
-        tgt.execute(EVENTS_DDL.replace(" PRIMARY KEY", ""))
-        pipe_binary(src, sql.SQL("SELECT * FROM events"), tgt, sql.Identifier("events"), EVENTS_COLUMNS)
-        tgt.execute("ALTER TABLE events ADD PRIMARY KEY (id)")
 
 
 def verified_pipe(source: str, target: str) -> None:
@@ -266,6 +237,9 @@ def report(results: dict[str, list[Result]], rounds: int) -> None:
         for key, runs in results.items():
             ratios = [run.rate / results[base_key][i].rate for i, run in enumerate(runs)]
             print(f"  {medians[key].method:32} per round: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    if "raw" in medians:
+        rate = medians["raw"].rate
+        print(f"raw pipe = {rate / REFERENCE_COPY_RATE:.2f}x the team's {REFERENCE_COPY_RATE:,} rows/s for this machine")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak RSS of this process (flow runs in-process): {peak_mb:,.0f} MB")
 

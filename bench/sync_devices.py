@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from bench._runtime import bench_runtime
+from bench._runtime import CopyReference, bench_runtime
 from tasks.embedded_pg import EmbeddedPostgres
 
 TARGET_EVENTS_PER_SECOND = 50_000
@@ -126,6 +126,8 @@ def main() -> None:
             f"generated {args.devices} v1 stores × {args.events} events in {time.perf_counter() - started:.1f}s"
         )
         total = args.devices * args.events
+        reference = CopyReference.seeded(rt)
+        speed_before = reference.measure()
         upgrade_seconds = _upgrade_all(stores, args.workers)
         cpu_before = _cpu_seconds(rt.server)
         started = time.perf_counter()
@@ -140,7 +142,9 @@ def main() -> None:
         print(f"upload batches per store: {batches[0]}–{batches[-1]} ({sum(batches)} in all)")
 
         naive_seconds = _naive_loop(naive_store, rt.database("naive"), args.naive_events)
+        speed_after = reference.measure()
         _report(args, total, upgrade_seconds, flow_seconds, flow_cpu, naive_seconds)
+        print(CopyReference.describe(speed_before, speed_after))
 
 
 def _report(
