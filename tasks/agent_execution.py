@@ -254,7 +254,9 @@ def _last_state(url: str, task_id: int) -> dict[str, Any]:
 
 def _result_key(context: Any, parameters: dict[str, Any]) -> str:
     """One result record per task run: the outcome and last checkpoint are persisted for every
-    run, and never served from cache (a re-queued task must run again)."""
+    run, and never served from cache (a re-queued task must run again). The key is new for
+    every run, so ``refresh_cache`` skips Prefect's lookup of it in the result store, which
+    could never hit (a path resolution and a failed file open per attempt)."""
     return f"agent-task-{parameters['task_id']}-{context.task_run.id}"
 
 
@@ -271,6 +273,7 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
     retry_delay_seconds=1,
     retry_condition_fn=_retryable,
     cache_key_fn=_result_key,
+    refresh_cache=True,
     persist_result=True,
 )
 def run_agent(task_id: int, worker: str) -> dict[str, Any]:
