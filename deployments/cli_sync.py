@@ -14,7 +14,7 @@ from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
-from tasks.sync_setup import NewStore, SetupChange, apply_setup
+from tasks.sync_setup import NewStore, SetupChange, apply_setup, store_identity
 
 app = typer.Typer(
     help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
@@ -63,7 +63,7 @@ def configure(
     offline_seconds: Annotated[int | None, typer.Option(min=0)] = None,
     add_store: Annotated[Path | None, typer.Option(help="Register a device store (SQLite file).")] = None,
     device_id: Annotated[
-        str | None, typer.Option(help="Device id for --add-store (default: file name).")
+        str | None, typer.Option(help="Device id for --add-store (default: an upgraded store's own, else the file name).")
     ] = None,
     user_id: Annotated[
         str | None,
@@ -182,16 +182,23 @@ def disable(device: str) -> None:
 @migrate_app.command("up")
 def migrate_up(
     store: Path,
-    device_id: Annotated[str | None, typer.Option(help="Default: the file name.")] = None,
-    user_id: str = "unknown",
-    project_id: str = "default",
+    device_id: Annotated[
+        str | None, typer.Option(help="Default: the device flowyard has for this store, else a new id.")
+    ] = None,
+    user_id: Annotated[str | None, typer.Option(help="Default: the device's, else 'unknown'.")] = None,
+    project_id: Annotated[str | None, typer.Option(help="Default: the device's, else 'default'.")] = None,
 ) -> None:
-    """Upgrade a v1 store to v2 in place (sync ids generated for existing events)."""
+    """Upgrade a v1 store to v2 in place (sync ids generated for existing events).
+
+    A store flowyard syncs keeps its device's identity by default: the device id is part of how
+    central recognises events it already holds, so re-upgrading a downgraded store under another
+    id would send every event to central a second time."""
+    device_store.check_store_path(store)
+    identity = store_identity(state_url(), NewStore(store, device_id, user_id, project_id))
     with device_store.open_store(store) as conn:
-        changed = device_store.upgrade_to_v2(
-            conn, device_store.Identity(device_id or store.stem, user_id, project_id)
-        )
-    typer.echo(f"{store}: {'upgraded to v2' if changed else 'already v2'}")
+        changed = device_store.upgrade_to_v2(conn, identity)
+        identity = device_store.identity_of(conn)
+    typer.echo(f"{store}: {'upgraded to v2' if changed else 'already v2'} as device {identity.device_id!r}")
 
 
 @migrate_app.command("down")

@@ -156,6 +156,20 @@ def _pause_for_crash_test() -> None:
             time.sleep(1)
 
 
+def _recorded_as(conn: sqlite3.Connection, store: Path, device_id: str) -> Identity:
+    """The identity recorded in the store, which its events carry, refused when flowyard syncs
+    the store as another device: uploading under the store's id would leave the run's device
+    without its results, and re-upgrading under the run's id would send every event again."""
+    recorded = device_store.identity_of(conn)
+    if recorded.device_id != device_id:
+        raise UserError(
+            f"device store {store} was upgraded as device {recorded.device_id!r}, but flowyard has it as "
+            f"{device_id!r}; register it under its own id: `flowyard sync configure --remove-store "
+            f"{device_id} --add-store {store}`"
+        )
+    return recorded
+
+
 def sync_device(
     store: Path,
     identity: Identity,
@@ -169,7 +183,7 @@ def sync_device(
     """
     with device_store.open_store(store, busy_timeout=options.busy_timeout) as conn:
         device_store.upgrade_to_v2(conn, identity)
-        identity = device_store.identity_of(conn)
+        identity = _recorded_as(conn, store, identity.device_id)
         before = device_store.counts(conn)
         pending_before = before.pending + before.failed
         uploader = _Uploader(options)

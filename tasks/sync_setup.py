@@ -19,9 +19,8 @@ from tasks.sync_state import SyncConfig
 
 @dataclass(frozen=True)
 class NewStore:
-    """A device store to register (or re-point). Unset ids: for the device,
-    :func:`tasks.sync_state.default_device_id`; for user and project, the ones a re-pointed
-    device already has, else 'unknown' / 'default'."""
+    """A device store to register (or re-point), or to upgrade; unset ids are chosen by
+    :func:`store_identity`."""
 
     path: Path
     device_id: str | None = None
@@ -108,13 +107,39 @@ def _check_devices(state: str, change: SetupChange) -> None:
 
 
 def _register(state: str, store: NewStore) -> Identity:
-    """Register the store; re-pointing a known device keeps its user and project unless given."""
+    """Register the store (or re-point its device) under :func:`store_identity`."""
+    identity = store_identity(state, store)
+    sync_state.register_device(state, store.path, identity)
+    return identity
+
+
+def store_identity(state: str, store: NewStore) -> Identity:
+    """The identity a store is registered or upgraded with.
+
+    A v2 store's is the one recorded in it at its upgrade: its events carry it, and central
+    recognises the events it already holds by the device id, so other ids given for it are
+    refused rather than ignored. A v1 store takes the given ids, else those of the device
+    flowyard has for it (a downgraded store re-upgraded keeps its device), else a new device
+    id and 'unknown' / 'default'."""
+    recorded = sync_state.recorded_identity(store.path)
+    if recorded is not None:
+        given = {
+            "--device-id": (store.device_id, recorded.device_id),
+            "--user-id": (store.user_id, recorded.user_id),
+            "--project-id": (store.project_id, recorded.project_id),
+        }
+        if clashes := [f"{opt} {new!r}" for opt, (new, have) in given.items() if new not in (None, have)]:
+            raise UserError(
+                f"device store {store.path} was upgraded as device {recorded.device_id!r} (user "
+                f"{recorded.user_id!r}, project {recorded.project_id!r}) and its events carry those ids; "
+                f"leave out {', '.join(clashes)} to keep them (re-upgrading it under other ids would send "
+                "its events to central a second time)"
+            )
+        return recorded
     device = store.device(state)
     known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
-    identity = Identity(
+    return Identity(
         device,
         store.user_id or (known.user_id if known else "unknown"),
         store.project_id or (known.project_id if known else "default"),
     )
-    sync_state.register_device(state, store.path, identity)
-    return identity

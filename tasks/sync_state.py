@@ -167,7 +167,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
     :func:`new_device_id`, avoiding every id flowyard knows and the ids of this run's other
     stores, so two ``devflow.db`` files never share a lock, a state row or central's origin key.
     """
-    paths = [Path(store).expanduser().resolve() for store in stores]
+    paths = list(dict.fromkeys(Path(store).expanduser().resolve() for store in stores))
     for path in paths:
         device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
     known = {path: device_for_store(state, path) for path in paths}
@@ -183,7 +183,23 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
         identity = found[path] or Identity(new_device_id(path, taken), "unknown", "default")
         cursor = device.download_cursor if (device := known[path]) else 0
         targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
+    _refuse_shared_ids(targets)
     return targets
+
+
+def _refuse_shared_ids(targets: list[SyncTarget]) -> None:
+    """Two stores upgraded under one device id (``sync migrate up`` of two ``devflow.db`` files
+    by older versions) would share a lock, a state row, the run's result entry and central's
+    origin key, under which one store's event can pass for the other's duplicate."""
+    stores: dict[str, str] = {}
+    for target in targets:
+        if (other := stores.setdefault(target.device_id, target.store)) != target.store:
+            raise UserError(
+                f"device stores {other} and {target.store} are both device {target.device_id!r}; central "
+                "cannot tell their events apart. Sync only one of them, and re-upgrade the other under its "
+                "own id if it has never synced (`flowyard sync migrate down --to=v1 STORE`, then "
+                "`flowyard sync migrate up STORE --device-id NEW-ID`)"
+            )
 
 
 def recorded_identity(store: Path) -> Identity | None:
@@ -199,14 +215,14 @@ def recorded_identity(store: Path) -> Identity | None:
 
 
 def default_device_id(state: str, store: Path) -> str:
-    """The id a store registered without one gets: the id flowyard or the store itself already
-    has, else :func:`new_device_id` avoiding every id flowyard knows (so registering a second
-    ``devflow.db`` adds a device instead of re-pointing the first)."""
+    """The id a store registered without one gets: the id recorded in it (its events carry it),
+    else the id flowyard has for it, else :func:`new_device_id` avoiding every id flowyard knows
+    (so registering a second ``devflow.db`` adds a device instead of re-pointing the first)."""
     path = store.expanduser().resolve()
-    if (device := device_for_store(state, path)) is not None:
-        return device.identity.device_id
     if (identity := recorded_identity(path)) is not None:
         return identity.device_id
+    if (device := device_for_store(state, path)) is not None:
+        return device.identity.device_id
     return new_device_id(path, {d.device_id for d in list_devices(state)})
 
 

@@ -417,3 +417,94 @@ def test_skewed_device_clocks_converge_on_the_newest_status_snapshot(
     upload(behind)
     rows, later = download()
     assert rows == [("skewed", '{"status":"yellow"}', "skew-behind")] and later > cursor
+
+
+def test_re_upgrade_by_the_cli_keeps_the_configured_device_and_one_central_copy(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """`sync migrate up STORE` used to stamp the file name as the device id. A configured device's
+    store, downgraded and re-upgraded that way, was then synced as another device: every event
+    went to central a second time, under user 'unknown'."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "devflow.db", 60, seed=8)
+    added = run_cli("sync", "configure", "--add-store", str(store), "--device-id", "laptop-1",
+                    "--user-id", "alice", "--project-id", "web")  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    try:
+        assert sync_devices(stores=[str(store)], central_url=fresh_db)["devices"]["laptop-1"]["uploaded"] == 60
+        assert run_cli("sync", "migrate", "down", "--to=v1", str(store)).returncode == 0
+        up = run_cli("sync", "migrate", "up", str(store))
+        assert up.returncode == 0 and "upgraded to v2 as device 'laptop-1'" in up.stdout, up.stderr
+
+        again = sync_devices(stores=[str(store)], central_url=fresh_db)["devices"]["laptop-1"]
+        assert (again["uploaded"], again["duplicates"]) == (0, 60)
+        with psycopg.connect(fresh_db) as conn:
+            rows = conn.execute(
+                "SELECT device_id, user_id, project_id, count(*) FROM devflow.events GROUP BY 1, 2, 3"
+            ).fetchall()
+        assert rows == [("laptop-1", "alice", "web", 60)]
+    finally:
+        sync_state.remove_device(state_db, "laptop-1")
+
+
+def test_an_upgraded_store_keeps_its_recorded_ids_when_registered(state_db: str, tmp_path: Path) -> None:
+    """Registering an upgraded store under other ids used to be accepted and then ignored: its
+    events went to central under the recorded ids, and the configured device never synced."""
+    store = make_store(tmp_path / "devflow.db", 5)
+    assert run_cli("sync", "migrate", "up", str(store), "--device-id", "desk-7").returncode == 0
+    refused = run_cli("sync", "configure", "--add-store", str(store), "--device-id", "laptop-1", "--user-id", "al")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (
+        f"device store {store} was upgraded as device 'desk-7' (user 'unknown', project 'default') and its "
+        "events carry those ids; leave out --device-id 'laptop-1', --user-id 'al' to keep them"
+    ) in refused.stderr
+    assert "desk-7" not in {d.device_id for d in sync_state.list_devices(state_db)}
+    added = run_cli("sync", "configure", "--add-store", str(store))
+    try:
+        assert added.returncode == 0 and "added device desk-7" in added.stdout, added.stderr
+    finally:
+        sync_state.remove_device(state_db, "desk-7")
+
+
+def test_a_store_registered_under_another_id_than_its_own_is_refused(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Stores registered by older versions may disagree with the id recorded in them; syncing
+    such a store used to upload under the recorded id while the run reported the registered one."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "devflow.db", 10, identity=Identity("devflow", "unknown", "default"))
+    sync_state.register_device(state_db, store, Identity("laptop-1", "alice", "web"))
+    try:
+        state = sync_devices(stores=[str(store)], central_url=fresh_db, return_state=True)
+        assert state.is_failed()
+        report = _persisted_result(state)["devices"]["laptop-1"]
+        assert report["error"] == (
+            f"device store {store.resolve()} was upgraded as device 'devflow', but flowyard has it as 'laptop-1'; "
+            f"register it under its own id: `flowyard sync configure --remove-store laptop-1 --add-store "
+            f"{store.resolve()}`"
+        )
+        assert _central_counts(fresh_db) == (0, 0)
+    finally:
+        sync_state.remove_device(state_db, "laptop-1")
+
+
+def test_two_stores_upgraded_under_one_device_id_are_refused(fresh_db: str, tmp_path: Path) -> None:
+    """Two `devflow.db` stores upgraded under the same id were merged into one device: one lock,
+    one state row, one result entry (the other store's counts lost) and one origin key."""
+    from flows.sync_devices import sync_devices
+
+    shared = Identity("devflow", "unknown", "default")
+    stores = []
+    for home in ("alice", "bob"):
+        (tmp_path / home).mkdir()
+        stores.append(make_store(tmp_path / home / "devflow.db", 10, identity=shared))
+    with pytest.raises(UserError) as err:
+        sync_devices(stores=[str(s) for s in stores], central_url=fresh_db)
+    assert str(err.value).startswith(
+        f"device stores {stores[0].resolve()} and {stores[1].resolve()} are both device 'devflow'; central "
+        "cannot tell their events apart."
+    )
+    with psycopg.connect(fresh_db) as conn:  # refused before central was touched
+        assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
