@@ -240,7 +240,8 @@ def _month_range(timestamps_ms: Sequence[int]) -> tuple[date, date]:
     A local ``timestamp`` may hold anything (SQLite keeps text or a year-10000 value in an
     INTEGER column); such a time is that row's bad data, raised as :class:`psycopg.DataError`
     like the values PostgreSQL refuses, so the upload isolates the row instead of failing
-    the device on every run.
+    the device on every run. Every other time of the batch lies between these two, so its
+    month is computable too.
     """
     try:
         return month_start(min(timestamps_ms)), month_start(max(timestamps_ms))
@@ -258,8 +259,14 @@ def _partition_month(name: str) -> date:
     return date(int(name[8:12]), int(name[13:15]), 1)
 
 
-def _next_month(month: date) -> date:
-    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
+def _partition_bounds(month: date) -> tuple[str, str]:
+    """A month partition's range as timestamptz text.
+
+    The upper bound is computed from the month number, not built as a ``date``: December
+    9999's is 10000-01-01, which PostgreSQL accepts and Python's ``date`` cannot hold.
+    """
+    year, month_index = divmod(month.year * 12 + month.month, 12)
+    return f"{month.isoformat()} 00:00:00+00", f"{year:04d}-{month_index + 1:02d}-01 00:00:00+00"
 
 
 class CentralSession:
@@ -314,13 +321,12 @@ class CentralSession:
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
             for month in sorted(needed):
+                lower, upper = _partition_bounds(month)
                 self.conn.execute(
                     sql.SQL(
                         "CREATE TABLE IF NOT EXISTS {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})"
                     ).format(
-                        sql.Identifier(SCHEMA, _partition_name(month)),
-                        sql.Literal(f"{month.isoformat()} 00:00:00+00"),
-                        sql.Literal(f"{_next_month(month).isoformat()} 00:00:00+00"),
+                        sql.Identifier(SCHEMA, _partition_name(month)), sql.Literal(lower), sql.Literal(upper)
                     )
                 )
         self._months |= needed

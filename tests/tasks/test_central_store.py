@@ -91,6 +91,22 @@ def test_reupload_keeps_one_copy_and_rollups_count_once(central: str) -> None:
     assert _scalar(central, "SELECT sum(events) FROM devflow.rollup_daily") == 301
 
 
+def test_events_of_december_9999_get_a_partition_up_to_year_10000(central: str) -> None:
+    """The last month a millisecond time can name needs an upper bound Python's date cannot hold."""
+    last_ms = _ms(9999, 12, 31, 23) + 3_599_999
+    session = CentralSession(central)
+    try:
+        result = session.upload([_row(_ms(9999, 12, 15)), _row(last_ms), _row(_ms(2026, 1, 2))])
+    finally:
+        session.close()
+    assert (result.inserted, result.duplicates) == (3, 0)
+    assert _scalar(central, "SELECT count(*) FROM devflow.events_y9999m12") == 2
+    bound = _scalar(
+        central, "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE oid = 'devflow.events_y9999m12'::regclass"
+    )
+    assert bound == "FOR VALUES FROM ('9999-12-01 00:00:00+00') TO ('10000-01-01 00:00:00+00')"
+
+
 def test_concurrent_uploaders_of_overlapping_batches_keep_one_copy(central: str) -> None:
     rows = [_row(_ms(2026, 5, 1) + i) for i in range(2000)]
     results = []

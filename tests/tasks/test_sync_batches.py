@@ -105,6 +105,17 @@ def test_a_refused_event_is_isolated_and_the_rest_sync(central: str, tmp_path: P
     assert _central_counts(central) == (99, 99)
 
 
+def test_an_event_of_december_9999_syncs_with_the_rest(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET timestamp = ? WHERE id = 5", (253_400_832_000_000,))  # 9999-12-15
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (100, 0, 0, None)
+    with psycopg.connect(central) as conn:
+        local_ids = conn.execute("SELECT local_id FROM devflow.events_y9999m12").fetchall()
+    assert local_ids == [(5,)]
+
+
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 20_000)
     stop = threading.Event()
