@@ -104,6 +104,30 @@ def test_failed_events_wait_for_backoff_unless_forced(tmp_path: Path) -> None:
         assert (counts.pending, counts.failed, counts.synced) == (8, 2, 0)
 
 
+LATIN1_EVENT = b'{"action":"sav\xe9","file_path":"/home/j\xe9r\xf4me/x.py"}'
+"""What an app writing Latin-1 leaves in a TEXT column: SQLite stores the bytes as they are."""
+
+
+def test_event_data_that_is_not_utf8_is_read_with_replacement_characters(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 5, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET event_data = CAST(? AS TEXT) WHERE id = 3", (LATIN1_EVENT,))
+        batch = device_store.read_pending(conn, 0, 10, now_ms=device_store.now_ms())
+        assert [e.local_id for e in batch] == [1, 2, 3, 4, 5]
+        assert batch[2].event_data == '{"action":"sav\ufffd","file_path":"/home/j\ufffdr\ufffdme/x.py"}'
+        # Only that read decodes leniently: the connection's decoder is the default again.
+        assert conn.text_factory is str
+        assert [type(e.event_data) for e in batch] == [str] * 5
+
+
+def test_a_decode_error_never_quotes_the_stored_text(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 1, identity=IDENTITY)
+    with pytest.raises(UserError, match=r"Could not decode to UTF-8 column 'data'$") as info:
+        with device_store.open_store(store) as conn:
+            conn.execute("SELECT CAST(? AS TEXT) AS data", (LATIN1_EVENT,)).fetchall()
+    assert "home" not in str(info.value)
+
+
 def test_corrupt_store_gives_one_line_error(tmp_path: Path) -> None:
     store = tmp_path / "broken.db"
     store.write_bytes(b"this is not sqlite at all" * 100)

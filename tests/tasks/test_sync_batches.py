@@ -116,6 +116,20 @@ def test_an_event_of_december_9999_syncs_with_the_rest(central: str, tmp_path: P
     assert local_ids == [(5,)]
 
 
+def test_event_data_that_is_not_utf8_syncs_filtered_and_quoted_nowhere(central: str, tmp_path: Path) -> None:
+    """An app writing Latin-1: the event syncs with U+FFFD in place of the bad bytes, its
+    non-allowlisted path is dropped as usual, and no error repeats the stored text."""
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    raw = b'{"action":"sav\xe9","file_path":"/home/j\xe9r\xf4me/x.py"}'
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET event_data = CAST(? AS TEXT) WHERE id = 7", (raw,))
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (100, 0, 0, None)
+    with psycopg.connect(central) as conn:
+        data = conn.execute("SELECT event_data FROM devflow.events WHERE local_id = 7").fetchone()[0]
+    assert data == {"action": "sav\ufffd"}
+
+
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 20_000)
     stop = threading.Event()
