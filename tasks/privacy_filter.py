@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import math
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any, Literal
 
 import orjson
@@ -28,6 +31,13 @@ DEFAULT_ALLOWLIST: tuple[str, ...] = (
     "files_changed",
     "exit_code",
 )
+
+_INT64_DIGITS = 18
+"""Any integer of up to 18 digits fits in 64 bits; a longer one may not."""
+_ROUNDED_INT_MAGNITUDE = 2.0**63
+"""orjson reads integers beyond 64 bits as float64, so from this magnitude a float may be a rounded integer."""
+_JSONB_MAX_EXPONENT = 1000
+"""The largest decimal exponent PostgreSQL 14's numeric input accepts (later versions take more)."""
 
 
 class PrivacyPolicy(BaseModel):
@@ -57,10 +67,7 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
     hashing = policy.mode == "hash"
 
     def keep(raw: str) -> str:
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return "{}"
+        data = _parse(raw)
         if not isinstance(data, dict):
             return "{}"
         if hashing:
@@ -69,16 +76,86 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
             kept = {k: data[k] for k in data.keys() & allowed}
         text = orjson.dumps(kept).decode()
         # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
-        return orjson.dumps(_without_nul(kept)).decode() if "\\u0000" in text else text
+        return orjson.dumps(_map_strings(kept, _without_nul)).decode() if "\\u0000" in text else text
 
     return keep
 
 
-def _without_nul(value: Any) -> Any:
+def _parse(raw: str) -> Any:
+    """The event's JSON, read by orjson (fast), or by the standard library when orjson refuses
+    valid JSON (numbers beyond float64, ``NaN``/``Infinity`` as Python's ``json`` writes them,
+    lone surrogates) or may have rounded an integer beyond 64 bits, so the allowlisted fields
+    survive with their values."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_leniently(raw)
+    if isinstance(data, dict) and _may_hold_rounded_int(data):
+        return _parse_leniently(raw)
+    return data
+
+
+def _may_hold_rounded_int(data: dict[str, Any]) -> bool:
+    """orjson reads an integer beyond 64 bits as a rounded float64, so a top-level float that
+    large may be one. The type scan runs in C, so an event without floats costs next to
+    nothing; nested values are not scanned."""
+    return float in map(type, data.values()) and any(
+        type(v) is float and abs(v) >= _ROUNDED_INT_MAGNITUDE for v in data.values()
+    )
+
+
+def _parse_leniently(raw: str) -> Any:
+    """The standard library's reading of ``raw`` in values jsonb can store; ``None`` for bad JSON."""
+    try:
+        data = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_no_jsonb_form)
+        return _map_strings(data, _without_lone_surrogates)
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
+        return None
+
+
+def _parse_int(text: str) -> int | orjson.Fragment | None:
+    if len(text.lstrip("-")) <= _INT64_DIGITS:
+        return int(text)
+    return _exact_number(Decimal(text), text)
+
+
+def _parse_float(text: str) -> float | orjson.Fragment | None:
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    number = Decimal(text)
+    return _exact_number(number, f"{number:e}")
+
+
+def _exact_number(number: Decimal, written: str) -> orjson.Fragment | None:
+    """A number beyond int64/float64 with all its digits, or ``None`` (null) when PostgreSQL's
+    numeric cannot hold it on every supported server (14 refuses a written exponent past
+    ±1000): like NaN, such a value has no jsonb form."""
+    if number.adjusted() > _JSONB_MAX_EXPONENT:
+        return None
+    return orjson.Fragment(written)
+
+
+def _no_jsonb_form(_constant: str) -> None:
+    """``NaN``, ``Infinity`` and ``-Infinity`` have no jsonb form: they become null."""
+    return None
+
+
+def _without_lone_surrogates(text: str) -> str:
+    """A lone surrogate (``"\\ud800"`` is valid JSON) cannot be UTF-8 encoded; it becomes U+FFFD."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _without_nul(text: str) -> str:
+    return text.replace("\x00", "")
+
+
+def _map_strings(value: Any, fix: Callable[[str], str]) -> Any:
+    """``value`` with ``fix`` applied to every string in it, object keys included."""
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return fix(value)
     if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+        return {fix(k): _map_strings(v, fix) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_nul(v) for v in value]
+        return [_map_strings(v, fix) for v in value]
     return value

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from decimal import Decimal
+
 import orjson
 
 from tasks.privacy_filter import PrivacyPolicy, compile_filter
@@ -40,3 +43,39 @@ def test_nul_characters_are_removed_for_jsonb() -> None:
         "action": ["save"],
         "status": "\\u0000 stays",
     }
+
+
+def test_valid_json_orjson_refuses_keeps_its_allowlisted_fields() -> None:
+    """A number beyond float64, NaN/Infinity (Python's ``json.dumps`` default) and a lone
+    surrogate are valid JSON in the wild: only the values jsonb cannot store change."""
+    keep = compile_filter(PrivacyPolicy(allowlist=("action", "language", "duration_ms", "status")))
+    assert orjson.loads(keep('{"action":"save","language":"python","code_metric":1e400}')) == {
+        "action": "save",
+        "language": "python",
+    }
+    assert orjson.loads(keep('{"action":"save","code":"\\ud800 snippet","status":"ok \\udfff"}')) == {
+        "action": "save",
+        "status": "ok \ufffd",
+    }
+    raw = json.dumps({"action": "run", "duration_ms": float("nan"), "status": [float("-inf"), 1.5]})
+    assert orjson.loads(keep(raw)) == {"action": "run", "duration_ms": None, "status": [None, 1.5]}
+
+
+def test_numbers_beyond_64_bits_keep_their_digits() -> None:
+    keep = compile_filter(PrivacyPolicy(allowlist=("lines_added", "duration_ms", "files_changed")))
+    out = keep(
+        '{"lines_added":123456789012345678901234567890,"duration_ms":-2.5e400,'
+        '"files_changed":-0.0001e1003,"code":"x"}'
+    )
+    assert json.loads(out, parse_float=Decimal) == {
+        "lines_added": 123456789012345678901234567890,
+        "duration_ms": Decimal("-2.5e400"),
+        "files_changed": Decimal("-1e999"),
+    }
+    # Beyond what PostgreSQL's numeric reads on every supported server: no jsonb form, null.
+    assert orjson.loads(keep('{"lines_added":1e1001,"duration_ms":7}')) == {"lines_added": None, "duration_ms": 7}
+
+
+def test_json_nested_past_any_parser_carries_no_metadata() -> None:
+    keep = compile_filter(PrivacyPolicy())
+    assert keep('{"action":"save","code":' + "[" * 100_000 + "]" * 100_000 + "}") == "{}"

@@ -130,6 +130,32 @@ def test_event_data_that_is_not_utf8_syncs_filtered_and_quoted_nowhere(central: 
     assert data == {"action": "sav\ufffd"}
 
 
+def test_valid_json_orjson_refuses_reaches_jsonb_with_its_metadata(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
+    raw = {
+        3: '{"action":"save","lines_added":123456789012345678901234567890,"duration_ms":NaN}',
+        4: '{"action":"run","duration_ms":1e400,"code":"\\ud800"}',
+        5: '{"action":"open","status":"ok \\ud800","lines_removed":Infinity}',
+    }
+    with device_store.open_store(store) as conn:
+        conn.executemany("UPDATE events SET event_data = ? WHERE id = ?", [(v, k) for k, v in raw.items()])
+    policy = PrivacyPolicy(allowlist=("action", "status", "duration_ms", "lines_added", "lines_removed"))
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40, policy=policy))
+    assert (report.uploaded, report.failed, report.error) == (10, 0, None)
+    with psycopg.connect(central) as conn:
+        rows = conn.execute(
+            "SELECT local_id, event_data, (event_data->>'duration_ms')::numeric = 1e400 "
+            "FROM devflow.events WHERE local_id IN (3, 4, 5) ORDER BY local_id"
+        ).fetchall()
+    assert [(local_id, data["action"], huge) for local_id, data, huge in rows] == [
+        (3, "save", None),
+        (4, "run", True),
+        (5, "open", None),
+    ]
+    assert rows[0][1] == {"action": "save", "lines_added": 123456789012345678901234567890, "duration_ms": None}
+    assert rows[2][1] == {"action": "open", "status": "ok \ufffd", "lines_removed": None}
+
+
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 20_000)
     stop = threading.Event()
