@@ -1,8 +1,8 @@
 """Only metadata leaves a developer machine (seed 002 §9.1).
 
 Fields of ``event_data`` outside the configured allowlist (code content, file paths,
-commit messages …) are dropped, or replaced by a keyed hash so the central side can still
-count distinct values without seeing them. The filter runs on the device side, before the
+commit messages …) are dropped, or their names and values replaced by keyed hashes so the
+central side can still count distinct values without seeing them. The filter runs on the device side, before the
 batch is encoded for upload, so a raw value never reaches the central database.
 """
 
@@ -70,10 +70,9 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
         data = _parse(raw)
         if not isinstance(data, dict):
             return "{}"
-        if hashing:
-            kept = {k: (v if k in allowed else _digest(v, key)) for k, v in data.items()}
-        else:
-            kept = {k: data[k] for k in data.keys() & allowed}
+        kept = {k: data[k] for k in data.keys() & allowed}
+        if hashing:  # a field's name can be as private as its value (a path, a secret): both are hashed
+            kept.update((_digest(k, key), _digest(v, key)) for k, v in data.items() if k not in allowed)
         text = orjson.dumps(kept).decode()
         # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
         return orjson.dumps(_map_strings(kept, _without_nul)).decode() if "\\u0000" in text else text

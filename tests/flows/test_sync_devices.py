@@ -357,19 +357,19 @@ def test_hash_mode_sends_only_keyed_hashes_of_fields_outside_the_allowlist(
     assert central.keys() == raw.keys()
     for local_id, original in raw.items():
         expected = {
-            field: value if field in allowlist else _keyed_hash(value, key)
+            (field, value) if field in allowlist else (_keyed_hash(field, key), _keyed_hash(value, key))
             for field, value in original.items()
         }
-        assert central[local_id] == expected
+        assert central[local_id] == dict(expected)
     stored = json.dumps(list(central.values()))
-    private = {
+    private = {f for data in raw.values() for f in data if f not in allowlist} | {
         v for data in raw.values() for f, v in data.items() if f not in allowlist and isinstance(v, str)
     }
     assert private and not [value for value in private if value in stored]
 
 
 def _keyed_hash(value: object, key: str) -> str:
-    """The documented hashed form: HMAC-SHA256 of the value's canonical JSON."""
+    """The documented hashed form of a field's name or value: HMAC-SHA256 of its canonical JSON."""
     digest = hmac.new(key.encode(), orjson.dumps(value, option=orjson.OPT_SORT_KEYS), hashlib.sha256)
     return "hmac-sha256:" + digest.hexdigest()
 

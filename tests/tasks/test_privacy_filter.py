@@ -19,16 +19,20 @@ def test_drop_keeps_only_allowlisted_fields() -> None:
     assert orjson.loads(keep(RAW)) == {"action": "save", "duration_ms": 5}
 
 
-def test_hash_replaces_values_with_keyed_digests() -> None:
+def test_hash_replaces_names_and_values_with_keyed_digests() -> None:
     policy = PrivacyPolicy(allowlist=("action",), mode="hash", hash_key="k1")
-    out = orjson.loads(compile_filter(policy)(RAW))
-    assert out["action"] == "save"
-    assert set(out) == {"action", "code", "file_path", "duration_ms"}
-    assert all(v.startswith("hmac-sha256:") and "secret" not in v for k, v in out.items() if k != "action")
-    # Same value and key → same digest (countable); another key → another digest.
-    assert orjson.loads(compile_filter(policy)(RAW))["code"] == out["code"]
-    other = orjson.loads(compile_filter(policy.model_copy(update={"hash_key": "k2"}))(RAW))
-    assert other["code"] != out["code"]
+    raw = orjson.dumps({"action": "save", "/home/alice/payroll.py": 12, "AWS_SECRET=AKIA123": 1}).decode()
+    out = orjson.loads(compile_filter(policy)(raw))
+    assert out["action"] == "save" and len(out) == 3
+    hashed = {k: v for k, v in out.items() if k != "action"}
+    assert all(k.startswith("hmac-sha256:") and v.startswith("hmac-sha256:") for k, v in hashed.items())
+    assert "payroll" not in str(out) and "AWS" not in str(out)
+    # Same name, value and key → same digests (countable); another key → other digests.
+    same_name = orjson.loads(compile_filter(policy)(orjson.dumps({"/home/alice/payroll.py": 12}).decode()))
+    assert same_name.items() <= hashed.items()
+    other = orjson.loads(compile_filter(policy.model_copy(update={"hash_key": "k2"}))(raw))
+    assert other["action"] == "save" and not (set(other) - {"action"}) & set(hashed)
+    assert set(other.values()) & set(hashed.values()) == set()
 
 
 def test_non_objects_carry_no_metadata() -> None:
