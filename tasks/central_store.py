@@ -13,7 +13,7 @@
   also bumps the hourly/daily rollups by exactly the newly inserted rows, so a re-sent
   batch changes nothing.
 - ``devflow.project_status`` holds the mutable per-project snapshot (events of type
-  ``project_status``): last write wins by event time, ties broken by device id then
+  ``project_status``): last write wins by event time, ties broken by device id, local id, then
   sync id, and an older arrival never replaces a newer value.
 - Every snapshot change takes the next value of ``devflow.change_seq`` under a
   transaction-scoped advisory lock, so seq order equals commit order and a device can
@@ -70,11 +70,20 @@ _DDL = (
         updated_at  timestamptz NOT NULL,
         device_id   text        NOT NULL,
         sync_id     uuid        NOT NULL,
-        seq         bigint      NOT NULL
+        seq         bigint      NOT NULL,
+        local_id    bigint
     )
     """,
     "CREATE INDEX IF NOT EXISTS project_status_seq ON devflow.project_status (seq)",
 )
+
+# The snapshot's local id, added in place to tables created before it (NULL on their rows),
+# only while missing: ALTER TABLE would lock the snapshot table at the start of every run.
+_HAS_STATUS_LOCAL_ID = (
+    "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'devflow.project_status'::regclass"
+    " AND attname = 'local_id' AND NOT attisdropped)"
+)
+_STATUS_LOCAL_ID_UPGRADE = "ALTER TABLE devflow.project_status ADD COLUMN local_id bigint"
 
 # The origin key, added in place to registries created before it existed. The origin is
 # NULL on keys an older version registered until the backfill; of events already stored
@@ -166,26 +175,28 @@ WITH fresh AS (
 SELECT count(*) FROM ins
 """
 
-# Last write wins: newest event time, then device id, then sync id; the WHERE clause makes a
+# Last write wins: newest event time, then device id, then the device's own write order
+# (its local id: two snapshots of one millisecond), then sync id; the WHERE clause makes a
 # late (older) arrival a no-op, so replays and out-of-order batches converge. Only events
 # registered under their own sync id count: a copy skipped by its origin (a re-upgraded
-# store's new sync id) would otherwise win the sync-id tie-break against itself.
+# store's new sync id) would otherwise win the sync-id tie-break against itself. A row from
+# before the local id was kept counts as the device's first write of its millisecond.
 _UPSERT_STATUS = """
 WITH latest AS (
     SELECT DISTINCT ON (project_id)
-           project_id, event_data, occurred_at AS updated_at, device_id, sync_id
+           project_id, event_data, occurred_at AS updated_at, device_id, local_id, sync_id
     FROM upload_batch b
     WHERE event_type = %s AND EXISTS (SELECT FROM devflow.event_keys k WHERE k.sync_id = b.sync_id)
-    ORDER BY project_id, ts_ms DESC, device_id DESC, sync_id DESC
+    ORDER BY project_id, ts_ms DESC, device_id DESC, local_id DESC, sync_id DESC
 ), changed AS (
-    INSERT INTO devflow.project_status AS s (project_id, status, updated_at, device_id, sync_id, seq)
-    SELECT project_id, event_data, updated_at, device_id, sync_id, nextval('devflow.change_seq')
+    INSERT INTO devflow.project_status AS s (project_id, status, updated_at, device_id, local_id, sync_id, seq)
+    SELECT project_id, event_data, updated_at, device_id, local_id, sync_id, nextval('devflow.change_seq')
     FROM latest
     ON CONFLICT (project_id) DO UPDATE
         SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, device_id = EXCLUDED.device_id,
-            sync_id = EXCLUDED.sync_id, seq = EXCLUDED.seq
-        WHERE (EXCLUDED.updated_at, EXCLUDED.device_id, EXCLUDED.sync_id)
-            > (s.updated_at, s.device_id, s.sync_id)
+            local_id = EXCLUDED.local_id, sync_id = EXCLUDED.sync_id, seq = EXCLUDED.seq
+        WHERE (EXCLUDED.updated_at, EXCLUDED.device_id, EXCLUDED.local_id, EXCLUDED.sync_id)
+            > (s.updated_at, s.device_id, coalesce(s.local_id, 0), s.sync_id)
     RETURNING 1
 )
 SELECT count(*) FROM changed
@@ -215,8 +226,8 @@ def ensure_schema(url: str) -> None:
     """Create the central tables if missing, or upgrade them in place (idempotent; serialised
     by an advisory lock).
 
-    The origin-key upgrade runs only while its index is missing: its ALTER TABLE would
-    otherwise take an exclusive lock on the key registry at the start of every run.
+    The origin-key and snapshot local-id upgrades run only while what they add is missing: their
+    ALTER TABLE would otherwise take an exclusive lock at the start of every run.
     """
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
@@ -227,6 +238,8 @@ def ensure_schema(url: str) -> None:
         if one_row(conn, "SELECT to_regclass(%s)", (_ORIGIN_INDEX,))[0] is None:
             for statement in _ORIGIN_UPGRADE:
                 conn.execute(statement)
+        if not one_row(conn, _HAS_STATUS_LOCAL_ID)[0]:
+            conn.execute(_STATUS_LOCAL_ID_UPGRADE)
 
 
 def month_start(ts_ms: int) -> date:

@@ -167,6 +167,48 @@ def test_last_write_wins_under_clock_skew_and_any_arrival_order(central: str) ->
     assert {u.project_id: u.status["status"] for u in updates} == final
 
 
+def test_a_devices_later_write_in_the_same_millisecond_wins(central: str) -> None:
+    """Two snapshots one device wrote in the same millisecond: its later write (higher local id)
+    wins in any arrival order. The tie used to fall to the sync id, whose bits below the
+    millisecond are random, so the earlier write won about half the time."""
+    base = _ms(2026, 6, 2)
+    early, late = _status("d1", base, "building", ""), _status("d1", base, "failed", "")
+    early = ("ffffffff-ffff-7fff-bfff-ffffffffffff", *early[1:])  # the larger sync id goes to the earlier write
+    late = ("00000000-0000-7000-8000-000000000000", *late[1:])
+    arrivals = {"one-batch": [[early, late]], "in-order": [[early], [late]], "reversed": [[late], [early]]}
+    session = CentralSession(central)
+    try:
+        for project, batches in arrivals.items():
+            for batch in batches:
+                session.upload([r[:5] + (project,) + r[6:] for r in batch])
+    finally:
+        session.close()
+    with psycopg.connect(central) as conn:
+        final = dict(conn.execute("SELECT project_id, status->>'status' FROM devflow.project_status").fetchall())
+    assert final == {"one-batch": "failed", "in-order": "failed", "reversed": "failed"}
+
+
+def test_a_snapshot_table_from_before_the_local_id_is_upgraded_in_place(central: str) -> None:
+    """A central database whose snapshots predate the local id gets the column on the next
+    schema check; its old rows count as their device's first write of that millisecond."""
+    base = _ms(2026, 6, 3)
+    session = CentralSession(central)
+    try:
+        session.upload([_status("d1", base, "old", "legacy")])
+    finally:
+        session.close()
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("ALTER TABLE devflow.project_status DROP COLUMN local_id")
+    central_store.ensure_schema(central)
+    assert _scalar(central, "SELECT local_id FROM devflow.project_status WHERE project_id = 'legacy'") is None
+    session = CentralSession(central)
+    try:
+        assert session.upload([_status("d1", base, "new", "legacy")]).status_changes == 1
+    finally:
+        session.close()
+    assert _scalar(central, "SELECT status->>'status' FROM devflow.project_status") == "new"
+
+
 def test_download_since_cursor_returns_only_newer_changes(central: str) -> None:
     base = _ms(2026, 7, 1)
     session = CentralSession(central)
