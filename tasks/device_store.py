@@ -230,6 +230,15 @@ def schema_version(conn: sqlite3.Connection) -> int:
     )
 
 
+def known_version(conn: sqlite3.Connection) -> int:
+    """The store's schema version, refused in one line (naming the file) unless it is v1 or v2:
+    a store another tool moved on must not be altered by statements written for v1 or v2."""
+    version = schema_version(conn)
+    if version not in (V1, V2):
+        raise UserError(f"{_store_file(conn)} has unknown schema version {version}; flowyard knows v1 and v2")
+    return version
+
+
 def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
     """Upgrade a v1 store in place in one transaction; returns False when already v2.
 
@@ -238,11 +247,8 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
     if schema_version(conn) == V2:
         return False
     with write_transaction(conn):
-        version = schema_version(conn)
-        if version == V2:
+        if known_version(conn) == V2:
             return False
-        if version != V1:
-            raise UserError(f"{_store_file(conn)} has unknown schema version {version}; flowyard knows v1 and v2")
         for statement in _V2_COLUMNS:
             conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).
@@ -263,7 +269,7 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
 def downgrade_to_v1(conn: sqlite3.Connection) -> bool:
     """``migrate down --to=v1``: drop the sync metadata only; every event row stays."""
     with write_transaction(conn):
-        if schema_version(conn) == V1:
+        if known_version(conn) == V1:
             return False
         for statement in _V2_DOWN:
             conn.execute(statement)

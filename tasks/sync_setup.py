@@ -64,9 +64,9 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
 
     The store file is checked before the state database is even opened: a typo in a path is
     reported as such, not hidden behind a connection problem."""
-    if change.add_store is not None:  # a missing, non-SQLite or corrupt file is refused here
-        with device_store.open_store(change.add_store.path):
-            pass
+    if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
+        with device_store.open_store(change.add_store.path) as conn:
+            device_store.known_version(conn)
     state = state_url(state_database_url)
     _check_devices(state, change)
     config = sync_state.update_config(

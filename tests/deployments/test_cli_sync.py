@@ -204,6 +204,26 @@ def test_configure_refuses_a_file_that_is_not_a_store(state_db: str, tmp_path: P
     assert "notes" not in {d.device_id for d in sync_state.list_devices(state_db)}
 
 
+def test_configure_and_migrate_refuse_sqlite_files_that_are_not_event_stores(state_db: str, tmp_path: Path) -> None:
+    """An empty file or a database without an events table used to be registered (status then
+    said "unreadable"), and `migrate down` of a store at an unknown version said only
+    "no such column"."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    newer = make_store(tmp_path / "newer.db", 3)
+    with device_store.open_store(newer) as conn:
+        conn.execute("PRAGMA user_version = 7")
+    for args, expected in (
+        (("sync", "configure", "--add-store", str(empty)), f"{empty} has no events table: it is not a DevFlow event store"),
+        (("sync", "configure", "--add-store", str(newer)), f"{newer} has unknown schema version 7"),
+        (("sync", "migrate", "down", "--to=v1", str(newer)), f"{newer} has unknown schema version 7"),
+    ):
+        out = run_cli(*args)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        assert expected in out.stderr, out.stderr
+    assert not {"empty", "newer"} & {d.device_id for d in sync_state.list_devices(state_db)}
+
+
 def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> None:
     before = sync_state.load_config(state_db)
     out = run_cli("sync", "configure", "--batch-size", "778", "--remove-store", "no-such-device")
