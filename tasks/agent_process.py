@@ -202,7 +202,9 @@ class AgentProcess:
         self._keep_going = keep_going
         self._on_start = on_start
         self._proc: subprocess.Popen[bytes] | None = None
-        self._stdin_lock = threading.Lock()
+        self._envelope_sent = threading.Event()  # until then, stdin belongs to the envelope writer
+        if template.delivery != "stdin":
+            self._envelope_sent.set()
         self._checkpoint_seen = threading.Event()
         self._stop_lock = threading.Lock()
         self._stopper: threading.Thread | None = None
@@ -234,7 +236,7 @@ class AgentProcess:
                 self._on_start(self._proc.pid)
             self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
             if self.template.delivery == "stdin":
-                threading.Thread(target=self._write_stdin, args=(self.job.envelope(),), daemon=True).start()
+                threading.Thread(target=self._send_envelope, args=(self.job.envelope(),), daemon=True).start()
             return self._pump(self._proc)
         finally:
             # Also when a callback raised (a database error recording a checkpoint, a heartbeat):
@@ -263,20 +265,39 @@ class AgentProcess:
         assert self._stop_reason is not None
         self._emit_flowyard(f"stopping agent ({self._stop_reason[1]}): asking for a checkpoint")
         self._checkpoint_seen.clear()
-        if self._write_stdin(CHECKPOINT_REQUEST):
+        if self._request_checkpoint():
             self._checkpoint_seen.wait(timeout=self.limits.checkpoint_wait_seconds)
         self._killed = terminate_group(self._proc.pid, self.limits.grace_seconds)
         if self._killed:
             self._emit_flowyard(f"agent group {self._proc.pid} ignored SIGTERM; sent SIGKILL")
 
-    def _write_stdin(self, line: str) -> bool:
+    def _send_envelope(self, envelope: str) -> None:
+        """Write the task envelope to stdin (in its own thread: it blocks while the agent has not
+        read what fills the pipe, possibly for good), then let the stop sequence use stdin."""
         assert self._proc is not None and self._proc.stdin is not None
-        with self._stdin_lock:
-            try:
-                self._proc.stdin.write(line.encode() + b"\n")
-                self._proc.stdin.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                return False
+        try:
+            self._proc.stdin.write(envelope.encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:  # the agent exited or closed its stdin without reading it all
+            pass
+        finally:
+            self._envelope_sent.set()
+
+    def _request_checkpoint(self) -> bool:
+        """Ask the agent for a checkpoint without ever blocking, so the stop sequence always goes on
+        to end the group: not at all while the envelope is still being written (the agent is not
+        reading stdin, and the request would interleave with it), and with a non-blocking write,
+        which for a line shorter than PIPE_BUF writes all of it or, the pipe being full, nothing.
+        False when the request was not delivered."""
+        assert self._proc is not None and self._proc.stdin is not None
+        if not self._envelope_sent.is_set():
+            return False
+        fd = self._proc.stdin.fileno()
+        try:
+            os.set_blocking(fd, False)
+            os.write(fd, CHECKPOINT_REQUEST.encode() + b"\n")
+        except OSError:  # BlockingIOError: a full pipe; BrokenPipeError: the agent is gone
+            return False
         return True
 
     def _pump(self, proc: subprocess.Popen[bytes]) -> AgentOutcome:

@@ -26,7 +26,7 @@ from tasks.agent_process import (
 from tasks.agent_protocol import AgentMessage, CheckpointMessage, LogMessage
 from tasks.db import connection
 from tasks.errors import UserError
-from tasks.process_group import group_members
+from tasks.process_group import group_members, terminate_group
 from tasks.state import state_url
 
 DEFAULT_LIMITS = AgentLimits()
@@ -116,6 +116,42 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert child_pids, "the agent spawned a child"
     assert group_members(process.pgid) == []
     assert not _any_alive(child_pids)
+
+
+NON_READING_AGENT = textwrap.dedent(
+    """
+    import json, subprocess, sys, time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    print(json.dumps({"kind": "log", "message": f"spawned child {child.pid}"}), flush=True)
+    time.sleep(600)  # never reads stdin
+    """
+)
+
+
+def test_a_timeout_ends_an_agent_that_never_reads_its_large_stdin_envelope(tmp_path: Path) -> None:
+    """An envelope larger than the pipe buffer keeps its writer blocked for good when the agent does
+    not read stdin: the stop sequence must neither wait for that writer nor block asking for a
+    checkpoint through the full pipe, but end the whole group."""
+    seen: list[AgentMessage] = []
+    template = AgentTemplate(argv=[sys.executable, "-c", NON_READING_AGENT])
+    limits = AgentLimits(timeout_seconds=1.0, grace_seconds=0.5, checkpoint_wait_seconds=0.5)
+    job = _job(tmp_path, {"blob": "x" * 200_000})
+    process = AgentProcess(job, template, on_message=lambda s, m: seen.append(m), limits=limits)
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(process.run()), daemon=True)
+    runner.start()
+    runner.join(60)  # only keeps a stuck stop sequence from hanging the suite
+    try:
+        assert result, "run() did not return: the stop sequence never ended the agent"
+        assert result[0].outcome == "timeout"
+        assert _child_pids(seen), "the agent spawned a child"
+        assert group_members(process.pgid) == []
+        assert not _any_alive(_child_pids(seen))
+    finally:
+        if runner.is_alive():
+            terminate_group(process.pgid, 0)
+            runner.join(60)
 
 
 def test_an_exception_in_a_callback_ends_the_group_and_propagates(tmp_path: Path) -> None:
