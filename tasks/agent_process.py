@@ -35,13 +35,18 @@ from tasks.agent_protocol import (
     ResultMessage,
     parse_line,
 )
-from tasks.agent_wire import TASK_ENV_VAR
+from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
 from tasks.errors import UserError
 from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 DEFAULT_GRACE_SECONDS = 5.0
 PLACEHOLDERS = ("{task_id}", "{attempt}", "{workdir}", "{task_json}")
+INLINE_ENVELOPE_LIMIT = 100_000
+"""Characters (the envelope is ASCII JSON) an argv argument or ``FLOWYARD_TASK`` carries inline:
+Linux refuses to start a program with any argument or environment string over 128 KiB
+(MAX_ARG_STRLEN), so a larger envelope, say a big checkpoint, goes through :data:`ENVELOPE_FILE`."""
+ENVELOPE_FILE = ".flowyard-task.json"
 
 
 class AgentTemplate(BaseModel):
@@ -49,12 +54,18 @@ class AgentTemplate(BaseModel):
 
     ``argv`` may use the placeholders ``{task_id}``, ``{attempt}``, ``{workdir}`` and
     ``{task_json}``; ``delivery`` says where the task envelope goes (for ``argv`` it replaces
-    ``{task_json}``, or is appended when the template has no such placeholder).
+    ``{task_json}``, or is appended when the template has no such placeholder). In argv or env,
+    an envelope too large for them is ``@<path of a file holding it>`` (:func:`task_json_for`).
     """
 
     argv: list[str] = Field(min_length=1)
     delivery: Literal["stdin", "argv", "env"] = "stdin"
     env: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def task_json_placeholder(self) -> bool:
+        """Whether an argument has the ``{task_json}`` placeholder (whatever the delivery)."""
+        return any("{task_json}" in arg for arg in self.argv)
 
 
 def _reference_argv() -> list[str]:
@@ -124,22 +135,38 @@ class AgentJob:
         )
 
 
-def command_for(template: AgentTemplate, job: AgentJob) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment of one attempt."""
+def command_for(template: AgentTemplate, job: AgentJob, task_json: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of one attempt; ``task_json`` is what stands for the envelope in
+    them (see :func:`task_json_for`)."""
     values = dict(
-        zip(PLACEHOLDERS, (str(job.task_id), str(job.attempt), str(job.workdir), job.envelope()), strict=True)
+        zip(PLACEHOLDERS, (str(job.task_id), str(job.attempt), str(job.workdir), task_json), strict=True)
     )
     argv = []
     for arg in template.argv:
         for placeholder, value in values.items():
             arg = arg.replace(placeholder, value)
         argv.append(arg)
-    if template.delivery == "argv" and not any("{task_json}" in a for a in template.argv):
-        argv.append(job.envelope())
+    if template.delivery == "argv" and not template.task_json_placeholder:
+        argv.append(task_json)
     env = {**os.environ, **template.env, "FLOWYARD_TASK_ID": str(job.task_id)}
     if template.delivery == "env":
-        env[TASK_ENV_VAR] = job.envelope()
+        env[TASK_ENV_VAR] = task_json
     return argv, env
+
+
+def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> str:
+    """The envelope as argv or the environment carry it: itself, or, when it is too large for
+    them, ``@`` and the path of :data:`ENVELOPE_FILE` in the working directory, written here.
+    Without that, every attempt of a task whose checkpoint grew that large could not even start,
+    so it could never resume."""
+    only_on_stdin = template.delivery == "stdin" and not template.task_json_placeholder
+    if len(envelope) <= INLINE_ENVELOPE_LIMIT or only_on_stdin:
+        return envelope
+    path = job.workdir / ENVELOPE_FILE
+    path.unlink(missing_ok=True)  # a fresh file: never follow a symlink an earlier agent left there
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as file:
+        file.write(envelope)
+    return TASK_FILE_PREFIX + str(path)
 
 
 Outcome = Literal["completed", "failed", "timeout", "interrupted"]
@@ -217,8 +244,9 @@ class AgentProcess:
         return self._proc.pid if self._proc else None
 
     def run(self) -> AgentOutcome:
-        argv, env = command_for(self.template, self.job)
+        envelope = self.job.envelope()
         self.job.workdir.mkdir(parents=True, exist_ok=True)
+        argv, env = command_for(self.template, self.job, task_json_for(self.template, self.job, envelope))
         try:
             self._proc = spawn_group(
                 argv,
@@ -236,7 +264,7 @@ class AgentProcess:
                 self._on_start(self._proc.pid)
             self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
             if self.template.delivery == "stdin":
-                threading.Thread(target=self._send_envelope, args=(self.job.envelope(),), daemon=True).start()
+                threading.Thread(target=self._send_envelope, args=(envelope,), daemon=True).start()
             return self._pump(self._proc)
         finally:
             # Also when a callback raised (a database error recording a checkpoint, a heartbeat):

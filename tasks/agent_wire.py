@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 KINDS = ("log", "progress", "checkpoint", "artifact", "result", "error")
 TASK_ENV_VAR = "FLOWYARD_TASK"
+TASK_FILE_PREFIX = "@"
 _JSON_WHITESPACE = " \t\n\r"
 
 
@@ -63,6 +64,17 @@ except ImportError:  # not CPython: the pure-Python module is the codec
     from json import dumps, loads
 
 CHECKPOINT_REQUEST = dumps({"kind": "control", "command": "checkpoint"})
+
+
+def read_task(text: str) -> Any:
+    """The task envelope from the argv argument or ``FLOWYARD_TASK`` variable that carries it:
+    the JSON itself, or ``@`` and the path of a file holding it when it is too large for one
+    argument or variable (Linux refuses to start a program with one over 128 KiB). JSON never
+    starts with ``@``, so the two cannot be confused."""
+    if text.startswith(TASK_FILE_PREFIX):
+        with open(text[len(TASK_FILE_PREFIX) :], encoding="utf-8") as file:
+            text = file.read()
+    return loads(text)
 
 
 def message_line(kind: str, **fields: object) -> str:

@@ -5,10 +5,11 @@ so it imports the standard library's bare minimum (no ``json``, ``typing``, ``pa
 ``subprocess`` unless asked to spawn a child) and the built-in template starts it without
 ``site`` and exits without interpreter teardown (see ``tasks.agent_process.REFERENCE_TEMPLATE``
 and :func:`serve`). It reads the task envelope from argv[1], the
-``FLOWYARD_TASK`` variable or the first stdin line, then performs ``steps`` steps of a
-SHA-256 chain, emitting a checkpoint after each one, and writes ``result.txt`` into its
-working directory. Handed a checkpoint, it resumes from that step with that digest, so a
-resumed run ends with the same digest as an uninterrupted one.
+``FLOWYARD_TASK`` variable (either may name a file holding it: ``tasks.agent_wire.read_task``)
+or the first stdin line, then performs ``steps`` steps of a SHA-256 chain, emitting a
+checkpoint after each one, and writes ``result.txt`` into its working directory. Handed a
+checkpoint, it resumes from that step with that digest, so a resumed run ends with the same
+digest as an uninterrupted one.
 
 Knobs (in the task payload), for the demo and the tests:
 
@@ -37,7 +38,7 @@ try:  # CPython's built-in SHA-256: hashlib's default loads OpenSSL, ~2 ms of ev
 except ImportError:  # Python 3.12+ (``_sha2``) or a build without it
     from hashlib import sha256
 
-from tasks.agent_wire import TASK_ENV_VAR, dumps, is_checkpoint_request, loads, message_line
+from tasks.agent_wire import TASK_ENV_VAR, dumps, is_checkpoint_request, loads, message_line, read_task
 
 
 class ReferenceAgent:
@@ -107,9 +108,9 @@ class ReferenceAgent:
 
 def read_envelope(argv: list[str]) -> dict:
     if len(argv) > 1:
-        return loads(argv[1])
+        return read_task(argv[1])
     if os.environ.get(TASK_ENV_VAR):
-        return loads(os.environ[TASK_ENV_VAR])
+        return read_task(os.environ[TASK_ENV_VAR])
     return loads(sys.stdin.readline())
 
 

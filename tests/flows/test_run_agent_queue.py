@@ -168,6 +168,34 @@ def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) ->
     assert metrics["attempts"] == 2
 
 
+LARGE_CHECKPOINT_AGENT = textwrap.dedent(
+    """
+    import json, os, sys
+
+    text = os.environ["FLOWYARD_TASK"]
+    if text.startswith("@"):  # too large for the variable: the envelope is in that file
+        with open(text[1:]) as file:
+            text = file.read()
+    checkpoint = json.loads(text)["checkpoint"]
+    if checkpoint is None:
+        print(json.dumps({"kind": "checkpoint", "state": {"notes": "n" * 200_000}}), flush=True)
+        sys.exit(3)
+    print(json.dumps({"kind": "result", "data": {"resumed_with": len(checkpoint["state"]["notes"])}}))
+    """
+)
+
+
+def test_a_checkpoint_too_large_for_the_environment_is_handed_back_on_retry(tmp_path: Path, qdb: str) -> None:
+    """A 200 kB checkpoint cannot ride in FLOWYARD_TASK (Linux: 128 KiB per variable), so the
+    retry gets it through a file instead of failing to start for good."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="large checkpoint", agent_type="large"))
+    agents = {"large": {"argv": [sys.executable, "-c", LARGE_CHECKPOINT_AGENT], "delivery": "env"}}
+    summary = run_agent_queue(max_agents=1, agents=agents, retries=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).result == {"resumed_with": 200_000}
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
+
+
 def _task_run_results(flow_state: Any, tasks: int) -> list[Any]:
     """The persisted results of a flow run's completed ``run-agent`` task runs (one per queue
     task, retries included), read back through the API once all ``tasks`` are recorded."""

@@ -106,6 +106,28 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_digest(tmp_path: Path) -
     assert resumed.result["digest"] == whole.result["digest"]
 
 
+BY_FILE_TEMPLATES = {
+    "argv": REFERENCE_TEMPLATE.model_copy(update={"delivery": "argv"}),
+    "env": REFERENCE_TEMPLATE.model_copy(update={"delivery": "env"}),
+    "placeholder": REFERENCE_TEMPLATE.model_copy(update={"argv": [*REFERENCE_TEMPLATE.argv, "{task_json}"]}),
+}
+
+
+@pytest.mark.parametrize("carrier", sorted(BY_FILE_TEMPLATES))
+def test_a_checkpoint_too_large_for_argv_or_env_is_handed_back_through_a_file(tmp_path: Path, carrier: str) -> None:
+    """Linux refuses to start a program with an argument or environment string over 128 KiB: an
+    envelope that large goes through a file in the working directory, so the attempt starts and
+    the task resumes from its checkpoint instead of failing for good."""
+    template = BY_FILE_TEMPLATES[carrier]
+    whole, _, _ = _run(_job(tmp_path, {"steps": 3}), template)
+    crashed, _, _ = _run(_job(tmp_path, {"steps": 3, "crash_after": 1}), template)
+    large = {**crashed.checkpoint, "notes": "n" * 200_000}
+    resumed, _, _ = _run(_job(tmp_path, {"steps": 3, "crash_after": 1}, {"state": large}), template)
+    assert resumed.outcome == "completed", resumed
+    assert resumed.result["resumed_from"] == 1
+    assert resumed.result["digest"] == whole.result["digest"]
+
+
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     limits = AgentLimits(timeout_seconds=1.0, grace_seconds=0.5, checkpoint_wait_seconds=0.5)
     job = _job(tmp_path, {"steps": 100, "sleep": 0.2, "spawn_child": True, "ignore_term": True})
