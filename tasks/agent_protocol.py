@@ -13,6 +13,8 @@ Agent → flowyard, one JSON object per stdout line, ``kind`` being one of:
 
 A line that is not valid JSON, or not one of these shapes, is kept as a ``log`` line with
 ``level="raw"``: agents are external programs and their stray prints must not break a run.
+That includes a checkpoint or result holding NaN or ±Infinity (which Python's ``json.dumps``
+writes by default): JSON has no such numbers and PostgreSQL refuses to store them.
 
 flowyard → agent, on stdin (one JSON object per line):
 
@@ -27,15 +29,28 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
+from tasks.json_values import has_non_finite
 
 __all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "parse_line"]
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _storable(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse what PostgreSQL would: a checkpoint or result holding NaN or ±Infinity then fails
+    validation and is kept as a raw log line, rather than failing the attempt (every retry alike)
+    on the database's multi-line error when flowyard stores it."""
+    if has_non_finite(value):
+        raise ValueError("NaN and Infinity are not JSON numbers")
+    return value
+
+
+_Storable = Annotated[dict[str, Any], AfterValidator(_storable)]
 
 
 class LogMessage(_Message):
@@ -52,7 +67,7 @@ class ProgressMessage(_Message):
 
 class CheckpointMessage(_Message):
     kind: Literal["checkpoint"]
-    state: dict[str, Any]
+    state: _Storable
 
 
 class ArtifactMessage(_Message):
@@ -65,7 +80,7 @@ class ArtifactMessage(_Message):
 
 class ResultMessage(_Message):
     kind: Literal["result"]
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: _Storable = Field(default_factory=dict)
 
 
 class ErrorMessage(_Message):

@@ -196,6 +196,32 @@ def test_a_checkpoint_too_large_for_the_environment_is_handed_back_on_retry(tmp_
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
 
 
+NAN_CHECKPOINT_AGENT = textwrap.dedent(
+    """
+    import json
+
+    print(json.dumps({"kind": "checkpoint", "state": {"step": 1, "loss": float("nan")}}), flush=True)
+    print(json.dumps({"kind": "checkpoint", "state": {"step": 2, "loss": 0.5}}), flush=True)
+    print(json.dumps({"kind": "result", "data": {"ok": True}}), flush=True)
+    """
+)
+
+
+def test_a_checkpoint_holding_nan_is_kept_as_a_raw_log_line(tmp_path: Path, qdb: str) -> None:
+    """Python's json.dumps writes NaN, which PostgreSQL refuses: the line is protocol garbage, kept
+    in the log, and the task goes on instead of failing on the database's error."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="nan", agent_type="nan"))
+    agents = {"nan": {"argv": [sys.executable, "-c", NAN_CHECKPOINT_AGENT]}}
+    summary = run_agent_queue(max_agents=1, agents=agents, retries=0, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).result == {"ok": True}
+    assert [h["state"] for h in queue.checkpoint_history(qdb, task_id)] == [{"step": 2, "loss": 0.5}]
+    log_file = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
+    raw = [r["message"] for r in log if r.get("level") == "raw"]
+    assert raw == ['{"kind": "checkpoint", "state": {"step": 1, "loss": NaN}}']
+
+
 def _task_run_results(flow_state: Any, tasks: int) -> list[Any]:
     """The persisted results of a flow run's completed ``run-agent`` task runs (one per queue
     task, retries included), read back through the API once all ``tasks`` are recorded."""

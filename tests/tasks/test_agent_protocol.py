@@ -45,6 +45,10 @@ def test_every_kind_parses(fields: dict[str, object], expected: type) -> None:
         json.dumps({"kind": "teleport"}),
         json.dumps(["a", "list"]),
         json.dumps({"kind": "artifact", "key": "Bad Key!", "data": 1}),
+        json.dumps({"kind": "checkpoint", "state": {"step": 1, "loss": float("nan")}}),
+        json.dumps({"kind": "result", "data": {"scores": [1.5, {"max": float("inf")}]}}),
+        json.dumps({"kind": "result", "data": {"min": float("-inf")}}),
+        '{"kind": "checkpoint", "state": {"huge": 1e999}}',
         "",
     ],
 )

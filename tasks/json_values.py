@@ -1,0 +1,35 @@
+"""JSON values on their way into PostgreSQL, whose json types refuse some that Python's ``json``
+module reads and writes: NaN and ±Infinity (``json.dumps`` writes them by default, ``json.loads``
+reads them, and reads a number beyond the float range, such as ``1e999``, as Infinity)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+def any_scalar(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether ``test`` holds for a key or a scalar anywhere in a JSON value. Iterative, because
+    how deep a value nests is up to whoever sent it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif test(item):
+            return True
+    return False
+
+
+def has_non_finite(value: Any) -> bool:
+    """Whether a JSON value holds NaN, Infinity or -Infinity: PostgreSQL refuses the whole value,
+    with a multi-line error that names neither the task nor the fix."""
+    return any_scalar(value, _non_finite)
+
+
+def _non_finite(item: Any) -> bool:
+    return isinstance(item, float) and not math.isfinite(item)
