@@ -34,9 +34,14 @@ def _url(database_url: str | None) -> str:
     return state_url(database_url)
 
 
+def _not_a_json_number(token: str) -> Any:
+    """``json.loads`` reads NaN, Infinity and -Infinity, which JSON does not have (nor PostgreSQL)."""
+    raise ValueError(f"{token} is not a JSON number")
+
+
 def _payload(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_a_json_number)
     except ValueError as exc:
         raise UserError(
             f"--payload is not valid JSON ({exc}); pass an object such as '{{\"steps\": 3}}'"

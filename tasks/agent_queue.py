@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from tasks.db import connect
 from tasks.errors import UserError
+from tasks.json_values import any_scalar, has_non_finite
 
 Priority = Literal["critical", "high", "medium", "low"]
 Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
@@ -200,13 +201,7 @@ def worker_alive(worker: str) -> bool | None:
 def _has_nul(value: Any) -> bool:
     """Whether a JSON value holds a NUL character in a string or key: PostgreSQL's jsonb cannot
     store ``\\u0000``, and its error (UntranslatableCharacter) names neither the task nor the fix."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_nul(v) for v in value)
-    return False
+    return any_scalar(value, lambda item: isinstance(item, str) and "\x00" in item)
 
 
 def _refuse_nul(value: Any, what: str) -> None:
@@ -217,9 +212,18 @@ def _refuse_nul(value: Any, what: str) -> None:
         )
 
 
+def _refuse_non_finite(value: Any, what: str) -> None:
+    if has_non_finite(value):
+        raise UserError(
+            f"{what} holds NaN, Infinity or a number beyond ±1.8e308 (read as Infinity), which "
+            "PostgreSQL cannot store as JSON; use null or a string instead"
+        )
+
+
 def create_task(url: str, task: NewTask) -> int:
     """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
     _refuse_nul(task.payload, f"the payload of task {task.title!r}")
+    _refuse_non_finite(task.payload, f"the payload of task {task.title!r}")
     with _connection(url, atomic=True) as conn:
         if task.blocked_by:
             found = {

@@ -74,6 +74,12 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert "payload of task 'x' contains a NUL character" in _user_error(
         "create", "x", "--payload", '{"a": ["\\u0000"]}', env=env
     )
+    assert "--payload is not valid JSON (NaN is not a JSON number)" in _user_error(
+        "create", "x", "--payload", '{"a": NaN}', env=env
+    )
+    assert "payload of task 'x' holds NaN, Infinity or a number beyond" in _user_error(
+        "create", "x", "--payload", '{"a": [1e999]}', env=env
+    )
     assert "unknown dependency" in _user_error("create", "x", "--after", "99999", env=env)
     assert "no agent task 424242" in _user_error("retry", "424242", env=env)
     done = int(_ok("create", "y", env=env))

@@ -82,8 +82,19 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_list(status="done", database_url=url),
             "unknown status 'done'; use one of draft",
         ),
+        (
+            lambda url: agent_task_create("x", payload={"loss": [float("nan")]}, database_url=url),
+            "the payload of task 'x' holds NaN, Infinity or a number beyond ±1.8e308",
+        ),
     ],
-    ids=["cancel-unknown-id", "retry-unknown-id", "bad-priority", "unknown-dependency", "bad-status"],
+    ids=[
+        "cancel-unknown-id",
+        "retry-unknown-id",
+        "bad-priority",
+        "unknown-dependency",
+        "bad-status",
+        "non-finite-payload",
+    ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:
     with pytest.raises(UserError) as raised:

@@ -74,6 +74,17 @@ def test_transitions_and_their_errors(qdb: str) -> None:
         queue.create_task(qdb, _new("y", blocked_by=(424242,)))
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_a_payload_postgresql_cannot_store_is_refused_in_one_line(qdb: str, number: float) -> None:
+    """json.loads reads NaN and Infinity (and 1e999 as Infinity); jsonb refuses them with a
+    multi-line error naming neither the task nor the fix."""
+    refused = r"^the payload of task 'x' holds NaN, Infinity or a number beyond"
+    with pytest.raises(UserError, match=refused) as raised:
+        queue.create_task(qdb, _new("x", payload={"metrics": {"loss": [number]}}))
+    assert "\n" not in str(raised.value)
+    assert queue.list_tasks(qdb) == [], "nothing was created"
+
+
 def test_review_holds_dependents_until_approved(qdb: str) -> None:
     reviewed = queue.create_task(qdb, _new("needs review", requires_review=True))
     after = queue.create_task(qdb, _new("after", blocked_by=(reviewed,)))
