@@ -26,6 +26,7 @@ from tasks.bulk_tables import (
     finish_foreign_keys,
     finish_table,
     plan_tables,
+    refuse_copies_onto_sources,
     table_specs,
 )
 from tasks.chunk_checkpoint import (
@@ -91,6 +92,7 @@ def prepare_tables(
     cursor_column: str | None,
 ) -> list[TablePlan]:
     specs = table_specs(source_url, tables, parse_mapping(mapping), target_schema, mode, cursor_column)
+    refuse_copies_onto_sources(source_url, target_url, specs)
     create_targets(source_url, target_url, specs)
     plans = plan_tables(source_url, target_url, run.run_key, lineage, mode, specs, chunk_rows)
     logger = get_run_logger()

@@ -9,6 +9,7 @@ started loading. After the load: indexes and keys, foreign keys (``NOT VALID`` t
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import psycopg
@@ -26,7 +27,7 @@ from tasks.chunk_checkpoint import (
 )
 from tasks.chunk_plan import Chunk, plan_table
 from tasks.column_mapping import TableMapping, mapped_table
-from tasks.db import connection
+from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.schema_copy import (
     add_foreign_keys,
@@ -166,6 +167,47 @@ def _ensure_distinct_targets(specs: list[TableSpec]) -> None:
             raise UserError(
                 f"{other} and {spec.source.qualified} both map to {spec.target_label}; rename one"
             )
+
+
+def same_database(source_url: str, target_url: str) -> bool:
+    """Whether both URLs reach one database of one running server.
+
+    Host names, ports and socket paths cannot tell (one server answers on many addresses), and
+    ``pg_control_system()``'s ``system_identifier`` is shared by every clone of a cluster (a
+    restored backup, a promoted standby), whose databases have the same names too. Advisory locks
+    are per database and need no privilege: a key the target's session holds can be taken by the
+    source's session only when that session is connected to another database. Transaction-level
+    locks, so a transaction-pooling proxy keeps each on its backend."""
+    key = secrets.randbits(63)
+    with connection(target_url) as target, connection(source_url) as source:
+        target.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+        return not one_row(source, "SELECT pg_try_advisory_xact_lock(%s)", (key,))[0]
+
+
+def refuse_copies_onto_sources(source_url: str, target_url: str, specs: list[TableSpec]) -> None:
+    """Within one database, a target table that is a table this copy reads would be emptied (a
+    full load truncates its targets before any chunk is read) or overwritten while it is read:
+    refuse that in one line, before anything is created or emptied."""
+    if source_kind(source_url) != "postgres" or not same_database(source_url, target_url):
+        return
+    onto_self = [s.source.qualified for s in specs if s.target_label == s.source.qualified]
+    if onto_self:
+        others = [s.source.qualified for s in specs if s.target_label != s.source.qualified]
+        one = len(onto_self) == 1
+        them = "it" if one else "them"
+        leave_out = f"leave {them} out (tables={others}) or " if others else ""
+        raise UserError(
+            f"source and target are the same database: {', '.join(onto_self)} would be copied onto "
+            f"{'itself' if one else 'themselves'}; {leave_out}give {them} a mapping `target`"
+        )
+    read = {s.source.qualified for s in specs}
+    if onto_read := [s for s in specs if s.target_label in read]:
+        spec = onto_read[0]
+        raise UserError(
+            f"source and target are the same database: {spec.source.qualified} would be copied into "
+            f"{spec.target_label}, which this copy also reads (and would empty first); give "
+            f"{spec.source.qualified} a mapping `target` that no copied table has, or copy in two runs"
+        )
 
 
 def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:

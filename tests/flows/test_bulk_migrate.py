@@ -264,6 +264,39 @@ def test_table_copied_under_a_new_name_keeps_its_column_definitions(fresh_db, ta
     assert _fetch(target, insert.format("archive.tickets_v2")) == expected
 
 
+def test_copy_within_one_database_refuses_tables_copied_onto_themselves(fresh_db):
+    """Each table that is its own target used to be truncated, then copied from itself (now
+    empty): a copy within one database renaming one table emptied every other one."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE orders (id int PRIMARY KEY, v text)",
+        "INSERT INTO orders SELECT g, 'o' FROM generate_series(1, 100) g",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text)",
+        "INSERT INTO customers SELECT g, 'c' FROM generate_series(1, 100) g",
+    )
+    same = fresh_db.replace("127.0.0.1", "localhost")  # another spelling of the same database
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, same, mapping={"orders": {"target": "orders_v2"}})
+    assert str(err.value) == (
+        "source and target are the same database: public.customers would be copied onto itself; "
+        "leave it out (tables=['public.orders']) or give it a mapping `target`"
+    )
+    with pytest.raises(UserError, match=r"^source and target are the same database: public.orders would be"):
+        bulk_migrate(fresh_db, fresh_db, tables=["orders"])
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, fresh_db, mapping={"orders": {"target": "customers"}, "customers": {"target": "c2"}})
+    assert str(err.value) == (
+        "source and target are the same database: public.orders would be copied into public.customers, "
+        "which this copy also reads (and would empty first); give public.orders a mapping `target` that no "
+        "copied table has, or copy in two runs"
+    )
+    counts = "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM customers), to_regclass('orders_v2')"
+    assert _fetch(fresh_db, counts) == [(100, 100, None)]
+    report = bulk_migrate(fresh_db, same, tables=["orders"], mapping={"orders": {"target": "orders_v2"}})
+    assert report["tables"][0]["rows"] == 100
+    assert _fetch(fresh_db, "SELECT count(*) FROM orders_v2") == [(100,)]
+
+
 def test_copy_under_a_new_name_needing_a_missing_function_is_one_line(fresh_db, target_db):
     _exec(
         fresh_db,
