@@ -268,7 +268,15 @@ def run_chunks(
 
 
 def check_parameters(
-    mode: str, validate: list[str], chunk_rows: int, source_url: str, mapping: dict[str, Any] | None
+    mode: str,
+    validate: list[str],
+    source_url: str,
+    mapping: dict[str, Any] | None,
+    *,
+    chunk_rows: int,
+    report_rows: int,
+    sample_rows: int,
+    lock_timeout_seconds: float,
 ) -> Mode:
     """Refuse a bad call in one line before any run is recorded or any target table emptied."""
     match mode:  # not `in`: a match narrows the str to chunk_load.Mode for type checkers
@@ -278,11 +286,20 @@ def check_parameters(
             raise UserError(f"unknown mode {mode!r}; use 'full', 'incremental' or 'seed'")
     if unknown := [c for c in validate if c not in CHECKS]:
         raise UserError(f"unknown validation checks {unknown}; choose from {list(CHECKS)}")
-    if chunk_rows < 1:
-        raise UserError("chunk_rows must be at least 1")
+    _at_least("chunk_rows", chunk_rows, 1)
+    # report_rows also ends the bisection of a rejected chunk: at 0 it stopped before inserting
+    # anything while the chunk's checkpoint recorded every row as written.
+    _at_least("report_rows", report_rows, 1)
+    _at_least("sample_rows", sample_rows, 0)  # a negative LIMIT failed only after the copy committed
+    _at_least("lock_timeout_seconds", lock_timeout_seconds, 0)
     source_kind(source_url)  # a missing file or an unknown kind of source
     parse_mapping(mapping)
     return checked
+
+
+def _at_least(name: str, value: float, least: int) -> None:
+    if value < least:
+        raise UserError(f"{name} must be at least {least}, got {value:g}")
 
 
 def copy_tables(
@@ -358,7 +375,16 @@ def bulk_migrate(
     JSON/JSONL/CSV/Parquet files) into ``target_url`` (PostgreSQL; default: flowyard's database).
     ``quality_suite`` (optional, see docs/quality.md): data-quality suites checked on the target
     after the copy, failing or warning per ``quality_gate_mode``."""
-    load_mode = check_parameters(mode, validate, chunk_rows, source_url, mapping)
+    load_mode = check_parameters(
+        mode,
+        validate,
+        source_url,
+        mapping,
+        chunk_rows=chunk_rows,
+        report_rows=report_rows,
+        sample_rows=sample_rows,
+        lock_timeout_seconds=lock_timeout_seconds,
+    )
     parallelism = get_settings().max_workers if parallelism is None else parallelism
     check_task_runner(task_runner, parallelism)  # before the run empties any target table
     logger = get_run_logger()

@@ -882,15 +882,24 @@ def test_an_external_dask_cluster_runs_at_most_parallelism_chunks_at_once(fresh_
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"parallelism": -1}, "parallelism must be at least 1"), ({"task_runner": "spark"}, "unknown task runner")],
+    [
+        ({"parallelism": -1}, "parallelism must be at least 1"),
+        ({"task_runner": "spark"}, "unknown task runner"),
+        ({"report_rows": 0}, "report_rows must be at least 1, got 0"),
+        ({"sample_rows": -1}, "sample_rows must be at least 0, got -1"),
+        ({"lock_timeout_seconds": -0.5}, "lock_timeout_seconds must be at least 0, got -0.5"),
+    ],
 )
-def test_bad_runner_parameters_fail_before_the_target_is_emptied(fresh_db, target_db, options, message):
+def test_bad_parameters_fail_before_the_target_is_emptied(fresh_db, target_db, options, message):
     """Checked with the other parameters: a negative parallelism used to be a raw ValueError, and
-    both used to surface only after the new plan had emptied the target tables."""
+    both used to surface only after the new plan had emptied the target tables. report_rows=0
+    loaded nothing while the checkpoints recorded every row as written; sample_rows=-1 failed with
+    a raw error after the copy had committed."""
     _exec(fresh_db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 50)")
     bulk_migrate(fresh_db, target_db, validate=["count"])
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError) as err:
         bulk_migrate(fresh_db, target_db, validate=["count"], restart=True, **options)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
     assert _fetch(target_db, "SELECT count(*) FROM t") == [(50,)]
 
 
