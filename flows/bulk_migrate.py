@@ -28,6 +28,7 @@ from tasks.bulk_tables import (
     plan_tables,
     refuse_copies_onto_sources,
     table_specs,
+    with_target_types,
 )
 from tasks.chunk_checkpoint import (
     ChunkCheckpoint,
@@ -93,9 +94,18 @@ def prepare_tables(
 ) -> list[TablePlan]:
     specs = table_specs(source_url, tables, parse_mapping(mapping), target_schema, mode, cursor_column)
     refuse_copies_onto_sources(source_url, target_url, specs)
+    specs = with_target_types(target_url, specs)
     create_targets(source_url, target_url, specs)
     plans = plan_tables(source_url, target_url, run.run_key, lineage, mode, specs, chunk_rows)
     logger = get_run_logger()
+    for spec in specs:
+        if spec.retyped:
+            logger.warning(
+                "%s: the existing target holds %s in other types than the source; copied as text "
+                "that the target's types parse",
+                spec.target_label,
+                ", ".join(spec.retyped),
+            )
     for plan in plans:
         logger.info(
             "%s → %s: %d chunks (%s), %d already committed",
@@ -232,6 +242,7 @@ def chunk_jobs(
             spec.cursor,
             quarantine,
             report_rows,
+            spec.retyped,
         )
         for chunk in plan.chunks
     ]

@@ -10,12 +10,20 @@ started loading. After the load: indexes and keys, foreign keys (``NOT VALID`` t
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import SourceKind, TableInfo, describe, list_tables, source_kind, split_name
+from tasks.bulk_sources import (
+    SourceKind,
+    TableInfo,
+    describe,
+    list_tables,
+    pg_describe,
+    source_kind,
+    split_name,
+)
 from tasks.chunk_checkpoint import (
     ChunkCheckpoint,
     committed_chunks,
@@ -48,7 +56,9 @@ class TableSpec:
 
     ``identical``: a PostgreSQL table copied with its columns and types unchanged, maybe under
     another name (a mapping with only a ``target``): it gets the source's own CHECKs, indexes,
-    keys and foreign keys."""
+    keys and foreign keys. ``retyped``: its columns that an existing target table holds in other
+    types; binary COPY would hand the target the source type's bytes to reinterpret, so such a
+    table travels as text, which the target's types parse."""
 
     source: TableInfo
     target: TableInfo
@@ -56,6 +66,7 @@ class TableSpec:
     mapping: TableMapping | None
     cursor: str | None
     identical: bool
+    retyped: tuple[str, ...] = ()
 
     @property
     def target_ident(self) -> sql.Identifier:
@@ -208,6 +219,29 @@ def refuse_copies_onto_sources(source_url: str, target_url: str, specs: list[Tab
             f"{spec.target_label}, which this copy also reads (and would empty first); give "
             f"{spec.source.qualified} a mapping `target` that no copied table has, or copy in two runs"
         )
+
+
+def with_target_types(target_url: str, specs: list[TableSpec]) -> list[TableSpec]:
+    """The specs with ``retyped`` set for identical copies into target tables that already exist
+    (one catalog query per such table); a source column such a table lacks is refused in one line."""
+    with connection(target_url) as conn:
+        return [
+            replace(s, retyped=_retyped(conn, s))
+            if s.identical and table_exists(conn, s.target_schema, s.target.name)
+            else s
+            for s in specs
+        ]
+
+
+def _retyped(target: psycopg.Connection, spec: TableSpec) -> tuple[str, ...]:
+    """Columns whose type (``format_type``, type modifiers included) differs in the existing target."""
+    types = {c.name: c.pg_type for c in pg_describe(target, spec.target_schema, spec.target.name).columns}
+    if missing := [c for c in spec.source.copy_columns if c not in types]:
+        raise UserError(
+            f"existing target table {spec.target_label} has no columns {missing} of {spec.source.qualified}; "
+            "add them, drop the table so the copy creates it, or drop them in the mapping"
+        )
+    return tuple(c.name for c in spec.source.columns if not c.generated and types[c.name] != c.pg_type)
 
 
 def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:

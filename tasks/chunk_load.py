@@ -89,18 +89,23 @@ class ChunkJob:
     cursor: str | None = None
     quarantine: bool = False
     report_rows: int = 10
+    retyped: tuple[str, ...] = ()
+    """Columns an existing target table holds in other types than the source (see ``TableSpec``)."""
 
     @property
     def identical(self) -> bool:
         """Same columns and types both sides: the binary COPY pipe applies."""
-        return source_kind(self.source_url) == "postgres" and (
-            self.mapping is None or not self.mapping.transforms
+        return (
+            source_kind(self.source_url) == "postgres"
+            and (self.mapping is None or not self.mapping.transforms)
+            and not self.retyped
         )
 
     @property
     def direct(self) -> bool:
-        """Whether a full load may go straight into the target table (see the module docstring)."""
-        if self.mode != "full" or source_kind(self.source_url) != "postgres":
+        """Whether a full load may go straight into the target table (see the module docstring);
+        never into columns of other types, whose text a value may not parse in."""
+        if self.mode != "full" or source_kind(self.source_url) != "postgres" or self.retyped:
             return False
         return self.identical or (self.chunk.method == "key" and self._target_keeps_key)
 
@@ -225,12 +230,13 @@ def fill_stage(
 ) -> int:
     """COPY the chunk, mapped, into the stage (or ``into``); returns the rows read from the
     source. ``as_text`` reads every column the mapping does not compute from as text (for a
-    text stage)."""
+    text stage); so does a retyped table, whose source text the stage's types then parse."""
     if job.identical and not as_text:
         return _pipe_from_source(job, target, into)[0]
     read = 0
     columns = job.source.copy_columns
-    untouched = job.mapping.untouched(columns) if job.mapping else (set(columns) if as_text else set())
+    as_is = as_text or bool(job.retyped)
+    untouched = job.mapping.untouched(columns) if job.mapping else (set(columns) if as_is else set())
 
     def mapped() -> Iterator[pa.RecordBatch]:
         nonlocal read

@@ -148,7 +148,7 @@ def _check_checksums(
     elif job.identical:
         _compare_both_sides(plan, job, committed, result)
     else:
-        result.results["checksum"] = f"skipped ({job.mode} load with a mapping: see sample)"
+        result.results["checksum"] = f"skipped ({job.mode} load with a mapping or retyped columns: see sample)"
 
 
 def _compare_with_sent(

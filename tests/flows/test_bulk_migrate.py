@@ -311,6 +311,38 @@ def test_copy_under_a_new_name_needing_a_missing_function_is_one_line(fresh_db, 
     )
 
 
+def test_existing_target_with_other_column_types_gets_values_not_reinterpreted_bytes(fresh_db, target_db):
+    """The binary pipe used to hand an existing target of other types the source type's bytes:
+    int into real gave 1e-45, date into integer gave day numbers, and a count check said ok."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE h (id int PRIMARY KEY, v int, d date, n numeric(6,2))",
+        "INSERT INTO h SELECT g, g * 1000, date '2024-01-01' + g, g + 0.25 FROM generate_series(1, 3) g",
+        "CREATE TABLE k (id int PRIMARY KEY, d date)",
+        "INSERT INTO k VALUES (1, '2024-01-02')",
+    )
+    _exec(
+        target_db,
+        "CREATE TABLE h (id bigint PRIMARY KEY, v real, d timestamp, n numeric(8,3))",
+        "CREATE TABLE k (id int PRIMARY KEY, d integer)",
+    )
+    report = bulk_migrate(fresh_db, target_db, tables=["h"])
+    assert _fetch(target_db, "SELECT id, v, d::text, n::text FROM h ORDER BY id") == [
+        (1, 1000.0, "2024-01-02 00:00:00", "1.250"),
+        (2, 2000.0, "2024-01-03 00:00:00", "2.250"),
+        (3, 3000.0, "2024-01-04 00:00:00", "3.250"),
+    ]
+    assert "MISMATCH" not in report["tables"][0]["validation"]
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, tables=["k"], validate=["count"])
+    assert str(err.value) == (
+        "1 of 1 chunks failed (committed chunks resume on rerun): chunk public.k key[,) holds a value the "
+        'target column cannot take: invalid input syntax for type integer: "2024-01-02" (row 1 of the chunk, '
+        "column d); fix the source value, or cast or filter it in the mapping, or alter the column of public.k"
+    )
+    assert _fetch(target_db, "SELECT count(*) FROM k") == [(0,)]
+
+
 def test_target_index_unlike_the_sources_fails_the_run_naming_table_and_index(fresh_db, target_db):
     """An existing target table is kept, and so is its index of the source index's name but on
     another column: the run used to pass with the source's index missing from the target."""
