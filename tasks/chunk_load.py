@@ -52,7 +52,6 @@ from tasks.table_checksum import ALL_ROWS, Checksum, checksum
 Mode = Literal["full", "incremental", "seed"]
 PERMANENT = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
 STAGE = sql.Identifier("fy_stage")
-ORD = "fy_ord"
 # Key types whose order is the same in every PostgreSQL database (no collation), so a chunk's
 # bounds, taken in the source, select the same rows in the target.
 COLLATION_FREE_KEY_TYPES = frozenset(
@@ -130,6 +129,14 @@ class ChunkJob:
     @property
     def columns(self) -> list[str]:
         return self.target.copy_columns
+
+    @property
+    def ordinal(self) -> str:
+        """The stage's row-ordinal column: ``fy_ord``, lengthened until no copied column has that name."""
+        name = "fy_ord"
+        while name in self.columns:
+            name += "_"
+        return name
 
     @property
     def describe(self) -> str:
@@ -220,7 +227,7 @@ def create_stage(job: ChunkJob, target: psycopg.Connection, as_text: bool = Fals
         )
     target.execute(
         sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint GENERATED ALWAYS AS IDENTITY").format(
-            STAGE, sql.Identifier(ORD)
+            STAGE, sql.Identifier(job.ordinal)
         )
     )
 
@@ -257,15 +264,18 @@ def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
         sql.SQL("{}::{} AS {}").format(sql.Identifier(c), sql.SQL(types[c]), sql.Identifier(c))
         for c in job.columns
     )
-    return sql.SQL("(SELECT {}, {} FROM {}) AS fy_typed").format(casts, sql.Identifier(ORD), STAGE)
+    return sql.SQL("(SELECT {}, {} FROM {}) AS fy_typed").format(
+        casts, sql.Identifier(job.ordinal), STAGE
+    )
 
 
 def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Composable) -> sql.Composed:
-    """INSERT (or upsert by key) the stage ``rows`` with ``fy_ord`` in ``[%s, %s)``."""
+    """INSERT (or upsert by key) the stage ``rows`` with the ordinal in ``[%s, %s)``."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
+    ordinal = sql.Identifier(job.ordinal)
     statement = sql.SQL(
         "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
-    ).format(job.target_ident, cols, cols, rows, sql.Identifier(ORD), sql.Identifier(ORD))
+    ).format(job.target_ident, cols, cols, rows, ordinal, ordinal)
     if job.mode != "full":
         if not has_unique_key(target, job.target_ident, job.target.key):
             keys = ", ".join(job.target.key)
@@ -320,7 +330,7 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
         raise ChunkRejected(_rejection(job, target, bad))
     if bad:
         _quarantine(job, target, bad)
-    kept = sql.SQL("{} <> ALL(%s)").format(sql.Identifier(ORD))
+    kept = sql.SQL("{} <> ALL(%s)").format(sql.Identifier(job.ordinal))
     bad_ords = [sorted(o for o, _ in bad)]
     cursor_max = None
     if job.cursor:
@@ -371,7 +381,7 @@ def _bad_keys(job: ChunkJob, target: psycopg.Connection, ords: Sequence[int]) ->
         return [f"row #{o} of the chunk" for o in ords]
     rows = target.execute(
         sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s) ORDER BY {}").format(
-            key_text(job.target.key), STAGE, sql.Identifier(ORD), sql.Identifier(ORD)
+            key_text(job.target.key), STAGE, sql.Identifier(job.ordinal), sql.Identifier(job.ordinal)
         ),
         (list(ords),),
     ).fetchall()
@@ -410,6 +420,6 @@ def _quarantine(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, 
             "INSERT INTO flowyard.bulk_quarantine (run_key, source_table, chunk_id, row_data, error) "
             "SELECT %s, %s, %s, to_jsonb(s) - {ord_name}, b.err FROM {stage} s "
             "JOIN unnest(%s::bigint[], %s::text[]) AS b(ord, err) ON s.{ord} = b.ord"
-        ).format(ord_name=sql.Literal(ORD), stage=STAGE, ord=sql.Identifier(ORD)),
+        ).format(ord_name=sql.Literal(job.ordinal), stage=STAGE, ord=sql.Identifier(job.ordinal)),
         (job.run_key, job.source.qualified, job.chunk.chunk_id, [o for o, _ in bad], [e for _, e in bad]),
     )

@@ -221,6 +221,11 @@ def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
             f"mapping for {info.qualified} names unknown columns {unknown}; check rename/cast/types/drop "
             f"(cast, types and drop use the renamed names; columns: {renamed})"
         )
+    if repeated := sorted({n for n in renamed if renamed.count(n) > 1}):
+        raise UserError(
+            f"mapping for {info.qualified} renames columns onto names another column keeps or gets: "
+            f"{repeated}; rename the other column too (and drop it by its new name if it should go)"
+        )
     clashing = [n for n in mapping.compute if n in renamed]
     if clashing:
         raise UserError(

@@ -634,6 +634,42 @@ def test_bad_rows_fail_the_chunk_naming_keys_then_quarantine_loads_the_rest(fres
     assert "(completed): 4/4 chunks, 997 rows" in run_cli("bulk", "status", "--target", target_db).stdout
 
 
+def test_mapping_renaming_a_column_onto_another_is_one_line_and_a_swap_copies(fresh_db, target_db):
+    """A rename onto a name another column keeps used to fail at CREATE TABLE with a traceback."""
+    _exec(fresh_db, "CREATE TABLE e (id int PRIMARY KEY, a int, b int)", "INSERT INTO e VALUES (1, 10, 20)")
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, mapping={"e": {"rename": {"a": "b"}}})
+    assert str(err.value) == (
+        "mapping for public.e renames columns onto names another column keeps or gets: ['b']; rename the "
+        "other column too (and drop it by its new name if it should go)"
+    )
+    bulk_migrate(fresh_db, target_db, mapping={"e": {"rename": {"a": "b", "b": "a"}}})
+    assert _fetch(target_db, "SELECT id, a, b FROM e") == [(1, 20, 10)]
+
+
+def test_source_column_named_like_the_stage_ordinal_copies_and_quarantines(fresh_db, target_db, tmp_path):
+    """The staging table's row ordinal was always fy_ord: a source column of that name failed the
+    stage (and the sample check) with DuplicateColumn."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE nn (id int PRIMARY KEY, fy_ord int)",
+        "INSERT INTO nn SELECT g, g * 10 FROM generate_series(1, 20) g",
+    )
+    report = bulk_migrate(fresh_db, target_db, mapping={"nn": {"filter": "fy_ord > 50"}}, mode="incremental")
+    assert report["tables"][0]["rows"] == 15 and "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*), sum(fy_ord) FROM nn") == [(15, sum(range(60, 201, 10)))]
+    path = tmp_path / "legacy.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, fy_ord INTEGER, amount NUMERIC)")
+        db.executemany("INSERT INTO q VALUES (?, ?, ?)", [(1, 7, "1.5"), (2, 8, "n/a"), (3, 9, "3")])
+    report = bulk_migrate(f"sqlite:///{path}", target_db, quarantine=True)
+    assert report["tables"][0]["rows"] == 2 and "MISMATCH" not in report["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT id, fy_ord, amount::text FROM q ORDER BY id") == [(1, 7, "1.5"), (3, 9, "3")]
+    assert _fetch(target_db, "SELECT row_data FROM flowyard.bulk_quarantine") == [
+        ({"id": "2", "fy_ord": "8", "amount": "n/a"},)
+    ]
+
+
 def test_table_without_primary_key_copies_by_ctid(fresh_db, target_db):
     _exec(
         fresh_db,
