@@ -316,15 +316,40 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
         elif suffix in (".jsonl", ".ndjson"):
             yield from pa_json.open_json(path)
         else:
-            records = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(records, list):
-                raise UserError(
-                    f"{path} must hold a JSON array of objects (or use .jsonl, one object a line)"
-                )
-            for start in range(0, len(records), BATCH_ROWS):
-                yield pa.RecordBatch.from_pylist(records[start : start + BATCH_ROWS])
-    except (pa.ArrowInvalid, json.JSONDecodeError) as exc:
+            yield from _json_array_batches(path)
+    except (pa.ArrowInvalid, json.JSONDecodeError, OverflowError) as exc:
         raise UserError(f"cannot parse {path}: {first_line(exc)}; fix the file") from None
+
+
+def _json_array_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """A JSON array of objects as batches of one schema, read as the JSON Lines it holds.
+
+    Converting the objects in Python took the columns from the first object of each batch, so a
+    key the first object lacked was silently dropped. The array is parsed whole anyway, so its
+    objects go to the JSON Lines reader at once, which takes the union of all keys and one type
+    per key over every row, exactly as for a ``.jsonl`` file: integers next to floats become
+    double; a key holding text in one row and numbers in another is a one-line error. Columns
+    come in the order the keys first appear.
+    """
+    records = json.loads(path.read_text(encoding="utf-8"), parse_int=_json_int64)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise UserError(f"{path} must hold a JSON array of objects (or use .jsonl, one object a line)")
+    if not records:
+        return
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records).encode()
+    table = pa_json.read_json(pa.BufferReader(lines))
+    # the reader orders the columns as its parallel blocks met them; the table has them as written
+    keys = dict.fromkeys(key for record in records for key in record)
+    yield from table.select(list(keys)).to_batches(max_chunksize=BATCH_ROWS)
+
+
+def _json_int64(text: str) -> int:
+    """A JSON integer, refused beyond 64 bits: the JSON Lines reader would silently round it to
+    a double, and no Arrow integer holds it."""
+    value = int(text) if len(text) <= 20 else None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise OverflowError(f"integer {text} is beyond 64 bits (write it as a JSON string to load it as text)")
+    return value
 
 
 def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:

@@ -9,7 +9,15 @@ import sys
 
 import pytest
 
-from tasks.bulk_sources import file_describe, file_row_count, sqlite_batches, sqlite_connect, sqlite_describe
+from tasks.bulk_sources import (
+    BATCH_ROWS,
+    file_batches,
+    file_describe,
+    file_row_count,
+    sqlite_batches,
+    sqlite_connect,
+    sqlite_describe,
+)
 from tasks.chunk_plan import Chunk
 from tasks.errors import UserError
 from tests.conftest import ROOT
@@ -85,3 +93,55 @@ def test_file_cursor_window_needs_no_pandas_import(tmp_path):
     )
     result = json.loads(done.stdout)
     assert result == {"pandas": False, "top": "2024-01-01 00:05:00", "past": 3, "rows": 6, "ids": [3, 4]}
+
+
+def test_json_array_columns_are_the_union_of_all_keys_in_every_batch(tmp_path):
+    """The columns used to come from the first object of each batch: a key it lacked was dropped
+    without a word, and a later batch could describe other columns than the first."""
+    records = [{"id": 1, "name": "a"}, {"id": 2, "name": "b", "email": "b@x.org"}]
+    records += [{"id": i, "score": 1} for i in range(3, BATCH_ROWS + 2)] + [{"id": 0, "score": 2.5, "late": True}]
+    path = tmp_path / "people.json"
+    path.write_text(json.dumps(records))
+    info = file_describe(path)
+    assert [(c.name, c.pg_type) for c in info.columns] == [
+        ("id", "bigint"),
+        ("name", "text"),
+        ("email", "text"),
+        ("score", "double precision"),
+        ("late", "boolean"),
+    ]
+    batches = list(file_batches(path))
+    assert len(batches) > 1 and sum(b.num_rows for b in batches) == BATCH_ROWS + 2
+    assert all(b.schema == batches[0].schema for b in batches)
+    rows = [row for batch in batches for row in batch.to_pylist()]
+    assert rows[:2] == [
+        {"id": 1, "name": "a", "email": None, "score": None, "late": None},
+        {"id": 2, "name": "b", "email": "b@x.org", "score": None, "late": None},
+    ]
+    assert rows[-1] == {"id": 0, "name": None, "email": None, "score": 2.5, "late": True}
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (
+            [{"id": 1, "v": 1}, {"id": 2, "v": "one"}],
+            r"cannot parse .*mixed\.json: JSON parse error: Column\(/v\) changed from number to string in row 1; "
+            r"fix the file",
+        ),
+        (
+            [{"id": 1, "v": 2**64}],
+            r"cannot parse .*mixed\.json: integer 18446744073709551616 is beyond 64 bits \(write it as a JSON "
+            r"string to load it as text\); fix the file",
+        ),
+        ([{"id": 1}, [2]], r"mixed\.json must hold a JSON array of objects \(or use \.jsonl, one object a line\)"),
+    ],
+)
+def test_json_array_values_no_column_type_holds_are_one_line_errors(tmp_path, records, message):
+    """A key with numbers and text has no one type; an integer beyond int64 raised a bare
+    OverflowError traceback (and the JSON Lines reader would round it to a double)."""
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(UserError, match=message) as err:
+        list(file_batches(path))
+    assert "\n" not in str(err.value)
