@@ -169,15 +169,27 @@ def sqlite_describe(conn: sqlite3.Connection, table: str) -> TableInfo:
     return TableInfo(table, columns, key)
 
 
-def sqlite_has_rowid(conn: sqlite3.Connection, table: str) -> bool:
+ROWID_NAMES = ("rowid", "_rowid_", "oid")
+
+
+def sqlite_rowid_name(info: TableInfo) -> str | None:
+    """The name the table's rowid goes by: the first of SQLite's three that no column of the
+    table takes (a column named ``rowid`` hides the rowid under that name); None when all are
+    taken, and such a table is read as one chunk, like a ``WITHOUT ROWID`` table."""
+    taken = {c.name.lower() for c in info.columns}
+    return next((name for name in ROWID_NAMES if name not in taken), None)
+
+
+def sqlite_has_rowid(conn: sqlite3.Connection, info: TableInfo) -> bool:
     """Whether the table has a rowid to chunk by (a ``WITHOUT ROWID`` table has none)."""
-    row = conn.execute("SELECT wr FROM pragma_table_list(?) WHERE schema = 'main'", (table,)).fetchone()
-    return row is not None and not row[0]
+    row = conn.execute("SELECT wr FROM pragma_table_list(?) WHERE schema = 'main'", (info.name,)).fetchone()
+    return row is not None and not row[0] and sqlite_rowid_name(info) is not None
 
 
-def sqlite_rowid_span(conn: sqlite3.Connection, table: str) -> tuple[int, int]:
+def sqlite_rowid_span(conn: sqlite3.Connection, info: TableInfo) -> tuple[int, int]:
     """(first rowid, last rowid + 1); (0, 0) for an empty table."""
-    query = "SELECT min(rowid), max(rowid) FROM " + _sqlite_ident(table)  # noqa: S608 - quoted identifier
+    rowid = sqlite_rowid_name(info)
+    query = f"SELECT min({rowid}), max({rowid}) FROM {_sqlite_ident(info.name)}"  # noqa: S608 - quoted identifier
     low, high = conn.execute(query).fetchone()
     return (0, 0) if low is None else (low, high + 1)
 
@@ -212,13 +224,16 @@ def sqlite_batches(
     they hold).
 
     SQLite has no columnar export, so rows are transposed per batch; BLOBs become bytea hex.
-    An unbounded chunk names no rowid: it is how a ``WITHOUT ROWID`` table is read.
+    An unbounded chunk names no rowid: it is how a ``WITHOUT ROWID`` table is read (a chunk
+    has rowid bounds only when the table has a rowid name left, see :func:`sqlite_rowid_name`).
     """
     schema = pa.schema(
         [(c.name, pa.string() if c.name in as_text else _sqlite_arrow(c.pg_type)) for c in info.columns]
     )
     bounds: list[tuple[str, object]] = [
-        (f"rowid {op} ?", int(bound[0])) for bound, op in ((chunk.lo, ">="), (chunk.hi, "<")) if bound
+        (f"{sqlite_rowid_name(info)} {op} ?", int(bound[0]))
+        for bound, op in ((chunk.lo, ">="), (chunk.hi, "<"))
+        if bound
     ]
     if cursor is not None and chunk.cursor_hi is not None:
         bounds += _sqlite_cursor_window(cursor, chunk.cursor_lo, chunk.cursor_hi)
@@ -250,20 +265,21 @@ def _sqlite_cursor_window(cursor: str, low: str | None, high: str | None) -> lis
 
 
 def sqlite_rows_since(
-    conn: sqlite3.Connection, table: str, cursor: str, since: str | None, every: int
+    conn: sqlite3.Connection, info: TableInfo, cursor: str, since: str | None, every: int
 ) -> tuple[str | None, int, list[int]]:
     """For an incremental pass: the highest cursor value (as text), the rows past ``since``,
     and the rowid of every ``every``-th of them after the first (the chunk bounds; none for a
     ``WITHOUT ROWID`` table, which is one chunk)."""
-    name, column = _sqlite_ident(table), _sqlite_ident(cursor)
+    name, column = _sqlite_ident(info.name), _sqlite_ident(cursor)
     (high,) = conn.execute(f"SELECT max({column}) FROM {name}").fetchone()  # noqa: S608 - quoted identifiers
     window = _sqlite_cursor_window(cursor, since, None)
     where = " AND ".join(condition for condition, _ in window) or "1"
     params = [value for _, value in window]
     (rows,) = conn.execute(f"SELECT count(*) FROM {name} WHERE {where}", params).fetchone()  # noqa: S608
     bounds: list[int] = []
-    if rows > every and sqlite_has_rowid(conn, table):
-        numbered = f"SELECT rowid AS fy_rowid, row_number() OVER (ORDER BY rowid) AS fy_rn FROM {name} WHERE {where}"  # noqa: S608
+    if rows > every and sqlite_has_rowid(conn, info):
+        rowid = sqlite_rowid_name(info)
+        numbered = f"SELECT {rowid} AS fy_rowid, row_number() OVER (ORDER BY {rowid}) AS fy_rn FROM {name} WHERE {where}"  # noqa: S608
         query = f"SELECT fy_rowid FROM ({numbered}) WHERE fy_rn % ? = 1 AND fy_rn > 1 ORDER BY fy_rn"  # noqa: S608
         bounds = [r[0] for r in conn.execute(query, [*params, every])]
     return None if high is None else str(high), rows, bounds
@@ -274,14 +290,23 @@ def _sqlite_array(table: str, field: pa.Field, values: Sequence[object]) -> pa.A
     naming the table and column (it fails before any mapping applies)."""
     if field.type == pa.string():
         return pa.array([_sqlite_text(v) for v in values], pa.string())
+    # SQLite keeps a REAL in an INTEGER column unless it is a whole number, and Arrow would
+    # truncate it to one without a word (2.9999 -> 2)
+    real = next((v for v in values if isinstance(v, float)), None) if field.type == pa.int64() else None
+    if real is not None:
+        raise _unfit(table, field, f"{real!r} is not an integer")
     try:
         return pa.array(values, field.type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-        raise UnfitValue(
-            f"SQLite column {table}.{field.name} holds a value that does not fit its declared type "
-            f"({first_line(exc)}); fix the value in the SQLite file or declare the column's "
-            "type to match its values, or rerun with quarantine=True to load the rest"
-        ) from None
+        raise _unfit(table, field, first_line(exc)) from None
+
+
+def _unfit(table: str, field: pa.Field, reason: str) -> UnfitValue:
+    return UnfitValue(
+        f"SQLite column {table}.{field.name} holds a value that does not fit its declared type "
+        f"({reason}); fix the value in the SQLite file or declare the column's "
+        "type to match its values, or rerun with quarantine=True to load the rest"
+    )
 
 
 def _sqlite_arrow(pg_type: str) -> pa.DataType:

@@ -167,12 +167,12 @@ def plan_sqlite(
     """
     with sqlite_connect(source_url) as conn:
         if cursor is not None:
-            cursor_hi, past, bounds = sqlite_rows_since(conn, info.name, cursor, cursor_lo, chunk_rows)
+            cursor_hi, past, bounds = sqlite_rows_since(conn, info, cursor, cursor_lo, chunk_rows)
             chunks = ranges([(str(b),) for b in bounds], "rowid", min(past, chunk_rows))
             return with_cursor(chunks, cursor_lo, cursor_hi) if past else []
-        if not sqlite_has_rowid(conn, info.name):
+        if not sqlite_has_rowid(conn, info):
             return ranges([], "rowid", row_count(source_url, info))
-        low, high = sqlite_rowid_span(conn, info.name)
+        low, high = sqlite_rowid_span(conn, info)
     return plan_by_ordinal(high - low, chunk_rows, "rowid", low)
 
 

@@ -985,12 +985,14 @@ def test_source_value_the_target_type_rejects_names_table_row_and_column(target_
 
 
 def test_quarantine_takes_rows_whose_values_their_types_reject_and_loads_the_rest(target_db, tmp_path):
-    """SQLite keeps text in INTEGER and NUMERIC columns; with quarantine those rows go aside, with
+    """SQLite keeps text in INTEGER and NUMERIC columns, and a REAL that is not a whole number in an
+    INTEGER column (it used to load truncated); with quarantine those rows go aside, with
     PostgreSQL's reason, and the rest of the chunk loads and validates."""
     path = tmp_path / "legacy.db"
     rows = [(i, i * 10, f"{i}.5") for i in range(1, 1001)]
     rows[16] = (17, "lots", "17.5")  # INTEGER column: the Arrow batch cannot even be built
     rows[229] = (230, 2300, "n/a")  # NUMERIC column (read as text): PostgreSQL rejects it
+    rows[500] = (501, 5010.5, "501.5")  # INTEGER column keeps the REAL: Arrow would truncate it
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE prices (id INTEGER PRIMARY KEY, qty INTEGER, amount NUMERIC)")
         db.executemany("INSERT INTO prices VALUES (?, ?, ?)", rows)
@@ -998,18 +1000,24 @@ def test_quarantine_takes_rows_whose_values_their_types_reject_and_loads_the_res
         bulk_migrate(f"sqlite:///{path}", target_db, chunk_rows=300)
 
     report = bulk_migrate(f"sqlite:///{path}", target_db, chunk_rows=300, quarantine=True)
-    assert report["tables"][0]["rows"] == 998
+    assert report["tables"][0]["rows"] == 997
     assert "MISMATCH" not in report["tables"][0]["validation"]
     assert _fetch(target_db, "SELECT count(*), sum(qty), sum(amount) FROM prices") == [
-        (998, sum(r[1] for r in rows if isinstance(r[1], int)) - 2300, sum(r[0] + 0.5 for r in rows) - 17.5 - 230.5)
+        (
+            997,
+            sum(r[1] for r in rows if isinstance(r[1], int)) - 2300,
+            sum(r[0] + 0.5 for r in rows) - 17.5 - 230.5 - 501.5,
+        )
     ]
     quarantined = _fetch(target_db, "SELECT row_data, error FROM flowyard.bulk_quarantine ORDER BY (row_data->>'id')::int")
     assert [(q[0]["id"], q[0]["qty"], q[0]["amount"]) for q in quarantined] == [
         ("17", "lots", "17.5"),
         ("230", "2300", "n/a"),
+        ("501", "5010.5", "501.5"),
     ]
     assert 'invalid input syntax for type bigint: "lots"' in quarantined[0][1]
     assert 'invalid input syntax for type numeric: "n/a"' in quarantined[1][1]
+    assert 'invalid input syntax for type bigint: "5010.5"' in quarantined[2][1]
 
 
 def test_quarantine_takes_file_rows_an_existing_target_column_rejects(target_db, tmp_path):

@@ -18,7 +18,7 @@ from tasks.bulk_sources import (
     sqlite_connect,
     sqlite_describe,
 )
-from tasks.chunk_plan import Chunk
+from tasks.chunk_plan import Chunk, plan_table
 from tasks.errors import UserError
 from tests.conftest import ROOT
 
@@ -58,6 +58,42 @@ def test_sqlite_value_that_does_not_fit_an_integer_column_names_the_column(tmp_p
     assert "\n" not in str(err.value)
 
 
+def test_sqlite_real_in_an_integer_column_is_unfit_not_truncated(tmp_path):
+    """SQLite keeps 2.9999 as REAL in an INTEGER column; it used to load as 2, silently."""
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    with sqlite3.connect(tmp_path / "legacy.db") as db:
+        db.execute("CREATE TABLE r (id INTEGER PRIMARY KEY, n INTEGER)")
+        db.executemany("INSERT INTO r VALUES (?, ?)", [(1, 3), (2, 2.9999), (3, -1.7)])
+    with pytest.raises(UserError) as err:
+        _read(url, "r")
+    assert str(err.value) == (
+        "SQLite column r.n holds a value that does not fit its declared type (2.9999 is not an integer); "
+        "fix the value in the SQLite file or declare the column's type to match its values, or rerun with "
+        "quarantine=True to load the rest"
+    )
+
+
+@pytest.mark.parametrize(
+    ("columns", "chunks"), [("rowid TEXT, v INTEGER", 3), ("rowid TEXT, _ROWID_ INTEGER, oid REAL, v INTEGER", 1)]
+)
+def test_sqlite_column_named_rowid_does_not_hide_the_rowid_chunks_go_by(tmp_path, columns, chunks):
+    """A column named rowid hides SQLite's rowid under that name: planning failed with a TypeError
+    (its text max + 1). The rowid's other names are used; with all three taken, one chunk."""
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    with sqlite3.connect(tmp_path / "legacy.db") as db:
+        db.execute(f"CREATE TABLE t ({columns})")
+        db.executemany("INSERT INTO t (rowid, v) VALUES (?, ?)", [(f"r{i}", i) for i in range(5)])
+        db.execute("UPDATE t SET rowid = NULL WHERE v = 4")
+    with sqlite_connect(url) as conn:
+        info = sqlite_describe(conn, "t")
+    plan = plan_table(url, info, 2)
+    rows = [row for chunk in plan for batch in sqlite_batches(url, info, chunk) for row in batch.to_pylist()]
+    assert (len(plan), [(row["rowid"], row["v"]) for row in rows]) == (
+        chunks,
+        [("r0", 0), ("r1", 1), ("r2", 2), ("r3", 3), (None, 4)],
+    )
+
+
 def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
     """It used to describe as a table without columns, which the copy refused to create."""
     (tmp_path / "plans.csv").write_text("id,name\n")
@@ -70,7 +106,7 @@ FILE_CURSOR_WINDOW = """
 import json, sys
 from pathlib import Path
 from tasks.bulk_sources import file_chunk_batches, file_describe, file_rows_since
-from tasks.chunk_plan import Chunk
+from tasks.chunk_plan import Chunk, plan_table
 
 info = file_describe(Path(sys.argv[1]))
 top, past, rows = file_rows_since(info, "changed", "2024-01-01 00:02:00")
