@@ -253,7 +253,8 @@ def sqlite_batches(
 
 
 def _sqlite_cursor_window(cursor: str, low: str | None, high: str | None) -> list[tuple[str, object]]:
-    """Conditions and parameters for ``low < cursor <= high`` (None = open).
+    """Conditions and parameters for ``low < cursor <= high`` (None = open); without ``low`` (a
+    first pass) rows whose cursor is NULL are in the window too, as in ``Chunk.pg_filter``.
 
     The bounds are bound as text, as the saved cursor is: SQLite converts a parameter compared
     with a column to the column's affinity, so an INTEGER, REAL or NUMERIC cursor compares as a
@@ -261,7 +262,8 @@ def _sqlite_cursor_window(cursor: str, low: str | None, high: str | None) -> lis
     """
     column = _sqlite_ident(cursor)
     window: list[tuple[str, object]] = [] if low is None else [(f"{column} > ?", low)]
-    return window + ([] if high is None else [(f"{column} <= ?", high)])
+    upto = f"{column} <= ?" if low is not None else f"({column} <= ? OR {column} IS NULL)"
+    return window + ([] if high is None else [(upto, high)])
 
 
 def sqlite_rows_since(
@@ -428,7 +430,8 @@ def file_chunk_batches(info: TableInfo, chunk: Chunk, cursor: str | None = None)
 
 def _cursor_mask(batch: pa.RecordBatch, info: TableInfo, cursor: str, low: str | None, high: str | None) -> pa.Array:
     """Which rows of a file batch lie in ``low < cursor <= high`` (None = open); rows whose cursor
-    is null lie nowhere, as in SQL. The text bounds are cast to the column's Arrow type."""
+    is null lie only in a first pass's window (no ``low``), as in ``Chunk.pg_filter``. The text
+    bounds are cast to the column's Arrow type."""
     column = batch.column(cursor)
     try:
         mask = pc.is_valid(column)
@@ -440,7 +443,7 @@ def _cursor_mask(batch: pa.RecordBatch, info: TableInfo, cursor: str, low: str |
             f"cursor column {info.name}.{cursor} cannot be compared with the saved cursor {low or high!r} "
             f"({first_line(exc)}); pick a cursor column of numbers, timestamps or text, or use mode='full'"
         ) from None
-    return pc.fill_null(mask, literal_array([False])[0])
+    return pc.fill_null(pc.or_(mask, pc.is_null(column)) if low is None else mask, literal_array([False])[0])
 
 
 def file_rows_since(info: TableInfo, cursor: str, since: str | None) -> tuple[str | None, int, int]:

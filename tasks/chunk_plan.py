@@ -47,7 +47,11 @@ a chunk's copy time while a retry still redoes only about a second of work."""
 
 @dataclass(frozen=True)
 class Chunk:
-    """Rows ``lo <= bound < hi`` (None = unbounded) and, incrementally, ``cursor_lo < cursor <= cursor_hi``."""
+    """Rows ``lo <= bound < hi`` (None = unbounded) and, incrementally, ``cursor_lo < cursor <= cursor_hi``.
+
+    A first incremental pass (``cursor_lo`` None) also takes the rows whose cursor is NULL: they
+    were never copied, and no comparison would ever select them. Later passes cannot tell whether
+    such a row changed, so they leave it."""
 
     index: int
     method: Method
@@ -90,10 +94,13 @@ class Chunk:
                 parts.append(sql.SQL("{} {} ({})").format(column, sql.SQL(op), marks))
                 params.extend(bound)
         if cursor is not None and self.cursor_hi is not None:
+            moved = sql.Identifier(cursor)
             if self.cursor_lo is not None:
-                parts.append(sql.SQL("{} > {}").format(sql.Identifier(cursor), sql.Placeholder()))
+                parts.append(sql.SQL("{} > {}").format(moved, sql.Placeholder()))
                 params.append(self.cursor_lo)
-            parts.append(sql.SQL("{} <= {}").format(sql.Identifier(cursor), sql.Placeholder()))
+                parts.append(sql.SQL("{} <= {}").format(moved, sql.Placeholder()))
+            else:
+                parts.append(sql.SQL("({c} <= {} OR {c} IS NULL)").format(sql.Placeholder(), c=moved))
             params.append(self.cursor_hi)
         return (sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")), params
 
@@ -210,9 +217,11 @@ def plan_table(
         cursor_hi = one_row(
             conn, sql.SQL("SELECT max({})::text FROM {}").format(sql.Identifier(cursor), info.ident)
         )[0]
-        if cursor_hi is None or (
-            cursor_lo is not None
-            and not one_row(
+        # A first pass copies every row, also when no row has a cursor yet (cursor_hi None:
+        # the chunks then have no cursor window, and the next pass is a first pass again).
+        if cursor_lo is not None and (
+            cursor_hi is None
+            or not one_row(
                 conn, sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(info.ident, window), params
             )[0]
         ):

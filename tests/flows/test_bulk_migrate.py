@@ -520,6 +520,41 @@ def test_incremental_cursor_defaults_to_the_key(kind, fresh_db, target_db, tmp_p
     assert _fetch(target_db, "SELECT count(*), max(id) FROM items") == [(310, 310)]
 
 
+@pytest.mark.parametrize("kind", ["postgres", "sqlite", "files"])
+def test_incremental_first_pass_copies_rows_whose_cursor_is_null(kind, fresh_db, target_db, tmp_path):
+    """No cursor comparison selects a NULL: those rows were never copied, and the pass then failed
+    its count check, as did every rerun. The first pass takes them; later passes move past the
+    saved cursor only."""
+    rows = [(i, f"item {i}", None if i % 10 == 0 else f"2024-01-01 00:{i:02d}:00") for i in range(1, 51)]
+    mapping = {"items": {"key": ["id"], "cursor": "updated_at"}} if kind != "postgres" else {}
+
+    def write(rows: list[tuple[int, str, str | None]]) -> str:
+        if kind == "postgres":
+            _exec(fresh_db, "CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, name text, updated_at timestamp)")
+            with psycopg.connect(fresh_db, autocommit=True) as conn:
+                conn.cursor().executemany("INSERT INTO items VALUES (%s, %s, %s)", rows)
+            return fresh_db
+        if kind == "sqlite":
+            with sqlite3.connect(tmp_path / "app.db") as db:
+                db.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, name TEXT, updated_at DATETIME)")
+                db.executemany("INSERT INTO items VALUES (?, ?, ?)", rows)
+            return f"sqlite:///{tmp_path / 'app.db'}"
+        lines = [json.dumps({"id": i, "name": n, "updated_at": at}) for i, n, at in rows]
+        with (tmp_path / "items.jsonl").open("a") as out:
+            out.write("\n".join(lines) + "\n")
+        return str(tmp_path)
+
+    source = write(rows)
+    options = {"mode": "incremental", "cursor_column": "updated_at", "mapping": mapping, "chunk_rows": 20}
+    first = bulk_migrate(source, target_db, **options)
+    assert first["tables"][0]["rows"] == 50 and "MISMATCH" not in first["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*), count(updated_at) FROM items") == [(50, 45)]
+    write([(51, "new", "2024-06-01 00:00:00")])
+    second = bulk_migrate(source, target_db, **options)
+    assert second["tables"][0]["rows"] == 1 and "MISMATCH" not in second["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*), count(updated_at) FROM items") == [(51, 46)]
+
+
 def test_incremental_from_files_filters_past_the_declared_cursor(target_db, tmp_path):
     """A file table moves by a declared cursor column (compared column-wise); without one it is
     refused in one line, as neither row order nor a key tells which rows changed."""
