@@ -10,6 +10,7 @@ PostgreSQL types and reads a chunk as a stream of Arrow record batches.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class TableInfo:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}" if self.schema else self.name
+        return qualified_name(self.schema, self.name) if self.schema else self.name
 
     @property
     def ident(self) -> sql.Identifier:
@@ -126,7 +127,9 @@ def pg_describe(conn: psycopg.Connection, schema: str, table: str) -> TableInfo:
         (schema, table),
     ).fetchall()
     if not rows:
-        raise UserError(f"table {schema}.{table} does not exist in the source; check the tables parameter")
+        raise UserError(
+            f"table {qualified_name(schema, table)} does not exist in the source; check the tables parameter"
+        )
     key = conn.execute(
         """
         SELECT a.attname FROM pg_index i
@@ -141,9 +144,74 @@ def pg_describe(conn: psycopg.Connection, schema: str, table: str) -> TableInfo:
     return TableInfo(table, columns, tuple(r[0] for r in key), schema)
 
 
+# A part of a table name: in double quotes (``""`` for a quote inside), or bare up to a dot.
+_NAME_PART = re.compile(r'"((?:[^"]|"")*)"|([^."]*)')
+
+
+def quoted_name(schema: str, name: str) -> str:
+    """``"schema"."name"``, every part quoted: PostgreSQL's SQL spelling, and a ``pg_dump -t``
+    pattern that matches exactly that table (psql's pattern rules take ``*``, ``?`` and ``.``
+    literally inside double quotes, and ``""`` as a quote)."""
+    return ".".join('"' + part.replace('"', '""') + '"' for part in (schema, name))
+
+
+def qualified_name(schema: str, name: str) -> str:
+    """``schema.name`` as reports and checkpoints name a table and the ``tables`` parameter takes
+    it: parts are quoted only when they hold a dot or a quote (or are empty), so every label parses
+    back to its one table and ordinary names read as before."""
+    return ".".join(
+        '"' + part.replace('"', '""') + '"' if not part or "." in part or '"' in part else part
+        for part in (schema, name)
+    )
+
+
+def name_parts(text: str) -> list[str]:
+    """The dot-separated parts of a table name, bare or in double quotes:
+    ``"my.schema"."a""b"`` is ``["my.schema", 'a"b']``; a stray quote is a one-line error."""
+    parts: list[str] = []
+    position = 0
+    while True:
+        match = _NAME_PART.match(text, position)
+        assert match is not None  # the bare alternative matches the empty string
+        quoted, bare = match.groups()
+        parts.append(quoted.replace('""', '"') if quoted is not None else bare)
+        position = match.end()
+        if position == len(text):
+            return parts
+        if text[position] != ".":
+            raise UserError(
+                f"table name {text!r} is not schema.table: a part with a dot or a quote goes in double "
+                'quotes, with "" for a quote inside, e.g. "my.schema"."a.b"'
+            )
+        position += 1
+
+
 def split_name(name: str, default_schema: str = "public") -> tuple[str, str]:
-    schema, _, table = name.rpartition(".")
-    return schema or default_schema, table
+    """``(schema, table)`` of ``schema.table`` or ``table`` (in ``default_schema``)."""
+    parts = name_parts(name)
+    if len(parts) > 2:
+        raise UserError(
+            f"table name {name!r} has {len(parts)} dot-separated parts; write schema.table, with a part "
+            'that holds a dot in double quotes, e.g. "my.schema"."a.b"'
+        )
+    return (default_schema, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def resolve_table_name(name: str, available: Collection[str]) -> str:
+    """The PostgreSQL source table (as :func:`list_tables` names it) that a ``tables`` entry means.
+
+    A quoted entry is read strictly. An unquoted one may be split at any of its dots, or be a
+    table of ``public`` whose name holds them (``my.table``: schema ``my``, or ``public."my.table"``):
+    the one reading that exists is meant; several are a one-line error asking for quotes. An entry
+    no table matches is returned as given, for the caller to report as missing."""
+    if '"' in name:
+        return qualified_name(*split_name(name))
+    readings = [("public", name), *((name[:i], name[i + 1 :]) for i, c in enumerate(name) if c == ".")]
+    found = [(schema, table) for schema, table in readings if qualified_name(schema, table) in available]
+    if len(found) > 1:
+        meanings = " or ".join(quoted_name(*reading) for reading in found)
+        raise UserError(f"table name {name!r} could be {meanings}; quote its parts to say which")
+    return qualified_name(*found[0]) if found else name
 
 
 # --- SQLite -----------------------------------------------------------------------------------
@@ -463,13 +531,14 @@ def file_rows_since(info: TableInfo, cursor: str, since: str | None) -> tuple[st
 
 
 def list_tables(source_url: str) -> list[str]:
-    """All tables of the source: ``schema.table`` for PostgreSQL, bare names otherwise."""
+    """All tables of the source: ``schema.table`` for PostgreSQL (see :func:`qualified_name`),
+    bare names otherwise."""
     kind = source_kind(source_url)
     if kind == "postgres":
         from tasks.integrity import user_tables
 
         with connection(validate_postgres_url(source_url)) as conn:
-            return [f"{s}.{t}" for s, t in user_tables(conn)]
+            return [qualified_name(s, t) for s, t in user_tables(conn)]
     if kind == "sqlite":
         with sqlite_connect(source_url) as conn:
             return sqlite_tables(conn)

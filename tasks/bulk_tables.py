@@ -21,6 +21,8 @@ from tasks.bulk_sources import (
     describe,
     list_tables,
     pg_describe,
+    qualified_name,
+    resolve_table_name,
     source_kind,
     split_name,
 )
@@ -74,7 +76,7 @@ class TableSpec:
 
     @property
     def target_label(self) -> str:
-        return f"{self.target_schema}.{self.target.name}"
+        return qualified_name(self.target_schema, self.target.name)
 
     @property
     def dumped(self) -> bool:
@@ -106,13 +108,13 @@ def table_specs(
     kind = source_kind(source_url)
     available = list_tables(source_url)
     names = tables or available
-    if kind == "postgres":
-        names = [n if "." in n else f"public.{n}" for n in names]
+    if kind == "postgres" and tables:
+        names = [resolve_table_name(n, available) for n in tables]
     missing = [n for n in names if n not in available]
     if missing:
         raise UserError(f"source has no tables {missing}; available: {', '.join(available) or 'none'}")
     # A mapping keyed by a misspelt table would otherwise be ignored: the table copied unmapped.
-    known = {*available, *(split_name(n)[1] for n in available)}
+    known = {*available, *(split_name(n)[1] for n in available if kind == "postgres")}
     if unmatched := sorted(set(mapping) - known):
         raise UserError(
             f"mapping names tables the source does not have: {unmatched}; "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import Column, TableInfo
+from tasks.bulk_sources import Column, TableInfo, quoted_name
 from tasks.db import connection, libpq_target, mask_url, one_row
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError, tool_error
@@ -128,7 +128,7 @@ def _dump_patterns(source_url: str, tables: Sequence[TableInfo]) -> list[str]:
         for t in tables
         for arg in (
             "--table-and-children" if (t.schema, t.name) in partitioned else "-t",
-            f'"{t.schema}"."{t.name}"',
+            quoted_name(t.schema or "public", t.name),
         )
     ]
 

@@ -131,6 +131,31 @@ def test_full_copy_equals_source_with_ddl_and_rerun_is_cached(fresh_db, target_d
         bulk_migrate(fresh_db, target_db, chunk_rows=300, parallelism=3)
 
 
+def test_tables_named_with_dots_quotes_and_pattern_characters_copy(fresh_db, target_db):
+    """Names were split at their last dot and put into pg_dump patterns without doubling their
+    quotes: one such table failed a whole-database copy. A pattern's * and ? must not match
+    other tables either (axbyc is not copied when only a*b?c is)."""
+    tables = ['public."my.table"', 'public."we""ird"', '"my.schema"."a.b"', 'public."a*b?c"', "public.axbyc"]
+    _exec(fresh_db, 'CREATE SCHEMA "my.schema"')
+    for number, table in enumerate(tables, 1):
+        _exec(fresh_db, f"CREATE TABLE {table} (id int PRIMARY KEY)", f"INSERT INTO {table} VALUES ({number})")
+    report = bulk_migrate(fresh_db, target_db)
+    assert {t["table"]: t["rows"] for t in report["tables"]} == {
+        'public."my.table"': 1,
+        'public."we""ird"': 1,
+        '"my.schema"."a.b"': 1,
+        "public.a*b?c": 1,
+        "public.axbyc": 1,
+    }
+    assert all("MISMATCH" not in t["validation"] for t in report["tables"])
+    assert [_fetch(target_db, f"SELECT id FROM {table}") for table in tables] == [[(n,)] for n in range(1, 6)]
+
+    _exec(target_db, "DROP TABLE axbyc, \"a*b?c\"")
+    only = bulk_migrate(fresh_db, target_db, tables=["a*b?c", "my.table"], restart=True)
+    assert [t["table"] for t in only["tables"]] == ["public.a*b?c", 'public."my.table"']
+    assert _fetch(target_db, "SELECT to_regclass('public.axbyc') IS NULL") == [(True,)]
+
+
 def test_chunk_checksums_are_taken_in_the_copy_snapshot_and_checked_against_the_target(fresh_db, target_db):
     """Each direct chunk records the source checksum of exactly the rows it sent (same snapshot
     as its COPY OUT); validation compares those with the target, so a source row changed after

@@ -14,6 +14,9 @@ from tasks.bulk_sources import (
     file_batches,
     file_describe,
     file_row_count,
+    qualified_name,
+    resolve_table_name,
+    split_name,
     sqlite_batches,
     sqlite_connect,
     sqlite_describe,
@@ -181,3 +184,54 @@ def test_json_array_values_no_column_type_holds_are_one_line_errors(tmp_path, re
     with pytest.raises(UserError, match=message) as err:
         list(file_batches(path))
     assert "\n" not in str(err.value)
+
+
+AVAILABLE = [qualified_name(*t) for t in [("public", "my.table"), ("my", "table"), ("public", 'we"ird'), ("a.b", "c")]]
+
+
+def test_table_names_with_dots_and_quotes_parse_back_to_their_table():
+    """Names were split at their last dot: public."my.table" became schema public.my, table table."""
+    assert AVAILABLE == ['public."my.table"', "my.table", 'public."we""ird"', '"a.b".c']
+    assert [split_name(name) for name in AVAILABLE] == [
+        ("public", "my.table"),
+        ("my", "table"),
+        ("public", 'we"ird'),
+        ("a.b", "c"),
+    ]
+    assert split_name("orders") == ("public", "orders") and split_name('"x.y"', "s") == ("s", "x.y")
+
+
+@pytest.mark.parametrize(
+    ("entry", "table"),
+    [
+        ('public."my.table"', 'public."my.table"'),
+        ('"my"."table"', "my.table"),
+        ('"we""ird"', 'public."we""ird"'),
+        ("a.b.c", '"a.b".c'),
+        ("public.nope", "public.nope"),
+    ],
+)
+def test_tables_entry_names_the_one_table_it_can_mean(entry, table):
+    assert resolve_table_name(entry, AVAILABLE) == table
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("my.table", """table name 'my.table' could be "public"."my.table" or "my"."table"; quote its parts to say which"""),
+        (
+            '"a"b',
+            """table name '"a"b' is not schema.table: a part with a dot or a quote goes in double quotes, with "" """
+            'for a quote inside, e.g. "my.schema"."a.b"',
+        ),
+        (
+            '"a".b.c',
+            """table name '"a".b.c' has 3 dot-separated parts; write schema.table, with a part that holds a dot in """
+            'double quotes, e.g. "my.schema"."a.b"',
+        ),
+    ],
+)
+def test_tables_entry_that_is_ambiguous_or_malformed_is_one_line(entry, message):
+    with pytest.raises(UserError) as err:
+        resolve_table_name(entry, AVAILABLE)
+    assert str(err.value) == message
