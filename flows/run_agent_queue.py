@@ -41,7 +41,7 @@ def run_agent_queue(
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
     retries: int = 2,
-    lease_seconds: float = 120.0,
+    lease_seconds: float = queue.DEFAULT_LEASE_SECONDS,
     max_tasks: int | None = None,
 ) -> dict[str, Any]:
     """Run queued agent tasks until none is ready (or ``max_tasks`` were claimed).
@@ -78,7 +78,7 @@ def run_agent_queue(
             room = max_agents - len(running)
             if max_tasks is not None:
                 room = min(room, max_tasks - claimed)
-            for task in queue.claim_ready(url, setup.worker, room, setup.templates):
+            for task in queue.claim_ready(url, setup.worker, room, setup.templates, exclude=running):
                 claimed += 1
                 agents_fleet.claimed(task)
                 running[task.id] = runner.submit(

@@ -242,9 +242,12 @@ def _signals_deferred() -> Iterator[None]:
 def _record_interrupted(
     setup: AgentSetup, task_id: int, attempt: int, checkpoint: dict[str, Any] | None, reason: str
 ) -> None:
-    """The ``graceful_shutdown`` checkpoint: the agent's latest state, so the task resumes from it."""
+    """The ``graceful_shutdown`` checkpoint: the agent's latest state, so the task resumes from it
+    (not stored when the attempt was superseded: the task's checkpoint is its new holder's)."""
     state = checkpoint if checkpoint is not None else _last_state(setup.database_url, task_id)
-    queue.record_checkpoint(setup.database_url, task_id, attempt, state, kind="graceful_shutdown")
+    queue.record_checkpoint(
+        setup.database_url, task_id, setup.worker, attempt, state, kind="graceful_shutdown"
+    )
 
 
 def _last_state(url: str, task_id: int) -> dict[str, Any]:
@@ -300,8 +303,10 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     log = TaskLog(setup.logs_dir, task_id, attempt, get_run_logger())
 
     def on_message(stream: str, message: AgentMessage) -> None:
-        if isinstance(message, CheckpointMessage):
-            queue.record_checkpoint(url, task_id, attempt, message.state)
+        if isinstance(message, CheckpointMessage) and not queue.record_checkpoint(
+            url, task_id, setup.worker, attempt, message.state
+        ):
+            process.request_stop(f"attempt {attempt} no longer holds task {task_id} (cancelled or reclaimed)")
         log.write(stream, message)
         if isinstance(message, ArtifactMessage) and (refused := publish_artifact(task_id, message)):
             log.write("flowyard", LogMessage(kind="log", level="warning", message=refused))
@@ -311,8 +316,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         template,
         on_message=on_message,
         limits=setup.limits,
-        keep_going=lambda: queue.heartbeat(url, task_id, setup.worker),
-        on_start=lambda pgid: _started(setup, current, task_id, pgid),
+        keep_going=lambda: queue.heartbeat(url, task_id, setup.worker, attempt),
+        on_start=lambda pgid: _started(setup, current, task_id, attempt, pgid),
     )
     try:
         current.add(task_id, process)
@@ -346,9 +351,9 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     }
 
 
-def _started(setup: AgentSetup, current: Fleet, task_id: int, pgid: int) -> None:
+def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid: int) -> None:
     current.reaper.watch(pgid)
-    queue.set_agent_pgid(setup.database_url, task_id, setup.worker, pgid)
+    queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
 
 
 def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome) -> None:

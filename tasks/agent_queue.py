@@ -37,6 +37,8 @@ Outcome = Literal["completed", "failed", "timeout", "interrupted"]
 PRIORITIES: tuple[str, ...] = ("critical", "high", "medium", "low")
 TASK_TYPES: tuple[str, ...] = ("epic", "story", "task", "subtask", "bug", "spike")
 STATUSES: tuple[str, ...] = ("draft", "pending", "in_progress", "review", "completed", "failed", "cancelled")
+DEFAULT_LEASE_SECONDS = 120.0
+"""How long a worker may stay silent before its tasks count as abandoned (``lease_seconds``)."""
 
 
 def is_priority(value: str) -> TypeGuard[Priority]:
@@ -296,11 +298,13 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
                SET status = %s, updated_at = now(),
                    error = CASE WHEN %s THEN NULL ELSE error END,
                    blocked_reason = CASE WHEN %s THEN NULL ELSE blocked_reason END,
+                   worker = CASE WHEN %s THEN NULL ELSE worker END,
+                   agent_pgid = CASE WHEN %s THEN NULL ELSE agent_pgid END,
                    finished_at = CASE WHEN %s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
              WHERE id = %s AND status = ANY(%s)
             RETURNING id
             """,
-            (to, reset, reset, to, task_id, list(allowed)),
+            (to, reset, reset, reset, reset, to, task_id, list(allowed)),
         ).fetchone()
         if row is None:
             current = conn.execute(
@@ -322,8 +326,39 @@ def cancel_task(url: str, task_id: int) -> None:
 
 
 def retry_task(url: str, task_id: int) -> None:
-    """Put a failed or cancelled task back in the queue; it resumes from its last checkpoint."""
+    """Put a failed or cancelled task back in the queue; it resumes from its last checkpoint.
+
+    Refused while a cancelled attempt is still stopping its agent: queued again at once, the
+    task could be claimed and a second agent started beside the first."""
+    stopping = _stopping_attempt(url, task_id)
+    if stopping is not None:
+        attempt, worker = stopping
+        raise UserError(
+            f"cannot retry task {task_id} yet: its cancelled attempt {attempt} is still stopping its agent "
+            f"(worker {worker}); retry in a few seconds"
+        )
     _transition(url, task_id, ("failed", "cancelled"), "pending", "retry", reset=True)
+
+
+def _stopping_attempt(url: str, task_id: int) -> tuple[int, str] | None:
+    """(attempt, worker) of a cancelled task's attempt whose agent may still run: its
+    ``agent_runs`` row is open (the worker closes it only once the agent's group is gone), its
+    worker is not known dead and the attempt heartbeat is fresher than the lease. The worker
+    keeps heartbeating a cancelled attempt until it has stopped its agent."""
+    with _connection(url) as conn:
+        row = conn.execute(
+            """
+            SELECT r.attempt, r.worker FROM flowyard.agent_runs r
+              JOIN flowyard.agent_tasks t ON t.id = r.task_id
+             WHERE r.task_id = %s AND r.outcome IS NULL AND t.status = 'cancelled'
+               AND t.heartbeat_at >= now() - make_interval(secs => %s)
+             ORDER BY r.id DESC LIMIT 1
+            """,
+            (task_id, DEFAULT_LEASE_SECONDS),
+        ).fetchone()
+    if row is None or worker_alive(row[1]) is False:
+        return None
+    return int(row[0]), str(row[1])
 
 
 def submit_task(url: str, task_id: int) -> None:
@@ -337,7 +372,11 @@ def approve_task(url: str, task_id: int) -> None:
 
 
 def claim_ready(
-    url: str, worker: str, limit: int, agent_types: Collection[str] | None = None
+    url: str,
+    worker: str,
+    limit: int,
+    agent_types: Collection[str] | None = None,
+    exclude: Collection[int] = (),
 ) -> list[AgentTask]:
     """Claim up to ``limit`` ready tasks, highest priority first, oldest first within a priority.
 
@@ -348,7 +387,8 @@ def claim_ready(
     ``FOR UPDATE SKIP LOCKED`` makes concurrent claimers skip each other's rows; a row
     another worker claimed and committed no longer matches ``status = 'pending'`` on
     re-check, so no task is ever claimed twice. One statement (one round trip) claims and
-    returns the rows.
+    returns the rows. ``exclude`` are the tasks the claimer still runs: one retried while its
+    previous attempt winds down waits for the next claim instead of getting a second attempt.
     """
     if limit <= 0:
         return []
@@ -361,6 +401,7 @@ def claim_ready(
                     SELECT t.id FROM flowyard.agent_tasks t
                      WHERE t.status = 'pending'
                        AND (%s::text[] IS NULL OR t.agent_type = ANY(%s::text[]))
+                       AND NOT t.id = ANY(%s::bigint[])
                        AND NOT EXISTS (
                            SELECT 1 FROM flowyard.agent_task_blocks b
                              JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
@@ -378,7 +419,7 @@ def claim_ready(
                 SELECT {columns} FROM claimed t ORDER BY t.priority_rank, t.id
                 """
             ).format(columns=_TASK_COLUMNS),
-            (types, types, limit, worker),
+            (types, types, list(exclude), limit, worker),
         ).fetchall()
     return [_task(r) for r in rows]
 
@@ -435,43 +476,57 @@ def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) 
     return Attempt(int(row[0]), int(row[1]), row[2])
 
 
-def set_agent_pgid(url: str, task_id: int, worker: str, pgid: int | None) -> None:
+def set_agent_pgid(url: str, task_id: int, worker: str, attempt: int, pgid: int | None) -> None:
     with _connection(url, durable=False) as conn:
         conn.execute(
-            "UPDATE flowyard.agent_tasks SET agent_pgid = %s WHERE id = %s AND worker = %s",
-            (pgid, task_id, worker),
+            "UPDATE flowyard.agent_tasks SET agent_pgid = %s WHERE id = %s AND worker = %s AND attempts = %s",
+            (pgid, task_id, worker, attempt),
         )
 
 
-def heartbeat(url: str, task_id: int, worker: str) -> bool:
-    """Refresh the claim; False when the task was cancelled or taken away, so the agent must stop."""
+def heartbeat(url: str, task_id: int, worker: str, attempt: int) -> bool:
+    """Refresh the claim of one attempt; False when the task was cancelled, taken away or
+    superseded by a newer attempt, so the agent must stop.
+
+    Every write of an attempt is fenced by (worker, attempt number): a worker that claims a
+    task again starts a new attempt, and the old one's writes no longer match. A cancelled
+    attempt's heartbeat still refreshes ``heartbeat_at`` while its agent stops, which is how
+    :func:`retry_task` tells that it is still alive."""
     with _connection(url, durable=False) as conn:
         row = conn.execute(
             """
             UPDATE flowyard.agent_tasks SET heartbeat_at = now()
-             WHERE id = %s AND worker = %s AND status = 'in_progress' RETURNING id
+             WHERE id = %s AND worker = %s AND attempts = %s AND status IN ('in_progress', 'cancelled')
+            RETURNING status = 'in_progress'
             """,
-            (task_id, worker),
+            (task_id, worker, attempt),
         ).fetchone()
-    return row is not None
+    return row is not None and bool(row[0])
 
 
 def record_checkpoint(
-    url: str, task_id: int, attempt: int, state: dict[str, Any], kind: str = "agent"
-) -> None:
-    """Append to the checkpoint history and make it the task's last checkpoint, in one statement."""
+    url: str, task_id: int, worker: str, attempt: int, state: dict[str, Any], kind: str = "agent"
+) -> bool:
+    """Append to the checkpoint history and make it the task's last checkpoint, in one statement.
+
+    Only while ``worker`` still holds the task with this attempt (see :func:`heartbeat`):
+    returns False, storing nothing, when the attempt was superseded, so a stale agent's
+    state (or its ``graceful_shutdown`` checkpoint) never overwrites the current holder's."""
     _refuse_nul(state, f"the checkpoint of task {task_id} attempt {attempt}")
     value = {"attempt": attempt, "kind": kind, "state": state}
     with _connection(url) as conn:
-        conn.execute(
+        stored = conn.execute(
             """
-            WITH h AS (
-                INSERT INTO flowyard.agent_checkpoints (task_id, attempt, kind, state) VALUES (%s, %s, %s, %s)
+            WITH t AS (
+                UPDATE flowyard.agent_tasks SET last_checkpoint = %s, updated_at = now()
+                 WHERE id = %s AND worker = %s AND attempts = %s RETURNING id
             )
-            UPDATE flowyard.agent_tasks SET last_checkpoint = %s, updated_at = now() WHERE id = %s
+            INSERT INTO flowyard.agent_checkpoints (task_id, attempt, kind, state)
+            SELECT id, %s, %s, %s FROM t
             """,
-            (task_id, attempt, kind, Jsonb(state), Jsonb(value), task_id),
-        )
+            (Jsonb(value), task_id, worker, attempt, attempt, kind, Jsonb(state)),
+        ).rowcount
+    return stored == 1
 
 
 def checkpoint_history(url: str, task_id: int) -> list[dict[str, Any]]:
@@ -494,7 +549,7 @@ def finish_attempt(
     """Close an attempt and move its task: completed → ``completed`` (or ``review``);
     interrupted → back to ``pending`` (resumable); failed/timeout → stays claimed for a retry.
 
-    Returns the task's new status, or None when this worker no longer held the task.
+    Returns the task's new status, or None when this attempt no longer held the task.
     """
     with _connection(url) as conn:
         row = conn.execute(
@@ -503,7 +558,7 @@ def finish_attempt(
                 UPDATE flowyard.agent_runs
                    SET finished_at = now(), outcome = %(outcome)s, error = %(error)s,
                        seconds = extract(epoch FROM now() - started_at)
-                 WHERE id = %(run)s RETURNING task_id
+                 WHERE id = %(run)s RETURNING task_id, attempt
             )
             UPDATE flowyard.agent_tasks t
                SET status = CASE %(outcome)s
@@ -516,7 +571,8 @@ def finish_attempt(
                    agent_pgid = NULL, updated_at = now(),
                    finished_at = CASE WHEN %(outcome)s = 'completed' THEN now() ELSE t.finished_at END
               FROM r
-             WHERE t.id = r.task_id AND t.worker = %(worker)s AND t.status = 'in_progress'
+             WHERE t.id = r.task_id AND t.worker = %(worker)s AND t.attempts = r.attempt
+               AND t.status = 'in_progress'
             RETURNING t.status
             """,
             {

@@ -11,7 +11,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tasks.agent_execution import run_log_line
 from tasks.agent_process import DEFAULT_TEMPLATES
 from tasks.agent_protocol import parse_line
 from tasks.db import connection
+from tasks.errors import UserError
 from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members
 from tasks.state import state_url
@@ -325,7 +326,8 @@ _WORKER = textwrap.dedent(
     """
     import sys
     from flows.run_agent_queue import run_agent_queue
-    run_agent_queue(max_agents=2, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2)
+    max_agents = int(sys.argv[3]) if len(sys.argv) > 3 else 2
+    run_agent_queue(max_agents=max_agents, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2)
     """
 )
 
@@ -559,3 +561,112 @@ def test_cancelling_an_in_process_run_through_the_api_checkpoints_and_ends_cance
     _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
     assert not _alive(child)
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
+
+
+def _live_agent_groups(worker: subprocess.Popen[bytes], task_id: int) -> set[int]:
+    """Process groups of the worker's live descendants that carry the task's ``FLOWYARD_TASK_ID``:
+    one per live agent of that task (its child shares the group)."""
+    groups = set()
+    for proc in psutil.Process(worker.pid).children(recursive=True):
+        try:
+            live = proc.status() != psutil.STATUS_ZOMBIE
+            if live and proc.environ().get("FLOWYARD_TASK_ID") == str(task_id):
+                groups.add(os.getpgid(proc.pid))
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return groups
+
+
+@contextmanager
+def _agent_census(worker: subprocess.Popen[bytes], task_id: int) -> Iterator[list[set[int]]]:
+    """Sample the process table until the block ends: every set of live agent groups of the task seen."""
+    import threading
+
+    seen: list[set[int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set() and worker.poll() is None:
+            with suppress(psutil.NoSuchProcess):
+                seen.append(_live_agent_groups(worker, task_id))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
+
+
+def _wait_status(url: str, task_id: int, status: str) -> None:
+    while queue.get_task(url, task_id).status != status:
+        time.sleep(0.2)
+
+
+def test_cancel_then_retry_of_a_running_task_never_runs_two_agents(tmp_path: Path, qdb: str) -> None:
+    """``queue cancel ID; queue retry ID`` while the agent runs: the retry waits until the
+    cancelled agent has stopped, and the same worker (kept busy by another task) then runs the
+    task again from its graceful_shutdown checkpoint, never beside the first agent. The worker
+    has room for a third agent, so nothing but the fix keeps it from claiming the task again."""
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    keeper = queue.create_task(qdb, _new("keeper", LONG))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "3"], cwd=ROOT)
+    with _agent_census(worker, task_id) as census:
+        running = _wait_running(qdb, task_id)
+        _wait_running(qdb, keeper)
+        queue.cancel_task(qdb, task_id)
+        step = queue.get_task(qdb, task_id).last_checkpoint["state"]["step"]
+        with connection(qdb) as conn:  # the next attempt finishes on its own, a few steps on
+            conn.execute(
+                "UPDATE flowyard.agent_tasks SET payload = %s WHERE id = %s",
+                (json.dumps({"steps": step + 30, "sleep": 0.1}), task_id),
+            )
+        refusals = []
+        while True:
+            try:
+                queue.retry_task(qdb, task_id)  # what `flowyard queue retry` calls
+                break
+            except UserError as exc:
+                refusals.append(str(exc))
+                time.sleep(0.1)
+        _wait_status(qdb, task_id, "completed")
+        queue.cancel_task(qdb, keeper)
+        assert worker.wait(timeout=120) == 0
+    assert max(len(groups) for groups in census) == 1, "never two live agents of one task"
+    assert {frozenset(g) for g in census if g} >= {frozenset({running.agent_pgid})}
+    assert refusals and all("\n" not in r for r in refusals)
+    stopping = f"cannot retry task {task_id} yet: its cancelled attempt 1 is still stopping"
+    assert refusals[0].startswith(stopping)
+    runs = [(r["attempt"], r["outcome"]) for r in _runs(qdb) if r["task_id"] == task_id]
+    assert runs == [(1, "interrupted"), (2, "completed")]
+    history = queue.checkpoint_history(qdb, task_id)
+    graceful = next(h for h in history if h["kind"] == "graceful_shutdown")
+    assert graceful["attempt"] == 1
+    assert queue.get_task(qdb, task_id).result["resumed_from"] == graceful["state"]["step"]
+
+
+def test_a_reclaimed_attempt_never_overwrites_the_new_holders_checkpoint(tmp_path: Path, qdb: str) -> None:
+    """A worker whose claim lapsed (its task recovered and claimed by another worker) stops its
+    agent, and neither its agent's checkpoints nor its graceful_shutdown one reach the task."""
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running = _wait_running(qdb, task_id)
+    assert running.worker is not None
+    # What recover_stale_tasks does to a worker silent for longer than the lease, then another
+    # worker's whole attempt, through the same queue functions run-agent uses.
+    assert queue.release_task(qdb, task_id, running.worker, "recovered: lease expired")
+    [claimed] = queue.claim_ready(qdb, "worker-b", 1)
+    attempt = queue.start_attempt(qdb, claimed.id, "worker-b", None)
+    assert attempt.number == 2
+    assert queue.record_checkpoint(qdb, task_id, "worker-b", 2, {"step": 999, "by": "worker-b"})
+    done = queue.finish_attempt(qdb, attempt.run_id, "worker-b", "completed", result={"ok": True})
+    assert done == "completed"
+    assert worker.wait(timeout=120) == 0
+    assert group_members(running.agent_pgid) == []
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "completed" and task.result == {"ok": True}
+    assert task.last_checkpoint == {"attempt": 2, "kind": "agent", "state": {"step": 999, "by": "worker-b"}}
+    assert "graceful_shutdown" not in [h["kind"] for h in queue.checkpoint_history(qdb, task_id)]
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "interrupted"), (2, "completed")]

@@ -50,7 +50,7 @@ def test_claims_follow_priority_then_age_and_only_ready_tasks(qdb: str) -> None:
     assert [t.id for t in claimed] == [crit, first, low]
     assert all(t.status == "in_progress" and t.worker == "w1" for t in claimed)
     assert queue.claim_ready(qdb, "w2", 10) == []
-    queue.record_checkpoint(qdb, first, 0, {"step": 7})
+    assert queue.record_checkpoint(qdb, first, "w1", 0, {"step": 7})
     attempt = queue.start_attempt(qdb, first, "w1", None)
     assert attempt.number == 1 and attempt.checkpoint == {"attempt": 0, "kind": "agent", "state": {"step": 7}}
     assert queue.finish_attempt(qdb, attempt.run_id, "w1", "completed", result={"ok": 1}) == "completed"
@@ -179,9 +179,35 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
         stdout=subprocess.DEVNULL,
         stdin=subprocess.PIPE,
     )
-    queue.set_agent_pgid(qdb, task_id, gone, agent.pid)
+    queue.set_agent_pgid(qdb, task_id, gone, 1, agent.pid)
     assert recover_stale_tasks(qdb, lease_seconds=3600) == [task_id]
     agent.wait(timeout=30)
     assert group_members(agent.pid) == []
     task = queue.get_task(qdb, task_id)
     assert task.status == "pending" and task.worker is None and "is gone" in task.error
+
+
+def test_retry_waits_for_a_cancelled_attempt_whose_worker_is_alive(qdb: str) -> None:
+    """A cancelled attempt's open run blocks a retry while its worker lives (its agent may still
+    run), and no longer once that worker is dead (its reaper ended the agent)."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "from tasks.agent_queue import new_worker_id; print(new_worker_id())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    for worker, refused in ((queue.new_worker_id(), True), (gone, False)):
+        task_id = queue.create_task(qdb, _new(f"run by {worker}"))
+        [claimed] = queue.claim_ready(qdb, worker, 1)
+        queue.start_attempt(qdb, claimed.id, worker, None)
+        queue.cancel_task(qdb, task_id)
+        assert queue.heartbeat(qdb, task_id, worker, 1) is False, "the cancelled attempt must stop"
+        if refused:
+            stopping = rf"^cannot retry task {task_id} yet: its cancelled attempt 1"
+            with pytest.raises(UserError, match=stopping):
+                queue.retry_task(qdb, task_id)
+            assert queue.get_task(qdb, task_id).status == "cancelled"
+        else:
+            queue.retry_task(qdb, task_id)
+            task = queue.get_task(qdb, task_id)
+            assert task.status == "pending" and task.worker is None
