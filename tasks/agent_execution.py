@@ -295,7 +295,13 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     row = current.tasks[task_id]
     template = setup.templates[row.agent_type]  # claims take only the types this fleet has
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
-    started = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+    try:
+        started = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+    except queue.TaskNotHeld:
+        # Cancelled (or retried and claimed elsewhere) while Prefect waited to retry: the task
+        # is where the user put it, which is no failure of this run.
+        status = queue.get_task(url, task_id).status
+        return {"task_id": task_id, "outcome": "cancelled" if status == "cancelled" else "released"}
     attempt, run_id = started.number, started.run_id
     job = AgentJob(
         task_id, attempt, row.title, row.type, row.description, row.payload, started.checkpoint, workdir

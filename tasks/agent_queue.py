@@ -452,6 +452,10 @@ class Attempt:
     checkpoint: dict[str, Any] | None
 
 
+class TaskNotHeld(UserError):
+    """The worker no longer holds the task: it was cancelled, retried or reclaimed meanwhile."""
+
+
 def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) -> Attempt:
     """Count a new attempt of a task this worker holds. The task's last checkpoint comes back
     from the same statement: a retry resumes from whatever the failed attempt saved."""
@@ -472,7 +476,7 @@ def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) 
             (task_id, worker, worker, flow_run_id),
         ).fetchone()
     if row is None:
-        raise UserError(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
+        raise TaskNotHeld(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
     return Attempt(int(row[0]), int(row[1]), row[2])
 
 

@@ -670,3 +670,27 @@ def test_a_reclaimed_attempt_never_overwrites_the_new_holders_checkpoint(tmp_pat
     assert task.last_checkpoint == {"attempt": 2, "kind": "agent", "state": {"step": 999, "by": "worker-b"}}
     assert "graceful_shutdown" not in [h["kind"] for h in queue.checkpoint_history(qdb, task_id)]
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "interrupted"), (2, "completed")]
+
+
+def test_cancelling_a_task_during_its_retry_delay_reports_it_cancelled(tmp_path: Path, qdb: str) -> None:
+    """``queue cancel ID`` between a failed attempt and Prefect's retry: the run reports the task
+    cancelled, not failed (a failure would make ``queue run`` exit 1)."""
+    import threading
+
+    agent = tmp_path / "failing_agent.py"
+    agent.write_text("import sys\nprint('disk on fire', file=sys.stderr)\nsys.exit(3)\n")
+    task_id = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="flaky"))
+
+    def cancel_after_first_failure() -> None:
+        while [r["outcome"] for r in _runs(qdb)] != ["failed"]:
+            time.sleep(0.02)
+        queue.cancel_task(qdb, task_id)
+
+    canceller = threading.Thread(target=cancel_after_first_failure, daemon=True)
+    canceller.start()
+    agents = {"flaky": {"argv": [sys.executable, str(agent)]}}
+    summary = run_agent_queue(max_agents=1, retries=2, agents=agents, **_kw(tmp_path, qdb))
+    canceller.join()
+    assert summary["outcomes"] == {task_id: "cancelled"}
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "cancelled" and task.attempts == 1
