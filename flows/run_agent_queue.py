@@ -2,7 +2,8 @@
 
 DAG: recover tasks of dead workers → loop { claim ready tasks (dependencies completed) up to
 ``max_agents`` → run each as ``run-agent`` (retries resume from the last checkpoint,
-``wait_for`` its dependencies) } → mark tasks blocked by failed dependencies → metrics.
+``wait_for`` its dependencies) } → mark tasks blocked by failed dependencies (or waiting for
+draft or review ones) → metrics.
 On cancellation or SIGTERM/SIGINT every running agent is stopped gracefully and its task
 goes back to the queue with a ``graceful_shutdown`` checkpoint. A run called in-process (no
 runner to deliver SIGTERM) notices a cancellation through the API and ends ``Cancelled``.
@@ -102,8 +103,9 @@ def run_agent_queue(
         # object as the value (it gets CancelledRun raised, or the state with return_state=True).
         message = f"cancelled through the Prefect API; tasks {released} are back in the queue"
         return cast(dict[str, Any], Cancelled(message=message))
-    blocked = queue.blocked_by_failure(url)
-    waiting = queue.waiting_for_agents(url, setup.templates)
+    unrunnable = queue.unrunnable(url)
+    blocked = unrunnable.blocked
+    waiting = {**queue.waiting_for_agents(url, setup.templates), **unrunnable.waiting}
     for task_id, reason in {**blocked, **waiting}.items():
         logger.warning("task %s %s", task_id, reason)
     metrics = agent_metrics(url)

@@ -652,39 +652,61 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
     ]
 
 
-def blocked_by_failure(url: str) -> dict[int, str]:
-    """Pending tasks that can never become ready because a dependency failed or was cancelled,
-    directly or through a dependency blocked the same way.
+@dataclass(frozen=True)
+class Unrunnable:
+    """Pending tasks a dependency keeps from running, {task id: reason} each."""
 
-    They stay pending (a retried dependency unblocks them) but carry the reason, which
-    ``flowyard queue list`` shows. Reasons are recomputed from scratch, one dependency level
-    per pass. Returns {task id: reason}.
+    blocked: dict[int, str]
+    """By a failed or cancelled dependency: work that failed, which ``queue run`` counts."""
+    waiting: dict[int, str]
+    """On a dependency in ``draft`` or ``review``, which a person releases: informational."""
+
+
+_MARK_UNRUNNABLE = sql.SQL(
     """
+    WITH reasons AS (
+        SELECT b.blocked_id AS id,
+               'not run: dependency ' || string_agg(
+                   format('#%%s %%L is %%s', d.id, d.title,
+                          CASE d.status
+                              WHEN 'pending' THEN %(pending)s
+                              WHEN 'draft' THEN format('draft (submit it with `flowyard queue submit %%s`)', d.id)
+                              WHEN 'review' THEN format('in review (approve it with `flowyard queue approve %%s`)', d.id)
+                              ELSE d.status END),
+                   ', ' ORDER BY d.id) AS reason
+          FROM flowyard.agent_task_blocks b
+          JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
+          JOIN flowyard.agent_tasks t ON t.id = b.blocked_id
+         WHERE t.status = 'pending' AND t.blocked_reason IS NULL
+           AND (d.status = ANY(%(statuses)s) OR (d.status = 'pending' AND d.blocked_reason IS NOT NULL))
+         GROUP BY b.blocked_id
+    )
+    UPDATE flowyard.agent_tasks t SET blocked_reason = reasons.reason
+      FROM reasons WHERE t.id = reasons.id
+    RETURNING t.id, t.blocked_reason
+    """
+)
+
+
+def unrunnable(url: str) -> Unrunnable:
+    """Pending tasks that cannot become ready because of a dependency, directly or through a
+    dependency held up the same way: blocked by one that failed or was cancelled, or waiting
+    for one in draft or review.
+
+    They stay pending (a retried, submitted or approved dependency releases them) but carry
+    the reason, which ``flowyard queue list`` shows. Reasons are recomputed from scratch, one
+    dependency level per pass; failures first, so a task both blocked and waiting counts as
+    blocked (a later pass only marks tasks without a reason, and every dependent of a blocked
+    task is blocked too).
+    """
+    found: list[dict[int, str]] = []
     with _connection(url, atomic=True) as conn:
         conn.execute(
             "UPDATE flowyard.agent_tasks SET blocked_reason = NULL WHERE status = 'pending' AND blocked_reason IS NOT NULL"
         )
-        while conn.execute(
-            """
-            WITH reasons AS (
-                SELECT b.blocked_id AS id,
-                       'not run: dependency ' || string_agg(
-                           format('#%s %L is %s', d.id, d.title,
-                                  CASE WHEN d.status = 'pending' THEN 'blocked' ELSE d.status END),
-                           ', ' ORDER BY d.id) AS reason
-                  FROM flowyard.agent_task_blocks b
-                  JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
-                  JOIN flowyard.agent_tasks t ON t.id = b.blocked_id
-                 WHERE t.status = 'pending' AND t.blocked_reason IS NULL
-                   AND (d.status IN ('failed', 'cancelled') OR (d.status = 'pending' AND d.blocked_reason IS NOT NULL))
-                 GROUP BY b.blocked_id
-            )
-            UPDATE flowyard.agent_tasks t SET blocked_reason = reasons.reason
-              FROM reasons WHERE t.id = reasons.id
-            """
-        ).rowcount:
-            pass
-        rows = conn.execute(
-            "SELECT id, blocked_reason FROM flowyard.agent_tasks WHERE status = 'pending' AND blocked_reason IS NOT NULL"
-        ).fetchall()
-    return {int(r[0]): str(r[1]) for r in rows}
+        for statuses, pending in ((["failed", "cancelled"], "blocked"), (["draft", "review"], "waiting")):
+            reasons: dict[int, str] = {}
+            while rows := conn.execute(_MARK_UNRUNNABLE, {"statuses": statuses, "pending": pending}).fetchall():
+                reasons.update((int(task_id), str(reason)) for task_id, reason in rows)
+            found.append(reasons)
+    return Unrunnable(blocked=found[0], waiting=found[1])

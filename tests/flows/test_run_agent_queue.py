@@ -694,3 +694,14 @@ def test_cancelling_a_task_during_its_retry_delay_reports_it_cancelled(tmp_path:
     assert summary["outcomes"] == {task_id: "cancelled"}
     task = queue.get_task(qdb, task_id)
     assert task.status == "cancelled" and task.attempts == 1
+
+
+def test_a_task_waiting_for_a_draft_dependency_says_why_without_failing(tmp_path: Path, qdb: str) -> None:
+    draft = queue.create_task(qdb, _new("draft dep", {"steps": 1}, draft=True))
+    child = queue.create_task(qdb, _new("needs draft", {"steps": 1}, (draft,)))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {} and summary["blocked"] == {}
+    assert summary["waiting"] == {
+        child: f"not run: dependency #{draft} 'draft dep' is draft (submit it with `flowyard queue submit {draft}`)"
+    }
+    assert queue.get_task(qdb, child).status == "pending"

@@ -102,13 +102,35 @@ def test_failed_dependency_blocks_with_a_reason(qdb: str) -> None:
     queue.claim_ready(qdb, "w", 5)
     queue.fail_task(qdb, dep, "w", "compiler exploded")
     grandchild = queue.create_task(qdb, _new("announce", blocked_by=(child,)))
-    assert queue.blocked_by_failure(qdb) == {
+    assert queue.unrunnable(qdb).blocked == {
         child: f"not run: dependency #{dep} 'build' is failed",
         grandchild: f"not run: dependency #{child} 'deploy' is blocked",
     }
     assert queue.get_task(qdb, child).blocked_reason.startswith("not run: dependency")
     queue.retry_task(qdb, dep)
-    assert queue.blocked_by_failure(qdb) == {}
+    assert queue.unrunnable(qdb) == queue.Unrunnable(blocked={}, waiting={})
+
+
+def test_a_draft_or_review_dependency_makes_its_dependents_wait_with_a_reason(qdb: str) -> None:
+    draft = queue.create_task(qdb, _new("spec", draft=True))
+    reviewed = queue.create_task(qdb, _new("design", requires_review=True))
+    queue.claim_ready(qdb, "w", 1)
+    run_id = queue.start_attempt(qdb, reviewed, "w", None).run_id
+    assert queue.finish_attempt(qdb, run_id, "w", "completed", result={}) == "review"
+    child = queue.create_task(qdb, _new("build", blocked_by=(draft, reviewed)))
+    grandchild = queue.create_task(qdb, _new("ship", blocked_by=(child,)))
+    assert queue.unrunnable(qdb) == queue.Unrunnable(
+        blocked={},
+        waiting={
+            child: f"not run: dependency #{draft} 'spec' is draft (submit it with `flowyard queue submit "
+            f"{draft}`), #{reviewed} 'design' is in review (approve it with `flowyard queue approve {reviewed}`)",
+            grandchild: f"not run: dependency #{child} 'build' is waiting",
+        },
+    )
+    assert queue.get_task(qdb, grandchild).note == f"not run: dependency #{child} 'build' is waiting"
+    queue.submit_task(qdb, draft)
+    queue.approve_task(qdb, reviewed)
+    assert queue.unrunnable(qdb) == queue.Unrunnable(blocked={}, waiting={})
 
 
 _CLAIMER = textwrap.dedent(
