@@ -29,6 +29,7 @@ from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import DEFAULT_GRACE_SECONDS, DEFAULT_TIMEOUT_SECONDS, AgentLimits, templates_from
 from tasks.cancel_watch import CancelWatch
+from tasks.errors import UserError
 from tasks.state import state_url
 
 
@@ -62,6 +63,8 @@ def run_agent_queue(
         templates=templates_from(agents),
         limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds),
     )
+    _make_directory(setup.output_dir, "output_dir")
+    _make_directory(setup.logs_dir, "logs_dir")
     logger = get_run_logger()
     recovered = recover_stale_tasks(url, lease_seconds)
     if recovered:
@@ -125,6 +128,15 @@ def run_agent_queue(
         "recovered": recovered,
         "metrics": metrics_table(metrics),
     }
+
+
+def _make_directory(path: Path, parameter: str) -> None:
+    """Create an agents' directory before anything is claimed: one that cannot be made (a file
+    in the way, no permission) would otherwise fail every task this run claims."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{parameter} {path} cannot be used as a directory: {exc.strerror or exc}") from None
 
 
 def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:

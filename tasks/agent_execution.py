@@ -97,6 +97,12 @@ class TaskLog:
     def close(self) -> None:
         self._file.close()
 
+    def __enter__(self) -> TaskLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
     """How one agent message reads in the Prefect run log: its level and its line."""
@@ -306,44 +312,45 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     job = AgentJob(
         task_id, attempt, row.title, row.type, row.description, row.payload, started.checkpoint, workdir
     )
-    log = TaskLog(setup.logs_dir, task_id, attempt, get_run_logger())
-
-    def on_message(stream: str, message: AgentMessage) -> None:
-        if isinstance(message, CheckpointMessage) and not queue.record_checkpoint(
-            url, task_id, setup.worker, attempt, message.state
-        ):
-            process.request_stop(f"attempt {attempt} no longer holds task {task_id} (cancelled or reclaimed)")
-        log.write(stream, message)
-        if isinstance(message, ArtifactMessage) and (refused := publish_artifact(task_id, message)):
-            log.write("flowyard", LogMessage(kind="log", level="warning", message=refused))
-
-    process = AgentProcess(
-        job,
-        template,
-        on_message=on_message,
-        limits=setup.limits,
-        keep_going=lambda: queue.heartbeat(url, task_id, setup.worker, attempt),
-        on_start=lambda pgid: _started(setup, current, task_id, attempt, pgid),
-    )
+    process: AgentProcess | None = None
     try:
-        current.add(task_id, process)
+        # The log is opened inside the try that closes the attempt: a logs directory that
+        # cannot take it must not leave the attempt open for good.
+        with TaskLog(setup.logs_dir, task_id, attempt, get_run_logger()) as log:
+
+            def on_message(stream: str, message: AgentMessage) -> None:
+                if isinstance(message, CheckpointMessage) and not queue.record_checkpoint(
+                    url, task_id, setup.worker, attempt, message.state
+                ):
+                    agent.request_stop(f"attempt {attempt} of task {task_id} was cancelled or superseded")
+                log.write(stream, message)
+                if isinstance(message, ArtifactMessage) and (refused := publish_artifact(task_id, message)):
+                    log.write("flowyard", LogMessage(kind="log", level="warning", message=refused))
+
+            process = agent = AgentProcess(
+                job,
+                template,
+                on_message=on_message,
+                limits=setup.limits,
+                keep_going=lambda: queue.heartbeat(url, task_id, setup.worker, attempt),
+                on_start=lambda pgid: _started(setup, current, task_id, attempt, pgid),
+            )
+            current.add(task_id, agent)
+            outcome = agent.run()
+            _finish(setup, task_id, attempt, run_id, outcome)
     except _Stopping:
         queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
         return {"task_id": task_id, "outcome": "interrupted", "checkpoint": started.checkpoint}
-    try:
-        outcome = process.run()
-        _finish(setup, task_id, attempt, run_id, outcome)
     except Exception as exc:
-        # The agent could not be started (UserError: missing or not executable command; not
-        # retried) or a callback failed (a checkpoint or heartbeat write; retried from the last
-        # checkpoint): close the attempt as failed, so it counts in the metrics and never stays
-        # open. The database may be what failed, so closing is best effort.
+        # The log or the agent could not be started (UserError: missing or not executable
+        # command; not retried) or a callback failed (a checkpoint or heartbeat write; retried
+        # from the last checkpoint): close the attempt as failed, so it counts in the metrics
+        # and never stays open. The database may be what failed, so closing is best effort.
         with suppress(psycopg.Error):
             queue.finish_attempt(url, run_id, setup.worker, "failed", error=first_line(exc))
         raise
     finally:
-        log.close()
-        if process.pgid is not None:
+        if process is not None and process.pgid is not None:
             current.reaper.unwatch(process.pgid)
         current.remove(task_id)
     if outcome.outcome in ("failed", "timeout"):

@@ -670,8 +670,10 @@ _MARK_UNRUNNABLE = sql.SQL(
                    format('#%%s %%L is %%s', d.id, d.title,
                           CASE d.status
                               WHEN 'pending' THEN %(pending)s
-                              WHEN 'draft' THEN format('draft (submit it with `flowyard queue submit %%s`)', d.id)
-                              WHEN 'review' THEN format('in review (approve it with `flowyard queue approve %%s`)', d.id)
+                              WHEN 'draft' THEN
+                                  format('draft (submit it with `flowyard queue submit %%s`)', d.id)
+                              WHEN 'review' THEN
+                                  format('in review (approve it with `flowyard queue approve %%s`)', d.id)
                               ELSE d.status END),
                    ', ' ORDER BY d.id) AS reason
           FROM flowyard.agent_task_blocks b
@@ -706,7 +708,8 @@ def unrunnable(url: str) -> Unrunnable:
         )
         for statuses, pending in ((["failed", "cancelled"], "blocked"), (["draft", "review"], "waiting")):
             reasons: dict[int, str] = {}
-            while rows := conn.execute(_MARK_UNRUNNABLE, {"statuses": statuses, "pending": pending}).fetchall():
+            marking = {"statuses": statuses, "pending": pending}
+            while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
                 reasons.update((int(task_id), str(reason)) for task_id, reason in rows)
             found.append(reasons)
     return Unrunnable(blocked=found[0], waiting=found[1])

@@ -705,3 +705,27 @@ def test_a_task_waiting_for_a_draft_dependency_says_why_without_failing(tmp_path
         child: f"not run: dependency #{draft} 'draft dep' is draft (submit it with `flowyard queue submit {draft}`)"
     }
     assert queue.get_task(qdb, child).status == "pending"
+
+
+@pytest.mark.parametrize("parameter", ["logs_dir", "output_dir"])
+def test_a_directory_that_is_a_file_fails_the_run_before_anything_is_claimed(
+    tmp_path: Path, qdb: str, parameter: str
+) -> None:
+    in_the_way = tmp_path / "afile"
+    in_the_way.write_text("hi\n")
+    task_id = queue.create_task(qdb, _new("untouched", {"steps": 1}))
+    kw = {**_kw(tmp_path, qdb), parameter: str(in_the_way)}
+    with pytest.raises(UserError) as raised:
+        run_agent_queue(max_agents=1, **kw)
+    assert str(raised.value) == f"{parameter} {in_the_way} cannot be used as a directory: File exists"
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
+
+
+def test_an_attempt_whose_log_cannot_be_opened_is_closed_as_failed(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("unloggable", {"steps": 1}))
+    (tmp_path / "agents" / "logs" / f"{task_id}.jsonl").mkdir(parents=True)  # in the log file's way
+    summary = run_agent_queue(max_agents=1, retries=0, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][task_id].startswith("failed") and "Is a directory" in summary["outcomes"][task_id]
+    [run] = _runs(qdb)
+    assert run["outcome"] == "failed" and run["finished"] is not None
