@@ -180,13 +180,18 @@ def test_two_worker_processes_never_claim_the_same_task(qdb: str) -> None:
     assert all(owners[i] == "w0" for i in claims[0]) and all(owners[i] == "w1" for i in claims[1])
 
 
-def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -> None:
-    gone = subprocess.run(
+def _dead_worker_id() -> str:
+    """The worker id of a process that has exited (its pid and start time name no live process)."""
+    return subprocess.run(
         [sys.executable, "-c", "from tasks.agent_queue import new_worker_id; print(new_worker_id())"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -> None:
+    gone = _dead_worker_id()
     assert queue.worker_alive(gone) is False
     assert queue.worker_alive(queue.new_worker_id()) is True
     task_id = queue.create_task(qdb, _new("orphaned"))
@@ -212,12 +217,7 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
 def test_retry_waits_for_a_cancelled_attempt_whose_worker_is_alive(qdb: str) -> None:
     """A cancelled attempt's open run blocks a retry while its worker lives (its agent may still
     run), and no longer once that worker is dead (its reaper ended the agent)."""
-    gone = subprocess.run(
-        [sys.executable, "-c", "from tasks.agent_queue import new_worker_id; print(new_worker_id())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    gone = _dead_worker_id()
     for worker, refused in ((queue.new_worker_id(), True), (gone, False)):
         task_id = queue.create_task(qdb, _new(f"run by {worker}"))
         [claimed] = queue.claim_ready(qdb, worker, 1)
