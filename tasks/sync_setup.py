@@ -136,7 +136,7 @@ def store_identity(state: str, store: NewStore) -> Identity:
                 "its events to central a second time)"
             )
         return recorded
-    device = store.device(state)
+    device = store.device_id or sync_state.unrecorded_device_id(state, store.path.expanduser().resolve())
     known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
     return Identity(
         device,

@@ -221,9 +221,15 @@ def default_device_id(state: str, store: Path) -> str:
     path = store.expanduser().resolve()
     if (identity := recorded_identity(path)) is not None:
         return identity.device_id
-    if (device := device_for_store(state, path)) is not None:
+    return unrecorded_device_id(state, path)
+
+
+def unrecorded_device_id(state: str, store: Path) -> str:
+    """The id of a store with none recorded in it (v1): the one flowyard has for it, else
+    :func:`new_device_id` avoiding every id flowyard knows."""
+    if (device := device_for_store(state, store)) is not None:
         return device.identity.device_id
-    return new_device_id(path, {d.device_id for d in list_devices(state)})
+    return new_device_id(store, {d.device_id for d in list_devices(state)})
 
 
 def new_device_id(store: Path, taken: Collection[str] = ()) -> str:
