@@ -25,6 +25,7 @@ TARGET_EVENTS_PER_SECOND = 50_000
 def _naive_loop(store: Path, central: str, limit: int) -> float:
     """Seconds for ``limit`` events synced one by one: INSERT + commit, then a local UPDATE each."""
     import psycopg
+    from psycopg import sql
 
     from tasks import central_store, device_store
 
@@ -36,23 +37,27 @@ def _naive_loop(store: Path, central: str, limit: int) -> float:
         session.ensure_partitions([e.timestamp_ms for e in events])
         session.close()
         started = time.perf_counter()
+        insert = sql.SQL(
+            """
+            INSERT INTO devflow.events (sync_id, local_id, device_id, user_id, project_id, event_type,
+                                        event_data, occurred_at)
+            VALUES (%(sync_id)s, %(local_id)s, %(device_id)s, %(user_id)s, %(project_id)s, %(event_type)s,
+                    %(event_data)s, {})
+            """
+        ).format(central_store.event_time(sql.Placeholder("ts_ms")))
         for e in events:
             conn.execute(
-                """
-                INSERT INTO devflow.events (sync_id, local_id, device_id, user_id, project_id, event_type,
-                                            event_data, occurred_at)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, to_timestamp(%s / 1000.0))
-                """,
-                (
-                    e.sync_id,
-                    e.local_id,
-                    e.device_id,
-                    e.user_id,
-                    e.project_id,
-                    e.event_type,
-                    e.event_data,
-                    e.timestamp_ms,
-                ),
+                insert,
+                {
+                    "sync_id": e.sync_id,
+                    "local_id": e.local_id,
+                    "device_id": e.device_id,
+                    "user_id": e.user_id,
+                    "project_id": e.project_id,
+                    "event_type": e.event_type,
+                    "event_data": e.event_data,
+                    "ts_ms": e.timestamp_ms,
+                },
             )
             local.execute("UPDATE events SET sync_status = 'synced' WHERE id = ?", (e.local_id,))
         return time.perf_counter() - started

@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import orjson
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks import central_store
 from tasks.central_store import CentralSession, UploadRow
@@ -21,6 +23,7 @@ def _ms(year: int, month: int, day: int, hour: int = 0) -> int:
 
 
 _LOCAL_IDS = itertools.count(1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _row(
@@ -105,6 +108,45 @@ def test_events_of_december_9999_get_a_partition_up_to_year_10000(central: str) 
         central, "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE oid = 'devflow.events_y9999m12'::regclass"
     )
     assert bound == "FOR VALUES FROM ('9999-12-01 00:00:00+00') TO ('10000-01-01 00:00:00+00')"
+
+
+def _times_ms(url: str, table: str, key: str, moment: str) -> dict[str, Decimal]:
+    """A central table's times as exact Unix milliseconds by row key (``extract(epoch …)`` is numeric)."""
+    query = sql.SQL("SELECT {}::text, extract(epoch FROM {}) * 1000 FROM {}").format(
+        sql.Identifier(key), sql.Identifier(moment), sql.Identifier(central_store.SCHEMA, table)
+    )
+    with psycopg.connect(url) as conn:
+        return dict(conn.execute(query).fetchall())
+
+
+def test_event_times_arrive_to_the_exact_millisecond(central: str) -> None:
+    """Central's event and snapshot times are the device's Unix milliseconds exactly, at both
+    ends of the years 1-9999 too. A float8 division by 1000 misses by microseconds before the
+    1850s and after the 2240s: 9999-12-31 23:59:59.999 arrived as …59.999008."""
+    tricky = [
+        -62_135_596_800_000 + 1,  # 0001-01-01 00:00:00.001
+        -3_557_830_362_428,  # 1857
+        -1,
+        1,
+        1_700_000_000_001,
+        1_700_000_000_009,
+        8_590_155_858_207,  # 2242
+        253_402_300_799_999,  # 9999-12-31 23:59:59.999
+    ]
+    events = [_row(ts) for ts in tricky]
+    snapshots = [_status("d1", ts, "green", f"p{ts}") for ts in tricky]
+    session = CentralSession(central)
+    try:
+        session.upload(events + snapshots)
+        downloaded = {u.project_id: u.updated_at for u in session.download_updates(0)}
+    finally:
+        session.close()
+    sent = {row[0]: Decimal(row[2]) for row in events + snapshots}
+    assert _times_ms(central, "events", "sync_id", "occurred_at") == sent
+    assert _times_ms(central, "event_keys", "sync_id", "occurred_at") == sent
+    snapshot_times = {f"p{ts}": Decimal(ts) for ts in tricky}
+    assert _times_ms(central, "project_status", "project_id", "updated_at") == snapshot_times
+    assert downloaded == {f"p{ts}": _EPOCH + timedelta(milliseconds=ts) for ts in tricky}
 
 
 def test_concurrent_uploaders_of_overlapping_batches_keep_one_copy(central: str) -> None:
