@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -412,7 +412,7 @@ def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
             yield from pa_json.open_json(path)
         else:
             yield from _json_array_batches(path)
-    except (pa.ArrowInvalid, json.JSONDecodeError, OverflowError) as exc:
+    except (pa.ArrowInvalid, json.JSONDecodeError) as exc:
         raise UserError(f"cannot parse {path}: {first_line(exc)}; fix the file") from None
 
 
@@ -423,28 +423,70 @@ def _json_array_batches(path: Path) -> Iterator[pa.RecordBatch]:
     key the first object lacked was silently dropped. The array is parsed whole anyway, so its
     objects go to the JSON Lines reader at once, which takes the union of all keys and one type
     per key over every row, exactly as for a ``.jsonl`` file: integers next to floats become
-    double; a key holding text in one row and numbers in another is a one-line error. Columns
-    come in the order the keys first appear.
+    double; a key holding text in one row and numbers in another is a one-line error, and so is
+    an integer beyond 64 bits. Columns come in the order the keys first appear.
     """
-    records = json.loads(path.read_text(encoding="utf-8"), parse_int=_json_int64)
+    records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise UserError(f"{path} must hold a JSON array of objects (or use .jsonl, one object a line)")
     if not records:
         return
-    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in records).encode()
-    table = pa_json.read_json(pa.BufferReader(lines))
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    _refuse_wide_integers(path, lines, "object")
+    table = pa_json.read_json(pa.BufferReader(b"\n".join(lines)))
     # the reader orders the columns as its parallel blocks met them; the table has them as written
     keys = dict.fromkeys(key for record in records for key in record)
     yield from table.select(list(keys)).to_batches(max_chunksize=BATCH_ROWS)
 
 
-def _json_int64(text: str) -> int:
-    """A JSON integer, refused beyond 64 bits: the JSON Lines reader would silently round it to
-    a double, and no Arrow integer holds it."""
+# 2**63 has 19 digits: an integer written with fewer fits in 64 bits
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+class _WideInteger(str):
+    """A JSON integer beyond 64 bits, kept as its text (Python would convert any length)."""
+
+
+def _json_integer(text: str) -> int | _WideInteger:
     value = int(text) if len(text) <= 20 else None
-    if value is None or not -(2**63) <= value < 2**63:
-        raise OverflowError(f"integer {text} is beyond 64 bits (write it as a JSON string to load it as text)")
-    return value
+    return value if value is not None and -(2**63) <= value < 2**63 else _WideInteger(text)
+
+
+def _wide_integer(value: object, key: str = "") -> tuple[str, str] | None:
+    """The key path (``meta.ids[1]``) and text of the first integer beyond 64 bits in a JSON value."""
+    if isinstance(value, _WideInteger):
+        return key, value
+    items: Iterable[tuple[str | int, object]] = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    for name, item in items:
+        path = f"{key}[{name}]" if isinstance(name, int) else f"{key}.{name}" if key else name
+        if found := _wide_integer(item, path):
+            return found
+    return None
+
+
+def _refuse_wide_integers(path: Path, lines: Iterable[bytes], unit: str) -> None:
+    """A one-line error naming the first ``unit`` (a JSON Lines line, an array's object) that holds
+    an integer beyond 64 bits, and its key: pyarrow's JSON reader rounds such an integer to a
+    double without a word, and no Arrow integer holds it. Only lines with 19 digits in a row are
+    parsed, so a file without such numbers costs one streamed regex scan."""
+    for number, line in enumerate(lines, 1):
+        if not _LONG_DIGITS.search(line):
+            continue
+        try:
+            record = json.loads(line, parse_int=_json_integer)
+        except ValueError:
+            continue  # not JSON: the file's reader reports it
+        if found := _wide_integer(record):
+            key, text = found
+            shown = text if len(text) <= 40 else f"{text[:20]}... ({len(text.lstrip('-'))} digits)"
+            raise UserError(
+                f"{path}, {unit} {number}: {key} holds the integer {shown}, beyond 64 bits, which would "
+                "load rounded; write it as a JSON string to load it as text"
+            )
 
 
 def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
@@ -455,7 +497,8 @@ def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
 
 def file_describe(path: Path) -> TableInfo:
     """The file's columns. A CSV's come from its header, so a header-only file is an empty table
-    with those columns (typed text), not a table without columns."""
+    with those columns (typed text), not a table without columns. A JSON Lines file is scanned
+    whole for integers beyond 64 bits, once per run (before anything is loaded)."""
     if path.suffix.lower() == ".parquet":
         schema = pq.read_schema(path)
     elif path.suffix.lower() == ".csv":
@@ -466,6 +509,9 @@ def file_describe(path: Path) -> TableInfo:
     else:
         first = next(file_batches(path), None)
         schema = first.schema if first is not None else pa.schema([])
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            with path.open("rb") as lines:
+                _refuse_wide_integers(path, lines, "line")
     columns = tuple(Column(f.name, arrow_to_pg(f.type)) for f in schema)
     return TableInfo(path.stem, columns, path=str(path))
 

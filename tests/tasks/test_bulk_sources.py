@@ -105,6 +105,48 @@ def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
     assert file_row_count(tmp_path / "plans.csv") == 0
 
 
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            [json.dumps({"id": 1, "v": 2**63 - 1}), json.dumps({"id": 2, "v": 2**63})],
+            r"ids\.jsonl, line 2: v holds the integer 9223372036854775808, beyond 64 bits, which would load rounded; "
+            r"write it as a JSON string to load it as text$",
+        ),
+        (
+            [json.dumps(r) for r in ({"id": 1, "v": -(2**63)}, {"id": 2}, {"id": 3, "meta": {"ids": [1, -(2**63) - 1]}})],
+            r"ids\.jsonl, line 3: meta\.ids\[1\] holds the integer -9223372036854775809, beyond 64 bits",
+        ),
+        (
+            ['{"id": 1}'] * 40_000 + ['{"id": 2, "v": ' + "9" * 5000 + "}"],
+            r"ids\.jsonl, line 40001: v holds the integer 9{20}\.\.\. \(5000 digits\), beyond 64 bits",
+        ),
+    ],
+)
+def test_jsonl_integer_beyond_64_bits_is_a_one_line_error_naming_line_and_key(tmp_path, lines, message):
+    """pyarrow's JSON Lines reader rounded such an integer to a double (or made it infinity)
+    without a word, past the first block too: JSON arrays were refused, JSON Lines loaded wrong."""
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message) as err:
+        file_describe(path)
+    assert "\n" not in str(err.value)
+
+
+def test_jsonl_long_digits_in_strings_and_floats_load(tmp_path):
+    """Only integers are refused: 19 digits in a string, a float or a fitting integer are fine."""
+    path = tmp_path / "ids.jsonl"
+    records = [{"s": "12345678901234567890123", "f": 0.1234567890123456789012, "i": -(2**63)}]
+    path.write_text(json.dumps(records[0]) + "\n")
+    info = file_describe(path)
+    assert [(c.name, c.pg_type) for c in info.columns] == [
+        ("s", "text"),
+        ("f", "double precision"),
+        ("i", "bigint"),
+    ]
+    assert file_row_count(path) == 1
+
+
 FILE_CURSOR_WINDOW = """
 import json, sys
 from pathlib import Path
@@ -169,9 +211,9 @@ def test_json_array_columns_are_the_union_of_all_keys_in_every_batch(tmp_path):
             r"fix the file",
         ),
         (
-            [{"id": 1, "v": 2**64}],
-            r"cannot parse .*mixed\.json: integer 18446744073709551616 is beyond 64 bits \(write it as a JSON "
-            r"string to load it as text\); fix the file",
+            [{"id": 1, "v": 1}, {"id": 2, "v": 2**64}],
+            r"mixed\.json, object 2: v holds the integer 18446744073709551616, beyond 64 bits, which would load "
+            r"rounded; write it as a JSON string to load it as text",
         ),
         ([{"id": 1}, [2]], r"mixed\.json must hold a JSON array of objects \(or use \.jsonl, one object a line\)"),
     ],
