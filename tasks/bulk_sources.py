@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -47,6 +47,7 @@ class Column:
     pg_type: str
     not_null: bool = False
     generated: bool = False
+    declared: bool = False  # a CSV column read as ``pg_type``, not as its first rows look
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class TableInfo:
     def copy_columns(self) -> list[str]:
         """Columns that carry data (generated columns are recomputed by the target)."""
         return [c.name for c in self.columns if not c.generated]
+
+    @property
+    def read_types(self) -> dict[str, pa.DataType]:
+        """The Arrow types a CSV file's declared columns are read as (see :func:`declare_types`)."""
+        return {c.name: pg_to_arrow(c.pg_type) for c in self.columns if c.declared}
 
     def arrow_schema(self, as_text: Collection[str] = ()) -> pa.Schema:
         """Arrow types of the data columns; ``as_text`` columns stay PostgreSQL text (pass-through)."""
@@ -399,15 +405,15 @@ def file_tables(directory: Path) -> dict[str, Path]:
     return found
 
 
-def file_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """The file's rows as Arrow batches. JSON arrays are parsed whole (reference data); JSON Lines,
-    CSV and Parquet stream."""
+def file_batches(path: Path, types: Mapping[str, pa.DataType] | None = None) -> Iterator[pa.RecordBatch]:
+    """The file's rows as Arrow batches, CSV columns named in ``types`` read as those types. JSON
+    arrays are parsed whole (reference data); JSON Lines, CSV and Parquet stream."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
         elif suffix == ".csv":
-            yield from _open_csv(path)
+            yield from _csv_batches(path, types or {})
         elif suffix in (".jsonl", ".ndjson"):
             yield from pa_json.open_json(path)
         else:
@@ -489,10 +495,44 @@ def _refuse_wide_integers(path: Path, lines: Iterable[bytes], unit: str) -> None
             )
 
 
-def _open_csv(path: Path) -> pa_csv.CSVStreamingReader:
+def _open_csv(path: Path, types: Mapping[str, pa.DataType]) -> pa_csv.CSVStreamingReader:
     # as in PostgreSQL's CSV: an empty field is NULL, a quoted empty one is ""
-    nulls = pa_csv.ConvertOptions(strings_can_be_null=True, quoted_strings_can_be_null=False)
-    return pa_csv.open_csv(path, convert_options=nulls)
+    options = pa_csv.ConvertOptions(
+        column_types=dict(types), strings_can_be_null=True, quoted_strings_can_be_null=False
+    )
+    return pa_csv.open_csv(path, convert_options=options)
+
+
+def _csv_batches(path: Path, types: Mapping[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+    """A CSV file's batches. pyarrow infers each undeclared column's type from the first block
+    (about 1 MB) of rows: a value further down that type cannot hold is a one-line error naming
+    the column and how to declare its type."""
+    reader = _open_csv(path, types)
+    try:
+        yield from reader
+    except pa.ArrowInvalid as exc:
+        message = first_line(exc)
+        number = re.match(r"In CSV column #(\d+)", message)
+        if number is None:
+            raise
+        column = reader.schema.names[int(number.group(1))]
+        raise UserError(
+            f"cannot parse {path}: {message} (column {column}); fix the file, or declare the column's "
+            f"type with the mapping's cast (cast: {{{column}: text}} reads it as written)"
+        ) from None
+
+
+def declare_types(info: TableInfo, types: Mapping[str, str]) -> TableInfo:
+    """The file table with ``types`` (source column → PostgreSQL type) as the types its CSV reader
+    converts those columns to, instead of inferring them from the first rows: a zip code
+    ``00123`` read as the integer 123, or a column of numbers that turns to text further down,
+    failing. JSON and Parquet values carry their own types: their tables are returned as they are."""
+    if not types or Path(info.path or "").suffix.lower() != ".csv":
+        return info
+    columns = tuple(
+        replace(c, pg_type=types[c.name], declared=True) if c.name in types else c for c in info.columns
+    )
+    return replace(info, columns=columns)
 
 
 def file_describe(path: Path) -> TableInfo:
@@ -503,7 +543,7 @@ def file_describe(path: Path) -> TableInfo:
         schema = pq.read_schema(path)
     elif path.suffix.lower() == ".csv":
         try:
-            schema = _open_csv(path).schema
+            schema = _open_csv(path, {}).schema
         except pa.ArrowInvalid as exc:
             raise UserError(f"cannot parse {path}: {first_line(exc)}; fix the file") from None
     else:
@@ -516,10 +556,11 @@ def file_describe(path: Path) -> TableInfo:
     return TableInfo(path.stem, columns, path=str(path))
 
 
-def file_row_count(path: Path) -> int:
+def file_row_count(info: TableInfo) -> int:
+    path = Path(info.path or "")
     if path.suffix.lower() == ".parquet":
         return pq.ParquetFile(path).metadata.num_rows
-    return sum(batch.num_rows for batch in file_batches(path))
+    return sum(batch.num_rows for batch in file_batches(path, info.read_types))
 
 
 def file_chunk_batches(info: TableInfo, chunk: Chunk, cursor: str | None = None) -> Iterator[pa.RecordBatch]:
@@ -528,7 +569,7 @@ def file_chunk_batches(info: TableInfo, chunk: Chunk, cursor: str | None = None)
     low = int(chunk.lo[0]) if chunk.lo else 0
     high = int(chunk.hi[0]) if chunk.hi else None
     offset = 0
-    for batch in file_batches(Path(info.path or "")):
+    for batch in file_batches(Path(info.path or ""), info.read_types):
         end = offset + batch.num_rows
         if end > low and (high is None or offset < high):
             start = max(low - offset, 0)
@@ -565,7 +606,7 @@ def file_rows_since(info: TableInfo, cursor: str, since: str | None) -> tuple[st
     ``since``, and all rows; one streamed pass, compared column-wise."""
     top: pa.Scalar | None = None
     past = rows = 0
-    for batch in file_batches(Path(info.path or "")):
+    for batch in file_batches(Path(info.path or ""), info.read_types):
         rows += batch.num_rows
         past += pc.sum(_cursor_mask(batch, info, cursor, since, None)).as_py() or 0
         if (batch_top := pc.max(batch.column(cursor))).is_valid:
@@ -643,7 +684,7 @@ def row_count(source_url: str, info: TableInfo) -> int:
     """Exact row count of a source table, counted where the data lives."""
     kind = source_kind(source_url)
     if kind == "files":
-        return file_row_count(Path(info.path or ""))
+        return file_row_count(info)
     if kind == "sqlite":
         with sqlite_connect(source_url) as conn:
             query = "SELECT count(*) FROM " + _sqlite_ident(info.name)  # noqa: S608 - quoted identifier

@@ -13,11 +13,13 @@ import secrets
 from dataclasses import dataclass, field, replace
 
 import psycopg
+import pyarrow as pa
 from psycopg import sql
 
 from tasks.bulk_sources import (
     SourceKind,
     TableInfo,
+    declare_types,
     describe,
     list_tables,
     pg_describe,
@@ -39,6 +41,7 @@ from tasks.chunk_plan import Chunk, plan_table
 from tasks.column_mapping import TableMapping, mapped_table
 from tasks.db import connection, one_row
 from tasks.errors import UserError
+from tasks.pg_arrow_types import pg_to_arrow
 from tasks.schema_copy import (
     add_foreign_keys,
     build_indexes_and_keys,
@@ -124,6 +127,8 @@ def table_specs(
     for name in names:
         source = describe(source_url, name)
         table_map = mapping.get(name) or mapping.get(source.name)
+        if table_map:  # a CSV column cast is read as its type, not inferred then converted
+            source = declare_types(source, table_map.source_casts(source.copy_columns))
         target = mapped_table(source, table_map)
         schema = source.schema or target_schema
         if table_map and table_map.target:
@@ -224,15 +229,41 @@ def refuse_copies_onto_sources(source_url: str, target_url: str, specs: list[Tab
 
 
 def with_target_types(target_url: str, specs: list[TableSpec]) -> list[TableSpec]:
-    """The specs with ``retyped`` set for identical copies into target tables that already exist
-    (one catalog query per such table); a source column such a table lacks is refused in one line."""
+    """The specs adjusted to the target tables that already exist (one catalog query per such
+    table): identical copies get ``retyped`` (a source column such a table lacks is refused in one
+    line); a CSV file reads as text the columns such a table holds in a type that travels as
+    text (see :func:`_text_columns`)."""
     with connection(target_url) as conn:
         return [
-            replace(s, retyped=_retyped(conn, s))
-            if s.identical and table_exists(conn, s.target_schema, s.target.name)
-            else s
-            for s in specs
+            _into_existing(conn, s) if table_exists(conn, s.target_schema, s.target.name) else s for s in specs
         ]
+
+
+def _into_existing(target: psycopg.Connection, spec: TableSpec) -> TableSpec:
+    if spec.identical:
+        return replace(spec, retyped=_retyped(target, spec))
+    if spec.source.path:
+        return replace(spec, source=declare_types(spec.source, _text_columns(target, spec)))
+    return spec
+
+
+def _text_columns(target: psycopg.Connection, spec: TableSpec) -> dict[str, str]:
+    """File columns the mapping only passes along (or renames) into a column the existing target
+    table holds in a type that travels as text (``text``, ``varchar``, ``uuid``, ``jsonb``,
+    unconstrained ``numeric``...), with that type: such a column is the natural declaration of a
+    seed, and reading the file's text as it is keeps ``00123`` and every digit of a long decimal,
+    where an inferred integer or double would not. Columns of other types (integers, timestamps)
+    keep their inferred Arrow types, converted as before; a mapping's cast takes precedence."""
+    types = {c.name: c.pg_type for c in pg_describe(target, spec.target_schema, spec.target.name).columns}
+    columns = [c.name for c in spec.source.columns if not c.generated and not c.declared]
+    passed = spec.mapping.untouched(columns) if spec.mapping else set(columns)
+    rename = spec.mapping.rename if spec.mapping else {}
+    text: dict[str, str] = {}
+    for name in columns:
+        pg_type = types.get(rename.get(name, name))
+        if name in passed and pg_type is not None and pg_to_arrow(pg_type) == pa.string():
+            text[name] = pg_type
+    return text
 
 
 def _retyped(target: psycopg.Connection, spec: TableSpec) -> tuple[str, ...]:

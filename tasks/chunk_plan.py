@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
@@ -187,7 +186,7 @@ def plan_file(info: TableInfo, chunk_rows: int, cursor: str | None = None, curso
     """Row-ordinal ranges of a file; with ``cursor``, the same ranges over a file that has rows
     past ``cursor_lo`` (each chunk keeps only those), else none."""
     if cursor is None:
-        return plan_by_ordinal(file_row_count(Path(info.path or "")), chunk_rows, "ordinal")
+        return plan_by_ordinal(file_row_count(info), chunk_rows, "ordinal")
     cursor_hi, past, rows = file_rows_since(info, cursor, cursor_lo)
     return with_cursor(plan_by_ordinal(rows, chunk_rows, "ordinal"), cursor_lo, cursor_hi) if past else []
 

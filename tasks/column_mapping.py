@@ -35,7 +35,9 @@ class TableMapping(BaseModel):
 
     target: str | None = Field(default=None, description="Target table (``schema.table`` or ``table``).")
     rename: dict[str, str] = Field(default_factory=dict, description="source column -> target column")
-    cast: dict[str, str] = Field(default_factory=dict, description="column -> PostgreSQL type")
+    cast: dict[str, str] = Field(
+        default_factory=dict, description="column -> PostgreSQL type (a CSV column is read as it)"
+    )
     compute: dict[str, str] = Field(default_factory=dict, description="new column -> expression")
     types: dict[str, str] = Field(default_factory=dict, description="computed column -> PostgreSQL type")
     filter: str | None = Field(default=None, description="keep rows where this expression is true")
@@ -54,6 +56,10 @@ class TableMapping(BaseModel):
         names = {expr_name for e in [*self.compute.values(), self.filter or ""] for expr_name in _names(e)}
         read = {n for n in source_columns if self.rename.get(n, n) in names | set(self.cast)}
         return set(source_columns) - read
+
+    def source_casts(self, source_columns: Collection[str]) -> dict[str, str]:
+        """The cast of each source column, by its source name (``cast`` names renamed columns)."""
+        return {n: self.cast[self.rename.get(n, n)] for n in source_columns if self.rename.get(n, n) in self.cast}
 
 
 def parse_mapping(mapping: dict[str, Any] | None) -> dict[str, TableMapping]:

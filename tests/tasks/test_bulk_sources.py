@@ -7,11 +7,14 @@ import sqlite3
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 
 from tasks.bulk_sources import (
     BATCH_ROWS,
+    declare_types,
     file_batches,
+    file_chunk_batches,
     file_describe,
     file_row_count,
     qualified_name,
@@ -102,7 +105,46 @@ def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
     (tmp_path / "plans.csv").write_text("id,name\n")
     info = file_describe(tmp_path / "plans.csv")
     assert [c.name for c in info.columns] == ["id", "name"]
-    assert file_row_count(tmp_path / "plans.csv") == 0
+    assert file_row_count(info) == 0
+
+
+def _zips_csv(path, rows):
+    """Zip codes that look like integers for more than pyarrow's first block (about 1 MB) of rows,
+    then one that does not."""
+    lines = ["zip,n", "00123,0"] + [f"{10000 + i},{i}" for i in range(1, rows)] + ["K1A0B1,-1"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_csv_declared_column_is_read_as_its_type_not_inferred(tmp_path):
+    """An undeclared zip code column was inferred as integers (``00123`` became 123) from the first
+    block, and a value further down that was not one failed the file with "fix the file"."""
+    path = tmp_path / "zips.csv"
+    _zips_csv(path, 150_000)
+    inferred = file_describe(path)
+    assert [(c.name, c.pg_type) for c in inferred.columns] == [("zip", "bigint"), ("n", "bigint")]
+    with pytest.raises(UserError) as err:
+        file_row_count(inferred)
+    message = str(err.value)
+    assert "'K1A0B1'" in message and "(column zip)" in message and "cast: {zip: text}" in message
+    assert "\n" not in message
+
+    info = declare_types(inferred, {"zip": "text"})
+    assert [(c.name, c.pg_type, c.declared) for c in info.columns] == [
+        ("zip", "text", True),
+        ("n", "bigint", False),
+    ]
+    assert file_row_count(info) == 150_001
+    rows = [row for batch in file_chunk_batches(info, Chunk(0, "ordinal", None, None)) for row in batch.to_pylist()]
+    assert rows[0] == {"zip": "00123", "n": 0} and rows[-1] == {"zip": "K1A0B1", "n": -1}
+    assert declare_types(inferred, {"n": "numeric(12,2)"}).read_types == {"n": pa.decimal128(12, 2)}
+
+
+def test_json_types_are_not_declared_by_the_csv_reader_options(tmp_path):
+    """JSON values carry their types (a cast converts them): only CSV columns are declared."""
+    path = tmp_path / "zips.jsonl"
+    path.write_text('{"zip": "00123"}\n')
+    info = file_describe(path)
+    assert declare_types(info, {"zip": "integer"}) == info
 
 
 @pytest.mark.parametrize(
@@ -144,7 +186,7 @@ def test_jsonl_long_digits_in_strings_and_floats_load(tmp_path):
         ("f", "double precision"),
         ("i", "bigint"),
     ]
-    assert file_row_count(path) == 1
+    assert file_row_count(info) == 1
 
 
 FILE_CURSOR_WINDOW = """
