@@ -40,7 +40,7 @@ from tasks.chunk_checkpoint import (
     open_run,
     run_lock_name,
 )
-from tasks.chunk_load import ChunkJob, Mode, load_chunk, load_chunk_in
+from tasks.chunk_load import ChunkJob, Mode, load_chunk
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
 from tasks.copy_pipe import normalize_session
@@ -49,6 +49,7 @@ from tasks.db import connection, mask_url
 from tasks.errors import UserError, first_line
 from tasks.integrity import foreign_key_orphans, invalid_indexes, missing_indexes, missing_key
 from tasks.retry_policy import retry_transient
+from tasks.seed_load import load_seed
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.task_runners import build_task_runner, check_task_runner, submit_bounded
@@ -152,10 +153,11 @@ def copy_chunk(job: ChunkJob) -> ChunkCheckpoint:
 
 @task(name="seed-tables")
 def seed_tables(jobs: list[ChunkJob]) -> list[ChunkCheckpoint]:
-    """Seed 004: every table upserted in ONE transaction, so reference data changes all or nothing."""
+    """Seed 004: every table upserted in ONE transaction, so reference data changes all or nothing
+    (parents before children: see tasks/seed_load.py)."""
     with connection(jobs[0].target_url) as target:
         normalize_session(target)
-        return [load_chunk_in(target, job, str(flow_run.id) if flow_run.id else None) for job in jobs]
+        return load_seed(target, jobs, str(flow_run.id) if flow_run.id else None)
 
 
 @task(name="finish-table", task_run_name="finish {plan.spec.target.name}")

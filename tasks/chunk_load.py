@@ -31,7 +31,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import psycopg
 import pyarrow as pa
@@ -69,7 +69,22 @@ COLLATION_FREE_KEY_TYPES = frozenset(
 
 
 class ChunkRejected(UserError):
-    """Rows of a chunk violate the target's constraints; the message names their keys."""
+    """Rows of a chunk violate the target's constraints; the message names their keys.
+    ``constraint``: the one the first of them violates, when PostgreSQL names it, and ``keys``
+    the rows', so seed mode can tell a foreign key it could not order. Defaulted, for unpickling."""
+
+    def __init__(self, message: str, constraint: str | None = None, keys: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.constraint = constraint
+        self.keys = tuple(keys)
+
+
+class BadRow(NamedTuple):
+    """A stage row the target rejected: its ordinal, PostgreSQL's reason and the constraint violated."""
+
+    ordinal: int
+    reason: str
+    constraint: str | None
 
 
 @dataclass(frozen=True)
@@ -315,7 +330,7 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     rows = _stage_rows(job, types)
     sent = checksum(target, STAGE, job.columns) if types is None else None
     staged = sent.rows if sent else one_row(target, sql.SQL("SELECT count(*) FROM {}").format(STAGE))[0]
-    bad: list[tuple[int, str]] = []
+    bad: list[BadRow] = []
     limit = 2**62 if job.quarantine else job.report_rows
     try:
         _insert_bisecting(target, _insert_statement(job, target, rows), 1, staged + 1, bad, limit)
@@ -327,11 +342,12 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
             "with a mapping filter"
         ) from None
     if bad and not job.quarantine:
-        raise ChunkRejected(_rejection(job, target, bad))
+        keys = _bad_keys(job, target, [b.ordinal for b in bad])
+        raise ChunkRejected(_rejection(job, bad, keys), bad[0].constraint, keys)
     if bad:
         _quarantine(job, target, bad)
     kept = sql.SQL("{} <> ALL(%s)").format(sql.Identifier(job.ordinal))
-    bad_ords = [sorted(o for o, _ in bad)]
+    bad_ords = [sorted(b.ordinal for b in bad)]
     cursor_max = None
     if job.cursor:
         # Past every staged row, quarantined ones included, so the next pass does not read them again;
@@ -355,7 +371,7 @@ def _insert_bisecting(
     insert: sql.Composed,
     low: int,
     high: int,
-    bad: list[tuple[int, str]],
+    bad: list[BadRow],
     limit: int,
 ) -> None:
     """Insert stage rows ``[low, high)``; split failing ranges until single bad rows remain.
@@ -369,7 +385,7 @@ def _insert_bisecting(
             target.execute(insert, (low, high))
     except PERMANENT as exc:
         if high - low == 1:
-            bad.append((low, exc.diag.message_primary or str(exc)))
+            bad.append(BadRow(low, exc.diag.message_primary or str(exc), exc.diag.constraint_name))
             return
         middle = (low + high) // 2
         _insert_bisecting(target, insert, low, middle, bad, limit)
@@ -404,22 +420,21 @@ def _unloadable(job: ChunkJob, exc: psycopg.errors.DataError) -> str:
     )
 
 
-def _rejection(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, str]]) -> str:
-    keys = _bad_keys(job, target, [o for o, _ in bad])
+def _rejection(job: ChunkJob, bad: list[BadRow], keys: list[str]) -> str:
     more = "at least " if len(bad) >= job.report_rows else ""
     return (
-        f"chunk {job.describe} rejected: {more}{len(bad)} rows violate the target ({bad[0][1]}); "
+        f"chunk {job.describe} rejected: {more}{len(bad)} rows violate the target ({bad[0].reason}); "
         f"offending rows: {'; '.join(keys)}. Fix those source rows, or rerun with quarantine=True "
         "to load the rest and keep these in flowyard.bulk_quarantine"
     )
 
 
-def _quarantine(job: ChunkJob, target: psycopg.Connection, bad: list[tuple[int, str]]) -> None:
+def _quarantine(job: ChunkJob, target: psycopg.Connection, bad: list[BadRow]) -> None:
     target.execute(
         sql.SQL(
             "INSERT INTO flowyard.bulk_quarantine (run_key, source_table, chunk_id, row_data, error) "
             "SELECT %s, %s, %s, to_jsonb(s) - {ord_name}, b.err FROM {stage} s "
             "JOIN unnest(%s::bigint[], %s::text[]) AS b(ord, err) ON s.{ord} = b.ord"
         ).format(ord_name=sql.Literal(job.ordinal), stage=STAGE, ord=sql.Identifier(job.ordinal)),
-        (job.run_key, job.source.qualified, job.chunk.chunk_id, [o for o, _ in bad], [e for _, e in bad]),
+        (job.run_key, job.source.qualified, job.chunk.chunk_id, [b.ordinal for b in bad], [b.reason for b in bad]),
     )
