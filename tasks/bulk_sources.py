@@ -70,9 +70,13 @@ class TableInfo:
         return sql.Identifier(self.schema, self.name) if self.schema else sql.Identifier(self.name)
 
     @property
-    def copy_columns(self) -> list[str]:
+    def data_columns(self) -> list[Column]:
         """Columns that carry data (generated columns are recomputed by the target)."""
-        return [c.name for c in self.columns if not c.generated]
+        return [c for c in self.columns if not c.generated]
+
+    @property
+    def copy_columns(self) -> list[str]:
+        return [c.name for c in self.data_columns]
 
     @property
     def read_types(self) -> dict[str, pa.DataType]:
@@ -84,8 +88,7 @@ class TableInfo:
         return pa.schema(
             [
                 (c.name, pa.string() if c.name in as_text else pg_to_arrow(c.pg_type))
-                for c in self.columns
-                if not c.generated
+                for c in self.data_columns
             ]
         )
 

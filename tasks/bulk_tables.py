@@ -269,12 +269,13 @@ def _text_columns(target: psycopg.Connection, spec: TableSpec) -> dict[str, str]
 def _retyped(target: psycopg.Connection, spec: TableSpec) -> tuple[str, ...]:
     """Columns whose type (``format_type``, type modifiers included) differs in the existing target."""
     types = {c.name: c.pg_type for c in pg_describe(target, spec.target_schema, spec.target.name).columns}
-    if missing := [c for c in spec.source.copy_columns if c not in types]:
+    copied = spec.source.data_columns
+    if missing := [c.name for c in copied if c.name not in types]:
         raise UserError(
             f"existing target table {spec.target_label} has no columns {missing} of {spec.source.qualified}; "
             "add them, drop the table so the copy creates it, or drop them in the mapping"
         )
-    return tuple(c.name for c in spec.source.columns if not c.generated and types[c.name] != c.pg_type)
+    return tuple(c.name for c in copied if types[c.name] != c.pg_type)
 
 
 def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> None:
