@@ -107,6 +107,13 @@ def prepare_tables(
                 spec.target_label,
                 ", ".join(spec.retyped),
             )
+        if spec.generated_values:
+            logger.warning(
+                "%s: generated columns %s keep the source's values as plain columns: the mapping renames, "
+                "casts or drops a column their expression reads, or casts or reads them itself",
+                spec.target_label,
+                ", ".join(spec.generated_values),
+            )
     for plan in plans:
         logger.info(
             "%s → %s: %d chunks (%s), %d already committed",

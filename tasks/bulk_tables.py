@@ -38,13 +38,15 @@ from tasks.chunk_checkpoint import (
     save_plan,
 )
 from tasks.chunk_plan import Chunk, plan_table
-from tasks.column_mapping import TableMapping, mapped_table
+from tasks.column_mapping import TableMapping, generated_as_values, mapped_table
 from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.pg_arrow_types import pg_to_arrow
 from tasks.schema_copy import (
+    ColumnDefinition,
     add_foreign_keys,
     build_indexes_and_keys,
+    column_definitions,
     copy_table_ddl,
     create_mapped_table,
     create_table_like,
@@ -63,7 +65,9 @@ class TableSpec:
     another name (a mapping with only a ``target``): it gets the source's own CHECKs, indexes,
     keys and foreign keys. ``retyped``: its columns that an existing target table holds in other
     types; binary COPY would hand the target the source type's bytes to reinterpret, so such a
-    table travels as text, which the target's types parse."""
+    table travels as text, which the target's types parse. ``generation``: a mapped PostgreSQL
+    table's generated columns, as defined in the source, for those its target keeps generated;
+    ``generated_values``: those the target keeps as values (see ``generated_as_values``)."""
 
     source: TableInfo
     target: TableInfo
@@ -72,6 +76,8 @@ class TableSpec:
     cursor: str | None
     identical: bool
     retyped: tuple[str, ...] = ()
+    generation: tuple[ColumnDefinition, ...] = ()
+    generated_values: tuple[str, ...] = ()
 
     @property
     def target_ident(self) -> sql.Identifier:
@@ -80,6 +86,11 @@ class TableSpec:
     @property
     def target_label(self) -> str:
         return qualified_name(self.target_schema, self.target.name)
+
+    def generation_clauses(self) -> dict[str, sql.Composable]:
+        """The generation clause of each column the target keeps generated, by target name."""
+        rename = self.mapping.rename if self.mapping else {}
+        return {rename.get(d.name, d.name): d.clause() for d in self.generation}
 
     @property
     def dumped(self) -> bool:
@@ -129,6 +140,10 @@ def table_specs(
         table_map = mapping.get(name) or mapping.get(source.name)
         if table_map:  # a CSV column cast is read as its type, not inferred then converted
             source = declare_types(source, table_map.source_casts(source.copy_columns))
+        generation: tuple[ColumnDefinition, ...] = ()
+        as_values: tuple[str, ...] = ()
+        if table_map and table_map.transforms and any(c.generated for c in source.columns):
+            source, generation, as_values = _mapped_generation(source_url, source, table_map)
         target = mapped_table(source, table_map)
         schema = source.schema or target_schema
         if table_map and table_map.target:
@@ -142,11 +157,29 @@ def table_specs(
                 f"seed mode upserts by key but {source.qualified} has none; set the mapping's `key`"
             )
         identical = kind == "postgres" and (table_map is None or not table_map.transforms)
+        cursor = cursor if mode == "incremental" else None
         specs.append(
-            TableSpec(source, target, schema, table_map, cursor if mode == "incremental" else None, identical)
+            TableSpec(source, target, schema, table_map, cursor, identical, (), generation, as_values)
         )
     _ensure_distinct_targets(specs)
     return specs
+
+
+def _mapped_generation(
+    source_url: str, source: TableInfo, mapping: TableMapping
+) -> tuple[TableInfo, tuple[ColumnDefinition, ...], tuple[str, ...]]:
+    """A mapped PostgreSQL table's generated columns: the source with those the target keeps as
+    values made data columns, the definitions of those it keeps generated, and the former's names."""
+    with connection(source_url) as conn:
+        definitions = [d for d in column_definitions(conn, source) if d.generated]
+    mapped = generated_as_values(source, mapping, {d.name: d.reads for d in definitions})
+    generated = {c.name for c in mapped.columns if c.generated}
+    kept = tuple(
+        d
+        for d in definitions
+        if d.name in generated and mapping.rename.get(d.name, d.name) not in mapping.drop
+    )
+    return mapped, kept, tuple(d.name for d in definitions if d.name not in generated)
 
 
 def incremental_cursor(kind: SourceKind, source: TableInfo, target: TableInfo, cursor: str | None) -> str:
@@ -229,19 +262,55 @@ def refuse_copies_onto_sources(source_url: str, target_url: str, specs: list[Tab
 
 
 def with_target_types(target_url: str, specs: list[TableSpec]) -> list[TableSpec]:
-    """The specs adjusted to the target tables that already exist (one catalog query per such
-    table): identical copies get ``retyped`` (a source column such a table lacks is refused in one
-    line); a CSV file reads as text the columns such a table holds in a type that travels as
-    text (see :func:`_text_columns`)."""
+    """The specs fitted to target tables that already exist (one catalog query per such table):
+    ``retyped`` set for identical copies (a source column such a table lacks is refused in one
+    line), a mapped copy's generated source columns as the table holds them (see
+    :func:`_existing_generation`), and a CSV file reading as text the columns such a table holds
+    in a type that travels as text (see :func:`_text_columns`)."""
     with connection(target_url) as conn:
         return [
             _into_existing(conn, s) if table_exists(conn, s.target_schema, s.target.name) else s for s in specs
         ]
 
 
+def _existing_generation(target: psycopg.Connection, spec: TableSpec) -> TableSpec:
+    """A mapped copy into an existing table: the table's columns decide what becomes of the
+    source's generated columns it keeps. One the table generates itself is not written (unless the
+    mapping casts or reads it: PostgreSQL then refuses the values); a plain one takes the source's
+    values; a missing one is refused in one line, rather than left out of the copy unsaid."""
+    existing = {c.name: c for c in pg_describe(target, spec.target_schema, spec.target.name).columns}
+    rename = spec.mapping.rename if spec.mapping else {}
+    kept = {c.name for c in spec.target.columns}
+    names = {
+        g: rename.get(g, g)
+        for g in [*(d.name for d in spec.generation), *spec.generated_values]
+        if rename.get(g, g) in kept
+    }
+    if missing := [t for t in names.values() if t not in existing]:
+        raise UserError(
+            f"existing target table {spec.target_label} has no columns {missing} (generated in "
+            f"{spec.source.qualified}); add them, drop the table so the copy creates it, or drop them in the mapping"
+        )
+    untouched = spec.mapping.untouched(set(names)) if spec.mapping else set(names)
+    computed = {g for g, t in names.items() if existing[t].generated and g in untouched}
+    generates = {t: g in computed for g, t in names.items()}  # by target name
+    source = [replace(c, generated=c.name in computed) if c.name in names else c for c in spec.source.columns]
+    columns = [
+        replace(c, generated=generates[c.name]) if c.name in generates else c for c in spec.target.columns
+    ]
+    return replace(
+        spec,
+        source=replace(spec.source, columns=tuple(source)),
+        target=replace(spec.target, columns=tuple(columns)),
+        generated_values=tuple(g for g in names if g not in computed),
+    )
+
+
 def _into_existing(target: psycopg.Connection, spec: TableSpec) -> TableSpec:
     if spec.identical:
         return replace(spec, retyped=_retyped(target, spec))
+    if spec.generation or spec.generated_values:
+        return _existing_generation(target, spec)
     if spec.source.path:
         return replace(spec, source=declare_types(spec.source, _text_columns(target, spec)))
     return spec
@@ -285,7 +354,7 @@ def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> 
         absent = [s for s in specs if not table_exists(conn, s.target_schema, s.target.name)]
         for spec in absent:
             if not spec.identical:
-                create_mapped_table(conn, spec.target_schema, spec.target)
+                create_mapped_table(conn, spec.target_schema, spec.target, spec.generation_clauses())
         if renamed := [s for s in absent if s.identical and not s.dumped]:
             with connection(source_url) as source:
                 for spec in renamed:

@@ -17,7 +17,8 @@ and nothing is passed to Python's ``eval``.
 from __future__ import annotations
 
 import ast
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -211,36 +212,66 @@ def apply_mapping(batch: pa.RecordBatch, mapping: TableMapping | None) -> pa.Rec
     return batch
 
 
+def generated_as_values(
+    info: TableInfo, mapping: TableMapping, reads: Mapping[str, Collection[str]]
+) -> TableInfo:
+    """``info`` with the generated columns that its mapped copy cannot generate by the same
+    expression made data columns, whose values the copy reads from the source.
+
+    The expression (``reads``: the columns each one reads) is the source's SQL text, which names
+    columns: the copy stays generated only when every column it reads is kept under its name
+    and type (a cast changes what it computes) and the mapping neither casts nor reads the
+    generated column itself (``compute`` and ``filter`` need its values). ``drop`` drops either kind.
+    """
+    kept_as_is = {
+        c.name
+        for c in info.columns
+        if mapping.rename.get(c.name, c.name) == c.name and c.name not in {*mapping.cast, *mapping.drop}
+    }
+    untouched = mapping.untouched([c.name for c in info.columns if c.generated])
+
+    def stays_generated(column: Column) -> bool:
+        if column.name not in untouched:
+            return False
+        dropped = mapping.rename.get(column.name, column.name) in mapping.drop  # no values needed then
+        return dropped or kept_as_is.issuperset(reads.get(column.name, ()))
+
+    columns = tuple(replace(c, generated=c.generated and stays_generated(c)) for c in info.columns)
+    return replace(info, columns=columns)
+
+
 def mapped_table(info: TableInfo, mapping: TableMapping | None) -> TableInfo:
-    """The target table's columns and key after the mapping (types of computed columns inferred)."""
+    """The target table's columns and key after the mapping (types of computed columns inferred).
+    Generated columns stay generated, renamed if the mapping says so (see :func:`generated_as_values`)."""
     if mapping is None or not mapping.transforms:
         key = tuple(mapping.key) if mapping and mapping.key else info.key
         return TableInfo(info.name, info.columns, key, info.schema, info.path)
-    source_names = [c.name for c in info.columns if not c.generated]
+    source_names = [c.name for c in info.data_columns]
     renamed = [mapping.rename.get(n, n) for n in source_names]
-    unknown = [n for n in mapping.rename if n not in source_names]
+    every_name = [mapping.rename.get(c.name, c.name) for c in info.columns]
+    unknown = [n for n in mapping.rename if n not in {c.name for c in info.columns}]
     unknown += [n for n in mapping.cast if n not in renamed]
     unknown += [n for n in mapping.types if n not in mapping.compute]
-    unknown += [n for n in mapping.drop if n not in renamed and n not in mapping.compute]
+    unknown += [n for n in mapping.drop if n not in every_name and n not in mapping.compute]
     if unknown:
         raise UserError(
             f"mapping for {info.qualified} names unknown columns {unknown}; check rename/cast/types/drop "
-            f"(cast, types and drop use the renamed names; columns: {renamed})"
+            f"(cast, types and drop use the renamed names; columns: {every_name})"
         )
-    if repeated := sorted({n for n in renamed if renamed.count(n) > 1}):
+    if repeated := sorted({n for n in every_name if every_name.count(n) > 1}):
         raise UserError(
             f"mapping for {info.qualified} renames columns onto names another column keeps or gets: "
             f"{repeated}; rename the other column too (and drop it by its new name if it should go)"
         )
-    clashing = [n for n in mapping.compute if n in renamed]
+    clashing = [n for n in mapping.compute if n in every_name]
     if clashing:
         raise UserError(
             f"mapping for {info.qualified} computes columns the table already has: {clashing}; give the "
             "computed columns new names (and drop the old ones if they should go)"
         )
     columns = [
-        Column(name, mapping.cast.get(name, c.pg_type), c.not_null)
-        for c, name in zip((c for c in info.columns if not c.generated), renamed, strict=True)
+        Column(name, mapping.cast.get(name, c.pg_type), c.not_null, c.generated)
+        for c, name in zip(info.columns, every_name, strict=True)
     ]
     schema = info.arrow_schema()
     empty = pa.RecordBatch.from_arrays([pa.nulls(0, t) for t in schema.types], schema=schema)

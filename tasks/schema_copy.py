@@ -208,7 +208,8 @@ class ColumnDefinition:
 
     A ``serial``/``bigserial`` column owns the sequence it takes its default from: the copy gets
     a sequence of its own with the same options, since the source's is not in the target (or,
-    in the same database, belongs to the source table)."""
+    in the same database, belongs to the source table). ``reads``: the columns a generation
+    expression reads, which a mapping must keep as they are for the copy to stay generated."""
 
     name: str
     collation: tuple[str, str] | None
@@ -216,6 +217,7 @@ class ColumnDefinition:
     generated: str  # '' none, 's' STORED, 'v' VIRTUAL
     expression: str | None  # the default, or the generation expression
     sequence: SequenceOptions | None  # of the identity, or of the serial default
+    reads: tuple[str, ...] = ()
 
     @property
     def serial_sequence(self) -> SequenceOptions | None:
@@ -243,9 +245,17 @@ class ColumnDefinition:
 
 
 # Catalog text (pg_get_expr, regtype) is PostgreSQL's own deparsing, spliced like add_checks'
-# pg_get_constraintdef: it is valid SQL naming the source's objects.
+# pg_get_constraintdef: it is valid SQL naming the source's objects. The columns a generation
+# expression reads are dependencies of its pg_attrdef row from PostgreSQL 18 on, of the
+# generated column itself before.
 _COLUMN_DEFINITIONS = """
 SELECT a.attname, cn.nspname, co.collname, a.attidentity, a.attgenerated, pg_get_expr(d.adbin, d.adrelid),
+       array(SELECT r.attname FROM pg_depend dep
+             JOIN pg_attribute r ON r.attrelid = dep.refobjid AND r.attnum = dep.refobjsubid
+             WHERE dep.refclassid = 'pg_class'::regclass AND dep.refobjid = a.attrelid AND r.attnum <> a.attnum
+               AND (dep.classid = 'pg_attrdef'::regclass AND dep.objid = d.oid
+                    OR dep.classid = 'pg_class'::regclass AND dep.objid = a.attrelid AND dep.objsubid = a.attnum)
+             ORDER BY r.attnum),
        s.seqtypid::regtype::text, s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle
 FROM pg_attribute a
 JOIN pg_type t ON t.oid = a.atttypid
@@ -259,14 +269,17 @@ ORDER BY a.attnum
 
 
 def column_definitions(source: psycopg.Connection, info: TableInfo) -> list[ColumnDefinition]:
-    """Each source column's collation (when not its type's), default, identity and generation."""
+    """Each source column's collation (when not its type's), default, identity and generation
+    (with the columns its expression reads, as ``pg_depend`` records them)."""
     definitions = []
-    for name, coll_schema, coll, identity, generated, expression, *seq in source.execute(
+    for name, coll_schema, coll, identity, generated, expression, reads, *seq in source.execute(
         _COLUMN_DEFINITIONS, (info.ident.as_string(source),)
     ).fetchall():
         sequence = SequenceOptions(*seq) if seq[0] is not None else None
         collation = (coll_schema, coll) if coll else None
-        definitions.append(ColumnDefinition(name, collation, identity, generated, expression, sequence))
+        definitions.append(
+            ColumnDefinition(name, collation, identity, generated, expression, sequence, tuple(reads))
+        )
     return definitions
 
 

@@ -42,3 +42,43 @@ def test_same_database_is_told_for_an_ordinary_role_whatever_the_url_spelling(pg
     finally:
         with psycopg.connect(pg.url(), autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("server", ["fresh_db", "older_db"])
+def test_mapped_table_keeps_generated_columns_whose_expression_reads_only_kept_columns(server, request):
+    """PostgreSQL 18 records the columns a generation expression reads as dependencies of its
+    default (pg_attrdef), 14-17 of the column itself: both must tell which stay generated."""
+    url = request.getfixturevalue(server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, price numeric, qty int, label text,"
+            " total numeric GENERATED ALWAYS AS (price * qty) STORED,"
+            " shout text GENERATED ALWAYS AS (upper(label)) STORED,"
+            " one int GENERATED ALWAYS AS (1) STORED)"
+        )
+    mapping = parse_mapping({"items": {"rename": {"label": "title", "one": "uno"}, "drop": ["shout"]}})
+    (spec,) = table_specs(url, ["items"], mapping, "public", "full", None)
+    assert [(c.name, c.generated) for c in spec.target.columns] == [
+        ("id", False),
+        ("price", False),
+        ("qty", False),
+        ("title", False),
+        ("total", True),
+        ("uno", True),
+    ]
+    assert [d.name for d in spec.generation] == ["total", "one"]
+    assert spec.generation[0].reads == ("price", "qty")
+    assert spec.generated_values == ()  # shout reads a renamed column, but is dropped: not read at all
+    assert spec.source.copy_columns == ["id", "price", "qty", "label"]
+
+    mapping = parse_mapping(
+        {"items": {"cast": {"price": "double precision"}, "filter": "uno > 0", "rename": {"one": "uno"}}}
+    )
+    (spec,) = table_specs(url, ["items"], mapping, "public", "full", None)
+    assert spec.generated_values == ("total", "one")  # reads a cast column; read by the filter
+    assert [d.name for d in spec.generation] == ["shout"]
+    assert [(c.name, c.pg_type, c.generated) for c in spec.target.columns][4:] == [
+        ("total", "numeric", False),
+        ("shout", "text", True),
+        ("uno", "integer", False),
+    ]
