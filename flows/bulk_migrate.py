@@ -100,20 +100,20 @@ def prepare_tables(
     plans = plan_tables(source_url, target_url, run.run_key, lineage, mode, specs, chunk_rows)
     logger = get_run_logger()
     for spec in specs:
-        if spec.retyped:
-            logger.warning(
-                "%s: the existing target holds %s in other types than the source; copied as text "
+        for columns, why in (
+            (
+                spec.retyped,
+                "the existing target holds them in other types than the source; copied as text "
                 "that the target's types parse",
-                spec.target_label,
-                ", ".join(spec.retyped),
-            )
-        if spec.generated_values:
-            logger.warning(
-                "%s: generated columns %s keep the source's values as plain columns: the mapping renames, "
-                "casts or drops a column their expression reads, or casts or reads them itself",
-                spec.target_label,
-                ", ".join(spec.generated_values),
-            )
+            ),
+            (
+                spec.generated_values,
+                "generated in the source, kept as plain columns of its values: the mapping "
+                "renames, casts or drops a column their expression reads, or casts or reads them itself",
+            ),
+        ):
+            if columns:
+                logger.warning("%s: %s: %s", spec.target_label, ", ".join(columns), why)
     for plan in plans:
         logger.info(
             "%s → %s: %d chunks (%s), %d already committed",
