@@ -124,9 +124,10 @@ def load_seed(
         try:
             checkpoints.append(load_chunk_in(target, job, flow_run_id))
         except ChunkRejected as exc:
-            cycle = order.cycles.get(((job.target_schema, job.target.name), exc.constraint or ""))
-            if cycle is None:
-                raise
+            table = (job.target_schema, job.target.name)
+            cycle = order.cycles.get((table, exc.constraint or ""))
+            if cycle is None or order.tables.index(cycle[1]) < order.tables.index(table):
+                raise  # not a key the order could not satisfy: its parent table loaded first
             raise UserError(_unordered(cycle, exc)) from None
     try:
         target.execute("SET CONSTRAINTS ALL IMMEDIATE")  # deferred checks now, not in the commit

@@ -218,6 +218,14 @@ def test_reseed_through_a_cycle_of_foreign_keys_that_are_not_deferrable(fresh_db
     bulk_migrate(fresh_db, target_db, mode="seed")
     assert _fetch(target_db, DEPARTMENTS) == [(1, "eng", 10)]
 
+    # a row of the table loaded second that references a missing row is bad data, not the order's fault
+    _exec(fresh_db, "INSERT INTO employees VALUES (30, 'nobody', 99)")
+    with pytest.raises(
+        UserError, match=r"^chunk public\.employees .* rejected: .*offending rows: id=30\. Fix"
+    ):
+        bulk_migrate(fresh_db, target_db, mode="seed")
+    _exec(fresh_db, "DELETE FROM employees WHERE id = 30")
+
     _new_department_and_manager(fresh_db)
     with pytest.raises(UserError) as err:
         bulk_migrate(fresh_db, target_db, mode="seed")
