@@ -13,8 +13,9 @@ Agent → flowyard, one JSON object per stdout line, ``kind`` being one of:
 
 A line that is not valid JSON, or not one of these shapes, is kept as a ``log`` line with
 ``level="raw"``: agents are external programs and their stray prints must not break a run.
-That includes a checkpoint or result holding NaN or ±Infinity (which Python's ``json.dumps``
-writes by default): JSON has no such numbers and PostgreSQL refuses to store them.
+That includes any line holding NaN or ±Infinity anywhere (which Python's ``json.dumps`` writes
+by default): JSON has no such numbers, PostgreSQL refuses to store them (checkpoints, results),
+and they would make the task's ``.jsonl`` log, the Prefect run log or an artifact non-JSON.
 
 flowyard → agent, on stdin (one JSON object per line):
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
 from tasks.json_values import has_non_finite
@@ -40,17 +41,17 @@ __all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "parse_line"]
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-
-def _storable(value: dict[str, Any]) -> dict[str, Any]:
-    """Refuse what PostgreSQL would: a checkpoint or result holding NaN or ±Infinity then fails
-    validation and is kept as a raw log line, rather than failing the attempt (every retry alike)
-    on the database's multi-line error when flowyard stores it."""
-    if has_non_finite(value):
-        raise ValueError("NaN and Infinity are not JSON numbers")
-    return value
-
-
-_Storable = Annotated[dict[str, Any], AfterValidator(_storable)]
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        """Refuse a line holding NaN or ±Infinity anywhere, whatever its kind: it then fails
+        validation and is kept as a raw log line. A checkpoint or result would otherwise fail the
+        attempt (every retry alike) on PostgreSQL's multi-line error when flowyard stores it, and
+        artifact data or a log line's extra fields would reach the ``.jsonl`` log and Prefect as
+        non-JSON."""
+        if has_non_finite(data):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+        return data
 
 
 class LogMessage(_Message):
@@ -67,7 +68,7 @@ class ProgressMessage(_Message):
 
 class CheckpointMessage(_Message):
     kind: Literal["checkpoint"]
-    state: _Storable
+    state: dict[str, Any]
 
 
 class ArtifactMessage(_Message):
@@ -80,7 +81,7 @@ class ArtifactMessage(_Message):
 
 class ResultMessage(_Message):
     kind: Literal["result"]
-    data: _Storable = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
 
 
 class ErrorMessage(_Message):

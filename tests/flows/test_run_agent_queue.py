@@ -223,6 +223,49 @@ def test_a_checkpoint_holding_nan_is_kept_as_a_raw_log_line(tmp_path: Path, qdb:
     assert raw == ['{"kind": "checkpoint", "state": {"step": 1, "loss": NaN}}']
 
 
+NAN_EVERYWHERE_AGENT = textwrap.dedent(
+    """
+    import json
+
+    def say(**message):
+        print(json.dumps(message), flush=True)
+
+    say(kind="log", message="epoch 1", loss=float("nan"))
+    say(kind="progress", percent=50, eta=float("inf"))
+    say(kind="artifact", key="losses", type="table", data=[{"epoch": 1, "loss": float("nan")}])
+    say(kind="artifact", key="summary", type="markdown", data="# done")
+    say(kind="result", data={"ok": True})
+    """
+)
+
+
+def _strict_json(line: str) -> Any:
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_nan_in_any_agent_message_reaches_neither_the_logs_nor_an_artifact(tmp_path: Path, qdb: str) -> None:
+    """Log extras and artifact data holding NaN or Infinity are protocol garbage like such a
+    checkpoint: kept as raw log lines, the task's .jsonl log stays JSON, and no artifact is made of
+    them (rather than one whose numbers silently became null)."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="nan", agent_type="nan"))
+    agents = {"nan": {"argv": [sys.executable, "-c", NAN_EVERYWHERE_AGENT]}}
+    state = run_agent_queue(max_agents=1, agents=agents, retries=0, return_state=True, **_kw(tmp_path, qdb))
+    assert state.result()["outcomes"] == {task_id: "completed"}
+    log_file = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    log = [_strict_json(line) for line in log_file.read_text().splitlines()]
+    raw = [r["message"] for r in log if r.get("level") == "raw"]
+    assert [_strict_json(line.replace("NaN", "null").replace("Infinity", "null")) for line in raw] == [
+        {"kind": "log", "message": "epoch 1", "loss": None},
+        {"kind": "progress", "percent": 50, "eta": None},
+        {"kind": "artifact", "key": "losses", "type": "table", "data": [{"epoch": 1, "loss": None}]},
+    ]
+    assert {a.key for a in flow_run_artifacts(state)} >= {"summary"}
+    assert "losses" not in {a.key for a in flow_run_artifacts(state)}
+
+
 def _task_run_results(flow_state: Any, tasks: int) -> list[Any]:
     """The persisted results of a flow run's completed ``run-agent`` task runs (one per queue
     task, retries included), read back through the API once all ``tasks`` are recorded."""

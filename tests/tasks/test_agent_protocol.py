@@ -49,10 +49,19 @@ def test_every_kind_parses(fields: dict[str, object], expected: type) -> None:
         json.dumps({"kind": "result", "data": {"scores": [1.5, {"max": float("inf")}]}}),
         json.dumps({"kind": "result", "data": {"min": float("-inf")}}),
         '{"kind": "checkpoint", "state": {"huge": 1e999}}',
+        json.dumps({"kind": "artifact", "key": "scores", "type": "table", "data": [{"loss": float("nan")}]}),
+        json.dumps({"kind": "artifact", "type": "markdown", "data": float("inf")}),
+        '{"kind": "artifact", "type": "table", "data": {"loss": [1e999]}}',
+        json.dumps({"kind": "log", "message": "epoch done", "loss": float("nan")}),
+        json.dumps({"kind": "progress", "percent": 50, "eta": {"seconds": float("inf")}}),
+        json.dumps({"kind": "error", "message": "diverged", "last": [float("-inf")]}),
         "",
     ],
 )
 def test_garbage_is_kept_as_a_raw_log_line(line: str) -> None:
+    """Garbage includes any line holding NaN or ±Infinity, whatever its kind and wherever the
+    number sits (artifact data, a log line's extra fields): JSON has no such numbers, and the
+    message would carry them into the task's .jsonl log, the Prefect run log or an artifact."""
     message = parse_line(line + "\n")
     assert isinstance(message, LogMessage)
     assert message.level == "raw" and message.message == line
