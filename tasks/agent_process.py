@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -154,19 +155,38 @@ def command_for(template: AgentTemplate, job: AgentJob, task_json: str) -> tuple
     return argv, env
 
 
-def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> str:
-    """The envelope as argv or the environment carry it: itself, or, when it is too large for
-    them, ``@`` and the path of :data:`ENVELOPE_FILE` in the working directory, written here.
-    Without that, every attempt of a task whose checkpoint grew that large could not even start,
-    so it could never resume."""
+@contextmanager
+def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> Iterator[str]:
+    """The envelope as argv or the environment carry it, for the length of one attempt: itself,
+    or, when it is too large for them, ``@`` and the path of :data:`ENVELOPE_FILE` in the working
+    directory, written here and removed on the way out. Without that file, every attempt of a
+    task whose checkpoint grew that large could not even start, so it could never resume.
+
+    A file left by a worker that was killed outright (or a symlink an agent put there) is
+    replaced, never followed. On the way out only the file written here is removed, and only if
+    it is still that file: whatever the agent made at that path is its own."""
     only_on_stdin = template.delivery == "stdin" and not template.task_json_placeholder
     if len(envelope) <= INLINE_ENVELOPE_LIMIT or only_on_stdin:
-        return envelope
+        yield envelope
+        return
     path = job.workdir / ENVELOPE_FILE
-    path.unlink(missing_ok=True)  # a fresh file: never follow a symlink an earlier agent left there
+    path.unlink(missing_ok=True)
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as file:
         file.write(envelope)
-    return TASK_FILE_PREFIX + str(path)
+        file.flush()
+        written = _identity(os.fstat(file.fileno()))
+    try:
+        yield TASK_FILE_PREFIX + str(path)
+    finally:
+        with suppress(OSError):  # best effort: the next attempt replaces a file left behind
+            if _identity(path.lstat()) == written:
+                path.unlink()
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """Device, inode and change time: a file the agent made in place of ours may reuse our inode
+    number, but not our change time (any write, rename or chmod since moves it on)."""
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
 
 
 Outcome = Literal["completed", "failed", "timeout", "interrupted"]
@@ -246,31 +266,32 @@ class AgentProcess:
     def run(self) -> AgentOutcome:
         envelope = self.job.envelope()
         self.job.workdir.mkdir(parents=True, exist_ok=True)
-        argv, env = command_for(self.template, self.job, task_json_for(self.template, self.job, envelope))
-        try:
-            self._proc = spawn_group(
-                argv,
-                env=env,
-                cwd=self.job.workdir,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-        except OSError as exc:
-            raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
-        try:
-            self.started.set()
-            if self._on_start is not None:
-                self._on_start(self._proc.pid)
-            self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
-            if self.template.delivery == "stdin":
-                threading.Thread(target=self._send_envelope, args=(envelope,), daemon=True).start()
-            return self._pump(self._proc)
-        finally:
-            # Also when a callback raised (a database error recording a checkpoint, a heartbeat):
-            # the exception fails the attempt and Prefect starts another agent, so this one's
-            # group must not keep running beside it.
-            self._stop_group_leftovers()
+        with task_json_for(self.template, self.job, envelope) as task_json:
+            argv, env = command_for(self.template, self.job, task_json)
+            try:
+                self._proc = spawn_group(
+                    argv,
+                    env=env,
+                    cwd=self.job.workdir,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            except OSError as exc:
+                raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
+            try:
+                self.started.set()
+                if self._on_start is not None:
+                    self._on_start(self._proc.pid)
+                self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")
+                if self.template.delivery == "stdin":
+                    threading.Thread(target=self._send_envelope, args=(envelope,), daemon=True).start()
+                return self._pump(self._proc)
+            finally:
+                # Also when a callback raised (a database error recording a checkpoint, a heartbeat):
+                # the exception fails the attempt and Prefect starts another agent, so this one's
+                # group must not keep running beside it (nor read the envelope file, removed next).
+                self._stop_group_leftovers()
 
     def shutdown(self, reason: str, outcome: Outcome = "interrupted") -> None:
         """Graceful stop, waiting for it: ask for a checkpoint, SIGTERM the group, SIGKILL after grace."""

@@ -16,6 +16,7 @@ import pytest
 
 from tasks import agent_queue as queue
 from tasks.agent_process import (
+    ENVELOPE_FILE,
     REFERENCE_TEMPLATE,
     AgentJob,
     AgentLimits,
@@ -126,6 +127,97 @@ def test_a_checkpoint_too_large_for_argv_or_env_is_handed_back_through_a_file(tm
     assert resumed.outcome == "completed", resumed
     assert resumed.result["resumed_from"] == 1
     assert resumed.result["digest"] == whole.result["digest"]
+
+
+ENV_TEMPLATE = REFERENCE_TEMPLATE.model_copy(update={"delivery": "env"})
+LARGE = {"blob": "x" * 200_000}
+"""A payload that makes the envelope too large for ``FLOWYARD_TASK``: it goes through ENVELOPE_FILE."""
+
+
+def _stop_at_first_checkpoint(process: AgentProcess, stream: str, message: AgentMessage) -> None:
+    if isinstance(message, CheckpointMessage):
+        process.request_stop("test shutdown")
+
+
+def _fail_at_first_checkpoint(process: AgentProcess, stream: str, message: AgentMessage) -> None:
+    if isinstance(message, CheckpointMessage):
+        raise RuntimeError("the database refused the checkpoint")
+
+
+ENDINGS: dict[str, tuple[dict[str, Any], AgentLimits, Any]] = {
+    "completed": ({"steps": 1}, DEFAULT_LIMITS, None),
+    "failed": ({"steps": 1, "crash_after": 1}, DEFAULT_LIMITS, None),
+    "timeout": ({"steps": 1000, "sleep": 0.1}, AgentLimits(timeout_seconds=1.0, grace_seconds=0.5), None),
+    "interrupted": ({"steps": 1000, "sleep": 0.1}, AgentLimits(grace_seconds=0.5), _stop_at_first_checkpoint),
+    "callback error": ({"steps": 1000, "sleep": 0.1}, AgentLimits(grace_seconds=0.5), _fail_at_first_checkpoint),
+}
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_the_envelope_file_is_removed_when_the_attempt_ends(tmp_path: Path, ending: str) -> None:
+    """However the attempt ends, the file holding a large envelope (payload and checkpoint, which
+    may be private) does not outlive it in the agent's working directory."""
+    payload, limits, callback = ENDINGS[ending]
+    job = _job(tmp_path, {**payload, **LARGE})
+    seen: list[AgentMessage] = []
+
+    def on_message(stream: str, message: AgentMessage) -> None:
+        seen.append(message)
+        if callback is not None:
+            callback(process, stream, message)
+
+    process = AgentProcess(job, ENV_TEMPLATE, on_message=on_message, limits=limits)
+    try:
+        outcome = process.run().outcome
+    except RuntimeError:
+        outcome = "callback error"
+    assert outcome == ending
+    assert any(isinstance(m, CheckpointMessage) for m in seen), "the agent read its envelope and ran"
+    assert not (job.workdir / ENVELOPE_FILE).exists()
+    assert not (job.workdir / ENVELOPE_FILE).is_symlink()
+
+
+def test_a_leftover_envelope_file_does_not_stop_the_next_attempt(tmp_path: Path) -> None:
+    """A worker killed outright leaves the file (or an agent left a symlink there): the next
+    attempt replaces it, never writing through the link, and removes its own at the end."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not flowyard's\n")
+    for leftover in ("file", "symlink"):
+        path = workdir / ENVELOPE_FILE
+        if leftover == "file":
+            path.write_text("the envelope of an attempt whose worker was killed")
+        else:
+            path.symlink_to(outside)
+        outcome, _, _ = _run(_job(tmp_path, {"steps": 1, **LARGE}), ENV_TEMPLATE)
+        assert outcome.outcome == "completed", (leftover, outcome)
+        assert not path.exists() and not path.is_symlink()
+    assert outside.read_text() == "not flowyard's\n"
+
+
+REPLACING_AGENT = textwrap.dedent(
+    """
+    import json, os
+
+    path = os.environ["FLOWYARD_TASK"].removeprefix("@")
+    with open(path) as file:
+        task = json.load(file)
+    os.unlink(path)
+    with open(path, "w") as file:
+        file.write("the agent's own notes")
+    print(json.dumps({"kind": "result", "data": {"payload_keys": sorted(task["payload"])}}), flush=True)
+    """
+)
+
+
+def test_a_file_the_agent_put_in_the_envelope_files_place_is_left_alone(tmp_path: Path) -> None:
+    """Only the file flowyard wrote is removed: whatever the agent made at that path is its own."""
+    template = AgentTemplate(argv=[sys.executable, "-c", REPLACING_AGENT], delivery="env")
+    job = _job(tmp_path, LARGE)
+    outcome, _, _ = _run(job, template)
+    assert outcome.outcome == "completed" and outcome.result == {"payload_keys": ["blob"]}, outcome
+    assert (job.workdir / ENVELOPE_FILE).read_text() == "the agent's own notes"
 
 
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
