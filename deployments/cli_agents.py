@@ -155,6 +155,9 @@ def run(
     ] = 300.0,
     grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.")] = 5.0,
     retries: Annotated[int, typer.Option(min=0, help="Prefect retries per task (each resumes).")] = 2,
+    lease: Annotated[
+        float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
+    ] = queue.DEFAULT_LEASE_SECONDS,
     output_dir: Annotated[Path | None, typer.Option(help="Agents' output directory.")] = None,
     logs_dir: Annotated[Path | None, typer.Option(help="Where <task_id>.jsonl logs go.")] = None,
     agents_file: Annotated[
@@ -169,7 +172,8 @@ def run(
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
-    AgentLimits(timeout_seconds=timeout, grace_seconds=grace)  # a bad --timeout/--grace: one line, no flow run
+    # a bad --timeout, --grace or --lease: one line, no flow run
+    AgentLimits(timeout_seconds=timeout, grace_seconds=grace, lease_seconds=lease)
     prepare_flow_run(get_settings())
     from prefect.exceptions import CancelledRun
 
@@ -185,6 +189,7 @@ def run(
             timeout_seconds=timeout,
             grace_seconds=grace,
             retries=retries,
+            lease_seconds=lease,
         )
     except CancelledRun as cancelled:  # through the UI or API: the agents were stopped gracefully
         raise UserError(f"queue run cancelled: {first_line(cancelled)}") from None

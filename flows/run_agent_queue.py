@@ -51,7 +51,8 @@ def run_agent_queue(
     ``agents`` adds or overrides agent templates ({type: {argv, delivery, env}}); the
     ``reference`` type is built in. Agents work in ``output_dir`` (default
     ``<FLOWYARD_HOME>/agents``) and log to ``<logs_dir>/<task_id>.jsonl`` (default
-    ``<output_dir>/logs``).
+    ``<output_dir>/logs``). ``lease_seconds`` (at least three 5 s heartbeats) is how long a
+    worker may stay silent before its tasks count as abandoned.
     """
     url = state_url(database_url)
     base = Path(output_dir) if output_dir else default_agents_dir()
@@ -61,12 +62,12 @@ def run_agent_queue(
         output_dir=base.resolve(),
         logs_dir=(Path(logs_dir) if logs_dir else base / "logs").resolve(),
         templates=templates_from(agents),
-        limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds),
+        limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds),
     )
     _make_directory(setup.output_dir, "output_dir")
     _make_directory(setup.logs_dir, "logs_dir")
     logger = get_run_logger()
-    recovered = recover_stale_tasks(url, lease_seconds)
+    recovered = recover_stale_tasks(url, setup.limits.lease_seconds)
     if recovered:
         logger.info("resuming tasks of workers that are gone: %s", recovered)
     attempt = _attempt_tasks(retries)

@@ -302,7 +302,9 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     template = setup.templates[row.agent_type]  # claims take only the types this fleet has
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
     try:
-        started = queue.start_attempt(url, task_id, setup.worker, flow_run.get_id())
+        started = queue.start_attempt(
+            url, task_id, setup.worker, flow_run.get_id(), lease_seconds=setup.limits.lease_seconds
+        )
     except queue.TaskNotHeld:
         # Cancelled (or retried and claimed elsewhere) while Prefect waited to retry: the task
         # is where the user put it, which is no failure of this run.

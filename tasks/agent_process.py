@@ -36,6 +36,7 @@ from tasks.agent_protocol import (
     ResultMessage,
     parse_line,
 )
+from tasks.agent_queue import DEFAULT_LEASE_SECONDS
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
 from tasks.errors import UserError
 from tasks.process_group import spawn_group, terminate_group
@@ -205,17 +206,26 @@ class AgentOutcome:
     """False when the agent reported an error with ``"retryable": false``: another attempt would fail alike."""
 
 
+LEASE_HEARTBEATS = 3
+"""Heartbeats a lease must span at least: one late heartbeat (a slow database, a busy host) must
+not make a live worker's tasks look abandoned."""
+
+
 @dataclass(frozen=True)
 class AgentLimits:
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     heartbeat_seconds: float = 5.0
     checkpoint_wait_seconds: float = 2.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    """How long a worker may stay silent before its tasks count as abandoned; stored with each
+    attempt, so ``queue retry`` judges a cancelled attempt by its own worker's lease."""
 
     def __post_init__(self) -> None:
         """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
-        starts and burns all its retries; a negative grace period is a typo. (``not >`` also
-        catches NaN.)"""
+        starts and burns all its retries; a negative grace period is a typo; a lease shorter than
+        a few heartbeats has this run take other workers' live tasks for abandoned ones and start
+        them a second time. (``not >`` also catches NaN.)"""
         if not self.timeout_seconds > 0:
             raise UserError(
                 f"the agent timeout must be more than 0 seconds, not {self.timeout_seconds:g} "
@@ -225,6 +235,13 @@ class AgentLimits:
             raise UserError(
                 f"the grace period must be 0 seconds or more, not {self.grace_seconds:g} "
                 "(--grace / grace_seconds)"
+            )
+        if not self.lease_seconds >= LEASE_HEARTBEATS * self.heartbeat_seconds:
+            raise UserError(
+                f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
+                f"({LEASE_HEARTBEATS} heartbeats of {self.heartbeat_seconds:g} s), not {self.lease_seconds:g} "
+                "(--lease / lease_seconds): "
+                "a shorter one takes live workers' tasks for abandoned ones"
             )
 
 

@@ -343,15 +343,16 @@ def retry_task(url: str, task_id: int) -> None:
 def _stopping_attempt(url: str, task_id: int) -> tuple[int, str] | None:
     """(attempt, worker) of a cancelled task's attempt whose agent may still run: its
     ``agent_runs`` row is open (the worker closes it only once the agent's group is gone), its
-    worker is not known dead and the attempt heartbeat is fresher than the lease. The worker
-    keeps heartbeating a cancelled attempt until it has stopped its agent."""
+    worker is not known dead and the attempt heartbeat is fresher than the lease that worker runs
+    with (the default for attempts recorded before leases were). The worker keeps heartbeating a
+    cancelled attempt until it has stopped its agent."""
     with _connection(url) as conn:
         row = conn.execute(
             """
             SELECT r.attempt, r.worker FROM flowyard.agent_runs r
               JOIN flowyard.agent_tasks t ON t.id = r.task_id
              WHERE r.task_id = %s AND r.outcome IS NULL AND t.status = 'cancelled'
-               AND t.heartbeat_at >= now() - make_interval(secs => %s)
+               AND t.heartbeat_at >= now() - make_interval(secs => coalesce(r.lease_seconds, %s))
              ORDER BY r.id DESC LIMIT 1
             """,
             (task_id, DEFAULT_LEASE_SECONDS),
@@ -456,9 +457,12 @@ class TaskNotHeld(UserError):
     """The worker no longer holds the task: it was cancelled, retried or reclaimed meanwhile."""
 
 
-def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) -> Attempt:
-    """Count a new attempt of a task this worker holds. The task's last checkpoint comes back
-    from the same statement: a retry resumes from whatever the failed attempt saved."""
+def start_attempt(
+    url: str, task_id: int, worker: str, flow_run_id: str | None, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> Attempt:
+    """Count a new attempt of a task this worker holds, with the lease the worker runs with. The
+    task's last checkpoint comes back from the same statement: a retry resumes from whatever the
+    failed attempt saved."""
     with _connection(url, durable=False) as conn:
         row = conn.execute(
             """
@@ -467,13 +471,13 @@ def start_attempt(url: str, task_id: int, worker: str, flow_run_id: str | None) 
                  WHERE id = %s AND worker = %s AND status = 'in_progress'
                 RETURNING id, attempts, agent_type, last_checkpoint
             ), r AS (
-                INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id)
-                SELECT id, attempts, agent_type, %s, %s FROM t
+                INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id, lease_seconds)
+                SELECT id, attempts, agent_type, %s, %s, %s FROM t
                 RETURNING attempt, id
             )
             SELECT r.attempt, r.id, t.last_checkpoint FROM r, t
             """,
-            (task_id, worker, worker, flow_run_id),
+            (task_id, worker, worker, flow_run_id, lease_seconds),
         ).fetchone()
     if row is None:
         raise TaskNotHeld(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")

@@ -87,6 +87,9 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert f"cannot cancel task {done}: it is cancelled" in _user_error("cancel", str(done), env=env)
     assert "agent timeout must be more than 0 seconds, not -5" in _user_error("run", "--timeout", "-5", env=env)
     assert "grace period must be 0 seconds or more, not -1" in _user_error("run", "--grace", "-1", env=env)
+    assert "the lease must be at least 15 seconds (3 heartbeats of 5 s), not 10" in _user_error(
+        "run", "--lease", "10", env=env
+    )
     assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), done).status == "cancelled"
 
 

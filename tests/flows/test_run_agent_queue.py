@@ -297,6 +297,31 @@ def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: s
     assert task.status == "failed" and task.attempts == 0
 
 
+@pytest.mark.parametrize("lease", [0.0, 5.0, 14.9, float("nan")])
+def test_a_lease_live_workers_could_not_keep_fails_the_run_before_anything_is_claimed(
+    tmp_path: Path, qdb: str, lease: float
+) -> None:
+    """Heartbeats come every 5 s: with a shorter lease (or one without room for a late heartbeat)
+    this run would take the live tasks of other workers for abandoned ones and start them again."""
+    task_id = queue.create_task(qdb, _new("untouched", {"steps": 1}))
+    with pytest.raises(UserError) as raised:
+        run_agent_queue(max_agents=1, lease_seconds=lease, **_kw(tmp_path, qdb))
+    assert str(raised.value) == (
+        f"the lease must be at least 15 seconds (3 heartbeats of 5 s), not {lease:g} (--lease / lease_seconds): "
+        "a shorter one takes live workers' tasks for abandoned ones"
+    )
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
+
+
+def test_an_attempt_records_the_lease_its_worker_runs_with(tmp_path: Path, qdb: str) -> None:
+    task_id = queue.create_task(qdb, _new("leased", {"steps": 1}))
+    run_agent_queue(max_agents=1, lease_seconds=45.0, **_kw(tmp_path, qdb))
+    with connection(qdb) as conn:
+        leases = conn.execute("SELECT lease_seconds FROM flowyard.agent_runs WHERE task_id = %s", (task_id,))
+        assert [row[0] for row in leases] == [45.0]
+
+
 def test_a_drain_without_the_tasks_agent_type_leaves_it_for_one_that_has_it(tmp_path: Path, qdb: str) -> None:
     """The scheduled drain knows only the built-in agents: it must not fail a task of another type."""
     task_id = queue.create_task(qdb, queue.NewTask(title="custom", agent_type="coder", payload={"steps": 1}))

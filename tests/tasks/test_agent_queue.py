@@ -13,6 +13,7 @@ import pytest
 from tasks import agent_queue as queue
 from tasks.agent_execution import recover_stale_tasks
 from tasks.agent_process import REFERENCE_TEMPLATE
+from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group
 from tasks.state import state_url
@@ -233,3 +234,43 @@ def test_retry_waits_for_a_cancelled_attempt_whose_worker_is_alive(qdb: str) -> 
             queue.retry_task(qdb, task_id)
             task = queue.get_task(qdb, task_id)
             assert task.status == "pending" and task.worker is None
+
+
+def _heartbeat_age(url: str, task_id: int, seconds: float) -> None:
+    """Make the task's last heartbeat ``seconds`` old, as a worker silent that long leaves it."""
+    with connection(url) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET heartbeat_at = now() - make_interval(secs => %s) WHERE id = %s",
+            (seconds, task_id),
+        )
+
+
+@pytest.mark.parametrize(
+    ("lease", "silent", "refused"),
+    [(20.0, 60.0, False), (600.0, 300.0, True), (None, 60.0, True), (None, 150.0, False)],
+)
+def test_retry_judges_a_cancelled_attempt_by_the_lease_its_worker_ran_with(
+    qdb: str, lease: float | None, silent: float, refused: bool
+) -> None:
+    """Silent for longer than its own worker's lease, the attempt counts as gone (not only past
+    the default 120 s); silent for less, it may still be stopping its agent. The worker runs on
+    another host, so only the heartbeat can tell. An attempt recorded before attempts had a lease
+    (None here) is judged by the default one."""
+    elsewhere = "another-host:4242:1700000000:cafe0001"
+    assert queue.worker_alive(elsewhere) is None
+    task_id = queue.create_task(qdb, _new("elsewhere"))
+    queue.claim_ready(qdb, elsewhere, 1)
+    queue.start_attempt(qdb, task_id, elsewhere, None, lease_seconds=lease or queue.DEFAULT_LEASE_SECONDS)
+    if lease is None:
+        with connection(qdb) as conn:
+            conn.execute("UPDATE flowyard.agent_runs SET lease_seconds = NULL WHERE task_id = %s", (task_id,))
+    queue.cancel_task(qdb, task_id)
+    _heartbeat_age(qdb, task_id, silent)
+    if refused:
+        with pytest.raises(UserError, match=rf"^cannot retry task {task_id} yet: its cancelled attempt 1"):
+            queue.retry_task(qdb, task_id)
+        assert queue.get_task(qdb, task_id).status == "cancelled"
+    else:
+        queue.retry_task(qdb, task_id)
+        assert queue.get_task(qdb, task_id).status == "pending"
+
