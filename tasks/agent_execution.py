@@ -300,7 +300,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     url = setup.database_url
     row = current.tasks[task_id]
     template = setup.templates[row.agent_type]  # claims take only the types this fleet has
-    workdir = resolve_workdir(setup.output_dir, row.workdir, task_id)
+    workdir = resolve_workdir(setup.output_dir, row.workdir, task_id, logs_dir=setup.logs_dir)
     try:
         started = queue.start_attempt(
             url, task_id, setup.worker, flow_run.get_id(), lease_seconds=setup.limits.lease_seconds

@@ -91,19 +91,33 @@ def templates_from(config: dict[str, Any] | None) -> dict[str, AgentTemplate]:
     return {**DEFAULT_TEMPLATES, **user}
 
 
-def resolve_workdir(output_dir: Path, workdir: str, task_id: int) -> Path:
-    """The agent's working directory, which must resolve inside ``output_dir``.
+def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: Path | None = None) -> Path:
+    """The agent's working directory, which must resolve inside ``output_dir``, to a directory of
+    its own: not ``output_dir`` itself, which all tasks share, nor ``logs_dir`` (default
+    ``<output_dir>/logs``) or a directory inside it, where the agent would write among (or over)
+    the task logs.
 
     Resolution follows symlinks, so ``..`` components and links that point outside are
     both caught; the resolved path is what the agent gets, so a link swapped afterwards
     cannot redirect it.
     """
     base = output_dir.expanduser().resolve()
+    logs = (logs_dir or base / "logs").expanduser().resolve()
     target = (base / (workdir or f"task-{task_id}")).resolve()
     if not target.is_relative_to(base):
         raise UserError(
             f"working directory {workdir!r} of task {task_id} resolves to {target}, outside the agent "
             f"output directory {base}; use a relative path that stays inside it (no '..', no symlinks out)"
+        )
+    if target == base or target.is_relative_to(logs):
+        where = (
+            "the agent output directory itself, which all tasks share"
+            if target == base
+            else f"in the agents' logs directory {logs}"
+        )
+        raise UserError(
+            f"working directory {workdir!r} of task {task_id} resolves to {target}, {where}; give the task "
+            "a directory of its own in the output directory (an empty workdir is task-<id>)"
         )
     return target
 

@@ -70,6 +70,10 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert "outside the agent output directory" in _user_error(
         "create", "x", "--workdir", "../../etc", env=env
     )
+    assert ", the agent output directory itself, which all tasks share; give the task" in _user_error(
+        "create", "x", "--workdir", ".", env=env
+    )
+    assert "logs/mine, in the agents' logs directory " in _user_error("create", "x", "--workdir", "logs/mine", env=env)
     assert "--payload is not valid JSON" in _user_error("create", "x", "--payload", "{nope", env=env)
     assert "payload of task 'x' contains a NUL character" in _user_error(
         "create", "x", "--payload", '{"a": ["\\u0000"]}', env=env

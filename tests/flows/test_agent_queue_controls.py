@@ -86,6 +86,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_create("x", payload={"loss": [float("nan")]}, database_url=url),
             "the payload of task 'x' holds NaN, Infinity or a number beyond ±1.8e308",
         ),
+        (
+            lambda url: agent_task_create("x", workdir="a/..", database_url=url),
+            "working directory 'a/..' of task 0 resolves to ",
+        ),
     ],
     ids=[
         "cancel-unknown-id",
@@ -94,6 +98,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         "unknown-dependency",
         "bad-status",
         "non-finite-payload",
+        "workdir-is-the-output-dir",
     ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:

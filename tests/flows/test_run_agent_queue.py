@@ -297,6 +297,19 @@ def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: s
     assert task.status == "failed" and task.attempts == 0
 
 
+@pytest.mark.parametrize("workdir", [".", "logs"])
+def test_a_workdir_shared_with_all_tasks_or_the_logs_fails_the_task(tmp_path: Path, qdb: str, workdir: str) -> None:
+    """A task created past the CLI's check (or before it existed) still never runs its agent in the
+    output directory itself or among the task logs."""
+    task_id = queue.create_task(qdb, _new("shared", {"steps": 1}, workdir=workdir))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert f"working directory {workdir!r} of task {task_id} resolves to" in summary["outcomes"][task_id]
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "failed" and task.attempts == 0
+    assert not (tmp_path / "agents" / "result.txt").exists()
+    assert not (tmp_path / "agents" / "logs" / "result.txt").exists()
+
+
 @pytest.mark.parametrize("lease", [0.0, 5.0, 14.9, float("nan")])
 def test_a_lease_live_workers_could_not_keep_fails_the_run_before_anything_is_claimed(
     tmp_path: Path, qdb: str, lease: float

@@ -68,6 +68,23 @@ def test_workdir_must_stay_inside_the_output_dir(tmp_path: Path) -> None:
             resolve_workdir(out, escape, 1)
 
 
+@pytest.mark.parametrize("shared", [".", "./", "a/..", "logs", "logs/", "logs/sub", "a/../logs/x", "custom-logs"])
+def test_workdir_cannot_be_the_output_dir_itself_or_the_logs_dir(tmp_path: Path, shared: str) -> None:
+    """Such an agent would write into the directory every task shares, or among the task logs."""
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    logs = out / "custom-logs" if shared == "custom-logs" else None
+    with pytest.raises(UserError) as raised:
+        resolve_workdir(out, shared, 4, logs_dir=logs)
+    assert str(raised.value).startswith(f"working directory {shared!r} of task 4 resolves to ")
+    assert str(raised.value).endswith(
+        "; give the task a directory of its own in the output directory (an empty workdir is task-<id>)"
+    )
+    assert "\n" not in str(raised.value)
+    assert resolve_workdir(out, "logs", 4, logs_dir=tmp_path / "logs") == (out / "logs").resolve()
+    assert resolve_workdir(out, "logs-of-mine", 4) == (out / "logs-of-mine").resolve()
+
+
 def test_symlink_escape_is_rejected(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
