@@ -223,7 +223,15 @@ def _refuse_non_finite(value: Any, what: str) -> None:
 
 
 def create_task(url: str, task: NewTask) -> int:
-    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
+    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
+
+    A task without an agent type is refused: no worker has a template for it, so it would wait
+    in the queue for good."""
+    if not task.agent_type.strip():
+        raise UserError(
+            f"the agent type of task {task.title!r} is empty; name the agent template that runs it, "
+            "such as 'reference' (--agent-type / agent_type)"
+        )
     _refuse_nul(task.payload, f"the payload of task {task.title!r}")
     _refuse_non_finite(task.payload, f"the payload of task {task.title!r}")
     with _connection(url, atomic=True) as conn:

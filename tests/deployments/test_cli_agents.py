@@ -74,6 +74,7 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
         "create", "x", "--workdir", ".", env=env
     )
     assert "logs/mine, in the agents' logs directory " in _user_error("create", "x", "--workdir", "logs/mine", env=env)
+    assert "the agent type of task 'x' is empty" in _user_error("create", "x", "--agent-type", " ", env=env)
     assert "--payload is not valid JSON" in _user_error("create", "x", "--payload", "{nope", env=env)
     assert "payload of task 'x' contains a NUL character" in _user_error(
         "create", "x", "--payload", '{"a": ["\\u0000"]}', env=env

@@ -90,6 +90,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_create("x", workdir="a/..", database_url=url),
             "working directory 'a/..' of task 0 resolves to ",
         ),
+        (
+            lambda url: agent_task_create("x", agent_type="", database_url=url),
+            "the agent type of task 'x' is empty; ",
+        ),
     ],
     ids=[
         "cancel-unknown-id",
@@ -99,6 +103,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         "bad-status",
         "non-finite-payload",
         "workdir-is-the-output-dir",
+        "empty-agent-type",
     ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:

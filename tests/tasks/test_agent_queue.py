@@ -274,3 +274,14 @@ def test_retry_judges_a_cancelled_attempt_by_the_lease_its_worker_ran_with(
         queue.retry_task(qdb, task_id)
         assert queue.get_task(qdb, task_id).status == "pending"
 
+
+@pytest.mark.parametrize("agent_type", ["", "   ", "\t\n"])
+def test_a_task_without_an_agent_type_is_refused_in_one_line(qdb: str, agent_type: str) -> None:
+    """No worker has a template for it: it would wait in the queue for good."""
+    with pytest.raises(UserError) as raised:
+        queue.create_task(qdb, queue.NewTask(title="x", agent_type=agent_type))
+    assert str(raised.value) == (
+        "the agent type of task 'x' is empty; name the agent template that runs it, such as 'reference' "
+        "(--agent-type / agent_type)"
+    )
+    assert queue.list_tasks(qdb) == [], "nothing was created"
