@@ -254,8 +254,7 @@ class AgentLimits:
             raise UserError(
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
                 f"({LEASE_HEARTBEATS} heartbeats of {self.heartbeat_seconds:g} s), not {self.lease_seconds:g} "
-                "(--lease / lease_seconds): "
-                "a shorter one takes live workers' tasks for abandoned ones"
+                "(--lease / lease_seconds): a shorter one takes live workers' tasks for abandoned ones"
             )
 
 

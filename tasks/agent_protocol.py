@@ -15,7 +15,7 @@ A line that is not valid JSON, or not one of these shapes, is kept as a ``log`` 
 ``level="raw"``: agents are external programs and their stray prints must not break a run.
 That includes any line holding NaN or ±Infinity anywhere (which Python's ``json.dumps`` writes
 by default): JSON has no such numbers, PostgreSQL refuses to store them (checkpoints, results),
-and they would make the task's ``.jsonl`` log, the Prefect run log or an artifact non-JSON.
+and elsewhere (artifact data, a log line's extra fields) they would silently become ``null``.
 
 flowyard → agent, on stdin (one JSON object per line):
 
@@ -46,9 +46,10 @@ class _Message(BaseModel):
     def _finite(cls, data: Any) -> Any:
         """Refuse a line holding NaN or ±Infinity anywhere, whatever its kind: it then fails
         validation and is kept as a raw log line. A checkpoint or result would otherwise fail the
-        attempt (every retry alike) on PostgreSQL's multi-line error when flowyard stores it, and
-        artifact data or a log line's extra fields would reach the ``.jsonl`` log and Prefect as
-        non-JSON."""
+        attempt (every retry alike) on PostgreSQL's multi-line error when flowyard stores it;
+        artifact data or a log line's extra fields would reach the ``.jsonl`` log, the run log and
+        Prefect artifacts with those numbers silently turned into ``null``: one rule for every
+        kind, the one the agent's own ``json.dumps(..., allow_nan=False)`` applies."""
         if has_non_finite(data):
             raise ValueError("NaN and Infinity are not JSON numbers")
         return data
