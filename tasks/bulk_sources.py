@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from psycopg import sql
 
 from tasks.arrow_literals import literal_array
-from tasks.copy_pipe import normalize_session, read_csv_batches
+from tasks.copy_pipe import read_csv_batches
 from tasks.db import connection, one_row, validate_postgres_url
 from tasks.errors import UserError, first_line
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow, sqlite_to_pg
@@ -678,8 +678,7 @@ def read_chunk(
         yield from file_chunk_batches(info, chunk, cursor)
         return
     query, params = pg_chunk_query(info, chunk, cursor)
-    with connection(validate_postgres_url(source_url)) as conn:
-        normalize_session(conn)
+    with connection(validate_postgres_url(source_url), utc=True) as conn:
         yield from read_csv_batches(conn, query, info.arrow_schema(as_text), params)
 
 

@@ -41,7 +41,7 @@ from tasks.bulk_sources import TableInfo, UnfitValue, pg_chunk_query, pg_describ
 from tasks.chunk_checkpoint import ChunkCheckpoint, committed_chunks, record_chunk
 from tasks.chunk_plan import Chunk
 from tasks.column_mapping import TableMapping, apply_mapping
-from tasks.copy_pipe import normalize_session, pipe_binary, write_batches
+from tasks.copy_pipe import pipe_binary, write_batches
 from tasks.db import connection, one_row
 from tasks.errors import UserError
 from tasks.integrity import has_unique_key
@@ -160,8 +160,7 @@ class ChunkJob:
 
 def load_chunk(job: ChunkJob, flow_run_id: str | None = None) -> ChunkCheckpoint:
     """Copy the chunk unless its checkpoint is already committed; return the checkpoint."""
-    with connection(job.target_url) as target:
-        normalize_session(target)
+    with connection(job.target_url, utc=True) as target:
         # The staging table is temporary: with the default 8 MB of temp buffers a 250k-row
         # stage spills to disk and is read back by the checksum and the insert.
         target.execute("SET temp_buffers = '128MB'")
@@ -202,9 +201,8 @@ def _pipe_from_source(
     """Pipe the chunk into ``into``; return the rows copied and, if asked, the source checksum
     of exactly the rows sent (same snapshot as the COPY OUT)."""
     query, params = pg_chunk_query(job.source, job.chunk, job.cursor)
-    with connection(job.source_url) as source:
+    with connection(job.source_url, utc=True) as source:
         source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        normalize_session(source)
         rows = pipe_binary(source, query, target, into, job.columns, params)
         if not with_checksum:
             return rows, None

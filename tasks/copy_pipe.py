@@ -41,23 +41,6 @@ buffers of several copy threads sooner than Arrow's default mimalloc pool (measu
 less peak RSS with two mapped copy streams, same speed)."""
 
 
-# Settings that change how values print as text. Both ends of a copy or a checksum use the
-# same ones, so text forms (CSV, row::text) are comparable across servers and sessions.
-TEXT_FORM_SETTINGS: dict[str, str] = {
-    "TimeZone": "UTC",
-    "DateStyle": "ISO, YMD",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "1",
-    "bytea_output": "hex",
-}
-
-
-def normalize_session(conn: psycopg.Connection) -> None:
-    """Pin the session's text-form settings (see ``TEXT_FORM_SETTINGS``), in one round trip."""
-    calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in TEXT_FORM_SETTINGS)
-    conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in TEXT_FORM_SETTINGS.items() for v in item])
-
-
 def copy_columns(columns: Sequence[str]) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(c) for c in columns)
 

@@ -25,7 +25,6 @@ from tasks.bulk_sources import row_count
 from tasks.bulk_tables import TablePlan
 from tasks.chunk_checkpoint import ChunkCheckpoint
 from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage
-from tasks.copy_pipe import normalize_session
 from tasks.db import connection, one_row
 from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
 
@@ -60,8 +59,7 @@ def validate_table(
 ) -> TableValidation:
     """Run the requested checks for one table; problems name the chunk bounds that differ."""
     result = TableValidation(plan.spec.source.qualified)
-    with connection(job.target_url) as target:
-        normalize_session(target)
+    with connection(job.target_url, utc=True) as target:
         if "checksum" in checks:
             _check_checksums(plan, job, committed, target, result)
         if "count" in checks:
@@ -75,8 +73,7 @@ def _side_checksums(
     url: str, table: sql.Composable, columns: list[str], ranges: list[tuple[sql.Composable, list[str]]]
 ) -> list[Checksum]:
     """Checksums of ``ranges`` of one table, on its own connection (source and target run at once)."""
-    with connection(url) as conn:
-        normalize_session(conn)
+    with connection(url, utc=True) as conn:
         return [checksum(conn, table, columns, where, params) for where, params in ranges]
 
 

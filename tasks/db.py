@@ -89,8 +89,30 @@ def resolve_url(database_url: str | None = None) -> str:
     return server.url("flowyard")
 
 
-def connect(url: str, *, autocommit: bool = False, application_name: str = "flowyard") -> psycopg.Connection:
-    """Open a psycopg connection, turning connection failures into a one-line UserError."""
+TEXT_FORMS: dict[str, str] = {
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+}
+"""How values print as text, pinned on every connection whatever the server, database or role
+sets: chunk bounds and cursors travel between sessions and servers as text (a DateStyle of
+``SQL, DMY`` prints ``13/01/2024``, and a timestamptz with a zone abbreviation another session
+reads as another zone), and psycopg parses dates and intervals only in these forms. They change
+no value and no comparison, only text. (Any positive ``extra_float_digits`` prints the shortest
+exact float, since PostgreSQL 12.)"""
+
+UTC = {"TimeZone": "UTC"}
+"""For sessions whose timestamptz text is compared with another session's text (checksums over
+row text, CSV streams): the same instant prints alike only in the same zone. Not pinned on every
+connection, as it changes what ``date_trunc`` and ``::date`` mean for timestamptz."""
+
+
+def connect(
+    url: str, *, autocommit: bool = False, application_name: str = "flowyard", utc: bool = False
+) -> psycopg.Connection:
+    """Open a psycopg connection with flowyard's session settings (``TEXT_FORMS``, and the time
+    zone ``UTC`` when ``utc``), turning connection failures into a one-line UserError."""
     try:
         conn = psycopg.connect(
             validate_postgres_url(url),
@@ -113,7 +135,9 @@ def connect(url: str, *, autocommit: bool = False, application_name: str = "flow
     # As pg_dump and pg_restore do: a chunk copy, a checksum or an index build lasts as long as its
     # data, and a role's statement_timeout (common in production) would cancel it. Statements that
     # must stay short (online DDL, backfill batches, health queries) set their own limit.
-    conn.execute("SET statement_timeout = 0")
+    settings = {"statement_timeout": "0", **TEXT_FORMS, **(UTC if utc else {})}
+    calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in settings)
+    conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in settings.items() for v in item])
     if not autocommit:
         conn.commit()
     return conn
@@ -157,9 +181,9 @@ def _refusal_sqlstate(exc: psycopg.OperationalError) -> str | None:
 
 
 @contextmanager
-def connection(url: str, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
-    """A connection that commits on success, rolls back on error, and is always closed."""
-    conn = connect(url, autocommit=autocommit)
+def connection(url: str, *, autocommit: bool = False, utc: bool = False) -> Iterator[psycopg.Connection]:
+    """A connection (see :func:`connect`) that commits on success, rolls back on error, and is always closed."""
+    conn = connect(url, autocommit=autocommit, utc=utc)
     try:
         with conn:
             yield conn

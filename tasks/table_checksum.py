@@ -8,7 +8,8 @@ The row hash is ``hash_record_extended(ROW(columns), 0)``: each column's own (po
 value-based) hash function, no text conversion — about 2.5x cheaper than hashing text. When
 a column type has no hash function (``json``, ``point``, ...), it falls back to
 ``hashtextextended(ROW(columns)::text, 0)``; both sides then pin the settings that change
-text forms (``copy_pipe.TEXT_FORM_SETTINGS``), so equal rows hash equally on any server.
+text forms (``db.TEXT_FORMS`` on every connection, and ``db.UTC``), so equal rows hash equally
+on any server.
 Tables of equal column types make the same choice on both sides.
 """
 

@@ -22,8 +22,7 @@ from psycopg import sql
 
 from flows.bulk_migrate import bulk_migrate
 from tasks.chunk_plan import Chunk
-from tasks.copy_pipe import normalize_session
-from tasks.db import drop_database, ensure_database
+from tasks.db import connect, database_name, drop_database, ensure_database
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tasks.table_checksum import Checksum, checksum
@@ -39,15 +38,13 @@ def _exec(url: str, *statements: str) -> None:
 
 
 def _fetch(url: str, query: str, params: tuple = ()) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        normalize_session(conn)
+    with connect(url, utc=True) as conn:
         return conn.execute(query, params).fetchall()
 
 
 def _sum(url: str, table: str, columns: list[str]):
     schema, name = table.split(".")
-    with psycopg.connect(url) as conn:
-        normalize_session(conn)
+    with connect(url, utc=True) as conn:
         return checksum(conn, sql.Identifier(schema, name), columns)
 
 
@@ -188,8 +185,7 @@ def test_chunk_checksums_are_taken_in_the_copy_snapshot_and_checked_against_the_
 
 
 def _chunk_sum(url: str, chunk: Chunk) -> Checksum:
-    with psycopg.connect(url) as conn:
-        normalize_session(conn)
+    with connect(url, utc=True) as conn:
         return checksum(conn, sql.Identifier("public", "orders"), ORDER_COLUMNS, *chunk.pg_filter(["id"]))
 
 
@@ -579,6 +575,46 @@ def test_incremental_first_pass_copies_rows_whose_cursor_is_null(kind, fresh_db,
     second = bulk_migrate(source, target_db, **options)
     assert second["tables"][0]["rows"] == 1 and "MISMATCH" not in second["tables"][0]["validation"]
     assert _fetch(target_db, "SELECT count(*), count(updated_at) FROM items") == [(51, 46)]
+
+
+def _set_database(url: str, **settings: str) -> None:
+    """Session defaults of the database behind ``url`` (ALTER DATABASE ... SET), for its next sessions."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for name, value in settings.items():
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(database_name(url)), sql.Identifier(name), sql.Literal(value)
+                )
+            )
+
+
+def test_databases_with_other_date_styles_and_time_zones_copy_and_validate(fresh_db, target_db):
+    """Chunk bounds and cursors travel as text. A source database set to DateStyle 'SQL, DMY' printed
+    a date key as 13/01/2024 and a timestamptz as '... IST' (which PostgreSQL reads as Israel time),
+    so planning, copying or validating chunks failed or picked the wrong rows; every connection now
+    pins ISO text forms, and a target with other settings still validates."""
+    _set_database(fresh_db, DateStyle="SQL, DMY", TimeZone="Asia/Kolkata", IntervalStyle="sql_standard")
+    _set_database(fresh_db, extra_float_digits="-3")
+    _set_database(target_db, DateStyle="Postgres, MDY", TimeZone="America/New_York", IntervalStyle="iso_8601")
+    _exec(
+        fresh_db,
+        "CREATE TABLE days (day date PRIMARY KEY, at timestamptz, span interval, ratio float8, doc json)",
+        "INSERT INTO days SELECT d::date, d + interval '90 min', g * interval '1 day 2 hours', g / 7.0, "
+        "json_build_object('g', g) FROM generate_series(1, 120) g, LATERAL (SELECT '2024-01-01'::timestamptz + g * interval '1 day' AS d) s",
+        "CREATE TABLE moments (at timestamptz PRIMARY KEY, note text)",
+        "INSERT INTO moments SELECT '2024-01-01 00:00+05:30'::timestamptz + g * interval '7 hours', 'm' || g FROM generate_series(1, 120) g",
+    )
+    report = bulk_migrate(fresh_db, target_db, chunk_rows=25)
+    assert {t["table"]: t["rows"] for t in report["tables"]} == {"public.days": 120, "public.moments": 120}
+    assert all("MISMATCH" not in t["validation"] for t in report["tables"])
+    for table, columns in (("public.days", ["day", "at", "span", "ratio", "doc"]), ("public.moments", ["at", "note"])):
+        assert _sum(target_db, table, columns) == _sum(fresh_db, table, columns)
+    options = {"tables": ["moments"], "mode": "incremental", "chunk_rows": 25}
+    assert bulk_migrate(fresh_db, target_db, **options)["tables"][0]["rows"] == 120
+    _exec(fresh_db, "INSERT INTO moments SELECT '2025-03-01 23:30+05:30'::timestamptz + g * interval '1 hour', 'n' || g FROM generate_series(1, 60) g")
+    later = bulk_migrate(fresh_db, target_db, **options)
+    assert later["tables"][0]["rows"] == 60 and "count: ok" in later["tables"][0]["validation"]
+    assert _sum(target_db, "public.moments", ["at", "note"]) == _sum(fresh_db, "public.moments", ["at", "note"])
 
 
 def test_incremental_from_files_filters_past_the_declared_cursor(target_db, tmp_path):

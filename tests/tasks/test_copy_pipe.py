@@ -6,14 +6,14 @@ import psycopg
 import pyarrow as pa
 from psycopg import sql
 
-from tasks.copy_pipe import normalize_session, pipe_binary, read_csv_batches, write_batches
+from tasks.copy_pipe import pipe_binary, read_csv_batches, write_batches
+from tasks.db import connect
 
 TRICKY = [None, "", "a,b", 'say "hi"', "two\nlines", "ünï ☃", "\\N", "NULL"]
 
 
 def test_arrow_round_trip_keeps_nulls_empty_strings_and_quotes(fresh_db):
-    with psycopg.connect(fresh_db) as conn:
-        normalize_session(conn)
+    with connect(fresh_db, utc=True) as conn:
         conn.execute("CREATE TABLE src (id int, v text, at timestamptz, ok boolean, n numeric(8,3))")
         conn.cursor().executemany(
             "INSERT INTO src VALUES (%s, %s, '2024-02-29 23:59:59.123456+09', %s, 12.5)",

@@ -126,3 +126,30 @@ def test_a_roles_statement_timeout_does_not_cut_flowyards_sessions(limited_role,
         conn.execute("SELECT pg_sleep(0.2)")
     with psycopg.connect(limited_role.url(fresh_db)) as raw, pytest.raises(psycopg.errors.QueryCanceled):
         raw.execute("SELECT pg_sleep(0.2)")  # what the role's own sessions get
+
+
+@pytest.mark.parametrize("utc", [False, True])
+def test_sessions_print_values_in_pinned_text_forms_whatever_the_database_sets(fresh_db, utc):
+    """Chunk bounds and cursors travel as text between sessions: a database (or role) set to
+    DateStyle 'SQL, DMY' printed 13/01/2024, read back elsewhere as another day or not at all.
+    Every flowyard session pins the text forms; the time zone only when asked (``utc``), since it
+    changes what date_trunc and ::date mean."""
+    with connect(fresh_db, autocommit=True) as conn:
+        database = sql.Identifier(database_name(fresh_db))
+        for name, value in [
+            ("DateStyle", "SQL, DMY"),
+            ("IntervalStyle", "sql_standard"),
+            ("TimeZone", "Asia/Kolkata"),
+            ("extra_float_digits", "-3"),
+            ("bytea_output", "escape"),
+        ]:
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(database, sql.Identifier(name), value))
+    query = (
+        "SELECT '2024-01-13'::date::text, interval '1 day 2 hours'::text, 0.1::float8::text, '\\x01'::bytea::text,"
+        " '2024-01-13 10:00+00'::timestamptz::text"
+    )
+    with connect(fresh_db, utc=utc) as conn:
+        zoned = "2024-01-13 10:00:00+00" if utc else "2024-01-13 15:30:00+05:30"
+        assert conn.execute(query).fetchone() == ("2024-01-13", "1 day 02:00:00", "0.1", "\\x01", zoned)
+    with psycopg.connect(fresh_db) as raw:  # what the database's own sessions print
+        assert raw.execute(query).fetchone()[0] == "13/01/2024"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from tasks.copy_pipe import normalize_session
+from tasks.db import connect
 from tasks.table_checksum import checksum
 
 COLUMNS = ["id", "at", "v", "f"]
@@ -19,11 +19,10 @@ def test_checksum_is_order_independent_and_pinned_across_sessions(fresh_db):
             "INSERT INTO a SELECT g, now() - g * interval '1 h', 'v' || g, g / 3.0 FROM generate_series(1, 500) g"
         )
         conn.execute("INSERT INTO b SELECT * FROM a ORDER BY random()")
-    with psycopg.connect(fresh_db) as one, psycopg.connect(fresh_db) as two:
-        one.execute("SET TimeZone = 'Asia/Seoul'")
-        two.execute("SET TimeZone = 'America/Lima'; SET extra_float_digits = 0")
-        normalize_session(one)
-        normalize_session(two)
+    # Sessions that start with other settings (here from the URL) get flowyard's pinned ones.
+    seoul = f"{fresh_db}?options=-c%20TimeZone%3DAsia/Seoul%20-c%20DateStyle%3DSQL,DMY"
+    lima = f"{fresh_db}?options=-c%20TimeZone%3DAmerica/Lima%20-c%20extra_float_digits%3D0"
+    with connect(seoul, utc=True) as one, connect(lima, utc=True) as two:
         assert checksum(one, sql.Identifier("a"), COLUMNS) == checksum(two, sql.Identifier("b"), COLUMNS)
         two.execute("UPDATE b SET v = 'changed' WHERE id = 250")
         assert checksum(one, sql.Identifier("a"), COLUMNS) != checksum(two, sql.Identifier("b"), COLUMNS)
@@ -34,8 +33,7 @@ def test_checksum_is_order_independent_and_pinned_across_sessions(fresh_db):
 
 
 def test_types_without_hash_functions_fall_back_to_text_hashes(fresh_db):
-    with psycopg.connect(fresh_db) as conn:
-        normalize_session(conn)
+    with connect(fresh_db, utc=True) as conn:
         conn.execute("CREATE TABLE j (id int, doc json, p point)")
         conn.execute(
             """INSERT INTO j SELECT g, json_build_object('g', g), point(g, g) FROM generate_series(1, 50) g"""
