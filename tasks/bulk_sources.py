@@ -682,14 +682,22 @@ def read_chunk(
         yield from read_csv_batches(conn, query, info.arrow_schema(as_text), params)
 
 
-def row_count(source_url: str, info: TableInfo) -> int:
-    """Exact row count of a source table, counted where the data lives."""
+def row_count(source_url: str, info: TableInfo, window: Chunk | None = None, cursor: str | None = None) -> int:
+    """Exact row count of a source table, counted where the data lives; with ``window`` (a chunk
+    without key bounds) and its ``cursor`` column, of the rows in its cursor window only."""
     kind = source_kind(source_url)
+    low, high = (window.cursor_lo, window.cursor_hi) if window else (None, None)
     if kind == "files":
-        return file_row_count(info)
+        if cursor is None or high is None:
+            return file_row_count(info)
+        batches = file_batches(Path(info.path or ""), info.read_types)
+        return sum(pc.sum(_cursor_mask(b, info, cursor, low, high)).as_py() or 0 for b in batches)
     if kind == "sqlite":
+        bounds = _sqlite_cursor_window(cursor, low, high) if cursor else []
+        condition = " AND ".join(c for c, _ in bounds) or "1"
         with sqlite_connect(source_url) as conn:
-            query = "SELECT count(*) FROM " + _sqlite_ident(info.name)  # noqa: S608 - quoted identifier
-            return conn.execute(query).fetchone()[0]
+            query = f"SELECT count(*) FROM {_sqlite_ident(info.name)} WHERE {condition}"  # noqa: S608 - quoted identifier, bound values
+            return conn.execute(query, [value for _, value in bounds]).fetchone()[0]
+    where, params = window.pg_filter(info.key, cursor) if window else (sql.SQL("true"), [])
     with connection(validate_postgres_url(source_url)) as conn:
-        return one_row(conn, sql.SQL("SELECT count(*) FROM {}").format(info.ident))[0]
+        return one_row(conn, sql.SQL("SELECT count(*) FROM {} WHERE {}").format(info.ident, where), params)[0]

@@ -109,6 +109,16 @@ class TablePlan:
     def est_rows(self) -> int:
         return sum(c.est_rows for c in self.chunks)
 
+    @property
+    def window(self) -> Chunk | None:
+        """The cursor window of an incremental pass past a saved cursor, over the whole table (no
+        key bounds): the rows this pass answers for, since rows before it may be gone from the
+        source (deletes are not copied). None for full and seed loads and a first pass, which
+        answer for the whole table."""
+        if not self.chunks or self.chunks[0].cursor_lo is None:
+            return None
+        return replace(self.chunks[0], lo=None, hi=None)
+
 
 def table_specs(
     source_url: str,

@@ -142,6 +142,22 @@ class ChunkJob:
         return sql.Identifier(self.target_schema, self.target.name)
 
     @property
+    def cursor_in_target(self) -> str | None:
+        """The cursor column's name in the target (renamed by the mapping at most)."""
+        if self.cursor is None or self.mapping is None:
+            return self.cursor
+        return self.mapping.rename.get(self.cursor, self.cursor)
+
+    @property
+    def target_cursor(self) -> str | None:
+        """The target column holding the source's cursor values (not cast, computed, dropped or
+        retyped), in which validation finds an incremental pass's window; None if there is none."""
+        name, mapping = self.cursor_in_target, self.mapping
+        changed = mapping is not None and (name in mapping.cast or name in mapping.compute)
+        fit = name in self.columns and self.cursor not in self.retyped and not changed
+        return name if fit else None
+
+    @property
     def columns(self) -> list[str]:
         return self.target.copy_columns
 
@@ -347,10 +363,9 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     kept = sql.SQL("{} <> ALL(%s)").format(sql.Identifier(job.ordinal))
     bad_ords = [sorted(b.ordinal for b in bad)]
     cursor_max = None
-    if job.cursor:
+    if cursor_col := job.cursor_in_target:
         # Past every staged row, quarantined ones included, so the next pass does not read them again;
         # from a text stage, past the rows that cast (a quarantined row may hold no valid cursor).
-        cursor_col = job.mapping.rename.get(job.cursor, job.cursor) if job.mapping else job.cursor
         cursor_max = one_row(
             target,
             sql.SQL("SELECT max({})::text FROM {} WHERE {}").format(

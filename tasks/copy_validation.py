@@ -10,6 +10,10 @@
 - Sample: one random chunk is re-read from the source through the mapping into a staging
   table, and up to ``sample_rows`` of its rows are compared with the target's rows by key
   (or by row text when there is no key).
+- An incremental pass past a saved cursor answers for its cursor window only (``TablePlan.window``):
+  deletes are not copied, so rows before the window may be gone from the source for good. Counts
+  and checksums compare the source's and the target's rows with a cursor in the window, per
+  chunk where the target keeps the key; the sampled chunk lies in the window anyway.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from tasks.bulk_sources import row_count
 from tasks.bulk_tables import TablePlan
 from tasks.chunk_checkpoint import ChunkCheckpoint
 from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage
+from tasks.chunk_plan import Chunk
 from tasks.db import connection, one_row
 from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
 
@@ -63,7 +68,7 @@ def validate_table(
         if "checksum" in checks:
             _check_checksums(plan, job, committed, target, result)
         if "count" in checks:
-            _check_count(job, committed, target, result)
+            _check_count(plan, job, committed, target, result)
         if "sample" in checks:
             _check_sample(plan, job, committed, target, result, sample_rows)
     return result
@@ -77,33 +82,57 @@ def _side_checksums(
         return [checksum(conn, table, columns, where, params) for where, params in ranges]
 
 
-def _source_count(job: ChunkJob) -> int:
-    return row_count(job.source_url, job.source)
+def _rows_in_scope(plan: TablePlan, job: ChunkJob, chunk: Chunk | None = None) -> tuple[sql.Composable, list[str]]:
+    """Where-clause selecting the target's rows of ``chunk`` (the source's too, for an identical
+    copy: same columns), or with no chunk all the rows the load answers for: the whole table, or
+    an incremental pass's cursor window."""
+    scope = chunk or plan.window
+    if scope is None:
+        return ALL_ROWS, []
+    return scope.pg_filter(job.target.key, job.target_cursor if plan.window else None)
 
 
-def _target_count(target: psycopg.Connection, job: ChunkJob) -> int:
-    return one_row(target, sql.SQL("SELECT count(*) FROM {}").format(job.target_ident))[0]
+def _whole(plan: TablePlan) -> str:
+    """How a problem names all the rows a load answers for."""
+    window = plan.window
+    return "whole table" if window is None else f"rows with cursor in ({window.cursor_lo}, {window.cursor_hi}]"
+
+
+def _window_unknown(plan: TablePlan, job: ChunkJob) -> bool:
+    """An incremental pass whose window the target cannot show (the mapping changes the cursor column)."""
+    return plan.window is not None and job.target_cursor is None
 
 
 def _check_count(
+    plan: TablePlan,
     job: ChunkJob,
     committed: dict[str, ChunkCheckpoint],
     target: psycopg.Connection,
     result: TableValidation,
 ) -> None:
-    """Target rows against the source (or the rows written, after a filter or quarantine).
+    """Target rows against the source (or the rows written, after a filter or quarantine), over
+    all the rows the load answers for (see ``_rows_in_scope``).
 
-    Reuses the whole-table row counts of the checksum step when it ran (no second scan).
+    Reuses the row counts of the checksum step when it ran (no second scan).
     """
-    target_rows = result.target_rows if result.target_rows is not None else _target_count(target, job)
+    if _window_unknown(plan, job):
+        result.results["count"] = f"not comparable (the mapping changes cursor column {job.cursor})"
+        return
+    target_rows = result.target_rows
+    if target_rows is None:
+        where, params = _rows_in_scope(plan, job)
+        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(job.target_ident, where)
+        target_rows = one_row(target, query, params)[0]
 
     def source_rows() -> int:
-        return result.source_rows if result.source_rows is not None else _source_count(job)
+        if result.source_rows is not None:
+            return result.source_rows
+        return row_count(job.source_url, job.source, plan.window, job.cursor)
 
     filtered = job.mapping is not None and bool(job.mapping.filter)
-    if job.mode == "full" and not filtered and not any(c.quarantined for c in committed.values()):
-        expected, what = source_rows(), "source"
-    elif job.mode == "full":
+    # A full load and an incremental window hold exactly the rows this load wrote.
+    bounded = job.mode == "full" or plan.window is not None
+    if bounded and (filtered or any(c.quarantined for c in committed.values())):
         expected, what = sum(c.rows_written for c in committed.values()), "rows written"
     elif not filtered:
         expected, what = source_rows(), "source"
@@ -133,14 +162,18 @@ def _check_checksums(
 
     Every chunk of a full load carries its sent checksum (source snapshot or staging table),
     so one whole-table scan of the target settles the common case; only on a mismatch are
-    the target's chunks checksummed one by one, to name the bounds that differ.
+    the target's chunks checksummed one by one, to name the bounds that differ. An incremental
+    pass past a saved cursor does the same over its window: the target rows it upserted.
     """
+    if _window_unknown(plan, job):
+        result.results["checksum"] = f"skipped (the mapping changes cursor column {job.cursor}: see sample)"
+        return
     sent = {
         c.chunk_id: Checksum(c.rows_written, c.sent_checksum)
         for c in committed.values()
         if c.sent_checksum is not None
     }
-    if job.mode == "full" and len(sent) == len(plan.chunks):
+    if (job.mode == "full" or plan.window is not None) and len(sent) == len(plan.chunks):
         _compare_with_sent(plan, job, sent, target, result)
     elif job.identical:
         _compare_both_sides(plan, job, committed, result)
@@ -156,17 +189,16 @@ def _compare_with_sent(
     result: TableValidation,
 ) -> None:
     columns = job.columns
-    got = checksum(target, job.target_ident, columns)
+    got = checksum(target, job.target_ident, columns, *_rows_in_scope(plan, job))
     result.target_rows = got.rows
     differing: list[str] = []
     if got != sum(sent.values(), EMPTY):
-        differing = ["whole table"]
+        differing = [_whole(plan)]
         if _target_key_chunks(plan, job):
             differing = [
                 c.chunk_id
                 for c in plan.chunks
-                if sent[c.chunk_id]
-                != checksum(target, job.target_ident, columns, *c.pg_filter(job.target.key))
+                if sent[c.chunk_id] != checksum(target, job.target_ident, columns, *_rows_in_scope(plan, job, c))
             ]
     _report_checksum(result, differing, len(plan.chunks) if _target_key_chunks(plan, job) else 1)
 
@@ -174,20 +206,20 @@ def _compare_with_sent(
 def _compare_both_sides(
     plan: TablePlan, job: ChunkJob, committed: dict[str, ChunkCheckpoint], result: TableValidation
 ) -> None:
-    """Identical tables without sent checksums for every chunk (incremental runs, chunks
-    committed by an older version): checksum source and target over the same ranges."""
+    """Identical tables without sent checksums for every chunk (a first incremental pass, seed
+    loads, chunks committed by an older version): checksum source and target over the same ranges."""
     columns = job.columns
     if any(c.quarantined for c in committed.values()) and not _target_key_chunks(plan, job):
         result.results["checksum"] = "skipped (rows quarantined from a table without chunk keys)"
         return
-    per_chunk = job.mode == "full" and _target_key_chunks(plan, job)
-    ranges = [replace(c, cursor_hi=None).pg_filter(job.source.key) for c in plan.chunks] if per_chunk else []
-    ranges = ranges or [(ALL_ROWS, [])]
+    per_chunk = (job.mode == "full" or plan.window is not None) and _target_key_chunks(plan, job)
+    scopes: list[Chunk | None] = list(plan.chunks) if per_chunk else [None]
+    ranges = [_rows_in_scope(plan, job, c) for c in scopes]
     with ThreadPoolExecutor(max_workers=2) as pool:
         source_sums = pool.submit(_side_checksums, job.source_url, job.source.ident, columns, ranges)
         target_sums = pool.submit(_side_checksums, job.target_url, job.target_ident, columns, ranges)
         got_source, got_target = source_sums.result(), target_sums.result()
-    ids = [c.chunk_id for c in plan.chunks] if per_chunk else ["whole table"]
+    ids = [c.chunk_id for c in plan.chunks] if per_chunk else [_whole(plan)]
     differing = []
     for chunk_id, expected, got in zip(ids, got_source, got_target, strict=True):
         sent = committed.get(chunk_id)

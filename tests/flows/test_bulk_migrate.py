@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -575,6 +576,86 @@ def test_incremental_first_pass_copies_rows_whose_cursor_is_null(kind, fresh_db,
     second = bulk_migrate(source, target_db, **options)
     assert second["tables"][0]["rows"] == 1 and "MISMATCH" not in second["tables"][0]["validation"]
     assert _fetch(target_db, "SELECT count(*), count(updated_at) FROM items") == [(51, 46)]
+
+
+def _items_source(kind: str, url: str, tmp_path) -> tuple[str, dict[str, Any]]:
+    """An items table (id, name, updated_at) in a source of ``kind``, and the options of its incremental copy."""
+    if kind == "postgres":
+        _exec(url, "CREATE TABLE items (id int PRIMARY KEY, name text, updated_at timestamp NOT NULL)")
+        return url, {}
+    if kind == "sqlite":
+        with sqlite3.connect(tmp_path / "app.db") as db:
+            db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, updated_at DATETIME NOT NULL)")
+        return f"sqlite:///{tmp_path / 'app.db'}", {"items": {"key": ["id"], "cursor": "updated_at"}}
+    (tmp_path / "items.jsonl").write_text("")
+    return str(tmp_path), {"items": {"key": ["id"], "cursor": "updated_at"}}
+
+
+def _write_items(kind: str, source: str, tmp_path, rows: list[tuple[int, str, str]], deleted: set[int]) -> None:
+    """Insert ``rows`` into the source and delete the ``deleted`` ids from it."""
+    if kind == "postgres":
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.cursor().executemany("INSERT INTO items VALUES (%s, %s, %s)", rows)
+            conn.execute("DELETE FROM items WHERE id = ANY(%s)", (sorted(deleted),))
+    elif kind == "sqlite":
+        with sqlite3.connect(tmp_path / "app.db") as db:
+            db.executemany("INSERT INTO items VALUES (?, ?, ?)", rows)
+            db.executemany("DELETE FROM items WHERE id = ?", [(i,) for i in deleted])
+    else:
+        path = tmp_path / "items.jsonl"
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["id"] not in deleted]
+        added = [json.dumps({"id": i, "name": n, "updated_at": at}) for i, n, at in rows]
+        path.write_text("".join(f"{line}\n" for line in [*kept, *added]))
+
+
+@pytest.mark.parametrize("kind", ["postgres", "sqlite", "files"])
+def test_incremental_pass_after_a_source_delete_validates_its_window(kind, fresh_db, target_db, tmp_path):
+    """Deletes are not propagated, so the target keeps a row the source no longer has; validation
+    used to compare whole tables and failed every later pass. A pass now validates the rows of its
+    cursor window only, which hold the new rows and not the deleted one."""
+    source, mapping = _items_source(kind, fresh_db, tmp_path)
+    options = {"mode": "incremental", "cursor_column": "updated_at", "mapping": mapping, "chunk_rows": 20}
+    _write_items(kind, source, tmp_path, [(i, f"item {i}", f"2024-01-01 00:{i:02d}:00") for i in range(1, 51)], set())
+    assert bulk_migrate(source, target_db, **options)["tables"][0]["rows"] == 50
+    _write_items(kind, source, tmp_path, [(i, f"new {i}", "2024-06-01 00:00:00") for i in range(51, 56)], {7})
+    second = bulk_migrate(source, target_db, **options)
+    assert second["tables"][0]["rows"] == 5
+    assert "count: ok (5)" in second["tables"][0]["validation"]
+    assert "checksum: ok" in second["tables"][0]["validation"]
+    assert _fetch(target_db, "SELECT count(*), count(*) FILTER (WHERE id = 7) FROM items") == [(55, 1)]
+    _write_items(kind, source, tmp_path, [(56, "newer", "2024-07-01 00:00:00")], {8})
+    third = bulk_migrate(source, target_db, **options)
+    assert third["tables"][0]["rows"] == 1 and "count: ok (1)" in third["tables"][0]["validation"]
+
+
+def test_incremental_pass_names_the_chunk_of_its_window_that_differs_in_the_target(fresh_db, target_db):
+    """Within a pass's window validation still compares every chunk: a target row that differs
+    from what the pass copied fails the run, naming the chunk's key bounds and cursor window."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE items (id int PRIMARY KEY, name text, updated_at timestamptz NOT NULL)",
+        "INSERT INTO items SELECT g, 'item ' || g, '2024-01-01'::timestamptz + g * interval '1 min' FROM generate_series(1, 100) g",
+    )
+    options = {"mode": "incremental", "cursor_column": "updated_at", "chunk_rows": 40}
+    bulk_migrate(fresh_db, target_db, **options)
+    _exec(
+        fresh_db,
+        "DELETE FROM items WHERE id = 3",
+        "INSERT INTO items SELECT g, 'new ' || g, '2025-01-01' FROM generate_series(101, 200) g",
+    )
+    # Something in the target changes a row as it lands (here a trigger): the copy itself succeeds.
+    _exec(
+        target_db,
+        "CREATE FUNCTION garble() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN IF NEW.id = 150 THEN NEW.name := 'garbled'; END IF; RETURN NEW; END $$",
+        "CREATE TRIGGER garble BEFORE INSERT OR UPDATE ON items FOR EACH ROW EXECUTE FUNCTION garble()",
+    )
+    # The window holds ids 101-200 in chunks of 40 rows: [,141), [141,181), [181,); 150 is in the second.
+    with pytest.raises(UserError, match=r"checksum differs in public\.items chunks: ") as failed:
+        bulk_migrate(fresh_db, target_db, **options, validate=["count", "checksum"])
+    message = str(failed.value)
+    assert re.search(r'chunks: key\["141","181"\) cursor\([^,]+,[^]]+\]$', message), message
+    assert "count" not in message
 
 
 def _set_database(url: str, **settings: str) -> None:
