@@ -23,6 +23,7 @@ from tasks.bulk_sources import source_kind
 from tasks.bulk_tables import (
     TablePlan,
     create_targets,
+    draft_plans,
     finish_foreign_keys,
     finish_table,
     plan_tables,
@@ -95,8 +96,9 @@ def prepare_tables(
     specs = table_specs(source_url, tables, parse_mapping(mapping), target_schema, mode, cursor_column)
     refuse_copies_onto_sources(source_url, target_url, specs)
     specs = with_target_types(target_url, specs)
+    drafts = draft_plans(source_url, target_url, run.run_key, lineage, specs, chunk_rows)
     create_targets(source_url, target_url, specs)
-    plans = plan_tables(source_url, target_url, run.run_key, lineage, mode, specs, chunk_rows)
+    plans = plan_tables(source_url, target_url, run.run_key, mode, specs, drafts)
     logger = get_run_logger()
     for spec in specs:
         for columns, why in (

@@ -372,31 +372,53 @@ def create_targets(source_url: str, target_url: str, specs: list[TableSpec]) -> 
     copy_table_ddl(source_url, target_url, [s.source for s in absent if s.dumped])
 
 
+@dataclass(frozen=True)
+class PlanDraft:
+    """A table's chunks before the targets exist: ``persisted`` by an earlier attempt of this run
+    (kept as they are), or planned now."""
+
+    chunks: list[Chunk]
+    persisted: bool
+
+
+def draft_plans(
+    source_url: str, target_url: str, run_key: str, lineage: str, specs: list[TableSpec], chunk_rows: int
+) -> dict[str, PlanDraft]:
+    """Each table's chunks, by source table: the plan this run persisted, or one planned now.
+
+    Planning reads a source table whole where it has to (a file's rows are counted by parsing
+    them), so it comes before :func:`create_targets`: a source that cannot be read, such as a CSV
+    column whose inferred type fails further down, fails the run before any target table is
+    created with what was inferred. Nothing is written here."""
+    drafts = {}
+    with connection(target_url) as conn:
+        for spec in specs:
+            name = spec.source.qualified
+            if (chunks := load_plan(conn, run_key, name)) is not None:
+                drafts[name] = PlanDraft(chunks, persisted=True)
+                continue
+            since = last_cursor(conn, lineage, name) if spec.cursor else None
+            drafts[name] = PlanDraft(plan_table(source_url, spec.source, chunk_rows, spec.cursor, since), False)
+    return drafts
+
+
 def plan_tables(
-    source_url: str,
-    target_url: str,
-    run_key: str,
-    lineage: str,
-    mode: str,
-    specs: list[TableSpec],
-    chunk_rows: int,
+    source_url: str, target_url: str, run_key: str, mode: str, specs: list[TableSpec], drafts: dict[str, PlanDraft]
 ) -> list[TablePlan]:
-    """Load each table's persisted plan, or plan it now; a new full plan empties its target table."""
+    """Each table's plan, a new one persisted now (a new full plan empties its target table)."""
     plans = []
     with connection(target_url) as conn:
         emptied: list[sql.Identifier] = []
         for spec in specs:
             name = spec.source.qualified
-            chunks = load_plan(conn, run_key, name)
-            if chunks is None:
-                since = last_cursor(conn, lineage, name) if spec.cursor else None
-                chunks = plan_table(source_url, spec.source, chunk_rows, spec.cursor, since)
-                save_plan(conn, run_key, name, spec.target_label, chunks)
+            draft = drafts[name]
+            if not draft.persisted:
+                save_plan(conn, run_key, name, spec.target_label, draft.chunks)
                 if mode == "full":
                     emptied.append(spec.target_ident)
             if mode != "full":
                 build_keys(source_url, conn, spec, with_indexes=False)
-            plans.append(TablePlan(spec, chunks, committed_chunks(conn, run_key, name)))
+            plans.append(TablePlan(spec, draft.chunks, committed_chunks(conn, run_key, name)))
         truncate(conn, emptied)
     return plans
 
