@@ -185,11 +185,17 @@ def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> Iter
         yield envelope
         return
     path = job.workdir / ENVELOPE_FILE
-    path.unlink(missing_ok=True)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as file:
-        file.write(envelope)
-        file.flush()
-        written = _identity(os.fstat(file.fileno()))
+    try:
+        path.unlink(missing_ok=True)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="ascii") as file:
+            file.write(envelope)
+            file.flush()
+            written = _identity(os.fstat(file.fileno()))
+    except OSError as exc:  # say, a directory an agent made under that name: every retry would fail alike
+        raise UserError(
+            f"cannot write the envelope of task {job.task_id} to {path} ({exc.strerror or exc}); "
+            "remove what is in its place and retry the task"
+        ) from None
     try:
         yield TASK_FILE_PREFIX + str(path)
     finally:

@@ -213,6 +213,18 @@ def test_a_leftover_envelope_file_does_not_stop_the_next_attempt(tmp_path: Path)
     assert outside.read_text() == "not flowyard's\n"
 
 
+def test_a_directory_in_the_envelope_files_place_is_a_one_line_error(tmp_path: Path) -> None:
+    """An agent left a directory under the envelope file's name: the attempt fails in one line
+    saying what to remove (a raw OSError before), and no agent is started."""
+    job = _job(tmp_path, {"steps": 1, **LARGE})
+    job.workdir.mkdir(parents=True)
+    (job.workdir / ENVELOPE_FILE).mkdir()
+    with pytest.raises(UserError, match=r"cannot write the envelope of task \d+ to .*remove what is in its place") as err:
+        _run(job, ENV_TEMPLATE)
+    assert "\n" not in str(err.value)
+    assert (job.workdir / ENVELOPE_FILE).is_dir()
+
+
 REPLACING_AGENT = textwrap.dedent(
     """
     import json, os
