@@ -238,7 +238,17 @@ def sqlite_tables(conn: sqlite3.Connection) -> list[str]:
 
 
 def sqlite_describe(conn: sqlite3.Connection, table: str) -> TableInfo:
-    rows = conn.execute('SELECT name, type, "notnull", pk FROM pragma_table_info(?)', (table,)).fetchall()
+    """The table's columns, generated ones included as plain data columns.
+
+    ``pragma_table_info`` does not list generated columns, so their values were never read and
+    the target lacked them without a word. Their expressions are SQLite's, not PostgreSQL's, so
+    they cannot be generated in the target: they are read, copied and validated as the values
+    SQLite computed (not marked ``generated``, which would leave them out for the target to compute).
+    """
+    # hidden: 0 an ordinary column, 2 a VIRTUAL and 3 a STORED generated column; 1 a hidden
+    # column of a virtual table (FTS5's rank), which holds no data
+    query = 'SELECT name, type, "notnull", pk FROM pragma_table_xinfo(?) WHERE hidden IN (0, 2, 3)'
+    rows = conn.execute(query, (table,)).fetchall()
     if not rows:
         raise UserError(f"table {table} does not exist in the SQLite source; check the tables parameter")
     columns = tuple(Column(r[0], sqlite_to_pg(r[1] or ""), bool(r[2])) for r in rows)

@@ -1132,6 +1132,48 @@ def test_sqlite_source(target_db, tmp_path):
     ) == [(1,)]
 
 
+def _sqlite_orders(path, rows: list[tuple[int, int, float, str]]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY, qty INT, price REAL, "
+            "total REAL GENERATED ALWAYS AS (qty * price) STORED, label TEXT AS ('#' || id || 'x' || qty) VIRTUAL, "
+            "updated_at DATETIME NOT NULL)"
+        )
+        db.executemany("INSERT OR REPLACE INTO orders (id, qty, price, updated_at) VALUES (?, ?, ?, ?)", rows)
+
+
+def test_sqlite_generated_columns_are_copied_as_plain_columns_with_their_values(target_db, tmp_path):
+    """``PRAGMA table_info`` leaves out generated columns, so their values were silently lost;
+    SQLite's expressions are not PostgreSQL's, so they land as plain columns holding the source's
+    values, in full and incremental copies, and validation covers them."""
+    path = tmp_path / "shop.db"
+    _sqlite_orders(path, [(i, i % 7, i / 4, f"2024-01-01 00:{i // 60:02d}:{i % 60:02d}") for i in range(900)])
+    source = f"sqlite:///{path}"
+    copied = "SELECT id, qty, price, total, label, to_char(updated_at, 'YYYY-MM-DD HH24:MI:SS') FROM orders ORDER BY id"
+    expected = "SELECT id, qty, price, total, label, updated_at FROM orders ORDER BY id"
+
+    first = bulk_migrate(source, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert first["tables"][0]["rows"] == 900 and first["tables"][0]["chunks"] == 5
+    assert "MISMATCH" not in first["tables"][0]["validation"]
+    assert _fetch(
+        target_db,
+        "SELECT column_name, data_type, is_generated FROM information_schema.columns "
+        "WHERE table_name = 'orders' AND column_name IN ('total', 'label') ORDER BY column_name",
+    ) == [("label", "text", "NEVER"), ("total", "double precision", "NEVER")]
+    with sqlite3.connect(path) as db:
+        assert _fetch(target_db, copied) == db.execute(expected).fetchall()
+
+    _sqlite_orders(path, [(3, 50, 2.5, "2025-01-01 00:00:00"), (901, 4, 0.5, "2025-01-01 00:00:00")])
+    second = bulk_migrate(source, target_db, mode="incremental", cursor_column="updated_at", chunk_rows=200)
+    assert second["tables"][0]["rows"] == 2 and "MISMATCH" not in second["tables"][0]["validation"]
+    with sqlite3.connect(path) as db:
+        assert _fetch(target_db, copied) == db.execute(expected).fetchall()
+    assert _fetch(target_db, "SELECT total, label FROM orders WHERE id IN (3, 901) ORDER BY id") == [
+        (125.0, "#3x50"),
+        (2.0, "#901x4"),
+    ]
+
+
 def test_lost_connection_mid_chunk_is_retried(fresh_db, target_db):
     _exec(
         fresh_db,

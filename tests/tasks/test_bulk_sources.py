@@ -100,6 +100,33 @@ def test_sqlite_column_named_rowid_does_not_hide_the_rowid_chunks_go_by(tmp_path
     )
 
 
+def test_sqlite_generated_columns_are_data_and_hidden_virtual_table_columns_stay_out(tmp_path):
+    """``PRAGMA table_info`` did not list generated columns, so their values were never read.
+    They are plain data columns now (not ``generated``: the target gets their values); the
+    hidden columns of a virtual table (FTS5's own ``rank`` and table-named column) are no data."""
+    url = f"sqlite:///{tmp_path / 'legacy.db'}"
+    with sqlite3.connect(tmp_path / "legacy.db") as db:
+        db.execute(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a INT, b INT GENERATED ALWAYS AS (a * 2) STORED, "
+            "c TEXT AS ('v' || a) VIRTUAL NOT NULL)"
+        )
+        db.executemany("INSERT INTO t (id, a) VALUES (?, ?)", [(1, 3), (2, 0)])
+        db.execute("CREATE VIRTUAL TABLE docs USING fts5(body)")
+        db.execute("INSERT INTO docs (body) VALUES ('hello')")
+    with sqlite_connect(url) as conn:
+        info = sqlite_describe(conn, "t")
+        docs = sqlite_describe(conn, "docs")
+    assert [(c.name, c.pg_type, c.not_null, c.generated) for c in info.columns] == [
+        ("id", "bigint", False, False),
+        ("a", "bigint", False, False),
+        ("b", "bigint", False, False),
+        ("c", "text", True, False),
+    ]
+    assert info.copy_columns == ["id", "a", "b", "c"]
+    assert _read(url, "t") == [{"id": 1, "a": 3, "b": 6, "c": "v3"}, {"id": 2, "a": 0, "b": 0, "c": "v0"}]
+    assert [c.name for c in docs.columns] == ["body"]
+
+
 def test_header_only_csv_is_an_empty_table_with_the_header_columns(tmp_path):
     """It used to describe as a table without columns, which the copy refused to create."""
     (tmp_path / "plans.csv").write_text("id,name\n")
