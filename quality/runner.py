@@ -144,6 +144,9 @@ def _row_bound(bound: float | None) -> int | None:
     return None if bound is None else int(bound)
 
 
+_DOCS_SITE = "flowyard"
+
+
 class GxSession:
     """One ephemeral GX context shared by concurrent checks; its configuration is guarded by a lock.
 
@@ -161,7 +164,7 @@ class GxSession:
         self.docs_dir = docs_dir
         if docs_dir is not None:
             self.context.add_data_docs_site(
-                "flowyard",
+                _DOCS_SITE,
                 {
                     "class_name": "SiteBuilder",
                     "store_backend": {
@@ -234,7 +237,9 @@ class GxSession:
         if self.docs_dir is None:
             return None
         with self._lock:
-            self.context.build_data_docs()
+            # Only flowyard's site: the ephemeral context's default one lives in a new temporary
+            # directory that nothing removes (~4 MB of HTML left in /tmp per run).
+            self.context.build_data_docs(site_names=[_DOCS_SITE])
         return self.docs_dir / "index.html"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 import uuid
 
 import pandas as pd
@@ -268,3 +269,21 @@ def test_a_table_the_role_may_not_read_is_one_line_naming_the_grant(limited_role
     with psycopg.connect(entity_db, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("GRANT SELECT ON projects TO {}").format(role))
     assert check_table(GxSession(), role_url, ENTITY_SUITES["tasks"]).row_count == 0
+
+
+def test_data_docs_are_written_only_where_asked(entity_db, tmp_path, monkeypatch):
+    """GX's ephemeral context carries a default docs site in a fresh temporary directory; building
+    it on every run left ~4 MB of HTML behind in /tmp per quality run (a scheduled deployment's
+    disk filled up without a word)."""
+    temp = tmp_path / "system-temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with psycopg.connect(entity_db, autocommit=True) as conn:
+        insert_users(conn, injected_users())
+    session = GxSession(docs_dir=tmp_path / "docs")
+    check_table(session, entity_db, USERS, sample_size=3)
+
+    index = session.build_docs()
+
+    assert index == tmp_path / "docs" / "index.html" and index.is_file()
+    assert list(temp.iterdir()) == []
