@@ -13,6 +13,7 @@ Prefect reads its settings when it is first imported, so the Prefect environment
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,24 @@ os.environ.pop("FLOWYARD_DATABASE_URL", None)
 
 
 EXTERNAL_POSTGRES_URL = os.environ.pop("FLOWYARD_TEST_POSTGRES_URL", None)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = exitstatus
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session directory once the servers in it have stopped (after every session
+    fixture's teardown): the PostgreSQL data directories of a full run take hundreds of MB, and
+    each run leaving them in /tmp fills a CI machine's disk. A failed run keeps them, and says
+    where, for the server logs."""
+    if config.stash.get(_EXIT_STATUS, None) in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    else:
+        print(f"\nflowyard test servers' files (PostgreSQL and Prefect logs) kept in {_SESSION_DIR}")
 
 
 class ExternalPostgres:

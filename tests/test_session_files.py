@@ -1,0 +1,59 @@
+"""The suite's own session directory: a full run's PostgreSQL data directories take hundreds
+of MB, so a passing run removes them, and a failing one keeps them (with the servers' logs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+_TEST = """
+def test_server(pg):
+    from tasks.db import connect
+
+    with connect(pg.url()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == ({expected},)
+"""
+
+
+def _run_suite(tmp_path: Path, expected: int) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+    """Run a one-test session with this suite's conftest (a real embedded PostgreSQL) and its
+    own temporary directory; return the run and what it left there."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    (tmp_path / "test_one.py").write_text(_TEST.format(expected=expected))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", str(tmp_path / "test_one.py")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**_environment(), "TMPDIR": str(temp)},
+        timeout=600,
+    )
+    return run, sorted(temp.iterdir())
+
+
+def _environment() -> dict[str, str]:
+    # the child picks its own ports and home, like a user's ``make test``
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYARD_", "PREFECT_"))}
+
+
+def test_a_passing_run_removes_its_servers_files(tmp_path):
+    run, left = _run_suite(tmp_path, expected=1)
+
+    assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+    assert left == []
+
+
+def test_a_failing_run_keeps_them_and_says_where(tmp_path):
+    run, left = _run_suite(tmp_path, expected=2)
+
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout + run.stderr
+    assert [p.name.startswith("flowyard-tests-") for p in left] == [True]
+    assert (left[0] / "pg.log").is_file()
+    assert f"kept in {left[0]}" in run.stdout
