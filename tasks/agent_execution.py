@@ -33,12 +33,13 @@ from tasks.agent_process import (
     AgentOutcome,
     AgentProcess,
     AgentTemplate,
+    agent_mark,
     resolve_workdir,
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
 from tasks.errors import UserError, first_line
-from tasks.process_group import terminate_group
+from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
 
@@ -157,7 +158,7 @@ class Fleet:
     def __init__(self, setup: AgentSetup) -> None:
         self.setup = setup
         self.stopping = threading.Event()
-        self.reaper = Reaper(setup.limits.grace_seconds)
+        self.reaper = Reaper(setup.limits.grace_seconds, agent_mark(setup.worker))
         self.tasks: dict[int, queue.AgentTask] = {}  # as claimed; see :meth:`claimed`
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
@@ -192,7 +193,7 @@ class Fleet:
         wait = limits.checkpoint_wait_seconds + 2 * limits.grace_seconds + 10.0
         for task_id, attempt in attempts.items():
             if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
-                terminate_group(attempt.process.pgid, 0.0)  # bookkeeping stuck: never leave the group
+                attempt.process.terminate(0.0)  # bookkeeping stuck: never leave the group
                 _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None, reason)
         released = [
             t.id
@@ -312,7 +313,15 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         return {"task_id": task_id, "outcome": "cancelled" if status == "cancelled" else "released"}
     attempt, run_id = started.number, started.run_id
     job = AgentJob(
-        task_id, attempt, row.title, row.type, row.description, row.payload, started.checkpoint, workdir
+        task_id,
+        attempt,
+        row.title,
+        row.type,
+        row.description,
+        row.payload,
+        started.checkpoint,
+        workdir,
+        setup.worker,
     )
     process: AgentProcess | None = None
     try:
@@ -385,29 +394,14 @@ def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome:
 
 
 def recover_stale_tasks(url: str, lease_seconds: float) -> list[int]:
-    """Hand tasks of dead or silent workers back to the queue, ending any agent group they left.
+    """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left.
 
-    A leftover group is only signalled when one of its processes still carries the task's
-    ``FLOWYARD_TASK_ID``, so a recycled process-group id is never hit.
+    The processes are found by the mark of the worker and the task (:func:`agent_mark`), never
+    by the recorded process-group id alone, so a recycled id is never hit.
     """
     recovered = []
     for stale in queue.stale_tasks(url, lease_seconds):
-        if stale.agent_pgid and _group_runs_task(stale.agent_pgid, stale.id):
-            terminate_group(stale.agent_pgid, AgentLimits().grace_seconds)
+        terminate_groups((), AgentLimits().grace_seconds, agent_mark(stale.worker, stale.id))
         if queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone"):
             recovered.append(stale.id)
     return recovered
-
-
-def _group_runs_task(pgid: int, task_id: int) -> bool:
-    import psutil
-
-    from tasks.process_group import group_members
-
-    for proc in group_members(pgid):
-        try:
-            if proc.environ().get("FLOWYARD_TASK_ID") == str(task_id):
-                return True
-        except psutil.Error:
-            continue
-    return False

@@ -5,7 +5,8 @@ in its own process group (``tasks.process_group``) with its working directory in
 configured output directory, gets the task on stdin, argv or env, and reports on stdout
 (see ``tasks.agent_protocol``). Whatever happens – normal exit, timeout, graceful shutdown,
 an exception in a callback – the whole group is gone when :meth:`AgentProcess.run` returns
-or raises, grandchildren included.
+or raises, grandchildren included, and so is every process that left the group but carries
+the attempt's mark (:func:`agent_mark`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ INLINE_ENVELOPE_LIMIT = 100_000
 Linux refuses to start a program with any argument or environment string over 128 KiB
 (MAX_ARG_STRLEN), so a larger envelope, say a big checkpoint, goes through :data:`ENVELOPE_FILE`."""
 ENVELOPE_FILE = ".flowyard-task.json"
+WORKER_ENV_VAR = "FLOWYARD_WORKER"
+TASK_ID_ENV_VAR = "FLOWYARD_TASK_ID"
+
+
+def agent_mark(worker: str, task_id: int | None = None) -> dict[str, str]:
+    """The environment entries every process an agent starts inherits: the worker's id (unique:
+    host, pid, start time and a nonce) and the task's. Processes that leave the agent's group
+    (``setsid``, a detached child, a daemon) are found by them, all of a worker's (its reaper)
+    or one task's (the end of an attempt, a stale task's recovery)."""
+    return {WORKER_ENV_VAR: worker} | ({} if task_id is None else {TASK_ID_ENV_VAR: str(task_id)})
 
 
 class AgentTemplate(BaseModel):
@@ -134,6 +145,12 @@ class AgentJob:
     payload: dict[str, Any]
     checkpoint: dict[str, Any] | None
     workdir: Path
+    worker: str
+    """The worker running the attempt (not part of the envelope): half of the attempt's mark."""
+
+    @property
+    def mark(self) -> dict[str, str]:
+        return agent_mark(self.worker, self.task_id)
 
     def envelope(self) -> str:
         return json.dumps(
@@ -164,7 +181,7 @@ def command_for(template: AgentTemplate, job: AgentJob, task_json: str) -> tuple
         argv.append(arg)
     if template.delivery == "argv" and not template.task_json_placeholder:
         argv.append(task_json)
-    env = {**os.environ, **template.env, "FLOWYARD_TASK_ID": str(job.task_id)}
+    env = {**os.environ, **template.env, **job.mark}
     if template.delivery == "env":
         env[TASK_ENV_VAR] = task_json
     return argv, env
@@ -352,7 +369,7 @@ class AgentProcess:
         self._checkpoint_seen.clear()
         if self._request_checkpoint():
             self._checkpoint_seen.wait(timeout=self.limits.checkpoint_wait_seconds)
-        self._killed = terminate_group(self._proc.pid, self.limits.grace_seconds)
+        self._killed = self.terminate(self.limits.grace_seconds)
         if self._killed:
             self._emit_flowyard(f"agent group {self._proc.pid} ignored SIGTERM; sent SIGKILL")
 
@@ -399,6 +416,7 @@ class AgentProcess:
             selector.register(stream, selectors.EVENT_READ, name)
             buffers[stream.fileno()] = bytearray()
         exited_at: float | None = None
+        give_up_at: float | None = None
         while selector.get_map():
             for key, _ in selector.select(timeout=0.25):
                 self._read(streams[key.data], key.data, buffers, selector, state)
@@ -411,9 +429,20 @@ class AgentProcess:
                     self.request_stop("task cancelled or reclaimed")
             if proc.poll() is not None:
                 exited_at = exited_at or now
-                if now - exited_at > 1.0:  # a grandchild holds the pipes open: end the group
-                    terminate_group(proc.pid, self.limits.grace_seconds)
+                if give_up_at is None and now - exited_at > 1.0:
+                    # A descendant holds the pipes open: end the group and the marked processes.
+                    self.terminate(self.limits.grace_seconds)
+                    give_up_at = time.monotonic() + 1.0
+                elif give_up_at is not None and now > give_up_at:
+                    self._emit_flowyard(
+                        f"stopped reading the output of agent {proc.pid}: a process that left its group "
+                        f"without {WORKER_ENV_VAR} and {TASK_ID_ENV_VAR} in its environment still "
+                        "holds its pipes (one started with a cleared environment, such as env -i)"
+                    )
+                    break
         selector.close()
+        for stream in streams.values():
+            stream.close()
         exit_code = proc.wait()
         if self._stopper is not None:
             self._stopper.join()
@@ -484,15 +513,14 @@ class AgentProcess:
         )
 
     def _stop_group_leftovers(self) -> None:
-        """Processes the agent left behind in its group (daemons, grandchildren) die with it."""
+        """Processes the agent left behind (daemons, grandchildren, in its group or not) die with it."""
+        self.terminate(self.limits.grace_seconds)
+
+    def terminate(self, grace_seconds: float) -> bool:
+        """SIGTERM the agent's group and the processes carrying its mark, SIGKILL what is left after
+        ``grace_seconds``; True when SIGKILL was needed."""
         assert self._proc is not None
-        try:
-            os.killpg(self._proc.pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            pass
-        terminate_group(self._proc.pid, self.limits.grace_seconds)
+        return terminate_group(self._proc.pid, grace_seconds, self.job.mark)
 
 
 @dataclass

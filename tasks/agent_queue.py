@@ -644,7 +644,6 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
 class StaleTask:
     id: int
     worker: str
-    agent_pgid: int | None
 
 
 def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
@@ -652,15 +651,15 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
     with _connection(url) as conn:
         rows = conn.execute(
             """
-            SELECT id, worker, agent_pgid, heartbeat_at < now() - make_interval(secs => %s)
+            SELECT id, worker, heartbeat_at < now() - make_interval(secs => %s)
               FROM flowyard.agent_tasks WHERE status = 'in_progress'
             """,
             (lease_seconds,),
         ).fetchall()
     return [
-        StaleTask(row[0], row[1] or "", row[2])
+        StaleTask(row[0], row[1] or "")
         for row in rows
-        if row[1] is None or row[3] or worker_alive(row[1]) is False
+        if row[1] is None or row[2] or worker_alive(row[1]) is False
     ]
 
 

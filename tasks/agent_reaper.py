@@ -6,29 +6,32 @@ A worker that gets SIGKILL (or whose runner ends it without a graceful shutdown,
 agent runs in its own session, so nothing else would. Each flow run starts one reaper, in a
 session of its own, and tells it on a pipe which agent process groups are alive (``+pgid``
 / ``-pgid``). When the pipe closes – the worker ended, cleanly or not – the reaper
-SIGTERMs the groups still listed, SIGKILLs them after the grace period, and exits. The
-tasks themselves are resumed by the next run (``recover_stale_tasks``) from their last
-checkpoint.
+SIGTERMs the groups still listed and every process carrying the worker's mark (agents'
+descendants that left their groups, :func:`tasks.process_group.marked_pids`), SIGKILLs
+them after the grace period, and exits. The tasks themselves are resumed by the next run
+(``recover_stale_tasks``) from their last checkpoint.
 
-Run as ``python -m tasks.agent_reaper <grace_seconds>`` (standard library only).
+Run as ``python -m tasks.agent_reaper <grace_seconds> [NAME=VALUE ...]`` (the mark).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Mapping
+
+from tasks.process_group import terminate_groups
 
 
 class Reaper:
     """The worker's side: start the sidecar, report agent groups as they come and go."""
 
-    def __init__(self, grace_seconds: float) -> None:
+    def __init__(self, grace_seconds: float, mark: Mapping[str, str]) -> None:
+        entries = [f"{name}={value}" for name, value in mark.items()]
         self._proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            [sys.executable, "-m", "tasks.agent_reaper", str(grace_seconds)],
+            [sys.executable, "-m", "tasks.agent_reaper", str(grace_seconds), *entries],
             stdin=subprocess.PIPE,
             start_new_session=True,
         )
@@ -58,26 +61,9 @@ class Reaper:
             self._proc.stdin.flush()
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal(pgids: set[int], sig: signal.Signals) -> None:
-    for pgid in pgids:
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            continue
-
-
 def main(argv: list[str]) -> int:
     grace = float(argv[1]) if len(argv) > 1 else 5.0
+    mark = dict(entry.split("=", 1) for entry in argv[2:])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the terminal is the worker's business
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     groups: set[int] = set()
@@ -87,14 +73,7 @@ def main(argv: list[str]) -> int:
             groups.add(int(text[1:]))
         elif text.startswith("-"):
             groups.discard(int(text[1:]))
-    left = {g for g in groups if _group_alive(g)}
-    if not left:
-        return 0
-    _signal(left, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_group_alive(g) for g in left):
-        time.sleep(0.1)
-    _signal({g for g in left if _group_alive(g)}, signal.SIGKILL)
+    terminate_groups(groups, grace, mark or None)
     return 0
 
 

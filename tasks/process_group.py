@@ -2,7 +2,8 @@
 
 Prefect does not kill child processes when a run is cancelled, so everything flowyard
 spawns (servers, agents, tools) starts a new session and is stopped by signalling the
-group: SIGTERM first, SIGKILL after a grace period. Nothing survives as an orphan.
+group: SIGTERM first, SIGKILL after a grace period. Agents' descendants that leave the
+group are found by the marks they inherit in their environment (:func:`marked_pids`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,28 +52,80 @@ def group_members(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def terminate_group(pgid: int, grace_seconds: float = 5.0) -> bool:
-    """SIGTERM the group, wait up to ``grace_seconds``, then SIGKILL what is left.
+def marked_pids(mark: Mapping[str, str]) -> list[int]:
+    """Live processes whose environment carries every entry of ``mark``.
+
+    How the processes of an agent that left its group are found: a ``setsid`` or ``setpgid``
+    in a grandchild (Node's ``detached: true``, a daemon's double fork) takes it out of the
+    group, but it keeps the environment it inherited. Read from ``/proc/<pid>/environ`` (the
+    environment a process started with; a zombie's is empty), ~1 ms for a hundred processes,
+    where psutil's ``environ()`` per process costs several. A process that clears its
+    environment on ``exec`` is not found; without ``/proc`` (not Linux) none is.
+    """
+    entries = [b"\0" + f"{name}={value}".encode() + b"\0" for name, value in mark.items()]
+    try:
+        names = os.listdir("/proc")
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as file:
+                environ = b"\0" + file.read()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if all(entry in environ for entry in entries):
+            found.append(int(name))
+    return found
+
+
+def terminate_group(pgid: int, grace_seconds: float = 5.0, mark: Mapping[str, str] | None = None) -> bool:
+    """SIGTERM the group (and every process carrying ``mark``, see :func:`marked_pids`), wait up
+    to ``grace_seconds``, then SIGKILL what is left.
 
     Returns True when SIGKILL was needed.
     """
-    if not _signal_group(pgid, signal.SIGTERM):
+    return terminate_groups((pgid,), grace_seconds, mark)
+
+
+def terminate_groups(
+    pgids: Collection[int], grace_seconds: float = 5.0, mark: Mapping[str, str] | None = None
+) -> bool:
+    """:func:`terminate_group` for several groups at once, sharing one grace period."""
+    if not _signal_all(pgids, mark, signal.SIGTERM):
         return False
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        if not group_members(pgid):
+        if not _any_left(pgids, mark):
             return False
         time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
+    _signal_all(pgids, mark, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while group_members(pgid) and time.monotonic() < deadline:
+    while _any_left(pgids, mark) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+def _any_left(pgids: Collection[int], mark: Mapping[str, str] | None) -> bool:
+    return any(group_members(pgid) for pgid in pgids) or bool(mark and marked_pids(mark))
+
+
+def _signal_all(pgids: Collection[int], mark: Mapping[str, str] | None, sig: signal.Signals) -> bool:
+    """Signal the groups and the marked processes; False when none of them exists."""
+    hit = False
+    for pgid in pgids:
+        hit = _signal(os.killpg, pgid, sig) or hit
+    for pid in marked_pids(mark) if mark else ():
+        hit = _signal(os.kill, pid, sig) or hit
+    return hit
+
+
+def _signal(send: Callable[[int, int], None], target: int, sig: signal.Signals) -> bool:
+    """False when there is no such process (group), or it is not ours: a recycled id."""
     try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
+        send(target, sig)
+    except (ProcessLookupError, PermissionError):
         return False
     return True

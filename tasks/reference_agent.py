@@ -18,6 +18,8 @@ Knobs (in the task payload), for the demo and the tests:
 - ``fail``: report this error and exit 1 on every attempt;
 - ``garbage``: also print lines that are not protocol messages;
 - ``spawn_child``: start a long-sleeping child process (to prove the whole group is ended);
+- ``detach_child``: start one in a session of its own, out of the agent's group, as a ``setsid``
+  or Node's ``detached: true`` does (to prove it is ended too);
 - ``ignore_term``: ignore SIGTERM (to exercise the SIGKILL after the grace period);
 - ``artifact``: report a markdown artifact with the final digest.
 """
@@ -61,13 +63,18 @@ class ReferenceAgent:
 
     def run(self) -> int:
         steps = int(self.payload.get("steps", 3))
-        if self.payload.get("spawn_child"):
+        sessions = [False] * bool(self.payload.get("spawn_child"))
+        sessions += [True] * bool(self.payload.get("detach_child"))
+        if sessions:
             import subprocess
 
-            child = subprocess.Popen(  # noqa: S603 - fixed argv
-                [sys.executable, "-c", "import time; time.sleep(600)"], stdout=subprocess.DEVNULL
-            )
-            self.emit("log", message=f"spawned child pid {child.pid}")
+            for new_session in sessions:
+                child = subprocess.Popen(  # noqa: S603 - fixed argv
+                    [sys.executable, "-c", "import time; time.sleep(600)"],
+                    stdout=subprocess.DEVNULL,
+                    start_new_session=new_session,
+                )
+                self.emit("log", message=f"spawned child pid {child.pid}")
         if self.resumed_from:
             self.emit("log", message=f"resuming at step {self.step}")
         if self.payload.get("fail"):

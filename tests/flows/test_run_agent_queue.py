@@ -378,20 +378,24 @@ def _assert_gracefully_stopped(url: str, task_id: int, pgid: int) -> None:
     assert task.last_checkpoint["state"]["step"] >= 1
 
 
-def _child_pid(logs: Path, task_id: int) -> int:
+def _children(logs: Path, task_id: int) -> list[int]:
     lines = [json.loads(x) for x in (logs / f"{task_id}.jsonl").read_text().splitlines()]
-    return next(
+    return [
         int(r["message"].rsplit(" ", 1)[1]) for r in lines if r.get("message", "").startswith("spawned child")
-    )
+    ]
 
 
-LONG = {"steps": 1000, "sleep": 0.1, "spawn_child": True}
-"""A reference-agent payload that runs until stopped, with a child process in its group."""
+LONG = {"steps": 1000, "sleep": 0.1, "spawn_child": True, "detach_child": True}
+"""A reference-agent payload that runs until stopped, with a child process in its group and one
+that left it (a session of its own, as ``setsid`` or Node's ``detached`` does)."""
 
 
-def _running_with_child(tmp_path: Path, qdb: str, task_id: int) -> tuple[queue.AgentTask, int]:
-    """Wait until the long task's agent has checkpointed; return the task and its child's pid."""
-    return _wait_running(qdb, task_id), _child_pid(tmp_path / "agents" / "logs", task_id)
+def _running_with_children(tmp_path: Path, qdb: str, task_id: int) -> tuple[queue.AgentTask, list[int]]:
+    """Wait until the long task's agent has checkpointed; return the task and its children's pids."""
+    running = _wait_running(qdb, task_id)
+    children = _children(tmp_path / "agents" / "logs", task_id)
+    assert len(children) == 2, "the agent spawned both children before its first checkpoint"
+    return running, children
 
 
 def _shorten(qdb: str, task_id: int, steps: int) -> None:
@@ -418,12 +422,12 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     stubborn = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
     worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
     running = [_wait_running(qdb, t) for t in (task_id, stubborn)]
-    children = [_child_pid(tmp_path / "agents" / "logs", t) for t in (task_id, stubborn)]
+    children = [pid for t in (task_id, stubborn) for pid in _children(tmp_path / "agents" / "logs", t)]
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=120)
     for task in running:
         _assert_gracefully_stopped(qdb, task.id, task.agent_pgid)
-    assert not [p for p in children if _alive(p)]
+    assert len(children) == 4 and not _alive(children)
     summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb, max_tasks=0))
     assert summary["outcomes"] == {}
     queue.cancel_task(qdb, stubborn)
@@ -484,8 +488,8 @@ def _wait_pending(url: str, task_id: int) -> None:
         time.sleep(0.2)
 
 
-def _alive(pid: int) -> bool:
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"
+def _alive(pids: list[int]) -> bool:
+    return any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids)
 
 
 def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orphans(
@@ -495,7 +499,7 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
 
     task_id = queue.create_task(qdb, _new("long", LONG))
     with _served_run(tmp_path, qdb, prefect_api) as (_, run_id):
-        running, child = _running_with_child(tmp_path, qdb, task_id)
+        running, children = _running_with_children(tmp_path, qdb, task_id)
         response = httpx.post(
             f"{prefect_api}/flow_runs/{run_id}/set_state",
             json={"state": {"type": "CANCELLING", "message": "cancelled by test"}, "force": True},
@@ -506,16 +510,16 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
         assert outcome.state == "CANCELLED", outcome
         _wait_pending(qdb, task_id)
         _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
-        assert not _alive(child)
+        assert not _alive(children)
 
 
-def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask, child: int) -> None:
+def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask, children: list[int]) -> None:
     """The worker died without cleaning up: its reaper ended the agent group, and the next
     run hands the task back and resumes it from its last checkpoint."""
     deadline = time.monotonic() + 60
-    while (group_members(task.agent_pgid) or _alive(child)) and time.monotonic() < deadline:
+    while (group_members(task.agent_pgid) or _alive(children)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert group_members(task.agent_pgid) == [] and not _alive(child), "no orphan survives the worker"
+    assert group_members(task.agent_pgid) == [] and not _alive(children), "no orphan survives the worker"
     step = queue.get_task(qdb, task.id).last_checkpoint["state"]["step"]
     _shorten(qdb, task.id, step + 1)
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
@@ -565,21 +569,21 @@ def test_stopping_the_serving_worker_checkpoints_and_leaves_no_orphans(
     when the agent ignores SIGTERM (so the flow run's stop lasts the whole grace period)."""
     task_id = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
     with _served_run(tmp_path, qdb, prefect_api) as (server, _):
-        running, child = _running_with_child(tmp_path, qdb, task_id)
+        running, children = _running_with_children(tmp_path, qdb, task_id)
         stop(server, tmp_path)
         server.wait(timeout=120)
         _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
-        assert not _alive(child)
+        assert not _alive(children)
 
 
 def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: Path, qdb: str) -> None:
     task_id = queue.create_task(qdb, _new("long", LONG))
     worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
-    running, child = _running_with_child(tmp_path, qdb, task_id)
+    running, children = _running_with_children(tmp_path, qdb, task_id)
     worker.kill()
     worker.wait(timeout=60)
     assert queue.get_task(qdb, task_id).status == "in_progress", "SIGKILL left no chance to clean up"
-    _assert_reaped_then_resumed(tmp_path, qdb, running, child)
+    _assert_reaped_then_resumed(tmp_path, qdb, running, children)
 
 
 def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: Path, qdb: str) -> None:
@@ -628,7 +632,7 @@ def test_cancelling_an_in_process_run_through_the_api_checkpoints_and_ends_cance
         stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    running, child = _running_with_child(tmp_path, qdb, task_id)
+    running, children = _running_with_children(tmp_path, qdb, task_id)
     run_id = _flow_run_of(qdb, task_id)
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Cancelling(message="cancelled by test"), force=True)
@@ -640,15 +644,15 @@ def test_cancelling_an_in_process_run_through_the_api_checkpoints_and_ends_cance
     outcome = wait_for_flow_run(prefect_api, run_id)
     assert outcome.state == "CANCELLED" and f"tasks [{task_id}] are back in the queue" in outcome.message
     _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
-    assert not _alive(child)
+    assert not _alive(children)
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
 
 
 def _live_agent_groups(worker: subprocess.Popen[bytes], task_id: int) -> set[int]:
-    """Process groups of the worker's live descendants that carry the task's ``FLOWYARD_TASK_ID``:
-    one per live agent of that task (its child shares the group)."""
+    """Process groups of the worker's live children (its agents, not theirs) that carry the
+    task's ``FLOWYARD_TASK_ID``: one per live agent of that task."""
     groups = set()
-    for proc in psutil.Process(worker.pid).children(recursive=True):
+    for proc in psutil.Process(worker.pid).children():
         try:
             live = proc.status() != psutil.STATUS_ZOMBIE
             if live and proc.environ().get("FLOWYARD_TASK_ID") == str(task_id):

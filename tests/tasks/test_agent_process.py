@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ DEFAULT_LIMITS = AgentLimits()
 
 
 def _job(tmp_path: Path, payload: dict[str, Any], checkpoint: dict[str, Any] | None = None) -> AgentJob:
-    return AgentJob(7, 1, "t", "task", "", payload, checkpoint, tmp_path / "work")
+    return AgentJob(7, 1, "t", "task", "", payload, checkpoint, tmp_path / "work", queue.new_worker_id())
 
 
 def _run(
@@ -46,12 +48,17 @@ def _run(
 
 
 def _child_pids(messages: list[AgentMessage]) -> list[int]:
-    """The pids the reference agent reports for the children it spawned (``spawn_child``)."""
+    """The pids the reference agent reports for the children it spawned (``spawn_child``,
+    ``detach_child``)."""
     return [
         int(m.message.rsplit(" ", 1)[1])
         for m in messages
         if isinstance(m, LogMessage) and m.message.startswith("spawned child")
     ]
+
+
+BOTH_CHILDREN = {"spawn_child": True, "detach_child": True}
+"""A child in the agent's group and one in a session of its own (``setsid``, Node's ``detached``)."""
 
 
 def _any_alive(pids: list[int]) -> bool:
@@ -251,12 +258,12 @@ def test_a_file_the_agent_put_in_the_envelope_files_place_is_left_alone(tmp_path
 
 def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     limits = AgentLimits(timeout_seconds=1.0, grace_seconds=0.5, checkpoint_wait_seconds=0.5)
-    job = _job(tmp_path, {"steps": 100, "sleep": 0.2, "spawn_child": True, "ignore_term": True})
+    job = _job(tmp_path, {"steps": 100, "sleep": 0.2, **BOTH_CHILDREN, "ignore_term": True})
     outcome, seen, process = _run(job, limits=limits)
     assert outcome.outcome == "timeout"
     assert outcome.killed, "the agent ignores SIGTERM, so SIGKILL must have ended it"
     child_pids = _child_pids([m for _, m in seen])
-    assert child_pids, "the agent spawned a child"
+    assert len(child_pids) == 2, "the agent spawned both children"
     assert group_members(process.pgid) == []
     assert not _any_alive(child_pids)
 
@@ -307,12 +314,12 @@ def test_an_exception_in_a_callback_ends_the_group_and_propagates(tmp_path: Path
         if isinstance(message, CheckpointMessage):
             raise RuntimeError("the database refused the checkpoint")
 
-    job = _job(tmp_path, {"steps": 1000, "sleep": 0.1, "spawn_child": True, "ignore_term": True})
+    job = _job(tmp_path, {"steps": 1000, "sleep": 0.1, **BOTH_CHILDREN, "ignore_term": True})
     limits = AgentLimits(grace_seconds=0.5)
     process = AgentProcess(job, REFERENCE_TEMPLATE, on_message=on_message, limits=limits)
     with pytest.raises(RuntimeError, match="refused the checkpoint"):
         process.run()
-    assert _child_pids(seen), "the agent spawned a child"
+    assert len(_child_pids(seen)) == 2, "the agent spawned both children"
     assert group_members(process.pgid) == []
     assert not _any_alive(_child_pids(seen))
 
@@ -401,9 +408,48 @@ def test_a_checkpoint_the_database_refuses_fails_the_attempt_and_closes_it(
 
 
 def test_leftover_children_die_with_a_finished_agent(tmp_path: Path) -> None:
-    outcome, _, process = _run(_job(tmp_path, {"steps": 1, "spawn_child": True}))
-    assert outcome.outcome == "completed"
+    """Its group's and the one that left the group (a session of its own), which also holds the
+    agent's stderr: the attempt ends when the agent does, not at its timeout."""
+    limits = AgentLimits(timeout_seconds=60.0)  # the old code's way out of an endless wait
+    outcome, seen, process = _run(_job(tmp_path, {"steps": 1, **BOTH_CHILDREN}), limits=limits)
+    assert outcome.outcome == "completed", outcome
     assert group_members(process.pgid) == []
+    child_pids = _child_pids([m for _, m in seen])
+    assert len(child_pids) == 2 and not _any_alive(child_pids)
+
+
+UNMARKED_CHILD_AGENT = textwrap.dedent(
+    """
+    import json, subprocess, sys
+
+    # its own session and an empty environment: no group, no mark leads to it
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env={}, start_new_session=True)
+    print(json.dumps({"kind": "log", "message": f"spawned child {child.pid}"}), flush=True)
+    """
+)
+
+
+def test_an_attempt_ends_even_when_an_unreachable_process_holds_the_agents_pipes(tmp_path: Path) -> None:
+    """A descendant that left the group with a cleared environment cannot be found, so it is not
+    ended; but the attempt is, soon after the agent exits, saying why it stopped reading."""
+    seen: list[AgentMessage] = []
+    template = AgentTemplate(argv=[sys.executable, "-c", UNMARKED_CHILD_AGENT])
+    process = AgentProcess(_job(tmp_path, {}), template, on_message=lambda s, m: seen.append(m))
+    result: list[Any] = []
+    runner = threading.Thread(target=lambda: result.append(process.run()), daemon=True)
+    runner.start()
+    runner.join(120)  # only keeps an endless wait from hanging the suite
+    try:
+        assert result, "run() did not return: it waited for the held pipes for good"
+        assert result[0].outcome == "completed", result[0]
+        notes = [m.message for m in seen if isinstance(m, LogMessage) and "stopped reading" in m.message]
+        assert len(notes) == 1 and "FLOWYARD_WORKER" in notes[0], notes
+        assert _any_alive(_child_pids(seen)), "nothing could find the child (the limit this test pins down)"
+    finally:
+        for pid in _child_pids(seen):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        runner.join(60)
 
 
 def test_shutdown_asks_for_a_checkpoint_then_ends_the_group(tmp_path: Path) -> None:

@@ -8,14 +8,15 @@ import subprocess
 import sys
 import textwrap
 
+import psutil
 import pytest
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import recover_stale_tasks
-from tasks.agent_process import REFERENCE_TEMPLATE
+from tasks.agent_process import REFERENCE_TEMPLATE, agent_mark
 from tasks.db import connection
 from tasks.errors import UserError
-from tasks.process_group import group_members, spawn_group
+from tasks.process_group import group_members, spawn_group, terminate_group
 from tasks.state import state_url
 
 
@@ -192,27 +193,47 @@ def _dead_worker_id() -> str:
 
 
 def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -> None:
+    """The agent's group and its child that left the group go; an agent of the same task id run
+    by another worker (another queue database) is left alone."""
     gone = _dead_worker_id()
     assert queue.worker_alive(gone) is False
     assert queue.worker_alive(queue.new_worker_id()) is True
     task_id = queue.create_task(qdb, _new("orphaned"))
     queue.claim_ready(qdb, gone, 1)
     queue.start_attempt(qdb, task_id, gone, None)
+    agent, children = _reference_agent(task_id, agent_mark(gone, task_id))
+    other = agent_mark(queue.new_worker_id(), task_id)
+    bystander, _ = _reference_agent(task_id, other)
+    try:
+        queue.set_agent_pgid(qdb, task_id, gone, 1, agent.pid)
+        assert recover_stale_tasks(qdb, lease_seconds=3600) == [task_id]
+        agent.wait(timeout=30)
+        assert group_members(agent.pid) == []
+        assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        assert bystander.poll() is None, "another worker's agent of a task with the same id runs on"
+        task = queue.get_task(qdb, task_id)
+        assert task.status == "pending" and task.worker is None and "is gone" in task.error
+    finally:
+        terminate_group(bystander.pid, 0.0, other)
+
+
+def _reference_agent(task_id: int, mark: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """A long reference agent with a child in its group and one out of it, started with ``mark``
+    as a worker would; returns it once both children are reported, with their pids."""
+    payload = {"steps": 1000, "sleep": 0.1, "spawn_child": True, "detach_child": True}
     agent = spawn_group(
-        [
-            *REFERENCE_TEMPLATE.argv,
-            json.dumps({"task_id": task_id, "payload": {"steps": 1000, "sleep": 0.1}}),
-        ],
-        env={**os.environ, "FLOWYARD_TASK_ID": str(task_id)},
-        stdout=subprocess.DEVNULL,
+        [*REFERENCE_TEMPLATE.argv, json.dumps({"task_id": task_id, "payload": payload})],
+        env={**os.environ, **mark},
+        stdout=subprocess.PIPE,
         stdin=subprocess.PIPE,
     )
-    queue.set_agent_pgid(qdb, task_id, gone, 1, agent.pid)
-    assert recover_stale_tasks(qdb, lease_seconds=3600) == [task_id]
-    agent.wait(timeout=30)
-    assert group_members(agent.pid) == []
-    task = queue.get_task(qdb, task_id)
-    assert task.status == "pending" and task.worker is None and "is gone" in task.error
+    assert agent.stdout is not None
+    children: list[int] = []
+    while len(children) < 2:
+        message = json.loads(agent.stdout.readline())
+        if message.get("message", "").startswith("spawned child"):
+            children.append(int(message["message"].rsplit(" ", 1)[1]))
+    return agent, children
 
 
 def test_retry_waits_for_a_cancelled_attempt_whose_worker_is_alive(qdb: str) -> None:
