@@ -19,7 +19,9 @@ Upserts need a unique index on the key (built before the load, see ``bulk_tables
 that repeats a key value fails naming those values. A constraint violation or bad value is
 permanent. The staged insert then bisects the chunk into halves that load and halves that
 fail, down to the offending rows, so the error names their keys (the first ``report_rows``) —
-or, with ``quarantine``, moves them into ``flowyard.bulk_quarantine`` and loads the rest.
+or, with ``quarantine``, moves them into ``flowyard.bulk_quarantine`` and loads the rest. A row
+a foreign key rejected is tried again once the rest of the chunk has loaded, since the bisection
+may have tried it before a row of its own table it references (see ``_insert_all``).
 With ``quarantine``, a source value the stage's types reject (text in a SQLite INTEGER column,
 a file value a numeric column cannot parse) stages the chunk as text instead, and the insert
 casts it row by row, so those rows are quarantined the same way.
@@ -80,11 +82,48 @@ class ChunkRejected(UserError):
 
 
 class BadRow(NamedTuple):
-    """A stage row the target rejected: its ordinal, PostgreSQL's reason and the constraint violated."""
+    """A stage row the target rejected: its ordinal, PostgreSQL's reason, the constraint violated,
+    and whether that was a foreign key (which rows of the chunk loaded later may satisfy)."""
 
     ordinal: int
     reason: str
     constraint: str | None
+    foreign_key: bool
+
+    @classmethod
+    def of(cls, ordinal: int, exc: psycopg.Error) -> BadRow:
+        return cls(
+            ordinal,
+            exc.diag.message_primary or str(exc),
+            exc.diag.constraint_name,
+            isinstance(exc, psycopg.errors.ForeignKeyViolation),
+        )
+
+
+@dataclass(frozen=True)
+class StagedInsert:
+    """The chunk's INSERT (or upsert) into the target of stage rows chosen by ordinal: a range
+    ``[low, high)`` or a list. Each runs in a savepoint, so a rejected one undoes only itself."""
+
+    target: psycopg.Connection
+    by_range: sql.Composed
+    by_list: sql.Composed
+
+    def rows(self, low: int, high: int) -> psycopg.Error | None:
+        """Insert the rows ``[low, high)``; the error that rejected them, or None."""
+        return self._run(self.by_range, (low, high))
+
+    def listed(self, ordinals: list[int]) -> psycopg.Error | None:
+        """Insert the rows ``ordinals`` in one statement; the error that rejected them, or None."""
+        return self._run(self.by_list, (ordinals,))
+
+    def _run(self, statement: sql.Composed, params: tuple[object, ...]) -> psycopg.Error | None:
+        try:
+            with self.target.transaction():
+                self.target.execute(statement, params)
+        except PERMANENT as exc:
+            return exc
+        return None
 
 
 @dataclass(frozen=True)
@@ -298,13 +337,13 @@ def _stage_rows(job: ChunkJob, types: dict[str, str] | None) -> sql.Composable:
     )
 
 
-def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Composable) -> sql.Composed:
-    """INSERT (or upsert by key) the stage ``rows`` with the ordinal in ``[%s, %s)``."""
+def _staged_insert(job: ChunkJob, target: psycopg.Connection, rows: sql.Composable) -> StagedInsert:
+    """INSERT (or upsert by key) stage ``rows`` into the target, by ordinal range or list."""
     cols = sql.SQL(", ").join(sql.Identifier(c) for c in job.columns)
-    ordinal = sql.Identifier(job.ordinal)
-    statement = sql.SQL(
-        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE {} >= %s AND {} < %s"
-    ).format(job.target_ident, cols, cols, rows, ordinal, ordinal)
+    head = sql.SQL("INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {} WHERE").format(
+        job.target_ident, cols, cols, rows
+    )
+    tail: sql.Composable = sql.SQL("")
     if job.mode != "full":
         if not has_unique_key(target, job.target_ident, job.target.key):
             keys = ", ".join(job.target.key)
@@ -319,10 +358,15 @@ def _insert_statement(job: ChunkJob, target: psycopg.Connection, rows: sql.Compo
             action = sql.SQL("DO UPDATE SET {}").format(
                 sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in others)
             )
-        statement = sql.SQL("{} ON CONFLICT ({}) {}").format(
-            statement, sql.SQL(", ").join(sql.Identifier(k) for k in job.target.key), action
+        tail = sql.SQL(" ON CONFLICT ({}) {}").format(
+            sql.SQL(", ").join(sql.Identifier(k) for k in job.target.key), action
         )
-    return statement
+    ordinal = sql.Identifier(job.ordinal)
+    return StagedInsert(
+        target,
+        sql.SQL("{} {} >= %s AND {} < %s{}").format(head, ordinal, ordinal, tail),
+        sql.SQL("{} {} = ANY(%s){}").format(head, ordinal, tail),
+    )
 
 
 def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
@@ -344,10 +388,9 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     rows = _stage_rows(job, types)
     sent = checksum(target, STAGE, job.columns) if types is None else None
     staged = sent.rows if sent else one_row(target, sql.SQL("SELECT count(*) FROM {}").format(STAGE))[0]
-    bad: list[BadRow] = []
-    limit = 2**62 if job.quarantine else job.report_rows
+    insert = _staged_insert(job, target, rows)
     try:
-        _insert_bisecting(target, _insert_statement(job, target, rows), 1, staged + 1, bad, limit)
+        bad = _insert_all(insert, staged, 2**62 if job.quarantine else job.report_rows)
     except psycopg.errors.CardinalityViolation:  # an upsert met one key twice in the chunk
         repeated = duplicate_keys(target, STAGE, job.target.key, job.report_rows)
         raise ChunkRejected(
@@ -379,30 +422,55 @@ def _load_staged(job: ChunkJob, target: psycopg.Connection) -> _Loaded:
     return rows_read, sent.rows, 0, sent.digest, cursor_max
 
 
-def _insert_bisecting(
-    target: psycopg.Connection,
-    insert: sql.Composed,
-    low: int,
-    high: int,
-    bad: list[BadRow],
-    limit: int,
-) -> None:
-    """Insert stage rows ``[low, high)``; split failing ranges until single bad rows remain.
+def _insert_all(insert: StagedInsert, staged: int, limit: int) -> list[BadRow]:
+    """Insert the ``staged`` rows; return those the target rejects: all of them, or at least the
+    first ``limit`` when that many are (the bisection stops there, which bounds its cost).
 
-    Ranges that insert stay inserted, so the cost is one pass plus log(n) statements per bad row.
+    Ranges that insert stay inserted; a failing one is split in halves until single rejected rows
+    remain: one pass plus log(n) statements per rejected row. A row tried alone may lack a row of
+    its own table that sits in a later half (its manager further on in the chunk): PostgreSQL
+    checks a foreign key at the end of each statement, so the whole chunk in one statement would
+    have taken it. So no row is judged before the rest of the chunk has been tried: when ``limit``
+    stops the bisection, the ranges not tried yet are inserted whole (those without a rejected
+    row load); then the rows a foreign key rejected are tried again (``_retry_references``), and
+    if fewer than ``limit`` rows are left rejected the bisection goes on. Only a row whose missing
+    row sits in an untried range that holds a rejected row too can still be named at ``limit``.
     """
-    if high <= low or len(bad) >= limit:
-        return
-    try:
-        with target.transaction():
-            target.execute(insert, (low, high))
-    except PERMANENT as exc:
-        if high - low == 1:
-            bad.append(BadRow(low, exc.diag.message_primary or str(exc), exc.diag.constraint_name))
-            return
-        middle = (low + high) // 2
-        _insert_bisecting(target, insert, low, middle, bad, limit)
-        _insert_bisecting(target, insert, middle, high, bad, limit)
+    todo = [(1, staged + 1)]  # a stack: the next range last
+    rejected: list[BadRow] = []
+    while True:
+        while todo and len(rejected) < limit:
+            low, high = todo.pop()
+            if (exc := insert.rows(low, high)) is None:
+                continue
+            if high - low == 1:
+                rejected.append(BadRow.of(low, exc))
+            else:
+                middle = (low + high) // 2
+                todo += [(middle, high), (low, middle)]
+        todo = [(low, high) for low, high in todo if insert.rows(low, high) is not None]
+        rejected = _retry_references(insert, rejected)
+        if not todo or len(rejected) >= limit:
+            return rejected
+
+
+def _retry_references(insert: StagedInsert, rejected: list[BadRow]) -> list[BadRow]:
+    """Insert again the rejected rows a foreign key rejected, in rounds until one inserts none;
+    return the rows still rejected.
+
+    A round tries them all in one statement first (rows that reference each other, a cycle, load
+    only together), then one by one from the last: the row one of them lacked mostly sat further
+    on in the chunk, and may itself have been rejected for want of a row further on still. A round
+    costs one statement per row and loads at least one, or is the last.
+    """
+    while waiting := [r for r in rejected if r.foreign_key]:
+        if insert.listed([r.ordinal for r in waiting]) is None:
+            return [r for r in rejected if not r.foreign_key]
+        loaded = {r.ordinal for r in reversed(waiting) if insert.rows(r.ordinal, r.ordinal + 1) is None}
+        if not loaded:
+            return rejected
+        rejected = [r for r in rejected if r.ordinal not in loaded]
+    return rejected
 
 
 def _bad_keys(job: ChunkJob, target: psycopg.Connection, ords: Sequence[int]) -> list[str]:
