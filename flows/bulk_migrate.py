@@ -339,6 +339,15 @@ def copy_tables(
     return checkpoints
 
 
+def in_load_order(plans: list[TablePlan], checkpoints: list[ChunkCheckpoint]) -> list[TablePlan]:
+    """The plans in the order their checkpoints came (a seed's load order, parents first: see
+    tasks/seed_load.py), so the run's report lists them so; a table with none stays last."""
+    loaded = list(dict.fromkeys(c.table for c in checkpoints))
+    return sorted(
+        plans, key=lambda p: loaded.index(name) if (name := p.spec.source.qualified) in loaded else len(loaded)
+    )
+
+
 def validate_tables(
     plans: list[TablePlan],
     jobs: dict[str, list[ChunkJob]],
@@ -459,6 +468,8 @@ def bulk_migrate(
                 finish_table_task(source_url, target, run.run_key, lineage, plan)
             add_foreign_keys_task(source_url, target, plans)
 
+            if load_mode == "seed":
+                plans = in_load_order(plans, checkpoints)
             stats, failures = validate_tables(plans, jobs, checkpoints, validate, sample_rows)
             report = BulkReport(run.run_key, run.resumed, [stat.row() for stat in stats])
             report.integrity = check_integrity_task(source_url, target, plans)

@@ -111,7 +111,8 @@ FEATURES = "SELECT id, plan_id, name FROM features ORDER BY id"
 def test_reseed_loads_new_parents_before_the_children_that_sort_first(fresh_db, target_db):
     """``features`` references ``plans`` and sorts before it: a re-seed used to upsert it first,
     so a new feature of a new plan violated the target's foreign key and the seed failed. A
-    self-reference (a new plan under another new plan) loads too."""
+    self-reference (a new plan under another new plan) loads too. The report lists the tables in
+    the order they loaded (it used to list them alphabetically whatever the order)."""
     _exec(
         fresh_db,
         "CREATE TABLE plans (id int PRIMARY KEY, name text NOT NULL, parent_id int REFERENCES plans)",
@@ -119,7 +120,8 @@ def test_reseed_loads_new_parents_before_the_children_that_sort_first(fresh_db, 
         "INSERT INTO plans VALUES (1, 'free', NULL)",
         "INSERT INTO features VALUES (1, 1, 'export')",
     )
-    bulk_migrate(fresh_db, target_db, mode="seed")
+    report = bulk_migrate(fresh_db, target_db, mode="seed")
+    assert [t["table"] for t in report["tables"]] == ["public.features", "public.plans"]  # no keys yet
     assert _fetch(
         target_db,
         "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'public'::regnamespace",
@@ -133,7 +135,7 @@ def test_reseed_loads_new_parents_before_the_children_that_sort_first(fresh_db, 
         "INSERT INTO features VALUES (2, 3, 'sso'), (3, 2, 'audit')",
     )
     report = bulk_migrate(fresh_db, target_db, mode="seed")
-    assert [t["rows"] for t in report["tables"]] == [3, 3]
+    assert [(t["table"], t["rows"]) for t in report["tables"]] == [("public.plans", 3), ("public.features", 3)]
     assert (
         _fetch(target_db, PLANS)
         == _fetch(fresh_db, PLANS)
