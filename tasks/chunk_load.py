@@ -511,11 +511,30 @@ def _rejection(job: ChunkJob, bad: list[BadRow], keys: list[str]) -> str:
 
 
 def _quarantine(job: ChunkJob, target: psycopg.Connection, bad: list[BadRow]) -> None:
+    quarantine_rows(
+        job, target, STAGE, job.ordinal, "bigint", [b.ordinal for b in bad], [b.reason for b in bad]
+    )
+
+
+def quarantine_rows(
+    job: ChunkJob,
+    target: psycopg.Connection,
+    rows: sql.Composable,
+    row_id: str,
+    id_type: str,
+    ids: Sequence[object],
+    errors: Sequence[str],
+) -> None:
+    """Record the rows of ``rows`` whose column ``row_id`` (of SQL type ``id_type``, left out of the
+    record) is one of ``ids`` in ``flowyard.bulk_quarantine`` as the chunk's, each with its error:
+    the one shape of a quarantined row, whether a statement or a seed's deferred key rejected it."""
     target.execute(
         sql.SQL(
             "INSERT INTO flowyard.bulk_quarantine (run_key, source_table, chunk_id, row_data, error) "
-            "SELECT %s, %s, %s, to_jsonb(s) - {ord_name}, b.err FROM {stage} s "
-            "JOIN unnest(%s::bigint[], %s::text[]) AS b(ord, err) ON s.{ord} = b.ord"
-        ).format(ord_name=sql.Literal(job.ordinal), stage=STAGE, ord=sql.Identifier(job.ordinal)),
-        (job.run_key, job.source.qualified, job.chunk.chunk_id, [b.ordinal for b in bad], [b.reason for b in bad]),
+            "SELECT %s, %s, %s, to_jsonb(s) - {id_name}, b.err FROM {rows} s "
+            "JOIN unnest(%s::{id_type}[], %s::text[]) AS b(id, err) ON s.{id} = b.id"
+        ).format(
+            id_name=sql.Literal(row_id), rows=rows, id_type=sql.SQL(id_type), id=sql.Identifier(row_id)
+        ),
+        (job.run_key, job.source.qualified, job.chunk.chunk_id, list(ids), list(errors)),
     )
