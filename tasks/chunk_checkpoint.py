@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 from uuid import uuid4
 
@@ -165,6 +165,24 @@ def record_chunk(conn: psycopg.Connection, checkpoint: ChunkCheckpoint, flow_run
             flow_run_id,
         ),
     )
+
+
+def record_quarantined(conn: psycopg.Connection, checkpoint: ChunkCheckpoint, rows: int) -> ChunkCheckpoint:
+    """The checkpoint, updated in the open transaction, of a chunk ``rows`` more of whose rows were
+    quarantined after it loaded (a seed's deferred keys rejected them): they are no longer written,
+    and its sent checksum no longer stands for the rows it wrote."""
+    moved = replace(
+        checkpoint,
+        rows_written=checkpoint.rows_written - rows,
+        quarantined=checkpoint.quarantined + rows,
+        sent_checksum=None,
+    )
+    conn.execute(
+        "UPDATE flowyard.bulk_chunks SET rows_written = %s, quarantined = %s, sent_checksum = NULL "
+        "WHERE run_key = %s AND source_table = %s AND chunk_id = %s",
+        (moved.rows_written, moved.quarantined, moved.run_key, moved.table, moved.chunk_id),
+    )
+    return moved
 
 
 def mark_table_completed(conn: psycopg.Connection, run_key: str, table: str) -> None:

@@ -130,12 +130,13 @@ def _check_count(
         return row_count(job.source_url, job.source, plan.window, job.cursor)
 
     filtered = job.mapping is not None and bool(job.mapping.filter)
+    quarantined = sum(c.quarantined for c in committed.values())
     # A full load and an incremental window hold exactly the rows this load wrote.
     bounded = job.mode == "full" or plan.window is not None
-    if bounded and (filtered or any(c.quarantined for c in committed.values())):
+    if bounded and (filtered or quarantined):
         expected, what = sum(c.rows_written for c in committed.values()), "rows written"
-    elif not filtered:
-        expected, what = source_rows(), "source"
+    elif not filtered:  # rows quarantined (a seed's, a first incremental pass's) are not in the target
+        expected, what = source_rows() - quarantined, f"source less {quarantined} quarantined" if quarantined else "source"
     else:
         result.results["count"] = f"{target_rows} (not comparable: filtered {job.mode} load)"
         return
@@ -209,10 +210,10 @@ def _compare_both_sides(
     """Identical tables without sent checksums for every chunk (a first incremental pass, seed
     loads, chunks committed by an older version): checksum source and target over the same ranges."""
     columns = job.columns
-    if any(c.quarantined for c in committed.values()) and not _target_key_chunks(plan, job):
-        result.results["checksum"] = "skipped (rows quarantined from a table without chunk keys)"
-        return
     per_chunk = (job.mode == "full" or plan.window is not None) and _target_key_chunks(plan, job)
+    if any(c.quarantined for c in committed.values()) and not per_chunk:
+        result.results["checksum"] = "skipped (rows quarantined: the whole table's source and target differ by them)"
+        return
     scopes: list[Chunk | None] = list(plan.chunks) if per_chunk else [None]
     ranges = [_rows_in_scope(plan, job, c) for c in scopes]
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -164,16 +164,32 @@ def _new_department_and_manager(url: str) -> None:
         conn.execute("INSERT INTO employees VALUES (20, 'grace', 2)")
 
 
+def _seed_deferrable_cycle(source: str, target: str) -> None:
+    """Departments and employees referencing each other through DEFERRABLE keys, seeded."""
+    _exec(source, *CYCLE, *(r.format(" DEFERRABLE") for r in REFERENCES))
+    with psycopg.connect(source) as conn:
+        conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        conn.execute("INSERT INTO departments VALUES (1, 'eng', 10)")
+        conn.execute("INSERT INTO employees VALUES (10, 'ada', 1), (11, 'alan', 1)")
+    bulk_migrate(source, target, mode="seed")
+
+
+def _department_without_its_manager(source: str) -> None:
+    """A new source department whose manager does not exist (the source drops its key), and an
+    update of a row already seeded."""
+    _exec(source, "ALTER TABLE departments DROP CONSTRAINT departments_manager_fkey")
+    _exec(
+        source,
+        "INSERT INTO departments VALUES (3, 'sales', 99)",
+        "UPDATE employees SET name = 'ADA' WHERE id = 10",
+    )
+
+
 def test_reseed_of_rows_referencing_each_other_defers_deferrable_foreign_keys(fresh_db, target_db):
     """Departments and employees reference each other through DEFERRABLE keys: a new department
     and its new manager cannot be inserted one after the other in any order; the seed used to
     fail on the first, now it defers those keys to the end of its transaction."""
-    _exec(fresh_db, *CYCLE, *(r.format(" DEFERRABLE") for r in REFERENCES))
-    with psycopg.connect(fresh_db) as conn:
-        conn.execute("SET CONSTRAINTS ALL DEFERRED")
-        conn.execute("INSERT INTO departments VALUES (1, 'eng', 10)")
-        conn.execute("INSERT INTO employees VALUES (10, 'ada', 1), (11, 'alan', 1)")
-    bulk_migrate(fresh_db, target_db, mode="seed")
+    _seed_deferrable_cycle(fresh_db, target_db)
     deferrable = "SELECT conname, condeferrable FROM pg_constraint WHERE contype = 'f' AND connamespace = 'public'::regnamespace ORDER BY 1"
     assert _fetch(target_db, deferrable) == [
         ("departments_manager_fkey", True),
@@ -187,12 +203,7 @@ def test_reseed_of_rows_referencing_each_other_defers_deferrable_foreign_keys(fr
 
     # the deferred keys still hold at the end: a department whose manager does not exist fails in one
     # line naming it, and nothing of the seed lands
-    _exec(fresh_db, "ALTER TABLE departments DROP CONSTRAINT departments_manager_fkey")
-    _exec(
-        fresh_db,
-        "INSERT INTO departments VALUES (3, 'sales', 99)",
-        "UPDATE employees SET name = 'ADA' WHERE id = 10",
-    )
+    _department_without_its_manager(fresh_db)
     with pytest.raises(UserError) as err:
         bulk_migrate(fresh_db, target_db, mode="seed")
     assert str(err.value) == (
@@ -201,6 +212,70 @@ def test_reseed_of_rows_referencing_each_other_defers_deferrable_foreign_keys(fr
         "rows and seed again (nothing was loaded)"
     )
     assert _fetch(target_db, "SELECT name FROM employees WHERE id = 10") == [("ada",)]
+
+
+def test_quarantine_takes_the_seed_rows_a_deferred_foreign_key_rejects_and_loads_the_rest(fresh_db, target_db):
+    """A seeded row that references a missing row through a DEFERRABLE key used to fail the whole
+    seed at its deferred check even with quarantine; now it goes to flowyard.bulk_quarantine with
+    the rows that referenced it, and the rest loads and validates. A row that was already in the
+    target (or one referencing it) is never deleted: the seed fails in one line naming them."""
+    _seed_deferrable_cycle(fresh_db, target_db)
+    _department_without_its_manager(fresh_db)
+    with pytest.raises(UserError, match=r"^seed rows violate the target: .*\(nothing was loaded\)$"):
+        bulk_migrate(fresh_db, target_db, mode="seed")
+
+    _exec(fresh_db, "INSERT INTO departments VALUES (4, 'hr', NULL)")  # no manager: the key does not apply
+    report = bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    quarantine = "SELECT row_data, error FROM flowyard.bulk_quarantine ORDER BY row_data->>'id'"
+    assert _fetch(target_db, quarantine) == [
+        (
+            {"id": 3, "name": "sales", "manager_id": 99},
+            'insert or update on table "departments" violates foreign key constraint "departments_manager_fkey" '
+            '(Key (manager_id)=(99) is not present in table "employees")',
+        )
+    ]
+    assert _fetch(target_db, DEPARTMENTS) == [(1, "eng", 10), (4, "hr", None)]
+    assert _fetch(target_db, EMPLOYEES) == [(10, "ADA", 1), (11, "alan", 1)]
+    assert [(t["table"], t["rows"], t["validation"]) for t in report["tables"]] == [
+        (
+            "public.departments",
+            2,
+            "checksum: skipped (rows quarantined: the whole table's source and target differ by them), "
+            "count: ok (2), sample: skipped (no chunk without quarantined rows)",
+        ),
+        ("public.employees", 2, "checksum: ok (1 chunk), count: ok (2), sample: ok (2 rows)"),
+    ]
+
+    # a row that references a quarantined row goes with it, whatever key it references it by
+    _exec(fresh_db, "INSERT INTO employees VALUES (12, 'bob', 3)")
+    bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    department_3 = (
+        'insert or update on table "departments" violates foreign key constraint "departments_manager_fkey" '
+        '(Key (manager_id)=(99) is not present in table "employees")'
+    )
+    employee_12 = (
+        'insert or update on table "employees" violates foreign key constraint "employees_department_fkey" '
+        '(Key (department_id)=(3) is not present in table "departments")'
+    )
+    assert _fetch(target_db, "SELECT row_data->>'id', error FROM flowyard.bulk_quarantine ORDER BY 1") == [
+        ("12", employee_12),
+        ("3", department_3),
+        ("3", department_3),  # the first run's
+    ]
+    assert _fetch(target_db, EMPLOYEES) == [(10, "ADA", 1), (11, "alan", 1)]
+
+    # a row already in the target that the seed updates into a violation is not deleted
+    _exec(fresh_db, "DELETE FROM employees WHERE id = 12", "DELETE FROM departments WHERE id = 3")
+    _exec(fresh_db, "UPDATE departments SET manager_id = 98 WHERE id = 1")
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    assert str(err.value) == (
+        'seed rows violate the target: insert or update on table "departments" violates foreign key constraint '
+        '"departments_manager_fkey" (Key (manager_id)=(98) is not present in table "employees"); quarantine does '
+        "not delete rows the target held before the seed, which it would take out: public.departments id=1, "
+        "public.employees id=10, public.employees id=11; fix the source rows and seed again (nothing was loaded)"
+    )
+    assert _fetch(target_db, DEPARTMENTS) == [(1, "eng", 10), (4, "hr", None)]
 
 
 def test_reseed_through_a_cycle_of_foreign_keys_that_are_not_deferrable(fresh_db, target_db):
