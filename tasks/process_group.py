@@ -42,14 +42,19 @@ def spawn_group(
 
 def group_members(pgid: int) -> list[psutil.Process]:
     """Live processes whose process group is ``pgid`` (zombies excluded)."""
-    members = []
+    return [proc for proc, group in _live_processes() if group == pgid]
+
+
+def _live_processes() -> list[tuple[psutil.Process, int]]:
+    """Every live process with its process group, from one walk of the process table."""
+    live = []
     for proc in psutil.process_iter(["pid", "status"]):
         try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(proc)
+            if proc.info["status"] != psutil.STATUS_ZOMBIE:
+                live.append((proc, os.getpgid(proc.pid)))
         except (ProcessLookupError, psutil.Error):
             continue
-    return members
+    return live
 
 
 def marked_pids(mark: Mapping[str, str]) -> list[int]:
@@ -109,7 +114,10 @@ def terminate_groups(
 
 
 def _any_left(pgids: Collection[int], mark: Mapping[str, str] | None) -> bool:
-    return any(group_members(pgid) for pgid in pgids) or bool(mark and marked_pids(mark))
+    """One walk of the process table however many groups: the reaper waits for all of a
+    worker's agents at once."""
+    wanted = set(pgids)
+    return any(group in wanted for _, group in _live_processes()) or bool(mark and marked_pids(mark))
 
 
 def _signal_all(pgids: Collection[int], mark: Mapping[str, str] | None, sig: signal.Signals) -> bool:
