@@ -201,7 +201,9 @@ def _row_id(alias: str) -> sql.Composable:
 def _orphans(target: psycopg.Connection, key: ForeignKey, gone: dict[Table, dict[str, str]]) -> dict[str, str]:
     """The rows of ``key``'s child, besides those ``gone``, that reference no parent row once the
     parent's rows ``gone`` are deleted (MATCH SIMPLE: only rows with every column of the key set;
-    MATCH FULL: any column set), each with PostgreSQL's message for it."""
+    MATCH FULL: any column set), each with PostgreSQL's message for it. Of a key that is not
+    deferrable, only the rows that reference a row ``gone``: PostgreSQL checked its other rows
+    when they were written, and one it let through (a key added ``NOT VALID``) is not this seed's."""
     columns = [sql.SQL("c.{}").format(sql.Identifier(c)) for c in key.columns]
     nulls = sql.SQL(" AND " if key.match_full else " OR ").join(sql.SQL("{} IS NULL").format(c) for c in columns)
     matches = sql.SQL(" AND ").join(
@@ -209,24 +211,33 @@ def _orphans(target: psycopg.Connection, key: ForeignKey, gone: dict[Table, dict
     )
     values = sql.SQL(", ").join(sql.SQL("coalesce({}::text, 'null')").format(c) for c in columns)
     query = sql.SQL(
-        "SELECT {child_id}, concat_ws(', ', {values}) FROM {child} c WHERE NOT ({nulls}) "
-        "AND {child_id} <> ALL(%s::text[]) "
-        "AND NOT EXISTS (SELECT FROM {parent} p WHERE {matches} AND {parent_id} <> ALL(%s::text[]))"
+        "SELECT {child_id}, concat_ws(', ', {values}), num_nulls({columns}) > 0 FROM {child} c "
+        "WHERE NOT ({nulls}) AND {child_id} <> ALL(%(child_gone)s::text[]) "
+        "AND NOT EXISTS (SELECT FROM {parent} p WHERE {matches} AND {parent_id} <> ALL(%(parent_gone)s::text[])) "
+        "AND (%(deferred)s OR EXISTS "
+        "(SELECT FROM {parent} p WHERE {matches} AND {parent_id} = ANY(%(parent_gone)s::text[])))"
     ).format(
         child_id=_row_id("c"),
         values=values,
+        columns=sql.SQL(", ").join(columns),
         child=sql.Identifier(*key.child),
         nulls=nulls,
         parent=sql.Identifier(*key.parent),
         matches=matches,
         parent_id=_row_id("p"),
     )
-    params = (list(gone.get(key.child, {})), list(gone.get(key.parent, {})))
-    message = (
-        f'insert or update on table "{key.child[1]}" violates foreign key constraint "{key.name}" '
-        f"(Key ({', '.join(key.columns)})=({{}}) is not present in table \"{key.parent[1]}\")"
-    )
-    return {row: message.format(found) for row, found in target.execute(query, params).fetchall()}
+    params = {
+        "child_gone": list(gone.get(key.child, {})),
+        "parent_gone": list(gone.get(key.parent, {})),
+        "deferred": key.deferrable,
+    }
+    violates = f'insert or update on table "{key.child[1]}" violates foreign key constraint "{key.name}"'
+    missing = f"{violates} (Key ({', '.join(key.columns)})=({{}}) is not present in table \"{key.parent[1]}\")"
+    mixed = f"{violates} (MATCH FULL does not allow mixing of null and nonnull key values)"  # NULLs only get here under it
+    return {
+        row: mixed if some_null else missing.format(found)
+        for row, found, some_null in target.execute(query, params).fetchall()
+    }
 
 
 def _rejected(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> dict[Table, dict[str, str]]:

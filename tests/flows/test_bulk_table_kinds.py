@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from flows.bulk_migrate import bulk_migrate
 from tasks.errors import UserError
@@ -277,6 +278,218 @@ def test_quarantine_takes_the_seed_rows_a_deferred_foreign_key_rejects_and_loads
     )
     assert _fetch(target_db, DEPARTMENTS) == [(1, "eng", 10), (4, "hr", None)]
 
+
+def _foreign_keys_violated(url: str) -> list[str]:
+    """The target's foreign keys its rows violate, each checked afresh by PostgreSQL (dropped and
+    added again in a transaction rolled back): every row, not only those a seed's check looked at."""
+    violated = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        keys = conn.execute(
+            "SELECT n.nspname, c.relname, con.conname, pg_get_constraintdef(con.oid) FROM pg_constraint con "
+            "JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE con.contype = 'f' AND n.nspname = 'public' ORDER BY 3"
+        ).fetchall()
+        for schema, table, name, definition in keys:
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {0} DROP CONSTRAINT {1}, ADD CONSTRAINT {1} {2}").format(
+                            sql.Identifier(schema, table), sql.Identifier(name), sql.SQL(definition)
+                        )
+                    )
+            except psycopg.errors.ForeignKeyViolation:
+                violated.append(name)
+    return violated
+
+
+QUARANTINED = "SELECT source_table, row_data, error FROM flowyard.bulk_quarantine ORDER BY (row_data->>'id')::int"
+STORES = "SELECT id, country, region FROM stores ORDER BY id"
+
+
+def _not_present(table: str, constraint: str, key: str, parent: str) -> str:
+    return (
+        f'insert or update on table "{table}" violates foreign key constraint "{constraint}" '
+        f'(Key {key} is not present in table "{parent}")'
+    )
+
+
+@pytest.mark.parametrize(
+    ("match", "loaded", "quarantined"),
+    [
+        pytest.param(
+            "SIMPLE",
+            [(1, "KR", "11"), (2, "KR", None), (3, None, None), (5, None, "26")],  # a NULL: the key does not apply
+            {4: ("KR", "99"), 6: ("JP", "11")},
+            id="simple",
+        ),
+        pytest.param(
+            "FULL",
+            [(1, "KR", "11"), (3, None, None)],  # all NULL: the key does not apply
+            {2: ("KR", None), 4: ("KR", "99"), 5: (None, "26"), 6: ("JP", "11")},
+            id="full",
+        ),
+    ],
+)
+def test_quarantine_of_a_deferred_multi_column_key_follows_its_match_type(
+    fresh_db, target_db, match, loaded, quarantined
+):
+    """A two-column DEFERRABLE INITIALLY DEFERRED key of the target: MATCH SIMPLE accepts a row
+    with any key column NULL, MATCH FULL only one with all of them NULL. The seed's quarantine
+    takes exactly the rows PostgreSQL's deferred check rejects (all the key's columns matched
+    together), the rest commits and validates as the source less them."""
+    tables = (
+        "CREATE TABLE regions (country text, code text, name text, PRIMARY KEY (country, code))",
+        "CREATE TABLE stores (id int PRIMARY KEY, country text, region text)",
+    )
+    _exec(
+        fresh_db,
+        *tables,
+        "INSERT INTO regions VALUES ('KR', '11', 'Seoul'), ('KR', '26', 'Busan')",
+        "INSERT INTO stores VALUES (1, 'KR', '11'), (2, 'KR', NULL), (3, NULL, NULL), (4, 'KR', '99'), "
+        "(5, NULL, '26'), (6, 'JP', '11')",
+    )
+    _exec(
+        target_db,
+        *tables,
+        "ALTER TABLE stores ADD CONSTRAINT stores_region_fkey FOREIGN KEY (country, region) "
+        f"REFERENCES regions (country, code) MATCH {match} DEFERRABLE INITIALLY DEFERRED",
+    )
+    report = bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+
+    assert _fetch(target_db, STORES) == loaded
+    mixed = (
+        'insert or update on table "stores" violates foreign key constraint "stores_region_fkey" '
+        "(MATCH FULL does not allow mixing of null and nonnull key values)"
+    )
+    assert _fetch(target_db, QUARANTINED) == [
+        (
+            "public.stores",
+            {"id": id_, "country": country, "region": region},
+            mixed
+            if None in (country, region)
+            else _not_present("stores", "stores_region_fkey", f"(country, region)=({country}, {region})", "regions"),
+        )
+        for id_, (country, region) in quarantined.items()
+    ]
+    assert _foreign_keys_violated(target_db) == []
+    assert [(t["table"], t["rows"], t["validation"]) for t in report["tables"]] == [
+        ("public.regions", 2, "checksum: ok (1 chunk), count: ok (2), sample: ok (2 rows)"),
+        (
+            "public.stores",
+            len(loaded),
+            "checksum: skipped (rows quarantined: the whole table's source and target differ by them), "
+            f"count: ok ({len(loaded)}), sample: skipped (no chunk without quarantined rows)",
+        ),
+    ]
+
+
+def test_quarantine_takes_the_seed_rows_whose_parent_the_seed_did_not_load_and_leaves_the_parent(
+    fresh_db, target_db
+):
+    """The target's deferred key points at a table the seed does not load: a seeded row whose
+    parent is missing there is quarantined; the parent table is only read."""
+    _exec(fresh_db, "CREATE TABLE cities (id int PRIMARY KEY, country text)")
+    _exec(fresh_db, "INSERT INTO cities VALUES (1, 'KR'), (2, 'XX'), (3, NULL)")
+    _exec(
+        target_db,
+        "CREATE TABLE countries (code text PRIMARY KEY, name text)",
+        "INSERT INTO countries VALUES ('KR', 'Korea'), ('DE', 'Germany')",
+        "CREATE TABLE cities (id int PRIMARY KEY, country text "
+        "CONSTRAINT cities_country_fkey REFERENCES countries DEFERRABLE INITIALLY DEFERRED)",
+    )
+    countries = "SELECT xmin::text, code, name FROM countries ORDER BY code"
+    before = _fetch(target_db, countries)
+    report = bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+
+    assert _fetch(target_db, "SELECT id, country FROM cities ORDER BY id") == [(1, "KR"), (3, None)]
+    assert _fetch(target_db, QUARANTINED) == [
+        (
+            "public.cities",
+            {"id": 2, "country": "XX"},
+            _not_present("cities", "cities_country_fkey", "(country)=(XX)", "countries"),
+        )
+    ]
+    assert _fetch(target_db, countries) == before  # not even updated in place
+    assert _foreign_keys_violated(target_db) == []
+    assert [(t["table"], t["rows"], t["validation"]) for t in report["tables"]] == [
+        (
+            "public.cities",
+            2,
+            "checksum: skipped (rows quarantined: the whole table's source and target differ by them), "
+            "count: ok (2), sample: skipped (no chunk without quarantined rows)",
+        )
+    ]
+
+
+TEAMS = "SELECT id, name, league FROM teams ORDER BY id"
+PLAYERS = "SELECT id, team_id FROM players ORDER BY id"
+
+
+def test_quarantine_never_deletes_a_row_of_a_table_the_seed_did_not_load(fresh_db, target_db):
+    """``players``, which the seed does not load, references ``teams`` through a key added NOT
+    VALID over rows that referenced teams not there yet. A seeded team the deferred key rejects is
+    quarantined when no player references it (a player referencing another missing team is no
+    reason to stop); when a player references it, taking it out would leave that player (which
+    the target held) without its team, so the seed fails in one line naming the player's table, and
+    nothing changes."""
+    teams = "CREATE TABLE teams (id int PRIMARY KEY, name text, league text)"
+    _exec(
+        fresh_db,
+        teams,
+        "INSERT INTO teams VALUES (1, 'red', 'A'), (2, 'blue', 'Z'), (3, 'green', 'A')",
+    )
+    _exec(
+        target_db,
+        "CREATE TABLE leagues (code text PRIMARY KEY)",
+        "INSERT INTO leagues VALUES ('A')",
+        teams,
+        "ALTER TABLE teams ADD CONSTRAINT teams_league_fkey FOREIGN KEY (league) REFERENCES leagues "
+        "DEFERRABLE INITIALLY DEFERRED",
+        "INSERT INTO teams VALUES (1, 'red', 'A')",
+        "CREATE TABLE players (id int PRIMARY KEY, team_id int)",
+        "INSERT INTO players VALUES (10, 1), (11, 99)",
+        "ALTER TABLE players ADD CONSTRAINT players_team_fkey FOREIGN KEY (team_id) REFERENCES teams NOT VALID",
+    )
+    report = bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    assert _fetch(target_db, TEAMS) == [(1, "red", "A"), (3, "green", "A")]
+    assert _fetch(target_db, PLAYERS) == [(10, 1), (11, 99)]
+    blue = _not_present("teams", "teams_league_fkey", "(league)=(Z)", "leagues")
+    assert _fetch(target_db, QUARANTINED) == [
+        ("public.teams", {"id": 2, "name": "blue", "league": "Z"}, blue)
+    ]
+    assert [(t["table"], t["rows"]) for t in report["tables"]] == [("public.teams", 2)]
+    assert "count: ok (2)" in report["tables"][0]["validation"]
+
+    # a player the target held references the rejected team: the seed fails, nothing is deleted
+    _exec(
+        target_db,
+        "ALTER TABLE players DROP CONSTRAINT players_team_fkey",
+        "INSERT INTO players VALUES (12, 2)",
+        "ALTER TABLE players ADD CONSTRAINT players_team_fkey FOREIGN KEY (team_id) REFERENCES teams NOT VALID",
+    )
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    assert str(err.value) == (
+        f"seed rows violate the target: {blue}; quarantine does not delete rows the target held before the seed, "
+        "which it would take out: public.players; fix the source rows and seed again (nothing was loaded)"
+    )
+    assert _fetch(target_db, TEAMS) == [(1, "red", "A"), (3, "green", "A")]
+    assert _fetch(target_db, PLAYERS) == [(10, 1), (11, 99), (12, 2)]
+    assert _fetch(target_db, "SELECT count(*) FROM flowyard.bulk_quarantine") == [(1,)]
+
+    # so does a team the target held, updated into a violation, that a player references
+    _exec(fresh_db, "UPDATE teams SET league = 'A' WHERE id = 2", "UPDATE teams SET league = 'Y' WHERE id = 1")
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    assert str(err.value) == (
+        "seed rows violate the target: "
+        + _not_present("teams", "teams_league_fkey", "(league)=(Y)", "leagues")
+        + "; quarantine does not delete rows the target held before the seed, which it would take out: "
+        "public.players, public.teams id=1; fix the source rows and seed again (nothing was loaded)"
+    )
+    assert _fetch(target_db, TEAMS) == [(1, "red", "A"), (3, "green", "A")]
+    assert _fetch(target_db, PLAYERS) == [(10, 1), (11, 99), (12, 2)]
+    assert _foreign_keys_violated(target_db) == []
 
 def test_reseed_through_a_cycle_of_foreign_keys_that_are_not_deferrable(fresh_db, target_db):
     """Not DEFERRABLE, the same cycle has no load order for a new department and its new manager.
