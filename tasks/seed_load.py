@@ -315,7 +315,8 @@ def _quarantine_deferred(
                 f"{', '.join(held[: jobs[0].report_rows])}{more}; ",
             )
         )
-    _take_out(target, by_table, gone)
+    if gone:  # none when only another kind of deferred key (a unique one) failed: its one-line error below
+        _take_out(target, by_table, gone)
     _check_deferred(target)
     moved = {by_table[table].source.qualified: len(rows) for table, rows in gone.items()}
     return [record_quarantined(target, c, moved[c.table]) if c.table in moved else c for c in checkpoints]

@@ -491,6 +491,24 @@ def test_quarantine_never_deletes_a_row_of_a_table_the_seed_did_not_load(fresh_d
     assert _fetch(target_db, PLAYERS) == [(10, 1), (11, 99), (12, 2)]
     assert _foreign_keys_violated(target_db) == []
 
+def test_quarantine_leaves_a_deferred_unique_key_violation_to_its_one_line_error(fresh_db, target_db):
+    """``SET CONSTRAINTS ALL IMMEDIATE`` checks deferrable unique keys too, and the quarantine
+    finds no foreign-key row to take for them: the seed used to fail with a raw SyntaxError from an
+    empty delete; it fails in one line naming the key, as without quarantine, and nothing lands."""
+    _exec(fresh_db, "CREATE TABLE codes (id int PRIMARY KEY, code text)", "INSERT INTO codes VALUES (1, 'a'), (2, 'a')")
+    _exec(
+        target_db,
+        "CREATE TABLE codes (id int PRIMARY KEY, code text "
+        "CONSTRAINT codes_code_key UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+    )
+    with pytest.raises(UserError) as err:
+        bulk_migrate(fresh_db, target_db, mode="seed", quarantine=True)
+    assert str(err.value) == (
+        'seed rows violate the target: duplicate key value violates unique constraint "codes_code_key" '
+        "(Key (code)=(a) already exists); fix the source rows and seed again (nothing was loaded)"
+    )
+    assert _fetch(target_db, "SELECT count(*) FROM codes") == [(0,)]
+
 def test_reseed_through_a_cycle_of_foreign_keys_that_are_not_deferrable(fresh_db, target_db):
     """Not DEFERRABLE, the same cycle has no load order for a new department and its new manager.
     Rows that need no order still seed; those that do fail in one line naming the cycle and the
