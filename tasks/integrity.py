@@ -85,14 +85,19 @@ def not_null_violations(conn: psycopg.Connection, schemas: list[str] | None = No
 
 
 def foreign_key_orphans(conn: psycopg.Connection, schemas: list[str] | None = None) -> list[Problem]:
-    """Rows whose foreign key points at no parent row (e.g. after loading with constraints deferred)."""
+    """Rows whose foreign key points at no parent row (e.g. after loading with constraints deferred).
+
+    As PostgreSQL checks the key: under MATCH SIMPLE a row with any key column NULL passes;
+    under MATCH FULL only one with every key column NULL does, and a mix of NULL and set
+    columns counts as an orphan (a ``NOT VALID`` key let it in)."""
     constraints = conn.execute(
         """
         SELECT con.conname, cn.nspname, c.relname, pn.nspname, p.relname,
                array(SELECT attname FROM unnest(con.conkey) WITH ORDINALITY k(n, i)
                      JOIN pg_attribute ON attrelid = con.conrelid AND attnum = k.n ORDER BY k.i),
                array(SELECT attname FROM unnest(con.confkey) WITH ORDINALITY k(n, i)
-                     JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n ORDER BY k.i)
+                     JOIN pg_attribute ON attrelid = con.confrelid AND attnum = k.n ORDER BY k.i),
+               con.confmatchtype = 'f'
         FROM pg_constraint con
         JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
         JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
@@ -103,20 +108,22 @@ def foreign_key_orphans(conn: psycopg.Connection, schemas: list[str] | None = No
         {"schemas": schemas},
     ).fetchall()
     problems = []
-    for name, cschema, ctable, pschema, ptable, ccols, pcols in constraints:
+    for name, cschema, ctable, pschema, ptable, ccols, pcols, match_full in constraints:
         join = sql.SQL(" AND ").join(
             sql.SQL("p.{} = c.{}").format(sql.Identifier(pc), sql.Identifier(cc))
             for cc, pc in zip(ccols, pcols, strict=True)
         )
-        not_null = sql.SQL(" AND ").join(
-            sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(cc)) for cc in ccols
+        columns = sql.SQL(", ").join(sql.SQL("c.{}").format(sql.Identifier(cc)) for cc in ccols)
+        # The rows the key applies to: no key column NULL (SIMPLE), not all of them (FULL).
+        applies = sql.SQL("num_nulls({}) {}").format(
+            columns, sql.SQL("< {}").format(len(ccols)) if match_full else sql.SQL("= 0")
         )
         query = sql.SQL(
             "SELECT count(*) FROM {}.{} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {}.{} p WHERE {})"
         ).format(
             sql.Identifier(cschema),
             sql.Identifier(ctable),
-            not_null,
+            applies,
             sql.Identifier(pschema),
             sql.Identifier(ptable),
             join,

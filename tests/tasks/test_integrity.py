@@ -39,6 +39,35 @@ def test_counts_orphans_and_invalid_indexes(fresh_db):
         assert check_integrity(conn, schemas=["other"]).row_counts == {}
 
 
+@pytest.mark.parametrize(("match", "orphans"), [("SIMPLE", 1), ("FULL", 3)])
+def test_orphans_of_a_two_column_key_follow_its_match_type(fresh_db, match, orphans):
+    """MATCH SIMPLE lets a row with a NULL key column through; MATCH FULL only one with all of
+    them NULL. Counted as PostgreSQL would reject them, checked against its own validation."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE region (country text, code int, PRIMARY KEY (country, code))")
+        conn.execute("CREATE TABLE store (id int PRIMARY KEY, country text, code int)")
+        conn.execute("INSERT INTO region VALUES ('KR', 1)")
+        # set and present, both NULL, one NULL each way, set and absent
+        conn.execute(
+            "INSERT INTO store VALUES (1, 'KR', 1), (2, NULL, NULL), (3, 'KR', NULL), (4, NULL, 1), (5, 'KR', 9)"
+        )
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE store ADD CONSTRAINT store_region FOREIGN KEY (country, code) "
+                "REFERENCES region MATCH {} NOT VALID"
+            ).format(sql.SQL(match))
+        )
+        problems = check_integrity(conn).problems
+        assert [(p.check, p.table, p.count) for p in problems] == [("fk_orphans", "public.store", orphans)]
+        conn.execute("DELETE FROM store WHERE id = 5")
+        if match == "FULL":
+            with pytest.raises(psycopg.errors.ForeignKeyViolation, match="MATCH FULL"):
+                conn.execute("ALTER TABLE store VALIDATE CONSTRAINT store_region")
+            conn.execute("DELETE FROM store WHERE id IN (3, 4)")
+        assert check_integrity(conn).problems == []
+        conn.execute("ALTER TABLE store VALIDATE CONSTRAINT store_region")  # PostgreSQL agrees
+
+
 def test_nulls_in_not_null_columns_are_counted(fresh_db):
     if server_major(fresh_db) < 18:
         pytest.skip("rows that break NOT NULL need PostgreSQL 18's NOT NULL ... NOT VALID")
