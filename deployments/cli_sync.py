@@ -14,7 +14,7 @@ from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
-from tasks.sync_setup import NewStore, SetupChange, apply_setup, store_identity
+from tasks.sync_setup import NewStore, SetupChange, apply_setup, new_store, store_identity
 
 app = typer.Typer(
     help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
@@ -76,7 +76,6 @@ def configure(
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
-    new_store = NewStore(add_store, device_id, user_id, project_id) if add_store is not None else None
     result = apply_setup(
         None,
         SetupChange(
@@ -90,7 +89,7 @@ def configure(
             queue_threshold=queue_threshold,
             failure_rate=failure_rate,
             offline_seconds=offline_seconds,
-            add_store=new_store,
+            add_store=new_store(add_store, device_id, user_id, project_id),
             remove_store=remove_store,
         ),
     )
@@ -117,6 +116,8 @@ def trigger(
 
     for path in store or []:
         device_store.check_store_path(Path(path).resolve())  # a typo: one line, before any server starts
+    if batch_size is not None:
+        sync_state.check_count(batch_size, "batch size")
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
     from tasks.sync_report import SyncIncomplete

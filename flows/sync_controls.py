@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 
 from tasks import sync_state
 from tasks.state import state_url
-from tasks.sync_setup import NewStore, SetupChange, apply_setup
+from tasks.sync_setup import SetupChange, apply_setup, new_store
 
 
 @flow(name="sync-status")
@@ -80,7 +80,7 @@ def sync_configure(
             queue_threshold=queue_threshold,
             failure_rate=failure_rate,
             offline_seconds=offline_seconds,
-            add_store=NewStore(Path(add_store), device_id, user_id, project_id) if add_store else None,
+            add_store=new_store(None if add_store is None else Path(add_store), device_id, user_id, project_id),
             remove_store=remove_store,
             enable_devices=tuple(enable_devices or ()),
             disable_devices=tuple(disable_devices or ()),

@@ -62,6 +62,8 @@ def sync_devices(
     central_override = validate_postgres_url(central_url) if central_url else None
     state = state_url(state_database_url)
     config = sync_state.load_config(state)
+    # 0 is a size, not "unset"; a configured size saved before it was range-checked fails here too
+    batch = sync_state.check_count(config.batch_size if batch_size is None else batch_size, "batch size")
     if not config.enabled and not force:
         logger.warning("sync is disabled (`flowyard sync configure --enable` or `sync trigger --force`)")
         return {"devices": {}, "skipped": "sync disabled"}
@@ -75,7 +77,7 @@ def sync_devices(
     except UserError as exc:  # central unreachable: the device tasks record it per device
         logger.warning("central database not reachable yet: %s", exc)
     options = SyncOptions(
-        central_url=central, batch_size=batch_size or config.batch_size, policy=config.privacy, force=force
+        central_url=central, batch_size=batch, policy=config.privacy, force=force
     )
     offline_since = {d.device_id: d.offline_since for d in sync_state.list_devices(state)}
     progress_id = new_progress_artifact(0.0, description=f"devices synced of {len(targets)}")

@@ -31,6 +31,20 @@ class NewStore:
         return self.device_id or sync_state.default_device_id(state, self.path)
 
 
+def new_store(
+    path: Path | None, device_id: str | None, user_id: str | None, project_id: str | None
+) -> NewStore | None:
+    """The store ``configure`` adds, or None; ids given without a store are refused, not dropped."""
+    if path is None:
+        if (device_id, user_id, project_id) != (None, None, None):
+            raise UserError(
+                "--device-id, --user-id and --project-id go with --add-store (device_id, user_id and "
+                "project_id with add_store); name the store they are for"
+            )
+        return None
+    return NewStore(path, device_id, user_id, project_id)
+
+
 @dataclass(frozen=True)
 class SetupChange:
     """The options of ``sync configure``; None (and an empty tuple) keeps the current setting."""

@@ -137,6 +137,17 @@ class SyncTarget:
 
 
 CENTRAL_DATABASE = "devflow_central"
+INT64_MAX = 2**63 - 1
+"""The largest integer SQLite's LIMIT and PostgreSQL's bigint take; beyond it they raise, far
+from the option that was given."""
+
+
+def check_count(value: int, what: str) -> int:
+    """``value`` if it is 1 to :data:`INT64_MAX`, else one line naming ``what`` and the range:
+    0 and negative numbers mean nothing here (SQLite reads LIMIT -5 as no limit at all)."""
+    if not 1 <= value <= INT64_MAX:
+        raise UserError(f"{what} {value} is out of range; give 1 to {INT64_MAX}")
+    return value
 
 
 def default_central_url(state: str) -> str:
@@ -273,6 +284,13 @@ def update_config(
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UserError(f"invalid sync setting {where}: {first['msg']}") from None
+    check_count(updated.batch_size, "batch size")
+    if not all(name.strip() for name in updated.privacy.allowlist):
+        # Checked here, not in the model, like the hash key: a stored configuration must still load.
+        raise UserError(
+            "invalid sync setting privacy.allowlist: an empty field name; give each --allow "
+            "(allow) the name of an event_data field"
+        )
     if updated.privacy.mode == "hash" and not updated.privacy.hash_key:
         # Checked here, not in the model: a configuration stored before must still load and sync.
         raise UserError(
@@ -468,6 +486,7 @@ def _when(moment: datetime | None) -> str:
 
 
 def history(url: str, *, limit: int = 20, since: datetime | None = None) -> list[HistoryRow]:
+    check_count(limit, "history limit")
     with connection(url) as conn:
         rows = conn.execute(
             """

@@ -259,3 +259,50 @@ def test_re_adding_a_device_keeps_its_user_and_project(state_db: str, tmp_path: 
         assert (device.store_path, device.user_id, device.project_id) == (str(moved.resolve()), "dana", "apollo")
     finally:
         sync_state.remove_device(state_db, "kept")
+
+
+def test_out_of_range_numbers_and_orphan_options_are_one_line_and_save_nothing(state_db: str, tmp_path: Path) -> None:
+    """A batch size past SQLite's integer range used to be saved, after which every sync of
+    every device failed with "Python int too large to convert to SQLite INTEGER"; a huge history
+    limit was a traceback; an empty --allow name emptied the allowlist; --device-id without
+    --add-store was ignored with exit 0."""
+    before = sync_state.load_config(state_db)
+    try:
+        _refused_in_one_line_each(
+            (("sync", "configure", "--batch-size", str(2**63)), "batch size 9223372036854775808 is out of range"),
+            (("sync", "history", "--limit", str(2**63)), "history limit 9223372036854775808 is out of range"),
+            (("sync", "configure", "--allow", "action", "--allow", " "), "privacy.allowlist: an empty field name"),
+            (("sync", "configure", "--device-id", "x"), "--device-id, --user-id and --project-id go with --add-store"),
+            (("sync", "configure", "--user-id", "dana"), "go with --add-store"),
+        )
+        assert sync_state.load_config(state_db) == before
+    finally:  # the old code saved the batch size, which would break every later sync in the session
+        sync_state.save_config(state_db, before)
+
+
+def _refused_in_one_line_each(*cases: tuple[tuple[str, ...], str]) -> None:
+    for args, expected in cases:
+        out = run_cli(*args)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+        [line] = out.stderr.strip().splitlines()
+        assert expected in line, line
+
+
+def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state_db: str, tmp_path: Path) -> None:
+    """batch_size=0 was silently the configured size and a negative one read every pending
+    event in one batch (SQLite's LIMIT -5); a limit under 1 or past bigint failed the run with
+    PostgreSQL's error; add_store="" was ignored."""
+    from flows.sync_controls import sync_configure, sync_history
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "range.db", 5)
+    for size in (0, -5, 2**63):
+        with pytest.raises(UserError, match=f"^batch size {size} is out of range; give 1 to 9223372036854775807"):
+            sync_devices(stores=[str(store)], batch_size=size, force=True)
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == 1  # never upgraded, nothing sent
+    for limit in (0, -1, 2**63):
+        with pytest.raises(UserError, match=f"^history limit {limit} is out of range"):
+            sync_history(limit=limit)
+    with pytest.raises(UserError, match="is a directory"):
+        sync_configure(add_store="")
