@@ -149,12 +149,12 @@ _transition_command(
 
 @app.command()
 def run(
-    max_agents: Annotated[int, typer.Option(min=1, help="Agents running at once.")] = 4,
+    max_agents: Annotated[int, typer.Option(help="Agents running at once.")] = 4,
     timeout: Annotated[
         float, typer.Option(help="Seconds per attempt before the agent's group is killed.")
     ] = 300.0,
     grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.")] = 5.0,
-    retries: Annotated[int, typer.Option(min=0, help="Prefect retries per task (each resumes).")] = 2,
+    retries: Annotated[int, typer.Option(help="Prefect retries per task (each resumes).")] = 2,
     lease: Annotated[
         float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
     ] = queue.DEFAULT_LEASE_SECONDS,
@@ -168,11 +168,12 @@ def run(
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run).
     Exits 1 when a task failed or is blocked by a failed dependency."""
     from deployments.runtime import prepare_flow_run
-    from tasks.agent_process import AgentLimits
+    from tasks.agent_process import AgentLimits, check_drain
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
-    # a bad --timeout, --grace or --lease: one line, no flow run
+    # a bad --max-agents, --retries, --timeout, --grace or --lease: one line, no flow run
+    check_drain(max_agents, retries)
     AgentLimits(timeout_seconds=timeout, grace_seconds=grace, lease_seconds=lease)
     prepare_flow_run(get_settings())
     from prefect.exceptions import CancelledRun
@@ -224,6 +225,8 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
 
     from tasks.agent_process import templates_from
 
+    if agents_file.is_dir():
+        raise UserError(f"agents file {agents_file} is a directory; give the YAML or JSON file in it")
     if not agents_file.is_file():
         raise UserError(f"agents file {agents_file} not found")
     try:
@@ -241,11 +244,12 @@ def metrics(database_url: DatabaseUrl = None) -> None:
     execution time, error rate (failed / finished tasks)."""
     from tasks.agent_metrics import agent_metrics
 
+    rows = agent_metrics(_url(database_url))  # a bad URL: the one-line error, not a header before it
     typer.echo(
         f"{'agent type':<14} {'completed':>9} {'failed':>6} {'attempts':>8} {'avg s':>8} {'total s':>9} "
         f"{'error rate':>10}"
     )
-    for m in agent_metrics(_url(database_url)):
+    for m in rows:
         typer.echo(
             f"{m.agent_type:<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
             f"{m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"

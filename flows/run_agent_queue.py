@@ -27,7 +27,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks import agent_queue as queue
 from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover_stale_tasks, run_agent
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
-from tasks.agent_process import DEFAULT_GRACE_SECONDS, DEFAULT_TIMEOUT_SECONDS, AgentLimits, templates_from
+from tasks.agent_process import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_TIMEOUT_SECONDS,
+    AgentLimits,
+    check_drain,
+    templates_from,
+)
 from tasks.cancel_watch import CancelWatch
 from tasks.errors import UserError
 from tasks.state import state_url
@@ -54,6 +60,7 @@ def run_agent_queue(
     ``<output_dir>/logs``). ``lease_seconds`` (at least three 5 s heartbeats) is how long a
     worker may stay silent before its tasks count as abandoned.
     """
+    check_drain(max_agents, retries, max_tasks)
     url = state_url(database_url)
     base = Path(output_dir) if output_dir else default_agents_dir()
     setup = AgentSetup(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from tasks.agent_protocol import (
     CHECKPOINT_REQUEST,
@@ -97,9 +97,25 @@ DEFAULT_TEMPLATES: dict[str, AgentTemplate] = {"reference": REFERENCE_TEMPLATE}
 
 
 def templates_from(config: dict[str, Any] | None) -> dict[str, AgentTemplate]:
-    """The built-in templates overlaid with user ones ({agent type: {argv, delivery, env}})."""
-    user = {name: AgentTemplate.model_validate(spec) for name, spec in (config or {}).items()}
+    """The built-in templates overlaid with user ones ({agent type: {argv, delivery, env}}).
+
+    A bad one is a UserError naming its agent type and field: pydantic's own first line says
+    only "1 validation error for AgentTemplate"."""
+    if not isinstance(config, dict | None):
+        raise UserError(
+            f"agent templates must map each agent type to {{argv, delivery, env}}, not a {type(config).__name__}"
+        )
+    user = {name: _template(str(name), spec) for name, spec in (config or {}).items()}
     return {**DEFAULT_TEMPLATES, **user}
+
+
+def _template(name: str, spec: Any) -> AgentTemplate:
+    try:
+        return AgentTemplate.model_validate(spec)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "template"
+        raise UserError(f"agent template {name!r} is invalid: {where}: {first['msg']}") from None
 
 
 def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: Path | None = None) -> Path:
@@ -246,6 +262,23 @@ class AgentOutcome:
 LEASE_HEARTBEATS = 3
 """Heartbeats a lease must span at least: one late heartbeat (a slow database, a busy host) must
 not make a live worker's tasks look abandoned."""
+MAX_LEASE_SECONDS = 365 * 86_400
+"""A year: a longer lease leaves a dead worker's tasks in progress for good (and past ~292,000
+years PostgreSQL's interval overflows, failing the run with its own error)."""
+MAX_AGENTS = 10_000
+"""More agents than any host runs at once; a bound, so that a typo is not a bigint overflow."""
+
+
+def check_drain(max_agents: int, retries: int, max_tasks: int | None = None) -> None:
+    """Refuse counts a queue run cannot mean, in one line naming the parameter, before anything
+    is claimed: 0 agents cannot run a task (and a thread pool refuses 0 workers), and a negative
+    ``max_tasks`` or ``retries`` would silently act as 0."""
+    if not 1 <= max_agents <= MAX_AGENTS:
+        raise UserError(f"max_agents must be 1 to {MAX_AGENTS}, not {max_agents} (--max-agents / max_agents)")
+    if retries < 0:
+        raise UserError(f"retries must be 0 or more, not {retries} (--retries / retries)")
+    if max_tasks is not None and max_tasks < 0:
+        raise UserError(f"max_tasks must be 0 or more (or None for no limit), not {max_tasks}")
 
 
 @dataclass(frozen=True)
@@ -278,6 +311,11 @@ class AgentLimits:
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
                 f"({LEASE_HEARTBEATS} heartbeats of {self.heartbeat_seconds:g} s), not {self.lease_seconds:g} "
                 "(--lease / lease_seconds): a shorter one takes live workers' tasks for abandoned ones"
+            )
+        if not self.lease_seconds <= MAX_LEASE_SECONDS:
+            raise UserError(
+                f"the lease must be a finite number of seconds, at most {MAX_LEASE_SECONDS}, not "
+                f"{self.lease_seconds:g} (--lease / lease_seconds): a longer one leaves a dead worker's tasks stuck"
             )
 
 

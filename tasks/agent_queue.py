@@ -11,6 +11,7 @@ is handed back to ``pending`` by :func:`recover_stale`, keeping its last checkpo
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import uuid
@@ -72,8 +73,8 @@ class NewTask:
             raise UserError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
         if not is_task_type(task_type):
             raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
-        if not 1 <= len(title) <= 200:
-            raise UserError("the title must have 1 to 200 characters")
+        if not 1 <= len(title) <= 200 or not title.strip():
+            raise UserError("the title must have 1 to 200 characters, not only spaces")
         return cls(title=title, agent_type=agent_type, priority=priority, type=task_type, **fields)
 
 
@@ -200,17 +201,24 @@ def worker_alive(worker: str) -> bool | None:
         return False
 
 
-def _has_nul(value: Any) -> bool:
-    """Whether a JSON value holds a NUL character in a string or key: PostgreSQL's jsonb cannot
-    store ``\\u0000``, and its error (UntranslatableCharacter) names neither the task nor the fix."""
-    return any_scalar(value, lambda item: isinstance(item, str) and "\x00" in item)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+"""What Python makes of bytes that are not UTF-8 in a command line (``surrogateescape``) and of
+an unpaired ``\\ud800`` escape in JSON: psycopg cannot encode it, PostgreSQL cannot store it."""
 
 
-def _refuse_nul(value: Any, what: str) -> None:
-    if _has_nul(value):
+def _refuse_unstorable(value: Any, what: str) -> None:
+    """Refuse text PostgreSQL cannot store anywhere in a string or JSON value, naming the task
+    and the fix: its own errors (UntranslatableCharacter, psycopg's UnicodeEncodeError) name
+    neither."""
+    if any_scalar(value, lambda item: isinstance(item, str) and "\x00" in item):
         raise UserError(
             f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store; "
             "remove it or encode that value (e.g. as base64)"
+        )
+    if any_scalar(value, lambda item: isinstance(item, str) and _LONE_SURROGATE.search(item) is not None):
+        raise UserError(
+            f"{what} is not valid UTF-8 (bytes in another encoding, or an unpaired \\ud800-\\udfff "
+            "escape), which PostgreSQL cannot store; give it as UTF-8 text"
         )
 
 
@@ -232,7 +240,14 @@ def create_task(url: str, task: NewTask) -> int:
             f"the agent type of task {task.title!r} is empty; name the agent template that runs it, "
             "such as 'reference' (--agent-type / agent_type)"
         )
-    _refuse_nul(task.payload, f"the payload of task {task.title!r}")
+    for field_name, value in (
+        ("title", task.title),
+        ("description", task.description),
+        ("agent type", task.agent_type),
+        ("working directory", task.workdir),
+        ("payload", task.payload),
+    ):
+        _refuse_unstorable(value, f"the {field_name} of task {task.title!r}")
     _refuse_non_finite(task.payload, f"the payload of task {task.title!r}")
     with _connection(url, atomic=True) as conn:
         if task.blocked_by:
@@ -528,7 +543,7 @@ def record_checkpoint(
     Only while ``worker`` still holds the task with this attempt (see :func:`heartbeat`):
     returns False, storing nothing, when the attempt was superseded, so a stale agent's
     state (or its ``graceful_shutdown`` checkpoint) never overwrites the current holder's."""
-    _refuse_nul(state, f"the checkpoint of task {task_id} attempt {attempt}")
+    _refuse_unstorable(state, f"the checkpoint of task {task_id} attempt {attempt}")
     value = {"attempt": attempt, "kind": kind, "state": state}
     with _connection(url) as conn:
         stored = conn.execute(

@@ -106,3 +106,52 @@ def test_demo_graph_runs_with_a_resumed_crash(fresh_db: str, tmp_path) -> None:
     assert set(summary["outcomes"].values()) == {"completed"} and len(summary["outcomes"]) == 4
     assert tasks["build the backend"].attempts == 2
     assert tasks["build the backend"].result["resumed_from"] == 2
+
+
+def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env: dict[str, str], tmp_path) -> None:
+    """Bytes that are not UTF-8 in a title (a shell in a Latin-1 locale) or a lone surrogate in
+    the payload were a UnicodeEncodeError or PostgreSQL traceback; a blank title was stored; an
+    infinite lease and a --max-agents past bigint failed the run with PostgreSQL's error; metrics
+    printed its header before the error."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    assert "the title of task 'bad\\udcff' is not valid UTF-8" in _user_error("create", "bad\udcff", env=env)
+    assert "the description of task 'x' is not valid UTF-8" in _user_error(
+        "create", "x", "--description", "d\udcfe", env=env
+    )
+    assert "the payload of task 'x' is not valid UTF-8" in _user_error(
+        "create", "x", "--payload", '{"a": "\\ud800"}', env=env
+    )
+    assert "the title must have 1 to 200 characters, not only spaces" in _user_error("create", "   ", env=env)
+    assert queue.list_tasks(url) == []
+    assert "the lease must be a finite number of seconds, at most 31536000, not inf" in _user_error(
+        "run", "--lease", "inf", env=env
+    )
+    assert f"max_agents must be 1 to 10000, not {2**63}" in _user_error("run", "--max-agents", str(2**63), env=env)
+    notes = tmp_path / "notes.yaml"
+    notes.write_text("just some notes\n")
+    assert "agent templates must map each agent type to {argv, delivery, env}" in _user_error(
+        "run", "--agents-file", str(notes), env=env
+    )
+    assert f"agents file {tmp_path} is a directory" in _user_error("run", "--agents-file", str(tmp_path), env=env)
+    metrics = run_cli("queue", "metrics", "-d", "http://x", env=env)
+    assert metrics.returncode == 2 and metrics.stdout == ""
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, str], tmp_path) -> None:
+    """Over the API, max_agents 0 failed with ThreadPoolExecutor's ValueError, a negative
+    max_tasks or retries ran as if unset, and a bad template was pydantic's "1 validation error
+    for AgentTemplate"."""
+    from tasks.errors import UserError
+
+    task = int(_ok("create", "kept", env=env))
+    for params, message in (
+        ({"max_agents": 0}, "max_agents must be 1 to 10000, not 0"),
+        ({"max_tasks": -1}, "max_tasks must be 0 or more (or None for no limit), not -1"),
+        ({"retries": -1}, "retries must be 0 or more, not -1"),
+        ({"agents": {"x": {"argv": 5}}}, "agent template 'x' is invalid: argv: Input should be a valid list"),
+    ):
+        with pytest.raises(UserError) as info:
+            run_agent_queue(database_url=env["FLOWYARD_DATABASE_URL"], output_dir=str(tmp_path), **params)
+        assert str(info.value).startswith(message), str(info.value)
+    assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), task).status == "pending"
