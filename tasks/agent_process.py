@@ -39,7 +39,7 @@ from tasks.agent_protocol import (
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
-from tasks.errors import UserError
+from tasks.errors import UserError, validation_problem
 from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
@@ -113,9 +113,8 @@ def _template(name: str, spec: Any) -> AgentTemplate:
     try:
         return AgentTemplate.model_validate(spec)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "template"
-        raise UserError(f"agent template {name!r} is invalid: {where}: {first['msg']}") from None
+        where, problem = validation_problem(exc)
+        raise UserError(f"agent template {name!r} is invalid: {where or 'template'}: {problem}") from None
 
 
 def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: Path | None = None) -> Path:

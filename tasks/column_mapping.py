@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.arrow_literals import literal_array
 from tasks.bulk_sources import Column, TableInfo
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, first_line, validation_problem
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow
 
 
@@ -69,9 +69,9 @@ def parse_mapping(mapping: dict[str, Any] | None) -> dict[str, TableMapping]:
         try:
             parsed[table] = TableMapping.model_validate(spec)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join([table, *(str(p) for p in first["loc"])])
-            raise UserError(f"invalid mapping at {where}: {first['msg']}; see docs/bulk_migrate.md") from None
+            where, problem = validation_problem(exc)
+            at = f"{table}.{where}" if where else table
+            raise UserError(f"invalid mapping at {at}: {problem}; see docs/bulk_migrate.md") from None
     return parsed
 
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class UserError(Exception):
@@ -33,6 +37,14 @@ def first_line(error: BaseException | str) -> str:
     """The first line of an error message: PostgreSQL's add LINE/HINT/CONTEXT lines after it."""
     fallback = "" if isinstance(error, str) else type(error).__name__  # an exception without a message
     return next(iter(str(error).strip().splitlines()), fallback)
+
+
+def validation_problem(exc: ValidationError) -> tuple[str, str]:
+    """Where (the dotted field path, '' for the model as a whole) and what of pydantic's first
+    error, for a one-line UserError: its own message starts "1 validation error for <Model>",
+    which names neither the input nor the fix."""
+    first = exc.errors()[0]
+    return ".".join(str(part) for part in first["loc"]), first["msg"].removeprefix("Value error, ")
 
 
 def tool_error(stderr: str, exit_code: int) -> str:

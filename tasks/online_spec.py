@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, first_line, validation_problem
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=50)]
 """Identifiers: letters, digits and underscores, short enough to leave room for shadow-name prefixes."""
@@ -230,9 +230,7 @@ def _parse_operation(index: int, raw: Any, source: str) -> Operation:
     try:
         return model.model_validate(body if body is not None else {})
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        message = error["msg"].removeprefix("Value error, ")
+        field, message = validation_problem(exc)
         where = f"field '{field}': " if field else ""  # checks across fields name them in the message
         raise UserError(f"{source}: operation {index} ({kind}): {where}{message}") from None
 

@@ -59,11 +59,10 @@ def get_settings() -> Settings:
     """The process-wide settings; tests call ``get_settings.cache_clear()`` after changing the env."""
     from pydantic import ValidationError
 
-    from tasks.errors import UserError
+    from tasks.errors import UserError, validation_problem
 
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise UserError(f"invalid FLOWYARD_{field.upper()}: {first['msg']}") from None
+        field, problem = validation_problem(exc)
+        raise UserError(f"invalid FLOWYARD_{(field or 'settings').upper()}: {problem}") from None

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from tasks import device_store
 from tasks.db import connection, ensure_database, validate_postgres_url, with_database
 from tasks.device_store import Identity
-from tasks.errors import UserError
+from tasks.errors import UserError, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sync_batches import DeviceReport
 
@@ -281,9 +281,8 @@ def update_config(
     try:
         updated = SyncConfig.model_validate(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UserError(f"invalid sync setting {where}: {first['msg']}") from None
+        where, problem = validation_problem(exc)
+        raise UserError(f"invalid sync setting {where}: {problem}") from None
     check_count(updated.batch_size, "batch size")
     if not all(name.strip() for name in updated.privacy.allowlist):
         # Checked here, not in the model, like the hash key: a stored configuration must still load.
