@@ -63,7 +63,10 @@ def sync_devices(
     state = state_url(state_database_url)
     config = sync_state.load_config(state)
     # 0 is a size, not "unset"; a configured size saved before it was range-checked fails here too
-    batch = sync_state.check_count(config.batch_size if batch_size is None else batch_size, "batch size")
+    if batch_size is None:
+        batch = sync_state.check_count(config.batch_size, "the configured batch size", "sync configure --batch-size")
+    else:
+        batch = sync_state.check_count(batch_size, "batch size")
     if not config.enabled and not force:
         logger.warning("sync is disabled (`flowyard sync configure --enable` or `sync trigger --force`)")
         return {"devices": {}, "skipped": "sync disabled"}

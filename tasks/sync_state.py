@@ -142,11 +142,13 @@ INT64_MAX = 2**63 - 1
 from the option that was given."""
 
 
-def check_count(value: int, what: str) -> int:
-    """``value`` if it is 1 to :data:`INT64_MAX`, else one line naming ``what`` and the range:
-    0 and negative numbers mean nothing here (SQLite reads LIMIT -5 as no limit at all)."""
+def check_count(value: int, what: str, where: str = "") -> int:
+    """``value`` if it is 1 to :data:`INT64_MAX`, else one line naming ``what``, the range and,
+    for a stored setting, ``where`` to change it: 0 and negative numbers mean nothing here
+    (SQLite reads LIMIT -5 as no limit at all)."""
     if not 1 <= value <= INT64_MAX:
-        raise UserError(f"{what} {value} is out of range; give 1 to {INT64_MAX}")
+        with_ = f" with `flowyard {where}`" if where else ""
+        raise UserError(f"{what} {value} is out of range; give 1 to {INT64_MAX}{with_}")
     return value
 
 

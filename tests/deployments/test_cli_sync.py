@@ -301,6 +301,18 @@ def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state
             sync_devices(stores=[str(store)], batch_size=size, force=True)
     with device_store.open_store(store) as conn:
         assert device_store.schema_version(conn) == 1  # never upgraded, nothing sent
+    # a size the unchecked `configure` of before saved: the error says where to change it
+    config = sync_state.load_config(state_db)
+    sync_state.save_config(state_db, config.model_copy(update={"batch_size": 2**63}))
+    try:
+        with pytest.raises(
+            UserError,
+            match=r"^the configured batch size 9223372036854775808 is out of range; give 1 to 9223372036854775807 "
+            r"with `flowyard sync configure --batch-size`$",
+        ):
+            sync_devices(stores=[str(store)], force=True)
+    finally:
+        sync_state.save_config(state_db, config)
     for limit in (0, -1, 2**63):
         with pytest.raises(UserError, match=f"^history limit {limit} is out of range"):
             sync_history(limit=limit)
