@@ -168,13 +168,15 @@ def run(
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run).
     Exits 1 when a task failed or is blocked by a failed dependency."""
     from deployments.runtime import prepare_flow_run
+    from tasks.agent_execution import agent_directories
     from tasks.agent_process import AgentLimits, check_drain
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
-    # a bad --max-agents, --retries, --timeout, --grace or --lease: one line, no flow run
+    # a bad --max-agents, --retries, --timeout, --grace, --lease or directory: one line, no flow run
     check_drain(max_agents, retries)
     AgentLimits(timeout_seconds=timeout, grace_seconds=grace, lease_seconds=lease)
+    agent_directories(output_dir, logs_dir)
     prepare_flow_run(get_settings())
     from prefect.exceptions import CancelledRun
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
 from functools import cache
-from pathlib import Path
 from typing import Any, cast
 
 from prefect import Task, flow, get_run_logger
@@ -25,7 +24,7 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import AgentSetup, default_agents_dir, fleet, recover_stale_tasks, run_agent
+from tasks.agent_execution import AgentSetup, agent_directories, fleet, recover_stale_tasks, run_agent
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import (
     DEFAULT_GRACE_SECONDS,
@@ -35,7 +34,6 @@ from tasks.agent_process import (
     templates_from,
 )
 from tasks.cancel_watch import CancelWatch
-from tasks.errors import UserError
 from tasks.state import state_url
 
 
@@ -62,17 +60,15 @@ def run_agent_queue(
     """
     check_drain(max_agents, retries, max_tasks)
     url = state_url(database_url)
-    base = Path(output_dir) if output_dir else default_agents_dir()
+    outputs, logs = agent_directories(output_dir, logs_dir)
     setup = AgentSetup(
         database_url=url,
         worker=queue.new_worker_id(),
-        output_dir=base.resolve(),
-        logs_dir=(Path(logs_dir) if logs_dir else base / "logs").resolve(),
+        output_dir=outputs,
+        logs_dir=logs,
         templates=templates_from(agents),
         limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds),
     )
-    _make_directory(setup.output_dir, "output_dir")
-    _make_directory(setup.logs_dir, "logs_dir")
     logger = get_run_logger()
     recovered = recover_stale_tasks(url, setup.limits.lease_seconds)
     if recovered:
@@ -136,15 +132,6 @@ def run_agent_queue(
         "recovered": recovered,
         "metrics": metrics_table(metrics),
     }
-
-
-def _make_directory(path: Path, parameter: str) -> None:
-    """Create an agents' directory before anything is claimed: one that cannot be made (a file
-    in the way, no permission) would otherwise fail every task this run claims."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{parameter} {path} cannot be used as a directory: {exc.strerror or exc}") from None
 
 
 def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:

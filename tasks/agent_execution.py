@@ -47,6 +47,21 @@ def default_agents_dir() -> Path:
     return get_settings().home_dir / "agents"
 
 
+def agent_directories(output_dir: str | Path | None, logs_dir: str | Path | None) -> tuple[Path, Path]:
+    """The run's output and logs directories (defaults: ``<FLOWYARD_HOME>/agents`` and its
+    ``logs``), resolved and created before anything is claimed: one that cannot be made (a
+    file in the way, no permission) would otherwise fail every task the run claims. The CLI
+    calls it too, so that such a typo is one line before a flow run starts."""
+    base = Path(output_dir) if output_dir else default_agents_dir()
+    directories = base.resolve(), (Path(logs_dir) if logs_dir else base / "logs").resolve()
+    for path, parameter in zip(directories, ("output_dir", "logs_dir"), strict=True):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{parameter} {path} cannot be used as a directory: {exc.strerror or exc}") from None
+    return directories
+
+
 @dataclass(frozen=True)
 class AgentSetup:
     """What every attempt of one flow run shares (held by its :class:`Fleet`)."""
