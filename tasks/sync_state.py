@@ -358,9 +358,7 @@ def set_enabled(url: str, device_id: str, enabled: bool) -> None:
             "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, device_id)
         ).rowcount
     if not updated:
-        raise UserError(
-            f"no device {device_id!r}; add it with `flowyard sync configure --add-store PATH --device-id {device_id}`"
-        )
+        raise _unknown_device(device_id)
 
 
 def list_devices(url: str, *, registered_only: bool = False) -> list[Device]:
