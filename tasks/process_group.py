@@ -103,19 +103,19 @@ def terminate_groups(
         return False
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline:
-        if not _any_left(pgids, mark):
+        if not any_left(pgids, mark):
             return False
         time.sleep(0.05)
     _signal_all(pgids, mark, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while _any_left(pgids, mark) and time.monotonic() < deadline:
+    while any_left(pgids, mark) and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
 
 
-def _any_left(pgids: Collection[int], mark: Mapping[str, str] | None) -> bool:
-    """One walk of the process table however many groups: the reaper waits for all of a
-    worker's agents at once."""
+def any_left(pgids: Collection[int], mark: Mapping[str, str] | None) -> bool:
+    """Whether a process of the groups, or one carrying ``mark``, still runs. One walk of the
+    process table however many groups: the reaper waits for all of a worker's agents at once."""
     wanted = set(pgids)
     return any(group in wanted for _, group in _live_processes()) or bool(mark and marked_pids(mark))
 
