@@ -206,18 +206,21 @@ def run(
     failed = [t for t, o in sorted(summary["outcomes"].items()) if o.startswith("failed")]
     if failed or summary["blocked"]:
         # a script or CI job draining the queue must see that work failed, as with make or pytest
-        typer.echo(f"flowyard: {_unfinished(failed, sorted(summary['blocked']))}", err=True)
+        typer.echo(f"flowyard: {_unfinished(failed, sorted(summary['blocked']), summary['logs_dir'])}", err=True)
         raise typer.Exit(1)
 
 
-def _unfinished(failed: list[int], blocked: list[int]) -> str:
+def _unfinished(failed: list[int], blocked: list[int], logs_dir: str) -> str:
+    """The one line of a run that left work undone, naming the run's own logs directory (the
+    user gave it, or it is the default under ``FLOWYARD_HOME``), so nobody has to look it up."""
+
     def ids(tasks: list[int]) -> str:
         return ", ".join(map(str, tasks))
 
     parts = [f"{len(failed)} task(s) failed ({ids(failed)})"] if failed else []
     if blocked:
         parts.append(f"{len(blocked)} blocked by a failed dependency ({ids(blocked)})")
-    return "; ".join(parts) + ": see <logs dir>/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
+    return "; ".join(parts) + f": see {logs_dir}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
 
 
 def _agents(agents_file: Path | None) -> dict[str, Any] | None:

@@ -131,6 +131,7 @@ def run_agent_queue(
         "waiting": waiting,
         "recovered": recovered,
         "metrics": metrics_table(metrics),
+        "logs_dir": str(setup.logs_dir),
     }
 
 

@@ -51,7 +51,8 @@ def test_create_list_run_metrics_cancel_retry(env: dict[str, str], tmp_path) -> 
 
 @pytest.mark.usefixtures("prefect_api")
 def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> None:
-    """A script draining the queue must see failures: exit 1, one line naming the tasks."""
+    """A script draining the queue must see failures: exit 1, one line naming the tasks and
+    where their logs are (the run's logs directory, not a placeholder to look up)."""
     failing = int(_ok("create", "doomed", "--payload", '{"fail": "disk full"}', env=env))
     dependent = int(_ok("create", "after it", "--after", str(failing), env=env))
     fine = int(_ok("create", "independent", env=env))
@@ -60,7 +61,7 @@ def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> 
     assert f"task {failing}: failed" in result.stdout and f"task {fine}: completed" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == (
         f"flowyard: 1 task(s) failed ({failing}); 1 blocked by a failed dependency ({dependent}):"
-        " see <logs dir>/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
+        f" see {tmp_path / 'logs'}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
     )
     assert "Traceback" not in result.stderr
 
