@@ -87,13 +87,22 @@ Server = EmbeddedPostgres | ExternalPostgres
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[Server]:
-    """The session's PostgreSQL server (an embedded one is stopped at the end of the session)."""
+    """The session's PostgreSQL server (an embedded one is stopped at the end of the session).
+
+    Before it stops, so does whatever a test's ``flowyard`` command started from the session's
+    home, as ``flowyard down`` would: a CLI flow run starts the Prefect server on this
+    PostgreSQL when none answers, and nothing else would stop it in a run without
+    ``prefect_api``."""
+    from deployments.runtime import down
+
     if EXTERNAL_POSTGRES_URL:
         yield ExternalPostgres(EXTERNAL_POSTGRES_URL)
+        down(TEST_SETTINGS)
         return
     server = EmbeddedPostgres(_SESSION_DIR / "pg", free_port())
     server.start()
     yield server
+    down(TEST_SETTINGS)
     server.stop()
 
 

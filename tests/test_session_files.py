@@ -1,5 +1,6 @@
 """The suite's own session directory: a full run's PostgreSQL data directories take hundreds
-of MB, so a passing run removes them, and a failing one keeps them (with the servers' logs)."""
+of MB, so a passing run removes them, and a failing one keeps them (with the servers' logs).
+Whatever a test's CLI run started from the session's home is stopped with the session."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -21,12 +23,25 @@ def test_server(pg):
 """
 
 
-def _run_suite(tmp_path: Path, expected: int) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+_CLI_STARTS_PREFECT = """
+def test_a_cli_command_starts_the_prefect_server(state_db):
+    from deployments.runtime import prepare_flow_run
+    from tasks.prefect_runtime import api_healthy
+    from tasks.settings import get_settings
+
+    prepare_flow_run(get_settings())  # what ``flowyard sync trigger`` does before its flow run
+    assert api_healthy(get_settings().prefect_api_url)
+"""
+
+
+def _run_suite(
+    tmp_path: Path, expected: int, test: str = _TEST
+) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
     """Run a one-test session with this suite's conftest (a real embedded PostgreSQL) and its
     own temporary directory; return the run and what it left there."""
     temp = tmp_path / "temp"
     temp.mkdir()
-    (tmp_path / "test_one.py").write_text(_TEST.format(expected=expected))
+    (tmp_path / "test_one.py").write_text(test.format(expected=expected))
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", str(tmp_path / "test_one.py")],
         capture_output=True,
@@ -57,3 +72,28 @@ def test_a_failing_run_keeps_them_and_says_where(tmp_path):
     assert [p.name.startswith("flowyard-tests-") for p in left] == [True]
     assert (left[0] / "pg.log").is_file()
     assert f"kept in {left[0]}" in run.stdout
+
+
+def _started_under(directory: Path) -> list[psutil.Process]:
+    """Live processes whose environment points into ``directory`` (a session's home)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if any(str(directory) in value for value in proc.environ().values()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_prefect_server_a_cli_run_started_is_stopped_with_the_session(tmp_path):
+    try:
+        run, left = _run_suite(tmp_path, expected=1, test=_CLI_STARTS_PREFECT)
+        leaked = _started_under(tmp_path / "temp")
+
+        assert run.returncode == pytest.ExitCode.OK, run.stdout + run.stderr
+        assert leaked == []
+        assert left == []
+    finally:
+        for proc in _started_under(tmp_path / "temp"):
+            proc.kill()
