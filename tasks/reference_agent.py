@@ -15,7 +15,8 @@ Knobs (in the task payload), for the demo and the tests:
 
 - ``steps`` (3), ``sleep`` seconds per step (0);
 - ``crash_after``: exit 3 right after checkpointing step N, unless the attempt resumed at N or later;
-- ``fail``: report this error and exit 1 on every attempt;
+- ``fail``: report this error (a string; any other true value gives a generic one) and exit 1 on
+  every attempt;
 - ``garbage``: also print lines that are not protocol messages;
 - ``spawn_child``: start a long-sleeping child process (to prove the whole group is ended);
 - ``detach_child``: start one in a session of its own, out of the agent's group, as a ``setsid``
@@ -77,8 +78,10 @@ class ReferenceAgent:
                 self.emit("log", message=f"spawned child pid {child.pid}")
         if self.resumed_from:
             self.emit("log", message=f"resuming at step {self.step}")
-        if self.payload.get("fail"):
-            self.emit("error", message=str(self.payload["fail"]), retryable=False)
+        fail = self.payload.get("fail")
+        if fail:
+            message = fail if isinstance(fail, str) else "failing as the payload's fail asks"
+            self.emit("error", message=message, retryable=False)
             return 1
         crash_after = self.payload.get("crash_after")
         while self.step < steps:

@@ -480,6 +480,8 @@ def test_failed_agent_reports_its_error_and_stderr(tmp_path: Path) -> None:
     outcome, _, _ = _run(_job(tmp_path, {"fail": "no such repository"}))
     assert outcome.outcome == "failed"
     assert "no such repository" in outcome.error and "code 1" in outcome.error
+    outcome, _, _ = _run(_job(tmp_path, {"fail": True}))
+    assert outcome.outcome == "failed" and "failing as the payload's fail asks" in outcome.error
     template = AgentTemplate(
         argv=[sys.executable, "-c", "import sys; sys.stderr.write('boom\\n'); sys.exit(4)"]
     )
