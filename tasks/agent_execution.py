@@ -409,7 +409,9 @@ def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome:
 
 
 def recover_stale_tasks(url: str, lease_seconds: float) -> list[int]:
-    """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left.
+    """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left
+    and closing the attempts they left open, also of a task cancelled (or retried) meanwhile.
+    Returns the tasks handed back.
 
     The processes are found by the mark of the worker and the task (:func:`agent_mark`), never
     by the recorded process-group id alone, so a recycled id is never hit.

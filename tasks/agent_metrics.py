@@ -6,8 +6,8 @@ crashed once and then completed is one completed task, not one failure and one s
 done), ``tasks_failed`` tasks ``failed``, and the error rate is failed / (completed + failed)
 tasks. Execution time comes from the attempts in ``flowyard.agent_runs``: ``attempts`` counts
 finished attempts that completed, failed or timed out, the total sums their seconds and the
-average is per such attempt. Interrupted attempts (graceful shutdown) are counted apart
-(``interrupted``) and left out of the times.
+average is per such attempt. Interrupted attempts (graceful shutdown, or a dead worker's once
+the next run recovered them) are counted apart (``interrupted``) and left out of the times.
 """
 
 from __future__ import annotations

@@ -632,7 +632,12 @@ def fail_task(url: str, task_id: int, worker: str, error: str) -> None:
 
 
 def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
-    """Hand a claimed task back to ``pending`` (keeping its checkpoint) so a later run resumes it."""
+    """Hand a claimed task back to ``pending`` (keeping its checkpoint) so a later run resumes it,
+    and close ``worker``'s open attempts of it as interrupted. Those are closed also when the task
+    is no longer held (cancelled, or retried since): a worker that died stopping a cancelled
+    agent left its attempt open, and nothing else would ever close it.
+
+    Returns whether the task went back to ``pending``."""
     with _connection(url, atomic=True) as conn:
         row = conn.execute(
             """
@@ -642,16 +647,15 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
             """,
             (reason, task_id, worker),
         ).fetchone()
-        if row is not None:
-            conn.execute(
-                """
-                UPDATE flowyard.agent_runs
-                   SET outcome = 'interrupted', finished_at = now(), error = %s,
-                       seconds = extract(epoch FROM now() - started_at)
-                 WHERE task_id = %s AND worker = %s AND outcome IS NULL
-                """,
-                (reason, task_id, worker),
-            )
+        conn.execute(
+            """
+            UPDATE flowyard.agent_runs
+               SET outcome = 'interrupted', finished_at = now(), error = %s,
+                   seconds = extract(epoch FROM now() - started_at)
+             WHERE task_id = %s AND worker = %s AND outcome IS NULL
+            """,
+            (reason, task_id, worker),
+        )
     return row is not None
 
 
@@ -662,14 +666,25 @@ class StaleTask:
 
 
 def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
-    """In-progress tasks whose worker is dead (same host) or silent for longer than the lease."""
+    """In-progress tasks, and tasks with an open attempt, whose worker is dead (same host) or
+    silent for longer than the lease.
+
+    The open attempts matter for tasks no longer in progress: a worker killed while it stopped
+    the agent of a cancelled task left that attempt open (and the task may have been retried
+    since), so only recovery can end what the agent left and close the attempt."""
     with _connection(url) as conn:
         rows = conn.execute(
             """
-            SELECT id, worker, heartbeat_at < now() - make_interval(secs => %s)
-              FROM flowyard.agent_tasks WHERE status = 'in_progress'
+            SELECT id, worker, bool_or(lapsed) FROM (
+                SELECT id, worker, heartbeat_at < now() - make_interval(secs => %(lease)s) AS lapsed
+                  FROM flowyard.agent_tasks WHERE status = 'in_progress'
+                UNION ALL
+                SELECT r.task_id, r.worker, t.heartbeat_at < now() - make_interval(secs => %(lease)s)
+                  FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
+                 WHERE r.outcome IS NULL
+            ) held GROUP BY id, worker ORDER BY id
             """,
-            (lease_seconds,),
+            {"lease": lease_seconds},
         ).fetchall()
     return [
         StaleTask(row[0], row[1] or "")

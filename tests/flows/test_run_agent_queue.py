@@ -23,12 +23,13 @@ from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks import services
 from tasks.agent_execution import run_log_line
-from tasks.agent_process import DEFAULT_TEMPLATES
+from tasks.agent_metrics import agent_metrics
+from tasks.agent_process import DEFAULT_TEMPLATES, agent_mark
 from tasks.agent_protocol import parse_line
 from tasks.db import connection
 from tasks.errors import UserError
 from tasks.prefect_runtime import SERVE
-from tasks.process_group import group_members
+from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 
@@ -409,10 +410,13 @@ def _shorten(qdb: str, task_id: int, steps: int) -> None:
 
 _WORKER = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from flows.run_agent_queue import run_agent_queue
     max_agents = int(sys.argv[3]) if len(sys.argv) > 3 else 2
-    run_agent_queue(max_agents=max_agents, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2)
+    agents = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
+    run_agent_queue(
+        max_agents=max_agents, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2, agents=agents
+    )
     """
 )
 
@@ -513,13 +517,19 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
         assert not _alive(children)
 
 
-def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask, children: list[int]) -> None:
-    """The worker died without cleaning up: its reaper ended the agent group, and the next
-    run hands the task back and resumes it from its last checkpoint."""
+def _assert_reaped(task: queue.AgentTask, children: list[int]) -> None:
+    """The worker died without cleaning up: its reaper ends the agent group and the children."""
+    assert task.agent_pgid is not None
     deadline = time.monotonic() + 60
     while (group_members(task.agent_pgid) or _alive(children)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert group_members(task.agent_pgid) == [] and not _alive(children), "no orphan survives the worker"
+
+
+def _assert_reaped_then_resumed(tmp_path: Path, qdb: str, task: queue.AgentTask, children: list[int]) -> None:
+    """The worker died without cleaning up: its reaper ended the agent group, and the next
+    run hands the task back and resumes it from its last checkpoint."""
+    _assert_reaped(task, children)
     step = queue.get_task(qdb, task.id).last_checkpoint["state"]["step"]
     _shorten(qdb, task.id, step + 1)
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
@@ -584,6 +594,109 @@ def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: 
     worker.wait(timeout=60)
     assert queue.get_task(qdb, task_id).status == "in_progress", "SIGKILL left no chance to clean up"
     _assert_reaped_then_resumed(tmp_path, qdb, running, children)
+
+
+def test_a_worker_killed_while_stopping_a_cancelled_task_leaves_no_attempt_open(tmp_path: Path, qdb: str) -> None:
+    """SIGKILL to the worker right after `queue cancel`, before it stopped the agent and closed the
+    attempt: the retry (allowed, the worker is dead) resumes from the last checkpoint, and the
+    next run's recovery closes the killed attempt as interrupted instead of leaving it open for
+    good, so each attempt is counted once."""
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running, children = _running_with_children(tmp_path, qdb, task_id)
+    queue.cancel_task(qdb, task_id)
+    worker.kill()
+    worker.wait(timeout=60)
+    assert [r["outcome"] for r in _runs(qdb)] == [None], "killed before it closed the cancelled attempt"
+    _assert_reaped(running, children)
+    queue.retry_task(qdb, task_id)
+    step = queue.get_task(qdb, task_id).last_checkpoint["state"]["step"]
+    _shorten(qdb, task_id, step + 1)
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"} and summary["recovered"] == []
+    assert queue.get_task(qdb, task_id).result["resumed_from"] == step
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "interrupted"), (2, "completed")]
+    metrics = {m["agent_type"]: m for m in summary["metrics"]}["reference"]
+    assert (metrics["attempts"], metrics["interrupted"], metrics["tasks_completed"]) == (1, 1, 1)
+
+
+LINGERING_AGENT = textwrap.dedent(
+    """
+    import json, sys, time
+
+    task = json.loads(sys.stdin.readline())
+    start = task["checkpoint"]["state"]["step"] if task["checkpoint"] else 0
+    time.sleep(1.0)  # started, no checkpoint of this attempt yet
+    for step in range(start + 1, task["payload"]["steps"] + 1):
+        time.sleep(0.2)
+        print(json.dumps({"kind": "checkpoint", "state": {"step": step}}), flush=True)
+    print(json.dumps({"kind": "result", "data": {"resumed_from": start}}), flush=True)
+    time.sleep(1.0)  # result sent; the task is completed only once the agent has exited
+    """
+)
+
+
+def _current_attempt_lines(logs: Path, task: queue.AgentTask, kind: str) -> bool:
+    path = logs / f"{task.id}.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return any(r["attempt"] == task.attempts and r["kind"] == kind for r in lines)
+
+
+KILL_INSTANTS: list[tuple[str, Callable[[queue.AgentTask, Path], bool]]] = [
+    ("claimed", lambda t, logs: True),
+    ("agent started, no checkpoint yet", lambda t, logs: bool(t.agent_pgid) and not _current_attempt_lines(logs, t, "checkpoint")),
+    ("checkpointed", lambda t, logs: (t.last_checkpoint or {}).get("attempt") == t.attempts and t.last_checkpoint["state"]["step"] >= 2),
+    ("result sent, not yet completed", lambda t, logs: _current_attempt_lines(logs, t, "result")),
+]  # fmt: skip
+"""Instants of a worker's life to SIGKILL it at, each seen on an in-progress task."""
+
+
+def _kill_at(url: str, worker: subprocess.Popen[bytes], logs: Path, instant: Callable[[queue.AgentTask, Path], bool]) -> None:
+    """Poll the queue until a task the worker holds is at ``instant``, then SIGKILL the worker (only
+    its own process: its agents and its reaper are left to fend for themselves). Tasks a killed
+    worker left in progress do not count: they are the next worker's to recover."""
+
+    def held(task: queue.AgentTask) -> bool:
+        return task.worker is not None and task.worker.split(":")[1] == str(worker.pid)
+
+    while not any(held(t) and instant(t, logs) for t in queue.list_tasks(url, "in_progress")):
+        assert worker.poll() is None, "the worker ended before the instant came"
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait(timeout=60)
+
+
+def test_sigkill_at_any_instant_then_two_recovering_workers_complete_each_task_once(tmp_path: Path, qdb: str) -> None:
+    """A worker SIGKILLed after a claim, after spawning an agent, after a checkpoint and between an
+    agent's result and the task's completion, each time restarted; then two workers started
+    together recover and finish. Each task completes exactly once, by one of them, resuming from
+    its last checkpoint; every killed attempt is closed once as interrupted; no agent process of
+    any worker survives."""
+    agents = {"linger": {"argv": [sys.executable, "-c", LINGERING_AGENT]}}
+    ids = [queue.create_task(qdb, queue.NewTask(title=f"t{i}", agent_type="linger", payload={"steps": 8})) for i in range(2)]
+    start = [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "2", json.dumps(agents)]
+    logs = tmp_path / "agents" / "logs"
+    for _, instant in KILL_INSTANTS:
+        _kill_at(qdb, subprocess.Popen(start, cwd=ROOT), logs, instant)
+    resume_from = {t: (queue.get_task(qdb, t).last_checkpoint or {"state": {"step": 0}})["state"]["step"] for t in ids}
+    killed_runs = len(_runs(qdb))
+    pair = [subprocess.Popen(start, cwd=ROOT) for _ in range(2)]
+    assert [w.wait(timeout=300) for w in pair] == [0, 0]
+    runs = _runs(qdb)
+    assert all(r["outcome"] == "interrupted" for r in runs[:killed_runs]), runs
+    assert sorted(r["task_id"] for r in runs[killed_runs:]) == ids, "the pair ran each task once, never both"
+    assert all(r["outcome"] == "completed" for r in runs[killed_runs:]), runs
+    assert len({(r["task_id"], r["attempt"]) for r in runs}) == len(runs)
+    for task_id in ids:
+        task = queue.get_task(qdb, task_id)
+        assert task.status == "completed" and task.result == {"resumed_from": resume_from[task_id]}
+        steps = [h["state"]["step"] for h in queue.checkpoint_history(qdb, task_id)]
+        assert steps == list(range(1, 9)), "each checkpoint recorded once, every attempt resumed from the last"
+    metrics = {m.agent_type: m for m in agent_metrics(qdb)}["linger"]
+    assert (metrics.tasks_completed, metrics.attempts, metrics.interrupted) == (2, 2, killed_runs)
+    with connection(qdb) as conn:
+        workers = [row[0] for row in conn.execute("SELECT DISTINCT worker FROM flowyard.agent_runs")]
+    assert [pid for w in workers for pid in marked_pids(agent_mark(w))] == [], "no agent process survives"
 
 
 def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: Path, qdb: str) -> None:

@@ -217,6 +217,42 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
         terminate_group(bystander.pid, 0.0, other)
 
 
+def _open_attempts(url: str, task_id: int) -> list[int]:
+    with connection(url) as conn:
+        rows = conn.execute(
+            "SELECT attempt FROM flowyard.agent_runs WHERE task_id = %s AND outcome IS NULL ORDER BY id", (task_id,)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("then_retried", [False, True], ids=["cancelled", "cancelled-then-retried"])
+def test_a_dead_workers_attempt_of_a_cancelled_task_is_ended_and_closed(qdb: str, then_retried: bool) -> None:
+    """A worker killed while it stopped the agent of a cancelled task (or a task cancelled after its
+    worker died) never closed the attempt. The next run's recovery ends what that agent left (here
+    its reaper missed it) and closes the attempt as interrupted, also once the task was retried,
+    instead of leaving it open for good; the task itself stays where the user put it."""
+    gone = _dead_worker_id()
+    task_id = queue.create_task(qdb, _new("cancelled under a dead worker"))
+    queue.claim_ready(qdb, gone, 1)
+    queue.start_attempt(qdb, task_id, gone, None)
+    agent, children = _reference_agent(task_id, agent_mark(gone, task_id))
+    try:
+        queue.cancel_task(qdb, task_id)
+        if then_retried:
+            queue.retry_task(qdb, task_id)  # allowed: the attempt's worker is dead
+        assert recover_stale_tasks(qdb, lease_seconds=3600) == [], "a cancelled or pending task is not handed back"
+        assert group_members(agent.pid) == [], "the agent left by the dead worker is ended"
+        assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+        agent.wait(timeout=30)
+        assert _open_attempts(qdb, task_id) == []
+        with connection(qdb) as conn:
+            outcomes = conn.execute("SELECT outcome FROM flowyard.agent_runs WHERE task_id = %s", (task_id,))
+            assert [row[0] for row in outcomes] == ["interrupted"]
+        assert queue.get_task(qdb, task_id).status == ("pending" if then_retried else "cancelled")
+    finally:
+        terminate_group(agent.pid, 0.0, agent_mark(gone, task_id))
+
+
 def _reference_agent(task_id: int, mark: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[int]]:
     """A long reference agent with a child in its group and one out of it, started with ``mark``
     as a worker would; returns it once both children are reported, with their pids."""
