@@ -596,6 +596,26 @@ def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: 
     _assert_reaped_then_resumed(tmp_path, qdb, running, children)
 
 
+def test_sigkill_during_the_workers_graceful_shutdown_leaves_no_orphans_and_the_task_resumes(
+    tmp_path: Path, qdb: str
+) -> None:
+    """SIGTERM starts the graceful stop, and SIGKILL lands while the worker waits out the grace
+    period of an agent that ignores SIGTERM: the reaper ends the agent, and the next run closes
+    the attempt once, as interrupted, and resumes the task from its last checkpoint."""
+    task_id = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
+    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
+    running, children = _running_with_children(tmp_path, qdb, task_id)
+    worker.send_signal(signal.SIGTERM)
+    log = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    while "stopping agent (graceful_shutdown" not in log.read_text():
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait(timeout=60)
+    assert queue.get_task(qdb, task_id).status == "in_progress", "killed before it released the task"
+    _assert_reaped_then_resumed(tmp_path, qdb, running, children)
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "interrupted"), (2, "completed")]
+
+
 def test_a_worker_killed_while_stopping_a_cancelled_task_leaves_no_attempt_open(tmp_path: Path, qdb: str) -> None:
     """SIGKILL to the worker right after `queue cancel`, before it stopped the agent and closed the
     attempt: the retry (allowed, the worker is dead) resumes from the last checkpoint, and the
