@@ -70,7 +70,7 @@ def run_agent_queue(
         limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds),
     )
     logger = get_run_logger()
-    recovered = recover_stale_tasks(url, setup.limits.lease_seconds)
+    recovered = recover_stale_tasks(url, setup.limits)
     if recovered:
         logger.info("resuming tasks of workers that are gone: %s", recovered)
     attempt = _attempt_tasks(retries)

@@ -408,17 +408,19 @@ def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome:
     )
 
 
-def recover_stale_tasks(url: str, lease_seconds: float) -> list[int]:
+def recover_stale_tasks(url: str, limits: AgentLimits) -> list[int]:
     """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left
     and closing the attempts they left open, also of a task cancelled (or retried) meanwhile.
-    Returns the tasks handed back.
+    Returns the tasks handed back. A worker counts as silent after ``limits.lease_seconds``; a
+    leftover agent gets ``limits.grace_seconds`` between SIGTERM and SIGKILL, as this run's own
+    agents do.
 
     The processes are found by the mark of the worker and the task (:func:`agent_mark`), never
     by the recorded process-group id alone, so a recycled id is never hit.
     """
     recovered = []
-    for stale in queue.stale_tasks(url, lease_seconds):
-        terminate_groups((), AgentLimits().grace_seconds, agent_mark(stale.worker, stale.id))
+    for stale in queue.stale_tasks(url, limits.lease_seconds):
+        terminate_groups((), limits.grace_seconds, agent_mark(stale.worker, stale.id))
         if queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone"):
             recovered.append(stale.id)
     return recovered

@@ -7,13 +7,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import pytest
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import recover_stale_tasks
-from tasks.agent_process import REFERENCE_TEMPLATE, agent_mark
+from tasks.agent_process import REFERENCE_TEMPLATE, AgentLimits, agent_mark
 from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
@@ -206,7 +207,7 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
     bystander, _ = _reference_agent(task_id, other)
     try:
         queue.set_agent_pgid(qdb, task_id, gone, 1, agent.pid)
-        assert recover_stale_tasks(qdb, lease_seconds=3600) == [task_id]
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == [task_id]
         agent.wait(timeout=30)
         assert group_members(agent.pid) == []
         assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
@@ -215,6 +216,41 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
         assert task.status == "pending" and task.worker is None and "is gone" in task.error
     finally:
         terminate_group(bystander.pid, 0.0, other)
+
+
+_SLOW_TO_STOP = """
+import signal, sys, time
+
+def stop(*_):
+    time.sleep(6)  # longer than the default grace period (5 s), well inside the run's
+    open(sys.argv[1], "w").write("stopped cleanly")
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_recovery_gives_a_leftover_agent_the_runs_grace_period(qdb: str, tmp_path: Path) -> None:
+    """An agent a dead worker left gets the run's ``grace_seconds`` to stop after SIGTERM (say to
+    write its last checkpoint), as the run's own agents do, not the default 5 s."""
+    gone = _dead_worker_id()
+    task_id = queue.create_task(qdb, _new("slow to stop"))
+    queue.claim_ready(qdb, gone, 1)
+    queue.start_attempt(qdb, task_id, gone, None)
+    marker = tmp_path / "stopped"
+    mark = agent_mark(gone, task_id)
+    agent = spawn_group(
+        [sys.executable, "-c", _SLOW_TO_STOP, str(marker)], env={**os.environ, **mark}, stdout=subprocess.PIPE
+    )
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == b"ready\n"
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600, grace_seconds=120)) == [task_id]
+        assert agent.wait(timeout=60) == 0, "the agent ended on its own, not by SIGKILL"
+        assert marker.read_text() == "stopped cleanly"
+    finally:
+        terminate_group(agent.pid, 0.0, mark)
 
 
 def _open_attempts(url: str, task_id: int) -> list[int]:
@@ -240,7 +276,7 @@ def test_a_dead_workers_attempt_of_a_cancelled_task_is_ended_and_closed(qdb: str
         queue.cancel_task(qdb, task_id)
         if then_retried:
             queue.retry_task(qdb, task_id)  # allowed: the attempt's worker is dead
-        assert recover_stale_tasks(qdb, lease_seconds=3600) == [], "a cancelled or pending task is not handed back"
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == [], "a cancelled or pending task is not handed back"
         assert group_members(agent.pid) == [], "the agent left by the dead worker is ended"
         assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
         agent.wait(timeout=30)
