@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,10 @@ import httpx
 import orjson
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks import central_store, device_store, sync_state
+from tasks.db import one_row
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
@@ -52,43 +55,105 @@ def _persisted_result(flow_state: Any) -> Any:
     return persisted.result if isinstance(persisted, SyncIncomplete) else persisted
 
 
-def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
-    fresh_db: str, state_db: str, tmp_path: Path
-) -> None:
-    store = make_store(tmp_path / "crashy.db", 1000, seed=1)
-    marker = tmp_path / "uploaded"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deployments.cli",
-            "sync",
-            "trigger",
-            "--store",
-            str(store),
-            "--central-url",
-            fresh_db,
-            "--batch-size",
-            "300",
-        ],
+def _central_consistent(url: str) -> None:
+    """What a crash at any instant must leave in central: one copy and one key per event, rollups
+    equal to counts recomputed from the events, and each project's snapshot the newest of its
+    ``project_status`` events (last write wins by time, device id, local id, sync id)."""
+    with psycopg.connect(url) as conn:
+        copies = conn.execute(
+            "SELECT count(*), count(DISTINCT sync_id), (SELECT count(*) FROM devflow.event_keys) FROM devflow.events"
+        ).fetchone()
+        assert copies is not None and copies[0] == copies[1] == copies[2], copies
+        for table, unit in (("rollup_hourly", "hour"), ("rollup_daily", "day")):
+            rollup = sql.Identifier(central_store.SCHEMA, table)
+            drift = conn.execute(
+                sql.SQL(
+                    """
+                    SELECT count(*) FROM (
+                        SELECT bucket, project_id, user_id, event_type, events FROM {}
+                        EXCEPT ALL
+                        SELECT date_trunc(%s, occurred_at), project_id, user_id, event_type, count(*)
+                        FROM devflow.events GROUP BY 1, 2, 3, 4
+                    ) d
+                    """
+                ).format(rollup),
+                (unit,),
+            ).fetchone()
+            total = conn.execute(sql.SQL("SELECT coalesce(sum(events), 0) FROM {}").format(rollup)).fetchone()
+            assert drift == (0,) and total == (copies[0],), (table, drift, total)
+        snapshots = conn.execute(
+            "SELECT project_id, sync_id FROM devflow.project_status ORDER BY 1"
+        ).fetchall()
+        newest = conn.execute(
+            """
+            SELECT DISTINCT ON (project_id) project_id, sync_id FROM devflow.events WHERE event_type = %s
+            ORDER BY project_id, occurred_at DESC, device_id DESC, local_id DESC, sync_id DESC
+            """,
+            (central_store.STATUS_EVENT,),
+        ).fetchall()
+    assert snapshots == newest
+
+
+def _local_sync_ids(store: Path, status: str) -> set[uuid.UUID]:
+    with device_store.open_store(store) as conn:
+        rows = conn.execute("SELECT sync_id FROM events WHERE sync_status = ?", (status,)).fetchall()
+    return {uuid.UUID(sync_id) for (sync_id,) in rows}
+
+
+def _central_sync_ids(url: str) -> set[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        return {sync_id for (sync_id,) in conn.execute("SELECT sync_id FROM devflow.events")}
+
+
+def _start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The real ``flowyard`` CLI in its own process group, to be SIGKILLed mid-way by :func:`_kill`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", *args],
         cwd=ROOT,
-        env={**os.environ, PAUSE_AFTER_UPLOAD_ENV: str(marker)},
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def _kill_when(proc: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
+    """SIGKILL the process (and its group) as soon as ``condition`` holds; fails if it ends first."""
     try:
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            time.sleep(0.1)
-        # The first batch is committed centrally and not yet marked locally: kill it right there.
+        while not condition():
+            assert proc.poll() is None, f"ended before the kill point: {proc.stderr.read().decode()}"  # type: ignore[union-attr]
+            time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _start_sync(
+    store: Path, central: str, batch_size: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    args = ("--store", str(store), "--central-url", central, "--batch-size", str(batch_size))
+    return _start_cli("sync", "trigger", *args, env=env)
+
+
+def _central_holds(conn: psycopg.Connection, events: int) -> Callable[[], bool]:
+    """Whether central holds ``events`` events, read on one autocommit connection (the poll is tight)."""
+    return lambda: one_row(conn, "SELECT count(*) FROM devflow.events")[0] >= events
+
+
+def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    store = make_store(tmp_path / "crashy.db", 1000, seed=1)
+    marker = tmp_path / "uploaded"
+    proc = _start_sync(store, fresh_db, 300, env={PAUSE_AFTER_UPLOAD_ENV: str(marker)})
+    # The first batch is committed centrally and not yet marked locally: kill it right there.
+    _kill_when(proc, marker.exists)
     assert _central_counts(fresh_db) == (300, 300)
     assert _synced(store) == 0
+    _central_consistent(fresh_db)
 
     from flows.sync_devices import sync_devices
 
@@ -97,6 +162,32 @@ def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
     assert (outcome["uploaded"], outcome["duplicates"], outcome["pending_after"]) == (700, 300, 0)
     assert _central_counts(fresh_db) == (1000, 1000)
     assert _synced(store) == 1000
+    _central_consistent(fresh_db)
+
+
+def test_sigkill_at_several_points_of_a_sync_then_rerun_leaves_everything_consistent(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Killed wherever it happens to be once central holds more events (mid-COPY, between the
+    commit and the local mark, mid-mark), a sync never leaves a locally synced event missing
+    centrally, nor a duplicate, a rollup off its events or a stale snapshot; the re-run ends it."""
+    from flows.sync_devices import sync_devices
+
+    total = 600
+    store = make_store(tmp_path / "killed.db", total, seed=6)
+    central_store.ensure_schema(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as poll:
+        for threshold in (1, 150, 300):
+            _kill_when(_start_sync(store, fresh_db, 20), _central_holds(poll, threshold))
+            assert _central_counts(fresh_db)[0] < total, "the sync ended before the kill"
+            assert _local_sync_ids(store, "synced") <= _central_sync_ids(fresh_db)
+            _central_consistent(fresh_db)
+
+    outcome = sync_devices(stores=[str(store)], central_url=fresh_db, batch_size=20)["devices"]["killed"]
+    assert (outcome["failed"], outcome["pending_after"]) == (0, 0)
+    assert _local_sync_ids(store, "synced") == _central_sync_ids(fresh_db)
+    assert _central_counts(fresh_db) == (total, total)
+    _central_consistent(fresh_db)
 
 
 def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
@@ -299,6 +390,39 @@ def test_downgrade_and_re_upgrade_never_duplicates_centrally(
     assert copies == (550, 550) and rollup == 550
     history = sync_state.history(state_db, limit=1)[0]
     assert (history.device_id, history.uploaded, history.duplicates) == ("roundtrip", 30, 520)
+
+
+def _in_transaction(store: Path) -> Callable[[], bool]:
+    """Whether a writer is mid-transaction: its rollback journal exists from its first change to its commit."""
+    journal = store.with_name(store.name + "-journal")
+    return journal.exists
+
+
+def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rerun_completes(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """`migrate up` and `migrate down` each change the store in one transaction: killed while
+    rewriting 100,000 events, the store reopens at its old version with every event (and, for
+    the downgrade, every sync id and status), and the same command then completes."""
+    store = make_store(tmp_path / "halfway.db", 100_000, seed=9)
+    ids = ("--device-id", "halfway", "--user-id", "u", "--project-id", "p")
+    _kill_when(_start_cli("sync", "migrate", "up", str(store), *ids), _in_transaction(store))
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (100_000,)
+    up = run_cli("sync", "migrate", "up", str(store), *ids)
+    assert up.returncode == 0 and "upgraded to v2" in up.stdout, up.stderr
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET sync_status = 'synced' WHERE id % 2 = 0")
+        before = conn.execute("SELECT id, sync_id, sync_status FROM events ORDER BY id").fetchall()
+    assert len({sync_id for _, sync_id, _ in before}) == 100_000
+
+    _kill_when(_start_cli("sync", "migrate", "down", "--to=v1", str(store)), _in_transaction(store))
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V2
+        assert conn.execute("SELECT id, sync_id, sync_status FROM events ORDER BY id").fetchall() == before
+    down = run_cli("sync", "migrate", "down", "--to=v1", str(store))
+    assert down.returncode == 0 and "downgraded to v1, 100000 events kept" in down.stdout, down.stderr
 
 
 def test_a_configured_device_that_never_synced_raises_the_offline_alert(
