@@ -392,10 +392,19 @@ def test_downgrade_and_re_upgrade_never_duplicates_centrally(
     assert (history.device_id, history.uploaded, history.duplicates) == ("roundtrip", 30, 520)
 
 
-def _in_transaction(store: Path) -> Callable[[], bool]:
-    """Whether a writer is mid-transaction: its rollback journal exists from its first change to its commit."""
+def _rewriting(store: Path) -> Callable[[], bool]:
+    """Whether a writer is deep in a transaction that rewrites the store: its rollback journal,
+    which exists from the transaction's first change to its commit, holds half the file already."""
     journal = store.with_name(store.name + "-journal")
-    return journal.exists
+    half = store.stat().st_size // 2
+
+    def deep() -> bool:
+        try:
+            return journal.stat().st_size >= half
+        except FileNotFoundError:
+            return False
+
+    return deep
 
 
 def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rerun_completes(
@@ -406,9 +415,12 @@ def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rer
     the downgrade, every sync id and status), and the same command then completes."""
     store = make_store(tmp_path / "halfway.db", 100_000, seed=9)
     ids = ("--device-id", "halfway", "--user-id", "u", "--project-id", "p")
-    _kill_when(_start_cli("sync", "migrate", "up", str(store), *ids), _in_transaction(store))
+    _kill_when(_start_cli("sync", "migrate", "up", str(store), *ids), _rewriting(store))
     with device_store.open_store(store) as conn:
         assert device_store.schema_version(conn) == device_store.V1
+        assert [row[1] for row in conn.execute("PRAGMA table_info(events)")] == [
+            "id", "timestamp", "event_type", "event_data"
+        ]  # fmt: skip
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (100_000,)
     up = run_cli("sync", "migrate", "up", str(store), *ids)
     assert up.returncode == 0 and "upgraded to v2" in up.stdout, up.stderr
@@ -417,7 +429,7 @@ def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rer
         before = conn.execute("SELECT id, sync_id, sync_status FROM events ORDER BY id").fetchall()
     assert len({sync_id for _, sync_id, _ in before}) == 100_000
 
-    _kill_when(_start_cli("sync", "migrate", "down", "--to=v1", str(store)), _in_transaction(store))
+    _kill_when(_start_cli("sync", "migrate", "down", "--to=v1", str(store)), _rewriting(store))
     with device_store.open_store(store) as conn:
         assert device_store.schema_version(conn) == device_store.V2
         assert conn.execute("SELECT id, sync_id, sync_status FROM events ORDER BY id").fetchall() == before
