@@ -396,6 +396,15 @@ def save_remote_status(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, 
         )
 
 
+def downloaded_through(conn: sqlite3.Connection) -> int:
+    """The central cursor the store's downloaded snapshots really reach (their newest ``seq``; 0
+    for none): downloads are saved page by page in seq order, so this is where the last one
+    stopped. It falls behind the cursor flowyard recorded when the snapshots are gone
+    (``migrate down --to=v1`` drops them, a store was recreated), and a download must then
+    start from here, or the projects that do not change again never reach the store."""
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
+
+
 def counts(conn: sqlite3.Connection) -> StoreCounts:
     row = conn.execute(
         """

@@ -178,8 +178,9 @@ def sync_device(
 ) -> DeviceReport:
     """Sync every eligible pending event of one store; raises UserError for an unusable store.
 
-    With ``download_since`` (a central cursor), project status snapshots changed after it are
-    pulled into the store afterwards and the new cursor is reported.
+    With ``download_since`` (a central cursor), project status snapshots changed after it (or
+    after the store's own newest snapshot, when the store lost the ones before) are pulled into
+    the store afterwards and the new cursor is reported.
     """
     with device_store.open_store(store, busy_timeout=options.busy_timeout) as conn:
         device_store.upgrade_to_v2(conn, identity)
@@ -228,7 +229,8 @@ def sync_device(
                 size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
             if cursor is not None and error is None:
                 try:
-                    cursor = download_into_store(conn, uploader, cursor)
+                    since = min(cursor, device_store.downloaded_through(conn))
+                    cursor = download_into_store(conn, uploader, since)
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the old cursor is kept
                     error = _one_line(exc, options.central_url, "download from")
         finally:

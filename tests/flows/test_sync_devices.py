@@ -555,6 +555,39 @@ def test_skewed_device_clocks_converge_on_the_newest_status_snapshot(
     assert rows == [("skewed", '{"status":"yellow"}', "skew-behind")] and later > cursor
 
 
+def _downloaded(store: Path) -> list[tuple[str, str, str, str, int]]:
+    with device_store.open_store(store) as conn:
+        return conn.execute("SELECT * FROM remote_project_status ORDER BY project_id").fetchall()
+
+
+def test_a_downgraded_and_re_upgraded_store_downloads_the_snapshots_again(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """`migrate down --to=v1` drops the downloaded snapshots with the rest of the sync metadata,
+    but the device's download cursor in flowyard's state still said they were applied: every
+    later run downloaded only newer changes, and a project that did not change again stayed
+    missing from the store for good."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "puller.db", 120, seed=3, identity=Identity("puller", "u", "web"))
+    def sync() -> dict[str, Any]:
+        run = sync_devices(stores=[str(store)], central_url=fresh_db, download_updates=True)
+        return run["devices"]["puller"]
+
+    first = sync()
+    snapshots = _downloaded(store)
+    assert first["download_cursor"] > 0 and [row[0] for row in snapshots] == ["web"]
+
+    assert run_cli("sync", "migrate", "down", "--to=v1", str(store)).returncode == 0
+    ids = ("--device-id", "puller", "--user-id", "u", "--project-id", "web")
+    up = run_cli("sync", "migrate", "up", str(store), *ids)
+    assert up.returncode == 0, up.stderr
+    again = sync()
+    assert (again["uploaded"], again["duplicates"], again["error"]) == (0, 120, None)
+    assert _downloaded(store) == snapshots
+    assert again["download_cursor"] == first["download_cursor"]
+
+
 def test_re_upgrade_by_the_cli_keeps_the_configured_device_and_one_central_copy(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
