@@ -9,6 +9,7 @@ names the suite, the rule and the field to fix.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.errors import UserError
+from tasks.errors import UserError, read_user_file
 
 Severity = Literal["critical", "high", "medium", "low"]
 Check = Literal["not_null", "unique", "in_set", "regex", "range", "not_future", "foreign_key", "row_count"]
@@ -67,6 +68,14 @@ class Rule(BaseModel):
                 re.compile(value)
             except re.error as exc:
                 raise ValueError(f"invalid regular expression ({exc})") from None
+        return value
+
+    @field_validator("min", "max")
+    @classmethod
+    def _bound_is_a_number(cls, value: float | None) -> float | None:
+        # nan compares false with everything: min nan would flag every row, max nan none.
+        if value is not None and math.isnan(value):
+            raise ValueError("must be a number, not nan")
         return value
 
     @field_validator("references")
@@ -187,12 +196,13 @@ def _describe(exc: ValidationError, data: Any, source: str) -> str:
 def load_suite_file(path: str | Path) -> list[Suite]:
     """Suites from a YAML file holding one suite or ``suites: [...]``."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UserError(
             f"suite file not found: {file}; pass a YAML file path, a built-in suite or module:attr"
         )
+    text = read_user_file(file, "suite file")
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 
@@ -37,6 +38,43 @@ def first_line(error: BaseException | str) -> str:
     """The first line of an error message: PostgreSQL's add LINE/HINT/CONTEXT lines after it."""
     fallback = "" if isinstance(error, str) else type(error).__name__  # an exception without a message
     return next(iter(str(error).strip().splitlines()), fallback)
+
+
+Number = TypeVar("Number", int, float)
+
+INT64_MAX = 2**63 - 1
+"""The largest integer SQLite's LIMIT and PostgreSQL's bigint take; beyond it they raise, far
+from the option that was given."""
+
+PG_MAX_MILLISECONDS = 2**31 - 1
+"""The largest lock_timeout or statement_timeout PostgreSQL takes (an int of milliseconds)."""
+
+MAX_WAIT_SECONDS = 365 * 86_400
+"""The longest wait, pause or deadline flowyard takes, in seconds: a longer one is a typo, and
+``inf`` would sleep forever (``time.sleep(inf)`` even raises)."""
+
+
+def check_range(value: Number, what: str, low: Number, high: Number, fix: str = "") -> Number:
+    """``value`` if it is ``low`` to ``high``, else one line naming ``what``, the range and how to
+    ``fix`` it. nan is out of every range: it compares false with everything, so a ``<= 0`` check
+    passes it and a deadline of nan never arrives."""
+    if not low <= value <= high:
+        raise UserError(f"{what} {value} is out of range; give {low} to {high}{fix}")
+    return value
+
+
+def read_user_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a file the user named, or one line saying why it cannot be read (a
+    directory, no permission, bytes that are not UTF-8), instead of Python's traceback."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"cannot read {what} {file}: it is a directory; pass the file's path")
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"cannot read {what} {file}: {first_line(exc)}; save it as a readable UTF-8 file"
+        ) from None
 
 
 def validation_problem(exc: ValidationError) -> tuple[str, str]:

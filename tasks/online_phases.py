@@ -19,7 +19,7 @@ from psycopg import sql
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
 from tasks.db import connect, one_row
 from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
-from tasks.errors import UserError, first_line
+from tasks.errors import INT64_MAX, MAX_WAIT_SECONDS, PG_MAX_MILLISECONDS, UserError, check_range, first_line
 from tasks.online_plan import Phase, Step
 from tasks.online_state import (
     BackfillCheckpoints,
@@ -85,21 +85,20 @@ def run_options(
 ) -> RunOptions:
     """The flow's parameters as run options; a value out of range is the user's one-line error.
 
-    Checked here, before planning: a lock_timeout of 0 would otherwise surface as a lint finding
-    on a generated statement, and a batch size of 0 as a backfill that never moves.
+    Checked here, before planning and before anything is recorded: a lock_timeout of 0 would
+    otherwise surface as a lint finding on a generated statement, a batch size of 0 as a
+    backfill that never moves, and a timeout PostgreSQL does not take (over 2^31-1 ms) as start
+    failing its first step with the migration already begun.
     """
-    positive = {
-        "batch_size": batch_size,
-        "max_rows_per_second": max_rows_per_second,
-        "lock_timeout_ms": lock_timeout_ms,
-        "statement_timeout_ms": statement_timeout_ms,
-        "retry_deadline_seconds": retry_deadline_seconds,
-    }
-    for name, value in positive.items():
-        if value is not None and value <= 0:
-            raise UserError(f"{name} must be greater than 0 (got {value})")
-    if batch_delay_seconds < 0:
-        raise UserError(f"batch_delay_seconds must be 0 or more (got {batch_delay_seconds})")
+    check_range(batch_size, "batch_size", 1, INT64_MAX)
+    check_range(lock_timeout_ms, "lock_timeout_ms", 1, PG_MAX_MILLISECONDS)
+    check_range(statement_timeout_ms, "statement_timeout_ms", 1, PG_MAX_MILLISECONDS)
+    check_range(batch_delay_seconds, "batch_delay_seconds", 0, MAX_WAIT_SECONDS)
+    check_range(retry_deadline_seconds, "retry_deadline_seconds", 0, MAX_WAIT_SECONDS)
+    if max_rows_per_second is not None and not max_rows_per_second > 0:  # not `<= 0`: nan passes that
+        raise UserError(
+            f"max_rows_per_second {max_rows_per_second} is out of range; give a number greater than 0"
+        )
     policy = LockPolicy(lock_timeout_ms, statement_timeout_ms, retry_deadline_seconds)
     return RunOptions(
         policy=policy,

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from tasks.errors import UserError, first_line, validation_problem
+from tasks.errors import UserError, first_line, read_user_file, validation_problem
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=50)]
 """Identifiers: letters, digits and underscores, short enough to leave room for shadow-name prefixes."""
@@ -238,11 +238,11 @@ def _parse_operation(index: int, raw: Any, source: str) -> Operation:
 def load_spec(path: str | Path) -> MigrationSpec:
     """Read and validate a migration file (``.yaml``, ``.yml`` or ``.json``)."""
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise UserError(
             f"migration file {str(file)!r} not found; pass the path of a .yaml or .json migration"
         )
-    text = file.read_text()
+    text = read_user_file(file, "migration file")
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

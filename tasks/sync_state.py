@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from tasks import device_store
 from tasks.db import connection, ensure_database, validate_postgres_url, with_database
 from tasks.device_store import Identity
-from tasks.errors import UserError, validation_problem
+from tasks.errors import INT64_MAX, UserError, check_range, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sync_batches import DeviceReport
 
@@ -137,19 +137,13 @@ class SyncTarget:
 
 
 CENTRAL_DATABASE = "devflow_central"
-INT64_MAX = 2**63 - 1
-"""The largest integer SQLite's LIMIT and PostgreSQL's bigint take; beyond it they raise, far
-from the option that was given."""
 
 
 def check_count(value: int, what: str, where: str = "") -> int:
     """``value`` if it is 1 to :data:`INT64_MAX`, else one line naming ``what``, the range and,
     for a stored setting, ``where`` to change it: 0 and negative numbers mean nothing here
     (SQLite reads LIMIT -5 as no limit at all)."""
-    if not 1 <= value <= INT64_MAX:
-        with_ = f" with `flowyard {where}`" if where else ""
-        raise UserError(f"{what} {value} is out of range; give 1 to {INT64_MAX}{with_}")
-    return value
+    return check_range(value, what, 1, INT64_MAX, f" with `flowyard {where}`" if where else "")
 
 
 def default_central_url(state: str) -> str:

@@ -68,6 +68,21 @@ def test_bad_file_is_one_line_exit_2(fresh_db: str, state_db: str, tmp_path: Pat
     )
 
 
+def test_unreadable_migration_files_are_one_line(tmp_path: Path) -> None:
+    not_utf8 = tmp_path / "latin1.yaml"
+    not_utf8.write_bytes(b"name: caf\xe9\noperations: []\n")
+    directory = tmp_path / "dir.yaml"
+    directory.mkdir()
+    for path, message in (
+        (not_utf8, f"cannot read migration file {not_utf8}: 'utf-8' codec can't decode byte 0xe9"),
+        (directory, f"cannot read migration file {directory}: it is a directory"),
+    ):
+        result = run_cli("online", "plan", str(path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"flowyard: error: {message}"), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
 # What a user's shell has of Prefect's settings: nothing. The CLI must still report to
 # flowyard's server, not to the ephemeral SQLite one Prefect starts when it has no API URL.
 USER_SHELL = tuple(k for k in os.environ if k.startswith("PREFECT_"))
@@ -145,13 +160,21 @@ def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
     make_schema(fresh_db, rows=10)
     migration = _file(tmp_path, {**SPEC, "name": "tuned"})
     for option, value, message in (
-        ("--lock-timeout-ms", "0", "lock_timeout_ms must be greater than 0 (got 0)"),
-        ("--batch-size", "-1", "batch_size must be greater than 0 (got -1)"),
-        ("--batch-delay-seconds", "-0.5", "batch_delay_seconds must be 0 or more (got -0.5)"),
+        ("--lock-timeout-ms", "0", "lock_timeout_ms 0 is out of range; give 1 to 2147483647"),
+        ("--batch-size", "-1", "batch_size -1 is out of range; give 1 to 9223372036854775807"),
+        ("--batch-delay-seconds", "-0.5", "batch_delay_seconds -0.5 is out of range; give 0 to 31536000"),
+        # PostgreSQL takes at most 2^31-1 ms: a bigger value used to fail start's first step
+        # with the migration already recorded as started.
+        ("--lock-timeout-ms", "10" * 10, f"lock_timeout_ms {'10' * 10} is out of range; give 1 to 2147483647"),
+        # nan passed every "> 0" check; inf seconds sleep (or retry) forever
+        ("--batch-delay-seconds", "nan", "batch_delay_seconds nan is out of range; give 0 to 31536000"),
+        ("--retry-deadline-seconds", "inf", "retry_deadline_seconds inf is out of range; give 0 to 31536000"),
+        ("--max-rows-per-second", "nan", "max_rows_per_second nan is out of range; give a number greater than 0"),
     ):
         result = run_cli("online", "start", migration, "--database-url", fresh_db, option, value)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines()[-1] == f"flowyard: error: {message}"
+    assert "tuned" not in run_cli("online", "status").stdout, "a refused start records nothing"
     tuned = ("--lock-timeout-ms", "150", "--statement-timeout-ms", "5000", "--retry-deadline-seconds", "30")
     started = run_cli(
         "online", "start", migration, "--database-url", fresh_db, "--batch-delay-seconds", "0.01", *tuned

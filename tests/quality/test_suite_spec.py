@@ -136,11 +136,31 @@ def test_bad_definition_names_suite_rule_and_field(definition, message):
     assert "\n" not in text
 
 
+def test_nan_bounds_are_refused(tmp_path):
+    # nan compares false with everything: a range rule with min .nan passed validation and then
+    # flagged every row of the table (PostgreSQL sorts NaN above all numbers).
+    path = tmp_path / "nan.yaml"
+    path.write_text(
+        "name: orders\ntable: orders\nrules:\n"
+        "  - {name: amt, check: range, column: a, min: .nan, max: 10, severity: low}\n"
+    )
+    with pytest.raises(UserError, match=r"^suite 'orders' rule 'amt' field 'min': must be a number, not nan;"):
+        load_suite_file(path)
+
+
 def test_bad_yaml_and_unknown_refs_are_one_line_errors(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\nrules: [\n")
     with pytest.raises(UserError, match=r"is not valid YAML at line \d+"):
         load_suite_file(broken)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(UserError, match=r"^cannot read suite file .*latin1.yaml: 'utf-8' codec can't decode"):
+        load_suite_file(latin1)
+    directory = tmp_path / "dir.yaml"
+    directory.mkdir()
+    with pytest.raises(UserError, match=r"^cannot read suite file .*dir.yaml: it is a directory"):
+        load_suite_file(directory)
     with pytest.raises(UserError, match="unknown suite 'userz'"):
         resolve_suites(["userz"])
     with pytest.raises(UserError, match="given twice"):
