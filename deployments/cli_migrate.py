@@ -14,6 +14,7 @@ import typer
 
 from tasks.alembic_deploy import check_migrations_dir
 from tasks.db import validate_postgres_url
+from tasks.errors import MAX_WAIT_SECONDS, check_range
 
 app = typer.Typer(help="Versioned migrations: deploy, status, rollback.", no_args_is_help=True)
 
@@ -36,13 +37,15 @@ LockTimeout = Annotated[float, typer.Option(help="Seconds to wait for another de
 BackupDir = Annotated[Path | None, typer.Option(help="Where backups go (default: <FLOWYARD_HOME>/backups).")]
 
 
-def _prepare(database_url: str | None, migrations_dir: Path) -> str | None:
+def _prepare(database_url: str | None, migrations_dir: Path, lock_timeout: float | None = None) -> str | None:
     """Validate the input, then start/attach to flowyard's Prefect server."""
     from deployments.runtime import prepare_flow_run
     from tasks.settings import get_settings
 
-    url = validate_postgres_url(database_url) if database_url else None
+    url = validate_postgres_url(database_url) if database_url is not None else None
     check_migrations_dir(migrations_dir)
+    if lock_timeout is not None:
+        check_range(lock_timeout, "--lock-timeout", 0, MAX_WAIT_SECONDS)
     prepare_flow_run(get_settings())
     return url
 
@@ -85,7 +88,7 @@ def deploy(
     backup_dir: BackupDir = None,
 ) -> None:
     """Apply pending migrations: preflight, lock, backup, upgrade, validate; restore on failure."""
-    url = _prepare(database_url, migrations_dir)
+    url = _prepare(database_url, migrations_dir, lock_timeout)
     from flows.deploy_migrations import deploy_migrations
 
     report = deploy_migrations(
@@ -127,7 +130,7 @@ def rollback(
     backup_dir: BackupDir = None,
 ) -> None:
     """Undo the last N revisions, with the same lock, backup, validation and restore as a deploy."""
-    url = _prepare(database_url, migrations_dir)
+    url = _prepare(database_url, migrations_dir, lock_timeout)
     from flows.deploy_migrations import migration_rollback
 
     report = migration_rollback(

@@ -55,7 +55,7 @@ def check(
             pass
         case _:
             raise UserError(f"--window must be 'day' or 'hour', not {window!r}")
-    if database_url:
+    if database_url is not None:
         validate_postgres_url(database_url)
     prepare_flow_run(get_settings())
     # Resolved once here so a bad suite is one line, not a failed run (after prepare_flow_run:

@@ -28,7 +28,7 @@ from tasks import alembic_deploy, migration_report, revision_checksums
 from tasks.advisory_lock import advisory_lock
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
 from tasks.db import database_name, mask_url, resolve_url
-from tasks.errors import UserError
+from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range
 from tasks.migration_preflight import Preflight, run_preflight
 from tasks.migration_report import MigrationReport
 from tasks.migration_validation import require_valid, validate
@@ -115,6 +115,11 @@ def _options(
     max_active_connections: int,
 ) -> RunOptions:
     alembic_deploy.check_migrations_dir(migrations_dir)
+    check_range(lock_timeout, "lock_timeout", 0, MAX_WAIT_SECONDS)
+    if any(not query.strip() for query in validation_queries or []):
+        raise UserError(
+            "a validation query is empty; give SQL returning one truthy value, e.g. SELECT count(*) > 0 FROM accounts"
+        )
     backups = Path(backup_dir) if backup_dir else get_settings().home_dir / "backups"
     return RunOptions(
         resolve_url(database_url),

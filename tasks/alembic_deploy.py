@@ -65,6 +65,10 @@ class RevisionRun:
 def check_migrations_dir(migrations_dir: str | Path) -> Path:
     """The directory as a Path; a one-line UserError unless it holds ``env.py`` and ``versions/``."""
     path = Path(migrations_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(
+            f"migrations directory {str(path)!r} is a file; pass the path of your Alembic folder (env.py + versions/)"
+        )
     if not path.is_dir():
         raise UserError(
             f"migrations directory {str(path)!r} does not exist; pass the path of your Alembic folder (env.py + versions/)"

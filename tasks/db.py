@@ -24,12 +24,21 @@ _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"
 
 
 def validate_postgres_url(url: str) -> str:
-    """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else."""
+    """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else.
+
+    Bytes that are not UTF-8 reach Python from the command line as surrogate escapes, which
+    libpq cannot be given (psycopg's UnicodeEncodeError)."""
     parts = urlsplit(url.strip())
     if parts.scheme not in _SCHEMES or not parts.path.strip("/"):
         raise UserError(
             f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
         )
+    try:
+        url.encode()
+    except UnicodeEncodeError:
+        raise UserError(
+            f"not a PostgreSQL URL: {mask_url(url)!r} holds bytes that are not UTF-8; percent-encode them (e.g. %E9)"
+        ) from None
     return urlunsplit(parts._replace(scheme="postgresql"))
 
 
@@ -74,7 +83,7 @@ def resolve_url(database_url: str | None = None) -> str:
 
     The embedded server is started if it is not running, and its ``flowyard`` database created.
     """
-    if database_url:
+    if database_url is not None:  # an empty one (an unset shell variable) is an error, not the default
         return validate_postgres_url(database_url)
     from tasks.settings import get_settings
 

@@ -47,6 +47,50 @@ def test_unreachable_database_is_one_line(command, tmp_path):
     assert "secret" not in line and "app:***@" in line
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_bad_lock_timeout_is_one_line(value, tmp_path, fresh_db):
+    # nan used to wait forever on a held lock (a nan deadline never arrives)
+    directory = migrations_dir(tmp_path)
+    result = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--lock-timeout", value)
+    _one_line_error(result, f"--lock-timeout {float(value)} is out of range; give 0 to 31536000")
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('accounts')").fetchone() == (None,)
+
+
+def test_empty_or_undecodable_url_is_one_line_not_the_default_database(tmp_path):
+    # An unset shell variable (-d "$TARGET_URL") used to deploy into flowyard's own database.
+    directory = migrations_dir(tmp_path)
+    for url in ("", " "):
+        result = run_cli("migrate", "deploy", "-d", url, "-m", str(directory))
+        _one_line_error(result, f"not a PostgreSQL URL: {url!r}")
+    # A non-UTF-8 byte (here 0xe9, as a Latin-1 shell passes it) used to be a UnicodeEncodeError traceback.
+    result = run_cli("migrate", "status", "-d", "postgresql://localhost/caf\udce9", "-m", str(directory))
+    _one_line_error(result, "not a PostgreSQL URL: 'postgresql://localhost/caf\\udce9'")
+
+
+def test_bad_backup_dir_and_empty_validation_are_refused_before_any_change(tmp_path, fresh_db):
+    # Both used to be found only mid-run: a backup dir that is a file as a FileExistsError
+    # traceback, an empty --validate after every revision was applied (and then restored).
+    directory = migrations_dir(tmp_path)
+    a_file = tmp_path / "backups"
+    a_file.write_text("")
+    before = fingerprint(fresh_db)
+    for options, expected in (
+        (("--backup-dir", str(a_file)), f"cannot use backup directory {a_file}: [Errno 17] File exists"),
+        (("--validate", " "), "a validation query is empty; give SQL returning one truthy value"),
+    ):
+        result = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), *options)
+        _one_line_error(result, expected)
+        assert fingerprint(fresh_db) == before
+
+
+def test_migrations_dir_that_is_a_file_is_named_so(tmp_path, fresh_db):
+    file = tmp_path / "migrations.py"
+    file.write_text("")
+    result = run_cli("migrate", "status", "-d", fresh_db, "-m", str(file))
+    _one_line_error(result, f"migrations directory {str(file)!r} is a file;")
+
+
 def test_bad_steps_and_unknown_target(tmp_path, fresh_db):
     directory = migrations_dir(tmp_path)
     result = run_cli("migrate", "rollback", "--steps", "0", "-d", fresh_db, "-m", str(directory))
