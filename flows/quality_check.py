@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -37,6 +36,7 @@ from quality.steps import (
 from quality.suite_spec import resolve_suites
 from quality.suites import present_entity_suites
 from tasks.db import resolve_url
+from tasks.errors import make_user_dir
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.task_runners import thread_pool
@@ -66,7 +66,7 @@ def quality_check(
     table_suites = resolve_suites(suites) if suites is not None else present_entity_suites(url, table_schema)
     file_suites = [(suite, path) for ref, path in (files or {}).items() for suite in resolve_suites([ref])]
     time_window = TimeWindow.containing(window, window_start or dt.datetime.now(dt.UTC)) if window else None
-    out = Path(output_dir) if output_dir else get_settings().home_dir / "quality"
+    out = make_user_dir(output_dir or get_settings().home_dir / "quality", "output directory")
     session = GxSession(docs_dir=out / "data_docs")
 
     checks = [

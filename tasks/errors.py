@@ -77,6 +77,18 @@ def read_user_file(path: str | Path, what: str) -> str:
         ) from None
 
 
+def make_user_dir(path: str | Path, what: str) -> Path:
+    """The directory the user named, created if missing; one line when it cannot be (a file of
+    that name, no permission), said before a run changes or records anything rather than by the
+    step that writes there at its end."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot use {what} {directory}: {first_line(exc)}; pass a directory path") from None
+    return directory
+
+
 def validation_problem(exc: ValidationError) -> tuple[str, str]:
     """Where (the dotted field path, '' for the model as a whole) and what of pydantic's first
     error, for a one-line UserError: its own message starts "1 validation error for <Model>",

@@ -40,7 +40,7 @@ from tasks.db import (
     with_database,
 )
 from tasks.embedded_pg import BIN_DIR
-from tasks.errors import UserError, first_line, tool_error
+from tasks.errors import UserError, make_user_dir, tool_error
 from tasks.integrity import row_counts
 from tasks.process_group import spawn_group, terminate_group
 
@@ -132,25 +132,12 @@ def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
-def make_backup_dir(backup_dir: str | Path) -> Path:
-    """``backup_dir``, created if missing; one line when it cannot be (a file of that name, or no
-    permission), said by the preflight before anything changes rather than by the backup step."""
-    directory = Path(backup_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(
-            f"cannot use backup directory {directory}: {first_line(exc)}; pass a directory path (--backup-dir)"
-        ) from None
-    return directory
-
-
 def backup_database(url: str, backup_dir: str | Path) -> Backup:
     """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``."""
     started = time.monotonic()
     major = server_major(url)
     bin_dir = pg_binaries(major)
-    directory = make_backup_dir(backup_dir)
+    directory = make_user_dir(backup_dir, "backup directory")
     name = database_name(url)
     path = directory / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.dump"
     uri, env = libpq_target(url)

@@ -13,6 +13,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from flows.quality_check import quality_check
 from quality.alerts import AlertConfig
 from quality.sample_data import DEMO_SCHEMA, demo_parameters
+from tasks.errors import UserError
 from tests.conftest import run_cli
 from tests.quality.test_alerts import Receiver
 
@@ -117,6 +118,20 @@ def test_flow_checks_files(tmp_path, state_db):
     result = quality_check(suites=[], files={"users": str(path)}, output_dir=str(tmp_path), profile=False)
     # row 1: 100; row 2: dup id (10) + email (5) = 85; row 3: dup id (10) + role (2) + future (5) + version (2) = 81
     assert result["suites"]["users"]["score"] == pytest.approx((100 + 85 + 81) / 3)
+
+
+def test_output_dir_that_is_a_file_is_one_line_before_the_run_is_recorded(tmp_path, state_db):
+    # It used to be a FileExistsError from the dashboard step, after the run's scores were stored.
+    path = tmp_path / "users.csv"
+    path.write_text("id,email,username,role,status,version,created_at\n1,a@b.io,alice,admin,active,1,2024-01-01T00:00:00Z\n")
+    a_file = tmp_path / "out"
+    a_file.write_text("")
+    with psycopg.connect(state_db) as conn:
+        before = conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone()
+    with pytest.raises(UserError, match=f"^cannot use output directory {a_file}: \\[Errno 17\\] File exists"):
+        quality_check(suites=[], files={"users": str(path)}, output_dir=str(a_file), profile=False)
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == before
 
 
 def test_cli_check_and_profile(fresh_db, tmp_path, state_db):
