@@ -91,11 +91,16 @@ def alembic_config(url: str, migrations_dir: str | Path, output: io.StringIO | N
 
 
 def _alembic(action: Callable[[], Any], migrations_dir: str | Path) -> Any:
-    """Run an Alembic call, turning its command errors (unknown revision, multiple heads) into UserErrors."""
+    """Run an Alembic call, turning its command errors (unknown revision, multiple heads) and a
+    revision file or env.py Python cannot parse (Alembic imports them) into UserErrors."""
     try:
         return action()
     except CommandError as exc:
         raise UserError(f"alembic ({migrations_dir}): {first_line(exc)}") from None
+    except SyntaxError as exc:
+        raise UserError(
+            f"{exc.filename}, line {exc.lineno}: {exc.msg}; fix the Python of that migration file"
+        ) from None
 
 
 def _revision(script: Script) -> Revision:

@@ -84,6 +84,14 @@ def test_bad_backup_dir_and_empty_validation_are_refused_before_any_change(tmp_p
         assert fingerprint(fresh_db) == before
 
 
+def test_revision_with_a_syntax_error_is_one_line(tmp_path, fresh_db):
+    directory = migrations_dir(tmp_path)
+    bad = directory / "versions" / "d004_bad.py"
+    bad.write_text('revision = "d004"\ndown_revision = "d003"\ndef upgrade(:\n    pass\n')
+    result = run_cli("migrate", "status", "-d", fresh_db, "-m", str(directory))
+    _one_line_error(result, f"{bad}, line 3: ")
+
+
 def test_migrations_dir_that_is_a_file_is_named_so(tmp_path, fresh_db):
     file = tmp_path / "migrations.py"
     file.write_text("")
