@@ -38,7 +38,7 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, first_line, make_user_dir
 from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
@@ -55,10 +55,7 @@ def agent_directories(output_dir: str | Path | None, logs_dir: str | Path | None
     base = Path(output_dir) if output_dir else default_agents_dir()
     directories = base.resolve(), (Path(logs_dir) if logs_dir else base / "logs").resolve()
     for path, parameter in zip(directories, ("output_dir", "logs_dir"), strict=True):
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{parameter} {path} cannot be used as a directory: {exc.strerror or exc}") from None
+        make_user_dir(path, parameter)
     return directories
 
 

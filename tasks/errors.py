@@ -85,7 +85,10 @@ def make_user_dir(path: str | Path, what: str) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot use {what} {directory}: {first_line(exc)}; pass a directory path") from None
+        raise UserError(
+            f"{what} {directory} cannot be used as a directory: {exc.strerror or first_line(exc)}; "
+            "pass a directory path"
+        ) from None
     return directory
 
 

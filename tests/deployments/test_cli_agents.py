@@ -136,7 +136,7 @@ def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env:
     assert f"agents file {tmp_path} is a directory" in _user_error("run", "--agents-file", str(tmp_path), env=env)
     # checked before the flow run, so Prefect's log lines of a failed run do not come with it
     for option, parameter in (("--output-dir", "output_dir"), ("--logs-dir", "logs_dir")):
-        message = f"{parameter} {notes} cannot be used as a directory: File exists"
+        message = f"{parameter} {notes} cannot be used as a directory: File exists; pass a directory path"
         assert message in _user_error("run", option, str(notes), env=env)
     metrics = run_cli("queue", "metrics", "-d", "http://x", env=env)
     assert metrics.returncode == 2 and metrics.stdout == ""

@@ -76,7 +76,10 @@ def test_bad_backup_dir_and_empty_validation_are_refused_before_any_change(tmp_p
     a_file.write_text("")
     before = fingerprint(fresh_db)
     for options, expected in (
-        (("--backup-dir", str(a_file)), f"cannot use backup directory {a_file}: [Errno 17] File exists"),
+        (
+            ("--backup-dir", str(a_file)),
+            f"backup directory {a_file} cannot be used as a directory: File exists; pass a directory path",
+        ),
         (("--validate", " "), "a validation query is empty; give SQL returning one truthy value"),
     ):
         result = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), *options)

@@ -123,12 +123,17 @@ def test_flow_checks_files(tmp_path, state_db):
 def test_output_dir_that_is_a_file_is_one_line_before_the_run_is_recorded(tmp_path, state_db):
     # It used to be a FileExistsError from the dashboard step, after the run's scores were stored.
     path = tmp_path / "users.csv"
-    path.write_text("id,email,username,role,status,version,created_at\n1,a@b.io,alice,admin,active,1,2024-01-01T00:00:00Z\n")
+    path.write_text(
+        "id,email,username,role,status,version,created_at\n1,a@b.io,alice,admin,active,1,2024-01-01T00:00:00Z\n"
+    )
     a_file = tmp_path / "out"
     a_file.write_text("")
     with psycopg.connect(state_db) as conn:
         before = conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone()
-    with pytest.raises(UserError, match=f"^cannot use output directory {a_file}: \\[Errno 17\\] File exists"):
+    with pytest.raises(
+        UserError,
+        match=f"^output directory {a_file} cannot be used as a directory: File exists; pass a directory path$",
+    ):
         quality_check(suites=[], files={"users": str(path)}, output_dir=str(a_file), profile=False)
     with psycopg.connect(state_db) as conn:
         assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == before

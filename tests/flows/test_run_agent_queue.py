@@ -935,7 +935,7 @@ def test_a_directory_that_is_a_file_fails_the_run_before_anything_is_claimed(
     kw = {**_kw(tmp_path, qdb), parameter: str(in_the_way)}
     with pytest.raises(UserError) as raised:
         run_agent_queue(max_agents=1, **kw)
-    assert str(raised.value) == f"{parameter} {in_the_way} cannot be used as a directory: File exists"
+    assert str(raised.value) == f"{parameter} {in_the_way} cannot be used as a directory: File exists; pass a directory path"
     task = queue.get_task(qdb, task_id)
     assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
 
