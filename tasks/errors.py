@@ -6,6 +6,8 @@ database). The CLI prints its message as one line and exits non-zero, without a 
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -85,11 +87,27 @@ def make_user_dir(path: str | Path, what: str) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(
-            f"{what} {directory} cannot be used as a directory: {exc.strerror or first_line(exc)}; "
-            "pass a directory path"
-        ) from None
+        raise _unusable_dir(what, directory, exc.strerror or first_line(exc)) from None
     return directory
+
+
+def check_user_dir(path: str | Path, what: str) -> Path:
+    """The directory the user named, refused in :func:`make_user_dir`'s words when a file is in
+    the way (at the path or at a parent), but not created: for checks that must change nothing,
+    such as a deploy's preflight."""
+    directory = Path(path)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _unusable_dir(
+            what, directory, os.strerror(errno.EEXIST if existing == directory else errno.ENOTDIR)
+        )
+    return directory
+
+
+def _unusable_dir(what: str, directory: Path, reason: str) -> UserError:
+    return UserError(f"{what} {directory} cannot be used as a directory: {reason}; pass a directory path")
 
 
 def validation_problem(exc: ValidationError) -> tuple[str, str]:

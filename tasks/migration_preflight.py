@@ -17,7 +17,7 @@ import psycopg
 
 from tasks.alembic_deploy import MigrationStatus, migration_status
 from tasks.db import connection, one_row
-from tasks.errors import UserError, make_user_dir
+from tasks.errors import UserError, check_user_dir
 from tasks.integrity import IntegrityReport, check_integrity
 from tasks.pg_backup import pg_binaries
 from tasks.revision_checksums import edited_revisions
@@ -109,7 +109,7 @@ def run_preflight(
     free = None
     if backup_dir is not None:
         pg_binaries(major)
-        free = require_free_space(make_user_dir(backup_dir, "backup directory"), size)
+        free = require_free_space(check_user_dir(backup_dir, "backup directory"), size)
     warnings = []
     if sessions > max_active_connections:
         warnings.append(f"{sessions} other sessions are connected (threshold {max_active_connections})")

@@ -3,11 +3,13 @@ and what an entry point prints for a user error or a privilege PostgreSQL refuse
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from tasks.db import connect
-from tasks.errors import exit_on_user_error, first_line
+from tasks.errors import UserError, check_user_dir, exit_on_user_error, first_line, make_user_dir
 
 
 def test_a_postgres_error_keeps_only_its_message(fresh_db: str) -> None:
@@ -37,3 +39,19 @@ def test_a_refused_privilege_is_one_line_at_the_entry_point(limited_role, fresh_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("prog: error: PostgreSQL refused a privilege: ")
     assert "permission denied for table secret" in err and "grant it to the role" in err
+
+
+def test_a_directory_check_refuses_a_file_in_the_way_and_creates_nothing(tmp_path: Path) -> None:
+    """check_user_dir says what make_user_dir would, without making anything (a preflight)."""
+    a_file = tmp_path / "notes"
+    a_file.write_text("")
+    missing = tmp_path / "a" / "b"
+    assert check_user_dir(missing, "backup directory") == missing
+    assert not (tmp_path / "a").exists()
+    for path, reason in ((a_file, "File exists"), (a_file / "sub", "Not a directory")):
+        message = f"backup directory {path} cannot be used as a directory: {reason}; pass a directory path"
+        with pytest.raises(UserError) as checked:
+            check_user_dir(path, "backup directory")
+        with pytest.raises(UserError) as made:
+            make_user_dir(path, "backup directory")
+        assert str(checked.value) == str(made.value) == message
