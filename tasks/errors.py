@@ -96,14 +96,19 @@ def check_user_dir(path: str | Path, what: str) -> Path:
     the way (at the path or at a parent), but not created: for checks that must change nothing,
     such as a deploy's preflight."""
     directory = Path(path)
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(directory)
     if not existing.is_dir():
         raise _unusable_dir(
             what, directory, os.strerror(errno.EEXIST if existing == directory else errno.ENOTDIR)
         )
     return directory
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest parent that exists: where a directory still to be made would go."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _unusable_dir(what: str, directory: Path, reason: str) -> UserError:

@@ -17,7 +17,7 @@ import psycopg
 
 from tasks.alembic_deploy import MigrationStatus, migration_status
 from tasks.db import connection, one_row
-from tasks.errors import UserError, check_user_dir
+from tasks.errors import UserError, check_user_dir, nearest_existing
 from tasks.integrity import IntegrityReport, check_integrity
 from tasks.pg_backup import pg_binaries
 from tasks.revision_checksums import edited_revisions
@@ -41,10 +41,7 @@ class Preflight:
 
 def free_space(path: Path) -> int:
     """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
-    existing = path.resolve()
-    while not existing.exists():
-        existing = existing.parent
-    return shutil.disk_usage(existing).free
+    return shutil.disk_usage(nearest_existing(path.resolve())).free
 
 
 def require_free_space(path: Path, database_bytes: int) -> int:
