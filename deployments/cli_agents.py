@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks import agent_queue as queue
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, first_line, read_user_file
 
 app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
 
@@ -230,12 +230,9 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
 
     from tasks.agent_process import templates_from
 
-    if agents_file.is_dir():
-        raise UserError(f"agents file {agents_file} is a directory; give the YAML or JSON file in it")
-    if not agents_file.is_file():
-        raise UserError(f"agents file {agents_file} not found")
+    text = read_user_file(agents_file, "agents file", "give the YAML or JSON file")
     try:
-        config = yaml.safe_load(agents_file.read_text()) or {}
+        config = yaml.safe_load(text) or {}
         templates_from(config)
     except Exception as exc:
         reason = first_line(exc)

@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from tasks.db import connection, mask_url, one_row, resolve_url
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, first_line, read_user_file
 
 app = typer.Typer(
     help="Bulk copies: PostgreSQL, SQLite or static files into PostgreSQL.", no_args_is_help=True
@@ -30,10 +30,10 @@ def load_mapping(path: Path | None) -> dict[str, Any] | None:
     """A mapping file (JSON or YAML) as a dict, with a one-line error when it cannot be read."""
     if path is None:
         return None
+    text = read_user_file(path, "mapping file", "pass a JSON or YAML mapping file")
     try:
-        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (ValueError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read mapping file {path}: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"mapping file {path} must hold an object keyed by source table")

@@ -39,6 +39,7 @@ def check(
 ) -> None:
     """Run the quality-check flow (reported to flowyard's Prefect server) and print the scores."""
     from deployments.runtime import prepare_flow_run
+    from quality.data_files import check_data_file
     from quality.suite_spec import resolve_suites
     from tasks.db import validate_postgres_url
     from tasks.errors import UserError
@@ -49,6 +50,7 @@ def check(
         ref, sep, path = item.partition("=")
         if not sep:
             raise UserError(f"--file {item!r} must be SUITE=PATH, e.g. users=./users.csv")
+        check_data_file(path)  # one line before any server starts, not a failed run
         files[ref] = path
     match window:  # not `in`: a match narrows the str to the flow's Literal for type checkers
         case None | "day" | "hour":

@@ -28,6 +28,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.datasource.fluent import PostgresDatasource
 from psycopg import sql
 
+from quality.data_files import read_data_file
 from quality.profiling import table_columns
 from quality.scoring import TableScore, score_rows, score_table
 from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
@@ -410,23 +411,10 @@ def check_frame(
     )
 
 
-def read_file(path: str | Path) -> pd.DataFrame:
-    """A CSV, Parquet, JSON or JSON-lines file as a DataFrame."""
-    file = Path(path)
-    readers = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".json": pd.read_json}
-    if not file.is_file():
-        raise UserError(f"file not found: {file}")
-    if file.suffix == ".jsonl":
-        return pd.read_json(file, lines=True)
-    if file.suffix not in readers:
-        raise UserError(f"cannot read {file}: use a .csv, .parquet, .json or .jsonl file")
-    return readers[file.suffix](file)
-
-
 def check_file(
     session: GxSession, suite: Suite, path: str | Path, sample_size: int = DEFAULT_SAMPLE
 ) -> SuiteResult:
-    return check_frame(session, suite, read_file(path), str(path), sample_size)
+    return check_frame(session, suite, read_data_file(path), str(path), sample_size)
 
 
 def run_suites(

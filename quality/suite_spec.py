@@ -196,11 +196,7 @@ def _describe(exc: ValidationError, data: Any, source: str) -> str:
 def load_suite_file(path: str | Path) -> list[Suite]:
     """Suites from a YAML file holding one suite or ``suites: [...]``."""
     file = Path(path)
-    if not file.exists():
-        raise UserError(
-            f"suite file not found: {file}; pass a YAML file path, a built-in suite or module:attr"
-        )
-    text = read_user_file(file, "suite file")
+    text = read_user_file(file, "suite file", "pass a YAML file path, a built-in suite or module:attr")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

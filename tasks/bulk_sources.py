@@ -29,7 +29,7 @@ from psycopg import sql
 from tasks.arrow_literals import literal_array
 from tasks.copy_pipe import read_csv_batches
 from tasks.db import connection, one_row, validate_postgres_url
-from tasks.errors import UserError, first_line
+from tasks.errors import UserError, check_user_file, first_line
 from tasks.pg_arrow_types import arrow_to_pg, pg_to_arrow, sqlite_to_pg
 
 if TYPE_CHECKING:
@@ -100,8 +100,7 @@ def source_kind(source_url: str) -> SourceKind:
         return "postgres"
     path = source_path(source_url)
     if scheme == "sqlite" or path.suffix.lower() in SQLITE_SUFFIXES:
-        if not path.is_file():
-            raise UserError(f"SQLite file {path} does not exist; pass an existing .db file")
+        check_user_file(path, "SQLite file", "pass an existing .db file")
         return "sqlite"
     if path.is_dir():
         return "files"

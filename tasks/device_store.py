@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from tasks.errors import UserError
+from tasks.errors import UserError, check_user_file
 
 V1, V2 = 1, 2
 SYNC_STATUSES = ("pending", "synced", "failed")
@@ -154,11 +154,8 @@ def _explain(path: Path, exc: sqlite3.Error) -> UserError:
 
 def check_store_path(path: Path) -> None:
     """A store is a file: a missing path and a directory (a common slip: the app's data folder
-    instead of its database) each get their own one-line message."""
-    if path.is_dir():
-        raise UserError(f"device store {path} is a directory; give the path of the device's SQLite file in it")
-    if not path.is_file():
-        raise UserError(f"device store {path} does not exist; give the path of the device's SQLite file")
+    instead of its database) are one line, before SQLite creates an empty store at a typo."""
+    check_user_file(path, "device store", "give the path of the device's SQLite file")
 
 
 @contextmanager

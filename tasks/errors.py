@@ -65,12 +65,29 @@ def check_range(value: Number, what: str, low: Number, high: Number, fix: str = 
     return value
 
 
-def read_user_file(path: str | Path, what: str) -> str:
-    """The UTF-8 text of a file the user named, or one line saying why it cannot be read (a
-    directory, no permission, bytes that are not UTF-8), instead of Python's traceback."""
+def check_user_file(path: str | Path, what: str, fix: str = "pass the file's path") -> Path:
+    """The file the user named, if it can be opened for reading; else one line saying why not
+    (missing, a directory, no permission) and how to ``fix`` it. Said by the command before any
+    server starts or run is recorded, and for files another library reads (pandas, SQLite), whose
+    own errors are a traceback or a message that names neither the file nor the option."""
     file = Path(path)
-    if file.is_dir():
-        raise UserError(f"cannot read {what} {file}: it is a directory; pass the file's path")
+    if file.is_dir():  # opening one says "Is a directory" only on some systems
+        reason = "it is a directory"
+    else:
+        try:
+            file.open("rb").close()
+            return file
+        except FileNotFoundError:
+            reason = "no such file"
+        except OSError as exc:
+            reason = exc.strerror or first_line(exc)
+    raise UserError(f"cannot read {what} {file}: {reason}; {fix}")
+
+
+def read_user_file(path: str | Path, what: str, fix: str = "pass the file's path") -> str:
+    """The UTF-8 text of a file the user named, or one line saying why it cannot be read
+    (:func:`check_user_file`'s reasons, or bytes that are not UTF-8), instead of Python's traceback."""
+    file = check_user_file(path, what, fix)
     try:
         return file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

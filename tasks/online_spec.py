@@ -238,11 +238,7 @@ def _parse_operation(index: int, raw: Any, source: str) -> Operation:
 def load_spec(path: str | Path) -> MigrationSpec:
     """Read and validate a migration file (``.yaml``, ``.yml`` or ``.json``)."""
     file = Path(path)
-    if not file.exists():
-        raise UserError(
-            f"migration file {str(file)!r} not found; pass the path of a .yaml or .json migration"
-        )
-    text = read_user_file(file, "migration file")
+    text = read_user_file(file, "migration file", "pass the path of a .yaml or .json migration")
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -133,7 +133,14 @@ def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env:
     assert "agent templates must map each agent type to {argv, delivery, env}" in _user_error(
         "run", "--agents-file", str(notes), env=env
     )
-    assert f"agents file {tmp_path} is a directory" in _user_error("run", "--agents-file", str(tmp_path), env=env)
+    assert f"cannot read agents file {tmp_path}: it is a directory; give the YAML or JSON file" in _user_error(
+        "run", "--agents-file", str(tmp_path), env=env
+    )
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"caf\xe9: {argv: [x]}\n")
+    assert f"cannot read agents file {latin1}: 'utf-8' codec can't decode" in _user_error(
+        "run", "--agents-file", str(latin1), env=env
+    )
     # checked before the flow run, so Prefect's log lines of a failed run do not come with it
     for option, parameter in (("--output-dir", "output_dir"), ("--logs-dir", "logs_dir")):
         message = f"{parameter} {notes} cannot be used as a directory: File exists; pass a directory path"

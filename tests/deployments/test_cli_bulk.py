@@ -67,9 +67,21 @@ def test_cli_user_errors_are_one_line(fresh_db, tmp_path):
         result.stderr.strip().splitlines()[-1].startswith("flowyard: error: invalid mapping at events.renmae")
     )
     assert "Traceback" not in result.stderr
+    a_dir = tmp_path / "mapping.yaml"
+    a_dir.mkdir()
+    result = run_cli("bulk", "copy", str(BULK_DEMO_ASSETS), "--target", fresh_db, "--mapping", str(a_dir))
+    assert result.returncode == 2 and result.stderr == (
+        f"flowyard: error: cannot read mapping file {a_dir}: it is a directory; pass a JSON or YAML mapping file\n"
+    )
     missing = run_cli("bulk", "copy", str(tmp_path / "legacy.db"), "--target", fresh_db)
     assert missing.returncode == 2 and missing.stderr == (
-        f"flowyard: error: SQLite file {tmp_path / 'legacy.db'} does not exist; pass an existing .db file\n"
+        f"flowyard: error: cannot read SQLite file {tmp_path / 'legacy.db'}: no such file; pass an existing .db file\n"
+    )
+    (tmp_path / "folder.db").mkdir()  # was "does not exist", of a path that does
+    folder = run_cli("bulk", "copy", f"sqlite:///{tmp_path / 'folder.db'}", "--target", fresh_db)
+    assert folder.returncode == 2 and folder.stderr == (
+        f"flowyard: error: cannot read SQLite file {tmp_path / 'folder.db'}: it is a directory; "
+        "pass an existing .db file\n"
     )
     assert _one(fresh_db, "SELECT to_regclass('flowyard.bulk_runs')") == (None,), "no run recorded for a typo"
 

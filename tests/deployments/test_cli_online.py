@@ -114,7 +114,8 @@ def test_start_with_a_missing_file_fails_in_one_line_without_traceback(state_db:
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr == (
-        f"flowyard: error: migration file '{missing}' not found; pass the path of a .yaml or .json migration\n"
+        f"flowyard: error: cannot read migration file {missing}: no such file; "
+        "pass the path of a .yaml or .json migration\n"
     )
     assert _flow_runs_of(missing) == [], "refused by the CLI before any flow run"
 

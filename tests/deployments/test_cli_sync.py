@@ -84,7 +84,7 @@ def test_user_errors_are_one_line(state_db: str, tmp_path: Path) -> None:
         (("sync", "enable", ""), "no device ''; `flowyard sync status` lists the configured devices"),
         (("sync", "configure", "--central-url", "mysql://x/y"), "not a PostgreSQL URL"),
         (("sync", "migrate", "down", "--to=v0", str(tmp_path / "x.db")), "--to must be v1"),
-        (("sync", "migrate", "up", str(tmp_path / "missing.db")), "does not exist"),
+        (("sync", "migrate", "up", str(tmp_path / "missing.db")), "missing.db: no such file"),
     ):
         out = run_cli(*args)
         assert out.returncode == 2, (args, out.stderr)
@@ -189,7 +189,7 @@ def test_configure_with_a_missing_store_changes_nothing(state_db: str, tmp_path:
     out = run_cli("sync", "configure", "--batch-size", "777", "--add-store", str(tmp_path / "missing.db"))
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
-        f"flowyard: error: device store {tmp_path / 'missing.db'} does not exist; "
+        f"flowyard: error: cannot read device store {tmp_path / 'missing.db'}: no such file; "
         "give the path of the device's SQLite file"
     ]
     assert sync_state.load_config(state_db) == before
@@ -242,7 +242,7 @@ def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     out = run_cli("sync", "trigger", "--store", str(typo), "--central-url", fresh_db)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr == (
-        f"flowyard: error: device store {typo} does not exist; give the path of the device's SQLite file\n"
+        f"flowyard: error: cannot read device store {typo}: no such file; give the path of the device's SQLite file\n"
     )
     assert str(typo) not in {d.store_path for d in sync_state.list_devices(state_db)}
     assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}

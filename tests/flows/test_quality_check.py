@@ -178,3 +178,17 @@ def test_cli_check_errors_are_one_line_without_traceback(fresh_db, state_db):
     )
     builtin = run_cli("quality", "validate-suite", "users")
     assert builtin.returncode == 0 and "users: 9 rules on users" in builtin.stdout
+
+
+def test_cli_refuses_a_data_file_that_is_a_directory_before_any_server_starts(tmp_path):
+    # It used to start the servers and fail the run with "file not found" for a file that exists.
+    a_dir = tmp_path / "users.csv"
+    a_dir.mkdir()
+    env = {"FLOWYARD_HOME": str(tmp_path / "home"), "FLOWYARD_DATABASE_URL": "postgresql://u@127.0.0.1:1/none"}
+    result = run_cli("quality", "check", "-f", f"users={a_dir}", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"flowyard: error: cannot read data file {a_dir}: it is a directory; "
+        "pass a .csv, .parquet, .json or .jsonl file\n"
+    )
+    assert not (tmp_path / "home" / "run").exists(), "no server started"

@@ -126,6 +126,29 @@ def test_file_input_matches_table_semantics(tmp_path):
     assert result.score == pytest.approx(expected.score, abs=1e-9)
 
 
+def test_a_data_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+    """A directory used to be "file not found", and content pandas cannot parse a traceback."""
+    a_dir = tmp_path / "users.csv"
+    a_dir.mkdir()
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(b"id,email\n1,caf\xe9@b.io\n")
+    not_parquet = tmp_path / "users.parquet"
+    not_parquet.write_text("id\n1\n")
+    notes = tmp_path / "users.txt"
+    notes.write_text("id\n1\n")
+    fix = "pass a .csv, .parquet, .json or .jsonl file"
+    for path, message in (
+        (a_dir, f"cannot read data file {a_dir}: it is a directory; {fix}"),
+        (tmp_path / "gone.csv", f"cannot read data file {tmp_path / 'gone.csv'}: no such file; {fix}"),
+        (notes, f"cannot read data file {notes}: its suffix says no format a check reads; {fix}"),
+        (latin1, f"cannot read data file {latin1}: 'utf-8' codec can't decode byte 0xe9"),
+        (not_parquet, f"cannot read data file {not_parquet}: "),
+    ):
+        with pytest.raises(UserError) as error:
+            check_file(GxSession(), USERS, path)
+        assert str(error.value).startswith(message) and "\n" not in str(error.value), path
+
+
 def test_empty_table_scores_100_and_fails_row_count(entity_db):
     result = check_table(GxSession(), entity_db, USERS)
     rules = _by_rule(result)

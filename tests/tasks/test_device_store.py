@@ -150,16 +150,17 @@ def test_locked_store_gives_one_line_error(tmp_path: Path) -> None:
         holder.close()
 
 
-def test_missing_store(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="does not exist"):
-        with device_store.open_store(tmp_path / "nope.db"):
+@pytest.mark.parametrize(("name", "reason"), [("nope.db", "no such file"), ("", "it is a directory")])
+def test_a_missing_store_or_a_directory_is_one_line_and_creates_nothing(
+    tmp_path: Path, name: str, reason: str
+) -> None:
+    path = tmp_path / name if name else tmp_path
+    message = f"cannot read device store {path}: {reason}; give the path of the device's SQLite file"
+    with pytest.raises(UserError) as error:
+        with device_store.open_store(path):
             pass
-
-
-def test_a_directory_is_not_a_store(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"is a directory; give the path of the device's SQLite file in it"):
-        with device_store.open_store(tmp_path):
-            pass
+    assert str(error.value) == message
+    assert not (tmp_path / "nope.db").exists()
 
 
 def test_a_v1_store_the_app_made_without_a_schema_version_upgrades(tmp_path: Path) -> None:
