@@ -21,13 +21,30 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from tasks.errors import UserError, first_line, read_user_file, validation_problem
 
+
+def _no_nul(text: str) -> str:
+    """PostgreSQL takes no NUL character in any text, SQL included: caught here, the file is
+    refused at load instead of by the step that sends it, after the migration has started."""
+    if "\x00" in text:
+        raise ValueError("contains a NUL character (\\u0000), which PostgreSQL cannot take; remove it")
+    return text
+
+
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=50)]
 """Identifiers: letters, digits and underscores, short enough to leave room for shadow-name prefixes."""
-SqlText = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+SqlText = Annotated[str, StringConstraints(min_length=1, strip_whitespace=True), AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):

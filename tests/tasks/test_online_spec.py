@@ -38,6 +38,30 @@ def test_valid_yaml_and_json_files_load(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("operation", "field"),
+    [
+        ({"raw_sql": {"up": "SELECT 1 -- \u0000"}}, "up"),
+        ({"add_column": {"table": "t", "column": {"name": "c", "type": "text", "default": "'a\u0000'"}}}, "column.default"),
+        ({"alter_column": {"table": "t", "column": "c", "check": {"constraint": "c <> '\u0000'"}}}, "check.constraint"),
+    ],
+)
+def test_sql_text_with_a_nul_character_is_refused_at_load_naming_file_and_field(
+    tmp_path: Path, operation: dict, field: str
+) -> None:
+    """PostgreSQL takes no NUL in any text: such a file used to load, plan and start, then fail
+    inside PostgreSQL at the step that ran the SQL."""
+    path = tmp_path / "nul.json"
+    path.write_text(json.dumps({"name": "nul", "operations": [{"raw_sql": {"up": "SELECT 1"}}, operation]}))
+    kind = next(iter(operation))
+    with pytest.raises(UserError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"nul.json: operation 1 ({kind}): field '{field}': contains a NUL character (\\u0000), "
+        "which PostgreSQL cannot take; remove it"
+    )
+
+
+@pytest.mark.parametrize(
     ("data", "expected"),
     [
         (
