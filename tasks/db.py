@@ -200,6 +200,21 @@ def connection(url: str, *, autocommit: bool = False, utc: bool = False) -> Iter
         conn.close()
 
 
+Db = str | psycopg.Connection
+"""A database URL, or a connection whose open transaction the call joins (see :func:`using`)."""
+
+
+@contextmanager
+def using(db: Db) -> Iterator[psycopg.Connection]:
+    """``db`` itself when it is a connection, so several calls join the caller's one transaction
+    (committed or rolled back by the caller); else a :func:`connection` of its own."""
+    if isinstance(db, psycopg.Connection):
+        yield db
+        return
+    with connection(db) as conn:
+        yield conn
+
+
 def one_row(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> tuple[Any, ...]:
     """The row of a query that always returns exactly one (``count(*)``, ``SHOW``, a function call).
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import device_store, sync_state
+from tasks.db import Db
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.state import state_url
@@ -27,7 +28,7 @@ class NewStore:
     user_id: str | None = None
     project_id: str | None = None
 
-    def device(self, state: str) -> str:
+    def device(self, state: Db) -> str:
         return self.device_id or sync_state.default_device_id(state, self.path)
 
 
@@ -74,60 +75,75 @@ class SetupResult:
 
 
 def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupResult:
-    """Validate the whole change, then save the settings and update the device list.
+    """Validate the whole change, then save the settings and update the device list, all or nothing.
 
     The store file is checked before the state database is even opened: a typo in a path is
-    reported as such, not hidden behind a connection problem."""
+    reported as such, not hidden behind a connection problem.
+
+    Everything else happens in one transaction of the state database
+    (:func:`sync_state.configuring`): the checks, the settings, the added, removed, enabled and
+    disabled devices. An error found late (a device another process removed meanwhile) or a
+    crash part-way rolls all of it back, and running the same command again applies all of it.
+    A device store is only ever read here (its schema version and the identity recorded in it
+    at its upgrade), never written, so there is no second database whose changes could be left
+    behind by a crash: the store's recorded identity wins whenever it is read again."""
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
         with device_store.open_store(change.add_store.path) as conn:
             device_store.known_version(conn)
-    state = state_url(state_database_url)
-    _check_devices(state, change)
-    config = sync_state.update_config(
-        state,
-        {
-            "enabled": change.enabled,
-            "central_url": change.central_url,
-            "batch_size": change.batch_size,
-            "download_updates": change.download_updates,
-        },
-        privacy={"allowlist": change.allow or None, "mode": change.privacy_mode, "hash_key": change.hash_key},
-        alerts={
-            "queue_threshold": change.queue_threshold,
-            "failure_rate": change.failure_rate,
-            "offline_seconds": change.offline_seconds,
-        },
-    )
-    added = _register(state, change.add_store) if change.add_store is not None else None
-    if change.remove_store is not None:
-        sync_state.remove_device(state, change.remove_store)
-    for device in change.enable_devices:
-        sync_state.set_enabled(state, device, True)
-    for device in change.disable_devices:
-        sync_state.set_enabled(state, device, False)
+    with sync_state.configuring(state_url(state_database_url)) as state:
+        _check_devices(state, change)
+        config = sync_state.update_config(
+            state,
+            {
+                "enabled": change.enabled,
+                "central_url": change.central_url,
+                "batch_size": change.batch_size,
+                "download_updates": change.download_updates,
+            },
+            privacy={"allowlist": change.allow or None, "mode": change.privacy_mode, "hash_key": change.hash_key},
+            alerts={
+                "queue_threshold": change.queue_threshold,
+                "failure_rate": change.failure_rate,
+                "offline_seconds": change.offline_seconds,
+            },
+        )
+        added = _register(state, change.add_store) if change.add_store is not None else None
+        if change.remove_store is not None:
+            sync_state.remove_device(state, change.remove_store)
+        for device in change.enable_devices:
+            sync_state.set_enabled(state, device, True)
+        for device in change.disable_devices:
+            sync_state.set_enabled(state, device, False)
     return SetupResult(config, added)
 
 
-def _check_devices(state: str, change: SetupChange) -> None:
-    """Refuse an unknown device id, or one both enabled and disabled, before anything is saved."""
+def _check_devices(state: Db, change: SetupChange) -> None:
+    """Refuse an unknown device id, one both enabled and disabled, or one this call removes and
+    also adds or switches (the switch would fail after the removal), before anything is saved."""
     both = sorted(set(change.enable_devices) & set(change.disable_devices))
     if both:
         raise UserError(f"device {both[0]!r} is both enabled and disabled; name it in one list only")
     adding = change.add_store.device(state) if change.add_store is not None else None
-    named = [change.remove_store] if change.remove_store is not None else []
+    removing = change.remove_store
+    if removing is not None and removing in (adding, *change.enable_devices, *change.disable_devices):
+        raise UserError(
+            f"device {removing!r} is removed by this configure; do not also "
+            + ("add it" if removing == adding else "enable or disable it")
+        )
+    named = [removing] if removing is not None else []
     for device in dict.fromkeys([*named, *change.enable_devices, *change.disable_devices]):
         if device != adding:  # the store added by this same call may be switched on or off
             sync_state.require_device(state, device)
 
 
-def _register(state: str, store: NewStore) -> Identity:
+def _register(state: Db, store: NewStore) -> Identity:
     """Register the store (or re-point its device) under :func:`store_identity`."""
     identity = store_identity(state, store)
     sync_state.register_device(state, store.path, identity)
     return identity
 
 
-def store_identity(state: str, store: NewStore) -> Identity:
+def store_identity(state: Db, store: NewStore) -> Identity:
     """The identity a store is registered or upgraded with.
 
     A v2 store's is the one recorded in it at its upgrade: its events carry it, and central

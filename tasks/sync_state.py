@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from tasks import device_store
-from tasks.db import connection, ensure_database, validate_postgres_url, with_database
+from tasks.db import Db, connection, ensure_database, using, validate_postgres_url, with_database
 from tasks.device_store import Identity
 from tasks.errors import INT64_MAX, UserError, check_range, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
@@ -221,7 +222,7 @@ def recorded_identity(store: Path) -> Identity | None:
         return None
 
 
-def default_device_id(state: str, store: Path) -> str:
+def default_device_id(state: Db, store: Path) -> str:
     """The id a store registered without one gets: the id recorded in it (its events carry it),
     else the id flowyard has for it, else :func:`new_device_id` avoiding every id flowyard knows
     (so registering a second ``devflow.db`` adds a device instead of re-pointing the first)."""
@@ -231,7 +232,7 @@ def default_device_id(state: str, store: Path) -> str:
     return unrecorded_device_id(state, path)
 
 
-def unrecorded_device_id(state: str, store: Path) -> str:
+def unrecorded_device_id(state: Db, store: Path) -> str:
     """The id of a store with none recorded in it (v1): the one flowyard has for it, else
     :func:`new_device_id` avoiding every id flowyard knows."""
     if (device := device_for_store(state, store)) is not None:
@@ -256,20 +257,20 @@ def _identity_fields(identity: Identity) -> tuple[str, str, str]:
     return identity.device_id, identity.user_id, identity.project_id
 
 
-def load_config(url: str) -> SyncConfig:
-    with connection(url) as conn:
+def load_config(db: Db) -> SyncConfig:
+    with using(db) as conn:
         row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
     return SyncConfig.model_validate(row[0]) if row else SyncConfig()
 
 
 def update_config(
-    url: str,
+    db: Db,
     settings: dict[str, object],
     privacy: dict[str, object] | None = None,
     alerts: dict[str, object] | None = None,
 ) -> SyncConfig:
     """Merge the given (non-None) values into the stored configuration, validate and save it."""
-    config = load_config(url)
+    config = load_config(db)
     merged = config.model_dump()
     merged.update(_given(settings))
     merged["privacy"].update(_given(privacy or {}))
@@ -292,7 +293,7 @@ def update_config(
             "invalid sync setting privacy.hash_key: privacy mode hash needs a key "
             "(--hash-key; without one the hashes of short values are easy to guess)"
         )
-    save_config(url, updated)
+    save_config(db, updated)
     return updated
 
 
@@ -300,8 +301,8 @@ def _given(values: dict[str, object]) -> dict[str, object]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def save_config(url: str, config: SyncConfig) -> None:
-    with connection(url) as conn:
+def save_config(db: Db, config: SyncConfig) -> None:
+    with using(db) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_config (config) VALUES (%s)
@@ -311,9 +312,9 @@ def save_config(url: str, config: SyncConfig) -> None:
         )
 
 
-def register_device(url: str, store: Path, identity: Identity) -> None:
+def register_device(db: Db, store: Path, identity: Identity) -> None:
     """Add (or re-point) a device so default runs sync it."""
-    with connection(url) as conn:
+    with using(db) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_devices (device_id, store_path, user_id, project_id, registered)
@@ -325,20 +326,36 @@ def register_device(url: str, store: Path, identity: Identity) -> None:
         )
 
 
+CONFIGURE_LOCK = "flowyard-sync-configure"
+
+
+@contextmanager
+def configuring(url: str) -> Iterator[psycopg.Connection]:
+    """One transaction for a whole ``configure``, committed only when all of it succeeded.
+
+    It first takes a transaction-scoped advisory lock, so two configure calls run one after the
+    other: each reads the stored configuration it merges into after the other committed (without
+    it, the later commit would silently drop the earlier call's settings). A crashed caller's
+    transaction is rolled back and its lock released by PostgreSQL."""
+    with connection(url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (CONFIGURE_LOCK,))
+        yield conn
+
+
 def _unknown_device(device_id: str) -> UserError:
     return UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
 
 
-def require_device(url: str, device_id: str) -> None:
+def require_device(db: Db, device_id: str) -> None:
     """Fail before a multi-part ``configure`` saves anything, when the device it names is unknown."""
-    with connection(url) as conn:
+    with using(db) as conn:
         known = conn.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)).fetchone()
     if known is None:
         raise _unknown_device(device_id)
 
 
-def remove_device(url: str, device_id: str) -> None:
-    with connection(url) as conn:
+def remove_device(db: Db, device_id: str) -> None:
+    with using(db) as conn:
         deleted = conn.execute(
             "DELETE FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)
         ).rowcount
@@ -346,8 +363,8 @@ def remove_device(url: str, device_id: str) -> None:
         raise _unknown_device(device_id)
 
 
-def set_enabled(url: str, device_id: str, enabled: bool) -> None:
-    with connection(url) as conn:
+def set_enabled(db: Db, device_id: str, enabled: bool) -> None:
+    with using(db) as conn:
         updated = conn.execute(
             "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, device_id)
         ).rowcount
@@ -355,20 +372,20 @@ def set_enabled(url: str, device_id: str, enabled: bool) -> None:
         raise _unknown_device(device_id)
 
 
-def list_devices(url: str, *, registered_only: bool = False) -> list[Device]:
+def list_devices(db: Db, *, registered_only: bool = False) -> list[Device]:
     query = sql.SQL(
         "SELECT {} FROM flowyard.sync_devices WHERE registered OR NOT %s ORDER BY device_id"
     ).format(_DEVICE_COLUMNS)
-    with connection(url) as conn:
+    with using(db) as conn:
         rows = conn.execute(query, (registered_only,)).fetchall()
     return [Device(*row) for row in rows]
 
 
-def device_for_store(url: str, store: Path) -> Device | None:
+def device_for_store(db: Db, store: Path) -> Device | None:
     query = sql.SQL("SELECT {} FROM flowyard.sync_devices WHERE store_path = %s LIMIT 1").format(
         _DEVICE_COLUMNS
     )
-    with connection(url) as conn:
+    with using(db) as conn:
         row = conn.execute(query, (str(store.resolve()),)).fetchone()
     return Device(*row) if row else None
 

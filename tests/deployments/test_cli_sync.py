@@ -319,3 +319,35 @@ def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state
             sync_history(limit=limit)
     with pytest.raises(UserError, match="is a directory"):
         sync_configure(add_store="")
+
+
+def test_configure_refuses_switching_a_device_it_removes_and_saves_nothing(state_db: str, tmp_path: Path) -> None:
+    """Removing a device and enabling or disabling it in one call used to save the settings and
+    remove the device, then fail with "no device" at the switch: half a configuration."""
+    from flows.sync_controls import sync_configure
+
+    store = make_store(tmp_path / "both.db", 3)
+    sync_state.register_device(state_db, store, device_store.Identity("removed-and-disabled", "u", "p"))
+    before = sync_state.load_config(state_db)
+    try:
+        with pytest.raises(UserError) as info:
+            sync_configure(
+                batch_size=781, allow=["action"], remove_store="removed-and-disabled",
+                disable_devices=["removed-and-disabled"],
+            )  # fmt: skip
+        assert str(info.value) == (
+            "device 'removed-and-disabled' is removed by this configure; do not also enable or disable it"
+        )
+        assert sync_state.load_config(state_db) == before
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "removed-and-disabled"]
+        assert device.enabled
+        out = run_cli("sync", "configure", "--add-store", str(store), "--device-id", "removed-and-disabled",
+                      "--remove-store", "removed-and-disabled", "--batch-size", "782")  # fmt: skip
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.strip().splitlines() == [
+            "flowyard: error: device 'removed-and-disabled' is removed by this configure; do not also add it"
+        ]
+        assert sync_state.load_config(state_db) == before
+    finally:
+        sync_state.remove_device(state_db, "removed-and-disabled")
+        sync_state.save_config(state_db, before)

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -33,6 +33,8 @@ from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, flow_run_artifacts, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
+
+T = TypeVar("T")
 
 
 def _central_counts(url: str) -> tuple[int, int]:
@@ -677,3 +679,81 @@ def test_two_stores_upgraded_under_one_device_id_are_refused(fresh_db: str, tmp_
     )
     with psycopg.connect(fresh_db) as conn:  # refused before central was touched
         assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
+
+
+def _blocked_by(holder: int, watcher: psycopg.Connection) -> int | None:
+    """The pid of a session waiting on a lock the session with pid ``holder`` holds, if one is."""
+    row = watcher.execute(
+        "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (holder,)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _until(probe: Callable[[], T], *running: subprocess.Popen[bytes]) -> T:
+    """Wait until ``probe`` returns a true value and return it; fails if one of the ``running``
+    processes ends first."""
+    while not (value := probe()):
+        for proc in running:
+            assert proc.poll() is None, f"ended too early: {proc.stderr.read().decode()}"  # type: ignore[union-attr]
+        time.sleep(0.01)
+    return value
+
+
+def test_sigkill_mid_configure_applies_nothing_and_the_rerun_applies_everything(
+    state_db: str, tmp_path: Path
+) -> None:
+    """`sync configure` saves the settings, adds a store and removes a device in one transaction:
+    killed while it waits on a row lock at the removal (after the settings and the new device
+    were written), central keeps the configuration and device list it had; the same command
+    then applies all of it."""
+    held = make_store(tmp_path / "held.db", 3)
+    added = make_store(tmp_path / "added.db", 3)
+    sync_state.register_device(state_db, held, Identity("configure-held", "u", "p"))
+    before = sync_state.load_config(state_db)
+    args = ("sync", "configure", "--batch-size", "4242", "--queue-threshold", "17",
+            "--add-store", str(added), "--device-id", "configure-added", "--remove-store", "configure-held")  # fmt: skip
+    devices = lambda: {d.device_id for d in sync_state.list_devices(state_db)}  # noqa: E731
+    try:
+        with psycopg.connect(state_db) as holder, psycopg.connect(state_db, autocommit=True) as watcher:
+            holder.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = 'configure-held' FOR UPDATE")
+            _kill_when(_start_cli(*args), lambda: _blocked_by(holder.info.backend_pid, watcher) is not None)
+            waiting = _blocked_by(holder.info.backend_pid, watcher)  # the killed client's session waits on
+            holder.rollback()  # now it goes on, finds its client gone and rolls back
+            _until(lambda: not watcher.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (waiting,)).fetchone())
+        assert sync_state.load_config(state_db) == before
+        assert "configure-held" in devices() and "configure-added" not in devices()
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        config = sync_state.load_config(state_db)
+        assert (config.batch_size, config.alerts.queue_threshold) == (4242, 17)
+        assert "configure-held" not in devices() and "configure-added" in devices()
+    finally:
+        for device in {"configure-held", "configure-added"} & devices():
+            sync_state.remove_device(state_db, device)
+        sync_state.save_config(state_db, before)
+
+
+def test_concurrent_configures_both_apply(state_db: str, tmp_path: Path) -> None:
+    """Two `sync configure` calls at once: the second waits for the first's transaction and
+    merges into what it saved, instead of overwriting it with the settings it read before
+    (each call reads, merges and saves the whole configuration)."""
+    held = make_store(tmp_path / "held.db", 3)
+    sync_state.register_device(state_db, held, Identity("configure-held", "u", "p"))
+    before = sync_state.load_config(state_db)
+    try:
+        with psycopg.connect(state_db) as holder, psycopg.connect(state_db, autocommit=True) as watcher:
+            holder.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = 'configure-held' FOR UPDATE")
+            first = _start_cli("sync", "configure", "--batch-size", "4343", "--remove-store", "configure-held")
+            # the first call has read and saved the settings, uncommitted, when it waits at the removal
+            waiting = _until(lambda: _blocked_by(holder.info.backend_pid, watcher), first)
+            second = _start_cli("sync", "configure", "--queue-threshold", "23")
+            _until(lambda: _blocked_by(waiting, watcher), first, second)
+            holder.rollback()
+            assert (first.wait(), second.wait()) == (0, 0), (first.stderr.read(), second.stderr.read())  # type: ignore[union-attr]
+        config = sync_state.load_config(state_db)
+        assert (config.batch_size, config.alerts.queue_threshold) == (4343, 23)
+        assert "configure-held" not in {d.device_id for d in sync_state.list_devices(state_db)}
+    finally:
+        if "configure-held" in {d.device_id for d in sync_state.list_devices(state_db)}:
+            sync_state.remove_device(state_db, "configure-held")
+        sync_state.save_config(state_db, before)
