@@ -50,13 +50,17 @@ def sync_devices(
     download_updates: bool | None = None,
     state_database_url: str | None = None,
 ) -> dict[str, Any]:
-    """Sync the given stores (default: the devices set up with ``flowyard sync configure``).
+    """Sync the given stores (default, ``stores`` left out or None: the devices set up with
+    ``flowyard sync configure``). An empty list is refused, not read as that default: it names
+    no store, and syncing every configured device instead would surprise its caller.
 
     ``force`` also syncs disabled devices and retries failed events before their backoff ends.
     Returns each device's cursors and outcome (the run's persisted result); when a device did
     not sync fully, raises :class:`SyncIncomplete` carrying that same result.
     """
     logger = get_run_logger()
+    if stores is not None and not stores:  # a templated parameter that rendered empty, most likely
+        raise UserError("stores=[] names no store; omit stores (or pass null) to sync the configured devices")
     # A malformed override is the caller's typo, not an outage: refuse it before any device is
     # touched, or every pending event would be marked failed and wait out a retry backoff.
     central_override = validate_postgres_url(central_url) if central_url else None

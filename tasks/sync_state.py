@@ -156,9 +156,9 @@ def default_central_url(state: str) -> str:
 def resolve_targets(
     state: str, stores: list[str] | None, *, force: bool, download: bool | None, config: SyncConfig
 ) -> list[SyncTarget]:
-    """Explicit store paths, or else the configured devices (enabled ones unless ``force``)."""
+    """Explicit store paths, or with None the configured devices (enabled ones unless ``force``)."""
     pull = config.download_updates if download is None else download
-    if stores:
+    if stores is not None:
         return _store_targets(state, stores, pull)
     return [
         SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None)

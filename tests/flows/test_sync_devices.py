@@ -757,3 +757,22 @@ def test_concurrent_configures_both_apply(state_db: str, tmp_path: Path) -> None
         if "configure-held" in {d.device_id for d in sync_state.list_devices(state_db)}:
             sync_state.remove_device(state_db, "configure-held")
         sync_state.save_config(state_db, before)
+
+
+def test_an_explicit_empty_store_list_is_refused(state_db: str, tmp_path: Path) -> None:
+    """``stores=[]`` (a templated parameter that rendered empty) used to sync every configured
+    device, as if stores had been left out."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "not-now.db", 10)
+    sync_state.register_device(state_db, store, Identity("not-now", "u", "p"))
+    try:
+        with pytest.raises(UserError) as info:
+            sync_devices(stores=[], central_url="postgresql://nowhere.invalid/central")
+    finally:
+        sync_state.remove_device(state_db, "not-now")
+    assert str(info.value) == (
+        "stores=[] names no store; omit stores (or pass null) to sync the configured devices"
+    )
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1  # never touched
