@@ -155,8 +155,8 @@ def history(
 ) -> None:
     """Recent per-device sync results, newest first."""
     rows = sync_state.history(state_url(), limit=limit, since=since)
-    if not rows:
-        typer.echo("no sync runs yet")
+    if not rows:  # with --since, earlier runs may exist: say which answer is empty
+        typer.echo("no sync runs yet" if since is None else f"no sync runs since {since}")
     for row in rows:
         lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
         typer.echo(

@@ -351,3 +351,17 @@ def test_configure_refuses_switching_a_device_it_removes_and_saves_nothing(state
     finally:
         sync_state.remove_device(state_db, "removed-and-disabled")
         sync_state.save_config(state_db, before)
+
+
+def test_history_since_a_time_after_every_run_says_so(state_db: str) -> None:
+    """With runs recorded, `history --since` later than all of them said "no sync runs yet"."""
+    with psycopg.connect(state_db) as conn:
+        conn.execute("INSERT INTO flowyard.sync_runs (device_id) VALUES ('history-probe')")
+    try:
+        out = run_cli("sync", "history", "--since", "9999-12-31")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["no sync runs since 9999-12-31 00:00:00"]
+        assert "history-probe" in run_cli("sync", "history", "--limit", "1").stdout
+    finally:
+        with psycopg.connect(state_db) as conn:
+            conn.execute("DELETE FROM flowyard.sync_runs WHERE device_id = 'history-probe'")
