@@ -365,3 +365,30 @@ def test_history_since_a_time_after_every_run_says_so(state_db: str) -> None:
     finally:
         with psycopg.connect(state_db) as conn:
             conn.execute("DELETE FROM flowyard.sync_runs WHERE device_id = 'history-probe'")
+
+
+def test_switching_a_device_only_synced_by_path_is_refused(state_db: str) -> None:
+    """A device a `sync trigger --store` run recorded, but never configured, is in no scheduled
+    run and a run given its path syncs it whatever its switch: `enable`/`disable` of it used to
+    say "device … disabled" and change nothing anyone reads."""
+    from flows.sync_controls import sync_configure
+
+    sync_state.record_device_error(state_db, None, "by-path-only", "/nowhere/by-path-only.db", "boom")
+    before = sync_state.load_config(state_db)
+    expected = (
+        "device 'by-path-only' is not configured, only synced by path; add its store with "
+        "`flowyard sync configure --add-store PATH` to switch it on or off"
+    )
+    try:
+        for command in ("disable", "enable"):
+            out = run_cli("sync", command, "by-path-only")
+            assert out.returncode == 2 and out.stdout == ""
+            assert out.stderr.strip().splitlines() == [f"flowyard: error: {expected}"]
+        with pytest.raises(UserError) as info:
+            sync_configure(batch_size=783, disable_devices=["by-path-only"])
+        assert str(info.value) == expected
+        assert sync_state.load_config(state_db) == before
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "by-path-only"]
+        assert device.enabled
+    finally:
+        sync_state.remove_device(state_db, "by-path-only")
