@@ -74,8 +74,13 @@ def sync_devices(
     if not config.enabled and not force:
         logger.warning("sync is disabled (`flowyard sync configure --enable` or `sync trigger --force`)")
         return {"devices": {}, "skipped": "sync disabled"}
-    targets = resolve_targets(state, stores, force=force, download=download_updates, config=config)
+    resolved = resolve_targets(state, stores, force=force, download=download_updates, config=config)
+    targets, disabled = resolved.sync, resolved.disabled
+    if disabled:
+        logger.info(_disabled_note(disabled))
     if not targets:
+        if disabled:
+            return {"devices": {}, "skipped": _disabled_note(disabled)}
         logger.info("no devices to sync; add one with `flowyard sync configure --add-store PATH`")
         return {"devices": {}, "skipped": "no devices"}
     central = central_override or config.central_url or default_central_url(state)
@@ -106,9 +111,16 @@ def sync_devices(
         key="sync-devices-run",
         description="Per-device sync results",
     )
-    run_result = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
+    run_result: dict[str, Any] = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
+    if disabled:
+        run_result["skipped"] = _disabled_note(disabled)
     errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
     if errors:
         summary = f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors)
         raise SyncIncomplete(summary, run_result)
     return run_result
+
+
+def _disabled_note(devices: list[str]) -> str:
+    """Why a run left devices out, and the two ways to include them."""
+    return f"disabled devices not synced: {', '.join(devices)} (`flowyard sync enable DEVICE`, or force)"

@@ -153,22 +153,35 @@ def default_central_url(state: str) -> str:
     return with_database(state, CENTRAL_DATABASE)
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What a run syncs, and the disabled devices it leaves out (named, so the run can say why)."""
+
+    sync: list[SyncTarget]
+    disabled: list[str]
+
+
 def resolve_targets(
     state: str, stores: list[str] | None, *, force: bool, download: bool | None, config: SyncConfig
-) -> list[SyncTarget]:
-    """Explicit store paths, or with None the configured devices (enabled ones unless ``force``)."""
+) -> Targets:
+    """Explicit store paths, or with None the configured devices; either way without the
+    disabled devices unless ``force``. A store named by path is no exception: ``sync disable``
+    stops a device's syncing at once, also in a deployment or script that lists its store."""
     pull = config.download_updates if download is None else download
     if stores is not None:
-        return _store_targets(state, stores, pull)
-    return [
-        SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None)
-        for d in list_devices(state, registered_only=True)
-        if d.enabled or force
-    ]
+        known = _store_targets(state, stores, pull)
+    else:
+        known = [
+            (SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None), d)
+            for d in list_devices(state, registered_only=True)
+        ]
+    off = {t.device_id for t, device in known if device is not None and not device.enabled and not force}
+    return Targets([t for t, _ in known if t.device_id not in off], sorted(off))
 
 
-def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget]:
-    """Targets for explicit store paths, each under its own device id.
+def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[SyncTarget, Device | None]]:
+    """Targets for explicit store paths, each under its own device id, with the device flowyard
+    knows at that path (None for a store it has never synced).
 
     A store flowyard has synced before keeps its device row's identity; one upgraded before
     (``sync migrate up``, another flowyard) the identity recorded in it; a new one gets
@@ -192,7 +205,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
         cursor = device.download_cursor if (device := known[path]) else 0
         targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
     _refuse_shared_ids(targets)
-    return targets
+    return [(target, known[path]) for target, path in zip(targets, paths, strict=True)]
 
 
 def _refuse_shared_ids(targets: list[SyncTarget]) -> None:

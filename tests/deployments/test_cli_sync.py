@@ -50,7 +50,14 @@ def test_configure_status_disable_trigger_history(fresh_db: str, state_db: str, 
 
         skipped = run_cli("sync", "trigger")
         assert skipped.returncode == 0, skipped.stderr
-        assert "skipped: no devices" in skipped.stdout
+        assert "skipped: disabled devices not synced: cli-dev" in skipped.stdout
+        # named by its path, as a deployment's `stores` or a script might: still not synced
+        by_path = run_cli("sync", "trigger", "--store", str(store))
+        assert by_path.returncode == 0, by_path.stderr
+        assert "skipped: disabled devices not synced: cli-dev" in by_path.stdout
+        assert "uploaded=" not in by_path.stdout
+        with device_store.open_store(store) as conn:
+            assert device_store.schema_version(conn) == device_store.V1  # not even upgraded
 
         assert run_cli("sync", "configure", "--disable").returncode == 0
         assert "skipped: sync disabled" in run_cli("sync", "trigger").stdout

@@ -18,7 +18,7 @@ from tasks.sync_state import SyncConfig, SyncTarget, resolve_targets
 
 
 def _targets(state: str, *stores: Path) -> list[SyncTarget]:
-    return resolve_targets(state, [str(s) for s in stores], force=False, download=None, config=SyncConfig())
+    return resolve_targets(state, [str(s) for s in stores], force=False, download=None, config=SyncConfig()).sync
 
 
 def _events_per_device(central: str) -> dict[str, int]:
