@@ -118,9 +118,8 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:
-    """Refuse an unknown device id, one both enabled and disabled, one to switch that is not
-    configured, or one this call removes and also adds or switches (the switch would fail after
-    the removal), before anything is saved."""
+    """Refuse an unknown device id, one both enabled and disabled, or one this call removes and
+    also adds or switches (the switch would fail after the removal), before anything is saved."""
     both = sorted(set(change.enable_devices) & set(change.disable_devices))
     if both:
         raise UserError(f"device {both[0]!r} is both enabled and disabled; name it in one list only")
@@ -131,11 +130,10 @@ def _check_devices(state: Db, change: SetupChange) -> None:
             f"device {removing!r} is removed by this configure; do not also "
             + ("add it" if removing == adding else "enable or disable it")
         )
-    if removing is not None:
-        sync_state.require_device(state, removing)
-    for device in dict.fromkeys([*change.enable_devices, *change.disable_devices]):
+    named = [removing] if removing is not None else []
+    for device in dict.fromkeys([*named, *change.enable_devices, *change.disable_devices]):
         if device != adding:  # the store added by this same call may be switched on or off
-            sync_state.require_device(state, device, configured=True)
+            sync_state.require_device(state, device)
 
 
 def _register(state: Db, store: NewStore) -> Identity:

@@ -359,21 +359,12 @@ def _unknown_device(device_id: str) -> UserError:
     return UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
 
 
-def require_device(db: Db, device_id: str, *, configured: bool = False) -> None:
-    """Fail before a multi-part ``configure`` saves anything, when the device it names is unknown,
-    or, for a ``configured`` one (to switch on or off), only recorded by a run given its path:
-    no scheduled run syncs such a device and a run given its path ignores its switch."""
+def require_device(db: Db, device_id: str) -> None:
+    """Fail before a multi-part ``configure`` saves anything, when the device it names is unknown."""
     with using(db) as conn:
-        row = conn.execute(
-            "SELECT registered FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)
-        ).fetchone()
-    if row is None:
+        known = conn.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)).fetchone()
+    if known is None:
         raise _unknown_device(device_id)
-    if configured and not row[0]:
-        raise UserError(
-            f"device {device_id!r} is not configured, only synced by path; add its store with "
-            "`flowyard sync configure --add-store PATH` to switch it on or off"
-        )
 
 
 def remove_device(db: Db, device_id: str) -> None:
@@ -386,14 +377,12 @@ def remove_device(db: Db, device_id: str) -> None:
 
 
 def set_enabled(db: Db, device_id: str, enabled: bool) -> None:
-    """Switch a configured device on or off (see :func:`require_device` for the others)."""
     with using(db) as conn:
         updated = conn.execute(
-            "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s AND registered",
-            (enabled, device_id),
+            "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, device_id)
         ).rowcount
-        if not updated:
-            require_device(conn, device_id, configured=True)
+    if not updated:
+        raise _unknown_device(device_id)
 
 
 def list_devices(db: Db, *, registered_only: bool = False) -> list[Device]:

@@ -374,28 +374,27 @@ def test_history_since_a_time_after_every_run_says_so(state_db: str) -> None:
             conn.execute("DELETE FROM flowyard.sync_runs WHERE device_id = 'history-probe'")
 
 
-def test_switching_a_device_only_synced_by_path_is_refused(state_db: str) -> None:
-    """A device a `sync trigger --store` run recorded, but never configured, is in no scheduled
-    run and a run given its path syncs it whatever its switch: `enable`/`disable` of it used to
-    say "device … disabled" and change nothing anyone reads."""
-    from flows.sync_controls import sync_configure
-
-    sync_state.record_device_error(state_db, None, "by-path-only", "/nowhere/by-path-only.db", "boom")
-    before = sync_state.load_config(state_db)
-    expected = (
-        "device 'by-path-only' is not configured, only synced by path; add its store with "
-        "`flowyard sync configure --add-store PATH` to switch it on or off"
-    )
+def test_a_device_only_synced_by_path_can_be_disabled_and_its_path_runs_then_skip_it(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A device that only `sync trigger --store` runs know (a deployment listing its stores) is
+    switched off like a configured one: the next run naming its store leaves it out and says so,
+    and ``--force`` syncs it anyway."""
+    store = make_store(tmp_path / "by-path.db", 30)
     try:
-        for command in ("disable", "enable"):
-            out = run_cli("sync", command, "by-path-only")
-            assert out.returncode == 2 and out.stdout == ""
-            assert out.stderr.strip().splitlines() == [f"flowyard: error: {expected}"]
-        with pytest.raises(UserError) as info:
-            sync_configure(batch_size=783, disable_devices=["by-path-only"])
-        assert str(info.value) == expected
-        assert sync_state.load_config(state_db) == before
-        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "by-path-only"]
-        assert device.enabled
+        first = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert first.returncode == 0 and "by-path: uploaded=30" in first.stdout, first.stderr
+        with device_store.open_store(store) as conn:
+            device_store.insert_events(conn, [(device_store.now_ms(), "edit", {"n": 1})])
+        assert run_cli("sync", "disable", "by-path").returncode == 0
+
+        skipped = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert skipped.returncode == 0, skipped.stderr
+        assert "skipped: disabled devices not synced: by-path" in skipped.stdout
+        with device_store.open_store(store) as conn:
+            assert device_store.counts(conn).pending == 1
+
+        forced = run_cli("sync", "trigger", "--force", "--store", str(store), "--central-url", fresh_db)
+        assert forced.returncode == 0 and "by-path: uploaded=1" in forced.stdout, forced.stderr
     finally:
-        sync_state.remove_device(state_db, "by-path-only")
+        sync_state.remove_device(state_db, "by-path")
