@@ -270,6 +270,7 @@ def test_default_run_uses_configured_devices_and_records_state(
         state = sync_devices(return_state=True)
         result = state.result()
         assert set(result["devices"]) == {"cfg-on"}
+        assert result["skipped"].startswith("disabled devices not synced: cfg-off ")
         assert result["devices"]["cfg-on"]["uploaded"] == 120
         cursor = result["devices"]["cfg-on"]["download_cursor"]
         assert cursor > 0
