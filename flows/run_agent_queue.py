@@ -70,13 +70,17 @@ def run_agent_queue(
         limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds),
     )
     logger = get_run_logger()
-    recovered = recover_stale_tasks(url, setup.limits)
+    recovery = recover_stale_tasks(url, setup.limits)
+    recovered = recovery.resumed
     if recovered:
         logger.info("resuming tasks of workers that are gone: %s", recovered)
+    # a task its dead worker's run had given up on is this run's news: it failed
+    outcomes = {task_id: f"failed: {error}" for task_id, error in recovery.failed.items()}
+    for task_id, error in recovery.failed.items():
+        logger.error("task %s failed: %s", task_id, error)
     attempt = _attempt_tasks(retries)
     cancel = CancelWatch()
     released: list[int] | None = None
-    outcomes: dict[int, str] = {}
     runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=max_agents)
     with runner, fleet(setup) as agents_fleet:
         running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}

@@ -23,6 +23,7 @@ import httpx
 import psycopg
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -211,7 +212,7 @@ class Fleet:
             t.id
             for t in queue.list_tasks(self.setup.database_url, "in_progress")
             if t.worker == self.setup.worker
-            and queue.release_task(self.setup.database_url, t.id, self.setup.worker, reason)
+            and queue.release_task(self.setup.database_url, t.id, self.setup.worker, reason) == "pending"
         ]
         return sorted(set(released) | set(attempts))
 
@@ -283,10 +284,23 @@ def _result_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 def _retryable(task: Any, task_run: Any, state: Any) -> bool:
+    return _worth_retrying(state.data)
+
+
+def _worth_retrying(error: BaseException) -> bool:
     """Agent failures are retried; configuration errors (UserError) and errors the agent itself
     marked ``"retryable": false`` are not."""
-    error = state.data
     return not isinstance(error, UserError) and not (isinstance(error, AgentFailed) and not error.retryable)
+
+
+def _gives_up(error: BaseException) -> bool:
+    """Whether Prefect retries this attempt's ``error`` no more: the error is not worth it, or the
+    attempt was the task run's last allowed one (Prefect retries while fewer than ``retries``
+    retries have run). Recorded with the attempt (``final``), so that a worker dying before it
+    fails the task does not hand the task a fresh set of retries."""
+    context = TaskRunContext.get()
+    last_try = context is None or context.task_run.run_count > context.task.retries
+    return last_try or not _worth_retrying(error)
 
 
 @task(
@@ -360,7 +374,13 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             )
             current.add(task_id, agent)
             outcome = agent.run()
-            _finish(setup, task_id, attempt, run_id, outcome)
+            failure = (
+                AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}", retryable=outcome.retryable)
+                if outcome.outcome in ("failed", "timeout")
+                else None
+            )
+            final = failure is not None and _gives_up(failure)
+            _finish(setup, task_id, attempt, run_id, outcome, final=final)
     except _Stopping:
         queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
         return {"task_id": task_id, "outcome": "interrupted", "checkpoint": started.checkpoint}
@@ -370,14 +390,16 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         # from the last checkpoint): close the attempt as failed, so it counts in the metrics
         # and never stays open. The database may be what failed, so closing is best effort.
         with suppress(psycopg.Error):
-            queue.finish_attempt(url, run_id, setup.worker, "failed", error=first_line(exc))
+            queue.finish_attempt(
+                url, run_id, setup.worker, "failed", error=first_line(exc), final=_gives_up(exc)
+            )
         raise
     finally:
         if process is not None and process.pgid is not None:
             current.reaper.unwatch(process.pgid)
         current.remove(task_id)
-    if outcome.outcome in ("failed", "timeout"):
-        raise AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}", retryable=outcome.retryable)
+    if failure is not None:
+        raise failure
     return {
         "task_id": task_id,
         "attempt": attempt,
@@ -392,7 +414,9 @@ def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid
     queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
 
 
-def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome) -> None:
+def _finish(
+    setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome, *, final: bool
+) -> None:
     if outcome.outcome == "interrupted":
         _record_interrupted(setup, task_id, attempt, outcome.checkpoint, outcome.error or "interrupted")
     queue.finish_attempt(
@@ -402,22 +426,36 @@ def _finish(setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome:
         outcome.outcome,
         result=outcome.result if outcome.outcome == "completed" else None,
         error=outcome.error,
+        final=final,
     )
 
 
-def recover_stale_tasks(url: str, limits: AgentLimits) -> list[int]:
+@dataclass(frozen=True)
+class Recovery:
+    """What a run's recovery did with the tasks of dead or silent workers."""
+
+    resumed: list[int]
+    """Handed back to the queue, to resume from their last checkpoint."""
+    failed: dict[int, str]
+    """Failed, {task id: error}: the worker died after the last attempt its run allowed had failed."""
+
+
+def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
     """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left
-    and closing the attempts they left open, also of a task cancelled (or retried) meanwhile.
-    Returns the tasks handed back. A worker counts as silent after ``limits.lease_seconds``; a
-    leftover agent gets ``limits.grace_seconds`` between SIGTERM and SIGKILL, as this run's own
-    agents do.
+    and closing the attempts they left open, also of a task cancelled (or retried) meanwhile; a
+    task whose run had given up on it is failed instead (see :func:`queue.release_task`). A
+    worker counts as silent after ``limits.lease_seconds``; a leftover agent gets
+    ``limits.grace_seconds`` between SIGTERM and SIGKILL, as this run's own agents do.
 
     The processes are found by the mark of the worker and the task (:func:`agent_mark`), never
     by the recorded process-group id alone, so a recycled id is never hit.
     """
-    recovered = []
+    recovery = Recovery([], {})
     for stale in queue.stale_tasks(url, limits.lease_seconds):
         terminate_groups((), limits.grace_seconds, agent_mark(stale.worker, stale.id))
-        if queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone"):
-            recovered.append(stale.id)
-    return recovered
+        status = queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone")
+        if status == "pending":
+            recovery.resumed.append(stale.id)
+        elif status == "failed":
+            recovery.failed[stale.id] = queue.get_task(url, stale.id).error or ""
+    return recovery

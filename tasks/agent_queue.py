@@ -576,18 +576,22 @@ def finish_attempt(
     *,
     result: dict[str, Any] | None = None,
     error: str | None = None,
+    final: bool = False,
 ) -> str | None:
     """Close an attempt and move its task: completed → ``completed`` (or ``review``);
     interrupted → back to ``pending`` (resumable); failed/timeout → stays claimed for a retry.
 
-    Returns the task's new status, or None when this attempt no longer held the task.
+    ``final`` says that the run gives up after this failure (no retry left, or not worth one),
+    so a worker dying before :func:`fail_task` does not cost the run's limit: see
+    :func:`release_task`. Returns the task's new status, or None when this attempt no longer
+    held the task.
     """
     with _connection(url) as conn:
         row = conn.execute(
             """
             WITH r AS (
                 UPDATE flowyard.agent_runs
-                   SET finished_at = now(), outcome = %(outcome)s, error = %(error)s,
+                   SET finished_at = now(), outcome = %(outcome)s, error = %(error)s, final = %(final)s,
                        seconds = extract(epoch FROM now() - started_at)
                  WHERE id = %(run)s RETURNING task_id, attempt
             )
@@ -612,6 +616,7 @@ def finish_attempt(
                 "run": run_id,
                 "result": Jsonb(result) if result is not None else None,
                 "worker": worker,
+                "final": final,
             },
         ).fetchone()
     return row[0] if row else None
@@ -631,21 +636,37 @@ def fail_task(url: str, task_id: int, worker: str, error: str) -> None:
         )
 
 
-def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
+def release_task(url: str, task_id: int, worker: str, reason: str) -> str | None:
     """Hand a claimed task back to ``pending`` (keeping its checkpoint) so a later run resumes it,
     and close ``worker``'s open attempts of it as interrupted. Those are closed also when the task
     is no longer held (cancelled, or retried since): a worker that died stopping a cancelled
     agent left its attempt open, and nothing else would ever close it.
 
-    Returns whether the task went back to ``pending``."""
+    A task whose current attempt was its run's last (failed, ``final``) is failed instead, with
+    that attempt's error and ``reason``: its worker stopped between that failure and
+    :func:`fail_task`, and handing it back would give it a fresh set of retries (a run's
+    ``retries`` means at most retries + 1 attempts; ``queue retry`` is how a person grants more).
+
+    Returns the task's new status (``pending`` or ``failed``), or None when it was not held."""
     with _connection(url, atomic=True) as conn:
         row = conn.execute(
             """
-            UPDATE flowyard.agent_tasks
-               SET status = 'pending', worker = NULL, agent_pgid = NULL, error = %s, updated_at = now()
-             WHERE id = %s AND worker = %s AND status = 'in_progress' RETURNING id
+            WITH last AS (
+                SELECT format('attempt %%s, the last of its run, failed: %%s; %%s', r.attempt, r.error, %(reason)s::text)
+                       AS error
+                  FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
+                 WHERE r.task_id = %(task)s AND r.worker = %(worker)s AND r.attempt = t.attempts AND r.final
+            )
+            UPDATE flowyard.agent_tasks t
+               SET status = CASE WHEN last.error IS NULL THEN 'pending' ELSE 'failed' END,
+                   error = coalesce(last.error, %(reason)s),
+                   finished_at = CASE WHEN last.error IS NULL THEN t.finished_at ELSE now() END,
+                   worker = NULL, agent_pgid = NULL, updated_at = now()
+              FROM (SELECT 1) one LEFT JOIN last ON true
+             WHERE t.id = %(task)s AND t.worker = %(worker)s AND t.status = 'in_progress'
+            RETURNING t.status
             """,
-            (reason, task_id, worker),
+            {"reason": reason, "task": task_id, "worker": worker},
         ).fetchone()
         conn.execute(
             """
@@ -656,7 +677,7 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> bool:
             """,
             (reason, task_id, worker),
         )
-    return row is not None
+    return None if row is None else str(row[0])
 
 
 @dataclass(frozen=True)

@@ -947,3 +947,75 @@ def test_an_attempt_whose_log_cannot_be_opened_is_closed_as_failed(tmp_path: Pat
     assert summary["outcomes"][task_id].startswith("failed") and "Is a directory" in summary["outcomes"][task_id]
     [run] = _runs(qdb)
     assert run["outcome"] == "failed" and run["finished"] is not None
+
+
+HOLD_GIVING_UP = 7_001
+"""Advisory lock a test holds so that a worker's ``fail_task`` waits inside PostgreSQL."""
+
+
+@contextmanager
+def _give_up_held(url: str) -> Iterator[Callable[[], int | None]]:
+    """Make the statement that fails a task (in_progress → failed) wait for an advisory lock this
+    test holds, a trigger in the test's own database standing in for a slow commit: a worker can
+    then be SIGKILLed at the instant between its last attempt's failure and the task's failure.
+    Yields a function giving the backend pid of the waiting statement (None while none waits);
+    that backend is terminated on exit, so the killed worker's statement never commits."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION public.hold_giving_up() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN PERFORM pg_advisory_xact_lock(%s); RETURN NEW; END $$
+            """.replace("%s", str(HOLD_GIVING_UP))
+        )
+        conn.execute(
+            "CREATE TRIGGER hold_giving_up BEFORE UPDATE ON flowyard.agent_tasks FOR EACH ROW "
+            "WHEN (OLD.status = 'in_progress' AND NEW.status = 'failed') EXECUTE FUNCTION public.hold_giving_up()"
+        )
+    with connection(url, autocommit=True) as holder:  # each look at pg_stat_activity a fresh one
+        holder.execute("SELECT pg_advisory_lock(%s)", (HOLD_GIVING_UP,))
+
+        def waiting() -> int | None:
+            row = holder.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        try:
+            yield waiting
+        finally:
+            if (pid := waiting()) is not None:
+                holder.execute("SELECT pg_terminate_backend(%s, 60000)", (pid,))
+            holder.execute("DROP TRIGGER hold_giving_up ON flowyard.agent_tasks")
+            holder.execute("DROP FUNCTION public.hold_giving_up()")
+            holder.execute("SELECT pg_advisory_unlock(%s)", (HOLD_GIVING_UP,))
+
+
+def test_a_worker_killed_after_the_last_retry_failed_leaves_the_task_failed(tmp_path: Path, qdb: str) -> None:
+    """SIGKILL between the failure of a run's last allowed attempt (recorded) and the task's
+    failure: the next run's recovery fails the task with that attempt's error instead of
+    handing it back with a fresh set of retries, so a run's retries mean at most retries + 1
+    attempts. `queue retry`, a person's decision, still gives it a full set."""
+    agents = {"broken": {"argv": [sys.executable, "-c", "import sys; print('disk on fire', file=sys.stderr); sys.exit(3)"]}}
+    task_id = queue.create_task(qdb, queue.NewTask(title="broken", agent_type="broken"))
+    start = [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "1", json.dumps(agents)]
+    with _give_up_held(qdb) as waiting:
+        worker = subprocess.Popen(start, cwd=ROOT)  # retries=2: three attempts
+        while waiting() is None:
+            assert worker.poll() is None, "the worker ended before failing the task"
+            time.sleep(0.05)
+        worker.kill()
+        worker.wait(timeout=60)
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "failed"), (3, "failed")]
+    assert queue.get_task(qdb, task_id).status == "in_progress", "killed before the task was failed"
+    summary = run_agent_queue(max_agents=1, retries=2, agents=agents, **_kw(tmp_path, qdb))
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.attempts, task.worker) == ("failed", 3, None)
+    assert task.error.startswith("attempt 3, the last of its run, failed: agent exited with code 3: disk on fire")
+    assert "worker" in task.error and "is gone" in task.error
+    assert summary["recovered"] == [] and summary["outcomes"] == {task_id: f"failed: {task.error}"}
+    assert len(_runs(qdb)) == 3, "no attempt beyond the run's retries"
+    queue.retry_task(qdb, task_id)
+    summary = run_agent_queue(max_agents=1, retries=1, agents=agents, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][task_id].startswith("failed")
+    assert queue.get_task(qdb, task_id).attempts == 5, "queue retry gives a fresh set of retries"
