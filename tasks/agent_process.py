@@ -39,7 +39,7 @@ from tasks.agent_protocol import (
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
-from tasks.errors import UserError, validation_problem
+from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range, validation_problem
 from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
@@ -261,21 +261,21 @@ class AgentOutcome:
 LEASE_HEARTBEATS = 3
 """Heartbeats a lease must span at least: one late heartbeat (a slow database, a busy host) must
 not make a live worker's tasks look abandoned."""
-MAX_LEASE_SECONDS = 365 * 86_400
-"""A year: a longer lease leaves a dead worker's tasks in progress for good (and past ~292,000
-years PostgreSQL's interval overflows, failing the run with its own error)."""
 MAX_AGENTS = 10_000
 """More agents than any host runs at once; a bound, so that a typo is not a bigint overflow."""
+MAX_RETRIES = 100
+"""Retries of one task in one run: each is a whole attempt of the agent (and a 1 s delay), so a
+failure 100 retries did not cure needs a person, who grants another set with ``queue retry``;
+a typo such as 10**12 would instead retry a broken agent for good."""
 
 
 def check_drain(max_agents: int, retries: int, max_tasks: int | None = None) -> None:
     """Refuse counts a queue run cannot mean, in one line naming the parameter, before anything
     is claimed: 0 agents cannot run a task (and a thread pool refuses 0 workers), and a negative
-    ``max_tasks`` or ``retries`` would silently act as 0."""
+    ``max_tasks`` or ``retries`` would silently act as 0 (see :data:`MAX_RETRIES` for its top)."""
     if not 1 <= max_agents <= MAX_AGENTS:
         raise UserError(f"max_agents must be 1 to {MAX_AGENTS}, not {max_agents} (--max-agents / max_agents)")
-    if retries < 0:
-        raise UserError(f"retries must be 0 or more, not {retries} (--retries / retries)")
+    check_range(retries, "retries (--retries / retries)", 0, MAX_RETRIES)
     if max_tasks is not None and max_tasks < 0:
         raise UserError(f"max_tasks must be 0 or more (or None for no limit), not {max_tasks}")
 
@@ -294,26 +294,28 @@ class AgentLimits:
         """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
         starts and burns all its retries; a negative grace period is a typo; a lease shorter than
         a few heartbeats has this run take other workers' live tasks for abandoned ones and start
-        them a second time. (``not >`` also catches NaN.)"""
+        them a second time. (``not >`` also catches NaN.) A timeout, grace period or lease past
+        :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a hung agent, or a dead
+        worker's tasks, hold on for good."""
         if not self.timeout_seconds > 0:
             raise UserError(
                 f"the agent timeout must be more than 0 seconds, not {self.timeout_seconds:g} "
                 "(--timeout / timeout_seconds)"
             )
-        if not self.grace_seconds >= 0:
-            raise UserError(
-                f"the grace period must be 0 seconds or more, not {self.grace_seconds:g} "
-                "(--grace / grace_seconds)"
-            )
+        for value, what in (
+            (self.timeout_seconds, "the agent timeout (--timeout / timeout_seconds)"),
+            (self.grace_seconds, "the grace period (--grace / grace_seconds)"),
+        ):
+            check_range(value, what, 0, MAX_WAIT_SECONDS, " seconds")
         if not self.lease_seconds >= LEASE_HEARTBEATS * self.heartbeat_seconds:
             raise UserError(
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
                 f"({LEASE_HEARTBEATS} heartbeats of {self.heartbeat_seconds:g} s), not {self.lease_seconds:g} "
                 "(--lease / lease_seconds): a shorter one takes live workers' tasks for abandoned ones"
             )
-        if not self.lease_seconds <= MAX_LEASE_SECONDS:
+        if not self.lease_seconds <= MAX_WAIT_SECONDS:
             raise UserError(
-                f"the lease must be a finite number of seconds, at most {MAX_LEASE_SECONDS}, not "
+                f"the lease must be a finite number of seconds, at most {MAX_WAIT_SECONDS}, not "
                 f"{self.lease_seconds:g} (--lease / lease_seconds): a longer one leaves a dead worker's tasks stuck"
             )
 

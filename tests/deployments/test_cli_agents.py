@@ -92,7 +92,9 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     _ok("cancel", str(done), env=env)
     assert f"cannot cancel task {done}: it is cancelled" in _user_error("cancel", str(done), env=env)
     assert "agent timeout must be more than 0 seconds, not -5" in _user_error("run", "--timeout", "-5", env=env)
-    assert "grace period must be 0 seconds or more, not -1" in _user_error("run", "--grace", "-1", env=env)
+    assert "the grace period (--grace / grace_seconds) -1.0 is out of range; give 0 to 31536000 seconds" in _user_error(
+        "run", "--grace", "-1", env=env
+    )
     assert "the lease must be at least 15 seconds (3 heartbeats of 5 s), not 10" in _user_error(
         "run", "--lease", "10", env=env
     )
@@ -160,10 +162,35 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
     for params, message in (
         ({"max_agents": 0}, "max_agents must be 1 to 10000, not 0"),
         ({"max_tasks": -1}, "max_tasks must be 0 or more (or None for no limit), not -1"),
-        ({"retries": -1}, "retries must be 0 or more, not -1"),
+        ({"retries": -1}, "retries (--retries / retries) -1 is out of range; give 0 to 100"),
+        ({"retries": 10**12}, f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
+        ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range"),
+        ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range"),
         ({"agents": {"x": {"argv": 5}}}, "agent template 'x' is invalid: argv: Input should be a valid list"),
     ):
         with pytest.raises(UserError) as info:
             run_agent_queue(database_url=env["FLOWYARD_DATABASE_URL"], output_dir=str(tmp_path), **params)
         assert str(info.value).startswith(message), str(info.value)
     assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), task).status == "pending"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--timeout", "inf", "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ("--timeout", "1e9", "the agent timeout (--timeout / timeout_seconds) 1000000000.0 is out of range; give 0 to 31536000 seconds"),
+        ("--grace", "inf", "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ("--grace", "nan", "the grace period (--grace / grace_seconds) nan is out of range; give 0 to 31536000 seconds"),
+        ("--retries", str(10**12), f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
+    ],
+)  # fmt: skip
+def test_an_unbounded_timeout_grace_or_retries_is_one_line_before_anything_is_claimed(
+    env: dict[str, str], option: str, value: str, message: str
+) -> None:
+    """--timeout inf let a hung agent run for good, --grace inf had a shutdown wait for good on an
+    agent ignoring SIGTERM, and --retries 10**12 retried a broken agent without end."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    task = queue.create_task(url, queue.NewTask(title="kept", agent_type="reference"))
+    assert _user_error("run", option, value, env=env).strip().endswith(message)
+    assert (queue.get_task(url, task).status, queue.get_task(url, task).attempts) == ("pending", 0)
+

@@ -24,6 +24,7 @@ from tasks.agent_process import (
     AgentLimits,
     AgentProcess,
     AgentTemplate,
+    check_drain,
     resolve_workdir,
 )
 from tasks.agent_protocol import AgentMessage, CheckpointMessage, LogMessage
@@ -501,3 +502,29 @@ def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Pat
     loaded = set(subprocess.run([*interpreter, probe], capture_output=True, text=True, check=True).stdout.split())
     assert "tasks.reference_agent" in loaded
     assert loaded.isdisjoint({"json", "re", "enum", "typing", "threading", "signal", "site", "hashlib"})
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ({"timeout_seconds": 365 * 86_400 + 1.0}, "the agent timeout (--timeout / timeout_seconds) 31536001.0 is out of range"),
+        ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ({"grace_seconds": float("nan")}, "the grace period (--grace / grace_seconds) nan is out of range"),
+    ],
+)  # fmt: skip
+def test_limits_past_a_year_are_refused(limits: dict[str, float], message: str) -> None:
+    """An infinite timeout never stops a hung agent; an infinite grace period never SIGKILLs one
+    that ignores SIGTERM, so a shutdown waits for good."""
+    with pytest.raises(UserError) as raised:
+        AgentLimits(**limits)
+    assert str(raised.value).startswith(message)
+    assert AgentLimits(timeout_seconds=365 * 86_400, grace_seconds=365 * 86_400).grace_seconds == 365 * 86_400
+
+
+@pytest.mark.parametrize("retries", [-1, 101, 10**12])
+def test_retries_outside_0_to_100_are_refused(retries: int) -> None:
+    with pytest.raises(UserError) as raised:
+        check_drain(1, retries)
+    assert str(raised.value) == f"retries (--retries / retries) {retries} is out of range; give 0 to 100"
+    check_drain(1, 100)
