@@ -8,7 +8,7 @@ deployment run (the ``run-agent-queue`` deployment does the same every minute).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -102,17 +102,31 @@ def list_(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Show the queue: id, status, priority, agent, attempts, last checkpoint, dependencies, notes."""
+    from tasks.agent_process import DEFAULT_TEMPLATES
+
     tasks = queue.list_tasks(_url(database_url), status)
     typer.echo(
         f"{'id':>5}  {'status':<11} {'priority':<8} {'agent':<10} {'tries':>5}  {'ckpt':<18} {'after':<10} title / note"
     )
     for t in tasks:
-        checkpoint, note = t.checkpoint_label or "-", t.note
+        checkpoint, note = t.checkpoint_label or "-", t.note or _agent_note(t, DEFAULT_TEMPLATES)
         after = ",".join(map(str, t.blocked_by)) or "-"
         typer.echo(
             f"{t.id:>5}  {t.status:<11} {t.priority:<8} {t.agent_type:<10} {t.attempts:>5}  {checkpoint:<18} "
             f"{after:<10} {t.title}{'  — ' + note if note else ''}"
         )
+
+
+def _agent_note(task: queue.AgentTask, built_in: Collection[str]) -> str:
+    """Why a pending task of an agent type that is not built in may wait for good: only a run with
+    an agents file that has that type claims it (the scheduled drain has the built-in ones), and
+    a bare ``pending`` does not say so."""
+    if task.status != "pending" or task.agent_type in built_in:
+        return ""
+    return (
+        f"runs only with a {task.agent_type!r} agent: `flowyard queue run --agents-file FILE` "
+        f"(built in: {', '.join(sorted(built_in))})"
+    )
 
 
 def _transition_command(name: str, action: Callable[[str, int], None], done: str, help_text: str) -> None:

@@ -194,3 +194,15 @@ def test_an_unbounded_timeout_grace_or_retries_is_one_line_before_anything_is_cl
     assert _user_error("run", option, value, env=env).strip().endswith(message)
     assert (queue.get_task(url, task).status, queue.get_task(url, task).attempts) == ("pending", 0)
 
+
+def test_the_listing_says_a_pending_task_needs_an_agent_that_is_not_built_in(env: dict[str, str]) -> None:
+    """A `coder` task waits for good unless a `queue run --agents-file` has a `coder` agent (the
+    scheduled drain has the built-in ones only); the listing said just `pending`."""
+    coder = int(_ok("create", "write code", "--agent-type", "coder", env=env))
+    builtin = int(_ok("create", "reference work", env=env))
+    listing = {int(line.split()[0]): line for line in _ok("list", env=env).splitlines()[1:]}
+    assert listing[coder].endswith(
+        "write code  — runs only with a 'coder' agent: `flowyard queue run --agents-file FILE` "
+        "(built in: reference)"
+    )
+    assert listing[builtin].endswith("reference work")
