@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +49,16 @@ os.environ.pop("FLOWYARD_DATABASE_URL", None)
 
 
 EXTERNAL_POSTGRES_URL = os.environ.pop("FLOWYARD_TEST_POSTGRES_URL", None)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a CI job's timeout, ``timeout``, ``kill``) ends the run as Ctrl-C does, so pytest
+    tears the session fixtures down and stops the servers; by default the signal kills pytest
+    on the spot, and the embedded PostgreSQL outlives the run for good, holding its port."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 _EXIT_STATUS = pytest.StashKey[int]()

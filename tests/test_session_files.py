@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -96,4 +97,46 @@ def test_a_prefect_server_a_cli_run_started_is_stopped_with_the_session(tmp_path
         assert left == []
     finally:
         for proc in _started_under(tmp_path / "temp"):
+            proc.kill()
+
+
+_WAITS = """
+import time
+from pathlib import Path
+
+
+def test_waits_to_be_terminated(pg):
+    Path(__file__).with_name("up").write_text(pg.url())
+    time.sleep(600)
+"""
+
+
+def test_sigterm_to_the_test_run_stops_its_servers(tmp_path):
+    """A run ended by SIGTERM (a CI job's timeout, ``timeout``, ``kill``) stops its embedded
+    PostgreSQL as a finished one does; it used to outlive the run for good, holding its port."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    (tmp_path / "test_one.py").write_text(_WAITS)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", str(tmp_path / "test_one.py")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**_environment(), "TMPDIR": str(temp)},
+    )
+    try:
+        while not (tmp_path / "up").exists():
+            assert run.poll() is None, run.communicate()[0]
+            time.sleep(0.2)
+        assert any("postgres" in proc.name() for proc in _started_under(temp))
+
+        run.terminate()
+        output = run.communicate(timeout=300)[0]
+
+        assert run.returncode != 0, output
+        assert _started_under(temp) == [], output
+    finally:
+        run.kill()
+        for proc in _started_under(temp):
             proc.kill()
