@@ -74,6 +74,8 @@ def run_agent_queue(
     recovered = recovery.resumed
     if recovered:
         logger.info("resuming tasks of workers that are gone: %s", recovered)
+    if recovery.crashed:
+        logger.info("marked Crashed the flow runs of workers that are gone: %s", recovery.crashed)
     # a task its dead worker's run had given up on is this run's news: it failed
     outcomes = {task_id: f"failed: {error}" for task_id, error in recovery.failed.items()}
     for task_id, error in recovery.failed.items():

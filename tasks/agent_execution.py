@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import psycopg
@@ -28,6 +29,7 @@ from prefect.runtime import flow_run
 from pydantic import ValidationError
 
 from tasks import agent_queue as queue
+from tasks.abandoned_runs import crash_flow_runs
 from tasks.agent_process import (
     AgentJob,
     AgentLimits,
@@ -438,6 +440,8 @@ class Recovery:
     """Handed back to the queue, to resume from their last checkpoint."""
     failed: dict[int, str]
     """Failed, {task id: error}: the worker died after the last attempt its run allowed had failed."""
+    crashed: list[UUID]
+    """The gone workers' flow runs, set from Running (or Cancelling) to Crashed in Prefect."""
 
 
 def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
@@ -450,12 +454,16 @@ def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
     The processes are found by the mark of the worker and the task (:func:`agent_mark`), never
     by the recorded process-group id alone, so a recycled id is never hit.
     """
-    recovery = Recovery([], {})
-    for stale in queue.stale_tasks(url, limits.lease_seconds):
+    recovery = Recovery([], {}, [])
+    stale_tasks = queue.stale_tasks(url, limits.lease_seconds)
+    for stale in stale_tasks:
         terminate_groups((), limits.grace_seconds, agent_mark(stale.worker, stale.id))
         status = queue.release_task(url, stale.id, stale.worker, f"recovered: worker {stale.worker} is gone")
         if status == "pending":
             recovery.resumed.append(stale.id)
         elif status == "failed":
             recovery.failed[stale.id] = queue.get_task(url, stale.id).error or ""
+    for worker in dict.fromkeys(stale.worker for stale in stale_tasks if stale.worker):
+        message = f"worker {worker} is gone; flow run {flow_run.get_id()} recovered its tasks"
+        recovery.crashed.extend(crash_flow_runs(queue.worker_flow_runs(url, worker), message))
     return recovery

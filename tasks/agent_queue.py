@@ -714,6 +714,16 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
     ]
 
 
+def worker_flow_runs(url: str, worker: str) -> list[uuid.UUID]:
+    """The Prefect flow runs in which ``worker`` ran attempts: its ``queue run`` flow runs."""
+    with _connection(url) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT flow_run_id FROM flowyard.agent_runs WHERE worker = %s AND flow_run_id IS NOT NULL",
+            (worker,),
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
 @dataclass(frozen=True)
 class Unrunnable:
     """Pending tasks a dependency keeps from running, {task id: reason} each."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prefect.client.schemas.objects import State, StateType
 
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
@@ -593,7 +595,21 @@ def test_sigkill_to_the_worker_leaves_no_orphans_and_the_task_resumes(tmp_path: 
     worker.kill()
     worker.wait(timeout=60)
     assert queue.get_task(qdb, task_id).status == "in_progress", "SIGKILL left no chance to clean up"
+    [killed_run] = queue.worker_flow_runs(qdb, running.worker)
+    assert _flow_run_state(killed_run).type == StateType.RUNNING, "nothing told Prefect the worker died"
     _assert_reaped_then_resumed(tmp_path, qdb, running, children)
+    crashed = _flow_run_state(killed_run)
+    assert crashed.type == StateType.CRASHED and crashed.message is not None
+    assert crashed.message.startswith(f"worker {running.worker} is gone; flow run ")
+
+
+def _flow_run_state(flow_run_id: uuid.UUID) -> State:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run_id).state
+    assert state is not None
+    return state
 
 
 def test_sigkill_during_the_workers_graceful_shutdown_leaves_no_orphans_and_the_task_resumes(

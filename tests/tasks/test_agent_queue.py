@@ -207,7 +207,7 @@ def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -
     bystander, _ = _reference_agent(task_id, other)
     try:
         queue.set_agent_pgid(qdb, task_id, gone, 1, agent.pid)
-        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([task_id], {})
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([task_id], {}, [])
         agent.wait(timeout=30)
         assert group_members(agent.pid) == []
         assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
@@ -246,7 +246,7 @@ def test_recovery_gives_a_leftover_agent_the_runs_grace_period(qdb: str, tmp_pat
     )
     try:
         assert agent.stdout is not None and agent.stdout.readline() == b"ready\n"
-        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600, grace_seconds=120)) == Recovery([task_id], {})
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600, grace_seconds=120)) == Recovery([task_id], {}, [])
         assert agent.wait(timeout=60) == 0, "the agent ended on its own, not by SIGKILL"
         assert marker.read_text() == "stopped cleanly"
     finally:
@@ -276,7 +276,7 @@ def test_a_dead_workers_attempt_of_a_cancelled_task_is_ended_and_closed(qdb: str
         queue.cancel_task(qdb, task_id)
         if then_retried:
             queue.retry_task(qdb, task_id)  # allowed: the attempt's worker is dead
-        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([], {}), "a cancelled or pending task is not handed back"
+        assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([], {}, []), "a cancelled or pending task is not handed back"
         assert group_members(agent.pid) == [], "the agent left by the dead worker is ended"
         assert not [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
         agent.wait(timeout=30)
