@@ -441,7 +441,7 @@ class Recovery:
     failed: dict[int, str]
     """Failed, {task id: error}: the worker died after the last attempt its run allowed had failed."""
     crashed: list[UUID]
-    """The gone workers' flow runs, set from Running (or Cancelling) to Crashed in Prefect."""
+    """Flow runs of workers that died on this host, set from Running (or Cancelling) to Crashed."""
 
 
 def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
@@ -463,7 +463,9 @@ def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
             recovery.resumed.append(stale.id)
         elif status == "failed":
             recovery.failed[stale.id] = queue.get_task(url, stale.id).error or ""
-    for worker in dict.fromkeys(stale.worker for stale in stale_tasks if stale.worker):
+    # only a worker known dead: one merely silent past its lease may still run (on another host,
+    # through a network split) and report its own end, which a Crashed state would then refuse
+    for worker in dict.fromkeys(s.worker for s in stale_tasks if s.worker and queue.worker_alive(s.worker) is False):
         message = f"worker {worker} is gone; flow run {flow_run.get_id()} recovered its tasks"
         recovery.crashed.extend(crash_flow_runs(queue.worker_flow_runs(url, worker), message))
     return recovery
