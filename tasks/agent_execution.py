@@ -465,7 +465,7 @@ def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
             recovery.failed[stale.id] = queue.get_task(url, stale.id).error or ""
     # only a worker known dead: one merely silent past its lease may still run (on another host,
     # through a network split) and report its own end, which a Crashed state would then refuse
-    for worker in dict.fromkeys(s.worker for s in stale_tasks if s.worker and queue.worker_alive(s.worker) is False):
+    for worker in dict.fromkeys(stale.worker for stale in stale_tasks if stale.dead):
         message = f"worker {worker} is gone; flow run {flow_run.get_id()} recovered its tasks"
         recovery.crashed.extend(crash_flow_runs(queue.worker_flow_runs(url, worker), message))
     return recovery

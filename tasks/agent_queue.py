@@ -684,6 +684,8 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> str | None
 class StaleTask:
     id: int
     worker: str
+    dead: bool
+    """Known dead (this host, process gone), not merely silent past the lease."""
 
 
 def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
@@ -707,11 +709,8 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
             """,
             {"lease": lease_seconds},
         ).fetchall()
-    return [
-        StaleTask(row[0], row[1] or "")
-        for row in rows
-        if row[1] is None or row[2] or worker_alive(row[1]) is False
-    ]
+    stale = [StaleTask(row[0], row[1] or "", row[1] is not None and worker_alive(row[1]) is False) for row in rows]
+    return [task for task, row in zip(stale, rows, strict=True) if row[1] is None or row[2] or task.dead]
 
 
 def worker_flow_runs(url: str, worker: str) -> list[uuid.UUID]:

@@ -175,7 +175,7 @@ def resolve_targets(
             (SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None), d)
             for d in list_devices(state, registered_only=True)
         ]
-    off = {t.device_id for t, device in known if device is not None and not device.enabled and not force}
+    off = set() if force else {t.device_id for t, device in known if device is not None and not device.enabled}
     return Targets([t for t, _ in known if t.device_id not in off], sorted(off))
 
 
