@@ -104,11 +104,13 @@ def _may_hold_rounded_int(data: dict[str, Any]) -> bool:
 
 
 def _parse_leniently(raw: str) -> Any:
-    """The standard library's reading of ``raw`` in values jsonb can store; ``None`` for bad JSON."""
+    """The standard library's reading of ``raw`` in values jsonb can store; ``None`` for bad JSON
+    and for no text at all: an app's own v1 table may lack ``NOT NULL``, and SQLite hands a NULL
+    ``event_data`` over as ``None``, which must not stop its device's sync on every run."""
     try:
         data = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_no_jsonb_form)
         return _map_strings(data, _without_lone_surrogates)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
+    except (ValueError, RecursionError, TypeError):  # not JSON, nested deeper than Python's stack, or NULL
         return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -128,6 +129,24 @@ def test_event_data_that_is_not_utf8_syncs_filtered_and_quoted_nowhere(central: 
     with psycopg.connect(central) as conn:
         data = conn.execute("SELECT event_data FROM devflow.events WHERE local_id = 7").fetchone()[0]
     assert data == {"action": "sav\ufffd"}
+
+
+def test_a_null_event_data_syncs_as_an_empty_object(central: str, tmp_path: Path) -> None:
+    """The app's own v1 table (no schema version, so flowyard did not create it) may allow a NULL
+    ``event_data``: that event syncs as ``{}`` with the rest. The privacy filter used to raise a
+    TypeError on it, which failed the device on every run, and nothing after it ever synced."""
+    store = tmp_path / "app.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, timestamp INTEGER, event_type TEXT, event_data TEXT)")
+        conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'file_edit', ?)",
+            [(1_700_000_000_000 + n, None if n == 5 else '{"action":"save"}') for n in range(1, 21)],
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=10))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (20, 0, 0, None)
+    with psycopg.connect(central) as conn:
+        data = conn.execute("SELECT local_id, event_data FROM devflow.events WHERE local_id IN (4, 5)").fetchall()
+    assert sorted(data) == [(4, {"action": "save"}), (5, {})]
 
 
 def test_valid_json_orjson_refuses_reaches_jsonb_with_its_metadata(central: str, tmp_path: Path) -> None:
