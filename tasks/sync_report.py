@@ -57,10 +57,10 @@ def settle_device(
     report = result if isinstance(result, DeviceReport) else None
     if isinstance(result, DeviceReport):
         error = result.error
-        sync_state.record_device_run(state_url, flow_run_id, result)
+        sync_state.record_device_run(state_url, flow_run_id, target, result)
     else:
         error = first_line(result)
-        sync_state.record_device_error(state_url, flow_run_id, target.device_id, target.store, error)
+        sync_state.record_device_error(state_url, flow_run_id, target, error)
     alerts = sync_alerts.evaluate(target.device_id, report, offline_since, config.alerts, datetime.now(UTC))
     sync_alerts.emit(alerts, logger)
     return DeviceOutcome(target.device_id, error, _table_row(target, report, error), _state(report, error))

@@ -403,8 +403,12 @@ def device_for_store(db: Db, store: Path) -> Device | None:
     return Device(*row) if row else None
 
 
-def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) -> None:
-    """Store a device's outcome: cursors and status on the device row, plus a history row."""
+def record_device_run(url: str, flow_run_id: UUID | None, target: SyncTarget, report: DeviceReport) -> None:
+    """Store a device's outcome: cursors and status on the device row, plus a history row.
+
+    A device first seen by this run gets the target's user and project ids: they are what its
+    store was stamped with, and what the next upgrade of the store (``migrate down`` and a sync,
+    or ``migrate up``) stamps on its events again, as the device flowyard has for that store."""
     succeeded = report.error is None
     with connection(url) as conn:
         conn.execute(
@@ -412,8 +416,8 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
             INSERT INTO flowyard.sync_devices AS d
                 (device_id, store_path, user_id, project_id, last_local_id, download_cursor, pending,
                  last_attempt_at, last_success_at, last_error)
-            VALUES (%(device_id)s, %(store)s, '', '', %(last_id)s, coalesce(%(cursor)s, 0), %(pending)s,
-                    now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
+            VALUES (%(device_id)s, %(store)s, %(user_id)s, %(project_id)s, %(last_id)s, coalesce(%(cursor)s, 0),
+                    %(pending)s, now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
             ON CONFLICT (device_id) DO UPDATE SET
                 last_local_id = greatest(d.last_local_id, EXCLUDED.last_local_id),
                 download_cursor = greatest(d.download_cursor, EXCLUDED.download_cursor),
@@ -424,6 +428,8 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
             {
                 "device_id": report.device_id,
                 "store": report.store,
+                "user_id": target.user_id,
+                "project_id": target.project_id,
                 "last_id": report.last_local_id,
                 "cursor": report.download_cursor,
                 "pending": report.pending_after,
@@ -434,19 +440,20 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
         _insert_history(conn, flow_run_id, report.device_id, report, report.error)
 
 
-def record_device_error(url: str, flow_run_id: UUID | None, device_id: str, store: str, error: str) -> None:
-    """A device whose store could not be used at all (corrupt, locked, missing)."""
+def record_device_error(url: str, flow_run_id: UUID | None, target: SyncTarget, error: str) -> None:
+    """A device whose store could not be used at all (corrupt, locked, missing); a device first
+    seen by this run gets the target's identity, as in :func:`record_device_run`."""
     with connection(url) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_devices AS d (device_id, store_path, user_id, project_id,
                                                    last_attempt_at, last_error)
-            VALUES (%s, %s, '', '', now(), %s)
+            VALUES (%s, %s, %s, %s, now(), %s)
             ON CONFLICT (device_id) DO UPDATE SET last_attempt_at = now(), last_error = EXCLUDED.last_error
             """,
-            (device_id, store, error),
+            (target.device_id, target.store, target.user_id, target.project_id, error),
         )
-        _insert_history(conn, flow_run_id, device_id, None, error)
+        _insert_history(conn, flow_run_id, target.device_id, None, error)
 
 
 def _insert_history(

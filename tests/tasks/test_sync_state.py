@@ -8,8 +8,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks import central_store, sync_state
+from tasks import central_store, device_store, sync_state
 from tasks.device_store import Identity
+from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import SyncOptions, sync_device
 from tasks.sync_report import settle_device
@@ -96,3 +97,46 @@ def test_a_multi_line_task_error_is_recorded_as_one_line(
     recorded = [row for row in sync_state.history(state_db, limit=50) if row.device_id == "one-line-error"]
     assert [row.error for row in recorded] == [outcome.error]
     sync_state.remove_device(state_db, "one-line-error")
+
+
+def test_a_store_first_synced_by_path_keeps_its_identity_when_re_upgraded(
+    state_db: str, fresh_db: str, tmp_path: Path
+) -> None:
+    """A v1 store synced by path, never configured, is stamped 'unknown' / 'default' and recorded
+    as a device. After ``migrate down --to=v1`` the next sync upgrades it as that device again:
+    its row used to hold empty user and project ids, which went onto every event written since."""
+    central_store.ensure_schema(fresh_db)
+    store = make_store(tmp_path / "roamer.db", 5)
+
+    def sync() -> None:
+        (target,) = _targets(state_db, store)
+        report = sync_device(Path(target.store), target.identity, SyncOptions(fresh_db))
+        settle_device(state_db, None, target, report, None, SyncConfig(), logging.getLogger("test"))
+
+    try:
+        sync()
+        with device_store.open_store(store) as conn:
+            device_store.downgrade_to_v1(conn)
+            device_store.insert_events(conn, [(device_store.now_ms(), "file_edit", {})])
+        sync()
+    finally:
+        sync_state.remove_device(state_db, "roamer")
+    with psycopg.connect(fresh_db) as conn:
+        stamped = conn.execute("SELECT DISTINCT user_id, project_id FROM devflow.events").fetchall()
+    assert stamped == [("unknown", "default")]
+
+
+def test_an_unreadable_store_first_seen_by_a_run_is_recorded_with_its_identity(
+    state_db: str, tmp_path: Path
+) -> None:
+    """A device first seen failing (its store corrupt) keeps the identity the run gave it, so
+    syncing the repaired store later stamps that, not empty ids, on its events."""
+    store = tmp_path / "broken.db"
+    store.write_bytes(b"not a database" * 100)
+    (target,) = _targets(state_db, store)
+    settle_device(state_db, None, target, UserError("corrupt"), None, SyncConfig(), logging.getLogger("test"))
+    try:
+        device = sync_state.device_for_store(state_db, store)
+    finally:
+        sync_state.remove_device(state_db, target.device_id)
+    assert device is not None and (device.user_id, device.project_id) == ("unknown", "default")
