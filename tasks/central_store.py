@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -236,7 +235,10 @@ class UploadResult:
 @dataclass(frozen=True)
 class StatusUpdate:
     project_id: str
-    status: dict[str, Any]
+    status: str
+    """The snapshot's JSON as central's jsonb writes it, stored in the device as is: read into
+    Python and encoded again with orjson, an integer beyond 64 bits (the privacy filter keeps
+    one, and a number beyond float64, to the last digit) failed the download."""
     updated_at: datetime
     device_id: str
     seq: int
@@ -387,7 +389,7 @@ class CentralSession:
         """Project status snapshots changed after cursor ``since`` (seed ``downloadUpdates``)."""
         rows = self.conn.execute(
             """
-            SELECT project_id, status, updated_at, device_id, seq FROM devflow.project_status
+            SELECT project_id, status::text, updated_at, device_id, seq FROM devflow.project_status
             WHERE seq > %s ORDER BY seq LIMIT %s
             """,
             (since, limit),

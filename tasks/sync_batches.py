@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import orjson
 import psycopg
 
 from tasks import device_store
@@ -262,10 +261,7 @@ def download_into_store(conn: sqlite3.Connection, uploader: _Uploader, since: in
             return since
         device_store.save_remote_status(
             conn,
-            (
-                (u.project_id, orjson.dumps(u.status).decode(), u.updated_at.isoformat(), u.device_id, u.seq)
-                for u in updates
-            ),
+            ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in updates),
         )
         since = updates[-1].seq
 

@@ -546,7 +546,7 @@ def test_skewed_device_clocks_converge_on_the_newest_status_snapshot(
     _write_status(ahead, now + hour, "green")  # this machine's clock runs an hour fast
     upload(ahead)
     first, cursor = download()
-    assert first == [("skewed", '{"status":"green"}', "skew-ahead")]
+    assert first == [("skewed", '{"status": "green"}', "skew-ahead")]
 
     _write_status(behind, now - hour, "red")  # written later, stamped earlier: the older snapshot
     upload(behind)
@@ -555,7 +555,7 @@ def test_skewed_device_clocks_converge_on_the_newest_status_snapshot(
     _write_status(behind, now + hour, "yellow")  # same event time: the greater device id wins
     upload(behind)
     rows, later = download()
-    assert rows == [("skewed", '{"status":"yellow"}', "skew-behind")] and later > cursor
+    assert rows == [("skewed", '{"status": "yellow"}', "skew-behind")] and later > cursor
 
 
 def _downloaded(store: Path) -> list[tuple[str, str, str, str, int]]:

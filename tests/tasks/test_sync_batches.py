@@ -418,3 +418,24 @@ def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_pa
     assert report.error is not None and "\n" not in report.error
     assert report.error.startswith("download from ") and 'relation "devflow.project_status"' in report.error
     assert _central_counts(central) == (40, 40)
+
+
+def test_a_snapshot_with_an_integer_beyond_64_bits_downloads_to_the_last_digit(
+    central: str, tmp_path: Path
+) -> None:
+    """The privacy filter keeps an integer beyond 64 bits (and a number beyond float64, which jsonb
+    writes out in digits) to the last digit, and central stores it so. Downloading that snapshot
+    read it into Python and encoded it again with orjson, which refuses such an integer: the
+    device failed on every run, and so did every other device downloading updates."""
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    status = '{"status": "green", "duration_ms": 123456789012345678901234567890}'
+    with device_store.open_store(store) as conn:
+        conn.execute(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'project_status', ?)",
+            (device_store.now_ms(), status),
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert (report.uploaded, report.error) == (1, None) and report.download_cursor
+    with device_store.open_store(store) as conn:
+        downloaded = conn.execute("SELECT project_id, status FROM remote_project_status").fetchall()
+    assert downloaded == [(IDENTITY.project_id, status)]
