@@ -16,6 +16,7 @@ A line that is not valid JSON, or not one of these shapes, is kept as a ``log`` 
 That includes any line holding NaN or ±Infinity anywhere (which Python's ``json.dumps`` writes
 by default): JSON has no such numbers, PostgreSQL refuses to store them (checkpoints, results),
 and elsewhere (artifact data, a log line's extra fields) they would silently become ``null``.
+So is any line holding a ``\\u0000`` escape, valid JSON that PostgreSQL stores nowhere.
 
 flowyard → agent, on stdin (one JSON object per line):
 
@@ -28,12 +29,13 @@ flowyard → agent, on stdin (one JSON object per line):
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
-from tasks.json_values import has_non_finite
+from tasks.json_values import has_non_finite, has_nul
 
 __all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "parse_line"]
 
@@ -99,9 +101,16 @@ _ADAPTER: TypeAdapter[AgentMessage] = TypeAdapter(AgentMessage)
 
 
 def parse_line(line: str) -> AgentMessage:
-    """One stdout line as a message; anything unparseable becomes a raw log line."""
+    """One stdout line as a message; anything unparseable becomes a raw log line.
+
+    So does a message holding a ``\\u0000`` escape anywhere: valid JSON, but PostgreSQL stores a
+    NUL character in neither ``text`` nor ``jsonb``, so such a result failed every attempt on the
+    database's multi-line error after the agent had done its work (a checkpoint, the task at
+    once). The escape is looked for in the text first, the one way a NUL gets into a parsed
+    value (a raw NUL byte is not JSON), so other lines pay nothing for it."""
     text = line.rstrip("\r\n")
-    try:
-        return _ADAPTER.validate_json(text)
-    except ValidationError:
-        return LogMessage(kind="log", message=text, level="raw")
+    with suppress(ValidationError):
+        message = _ADAPTER.validate_json(text)
+        if "\\u0000" not in text or not has_nul(message.model_dump()):
+            return message
+    return LogMessage(kind="log", message=text, level="raw")

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from tasks.db import connect
 from tasks.errors import UserError
-from tasks.json_values import any_scalar, has_non_finite
+from tasks.json_values import any_scalar, has_non_finite, has_nul
 
 Priority = Literal["critical", "high", "medium", "low"]
 Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
@@ -210,7 +210,7 @@ def _refuse_unstorable(value: Any, what: str) -> None:
     """Refuse text PostgreSQL cannot store anywhere in a string or JSON value, naming the task
     and the fix: its own errors (UntranslatableCharacter, psycopg's UnicodeEncodeError) name
     neither."""
-    if any_scalar(value, lambda item: isinstance(item, str) and "\x00" in item):
+    if has_nul(value):
         raise UserError(
             f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store; "
             "remove it or encode that value (e.g. as base64)"

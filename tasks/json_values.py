@@ -1,6 +1,7 @@
 """JSON values on their way into PostgreSQL, whose json types refuse some that Python's ``json``
 module reads and writes: NaN and ±Infinity (``json.dumps`` writes them by default, ``json.loads``
-reads them, and reads a number beyond the float range, such as ``1e999``, as Infinity)."""
+reads them, and reads a number beyond the float range, such as ``1e999``, as Infinity), and text
+holding a NUL character (``\\u0000``, valid JSON, which neither ``text`` nor ``jsonb`` can store)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def has_non_finite(value: Any) -> bool:
     """Whether a JSON value holds NaN, Infinity or -Infinity: PostgreSQL refuses the whole value,
     with a multi-line error that names neither the task nor the fix."""
     return any_scalar(value, _non_finite)
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a key or a string anywhere in a JSON value holds a NUL character: PostgreSQL refuses
+    the whole value, with a multi-line error that names neither the task nor the fix."""
+    return any_scalar(value, _holds_nul)
+
+
+def _holds_nul(item: Any) -> bool:
+    return isinstance(item, str) and "\x00" in item
 
 
 def _non_finite(item: Any) -> bool:

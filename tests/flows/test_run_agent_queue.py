@@ -226,6 +226,45 @@ def test_a_checkpoint_holding_nan_is_kept_as_a_raw_log_line(tmp_path: Path, qdb:
     assert raw == ['{"kind": "checkpoint", "state": {"step": 1, "loss": NaN}}']
 
 
+NUL_AGENT = textwrap.dedent(
+    """
+    import json
+    import sys
+
+    def say(**message):
+        print(json.dumps(message), flush=True)
+
+    say(kind="checkpoint", state={"step": 1, "bytes": "a\\x00b"})
+    say(kind="checkpoint", state={"step": 2})
+    sys.stdout.write("binary \\x00 junk\\n")
+    say(kind="result", data={"out": "a\\x00b"})
+    say(kind="result", data={"ok": True})
+    """
+)
+
+
+def test_a_checkpoint_or_result_holding_a_nul_character_is_kept_as_a_raw_log_line(
+    tmp_path: Path, qdb: str
+) -> None:
+    """``\\u0000`` is valid JSON that PostgreSQL cannot store: such a checkpoint failed the task at
+    once, and such a result every attempt after the agent had done its work, each on the database's
+    multi-line error. Now they are protocol garbage like NaN, and the task goes on."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="nul", agent_type="nul"))
+    agents = {"nul": {"argv": [sys.executable, "-c", NUL_AGENT]}}
+    summary = run_agent_queue(max_agents=1, agents=agents, retries=0, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).result == {"ok": True}
+    assert [h["state"] for h in queue.checkpoint_history(qdb, task_id)] == [{"step": 2}]
+    log_file = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    log = [json.loads(line) for line in log_file.read_text().splitlines()]
+    raw = [r["message"] for r in log if r.get("level") == "raw"]
+    assert [json.loads(m)["kind"] if m.startswith("{") else m for m in raw] == [
+        "checkpoint",
+        "binary \x00 junk",  # not JSON at all: logged as it came, as before
+        "result",
+    ]
+
+
 NAN_EVERYWHERE_AGENT = textwrap.dedent(
     """
     import json

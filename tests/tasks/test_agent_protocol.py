@@ -55,16 +55,28 @@ def test_every_kind_parses(fields: dict[str, object], expected: type) -> None:
         json.dumps({"kind": "log", "message": "epoch done", "loss": float("nan")}),
         json.dumps({"kind": "progress", "percent": 50, "eta": {"seconds": float("inf")}}),
         json.dumps({"kind": "error", "message": "diverged", "last": [float("-inf")]}),
+        json.dumps({"kind": "checkpoint", "state": {"bytes": "a\x00b"}}),
+        json.dumps({"kind": "result", "data": {"out\x00": 1}}),
+        json.dumps({"kind": "error", "message": "bad \x00 byte"}),
+        "binary \x00 output",
         "",
     ],
 )
 def test_garbage_is_kept_as_a_raw_log_line(line: str) -> None:
     """Garbage includes any line holding NaN or ±Infinity, whatever its kind and wherever the
     number sits (artifact data, a log line's extra fields): JSON has no such numbers, and the
-    message would carry them into the task's .jsonl log, the Prefect run log or an artifact."""
+    message would carry them into the task's .jsonl log, the Prefect run log or an artifact. So
+    is one holding a ``\\u0000`` escape, in a key or a string: PostgreSQL cannot store it."""
     message = parse_line(line + "\n")
     assert isinstance(message, LogMessage)
     assert message.level == "raw" and message.message == line
+
+
+def test_a_backslash_before_u0000_is_no_nul_character() -> None:
+    """Only the ``\\u0000`` escape is a NUL; the text ``\\u0000`` (an escaped backslash) is fine."""
+    line = json.dumps({"kind": "checkpoint", "state": {"pattern": "\\u0000"}})
+    message = parse_line(line)
+    assert isinstance(message, CheckpointMessage) and message.state == {"pattern": "\\u0000"}
 
 
 def test_agent_side_helpers_speak_the_same_protocol() -> None:
