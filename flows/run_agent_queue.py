@@ -98,7 +98,7 @@ def run_agent_queue(
                 running[task.id] = runner.submit(
                     attempt(task.agent_type),
                     parameters={"task_id": task.id, "worker": setup.worker},
-                    wait_for=[finished[d] for d in task.blocked_by if d in finished],
+                    wait_for=_dependency_runs(finished, task.blocked_by),
                 )
             if not running:
                 break
@@ -153,6 +153,17 @@ def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:
         return base.with_options(task_run_name="agent-{task_id}-" + literal)
 
     return for_type
+
+
+def _dependency_runs(
+    finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]], blocked_by: tuple[int, ...]
+) -> list[PrefectConcurrentFuture[dict[str, Any]]]:
+    """The ``wait_for`` of a claimed task: its dependencies' task runs in this flow run, so the
+    DAG shows in the UI. Completed runs only: the database already said every dependency is
+    completed, and a run of one that failed here (then retried and completed since, by another
+    worker or this run's own next attempt not yet settled) would make Prefect leave the task
+    ``NotReady`` without running it, failing a task whose dependencies are all done."""
+    return [finished[d] for d in blocked_by if d in finished and finished[d].state.is_completed()]
 
 
 def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:

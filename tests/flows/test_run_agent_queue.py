@@ -331,6 +331,52 @@ def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: st
     assert metrics["reference"]["tasks_failed"] == 1 and metrics["reference"]["error_rate"] == 1.0
 
 
+RETRY_ELSEWHERE_AGENT = textwrap.dedent(
+    """
+    import os, sys, time
+
+    sys.path.insert(0, os.environ["FLOWYARD_ROOT"])
+    from tasks import agent_queue as queue
+
+    url, dependency = os.environ["QUEUE_URL"], int(os.environ["DEPENDENCY"])
+    while queue.get_task(url, dependency).status != "failed":
+        time.sleep(0.05)
+    # a person retries the failed dependency, and another worker completes it
+    queue.retry_task(url, dependency)
+    queue.claim_ready(url, "other-worker", 1, ["fails"])
+    attempt = queue.start_attempt(url, dependency, "other-worker", None)
+    queue.finish_attempt(url, attempt.run_id, "other-worker", "completed", result={"by": "other"})
+    """
+)
+
+
+def test_a_dependency_that_failed_in_the_run_then_completed_elsewhere_lets_its_dependent_run(
+    tmp_path: Path, qdb: str
+) -> None:
+    """The dependency's failed task run was the dependent's ``wait_for``: Prefect then left the
+    dependent NotReady without running it, and the run failed a task whose dependency had
+    completed. The database says when a task is ready; only completed runs become DAG edges."""
+    dependency = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="fails", priority="critical"))
+    helper = queue.create_task(qdb, queue.NewTask(title="retry it elsewhere", agent_type="elsewhere"))
+    dependent = queue.create_task(
+        qdb, queue.NewTask(title="after", agent_type="ok", blocked_by=(dependency,))
+    )
+    env = {
+        "FLOWYARD_ROOT": str(Path(__file__).resolve().parents[2]),
+        "QUEUE_URL": qdb,
+        "DEPENDENCY": str(dependency),
+    }
+    agents = {
+        "fails": {"argv": [sys.executable, "-c", "raise SystemExit(3)"]},
+        "elsewhere": {"argv": [sys.executable, "-c", RETRY_ELSEWHERE_AGENT], "env": env},
+        "ok": {"argv": [sys.executable, "-c", 'print(\'{"kind": "result", "data": {"ran": true}}\')']},
+    }
+    summary = run_agent_queue(max_agents=2, agents=agents, retries=0, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][dependency].startswith("failed")
+    assert summary["outcomes"][helper] == summary["outcomes"][dependent] == "completed"
+    assert queue.get_task(qdb, dependent).result == {"ran": True}
+
+
 def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: str) -> None:
     task_id = queue.create_task(qdb, _new("escape", {"steps": 1}, workdir="../../etc"))
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
