@@ -452,11 +452,15 @@ def waiting_for_agents(url: str, agent_types: Collection[str]) -> dict[int, str]
     """Pending tasks of agent types outside ``agent_types``, which this worker left for another.
 
     Returns {task id: reason}, so a drain that skipped them says why instead of going quiet.
+    Tasks a dependency holds up (a ``blocked_reason`` from :func:`unrunnable`) are left out: no
+    agent would run them yet, and telling the user to run one with an agents file hid a failed
+    dependency (``queue run`` printed this reason while counting the task as blocked).
     """
     with _connection(url) as conn:
         rows = conn.execute(
             "SELECT id, agent_type FROM flowyard.agent_tasks "
-            "WHERE status = 'pending' AND NOT agent_type = ANY(%s::text[]) ORDER BY id",
+            "WHERE status = 'pending' AND blocked_reason IS NULL AND NOT agent_type = ANY(%s::text[]) "
+            "ORDER BY id",
             (list(agent_types),),
         ).fetchall()
     known = ", ".join(sorted(agent_types))

@@ -43,6 +43,17 @@ def test_a_worker_claims_only_the_agent_types_it_has(qdb: str) -> None:
     assert queue.waiting_for_agents(qdb, ["reference"]) == {}
 
 
+def test_a_task_its_dependency_holds_up_is_not_said_to_wait_for_an_agent(qdb: str) -> None:
+    """A 'coder' task behind a failed dependency is blocked, whatever agents a run has: telling the
+    user to run one with a 'coder' agent hid the failure, which queue run counts."""
+    failed = queue.create_task(qdb, _new("build"))
+    queue.claim_ready(qdb, "w1", 1)
+    queue.fail_task(qdb, failed, "w1", "broken")
+    custom = queue.create_task(qdb, queue.NewTask(title="custom", agent_type="coder", blocked_by=(failed,)))
+    assert list(queue.unrunnable(qdb).blocked) == [custom]
+    assert queue.waiting_for_agents(qdb, ["reference"]) == {}
+
+
 def test_claims_follow_priority_then_age_and_only_ready_tasks(qdb: str) -> None:
     low = queue.create_task(qdb, _new("low", "low"))
     first = queue.create_task(qdb, _new("first"))
