@@ -34,6 +34,7 @@ from tasks.agent_process import (
     templates_from,
 )
 from tasks.cancel_watch import CancelWatch
+from tasks.errors import one_line
 from tasks.state import state_url
 
 
@@ -77,7 +78,7 @@ def run_agent_queue(
     if recovery.crashed:
         logger.info("marked Crashed the flow runs of workers that are gone: %s", recovery.crashed)
     # a task its dead worker's run had given up on is this run's news: it failed
-    outcomes = {task_id: f"failed: {error}" for task_id, error in recovery.failed.items()}
+    outcomes = {task_id: f"failed: {one_line(error)}" for task_id, error in recovery.failed.items()}
     for task_id, error in recovery.failed.items():
         logger.error("task %s failed: %s", task_id, error)
     attempt = _attempt_tasks(retries)
@@ -174,4 +175,4 @@ def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str,
         return str(future.result()["outcome"])
     message = state.message or state.name or state.type.value
     queue.fail_task(url, task_id, worker, message)
-    return f"failed: {message}"
+    return f"failed: {one_line(message)}"

@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
-from tasks.errors import UserError
+from tasks.errors import UserError, one_line
 from tasks.json_values import any_scalar, has_non_finite, has_nul
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -111,8 +111,8 @@ class AgentTask:
 
     @property
     def note(self) -> str:
-        """Why the task is where it is: what blocks it, or its last error."""
-        return self.blocked_reason or self.error or ""
+        """Why the task is where it is, on one line: what blocks it, or its last error."""
+        return one_line(self.blocked_reason or self.error or "")
 
 
 _TASK_COLUMNS = sql.SQL(

@@ -42,6 +42,16 @@ def first_line(error: BaseException | str) -> str:
     return next(iter(str(error).strip().splitlines()), fallback)
 
 
+def one_line(text: str) -> str:
+    """``text`` for a row of a listing or a status line: its first line, saying how many lines were
+    left out. An agent's error may carry a whole traceback, which split the ``queue list`` table
+    and ``queue run``'s per-task lines; the full text stays in the task and in its log."""
+    lines = text.strip().splitlines()
+    if len(lines) <= 1:
+        return text.strip()
+    return f"{lines[0]} … ({len(lines) - 1} more lines)"
+
+
 Number = TypeVar("Number", int, float)
 
 INT64_MAX = 2**63 - 1

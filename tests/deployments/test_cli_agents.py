@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from deployments.agents_demo import agent_queue_demo_parameters
@@ -206,3 +208,22 @@ def test_the_listing_says_a_pending_task_needs_an_agent_that_is_not_built_in(env
         "(built in: reference)"
     )
     assert listing[builtin].endswith("reference work")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_multi_line_agent_error_is_one_line_in_the_listing_and_the_run_output(
+    env: dict[str, str], tmp_path
+) -> None:
+    """An agent may report a whole traceback as its error: ``queue list`` printed it across the
+    table's rows and ``queue run`` across its per-task lines. Both now show its first line and
+    how many lines were left out; the task keeps the full text."""
+    error = "disk full\nTraceback (most recent call last):\n  File 'agent.py', line 3"
+    failing = int(_ok("create", "doomed", "--payload", json.dumps({"fail": error}), env=env))
+    result = run_cli("queue", "run", "--output-dir", str(tmp_path), "--retries", "0", env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"task {failing}: ")]
+    assert line.endswith("disk full … (2 more lines)"), result.stdout
+    assert "Traceback" not in result.stdout
+    rows = _ok("list", "--status", "failed", env=env).splitlines()[1:]
+    assert len(rows) == 1 and rows[0].endswith(" … (2 more lines)") and "disk full" in rows[0], rows
+    assert error in (queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or "")
