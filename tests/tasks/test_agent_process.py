@@ -374,7 +374,7 @@ UNSTORABLE_CHECKPOINT_AGENT = textwrap.dedent(
 
     subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     print(json.dumps({"kind": "log", "message": f"group {os.getpgid(0)}"}), flush=True)
-    print(json.dumps({"kind": "checkpoint", "state": {"note": "nul \\u0000 here"}}), flush=True)
+    print(json.dumps({"kind": "checkpoint", "state": {"refused": True}}), flush=True)
     time.sleep(600)
     """
 )
@@ -384,14 +384,18 @@ UNSTORABLE_CHECKPOINT_AGENT = textwrap.dedent(
 def test_a_checkpoint_the_database_refuses_fails_the_attempt_and_closes_it(
     tmp_path: Path, fresh_db: str
 ) -> None:
-    """jsonb cannot hold a NUL character, so the checkpoint write in the message callback raises: the
-    attempt must be closed as failed with a one-line reason (never left open), its group ended,
-    and it is not retried (the same checkpoint would fail again)."""
+    """The database refuses the checkpoint (here a CHECK constraint the test adds), so the write in
+    the message callback raises: the attempt must be closed as failed with a one-line reason (never
+    left open) and its group ended, the agent's leftover child too."""
     from flows.run_agent_queue import run_agent_queue
 
     url = state_url(fresh_db)
-    task_id = queue.create_task(url, queue.NewTask(title="nul checkpoint", agent_type="nul"))
-    agents = {"nul": {"argv": [sys.executable, "-c", UNSTORABLE_CHECKPOINT_AGENT]}}
+    with connection(url) as conn:
+        conn.execute(
+            "ALTER TABLE flowyard.agent_checkpoints ADD CONSTRAINT refuses CHECK (NOT state ? 'refused')"
+        )
+    task_id = queue.create_task(url, queue.NewTask(title="refused checkpoint", agent_type="refused"))
+    agents = {"refused": {"argv": [sys.executable, "-c", UNSTORABLE_CHECKPOINT_AGENT]}}
     summary = run_agent_queue(max_agents=1, database_url=url, output_dir=str(tmp_path), agents=agents, retries=0)
     assert summary["outcomes"][task_id].startswith("failed")
     with connection(url) as conn:
@@ -400,8 +404,7 @@ def test_a_checkpoint_the_database_refuses_fails_the_attempt_and_closes_it(
         ).fetchall()
     assert [(outcome, closed) for outcome, closed, _ in runs] == [("failed", True)]
     assert runs[0][2] == (
-        f"the checkpoint of task {task_id} attempt 1 contains a NUL character (\\u0000), which PostgreSQL "
-        "cannot store; remove it or encode that value (e.g. as base64)"
+        'new row for relation "agent_checkpoints" violates check constraint "refuses"'
     )
     log = [json.loads(line) for line in (tmp_path / "logs" / f"{task_id}.jsonl").read_text().splitlines()]
     pgid = next(int(r["message"].split()[1]) for r in log if r.get("message", "").startswith("group "))
