@@ -46,10 +46,8 @@ def one_line(text: str) -> str:
     """``text`` for a row of a listing or a status line: its first line, saying how many lines were
     left out. An agent's error may carry a whole traceback, which split the ``queue list`` table
     and ``queue run``'s per-task lines; the full text stays in the task and in its log."""
-    lines = text.strip().splitlines()
-    if len(lines) <= 1:
-        return text.strip()
-    return f"{lines[0]} … ({len(lines) - 1} more lines)"
+    left_out = len(text.strip().splitlines()) - 1
+    return first_line(text) + (f" … ({left_out} more lines)" if left_out > 0 else "")
 
 
 Number = TypeVar("Number", int, float)
