@@ -179,7 +179,8 @@ def sync_device(
 
     With ``download_since`` (a central cursor), project status snapshots changed after it (or
     after the store's own newest snapshot, when the store lost the ones before) are pulled into
-    the store afterwards and the new cursor is reported.
+    the store afterwards and the new cursor is reported: also after a refused event (central
+    answered), not after a batch failed as a whole (central unreachable or refusing every row).
     """
     with device_store.open_store(store, busy_timeout=options.busy_timeout) as conn:
         device_store.upgrade_to_v2(conn, identity)
@@ -190,6 +191,7 @@ def sync_device(
         uploaded = duplicates = failed = batches = last_id = 0
         size = options.batch_size
         error: str | None = None
+        central_down = False
         cursor = download_since
         try:
             while True:
@@ -205,6 +207,7 @@ def sync_device(
                     result = uploader.upload(rows)
                 except _UploadFailed as exc:  # central unreachable: keep the rest queued for later
                     error = str(exc)
+                    central_down = True
                     device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
                     failed += len(ids)
                     size = adapt_batch_size(options.batch_size, "poor")
@@ -226,12 +229,14 @@ def sync_device(
                 batches += 1
                 last_id = ids[-1]
                 size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
-            if cursor is not None and error is None:
+            # A refused event says central answered: only a batch failed as a whole skips the download.
+            if cursor is not None and not central_down:
                 try:
                     since = min(cursor, device_store.downloaded_through(conn))
                     cursor = download_into_store(conn, uploader, since)
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the old cursor is kept
-                    error = _one_line(exc, options.central_url, "download from")
+                    failure = _one_line(exc, options.central_url, "download from")
+                    error = failure if error is None else f"{error}; {failure}"
         finally:
             uploader.close()
         after = device_store.counts(conn)

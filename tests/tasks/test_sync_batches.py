@@ -420,6 +420,34 @@ def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_pa
     assert _central_counts(central) == (40, 40)
 
 
+def test_a_refused_event_does_not_skip_the_download(central: str, tmp_path: Path) -> None:
+    """Central answered, so the device still gets its updates; its error is the refused event's."""
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET sync_id = 'not-a-uuid' WHERE id = 37")
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40), download_since=0)
+    assert (report.uploaded, report.failed) == (99, 1)
+    assert report.error is not None and report.error.startswith("upload to ")
+    assert "invalid input syntax for type uuid" in report.error and "\n" not in report.error
+    with device_store.open_store(store) as conn:
+        downloaded = conn.execute("SELECT project_id FROM remote_project_status").fetchall()
+    assert downloaded == [(IDENTITY.project_id,)] and report.download_cursor
+
+
+def test_a_refused_event_and_a_failed_download_are_both_reported(central: str, tmp_path: Path) -> None:
+    store = make_store(tmp_path / "dev.db", 40, identity=IDENTITY)  # no project_status event
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET sync_id = 'not-a-uuid' WHERE id = 7")
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.project_status")
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7)
+    assert (report.uploaded, report.failed, report.download_cursor) == (39, 1, 7)
+    assert report.error is not None and "\n" not in report.error
+    refused, _, download = report.error.partition("; download from ")
+    assert refused.startswith("upload to ") and "invalid input syntax for type uuid" in refused
+    assert 'relation "devflow.project_status"' in download
+
+
 def test_a_snapshot_with_an_integer_beyond_64_bits_downloads_to_the_last_digit(
     central: str, tmp_path: Path
 ) -> None:
