@@ -76,6 +76,7 @@ def configure(
     remove_store: Annotated[str | None, typer.Option(help="Unregister a device by id.")] = None,
 ) -> None:
     """Change the sync configuration and the device list (unset options keep their value)."""
+    added_store = new_store(add_store, device_id, user_id, project_id)
     result = apply_setup(
         None,
         SetupChange(
@@ -89,13 +90,13 @@ def configure(
             queue_threshold=queue_threshold,
             failure_rate=failure_rate,
             offline_seconds=offline_seconds,
-            add_store=new_store(add_store, device_id, user_id, project_id),
+            add_store=added_store,
             remove_store=remove_store,
         ),
     )
     typer.echo("configuration saved")
-    if result.added is not None and add_store is not None:
-        typer.echo(f"added device {result.added.device_id}: {add_store.resolve()}")
+    if result.added is not None and added_store is not None:
+        typer.echo(f"added device {result.added.device_id}: {added_store.path}")
     if remove_store is not None:
         typer.echo(f"removed device {remove_store}")
     status()
@@ -114,8 +115,8 @@ def trigger(
     outcome: those are printed first, then the run's one-line summary is the error."""
     from deployments.runtime import prepare_flow_run
 
-    for path in store or []:
-        device_store.check_store_path(Path(path).resolve())  # a typo: one line, before any server starts
+    for path in store or []:  # a typo: one line, before any server starts
+        device_store.check_store_path(device_store.store_path(path))
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
     prepare_flow_run(get_settings())
@@ -194,6 +195,7 @@ def migrate_up(
     A store flowyard syncs keeps its device's identity by default: the device id is part of how
     central recognises events it already holds, so re-upgrading a downgraded store under another
     id would send every event to central a second time."""
+    store = device_store.store_path(store)
     device_store.check_store_path(store)
     identity = store_identity(state_url(), NewStore(store, device_id, user_id, project_id))
     with device_store.open_store(store) as conn:
@@ -210,6 +212,7 @@ def migrate_down(
     """Remove the sync metadata (``--to=v1``); every event stays."""
     if to != "v1":
         raise UserError(f"--to must be v1 (the only version below v2), not {to!r}")
+    store = device_store.store_path(store)
     with device_store.open_store(store) as conn:
         changed = device_store.downgrade_to_v1(conn)
         events = conn.execute("SELECT count(*) FROM events").fetchone()[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -80,7 +79,7 @@ def sync_configure(
             queue_threshold=queue_threshold,
             failure_rate=failure_rate,
             offline_seconds=offline_seconds,
-            add_store=new_store(None if add_store is None else Path(add_store), device_id, user_id, project_id),
+            add_store=new_store(add_store, device_id, user_id, project_id),
             remove_store=remove_store,
             enable_devices=tuple(enable_devices or ()),
             disable_devices=tuple(disable_devices or ()),

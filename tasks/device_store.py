@@ -152,6 +152,14 @@ def _explain(path: Path, exc: sqlite3.Error) -> UserError:
     return UserError(f"device store {path}: {text}")
 
 
+def store_path(given: str | Path) -> Path:
+    """A store path as the user gave it (a CLI option or argument, a flow parameter), absolute:
+    ``~`` is the home of the user flowyard runs as (a Prefect run's parameters too: its flow runs
+    as that same user), and the path is resolved, so one file is one device row however it is named.
+    The one place a store path is parsed: a shell leaves ``--store=~/x.db`` and a quoted ``~`` alone."""
+    return Path(given).expanduser().resolve()
+
+
 def check_store_path(path: Path) -> None:
     """A store is a file: a missing path and a directory (a common slip: the app's data folder
     instead of its database) are one line, before SQLite creates an empty store at a typo."""

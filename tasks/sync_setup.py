@@ -33,9 +33,10 @@ class NewStore:
 
 
 def new_store(
-    path: Path | None, device_id: str | None, user_id: str | None, project_id: str | None
+    path: str | Path | None, device_id: str | None, user_id: str | None, project_id: str | None
 ) -> NewStore | None:
-    """The store ``configure`` adds, or None; ids given without a store are refused, not dropped."""
+    """The store ``configure`` adds (its path parsed by :func:`device_store.store_path`), or None;
+    ids given without a store are refused, not dropped."""
     if path is None:
         if (device_id, user_id, project_id) != (None, None, None):
             raise UserError(
@@ -43,7 +44,7 @@ def new_store(
                 "project_id with add_store); name the store they are for"
             )
         return None
-    return NewStore(path, device_id, user_id, project_id)
+    return NewStore(device_store.store_path(path), device_id, user_id, project_id)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def store_identity(state: Db, store: NewStore) -> Identity:
                 "its events to central a second time)"
             )
         return recorded
-    device = store.device_id or sync_state.unrecorded_device_id(state, store.path.expanduser().resolve())
+    device = store.device_id or sync_state.unrecorded_device_id(state, device_store.store_path(store.path))
     known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
     return Identity(
         device,

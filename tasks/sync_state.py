@@ -188,7 +188,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
     :func:`new_device_id`, avoiding every id flowyard knows and the ids of this run's other
     stores, so two ``devflow.db`` files never share a lock, a state row or central's origin key.
     """
-    paths = list(dict.fromkeys(Path(store).expanduser().resolve() for store in stores))
+    paths = list(dict.fromkeys(device_store.store_path(store) for store in stores))
     for path in paths:
         device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
     known = {path: device_for_store(state, path) for path in paths}
@@ -239,7 +239,7 @@ def default_device_id(state: Db, store: Path) -> str:
     """The id a store registered without one gets: the id recorded in it (its events carry it),
     else the id flowyard has for it, else :func:`new_device_id` avoiding every id flowyard knows
     (so registering a second ``devflow.db`` adds a device instead of re-pointing the first)."""
-    path = store.expanduser().resolve()
+    path = device_store.store_path(store)
     if (identity := recorded_identity(path)) is not None:
         return identity.device_id
     return unrecorded_device_id(state, path)

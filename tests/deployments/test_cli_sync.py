@@ -398,3 +398,31 @@ def test_a_device_only_synced_by_path_can_be_disabled_and_its_path_runs_then_ski
         assert forced.returncode == 0 and "by-path: uploaded=1" in forced.stdout, forced.stderr
     finally:
         sync_state.remove_device(state_db, "by-path")
+
+
+def test_a_store_path_starting_with_a_tilde_is_in_the_home_directory(
+    fresh_db: str, state_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~` is the home directory in every store path: configure, trigger and migrate on the CLI
+    (a shell leaves `--store=~/x.db` and a quoted `~` alone), and the control flows' parameters."""
+    from flows.sync_controls import sync_configure
+
+    home = {"HOME": str(tmp_path)}
+    store, moved = make_store(tmp_path / "home-dev.db", 5), make_store(tmp_path / "moved.db", 2)
+    try:
+        added = run_cli("sync", "configure", "--add-store", "~/home-dev.db", "--device-id", "home-dev", env=home)
+        assert added.returncode == 0, added.stderr
+        assert f"added device home-dev: {store.resolve()}" in added.stdout
+        ran = run_cli("sync", "trigger", "--store=~/home-dev.db", "--central-url", fresh_db, env=home)
+        assert ran.returncode == 0 and "home-dev: uploaded=5" in ran.stdout, ran.stderr
+        down = run_cli("sync", "migrate", "down", "--to=v1", "~/home-dev.db", env=home)
+        assert down.returncode == 0 and "downgraded to v1, 5 events kept" in down.stdout, down.stderr
+        up = run_cli("sync", "migrate", "up", "~/home-dev.db", env=home)
+        assert up.returncode == 0 and "upgraded to v2 as device 'home-dev'" in up.stdout, up.stderr
+
+        monkeypatch.setenv("HOME", str(tmp_path))
+        sync_configure(add_store="~/moved.db", device_id="home-dev")
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == "home-dev"]
+        assert device.store_path == str(moved.resolve())
+    finally:
+        sync_state.remove_device(state_db, "home-dev")
