@@ -60,6 +60,9 @@ class DeviceReport:
     """What one device's sync did; becomes a row of the run's table artifact and the device state."""
 
     device_id: str
+    user_id: str
+    project_id: str
+    """The user and project ids recorded in the store, which its events carry."""
     store: str
     pending_before: int
     uploaded: int
@@ -242,6 +245,8 @@ def sync_device(
         after = device_store.counts(conn)
     return DeviceReport(
         device_id=identity.device_id,
+        user_id=identity.user_id,
+        project_id=identity.project_id,
         store=str(store),
         pending_before=pending_before,
         uploaded=uploaded,

@@ -403,12 +403,14 @@ def device_for_store(db: Db, store: Path) -> Device | None:
     return Device(*row) if row else None
 
 
-def record_device_run(url: str, flow_run_id: UUID | None, target: SyncTarget, report: DeviceReport) -> None:
+def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) -> None:
     """Store a device's outcome: cursors and status on the device row, plus a history row.
 
-    A device first seen by this run gets the target's user and project ids: they are what its
-    store was stamped with, and what the next upgrade of the store (``migrate down`` and a sync,
-    or ``migrate up``) stamps on its events again, as the device flowyard has for that store."""
+    The row takes the user and project ids recorded in the store, which its events carry, also
+    when it holds others: they are what the next upgrade of the store (``migrate down`` and a
+    sync, or ``migrate up``) stamps on its events again, as the device flowyard has for that
+    store, and the store's recorded identity wins wherever else it is read (``configure``). A
+    row written before runs recorded ids (empty ones) is so repaired by the device's next run."""
     succeeded = report.error is None
     with connection(url) as conn:
         conn.execute(
@@ -423,13 +425,13 @@ def record_device_run(url: str, flow_run_id: UUID | None, target: SyncTarget, re
                 download_cursor = greatest(d.download_cursor, EXCLUDED.download_cursor),
                 pending = EXCLUDED.pending, last_attempt_at = now(),
                 last_success_at = coalesce(EXCLUDED.last_success_at, d.last_success_at),
-                last_error = EXCLUDED.last_error
+                last_error = EXCLUDED.last_error, user_id = EXCLUDED.user_id, project_id = EXCLUDED.project_id
             """,
             {
                 "device_id": report.device_id,
                 "store": report.store,
-                "user_id": target.user_id,
-                "project_id": target.project_id,
+                "user_id": report.user_id,
+                "project_id": report.project_id,
                 "last_id": report.last_local_id,
                 "cursor": report.download_cursor,
                 "pending": report.pending_after,
@@ -442,7 +444,7 @@ def record_device_run(url: str, flow_run_id: UUID | None, target: SyncTarget, re
 
 def record_device_error(url: str, flow_run_id: UUID | None, target: SyncTarget, error: str) -> None:
     """A device whose store could not be used at all (corrupt, locked, missing); a device first
-    seen by this run gets the target's identity, as in :func:`record_device_run`."""
+    seen by this run gets the target's identity (what its store is or will be stamped with)."""
     with connection(url) as conn:
         conn.execute(
             """

@@ -99,6 +99,25 @@ def test_a_multi_line_task_error_is_recorded_as_one_line(
     sync_state.remove_device(state_db, "one-line-error")
 
 
+def _sync_by_path(state: str, central: str, store: Path) -> None:
+    """Sync one store named by path and record the outcome, as a ``sync-devices`` run does."""
+    (target,) = _targets(state, store)
+    report = sync_device(Path(target.store), target.identity, SyncOptions(central))
+    settle_device(state, None, target, report, None, SyncConfig(), logging.getLogger("test"))
+
+
+def _downgrade_and_write(store: Path) -> None:
+    """``migrate down --to=v1``, then the app writes one more event, which the next upgrade stamps."""
+    with device_store.open_store(store) as conn:
+        device_store.downgrade_to_v1(conn)
+        device_store.insert_events(conn, [(device_store.now_ms(), "file_edit", {})])
+
+
+def _stamped(central: str) -> list[tuple[str, str]]:
+    with psycopg.connect(central) as conn:
+        return conn.execute("SELECT DISTINCT user_id, project_id FROM devflow.events").fetchall()
+
+
 def test_a_store_first_synced_by_path_keeps_its_identity_when_re_upgraded(
     state_db: str, fresh_db: str, tmp_path: Path
 ) -> None:
@@ -107,23 +126,13 @@ def test_a_store_first_synced_by_path_keeps_its_identity_when_re_upgraded(
     its row used to hold empty user and project ids, which went onto every event written since."""
     central_store.ensure_schema(fresh_db)
     store = make_store(tmp_path / "roamer.db", 5)
-
-    def sync() -> None:
-        (target,) = _targets(state_db, store)
-        report = sync_device(Path(target.store), target.identity, SyncOptions(fresh_db))
-        settle_device(state_db, None, target, report, None, SyncConfig(), logging.getLogger("test"))
-
     try:
-        sync()
-        with device_store.open_store(store) as conn:
-            device_store.downgrade_to_v1(conn)
-            device_store.insert_events(conn, [(device_store.now_ms(), "file_edit", {})])
-        sync()
+        _sync_by_path(state_db, fresh_db, store)
+        _downgrade_and_write(store)
+        _sync_by_path(state_db, fresh_db, store)
     finally:
         sync_state.remove_device(state_db, "roamer")
-    with psycopg.connect(fresh_db) as conn:
-        stamped = conn.execute("SELECT DISTINCT user_id, project_id FROM devflow.events").fetchall()
-    assert stamped == [("unknown", "default")]
+    assert _stamped(fresh_db) == [("unknown", "default")]
 
 
 def test_an_unreadable_store_first_seen_by_a_run_is_recorded_with_its_identity(
@@ -140,3 +149,24 @@ def test_an_unreadable_store_first_seen_by_a_run_is_recorded_with_its_identity(
     finally:
         sync_state.remove_device(state_db, target.device_id)
     assert device is not None and (device.user_id, device.project_id) == ("unknown", "default")
+
+
+def test_a_device_row_with_empty_ids_takes_its_stores_ids_at_the_next_run(
+    state_db: str, fresh_db: str, tmp_path: Path
+) -> None:
+    """Rows a run recorded before it wrote ids hold user and project ''; the next run writes the
+    ids recorded in the store, so a later re-upgrade (``migrate down`` and a sync) stamps those."""
+    central_store.ensure_schema(fresh_db)
+    store = make_store(tmp_path / "legacy.db", 5, identity=Identity("legacy", "alice", "web"))
+    try:
+        _sync_by_path(state_db, fresh_db, store)
+        with psycopg.connect(state_db) as conn:  # as a run before commit e8c2747 left it
+            conn.execute("UPDATE flowyard.sync_devices SET user_id = '', project_id = '' WHERE device_id = 'legacy'")
+        _sync_by_path(state_db, fresh_db, store)
+        device = sync_state.device_for_store(state_db, store)
+        assert device is not None and (device.user_id, device.project_id) == ("alice", "web")
+        _downgrade_and_write(store)
+        _sync_by_path(state_db, fresh_db, store)
+    finally:
+        sync_state.remove_device(state_db, "legacy")
+    assert _stamped(fresh_db) == [("alice", "web")]
