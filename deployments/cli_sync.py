@@ -139,14 +139,21 @@ def _print_outcomes(result: dict[str, Any]) -> None:
 
 
 def _outcome_line(device: str, outcome: dict[str, Any]) -> str:
-    """One device's line; a store that could not be opened at all has only its error."""
-    counts = (
-        f"uploaded={outcome['uploaded']} duplicates={outcome['duplicates']} "
-        f"failed={outcome['failed']} pending={outcome['pending_after']}"
-        if "uploaded" in outcome
-        else "not synced"
+    """One device's line; a store that could not be opened at all has only its error.
+
+    ``pending`` is what the next run sends; failed events waiting out their retry backoff are
+    counted apart, since a run now (without ``--force``) would leave them where they are."""
+    return f"{device}: {_counts(outcome)}" + (f" error={outcome['error']}" if outcome.get("error") else "")
+
+
+def _counts(outcome: dict[str, Any]) -> str:
+    if "uploaded" not in outcome:
+        return "not synced"
+    waiting = outcome["waiting_after"]
+    return (
+        f"uploaded={outcome['uploaded']} duplicates={outcome['duplicates']} failed={outcome['failed']} "
+        f"pending={outcome['pending_after'] - waiting}" + (f" waiting_out_backoff={waiting}" if waiting else "")
     )
-    return f"{device}: {counts}" + (f" error={outcome['error']}" if outcome.get("error") else "")
 
 
 @app.command()

@@ -130,6 +130,8 @@ class LocalEvent(NamedTuple):
 class StoreCounts:
     pending: int
     failed: int
+    waiting: int
+    """The failed events whose retry backoff has not ended: a run leaves them unless forced."""
     synced: int
     oldest_pending_ms: int | None
 
@@ -411,13 +413,16 @@ def downloaded_through(conn: sqlite3.Connection) -> int:
 
 
 def counts(conn: sqlite3.Connection) -> StoreCounts:
+    """The store's events by sync state now; ``waiting`` by the rule :func:`read_pending` applies."""
     row = conn.execute(
         """
         SELECT coalesce(sum(sync_status = 'pending'), 0), coalesce(sum(sync_status = 'failed'), 0),
+               coalesce(sum(sync_status = 'failed' AND next_retry_at > ?), 0),
                coalesce(sum(sync_status = 'synced'), 0),
                min(CASE WHEN sync_status != 'synced' THEN timestamp END)
         FROM events
-        """
+        """,
+        (now_ms(),),
     ).fetchone()
     return StoreCounts(*row)
 

@@ -69,6 +69,9 @@ class DeviceReport:
     duplicates: int
     failed: int
     pending_after: int
+    """Every event still unsynced, ``waiting_after`` included: the device's queue."""
+    waiting_after: int
+    """The failed events waiting out their retry backoff, which the next run leaves unless forced."""
     lag_seconds: float | None
     last_local_id: int
     batches: int
@@ -253,6 +256,7 @@ def sync_device(
         duplicates=duplicates,
         failed=failed,
         pending_after=after.pending + after.failed,
+        waiting_after=after.waiting,
         lag_seconds=_lag_seconds(before.oldest_pending_ms),
         last_local_id=last_id,
         batches=batches,

@@ -89,5 +89,6 @@ def _state(report: DeviceReport | None, error: str | None) -> dict[str, Any]:
         "duplicates": report.duplicates,
         "failed": report.failed,
         "pending_after": report.pending_after,
+        "waiting_after": report.waiting_after,
         "error": error,
     }

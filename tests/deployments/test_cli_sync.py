@@ -10,6 +10,7 @@ import pytest
 
 from tasks import device_store, sync_state
 from tasks.db import mask_url
+from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters, make_store
 from tests.conftest import run_cli
@@ -426,3 +427,26 @@ def test_a_store_path_starting_with_a_tilde_is_in_the_home_directory(
         assert device.store_path == str(moved.resolve())
     finally:
         sync_state.remove_device(state_db, "home-dev")
+
+
+def test_trigger_counts_events_waiting_out_their_backoff_apart_from_pending(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Failed events wait out a retry backoff: a run without --force leaves them, so trigger's
+    `pending` (what the next run sends) leaves them out and names them apart."""
+    store = make_store(tmp_path / "backoff.db", 40)
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    try:
+        down = run_cli("sync", "trigger", "--store", str(store), "--central-url", dead, "--batch-size", "10")
+        assert down.returncode == 2, down.stderr
+        assert "backoff: uploaded=0 duplicates=0 failed=10 pending=30 waiting_out_backoff=10 error=" in down.stdout
+        back = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert back.returncode == 0, back.stderr
+        assert "backoff: uploaded=30 duplicates=0 failed=0 pending=0 waiting_out_backoff=10" in back.stdout
+        idle = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert "backoff: uploaded=0 duplicates=0 failed=0 pending=0 waiting_out_backoff=10" in idle.stdout
+        forced = run_cli("sync", "trigger", "--force", "--store", str(store), "--central-url", fresh_db)
+        assert forced.returncode == 0, forced.stderr
+        assert "backoff: uploaded=10 duplicates=0 failed=0 pending=0\n" in forced.stdout
+    finally:
+        sync_state.remove_device(state_db, "backoff")

@@ -227,7 +227,7 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     persisted = _persisted_result(run)["devices"]
     assert persisted["good0"] == {
         "last_local_id": 400, "download_cursor": None, "uploaded": 400, "duplicates": 0,
-        "failed": 0, "pending_after": 0, "error": None,
+        "failed": 0, "pending_after": 0, "waiting_after": 0, "error": None,
     }  # fmt: skip
     assert persisted["good1"]["uploaded"] == 400 and persisted["good1"]["last_local_id"] == 400
     assert "is corrupt" in persisted["corrupt"]["error"] and "is locked" in persisted["locked"]["error"]

@@ -10,7 +10,7 @@ from tasks.sync_batches import DeviceReport
 from tasks.sync_state import AlertThresholds
 
 NOW = datetime(2026, 11, 22, 12, tzinfo=UTC)
-OK = DeviceReport("d", "u", "p", "/s.db", 50, 50, 0, 0, 0, 1.0, 50, 1, 5000, None)
+OK = DeviceReport("d", "u", "p", "/s.db", 50, 50, 0, 0, 0, 0, 1.0, 50, 1, 5000, None)
 LIMITS = AlertThresholds(queue_threshold=100, failure_rate=0.1, offline_seconds=3600)
 
 

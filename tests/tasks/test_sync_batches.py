@@ -76,6 +76,7 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     options = SyncOptions(dead, batch_size=100, upload_attempts=2, reconnect_backoff_seconds=0.01)
     report = sync_device(store, IDENTITY, options)
     assert report.uploaded == 0 and report.failed == 100
+    assert (report.pending_after, report.waiting_after) == (300, 100)  # the failed ones wait out a backoff
     assert "cannot connect" in report.error and "\n" not in report.error
     assert report.final_batch_size == adapt_batch_size(100, "poor") == 10
     counts = _local(store)
@@ -87,9 +88,9 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     assert attempts == [(1, report.error)]
     # Central is back: the pending events go now; the failed ones after their backoff (or forced).
     later = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
-    assert (later.uploaded, later.pending_after) == (200, 100)
+    assert (later.uploaded, later.pending_after, later.waiting_after) == (200, 100, 100)
     forced = sync_device(store, IDENTITY, SyncOptions(central, force=True))
-    assert (forced.uploaded, forced.duplicates, forced.pending_after) == (100, 0, 0)
+    assert (forced.uploaded, forced.duplicates, forced.pending_after, forced.waiting_after) == (100, 0, 0, 0)
     assert _central_counts(central) == (300, 300)
 
 
