@@ -413,6 +413,9 @@ def claim_ready(
     re-check, so no task is ever claimed twice. One statement (one round trip) claims and
     returns the rows. ``exclude`` are the tasks the claimer still runs: one retried while its
     previous attempt winds down waits for the next claim instead of getting a second attempt.
+
+    Each claim is counted (``claims``, which the claim's attempts record), so recovery tells this
+    claim's attempts from an earlier one's (:func:`release_task`).
     """
     if limit <= 0:
         return []
@@ -436,6 +439,7 @@ def claim_ready(
                 ), claimed AS (
                     UPDATE flowyard.agent_tasks t
                        SET status = 'in_progress', worker = %s, heartbeat_at = now(), updated_at = now(),
+                           claims = t.claims + 1,
                            blocked_reason = NULL, error = NULL, started_at = coalesce(t.started_at, now())
                       FROM ready WHERE t.id = ready.id
                     RETURNING t.*
@@ -487,19 +491,19 @@ class TaskNotHeld(UserError):
 def start_attempt(
     url: str, task_id: int, worker: str, flow_run_id: str | None, *, lease_seconds: float = DEFAULT_LEASE_SECONDS
 ) -> Attempt:
-    """Count a new attempt of a task this worker holds, with the lease the worker runs with. The
-    task's last checkpoint comes back from the same statement: a retry resumes from whatever the
-    failed attempt saved."""
+    """Count a new attempt of a task this worker holds, with the lease the worker runs with and the
+    claim it runs in. The task's last checkpoint comes back from the same statement: a retry
+    resumes from whatever the failed attempt saved."""
     with _connection(url, durable=False) as conn:
         row = conn.execute(
             """
             WITH t AS (
                 UPDATE flowyard.agent_tasks SET attempts = attempts + 1, heartbeat_at = now(), updated_at = now()
                  WHERE id = %s AND worker = %s AND status = 'in_progress'
-                RETURNING id, attempts, agent_type, last_checkpoint
+                RETURNING id, attempts, claims, agent_type, last_checkpoint
             ), r AS (
-                INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, flow_run_id, lease_seconds)
-                SELECT id, attempts, agent_type, %s, %s, %s FROM t
+                INSERT INTO flowyard.agent_runs (task_id, attempt, claim, agent_type, worker, flow_run_id, lease_seconds)
+                SELECT id, attempts, claims, agent_type, %s, %s, %s FROM t
                 RETURNING attempt, id
             )
             SELECT r.attempt, r.id, t.last_checkpoint FROM r, t
@@ -650,6 +654,9 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> str | None
     that attempt's error and ``reason``: its worker stopped between that failure and
     :func:`fail_task`, and handing it back would give it a fresh set of retries (a run's
     ``retries`` means at most retries + 1 attempts; ``queue retry`` is how a person grants more).
+    Only an attempt of the current claim counts: after a ``queue retry`` the same worker may claim
+    the task again and stop before its next attempt, while the attempt that gave up keeps the
+    task's attempt number.
 
     Returns the task's new status (``pending`` or ``failed``), or None when it was not held."""
     with _connection(url, atomic=True) as conn:
@@ -659,7 +666,8 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> str | None
                 SELECT format('attempt %%s, the last of its run, failed: %%s; %%s', r.attempt, r.error, %(reason)s::text)
                        AS error
                   FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
-                 WHERE r.task_id = %(task)s AND r.worker = %(worker)s AND r.attempt = t.attempts AND r.final
+                 WHERE r.task_id = %(task)s AND r.worker = %(worker)s AND r.attempt = t.attempts
+                   AND r.claim = t.claims AND r.final
             )
             UPDATE flowyard.agent_tasks t
                SET status = CASE WHEN last.error IS NULL THEN 'pending' ELSE 'failed' END,

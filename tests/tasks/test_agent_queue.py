@@ -11,14 +11,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+from alembic import command
+from alembic.config import Config
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import Recovery, recover_stale_tasks
 from tasks.agent_process import REFERENCE_TEMPLATE, AgentLimits, agent_mark
-from tasks.db import connection
+from tasks.db import connection, sqlalchemy_url
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
-from tasks.state import state_url
+from tasks.state import MIGRATIONS_DIR, state_url
 
 
 @pytest.fixture()
@@ -377,6 +379,59 @@ def test_retry_judges_a_cancelled_attempt_by_the_lease_its_worker_ran_with(
     else:
         queue.retry_task(qdb, task_id)
         assert queue.get_task(qdb, task_id).status == "pending"
+
+
+def test_a_task_retried_by_hand_and_claimed_again_by_a_worker_that_died_before_starting_it_is_resumed(
+    qdb: str,
+) -> None:
+    """`queue retry` of a task its run gave up on, claimed again by the same worker (a run still
+    draining), which died before it started the new attempt: recovery hands the task back. The
+    attempt that gave up belongs to the earlier claim, so it does not fail the task again (it did:
+    worker and attempt number matched). A last attempt of the current claim still does."""
+    gone = _dead_worker_id()
+    task_id = queue.create_task(qdb, _new("retried by hand"))
+    queue.claim_ready(qdb, gone, 1)
+    attempt = queue.start_attempt(qdb, task_id, gone, None)
+    assert queue.finish_attempt(qdb, attempt.run_id, gone, "failed", error="disk on fire", final=True) == "in_progress"
+    queue.fail_task(qdb, task_id, gone, "disk on fire")
+    queue.retry_task(qdb, task_id)
+    assert [t.id for t in queue.claim_ready(qdb, gone, 1)] == [task_id]
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([task_id], {}, [])
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.worker, task.attempts) == ("pending", None, 1) and "is gone" in (task.error or "")
+    queue.claim_ready(qdb, gone, 1)
+    attempt = queue.start_attempt(qdb, task_id, gone, None)
+    queue.finish_attempt(qdb, attempt.run_id, gone, "failed", error="disk still on fire", final=True)
+    recovery = recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600))
+    assert recovery.resumed == [] and recovery.failed[task_id].startswith(
+        "attempt 2, the last of its run, failed: disk still on fire"
+    )
+
+
+def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: str) -> None:
+    """A state database at agents_0003 keeps its tasks and attempts through the upgrade, and a
+    task whose worker died after its run's last attempt failed is still failed by recovery."""
+    gone = _dead_worker_id()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", sqlalchemy_url(fresh_db).replace("%", "%%"))
+    command.upgrade(config, "agents_0003")
+    with connection(fresh_db) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, status, agent_type, attempts, worker, heartbeat_at) "
+            "VALUES ('from before', 'in_progress', 'reference', 1, %s, now())",
+            (gone,),
+        )
+        conn.execute(
+            "INSERT INTO flowyard.agent_runs (task_id, attempt, agent_type, worker, finished_at, outcome, error, final) "
+            "SELECT id, 1, 'reference', %s, now(), 'failed', 'disk on fire', true FROM flowyard.agent_tasks",
+            (gone,),
+        )
+    url = state_url(fresh_db)
+    [task] = queue.list_tasks(url)
+    assert (task.title, task.status, task.attempts, task.worker) == ("from before", "in_progress", 1, gone)
+    recovery = recover_stale_tasks(url, AgentLimits(lease_seconds=3600))
+    assert recovery.failed[task.id].startswith("attempt 1, the last of its run, failed: disk on fire")
 
 
 @pytest.mark.parametrize("agent_type", ["", "   ", "\t\n"])
