@@ -93,7 +93,9 @@ def run_agent_queue(
             room = max_agents - len(running)
             if max_tasks is not None:
                 room = min(room, max_tasks - claimed)
-            for task in queue.claim_ready(url, setup.worker, room, setup.templates, exclude=running):
+            for task in queue.claim_ready(
+                url, setup.worker, room, setup.templates, exclude=running, lease_seconds=setup.limits.lease_seconds
+            ):
                 claimed += 1
                 agents_fleet.claimed(task)
                 running[task.id] = runner.submit(

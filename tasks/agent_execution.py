@@ -448,7 +448,8 @@ def recover_stale_tasks(url: str, limits: AgentLimits) -> Recovery:
     """Hand tasks of dead or silent workers back to the queue, ending any agent processes they left
     and closing the attempts they left open, also of a task cancelled (or retried) meanwhile; a
     task whose run had given up on it is failed instead (see :func:`queue.release_task`). A
-    worker counts as silent after ``limits.lease_seconds``; a leftover agent gets
+    worker counts as silent after the lease it claimed with (``limits.lease_seconds`` for a claim
+    recorded without one, see :func:`queue.stale_tasks`); a leftover agent gets
     ``limits.grace_seconds`` between SIGTERM and SIGKILL, as this run's own agents do.
 
     The processes are found by the mark of the worker and the task (:func:`agent_mark`), never

@@ -401,6 +401,8 @@ def claim_ready(
     limit: int,
     agent_types: Collection[str] | None = None,
     exclude: Collection[int] = (),
+    *,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> list[AgentTask]:
     """Claim up to ``limit`` ready tasks, highest priority first, oldest first within a priority.
 
@@ -414,8 +416,9 @@ def claim_ready(
     returns the rows. ``exclude`` are the tasks the claimer still runs: one retried while its
     previous attempt winds down waits for the next claim instead of getting a second attempt.
 
-    Each claim is counted (``claims``, which the claim's attempts record), so recovery tells this
-    claim's attempts from an earlier one's (:func:`release_task`).
+    Each claim is counted (``claims``, which the claim's attempts record) and records the lease
+    the worker runs with: recovery judges the worker's silence by it, also before its first
+    attempt starts, and tells this claim's attempts from an earlier one's (:func:`release_task`).
     """
     if limit <= 0:
         return []
@@ -439,7 +442,7 @@ def claim_ready(
                 ), claimed AS (
                     UPDATE flowyard.agent_tasks t
                        SET status = 'in_progress', worker = %s, heartbeat_at = now(), updated_at = now(),
-                           claims = t.claims + 1,
+                           claims = t.claims + 1, lease_seconds = %s,
                            blocked_reason = NULL, error = NULL, started_at = coalesce(t.started_at, now())
                       FROM ready WHERE t.id = ready.id
                     RETURNING t.*
@@ -447,7 +450,7 @@ def claim_ready(
                 SELECT {columns} FROM claimed t ORDER BY t.priority_rank, t.id
                 """
             ).format(columns=_TASK_COLUMNS),
-            (types, types, list(exclude), limit, worker),
+            (types, types, list(exclude), limit, worker, lease_seconds),
         ).fetchall()
     return [_task(r) for r in rows]
 
@@ -702,7 +705,8 @@ class StaleTask:
 
 def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
     """In-progress tasks, and tasks with an open attempt, whose worker is dead (same host) or
-    silent for longer than the lease.
+    silent for longer than its lease: the one it claimed the task (or started the attempt) with,
+    since it heartbeats by that one; ``lease_seconds`` for a claim or attempt recorded without one.
 
     The open attempts matter for tasks no longer in progress: a worker killed while it stopped
     the agent of a cancelled task left that attempt open (and the task may have been retried
@@ -711,10 +715,12 @@ def stale_tasks(url: str, lease_seconds: float) -> list[StaleTask]:
         rows = conn.execute(
             """
             SELECT id, worker, bool_or(lapsed) FROM (
-                SELECT id, worker, heartbeat_at < now() - make_interval(secs => %(lease)s) AS lapsed
+                SELECT id, worker,
+                       heartbeat_at < now() - make_interval(secs => coalesce(lease_seconds, %(lease)s)) AS lapsed
                   FROM flowyard.agent_tasks WHERE status = 'in_progress'
                 UNION ALL
-                SELECT r.task_id, r.worker, t.heartbeat_at < now() - make_interval(secs => %(lease)s)
+                SELECT r.task_id, r.worker,
+                       t.heartbeat_at < now() - make_interval(secs => coalesce(r.lease_seconds, %(lease)s))
                   FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
                  WHERE r.outcome IS NULL
             ) held GROUP BY id, worker ORDER BY id

@@ -408,6 +408,25 @@ def test_a_task_retried_by_hand_and_claimed_again_by_a_worker_that_died_before_s
     )
 
 
+@pytest.mark.parametrize("started", [False, True], ids=["claimed", "attempt-started"])
+def test_recovery_judges_a_silent_worker_by_the_lease_it_claimed_with(qdb: str, started: bool) -> None:
+    """A worker on another host (only its heartbeat can tell) that claimed with a 600 s lease,
+    silent for 300 s, may still run: a run with a 20 s lease leaves its task alone, also before it
+    started the attempt. Silent past its own lease, it is gone even for a run with a longer one."""
+    elsewhere = "another-host:4242:1700000000:cafe0002"
+    task_id = queue.create_task(qdb, _new("long lease"))
+    queue.claim_ready(qdb, elsewhere, 1, lease_seconds=600)
+    if started:
+        queue.start_attempt(qdb, task_id, elsewhere, None, lease_seconds=600)
+    _heartbeat_age(qdb, task_id, 300)
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=20)) == Recovery([], {}, [])
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.worker) == ("in_progress", elsewhere)
+    _heartbeat_age(qdb, task_id, 700)
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([task_id], {}, [])
+    assert queue.get_task(qdb, task_id).status == "pending"
+
+
 def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: str) -> None:
     """A state database at agents_0003 keeps its tasks and attempts through the upgrade, and a
     task whose worker died after its run's last attempt failed is still failed by recovery."""
