@@ -101,6 +101,10 @@ _V2_DOWN = (
 )
 
 
+DEFAULT_USER_ID = "unknown"
+DEFAULT_PROJECT_ID = "default"
+
+
 @dataclass(frozen=True)
 class Identity:
     """Who wrote a store's events; stamped on existing rows at upgrade and on new rows by trigger."""
@@ -108,6 +112,13 @@ class Identity:
     device_id: str
     user_id: str
     project_id: str
+
+    @classmethod
+    def of(cls, device_id: str, user_id: str | None = None, project_id: str | None = None) -> Identity:
+        """The identity to stamp on a store, where an unset or empty user or project id counts as
+        unknown and becomes the default a new store gets: rows an older flowyard recorded with ''
+        would otherwise put '' on the store at its next (re-)upgrade and on every event since."""
+        return cls(device_id, user_id or DEFAULT_USER_ID, project_id or DEFAULT_PROJECT_ID)
 
 
 class LocalEvent(NamedTuple):

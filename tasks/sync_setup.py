@@ -150,8 +150,8 @@ def store_identity(state: Db, store: NewStore) -> Identity:
     A v2 store's is the one recorded in it at its upgrade: its events carry it, and central
     recognises the events it already holds by the device id, so other ids given for it are
     refused rather than ignored. A v1 store takes the given ids, else those of the device
-    flowyard has for it (a downgraded store re-upgraded keeps its device), else a new device
-    id and 'unknown' / 'default'."""
+    flowyard has for it (a downgraded store re-upgraded keeps its device; an empty id its row
+    kept from an older flowyard counts as unknown), else a new device id and 'unknown' / 'default'."""
     recorded = sync_state.recorded_identity(store.path)
     if recorded is not None:
         given = {
@@ -168,9 +168,5 @@ def store_identity(state: Db, store: NewStore) -> Identity:
             )
         return recorded
     device = store.device_id or sync_state.unrecorded_device_id(state, device_store.store_path(store.path))
-    known = next((d for d in sync_state.list_devices(state) if d.device_id == device), None)
-    return Identity(
-        device,
-        store.user_id or (known.user_id if known else "unknown"),
-        store.project_id or (known.project_id if known else "default"),
-    )
+    known = next((d.identity for d in sync_state.list_devices(state) if d.device_id == device), Identity.of(device))
+    return Identity(device, store.user_id or known.user_id, store.project_id or known.project_id)

@@ -80,7 +80,8 @@ class Device:
 
     @property
     def identity(self) -> Identity:
-        return Identity(self.device_id, self.user_id, self.project_id)
+        """The identity a run or ``migrate up`` stamps on this device's store when it is v1."""
+        return Identity.of(self.device_id, self.user_id, self.project_id)
 
     @property
     def offline_since(self) -> datetime:
@@ -172,7 +173,7 @@ def resolve_targets(
         known = _store_targets(state, stores, pull)
     else:
         known = [
-            (SyncTarget(d.store_path, d.device_id, d.user_id, d.project_id, d.download_cursor if pull else None), d)
+            (SyncTarget(d.store_path, *_identity_fields(d.identity), d.download_cursor if pull else None), d)
             for d in list_devices(state, registered_only=True)
         ]
     off = set() if force else {t.device_id for t, device in known if device is not None and not device.enabled}
@@ -201,7 +202,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
     )
     targets = []
     for path in paths:
-        identity = found[path] or Identity(new_device_id(path, taken), "unknown", "default")
+        identity = found[path] or Identity.of(new_device_id(path, taken))
         cursor = device.download_cursor if (device := known[path]) else 0
         targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
     _refuse_shared_ids(targets)

@@ -14,7 +14,7 @@ from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import SyncOptions, sync_device
 from tasks.sync_report import settle_device
-from tasks.sync_setup import NewStore, SetupChange, apply_setup
+from tasks.sync_setup import NewStore, SetupChange, apply_setup, store_identity
 from tasks.sync_state import SyncConfig, SyncTarget, resolve_targets
 
 
@@ -170,3 +170,37 @@ def test_a_device_row_with_empty_ids_takes_its_stores_ids_at_the_next_run(
     finally:
         sync_state.remove_device(state_db, "legacy")
     assert _stamped(fresh_db) == [("alice", "web")]
+
+
+def _sync_configured(state: str, central: str, device_id: str) -> None:
+    """Sync one configured device as a scheduled ``sync-devices`` run (no stores given) does."""
+    targets = resolve_targets(state, None, force=False, download=None, config=SyncConfig()).sync
+    (target,) = [t for t in targets if t.device_id == device_id]
+    report = sync_device(Path(target.store), target.identity, SyncOptions(central))
+    settle_device(state, None, target, report, None, SyncConfig(), logging.getLogger("test"))
+
+
+@pytest.mark.parametrize("named", ["by path", "configured"])
+def test_a_downgraded_store_of_a_row_with_empty_ids_is_re_upgraded_with_the_defaults(
+    state_db: str, fresh_db: str, tmp_path: Path, named: str
+) -> None:
+    """A row an older flowyard left with user and project '' whose store was downgraded before
+    a run could repair the row: nothing records the store's ids any more, so the re-upgrade
+    stamps what a new store gets ('unknown', 'default'), not '' on the store and its events."""
+    central_store.ensure_schema(fresh_db)
+    store = make_store(tmp_path / "blank.db", 5, identity=Identity("blank", "alice", "web"))
+    _downgrade_and_write(store)
+    sync_state.register_device(state_db, store, Identity("blank", "", ""))
+    try:
+        assert store_identity(state_db, NewStore(store)) == Identity("blank", "unknown", "default")
+        if named == "by path":
+            _sync_by_path(state_db, fresh_db, store)
+        else:
+            _sync_configured(state_db, fresh_db, "blank")
+        device = sync_state.device_for_store(state_db, store)
+    finally:
+        sync_state.remove_device(state_db, "blank")
+    with device_store.open_store(store) as conn:
+        assert device_store.identity_of(conn) == Identity("blank", "unknown", "default")
+    assert device is not None and (device.user_id, device.project_id) == ("unknown", "default")
+    assert _stamped(fresh_db) == [("unknown", "default")]
