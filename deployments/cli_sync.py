@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks import device_store, sync_state
-from tasks.db import mask_url
+from tasks.db import mask_url, validate_postgres_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -117,6 +117,8 @@ def trigger(
 
     for path in store or []:  # a typo: one line, before any server starts
         device_store.check_store_path(device_store.store_path(path))
+    if central_url:  # as the flow reads it: an empty one means the configured central
+        validate_postgres_url(central_url)
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
     prepare_flow_run(get_settings())

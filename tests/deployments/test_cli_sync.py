@@ -243,6 +243,19 @@ def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> 
     assert sync_state.load_config(state_db) == before
 
 
+def test_trigger_with_a_malformed_central_url_is_one_line_before_any_run(tmp_path: Path) -> None:
+    """The URL was first checked by the flow run, so Prefect's log of the failed run came
+    before the one-line error on stderr, after a server had been started for nothing."""
+    store = make_store(tmp_path / "url.db", 3)
+    out = run_cli("sync", "trigger", "--central-url", "mysql://x/y", "--store", str(store))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "flowyard: error: not a PostgreSQL URL: 'mysql://x/y'; expected postgresql://user:password@host:port/database"
+    ]
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+
+
 def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
