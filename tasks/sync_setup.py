@@ -119,8 +119,9 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:
-    """Refuse an unknown device id, one both enabled and disabled, or one this call removes and
-    also adds or switches (the switch would fail after the removal), before anything is saved."""
+    """Refuse an unknown device id, one both enabled and disabled, one this call removes and
+    also adds or switches (the switch would fail after the removal), or a store added as a
+    second device, before anything is saved."""
     both = sorted(set(change.enable_devices) & set(change.disable_devices))
     if both:
         raise UserError(f"device {both[0]!r} is both enabled and disabled; name it in one list only")
@@ -131,10 +132,24 @@ def _check_devices(state: Db, change: SetupChange) -> None:
             f"device {removing!r} is removed by this configure; do not also "
             + ("add it" if removing == adding else "enable or disable it")
         )
+    if change.add_store is not None:
+        _refuse_second_device(state, change.add_store.path, adding, removing)
     named = [removing] if removing is not None else []
     for device in dict.fromkeys([*named, *change.enable_devices, *change.disable_devices]):
         if device != adding:  # the store added by this same call may be switched on or off
             sync_state.require_device(state, device)
+
+
+def _refuse_second_device(state: Db, store: Path, adding: str | None, removing: str | None) -> None:
+    """A store flowyard has as one device cannot be added as another while that one stays: both
+    would sync it, and the second to run would fail every time (the store carries the first's id),
+    or upgrade it under its own id first and so send every event to central a second time."""
+    holder = sync_state.device_for_store(state, store)
+    if holder is not None and holder.device_id not in (adding, removing):
+        raise UserError(
+            f"device store {store} is already device {holder.device_id!r}; leave out --device-id (device_id) "
+            f"to keep that device, or remove it first with `flowyard sync configure --remove-store {holder.device_id}`"
+        )
 
 
 def _register(state: Db, store: NewStore) -> Identity:

@@ -283,6 +283,36 @@ def test_re_adding_a_device_keeps_its_user_and_project(state_db: str, tmp_path: 
         sync_state.remove_device(state_db, "kept")
 
 
+def test_a_store_flowyard_has_is_not_added_as_a_second_device(state_db: str, tmp_path: Path) -> None:
+    """Adding a registered v1 store under another --device-id used to add a second device for
+    the same file: every run then synced it twice, and the device that ran second failed for
+    good ("was upgraded as device ..."). Removing the first device in the same call is the way."""
+    from flows.sync_controls import sync_configure
+
+    store = make_store(tmp_path / "twice.db", 3)
+    assert run_cli("sync", "configure", "--add-store", str(store), "--device-id", "twice").returncode == 0
+    before = sync_state.load_config(state_db)
+    try:
+        out = run_cli("sync", "configure", "--batch-size", "776", "--add-store", str(store), "--device-id", "again")
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"flowyard: error: device store {store} is already device 'twice'; leave out --device-id (device_id) "
+            "to keep that device, or remove it first with `flowyard sync configure --remove-store twice`"
+        ]
+        with pytest.raises(UserError, match="is already device 'twice'"):
+            sync_configure(add_store=str(store), device_id="again")
+        assert sync_state.load_config(state_db) == before
+        assert [d.device_id for d in sync_state.list_devices(state_db) if d.store_path == str(store)] == ["twice"]
+        assert run_cli("sync", "configure", "--add-store", str(store), "--device-id", "twice").returncode == 0
+        moved = run_cli("sync", "configure", "--remove-store", "twice", "--add-store", str(store), "--device-id", "again")
+        assert moved.returncode == 0, moved.stderr
+        assert [d.device_id for d in sync_state.list_devices(state_db) if d.store_path == str(store)] == ["again"]
+    finally:
+        for device in ("twice", "again"):
+            if device in {d.device_id for d in sync_state.list_devices(state_db)}:
+                sync_state.remove_device(state_db, device)
+
+
 def test_out_of_range_numbers_and_orphan_options_are_one_line_and_save_nothing(state_db: str, tmp_path: Path) -> None:
     """A batch size past SQLite's integer range used to be saved, after which every sync of
     every device failed with "Python int too large to convert to SQLite INTEGER"; a huge history
