@@ -427,6 +427,25 @@ def test_recovery_judges_a_silent_worker_by_the_lease_it_claimed_with(qdb: str, 
     assert queue.get_task(qdb, task_id).status == "pending"
 
 
+def test_recovery_judges_an_open_attempt_of_a_cancelled_task_by_the_lease_it_started_with(qdb: str) -> None:
+    """A worker on another host that started an attempt with a 600 s lease, silent for 300 s
+    since its task was cancelled, may still be stopping the agent: a run with a 20 s lease leaves
+    the attempt open. Silent past its own lease, the attempt is closed even by a run with a longer
+    one; the task stays cancelled either way."""
+    elsewhere = "another-host:4242:1700000000:cafe0003"
+    task_id = queue.create_task(qdb, _new("cancelled elsewhere"))
+    queue.claim_ready(qdb, elsewhere, 1, lease_seconds=600)
+    queue.start_attempt(qdb, task_id, elsewhere, None, lease_seconds=600)
+    queue.cancel_task(qdb, task_id)
+    _heartbeat_age(qdb, task_id, 300)
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=20)) == Recovery([], {}, [])
+    assert _open_attempts(qdb, task_id) == [1], "the attempt may still be stopping its agent"
+    _heartbeat_age(qdb, task_id, 700)
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=3600)) == Recovery([], {}, [])
+    assert _open_attempts(qdb, task_id) == []
+    assert queue.get_task(qdb, task_id).status == "cancelled"
+
+
 def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: str) -> None:
     """A state database at agents_0003 keeps its tasks and attempts through the upgrade, and a
     task whose worker died after its run's last attempt failed is still failed by recovery."""
