@@ -288,13 +288,13 @@ class AgentLimits:
     checkpoint_wait_seconds: float = 2.0
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     """How long a worker may stay silent before its tasks count as abandoned; stored with each
-    attempt, so ``queue retry`` judges a cancelled attempt by its own worker's lease."""
+    claim and attempt, so recovery and ``queue retry`` judge a worker by its own lease."""
 
     def __post_init__(self) -> None:
         """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
         starts and burns all its retries; a negative grace period is a typo; a lease shorter than
-        a few heartbeats has this run take other workers' live tasks for abandoned ones and start
-        them a second time. (``not >`` also catches NaN.) A timeout, grace period or lease past
+        a few heartbeats lets other runs take this run's live tasks for abandoned ones (each
+        worker is judged by the lease it claimed with) and start them a second time. (``not >`` also catches NaN.) A timeout, grace period or lease past
         :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a hung agent, or a dead
         worker's tasks, hold on for good."""
         if not self.timeout_seconds > 0:
@@ -311,7 +311,7 @@ class AgentLimits:
             raise UserError(
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
                 f"({LEASE_HEARTBEATS} heartbeats of {self.heartbeat_seconds:g} s), not {self.lease_seconds:g} "
-                "(--lease / lease_seconds): a shorter one takes live workers' tasks for abandoned ones"
+                "(--lease / lease_seconds): with a shorter one, other runs take this run's live tasks for abandoned ones"
             )
         if not self.lease_seconds <= MAX_WAIT_SECONDS:
             raise UserError(

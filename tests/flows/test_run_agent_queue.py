@@ -402,14 +402,15 @@ def test_a_workdir_shared_with_all_tasks_or_the_logs_fails_the_task(tmp_path: Pa
 def test_a_lease_live_workers_could_not_keep_fails_the_run_before_anything_is_claimed(
     tmp_path: Path, qdb: str, lease: float
 ) -> None:
-    """Heartbeats come every 5 s: with a shorter lease (or one without room for a late heartbeat)
-    this run would take the live tasks of other workers for abandoned ones and start them again."""
+    """Heartbeats come every 5 s: with a shorter lease (or one without room for a late heartbeat),
+    which this run's tasks are judged by, other runs would take them for abandoned ones and start
+    them again."""
     task_id = queue.create_task(qdb, _new("untouched", {"steps": 1}))
     with pytest.raises(UserError) as raised:
         run_agent_queue(max_agents=1, lease_seconds=lease, **_kw(tmp_path, qdb))
     assert str(raised.value) == (
         f"the lease must be at least 15 seconds (3 heartbeats of 5 s), not {lease:g} (--lease / lease_seconds): "
-        "a shorter one takes live workers' tasks for abandoned ones"
+        "with a shorter one, other runs take this run's live tasks for abandoned ones"
     )
     task = queue.get_task(qdb, task_id)
     assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
