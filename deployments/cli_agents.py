@@ -40,8 +40,14 @@ def _not_a_json_number(token: str) -> Any:
 
 
 def _payload(text: str) -> dict[str, Any]:
+    """The ``--payload`` object; JSON nested deeper than Python's recursion limit (about 1,000
+    levels) is a RecursionError of the parser, not a ValueError, and was a traceback."""
     try:
         value = json.loads(text, parse_constant=_not_a_json_number)
+    except RecursionError:
+        raise UserError(
+            "--payload nests too deeply to read (over about 1,000 levels of objects or arrays); flatten it"
+        ) from None
     except ValueError as exc:
         raise UserError(
             f"--payload is not valid JSON ({exc}); pass an object such as '{{\"steps\": 3}}'"

@@ -153,6 +153,17 @@ def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env:
     assert metrics.returncode == 2 and metrics.stdout == ""
 
 
+@pytest.mark.parametrize("nested", ["[" * 100_000, '{"a":' * 5_000 + "1" + "}" * 5_000])
+def test_a_payload_nested_too_deeply_to_read_is_one_line(env: dict[str, str], nested: str) -> None:
+    """The JSON parser gives up past Python's recursion limit with a RecursionError, which was a
+    traceback (it is no ValueError, what an invalid payload raises)."""
+    assert _user_error("create", "x", "--payload", nested, env=env).strip() == (
+        "flowyard: error: --payload nests too deeply to read (over about 1,000 levels of objects or arrays); "
+        "flatten it"
+    )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, str], tmp_path) -> None:
     """Over the API, max_agents 0 failed with ThreadPoolExecutor's ValueError, a negative
