@@ -117,6 +117,11 @@ def _template(name: str, spec: Any) -> AgentTemplate:
         raise UserError(f"agent template {name!r} is invalid: {where or 'template'}: {problem}") from None
 
 
+NAME_MAX = 255
+"""Bytes a file name may have on Linux and macOS file systems: a longer directory name in a
+workdir is accepted by path arithmetic, and only the run's mkdir fails (ENAMETOOLONG)."""
+
+
 def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: Path | None = None) -> Path:
     """The agent's working directory, which must resolve inside ``output_dir``, to a directory of
     its own: not ``output_dir`` itself, which all tasks share, nor ``logs_dir`` (default
@@ -125,8 +130,15 @@ def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: P
 
     Resolution follows symlinks, so ``..`` components and links that point outside are
     both caught; the resolved path is what the agent gets, so a link swapped afterwards
-    cannot redirect it.
+    cannot redirect it. A directory name no file system takes (over :data:`NAME_MAX` bytes) is
+    refused here, when the task is created, not by the run's mkdir.
     """
+    longest = max((len(os.fsencode(name)) for name in Path(workdir).parts), default=0)
+    if longest > NAME_MAX:
+        raise UserError(
+            f"the working directory has a directory name of {longest} bytes, over the "
+            f"{NAME_MAX} a file system allows; use shorter names (nest directories with '/')"
+        )
     base = output_dir.expanduser().resolve()
     logs = (logs_dir or base / "logs").expanduser().resolve()
     target = (base / (workdir or f"task-{task_id}")).resolve()

@@ -164,6 +164,17 @@ def test_a_payload_nested_too_deeply_to_read_is_one_line(env: dict[str, str], ne
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
 
 
+def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created(env: dict[str, str]) -> None:
+    """A directory name over 255 bytes was accepted, and the run then failed the task with
+    Prefect's "Task run encountered an exception OSError: [Errno 36] File name too long"."""
+    assert _user_error("create", "x", "--workdir", f"ok/{'w' * 256}", env=env).strip() == (
+        "flowyard: error: the working directory has a directory name of 256 bytes, over the 255 "
+        "a file system allows; use shorter names (nest directories with '/')"
+    )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+    assert _ok("create", "x", "--workdir", f"{'w' * 255}/{'é' * 127}", env=env).strip().isdigit()
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, str], tmp_path) -> None:
     """Over the API, max_agents 0 failed with ThreadPoolExecutor's ValueError, a negative
