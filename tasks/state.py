@@ -38,13 +38,19 @@ def state_url(database_url: str | None = None) -> str:
     return url
 
 
-def upgrade_state_schema(url: str) -> None:
-    """Apply every shipped migration of the ``flowyard`` schema (all branches)."""
+def migration_config(url: str) -> Config:
+    """Alembic's configuration of the ``flowyard`` schema in ``url``: what the upgrade runs, and
+    what a test brings a database to an older revision with, to check the upgrade keeps its data."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    return config
+
+
+def upgrade_state_schema(url: str) -> None:
+    """Apply every shipped migration of the ``flowyard`` schema (all branches)."""
     try:
-        command.upgrade(config, "heads")
+        command.upgrade(migration_config(url), "heads")
     except DBAPIError as exc:
         if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
             raise

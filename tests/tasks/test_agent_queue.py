@@ -12,15 +12,14 @@ from pathlib import Path
 import psutil
 import pytest
 from alembic import command
-from alembic.config import Config
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import Recovery, recover_stale_tasks
 from tasks.agent_process import REFERENCE_TEMPLATE, AgentLimits, agent_mark
-from tasks.db import connection, sqlalchemy_url
+from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
-from tasks.state import MIGRATIONS_DIR, state_url
+from tasks.state import migration_config, state_url
 
 
 @pytest.fixture()
@@ -450,10 +449,7 @@ def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: 
     """A state database at agents_0003 keeps its tasks and attempts through the upgrade, and a
     task whose worker died after its run's last attempt failed is still failed by recovery."""
     gone = _dead_worker_id()
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.set_main_option("sqlalchemy.url", sqlalchemy_url(fresh_db).replace("%", "%%"))
-    command.upgrade(config, "agents_0003")
+    command.upgrade(migration_config(fresh_db), "agents_0003")
     with connection(fresh_db) as conn:
         conn.execute(
             "INSERT INTO flowyard.agent_tasks (title, status, agent_type, attempts, worker, heartbeat_at) "

@@ -69,14 +69,11 @@ def test_state_schema_migrated_once(state_db):
     from tasks.state import state_url
 
     assert state_url(state_db) == state_db
-    from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    from tasks.state import MIGRATIONS_DIR
+    from tasks.state import migration_config
 
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    shipped_heads = set(ScriptDirectory.from_config(config).get_heads())
+    shipped_heads = set(ScriptDirectory.from_config(migration_config(state_db)).get_heads())
     with connect(state_db) as conn:
         applied = {row[0] for row in conn.execute("SELECT version_num FROM flowyard.alembic_version")}
     assert applied == shipped_heads
