@@ -49,10 +49,15 @@ class ReferenceAgent:
         self.task_id = int(envelope["task_id"])
         self.payload: dict = envelope.get("payload") or {}
         state = (envelope.get("checkpoint") or {}).get("state") or {}
-        self.step = int(state.get("step", 0))
-        self.digest = str(state.get("digest", sha256(str(self.task_id).encode()).hexdigest()))
-        self.resumed_from = self.step
-        self._out = RLock()  # re-entrant: the SIGTERM handler may interrupt an emit
+        # Step and digest in one attribute, replaced in one store: a checkpoint taken between
+        # two stores (by the listener thread, or on SIGTERM) would pair a step with the digest
+        # of the step before, and the resumed chain would end on another digest.
+        self.position = (
+            int(state.get("step", 0)),
+            str(state.get("digest", sha256(str(self.task_id).encode()).hexdigest())),
+        )
+        self.resumed_from = self.position[0]
+        self._out = RLock()  # the listener thread and the main thread both emit
 
     def emit(self, kind: str, **fields: object) -> None:
         with self._out:
@@ -60,7 +65,8 @@ class ReferenceAgent:
             sys.stdout.flush()
 
     def checkpoint(self) -> None:
-        self.emit("checkpoint", state={"step": self.step, "digest": self.digest})
+        step, digest = self.position
+        self.emit("checkpoint", state={"step": step, "digest": digest})
 
     def run(self) -> int:
         steps = int(self.payload.get("steps", 3))
@@ -77,36 +83,38 @@ class ReferenceAgent:
                 )
                 self.emit("log", message=f"spawned child pid {child.pid}")
         if self.resumed_from:
-            self.emit("log", message=f"resuming at step {self.step}")
+            self.emit("log", message=f"resuming at step {self.resumed_from}")
         fail = self.payload.get("fail")
         if fail:
             message = fail if isinstance(fail, str) else "failing as the payload's fail asks"
             self.emit("error", message=message, retryable=False)
             return 1
         crash_after = self.payload.get("crash_after")
-        while self.step < steps:
+        step, digest = self.position
+        while step < steps:
             if self.payload.get("garbage"):
-                print(f"garbage line {self.step} {{not json", flush=True)
+                print(f"garbage line {step} {{not json", flush=True)
                 print(dumps({"kind": "progress", "percent": "lots"}), flush=True)
             time.sleep(float(self.payload.get("sleep", 0)))
-            self.step += 1
-            self.digest = sha256(f"{self.digest}:{self.task_id}:{self.step}".encode()).hexdigest()
+            step += 1
+            digest = sha256(f"{digest}:{self.task_id}:{step}".encode()).hexdigest()
+            self.position = (step, digest)
             self.checkpoint()
-            self.emit("progress", percent=100.0 * self.step / steps, message=f"step {self.step}")
-            if crash_after is not None and self.step == int(crash_after) and self.resumed_from < self.step:
-                print(f"crashing after step {self.step} as asked", file=sys.stderr, flush=True)
+            self.emit("progress", percent=100.0 * step / steps, message=f"step {step}")
+            if crash_after is not None and step == int(crash_after) and self.resumed_from < step:
+                print(f"crashing after step {step} as asked", file=sys.stderr, flush=True)
                 return 3
         with open("result.txt", "w") as out:
-            out.write(self.digest + "\n")
+            out.write(digest + "\n")
         if self.payload.get("artifact"):
             self.emit(
                 "artifact",
                 key=f"reference-agent-{self.task_id}",
                 type="markdown",
-                data=f"# Task {self.task_id}\n\nFinal digest after {steps} steps: `{self.digest}`",
+                data=f"# Task {self.task_id}\n\nFinal digest after {steps} steps: `{digest}`",
                 description="reference agent result",
             )
-        self.emit("result", data={"digest": self.digest, "steps": steps, "resumed_from": self.resumed_from})
+        self.emit("result", data={"digest": digest, "steps": steps, "resumed_from": self.resumed_from})
         return 0
 
     def listen(self) -> None:
@@ -124,22 +132,30 @@ def read_envelope(argv: list[str]) -> dict:
     return loads(sys.stdin.readline())
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: the run stops where it is and checkpoints on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """Stop the run by raising, not by writing here: the signal may land inside a write to
+    stdout, and writing from the handler then fails ('reentrant call inside BufferedWriter')
+    and loses the checkpoint. Later SIGTERMs (flowyard's and a reaper's may both come) are
+    ignored, so none interrupts the checkpoint on the way out."""
+    signal(SIGTERM, SIG_IGN)
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     agent = ReferenceAgent(read_envelope(sys.argv if argv is None else argv))
-    if agent.payload.get("ignore_term"):
-        signal(SIGTERM, SIG_IGN)
-    else:
-        signal(SIGTERM, _exit_after_checkpoint(agent))
+    signal(SIGTERM, SIG_IGN if agent.payload.get("ignore_term") else _on_sigterm)
     start_new_thread(agent.listen, ())  # never joined: serve() leaves with os._exit
-    return agent.run()
-
-
-def _exit_after_checkpoint(agent: ReferenceAgent) -> object:
-    def handler(signum: int, frame: object) -> None:
+    try:
+        code = agent.run()
+        signal(SIGTERM, SIG_IGN)  # done: a late SIGTERM must not raise out of serve()'s last flush
+    except _Terminated:
         agent.checkpoint()
-        os._exit(128 + signum)
-
-    return handler
+        return 128 + SIGTERM
+    return code
 
 
 def serve() -> None:

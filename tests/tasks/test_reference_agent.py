@@ -1,0 +1,61 @@
+"""The bundled reference agent, run as the real subprocess flowyard starts (its built-in template)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tasks.agent_process import REFERENCE_TEMPLATE
+
+
+def _chain(task_id: int, steps: int) -> str:
+    digest = hashlib.sha256(str(task_id).encode()).hexdigest()
+    for step in range(1, steps + 1):
+        digest = hashlib.sha256(f"{digest}:{task_id}:{step}".encode()).hexdigest()
+    return digest
+
+
+def _blocked_writing(agent: subprocess.Popen[bytes]) -> None:
+    """Wait until the agent is stuck in a write to its stdout pipe, full since nobody reads it
+    (the kernel names where a sleeping process waits: ``anon_pipe_write``, ``pipe_write``)."""
+    wchan = Path(f"/proc/{agent.pid}/wchan")
+    while "pipe_write" not in wchan.read_text():
+        assert agent.poll() is None, "the agent ended before its pipe filled"
+        os.sched_yield()
+
+
+def test_sigterm_in_the_middle_of_a_write_still_ends_with_a_consistent_checkpoint(tmp_path: Path) -> None:
+    """SIGTERM lands while the agent writes a message (blocked on a full pipe), and flowyard's
+    group SIGTERM may be followed by another: the agent still leaves a last checkpoint whose
+    step and digest belong together, and exits 143. Its handler wrote the checkpoint itself, so
+    the write it interrupted made it fail with 'reentrant call' (a traceback, exit 1, no checkpoint)."""
+    task_id = 7
+    envelope = {"task_id": task_id, "payload": {"steps": 1_000_000}}
+    agent = subprocess.Popen(
+        REFERENCE_TEMPLATE.argv,
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert agent.stdin is not None
+    agent.stdin.write((json.dumps(envelope) + "\n").encode())
+    agent.stdin.flush()
+    try:
+        _blocked_writing(agent)
+        for _ in range(3):
+            agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert (agent.returncode, err.decode()) == (128 + signal.SIGTERM, "")
+    lines = out.decode().splitlines()
+    last = json.loads(lines[-1])
+    assert last["kind"] == "checkpoint", lines[-3:]
+    step = last["state"]["step"]
+    assert 0 < step < 1_000_000 and last["state"]["digest"] == _chain(task_id, step)
