@@ -331,6 +331,37 @@ def test_a_central_database_from_before_the_origin_key_is_upgraded_in_place(cent
     )
 
 
+def _event_indexes(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = 'devflow.events'::regclass"
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def test_events_are_indexed_by_the_cursor_only_and_indexes_of_older_centrals_are_kept(central: str) -> None:
+    """A new central indexes events by ``seq`` alone (an index by project or user is a hot spot
+    for concurrent uploads, docs/sync.md); the two an earlier flowyard created stay, also on the
+    partitions created after the upgrade, because queries may use them."""
+    assert _event_indexes(central) == {"devflow.events_seq"}
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("CREATE INDEX events_project_time ON devflow.events (project_id, occurred_at)")
+        conn.execute("CREATE INDEX events_user_time ON devflow.events (user_id, occurred_at)")
+    central_store.ensure_schema(central)
+    session = CentralSession(central)
+    try:
+        assert session.upload([_row(_ms(2027, 3, 1))]).inserted == 1
+    finally:
+        session.close()
+    assert _event_indexes(central) == {
+        "devflow.events_seq",
+        "devflow.events_project_time",
+        "devflow.events_user_time",
+    }
+    assert _scalar(
+        central, "SELECT count(*) FROM pg_indexes WHERE schemaname = 'devflow' AND tablename = 'events_y2027m03'"
+    ) == 3
+
 def test_a_session_that_cannot_be_built_closes_its_connection(limited_role: Role, fresh_db: str) -> None:
     """A central without the schema, for a role that may not create it: the session fails, and
     its half-built connection is closed at once. Left to the garbage collector, it would stay
