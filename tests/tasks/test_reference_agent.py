@@ -7,7 +7,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tasks.agent_process import REFERENCE_TEMPLATE
 
@@ -19,12 +22,33 @@ def _chain(task_id: int, steps: int) -> str:
     return digest
 
 
+def _wchan_exposed() -> bool:
+    """Whether this kernel names where a process waits in ``/proc/PID/wchan``; one that hides it
+    (no kallsyms, a sandbox) reads ``0`` for every process. Asked of a stopped process, which
+    waits in ``do_signal_stop`` until continued: a running one reads ``0`` on every kernel, and
+    the agent, sleeping a moment per step, switches between the two faster than they can be read."""
+    probe = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        probe.send_signal(signal.SIGSTOP)
+        os.waitpid(probe.pid, os.WUNTRACED)  # returns once it is stopped (SIGSTOP cannot be ignored)
+        return Path(f"/proc/{probe.pid}/wchan").read_text() != "0"
+    finally:
+        probe.kill()
+        probe.wait()
+
+
 def _blocked_writing(agent: subprocess.Popen[bytes]) -> None:
     """Wait until the agent is stuck in a write to its stdout pipe, full since nobody reads it
-    (the kernel names where a sleeping process waits: ``anon_pipe_write``, ``pipe_write``)."""
+    (the kernel names where a sleeping process waits: ``anon_pipe_write``, ``pipe_write``).
+
+    The wait ends either way: the agent blocks there for good once the pipe is full, or it
+    ends, which fails the test. Where the kernel never names the wait, it would spin for good."""
+    if not _wchan_exposed():
+        pytest.skip("this kernel does not expose /proc/PID/wchan (it reads 0 for a stopped process)")
     wchan = Path(f"/proc/{agent.pid}/wchan")
     while "pipe_write" not in wchan.read_text():
-        assert agent.poll() is None, "the agent ended before its pipe filled"
+        if agent.poll() is not None:
+            pytest.fail(f"the agent ended (exit {agent.returncode}) before its stdout pipe filled")
         os.sched_yield()
 
 
