@@ -8,11 +8,15 @@ deployment run (the ``run-agent-queue`` deployment does the same every minute).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer._click import Context  # typer vendors click, exports neither
+from typer._click.exceptions import NoSuchOption
+from typer.core import TyperCommand
 
 from tasks import agent_queue as queue
 from tasks.errors import UserError, first_line, read_user_file
@@ -25,7 +29,34 @@ DatabaseUrl = Annotated[
         "--database-url", "-d", help="State PostgreSQL URL (default: FLOWYARD_DATABASE_URL or embedded)."
     ),
 ]
-TaskId = Annotated[int, typer.Argument(help="Task id (see `flowyard queue list`).")]
+
+
+def _task_id(value: int) -> int:
+    """A task id as given: ids start at 1, so 0 or a negative one names no task in any queue,
+    which is said without connecting to the database."""
+    if value < 1:
+        raise UserError(
+            f"no agent task {value}: task ids are positive integers; list tasks with `flowyard queue list`"
+        )
+    return value
+
+
+TaskId = Annotated[int, typer.Argument(help="Task id (see `flowyard queue list`).", callback=_task_id)]
+
+
+class _TaskIdCommand(TyperCommand):
+    """A command taking a :data:`TaskId`. Click reads a negative one as an option: `queue cancel -1`
+    said 'No such option: -1', as if the id were a typo of an option."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        given = list(args)  # click's parser consumes the list
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption:
+            for arg in given:
+                if re.fullmatch(r"-\d+", arg):
+                    _task_id(int(arg))
+            raise
 
 
 def _url(database_url: str | None) -> str:
@@ -143,7 +174,7 @@ def _transition_command(name: str, action: Callable[[str, int], None], done: str
         typer.echo(f"task {task_id} {done}")
 
     command.__doc__ = help_text
-    app.command(name)(command)
+    app.command(name, cls=_TaskIdCommand)(command)
 
 
 _transition_command(

@@ -103,6 +103,19 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), done).status == "cancelled"
 
 
+def test_a_task_id_below_1_is_one_line_for_every_command_taking_one() -> None:
+    """Click read a negative id as an option: `queue cancel -1` said 'No such option: -1'. Said
+    without connecting: the URL here refuses every connection."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    url = env["FLOWYARD_DATABASE_URL"]
+    for args in (("cancel", "-1"), ("retry", "-12"), ("submit", "0"), ("approve", "-d", url, "-3")):
+        assert _user_error(*args, env=env).strip() == (
+            f"flowyard: error: no agent task {int(args[-1])}: task ids are positive integers; "
+            "list tasks with `flowyard queue list`"
+        )
+    assert "No such option: --bogus" in _user_error("cancel", "5", "--bogus", env=env)
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_demo_graph_runs_with_a_resumed_crash(fresh_db: str, tmp_path) -> None:
     params = agent_queue_demo_parameters(fresh_db)
