@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import unicodedata
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -75,7 +76,19 @@ class NewTask:
             raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
         if not 1 <= len(title) <= 200 or not title.strip():
             raise UserError("the title must have 1 to 200 characters, not only spaces")
+        _refuse_line_breaking(title)
         return cls(title=title, agent_type=agent_type, priority=priority, type=task_type, **fields)
+
+
+def _refuse_line_breaking(title: str) -> None:
+    """A title is one row of ``flowyard queue list``: a newline split that row, and other control
+    characters (a carriage return, a terminal escape) garble it. The description takes the rest."""
+    control = next((c for c in title if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if control is not None:
+        raise UserError(
+            f"the title {title!r} holds the control character {control!r}; give a one-line title "
+            "and put the rest in the description (--description / description)"
+        )
 
 
 @dataclass(frozen=True)

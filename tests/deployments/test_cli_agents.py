@@ -116,6 +116,18 @@ def test_a_task_id_below_1_is_one_line_for_every_command_taking_one() -> None:
     assert "No such option: --bogus" in _user_error("cancel", "5", "--bogus", env=env)
 
 
+@pytest.mark.parametrize("title", ["two\nlines", "tab\there", "over\rwritten", "\x1b[31mred", "par\u2029t"])
+def test_a_title_with_a_control_character_is_refused_in_one_line(title: str) -> None:
+    """A newline in a title split its row in `queue list` (and a carriage return or a terminal
+    escape garbled it). Refused before connecting: the URL here refuses every connection."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    control = next(c for c in title if not c.isalnum())
+    assert _user_error("create", title, env=env).strip() == (
+        f"flowyard: error: the title {title!r} holds the control character {control!r}; give a one-line "
+        "title and put the rest in the description (--description / description)"
+    )
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_demo_graph_runs_with_a_resumed_crash(fresh_db: str, tmp_path) -> None:
     params = agent_queue_demo_parameters(fresh_db)
