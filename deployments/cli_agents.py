@@ -113,8 +113,7 @@ def create(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add a task to the queue."""
-    from tasks.agent_execution import default_agents_dir
-    from tasks.agent_process import resolve_workdir
+    from tasks.agent_execution import check_new_workdir
 
     new = queue.NewTask.from_input(
         title,
@@ -128,8 +127,7 @@ def create(
         requires_review=review,
         draft=draft,
     )
-    if workdir:
-        resolve_workdir(default_agents_dir(), workdir, 0)
+    check_new_workdir(workdir)
     typer.echo(queue.create_task(_url(database_url), new))
 
 

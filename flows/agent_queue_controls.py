@@ -15,8 +15,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic_core import to_jsonable_python
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import default_agents_dir
-from tasks.agent_process import resolve_workdir
+from tasks.agent_execution import check_new_workdir
 from tasks.state import state_url
 
 
@@ -50,8 +49,7 @@ def agent_task_create(
         requires_review=requires_review,
         draft=draft,
     )
-    if workdir:
-        resolve_workdir(default_agents_dir(), workdir, 0)
+    check_new_workdir(workdir)
     url = state_url(database_url)
     return _as_json(queue.get_task(url, queue.create_task(url, new)))
 

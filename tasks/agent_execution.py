@@ -50,6 +50,13 @@ def default_agents_dir() -> Path:
     return get_settings().home_dir / "agents"
 
 
+def check_new_workdir(workdir: str) -> None:
+    """Refuse, when a task is created (``queue create``, ``agent-task-create``), a working
+    directory that its run in the default output directory would refuse, failing the task."""
+    if workdir:
+        resolve_workdir(default_agents_dir(), workdir, None)
+
+
 def agent_directories(output_dir: str | Path | None, logs_dir: str | Path | None) -> tuple[Path, Path]:
     """The run's output and logs directories (defaults: ``<FLOWYARD_HOME>/agents`` and its
     ``logs``), resolved and created before anything is claimed: one that cannot be made (a

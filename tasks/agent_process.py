@@ -122,7 +122,9 @@ NAME_MAX = 255
 workdir is accepted by path arithmetic, and only the run's mkdir fails (ENAMETOOLONG)."""
 
 
-def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: Path | None = None) -> Path:
+def resolve_workdir(
+    output_dir: Path, workdir: str, task_id: int | None, *, logs_dir: Path | None = None
+) -> Path:
     """The agent's working directory, which must resolve inside ``output_dir``, to a directory of
     its own: not ``output_dir`` itself, which all tasks share, nor ``logs_dir`` (default
     ``<output_dir>/logs``) or a directory inside it, where the agent would write among (or over)
@@ -131,7 +133,8 @@ def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: P
     Resolution follows symlinks, so ``..`` components and links that point outside are
     both caught; the resolved path is what the agent gets, so a link swapped afterwards
     cannot redirect it. A directory name no file system takes (over :data:`NAME_MAX` bytes) is
-    refused here, when the task is created, not by the run's mkdir.
+    refused here, when the task is created, not by the run's mkdir. ``task_id`` is None then: the
+    task has no id yet (and its ``workdir`` is given), so the errors name none.
     """
     longest = max((len(os.fsencode(name)) for name in Path(workdir).parts), default=0)
     if longest > NAME_MAX:
@@ -142,9 +145,10 @@ def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: P
     base = output_dir.expanduser().resolve()
     logs = (logs_dir or base / "logs").expanduser().resolve()
     target = (base / (workdir or f"task-{task_id}")).resolve()
+    of_task = "" if task_id is None else f" of task {task_id}"
     if not target.is_relative_to(base):
         raise UserError(
-            f"working directory {workdir!r} of task {task_id} resolves to {target}, outside the agent "
+            f"working directory {workdir!r}{of_task} resolves to {target}, outside the agent "
             f"output directory {base}; use a relative path that stays inside it (no '..', no symlinks out)"
         )
     if target == base or target.is_relative_to(logs):
@@ -154,7 +158,7 @@ def resolve_workdir(output_dir: Path, workdir: str, task_id: int, *, logs_dir: P
             else f"in the agents' logs directory {logs}"
         )
         raise UserError(
-            f"working directory {workdir!r} of task {task_id} resolves to {target}, {where}; give the task "
+            f"working directory {workdir!r}{of_task} resolves to {target}, {where}; give the task "
             "a directory of its own in the output directory (an empty workdir is task-<id>)"
         )
     return target

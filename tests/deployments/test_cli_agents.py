@@ -70,12 +70,13 @@ def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> 
 
 def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert "unknown priority 'urgent'" in _user_error("create", "x", "--priority", "urgent", env=env)
-    assert "outside the agent output directory" in _user_error(
-        "create", "x", "--workdir", "../../etc", env=env
-    )
-    assert ", the agent output directory itself, which all tasks share; give the task" in _user_error(
-        "create", "x", "--workdir", ".", env=env
-    )
+    # the task has no id yet: the message said "of task 0"
+    outside = _user_error("create", "x", "--workdir", "../../etc", env=env)
+    assert outside.startswith("flowyard: error: working directory '../../etc' resolves to ")
+    assert "outside the agent output directory" in outside
+    shared = _user_error("create", "x", "--workdir", ".", env=env)
+    assert shared.startswith("flowyard: error: working directory '.' resolves to ")
+    assert ", the agent output directory itself, which all tasks share; give the task" in shared
     assert "logs/mine, in the agents' logs directory " in _user_error("create", "x", "--workdir", "logs/mine", env=env)
     assert "the agent type of task 'x' is empty" in _user_error("create", "x", "--agent-type", " ", env=env)
     assert "--payload is not valid JSON" in _user_error("create", "x", "--payload", "{nope", env=env)

@@ -88,7 +88,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         ),
         (
             lambda url: agent_task_create("x", workdir="a/..", database_url=url),
-            "working directory 'a/..' of task 0 resolves to ",
+            "working directory 'a/..' resolves to ",
         ),
         (
             lambda url: agent_task_create("x", agent_type="", database_url=url),
