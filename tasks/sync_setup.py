@@ -88,6 +88,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     A device store is only ever read here (its schema version and the identity recorded in it
     at its upgrade), never written, so there is no second database whose changes could be left
     behind by a crash: the store's recorded identity wins whenever it is read again."""
+    _check_central_url(change.central_url)
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
         with device_store.open_store(change.add_store.path) as conn:
             device_store.known_version(conn)
@@ -116,6 +117,18 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
         for device in change.disable_devices:
             sync_state.set_enabled(state, device, False)
     return SetupResult(config, added)
+
+
+def _check_central_url(url: str | None) -> None:
+    """Refuse an empty central URL, which the stored configuration reads as unset: ``--central-url
+    ""`` (an unset shell variable, a template that rendered empty) would otherwise silently
+    switch every later run to the default central. None keeps the configured one."""
+    if url == "":
+        raise UserError(
+            "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the "
+            f"configured central (the default is database {sync_state.CENTRAL_DATABASE} on flowyard's "
+            "server: give its URL to go back to it)"
+        )
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import psycopg
@@ -241,6 +242,28 @@ def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> 
         "flowyard: error: no device 'no-such-device'; `flowyard sync status` lists the configured devices"
     ]
     assert sync_state.load_config(state_db) == before
+
+
+def test_configure_refuses_an_empty_central_url_and_keeps_the_configured_one(
+    fresh_db: str, state_db: str
+) -> None:
+    """An empty URL was read as unset and silently switched every later run to the default central."""
+    from flows.sync_controls import sync_configure
+
+    saved = sync_state.load_config(state_db)
+    expected = "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep"
+    try:
+        sync_state.save_config(state_db, saved.model_copy(update={"central_url": fresh_db}))
+        out = run_cli("sync", "configure", "--central-url", "", "--batch-size", "783")
+        assert out.returncode == 2 and out.stdout == ""
+        [line] = out.stderr.strip().splitlines()
+        assert line.startswith(f"flowyard: error: {expected}"), line
+        with pytest.raises(UserError, match="^" + re.escape(expected)):
+            sync_configure(central_url="", batch_size=783)
+        config = sync_state.load_config(state_db)
+        assert (config.central_url, config.batch_size) == (fresh_db, saved.batch_size)
+    finally:
+        sync_state.save_config(state_db, saved)
 
 
 def test_trigger_with_a_malformed_central_url_is_one_line_before_any_run(tmp_path: Path) -> None:
