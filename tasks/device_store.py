@@ -147,8 +147,10 @@ class StoreCounts:
     oldest_pending_ms: int | None
 
 
-def _explain(path: Path, exc: sqlite3.Error) -> UserError:
-    """Turn a SQLite failure into the one-line, per-device message the user can act on."""
+def _explain(path: Path, exc: sqlite3.Error, known_device: bool) -> UserError:
+    """Turn a SQLite failure into the one-line, per-device message the user can act on: a corrupt
+    store of a device flowyard has (``known_device``) can be removed from the device list, any
+    other is a file to check or replace (``--remove-store`` would only answer "no device")."""
     text = str(exc)
     if text.startswith(_NOT_UTF8):  # the rest of the message quotes the stored value: private data
         text = text.partition(" with text ")[0]
@@ -158,10 +160,12 @@ def _explain(path: Path, exc: sqlite3.Error) -> UserError:
             "close the program holding it or retry later — its events stay pending"
         )
     if "not a database" in text or "malformed" in text or "corrupt" in text:
-        return UserError(
-            f"device store {path} is corrupt ({text}); restore it from a backup or remove it "
-            "with `flowyard sync configure --remove-store`"
+        fix = (
+            "restore it from a backup or remove it with `flowyard sync configure --remove-store`"
+            if known_device
+            else "check that the path names the device's SQLite file, or restore it from a backup"
         )
+        return UserError(f"device store {path} is corrupt ({text}); {fix}")
     return UserError(f"device store {path}: {text}")
 
 
@@ -180,18 +184,23 @@ def check_store_path(path: Path) -> None:
 
 
 @contextmanager
-def open_store(path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Iterator[sqlite3.Connection]:
-    """An autocommit connection to an existing store; SQLite errors become per-device UserErrors."""
+def open_store(
+    path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, known_device: bool = True
+) -> Iterator[sqlite3.Connection]:
+    """An autocommit connection to an existing store; SQLite errors become per-device UserErrors.
+
+    ``known_device``: flowyard has (or, in a run, records) a device for the store, so the error
+    for a corrupt one may suggest removing that device; False for a file not (known to be) one."""
     check_store_path(path)
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise _explain(path, exc) from None
+        raise _explain(path, exc, known_device) from None
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         yield conn
     except sqlite3.Error as exc:
-        raise _explain(path, exc) from None
+        raise _explain(path, exc, known_device) from None
     finally:
         conn.close()
 

@@ -211,7 +211,30 @@ def test_configure_refuses_a_file_that_is_not_a_store(state_db: str, tmp_path: P
     assert out.returncode == 2 and out.stdout == ""
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(f"flowyard: error: device store {notes} is corrupt (file is not a database)")
+    assert "--remove-store" not in line and "check that the path names the device's SQLite file" in line
     assert "notes" not in {d.device_id for d in sync_state.list_devices(state_db)}
+
+
+def test_migrate_up_of_a_corrupt_store_suggests_removing_a_device_only_when_there_is_one(
+    state_db: str, tmp_path: Path
+) -> None:
+    """A file flowyard has no device for was told to `--remove-store`, which answers "no device"."""
+    loose = tmp_path / "loose.db"
+    kept = make_store(tmp_path / "kept.db", 3)
+    sync_state.register_device(state_db, kept, device_store.Identity.of("kept-corrupt"))
+    try:
+        for store, fix in (
+            (loose, "check that the path names the device's SQLite file, or restore it from a backup"),
+            (kept, "restore it from a backup or remove it with `flowyard sync configure --remove-store`"),
+        ):
+            store.write_bytes(b"junk" * 300)
+            out = run_cli("sync", "migrate", "up", str(store))
+            assert out.returncode == 2 and out.stdout == ""
+            assert out.stderr.strip().splitlines() == [
+                f"flowyard: error: device store {store} is corrupt (file is not a database); {fix}"
+            ]
+    finally:
+        sync_state.remove_device(state_db, "kept-corrupt")
 
 
 def test_configure_and_migrate_refuse_sqlite_files_that_are_not_event_stores(state_db: str, tmp_path: Path) -> None:

@@ -135,6 +135,20 @@ def test_corrupt_store_gives_one_line_error(tmp_path: Path) -> None:
         with device_store.open_store(store):
             pass
     assert "\n" not in str(info.value)
+    assert str(info.value).endswith("remove it with `flowyard sync configure --remove-store`")
+
+
+def test_a_corrupt_file_flowyard_has_no_device_for_is_not_told_to_remove_one(tmp_path: Path) -> None:
+    """``--remove-store`` only answers "no device" for a file that was never added."""
+    store = tmp_path / "broken.db"
+    store.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(UserError) as info:
+        with device_store.open_store(store, known_device=False):
+            pass
+    assert str(info.value) == (
+        f"device store {store} is corrupt (file is not a database); check that the path names "
+        "the device's SQLite file, or restore it from a backup"
+    )
 
 
 def test_locked_store_gives_one_line_error(tmp_path: Path) -> None:
