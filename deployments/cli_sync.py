@@ -115,12 +115,15 @@ def trigger(
     outcome: those are printed first, then the run's one-line summary is the error."""
     from deployments.runtime import prepare_flow_run
 
-    for path in store or []:  # a typo: one line, before any server starts
-        device_store.check_store_path(device_store.store_path(path))
+    paths = [device_store.store_path(path) for path in store or []]
+    for path in paths:  # a typo: one line, before any server starts
+        device_store.check_store_path(path)
     if central_url:  # as the flow reads it: an empty one means the configured central
         validate_postgres_url(central_url)
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
+    if paths:  # a file that is no store, as the run would refuse it, before its flow run is logged
+        sync_state.check_stores(state_url(), paths)
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
     from tasks.sync_report import SyncIncomplete

@@ -183,6 +183,24 @@ def check_store_path(path: Path) -> None:
     check_user_file(path, "device store", "give the path of the device's SQLite file")
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+"""How every SQLite database file starts (its first 16 bytes), however damaged the pages after it."""
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse a file that is not a SQLite database at all (a text file, an empty one): named as a
+    store flowyard has no device for, it is a wrong path, not a device whose store went bad, and
+    a run would record it as a device with an error in status and history. A damaged store
+    keeps the header and still gets its per-device error from :func:`open_store`."""
+    with path.open("rb") as file:
+        head = file.read(len(_SQLITE_HEADER))
+    if head != _SQLITE_HEADER:
+        reason = "it is empty" if not head else "it does not start with SQLite's header"
+        raise UserError(
+            f"device store {path} is not a SQLite database ({reason}); give the path of the device's SQLite file"
+        )
+
+
 @contextmanager
 def open_store(
     path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, known_device: bool = True

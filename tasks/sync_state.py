@@ -190,9 +190,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
     stores, so two ``devflow.db`` files never share a lock, a state row or central's origin key.
     """
     paths = list(dict.fromkeys(device_store.store_path(store) for store in stores))
-    for path in paths:
-        device_store.check_store_path(path)  # a typo now, not a phantom device in status and history
-    known = {path: device_for_store(state, path) for path in paths}
+    known = check_stores(state, paths)
     found = {path: device.identity if (device := known[path]) else recorded_identity(path) for path in paths}
     new_stems = Counter(path.stem for path, identity in found.items() if identity is None)
     taken = (
@@ -207,6 +205,20 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
         targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
     _refuse_shared_ids(targets)
     return [(target, known[path]) for target, path in zip(targets, paths, strict=True)]
+
+
+def check_stores(state: str, paths: list[Path]) -> dict[Path, Device | None]:
+    """The device flowyard has for each store path given to a run, after refusing a path that is
+    no file and, for a path with no device, a file that is no SQLite database: each is a typo or a
+    wrong file, which a run would otherwise record as a phantom device in status and history. A
+    known device's store is not refused here: whatever became of it is that device's error."""
+    for path in paths:
+        device_store.check_store_path(path)
+    known = {path: device_for_store(state, path) for path in paths}
+    for path, device in known.items():
+        if device is None:
+            device_store.check_sqlite_file(path)
+    return known
 
 
 def _refuse_shared_ids(targets: list[SyncTarget]) -> None:

@@ -138,7 +138,7 @@ def test_trigger_with_a_corrupt_store_prints_every_device_then_fails_in_one_line
     fresh_db: str, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad.db"
-    bad.write_bytes(b"junk" * 300)
+    bad.write_bytes(b"SQLite format 3\x00" + b"junk" * 300)  # a SQLite file whose pages are gone
     good = make_store(tmp_path / "good.db", 40, identity=device_store.Identity("cli-good", "u", "p"))
     out = run_cli("sync", "trigger", "--store", str(bad), "--store", str(good), "--central-url", fresh_db)
     assert out.returncode == 2
@@ -313,6 +313,47 @@ def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     )
     assert str(typo) not in {d.store_path for d in sync_state.list_devices(state_db)}
     assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+
+
+def test_trigger_refuses_a_store_that_is_not_a_sqlite_file_before_recording_anything(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A text file named by --store (or the flow's stores) was recorded as a device, with its
+    error, in status and history."""
+    from flows.sync_devices import sync_devices
+
+    notes = tmp_path / "notes.db"
+    notes.write_text("just some notes\n")
+    good = make_store(tmp_path / "not-yet.db", 3)
+    out = run_cli("sync", "trigger", "--store", str(notes), "--store", str(good), "--central-url", fresh_db)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stdout == "" and out.stderr.strip().splitlines() == [
+        f"flowyard: error: device store {notes} is not a SQLite database (it does not start with SQLite's "
+        "header); give the path of the device's SQLite file"
+    ]
+    with pytest.raises(UserError, match=f"^device store {notes} is not a SQLite database"):
+        sync_devices(stores=[str(good), str(notes)], central_url=fresh_db)
+    assert str(notes) not in {d.store_path for d in sync_state.list_devices(state_db)}
+    assert "notes" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+    with device_store.open_store(good) as conn:
+        assert device_store.schema_version(conn) == device_store.V1  # nothing ran
+
+
+def test_a_device_whose_store_became_a_non_sqlite_file_still_gets_its_error(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Only a file flowyard has no device for is refused up front; a known device's is its error."""
+    store = tmp_path / "overwritten.db"
+    store.write_text("overwritten by some tool\n")
+    sync_state.register_device(state_db, store, device_store.Identity.of("overwritten"))
+    try:
+        out = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert "overwritten: not synced error=device store" in out.stdout
+        [row] = [r for r in sync_state.history(state_db, limit=1000) if r.device_id == "overwritten"]
+        assert row.error is not None and "is corrupt (file is not a database)" in row.error
+    finally:
+        sync_state.remove_device(state_db, "overwritten")
 
 
 def test_re_adding_a_device_keeps_its_user_and_project(state_db: str, tmp_path: Path) -> None:

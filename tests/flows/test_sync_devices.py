@@ -199,7 +199,7 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
 
     good = [make_store(tmp_path / f"good{n}.db", 400, seed=n) for n in range(2)]
     corrupt = tmp_path / "corrupt.db"
-    corrupt.write_bytes(b"\x00garbage, not a database" * 200)
+    corrupt.write_bytes(b"SQLite format 3\x00" + b"\x00garbage, not a database" * 200)  # its pages are gone
     locked = make_store(tmp_path / "locked.db", 50)
     holder = sqlite3.connect(locked, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")

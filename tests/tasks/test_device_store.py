@@ -224,3 +224,17 @@ def test_a_file_that_is_no_store_flowyard_knows_is_refused_naming_it(
     assert str(refused.value).startswith(f"{store} ") and message in str(refused.value)
     with sqlite3.connect(store) as conn:
         assert conn.execute("SELECT count(*) FROM pragma_table_info('events') WHERE name = 'sync_status'").fetchone() == (0,)
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_told_apart_from_a_damaged_store(tmp_path: Path) -> None:
+    empty, notes, damaged = tmp_path / "empty.db", tmp_path / "notes.db", tmp_path / "damaged.db"
+    empty.touch()
+    notes.write_text("just some notes\n")
+    damaged.write_bytes(b"SQLite format 3\x00" + b"junk" * 300)
+    for path, reason in ((empty, "it is empty"), (notes, "it does not start with SQLite's header")):
+        with pytest.raises(UserError) as info:
+            device_store.check_sqlite_file(path)
+        assert str(info.value) == (
+            f"device store {path} is not a SQLite database ({reason}); give the path of the device's SQLite file"
+        )
+    device_store.check_sqlite_file(damaged)  # a run gives it its per-device error instead

@@ -141,7 +141,7 @@ def test_an_unreadable_store_first_seen_by_a_run_is_recorded_with_its_identity(
     """A device first seen failing (its store corrupt) keeps the identity the run gave it, so
     syncing the repaired store later stamps that, not empty ids, on its events."""
     store = tmp_path / "broken.db"
-    store.write_bytes(b"not a database" * 100)
+    store.write_bytes(b"SQLite format 3\x00" + b"not a database" * 100)  # a SQLite file whose pages are gone
     (target,) = _targets(state_db, store)
     settle_device(state_db, None, target, UserError("corrupt"), None, SyncConfig(), logging.getLogger("test"))
     try:
