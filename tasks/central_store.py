@@ -13,10 +13,10 @@
   also bumps the hourly/daily rollups by exactly the newly inserted rows, so a re-sent
   batch changes nothing.
 - ``devflow.events`` is indexed only by ``seq`` (the cursor). Counts by project, user and type
-  are read from the rollups; an index on ``(project_id, occurred_at)`` or ``(user_id,
-  occurred_at)`` puts every concurrent upload of a project (or user) on the same rightmost
-  index page, and the two of them made each event cost 6-8 µs more server CPU with four
-  devices uploading at once (docs/benchmarks.md). Centrals created with them keep them.
+  are read from the rollups. An index on ``(project_id, occurred_at)`` or ``(user_id,
+  occurred_at)`` takes every upload of a project (or user) to the same, rightmost end of
+  the index; the two of them cost 3-6 µs more server CPU per event, a sixth of the sync's
+  CPU (docs/benchmarks.md). Centrals created with them keep them.
 - ``devflow.project_status`` holds the mutable per-project snapshot (events of type
   ``project_status``): last write wins by event time, ties broken by device id, local id, then
   sync id, and an older arrival never replaces a newer value.
