@@ -362,6 +362,7 @@ def test_events_are_indexed_by_the_cursor_only_and_indexes_of_older_centrals_are
         central, "SELECT count(*) FROM pg_indexes WHERE schemaname = 'devflow' AND tablename = 'events_y2027m03'"
     ) == 3
 
+
 def test_a_session_that_cannot_be_built_closes_its_connection(limited_role: Role, fresh_db: str) -> None:
     """A central without the schema, for a role that may not create it: the session fails, and
     its half-built connection is closed at once. Left to the garbage collector, it would stay
