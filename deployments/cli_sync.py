@@ -211,8 +211,8 @@ def migrate_up(
     device_store.check_store_path(store)
     state = state_url()
     identity = store_identity(state, NewStore(store, device_id, user_id, project_id))
-    known = sync_state.device_for_store(state, store) is not None
-    with device_store.open_store(store, known_device=known) as conn:
+    known = sync_state.device_for_store(state, store)
+    with device_store.open_store(store, device_id=known.device_id if known else None) as conn:
         changed = device_store.upgrade_to_v2(conn, identity)
         identity = device_store.identity_of(conn)
     typer.echo(f"{store}: {'upgraded to v2' if changed else 'already v2'} as device {identity.device_id!r}")
@@ -228,7 +228,7 @@ def migrate_down(
         raise UserError(f"--to must be v1 (the only version below v2), not {to!r}")
     store = device_store.store_path(store)
     # flowyard's state is not opened here, so a corrupt store gets the hint that fits any file
-    with device_store.open_store(store, known_device=False) as conn:
+    with device_store.open_store(store) as conn:
         changed = device_store.downgrade_to_v1(conn)
         events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     typer.echo(f"{store}: {'downgraded to v1' if changed else 'already v1'}, {events} events kept")

@@ -12,6 +12,7 @@ so one bad device never hides the others.
 
 from __future__ import annotations
 
+import shlex
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -147,9 +148,9 @@ class StoreCounts:
     oldest_pending_ms: int | None
 
 
-def _explain(path: Path, exc: sqlite3.Error, known_device: bool) -> UserError:
+def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError:
     """Turn a SQLite failure into the one-line, per-device message the user can act on: a corrupt
-    store of a device flowyard has (``known_device``) can be removed from the device list, any
+    store of a device flowyard has (``device_id``) can be removed from the device list, any
     other is a file to check or replace (``--remove-store`` would only answer "no device")."""
     text = str(exc)
     if text.startswith(_NOT_UTF8):  # the rest of the message quotes the stored value: private data
@@ -161,8 +162,9 @@ def _explain(path: Path, exc: sqlite3.Error, known_device: bool) -> UserError:
         )
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         fix = (
-            "restore it from a backup or remove it with `flowyard sync configure --remove-store`"
-            if known_device
+            "restore it from a backup or remove it with "
+            f"`flowyard sync configure --remove-store {shlex.quote(device_id)}`"
+            if device_id is not None
             else "check that the path names the device's SQLite file, or restore it from a backup"
         )
         return UserError(f"device store {path} is corrupt ({text}); {fix}")
@@ -203,22 +205,22 @@ def check_sqlite_file(path: Path) -> None:
 
 @contextmanager
 def open_store(
-    path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, known_device: bool = True
+    path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, device_id: str | None = None
 ) -> Iterator[sqlite3.Connection]:
     """An autocommit connection to an existing store; SQLite errors become per-device UserErrors.
 
-    ``known_device``: flowyard has (or, in a run, records) a device for the store, so the error
-    for a corrupt one may suggest removing that device; False for a file not (known to be) one."""
+    ``device_id``: the device flowyard has (or, in a run, records) for the store, which the error
+    for a corrupt one suggests removing; None for a file not (known to be) a device's store."""
     check_store_path(path)
     try:
         conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
-        raise _explain(path, exc, known_device) from None
+        raise _explain(path, exc, device_id) from None
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         yield conn
     except sqlite3.Error as exc:
-        raise _explain(path, exc, known_device) from None
+        raise _explain(path, exc, device_id) from None
     finally:
         conn.close()
 

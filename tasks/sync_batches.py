@@ -188,7 +188,9 @@ def sync_device(
     the store afterwards and the new cursor is reported: also after a refused event (central
     answered), not after a batch failed as a whole (central unreachable or refusing every row).
     """
-    with device_store.open_store(store, busy_timeout=options.busy_timeout) as conn:
+    with device_store.open_store(
+        store, busy_timeout=options.busy_timeout, device_id=identity.device_id
+    ) as conn:
         device_store.upgrade_to_v2(conn, identity)
         identity = _recorded_as(conn, store, identity.device_id)
         before = device_store.counts(conn)

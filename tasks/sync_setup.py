@@ -90,7 +90,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     behind by a crash: the store's recorded identity wins whenever it is read again."""
     _check_central_url(change.central_url)
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
-        with device_store.open_store(change.add_store.path, known_device=False) as conn:
+        with device_store.open_store(change.add_store.path) as conn:
             device_store.known_version(conn)
     with sync_state.configuring(state_url(state_database_url)) as state:
         _check_devices(state, change)

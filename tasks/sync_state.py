@@ -498,10 +498,10 @@ def _insert_history(
     )
 
 
-def live_queue(store: Path) -> str:
+def live_queue(store: Path, device_id: str) -> str:
     """A device's queued events read from the store itself, or why the store cannot be read."""
     try:
-        with device_store.open_store(store, busy_timeout=1.0) as conn:
+        with device_store.open_store(store, busy_timeout=1.0, device_id=device_id) as conn:
             if device_store.schema_version(conn) < device_store.V2:
                 total = conn.execute("SELECT count(*) FROM events").fetchone()[0]
                 return f"{total} (v1 store, upgraded on first sync)"
@@ -517,7 +517,7 @@ def status_rows(url: str) -> list[dict[str, str]]:
         {
             "device": d.device_id,
             "enabled": "yes" if d.enabled else "no",
-            "queued": live_queue(Path(d.store_path)),
+            "queued": live_queue(Path(d.store_path), d.device_id),
             "last success": _when(d.last_success_at),
             "last error": d.last_error or "-",
             "store": d.store_path,

@@ -225,7 +225,7 @@ def test_migrate_up_of_a_corrupt_store_suggests_removing_a_device_only_when_ther
     try:
         for store, fix in (
             (loose, "check that the path names the device's SQLite file, or restore it from a backup"),
-            (kept, "restore it from a backup or remove it with `flowyard sync configure --remove-store`"),
+            (kept, "restore it from a backup or remove it with `flowyard sync configure --remove-store kept-corrupt`"),
         ):
             store.write_bytes(b"junk" * 300)
             out = run_cli("sync", "migrate", "up", str(store))

@@ -223,6 +223,7 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
     assert history["good0"].uploaded == 400 and history["good0"].error is None
     assert "is corrupt" in history["corrupt"].error and "is locked" in history["locked"].error
+    assert history["corrupt"].error.endswith("`flowyard sync configure --remove-store corrupt`")
     # The failed run still persisted every device's cursors and outcome, as read back from the server.
     persisted = _persisted_result(run)["devices"]
     assert persisted["good0"] == {

@@ -132,10 +132,12 @@ def test_corrupt_store_gives_one_line_error(tmp_path: Path) -> None:
     store = tmp_path / "broken.db"
     store.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(UserError, match=r"device store .*broken\.db is corrupt") as info:
-        with device_store.open_store(store):
+        with device_store.open_store(store, device_id="ana's laptop"):
             pass
     assert "\n" not in str(info.value)
-    assert str(info.value).endswith("remove it with `flowyard sync configure --remove-store`")
+    assert str(info.value).endswith(
+        "remove it with `flowyard sync configure --remove-store 'ana'\"'\"'s laptop'`"
+    )
 
 
 def test_a_corrupt_file_flowyard_has_no_device_for_is_not_told_to_remove_one(tmp_path: Path) -> None:
@@ -143,7 +145,7 @@ def test_a_corrupt_file_flowyard_has_no_device_for_is_not_told_to_remove_one(tmp
     store = tmp_path / "broken.db"
     store.write_bytes(b"this is not sqlite at all" * 100)
     with pytest.raises(UserError) as info:
-        with device_store.open_store(store, known_device=False):
+        with device_store.open_store(store):
             pass
     assert str(info.value) == (
         f"device store {store} is corrupt (file is not a database); check that the path names "

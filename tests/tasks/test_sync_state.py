@@ -204,3 +204,20 @@ def test_a_downgraded_store_of_a_row_with_empty_ids_is_re_upgraded_with_the_defa
         assert device_store.identity_of(conn) == Identity("blank", "unknown", "default")
     assert device is not None and (device.user_id, device.project_id) == ("unknown", "default")
     assert _stamped(fresh_db) == [("unknown", "default")]
+
+
+def test_status_of_a_device_whose_store_went_corrupt_names_the_device_to_remove(
+    state_db: str, tmp_path: Path
+) -> None:
+    """The hint said `--remove-store` without the id that option needs."""
+    store = make_store(tmp_path / "gone-bad.db", 3)
+    sync_state.register_device(state_db, store, Identity.of("gone-bad"))
+    try:
+        store.write_bytes(b"SQLite format 3\x00" + b"junk" * 300)
+        [row] = [r for r in sync_state.status_rows(state_db) if r["device"] == "gone-bad"]
+    finally:
+        sync_state.remove_device(state_db, "gone-bad")
+    assert row["queued"] == (
+        f"unreadable: device store {store} is corrupt (file is not a database); restore it from a backup "
+        "or remove it with `flowyard sync configure --remove-store gone-bad`"
+    )
