@@ -60,7 +60,9 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
 
     Non-allowlisted fields are dropped or hashed; anything that is not a JSON object (bad
     JSON included) is not metadata and becomes ``{}``. Built once per batch, so the
-    allowlist lookup is a set and the key is encoded once.
+    allowlist lookup is a set and the key is encoded once. Kept fields are picked by a scan of
+    the event's few fields, in their order: a fifth less time than intersecting key sets
+    (1.7 against 2.1 µs per event, docs/benchmarks.md), and the filter runs on every event.
     """
     allowed = frozenset(policy.allowlist)
     key = policy.hash_key.encode()
@@ -70,7 +72,7 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
         data = _parse(raw)
         if not isinstance(data, dict):
             return "{}"
-        kept = {k: data[k] for k in data.keys() & allowed}
+        kept = {k: v for k, v in data.items() if k in allowed}
         if hashing:  # a field's name can be as private as its value (a path, a secret): both are hashed
             kept.update((_digest(k, key), _digest(v, key)) for k, v in data.items() if k not in allowed)
         text = orjson.dumps(kept).decode()

@@ -101,7 +101,10 @@ def adapt_batch_size(base: int, quality: Quality) -> int:
 def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadRow]:
     """The batch as central rows, with ``event_data`` passed through the privacy filter."""
     keep = compile_filter(policy)
-    return [(*e[:7], keep(e.event_data)) for e in events]
+    return [
+        (sync_id, local_id, ts, device, user, project, kind, keep(data))
+        for sync_id, local_id, ts, device, user, project, kind, data in events
+    ]
 
 
 class _Uploader:
