@@ -164,16 +164,18 @@ def _counts(outcome: dict[str, Any]) -> str:
 @app.command()
 def history(
     limit: Annotated[int, typer.Option(min=1)] = 20,
-    since: Annotated[datetime | None, typer.Option(help="Only runs finished at or after this time.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only runs finished at or after this time (UTC unless it has a zone).")
+    ] = None,
 ) -> None:
-    """Recent per-device sync results, newest first."""
+    """Recent per-device sync results, newest first, with their times in UTC."""
     rows = sync_state.history(state_url(), limit=limit, since=since)
     if not rows:  # with --since, earlier runs may exist: say which answer is empty
         typer.echo("no sync runs yet" if since is None else f"no sync runs since {since}")
     for row in rows:
         lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
         typer.echo(
-            f"{row.finished_at:%Y-%m-%d %H:%M:%S} {row.device_id:<16} pending_before={row.pending_before} "
+            f"{row.finished_at:%Y-%m-%d %H:%M:%S} UTC {row.device_id:<16} pending_before={row.pending_before} "
             f"uploaded={row.uploaded} duplicates={row.duplicates} failed={row.failed} lag={lag}"
             + (f" error={row.error}" if row.error else "")
         )

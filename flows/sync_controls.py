@@ -31,7 +31,8 @@ def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
 def sync_history(
     limit: int = 20, since: datetime | None = None, state_database_url: str | None = None
 ) -> list[dict[str, Any]]:
-    """The latest per-device sync results, newest first."""
+    """The latest per-device sync results, newest first; times in UTC, and a ``since`` without a
+    zone is UTC."""
     rows = [asdict(r) for r in sync_state.history(state_url(state_database_url), limit=limit, since=since)]
     create_table_artifact(
         [{k: str(v) for k, v in row.items()} for row in rows], key="sync-history", description="Sync history"

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
@@ -527,12 +527,20 @@ def status_rows(url: str) -> list[dict[str, str]]:
 
 
 def _when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
+    """A time for ``sync status``, in the UTC its label says: psycopg returns a timestamptz in the
+    session's zone, which is the state server's or database's ``TimeZone`` (initdb sets the
+    machine's), not UTC."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
 
 
 def history(url: str, *, limit: int = 20, since: datetime | None = None) -> list[HistoryRow]:
+    """The newest ``limit`` history rows finished at or after ``since``, their times in UTC.
+
+    Read in a UTC session, so the rows' times are UTC and a ``since`` without a zone (``--since
+    2026-11-01``, a date sent to the flow) means UTC, whatever ``TimeZone`` the state server or
+    database has; ``sync status`` prints UTC too."""
     check_count(limit, "history limit")
-    with connection(url) as conn:
+    with connection(url, utc=True) as conn:
         rows = conn.execute(
             """
             SELECT finished_at, device_id, pending_before, uploaded, duplicates, failed, pending_after,

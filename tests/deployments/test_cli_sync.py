@@ -8,12 +8,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks import device_store, sync_state
 from tasks.db import mask_url
 from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters, make_store
+from tasks.state import state_url
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -503,6 +505,32 @@ def test_history_since_a_time_after_every_run_says_so(state_db: str) -> None:
     finally:
         with psycopg.connect(state_db) as conn:
             conn.execute("DELETE FROM flowyard.sync_runs WHERE device_id = 'history-probe'")
+
+
+def test_status_and_history_times_are_utc_whatever_the_state_servers_time_zone(fresh_db: str, tmp_path: Path) -> None:
+    """With the state database in another zone (initdb sets the machine's), `sync status` printed
+    that zone's time labelled UTC, `sync history` printed it unlabelled and read `--since` in it."""
+    state = state_url(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        database = sql.Identifier(conn.info.dbname)
+        conn.execute(sql.SQL("ALTER DATABASE {} SET TimeZone = 'Asia/Tokyo'").format(database))
+    store = make_store(tmp_path / "tokyo.db", 2)
+    sync_state.register_device(state, store, device_store.Identity("tokyo", "u", "p"))
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("UPDATE flowyard.sync_devices SET last_success_at = '2026-01-01 00:00:00+00'")
+        conn.execute(
+            "INSERT INTO flowyard.sync_runs (device_id, uploaded, finished_at) "
+            "VALUES ('tokyo', 1, '2025-12-31 20:00:00+00'), ('tokyo', 2, '2026-01-01 00:00:00+00')"
+        )
+    env = {"FLOWYARD_DATABASE_URL": fresh_db}
+    status = run_cli("sync", "status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "last_success=2026-01-01 00:00:00 UTC" in status.stdout, status.stdout
+    history = run_cli("sync", "history", "--since", "2026-01-01", env=env)
+    assert history.returncode == 0, history.stderr
+    assert [line.split(" pending_before")[0] for line in history.stdout.splitlines()] == [
+        "2026-01-01 00:00:00 UTC tokyo           "
+    ]
 
 
 def test_a_device_only_synced_by_path_can_be_disabled_and_its_path_runs_then_skip_it(
