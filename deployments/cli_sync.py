@@ -33,10 +33,9 @@ def status() -> None:
     )
     typer.echo(f"sync:       {'enabled' if config.enabled else 'disabled'}")
     typer.echo(f"central:    {central}")
-    typer.echo(
-        f"batch size: {config.batch_size}   privacy: {config.privacy.mode} fields outside "
-        f"{', '.join(config.privacy.allowlist)}"
-    )
+    allowed = ", ".join(config.privacy.allowlist)
+    privacy = f"fields outside {allowed}" if allowed else "every event_data field (empty allowlist)"
+    typer.echo(f"batch size: {config.batch_size}   privacy: {config.privacy.mode} {privacy}")
     rows = sync_state.status_rows(state)
     if not rows:
         typer.echo("devices:    none; add one with `flowyard sync configure --add-store PATH`")
@@ -84,7 +83,7 @@ def configure(
             central_url=central_url,
             batch_size=batch_size,
             download_updates=download_updates,
-            allow=tuple(allow or ()),
+            allow=allow,
             privacy_mode=privacy_mode,
             hash_key=hash_key,
             queue_threshold=queue_threshold,

@@ -64,8 +64,9 @@ def sync_configure(
     """Everything ``flowyard sync configure`` does (None keeps the current value), plus switching
     devices on or off; every device id is checked before anything is saved.
 
-    ``allow`` replaces the privacy allowlist. ``hash_key`` and ``central_url`` are kept with the
-    run's parameters on the Prefect server; the returned configuration leaves both out.
+    ``allow`` replaces the privacy allowlist (``[]``: no field of ``event_data`` is kept as it is).
+    ``hash_key`` and ``central_url`` are kept with the run's parameters on the Prefect server; the
+    returned configuration leaves both out.
     """
     result = apply_setup(
         state_database_url,
@@ -74,7 +75,7 @@ def sync_configure(
             central_url=central_url,
             batch_size=batch_size,
             download_updates=download_updates,
-            allow=tuple(allow or ()),
+            allow=allow,
             privacy_mode=privacy_mode,
             hash_key=hash_key,
             queue_threshold=queue_threshold,

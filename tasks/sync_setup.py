@@ -7,6 +7,7 @@ settings), so a mistake is one line and nothing was saved, never half a configur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +50,16 @@ def new_store(
 
 @dataclass(frozen=True)
 class SetupChange:
-    """The options of ``sync configure``; None (and an empty tuple) keeps the current setting."""
+    """The options of ``sync configure``; None keeps the current setting (an empty device tuple
+    switches no device)."""
 
     enabled: bool | None = None
     central_url: str | None = None
     batch_size: int | None = None
     download_updates: bool | None = None
-    allow: tuple[str, ...] = ()
-    """Replaces the privacy allowlist when not empty."""
+    allow: Sequence[str] | None = None
+    """Replaces the privacy allowlist; an empty one allows no field (``allow: []`` sent to the flow
+    means "no field kept as it is", never "keep the current list")."""
     privacy_mode: str | None = None
     hash_key: str | None = None
     queue_threshold: int | None = None
@@ -102,7 +105,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
                 "batch_size": change.batch_size,
                 "download_updates": change.download_updates,
             },
-            privacy={"allowlist": change.allow or None, "mode": change.privacy_mode, "hash_key": change.hash_key},
+            privacy={"allowlist": change.allow, "mode": change.privacy_mode, "hash_key": change.hash_key},
             alerts={
                 "queue_threshold": change.queue_threshold,
                 "failure_rate": change.failure_rate,

@@ -184,6 +184,27 @@ def test_configure_flow_does_what_the_cli_does(state_db: str, tmp_path: Path) ->
         sync_state.save_config(state_db, saved)
 
 
+def test_configure_flow_with_an_empty_allowlist_keeps_no_field(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    """`allow: []` sent to sync-configure (to keep every event_data field on the machines) was
+    read as "no change": the previous allowlist stayed, and its fields kept leaving."""
+    from flows.sync_controls import sync_configure
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "nothing-allowed.db", 10)
+    saved = sync_state.load_config(state_db)
+    try:
+        sync_configure(allow=["action", "language"])
+        assert sync_configure(allow=[])["privacy"]["allowlist"] == []
+        assert sync_state.load_config(state_db).privacy.allowlist == ()
+        assert "privacy: drop every event_data field (empty allowlist)" in run_cli("sync", "status").stdout
+        assert sync_devices(stores=[str(store)], central_url=fresh_db)["devices"]["nothing-allowed"]["uploaded"] == 10
+        with psycopg.connect(fresh_db) as conn:
+            assert conn.execute("SELECT DISTINCT event_data::text FROM devflow.events").fetchall() == [("{}",)]
+    finally:
+        sync_state.remove_device(state_db, "nothing-allowed")
+        sync_state.save_config(state_db, saved)
+
+
 def test_configure_flow_with_an_unknown_device_saves_nothing(state_db: str) -> None:
     from flows.sync_controls import sync_configure
 
