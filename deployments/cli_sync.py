@@ -14,7 +14,14 @@ from tasks.db import mask_url, validate_postgres_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
-from tasks.sync_setup import NewStore, SetupChange, apply_setup, new_store, store_identity
+from tasks.sync_setup import (
+    NewStore,
+    SetupChange,
+    apply_setup,
+    new_store,
+    refuse_second_device,
+    store_identity,
+)
 
 app = typer.Typer(
     help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
@@ -211,6 +218,8 @@ def migrate_up(
     store = device_store.store_path(store)
     device_store.check_store_path(store)
     state = state_url()
+    if device_id:  # another id for a store flowyard has would fail that device's every run
+        refuse_second_device(state, store, device_id)
     identity = store_identity(state, NewStore(store, device_id, user_id, project_id))
     known = sync_state.device_for_store(state, store)
     with device_store.open_store(store, device_id=known.device_id if known else None) as conn:

@@ -149,17 +149,18 @@ def _check_devices(state: Db, change: SetupChange) -> None:
             + ("add it" if removing == adding else "enable or disable it")
         )
     if change.add_store is not None:
-        _refuse_second_device(state, change.add_store.path, adding, removing)
+        refuse_second_device(state, change.add_store.path, adding, removing)
     named = [removing] if removing is not None else []
     for device in dict.fromkeys([*named, *change.enable_devices, *change.disable_devices]):
         if device != adding:  # the store added by this same call may be switched on or off
             sync_state.require_device(state, device)
 
 
-def _refuse_second_device(state: Db, store: Path, adding: str | None, removing: str | None) -> None:
-    """A store flowyard has as one device cannot be added as another while that one stays: both
-    would sync it, and the second to run would fail every time (the store carries the first's id),
-    or upgrade it under its own id first and so send every event to central a second time."""
+def refuse_second_device(state: Db, store: Path, adding: str | None, removing: str | None = None) -> None:
+    """A store flowyard has as one device cannot be added (or upgraded by ``migrate up``) as another
+    while that one stays: both would sync it, and the second to run would fail every time (the
+    store carries the first's id), or upgrade it under its own id first and so send every event to
+    central a second time."""
     holder = sync_state.device_for_store(state, store)
     if holder is not None and holder.device_id not in (adding, removing):
         raise UserError(

@@ -260,6 +260,27 @@ def test_migrate_up_of_a_corrupt_store_suggests_removing_a_device_only_when_ther
         sync_state.remove_device(state_db, "kept-corrupt")
 
 
+def test_migrate_up_refuses_another_device_id_for_a_store_flowyard_has(state_db: str, tmp_path: Path) -> None:
+    """`migrate up` of a configured store with another --device-id upgraded it under that id, after
+    which every run of the configured device failed (its store carries another id)."""
+    store = make_store(tmp_path / "kept-laptop.db", 5)
+    sync_state.register_device(state_db, store, device_store.Identity("kept-laptop", "u", "p"))
+    try:
+        out = run_cli("sync", "migrate", "up", str(store), "--device-id", "other-laptop")
+        assert out.returncode == 2 and out.stdout == "", out.stdout
+        assert out.stderr.strip().splitlines() == [
+            f"flowyard: error: device store {store} is already device 'kept-laptop'; leave out --device-id "
+            "(device_id) to keep that device, or remove it first with "
+            "`flowyard sync configure --remove-store kept-laptop`"
+        ]
+        with device_store.open_store(store) as conn:
+            assert device_store.schema_version(conn) == device_store.V1
+        same = run_cli("sync", "migrate", "up", str(store), "--device-id", "kept-laptop")
+        assert same.returncode == 0 and "upgraded to v2 as device 'kept-laptop'" in same.stdout, same.stderr
+    finally:
+        sync_state.remove_device(state_db, "kept-laptop")
+
+
 def test_configure_and_migrate_refuse_sqlite_files_that_are_not_event_stores(state_db: str, tmp_path: Path) -> None:
     """An empty file or a database without an events table used to be registered (status then
     said "unreadable"), and `migrate down` of a store at an unknown version said only
