@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from tasks.agent_protocol import (
     CHECKPOINT_REQUEST,
@@ -75,10 +75,39 @@ class AgentTemplate(BaseModel):
     delivery: Literal["stdin", "argv", "env"] = "stdin"
     env: dict[str, str] = Field(default_factory=dict)
 
+    @field_validator("argv")
+    @classmethod
+    def _argv_exec_takes(cls, argv: list[str]) -> list[str]:
+        """Refuse what no program can be started with, when the templates are read: a NUL (YAML's
+        ``"\\0"``) made ``queue run`` a traceback (the flow run's parameters cannot be stored),
+        and a direct call failed every attempt with "embedded null byte", after its retries."""
+        for arg in argv:
+            _refuse_nul(arg, f"argument {arg!r}")
+        return argv
+
+    @field_validator("env")
+    @classmethod
+    def _env_exec_takes(cls, env: dict[str, str]) -> dict[str, str]:
+        """Refuse variables no environment can carry: a name holding ``=`` (the separator) or a
+        NUL, or a value holding a NUL, failed every attempt of the type at its start, after its
+        retries, with Python's "illegal environment variable name"."""
+        for name, value in env.items():
+            if "=" in name:
+                raise ValueError(f"variable name {name!r} holds '=', which separates a name from its value")
+            _refuse_nul(name, f"variable name {name!r}")
+            _refuse_nul(value, f"the value of {name}")
+        return env
+
     @property
     def task_json_placeholder(self) -> bool:
         """Whether an argument has the ``{task_json}`` placeholder (whatever the delivery)."""
         return any("{task_json}" in arg for arg in self.argv)
+
+
+def _refuse_nul(text: str, what: str) -> None:
+    """A NUL ends a C string, so ``exec`` cannot pass one in an argument or variable."""
+    if "\0" in text:
+        raise ValueError(f"{what} holds a NUL character (\\0), which no program can be given")
 
 
 def _reference_argv() -> list[str]:

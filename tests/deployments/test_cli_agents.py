@@ -9,6 +9,7 @@ import pytest
 from deployments.agents_demo import agent_queue_demo_parameters
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks.errors import UserError
 from tasks.state import state_url
 from tests.conftest import run_cli
 
@@ -275,3 +276,37 @@ def test_a_multi_line_agent_error_is_one_line_in_the_listing_and_the_run_output(
     rows = _ok("list", "--status", "failed", env=env).splitlines()[1:]
     assert len(rows) == 1 and rows[0].endswith(" … (2 more lines)") and "disk full" in rows[0], rows
     assert error in (queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or "")
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ('{argv: ["true"], env: {"A=B": "1"}}', "env: variable name 'A=B' holds '=', which separates a name from its value"),
+        ('{argv: ["tr\\0ue"]}', "argv: argument 'tr\\x00ue' holds a NUL character (\\0), which no program can be given"),
+        ('{argv: ["true"], env: {"A": "x\\0y"}}', "env: the value of A holds a NUL character (\\0), which no program can be given"),
+    ],
+)  # fmt: skip
+def test_a_template_no_program_can_be_started_with_is_one_line_before_anything_is_claimed(
+    env: dict[str, str], tmp_path, template: str, message: str
+) -> None:
+    """An environment variable name holding '=' passed validation, and every task of the type was
+    claimed and failed after its retries with "ValueError: illegal environment variable name"; a
+    NUL (YAML's "\\0") in an argument or a value made `queue run` a traceback, the flow run's
+    parameters being unstorable."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    task = int(_ok("create", "kept", "--agent-type", "coder", env=env))
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(f"coder: {template}\n")
+    error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
+    assert error.strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file (agent template 'coder' is invalid: {message})"
+    )
+    with pytest.raises(UserError, match="agent template 'coder' is invalid: env: variable name 'A=B' holds '='"):
+        run_agent_queue(
+            database_url=env["FLOWYARD_DATABASE_URL"],
+            output_dir=str(tmp_path),
+            agents={"coder": {"argv": ["true"], "env": {"A=B": "1"}}},
+        )
+    stored = queue.get_task(url, task)
+    assert (stored.status, stored.attempts) == ("pending", 0)
