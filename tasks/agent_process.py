@@ -134,8 +134,20 @@ def templates_from(config: dict[str, Any] | None) -> dict[str, AgentTemplate]:
         raise UserError(
             f"agent templates must map each agent type to {{argv, delivery, env}}, not a {type(config).__name__}"
         )
-    user = {name: _template(str(name), spec) for name, spec in (config or {}).items()}
+    user = {_agent_type(name): _template(name, spec) for name, spec in (config or {}).items()}
     return {**DEFAULT_TEMPLATES, **user}
+
+
+def _agent_type(name: object) -> str:
+    """An agent type of the templates, which must be text like the tasks' own: YAML reads a bare
+    ``1:``, ``on:``, ``no:`` or ``null:`` as a number, boolean or null, and ``queue run`` then
+    failed with a traceback (Prefect refused the ``agents`` parameter)."""
+    if not isinstance(name, str):
+        raise UserError(
+            f"agent type {name!r} in the agent templates is not text but {type(name).__name__}; "
+            "quote it (YAML reads bare numbers, yes/no, on/off and null as other types)"
+        )
+    return name
 
 
 def _template(name: str, spec: Any) -> AgentTemplate:

@@ -310,3 +310,25 @@ def test_a_template_no_program_can_be_started_with_is_one_line_before_anything_i
         )
     stored = queue.get_task(url, task)
     assert (stored.status, stored.attempts) == ("pending", 0)
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [("1", "1 in the agent templates is not text but int"), ("on", "True in the agent templates is not text but bool")],
+)
+def test_an_agent_type_yaml_reads_as_no_text_is_one_line(
+    env: dict[str, str], tmp_path, key: str, shown: str
+) -> None:
+    """YAML reads a bare `1:` or `on:` as a number or a boolean: the agents file passed the
+    check, and `queue run` was a traceback of Prefect refusing the `agents` parameter."""
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(f'{key}: {{argv: ["true"]}}\n')
+    error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
+    assert error.strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file (agent type {shown}; quote it "
+        "(YAML reads bare numbers, yes/no, on/off and null as other types))"
+    )
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text(f'"{key}": {{argv: ["true"]}}\n')
+    assert _ok("run", "--agents-file", str(quoted), "--output-dir", str(tmp_path), env=env) == "no ready tasks\n"
