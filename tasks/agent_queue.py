@@ -76,19 +76,21 @@ class NewTask:
             raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
         if not 1 <= len(title) <= 200 or not title.strip():
             raise UserError("the title must have 1 to 200 characters, not only spaces")
-        _refuse_line_breaking(title)
+        _refuse_line_breaking(
+            title,
+            "the title",
+            "give a one-line title and put the rest in the description (--description / description)",
+        )
         return cls(title=title, agent_type=agent_type, priority=priority, type=task_type, **fields)
 
 
-def _refuse_line_breaking(title: str) -> None:
-    """A title is one row of ``flowyard queue list``: a newline split that row, and other control
-    characters (a carriage return, a terminal escape) garble it. The description takes the rest."""
-    control = next((c for c in title if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+def _refuse_line_breaking(text: str, what: str, fix: str) -> None:
+    """A title and an agent type are columns of one row of ``flowyard queue list`` (and of a
+    run's lines about the task): a newline split that row, and other control characters (a tab,
+    a carriage return, a terminal escape) garble it; the description takes the rest of a title."""
+    control = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if control is not None:
-        raise UserError(
-            f"the title {title!r} holds the control character {control!r}; give a one-line title "
-            "and put the rest in the description (--description / description)"
-        )
+        raise UserError(f"{what} {text!r} holds the control character {control!r}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -243,16 +245,18 @@ def _refuse_non_finite(value: Any, what: str) -> None:
         )
 
 
+_NAME_THE_AGENT = "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
+"""How to fix an agent type no worker can have a template for."""
+
+
 def create_task(url: str, task: NewTask) -> int:
     """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
 
     A task without an agent type is refused: no worker has a template for it, so it would wait
-    in the queue for good."""
+    in the queue for good. So is one with a control character, as in a title."""
     if not task.agent_type.strip():
-        raise UserError(
-            f"the agent type of task {task.title!r} is empty; name the agent template that runs it, "
-            "such as 'reference' (--agent-type / agent_type)"
-        )
+        raise UserError(f"the agent type of task {task.title!r} is empty; {_NAME_THE_AGENT}")
+    _refuse_line_breaking(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
     for field_name, value in (
         ("title", task.title),
         ("description", task.description),

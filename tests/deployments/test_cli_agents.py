@@ -332,3 +332,16 @@ def test_an_agent_type_yaml_reads_as_no_text_is_one_line(
     quoted = tmp_path / "quoted.yaml"
     quoted.write_text(f'"{key}": {{argv: ["true"]}}\n')
     assert _ok("run", "--agents-file", str(quoted), "--output-dir", str(tmp_path), env=env) == "no ready tasks\n"
+
+
+@pytest.mark.parametrize("agent_type", ["coder\n", "a b\tc", "\x1b[31mred"])
+def test_an_agent_type_with_a_control_character_is_refused_in_one_line(env: dict[str, str], agent_type: str) -> None:
+    """An agent type is a column of `queue list` like the title: a newline or tab in one was
+    stored, split or garbled the task's row, and left the task waiting for an agent no sane
+    templates file names."""
+    control = next(c for c in agent_type if not (c.isalnum() or c in " ["))
+    assert _user_error("create", "x", "--agent-type", agent_type, env=env).strip() == (
+        f"flowyard: error: the agent type of task 'x' {agent_type!r} holds the control character {control!r}; "
+        "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
+    )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
