@@ -35,9 +35,7 @@ def _task_id(value: int) -> int:
     """A task id as given: ids start at 1, so 0 or a negative one names no task in any queue,
     which is said without connecting to the database."""
     if value < 1:
-        raise UserError(
-            f"no agent task {value}: task ids are positive integers; list tasks with `flowyard queue list`"
-        )
+        raise queue.no_such_task(value)
     return value
 
 

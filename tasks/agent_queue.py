@@ -253,10 +253,15 @@ def create_task(url: str, task: NewTask) -> int:
     """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
 
     A task without an agent type is refused: no worker has a template for it, so it would wait
-    in the queue for good. So is one with a control character, as in a title."""
+    in the queue for good. So is one that starts or ends with a space (``"coder "``, which no
+    template named ``coder`` runs), or one with a control character, as in a title."""
     if not task.agent_type.strip():
         raise UserError(f"the agent type of task {task.title!r} is empty; {_NAME_THE_AGENT}")
     _refuse_line_breaking(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
+    if task.agent_type != task.agent_type.strip():
+        raise UserError(
+            f"the agent type of task {task.title!r} {task.agent_type!r} starts or ends with a space; {_NAME_THE_AGENT}"
+        )
     for field_name, value in (
         ("title", task.title),
         ("description", task.description),
@@ -305,6 +310,13 @@ def create_task(url: str, task: NewTask) -> int:
     return int(row[0])
 
 
+def no_such_task(task_id: int) -> UserError:
+    """The error for a task id no queue has, the same from the CLI and the flows. Ids start at 1,
+    so for 0 or below it also says that ids are positive: the CLI says it without a query."""
+    why = ": task ids are positive integers" if task_id < 1 else ""
+    return UserError(f"no agent task {task_id}{why}; list tasks with `flowyard queue list`")
+
+
 def get_task(url: str, task_id: int) -> AgentTask:
     with _connection(url) as conn:
         row = (
@@ -313,7 +325,7 @@ def get_task(url: str, task_id: int) -> AgentTask:
             .fetchone()
         )
     if row is None:
-        raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
+        raise no_such_task(task_id)
     return _task(row)
 
 
@@ -352,7 +364,7 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
             ).fetchone()
     if row is None:
         if current is None:
-            raise UserError(f"no agent task {task_id}; list tasks with `flowyard queue list`")
+            raise no_such_task(task_id)
         raise UserError(
             f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
         )

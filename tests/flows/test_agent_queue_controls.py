@@ -71,6 +71,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         (lambda url: agent_task_cancel(999999, database_url=url), "no agent task 999999; list tasks with"),
         (lambda url: agent_task_retry(999999, database_url=url), "no agent task 999999; list tasks with"),
         (
+            lambda url: agent_task_cancel(0, database_url=url),
+            "no agent task 0: task ids are positive integers; list tasks with `flowyard queue list`",
+        ),
+        (
             lambda url: agent_task_create("x", priority="urgent", database_url=url),
             "unknown priority 'urgent'; use one of critical, high",
         ),
@@ -94,16 +98,22 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_create("x", agent_type="", database_url=url),
             "the agent type of task 'x' is empty; ",
         ),
+        (
+            lambda url: agent_task_create("x", agent_type="coder ", database_url=url),
+            "the agent type of task 'x' 'coder ' starts or ends with a space; name the agent template",
+        ),
     ],
     ids=[
         "cancel-unknown-id",
         "retry-unknown-id",
+        "cancel-id-zero",
         "bad-priority",
         "unknown-dependency",
         "bad-status",
         "non-finite-payload",
         "workdir-is-the-output-dir",
         "empty-agent-type",
+        "agent-type-with-a-trailing-space",
     ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:
