@@ -180,8 +180,9 @@ def history(
         typer.echo("no sync runs yet" if since is None else f"no sync runs since {since}")
     for row in rows:
         lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
+        pending = "-" if row.pending_before is None else row.pending_before
         typer.echo(
-            f"{row.finished_at:%Y-%m-%d %H:%M:%S} UTC {row.device_id:<16} pending_before={row.pending_before} "
+            f"{row.finished_at:%Y-%m-%d %H:%M:%S} UTC {row.device_id:<16} pending_before={pending} "
             f"uploaded={row.uploaded} duplicates={row.duplicates} failed={row.failed} lag={lag}"
             + (f" error={row.error}" if row.error else "")
         )

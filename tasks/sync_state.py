@@ -94,7 +94,8 @@ class Device:
 class HistoryRow:
     finished_at: datetime
     device_id: str
-    pending_before: int
+    pending_before: int | None
+    """None when the run could not read the device's store (corrupt, locked, missing)."""
     uploaded: int
     duplicates: int
     failed: int
@@ -487,7 +488,7 @@ def _insert_history(
         (
             flow_run_id,
             device_id,
-            report.pending_before if report else 0,
+            report.pending_before if report else None,
             report.uploaded if report else 0,
             report.duplicates if report else 0,
             report.failed if report else 0,

@@ -224,6 +224,8 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     assert history["good0"].uploaded == 400 and history["good0"].error is None
     assert "is corrupt" in history["corrupt"].error and "is locked" in history["locked"].error
     assert history["corrupt"].error.endswith("`flowyard sync configure --remove-store corrupt`")
+    # What a store that could not be read held is unknown, not 0 (nothing to send).
+    assert [history[d].pending_before for d in ("good0", "corrupt", "locked")] == [400, None, None]
     # The failed run still persisted every device's cursors and outcome, as read back from the server.
     persisted = _persisted_result(run)["devices"]
     assert persisted["good0"] == {
