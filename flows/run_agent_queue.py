@@ -59,7 +59,10 @@ def run_agent_queue(
     ``<output_dir>/logs``). ``lease_seconds`` (at least three 5 s heartbeats) is how long a
     worker may stay silent before its tasks count as abandoned.
     """
+    # every value is checked before anything is made: a refused run leaves no directory behind
     check_drain(max_agents, retries, max_tasks)
+    templates = templates_from(agents)
+    limits = AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds)
     url = state_url(database_url)
     outputs, logs = agent_directories(output_dir, logs_dir)
     setup = AgentSetup(
@@ -67,8 +70,8 @@ def run_agent_queue(
         worker=queue.new_worker_id(),
         output_dir=outputs,
         logs_dir=logs,
-        templates=templates_from(agents),
-        limits=AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds),
+        templates=templates,
+        limits=limits,
     )
     logger = get_run_logger()
     recovery = recover_stale_tasks(url, setup.limits)

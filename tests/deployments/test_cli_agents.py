@@ -206,10 +206,11 @@ def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created
 def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, str], tmp_path) -> None:
     """Over the API, max_agents 0 failed with ThreadPoolExecutor's ValueError, a negative
     max_tasks or retries ran as if unset, and a bad template was pydantic's "1 validation error
-    for AgentTemplate"."""
+    for AgentTemplate". A run refused for a bad limit or template had created its directories."""
     from tasks.errors import UserError
 
     task = int(_ok("create", "kept", env=env))
+    outputs = tmp_path / "agents-of-a-refused-run"
     for params, message in (
         ({"max_agents": 0}, "max_agents must be 1 to 10000, not 0"),
         ({"max_tasks": -1}, "max_tasks must be 0 or more (or None for no limit), not -1"),
@@ -220,8 +221,9 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
         ({"agents": {"x": {"argv": 5}}}, "agent template 'x' is invalid: argv: Input should be a valid list"),
     ):
         with pytest.raises(UserError) as info:
-            run_agent_queue(database_url=env["FLOWYARD_DATABASE_URL"], output_dir=str(tmp_path), **params)
+            run_agent_queue(database_url=env["FLOWYARD_DATABASE_URL"], output_dir=str(outputs), **params)
         assert str(info.value).startswith(message), str(info.value)
+        assert not outputs.exists(), f"{params} created the output directory"
     assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), task).status == "pending"
 
 
