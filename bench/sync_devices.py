@@ -34,7 +34,7 @@ def _naive_loop(store: Path, central: str, limit: int) -> float:
         device_store.upgrade_to_v2(local, device_store.Identity("naive", "naive", "naive"))
         events = device_store.read_pending(local, 0, limit, now_ms=device_store.now_ms())
         session = central_store.CentralSession(central)
-        session.ensure_partitions([e.timestamp_ms for e in events])
+        session.ensure_partitions([ts_ms for _, _, ts_ms, *_ in events])
         session.close()
         started = time.perf_counter()
         insert = sql.SQL(
@@ -45,21 +45,10 @@ def _naive_loop(store: Path, central: str, limit: int) -> float:
                     %(event_data)s, {})
             """
         ).format(central_store.event_time(sql.Placeholder("ts_ms")))
-        for e in events:
-            conn.execute(
-                insert,
-                {
-                    "sync_id": e.sync_id,
-                    "local_id": e.local_id,
-                    "device_id": e.device_id,
-                    "user_id": e.user_id,
-                    "project_id": e.project_id,
-                    "event_type": e.event_type,
-                    "event_data": e.event_data,
-                    "ts_ms": e.timestamp_ms,
-                },
-            )
-            local.execute("UPDATE events SET sync_status = 'synced' WHERE id = ?", (e.local_id,))
+        for event in events:  # a local event's fields are the upload columns, in order
+            params = dict(zip(central_store.UPLOAD_COLUMNS, event, strict=True))
+            conn.execute(insert, params)
+            local.execute("UPDATE events SET sync_status = 'synced' WHERE id = ?", (params["local_id"],))
         return time.perf_counter() - started
 
 

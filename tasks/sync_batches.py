@@ -212,7 +212,7 @@ def sync_device(
                 if not events:
                     break
                 rows = upload_rows(events, options.policy)
-                ids = [e.local_id for e in events]
+                ids = device_store.local_ids(events)
                 started = time.perf_counter()
                 try:
                     result = uploader.upload(rows)
