@@ -56,7 +56,10 @@ def status() -> None:
 @app.command()
 def configure(
     enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Turn syncing on or off.")] = None,
-    central_url: Annotated[str | None, typer.Option(help="Central PostgreSQL URL.")] = None,
+    central_url: Annotated[
+        str | None,
+        typer.Option(help="Central PostgreSQL URL; 'default' goes back to database devflow_central on flowyard's server."),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Events per batch at best quality.")] = None,
     download_updates: Annotated[bool | None, typer.Option("--download-updates/--no-download-updates")] = None,
     allow: Annotated[
@@ -220,7 +223,7 @@ def migrate_up(
     device_store.check_store_path(store)
     state = state_url()
     if device_id:  # another id for a store flowyard has would fail that device's every run
-        refuse_second_device(state, store, device_id)
+        refuse_second_device(state, store, device_id, option="--device-id")
     identity = store_identity(state, NewStore(store, device_id, user_id, project_id))
     known = sync_state.device_for_store(state, store)
     with device_store.open_store(store, device_id=known.device_id if known else None) as conn:

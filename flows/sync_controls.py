@@ -32,10 +32,13 @@ def sync_history(
     limit: int = 20, since: datetime | None = None, state_database_url: str | None = None
 ) -> list[dict[str, Any]]:
     """The latest per-device sync results, newest first; times in UTC, and a ``since`` without a
-    zone is UTC."""
+    zone is UTC. A value the run never learned (the pending count of a device whose store did
+    not open) shows as ``-`` in the artifact, as in ``flowyard sync history``."""
     rows = [asdict(r) for r in sync_state.history(state_url(state_database_url), limit=limit, since=since)]
     create_table_artifact(
-        [{k: str(v) for k, v in row.items()} for row in rows], key="sync-history", description="Sync history"
+        [{k: "-" if v is None else str(v) for k, v in row.items()} for row in rows],
+        key="sync-history",
+        description="Sync history",
     )
     return rows
 
@@ -65,6 +68,8 @@ def sync_configure(
     devices on or off; every device id is checked before anything is saved.
 
     ``allow`` replaces the privacy allowlist (``[]``: no field of ``event_data`` is kept as it is).
+    ``central_url="default"`` goes back to the default central (database ``devflow_central`` on
+    flowyard's server).
     ``hash_key`` and ``central_url`` are kept with the run's parameters on the Prefect server; the
     returned configuration leaves both out.
     """

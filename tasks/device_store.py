@@ -150,6 +150,14 @@ class StoreCounts:
     oldest_pending_ms: int | None
 
 
+def remove_store_command(device_id: str, then_add: Path | None = None) -> str:
+    """The command that takes a device off flowyard's list (and adds its store back under the
+    store's own id), quoted for a POSIX shell: a device id or a path with a space or a quote in
+    it would otherwise be pasted as two arguments."""
+    command = f"flowyard sync configure --remove-store {shlex.quote(device_id)}"
+    return command + (f" --add-store {shlex.quote(str(then_add))}" if then_add is not None else "")
+
+
 def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError:
     """Turn a SQLite failure into the one-line, per-device message the user can act on: a corrupt
     store of a device flowyard has (``device_id``) can be removed from the device list, any
@@ -164,8 +172,7 @@ def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError
         )
     if "not a database" in text or "malformed" in text or "corrupt" in text:
         fix = (
-            "restore it from a backup or remove it with "
-            f"`flowyard sync configure --remove-store {shlex.quote(device_id)}`"
+            f"restore it from a backup or remove it with `{remove_store_command(device_id)}`"
             if device_id is not None
             else "check that the path names the device's SQLite file, or restore it from a backup"
         )

@@ -172,8 +172,7 @@ def _recorded_as(conn: sqlite3.Connection, store: Path, device_id: str) -> Ident
     if recorded.device_id != device_id:
         raise UserError(
             f"device store {store} was upgraded as device {recorded.device_id!r}, but flowyard has it as "
-            f"{device_id!r}; register it under its own id: `flowyard sync configure --remove-store "
-            f"{device_id} --add-store {store}`"
+            f"{device_id!r}; register it under its own id: `{device_store.remove_store_command(device_id, store)}`"
         )
     return recorded
 

@@ -91,7 +91,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     A device store is only ever read here (its schema version and the identity recorded in it
     at its upgrade), never written, so there is no second database whose changes could be left
     behind by a crash: the store's recorded identity wins whenever it is read again."""
-    _check_central_url(change.central_url)
+    central_url = _central_setting(change.central_url)
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
         with device_store.open_store(change.add_store.path) as conn:
             device_store.known_version(conn)
@@ -101,7 +101,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
             state,
             {
                 "enabled": change.enabled,
-                "central_url": change.central_url,
+                "central_url": central_url,
                 "batch_size": change.batch_size,
                 "download_updates": change.download_updates,
             },
@@ -122,16 +122,25 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     return SetupResult(config, added)
 
 
-def _check_central_url(url: str | None) -> None:
-    """Refuse an empty central URL, which the stored configuration reads as unset: ``--central-url
-    ""`` (an unset shell variable, a template that rendered empty) would otherwise silently
-    switch every later run to the default central. None keeps the configured one."""
+DEFAULT_CENTRAL = "default"
+"""What ``--central-url`` (``central_url``) takes to go back to the default central."""
+
+
+def _central_setting(url: str | None) -> str | None:
+    """The central URL to store: None keeps the configured one, and :data:`DEFAULT_CENTRAL` clears
+    it (the configuration reads an empty URL as unset, that is database ``devflow_central`` on
+    flowyard's server, wherever that server runs now). An empty URL is refused: an unset shell
+    variable or a template that rendered empty would otherwise silently switch every later run
+    to the default central."""
+    if url == DEFAULT_CENTRAL:
+        return ""
     if url == "":
         raise UserError(
             "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the "
-            f"configured central (the default is database {sync_state.CENTRAL_DATABASE} on flowyard's "
-            "server: give its URL to go back to it)"
+            f"configured central, or give {DEFAULT_CENTRAL!r} to go back to the default (database "
+            f"{sync_state.CENTRAL_DATABASE} on flowyard's server)"
         )
+    return url
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:
@@ -156,16 +165,19 @@ def _check_devices(state: Db, change: SetupChange) -> None:
             sync_state.require_device(state, device)
 
 
-def refuse_second_device(state: Db, store: Path, adding: str | None, removing: str | None = None) -> None:
+def refuse_second_device(
+    state: Db, store: Path, adding: str | None, removing: str | None = None, option: str = "--device-id (device_id)"
+) -> None:
     """A store flowyard has as one device cannot be added (or upgraded by ``migrate up``) as another
     while that one stays: both would sync it, and the second to run would fail every time (the
     store carries the first's id), or upgrade it under its own id first and so send every event to
-    central a second time."""
+    central a second time. ``option`` names the id as the caller takes it: ``configure`` as a CLI
+    option and a flow parameter, ``migrate up`` as a CLI option only."""
     holder = sync_state.device_for_store(state, store)
     if holder is not None and holder.device_id not in (adding, removing):
         raise UserError(
-            f"device store {store} is already device {holder.device_id!r}; leave out --device-id (device_id) "
-            f"to keep that device, or remove it first with `flowyard sync configure --remove-store {holder.device_id}`"
+            f"device store {store} is already device {holder.device_id!r}; leave out {option} "
+            f"to keep that device, or remove it first with `{device_store.remove_store_command(holder.device_id)}`"
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,7 +18,9 @@ from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.sample_devices import demo_sync_parameters, make_store
 from tasks.state import state_url
-from tests.conftest import run_cli
+from tasks.sync_report import settle_device
+from tasks.sync_state import SyncConfig, SyncTarget
+from tests.conftest import flow_run_artifacts, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -134,6 +138,29 @@ def test_control_flows_and_demo_parameters(fresh_db: str, state_db: str, tmp_pat
     finally:
         sync_state.remove_device(state_db, "flow-dev")
         sync_state.save_config(state_db, saved)
+
+
+def test_history_artifact_shows_what_a_run_never_learned_as_a_dash(state_db: str, tmp_path: Path) -> None:
+    """A device whose store did not open has no pending count, lag or pending-after; the
+    ``sync-history`` artifact showed them as the word None, where ``flowyard sync history``
+    prints ``-``."""
+    from flows.sync_controls import sync_history
+
+    target = SyncTarget(str(tmp_path / "gone.db"), "history-dash", "u", "p", None)
+    settle_device(state_db, None, target, UserError("store is corrupt"), None, SyncConfig(), logging.getLogger("t"))
+    try:
+        state = sync_history(limit=50, return_state=True)
+        [artifact] = [a for a in flow_run_artifacts(state) if a.key == "sync-history"]
+        rows = json.loads(artifact.data)
+        [row] = [r for r in rows if r["device_id"] == "history-dash"]
+        assert (row["pending_before"], row["pending_after"], row["lag_seconds"]) == ("-", "-", "-")
+        assert (row["uploaded"], row["error"]) == ("0", "store is corrupt")
+        assert "None" not in artifact.data
+        printed = run_cli("sync", "history", "--limit", "50")
+        assert printed.returncode == 0, printed.stderr
+        assert any("history-dash" in line and "pending_before=-" in line for line in printed.stdout.splitlines())
+    finally:
+        sync_state.remove_device(state_db, "history-dash")
 
 
 def test_trigger_with_a_corrupt_store_prints_every_device_then_fails_in_one_line(
@@ -264,21 +291,21 @@ def test_migrate_up_refuses_another_device_id_for_a_store_flowyard_has(state_db:
     """`migrate up` of a configured store with another --device-id upgraded it under that id, after
     which every run of the configured device failed (its store carries another id)."""
     store = make_store(tmp_path / "kept-laptop.db", 5)
-    sync_state.register_device(state_db, store, device_store.Identity("kept-laptop", "u", "p"))
+    sync_state.register_device(state_db, store, device_store.Identity("kept laptop", "u", "p"))
     try:
         out = run_cli("sync", "migrate", "up", str(store), "--device-id", "other-laptop")
         assert out.returncode == 2 and out.stdout == "", out.stdout
         assert out.stderr.strip().splitlines() == [
-            f"flowyard: error: device store {store} is already device 'kept-laptop'; leave out --device-id "
-            "(device_id) to keep that device, or remove it first with "
-            "`flowyard sync configure --remove-store kept-laptop`"
+            f"flowyard: error: device store {store} is already device 'kept laptop'; leave out --device-id "
+            "to keep that device, or remove it first with "
+            "`flowyard sync configure --remove-store 'kept laptop'`"
         ]
         with device_store.open_store(store) as conn:
             assert device_store.schema_version(conn) == device_store.V1
-        same = run_cli("sync", "migrate", "up", str(store), "--device-id", "kept-laptop")
-        assert same.returncode == 0 and "upgraded to v2 as device 'kept-laptop'" in same.stdout, same.stderr
+        same = run_cli("sync", "migrate", "up", str(store), "--device-id", "kept laptop")
+        assert same.returncode == 0 and "upgraded to v2 as device 'kept laptop'" in same.stdout, same.stderr
     finally:
-        sync_state.remove_device(state_db, "kept-laptop")
+        sync_state.remove_device(state_db, "kept laptop")
 
 
 def test_configure_and_migrate_refuse_sqlite_files_that_are_not_event_stores(state_db: str, tmp_path: Path) -> None:
@@ -311,24 +338,40 @@ def test_configure_removing_an_unknown_device_changes_nothing(state_db: str) -> 
     assert sync_state.load_config(state_db) == before
 
 
-def test_configure_refuses_an_empty_central_url_and_keeps_the_configured_one(
+def test_configure_refuses_an_empty_central_url_and_goes_back_to_the_default_when_told(
     fresh_db: str, state_db: str
 ) -> None:
-    """An empty URL was read as unset and silently switched every later run to the default central."""
+    """An empty URL was read as unset and silently switched every later run to the default central;
+    going back to the default on purpose then meant finding the URL of flowyard's own server."""
     from flows.sync_controls import sync_configure
 
     saved = sync_state.load_config(state_db)
-    expected = "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep"
+    expected = (
+        "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the "
+        "configured central, or give 'default' to go back to the default (database devflow_central on "
+        "flowyard's server)"
+    )
     try:
         sync_state.save_config(state_db, saved.model_copy(update={"central_url": fresh_db}))
         out = run_cli("sync", "configure", "--central-url", "", "--batch-size", "783")
         assert out.returncode == 2 and out.stdout == ""
-        [line] = out.stderr.strip().splitlines()
-        assert line.startswith(f"flowyard: error: {expected}"), line
-        with pytest.raises(UserError, match="^" + re.escape(expected)):
+        assert out.stderr.strip().splitlines() == [f"flowyard: error: {expected}"]
+        with pytest.raises(UserError, match="^" + re.escape(expected) + "$"):
             sync_configure(central_url="", batch_size=783)
         config = sync_state.load_config(state_db)
         assert (config.central_url, config.batch_size) == (fresh_db, saved.batch_size)
+
+        back = run_cli("sync", "configure", "--central-url", "default", "--batch-size", "784")
+        assert back.returncode == 0, back.stderr
+        assert (sync_state.load_config(state_db).central_url, sync_state.load_config(state_db).batch_size) == (
+            None,
+            784,
+        )
+        assert "central:    devflow_central (default)" in run_cli("sync", "status").stdout
+        sync_configure(central_url=fresh_db)
+        assert sync_state.load_config(state_db).central_url == fresh_db
+        sync_configure(central_url="default")
+        assert sync_state.load_config(state_db).central_url is None
     finally:
         sync_state.save_config(state_db, saved)
 

@@ -646,23 +646,25 @@ def test_a_store_registered_under_another_id_than_its_own_is_refused(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
     """Stores registered by older versions may disagree with the id recorded in them; syncing
-    such a store used to upload under the recorded id while the run reported the registered one."""
+    such a store used to upload under the recorded id while the run reported the registered one.
+    The command the error gives is quoted for the shell (it split a spaced id or path in two)."""
     from flows.sync_devices import sync_devices
 
-    store = make_store(tmp_path / "devflow.db", 10, identity=Identity("devflow", "unknown", "default"))
-    sync_state.register_device(state_db, store, Identity("laptop-1", "alice", "web"))
+    (tmp_path / "dev home").mkdir()
+    store = make_store(tmp_path / "dev home" / "devflow.db", 10, identity=Identity("devflow", "unknown", "default"))
+    sync_state.register_device(state_db, store, Identity("al's laptop", "alice", "web"))
     try:
         state = sync_devices(stores=[str(store)], central_url=fresh_db, return_state=True)
         assert state.is_failed()
-        report = _persisted_result(state)["devices"]["laptop-1"]
+        report = _persisted_result(state)["devices"]["al's laptop"]
         assert report["error"] == (
-            f"device store {store.resolve()} was upgraded as device 'devflow', but flowyard has it as 'laptop-1'; "
-            f"register it under its own id: `flowyard sync configure --remove-store laptop-1 --add-store "
-            f"{store.resolve()}`"
+            f"device store {store.resolve()} was upgraded as device 'devflow', but flowyard has it as "
+            "\"al's laptop\"; register it under its own id: `flowyard sync configure --remove-store "
+            f"'al'\"'\"'s laptop' --add-store '{store.resolve()}'`"
         )
         assert _central_counts(fresh_db) == (0, 0)
     finally:
-        sync_state.remove_device(state_db, "laptop-1")
+        sync_state.remove_device(state_db, "al's laptop")
 
 
 def test_two_stores_upgraded_under_one_device_id_are_refused(fresh_db: str, tmp_path: Path) -> None:
