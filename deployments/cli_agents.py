@@ -19,7 +19,7 @@ from typer._click.exceptions import NoSuchOption
 from typer.core import TyperCommand
 
 from tasks import agent_queue as queue
-from tasks.errors import UserError, first_line, read_user_file
+from tasks.errors import UserError, first_line, printable, read_user_file
 
 app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
 
@@ -145,8 +145,8 @@ def list_(
         checkpoint, note = t.checkpoint_label or "-", t.note or _agent_note(t, DEFAULT_TEMPLATES)
         after = ",".join(map(str, t.blocked_by)) or "-"
         typer.echo(
-            f"{t.id:>5}  {t.status:<11} {t.priority:<8} {t.agent_type:<10} {t.attempts:>5}  {checkpoint:<18} "
-            f"{after:<10} {t.title}{'  — ' + note if note else ''}"
+            f"{t.id:>5}  {t.status:<11} {t.priority:<8} {printable(t.agent_type):<10} {t.attempts:>5}  "
+            f"{checkpoint:<18} {after:<10} {printable(t.title)}{'  — ' + note if note else ''}"
         )
 
 

@@ -14,13 +14,12 @@ import os
 import re
 import socket
 import threading
-import unicodedata
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal, cast
 
 import psutil
 import psycopg
@@ -29,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
-from tasks.errors import UserError, one_line
+from tasks.errors import UserError, control_character, one_line
 from tasks.json_values import any_scalar, has_non_finite, has_nul
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -43,18 +42,12 @@ DEFAULT_LEASE_SECONDS = 120.0
 """How long a worker may stay silent before its tasks count as abandoned (``lease_seconds``)."""
 
 
-def is_priority(value: str) -> TypeGuard[Priority]:
-    """Whether user input names a priority; the check narrows it for the type checker too."""
-    return value in PRIORITIES
-
-
-def is_task_type(value: str) -> TypeGuard[TaskType]:
-    """Whether user input names a task type; the check narrows it for the type checker too."""
-    return value in TASK_TYPES
-
-
 @dataclass(frozen=True)
 class NewTask:
+    """A task to enqueue. Its priority, type and title are checked when it is built, so a task
+    made in Python (the demo, the bench, a user's script) is refused with the same one line as
+    one from the CLI or a flow, never stored with a title that breaks ``queue list``'s rows."""
+
     title: str
     agent_type: str
     type: TaskType = "task"
@@ -66,29 +59,38 @@ class NewTask:
     requires_review: bool = False
     draft: bool = False
 
-    @classmethod
-    def from_input(cls, title: str, agent_type: str, priority: str, task_type: str, **fields: Any) -> NewTask:
-        """A task from untyped input (CLI options, flow parameters), with one-line errors naming
-        the choices instead of the table's constraint names."""
-        if not is_priority(priority):
-            raise UserError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
-        if not is_task_type(task_type):
-            raise UserError(f"unknown task type {task_type!r}; use one of {', '.join(TASK_TYPES)}")
-        if not 1 <= len(title) <= 200 or not title.strip():
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise UserError(f"unknown priority {self.priority!r}; use one of {', '.join(PRIORITIES)}")
+        if self.type not in TASK_TYPES:
+            raise UserError(f"unknown task type {self.type!r}; use one of {', '.join(TASK_TYPES)}")
+        if not 1 <= len(self.title) <= 200 or not self.title.strip():
             raise UserError("the title must have 1 to 200 characters, not only spaces")
         _refuse_line_breaking(
-            title,
+            self.title,
             "the title",
             "give a one-line title and put the rest in the description (--description / description)",
         )
-        return cls(title=title, agent_type=agent_type, priority=priority, type=task_type, **fields)
+
+    @classmethod
+    def from_input(cls, title: str, agent_type: str, priority: str, task_type: str, **fields: Any) -> NewTask:
+        """A task from untyped input (CLI options, flow parameters). The casts only tell the type
+        checker: :meth:`__post_init__` refuses a priority or type that is none of the choices, in
+        one line naming them instead of the table's constraint names."""
+        return cls(
+            title=title,
+            agent_type=agent_type,
+            priority=cast(Priority, priority),
+            type=cast(TaskType, task_type),
+            **fields,
+        )
 
 
 def _refuse_line_breaking(text: str, what: str, fix: str) -> None:
     """A title and an agent type are columns of one row of ``flowyard queue list`` (and of a
     run's lines about the task): a newline split that row, and other control characters (a tab,
     a carriage return, a terminal escape) garble it; the description takes the rest of a title."""
-    control = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    control = control_character(text)
     if control is not None:
         raise UserError(f"{what} {text!r} holds the control character {control!r}; {fix}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -48,6 +49,19 @@ def one_line(text: str) -> str:
     and ``queue run``'s per-task lines; the full text stays in the task and in its log."""
     left_out = len(text.strip().splitlines()) - 1
     return first_line(text) + (f" … ({left_out} more lines)" if left_out > 0 else "")
+
+
+def control_character(text: str) -> str | None:
+    """The first character of ``text`` that breaks or garbles a line on a terminal (a newline, a
+    tab, a carriage return, an escape, a Unicode line or paragraph separator), else None."""
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+
+
+def printable(text: str) -> str:
+    """``text`` for one cell of a listing, each control character written as its escape
+    (``\\n``, ``\\x1b``): a value stored before flowyard refused them, or written to the table by
+    hand, must not split or recolour the row it is shown in."""
+    return "".join(repr(c)[1:-1] if control_character(c) else c for c in text)
 
 
 Number = TypeVar("Number", int, float)

@@ -9,6 +9,7 @@ import pytest
 from deployments.agents_demo import agent_queue_demo_parameters
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks.db import connection
 from tasks.errors import UserError
 from tasks.state import state_url
 from tests.conftest import run_cli
@@ -259,6 +260,24 @@ def test_the_listing_says_a_pending_task_needs_an_agent_that_is_not_built_in(env
         "(built in: reference)"
     )
     assert listing[builtin].endswith("reference work")
+
+
+def test_a_title_stored_with_control_characters_stays_on_its_row(env: dict[str, str]) -> None:
+    """flowyard refuses such titles now, but a row written before it did (or by hand) still
+    split `queue list` at its newline and let its escape recolour the terminal. The listing
+    shows each control character as its escape; the task keeps its title as stored."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    with connection(url) as conn:
+        (stored,) = conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, priority, status, agent_type) "
+            "VALUES (%s, 'medium', 'pending', %s) RETURNING id",
+            ("two\nlines\x1b[31m", "odd\ttype"),
+        ).fetchone()
+    after = int(_ok("create", "after it", env=env))
+    rows = _ok("list", env=env).splitlines()[1:]
+    assert [int(row.split()[0]) for row in rows] == [stored, after]
+    assert " odd\\ttype " in rows[0] and "two\\nlines\\x1b[31m  — runs only with a 'odd\\ttype' agent" in rows[0]
+    assert queue.get_task(url, stored).title == "two\nlines\x1b[31m"
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -468,6 +468,25 @@ def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: 
     assert recovery.failed[task.id].startswith("attempt 1, the last of its run, failed: disk on fire")
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"title": "two\nlines"}, "the title 'two\\nlines' holds the control character '\\n'; give a one-line title"),
+        ({"title": " "}, "the title must have 1 to 200 characters, not only spaces"),
+        ({"title": "x" * 201}, "the title must have 1 to 200 characters, not only spaces"),
+        ({"priority": "urgent"}, "unknown priority 'urgent'; use one of critical, high, medium, low"),
+        ({"type": "chore"}, "unknown task type 'chore'; use one of epic, story, task, subtask, bug, spike"),
+    ],
+)
+def test_a_task_built_in_python_is_checked_like_one_from_the_cli(fields: dict[str, str], message: str) -> None:
+    """Only ``NewTask.from_input`` (the CLI and the flow) checked these: a task built directly, as
+    the demo and a user's script do, was stored with a title that split ``queue list``'s row, or
+    failed at the table's constraint with its name instead of the choices."""
+    with pytest.raises(UserError) as raised:
+        queue.NewTask(**{"title": "ok", "agent_type": "reference", **fields})  # type: ignore[arg-type]
+    assert str(raised.value).startswith(message)
+
+
 @pytest.mark.parametrize("agent_type", ["", "   ", "\t\n"])
 def test_a_task_without_an_agent_type_is_refused_in_one_line(qdb: str, agent_type: str) -> None:
     """No worker has a template for it: it would wait in the queue for good."""

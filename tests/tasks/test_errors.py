@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from tasks.db import connect
-from tasks.errors import UserError, check_user_dir, exit_on_user_error, first_line, make_user_dir
+from tasks.errors import UserError, check_user_dir, exit_on_user_error, first_line, make_user_dir, printable
 
 
 def test_a_postgres_error_keeps_only_its_message(fresh_db: str) -> None:
@@ -23,6 +23,12 @@ def test_an_empty_message_still_says_something() -> None:
     assert first_line(ValueError()) == "ValueError"
     assert first_line("  \n") == ""
     assert first_line("  first\nsecond") == "first"
+
+
+def test_a_listing_cell_shows_control_characters_as_escapes_and_keeps_the_rest() -> None:
+    shown = printable("a\tb\r\nc\x1b[0m\u2028d\u2029é ✓ 漢")
+    assert shown == "a\\tb\\r\\nc\\x1b[0m\\u2028d\\u2029é ✓ 漢"
+    assert shown.isprintable()
 
 
 def test_a_refused_privilege_is_one_line_at_the_entry_point(limited_role, fresh_db, capsys) -> None:
