@@ -21,9 +21,10 @@ from tasks.sync_setup import SetupChange, apply_setup, new_store
 
 @flow(name="sync-status")
 def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
-    """Per configured device: enabled, queued events (read live from the store), last success/error."""
+    """Per device flowyard knows (configured, or only named by runs' store paths): enabled, queued
+    events (read live from the store), last success/error."""
     rows = sync_state.status_rows(state_url(state_database_url))
-    create_table_artifact(rows, key="sync-status", description="Configured devices")
+    create_table_artifact(rows, key="sync-status", description="Devices")
     return rows
 
 

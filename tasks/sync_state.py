@@ -512,18 +512,28 @@ def live_queue(store: Path, device_id: str) -> str:
         return f"unreadable: {exc}"
 
 
+NOT_CONFIGURED = "no (synced only by runs naming its store)"
+"""``sync status``'s ``configured`` for a device only runs given its store's path know."""
+
+
 def status_rows(url: str) -> list[dict[str, str]]:
-    """``sync status`` per configured device, for the CLI and the ``sync-status`` flow alike."""
+    """``sync status`` per device flowyard knows, for the CLI and the ``sync-status`` flow alike:
+    the configured ones first, then those only runs naming their store (``sync trigger --store``,
+    a deployment's ``stores``) know. Those are listed too, since ``sync disable`` switches them
+    off like configured ones, and a disabled one was otherwise shown nowhere but in the skip
+    line of the next run naming it."""
+    devices = sorted(list_devices(url), key=lambda d: not d.registered)  # stable: by id within each
     return [
         {
             "device": d.device_id,
+            "configured": "yes" if d.registered else NOT_CONFIGURED,
             "enabled": "yes" if d.enabled else "no",
             "queued": live_queue(Path(d.store_path), d.device_id),
             "last success": _when(d.last_success_at),
             "last error": d.last_error or "-",
             "store": d.store_path,
         }
-        for d in list_devices(url, registered_only=True)
+        for d in devices
     ]
 
 

@@ -623,14 +623,29 @@ def test_a_device_only_synced_by_path_can_be_disabled_and_its_path_runs_then_ski
 ) -> None:
     """A device that only `sync trigger --store` runs know (a deployment listing its stores) is
     switched off like a configured one: the next run naming its store leaves it out and says so,
-    and ``--force`` syncs it anyway."""
+    and ``--force`` syncs it anyway. `sync status` lists it, marked as not configured (it listed
+    configured devices only, so a disabled one was shown nowhere)."""
+    from flows.sync_controls import sync_status
+
     store = make_store(tmp_path / "by-path.db", 30)
+    configured = make_store(tmp_path / "by-path-z.db", 2)  # sorts after by-path, listed before it
+    sync_state.register_device(state_db, configured, device_store.Identity("by-path-z", "u", "p"))
     try:
         first = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
         assert first.returncode == 0 and "by-path: uploaded=30" in first.stdout, first.stderr
         with device_store.open_store(store) as conn:
             device_store.insert_events(conn, [(device_store.now_ms(), "edit", {"n": 1})])
         assert run_cli("sync", "disable", "by-path").returncode == 0
+        status = run_cli("sync", "status")
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        [(at, line)] = [(n, line) for n, line in enumerate(lines) if line.split()[:1] == ["by-path"]]
+        [(configured_at, configured_line)] = [(n, x) for n, x in enumerate(lines) if x.split()[:1] == ["by-path-z"]]
+        assert "enabled=no queued=1 (0 failed)" in line, line
+        assert line.endswith(" configured=no (synced only by runs naming its store)"), line
+        assert configured_at < at and "configured=" not in configured_line, status.stdout
+        rows = {r["device"]: r for r in sync_status()}
+        assert (rows["by-path"]["configured"], rows["by-path"]["enabled"]) == (sync_state.NOT_CONFIGURED, "no")
 
         skipped = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
         assert skipped.returncode == 0, skipped.stderr
@@ -642,6 +657,7 @@ def test_a_device_only_synced_by_path_can_be_disabled_and_its_path_runs_then_ski
         assert forced.returncode == 0 and "by-path: uploaded=1" in forced.stdout, forced.stderr
     finally:
         sync_state.remove_device(state_db, "by-path")
+        sync_state.remove_device(state_db, "by-path-z")
 
 
 def test_a_store_path_starting_with_a_tilde_is_in_the_home_directory(
