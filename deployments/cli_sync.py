@@ -47,7 +47,7 @@ def status() -> None:
     if not rows:
         typer.echo("devices:    none; add one with `flowyard sync configure --add-store PATH`")
     for row in rows:
-        configured = "" if row["configured"] == "yes" else f" configured={row['configured']}"
+        configured = f" configured={row['configured']}" if row["configured"] == sync_state.NOT_CONFIGURED else ""
         typer.echo(
             f"  {row['device']:<16} enabled={row['enabled']} queued={row['queued']} "
             f"last_success={row['last success']} error={row['last error']}{configured}"

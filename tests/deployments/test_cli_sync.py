@@ -363,10 +363,8 @@ def test_configure_refuses_an_empty_central_url_and_goes_back_to_the_default_whe
 
         back = run_cli("sync", "configure", "--central-url", "default", "--batch-size", "784")
         assert back.returncode == 0, back.stderr
-        assert (sync_state.load_config(state_db).central_url, sync_state.load_config(state_db).batch_size) == (
-            None,
-            784,
-        )
+        config = sync_state.load_config(state_db)
+        assert (config.central_url, config.batch_size) == (None, 784)
         assert "central:    devflow_central (default)" in run_cli("sync", "status").stdout
         sync_configure(central_url=fresh_db)
         assert sync_state.load_config(state_db).central_url == fresh_db
