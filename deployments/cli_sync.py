@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from tasks import device_store, sync_state
-from tasks.db import mask_url, validate_postgres_url
+from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -116,7 +116,10 @@ def configure(
 def trigger(
     force: Annotated[bool, typer.Option(help="Also disabled devices; retry failed events now.")] = False,
     store: Annotated[list[str] | None, typer.Option(help="Sync only this store path (repeat).")] = None,
-    central_url: Annotated[str | None, typer.Option(help="Override the configured central URL.")] = None,
+    central_url: Annotated[
+        str | None,
+        typer.Option(help="Central PostgreSQL URL for this run; 'default': database devflow_central on flowyard's server."),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
 ) -> None:
     """Run the ``sync-devices`` flow now and print the per-device results.
@@ -128,8 +131,7 @@ def trigger(
     paths = [device_store.store_path(path) for path in store or []]
     for path in paths:  # a typo: one line, before any server starts
         device_store.check_store_path(path)
-    if central_url:  # as the flow reads it: an empty one means the configured central
-        validate_postgres_url(central_url)
+    sync_state.check_central_override(central_url)  # a typo: one line, before any server starts
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
     if paths:  # a file that is no store, as the run would refuse it, before its flow run is logged

@@ -21,14 +21,14 @@ from prefect.runtime import flow_run
 
 from tasks import central_store, sync_state
 from tasks.advisory_lock import advisory_lock
-from tasks.db import mask_url, validate_postgres_url
+from tasks.db import mask_url
 from tasks.errors import UserError
 from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete, settle_device
-from tasks.sync_state import SyncTarget, default_central_url, resolve_targets
+from tasks.sync_state import SyncTarget, resolve_targets
 from tasks.task_runners import thread_pool
 
 DEVICE_LOCK_WAIT_SECONDS = 5.0
@@ -61,9 +61,7 @@ def sync_devices(
     logger = get_run_logger()
     if stores is not None and not stores:  # a templated parameter that rendered empty, most likely
         raise UserError("stores=[] names no store; omit stores (or pass null) to sync the configured devices")
-    # A malformed override is the caller's typo, not an outage: refuse it before any device is
-    # touched, or every pending event would be marked failed and wait out a retry backoff.
-    central_override = validate_postgres_url(central_url) if central_url else None
+    central_override = sync_state.check_central_override(central_url)
     state = state_url(state_database_url)
     config = sync_state.load_config(state)
     # 0 is a size, not "unset"; a configured size saved before it was range-checked fails here too
@@ -83,7 +81,7 @@ def sync_devices(
             return {"devices": {}, "skipped": _disabled_note(disabled)}
         logger.info("no devices to sync; add one with `flowyard sync configure --add-store PATH`")
         return {"devices": {}, "skipped": "no devices"}
-    central = central_override or config.central_url or default_central_url(state)
+    central = sync_state.run_central_url(central_override, config.central_url, state)
     try:
         central_store.ensure_schema(central)
     except UserError as exc:  # central unreachable: the device tasks record it per device

@@ -122,22 +122,18 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     return SetupResult(config, added)
 
 
-DEFAULT_CENTRAL = "default"
-"""What ``--central-url`` (``central_url``) takes to go back to the default central."""
-
-
 def _central_setting(url: str | None) -> str | None:
-    """The central URL to store: None keeps the configured one, and :data:`DEFAULT_CENTRAL` clears
-    it (the configuration reads an empty URL as unset, that is database ``devflow_central`` on
-    flowyard's server, wherever that server runs now). An empty URL is refused: an unset shell
-    variable or a template that rendered empty would otherwise silently switch every later run
-    to the default central."""
-    if url == DEFAULT_CENTRAL:
+    """The central URL to store: None keeps the configured one, and
+    :data:`~tasks.sync_state.DEFAULT_CENTRAL` clears it (the configuration reads an empty URL as
+    unset, that is database ``devflow_central`` on flowyard's server). An empty URL is refused:
+    an unset shell variable or a template that rendered empty would otherwise silently switch
+    every later run to the default central."""
+    if url == sync_state.DEFAULT_CENTRAL:
         return ""
     if url == "":
         raise UserError(
             "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the "
-            f"configured central, or give {DEFAULT_CENTRAL!r} to go back to the default (database "
+            f"configured central, or give {sync_state.DEFAULT_CENTRAL!r} to go back to the default (database "
             f"{sync_state.CENTRAL_DATABASE} on flowyard's server)"
         )
     return url

@@ -140,6 +140,11 @@ class SyncTarget:
 
 
 CENTRAL_DATABASE = "devflow_central"
+DEFAULT_CENTRAL = "default"
+"""What ``--central-url`` (``central_url``) takes for the default central, database
+:data:`CENTRAL_DATABASE` on flowyard's server, wherever that server runs now: ``sync configure``
+stores it as the central of later runs, a run (``sync trigger``, ``sync-devices``) syncs into it
+once, whatever central is configured."""
 
 
 def check_count(value: int, what: str, where: str = "") -> int:
@@ -153,6 +158,24 @@ def default_central_url(state: str) -> str:
     """With no central URL configured, the ``devflow_central`` database next to flowyard's state."""
     ensure_database(state, CENTRAL_DATABASE)
     return with_database(state, CENTRAL_DATABASE)
+
+
+def check_central_override(url: str | None) -> str | None:
+    """A run's ``central_url``, checked before any device is touched: None for none (an empty
+    one too, which a template may render: the run uses the configured central),
+    :data:`DEFAULT_CENTRAL` as is, else the URL normalised, or one line when it is not a
+    PostgreSQL URL. A malformed override is the caller's typo, not an outage: the devices
+    must not mark their pending events failed, to wait out a retry backoff, over it."""
+    if not url or url == DEFAULT_CENTRAL:
+        return url or None
+    return validate_postgres_url(url)
+
+
+def run_central_url(override: str | None, configured: str | None, state: str) -> str:
+    """The central a run syncs into: its checked override, else the configured one, else
+    (and for :data:`DEFAULT_CENTRAL`) the default central."""
+    chosen = configured if override is None else override
+    return default_central_url(state) if chosen in (None, "", DEFAULT_CENTRAL) else chosen
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,40 @@ def test_configure_refuses_an_empty_central_url_and_goes_back_to_the_default_whe
         sync_state.save_config(state_db, saved)
 
 
+def test_a_run_told_default_syncs_into_the_default_central_whatever_is_configured(
+    state_db: str, tmp_path: Path
+) -> None:
+    """`sync trigger --central-url default` was refused as "not a PostgreSQL URL", although
+    `sync configure` takes the keyword: a one-off run into the default central meant finding
+    the URL of flowyard's own server."""
+    from flows.sync_devices import sync_devices
+
+    saved = sync_state.load_config(state_db)
+    default = sync_state.default_central_url(state_db)
+    by_cli = make_store(tmp_path / "to-default-cli.db", 7)
+    by_flow = make_store(tmp_path / "to-default-flow.db", 5)
+    try:
+        sync_state.save_config(
+            state_db, saved.model_copy(update={"central_url": "postgresql://postgres@127.0.0.1:1/nowhere"})
+        )
+        out = run_cli("sync", "trigger", "--store", str(by_cli), "--central-url", "default")
+        assert out.returncode == 0, out.stderr
+        assert "to-default-cli: uploaded=7" in out.stdout
+        result = sync_devices(stores=[str(by_flow)], central_url="default")
+        assert result["central"] == mask_url(default)
+        assert result["devices"]["to-default-flow"]["uploaded"] == 5
+        with psycopg.connect(default) as conn:
+            stored = conn.execute(
+                "SELECT device_id, count(*) FROM devflow.events"
+                " WHERE device_id IN ('to-default-cli', 'to-default-flow') GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        assert stored == [("to-default-cli", 7), ("to-default-flow", 5)]
+    finally:
+        sync_state.save_config(state_db, saved)
+        for device in ("to-default-cli", "to-default-flow"):
+            sync_state.remove_device(state_db, device)
+
+
 def test_trigger_with_a_malformed_central_url_is_one_line_before_any_run(tmp_path: Path) -> None:
     """The URL was first checked by the flow run, so Prefect's log of the failed run came
     before the one-line error on stderr, after a server had been started for nothing."""
