@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
-from tasks.errors import UserError, control_character, one_line
+from tasks.errors import UserError, control_character, one_line, printable
 from tasks.json_values import any_scalar, has_non_finite, has_nul
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -128,8 +128,11 @@ class AgentTask:
 
     @property
     def note(self) -> str:
-        """Why the task is where it is, on one line: what blocks it, or its last error."""
-        return one_line(self.blocked_reason or self.error or "")
+        """Why the task is where it is, on one line: what blocks it, or its last error (an
+        agent's may be a whole traceback: its first line). Control characters are shown as
+        escapes: the reason quotes a dependency's title as stored, which may hold a newline
+        from before flowyard refused them, and cutting there dropped the dependency's status."""
+        return printable(self.blocked_reason or one_line(self.error or ""))
 
 
 _TASK_COLUMNS = sql.SQL(
@@ -830,6 +833,6 @@ def unrunnable(url: str) -> Unrunnable:
             reasons: dict[int, str] = {}
             marking = {"statuses": statuses, "pending": pending}
             while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
-                reasons.update((int(task_id), str(reason)) for task_id, reason in rows)
+                reasons.update((int(task_id), printable(str(reason))) for task_id, reason in rows)
             found.append(reasons)
     return Unrunnable(blocked=found[0], waiting=found[1])

@@ -126,6 +126,23 @@ def test_failed_dependency_blocks_with_a_reason(qdb: str) -> None:
     assert queue.unrunnable(qdb) == queue.Unrunnable(blocked={}, waiting={})
 
 
+def test_a_reason_quoting_a_title_stored_with_control_characters_stays_on_one_line(qdb: str) -> None:
+    """A title stored before flowyard refused control characters (or by hand) is quoted as is
+    in its dependents' reason: the listing's note cut it at the newline, dropping the
+    dependency's status, and the run's warning and artifact split there."""
+    dep = queue.create_task(qdb, _new("build"))
+    child = queue.create_task(qdb, _new("deploy", blocked_by=(dep,)))
+    with connection(qdb) as conn:
+        conn.execute("UPDATE flowyard.agent_tasks SET title = %s WHERE id = %s", ("two\nlines\x1b[31m", dep))
+    queue.claim_ready(qdb, "w", 5)
+    queue.fail_task(qdb, dep, "w", "first line\tof\x1b[2J an error\nsecond")
+    reason = f"not run: dependency #{dep} 'two\\nlines\\x1b[31m' is failed"
+    assert queue.unrunnable(qdb).blocked == {child: reason}
+    assert queue.get_task(qdb, child).note == reason
+    assert queue.get_task(qdb, child).blocked_reason == f"not run: dependency #{dep} 'two\nlines\x1b[31m' is failed"
+    assert queue.get_task(qdb, dep).note == "first line\\tof\\x1b[2J an error … (1 more lines)"
+
+
 def test_a_draft_or_review_dependency_makes_its_dependents_wait_with_a_reason(qdb: str) -> None:
     draft = queue.create_task(qdb, _new("spec", draft=True))
     reviewed = queue.create_task(qdb, _new("design", requires_review=True))
