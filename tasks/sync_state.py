@@ -174,8 +174,8 @@ def check_central_override(url: str | None) -> str | None:
 def run_central_url(override: str | None, configured: str | None, state: str) -> str:
     """The central a run syncs into: its checked override, else the configured one, else
     (and for :data:`DEFAULT_CENTRAL`) the default central."""
-    chosen = configured if override is None else override
-    return default_central_url(state) if chosen in (None, "", DEFAULT_CENTRAL) else chosen
+    chosen = override or configured
+    return chosen if chosen and chosen != DEFAULT_CENTRAL else default_central_url(state)
 
 
 @dataclass(frozen=True)
