@@ -17,8 +17,12 @@ A small warm-up run (``agents`` tasks) goes first, so imports and first connecti
 process are not counted; everything a flow run does is (its start, its end, its artifacts,
 and whatever wait for its heartbeat thread remains: Prefect's sync engine would make every
 flow call last whole seconds, flowyard's flows do not wait, see ``tasks/flow_heartbeat.py``).
-The breakdown splits that per-run part from the per-attempt time (``flowyard.agent_runs``)
-and the rest.
+The breakdown splits the overhead into the parts the issue names: that per-run part, the queue
+claim (its statement, timed around the real ``claim_ready`` the flow calls), the Prefect task
+run's start (the claim's transaction until the attempt's row, both stamped by PostgreSQL in
+``flowyard.agent_tasks`` and ``flowyard.agent_runs``), the attempt above the agent's work (of
+which the bare pool's figure is the process spawn), and the rest: the Prefect task run's end,
+settling it, and waits for a core.
 
     .venv/bin/python bench/agent_queue.py [--tasks 200] [--agents 8] [--sleep 0.2]
 """
@@ -32,9 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -99,9 +106,45 @@ def bare_pool(tasks: int, agents: int, payload: dict[str, float], workdir: Path)
     return time.perf_counter() - started
 
 
+@dataclass
+class ClaimClock:
+    """Seconds the flow spent in the claim statement, per task it claimed: the duration of the
+    call that claimed it (a call that claims several tasks delays each of them by all of it)."""
+
+    per_task: list[float] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.per_task) / len(self.per_task) if self.per_task else 0.0
+
+
+@contextmanager
+def claims_timed() -> Iterator[ClaimClock]:
+    """Time every ``claim_ready`` call the flow makes, through the real function: the flow calls
+    it as ``queue.claim_ready``, from its main thread only, so a wrapper on the module sees them all."""
+    from tasks import agent_queue as queue
+
+    clock = ClaimClock()
+    real = queue.claim_ready
+
+    def timed(*args: Any, **kwargs: Any) -> list[queue.AgentTask]:
+        started = time.perf_counter()
+        claimed = real(*args, **kwargs)
+        clock.per_task.extend([time.perf_counter() - started] * len(claimed))
+        return claimed
+
+    queue.claim_ready = timed
+    try:
+        yield clock
+    finally:
+        queue.claim_ready = real
+
+
 @dataclass(frozen=True)
 class QueueRun:
     wall: float  # seconds in ``run_agent_queue``
+    claim: float  # mean claim statement per task (its call's duration)
+    start: float  # mean claim transaction until the attempt's row: claim, then the Prefect task run's start
     attempt: float  # mean attempt duration: spawn to bookkeeping done
     startup: float  # flow call until the first attempt started
     teardown: float  # last attempt finished until the flow returned
@@ -118,9 +161,10 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
         (before,) = conn.execute("SELECT coalesce(max(id), 0) FROM flowyard.agent_runs").fetchone()
     for i in range(tasks):
         queue.create_task(url, queue.NewTask(title=f"bench {i}", agent_type="reference", payload=payload))
-    called, started = time.time(), time.perf_counter()
-    state = run_agent_queue(max_agents=agents, database_url=url, output_dir=str(workdir), return_state=True)
-    wall, returned = time.perf_counter() - started, time.time()
+    with claims_timed() as claims:
+        called, started = time.time(), time.perf_counter()
+        state = run_agent_queue(max_agents=agents, database_url=url, output_dir=str(workdir), return_state=True)
+        wall, returned = time.perf_counter() - started, time.time()
     summary = state.result()
     done = sum(1 for o in summary["outcomes"].values() if o == "completed")
     if done != tasks:
@@ -128,16 +172,20 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
     with connection(url) as conn:
         row = conn.execute(
             """
-            SELECT avg(seconds), extract(epoch FROM min(started_at)), extract(epoch FROM max(finished_at))
-              FROM flowyard.agent_runs WHERE outcome = 'completed' AND id > %s
+            SELECT avg(r.seconds), avg(extract(epoch FROM r.started_at - t.started_at)),
+                   extract(epoch FROM min(r.started_at)), extract(epoch FROM max(r.finished_at))
+              FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
+             WHERE r.outcome = 'completed' AND r.attempt = 1 AND r.id > %s
             """,
             (before,),
         ).fetchone()
     return QueueRun(
         wall,
+        claims.mean,
+        float(row[1]),
         float(row[0]),
-        float(row[1]) - called,
-        returned - float(row[2]),
+        float(row[2]) - called,
+        returned - float(row[3]),
         returned - state.timestamp.timestamp(),
     )
 
@@ -209,10 +257,14 @@ def main() -> None:
         f" {1000 * run.end_wait:.0f} ms; Prefect's own sync engine waits there for its heartbeat"
         f" thread's 1 s sleep, {per_task_ms(1.0):.0f} ms per task per second here; flowyard's flows do not)"
     )
-    print(f"  of which inside the attempt (spawn, protocol, checkpoint writes): {attempt_ms:6.1f} ms")
-    print(
-        f"  of which claim + Prefect task run around it, waits for a core: {queue_over - fixed_ms - attempt_ms:6.1f} ms"
-    )
+    claim_ms, start_ms = 1000 * run.claim, 1000 * (run.start - run.claim)
+    print(f"  of which the queue claim (its statement, per task claimed):      {claim_ms:6.1f} ms")
+    print(f"  of which the Prefect task run's start (claim until the attempt):  {start_ms:6.1f} ms")
+    print(f"  of which inside the attempt, above the agent's work:             {attempt_ms:6.1f} ms")
+    print(f"    (the agent process's spawn, as the bare pool pays it: {bare_over:.1f} ms; protocol, checkpoint and")
+    print(f"     bookkeeping writes: {attempt_ms - bare_over:.1f} ms)")
+    rest_ms = queue_over - fixed_ms - claim_ms - start_ms - attempt_ms
+    print(f"  of which the Prefect task run's end, settling it, waits for a core: {rest_ms:6.1f} ms")
     print(f"queue / bare slot time: {per_task_ms(run.wall) / per_task_ms(bare):.2f}x")
     bare_cpu, queue_cpu = CpuMeter.per_task_ms(c0, c1, args.tasks), CpuMeter.per_task_ms(c2, c3, args.tasks)
     print(
