@@ -144,7 +144,7 @@ def claims_timed() -> Iterator[ClaimClock]:
 class QueueRun:
     wall: float  # seconds in ``run_agent_queue``
     claim: float  # mean claim statement per task (its call's duration)
-    start: float  # mean claim transaction until the attempt's row: claim, then the Prefect task run's start
+    start: float  # mean claim transaction until the first attempt's row: claim, then the Prefect task run's start
     attempt: float  # mean attempt duration: spawn to bookkeeping done
     startup: float  # flow call until the first attempt started
     teardown: float  # last attempt finished until the flow returned
@@ -172,10 +172,11 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
     with connection(url) as conn:
         row = conn.execute(
             """
-            SELECT avg(r.seconds), avg(extract(epoch FROM r.started_at - t.started_at)),
+            SELECT avg(r.seconds),
+                   avg(extract(epoch FROM r.started_at - t.started_at)) FILTER (WHERE r.attempt = 1),
                    extract(epoch FROM min(r.started_at)), extract(epoch FROM max(r.finished_at))
               FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
-             WHERE r.outcome = 'completed' AND r.attempt = 1 AND r.id > %s
+             WHERE r.outcome = 'completed' AND r.id > %s
             """,
             (before,),
         ).fetchone()
