@@ -169,6 +169,11 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
     done = sum(1 for o in summary["outcomes"].values() if o == "completed")
     if done != tasks:
         raise SystemExit(f"only {done} of {tasks} tasks completed: {summary['outcomes']}")
+    if len(claims.per_task) < tasks:
+        raise SystemExit(
+            f"the claim timer saw {len(claims.per_task)} claims for {tasks} tasks: the flow no longer"
+            " claims through tasks.agent_queue.claim_ready; time its claims where it does"
+        )
     with connection(url) as conn:
         row = conn.execute(
             """
