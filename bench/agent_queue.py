@@ -39,8 +39,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -106,36 +107,26 @@ def bare_pool(tasks: int, agents: int, payload: dict[str, float], workdir: Path)
     return time.perf_counter() - started
 
 
-@dataclass
-class ClaimClock:
-    """Seconds the flow spent in the claim statement, per task it claimed: the duration of the
-    call that claimed it (a call that claims several tasks delays each of them by all of it)."""
-
-    per_task: list[float] = field(default_factory=list)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.per_task) / len(self.per_task) if self.per_task else 0.0
-
-
 @contextmanager
-def claims_timed() -> Iterator[ClaimClock]:
+def claims_timed() -> Iterator[list[float]]:
     """Time every ``claim_ready`` call the flow makes, through the real function: the flow calls
-    it as ``queue.claim_ready``, from its main thread only, so a wrapper on the module sees them all."""
+    it as ``queue.claim_ready``, from its main thread only, so a wrapper on the module sees them all.
+    Yields one duration per claimed task, that of the call that claimed it (a call that claims
+    several tasks delays each of them by all of it)."""
     from tasks import agent_queue as queue
 
-    clock = ClaimClock()
+    per_task: list[float] = []
     real = queue.claim_ready
 
     def timed(*args: Any, **kwargs: Any) -> list[queue.AgentTask]:
         started = time.perf_counter()
         claimed = real(*args, **kwargs)
-        clock.per_task.extend([time.perf_counter() - started] * len(claimed))
+        per_task.extend([time.perf_counter() - started] * len(claimed))
         return claimed
 
     queue.claim_ready = timed
     try:
-        yield clock
+        yield per_task
     finally:
         queue.claim_ready = real
 
@@ -169,17 +160,16 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
     done = sum(1 for o in summary["outcomes"].values() if o == "completed")
     if done != tasks:
         raise SystemExit(f"only {done} of {tasks} tasks completed: {summary['outcomes']}")
-    if len(claims.per_task) < tasks:
+    if len(claims) < tasks:
         raise SystemExit(
-            f"the claim timer saw {len(claims.per_task)} claims for {tasks} tasks: the flow no longer"
+            f"the claim timer saw {len(claims)} claims for {tasks} tasks: the flow no longer"
             " claims through tasks.agent_queue.claim_ready; time its claims where it does"
         )
     with connection(url) as conn:
         row = conn.execute(
             """
-            SELECT avg(r.seconds),
-                   avg(extract(epoch FROM r.started_at - t.started_at)) FILTER (WHERE r.attempt = 1),
-                   extract(epoch FROM min(r.started_at)), extract(epoch FROM max(r.finished_at))
+            SELECT avg(extract(epoch FROM r.started_at - t.started_at)) FILTER (WHERE r.attempt = 1),
+                   avg(r.seconds), extract(epoch FROM min(r.started_at)), extract(epoch FROM max(r.finished_at))
               FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
              WHERE r.outcome = 'completed' AND r.id > %s
             """,
@@ -187,9 +177,9 @@ def through_queue(url: str, tasks: int, agents: int, payload: dict[str, float], 
         ).fetchone()
     return QueueRun(
         wall,
-        claims.mean,
-        float(row[1]),
+        fmean(claims),
         float(row[0]),
+        float(row[1]),
         float(row[2]) - called,
         returned - float(row[3]),
         returned - state.timestamp.timestamp(),
