@@ -147,7 +147,9 @@ class StoreCounts:
     waiting: int
     """The failed events whose retry backoff has not ended: a run leaves them unless forced."""
     synced: int
-    oldest_pending_ms: int | None
+    oldest_pending_ms: float | None
+    """The oldest of the unsynced events' numeric times; None when they have none. SQLite keeps
+    a time the app wrote as text (``'2026-11-01T10:00'``) as text, which has no age."""
 
 
 def remove_store_command(device_id: str, then_add: Path | None = None) -> str:
@@ -468,7 +470,8 @@ def counts(conn: sqlite3.Connection) -> StoreCounts:
         SELECT coalesce(sum(sync_status = 'pending'), 0), coalesce(sum(sync_status = 'failed'), 0),
                coalesce(sum(sync_status = 'failed' AND next_retry_at > ?), 0),
                coalesce(sum(sync_status = 'synced'), 0),
-               min(CASE WHEN sync_status != 'synced' THEN timestamp END)
+               min(CASE WHEN sync_status != 'synced' AND typeof(timestamp) IN ('integer', 'real')
+                        THEN timestamp END)
         FROM events
         """,
         (now_ms(),),

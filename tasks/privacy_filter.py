@@ -51,8 +51,22 @@ class PrivacyPolicy(BaseModel):
 
 
 def _digest(value: Any, key: bytes) -> str:
-    encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-    return "hmac-sha256:" + hmac.new(key, encoded, hashlib.sha256).hexdigest()
+    return "hmac-sha256:" + hmac.new(key, _dumps(value, sort_keys=True), hashlib.sha256).hexdigest()
+
+
+def _dumps(value: Any, *, sort_keys: bool = False) -> bytes:
+    """``value`` as compact JSON, by orjson. orjson reads JSON nested up to 1,024 levels but
+    writes only 253 (its one refusal of a value :func:`_parse` returns), so the standard library
+    writes a deeper one: the event syncs instead of failing its device on every run. A number
+    only orjson can write (a :class:`orjson.Fragment`) becomes null there, and a value nested
+    deeper than Python's stack raises RecursionError."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except orjson.JSONEncodeError:
+        text = json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), sort_keys=sort_keys, default=_no_jsonb_form
+        )
+        return text.encode()
 
 
 def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
@@ -73,11 +87,14 @@ def compile_filter(policy: PrivacyPolicy) -> Callable[[str], str]:
         if not isinstance(data, dict):
             return "{}"
         kept = {k: v for k, v in data.items() if k in allowed}
-        if hashing:  # a field's name can be as private as its value (a path, a secret): both are hashed
-            kept.update((_digest(k, key), _digest(v, key)) for k, v in data.items() if k not in allowed)
-        text = orjson.dumps(kept).decode()
-        # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
-        return orjson.dumps(_map_strings(kept, _without_nul)).decode() if "\\u0000" in text else text
+        try:
+            if hashing:  # a field's name can be as private as its value (a path, a secret): both are hashed
+                kept.update((_digest(k, key), _digest(v, key)) for k, v in data.items() if k not in allowed)
+            text = _dumps(kept).decode()
+            # PostgreSQL's jsonb cannot store NUL characters; one such value must not poison a batch.
+            return _dumps(_map_strings(kept, _without_nul)).decode() if "\\u0000" in text else text
+        except RecursionError:  # nested deeper than Python's stack: as for JSON too deep to parse
+            return "{}"
 
     return keep
 
@@ -139,8 +156,9 @@ def _exact_number(number: Decimal, written: str) -> orjson.Fragment | None:
     return orjson.Fragment(written)
 
 
-def _no_jsonb_form(_constant: str) -> None:
-    """``NaN``, ``Infinity`` and ``-Infinity`` have no jsonb form: they become null."""
+def _no_jsonb_form(_value: object) -> None:
+    """``NaN``, ``Infinity`` and ``-Infinity`` have no jsonb form, and the standard library
+    cannot write a number kept as an :class:`orjson.Fragment`: they become null."""
     return None
 
 

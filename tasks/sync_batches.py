@@ -8,8 +8,8 @@ central already holds (re-sent, or back under new sync ids after a downgrade and
 re-upgrade) count as duplicates and are marked synced too. A batch that cannot be uploaded after
 a few quick reconnect attempts, or that central refuses for a reason other than its rows'
 data (missing schema objects, privileges), is marked failed as a whole (attempts and error
-recorded, retried after backoff on a later run); it is never dropped. Only a data error is
-bisected down to the offending events.
+recorded, retried after backoff on a later run); it is never dropped. Only a data error (or a
+value past one of PostgreSQL's limits) is bisected down to the offending events.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
 """Test hook: a file path; after the first upload commits, the process writes it and waits to be killed."""
 
 Quality = Literal["excellent", "good", "fair", "poor"]
-# Seed §6.2 sizes (1000/500/100/50) as fractions of the configured batch size.
-_QUALITY_SHARE: dict[Quality, float] = {"excellent": 1.0, "good": 0.5, "fair": 0.1, "poor": 0.05}
+_QUALITY_DIVISOR: dict[Quality, int] = {"excellent": 1, "good": 2, "fair": 10, "poor": 20}
+"""Seed §6.2 sizes (1000/500/100/50) as the configured batch size divided by these: integer
+division keeps every size up to 2^63-1 exact, where a float share rounded it up past SQLite's LIMIT."""
 MIN_BATCH = 10
-REFUSED_DATA = (psycopg.DataError, psycopg.IntegrityError)
+REFUSED_DATA = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
 """What an upload raises for rows central will not store (a malformed sync id or JSON, a NUL
-byte, a time out of range, a missing value): only these are bisected down to the bad events.
+byte, a time out of range, a missing value, a value too large for an index): only these are
+bisected down to the bad events. psycopg makes PostgreSQL's program_limit_exceeded (SQLSTATE
+54000) an OperationalError, which would otherwise be taken for a cut connection and fail the
+whole batch, on every run.
 Any other error is about the connection, the schema or privileges, and would fail every
 single event the same way."""
 
@@ -95,7 +99,7 @@ def classify(events: int, seconds: float, failed: bool) -> Quality:
 
 
 def adapt_batch_size(base: int, quality: Quality) -> int:
-    return max(MIN_BATCH, int(base * _QUALITY_SHARE[quality]))
+    return max(MIN_BATCH, base // _QUALITY_DIVISOR[quality])
 
 
 def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadRow]:
@@ -284,8 +288,9 @@ def download_into_store(conn: sqlite3.Connection, uploader: _Uploader, since: in
         since = updates[-1].seq
 
 
-def _lag_seconds(oldest_pending_ms: int | None) -> float | None:
-    """How far behind central this device was: age of its oldest unsynced event."""
+def _lag_seconds(oldest_pending_ms: float | None) -> float | None:
+    """How far behind central this device was: age of its oldest unsynced event; None when no
+    unsynced event has a numeric time (none is unsynced, or the app wrote their times as text)."""
     if oldest_pending_ms is None:
         return None
     return max(0.0, (device_store.now_ms() - oldest_pending_ms) / 1000)

@@ -104,6 +104,20 @@ def test_failed_events_wait_for_backoff_unless_forced(tmp_path: Path) -> None:
         assert (counts.pending, counts.failed, counts.synced) == (8, 2, 0)
 
 
+def test_the_oldest_unsynced_time_counts_numeric_times_only(tmp_path: Path) -> None:
+    """SQLite keeps a time the app wrote as text as text, which has no age: the oldest unsynced
+    time was that text when no other unsynced event had a number, and the lag failed the device."""
+    store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET timestamp = '2026-11-01T10:00' WHERE id = 3")
+        conn.execute("UPDATE events SET timestamp = 1700000000000.5 WHERE id = 6")
+        device_store.mark_synced(conn, [1, 2, 4, 5, 7, 8, 9, 10], now_ms=device_store.now_ms())
+        assert device_store.counts(conn).oldest_pending_ms == 1_700_000_000_000.5
+        device_store.mark_synced(conn, [6], now_ms=device_store.now_ms())
+        counts = device_store.counts(conn)
+    assert (counts.pending, counts.oldest_pending_ms) == (1, None)
+
+
 LATIN1_EVENT = b'{"action":"sav\xe9","file_path":"/home/j\xe9r\xf4me/x.py"}'
 """What an app writing Latin-1 leaves in a TEXT column: SQLite stores the bytes as they are."""
 

@@ -83,3 +83,26 @@ def test_numbers_beyond_64_bits_keep_their_digits() -> None:
 def test_json_nested_past_any_parser_carries_no_metadata() -> None:
     keep = compile_filter(PrivacyPolicy())
     assert keep('{"action":"save","code":' + "[" * 100_000 + "]" * 100_000 + "}") == "{}"
+
+
+def _nested(inner: str, levels: int = 300) -> str:
+    return "[" * levels + inner + "]" * levels
+
+
+def test_values_nested_deeper_than_orjson_writes_keep_their_metadata() -> None:
+    """orjson reads 1,024 levels but writes 253: such a value, kept or hashed, failed its device
+    on every run. Its NUL characters go as anywhere else; its digest ignores key order."""
+    keep = compile_filter(PrivacyPolicy(allowlist=("action", "status")))
+    out = keep('{"action":"save","status":' + _nested('"o\\u0000k"') + ',"code":"x"}')
+    assert json.loads(out) == {"action": "save", "status": json.loads(_nested('"ok"'))}
+    # A number only orjson can write (read leniently, here because of the NaN) becomes null.
+    out = keep('{"action":NaN,"status":' + _nested("1e400") + "}")
+    assert json.loads(out) == {"action": None, "status": json.loads(_nested("null"))}
+    # Deeper than Python's stack lets the standard library write: like JSON too deep to parse.
+    assert keep('{"action":"save","status":' + _nested("1", 1000) + "}") == "{}"
+
+    hashed = compile_filter(PrivacyPolicy(allowlist=("action",), mode="hash", hash_key="k"))
+    out = orjson.loads(hashed('{"action":"save","code":{"b":1,"a":' + _nested("1") + "}}"))
+    assert out["action"] == "save" and len(out) == 2
+    assert out.items() == orjson.loads(hashed('{"code":{"a":' + _nested("1") + ',"b":1},"action":"save"}')).items()
+    assert out.items() != orjson.loads(hashed('{"action":"save","code":{"b":1,"a":' + _nested("2") + "}}")).items()

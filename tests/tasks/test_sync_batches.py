@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
+import random
 import sqlite3
+import string
 import subprocess
 import sys
 import threading
@@ -14,13 +17,14 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tasks import central_store, device_store
+from tasks import central_store, device_store, sync_state
 from tasks.db import database_name
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
+from tasks.errors import INT64_MAX
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sample_devices import make_store
-from tasks.sync_batches import SyncOptions, adapt_batch_size, classify, sync_device, upload_rows
+from tasks.sync_batches import Quality, SyncOptions, adapt_batch_size, classify, sync_device, upload_rows
 from tests.conftest import Role
 
 IDENTITY = Identity("dev-a", "alice", "proj")
@@ -177,6 +181,43 @@ def test_valid_json_orjson_refuses_reaches_jsonb_with_its_metadata(central: str,
     assert rows[2][1] == {"action": "open", "status": "ok \ufffd", "lines_removed": None}
 
 
+def test_event_data_nested_deeper_than_orjson_writes_reaches_jsonb(central: str, tmp_path: Path) -> None:
+    """orjson reads 1,024 levels but writes 253: an allowlisted value nested 300 deep (with a NUL,
+    which jsonb cannot store) failed the device before every upload, and nothing after it synced."""
+    store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
+    deep = "[" * 300 + '"o\\u0000k"' + "]" * 300
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET event_data = ? WHERE id = 4", ('{"action":"save","status":' + deep + "}",))
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (10, 0, 0, None)
+    with psycopg.connect(central) as conn:
+        data = conn.execute("SELECT event_data FROM devflow.events WHERE local_id = 4").fetchone()[0]
+    assert data == {"action": "save", "status": json.loads(deep.replace("\\u0000", ""))}
+
+
+def test_a_text_time_refused_once_leaves_later_runs_recorded(
+    central: str, state_db: str, tmp_path: Path
+) -> None:
+    """An app may write a time SQLite keeps as text; central refuses it, so it stays unsynced.
+    Once it was the only unsynced event, its text was the oldest unsynced time and the lag raised
+    a TypeError: every later run of the device failed, and none was recorded."""
+    identity = Identity("dev-text-time", "alice", "proj")
+    store = make_store(tmp_path / "dev.db", 20, identity=identity)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET timestamp = '2026-11-01T10:00' WHERE id = 5")
+    first = sync_device(store, identity, SyncOptions(central))
+    assert (first.uploaded, first.failed) == (19, 1) and "event time is not Unix milliseconds" in first.error
+    second = sync_device(store, identity, SyncOptions(central))
+    assert (second.uploaded, second.failed, second.pending_after, second.waiting_after) == (0, 0, 1, 1)
+    assert (second.error, second.lag_seconds) == (None, None)
+    sync_state.record_device_run(state_db, None, second)
+    try:
+        recorded = [row for row in sync_state.history(state_db, limit=50) if row.device_id == identity.device_id]
+    finally:
+        sync_state.remove_device(state_db, identity.device_id)
+    assert [(row.pending_after, row.lag_seconds, row.error) for row in recorded] == [(1, None, None)]
+
+
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 20_000)
     stop = threading.Event()
@@ -267,6 +308,16 @@ def test_batch_size_adapts_to_measured_quality() -> None:
     # Seed §6.2's 1000/500/100/50 ladder, scaled to the configured size.
     assert [adapt_batch_size(1000, q) for q in ("excellent", "good", "fair", "poor")] == [1000, 500, 100, 50]
     assert adapt_batch_size(100, "poor") == 10
+
+
+def test_the_largest_batch_size_adapts_exactly() -> None:
+    """``--batch-size`` takes up to 2^63-1: a float share rounded that up to 2^63 on an
+    'excellent' link, which SQLite refuses to bind as the next batch's LIMIT."""
+    qualities: tuple[Quality, ...] = ("excellent", "good", "fair", "poor")
+    sizes = [adapt_batch_size(INT64_MAX, quality) for quality in qualities]
+    assert sizes == [INT64_MAX, INT64_MAX // 2, INT64_MAX // 10, INT64_MAX // 20]
+    with sqlite3.connect(":memory:") as conn:
+        assert [conn.execute("SELECT 1 LIMIT ?", (size,)).fetchall() for size in sizes] == [[(1,)]] * 4
 
 
 def test_a_slow_central_shrinks_the_next_batches(central: str, tmp_path: Path) -> None:
@@ -390,6 +441,25 @@ def test_every_kind_of_bad_row_is_isolated_and_the_rest_sync(central: str, tmp_p
     assert "invalid input syntax for type bigint" in errors[2]
     assert all("event time is not Unix milliseconds" in error for error in errors[3:])
     assert _central_counts(central) == (95, 95)
+
+
+def test_an_event_past_a_postgresql_limit_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:
+    """An incompressible 3,000-character event type does not fit a btree index entry: SQLSTATE
+    54000, which psycopg makes an OperationalError. Taken for a cut connection, it failed the
+    whole batch after three reconnects and stopped the device, on every run."""
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    kind = "".join(random.Random(54).choices(string.ascii_letters + string.digits, k=3000))
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET event_type = ? WHERE id = 37", (kind,))
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after) == (99, 1, 1)
+    assert report.error is not None and "\n" not in report.error
+    assert "index row size" in report.error and "exceeds btree" in report.error
+    assert [(local_id, attempts) for local_id, attempts, _ in _failed_rows(store)] == [(37, 1)]
+    assert _central_counts(central) == (99, 99)
+    again = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (again.uploaded, again.duplicates, again.failed, again.pending_after) == (0, 0, 1, 1)
+    assert _central_counts(central) == (99, 99)
 
 
 def test_a_refused_privilege_fails_the_batch_as_a_whole(
