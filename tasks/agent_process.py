@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.agent_protocol import (
     CHECKPOINT_REQUEST,
@@ -70,6 +70,10 @@ class AgentTemplate(BaseModel):
     ``{task_json}``, or is appended when the template has no such placeholder). In argv or env,
     an envelope too large for them is ``@<path of a file holding it>`` (:func:`task_json_for`).
     """
+
+    # A misspelt field (``deliver: env``) must not be dropped in silence: the agent would get
+    # its envelope where it does not look, and every attempt of the type would fail.
+    model_config = ConfigDict(extra="forbid")
 
     argv: list[str] = Field(min_length=1)
     delivery: Literal["stdin", "argv", "env"] = "stdin"
@@ -155,6 +159,8 @@ def _template(name: str, spec: Any) -> AgentTemplate:
         return AgentTemplate.model_validate(spec)
     except ValidationError as exc:
         where, problem = validation_problem(exc)
+        if exc.errors()[0]["type"] == "extra_forbidden":
+            problem = "unknown field; a template takes argv, delivery and env"
         raise UserError(f"agent template {name!r} is invalid: {where or 'template'}: {problem}") from None
 
 
@@ -513,8 +519,10 @@ class AgentProcess:
             buffers[stream.fileno()] = bytearray()
         exited_at: float | None = None
         give_up_at: float | None = None
-        while selector.get_map():
-            for key, _ in selector.select(timeout=0.25):
+        # Until the agent has exited and its pipes are closed: an agent that closes both (a
+        # wrapper's `exec >log 2>&1`) still runs, and its timeout, heartbeat and cancel checks with it.
+        while selector.get_map() or proc.poll() is None:
+            for key, _ in _ready(selector, proc, timeout=0.25):
                 self._read(streams[key.data], key.data, buffers, selector, state)
             now = time.monotonic()
             if now >= deadline:
@@ -617,6 +625,19 @@ class AgentProcess:
         ``grace_seconds``; True when SIGKILL was needed."""
         assert self._proc is not None
         return terminate_group(self._proc.pid, grace_seconds, self.job.mark)
+
+
+def _ready(
+    selector: selectors.BaseSelector, proc: subprocess.Popen[bytes], timeout: float
+) -> list[tuple[selectors.SelectorKey, int]]:
+    """The streams ready to read; once both pipes are closed, none, after the agent exits or
+    ``timeout`` passes (a pipe's end comes just before the exit status: the wait must not
+    add a whole ``timeout`` to every attempt)."""
+    if selector.get_map():
+        return selector.select(timeout=timeout)
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    return []
 
 
 @dataclass

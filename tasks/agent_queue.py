@@ -10,6 +10,7 @@ is handed back to ``pending`` by :func:`recover_stale`, keeping its last checkpo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -19,6 +20,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal, cast
 
 import psutil
@@ -29,7 +31,7 @@ from psycopg.types.json import Jsonb
 
 from tasks.db import connect
 from tasks.errors import UserError, control_character, one_line, printable
-from tasks.json_values import any_scalar, has_non_finite, has_nul
+from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth
 
 Priority = Literal["critical", "high", "medium", "low"]
 Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
@@ -204,16 +206,38 @@ def _task(row: dict[str, Any]) -> AgentTask:
 def new_worker_id() -> str:
     """``host:pid:process-start:nonce`` – enough for :func:`recover_stale` to tell a dead worker."""
     started = int(psutil.Process().create_time())
-    return f"{socket.gethostname()}:{os.getpid()}:{started}:{uuid.uuid4().hex[:8]}"
+    return f"{process_space()}:{os.getpid()}:{started}:{uuid.uuid4().hex[:8]}"
+
+
+@cache
+def process_space() -> str:
+    """The host name, and on Linux a tag of the kernel's boot and this PID namespace: the space
+    in which a worker's pid means that worker. Containers on one kernel (host networking) and
+    cloned VMs share a host name but not their process ids, so by the name alone a worker of
+    one was judged dead by another, which then handed its live tasks to a second agent."""
+    parts = []
+    for read, path in ((_read_text, "/proc/sys/kernel/random/boot_id"), (os.readlink, "/proc/self/ns/pid")):
+        try:
+            parts.append(read(path).strip())
+        except OSError:  # not Linux, or /proc hidden: the host name alone, as before
+            continue
+    tag = hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}~{tag}" if parts else socket.gethostname()
+
+
+def _read_text(path: str) -> str:
+    with open(path) as file:
+        return file.read()
 
 
 def worker_alive(worker: str) -> bool | None:
-    """Whether the worker process is alive; None when it ran on another host (cannot tell)."""
+    """Whether the worker process is alive; None when it ran elsewhere (another host, container
+    or PID namespace, or a flowyard that named workers by host alone): then it cannot tell."""
     try:
         host, pid, started, _ = worker.rsplit(":", 3)
     except ValueError:
         return None
-    if host != socket.gethostname():
+    if host != process_space():
         return None
     try:
         return int(psutil.Process(int(pid)).create_time()) == int(started)
@@ -240,6 +264,13 @@ def _refuse_unstorable(value: Any, what: str) -> None:
             f"{what} is not valid UTF-8 (bytes in another encoding, or an unpaired \\ud800-\\udfff "
             "escape), which PostgreSQL cannot store; give it as UTF-8 text"
         )
+
+
+MAX_PAYLOAD_DEPTH = 256
+"""Levels of objects and arrays a payload may nest. Python's JSON encoder recurses once per
+level, so a payload nested near its recursion limit (~1,000) was a RecursionError traceback
+when the task was stored, or later, in the deeper stack of the Prefect task that encodes the
+agent's envelope; no task needs more than a few levels."""
 
 
 def _refuse_non_finite(value: Any, what: str) -> None:
@@ -276,6 +307,11 @@ def create_task(url: str, task: NewTask) -> int:
     ):
         _refuse_unstorable(value, f"the {field_name} of task {task.title!r}")
     _refuse_non_finite(task.payload, f"the payload of task {task.title!r}")
+    if (depth := nesting_depth(task.payload)) > MAX_PAYLOAD_DEPTH:
+        raise UserError(
+            f"the payload of task {task.title!r} nests objects or arrays {depth} levels deep; "
+            f"at most {MAX_PAYLOAD_DEPTH} are accepted: flatten it"
+        )
     with _connection(url, atomic=True) as conn:
         if task.blocked_by:
             found = {

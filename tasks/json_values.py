@@ -26,6 +26,20 @@ def any_scalar(value: Any, test: Callable[[Any], bool]) -> bool:
     return False
 
 
+def nesting_depth(value: Any) -> int:
+    """How many objects and arrays deep a JSON value nests (0 for a scalar). Iterative, like
+    :func:`any_scalar`: the value may nest deeper than Python's recursion limit."""
+    deepest = 0
+    pending = [(value, 1)]
+    while pending:
+        item, level = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list | tuple) else None
+        if children is not None:
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in children)
+    return deepest
+
+
 def has_non_finite(value: Any) -> bool:
     """Whether a JSON value holds NaN, Infinity or -Infinity: PostgreSQL refuses the whole value,
     with a multi-line error that names neither the task nor the fix."""

@@ -306,6 +306,8 @@ def test_a_multi_line_agent_error_is_one_line_in_the_listing_and_the_run_output(
         ('{argv: ["true"], env: {"A=B": "1"}}', "env: variable name 'A=B' holds '=', which separates a name from its value"),
         ('{argv: ["tr\\0ue"]}', "argv: argument 'tr\\x00ue' holds a NUL character (\\0), which no program can be given"),
         ('{argv: ["true"], env: {"A": "x\\0y"}}', "env: the value of A holds a NUL character (\\0), which no program can be given"),
+        ('{argv: ["true"], deliver: env}', "deliver: unknown field; a template takes argv, delivery and env"),
+        ('{argv: ["true"], note: "\\0"}', "note: unknown field; a template takes argv, delivery and env"),
     ],
 )  # fmt: skip
 def test_a_template_no_program_can_be_started_with_is_one_line_before_anything_is_claimed(
@@ -314,7 +316,8 @@ def test_a_template_no_program_can_be_started_with_is_one_line_before_anything_i
     """An environment variable name holding '=' passed validation, and every task of the type was
     claimed and failed after its retries with "ValueError: illegal environment variable name"; a
     NUL (YAML's "\\0") in an argument or a value made `queue run` a traceback, the flow run's
-    parameters being unstorable."""
+    parameters being unstorable. A misspelt field was dropped in silence (``deliver: env`` left
+    the envelope on stdin, failing every attempt), and a NUL in one made the same traceback."""
     url = state_url(env["FLOWYARD_DATABASE_URL"])
     task = int(_ok("create", "kept", "--agent-type", "coder", env=env))
     agents = tmp_path / "agents.yaml"

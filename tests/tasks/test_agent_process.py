@@ -9,7 +9,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-from contextlib import suppress
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tasks.agent_process import (
     REFERENCE_TEMPLATE,
     AgentJob,
     AgentLimits,
+    AgentOutcome,
     AgentProcess,
     AgentTemplate,
     check_drain,
@@ -46,6 +49,24 @@ def _run(
     seen: list[tuple[str, AgentMessage]] = []
     process = AgentProcess(job, template, on_message=lambda s, m: seen.append((s, m)), limits=limits)
     return process.run(), seen, process
+
+
+@contextmanager
+def _run_in_thread(process: AgentProcess, wait_seconds: float) -> Iterator[list[AgentOutcome]]:
+    """Run the attempt in a thread and wait up to ``wait_seconds`` (only so that an attempt that
+    never ends cannot hang the suite); yields its outcome, none if it is still running, in which
+    case its group is ended on the way out."""
+    result: list[AgentOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(process.run()), daemon=True)
+    runner.start()
+    runner.join(wait_seconds)
+    try:
+        yield result
+    finally:
+        if runner.is_alive():
+            assert process.pgid is not None
+            terminate_group(process.pgid, 0)
+            runner.join(60)
 
 
 def _child_pids(messages: list[AgentMessage]) -> list[int]:
@@ -269,6 +290,43 @@ def test_timeout_kills_the_whole_process_group(tmp_path: Path) -> None:
     assert not _any_alive(child_pids)
 
 
+QUIET_AGENT = ["sh", "-c", "exec >/dev/null 2>&1 </dev/null; sleep 600"]
+"""An agent that hands its output elsewhere (a wrapper's ``exec >log 2>&1``) and keeps running."""
+
+
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+def test_an_agent_that_closed_its_pipes_is_still_timed_out_and_cancelled(tmp_path: Path, stop: str) -> None:
+    """The end of both pipes is not the end of the agent: its timeout, heartbeat and cancel checks
+    go on until it exits, and the stop ends its whole group."""
+    beats: list[float] = []
+    cancelled = stop == "cancel"
+
+    def keep_going() -> bool:
+        """The heartbeat: for ``cancel``, the second one finds the task cancelled."""
+        beats.append(time.monotonic())
+        return not (cancelled and len(beats) >= 2)
+
+    limits = AgentLimits(
+        timeout_seconds=60.0 if cancelled else 1.0,
+        grace_seconds=0.5,
+        checkpoint_wait_seconds=0.5,
+        heartbeat_seconds=0.5,
+        lease_seconds=5.0,
+    )
+    process = AgentProcess(
+        _job(tmp_path, {}),
+        AgentTemplate(argv=QUIET_AGENT, delivery="env"),
+        on_message=lambda s, m: None,
+        limits=limits,
+        keep_going=keep_going,
+    )
+    with _run_in_thread(process, wait_seconds=30) as result:
+        assert result, "run() did not return: the attempt waited on an agent nobody stops"
+        assert result[0].outcome == ("interrupted" if cancelled else "timeout"), result[0]
+        assert len(beats) >= (2 if cancelled else 1), "the heartbeat went on after the pipes closed"
+        assert group_members(process.pgid) == []
+
+
 NON_READING_AGENT = textwrap.dedent(
     """
     import json, subprocess, sys, time
@@ -289,20 +347,12 @@ def test_a_timeout_ends_an_agent_that_never_reads_its_large_stdin_envelope(tmp_p
     limits = AgentLimits(timeout_seconds=1.0, grace_seconds=0.5, checkpoint_wait_seconds=0.5)
     job = _job(tmp_path, {"blob": "x" * 200_000})
     process = AgentProcess(job, template, on_message=lambda s, m: seen.append(m), limits=limits)
-    result: list[Any] = []
-    runner = threading.Thread(target=lambda: result.append(process.run()), daemon=True)
-    runner.start()
-    runner.join(60)  # only keeps a stuck stop sequence from hanging the suite
-    try:
+    with _run_in_thread(process, wait_seconds=60) as result:
         assert result, "run() did not return: the stop sequence never ended the agent"
         assert result[0].outcome == "timeout"
         assert _child_pids(seen), "the agent spawned a child"
         assert group_members(process.pgid) == []
         assert not _any_alive(_child_pids(seen))
-    finally:
-        if runner.is_alive():
-            terminate_group(process.pgid, 0)
-            runner.join(60)
 
 
 def test_an_exception_in_a_callback_ends_the_group_and_propagates(tmp_path: Path) -> None:

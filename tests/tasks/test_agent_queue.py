@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -98,6 +101,28 @@ def test_a_payload_postgresql_cannot_store_is_refused_in_one_line(qdb: str, numb
         queue.create_task(qdb, _new("x", payload={"metrics": {"loss": [number]}}))
     assert "\n" not in str(raised.value)
     assert queue.list_tasks(qdb) == [], "nothing was created"
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = [value]
+    return {"deep": value}
+
+
+def test_a_payload_nested_too_deeply_is_refused_in_one_line(qdb: str) -> None:
+    """Nested near Python's recursion limit, a payload was a RecursionError traceback when psycopg
+    encoded it; now the limit is a fixed one, named in the message, and one level less is stored."""
+    for levels in (queue.MAX_PAYLOAD_DEPTH + 1, 5_000):
+        with pytest.raises(UserError) as raised:
+            queue.create_task(qdb, _new("deep", payload=_nested(levels)))
+        assert str(raised.value) == (
+            f"the payload of task 'deep' nests objects or arrays {levels} levels deep; "
+            f"at most {queue.MAX_PAYLOAD_DEPTH} are accepted: flatten it"
+        )
+    assert queue.list_tasks(qdb) == [], "nothing was created"
+    task_id = queue.create_task(qdb, _new("deep", payload=_nested(queue.MAX_PAYLOAD_DEPTH)))
+    assert queue.get_task(qdb, task_id).payload == _nested(queue.MAX_PAYLOAD_DEPTH)
 
 
 def test_review_holds_dependents_until_approved(qdb: str) -> None:
@@ -220,6 +245,26 @@ def _dead_worker_id() -> str:
         text=True,
         check=True,
     ).stdout.strip()
+
+
+def test_a_worker_in_another_pid_namespace_of_this_host_is_not_judged_dead() -> None:
+    """A container on the same kernel (host networking) has this host's name but its own process
+    ids: its worker's pid names another process here, or none, and it was judged dead, its live
+    tasks handed to a second agent. Its liveness cannot be told from here: None, the lease decides."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("needs util-linux's unshare to start a process in a PID namespace of its own")
+    as_user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    other = subprocess.run(
+        [unshare, *as_user, "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+         "from tasks.agent_queue import new_worker_id; print(new_worker_id())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    host, pid, _, _ = other.rsplit(":", 3)
+    assert pid == "1", "the worker is its namespace's first process, which here is another one"
+    assert host.split("~")[0] == socket.gethostname() and host != queue.process_space()
+    assert queue.worker_alive(other) is None
+    assert queue.worker_alive(queue.new_worker_id()) is True
 
 
 def test_tasks_of_a_dead_worker_are_recovered_and_their_agents_ended(qdb: str) -> None:
