@@ -38,7 +38,9 @@ DEVICE_LOCK_WAIT_SECONDS = 5.0
 def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport:
     """One device; the per-device advisory lock keeps a manual trigger and the schedule apart."""
     with advisory_lock(state, f"flowyard-sync-device:{target.device_id}", DEVICE_LOCK_WAIT_SECONDS):
-        return sync_device(Path(target.store), target.identity, options, target.download_since)
+        return sync_device(
+            Path(target.store), target.identity, options, target.download_since, target.download_central
+        )
 
 
 @flow(name="sync-devices", task_runner=thread_pool(get_settings().max_workers))

@@ -23,6 +23,9 @@
 - Every snapshot change takes the next value of ``devflow.change_seq`` under a
   transaction-scoped advisory lock, so seq order equals commit order and a device can
   download "everything after cursor N" without missing a row committed late.
+- ``devflow.central_identity`` holds the database's random id: a cursor counts in one
+  central's ``change_seq``, and means nothing in another (``--central-url``), where the
+  download must start again from 0.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -88,6 +92,19 @@ _HAS_STATUS_LOCAL_ID = (
     " AND attname = 'local_id' AND NOT attisdropped)"
 )
 _STATUS_LOCAL_ID_UPGRADE = "ALTER TABLE devflow.project_status ADD COLUMN local_id bigint"
+
+# The central's identity, created last by the schema step (also in a central from before it), so
+# a session takes its presence for a complete schema. The row is written once: its id never changes.
+_IDENTITY = "devflow.central_identity"
+_IDENTITY_DDL = (
+    """
+    CREATE TABLE IF NOT EXISTS devflow.central_identity (
+        only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        central_id  uuid    NOT NULL DEFAULT gen_random_uuid()
+    )
+    """,
+    "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING",
+)
 
 # The origin key, added in place to registries created before it existed. The origin is
 # NULL on keys an older version registered until the backfill; of events already stored
@@ -266,6 +283,8 @@ def ensure_schema(url: str) -> None:
                 conn.execute(statement)
         if not one_row(conn, _HAS_STATUS_LOCAL_ID)[0]:
             conn.execute(_STATUS_LOCAL_ID_UPGRADE)
+        for statement in _IDENTITY_DDL:
+            conn.execute(statement)
 
 
 def month_start(ts_ms: int) -> date:
@@ -332,11 +351,19 @@ class CentralSession:
 
     def _ensure_schema(self) -> None:
         """Create or upgrade the schema when it is missing: the run's own schema step could not
-        reach central, or the schema was dropped since. The origin index is the last object
-        :func:`ensure_schema` builds, in one transaction, so its presence means the schema is
-        complete; checking it costs one catalog lookup per session, not the DDL's table locks."""
-        if one_row(self.conn, "SELECT to_regclass(%s)", (_ORIGIN_INDEX,))[0] is None:
+        reach central, or the schema was dropped since. The central's identity is the last (and
+        newest) object :func:`ensure_schema` builds, in one transaction, so its presence means
+        the schema is complete, upgrades included; checking it costs one catalog lookup per
+        session, not the DDL's table locks."""
+        if one_row(self.conn, "SELECT to_regclass(%s)", (_IDENTITY,))[0] is None:
             ensure_schema(self.url)
+
+    def central_id(self) -> UUID:
+        """The id of this central database, which a download cursor counts in: the seqs of
+        another central are no position here."""
+        central: UUID = one_row(self.conn, "SELECT central_id FROM devflow.central_identity")[0]
+        self.conn.commit()
+        return central
 
     def close(self) -> None:
         self.conn.close()

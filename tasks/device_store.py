@@ -444,9 +444,16 @@ def mark_failed(conn: sqlite3.Connection, local_ids: Sequence[int], error: str, 
     )
 
 
-def save_remote_status(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]]) -> None:
-    """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots."""
+def save_remote_status(
+    conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]], *, replace: bool = False
+) -> None:
+    """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots;
+    with ``replace``, in place of every one held, in the same transaction: a download from cursor
+    0 mirrors its central anew, so no snapshot of another central stays behind, and a download
+    that fails before its first page leaves the store's snapshots as they were."""
     with write_transaction(conn):
+        if replace:
+            conn.execute("DELETE FROM remote_project_status")
         conn.executemany(
             "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -459,7 +466,9 @@ def downloaded_through(conn: sqlite3.Connection) -> int:
     for none): downloads are saved page by page in seq order, so this is where the last one
     stopped. It falls behind the cursor flowyard recorded when the snapshots are gone
     (``migrate down --to=v1`` drops them, a store was recreated), and a download must then
-    start from here, or the projects that do not change again never reach the store."""
+    start from here, or the projects that do not change again never reach the store. The
+    snapshots are all of one central, the one the download cursor counts in: a download from
+    another one starts from 0 and replaces them."""
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from uuid import UUID
 
 import psycopg
 
@@ -81,6 +82,8 @@ class DeviceReport:
     batches: int
     final_batch_size: int
     download_cursor: int | None
+    download_central: UUID | None = None
+    """The central :attr:`download_cursor` counts in; None when the run never learnt it."""
     error: str | None = None
 
 
@@ -186,13 +189,16 @@ def sync_device(
     identity: Identity,
     options: SyncOptions,
     download_since: int | None = None,
+    download_central: UUID | None = None,
 ) -> DeviceReport:
     """Sync every eligible pending event of one store; raises UserError for an unusable store.
 
-    With ``download_since`` (a central cursor), project status snapshots changed after it (or
-    after the store's own newest snapshot, when the store lost the ones before) are pulled into
-    the store afterwards and the new cursor is reported: also after a refused event (central
-    answered), not after a batch failed as a whole (central unreachable or refusing every row).
+    With ``download_since`` (a cursor in central ``download_central``), project status
+    snapshots changed after it (or after the store's own newest snapshot, when the store lost
+    the ones before) are pulled into the store afterwards and the new cursor is reported: also
+    after a refused event (central answered), not after a batch failed as a whole (central
+    unreachable or refusing every row). A cursor of another central, or of none recorded,
+    counts for 0 here: its seqs are no position in this central's sequence.
     """
     with device_store.open_store(
         store, busy_timeout=options.busy_timeout, device_id=identity.device_id
@@ -206,7 +212,7 @@ def sync_device(
         size = options.batch_size
         error: str | None = None
         central_down = False
-        cursor = download_since
+        cursor, cursor_central = download_since, download_central
         try:
             while True:
                 events = device_store.read_pending(
@@ -246,9 +252,12 @@ def sync_device(
             # A refused event says central answered: only a batch failed as a whole skips the download.
             if cursor is not None and not central_down:
                 try:
+                    session = uploader.session_or_connect()
+                    if (central := session.central_id()) != cursor_central:
+                        cursor, cursor_central = 0, central
                     since = min(cursor, device_store.downloaded_through(conn))
-                    cursor = download_into_store(conn, uploader, since)
-                except (psycopg.Error, UserError) as exc:  # the uploads stand; the old cursor is kept
+                    cursor = download_into_store(conn, session, since)
+                except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
                     failure = _one_line(exc, options.central_url, "download from")
                     error = failure if error is None else f"{error}; {failure}"
         finally:
@@ -270,22 +279,28 @@ def sync_device(
         batches=batches,
         final_batch_size=size,
         download_cursor=cursor,
+        download_central=cursor_central,
         error=error,
     )
 
 
-def download_into_store(conn: sqlite3.Connection, uploader: _Uploader, since: int) -> int:
-    """Pull project status snapshots changed after ``since`` into the store; returns the new cursor."""
-    session = uploader.session_or_connect()
+def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int) -> int:
+    """Pull project status snapshots changed after ``since`` into the store; returns the new cursor.
+
+    A download from 0 replaces the store's snapshots with its first page (an empty one too):
+    they may be another central's, whose projects this one may not have."""
+    replace = since == 0
     while True:
         updates = session.download_updates(since)
+        if updates or replace:
+            device_store.save_remote_status(
+                conn,
+                ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in updates),
+                replace=replace,
+            )
         if not updates:
             return since
-        device_store.save_remote_status(
-            conn,
-            ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in updates),
-        )
-        since = updates[-1].seq
+        since, replace = updates[-1].seq, False
 
 
 def _lag_seconds(oldest_pending_ms: float | None) -> float | None:

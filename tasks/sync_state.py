@@ -72,6 +72,8 @@ class Device:
     registered: bool
     last_local_id: int
     download_cursor: int
+    download_central: UUID | None
+    """The central database :attr:`download_cursor` counts in (None: none recorded yet)."""
     pending: int | None
     last_attempt_at: datetime | None
     last_success_at: datetime | None
@@ -115,6 +117,7 @@ _DEVICE_COLUMNS = sql.SQL(", ").join(
         "registered",
         "last_local_id",
         "download_cursor",
+        "download_central",
         "pending",
         "last_attempt_at",
         "last_success_at",
@@ -133,6 +136,8 @@ class SyncTarget:
     user_id: str
     project_id: str
     download_since: int | None
+    download_central: UUID | None = None
+    """The central ``download_since`` counts in; None when none was recorded."""
 
     @property
     def identity(self) -> Identity:
@@ -196,10 +201,7 @@ def resolve_targets(
     if stores is not None:
         known = _store_targets(state, stores, pull)
     else:
-        known = [
-            (SyncTarget(d.store_path, *_identity_fields(d.identity), d.download_cursor if pull else None), d)
-            for d in list_devices(state, registered_only=True)
-        ]
+        known = [(_target(d.store_path, d.identity, d, pull), d) for d in list_devices(state, registered_only=True)]
     off = set() if force else {t.device_id for t, device in known if device is not None and not device.enabled}
     return Targets([t for t, _ in known if t.device_id not in off], sorted(off))
 
@@ -225,10 +227,19 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
     targets = []
     for path in paths:
         identity = found[path] or Identity.of(new_device_id(path, taken))
-        cursor = device.download_cursor if (device := known[path]) else 0
-        targets.append(SyncTarget(str(path), *_identity_fields(identity), cursor if pull else None))
+        targets.append(_target(str(path), identity, known[path], pull))
     _refuse_shared_ids(targets)
     return [(target, known[path]) for target, path in zip(targets, paths, strict=True)]
+
+
+def _target(store: str, identity: Identity, device: Device | None, pull: bool) -> SyncTarget:
+    """A store's target, downloading (with ``pull``) from its device's recorded cursor and
+    central, or from 0 for a device flowyard has not synced."""
+    if not pull:
+        return SyncTarget(store, *_identity_fields(identity), None)
+    if device is None:
+        return SyncTarget(store, *_identity_fields(identity), 0)
+    return SyncTarget(store, *_identity_fields(identity), device.download_cursor, device.download_central)
 
 
 def check_stores(state: str, paths: list[Path]) -> dict[Path, Device | None]:
@@ -447,19 +458,27 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
     when it holds others: they are what the next upgrade of the store (``migrate down`` and a
     sync, or ``migrate up``) stamps on its events again, as the device flowyard has for that
     store, and the store's recorded identity wins wherever else it is read (``configure``). A
-    row written before runs recorded ids (empty ones) is so repaired by the device's next run."""
+    row written before runs recorded ids (empty ones) is so repaired by the device's next run.
+
+    The download cursor only moves forward within one central; a cursor of another central
+    replaces it with that central, since the two centrals' seqs cannot be compared. A report
+    without a central (no download) keeps both."""
     succeeded = report.error is None
     with connection(url) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_devices AS d
-                (device_id, store_path, user_id, project_id, last_local_id, download_cursor, pending,
-                 last_attempt_at, last_success_at, last_error)
+                (device_id, store_path, user_id, project_id, last_local_id, download_cursor, download_central,
+                 pending, last_attempt_at, last_success_at, last_error)
             VALUES (%(device_id)s, %(store)s, %(user_id)s, %(project_id)s, %(last_id)s, coalesce(%(cursor)s, 0),
-                    %(pending)s, now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
+                    %(central)s, %(pending)s, now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
             ON CONFLICT (device_id) DO UPDATE SET
                 last_local_id = greatest(d.last_local_id, EXCLUDED.last_local_id),
-                download_cursor = greatest(d.download_cursor, EXCLUDED.download_cursor),
+                download_cursor = CASE
+                    WHEN EXCLUDED.download_central IS NULL OR EXCLUDED.download_central = d.download_central
+                    THEN greatest(d.download_cursor, EXCLUDED.download_cursor)
+                    ELSE EXCLUDED.download_cursor END,
+                download_central = coalesce(EXCLUDED.download_central, d.download_central),
                 pending = EXCLUDED.pending, last_attempt_at = now(),
                 last_success_at = coalesce(EXCLUDED.last_success_at, d.last_success_at),
                 last_error = EXCLUDED.last_error, user_id = EXCLUDED.user_id, project_id = EXCLUDED.project_id
@@ -471,6 +490,7 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
                 "project_id": report.project_id,
                 "last_id": report.last_local_id,
                 "cursor": report.download_cursor,
+                "central": report.download_central,
                 "pending": report.pending_after,
                 "ok": succeeded,
                 "error": report.error,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
-from tests.conftest import ROOT, flow_run_artifacts, run_cli
+from tests.conftest import ROOT, Server, flow_run_artifacts, run_cli, scratch_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -592,6 +592,66 @@ def test_a_downgraded_and_re_upgraded_store_downloads_the_snapshots_again(
     assert (again["uploaded"], again["duplicates"], again["error"]) == (0, 120, None)
     assert _downloaded(store) == snapshots
     assert again["download_cursor"] == first["download_cursor"]
+
+
+@pytest.fixture()
+def other_central(pg: Server) -> Iterator[str]:
+    """A second central database on the session server; dropped after the test."""
+    with scratch_database(pg) as url:
+        yield url
+
+
+def _publish(central: str, directory: Path, project: str, status: str) -> None:
+    """A device of ``project`` uploads a status snapshot of it to ``central``."""
+    identity = Identity(f"pub-{project}", "u", project)
+    store = make_store(directory / f"{identity.device_id}-{uuid.uuid4().hex[:6]}.db", 0, identity=identity)
+    _write_status(store, device_store.now_ms(), status)
+    report = sync_device(store, identity, SyncOptions(central_url=central))
+    assert (report.uploaded, report.error) == (1, None)
+
+
+def test_a_store_synced_into_another_central_gets_all_of_its_snapshots_and_none_of_the_old(
+    fresh_db: str, other_central: str, state_db: str, tmp_path: Path
+) -> None:
+    """Each central numbers its snapshot changes with its own sequence, but the device's download
+    cursor (and the store's newest snapshot) was kept as if there were one: after a run into a
+    central far ahead, a run into another (`--central-url`) skipped every one of its snapshots
+    up to that cursor, and the store kept the first central's statuses."""
+    from flows.sync_devices import sync_devices
+
+    ahead, behind = fresh_db, other_central
+    central_store.ensure_schema(ahead)
+    with psycopg.connect(ahead, autocommit=True) as conn:
+        conn.execute("SELECT setval('devflow.change_seq', 1000000)")
+    _publish(ahead, tmp_path, "shared", "green")
+    _publish(ahead, tmp_path, "only-ahead", "green")
+    _publish(behind, tmp_path, "shared", "red")
+    _publish(behind, tmp_path, "only-behind", "red")
+    reader = make_store(tmp_path / "switcher.db", 0, identity=Identity("switcher", "u", "shared"))
+
+    def download(central: str) -> tuple[list[tuple[str, str]], int]:
+        run = sync_devices(stores=[str(reader)], central_url=central, download_updates=True)
+        cursor = run["devices"]["switcher"]["download_cursor"]
+        [device] = [d for d in sync_state.list_devices(state_db) if d.device_id == "switcher"]
+        assert device.download_cursor == cursor
+        with device_store.open_store(reader) as conn:
+            rows = conn.execute("SELECT project_id, status FROM remote_project_status ORDER BY 1").fetchall()
+        return rows, cursor
+
+    green, red = '{"status": "green"}', '{"status": "red"}'
+    try:
+        rows, cursor_ahead = download(ahead)
+        assert rows == [("only-ahead", green), ("shared", green)] and cursor_ahead > 1_000_000
+        rows, cursor_behind = download(behind)
+        assert rows == [("only-behind", red), ("shared", red)] and 0 < cursor_behind < 1_000_000
+
+        with device_store.open_store(reader) as conn:  # only a download from 0 would rewrite it
+            conn.execute("UPDATE remote_project_status SET status = 'kept' WHERE project_id = 'shared'")
+        assert download(behind) == ([("only-behind", red), ("shared", "kept")], cursor_behind)
+
+        assert download(ahead) == ([("only-ahead", green), ("shared", green)], cursor_ahead)
+    finally:
+        sync_state.remove_device(state_db, "switcher")
 
 
 def test_re_upgrade_by_the_cli_keeps_the_configured_device_and_one_central_copy(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -329,6 +330,31 @@ def test_a_central_database_from_before_the_origin_key_is_upgraded_in_place(cent
     assert _scalar(central, "SELECT to_regclass('devflow.event_keys_origin')::text") == (
         "devflow.event_keys_origin"
     )
+
+
+def _central_ids(url: str) -> list[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        return [central for (central,) in conn.execute("SELECT central_id FROM devflow.central_identity")]
+
+
+def test_a_central_from_before_its_identity_gets_one_in_place_that_never_changes(central: str) -> None:
+    """A download cursor counts in one central, so every central needs an id: one created by an
+    earlier flowyard gets it from a session (when the run's schema step could not reach it) or
+    from the next schema step, which devices may run at once; later steps keep it."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.central_identity")
+    session = CentralSession(central)
+    try:
+        assert [session.central_id()] == _central_ids(central)
+    finally:
+        session.close()
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.central_identity")
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(central_store.ensure_schema, [central] * 4))
+    [central_id] = _central_ids(central)
+    central_store.ensure_schema(central)
+    assert _central_ids(central) == [central_id]
 
 
 def _event_indexes(url: str) -> set[str]:

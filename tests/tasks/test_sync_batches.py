@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -39,6 +40,11 @@ def central(fresh_db: str) -> str:
 def _central_counts(url: str) -> tuple[int, int]:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT count(*), count(DISTINCT sync_id) FROM devflow.events").fetchone()
+
+
+def _central_id(url: str) -> uuid.UUID:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT central_id FROM devflow.central_identity").fetchone()[0]
 
 
 def _local(store: Path) -> device_store.StoreCounts:
@@ -495,15 +501,32 @@ def test_a_refused_privilege_fails_the_batch_as_a_whole(
 
 def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_path: Path) -> None:
     """The uploads committed before the download failed are reported, and the device keeps its
-    old download cursor, so the next run downloads from there again."""
+    old download cursor, so the next run downloads from there again. A cursor of another central
+    is no position in this one: the next run must download from 0."""
     store = make_store(tmp_path / "dev.db", 40, identity=IDENTITY)  # no project_status event
     with psycopg.connect(central, autocommit=True) as conn:
         conn.execute("DROP TABLE devflow.project_status")
-    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7)
-    assert (report.uploaded, report.pending_after, report.download_cursor) == (40, 0, 7)
+    here = _central_id(central)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7, download_central=here)
+    assert (report.uploaded, report.pending_after, report.download_cursor, report.download_central) == (40, 0, 7, here)
     assert report.error is not None and "\n" not in report.error
     assert report.error.startswith("download from ") and 'relation "devflow.project_status"' in report.error
     assert _central_counts(central) == (40, 40)
+    elsewhere = sync_device(store, IDENTITY, SyncOptions(central), download_since=7, download_central=uuid.uuid4())
+    assert (elsewhere.download_cursor, elsewhere.download_central) == (0, here)
+    assert elsewhere.error is not None and elsewhere.error.startswith("download from ")
+
+
+def test_a_download_from_a_central_without_snapshots_drops_another_centrals(central: str, tmp_path: Path) -> None:
+    """The store's snapshots are those of the central its cursor counts in: a central that has
+    none yet leaves it none, instead of another central's statuses."""
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        device_store.save_remote_status(conn, [("elsewhere", "{}", "2026-01-01T00:00:00+00:00", "other", 5)])
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=5, download_central=uuid.uuid4())
+    assert (report.download_cursor, report.download_central, report.error) == (0, _central_id(central), None)
+    with device_store.open_store(store) as conn:
+        assert conn.execute("SELECT * FROM remote_project_status").fetchall() == []
 
 
 def test_a_refused_event_does_not_skip_the_download(central: str, tmp_path: Path) -> None:
@@ -526,7 +549,7 @@ def test_a_refused_event_and_a_failed_download_are_both_reported(central: str, t
         conn.execute("UPDATE events SET sync_id = 'not-a-uuid' WHERE id = 7")
     with psycopg.connect(central, autocommit=True) as conn:
         conn.execute("DROP TABLE devflow.project_status")
-    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=7, download_central=_central_id(central))
     assert (report.uploaded, report.failed, report.download_cursor) == (39, 1, 7)
     assert report.error is not None and "\n" not in report.error
     refused, _, download = report.error.partition("; download from ")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from alembic import command
 
 from tasks import central_store, device_store, sync_state
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
-from tasks.sync_batches import SyncOptions, sync_device
+from tasks.state import migration_config
+from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
 from tasks.sync_report import settle_device
 from tasks.sync_setup import NewStore, SetupChange, apply_setup, store_identity
 from tasks.sync_state import SyncConfig, SyncTarget, resolve_targets
@@ -221,3 +224,40 @@ def test_status_of_a_device_whose_store_went_corrupt_names_the_device_to_remove(
         f"unreadable: device store {store} is corrupt (file is not a database); restore it from a backup "
         "or remove it with `flowyard sync configure --remove-store gone-bad`"
     )
+
+
+def test_recorded_download_cursors_keep_to_their_central_through_the_migration(fresh_db: str) -> None:
+    """sync_0003 records the central a download cursor counts in: a cursor from before keeps its
+    value with none (its next download starts from 0). A run's cursor of another central replaces
+    the recorded one, even when smaller, a later one of that central moves it forward only, and a
+    run without a download keeps both; the downgrade drops only the central."""
+    config = migration_config(fresh_db)
+    command.upgrade(config, "sync@sync_0002")
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.sync_devices (device_id, store_path, user_id, project_id, download_cursor) "
+            "VALUES ('old', '/old.db', 'u', 'p', 42)"
+        )
+    command.upgrade(config, "heads")
+
+    def recorded(cursor: int | None, central: uuid.UUID | None) -> tuple[int, uuid.UUID | None]:
+        report = DeviceReport("old", "u", "p", "/old.db", 0, 0, 0, 0, 0, 0, None, 0, 0, 10, cursor, central)
+        sync_state.record_device_run(fresh_db, None, report)
+        [device] = sync_state.list_devices(fresh_db)
+        return device.download_cursor, device.download_central
+
+    [device] = sync_state.list_devices(fresh_db)
+    assert (device.download_cursor, device.download_central) == (42, None)
+    one, other = uuid.uuid4(), uuid.uuid4()
+    assert recorded(None, None) == (42, None)
+    assert recorded(5, one) == (5, one)
+    assert recorded(3, one) == (5, one) and recorded(9, one) == (9, one)
+    assert recorded(None, None) == (9, one) and recorded(2, other) == (2, other)
+    command.downgrade(config, "sync@sync_0002")
+    with psycopg.connect(fresh_db) as conn:
+        columns = conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'flowyard' AND table_name = 'sync_devices' AND column_name LIKE 'download%'"
+        ).fetchall()
+        cursor = conn.execute("SELECT download_cursor FROM flowyard.sync_devices").fetchone()
+    assert (columns, cursor) == ([("download_cursor",)], (2,))
