@@ -217,13 +217,16 @@ class Fleet:
             if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
                 attempt.process.terminate(0.0)  # bookkeeping stuck: never leave the group
                 _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None, reason)
+        url = self.setup.database_url
         released = [
             t.id
-            for t in queue.list_tasks(self.setup.database_url, "in_progress")
-            if t.worker == self.setup.worker
-            and queue.release_task(self.setup.database_url, t.id, self.setup.worker, reason) == "pending"
+            for t in queue.list_tasks(url, "in_progress")
+            if t.worker == self.setup.worker and queue.release_task(url, t.id, self.setup.worker, reason) == "pending"
         ]
-        return sorted(set(released) | set(attempts))
+        # The stopped attempts handed their tasks back themselves; one whose agent finished as the
+        # stop came (completed, in review, failed for good, cancelled meanwhile) is not back.
+        stopped = [t for t in attempts if queue.get_task(url, t).status == "pending"]
+        return sorted(set(released) | set(stopped))
 
 
 class _Stopping(Exception):

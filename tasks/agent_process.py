@@ -423,19 +423,26 @@ class AgentProcess:
         self.job.workdir.mkdir(parents=True, exist_ok=True)
         with task_json_for(self.template, self.job, envelope) as task_json:
             argv, env = command_for(self.template, self.job, task_json)
-            try:
-                self._proc = spawn_group(
-                    argv,
-                    env=env,
-                    cwd=self.job.workdir,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                )
-            except OSError as exc:
-                raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
-            try:
+            # Under the stop lock, so that a stop is requested either before the start (the agent
+            # never starts) or after it (the stop sequence finds it started): one that came in
+            # between, with a grace period too short to wait for the start, let the agent run on.
+            with self._stop_lock:
+                if self._stop_reason is not None:
+                    outcome, reason = self._stop_reason
+                    return AgentOutcome(outcome, None, error=reason)
+                try:
+                    self._proc = spawn_group(
+                        argv,
+                        env=env,
+                        cwd=self.job.workdir,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                    )
+                except OSError as exc:
+                    raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
                 self.started.set()
+            try:
                 if self._on_start is not None:
                     self._on_start(self._proc.pid)
                 self._emit_flowyard(f"agent started: pid {self._proc.pid}, cwd {self.job.workdir}")

@@ -63,8 +63,7 @@ def _run_in_thread(process: AgentProcess, wait_seconds: float) -> Iterator[list[
     try:
         yield result
     finally:
-        if runner.is_alive():
-            assert process.pgid is not None
+        if runner.is_alive() and process.pgid is not None:
             terminate_group(process.pgid, 0)
             runner.join(60)
 
@@ -522,6 +521,25 @@ def test_shutdown_asks_for_a_checkpoint_then_ends_the_group(tmp_path: Path) -> N
     assert outcome.outcome == "interrupted" and outcome.error == "test shutdown"
     assert sum(isinstance(m, CheckpointMessage) for m in seen) > before
     assert group_members(process.pgid) == []
+
+
+def test_a_stop_requested_before_the_agent_starts_keeps_it_from_starting(tmp_path: Path) -> None:
+    """A shutdown can reach an attempt the fleet holds before its agent is spawned. With a grace
+    period of 0 the stop sequence gave up at once on an agent not yet started, and every later
+    stop (timeout, cancel) found that sequence spent: the agent then ran its course unstopped."""
+    limits = AgentLimits(grace_seconds=0.0)
+    process = AgentProcess(
+        _job(tmp_path, {"steps": 1000, "sleep": 0.1}), REFERENCE_TEMPLATE, on_message=lambda s, m: None, limits=limits
+    )
+    process.request_stop("graceful_shutdown: test")
+    with _run_in_thread(process, wait_seconds=30) as result:
+        assert result, "run() did not return: the agent started and ran on after the stop"
+        assert (result[0].outcome, result[0].exit_code, result[0].error) == (
+            "interrupted",
+            None,
+            "graceful_shutdown: test",
+        )
+        assert process.pgid is None, "no agent was started"
 
 
 def test_an_agent_that_cannot_start_is_a_user_error(tmp_path: Path) -> None:
