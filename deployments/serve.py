@@ -113,16 +113,22 @@ limits asks its agents for a checkpoint, gives them the grace period after SIGTE
 and waits again (``Fleet.shutdown``), then reports its state, all within this."""
 
 
-def stop_flow_runs(timeout: float) -> None:
-    """SIGTERM each flow-run process of this worker (its children) once; wait up to ``timeout``
-    seconds for all of them to end. Not reaped here: the runner's event loop reaps its own."""
+def terminate_flow_runs() -> list[psutil.Process]:
+    """SIGTERM each flow-run process of this worker (its children) once; return them."""
     runs = psutil.Process().children()
     for run in runs:
         with suppress(psutil.NoSuchProcess):
             run.terminate()
+    return runs
+
+
+async def flow_runs_ended(runs: list[psutil.Process], timeout: float) -> None:
+    """Wait up to ``timeout`` seconds for ``runs`` to end, yielding to the event loop: the loop
+    copies each run's output pipes and reaps it, and a run whose console pipe is full blocks on
+    its next log line (its agents' output, its stop sequence) until the loop copies it on."""
     deadline = time.monotonic() + timeout
     while any(_running(run) for run in runs) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
 
 
 def _running(process: psutil.Process) -> bool:
@@ -134,16 +140,29 @@ def _running(process: psutil.Process) -> bool:
 
 def graceful_runner(limit: int) -> Runner:
     """A Prefect runner whose SIGTERM handler (installed by ``Runner.start``, and used for SIGINT
-    here too) stops the flow runs first, then shuts the runner down as Prefect does. Further
-    SIGTERM/SIGINT are ignored from the first one on, so none cuts the wait short."""
+    here too) stops the flow runs first, then shuts the runner down. Further SIGTERM/SIGINT are
+    ignored from the first one on, so none cuts the wait short."""
     from prefect.runner import Runner
 
     class GracefulRunner(Runner):
         def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            """Signal the flow runs and return at once: the handler runs on the thread of the
+            event loop, which must go on copying the runs' output while they stop. Before the
+            runner has started it runs no flow run, so it exits at once as Prefect's does."""
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_IGN)
-            stop_flow_runs(FLOW_RUNS_STOP_SECONDS)
-            super().handle_sigterm(*args, **kwargs)
+            if not self.started:
+                sys.exit(0)
+            self._logger.info("Signal received, stopping the flow runs, then the runner...")
+            self._scheduled_run_poller.stopping = True  # no flow run starts while these stop
+            self.execute_in_background(self._stop_after, terminate_flow_runs())
+
+        async def _stop_after(self, runs: list[psutil.Process]) -> None:
+            """Stop the runner once ``runs`` have ended, with ``astop``: Prefect's handler calls
+            ``stop()``, which on the loop's thread only makes that coroutine. Its end ends
+            ``start``, and with it ``main``: the process exits 0."""
+            await flow_runs_ended(runs, FLOW_RUNS_STOP_SECONDS)
+            await self.astop()
 
     runner = GracefulRunner(limit=limit)
     signal.signal(signal.SIGINT, runner.handle_sigterm)

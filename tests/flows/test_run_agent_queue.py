@@ -12,7 +12,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
+from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -530,48 +531,9 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     assert queue.get_task(qdb, task_id).result["resumed_from"] == resumed_from
 
 
-def _serve_only_agent_queue(tmp_path: Path) -> Path:
-    spec = tmp_path / "prefect.yaml"
-    spec.write_text(
-        textwrap.dedent(
-            """
-            deployments:
-              - name: run-agent-queue-test
-                entrypoint: flows/run_agent_queue.py:run_agent_queue
-                parameters: {}
-            """
-        )
-    )
-    return spec
-
-
-@contextmanager
-def _served_run(tmp_path: Path, qdb: str, api: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def _served_run(tmp_path: Path, qdb: str, api: str) -> AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
     """``deployments.serve`` serving only run-agent-queue (a real runner process), and one run of it."""
-    from deployments.trigger import create_flow_run
-
-    server = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve", str(_serve_only_agent_queue(tmp_path))],
-        cwd=ROOT,
-        env={**os.environ, "PREFECT_RUNNER_POLL_FREQUENCY": "1"},
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                parameters = _kw(tmp_path, qdb, grace_seconds=2, max_agents=1)
-                run_id = create_flow_run(api, "run-agent-queue", "run-agent-queue-test", parameters)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield server, run_id
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    return served_agent_queue_run(tmp_path, api, _kw(tmp_path, qdb, grace_seconds=2, max_agents=1))
 
 
 def _wait_pending(url: str, task_id: int) -> None:
