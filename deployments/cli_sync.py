@@ -129,12 +129,10 @@ def trigger(
     from deployments.runtime import prepare_flow_run
 
     paths = [device_store.store_path(path) for path in store or []]
-    for path in paths:  # a typo: one line, before any server starts
-        device_store.check_store_path(path)
     sync_state.check_central_override(central_url)  # a typo: one line, before any server starts
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
-    if paths:  # a file that is no store, as the run would refuse it, before its flow run is logged
+    if paths:  # a mistyped path or a file that is no store, as the run would refuse it, before its flow run is logged
         sync_state.check_stores(state_url(), paths)
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices

@@ -35,9 +35,15 @@ DEVICE_LOCK_WAIT_SECONDS = 5.0
 
 
 @task(name="sync-device", cache_policy=NO_CACHE, task_run_name="sync-device-{target.device_id}")
-def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport:
-    """One device; the per-device advisory lock keeps a manual trigger and the schedule apart."""
-    with advisory_lock(state, f"flowyard-sync-device:{target.device_id}", DEVICE_LOCK_WAIT_SECONDS):
+def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport | None:
+    """One device; the per-device advisory lock keeps a manual trigger and the schedule apart.
+
+    None, with the store left unopened, when the device was disabled after the run resolved its
+    targets (and the run is not forced): a task queued on the thread pool must not re-upgrade a
+    store that ``sync disable`` and ``migrate down`` have just rolled back to v1."""
+    with advisory_lock(state, f"flowyard-sync-device:{target.device_id}", DEVICE_LOCK_WAIT_SECONDS) as held:
+        if not options.force and sync_state.disabled_devices(held, [target.device_id]):
+            return None
         return sync_device(
             Path(target.store), target.identity, options, target.download_since, target.download_central
         )
@@ -99,11 +105,15 @@ def sync_devices(
     for done, future in enumerate(as_completed(futures), start=1):
         target = target_of[future.task_run_id]
         result = future.result(raise_on_failure=False)
-        outcomes.append(
-            settle_device(
-                state, flow_run.id, target, result, offline_since.get(target.device_id), config, logger
+        if result is None:  # disabled while its task waited: left out like those disabled at the start
+            disabled.append(target.device_id)
+            logger.info(_disabled_note([target.device_id]))
+        else:
+            outcomes.append(
+                settle_device(
+                    state, flow_run.id, target, result, offline_since.get(target.device_id), config, logger
+                )
             )
-        )
         update_progress_artifact(progress_id, 100.0 * done / max(len(targets), 1))
     update_progress_artifact(progress_id, 100.0)
     create_table_artifact(
@@ -113,10 +123,10 @@ def sync_devices(
     )
     run_result: dict[str, Any] = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
     if disabled:
-        run_result["skipped"] = _disabled_note(disabled)
+        run_result["skipped"] = _disabled_note(sorted(disabled))
     errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
     if errors:
-        summary = f"{len(errors)} of {len(targets)} devices did not sync fully: " + "; ".join(errors)
+        summary = f"{len(errors)} of {len(outcomes)} devices did not sync fully: " + "; ".join(errors)
         raise SyncIncomplete(summary, run_result)
     return run_result
 

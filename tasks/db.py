@@ -17,28 +17,21 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import Params, QueryNoTemplate
 
-from tasks.errors import ConnectionUnavailable, UserError
+from tasks.errors import ConnectionUnavailable, UserError, check_utf8
 
 MIN_SERVER_VERSION = 140000
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
 
 
 def validate_postgres_url(url: str) -> str:
-    """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else.
-
-    Bytes that are not UTF-8 reach Python from the command line as surrogate escapes, which
-    libpq cannot be given (psycopg's UnicodeEncodeError)."""
+    """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else,
+    also for bytes that are not UTF-8, which libpq cannot be given (:func:`check_utf8`)."""
     parts = urlsplit(url.strip())
     if parts.scheme not in _SCHEMES or not parts.path.strip("/"):
         raise UserError(
             f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
         )
-    try:
-        url.encode()
-    except UnicodeEncodeError:
-        raise UserError(
-            f"not a PostgreSQL URL: {mask_url(url)!r} holds bytes that are not UTF-8; percent-encode them (e.g. %E9)"
-        ) from None
+    check_utf8(url, f"not a PostgreSQL URL: {mask_url(url)!r}", "percent-encode them (e.g. %E9)")
     return urlunsplit(parts._replace(scheme="postgresql"))
 
 

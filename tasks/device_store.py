@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from tasks.errors import UserError, check_user_file
+from tasks.errors import UserError, check_user_file, check_utf8
 
 V1, V2 = 1, 2
 SYNC_STATUSES = ("pending", "synced", "failed")
@@ -186,8 +186,11 @@ def store_path(given: str | Path) -> Path:
     """A store path as the user gave it (a CLI option or argument, a flow parameter), absolute:
     ``~`` is the home of the user flowyard runs as (a Prefect run's parameters too: its flow runs
     as that same user), and the path is resolved, so one file is one device row however it is named.
-    The one place a store path is parsed: a shell leaves ``--store=~/x.db`` and a quoted ``~`` alone."""
-    return Path(given).expanduser().resolve()
+    The one place a store path is parsed: a shell leaves ``--store=~/x.db`` and a quoted ``~`` alone.
+    A path that is not UTF-8 is refused here: flowyard records every store's path in PostgreSQL."""
+    path = Path(given).expanduser().resolve()
+    check_utf8(str(path), f"device store path {str(path)!r}", "rename the file (or its folder) to a UTF-8 name")
+    return path
 
 
 def check_store_path(path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from tasks import device_store, sync_state
 from tasks.db import Db
 from tasks.device_store import Identity
-from tasks.errors import UserError
+from tasks.errors import UserError, check_utf8
 from tasks.state import state_url
 from tasks.sync_state import SyncConfig
 
@@ -28,6 +28,12 @@ class NewStore:
     device_id: str | None = None
     user_id: str | None = None
     project_id: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse an id PostgreSQL and the store cannot hold, before anything is read or saved."""
+        for option, value in (("device_id", self.device_id), ("user_id", self.user_id), ("project_id", self.project_id)):
+            if value is not None:
+                check_utf8(value, f"--{option.replace('_', '-')} ({option}) {value!r}", "give it as UTF-8 text")
 
     def device(self, state: Db) -> str:
         return self.device_id or sync_state.default_device_id(state, self.path)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from tasks import device_store
 from tasks.db import Db, connection, ensure_database, using, validate_postgres_url, with_database
 from tasks.device_store import Identity
-from tasks.errors import INT64_MAX, UserError, check_range, validation_problem
+from tasks.errors import INT64_MAX, UserError, check_range, check_utf8, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sync_batches import DeviceReport
 
@@ -196,19 +196,29 @@ def resolve_targets(
 ) -> Targets:
     """Explicit store paths, or with None the configured devices; either way without the
     disabled devices unless ``force``. A store named by path is no exception: ``sync disable``
-    stops a device's syncing at once, also in a deployment or script that lists its store."""
+    stops a device's syncing at once, also in a deployment or script that lists its store, and
+    whatever path names it (a moved file, a bind mount): disabled is the device id's, not the path's."""
     pull = config.download_updates if download is None else download
     if stores is not None:
-        known = _store_targets(state, stores, pull)
+        targets = _store_targets(state, stores, pull)
     else:
-        known = [(_target(d.store_path, d.identity, d, pull), d) for d in list_devices(state, registered_only=True)]
-    off = set() if force else {t.device_id for t, device in known if device is not None and not device.enabled}
-    return Targets([t for t, _ in known if t.device_id not in off], sorted(off))
+        targets = [_target(d.store_path, d.identity, d, pull) for d in list_devices(state, registered_only=True)]
+    off = set() if force else disabled_devices(state, [t.device_id for t in targets])
+    return Targets([t for t in targets if t.device_id not in off], sorted(off))
 
 
-def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[SyncTarget, Device | None]]:
-    """Targets for explicit store paths, each under its own device id, with the device flowyard
-    knows at that path (None for a store it has never synced).
+def disabled_devices(db: Db, device_ids: Collection[str]) -> set[str]:
+    """Which of ``device_ids`` ``sync disable`` has switched off (a device flowyard does not know is not)."""
+    with using(db) as conn:
+        rows = conn.execute(
+            "SELECT device_id FROM flowyard.sync_devices WHERE NOT enabled AND device_id = ANY(%s)",
+            (list(device_ids),),
+        ).fetchall()
+    return {device_id for (device_id,) in rows}
+
+
+def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget]:
+    """Targets for explicit store paths, each under its own device id.
 
     A store flowyard has synced before keeps its device row's identity; one upgraded before
     (``sync migrate up``, another flowyard) the identity recorded in it; a new one gets
@@ -229,7 +239,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[tuple[Sync
         identity = found[path] or Identity.of(new_device_id(path, taken))
         targets.append(_target(str(path), identity, known[path], pull))
     _refuse_shared_ids(targets)
-    return [(target, known[path]) for target, path in zip(targets, paths, strict=True)]
+    return targets
 
 
 def _target(store: str, identity: Identity, device: Device | None, pull: bool) -> SyncTarget:
@@ -243,15 +253,15 @@ def _target(store: str, identity: Identity, device: Device | None, pull: bool) -
 
 
 def check_stores(state: str, paths: list[Path]) -> dict[Path, Device | None]:
-    """The device flowyard has for each store path given to a run, after refusing a path that is
-    no file and, for a path with no device, a file that is no SQLite database: each is a typo or a
-    wrong file, which a run would otherwise record as a phantom device in status and history. A
-    known device's store is not refused here: whatever became of it is that device's error."""
-    for path in paths:
-        device_store.check_store_path(path)
+    """The device flowyard has for each store path given to a run, after refusing a path it has no
+    device for that is no file or no SQLite database: a typo or a wrong file, which a run would
+    otherwise record as a phantom device in status and history. A
+    known device's store is not refused here: whatever became of it (gone, unreadable, overwritten)
+    is that device's error, which its own task reports while the run's other devices sync."""
     known = {path: device_for_store(state, path) for path in paths}
     for path, device in known.items():
         if device is None:
+            device_store.check_store_path(path)
             device_store.check_sqlite_file(path)
     return known
 
@@ -342,6 +352,10 @@ def update_config(
         where, problem = validation_problem(exc)
         raise UserError(f"invalid sync setting {where}: {problem}") from None
     check_count(updated.batch_size, "batch size")
+    for name in updated.privacy.allowlist:
+        check_utf8(name, f"--allow (allow) {name!r}", "give it as UTF-8 text")
+    if updated.privacy.hash_key:  # a secret: not quoted
+        check_utf8(updated.privacy.hash_key, "--hash-key (hash_key)", "give it as UTF-8 text")
     if not all(name.strip() for name in updated.privacy.allowlist):
         # Checked here, not in the model, like the hash key: a stored configuration must still load.
         raise UserError(
@@ -407,10 +421,20 @@ def _unknown_device(device_id: str) -> UserError:
     return UserError(f"no device {device_id!r}; `flowyard sync status` lists the configured devices")
 
 
+def _device_key(device_id: str) -> str:
+    """A device id to look a device up by, refused in one line when it is not UTF-8: no device
+    can have such an id, and psycopg could not even send it."""
+    return check_utf8(
+        device_id, f"device id {device_id!r}", "no device has such an id; `flowyard sync status` lists the devices"
+    )
+
+
 def require_device(db: Db, device_id: str) -> None:
     """Fail before a multi-part ``configure`` saves anything, when the device it names is unknown."""
     with using(db) as conn:
-        known = conn.execute("SELECT 1 FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)).fetchone()
+        known = conn.execute(
+            "SELECT 1 FROM flowyard.sync_devices WHERE device_id = %s", (_device_key(device_id),)
+        ).fetchone()
     if known is None:
         raise _unknown_device(device_id)
 
@@ -418,7 +442,7 @@ def require_device(db: Db, device_id: str) -> None:
 def remove_device(db: Db, device_id: str) -> None:
     with using(db) as conn:
         deleted = conn.execute(
-            "DELETE FROM flowyard.sync_devices WHERE device_id = %s", (device_id,)
+            "DELETE FROM flowyard.sync_devices WHERE device_id = %s", (_device_key(device_id),)
         ).rowcount
     if not deleted:
         raise _unknown_device(device_id)
@@ -427,7 +451,7 @@ def remove_device(db: Db, device_id: str) -> None:
 def set_enabled(db: Db, device_id: str, enabled: bool) -> None:
     with using(db) as conn:
         updated = conn.execute(
-            "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, device_id)
+            "UPDATE flowyard.sync_devices SET enabled = %s WHERE device_id = %s", (enabled, _device_key(device_id))
         ).rowcount
     if not updated:
         raise _unknown_device(device_id)

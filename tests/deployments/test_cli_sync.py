@@ -741,3 +741,62 @@ def test_trigger_counts_events_waiting_out_their_backoff_apart_from_pending(
         assert "backoff: uploaded=10 duplicates=0 failed=0 pending=0\n" in forced.stdout
     finally:
         sync_state.remove_device(state_db, "backoff")
+
+
+def test_trigger_with_a_known_devices_missing_store_still_syncs_the_others(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Only a path flowyard has no device for is a typo refused up front; a known device's store
+    that is gone is that device's error, and the other stores named with it sync."""
+    gone, kept = make_store(tmp_path / "cli-gone.db", 5), make_store(tmp_path / "cli-kept.db", 7)
+    sync_state.register_device(state_db, gone, device_store.Identity("cli-gone", "u", "p"))
+    gone.unlink()
+    try:
+        out = run_cli("sync", "trigger", "--store", str(gone), "--store", str(kept), "--central-url", fresh_db)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        missing = f"cannot read device store {gone}: no such file; give the path of the device's SQLite file"
+        errors = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
+        assert errors == [f"flowyard: error: 1 of 2 devices did not sync fully: cli-gone: {missing}"]
+        assert errors == out.stderr.strip().splitlines()[-1:]
+        assert f"cli-gone: not synced error={missing}" in out.stdout.splitlines()
+        assert "cli-kept: uploaded=7 duplicates=0 failed=0 pending=0" in out.stdout.splitlines()
+    finally:
+        sync_state.remove_device(state_db, "cli-gone")
+        sync_state.remove_device(state_db, "cli-kept")
+
+
+def test_arguments_that_are_not_utf8_are_one_line_and_save_nothing(state_db: str, tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 in a store path or an id (a shell in a Latin-1 locale) reach
+    Python as surrogate escapes, which psycopg could not encode: a traceback, exit code 1."""
+    latin1 = make_store(Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.db")), 3)
+    good = make_store(tmp_path / "utf8-ok.db", 3)
+    cafe = os.fsdecode(b"caf\xe9")
+    path_error = (
+        f"device store path {str(latin1)!r} holds bytes that are not UTF-8; "
+        "rename the file (or its folder) to a UTF-8 name"
+    )
+    saved = sync_state.load_config(state_db)
+    for args, expected in (
+        (("sync", "configure", "--add-store", str(latin1)), path_error),
+        (("sync", "trigger", "--store", str(latin1)), path_error),
+        (("sync", "migrate", "up", str(latin1)), path_error),
+        (("sync", "configure", "--batch-size", "9", "--add-store", str(good), "--device-id", cafe),
+         "--device-id (device_id) 'caf\\udce9' holds bytes that are not UTF-8; give it as UTF-8 text"),
+        (("sync", "configure", "--add-store", str(good), "--user-id", cafe), "--user-id (user_id) 'caf\\udce9'"),
+        (("sync", "configure", "--add-store", str(good), "--project-id", cafe), "--project-id (project_id) 'caf"),
+        (("sync", "migrate", "up", str(good), "--device-id", cafe), "--device-id (device_id) 'caf\\udce9'"),
+        (("sync", "configure", "--batch-size", "9", "--remove-store", cafe),
+         "device id 'caf\\udce9' holds bytes that are not UTF-8; no device has such an id"),
+        (("sync", "enable", cafe), "device id 'caf\\udce9' holds bytes that are not UTF-8"),
+        (("sync", "disable", cafe), "device id 'caf\\udce9' holds bytes that are not UTF-8"),
+        (("sync", "configure", "--allow", cafe), "--allow (allow) 'caf\\udce9' holds bytes that are not UTF-8"),
+        (("sync", "configure", "--privacy-mode", "hash", "--hash-key", cafe),
+         "--hash-key (hash_key) holds bytes that are not UTF-8; give it as UTF-8 text"),
+    ):
+        out = run_cli(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert expected in out.stderr and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+    assert sync_state.load_config(state_db) == saved
+    assert not {str(latin1), str(good)} & {d.store_path for d in sync_state.list_devices(state_db)}
+    with device_store.open_store(good) as conn:
+        assert device_store.schema_version(conn) == device_store.V1

@@ -842,3 +842,67 @@ def test_an_explicit_empty_store_list_is_refused(state_db: str, tmp_path: Path) 
     )
     with device_store.open_store(store) as conn:
         assert device_store.schema_version(conn) == device_store.V1  # never touched
+
+
+def test_a_known_device_whose_store_is_gone_fails_alone_while_the_others_sync(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A missing store of a device flowyard knows is that device's error, as for a corrupt or
+    locked one: it was refused up front, so no device named with it synced or was recorded."""
+    from flows.sync_devices import sync_devices
+
+    gone = make_store(tmp_path / "gone.db", 20)
+    kept = make_store(tmp_path / "kept.db", 30)
+    sync_state.register_device(state_db, gone, Identity("gone", "u", "p"))
+    sync_state.register_device(state_db, kept, Identity("kept", "u", "p"))
+    gone.unlink()
+    try:
+        run = sync_devices(stores=[str(gone), str(kept)], central_url=fresh_db, return_state=True)
+        assert run.is_failed()
+        error = run.result(raise_on_failure=False)
+        assert isinstance(error, SyncIncomplete)
+        missing = f"cannot read device store {gone}: no such file; give the path of the device's SQLite file"
+        assert str(error) == f"1 of 2 devices did not sync fully: gone: {missing}"
+        assert error.result["devices"]["gone"] == {"error": missing}
+        assert error.result["devices"]["kept"]["uploaded"] == 30 and _synced(kept) == 30
+        history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
+        assert (history["gone"].error, history["gone"].pending_before) == (missing, None)
+        assert history["kept"].uploaded == 30 and history["kept"].error is None
+    finally:
+        sync_state.remove_device(state_db, "gone")
+        sync_state.remove_device(state_db, "kept")
+
+
+def test_a_device_disabled_while_its_task_waits_is_skipped_and_its_store_left_alone(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """`sync disable` stops a device at once, also for a run that resolved it before: its task,
+    queued behind the device lock, re-reads the flag under the lock and leaves the store as it is
+    (here v1, as after `migrate down`), reported as skipped like a device disabled at the start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.sync_devices import sync_devices
+    from tasks.advisory_lock import advisory_lock
+
+    store = make_store(tmp_path / "mid-run.db", 25)
+    sync_state.register_device(state_db, store, Identity("mid-run", "u", "p"))
+    lock = "flowyard-sync-device:mid-run"
+    try:
+        with ThreadPoolExecutor(1) as pool, psycopg.connect(state_db, autocommit=True) as watch:
+            with advisory_lock(state_db, lock):
+                run = pool.submit(sync_devices, stores=[str(store)], central_url=fresh_db)
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                deadline = time.monotonic() + 60
+                while one_row(watch, waiting, (f"flowyard lock {lock}",))[0] < 2:  # the task waits for it
+                    assert time.monotonic() < deadline and not run.done(), run.result()
+                    time.sleep(0.01)
+                sync_state.set_enabled(state_db, "mid-run", False)
+            result = run.result()
+        assert result["devices"] == {}
+        assert result["skipped"].startswith("disabled devices not synced: mid-run ")
+        with device_store.open_store(store) as conn:
+            assert device_store.schema_version(conn) == device_store.V1
+        assert _central_counts(fresh_db) == (0, 0)
+        assert "mid-run" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+    finally:
+        sync_state.remove_device(state_db, "mid-run")

@@ -261,3 +261,19 @@ def test_recorded_download_cursors_keep_to_their_central_through_the_migration(f
         ).fetchall()
         cursor = conn.execute("SELECT download_cursor FROM flowyard.sync_devices").fetchone()
     assert (columns, cursor) == ([("download_cursor",)], (2,))
+
+
+def test_a_disabled_device_is_left_out_wherever_its_store_is_named(state_db: str, tmp_path: Path) -> None:
+    """Disabled is a device's, not a path's: the store of disabled device ``moved`` upgraded
+    under its id at another path (a moved file, a bind mount) is left out too."""
+    old = make_store(tmp_path / "old" / "moved.db", 5)
+    sync_state.register_device(state_db, old, Identity("moved", "u", "p"))
+    sync_state.set_enabled(state_db, "moved", False)
+    try:
+        new = make_store(tmp_path / "new" / "moved.db", 5, identity=Identity("moved", "u", "p"))
+        off = resolve_targets(state_db, [str(new)], force=False, download=None, config=SyncConfig())
+        assert (off.sync, off.disabled) == ([], ["moved"])
+        forced = resolve_targets(state_db, [str(new)], force=True, download=None, config=SyncConfig())
+        assert [t.device_id for t in forced.sync] == ["moved"] and forced.disabled == []
+    finally:
+        sync_state.remove_device(state_db, "moved")
