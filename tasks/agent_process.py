@@ -524,34 +524,44 @@ class AgentProcess:
             os.set_blocking(stream.fileno(), False)
             selector.register(stream, selectors.EVENT_READ, name)
             buffers[stream.fileno()] = bytearray()
-        exited_at: float | None = None
-        give_up_at: float | None = None
-        # Until the agent has exited and its pipes are closed: an agent that closes both (a
-        # wrapper's `exec >log 2>&1`) still runs, and its timeout, heartbeat and cancel checks with it.
-        while selector.get_map() or proc.poll() is None:
-            for key, _ in _ready(selector, proc, timeout=0.25):
-                self._read(streams[key.data], key.data, buffers, selector, state)
-            now = time.monotonic()
-            if now >= deadline:
-                self.request_stop(f"timeout after {self.limits.timeout_seconds:g}s", "timeout")
-            if self._keep_going is not None and now >= next_beat:
-                next_beat = now + self.limits.heartbeat_seconds
-                if not self._keep_going():
-                    self.request_stop("task cancelled or reclaimed")
-            if proc.poll() is not None:
-                exited_at = exited_at or now
-                if give_up_at is None and now - exited_at > 1.0:
-                    # A descendant holds the pipes open: end the group and the marked processes.
-                    self.terminate(self.limits.grace_seconds)
-                    give_up_at = time.monotonic() + 1.0
-                elif give_up_at is not None and now > give_up_at:
-                    self._emit_flowyard(
-                        f"stopped reading the output of agent {proc.pid}: a process that left its group "
-                        f"without {WORKER_ENV_VAR} and {TASK_ID_ENV_VAR} in its environment still "
-                        "holds its pipes (one started with a cleared environment, such as env -i)"
-                    )
-                    break
-        selector.close()
+        exit_fd = _exit_fd(proc)
+        try:
+            if exit_fd is not None:
+                selector.register(exit_fd, selectors.EVENT_READ, _EXITED)
+            exited_at: float | None = None
+            give_up_at: float | None = None
+            # Until the agent has exited and its pipes are closed: an agent that closes both (a
+            # wrapper's `exec >log 2>&1`) still runs, and its timeout, heartbeat and cancel checks with it.
+            while selector.get_map() or proc.poll() is None:
+                for key, _ in _ready(selector, proc, timeout=0.25):
+                    if key.data == _EXITED:
+                        selector.unregister(key.fileobj)  # readable for good from the exit on
+                    else:
+                        self._read(streams[key.data], key.data, buffers, selector, state)
+                now = time.monotonic()
+                if now >= deadline:
+                    self.request_stop(f"timeout after {self.limits.timeout_seconds:g}s", "timeout")
+                if self._keep_going is not None and now >= next_beat:
+                    next_beat = now + self.limits.heartbeat_seconds
+                    if not self._keep_going():
+                        self.request_stop("task cancelled or reclaimed")
+                if proc.poll() is not None:
+                    exited_at = exited_at or now
+                    if give_up_at is None and now - exited_at > 1.0:
+                        # A descendant holds the pipes open: end the group and the marked processes.
+                        self.terminate(self.limits.grace_seconds)
+                        give_up_at = time.monotonic() + 1.0
+                    elif give_up_at is not None and now > give_up_at:
+                        self._emit_flowyard(
+                            f"stopped reading the output of agent {proc.pid}: a process that left its group "
+                            f"without {WORKER_ENV_VAR} and {TASK_ID_ENV_VAR} in its environment still "
+                            "holds its pipes (one started with a cleared environment, such as env -i)"
+                        )
+                        break
+        finally:  # also when a callback raised: the descriptors are not left open
+            selector.close()
+            if exit_fd is not None:
+                os.close(exit_fd)
         for stream in streams.values():
             stream.close()
         exit_code = proc.wait()
@@ -634,12 +644,26 @@ class AgentProcess:
         return terminate_group(self._proc.pid, grace_seconds, self.job.mark)
 
 
+_EXITED = "exited"
+"""The selector key of :func:`_exit_fd`'s descriptor."""
+
+
+def _exit_fd(proc: subprocess.Popen[bytes]) -> int | None:
+    """A descriptor that turns readable when the agent exits (Linux's pidfd), so the pump wakes at
+    the exit itself: an agent's pipes close a few milliseconds before its exit status is there
+    (Python closes its standard streams early in its shutdown), and polling for the status after
+    them cost every attempt several. None where there is none (not Linux, a kernel before 5.3)."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _ready(
     selector: selectors.BaseSelector, proc: subprocess.Popen[bytes], timeout: float
 ) -> list[tuple[selectors.SelectorKey, int]]:
-    """The streams ready to read; once both pipes are closed, none, after the agent exits or
-    ``timeout`` passes (a pipe's end comes just before the exit status: the wait must not
-    add a whole ``timeout`` to every attempt)."""
+    """The files ready to read; with nothing left to watch (both pipes closed, and no
+    :func:`_exit_fd`), none, after the agent exits or ``timeout`` passes."""
     if selector.get_map():
         return selector.select(timeout=timeout)
     with suppress(subprocess.TimeoutExpired):

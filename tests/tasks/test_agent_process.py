@@ -369,9 +369,20 @@ def test_an_exception_in_a_callback_ends_the_group_and_propagates(tmp_path: Path
     process = AgentProcess(job, REFERENCE_TEMPLATE, on_message=on_message, limits=limits)
     with pytest.raises(RuntimeError, match="refused the checkpoint"):
         process.run()
+    assert _pidfds() == [], "the descriptor watching the agent's exit was closed"
     assert len(_child_pids(seen)) == 2, "the agent spawned both children"
     assert group_members(process.pgid) == []
     assert not _any_alive(_child_pids(seen))
+
+
+def _pidfds() -> list[str]:
+    """This process's open pidfds (what the pump watches an agent's exit with, on Linux)."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                fds.append(fd)
+    return fds
 
 
 BAD_TABLE_AGENT = textwrap.dedent(
