@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import socket
 import threading
 import uuid
@@ -30,7 +29,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
-from tasks.errors import UserError, control_character, one_line, printable
+from tasks.errors import UserError, control_character, is_utf8, one_line, printable
 from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -245,11 +244,6 @@ def worker_alive(worker: str) -> bool | None:
         return False
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-"""What Python makes of bytes that are not UTF-8 in a command line (``surrogateescape``) and of
-an unpaired ``\\ud800`` escape in JSON: psycopg cannot encode it, PostgreSQL cannot store it."""
-
-
 def _refuse_unstorable(value: Any, what: str) -> None:
     """Refuse text PostgreSQL cannot store anywhere in a string or JSON value, naming the task
     and the fix: its own errors (UntranslatableCharacter, psycopg's UnicodeEncodeError) name
@@ -259,7 +253,7 @@ def _refuse_unstorable(value: Any, what: str) -> None:
             f"{what} contains a NUL character (\\u0000), which PostgreSQL cannot store; "
             "remove it or encode that value (e.g. as base64)"
         )
-    if any_scalar(value, lambda item: isinstance(item, str) and _LONE_SURROGATE.search(item) is not None):
+    if any_scalar(value, lambda item: isinstance(item, str) and not is_utf8(item)):
         raise UserError(
             f"{what} is not valid UTF-8 (bytes in another encoding, or an unpaired \\ud800-\\udfff "
             "escape), which PostgreSQL cannot store; give it as UTF-8 text"

@@ -64,17 +64,23 @@ def printable(text: str) -> str:
     return "".join(repr(c)[1:-1] if control_character(c) else c for c in text)
 
 
-def check_utf8(text: str, what: str, fix: str) -> str:
-    """``text`` if it is UTF-8 text, else one line: ``{what} holds bytes that are not UTF-8; {fix}``.
-
-    Bytes that are not UTF-8 reach Python from a command line as surrogate escapes (and an
-    unpaired ``\\ud800`` escape from JSON as a lone surrogate), which psycopg cannot encode and
-    PostgreSQL cannot store: its UnicodeEncodeError is a traceback naming neither the argument
-    nor the fix."""
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8. Bytes that are not UTF-8 reach Python from a
+    command line as surrogate escapes (and an unpaired ``\\ud800`` escape from JSON as a lone
+    surrogate), which psycopg cannot encode and PostgreSQL cannot store: its UnicodeEncodeError
+    is a traceback naming neither the argument nor the fix."""
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise UserError(f"{what} holds bytes that are not UTF-8; {fix}") from None
+        return False
+    return True
+
+
+def check_utf8(text: str, what: str, fix: str) -> str:
+    """``text`` if it is UTF-8 text (:func:`is_utf8`), else one line: ``{what} holds bytes that
+    are not UTF-8; {fix}``."""
+    if not is_utf8(text):
+        raise UserError(f"{what} holds bytes that are not UTF-8; {fix}")
     return text
 
 
