@@ -12,8 +12,7 @@ runner to deliver SIGTERM) notices a cancellation through the API and ends ``Can
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from functools import cache
 from typing import Any, cast
 
@@ -24,7 +23,7 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import AgentSetup, agent_directories, fleet, recover_stale_tasks, run_agent
+from tasks.agent_execution import AgentSetup, Fleet, agent_directories, fleet, recover_stale_tasks, run_agent
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import (
     DEFAULT_GRACE_SECONDS,
@@ -87,13 +86,15 @@ def run_agent_queue(
     attempt = _attempt_tasks(retries)
     cancel = CancelWatch()
     released: list[int] | None = None
-    runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=max_agents)
+    # twice the agents: a task run whose agent is done may still be ending in Prefect when the
+    # next one starts in its slot
+    runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=2 * max_agents)
     with runner, fleet(setup) as agents_fleet:
         running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
         finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
         claimed = 0
         while True:
-            room = max_agents - len(running)
+            room = min(max_agents - agents_fleet.busy_slots(), 2 * max_agents - len(running))
             if max_tasks is not None:
                 room = min(room, max_tasks - claimed)
             for task in queue.claim_ready(
@@ -101,16 +102,15 @@ def run_agent_queue(
             ):
                 claimed += 1
                 agents_fleet.claimed(task)
-                running[task.id] = runner.submit(
+                running[task.id] = future = runner.submit(
                     attempt(task.agent_type),
                     parameters={"task_id": task.id, "worker": setup.worker},
-                    wait_for=_dependency_runs(finished, task.blocked_by),
+                    wait_for=_dependency_runs(finished, running, task.blocked_by),
                 )
+                future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
             if not running:
                 break
-            wait_futures(
-                [f.wrapped_future for f in running.values()], timeout=1.0, return_when=FIRST_COMPLETED
-            )
+            agents_fleet.wait_for_slot(timeout=1.0)
             if cancel.requested():
                 released = agents_fleet.shutdown("graceful_shutdown: flow run cancelled")
                 break
@@ -161,15 +161,29 @@ def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:
     return for_type
 
 
+def _freeing(agents_fleet: Fleet, task_id: int) -> Callable[[Future[Any]], None]:
+    """A done-callback that frees the task's agent slot, however its task run ended."""
+    return lambda _: agents_fleet.free_slot(task_id)
+
+
 def _dependency_runs(
-    finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]], blocked_by: tuple[int, ...]
+    finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]],
+    running: dict[int, PrefectConcurrentFuture[dict[str, Any]]],
+    blocked_by: tuple[int, ...],
 ) -> list[PrefectConcurrentFuture[dict[str, Any]]]:
     """The ``wait_for`` of a claimed task: its dependencies' task runs in this flow run, so the
     DAG shows in the UI. Completed runs only: the database already said every dependency is
     completed, and a run of one that failed here (then retried and completed since, by another
     worker or this run's own next attempt not yet settled) would make Prefect leave the task
-    ``NotReady`` without running it, failing a task whose dependencies are all done."""
-    return [finished[d] for d in blocked_by if d in finished and finished[d].state.is_completed()]
+    ``NotReady`` without running it, failing a task whose dependencies are all done.
+
+    A dependency whose agent is done can still be ending in Prefect (its slot is freed
+    first, see :meth:`Fleet.free_slot`): its run is waited for, a matter of milliseconds."""
+    for d in blocked_by:
+        if d in running:
+            running[d].wait()
+    runs = {**finished, **running}
+    return [runs[d] for d in blocked_by if d in runs and runs[d].state.is_completed()]
 
 
 def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:

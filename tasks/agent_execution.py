@@ -184,12 +184,36 @@ class Fleet:
         self.tasks: dict[int, queue.AgentTask] = {}  # as claimed; see :meth:`claimed`
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
+        self._slots: set[int] = set()  # tasks holding an agent slot; see :meth:`free_slot`
+        self._slot_freed = threading.Event()
 
     def claimed(self, task: queue.AgentTask) -> None:
-        """A task the flow claimed for this fleet. Its attempts take the fields that never
-        change (agent type, payload, working directory...) from this row instead of reading
-        the task again; the checkpoint to resume from comes fresh with each attempt."""
+        """A task the flow claimed for this fleet; it holds one of the run's agent slots until
+        :meth:`free_slot`. Its attempts take the fields that never change (agent type, payload,
+        working directory...) from this row instead of reading the task again; the checkpoint
+        to resume from comes fresh with each attempt."""
         self.tasks[task.id] = task
+        with self._lock:
+            self._slots.add(task.id)
+
+    def busy_slots(self) -> int:
+        with self._lock:
+            return len(self._slots)
+
+    def free_slot(self, task_id: int) -> None:
+        """The task needs its agent slot no more: its last attempt's agent has exited and the
+        attempt is recorded, or its Prefect task run is over. Freeing the slot there, not when
+        Prefect has finished the task run (its final state, the persisted result, its events),
+        lets the next agent start while Prefect does that: the agents' limit still holds,
+        and a slot no longer idles through Prefect's bookkeeping."""
+        with self._lock:
+            self._slots.discard(task_id)
+        self._slot_freed.set()
+
+    def wait_for_slot(self, timeout: float) -> None:
+        """Until a slot was freed since the last call, or ``timeout`` seconds."""
+        self._slot_freed.wait(timeout)
+        self._slot_freed.clear()
 
     def add(self, task_id: int, process: AgentProcess) -> None:
         with self._lock:
@@ -393,6 +417,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             )
             final = failure is not None and _gives_up(failure)
             _finish(setup, task_id, attempt, run_id, outcome, final=final)
+            if failure is None or final:  # no retry follows: the agent's slot is free
+                current.free_slot(task_id)
     except _Stopping:
         queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
         return {"task_id": task_id, "outcome": "interrupted", "checkpoint": started.checkpoint}

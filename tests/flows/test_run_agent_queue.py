@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -94,6 +95,13 @@ def test_dependencies_run_in_dag_order_and_logs_are_written(
     assert _digest(d, 2) in str(found[f"reference-agent-{d}"].data)
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
     assert metrics["reference"]["tasks_completed"] == 5 and metrics["reference"]["error_rate"] == 0.0
+    # The DAG shows in the UI: each dependent's task run waited for its dependencies' runs, also
+    # where a dependency's agent was done (its slot free, the dependent claimed) while Prefect
+    # was still ending its task run.
+    task_runs = {int(r.name.split("-")[1]): r for r in recorded_task_runs(state, "agent-", 5)}
+    for child, deps in ((b, (a,)), (c, (a,)), (d, (b, c))):
+        waited = {str(i.id) for i in task_runs[child].task_inputs.get("wait_for", [])}
+        assert waited == {str(task_runs[dep].id) for dep in deps}, (child, deps)
 
 
 @contextmanager
@@ -146,6 +154,18 @@ def test_concurrency_limit_is_respected(tmp_path: Path, qdb: str) -> None:
         level += delta
         peak = max(peak, level)
     assert peak == 2, f"at most 2 agents at once, and the limit was used: peak {peak}"
+
+
+def test_a_task_keeps_its_agent_slot_through_its_retry_delay(tmp_path: Path, qdb: str) -> None:
+    """A task's slot is freed as soon as its last attempt is recorded, before Prefect ends its task
+    run, but not after an attempt Prefect will retry: no other agent starts in the slot meanwhile."""
+    crashy = queue.create_task(qdb, _new("crashy", {"steps": 2, "crash_after": 1}, priority="critical"))
+    other = queue.create_task(qdb, _new("other", {"steps": 1}, priority="low"))
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    assert summary["outcomes"] == {crashy: "completed", other: "completed"}
+    runs = sorted(_runs(qdb), key=lambda r: r["started"])
+    assert [(r["task_id"], r["attempt"]) for r in runs] == [(crashy, 1), (crashy, 2), (other, 1)]
+    assert all(later["started"] >= earlier["finished"] for earlier, later in itertools.pairwise(runs))
 
 
 def test_agent_crash_is_retried_from_its_checkpoint(tmp_path: Path, qdb: str) -> None:

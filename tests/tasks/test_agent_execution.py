@@ -49,3 +49,37 @@ def test_a_shutdown_reports_back_in_the_queue_only_the_tasks_that_are(fresh_db: 
         fleet.reaper.close()
     assert result == [[stopped]]
     assert (queue.get_task(url, finished).status, queue.get_task(url, stopped).status) == ("completed", "pending")
+
+
+def test_a_claimed_task_holds_its_agent_slot_until_freed_and_freeing_wakes_the_loop(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """The flow claims only into free slots. A slot is freed twice for most tasks (by the attempt
+    that needs it no more, then by its task run's end): the second must not free another."""
+    url = state_url(fresh_db)
+    setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
+    for title in ("one", "two"):
+        queue.create_task(url, queue.NewTask(title=title, agent_type="reference"))
+    fleet = Fleet(setup)
+    try:
+        one, two = queue.claim_ready(url, setup.worker, 2)
+        fleet.claimed(one)
+        fleet.claimed(two)
+        assert fleet.busy_slots() == 2
+        woke = threading.Event()
+
+        def wait() -> None:
+            fleet.wait_for_slot(timeout=600)
+            woke.set()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        fleet.free_slot(one.id)
+        waiter.join(600)
+        assert woke.is_set() and fleet.busy_slots() == 1
+        fleet.free_slot(one.id)
+        assert fleet.busy_slots() == 1
+        fleet.free_slot(two.id)
+        assert fleet.busy_slots() == 0
+    finally:
+        fleet.reaper.close()
