@@ -179,11 +179,10 @@ def _dependency_runs(
 
     A dependency whose agent is done can still be ending in Prefect (its slot is freed
     first, see :meth:`Fleet.free_slot`): its run is waited for, a matter of milliseconds."""
-    for d in blocked_by:
-        if d in running:
-            running[d].wait()
-    runs = {**finished, **running}
-    return [runs[d] for d in blocked_by if d in runs and runs[d].state.is_completed()]
+    runs = [run for d in blocked_by if (run := running.get(d, finished.get(d))) is not None]
+    for run in runs:
+        run.wait()  # at once for a settled run
+    return [run for run in runs if run.state.is_completed()]
 
 
 def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:
