@@ -85,6 +85,9 @@ def _state(report: DeviceReport | None, error: str | None) -> dict[str, Any]:
     return {
         "last_local_id": report.last_local_id,
         "download_cursor": report.download_cursor,
+        # the central the cursor counts in, not always the run's: a run that could not download
+        # (its central unreachable) reports the cursor it started from, perhaps another central's
+        "download_central": None if report.download_central is None else str(report.download_central),
         "uploaded": report.uploaded,
         "duplicates": report.duplicates,
         "failed": report.failed,

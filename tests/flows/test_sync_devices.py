@@ -229,7 +229,7 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     # The failed run still persisted every device's cursors and outcome, as read back from the server.
     persisted = _persisted_result(run)["devices"]
     assert persisted["good0"] == {
-        "last_local_id": 400, "download_cursor": None, "uploaded": 400, "duplicates": 0,
+        "last_local_id": 400, "download_cursor": None, "download_central": None, "uploaded": 400, "duplicates": 0,
         "failed": 0, "pending_after": 0, "waiting_after": 0, "error": None,
     }  # fmt: skip
     assert persisted["good1"]["uploaded"] == 400 and persisted["good1"]["last_local_id"] == 400
@@ -634,6 +634,10 @@ def test_a_store_synced_into_another_central_gets_all_of_its_snapshots_and_none_
         cursor = run["devices"]["switcher"]["download_cursor"]
         [device] = [d for d in sync_state.list_devices(state_db) if d.device_id == "switcher"]
         assert device.download_cursor == cursor
+        # the run's result names the central its cursor counts in
+        with psycopg.connect(central) as conn:
+            (central_id,) = one_row(conn, "SELECT central_id::text FROM devflow.central_identity")
+        assert run["devices"]["switcher"]["download_central"] == str(device.download_central) == central_id
         with device_store.open_store(reader) as conn:
             rows = conn.execute("SELECT project_id, status FROM remote_project_status ORDER BY 1").fetchall()
         return rows, cursor
