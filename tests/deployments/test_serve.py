@@ -85,14 +85,18 @@ CHATTY_AGENT = textwrap.dedent(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         state["step"] += 1
-        checkpoint()
+        if state["step"] <= 5:
+            checkpoint()
         for _ in range(20):
             write(sys.stderr, noise)
             time.sleep(0.01)
     """
 )
 """An agent writing ~100 KiB of stderr a second while it runs, and 256 KiB more when asked for a
-checkpoint, before its answer: every line goes through the flow run's log to its console."""
+checkpoint, before its answer: every line goes through the flow run's log to its console. It
+checkpoints on its own for its first five steps only: the first checkpoint after the request ends
+flowyard's wait for one, and a later step's, written while the answer's noise went out through a
+slow pipe, ended the wait before the answer (and the agent's exit on SIGTERM lost it)."""
 
 
 def _wait_chatting(url: str, task_id: int) -> queue.AgentTask:

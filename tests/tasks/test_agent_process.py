@@ -534,6 +534,56 @@ def test_shutdown_asks_for_a_checkpoint_then_ends_the_group(tmp_path: Path) -> N
     assert group_members(process.pgid) == []
 
 
+ANSWERING_AGENT = textwrap.dedent(
+    """
+    import json, signal, sys, threading, time
+    json.loads(sys.stdin.readline())  # the task envelope
+
+    def checkpoint(at):
+        print(json.dumps({"kind": "checkpoint", "state": {"at": at}}), flush=True)
+
+    def on_sigterm(*_):
+        checkpoint("sigterm")
+        sys.exit(0)
+
+    def answer_checkpoint_requests():
+        for _ in sys.stdin:
+            checkpoint("request")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    threading.Thread(target=answer_checkpoint_requests, daemon=True).start()
+    checkpoint("start")
+    while True:
+        time.sleep(0.05)
+    """
+)
+
+
+def test_a_stop_takes_the_answer_to_its_checkpoint_request_then_one_written_on_sigterm(tmp_path: Path) -> None:
+    """docs/agents.md: the stop goes on to SIGTERM after a checkpoint answers its request, and one
+    the agent writes while it exits is the attempt's last (its graceful_shutdown checkpoint)."""
+    seen: list[AgentMessage] = []
+    template = AgentTemplate(argv=[sys.executable, "-c", ANSWERING_AGENT])
+    limits = AgentLimits(checkpoint_wait_seconds=60)  # room on a loaded machine: the answer ends the wait early
+    process = AgentProcess(_job(tmp_path, {}), template, on_message=lambda s, m: seen.append(m), limits=limits)
+    result: list[AgentOutcome] = []
+    runner = threading.Thread(target=lambda: result.append(process.run()))
+    runner.start()
+    while runner.is_alive() and not any(isinstance(m, CheckpointMessage) for m in seen):
+        runner.join(0.05)
+    process.shutdown("test shutdown")
+    runner.join()
+    outcome = result[0]
+    assert [m.state for m in seen if isinstance(m, CheckpointMessage)] == [
+        {"at": "start"},
+        {"at": "request"},
+        {"at": "sigterm"},
+    ]
+    assert (outcome.outcome, outcome.killed) == ("interrupted", False)
+    assert outcome.checkpoint == {"at": "sigterm"}
+    assert group_members(process.pgid) == []
+
+
 def test_a_stop_requested_before_the_agent_starts_keeps_it_from_starting(tmp_path: Path) -> None:
     """A shutdown can reach an attempt the fleet holds before its agent is spawned. With a grace
     period of 0 the stop sequence gave up at once on an agent not yet started, and every later
