@@ -588,14 +588,15 @@ class AgentProcess:
             selector.unregister(stream)
             lines, buffers[fd] = ([buffer] if buffer else []), bytearray()
         for raw in lines:
-            self._line(name, raw.decode(errors="replace"), state)
+            self._line(name, raw, state)
 
-    def _line(self, stream: str, text: str, state: _RunState) -> None:
+    def _line(self, stream: str, raw: bytes | bytearray, state: _RunState) -> None:
         if stream == "stderr":
+            text = raw.decode(errors="replace")
             state.stderr_tail.append(text)
             self._on_message("stderr", LogMessage(kind="log", level="stderr", message=text))
             return
-        message = parse_line(text)
+        message = _stdout_message(raw)
         if isinstance(message, CheckpointMessage):
             state.checkpoint = message.state
         elif isinstance(message, ResultMessage):
@@ -644,6 +645,21 @@ class AgentProcess:
         return terminate_group(self._proc.pid, grace_seconds, self.job.mark)
 
 
+def _stdout_message(raw: bytes | bytearray) -> AgentMessage:
+    """One stdout line as a message. JSON text is UTF-8: a line that is not is read with its bad
+    bytes as U+FFFD, and taken only as a log or error message, which are shown, never as a
+    checkpoint, result or artifact, whose data the task would store (and hand back on resume)
+    with those characters in place of what the agent wrote; such a line is a raw log line."""
+    try:
+        return parse_line(raw.decode())
+    except UnicodeDecodeError:
+        text = raw.decode(errors="replace")
+    message = parse_line(text)
+    if isinstance(message, LogMessage | ErrorMessage):
+        return message
+    return LogMessage(kind="log", message=text.rstrip("\r\n"), level="raw")
+
+
 _EXITED = "exited"
 """The selector key of :func:`_exit_fd`'s descriptor."""
 
@@ -681,6 +697,11 @@ class _RunState:
 
 
 def _exit_text(code: int) -> str:
+    """How the agent ended. ``signal.Signals`` names no real-time signal but SIGRTMIN and SIGRTMAX
+    (the others end a process by default too): one of those is given by its number."""
     if code < 0:
-        return f"on signal {signal.Signals(-code).name}"
+        try:
+            return f"on signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"on signal {-code}"
     return f"with code {code}"

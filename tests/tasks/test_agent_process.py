@@ -624,6 +624,55 @@ def test_failed_agent_reports_its_error_and_stderr(tmp_path: Path) -> None:
     assert os.environ.get("FLOWYARD_TASK_ID") is None
 
 
+REAL_TIME_SIGNAL_AGENT = textwrap.dedent(
+    """
+    import json, os, signal
+    print(json.dumps({"kind": "error", "message": "lost the lock"}), flush=True)
+    os.kill(os.getpid(), signal.SIGRTMIN + 1)
+    """
+)
+
+
+def test_an_agent_ended_by_a_real_time_signal_fails_with_its_own_error(tmp_path: Path) -> None:
+    """Python's ``signal.Signals`` names no real-time signal but SIGRTMIN and SIGRTMAX: an agent
+    ended by SIGRTMIN+1 (their default action ends a process) made the attempt raise "35 is not a
+    valid Signals", which became its error in place of the agent's own and of how it ended."""
+    template = AgentTemplate(argv=[sys.executable, "-c", REAL_TIME_SIGNAL_AGENT])
+    outcome, _, _ = _run(_job(tmp_path, {}), template)
+    number = int(signal.SIGRTMIN) + 1
+    assert outcome.outcome == "failed" and outcome.exit_code == -number
+    assert outcome.error == f"agent exited on signal {number}: lost the lock"
+
+
+NOT_UTF8_AGENT = textwrap.dedent(
+    """
+    import sys
+    out = sys.stdout.buffer
+    out.write(b'{"kind": "checkpoint", "state": {"step": 0}}\\n')
+    out.write(b'{"kind": "checkpoint", "state": {"step": 1, "file": "caf\\xe9"}}\\n')
+    out.write(b'{"kind": "result", "data": {"file": "caf\\xe9"}}\\n')
+    out.write(b'{"kind": "error", "message": "no caf\\xe9"}\\n')
+    """
+)
+
+
+def test_a_checkpoint_or_result_line_that_is_not_utf8_is_kept_as_a_raw_log_line(tmp_path: Path) -> None:
+    """JSON text is UTF-8. A checkpoint or result line in another encoding (a file name in
+    Latin-1 from a shell or Node agent) was taken with its bytes replaced by U+FFFD: the task
+    stored, and handed back on resume, a state the agent never wrote. Like any line that is not
+    JSON, it is a raw log line now, shown with the replacement characters. An error line is only
+    shown, so it still fails the attempt, with U+FFFD in its message."""
+    template = AgentTemplate(argv=[sys.executable, "-c", NOT_UTF8_AGENT])
+    outcome, seen, _ = _run(_job(tmp_path, {}), template)
+    assert outcome.outcome == "failed" and outcome.error == "agent exited with code 0: no caf\ufffd"
+    assert outcome.checkpoint == {"step": 0} and outcome.result is None
+    raw = [m.message for s, m in seen if s == "stdout" and isinstance(m, LogMessage) and m.level == "raw"]
+    assert raw == [
+        '{"kind": "checkpoint", "state": {"step": 1, "file": "caf\ufffd"}}',
+        '{"kind": "result", "data": {"file": "caf\ufffd"}}',
+    ]
+
+
 def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Path) -> None:
     """Its start-up is part of every task's overhead: the exact interpreter flags of the
     template, importing the agent, must leave json, re, enum, typing, threading and signal
