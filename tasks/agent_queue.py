@@ -377,8 +377,12 @@ def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
 
 
 def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb: str, reset: bool) -> None:
-    """Move a task from one of ``allowed`` to ``to``; a one-line UserError says why not otherwise."""
-    with _connection(url) as conn:
+    """Move a task from one of ``allowed`` to ``to``; a one-line UserError says why not otherwise.
+
+    Its dependents' reasons are recomputed in the same transaction: ``queue list`` went on
+    telling to submit a draft just submitted, or that a retried dependency failed, until the
+    next queue run."""
+    with _connection(url, atomic=True) as conn:
         row = conn.execute(
             """
             UPDATE flowyard.agent_tasks
@@ -393,7 +397,9 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
             """,
             (to, reset, reset, reset, reset, to, task_id, list(allowed)),
         ).fetchone()
-        if row is None:
+        if row is not None:
+            _mark_unrunnable(conn)
+        else:
             current = conn.execute(
                 "SELECT status FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
             ).fetchone()
@@ -854,15 +860,26 @@ def unrunnable(url: str) -> Unrunnable:
     blocked (a later pass only marks tasks without a reason, and every dependent of a blocked
     task is blocked too).
     """
-    found: list[dict[int, str]] = []
     with _connection(url, atomic=True) as conn:
-        conn.execute(
-            "UPDATE flowyard.agent_tasks SET blocked_reason = NULL WHERE status = 'pending' AND blocked_reason IS NOT NULL"
-        )
-        for statuses, pending in ((["failed", "cancelled"], "blocked"), (["draft", "review"], "waiting")):
-            reasons: dict[int, str] = {}
-            marking = {"statuses": statuses, "pending": pending}
-            while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
-                reasons.update((int(task_id), printable(str(reason))) for task_id, reason in rows)
-            found.append(reasons)
+        return _mark_unrunnable(conn)
+
+
+_REASONS_LOCK = "flowyard agent task reasons"
+
+
+def _mark_unrunnable(conn: psycopg.Connection) -> Unrunnable:
+    """:func:`unrunnable` inside the caller's transaction. A transaction-scoped advisory lock
+    serialises it: two at once (a queue run's end and a ``queue retry``) would lock the same
+    pending rows in different orders and could deadlock."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_REASONS_LOCK,))
+    conn.execute(
+        "UPDATE flowyard.agent_tasks SET blocked_reason = NULL WHERE status = 'pending' AND blocked_reason IS NOT NULL"
+    )
+    found: list[dict[int, str]] = []
+    for statuses, pending in ((["failed", "cancelled"], "blocked"), (["draft", "review"], "waiting")):
+        reasons: dict[int, str] = {}
+        marking = {"statuses": statuses, "pending": pending}
+        while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
+            reasons.update((int(task_id), printable(str(reason))) for task_id, reason in rows)
+        found.append(reasons)
     return Unrunnable(blocked=found[0], waiting=found[1])

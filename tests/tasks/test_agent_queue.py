@@ -148,6 +148,7 @@ def test_failed_dependency_blocks_with_a_reason(qdb: str) -> None:
     }
     assert queue.get_task(qdb, child).blocked_reason.startswith("not run: dependency")
     queue.retry_task(qdb, dep)
+    assert [queue.get_task(qdb, t).blocked_reason for t in (child, grandchild)] == [None, None]
     assert queue.unrunnable(qdb) == queue.Unrunnable(blocked={}, waiting={})
 
 
@@ -186,8 +187,21 @@ def test_a_draft_or_review_dependency_makes_its_dependents_wait_with_a_reason(qd
     )
     assert queue.get_task(qdb, grandchild).note == f"not run: dependency #{child} 'build' is waiting"
     queue.submit_task(qdb, draft)
+    assert queue.get_task(qdb, child).note == (
+        f"not run: dependency #{reviewed} 'design' is in review (approve it with `flowyard queue approve {reviewed}`)"
+    )
     queue.approve_task(qdb, reviewed)
+    assert [queue.get_task(qdb, t).note for t in (child, grandchild)] == ["", ""]
     assert queue.unrunnable(qdb) == queue.Unrunnable(blocked={}, waiting={})
+
+
+def test_cancelling_a_dependency_blocks_its_dependents_at_once(qdb: str) -> None:
+    """The reason is written by the cancel itself, not only at the next queue run's end, so
+    ``queue list`` shows why the dependent will not run as soon as the dependency is cancelled."""
+    dep = queue.create_task(qdb, _new("build"))
+    child = queue.create_task(qdb, _new("deploy", blocked_by=(dep,)))
+    queue.cancel_task(qdb, dep)
+    assert queue.get_task(qdb, child).note == f"not run: dependency #{dep} 'build' is cancelled"
 
 
 _CLAIMER = textwrap.dedent(
