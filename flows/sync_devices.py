@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -22,7 +23,7 @@ from prefect.runtime import flow_run
 from tasks import central_store, sync_state
 from tasks.advisory_lock import advisory_lock
 from tasks.db import mask_url
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -92,8 +93,8 @@ def sync_devices(
     central = sync_state.run_central_url(central_override, config.central_url, state)
     try:
         central_store.ensure_schema(central)
-    except UserError as exc:  # central unreachable: the device tasks record it per device
-        logger.warning("central database not reachable yet: %s", exc)
+    except (UserError, psycopg.Error) as exc:  # unreachable, or a privilege refused: each device records it
+        logger.warning("central schema not ready on %s: %s", mask_url(central), first_line(exc))
     options = SyncOptions(
         central_url=central, batch_size=batch, policy=config.privacy, force=force
     )

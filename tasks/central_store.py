@@ -47,8 +47,13 @@ _PARTITION_LOCK = 7_202_611_001
 _SEQUENCER_LOCK = 7_202_611_002
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+# Created only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the database,
+# which a sync role given a ready-made schema (``CREATE SCHEMA devflow AUTHORIZATION <role>``) may
+# not have; everything else below needs only the schema, which that role owns.
+_HAS_SCHEMA = "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)"
+_SCHEMA_DDL = "CREATE SCHEMA IF NOT EXISTS devflow"
+
 _DDL = (
-    "CREATE SCHEMA IF NOT EXISTS devflow",
     "CREATE SEQUENCE IF NOT EXISTS devflow.change_seq",
     """
     CREATE TABLE IF NOT EXISTS devflow.event_keys (
@@ -274,6 +279,8 @@ def ensure_schema(url: str) -> None:
     """
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+        if not one_row(conn, _HAS_SCHEMA, (SCHEMA,))[0]:
+            conn.execute(_SCHEMA_DDL)
         for statement in _DDL:
             conn.execute(statement)
         for name in ROLLUP_TABLES:

@@ -102,7 +102,10 @@ def classify(events: int, seconds: float, failed: bool) -> Quality:
 
 
 def adapt_batch_size(base: int, quality: Quality) -> int:
-    return max(MIN_BATCH, base // _QUALITY_DIVISOR[quality])
+    """The next batch's size: the quality's share of the configured ``base``, at least
+    :data:`MIN_BATCH` events, but never more than ``base`` (a configured size below the floor is
+    the most a batch may hold)."""
+    return max(min(MIN_BATCH, base), base // _QUALITY_DIVISOR[quality])
 
 
 def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadRow]:

@@ -30,7 +30,7 @@ from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
-from tests.conftest import ROOT, Server, flow_run_artifacts, run_cli, scratch_database
+from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -910,3 +910,44 @@ def test_a_device_disabled_while_its_task_waits_is_skipped_and_its_store_left_al
         assert "mid-run" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
     finally:
         sync_state.remove_device(state_db, "mid-run")
+
+
+def test_a_sync_role_given_a_ready_made_devflow_schema_syncs(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """The least-privilege set-up a DBA gives a central: ``CREATE SCHEMA devflow AUTHORIZATION
+    <sync role>``, no CREATE on the database. The role may create every table, index and month
+    partition in its schema, but ``CREATE SCHEMA IF NOT EXISTS`` checks the database privilege
+    before it looks for the schema: the run's schema step failed the whole run before any device
+    synced (and each device's upload would have failed the same way)."""
+    from flows.sync_devices import sync_devices
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA devflow AUTHORIZATION {}").format(sql.Identifier(limited_role.name)))
+    store = make_store(tmp_path / "least-privilege.db", 120)
+    result = sync_devices(stores=[str(store)], central_url=limited_role.url(fresh_db))
+    outcome = result["devices"]["least-privilege"]
+    assert (outcome["uploaded"], outcome["failed"], outcome["pending_after"], outcome["error"]) == (120, 0, 0, None)
+    assert _central_counts(fresh_db) == (120, 120) and _synced(store) == 120
+
+
+def test_a_sync_role_refused_the_schema_fails_each_device_in_one_line_and_keeps_its_events(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """No ready-made schema and no CREATE on the database: the run's schema step is refused.
+    That refusal ended the run with PostgreSQL's multi-line InsufficientPrivilege before any
+    device ran; now each device records it as its one-line error, its events stay queued, and
+    the run ends Failed with the one-line summary, like a central that cannot be reached."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "no-privilege.db", 30)
+    run = sync_devices(stores=[str(store)], central_url=limited_role.url(fresh_db), return_state=True)
+    assert run.is_failed()
+    error = run.result(raise_on_failure=False)
+    assert isinstance(error, SyncIncomplete) and "\n" not in str(error)
+    assert str(error).startswith("1 of 1 devices did not sync fully")
+    assert "permission denied for database" in str(error)
+    outcome = error.result["devices"]["no-privilege"]
+    assert (outcome["uploaded"], outcome["failed"], outcome["pending_after"]) == (0, 30, 30)
+    with device_store.open_store(store) as conn:
+        assert device_store.counts(conn).failed == 30

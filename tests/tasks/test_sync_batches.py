@@ -399,6 +399,20 @@ def test_a_slow_local_mark_does_not_shrink_the_next_batch(central: str, tmp_path
     assert sizes[1] >= adapt_batch_size(1000, "fair"), sizes
 
 
+def test_a_configured_batch_size_below_the_floor_is_never_exceeded(central: str, tmp_path: Path) -> None:
+    """The floor of 10 events keeps a large configured size's 'poor' share useful; it must not
+    raise a smaller configured size (``--batch-size 3``: at most 3 events per batch, whatever the
+    link). Each batch is one central transaction, so the rows' ``xmin`` gives the batch sizes."""
+    store = make_store(tmp_path / "dev.db", 20, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=3))
+    with psycopg.connect(central) as conn:
+        sizes = [n for (n,) in conn.execute("SELECT count(*) FROM devflow.events GROUP BY xmin::text")]
+    assert sorted(sizes) == [2, 3, 3, 3, 3, 3, 3]
+    assert (report.uploaded, report.batches, report.final_batch_size) == (20, 7, 3)
+    qualities: tuple[Quality, ...] = ("excellent", "good", "fair", "poor")
+    assert [adapt_batch_size(3, quality) for quality in qualities] == [3, 3, 3, 3]
+
+
 @pytest.mark.parametrize("schema", ["dropped", "never created"])
 def test_a_missing_central_schema_is_created_by_the_first_session(
     schema: str, fresh_db: str, tmp_path: Path
