@@ -5,13 +5,15 @@ UUID per event (generated for existing rows and, by trigger, for rows a v1-era w
 inserts later), the sync state columns, the device/user/project identity and an index on
 ``sync_status``. ``downgrade_to_v1`` removes exactly that metadata and never an event.
 
-The version lives in ``PRAGMA user_version``. Every open failure (not a database, locked
+The version lives in ``PRAGMA user_version``; a store the app set back to 1 that still holds
+the sync columns is v2 (:func:`schema_version`). Every open failure (not a database, locked
 by another process, missing file) becomes a one-line :class:`UserError` naming the store,
 so one bad device never hides the others.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import sqlite3
 import time
@@ -67,6 +69,8 @@ _V2_COLUMNS = (
     "ALTER TABLE events ADD COLUMN user_id TEXT",
     "ALTER TABLE events ADD COLUMN project_id TEXT",
 )
+_SYNC_COLUMNS = frozenset(statement.split()[5] for statement in _V2_COLUMNS)
+"""The columns v2 adds to ``events`` (the name each ``ADD COLUMN`` above adds): what makes a store v2."""
 _V2_OBJECTS = (
     "CREATE TABLE sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
     "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL)",
@@ -275,11 +279,19 @@ def schema_version(conn: sqlite3.Connection) -> int:
     The local app may create its v1 store without setting a version (SQLite's default is 0, and
     seed 002 only asks for "version < 2"): a version-0 store whose ``events`` table has the v1
     columns and no sync columns is v1. Any other version-0 file is refused, naming the file.
+
+    The app may also re-run its own v1 script on every start (``CREATE TABLE IF NOT EXISTS
+    events …; PRAGMA user_version = 1``, as :func:`create_v1` does), which sets an upgraded
+    store's version back to 1 and keeps every sync column, id and state: a version-1 store
+    holding all the sync columns is v2. Read as v1, its every sync and ``migrate up`` failed
+    on ``duplicate column name: sync_id``, and ``migrate down`` left the sync columns in place.
     """
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version != 0:
+    if version not in (0, V1):
         return version
     columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    if version == V1:
+        return V2 if _SYNC_COLUMNS <= columns else V1
     if _V1_COLUMNS <= columns and "sync_id" not in columns:
         return V1
     store = _store_file(conn)
@@ -327,15 +339,37 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
     return True
 
 
+_OBJECT_ON_COLUMN = re.compile(r"error in (index|view|trigger) (.+) after drop column: ")
+"""How SQLite refuses ``DROP COLUMN`` of a column an index, view or trigger still uses (its type, its name)."""
+
+
 def downgrade_to_v1(conn: sqlite3.Connection) -> bool:
     """``migrate down --to=v1``: drop the sync metadata only; every event row stays."""
     with write_transaction(conn):
         if known_version(conn) == V1:
             return False
         for statement in _V2_DOWN:
-            conn.execute(statement)
+            try:
+                conn.execute(statement)
+            except sqlite3.OperationalError as exc:
+                raise _column_in_use(conn, statement, exc) from None
         conn.execute("PRAGMA user_version = 1")
     return True
+
+
+def _column_in_use(conn: sqlite3.Connection, statement: str, exc: sqlite3.OperationalError) -> Exception:
+    """The error for a sync column another object uses (flowyard's own are dropped before the
+    columns, so the index, view or trigger is the app's): SQLite's own names it in passing and
+    says neither that the transaction left the store unchanged nor what to do. Other errors as they are."""
+    found = _OBJECT_ON_COLUMN.match(str(exc))
+    if found is None:
+        return exc
+    kind, name = found.groups()
+    column = statement.rsplit(" ", 1)[1]
+    return UserError(
+        f"device store {_store_file(conn)}: the sync column {column} is used by {kind} {name!r}, which flowyard "
+        f"did not create; the store is unchanged: drop that {kind} and downgrade again, or keep the store at v2"
+    )
 
 
 def identity_of(conn: sqlite3.Connection) -> Identity:

@@ -117,6 +117,26 @@ def test_migrate_down_to_v1_and_up_again(tmp_path: Path) -> None:
         assert device_store.schema_version(conn) == 1
 
 
+def test_migrate_of_a_v2_store_whose_app_set_its_version_back_to_1(tmp_path: Path) -> None:
+    """An app re-running its v1 script on start sets PRAGMA user_version back to 1 and keeps the
+    sync columns: `migrate up` failed on "duplicate column name: sync_id" and `migrate down`
+    said "already v1" with every sync column still in the store."""
+    store = make_store(tmp_path / "reset.db", 40)
+    assert run_cli("sync", "migrate", "up", str(store), "--device-id", "r1").returncode == 0
+    device_store.create_v1(store)  # the app starting again
+    up = run_cli("sync", "migrate", "up", str(store))
+    assert up.returncode == 0 and "already v2 as device 'r1'" in up.stdout, up.stderr
+    down = run_cli("sync", "migrate", "down", "--to=v1", str(store))
+    assert down.returncode == 0 and "downgraded to v1, 40 events kept" in down.stdout, down.stderr
+    with device_store.open_store(store) as conn:
+        assert {row[1] for row in conn.execute("PRAGMA table_info(events)")} == {
+            "id",
+            "timestamp",
+            "event_type",
+            "event_data",
+        }
+
+
 def test_control_flows_and_demo_parameters(fresh_db: str, state_db: str, tmp_path: Path) -> None:
     from flows.sync_controls import sync_configure, sync_history, sync_status
     from flows.sync_devices import sync_devices

@@ -215,6 +215,67 @@ def test_a_v1_store_the_app_made_without_a_schema_version_upgrades(tmp_path: Pat
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (2,)
 
 
+def test_a_v2_store_whose_app_set_its_version_back_to_1_stays_v2(tmp_path: Path) -> None:
+    """The app may re-run its v1 script on every start (``CREATE TABLE IF NOT EXISTS events``,
+    ``PRAGMA user_version = 1``): read as v1, the store's every upgrade (each sync) failed on
+    "duplicate column name: sync_id", and a downgrade said "already v1" and kept the sync columns."""
+    store = make_store(tmp_path / "dev.db", 5, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        device_store.mark_synced(conn, [1, 2], now_ms=device_store.now_ms())
+        states = conn.execute("SELECT id, sync_id, sync_status, synced_at FROM events ORDER BY id").fetchall()
+    device_store.create_v1(store)  # the app starting again
+    with device_store.open_store(store) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert device_store.schema_version(conn) == 2
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is False
+        # Synced events stay synced under their sync ids: nothing is re-sent as new.
+        assert conn.execute("SELECT id, sync_id, sync_status, synced_at FROM events ORDER BY id").fetchall() == states
+        assert device_store.local_ids(device_store.read_pending(conn, 0, 10, now_ms=device_store.now_ms())) == [3, 4, 5]
+        original = _events(conn)
+        assert device_store.downgrade_to_v1(conn) is True
+        assert device_store.schema_version(conn) == 1
+        assert _columns(conn) == {"id", "timestamp", "event_type", "event_data"}
+        assert _events(conn) == original
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "column", "ddl"),
+    [
+        ("index", "app_idx", "device_id", "CREATE INDEX app_idx ON events (device_id, timestamp)"),
+        ("view", "app view", "user_id", 'CREATE VIEW "app view" AS SELECT id, user_id FROM events'),
+        (
+            "trigger",
+            "app_trg",
+            "sync_status",
+            "CREATE TRIGGER app_trg AFTER UPDATE ON events WHEN NEW.sync_status = 'failed' BEGIN SELECT 1; END",
+        ),
+    ],
+)
+def test_a_downgrade_refused_by_an_object_using_a_sync_column_names_it_and_the_fix(
+    tmp_path: Path, kind: str, name: str, column: str, ddl: str
+) -> None:
+    """An index, view or trigger the app made on a sync column stops SQLite's DROP COLUMN: the
+    error was SQLite's own ("error in index app_idx after drop column: no such column: …"),
+    which says neither that the store is unchanged nor what to do."""
+    store = make_store(tmp_path / "dev.db", 5, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute(ddl)
+        original = _events(conn)
+    with pytest.raises(UserError) as refused:
+        with device_store.open_store(store) as conn:
+            device_store.downgrade_to_v1(conn)
+    assert str(refused.value) == (
+        f"device store {store}: the sync column {column} is used by {kind} {name!r}, which flowyard did "
+        f"not create; the store is unchanged: drop that {kind} and downgrade again, or keep the store at v2"
+    )
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == 2 and "sync_id" in _columns(conn)
+        assert _events(conn) == original
+        conn.execute(f'DROP {kind} "{name}"')  # what the message says to do
+        assert device_store.downgrade_to_v1(conn) is True
+        assert _events(conn) == original
+
+
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
