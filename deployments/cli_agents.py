@@ -244,7 +244,7 @@ def run(
     except CancelledRun as cancelled:  # through the UI or API: the agents were stopped gracefully
         raise UserError(f"queue run cancelled: {first_line(cancelled)}") from None
     for task_id, outcome in sorted(summary["outcomes"].items()):
-        typer.echo(f"task {task_id}: {outcome}")
+        typer.echo(f"task {task_id}: {printable(outcome)}")  # an agent's error, as `queue list` shows it
     unrun = {**summary["blocked"], **summary["waiting"]}
     for task_id, reason in sorted(unrun.items()):
         typer.echo(f"task {task_id}: {reason}")
@@ -300,6 +300,6 @@ def metrics(database_url: DatabaseUrl = None) -> None:
     )
     for m in rows:
         typer.echo(
-            f"{m.agent_type:<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
+            f"{printable(m.agent_type):<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
             f"{m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"
         )

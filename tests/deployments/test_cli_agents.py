@@ -10,7 +10,7 @@ from deployments.agents_demo import agent_queue_demo_parameters
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks.db import connection
-from tasks.errors import UserError
+from tasks.errors import UserError, control_character
 from tasks.state import state_url
 from tests.conftest import run_cli
 
@@ -369,3 +369,32 @@ def test_an_agent_type_with_a_control_character_is_refused_in_one_line(env: dict
         "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
     )
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
+def test_an_agent_type_stored_with_control_characters_stays_on_its_metrics_row(env: dict[str, str]) -> None:
+    """As in `queue list`: a type stored before flowyard refused control characters (or by hand)
+    split `queue metrics` at its newline and let its escape recolour the terminal; its row shows
+    each one as its escape."""
+    with connection(state_url(env["FLOWYARD_DATABASE_URL"])) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, priority, status, agent_type) "
+            "VALUES ('done', 'medium', 'completed', %s), ('also done', 'medium', 'completed', 'reference')",
+            ("two\nlines\x1b[31m",),
+        )
+    rows = _ok("metrics", env=env).splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["reference", "two\\nlines\\x1b[31m"], rows
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_an_agent_error_with_control_characters_stays_on_its_run_line(env: dict[str, str], tmp_path) -> None:
+    """`queue list` shows an agent's error with each control character as its escape; `queue run`
+    printed it raw in its `task N: failed: …` line, where a tab or a terminal escape (an agent
+    reporting coloured output) garbled or recoloured the run's output."""
+    error = "disk\x1b[31m full\tagain"
+    failing = int(_ok("create", "doomed", "--payload", json.dumps({"fail": error}), env=env))
+    result = run_cli("queue", "run", "--output-dir", str(tmp_path), "--retries", "0", env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"task {failing}: ")]
+    assert "disk\\x1b[31m full\\tagain" in line, line
+    assert control_character(result.stdout.replace("\n", "")) is None, result.stdout
+    assert error in (queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or "")
