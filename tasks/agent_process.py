@@ -582,6 +582,8 @@ class AgentProcess:
         buffer = buffers[fd]
         if chunk:
             buffer.extend(chunk)
+            if b"\n" not in chunk:  # a long line grows: splitting its whole buffer per chunk was quadratic
+                return
             *lines, rest = buffer.split(b"\n")
             buffers[fd] = bytearray(rest)
         else:
