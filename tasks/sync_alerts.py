@@ -37,7 +37,8 @@ def evaluate(
 
     Offline means no successful sync for longer than the threshold, counted from
     ``offline_since``: the last successful sync or, for a device that never had one, when it
-    was configured or first seen (None: first seen in this run). A successful run is never offline.
+    was configured or first seen (None: first seen in this run). A successful run
+    (:attr:`DeviceReport.succeeded`) is never offline.
     """
     alerts = []
     if report is not None and report.pending_after > thresholds.queue_threshold:
@@ -64,7 +65,7 @@ def evaluate(
                 f"(threshold {thresholds.failure_rate:.0%}): {report.error}",
             )
         )
-    succeeded_now = report is not None and report.error is None
+    succeeded_now = report is not None and report.succeeded
     offline = None if offline_since is None else (now - offline_since).total_seconds()
     if not succeeded_now and offline is not None and offline > thresholds.offline_seconds:
         alerts.append(

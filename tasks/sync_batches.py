@@ -86,6 +86,15 @@ class DeviceReport:
     """The central :attr:`download_cursor` counts in; None when the run never learnt it."""
     error: str | None = None
 
+    @property
+    def succeeded(self) -> bool:
+        """A successful sync, the one ``last_success_at`` and the offline alert count: no error,
+        and central reached unless there was nothing to send. A run that found only failed events
+        waiting out their backoff sent nothing and so never learnt whether central is back; were
+        it a success, every such run while central is down would restart the offline clock."""
+        reached = self.uploaded + self.duplicates + self.failed > 0 or self.download_cursor is not None
+        return self.error is None and (reached or self.waiting_after == 0)
+
 
 def classify(events: int, seconds: float, failed: bool) -> Quality:
     """Network quality from the last upload's time per event (seed §6.2's categories)."""

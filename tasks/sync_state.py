@@ -487,7 +487,7 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
     The download cursor only moves forward within one central; a cursor of another central
     replaces it with that central, since the two centrals' seqs cannot be compared. A report
     without a central (no download) keeps both."""
-    succeeded = report.error is None
+    succeeded = report.succeeded
     with connection(url) as conn:
         conn.execute(
             """

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -443,36 +444,65 @@ def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rer
     assert down.returncode == 0 and "downgraded to v1, 100000 events kept" in down.stdout, down.stderr
 
 
+@contextmanager
+def _offline_for_two_hours(state_db: str, store: Path, device_id: str) -> Iterator[_Collect]:
+    """A device configured two hours ago whose central cannot be reached; yields the run log's
+    collector. The offline threshold is the default hour, so every failed run raises the alert."""
+    saved = sync_state.load_config(state_db)
+    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
+    sync_state.save_config(state_db, saved.model_copy(update={"central_url": dead}))
+    sync_state.register_device(state_db, store, Identity(device_id, "u", "p"))
+    with psycopg.connect(state_db) as conn:
+        conn.execute(
+            "UPDATE flowyard.sync_devices SET created_at = now() - interval '2 hours' WHERE device_id = %s",
+            (device_id,),
+        )
+    collect = _Collect()
+    logging.getLogger("prefect.flow_runs").addHandler(collect)
+    try:
+        yield collect
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(collect)
+        sync_state.remove_device(state_db, device_id)
+        sync_state.save_config(state_db, saved)
+
+
 def test_a_configured_device_that_never_synced_raises_the_offline_alert(
     state_db: str, tmp_path: Path
 ) -> None:
     """No successful sync ever: the offline clock runs from when the device was configured."""
     from flows.sync_devices import sync_devices
 
-    saved = sync_state.load_config(state_db)
-    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
-    sync_state.save_config(state_db, saved.model_copy(update={"central_url": dead}))
-    sync_state.register_device(
-        state_db, make_store(tmp_path / "n.db", 10), Identity("never-synced", "u", "p")
-    )
-    with psycopg.connect(state_db) as conn:
-        conn.execute(
-            "UPDATE flowyard.sync_devices SET created_at = now() - interval '2 hours' "
-            "WHERE device_id = 'never-synced'"
-        )
-    collect = _Collect()
-    logging.getLogger("prefect.flow_runs").addHandler(collect)
-    try:
+    with _offline_for_two_hours(state_db, make_store(tmp_path / "n.db", 10), "never-synced") as collect:
         run = sync_devices(return_state=True)
         assert run.is_failed() and "never-synced: upload to" in run.message
-    finally:
-        logging.getLogger("prefect.flow_runs").removeHandler(collect)
-        sync_state.remove_device(state_db, "never-synced")
-        sync_state.save_config(state_db, saved)
     offline = [m for m in collect.messages if "sync alert offline" in m]
     assert offline == [
         "sync alert offline: device never-synced: no successful sync for 120 min (threshold 60 min)"
     ]
+
+
+def test_a_run_that_only_finds_events_waiting_out_their_backoff_is_no_successful_sync(
+    state_db: str, tmp_path: Path
+) -> None:
+    """Central down for good: after the first failed run every queued event waits out its backoff
+    (8 min after the 5th attempt, longer than the schedule's 5), so the next run reads nothing to
+    send. That run never reached central: it must not count as a successful sync, or each such
+    run resets the offline clock and the offline alert never fires however long central is down."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "w.db", 10)
+    with _offline_for_two_hours(state_db, store, "waiting") as collect:
+        assert sync_devices(return_state=True).is_failed()
+        with sqlite3.connect(store) as conn:
+            conn.execute("UPDATE events SET next_retry_at = next_retry_at + 3600000")
+        second = sync_devices()
+        device = {d.device_id: d for d in sync_state.list_devices(state_db)}["waiting"]
+    assert second["devices"]["waiting"]["uploaded"] == 0
+    assert second["devices"]["waiting"]["waiting_after"] == 10
+    assert device.last_success_at is None
+    offline = [m for m in collect.messages if "sync alert offline" in m]
+    assert len(offline) == 2 and all("device waiting: no successful sync for 120 min" in m for m in offline)
 
 
 def test_hash_mode_sends_only_keyed_hashes_of_fields_outside_the_allowlist(
