@@ -289,17 +289,19 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
 
 @app.command()
 def metrics(database_url: DatabaseUrl = None) -> None:
-    """Per agent type: tasks completed and failed, attempts, average (per attempt) and total
-    execution time, error rate (failed / finished tasks)."""
+    """Per agent type: tasks completed and failed, attempts, interrupted attempts (counted apart,
+    out of the times), average (per attempt) and total execution time, error rate (failed /
+    finished tasks)."""
     from tasks.agent_metrics import agent_metrics
 
     rows = agent_metrics(_url(database_url))  # a bad URL: the one-line error, not a header before it
     typer.echo(
-        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'attempts':>8} {'avg s':>8} {'total s':>9} "
-        f"{'error rate':>10}"
+        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'attempts':>8} {'interrupted':>11} "
+        f"{'avg s':>8} {'total s':>9} {'error rate':>10}"
     )
     for m in rows:
         typer.echo(
             f"{printable(m.agent_type):<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
-            f"{m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} {m.error_rate:>10.1%}"
+            f"{m.interrupted:>11} {m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} "
+            f"{m.error_rate:>10.1%}"
         )

@@ -443,8 +443,15 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         "attempt": attempt,
         "outcome": outcome.outcome,
         "result": outcome.result,
-        "checkpoint": outcome.checkpoint,
+        # the task's last checkpoint: the attempt's own latest, else the one it was handed back
+        "checkpoint": outcome.checkpoint if outcome.checkpoint is not None else _resumed_state(started),
     }
+
+
+def _resumed_state(started: queue.Attempt) -> dict[str, Any] | None:
+    """The state of the checkpoint an attempt was handed back, None without one: an attempt that
+    resumed and ended without a checkpoint of its own still has it as the task's last one."""
+    return started.checkpoint["state"] if started.checkpoint else None
 
 
 def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid: int) -> None:

@@ -398,3 +398,22 @@ def test_an_agent_error_with_control_characters_stays_on_its_run_line(env: dict[
     assert "disk\\x1b[31m full\\tagain" in line, line
     assert control_character(result.stdout.replace("\n", "")) is None, result.stdout
     assert error in (queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or "")
+
+
+def test_metrics_shows_the_interrupted_attempts_it_leaves_out_of_the_times(env: dict[str, str]) -> None:
+    """docs/agents.md: interrupted attempts (graceful shutdown, a dead worker's) are counted apart
+    and left out of the times. `queue metrics` left them out altogether, so a type whose agents
+    were stopped again and again looked like one that barely ran; it shows the count the
+    `agent-metrics` artifact has, beside the attempts."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    worker = queue.new_worker_id()
+    done = queue.create_task(url, queue.NewTask(title="done", agent_type="reference"))
+    stopped = queue.create_task(url, queue.NewTask(title="stopped twice", agent_type="reference"))
+    for task_id, outcome in ((done, "completed"), (stopped, "interrupted"), (stopped, "interrupted")):
+        queue.claim_ready(url, worker, 1)
+        attempt = queue.start_attempt(url, task_id, worker, None)
+        queue.finish_attempt(url, attempt.run_id, worker, outcome, result={} if outcome == "completed" else None)
+    header, row = _ok("metrics", env=env).splitlines()
+    columns = header.replace("agent type", "agent_type").split()
+    shown = dict(zip(columns, row.split(), strict=False))
+    assert (shown["completed"], shown["attempts"], shown.get("interrupted")) == ("1", "1", "2"), (header, row)

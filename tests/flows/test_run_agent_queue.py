@@ -221,6 +221,36 @@ def test_a_checkpoint_too_large_for_the_environment_is_handed_back_on_retry(tmp_
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed"), (2, "completed")]
 
 
+PHASE_AGENT = textwrap.dedent(
+    """
+    import json, sys
+
+    checkpoint = json.loads(sys.stdin.readline())["checkpoint"]
+    if checkpoint is None:  # first attempt: a checkpoint, then a crash
+        print(json.dumps({"kind": "checkpoint", "state": {"phase": "built", "files": 3}}), flush=True)
+        sys.exit(3)
+    # resumed: the last phase needs no checkpoint of its own
+    print(json.dumps({"kind": "result", "data": {"resumed_from": checkpoint["state"]["phase"]}}))
+    """
+)
+
+
+def test_the_task_runs_result_keeps_the_checkpoint_its_attempt_resumed_from(tmp_path: Path, qdb: str) -> None:
+    """The Prefect result of ``run-agent`` is the task's outcome and last checkpoint. An attempt
+    that resumed and finished without a checkpoint of its own left ``checkpoint: None`` there,
+    though the task's last checkpoint is the one it was handed back."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="phases", agent_type="phases"))
+    agents = {"phases": {"argv": [sys.executable, "-c", PHASE_AGENT]}}
+    state = run_agent_queue(max_agents=1, agents=agents, retries=1, return_state=True, **_kw(tmp_path, qdb))
+    assert state.result()["outcomes"] == {task_id: "completed"}
+    task = queue.get_task(qdb, task_id)
+    assert task.result == {"resumed_from": "built"}
+    assert task.last_checkpoint == {"attempt": 1, "kind": "agent", "state": {"phase": "built", "files": 3}}
+    (result,) = _task_run_results(state, tasks=1)
+    assert (result["attempt"], result["outcome"]) == (2, "completed")
+    assert result["checkpoint"] == task.last_checkpoint["state"], result
+
+
 NAN_CHECKPOINT_AGENT = textwrap.dedent(
     """
     import json
