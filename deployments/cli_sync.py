@@ -132,8 +132,8 @@ def trigger(
     sync_state.check_central_override(central_url)  # a typo: one line, before any server starts
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
-    if paths:  # a mistyped path or a file that is no store, as the run would refuse it, before its flow run is logged
-        sync_state.check_stores(state_url(), paths)
+    # a mistyped path or a file that is no store, as the run would refuse it, before its flow run is logged
+    sync_state.check_store_files(paths, state_url)
     prepare_flow_run(get_settings())
     from flows.sync_devices import sync_devices
     from tasks.sync_report import SyncIncomplete

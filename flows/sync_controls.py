@@ -7,7 +7,6 @@ their answer as a table artifact.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -35,7 +34,7 @@ def sync_history(
     """The latest per-device sync results, newest first; times in UTC, and a ``since`` without a
     zone is UTC. A value the run never learned (the pending count of a device whose store did
     not open) shows as ``-`` in the artifact, as in ``flowyard sync history``."""
-    rows = [asdict(r) for r in sync_state.history(state_url(state_database_url), limit=limit, since=since)]
+    rows = [r.as_dict() for r in sync_state.history(state_url(state_database_url), limit=limit, since=since)]
     create_table_artifact(
         [{k: "-" if v is None else str(v) for k, v in row.items()} for row in rows],
         key="sync-history",

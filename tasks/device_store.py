@@ -57,29 +57,35 @@ _UUID7_SQL = (
     "random() & 281474976710655)"
 )
 
-_V2_COLUMNS = (
-    "ALTER TABLE events ADD COLUMN sync_id TEXT",
-    "ALTER TABLE events ADD COLUMN sync_status TEXT NOT NULL DEFAULT 'pending' "
-    "CHECK (sync_status IN ('pending', 'synced', 'failed'))",
-    "ALTER TABLE events ADD COLUMN sync_attempts INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE events ADD COLUMN last_sync_error TEXT",
-    "ALTER TABLE events ADD COLUMN synced_at INTEGER",
-    "ALTER TABLE events ADD COLUMN next_retry_at INTEGER",
-    "ALTER TABLE events ADD COLUMN device_id TEXT",
-    "ALTER TABLE events ADD COLUMN user_id TEXT",
-    "ALTER TABLE events ADD COLUMN project_id TEXT",
-)
-_SYNC_COLUMNS = frozenset(statement.split()[5] for statement in _V2_COLUMNS)
-"""The columns v2 adds to ``events`` (the name each ``ADD COLUMN`` above adds): what makes a store v2."""
+_V2_COLUMNS = {
+    statement.split()[5]: statement
+    for statement in (
+        "ALTER TABLE events ADD COLUMN sync_id TEXT",
+        "ALTER TABLE events ADD COLUMN sync_status TEXT NOT NULL DEFAULT 'pending' "
+        "CHECK (sync_status IN ('pending', 'synced', 'failed'))",
+        "ALTER TABLE events ADD COLUMN sync_attempts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE events ADD COLUMN last_sync_error TEXT",
+        "ALTER TABLE events ADD COLUMN synced_at INTEGER",
+        "ALTER TABLE events ADD COLUMN next_retry_at INTEGER",
+        "ALTER TABLE events ADD COLUMN device_id TEXT",
+        "ALTER TABLE events ADD COLUMN user_id TEXT",
+        "ALTER TABLE events ADD COLUMN project_id TEXT",
+    )
+}
+"""The statement adding each column v2 adds to ``events``, by the column's name (the names are
+what makes a store v2), so an upgrade can add only the ones a store lacks."""
+_SYNC_COLUMNS = frozenset(_V2_COLUMNS)
+# IF NOT EXISTS throughout: a store left part-way to v2 (an upgrade by other means interrupted,
+# an app that made one of these itself) may hold some of them already.
 _V2_OBJECTS = (
-    "CREATE TABLE sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
+    "CREATE TABLE IF NOT EXISTS sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
     "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL)",
-    # Constant SQL fragments only (no input is ever concatenated), hence the noqa.
-    "CREATE TABLE remote_project_status (project_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS remote_project_status (project_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
     "updated_at TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL)",
-    "CREATE UNIQUE INDEX idx_events_sync_id ON events (sync_id)",
-    "CREATE INDEX idx_sync_status ON events (sync_status, id)",
-    "CREATE TRIGGER events_sync_defaults AFTER INSERT ON events "  # noqa: S608
+    "CREATE UNIQUE INDEX IF NOT EXISTS idx_events_sync_id ON events (sync_id)",
+    "CREATE INDEX IF NOT EXISTS idx_sync_status ON events (sync_status, id)",
+    # Constant SQL fragments only (no input is ever concatenated), hence the noqa.
+    "CREATE TRIGGER IF NOT EXISTS events_sync_defaults AFTER INSERT ON events "  # noqa: S608
     "WHEN NEW.sync_id IS NULL OR NEW.device_id IS NULL OR NEW.user_id IS NULL OR NEW.project_id IS NULL "
     "BEGIN UPDATE events SET "
     "sync_id = coalesce(NEW.sync_id, " + _UUID7_SQL + "), "
@@ -221,6 +227,13 @@ def check_sqlite_file(path: Path) -> None:
         )
 
 
+def check_store_file(path: Path) -> None:
+    """Refuse a path that cannot be any store: no file (:func:`check_store_path`), or a file that
+    is not SQLite (:func:`check_sqlite_file`). A local check: it needs no database."""
+    check_store_path(path)
+    check_sqlite_file(path)
+
+
 @contextmanager
 def open_store(
     path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, device_id: str | None = None
@@ -273,6 +286,10 @@ def _store_file(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA database_list").fetchone()[2])
 
 
+def _event_columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+
+
 def schema_version(conn: sqlite3.Connection) -> int:
     """The store's schema version, ``PRAGMA user_version``.
 
@@ -289,7 +306,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version not in (0, V1):
         return version
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+    columns = _event_columns(conn)
     if version == V1:
         return V2 if _SYNC_COLUMNS <= columns else V1
     if _V1_COLUMNS <= columns and "sync_id" not in columns:
@@ -316,23 +333,35 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
     """Upgrade a v1 store in place in one transaction; returns False when already v2.
 
     The version is read under the write lock, so two processes upgrading at once cannot both try.
+    A v1 store may already hold some of v2's columns and objects (an upgrade by other means
+    interrupted, an app that made one of them): only the missing ones are added, where adding
+    them all failed on SQLite's ``duplicate column name`` on every sync. Every event then gets
+    the sync state a fresh upgrade gives it, whatever such a column held: no event of a v1 store
+    has synced under it, and an app's column without v2's default (a NULL ``sync_status``) would
+    keep its events from ever being read as pending. A ``device_id``, ``user_id`` or
+    ``project_id`` the app wrote is its data and is kept, as the insert trigger keeps it on new
+    events; only the empty ones get the store's identity.
     """
     if schema_version(conn) == V2:
         return False
     with write_transaction(conn):
         if known_version(conn) == V2:
             return False
-        for statement in _V2_COLUMNS:
-            conn.execute(statement)
+        present = _event_columns(conn)
+        for name, statement in _V2_COLUMNS.items():
+            if name not in present:
+                conn.execute(statement)
         # One pass over the existing rows, before the indexes exist (building them after is cheaper).
         conn.execute(
-            "UPDATE events SET sync_id = " + _UUID7_SQL + ", device_id = ?, user_id = ?, project_id = ?",  # noqa: S608
+            "UPDATE events SET sync_id = " + _UUID7_SQL + ", sync_status = 'pending', sync_attempts = 0, "  # noqa: S608
+            "last_sync_error = NULL, synced_at = NULL, next_retry_at = NULL, "
+            "device_id = coalesce(device_id, ?), user_id = coalesce(user_id, ?), project_id = coalesce(project_id, ?)",
             (identity.device_id, identity.user_id, identity.project_id),
         )
         for statement in _V2_OBJECTS:
             conn.execute(statement)
         conn.execute(
-            "INSERT INTO sync_identity (only_row, device_id, user_id, project_id) VALUES (1, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sync_identity (only_row, device_id, user_id, project_id) VALUES (1, ?, ?, ?)",
             (identity.device_id, identity.user_id, identity.project_id),
         )
         conn.execute("PRAGMA user_version = 2")
@@ -387,8 +416,15 @@ def insert_events(conn: sqlite3.Connection, events: Iterable[tuple[int, str, dic
     return cursor.rowcount
 
 
+# An event time the app wrote as REAL (a fraction of a millisecond, or any time in a column it
+# declared REAL, where SQLite stores whole numbers as REAL too) is sent as the whole millisecond,
+# truncated as SQLite's CAST does: central keeps Unix milliseconds (its upload column is a
+# bigint, which refused the REAL's text form, so every such event failed), and the sync id
+# carries the same millisecond (SQLite truncates a REAL the same way for the id's bit masks).
+# Other values, text included, are sent as stored: a text time stays its row's error.
 _PENDING_SQL = """
-    SELECT sync_id, id, timestamp, device_id, user_id, project_id, event_type, event_data
+    SELECT sync_id, id, CASE typeof(timestamp) WHEN 'real' THEN CAST(timestamp AS INTEGER) ELSE timestamp END,
+           device_id, user_id, project_id, event_type, event_data
     FROM events WHERE id IN (
         SELECT id FROM (
             SELECT id FROM events WHERE sync_status = 'pending' AND id > :after ORDER BY id LIMIT :limit

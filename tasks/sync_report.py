@@ -12,7 +12,7 @@ from uuid import UUID
 from tasks import sync_alerts, sync_state
 from tasks.errors import UserError, first_line
 from tasks.sync_batches import DeviceReport
-from tasks.sync_state import SyncConfig, SyncTarget
+from tasks.sync_state import RunCounts, SyncConfig, SyncTarget
 
 
 class SyncIncomplete(UserError):
@@ -67,13 +67,15 @@ def settle_device(
 
 
 def _table_row(target: SyncTarget, report: DeviceReport | None, error: str | None) -> dict[str, Any]:
-    lag = report.lag_seconds if report else None
+    """The device's row of the run's table artifact, with the numbers its history row records."""
+    counts = RunCounts.of(report)
+    lag = counts.lag_seconds
     return {
         "device": target.device_id,
-        "pending before": report.pending_before if report else None,
-        "uploaded": report.uploaded if report else 0,
-        "duplicates skipped": report.duplicates if report else 0,
-        "failed": report.failed if report else None,
+        "pending before": counts.pending_before,
+        "uploaded": counts.uploaded,
+        "duplicates skipped": counts.duplicates,
+        "failed": counts.failed,
         "lag": "-" if lag is None else f"{lag:.0f}s",
         "error": error or "",
     }

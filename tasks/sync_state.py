@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -93,17 +94,47 @@ class Device:
 
 
 @dataclass(frozen=True)
-class HistoryRow:
-    finished_at: datetime
-    device_id: str
+class RunCounts:
+    """A device's numbers for one run: the one source of its history row and of its row in the
+    run's table artifact, so the two never disagree. A device whose store could not be used
+    (corrupt, locked, missing) uploaded, skipped and failed nothing, 0; its pending counts and
+    lag were never learnt, None."""
+
     pending_before: int | None
-    """None when the run could not read the device's store (corrupt, locked, missing)."""
     uploaded: int
     duplicates: int
     failed: int
     pending_after: int | None
     lag_seconds: float | None
+
+    @classmethod
+    def of(cls, report: DeviceReport | None) -> RunCounts:
+        """The counts of a device's report; None for a device whose task failed before it had one."""
+        if report is None:
+            return cls(None, 0, 0, 0, None, None)
+        return cls(
+            report.pending_before,
+            report.uploaded,
+            report.duplicates,
+            report.failed,
+            report.pending_after,
+            report.lag_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class HistoryRow(RunCounts):
+    """A row of ``flowyard.sync_runs``: the counts a run recorded for a device (``pending_before``
+    None when the run could not read its store), when it finished and its error."""
+
+    finished_at: datetime
+    device_id: str
     error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row with its time and device first, in the order ``sync history`` prints it."""
+        row = asdict(self)
+        return {"finished_at": row.pop("finished_at"), "device_id": row.pop("device_id"), **row}
 
 
 _DEVICE_COLUMNS = sql.SQL(", ").join(
@@ -261,9 +292,30 @@ def check_stores(state: str, paths: list[Path]) -> dict[Path, Device | None]:
     known = {path: device_for_store(state, path) for path in paths}
     for path, device in known.items():
         if device is None:
-            device_store.check_store_path(path)
-            device_store.check_sqlite_file(path)
+            device_store.check_store_file(path)
     return known
+
+
+def check_store_files(paths: list[Path], state: Callable[[], str]) -> None:
+    """:func:`check_stores` before a run starts (``sync trigger --store``), the files first:
+    flowyard's state (``state`` opens it) is asked only whether a path that is no store file is
+    a device's store, whose run reports whatever became of it. A typo is so its own one line also
+    when the state database cannot be reached; that database's error used to hide it."""
+    for path in paths:
+        try:
+            device_store.check_store_file(path)
+        except UserError as problem:
+            if not _is_device_store(state, path):
+                raise problem from None
+
+
+def _is_device_store(state: Callable[[], str], path: Path) -> bool:
+    """Whether flowyard has a device for ``path``; False when its state cannot tell (unreachable,
+    refusing), so the path's own error is the one the user sees."""
+    try:
+        return device_for_store(state(), path) is not None
+    except UserError:
+        return False
 
 
 def _refuse_shared_ids(targets: list[SyncTarget]) -> None:
@@ -546,6 +598,7 @@ def _insert_history(
     report: DeviceReport | None,
     error: str | None,
 ) -> None:
+    counts = RunCounts.of(report)
     conn.execute(
         """
         INSERT INTO flowyard.sync_runs (flow_run_id, device_id, pending_before, uploaded, duplicates, failed,
@@ -555,12 +608,12 @@ def _insert_history(
         (
             flow_run_id,
             device_id,
-            report.pending_before if report else None,
-            report.uploaded if report else 0,
-            report.duplicates if report else 0,
-            report.failed if report else 0,
-            report.pending_after if report else None,
-            report.lag_seconds if report else None,
+            counts.pending_before,
+            counts.uploaded,
+            counts.duplicates,
+            counts.failed,
+            counts.pending_after,
+            counts.lag_seconds,
             error,
         ),
     )
@@ -621,8 +674,8 @@ def history(url: str, *, limit: int = 20, since: datetime | None = None) -> list
     with connection(url, utc=True) as conn:
         rows = conn.execute(
             """
-            SELECT finished_at, device_id, pending_before, uploaded, duplicates, failed, pending_after,
-                   lag_seconds, error
+            SELECT pending_before, uploaded, duplicates, failed, pending_after, lag_seconds,
+                   finished_at, device_id, error
             FROM flowyard.sync_runs
             WHERE finished_at >= coalesce(%s, '-infinity'::timestamptz)
             ORDER BY finished_at DESC, id DESC LIMIT %s

@@ -454,6 +454,18 @@ def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     assert "laptop" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
 
 
+def test_trigger_with_a_mistyped_store_says_so_while_the_state_database_is_down(tmp_path: Path) -> None:
+    """The path was checked only after connecting to flowyard's state database: with that
+    database down, a typo got the connection error instead of its own one line."""
+    typo = tmp_path / "laptop.dbb"
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    out = run_cli("sync", "trigger", "--store", str(typo), env={"FLOWYARD_DATABASE_URL": dead})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (
+        f"flowyard: error: cannot read device store {typo}: no such file; give the path of the device's SQLite file\n"
+    )
+
+
 def test_trigger_refuses_a_store_that_is_not_a_sqlite_file_before_recording_anything(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

@@ -239,6 +239,58 @@ def test_a_v2_store_whose_app_set_its_version_back_to_1_stays_v2(tmp_path: Path)
 
 
 @pytest.mark.parametrize(
+    "partial",
+    [
+        pytest.param("ALTER TABLE events ADD COLUMN device_id TEXT", id="an app's own device_id column"),
+        pytest.param(
+            "ALTER TABLE events ADD COLUMN sync_id TEXT; ALTER TABLE events ADD COLUMN sync_status TEXT; "
+            "UPDATE events SET sync_id = 'stale-' || id; CREATE UNIQUE INDEX idx_events_sync_id ON events (sync_id); "
+            "CREATE TABLE sync_identity (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
+            "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL); "
+            "INSERT INTO sync_identity VALUES (1, 'old', 'old', 'old')",
+            id="an upgrade by other means interrupted",
+        ),
+    ],
+)
+def test_a_v1_store_holding_some_sync_columns_upgrades_adding_only_the_missing_ones(
+    tmp_path: Path, partial: str
+) -> None:
+    """A v1 store with only some of v2's columns (and objects) failed every upgrade, so every
+    sync, on SQLite's "duplicate column name". Its events get what a fresh upgrade gives them:
+    a NULL ``sync_status`` the app's column left would keep them from ever syncing."""
+    store = make_store(tmp_path / "dev.db", 5)
+    with device_store.open_store(store) as conn:
+        conn.executescript(partial)
+        original = _events(conn)
+        assert device_store.schema_version(conn) == 1
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == device_store.schema_version(conn) == 2
+        rows = conn.execute(
+            "SELECT sync_id, sync_status, sync_attempts, device_id, user_id, project_id FROM events ORDER BY id"
+        ).fetchall()
+        assert [_uuid7_time_ms(row[0]) for row in rows] == [event[1] for event in original]
+        assert {row[1:] for row in rows} == {("pending", 0, "laptop-1", "alice", "proj-x")}
+        assert device_store.identity_of(conn) == IDENTITY
+        assert device_store.local_ids(device_store.read_pending(conn, 0, 10, now_ms=device_store.now_ms())) == [
+            1, 2, 3, 4, 5
+        ]
+        assert device_store.downgrade_to_v1(conn) is True
+        assert _columns(conn) == {"id", "timestamp", "event_type", "event_data"}
+        assert _events(conn) == original
+
+
+def test_an_upgrade_keeps_the_user_ids_an_apps_own_column_holds(tmp_path: Path) -> None:
+    """An app with its own ``user_id`` column keeps what it wrote there: only the events it left
+    empty get the store's identity (as the insert trigger fills only what a new event lacks)."""
+    store = make_store(tmp_path / "dev.db", 3)
+    with device_store.open_store(store) as conn:
+        conn.executescript("ALTER TABLE events ADD COLUMN user_id TEXT; UPDATE events SET user_id = 'bob' WHERE id = 2")
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        rows = conn.execute("SELECT user_id, device_id, sync_status FROM events ORDER BY id").fetchall()
+    assert rows == [("alice", "laptop-1", "pending"), ("bob", "laptop-1", "pending"), ("alice", "laptop-1", "pending")]
+
+
+@pytest.mark.parametrize(
     ("kind", "name", "column", "ddl"),
     [
         ("index", "app_idx", "device_id", "CREATE INDEX app_idx ON events (device_id, timestamp)"),

@@ -439,28 +439,49 @@ def _failed_rows(store: Path) -> list[tuple[int, int, str]]:
 def test_every_kind_of_bad_row_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:
     """What a store can really hold that central refuses: each such row alone is marked failed.
 
-    A NUL byte fails in the driver, a missing value on a NOT NULL column and a fractional time
-    in PostgreSQL, and a time past year 9999 or a text time in flowyard's own partition
-    routing; each is a data error, so the batch is bisected down to it."""
+    A NUL byte fails in the driver, a missing value on a NOT NULL column in PostgreSQL, and a
+    time past year 9999 or a text time in flowyard's own partition routing; each is a data
+    error, so the batch is bisected down to it."""
     store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
     with device_store.open_store(store) as conn:
         conn.execute("UPDATE events SET event_type = ? WHERE id = 10", ("build\x00x",))
         conn.execute("UPDATE events SET user_id = NULL WHERE id = 20")
-        conn.execute("UPDATE events SET timestamp = ? WHERE id = 30", (1_700_000_000_000.5,))
         conn.execute("UPDATE events SET timestamp = ? WHERE id = 40", (10**17,))
         conn.execute("UPDATE events SET timestamp = ? WHERE id = 50", ("soon",))
     report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
-    assert (report.uploaded, report.failed, report.pending_after) == (95, 5, 5)
+    assert (report.uploaded, report.failed, report.pending_after) == (96, 4, 4)
     failed = _failed_rows(store)
-    assert [(local_id, attempts) for local_id, attempts, _ in failed] == [
-        (n, 1) for n in (10, 20, 30, 40, 50)
-    ]
+    assert [(local_id, attempts) for local_id, attempts, _ in failed] == [(n, 1) for n in (10, 20, 40, 50)]
     errors = [error for _, _, error in failed]
     assert all("\n" not in error for error in errors)
     assert "cannot contain NUL" in errors[0] and "not-null constraint" in errors[1]
-    assert "invalid input syntax for type bigint" in errors[2]
-    assert all("event time is not Unix milliseconds" in error for error in errors[3:])
-    assert _central_counts(central) == (95, 95)
+    assert all("event time is not Unix milliseconds" in error for error in errors[2:])
+    assert _central_counts(central) == (96, 96)
+
+
+def test_event_times_written_as_real_sync_as_their_millisecond(central: str, tmp_path: Path) -> None:
+    """An app that writes its times as REAL (a fraction of a millisecond, or any time in a column
+    it declared REAL, where SQLite keeps whole numbers REAL too) had every such event refused by
+    central's bigint ("invalid input syntax for type bigint") on every retry. Central keeps Unix
+    milliseconds: each is sent as its millisecond, truncated, the one its sync id carries."""
+    store = tmp_path / "real.db"
+    conn = sqlite3.connect(store)
+    conn.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, timestamp REAL NOT NULL, "
+        "event_type TEXT NOT NULL, event_data TEXT NOT NULL DEFAULT '{}')"
+    )
+    times = [1_700_000_000_000, 1_700_000_000_123.456, 1_700_000_000_999.9]
+    conn.executemany("INSERT INTO events (timestamp, event_type) VALUES (?, 'file_edit')", [(t,) for t in times])
+    conn.commit()
+    conn.close()
+    report = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (report.uploaded, report.failed, report.error) == (3, 0, None)
+    with psycopg.connect(central) as pg:
+        rows = pg.execute(
+            "SELECT sync_id, (extract(epoch FROM occurred_at) * 1000)::bigint FROM devflow.events ORDER BY local_id"
+        ).fetchall()
+    assert [ms for _, ms in rows] == [1_700_000_000_000, 1_700_000_000_123, 1_700_000_000_999]
+    assert [sync_id.int >> 80 for sync_id, _ in rows] == [ms for _, ms in rows]
 
 
 def test_an_event_past_a_postgresql_limit_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:

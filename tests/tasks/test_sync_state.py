@@ -102,6 +102,28 @@ def test_a_multi_line_task_error_is_recorded_as_one_line(
     sync_state.remove_device(state_db, "one-line-error")
 
 
+def test_an_unusable_stores_table_row_shows_the_counts_its_history_row_records(
+    state_db: str, tmp_path: Path
+) -> None:
+    """A device whose store could not be used (corrupt, locked): the run's table artifact said
+    ``failed: None`` where ``flowyard sync history`` says 0 for the same run."""
+    target = SyncTarget(str(tmp_path / "locked.db"), "unusable-store", "u", "p", None)
+    error = UserError(f"device store {target.store} is locked by another process (database is locked)")
+    outcome = settle_device(state_db, None, target, error, None, SyncConfig(), logging.getLogger("test"))
+    try:
+        [recorded] = [row for row in sync_state.history(state_db, limit=50) if row.device_id == "unusable-store"]
+    finally:
+        sync_state.remove_device(state_db, "unusable-store")
+    shown = {name: outcome.row[name] for name in ("pending before", "uploaded", "duplicates skipped", "failed")}
+    assert shown == {
+        "pending before": recorded.pending_before,
+        "uploaded": recorded.uploaded,
+        "duplicates skipped": recorded.duplicates,
+        "failed": recorded.failed,
+    }
+    assert (recorded.pending_before, recorded.failed) == (None, 0)
+
+
 def _sync_by_path(state: str, central: str, store: Path) -> None:
     """Sync one store named by path and record the outcome, as a ``sync-devices`` run does."""
     (target,) = _targets(state, store)
