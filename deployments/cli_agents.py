@@ -138,16 +138,56 @@ def list_(
     from tasks.agent_process import DEFAULT_TEMPLATES
 
     tasks = queue.list_tasks(_url(database_url), status)
-    typer.echo(
-        f"{'id':>5}  {'status':<11} {'priority':<8} {'agent':<10} {'tries':>5}  {'ckpt':<18} {'after':<10} title / note"
-    )
-    for t in tasks:
-        checkpoint, note = t.checkpoint_label or "-", t.note or _agent_note(t, DEFAULT_TEMPLATES)
-        after = ",".join(map(str, t.blocked_by)) or "-"
-        typer.echo(
-            f"{t.id:>5}  {t.status:<11} {t.priority:<8} {printable(t.agent_type):<10} {t.attempts:>5}  "
-            f"{checkpoint:<18} {after:<10} {printable(t.title)}{'  — ' + note if note else ''}"
+    cells = [tuple(name for name, *_ in _LIST_COLUMNS)] + [
+        (
+            str(t.id),
+            t.status,
+            t.priority,
+            printable(t.agent_type),
+            str(t.attempts),
+            t.checkpoint_label or "-",
+            ",".join(map(str, t.blocked_by)) or "-",
         )
+        for t in tasks
+    ]
+    titles = ["title / note"] + [_title_and_note(t, DEFAULT_TEMPLATES) for t in tasks]
+    for row, title in zip(_aligned(cells), titles, strict=True):
+        typer.echo(row + title)
+
+
+_LIST_COLUMNS: tuple[tuple[str, int, str, str], ...] = (
+    ("id", 5, ">", "  "),
+    ("status", 11, "<", " "),
+    ("priority", 8, "<", " "),
+    ("agent", 10, "<", " "),
+    ("tries", 5, ">", "  "),
+    ("ckpt", 18, "<", " "),
+    ("after", 10, "<", " "),
+)
+"""The columns of ``queue list`` before its title / note: header, least width, alignment and the
+gap after it."""
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """The rows (the header first) in :data:`_LIST_COLUMNS`, each column as wide as its longest
+    cell when that is over its least width. Fixed widths let a longer value (a checkpoint label
+    such as ``graceful_shutdown@12``, an agent type, a list of dependencies, an id past 99999)
+    push the rest of its row out of line with the header; cut, it would lose its end (there, the
+    attempt number)."""
+    widths = [max(least, *(len(row[i]) for row in rows)) for i, (_, least, _, _) in enumerate(_LIST_COLUMNS)]
+    return [
+        "".join(
+            f"{cell:{align}{width}}{gap}"
+            for cell, width, (_, _, align, gap) in zip(row, widths, _LIST_COLUMNS, strict=True)
+        )
+        for row in rows
+    ]
+
+
+def _title_and_note(task: queue.AgentTask, built_in: Collection[str]) -> str:
+    """The last column of ``queue list``: the title, and why the task is where it is."""
+    note = task.note or _agent_note(task, built_in)
+    return f"{printable(task.title)}{'  — ' + note if note else ''}"
 
 
 def _agent_note(task: queue.AgentTask, built_in: Collection[str]) -> str:
@@ -201,6 +241,9 @@ def run(
         float, typer.Option(help="Seconds per attempt before the agent's group is killed.")
     ] = 300.0,
     grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.")] = 5.0,
+    checkpoint_wait: Annotated[
+        float, typer.Option(help="Seconds a stop waits for the agent's checkpoint before SIGTERM.")
+    ] = 2.0,
     retries: Annotated[int, typer.Option(help="Prefect retries per task (each resumes).")] = 2,
     lease: Annotated[
         float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
@@ -220,9 +263,12 @@ def run(
     from tasks.settings import get_settings
 
     agents = _agents(agents_file)
-    # a bad --max-agents, --retries, --timeout, --grace, --lease or directory: one line, no flow run
+    # a bad --max-agents, --retries, --timeout, --grace, --checkpoint-wait, --lease or directory:
+    # one line, no flow run
     check_drain(max_agents, retries)
-    AgentLimits(timeout_seconds=timeout, grace_seconds=grace, lease_seconds=lease)
+    AgentLimits(
+        timeout_seconds=timeout, grace_seconds=grace, checkpoint_wait_seconds=checkpoint_wait, lease_seconds=lease
+    )
     agent_directories(output_dir, logs_dir)
     prepare_flow_run(get_settings())
     from prefect.exceptions import CancelledRun
@@ -238,6 +284,7 @@ def run(
             agents=agents,
             timeout_seconds=timeout,
             grace_seconds=grace,
+            checkpoint_wait_seconds=checkpoint_wait,
             retries=retries,
             lease_seconds=lease,
         )

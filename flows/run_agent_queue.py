@@ -26,6 +26,7 @@ from tasks import agent_queue as queue
 from tasks.agent_execution import AgentSetup, Fleet, agent_directories, fleet, recover_stale_tasks, run_agent
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import (
+    DEFAULT_CHECKPOINT_WAIT_SECONDS,
     DEFAULT_GRACE_SECONDS,
     DEFAULT_TIMEOUT_SECONDS,
     AgentLimits,
@@ -49,6 +50,7 @@ def run_agent_queue(
     retries: int = 2,
     lease_seconds: float = queue.DEFAULT_LEASE_SECONDS,
     max_tasks: int | None = None,
+    checkpoint_wait_seconds: float = DEFAULT_CHECKPOINT_WAIT_SECONDS,
 ) -> dict[str, Any]:
     """Run queued agent tasks until none is ready (or ``max_tasks`` were claimed).
 
@@ -56,12 +58,18 @@ def run_agent_queue(
     ``reference`` type is built in. Agents work in ``output_dir`` (default
     ``<FLOWYARD_HOME>/agents``) and log to ``<logs_dir>/<task_id>.jsonl`` (default
     ``<output_dir>/logs``). ``lease_seconds`` (at least three 5 s heartbeats) is how long a
-    worker may stay silent before its tasks count as abandoned.
+    worker may stay silent before its tasks count as abandoned. ``checkpoint_wait_seconds`` is how
+    long a stop (shutdown, timeout, cancel) waits for an agent's checkpoint before its SIGTERM.
     """
     # every value is checked before anything is made: a refused run leaves no directory behind
     check_drain(max_agents, retries, max_tasks)
     templates = templates_from(agents)
-    limits = AgentLimits(timeout_seconds=timeout_seconds, grace_seconds=grace_seconds, lease_seconds=lease_seconds)
+    limits = AgentLimits(
+        timeout_seconds=timeout_seconds,
+        grace_seconds=grace_seconds,
+        checkpoint_wait_seconds=checkpoint_wait_seconds,
+        lease_seconds=lease_seconds,
+    )
     url = state_url(database_url)
     outputs, logs = agent_directories(output_dir, logs_dir)
     setup = AgentSetup(

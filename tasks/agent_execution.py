@@ -105,13 +105,7 @@ class TaskLog:
         self._lock = threading.Lock()
 
     def write(self, stream: str, message: AgentMessage) -> None:
-        record = {
-            "ts": datetime.now(UTC).isoformat(),
-            "task_id": self._task_id,
-            "attempt": self._attempt,
-            "stream": stream,
-            **message.model_dump(mode="json"),
-        }
+        record = log_record(self._task_id, self._attempt, stream, message)
         with self._lock:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -125,6 +119,28 @@ class TaskLog:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+SHADOWED_FIELDS_KEY = "agent_fields"
+"""Where a ``.jsonl`` record keeps an agent's own values of the fields flowyard writes itself."""
+
+
+def log_record(task_id: int, attempt: int, stream: str, message: AgentMessage) -> dict[str, Any]:
+    """One line of ``<task_id>.jsonl``: flowyard's fields and the agent's message. An agent may add
+    fields of its own to a message, named like flowyard's (an ``attempt`` counting its own retries,
+    a ``ts`` of its clock): those overwrote flowyard's, so the record no longer told which attempt
+    wrote it, nor when. flowyard's win; the agent's values that differ are kept under
+    :data:`SHADOWED_FIELDS_KEY` (an agent field of that name too, so the key is never ambiguous)."""
+    own: dict[str, Any] = {
+        "ts": datetime.now(UTC).isoformat(),
+        "task_id": task_id,
+        "attempt": attempt,
+        "stream": stream,
+    }
+    fields = message.model_dump(mode="json")
+    clashing = {name: fields.pop(name) for name in (*own, SHADOWED_FIELDS_KEY) if name in fields}
+    shadowed = {name: value for name, value in clashing.items() if name not in own or value != own[name]}
+    return {**own, **fields} | ({SHADOWED_FIELDS_KEY: shadowed} if shadowed else {})
 
 
 def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
@@ -299,16 +315,18 @@ def _record_interrupted(
     setup: AgentSetup, task_id: int, attempt: int, checkpoint: dict[str, Any] | None, reason: str
 ) -> None:
     """The ``graceful_shutdown`` checkpoint: the agent's latest state, so the task resumes from it
-    (not stored when the attempt was superseded: the task's checkpoint is its new holder's)."""
+    (not stored when the attempt was superseded: the task's checkpoint is its new holder's).
+    Before the agent saved any state it is recorded with none (null): the stop still shows in the
+    history and the listing, and the next attempt starts afresh (see :func:`queue.start_attempt`)."""
     state = checkpoint if checkpoint is not None else _last_state(setup.database_url, task_id)
     queue.record_checkpoint(
         setup.database_url, task_id, setup.worker, attempt, state, kind="graceful_shutdown"
     )
 
 
-def _last_state(url: str, task_id: int) -> dict[str, Any]:
+def _last_state(url: str, task_id: int) -> dict[str, Any] | None:
     last = queue.get_task(url, task_id).last_checkpoint
-    return dict(last["state"]) if last else {}
+    return last["state"] if last else None
 
 
 def _result_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -421,7 +439,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
                 current.free_slot(task_id)
     except _Stopping:
         queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
-        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": started.checkpoint}
+        return _attempt_result(task_id, started, "interrupted")
     except Exception as exc:
         # The log or the agent could not be started (UserError: missing or not executable
         # command; not retried) or a callback failed (a checkpoint or heartbeat write; retried
@@ -438,19 +456,31 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.remove(task_id)
     if failure is not None:
         raise failure
+    return _attempt_result(task_id, started, outcome.outcome, outcome.result, outcome.checkpoint)
+
+
+def _attempt_result(
+    task_id: int,
+    started: queue.Attempt,
+    outcome: str,
+    result: dict[str, Any] | None = None,
+    checkpoint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Prefect result of a started attempt, whether its agent ran or the shutdown came before
+    it started: one shape, so a reader of the results never tells the two apart by their keys.
+    ``checkpoint`` is the task's last state: the attempt's own latest, else the one it was handed
+    back (an attempt that resumed and ended without a checkpoint of its own still has it)."""
     return {
         "task_id": task_id,
-        "attempt": attempt,
-        "outcome": outcome.outcome,
-        "result": outcome.result,
-        # the task's last checkpoint: the attempt's own latest, else the one it was handed back
-        "checkpoint": outcome.checkpoint if outcome.checkpoint is not None else _resumed_state(started),
+        "attempt": started.number,
+        "outcome": outcome,
+        "result": result,
+        "checkpoint": checkpoint if checkpoint is not None else _resumed_state(started),
     }
 
 
 def _resumed_state(started: queue.Attempt) -> dict[str, Any] | None:
-    """The state of the checkpoint an attempt was handed back, None without one: an attempt that
-    resumed and ended without a checkpoint of its own still has it as the task's last one."""
+    """The state of the checkpoint an attempt was handed back, None without one."""
     return started.checkpoint["state"] if started.checkpoint else None
 
 

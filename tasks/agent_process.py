@@ -44,6 +44,7 @@ from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
 DEFAULT_GRACE_SECONDS = 5.0
+DEFAULT_CHECKPOINT_WAIT_SECONDS = 2.0
 PLACEHOLDERS = ("{task_id}", "{attempt}", "{workdir}", "{task_json}")
 INLINE_ENVELOPE_LIMIT = 100_000
 """Characters (the envelope is ASCII JSON) an argv argument or ``FLOWYARD_TASK`` carries inline:
@@ -348,7 +349,8 @@ class AgentLimits:
     timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     heartbeat_seconds: float = 5.0
-    checkpoint_wait_seconds: float = 2.0
+    checkpoint_wait_seconds: float = DEFAULT_CHECKPOINT_WAIT_SECONDS
+    """How long a stop waits for the agent's answer to its checkpoint request before SIGTERM."""
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     """How long a worker may stay silent before its tasks count as abandoned; stored with each
     claim and attempt, so recovery and ``queue retry`` judge a worker by its own lease."""
@@ -357,9 +359,9 @@ class AgentLimits:
         """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
         starts and burns all its retries; a negative grace period is a typo; a lease shorter than
         a few heartbeats lets other runs take this run's live tasks for abandoned ones (each
-        worker is judged by the lease it claimed with) and start them a second time. (``not >`` also catches NaN.) A timeout, grace period or lease past
+        worker is judged by the lease it claimed with) and start them a second time. (``not >`` also catches NaN.) A timeout, grace period, checkpoint wait or lease past
         :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a hung agent, or a dead
-        worker's tasks, hold on for good."""
+        worker's tasks, hold on for good (or a stop wait for good on an agent that never answers)."""
         if not self.timeout_seconds > 0:
             raise UserError(
                 f"the agent timeout must be more than 0 seconds, not {self.timeout_seconds:g} "
@@ -368,6 +370,7 @@ class AgentLimits:
         for value, what in (
             (self.timeout_seconds, "the agent timeout (--timeout / timeout_seconds)"),
             (self.grace_seconds, "the grace period (--grace / grace_seconds)"),
+            (self.checkpoint_wait_seconds, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)"),
         ):
             check_range(value, what, 0, MAX_WAIT_SECONDS, " seconds")
         if not self.lease_seconds >= LEASE_HEARTBEATS * self.heartbeat_seconds:

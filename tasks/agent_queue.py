@@ -278,20 +278,16 @@ def _refuse_non_finite(value: Any, what: str) -> None:
 _NAME_THE_AGENT = "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
 """How to fix an agent type no worker can have a template for."""
 
+MAX_AGENT_TYPE_LENGTH = 63
+"""Characters an agent type may have. It names a template, as a program name does, and is shown
+in a column of ``queue list`` and ``queue metrics`` and in every task run's name
+(``agent-<id>-<type>``): a longer one is a mistake (a description given as the type, a pasted
+command line), and the task would wait for a template nobody writes."""
+
 
 def create_task(url: str, task: NewTask) -> int:
-    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
-
-    A task without an agent type is refused: no worker has a template for it, so it would wait
-    in the queue for good. So is one that starts or ends with a space (``"coder "``, which no
-    template named ``coder`` runs), or one with a control character, as in a title."""
-    if not task.agent_type.strip():
-        raise UserError(f"the agent type of task {task.title!r} is empty; {_NAME_THE_AGENT}")
-    _refuse_line_breaking(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
-    if task.agent_type != task.agent_type.strip():
-        raise UserError(
-            f"the agent type of task {task.title!r} {task.agent_type!r} starts or ends with a space; {_NAME_THE_AGENT}"
-        )
+    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
+    _refuse_unrunnable_agent_type(task)
     for field_name, value in (
         ("title", task.title),
         ("description", task.description),
@@ -343,6 +339,25 @@ def create_task(url: str, task: NewTask) -> int:
             [(blocker, row[0]) for blocker in sorted(set(task.blocked_by))],
         )
     return int(row[0])
+
+
+def _refuse_unrunnable_agent_type(task: NewTask) -> None:
+    """A task without an agent type is refused: no worker has a template for it, so it would wait
+    in the queue for good. So is one that starts or ends with a space (``"coder "``, which no
+    template named ``coder`` runs), one with a control character, as in a title, or one over
+    :data:`MAX_AGENT_TYPE_LENGTH` characters."""
+    if not task.agent_type.strip():
+        raise UserError(f"the agent type of task {task.title!r} is empty; {_NAME_THE_AGENT}")
+    _refuse_line_breaking(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
+    if task.agent_type != task.agent_type.strip():
+        raise UserError(
+            f"the agent type of task {task.title!r} {task.agent_type!r} starts or ends with a space; {_NAME_THE_AGENT}"
+        )
+    if len(task.agent_type) > MAX_AGENT_TYPE_LENGTH:
+        raise UserError(
+            f"the agent type of task {task.title!r} has {len(task.agent_type)} characters; at most "
+            f"{MAX_AGENT_TYPE_LENGTH} are accepted: {_NAME_THE_AGENT}"
+        )
 
 
 def no_such_task(task_id: int) -> UserError:
@@ -585,7 +600,15 @@ def start_attempt(
         ).fetchone()
     if row is None:
         raise TaskNotHeld(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
-    return Attempt(int(row[0]), int(row[1]), row[2])
+    return Attempt(int(row[0]), int(row[1]), _resumable(row[2]))
+
+
+def _resumable(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checkpoint an attempt resumes from: none when the task's last one holds no state, the
+    ``graceful_shutdown`` record of a stop that came before the agent saved any. Handed that record,
+    the agent got a checkpoint whose state was ``{}`` and looked in it for what it never saved;
+    ``null`` tells it to start afresh, as on a first attempt."""
+    return checkpoint if checkpoint is not None and checkpoint["state"] is not None else None
 
 
 def set_agent_pgid(url: str, task_id: int, worker: str, attempt: int, pgid: int | None) -> None:
@@ -617,9 +640,10 @@ def heartbeat(url: str, task_id: int, worker: str, attempt: int) -> bool:
 
 
 def record_checkpoint(
-    url: str, task_id: int, worker: str, attempt: int, state: dict[str, Any], kind: str = "agent"
+    url: str, task_id: int, worker: str, attempt: int, state: dict[str, Any] | None, kind: str = "agent"
 ) -> bool:
     """Append to the checkpoint history and make it the task's last checkpoint, in one statement.
+    A ``state`` of None (JSON null) records that the attempt stopped before its agent saved any.
 
     Only while ``worker`` still holds the task with this attempt (see :func:`heartbeat`):
     returns False, storing nothing, when the attempt was superseded, so a stale agent's

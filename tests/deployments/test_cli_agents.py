@@ -81,6 +81,9 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     assert ", the agent output directory itself, which all tasks share; give the task" in shared
     assert "logs/mine, in the agents' logs directory " in _user_error("create", "x", "--workdir", "logs/mine", env=env)
     assert "the agent type of task 'x' is empty" in _user_error("create", "x", "--agent-type", " ", env=env)
+    assert "the agent type of task 'x' has 64 characters; at most 63 are accepted" in _user_error(
+        "create", "x", "--agent-type", "c" * 64, env=env
+    )
     assert "--payload is not valid JSON" in _user_error("create", "x", "--payload", "{nope", env=env)
     assert "payload of task 'x' contains a NUL character" in _user_error(
         "create", "x", "--payload", '{"a": ["\\u0000"]}', env=env
@@ -219,6 +222,10 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
         ({"retries": 10**12}, f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
         ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range"),
         ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range"),
+        (
+            {"checkpoint_wait_seconds": -1.0},
+            "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) -1.0 is out of range; give 0 to 31536000",
+        ),
         ({"agents": {"x": {"argv": 5}}}, "agent template 'x' is invalid: argv: Input should be a valid list"),
     ):
         with pytest.raises(UserError) as info:
@@ -236,6 +243,7 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
         ("--grace", "inf", "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
         ("--grace", "nan", "the grace period (--grace / grace_seconds) nan is out of range; give 0 to 31536000 seconds"),
         ("--retries", str(10**12), f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
+        ("--checkpoint-wait", "inf", "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) inf is out of range; give 0 to 31536000 seconds"),
     ],
 )  # fmt: skip
 def test_an_unbounded_timeout_grace_or_retries_is_one_line_before_anything_is_claimed(
@@ -417,3 +425,24 @@ def test_metrics_shows_the_interrupted_attempts_it_leaves_out_of_the_times(env: 
     columns = header.replace("agent type", "agent_type").split()
     shown = dict(zip(columns, row.split(), strict=False))
     assert (shown["completed"], shown["attempts"], shown.get("interrupted")) == ("1", "1", "2"), (header, row)
+
+
+def test_a_checkpoint_label_longer_than_its_column_keeps_the_listing_in_line(env: dict[str, str]) -> None:
+    """The checkpoint column was 18 characters wide: ``graceful_shutdown@12`` pushed the rest of its
+    row two characters out of line with the header. The column widens; nothing is cut."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    first = int(_ok("create", "often-stopped", env=env))
+    _ok("create", "dependent", "--after", str(first), env=env)
+    label = {"attempt": 12, "kind": "graceful_shutdown", "state": {"step": 3}}
+    with connection(url) as conn:
+        conn.execute(
+            "UPDATE flowyard.agent_tasks SET last_checkpoint = %s::jsonb WHERE id = %s", (json.dumps(label), first)
+        )
+    header, *rows = _ok("list", env=env).splitlines()
+    for column, cells in (
+        ("ckpt", ["graceful_shutdown@12", "-"]),
+        ("after", ["-", str(first)]),
+        ("title", ["often-stopped", "dependent"]),
+    ):
+        start = header.index(column)
+        assert [row[start:].split()[0] for row in rows] == cells, (header, rows)

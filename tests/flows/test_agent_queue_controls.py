@@ -102,6 +102,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_create("x", agent_type="coder ", database_url=url),
             "the agent type of task 'x' 'coder ' starts or ends with a space; name the agent template",
         ),
+        (
+            lambda url: agent_task_create("x", agent_type="c" * 64, database_url=url),
+            "the agent type of task 'x' has 64 characters; at most 63 are accepted: name the agent template",
+        ),
     ],
     ids=[
         "cancel-unknown-id",
@@ -114,6 +118,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         "workdir-is-the-output-dir",
         "empty-agent-type",
         "agent-type-with-a-trailing-space",
+        "agent-type-too-long",
     ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:

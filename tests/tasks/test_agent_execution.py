@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import AgentSetup, Fleet, _finish
+from tasks.agent_execution import AgentSetup, Fleet, TaskLog, _finish, fleet, run_agent
 from tasks.agent_process import (
     DEFAULT_TEMPLATES,
     REFERENCE_TEMPLATE,
@@ -15,6 +21,7 @@ from tasks.agent_process import (
     AgentOutcome,
     AgentProcess,
 )
+from tasks.agent_protocol import parse_line
 from tasks.state import state_url
 
 
@@ -83,3 +90,73 @@ def test_a_claimed_task_holds_its_agent_slot_until_freed_and_freeing_wakes_the_l
         assert fleet.busy_slots() == 0
     finally:
         fleet.reaper.close()
+
+
+def test_a_graceful_shutdown_before_any_checkpoint_hands_the_next_attempt_no_checkpoint(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """A stop that came before the agent saved any state recorded the state ``{}``, and the next
+    attempt's envelope handed the agent that record instead of ``null``: an agent resuming from
+    ``checkpoint.state`` looked there for what it never saved. The stop is still recorded."""
+    url = state_url(fresh_db)
+    setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
+    task_id = queue.create_task(url, queue.NewTask(title="stopped early", agent_type="reference"))
+    queue.claim_ready(url, setup.worker, 1)
+    first = queue.start_attempt(url, task_id, setup.worker, None)
+    stopped = AgentOutcome("interrupted", None, error="graceful_shutdown: test")
+    _finish(setup, task_id, first.number, first.run_id, stopped, final=False)
+    task = queue.get_task(url, task_id)
+    assert (task.status, task.checkpoint_label) == ("pending", "graceful_shutdown@1")
+    assert [(h["kind"], h["state"]) for h in queue.checkpoint_history(url, task_id)] == [("graceful_shutdown", None)]
+    queue.claim_ready(url, setup.worker, 1)
+    second = queue.start_attempt(url, task_id, setup.worker, None)
+    job = AgentJob(task_id, second.number, "t", "task", "", {}, second.checkpoint, tmp_path, setup.worker)
+    assert json.loads(job.envelope())["checkpoint"] is None
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_an_attempt_stopped_before_its_agent_started_returns_what_every_attempt_returns(
+    fresh_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown reaching an attempt between its start and its agent's made the attempt's Prefect
+    result carry the whole checkpoint record (attempt, kind, state) as ``checkpoint``, without
+    ``attempt`` and ``result``, where every other attempt's carries the state."""
+    url = state_url(fresh_db)
+    setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
+    task_id = queue.create_task(url, queue.NewTask(title="stopped", agent_type="reference"))
+    [task] = queue.claim_ready(url, setup.worker, 1)
+    first = queue.start_attempt(url, task_id, setup.worker, None)
+    assert queue.record_checkpoint(url, task_id, setup.worker, first.number, {"step": 3})
+    queue.finish_attempt(url, first.run_id, setup.worker, "failed", error="crashed")
+    start = queue.start_attempt
+    with fleet(setup) as current:
+        current.claimed(task)
+
+        def start_then_stop(*args: Any, **kwargs: Any) -> queue.Attempt:
+            started = start(*args, **kwargs)
+            current.stopping.set()  # the shutdown comes as the attempt starts
+            return started
+
+        monkeypatch.setattr(queue, "start_attempt", start_then_stop)
+        result = run_agent(task_id, setup.worker)
+    assert result == {
+        "task_id": task_id,
+        "attempt": 2,
+        "outcome": "interrupted",
+        "result": None,
+        "checkpoint": {"step": 3},
+    }
+
+
+def test_an_agents_fields_named_like_flowyards_do_not_replace_them_in_the_task_log(tmp_path: Path) -> None:
+    """An agent's log line with its own ``attempt``, ``task_id``, ``ts`` or ``stream`` overwrote
+    flowyard's in ``<task_id>.jsonl``; its values are kept under ``agent_fields`` when they differ."""
+    line = {"kind": "log", "message": "hi", "attempt": 9, "task_id": 7, "ts": "yesterday", "stream": "mine"}
+    with TaskLog(tmp_path, 7, 2, logging.getLogger("test")) as log:
+        log.write("stdout", parse_line(json.dumps({**line, "agent_fields": 1})))
+        log.write("stdout", parse_line('{"kind": "log", "message": "plain"}'))
+    shadowed, plain = [json.loads(text) for text in (tmp_path / "7.jsonl").read_text().splitlines()]
+    assert (shadowed["task_id"], shadowed["attempt"], shadowed["stream"], shadowed["message"]) == (7, 2, "stdout", "hi")
+    assert datetime.fromisoformat(shadowed["ts"]).tzinfo is not None
+    assert shadowed["agent_fields"] == {"attempt": 9, "ts": "yesterday", "stream": "mine", "agent_fields": 1}
+    assert "agent_fields" not in plain and (plain["attempt"], plain["message"]) == (2, "plain")

@@ -723,6 +723,8 @@ def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Pat
         ({"timeout_seconds": 365 * 86_400 + 1.0}, "the agent timeout (--timeout / timeout_seconds) 31536001.0 is out of range"),
         ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
         ({"grace_seconds": float("nan")}, "the grace period (--grace / grace_seconds) nan is out of range"),
+        ({"checkpoint_wait_seconds": float("inf")}, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ({"checkpoint_wait_seconds": -0.5}, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) -0.5 is out of range"),
     ],
 )  # fmt: skip
 def test_limits_past_a_year_are_refused(limits: dict[str, float], message: str) -> None:

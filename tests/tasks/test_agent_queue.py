@@ -573,3 +573,16 @@ def test_a_task_without_an_agent_type_is_refused_in_one_line(qdb: str, agent_typ
         "(--agent-type / agent_type)"
     )
     assert queue.list_tasks(qdb) == [], "nothing was created"
+
+
+def test_an_agent_type_over_63_characters_is_refused_in_one_line(qdb: str) -> None:
+    """An agent type had no limit: a description given as the type was stored, and the task waited
+    for a template nobody writes, its type spilling over ``queue list``'s column."""
+    with pytest.raises(UserError) as raised:
+        queue.create_task(qdb, queue.NewTask(title="x", agent_type="a" * 64))
+    assert str(raised.value) == (
+        "the agent type of task 'x' has 64 characters; at most 63 are accepted: name the agent template "
+        "that runs it, such as 'reference' (--agent-type / agent_type)"
+    )
+    assert queue.list_tasks(qdb) == [], "nothing was created"
+    assert queue.get_task(qdb, queue.create_task(qdb, queue.NewTask(title="x", agent_type="a" * 63))).agent_type
