@@ -151,11 +151,14 @@ def list_(
         for t in tasks
     ]
     titles = ["title / note"] + [_title_and_note(t, DEFAULT_TEMPLATES) for t in tasks]
-    for row, title in zip(_aligned(cells), titles, strict=True):
+    for row, title in zip(_aligned(cells, _LIST_COLUMNS), titles, strict=True):
         typer.echo(row + title)
 
 
-_LIST_COLUMNS: tuple[tuple[str, int, str, str], ...] = (
+_Columns = tuple[tuple[str, int, str, str], ...]
+"""A table's columns: header, least width, alignment and the gap after each."""
+
+_LIST_COLUMNS: _Columns = (
     ("id", 5, ">", "  "),
     ("status", 11, "<", " "),
     ("priority", 8, "<", " "),
@@ -164,21 +167,19 @@ _LIST_COLUMNS: tuple[tuple[str, int, str, str], ...] = (
     ("ckpt", 18, "<", " "),
     ("after", 10, "<", " "),
 )
-"""The columns of ``queue list`` before its title / note: header, least width, alignment and the
-gap after it."""
+"""The columns of ``queue list`` before its title / note."""
 
 
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
-    """The rows (the header first) in :data:`_LIST_COLUMNS`, each column as wide as its longest
-    cell when that is over its least width. Fixed widths let a longer value (a checkpoint label
-    such as ``graceful_shutdown@12``, an agent type, a list of dependencies, an id past 99999)
-    push the rest of its row out of line with the header; cut, it would lose its end (there, the
-    attempt number)."""
-    widths = [max(least, *(len(row[i]) for row in rows)) for i, (_, least, _, _) in enumerate(_LIST_COLUMNS)]
+def _aligned(rows: list[tuple[str, ...]], columns: _Columns) -> list[str]:
+    """The rows (the header first) in ``columns`` (header, least width, alignment, gap after),
+    each column as wide as its longest cell when that is over its least width. Fixed widths let a
+    longer value (a checkpoint label such as ``graceful_shutdown@12``, an agent type, a list of
+    dependencies, an id past 99999) push the rest of its row out of line with the header; cut, it
+    would lose its end (there, the attempt number)."""
+    widths = [max(least, *(len(row[i]) for row in rows)) for i, (_, least, _, _) in enumerate(columns)]
     return [
         "".join(
-            f"{cell:{align}{width}}{gap}"
-            for cell, width, (_, _, align, gap) in zip(row, widths, _LIST_COLUMNS, strict=True)
+            f"{cell:{align}{width}}{gap}" for cell, width, (_, _, align, gap) in zip(row, widths, columns, strict=True)
         )
         for row in rows
     ]
@@ -342,13 +343,31 @@ def metrics(database_url: DatabaseUrl = None) -> None:
     from tasks.agent_metrics import agent_metrics
 
     rows = agent_metrics(_url(database_url))  # a bad URL: the one-line error, not a header before it
-    typer.echo(
-        f"{'agent type':<14} {'completed':>9} {'failed':>6} {'attempts':>8} {'interrupted':>11} "
-        f"{'avg s':>8} {'total s':>9} {'error rate':>10}"
-    )
-    for m in rows:
-        typer.echo(
-            f"{printable(m.agent_type):<14} {m.tasks_completed:>9} {m.tasks_failed:>6} {m.attempts:>8} "
-            f"{m.interrupted:>11} {m.average_execution_seconds:>8.2f} {m.total_execution_seconds:>9.2f} "
-            f"{m.error_rate:>10.1%}"
+    cells = [tuple(name for name, *_ in _METRICS_COLUMNS)] + [
+        (
+            printable(m.agent_type),
+            str(m.tasks_completed),
+            str(m.tasks_failed),
+            str(m.attempts),
+            str(m.interrupted),
+            f"{m.average_execution_seconds:.2f}",
+            f"{m.total_execution_seconds:.2f}",
+            f"{m.error_rate:.1%}",
         )
+        for m in rows
+    ]
+    for line in _aligned(cells, _METRICS_COLUMNS):
+        typer.echo(line)
+
+
+_METRICS_COLUMNS: _Columns = (
+    ("agent type", 14, "<", " "),
+    ("completed", 9, ">", " "),
+    ("failed", 6, ">", " "),
+    ("attempts", 8, ">", " "),
+    ("interrupted", 11, ">", " "),
+    ("avg s", 8, ">", " "),
+    ("total s", 9, ">", " "),
+    ("error rate", 10, ">", ""),
+)
+"""The columns of ``queue metrics``, as :data:`_LIST_COLUMNS`."""

@@ -393,6 +393,23 @@ def test_an_agent_type_stored_with_control_characters_stays_on_its_metrics_row(e
     assert [row.split()[0] for row in rows] == ["reference", "two\\nlines\\x1b[31m"], rows
 
 
+def test_an_agent_type_longer_than_its_metrics_column_keeps_the_table_in_line(env: dict[str, str]) -> None:
+    """The agent-type column of `queue metrics` was 14 characters wide, where a type may have 63:
+    a longer one pushed its row's counts out from under their headers. The column widens."""
+    long_type = "a-rather-long-agent-type"
+    with connection(state_url(env["FLOWYARD_DATABASE_URL"])) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, priority, status, agent_type) "
+            "VALUES ('done', 'medium', 'completed', %s), ('also done', 'medium', 'failed', 'reference')",
+            (long_type,),
+        )
+    header, *rows = _ok("metrics", env=env).splitlines()
+    for column, cells in (("completed", ["1", "0"]), ("failed", ["0", "1"])):
+        end = header.index(column) + len(column)  # the counts are right-aligned under their headers
+        assert [row[:end].split()[-1] for row in rows] == cells, (header, rows)
+    assert [row.split()[0] for row in rows] == [long_type, "reference"], rows
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_an_agent_error_with_control_characters_stays_on_its_run_line(env: dict[str, str], tmp_path) -> None:
     """`queue list` shows an agent's error with each control character as its escape; `queue run`
