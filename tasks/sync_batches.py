@@ -85,15 +85,22 @@ class DeviceReport:
     download_central: UUID | None = None
     """The central :attr:`download_cursor` counts in; None when the run never learnt it."""
     error: str | None = None
+    reached_central: bool = False
+    """Central answered every request of the run: each batch sent went in or was refused for its
+    data, the download (if any) went through and, when the run only found failed events waiting
+    out their backoff, a connection opened. False when a batch or the download failed as a whole,
+    and when the run had nothing to ask central."""
 
     @property
     def succeeded(self) -> bool:
-        """A successful sync, the one ``last_success_at`` and the offline alert count: no error,
-        and central reached unless there was nothing to send. A run that found only failed events
-        waiting out their backoff sent nothing and so never learnt whether central is back; were
-        it a success, every such run while central is down would restart the offline clock."""
-        reached = self.uploaded + self.duplicates + self.failed > 0 or self.download_cursor is not None
-        return self.error is None and (reached or self.waiting_after == 0)
+        """A successful sync, the one ``last_success_at`` and the offline alert count: central
+        answered, or the run had nothing to send and nothing waiting. An event central refused
+        for its data is contact all the same (the failure-rate alert speaks for it), or a device
+        whose only events are bad would go "offline" with central up. A run that found only
+        failed events waiting out their backoff counts when a connection to central opens: were
+        it a success regardless, every such run while central is down would restart the offline
+        clock; were it none, a bad event's backoff (up to an hour) would stop it between retries."""
+        return self.reached_central or (self.error is None and self.waiting_after == 0)
 
 
 def classify(events: int, seconds: float, failed: bool) -> Quality:
@@ -223,7 +230,7 @@ def sync_device(
         uploaded = duplicates = failed = batches = last_id = 0
         size = options.batch_size
         error: str | None = None
-        central_down = False
+        answered = central_down = False
         cursor, cursor_central = download_since, download_central
         try:
             while True:
@@ -252,6 +259,7 @@ def sync_device(
                     device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
                     failed += 1
                     last_id = ids[-1]
+                    answered = True
                     continue
                 upload_seconds = time.perf_counter() - started
                 _pause_for_crash_test()
@@ -260,7 +268,9 @@ def sync_device(
                 duplicates += result.duplicates
                 batches += 1
                 last_id = ids[-1]
+                answered = True
                 size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
+            after = device_store.counts(conn)
             # A refused event says central answered: only a batch failed as a whole skips the download.
             if cursor is not None and not central_down:
                 try:
@@ -269,12 +279,15 @@ def sync_device(
                         cursor, cursor_central = 0, central
                     since = min(cursor, device_store.downloaded_through(conn))
                     cursor = download_into_store(conn, session, since)
+                    answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
                     failure = _one_line(exc, options.central_url, "download from")
                     error = failure if error is None else f"{error}; {failure}"
+                    central_down = True
+            elif not answered and not central_down and after.waiting:  # sent nothing, events wait: is central up?
+                answered = _central_answers(uploader)
         finally:
             uploader.close()
-        after = device_store.counts(conn)
     return DeviceReport(
         device_id=identity.device_id,
         user_id=identity.user_id,
@@ -293,7 +306,20 @@ def sync_device(
         download_cursor=cursor,
         download_central=cursor_central,
         error=error,
+        reached_central=answered and not central_down,
     )
+
+
+def _central_answers(uploader: _Uploader) -> bool:
+    """Whether central takes a connection now: all a run that sent nothing, its failed events
+    waiting out their backoff, can learn of central, and whether it counts as contact (see
+    :attr:`DeviceReport.succeeded`). A refused connection is no error of the run: no event was
+    due, and the run that next sends one records why it fails."""
+    try:
+        uploader.session_or_connect()
+    except (psycopg.Error, UserError):
+        return False
+    return True
 
 
 def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int) -> int:

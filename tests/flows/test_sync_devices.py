@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -445,12 +446,14 @@ def test_sigkill_mid_upgrade_or_downgrade_leaves_the_store_as_it_was_and_the_rer
 
 
 @contextmanager
-def _offline_for_two_hours(state_db: str, store: Path, device_id: str) -> Iterator[_Collect]:
-    """A device configured two hours ago whose central cannot be reached; yields the run log's
-    collector. The offline threshold is the default hour, so every failed run raises the alert."""
+def _offline_for_two_hours(
+    state_db: str, store: Path, device_id: str, central: str = "postgresql://postgres@127.0.0.1:1/nowhere"
+) -> Iterator[_Collect]:
+    """A device configured two hours ago, syncing into ``central`` (by default one that cannot be
+    reached); yields the run log's collector. The offline threshold is the default hour, so every
+    run that is no successful sync raises the alert."""
     saved = sync_state.load_config(state_db)
-    dead = "postgresql://postgres@127.0.0.1:1/nowhere"
-    sync_state.save_config(state_db, saved.model_copy(update={"central_url": dead}))
+    sync_state.save_config(state_db, saved.model_copy(update={"central_url": central}))
     sync_state.register_device(state_db, store, Identity(device_id, "u", "p"))
     with psycopg.connect(state_db) as conn:
         conn.execute(
@@ -503,6 +506,35 @@ def test_a_run_that_only_finds_events_waiting_out_their_backoff_is_no_successful
     assert device.last_success_at is None
     offline = [m for m in collect.messages if "sync alert offline" in m]
     assert len(offline) == 2 and all("device waiting: no successful sync for 120 min" in m for m in offline)
+
+
+def test_a_device_whose_only_event_central_refuses_is_not_offline(
+    state_db: str, fresh_db: str, tmp_path: Path
+) -> None:
+    """Central answers every run but refuses the device's one event for its data (a text time).
+    That is contact with central, so only the failure-rate alert speaks: counted as no successful
+    sync, the refusal and every run that then found the event waiting out its backoff (nothing to
+    send) left the offline clock running, and the offline alert fired although central was up."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "r.db", 1)
+    with sqlite3.connect(store) as conn:
+        conn.execute("UPDATE events SET timestamp = 'soon'")
+    with _offline_for_two_hours(state_db, store, "refused", fresh_db) as collect:
+        first = sync_devices(return_state=True)
+        assert first.is_failed() and "refused: upload to" in first.message
+        with psycopg.connect(state_db) as conn:  # hours later, the event still waiting out its backoff
+            conn.execute(
+                "UPDATE flowyard.sync_devices SET last_success_at = now() - interval '2 hours' "
+                "WHERE device_id = 'refused'"
+            )
+        second = sync_devices()["devices"]["refused"]
+        device = {d.device_id: d for d in sync_state.list_devices(state_db)}["refused"]
+    assert (second["uploaded"], second["failed"], second["waiting_after"], second["error"]) == (0, 0, 1, None)
+    assert device.last_success_at is not None
+    assert device.last_success_at > device.created_at + timedelta(hours=1)  # the second run's success
+    alerts = [m.split(":")[0] for m in collect.messages if m.startswith("sync alert")]
+    assert alerts == ["sync alert failure-rate"]
 
 
 def test_hash_mode_sends_only_keyed_hashes_of_fields_outside_the_allowlist(

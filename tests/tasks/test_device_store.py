@@ -134,6 +134,24 @@ def test_event_data_that_is_not_utf8_is_read_with_replacement_characters(tmp_pat
         assert [type(data) for *_, data in batch] == [str] * 5
 
 
+def test_text_the_app_wrote_as_a_blob_is_read_as_its_text(tmp_path: Path) -> None:
+    """SQLite keeps any type in any column: an app handing its driver bytes stores a BLOB, which
+    went to central as bytea text (``\\x6c6f67``) or was refused as no uuid. It is read as the
+    text it holds, invalid UTF-8 with U+FFFD as in a TEXT value."""
+    store = make_store(tmp_path / "dev.db", 3, identity=IDENTITY)
+    text_columns = ("sync_id", "device_id", "user_id", "project_id", "event_type", "event_data")
+    with device_store.open_store(store) as conn:
+        expected = device_store.read_pending(conn, 0, 10, now_ms=device_store.now_ms())
+        as_blobs = ", ".join(f"{column} = CAST({column} AS BLOB)" for column in text_columns)
+        conn.execute(f"UPDATE events SET {as_blobs} WHERE id = 2")
+        conn.execute("UPDATE events SET event_type = ? WHERE id = 3", (b"lo\xe9",))
+        stored = conn.execute("SELECT typeof(sync_id), typeof(event_type) FROM events WHERE id = 2").fetchone()
+        assert stored == ("blob", "blob")
+        batch = device_store.read_pending(conn, 0, 10, now_ms=device_store.now_ms())
+    assert batch[:2] == expected[:2]
+    assert batch[2] == (*expected[2][:6], "lo\ufffd", expected[2][7])
+
+
 def test_a_decode_error_never_quotes_the_stored_text(tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 1, identity=IDENTITY)
     with pytest.raises(UserError, match=r"Could not decode to UTF-8 column 'data'$") as info:

@@ -143,6 +143,26 @@ def test_event_data_that_is_not_utf8_syncs_filtered_and_quoted_nowhere(central: 
     assert data == {"action": "sav\ufffd"}
 
 
+def test_text_written_as_a_blob_reaches_central_as_its_text(central: str, tmp_path: Path) -> None:
+    """An event type, sync id or device id the app stored as a BLOB: central got the bytea text
+    (``\\x636f6d6d6974``) as the event type or device id, and refused the sync id as no uuid."""
+    store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        want = conn.execute("SELECT id, sync_id, event_type FROM events WHERE id IN (2, 3)").fetchall()
+        conn.execute("UPDATE events SET event_type = CAST(event_type AS BLOB) WHERE id = 2")
+        conn.execute(
+            "UPDATE events SET sync_id = CAST(sync_id AS BLOB), device_id = CAST(device_id AS BLOB) WHERE id = 3"
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after, report.error) == (10, 0, 0, None)
+    with psycopg.connect(central) as conn:
+        rows = conn.execute(
+            "SELECT local_id, sync_id::text, event_type, device_id FROM devflow.events "
+            "WHERE local_id IN (2, 3) ORDER BY local_id"
+        ).fetchall()
+    assert rows == [(local_id, sync_id, kind, "dev-a") for local_id, sync_id, kind in want]
+
+
 def test_a_null_event_data_syncs_as_an_empty_object(central: str, tmp_path: Path) -> None:
     """The app's own v1 table (no schema version, so flowyard did not create it) may allow a NULL
     ``event_data``: that event syncs as ``{}`` with the rest. The privacy filter used to raise a
@@ -222,6 +242,21 @@ def test_a_text_time_refused_once_leaves_later_runs_recorded(
     finally:
         sync_state.remove_device(state_db, identity.device_id)
     assert [(row.pending_after, row.lag_seconds, row.error) for row in recorded] == [(1, None, None)]
+
+
+def test_a_refused_event_is_contact_with_central(central: str, tmp_path: Path) -> None:
+    """Central refusing a device's only event for its data answered the run: a successful sync,
+    for the offline clock. So is a later run that finds the event waiting out its backoff, once a
+    connection to central opens; with central down, that run is none, and no error of its own."""
+    store = make_store(tmp_path / "dev.db", 1, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET timestamp = 'soon'")
+    refused = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (refused.uploaded, refused.failed, refused.succeeded) == (0, 1, True) and refused.error
+    waiting = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (waiting.failed, waiting.waiting_after, waiting.error, waiting.succeeded) == (0, 1, None, True)
+    dead = sync_device(store, IDENTITY, SyncOptions(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"))
+    assert (dead.failed, dead.waiting_after, dead.error, dead.succeeded) == (0, 1, None, False)
 
 
 def test_terminated_connections_lose_nothing(central: str, tmp_path: Path) -> None:
