@@ -5,8 +5,9 @@ DAG: recover tasks of dead workers → loop { claim ready tasks (dependencies co
 ``wait_for`` its dependencies) } → mark tasks blocked by failed dependencies (or waiting for
 draft or review ones) → metrics.
 On cancellation or SIGTERM/SIGINT every running agent is stopped gracefully and its task
-goes back to the queue with a ``graceful_shutdown`` checkpoint. A run called in-process (no
-runner to deliver SIGTERM) notices a cancellation through the API and ends ``Cancelled``.
+goes back to the queue with a ``graceful_shutdown`` checkpoint; the stopped run still publishes
+its metrics and its tasks' outcomes. A run called in-process (no runner to deliver SIGTERM)
+notices a cancellation through the API and ends ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, cast
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -34,7 +36,7 @@ from tasks.agent_process import (
     templates_from,
 )
 from tasks.cancel_watch import CancelWatch
-from tasks.errors import one_line
+from tasks.errors import one_line, printable
 from tasks.state import state_url
 
 
@@ -97,39 +99,57 @@ def run_agent_queue(
     # twice the agents: a task run whose agent is done may still be ending in Prefect when the
     # next one starts in its slot
     runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=2 * max_agents)
-    with runner, fleet(setup) as agents_fleet:
-        running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
-        finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
-        claimed = 0
-        while True:
-            room = min(max_agents - agents_fleet.busy_slots(), 2 * max_agents - len(running))
-            if max_tasks is not None:
-                room = min(room, max_tasks - claimed)
-            for task in queue.claim_ready(
-                url, setup.worker, room, setup.templates, exclude=running, lease_seconds=setup.limits.lease_seconds
-            ):
-                claimed += 1
-                agents_fleet.claimed(task)
-                running[task.id] = future = runner.submit(
-                    attempt(task.agent_type),
-                    parameters={"task_id": task.id, "worker": setup.worker},
-                    wait_for=_dependency_runs(finished, running, task.blocked_by),
-                )
-                future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
-            if not running:
-                break
-            agents_fleet.wait_for_slot(timeout=1.0)
-            if cancel.requested():
-                released = agents_fleet.shutdown("graceful_shutdown: flow run cancelled")
-                break
-            for task_id in [t for t, f in running.items() if f.wrapped_future.done()]:
-                finished[task_id] = running.pop(task_id)
-                outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
+    running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
+    try:
+        with runner, fleet(setup) as agents_fleet:
+            finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
+            claimed = 0
+            while True:
+                room = min(max_agents - agents_fleet.busy_slots(), 2 * max_agents - len(running))
+                if max_tasks is not None:
+                    room = min(room, max_tasks - claimed)
+                for task in queue.claim_ready(
+                    url, setup.worker, room, setup.templates, exclude=running, lease_seconds=setup.limits.lease_seconds
+                ):
+                    claimed += 1
+                    agents_fleet.claimed(task)
+                    running[task.id] = future = runner.submit(
+                        attempt(task.agent_type),
+                        parameters={"task_id": task.id, "worker": setup.worker},
+                        wait_for=_dependency_runs(finished, running, task.blocked_by),
+                    )
+                    future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
+                if not running:
+                    break
+                agents_fleet.wait_for_slot(timeout=1.0)
+                if cancel.requested():
+                    released = agents_fleet.shutdown("graceful_shutdown: flow run cancelled")
+                    break
+                for task_id in [t for t, f in running.items() if f.wrapped_future.done()]:
+                    finished[task_id] = running.pop(task_id)
+                    outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
+    except (TerminationSignal, KeyboardInterrupt):  # SIGTERM, SIGINT: the fleet stopped the agents
+        _report_stopped(setup, running, outcomes, recovered)
+        raise
     if released is not None:
+        _report_stopped(setup, running, outcomes, recovered)
         # Prefect makes a returned state the run's final state; a caller never gets the state
         # object as the value (it gets CancelledRun raised, or the state with return_state=True).
-        message = f"cancelled through the Prefect API; tasks {released} are back in the queue"
+        # Its data must stay empty (Prefect raises a cancelled state's data as the exception), so
+        # the message says what the run did besides handing tasks back.
+        done = ", ".join(f"task {t} {printable(o)}" for t, o in sorted(outcomes.items()) if t not in released)
+        message = f"cancelled through the Prefect API; tasks {released} are back in the queue" + (
+            f"; {done}" if done else ""
+        )
         return cast(dict[str, Any], Cancelled(message=message))
+    return _report(setup, outcomes, recovered)
+
+
+def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -> dict[str, Any]:
+    """The run's summary: the tasks it ran, those it could not run and why, the metrics; published
+    as the ``agent-metrics`` and ``agent-queue-run`` artifacts unless the run did nothing."""
+    url = setup.database_url
+    logger = get_run_logger()
     unrunnable = queue.unrunnable(url)
     blocked = unrunnable.blocked
     waiting = {**queue.waiting_for_agents(url, setup.templates), **unrunnable.waiting}
@@ -138,10 +158,15 @@ def run_agent_queue(
     metrics = agent_metrics(url)
     if outcomes or recovered:  # an idle scheduled drain adds no artifact versions
         publish_metrics(metrics)
+        rows = [
+            *sorted(outcomes.items()),
+            *((t, f"blocked: {r}") for t, r in sorted(blocked.items())),
+            *sorted(waiting.items()),
+        ]
+        # An agent's error is kept raw in the returned outcomes (the API consumer's to show); a cell
+        # is escaped as ``queue run`` prints it, so a tab or a terminal escape cannot break its row.
         create_table_artifact(
-            table=[{"task_id": t, "outcome": o} for t, o in sorted(outcomes.items())]
-            + [{"task_id": t, "outcome": f"blocked: {r}"} for t, r in sorted(blocked.items())]
-            + [{"task_id": t, "outcome": r} for t, r in sorted(waiting.items())],
+            table=[{"task_id": t, "outcome": printable(o)} for t, o in rows],
             key="agent-queue-run",
             description="Tasks this run of the agent queue executed, and tasks it could not run",
         )
@@ -153,6 +178,28 @@ def run_agent_queue(
         "metrics": metrics_table(metrics),
         "logs_dir": str(setup.logs_dir),
     }
+
+
+def _report_stopped(
+    setup: AgentSetup,
+    running: dict[int, PrefectConcurrentFuture[dict[str, Any]]],
+    outcomes: dict[int, str],
+    recovered: list[int],
+) -> None:
+    """The summary of a run the cancellation or a signal stopped, published as a finished run's is:
+    without it the metrics and the run's artifact waited for the next run. Every task run is over
+    (the fleet stopped the agents, the runner waited for its threads), so each reports its real
+    outcome: ``interrupted`` for a task back in the queue, its own for one whose agent finished as
+    the stop came (it never went through the loop's settling). Best effort: a failure here is
+    logged, never raised instead of the stop."""
+    try:
+        for task_id, future in running.items():
+            if not future.wrapped_future.cancelled():
+                outcomes[task_id] = _settle(setup.database_url, setup.worker, task_id, future)
+        _report(setup, outcomes, recovered)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {one_line(str(exc))}"
+        get_run_logger().warning("the stopped run's summary was not published: %s", reason)
 
 
 def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:

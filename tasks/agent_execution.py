@@ -256,7 +256,7 @@ class Fleet:
         for task_id, attempt in attempts.items():
             if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
                 attempt.process.terminate(0.0)  # bookkeeping stuck: never leave the group
-                _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None, reason)
+                _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None)
         url = self.setup.database_url
         released = [
             t.id
@@ -311,9 +311,7 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _record_interrupted(
-    setup: AgentSetup, task_id: int, attempt: int, checkpoint: dict[str, Any] | None, reason: str
-) -> None:
+def _record_interrupted(setup: AgentSetup, task_id: int, attempt: int, checkpoint: dict[str, Any] | None) -> None:
     """The ``graceful_shutdown`` checkpoint: the agent's latest state, so the task resumes from it
     (not stored when the attempt was superseded: the task's checkpoint is its new holder's).
     Before the agent saved any state it is recorded with none (null): the stop still shows in the
@@ -493,7 +491,7 @@ def _finish(
     setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome, *, final: bool
 ) -> None:
     if outcome.outcome == "interrupted":
-        _record_interrupted(setup, task_id, attempt, outcome.checkpoint, outcome.error or "interrupted")
+        _record_interrupted(setup, task_id, attempt, outcome.checkpoint)
     queue.finish_attempt(
         setup.database_url,
         run_id,

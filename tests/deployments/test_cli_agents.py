@@ -9,6 +9,7 @@ import pytest
 from deployments.agents_demo import agent_queue_demo_parameters
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
+from tasks.agent_process import templates_from
 from tasks.db import connection
 from tasks.errors import UserError, control_character
 from tasks.state import state_url
@@ -364,6 +365,20 @@ def test_an_agent_type_yaml_reads_as_no_text_is_one_line(
     quoted = tmp_path / "quoted.yaml"
     quoted.write_text(f'"{key}": {{argv: ["true"]}}\n')
     assert _ok("run", "--agents-file", str(quoted), "--output-dir", str(tmp_path), env=env) == "no ready tasks\n"
+
+
+def test_an_agent_type_in_the_templates_longer_than_a_tasks_can_be_is_one_line(env: dict[str, str], tmp_path) -> None:
+    """A template's agent type had no length limit while a task's has one: a template named with
+    64 characters was accepted and could never run a task."""
+    longest, too_long = "a" * queue.MAX_AGENT_TYPE_LENGTH, "a" * (queue.MAX_AGENT_TYPE_LENGTH + 1)
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(f'{too_long}: {{argv: ["true"]}}\n')
+    error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
+    assert error.strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file (agent type {too_long!r} in the agent "
+        f"templates has 64 characters; at most 63 are accepted, as for a task's agent type (no task could use it))"
+    )
+    assert set(templates_from({longest: {"argv": ["true"]}})) == {"reference", longest}
 
 
 @pytest.mark.parametrize("agent_type", ["coder\n", "a b\tc", "\x1b[31mred"])

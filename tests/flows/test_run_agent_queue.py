@@ -29,8 +29,9 @@ from tasks.agent_execution import run_log_line
 from tasks.agent_metrics import agent_metrics
 from tasks.agent_process import DEFAULT_TEMPLATES, agent_mark
 from tasks.agent_protocol import parse_line
+from tasks.cancel_watch import CancelWatch
 from tasks.db import connection
-from tasks.errors import UserError
+from tasks.errors import UserError, control_character, printable
 from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
@@ -428,6 +429,18 @@ def test_a_dependency_that_failed_in_the_run_then_completed_elsewhere_lets_its_d
     assert queue.get_task(qdb, dependent).result == {"ran": True}
 
 
+def test_the_run_artifact_escapes_control_characters_in_an_agents_error(tmp_path: Path, qdb: str) -> None:
+    """A tab or a terminal escape in an agent's error is escaped in the run's artifact, as `queue run`
+    prints it, and kept raw in the returned outcome."""
+    task_id = queue.create_task(qdb, _new("bad", {"fail": "bad\tinput \x1b[31mred\x1b[0m"}))
+    state = run_agent_queue(retries=0, return_state=True, **_kw(tmp_path, qdb))
+    outcome = state.result()["outcomes"][task_id]
+    assert "bad\tinput \x1b[31mred" in outcome
+    rows = _table({a.key: a for a in flow_run_artifacts(state)}["agent-queue-run"])
+    assert rows == [{"task_id": task_id, "outcome": printable(outcome)}]
+    assert "bad\\tinput \\x1b[31mred" in rows[0]["outcome"] and control_character(rows[0]["outcome"]) is None
+
+
 def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: str) -> None:
     task_id = queue.create_task(qdb, _new("escape", {"steps": 1}, workdir="../../etc"))
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
@@ -571,6 +584,7 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     for task in running:
         _assert_gracefully_stopped(qdb, task.id, task.agent_pgid)
     assert len(children) == 4 and not _alive(children)
+    _assert_stopped_run_published(_flow_run_of(qdb, task_id), {task_id: "interrupted", stubborn: "interrupted"})
     summary = run_agent_queue(max_agents=2, **_kw(tmp_path, qdb, max_tasks=0))
     assert summary["outcomes"] == {}
     queue.cancel_task(qdb, stubborn)
@@ -615,6 +629,7 @@ def test_cancelling_the_flow_run_through_the_api_checkpoints_and_leaves_no_orpha
         _wait_pending(qdb, task_id)
         _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
         assert not _alive(children)
+        _assert_stopped_run_published(run_id, {task_id: "interrupted"})
 
 
 def _assert_reaped(task: queue.AgentTask, children: list[int]) -> None:
@@ -893,6 +908,83 @@ def test_cancelling_an_in_process_run_through_the_api_checkpoints_and_ends_cance
     _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
     assert not _alive(children)
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
+    _assert_stopped_run_published(run_id, {task_id: "interrupted"})
+
+
+def _assert_stopped_run_published(run_id: str, outcomes: dict[int, str]) -> None:
+    """A stopped run published its metrics and its tasks' outcomes, as a finished run does."""
+    found = {a.key: a for a in flow_run_artifacts(_flow_run_state(uuid.UUID(run_id)))}
+    assert {"agent-metrics", "agent-queue-run"} <= set(found), sorted(found)
+    assert {r["agent_type"] for r in _table(found["agent-metrics"])} == {"reference"}
+    assert {r["task_id"]: r["outcome"] for r in _table(found["agent-queue-run"])} == outcomes
+
+
+def _table(artifact: Any) -> list[dict[str, Any]]:
+    """The rows of a table artifact (Prefect stores its data as JSON text)."""
+    data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    return list(data)
+
+
+class _CancelOnceCompleted(CancelWatch):
+    """The run's own watch, asking the API on every call, over a real cancellation through the API
+    that is sent only once ``task_id`` completed in the queue (the run's loop blocks until then):
+    the agent finished as the cancel came, before the loop settled its task run, deterministically.
+    ``then`` runs right after the cancellation is sent."""
+
+    def __init__(self, url: str, task_id: int, then: Callable[[], None] = lambda: None) -> None:
+        super().__init__(interval=0.0)
+        self._url, self._task_id, self._then = url, task_id, then
+        self._sent = False
+
+    def requested(self) -> bool:
+        if not self._sent:
+            from prefect.client.orchestration import get_client
+            from prefect.context import FlowRunContext
+            from prefect.states import Cancelling
+
+            _wait_status(self._url, self._task_id, "completed")
+            context = FlowRunContext.get()
+            assert context is not None and context.flow_run is not None
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(context.flow_run.id, Cancelling(message="cancelled by test"), force=True)
+            self._then()
+            self._sent = True
+        return super().requested()
+
+
+def test_a_task_that_completed_as_the_cancel_came_keeps_its_outcome(
+    tmp_path: Path, qdb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancelled run left out a task whose agent completed after the loop's last settling: it
+    was neither back in the queue nor in the run's outcomes, message or artifact."""
+    task_id = queue.create_task(qdb, _new("short", {"steps": 2, "sleep": 0.2}))
+    monkeypatch.setattr("flows.run_agent_queue.CancelWatch", lambda: _CancelOnceCompleted(qdb, task_id))
+    state = run_agent_queue(max_agents=1, return_state=True, **_kw(tmp_path, qdb))
+    assert state.is_cancelled(), state
+    assert state.message.endswith(f"tasks [] are back in the queue; task {task_id} completed"), state
+    _assert_stopped_run_published(str(state.state_details.flow_run_id), {task_id: "completed"})
+
+
+def test_a_cancelled_run_that_cannot_publish_its_summary_still_ends_cancelled(
+    tmp_path: Path, qdb: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing a stopped run's summary is best effort: its failure must not turn the
+    cancellation into a failed run."""
+    task_id = queue.create_task(qdb, _new("short", {"steps": 1}))
+
+    def lose_the_attempts_table() -> None:  # what the metrics read: gone as the summary is built
+        with connection(qdb) as conn:
+            conn.execute("ALTER TABLE flowyard.agent_runs RENAME TO agent_runs_away")
+
+    monkeypatch.setattr(
+        "flows.run_agent_queue.CancelWatch", lambda: _CancelOnceCompleted(qdb, task_id, lose_the_attempts_table)
+    )
+    try:
+        state = run_agent_queue(max_agents=1, return_state=True, **_kw(tmp_path, qdb))
+    finally:
+        with connection(qdb) as conn:
+            conn.execute("ALTER TABLE IF EXISTS flowyard.agent_runs_away RENAME TO agent_runs")
+    assert state.is_cancelled() and "tasks [] are back in the queue" in state.message, state
 
 
 def _live_agent_groups(worker: subprocess.Popen[bytes], task_id: int) -> set[int]:
