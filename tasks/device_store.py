@@ -198,9 +198,33 @@ def store_path(given: str | Path) -> Path:
     as that same user), and the path is resolved, so one file is one device row however it is named.
     The one place a store path is parsed: a shell leaves ``--store=~/x.db`` and a quoted ``~`` alone.
     A path that is not UTF-8 is refused here: flowyard records every store's path in PostgreSQL."""
-    path = Path(given).expanduser().resolve()
+    path = _resolved(_home_expanded(Path(given)))
     check_utf8(str(path), f"device store path {str(path)!r}", "rename the file (or its folder) to a UTF-8 name")
     return path
+
+
+def _home_expanded(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` made that home directory; one line when it names
+    none (a mistyped user, or no ``HOME`` for a user without a passwd entry, as in some
+    containers): pathlib's RuntimeError would be a traceback."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise UserError(
+            f"device store path {str(path)!r} starts with {path.parts[0]!r}, which names no home directory "
+            "here; give the store's absolute path"
+        ) from None
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` absolute with its symlinks and ``..`` resolved, so one file is one device however
+    it is named; one line for a path that runs into a symlink loop (pathlib's RuntimeError)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise UserError(
+            f"device store path {str(path)!r} runs into a symlink loop; give the path of the device's SQLite file"
+        ) from None
 
 
 def check_store_path(path: Path) -> None:

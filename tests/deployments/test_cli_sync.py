@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import psycopg
@@ -20,7 +21,7 @@ from tasks.sample_devices import demo_sync_parameters, make_store
 from tasks.state import state_url
 from tasks.sync_report import settle_device
 from tasks.sync_state import SyncConfig, SyncTarget
-from tests.conftest import flow_run_artifacts, run_cli
+from tests.conftest import ROOT, flow_run_artifacts, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -750,6 +751,55 @@ def test_a_store_path_starting_with_a_tilde_is_in_the_home_directory(
         assert device.store_path == str(moved.resolve())
     finally:
         sync_state.remove_device(state_db, "home-dev")
+
+
+def test_a_store_named_relatively_through_a_symlink_or_dotdot_is_one_device(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A store path is resolved where it is given, registering and running alike: a relative one
+    against the command's directory, and through symlinks and `..`, so it is stored absolute (a
+    scheduled run elsewhere finds it) and every name of one file is that one device."""
+    (tmp_path / "stores").mkdir()
+    store = make_store(tmp_path / "stores" / "path-dev.db", 4).resolve()
+    (tmp_path / "link.db").symlink_to(store)
+    importable = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, cwd=tmp_path, env=importable)
+
+    try:
+        added = cli("sync", "configure", "--add-store", "stores/path-dev.db", "--device-id", "path-dev")
+        assert added.returncode == 0 and f"added device path-dev: {store}\n" in added.stdout, added.stderr
+        again = cli("sync", "configure", "--add-store", "link.db")
+        assert again.returncode == 0 and f"added device path-dev: {store}\n" in again.stdout, again.stderr
+        second = cli("sync", "configure", "--add-store", "stores/../link.db", "--device-id", "path-dev-2")
+        assert second.returncode == 2 and f"device store {store} is already device 'path-dev'" in second.stderr
+        ran = cli("sync", "trigger", "--store", "./stores/../link.db", "--central-url", fresh_db)
+        assert ran.returncode == 0 and "path-dev: uploaded=4 " in ran.stdout, ran.stderr
+        devices = [d for d in sync_state.list_devices(state_db) if d.device_id.startswith("path-dev")]
+        assert [(d.device_id, d.store_path, d.registered) for d in devices] == [("path-dev", str(store), True)]
+    finally:
+        sync_state.remove_device(state_db, "path-dev")
+
+
+def test_a_store_path_that_cannot_be_resolved_is_one_line(state_db: str, tmp_path: Path) -> None:
+    """A `~user` naming no user (also in a flow parameter) and a symlink loop are one line, exit
+    2, before anything is read or saved: not pathlib's traceback."""
+    from flows.sync_controls import sync_configure
+
+    loop = tmp_path / "loop.db"
+    loop.symlink_to(loop)
+    nobody = "~no-such-user-flowyard"
+    for args, message in (
+        (("configure", "--add-store", f"{nobody}/dev.db"), f"starts with {nobody!r}, which names no home directory"),
+        (("trigger", "--store", str(loop)), f"device store path {str(loop)!r} runs into a symlink loop"),
+        (("migrate", "up", str(loop)), f"device store path {str(loop)!r} runs into a symlink loop"),
+    ):
+        out = run_cli("sync", *args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("flowyard: error: device store path ") and message in out.stderr, out.stderr
+    with pytest.raises(UserError, match=f"^device store path '{nobody}/dev.db' starts with '{nobody}', "):
+        sync_configure(add_store=f"{nobody}/dev.db")
 
 
 def test_trigger_counts_events_waiting_out_their_backoff_apart_from_pending(
