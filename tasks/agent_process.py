@@ -37,7 +37,7 @@ from tasks.agent_protocol import (
     ResultMessage,
     parse_line,
 )
-from tasks.agent_queue import DEFAULT_LEASE_SECONDS, MAX_AGENT_TYPE_LENGTH
+from tasks.agent_queue import DEFAULT_LEASE_SECONDS, check_agent_type
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
 from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range, validation_problem
 from tasks.process_group import spawn_group, terminate_group
@@ -146,19 +146,18 @@ def templates_from(config: dict[str, Any] | None) -> dict[str, AgentTemplate]:
 def _agent_type(name: object) -> str:
     """An agent type of the templates, which must be text like the tasks' own: YAML reads a bare
     ``1:``, ``on:``, ``no:`` or ``null:`` as a number, boolean or null, and ``queue run`` then
-    failed with a traceback (Prefect refused the ``agents`` parameter). Nor may it be longer than
-    a task's agent type can be (:data:`MAX_AGENT_TYPE_LENGTH`): no task would ever match it."""
+    failed with a traceback (Prefect refused the ``agents`` parameter). It follows a task's rule
+    (:func:`check_agent_type`): a name no task's agent type can be would never run a task."""
     if not isinstance(name, str):
         raise UserError(
             f"agent type {name!r} in the agent templates is not text but {type(name).__name__}; "
             "quote it (YAML reads bare numbers, yes/no, on/off and null as other types)"
         )
-    if len(name) > MAX_AGENT_TYPE_LENGTH:
-        raise UserError(
-            f"agent type {name!r} in the agent templates has {len(name)} characters; at most "
-            f"{MAX_AGENT_TYPE_LENGTH} are accepted, as for a task's agent type (no task could use it)"
-        )
+    check_agent_type(name, "an agent type in the agent templates", _NO_TASK_COULD_USE_IT)
     return name
+
+
+_NO_TASK_COULD_USE_IT = "rename that template as a task's agent type can be named (no task could use it)"
 
 
 def _template(name: str, spec: Any) -> AgentTemplate:

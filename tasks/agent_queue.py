@@ -343,20 +343,24 @@ def create_task(url: str, task: NewTask) -> int:
 
 def _refuse_unrunnable_agent_type(task: NewTask) -> None:
     """A task without an agent type is refused: no worker has a template for it, so it would wait
-    in the queue for good. So is one that starts or ends with a space (``"coder "``, which no
-    template named ``coder`` runs), one with a control character, as in a title, or one over
-    :data:`MAX_AGENT_TYPE_LENGTH` characters."""
-    if not task.agent_type.strip():
-        raise UserError(f"the agent type of task {task.title!r} is empty; {_NAME_THE_AGENT}")
-    _refuse_line_breaking(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
-    if task.agent_type != task.agent_type.strip():
+    in the queue for good; and so is any type no template can be named (:func:`check_agent_type`)."""
+    check_agent_type(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
+
+
+def check_agent_type(agent_type: str, what: str, fix: str) -> None:
+    """One rule for a task's agent type and a template's, so every template can run a task and
+    every task can have a template: not empty; no control character (a column of ``queue list``,
+    as a title is); no leading or trailing space (``"coder "``, which no template named ``coder``
+    runs); at most :data:`MAX_AGENT_TYPE_LENGTH` characters. ``what`` names the value in the
+    one-line error, ``fix`` says what to do."""
+    if not agent_type.strip():
+        raise UserError(f"{what} is empty; {fix}")
+    _refuse_line_breaking(agent_type, what, fix)
+    if agent_type != agent_type.strip():
+        raise UserError(f"{what} {agent_type!r} starts or ends with a space; {fix}")
+    if len(agent_type) > MAX_AGENT_TYPE_LENGTH:
         raise UserError(
-            f"the agent type of task {task.title!r} {task.agent_type!r} starts or ends with a space; {_NAME_THE_AGENT}"
-        )
-    if len(task.agent_type) > MAX_AGENT_TYPE_LENGTH:
-        raise UserError(
-            f"the agent type of task {task.title!r} has {len(task.agent_type)} characters; at most "
-            f"{MAX_AGENT_TYPE_LENGTH} are accepted: {_NAME_THE_AGENT}"
+            f"{what} has {len(agent_type)} characters; at most {MAX_AGENT_TYPE_LENGTH} are accepted: {fix}"
         )
 
 

@@ -375,10 +375,33 @@ def test_an_agent_type_in_the_templates_longer_than_a_tasks_can_be_is_one_line(e
     agents.write_text(f'{too_long}: {{argv: ["true"]}}\n')
     error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
     assert error.strip() == (
-        f"flowyard: error: {agents} is not a valid agent template file (agent type {too_long!r} in the agent "
-        f"templates has 64 characters; at most 63 are accepted, as for a task's agent type (no task could use it))"
+        f"flowyard: error: {agents} is not a valid agent template file (an agent type in the agent templates "
+        "has 64 characters; at most 63 are accepted: rename that template as a task's agent type can be named "
+        "(no task could use it))"
     )
     assert set(templates_from({longest: {"argv": ["true"]}})) == {"reference", longest}
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("", "is empty"),
+        (" coder", "' coder' starts or ends with a space"),
+        ("co\tder", "'co\\tder' holds the control character '\\t'"),
+    ],
+)
+def test_an_agent_type_in_the_templates_that_no_task_can_have_is_one_line(
+    env: dict[str, str], tmp_path, name: str, problem: str
+) -> None:
+    """A template follows a task's agent-type rule: one named empty, with a space at an end or
+    with a control character was accepted, and no task (whose type cannot be so) could use it."""
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(json.dumps({name: {"argv": ["true"]}}) + "\n")  # JSON is YAML: the name as given
+    error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
+    assert error.strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file (an agent type in the agent templates "
+        f"{problem}; rename that template as a task's agent type can be named (no task could use it))"
+    ), error
 
 
 @pytest.mark.parametrize("agent_type", ["coder\n", "a b\tc", "\x1b[31mred"])
