@@ -286,8 +286,11 @@ command line), and the task would wait for a template nobody writes."""
 
 
 def create_task(url: str, task: NewTask) -> int:
-    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id."""
-    _refuse_unrunnable_agent_type(task)
+    """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
+
+    A task whose agent type no template can have (:func:`check_agent_type`; an empty one: no
+    worker has a template for it) is refused: it would wait in the queue for good."""
+    check_agent_type(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
     for field_name, value in (
         ("title", task.title),
         ("description", task.description),
@@ -339,12 +342,6 @@ def create_task(url: str, task: NewTask) -> int:
             [(blocker, row[0]) for blocker in sorted(set(task.blocked_by))],
         )
     return int(row[0])
-
-
-def _refuse_unrunnable_agent_type(task: NewTask) -> None:
-    """A task without an agent type is refused: no worker has a template for it, so it would wait
-    in the queue for good; and so is any type no template can be named (:func:`check_agent_type`)."""
-    check_agent_type(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
 
 
 def check_agent_type(agent_type: str, what: str, fix: str) -> None:
