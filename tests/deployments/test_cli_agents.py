@@ -367,41 +367,30 @@ def test_an_agent_type_yaml_reads_as_no_text_is_one_line(
     assert _ok("run", "--agents-file", str(quoted), "--output-dir", str(tmp_path), env=env) == "no ready tasks\n"
 
 
-def test_an_agent_type_in_the_templates_longer_than_a_tasks_can_be_is_one_line(env: dict[str, str], tmp_path) -> None:
-    """A template's agent type had no length limit while a task's has one: a template named with
-    64 characters was accepted and could never run a task."""
-    longest, too_long = "a" * queue.MAX_AGENT_TYPE_LENGTH, "a" * (queue.MAX_AGENT_TYPE_LENGTH + 1)
-    agents = tmp_path / "agents.yaml"
-    agents.write_text(f'{too_long}: {{argv: ["true"]}}\n')
-    error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
-    assert error.strip() == (
-        f"flowyard: error: {agents} is not a valid agent template file (an agent type in the agent templates "
-        "has 64 characters; at most 63 are accepted: rename that template as a task's agent type can be named "
-        "(no task could use it))"
-    )
-    assert set(templates_from({longest: {"argv": ["true"]}})) == {"reference", longest}
-
-
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
-        ("", "is empty"),
-        (" coder", "' coder' starts or ends with a space"),
-        ("co\tder", "'co\\tder' holds the control character '\\t'"),
+        ("", "is empty;"),
+        (" coder", "' coder' starts or ends with a space;"),
+        ("co\tder", "'co\\tder' holds the control character '\\t';"),
+        ("a" * (queue.MAX_AGENT_TYPE_LENGTH + 1), "has 64 characters; at most 63 are accepted:"),
     ],
 )
 def test_an_agent_type_in_the_templates_that_no_task_can_have_is_one_line(
     env: dict[str, str], tmp_path, name: str, problem: str
 ) -> None:
-    """A template follows a task's agent-type rule: one named empty, with a space at an end or
-    with a control character was accepted, and no task (whose type cannot be so) could use it."""
+    """A template follows a task's agent-type rule: one named empty, with a space at an end, with
+    a control character or with more characters than a task's type may have was accepted, and no
+    task (whose type cannot be so) could use it. The longest a task may have is accepted."""
     agents = tmp_path / "agents.yaml"
     agents.write_text(json.dumps({name: {"argv": ["true"]}}) + "\n")  # JSON is YAML: the name as given
     error = _user_error("run", "--agents-file", str(agents), "--output-dir", str(tmp_path), env=env)
     assert error.strip() == (
         f"flowyard: error: {agents} is not a valid agent template file (an agent type in the agent templates "
-        f"{problem}; rename that template as a task's agent type can be named (no task could use it))"
+        f"{problem} rename that template as a task's agent type can be named (no task could use it))"
     ), error
+    longest = "a" * queue.MAX_AGENT_TYPE_LENGTH
+    assert set(templates_from({longest: {"argv": ["true"]}})) == {"reference", longest}
 
 
 @pytest.mark.parametrize("agent_type", ["coder\n", "a b\tc", "\x1b[31mred"])
