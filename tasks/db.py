@@ -16,8 +16,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 from psycopg.abc import Params, QueryNoTemplate
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from tasks.errors import ConnectionUnavailable, UserError, check_utf8
+from tasks.errors import ConnectionUnavailable, UserError, check_utf8, first_line
 
 MIN_SERVER_VERSION = 140000
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
@@ -32,7 +33,18 @@ def validate_postgres_url(url: str) -> str:
             f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
         )
     check_utf8(url, f"not a PostgreSQL URL: {mask_url(url)!r}", "percent-encode them (e.g. %E9)")
-    return urlunsplit(parts._replace(scheme="postgresql"))
+    normalised = urlunsplit(parts._replace(scheme="postgresql"))
+    try:
+        timeout_from_conninfo(conninfo_to_dict(normalised))
+    except psycopg.ProgrammingError as exc:  # libpq's parser, run again by psycopg.connect, would be a traceback
+        reason = first_line(exc)
+        if parts.password:  # libpq quotes a malformed token as written, a password too
+            reason = reason.replace(parts.password, "***")
+        raise UserError(
+            f"not a usable PostgreSQL URL: {mask_url(url)!r}: {reason}; fix it "
+            "(percent-encode special characters, e.g. %25 for %; keep to libpq's query parameters)"
+        ) from None
+    return normalised
 
 
 def mask_url(url: str) -> str:
@@ -110,17 +122,30 @@ row text, CSV streams): the same instant prints alike only in the same zone. Not
 connection, as it changes what ``date_trunc`` and ``::date`` mean for timestamptz."""
 
 
+DEFAULT_CONNECT_TIMEOUT = 10
+"""Seconds to wait for a server that does not answer, unless the URL (``?connect_timeout=``) or
+``PGCONNECT_TIMEOUT`` says otherwise: psycopg's own default is 130 s per host."""
+
+
+def _default_connect_timeout(url: str) -> dict[str, Any]:
+    """``connect_timeout`` for psycopg when the user gave none: passed as an argument, it would
+    override the URL's and the environment's."""
+    given = "connect_timeout" in conninfo_to_dict(url) or os.environ.get("PGCONNECT_TIMEOUT")
+    return {} if given else {"connect_timeout": DEFAULT_CONNECT_TIMEOUT}
+
+
 def connect(
     url: str, *, autocommit: bool = False, application_name: str = "flowyard", utc: bool = False
 ) -> psycopg.Connection:
     """Open a psycopg connection with flowyard's session settings (``TEXT_FORMS``, and the time
     zone ``UTC`` when ``utc``), turning connection failures into a one-line UserError."""
+    target = validate_postgres_url(url)
     try:
         conn = psycopg.connect(
-            validate_postgres_url(url),
+            target,
             autocommit=autocommit,
             application_name=application_name,
-            connect_timeout=10,
+            **_default_connect_timeout(target),
         )
     except psycopg.OperationalError as exc:
         reason = _failure_reason(exc)
@@ -128,6 +153,7 @@ def connect(
             f"cannot connect to {mask_url(url)}: {reason}; check the URL and that the server is running "
             "(`flowyard up` starts the embedded one)",
             _refusal_sqlstate(exc),
+            timed_out=isinstance(exc, psycopg.errors.ConnectionTimeout),
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
         conn.close()

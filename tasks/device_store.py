@@ -13,6 +13,7 @@ so one bad device never hides the others.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sqlite3
@@ -206,7 +207,13 @@ def store_path(given: str | Path) -> Path:
 def _home_expanded(path: Path) -> Path:
     """``path`` with a leading ``~`` or ``~user`` made that home directory; one line when it names
     none (a mistyped user, or no ``HOME`` for a user without a passwd entry, as in some
-    containers): pathlib's RuntimeError would be a traceback."""
+    containers): pathlib's RuntimeError would be a traceback. An empty ``HOME`` names none
+    either, though Python reads it as the root: ``~/x.db`` would silently be ``/x.db``."""
+    if path.parts[:1] == ("~",) and os.environ.get("HOME") == "":
+        raise UserError(
+            f"device store path {str(path)!r} starts with '~', but HOME is set to the empty string; "
+            "set HOME to your home directory (or unset it), or give the store's absolute path"
+        )
     try:
         return path.expanduser()
     except RuntimeError:

@@ -30,11 +30,14 @@ class ConnectionUnavailable(UserError):
     """Connecting to PostgreSQL failed. ``sqlstate`` is the server's reason when it is one a
     later attempt can meet differently (53300 too many connections, 57P03 starting up or
     shutting down), so a retry policy can tell a busy server from a wrong URL; None otherwise.
+    ``timed_out``: nothing answered for the whole connect timeout (a host that drops packets, a
+    hung server), so an attempt right after it would most likely wait as long again.
     (Defaulted, so that pickling, e.g. back from a Dask worker, can rebuild the error.)"""
 
-    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+    def __init__(self, message: str, sqlstate: str | None = None, timed_out: bool = False) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+        self.timed_out = timed_out
 
 
 def first_line(error: BaseException | str) -> str:

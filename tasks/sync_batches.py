@@ -28,7 +28,7 @@ from tasks import device_store
 from tasks.central_store import CentralSession, UploadResult, UploadRow
 from tasks.db import mask_url
 from tasks.device_store import Identity, LocalEvent
-from tasks.errors import UserError, first_line
+from tasks.errors import ConnectionUnavailable, UserError, first_line
 from tasks.privacy_filter import PrivacyPolicy, compile_filter
 
 PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
@@ -47,6 +47,12 @@ bisected down to the bad events. psycopg makes PostgreSQL's program_limit_exceed
 whole batch, on every run.
 Any other error is about the connection, the schema or privileges, and would fail every
 single event the same way."""
+CONNECTION_TROUBLE = (psycopg.OperationalError, UserError)
+"""What a request to central raises when it did not get through: a connection refused, cut or
+timed out (flowyard's connect makes those a UserError, a cut mid-request is psycopg's
+OperationalError, as are passing server conditions a retry may not meet: a deadlock, a
+shutdown). Any other psycopg.Error is central answering with a refusal (a privilege, a missing
+table): the request failed, but central was reached."""
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,9 @@ class DeviceReport:
     reached_central: bool = False
     """Central answered every request of the run: each batch sent went in or was refused for its
     data, the download (if any) went through and, when the run only found failed events waiting
-    out their backoff, a connection opened. False when a batch or the download failed as a whole,
-    and when the run had nothing to ask central."""
+    out their backoff, a connection opened. False when a batch failed as a whole or the download
+    did not get through (:data:`CONNECTION_TROUBLE`; a download central refused, for a privilege or
+    a missing table, is contact), and when the run had nothing to ask central."""
 
     @property
     def succeeded(self) -> bool:
@@ -134,7 +141,8 @@ def upload_rows(events: list[LocalEvent], policy: PrivacyPolicy) -> list[UploadR
 
 
 class _Uploader:
-    """Holds the central session; reconnects with backoff when the connection is cut or refused."""
+    """Holds the central session; reconnects with backoff when the connection is cut or refused,
+    not when a connect timed out (see :attr:`ConnectionUnavailable.timed_out`)."""
 
     def __init__(self, options: SyncOptions) -> None:
         self.options = options
@@ -154,9 +162,11 @@ class _Uploader:
                 return self.session_or_connect().upload(rows)
             except REFUSED_DATA:
                 raise
-            except (psycopg.OperationalError, UserError) as exc:  # cut, refused, deadlock: reconnect
+            except CONNECTION_TROUBLE as exc:  # cut, refused, deadlock: reconnect
                 last_error = exc
                 self.close()
+                if isinstance(exc, ConnectionUnavailable) and exc.timed_out:
+                    break  # nothing answered for a whole connect timeout: another attempt now waits as long
                 time.sleep(self.options.reconnect_backoff_seconds * 2**attempt)
             except psycopg.Error as exc:  # schema or privileges: a retry now would fail the same way
                 self.close()
@@ -283,7 +293,10 @@ def sync_device(
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
                     failure = _one_line(exc, options.central_url, "download from")
                     error = failure if error is None else f"{error}; {failure}"
-                    central_down = True
+                    if isinstance(exc, CONNECTION_TROUBLE):
+                        central_down = True
+                    else:  # central refused the download (a privilege, a missing table): contact all the same
+                        answered = True
             elif not answered and not central_down and after.waiting:  # sent nothing, events wait: is central up?
                 answered = _central_answers(uploader)
         finally:

@@ -802,6 +802,21 @@ def test_a_store_path_that_cannot_be_resolved_is_one_line(state_db: str, tmp_pat
         sync_configure(add_store=f"{nobody}/dev.db")
 
 
+def test_a_tilde_with_an_empty_home_is_one_line(state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty HOME names no home directory: Python reads `~/x.db` as `/x.db`, so flowyard
+    registered or synced whatever store sat at the root, or said that `/x.db` was missing."""
+    from flows.sync_controls import sync_configure
+
+    message = "device store path '~/x.db' starts with '~', but HOME is set to the empty string; set HOME to"
+    for args in (("configure", "--add-store", "~/x.db"), ("trigger", "--store=~/x.db")):
+        out = run_cli("sync", *args, env={"HOME": ""})
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith(f"flowyard: error: {message}") and out.stderr.count("\n") == 1, out.stderr
+    monkeypatch.setenv("HOME", "")
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        sync_configure(add_store="~/x.db")
+
+
 def test_trigger_counts_events_waiting_out_their_backoff_apart_from_pending(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

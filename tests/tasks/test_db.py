@@ -19,6 +19,7 @@ from tasks.db import (
 from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.state import state_url
+from tests.conftest import run_cli
 
 
 def test_unreachable_server_is_a_one_line_error_without_password():
@@ -150,3 +151,48 @@ def test_sessions_print_values_in_pinned_text_forms_whatever_the_database_sets(f
         assert conn.execute(query).fetchone() == ("2024-01-13", "1 day 02:00:00", "0.1", "\\x01", zoned)
     with psycopg.connect(fresh_db) as raw:  # what the database's own sessions print
         assert raw.execute(query).fetchone()[0] == "13/01/2024"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql://app:hun%zzter2@127.0.0.1:5432/app", 'invalid percent-encoded token: "***"'),
+        ("postgresql://app:hunter2@127.0.0.1:5432/app?sslmod=require", 'invalid URI query parameter: "sslmod"'),
+        ("postgresql://app:hunter2@127.0.0.1:5432/app?connect_timeout=ten", "bad value for connect_timeout: 'ten'"),
+    ],
+)
+def test_a_url_libpq_cannot_parse_is_one_line_without_its_password(url, reason):
+    """libpq's parser raised psycopg's ProgrammingError, a traceback, and quoted a malformed
+    token as written: a password too."""
+    with pytest.raises(UserError) as info:
+        connect(url)
+    message = str(info.value)
+    assert message.startswith("not a usable PostgreSQL URL: 'postgresql://app:***@127.0.0.1:5432/app")
+    assert reason in message and "\n" not in message
+    assert "hunter2" not in message and "hun%zz" not in message
+
+
+def test_a_url_with_a_bad_query_parameter_is_one_line_from_the_cli(tmp_path):
+    result = run_cli(
+        "queue",
+        "list",
+        env={"FLOWYARD_DATABASE_URL": "postgresql://app:hun%zzter2@127.0.0.1:5432/app", "FLOWYARD_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "not a usable PostgreSQL URL" in result.stderr and "hun%zz" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("query", "env", "expected"),
+    [("", None, "10"), ("?connect_timeout=3", None, "3"), ("", "4", "4"), ("?connect_timeout=3", "4", "3")],
+)
+def test_a_connect_timeout_the_user_gives_wins_over_flowyards_default(pg, monkeypatch, query, env, expected):
+    """flowyard passed connect_timeout=10 as an argument, which overrode the URL's and
+    ``PGCONNECT_TIMEOUT``: a user could not make a sync give up sooner on an unanswering central."""
+    if env is None:
+        monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", env)
+    with connect(pg.url() + query) as conn:
+        assert conn.info.get_parameters()["connect_timeout"] == expected

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import random
+import socket
 import sqlite3
 import string
 import subprocess
@@ -12,13 +14,14 @@ import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from tasks import central_store, device_store, sync_state
+from tasks import central_store, device_store, sync_alerts, sync_state
 from tasks.db import database_name
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
@@ -26,6 +29,7 @@ from tasks.errors import INT64_MAX
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sample_devices import make_store
 from tasks.sync_batches import Quality, SyncOptions, adapt_batch_size, classify, sync_device, upload_rows
+from tasks.sync_state import AlertThresholds
 from tests.conftest import Role
 
 IDENTITY = Identity("dev-a", "alice", "proj")
@@ -103,6 +107,27 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     forced = sync_device(store, IDENTITY, SyncOptions(central, force=True))
     assert (forced.uploaded, forced.duplicates, forced.pending_after, forced.waiting_after) == (100, 0, 0, 0)
     assert _central_counts(central) == (300, 300)
+
+
+def test_a_central_that_never_answers_is_waited_for_once_per_run(tmp_path: Path) -> None:
+    """A central host that drops packets, or takes connections and never answers, makes a
+    connection attempt wait out the whole connect timeout (10 s). The reconnect attempts meant
+    for a cut or refused connection made that three waits (and their backoff) per device and run;
+    after a timed-out connect the batch fails at once, and the run asks central nothing more."""
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # the kernel takes them; nothing answers
+        central = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/nowhere"
+        store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+        options = SyncOptions(central, upload_attempts=3, reconnect_backoff_seconds=0.01)
+        report = sync_device(store, IDENTITY, options, download_since=0)
+        silent.setblocking(False)
+        attempts = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                silent.accept()[0].close()
+                attempts += 1
+    assert attempts == 1
+    assert (report.uploaded, report.failed, report.pending_after, report.reached_central) == (0, 30, 30, False)
+    assert report.error is not None and "connection timeout expired" in report.error and "\n" not in report.error
 
 
 def test_a_refused_event_is_isolated_and_the_rest_sync(central: str, tmp_path: Path) -> None:
@@ -538,19 +563,26 @@ def test_an_event_past_a_postgresql_limit_is_isolated_and_the_rest_sync(central:
     assert _central_counts(central) == (99, 99)
 
 
+def _central_owned_by(role: Role, database: str) -> str:
+    """The URL, as ``role``, of a central in ``database`` whose schema the role owns, as a
+    central's sync role would; a superuser can then revoke what the role may do in it."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(database_name(database)), sql.Identifier(role.name)
+            )
+        )
+    central = role.url(database)
+    central_store.ensure_schema(central)
+    return central
+
+
 def test_a_refused_privilege_fails_the_batch_as_a_whole(
     limited_role: Role, fresh_db: str, tmp_path: Path
 ) -> None:
     """Not the data's fault: the batch is marked failed as a whole, once, and the device stops
     for this run; bisecting would mark every pending event failed one by one."""
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
-                sql.Identifier(database_name(fresh_db)), sql.Identifier(limited_role.name)
-            )
-        )
-    central = limited_role.url(fresh_db)
-    central_store.ensure_schema(central)  # the role owns the schema, as a central's sync role would
+    central = _central_owned_by(limited_role, fresh_db)
     role = sql.Identifier(limited_role.name)
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(sql.SQL("REVOKE INSERT ON devflow.event_keys FROM {}").format(role))
@@ -585,6 +617,38 @@ def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_pa
     elsewhere = sync_device(store, IDENTITY, SyncOptions(central), download_since=7, download_central=uuid.uuid4())
     assert (elsewhere.download_cursor, elsewhere.download_central) == (0, here)
     assert elsewhere.error is not None and elsewhere.error.startswith("download from ")
+
+
+def test_a_download_central_refuses_is_contact_and_one_it_cannot_reach_is_not(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A sync role without SELECT on the snapshots: central answered the download with a refusal,
+    so the device reached it (a successful sync, never "offline") while its error says why the
+    download failed. Only a download that does not get through means central is down."""
+    central = _central_owned_by(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("REVOKE SELECT ON devflow.project_status FROM {}").format(sql.Identifier(limited_role.name))
+        )
+    identity = Identity("dev-no-select", "alice", "proj")
+    store = make_store(tmp_path / "dev.db", 30, identity=identity)
+    report = sync_device(store, identity, SyncOptions(central), download_since=0)
+    assert (report.uploaded, report.pending_after, report.reached_central, report.succeeded) == (30, 0, True, True)
+    assert report.error is not None and "\n" not in report.error
+    assert report.error.startswith("download from ") and "permission denied for table project_status" in report.error
+    sync_state.record_device_run(state_db, None, report)
+    try:
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == identity.device_id]
+    finally:
+        sync_state.remove_device(state_db, identity.device_id)
+    assert device.last_success_at is not None and device.last_error == report.error
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    unreachable = sync_device(store, identity, SyncOptions(dead), download_since=0)
+    assert (unreachable.reached_central, unreachable.succeeded) == (False, False)
+    assert unreachable.error is not None and unreachable.error.startswith("download from ")
+    now, limits = datetime.now(UTC), AlertThresholds(offline_seconds=3600)
+    alerts = [sync_alerts.evaluate("d", r, now - timedelta(hours=2), limits, now) for r in (report, unreachable)]
+    assert [[alert.kind for alert in raised] for raised in alerts] == [[], ["offline"]]
 
 
 def test_a_download_from_a_central_without_snapshots_drops_another_centrals(central: str, tmp_path: Path) -> None:
