@@ -25,7 +25,15 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import AgentSetup, Fleet, agent_directories, fleet, recover_stale_tasks, run_agent
+from tasks.agent_execution import (
+    AgentSetup,
+    Fleet,
+    agent_directories,
+    fleet,
+    recover_stale_tasks,
+    run_agent,
+    signals_deferred,
+)
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
 from tasks.agent_process import (
     DEFAULT_CHECKPOINT_WAIT_SECONDS,
@@ -129,7 +137,9 @@ def run_agent_queue(
                     finished[task_id] = running.pop(task_id)
                     outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
     except (TerminationSignal, KeyboardInterrupt):  # SIGTERM, SIGINT: the fleet stopped the agents
-        _report_stopped(setup, running, outcomes, recovered)
+        # a second SIGTERM or SIGINT raised in the middle of the summary and left it unpublished
+        with signals_deferred():
+            _report_stopped(setup, running, outcomes, recovered)
         raise
     if released is not None:
         _report_stopped(setup, running, outcomes, recovered)

@@ -286,7 +286,7 @@ def fleet(setup: AgentSetup) -> Iterator[Fleet]:
     try:
         yield current
     except BaseException as exc:
-        with _signals_deferred():
+        with signals_deferred():
             released = current.shutdown(f"graceful_shutdown: {type(exc).__name__}")
             logging.getLogger("flowyard.agents").warning(
                 "graceful shutdown: released tasks %s back to the queue", released
@@ -298,8 +298,10 @@ def fleet(setup: AgentSetup) -> Iterator[Fleet]:
 
 
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Keep a second SIGTERM/SIGINT from interrupting the shutdown itself (main thread only)."""
+def signals_deferred() -> Iterator[None]:
+    """Keep a second SIGTERM/SIGINT from interrupting what a stop still has to do: the shutdown
+    itself, then the stopped run's summary (main thread only). The run is ending on the first
+    signal anyway; one more raised in the middle cut that work short. Ignored, not queued."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -374,7 +376,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     needs to see."""
     current = _FLEETS.get(worker)
     if current is None or current.stopping.is_set():
-        return {"task_id": task_id, "outcome": "interrupted", "checkpoint": None}
+        # the run is stopping (or over): its shutdown hands the task back, and no attempt starts
+        return _attempt_result(task_id, None, "interrupted")
     setup = current.setup
     url = setup.database_url
     row = current.tasks[task_id]
@@ -388,7 +391,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         # Cancelled (or retried and claimed elsewhere) while Prefect waited to retry: the task
         # is where the user put it, which is no failure of this run.
         status = queue.get_task(url, task_id).status
-        return {"task_id": task_id, "outcome": "cancelled" if status == "cancelled" else "released"}
+        return _attempt_result(task_id, None, "cancelled" if status == "cancelled" else "released")
     attempt, run_id = started.number, started.run_id
     job = AgentJob(
         task_id,
@@ -459,27 +462,30 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
 
 def _attempt_result(
     task_id: int,
-    started: queue.Attempt,
+    started: queue.Attempt | None,
     outcome: str,
     result: dict[str, Any] | None = None,
     checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Prefect result of a started attempt, whether its agent ran or the shutdown came before
-    it started: one shape, so a reader of the results never tells the two apart by their keys.
-    ``checkpoint`` is the task's last state: the attempt's own latest, else the one it was handed
-    back (an attempt that resumed and ended without a checkpoint of its own still has it)."""
+    """The Prefect result of every ``run-agent`` run, whether its agent ran, the shutdown came
+    before the agent started, or no attempt started at all (``started`` None: the run was stopping,
+    or the task was no longer this worker's: ``cancelled``, or ``released`` and reclaimed): one shape,
+    so a reader of the results never tells them apart by their keys. ``attempt`` is the attempt's
+    number, None when none started. ``checkpoint`` is the state the attempt left the task at: its
+    own latest, else the one it was handed back (an attempt that resumed and ended without a
+    checkpoint of its own still has it); None when it had neither, or no attempt started."""
     return {
         "task_id": task_id,
-        "attempt": started.number,
+        "attempt": started.number if started is not None else None,
         "outcome": outcome,
         "result": result,
         "checkpoint": checkpoint if checkpoint is not None else _resumed_state(started),
     }
 
 
-def _resumed_state(started: queue.Attempt) -> dict[str, Any] | None:
-    """The state of the checkpoint an attempt was handed back, None without one."""
-    return started.checkpoint["state"] if started.checkpoint else None
+def _resumed_state(started: queue.Attempt | None) -> dict[str, Any] | None:
+    """The state of the checkpoint an attempt was handed back, None without one (or no attempt)."""
+    return started.checkpoint["state"] if started is not None and started.checkpoint else None
 
 
 def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid: int) -> None:

@@ -595,6 +595,43 @@ def test_sigterm_to_the_worker_checkpoints_and_leaves_no_orphans(tmp_path: Path,
     assert queue.get_task(qdb, task_id).result["resumed_from"] == resumed_from
 
 
+def _wait_for_the_reasons_lock(url: str) -> None:
+    """Until a session of database ``url`` waits for the advisory lock of the tasks' reasons, which
+    the test holds: the stopped worker is in its summary (:func:`queue.unrunnable`) and no further."""
+    deadline = time.monotonic() + 60
+    with connection(url, autocommit=True) as conn:
+        while not conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the stopped worker never reached its summary"
+            time.sleep(0.05)
+
+
+def test_a_second_sigterm_waits_for_the_stopped_runs_summary(tmp_path: Path, qdb: str) -> None:
+    """A second SIGTERM landing while the stopped worker published its summary raised in the middle
+    of it: no ``agent-metrics`` nor ``agent-queue-run`` artifact, and the database session cut short
+    mid-statement (``error ignored in rollback``). The test holds the lock the summary's first
+    statement takes, so the second signal lands there for sure; the worker then ends as after one."""
+    task_id = queue.create_task(qdb, _new("long", LONG))
+    errors = tmp_path / "worker.err"
+    with errors.open("wb") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT, stderr=stderr
+        )
+    running = _wait_running(qdb, task_id)
+    with connection(qdb) as summary_lock:
+        summary_lock.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (queue._REASONS_LOCK,))
+        worker.send_signal(signal.SIGTERM)
+        _wait_for_the_reasons_lock(qdb)
+        worker.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=2)  # the summary waits for the lock, and the worker for the summary
+    assert worker.wait(timeout=120) == -signal.SIGTERM
+    _assert_gracefully_stopped(qdb, task_id, running.agent_pgid)
+    assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
+    _assert_stopped_run_published(_flow_run_of(qdb, task_id), {task_id: "interrupted"})
+    log = errors.read_text()
+    assert "Traceback" not in log and "error ignored" not in log and "not published" not in log, log
+
+
 def _served_run(tmp_path: Path, qdb: str, api: str) -> AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
     """``deployments.serve`` serving only run-agent-queue (a real runner process), and one run of it."""
     return served_agent_queue_run(tmp_path, api, _kw(tmp_path, qdb, grace_seconds=2, max_agents=1))

@@ -160,3 +160,42 @@ def test_an_agents_fields_named_like_flowyards_do_not_replace_them_in_the_task_l
     assert datetime.fromisoformat(shadowed["ts"]).tzinfo is not None
     assert shadowed["agent_fields"] == {"attempt": 9, "ts": "yesterday", "stream": "mine", "agent_fields": 1}
     assert "agent_fields" not in plain and (plain["attempt"], plain["message"]) == (2, "plain")
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_run_of_a_task_that_starts_no_attempt_returns_what_every_attempt_returns(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """A run that started no attempt returned a dict of its own shape, without ``attempt`` and
+    ``result``: the run was stopping, or over (``checkpoint``, no ``attempt``), or the task had been
+    cancelled, or released and claimed by another worker, while Prefect waited to retry (not even
+    ``checkpoint``). Each is the shape of an attempt that ran, saying that none started."""
+    url = state_url(fresh_db)
+    setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
+    ran, cancelled, reclaimed, stopped = (
+        queue.create_task(url, queue.NewTask(title=title, agent_type="reference", payload={"steps": 1}))
+        for title in ("ran", "cancelled", "reclaimed", "stopped")
+    )
+    with fleet(setup) as current:
+        for task in queue.claim_ready(url, setup.worker, 4):
+            current.claimed(task)
+        results = [run_agent(ran, setup.worker)]
+        queue.cancel_task(url, cancelled)
+        results.append(run_agent(cancelled, setup.worker))
+        queue.release_task(url, reclaimed, setup.worker, "recovered: worker is gone")
+        assert [t.id for t in queue.claim_ready(url, queue.new_worker_id(), 1)] == [reclaimed]
+        results.append(run_agent(reclaimed, setup.worker))
+        assert current.shutdown("graceful_shutdown: test") == [stopped]
+        results.append(run_agent(stopped, setup.worker))
+    results.append(run_agent(stopped, setup.worker))  # the run is over: its fleet is gone
+    assert [list(r) for r in results[1:]] == [list(results[0])] * 4
+    assert [(r["attempt"], r["outcome"]) for r in results] == [
+        (1, "completed"),
+        (None, "cancelled"),
+        (None, "released"),
+        (None, "interrupted"),
+        (None, "interrupted"),
+    ]
+    assert [(r["task_id"], r["result"], r["checkpoint"]) for r in results[1:]] == [
+        (task_id, None, None) for task_id in (cancelled, reclaimed, stopped, stopped)
+    ]
