@@ -100,7 +100,7 @@ def source_kind(source_url: str) -> SourceKind:
         return "postgres"
     path = source_path(source_url)
     if scheme == "sqlite" or path.suffix.lower() in SQLITE_SUFFIXES:
-        check_user_file(path, "SQLite file", "pass an existing .db file")
+        check_user_file(path, "SQLite file", "pass an existing .db file", regular=True)
         return "sqlite"
     if path.is_dir():
         return "files"

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -26,25 +26,51 @@ _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg"
 
 def validate_postgres_url(url: str) -> str:
     """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else,
-    also for bytes that are not UTF-8, which libpq cannot be given (:func:`check_utf8`)."""
-    parts = urlsplit(url.strip())
-    if parts.scheme not in _SCHEMES or not parts.path.strip("/"):
+    also for bytes that are not UTF-8, which libpq cannot be given (:func:`check_utf8`), and for
+    a port that is no TCP port, which libpq only refuses when connecting: a sync run marked every
+    pending event failed, to wait out a retry backoff, over that typo."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError as exc:  # an unclosed '[' of an IPv6 host: urllib's traceback; not quoted, it may hold a password
+        raise UserError(
+            f"not a PostgreSQL URL ({exc}); expected postgresql://user:password@host:port/database"
+        ) from None
+    if parts.scheme not in _SCHEMES or not parts.path.strip("/") or not parts.path.startswith("/"):
         raise UserError(
             f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
         )
     check_utf8(url, f"not a PostgreSQL URL: {mask_url(url)!r}", "percent-encode them (e.g. %E9)")
-    normalised = urlunsplit(parts._replace(scheme="postgresql"))
+    normalised = _unsplit(parts._replace(scheme="postgresql"))
     try:
-        timeout_from_conninfo(conninfo_to_dict(normalised))
+        params = conninfo_to_dict(normalised)
+        timeout_from_conninfo(params)
+        reason = _bad_port(str(params.get("port") or ""))
     except psycopg.ProgrammingError as exc:  # libpq's parser, run again by psycopg.connect, would be a traceback
         reason = first_line(exc)
         if parts.password:  # libpq quotes a malformed token as written, a password too
             reason = reason.replace(parts.password, "***")
+    if reason:
         raise UserError(
             f"not a usable PostgreSQL URL: {mask_url(url)!r}: {reason}; fix it "
             "(percent-encode special characters, e.g. %25 for %; keep to libpq's query parameters)"
         ) from None
     return normalised
+
+
+def _bad_port(ports: str) -> str | None:
+    """Why a URL's port list (``host:port``, ``h1:p1,h2:p2`` or ``?port=``) is unusable, or None:
+    a port must be 1 to 65535 (an empty one is libpq's default, 5432)."""
+    for port in ports.split(","):
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a TCP port (1 to 65535)"
+    return None
+
+
+def _unsplit(parts: SplitResult) -> str:
+    """``parts`` as a URL, keeping the ``//`` of an empty host (``postgresql:///db?host=/socket``,
+    a Unix socket): :func:`urlunsplit` drops it for schemes it does not know, and libpq refuses
+    the ``postgresql:/db`` it leaves."""
+    return urlunsplit(parts._replace(path="//" + parts.path)) if not parts.netloc else urlunsplit(parts)
 
 
 def mask_url(url: str) -> str:
@@ -53,7 +79,7 @@ def mask_url(url: str) -> str:
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return _unsplit(parts._replace(netloc=netloc))
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -64,7 +90,7 @@ def sqlalchemy_url(url: str) -> str:
 def with_database(url: str, database: str) -> str:
     """The URL pointing at another database on the same server."""
     parts = urlsplit(validate_postgres_url(url))
-    return urlunsplit(parts._replace(path=f"/{database}"))
+    return _unsplit(parts._replace(path=f"/{database}"))
 
 
 def libpq_target(url: str) -> tuple[str, dict[str, str]]:
@@ -76,7 +102,7 @@ def libpq_target(url: str) -> tuple[str, dict[str, str]]:
     if parts.password is not None:
         env["PGPASSWORD"] = unquote(parts.password)
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
-    return urlunsplit(parts), env
+    return _unsplit(parts), env
 
 
 def database_name(url: str) -> str:

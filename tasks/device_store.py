@@ -235,9 +235,10 @@ def _resolved(path: Path) -> Path:
 
 
 def check_store_path(path: Path) -> None:
-    """A store is a file: a missing path and a directory (a common slip: the app's data folder
-    instead of its database) are one line, before SQLite creates an empty store at a typo."""
-    check_user_file(path, "device store", "give the path of the device's SQLite file")
+    """A store is a file: a missing path, a directory (a common slip: the app's data folder
+    instead of its database) and a FIFO, socket or device are one line, before SQLite creates an
+    empty store at a typo or waits forever on a FIFO."""
+    check_user_file(path, "device store", "give the path of the device's SQLite file", regular=True)
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"

@@ -46,6 +46,17 @@ def first_line(error: BaseException | str) -> str:
     return next(iter(str(error).strip().splitlines()), fallback)
 
 
+def parse_problem(error: Exception) -> str:
+    """What a YAML (or JSON) parser error says is wrong, and where: a YAML error's first line is
+    often only the context (``while parsing a flow sequence``), which says neither; the problem and
+    its line follow. Other errors (JSON's name their line) are their first line."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return first_line(error)
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem}{f' at line {mark.line + 1}, column {mark.column + 1}' if mark else ''}"
+
+
 def one_line(text: str) -> str:
     """``text`` for a row of a listing or a status line: its first line, saying how many lines were
     left out. An agent's error may carry a whole traceback, which split the ``queue list`` table
@@ -110,14 +121,21 @@ def check_range(value: Number, what: str, low: Number, high: Number, fix: str = 
     return value
 
 
-def check_user_file(path: str | Path, what: str, fix: str = "pass the file's path") -> Path:
+def check_user_file(
+    path: str | Path, what: str, fix: str = "pass the file's path", *, regular: bool = False
+) -> Path:
     """The file the user named, if it can be opened for reading; else one line saying why not
     (missing, a directory, no permission) and how to ``fix`` it. Said by the command before any
     server starts or run is recorded, and for files another library reads (pandas, SQLite), whose
-    own errors are a traceback or a message that names neither the file nor the option."""
+    own errors are a traceback or a message that names neither the file nor the option.
+
+    ``regular``: refuse a FIFO, socket or device too, for a reader that needs a file it can seek
+    in (SQLite): opening a FIFO to check it waits for a writer, so the command hung for good."""
     file = Path(path)
     if file.is_dir():  # opening one says "Is a directory" only on some systems
         reason = "it is a directory"
+    elif regular and file.exists() and not file.is_file():
+        reason = "it is not a regular file (a FIFO, socket or device)"
     else:
         try:
             file.open("rb").close()

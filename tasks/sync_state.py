@@ -381,9 +381,18 @@ def _identity_fields(identity: Identity) -> tuple[str, str, str]:
 
 
 def load_config(db: Db) -> SyncConfig:
+    return SyncConfig.model_validate(_stored_settings(db))
+
+
+def _stored_settings(db: Db) -> dict[str, Any]:
+    """The stored configuration, validated but for its central URL, for :func:`update_config` to
+    merge a change into: a URL saved before flowyard refused it (a port out of range) fails every
+    load, and ``configure --central-url`` must still be able to replace it."""
     with using(db) as conn:
         row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
-    return SyncConfig.model_validate(row[0]) if row else SyncConfig()
+    stored = dict(row[0]) if row else {}
+    central_url = stored.pop("central_url", None)
+    return {**SyncConfig.model_validate(stored).model_dump(), "central_url": central_url}
 
 
 def update_config(
@@ -393,8 +402,7 @@ def update_config(
     alerts: dict[str, object] | None = None,
 ) -> SyncConfig:
     """Merge the given (non-None) values into the stored configuration, validate and save it."""
-    config = load_config(db)
-    merged = config.model_dump()
+    merged = _stored_settings(db)
     merged.update(_given(settings))
     merged["privacy"].update(_given(privacy or {}))
     merged["alerts"].update(_given(alerts or {}))

@@ -266,10 +266,15 @@ def recorded_task_runs(flow_state: Any, name_like: str, count: int, attempts: in
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, unset: tuple[str, ...] = ()
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    unset: tuple[str, ...] = (),
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess[str]:
     """Run the real ``flowyard`` CLI in a subprocess; ``unset`` drops variables of this
-    process's environment (e.g. the Prefect settings a user's shell does not have)."""
+    process's environment (e.g. the Prefect settings a user's shell does not have); ``timeout``
+    shortens the wait for a command that could hang."""
     inherited = {k: v for k, v in os.environ.items() if k not in unset}
     return subprocess.run(
         [sys.executable, "-m", "deployments.cli", *args],
@@ -277,5 +282,5 @@ def run_cli(
         text=True,
         cwd=cwd,
         env={**inherited, **(env or {})},
-        timeout=600,
+        timeout=timeout,
     )

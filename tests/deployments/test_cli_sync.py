@@ -442,6 +442,74 @@ def test_trigger_with_a_malformed_central_url_is_one_line_before_any_run(tmp_pat
         assert device_store.schema_version(conn) == device_store.V1
 
 
+def test_central_urls_libpq_refuses_only_when_connecting_are_one_line_before_any_run(
+    state_db: str, tmp_path: Path
+) -> None:
+    """An unclosed IPv6 bracket was urllib's traceback (`configure`: "Invalid IPv6 URL" naming
+    neither the URL nor the fix), and a port out of range was accepted, so each run marked every
+    pending event failed, to wait out a retry backoff, over the typo."""
+    store = make_store(tmp_path / "port.db", 3)
+    saved = sync_state.load_config(state_db)
+    try:
+        for url, message in (
+            ("postgresql://u:secret@[::1/db", "not a PostgreSQL URL (Invalid IPv6 URL); expected postgresql://"),
+            ("postgresql://u@localhost:99999/db", "port '99999' is not a TCP port (1 to 65535)"),
+            ("postgresql://u@localhost/db?port=0", "port '0' is not a TCP port (1 to 65535)"),
+            ("postgresql://u@h1:5432,h2:x/db", "port 'x' is not a TCP port (1 to 65535)"),
+        ):
+            for args in (("trigger", "--store", str(store)), ("configure",)):
+                out = run_cli("sync", *args, "--central-url", url)
+                assert out.returncode == 2 and out.stdout == "", out.stderr
+                [line] = out.stderr.splitlines()
+                assert line.startswith("flowyard: error: not a ") and message in line and "secret" not in line, line
+        assert sync_state.load_config(state_db) == saved
+        with device_store.open_store(store) as conn:
+            assert device_store.schema_version(conn) == device_store.V1
+        # a port saved before it was refused: status says what is wrong, configure replaces it
+        sync_state.save_config(state_db, saved.model_copy(update={"central_url": "postgresql://u@localhost:99999/db"}))
+        out = run_cli("sync", "status")
+        assert out.returncode == 2 and "port '99999' is not a TCP port" in out.stderr, out.stderr
+        out = run_cli("sync", "configure", "--central-url", "default")
+        assert out.returncode == 0, out.stderr
+        assert sync_state.load_config(state_db).central_url is None
+    finally:
+        sync_state.save_config(state_db, saved)
+
+
+def test_a_central_url_with_no_host_before_its_path_is_kept_as_libpq_reads_it(state_db: str) -> None:
+    """``postgresql:///db?host=/socket`` (a Unix socket) is a libpq URL; normalising it dropped its
+    ``//``, and libpq refused the ``postgresql:/db`` that was left as an invalid connection option."""
+    saved = sync_state.load_config(state_db)
+    url = "postgresql:///devflow_socket?host=/var/run/postgresql"
+    try:
+        out = run_cli("sync", "configure", "--central-url", url)
+        assert out.returncode == 0, out.stderr
+        assert f"central:    {url}" in out.stdout
+        assert sync_state.load_config(state_db).central_url == url
+    finally:
+        sync_state.save_config(state_db, saved)
+
+
+def test_a_store_path_that_is_a_fifo_or_a_device_is_one_line(state_db: str, tmp_path: Path) -> None:
+    """Checking a FIFO by opening it waited for a writer: every command naming one hung for good."""
+    fifo = tmp_path / "fifo.db"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null")):
+        for args in (
+            ("trigger", "--store", str(path)),
+            ("configure", "--add-store", str(path)),
+            ("migrate", "up", str(path)),
+            ("migrate", "down", str(path)),
+        ):
+            out = run_cli("sync", *args, timeout=60)
+            assert out.returncode == 2 and out.stdout == "", out.stderr
+            assert out.stderr.splitlines() == [
+                f"flowyard: error: cannot read device store {path}: it is not a regular file (a FIFO, socket or "
+                "device); give the path of the device's SQLite file"
+            ]
+    assert not any(d.store_path == str(fifo) for d in sync_state.list_devices(state_db))
+
+
 def test_trigger_with_a_mistyped_store_leaves_no_phantom_device(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -346,3 +347,19 @@ def test_tables_entry_that_is_ambiguous_or_malformed_is_one_line(entry, message)
     with pytest.raises(UserError) as err:
         resolve_table_name(entry, AVAILABLE)
     assert str(err.value) == message
+
+
+def test_a_sqlite_source_that_is_a_fifo_is_one_line(tmp_path):
+    """Checking a FIFO by opening it waited for a writer: the bulk copy hung for good (run in a
+    subprocess, so the old behaviour fails the test instead of hanging it)."""
+    fifo = tmp_path / "source.db"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from tasks.bulk_sources import source_kind; source_kind(sys.argv[1])", str(fifo)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"UserError: cannot read SQLite file {fifo}: it is not a regular file" in done.stderr
