@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from typer._click.exceptions import NoSuchOption
 from typer.core import TyperCommand
 
 from tasks import agent_queue as queue
-from tasks.errors import UserError, first_line, printable, read_user_file
+from tasks.errors import UserError, first_line, parse_problem, printable, read_user_file
 
 app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
 
@@ -68,11 +69,23 @@ def _not_a_json_number(token: str) -> Any:
     raise ValueError(f"{token} is not a JSON number")
 
 
+def _json_int(token: str) -> int:
+    """An integer of ``--payload``. Past Python's limit on digits (4,300 by default) ``int`` fails
+    with advice to call ``sys.set_int_max_str_digits()``, which the user of a command cannot take."""
+    digits, limit = len(token.lstrip("-")), sys.get_int_max_str_digits()
+    if limit and digits > limit:
+        raise UserError(
+            f"--payload holds an integer of {digits} digits, over the {limit} that can be read; "
+            "pass it as a string"
+        )
+    return int(token)
+
+
 def _payload(text: str) -> dict[str, Any]:
     """The ``--payload`` object; JSON nested deeper than Python's recursion limit (about 1,000
     levels) is a RecursionError of the parser, not a ValueError, and was a traceback."""
     try:
-        value = json.loads(text, parse_constant=_not_a_json_number)
+        value = json.loads(text, parse_constant=_not_a_json_number, parse_int=_json_int)
     except RecursionError:
         raise UserError(
             "--payload nests too deeply to read (over about 1,000 levels of objects or arrays); flatten it"
@@ -330,7 +343,7 @@ def _agents(agents_file: Path | None) -> dict[str, Any] | None:
         config = yaml.safe_load(text) or {}
         templates_from(config)
     except Exception as exc:
-        reason = first_line(exc)
+        reason = parse_problem(exc)
         raise UserError(f"{agents_file} is not a valid agent template file ({reason})") from None
     return config
 

@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from tasks.db import connection, mask_url, one_row, resolve_url
-from tasks.errors import UserError, first_line, read_user_file
+from tasks.errors import UserError, parse_problem, read_user_file
 
 app = typer.Typer(
     help="Bulk copies: PostgreSQL, SQLite or static files into PostgreSQL.", no_args_is_help=True
@@ -34,7 +34,7 @@ def load_mapping(path: Path | None) -> dict[str, Any] | None:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
-        raise UserError(f"cannot read mapping file {path}: {first_line(exc)}") from None
+        raise UserError(f"cannot read mapping file {path}: {parse_problem(exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"mapping file {path} must hold an object keyed by source table")
     return data

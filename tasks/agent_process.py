@@ -39,7 +39,7 @@ from tasks.agent_protocol import (
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS, check_agent_type
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
-from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range, validation_problem
+from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range, is_utf8, make_user_dir, validation_problem
 from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
@@ -87,7 +87,7 @@ class AgentTemplate(BaseModel):
         ``"\\0"``) made ``queue run`` a traceback (the flow run's parameters cannot be stored),
         and a direct call failed every attempt with "embedded null byte", after its retries."""
         for arg in argv:
-            _refuse_nul(arg, f"argument {arg!r}")
+            _refuse_unpassable(arg, f"argument {arg!r}")
         return argv
 
     @field_validator("env")
@@ -99,8 +99,8 @@ class AgentTemplate(BaseModel):
         for name, value in env.items():
             if "=" in name:
                 raise ValueError(f"variable name {name!r} holds '=', which separates a name from its value")
-            _refuse_nul(name, f"variable name {name!r}")
-            _refuse_nul(value, f"the value of {name}")
+            _refuse_unpassable(name, f"variable name {name!r}")
+            _refuse_unpassable(value, f"the value of {name}")
         return env
 
     @property
@@ -109,10 +109,22 @@ class AgentTemplate(BaseModel):
         return any("{task_json}" in arg for arg in self.argv)
 
 
-def _refuse_nul(text: str, what: str) -> None:
-    """A NUL ends a C string, so ``exec`` cannot pass one in an argument or variable."""
+def _refuse_unpassable(text: str, what: str) -> None:
+    """A NUL ends a C string, so ``exec`` cannot pass one in an argument or variable. Nor is text
+    that is not UTF-8 passed: an unpaired surrogate (YAML reads ``"\\ud83d\\ude00"``, JSON's way
+    of writing an emoji, as two of them) cannot be encoded, and ``queue run`` was a
+    UnicodeEncodeError traceback when Prefect stored the flow run's parameters."""
     if "\0" in text:
         raise ValueError(f"{what} holds a NUL character (\\0), which no program can be given")
+    if not is_utf8(text):
+        raise ValueError(f"{what} {_NOT_UTF8}")
+
+
+_NOT_UTF8 = (
+    "is not valid UTF-8 (an unpaired \\ud800-\\udfff escape); write the character itself, or \\U "
+    "and 8 hex digits in a double-quoted YAML string"
+)
+"""What is wrong with a template's text that holds a lone surrogate, and the fix."""
 
 
 def _reference_argv() -> list[str]:
@@ -153,6 +165,8 @@ def _agent_type(name: object) -> str:
             f"agent type {name!r} in the agent templates is not text but {type(name).__name__}; "
             "quote it (YAML reads bare numbers, yes/no, on/off and null as other types)"
         )
+    if not is_utf8(name):  # a task's agent type is stored, so it cannot hold one either
+        raise UserError(f"agent type {name!r} in the agent templates {_NOT_UTF8}")
     check_agent_type(name, "an agent type in the agent templates", _NO_TASK_COULD_USE_IT)
     return name
 
@@ -428,7 +442,9 @@ class AgentProcess:
 
     def run(self) -> AgentOutcome:
         envelope = self.job.envelope()
-        self.job.workdir.mkdir(parents=True, exist_ok=True)
+        # a file in the way is no failure another attempt cures: one line, not retried (it was
+        # Python's FileExistsError or NotADirectoryError, retried)
+        make_user_dir(self.job.workdir, f"the working directory of task {self.job.task_id}")
         with task_json_for(self.template, self.job, envelope) as task_json:
             argv, env = command_for(self.template, self.job, task_json)
             # Under the stop lock, so that a stop is requested either before the start (the agent

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import UserError, first_line, read_user_file, validation_problem
+from tasks.errors import UserError, parse_problem, read_user_file, validation_problem
 
 
 def _no_nul(text: str) -> str:
@@ -259,7 +259,7 @@ def load_spec(path: str | Path) -> MigrationSpec:
     try:
         data = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        reason = first_line(exc)
+        reason = parse_problem(exc)
         raise UserError(
             f"{file.name}: not valid {'JSON' if file.suffix == '.json' else 'YAML'}: {reason}"
         ) from None

@@ -196,6 +196,49 @@ def test_a_payload_nested_too_deeply_to_read_is_one_line(env: dict[str, str], ne
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
 
 
+def test_a_payload_integer_past_the_digit_limit_is_one_line_without_python_advice(env: dict[str, str]) -> None:
+    """Past 4,300 digits the message was int's "use sys.set_int_max_str_digits() to increase the
+    limit", advice the user of a command cannot take, under "--payload is not valid JSON"."""
+    huge = "9" * 4301
+    assert _user_error("create", "x", "--payload", f'{{"a": [-{huge}]}}', env=env).strip() == (
+        "flowyard: error: --payload holds an integer of 4301 digits, over the 4300 that can be read; "
+        "pass it as a string"
+    )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
+@pytest.mark.parametrize(
+    ("templates", "what"),
+    [
+        ('x: {argv: ["run\\ud83d\\ude00"]}', "agent template 'x' is invalid: argv: argument 'run\\ud83d\\ude00'"),
+        ('x: {argv: [run], env: {MOOD: "\\ud800"}}', "agent template 'x' is invalid: env: the value of MOOD"),
+        ('"x\\udcff": {argv: [run]}', "agent type 'x\\udcff' in the agent templates"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_in_the_agents_file_is_one_line(
+    env: dict[str, str], tmp_path, templates: str, what: str
+) -> None:
+    """YAML reads JSON's escapes of an emoji as two lone surrogates, which cannot be encoded: `queue
+    run` was a UnicodeEncodeError traceback from Prefect storing the flow run's parameters."""
+    agents = tmp_path / "agents.yaml"
+    agents.write_text(templates + "\n")
+    assert _user_error("run", "--agents-file", str(agents), env=env).strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file ({what} is not valid UTF-8 (an "
+        "unpaired \\ud800-\\udfff escape); write the character itself, or \\U and 8 hex digits in a "
+        "double-quoted YAML string)"
+    )
+
+
+def test_an_agents_file_that_is_not_yaml_says_what_is_wrong_and_where(env: dict[str, str], tmp_path) -> None:
+    """The message was YAML's first line, its context alone: "(while parsing a flow sequence)"."""
+    agents = tmp_path / "agents.yaml"
+    agents.write_text("coder:\n  argv: [claude, -p\n")
+    assert _user_error("run", "--agents-file", str(agents), env=env).strip() == (
+        f"flowyard: error: {agents} is not a valid agent template file (expected ',' or ']', but got "
+        "'<stream end>' at line 3, column 1)"
+    )
+
+
 def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created(env: dict[str, str]) -> None:
     """A directory name over 255 bytes was accepted, and the run then failed the task with
     Prefect's "Task run encountered an exception OSError: [Errno 36] File name too long"."""
@@ -205,6 +248,22 @@ def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created
     )
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
     assert _ok("create", "x", "--workdir", f"{'w' * 255}/{'é' * 127}", env=env).strip().isdigit()
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_file_in_the_way_of_a_working_directory_fails_its_task_once_saying_so(env: dict[str, str], tmp_path) -> None:
+    """The task failed with Python's "NotADirectoryError: [Errno 20] Not a directory" (FileExistsError
+    for a file at the workdir itself), after retries that could not cure it; the file is left as it was."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    (tmp_path / "notes").write_text("mine\n")
+    task = queue.create_task(url, queue.NewTask(title="x", agent_type="reference", workdir="notes/sub"))
+    summary = run_agent_queue(database_url=url, output_dir=str(tmp_path), retries=2)
+    assert summary["outcomes"][task].endswith(
+        f"the working directory of task {task} {tmp_path / 'notes' / 'sub'} cannot be used as a directory: "
+        "Not a directory; pass a directory path"
+    ), summary["outcomes"][task]
+    assert queue.get_task(url, task).attempts == 1
+    assert (tmp_path / "notes").read_text() == "mine\n"
 
 
 @pytest.mark.usefixtures("prefect_api")

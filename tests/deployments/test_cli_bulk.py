@@ -8,13 +8,16 @@ import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
 import yaml
 
 from deployments.bulk_demo import BULK_DEMO_ASSETS, bulk_demo_parameters
+from deployments.cli_bulk import load_mapping
 from tasks.db import drop_database, ensure_database
+from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT, run_cli
 
@@ -152,3 +155,14 @@ def test_ctrl_c_stops_the_copy_with_one_line_and_the_same_command_resumes(fresh_
     assert _one(target, "SELECT count(*), count(DISTINCT id) FROM events") == (300000, 300000)
     assert "(completed): 30/30 chunks, 300,000 rows" in run_cli("bulk", "status", "--target", target).stdout
     drop_database(pg.url(), target.rsplit("/", 1)[1])
+
+
+def test_a_mapping_file_that_is_not_yaml_says_what_is_wrong_and_where(tmp_path: Path) -> None:
+    """The parser error's first line is only its context (``while parsing a flow sequence``)."""
+    broken = tmp_path / "mapping.yaml"
+    broken.write_text("events:\n  columns: [id, kind\n")
+    with pytest.raises(UserError) as info:
+        load_mapping(broken)
+    assert str(info.value) == (
+        f"cannot read mapping file {broken}: expected ',' or ']', but got '<stream end>' at line 3, column 1"
+    )

@@ -182,3 +182,12 @@ def test_zero_lock_timeout_fails_the_lint(fresh_db: str, state_db: str) -> None:
     )
     with pytest.raises(UserError, match="missing-lock-timeout"):
         lint_plan(plan, 0)
+
+
+def test_a_migration_file_that_is_not_yaml_says_what_is_wrong_and_where(tmp_path: Path) -> None:
+    """The parser error's first line is only its context (``while parsing a flow sequence``)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps:\n  - [add_column, a\n")
+    with pytest.raises(UserError) as info:
+        load_spec(broken)
+    assert str(info.value) == "broken.yaml: not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"
