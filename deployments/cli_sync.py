@@ -4,7 +4,6 @@ enable/disable per device — plus ``migrate`` for a device store's local schema
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -28,6 +27,10 @@ app = typer.Typer(
 )
 migrate_app = typer.Typer(help="Upgrade or downgrade a device store's local schema.", no_args_is_help=True)
 app.add_typer(migrate_app, name="migrate")
+
+_STORE_HELP = "The device's SQLite event store."
+"""Store paths are taken as text, not as typer's Path: that reads an empty one as the current
+directory, which was refused as "a directory" instead of as the empty path it is."""
 
 
 @app.command()
@@ -71,7 +74,7 @@ def configure(
     queue_threshold: Annotated[int | None, typer.Option(min=0)] = None,
     failure_rate: Annotated[float | None, typer.Option(min=0, max=1)] = None,
     offline_seconds: Annotated[int | None, typer.Option(min=0)] = None,
-    add_store: Annotated[Path | None, typer.Option(help="Register a device store (SQLite file).")] = None,
+    add_store: Annotated[str | None, typer.Option(help="Register a device store (SQLite file).")] = None,
     device_id: Annotated[
         str | None, typer.Option(help="Device id for --add-store (default: an upgraded store's own, else the file name).")
     ] = None,
@@ -208,7 +211,7 @@ def disable(device: str) -> None:
 
 @migrate_app.command("up")
 def migrate_up(
-    store: Path,
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     device_id: Annotated[
         str | None, typer.Option(help="Default: the device flowyard has for this store, else a new id.")
     ] = None,
@@ -220,30 +223,31 @@ def migrate_up(
     A store flowyard syncs keeps its device's identity by default: the device id is part of how
     central recognises events it already holds, so re-upgrading a downgraded store under another
     id would send every event to central a second time."""
-    store = device_store.store_path(store)
-    device_store.check_store_path(store)
+    upgrade = NewStore(device_store.store_path(store), device_id, user_id, project_id)  # an empty id: one line
+    path = upgrade.path
+    device_store.check_store_path(path)
     state = state_url()
     if device_id:  # another id for a store flowyard has would fail that device's every run
-        refuse_second_device(state, store, device_id, option="--device-id")
-    identity = store_identity(state, NewStore(store, device_id, user_id, project_id))
-    known = sync_state.device_for_store(state, store)
-    with device_store.open_store(store, device_id=known.device_id if known else None) as conn:
+        refuse_second_device(state, path, device_id, option="--device-id")
+    identity = store_identity(state, upgrade)
+    known = sync_state.device_for_store(state, path)
+    with device_store.open_store(path, device_id=known.device_id if known else None) as conn:
         changed = device_store.upgrade_to_v2(conn, identity)
         identity = device_store.identity_of(conn)
-    typer.echo(f"{store}: {'upgraded to v2' if changed else 'already v2'} as device {identity.device_id!r}")
+    typer.echo(f"{path}: {'upgraded to v2' if changed else 'already v2'} as device {identity.device_id!r}")
 
 
 @migrate_app.command("down")
 def migrate_down(
-    store: Path,
+    store: Annotated[str, typer.Argument(help=_STORE_HELP)],
     to: Annotated[str, typer.Option("--to", help="Target version; only v1 exists below v2.")] = "v1",
 ) -> None:
     """Remove the sync metadata (``--to=v1``); every event stays."""
     if to != "v1":
         raise UserError(f"--to must be v1 (the only version below v2), not {to!r}")
-    store = device_store.store_path(store)
+    path = device_store.store_path(store)
     # flowyard's state is not opened here, so a corrupt store gets the hint that fits any file
-    with device_store.open_store(store) as conn:
+    with device_store.open_store(path) as conn:
         changed = device_store.downgrade_to_v1(conn)
         events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    typer.echo(f"{store}: {'downgraded to v1' if changed else 'already v1'}, {events} events kept")
+    typer.echo(f"{path}: {'downgraded to v1' if changed else 'already v1'}, {events} events kept")

@@ -18,17 +18,33 @@ from psycopg import sql
 from psycopg.abc import Params, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from tasks.errors import ConnectionUnavailable, UserError, check_utf8, first_line
+from tasks.errors import ConnectionUnavailable, UserError, check_utf8, control_character, first_line
 
 MIN_SERVER_VERSION = 140000
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslnegotiation": ("postgres", "direct"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "load_balance_hosts": ("disable", "random"),
+}
+"""libpq's connection options that take one of a fixed set of values, spelt exactly (libpq
+compares them case-sensitively; an empty one is refused too). libpq's parser takes any value and
+only connecting refuses it: a sync run marked every pending event failed, to wait out a retry
+backoff, over a typo. (``replication`` is left to the server, which also takes its boolean's
+prefixes in any case; ``ssl_min_protocol_version`` libpq compares case-insensitively.)"""
 
 
 def validate_postgres_url(url: str) -> str:
     """Normalise a PostgreSQL URL to ``postgresql://``; raise a UserError for anything else,
     also for bytes that are not UTF-8, which libpq cannot be given (:func:`check_utf8`), and for
-    a port that is no TCP port, which libpq only refuses when connecting: a sync run marked every
-    pending event failed, to wait out a retry backoff, over that typo."""
+    a port that is no TCP port or a value outside an option's fixed set (:data:`_CHOICES`), which
+    libpq only refuses when connecting: a sync run marked every pending event failed, to wait out
+    a retry backoff, over that typo. A control character (a newline, an escape) is refused too: a
+    stored URL is printed by ``sync status``, and libpq would take it as part of a host or a name."""
     try:
         parts = urlsplit(url.strip())
     except ValueError as exc:  # an unclosed '[' of an IPv6 host: urllib's traceback; not quoted, it may hold a password
@@ -40,11 +56,16 @@ def validate_postgres_url(url: str) -> str:
             f"not a PostgreSQL URL: {mask_url(url)!r}; expected postgresql://user:password@host:port/database"
         )
     check_utf8(url, f"not a PostgreSQL URL: {mask_url(url)!r}", "percent-encode them (e.g. %E9)")
+    if (char := control_character(url.strip())) is not None:
+        raise UserError(
+            f"not a usable PostgreSQL URL: {mask_url(url)!r}: it holds the control character {char!r}; "
+            f"remove it, or percent-encode it (%{ord(char):02X}) if it belongs there"
+        )
     normalised = _unsplit(parts._replace(scheme="postgresql"))
     try:
         params = conninfo_to_dict(normalised)
         timeout_from_conninfo(params)
-        reason = _bad_port(str(params.get("port") or ""))
+        reason = _bad_port(str(params.get("port") or "")) or _bad_choice(params)
     except psycopg.ProgrammingError as exc:  # libpq's parser, run again by psycopg.connect, would be a traceback
         reason = first_line(exc)
         if parts.password:  # libpq quotes a malformed token as written, a password too
@@ -63,6 +84,15 @@ def _bad_port(ports: str) -> str | None:
     for port in ports.split(","):
         if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             return f"port {port!r} is not a TCP port (1 to 65535)"
+    return None
+
+
+def _bad_choice(params: dict[str, Any]) -> str | None:
+    """Why one of the URL's :data:`_CHOICES` options is unusable (a value outside its set), or None."""
+    for option, allowed in _CHOICES.items():
+        value = params.get(option)
+        if value is not None and value not in allowed:
+            return f"{option} {value!r} is not one of {', '.join(allowed)}"
     return None
 
 

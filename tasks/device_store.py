@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tasks.errors import UserError, check_user_file, check_utf8
+from tasks.errors import UserError, check_user_file, check_utf8, control_character
 
 V1, V2 = 1, 2
 SYNC_STATUSES = ("pending", "synced", "failed")
@@ -198,9 +198,23 @@ def store_path(given: str | Path) -> Path:
     ``~`` is the home of the user flowyard runs as (a Prefect run's parameters too: its flow runs
     as that same user), and the path is resolved, so one file is one device row however it is named.
     The one place a store path is parsed: a shell leaves ``--store=~/x.db`` and a quoted ``~`` alone.
-    A path that is not UTF-8 is refused here: flowyard records every store's path in PostgreSQL."""
+    A path that is not UTF-8 is refused here: flowyard records every store's path in PostgreSQL.
+    So is one with a control character (a newline, an escape), which split or recoloured every
+    message naming the store, and an empty one (an unset shell variable, an empty entry in a list
+    of stores): pathlib reads it as the current directory, which was then refused as "a
+    directory", naming neither slip."""
+    if str(given) == "":
+        raise UserError(
+            "device store path '' is empty; give the path of the device's SQLite file "
+            "(an unset shell variable or an empty entry in a list of stores leaves it empty)"
+        )
     path = _resolved(_home_expanded(Path(given)))
     check_utf8(str(path), f"device store path {str(path)!r}", "rename the file (or its folder) to a UTF-8 name")
+    if (char := control_character(str(path))) is not None:
+        raise UserError(
+            f"device store path {str(path)!r} holds the control character {char!r}; rename the file (or its "
+            "folder) without it"
+        )
     return path
 
 

@@ -9,7 +9,9 @@ re-upgrade) count as duplicates and are marked synced too. A batch that cannot b
 a few quick reconnect attempts, or that central refuses for a reason other than its rows'
 data (missing schema objects, privileges), is marked failed as a whole (attempts and error
 recorded, retried after backoff on a later run); it is never dropped. Only a data error (or a
-value past one of PostgreSQL's limits) is bisected down to the offending events.
+value past one of PostgreSQL's limits) is bisected down to the offending events. A batch central
+refused is contact with central all the same, as a download it refused is: only a request that did
+not get through (:data:`CONNECTION_TROUBLE`) counts as central down.
 """
 
 from __future__ import annotations
@@ -92,11 +94,11 @@ class DeviceReport:
     """The central :attr:`download_cursor` counts in; None when the run never learnt it."""
     error: str | None = None
     reached_central: bool = False
-    """Central answered every request of the run: each batch sent went in or was refused for its
-    data, the download (if any) went through and, when the run only found failed events waiting
-    out their backoff, a connection opened. False when a batch failed as a whole or the download
-    did not get through (:data:`CONNECTION_TROUBLE`; a download central refused, for a privilege or
-    a missing table, is contact), and when the run had nothing to ask central."""
+    """Central answered every request of the run: each batch sent went in or was refused (for its
+    data, or as a whole for a privilege or a missing table), the download (if any) went through or
+    was refused and, when the run only found failed events waiting out their backoff, a connection
+    opened. False when an upload or the download did not get through (:data:`CONNECTION_TROUBLE`),
+    and when the run had nothing to ask central."""
 
     @property
     def succeeded(self) -> bool:
@@ -170,8 +172,8 @@ class _Uploader:
                 time.sleep(self.options.reconnect_backoff_seconds * 2**attempt)
             except psycopg.Error as exc:  # schema or privileges: a retry now would fail the same way
                 self.close()
-                raise _UploadFailed(_one_line(exc, self.options.central_url)) from None
-        raise _UploadFailed(_one_line(last_error, self.options.central_url))
+                raise _UploadFailed(_one_line(exc, self.options.central_url), reached_central=True) from None
+        raise _UploadFailed(_one_line(last_error, self.options.central_url), reached_central=False)
 
     def close(self) -> None:
         if self.session is not None:
@@ -183,7 +185,13 @@ class _Uploader:
 
 
 class _UploadFailed(Exception):
-    pass
+    """A batch that cannot go now as a whole. ``reached_central``: central answered with a refusal
+    (a missing table, a privilege), which is contact, like a download it refuses; False when the
+    upload did not get through (:data:`CONNECTION_TROUBLE`)."""
+
+    def __init__(self, message: str, *, reached_central: bool) -> None:
+        super().__init__(message)
+        self.reached_central = reached_central
 
 
 def _one_line(exc: Exception | None, url: str, action: str = "upload to") -> str:
@@ -225,8 +233,8 @@ def sync_device(
     With ``download_since`` (a cursor in central ``download_central``), project status
     snapshots changed after it (or after the store's own newest snapshot, when the store lost
     the ones before) are pulled into the store afterwards and the new cursor is reported: also
-    after a refused event (central answered), not after a batch failed as a whole (central
-    unreachable or refusing every row). A cursor of another central, or of none recorded,
+    after a refused event or batch (central answered), not after an upload that did not get
+    through (central unreachable). A cursor of another central, or of none recorded,
     counts for 0 here: its seqs are no position in this central's sequence.
     """
     with device_store.open_store(
@@ -254,9 +262,10 @@ def sync_device(
                 started = time.perf_counter()
                 try:
                     result = uploader.upload(rows)
-                except _UploadFailed as exc:  # central unreachable: keep the rest queued for later
+                except _UploadFailed as exc:  # unreachable or refusing every row: keep the rest queued for later
                     error = str(exc)
-                    central_down = True
+                    central_down = not exc.reached_central
+                    answered = answered or exc.reached_central
                     device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
                     failed += len(ids)
                     size = adapt_batch_size(options.batch_size, "poor")
@@ -281,7 +290,8 @@ def sync_device(
                 answered = True
                 size = adapt_batch_size(options.batch_size, classify(len(ids), upload_seconds, False))
             after = device_store.counts(conn)
-            # A refused event says central answered: only a batch failed as a whole skips the download.
+            # A refusal (of an event or a whole batch) says central answered: only an upload that
+            # did not get through skips the download.
             if cursor is not None and not central_down:
                 try:
                     session = uploader.session_or_connect()

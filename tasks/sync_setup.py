@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import device_store, sync_state
-from tasks.db import Db
+from tasks.db import Db, validate_postgres_url
 from tasks.device_store import Identity
-from tasks.errors import UserError, check_utf8
+from tasks.errors import UserError, check_utf8, control_character
 from tasks.state import state_url
 from tasks.sync_state import SyncConfig
 
@@ -30,10 +30,19 @@ class NewStore:
     project_id: str | None = None
 
     def __post_init__(self) -> None:
-        """Refuse an id PostgreSQL and the store cannot hold, before anything is read or saved."""
+        """Refuse an id PostgreSQL and the store cannot hold, before anything is read or saved; an
+        empty one, which was taken for no id given (an unset shell variable, most likely): the
+        store got a default id the caller never chose; and one with a control character (a
+        newline, an escape), which split or recoloured the lines of ``sync status`` and ``history``."""
         for option, value in (("device_id", self.device_id), ("user_id", self.user_id), ("project_id", self.project_id)):
-            if value is not None:
-                check_utf8(value, f"--{option.replace('_', '-')} ({option}) {value!r}", "give it as UTF-8 text")
+            if value is None:
+                continue
+            named = f"--{option.replace('_', '-')} ({option})"
+            if value == "":
+                raise UserError(f"{named} is empty; give an id, or leave it out for the default")
+            check_utf8(value, f"{named} {value!r}", "give it as UTF-8 text")
+            if (char := control_character(value)) is not None:
+                raise UserError(f"{named} {value!r} holds the control character {char!r}; give the id without it")
 
     def device(self, state: Db) -> str:
         return self.device_id or sync_state.default_device_id(state, self.path)
@@ -133,7 +142,8 @@ def _central_setting(url: str | None) -> str | None:
     :data:`~tasks.sync_state.DEFAULT_CENTRAL` clears it (the configuration reads an empty URL as
     unset, that is database ``devflow_central`` on flowyard's server). An empty URL is refused:
     an unset shell variable or a template that rendered empty would otherwise silently switch
-    every later run to the default central."""
+    every later run to the default central. Any other is checked here, before the state database
+    is opened, so a typo in it is not hidden behind that database's connection error."""
     if url == sync_state.DEFAULT_CENTRAL:
         return ""
     if url == "":
@@ -142,7 +152,7 @@ def _central_setting(url: str | None) -> str | None:
             f"configured central, or give {sync_state.DEFAULT_CENTRAL!r} to go back to the default (database "
             f"{sync_state.CENTRAL_DATABASE} on flowyard's server)"
         )
-    return url
+    return url if url is None else validate_postgres_url(url)
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:

@@ -257,6 +257,7 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
     stores, so two ``devflow.db`` files never share a lock, a state row or central's origin key.
     """
     paths = list(dict.fromkeys(device_store.store_path(store) for store in stores))
+    _refuse_same_files(paths)
     known = check_stores(state, paths)
     found = {path: device.identity if (device := known[path]) else recorded_identity(path) for path in paths}
     new_stems = Counter(path.stem for path, identity in found.items() if identity is None)
@@ -316,6 +317,33 @@ def _is_device_store(state: Callable[[], str], path: Path) -> bool:
         return device_for_store(state(), path) is not None
     except UserError:
         return False
+
+
+def _refuse_same_files(paths: list[Path]) -> None:
+    """Two resolved paths of one file (hard links: :func:`device_store.store_path` resolves
+    symlinks and ``..`` already) would be two devices of one store in one run: the one to run
+    second failed as "upgraded as device …" (or, for a store upgraded before, both were one
+    device id, refused for two stores). Refused rather than one path picked, as
+    :func:`_refuse_shared_ids` refuses, since either may be the path the user means to keep. A
+    path that cannot be read is left to :func:`check_stores` and the device's own task."""
+    seen: dict[tuple[int, int], Path] = {}
+    for path in paths:
+        key = _file_key(path)
+        if key is not None and (other := seen.setdefault(key, path)) != path:
+            raise UserError(
+                f"device stores {other} and {path} are one file (hard links); name it once: as two "
+                "devices, both would sync its events"
+            )
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    """What makes ``path`` the file it is, whatever it is named (``st_dev``, ``st_ino``); None
+    when it cannot be read."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _refuse_shared_ids(targets: list[SyncTarget]) -> None:
@@ -527,12 +555,19 @@ def list_devices(db: Db, *, registered_only: bool = False) -> list[Device]:
 
 
 def device_for_store(db: Db, store: Path) -> Device | None:
+    """The device flowyard has for ``store``: by its path, else the device whose store is the
+    same file under another path (a hard link, which resolving cannot merge as it merges symlinks
+    and ``..``), so that one file is one device however it is named: registered under a second
+    path, it was a second device syncing the same events."""
     query = sql.SQL("SELECT {} FROM flowyard.sync_devices WHERE store_path = %s LIMIT 1").format(
         _DEVICE_COLUMNS
     )
     with using(db) as conn:
         row = conn.execute(query, (str(store.resolve()),)).fetchone()
-    return Device(*row) if row else None
+        if row:
+            return Device(*row)
+        key = _file_key(store)
+        return None if key is None else next((d for d in list_devices(conn) if _file_key(Path(d.store_path)) == key), None)
 
 
 def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) -> None:

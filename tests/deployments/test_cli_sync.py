@@ -446,8 +446,9 @@ def test_central_urls_libpq_refuses_only_when_connecting_are_one_line_before_any
     state_db: str, tmp_path: Path
 ) -> None:
     """An unclosed IPv6 bracket was urllib's traceback (`configure`: "Invalid IPv6 URL" naming
-    neither the URL nor the fix), and a port out of range was accepted, so each run marked every
-    pending event failed, to wait out a retry backoff, over the typo."""
+    neither the URL nor the fix), and a port out of range or an sslmode libpq does not know was
+    accepted, so each run marked every pending event failed, to wait out a retry backoff, over the
+    typo. A control character was saved, and ``sync status`` printed it to the terminal as it was."""
     store = make_store(tmp_path / "port.db", 3)
     saved = sync_state.load_config(state_db)
     try:
@@ -456,12 +457,15 @@ def test_central_urls_libpq_refuses_only_when_connecting_are_one_line_before_any
             ("postgresql://u@localhost:99999/db", "port '99999' is not a TCP port (1 to 65535)"),
             ("postgresql://u@localhost/db?port=0", "port '0' is not a TCP port (1 to 65535)"),
             ("postgresql://u@h1:5432,h2:x/db", "port 'x' is not a TCP port (1 to 65535)"),
+            ("postgresql://u:secret@localhost/db?sslmode=bogus", "sslmode 'bogus' is not one of disable, allow,"),
+            ("postgresql://u:secret@localhost/db\x1b[31m", "it holds the control character '\\x1b'"),
         ):
             for args in (("trigger", "--store", str(store)), ("configure",)):
                 out = run_cli("sync", *args, "--central-url", url)
                 assert out.returncode == 2 and out.stdout == "", out.stderr
                 [line] = out.stderr.splitlines()
                 assert line.startswith("flowyard: error: not a ") and message in line and "secret" not in line, line
+                assert "\x1b" not in line
         assert sync_state.load_config(state_db) == saved
         with device_store.open_store(store) as conn:
             assert device_store.schema_version(conn) == device_store.V1
@@ -474,6 +478,22 @@ def test_central_urls_libpq_refuses_only_when_connecting_are_one_line_before_any
         assert sync_state.load_config(state_db).central_url is None
     finally:
         sync_state.save_config(state_db, saved)
+
+
+def test_configure_names_a_bad_central_url_also_while_the_state_database_is_down(tmp_path: Path) -> None:
+    """The URL was first checked when the configuration was merged, after the state database was
+    opened: while that was down, its connection error hid the typo."""
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    out = run_cli(
+        "sync",
+        "configure",
+        "--central-url",
+        "postgresql://u:secret@localhost/db?sslmode=bogus",
+        env={"FLOWYARD_DATABASE_URL": dead, "FLOWYARD_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    [line] = out.stderr.splitlines()
+    assert "sslmode 'bogus' is not one of disable, allow" in line and "secret" not in line, line
 
 
 def test_a_central_url_with_no_host_before_its_path_is_kept_as_libpq_reads_it(state_db: str) -> None:
@@ -620,6 +640,34 @@ def test_a_store_flowyard_has_is_not_added_as_a_second_device(state_db: str, tmp
                 sync_state.remove_device(state_db, device)
 
 
+def test_a_hard_link_to_a_registered_store_is_that_device(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    """A hard link is another path of the registered store's file, which resolving cannot merge:
+    `--add-store LINK --device-id OTHER` added a second device for that file (every run then
+    synced it twice, and the device that ran second failed for good), and a run naming the link
+    took it for a new device."""
+    from flows.sync_controls import sync_configure
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "hl-dev.db", 6)
+    link = tmp_path / "elsewhere.db"
+    os.link(store, link)
+    sync_configure(add_store=str(store), device_id="hl-dev")
+    try:
+        out = run_cli("sync", "configure", "--add-store", str(link), "--device-id", "hl-other")
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"flowyard: error: device store {link} is already device 'hl-dev'; leave out --device-id (device_id) "
+            "to keep that device, or remove it first with `flowyard sync configure --remove-store hl-dev`"
+        ]
+        result = sync_devices(stores=[str(link)], central_url=fresh_db)
+        assert list(result["devices"]) == ["hl-dev"] and result["devices"]["hl-dev"]["uploaded"] == 6
+        assert [d.device_id for d in sync_state.list_devices(state_db) if d.device_id.startswith(("hl-", "elsewhere"))] == [
+            "hl-dev"
+        ]
+    finally:
+        sync_state.remove_device(state_db, "hl-dev")
+
+
 def test_out_of_range_numbers_and_orphan_options_are_one_line_and_save_nothing(state_db: str, tmp_path: Path) -> None:
     """A batch size past SQLite's integer range used to be saved, after which every sync of
     every device failed with "Python int too large to convert to SQLite INTEGER"; a huge history
@@ -645,6 +693,37 @@ def _refused_in_one_line_each(*cases: tuple[tuple[str, ...], str]) -> None:
         assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
         [line] = out.stderr.strip().splitlines()
         assert expected in line, line
+
+
+def test_an_empty_store_path_or_a_bad_id_is_one_line_and_changes_nothing(state_db: str, tmp_path: Path) -> None:
+    """An empty store path (an unset shell variable) was read as the current directory and refused
+    as "a directory"; an empty --device-id, --user-id or --project-id was taken for none given, so
+    the store was upgraded (or registered) under a default id the user never chose; an id with a
+    newline was saved, and split the lines of `sync status` and `sync history`, as a store path
+    with one split every message naming it."""
+    store = make_store(tmp_path / "empty-args.db", 3)
+    before = sync_state.load_config(state_db)
+    devices = sync_state.list_devices(state_db)
+    empty_path = "device store path '' is empty; give the path of the device's SQLite file"
+    _refused_in_one_line_each(
+        (("sync", "migrate", "up", ""), empty_path),
+        (("sync", "migrate", "down", ""), empty_path),
+        (("sync", "trigger", "--store", str(store), "--store", ""), empty_path),
+        (("sync", "configure", "--add-store", ""), empty_path),
+        (("sync", "migrate", "up", str(store), "--device-id", ""), "--device-id (device_id) is empty; give an id"),
+        (("sync", "migrate", "up", str(store), "--user-id", ""), "--user-id (user_id) is empty; give an id"),
+        (("sync", "migrate", "up", str(store), "--project-id", ""), "--project-id (project_id) is empty"),
+        (("sync", "configure", "--add-store", str(store), "--device-id", ""), "--device-id (device_id) is empty"),
+        (
+            ("sync", "configure", "--add-store", str(store), "--device-id", "a\nb"),
+            "--device-id (device_id) 'a\\nb' holds the control character '\\n'; give the id without it",
+        ),
+        (("sync", "migrate", "up", str(store), "--user-id", "\x1b[2J"), "--user-id (user_id) '\\x1b[2J' holds the"),
+        (("sync", "trigger", "--store", str(tmp_path / "a\nb.db")), "b.db' holds the control character '\\n'; rename"),
+    )
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+    assert sync_state.load_config(state_db) == before and sync_state.list_devices(state_db) == devices
 
 
 def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state_db: str, tmp_path: Path) -> None:
@@ -675,7 +754,7 @@ def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state
     for limit in (0, -1, 2**63):
         with pytest.raises(UserError, match=f"^history limit {limit} is out of range"):
             sync_history(limit=limit)
-    with pytest.raises(UserError, match="is a directory"):
+    with pytest.raises(UserError, match="^device store path '' is empty; give the path of the device's SQLite file"):
         sync_configure(add_store="")
 
 

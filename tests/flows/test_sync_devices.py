@@ -813,6 +813,35 @@ def test_two_stores_upgraded_under_one_device_id_are_refused(fresh_db: str, tmp_
         assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
 
 
+def test_two_paths_of_one_store_file_are_refused_before_any_device_syncs(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A hard link is a second path of the same file that resolving cannot merge: the run made
+    two devices of it, and the one that ran second failed as "upgraded as device ...". A symlink
+    or a relative spelling of one path stays one device; an empty entry in the list is its own
+    one line, not "a directory"."""
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "linked.db", 10)
+    os.link(store, tmp_path / "hard.db")
+    (tmp_path / "soft.db").symlink_to(store)
+    with pytest.raises(UserError) as err:
+        sync_devices(stores=[str(store), str(tmp_path / "soft.db"), str(tmp_path / "hard.db")], central_url=fresh_db)
+    assert str(err.value) == (
+        f"device stores {store.resolve()} and {(tmp_path / 'hard.db').resolve()} are one file (hard links); "
+        "name it once: as two devices, both would sync its events"
+    )
+    with pytest.raises(UserError, match="^device store path '' is empty; give the path of the device's SQLite file"):
+        sync_devices(stores=[str(store), ""], central_url=fresh_db)
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+    with psycopg.connect(fresh_db) as conn:  # refused before central was touched
+        assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
+    result = sync_devices(stores=[str(store), str(tmp_path / "soft.db")], central_url=fresh_db)
+    assert list(result["devices"]) == ["linked"] and result["devices"]["linked"]["uploaded"] == 10
+    sync_state.remove_device(state_db, "linked")
+
+
 def _blocked_by(holder: int, watcher: psycopg.Connection) -> int | None:
     """The pid of a session waiting on a lock the session with pid ``holder`` holds, if one is."""
     row = watcher.execute(

@@ -14,6 +14,7 @@ from tasks.db import (
     mask_url,
     resolve_url,
     sqlalchemy_url,
+    validate_postgres_url,
     with_database,
 )
 from tasks.embedded_pg import free_port
@@ -170,6 +171,58 @@ def test_a_url_libpq_cannot_parse_is_one_line_without_its_password(url, reason):
     assert message.startswith("not a usable PostgreSQL URL: 'postgresql://app:***@127.0.0.1:5432/app")
     assert reason in message and "\n" not in message
     assert "hunter2" not in message and "hun%zz" not in message
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("sslmode=bogus", "sslmode 'bogus' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("sslmode=REQUIRE", "sslmode 'REQUIRE' is not one of disable, allow"),
+        ("sslmode=", "sslmode '' is not one of disable, allow"),
+        ("target_session_attrs=primary&gssencmode=maybe", "gssencmode 'maybe' is not one of disable, prefer, require"),
+        ("target_session_attrs=writable", "target_session_attrs 'writable' is not one of any, read-write, read-only"),
+        ("load_balance_hosts=roundrobin", "load_balance_hosts 'roundrobin' is not one of disable, random"),
+        ("channel_binding=on", "channel_binding 'on' is not one of disable, prefer, require"),
+        ("sslnegotiation=tls", "sslnegotiation 'tls' is not one of postgres, direct"),
+        ("sslcertmode=yes", "sslcertmode 'yes' is not one of disable, allow, require"),
+    ],
+)
+def test_a_value_outside_a_libpq_options_set_is_one_line_before_connecting(query, reason):
+    """libpq's parser takes any value of these options and only connecting refused it: a sync run
+    marked every pending event failed, to wait out a retry backoff, over the typo."""
+    with pytest.raises(UserError) as info:
+        validate_postgres_url(f"postgresql://app:hunter2@127.0.0.1:5432/app?{query}")
+    message = str(info.value)
+    assert message.startswith("not a usable PostgreSQL URL: 'postgresql://app:***@127.0.0.1:5432/app?")
+    assert reason in message and "\n" not in message and "hunter2" not in message
+
+
+def test_values_in_a_libpq_options_set_are_kept():
+    url = "postgresql://app@127.0.0.1:5432/app?sslmode=verify-full&target_session_attrs=prefer-standby"
+    assert validate_postgres_url(url + "&load_balance_hosts=random&gssencmode=disable") == (
+        url + "&load_balance_hosts=random&gssencmode=disable"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "char"),
+    [
+        ("postgresql://app:hun\x1bter2@127.0.0.1:5432/app", "'\\x1b'"),
+        ("postgresql://app:hunter2@127.0.0.1:5432/ap\np", "'\\n'"),
+        ("postgresql://app:hunter2@127.0.0.1:5432/app?application_name=a\tb", "'\\t'"),
+        ("postgresql://app:hunter2@127.0.0.1:5432/app\x00", "'\\x00'"),
+        ("postgresql://app:hunter2@127.0.0.1:5432/app\x7f", "'\\x7f'"),
+    ],
+)
+def test_a_url_with_a_control_character_is_one_line(url, char):
+    """urllib dropped a tab or newline without a word, and kept an escape or NUL, which
+    ``sync configure`` saved and ``sync status`` printed to the terminal as it was."""
+    with pytest.raises(UserError) as info:
+        validate_postgres_url(url)
+    message = str(info.value)
+    assert message.startswith("not a usable PostgreSQL URL: 'postgresql://app:***@127.0.0.1:5432/")
+    assert f"it holds the control character {char}" in message
+    assert message.isprintable() and "hunter2" not in message and "hun" not in message
 
 
 def test_a_url_with_a_bad_query_parameter_is_one_line_from_the_cli(tmp_path):

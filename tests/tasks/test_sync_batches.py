@@ -28,7 +28,15 @@ from tasks.embedded_pg import free_port
 from tasks.errors import INT64_MAX
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sample_devices import make_store
-from tasks.sync_batches import Quality, SyncOptions, adapt_batch_size, classify, sync_device, upload_rows
+from tasks.sync_batches import (
+    DeviceReport,
+    Quality,
+    SyncOptions,
+    adapt_batch_size,
+    classify,
+    sync_device,
+    upload_rows,
+)
 from tasks.sync_state import AlertThresholds
 from tests.conftest import Role
 
@@ -601,6 +609,47 @@ def test_a_refused_privilege_fails_the_batch_as_a_whole(
     assert _central_counts(fresh_db) == (300, 300)
 
 
+def _recorded(state_db: str, report: DeviceReport) -> sync_state.Device:
+    """The device row ``report`` leaves in flowyard's state, removed again so tests do not share it."""
+    sync_state.record_device_run(state_db, None, report)
+    try:
+        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == report.device_id]
+    finally:
+        sync_state.remove_device(state_db, report.device_id)
+    return device
+
+
+def test_an_upload_central_refuses_is_contact_and_the_batch_waits_to_be_retried(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A sync role without INSERT on the events: central answered the upload with a refusal, so
+    the device reached it, as when it refuses the download (a successful sync, never "offline",
+    and the download still goes), while the batch is marked failed with the error and syncs once
+    the grant is back."""
+    central = _central_owned_by(limited_role, fresh_db)
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE INSERT ON devflow.events FROM {}").format(role))
+    identity = Identity("dev-no-insert", "alice", "proj")
+    store = make_store(tmp_path / "dev.db", 60, identity=identity)
+    report = sync_device(store, identity, SyncOptions(central, batch_size=20), download_since=0)
+    assert (report.uploaded, report.failed, report.pending_after) == (0, 20, 60)
+    assert (report.reached_central, report.succeeded, report.download_central) == (True, True, _central_id(fresh_db))
+    assert report.error is not None and "\n" not in report.error
+    assert report.error.startswith("upload to ") and "permission denied for table events" in report.error
+    assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
+    device = _recorded(state_db, report)
+    assert device.last_success_at is not None and device.last_error == report.error
+    now = datetime.now(UTC)
+    alerts = sync_alerts.evaluate("d", report, now - timedelta(hours=2), AlertThresholds(offline_seconds=3600), now)
+    assert [alert.kind for alert in alerts] == ["failure-rate"]  # not "offline"
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT INSERT ON devflow.events TO {}").format(role))
+    later = sync_device(store, identity, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (60, 0, 0, None)
+    assert _central_counts(fresh_db) == (60, 60)
+
+
 def test_a_failed_download_keeps_the_uploads_and_the_cursor(central: str, tmp_path: Path) -> None:
     """The uploads committed before the download failed are reported, and the device keeps its
     old download cursor, so the next run downloads from there again. A cursor of another central
@@ -636,11 +685,7 @@ def test_a_download_central_refuses_is_contact_and_one_it_cannot_reach_is_not(
     assert (report.uploaded, report.pending_after, report.reached_central, report.succeeded) == (30, 0, True, True)
     assert report.error is not None and "\n" not in report.error
     assert report.error.startswith("download from ") and "permission denied for table project_status" in report.error
-    sync_state.record_device_run(state_db, None, report)
-    try:
-        (device,) = [d for d in sync_state.list_devices(state_db) if d.device_id == identity.device_id]
-    finally:
-        sync_state.remove_device(state_db, identity.device_id)
+    device = _recorded(state_db, report)
     assert device.last_success_at is not None and device.last_error == report.error
     dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
     unreachable = sync_device(store, identity, SyncOptions(dead), download_since=0)
