@@ -11,7 +11,6 @@ import json
 import re
 import sys
 from collections.abc import Callable, Collection
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -248,6 +247,22 @@ _transition_command(
 )
 
 
+def _path_given(kind: str, default: str) -> Callable[[typer.CallbackParam, str | None], str | None]:
+    """The callback of a path option of ``queue run``: an empty one (``--logs-dir ""``, an unset
+    shell variable) was read as ``.``, so agents and their logs went to the current directory
+    (the flow takes an empty directory as its ``default``), and an empty ``--agents-file`` was
+    "cannot read agents file .". One line instead, naming the option."""
+
+    def check(param: typer.CallbackParam, value: str | None) -> str | None:
+        if value == "":
+            raise UserError(
+                f"{param.opts[0]} is empty; pass a {kind} path, or leave the option out for the default ({default})"
+            )
+        return value
+
+    return check
+
+
 @app.command()
 def run(
     max_agents: Annotated[int, typer.Option(help="Agents running at once.")] = 4,
@@ -262,10 +277,26 @@ def run(
     lease: Annotated[
         float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
     ] = queue.DEFAULT_LEASE_SECONDS,
-    output_dir: Annotated[Path | None, typer.Option(help="Agents' output directory.")] = None,
-    logs_dir: Annotated[Path | None, typer.Option(help="Where <task_id>.jsonl logs go.")] = None,
+    output_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Agents' output directory (default: <FLOWYARD_HOME>/agents).",
+            callback=_path_given("directory", "<FLOWYARD_HOME>/agents"),
+        ),
+    ] = None,
+    logs_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Where <task_id>.jsonl logs go (default: <output dir>/logs).",
+            callback=_path_given("directory", "<output dir>/logs"),
+        ),
+    ] = None,
     agents_file: Annotated[
-        Path | None, typer.Option(help="YAML/JSON {agent type: {argv, delivery, env}} templates.")
+        str | None,
+        typer.Option(
+            help="YAML/JSON {agent type: {argv, delivery, env}} templates.",
+            callback=_path_given("file", "the built-in agents only"),
+        ),
     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -293,8 +324,8 @@ def run(
         summary = run_agent_queue(
             max_agents=max_agents,
             database_url=database_url,
-            output_dir=str(output_dir) if output_dir else None,
-            logs_dir=str(logs_dir) if logs_dir else None,
+            output_dir=output_dir,
+            logs_dir=logs_dir,
             agents=agents,
             timeout_seconds=timeout,
             grace_seconds=grace,
@@ -331,7 +362,7 @@ def _unfinished(failed: list[int], blocked: list[int], logs_dir: str) -> str:
     return "; ".join(parts) + f": see {logs_dir}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
 
 
-def _agents(agents_file: Path | None) -> dict[str, Any] | None:
+def _agents(agents_file: str | None) -> dict[str, Any] | None:
     if agents_file is None:
         return None
     import yaml

@@ -67,9 +67,13 @@ def run_agent_queue(
     ``agents`` adds or overrides agent templates ({type: {argv, delivery, env}}); the
     ``reference`` type is built in. Agents work in ``output_dir`` (default
     ``<FLOWYARD_HOME>/agents``) and log to ``<logs_dir>/<task_id>.jsonl`` (default
-    ``<output_dir>/logs``). ``lease_seconds`` (at least three 5 s heartbeats) is how long a
-    worker may stay silent before its tasks count as abandoned. ``checkpoint_wait_seconds`` is how
-    long a stop (shutdown, timeout, cancel) waits for an agent's checkpoint before its SIGTERM.
+    ``<output_dir>/logs``). An empty ``output_dir`` or ``logs_dir`` is the default, as None is:
+    the UI's parameter form and REST callers send ``""`` for a field left blank, and reading it as
+    the current directory would put agents and logs wherever the worker was started
+    (``flowyard queue run`` refuses an empty ``--output-dir`` or ``--logs-dir``).
+    ``lease_seconds`` (at least three 5 s heartbeats) is how long a worker may stay silent before
+    its tasks count as abandoned. ``checkpoint_wait_seconds`` is how long a stop (shutdown,
+    timeout, cancel) waits for an agent's checkpoint before its SIGTERM.
     """
     # every value is checked before anything is made: a refused run leaves no directory behind
     check_drain(max_agents, retries, max_tasks)

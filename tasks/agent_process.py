@@ -350,6 +350,10 @@ MAX_RETRIES = 100
 """Retries of one task in one run: each is a whole attempt of the agent (and a 1 s delay), so a
 failure 100 retries did not cure needs a person, who grants another set with ``queue retry``;
 a typo such as 10**12 would instead retry a broken agent for good."""
+MIN_TIMEOUT_SECONDS = 1
+"""The shortest agent timeout: an attempt needs that long to start its agent and hear from it (the
+reference agent takes tens of milliseconds, a real coding agent seconds). A timeout of ``1e-9``, a
+typo or a slipped unit, stopped every agent as it started and burned all the task's retries."""
 
 
 def check_drain(max_agents: int, retries: int, max_tasks: int | None = None) -> None:
@@ -375,23 +379,21 @@ class AgentLimits:
     claim and attempt, so recovery and ``queue retry`` judge a worker by its own lease."""
 
     def __post_init__(self) -> None:
-        """Refuse limits no attempt can live with: a timeout of 0 or less stops every agent as it
-        starts and burns all its retries; a negative grace period is a typo; a lease shorter than
-        a few heartbeats lets other runs take this run's live tasks for abandoned ones (each
-        worker is judged by the lease it claimed with) and start them a second time. (``not >`` also catches NaN.) A timeout, grace period, checkpoint wait or lease past
-        :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a hung agent, or a dead
-        worker's tasks, hold on for good (or a stop wait for good on an agent that never answers)."""
-        if not self.timeout_seconds > 0:
-            raise UserError(
-                f"the agent timeout must be more than 0 seconds, not {self.timeout_seconds:g} "
-                "(--timeout / timeout_seconds)"
-            )
-        for value, what in (
-            (self.timeout_seconds, "the agent timeout (--timeout / timeout_seconds)"),
-            (self.grace_seconds, "the grace period (--grace / grace_seconds)"),
-            (self.checkpoint_wait_seconds, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)"),
+        """Refuse limits no attempt can live with: a timeout under :data:`MIN_TIMEOUT_SECONDS`
+        stops every agent as it starts and burns all its retries; a negative grace period or
+        checkpoint wait is a typo (0 is not: SIGKILL right after SIGTERM, no wait for a checkpoint,
+        and a tiny one acts as 0); a lease shorter than a few heartbeats lets other runs take this
+        run's live tasks for abandoned ones (each worker is judged by the lease it claimed with)
+        and start them a second time. (``not >=`` also catches NaN.) A timeout, grace period,
+        checkpoint wait or lease past :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a
+        hung agent, or a dead worker's tasks, hold on for good (or a stop wait for good on an
+        agent that never answers)."""
+        for value, what, least in (
+            (self.timeout_seconds, "the agent timeout (--timeout / timeout_seconds)", MIN_TIMEOUT_SECONDS),
+            (self.grace_seconds, "the grace period (--grace / grace_seconds)", 0),
+            (self.checkpoint_wait_seconds, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)", 0),
         ):
-            check_range(value, what, 0, MAX_WAIT_SECONDS, " seconds")
+            check_range(value, what, least, MAX_WAIT_SECONDS, " seconds")
         if not self.lease_seconds >= LEASE_HEARTBEATS * self.heartbeat_seconds:
             raise UserError(
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
@@ -630,9 +632,12 @@ class AgentProcess:
         elif isinstance(message, ErrorMessage):
             state.errors.append(message.message)
             state.retryable = state.retryable and message.retryable
-        self._on_message("stdout", message)
         if isinstance(message, CheckpointMessage):
+            # Before the message is handed on, never after: a stop that began while it was being
+            # handled (a checkpoint persisted, a caller that saw it) would clear the event and
+            # then take this checkpoint, written before its request, for the answer.
             self._checkpoint_seen.set()
+        self._on_message("stdout", message)
 
     def _emit_flowyard(self, text: str) -> None:
         self._on_message("flowyard", LogMessage(kind="log", level="info", message=text))

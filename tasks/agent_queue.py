@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 
 from tasks.db import connect
 from tasks.errors import UserError, control_character, is_utf8, one_line, printable
-from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth
+from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth, non_json_type
 
 Priority = Literal["critical", "high", "medium", "low"]
 Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
@@ -275,6 +275,17 @@ def _refuse_non_finite(value: Any, what: str) -> None:
         )
 
 
+def _refuse_non_json(value: Any, what: str) -> None:
+    """Refuse a value JSON has no type for (bytes, a set, a datetime), which only a Python caller
+    can send (a flow or :func:`create_task` called directly): encoding it failed the insert with a
+    TypeError naming neither the task nor the fix."""
+    if (odd := non_json_type(value)) is not None:
+        raise UserError(
+            f"{what} holds a {odd} value, which JSON has no type for; give text (bytes as base64, "
+            "for example), a number, true/false, null, a list or an object"
+        )
+
+
 _NAME_THE_AGENT = "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
 """How to fix an agent type no worker can have a template for."""
 
@@ -299,6 +310,7 @@ def create_task(url: str, task: NewTask) -> int:
         ("payload", task.payload),
     ):
         _refuse_unstorable(value, f"the {field_name} of task {task.title!r}")
+    _refuse_non_json(task.payload, f"the payload of task {task.title!r}")
     _refuse_non_finite(task.payload, f"the payload of task {task.title!r}")
     if (depth := nesting_depth(task.payload)) > MAX_PAYLOAD_DEPTH:
         raise UserError(
@@ -608,7 +620,8 @@ def _resumable(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:
     """The checkpoint an attempt resumes from: none when the task's last one holds no state, the
     ``graceful_shutdown`` record of a stop that came before the agent saved any. Handed that record,
     the agent got a checkpoint whose state was ``{}`` and looked in it for what it never saved;
-    ``null`` tells it to start afresh, as on a first attempt."""
+    ``null`` tells it to start afresh, as on a first attempt. (Older flowyard stored ``{}`` for
+    such a stop: migration ``agents_0006`` made those ``null``.)"""
     return checkpoint if checkpoint is not None and checkpoint["state"] is not None else None
 
 

@@ -6,24 +6,38 @@ holding a NUL character (``\\u0000``, valid JSON, which neither ``text`` nor ``j
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+JSON_SCALARS = (str, int, float, bool, type(None))
+"""The Python types of JSON's scalars (a dict is an object, a list or tuple an array)."""
 
-def any_scalar(value: Any, test: Callable[[Any], bool]) -> bool:
-    """Whether ``test`` holds for a key or a scalar anywhere in a JSON value. Iterative, because
-    how deep a value nests is up to whoever sent it."""
+
+def scalars(value: Any) -> Iterator[Any]:
+    """Every key and scalar of a JSON value (a key is never looked into). Iterative, because how
+    deep a value nests is up to whoever sent it."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, dict):
-            pending.extend(item)
+            yield from item
             pending.extend(item.values())
         elif isinstance(item, list | tuple):
             pending.extend(item)
-        elif test(item):
-            return True
-    return False
+        else:
+            yield item
+
+
+def any_scalar(value: Any, test: Callable[[Any], bool]) -> bool:
+    """Whether ``test`` holds for a key or a scalar anywhere in a JSON value."""
+    return any(test(item) for item in scalars(value))
+
+
+def non_json_type(value: Any) -> str | None:
+    """The type name of the first key or scalar in ``value`` that JSON has no type for (bytes, a
+    set, a datetime, a tuple as a key), else None. A Python caller can put one in a value that
+    JSON callers cannot, and encoding it was a TypeError that names neither the value nor the fix."""
+    return next((type(item).__name__ for item in scalars(value) if not isinstance(item, JSON_SCALARS)), None)
 
 
 def nesting_depth(value: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -13,7 +14,7 @@ from tasks.agent_process import templates_from
 from tasks.db import connection
 from tasks.errors import UserError, control_character
 from tasks.state import state_url
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.fixture()
@@ -100,7 +101,9 @@ def test_user_errors_are_one_line(env: dict[str, str]) -> None:
     done = int(_ok("create", "y", env=env))
     _ok("cancel", str(done), env=env)
     assert f"cannot cancel task {done}: it is cancelled" in _user_error("cancel", str(done), env=env)
-    assert "agent timeout must be more than 0 seconds, not -5" in _user_error("run", "--timeout", "-5", env=env)
+    assert "the agent timeout (--timeout / timeout_seconds) -5.0 is out of range; give 1 to 31536000 seconds" in _user_error(
+        "run", "--timeout", "-5", env=env
+    )
     assert "the grace period (--grace / grace_seconds) -1.0 is out of range; give 0 to 31536000 seconds" in _user_error(
         "run", "--grace", "-1", env=env
     )
@@ -298,8 +301,10 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--timeout", "inf", "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 0 to 31536000 seconds"),
-        ("--timeout", "1e9", "the agent timeout (--timeout / timeout_seconds) 1000000000.0 is out of range; give 0 to 31536000 seconds"),
+        ("--timeout", "inf", "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 1 to 31536000 seconds"),
+        ("--timeout", "1e9", "the agent timeout (--timeout / timeout_seconds) 1000000000.0 is out of range; give 1 to 31536000 seconds"),
+        ("--timeout", "1e-300", "the agent timeout (--timeout / timeout_seconds) 1e-300 is out of range; give 1 to 31536000 seconds"),
+        ("--timeout", "1e-9", "the agent timeout (--timeout / timeout_seconds) 1e-09 is out of range; give 1 to 31536000 seconds"),
         ("--grace", "inf", "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
         ("--grace", "nan", "the grace period (--grace / grace_seconds) nan is out of range; give 0 to 31536000 seconds"),
         ("--retries", str(10**12), f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
@@ -314,6 +319,30 @@ def test_an_unbounded_timeout_grace_or_retries_is_one_line_before_anything_is_cl
     url = state_url(env["FLOWYARD_DATABASE_URL"])
     task = queue.create_task(url, queue.NewTask(title="kept", agent_type="reference"))
     assert _user_error("run", option, value, env=env).strip().endswith(message)
+    assert (queue.get_task(url, task).status, queue.get_task(url, task).attempts) == ("pending", 0)
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize(
+    ("option", "fix"),
+    [
+        ("--output-dir", "pass a directory path, or leave the option out for the default (<FLOWYARD_HOME>/agents)"),
+        ("--logs-dir", "pass a directory path, or leave the option out for the default (<output dir>/logs)"),
+        ("--agents-file", "pass a file path, or leave the option out for the default (the built-in agents only)"),
+    ],
+)
+def test_an_empty_path_option_is_one_line_not_the_current_directory(
+    env: dict[str, str], tmp_path, option: str, fix: str
+) -> None:
+    """``--output-dir ""`` (or ``--logs-dir ""``, an unset shell variable) was read as ``.``: the run
+    put its agents' work or logs in whatever directory the command was started from; an empty
+    ``--agents-file`` said "cannot read agents file .", a file nobody named."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    task = queue.create_task(url, queue.NewTask(title="kept", agent_type="reference"))
+    importable = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = run_cli("queue", "run", option, "", cwd=tmp_path, env=env | importable)
+    assert (result.returncode, result.stderr) == (2, f"flowyard: error: {option} is empty; {fix}\n")
+    assert list(tmp_path.iterdir()) == [], "nothing was made in the current directory"
     assert (queue.get_task(url, task).status, queue.get_task(url, task).attempts) == ("pending", 0)
 
 

@@ -95,6 +95,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             "working directory 'a/..' resolves to ",
         ),
         (
+            lambda url: agent_task_create("x", payload={"blob": [b"\x00\xff"]}, database_url=url),
+            "the payload of task 'x' holds a bytes value, which JSON has no type for; give text (bytes as base64",
+        ),
+        (
             lambda url: agent_task_create("x", agent_type="", database_url=url),
             "the agent type of task 'x' is empty; ",
         ),
@@ -116,6 +120,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         "bad-status",
         "non-finite-payload",
         "workdir-is-the-output-dir",
+        "bytes-in-the-payload",
         "empty-agent-type",
         "agent-type-with-a-trailing-space",
         "agent-type-too-long",

@@ -584,6 +584,36 @@ def test_a_stop_takes_the_answer_to_its_checkpoint_request_then_one_written_on_s
     assert group_members(process.pgid) == []
 
 
+def test_a_checkpoint_being_handled_as_a_stop_begins_is_not_taken_for_its_answer(tmp_path: Path) -> None:
+    """The stop's wait for an answer ended on the checkpoint whose handling it began during (the
+    event was set after the message was handed on): the agent, answering a second later, was
+    SIGTERMed before it answered (a failure of the test above on a loaded machine)."""
+    seen: list[AgentMessage] = []
+    stopping = threading.Event()
+    limits = AgentLimits(checkpoint_wait_seconds=60)
+    process: AgentProcess
+
+    def on_message(stream: str, message: AgentMessage) -> None:
+        seen.append(message)
+        if isinstance(message, LogMessage) and message.message.startswith("stopping agent"):
+            stopping.set()
+        elif isinstance(message, CheckpointMessage) and message.state == {"at": "start"}:
+            process.request_stop("test shutdown")  # the stop begins while "start" is being handled
+            stopping.wait(30)
+            time.sleep(0.2)  # past the stop's clearing of what it waits on
+
+    slow_answer = ANSWERING_AGENT.replace('checkpoint("request")', 'time.sleep(1); checkpoint("request")')
+    template = AgentTemplate(argv=[sys.executable, "-c", slow_answer])
+    process = AgentProcess(_job(tmp_path, {}), template, on_message=on_message, limits=limits)
+    outcome = process.run()
+    assert [m.state for m in seen if isinstance(m, CheckpointMessage)] == [
+        {"at": "start"},
+        {"at": "request"},
+        {"at": "sigterm"},
+    ]
+    assert (outcome.outcome, outcome.killed, outcome.checkpoint) == ("interrupted", False, {"at": "sigterm"})
+
+
 def test_a_stop_requested_before_the_agent_starts_keeps_it_from_starting(tmp_path: Path) -> None:
     """A shutdown can reach an attempt the fleet holds before its agent is spawned. With a grace
     period of 0 the stop sequence gave up at once on an agent not yet started, and every later
@@ -719,7 +749,7 @@ def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Pat
 @pytest.mark.parametrize(
     ("limits", "message"),
     [
-        ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 1 to 31536000 seconds"),
         ({"timeout_seconds": 365 * 86_400 + 1.0}, "the agent timeout (--timeout / timeout_seconds) 31536001.0 is out of range"),
         ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
         ({"grace_seconds": float("nan")}, "the grace period (--grace / grace_seconds) nan is out of range"),
@@ -734,6 +764,18 @@ def test_limits_past_a_year_are_refused(limits: dict[str, float], message: str) 
         AgentLimits(**limits)
     assert str(raised.value).startswith(message)
     assert AgentLimits(timeout_seconds=365 * 86_400, grace_seconds=365 * 86_400).grace_seconds == 365 * 86_400
+
+
+@pytest.mark.parametrize("timeout", [1e-300, 1e-9, 0.5, 0.0, -5.0, float("nan")])
+def test_a_timeout_under_a_second_is_refused(timeout: float) -> None:
+    """A timeout of 1e-9 (or 1e-300) was accepted: every agent was stopped as it started and the
+    task burned all its retries. A grace period or checkpoint wait of 0 stays accepted."""
+    with pytest.raises(UserError) as raised:
+        AgentLimits(timeout_seconds=timeout)
+    assert str(raised.value) == (
+        f"the agent timeout (--timeout / timeout_seconds) {timeout} is out of range; give 1 to 31536000 seconds"
+    )
+    assert AgentLimits(timeout_seconds=1.0, grace_seconds=0.0, checkpoint_wait_seconds=0.0).timeout_seconds == 1.0
 
 
 @pytest.mark.parametrize("retries", [-1, 101, 10**12])

@@ -544,6 +544,62 @@ def test_a_queue_from_before_claims_were_counted_is_upgraded_in_place(fresh_db: 
     assert recovery.failed[task.id].startswith("attempt 1, the last of its run, failed: disk on fire")
 
 
+def _old_checkpoints(url: str, title: str, history: list[tuple[int, str, dict[str, Any]]]) -> None:
+    """A task as older flowyard left it: pending, its checkpoint ``history`` (attempt, kind, state)
+    stored and the last one its ``last_checkpoint``."""
+    attempt, kind, state = history[-1]
+    last = {"attempt": attempt, "kind": kind, "state": state}
+    with connection(url) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, status, agent_type, attempts, last_checkpoint) "
+            "VALUES (%s, 'pending', 'reference', %s, %s)",
+            (title, attempt, json.dumps(last)),
+        )
+        for attempt, kind, state in history:
+            conn.execute(
+                "INSERT INTO flowyard.agent_checkpoints (task_id, attempt, kind, state) "
+                "SELECT id, %s, %s, %s FROM flowyard.agent_tasks WHERE title = %s",
+                (attempt, kind, json.dumps(state), title),
+            )
+
+
+def test_an_empty_shutdown_checkpoint_of_older_flowyard_is_not_handed_back(fresh_db: str) -> None:
+    """Older flowyard recorded a stop before the agent saved any state as a ``graceful_shutdown``
+    checkpoint with the state ``{}``, and the next attempt was handed it: the agent took an empty
+    state for a resume. The upgrade makes those null, so the next attempt gets none; a ``{}`` the
+    agent saved itself is still its checkpoint."""
+    command.upgrade(migration_config(fresh_db), "agents_0005")
+    _old_checkpoints(fresh_db, "stopped early", [(1, "graceful_shutdown", {}), (2, "graceful_shutdown", {})])
+    _old_checkpoints(fresh_db, "saved empty", [(1, "agent", {}), (1, "graceful_shutdown", {})])
+    _old_checkpoints(
+        fresh_db,
+        "resumed later",
+        [(1, "graceful_shutdown", {}), (2, "agent", {"step": 2}), (2, "graceful_shutdown", {"step": 2})],
+    )
+    url = state_url(fresh_db)
+    tasks = {t.title: t.id for t in queue.claim_ready(url, "w1", 10)}
+    handed = {title: queue.start_attempt(url, task_id, "w1", None).checkpoint for title, task_id in tasks.items()}
+    assert handed == {
+        "stopped early": None,
+        "saved empty": {"attempt": 1, "kind": "graceful_shutdown", "state": {}},
+        "resumed later": {"attempt": 2, "kind": "graceful_shutdown", "state": {"step": 2}},
+    }
+    history = {title: [(h["kind"], h["state"]) for h in queue.checkpoint_history(url, t)] for title, t in tasks.items()}
+    assert history == {
+        "stopped early": [("graceful_shutdown", None), ("graceful_shutdown", None)],
+        "saved empty": [("agent", {}), ("graceful_shutdown", {})],
+        "resumed later": [("graceful_shutdown", None), ("agent", {"step": 2}), ("graceful_shutdown", {"step": 2})],
+    }
+    assert queue.get_task(url, tasks["stopped early"]).checkpoint_label == "graceful_shutdown@2"
+    command.downgrade(migration_config(fresh_db), "agents_0005")  # older flowyard copies a state with dict()
+    assert [h["state"] for h in queue.checkpoint_history(url, tasks["stopped early"])] == [{}, {}]
+    assert queue.get_task(url, tasks["stopped early"]).last_checkpoint == {
+        "attempt": 2,
+        "kind": "graceful_shutdown",
+        "state": {},
+    }
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
