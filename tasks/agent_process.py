@@ -39,7 +39,15 @@ from tasks.agent_protocol import (
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS, check_agent_type
 from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
-from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range, is_utf8, make_user_dir, validation_problem
+from tasks.errors import (
+    MAX_WAIT_SECONDS,
+    UserError,
+    check_range,
+    is_utf8,
+    make_user_dir,
+    resolve_user_path,
+    validation_problem,
+)
 from tasks.process_group import spawn_group, terminate_group
 
 DEFAULT_TIMEOUT_SECONDS = 300.0
@@ -211,8 +219,11 @@ def resolve_workdir(
         )
     base = output_dir.expanduser().resolve()
     logs = (logs_dir or base / "logs").expanduser().resolve()
-    target = (base / (workdir or f"task-{task_id}")).resolve()
     of_task = "" if task_id is None else f" of task {task_id}"
+    named = base / (workdir or f"task-{task_id}")
+    target = resolve_user_path(
+        named, f"working directory {workdir!r}{of_task} ({named})", "remove the loop or give the task another directory"
+    )
     if not target.is_relative_to(base):
         raise UserError(
             f"working directory {workdir!r}{of_task} resolves to {target}, outside the agent "

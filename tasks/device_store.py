@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tasks.errors import UserError, check_user_file, check_utf8, control_character
+from tasks.errors import UserError, check_user_file, check_utf8, control_character, resolve_user_path
 
 V1, V2 = 1, 2
 SYNC_STATUSES = ("pending", "synced", "failed")
@@ -208,7 +208,10 @@ def store_path(given: str | Path) -> Path:
             "device store path '' is empty; give the path of the device's SQLite file "
             "(an unset shell variable or an empty entry in a list of stores leaves it empty)"
         )
-    path = _resolved(_home_expanded(Path(given)))
+    expanded = _home_expanded(Path(given))
+    path = resolve_user_path(
+        expanded, f"device store path {str(expanded)!r}", "give the path of the device's SQLite file"
+    )
     check_utf8(str(path), f"device store path {str(path)!r}", "rename the file (or its folder) to a UTF-8 name")
     if (char := control_character(str(path))) is not None:
         raise UserError(
@@ -234,17 +237,6 @@ def _home_expanded(path: Path) -> Path:
         raise UserError(
             f"device store path {str(path)!r} starts with {path.parts[0]!r}, which names no home directory "
             "here; give the store's absolute path"
-        ) from None
-
-
-def _resolved(path: Path) -> Path:
-    """``path`` absolute with its symlinks and ``..`` resolved, so one file is one device however
-    it is named; one line for a path that runs into a symlink loop (pathlib's RuntimeError)."""
-    try:
-        return path.resolve()
-    except RuntimeError:
-        raise UserError(
-            f"device store path {str(path)!r} runs into a symlink loop; give the path of the device's SQLite file"
         ) from None
 
 

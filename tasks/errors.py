@@ -159,6 +159,25 @@ def read_user_file(path: str | Path, what: str, fix: str = "pass the file's path
         ) from None
 
 
+def resolve_user_path(path: Path, what: str, fix: str) -> Path:
+    """``path`` with its symlinks and ``..`` followed, or one line when it runs into a symlink loop:
+    it is the user's path to fix, and Python's RuntimeError was a traceback (or, in a run, taken for
+    an agent failure and retried). Python before 3.13 raises that on a loop; from 3.13 it leaves
+    the loop unresolved, and only a ``stat`` meets it (ELOOP). A path that does not exist yet is
+    fine, and any other reason a ``stat`` fails is left to the caller's own checks."""
+    try:
+        resolved = path.resolve()
+        resolved.stat()
+    except RuntimeError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            return resolved
+    else:
+        return resolved
+    raise UserError(f"{what} runs into a symlink loop; {fix}")
+
+
 def make_user_dir(path: str | Path, what: str) -> Path:
     """The directory the user named, created if missing; one line when it cannot be (a file of
     that name, no permission), said before a run changes or records anything rather than by the

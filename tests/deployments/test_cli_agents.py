@@ -253,6 +253,19 @@ def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created
     assert _ok("create", "x", "--workdir", f"{'w' * 255}/{'é' * 127}", env=env).strip().isdigit()
 
 
+def test_a_workdir_through_a_symlink_loop_is_refused_when_the_task_is_created(env: dict[str, str], tmp_path) -> None:
+    """It was Python's traceback ending in "RuntimeError: Symlink loop from ..."."""
+    agents = tmp_path / "home" / "agents"
+    agents.mkdir(parents=True)
+    (agents / "loop").symlink_to(agents / "loop")
+    home = {**env, "FLOWYARD_HOME": str(tmp_path / "home")}
+    assert _user_error("create", "x", "--workdir", "loop/sub", env=home).strip() == (
+        f"flowyard: error: working directory 'loop/sub' ({agents / 'loop' / 'sub'}) runs into a symlink loop; "
+        "remove the loop or give the task another directory"
+    )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_a_file_in_the_way_of_a_working_directory_fails_its_task_once_saying_so(env: dict[str, str], tmp_path) -> None:
     """The task failed with Python's "NotADirectoryError: [Errno 20] Not a directory" (FileExistsError

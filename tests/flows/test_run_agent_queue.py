@@ -449,6 +449,24 @@ def test_workdir_escape_fails_the_task_with_a_clear_error(tmp_path: Path, qdb: s
     assert task.status == "failed" and task.attempts == 0
 
 
+def test_a_workdir_through_a_symlink_loop_fails_the_task_once_without_retries(tmp_path: Path, qdb: str) -> None:
+    """A symlink loop in the run's output directory (one ``queue create`` could not see: it checks
+    against the default directory) fails the task at once with one line, as any workdir the run
+    refuses: it burned every retry on a RuntimeError from path resolution."""
+    out = tmp_path / "agents"
+    out.mkdir()
+    (out / "loop").symlink_to(out / "loop")
+    task_id = queue.create_task(qdb, _new("looped", {"steps": 1}, workdir="loop/sub"))
+    state = run_agent_queue(max_agents=1, retries=2, return_state=True, **_kw(tmp_path, qdb))
+    (task_run,) = recorded_task_runs(state, "agent-", 1)
+    assert task_run.run_count == 1
+    task = queue.get_task(qdb, task_id)
+    assert task.status == "failed" and task.attempts == 0
+    outcome = state.result()["outcomes"][task_id]
+    assert f"working directory 'loop/sub' of task {task_id} (" in outcome and ") runs into a symlink loop; " in outcome
+    assert "\n" not in outcome
+
+
 @pytest.mark.parametrize("workdir", [".", "logs"])
 def test_a_workdir_shared_with_all_tasks_or_the_logs_fails_the_task(tmp_path: Path, qdb: str, workdir: str) -> None:
     """A task created past the CLI's check (or before it existed) still never runs its agent in the

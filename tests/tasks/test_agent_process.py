@@ -122,6 +122,19 @@ def test_symlink_escape_is_rejected(tmp_path: Path) -> None:
         resolve_workdir(out, "link/sub", 1)
 
 
+def test_a_symlink_loop_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Path resolution raises RuntimeError on a loop; the task is refused like any other bad workdir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loop").symlink_to(out / "loop")
+    with pytest.raises(UserError) as raised:
+        resolve_workdir(out, "loop/sub", 5)
+    assert str(raised.value) == (
+        f"working directory 'loop/sub' of task 5 ({out / 'loop' / 'sub'}) runs into a symlink loop; "
+        "remove the loop or give the task another directory"
+    )
+
+
 @pytest.mark.parametrize("delivery", ["stdin", "argv", "env"])
 def test_task_reaches_the_agent_by_every_delivery(tmp_path: Path, delivery: str) -> None:
     template = REFERENCE_TEMPLATE.model_copy(update={"delivery": delivery})
