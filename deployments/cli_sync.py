@@ -142,7 +142,9 @@ def trigger(
     from tasks.sync_report import SyncIncomplete
 
     try:
-        result = sync_devices(stores=store, central_url=central_url, batch_size=batch_size, force=force)
+        # the resolved paths: the run's recorded parameters (the UI, a re-run from elsewhere) name each file
+        stores = [str(path) for path in paths] or None
+        result = sync_devices(stores=stores, central_url=central_url, batch_size=batch_size, force=force)
     except SyncIncomplete as incomplete:  # every device's outcome first, then the one-line summary
         _print_outcomes(incomplete.result)
         raise

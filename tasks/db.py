@@ -209,7 +209,7 @@ def connect(
             f"cannot connect to {mask_url(url)}: {reason}; check the URL and that the server is running "
             "(`flowyard up` starts the embedded one)",
             _refusal_sqlstate(exc),
-            timed_out=isinstance(exc, psycopg.errors.ConnectionTimeout),
+            timed_out=_some_host_timed_out(exc),
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
         conn.close()
@@ -225,6 +225,21 @@ def connect(
     if not autocommit:
         conn.commit()
     return conn
+
+
+_ATTEMPT_TIMED_OUT = ": connection timeout expired"
+"""How psycopg ends the line of one host's attempt that waited out the connect timeout, in the
+list of every attempt it puts in the message of a URL with several hosts."""
+
+
+def _some_host_timed_out(exc: psycopg.OperationalError) -> bool:
+    """Whether any host of the URL waited out the whole connect timeout (see
+    :attr:`ConnectionUnavailable.timed_out`): with several hosts psycopg raises the error type of
+    the last one tried, so ``host=a,b`` with a black hole before a host that refuses read as a
+    quick refusal, and every immediate retry waited out the black hole again."""
+    return isinstance(exc, psycopg.errors.ConnectionTimeout) or any(
+        line.startswith("- ") and line.endswith(_ATTEMPT_TIMED_OUT) for line in str(exc).splitlines()
+    )
 
 
 def _failure_reason(exc: psycopg.OperationalError) -> str:

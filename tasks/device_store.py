@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import orjson
 
@@ -76,6 +77,12 @@ _V2_COLUMNS = {
 """The statement adding each column v2 adds to ``events``, by the column's name (the names are
 what makes a store v2), so an upgrade can add only the ones a store lacks."""
 _SYNC_COLUMNS = frozenset(_V2_COLUMNS)
+_SNAPSHOTS_CENTRAL_TABLE = (
+    "CREATE TABLE IF NOT EXISTS remote_status_central (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
+    "central_id TEXT NOT NULL)"
+)
+"""The central whose snapshots ``remote_project_status`` holds; also made by the first download
+into a store upgraded before flowyard recorded it (see :func:`save_remote_status`)."""
 # IF NOT EXISTS throughout: a store left part-way to v2 (an upgrade by other means interrupted,
 # an app that made one of these itself) may hold some of them already.
 _V2_OBJECTS = (
@@ -83,6 +90,7 @@ _V2_OBJECTS = (
     "device_id TEXT NOT NULL, user_id TEXT NOT NULL, project_id TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS remote_project_status (project_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
     "updated_at TEXT NOT NULL, device_id TEXT NOT NULL, seq INTEGER NOT NULL)",
+    _SNAPSHOTS_CENTRAL_TABLE,
     "CREATE UNIQUE INDEX IF NOT EXISTS idx_events_sync_id ON events (sync_id)",
     "CREATE INDEX IF NOT EXISTS idx_sync_status ON events (sync_status, id)",
     # Constant SQL fragments only (no input is ever concatenated), hence the noqa.
@@ -101,6 +109,7 @@ _V2_DOWN = (
     "DROP INDEX IF EXISTS idx_events_sync_id",
     "DROP TABLE IF EXISTS sync_identity",
     "DROP TABLE IF EXISTS remote_project_status",
+    "DROP TABLE IF EXISTS remote_status_central",
     "ALTER TABLE events DROP COLUMN project_id",
     "ALTER TABLE events DROP COLUMN user_id",
     "ALTER TABLE events DROP COLUMN device_id",
@@ -566,15 +575,22 @@ def mark_failed(conn: sqlite3.Connection, local_ids: Sequence[int], error: str, 
 
 
 def save_remote_status(
-    conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]], *, replace: bool = False
+    conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]], *, replace_for: UUID | None = None
 ) -> None:
     """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots;
-    with ``replace``, in place of every one held, in the same transaction: a download from cursor
-    0 mirrors its central anew, so no snapshot of another central stays behind, and a download
-    that fails before its first page leaves the store's snapshots as they were."""
+    with ``replace_for`` (the central they come from), in place of every one held, in the same
+    transaction: a download from cursor 0 mirrors its central anew, so no snapshot of another
+    central stays behind, and a download that fails before its first page leaves the store's
+    snapshots as they were. The central is recorded in that transaction too: the cursor flowyard
+    records in its state database after the run may never get there (the state database down),
+    and only the store itself can tell which central its snapshots count in."""
     with write_transaction(conn):
-        if replace:
+        if replace_for is not None:
             conn.execute("DELETE FROM remote_project_status")
+            conn.execute(_SNAPSHOTS_CENTRAL_TABLE)
+            conn.execute(
+                "INSERT OR REPLACE INTO remote_status_central (only_row, central_id) VALUES (1, ?)", (str(replace_for),)
+            )
         conn.executemany(
             "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
             "VALUES (?, ?, ?, ?, ?)",
@@ -582,15 +598,30 @@ def save_remote_status(
         )
 
 
-def downloaded_through(conn: sqlite3.Connection) -> int:
-    """The central cursor the store's downloaded snapshots really reach (their newest ``seq``; 0
-    for none): downloads are saved page by page in seq order, so this is where the last one
-    stopped. It falls behind the cursor flowyard recorded when the snapshots are gone
+def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
+    """The cursor in ``central`` the store's downloaded snapshots really reach (their newest
+    ``seq``; 0 for none): downloads are saved page by page in seq order, so this is where the
+    last one stopped. It falls behind the cursor flowyard recorded when the snapshots are gone
     (``migrate down --to=v1`` drops them, a store was recreated), and a download must then
-    start from here, or the projects that do not change again never reach the store. The
-    snapshots are all of one central, the one the download cursor counts in: a download from
-    another one starts from 0 and replaces them."""
+    start from here, or the projects that do not change again never reach the store.
+
+    0 too when the snapshots are another central's, or of no recorded one (saved before
+    flowyard recorded it): a run into central B after A replaces the store's snapshots with B's,
+    and when recording its cursor then fails, flowyard still holds A's cursor. Read as a
+    position in A, B's newest seq made the next run into A download only A's later changes on
+    top of B's snapshots; from 0, A's replace them."""
+    if _snapshots_central(conn) != str(central):
+        return 0
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
+
+
+def _snapshots_central(conn: sqlite3.Connection) -> str | None:
+    """The central the store's snapshots were downloaded from; None when none is recorded (a
+    store upgraded before flowyard recorded it, and not downloaded into since)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'remote_status_central'").fetchone():
+        return None
+    row = conn.execute("SELECT central_id FROM remote_status_central").fetchone()
+    return None if row is None else str(row[0])
 
 
 def counts(conn: sqlite3.Connection) -> StoreCounts:

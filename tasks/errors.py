@@ -31,7 +31,8 @@ class ConnectionUnavailable(UserError):
     later attempt can meet differently (53300 too many connections, 57P03 starting up or
     shutting down), so a retry policy can tell a busy server from a wrong URL; None otherwise.
     ``timed_out``: nothing answered for the whole connect timeout (a host that drops packets, a
-    hung server), so an attempt right after it would most likely wait as long again.
+    hung server), so an attempt right after it would most likely wait as long again; with
+    several hosts, on any one of them, whatever the others answered.
     (Defaulted, so that pickling, e.g. back from a Dask worker, can rebuild the error.)"""
 
     def __init__(self, message: str, sqlstate: str | None = None, timed_out: bool = False) -> None:

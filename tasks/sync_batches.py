@@ -297,8 +297,8 @@ def sync_device(
                     session = uploader.session_or_connect()
                     if (central := session.central_id()) != cursor_central:
                         cursor, cursor_central = 0, central
-                    since = min(cursor, device_store.downloaded_through(conn))
-                    cursor = download_into_store(conn, session, since)
+                    since = min(cursor, device_store.downloaded_through(conn, central))
+                    cursor = download_into_store(conn, session, since, central)
                     answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
                     failure = _one_line(exc, options.central_url, "download from")
@@ -345,23 +345,24 @@ def _central_answers(uploader: _Uploader) -> bool:
     return True
 
 
-def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int) -> int:
-    """Pull project status snapshots changed after ``since`` into the store; returns the new cursor.
+def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int, central: UUID) -> int:
+    """Pull project status snapshots of ``central`` (the session's) changed after ``since`` into
+    the store; returns the new cursor.
 
     A download from 0 replaces the store's snapshots with its first page (an empty one too):
     they may be another central's, whose projects this one may not have."""
-    replace = since == 0
+    replace_for = central if since == 0 else None
     while True:
         updates = session.download_updates(since)
-        if updates or replace:
+        if updates or replace_for is not None:
             device_store.save_remote_status(
                 conn,
                 ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in updates),
-                replace=replace,
+                replace_for=replace_for,
             )
         if not updates:
             return since
-        since, replace = updates[-1].seq, False
+        since, replace_for = updates[-1].seq, None
 
 
 def _lag_seconds(oldest_pending_ms: float | None) -> float | None:

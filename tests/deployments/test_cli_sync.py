@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -927,6 +928,28 @@ def test_a_store_named_relatively_through_a_symlink_or_dotdot_is_one_device(
         assert [(d.device_id, d.store_path, d.registered) for d in devices] == [("path-dev", str(store), True)]
     finally:
         sync_state.remove_device(state_db, "path-dev")
+
+
+def test_trigger_records_the_resolved_store_paths_as_the_runs_parameters(fresh_db: str, tmp_path: Path) -> None:
+    """`sync trigger --store` checked the resolved paths but handed the flow the ones given: the
+    run's recorded parameters (the UI, a re-run from another directory) named a relative path."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    name = f"params-{uuid.uuid4().hex[:8]}.db"
+    store = make_store(tmp_path / name, 3, identity=device_store.Identity(name[:-3], "u", "p")).resolve()
+    importable = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    ran = run_cli("sync", "trigger", "--store", name, "--central-url", fresh_db, cwd=tmp_path, env=importable)
+    assert ran.returncode == 0 and f"{name[:-3]}: uploaded=3 " in ran.stdout, ran.stderr
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["sync-devices"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=200,
+        )
+    recorded = [r.parameters["stores"] for r in runs if any(name in s for s in r.parameters.get("stores") or [])]
+    assert recorded == [[str(store)]]
 
 
 def test_a_store_path_that_cannot_be_resolved_is_one_line(state_db: str, tmp_path: Path) -> None:

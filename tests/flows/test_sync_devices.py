@@ -28,6 +28,7 @@ from psycopg import sql
 from tasks import central_store, device_store, sync_state
 from tasks.db import one_row
 from tasks.device_store import Identity
+from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
@@ -672,6 +673,18 @@ def _publish(central: str, directory: Path, project: str, status: str) -> None:
     assert (report.uploaded, report.error) == (1, None)
 
 
+def _publish_in_two_centrals(ahead: str, behind: str, tmp_path: Path) -> None:
+    """Project "shared" green in ``ahead``, whose change sequence is a million ahead, and red in
+    ``behind``, plus a project of each central's own."""
+    central_store.ensure_schema(ahead)
+    with psycopg.connect(ahead, autocommit=True) as conn:
+        conn.execute("SELECT setval('devflow.change_seq', 1000000)")
+    _publish(ahead, tmp_path, "shared", "green")
+    _publish(ahead, tmp_path, "only-ahead", "green")
+    _publish(behind, tmp_path, "shared", "red")
+    _publish(behind, tmp_path, "only-behind", "red")
+
+
 def test_a_store_synced_into_another_central_gets_all_of_its_snapshots_and_none_of_the_old(
     fresh_db: str, other_central: str, state_db: str, tmp_path: Path
 ) -> None:
@@ -682,13 +695,7 @@ def test_a_store_synced_into_another_central_gets_all_of_its_snapshots_and_none_
     from flows.sync_devices import sync_devices
 
     ahead, behind = fresh_db, other_central
-    central_store.ensure_schema(ahead)
-    with psycopg.connect(ahead, autocommit=True) as conn:
-        conn.execute("SELECT setval('devflow.change_seq', 1000000)")
-    _publish(ahead, tmp_path, "shared", "green")
-    _publish(ahead, tmp_path, "only-ahead", "green")
-    _publish(behind, tmp_path, "shared", "red")
-    _publish(behind, tmp_path, "only-behind", "red")
+    _publish_in_two_centrals(ahead, behind, tmp_path)
     reader = make_store(tmp_path / "switcher.db", 0, identity=Identity("switcher", "u", "shared"))
 
     def download(central: str) -> tuple[list[tuple[str, str]], int]:
@@ -718,6 +725,40 @@ def test_a_store_synced_into_another_central_gets_all_of_its_snapshots_and_none_
         assert download(ahead) == ([("only-ahead", green), ("shared", green)], cursor_ahead)
     finally:
         sync_state.remove_device(state_db, "switcher")
+
+
+def test_a_switch_whose_cursor_was_never_recorded_does_not_mix_two_centrals_snapshots(
+    fresh_db: str, other_central: str, tmp_path: Path
+) -> None:
+    """A run into central B after A replaced the store's snapshots with B's, but recording its
+    cursor failed (the state database down): flowyard still held A's cursor, and the store's
+    newest seq (B's) was taken for a position in A. The next run into A downloaded only A's
+    changes after it, on top of B's snapshots: the store kept B's projects among A's."""
+    ahead, behind = fresh_db, other_central
+    _publish_in_two_centrals(ahead, behind, tmp_path)
+    identity = Identity("switcher", "u", "shared")
+    reader = make_store(tmp_path / "switcher.db", 0, identity=identity)
+
+    def snapshots() -> list[tuple[str, str]]:
+        with device_store.open_store(reader) as conn:
+            return conn.execute("SELECT project_id, status FROM remote_project_status ORDER BY 1").fetchall()
+
+    green, red = '{"status": "green"}', '{"status": "red"}'
+    first = sync_device(reader, identity, SyncOptions(ahead), download_since=0)
+    assert snapshots() == [("only-ahead", green), ("shared", green)] and first.download_cursor
+    switched = sync_device(
+        reader, identity, SyncOptions(behind), first.download_cursor, first.download_central
+    )
+    assert snapshots() == [("only-behind", red), ("shared", red)] and switched.error is None
+    state_down = f"postgresql://postgres@127.0.0.1:{free_port()}/flowyard"
+    with pytest.raises((psycopg.Error, UserError)):
+        sync_state.record_device_run(state_down, None, switched)
+    # flowyard still holds the cursor in `ahead` of the first run
+    back = sync_device(reader, identity, SyncOptions(ahead), first.download_cursor, first.download_central)
+    assert (back.download_cursor, back.download_central, back.error) == (
+        first.download_cursor, first.download_central, None
+    )
+    assert snapshots() == [("only-ahead", green), ("shared", green)]
 
 
 def test_re_upgrade_by_the_cli_keeps_the_configured_device_and_one_central_copy(

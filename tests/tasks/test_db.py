@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import psycopg
 import pytest
 from psycopg import sql
@@ -18,7 +20,7 @@ from tasks.db import (
     with_database,
 )
 from tasks.embedded_pg import free_port
-from tasks.errors import UserError
+from tasks.errors import ConnectionUnavailable, UserError
 from tasks.state import state_url
 from tests.conftest import run_cli
 
@@ -43,6 +45,24 @@ def test_each_host_tried_is_named_once():
     assert "\n" not in message and "Multiple connection attempts" not in message
     for port in (first, second):
         assert message.count(f"port {port} failed: Connection refused") == 1
+
+
+@pytest.mark.parametrize("black_hole_first", [True, False], ids=["black-hole-first", "black-hole-last"])
+def test_a_host_that_waits_out_the_connect_timeout_makes_the_connect_timed_out(black_hole_first):
+    """psycopg raises the error type of the last host tried: a black hole before a host that
+    refuses read as a quick refusal, and callers retried at once, each retry waiting out the
+    black hole again. Hosts that only refuse are no timeout."""
+    refusing = f"127.0.0.1:{free_port()}"
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # the kernel takes them; nothing answers
+        black_hole = f"127.0.0.1:{silent.getsockname()[1]}"
+        hosts = [black_hole, refusing] if black_hole_first else [refusing, black_hole]
+        with pytest.raises(ConnectionUnavailable) as caught:
+            connect(f"postgresql://postgres@{','.join(hosts)}/nowhere?connect_timeout=2")
+    assert caught.value.timed_out
+    assert "connection timeout expired" in str(caught.value) and "Connection refused" in str(caught.value)
+    with pytest.raises(ConnectionUnavailable) as refused:
+        connect(f"postgresql://postgres@{refusing},127.0.0.1:{free_port()}/nowhere")
+    assert not refused.value.timed_out
 
 
 def test_missing_database_is_a_clear_error(pg):
