@@ -2,7 +2,9 @@
 ``agent-task-create``, ``agent-task-list``, ``agent-task-cancel`` and ``agent-task-retry``.
 ``queue run`` is the ``run-agent-queue`` flow itself. Each one is a thin wrapper around the same
 ``tasks.agent_queue`` functions the CLI calls and returns the tasks as JSON; the list is also
-published as a table artifact.
+published as a table artifact. ``""`` for a filter whose default is None (``status``,
+``blocked_by``, ``payload``) is that default, and a value of the wrong type (``""`` or ``null`` for
+a task id) fails the run in one line (:mod:`tasks.flow_parameters`).
 """
 
 from __future__ import annotations
@@ -10,16 +12,16 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic_core import to_jsonable_python
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import check_new_workdir
+from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 
 
-@flow(name="agent-task-create")
+@checked_flow(name="agent-task-create", blank_is_default=("blocked_by", "payload"))
 def agent_task_create(
     title: str,
     agent_type: str = "reference",
@@ -54,9 +56,10 @@ def agent_task_create(
     return _as_json(queue.get_task(url, queue.create_task(url, new)))
 
 
-@flow(name="agent-task-list")
+@checked_flow(name="agent-task-list", blank_is_default=("status",))
 def agent_task_list(status: str | None = None, database_url: str | None = None) -> list[dict[str, Any]]:
-    """The queue (or the tasks in one status), oldest first, with the ``agent-tasks`` table artifact."""
+    """The queue (or the tasks in one status), oldest first, with the ``agent-tasks`` table artifact.
+    An empty ``status`` (the UI's form, the field left blank) lists every task, as None does."""
     tasks = queue.list_tasks(state_url(database_url), status)
     create_table_artifact(
         [_table_row(t) for t in tasks], key="agent-tasks", description=f"Agent tasks ({status or 'all'})"
@@ -64,7 +67,7 @@ def agent_task_list(status: str | None = None, database_url: str | None = None) 
     return [_as_json(t) for t in tasks]
 
 
-@flow(name="agent-task-cancel")
+@checked_flow(name="agent-task-cancel")
 def agent_task_cancel(task_id: int, database_url: str | None = None) -> dict[str, Any]:
     """Cancel a task; a running agent is stopped gracefully within a heartbeat."""
     url = state_url(database_url)
@@ -72,7 +75,7 @@ def agent_task_cancel(task_id: int, database_url: str | None = None) -> dict[str
     return _as_json(queue.get_task(url, task_id))
 
 
-@flow(name="agent-task-retry")
+@checked_flow(name="agent-task-retry")
 def agent_task_retry(task_id: int, database_url: str | None = None) -> dict[str, Any]:
     """Queue a failed or cancelled task again; it resumes from its last checkpoint."""
     url = state_url(database_url)

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
@@ -47,6 +47,7 @@ from tasks.column_mapping import parse_mapping
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
 from tasks.db import connection, mask_url
 from tasks.errors import UserError, first_line
+from tasks.flow_parameters import checked_flow
 from tasks.integrity import foreign_key_orphans, invalid_indexes, missing_indexes, missing_key
 from tasks.retry_policy import retry_transient
 from tasks.seed_load import load_seed
@@ -378,7 +379,7 @@ def validate_tables(
     return stats, problems
 
 
-@flow(name="bulk-migrate")
+@checked_flow(name="bulk-migrate")
 def bulk_migrate(
     source_url: str,
     target_url: str | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import psycopg
-from prefect import Task, flow, task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
 from quality.gate import quality_gate
@@ -29,6 +29,7 @@ from tasks.advisory_lock import advisory_lock
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
 from tasks.db import database_name, mask_url, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range
+from tasks.flow_parameters import checked_flow
 from tasks.migration_preflight import Preflight, run_preflight
 from tasks.migration_report import MigrationReport
 from tasks.migration_validation import require_valid, validate
@@ -208,7 +209,7 @@ def _run(
     return report
 
 
-@flow(name="deploy-migrations", task_runner=thread_pool(2), log_prints=True)
+@checked_flow(name="deploy-migrations", task_runner=thread_pool(2), log_prints=True)
 def deploy_migrations(
     database_url: str | None = None,
     migrations_dir: str = DEFAULT_MIGRATIONS_DIR,
@@ -247,7 +248,7 @@ def deploy_migrations(
     return report
 
 
-@flow(name="migration-rollback", task_runner=thread_pool(2), log_prints=True)
+@checked_flow(name="migration-rollback", task_runner=thread_pool(2), log_prints=True)
 def migration_rollback(
     steps: int = 1,
     database_url: str | None = None,
@@ -274,7 +275,7 @@ def migration_rollback(
     return _run("rollback", opts, partial(alembic_deploy.rollback_revisions, steps=steps), downgrade_task)
 
 
-@flow(name="migration-status", task_runner=thread_pool(1))
+@checked_flow(name="migration-status", task_runner=thread_pool(1))
 def migration_status(
     database_url: str | None = None, migrations_dir: str = DEFAULT_MIGRATIONS_DIR, target: str = "head"
 ) -> MigrationStatus:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
 from tasks.db import resolve_url
+from tasks.flow_parameters import checked_flow
 from tasks.online_migration import (
     OnlineDecision,
     active_plan,
@@ -37,7 +38,7 @@ DEMO_MIGRATION = str(
 )
 
 
-@flow(name="online-migrate", task_runner=thread_pool(2))
+@checked_flow(name="online-migrate", task_runner=thread_pool(2))
 def online_migrate(
     database_url: str | None = None,
     migration_file: str = DEMO_MIGRATION,

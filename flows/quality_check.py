@@ -16,7 +16,6 @@ import datetime as dt
 import uuid
 from typing import Any, Literal
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from quality.alerts import AlertConfig
@@ -37,12 +36,13 @@ from quality.suite_spec import resolve_suites
 from quality.suites import present_entity_suites
 from tasks.db import resolve_url
 from tasks.errors import make_user_dir
+from tasks.flow_parameters import checked_flow
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.task_runners import thread_pool
 
 
-@flow(name="quality-check", task_runner=thread_pool(get_settings().max_workers))
+@checked_flow(name="quality-check", task_runner=thread_pool(get_settings().max_workers))
 def quality_check(
     database_url: str | None = None,
     suites: list[str] | None = None,

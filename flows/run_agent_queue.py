@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from functools import cache
 from typing import Any, cast
 
-from prefect import Task, flow, get_run_logger
+from prefect import Task, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
@@ -45,10 +45,13 @@ from tasks.agent_process import (
 )
 from tasks.cancel_watch import CancelWatch
 from tasks.errors import one_line, printable
+from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 
 
-@flow(name="run-agent-queue", log_prints=True)
+@checked_flow(
+    name="run-agent-queue", log_prints=True, blank_is_default=("output_dir", "logs_dir", "agents", "max_tasks")
+)
 def run_agent_queue(
     max_agents: int = 4,
     database_url: str | None = None,

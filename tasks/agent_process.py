@@ -365,6 +365,11 @@ MIN_TIMEOUT_SECONDS = 1
 """The shortest agent timeout: an attempt needs that long to start its agent and hear from it (the
 reference agent takes tens of milliseconds, a real coding agent seconds). A timeout of ``1e-9``, a
 typo or a slipped unit, stopped every agent as it started and burned all the task's retries."""
+MIN_STOP_WAIT_SECONDS = 0.001
+"""The shortest grace period or checkpoint wait other than 0 (no wait). A stop signals the agent's
+group and walks the process table before it first looks again, which takes longer than this, and
+no agent answers a signal or a checkpoint request sooner: a shorter wait, such as ``1e-6`` (a typo
+or a slipped unit), acted as 0 while the run looked as if it gave the agent time."""
 
 
 def check_drain(max_agents: int, retries: int, max_tasks: int | None = None) -> None:
@@ -392,19 +397,22 @@ class AgentLimits:
     def __post_init__(self) -> None:
         """Refuse limits no attempt can live with: a timeout under :data:`MIN_TIMEOUT_SECONDS`
         stops every agent as it starts and burns all its retries; a negative grace period or
-        checkpoint wait is a typo (0 is not: SIGKILL right after SIGTERM, no wait for a checkpoint,
-        and a tiny one acts as 0); a lease shorter than a few heartbeats lets other runs take this
-        run's live tasks for abandoned ones (each worker is judged by the lease it claimed with)
+        checkpoint wait is a typo (0 is not: SIGKILL right after SIGTERM, no wait for a checkpoint),
+        and so is one above 0 but under :data:`MIN_STOP_WAIT_SECONDS`, which acted as 0; a lease
+        shorter than a few heartbeats lets other runs take this run's live tasks for abandoned ones (each worker is judged by the lease it claimed with)
         and start them a second time. (``not >=`` also catches NaN.) A timeout, grace period,
         checkpoint wait or lease past :data:`MAX_WAIT_SECONDS` is a typo, and ``inf`` would let a
         hung agent, or a dead worker's tasks, hold on for good (or a stop wait for good on an
         agent that never answers)."""
-        for value, what, least in (
-            (self.timeout_seconds, "the agent timeout (--timeout / timeout_seconds)", MIN_TIMEOUT_SECONDS),
-            (self.grace_seconds, "the grace period (--grace / grace_seconds)", 0),
-            (self.checkpoint_wait_seconds, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)", 0),
-        ):
-            check_range(value, what, least, MAX_WAIT_SECONDS, " seconds")
+        check_range(
+            self.timeout_seconds,
+            "the agent timeout (--timeout / timeout_seconds)",
+            MIN_TIMEOUT_SECONDS,
+            MAX_WAIT_SECONDS,
+            " seconds",
+        )
+        _check_stop_wait(self.grace_seconds, "the grace period (--grace / grace_seconds)")
+        _check_stop_wait(self.checkpoint_wait_seconds, "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)")
         if not self.lease_seconds >= LEASE_HEARTBEATS * self.heartbeat_seconds:
             raise UserError(
                 f"the lease must be at least {LEASE_HEARTBEATS * self.heartbeat_seconds:g} seconds "
@@ -416,6 +424,17 @@ class AgentLimits:
                 f"the lease must be a finite number of seconds, at most {MAX_WAIT_SECONDS}, not "
                 f"{self.lease_seconds:g} (--lease / lease_seconds): a longer one leaves a dead worker's tasks stuck"
             )
+
+
+def _check_stop_wait(value: float, what: str) -> None:
+    """A grace period or checkpoint wait: 0 (no wait), or :data:`MIN_STOP_WAIT_SECONDS` to
+    :data:`MAX_WAIT_SECONDS`; else one line naming ``what`` and both choices."""
+    check_range(value, what, 0, MAX_WAIT_SECONDS, " seconds")
+    if 0 < value < MIN_STOP_WAIT_SECONDS:
+        raise UserError(
+            f"{what} {value} is out of range; give 0 (no wait) or {MIN_STOP_WAIT_SECONDS} to {MAX_WAIT_SECONDS} "
+            "seconds: a shorter wait acts as 0"
+        )
 
 
 class AgentProcess:

@@ -300,7 +300,10 @@ def create_task(url: str, task: NewTask) -> int:
     """Insert a task (``pending``, or ``draft``) and its ``blocks`` edges; returns its id.
 
     A task whose agent type no template can have (:func:`check_agent_type`; an empty one: no
-    worker has a template for it) is refused: it would wait in the queue for good."""
+    worker has a template for it) is refused: it would wait in the queue for good. A pending one
+    created after a dependency that keeps it from running (cancelled, failed, draft, in review)
+    gets its reason at once, as a cancel gives one: ``queue list`` showed it plain ``pending``,
+    as if it would run next, until the next queue run's end."""
     check_agent_type(task.agent_type, f"the agent type of task {task.title!r}", _NAME_THE_AGENT)
     for field_name, value in (
         ("title", task.title),
@@ -353,6 +356,8 @@ def create_task(url: str, task: NewTask) -> int:
             "INSERT INTO flowyard.agent_task_blocks (blocker_id, blocked_id) VALUES (%s, %s)",
             [(blocker, row[0]) for blocker in sorted(set(task.blocked_by))],
         )
+        if task.blocked_by and not task.draft:
+            _mark_unrunnable(conn)
     return int(row[0])
 
 
@@ -409,21 +414,22 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
 
     Its dependents' reasons are recomputed in the same transaction: ``queue list`` went on
     telling to submit a draft just submitted, or that a retried dependency failed, until the
-    next queue run."""
+    next queue run. The task's own reason goes with the move (recomputed if it is pending): a
+    blocked task, cancelled, kept saying that a dependency failed after it was retried and done."""
     with _connection(url, atomic=True) as conn:
         row = conn.execute(
             """
             UPDATE flowyard.agent_tasks
                SET status = %s, updated_at = now(),
                    error = CASE WHEN %s THEN NULL ELSE error END,
-                   blocked_reason = CASE WHEN %s THEN NULL ELSE blocked_reason END,
+                   blocked_reason = NULL,
                    worker = CASE WHEN %s THEN NULL ELSE worker END,
                    agent_pgid = CASE WHEN %s THEN NULL ELSE agent_pgid END,
                    finished_at = CASE WHEN %s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
              WHERE id = %s AND status = ANY(%s)
             RETURNING id
             """,
-            (to, reset, reset, reset, reset, to, task_id, list(allowed)),
+            (to, reset, reset, reset, to, task_id, list(allowed)),
         ).fetchone()
         if row is not None:
             _mark_unrunnable(conn)
@@ -738,7 +744,24 @@ def finish_attempt(
                 "final": final,
             },
         ).fetchone()
+        if row is None:  # rare: not this attempt's task any more; one more statement only then
+            _let_go_of_cancelled(conn, run_id, worker)
     return row[0] if row else None
+
+
+def _let_go_of_cancelled(conn: psycopg.Connection, run_id: int, worker: str) -> None:
+    """Clear ``worker``'s hold on the task of attempt ``run_id`` if it was cancelled meanwhile, once
+    that attempt is closed (its agent gone). The cancel leaves the hold so the stopping attempt can
+    still heartbeat and record its ``graceful_shutdown`` checkpoint; kept after that, a cancelled
+    task went on naming a worker and the process group of an agent long gone."""
+    conn.execute(
+        """
+        UPDATE flowyard.agent_tasks t SET worker = NULL, agent_pgid = NULL, updated_at = now()
+          FROM flowyard.agent_runs r
+         WHERE r.id = %s AND t.id = r.task_id AND t.worker = %s AND t.status = 'cancelled'
+        """,
+        (run_id, worker),
+    )
 
 
 def fail_task(url: str, task_id: int, worker: str, error: str) -> None:
@@ -791,15 +814,18 @@ def release_task(url: str, task_id: int, worker: str, reason: str) -> str | None
             """,
             {"reason": reason, "task": task_id, "worker": worker},
         ).fetchone()
-        conn.execute(
+        closed = conn.execute(
             """
             UPDATE flowyard.agent_runs
                SET outcome = 'interrupted', finished_at = now(), error = %s,
                    seconds = extract(epoch FROM now() - started_at)
              WHERE task_id = %s AND worker = %s AND outcome IS NULL
+            RETURNING id
             """,
             (reason, task_id, worker),
-        )
+        ).fetchall()
+        for (run_id,) in closed if row is None else ():
+            _let_go_of_cancelled(conn, run_id, worker)
     return None if row is None else str(row[0])
 
 

@@ -322,6 +322,8 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
         ("--grace", "nan", "the grace period (--grace / grace_seconds) nan is out of range; give 0 to 31536000 seconds"),
         ("--retries", str(10**12), f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
         ("--checkpoint-wait", "inf", "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ("--grace", "1e-6", "the grace period (--grace / grace_seconds) 1e-06 is out of range; give 0 (no wait) or 0.001 to 31536000 seconds: a shorter wait acts as 0"),
+        ("--checkpoint-wait", "0.0005", "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) 0.0005 is out of range; give 0 (no wait) or 0.001 to 31536000 seconds: a shorter wait acts as 0"),
     ],
 )  # fmt: skip
 def test_an_unbounded_timeout_grace_or_retries_is_one_line_before_anything_is_claimed(

@@ -8,6 +8,7 @@ from datetime import datetime
 import pytest
 
 from flows.agent_queue_controls import agent_task_cancel, agent_task_create, agent_task_list, agent_task_retry
+from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks.errors import UserError
 from tasks.state import state_url
@@ -139,3 +140,59 @@ def test_retrying_a_pending_task_says_which_states_allow_it(fresh_db: str) -> No
         UserError, match=rf"^cannot retry task {task_id}: it is pending \(possible from: failed"
     ):
         agent_task_retry(task_id, database_url=fresh_db)
+
+
+@pytest.mark.parametrize(
+    ("control", "parameters", "message"),
+    [
+        (
+            agent_task_cancel,
+            {"task_id": ""},
+            'agent-task-cancel: parameter task_id is "": Input should be a valid integer, unable to parse string '
+            "as an integer; give a value of type int",
+        ),
+        (
+            agent_task_retry,
+            {"task_id": None},
+            "agent-task-retry: parameter task_id is null: Input should be a valid integer; give a value of type int",
+        ),
+        (
+            agent_task_create,
+            {"title": "x", "requires_review": None, "blocked_by": ["one"]},
+            'agent-task-create: parameter blocked_by.0 is "one": Input should be a valid integer, unable to parse '
+            "string as an integer; give a value of type list[int] | None; parameter requires_review is null: "
+            "Input should be a valid boolean; give a value of type bool",
+        ),
+        (
+            run_agent_queue,
+            {"max_agents": "", "max_tasks": 0},
+            'run-agent-queue: parameter max_agents is "": Input should be a valid integer, unable to parse string '
+            "as an integer; give a value of type int",
+        ),
+    ],
+    ids=["cancel-blank-id", "retry-null-id", "create-bad-dependency-and-null-flag", "run-blank-max-agents"],
+)
+def test_a_parameter_of_the_wrong_type_fails_the_run_in_one_line(
+    fresh_db: str, control, parameters: dict[str, object], message: str
+) -> None:
+    """The UI or a REST caller can send "" or null for any field (the served deployments' schema
+    check does not cover a flow called from a script or deployed without it): Prefect failed the
+    run with "Flow run received invalid parameters:" and a list on the following lines, naming
+    neither the value nor the type wanted."""
+    state = control(**parameters, database_url=fresh_db, return_state=True)
+    assert state.is_failed(), state
+    assert state.message.endswith(f"UserError: {message}") and "\n" not in state.message, state.message
+    assert queue.list_tasks(state_url(fresh_db)) == [], "nothing was created"
+
+
+def test_a_blank_optional_parameter_is_its_default(fresh_db: str) -> None:
+    """The UI's form sends "" for a field left blank: for a parameter whose default is None that is
+    the default, as it already was for run-agent-queue's directories. `status` "" was refused as an
+    unknown status, `blocked_by` "" as not a list. A blank `database_url` stays an error: an unset
+    variable in a template must not send the run to the default database."""
+    task_id = agent_task_create("blank", blocked_by="", payload="", database_url=fresh_db)["id"]
+    assert queue.get_task(state_url(fresh_db), task_id).blocked_by == ()
+    assert queue.get_task(state_url(fresh_db), task_id).payload == {}
+    assert [t["id"] for t in agent_task_list(status="", database_url=fresh_db)] == [task_id]
+    refused = agent_task_list(status="", database_url="", return_state=True)
+    assert refused.is_failed() and "not a PostgreSQL URL" in (refused.message or ""), refused.message

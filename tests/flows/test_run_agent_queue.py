@@ -912,6 +912,7 @@ def test_cancelling_a_running_task_stops_its_agent_and_retry_resumes(tmp_path: P
     assert group_members(running.agent_pgid) == []
     task = queue.get_task(qdb, task_id)
     assert task.status == "cancelled" and task.last_checkpoint["kind"] == "graceful_shutdown"
+    assert (task.worker, task.agent_pgid) == (None, None), "the stopped agent's worker lets go of it"
     step = task.last_checkpoint["state"]["step"]
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
     queue.retry_task(qdb, task_id)

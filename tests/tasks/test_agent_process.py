@@ -791,6 +791,24 @@ def test_a_timeout_under_a_second_is_refused(timeout: float) -> None:
     assert AgentLimits(timeout_seconds=1.0, grace_seconds=0.0, checkpoint_wait_seconds=0.0).timeout_seconds == 1.0
 
 
+@pytest.mark.parametrize("field", ["grace_seconds", "checkpoint_wait_seconds"])
+@pytest.mark.parametrize("seconds", [1e-300, 1e-6, 0.0009])
+def test_a_grace_period_or_checkpoint_wait_under_a_millisecond_is_refused(field: str, seconds: float) -> None:
+    """Above 0 but under 1 ms, a grace period or checkpoint wait acted as 0 (the stop's first look
+    at the process table takes longer), while the run looked as if it gave the agent time."""
+    what = {
+        "grace_seconds": "the grace period (--grace / grace_seconds)",
+        "checkpoint_wait_seconds": "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds)",
+    }[field]
+    with pytest.raises(UserError) as raised:
+        AgentLimits(**{field: seconds})
+    assert str(raised.value) == (
+        f"{what} {seconds} is out of range; give 0 (no wait) or 0.001 to 31536000 seconds: a shorter wait acts as 0"
+    )
+    assert getattr(AgentLimits(**{field: 0.001}), field) == 0.001
+    assert getattr(AgentLimits(**{field: 0.0}), field) == 0.0
+
+
 @pytest.mark.parametrize("retries", [-1, 101, 10**12])
 def test_retries_outside_0_to_100_are_refused(retries: int) -> None:
     with pytest.raises(UserError) as raised:

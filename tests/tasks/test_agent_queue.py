@@ -204,6 +204,38 @@ def test_cancelling_a_dependency_blocks_its_dependents_at_once(qdb: str) -> None
     assert queue.get_task(qdb, child).note == f"not run: dependency #{dep} 'build' is cancelled"
 
 
+def test_a_task_created_after_a_dependency_it_cannot_run_on_says_so_at_once(qdb: str) -> None:
+    """A task created with ``--after`` a cancelled, failed or draft task was listed as plain
+    ``pending``, with no reason, until the next queue run's end: ``queue list`` looked as if it
+    would run next."""
+    cancelled = queue.create_task(qdb, _new("build"))
+    queue.cancel_task(qdb, cancelled)
+    draft = queue.create_task(qdb, _new("spec", draft=True))
+    blocked = queue.create_task(qdb, _new("deploy", blocked_by=(cancelled,)))
+    waiting = queue.create_task(qdb, _new("write", blocked_by=(draft,)))
+    assert queue.get_task(qdb, blocked).note == f"not run: dependency #{cancelled} 'build' is cancelled"
+    assert queue.get_task(qdb, waiting).note == (
+        f"not run: dependency #{draft} 'spec' is draft (submit it with `flowyard queue submit {draft}`)"
+    )
+    ready = queue.create_task(qdb, _new("test", blocked_by=(draft,), draft=True))
+    assert queue.get_task(qdb, ready).note == "", "a draft is not run anyway: no reason, as before"
+
+
+def test_a_cancelled_task_does_not_keep_a_dependency_reason_that_went_stale(qdb: str) -> None:
+    """A blocked task, cancelled, kept its "not run: dependency … is failed" note, which ``queue list``
+    went on showing after that dependency was retried and completed: the task is cancelled because
+    someone cancelled it, and a dependency it never waited for since says nothing of it."""
+    dep = queue.create_task(qdb, _new("build"))
+    child = queue.create_task(qdb, _new("deploy", blocked_by=(dep,)))
+    queue.cancel_task(qdb, dep)
+    assert queue.get_task(qdb, child).note == f"not run: dependency #{dep} 'build' is cancelled"
+    queue.cancel_task(qdb, child)
+    queue.retry_task(qdb, dep)
+    assert (queue.get_task(qdb, child).status, queue.get_task(qdb, child).note) == ("cancelled", "")
+    queue.retry_task(qdb, child)
+    assert queue.get_task(qdb, child).note == "", "its dependency is pending, it can run after it"
+
+
 _CLAIMER = textwrap.dedent(
     """
     import json, sys
@@ -372,9 +404,29 @@ def test_a_dead_workers_attempt_of_a_cancelled_task_is_ended_and_closed(qdb: str
         with connection(qdb) as conn:
             outcomes = conn.execute("SELECT outcome FROM flowyard.agent_runs WHERE task_id = %s", (task_id,))
             assert [row[0] for row in outcomes] == ["interrupted"]
-        assert queue.get_task(qdb, task_id).status == ("pending" if then_retried else "cancelled")
+        task = queue.get_task(qdb, task_id)
+        assert task.status == ("pending" if then_retried else "cancelled")
+        assert (task.worker, task.agent_pgid) == (None, None), "no hold of the dead worker is left"
     finally:
         terminate_group(agent.pid, 0.0, agent_mark(gone, task_id))
+
+
+def test_a_cancelled_task_lets_go_of_its_worker_once_its_attempt_is_closed(qdb: str) -> None:
+    """`queue cancel` of a running task: the worker stops the agent, records its graceful_shutdown
+    checkpoint and closes the attempt, but the task went on naming that worker and the agent's
+    process group (in `agent-task-list`'s JSON), long after both were gone."""
+    task_id = queue.create_task(qdb, _new("long"))
+    queue.claim_ready(qdb, "w", 1)
+    attempt = queue.start_attempt(qdb, task_id, "w", None)
+    queue.set_agent_pgid(qdb, task_id, "w", attempt.number, 424242)
+    queue.cancel_task(qdb, task_id)
+    assert queue.heartbeat(qdb, task_id, "w", attempt.number) is False, "told to stop its agent"
+    assert queue.record_checkpoint(qdb, task_id, "w", attempt.number, None, "graceful_shutdown"), "held while stopping"
+    assert queue.finish_attempt(qdb, attempt.run_id, "w", "interrupted") is None, "no longer its task"
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.worker, task.agent_pgid) == ("cancelled", None, None)
+    assert task.last_checkpoint is not None and task.last_checkpoint["kind"] == "graceful_shutdown"
+    assert _open_attempts(qdb, task_id) == []
 
 
 def _reference_agent(task_id: int, mark: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[int]]:

@@ -1,0 +1,38 @@
+"""The parameter check every flowyard flow runs before its body: Prefect's own validation, with its
+refusal in one line, and ``""`` read as the default only where a flow says so."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.errors import UserError
+from tasks.flow_parameters import checked_flow
+
+
+@checked_flow(name="checked-sample", blank_is_default=("status",))
+def _sample(count: int, status: str | None = None, url: str | None = None, tags: list[int] | None = None) -> None:
+    """Never run: only its parameters are validated."""
+
+
+def test_a_blank_listed_parameter_is_its_default_and_an_unlisted_one_stays_blank() -> None:
+    checked = _sample.validate_parameters({"count": "3", "status": "", "url": ""})
+    assert checked == {"count": 3, "status": None, "url": "", "tags": None}
+
+
+def test_values_of_the_wrong_type_are_one_line_naming_each_parameter_value_and_type() -> None:
+    with pytest.raises(UserError) as refused:
+        _sample.validate_parameters({"count": None, "tags": ["x" * 100]})
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "checked-sample: parameter count is null: Input should be a valid integer; give a value of type int; "
+        'parameter tags.0 is "xxxx'
+    )
+    assert message.endswith("...: Input should be a valid integer, unable to parse string as an integer; give a value of type list[int] | None")
+
+
+def test_only_a_parameter_whose_default_is_none_can_read_blank_as_its_default() -> None:
+    with pytest.raises(TypeError, match="'count' is not a parameter whose default is None"):
+        checked_flow(name="bad", blank_is_default=("count",))(_sample.fn)
+    with pytest.raises(TypeError, match="'missing' is not a parameter"):
+        checked_flow(name="bad", blank_is_default=("missing",))(_sample.fn)
