@@ -10,15 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from tasks import sync_state
+from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 from tasks.sync_setup import SetupChange, apply_setup, new_store
 
 
-@flow(name="sync-status")
+@checked_flow(name="sync-status")
 def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
     """Per device flowyard knows (configured, or only named by runs' store paths): enabled, queued
     events (read live from the store), last success/error."""
@@ -27,7 +27,7 @@ def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
     return rows
 
 
-@flow(name="sync-history")
+@checked_flow(name="sync-history")
 def sync_history(
     limit: int = 20, since: datetime | None = None, state_database_url: str | None = None
 ) -> list[dict[str, Any]]:
@@ -43,7 +43,7 @@ def sync_history(
     return rows
 
 
-@flow(name="sync-configure")
+@checked_flow(name="sync-configure")
 def sync_configure(
     enabled: bool | None = None,
     central_url: str | None = None,

@@ -10,20 +10,22 @@ still holding every device's cursors and outcome.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from tasks import central_store, sync_state
-from tasks.advisory_lock import advisory_lock
+from tasks.advisory_lock import LockTimeout, advisory_lock
 from tasks.db import mask_url
 from tasks.errors import UserError, first_line
+from tasks.flow_parameters import checked_flow
 from tasks.prefect_artifacts import new_progress_artifact
 from tasks.settings import get_settings
 from tasks.state import state_url
@@ -35,22 +37,41 @@ from tasks.task_runners import thread_pool
 DEVICE_LOCK_WAIT_SECONDS = 5.0
 
 
+Skipped = Literal["disabled", "busy"]
+"""Why a device's task left its store alone: disabled after the run resolved its targets, or
+synced by another run (its lock held for the whole wait)."""
+
+
 @task(name="sync-device", cache_policy=NO_CACHE, task_run_name="sync-device-{target.device_id}")
-def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport | None:
+def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> DeviceReport | Skipped:
     """One device; the per-device advisory lock keeps a manual trigger and the schedule apart.
 
-    None, with the store left unopened, when the device was disabled after the run resolved its
-    targets (and the run is not forced): a task queued on the thread pool must not re-upgrade a
-    store that ``sync disable`` and ``migrate down`` have just rolled back to v1."""
-    with advisory_lock(state, f"flowyard-sync-device:{target.device_id}", DEVICE_LOCK_WAIT_SECONDS) as held:
+    "disabled", with the store left unopened, when the device was disabled after the run resolved
+    its targets (and the run is not forced): a task queued on the thread pool must not re-upgrade a
+    store that ``sync disable`` and ``migrate down`` have just rolled back to v1.
+
+    "busy" when another run held the device's lock for the whole wait: that run is syncing the
+    store's events, so this one has nothing to do for it. Recorded as an error, it failed the run
+    (a scheduled one overlapping a long manual trigger), added a failed history row, and could
+    overwrite the device's status after the other run recorded its success."""
+    with ExitStack() as stack:
+        try:
+            held = stack.enter_context(advisory_lock(state, _device_lock(target), DEVICE_LOCK_WAIT_SECONDS))
+        except LockTimeout:
+            return "busy"
         if not options.force and sync_state.disabled_devices(held, [target.device_id]):
-            return None
+            return "disabled"
         return sync_device(
             Path(target.store), target.identity, options, target.download_since, target.download_central
         )
 
 
-@flow(name="sync-devices", task_runner=thread_pool(get_settings().max_workers))
+def _device_lock(target: SyncTarget) -> str:
+    """The advisory lock that serialises the runs of one device."""
+    return f"flowyard-sync-device:{target.device_id}"
+
+
+@checked_flow(name="sync-devices", task_runner=thread_pool(get_settings().max_workers))
 def sync_devices(
     stores: list[str] | None = None,
     central_url: str | None = None,
@@ -64,6 +85,7 @@ def sync_devices(
     no store, and syncing every configured device instead would surprise its caller.
 
     ``force`` also syncs disabled devices and retries failed events before their backoff ends.
+    A device another run is syncing is left to that run and named under ``skipped``.
     Returns each device's cursors and outcome (the run's persisted result); when a device did
     not sync fully, raises :class:`SyncIncomplete` carrying that same result.
     """
@@ -103,12 +125,16 @@ def sync_devices(
     futures = sync_device_task.map(targets, unmapped(options), unmapped(state))
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
     outcomes = []
+    busy: list[str] = []
     for done, future in enumerate(as_completed(futures), start=1):
         target = target_of[future.task_run_id]
         result = future.result(raise_on_failure=False)
-        if result is None:  # disabled while its task waited: left out like those disabled at the start
+        if result == "disabled":  # disabled while its task waited: left out like those disabled at the start
             disabled.append(target.device_id)
             logger.info(_disabled_note([target.device_id]))
+        elif result == "busy":
+            busy.append(target.device_id)
+            logger.info(_busy_note([target.device_id]))
         else:
             outcomes.append(
                 settle_device(
@@ -123,8 +149,9 @@ def sync_devices(
         description="Per-device sync results",
     )
     run_result: dict[str, Any] = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
-    if disabled:
-        run_result["skipped"] = _disabled_note(sorted(disabled))
+    notes = ([_disabled_note(sorted(disabled))] if disabled else []) + ([_busy_note(sorted(busy))] if busy else [])
+    if notes:
+        run_result["skipped"] = "; ".join(notes)
     errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
     if errors:
         summary = f"{len(errors)} of {len(outcomes)} devices did not sync fully: " + "; ".join(errors)
@@ -135,3 +162,11 @@ def sync_devices(
 def _disabled_note(devices: list[str]) -> str:
     """Why a run left devices out, and the two ways to include them."""
     return f"disabled devices not synced: {', '.join(devices)} (`flowyard sync enable DEVICE`, or force)"
+
+
+def _busy_note(devices: list[str]) -> str:
+    """Why a run left devices to another run, and where to see how that run went."""
+    return (
+        f"devices being synced by another run, left to it: {', '.join(devices)} "
+        "(`flowyard sync history` shows its result)"
+    )

@@ -5,12 +5,13 @@ Each service runs in its own process group, so stopping it also ends whatever it
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,23 +56,62 @@ def running_pid(run_dir: Path, name: str) -> int | None:
 
 
 def start(service: Service, run_dir: Path) -> bool:
-    """Start the service unless it runs already; wait until it is ready. True if it started it."""
-    if running_pid(run_dir, service.name) is not None:
-        return False
+    """Start the service unless it runs already; wait until it is ready. True if it started it.
+
+    Two flowyard processes at once (two ``sync trigger`` on a cold start) take turns, under
+    :func:`starting`: both used to find no pid file and spawn a server each, the second dying on
+    the taken port and, when it wrote the pid file last, leaving the running server untracked
+    (``flowyard down`` no longer stopped it). A service that runs already is waited for too,
+    until it is ready: taken as ready while still coming up, the second command went on to a
+    server not yet listening and ended in a traceback."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    with starting(run_dir, service.name):
+        if running_pid(run_dir, service.name) is not None:
+            if not _wait_ready(service, lambda: running_pid(run_dir, service.name) is None):
+                raise UserError(
+                    f"{service.name}, started by another flowyard process, did not get ready "
+                    f"(see {log_file(run_dir, service.name)})"
+                )
+            return False
+        return _spawn(service, run_dir)
+
+
+def lock_file(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}.lock"
+
+
+@contextmanager
+def starting(run_dir: Path, name: str) -> Iterator[None]:
+    """Hold the service's start lock (an exclusive ``flock``, released by the kernel when its
+    holder dies) while it is checked for, spawned and waited for."""
+    with lock_file(run_dir, name).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _spawn(service: Service, run_dir: Path) -> bool:
+    """Spawn the service and wait until it is ready; stopped, and one line, when it is not."""
     log_path = log_file(run_dir, service.name)
     with log_path.open("ab") as log:
         this_start = log.tell()
         proc = spawn_group(service.argv, env=service.env, cwd=service.cwd, stdout=log, stderr=log)
     pid_file(run_dir, service.name).write_text(str(proc.pid))
+    if not _wait_ready(service, lambda: proc.poll() is not None):
+        stop(run_dir, service.name)
+        with log_path.open("rb") as log:
+            log.seek(this_start)
+            output = log.read().decode(errors="replace")
+        raise UserError(f"{service.name} did not start (see {log_path}): {failure_cause(output)}")
+    return True
+
+
+def _wait_ready(service: Service, stopped: Callable[[], bool]) -> bool:
+    """Wait until ``service`` answers ready: True; False once ``stopped`` says its process ended
+    or its ``ready_timeout`` ran out."""
     deadline = time.monotonic() + service.ready_timeout
     while service.ready is not None and not service.ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(run_dir, service.name)
-            with log_path.open("rb") as log:
-                log.seek(this_start)
-                output = log.read().decode(errors="replace")
-            raise UserError(f"{service.name} did not start (see {log_path}): {failure_cause(output)}")
+        if stopped() or time.monotonic() > deadline:
+            return False
         time.sleep(0.5)
     return True
 

@@ -353,12 +353,18 @@ def _refuse_shared_ids(targets: list[SyncTarget]) -> None:
     stores: dict[str, str] = {}
     for target in targets:
         if (other := stores.setdefault(target.device_id, target.store)) != target.store:
-            raise UserError(
-                f"device stores {other} and {target.store} are both device {target.device_id!r}; central "
-                "cannot tell their events apart. Sync only one of them, and re-upgrade the other under its "
-                "own id if it has never synced (`flowyard sync migrate down --to=v1 STORE`, then "
-                "`flowyard sync migrate up STORE --device-id NEW-ID`)"
-            )
+            raise shared_id_error(target.device_id, other, target.store)
+
+
+def shared_id_error(device_id: str, first: str | Path, second: str | Path) -> UserError:
+    """Two store files upgraded under one device id (a copied store, or ``migrate up`` of two
+    ``devflow.db`` files by older versions), and what to do about it."""
+    return UserError(
+        f"device stores {first} and {second} are both device {device_id!r}; central "
+        "cannot tell their events apart. Sync only one of them, and re-upgrade the other under its "
+        "own id if it has never synced (`flowyard sync migrate down --to=v1 STORE`, then "
+        "`flowyard sync migrate up STORE --device-id NEW-ID`)"
+    )
 
 
 def recorded_identity(store: Path) -> Identity | None:

@@ -1067,3 +1067,75 @@ def test_arguments_that_are_not_utf8_are_one_line_and_save_nothing(state_db: str
     assert not {str(latin1), str(good)} & {d.store_path for d in sync_state.list_devices(state_db)}
     with device_store.open_store(good) as conn:
         assert device_store.schema_version(conn) == device_store.V1
+
+
+def test_flows_given_values_of_the_wrong_type_fail_in_one_line_naming_the_parameter(
+    state_db: str, tmp_path: Path
+) -> None:
+    """What the UI's form, a template or a REST caller may send: "" for a number or a date, null for
+    a flag, one string for a list. Prefect's refusal put each parameter on a line of its own under
+    "Flow run received invalid parameters:", so the Failed run's one-line message named none; the
+    store is never touched."""
+    from prefect.client.orchestration import get_client
+
+    from flows.sync_controls import sync_configure, sync_history
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "typed.db", 5)
+    cases = [
+        (sync_devices, {"batch_size": ""}, 'parameter batch_size is "": Input should be a valid integer'),
+        (sync_devices, {"stores": str(store)}, f"parameter stores is {json.dumps(str(store))[:57]}"),
+        (sync_devices, {"stores": [str(store)], "force": None}, "parameter force is null: Input should be a valid boolean"),
+        (sync_history, {"limit": None}, "parameter limit is null: Input should be a valid integer; give a value of type int"),
+        (
+            sync_history,
+            {"limit": "", "since": ""},
+            'parameter limit is "": Input should be a valid integer, unable to parse string as an integer; give a '
+            'value of type int; parameter since is "": Input should be a valid datetime',
+        ),
+        (sync_configure, {"disable_devices": "laptop"}, 'parameter disable_devices is "laptop": Input should be a valid list'),
+    ]
+    for flow_object, parameters, problem in cases:
+        run = flow_object(**parameters, return_state=True)  # type: ignore[operator]
+        with get_client(sync_client=True) as client:
+            stored = client.read_flow_run(run.state_details.flow_run_id).state
+        assert run.is_failed() and stored is not None and stored.is_failed()
+        message = stored.message or ""
+        assert "\n" not in message and f"UserError: {flow_object.name}: {problem}" in message, message
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+
+
+def test_a_copy_of_a_registered_store_is_not_added_in_its_place(state_db: str, tmp_path: Path) -> None:
+    """A device's store replaced by a copy of another registered device's store fails its run
+    with "upgraded as device 'copy-b'", suggesting `--remove-store copy-a --add-store PATH`.
+    That re-pointed device copy-b to the copy, silently: its own store, still in place, was
+    never synced again. Refused in one line while copy-b's store is there and records its id;
+    a store that moved (nothing left at the old path that records the id) is still re-pointed."""
+    import shutil
+
+    a = make_store(tmp_path / "copy-a.db", 3, identity=device_store.Identity("copy-a", "u", "p"))
+    b = make_store(tmp_path / "copy-b.db", 4, identity=device_store.Identity("copy-b", "u", "p"))
+    for store in (a, b):
+        assert run_cli("sync", "configure", "--add-store", str(store)).returncode == 0
+    try:
+        shutil.copyfile(b, a)
+        out = run_cli("sync", "configure", "--remove-store", "copy-a", "--add-store", str(a))
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.splitlines() == [
+            f"flowyard: error: device stores {b} and {a} are both device 'copy-b'; central cannot tell their "
+            "events apart. Sync only one of them, and re-upgrade the other under its own id if it has never "
+            "synced (`flowyard sync migrate down --to=v1 STORE`, then `flowyard sync migrate up STORE "
+            "--device-id NEW-ID`)"
+        ]
+        devices = {d.device_id: d.store_path for d in sync_state.list_devices(state_db)}
+        assert (devices["copy-a"], devices["copy-b"]) == (str(a), str(b))  # nothing saved
+        b.unlink()  # copy-b's store moved to where copy-a's was: re-pointed, as before
+        moved = run_cli("sync", "configure", "--remove-store", "copy-a", "--add-store", str(a))
+        assert moved.returncode == 0, moved.stderr
+        devices = {d.device_id: d.store_path for d in sync_state.list_devices(state_db)}
+        assert "copy-a" not in devices and devices["copy-b"] == str(a)
+    finally:
+        for device in ("copy-a", "copy-b"):
+            if device in {d.device_id for d in sync_state.list_devices(state_db)}:
+                sync_state.remove_device(state_db, device)

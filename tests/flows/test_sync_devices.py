@@ -1044,6 +1044,40 @@ def test_a_device_disabled_while_its_task_waits_is_skipped_and_its_store_left_al
         sync_state.remove_device(state_db, "mid-run")
 
 
+def test_a_device_another_run_is_syncing_is_left_to_it_without_an_error(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A second run over a device whose lock another run holds for the whole wait (a manual
+    trigger while the schedule syncs a big backlog) leaves the device to that run: skipped, said
+    so, no failed run, no error history row, and the device's status is not overwritten. It used
+    to end Failed with the lock's "raise the lock timeout" (no setting raises it), and its error
+    could land after the other run had recorded its success."""
+    from flows.sync_devices import sync_devices
+    from tasks.advisory_lock import advisory_lock
+
+    store = make_store(tmp_path / "busy.db", 25)
+    other = make_store(tmp_path / "free.db", 10)
+    sync_state.register_device(state_db, store, Identity("busy", "u", "p"))
+    sync_state.register_device(state_db, other, Identity("free", "u", "p"))
+    try:
+        with advisory_lock(state_db, "flowyard-sync-device:busy"):  # what the other run holds
+            run = sync_devices(stores=[str(store), str(other)], central_url=fresh_db, return_state=True)
+        assert run.is_completed(), run.message
+        result = run.result()
+        assert list(result["devices"]) == ["free"] and result["devices"]["free"]["uploaded"] == 10
+        assert result["skipped"] == (
+            "devices being synced by another run, left to it: busy (`flowyard sync history` shows its result)"
+        )
+        assert _central_counts(fresh_db) == (10, 10)
+        with device_store.open_store(store) as conn:
+            assert device_store.schema_version(conn) == device_store.V1  # not touched by this run
+        assert "busy" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+        assert {d.device_id: d.last_error for d in sync_state.list_devices(state_db)}["busy"] is None
+    finally:
+        sync_state.remove_device(state_db, "busy")
+        sync_state.remove_device(state_db, "free")
+
+
 def test_a_sync_role_given_a_ready_made_devflow_schema_syncs(
     limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -60,3 +63,75 @@ def test_a_service_that_dies_at_start_up_names_its_root_cause(tmp_path):
         services.start(service, tmp_path)
     assert str(err.value).endswith(": KeyError: 'root cause'")
     assert services.running_pid(tmp_path, "dies") is None
+
+
+def test_a_service_another_process_is_still_starting_is_waited_for(tmp_path):
+    """Two commands at once (two ``sync trigger``) on a cold start: the second finds the server's
+    pid file written by the first while the server is not listening yet. It waits until the
+    server is ready, as the first does; it used to go on at once and end in a traceback."""
+    other_start = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    services.pid_file(tmp_path, "slow").write_text(str(other_start.pid))
+    answers = iter([False, False, True])
+    asked = []
+
+    def ready() -> bool:
+        asked.append(answer := next(answers))
+        return answer
+
+    try:
+        service = services.Service("slow", [sys.executable, "-c", "pass"], ready=ready)
+        assert services.start(service, tmp_path) is False  # not started a second time
+        assert asked == [False, False, True]
+    finally:
+        other_start.kill()
+        other_start.wait()
+
+
+def test_a_service_another_process_started_that_dies_before_it_is_ready_is_one_line(tmp_path):
+    """A second command waiting for a server the first is starting stops waiting once that
+    server's process has ended, with one line naming the log."""
+    other_start = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    services.pid_file(tmp_path, "gone").write_text(str(other_start.pid))
+
+    def dies_on_first_question() -> bool:
+        other_start.kill()
+        other_start.wait()
+        return False
+
+    service = services.Service("gone", [sys.executable, "-c", "pass"], ready=dies_on_first_question)
+    with pytest.raises(UserError, match=r"^gone, started by another flowyard process, did not get ready \(see "):
+        services.start(service, tmp_path)
+
+
+def test_two_processes_starting_a_service_at_once_start_it_once(tmp_path):
+    """Two commands at once on a cold start both found no pid file and spawned a server each: the
+    second died on the taken port and, writing the pid file last, left the running one untracked.
+    The second now waits for the first's start (here: the test holds the start lock as a first
+    starter that has not written the pid file yet) and then uses its service."""
+    import fcntl
+    import threading
+
+    spawned = tmp_path / "second-spawned"
+    service = services.Service(
+        "once", [sys.executable, "-c", f"open({str(spawned)!r}, 'w').close()"], ready=lambda: True
+    )
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    returned: list[bool] = []
+    try:
+        with services.lock_file(tmp_path, "once").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the first starter, mid-start
+            second = threading.Thread(target=lambda: returned.append(services.start(service, tmp_path)))
+            second.start()
+            blocked = f":{services.lock_file(tmp_path, 'once').stat().st_ino} "
+            while second.is_alive() and not any(
+                "->" in line and blocked in line for line in Path("/proc/locks").read_text().splitlines()
+            ):
+                time.sleep(0.01)  # until the second waits for the lock (or, unlocked, has spawned and returned)
+            services.pid_file(tmp_path, "once").write_text(str(first.pid))  # the first's server is up
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        second.join()
+        assert returned == [False] and not spawned.exists()
+        assert services.running_pid(tmp_path, "once") == first.pid
+    finally:
+        first.kill()
+        first.wait()
