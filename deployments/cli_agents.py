@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Annotated, Any
 
 import typer
@@ -98,6 +98,28 @@ def _payload(text: str) -> dict[str, Any]:
     return value
 
 
+def _path_given(kind: str, default: str) -> Callable[[typer.CallbackParam, str | None], str | None]:
+    """The callback of a path option of ``queue run`` or ``queue create``: an empty one (``--logs-dir ""``, an unset
+    shell variable) was read as ``.``, so agents and their logs went to the current directory
+    (the flow takes an empty directory as its ``default``), and an empty ``--agents-file`` was
+    "cannot read agents file .". One line instead, naming the option."""
+
+    def check(param: typer.CallbackParam, value: str | None) -> str | None:
+        if value == "":
+            raise UserError(
+                f"{param.opts[0]} is empty; pass a {kind} path, or leave the option out for the default ({default})"
+            )
+        return value
+
+    return check
+
+
+def _path_option(help_text: str, kind: str, default: str) -> Any:
+    """A path option (``str | None``, None for the default) whose empty value is one line
+    (:func:`_path_given`); ``default`` as its help and that line say it."""
+    return typer.Option(help=f"{help_text} (default: {default}).", callback=_path_given(kind, default))
+
+
 @app.command()
 def create(
     title: Annotated[str, typer.Argument(help="What the agent should do (1-200 characters).")],
@@ -116,6 +138,18 @@ def create(
     ] = None,
     payload: Annotated[str, typer.Option(help="JSON object handed to the agent.")] = "{}",
     workdir: Annotated[str, typer.Option(help="Working directory inside the agent output directory.")] = "",
+    output_dir: Annotated[
+        str | None,
+        _path_option(
+            "Output directory of the `queue run` that will run it, to check --workdir against",
+            "directory",
+            "<FLOWYARD_HOME>/agents",
+        ),
+    ] = None,
+    logs_dir: Annotated[
+        str | None,
+        _path_option("Logs directory of that run, which --workdir must stay out of", "directory", "<output dir>/logs"),
+    ] = None,
     review: Annotated[bool, typer.Option("--review", help="Stop in 'review' until `queue approve`.")] = False,
     draft: Annotated[
         bool, typer.Option("--draft", help="Create as draft; `queue submit` releases it.")
@@ -137,7 +171,7 @@ def create(
         requires_review=review,
         draft=draft,
     )
-    check_new_workdir(workdir)
+    check_new_workdir(workdir, output_dir, logs_dir)
     typer.echo(queue.create_task(_url(database_url), new))
 
 
@@ -215,12 +249,15 @@ def _agent_note(task: queue.AgentTask, built_in: Collection[str]) -> str:
     )
 
 
-def _transition_command(name: str, action: Callable[[str, int], None], done: str, help_text: str) -> None:
-    """Register ``queue <name> ID``: one status change, one confirmation line."""
+def _transition_command(
+    name: str, action: Callable[[str, int], str], done: Mapping[str, str], help_text: str
+) -> None:
+    """Register ``queue <name> ID``: one status change, one confirmation line, ``done`` by the
+    status the task ends in (``{id}`` is its id)."""
 
     def command(task_id: TaskId, database_url: DatabaseUrl = None) -> None:
-        action(_url(database_url), task_id)
-        typer.echo(f"task {task_id} {done}")
+        status = action(_url(database_url), task_id)
+        typer.echo(f"task {task_id} {done[status].format(id=task_id)}")
 
     command.__doc__ = help_text
     app.command(name, cls=_TaskIdCommand)(command)
@@ -229,38 +266,25 @@ def _transition_command(name: str, action: Callable[[str, int], None], done: str
 _transition_command(
     "cancel",
     queue.cancel_task,
-    "cancelled",
+    {"cancelled": "cancelled"},
     "Cancel a task; a running agent is stopped gracefully within a heartbeat.",
 )
 _transition_command(
     "retry",
     queue.retry_task,
-    "is pending again",
-    "Queue a failed or cancelled task again; it resumes from its checkpoint.",
+    {
+        "pending": "is pending again",
+        "draft": "is a draft again, as it was when cancelled; `flowyard queue submit {id}` releases it",
+    },
+    "Queue a failed or cancelled task again; it resumes from its checkpoint (a cancelled draft is a draft again).",
 )
-_transition_command("submit", queue.submit_task, "is pending", "Release a draft into the queue.")
+_transition_command("submit", queue.submit_task, {"pending": "is pending"}, "Release a draft into the queue.")
 _transition_command(
     "approve",
     queue.approve_task,
-    "completed",
+    {"completed": "completed"},
     "Accept a task waiting in review (its dependents become ready).",
 )
-
-
-def _path_given(kind: str, default: str) -> Callable[[typer.CallbackParam, str | None], str | None]:
-    """The callback of a path option of ``queue run``: an empty one (``--logs-dir ""``, an unset
-    shell variable) was read as ``.``, so agents and their logs went to the current directory
-    (the flow takes an empty directory as its ``default``), and an empty ``--agents-file`` was
-    "cannot read agents file .". One line instead, naming the option."""
-
-    def check(param: typer.CallbackParam, value: str | None) -> str | None:
-        if value == "":
-            raise UserError(
-                f"{param.opts[0]} is empty; pass a {kind} path, or leave the option out for the default ({default})"
-            )
-        return value
-
-    return check
 
 
 @app.command()
@@ -278,30 +302,19 @@ def run(
         float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
     ] = queue.DEFAULT_LEASE_SECONDS,
     output_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Agents' output directory (default: <FLOWYARD_HOME>/agents).",
-            callback=_path_given("directory", "<FLOWYARD_HOME>/agents"),
-        ),
+        str | None, _path_option("Agents' output directory", "directory", "<FLOWYARD_HOME>/agents")
     ] = None,
     logs_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Where <task_id>.jsonl logs go (default: <output dir>/logs).",
-            callback=_path_given("directory", "<output dir>/logs"),
-        ),
+        str | None, _path_option("Where <task_id>.jsonl logs go", "directory", "<output dir>/logs")
     ] = None,
     agents_file: Annotated[
         str | None,
-        typer.Option(
-            help="YAML/JSON {agent type: {argv, delivery, env}} templates.",
-            callback=_path_given("file", "the built-in agents only"),
-        ),
+        _path_option("YAML/JSON {agent type: {argv, delivery, env}} templates", "file", "the built-in agents only"),
     ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run).
-    Exits 1 when a task failed or is blocked by a failed dependency."""
+    Exits 1 when a task failed or is blocked by a failed or cancelled dependency."""
     from deployments.runtime import prepare_flow_run
     from tasks.agent_execution import agent_directories
     from tasks.agent_process import AgentLimits, check_drain
@@ -345,13 +358,19 @@ def run(
     failed = [t for t, o in sorted(summary["outcomes"].items()) if o.startswith("failed")]
     if failed or summary["blocked"]:
         # a script or CI job draining the queue must see that work failed, as with make or pytest
-        typer.echo(f"flowyard: {_unfinished(failed, sorted(summary['blocked']), summary['logs_dir'])}", err=True)
+        by_cancelled = set(summary["blocked_by_cancelled"])
+        blocked = [t for t in sorted(summary["blocked"]) if t not in by_cancelled]
+        line = _unfinished(failed, blocked, sorted(by_cancelled), summary["logs_dir"])
+        typer.echo(f"flowyard: {line}", err=True)
         raise typer.Exit(1)
 
 
-def _unfinished(failed: list[int], blocked: list[int], logs_dir: str) -> str:
-    """The one line of a run that left work undone, naming the run's own logs directory (the
-    user gave it, or it is the default under ``FLOWYARD_HOME``), so nobody has to look it up."""
+def _unfinished(failed: list[int], blocked: list[int], cancelled: list[int], logs_dir: str) -> str:
+    """The one line of a run that left work undone: the tasks that failed, those a failed
+    dependency blocks and those only a cancelled one blocks (as their reasons in ``queue list``
+    say; a cancelled dependency has no failure to look up). It names the run's own logs
+    directory (the user gave it, or it is the default under ``FLOWYARD_HOME``) when there is a
+    failure to look up, so nobody has to look it up."""
 
     def ids(tasks: list[int]) -> str:
         return ", ".join(map(str, tasks))
@@ -359,7 +378,13 @@ def _unfinished(failed: list[int], blocked: list[int], logs_dir: str) -> str:
     parts = [f"{len(failed)} task(s) failed ({ids(failed)})"] if failed else []
     if blocked:
         parts.append(f"{len(blocked)} blocked by a failed dependency ({ids(blocked)})")
-    return "; ".join(parts) + f": see {logs_dir}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
+    if cancelled:
+        parts.append(f"{len(cancelled)} blocked by a cancelled dependency ({ids(cancelled)})")
+    if failed or blocked:
+        fix = f"see {logs_dir}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
+    else:
+        fix = "'flowyard queue retry ID' the cancelled dependency, or cancel the tasks that need it"
+    return "; ".join(parts) + f": {fix}"
 
 
 def _agents(agents_file: str | None) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 
 
-@checked_flow(name="agent-task-create", blank_is_default=("blocked_by", "payload"))
+@checked_flow(name="agent-task-create", blank_is_default=("blocked_by", "payload", "output_dir", "logs_dir"))
 def agent_task_create(
     title: str,
     agent_type: str = "reference",
@@ -34,8 +34,13 @@ def agent_task_create(
     requires_review: bool = False,
     draft: bool = False,
     database_url: str | None = None,
+    output_dir: str | None = None,
+    logs_dir: str | None = None,
 ) -> dict[str, Any]:
     """Add a task to the queue (``pending``, or ``draft``); returns it as stored.
+
+    ``workdir`` is checked against ``output_dir`` and ``logs_dir``: give those of the
+    ``run-agent-queue`` runs that will run the task when they are not the defaults.
 
     ``priority`` and ``task_type`` are plain strings, checked by ``NewTask.from_input``: a bad
     value then fails the run with one line naming the choices, not Prefect's validation dump."""
@@ -51,7 +56,7 @@ def agent_task_create(
         requires_review=requires_review,
         draft=draft,
     )
-    check_new_workdir(workdir)
+    check_new_workdir(workdir, output_dir, logs_dir)
     url = state_url(database_url)
     return _as_json(queue.get_task(url, queue.create_task(url, new)))
 
@@ -77,7 +82,8 @@ def agent_task_cancel(task_id: int, database_url: str | None = None) -> dict[str
 
 @checked_flow(name="agent-task-retry")
 def agent_task_retry(task_id: int, database_url: str | None = None) -> dict[str, Any]:
-    """Queue a failed or cancelled task again; it resumes from its last checkpoint."""
+    """Queue a failed or cancelled task again (a task cancelled as a draft is a draft again); it
+    resumes from its last checkpoint."""
     url = state_url(database_url)
     queue.retry_task(url, task_id)
     return _as_json(queue.get_task(url, task_id))

@@ -190,6 +190,7 @@ def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -
     return {
         "outcomes": outcomes,
         "blocked": blocked,
+        "blocked_by_cancelled": list(unrunnable.cancelled_only),
         "waiting": waiting,
         "recovered": recovered,
         "metrics": metrics_table(metrics),

@@ -50,11 +50,16 @@ def default_agents_dir() -> Path:
     return get_settings().home_dir / "agents"
 
 
-def check_new_workdir(workdir: str) -> None:
+def check_new_workdir(workdir: str, output_dir: str | None = None, logs_dir: str | None = None) -> None:
     """Refuse, when a task is created (``queue create``, ``agent-task-create``), a working
-    directory that its run in the default output directory would refuse, failing the task."""
+    directory that a run with these output and logs directories (the defaults of
+    :func:`agent_directories`; nothing is made here) would refuse, failing the task. Checked
+    against the defaults only, a run elsewhere was wrongly served: ``logs`` refused though the
+    run logs to another directory, a link out of its output directory accepted and the task
+    failed when run."""
     if workdir:
-        resolve_workdir(default_agents_dir(), workdir, None)
+        base = Path(output_dir) if output_dir else default_agents_dir()
+        resolve_workdir(base, workdir, None, logs_dir=Path(logs_dir) if logs_dir else None)
 
 
 def agent_directories(output_dir: str | Path | None, logs_dir: str | Path | None) -> tuple[Path, Path]:

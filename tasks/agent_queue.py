@@ -72,6 +72,12 @@ class NewTask:
             "the title",
             "give a one-line title and put the rest in the description (--description / description)",
         )
+        if below_one := sorted({task_id for task_id in self.blocked_by if task_id < 1}):
+            # said before connecting, as for a command's task id (:func:`no_such_task`)
+            raise UserError(
+                f"no dependency task {', '.join(map(str, below_one))}: task ids are positive integers; "
+                "list tasks with `flowyard queue list` (--after / blocked_by)"
+            )
 
     @classmethod
     def from_input(cls, title: str, agent_type: str, priority: str, task_type: str, **fields: Any) -> NewTask:
@@ -409,8 +415,11 @@ def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
     return [_task(r) for r in rows]
 
 
-def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb: str, reset: bool) -> None:
+def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb: str, reset: bool) -> str:
     """Move a task from one of ``allowed`` to ``to``; a one-line UserError says why not otherwise.
+    Returns the task's new status: ``draft`` instead of ``pending`` for a task cancelled as a
+    draft (a cancel records the status it came from in ``cancelled_from``), so a retry does not
+    release a draft nobody submitted.
 
     Its dependents' reasons are recomputed in the same transaction: ``queue list`` went on
     telling to submit a draft just submitted, or that a retried dependency failed, until the
@@ -420,16 +429,18 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
         row = conn.execute(
             """
             UPDATE flowyard.agent_tasks
-               SET status = %s, updated_at = now(),
-                   error = CASE WHEN %s THEN NULL ELSE error END,
+               SET status = CASE WHEN %(to)s = 'pending' AND cancelled_from = 'draft' THEN 'draft' ELSE %(to)s END,
+                   cancelled_from = CASE WHEN %(to)s = 'cancelled' THEN status END,
+                   updated_at = now(),
+                   error = CASE WHEN %(reset)s THEN NULL ELSE error END,
                    blocked_reason = NULL,
-                   worker = CASE WHEN %s THEN NULL ELSE worker END,
-                   agent_pgid = CASE WHEN %s THEN NULL ELSE agent_pgid END,
-                   finished_at = CASE WHEN %s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
-             WHERE id = %s AND status = ANY(%s)
-            RETURNING id
+                   worker = CASE WHEN %(reset)s THEN NULL ELSE worker END,
+                   agent_pgid = CASE WHEN %(reset)s THEN NULL ELSE agent_pgid END,
+                   finished_at = CASE WHEN %(to)s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
+             WHERE id = %(id)s AND status = ANY(%(allowed)s)
+            RETURNING status
             """,
-            (to, reset, reset, reset, to, task_id, list(allowed)),
+            {"to": to, "reset": reset, "id": task_id, "allowed": list(allowed)},
         ).fetchone()
         if row is not None:
             _mark_unrunnable(conn)
@@ -443,17 +454,19 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
         raise UserError(
             f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
         )
+    return str(row[0])
 
 
-def cancel_task(url: str, task_id: int) -> None:
+def cancel_task(url: str, task_id: int) -> str:
     """Cancel a task; a running one is stopped gracefully by its worker at the next heartbeat."""
-    _transition(
+    return _transition(
         url, task_id, ("draft", "pending", "in_progress", "review"), "cancelled", "cancel", reset=False
     )
 
 
-def retry_task(url: str, task_id: int) -> None:
-    """Put a failed or cancelled task back in the queue; it resumes from its last checkpoint.
+def retry_task(url: str, task_id: int) -> str:
+    """Put a failed or cancelled task back in the queue, or in ``draft`` if it was cancelled as a
+    draft; it resumes from its last checkpoint. Returns its new status.
 
     Refused while a cancelled attempt is still stopping its agent: queued again at once, the
     task could be claimed and a second agent started beside the first."""
@@ -464,7 +477,7 @@ def retry_task(url: str, task_id: int) -> None:
             f"cannot retry task {task_id} yet: its cancelled attempt {attempt} is still stopping its agent "
             f"(worker {worker}); retry in a few seconds"
         )
-    _transition(url, task_id, ("failed", "cancelled"), "pending", "retry", reset=True)
+    return _transition(url, task_id, ("failed", "cancelled"), "pending", "retry", reset=True)
 
 
 def _stopping_attempt(url: str, task_id: int) -> tuple[int, str] | None:
@@ -489,14 +502,14 @@ def _stopping_attempt(url: str, task_id: int) -> tuple[int, str] | None:
     return int(row[0]), str(row[1])
 
 
-def submit_task(url: str, task_id: int) -> None:
+def submit_task(url: str, task_id: int) -> str:
     """Release a draft into the queue."""
-    _transition(url, task_id, ("draft",), "pending", "submit", reset=False)
+    return _transition(url, task_id, ("draft",), "pending", "submit", reset=False)
 
 
-def approve_task(url: str, task_id: int) -> None:
+def approve_task(url: str, task_id: int) -> str:
     """Accept a task waiting in review as completed (which unblocks its dependents)."""
-    _transition(url, task_id, ("review",), "completed", "approve", reset=False)
+    return _transition(url, task_id, ("review",), "completed", "approve", reset=False)
 
 
 def claim_ready(
@@ -883,6 +896,9 @@ class Unrunnable:
     """By a failed or cancelled dependency: work that failed, which ``queue run`` counts."""
     waiting: dict[int, str]
     """On a dependency in ``draft`` or ``review``, which a person releases: informational."""
+    cancelled_only: tuple[int, ...] = ()
+    """The blocked tasks no failed dependency holds up, directly or through other blocked tasks:
+    only cancelled ones, which ``queue run`` must not call failed."""
 
 
 _MARK_UNRUNNABLE = sql.SQL(
@@ -946,4 +962,29 @@ def _mark_unrunnable(conn: psycopg.Connection) -> Unrunnable:
         while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
             reasons.update((int(task_id), printable(str(reason))) for task_id, reason in rows)
         found.append(reasons)
-    return Unrunnable(blocked=found[0], waiting=found[1])
+    return Unrunnable(blocked=found[0], waiting=found[1], cancelled_only=_cancelled_only(conn, list(found[0])))
+
+
+_CANCELLED_ONLY = sql.SQL(
+    """
+    WITH RECURSIVE cause(id, status) AS (
+        SELECT b.blocked_id, d.status
+          FROM flowyard.agent_task_blocks b JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
+         WHERE b.blocked_id = ANY(%(blocked)s) AND d.status IN ('failed', 'cancelled')
+        UNION
+        SELECT b.blocked_id, cause.status
+          FROM cause JOIN flowyard.agent_task_blocks b ON b.blocker_id = cause.id
+         WHERE b.blocked_id = ANY(%(blocked)s)
+    )
+    SELECT id FROM cause GROUP BY id HAVING NOT bool_or(status = 'failed') ORDER BY id
+    """
+)
+
+
+def _cancelled_only(conn: psycopg.Connection, blocked: list[int]) -> tuple[int, ...]:
+    """Of the ``blocked`` tasks, those whose failed-or-cancelled dependencies, followed through the
+    blocked tasks between, are all cancelled. A task's reason names its direct dependencies only
+    (``#4 is blocked``), so the cause at the end of a chain is looked up here."""
+    if not blocked:
+        return ()
+    return tuple(int(row[0]) for row in conn.execute(_CANCELLED_ONLY, {"blocked": blocked}))

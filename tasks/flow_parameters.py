@@ -7,6 +7,9 @@ received invalid parameters:\\n - task_id: Input should be a valid integer``), s
 one-line state message named neither the parameter, the value it got nor the type it takes;
 flowyard's other errors are one line that says what to fix.
 
+A JSON ``true`` or ``false`` for a number is refused too: pydantic's lax mode read ``task_id=true``
+as task 1 and ``timeout_seconds=true`` as one second, acting on a value nobody meant.
+
 ``""`` for a filter whose default is None (a status, a list of dependencies) is that default:
 a field once typed in and cleared failed the run (``unknown status ''``). Database URLs are never
 among them: an empty URL (an unset variable in a template) is an error, not the default database
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Flow
@@ -41,24 +44,47 @@ class CheckedParametersFlow(Flow[P, R]):
     blank_is_default: frozenset[str] = frozenset()
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        blank = [name for name in self.blank_is_default if parameters.get(name) == ""]
+        given = {**parameters, **dict.fromkeys(name for name in self.blank_is_default if parameters.get(name) == "")}
+        signature = inspect.signature(self.fn).parameters
         try:
-            return super().validate_parameters({**parameters, **dict.fromkeys(blank)})
+            checked = super().validate_parameters(given)
         except ParameterTypeError as exc:
             cause = exc.__context__  # Prefect raises it ``from None``: hidden, still there
             if not isinstance(cause, ValidationError):  # a block reference, mixed pydantic versions
                 raise
-            signature = inspect.signature(self.fn).parameters
-            problems = "; ".join(_problem(error, signature) for error in cause.errors())
-            raise UserError(f"{self.name}: {problems}") from None
+            problems = [_problem(error["loc"], error.get("input"), error["msg"], signature) for error in cause.errors()]
+            raise UserError(f"{self.name}: {'; '.join(problems)}") from None
+        numbers = [
+            _problem(where, value, "true or false is not a number", signature)
+            for name in given
+            for where, value in _booleans_read_as_numbers((name,), given[name], checked.get(name))
+        ]
+        if numbers:
+            raise UserError(f"{self.name}: {'; '.join(numbers)}")
+        return checked
 
 
-def _problem(error: Any, signature: Any) -> str:
-    """``parameter <name> is <value>: <pydantic's reason>; give a value of type <annotation>``."""
-    where = ".".join(map(str, error["loc"])) or "?"
-    name = str(error["loc"][0]) if error["loc"] else ""
+def _booleans_read_as_numbers(where: tuple[Any, ...], given: Any, checked: Any) -> Iterator[tuple[tuple[Any, ...], bool]]:
+    """(location, value) of each ``true``/``false`` in ``given`` that validation made a number in
+    ``checked``, walking lists and objects side by side; a boolean kept as one (a ``bool`` or an
+    ``Any`` parameter, a payload's values) is no problem."""
+    if isinstance(given, bool):
+        if isinstance(checked, int | float) and not isinstance(checked, bool):
+            yield where, given
+    elif isinstance(given, list | tuple) and isinstance(checked, list | tuple) and len(given) == len(checked):
+        for index, (item, validated) in enumerate(zip(given, checked, strict=True)):
+            yield from _booleans_read_as_numbers((*where, index), item, validated)
+    elif isinstance(given, dict) and isinstance(checked, dict):
+        for key in (key for key in given if key in checked):
+            yield from _booleans_read_as_numbers((*where, key), given[key], checked[key])
+
+
+def _problem(loc: tuple[Any, ...], value: Any, reason: str, signature: Any) -> str:
+    """``parameter <name> is <value>: <reason>; give a value of type <annotation>``."""
+    where = ".".join(map(str, loc)) or "?"
+    name = str(loc[0]) if loc else ""
     wanted = f"; give a value of type {_annotation(signature[name].annotation)}" if name in signature else ""
-    return f"parameter {where} is {_shown(error.get('input'))}: {error['msg']}{wanted}"
+    return f"parameter {where} is {_shown(value)}: {reason}{wanted}"
 
 
 def _shown(value: Any) -> str:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from deployments.agents_demo import agent_queue_demo_parameters
+from flows.agent_queue_controls import agent_task_create
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks.agent_process import templates_from
@@ -51,8 +52,14 @@ def test_create_list_run_metrics_cancel_retry(env: dict[str, str], tmp_path) -> 
     assert "reference" in metrics and "0.0%" in metrics
     _ok("cancel", str(draft), env=env)
     assert f"{draft:>5}  cancelled" in _ok("list", "--status", "cancelled", env=env)
-    _ok("retry", str(draft), env=env)
-    assert f"{draft:>5}  pending" in _ok("list", env=env)
+    # a cancelled draft went back as pending, and ran without anyone submitting it
+    assert _ok("retry", str(draft), env=env) == (
+        f"task {draft} is a draft again, as it was when cancelled; `flowyard queue submit {draft}` releases it\n"
+    )
+    assert f"{draft:>5}  draft" in _ok("list", env=env)
+    _ok("submit", str(draft), env=env)
+    _ok("cancel", str(draft), env=env)  # cancelled while pending: pending again
+    assert _ok("retry", str(draft), env=env) == f"task {draft} is pending again\n"
 
 
 @pytest.mark.usefixtures("prefect_api")
@@ -70,6 +77,32 @@ def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> 
         f" see {tmp_path / 'logs'}/<task id>.jsonl, fix the cause, then 'flowyard queue retry ID'"
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_run_says_which_tasks_a_cancelled_dependency_blocks_not_a_failed_one(env: dict[str, str], tmp_path) -> None:
+    """The exit line called every blocked task "blocked by a failed dependency", also one whose
+    dependency was cancelled (its reason in `queue list` says "is cancelled"); a task behind a
+    chain counts by the dependency at the chain's end, and one behind both by the failed one."""
+    cancelled = int(_ok("create", "dropped", env=env))
+    _ok("cancel", str(cancelled), env=env)
+    after_cancel = int(_ok("create", "after dropped", "--after", str(cancelled), env=env))
+    chain = int(_ok("create", "after that", "--after", str(after_cancel), env=env))
+    result = run_cli("queue", "run", "--output-dir", str(tmp_path), env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"flowyard: 2 blocked by a cancelled dependency ({after_cancel}, {chain}): "
+        "'flowyard queue retry ID' the cancelled dependency, or cancel the tasks that need it"
+    )
+    failing = int(_ok("create", "doomed", "--payload", '{"fail": "disk full"}', env=env))
+    after_both = int(_ok("create", "after both", "--after", str(failing), "--after", str(cancelled), env=env))
+    result = run_cli("queue", "run", "--output-dir", str(tmp_path), env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"flowyard: 1 task(s) failed ({failing}); 1 blocked by a failed dependency ({after_both}); "
+        f"2 blocked by a cancelled dependency ({after_cancel}, {chain}): see {tmp_path / 'logs'}/<task id>.jsonl, "
+        "fix the cause, then 'flowyard queue retry ID'"
+    )
 
 
 def test_user_errors_are_one_line(env: dict[str, str]) -> None:
@@ -124,6 +157,10 @@ def test_a_task_id_below_1_is_one_line_for_every_command_taking_one() -> None:
             "list tasks with `flowyard queue list`"
         )
     assert "No such option: --bogus" in _user_error("cancel", "5", "--bogus", env=env)
+    assert _user_error("create", "x", "--after", "0", "--after", "-2", env=env).strip() == (
+        "flowyard: error: no dependency task -2, 0: task ids are positive integers; "
+        "list tasks with `flowyard queue list` (--after / blocked_by)"
+    )
 
 
 @pytest.mark.parametrize("title", ["two\nlines", "tab\there", "over\rwritten", "\x1b[31mred", "par\u2029t"])
@@ -264,6 +301,31 @@ def test_a_workdir_through_a_symlink_loop_is_refused_when_the_task_is_created(en
         "remove the loop or give the task another directory"
     )
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_workdir_is_checked_against_the_output_and_logs_directories_of_the_run_that_will_run_it(
+    env: dict[str, str], tmp_path
+) -> None:
+    """Checked against the default output directory only, a run elsewhere was wrongly served: a
+    link out of its own output directory was accepted (its task failed when run), and ``logs``
+    was refused though the run logs to another directory."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "out").symlink_to(tmp_path)
+    assert _user_error("create", "x", "--workdir", "out/t", "--output-dir", str(runs), env=env).strip() == (
+        f"flowyard: error: working directory 'out/t' resolves to {tmp_path / 't'}, outside the agent output "
+        f"directory {runs}; use a relative path that stays inside it (no '..', no symlinks out)"
+    )
+    assert "in the agents' logs directory" in _user_error("create", "x", "--workdir", "logs", env=env)
+    task = int(_ok("create", "x", "--workdir", "logs", "--logs-dir", str(tmp_path / "logs"), env=env))
+    assert queue.get_task(url, task).workdir == "logs"
+    assert "--output-dir is empty" in _user_error("create", "x", "--output-dir", "", env=env)
+    flow_task = agent_task_create("y", workdir="logs", logs_dir=str(tmp_path / "logs"), database_url=url)
+    assert flow_task["workdir"] == "logs"
+    with pytest.raises(UserError, match="outside the agent output directory"):
+        agent_task_create("z", workdir="out/t", output_dir=str(runs), database_url=url)
 
 
 @pytest.mark.usefixtures("prefect_api")

@@ -111,6 +111,10 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
             lambda url: agent_task_create("x", agent_type="c" * 64, database_url=url),
             "the agent type of task 'x' has 64 characters; at most 63 are accepted: name the agent template",
         ),
+        (
+            lambda url: agent_task_create("x", blocked_by=[0, -3, 0], database_url=url),
+            "no dependency task -3, 0: task ids are positive integers; list tasks with `flowyard queue list`",
+        ),
     ],
     ids=[
         "cancel-unknown-id",
@@ -125,6 +129,7 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
         "empty-agent-type",
         "agent-type-with-a-trailing-space",
         "agent-type-too-long",
+        "dependency-id-below-1",
     ],
 )
 def test_bad_input_fails_the_run_with_one_line(fresh_db: str, call, message: str) -> None:
@@ -169,8 +174,19 @@ def test_retrying_a_pending_task_says_which_states_allow_it(fresh_db: str) -> No
             'run-agent-queue: parameter max_agents is "": Input should be a valid integer, unable to parse string '
             "as an integer; give a value of type int",
         ),
+        (
+            agent_task_cancel,
+            {"task_id": True},
+            "agent-task-cancel: parameter task_id is true: true or false is not a number; give a value of type int",
+        ),
     ],
-    ids=["cancel-blank-id", "retry-null-id", "create-bad-dependency-and-null-flag", "run-blank-max-agents"],
+    ids=[
+        "cancel-blank-id",
+        "retry-null-id",
+        "create-bad-dependency-and-null-flag",
+        "run-blank-max-agents",
+        "cancel-true-as-id",
+    ],
 )
 def test_a_parameter_of_the_wrong_type_fails_the_run_in_one_line(
     fresh_db: str, control, parameters: dict[str, object], message: str

@@ -236,6 +236,19 @@ def test_a_cancelled_task_does_not_keep_a_dependency_reason_that_went_stale(qdb:
     assert queue.get_task(qdb, child).note == "", "its dependency is pending, it can run after it"
 
 
+def test_a_task_cancelled_as_a_draft_is_a_draft_again_when_retried(qdb: str) -> None:
+    """It went back as ``pending`` and was run, though nobody had submitted it."""
+    draft = queue.create_task(qdb, _new("spec", draft=True))
+    child = queue.create_task(qdb, _new("build", blocked_by=(draft,)))
+    queue.cancel_task(qdb, draft)
+    assert queue.retry_task(qdb, draft) == "draft"
+    assert queue.get_task(qdb, draft).status == "draft" and queue.claim_ready(qdb, "w", 5) == []
+    assert queue.get_task(qdb, child).note.startswith(f"not run: dependency #{draft} 'spec' is draft")
+    assert queue.submit_task(qdb, draft) == "pending"
+    queue.cancel_task(qdb, draft)
+    assert queue.retry_task(qdb, draft) == "pending", "cancelled while pending: pending again"
+
+
 _CLAIMER = textwrap.dedent(
     """
     import json, sys

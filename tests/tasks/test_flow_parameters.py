@@ -3,6 +3,8 @@ refusal in one line, and ``""`` read as the default only where a flow says so.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tasks.errors import UserError
@@ -10,13 +12,34 @@ from tasks.flow_parameters import checked_flow
 
 
 @checked_flow(name="checked-sample", blank_is_default=("status",))
-def _sample(count: int, status: str | None = None, url: str | None = None, tags: list[int] | None = None) -> None:
+def _sample(
+    count: int,
+    status: str | None = None,
+    url: str | None = None,
+    tags: list[int] | None = None,
+    seconds: float = 1.0,
+    flag: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Never run: only its parameters are validated."""
 
 
 def test_a_blank_listed_parameter_is_its_default_and_an_unlisted_one_stays_blank() -> None:
     checked = _sample.validate_parameters({"count": "3", "status": "", "url": ""})
-    assert checked == {"count": 3, "status": None, "url": "", "tags": None}
+    assert checked == {"count": 3, "status": None, "url": "", "tags": None, "seconds": 1.0, "flag": False, "extra": None}
+
+
+def test_true_or_false_for_a_number_is_refused_in_one_line_and_kept_where_a_boolean_is_meant() -> None:
+    """pydantic's lax mode read ``task_id=true`` as task 1 and ``true`` for seconds as 1.0."""
+    with pytest.raises(UserError) as refused:
+        _sample.validate_parameters({"count": True, "tags": [2, False], "seconds": True})
+    assert str(refused.value) == (
+        "checked-sample: parameter count is true: true or false is not a number; give a value of type int; "
+        "parameter tags.1 is false: true or false is not a number; give a value of type list[int] | None; "
+        "parameter seconds is true: true or false is not a number; give a value of type float"
+    )
+    kept = _sample.validate_parameters({"count": 1, "flag": True, "extra": {"on": True, "list": [False]}})
+    assert kept["flag"] is True and kept["extra"] == {"on": True, "list": [False]}
 
 
 def test_values_of_the_wrong_type_are_one_line_naming_each_parameter_value_and_type() -> None:
