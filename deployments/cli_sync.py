@@ -18,6 +18,7 @@ from tasks.sync_setup import (
     SetupChange,
     apply_setup,
     new_store,
+    refuse_empty_central,
     refuse_second_device,
     store_identity,
 )
@@ -132,6 +133,7 @@ def trigger(
     from deployments.runtime import prepare_flow_run
 
     paths = [device_store.store_path(path) for path in store or []]
+    refuse_empty_central(central_url)
     sync_state.check_central_override(central_url)  # a typo: one line, before any server starts
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")

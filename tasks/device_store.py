@@ -103,8 +103,12 @@ _V2_OBJECTS = (
     "project_id = coalesce(NEW.project_id, (SELECT project_id FROM sync_identity)) "
     "WHERE id = NEW.id; END",
 )
+_UPGRADE_PROGRESS = "sync_upgrade_progress"
+"""The table of an upgrade under way: the events up to ``last_id`` existed when it began (later
+ones get their sync state from the insert trigger); those up to ``done_through`` have theirs."""
 _V2_DOWN = (
     "DROP TRIGGER IF EXISTS events_sync_defaults",
+    f"DROP TABLE IF EXISTS {_UPGRADE_PROGRESS}",
     "DROP INDEX IF EXISTS idx_sync_status",
     "DROP INDEX IF EXISTS idx_events_sync_id",
     "DROP TABLE IF EXISTS sync_identity",
@@ -349,13 +353,14 @@ def schema_version(conn: sqlite3.Connection) -> int:
     store's version back to 1 and keeps every sync column, id and state: a version-1 store
     holding all the sync columns is v2. Read as v1, its every sync and ``migrate up`` failed
     on ``duplicate column name: sync_id``, and ``migrate down`` left the sync columns in place.
+    One whose upgrade is under way (:func:`upgrade_to_v2`) is v1 until that upgrade finishes.
     """
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version not in (0, V1):
         return version
     columns = _event_columns(conn)
     if version == V1:
-        return V2 if _SYNC_COLUMNS <= columns else V1
+        return V2 if _SYNC_COLUMNS <= columns and not _upgrading(conn) else V1
     if _V1_COLUMNS <= columns and "sync_id" not in columns:
         return V1
     store = _store_file(conn)
@@ -376,41 +381,137 @@ def known_version(conn: sqlite3.Connection) -> int:
     return version
 
 
-def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
-    """Upgrade a v1 store in place in one transaction; returns False when already v2.
+UPGRADE_CHUNK_ROWS = 20_000
+"""Existing events given their sync state per transaction of an upgrade: each holds the store's
+write lock for about 80 ms, where one transaction over all of them held it about 1.5 s per 300k
+events, and a local app writing then waited that long (or, with a short busy timeout, got
+"database is locked")."""
+UPGRADE_PAUSE_MS = 100
+"""How long the write lock stays free after each chunk of an upgrade, whichever process upgrades.
+SQLite's busy handler polls (sleeping up to 100 ms between tries) rather than queueing: an
+upgrade taking the lock again at once (or a second upgrader taking it in the first's pause)
+left a waiting app only microsecond gaps to hit, and it waited for the whole upgrade anyway. A
+pause as long as the handler's longest sleep lets it in at its next try."""
 
-    The version is read under the write lock, so two processes upgrading at once cannot both try.
-    A v1 store may already hold some of v2's columns and objects (an upgrade by other means
-    interrupted, an app that made one of them): only the missing ones are added, where adding
-    them all failed on SQLite's ``duplicate column name`` on every sync. Every event then gets
-    the sync state a fresh upgrade gives it, whatever such a column held: no event of a v1 store
-    has synced under it, and an app's column without v2's default (a NULL ``sync_status``) would
-    keep its events from ever being read as pending. A ``device_id``, ``user_id`` or
-    ``project_id`` the app wrote is its data and is kept, as the insert trigger keeps it on new
-    events; only the empty ones get the store's identity.
+def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
+    """Upgrade a v1 store in place; returns False when it is v2 already (or another process
+    completed the upgrade meanwhile).
+
+    In short transactions, so a local app writing to its store during the first sync waits
+    milliseconds, never the whole upgrade: :func:`_begin_upgrade` adds the columns, tables and
+    insert trigger (an event the app inserts from then on gets its sync id and identity at
+    once); :func:`_fill_chunk` gives the events that existed before their sync state,
+    :data:`UPGRADE_CHUNK_ROWS` at a time, with a pause after each (:data:`UPGRADE_PAUSE_MS`);
+    :func:`_finish_upgrade` builds the indexes and sets the version.
+    Each step commits with its progress (the ``sync_upgrade_progress`` table), so a crash at any
+    instant leaves a consistent store that reads as v1 until the upgrade is finished, and the
+    next upgrade resumes where it stopped. Two processes upgrading at once share the steps:
+    each one is taken under the write lock, and its state read there.
     """
     if schema_version(conn) == V2:
         return False
+    if not _begin_upgrade(conn, identity):
+        return False
+    while (pause_ms := _fill_chunk(conn, UPGRADE_CHUNK_ROWS)) is not None:
+        time.sleep(pause_ms / 1000)
+    return _finish_upgrade(conn)
+
+
+def _upgrading(conn: sqlite3.Connection) -> bool:
+    """Whether an upgrade began and has not finished (the store is still v1 then)."""
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_UPGRADE_PROGRESS,))
+    return found.fetchone() is not None
+
+
+def _begin_upgrade(conn: sqlite3.Connection, identity: Identity) -> bool:
+    """Add what v2 adds but its indexes, and record the events the upgrade must fill; False
+    when the store is v2 already. An upgrade already under way is resumed as it began.
+
+    A v1 store may already hold some of v2's columns and objects (an upgrade by other means
+    interrupted, an app that made one of them): only the missing ones are added, where adding
+    them all failed on SQLite's ``duplicate column name`` on every sync."""
     with write_transaction(conn):
+        if _upgrading(conn):
+            return True
         if known_version(conn) == V2:
             return False
         present = _event_columns(conn)
         for name, statement in _V2_COLUMNS.items():
             if name not in present:
                 conn.execute(statement)
-        # One pass over the existing rows, before the indexes exist (building them after is cheaper).
-        conn.execute(
-            "UPDATE events SET sync_id = " + _UUID7_SQL + ", sync_status = 'pending', sync_attempts = 0, "  # noqa: S608
-            "last_sync_error = NULL, synced_at = NULL, next_retry_at = NULL, "
-            "device_id = coalesce(device_id, ?), user_id = coalesce(user_id, ?), project_id = coalesce(project_id, ?)",
-            (identity.device_id, identity.user_id, identity.project_id),
-        )
         for statement in _V2_OBJECTS:
-            conn.execute(statement)
+            if not statement.startswith(_INDEX_DDL):
+                conn.execute(statement)
         conn.execute(
             "INSERT OR REPLACE INTO sync_identity (only_row, device_id, user_id, project_id) VALUES (1, ?, ?, ?)",
             (identity.device_id, identity.user_id, identity.project_id),
         )
+        conn.execute("PRAGMA user_version = 1")  # an app may leave it 0; 0 with sync columns is no v1 store
+        conn.execute(
+            f"CREATE TABLE {_UPGRADE_PROGRESS} AS "  # noqa: S608 (a constant name)
+            "SELECT 0 AS done_through, coalesce(max(id), 0) AS last_id, 0 AS resume_at_ms FROM events"
+        )
+    return True
+
+
+_INDEX_DDL = ("CREATE INDEX", "CREATE UNIQUE INDEX")
+"""How v2's index statements start: :func:`_finish_upgrade` builds them, once every event has
+its sync id (built first, an app's own stale, duplicated ids would fail the unique one)."""
+
+
+def _fill_chunk(conn: sqlite3.Connection, rows: int) -> int | None:
+    """Give the next ``rows`` events that existed when the upgrade began the sync state any
+    upgrade gives them; returns the milliseconds to wait before the next call, None when no
+    event is left. Within :data:`UPGRADE_PAUSE_MS` of the last chunk (of any process) it fills
+    none, and returns how long is left of that pause; a store of one chunk gets none.
+
+    Every such event gets a new sync id and is pending, whatever a sync column the app made
+    held: no event of a v1 store has synced under it, and an app's column without v2's default
+    (a NULL ``sync_status``) would keep its events from ever being read as pending. A
+    ``device_id``, ``user_id`` or ``project_id`` the app wrote is its data and is kept, as the
+    insert trigger keeps it on new events; only the empty ones get the store's identity. The
+    chunk ends at its ``rows``-th event, not ``rows`` ids on: ids may have gaps of any size."""
+    with write_transaction(conn):
+        if not _upgrading(conn):
+            return None  # another process finished the upgrade
+        done, last, resume_at = conn.execute(
+            f"SELECT done_through, last_id, resume_at_ms FROM {_UPGRADE_PROGRESS}"  # noqa: S608
+        ).fetchone()
+        if (wait := resume_at - now_ms()) > 0:
+            return min(int(wait), UPGRADE_PAUSE_MS)  # capped: the wall clock may have stepped back
+        if done >= last:
+            return None
+        upper = conn.execute(
+            "SELECT coalesce(max(id), ?) FROM (SELECT id FROM events WHERE id > ? AND id <= ? ORDER BY id LIMIT ?)",
+            (last, done, last, rows),
+        ).fetchone()[0]
+        conn.execute(
+            "UPDATE events SET sync_id = " + _UUID7_SQL + ", sync_status = 'pending', sync_attempts = 0, "  # noqa: S608
+            "last_sync_error = NULL, synced_at = NULL, next_retry_at = NULL, "
+            "device_id = coalesce(device_id, (SELECT device_id FROM sync_identity)), "
+            "user_id = coalesce(user_id, (SELECT user_id FROM sync_identity)), "
+            "project_id = coalesce(project_id, (SELECT project_id FROM sync_identity)) "
+            "WHERE id > ? AND id <= ?",
+            (done, upper),
+        )
+        # No pause for a store whose events all fit one chunk: its index build is as short.
+        pause = 0 if done == 0 and upper >= last else UPGRADE_PAUSE_MS
+        conn.execute(
+            f"UPDATE {_UPGRADE_PROGRESS} SET done_through = ?, resume_at_ms = ?",  # noqa: S608
+            (upper, now_ms() + pause),
+        )
+    return pause
+
+
+def _finish_upgrade(conn: sqlite3.Connection) -> bool:
+    """Build v2's indexes and set the version; False when another process finished first."""
+    with write_transaction(conn):
+        if not _upgrading(conn):
+            return False
+        for statement in _V2_OBJECTS:
+            if statement.startswith(_INDEX_DDL):
+                conn.execute(statement)
+        conn.execute(f"DROP TABLE {_UPGRADE_PROGRESS}")
         conn.execute("PRAGMA user_version = 2")
     return True
 
@@ -422,7 +523,7 @@ _OBJECT_ON_COLUMN = re.compile(r"error in (index|view|trigger) (.+) after drop c
 def downgrade_to_v1(conn: sqlite3.Connection) -> bool:
     """``migrate down --to=v1``: drop the sync metadata only; every event row stays."""
     with write_transaction(conn):
-        if known_version(conn) == V1:
+        if known_version(conn) == V1 and not _upgrading(conn):
             return False
         for statement in _V2_DOWN:
             try:

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.file_lock import exclusive
 
 
 def _wheel_bin_dir() -> Path:
@@ -83,39 +87,75 @@ class EmbeddedPostgres:
     def is_running(self) -> bool:
         return self.running_port() is not None
 
+    @property
+    def lock_file(self) -> Path:
+        return self.pgdata.parent / f"{self.pgdata.name}.lock"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where initdb makes a new data directory before it is renamed to ``pgdata``."""
+        return self.pgdata.parent / f"{self.pgdata.name}.initdb"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the data directory's lock: two flowyard commands at once on a cold start both
+        found no server running, and both ran initdb (the second failing on the first's files) or
+        ``pg_ctl start`` (the second failing on the taken data directory); a ``stop`` during a
+        start stopped a server that start then reported as failed. The later one now waits for
+        the first and finds the server as the first left it."""
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.lock_file):
+            yield
+
     def start(self) -> bool:
         """Start the server unless one already runs on ``pgdata``. Returns True if it started it."""
-        if self.is_running():
-            return False
-        if _port_busy(self.port):
-            raise UserError(
-                f"port {self.port} on 127.0.0.1 is taken by another program; "
-                "set FLOWYARD_PG_PORT to a free port"
-            )
-        self._init_data_dir()
-        options = " ".join(f"-c {key}={value!r}" for key, value in SERVER_CONFIG.items())
-        self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
+        with self._locked():
+            if self.is_running():
+                return False
+            if _port_busy(self.port):
+                raise UserError(
+                    f"port {self.port} on 127.0.0.1 is taken by another program; "
+                    "set FLOWYARD_PG_PORT to a free port"
+                )
+            self._init_data_dir()
+            options = " ".join(f"-c {key}={value!r}" for key, value in SERVER_CONFIG.items())
+            self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
         return True
 
     def stop(self) -> bool:
         """Stop the server (fast shutdown). Returns False when none was running."""
-        if not self.is_running():
-            return False
-        self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+        with self._locked():
+            if not self.is_running():
+                return False
+            self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
         return True
 
     def _init_data_dir(self) -> None:
+        """Make the data directory with initdb, unless it holds one (its ``PG_VERSION``).
+
+        initdb fills :attr:`scratch_dir`, renamed to ``pgdata`` once complete: killed part-way
+        (SIGKILL, a power cut: initdb cleans up only on a signal it can catch), it used to leave a
+        half-made ``pgdata`` that every later start failed on. The scratch directory such a start
+        left is removed first; only the lock's holder runs initdb. A non-empty ``pgdata`` without
+        ``PG_VERSION`` is not flowyard's to remove."""
         if (self.pgdata / "PG_VERSION").exists():
             return
-        self.pgdata.mkdir(parents=True, exist_ok=True)
+        if self.pgdata.exists() and (not self.pgdata.is_dir() or any(self.pgdata.iterdir())):
+            raise UserError(
+                f"embedded PostgreSQL: {self.pgdata} exists but is not a PostgreSQL data directory (no "
+                "PG_VERSION); move it away, or set FLOWYARD_HOME to another directory"
+            )
+        scratch = self.scratch_dir
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
         self.log_file.touch()
         if os.geteuid() == 0:
-            _prepare_for_server_user(self.pgdata, self.log_file, self.bin_dir)
+            _prepare_for_server_user(scratch, self.log_file, self.bin_dir)
         _run(
             [
                 str(self.bin_dir / "initdb"),
                 "-D",
-                str(self.pgdata),
+                str(scratch),
                 "-U",
                 "postgres",
                 "--auth=trust",
@@ -124,6 +164,7 @@ class EmbeddedPostgres:
             ],
             as_server_user=True,
         )
+        scratch.replace(self.pgdata)
 
     def _pg_ctl(self, *args: str) -> None:
         if os.geteuid() == 0:

@@ -5,19 +5,19 @@ Each service runs in its own process group, so stopping it also ends whatever it
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from tasks.errors import UserError
+from tasks.file_lock import exclusive
 from tasks.process_group import group_members, spawn_group, terminate_group
 
 
@@ -59,13 +59,14 @@ def start(service: Service, run_dir: Path) -> bool:
     """Start the service unless it runs already; wait until it is ready. True if it started it.
 
     Two flowyard processes at once (two ``sync trigger`` on a cold start) take turns, under
-    :func:`starting`: both used to find no pid file and spawn a server each, the second dying on
+    its start lock (:func:`tasks.file_lock.exclusive`, held while it is checked for, spawned
+    and waited for): both used to find no pid file and spawn a server each, the second dying on
     the taken port and, when it wrote the pid file last, leaving the running server untracked
     (``flowyard down`` no longer stopped it). A service that runs already is waited for too,
     until it is ready: taken as ready while still coming up, the second command went on to a
     server not yet listening and ended in a traceback."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with starting(run_dir, service.name):
+    with exclusive(lock_file(run_dir, service.name)):
         if running_pid(run_dir, service.name) is not None:
             if not _wait_ready(service, lambda: running_pid(run_dir, service.name) is None):
                 raise UserError(
@@ -78,15 +79,6 @@ def start(service: Service, run_dir: Path) -> bool:
 
 def lock_file(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.lock"
-
-
-@contextmanager
-def starting(run_dir: Path, name: str) -> Iterator[None]:
-    """Hold the service's start lock (an exclusive ``flock``, released by the kernel when its
-    holder dies) while it is checked for, spawned and waited for."""
-    with lock_file(run_dir, name).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _spawn(service: Service, run_dir: Path) -> bool:

@@ -443,6 +443,21 @@ def test_trigger_with_a_malformed_central_url_is_one_line_before_any_run(tmp_pat
         assert device_store.schema_version(conn) == device_store.V1
 
 
+def test_trigger_with_an_empty_central_url_is_one_line_before_any_run(tmp_path: Path) -> None:
+    """``--central-url "$CENTRAL"`` with the variable unset: the run silently synced into the
+    configured central instead of the one meant. Refused as ``configure`` refuses it."""
+    store = make_store(tmp_path / "empty-url.db", 3)
+    out = run_cli("sync", "trigger", "--central-url", "", "--store", str(store))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        "flowyard: error: --central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep "
+        "the configured central, or give 'default' to go back to the default (database devflow_central on "
+        "flowyard's server)"
+    ]
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+
+
 def test_central_urls_libpq_refuses_only_when_connecting_are_one_line_before_any_run(
     state_db: str, tmp_path: Path
 ) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +16,7 @@ from tasks import device_store
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
+from tests.conftest import ROOT
 
 IDENTITY = Identity("laptop-1", "alice", "proj-x")
 
@@ -385,3 +390,148 @@ def test_a_file_that_is_not_a_sqlite_database_is_told_apart_from_a_damaged_store
             f"device store {path} is not a SQLite database ({reason}); give the path of the device's SQLite file"
         )
     device_store.check_sqlite_file(damaged)  # a run gives it its per-device error instead
+
+
+_APP = """
+import sqlite3, sys, time
+from pathlib import Path
+store, stop = Path(sys.argv[1]), Path(sys.argv[2])
+conn = sqlite3.connect(store, timeout=float(sys.argv[3]), isolation_level=None)
+inserted = during_upgrade = 0
+while not stop.exists():
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'app', '{}')", (inserted + 1,))
+    during_upgrade += conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'sync_upgrade_progress'"
+    ).fetchone()[0]
+    conn.execute("COMMIT")
+    inserted += 1
+    if inserted == 1:
+        print("inserting", flush=True)
+    time.sleep(0.01)
+print(inserted, during_upgrade)
+"""
+"""The local app: an event every 10 ms or so, one per transaction, until ``stop`` exists; it
+counts the inserts it committed while an upgrade was under way. (Inserting without a pause, it
+would keep the upgraders from the lock.)"""
+
+_UPGRADER = """
+import sys
+from pathlib import Path
+from tasks import device_store
+print("ready", flush=True)
+sys.stdin.readline()
+with device_store.open_store(Path(sys.argv[1])) as conn:
+    identity = device_store.Identity("laptop-1", "alice", "proj-x")
+    print(device_store.upgrade_to_v2(conn, identity), flush=True)
+"""
+"""A ``sync``/``migrate up`` process: says ready, waits for a line, then upgrades."""
+
+
+def _upgraders(store: Path, count: int) -> list[subprocess.Popen[str]]:
+    """``count`` upgrader processes, each waiting for a line on stdin to begin."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _UPGRADER, str(store)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return procs
+
+
+def _go(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+
+
+def _assert_every_event_has_its_sync_state(store: Path, events: int) -> None:
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == 2
+        total, distinct, missing, statuses = conn.execute(
+            "SELECT count(*), count(DISTINCT sync_id), "
+            "sum(sync_id IS NULL OR device_id IS NOT 'laptop-1' OR user_id IS NOT 'alice'), "
+            "group_concat(DISTINCT sync_status) FROM events"
+        ).fetchone()
+    assert (total, distinct, missing, statuses) == (events, events, 0, "pending")
+
+
+def test_an_app_writes_to_its_store_while_two_upgrades_run_at_once(tmp_path: Path) -> None:
+    """One transaction over 300k events held the write lock about 1.5 s, so the app could not
+    write at all until the upgrade ended (with a busy timeout under that, it got "database is
+    locked"). The app now commits inserts between the upgrade's steps; the test counts them
+    rather than timing the waits, which a slower machine would stretch. Two upgraders at once
+    (a sync and a ``migrate up``) share the chunked upgrade, one of them reporting it; every
+    event, the app's included, ends with a sync id and the store's identity."""
+    store, stop = make_store(tmp_path / "dev.db", 300_000, seed=5), tmp_path / "stop"
+    app = subprocess.Popen(
+        [sys.executable, "-c", _APP, str(store), str(stop), "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert app.stdout is not None and app.stdout.readline() == "inserting\n"
+        upgraders = _upgraders(store, 2)
+        _go(upgraders)
+        results = [proc.communicate() for proc in upgraders]
+        assert [proc.returncode for proc in upgraders] == [0, 0], results
+        assert sorted(out.strip() for out, _ in results) == ["False", "True"]
+        stop.touch()
+        out, err = app.communicate()
+        assert app.returncode == 0, err
+    finally:
+        app.kill()
+        app.wait()
+    inserted, during_upgrade = map(int, out.split())
+    assert during_upgrade > 0
+    _assert_every_event_has_its_sync_state(store, 300_000 + inserted)
+
+
+def _some_sync_ids(conn: sqlite3.Connection) -> bool:
+    return "sync_id" in _columns(conn) and bool(conn.execute("SELECT count(sync_id) FROM events").fetchone()[0])
+
+
+def test_an_upgrade_killed_part_way_reads_as_v1_and_resumes_or_downgrades(tmp_path: Path) -> None:
+    """SIGKILL once part of the events have their sync state: the store is consistent, reads as
+    v1, takes the app's new events (with sync ids, by the trigger), and the next upgrade resumes
+    it, keeping the sync ids given before the kill; ``migrate down`` undoes it instead."""
+    events = 60_000  # three chunks
+    store = make_store(tmp_path / "dev.db", events, seed=6)
+    with device_store.open_store(store) as conn:
+        original = _events(conn)
+    (upgrader,) = _upgraders(store, 1)
+    try:
+        _go([upgrader])
+        with device_store.open_store(store) as conn:
+            while upgrader.poll() is None and not _some_sync_ids(conn):
+                time.sleep(0.01)  # until some events have their sync ids (or the upgrade ended)
+            upgrader.kill()
+    finally:
+        upgrader.kill()
+        upgrader.communicate()
+    assert upgrader.returncode == -signal.SIGKILL
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == 1
+        given = dict(conn.execute("SELECT id, sync_id FROM events WHERE sync_id IS NOT NULL").fetchall())
+        assert 0 < len(given) < events
+        device_store.insert_events(conn, [(1, "app", {})])
+        assert conn.execute("SELECT sync_id IS NOT NULL FROM events WHERE id = ?", (events + 1,)).fetchone() == (1,)
+        copy = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+        conn.backup(copy)
+        assert device_store.downgrade_to_v1(copy) is True
+        assert device_store.schema_version(copy) == 1
+        assert _events(copy)[:events] == original and len(_events(copy)) == events + 1
+        assert {row[0] for row in copy.execute("SELECT name FROM sqlite_master")} == {"events", "sqlite_sequence"}
+        copy.close()
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        assert {i: s for i, s in conn.execute("SELECT id, sync_id FROM events") if i in given} == given
+    _assert_every_event_has_its_sync_state(store, events + 1)

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import psycopg
 import pytest
 
 from tasks.embedded_pg import EmbeddedPostgres, free_port
 from tasks.errors import UserError
+from tasks.process_group import group_members
+from tests.conftest import ROOT
+
+_START = (
+    "import sys; from pathlib import Path; from tasks.embedded_pg import EmbeddedPostgres; "
+    "server = EmbeddedPostgres(Path(sys.argv[1]), int(sys.argv[2])); "
+    "print('ready', flush=True); sys.stdin.readline(); print(server.start())"
+)
+"""A flowyard process starting the embedded server: it says ready, waits for a line, then starts."""
+
+
+def _starter(pgdata: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _START, str(pgdata), str(port)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_start_reuse_stop(tmp_path):
@@ -60,3 +88,66 @@ def test_stop_after_parent_permissions_were_reset(tmp_path):
     assert server.stop() is True
     assert server.start() is True
     assert server.stop() is True
+
+
+def test_processes_starting_a_fresh_server_at_once_start_it_once(tmp_path):
+    """Three processes released together on a fresh data directory: each found no server
+    running and ran initdb (all but one failing on a non-empty directory) or ``pg_ctl start``.
+    Now one starts it and the others wait for it and use it."""
+    pgdata, port = tmp_path / "pg", free_port()
+    starters = [_starter(pgdata, port) for _ in range(3)]
+    try:
+        for proc in starters:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in starters:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        results = [proc.communicate() for proc in starters]
+        assert [proc.returncode for proc in starters] == [0, 0, 0], results
+        assert sorted(out.strip() for out, _ in results) == ["False", "False", "True"]
+        with psycopg.connect(EmbeddedPostgres(pgdata, port).url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for proc in starters:
+            proc.kill()
+            proc.wait()
+        EmbeddedPostgres(pgdata, port).stop()
+
+
+def test_a_start_killed_during_initdb_is_made_anew_by_the_next(tmp_path):
+    """SIGKILL of a starting process (and its initdb) part-way through initdb, after it wrote
+    files: the half-made data directory failed every later start. The next start now makes a
+    complete one and runs on it."""
+    pgdata = tmp_path / "pg"
+    proc = _starter(pgdata, free_port())
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        while proc.poll() is None and not (
+            any(tmp_path.rglob("PG_VERSION")) and any(member.name() == "initdb" for member in group_members(proc.pid))
+        ):
+            time.sleep(0.01)  # until initdb has written files and still runs (or the starter ended early)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        assert any(member.name() == "initdb" for member in group_members(proc.pid))
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    server = EmbeddedPostgres(pgdata, free_port())
+    try:
+        assert server.start() is True
+        with psycopg.connect(server.url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        server.stop()
+
+
+def test_a_foreign_directory_in_place_of_the_data_directory_is_one_line(tmp_path):
+    (tmp_path / "pg").mkdir()
+    (tmp_path / "pg" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"^embedded PostgreSQL: .*/pg exists but is not a PostgreSQL data directory"):
+        EmbeddedPostgres(tmp_path / "pg", free_port()).start()
+    assert (tmp_path / "pg" / "notes.txt").read_text() == "mine"
