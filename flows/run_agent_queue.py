@@ -167,6 +167,9 @@ def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -
     as the ``agent-metrics`` and ``agent-queue-run`` artifacts unless the run did nothing."""
     url = setup.database_url
     logger = get_run_logger()
+    # a task that waits for `queue approve` was reported "completed", as if its dependents could run
+    for task_id in queue.in_review(url, [t for t, o in outcomes.items() if o == "completed"]):
+        outcomes[task_id] = f"completed, in review (approve it with `flowyard queue approve {task_id}`)"
     unrunnable = queue.unrunnable(url)
     blocked = unrunnable.blocked
     waiting = {**queue.waiting_for_agents(url, setup.templates), **unrunnable.waiting}

@@ -466,7 +466,9 @@ def cancel_task(url: str, task_id: int) -> str:
 
 def retry_task(url: str, task_id: int) -> str:
     """Put a failed or cancelled task back in the queue, or in ``draft`` if it was cancelled as a
-    draft; it resumes from its last checkpoint. Returns its new status.
+    draft; it resumes from its last checkpoint. Returns its new status. A task cancelled in
+    ``review`` is queued and its agent runs again: cancelling in review is how a result is
+    rejected, and this is the way to have the work redone.
 
     Refused while a cancelled attempt is still stopping its agent: queued again at once, the
     task could be claimed and a second agent started beside the first."""
@@ -500,6 +502,19 @@ def _stopping_attempt(url: str, task_id: int) -> tuple[int, str] | None:
     if row is None or worker_alive(row[1]) is False:
         return None
     return int(row[0]), str(row[1])
+
+
+def in_review(url: str, task_ids: Collection[int]) -> set[int]:
+    """Which of ``task_ids`` wait in ``review``: an attempt that completed one such task left it
+    there, not ``completed``."""
+    if not task_ids:
+        return set()
+    with _connection(url) as conn:
+        rows = conn.execute(
+            "SELECT id FROM flowyard.agent_tasks WHERE id = ANY(%s::bigint[]) AND status = 'review'",
+            (list(task_ids),),
+        ).fetchall()
+    return {int(r[0]) for r in rows}
 
 
 def submit_task(url: str, task_id: int) -> str:

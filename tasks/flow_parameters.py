@@ -7,6 +7,13 @@ received invalid parameters:\\n - task_id: Input should be a valid integer``), s
 one-line state message named neither the parameter, the value it got nor the type it takes;
 flowyard's other errors are one line that says what to fix.
 
+Text PostgreSQL cannot store is refused before Prefect creates the flow run: a NUL character
+(``\\u0000``, which ``jsonb`` refuses: Prefect's client retried the server's 500 for minutes, then
+raised a traceback) or a lone surrogate (``\\ud800``, not UTF-8: a ``UnicodeEncodeError``), in a
+string or a dict key anywhere in a parameter. A flow called from Python checks in
+:meth:`CheckedParametersFlow.__call__`; :func:`deployments.trigger.create_flow_run` checks with
+the same :func:`unstorable_text` before it posts.
+
 A JSON ``true`` or ``false`` for a number is refused too: pydantic's lax mode read ``task_id=true``
 as task 1 and ``timeout_seconds=true`` as one second, acting on a value nobody meant.
 
@@ -24,10 +31,11 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Flow
-from prefect.exceptions import ParameterTypeError
+from prefect.exceptions import ParameterBindError, ParameterTypeError
+from prefect.utilities.callables import get_call_parameters
 from pydantic import ValidationError
 
-from tasks.errors import UserError
+from tasks.errors import UserError, is_utf8
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,6 +50,20 @@ class CheckedParametersFlow(Flow[P, R]):
     :attr:`blank_is_default` is None, its default."""
 
     blank_is_default: frozenset[str] = frozenset()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Refuse text PostgreSQL cannot store (:func:`unstorable_text`) before Prefect creates the
+        flow run, then run the flow as Prefect does. Arguments that do not bind to the signature
+        are left to Prefect, which refuses them in its own words."""
+        call_kwargs = {k: v for k, v in kwargs.items() if k not in ("return_state", "wait_for")}
+        try:
+            parameters = get_call_parameters(self.fn, args, call_kwargs, apply_defaults=False)
+        except ParameterBindError:  # Prefect's own call raises it again, as it always did
+            parameters = {}
+        problems = unstorable_text(parameters)
+        if problems:
+            raise UserError(f"{self.name}: {problems}")
+        return super().__call__(*args, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         given = {**parameters, **dict.fromkeys(name for name in self.blank_is_default if parameters.get(name) == "")}
@@ -64,6 +86,54 @@ class CheckedParametersFlow(Flow[P, R]):
         return checked
 
 
+_SHOWN_PROBLEMS = 3
+"""Places :func:`unstorable_text` names; past them it says how many more there are."""
+
+
+def unstorable_text(parameters: dict[str, Any]) -> str:
+    """The problems, in one line (``""`` if none), with text PostgreSQL cannot store in
+    ``parameters``: a string or a dict key, at any depth, holding a NUL character or a lone
+    surrogate; a parameter's name too. Each names its parameter and place (``payload.files.2``)
+    as :func:`_problem` does. Iterative: how deep a value nests is up to its sender."""
+    found: list[str] = []
+    more = 0
+    pending: list[tuple[tuple[Any, ...], Any]] = [((), parameters)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            for key in value:
+                if (reason := _unstorable(key)) is not None:
+                    if len(found) < _SHOWN_PROBLEMS:
+                        found.append(
+                            _problem(where, key, f"{reason}; rename the key", {}, verb="has the key")
+                            if where
+                            else f"parameter name {_shown(key)}: {reason}; rename the parameter"
+                        )
+                    else:
+                        more += 1
+            pending.extend(reversed([((*where, key), item) for key, item in value.items()]))
+        elif isinstance(value, list | tuple | set | frozenset):
+            pending.extend(((*where, i), item) for i, item in reversed(list(enumerate(value))))
+        elif (reason := _unstorable(value)) is not None:
+            if len(found) < _SHOWN_PROBLEMS:
+                found.append(_problem(where, value, f"{reason}; remove it", {}))
+            else:
+                more += 1
+    return "; ".join(found) + (f" (and {more} more)" if more else "")
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a string cannot be stored in PostgreSQL (None if it can, or is no string)."""
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return "a NUL character (\\u0000), which PostgreSQL cannot store"
+    if is_utf8(value):
+        return None
+    half = next(c for c in value if "\ud800" <= c <= "\udfff")  # all that UTF-8 cannot encode
+    return f"a surrogate (\\u{ord(half):04x}, half of a character in UTF-16), which is not UTF-8 text"
+
+
 def _booleans_read_as_numbers(where: tuple[Any, ...], given: Any, checked: Any) -> Iterator[tuple[tuple[Any, ...], bool]]:
     """(location, value) of each ``true``/``false`` in ``given`` that validation made a number in
     ``checked``, walking lists and objects side by side; a boolean kept as one (a ``bool`` or an
@@ -79,12 +149,17 @@ def _booleans_read_as_numbers(where: tuple[Any, ...], given: Any, checked: Any) 
             yield from _booleans_read_as_numbers((*where, key), given[key], checked[key])
 
 
-def _problem(loc: tuple[Any, ...], value: Any, reason: str, signature: Any) -> str:
-    """``parameter <name> is <value>: <reason>; give a value of type <annotation>``."""
-    where = ".".join(map(str, loc)) or "?"
+def _problem(loc: tuple[Any, ...], value: Any, reason: str, signature: Any, *, verb: str = "is") -> str:
+    """``parameter <name> is <value>: <reason>; give a value of type <annotation>``. A key in the
+    location that is not printable text (a NUL, a surrogate, a line break) is shown as JSON, so
+    the message stays one line of text; a location deep in a value keeps its two ends."""
+    where = ".".join(_shown(part) if isinstance(part, str) and not part.isprintable() else str(part) for part in loc)
+    if len(where) > 2 * _SHOWN_VALUE:
+        where = f"{where[: _SHOWN_VALUE - 3]}...{where[-_SHOWN_VALUE:]}"
+    where = where or "?"
     name = str(loc[0]) if loc else ""
     wanted = f"; give a value of type {_annotation(signature[name].annotation)}" if name in signature else ""
-    return f"parameter {where} is {_shown(value)}: {reason}{wanted}"
+    return f"parameter {where} {verb} {_shown(value)}: {reason}{wanted}"
 
 
 def _shown(value: Any) -> str:

@@ -63,6 +63,21 @@ def test_create_list_run_metrics_cancel_retry(env: dict[str, str], tmp_path) -> 
 
 
 @pytest.mark.usefixtures("prefect_api")
+def test_a_task_in_review_is_reported_so_by_the_run_and_redone_when_cancelled_and_retried(
+    env: dict[str, str], tmp_path
+) -> None:
+    """The run said "completed", as if the task's dependents could run now."""
+    reviewed = int(_ok("create", "design", "--review", env=env))
+    in_review = f"task {reviewed}: completed, in review (approve it with `flowyard queue approve {reviewed}`)\n"
+    assert _ok("run", "--output-dir", str(tmp_path), env=env) == in_review
+    assert f"{reviewed:>5}  review" in _ok("list", env=env)
+    _ok("cancel", str(reviewed), env=env)  # the result is rejected
+    assert _ok("retry", str(reviewed), env=env) == f"task {reviewed} is pending again\n"
+    assert _ok("run", "--output-dir", str(tmp_path), env=env) == in_review, "its agent ran again"
+    assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), reviewed).attempts == 2
+    assert _ok("approve", str(reviewed), env=env) == f"task {reviewed} completed\n"
+
+@pytest.mark.usefixtures("prefect_api")
 def test_run_exits_non_zero_when_a_task_fails(env: dict[str, str], tmp_path) -> None:
     """A script draining the queue must see failures: exit 1, one line naming the tasks and
     where their logs are (the run's logs directory, not a placeholder to look up)."""

@@ -212,3 +212,34 @@ def test_a_blank_optional_parameter_is_its_default(fresh_db: str) -> None:
     assert [t["id"] for t in agent_task_list(status="", database_url=fresh_db)] == [task_id]
     refused = agent_task_list(status="", database_url="", return_state=True)
     assert refused.is_failed() and "not a PostgreSQL URL" in (refused.message or ""), refused.message
+
+
+def _runs_of(flow_name: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def test_text_postgresql_cannot_store_is_one_line_before_prefect_creates_the_run(fresh_db: str) -> None:
+    """A NUL made Prefect's client retry the server's 500 (jsonb refuses \\u0000) for minutes, then
+    raise a traceback; a surrogate raised UnicodeEncodeError. Dict keys are text too."""
+    before = _runs_of("agent-task-create")
+    with pytest.raises(UserError) as refused:
+        agent_task_create("a\x00b", database_url=fresh_db)
+    assert str(refused.value) == (
+        'agent-task-create: parameter title is "a\\u0000b": a NUL character (\\u0000), which PostgreSQL'
+        " cannot store; remove it"
+    )
+    with pytest.raises(UserError) as refused:
+        agent_task_create("ok", payload={"files": ["x", "\ud800"], "k\x00": 1}, database_url=fresh_db)
+    assert str(refused.value) == (
+        'agent-task-create: parameter payload has the key "k\\u0000": a NUL character (\\u0000), which'
+        " PostgreSQL cannot store; rename the key; "
+        'parameter payload.files.1 is "\\ud800": a surrogate (\\ud800, half of a character in UTF-16), which'
+        " is not UTF-8 text; remove it"
+    )
+    assert _runs_of("agent-task-create") == before, "no flow run was created"
+    assert queue.list_tasks(state_url(fresh_db)) == []
+    assert agent_task_create("ok \U0001f600", database_url=fresh_db)["title"] == "ok \U0001f600"

@@ -249,6 +249,24 @@ def test_a_task_cancelled_as_a_draft_is_a_draft_again_when_retried(qdb: str) -> 
     assert queue.retry_task(qdb, draft) == "pending", "cancelled while pending: pending again"
 
 
+def test_a_task_cancelled_in_review_runs_again_from_its_checkpoint_when_retried(qdb: str) -> None:
+    """Cancelling in review rejects the result, and a retry is how the work is redone: put back in
+    ``review`` (as a cancelled draft goes back to ``draft``), it could only be approved."""
+    reviewed = queue.create_task(qdb, _new("design", requires_review=True))
+    child = queue.create_task(qdb, _new("build", blocked_by=(reviewed,)))
+    [task] = queue.claim_ready(qdb, "w", 1)
+    attempt = queue.start_attempt(qdb, task.id, "w", None)
+    assert queue.record_checkpoint(qdb, task.id, "w", attempt.number, {"step": 3})
+    assert queue.finish_attempt(qdb, attempt.run_id, "w", "completed", result={"design": "done"}) == "review"
+    queue.cancel_task(qdb, reviewed)
+    assert queue.retry_task(qdb, reviewed) == "pending"
+    assert [t.id for t in queue.claim_ready(qdb, "w", 5)] == [reviewed], "the task waiting for it does not run"
+    again = queue.get_task(qdb, reviewed)
+    assert (again.status, again.attempts) == ("in_progress", 1)
+    assert again.last_checkpoint == {"attempt": 1, "kind": "agent", "state": {"step": 3}}, "handed back to the agent"
+    assert queue.get_task(qdb, child).status == "pending"
+
+
 _CLAIMER = textwrap.dedent(
     """
     import json, sys

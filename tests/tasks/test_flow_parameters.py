@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tasks.errors import UserError
-from tasks.flow_parameters import checked_flow
+from tasks.flow_parameters import checked_flow, unstorable_text
 
 
 @checked_flow(name="checked-sample", blank_is_default=("status",))
@@ -59,3 +59,25 @@ def test_only_a_parameter_whose_default_is_none_can_read_blank_as_its_default() 
         checked_flow(name="bad", blank_is_default=("count",))(_sample.fn)
     with pytest.raises(TypeError, match="'missing' is not a parameter"):
         checked_flow(name="bad", blank_is_default=("missing",))(_sample.fn)
+
+
+def test_text_postgresql_cannot_store_is_found_at_any_depth_and_named_in_one_line() -> None:
+    """The check of :meth:`CheckedParametersFlow.__call__` and of the REST trigger: keys count, a
+    key on the way is shown as JSON, a value nested past the recursion limit is still reached, and
+    past three places the rest are counted."""
+    deep: Any = "\x00"
+    for _ in range(3000):
+        deep = [deep]
+    message = unstorable_text({"ok": ["fine", {"k": 1.5}], "extra": {"a\nb": {"c": "\udc80"}}, "tags": deep})
+    assert "\n" not in message and "\x00" not in message
+    assert message == (
+        'parameter extra."a\\nb".c is "\\udc80": a surrogate (\\udc80, half of a character in UTF-16), which is'
+        " not UTF-8 text; remove it; "
+        f'parameter tags.{"0." * 26}...{".0" * 30} is "\\u0000": a NUL character (\\u0000), which PostgreSQL'
+        " cannot store; remove it"
+    )
+    assert unstorable_text({"many": ["\x00"] * 5}).endswith("parameter many.2 is \"\\u0000\": a NUL character"
+                                                          " (\\u0000), which PostgreSQL cannot store; remove it (and 2 more)")
+    assert unstorable_text({"title": "ok \U0001f600", "n": [1, None, True], "d": {1: "x"}}) == ""
+    with pytest.raises(UserError, match=r'^checked-sample: parameter status is "a\\u0000": a NUL'):
+        _sample(1, status="a\x00")  # before Prefect: no server is needed to refuse it
