@@ -354,11 +354,36 @@ def schema_version(conn: sqlite3.Connection) -> int:
     holding all the sync columns is v2. Read as v1, its every sync and ``migrate up`` failed
     on ``duplicate column name: sync_id``, and ``migrate down`` left the sync columns in place.
     One whose upgrade is under way (:func:`upgrade_to_v2`) is v1 until that upgrade finishes.
+
+    A store whose ``events`` is a view (or any object but a table) is refused, naming the file:
+    SQLite describes a view's columns like a table's, so one over the v1 columns read as v1 and
+    its upgrade failed on "Cannot add a column to a view", and one over v2's read as v2.
     """
+    kind = conn.execute(
+        "SELECT type FROM sqlite_master WHERE name = 'events' COLLATE NOCASE AND type <> 'table' "
+        "AND NOT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'events' COLLATE NOCASE AND type = 'table')"
+    ).fetchone()
+    if kind is not None:
+        raise UserError(
+            f"device store {_store_file(conn)}: events is a {kind[0]}, not a table; flowyard syncs only the "
+            "DevFlow app's own store, whose events is a table: give the path of that SQLite file"
+        )
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if version not in (0, V1):
+    if version not in (0, V1, V2):
         return version
     columns = _event_columns(conn)
+    if version == V2:
+        if missing := sorted(_SYNC_COLUMNS - columns):
+            # read as v2, it failed on "no such column: sync_status" in status and every sync, on
+            # "no such column" in `migrate down`, and `migrate up` said it was v2 already
+            store = _store_file(conn)
+            raise UserError(
+                f"device store {store} is at schema version 2, but its events table lacks the sync "
+                f"column{'s' if len(missing) > 1 else ''} {', '.join(missing)} (another tool changed it); set "
+                f"its version back to 1 (`sqlite3 {shlex.quote(store)} 'PRAGMA user_version = 1'`) and "
+                "flowyard upgrades it again, keeping every event"
+            )
+        return V2
     if version == V1:
         return V2 if _SYNC_COLUMNS <= columns and not _upgrading(conn) else V1
     if _V1_COLUMNS <= columns and "sync_id" not in columns:
@@ -550,7 +575,21 @@ def _column_in_use(conn: sqlite3.Connection, statement: str, exc: sqlite3.Operat
 
 
 def identity_of(conn: sqlite3.Connection) -> Identity:
+    """The identity a v2 store was upgraded with; one line naming the store and the way back when
+    its ``sync_identity`` row is gone (another tool emptied the table), which was a TypeError: a
+    traceback in ``migrate up`` and ``configure``, and the end of a whole run, every device unsynced."""
     row = conn.execute("SELECT device_id, user_id, project_id FROM sync_identity").fetchone()
+    if row is None:
+        store = _store_file(conn)
+        last = conn.execute("SELECT device_id FROM events WHERE device_id IS NOT NULL ORDER BY id DESC LIMIT 1")
+        carried = last.fetchone()
+        device = shlex.quote(str(carried[0])) if carried is not None else "ID"
+        raise UserError(
+            f"device store {store} is v2 but records no device (its sync_identity table is empty; another tool "
+            f"changed it); upgrade it again under its device's id: `flowyard sync migrate down --to=v1 "
+            f"{shlex.quote(store)}`, then `flowyard sync migrate up {shlex.quote(store)} --device-id {device}` "
+            "(every event stays, and central skips those it holds)"
+        )
     return Identity(*row)
 
 

@@ -109,7 +109,8 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     central_url = _central_setting(change.central_url)
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
         with device_store.open_store(change.add_store.path) as conn:
-            device_store.known_version(conn)
+            if device_store.known_version(conn) == device_store.V2:
+                device_store.identity_of(conn)  # a v2 store that records no device, too
     with sync_state.configuring(state_url(state_database_url)) as state:
         _check_devices(state, change)
         config = sync_state.update_config(

@@ -20,28 +20,60 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from tasks import device_store
 from tasks.db import Db, connection, ensure_database, using, validate_postgres_url, with_database
 from tasks.device_store import Identity
-from tasks.errors import INT64_MAX, UserError, check_range, check_utf8, validation_problem
+from tasks.errors import INT64_MAX, MAX_WAIT_SECONDS, UserError, check_range, check_utf8, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sync_batches import DeviceReport
+
+MAX_QUEUE_THRESHOLD = 1_000_000_000
+"""The largest ``queue_threshold``, in pending events per device: a developer machine's store never
+queues that many, so a larger threshold (a typo, or one meant to silence the alert: 10**30 was
+saved) could never fire."""
+
+MAX_OFFLINE_SECONDS = MAX_WAIT_SECONDS
+"""The largest ``offline_seconds``: 365 days, like every other wait flowyard takes; a larger one
+(centuries, or past bigint) was saved and its alert never fired."""
+
+_ALERT_MAXIMUMS = {
+    "queue_threshold": (MAX_QUEUE_THRESHOLD, "pending events"),
+    "offline_seconds": (MAX_OFFLINE_SECONDS, "seconds (365 days)"),
+}
 
 
 class AlertThresholds(BaseModel):
     """Seed 002 §8.1's alert settings."""
 
     queue_threshold: int = Field(
-        default=1000, ge=0, description="Pending events per device that trigger an alert."
+        default=1000,
+        ge=0,
+        description=f"Pending events per device that trigger an alert (at most {MAX_QUEUE_THRESHOLD:,}).",
     )
     failure_rate: float = Field(default=0.1, ge=0, le=1, description="Share of a run's events that failed.")
     offline_seconds: int = Field(
         default=3600,
         ge=0,
-        description="Time since a device's last successful sync (never synced: since it was configured).",
+        description="Time since a device's last successful sync (never synced: since it was configured), "
+        f"in seconds (at most {MAX_OFFLINE_SECONDS:,}: 365 days).",
     )
+
+    @field_validator("queue_threshold", "offline_seconds")
+    @classmethod
+    def _at_most(cls, value: int, info: ValidationInfo) -> int:
+        """The one bound of these thresholds, for ``configure``, the ``sync-configure`` flow and
+        :func:`update_config` alike (a stored value over it is brought down to it when loaded:
+        :func:`_bounded_alerts`)."""
+        maximum, unit = _ALERT_MAXIMUMS[str(info.field_name)]
+        if value > maximum:
+            option = str(info.field_name)
+            raise ValueError(
+                f"{value} is over the maximum of {maximum} {unit}; give --{option.replace('_', '-')} "
+                f"({option}) 0 to {maximum}"
+            )
+        return value
 
 
 class SyncConfig(BaseModel):
@@ -424,9 +456,22 @@ def _stored_settings(db: Db) -> dict[str, Any]:
     load, and ``configure --central-url`` must still be able to replace it."""
     with using(db) as conn:
         row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
-    stored = dict(row[0]) if row else {}
+    stored = _bounded_alerts(dict(row[0]) if row else {})
     central_url = stored.pop("central_url", None)
     return {**SyncConfig.model_validate(stored).model_dump(), "central_url": central_url}
+
+
+def _bounded_alerts(stored: dict[str, Any]) -> dict[str, Any]:
+    """``stored`` with an alert threshold saved over its maximum (before flowyard had one) brought
+    down to the maximum, so that configuration still loads and syncs, and its alert can fire."""
+    alerts = stored.get("alerts")
+    if not isinstance(alerts, dict):
+        return stored
+    bounded = {
+        name: min(value, _ALERT_MAXIMUMS[name][0]) if name in _ALERT_MAXIMUMS and isinstance(value, int) else value
+        for name, value in alerts.items()
+    }
+    return {**stored, "alerts": bounded}
 
 
 def update_config(

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import subprocess
 import uuid
 from pathlib import Path
@@ -191,16 +192,9 @@ def test_trigger_with_a_corrupt_store_prints_every_device_then_fails_in_one_line
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"SQLite format 3\x00" + b"junk" * 300)  # a SQLite file whose pages are gone
     good = make_store(tmp_path / "good.db", 40, identity=device_store.Identity("cli-good", "u", "p"))
-    out = run_cli("sync", "trigger", "--store", str(bad), "--store", str(good), "--central-url", fresh_db)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    errors = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
-    assert errors == [out.stderr.strip().splitlines()[-1]]
-    assert errors[0].startswith("flowyard: error: 1 of 2 devices did not sync fully: bad: device store")
-    assert "is corrupt (file is not a database)" in errors[0]
-    lines = out.stdout.splitlines()
+    lines = _trigger_with_one_refused(fresh_db, bad, good, f"bad: device store {bad} is corrupt (file is not a database)")
     assert "cli-good: uploaded=40 duplicates=0 failed=0 pending=0" in lines
-    assert any(line.startswith("bad: not synced error=device store") for line in lines), out.stdout
+    assert any(line.startswith("bad: not synced error=device store") for line in lines), lines
 
 
 def test_configure_flow_does_what_the_cli_does(state_db: str, tmp_path: Path) -> None:
@@ -711,6 +705,17 @@ def _refused_in_one_line_each(*cases: tuple[tuple[str, ...], str]) -> None:
         assert expected in line, line
 
 
+def _trigger_with_one_refused(central: str, refused: Path, synced: Path, error: str) -> list[str]:
+    """``sync trigger`` of both stores: the run fails in one last line, ``error`` (its start) for
+    ``refused``'s device, with no traceback, after the other device synced. Its output lines."""
+    out = run_cli("sync", "trigger", "--store", str(refused), "--store", str(synced), "--central-url", central)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
+    assert errors == out.stderr.strip().splitlines()[-1:]
+    assert errors[0].startswith(f"flowyard: error: 1 of 2 devices did not sync fully: {error}"), errors[0]
+    return out.stdout.splitlines()
+
+
 def test_an_empty_store_path_or_a_bad_id_is_one_line_and_changes_nothing(state_db: str, tmp_path: Path) -> None:
     """An empty store path (an unset shell variable) was read as the current directory and refused
     as "a directory"; an empty --device-id, --user-id or --project-id was taken for none given, so
@@ -1034,14 +1039,10 @@ def test_trigger_with_a_known_devices_missing_store_still_syncs_the_others(
     sync_state.register_device(state_db, gone, device_store.Identity("cli-gone", "u", "p"))
     gone.unlink()
     try:
-        out = run_cli("sync", "trigger", "--store", str(gone), "--store", str(kept), "--central-url", fresh_db)
-        assert out.returncode == 2 and "Traceback" not in out.stderr
         missing = f"cannot read device store {gone}: no such file; give the path of the device's SQLite file"
-        errors = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
-        assert errors == [f"flowyard: error: 1 of 2 devices did not sync fully: cli-gone: {missing}"]
-        assert errors == out.stderr.strip().splitlines()[-1:]
-        assert f"cli-gone: not synced error={missing}" in out.stdout.splitlines()
-        assert "cli-kept: uploaded=7 duplicates=0 failed=0 pending=0" in out.stdout.splitlines()
+        lines = _trigger_with_one_refused(fresh_db, gone, kept, f"cli-gone: {missing}")
+        assert f"cli-gone: not synced error={missing}" in lines
+        assert "cli-kept: uploaded=7 duplicates=0 failed=0 pending=0" in lines
     finally:
         sync_state.remove_device(state_db, "cli-gone")
         sync_state.remove_device(state_db, "cli-kept")
@@ -1154,3 +1155,94 @@ def test_a_copy_of_a_registered_store_is_not_added_in_its_place(state_db: str, t
         for device in ("copy-a", "copy-b"):
             if device in {d.device_id for d in sync_state.list_devices(state_db)}:
                 sync_state.remove_device(state_db, device)
+
+
+def test_alert_thresholds_past_their_maximum_are_one_line_in_the_cli_the_flow_and_python(state_db: str) -> None:
+    """A --queue-threshold of 10**30, an --offline-seconds past bigint or of a century were saved
+    with exit 0, and their alert could never fire."""
+    from flows.sync_controls import sync_configure
+    from tasks.sync_state import MAX_OFFLINE_SECONDS, MAX_QUEUE_THRESHOLD
+
+    assert (MAX_QUEUE_THRESHOLD, MAX_OFFLINE_SECONDS) == (1_000_000_000, 365 * 86_400)
+    before = sync_state.load_config(state_db)
+    queue = "alerts.queue_threshold: {} is over the maximum of 1000000000 pending events; give --queue-threshold"
+    offline = "alerts.offline_seconds: {} is over the maximum of 31536000 seconds (365 days); give --offline-seconds"
+    try:
+        _refused_in_one_line_each(
+            (("sync", "configure", "--queue-threshold", str(10**30)), queue.format(10**30)),
+            (("sync", "configure", "--queue-threshold", str(2**63)), queue.format(2**63)),
+            (("sync", "configure", "--offline-seconds", str(2**63)), offline.format(2**63)),
+            (("sync", "configure", "--offline-seconds", str(100 * 365 * 86_400)), offline.format(3153600000)),
+        )
+        with pytest.raises(UserError, match=r"^invalid sync setting " + re.escape(queue.format(MAX_QUEUE_THRESHOLD + 1))):
+            sync_configure(queue_threshold=MAX_QUEUE_THRESHOLD + 1)
+        with pytest.raises(UserError, match=r"^invalid sync setting " + re.escape(offline.format(10**30))):
+            sync_state.update_config(state_db, {}, alerts={"offline_seconds": 10**30})
+        assert sync_state.load_config(state_db) == before
+        # the maximum itself is taken
+        sync_configure(queue_threshold=MAX_QUEUE_THRESHOLD, offline_seconds=MAX_OFFLINE_SECONDS)
+        assert sync_state.load_config(state_db).alerts.queue_threshold == MAX_QUEUE_THRESHOLD
+    finally:
+        sync_state.save_config(state_db, before)
+
+
+def test_a_store_whose_events_is_a_view_is_one_line_per_device_and_the_others_sync(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A v1 store whose events is a view read as v1: `configure --add-store` registered it, and
+    `migrate up` and every sync failed on SQLite's "Cannot add a column to a view"."""
+    view = tmp_path / "cli-view.db"
+    with device_store.open_store(make_store(view, 3)) as conn:
+        conn.executescript("ALTER TABLE events RENAME TO app_events; CREATE VIEW events AS SELECT * FROM app_events")
+    good = make_store(tmp_path / "cli-view-good.db", 6)
+    refused = f"device store {view}: events is a view, not a table; flowyard syncs only the DevFlow app's own store"
+    _refused_in_one_line_each(
+        (("sync", "configure", "--add-store", str(view)), refused),
+        (("sync", "migrate", "up", str(view)), refused),
+        (("sync", "migrate", "down", "--to=v1", str(view)), refused),
+    )
+    assert "cli-view" not in {d.device_id for d in sync_state.list_devices(state_db)}
+    try:
+        lines = _trigger_with_one_refused(fresh_db, view, good, f"cli-view: {refused}")
+        assert "cli-view-good: uploaded=6 duplicates=0 failed=0 pending=0" in lines
+        status = run_cli("sync", "status")
+        assert status.returncode == 0 and f"unreadable: {refused}" in status.stdout, status.stdout
+    finally:
+        sync_state.remove_device(state_db, "cli-view")
+        sync_state.remove_device(state_db, "cli-view-good")
+    with sqlite3.connect(view) as conn:
+        assert conn.execute("SELECT count(*) FROM app_events").fetchone() == (3,)
+
+
+def test_a_v2_store_whose_identity_row_is_gone_is_one_line_per_device_with_the_way_back(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A v2 store whose sync_identity table another tool emptied was a TypeError traceback in
+    `migrate up` and `configure --add-store`, and ended a whole `trigger` run with no device synced."""
+    store = make_store(tmp_path / "cli-noident.db", 4, identity=device_store.Identity("cli-noident", "u", "p"))
+    good = make_store(tmp_path / "cli-noident-good.db", 5)
+    try:
+        first = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert "cli-noident: uploaded=4 duplicates=0 failed=0 pending=0" in first.stdout.splitlines(), first.stderr
+        with sqlite3.connect(store) as conn:
+            conn.execute("DELETE FROM sync_identity")
+        refused = (
+            f"device store {store} is v2 but records no device (its sync_identity table is empty; another tool "
+            f"changed it); upgrade it again under its device's id: `flowyard sync migrate down --to=v1 {store}`, "
+            f"then `flowyard sync migrate up {store} --device-id cli-noident`"
+        )
+        _refused_in_one_line_each(
+            (("sync", "migrate", "up", str(store)), refused),
+            (("sync", "configure", "--add-store", str(store)), refused),
+        )
+        lines = _trigger_with_one_refused(fresh_db, store, good, f"cli-noident: {refused}")
+        assert "cli-noident-good: uploaded=5 duplicates=0 failed=0 pending=0" in lines
+        # the way back the error gives: every event stays, and none reaches central twice
+        assert run_cli("sync", "migrate", "down", "--to=v1", str(store)).returncode == 0
+        assert run_cli("sync", "migrate", "up", str(store), "--device-id", "cli-noident").returncode == 0
+        again = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
+        assert "cli-noident: uploaded=0 duplicates=4 failed=0 pending=0" in again.stdout.splitlines(), again.stderr
+    finally:
+        known = {device.device_id for device in sync_state.list_devices(state_db)}
+        for device in {"cli-noident", "cli-noident-good"} & known:
+            sync_state.remove_device(state_db, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -535,3 +536,54 @@ def test_an_upgrade_killed_part_way_reads_as_v1_and_resumes_or_downgrades(tmp_pa
         assert device_store.upgrade_to_v2(conn, IDENTITY) is True
         assert {i: s for i, s in conn.execute("SELECT id, sync_id FROM events") if i in given} == given
     _assert_every_event_has_its_sync_state(store, events + 1)
+
+
+def _events_as_a_view(store: Path) -> Path:
+    """``store`` with its events moved to another table, and ``events`` a view over them."""
+    with device_store.open_store(store) as conn:
+        conn.executescript(
+            "ALTER TABLE events RENAME TO app_events; CREATE VIEW events AS SELECT * FROM app_events; "
+            "PRAGMA user_version = 1;"
+        )
+    return store
+
+
+@pytest.mark.parametrize("upgraded", [False, True], ids=["v1-columns", "v2-columns"])
+def test_a_store_whose_events_is_a_view_is_refused_naming_it(tmp_path: Path, upgraded: bool) -> None:
+    """SQLite describes a view's columns like a table's: a view over v1's columns read as v1 and
+    its upgrade failed on "Cannot add a column to a view"; one over v2's read as v2."""
+    store = _events_as_a_view(make_store(tmp_path / "view.db", 4, identity=IDENTITY if upgraded else None))
+    refused = f"^device store {store}: events is a view, not a table; flowyard syncs only the DevFlow app's own store"
+    with device_store.open_store(store) as conn:
+        for read in (device_store.schema_version, device_store.known_version):
+            with pytest.raises(UserError, match=refused):
+                read(conn)
+        with pytest.raises(UserError, match=refused):
+            device_store.upgrade_to_v2(conn, IDENTITY)
+        with pytest.raises(UserError, match=refused):
+            device_store.downgrade_to_v1(conn)
+        assert conn.execute("SELECT count(*) FROM app_events").fetchone() == (4,)
+        assert conn.execute("SELECT type FROM sqlite_master WHERE name = 'events'").fetchone() == ("view",)
+
+
+@pytest.mark.parametrize("dropped", [None, "last_sync_error"], ids=["a-v1-store", "a-v2-store-less-a-column"])
+def test_version_2_without_the_sync_columns_is_refused_with_the_way_back(tmp_path: Path, dropped: str | None) -> None:
+    """A v1 store another tool set to version 2 (or a v2 store that lost a sync column) read as
+    v2: `migrate up` took it for v2 already (then failed on "no such table: sync_identity", or said
+    "already v2"), every sync and `sync status` failed on "no such column: sync_status" and `migrate
+    down` on "no such column". Set back to 1 as the error says, it upgrades."""
+    store = make_store(tmp_path / "v2-in-name.db", 3, identity=IDENTITY if dropped else None)
+    with device_store.open_store(store) as conn:
+        if dropped:
+            conn.execute(f"ALTER TABLE events DROP COLUMN {dropped}")
+        conn.execute("PRAGMA user_version = 2")
+        missing = "column last_sync_error (" if dropped else "columns device_id, last_sync_error, next_retry_at"
+        lacks = f"device store {store} is at schema version 2, but its events table lacks the sync {missing}"
+        with pytest.raises(UserError, match="^" + re.escape(lacks)):
+            device_store.upgrade_to_v2(conn, IDENTITY)
+        with pytest.raises(UserError, match=r"set its version back to 1 \(`sqlite3 .* 'PRAGMA user_version = 1'`\)"):
+            device_store.downgrade_to_v1(conn)
+        conn.execute("PRAGMA user_version = 1")
+        assert device_store.upgrade_to_v2(conn, IDENTITY) is True
+        assert device_store.schema_version(conn) == device_store.V2
+        assert device_store.counts(conn).pending == 3

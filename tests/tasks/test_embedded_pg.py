@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
@@ -25,9 +26,9 @@ _START = (
 """A flowyard process starting the embedded server: it says ready, waits for a line, then starts."""
 
 
-def _starter(pgdata: Path, port: int) -> subprocess.Popen[str]:
+def _starter(pgdata: Path, port: int, script: str = _START) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", _START, str(pgdata), str(port)],
+        [sys.executable, "-c", script, str(pgdata), str(port)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -151,3 +152,115 @@ def test_a_foreign_directory_in_place_of_the_data_directory_is_one_line(tmp_path
     with pytest.raises(UserError, match=r"^embedded PostgreSQL: .*/pg exists but is not a PostgreSQL data directory"):
         EmbeddedPostgres(tmp_path / "pg", free_port()).start()
     assert (tmp_path / "pg" / "notes.txt").read_text() == "mine"
+
+
+_STOP = _START.replace("server.start()", "server.stop()")
+"""A flowyard process stopping the embedded server, released like :data:`_START`'s."""
+
+
+def _released(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    """``proc`` (a :func:`_starter`) once it said ready and was told to go."""
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    return proc
+
+
+def _waits_for_lock(proc: subprocess.Popen[str], lock_file: Path) -> bool:
+    """Whether ``proc`` is blocked on the flock of ``lock_file`` (a ``->`` line of /proc/locks)."""
+    inode = f":{lock_file.stat().st_ino} "
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any(" -> FLOCK " in line and f" {proc.pid} " in line and inode in line for line in lines)
+
+
+def _running_in_group(proc: subprocess.Popen[str], *names: str) -> bool:
+    return any(member.name() in names for member in group_members(proc.pid))
+
+
+def _postmasters_of(pgdata: Path) -> list[psutil.Process]:
+    """Live server processes whose command line names ``pgdata``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and str(pgdata) in (proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_a_start_while_a_stop_runs_waits_for_it_and_starts_the_server_again(tmp_path):
+    """One process stops the running server while another starts it: the start waits for the
+    stop (held mid-way: its postmaster is frozen, so ``pg_ctl stop`` waits) and then starts a new
+    server, running and connectable; no start is lost to a stop that was under way."""
+    pgdata, port = tmp_path / "pg", free_port()
+    server = EmbeddedPostgres(pgdata, port)
+    assert server.start() is True
+    old = int((pgdata / "postmaster.pid").read_text().split()[0])
+    procs: list[subprocess.Popen[str]] = []
+    os.kill(old, signal.SIGSTOP)
+    try:
+        stopper = _released(_starter(pgdata, port, _STOP))
+        procs.append(stopper)
+        while stopper.poll() is None and not _running_in_group(stopper, "pg_ctl"):
+            time.sleep(0.01)  # until the stopper holds the lock and waits for the frozen server
+        assert stopper.poll() is None, stopper.communicate()
+        starter = _released(_starter(pgdata, port))
+        procs.append(starter)
+        while starter.poll() is None and not _waits_for_lock(starter, server.lock_file):
+            time.sleep(0.01)
+        assert starter.poll() is None, starter.communicate()  # waiting for the stop to finish
+        os.kill(old, signal.SIGCONT)
+        results = [proc.communicate() for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0], results
+        assert [out.strip() for out, _ in results] == ["True", "True"], results  # stopped, then started
+        assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+        new = int((pgdata / "postmaster.pid").read_text().split()[0])
+        assert new != old and [p.pid for p in _postmasters_of(pgdata)] == [new]
+        with psycopg.connect(server.url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert server.stop() is True and server.start() is True  # and it stops and starts as ever
+        with psycopg.connect(server.url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        if psutil.pid_exists(old):
+            os.kill(old, signal.SIGCONT)
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+        server.stop()
+
+
+def test_a_stop_while_a_start_runs_waits_for_it_and_leaves_no_server(tmp_path):
+    """One process starts a fresh server (held mid-way, during initdb or ``pg_ctl start``) while
+    another stops it: the stop waits for the start and stops the server it started, leaving no
+    postmaster and no postmaster.pid behind, and the next start works."""
+    pgdata, port = tmp_path / "pg", free_port()
+    server = EmbeddedPostgres(pgdata, port)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        starter = _released(_starter(pgdata, port))
+        procs.append(starter)
+        while starter.poll() is None and not _running_in_group(starter, "initdb", "pg_ctl"):
+            time.sleep(0.01)
+        os.killpg(starter.pid, signal.SIGSTOP)  # frozen holding the lock, part-way through the start
+        assert starter.poll() is None and _running_in_group(starter, "initdb", "pg_ctl")
+        stopper = _released(_starter(pgdata, port, _STOP))
+        procs.append(stopper)
+        while stopper.poll() is None and not _waits_for_lock(stopper, server.lock_file):
+            time.sleep(0.01)
+        assert stopper.poll() is None, stopper.communicate()
+        os.killpg(starter.pid, signal.SIGCONT)
+        results = [proc.communicate() for proc in procs]
+        assert [proc.returncode for proc in procs] == [0, 0], results
+        assert [out.strip() for out, _ in results] == ["True", "True"], results  # started, then stopped
+        assert not server.is_running() and not (pgdata / "postmaster.pid").exists()
+        assert _postmasters_of(pgdata) == []
+        assert server.start() is True
+        with psycopg.connect(server.url()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.communicate()
+        server.stop()

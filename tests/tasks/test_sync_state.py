@@ -299,3 +299,39 @@ def test_a_disabled_device_is_left_out_wherever_its_store_is_named(state_db: str
         assert [t.device_id for t in forced.sync] == ["moved"] and forced.disabled == []
     finally:
         sync_state.remove_device(state_db, "moved")
+
+
+def test_alert_thresholds_saved_past_their_maximum_load_at_the_maximum_and_fire(state_db: str) -> None:
+    """A configuration an older flowyard saved with --offline-seconds of 10**30 and a queue
+    threshold past bigint still loads (syncs must run), and its alerts can fire again."""
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    from psycopg.types.json import Jsonb
+
+    from tasks import sync_alerts
+
+    before = sync_state.load_config(state_db)
+    stored = before.model_dump(mode="json")
+    stored["alerts"].update(queue_threshold=2**63, offline_seconds=10**30)
+    try:
+        sync_state.save_config(state_db, before)  # the row to overwrite
+        with psycopg.connect(state_db) as conn:
+            conn.execute("UPDATE flowyard.sync_config SET config = %s", (Jsonb(stored),))
+        config = sync_state.load_config(state_db)
+        assert config.alerts.queue_threshold == sync_state.MAX_QUEUE_THRESHOLD
+        assert config.alerts.offline_seconds == sync_state.MAX_OFFLINE_SECONDS
+        now = datetime.now(UTC)
+        queued = sync_state.MAX_QUEUE_THRESHOLD + 1
+        report = DeviceReport("far", "u", "p", "/far.db", queued, 0, 0, 0, queued, 0, None, 0, 0, 10, None)
+        report = replace(report, reached_central=True)
+        alerts = sync_alerts.evaluate("far", report, now - timedelta(days=400), config.alerts, now)
+        assert [a.kind for a in alerts] == ["queue-threshold"]  # a run that succeeded is not offline
+        failed = replace(report, pending_after=0, reached_central=False, error="central unreachable")
+        offline = sync_alerts.evaluate("far", failed, now - timedelta(days=400), config.alerts, now)
+        assert [a.kind for a in offline] == ["offline"]
+        # a configure of another setting saves the bounded values
+        sync_state.update_config(state_db, {"batch_size": before.batch_size})
+        assert sync_state.load_config(state_db).alerts == config.alerts
+    finally:
+        sync_state.save_config(state_db, before)
