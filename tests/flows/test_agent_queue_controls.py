@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 from flows.agent_queue_controls import agent_task_cancel, agent_task_create, agent_task_list, agent_task_retry
 from flows.run_agent_queue import run_agent_queue
@@ -215,9 +217,6 @@ def test_a_blank_optional_parameter_is_its_default(fresh_db: str) -> None:
 
 
 def _runs_of(flow_name: str) -> int:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
     with get_client(sync_client=True) as client:
         return client.count_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 from alembic import command
+from psycopg.types.json import Jsonb
 
-from tasks import central_store, device_store, sync_state
+from tasks import central_store, device_store, sync_alerts, sync_state
 from tasks.device_store import Identity
 from tasks.errors import UserError
 from tasks.sample_devices import make_store
@@ -304,13 +307,6 @@ def test_a_disabled_device_is_left_out_wherever_its_store_is_named(state_db: str
 def test_alert_thresholds_saved_past_their_maximum_load_at_the_maximum_and_fire(state_db: str) -> None:
     """A configuration an older flowyard saved with --offline-seconds of 10**30 and a queue
     threshold past bigint still loads (syncs must run), and its alerts can fire again."""
-    from dataclasses import replace
-    from datetime import UTC, datetime, timedelta
-
-    from psycopg.types.json import Jsonb
-
-    from tasks import sync_alerts
-
     before = sync_state.load_config(state_db)
     stored = before.model_dump(mode="json")
     stored["alerts"].update(queue_threshold=2**63, offline_seconds=10**30)
