@@ -75,14 +75,21 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.running_port() or self.port}/{database}"
 
     def running_port(self) -> int | None:
-        """The port of the server running on ``pgdata``, or None when none runs."""
-        pid_file = self.pgdata / "postmaster.pid"
-        if not pid_file.exists():
+        """The port of the server running on ``pgdata``, or None when none runs.
+
+        The server creates ``postmaster.pid`` empty, writes it, and removes it on stop, all while
+        another process (``flowyard down``, a second ``up``) may read it: a missing or
+        not-yet-written file means no server to talk to, never an error.
+        """
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except FileNotFoundError:
             return None
-        lines = pid_file.read_text().splitlines()
-        if len(lines) < 4 or not _pid_alive(int(lines[0])):
+        try:
+            pid, port = int(lines[0]), int(lines[3])
+        except (IndexError, ValueError):
             return None
-        return int(lines[3])
+        return port if _pid_alive(pid) else None
 
     def is_running(self) -> bool:
         return self.running_port() is not None

@@ -264,3 +264,33 @@ def test_a_stop_while_a_start_runs_waits_for_it_and_leaves_no_server(tmp_path):
             proc.kill()
             proc.communicate()
         server.stop()
+
+
+_FLICKER = (
+    "import os, sys; path, content = sys.argv[1], sys.argv[2]; print('ready', flush=True)\n"
+    "while True:\n"
+    "    with open(path, 'w') as f: f.write(content)\n"
+    "    os.unlink(path)\n"
+)
+"""Writes and removes a ``postmaster.pid`` as fast as it can, as starts and stops do."""
+
+
+def test_reading_the_port_while_the_server_file_comes_and_goes_never_raises(tmp_path):
+    """``flowyard down`` or a second ``up`` reads ``postmaster.pid`` while the server may be
+    removing it: a check that it exists, then a read, raised FileNotFoundError in between."""
+    pgdata = tmp_path / "pg"
+    pgdata.mkdir()
+    content = f"{os.getpid()}\n{pgdata}\n1700000000\n5999\n"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _FLICKER, str(pgdata / "postmaster.pid"), content],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        server = EmbeddedPostgres(pgdata, free_port())
+        ports = {server.running_port() for _ in range(20_000) if writer.poll() is None}
+    finally:
+        writer.kill()
+        writer.wait()
+    assert ports == {None, 5999}
