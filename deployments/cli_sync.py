@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 
 from tasks import device_store, sync_state
 from tasks.db import mask_url
@@ -18,7 +19,6 @@ from tasks.sync_setup import (
     SetupChange,
     apply_setup,
     new_store,
-    refuse_empty_central,
     refuse_second_device,
     store_identity,
 )
@@ -133,8 +133,7 @@ def trigger(
     from deployments.runtime import prepare_flow_run
 
     paths = [device_store.store_path(path) for path in store or []]
-    refuse_empty_central(central_url)
-    sync_state.check_central_override(central_url)  # a typo: one line, before any server starts
+    sync_state.check_central_override(central_url)  # a typo or empty: one line, before any server starts
     if batch_size is not None:
         sync_state.check_count(batch_size, "batch size")
     # a mistyped path or a file that is no store, as the run would refuse it, before its flow run is logged
@@ -182,13 +181,17 @@ def _counts(outcome: dict[str, Any]) -> str:
 def history(
     limit: Annotated[int, typer.Option(min=1)] = 20,
     since: Annotated[
-        datetime | None, typer.Option(help="Only runs finished at or after this time (UTC unless it has a zone).")
+        str | None,
+        typer.Option(help="Only runs finished at or after this time (UTC unless it has a zone), e.g. 2026-12-05T10:00."),
     ] = None,
 ) -> None:
     """Recent per-device sync results, newest first, with their times in UTC."""
-    rows = sync_state.history(state_url(), limit=limit, since=since)
+    # before the state database is opened, whose connection error would hide either typo
+    after = _since_time(since)
+    sync_state.check_count(limit, "history limit")
+    rows = sync_state.history(state_url(), limit=limit, since=after)
     if not rows:  # with --since, earlier runs may exist: say which answer is empty
-        typer.echo("no sync runs yet" if since is None else f"no sync runs since {since}")
+        typer.echo("no sync runs yet" if after is None else f"no sync runs since {after}")
     for row in rows:
         lag = "-" if row.lag_seconds is None else f"{row.lag_seconds:.0f}s"
         pending = "-" if row.pending_before is None else row.pending_before
@@ -197,6 +200,25 @@ def history(
             f"uploaded={row.uploaded} duplicates={row.duplicates} failed={row.failed} lag={lag}"
             + (f" error={row.error}" if row.error else "")
         )
+
+
+_TIME = TypeAdapter(datetime)
+"""Typer's own parsing of a datetime option, kept: it takes the same inputs (a date, an ISO time
+with or without a zone, Unix seconds)."""
+
+
+def _since_time(given: str | None) -> datetime | None:
+    """``--since`` as a time; one line naming the formats it takes when it is none, where typer
+    said only "Input should be a valid datetime or date, input is too short"."""
+    if given is None:
+        return None
+    try:
+        return _TIME.validate_python(given)
+    except ValidationError:
+        raise UserError(
+            f"--since {given!r} is not a time; give a date or an ISO 8601 time, e.g. 2026-12-05, "
+            "2026-12-05T10:00 (UTC) or 2026-12-05T10:00+02:00"
+        ) from None
 
 
 @app.command()

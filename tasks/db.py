@@ -34,8 +34,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 """libpq's connection options that take one of a fixed set of values, spelt exactly (libpq
 compares them case-sensitively; an empty one is refused too). libpq's parser takes any value and
 only connecting refuses it: a sync run marked every pending event failed, to wait out a retry
-backoff, over a typo. (``replication`` is left to the server, which also takes its boolean's
-prefixes in any case; ``ssl_min_protocol_version`` libpq compares case-insensitively.)"""
+backoff, over a typo. The options below are checked by their own rules."""
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+"""``ssl_min_protocol_version`` and ``ssl_max_protocol_version``, lowest first; libpq compares them
+case-insensitively, and reads an empty one as unset."""
+_AUTH_METHODS = ("password", "md5", "gss", "sspi", "scram-sha-256", "oauth", "none")
+"""What ``require_auth`` lists (comma-separated, each negated with ``!``, all or none of them;
+empty: unset), spelt exactly: libpq 18's set, the one psycopg's binary package ships."""
+_REPLICATION_OFF = ("false", "off", "no", "0")
+_REPLICATION_ON = ("true", "on", "yes", "1", "database")
+"""``replication`` values that make a walsender connection: a physical one runs no SQL, a logical
+one (``database``) only the simple query protocol, so neither runs the bound-parameter queries
+and COPY flowyard sends; a sync run's every batch failed over it."""
 
 
 def validate_postgres_url(url: str) -> str:
@@ -65,7 +75,13 @@ def validate_postgres_url(url: str) -> str:
     try:
         params = conninfo_to_dict(normalised)
         timeout_from_conninfo(params)
-        reason = _bad_port(str(params.get("port") or "")) or _bad_choice(params)
+        reason = (
+            _bad_port(str(params.get("port") or ""))
+            or _bad_choice(params)
+            or _bad_replication(params)
+            or _bad_require_auth(params)
+            or _bad_tls_range(params)
+        )
     except psycopg.ProgrammingError as exc:  # libpq's parser, run again by psycopg.connect, would be a traceback
         reason = first_line(exc)
         if parts.password:  # libpq quotes a malformed token as written, a password too
@@ -93,6 +109,53 @@ def _bad_choice(params: dict[str, Any]) -> str | None:
         value = params.get(option)
         if value is not None and value not in allowed:
             return f"{option} {value!r} is not one of {', '.join(allowed)}"
+    return None
+
+
+def _bad_replication(params: dict[str, Any]) -> str | None:
+    """Why the URL's ``replication`` is unusable (:data:`_REPLICATION_ON`, or no value the server takes), or None."""
+    value = params.get("replication")
+    if value is None or value.lower() in _REPLICATION_OFF:
+        return None
+    if value.lower() in _REPLICATION_ON:
+        return (
+            f"replication {value!r} makes a replication connection, which cannot run flowyard's queries "
+            f"(INSERT, COPY); remove it (or give one of {', '.join(_REPLICATION_OFF)})"
+        )
+    return f"replication {value!r} is not one of {', '.join(_REPLICATION_ON + _REPLICATION_OFF)}"
+
+
+def _bad_require_auth(params: dict[str, Any]) -> str | None:
+    """Why the URL's ``require_auth`` is unusable (a method outside :data:`_AUTH_METHODS`, or negated
+    and plain methods mixed, which libpq refuses when connecting), or None."""
+    value = params.get("require_auth")
+    if not value:
+        return None
+    methods = value.split(",")
+    allowed = f"a comma-separated list of {', '.join(_AUTH_METHODS)}, each with or without a leading '!'"
+    if any(method.removeprefix("!") not in _AUTH_METHODS for method in methods):
+        return f"require_auth {value!r} is not {allowed}"
+    if len({method.startswith("!") for method in methods}) > 1:
+        return f"require_auth {value!r} mixes methods with and without '!'; give {allowed}, all alike"
+    return None
+
+
+def _bad_tls_range(params: dict[str, Any]) -> str | None:
+    """Why the URL's ``ssl_min_protocol_version`` or ``ssl_max_protocol_version`` is unusable (no
+    TLS version of :data:`_TLS_VERSIONS`, or a minimum above the maximum), or None."""
+    known = {version.lower(): rank for rank, version in enumerate(_TLS_VERSIONS)}
+    ranks = []
+    for option in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        value = params.get(option) or ""
+        if value and value.lower() not in known:
+            return f"{option} {value!r} is not one of {', '.join(_TLS_VERSIONS)}"
+        ranks.append(known.get(value.lower()))
+    low, high = ranks
+    if low is not None and high is not None and low > high:
+        return (
+            f"ssl_min_protocol_version {params['ssl_min_protocol_version']!r} is above ssl_max_protocol_version "
+            f"{params['ssl_max_protocol_version']!r}; give a minimum at or below the maximum"
+        )
     return None
 
 

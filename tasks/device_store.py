@@ -577,15 +577,23 @@ def _column_in_use(conn: sqlite3.Connection, statement: str, exc: sqlite3.Operat
 def identity_of(conn: sqlite3.Connection) -> Identity:
     """The identity a v2 store was upgraded with; one line naming the store and the way back when
     its ``sync_identity`` row is gone (another tool emptied the table), which was a TypeError: a
-    traceback in ``migrate up`` and ``configure``, and the end of a whole run, every device unsynced."""
-    row = conn.execute("SELECT device_id, user_id, project_id FROM sync_identity").fetchone()
+    traceback in ``migrate up`` and ``configure``, and the end of a whole run, every device unsynced.
+    The same line when the table itself is gone (dropped by hand), which was SQLite's bare "no such
+    table: sync_identity", with no way back; ``migrate down`` drops only what exists."""
+    try:
+        row = conn.execute("SELECT device_id, user_id, project_id FROM sync_identity").fetchone()
+        gone = "its sync_identity table is empty"
+    except sqlite3.OperationalError as exc:
+        if not str(exc).startswith("no such table"):
+            raise
+        row, gone = None, "its sync_identity table is missing"
     if row is None:
         store = _store_file(conn)
         last = conn.execute("SELECT device_id FROM events WHERE device_id IS NOT NULL ORDER BY id DESC LIMIT 1")
         carried = last.fetchone()
         device = shlex.quote(str(carried[0])) if carried is not None else "ID"
         raise UserError(
-            f"device store {store} is v2 but records no device (its sync_identity table is empty; another tool "
+            f"device store {store} is v2 but records no device ({gone}; another tool "
             f"changed it); upgrade it again under its device's id: `flowyard sync migrate down --to=v1 "
             f"{shlex.quote(store)}`, then `flowyard sync migrate up {shlex.quote(store)} --device-id {device}` "
             "(every event stays, and central skips those it holds)"

@@ -147,21 +147,8 @@ def _central_setting(url: str | None) -> str | None:
     is opened, so a typo in it is not hidden behind that database's connection error."""
     if url == sync_state.DEFAULT_CENTRAL:
         return ""
-    refuse_empty_central(url)
+    sync_state.refuse_empty_central(url)
     return url if url is None else validate_postgres_url(url)
-
-
-def refuse_empty_central(url: str | None) -> None:
-    """Refuse a ``--central-url`` given empty (an unset shell variable): in ``configure`` it would
-    switch every later run to the default central, in ``trigger`` it silently synced into the
-    configured one, never the central the user meant to name. (A flow run's empty parameter,
-    which a deployment template may render, still means "the configured central".)"""
-    if url == "":
-        raise UserError(
-            "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the "
-            f"configured central, or give {sync_state.DEFAULT_CENTRAL!r} to go back to the default (database "
-            f"{sync_state.CENTRAL_DATABASE} on flowyard's server)"
-        )
 
 
 def _check_devices(state: Db, change: SetupChange) -> None:

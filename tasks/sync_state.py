@@ -228,14 +228,43 @@ def default_central_url(state: str) -> str:
     return with_database(state, CENTRAL_DATABASE)
 
 
+def refuse_empty_url(url: str | None, parameter: str, default: str) -> None:
+    """Refuse a database URL given empty (an unset shell variable, a template that rendered empty)
+    in one line naming ``parameter`` and how to get its ``default``: like every flowyard database
+    URL (:func:`tasks.db.resolve_url`), an empty one names no database the user meant."""
+    if url == "":
+        raise UserError(f"{parameter} is empty; give a postgresql:// URL, or leave it out {default}")
+
+
+def refuse_empty_central(url: str | None) -> None:
+    """Refuse a ``--central-url`` (``central_url``) given empty: in ``configure`` it would switch every
+    later run to the default central, in a run it silently synced into the configured one, never
+    the central the user meant to name."""
+    refuse_empty_url(
+        url,
+        "--central-url (central_url)",
+        f"to keep the configured central, or give {DEFAULT_CENTRAL!r} to go back to the default (database "
+        f"{CENTRAL_DATABASE} on flowyard's server)",
+    )
+
+
+def refuse_empty_state_url(url: str | None) -> None:
+    """Refuse an empty ``state_database_url`` in the words of an empty central URL, where it was
+    ``not a PostgreSQL URL: ''``, naming neither the parameter nor the default."""
+    refuse_empty_url(
+        url, "state_database_url", "for flowyard's state database (FLOWYARD_DATABASE_URL, else the embedded server)"
+    )
+
+
 def check_central_override(url: str | None) -> str | None:
-    """A run's ``central_url``, checked before any device is touched: None for none (an empty
-    one too, which a template may render: the run uses the configured central),
+    """A run's ``central_url``, checked before any device is touched: None for none,
     :data:`DEFAULT_CENTRAL` as is, else the URL normalised, or one line when it is not a
-    PostgreSQL URL. A malformed override is the caller's typo, not an outage: the devices
-    must not mark their pending events failed, to wait out a retry backoff, over it."""
-    if not url or url == DEFAULT_CENTRAL:
-        return url or None
+    PostgreSQL URL, or empty (:func:`refuse_empty_central`). A malformed override is the
+    caller's typo, not an outage: the devices must not mark their pending events failed, to wait
+    out a retry backoff, over it."""
+    refuse_empty_central(url)
+    if url is None or url == DEFAULT_CENTRAL:
+        return url
     return validate_postgres_url(url)
 
 
@@ -450,28 +479,52 @@ def load_config(db: Db) -> SyncConfig:
     return SyncConfig.model_validate(_stored_settings(db))
 
 
-def _stored_settings(db: Db) -> dict[str, Any]:
+def _stored_settings(db: Db, replacing_alerts: Collection[str] = ()) -> dict[str, Any]:
     """The stored configuration, validated but for its central URL, for :func:`update_config` to
     merge a change into: a URL saved before flowyard refused it (a port out of range) fails every
-    load, and ``configure --central-url`` must still be able to replace it."""
+    load, and ``configure --central-url`` must still be able to replace it. So must ``configure``
+    an alert threshold put into it by hand that is no number (``replacing_alerts``: those it sets);
+    any other unusable setting is one line naming it, where it was pydantic's ValidationError."""
     with using(db) as conn:
         row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
-    stored = _bounded_alerts(dict(row[0]) if row else {})
+    stored = _bounded_alerts(dict(row[0]) if row else {}, replacing_alerts)
     central_url = stored.pop("central_url", None)
-    return {**SyncConfig.model_validate(stored).model_dump(), "central_url": central_url}
+    try:
+        checked = SyncConfig.model_validate(stored)
+    except ValidationError as exc:
+        raise _unusable_setting(exc) from None
+    return {**checked.model_dump(), "central_url": central_url}
 
 
-def _bounded_alerts(stored: dict[str, Any]) -> dict[str, Any]:
-    """``stored`` with an alert threshold saved over its maximum (before flowyard had one) brought
-    down to the maximum, so that configuration still loads and syncs, and its alert can fire."""
+def _bounded_alerts(stored: dict[str, Any], replacing: Collection[str] = ()) -> dict[str, Any]:
+    """``stored`` with an alert threshold saved over its maximum (before flowyard had one, or put in
+    by hand: a float, 1e400 read as inf) brought down to the maximum, so that configuration still
+    loads and syncs, and its alert can fire; the thresholds in ``replacing`` are left out."""
     alerts = stored.get("alerts")
     if not isinstance(alerts, dict):
         return stored
     bounded = {
-        name: min(value, _ALERT_MAXIMUMS[name][0]) if name in _ALERT_MAXIMUMS and isinstance(value, int) else value
+        name: min(value, _ALERT_MAXIMUMS[name][0])
+        if name in _ALERT_MAXIMUMS and isinstance(value, int | float) and value > _ALERT_MAXIMUMS[name][0]
+        else value
         for name, value in alerts.items()
+        if name not in replacing
     }
     return {**stored, "alerts": bounded}
+
+
+def _unusable_setting(exc: ValidationError) -> UserError:
+    """The one line for a saved setting the model refuses (put into the configuration by hand): the
+    setting, what is wrong and, for an alert threshold, its value and the option that replaces it."""
+    where, problem = validation_problem(exc)
+    path = where.split(".")
+    if len(path) == 2 and path[0] == "alerts":
+        value = exc.errors()[0]["input"]
+        return UserError(
+            f"the saved sync setting {where} is {value!r}: {problem}; set it with "
+            f"`flowyard sync configure --{path[1].replace('_', '-')} VALUE`"
+        )
+    return UserError(f"the saved sync setting {where} is unusable: {problem}; set it with `flowyard sync configure`")
 
 
 def update_config(
@@ -481,7 +534,7 @@ def update_config(
     alerts: dict[str, object] | None = None,
 ) -> SyncConfig:
     """Merge the given (non-None) values into the stored configuration, validate and save it."""
-    merged = _stored_settings(db)
+    merged = _stored_settings(db, replacing_alerts=_given(alerts or {}).keys())
     merged.update(_given(settings))
     merged["privacy"].update(_given(privacy or {}))
     merged["alerts"].update(_given(alerts or {}))

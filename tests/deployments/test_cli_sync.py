@@ -825,6 +825,103 @@ def test_history_since_a_time_after_every_run_says_so(state_db: str) -> None:
             conn.execute("DELETE FROM flowyard.sync_runs WHERE device_id = 'history-probe'")
 
 
+def test_history_since_not_a_time_is_one_line_naming_the_formats(state_db: str) -> None:
+    """`history --since garbage` said only typer's "Input should be a valid datetime or date, input
+    is too short", naming no format it takes; the dates and times it took still work."""
+    formats = "give a date or an ISO 8601 time, e.g. 2026-12-05, 2026-12-05T10:00 (UTC) or 2026-12-05T10:00+02:00"
+    _refused_in_one_line_each(
+        (("sync", "history", "--since", "garbage"), f"flowyard: error: --since 'garbage' is not a time; {formats}"),
+        (("sync", "history", "--since", "2026-13-05"), f"--since '2026-13-05' is not a time; {formats}"),
+    )
+    # checked before the state database is opened: its connection error hid the typo
+    unreachable = {"FLOWYARD_DATABASE_URL": f"postgresql://nobody@127.0.0.1:{free_port()}/none"}
+    for args, refused in (
+        (("--since", "garbage"), f"--since 'garbage' is not a time; {formats}"),
+        (("--limit", "9" * 20), "history limit 99999999999999999999 is out of range; give 1 to 9223372036854775807"),
+    ):
+        out = run_cli("sync", "history", *args, env=unreachable)
+        assert out.returncode == 2 and out.stderr.strip().splitlines() == [f"flowyard: error: {refused}"], out.stderr
+    for given, shown in (
+        ("9999-12-31", "9999-12-31 00:00:00"),
+        ("9999-12-31T10:00", "9999-12-31 10:00:00"),
+        ("9999-12-30T10:00+02:00", "9999-12-30 10:00:00+02:00"),
+    ):
+        out = run_cli("sync", "history", "--since", given)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == [f"no sync runs since {shown}"]
+
+
+def test_a_central_url_with_a_replication_auth_or_tls_option_libpq_refuses_is_one_line(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """`replication`, `require_auth` and `ssl_*_protocol_version` were not checked: `configure` saved
+    a central URL libpq (or the server) refuses at connect, and a run marked every pending event failed
+    over it. A replication connection is refused outright: it cannot run the INSERT and COPY a sync sends."""
+    store = make_store(tmp_path / "conninfo.db", 3)
+    saved = sync_state.load_config(state_db)
+    for query, reason in (
+        ("replication=database", "replication 'database' makes a replication connection, which cannot run"),
+        ("require_auth=scram-sha-256,kerberos", "require_auth 'scram-sha-256,kerberos' is not a comma-separated list"),
+        ("ssl_min_protocol_version=TLSv1.4", "ssl_min_protocol_version 'TLSv1.4' is not one of TLSv1, TLSv1.1"),
+    ):
+        url = f"{fresh_db}?{query}"
+        _refused_in_one_line_each(
+            (("sync", "configure", "--central-url", url), reason),
+            (("sync", "trigger", "--store", str(store), "--central-url", url), reason),
+        )
+    assert sync_state.load_config(state_db).central_url == saved.central_url
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1  # never touched
+    try:
+        fine = run_cli("sync", "trigger", "--store", str(store), "--central-url", f"{fresh_db}?replication=off")
+        assert "conninfo: uploaded=3 duplicates=0 failed=0 pending=0" in fine.stdout.splitlines(), fine.stderr
+    finally:
+        if "conninfo" in {device.device_id for device in sync_state.list_devices(state_db)}:
+            sync_state.remove_device(state_db, "conninfo")
+
+
+def _save_alert_by_hand(state_db: str, name: str, value: str) -> None:
+    """Put ``value`` (JSON text) into the saved configuration's alert threshold ``name``, as another tool might."""
+    with psycopg.connect(state_db) as conn:
+        conn.execute(
+            "UPDATE flowyard.sync_config SET config = jsonb_set(config, ARRAY['alerts', %s], %s::jsonb)", (name, value)
+        )
+
+
+def test_a_saved_alert_threshold_put_in_by_hand_loads_capped_or_is_one_line(state_db: str) -> None:
+    """A huge threshold saved by hand with a fraction (jsonb keeps 1e400 as an integer, which was
+    capped) was not capped like a saved huge int but failed every load with pydantic's
+    ValidationError, as a string or a negative threshold did: `sync status` and `sync trigger`
+    ended in a traceback, and `configure` could not replace it."""
+    before = sync_state.load_config(state_db)
+    sync_state.save_config(state_db, before)
+    try:
+        _save_alert_by_hand(state_db, "queue_threshold", "2000000000.5")
+        _save_alert_by_hand(state_db, "offline_seconds", "1e400")
+        assert run_cli("sync", "status").returncode == 0
+        alerts = sync_state.load_config(state_db).alerts
+        assert (alerts.queue_threshold, alerts.offline_seconds) == (
+            sync_state.MAX_QUEUE_THRESHOLD,
+            sync_state.MAX_OFFLINE_SECONDS,
+        )
+        for value, problem in (('"lots"', "'lots': Input should be a valid integer"), ("-5", "-5: Input should be")):
+            _save_alert_by_hand(state_db, "queue_threshold", value)
+            refused = (
+                f"flowyard: error: the saved sync setting alerts.queue_threshold is {problem}",
+                "; set it with `flowyard sync configure --queue-threshold VALUE`",
+            )
+            for args in (("sync", "status"), ("sync", "trigger"), ("sync", "configure", "--batch-size", "7")):
+                out = run_cli(*args)
+                assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr)
+                [line] = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
+                assert line.startswith(refused[0]) and line.endswith(refused[1]), line
+        fixed = run_cli("sync", "configure", "--queue-threshold", "500")
+        assert fixed.returncode == 0, fixed.stderr
+        assert sync_state.load_config(state_db).alerts.queue_threshold == 500
+    finally:
+        sync_state.save_config(state_db, before)
+
+
 def test_status_and_history_times_are_utc_whatever_the_state_servers_time_zone(fresh_db: str, tmp_path: Path) -> None:
     """With the state database in another zone (initdb sets the machine's), `sync status` printed
     that zone's time labelled UTC, `sync history` printed it unlabelled and read `--since` in it."""
@@ -1214,20 +1311,26 @@ def test_a_store_whose_events_is_a_view_is_one_line_per_device_and_the_others_sy
         assert conn.execute("SELECT count(*) FROM app_events").fetchone() == (3,)
 
 
+@pytest.mark.parametrize(
+    ("change", "gone"),
+    [("DELETE FROM sync_identity", "is empty"), ("DROP TABLE sync_identity", "is missing")],
+    ids=["row-deleted", "table-dropped"],
+)
 def test_a_v2_store_whose_identity_row_is_gone_is_one_line_per_device_with_the_way_back(
-    fresh_db: str, state_db: str, tmp_path: Path
+    fresh_db: str, state_db: str, tmp_path: Path, change: str, gone: str
 ) -> None:
     """A v2 store whose sync_identity table another tool emptied was a TypeError traceback in
-    `migrate up` and `configure --add-store`, and ended a whole `trigger` run with no device synced."""
+    `migrate up` and `configure --add-store`, and ended a whole `trigger` run with no device synced;
+    one whose table was dropped by hand was SQLite's bare "no such table: sync_identity", with no way back."""
     store = make_store(tmp_path / "cli-noident.db", 4, identity=device_store.Identity("cli-noident", "u", "p"))
     good = make_store(tmp_path / "cli-noident-good.db", 5)
     try:
         first = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
         assert "cli-noident: uploaded=4 duplicates=0 failed=0 pending=0" in first.stdout.splitlines(), first.stderr
         with sqlite3.connect(store) as conn:
-            conn.execute("DELETE FROM sync_identity")
+            conn.execute(change)
         refused = (
-            f"device store {store} is v2 but records no device (its sync_identity table is empty; another tool "
+            f"device store {store} is v2 but records no device (its sync_identity table {gone}; another tool "
             f"changed it); upgrade it again under its device's id: `flowyard sync migrate down --to=v1 {store}`, "
             f"then `flowyard sync migrate up {store} --device-id cli-noident`"
         )

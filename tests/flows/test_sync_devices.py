@@ -991,6 +991,40 @@ def test_an_explicit_empty_store_list_is_refused(state_db: str, tmp_path: Path) 
         assert device_store.schema_version(conn) == device_store.V1  # never touched
 
 
+def test_an_empty_central_or_state_url_is_refused_alike_and_touches_no_store(state_db: str, tmp_path: Path) -> None:
+    """An empty ``central_url`` (a template that rendered empty) silently synced into the configured
+    central while an empty ``state_database_url`` was refused as "not a PostgreSQL URL: ''": both
+    are refused now, as every flowyard database URL is, in the same words."""
+    from flows.sync_controls import sync_configure, sync_history, sync_status
+    from flows.sync_devices import sync_devices
+
+    store = make_store(tmp_path / "empty-url.db", 4)
+    sync_state.register_device(state_db, store, Identity("empty-url", "u", "p"))
+    central = (
+        "--central-url (central_url) is empty; give a postgresql:// URL, or leave it out to keep the configured "
+        "central, or give 'default' to go back to the default (database devflow_central on flowyard's server)"
+    )
+    state = (
+        "state_database_url is empty; give a postgresql:// URL, or leave it out for flowyard's state database "
+        "(FLOWYARD_DATABASE_URL, else the embedded server)"
+    )
+    try:
+        for run, expected in (
+            (lambda: sync_devices(stores=[str(store)], central_url=""), central),
+            (lambda: sync_devices(stores=[str(store)], state_database_url=""), state),
+            (lambda: sync_status(state_database_url=""), state),
+            (lambda: sync_history(state_database_url=""), state),
+            (lambda: sync_configure(batch_size=5, state_database_url=""), state),
+        ):
+            with pytest.raises(UserError) as info:
+                run()
+            assert str(info.value) == expected
+    finally:
+        sync_state.remove_device(state_db, "empty-url")
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1  # never touched
+
+
 def test_a_known_device_whose_store_is_gone_fails_alone_while_the_others_sync(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

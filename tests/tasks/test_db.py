@@ -205,6 +205,26 @@ def test_a_url_libpq_cannot_parse_is_one_line_without_its_password(url, reason):
         ("channel_binding=on", "channel_binding 'on' is not one of disable, prefer, require"),
         ("sslnegotiation=tls", "sslnegotiation 'tls' is not one of postgres, direct"),
         ("sslcertmode=yes", "sslcertmode 'yes' is not one of disable, allow, require"),
+        ("replication=maybe", "replication 'maybe' is not one of true, on, yes, 1, database, false, off, no, 0"),
+        (
+            "replication=database",
+            "replication 'database' makes a replication connection, which cannot run flowyard's queries "
+            "(INSERT, COPY); remove it (or give one of false, off, no, 0)",
+        ),
+        ("replication=TRUE", "replication 'TRUE' makes a replication connection"),
+        (
+            "require_auth=kerberos",
+            "require_auth 'kerberos' is not a comma-separated list of password, md5, gss, sspi, scram-sha-256, "
+            "oauth, none, each with or without a leading '!'",
+        ),
+        ("require_auth=scram-sha-256,MD5", "require_auth 'scram-sha-256,MD5' is not a comma-separated list of"),
+        ("require_auth=!md5,password", "require_auth '!md5,password' mixes methods with and without '!'"),
+        ("ssl_min_protocol_version=TLSv1.4", "ssl_min_protocol_version 'TLSv1.4' is not one of TLSv1, TLSv1.1"),
+        ("ssl_max_protocol_version=SSLv3", "ssl_max_protocol_version 'SSLv3' is not one of TLSv1, TLSv1.1, TLSv1.2"),
+        (
+            "ssl_min_protocol_version=TLSv1.3&ssl_max_protocol_version=tlsv1.2",
+            "ssl_min_protocol_version 'TLSv1.3' is above ssl_max_protocol_version 'tlsv1.2'",
+        ),
     ],
 )
 def test_a_value_outside_a_libpq_options_set_is_one_line_before_connecting(query, reason):
@@ -222,6 +242,24 @@ def test_values_in_a_libpq_options_set_are_kept():
     assert validate_postgres_url(url + "&load_balance_hosts=random&gssencmode=disable") == (
         url + "&load_balance_hosts=random&gssencmode=disable"
     )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "replication=off",
+        "replication=0",
+        "require_auth=scram-sha-256,password",
+        "require_auth=!md5,!password",
+        "require_auth=oauth",
+        "require_auth=",
+        "ssl_min_protocol_version=tlsv1.2&ssl_max_protocol_version=TLSv1.3",
+        "ssl_max_protocol_version=",
+    ],
+)
+def test_values_libpq_takes_for_replication_require_auth_and_tls_versions_are_kept(query):
+    url = f"postgresql://app@127.0.0.1:5432/app?{query}"
+    assert validate_postgres_url(url) == url
 
 
 @pytest.mark.parametrize(
@@ -269,3 +307,13 @@ def test_a_connect_timeout_the_user_gives_wins_over_flowyards_default(pg, monkey
         monkeypatch.setenv("PGCONNECT_TIMEOUT", env)
     with connect(pg.url() + query) as conn:
         assert conn.info.get_parameters()["connect_timeout"] == expected
+
+
+def test_a_replication_connection_cannot_run_a_query_with_bound_values(fresh_db: str) -> None:
+    """Why ``replication`` is refused rather than checked for its values: a logical replication
+    connection (the most a walsender allows SQL on) takes only the simple query protocol, so the
+    bound-value INSERT every sync batch sends fails (a physical one runs no SQL at all)."""
+    with psycopg.connect(f"{fresh_db}?replication=database", autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the simple query protocol: it is connected
+        with pytest.raises(psycopg.errors.ProtocolViolation, match="extended query protocol not supported"):
+            conn.execute("SELECT %s::int", (1,))
