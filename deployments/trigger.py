@@ -48,12 +48,13 @@ def deployment_id(api_url: str, flow_name: str, deployment_name: str) -> str:
 
 def create_flow_run(api_url: str, flow_name: str, deployment_name: str, parameters: dict[str, Any]) -> str:
     """Create a flow run of a deployment; returns the flow run id. Text PostgreSQL cannot store
-    (a NUL character, a surrogate) is refused in one line before any request: the server's 500
-    for it was retried for minutes (:func:`tasks.flow_parameters.unstorable_text`). Imported here:
+    (a NUL character, a surrogate) and NaN or ±Infinity are refused in one line before any
+    request: the server's 500 for the text was retried for minutes, and httpx raised a ValueError
+    traceback for the numbers (:func:`tasks.flow_parameters.unstorable_parameters`). Imported here:
     it imports Prefect, which `flowyard up` (importing this module) does without."""
-    from tasks.flow_parameters import unstorable_text
+    from tasks.flow_parameters import unstorable_parameters
 
-    problems = unstorable_text(parameters)
+    problems = unstorable_parameters(parameters)
     if problems:
         raise UserError(f"{flow_name}: {problems}")
     dep_id = deployment_id(api_url, flow_name, deployment_name)

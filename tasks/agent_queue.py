@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import threading
+import unicodedata
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ DEFAULT_LEASE_SECONDS = 120.0
 """How long a worker may stay silent before its tasks count as abandoned (``lease_seconds``)."""
 
 
+MAX_TITLE_LENGTH = 200
+"""Characters a task's title may have (the table's check): one row of ``queue list``."""
+
+
 @dataclass(frozen=True)
 class NewTask:
     """A task to enqueue. Its priority, type and title are checked when it is built, so a task
@@ -61,17 +66,29 @@ class NewTask:
     draft: bool = False
 
     def __post_init__(self) -> None:
+        """Also strips spaces (and line breaks) around the title: pasted or written as
+        ``"$(cat title.txt)"``, it was stored with them, misaligned in ``queue list`` and counted
+        against the limit."""
         if self.priority not in PRIORITIES:
             raise UserError(f"unknown priority {self.priority!r}; use one of {', '.join(PRIORITIES)}")
         if self.type not in TASK_TYPES:
             raise UserError(f"unknown task type {self.type!r}; use one of {', '.join(TASK_TYPES)}")
-        if not 1 <= len(self.title) <= 200 or not self.title.strip():
-            raise UserError("the title must have 1 to 200 characters, not only spaces")
+        object.__setattr__(self, "title", self.title.strip())  # frozen: set once, while being built
+        if not self.title:
+            raise UserError(f"the title must have 1 to {MAX_TITLE_LENGTH} characters, not only spaces")
+        if len(self.title) > MAX_TITLE_LENGTH:
+            raise UserError(
+                f"the title has {len(self.title)} characters, at most {MAX_TITLE_LENGTH}; shorten it and put "
+                "the rest in the description (--description / description)"
+            )
         _refuse_line_breaking(
             self.title,
             "the title",
             "give a one-line title and put the rest in the description (--description / description)",
         )
+        # a path the run's lines and the agent's envelope name: a newline split them, and an
+        # escape garbled them, in a directory nobody meant to make
+        _refuse_line_breaking(self.workdir, "the working directory", "name a directory without it (--workdir / workdir)")
         if below_one := sorted({task_id for task_id in self.blocked_by if task_id < 1}):
             # said before connecting, as for a command's task id (:func:`no_such_task`)
             raise UserError(
@@ -370,12 +387,19 @@ def create_task(url: str, task: NewTask) -> int:
 def check_agent_type(agent_type: str, what: str, fix: str) -> None:
     """One rule for a task's agent type and a template's, so every template can run a task and
     every task can have a template: not empty; no control character (a column of ``queue list``,
-    as a title is); no leading or trailing space (``"coder "``, which no template named ``coder``
-    runs); at most :data:`MAX_AGENT_TYPE_LENGTH` characters. ``what`` names the value in the
-    one-line error, ``fix`` says what to do."""
+    as a title is); no invisible format character (a zero-width space or a byte order mark pasted
+    with the name: ``coder\\u200b`` looks like ``coder`` in every listing, and no template named
+    ``coder`` runs it); no leading or trailing space (``"coder "``, likewise); at most
+    :data:`MAX_AGENT_TYPE_LENGTH` characters. ``what`` names the value in the one-line error,
+    ``fix`` says what to do."""
     if not agent_type.strip():
         raise UserError(f"{what} is empty; {fix}")
     _refuse_line_breaking(agent_type, what, fix)
+    if (invisible := next((c for c in agent_type if unicodedata.category(c) == "Cf"), None)) is not None:
+        raise UserError(
+            f"{what} {agent_type!r} holds the invisible character U+{ord(invisible):04X} "
+            f"({unicodedata.name(invisible, 'unnamed')}); {fix}"
+        )
     if agent_type != agent_type.strip():
         raise UserError(f"{what} {agent_type!r} starts or ends with a space; {fix}")
     if len(agent_type) > MAX_AGENT_TYPE_LENGTH:
@@ -645,9 +669,27 @@ def start_attempt(
             """,
             (task_id, worker, worker, flow_run_id, lease_seconds),
         ).fetchone()
+        if row is None:  # rare: one more statement only then
+            _let_go_of_unstarted(conn, task_id, worker)
     if row is None:
         raise TaskNotHeld(f"task {task_id} is no longer held by this worker (cancelled or reclaimed)")
     return Attempt(int(row[0]), int(row[1]), _resumable(row[2]))
+
+
+def _let_go_of_unstarted(conn: psycopg.Connection, task_id: int, worker: str) -> None:
+    """Clear ``worker``'s hold on a task cancelled after it claimed it and before an attempt
+    started, while no attempt of its is open. The cancel leaves the hold for an attempt stopping
+    its agent (:func:`_let_go_of_cancelled` clears it once that attempt is closed); with none
+    started, nothing else ever cleared it, and the cancelled task went on naming the worker."""
+    conn.execute(
+        """
+        UPDATE flowyard.agent_tasks t SET worker = NULL, agent_pgid = NULL, updated_at = now()
+         WHERE t.id = %s AND t.worker = %s AND t.status = 'cancelled'
+           AND NOT EXISTS (SELECT 1 FROM flowyard.agent_runs r
+                            WHERE r.task_id = t.id AND r.worker = t.worker AND r.outcome IS NULL)
+        """,
+        (task_id, worker),
+    )
 
 
 def _resumable(checkpoint: dict[str, Any] | None) -> dict[str, Any] | None:

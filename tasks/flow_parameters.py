@@ -12,7 +12,7 @@ Text PostgreSQL cannot store is refused before Prefect creates the flow run: a N
 raised a traceback) or a lone surrogate (``\\ud800``, not UTF-8: a ``UnicodeEncodeError``), in a
 string or a dict key anywhere in a parameter. A flow called from Python checks in
 :meth:`CheckedParametersFlow.__call__`; :func:`deployments.trigger.create_flow_run` checks with
-the same :func:`unstorable_text` before it posts.
+the same :func:`unstorable_parameters` before it posts.
 
 A JSON ``true`` or ``false`` for a number is refused too: pydantic's lax mode read ``task_id=true``
 as task 1 and ``timeout_seconds=true`` as one second, acting on a value nobody meant.
@@ -21,14 +21,19 @@ as task 1 and ``timeout_seconds=true`` as one second, acting on a value nobody m
 a field once typed in and cleared failed the run (``unknown status ''``). Database URLs are never
 among them: an empty URL (an unset variable in a template) is an error, not the default database
 (:func:`tasks.db.resolve_url`).
+
+NaN and ±Infinity (a float parameter, or in a payload) are refused there too: JSON has no such
+numbers, so Prefect recorded null for them in the flow run's parameters while the body, called
+from Python, went on with the original value; a retry or a rerun of that record ran with null.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from prefect import Flow
 from prefect.exceptions import ParameterBindError, ParameterTypeError
@@ -52,18 +57,30 @@ class CheckedParametersFlow(Flow[P, R]):
     blank_is_default: frozenset[str] = frozenset()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Refuse text PostgreSQL cannot store (:func:`unstorable_text`) before Prefect creates the
-        flow run, then run the flow as Prefect does. Arguments that do not bind to the signature
-        are left to Prefect, which refuses them in its own words."""
+        """Refuse text PostgreSQL cannot store and numbers JSON cannot hold
+        (:func:`unstorable_parameters`) before Prefect creates the flow run, then run the flow as
+        Prefect does. Arguments that do not bind to the signature are left to Prefect, which
+        refuses them in its own words."""
         call_kwargs = {k: v for k, v in kwargs.items() if k not in ("return_state", "wait_for")}
         try:
             parameters = get_call_parameters(self.fn, args, call_kwargs, apply_defaults=False)
         except ParameterBindError:  # Prefect's own call raises it again, as it always did
             parameters = {}
-        problems = unstorable_text(parameters)
+        problems = unstorable_parameters(parameters)
         if problems:
             raise UserError(f"{self.name}: {problems}")
         return super().__call__(*args, **kwargs)
+
+    def with_options(self, **options: Any) -> CheckedParametersFlow[P, R]:
+        """Prefect's copy with new options, still a :class:`CheckedParametersFlow` with the same
+        :attr:`blank_is_default`: Prefect builds the copy as a plain ``Flow``, which dropped the
+        checks (a NUL parameter hung on retried 500s again). Its state is all ``Flow.__init__``'s,
+        which this class does not extend, so only its class and that attribute need carrying over."""
+        plain = super().with_options(**options)
+        plain.__class__ = type(self)
+        checked = cast(CheckedParametersFlow[P, R], plain)
+        checked.blank_is_default = self.blank_is_default
+        return checked
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         given = {**parameters, **dict.fromkeys(name for name in self.blank_is_default if parameters.get(name) == "")}
@@ -87,14 +104,15 @@ class CheckedParametersFlow(Flow[P, R]):
 
 
 _SHOWN_PROBLEMS = 3
-"""Places :func:`unstorable_text` names; past them it says how many more there are."""
+"""Places :func:`unstorable_parameters` names; past them it says how many more there are."""
 
 
-def unstorable_text(parameters: dict[str, Any]) -> str:
-    """The problems, in one line (``""`` if none), with text PostgreSQL cannot store in
-    ``parameters``: a string or a dict key, at any depth, holding a NUL character or a lone
-    surrogate; a parameter's name too. Each names its parameter and place (``payload.files.2``)
-    as :func:`_problem` does. Iterative: how deep a value nests is up to its sender."""
+def unstorable_parameters(parameters: dict[str, Any]) -> str:
+    """The problems, in one line (``""`` if none), with values in ``parameters`` that cannot be
+    stored as they are: a string or a dict key, at any depth, holding a NUL character or a lone
+    surrogate (a parameter's name too), or a NaN or ±Infinity, which JSON cannot hold. Each names
+    its parameter and place (``payload.files.2``) as :func:`_problem` does. Iterative: how deep a
+    value nests is up to its sender."""
     found: list[str] = []
     more = 0
     pending: list[tuple[tuple[Any, ...], Any]] = [((), parameters)]
@@ -116,14 +134,18 @@ def unstorable_text(parameters: dict[str, Any]) -> str:
             pending.extend(((*where, i), item) for i, item in reversed(list(enumerate(value))))
         elif (reason := _unstorable(value)) is not None:
             if len(found) < _SHOWN_PROBLEMS:
-                found.append(_problem(where, value, f"{reason}; remove it", {}))
+                fix = "give a finite number" if isinstance(value, float) else "remove it"
+                found.append(_problem(where, value, f"{reason}; {fix}", {}))
             else:
                 more += 1
     return "; ".join(found) + (f" (and {more} more)" if more else "")
 
 
 def _unstorable(value: Any) -> str | None:
-    """Why a string cannot be stored in PostgreSQL (None if it can, or is no string)."""
+    """Why a string cannot be stored in PostgreSQL, or a float in JSON (None if it can, or is
+    neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number, which JSON cannot hold (the flow run would record null)"
     if not isinstance(value, str):
         return None
     if "\x00" in value:

@@ -190,6 +190,19 @@ def test_a_title_with_a_control_character_is_refused_in_one_line(title: str) -> 
     )
 
 
+def test_a_title_is_stored_without_surrounding_spaces_and_a_long_one_is_refused_with_its_length(
+    env: dict[str, str],
+) -> None:
+    """Spaces around a title were stored (and counted), and a title over 200 characters was refused
+    without its length, so the user could not tell how much to cut."""
+    task_id = int(_ok("create", "  fix the login page \n", env=env))
+    assert queue.get_task(state_url(env["FLOWYARD_DATABASE_URL"]), task_id).title == "fix the login page"
+    assert _user_error("create", "x" * 250, env=env).strip() == (
+        "flowyard: error: the title has 250 characters, at most 200; shorten it and put the rest in the "
+        "description (--description / description)"
+    )
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_demo_graph_runs_with_a_resumed_crash(fresh_db: str, tmp_path) -> None:
     params = agent_queue_demo_parameters(fresh_db)
@@ -373,8 +386,9 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
         ({"max_tasks": -1}, "max_tasks must be 0 or more (or None for no limit), not -1"),
         ({"retries": -1}, "retries (--retries / retries) -1 is out of range; give 0 to 100"),
         ({"retries": 10**12}, f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
-        ({"timeout_seconds": float("inf")}, "the agent timeout (--timeout / timeout_seconds) inf is out of range"),
-        ({"grace_seconds": float("inf")}, "the grace period (--grace / grace_seconds) inf is out of range"),
+        ({"timeout_seconds": 10.0**9}, "the agent timeout (--timeout / timeout_seconds) 1000000000.0 is out of range"),
+        ({"grace_seconds": 10.0**9}, "the grace period (--grace / grace_seconds) 1000000000.0 is out of range"),
+        ({"grace_seconds": float("inf")}, "run-agent-queue: parameter grace_seconds is Infinity: not a finite number"),
         (
             {"checkpoint_wait_seconds": -1.0},
             "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) -1.0 is out of range; give 0 to 31536000",
@@ -553,6 +567,7 @@ def test_an_agent_type_yaml_reads_as_no_text_is_one_line(
         ("", "is empty;"),
         (" coder", "' coder' starts or ends with a space;"),
         ("co\tder", "'co\\tder' holds the control character '\\t';"),
+        ("co\u200bder", "'co\\u200bder' holds the invisible character U+200B (ZERO WIDTH SPACE);"),
         ("a" * (queue.MAX_AGENT_TYPE_LENGTH + 1), "has 64 characters; at most 63 are accepted:"),
     ],
 )
@@ -583,6 +598,17 @@ def test_an_agent_type_with_a_control_character_is_refused_in_one_line(env: dict
         f"flowyard: error: the agent type of task 'x' {agent_type!r} holds the control character {control!r}; "
         "name the agent template that runs it, such as 'reference' (--agent-type / agent_type)"
     )
+    assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
+
+
+@pytest.mark.parametrize(("agent_type", "code_point"), [("coder\u200b", "U+200B"), ("\ufeffcoder", "U+FEFF")])
+def test_an_agent_type_with_an_invisible_character_is_refused_naming_its_code_point(
+    env: dict[str, str], agent_type: str, code_point: str
+) -> None:
+    """A zero-width space or byte order mark pasted with the name was stored: the task listed as
+    ``coder`` and waited for good, since the ``coder`` template does not run ``coder\\u200b``."""
+    error = _user_error("create", "x", "--agent-type", agent_type, env=env)
+    assert f"the agent type of task 'x' {agent_type!r} holds the invisible character {code_point} (" in error
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
 
 

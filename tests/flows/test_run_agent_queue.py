@@ -480,7 +480,7 @@ def test_a_workdir_shared_with_all_tasks_or_the_logs_fails_the_task(tmp_path: Pa
     assert not (tmp_path / "agents" / "logs" / "result.txt").exists()
 
 
-@pytest.mark.parametrize("lease", [0.0, 5.0, 14.9, float("nan")])
+@pytest.mark.parametrize("lease", [0.0, 5.0, 14.9])
 def test_a_lease_live_workers_could_not_keep_fails_the_run_before_anything_is_claimed(
     tmp_path: Path, qdb: str, lease: float
 ) -> None:
@@ -493,6 +493,19 @@ def test_a_lease_live_workers_could_not_keep_fails_the_run_before_anything_is_cl
     assert str(raised.value) == (
         f"the lease must be at least 15 seconds (3 heartbeats of 5 s), not {lease:g} (--lease / lease_seconds): "
         "with a shorter one, other runs take this run's live tasks for abandoned ones"
+    )
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
+
+
+def test_a_lease_of_nan_is_refused_before_the_flow_run_is_created(tmp_path: Path, qdb: str) -> None:
+    """The body refused it, but only once Prefect had recorded the run with a lease of null."""
+    task_id = queue.create_task(qdb, _new("untouched", {"steps": 1}))
+    with pytest.raises(UserError) as raised:
+        run_agent_queue(max_agents=1, lease_seconds=float("nan"), **_kw(tmp_path, qdb))
+    assert str(raised.value) == (
+        "run-agent-queue: parameter lease_seconds is NaN: not a finite number, which JSON cannot hold (the flow"
+        " run would record null); give a finite number"
     )
     task = queue.get_task(qdb, task_id)
     assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []

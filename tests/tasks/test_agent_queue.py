@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -688,7 +690,9 @@ def test_an_empty_shutdown_checkpoint_of_older_flowyard_is_not_handed_back(fresh
     [
         ({"title": "two\nlines"}, "the title 'two\\nlines' holds the control character '\\n'; give a one-line title"),
         ({"title": " "}, "the title must have 1 to 200 characters, not only spaces"),
-        ({"title": "x" * 201}, "the title must have 1 to 200 characters, not only spaces"),
+        ({"title": " \n"}, "the title must have 1 to 200 characters, not only spaces"),
+        ({"title": "x" * 201}, "the title has 201 characters, at most 200; shorten it and put the rest in the description"),
+        ({"workdir": "out/a\nb"}, "the working directory 'out/a\\nb' holds the control character '\\n'; name a directory"),
         ({"priority": "urgent"}, "unknown priority 'urgent'; use one of critical, high, medium, low"),
         ({"type": "chore"}, "unknown task type 'chore'; use one of epic, story, task, subtask, bug, spike"),
     ],
@@ -702,6 +706,13 @@ def test_a_task_built_in_python_is_checked_like_one_from_the_cli(fields: dict[st
     assert str(raised.value).startswith(message)
 
 
+def test_spaces_around_a_title_are_not_stored_nor_counted(qdb: str) -> None:
+    """A title pasted with spaces or a trailing newline (``"$(cat title.txt)"``) was stored with
+    them, and they counted against its 200 characters."""
+    padded = queue.create_task(qdb, queue.NewTask(title=f"  \t{'x' * 200}\n", agent_type="reference"))
+    assert queue.get_task(qdb, padded).title == "x" * 200
+
+
 @pytest.mark.parametrize("agent_type", ["", "   ", "\t\n"])
 def test_a_task_without_an_agent_type_is_refused_in_one_line(qdb: str, agent_type: str) -> None:
     """No worker has a template for it: it would wait in the queue for good."""
@@ -710,6 +721,25 @@ def test_a_task_without_an_agent_type_is_refused_in_one_line(qdb: str, agent_typ
     assert str(raised.value) == (
         "the agent type of task 'x' is empty; name the agent template that runs it, such as 'reference' "
         "(--agent-type / agent_type)"
+    )
+    assert queue.list_tasks(qdb) == [], "nothing was created"
+
+
+@pytest.mark.parametrize(
+    ("agent_type", "shown"),
+    [("\ufeffcoder", "U+FEFF (ZERO WIDTH NO-BREAK SPACE)"), ("co\u200bder", "U+200B (ZERO WIDTH SPACE)"),
+     ("coder\u2066", "U+2066 (LEFT-TO-RIGHT ISOLATE)"), ("co\xadder", "U+00AD (SOFT HYPHEN)")],
+)
+def test_an_agent_type_with_an_invisible_character_is_refused_naming_its_code_point(
+    qdb: str, agent_type: str, shown: str
+) -> None:
+    """A zero-width space or byte order mark pasted with the name was stored: the task showed as
+    ``coder`` in every listing and waited for good, since no template named ``coder`` runs it."""
+    with pytest.raises(UserError) as raised:
+        queue.create_task(qdb, queue.NewTask(title="x", agent_type=agent_type))
+    assert str(raised.value) == (
+        f"the agent type of task 'x' {agent_type!r} holds the invisible character {shown}; name the agent "
+        "template that runs it, such as 'reference' (--agent-type / agent_type)"
     )
     assert queue.list_tasks(qdb) == [], "nothing was created"
 
@@ -725,3 +755,65 @@ def test_an_agent_type_over_63_characters_is_refused_in_one_line(qdb: str) -> No
     )
     assert queue.list_tasks(qdb) == [], "nothing was created"
     assert queue.get_task(qdb, queue.create_task(qdb, queue.NewTask(title="x", agent_type="a" * 63))).agent_type
+
+
+def _claim_and_complete(url: str, worker: str, start: threading.Barrier, told: dict[str, str]) -> None:
+    """A worker's side of the race, as :mod:`tasks.agent_execution` runs it: claim, start an
+    attempt, complete it. ``told["worker"]`` says how far it got (``completed``: it was told its
+    task completed)."""
+    start.wait()
+    told["worker"] = _how_far(url, worker)
+
+
+def _how_far(url: str, worker: str) -> str:
+    claimed = queue.claim_ready(url, worker, 1)
+    if not claimed:
+        return "not claimed"
+    [task] = claimed
+    try:
+        attempt = queue.start_attempt(url, task.id, worker, None)
+    except queue.TaskNotHeld:
+        return "not held"
+    return str(queue.finish_attempt(url, attempt.run_id, worker, "completed", result={"done": True}))
+
+
+def test_a_cancel_racing_a_claim_and_its_attempt_is_told_what_the_task_ends_as(qdb: str) -> None:
+    """Two connections at once, many times: a worker claiming a task and running it to completion,
+    and a cancel of that task. Whoever is told it won is right: a cancelled task was never reported
+    completed to its worker, nor run past a cancel that came before its attempt; a refused cancel
+    means the task completed. Each side's transition happens once (one claim, at most one
+    attempt), and a cancelled task holds no worker once its worker has let go of it."""
+    worker = queue.new_worker_id()
+    seen: Counter[tuple[str, str]] = Counter()
+    for _ in range(150):
+        task_id = queue.create_task(qdb, _new("raced"))
+        start = threading.Barrier(2)
+        told: dict[str, str] = {}
+        claimer = threading.Thread(target=_claim_and_complete, args=(qdb, worker, start, told))
+        claimer.start()
+        start.wait()
+        try:
+            told["cancel"] = queue.cancel_task(qdb, task_id)
+        except UserError as refused:
+            told["cancel"] = str(refused)
+        claimer.join()
+        task = queue.get_task(qdb, task_id)
+        with connection(qdb) as conn:
+            claims, cancelled_from = conn.execute(
+                "SELECT claims, cancelled_from FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
+            ).fetchone()
+            runs = conn.execute(
+                "SELECT outcome FROM flowyard.agent_runs WHERE task_id = %s", (task_id,)
+            ).fetchall()
+        outcome = (told["worker"], told["cancel"] if told["cancel"] == "cancelled" else "refused")
+        seen[outcome] += 1
+        assert claims == (0 if told["worker"] == "not claimed" else 1), (outcome, claims)
+        assert len(runs) == (0 if told["worker"] in ("not claimed", "not held") else 1), (outcome, runs)
+        if told["cancel"] == "cancelled":
+            assert told["worker"] in ("not claimed", "not held", "None"), outcome
+            assert (task.status, task.worker, task.agent_pgid) == ("cancelled", None, None), (outcome, task)
+            assert cancelled_from == ("pending" if told["worker"] == "not claimed" else "in_progress"), outcome
+        else:
+            assert told["cancel"].startswith(f"cannot cancel task {task_id}: it is completed"), outcome
+            assert (told["worker"], task.status, runs) == ("completed", "completed", [("completed",)]), outcome
+    assert len(seen) > 1, f"the race never went more than one way: {seen}"

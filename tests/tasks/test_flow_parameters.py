@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tasks.errors import UserError
-from tasks.flow_parameters import checked_flow, unstorable_text
+from tasks.flow_parameters import CheckedParametersFlow, checked_flow, unstorable_parameters
 
 
 @checked_flow(name="checked-sample", blank_is_default=("status",))
@@ -68,7 +68,7 @@ def test_text_postgresql_cannot_store_is_found_at_any_depth_and_named_in_one_lin
     deep: Any = "\x00"
     for _ in range(3000):
         deep = [deep]
-    message = unstorable_text({"ok": ["fine", {"k": 1.5}], "extra": {"a\nb": {"c": "\udc80"}}, "tags": deep})
+    message = unstorable_parameters({"ok": ["fine", {"k": 1.5}], "extra": {"a\nb": {"c": "\udc80"}}, "tags": deep})
     assert "\n" not in message and "\x00" not in message
     assert message == (
         'parameter extra."a\\nb".c is "\\udc80": a surrogate (\\udc80, half of a character in UTF-16), which is'
@@ -76,8 +76,32 @@ def test_text_postgresql_cannot_store_is_found_at_any_depth_and_named_in_one_lin
         f'parameter tags.{"0." * 26}...{".0" * 30} is "\\u0000": a NUL character (\\u0000), which PostgreSQL'
         " cannot store; remove it"
     )
-    assert unstorable_text({"many": ["\x00"] * 5}).endswith("parameter many.2 is \"\\u0000\": a NUL character"
+    assert unstorable_parameters({"many": ["\x00"] * 5}).endswith("parameter many.2 is \"\\u0000\": a NUL character"
                                                           " (\\u0000), which PostgreSQL cannot store; remove it (and 2 more)")
-    assert unstorable_text({"title": "ok \U0001f600", "n": [1, None, True], "d": {1: "x"}}) == ""
+    assert unstorable_parameters({"title": "ok \U0001f600", "n": [1, None, True], "d": {1: "x"}}) == ""
     with pytest.raises(UserError, match=r'^checked-sample: parameter status is "a\\u0000": a NUL'):
         _sample(1, status="a\x00")  # before Prefect: no server is needed to refuse it
+
+
+def test_a_copy_with_new_options_keeps_the_checks() -> None:
+    """Prefect's ``with_options`` builds a plain ``Flow``: the copy took any parameter again."""
+    renamed = _sample.with_options(name="renamed-sample", retries=1)
+    assert isinstance(renamed, CheckedParametersFlow) and renamed.retries == 1
+    assert renamed.blank_is_default == frozenset({"status"})
+    assert renamed.validate_parameters({"count": 1, "status": ""})["status"] is None
+    with pytest.raises(UserError, match=r'^renamed-sample: parameter status is "a\\u0000": a NUL'):
+        renamed(1, status="a\x00")  # before Prefect: no flow run is created
+
+
+def test_nan_or_infinity_is_refused_naming_its_place_before_prefect_creates_the_run() -> None:
+    """JSON has no NaN nor Infinity: Prefect recorded the run's parameters with null for them while
+    the body went on with the number (a retry or rerun of the record then ran with null)."""
+    assert unstorable_parameters({"seconds": float("nan"), "extra": {"loss": [1.5, float("-inf")]}}) == (
+        "parameter seconds is NaN: not a finite number, which JSON cannot hold (the flow run would record null);"
+        " give a finite number; "
+        "parameter extra.loss.1 is -Infinity: not a finite number, which JSON cannot hold (the flow run would"
+        " record null); give a finite number"
+    )
+    with pytest.raises(UserError, match=r"^checked-sample: parameter seconds is Infinity: not a finite number"):
+        _sample(1, seconds=float("inf"))  # before Prefect: no server is needed to refuse it
+    assert unstorable_parameters({"seconds": 1e308, "n": [0.0, -2.5]}) == ""
