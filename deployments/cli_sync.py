@@ -73,7 +73,9 @@ def configure(
     privacy_mode: Annotated[str | None, typer.Option(help="drop or hash the other fields.")] = None,
     hash_key: Annotated[str | None, typer.Option(help="HMAC key for --privacy-mode hash.")] = None,
     queue_threshold: Annotated[int | None, typer.Option(min=0)] = None,
-    failure_rate: Annotated[float | None, typer.Option(min=0, max=1)] = None,
+    failure_rate: Annotated[  # its range is checked by apply_setup: typer's max=1 called nan too large
+        float | None, typer.Option(help="Share of a run's events that failed that raises an alert, 0 to 1.")
+    ] = None,
     offline_seconds: Annotated[int | None, typer.Option(min=0)] = None,
     add_store: Annotated[str | None, typer.Option(help="Register a device store (SQLite file).")] = None,
     device_id: Annotated[

@@ -427,10 +427,16 @@ def get_task(url: str, task_id: int) -> AgentTask:
     return _task(row)
 
 
-def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
-    """The queue (or the tasks in one ``status``), oldest first."""
+def check_status(status: str | None) -> None:
+    """Refuse a status no task has (None: any). Callers check it before they connect, too: with
+    the database unreachable, ``queue list --status bogus`` reported the connection error."""
     if status is not None and status not in STATUSES:
         raise UserError(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+
+
+def list_tasks(url: str, status: str | None = None) -> list[AgentTask]:
+    """The queue (or the tasks in one ``status``), oldest first."""
+    check_status(status)
     with _connection(url) as conn:
         rows = conn.cursor(row_factory=dict_row).execute(
             _SELECT_TASKS + sql.SQL(" WHERE %(s)s::text IS NULL OR t.status = %(s)s ORDER BY t.id"),

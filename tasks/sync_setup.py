@@ -96,8 +96,9 @@ class SetupResult:
 def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupResult:
     """Validate the whole change, then save the settings and update the device list, all or nothing.
 
-    The store file is checked before the state database is even opened: a typo in a path is
-    reported as such, not hidden behind a connection problem.
+    The central URL, the batch size, the privacy settings, the alert thresholds and the store
+    file are checked before the state database is even opened: a typo in them is reported as
+    such, not hidden behind a connection problem.
 
     Everything else happens in one transaction of the state database
     (:func:`sync_state.configuring`): the checks, the settings, the added, removed, enabled and
@@ -107,6 +108,15 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
     at its upgrade), never written, so there is no second database whose changes could be left
     behind by a crash: the store's recorded identity wins whenever it is read again."""
     central_url = _central_setting(change.central_url)
+    privacy: dict[str, object] = {"allowlist": change.allow, "mode": change.privacy_mode, "hash_key": change.hash_key}
+    alerts: dict[str, object] = {
+        "queue_threshold": change.queue_threshold,
+        "failure_rate": change.failure_rate,
+        "offline_seconds": change.offline_seconds,
+    }
+    sync_state.check_change(privacy, alerts)
+    if change.batch_size is not None:
+        sync_state.check_count(change.batch_size, "batch size")
     if change.add_store is not None:  # a missing, non-SQLite, corrupt or non-store file is refused here
         with device_store.open_store(change.add_store.path) as conn:
             if device_store.known_version(conn) == device_store.V2:
@@ -121,12 +131,8 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
                 "batch_size": change.batch_size,
                 "download_updates": change.download_updates,
             },
-            privacy={"allowlist": change.allow, "mode": change.privacy_mode, "hash_key": change.hash_key},
-            alerts={
-                "queue_threshold": change.queue_threshold,
-                "failure_rate": change.failure_rate,
-                "offline_seconds": change.offline_seconds,
-            },
+            privacy=privacy,
+            alerts=alerts,
         )
         added = _register(state, change.add_store) if change.add_store is not None else None
         if change.remove_store is not None:

@@ -8,6 +8,7 @@ cursor (last local id uploaded, download cursor), status and a history row.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -541,8 +542,7 @@ def update_config(
     try:
         updated = SyncConfig.model_validate(merged)
     except ValidationError as exc:
-        where, problem = validation_problem(exc)
-        raise UserError(f"invalid sync setting {where}: {problem}") from None
+        raise _invalid_setting(exc) from None
     check_count(updated.batch_size, "batch size")
     for name in updated.privacy.allowlist:
         check_utf8(name, f"--allow (allow) {name!r}", "give it as UTF-8 text")
@@ -562,6 +562,30 @@ def update_config(
         )
     save_config(db, updated)
     return updated
+
+
+def check_change(privacy: dict[str, object], alerts: dict[str, object]) -> None:
+    """The privacy settings and alert thresholds a ``configure`` gives (None: not given), checked
+    on their own before flowyard's state database is opened: its connection error hid a typo in
+    them. :func:`update_config` checks the configuration they are merged into."""
+    try:
+        SyncConfig.model_validate({"privacy": _given(privacy), "alerts": _given(alerts)})
+    except ValidationError as exc:
+        raise _invalid_setting(exc) from None
+
+
+def _invalid_setting(exc: ValidationError) -> UserError:
+    """One line for a setting of a change the model refuses. A privacy mode or failure rate names
+    the option that sets it, as an alert threshold over its maximum does: pydantic said only
+    "Input should be 'drop' or 'hash'", and of a failure rate of nan "less than or equal to 1"."""
+    where, problem = validation_problem(exc)
+    value = exc.errors()[0]["input"]
+    if where == "privacy.mode":
+        problem = f"{value!r} is neither drop nor hash; give --privacy-mode (privacy_mode) drop or hash"
+    elif where == "alerts.failure_rate" and isinstance(value, int | float):
+        fault = "is not a number" if math.isnan(value) else "is out of range"
+        problem = f"{value} {fault}; give --failure-rate (failure_rate) 0 to 1"
+    return UserError(f"invalid sync setting {where}: {problem}")
 
 
 def _given(values: dict[str, object]) -> dict[str, object]:

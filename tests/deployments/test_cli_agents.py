@@ -178,6 +178,28 @@ def test_a_task_id_below_1_is_one_line_for_every_command_taking_one() -> None:
     )
 
 
+def test_list_names_a_status_typo_before_connecting() -> None:
+    """`queue list --status bogus` resolved the database URL first: with the database unreachable
+    (as the URL here is), the typo was reported as the connection error."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    for given in ("bogus", "", "Pending"):
+        assert _user_error("list", "--status", given, env=env).strip() == (
+            f"flowyard: error: unknown status {given!r}; use one of draft, pending, "
+            "in_progress, review, completed, failed, cancelled"
+        )
+
+
+def test_run_names_an_output_or_logs_dir_it_cannot_make_by_its_option(tmp_path) -> None:
+    """A directory `queue run` cannot make was named by the flow's parameter (`output_dir`), not
+    by the option the user typed. Said before connecting: the URL here refuses every connection."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "FLOWYARD_HOME": str(tmp_path)}
+    for option in ("--output-dir", "--logs-dir"):
+        assert _user_error("run", option, "/proc/1/x", env=env).strip() == (
+            f"flowyard: error: {option} /proc/1/x cannot be used as a directory: No such file or directory; "
+            "pass a directory path"
+        )
+
+
 @pytest.mark.parametrize("title", ["two\nlines", "tab\there", "over\rwritten", "\x1b[31mred", "par\u2029t"])
 def test_a_title_with_a_control_character_is_refused_in_one_line(title: str) -> None:
     """A newline in a title split its row in `queue list` (and a carriage return or a terminal
@@ -246,8 +268,8 @@ def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env:
         "run", "--agents-file", str(latin1), env=env
     )
     # checked before the flow run, so Prefect's log lines of a failed run do not come with it
-    for option, parameter in (("--output-dir", "output_dir"), ("--logs-dir", "logs_dir")):
-        message = f"{parameter} {notes} cannot be used as a directory: File exists; pass a directory path"
+    for option in ("--output-dir", "--logs-dir"):
+        message = f"{option} {notes} cannot be used as a directory: File exists; pass a directory path"
         assert message in _user_error("run", option, str(notes), env=env)
     metrics = run_cli("queue", "metrics", "-d", "http://x", env=env)
     assert metrics.returncode == 2 and metrics.stdout == ""

@@ -506,6 +506,45 @@ def test_configure_names_a_bad_central_url_also_while_the_state_database_is_down
     assert "sslmode 'bogus' is not one of disable, allow" in line and "secret" not in line, line
 
 
+def test_configure_names_a_bad_setting_also_while_the_state_database_is_down(tmp_path: Path) -> None:
+    """The privacy mode, the alert thresholds and the batch size were first checked when the
+    configuration was merged, after the state database was opened: while that was down, its
+    connection error hid the typo."""
+    dead = {"FLOWYARD_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "FLOWYARD_HOME": str(tmp_path)}
+    for args, refused in (
+        (("--privacy-mode", "bogus"), "privacy.mode: 'bogus' is neither drop nor hash; give --privacy-mode (privacy_mode) drop or hash"),
+        (("--queue-threshold", str(10**23)), f"alerts.queue_threshold: {10**23} is over the maximum of 1000000000 pending events"),
+        (("--offline-seconds", str(2**63)), f"alerts.offline_seconds: {2**63} is over the maximum of 31536000 seconds"),
+        (("--failure-rate", "1.5"), "alerts.failure_rate: 1.5 is out of range; give --failure-rate (failure_rate) 0 to 1"),
+        (("--batch-size", str(2**63)), "batch size 9223372036854775808 is out of range"),
+    ):
+        out = run_cli("sync", "configure", *args, env=dead)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
+        [line] = out.stderr.splitlines()
+        assert line.startswith("flowyard: error: ") and refused in line, line
+
+
+def test_a_failure_rate_of_nan_is_not_a_number_not_one_over_1(state_db: str) -> None:
+    """`configure --failure-rate nan` said "Input should be less than or equal to 1", as if nan were too
+    large; a rate in range is still saved."""
+    before = sync_state.load_config(state_db)
+    try:
+        _refused_in_one_line_each(
+            (
+                ("sync", "configure", "--failure-rate", "nan"),
+                "flowyard: error: invalid sync setting alerts.failure_rate: nan is not a number; "
+                "give --failure-rate (failure_rate) 0 to 1",
+            ),
+            (("sync", "configure", "--failure-rate", "inf"), "failure_rate: inf is out of range; give --failure-rate"),
+            (("sync", "configure", "--failure-rate", "-0.5"), "failure_rate: -0.5 is out of range; give --failure-rate"),
+        )
+        assert sync_state.load_config(state_db) == before
+        assert run_cli("sync", "configure", "--failure-rate", "1").returncode == 0
+        assert sync_state.load_config(state_db).alerts.failure_rate == 1
+    finally:
+        sync_state.save_config(state_db, before)
+
+
 def test_a_central_url_with_no_host_before_its_path_is_kept_as_libpq_reads_it(state_db: str) -> None:
     """``postgresql:///db?host=/socket`` (a Unix socket) is a libpq URL; normalising it dropped its
     ``//``, and libpq refused the ``postgresql:/db`` that was left as an invalid connection option."""
