@@ -18,6 +18,7 @@ from typer._click import Context  # typer vendors click, exports neither
 from typer._click.exceptions import NoSuchOption
 from typer.core import TyperCommand
 
+from deployments.cli_logging import finite
 from tasks import agent_queue as queue
 from tasks.errors import UserError, first_line, make_user_dir, parse_problem, printable, read_user_file
 
@@ -58,9 +59,10 @@ class _TaskIdCommand(TyperCommand):
 
 
 def _url(database_url: str | None) -> str:
+    from tasks.db import DATABASE_URL_OPTION
     from tasks.state import state_url
 
-    return state_url(database_url)
+    return state_url(database_url, parameter=DATABASE_URL_OPTION)
 
 
 def _not_a_json_number(token: str) -> Any:
@@ -297,15 +299,18 @@ _transition_command(
 def run(
     max_agents: Annotated[int, typer.Option(help="Agents running at once.")] = 4,
     timeout: Annotated[
-        float, typer.Option(help="Seconds per attempt before the agent's group is killed.")
+        float, typer.Option(help="Seconds per attempt before the agent's group is killed.", callback=finite())
     ] = 300.0,
-    grace: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.")] = 5.0,
+    grace: Annotated[
+        float, typer.Option(help="Seconds between SIGTERM and SIGKILL on shutdown.", callback=finite())
+    ] = 5.0,
     checkpoint_wait: Annotated[
-        float, typer.Option(help="Seconds a stop waits for the agent's checkpoint before SIGTERM.")
+        float, typer.Option(help="Seconds a stop waits for the agent's checkpoint before SIGTERM.", callback=finite())
     ] = 2.0,
     retries: Annotated[int, typer.Option(help="Prefect retries per task (each resumes).")] = 2,
     lease: Annotated[
-        float, typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.")
+        float,
+        typer.Option(help="Seconds a worker may stay silent before its tasks count as abandoned.", callback=finite()),
     ] = queue.DEFAULT_LEASE_SECONDS,
     output_dir: Annotated[
         str | None, _path_option("Agents' output directory", "directory", "<FLOWYARD_HOME>/agents")

@@ -24,6 +24,9 @@ app = typer.Typer(
 Target = Annotated[
     str | None, typer.Option("--target", help="Target PostgreSQL URL (default: flowyard's database).")
 ]
+TARGET_OPTION = "--target (target_url)"
+"""How an empty ``--target`` is named (:func:`tasks.db.resolve_url`): as typed, and as the parameter
+of the ``bulk-migrate`` flow that ``copy`` runs."""
 
 
 def load_mapping(path: Path | None) -> dict[str, Any] | None:
@@ -113,10 +116,12 @@ def copy(
 
     spec = load_mapping(mapping)
     checks = [] if validate == "none" else [c.strip() for c in validate.split(",") if c.strip()]
-    source_kind(source)  # a typo in the source or the mapping: one line, before any server starts
+    source_kind(source)  # a typo in the source, the mapping or the target: one line, before any server starts
     parse_mapping(spec)
+    if target is not None:
+        resolve_url(target, parameter=TARGET_OPTION)  # an explicit URL is only checked here, not connected to
     prepare_flow_run(get_settings())
-    target_url = state_url(target)
+    target_url = state_url(target, parameter=TARGET_OPTION)
     from flows.bulk_migrate import bulk_migrate
     from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 
@@ -159,7 +164,7 @@ def status(target: Target = None) -> None:
     from tasks.chunk_checkpoint import latest_run_progress, run_lock_name
     from tasks.state import state_url
 
-    url = resolve_url(target)
+    url = resolve_url(target, parameter=TARGET_OPTION)
     with connection(url) as conn:  # a look must not create flowyard's schema in someone's database
         recorded = one_row(conn, "SELECT to_regclass('flowyard.bulk_runs') IS NOT NULL")[0]
     progress = None

@@ -12,8 +12,9 @@ from typing import Annotated, TypedDict
 
 import typer
 
+from deployments.cli_logging import finite
 from tasks.alembic_deploy import check_migrations_dir
-from tasks.db import validate_postgres_url
+from tasks.db import DATABASE_URL_OPTION, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, check_range
 
 app = typer.Typer(help="Versioned migrations: deploy, status, rollback.", no_args_is_help=True)
@@ -33,7 +34,9 @@ Validate = Annotated[
 ]
 NoBackup = Annotated[bool, typer.Option("--no-backup", help="Skip the pg_dump backup (and so any restore).")]
 NoRestore = Annotated[bool, typer.Option("--no-restore", help="Keep the failed state instead of restoring.")]
-LockTimeout = Annotated[float, typer.Option(help="Seconds to wait for another deploy on the same database.")]
+LockTimeout = Annotated[
+    float, typer.Option(help="Seconds to wait for another deploy on the same database.", callback=finite())
+]
 BackupDir = Annotated[Path | None, typer.Option(help="Where backups go (default: <FLOWYARD_HOME>/backups).")]
 
 
@@ -42,7 +45,7 @@ def _prepare(database_url: str | None, migrations_dir: Path, lock_timeout: float
     from deployments.runtime import prepare_flow_run
     from tasks.settings import get_settings
 
-    url = validate_postgres_url(database_url) if database_url is not None else None
+    url = resolve_url(database_url, parameter=DATABASE_URL_OPTION) if database_url is not None else None
     check_migrations_dir(migrations_dir)
     if lock_timeout is not None:
         check_range(lock_timeout, "--lock-timeout", 0, MAX_WAIT_SECONDS)
@@ -110,7 +113,7 @@ def status(
     """Show applied, pending and head revisions."""
     url = _prepare(database_url, migrations_dir)
     from flows.deploy_migrations import migration_status
-    from tasks.db import mask_url, resolve_url
+    from tasks.db import mask_url
     from tasks.migration_report import status_markdown
 
     typer.echo(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import typer
 
+from deployments.cli_logging import finite
 from tasks.settings import get_settings
 
 app = typer.Typer(help="Online (expand/contract) schema changes under live traffic.", no_args_is_help=True)
@@ -20,7 +21,9 @@ MIGRATION_FILE = typer.Argument(..., help="Migration file (.yaml/.json).")
 LOCK_TIMEOUT_MS = typer.Option(200, help="lock_timeout of every DDL statement; on timeout it is retried.")
 STATEMENT_TIMEOUT_MS = typer.Option(10_000, help="statement_timeout of every short DDL statement.")
 RETRY_DEADLINE_SECONDS = typer.Option(
-    300.0, help="Give up retrying a statement that keeps hitting the lock timeout after this long."
+    300.0,
+    help="Give up retrying a statement that keeps hitting the lock timeout after this long.",
+    callback=finite(),
 )
 
 
@@ -32,12 +35,12 @@ def plan(
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
 ) -> None:
     """Print every statement, phase by phase, after validation and lint. Runs nothing."""
-    from tasks.db import resolve_url
+    from tasks.db import DATABASE_URL_OPTION, resolve_url
     from tasks.online_migration import lint_plan, prepare_plan
     from tasks.online_plan import format_plan
     from tasks.state import state_url
 
-    built = prepare_plan(resolve_url(database_url), state_url(), str(migration_file), schema)
+    built = prepare_plan(resolve_url(database_url, parameter=DATABASE_URL_OPTION), state_url(), str(migration_file), schema)
     report = lint_plan(built, lock_timeout_ms)
     typer.echo(format_plan(built))
     for warning in report.warnings:
@@ -82,8 +85,12 @@ def start(
     database_url: str | None = DATABASE_URL,
     schema: str = SCHEMA,
     batch_size: int = typer.Option(5000, help="Rows per backfill batch."),
-    batch_delay_seconds: float = typer.Option(0.0, help="Pause between backfill batches."),
-    max_rows_per_second: float | None = typer.Option(None, help="Backfill rate limit."),
+    batch_delay_seconds: float = typer.Option(
+        0.0, help="Pause between backfill batches.", callback=finite()
+    ),
+    max_rows_per_second: float | None = typer.Option(
+        None, help="Backfill rate limit.", callback=finite("rows per second")
+    ),
     lock_timeout_ms: int = LOCK_TIMEOUT_MS,
     statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
     retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,

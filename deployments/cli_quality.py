@@ -41,7 +41,7 @@ def check(
     from deployments.runtime import prepare_flow_run
     from quality.data_files import check_data_file
     from quality.suite_spec import resolve_suites
-    from tasks.db import validate_postgres_url
+    from tasks.db import DATABASE_URL_OPTION, resolve_url
     from tasks.errors import UserError
     from tasks.settings import get_settings
 
@@ -57,8 +57,8 @@ def check(
             pass
         case _:
             raise UserError(f"--window must be 'day' or 'hour', not {window!r}")
-    if database_url is not None:
-        validate_postgres_url(database_url)
+    if database_url is not None:  # checked only: resolved by the flow, after the Prefect server is up
+        resolve_url(database_url, parameter=DATABASE_URL_OPTION)
     prepare_flow_run(get_settings())
     # Resolved once here so a bad suite is one line, not a failed run (after prepare_flow_run:
     # loading suites imports Prefect, which must already point at flowyard's server).
@@ -96,10 +96,10 @@ def profile(
     """Profile a table's columns in SQL: type, nulls, distinct values and per-type statistics."""
     from quality.profiling import profile_table
     from quality.sql_rules import TableSource
-    from tasks.db import connection, resolve_url
+    from tasks.db import DATABASE_URL_OPTION, connection, resolve_url
 
     schema, _, name = table.rpartition(".")
-    with connection(resolve_url(database_url)) as conn:
+    with connection(resolve_url(database_url, parameter=DATABASE_URL_OPTION)) as conn:
         source = TableSource(schema or "public", name)
         result = profile_table(conn, source)
     if as_json:

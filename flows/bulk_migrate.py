@@ -418,7 +418,7 @@ def bulk_migrate(
     parallelism = get_settings().max_workers if parallelism is None else parallelism
     check_task_runner(task_runner, parallelism)  # before the run empties any target table
     logger = get_run_logger()
-    target = state_url(target_url)
+    target = state_url(target_url, parameter="target_url")
     config = {
         "source": source_url,
         "target": target,

@@ -62,7 +62,7 @@ def quality_check(
     and files (``files``: suite reference → CSV/Parquet/JSON path). ``window`` checks one daily or
     hourly batch on each suite's timestamp column, the one holding ``window_start`` (default now)."""
     url = resolve_url(database_url)
-    state = state_url(state_database_url)
+    state = state_url(state_database_url, parameter="state_database_url")
     table_suites = resolve_suites(suites) if suites is not None else present_entity_suites(url, table_schema)
     file_suites = [(suite, path) for ref, path in (files or {}).items() for suite in resolve_suites([ref])]
     time_window = TimeWindow.containing(window, window_start or dt.datetime.now(dt.UTC)) if window else None

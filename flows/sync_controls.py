@@ -22,8 +22,7 @@ from tasks.sync_setup import SetupChange, apply_setup, new_store
 def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
     """Per device flowyard knows (configured, or only named by runs' store paths): enabled, queued
     events (read live from the store), last success/error."""
-    sync_state.refuse_empty_state_url(state_database_url)
-    rows = sync_state.status_rows(state_url(state_database_url))
+    rows = sync_state.status_rows(state_url(state_database_url, parameter="state_database_url"))
     create_table_artifact(rows, key="sync-status", description="Devices")
     return rows
 
@@ -35,8 +34,8 @@ def sync_history(
     """The latest per-device sync results, newest first; times in UTC, and a ``since`` without a
     zone is UTC. A value the run never learned (the pending count of a device whose store did
     not open) shows as ``-`` in the artifact, as in ``flowyard sync history``."""
-    sync_state.refuse_empty_state_url(state_database_url)
-    rows = [r.as_dict() for r in sync_state.history(state_url(state_database_url), limit=limit, since=since)]
+    state = state_url(state_database_url, parameter="state_database_url")
+    rows = [r.as_dict() for r in sync_state.history(state, limit=limit, since=since)]
     create_table_artifact(
         [{k: "-" if v is None else str(v) for k, v in row.items()} for row in rows],
         key="sync-history",
@@ -75,7 +74,6 @@ def sync_configure(
     ``hash_key`` and ``central_url`` are kept with the run's parameters on the Prefect server; the
     returned configuration leaves both out.
     """
-    sync_state.refuse_empty_state_url(state_database_url)
     result = apply_setup(
         state_database_url,
         SetupChange(

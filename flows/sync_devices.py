@@ -93,8 +93,7 @@ def sync_devices(
     if stores is not None and not stores:  # a templated parameter that rendered empty, most likely
         raise UserError("stores=[] names no store; omit stores (or pass null) to sync the configured devices")
     central_override = sync_state.check_central_override(central_url)
-    sync_state.refuse_empty_state_url(state_database_url)
-    state = state_url(state_database_url)
+    state = state_url(state_database_url, parameter="state_database_url")
     config = sync_state.load_config(state)
     # 0 is a size, not "unset"; a configured size saved before it was range-checked fails here too
     if batch_size is None:

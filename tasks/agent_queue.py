@@ -89,6 +89,13 @@ class NewTask:
         # a path the run's lines and the agent's envelope name: a newline split them, and an
         # escape garbled them, in a directory nobody meant to make
         _refuse_line_breaking(self.workdir, "the working directory", "name a directory without it (--workdir / workdir)")
+        if self.workdir and not self.workdir.strip():
+            # only an empty workdir means the default (``task-<id>``): one of spaces was a
+            # directory named by them, invisible in ``queue list`` and in any path shown
+            raise UserError(
+                f"the working directory {self.workdir!r} is only whitespace; leave it out (--workdir / workdir) "
+                "for the task's own directory (task-<id>), or name a directory"
+            )
         if below_one := sorted({task_id for task_id in self.blocked_by if task_id < 1}):
             # said before connecting, as for a command's task id (:func:`no_such_task`)
             raise UserError(
@@ -454,8 +461,22 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
     Its dependents' reasons are recomputed in the same transaction: ``queue list`` went on
     telling to submit a draft just submitted, or that a retried dependency failed, until the
     next queue run. The task's own reason goes with the move (recomputed if it is pending): a
-    blocked task, cancelled, kept saying that a dependency failed after it was retried and done."""
+    blocked task, cancelled, kept saying that a dependency failed after it was retried and done.
+
+    The row is locked and read before it is moved: an UPDATE alone judges ``status`` by the row
+    as its statement began, so a cancel racing a retry that had just committed was refused with
+    the status the retry left ("cannot cancel task 2: it is pending (possible from: ...,
+    pending, ...)"), and the task stayed queued though the user cancelled it."""
     with _connection(url, atomic=True) as conn:
+        current = conn.execute(
+            "SELECT status FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,)
+        ).fetchone()
+        if current is None:
+            raise no_such_task(task_id)
+        if current[0] not in allowed:
+            raise UserError(
+                f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
+            )
         row = conn.execute(
             """
             UPDATE flowyard.agent_tasks
@@ -467,23 +488,13 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
                    worker = CASE WHEN %(reset)s THEN NULL ELSE worker END,
                    agent_pgid = CASE WHEN %(reset)s THEN NULL ELSE agent_pgid END,
                    finished_at = CASE WHEN %(to)s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
-             WHERE id = %(id)s AND status = ANY(%(allowed)s)
+             WHERE id = %(id)s
             RETURNING status
             """,
-            {"to": to, "reset": reset, "id": task_id, "allowed": list(allowed)},
+            {"to": to, "reset": reset, "id": task_id},
         ).fetchone()
-        if row is not None:
-            _mark_unrunnable(conn)
-        else:
-            current = conn.execute(
-                "SELECT status FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
-            ).fetchone()
-    if row is None:
-        if current is None:
-            raise no_such_task(task_id)
-        raise UserError(
-            f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
-        )
+        assert row is not None, "the row is locked by this transaction"
+        _mark_unrunnable(conn)
     return str(row[0])
 
 

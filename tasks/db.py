@@ -38,6 +38,8 @@ backoff, over a typo. The options below are checked by their own rules."""
 _TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 """``ssl_min_protocol_version`` and ``ssl_max_protocol_version``, lowest first; libpq compares them
 case-insensitively, and reads an empty one as unset."""
+_TLS_RANKS = {version.lower(): rank for rank, version in enumerate(_TLS_VERSIONS)}
+"""Each of :data:`_TLS_VERSIONS`, lower-cased as libpq compares it, to its rank (0: the lowest)."""
 _AUTH_METHODS = ("password", "md5", "gss", "sspi", "scram-sha-256", "oauth", "none")
 """What ``require_auth`` lists (comma-separated, each negated with ``!``, all or none of them;
 empty: unset), spelt exactly: libpq 18's set, the one psycopg's binary package ships."""
@@ -143,13 +145,12 @@ def _bad_require_auth(params: dict[str, Any]) -> str | None:
 def _bad_tls_range(params: dict[str, Any]) -> str | None:
     """Why the URL's ``ssl_min_protocol_version`` or ``ssl_max_protocol_version`` is unusable (no
     TLS version of :data:`_TLS_VERSIONS`, or a minimum above the maximum), or None."""
-    known = {version.lower(): rank for rank, version in enumerate(_TLS_VERSIONS)}
     ranks = []
     for option in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
         value = params.get(option) or ""
-        if value and value.lower() not in known:
+        if value and value.lower() not in _TLS_RANKS:
             return f"{option} {value!r} is not one of {', '.join(_TLS_VERSIONS)}"
-        ranks.append(known.get(value.lower()))
+        ranks.append(_TLS_RANKS.get(value.lower()))
     low, high = ranks
     if low is not None and high is not None and low > high:
         return (
@@ -202,12 +203,31 @@ def database_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
 
 
-def resolve_url(database_url: str | None = None) -> str:
+DATABASE_URL_OPTION = "--database-url (database_url)"
+"""How :func:`resolve_url` names the URL of a CLI command's ``--database-url``: as typed, and as
+the parameter of the flow the command runs."""
+
+_DEFAULT_DATABASE = "for flowyard's state database (FLOWYARD_DATABASE_URL, else the embedded server)"
+"""What leaving a database URL out gives (:func:`resolve_url`), in :func:`refuse_empty_url`'s words."""
+
+
+def refuse_empty_url(url: str | None, parameter: str, default: str = _DEFAULT_DATABASE) -> None:
+    """Refuse a database URL given empty (an unset shell variable, a template that rendered empty)
+    in one line naming ``parameter`` and how to get its ``default``: it names no database the
+    user meant, and ``not a PostgreSQL URL: ''`` named neither the parameter nor the default."""
+    if url == "":
+        raise UserError(f"{parameter} is empty; give a postgresql:// URL, or leave it out {default}")
+
+
+def resolve_url(database_url: str | None = None, *, parameter: str = "database_url") -> str:
     """The URL to use: the explicit one, else ``FLOWYARD_DATABASE_URL``, else the embedded server.
 
     The embedded server is started if it is not running, and its ``flowyard`` database created.
+    An empty URL is refused (:func:`refuse_empty_url`), naming ``parameter``: the flow parameter
+    or the CLI option (:data:`DATABASE_URL_OPTION`) it was given as.
     """
     if database_url is not None:  # an empty one (an unset shell variable) is an error, not the default
+        refuse_empty_url(database_url, parameter)
         return validate_postgres_url(database_url)
     from tasks.settings import get_settings
 

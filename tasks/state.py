@@ -23,9 +23,10 @@ _upgraded: set[str] = set()
 _upgrade_lock = threading.Lock()
 
 
-def state_url(database_url: str | None = None) -> str:
-    """The state database URL, with the ``flowyard`` schema migrated to the latest revisions."""
-    url = resolve_url(database_url)
+def state_url(database_url: str | None = None, *, parameter: str = "database_url") -> str:
+    """The state database URL, with the ``flowyard`` schema migrated to the latest revisions; an
+    empty ``database_url`` is refused naming ``parameter`` (:func:`resolve_url`)."""
+    url = resolve_url(database_url, parameter=parameter)
     with _upgrade_lock:
         # Connecting first gives a clear one-line error before Alembic's traceback-heavy one. The
         # schema is looked up on every call, not only remembered: a database dropped and

@@ -121,7 +121,7 @@ def apply_setup(state_database_url: str | None, change: SetupChange) -> SetupRes
         with device_store.open_store(change.add_store.path) as conn:
             if device_store.known_version(conn) == device_store.V2:
                 device_store.identity_of(conn)  # a v2 store that records no device, too
-    with sync_state.configuring(state_url(state_database_url)) as state:
+    with sync_state.configuring(state_url(state_database_url, parameter="state_database_url")) as state:
         _check_devices(state, change)
         config = sync_state.update_config(
             state,

@@ -24,7 +24,15 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from tasks import device_store
-from tasks.db import Db, connection, ensure_database, using, validate_postgres_url, with_database
+from tasks.db import (
+    Db,
+    connection,
+    ensure_database,
+    refuse_empty_url,
+    using,
+    validate_postgres_url,
+    with_database,
+)
 from tasks.device_store import Identity
 from tasks.errors import INT64_MAX, MAX_WAIT_SECONDS, UserError, check_range, check_utf8, validation_problem
 from tasks.privacy_filter import PrivacyPolicy
@@ -85,7 +93,6 @@ class SyncConfig(BaseModel):
         default=None, description="Central PostgreSQL; unset: database devflow_central."
     )
     batch_size: int = Field(default=5000, ge=1)
-    max_workers: int | None = Field(default=None, ge=1)
     download_updates: bool = False
     privacy: PrivacyPolicy = Field(default_factory=PrivacyPolicy)
     alerts: AlertThresholds = Field(default_factory=AlertThresholds)
@@ -229,14 +236,6 @@ def default_central_url(state: str) -> str:
     return with_database(state, CENTRAL_DATABASE)
 
 
-def refuse_empty_url(url: str | None, parameter: str, default: str) -> None:
-    """Refuse a database URL given empty (an unset shell variable, a template that rendered empty)
-    in one line naming ``parameter`` and how to get its ``default``: like every flowyard database
-    URL (:func:`tasks.db.resolve_url`), an empty one names no database the user meant."""
-    if url == "":
-        raise UserError(f"{parameter} is empty; give a postgresql:// URL, or leave it out {default}")
-
-
 def refuse_empty_central(url: str | None) -> None:
     """Refuse a ``--central-url`` (``central_url``) given empty: in ``configure`` it would switch every
     later run to the default central, in a run it silently synced into the configured one, never
@@ -246,14 +245,6 @@ def refuse_empty_central(url: str | None) -> None:
         "--central-url (central_url)",
         f"to keep the configured central, or give {DEFAULT_CENTRAL!r} to go back to the default (database "
         f"{CENTRAL_DATABASE} on flowyard's server)",
-    )
-
-
-def refuse_empty_state_url(url: str | None) -> None:
-    """Refuse an empty ``state_database_url`` in the words of an empty central URL, where it was
-    ``not a PostgreSQL URL: ''``, naming neither the parameter nor the default."""
-    refuse_empty_url(
-        url, "state_database_url", "for flowyard's state database (FLOWYARD_DATABASE_URL, else the embedded server)"
     )
 
 
@@ -480,15 +471,34 @@ def load_config(db: Db) -> SyncConfig:
     return SyncConfig.model_validate(_stored_settings(db))
 
 
-def _stored_settings(db: Db, replacing_alerts: Collection[str] = ()) -> dict[str, Any]:
+_SETTING_OPTIONS = {
+    "enabled": "--enable/--disable",
+    "batch_size": "--batch-size VALUE",
+    "download_updates": "--download-updates/--no-download-updates",
+    "privacy.allowlist": "--allow FIELD",
+    "privacy.mode": "--privacy-mode VALUE",
+    "privacy.hash_key": "--hash-key KEY",
+    "alerts.queue_threshold": "--queue-threshold VALUE",
+    "alerts.failure_rate": "--failure-rate VALUE",
+    "alerts.offline_seconds": "--offline-seconds VALUE",
+}
+"""Each saved setting (a dotted path, as :func:`update_config` names what it sets) that a
+``sync configure`` option sets, with that option: what the one line of an unusable saved setting
+tells the user to give (:func:`_unusable_setting`). The central URL is left out: it is checked
+apart, when a run uses it."""
+
+
+def _stored_settings(db: Db, replacing: Collection[str] = ()) -> dict[str, Any]:
     """The stored configuration, validated but for its central URL, for :func:`update_config` to
     merge a change into: a URL saved before flowyard refused it (a port out of range) fails every
     load, and ``configure --central-url`` must still be able to replace it. So must ``configure``
-    an alert threshold put into it by hand that is no number (``replacing_alerts``: those it sets);
-    any other unusable setting is one line naming it, where it was pydantic's ValidationError."""
+    any other setting put into it by hand that the model refuses (a batch size of ``"x"``, a
+    negative threshold): the settings in ``replacing`` (those it sets) are left out, not validated.
+    Any other unusable setting is one line naming it and the option that replaces it, where it was
+    pydantic's ValidationError."""
     with using(db) as conn:
         row = conn.execute("SELECT config FROM flowyard.sync_config").fetchone()
-    stored = _bounded_alerts(dict(row[0]) if row else {}, replacing_alerts)
+    stored = _bounded_alerts(_without(dict(row[0]) if row else {}, replacing))
     central_url = stored.pop("central_url", None)
     try:
         checked = SyncConfig.model_validate(stored)
@@ -497,10 +507,22 @@ def _stored_settings(db: Db, replacing_alerts: Collection[str] = ()) -> dict[str
     return {**checked.model_dump(), "central_url": central_url}
 
 
-def _bounded_alerts(stored: dict[str, Any], replacing: Collection[str] = ()) -> dict[str, Any]:
+def _without(stored: dict[str, Any], paths: Collection[str]) -> dict[str, Any]:
+    """``stored`` without the settings at the dotted ``paths`` (``batch_size``,
+    ``alerts.queue_threshold``), which the model then gives their defaults."""
+    kept = {}
+    for key, value in stored.items():
+        inner = [path.split(".", 1)[1] for path in paths if path.startswith(f"{key}.")]
+        if key not in paths:
+            kept[key] = _without(value, inner) if inner and isinstance(value, dict) else value
+    return kept
+
+
+def _bounded_alerts(stored: dict[str, Any]) -> dict[str, Any]:
     """``stored`` with an alert threshold saved over its maximum (before flowyard had one, or put in
-    by hand: a float, 1e400 read as inf) brought down to the maximum, so that configuration still
-    loads and syncs, and its alert can fire; the thresholds in ``replacing`` are left out."""
+    by hand: a float, or ``1e400``, which jsonb keeps exact and so gives back as an int of 401
+    digits, never as inf) brought down to the maximum, so that configuration still loads and syncs,
+    and its alert can fire."""
     alerts = stored.get("alerts")
     if not isinstance(alerts, dict):
         return stored
@@ -509,23 +531,23 @@ def _bounded_alerts(stored: dict[str, Any], replacing: Collection[str] = ()) -> 
         if name in _ALERT_MAXIMUMS and isinstance(value, int | float) and value > _ALERT_MAXIMUMS[name][0]
         else value
         for name, value in alerts.items()
-        if name not in replacing
     }
     return {**stored, "alerts": bounded}
 
 
 def _unusable_setting(exc: ValidationError) -> UserError:
     """The one line for a saved setting the model refuses (put into the configuration by hand): the
-    setting, what is wrong and, for an alert threshold, its value and the option that replaces it."""
+    setting, its value (not a hash key's: a secret), what is wrong, and the option that replaces it
+    (:data:`_SETTING_OPTIONS`), which :func:`update_config` lets replace it."""
     where, problem = validation_problem(exc)
-    path = where.split(".")
-    if len(path) == 2 and path[0] == "alerts":
-        value = exc.errors()[0]["input"]
-        return UserError(
-            f"the saved sync setting {where} is {value!r}: {problem}; set it with "
-            f"`flowyard sync configure --{path[1].replace('_', '-')} VALUE`"
-        )
-    return UserError(f"the saved sync setting {where} is unusable: {problem}; set it with `flowyard sync configure`")
+    setting = next((name for name in _SETTING_OPTIONS if f"{where}.".startswith(f"{name}.")), None)
+    shown = "unusable" if setting == "privacy.hash_key" else repr(exc.errors()[0]["input"])
+    fix = (
+        f"set it with `flowyard sync configure {_SETTING_OPTIONS[setting]}`"
+        if setting
+        else "no `sync configure` option sets it: remove it from the saved configuration (flowyard.sync_config)"
+    )
+    return UserError(f"the saved sync setting {where} is {shown}: {problem}; {fix}")
 
 
 def update_config(
@@ -534,8 +556,15 @@ def update_config(
     privacy: dict[str, object] | None = None,
     alerts: dict[str, object] | None = None,
 ) -> SyncConfig:
-    """Merge the given (non-None) values into the stored configuration, validate and save it."""
-    merged = _stored_settings(db, replacing_alerts=_given(alerts or {}).keys())
+    """Merge the given (non-None) values into the stored configuration, validate and save it
+    (the given privacy settings and alert thresholds first on their own: :func:`check_change`)."""
+    check_change(privacy or {}, alerts or {})
+    replacing = [
+        *_given(settings),
+        *(f"privacy.{name}" for name in _given(privacy or {})),
+        *(f"alerts.{name}" for name in _given(alerts or {})),
+    ]
+    merged = _stored_settings(db, replacing)
     merged.update(_given(settings))
     merged["privacy"].update(_given(privacy or {}))
     merged["alerts"].update(_given(alerts or {}))
@@ -544,16 +573,6 @@ def update_config(
     except ValidationError as exc:
         raise _invalid_setting(exc) from None
     check_count(updated.batch_size, "batch size")
-    for name in updated.privacy.allowlist:
-        check_utf8(name, f"--allow (allow) {name!r}", "give it as UTF-8 text")
-    if updated.privacy.hash_key:  # a secret: not quoted
-        check_utf8(updated.privacy.hash_key, "--hash-key (hash_key)", "give it as UTF-8 text")
-    if not all(name.strip() for name in updated.privacy.allowlist):
-        # Checked here, not in the model, like the hash key: a stored configuration must still load.
-        raise UserError(
-            "invalid sync setting privacy.allowlist: an empty field name; give each --allow "
-            "(allow) the name of an event_data field"
-        )
     if updated.privacy.mode == "hash" and not updated.privacy.hash_key:
         # Checked here, not in the model: a configuration stored before must still load and sync.
         raise UserError(
@@ -567,11 +586,22 @@ def update_config(
 def check_change(privacy: dict[str, object], alerts: dict[str, object]) -> None:
     """The privacy settings and alert thresholds a ``configure`` gives (None: not given), checked
     on their own before flowyard's state database is opened: its connection error hid a typo in
-    them. :func:`update_config` checks the configuration they are merged into."""
+    them (an empty ``--allow`` name, bytes that are not UTF-8). :func:`update_config` checks the
+    configuration they are merged into."""
     try:
-        SyncConfig.model_validate({"privacy": _given(privacy), "alerts": _given(alerts)})
+        policy = SyncConfig.model_validate({"privacy": _given(privacy), "alerts": _given(alerts)}).privacy
     except ValidationError as exc:
         raise _invalid_setting(exc) from None
+    for name in policy.allowlist:
+        check_utf8(name, f"--allow (allow) {name!r}", "give it as UTF-8 text")
+    if policy.hash_key:  # a secret: not quoted
+        check_utf8(policy.hash_key, "--hash-key (hash_key)", "give it as UTF-8 text")
+    if not all(name.strip() for name in policy.allowlist):
+        # Checked here, not in the model, like the hash key: a stored configuration must still load.
+        raise UserError(
+            "invalid sync setting privacy.allowlist: an empty field name; give each --allow "
+            "(allow) the name of an event_data field"
+        )
 
 
 def _invalid_setting(exc: ValidationError) -> UserError:

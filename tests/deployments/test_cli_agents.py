@@ -250,8 +250,8 @@ def test_text_postgresql_cannot_store_and_out_of_range_numbers_are_one_line(env:
     )
     assert "the title must have 1 to 200 characters, not only spaces" in _user_error("create", "   ", env=env)
     assert queue.list_tasks(url) == []
-    assert "the lease must be a finite number of seconds, at most 31536000, not inf" in _user_error(
-        "run", "--lease", "inf", env=env
+    assert "the lease must be a finite number of seconds, at most 31536000, not 1e+300" in _user_error(
+        "run", "--lease", "1e300", env=env
     )
     assert f"max_agents must be 1 to 10000, not {2**63}" in _user_error("run", "--max-agents", str(2**63), env=env)
     notes = tmp_path / "notes.yaml"
@@ -338,6 +338,24 @@ def test_a_workdir_name_no_file_system_takes_is_refused_when_the_task_is_created
     )
     assert queue.list_tasks(state_url(env["FLOWYARD_DATABASE_URL"])) == []
     assert _ok("create", "x", "--workdir", f"{'w' * 255}/{'é' * 127}", env=env).strip().isdigit()
+
+
+@pytest.mark.usefixtures("prefect_api")
+@pytest.mark.parametrize("workdir", [" ", "\u3000 "])
+def test_a_whitespace_only_workdir_is_refused_by_the_cli_and_the_flow(env: dict[str, str], workdir: str) -> None:
+    """Only an empty workdir means the task's own directory (task-<id>); one of spaces was
+    accepted and the agent worked in a directory named by them, invisible wherever it is shown."""
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    message = (
+        f"the working directory {workdir!r} is only whitespace; leave it out (--workdir / workdir) "
+        "for the task's own directory (task-<id>), or name a directory"
+    )
+    assert _user_error("create", "x", "--workdir", workdir, env=env).strip() == f"flowyard: error: {message}"
+    with pytest.raises(UserError) as info:
+        agent_task_create("y", workdir=workdir, database_url=url)
+    assert str(info.value) == message
+    assert queue.list_tasks(url) == []
+    assert queue.get_task(url, int(_ok("create", "x", env=env))).workdir == ""
 
 
 def test_a_workdir_through_a_symlink_loop_is_refused_when_the_task_is_created(env: dict[str, str], tmp_path) -> None:
@@ -427,14 +445,15 @@ def test_run_flow_refuses_bad_counts_and_templates_in_one_line(env: dict[str, st
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
-        ("--timeout", "inf", "the agent timeout (--timeout / timeout_seconds) inf is out of range; give 1 to 31536000 seconds"),
+        ("--timeout", "inf", "--timeout is Infinity; give a finite number of seconds"),
         ("--timeout", "1e9", "the agent timeout (--timeout / timeout_seconds) 1000000000.0 is out of range; give 1 to 31536000 seconds"),
         ("--timeout", "1e-300", "the agent timeout (--timeout / timeout_seconds) 1e-300 is out of range; give 1 to 31536000 seconds"),
         ("--timeout", "1e-9", "the agent timeout (--timeout / timeout_seconds) 1e-09 is out of range; give 1 to 31536000 seconds"),
-        ("--grace", "inf", "the grace period (--grace / grace_seconds) inf is out of range; give 0 to 31536000 seconds"),
-        ("--grace", "nan", "the grace period (--grace / grace_seconds) nan is out of range; give 0 to 31536000 seconds"),
+        ("--grace", "inf", "--grace is Infinity; give a finite number of seconds"),
+        ("--grace", "nan", "--grace is NaN; give a finite number of seconds"),
+        ("--lease", "-inf", "--lease is -Infinity; give a finite number of seconds"),
         ("--retries", str(10**12), f"retries (--retries / retries) {10**12} is out of range; give 0 to 100"),
-        ("--checkpoint-wait", "inf", "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) inf is out of range; give 0 to 31536000 seconds"),
+        ("--checkpoint-wait", "inf", "--checkpoint-wait is Infinity; give a finite number of seconds"),
         ("--grace", "1e-6", "the grace period (--grace / grace_seconds) 1e-06 is out of range; give 0 (no wait) or 0.001 to 31536000 seconds: a shorter wait acts as 0"),
         ("--checkpoint-wait", "0.0005", "the checkpoint wait (--checkpoint-wait / checkpoint_wait_seconds) 0.0005 is out of range; give 0 (no wait) or 0.001 to 31536000 seconds: a shorter wait acts as 0"),
     ],

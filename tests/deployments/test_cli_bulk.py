@@ -17,6 +17,7 @@ import yaml
 from deployments.bulk_demo import BULK_DEMO_ASSETS, bulk_demo_parameters
 from deployments.cli_bulk import load_mapping
 from tasks.db import drop_database, ensure_database
+from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT, run_cli
@@ -87,6 +88,20 @@ def test_cli_user_errors_are_one_line(fresh_db, tmp_path):
         "pass an existing .db file\n"
     )
     assert _one(fresh_db, "SELECT to_regclass('flowyard.bulk_runs')") == (None,), "no run recorded for a typo"
+
+
+def test_a_bad_target_is_one_line_before_flowyards_servers_are_reached(tmp_path):
+    """`bulk copy --target ""` (an unset variable) or a target that is no PostgreSQL URL was said
+    only after flowyard's PostgreSQL and Prefect server were started (or, down, failed first);
+    with both unreachable here, the target's own line still comes."""
+    down = {"FLOWYARD_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "FLOWYARD_PREFECT_PORT": str(free_port())}
+    for target, expected in (
+        ("", "--target (target_url) is empty; give a postgresql:// URL, or leave it out for flowyard's state database"),
+        ("mysql://root@h/app", "not a PostgreSQL URL: 'mysql://root@h/app'; expected postgresql://"),
+    ):
+        result = run_cli("bulk", "copy", str(BULK_DEMO_ASSETS), "--target", target, env=down, timeout=120)
+        assert result.returncode == 2 and result.stderr.startswith(f"flowyard: error: {expected}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_demo_step_parameters_load_the_shipped_assets(fresh_db):

@@ -47,12 +47,19 @@ def test_unreachable_database_is_one_line(command, tmp_path):
     assert "secret" not in line and "app:***@" in line
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
-def test_bad_lock_timeout_is_one_line(value, tmp_path, fresh_db):
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("nan", "--lock-timeout is NaN; give a finite number of seconds"),
+        ("inf", "--lock-timeout is Infinity; give a finite number of seconds"),
+        ("-1", "--lock-timeout -1.0 is out of range; give 0 to 31536000"),
+    ],
+)
+def test_bad_lock_timeout_is_one_line(value, message, tmp_path, fresh_db):
     # nan used to wait forever on a held lock (a nan deadline never arrives)
     directory = migrations_dir(tmp_path)
     result = run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--lock-timeout", value)
-    _one_line_error(result, f"--lock-timeout {float(value)} is out of range; give 0 to 31536000")
+    _one_line_error(result, message)
     with psycopg.connect(fresh_db) as conn:
         assert conn.execute("SELECT to_regclass('accounts')").fetchone() == (None,)
 
@@ -60,9 +67,12 @@ def test_bad_lock_timeout_is_one_line(value, tmp_path, fresh_db):
 def test_empty_or_undecodable_url_is_one_line_not_the_default_database(tmp_path):
     # An unset shell variable (-d "$TARGET_URL") used to deploy into flowyard's own database.
     directory = migrations_dir(tmp_path)
-    for url in ("", " "):
+    for url, expected in (
+        ("", "--database-url (database_url) is empty; give a postgresql:// URL, or leave it out for flowyard's"),
+        (" ", "not a PostgreSQL URL: ' '"),
+    ):
         result = run_cli("migrate", "deploy", "-d", url, "-m", str(directory))
-        _one_line_error(result, f"not a PostgreSQL URL: {url!r}")
+        _one_line_error(result, expected)
     # A non-UTF-8 byte (here 0xe9, as a Latin-1 shell passes it) used to be a UnicodeEncodeError traceback.
     result = run_cli("migrate", "status", "-d", "postgresql://localhost/caf\udce9", "-m", str(directory))
     _one_line_error(result, "not a PostgreSQL URL: 'postgresql://localhost/caf\\udce9'")

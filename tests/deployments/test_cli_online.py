@@ -167,13 +167,11 @@ def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
         # PostgreSQL takes at most 2^31-1 ms: a bigger value used to fail start's first step
         # with the migration already recorded as started.
         ("--lock-timeout-ms", "10" * 10, f"lock_timeout_ms {'10' * 10} is out of range; give 1 to 2147483647"),
-        # nan passed every "> 0" check; inf seconds sleep (or retry) forever: refused with the flow's parameters
-        ("--batch-delay-seconds", "nan", "online-migrate: parameter batch_delay_seconds is NaN: not a finite number"
-         ", which JSON cannot hold (the flow run would record null); give a finite number"),
-        ("--retry-deadline-seconds", "inf", "online-migrate: parameter retry_deadline_seconds is Infinity: not a"
-         " finite number, which JSON cannot hold (the flow run would record null); give a finite number"),
-        ("--max-rows-per-second", "nan", "online-migrate: parameter max_rows_per_second is NaN: not a finite"
-         " number, which JSON cannot hold (the flow run would record null); give a finite number"),
+        # nan passed every "> 0" check; inf seconds sleep (or retry) forever: refused naming the
+        # option typed (it was the flow parameter's name, "parameter retry_deadline_seconds is Infinity")
+        ("--batch-delay-seconds", "nan", "--batch-delay-seconds is NaN; give a finite number of seconds"),
+        ("--retry-deadline-seconds", "inf", "--retry-deadline-seconds is Infinity; give a finite number of seconds"),
+        ("--max-rows-per-second", "-inf", "--max-rows-per-second is -Infinity; give a finite number of rows per second"),
     ):
         result = run_cli("online", "start", migration, "--database-url", fresh_db, option, value)
         assert result.returncode == 2

@@ -507,9 +507,9 @@ def test_configure_names_a_bad_central_url_also_while_the_state_database_is_down
 
 
 def test_configure_names_a_bad_setting_also_while_the_state_database_is_down(tmp_path: Path) -> None:
-    """The privacy mode, the alert thresholds and the batch size were first checked when the
-    configuration was merged, after the state database was opened: while that was down, its
-    connection error hid the typo."""
+    """The privacy mode, the alert thresholds, the batch size, an empty --allow name and an --allow
+    or --hash-key that is not UTF-8 were first checked when the configuration was merged, after the
+    state database was opened: while that was down, its connection error hid the typo."""
     dead = {"FLOWYARD_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", "FLOWYARD_HOME": str(tmp_path)}
     for args, refused in (
         (("--privacy-mode", "bogus"), "privacy.mode: 'bogus' is neither drop nor hash; give --privacy-mode (privacy_mode) drop or hash"),
@@ -517,6 +517,10 @@ def test_configure_names_a_bad_setting_also_while_the_state_database_is_down(tmp
         (("--offline-seconds", str(2**63)), f"alerts.offline_seconds: {2**63} is over the maximum of 31536000 seconds"),
         (("--failure-rate", "1.5"), "alerts.failure_rate: 1.5 is out of range; give --failure-rate (failure_rate) 0 to 1"),
         (("--batch-size", str(2**63)), "batch size 9223372036854775808 is out of range"),
+        (("--allow", "action", "--allow", " "), "privacy.allowlist: an empty field name; give each --allow (allow)"),
+        (("--allow", os.fsdecode(b"caf\xe9")), "--allow (allow) 'caf\\udce9' holds bytes that are not UTF-8"),
+        (("--privacy-mode", "hash", "--hash-key", os.fsdecode(b"k\xe9y")),
+         "--hash-key (hash_key) holds bytes that are not UTF-8; give it as UTF-8 text"),
     ):
         out = run_cli("sync", "configure", *args, env=dead)
         assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
@@ -919,11 +923,12 @@ def test_a_central_url_with_a_replication_auth_or_tls_option_libpq_refuses_is_on
             sync_state.remove_device(state_db, "conninfo")
 
 
-def _save_alert_by_hand(state_db: str, name: str, value: str) -> None:
-    """Put ``value`` (JSON text) into the saved configuration's alert threshold ``name``, as another tool might."""
+def _save_by_hand(state_db: str, setting: str, value: str) -> None:
+    """Put ``value`` (JSON text) into the saved configuration's ``setting`` (a dotted path, e.g.
+    ``alerts.queue_threshold``), as another tool might."""
     with psycopg.connect(state_db) as conn:
         conn.execute(
-            "UPDATE flowyard.sync_config SET config = jsonb_set(config, ARRAY['alerts', %s], %s::jsonb)", (name, value)
+            "UPDATE flowyard.sync_config SET config = jsonb_set(config, %s, %s::jsonb)", (setting.split("."), value)
         )
 
 
@@ -935,8 +940,11 @@ def test_a_saved_alert_threshold_put_in_by_hand_loads_capped_or_is_one_line(stat
     before = sync_state.load_config(state_db)
     sync_state.save_config(state_db, before)
     try:
-        _save_alert_by_hand(state_db, "queue_threshold", "2000000000.5")
-        _save_alert_by_hand(state_db, "offline_seconds", "1e400")
+        _save_by_hand(state_db, "alerts.queue_threshold", "2000000000.5")
+        _save_by_hand(state_db, "alerts.offline_seconds", "1e400")
+        with psycopg.connect(state_db) as conn:  # jsonb keeps 1e400 exact: an int of 401 digits, not inf
+            [saved] = conn.execute("SELECT config->'alerts'->'offline_seconds' FROM flowyard.sync_config").fetchone()
+        assert saved == 10**400 and isinstance(saved, int)
         assert run_cli("sync", "status").returncode == 0
         alerts = sync_state.load_config(state_db).alerts
         assert (alerts.queue_threshold, alerts.offline_seconds) == (
@@ -944,7 +952,7 @@ def test_a_saved_alert_threshold_put_in_by_hand_loads_capped_or_is_one_line(stat
             sync_state.MAX_OFFLINE_SECONDS,
         )
         for value, problem in (('"lots"', "'lots': Input should be a valid integer"), ("-5", "-5: Input should be")):
-            _save_alert_by_hand(state_db, "queue_threshold", value)
+            _save_by_hand(state_db, "alerts.queue_threshold", value)
             refused = (
                 f"flowyard: error: the saved sync setting alerts.queue_threshold is {problem}",
                 "; set it with `flowyard sync configure --queue-threshold VALUE`",
@@ -957,6 +965,39 @@ def test_a_saved_alert_threshold_put_in_by_hand_loads_capped_or_is_one_line(stat
         fixed = run_cli("sync", "configure", "--queue-threshold", "500")
         assert fixed.returncode == 0, fixed.stderr
         assert sync_state.load_config(state_db).alerts.queue_threshold == 500
+    finally:
+        sync_state.save_config(state_db, before)
+
+
+def test_any_unusable_saved_setting_is_one_line_and_configure_of_its_option_replaces_it(state_db: str) -> None:
+    """Only an alert threshold put in by hand could be replaced: `configure --batch-size 500` of a
+    saved batch size of "x" or -5 validated the whole saved configuration first, and so refused
+    its own fix in the line that told the user to run it."""
+    before = sync_state.load_config(state_db)
+    sync_state.save_config(state_db, before)
+    try:
+        for setting, value, shown, option, fix in (
+            ("batch_size", '"x"', "'x': Input should be a valid integer", "--batch-size VALUE", ("--batch-size", "500")),
+            ("batch_size", "-5", "-5: Input should be greater than or equal to 1", "--batch-size VALUE", ("--batch-size", "501")),
+            ("privacy.mode", '"scramble"', "'scramble': Input should be 'drop' or 'hash'", "--privacy-mode VALUE",
+             ("--privacy-mode", "drop")),
+            ("enabled", '"maybe"', "'maybe': Input should be a valid boolean", "--enable/--disable", ("--enable",)),
+        ):
+            _save_by_hand(state_db, setting, value)
+            refused = (
+                f"flowyard: error: the saved sync setting {setting} is {shown}",
+                f"; set it with `flowyard sync configure {option}`",
+            )
+            for args in (("sync", "status"), ("sync", "trigger"), ("sync", "configure", "--queue-threshold", "7")):
+                out = run_cli(*args)
+                assert out.returncode == 2 and "Traceback" not in out.stderr, (args, out.stderr)
+                [line] = [line for line in out.stderr.splitlines() if line.startswith("flowyard: error:")]
+                assert line.startswith(refused[0]) and line.endswith(refused[1]), line
+            fixed = run_cli("sync", "configure", *fix)
+            assert fixed.returncode == 0, (fix, fixed.stderr)
+        config = sync_state.load_config(state_db)
+        assert (config.batch_size, config.privacy.mode, config.enabled) == (501, "drop", True)
+        assert config.alerts == before.alerts  # the refused configure --queue-threshold 7 saved nothing
     finally:
         sync_state.save_config(state_db, before)
 

@@ -214,7 +214,9 @@ def test_a_blank_optional_parameter_is_its_default(fresh_db: str) -> None:
     assert queue.get_task(state_url(fresh_db), task_id).payload == {}
     assert [t["id"] for t in agent_task_list(status="", database_url=fresh_db)] == [task_id]
     refused = agent_task_list(status="", database_url="", return_state=True)
-    assert refused.is_failed() and "not a PostgreSQL URL" in (refused.message or ""), refused.message
+    assert refused.is_failed() and "database_url is empty; give a postgresql:// URL" in (refused.message or ""), (
+        refused.message
+    )
 
 
 def _runs_of(flow_name: str) -> int:

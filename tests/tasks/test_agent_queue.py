@@ -11,6 +11,8 @@ import sys
 import textwrap
 import threading
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -777,6 +779,20 @@ def _how_far(url: str, worker: str) -> str:
     return str(queue.finish_attempt(url, attempt.run_id, worker, "completed", result={"done": True}))
 
 
+def _after_the_race(url: str, task_id: int) -> tuple[queue.AgentTask, int, str | None, list[tuple[str, str]]]:
+    """What a race left of a task: the task, its claims, the status it was cancelled from and its
+    runs' ``(outcome, worker)`` in order."""
+    task = queue.get_task(url, task_id)
+    with connection(url) as conn:
+        claims, cancelled_from = conn.execute(
+            "SELECT claims, cancelled_from FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
+        ).fetchone()
+        runs = conn.execute(
+            "SELECT outcome, worker FROM flowyard.agent_runs WHERE task_id = %s ORDER BY id", (task_id,)
+        ).fetchall()
+    return task, claims, cancelled_from, runs
+
+
 def test_a_cancel_racing_a_claim_and_its_attempt_is_told_what_the_task_ends_as(qdb: str) -> None:
     """Two connections at once, many times: a worker claiming a task and running it to completion,
     and a cancel of that task. Whoever is told it won is right: a cancelled task was never reported
@@ -797,14 +813,7 @@ def test_a_cancel_racing_a_claim_and_its_attempt_is_told_what_the_task_ends_as(q
         except UserError as refused:
             told["cancel"] = str(refused)
         claimer.join()
-        task = queue.get_task(qdb, task_id)
-        with connection(qdb) as conn:
-            claims, cancelled_from = conn.execute(
-                "SELECT claims, cancelled_from FROM flowyard.agent_tasks WHERE id = %s", (task_id,)
-            ).fetchone()
-            runs = conn.execute(
-                "SELECT outcome FROM flowyard.agent_runs WHERE task_id = %s", (task_id,)
-            ).fetchall()
+        task, claims, cancelled_from, runs = _after_the_race(qdb, task_id)
         outcome = (told["worker"], told["cancel"] if told["cancel"] == "cancelled" else "refused")
         seen[outcome] += 1
         assert claims == (0 if told["worker"] == "not claimed" else 1), (outcome, claims)
@@ -815,5 +824,77 @@ def test_a_cancel_racing_a_claim_and_its_attempt_is_told_what_the_task_ends_as(q
             assert cancelled_from == ("pending" if told["worker"] == "not claimed" else "in_progress"), outcome
         else:
             assert told["cancel"].startswith(f"cannot cancel task {task_id}: it is completed"), outcome
-            assert (told["worker"], task.status, runs) == ("completed", "completed", [("completed",)]), outcome
+            assert (told["worker"], task.status, runs) == ("completed", "completed", [("completed", worker)]), outcome
+    assert len(seen) > 1, f"the race never went more than one way: {seen}"
+
+
+def _failed_or_cancelled(url: str, end: str) -> int:
+    """A task that ran once and ended ``end`` (failed, or cancelled as pending after its failure was
+    retried), with its worker gone from it: what ``queue retry`` takes."""
+    task_id = queue.create_task(url, _new("retried"))
+    [task] = queue.claim_ready(url, "setup", 1)
+    attempt = queue.start_attempt(url, task.id, "setup", None)
+    queue.finish_attempt(url, attempt.run_id, "setup", "failed", error="broke", final=True)
+    queue.fail_task(url, task_id, "setup", "broke")
+    if end == "cancelled":
+        queue.retry_task(url, task_id)
+        queue.cancel_task(url, task_id)
+    return task_id
+
+
+def _tell(told: dict[str, str], side: str, start: threading.Barrier, action: Callable[[], object]) -> None:
+    """One side of a race: ``told[side]`` is what it was told, the task's new status or why not."""
+    start.wait()
+    try:
+        told[side] = str(action())
+    except UserError as refused:
+        told[side] = str(refused)
+
+
+@pytest.mark.parametrize("end", ["failed", "cancelled"])
+def test_a_retry_racing_a_cancel_and_a_claim_leaves_one_consistent_task(qdb: str, end: str) -> None:
+    """Three connections at once, many times: ``queue retry`` of a failed (or cancelled) task, a
+    ``queue cancel`` of it and a worker claiming and running it. Whatever the order, the task ends
+    in one state each side was told of: cancelled (no worker, no error, from the status the
+    retry left), or pending with nobody on it, or completed by the worker that claimed it; the
+    retry is never refused, a cancel is refused only for a status it cannot cancel, and claims,
+    attempts and ``agent_runs`` rows agree (one more of each only for a claim that ran)."""
+    worker = queue.new_worker_id()
+    seen: Counter[tuple[str, str, str]] = Counter()
+    for _ in range(150):
+        task_id = _failed_or_cancelled(qdb, end)
+        start = threading.Barrier(3)
+        told: dict[str, str] = {}
+        racers = [
+            threading.Thread(target=_tell, args=(told, "worker", start, partial(_how_far, qdb, worker))),
+            threading.Thread(target=_tell, args=(told, "cancel", start, partial(queue.cancel_task, qdb, task_id))),
+        ]
+        for racer in racers:
+            racer.start()
+        _tell(told, "retry", start, partial(queue.retry_task, qdb, task_id))
+        for racer in racers:
+            racer.join()
+        task, claims, cancelled_from, runs = _after_the_race(qdb, task_id)
+        cancelled = told["cancel"] == "cancelled"
+        outcome = (told["worker"], "cancelled" if cancelled else told["cancel"].split(": ")[-1], told["retry"])
+        seen[outcome] += 1
+        assert told["retry"] == "pending", outcome
+        claimed = told["worker"] != "not claimed"
+        ran = told["worker"] not in ("not claimed", "not held")
+        assert claims == 1 + claimed, (outcome, claims)
+        assert runs[0] == ("failed", "setup") and len(runs) == 1 + ran == task.attempts, (outcome, runs, task)
+        assert task.error is None, (outcome, task)
+        if cancelled:
+            assert told["worker"] in ("not claimed", "not held", "None"), outcome
+            assert (task.status, task.worker, task.agent_pgid) == ("cancelled", None, None), (outcome, task)
+            assert cancelled_from == ("in_progress" if claimed else "pending"), outcome
+            assert all(run_worker == worker and run_outcome for run_outcome, run_worker in runs[1:]), (outcome, runs)
+        elif ran:
+            refused = (f"cannot cancel task {task_id}: it is completed", f"cannot cancel task {task_id}: it is {end}")
+            assert told["cancel"].startswith(refused), outcome
+            assert (told["worker"], task.status, runs[1:]) == ("completed", "completed", [("completed", worker)]), outcome
+        else:
+            assert told["cancel"].startswith(f"cannot cancel task {task_id}: it is {end}"), outcome
+            assert (task.status, task.worker, task.agent_pgid) == ("pending", None, None), (outcome, task)
+            queue.cancel_task(qdb, task_id)  # out of the next round's claims
     assert len(seen) > 1, f"the race never went more than one way: {seen}"

@@ -317,3 +317,32 @@ def test_a_replication_connection_cannot_run_a_query_with_bound_values(fresh_db:
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the simple query protocol: it is connected
         with pytest.raises(psycopg.errors.ProtocolViolation, match="extended query protocol not supported"):
             conn.execute("SELECT %s::int", (1,))
+
+
+def test_an_empty_database_url_names_what_was_given_empty_in_flows_and_commands_alike(prefect_api, tmp_path):
+    """An empty URL (an unset shell variable, a template that rendered empty) was refused as
+    "not a PostgreSQL URL: ''", naming neither the parameter or option nor how to get the default;
+    only the sync flows said so, each with a check of its own."""
+    from flows.deploy_migrations import migration_status
+
+    default = (
+        "give a postgresql:// URL, or leave it out for flowyard's state database "
+        "(FLOWYARD_DATABASE_URL, else the embedded server)"
+    )
+    for run, named in (
+        (lambda: resolve_url(""), "database_url"),
+        (lambda: state_url("", parameter="state_database_url"), "state_database_url"),
+        (lambda: migration_status(database_url=""), "database_url"),
+    ):
+        with pytest.raises(UserError) as info:
+            run()
+        assert str(info.value) == f"{named} is empty; {default}"
+    home = {"FLOWYARD_HOME": str(tmp_path)}
+    for args, named in (
+        (("quality", "profile", "events", "--database-url", ""), "--database-url (database_url)"),
+        (("migrate", "status", "--database-url", ""), "--database-url (database_url)"),
+        (("bulk", "status", "--target", ""), "--target (target_url)"),
+    ):
+        out = run_cli(*args, env=home)
+        assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
+        assert out.stderr.splitlines() == [f"flowyard: error: {named} is empty; {default}"], args

@@ -331,3 +331,27 @@ def test_alert_thresholds_saved_past_their_maximum_load_at_the_maximum_and_fire(
         assert sync_state.load_config(state_db).alerts == config.alerts
     finally:
         sync_state.save_config(state_db, before)
+
+
+def test_a_saved_section_no_option_replaces_is_one_line_saying_to_remove_it(state_db: str) -> None:
+    """A whole ``alerts`` section saved by hand as a number: no ``configure`` option replaces it
+    (one sets a threshold inside it), so the line says to remove it, rather than naming an
+    option that would fail on it again."""
+    before = sync_state.load_config(state_db)
+    sync_state.save_config(state_db, before)
+    try:
+        with psycopg.connect(state_db) as conn:
+            conn.execute("UPDATE flowyard.sync_config SET config = jsonb_set(config, '{alerts}', '7')")
+        for attempt in (
+            lambda: sync_state.load_config(state_db),
+            lambda: sync_state.update_config(state_db, {}, alerts={"queue_threshold": 5}),
+        ):
+            with pytest.raises(UserError) as info:
+                attempt()
+            message = str(info.value)
+            assert message.startswith("the saved sync setting alerts is 7: "), message
+            assert message.endswith(
+                "; no `sync configure` option sets it: remove it from the saved configuration (flowyard.sync_config)"
+            ), message
+    finally:
+        sync_state.save_config(state_db, before)
