@@ -18,7 +18,7 @@ from typer._click import Context  # typer vendors click, exports neither
 from typer._click.exceptions import NoSuchOption
 from typer.core import TyperCommand
 
-from deployments.cli_logging import finite
+from deployments.cli_options import finite
 from tasks import agent_queue as queue
 from tasks.errors import UserError, first_line, make_user_dir, parse_problem, printable, read_user_file
 

@@ -3,19 +3,11 @@
 A failed run raises its error to the CLI, which prints it as one line; Prefect's console
 handler would also print the full traceback of every failed task and flow. The Prefect API
 still receives the tracebacks (the UI shows them); only the terminal is spared.
-
-Also the check every float option of those commands shares (:func:`finite`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
-
-import typer
-
-from tasks.errors import UserError
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -43,18 +35,3 @@ def console_without_tracebacks() -> None:
             handler.formatter, _WithoutTraceback
         ):
             handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
-
-
-def finite(unit: str = "seconds") -> Callable[[typer.CallbackParam, float | None], float | None]:
-    """The callback of a float option (``--timeout``, ``--lock-timeout``, ...): click reads ``nan``
-    and ``inf``, which then failed in the words of the flow parameter they were passed to
-    (``online-migrate: parameter retry_deadline_seconds is Infinity``), or of a range check, not
-    naming the option typed. One line naming it instead, before any database is touched."""
-
-    def check(param: typer.CallbackParam, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            given = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-            raise UserError(f"{param.opts[0]} is {given}; give a finite number of {unit}")
-        return value
-
-    return check

@@ -12,7 +12,7 @@ from typing import Annotated, TypedDict
 
 import typer
 
-from deployments.cli_logging import finite
+from deployments.cli_options import finite
 from tasks.alembic_deploy import check_migrations_dir
 from tasks.db import DATABASE_URL_OPTION, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, check_range

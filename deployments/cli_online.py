@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import typer
 
-from deployments.cli_logging import finite
+from deployments.cli_options import finite
 from tasks.settings import get_settings
 
 app = typer.Typer(help="Online (expand/contract) schema changes under live traffic.", no_args_is_help=True)
