@@ -20,7 +20,7 @@ from typer.core import TyperCommand
 
 from deployments.cli_options import finite
 from tasks import agent_queue as queue
-from tasks.errors import UserError, first_line, make_user_dir, parse_problem, printable, read_user_file
+from tasks.errors import UserError, first_line, parse_problem, printable, read_user_file
 
 app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
 
@@ -338,8 +338,7 @@ def run(
     AgentLimits(
         timeout_seconds=timeout, grace_seconds=grace, checkpoint_wait_seconds=checkpoint_wait, lease_seconds=lease
     )
-    _make_given_dirs(output_dir, logs_dir)
-    agent_directories(output_dir, logs_dir)
+    agent_directories(output_dir, logs_dir, names=("--output-dir", "--logs-dir"))
     prepare_flow_run(get_settings())
     from prefect.exceptions import CancelledRun
 
@@ -375,15 +374,6 @@ def run(
         line = _unfinished(failed, blocked, sorted(by_cancelled), summary["logs_dir"])
         typer.echo(f"flowyard: {line}", err=True)
         raise typer.Exit(1)
-
-
-def _make_given_dirs(output_dir: str | None, logs_dir: str | None) -> None:
-    """Make the directories given, one that cannot be made named by its option as typed:
-    :func:`agent_directories`, which makes them (and the defaults) for the flow too, names its
-    parameters (``output_dir``), which the user of the command never typed."""
-    for given, option in ((output_dir, "--output-dir"), (logs_dir, "--logs-dir")):
-        if given is not None:
-            make_user_dir(given, option)
 
 
 def _unfinished(failed: list[int], blocked: list[int], cancelled: list[int], logs_dir: str) -> str:

@@ -118,10 +118,10 @@ def copy(
     checks = [] if validate == "none" else [c.strip() for c in validate.split(",") if c.strip()]
     source_kind(source)  # a typo in the source, the mapping or the target: one line, before any server starts
     parse_mapping(spec)
-    if target is not None:
-        resolve_url(target, parameter=TARGET_OPTION)  # an explicit URL is only checked here, not connected to
-    prepare_flow_run(get_settings())
+    # the target before the Prefect server: a typo in it, or a target that refuses connections,
+    # is its one line, with no server started for nothing
     target_url = state_url(target, parameter=TARGET_OPTION)
+    prepare_flow_run(get_settings())
     from flows.bulk_migrate import bulk_migrate
     from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 

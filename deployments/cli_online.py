@@ -67,10 +67,12 @@ def status() -> None:
 
 def _run(**parameters: Any) -> None:
     from deployments.runtime import prepare_flow_run
+    from tasks.db import check_given_url
     from tasks.online_spec import load_spec
 
     if "migration_file" in parameters:
         load_spec(parameters["migration_file"])  # a bad file: one line, before any server starts
+    check_given_url(parameters["database_url"])
     prepare_flow_run(get_settings())
     from flows.online_migrate import online_migrate
 

@@ -41,7 +41,7 @@ def check(
     from deployments.runtime import prepare_flow_run
     from quality.data_files import check_data_file
     from quality.suite_spec import resolve_suites
-    from tasks.db import DATABASE_URL_OPTION, resolve_url
+    from tasks.db import check_given_url
     from tasks.errors import UserError
     from tasks.settings import get_settings
 
@@ -57,8 +57,7 @@ def check(
             pass
         case _:
             raise UserError(f"--window must be 'day' or 'hour', not {window!r}")
-    if database_url is not None:  # checked only: resolved by the flow, after the Prefect server is up
-        resolve_url(database_url, parameter=DATABASE_URL_OPTION)
+    check_given_url(database_url)
     prepare_flow_run(get_settings())
     # Resolved once here so a bad suite is one line, not a failed run (after prepare_flow_run:
     # loading suites imports Prefect, which must already point at flowyard's server).

@@ -62,16 +62,18 @@ def check_new_workdir(workdir: str, output_dir: str | None = None, logs_dir: str
         resolve_workdir(base, workdir, None, logs_dir=Path(logs_dir) if logs_dir else None)
 
 
-def agent_directories(output_dir: str | Path | None, logs_dir: str | Path | None) -> tuple[Path, Path]:
+def agent_directories(
+    output_dir: str | Path | None, logs_dir: str | Path | None, names: tuple[str, str] = ("output_dir", "logs_dir")
+) -> tuple[Path, Path]:
     """The run's output and logs directories (defaults: ``<FLOWYARD_HOME>/agents`` and its
-    ``logs``), resolved and created before anything is claimed: one that cannot be made (a
-    file in the way, no permission) would otherwise fail every task the run claims. The CLI
-    calls it too, so that such a typo is one line before a flow run starts."""
+    ``logs``), created and resolved before anything is claimed: one that cannot be made (a file
+    in the way, no permission) would otherwise fail every task the run claims. The CLI calls it
+    too, so that such a typo is one line before a flow run starts; ``names`` are what that line
+    calls the two directories: the flow's parameters, or the options the user of the CLI typed."""
     base = Path(output_dir) if output_dir else default_agents_dir()
-    directories = base.resolve(), (Path(logs_dir) if logs_dir else base / "logs").resolve()
-    for path, parameter in zip(directories, ("output_dir", "logs_dir"), strict=True):
-        make_user_dir(path, parameter)
-    return directories
+    directories = base, Path(logs_dir) if logs_dir else base / "logs"
+    output, logs = (make_user_dir(path, name).resolve() for path, name in zip(directories, names, strict=True))
+    return output, logs
 
 
 @dataclass(frozen=True)

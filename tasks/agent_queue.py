@@ -469,18 +469,18 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
     pending, ...)"), and the task stayed queued though the user cancelled it."""
     with _connection(url, atomic=True) as conn:
         current = conn.execute(
-            "SELECT status FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,)
+            "SELECT status, cancelled_from FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,)
         ).fetchone()
         if current is None:
             raise no_such_task(task_id)
-        if current[0] not in allowed:
-            raise UserError(
-                f"cannot {verb} task {task_id}: it is {current[0]} (possible from: {', '.join(allowed)})"
-            )
-        row = conn.execute(
+        status, cancelled_from = current
+        if status not in allowed:
+            raise UserError(f"cannot {verb} task {task_id}: it is {status} (possible from: {', '.join(allowed)})")
+        moved_to = "draft" if to == "pending" and cancelled_from == "draft" else to
+        conn.execute(
             """
             UPDATE flowyard.agent_tasks
-               SET status = CASE WHEN %(to)s = 'pending' AND cancelled_from = 'draft' THEN 'draft' ELSE %(to)s END,
+               SET status = %(moved_to)s,
                    cancelled_from = CASE WHEN %(to)s = 'cancelled' THEN status END,
                    updated_at = now(),
                    error = CASE WHEN %(reset)s THEN NULL ELSE error END,
@@ -489,13 +489,11 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
                    agent_pgid = CASE WHEN %(reset)s THEN NULL ELSE agent_pgid END,
                    finished_at = CASE WHEN %(to)s IN ('completed', 'cancelled') THEN now() ELSE finished_at END
              WHERE id = %(id)s
-            RETURNING status
             """,
-            {"to": to, "reset": reset, "id": task_id},
-        ).fetchone()
-        assert row is not None, "the row is locked by this transaction"
+            {"to": to, "moved_to": moved_to, "reset": reset, "id": task_id},
+        )
         _mark_unrunnable(conn)
-    return str(row[0])
+    return moved_to
 
 
 def cancel_task(url: str, task_id: int) -> str:

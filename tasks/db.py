@@ -18,7 +18,14 @@ from psycopg import sql
 from psycopg.abc import Params, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
-from tasks.errors import ConnectionUnavailable, UserError, check_utf8, control_character, first_line
+from tasks.errors import (
+    ConnectionUnavailable,
+    UserError,
+    check_utf8,
+    control_character,
+    first_line,
+    option_and_parameter,
+)
 
 MIN_SERVER_VERSION = 140000
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg", "postgresql+asyncpg", "postgresql+psycopg2")
@@ -203,7 +210,7 @@ def database_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
 
 
-DATABASE_URL_OPTION = "--database-url (database_url)"
+DATABASE_URL_OPTION = option_and_parameter("database_url")
 """How :func:`resolve_url` names the URL of a CLI command's ``--database-url``: as typed, and as
 the parameter of the flow the command runs."""
 
@@ -214,9 +221,11 @@ _DEFAULT_DATABASE = "for flowyard's state database (FLOWYARD_DATABASE_URL, else 
 def refuse_empty_url(url: str | None, parameter: str, default: str = _DEFAULT_DATABASE) -> None:
     """Refuse a database URL given empty (an unset shell variable, a template that rendered empty)
     in one line naming ``parameter`` and how to get its ``default``: it names no database the
-    user meant, and ``not a PostgreSQL URL: ''`` named neither the parameter nor the default."""
-    if url == "":
-        raise UserError(f"{parameter} is empty; give a postgresql:// URL, or leave it out {default}")
+    user meant, and ``not a PostgreSQL URL: ''`` named neither the parameter nor the default.
+    One of only whitespace (a quoted variable holding a space) is refused in the same words."""
+    if url is not None and not url.strip():
+        given = "empty" if url == "" else f"only whitespace ({url!r})"
+        raise UserError(f"{parameter} is {given}; give a postgresql:// URL, or leave it out {default}")
 
 
 def resolve_url(database_url: str | None = None, *, parameter: str = "database_url") -> str:
@@ -240,6 +249,15 @@ def resolve_url(database_url: str | None = None, *, parameter: str = "database_u
     server.start()
     ensure_database(server.url(), "flowyard")
     return server.url("flowyard")
+
+
+def check_given_url(database_url: str | None, parameter: str = DATABASE_URL_OPTION) -> None:
+    """A URL a CLI command was given, checked (not empty, a PostgreSQL URL) but not connected
+    to, before any server starts: the flow the command runs resolves it itself, and its error
+    came after the Prefect server started and named the flow's parameter, not the option typed.
+    None (not given) is left to the flow."""
+    if database_url is not None:
+        resolve_url(database_url, parameter=parameter)
 
 
 TEXT_FORMS: dict[str, str] = {

@@ -26,6 +26,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+def option_and_parameter(parameter: str) -> str:
+    """How a one-line error names a value a CLI option and a flow parameter both give: the
+    option as typed, then the parameter (``--batch-size (batch_size)``), so that it reads right
+    to the user of either."""
+    return f"--{parameter.replace('_', '-')} ({parameter})"
+
+
 class ConnectionUnavailable(UserError):
     """Connecting to PostgreSQL failed. ``sqlstate`` is the server's reason when it is one a
     later attempt can meet differently (53300 too many connections, 57P03 starting up or

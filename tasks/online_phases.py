@@ -19,7 +19,15 @@ from psycopg import sql
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
 from tasks.db import connect, one_row
 from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
-from tasks.errors import INT64_MAX, MAX_WAIT_SECONDS, PG_MAX_MILLISECONDS, UserError, check_range, first_line
+from tasks.errors import (
+    INT64_MAX,
+    MAX_WAIT_SECONDS,
+    PG_MAX_MILLISECONDS,
+    UserError,
+    check_range,
+    first_line,
+    option_and_parameter,
+)
 from tasks.online_plan import Phase, Step
 from tasks.online_state import (
     BackfillCheckpoints,
@@ -83,21 +91,23 @@ def run_options(
     statement_timeout_ms: int,
     retry_deadline_seconds: float,
 ) -> RunOptions:
-    """The flow's parameters as run options; a value out of range is the user's one-line error.
+    """The flow's parameters as run options; a value out of range is the user's one-line error,
+    naming the ``flowyard online`` option and the flow parameter (:func:`option_and_parameter`).
 
     Checked here, before planning and before anything is recorded: a lock_timeout of 0 would
     otherwise surface as a lint finding on a generated statement, a batch size of 0 as a
     backfill that never moves, and a timeout PostgreSQL does not take (over 2^31-1 ms) as start
     failing its first step with the migration already begun.
     """
-    check_range(batch_size, "batch_size", 1, INT64_MAX)
-    check_range(lock_timeout_ms, "lock_timeout_ms", 1, PG_MAX_MILLISECONDS)
-    check_range(statement_timeout_ms, "statement_timeout_ms", 1, PG_MAX_MILLISECONDS)
-    check_range(batch_delay_seconds, "batch_delay_seconds", 0, MAX_WAIT_SECONDS)
-    check_range(retry_deadline_seconds, "retry_deadline_seconds", 0, MAX_WAIT_SECONDS)
+    check_range(batch_size, option_and_parameter("batch_size"), 1, INT64_MAX)
+    check_range(lock_timeout_ms, option_and_parameter("lock_timeout_ms"), 1, PG_MAX_MILLISECONDS)
+    check_range(statement_timeout_ms, option_and_parameter("statement_timeout_ms"), 1, PG_MAX_MILLISECONDS)
+    check_range(batch_delay_seconds, option_and_parameter("batch_delay_seconds"), 0, MAX_WAIT_SECONDS)
+    check_range(retry_deadline_seconds, option_and_parameter("retry_deadline_seconds"), 0, MAX_WAIT_SECONDS)
     if max_rows_per_second is not None and not max_rows_per_second > 0:  # not `<= 0`: nan passes that
         raise UserError(
-            f"max_rows_per_second {max_rows_per_second} is out of range; give a number greater than 0"
+            f"{option_and_parameter('max_rows_per_second')} {max_rows_per_second} is out of range; "
+            "give a number greater than 0"
         )
     policy = LockPolicy(lock_timeout_ms, statement_timeout_ms, retry_deadline_seconds)
     return RunOptions(

@@ -14,7 +14,7 @@ from pathlib import Path
 from tasks import device_store, sync_state
 from tasks.db import Db, validate_postgres_url
 from tasks.device_store import Identity
-from tasks.errors import UserError, check_utf8, control_character
+from tasks.errors import UserError, check_utf8, control_character, option_and_parameter
 from tasks.state import state_url
 from tasks.sync_state import SyncConfig
 
@@ -181,7 +181,11 @@ def _check_devices(state: Db, change: SetupChange) -> None:
 
 
 def refuse_second_device(
-    state: Db, store: Path, adding: str | None, removing: str | None = None, option: str = "--device-id (device_id)"
+    state: Db,
+    store: Path,
+    adding: str | None,
+    removing: str | None = None,
+    option: str = option_and_parameter("device_id"),
 ) -> None:
     """A store flowyard has as one device cannot be added (or upgraded by ``migrate up``) as another
     while that one stays: both would sync it, and the second to run would fail every time (the

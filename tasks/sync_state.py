@@ -34,7 +34,15 @@ from tasks.db import (
     with_database,
 )
 from tasks.device_store import Identity
-from tasks.errors import INT64_MAX, MAX_WAIT_SECONDS, UserError, check_range, check_utf8, validation_problem
+from tasks.errors import (
+    INT64_MAX,
+    MAX_WAIT_SECONDS,
+    UserError,
+    check_range,
+    check_utf8,
+    option_and_parameter,
+    validation_problem,
+)
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sync_batches import DeviceReport
 
@@ -242,7 +250,7 @@ def refuse_empty_central(url: str | None) -> None:
     the central the user meant to name."""
     refuse_empty_url(
         url,
-        "--central-url (central_url)",
+        option_and_parameter("central_url"),
         f"to keep the configured central, or give {DEFAULT_CENTRAL!r} to go back to the default (database "
         f"{CENTRAL_DATABASE} on flowyard's server)",
     )
@@ -593,14 +601,14 @@ def check_change(privacy: dict[str, object], alerts: dict[str, object]) -> None:
     except ValidationError as exc:
         raise _invalid_setting(exc) from None
     for name in policy.allowlist:
-        check_utf8(name, f"--allow (allow) {name!r}", "give it as UTF-8 text")
+        check_utf8(name, f"{option_and_parameter('allow')} {name!r}", "give it as UTF-8 text")
     if policy.hash_key:  # a secret: not quoted
-        check_utf8(policy.hash_key, "--hash-key (hash_key)", "give it as UTF-8 text")
+        check_utf8(policy.hash_key, option_and_parameter("hash_key"), "give it as UTF-8 text")
     if not all(name.strip() for name in policy.allowlist):
         # Checked here, not in the model, like the hash key: a stored configuration must still load.
         raise UserError(
-            "invalid sync setting privacy.allowlist: an empty field name; give each --allow "
-            "(allow) the name of an event_data field"
+            "invalid sync setting privacy.allowlist: an empty field name; give each "
+            f"{option_and_parameter('allow')} the name of an event_data field"
         )
 
 
@@ -611,10 +619,10 @@ def _invalid_setting(exc: ValidationError) -> UserError:
     where, problem = validation_problem(exc)
     value = exc.errors()[0]["input"]
     if where == "privacy.mode":
-        problem = f"{value!r} is neither drop nor hash; give --privacy-mode (privacy_mode) drop or hash"
+        problem = f"{value!r} is neither drop nor hash; give {option_and_parameter('privacy_mode')} drop or hash"
     elif where == "alerts.failure_rate" and isinstance(value, int | float):
         fault = "is not a number" if math.isnan(value) else "is out of range"
-        problem = f"{value} {fault}; give --failure-rate (failure_rate) 0 to 1"
+        problem = f"{value} {fault}; give {option_and_parameter('failure_rate')} 0 to 1"
     return UserError(f"invalid sync setting {where}: {problem}")
 
 

@@ -93,11 +93,14 @@ def test_cli_user_errors_are_one_line(fresh_db, tmp_path):
 def test_a_bad_target_is_one_line_before_flowyards_servers_are_reached(tmp_path):
     """`bulk copy --target ""` (an unset variable) or a target that is no PostgreSQL URL was said
     only after flowyard's PostgreSQL and Prefect server were started (or, down, failed first);
-    with both unreachable here, the target's own line still comes."""
+    with both unreachable here, the target's own line still comes. So does a target that
+    refuses connections: it is connected to before the Prefect server is started for nothing."""
     down = {"FLOWYARD_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "FLOWYARD_PREFECT_PORT": str(free_port())}
     for target, expected in (
         ("", "--target (target_url) is empty; give a postgresql:// URL, or leave it out for flowyard's state database"),
+        (" ", "--target (target_url) is only whitespace (' '); give a postgresql:// URL"),
         ("mysql://root@h/app", "not a PostgreSQL URL: 'mysql://root@h/app'; expected postgresql://"),
+        ("postgresql://u@127.0.0.1:1/target", "cannot connect to postgresql://u@127.0.0.1:1/target: "),
     ):
         result = run_cli("bulk", "copy", str(BULK_DEMO_ASSETS), "--target", target, env=down, timeout=120)
         assert result.returncode == 2 and result.stderr.startswith(f"flowyard: error: {expected}"), result.stderr

@@ -69,7 +69,7 @@ def test_empty_or_undecodable_url_is_one_line_not_the_default_database(tmp_path)
     directory = migrations_dir(tmp_path)
     for url, expected in (
         ("", "--database-url (database_url) is empty; give a postgresql:// URL, or leave it out for flowyard's"),
-        (" ", "not a PostgreSQL URL: ' '"),
+        (" ", "--database-url (database_url) is only whitespace (' '); give a postgresql:// URL, or leave it out"),
     ):
         result = run_cli("migrate", "deploy", "-d", url, "-m", str(directory))
         _one_line_error(result, expected)

@@ -12,6 +12,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import FlowRun
 
 from tasks.db import connect
+from tasks.embedded_pg import free_port
 from tasks.online_state import target_key
 from tests.conftest import run_cli
 from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, schema_dump
@@ -155,18 +156,34 @@ def test_start_then_rollback(fresh_db: str, state_db: str, tmp_path: Path) -> No
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (50,)
 
 
+def test_an_empty_database_url_is_named_by_its_option_before_any_server_starts(tmp_path: Path) -> None:
+    """`online start/complete/rollback --database-url ""` (an unset variable) was left to the flow:
+    said only after flowyard's PostgreSQL and Prefect server were started (down here, so their
+    connection error came instead), and naming the flow's ``database_url``."""
+    down = {"FLOWYARD_DATABASE_URL": "postgresql://u@127.0.0.1:1/x", "FLOWYARD_PREFECT_PORT": str(free_port())}
+    migration = _file(tmp_path, {**SPEC, "name": "unreached"})
+    for url, given in (("", "empty"), (" ", "only whitespace (' ')")):
+        for command in (("start", migration), ("complete",), ("rollback",)):
+            result = run_cli("online", *command, "--database-url", url, env=down, timeout=120)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.splitlines() == [
+                f"flowyard: error: --database-url (database_url) is {given}; give a postgresql:// URL, or leave it "
+                "out for flowyard's state database (FLOWYARD_DATABASE_URL, else the embedded server)"
+            ], (command, result.stderr)
+
+
 def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
     make_schema(fresh_db, rows=10)
     migration = _file(tmp_path, {**SPEC, "name": "tuned"})
     for option, value, message in (
-        ("--lock-timeout-ms", "0", "lock_timeout_ms 0 is out of range; give 1 to 2147483647"),
-        ("--batch-size", "-1", "batch_size -1 is out of range; give 1 to 9223372036854775807"),
-        ("--batch-delay-seconds", "-0.5", "batch_delay_seconds -0.5 is out of range; give 0 to 31536000"),
+        ("--lock-timeout-ms", "0", "--lock-timeout-ms (lock_timeout_ms) 0 is out of range; give 1 to 2147483647"),
+        ("--batch-size", "-1", "--batch-size (batch_size) -1 is out of range; give 1 to 9223372036854775807"),
+        ("--batch-delay-seconds", "-0.5", "--batch-delay-seconds (batch_delay_seconds) -0.5 is out of range; give 0 to 31536000"),
         # PostgreSQL takes at most 2^31-1 ms: a bigger value used to fail start's first step
         # with the migration already recorded as started.
-        ("--lock-timeout-ms", "10" * 10, f"lock_timeout_ms {'10' * 10} is out of range; give 1 to 2147483647"),
+        ("--lock-timeout-ms", "10" * 10, f"--lock-timeout-ms (lock_timeout_ms) {'10' * 10} is out of range; give 1 to 2147483647"),
         # nan passed every "> 0" check; inf seconds sleep (or retry) forever: refused naming the
         # option typed (it was the flow parameter's name, "parameter retry_deadline_seconds is Infinity")
         ("--batch-delay-seconds", "nan", "--batch-delay-seconds is NaN; give a finite number of seconds"),

@@ -346,3 +346,10 @@ def test_an_empty_database_url_names_what_was_given_empty_in_flows_and_commands_
         out = run_cli(*args, env=home)
         assert out.returncode == 2 and out.stdout == "", (args, out.stderr)
         assert out.stderr.splitlines() == [f"flowyard: error: {named} is empty; {default}"], args
+    # only whitespace (a quoted variable holding a space) was "not a PostgreSQL URL: ' '"
+    out = run_cli("quality", "check", "--database-url", " \t", env=home)
+    assert out.stderr.splitlines() == [
+        f"flowyard: error: --database-url (database_url) is only whitespace (' \\t'); {default}"
+    ]
+    with pytest.raises(UserError, match=r"^database_url is only whitespace \(' '\); give a postgresql://"):
+        resolve_url(" ")
