@@ -66,13 +66,18 @@ def agent_directories(
     output_dir: str | Path | None, logs_dir: str | Path | None, names: tuple[str, str] = ("output_dir", "logs_dir")
 ) -> tuple[Path, Path]:
     """The run's output and logs directories (defaults: ``<FLOWYARD_HOME>/agents`` and its
-    ``logs``), created and resolved before anything is claimed: one that cannot be made (a file
-    in the way, no permission) would otherwise fail every task the run claims. The CLI calls it
-    too, so that such a typo is one line before a flow run starts; ``names`` are what that line
-    calls the two directories: the flow's parameters, or the options the user of the CLI typed."""
+    ``logs``), created, checked writable and resolved before anything is claimed: one that cannot
+    be made (a file in the way, no permission) or that exists but cannot be written (immutable, a
+    read-only mount) would otherwise fail every task the run claims, each when its ``task-<id>``
+    directory or its ``<id>.jsonl`` log cannot be made: an attempt used, and for the log, every
+    retry too. The CLI calls it too, so that such a typo is one line before a flow run starts;
+    ``names`` are what that line calls the two directories: the flow's parameters, or the options
+    the user of the CLI typed."""
     base = Path(output_dir) if output_dir else default_agents_dir()
     directories = base, Path(logs_dir) if logs_dir else base / "logs"
-    output, logs = (make_user_dir(path, name).resolve() for path, name in zip(directories, names, strict=True))
+    output, logs = (
+        make_user_dir(path, name, writable=True).resolve() for path, name in zip(directories, names, strict=True)
+    )
     return output, logs
 
 

@@ -7,8 +7,8 @@ inserts later), the sync state columns, the device/user/project identity and an 
 
 The version lives in ``PRAGMA user_version``; a store the app set back to 1 that still holds
 the sync columns is v2 (:func:`schema_version`). Every open failure (not a database, locked
-by another process, missing file) becomes a one-line :class:`UserError` naming the store,
-so one bad device never hides the others.
+by another process, missing file, a file or directory flowyard may not write) becomes a
+one-line :class:`UserError` naming the store, so one bad device never hides the others.
 """
 
 from __future__ import annotations
@@ -203,7 +203,27 @@ def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError
             else "check that the path names the device's SQLite file, or restore it from a backup"
         )
         return UserError(f"device store {path} is corrupt ({text}); {fix}")
+    if (reason := _unwritable(path, text)) is not None:
+        return UserError(
+            f"device store {path} cannot be written ({reason}); give the user flowyard runs as write access "
+            "to the file and its directory — its events stay pending"
+        )
     return UserError(f"device store {path}: {text}")
+
+
+def _unwritable(path: Path, text: str) -> str | None:
+    """Why SQLite could not write the store, None for any other failure. It opens a file it may not
+    write read-only and refuses the first write ("attempt to write a readonly database": an upgrade,
+    or marking an uploaded batch synced). A store whose directory it may not write opens and reads,
+    but its first write cannot create the journal beside it: the bare "unable to open database
+    file", which named neither the directory nor the fix. SQLite says the same of a file it cannot
+    open at all, so it is read so only when the file is readable and its directory is not writable
+    (``access`` also reports the immutable attribute, which stops root, whom no mode bits stop)."""
+    if "readonly database" in text:
+        return text
+    if "unable to open" in text and os.access(path, os.R_OK) and not os.access(path.parent, os.W_OK):
+        return f"{text}: its directory cannot be written, so SQLite cannot create its journal there"
+    return None
 
 
 def store_path(given: str | Path) -> Path:

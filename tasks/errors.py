@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -186,15 +187,35 @@ def resolve_user_path(path: Path, what: str, fix: str) -> Path:
     raise UserError(f"{what} runs into a symlink loop; {fix}")
 
 
-def make_user_dir(path: str | Path, what: str) -> Path:
+def make_user_dir(path: str | Path, what: str, *, writable: bool = False) -> Path:
     """The directory the user named, created if missing; one line when it cannot be (a file of
     that name, no permission), said before a run changes or records anything rather than by the
-    step that writes there at its end."""
+    step that writes there at its end.
+
+    ``writable``: refuse, in close words, one that exists but cannot take a new entry (immutable,
+    on a read-only file system, no permission), which ``mkdir`` lets through: see
+    :func:`check_writable_dir`."""
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _unusable_dir(what, directory, exc.strerror or first_line(exc)) from None
+    return check_writable_dir(directory, what) if writable else directory
+
+
+def check_writable_dir(directory: Path, what: str) -> Path:
+    """``directory`` if a file can be made in it, else one line: ``{what} {directory} cannot be
+    written: {reason}; pass a writable directory path``. Tried by making and removing an empty
+    file of its own (``.flowyard-write-check-*``), as the writers that come later will: neither
+    ``os.access`` nor the mode bits tell, since root passes every permission check yet cannot
+    write in an immutable directory (``chattr +i``), nor on a file system mounted read-only."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".flowyard-write-check-"):
+            pass
+    except OSError as exc:
+        raise _unusable_dir(
+            what, directory, exc.strerror or first_line(exc), problem="cannot be written", fix="a writable directory path"
+        ) from None
     return directory
 
 
@@ -218,8 +239,15 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def _unusable_dir(what: str, directory: Path, reason: str) -> UserError:
-    return UserError(f"{what} {directory} cannot be used as a directory: {reason}; pass a directory path")
+def _unusable_dir(
+    what: str,
+    directory: Path,
+    reason: str,
+    *,
+    problem: str = "cannot be used as a directory",
+    fix: str = "a directory path",
+) -> UserError:
+    return UserError(f"{what} {directory} {problem}: {reason}; pass {fix}")
 
 
 def validation_problem(exc: ValidationError) -> tuple[str, str]:

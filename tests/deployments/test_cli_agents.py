@@ -16,6 +16,7 @@ from tasks.db import connection
 from tasks.errors import UserError, control_character
 from tasks.state import state_url
 from tests.conftest import ROOT, run_cli
+from tests.fs_support import immutable
 
 
 @pytest.fixture()
@@ -197,6 +198,21 @@ def test_run_names_an_output_or_logs_dir_it_cannot_make_by_its_option(tmp_path) 
         assert _user_error("run", option, "/proc/1/x", env=env).strip() == (
             f"flowyard: error: {option} /proc/1/x cannot be used as a directory: No such file or directory; "
             "pass a directory path"
+        )
+
+
+@pytest.mark.parametrize("option", ["--output-dir", "--logs-dir"])
+def test_run_names_an_output_or_logs_dir_it_cannot_write_by_its_option(tmp_path, option: str) -> None:
+    """A directory that exists but takes no new file (immutable here) passed `queue run`'s mkdir,
+    and every task the run claimed failed on it. Said before connecting: the URL here refuses
+    every connection. With --output-dir, the default logs directory inside it cannot be made
+    either; the line names the option that was typed, not --logs-dir."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "FLOWYARD_HOME": str(tmp_path / "home")}
+    (tmp_path / "locked").mkdir()
+    with immutable(tmp_path / "locked") as locked:
+        assert _user_error("run", option, str(locked), env=env).strip() == (
+            f"flowyard: error: {option} {locked} cannot be written: Operation not permitted; "
+            "pass a writable directory path"
         )
 
 

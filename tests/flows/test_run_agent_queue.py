@@ -36,6 +36,7 @@ from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
+from tests.fs_support import immutable
 from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -1211,6 +1212,27 @@ def test_a_directory_that_is_a_file_fails_the_run_before_anything_is_claimed(
     with pytest.raises(UserError) as raised:
         run_agent_queue(max_agents=1, **kw)
     assert str(raised.value) == f"{parameter} {in_the_way} cannot be used as a directory: File exists; pass a directory path"
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
+
+
+@pytest.mark.parametrize("parameter", ["logs_dir", "output_dir"])
+def test_a_directory_that_cannot_be_written_fails_the_run_before_anything_is_claimed(
+    tmp_path: Path, qdb: str, parameter: str
+) -> None:
+    """A directory that exists but takes no new file (immutable here; read-only mounts alike)
+    passed the run's mkdir, and each claimed task failed: in output_dir, its task-<id> directory
+    could not be made (an attempt used); in logs_dir, its <id>.jsonl could not be opened, a
+    PermissionError traceback that burned every retry."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    task_id = queue.create_task(qdb, _new("untouched", {"steps": 1}))
+    kw = {**_kw(tmp_path, qdb), "logs_dir": str(tmp_path / "logs"), parameter: str(locked)}
+    with immutable(locked), pytest.raises(UserError) as raised:
+        run_agent_queue(max_agents=1, **kw)
+    assert str(raised.value) == (
+        f"{parameter} {locked} cannot be written: Operation not permitted; pass a writable directory path"
+    )
     task = queue.get_task(qdb, task_id)
     assert (task.status, task.attempts) == ("pending", 0) and _runs(qdb) == []
 

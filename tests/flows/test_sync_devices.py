@@ -34,6 +34,7 @@ from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
+from tests.fs_support import immutable
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -240,6 +241,70 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     # The locked device's events were untouched and sync once the lock is gone.
     sync_devices(stores=[str(locked)], central_url=fresh_db)
     assert _central_counts(fresh_db) == (850, 850)
+
+
+def _central_copies(url: str, device_id: str) -> list[uuid.UUID]:
+    """Every copy central holds of the device's events, duplicates included."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT sync_id FROM devflow.events WHERE device_id = %s", (device_id,)).fetchall()
+    return [sync_id for (sync_id,) in rows]
+
+
+@pytest.mark.parametrize("upgraded", [True, False], ids=["v2-pending", "v1-to-upgrade"])
+@pytest.mark.parametrize("blocked", ["file", "directory"])
+def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_writable(
+    fresh_db: str, state_db: str, tmp_path: Path, upgraded: bool, blocked: str
+) -> None:
+    """A store flowyard may not write (the file, or its directory, where SQLite creates its
+    journal) fails its device with what is wrong and the fix, while the other device syncs. A v1
+    store fails at its upgrade, before any upload; a v2 one when its first uploaded batch is marked
+    synced, which central keeps once: made writable, the next run sends every event once more and
+    central still holds one copy of each."""
+    from flows.sync_devices import sync_devices
+
+    case = f"{blocked}-{'v2' if upgraded else 'v1'}"  # device ids are the stems, unique in the state database
+    rw_id, ro_id = f"rw-{case}", f"ro-{case}"
+    other = make_store(tmp_path / f"{rw_id}.db", 40, seed=1)
+    (tmp_path / "ro").mkdir()
+    identity = Identity(ro_id, "u", "p") if upgraded else None
+    ro = make_store(tmp_path / "ro" / f"{ro_id}.db", 30, seed=2, identity=identity)
+    reason = (
+        "attempt to write a readonly database"
+        if blocked == "file"
+        else "unable to open database file: its directory cannot be written, so SQLite cannot create its journal there"
+    )
+    expected = (
+        f"device store {ro} cannot be written ({reason}); give the user flowyard runs as write access to the "
+        "file and its directory — its events stay pending"
+    )
+    with immutable(ro if blocked == "file" else ro.parent):
+        run = sync_devices(stores=[str(other), str(ro)], central_url=fresh_db, return_state=True)
+    assert run.is_failed()
+    error = run.result(raise_on_failure=False)
+    assert isinstance(error, SyncIncomplete)
+    assert str(error) == f"1 of 2 devices did not sync fully: {ro_id}: {expected}"
+    assert error.result["devices"][ro_id] == {"error": expected}
+    assert error.result["devices"][rw_id]["uploaded"] == 40 and _synced(other) == 40
+    table = next(a for a in flow_run_artifacts(run) if a.type == "table")
+    assert {row["device"]: row["error"] for row in json.loads(table.data)} == {rw_id: "", ro_id: expected}
+    assert sorted(_central_copies(fresh_db, rw_id)) == sorted(_local_sync_ids(other, "synced"))
+    sent = _central_copies(fresh_db, ro_id)
+    assert len(sent) == len(set(sent))
+    with device_store.open_store(ro) as conn:
+        version = device_store.schema_version(conn)
+        left = device_store.counts(conn) if upgraded else None
+    if left is not None:  # what reached central is still pending locally, and sent again next run
+        assert (version, left.pending, left.failed, left.synced) == (device_store.V2, 30, 0, 0)
+        assert set(sent) <= _local_sync_ids(ro, "pending")
+    else:  # the upgrade was rolled back: the store is v1 as it was, and nothing left it
+        assert (version, sent) == (device_store.V1, [])
+
+    again = sync_devices(stores=[str(other), str(ro)], central_url=fresh_db)
+    assert again["devices"][ro_id]["error"] is None and again["devices"][ro_id]["pending_after"] == 0
+    for store, device in ((other, rw_id), (ro, ro_id)):
+        assert sorted(_central_copies(fresh_db, device)) == sorted(_local_sync_ids(store, "synced"))
+    assert [_synced(p) for p in (other, ro)] == [40, 30]
+    assert _central_counts(fresh_db) == (70, 70)
 
 
 def test_a_malformed_central_url_is_refused_before_any_event_is_touched(
