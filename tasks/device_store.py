@@ -327,6 +327,23 @@ def open_store(
         conn.close()
 
 
+def check_writable(conn: sqlite3.Connection) -> None:
+    """Fail (as :func:`open_store` words it: "cannot be written") on a store flowyard cannot
+    write, before any of its events is uploaded. SQLite opens a file it may not write read-only,
+    and a store whose directory it may not write opens and reads: either failed only when the
+    first uploaded batch was marked synced, after that batch had reached central, so every run
+    sent it again. A write of the store's header that is rolled back finds both at once and
+    leaves the store as it was (in a rollback-journal store it needs the journal it creates
+    beside the file). A WAL store whose directory cannot be written still passes: its first
+    write needs the -wal file only at commit."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("PRAGMA user_version = 2")  # any value: it is rolled back
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
 @contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front, roll back on any error."""

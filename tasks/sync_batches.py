@@ -244,6 +244,8 @@ def sync_device(
         identity = _recorded_as(conn, store, identity.device_id)
         before = device_store.counts(conn)
         pending_before = before.pending + before.failed
+        if pending_before:
+            device_store.check_writable(conn)
         uploader = _Uploader(options)
         uploaded = duplicates = failed = batches = last_id = 0
         size = options.batch_size
