@@ -257,9 +257,9 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
 ) -> None:
     """A store flowyard may not write (the file, or its directory, where SQLite creates its
     journal) fails its device with what is wrong and the fix, while the other device syncs, and
-    nothing leaves it: a v1 store fails at its upgrade; a v2 one sent its first batch and failed
-    only when marking it synced, so every run sent it again (central kept one copy). Made
-    writable, the next run syncs every event once."""
+    nothing leaves it: a v1 store fails at its upgrade; a v2 one at the store check before any
+    upload (without it, it sent its first batch and failed only when marking it synced, so every
+    run sent that batch again). Made writable, the next run syncs every event once."""
     from flows.sync_devices import sync_devices
 
     case = f"{blocked}-{'v2' if upgraded else 'v1'}"  # device ids are the stems, unique in the state database
@@ -288,7 +288,7 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
     table = next(a for a in flow_run_artifacts(run) if a.type == "table")
     assert {row["device"]: row["error"] for row in json.loads(table.data)} == {rw_id: "", ro_id: expected}
     assert sorted(_central_copies(fresh_db, rw_id)) == sorted(_local_sync_ids(other, "synced"))
-    # nothing left the store: a v2 one sent its first batch before failing to mark it synced
+    # nothing left the store (without the store check, a v2 one sent its first batch here)
     assert _central_copies(fresh_db, ro_id) == []
     with device_store.open_store(ro) as conn:
         version = device_store.schema_version(conn)
