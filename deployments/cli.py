@@ -16,14 +16,14 @@ from typer._click.core import Command
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click, exports neither
 from typer.core import TyperGroup
 
+from deployments.cli_options import command_group
 from tasks.errors import UserError, exit_on_user_error
 from tasks.prefect_runtime import use_flowyard_api
 from tasks.settings import get_settings
 
-app = typer.Typer(
+app = command_group(
+    "Database-heavy platform operations as Prefect pipelines.",
     name="flowyard",
-    help="Database-heavy platform operations as Prefect pipelines.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )

@@ -18,11 +18,11 @@ from typer._click import Context  # typer vendors click, exports neither
 from typer._click.exceptions import NoSuchOption
 from typer.core import TyperCommand
 
-from deployments.cli_options import finite
+from deployments.cli_options import command_group, finite
 from tasks import agent_queue as queue
 from tasks.errors import UserError, first_line, parse_problem, printable, read_user_file
 
-app = typer.Typer(help="Agent task queue: create, list, cancel, retry, run, metrics.", no_args_is_help=True)
+app = command_group("Agent task queue: create, list, cancel, retry, run, metrics.")
 
 DatabaseUrl = Annotated[
     str | None,
@@ -119,7 +119,8 @@ def _path_given(kind: str, default: str) -> Callable[[typer.CallbackParam, str |
 def _path_option(help_text: str, kind: str, default: str) -> Any:
     """A path option (``str | None``, None for the default) whose empty value is one line
     (:func:`_path_given`); ``default`` as its help and that line say it."""
-    return typer.Option(help=f"{help_text} (default: {default}).", callback=_path_given(kind, default))
+    # in backticks: Markdown took "<output dir>" for an HTML tag and left it out
+    return typer.Option(help=f"{help_text} (default: `{default}`).", callback=_path_given(kind, default))
 
 
 @app.command()

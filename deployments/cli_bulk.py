@@ -14,12 +14,11 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from deployments.cli_options import command_group
 from tasks.db import connection, mask_url, one_row, resolve_url
 from tasks.errors import UserError, parse_problem, read_user_file
 
-app = typer.Typer(
-    help="Bulk copies: PostgreSQL, SQLite or static files into PostgreSQL.", no_args_is_help=True
-)
+app = command_group("Bulk copies: PostgreSQL, SQLite or static files into PostgreSQL.")
 
 Target = Annotated[
     str | None, typer.Option("--target", help="Target PostgreSQL URL (default: flowyard's database).")

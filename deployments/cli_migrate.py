@@ -12,12 +12,12 @@ from typing import Annotated, TypedDict
 
 import typer
 
-from deployments.cli_options import finite
+from deployments.cli_options import command_group, finite
 from tasks.alembic_deploy import check_migrations_dir
 from tasks.db import DATABASE_URL_OPTION, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, check_range
 
-app = typer.Typer(help="Versioned migrations: deploy, status, rollback.", no_args_is_help=True)
+app = command_group("Versioned migrations: deploy, status, rollback.")
 
 DatabaseUrl = Annotated[
     str | None,

@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 import typer
 
-from deployments.cli_options import finite
+from deployments.cli_options import command_group, finite
 from tasks.settings import get_settings
 
-app = typer.Typer(help="Online (expand/contract) schema changes under live traffic.", no_args_is_help=True)
+app = command_group("Online (expand/contract) schema changes under live traffic.")
 
 DATABASE_URL = typer.Option(
     None, "--database-url", help="Target PostgreSQL URL (default: FLOWYARD_DATABASE_URL or embedded)."

@@ -1,13 +1,23 @@
-"""What the CLI's options share beyond typer's own parsing: checks that name the option typed."""
+"""What the CLI's command groups and options share beyond typer's own parsing: how help is
+written, and checks that name the option typed."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import typer
 
 from tasks.errors import UserError
+
+
+def command_group(help: str, **settings: Any) -> typer.Typer:
+    """A ``flowyard`` command group, whose commands' help is Markdown: a docstring's lines join
+    into paragraphs the terminal wraps, and ``code`` shows as code. Typer's default ("rich") kept
+    every line break of the source, cutting sentences in two at any terminal width, and showed
+    doubled backticks as they are written."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="markdown", **settings)
 
 
 def finite(unit: str = "seconds") -> Callable[[typer.CallbackParam, float | None], float | None]:

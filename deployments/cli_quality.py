@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Data quality: suites, scores, profiles, anomalies, trends.", no_args_is_help=True)
+from deployments.cli_options import command_group
+
+app = command_group("Data quality: suites, scores, profiles, anomalies, trends.")
 
 DatabaseUrl = Annotated[
     str | None,

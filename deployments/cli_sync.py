@@ -9,9 +9,10 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter, ValidationError
 
+from deployments.cli_options import command_group
 from tasks import device_store, sync_state
 from tasks.db import mask_url
-from tasks.errors import UserError
+from tasks.errors import UserError, printable
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_setup import (
@@ -23,10 +24,8 @@ from tasks.sync_setup import (
     store_identity,
 )
 
-app = typer.Typer(
-    help="Sync developer machines' SQLite event stores into a central PostgreSQL.", no_args_is_help=True
-)
-migrate_app = typer.Typer(help="Upgrade or downgrade a device store's local schema.", no_args_is_help=True)
+app = command_group("Sync developer machines' SQLite event stores into a central PostgreSQL.")
+migrate_app = command_group("Upgrade or downgrade a device store's local schema.")
 app.add_typer(migrate_app, name="migrate")
 
 _STORE_HELP = "The device's SQLite event store."
@@ -44,7 +43,8 @@ def status() -> None:
     )
     typer.echo(f"sync:       {'enabled' if config.enabled else 'disabled'}")
     typer.echo(f"central:    {central}")
-    allowed = ", ".join(config.privacy.allowlist)
+    # a field name may hold any character JSON allows: a newline or escape split or recoloured this line
+    allowed = ", ".join(printable(name) for name in config.privacy.allowlist)
     privacy = f"fields outside {allowed}" if allowed else "every event_data field (empty allowlist)"
     typer.echo(f"batch size: {config.batch_size}   privacy: {config.privacy.mode} {privacy}")
     rows = sync_state.status_rows(state)
@@ -72,11 +72,24 @@ def configure(
     ] = None,
     privacy_mode: Annotated[str | None, typer.Option(help="drop or hash the other fields.")] = None,
     hash_key: Annotated[str | None, typer.Option(help="HMAC key for --privacy-mode hash.")] = None,
-    queue_threshold: Annotated[int | None, typer.Option(min=0)] = None,
+    queue_threshold: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help=f"Pending events per device that raise an alert, 0 to {sync_state.MAX_QUEUE_THRESHOLD:,}.",
+        ),
+    ] = None,
     failure_rate: Annotated[  # its range is checked by apply_setup: typer's max=1 called nan too large
         float | None, typer.Option(help="Share of a run's events that failed that raises an alert, 0 to 1.")
     ] = None,
-    offline_seconds: Annotated[int | None, typer.Option(min=0)] = None,
+    offline_seconds: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Seconds without a successful sync that raise an alert, "
+            f"0 to {sync_state.MAX_OFFLINE_SECONDS:,} (365 days).",
+        ),
+    ] = None,
     add_store: Annotated[str | None, typer.Option(help="Register a device store (SQLite file).")] = None,
     device_id: Annotated[
         str | None, typer.Option(help="Device id for --add-store (default: an upgraded store's own, else the file name).")

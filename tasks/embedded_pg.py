@@ -120,14 +120,31 @@ class EmbeddedPostgres:
             if self.is_running():
                 return False
             if _port_busy(self.port):
-                raise UserError(
-                    f"port {self.port} on 127.0.0.1 is taken by another program; "
-                    "set FLOWYARD_PG_PORT to a free port"
-                )
+                raise _port_taken(self.port)
             self._init_data_dir()
             options = " ".join(f"-c {key}={value!r}" for key, value in SERVER_CONFIG.items())
-            self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
+            logged = self.log_file.stat().st_size
+            try:
+                self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
+            except UserError as failed:
+                raise self._start_failure(logged, failed) from None
         return True
+
+    def _start_failure(self, logged: int, failed: UserError) -> UserError:
+        """Why the server did not start, from what it logged after byte ``logged`` of its log.
+        pg_ctl says only "could not start server | Examine the log output": a port another
+        program bound since the check above (two ``flowyard up`` of different homes at once), or
+        bound without listening, which that check cannot see, got no fix; any other reason is the
+        server's last FATAL line, and where its log is."""
+        with self.log_file.open("rb") as log:
+            log.seek(logged)
+            text = log.read().decode(errors="replace")
+        if "Address already in use" in text:
+            return _port_taken(self.port)
+        fatal = [line.split("FATAL:", 1)[1].strip() for line in text.splitlines() if "FATAL:" in line]
+        if not fatal:
+            return failed
+        return UserError(f"embedded PostgreSQL did not start: {fatal[-1]} (its log: {self.log_file})")
 
     def stop(self) -> bool:
         """Stop the server (fast shutdown). Returns False when none was running."""
@@ -227,6 +244,10 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _port_taken(port: int) -> UserError:
+    return UserError(f"port {port} on 127.0.0.1 is taken by another program; set FLOWYARD_PG_PORT to a free port")
 
 
 def _port_busy(port: int) -> bool:

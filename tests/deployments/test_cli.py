@@ -29,6 +29,18 @@ def test_every_command_has_help():
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output, path
+        assert "``" not in result.output, path  # a docstring's code shows as code
+
+
+def test_help_joins_a_docstrings_lines_into_paragraphs_and_keeps_placeholders():
+    """Typer's default help kept every line break of a command's docstring, so sentences broke
+    in two at any terminal width; and Markdown, which joins them, took ``<output dir>`` for an
+    HTML tag and dropped it from the defaults of ``queue run``."""
+    runner = CliRunner()
+    trigger = runner.invoke(app, ["sync", "trigger", "--help"], env={"COLUMNS": "200"}).output
+    assert "ends Failed but still carries every device's outcome: those are printed first" in trigger
+    run = " ".join(runner.invoke(app, ["queue", "run", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "Where <task_id>.jsonl logs go (default: <output dir>/logs)." in run
 
 
 def _assert_one_line_error(result, expected: str) -> None:

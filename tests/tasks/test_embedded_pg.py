@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,36 @@ def test_busy_port_is_a_clear_error(tmp_path, pg):
     clash = EmbeddedPostgres(tmp_path / "pg", pg.running_port())
     with pytest.raises(UserError, match="is taken by another program"):
         clash.start()
+
+
+def test_a_port_bound_without_listening_is_the_same_clear_error(tmp_path):
+    """A port another program bound but does not listen on (or bound since the check, by a
+    second ``flowyard up`` starting at once) passes the connect check; the server then failed to
+    bind and pg_ctl said only "could not start server | Examine the log output"."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        server = EmbeddedPostgres(tmp_path / "pg", port)
+        with pytest.raises(UserError) as error:
+            server.start()
+    assert str(error.value) == f"port {port} on 127.0.0.1 is taken by another program; set FLOWYARD_PG_PORT to a free port"
+    assert not server.is_running()
+
+
+def test_a_server_that_cannot_start_says_its_fatal_line_and_where_its_log_is(tmp_path):
+    """Any other start failure: the server's own reason, not pg_ctl's "Examine the log output"."""
+    server = EmbeddedPostgres(tmp_path / "pg", free_port())
+    assert server.start() and server.stop()
+    with (server.pgdata / "postgresql.conf").open("a") as conf:
+        conf.write("no_such_setting = 1\n")
+    try:
+        with pytest.raises(UserError) as error:
+            server.start()
+    finally:
+        server.stop()
+    message = str(error.value)
+    assert message.startswith("embedded PostgreSQL did not start: ") and message.endswith(f"(its log: {server.log_file})")
+    assert "Examine the log" not in message and "\n" not in message
 
 
 def test_stop_after_parent_permissions_were_reset(tmp_path):

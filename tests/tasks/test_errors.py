@@ -9,7 +9,15 @@ import psycopg
 import pytest
 
 from tasks.db import connect
-from tasks.errors import UserError, check_user_dir, exit_on_user_error, first_line, make_user_dir, printable
+from tasks.errors import (
+    UserError,
+    check_user_dir,
+    check_user_file,
+    exit_on_user_error,
+    first_line,
+    make_user_dir,
+    printable,
+)
 
 
 def test_a_postgres_error_keeps_only_its_message(fresh_db: str) -> None:
@@ -61,3 +69,20 @@ def test_a_directory_check_refuses_a_file_in_the_way_and_creates_nothing(tmp_pat
         with pytest.raises(UserError) as made:
             make_user_dir(path, "backup directory")
         assert str(checked.value) == str(made.value) == message
+
+
+@pytest.mark.parametrize("regular", [False, True])
+def test_a_file_name_no_file_system_takes_is_one_line_naming_it(tmp_path: Path, regular: bool) -> None:
+    """A path with a name over 255 bytes (a pasted blob, a variable expanded twice) made
+    ``Path.is_dir()`` raise OSError: ``sync migrate up``, ``sync trigger --store`` and every other
+    command that checks a file it is given showed a traceback."""
+    long = tmp_path / ("a" * 300 + ".db")
+    with pytest.raises(UserError) as error:
+        check_user_file(long, "device store", "give the path of the device's SQLite file", regular=regular)
+    assert str(error.value) == f"cannot read device store {long}: File name too long; give the path of the device's SQLite file"
+
+
+def test_a_file_under_a_file_is_no_such_directory(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("x")
+    with pytest.raises(UserError, match=r"plain/store\.db: Not a directory; fix it$"):
+        check_user_file(tmp_path / "plain" / "store.db", "device store", "fix it", regular=True)
