@@ -421,13 +421,20 @@ def schema_version(conn: sqlite3.Connection) -> int:
                 "flowyard upgrades it again, keeping every event"
             )
         return V2
-    if version == V1:
-        return V2 if _SYNC_COLUMNS <= columns and not _upgrading(conn) else V1
-    if _V1_COLUMNS <= columns and "sync_id" not in columns:
-        return V1
     store = _store_file(conn)
     if not columns:
         raise UserError(f"{store} has no events table: it is not a DevFlow event store")
+    if version == V1:
+        if missing := sorted(_V1_COLUMNS - columns):
+            # read as v1, its upgrade failed on SQLite's bare "no such column: id"
+            raise UserError(
+                f"{store} is at schema version 1, but its events table lacks the v1 column"
+                f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} (columns: {', '.join(sorted(columns))}): "
+                "it is not a DevFlow event store; give the path of the DevFlow app's own store"
+            )
+        return V2 if _SYNC_COLUMNS <= columns and not _upgrading(conn) else V1
+    if _V1_COLUMNS <= columns and "sync_id" not in columns:
+        return V1
     raise UserError(
         f"{store} has no schema version and its events table is not a v1 store (columns: "
         f"{', '.join(sorted(columns))}); it was changed by another tool: set PRAGMA user_version to its version"
@@ -492,6 +499,7 @@ def _begin_upgrade(conn: sqlite3.Connection, identity: Identity) -> bool:
     A v1 store may already hold some of v2's columns and objects (an upgrade by other means
     interrupted, an app that made one of them): only the missing ones are added, where adding
     them all failed on SQLite's ``duplicate column name`` on every sync."""
+    _check_integer_ids(conn)
     with write_transaction(conn):
         if _upgrading(conn):
             return True
@@ -511,10 +519,40 @@ def _begin_upgrade(conn: sqlite3.Connection, identity: Identity) -> bool:
         conn.execute("PRAGMA user_version = 1")  # an app may leave it 0; 0 with sync columns is no v1 store
         conn.execute(
             f"CREATE TABLE {_UPGRADE_PROGRESS} AS "  # noqa: S608 (a constant name)
-            "SELECT 0 AS done_through, coalesce(max(id), 0) AS last_id, 0 AS resume_at_ms FROM events"
+            "SELECT -1e999 AS done_through, coalesce(max(id), -1e999) AS last_id, 0 AS resume_at_ms FROM events"
         )
     return True
 
+
+def _check_integer_ids(conn: sqlite3.Connection) -> None:
+    """Refuse, in one line naming the store, one whose ``events.id`` holds a value that is no
+    integer (an app's own table declaring ``id TEXT``, ``REAL`` or a nullable ``id INTEGER``).
+
+    The upgrade fills events by id range and the sync reads them by an integer id cursor: a text
+    id stopped the upgrade with a Python ``TypeError`` traceback, half-way (columns added); a NULL
+    id was left with no sync id, pending forever. Read before the write lock is taken (one scan
+    of the table), so the local app's writes do not wait for it; an upgrade under way is
+    checked too, so a store the old code left half-way gets this line and `migrate down` undoes it.
+    """
+    found = conn.execute("SELECT typeof(id) FROM events WHERE typeof(id) <> 'integer' LIMIT 1").fetchone()
+    if found is not None:
+        raise UserError(
+            f"device store {_store_file(conn)} has an event whose id is {found[0]}, not an integer: "
+            "flowyard tracks events by the app's integer ids (the seed's `id INTEGER PRIMARY KEY`); "
+            f"give those events integer ids (`sqlite3 {shlex.quote(_store_file(conn))} \"{_NON_INTEGER_IDS}\"` "
+            "lists them), or give the path of the DevFlow app's own store"
+        )
+
+
+_NON_INTEGER_IDS = "SELECT id FROM events WHERE typeof(id) <> 'integer'"
+"""The query the error for a store with such ids gives, to list them."""
+
+
+BEFORE_FIRST_ID = float("-inf")
+"""A local-id cursor below every event: the app may write its own ids, 0 and negative ones too
+(``INTEGER PRIMARY KEY`` takes any 64-bit integer), which a cursor starting at 0 skipped: the
+upgrade gave them no sync id and every run left them pending, with no error. A REAL, as no 64-bit
+integer is below them all; SQLite compares it with an integer id exactly."""
 
 _INDEX_DDL = ("CREATE INDEX", "CREATE UNIQUE INDEX")
 """How v2's index statements start: :func:`_finish_upgrade` builds them, once every event has
@@ -557,7 +595,7 @@ def _fill_chunk(conn: sqlite3.Connection, rows: int) -> int | None:
             (done, upper),
         )
         # No pause for a store whose events all fit one chunk: its index build is as short.
-        pause = 0 if done == 0 and upper >= last else UPGRADE_PAUSE_MS
+        pause = 0 if done == BEFORE_FIRST_ID and upper >= last else UPGRADE_PAUSE_MS
         conn.execute(
             f"UPDATE {_UPGRADE_PROGRESS} SET done_through = ?, resume_at_ms = ?",  # noqa: S608
             (upper, now_ms() + pause),
@@ -682,9 +720,10 @@ _PENDING_SQL = """
 
 
 def read_pending(
-    conn: sqlite3.Connection, after_id: int, limit: int, *, now_ms: int, force: bool = False
+    conn: sqlite3.Connection, after_id: float, limit: int, *, now_ms: int, force: bool = False
 ) -> list[LocalEvent]:
-    """The next ``limit`` unsynced events after ``after_id``, by local id.
+    """The next ``limit`` unsynced events after ``after_id`` (a local id, or :data:`BEFORE_FIRST_ID`
+    for the first batch), by local id.
 
     Failed events whose backoff has not elapsed are skipped unless ``force``. Each status is
     read as its own ordered range of ``idx_sync_status`` (status, id), so a batch costs

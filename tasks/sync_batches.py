@@ -247,7 +247,8 @@ def sync_device(
         if pending_before:
             device_store.check_writable(conn)
         uploader = _Uploader(options)
-        uploaded = duplicates = failed = batches = last_id = 0
+        uploaded = duplicates = failed = batches = 0
+        last_id: int | None = None
         size = options.batch_size
         error: str | None = None
         answered = central_down = False
@@ -255,7 +256,11 @@ def sync_device(
         try:
             while True:
                 events = device_store.read_pending(
-                    conn, last_id, size, now_ms=device_store.now_ms(), force=options.force
+                    conn,
+                    device_store.BEFORE_FIRST_ID if last_id is None else last_id,
+                    size,
+                    now_ms=device_store.now_ms(),
+                    force=options.force,
                 )
                 if not events:
                     break
@@ -325,7 +330,7 @@ def sync_device(
         pending_after=after.pending + after.failed,
         waiting_after=after.waiting,
         lag_seconds=_lag_seconds(before.oldest_pending_ms),
-        last_local_id=last_id,
+        last_local_id=0 if last_id is None else last_id,
         batches=batches,
         final_batch_size=size,
         download_cursor=cursor,

@@ -18,6 +18,13 @@ from tasks.errors import UserError, check_utf8, control_character, option_and_pa
 from tasks.state import state_url
 from tasks.sync_state import SyncConfig
 
+MAX_ID_BYTES = 1000
+"""The longest device, user or project id (UTF-8 bytes): far past any real one (a host name is at
+most 253), and well within the 2,704 bytes of a PostgreSQL index entry, which the device id shares
+with the event type in central's origin key. A 10,000-character id was saved in the store, then
+every event was refused by that index and the run stopped with a traceback when flowyard's state
+(whose device key is the id) could not record the device's error."""
+
 
 @dataclass(frozen=True)
 class NewStore:
@@ -43,6 +50,8 @@ class NewStore:
             check_utf8(value, f"{named} {value!r}", "give it as UTF-8 text")
             if (char := control_character(value)) is not None:
                 raise UserError(f"{named} {value!r} holds the control character {char!r}; give the id without it")
+            if (size := len(value.encode())) > MAX_ID_BYTES:
+                raise UserError(f"{named} is {size:,} bytes long; give an id of at most {MAX_ID_BYTES:,} bytes")
 
     def device(self, state: Db) -> str:
         return self.device_id or sync_state.default_device_id(state, self.path)

@@ -790,6 +790,46 @@ def test_an_empty_store_path_or_a_bad_id_is_one_line_and_changes_nothing(state_d
     assert sync_state.load_config(state_db) == before and sync_state.list_devices(state_db) == devices
 
 
+def test_an_id_too_long_for_an_index_entry_is_one_line_and_changes_nothing(state_db: str, tmp_path: Path) -> None:
+    """A 10,000-character --device-id was recorded in the store: central's origin key refused every
+    event (an index entry is at most 2,704 bytes), and the run then stopped with a traceback when
+    flowyard's state, whose device key is that id, could not record the device's error."""
+    store = make_store(tmp_path / "long-ids.db", 3)
+    devices = sync_state.list_devices(state_db)
+    _refused_in_one_line_each(
+        (("sync", "migrate", "up", str(store), "--device-id", "d" * 10_000), "--device-id (device_id) is 10,000 bytes"),
+        (("sync", "migrate", "up", str(store), "--user-id", "é" * 501), "--user-id (user_id) is 1,002 bytes long; give"),
+        (("sync", "configure", "--add-store", str(store), "--project-id", "p" * 1001), "an id of at most 1,000 bytes"),
+    )
+    with device_store.open_store(store) as conn:
+        assert device_store.schema_version(conn) == device_store.V1
+    assert sync_state.list_devices(state_db) == devices
+
+
+def test_configure_help_gives_the_alert_thresholds_bounds() -> None:
+    """--queue-threshold and --offline-seconds had no help: only ``[x>=0]``, where a value past
+    the bound docs/sync.md gives (1,000,000,000 events, 365 days) is refused."""
+    out = run_cli("sync", "configure", "--help", env={"COLUMNS": "300"})
+    assert out.returncode == 0, out.stderr
+    assert "Pending events per device that raise an alert, 0 to 1,000,000,000." in out.stdout
+    assert "Seconds without a successful sync that raise an alert, 0 to 31,536,000 (365 days)." in out.stdout
+
+
+def test_status_escapes_a_control_character_in_an_allowed_field_name(state_db: str) -> None:
+    """An allowed field name may hold any character a JSON key does (``configure --allow`` takes
+    it): one with a newline split the ``privacy:`` line of `sync status` in two, and an escape
+    sequence recoloured the terminal."""
+    saved = sync_state.load_config(state_db)
+    policy = saved.privacy.model_copy(update={"allowlist": ("a\nb", "\x1b[31mred")})
+    sync_state.save_config(state_db, saved.model_copy(update={"privacy": policy}))
+    try:
+        out = run_cli("sync", "status")
+    finally:
+        sync_state.save_config(state_db, saved)
+    assert out.returncode == 0, out.stderr
+    assert "privacy: drop fields outside a\\nb, \\x1b[31mred\n" in out.stdout
+
+
 def test_control_flows_refuse_out_of_range_numbers_before_touching_a_store(state_db: str, tmp_path: Path) -> None:
     """batch_size=0 was silently the configured size and a negative one read every pending
     event in one batch (SQLite's LIMIT -5); a limit under 1 or past bigint failed the run with

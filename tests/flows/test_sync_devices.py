@@ -486,7 +486,8 @@ def _part_upgraded(store: Path) -> Callable[[], bool]:
     def part() -> bool:
         with device_store.open_store(store) as conn:
             try:
-                return bool(conn.execute("SELECT done_through FROM sync_upgrade_progress").fetchone()[0])
+                done = conn.execute("SELECT done_through FROM sync_upgrade_progress").fetchone()[0]
+                return bool(done != device_store.BEFORE_FIRST_ID)
             except sqlite3.OperationalError:  # no such table: not begun, or finished
                 return False
 

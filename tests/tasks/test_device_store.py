@@ -314,6 +314,45 @@ def test_an_upgrade_keeps_the_user_ids_an_apps_own_column_holds(tmp_path: Path) 
     assert rows == [("alice", "laptop-1", "pending"), ("bob", "laptop-1", "pending"), ("alice", "laptop-1", "pending")]
 
 
+def test_a_version_1_store_without_the_v1_columns_is_refused_naming_them(tmp_path: Path) -> None:
+    """A store at ``user_version`` 1 whose ``events`` lacks v1's columns (another tool's table) was
+    read as v1: its upgrade failed on SQLite's bare "no such column: id" and ``migrate down`` said
+    it was v1 already. Both now refuse it in one line naming the missing columns."""
+    store = tmp_path / "other.db"
+    with sqlite3.connect(store) as conn:
+        conn.executescript("CREATE TABLE events (a, id); INSERT INTO events VALUES (1, 1); PRAGMA user_version = 1;")
+    conn.close()
+    expected = (
+        f"^{re.escape(str(store))} is at schema version 1, but its events table lacks the v1 columns "
+        "event_data, event_type, timestamp \\(columns: a, id\\): it is not a DevFlow event store"
+    )
+    with device_store.open_store(store) as conn:
+        with pytest.raises(UserError, match=expected):
+            device_store.upgrade_to_v2(conn, IDENTITY)
+        with pytest.raises(UserError, match=expected):
+            device_store.downgrade_to_v1(conn)
+        assert _columns(conn) == {"a", "id"}
+
+
+@pytest.mark.parametrize(("declared", "bad_id", "kind"), [("TEXT", "a1", "text"), ("REAL", 2.5, "real"), ("INTEGER", None, "null")])
+def test_an_upgrade_refuses_an_event_id_that_is_no_integer_leaving_the_store_v1(
+    tmp_path: Path, declared: str, bad_id: object, kind: str
+) -> None:
+    """An app's own table whose ``id`` holds a text, real or NULL value: a text id stopped the
+    upgrade half-way with a Python ``TypeError`` traceback, and a NULL id was upgraded with no sync
+    id, pending forever. Now one line names the store and the fix, and nothing is changed."""
+    store = tmp_path / "own.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute(f"CREATE TABLE events (id {declared}, timestamp INTEGER, event_type TEXT, event_data TEXT)")
+        conn.executemany("INSERT INTO events VALUES (?, 1764950000000, 'commit', '{}')", [(1,), (bad_id,)])
+    conn.close()
+    with device_store.open_store(store) as conn:
+        with pytest.raises(UserError, match=f"^device store {re.escape(str(store))} has an event whose id is {kind}, "):
+            device_store.upgrade_to_v2(conn, IDENTITY)
+        assert _columns(conn) == {"id", "timestamp", "event_type", "event_data"}
+        assert device_store.schema_version(conn) == device_store.V1
+
+
 @pytest.mark.parametrize(
     ("kind", "name", "column", "ddl"),
     [

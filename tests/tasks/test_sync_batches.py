@@ -151,6 +151,25 @@ def test_a_refused_event_is_isolated_and_the_rest_sync(central: str, tmp_path: P
     assert _central_counts(central) == (99, 99)
 
 
+def test_events_the_app_gave_zero_or_negative_ids_sync_with_the_rest(central: str, tmp_path: Path) -> None:
+    """``INTEGER PRIMARY KEY`` takes any 64-bit id an app writes itself: the upgrade and the read
+    cursor both started at 0, so events with ids at or below it got no sync id and stayed
+    pending in every run, with no error. The smallest id there is syncs too."""
+    store = make_store(tmp_path / "dev.db", 0)
+    ids = (-(2**63), -5, 0, 3)
+    with sqlite3.connect(store) as conn:
+        conn.executemany(
+            "INSERT INTO events (id, timestamp, event_type, event_data) VALUES (?, ?, 'commit', '{}')",
+            [(local_id, 1_764_950_000_000 + n) for n, local_id in enumerate(ids)],
+        )
+    conn.close()
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=2, policy=PrivacyPolicy()))
+    assert (report.uploaded, report.failed, report.pending_after, report.last_local_id) == (4, 0, 0, 3)
+    with psycopg.connect(central) as conn:
+        sent = conn.execute("SELECT local_id FROM devflow.event_keys ORDER BY local_id").fetchall()
+    assert sent == [(local_id,) for local_id in ids]
+
+
 def test_an_event_of_december_9999_syncs_with_the_rest(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
     with device_store.open_store(store) as conn:
