@@ -21,11 +21,12 @@ from prefect import Task, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
 from tasks.agent_execution import (
+    AgentFailed,
     AgentSetup,
     Fleet,
     agent_directories,
@@ -267,6 +268,19 @@ def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str,
     state = future.state
     if state.is_completed():
         return str(future.result()["outcome"])
-    message = state.message or state.name or state.type.value
+    message = _failure_text(state)
     queue.fail_task(url, task_id, worker, message)
     return f"failed: {one_line(message)}"
+
+
+def _failure_text(state: State[Any]) -> str:
+    """What a failed task run's error says, for the task, ``queue list`` and the run's summary.
+    Prefect's state message wraps it ("Task run encountered an exception AgentFailed: task 3
+    attempt 2: …"); an agent's failure already names its task and attempt, and any other error
+    (a bug, the state database gone) keeps its type's name."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, AgentFailed):
+        return str(error)
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return state.message or state.name or state.type.value

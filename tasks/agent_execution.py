@@ -41,7 +41,7 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import UserError, first_line, make_user_dir
+from tasks.errors import UserError, first_line, make_user_dir, printable
 from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
@@ -156,7 +156,15 @@ def log_record(task_id: int, attempt: int, stream: str, message: AgentMessage) -
 
 
 def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
-    """How one agent message reads in the Prefect run log: its level and its line."""
+    """How one agent message reads in the Prefect run log: its level and its line, each control
+    character as its escape (``\\x1b``, ``\\n``). ``queue run`` prints that log on the terminal,
+    where an agent's terminal escape recoloured, cleared or retitled it, and a line break forged a
+    log line of its own; the task's ``.jsonl`` log keeps what the agent wrote."""
+    level, line = _run_log_text(task_id, stream, message)
+    return level, printable(line)
+
+
+def _run_log_text(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:
     prefix = f"[task {task_id} {stream}]"
     if isinstance(message, CheckpointMessage):
         return logging.INFO, f"{prefix} checkpoint {json.dumps(message.state)[:200]}"
@@ -469,7 +477,18 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.remove(task_id)
     if failure is not None:
         raise failure
-    return _attempt_result(task_id, started, outcome.outcome, outcome.result, outcome.checkpoint)
+    reported = _reported_outcome(url, task_id, outcome.outcome)
+    return _attempt_result(task_id, started, reported, outcome.result, outcome.checkpoint)
+
+
+def _reported_outcome(url: str, task_id: int, outcome: str) -> str:
+    """What the run reports of an attempt: one whose agent was stopped because the user cancelled
+    its task is ``cancelled`` (the task is), as one cancelled while Prefect waited to retry is.
+    It was ``interrupted``, which ``queue run`` and the ``agent-queue-run`` artifact give for a
+    task back in the queue, to resume next run. The attempt itself stays ``interrupted``."""
+    if outcome == "interrupted" and queue.get_task(url, task_id).status == "cancelled":
+        return "cancelled"
+    return outcome
 
 
 def _attempt_result(

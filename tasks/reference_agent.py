@@ -23,6 +23,8 @@ Knobs (in the task payload), for the demo and the tests:
   or Node's ``detached: true`` does (to prove it is ended too);
 - ``ignore_term``: ignore SIGTERM (to exercise the SIGKILL after the grace period);
 - ``artifact``: report a markdown artifact with the final digest.
+
+A numeric knob it cannot use is an error that is not retryable (:func:`knob_problem`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,24 @@ except ImportError:  # Python 3.12+ (``_sha2``) or a build without it
     from hashlib import sha256
 
 from tasks.agent_wire import TASK_ENV_VAR, dumps, is_checkpoint_request, loads, message_line, read_task
+
+_KNOB_RANGES = {"steps": (int, 0, float("inf")), "crash_after": (int, 0, float("inf")), "sleep": (float, 0, 86400)}
+"""Each numeric knob's type and range; a null ``crash_after`` is off, as a missing one is."""
+
+
+def knob_problem(payload: dict) -> str | None:
+    """Why a numeric knob of the payload cannot be used, else None. A wrong one (``"steps":
+    "abc"``, ``"sleep": -1``) killed the agent with a traceback and Prefect retried it to the
+    same end; said as an error that is not retryable, the task fails once, naming the knob."""
+    for name, (kind, low, high) in _KNOB_RANGES.items():
+        value = payload.get(name)
+        if value is None and (name not in payload or name == "crash_after"):
+            continue
+        kinds = (int,) if kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+            what = "a whole number, 0 or more" if kind is int else f"a number of seconds from {low} to {high}"
+            return f"the payload's {name} must be {what}, not {dumps(value)}"
+    return None
 
 
 class ReferenceAgent:
@@ -69,6 +89,10 @@ class ReferenceAgent:
         self.emit("checkpoint", state={"step": step, "digest": digest})
 
     def run(self) -> int:
+        problem = knob_problem(self.payload)
+        if problem:
+            self.emit("error", message=problem, retryable=False)
+            return 2
         steps = int(self.payload.get("steps", 3))
         sessions = [False] * bool(self.payload.get("spawn_child"))
         sessions += [True] * bool(self.payload.get("detach_child"))

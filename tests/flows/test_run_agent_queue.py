@@ -377,7 +377,8 @@ def test_failed_dependency_stops_dependents_and_says_why(tmp_path: Path, qdb: st
     assert summary["blocked"] == {child: f"not run: dependency #{bad} 'bad' is failed"}
     task = queue.get_task(qdb, child)
     assert task.status == "pending" and task.attempts == 0 and "'bad' is failed" in task.blocked_reason
-    assert "cannot reach repo (not retryable)" in queue.get_task(qdb, bad).error
+    # the agent's own error, not Prefect's "Task run encountered an exception AgentFailed: …"
+    assert queue.get_task(qdb, bad).error == f"task {bad} attempt 1: agent exited with code 1: cannot reach repo (not retryable)"
     # The reference agent reports this error as not retryable: one attempt, despite retries=1.
     assert queue.get_task(qdb, bad).attempts == 1
     metrics = {m["agent_type"]: m for m in summary["metrics"]}
@@ -1188,6 +1189,24 @@ def test_cancelling_a_task_during_its_retry_delay_reports_it_cancelled(tmp_path:
     assert summary["outcomes"] == {task_id: "cancelled"}
     task = queue.get_task(qdb, task_id)
     assert task.status == "cancelled" and task.attempts == 1
+
+
+def test_a_task_cancelled_while_its_agent_runs_is_reported_cancelled(tmp_path: Path, qdb: str) -> None:
+    """``queue cancel`` of a running task: the run stopped its agent and reported the task
+    ``interrupted``, which ``queue run`` and the run's artifact give for a task back in the queue
+    to resume next run, though it was cancelled. Its attempt is still recorded as interrupted."""
+    import threading
+
+    task_id = queue.create_task(qdb, _new("long", {"steps": 1000, "sleep": 0.1}))
+    canceller = threading.Thread(
+        target=lambda: (_wait_running(qdb, task_id), queue.cancel_task(qdb, task_id)), daemon=True
+    )
+    canceller.start()
+    summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
+    canceller.join()
+    assert summary["outcomes"] == {task_id: "cancelled"}
+    assert queue.get_task(qdb, task_id).status == "cancelled"
+    assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
 
 
 def test_a_task_waiting_for_a_draft_dependency_says_why_without_failing(tmp_path: Path, qdb: str) -> None:

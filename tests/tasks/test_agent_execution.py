@@ -162,6 +162,57 @@ def test_an_agents_fields_named_like_flowyards_do_not_replace_them_in_the_task_l
     assert "agent_fields" not in plain and (plain["attempt"], plain["message"]) == (2, "plain")
 
 
+class _Lines(logging.Handler):
+    """The run-log lines a logger was given, as its handlers format them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_an_agents_control_characters_reach_the_run_log_as_their_escapes(tmp_path: Path) -> None:
+    """``queue run`` prints the run log on the terminal: an agent's terminal escape reached it raw
+    (it cleared the screen or recoloured what followed) and a line break in a log or error message
+    forged a log line of its own, and a progress line's JSON kept a C1 escape (``\\x9b``) or a line
+    separator raw. The task's ``.jsonl`` keeps what the agent wrote."""
+    logger = logging.getLogger("test.agent-run-log")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)  # agent output is logged at INFO; the tests run Prefect at WARNING
+    handler = _Lines()
+    logger.addHandler(handler)
+    lines = [
+        '{"kind": "log", "message": "\\u001b[2Jcleared\\u009b31m"}',
+        '{"kind": "error", "message": "disk full\\n[task 7 flowyard] forged\\u2028"}',
+        "\x1b]0;retitled\x07 raw\ttext",
+        '{"kind": "progress", "percent": 50, "message": "half\\u009b\\u2028"}',
+    ]
+    try:
+        with TaskLog(tmp_path, 7, 1, logger) as log:
+            for line in lines:
+                log.write("stdout", parse_line(line))
+            log.write("stderr", parse_line("plain \u00e9 text"))
+    finally:
+        logger.removeHandler(handler)
+    assert handler.lines == [
+        "[task 7 stdout] \\x1b[2Jcleared\\x9b31m",
+        "[task 7 stdout] error: disk full\\n[task 7 flowyard] forged\\u2028",
+        "[task 7 stdout] \\x1b]0;retitled\\x07 raw\\ttext",
+        '[task 7 stdout] {"kind":"progress","percent":50.0,"message":"half\\x9b\\u2028"}',
+        "[task 7 stderr] plain \u00e9 text",
+    ]
+    kept = [json.loads(text)["message"] for text in (tmp_path / "7.jsonl").read_text().splitlines()]
+    assert kept == [
+        "\x1b[2Jcleared\x9b31m",
+        "disk full\n[task 7 flowyard] forged\u2028",
+        "\x1b]0;retitled\x07 raw\ttext",
+        "half\x9b\u2028",
+        "plain \u00e9 text",
+    ]
+
+
 @pytest.mark.usefixtures("prefect_api")
 def test_a_run_of_a_task_that_starts_no_attempt_returns_what_every_attempt_returns(
     fresh_db: str, tmp_path: Path

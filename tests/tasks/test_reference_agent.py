@@ -83,3 +83,46 @@ def test_sigterm_in_the_middle_of_a_write_still_ends_with_a_consistent_checkpoin
     assert last["kind"] == "checkpoint", lines[-3:]
     step = last["state"]["step"]
     assert 0 < step < 1_000_000 and last["state"]["digest"] == _chain(task_id, step)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        ({"steps": "abc"}, 'the payload\'s steps must be a whole number, 0 or more, not "abc"'),
+        ({"steps": 2.5}, "the payload's steps must be a whole number, 0 or more, not 2.5"),
+        ({"sleep": -1}, "the payload's sleep must be a number of seconds from 0 to 86400, not -1"),
+        ({"sleep": 1e300}, "the payload's sleep must be a number of seconds from 0 to 86400, not 1e+300"),
+        ({"crash_after": "x"}, 'the payload\'s crash_after must be a whole number, 0 or more, not "x"'),
+    ],
+)
+def test_an_unusable_knob_is_an_error_that_is_not_retried(
+    tmp_path: Path, payload: dict[str, object], error: str
+) -> None:
+    """A knob of the wrong type or out of range killed the agent with a traceback on stderr (exit
+    1) and no protocol error, so Prefect retried the task to the same end on every attempt."""
+    agent = subprocess.run(
+        REFERENCE_TEMPLATE.argv,
+        cwd=tmp_path,
+        input=json.dumps({"task_id": 3, "payload": payload}) + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (agent.returncode, agent.stderr) == (2, "")
+    assert [json.loads(line) for line in agent.stdout.splitlines()] == [
+        {"kind": "error", "message": error, "retryable": False}
+    ]
+    assert not (tmp_path / "result.txt").exists()
+
+
+def test_the_default_knobs_and_a_null_crash_after_run_to_the_end(tmp_path: Path) -> None:
+    agent = subprocess.run(
+        REFERENCE_TEMPLATE.argv,
+        cwd=tmp_path,
+        input=json.dumps({"task_id": 4, "payload": {"crash_after": None, "sleep": 0}}) + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (agent.returncode, agent.stderr) == (0, "")
+    assert (tmp_path / "result.txt").read_text() == _chain(4, 3) + "\n"
