@@ -424,16 +424,17 @@ def schema_version(conn: sqlite3.Connection) -> int:
     store = _store_file(conn)
     if not columns:
         raise UserError(f"{store} has no events table: it is not a DevFlow event store")
+    if missing := sorted(_V1_COLUMNS - columns):
+        # another tool's table: at version 1 its upgrade failed on SQLite's bare "no such column:
+        # id"; at 0 the line below told the user to set a version it does not have
+        raise UserError(
+            f"{store} has an events table without the v1 column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (columns: {', '.join(sorted(columns))}): it is not a DevFlow event "
+            "store; give the path of the DevFlow app's own store"
+        )
     if version == V1:
-        if missing := sorted(_V1_COLUMNS - columns):
-            # read as v1, its upgrade failed on SQLite's bare "no such column: id"
-            raise UserError(
-                f"{store} is at schema version 1, but its events table lacks the v1 column"
-                f"{'s' if len(missing) > 1 else ''} {', '.join(missing)} (columns: {', '.join(sorted(columns))}): "
-                "it is not a DevFlow event store; give the path of the DevFlow app's own store"
-            )
         return V2 if _SYNC_COLUMNS <= columns and not _upgrading(conn) else V1
-    if _V1_COLUMNS <= columns and "sync_id" not in columns:
+    if "sync_id" not in columns:
         return V1
     raise UserError(
         f"{store} has no schema version and its events table is not a v1 store (columns: "

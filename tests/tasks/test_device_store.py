@@ -323,7 +323,7 @@ def test_a_version_1_store_without_the_v1_columns_is_refused_naming_them(tmp_pat
         conn.executescript("CREATE TABLE events (a, id); INSERT INTO events VALUES (1, 1); PRAGMA user_version = 1;")
     conn.close()
     expected = (
-        f"^{re.escape(str(store))} is at schema version 1, but its events table lacks the v1 columns "
+        f"^{re.escape(str(store))} has an events table without the v1 columns "
         "event_data, event_type, timestamp \\(columns: a, id\\): it is not a DevFlow event store"
     )
     with device_store.open_store(store) as conn:
@@ -403,6 +403,11 @@ def test_a_downgrade_refused_by_an_object_using_a_sync_column_names_it_and_the_f
             "id, sync_id, timestamp); it was changed by another tool",
         ),
         ("CREATE TABLE events (id INTEGER); PRAGMA user_version = 7", "has unknown schema version 7"),
+        (  # it was told to set PRAGMA user_version, which would not make it a store
+            "CREATE TABLE events (body TEXT, at INTEGER)",
+            "has an events table without the v1 columns event_data, event_type, id, timestamp (columns: at, "
+            "body): it is not a DevFlow event store; give the path of the DevFlow app's own store",
+        ),
     ],
 )
 def test_a_file_that_is_no_store_flowyard_knows_is_refused_naming_it(
