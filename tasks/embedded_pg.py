@@ -123,6 +123,8 @@ class EmbeddedPostgres:
                 raise _port_taken(self.port)
             self._init_data_dir()
             options = " ".join(f"-c {key}={value!r}" for key, value in SERVER_CONFIG.items())
+            if not self.log_file.exists():  # deleted by hand: its size below was a traceback
+                self._make_log(self.pgdata)
             logged = self.log_file.stat().st_size
             try:
                 self._pg_ctl("-w", "-t", "60", "-l", str(self.log_file), "-o", f"-p {self.port} {options}", "start")
@@ -172,9 +174,7 @@ class EmbeddedPostgres:
         scratch = self.scratch_dir
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir()
-        self.log_file.touch()
-        if os.geteuid() == 0:
-            _prepare_for_server_user(scratch, self.log_file, self.bin_dir)
+        self._make_log(scratch)
         _run(
             [
                 str(self.bin_dir / "initdb"),
@@ -189,6 +189,13 @@ class EmbeddedPostgres:
             as_server_user=True,
         )
         scratch.replace(self.pgdata)
+
+    def _make_log(self, data_dir: Path) -> None:
+        """Make the server log and, as root, give it and ``data_dir`` to the server user: pg_ctl
+        writes the log as that user, who cannot create it in a root-owned home."""
+        self.log_file.touch()
+        if os.geteuid() == 0:
+            _prepare_for_server_user(data_dir, self.log_file, self.bin_dir)
 
     def _pg_ctl(self, *args: str) -> None:
         if os.geteuid() == 0:

@@ -110,6 +110,19 @@ def test_a_server_that_cannot_start_says_its_fatal_line_and_where_its_log_is(tmp
     assert "Examine the log" not in message and "\n" not in message
 
 
+def test_a_server_whose_log_was_deleted_starts_again(tmp_path):
+    """The start reads its log's size, to say later what it logged: a deleted log (cleaned up by
+    hand) made every later start a FileNotFoundError traceback."""
+    server = EmbeddedPostgres(tmp_path / "pg", free_port())
+    assert server.start() and server.stop()
+    server.log_file.unlink()
+    try:
+        assert server.start() and server.is_running()
+    finally:
+        server.stop()
+    assert server.log_file.exists()
+
+
 def test_stop_after_parent_permissions_were_reset(tmp_path):
     """pytest (and umask-happy tools) may make a parent 0700 again while the server runs."""
     parent = tmp_path / "home"
