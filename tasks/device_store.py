@@ -520,7 +520,8 @@ def _begin_upgrade(conn: sqlite3.Connection, identity: Identity) -> bool:
         conn.execute("PRAGMA user_version = 1")  # an app may leave it 0; 0 with sync columns is no v1 store
         conn.execute(
             f"CREATE TABLE {_UPGRADE_PROGRESS} AS "  # noqa: S608 (a constant name)
-            "SELECT -1e999 AS done_through, coalesce(max(id), -1e999) AS last_id, 0 AS resume_at_ms FROM events"
+            "SELECT ? AS done_through, coalesce(max(id), ?) AS last_id, 0 AS resume_at_ms FROM events",
+            (BEFORE_FIRST_ID, BEFORE_FIRST_ID),
         )
     return True
 
@@ -535,18 +536,20 @@ def _check_integer_ids(conn: sqlite3.Connection) -> None:
     of the table), so the local app's writes do not wait for it; an upgrade under way is
     checked too, so a store the old code left half-way gets this line and `migrate down` undoes it.
     """
-    found = conn.execute("SELECT typeof(id) FROM events WHERE typeof(id) <> 'integer' LIMIT 1").fetchone()
+    found = conn.execute(f"SELECT typeof(id) FROM ({_NON_INTEGER_IDS}) LIMIT 1").fetchone()  # noqa: S608 (a constant)
     if found is not None:
+        store = _store_file(conn)
         raise UserError(
-            f"device store {_store_file(conn)} has an event whose id is {found[0]}, not an integer: "
+            f"device store {store} has an event whose id is {found[0]}, not an integer: "
             "flowyard tracks events by the app's integer ids (the seed's `id INTEGER PRIMARY KEY`); "
-            f"give those events integer ids (`sqlite3 {shlex.quote(_store_file(conn))} \"{_NON_INTEGER_IDS}\"` "
+            f"give those events integer ids (`sqlite3 {shlex.quote(store)} \"{_NON_INTEGER_IDS}\"` "
             "lists them), or give the path of the DevFlow app's own store"
         )
 
 
 _NON_INTEGER_IDS = "SELECT id FROM events WHERE typeof(id) <> 'integer'"
-"""The query the error for a store with such ids gives, to list them."""
+"""The events :func:`_check_integer_ids` refuses: its check reads the first, and its error gives
+this query to list them all."""
 
 
 BEFORE_FIRST_ID = float("-inf")
