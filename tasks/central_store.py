@@ -314,8 +314,19 @@ def _month_range(timestamps_ms: Sequence[int]) -> tuple[date, date]:
         return month_start(min(timestamps_ms)), month_start(max(timestamps_ms))
     except (TypeError, ValueError, OverflowError) as exc:
         raise psycopg.DataError(
-            f"event time is not Unix milliseconds within the years 1-9999 ({exc})"
+            f"event time is not Unix milliseconds within the years 1-9999 ({_not_a_time(timestamps_ms, exc)})"
         ) from None
+
+
+def _not_a_time(timestamps_ms: Sequence[object], exc: Exception) -> str:
+    """Why a batch's times have no month, in the store's terms. Python's own words for a time the
+    app wrote as text or left NULL ("unsupported type for timedelta milliseconds component: str")
+    named neither what the app wrote nor what central expects; the value itself is not quoted."""
+    if any(ts is None for ts in timestamps_ms):
+        return "the app wrote no time: timestamp is NULL"
+    if any(isinstance(ts, str | bytes) for ts in timestamps_ms):
+        return "the app wrote it as text (or a BLOB), not as a number"
+    return str(exc)
 
 
 def _partition_name(month: date) -> str:

@@ -208,6 +208,14 @@ def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError
             f"device store {path} cannot be written ({reason}); give the user flowyard runs as write access "
             "to the file and its directory — its events stay pending"
         )
+    if text.removeprefix("no such column: ") in _SYNC_COLUMNS:
+        # `migrate down` takes no device lock (it works without flowyard's state): run while a sync
+        # uploaded, it left the run a bare "no such column: sync_status" when marking the batch.
+        return UserError(
+            f"device store {path} lost its sync columns while in use ({text}): it was downgraded to v1 "
+            "(`flowyard sync migrate down`) or changed by another program; its events stay in it, and "
+            "the next sync upgrades it again, central skipping the events it already holds"
+        )
     return UserError(f"device store {path}: {text}")
 
 
@@ -768,14 +776,28 @@ def _decode_replacing(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def mark_synced(conn: sqlite3.Connection, local_ids: Sequence[int], *, now_ms: int) -> None:
+def mark_synced(conn: sqlite3.Connection, events: Sequence[LocalEvent], *, now_ms: int) -> None:
+    """Mark the uploaded ``events`` synced: each row by its local id *and* the sync id it was sent with.
+
+    The app writes on while a batch uploads. A row it replaced in the meantime (``INSERT OR
+    REPLACE``, or a store cleared and written again by a table without ``AUTOINCREMENT``, which
+    numbers its events from 1 again) holds the same local id but another event, with a new sync
+    id: marked by its id alone, that event was recorded as synced without ever reaching central.
+    Sync ids are unique in a store, so the two sets match exactly the rows that were sent; the
+    sync id is compared as the text it was read as (an app's BLOB id included).
+    """
     conn.execute(
         """
         UPDATE events SET sync_status = 'synced', synced_at = ?, last_sync_error = NULL,
                           next_retry_at = NULL, sync_attempts = sync_attempts + 1
         WHERE id IN (SELECT value FROM json_each(?))
+          AND CAST(sync_id AS TEXT) IN (SELECT value FROM json_each(?))
         """,
-        (now_ms, orjson.dumps(list(local_ids)).decode()),
+        (
+            now_ms,
+            orjson.dumps(local_ids(events)).decode(),
+            orjson.dumps([event[0] for event in events]).decode(),
+        ),
     )
 
 

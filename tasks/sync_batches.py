@@ -289,7 +289,7 @@ def sync_device(
                     continue
                 upload_seconds = time.perf_counter() - started
                 _pause_for_crash_test()
-                device_store.mark_synced(conn, ids, now_ms=device_store.now_ms())
+                device_store.mark_synced(conn, events, now_ms=device_store.now_ms())
                 uploaded += result.inserted
                 duplicates += result.duplicates
                 batches += 1

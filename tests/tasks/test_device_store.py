@@ -33,6 +33,12 @@ def _uuid7_time_ms(sync_id: str) -> int:
     return parsed.int >> 80
 
 
+def _mark_synced(conn: sqlite3.Connection, ids: list[int]) -> None:
+    """Mark the events with these local ids synced, as a run does after uploading them as read."""
+    events = device_store.read_pending(conn, device_store.BEFORE_FIRST_ID, 1_000_000, now_ms=0, force=True)
+    device_store.mark_synced(conn, [event for event in events if event[1] in ids], now_ms=device_store.now_ms())
+
+
 def _columns(conn: sqlite3.Connection) -> set[str]:
     return {row[1] for row in conn.execute("PRAGMA table_info(events)")}
 
@@ -65,7 +71,7 @@ def test_upgrade_with_data_then_downgrade_keeps_every_event(tmp_path: Path) -> N
             "SELECT sync_id, device_id, user_id, project_id, sync_status FROM events ORDER BY id DESC LIMIT 1"
         ).fetchone()
         assert _uuid7_time_ms(new[0]) == 1 and new[1:] == ("laptop-1", "alice", "proj-x", "pending")
-        device_store.mark_synced(conn, [1, 2], now_ms=device_store.now_ms())
+        _mark_synced(conn, [1, 2])
         with_new = _events(conn)
 
         assert device_store.downgrade_to_v1(conn) is True
@@ -110,6 +116,43 @@ def test_failed_events_wait_for_backoff_unless_forced(tmp_path: Path) -> None:
         assert (counts.pending, counts.failed, counts.synced) == (8, 2, 0)
 
 
+def test_an_event_the_app_replaced_during_the_upload_is_not_marked_synced(tmp_path: Path) -> None:
+    """The app writes on while a batch uploads. An event it replaced under the same local id (``INSERT
+    OR REPLACE``, or a cleared table numbering its events from 1 again) is another event with a new
+    sync id; marked by local id alone, it was recorded as synced without ever reaching central."""
+    store = make_store(tmp_path / "dev.db", 4, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        batch = device_store.read_pending(conn, device_store.BEFORE_FIRST_ID, 10, now_ms=device_store.now_ms())
+        assert device_store.local_ids(batch) == [1, 2, 3, 4]
+        app = sqlite3.connect(store, isolation_level=None)  # the app, while the batch is being uploaded
+        try:
+            app.execute("INSERT OR REPLACE INTO events (id, timestamp, event_type, event_data) VALUES (2, 5, 'new', '{}')")
+            app.execute("DELETE FROM events WHERE id = 3")
+            app.execute("INSERT INTO events (id, timestamp, event_type, event_data) VALUES (3, 6, 'new', '{}')")
+        finally:
+            app.close()
+        device_store.mark_synced(conn, batch, now_ms=device_store.now_ms())
+        states = conn.execute("SELECT id, event_type, sync_status FROM events ORDER BY id").fetchall()
+        again = device_store.read_pending(conn, device_store.BEFORE_FIRST_ID, 10, now_ms=device_store.now_ms())
+    assert [state[2] for state in states] == ["synced", "pending", "pending", "synced"]
+    assert [(event[1], event[6]) for event in again] == [(2, "new"), (3, "new")]
+
+
+def test_a_store_downgraded_while_a_run_holds_it_is_one_line_saying_so(tmp_path: Path) -> None:
+    """`migrate down` takes no device lock: run while a sync uploads a batch, the run's mark of that
+    batch met a bare "no such column: sync_status", which named neither the downgrade nor the way on."""
+    store = make_store(tmp_path / "dev.db", 3, identity=IDENTITY)
+    with pytest.raises(UserError) as raised, device_store.open_store(store, device_id="laptop-1") as conn:
+        batch = device_store.read_pending(conn, device_store.BEFORE_FIRST_ID, 10, now_ms=device_store.now_ms())
+        with device_store.open_store(store) as other:  # `flowyard sync migrate down --to=v1`, meanwhile
+            assert device_store.downgrade_to_v1(other) is True
+        device_store.mark_synced(conn, batch, now_ms=device_store.now_ms())
+    message = str(raised.value)
+    assert "lost its sync columns while in use (no such column: sync_status)" in message
+    assert "\n" not in message
+    assert "migrate down" in message and "next sync upgrades it again" in message
+
+
 def test_the_oldest_unsynced_time_counts_numeric_times_only(tmp_path: Path) -> None:
     """SQLite keeps a time the app wrote as text as text, which has no age: the oldest unsynced
     time was that text when no other unsynced event had a number, and the lag failed the device."""
@@ -117,9 +160,9 @@ def test_the_oldest_unsynced_time_counts_numeric_times_only(tmp_path: Path) -> N
     with device_store.open_store(store) as conn:
         conn.execute("UPDATE events SET timestamp = '2026-11-01T10:00' WHERE id = 3")
         conn.execute("UPDATE events SET timestamp = 1700000000000.5 WHERE id = 6")
-        device_store.mark_synced(conn, [1, 2, 4, 5, 7, 8, 9, 10], now_ms=device_store.now_ms())
+        _mark_synced(conn, [1, 2, 4, 5, 7, 8, 9, 10])
         assert device_store.counts(conn).oldest_pending_ms == 1_700_000_000_000.5
-        device_store.mark_synced(conn, [6], now_ms=device_store.now_ms())
+        _mark_synced(conn, [6])
         counts = device_store.counts(conn)
     assert (counts.pending, counts.oldest_pending_ms) == (1, None)
 
@@ -245,7 +288,7 @@ def test_a_v2_store_whose_app_set_its_version_back_to_1_stays_v2(tmp_path: Path)
     "duplicate column name: sync_id", and a downgrade said "already v1" and kept the sync columns."""
     store = make_store(tmp_path / "dev.db", 5, identity=IDENTITY)
     with device_store.open_store(store) as conn:
-        device_store.mark_synced(conn, [1, 2], now_ms=device_store.now_ms())
+        _mark_synced(conn, [1, 2])
         states = conn.execute("SELECT id, sync_id, sync_status, synced_at FROM events ORDER BY id").fetchall()
     device_store.create_v1(store)  # the app starting again
     with device_store.open_store(store) as conn:

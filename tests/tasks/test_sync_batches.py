@@ -233,6 +233,25 @@ def test_a_null_event_data_syncs_as_an_empty_object(central: str, tmp_path: Path
     assert sorted(data) == [(4, {"action": "save"}), (5, {})]
 
 
+def test_a_text_or_null_time_is_refused_in_the_stores_terms(central: str, tmp_path: Path) -> None:
+    """An event time the app wrote as text (or left NULL, in its own table) is that event's error;
+    the error gave Python's words for it ("unsupported type for timedelta milliseconds component:
+    str"), naming neither what the app wrote nor what central expects."""
+    store = tmp_path / "app.db"
+    with sqlite3.connect(store) as conn:
+        conn.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, timestamp INTEGER, event_type TEXT, event_data TEXT)")
+        conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'file_edit', '{}')",
+            [({3: "2026-11-01T10:00:00+02:00", 6: None}.get(n, 1_700_000_000_000 + n),) for n in range(1, 9)],
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=8))
+    assert (report.uploaded, report.failed) == (6, 2)
+    errors = [error for _, _, error in _failed_rows(store)]
+    assert "event time is not Unix milliseconds" in errors[0] and "the app wrote it as text" in errors[0]
+    assert "the app wrote no time: timestamp is NULL" in errors[1]
+    assert not any("timedelta" in error for error in errors)
+
+
 def test_valid_json_orjson_refuses_reaches_jsonb_with_its_metadata(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
     raw = {
