@@ -45,7 +45,7 @@ from tasks.agent_process import (
     templates_from,
 )
 from tasks.cancel_watch import CancelWatch
-from tasks.errors import one_line, printable
+from tasks.errors import UserError, one_line, printable
 from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 
@@ -276,10 +276,12 @@ def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str,
 def _failure_text(state: State[Any]) -> str:
     """What a failed task run's error says, for the task, ``queue list`` and the run's summary.
     Prefect's state message wraps it ("Task run encountered an exception AgentFailed: task 3
-    attempt 2: …"); an agent's failure already names its task and attempt, and any other error
-    (a bug, the state database gone) keeps its type's name."""
+    attempt 2: …"); an agent's failure already names its task and attempt, a configuration error
+    (an agent command that cannot start, a working directory refused) is a sentence of its own,
+    which ``queue list`` showed as "UserError: cannot start agent …", and any other error (a bug,
+    the state database gone) keeps its type's name."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, AgentFailed):
+    if isinstance(error, AgentFailed | UserError):
         return str(error)
     if isinstance(error, BaseException):
         return f"{type(error).__name__}: {error}"

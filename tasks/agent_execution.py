@@ -41,7 +41,7 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import UserError, first_line, make_user_dir, printable
+from tasks.errors import UserError, clipped, first_line, make_user_dir, printable
 from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
@@ -108,9 +108,19 @@ class TaskLog:
     def __init__(
         self, logs_dir: Path, task_id: int, attempt: int, logger: logging.LoggerAdapter[Any] | logging.Logger
     ) -> None:
-        logs_dir.mkdir(parents=True, exist_ok=True)
+        """A logs directory (or a task's log) made unusable since the run checked it at its start
+        (a file put in the directory's place, a directory in the log's) fails the attempt in one
+        line, not retried: it was Python's ``FileExistsError`` or ``IsADirectoryError``, retried
+        to the same end until the task failed."""
+        make_user_dir(logs_dir, "the agents' logs directory (--logs-dir / logs_dir)")
         self.path = logs_dir / f"{task_id}.jsonl"
-        self._file = self.path.open("a", encoding="utf-8")
+        try:
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(
+                f"cannot write the log of task {task_id} to {self.path}: {exc.strerror or exc}; "
+                "remove what is in its place and retry the task"
+            ) from None
         self._task_id = task_id
         self._attempt = attempt
         self._logger = logger
@@ -159,9 +169,10 @@ def run_log_line(task_id: int, stream: str, message: AgentMessage) -> tuple[int,
     """How one agent message reads in the Prefect run log: its level and its line, each control
     character as its escape (``\\x1b``, ``\\n``). ``queue run`` prints that log on the terminal,
     where an agent's terminal escape recoloured, cleared or retitled it, and a line break forged a
-    log line of its own; the task's ``.jsonl`` log keeps what the agent wrote."""
+    log line of its own; the task's ``.jsonl`` log keeps what the agent wrote, whole where the run
+    log's line is :func:`~tasks.errors.clipped`."""
     level, line = _run_log_text(task_id, stream, message)
-    return level, printable(line)
+    return level, clipped(printable(line), "the task's .jsonl log")
 
 
 def _run_log_text(task_id: int, stream: str, message: AgentMessage) -> tuple[int, str]:

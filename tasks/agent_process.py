@@ -35,6 +35,7 @@ from tasks.agent_protocol import (
     ErrorMessage,
     LogMessage,
     ResultMessage,
+    misread,
     parse_line,
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS, check_agent_type
@@ -495,8 +496,10 @@ class AgentProcess:
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
                     )
-                except OSError as exc:
-                    raise UserError(f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc}") from None
+                except OSError as exc:  # its strerror: str(exc) repeats the path the message names
+                    raise UserError(
+                        f"cannot start agent {argv[0]!r} for task {self.job.task_id}: {exc.strerror or exc}"
+                    ) from None
                 self.started.set()
             try:
                 if self._on_start is not None:
@@ -595,7 +598,10 @@ class AgentProcess:
                     else:
                         self._read(streams[key.data], key.data, buffers, selector, state)
                 now = time.monotonic()
-                if now >= deadline:
+                # Only while the agent runs: one that exited in time is not timed out by flowyard's
+                # own handling of its output (a 50 MB line written to the logs took seconds, and an
+                # agent that had exited 0 was failed with "timeout after 3s", every retry alike).
+                if now >= deadline and proc.poll() is None:
                     self.request_stop(f"timeout after {self.limits.timeout_seconds:g}s", "timeout")
                 if self._keep_going is not None and now >= next_beat:
                     next_beat = now + self.limits.heartbeat_seconds
@@ -668,9 +674,13 @@ class AgentProcess:
             # then take this checkpoint, written before its request, for the answer.
             self._checkpoint_seen.set()
         self._on_message("stdout", message)
+        if isinstance(message, LogMessage) and message.level == "raw" and message.message == _text(raw):
+            problem = misread(message.message)  # the line itself, not a raw-level log it sent
+            if problem is not None:
+                self._emit_flowyard(problem, level="warning")
 
-    def _emit_flowyard(self, text: str) -> None:
-        self._on_message("flowyard", LogMessage(kind="log", level="info", message=text))
+    def _emit_flowyard(self, text: str, level: str = "info") -> None:
+        self._on_message("flowyard", LogMessage(kind="log", level=level, message=text))
 
     def _outcome(self, exit_code: int, state: _RunState) -> AgentOutcome:
         tail = list(state.stderr_tail)
@@ -719,6 +729,11 @@ def _stdout_message(raw: bytes | bytearray) -> AgentMessage:
     if isinstance(message, LogMessage | ErrorMessage):
         return message
     return LogMessage(kind="log", message=text.rstrip("\r\n"), level="raw")
+
+
+def _text(raw: bytes | bytearray) -> str:
+    """A stdout line as :func:`_stdout_message` keeps it in a raw log line."""
+    return raw.decode(errors="replace").rstrip("\r\n")
 
 
 _EXITED = "exited"

@@ -33,11 +33,13 @@ from contextlib import suppress
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic_core import from_json
 
 from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
+from tasks.errors import validation_problem
 from tasks.json_values import has_non_finite, has_nul
 
-__all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "parse_line"]
+__all__ = ["CHECKPOINT_REQUEST", "TASK_ENV_VAR", "AgentMessage", "misread", "parse_line"]
 
 
 class _Message(BaseModel):
@@ -114,3 +116,33 @@ def parse_line(line: str) -> AgentMessage:
         if "\\u0000" not in text or not has_nul(message.model_dump()):
             return message
     return LogMessage(kind="log", message=text, level="raw")
+
+
+_KINDS = frozenset(("log", "progress", "checkpoint", "artifact", "result", "error"))
+
+
+def misread(line: str) -> str | None:
+    """Why a line naming one of the protocol's kinds was kept as a raw log line (:func:`parse_line`),
+    or None for any other line. A checkpoint whose ``state`` is not an object, or a result whose
+    ``data`` is not, was dropped in silence: the next attempt resumed from an older checkpoint, and
+    the task completed with the result ``{}``, while the agent believed both saved. Lines without
+    ``"kind"`` (stray prints) are not parsed again."""
+    text = line.rstrip("\r\n")
+    if '"kind"' not in text:
+        return None
+    try:
+        data = from_json(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("kind") not in _KINDS:
+        return None
+    kind = data["kind"]
+    try:
+        _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        where, problem = validation_problem(exc)
+        where = where.removeprefix(kind).lstrip(".")
+        return f"a {kind} line was kept as a raw log line, not taken as a {kind}: {where + ': ' if where else ''}{problem}"
+    if has_nul(data):
+        return f"a {kind} line was kept as a raw log line: it holds a \\u0000 escape, which PostgreSQL cannot store"
+    return None

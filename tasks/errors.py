@@ -69,10 +69,26 @@ def parse_problem(error: Exception) -> str:
 
 def one_line(text: str) -> str:
     """``text`` for a row of a listing or a status line: its first line, saying how many lines were
-    left out. An agent's error may carry a whole traceback, which split the ``queue list`` table
-    and ``queue run``'s per-task lines; the full text stays in the task and in its log."""
+    left out, and :func:`clipped`. An agent's error may carry a whole traceback, which split the
+    ``queue list`` table and ``queue run``'s per-task lines, or megabytes on one line, which
+    filled them; the full text stays in the task and in its log."""
     left_out = len(text.strip().splitlines()) - 1
-    return first_line(text) + (f" … ({left_out} more lines)" if left_out > 0 else "")
+    return clipped(first_line(text)) + (f" … ({left_out} more lines)" if left_out > 0 else "")
+
+
+LINE_LIMIT = 10_000
+"""Characters of one line of text flowyard does not write itself (an agent's output or error) that
+a log line, a listing or a status line shows: an agent that wrote a 50 MB line with no newline put
+50 MB on ``queue run``'s terminal per attempt, and Prefect's API refuses a log over 1 MB."""
+
+
+def clipped(line: str, kept_in: str = "") -> str:
+    """``line`` cut at :data:`LINE_LIMIT` characters, saying how many were left out and, given
+    ``kept_in``, where the whole line is."""
+    more = len(line) - LINE_LIMIT
+    if more <= 0:
+        return line
+    return f"{line[:LINE_LIMIT]}… ({more} more characters{f' in {kept_in}' if kept_in else ''})"
 
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")

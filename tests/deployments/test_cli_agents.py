@@ -13,7 +13,7 @@ from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks.agent_process import templates_from
 from tasks.db import connection
-from tasks.errors import UserError, control_character
+from tasks.errors import LINE_LIMIT, UserError, control_character
 from tasks.state import state_url
 from tests.conftest import ROOT, run_cli
 from tests.fs_support import immutable
@@ -545,18 +545,24 @@ def test_a_multi_line_agent_error_is_one_line_in_the_listing_and_the_run_output(
     env: dict[str, str], tmp_path
 ) -> None:
     """An agent may report a whole traceback as its error: ``queue list`` printed it across the
-    table's rows and ``queue run`` across its per-task lines. Both now show its first line and
-    how many lines were left out; the task keeps the full text."""
-    error = "disk full\nTraceback (most recent call last):\n  File 'agent.py', line 3"
+    table's rows and ``queue run`` across its per-task lines; an error of megabytes on one line
+    filled both. They now show its first line, cut at ``LINE_LIMIT`` characters, and how much
+    was left out; the task keeps the full text."""
+    first = "disk full " + "x" * (2 * LINE_LIMIT)
+    error = f"{first}\nTraceback (most recent call last):\n  File 'agent.py', line 3"
     failing = int(_ok("create", "doomed", "--payload", json.dumps({"fail": error}), env=env))
     result = run_cli("queue", "run", "--output-dir", str(tmp_path), "--retries", "0", env=env)
     assert result.returncode == 1, (result.stdout, result.stderr)
+    stored = queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or ""
+    assert error in stored  # the task keeps the full text, after the attempt's words
+    head = stored.splitlines()[0]
+    shown = f"{head[:LINE_LIMIT]}… ({len(head) - LINE_LIMIT} more characters) … (2 more lines)"
+    assert "disk full" in shown
     (line,) = [line for line in result.stdout.splitlines() if line.startswith(f"task {failing}: ")]
-    assert line.endswith("disk full … (2 more lines)"), result.stdout
+    assert line == f"task {failing}: failed: {shown}", line[-300:]
     assert "Traceback" not in result.stdout
     rows = _ok("list", "--status", "failed", env=env).splitlines()[1:]
-    assert len(rows) == 1 and rows[0].endswith(" … (2 more lines)") and "disk full" in rows[0], rows
-    assert error in (queue.get_task(env["FLOWYARD_DATABASE_URL"], failing).error or "")
+    assert len(rows) == 1 and rows[0].endswith(f"  — {shown}"), rows[0][-300:]
 
 
 @pytest.mark.usefixtures("prefect_api")

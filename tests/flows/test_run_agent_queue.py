@@ -537,9 +537,11 @@ def test_an_agent_that_cannot_start_fails_its_attempt_at_once(tmp_path: Path, qd
     missing = str(tmp_path / "no-such-agent")
     task_id = queue.create_task(qdb, queue.NewTask(title="missing", agent_type="ghost"))
     summary = run_agent_queue(max_agents=1, agents={"ghost": {"argv": [missing]}}, **_kw(tmp_path, qdb))
-    assert f"cannot start agent {missing!r}" in summary["outcomes"][task_id]
+    message = f"cannot start agent {missing!r} for task {task_id}: No such file or directory"
+    assert summary["outcomes"][task_id] == f"failed: {message}"
     task = queue.get_task(qdb, task_id)
     assert task.status == "failed" and task.attempts == 1
+    assert task.error == message, "one sentence: no 'UserError: ' before it, the path named once"
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "failed")]
     assert _runs(qdb)[0]["finished"] is not None
 
@@ -1257,10 +1259,16 @@ def test_a_directory_that_cannot_be_written_fails_the_run_before_anything_is_cla
 
 
 def test_an_attempt_whose_log_cannot_be_opened_is_closed_as_failed(tmp_path: Path, qdb: str) -> None:
+    """Once, in one line: a retry meets the same directory in the log's place (it was Python's
+    IsADirectoryError, retried until the task failed)."""
     task_id = queue.create_task(qdb, _new("unloggable", {"steps": 1}))
-    (tmp_path / "agents" / "logs" / f"{task_id}.jsonl").mkdir(parents=True)  # in the log file's way
-    summary = run_agent_queue(max_agents=1, retries=0, **_kw(tmp_path, qdb))
-    assert summary["outcomes"][task_id].startswith("failed") and "Is a directory" in summary["outcomes"][task_id]
+    log = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    log.mkdir(parents=True)  # in the log file's way
+    summary = run_agent_queue(max_agents=1, retries=2, **_kw(tmp_path, qdb))
+    assert summary["outcomes"][task_id] == (
+        f"failed: cannot write the log of task {task_id} to {log}: Is a directory; "
+        "remove what is in its place and retry the task"
+    )
     [run] = _runs(qdb)
     assert run["outcome"] == "failed" and run["finished"] is not None
 

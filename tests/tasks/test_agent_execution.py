@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -20,8 +21,10 @@ from tasks.agent_process import (
     AgentLimits,
     AgentOutcome,
     AgentProcess,
+    AgentTemplate,
 )
 from tasks.agent_protocol import parse_line
+from tasks.errors import LINE_LIMIT, UserError
 from tasks.state import state_url
 
 
@@ -250,3 +253,50 @@ def test_a_run_of_a_task_that_starts_no_attempt_returns_what_every_attempt_retur
     assert [(r["task_id"], r["result"], r["checkpoint"]) for r in results[1:]] == [
         (task_id, None, None) for task_id in (cancelled, reclaimed, stopped, stopped)
     ]
+
+
+def test_a_line_of_megabytes_reaches_the_run_log_cut_and_the_jsonl_log_whole(tmp_path: Path) -> None:
+    """An agent that wrote megabytes with no newline put all of it on ``queue run``'s terminal as
+    one run-log line (and Prefect's API refuses a log over 1 MB): the run log gets the line's start
+    and how much was left out, ``<task id>.jsonl`` the whole line."""
+    agent = "import os; os.write(1, b'x' * (3 << 20))"
+    logger = logging.getLogger("test.agent-long-line")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = _Lines()
+    logger.addHandler(handler)
+    job = AgentJob(7, 1, "t", "task", "", {}, None, tmp_path / "work", queue.new_worker_id())
+    try:
+        with TaskLog(tmp_path, 7, 1, logger) as log:
+            process = AgentProcess(job, AgentTemplate(argv=[sys.executable, "-c", agent]), on_message=log.write)
+            outcome = process.run()
+    finally:
+        logger.removeHandler(handler)
+    assert outcome.outcome == "completed"
+    (line,) = [text for text in handler.lines if text.startswith("[task 7 stdout]")]
+    shown = len("[task 7 stdout] ") + (3 << 20)
+    assert line == f"{('[task 7 stdout] ' + 'x' * (3 << 20))[:LINE_LIMIT]}… ({shown - LINE_LIMIT} more characters in the task's .jsonl log)"
+    records = [json.loads(text) for text in (tmp_path / "7.jsonl").read_text().splitlines()]
+    assert [r["message"] for r in records if r["stream"] == "stdout"] == ["x" * (3 << 20)]
+
+
+def test_a_logs_directory_made_unusable_during_a_run_fails_the_attempt_in_one_line(tmp_path: Path) -> None:
+    """The run checks its logs directory when it starts; a file put in its place since (or a
+    directory in a task log's) was Python's FileExistsError or IsADirectoryError, which Prefect
+    retried to the same end. It is a UserError, which fails the task at once."""
+    logs = tmp_path / "logs"
+    logs.write_text("not a directory")
+    with pytest.raises(UserError) as raised:
+        TaskLog(logs, 7, 1, logging.getLogger("test"))
+    assert str(raised.value) == (
+        f"the agents' logs directory (--logs-dir / logs_dir) {logs} cannot be used as a directory: "
+        "File exists; pass a directory path"
+    )
+    logs.unlink()
+    (logs / "7.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError) as raised:
+        TaskLog(logs, 7, 1, logging.getLogger("test"))
+    assert str(raised.value) == (
+        f"cannot write the log of task 7 to {logs / '7.jsonl'}: Is a directory; "
+        "remove what is in its place and retry the task"
+    )

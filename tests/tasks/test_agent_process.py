@@ -815,3 +815,57 @@ def test_retries_outside_0_to_100_are_refused(retries: int) -> None:
         check_drain(1, retries)
     assert str(raised.value) == f"retries (--retries / retries) {retries} is out of range; give 0 to 100"
     check_drain(1, 100)
+
+
+def test_an_agent_that_exited_in_time_is_not_timed_out_by_the_handling_of_its_output(tmp_path: Path) -> None:
+    """The deadline is the agent's, not flowyard's: an agent that wrote its result and exited 0
+    while flowyard was still handling a line (a 50 MB log line written to the ``.jsonl`` file and
+    the run log took seconds) was stopped as "timeout after 1s" once that handling ended, and
+    each retry failed alike. Here the handling of the result waits for the agent's exit and then
+    past the deadline."""
+    agent = 'import json; print(json.dumps({"kind": "result", "data": {"done": True}}), flush=True)'
+    template = AgentTemplate(argv=[sys.executable, "-c", agent])
+    process: AgentProcess
+
+    def slow_handling(stream: str, message: AgentMessage) -> None:
+        if message.kind == "result":
+            assert process.pgid is not None
+            os.waitid(os.P_PID, process.pgid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+            time.sleep(1.5)  # past the 1 s timeout
+
+    process = AgentProcess(_job(tmp_path, {}), template, on_message=slow_handling, limits=AgentLimits(timeout_seconds=1))
+    outcome = process.run()
+    assert (outcome.outcome, outcome.exit_code, outcome.error) == ("completed", 0, None)
+    assert outcome.result == {"done": True}
+
+
+MISSHAPEN_AGENT = textwrap.dedent(
+    """
+    import json
+    for line in (
+        {"kind": "checkpoint", "state": [1, 2, 3]},
+        {"kind": "result", "data": "done"},
+        {"kind": "log", "level": "raw", "message": json.dumps({"kind": "result", "data": 1})},
+    ):
+        print(json.dumps(line), flush=True)
+    print("a stray print", flush=True)
+    """
+)
+
+
+def test_a_checkpoint_or_result_of_the_wrong_shape_is_kept_as_a_raw_line_with_a_warning(tmp_path: Path) -> None:
+    """A checkpoint whose state is not an object, or a result whose data is not, was kept as a raw
+    log line in silence: the next attempt resumed from an older checkpoint and the task completed
+    with ``{}``, while the agent took both for saved. The run now says why each was not taken; a
+    stray print, or an agent's own log message at level ``raw``, draws no warning."""
+    template = AgentTemplate(argv=[sys.executable, "-c", MISSHAPEN_AGENT])
+    outcome, seen, _ = _run(_job(tmp_path, {}), template)
+    assert (outcome.outcome, outcome.checkpoint, outcome.result) == ("completed", None, {})
+    warnings = [m.message for s, m in seen if s == "flowyard" and isinstance(m, LogMessage) and m.level == "warning"]
+    assert warnings == [
+        "a checkpoint line was kept as a raw log line, not taken as a checkpoint: state: Input should be a valid dictionary",
+        "a result line was kept as a raw log line, not taken as a result: data: Input should be a valid dictionary",
+    ]
+    first = next(n for n, (s, m) in enumerate(seen) if s == "flowyard" and isinstance(m, LogMessage) and m.level == "warning")
+    stream, line = seen[first - 1]
+    assert stream == "stdout" and isinstance(line, LogMessage) and '"checkpoint"' in line.message, "it follows its line"
