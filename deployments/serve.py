@@ -95,8 +95,21 @@ def read_deployments(prefect_yaml: Path) -> list[DeploymentSpec]:
 
 
 def to_deployment(spec: DeploymentSpec) -> Any:
+    """The spec as a Prefect deployment whose parameter schema refuses names the flow does not take.
+
+    Prefect enforces a deployment's parameter schema when it creates a run, but the schema it
+    makes allows any other property: a run started over the REST API with a misspelt parameter
+    (``{"max_agent": 2}``) was created, then crashed in the serve process on Prefect's
+    ``SignatureMismatchError``, its state saying only "Process exited with status code: 1". With
+    ``additionalProperties: false`` the API refuses it (409, naming the parameter) and no run is made.
+    """
+    from prefect.utilities.callables import ParameterSchema
+
+    class ClosedParameterSchema(ParameterSchema):
+        additionalProperties: bool = False  # noqa: N815 (JSON Schema's own name)
+
     schedules = [s.to_schedule() for s in spec.schedules]
-    return spec.load_flow().to_deployment(
+    deployment = spec.load_flow().to_deployment(
         name=spec.name,
         description=spec.description,
         tags=spec.tags,
@@ -104,6 +117,11 @@ def to_deployment(spec: DeploymentSpec) -> Any:
         schedules=schedules,
         concurrency_limit=spec.concurrency_limit,
     )
+    schema = deployment._parameter_openapi_schema  # registered with model_dump(exclude_unset=True)
+    deployment._parameter_openapi_schema = ClosedParameterSchema(
+        **schema.model_dump(exclude_unset=True), additionalProperties=False
+    )
+    return deployment
 
 
 _LIMITS = AgentLimits()

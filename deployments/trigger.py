@@ -62,9 +62,19 @@ def create_flow_run(api_url: str, flow_name: str, deployment_name: str, paramete
         f"{api_url}/deployments/{dep_id}/create_flow_run", json={"parameters": parameters}, timeout=10
     )
     if response.status_code == 409 or response.status_code == 422:
-        raise UserError(f"Prefect refused the parameters for {flow_name}/{deployment_name}: {response.text}")
+        raise UserError(f"Prefect refused the parameters for {flow_name}/{deployment_name}: {_detail(response)}")
     response.raise_for_status()
     return str(response.json()["id"])
+
+
+def _detail(response: httpx.Response) -> str:
+    """What the API says is wrong: its JSON ``detail`` (a 409's sentence, a 422's list), else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return detail if isinstance(detail, str) else response.text
 
 
 def wait_for_flow_run(api_url: str, flow_run_id: str, timeout: float = 600.0) -> FlowRunOutcome:

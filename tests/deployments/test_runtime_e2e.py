@@ -13,10 +13,12 @@ import time
 import httpx
 import psutil
 import psycopg
+import pytest
 
 from deployments.trigger import create_flow_run, wait_for_flow_run
 from tasks.db import ensure_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
+from tasks.errors import UserError
 from tests.conftest import run_cli
 
 ENV_PY = """
@@ -112,6 +114,18 @@ def test_up_trigger_over_rest_down(tmp_path):
             api, create_flow_run(api, "deploy-migrations", "deploy-migrations", {}), 300
         )
         assert quick.state == "COMPLETED", quick
+
+        # A misspelt parameter over the REST API is refused, naming it, and no run is made (the run
+        # was created, then crashed in the serve process: "Process exited with status code: 1").
+        of_the_flow = {"flows": {"name": {"any_": ["deploy-migrations"]}}}
+        runs_before = httpx.post(f"{api}/flow_runs/count", json=of_the_flow, timeout=10).json()
+        with pytest.raises(UserError) as refused:
+            create_flow_run(api, "deploy-migrations", "deploy-migrations", {"migration_dir": str(migrations)})
+        assert str(refused.value) == (
+            "Prefect refused the parameters for deploy-migrations/deploy-migrations: Error creating flow run: "
+            "Validation failed. Failure reason: Additional properties are not allowed ('migration_dir' was unexpected)"
+        )
+        assert runs_before == 2 and httpx.post(f"{api}/flow_runs/count", json=of_the_flow, timeout=10).json() == 2
         with psycopg.connect(server.url("flowyard_demo")) as conn:
             assert conn.execute("SELECT to_regclass('public.accounts')").fetchone() == ("accounts",)
         with psycopg.connect(server.url("flowyard")) as conn:
