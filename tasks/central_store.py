@@ -434,6 +434,24 @@ class CentralSession:
                 changes = one_row(self.conn, _UPSERT_STATUS, (STATUS_EVENT,))[0]
         return UploadResult(inserted, len(rows) - inserted, changes)
 
+    def still_holds(self, snapshot: tuple[str, int] | None) -> bool:
+        """Whether this central still has the store's newest downloaded ``(project_id, seq)``
+        snapshot, or a later change of that project. A central restored from a backup keeps its
+        identity but not the changes after the backup, and its sequence restarts below the
+        device's cursor: the snapshots it takes next get seqs the device had already passed, so
+        a download from that cursor missed them for good and kept projects central no longer
+        has. A snapshot central lacks (or holds at a lower seq) can only be such a rollback; the
+        download then starts again from 0. A rollback followed by a new change of that very
+        project before the device's next run goes unnoticed here."""
+        if snapshot is None:
+            return True
+        project_id, seq = snapshot
+        row = self.conn.execute(
+            "SELECT seq >= %s FROM devflow.project_status WHERE project_id = %s", (seq, project_id)
+        ).fetchone()
+        self.conn.commit()
+        return bool(row and row[0])
+
     def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:
         """Project status snapshots changed after cursor ``since`` (seed ``downloadUpdates``)."""
         rows = self.conn.execute(

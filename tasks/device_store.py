@@ -865,6 +865,13 @@ def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
 
 
+def newest_snapshot(conn: sqlite3.Connection) -> tuple[str, int] | None:
+    """The store's last downloaded ``(project_id, seq)``, which its central must still hold for the
+    download cursor to mean anything there; None when the store holds no snapshot."""
+    row = conn.execute("SELECT project_id, seq FROM remote_project_status ORDER BY seq DESC LIMIT 1").fetchone()
+    return None if row is None else (str(row[0]), int(row[1]))
+
+
 def _snapshots_central(conn: sqlite3.Connection) -> str | None:
     """The central the store's snapshots were downloaded from; None when none is recorded (a
     store upgraded before flowyard recorded it, and not downloaded into since)."""

@@ -61,8 +61,9 @@ def evaluate(
                 device_id,
                 rate,
                 thresholds.failure_rate,
-                f"device {device_id}: {rate:.0%} of this run's events failed "
-                f"(threshold {thresholds.failure_rate:.0%}): {report.error}",
+                f"device {device_id}: {report.failed} of this run's {attempted} events failed "
+                f"({_share(rate, thresholds.failure_rate)}, threshold {_percent(thresholds.failure_rate)}): "
+                f"{report.error}",
             )
         )
     succeeded_now = report is not None and report.succeeded
@@ -74,11 +75,35 @@ def evaluate(
                 device_id,
                 offline,
                 thresholds.offline_seconds,
-                f"device {device_id}: no successful sync for {offline / 60:.0f} min "
-                f"(threshold {thresholds.offline_seconds / 60:.0f} min)",
+                f"device {device_id}: no successful sync for {_offline(offline, thresholds.offline_seconds)} "
+                f"(threshold {_duration(thresholds.offline_seconds)})",
             )
         )
     return alerts
+
+
+def _share(rate: float, threshold: float) -> str:
+    """A failure rate in whole percents, unless that reads as its threshold: rounded, a rate just
+    over it printed "10% … failed (threshold 10%)", as if the alert fired at the threshold."""
+    whole = f"{rate:.0%}"
+    return f"{rate * 100:.6g}%" if whole == _percent(threshold) else whole
+
+
+def _percent(rate: float) -> str:
+    """A configured rate as given (0.125 is "12.5%", not the "12%" of a whole-percent format)."""
+    return f"{rate * 100:.6g}%"
+
+
+def _offline(seconds: float, threshold: float) -> str:
+    """An offline duration in whole minutes (whole seconds under a minute), unless that reads as
+    its threshold, as a duration just over it did ("60 min (threshold 60 min)")."""
+    whole = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.0f} min"
+    return _duration(seconds) if whole == _duration(threshold) else whole
+
+
+def _duration(seconds: float) -> str:
+    """A configured duration as given: in whole minutes, a threshold under 30 s read "0 min"."""
+    return f"{seconds:.6g} s" if seconds < 60 else f"{seconds / 60:.6g} min"
 
 
 def emit(alerts: list[Alert], logger: logging.Logger | logging.LoggerAdapter) -> None:

@@ -305,6 +305,8 @@ def sync_device(
                     if (central := session.central_id()) != cursor_central:
                         cursor, cursor_central = 0, central
                     since = min(cursor, device_store.downloaded_through(conn, central))
+                    if since and not session.still_holds(device_store.newest_snapshot(conn)):
+                        since = 0  # central went back (restored from a backup): mirror it anew
                     cursor = download_into_store(conn, session, since, central)
                     answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept

@@ -733,6 +733,31 @@ def test_a_downgraded_and_re_upgraded_store_downloads_the_snapshots_again(
     assert again["download_cursor"] == first["download_cursor"]
 
 
+def test_a_central_restored_from_a_backup_is_downloaded_anew(fresh_db: str, tmp_path: Path) -> None:
+    """A restored central keeps its identity but restarts its change sequence below the device's
+    cursor: the first change after the restore got a seq the device had passed, so it never
+    reached the store, which also kept a project central no longer had."""
+    central_store.ensure_schema(fresh_db)
+    identity = Identity("restore-reader", "u", "reader")
+    reader = make_store(tmp_path / "reader.db", 0, identity=identity)
+    _publish(fresh_db, tmp_path, "alpha", "green")
+    with psycopg.connect(fresh_db) as conn:
+        backup = one_row(conn, "SELECT last_value FROM devflow.change_seq")[0]
+    _publish(fresh_db, tmp_path, "beta", "green")
+    first = sync_device(reader, identity, SyncOptions(central_url=fresh_db), 0, None)
+    assert [row[0] for row in _downloaded(reader)] == ["alpha", "beta"]
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:  # the backup taken before beta, restored
+        conn.execute("DELETE FROM devflow.project_status WHERE seq > %s", (backup,))
+        conn.execute("SELECT setval('devflow.change_seq', %s)", (backup,))
+    _publish(fresh_db, tmp_path, "gamma", "green")
+    again = sync_device(
+        reader, identity, SyncOptions(central_url=fresh_db), first.download_cursor, first.download_central
+    )
+    assert again.error is None
+    assert [row[0] for row in _downloaded(reader)] == ["alpha", "gamma"]
+
+
 @pytest.fixture()
 def other_central(pg: Server) -> Iterator[str]:
     """A second central database on the session server; dropped after the test."""
