@@ -1,5 +1,6 @@
 """The ``flowyard queue`` controls as flows, so the UI, a REST trigger or an automation can use them:
-``agent-task-create``, ``agent-task-list``, ``agent-task-cancel`` and ``agent-task-retry``.
+``agent-task-create``, ``agent-task-list``, ``agent-task-cancel``, ``agent-task-retry``,
+``agent-task-submit`` and ``agent-task-approve``.
 ``queue run`` is the ``run-agent-queue`` flow itself. Each one is a thin wrapper around the same
 ``tasks.agent_queue`` functions the CLI calls and returns the tasks as JSON; the list is also
 published as a table artifact. ``""`` for a filter whose default is None (``status``,
@@ -86,6 +87,25 @@ def agent_task_retry(task_id: int, database_url: str | None = None) -> dict[str,
     resumes from its last checkpoint."""
     url = state_url(database_url)
     queue.retry_task(url, task_id)
+    return _as_json(queue.get_task(url, task_id))
+
+
+@checked_flow(name="agent-task-submit")
+def agent_task_submit(task_id: int, database_url: str | None = None) -> dict[str, Any]:
+    """Release a draft into the queue. Without it a draft made with ``agent-task-create``
+    (``draft``), or cancelled as one and retried, could be released from the CLI only."""
+    url = state_url(database_url)
+    queue.submit_task(url, task_id)
+    return _as_json(queue.get_task(url, task_id))
+
+
+@checked_flow(name="agent-task-approve")
+def agent_task_approve(task_id: int, database_url: str | None = None) -> dict[str, Any]:
+    """Accept a task waiting in review as completed, which makes its dependents ready. Without it a
+    task made with ``agent-task-create`` (``requires_review``) stayed in review, its dependents
+    waiting, until someone ran ``flowyard queue approve``; cancelling is how a result is rejected."""
+    url = state_url(database_url)
+    queue.approve_task(url, task_id)
     return _as_json(queue.get_task(url, task_id))
 
 

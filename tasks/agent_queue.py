@@ -469,13 +469,19 @@ def _transition(url: str, task_id: int, allowed: tuple[str, ...], to: str, verb:
     pending, ...)"), and the task stayed queued though the user cancelled it."""
     with _connection(url, atomic=True) as conn:
         current = conn.execute(
-            "SELECT status, cancelled_from FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,)
+            "SELECT status, cancelled_from, blocked_reason FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE",
+            (task_id,),
         ).fetchone()
         if current is None:
             raise no_such_task(task_id)
-        status, cancelled_from = current
+        status, cancelled_from, reason = current
         if status not in allowed:
-            raise UserError(f"cannot {verb} task {task_id}: it is {status} (possible from: {', '.join(allowed)})")
+            # A pending task a dependency holds up is the one a user retries after seeing its
+            # dependency fail: "it is pending" alone read as if it would run next.
+            held = f"; it waits for its dependencies ({printable(reason)})" if reason else ""
+            raise UserError(
+                f"cannot {verb} task {task_id}: it is {status} (possible from: {', '.join(allowed)}){held}"
+            )
         moved_to = "draft" if to == "pending" and cancelled_from == "draft" else to
         conn.execute(
             """

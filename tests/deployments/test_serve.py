@@ -25,7 +25,15 @@ def test_every_declared_deployment_loads_its_flow():
     specs = read_deployments(ROOT / "prefect.yaml")
     names = {spec.name for spec in specs}
     assert {"deploy-migrations", "bulk-migrate", "online-migrate", "quality-check", "sync-devices"} <= names
-    agent_queue = {"run-agent-queue", "agent-task-create", "agent-task-list", "agent-task-cancel", "agent-task-retry"}
+    agent_queue = {
+        "run-agent-queue",
+        "agent-task-create",
+        "agent-task-list",
+        "agent-task-cancel",
+        "agent-task-retry",
+        "agent-task-submit",
+        "agent-task-approve",
+    }
     assert agent_queue <= names
     for spec in specs:
         flow = spec.load_flow()

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-from flows.agent_queue_controls import agent_task_cancel, agent_task_create, agent_task_list, agent_task_retry
+from flows.agent_queue_controls import (
+    agent_task_approve,
+    agent_task_cancel,
+    agent_task_create,
+    agent_task_list,
+    agent_task_retry,
+    agent_task_submit,
+)
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
 from tasks.errors import UserError
@@ -66,6 +74,27 @@ def test_cancel_then_retry_moves_the_task_through_the_queue(fresh_db: str) -> No
     retried = agent_task_retry(task_id, database_url=fresh_db)
     assert retried["status"] == "pending" and retried["error"] is None
     assert [t.id for t in queue.claim_ready(url, "test-worker", 1)] == [task_id], "ready to run again"
+
+
+def test_a_draft_is_submitted_and_a_reviewed_task_approved_through_the_flows(tmp_path: Path, fresh_db: str) -> None:
+    """A task created by the ``agent-task-create`` flow as a draft or with ``requires_review`` can be
+    released and accepted by flows too: there were none, so from the UI, a REST trigger or an
+    automation such a task and its dependents waited for someone with the CLI."""
+    url = state_url(fresh_db)
+    spec = agent_task_create("spec", payload={"steps": 1}, requires_review=True, database_url=fresh_db)["id"]
+    build = agent_task_create("build", payload={"steps": 1}, blocked_by=[spec], draft=True, database_url=fresh_db)
+    assert agent_task_submit(build["id"], database_url=fresh_db)["status"] == "pending"
+    kw = {"max_agents": 1, "database_url": fresh_db, "output_dir": str(tmp_path / "agents")}
+    first = run_agent_queue(**kw)
+    assert queue.get_task(url, spec).status == "review" and build["id"] in first["waiting"]
+    approved = agent_task_approve(spec, database_url=fresh_db)
+    assert approved["status"] == "completed" and approved["finished_at"] is not None
+    assert queue.get_task(url, build["id"]).blocked_reason is None, "its dependent is ready at once"
+    assert run_agent_queue(**kw)["outcomes"] == {build["id"]: "completed"}
+    with pytest.raises(UserError, match=rf"^cannot approve task {spec}: it is completed \(possible from: review\)$"):
+        agent_task_approve(spec, database_url=fresh_db)
+    with pytest.raises(UserError, match=rf"^cannot submit task {spec}: it is completed \(possible from: draft\)$"):
+        agent_task_submit(spec, database_url=fresh_db)
 
 
 @pytest.mark.parametrize(
@@ -148,6 +177,24 @@ def test_retrying_a_pending_task_says_which_states_allow_it(fresh_db: str) -> No
         UserError, match=rf"^cannot retry task {task_id}: it is pending \(possible from: failed"
     ):
         agent_task_retry(task_id, database_url=fresh_db)
+
+
+def test_retrying_a_task_a_failed_dependency_holds_up_says_so(fresh_db: str) -> None:
+    """The user retries the dependent after seeing its dependency fail: "it is pending" alone read as
+    if it would run next, while it waits for the dependency, which is the one to retry."""
+    url = state_url(fresh_db)
+    build = agent_task_create("build", database_url=fresh_db)["id"]
+    deploy = agent_task_create("deploy", blocked_by=[build], database_url=fresh_db)["id"]
+    [claimed] = queue.claim_ready(url, "test-worker", 1)
+    queue.fail_task(url, claimed.id, "test-worker", "boom")
+    queue.unrunnable(url)
+    with pytest.raises(UserError) as raised:
+        agent_task_retry(deploy, database_url=fresh_db)
+    assert str(raised.value) == (
+        f"cannot retry task {deploy}: it is pending (possible from: failed, cancelled); "
+        f"it waits for its dependencies (not run: dependency #{build} 'build' is failed)"
+    )
+    assert agent_task_retry(build, database_url=fresh_db)["status"] == "pending"
 
 
 @pytest.mark.parametrize(
