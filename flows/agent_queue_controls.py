@@ -10,6 +10,7 @@ a task id) fails the run in one line (:mod:`tasks.flow_parameters`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -76,27 +77,21 @@ def agent_task_list(status: str | None = None, database_url: str | None = None) 
 @checked_flow(name="agent-task-cancel")
 def agent_task_cancel(task_id: int, database_url: str | None = None) -> dict[str, Any]:
     """Cancel a task; a running agent is stopped gracefully within a heartbeat."""
-    url = state_url(database_url)
-    queue.cancel_task(url, task_id)
-    return _as_json(queue.get_task(url, task_id))
+    return _changed(queue.cancel_task, task_id, database_url)
 
 
 @checked_flow(name="agent-task-retry")
 def agent_task_retry(task_id: int, database_url: str | None = None) -> dict[str, Any]:
     """Queue a failed or cancelled task again (a task cancelled as a draft is a draft again); it
     resumes from its last checkpoint."""
-    url = state_url(database_url)
-    queue.retry_task(url, task_id)
-    return _as_json(queue.get_task(url, task_id))
+    return _changed(queue.retry_task, task_id, database_url)
 
 
 @checked_flow(name="agent-task-submit")
 def agent_task_submit(task_id: int, database_url: str | None = None) -> dict[str, Any]:
     """Release a draft into the queue. Without it a draft made with ``agent-task-create``
     (``draft``), or cancelled as one and retried, could be released from the CLI only."""
-    url = state_url(database_url)
-    queue.submit_task(url, task_id)
-    return _as_json(queue.get_task(url, task_id))
+    return _changed(queue.submit_task, task_id, database_url)
 
 
 @checked_flow(name="agent-task-approve")
@@ -104,8 +99,15 @@ def agent_task_approve(task_id: int, database_url: str | None = None) -> dict[st
     """Accept a task waiting in review as completed, which makes its dependents ready. Without it a
     task made with ``agent-task-create`` (``requires_review``) stayed in review, its dependents
     waiting, until someone ran ``flowyard queue approve``; cancelling is how a result is rejected."""
+    return _changed(queue.approve_task, task_id, database_url)
+
+
+def _changed(change: Callable[[str, int], str], task_id: int, database_url: str | None) -> dict[str, Any]:
+    """One status change of the queue (cancel, retry, submit, approve), then the task as it now is:
+    the four control flows differ only in the change, each keeping its own signature for its
+    deployment's parameter schema."""
     url = state_url(database_url)
-    queue.approve_task(url, task_id)
+    change(url, task_id)
     return _as_json(queue.get_task(url, task_id))
 
 
