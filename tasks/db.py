@@ -305,11 +305,10 @@ def connect(
             **_default_connect_timeout(target),
         )
     except psycopg.OperationalError as exc:
-        reason = _failure_reason(exc)
+        reason, refusal = _failure_reason(exc), _refusal_sqlstate(exc)
         raise ConnectionUnavailable(
-            f"cannot connect to {mask_url(url)}: {reason}; check the URL and that the server is running "
-            "(`flowyard up` starts the embedded one)",
-            _refusal_sqlstate(exc),
+            f"cannot connect to {mask_url(url)}: {reason}; {_connect_hint(reason, refusal)}",
+            refusal,
             timed_out=_some_host_timed_out(exc),
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
@@ -341,6 +340,17 @@ def _some_host_timed_out(exc: psycopg.OperationalError) -> bool:
     return isinstance(exc, psycopg.errors.ConnectionTimeout) or any(
         line.startswith("- ") and line.endswith(_ATTEMPT_TIMED_OUT) for line in str(exc).splitlines()
     )
+
+
+def _connect_hint(reason: str, refusal: str | None) -> str:
+    """What to check next. A server that turned the login away for good (``FATAL: password
+    authentication failed``, ``database "x" does not exist``) is running: sending its user to
+    check that it runs sent them the wrong way. A busy or starting server is running too."""
+    if refusal is not None:
+        return "the server is running but turns connections away for now; try again shortly"
+    if "FATAL:" in reason:
+        return "the server answered, so check the URL's user, password and database name"
+    return "check the URL and that the server is running (`flowyard up` starts the embedded one)"
 
 
 def _failure_reason(exc: psycopg.OperationalError) -> str:

@@ -35,6 +35,7 @@ def test_unreachable_server_is_a_one_line_error_without_password():
     # The cause and where it happened, not libpq's generic last-line hint.
     assert f'connection to server at "127.0.0.1", port {port} failed: Connection refused' in message
     assert "Is the server running" not in message
+    assert message.endswith("check the URL and that the server is running (`flowyard up` starts the embedded one)")
 
 
 def test_each_host_tried_is_named_once():

@@ -53,6 +53,7 @@ def test_a_connection_refused_for_too_many_connections_is_transient(limited_role
         connect(url)
     assert caught.value.sqlstate == "53300" and is_transient(caught.value)
     assert isinstance(caught.value, UserError) and "\n" not in str(caught.value)
+    assert str(caught.value).endswith("the server is running but turns connections away for now; try again shortly")
 
 
 def test_a_missing_database_or_role_fails_to_connect_for_good(pg):
@@ -65,3 +66,5 @@ def test_a_missing_database_or_role_fails_to_connect_for_good(pg):
         with pytest.raises(ConnectionUnavailable, match=reason) as caught:
             connect(url)
         assert not is_transient(caught.value) and "\n" not in str(caught.value)
+        # The server answered: sending the user to check that it runs sent them the wrong way.
+        assert str(caught.value).endswith("the server answered, so check the URL's user, password and database name")
