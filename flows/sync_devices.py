@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import psycopg
 from prefect import get_run_logger, task, unmapped
-from prefect.artifacts import create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
@@ -26,7 +26,7 @@ from tasks.advisory_lock import LockTimeout, advisory_lock
 from tasks.db import mask_url
 from tasks.errors import UserError, first_line
 from tasks.flow_parameters import checked_flow
-from tasks.prefect_artifacts import new_progress_artifact
+from tasks.prefect_artifacts import new_progress_artifact, show_whole_percent
 from tasks.settings import get_settings
 from tasks.state import state_url
 from tasks.sync_batches import DeviceReport, SyncOptions, sync_device
@@ -126,6 +126,7 @@ def sync_devices(
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
     outcomes = []
     busy: list[str] = []
+    shown = 0
     for done, future in enumerate(as_completed(futures), start=1):
         target = target_of[future.task_run_id]
         result = future.result(raise_on_failure=False)
@@ -141,8 +142,7 @@ def sync_devices(
                     state, flow_run.id, target, result, offline_since.get(target.device_id), config, logger
                 )
             )
-        update_progress_artifact(progress_id, 100.0 * done / max(len(targets), 1))
-    update_progress_artifact(progress_id, 100.0)
+        shown = show_whole_percent(progress_id, done, len(targets), shown)
     create_table_artifact(
         sorted((o.row for o in outcomes), key=lambda r: r["device"]),
         key="sync-devices-run",

@@ -30,6 +30,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -40,6 +41,7 @@ from psycopg import sql
 
 from tasks.copy_pipe import copy_in_statement
 from tasks.db import connect, one_row
+from tasks.errors import first_line
 
 SCHEMA = "devflow"
 STATUS_EVENT = "project_status"
@@ -333,8 +335,52 @@ def _partition_name(month: date) -> str:
     return f"events_y{month.year:04d}m{month.month:02d}"
 
 
-def _partition_month(name: str) -> date:
-    return date(int(name[8:12]), int(name[13:15]), 1)
+_PARTITION_NAME = re.compile(r"events_y(\d{4})m(\d{2})(?:_\d+)?")
+"""flowyard's name for a month's partition, with the suffix it adds when another table has the
+name already (see :meth:`CentralSession._free_partition_name`)."""
+
+
+def _partition_month(name: str) -> date | None:
+    """The month of one of flowyard's partitions; None for a partition a DBA attached under another
+    name (a DEFAULT partition, pg_partman's ``events_p2026_12``): its name says nothing of its
+    range, and reading one as flowyard's raised ``invalid literal for int()`` in every session,
+    which failed every device of every run."""
+    found = _PARTITION_NAME.fullmatch(name)
+    if found is None:
+        return None
+    try:
+        return date(int(found[1]), int(found[2]), 1)
+    except ValueError:  # month 00 or 13: not flowyard's
+        return None
+
+
+class CentralRefused(Exception):
+    """Central refused a batch for the way its schema was changed, not for the batch's data: every
+    event would be refused the same way, so the batch fails as a whole (as for a missing privilege)
+    instead of being bisected into one failed event after another. The message names the fix."""
+
+
+_FLOWYARD_COLUMNS = frozenset(
+    {
+        "seq", "sync_id", "local_id", "device_id", "user_id", "project_id", "event_type", "event_data",
+        "occurred_at", "received_at", "bucket", "events", "status", "updated_at",
+    }
+)  # fmt: skip
+"""Every column of flowyard's central tables. A NULL refused in one of them is the row's own (an
+event without a type); in any other the column is one a DBA added, NOT NULL without a default."""
+
+
+def _no_partition(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` is PostgreSQL finding no partition of ``devflow.events`` for a row: a
+    check violation reported on the partitioned table itself, with no constraint (a CHECK a DBA
+    added names itself and the partition). Never the row's fault: flowyard made the partition of
+    its month before the upload, and a DBA has since detached or dropped it."""
+    diag = exc.diag
+    return (
+        exc.sqlstate == "23514"
+        and (diag.schema_name, diag.table_name) == (SCHEMA, "events")
+        and diag.constraint_name is None
+    )
 
 
 def _partition_bounds(month: date) -> tuple[str, str]:
@@ -394,7 +440,7 @@ class CentralSession:
             """
         ).fetchall()
         self.conn.commit()
-        return {_partition_month(name) for (name,) in rows}
+        return {month for (name,) in rows if (month := _partition_month(name)) is not None}
 
     def ensure_partitions(self, timestamps_ms: Sequence[int]) -> None:
         """Create the month partitions a batch needs (own short transaction, before the upload)."""
@@ -407,20 +453,94 @@ class CentralSession:
         with self.conn.transaction():
             self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
             for month in sorted(needed):
-                lower, upper = _partition_bounds(month)
-                self.conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})"
-                    ).format(
-                        sql.Identifier(SCHEMA, _partition_name(month)), sql.Literal(lower), sql.Literal(upper)
-                    )
-                )
+                self._create_partition(month)
         self._months |= needed
 
+    def _create_partition(self, month: date) -> None:
+        """Attach a partition for ``month`` unless flowyard's is (under the partition lock).
+
+        Its name may be held by a table that is no partition of ``devflow.events`` (one a DBA
+        detached, or a partition of an ``events`` table renamed aside): the new partition then
+        takes the next free name (``events_y2026m12_1``). ``CREATE TABLE IF NOT EXISTS`` skipped it
+        silently, and every later event of that month was refused ("no partition of relation
+        events found for row"), one by one, on every run. A month that a partition a DBA made
+        covers (overlapping ours), or whose rows a DEFAULT partition already holds, is left to
+        that partition: its rows go there, where creating ours failed every batch of that month."""
+        name = self._free_partition_name(month)
+        if name is None:
+            return
+        lower, upper = _partition_bounds(month)
+        try:
+            with self.conn.transaction():
+                self.conn.execute(
+                    sql.SQL("CREATE TABLE {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})").format(
+                        sql.Identifier(SCHEMA, name), sql.Literal(lower), sql.Literal(upper)
+                    )
+                )
+        except (psycopg.errors.InvalidObjectDefinition, psycopg.errors.CheckViolation):
+            pass  # it would overlap a DBA's partition, or the DEFAULT partition holds rows of the month
+
+    def _free_partition_name(self, month: date) -> str | None:
+        """The name to give ``month``'s new partition; None when flowyard's partition of it is
+        attached already (another session made it since this one listed them)."""
+        base = _partition_name(month)
+        rows = self.conn.execute(
+            """
+            SELECT c.relname, EXISTS (
+                SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid AND i.inhparent = 'devflow.events'::regclass)
+            FROM pg_class c
+            WHERE c.relnamespace = 'devflow'::regnamespace AND (c.relname = %s OR c.relname ~ %s)
+            """,
+            (base, f"^{base}_[0-9]+$"),
+        ).fetchall()
+        if any(attached for _, attached in rows):
+            return None
+        taken = {name for name, _ in rows}
+        return next(name for n in range(len(taken) + 1) if (name := f"{base}_{n}" if n else base) not in taken)
+
     def upload(self, rows: Sequence[UploadRow]) -> UploadResult:
-        """COPY the batch into the temp table and insert it idempotently, in one transaction."""
+        """COPY the batch into the temp table and insert it idempotently, in one transaction.
+
+        Raises :class:`CentralRefused` when central refuses it for a change of its schema
+        (:meth:`_schema_refusal`), and the refused rows' error when it refuses their data."""
         if not rows:
             return UploadResult(0, 0, 0)
+        try:
+            return self._upload(rows)
+        except psycopg.IntegrityError as exc:
+            if (refusal := self._schema_refusal(exc)) is None:
+                raise
+            raise refusal from None
+
+    def _schema_refusal(self, exc: psycopg.IntegrityError) -> CentralRefused | None:
+        """``exc`` as :class:`CentralRefused` when no event could pass, whatever its data: no
+        partition takes the rows (:func:`_no_partition`), or a NULL is refused in a column flowyard
+        does not know (a DBA added it NOT NULL without a default). Either was bisected one event at
+        a time into failed events, every run. None for an error of the rows' own data."""
+        diag = exc.diag
+        if _no_partition(exc):
+            return CentralRefused(
+                f"{first_line(exc)}: a partition of devflow.events was detached or dropped during this run "
+                "(the next run makes it again), or one made by hand covers only part of these events' month "
+                "(give central a partition for the rest of it)"
+            )
+        if not isinstance(exc, psycopg.errors.NotNullViolation) or diag.column_name in _FLOWYARD_COLUMNS:
+            return None
+        table = one_row(
+            self.conn,
+            "SELECT coalesce(pg_partition_root(c.oid), c.oid)::regclass::text FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (diag.schema_name, diag.table_name),
+        )[0]
+        self.conn.rollback()
+        column = sql.Identifier(str(diag.column_name)).as_string(self.conn)
+        return CentralRefused(
+            f"central's table {table} has a column {column} that flowyard does not fill, NOT NULL without a "
+            f"default (added by hand); give it a default (`ALTER TABLE {table} ALTER COLUMN {column} SET "
+            "DEFAULT …`) or drop its NOT NULL: central refuses every event until then"
+        )
+
+    def _upload(self, rows: Sequence[UploadRow]) -> UploadResult:
         self.ensure_partitions([row[2] for row in rows])
         has_status = any(row[6] == STATUS_EVENT for row in rows)
         with self.conn.transaction():

@@ -27,7 +27,7 @@ from uuid import UUID
 import psycopg
 
 from tasks import device_store
-from tasks.central_store import CentralSession, UploadResult, UploadRow
+from tasks.central_store import CentralRefused, CentralSession, UploadResult, UploadRow
 from tasks.db import mask_url
 from tasks.device_store import Identity, LocalEvent
 from tasks.errors import ConnectionUnavailable, UserError, first_line
@@ -66,6 +66,12 @@ class SyncOptions:
     upload_attempts: int = 3
     reconnect_backoff_seconds: float = 0.5
     busy_timeout: float = device_store.DEFAULT_BUSY_TIMEOUT
+
+    def reconnect_waits(self) -> list[float]:
+        """The pause after each failed upload attempt that another attempt follows, doubling; none
+        after the last one: waiting there only delayed the failure (2 s a device, with the
+        defaults, while central is down)."""
+        return [self.reconnect_backoff_seconds * 2**attempt for attempt in range(self.upload_attempts - 1)]
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ class _Uploader:
         """Upload one batch; raises a :data:`REFUSED_DATA` error for the caller to bisect, or
         :class:`_UploadFailed` when the batch as a whole cannot go now."""
         last_error: Exception | None = None
-        for attempt in range(self.options.upload_attempts):
+        for wait in [*self.options.reconnect_waits(), None]:  # None: the last attempt
             try:
                 return self.session_or_connect().upload(rows)
             except REFUSED_DATA:
@@ -167,10 +173,10 @@ class _Uploader:
             except CONNECTION_TROUBLE as exc:  # cut, refused, deadlock: reconnect
                 last_error = exc
                 self.close()
-                if isinstance(exc, ConnectionUnavailable) and exc.timed_out:
-                    break  # nothing answered for a whole connect timeout: another attempt now waits as long
-                time.sleep(self.options.reconnect_backoff_seconds * 2**attempt)
-            except psycopg.Error as exc:  # schema or privileges: a retry now would fail the same way
+                if wait is None or (isinstance(exc, ConnectionUnavailable) and exc.timed_out):
+                    break  # the last attempt, or nothing answered for a whole connect timeout (another would wait as long)
+                time.sleep(wait)
+            except (psycopg.Error, CentralRefused) as exc:  # schema or privileges: a retry would fail the same way
                 self.close()
                 raise _UploadFailed(_one_line(exc, self.options.central_url), reached_central=True) from None
         raise _UploadFailed(_one_line(last_error, self.options.central_url), reached_central=False)

@@ -182,7 +182,7 @@ def _check_devices(state: Db, change: SetupChange) -> None:
         )
     if change.add_store is not None and adding is not None:
         refuse_second_device(state, change.add_store.path, adding, removing)
-        refuse_second_store(state, change.add_store.path, adding)
+        sync_state.refuse_second_store(state, change.add_store.path, adding)
     named = [removing] if removing is not None else []
     for device in dict.fromkeys([*named, *change.enable_devices, *change.disable_devices]):
         if device != adding:  # the store added by this same call may be switched on or off
@@ -207,26 +207,6 @@ def refuse_second_device(
             f"device store {store} is already device {holder.device_id!r}; leave out {option} "
             f"to keep that device, or remove it first with `{device_store.remove_store_command(holder.device_id)}`"
         )
-
-
-def refuse_second_store(state: Db, store: Path, adding: str) -> None:
-    """Adding ``store`` as a device flowyard has re-points that device to it, which is right for a
-    store that moved, or a new (v1) store the device is to sync from now on; not for a store
-    upgraded under that device's id while the device's registered store is still there and
-    records the id too (a copy of it, as when one device's store is replaced by another's): the
-    registered one was silently dropped from every later run, its new events never synced, and
-    the two stores' events shared one origin in central. A sync of a store replaced by another
-    device's copy suggests ``--remove-store`` plus ``--add-store``, which so re-pointed that other
-    device."""
-    registered = next((d for d in sync_state.list_devices(state) if d.device_id == adding), None)
-    holder = sync_state.device_for_store(state, store)
-    if registered is None or (holder is not None and holder.device_id == adding):
-        return  # a new device, or this store is its own (the same path, or a hard link of its file)
-    if all(
-        (recorded := sync_state.recorded_identity(path)) is not None and recorded.device_id == adding
-        for path in (store, Path(registered.store_path))
-    ):
-        raise sync_state.shared_id_error(adding, registered.store_path, store)
 
 
 def _register(state: Db, store: NewStore) -> Identity:

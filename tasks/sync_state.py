@@ -329,6 +329,8 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
     )
     targets = []
     for path in paths:
+        if known[path] is None and (recorded := found[path]) is not None:
+            refuse_second_store(state, path, recorded.device_id)  # a copy of a device's store
         identity = found[path] or Identity.of(new_device_id(path, taken))
         targets.append(_target(str(path), identity, known[path], pull))
     _refuse_shared_ids(targets)
@@ -415,6 +417,28 @@ def _refuse_shared_ids(targets: list[SyncTarget]) -> None:
     for target in targets:
         if (other := stores.setdefault(target.device_id, target.store)) != target.store:
             raise shared_id_error(target.device_id, other, target.store)
+
+
+def refuse_second_store(state: Db, store: Path, adding: str) -> None:
+    """Adding ``store`` as a device flowyard has re-points that device to it, which is right for a
+    store that moved, or a new (v1) store the device is to sync from now on; not for a store
+    upgraded under that device's id while the device's registered store is still there and
+    records the id too (a copy of it, as when one device's store is replaced by another's): the
+    registered one was silently dropped from every later run, its new events never synced, and
+    the two stores' events shared one origin in central. A sync of a store replaced by another
+    device's copy suggests ``--remove-store`` plus ``--add-store``, which so re-pointed that other
+    device. A run naming such a copy by its path (``sync trigger --store``) is refused as well: it
+    synced the copy as that device, and central got two different events for each of the device's
+    later local ids, one from either store, which no one could tell apart."""
+    registered = next((d for d in list_devices(state) if d.device_id == adding), None)
+    holder = device_for_store(state, store)
+    if registered is None or (holder is not None and holder.device_id == adding):
+        return  # a new device, or this store is its own (the same path, or a hard link of its file)
+    if all(
+        (recorded := recorded_identity(path)) is not None and recorded.device_id == adding
+        for path in (store, Path(registered.store_path))
+    ):
+        raise shared_id_error(adding, registered.store_path, store)
 
 
 def shared_id_error(device_id: str, first: str | Path, second: str | Path) -> UserError:

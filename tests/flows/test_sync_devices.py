@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -48,7 +49,7 @@ def _central_counts(url: str) -> tuple[int, int]:
 
 def _synced(store: Path) -> int:
     with device_store.open_store(store) as conn:
-        return device_store.counts(conn).synced
+        return conn.execute("SELECT count(*) FROM events WHERE sync_status = 'synced'").fetchone()[0]
 
 
 def _persisted_result(flow_state: Any) -> Any:
@@ -294,7 +295,7 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
         version = device_store.schema_version(conn)
         left = device_store.counts(conn) if upgraded else None
     if left is not None:
-        assert (version, left.pending, left.failed, left.synced) == (device_store.V2, 30, 0, 0)
+        assert (version, left.pending, left.failed, _synced(ro)) == (device_store.V2, 30, 0, 0)
     else:  # the upgrade was rolled back: the store is v1 as it was
         assert version == device_store.V1
 
@@ -317,7 +318,7 @@ def test_a_malformed_central_url_is_refused_before_any_event_is_touched(
     with device_store.open_store(store) as conn:
         counts = device_store.counts(conn)
         attempts = conn.execute("SELECT max(sync_attempts) FROM events").fetchone()[0]
-    assert (counts.pending, counts.failed, counts.synced, attempts) == (30, 0, 0, 0)
+    assert (counts.pending, counts.failed, _synced(store), attempts) == (30, 0, 0, 0)
 
 
 def test_default_run_uses_configured_devices_and_records_state(
@@ -953,6 +954,35 @@ def test_two_stores_upgraded_under_one_device_id_are_refused(fresh_db: str, tmp_
     )
     with psycopg.connect(fresh_db) as conn:  # refused before central was touched
         assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
+
+
+def test_a_copy_of_a_devices_store_named_alone_is_refused(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    """A developer copies their store (and with it the device id it records) elsewhere and syncs
+    the copy by its path. Named with the original, or added by `configure`, it was refused; named
+    alone, it synced as that device, and central then kept two different events under each later
+    local id of the device, one from either store, for good. Refused before central is touched;
+    a store that moved (nothing left at the device's path) still syncs as the device."""
+    from flows.sync_devices import sync_devices
+
+    identity = Identity("cloned", "alice", "proj")
+    original = make_store(tmp_path / "devflow.db", 10, identity=identity)
+    sync_state.register_device(state_db, original, identity)
+    try:
+        (tmp_path / "new-laptop").mkdir()
+        copy = tmp_path / "new-laptop" / "devflow.db"
+        shutil.copyfile(original, copy)
+        with pytest.raises(UserError) as err:
+            sync_devices(stores=[str(copy)], central_url=fresh_db)
+        assert str(err.value).startswith(
+            f"device stores {original} and {copy} are both device 'cloned'; central cannot tell their events apart."
+        )
+        with psycopg.connect(fresh_db) as conn:
+            assert conn.execute("SELECT to_regclass('devflow.events')").fetchone() == (None,)
+        original.unlink()  # the store moved to the new laptop: the device's, synced as it
+        moved = sync_devices(stores=[str(copy)], central_url=fresh_db)
+        assert moved["devices"]["cloned"]["uploaded"] == 10
+    finally:
+        sync_state.remove_device(state_db, "cloned")
 
 
 def test_two_paths_of_one_store_file_are_refused_before_any_device_syncs(

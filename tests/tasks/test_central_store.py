@@ -400,3 +400,76 @@ def test_a_session_that_cannot_be_built_closes_its_connection(limited_role: Role
     with psycopg.connect(fresh_db) as conn:
         left = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (name,))
         assert left.fetchone() == (0,), info.value
+
+
+def _partitions(url: str) -> dict[str, int]:
+    """Each partition of ``devflow.events`` (by name) with its row count."""
+    with psycopg.connect(url) as conn:
+        names = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'devflow.events'::regclass"
+        ).fetchall()
+        return {
+            name: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("devflow", name))).fetchone()[0]
+            for (name,) in names
+        }
+
+
+def _upload(url: str, rows: list[UploadRow]) -> central_store.UploadResult:
+    session = CentralSession(url)
+    try:
+        return session.upload(rows)
+    finally:
+        session.close()
+
+
+def test_a_month_whose_partition_a_dba_detached_gets_a_new_one(central: str) -> None:
+    """A DBA detaches a month's partition (to archive it) or renames ``events`` aside, keeping its
+    partitions' names: ``CREATE TABLE IF NOT EXISTS`` then skipped the month's new partition, and
+    every later event of that month was refused one by one ("no partition … found for row"), every
+    run. The new partition takes the next free name; the detached table keeps its rows."""
+    assert _upload(central, [_row(_ms(2026, 12, 1) + i) for i in range(5)]).inserted == 5
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("ALTER TABLE devflow.events DETACH PARTITION devflow.events_y2026m12")
+    assert _upload(central, [_row(_ms(2026, 12, 2) + i) for i in range(7)]).inserted == 7
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("ALTER TABLE devflow.events RENAME TO events_old")
+    central_store.ensure_schema(central)  # a run's schema step: a new, empty devflow.events
+    assert _upload(central, [_row(_ms(2026, 12, 3) + i) for i in range(3)]).inserted == 3
+    assert _partitions(central) == {"events_y2026m12_2": 3}
+    assert _scalar(central, "SELECT count(*) FROM devflow.events_y2026m12") == 5
+    assert _scalar(central, "SELECT count(*) FROM devflow.events_old") == 7
+
+
+def test_partitions_a_dba_made_take_the_months_they_cover(central: str) -> None:
+    """A DEFAULT partition, or one under a name of the DBA's, failed every session ("invalid
+    literal for int()"): every device, every run. A month such a partition covers (or one whose
+    rows the DEFAULT partition holds already) is left to it instead of failing every batch."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE devflow.events_2027_q1 PARTITION OF devflow.events "
+            "FOR VALUES FROM ('2027-01-01 00:00+00') TO ('2027-04-01 00:00+00')"
+        )
+        conn.execute("CREATE TABLE devflow.events_default PARTITION OF devflow.events DEFAULT")
+        conn.execute(
+            "INSERT INTO devflow.events (sync_id, local_id, device_id, user_id, project_id, event_type, event_data, "
+            "occurred_at) VALUES (gen_random_uuid(), 1, 'd0', 'u', 'p', 'by-hand', '{}', '2026-05-05')"
+        )
+    rows = [_row(_ms(2027, 2, 1)), _row(_ms(2026, 5, 6)), _row(_ms(2026, 6, 1))]
+    assert _upload(central, rows).inserted == 3
+    assert _partitions(central) == {"events_2027_q1": 1, "events_default": 2, "events_y2026m06": 1}
+
+
+def test_a_partition_detached_during_a_session_fails_the_batch_as_a_whole(central: str) -> None:
+    """Not the rows' fault, so not theirs to be bisected into failed events: the batch fails as a
+    whole, saying why, and the next session makes the partition again."""
+    session = CentralSession(central)
+    try:
+        session.upload([_row(_ms(2026, 12, 1))])
+        with psycopg.connect(central, autocommit=True) as conn:
+            conn.execute("ALTER TABLE devflow.events DETACH PARTITION devflow.events_y2026m12")
+        with pytest.raises(central_store.CentralRefused, match="was detached or dropped during this run"):
+            session.upload([_row(_ms(2026, 12, 2))])
+    finally:
+        session.close()
+    assert _upload(central, [_row(_ms(2026, 12, 2))]).inserted == 1

@@ -64,6 +64,11 @@ def _local(store: Path) -> device_store.StoreCounts:
         return device_store.counts(conn)
 
 
+def _synced(store: Path) -> int:
+    with device_store.open_store(store) as conn:
+        return conn.execute("SELECT count(*) FROM events WHERE sync_status = 'synced'").fetchone()[0]
+
+
 def test_sync_uploads_filtered_events_in_batches(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 1234)
     report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=500, policy=PrivacyPolicy()))
@@ -71,7 +76,7 @@ def test_sync_uploads_filtered_events_in_batches(central: str, tmp_path: Path) -
     assert report.pending_after == 0 and report.last_local_id == 1234 and report.error is None
     assert report.lag_seconds is not None and report.lag_seconds > 86_400  # oldest event is days old
     assert _central_counts(central) == (1234, 1234)
-    assert _local(store).synced == 1234
+    assert _synced(store) == 1234
     with psycopg.connect(central) as conn:
         keys = conn.execute("SELECT DISTINCT jsonb_object_keys(event_data) FROM devflow.events").fetchall()
         identity = conn.execute(
@@ -103,7 +108,7 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     assert "cannot connect" in report.error and "\n" not in report.error
     assert report.final_batch_size == adapt_batch_size(100, "poor") == 10
     counts = _local(store)
-    assert (counts.pending, counts.failed, counts.synced) == (200, 100, 0)
+    assert (counts.pending, counts.failed, _synced(store)) == (200, 100, 0)
     with device_store.open_store(store) as conn:
         attempts = conn.execute(
             "SELECT DISTINCT sync_attempts, last_sync_error FROM events WHERE sync_status='failed'"
@@ -115,6 +120,18 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     forced = sync_device(store, IDENTITY, SyncOptions(central, force=True))
     assert (forced.uploaded, forced.duplicates, forced.pending_after, forced.waiting_after) == (100, 0, 0, 0)
     assert _central_counts(central) == (300, 300)
+
+
+def test_reconnect_waits_double_and_none_follows_the_last_attempt() -> None:
+    """Waiting after the last failed attempt only delayed the batch's failure, by 2 s a device
+    with the defaults while central was down."""
+    assert SyncOptions("postgresql://x").reconnect_waits() == [0.5, 1.0]
+    assert SyncOptions("postgresql://x", upload_attempts=4, reconnect_backoff_seconds=0.25).reconnect_waits() == [
+        0.25,
+        0.5,
+        1.0,
+    ]
+    assert SyncOptions("postgresql://x", upload_attempts=1, reconnect_backoff_seconds=3600).reconnect_waits() == []
 
 
 def test_a_central_that_never_answers_is_waited_for_once_per_run(tmp_path: Path) -> None:
@@ -638,13 +655,36 @@ def test_a_refused_privilege_fails_the_batch_as_a_whole(
     assert report.error is not None and "\n" not in report.error
     assert "permission denied for table event_keys" in report.error
     counts = _local(store)
-    assert (counts.pending, counts.failed, counts.synced) == (200, 100, 0)
+    assert (counts.pending, counts.failed, _synced(store)) == (200, 100, 0)
     assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT INSERT ON devflow.event_keys TO {}").format(role))
     later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
     assert (later.uploaded, later.failed, later.pending_after, later.error) == (300, 0, 0, None)
     assert _central_counts(fresh_db) == (300, 300)
+
+
+@pytest.mark.parametrize("table", ["events", "rollup_daily"])
+def test_a_not_null_column_a_dba_added_fails_the_batch_as_a_whole(central: str, tmp_path: Path, table: str) -> None:
+    """A column added to central NOT NULL without a default refuses every event whatever its data:
+    taken for the rows' fault, each batch was bisected down to single events, every one marked
+    failed after a round trip of its own (2,000 events took seconds per run). The batch fails once,
+    as for a missing privilege, with the column and the fix named, and syncs once it has a default."""
+    target = sql.Identifier("devflow", table)
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN tenant text NOT NULL DEFAULT 'x'").format(target))
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN tenant DROP DEFAULT").format(target))
+    store = make_store(tmp_path / "dev.db", 300, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (report.uploaded, report.failed, report.pending_after, report.reached_central) == (0, 100, 300, True)
+    assert report.error is not None and "\n" not in report.error
+    assert f"central's table devflow.{table} has a column \"tenant\" that flowyard does not fill" in report.error
+    assert f"ALTER TABLE devflow.{table} ALTER COLUMN \"tenant\" SET DEFAULT" in report.error
+    assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN tenant SET DEFAULT 'x'").format(target))
+    later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (300, 0, 0, None)
 
 
 def _recorded(state_db: str, report: DeviceReport) -> sync_state.Device:
