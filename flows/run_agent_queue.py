@@ -29,8 +29,10 @@ from tasks.agent_execution import (
     AgentFailed,
     AgentSetup,
     Fleet,
+    OutageNotice,
     agent_directories,
     fleet,
+    left_to_recovery,
     recover_stale_tasks,
     run_agent,
     signals_deferred,
@@ -116,6 +118,7 @@ def run_agent_queue(
     # next one starts in its slot
     runner: ThreadPoolTaskRunner[dict[str, Any]] = ThreadPoolTaskRunner(max_workers=2 * max_agents)
     running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
+    notice = OutageNotice(lambda level, text: getattr(logger, level)(text))
     try:
         with runner, fleet(setup) as agents_fleet:
             finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
@@ -124,9 +127,7 @@ def run_agent_queue(
                 room = min(max_agents - agents_fleet.busy_slots(), 2 * max_agents - len(running))
                 if max_tasks is not None:
                     room = min(room, max_tasks - claimed)
-                for task in queue.claim_ready(
-                    url, setup.worker, room, setup.templates, exclude=running, lease_seconds=setup.limits.lease_seconds
-                ):
+                for task in _claim(setup, room, running, notice):
                     claimed += 1
                     agents_fleet.claimed(task)
                     running[task.id] = future = runner.submit(
@@ -143,7 +144,7 @@ def run_agent_queue(
                     break
                 for task_id in [t for t, f in running.items() if f.wrapped_future.done()]:
                     finished[task_id] = running.pop(task_id)
-                    outcomes[task_id] = _settle(url, setup.worker, task_id, finished[task_id])
+                    outcomes[task_id] = _settle(setup, task_id, finished[task_id])
     except (TerminationSignal, KeyboardInterrupt):  # SIGTERM, SIGINT: the fleet stopped the agents
         # a second SIGTERM or SIGINT raised in the middle of the summary and left it unpublished
         with signals_deferred():
@@ -163,20 +164,58 @@ def run_agent_queue(
     return _report(setup, outcomes, recovered)
 
 
+def _claim(
+    setup: AgentSetup, room: int, running: dict[int, Any], notice: OutageNotice
+) -> list[queue.AgentTask]:
+    """Ready tasks for ``room`` free slots. The state database out of reach (a restart, a failover)
+    crashed the run, and its agents with it: while agents run, a claim that cannot be made is left
+    for the loop's next turn; with none running, the run waits for the database for up to its lease."""
+
+    def claim() -> list[queue.AgentTask]:
+        claimed = queue.claim_ready(
+            setup.database_url,
+            setup.worker,
+            room,
+            setup.templates,
+            exclude=running,
+            lease_seconds=setup.limits.lease_seconds,
+        )
+        notice.back()
+        return claimed
+
+    waiting = "waiting for it to claim the next tasks"
+    if not running:
+        return queue.riding_out(claim, setup.limits.lease_seconds, lambda exc: notice.lost(exc, waiting))
+    try:
+        return claim()
+    except Exception as exc:
+        if not queue.unreachable(exc):
+            raise
+        notice.lost(exc, f"the agents run on; {waiting}")
+        return []
+
+
+def _patiently(setup: AgentSetup, call: Callable[[], Any]) -> Any:
+    """``call()`` (the queue's reads and fenced writes), waiting out an outage of the state database
+    for up to the run's lease."""
+    return queue.riding_out(call, setup.limits.lease_seconds)
+
+
 def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -> dict[str, Any]:
     """The run's summary: the tasks it ran, those it could not run and why, the metrics; published
     as the ``agent-metrics`` and ``agent-queue-run`` artifacts unless the run did nothing."""
     url = setup.database_url
     logger = get_run_logger()
     # a task that waits for `queue approve` was reported "completed", as if its dependents could run
-    for task_id in queue.in_review(url, [t for t, o in outcomes.items() if o == "completed"]):
+    completed = [t for t, o in outcomes.items() if o == "completed"]
+    for task_id in _patiently(setup, lambda: queue.in_review(url, completed)):
         outcomes[task_id] = f"completed, in review (approve it with `flowyard queue approve {task_id}`)"
-    unrunnable = queue.unrunnable(url)
+    unrunnable: queue.Unrunnable = _patiently(setup, lambda: queue.unrunnable(url))
     blocked = unrunnable.blocked
-    waiting = {**queue.waiting_for_agents(url, setup.templates), **unrunnable.waiting}
+    waiting = {**_patiently(setup, lambda: queue.waiting_for_agents(url, setup.templates)), **unrunnable.waiting}
     for task_id, reason in {**blocked, **waiting}.items():
         logger.warning("task %s %s", task_id, reason)
-    metrics = agent_metrics(url)
+    metrics = _patiently(setup, lambda: agent_metrics(url))
     if outcomes or recovered:  # an idle scheduled drain adds no artifact versions
         publish_metrics(metrics)
         rows = [
@@ -217,7 +256,7 @@ def _report_stopped(
     try:
         for task_id, future in running.items():
             if not future.wrapped_future.cancelled():
-                outcomes[task_id] = _settle(setup.database_url, setup.worker, task_id, future)
+                outcomes[task_id] = _settle(setup, task_id, future)
         _report(setup, outcomes, recovered)
     except Exception as exc:
         reason = f"{type(exc).__name__}: {one_line(str(exc))}"
@@ -262,14 +301,17 @@ def _dependency_runs(
     return [run for run in runs if run.state.is_completed()]
 
 
-def _settle(url: str, worker: str, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:
-    """Record the final outcome of a task's Prefect task run; a failure after the last retry fails it."""
+def _settle(setup: AgentSetup, task_id: int, future: PrefectFuture[dict[str, Any]]) -> str:
+    """Record the final outcome of a task's Prefect task run; a failure after the last retry fails
+    it, unless the state database was what failed (:func:`left_to_recovery`)."""
     future.wait()  # sets the future's final state from the finished thread
     state = future.state
     if state.is_completed():
         return str(future.result()["outcome"])
+    if (interrupted := left_to_recovery(state.result(raise_on_failure=False))) is not None:
+        return interrupted
     message = _failure_text(state)
-    queue.fail_task(url, task_id, worker, message)
+    _patiently(setup, lambda: queue.fail_task(setup.database_url, task_id, setup.worker, message))
     return f"failed: {one_line(message)}"
 
 

@@ -12,10 +12,12 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -41,7 +43,7 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import UserError, clipped, first_line, make_user_dir, printable
+from tasks.errors import ConnectionUnavailable, UserError, clipped, first_line, make_user_dir, printable
 from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
@@ -215,6 +217,100 @@ def publish_artifact(task_id: int, message: ArtifactMessage) -> str | None:
     return f"artifact {key!r} not published: {reason}"
 
 
+class OutageNotice:
+    """Says once that the state database is unreachable, and once that it is back, however many
+    calls meet the outage in between."""
+
+    def __init__(self, say: Callable[[str, str], None]) -> None:
+        self._say = say
+        self._since: float | None = None
+
+    def lost(self, error: BaseException, doing: str) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            self._say("warning", f"the state database is unreachable ({first_line(error)}); {doing}")
+
+    def back(self) -> None:
+        if self._since is not None:
+            self._say("info", f"the state database is reachable again, after {time.monotonic() - self._since:.1f}s")
+            self._since = None
+
+
+class _Bookkeeping:
+    """An attempt's writes while its agent runs (heartbeats, checkpoints), riding out an outage of
+    the state database (a restart, a failover): the agent needs no database to work, and a
+    heartbeat's connection error killed it, failing the attempt. A checkpoint the database could
+    not take is kept (the newest one) and written with the next heartbeat that gets through, or at
+    the end of the attempt. Only an outage longer than the worker's lease stops the agent: another
+    run may then take the task for abandoned (each write is fenced by worker and attempt, so this
+    attempt's late writes never overwrite its next holder's)."""
+
+    def __init__(self, setup: AgentSetup, task_id: int, attempt: int, log: TaskLog) -> None:
+        self._setup = setup
+        self._task_id = task_id
+        self._attempt = attempt
+        self._reached = time.monotonic()  # the last write the database took
+        self.unsaved: list[dict[str, Any] | None] = []  # at most one: a checkpoint not yet written
+        self._notice = OutageNotice(
+            lambda level, text: log.write("flowyard", LogMessage(kind="log", level=level, message=text))
+        )
+        self.agent: AgentProcess | None = None
+
+    def checkpoint(self, state: dict[str, Any] | None) -> bool:
+        """Record the agent's checkpoint; False when the attempt no longer holds the task."""
+        self.unsaved = [state]
+        try:
+            return self._save()
+        except Exception as exc:
+            if not queue.unreachable(exc):
+                raise
+            self._notice.lost(exc, "the agent runs on; its checkpoint is written once it is back")
+            return True
+
+    def heartbeat(self) -> bool:
+        """Refresh the claim (writing a checkpoint the database could not take); False when the
+        agent must stop: the task was cancelled or taken, or the database has been out of reach
+        for longer than the lease."""
+        url, setup = self._setup.database_url, self._setup
+        try:
+            held = self._save() and queue.heartbeat(url, self._task_id, setup.worker, self._attempt)
+            self._reached_it()
+        except Exception as exc:
+            if not queue.unreachable(exc):
+                raise
+            lease = setup.limits.lease_seconds
+            self._notice.lost(exc, f"the agent runs on for up to the lease ({lease:g}s) while it is away")
+            if time.monotonic() - self._reached < lease:
+                return True
+            if self.agent is not None:
+                self.agent.request_stop(
+                    f"the state database was out of reach for longer than the lease ({lease:g}s): another "
+                    "run may take the task"
+                )
+            return False
+        return held
+
+    def flush(self) -> None:
+        """Write a checkpoint still unsaved, waiting for the database for up to the lease: the next
+        attempt resumes from it."""
+        if self.unsaved:
+            queue.riding_out(self._save, self._setup.limits.lease_seconds)
+
+    def _save(self) -> bool:
+        """Write the unsaved checkpoint, if any; False when the attempt no longer holds the task."""
+        if not self.unsaved:
+            return True
+        setup = self._setup
+        stored = queue.record_checkpoint(setup.database_url, self._task_id, setup.worker, self._attempt, self.unsaved[0])
+        self.unsaved = []
+        self._reached_it()
+        return stored
+
+    def _reached_it(self) -> None:
+        self._reached = time.monotonic()
+        self._notice.back()
+
+
 @dataclass
 class _Attempt:
     process: AgentProcess
@@ -284,19 +380,22 @@ class Fleet:
             attempt.process.request_stop(reason)
         limits = self.setup.limits
         wait = limits.checkpoint_wait_seconds + 2 * limits.grace_seconds + 10.0
+        # a shutdown that meets an outage of the state database waits for it about as long as for the agents
+        patience = wait
+
+        def patiently(call: Callable[[], Any]) -> Any:
+            return queue.riding_out(call, patience)
+
         for task_id, attempt in attempts.items():
             if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
                 attempt.process.terminate(0.0)  # bookkeeping stuck: never leave the group
-                _record_interrupted(self.setup, task_id, attempt.process.job.attempt, None)
-        url = self.setup.database_url
-        released = [
-            t.id
-            for t in queue.list_tasks(url, "in_progress")
-            if t.worker == self.setup.worker and queue.release_task(url, t.id, self.setup.worker, reason) == "pending"
-        ]
+                patiently(partial(_record_interrupted, self.setup, task_id, attempt.process.job.attempt, None))
+        url, worker = self.setup.database_url, self.setup.worker
+        held = [t.id for t in patiently(partial(queue.list_tasks, url, "in_progress")) if t.worker == worker]
+        released = [t for t in held if patiently(partial(queue.release_task, url, t, worker, reason)) == "pending"]
         # The stopped attempts handed their tasks back themselves; one whose agent finished as the
         # stop came (completed, in review, failed for good, cancelled meanwhile) is not back.
-        stopped = [t for t in attempts if queue.get_task(url, t).status == "pending"]
+        stopped = [t for t in attempts if patiently(partial(queue.get_task, url, t)).status == "pending"]
         return sorted(set(released) | set(stopped))
 
 
@@ -374,8 +473,25 @@ def _retryable(task: Any, task_run: Any, state: Any) -> bool:
 
 def _worth_retrying(error: BaseException) -> bool:
     """Agent failures are retried; configuration errors (UserError) and errors the agent itself
-    marked ``"retryable": false`` are not."""
+    marked ``"retryable": false`` are not, nor is the state database out of reach (a
+    ``ConnectionUnavailable`` is a UserError too): the attempt waited a whole lease for it, and the
+    task is left to a later run's recovery, which resumes it (see ``left_to_recovery``)."""
+    if queue.unreachable(error):
+        return False
     return not isinstance(error, UserError) and not (isinstance(error, AgentFailed) and not error.retryable)
+
+
+def left_to_recovery(error: object) -> str | None:
+    """What a run reports of a task whose attempt ended on the state database being out of reach
+    for longer than the lease: its bookkeeping could not be written (a result, the attempt's end),
+    so the task is neither failed nor completed, and a later run's recovery resumes it from its last
+    checkpoint. None for any other error."""
+    if not isinstance(error, BaseException) or not queue.unreachable(error):
+        return None
+    return (
+        f"interrupted: the state database was out of reach for longer than the lease ({first_line(error)}); "
+        "a later run resumes the task from its last checkpoint"
+    )
 
 
 def _gives_up(error: BaseException) -> bool:
@@ -414,14 +530,16 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     row = current.tasks[task_id]
     template = setup.templates[row.agent_type]  # claims take only the types this fleet has
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id, logs_dir=setup.logs_dir)
+    patience = setup.limits.lease_seconds  # how long the attempt's writes wait out a database outage
     try:
-        started = queue.start_attempt(
-            url, task_id, setup.worker, flow_run.get_id(), lease_seconds=setup.limits.lease_seconds
+        flow_run_id = flow_run.get_id()
+        started = queue.riding_out(
+            lambda: queue.start_attempt(url, task_id, setup.worker, flow_run_id, lease_seconds=patience), patience
         )
     except queue.TaskNotHeld:
         # Cancelled (or retried and claimed elsewhere) while Prefect waited to retry: the task
         # is where the user put it, which is no failure of this run.
-        status = queue.get_task(url, task_id).status
+        status = queue.riding_out(lambda: queue.get_task(url, task_id).status, patience)
         return _attempt_result(task_id, None, "cancelled" if status == "cancelled" else "released")
     attempt, run_id = started.number, started.run_id
     job = AgentJob(
@@ -440,11 +558,10 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         # The log is opened inside the try that closes the attempt: a logs directory that
         # cannot take it must not leave the attempt open for good.
         with TaskLog(setup.logs_dir, task_id, attempt, get_run_logger()) as log:
+            books = _Bookkeeping(setup, task_id, attempt, log)
 
             def on_message(stream: str, message: AgentMessage) -> None:
-                if isinstance(message, CheckpointMessage) and not queue.record_checkpoint(
-                    url, task_id, setup.worker, attempt, message.state
-                ):
+                if isinstance(message, CheckpointMessage) and not books.checkpoint(message.state):
                     agent.request_stop(f"attempt {attempt} of task {task_id} was cancelled or superseded")
                 log.write(stream, message)
                 if isinstance(message, ArtifactMessage) and (refused := publish_artifact(task_id, message)):
@@ -455,11 +572,13 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
                 template,
                 on_message=on_message,
                 limits=setup.limits,
-                keep_going=lambda: queue.heartbeat(url, task_id, setup.worker, attempt),
+                keep_going=books.heartbeat,
                 on_start=lambda pgid: _started(setup, current, task_id, attempt, pgid),
             )
+            books.agent = agent
             current.add(task_id, agent)
             outcome = agent.run()
+            books.flush()  # what the next attempt resumes from, and the task's last checkpoint
             failure = (
                 AgentFailed(f"task {task_id} attempt {attempt}: {outcome.error}", retryable=outcome.retryable)
                 if outcome.outcome in ("failed", "timeout")
@@ -470,17 +589,20 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             if failure is None or final:  # no retry follows: the agent's slot is free
                 current.free_slot(task_id)
     except _Stopping:
-        queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
+        queue.riding_out(
+            lambda: queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start"),
+            patience,
+        )
         return _attempt_result(task_id, started, "interrupted")
     except Exception as exc:
         # The log or the agent could not be started (UserError: missing or not executable
         # command; not retried) or a callback failed (a checkpoint or heartbeat write; retried
         # from the last checkpoint): close the attempt as failed, so it counts in the metrics
         # and never stays open. The database may be what failed, so closing is best effort.
-        with suppress(psycopg.Error):
-            queue.finish_attempt(
-                url, run_id, setup.worker, "failed", error=first_line(exc), final=_gives_up(exc)
-            )
+        with suppress(psycopg.Error, ConnectionUnavailable):
+            # never final on an outage: the task is left to recovery, which must resume it, not fail it
+            final = _gives_up(exc) and not queue.unreachable(exc)
+            queue.finish_attempt(url, run_id, setup.worker, "failed", error=first_line(exc), final=final)
         raise
     finally:
         if process is not None and process.pgid is not None:
@@ -488,7 +610,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.remove(task_id)
     if failure is not None:
         raise failure
-    reported = _reported_outcome(url, task_id, outcome.outcome)
+    reported = queue.riding_out(lambda: _reported_outcome(url, task_id, outcome.outcome), patience)
     return _attempt_result(task_id, started, reported, outcome.result, outcome.checkpoint)
 
 
@@ -532,22 +654,35 @@ def _resumed_state(started: queue.Attempt | None) -> dict[str, Any] | None:
 
 def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid: int) -> None:
     current.reaper.watch(pgid)
-    queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
+    try:
+        queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
+    except Exception as exc:
+        # The recorded group is for people only (recovery finds an agent by its mark): an outage
+        # of the state database must not stop the agent it would describe.
+        if not queue.unreachable(exc):
+            raise
 
 
 def _finish(
     setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome, *, final: bool
 ) -> None:
+    """Record the end of the attempt, waiting out an outage of the state database for up to the
+    lease: an agent that finished while the database restarted had its result thrown away, and the
+    task ran again."""
+    patience = setup.limits.lease_seconds
     if outcome.outcome == "interrupted":
-        _record_interrupted(setup, task_id, attempt, outcome.checkpoint)
-    queue.finish_attempt(
-        setup.database_url,
-        run_id,
-        setup.worker,
-        outcome.outcome,
-        result=outcome.result if outcome.outcome == "completed" else None,
-        error=outcome.error,
-        final=final,
+        queue.riding_out(lambda: _record_interrupted(setup, task_id, attempt, outcome.checkpoint), patience)
+    queue.riding_out(
+        lambda: queue.finish_attempt(
+            setup.database_url,
+            run_id,
+            setup.worker,
+            outcome.outcome,
+            result=outcome.result if outcome.outcome == "completed" else None,
+            error=outcome.error,
+            final=final,
+        ),
+        patience,
     )
 
 

@@ -14,14 +14,15 @@ import hashlib
 import os
 import socket
 import threading
+import time
 import unicodedata
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import psutil
 import psycopg
@@ -30,7 +31,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from tasks.db import connect
-from tasks.errors import UserError, control_character, is_utf8, one_line, printable
+from tasks.errors import ConnectionUnavailable, UserError, control_character, is_utf8, one_line, printable
 from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth, non_json_type
 
 Priority = Literal["critical", "high", "medium", "low"]
@@ -210,11 +211,22 @@ def _connection(url: str, *, atomic: bool = False, durable: bool = True) -> Iter
                 yield conn
         else:
             yield conn
-    except psycopg.OperationalError:
+    except (psycopg.OperationalError, psycopg.InterfaceError):
         conn.close()
+        # The server restarted (or dropped every session): the idle connections are dead too, and
+        # each would fail its next statement in turn, so the calls riding out the outage
+        # (:func:`riding_out`) met one such failure per pooled connection after it was back.
+        _drop_idle(key)
         raise
     finally:
         _release(key, conn)
+
+
+def _drop_idle(key: tuple[str, bool]) -> None:
+    with _IDLE_LOCK:
+        idle, _IDLE[key] = _IDLE.get(key, []), []
+    for conn in idle:
+        conn.close()
 
 
 def _release(key: tuple[str, bool], conn: psycopg.Connection) -> None:
@@ -226,6 +238,43 @@ def _release(key: tuple[str, bool], conn: psycopg.Connection) -> None:
             return
     if not conn.closed:
         conn.close()
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the state database could not be reached, or lost the connection, or
+    could not take a statement for now (a restart or failover, a network blip, a server shutting
+    down or out of connections, a deadlock): what a later try meets differently. Connecting is
+    refused with a one-line :class:`~tasks.errors.ConnectionUnavailable` (a UserError, as for a
+    wrong URL: to a queue that has been working, it is an outage too)."""
+    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError | ConnectionUnavailable)
+
+
+_T = TypeVar("_T")
+
+
+def riding_out(
+    call: Callable[[], _T], seconds: float, on_outage: Callable[[BaseException], None] | None = None
+) -> _T:
+    """``call()``, tried again while the state database is :func:`unreachable`, for up to
+    ``seconds`` (at growing intervals up to 2 s); then its error is raised. ``on_outage`` is told
+    of the first such error. For reads, and for the queue's writes, which fence themselves by
+    worker and attempt: one whose commit was applied but whose answer was lost with the connection
+    changes nothing more when tried again (a heartbeat, a checkpoint, an attempt's end), or leaves
+    what recovery hands back (a claim, an attempt started twice)."""
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    told = False
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not unreachable(exc) or time.monotonic() + delay > deadline:
+                raise
+            if on_outage is not None and not told:
+                on_outage(exc)
+                told = True
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 def _task(row: dict[str, Any]) -> AgentTask:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 from tests.fs_support import immutable
+from tests.outage_support import outage_proxy
 from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -1343,3 +1345,45 @@ def test_a_worker_killed_after_the_last_retry_failed_leaves_the_task_failed(tmp_
     summary = run_agent_queue(max_agents=1, retries=1, agents=agents, **_kw(tmp_path, qdb))
     assert summary["outcomes"][task_id].startswith("failed")
     assert queue.get_task(qdb, task_id).attempts == 5, "queue retry gives a fresh set of retries"
+
+
+def _after_first_checkpoint(url: str, task_id: int, then: Callable[[], None]) -> threading.Thread:
+    """A thread that runs ``then`` once task ``task_id`` has recorded its first checkpoint."""
+
+    def wait_then() -> None:
+        deadline = time.monotonic() + 120
+        while not queue.checkpoint_history(url, task_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        then()
+
+    thread = threading.Thread(target=wait_then, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_database_restart_mid_run_neither_stops_the_agents_nor_loses_what_they_report(
+    tmp_path: Path, qdb: str
+) -> None:
+    """The state database went away for a few seconds (a restart, a failover) while agents ran: the
+    next heartbeat's connection error killed every agent, the attempts failed as configuration
+    errors (``cannot connect to ...``, a UserError: not retried), and the run crashed with a
+    traceback, its tasks left ``in_progress`` for the next run. The agents need no database to
+    work: they run on, a checkpoint and the end of an attempt wait for the database to be back, and
+    nothing is run twice."""
+    with outage_proxy(qdb) as proxy:
+        short = queue.create_task(qdb, _new("ends during the outage", {"steps": 3, "sleep": 0.5}))
+        long = queue.create_task(qdb, _new("runs through it", {"steps": 14, "sleep": 0.5}))
+
+        def restart() -> None:
+            with proxy.outage(4):
+                pass
+
+        cutter = _after_first_checkpoint(qdb, short, restart)
+        summary = run_agent_queue(max_agents=2, **_kw(tmp_path, proxy.url))
+        cutter.join(60)
+    assert summary["outcomes"] == {short: "completed", long: "completed"}
+    for task_id, steps in ((short, 3), (long, 14)):
+        task = queue.get_task(qdb, task_id)
+        assert (task.status, task.attempts, task.result["digest"]) == ("completed", 1, _digest(task_id, steps))
+        assert task.result["resumed_from"] == 0, "the agent ran on: nothing started again"
+    assert sorted((r["task_id"], r["outcome"]) for r in _runs(qdb)) == [(short, "completed"), (long, "completed")]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 import pytest
 from alembic import command
 
@@ -27,6 +28,7 @@ from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
 from tasks.state import migration_config, state_url
+from tests.outage_support import outage_proxy
 
 
 @pytest.fixture()
@@ -898,3 +900,22 @@ def test_a_retry_racing_a_cancel_and_a_claim_leaves_one_consistent_task(qdb: str
             assert (task.status, task.worker, task.agent_pgid) == ("pending", None, None), (outcome, task)
             queue.cancel_task(qdb, task_id)  # out of the next round's claims
     assert len(seen) > 1, f"the race never went more than one way: {seen}"
+
+
+def test_after_a_database_restart_one_failed_statement_clears_every_dead_pooled_connection(qdb: str) -> None:
+    """The queue keeps idle connections for reuse; a restart of the server kills them all, and each
+    failed its next statement in turn, so a caller waiting out the outage met one failure per pooled
+    connection after the server was back. The first failure drops the rest."""
+    task_id = queue.create_task(qdb, _new("t"))
+    with outage_proxy(qdb) as proxy:
+        url = state_url(proxy.url)
+        opened = [queue._connection(url) for _ in range(3)]
+        for context in opened:  # three connections at once: all go back to the pool
+            context.__enter__()
+        for context in opened:
+            context.__exit__(None, None, None)
+        with proxy.outage(0.1):
+            pass
+        with pytest.raises(psycopg.OperationalError):
+            queue.get_task(url, task_id)  # the one dead connection this call took
+        assert queue.get_task(url, task_id).title == "t"
