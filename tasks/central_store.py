@@ -76,8 +76,6 @@ _DDL = (
         received_at  timestamptz NOT NULL DEFAULT now()
     ) PARTITION BY RANGE (occurred_at)
     """,
-    # The cursor's index only: see the module docstring for why events have no index by project or user.
-    "CREATE INDEX IF NOT EXISTS events_seq ON devflow.events (seq)",
     """
     CREATE TABLE IF NOT EXISTS devflow.project_status (
         project_id  text        PRIMARY KEY,
@@ -89,7 +87,6 @@ _DDL = (
         local_id    bigint
     )
     """,
-    "CREATE INDEX IF NOT EXISTS project_status_seq ON devflow.project_status (seq)",
 )
 
 # The snapshot's local id, added in place to tables created before it (NULL on their rows),
@@ -116,8 +113,8 @@ _IDENTITY_DDL = (
 # The origin key, added in place to registries created before it existed. The origin is
 # NULL on keys an older version registered until the backfill; of events already stored
 # twice under different sync ids (by that older version) only the first copy gets it.
-_ORIGIN_INDEX = "devflow.event_keys_origin"
-_ORIGIN_UPGRADE = (
+_ORIGIN_COLUMNS = ("device_id", "local_id", "occurred_at", "event_type")
+_ORIGIN_BACKFILL = (
     """
     ALTER TABLE devflow.event_keys ADD COLUMN IF NOT EXISTS device_id text,
         ADD COLUMN IF NOT EXISTS local_id bigint, ADD COLUMN IF NOT EXISTS occurred_at timestamptz,
@@ -133,8 +130,6 @@ _ORIGIN_UPGRADE = (
     ) e
     WHERE k.sync_id = e.sync_id AND k.device_id IS NULL
     """,
-    "CREATE UNIQUE INDEX IF NOT EXISTS event_keys_origin "
-    "ON devflow.event_keys (device_id, local_id, occurred_at, event_type)",
 )
 
 ROLLUP_TABLES = ("rollup_hourly", "rollup_daily")
@@ -150,6 +145,53 @@ _ROLLUP_DDL = sql.SQL(
     )
     """
 )
+_ROLLUP_KEY = ("bucket", "project_id", "user_id", "event_type")
+
+
+@dataclass(frozen=True)
+class _Key:
+    """An index the sync relies on, known by what it indexes rather than by its name: a DBA may
+    rename one (then a rebuild under the old name was a second index every upload writes), drop
+    one (a primary key, which ``CREATE TABLE IF NOT EXISTS`` never restores), or rename its table
+    aside (its index keeps the name, so ``CREATE INDEX IF NOT EXISTS`` skipped the new table's)."""
+
+    table: str
+    columns: tuple[str, ...]
+    name: str | None
+    """The name it gets when restored, unless another relation has it: PostgreSQL then picks one.
+    None for the table's primary key (restored as one, named by PostgreSQL)."""
+    unique: bool
+
+    def served_by(self, columns: Sequence[str], unique: bool) -> bool:
+        """Whether an index with these key columns does this key's work: a unique key needs a
+        unique index on the same columns, in any order; the cursor's needs an index led by them."""
+        if self.unique:
+            return unique and sorted(columns) == sorted(self.columns)
+        return tuple(columns[: len(self.columns)]) == self.columns
+
+
+_KEYS = (
+    _Key("event_keys", ("sync_id",), None, unique=True),
+    _Key("event_keys", _ORIGIN_COLUMNS, "event_keys_origin", unique=True),
+    # The cursor's index only: see the module docstring for why events have no index by project or user.
+    _Key("events", ("seq",), "events_seq", unique=False),
+    _Key("project_status", ("project_id",), None, unique=True),
+    _Key("project_status", ("seq",), "project_status_seq", unique=False),
+    *(_Key(name, _ROLLUP_KEY, None, unique=True) for name in ROLLUP_TABLES),
+)
+
+# Every usable index of those tables, with its key columns: one catalog query per schema step. A
+# partial or expression index, an invalid one (a failed CONCURRENTLY build) and a deferrable unique
+# one (no arbiter for ON CONFLICT) do no key's work.
+_INDEXES = """
+SELECT c.relname::text, i.indisunique AND i.indimmediate,
+       array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.ord <= i.indnkeyatts ORDER BY k.ord)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+WHERE c.relnamespace = 'devflow'::regnamespace AND c.relname = ANY(%s)
+  AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+"""
 
 
 def event_time(ms: sql.Composable) -> sql.Composed:
@@ -277,7 +319,8 @@ def ensure_schema(url: str) -> None:
     by an advisory lock).
 
     The origin-key and snapshot local-id upgrades run only while what they add is missing: their
-    ALTER TABLE would otherwise take an exclusive lock at the start of every run.
+    ALTER TABLE would otherwise take an exclusive lock at the start of every run. So does every
+    index the sync relies on (:data:`_KEYS`), found by what it indexes, whatever its name.
     """
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
@@ -287,13 +330,41 @@ def ensure_schema(url: str) -> None:
             conn.execute(statement)
         for name in ROLLUP_TABLES:
             conn.execute(_ROLLUP_DDL.format(sql.Identifier(SCHEMA, name)))
-        if one_row(conn, "SELECT to_regclass(%s)", (_ORIGIN_INDEX,))[0] is None:
-            for statement in _ORIGIN_UPGRADE:
-                conn.execute(statement)
+        for key in _missing_keys(conn):
+            _restore_key(conn, key)
         if not one_row(conn, _HAS_STATUS_LOCAL_ID)[0]:
             conn.execute(_STATUS_LOCAL_ID_UPGRADE)
         for statement in _IDENTITY_DDL:
             conn.execute(statement)
+
+
+def _missing_keys(conn: psycopg.Connection) -> list[_Key]:
+    """The keys of :data:`_KEYS` that no index of their table serves."""
+    tables = sorted({key.table for key in _KEYS})
+    indexes = conn.execute(_INDEXES, (tables,)).fetchall()
+    return [
+        key
+        for key in _KEYS
+        if not any(table == key.table and key.served_by(columns, unique) for table, unique, columns in indexes)
+    ]
+
+
+def _restore_key(conn: psycopg.Connection, key: _Key) -> None:
+    """Build a missing key under its own name, or one PostgreSQL picks when a relation has that
+    name (the index of a table a DBA renamed aside keeps it). The origin key is first added with
+    its columns and filled in, for a registry from before it."""
+    if key.columns == _ORIGIN_COLUMNS:
+        for statement in _ORIGIN_BACKFILL:
+            conn.execute(statement)
+    columns = sql.SQL(", ").join(map(sql.Identifier, key.columns))
+    table = sql.Identifier(SCHEMA, key.table)
+    if key.name is None:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(table, columns))
+        return
+    taken = one_row(conn, "SELECT to_regclass(%s)", (f"{SCHEMA}.{key.name}",))[0] is not None
+    name = sql.SQL("") if taken else sql.Identifier(key.name)
+    kind = sql.SQL("UNIQUE INDEX" if key.unique else "INDEX")
+    conn.execute(sql.SQL("CREATE {} {} ON {} ({})").format(kind, name, table, columns))
 
 
 def month_start(ts_ms: int) -> date:
@@ -571,6 +642,13 @@ class CentralSession:
         ).fetchone()
         self.conn.commit()
         return bool(row and row[0])
+
+    def project_count(self) -> int:
+        """How many projects central holds a snapshot of: fewer than a store that downloaded them
+        all holds means some were deleted here, which no later change brings to the store."""
+        count: int = one_row(self.conn, "SELECT count(*) FROM devflow.project_status")[0]
+        self.conn.commit()
+        return count
 
     def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:
         """Project status snapshots changed after cursor ``since`` (seed ``downloadUpdates``)."""

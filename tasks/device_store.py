@@ -864,6 +864,11 @@ def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
 
 
+def snapshot_count(conn: sqlite3.Connection) -> int:
+    """How many project snapshots the store holds."""
+    return int(conn.execute("SELECT count(*) FROM remote_project_status").fetchone()[0])
+
+
 def newest_snapshot(conn: sqlite3.Connection) -> tuple[str, int] | None:
     """The store's last downloaded ``(project_id, seq)``, which its central must still hold for the
     download cursor to mean anything there; None when the store holds no snapshot."""

@@ -473,3 +473,59 @@ def test_a_partition_detached_during_a_session_fails_the_batch_as_a_whole(centra
     finally:
         session.close()
     assert _upload(central, [_row(_ms(2026, 12, 2))]).inserted == 1
+
+
+def _keys(url: str, table: str) -> list[tuple[str, bool, str]]:
+    """Each index of a ``devflow`` table: name, whether unique, and its definition's column list."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname::text, i.indisunique, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass ORDER BY 1",
+            (f"devflow.{table}",),
+        ).fetchall()
+    return [(name, unique, definition.split(" USING btree ")[1]) for name, unique, definition in rows]
+
+
+def test_a_key_index_a_dba_renamed_is_not_built_again(central: str) -> None:
+    """Found by its name, a renamed origin key was built again under the old one: two unique
+    indexes, one more index write per uploaded event, forever."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("ALTER INDEX devflow.event_keys_origin RENAME TO dba_origin")
+        conn.execute("ALTER INDEX devflow.events_seq RENAME TO dba_cursor")
+    central_store.ensure_schema(central)
+    assert _keys(central, "event_keys") == [
+        ("dba_origin", True, "(device_id, local_id, occurred_at, event_type)"),
+        ("event_keys_pkey", True, "(sync_id)"),
+    ]
+    assert _keys(central, "events") == [("dba_cursor", False, "(seq)")]
+
+
+@pytest.mark.parametrize("table", ["event_keys", "project_status", "rollup_daily"])
+def test_a_primary_key_a_dba_dropped_is_restored(central: str, table: str) -> None:
+    """``CREATE TABLE IF NOT EXISTS`` never restored one. Without the registry's, a re-sent event
+    whose origin changed was stored twice and each snapshot lookup scanned the registry; without a
+    rollup's or the snapshot's, every upload failed (no unique index for its ON CONFLICT)."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            sql.Identifier("devflow", table), sql.Identifier(f"{table}_pkey")
+        ))
+    central_store.ensure_schema(central)
+    central_store.ensure_schema(central)
+    assert _scalar(
+        central, f"SELECT count(*) FROM pg_constraint WHERE conrelid = 'devflow.{table}'::regclass AND contype = 'p'"
+    ) == 1
+    first = _row(_ms(2026, 4, 1), kind=central_store.STATUS_EVENT, data={"v": 1})
+    moved = (first[0], next(_LOCAL_IDS), *first[2:6], "file_edit", "{}")  # its sync id, another origin
+    assert _upload(central, [first]) == central_store.UploadResult(1, 0, 1)
+    assert _upload(central, [moved]) == central_store.UploadResult(0, 1, 0)
+    assert _scalar(central, "SELECT sum(events) FROM devflow.rollup_daily") == 1
+
+
+def test_a_new_events_table_gets_its_cursor_index_while_the_renamed_one_keeps_the_name(central: str) -> None:
+    """The index of an ``events`` renamed aside keeps the name ``events_seq``, so ``CREATE INDEX IF
+    NOT EXISTS events_seq`` skipped the new table's: every download and cursor read scanned it."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("ALTER TABLE devflow.events RENAME TO events_old")
+    central_store.ensure_schema(central)
+    assert _keys(central, "events_old") == [("events_seq", False, "(seq)")]
+    assert _keys(central, "events") == [("events_seq_idx", False, "(seq)")]

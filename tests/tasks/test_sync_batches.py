@@ -833,3 +833,26 @@ def test_a_snapshot_with_an_integer_beyond_64_bits_downloads_to_the_last_digit(
     with device_store.open_store(store) as conn:
         downloaded = conn.execute("SELECT project_id, status FROM remote_project_status").fetchall()
     assert downloaded == [(IDENTITY.project_id, status)]
+
+
+def test_a_project_deleted_in_central_leaves_the_stores_that_downloaded_it(central: str, tmp_path: Path) -> None:
+    """No later change of a deleted project reaches a store, so a download from the cursor kept it
+    for good (unless it was the store's newest snapshot, which reads as a central restored from a
+    backup): the store mirrors its central, deletions included."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO devflow.project_status (project_id, status, updated_at, device_id, sync_id, seq) "
+            "VALUES ('retired', '{}', now(), 'dev-z', gen_random_uuid(), nextval('devflow.change_seq'))"
+        )
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    with device_store.open_store(store) as conn:
+        assert device_store.snapshot_count(conn) == 2
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'retired'")
+    again = sync_device(
+        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
+    )
+    assert (again.error, again.download_cursor) == (None, first.download_cursor)
+    with device_store.open_store(store) as conn:
+        assert conn.execute("SELECT project_id FROM remote_project_status").fetchall() == [(IDENTITY.project_id,)]
