@@ -195,12 +195,6 @@ def _claim(
         return []
 
 
-def _patiently(setup: AgentSetup, call: Callable[[], Any]) -> Any:
-    """``call()`` (the queue's reads and fenced writes), waiting out an outage of the state database
-    for up to the run's lease."""
-    return queue.riding_out(call, setup.limits.lease_seconds)
-
-
 def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -> dict[str, Any]:
     """The run's summary: the tasks it ran, those it could not run and why, the metrics; published
     as the ``agent-metrics`` and ``agent-queue-run`` artifacts unless the run did nothing."""
@@ -208,14 +202,14 @@ def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -
     logger = get_run_logger()
     # a task that waits for `queue approve` was reported "completed", as if its dependents could run
     completed = [t for t, o in outcomes.items() if o == "completed"]
-    for task_id in _patiently(setup, lambda: queue.in_review(url, completed)):
+    for task_id in setup.patiently(lambda: queue.in_review(url, completed)):
         outcomes[task_id] = f"completed, in review (approve it with `flowyard queue approve {task_id}`)"
-    unrunnable: queue.Unrunnable = _patiently(setup, lambda: queue.unrunnable(url))
+    unrunnable = setup.patiently(lambda: queue.unrunnable(url))
     blocked = unrunnable.blocked
-    waiting = {**_patiently(setup, lambda: queue.waiting_for_agents(url, setup.templates)), **unrunnable.waiting}
+    waiting = {**setup.patiently(lambda: queue.waiting_for_agents(url, setup.templates)), **unrunnable.waiting}
     for task_id, reason in {**blocked, **waiting}.items():
         logger.warning("task %s %s", task_id, reason)
-    metrics = _patiently(setup, lambda: agent_metrics(url))
+    metrics = setup.patiently(lambda: agent_metrics(url))
     if outcomes or recovered:  # an idle scheduled drain adds no artifact versions
         publish_metrics(metrics)
         rows = [
@@ -311,7 +305,7 @@ def _settle(setup: AgentSetup, task_id: int, future: PrefectFuture[dict[str, Any
     if (interrupted := left_to_recovery(state.result(raise_on_failure=False))) is not None:
         return interrupted
     message = _failure_text(state)
-    _patiently(setup, lambda: queue.fail_task(setup.database_url, task_id, setup.worker, message))
+    setup.patiently(lambda: queue.fail_task(setup.database_url, task_id, setup.worker, message))
     return f"failed: {one_line(message)}"
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
@@ -83,6 +83,9 @@ def agent_directories(
     return output, logs
 
 
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class AgentSetup:
     """What every attempt of one flow run shares (held by its :class:`Fleet`)."""
@@ -93,6 +96,12 @@ class AgentSetup:
     logs_dir: Path
     templates: dict[str, AgentTemplate]
     limits: AgentLimits = AgentLimits()
+
+    def patiently(self, call: Callable[[], _T]) -> _T:
+        """``call()`` (a queue read, or a write fenced by worker and attempt), waiting out an
+        outage of the state database (:func:`agent_queue.riding_out`) for up to the lease: the
+        longest this worker may go without reaching it before another run may take its tasks."""
+        return queue.riding_out(call, self.limits.lease_seconds)
 
 
 class AgentFailed(Exception):
@@ -294,7 +303,7 @@ class _Bookkeeping:
         """Write a checkpoint still unsaved, waiting for the database for up to the lease: the next
         attempt resumes from it."""
         if self.unsaved:
-            queue.riding_out(self._save, self._setup.limits.lease_seconds)
+            self._setup.patiently(self._save)
 
     def _save(self) -> bool:
         """Write the unsaved checkpoint, if any; False when the attempt no longer holds the task."""
@@ -380,11 +389,10 @@ class Fleet:
             attempt.process.request_stop(reason)
         limits = self.setup.limits
         wait = limits.checkpoint_wait_seconds + 2 * limits.grace_seconds + 10.0
-        # a shutdown that meets an outage of the state database waits for it about as long as for the agents
-        patience = wait
-
-        def patiently(call: Callable[[], Any]) -> Any:
-            return queue.riding_out(call, patience)
+        def patiently(call: Callable[[], _T]) -> _T:
+            """A shutdown that meets an outage of the state database waits for it about as long as
+            for the agents."""
+            return queue.riding_out(call, wait)
 
         for task_id, attempt in attempts.items():
             if not attempt.done.wait(timeout=wait) and attempt.process.pgid is not None:
@@ -530,16 +538,17 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     row = current.tasks[task_id]
     template = setup.templates[row.agent_type]  # claims take only the types this fleet has
     workdir = resolve_workdir(setup.output_dir, row.workdir, task_id, logs_dir=setup.logs_dir)
-    patience = setup.limits.lease_seconds  # how long the attempt's writes wait out a database outage
     try:
         flow_run_id = flow_run.get_id()
-        started = queue.riding_out(
-            lambda: queue.start_attempt(url, task_id, setup.worker, flow_run_id, lease_seconds=patience), patience
+        started = setup.patiently(
+            lambda: queue.start_attempt(
+                url, task_id, setup.worker, flow_run_id, lease_seconds=setup.limits.lease_seconds
+            )
         )
     except queue.TaskNotHeld:
         # Cancelled (or retried and claimed elsewhere) while Prefect waited to retry: the task
         # is where the user put it, which is no failure of this run.
-        status = queue.riding_out(lambda: queue.get_task(url, task_id).status, patience)
+        status = setup.patiently(lambda: queue.get_task(url, task_id).status)
         return _attempt_result(task_id, None, "cancelled" if status == "cancelled" else "released")
     attempt, run_id = started.number, started.run_id
     job = AgentJob(
@@ -589,9 +598,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             if failure is None or final:  # no retry follows: the agent's slot is free
                 current.free_slot(task_id)
     except _Stopping:
-        queue.riding_out(
-            lambda: queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start"),
-            patience,
+        setup.patiently(
+            lambda: queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
         )
         return _attempt_result(task_id, started, "interrupted")
     except Exception as exc:
@@ -610,7 +618,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.remove(task_id)
     if failure is not None:
         raise failure
-    reported = queue.riding_out(lambda: _reported_outcome(url, task_id, outcome.outcome), patience)
+    reported = setup.patiently(lambda: _reported_outcome(url, task_id, outcome.outcome))
     return _attempt_result(task_id, started, reported, outcome.result, outcome.checkpoint)
 
 
@@ -669,10 +677,9 @@ def _finish(
     """Record the end of the attempt, waiting out an outage of the state database for up to the
     lease: an agent that finished while the database restarted had its result thrown away, and the
     task ran again."""
-    patience = setup.limits.lease_seconds
     if outcome.outcome == "interrupted":
-        queue.riding_out(lambda: _record_interrupted(setup, task_id, attempt, outcome.checkpoint), patience)
-    queue.riding_out(
+        setup.patiently(lambda: _record_interrupted(setup, task_id, attempt, outcome.checkpoint))
+    setup.patiently(
         lambda: queue.finish_attempt(
             setup.database_url,
             run_id,
@@ -681,8 +688,7 @@ def _finish(
             result=outcome.result if outcome.outcome == "completed" else None,
             error=outcome.error,
             final=final,
-        ),
-        patience,
+        )
     )
 
 
