@@ -1030,28 +1030,58 @@ class Unrunnable:
 
 _MARK_UNRUNNABLE = sql.SQL(
     """
-    WITH reasons AS (
-        SELECT b.blocked_id AS id,
+    WITH RECURSIVE walk(id, level, blocks, failed) AS (
+        SELECT b.blocked_id, 1, d.status IN ('failed', 'cancelled'), d.status = 'failed'
+          FROM flowyard.agent_tasks d
+          JOIN flowyard.agent_task_blocks b ON b.blocker_id = d.id
+          JOIN flowyard.agent_tasks t ON t.id = b.blocked_id AND t.status = 'pending'
+         WHERE d.status IN ('failed', 'cancelled', 'draft', 'review')
+        UNION
+        SELECT next.id, w.level + 1, w.blocks, w.failed
+          FROM walk w
+         CROSS JOIN LATERAL (
+               SELECT b.blocked_id AS id
+                 FROM flowyard.agent_task_blocks b
+                WHERE b.blocker_id = w.id
+                  AND (SELECT t.status FROM flowyard.agent_tasks t WHERE t.id = b.blocked_id) = 'pending'
+                OFFSET 0) next
+    ), blocked AS (
+        SELECT id, min(level) AS level, bool_or(failed) AS failed FROM walk WHERE blocks GROUP BY id
+    ), held AS (
+        SELECT id, level, true AS is_blocked, failed FROM blocked
+        UNION ALL
+        SELECT id, min(level), false, false FROM walk
+         WHERE NOT blocks AND id NOT IN (SELECT id FROM blocked) GROUP BY id
+    ), reasons AS (
+        SELECT h.id, h.is_blocked, h.failed,
                'not run: dependency ' || string_agg(
-                   format('#%%s %%L is %%s', d.id, d.title,
+                   format('#%s %L is %s', d.id, d.title,
                           CASE d.status
-                              WHEN 'pending' THEN %(pending)s
+                              WHEN 'pending' THEN CASE WHEN h.is_blocked THEN 'blocked' ELSE 'waiting' END
                               WHEN 'draft' THEN
-                                  format('draft (submit it with `flowyard queue submit %%s`)', d.id)
+                                  format('draft (submit it with `flowyard queue submit %s`)', d.id)
                               WHEN 'review' THEN
-                                  format('in review (approve it with `flowyard queue approve %%s`)', d.id)
+                                  format('in review (approve it with `flowyard queue approve %s`)', d.id)
                               ELSE d.status END),
                    ', ' ORDER BY d.id) AS reason
-          FROM flowyard.agent_task_blocks b
+          FROM held h
+          JOIN flowyard.agent_task_blocks b ON b.blocked_id = h.id
           JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
-          JOIN flowyard.agent_tasks t ON t.id = b.blocked_id
-         WHERE t.status = 'pending' AND t.blocked_reason IS NULL
-           AND (d.status = ANY(%(statuses)s) OR (d.status = 'pending' AND d.blocked_reason IS NOT NULL))
-         GROUP BY b.blocked_id
+          LEFT JOIN held dh ON dh.id = d.id AND dh.is_blocked = h.is_blocked
+         WHERE CASE WHEN h.is_blocked THEN d.status IN ('failed', 'cancelled')
+                    ELSE d.status IN ('draft', 'review') END
+            OR (d.status = 'pending' AND dh.level < h.level)
+         GROUP BY h.id, h.is_blocked, h.failed
+    ), written AS (
+        UPDATE flowyard.agent_tasks t SET blocked_reason = r.reason
+          FROM (SELECT id, reason FROM reasons
+                UNION ALL
+                SELECT id, NULL FROM flowyard.agent_tasks
+                 WHERE status = 'pending' AND blocked_reason IS NOT NULL AND id NOT IN (SELECT id FROM reasons)) r
+         WHERE t.id = r.id AND t.blocked_reason IS DISTINCT FROM r.reason
+        RETURNING t.id
     )
-    UPDATE flowyard.agent_tasks t SET blocked_reason = reasons.reason
-      FROM reasons WHERE t.id = reasons.id
-    RETURNING t.id, t.blocked_reason
+    SELECT id, is_blocked, failed, reason FROM reasons ORDER BY id
     """
 )
 
@@ -1062,10 +1092,10 @@ def unrunnable(url: str) -> Unrunnable:
     for one in draft or review.
 
     They stay pending (a retried, submitted or approved dependency releases them) but carry
-    the reason, which ``flowyard queue list`` shows. Reasons are recomputed from scratch, one
-    dependency level per pass; failures first, so a task both blocked and waiting counts as
-    blocked (a later pass only marks tasks without a reason, and every dependent of a blocked
-    task is blocked too).
+    the reason, which ``flowyard queue list`` shows. Failures come first, so a task both blocked
+    and waiting counts as blocked (every dependent of a blocked task is blocked too). A reason
+    names the dependencies nearest the cause: the failed or cancelled (draft, in review) ones, or
+    else the held-up ones fewest links from it.
     """
     with _connection(url, atomic=True) as conn:
         return _mark_unrunnable(conn)
@@ -1077,41 +1107,22 @@ _REASONS_LOCK = "flowyard agent task reasons"
 def _mark_unrunnable(conn: psycopg.Connection) -> Unrunnable:
     """:func:`unrunnable` inside the caller's transaction. A transaction-scoped advisory lock
     serialises it: two at once (a queue run's end and a ``queue retry``) would lock the same
-    pending rows in different orders and could deadlock."""
+    pending rows in different orders and could deadlock.
+
+    One statement walks from the failed, cancelled, draft and review tasks down the blocker index
+    through pending ones only (``OFFSET 0`` and the status subquery keep each step a lookup in
+    that index and the primary key: joined, a table not analysed since it grew was read whole at
+    every step), rewrites just the reasons that
+    changed, and says which blocked tasks only cancelled ones hold up. Recomputing every
+    reason one dependency level per statement, each joining the whole dependencies table, took
+    seconds per ``queue create --after``, ``cancel`` or run's end behind a chain a thousand deep,
+    and rewrote every held-up row each time."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_REASONS_LOCK,))
-    conn.execute(
-        "UPDATE flowyard.agent_tasks SET blocked_reason = NULL WHERE status = 'pending' AND blocked_reason IS NOT NULL"
-    )
-    found: list[dict[int, str]] = []
-    for statuses, pending in ((["failed", "cancelled"], "blocked"), (["draft", "review"], "waiting")):
-        reasons: dict[int, str] = {}
-        marking = {"statuses": statuses, "pending": pending}
-        while rows := conn.execute(_MARK_UNRUNNABLE, marking).fetchall():
-            reasons.update((int(task_id), printable(str(reason))) for task_id, reason in rows)
-        found.append(reasons)
-    return Unrunnable(blocked=found[0], waiting=found[1], cancelled_only=_cancelled_only(conn, list(found[0])))
-
-
-_CANCELLED_ONLY = sql.SQL(
-    """
-    WITH RECURSIVE cause(id, status) AS (
-        SELECT b.blocked_id, d.status
-          FROM flowyard.agent_task_blocks b JOIN flowyard.agent_tasks d ON d.id = b.blocker_id
-         WHERE b.blocked_id = ANY(%(blocked)s) AND d.status IN ('failed', 'cancelled')
-        UNION
-        SELECT b.blocked_id, cause.status
-          FROM cause JOIN flowyard.agent_task_blocks b ON b.blocker_id = cause.id
-         WHERE b.blocked_id = ANY(%(blocked)s)
-    )
-    SELECT id FROM cause GROUP BY id HAVING NOT bool_or(status = 'failed') ORDER BY id
-    """
-)
-
-
-def _cancelled_only(conn: psycopg.Connection, blocked: list[int]) -> tuple[int, ...]:
-    """Of the ``blocked`` tasks, those whose failed-or-cancelled dependencies, followed through the
-    blocked tasks between, are all cancelled. A task's reason names its direct dependencies only
-    (``#4 is blocked``), so the cause at the end of a chain is looked up here."""
-    if not blocked:
-        return ()
-    return tuple(int(row[0]) for row in conn.execute(_CANCELLED_ONLY, {"blocked": blocked}))
+    found: tuple[dict[int, str], dict[int, str]] = ({}, {})
+    cancelled_only: list[int] = []
+    for task_id, is_blocked, failed, reason in conn.execute(_MARK_UNRUNNABLE, prepare=False):
+        found[0 if is_blocked else 1][int(task_id)] = printable(str(reason))
+        if is_blocked and not failed:
+            cancelled_only.append(int(task_id))
+    blocked, waiting = found
+    return Unrunnable(blocked=blocked, waiting=waiting, cancelled_only=tuple(cancelled_only))

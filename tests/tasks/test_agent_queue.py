@@ -919,3 +919,27 @@ def test_after_a_database_restart_one_failed_statement_clears_every_dead_pooled_
         with pytest.raises(psycopg.OperationalError):
             queue.get_task(url, task_id)  # the one dead connection this call took
         assert queue.get_task(url, task_id).title == "t"
+
+
+def _row_versions(url: str) -> dict[int, str]:
+    """{task id: xmin}: the transaction that last wrote each row."""
+    with connection(url) as conn:
+        return {int(i): str(x) for i, x in conn.execute("SELECT id, xmin::text FROM flowyard.agent_tasks")}
+
+
+def test_reasons_that_do_not_change_are_not_rewritten(qdb: str) -> None:
+    """A ``create --after``, ``cancel`` or run's end rewrites only the reasons it changes: every
+    held-up row was cleared and written again, one dependency level per statement, which took
+    seconds per operation behind a chain a thousand deep."""
+    root = queue.create_task(qdb, _new("root"))
+    chain = [root]
+    for n in range(20):
+        chain.append(queue.create_task(qdb, _new(f"link {n}", blocked_by=(chain[-1],))))
+    other = queue.create_task(qdb, _new("unrelated"))
+    queue.cancel_task(qdb, root)
+    before = _row_versions(qdb)
+    tail = queue.create_task(qdb, _new("tail", blocked_by=(chain[-1],)))
+    queue.cancel_task(qdb, other)
+    assert queue.unrunnable(qdb).blocked[tail] == f"not run: dependency #{chain[-1]} 'link 19' is blocked"
+    after = _row_versions(qdb)
+    assert [t for t in chain[1:] if after[t] != before[t]] == []
