@@ -103,6 +103,7 @@ def _reset(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
 
+
 @contextmanager
 def outage_proxy(url: str) -> Iterator[OutageProxy]:
     proxy = OutageProxy(url)
