@@ -389,6 +389,7 @@ class Fleet:
             attempt.process.request_stop(reason)
         limits = self.setup.limits
         wait = limits.checkpoint_wait_seconds + 2 * limits.grace_seconds + 10.0
+
         def patiently(call: Callable[[], _T]) -> _T:
             """A shutdown that meets an outage of the state database waits for it about as long as
             for the agents."""

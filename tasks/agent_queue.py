@@ -33,6 +33,7 @@ from psycopg.types.json import Jsonb
 from tasks.db import connect
 from tasks.errors import ConnectionUnavailable, UserError, control_character, is_utf8, one_line, printable
 from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth, non_json_type
+from tasks.retry_policy import is_transient
 
 Priority = Literal["critical", "high", "medium", "low"]
 Status = Literal["draft", "pending", "in_progress", "review", "completed", "failed", "cancelled"]
@@ -243,10 +244,11 @@ def _release(key: tuple[str, bool], conn: psycopg.Connection) -> None:
 def unreachable(error: BaseException) -> bool:
     """Whether ``error`` says the state database could not be reached, or lost the connection, or
     could not take a statement for now (a restart or failover, a network blip, a server shutting
-    down or out of connections, a deadlock): what a later try meets differently. Connecting is
-    refused with a one-line :class:`~tasks.errors.ConnectionUnavailable` (a UserError, as for a
-    wrong URL: to a queue that has been working, it is an outage too)."""
-    return isinstance(error, psycopg.OperationalError | psycopg.InterfaceError | ConnectionUnavailable)
+    down or out of connections, a deadlock): what a later try meets differently, as
+    :func:`~tasks.retry_policy.is_transient` tells. A connection refused outright (a one-line
+    :class:`~tasks.errors.ConnectionUnavailable`, which a wrong URL raises too) counts as well: to
+    a queue that has been working, it is a server down for now."""
+    return isinstance(error, ConnectionUnavailable) or is_transient(error)
 
 
 _T = TypeVar("_T")

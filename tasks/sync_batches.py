@@ -314,7 +314,7 @@ def sync_device(
                     if since and not session.still_holds(device_store.newest_snapshot(conn)):
                         since = 0  # central went back (restored from a backup): mirror it anew
                     cursor = download_into_store(conn, session, since, central)
-                    if device_store.snapshot_count(conn) > session.project_count():
+                    if since and device_store.snapshot_count(conn) > session.project_count():
                         cursor = download_into_store(conn, session, 0, central)  # projects deleted in central
                     answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept

@@ -36,6 +36,7 @@ from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
 from tests.fs_support import immutable
+from tests.sync_support import synced_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -45,11 +46,6 @@ T = TypeVar("T")
 def _central_counts(url: str) -> tuple[int, int]:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT count(*), count(DISTINCT sync_id) FROM devflow.events").fetchone()
-
-
-def _synced(store: Path) -> int:
-    with device_store.open_store(store) as conn:
-        return conn.execute("SELECT count(*) FROM events WHERE sync_status = 'synced'").fetchone()[0]
 
 
 def _persisted_result(flow_state: Any) -> Any:
@@ -159,7 +155,7 @@ def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
     # The first batch is committed centrally and not yet marked locally: kill it right there.
     _kill_when(proc, marker.exists)
     assert _central_counts(fresh_db) == (300, 300)
-    assert _synced(store) == 0
+    assert synced_events(store) == 0
     _central_consistent(fresh_db)
 
     from flows.sync_devices import sync_devices
@@ -168,7 +164,7 @@ def test_sigkill_between_upload_and_local_mark_then_rerun_keeps_one_copy(
     outcome = result["devices"]["crashy"]
     assert (outcome["uploaded"], outcome["duplicates"], outcome["pending_after"]) == (700, 300, 0)
     assert _central_counts(fresh_db) == (1000, 1000)
-    assert _synced(store) == 1000
+    assert synced_events(store) == 1000
     _central_consistent(fresh_db)
 
 
@@ -224,7 +220,7 @@ def test_corrupt_and_locked_stores_fail_alone_while_others_sync(
     assert "corrupt: device store" in message and "is corrupt" in message
     assert "locked: device store" in message and "is locked by another process" in message
     assert _central_counts(fresh_db) == (800, 800)
-    assert [_synced(p) for p in good] == [400, 400]
+    assert [synced_events(p) for p in good] == [400, 400]
     history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
     assert history["good0"].uploaded == 400 and history["good0"].error is None
     assert "is corrupt" in history["corrupt"].error and "is locked" in history["locked"].error
@@ -285,7 +281,7 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
     assert isinstance(error, SyncIncomplete)
     assert str(error) == f"1 of 2 devices did not sync fully: {ro_id}: {expected}"
     assert error.result["devices"][ro_id] == {"error": expected}
-    assert error.result["devices"][rw_id]["uploaded"] == 40 and _synced(other) == 40
+    assert error.result["devices"][rw_id]["uploaded"] == 40 and synced_events(other) == 40
     table = next(a for a in flow_run_artifacts(run) if a.type == "table")
     assert {row["device"]: row["error"] for row in json.loads(table.data)} == {rw_id: "", ro_id: expected}
     assert sorted(_central_copies(fresh_db, rw_id)) == sorted(_local_sync_ids(other, "synced"))
@@ -295,7 +291,7 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
         version = device_store.schema_version(conn)
         left = device_store.counts(conn) if upgraded else None
     if left is not None:
-        assert (version, left.pending, left.failed, _synced(ro)) == (device_store.V2, 30, 0, 0)
+        assert (version, left.pending, left.failed, synced_events(ro)) == (device_store.V2, 30, 0, 0)
     else:  # the upgrade was rolled back: the store is v1 as it was
         assert version == device_store.V1
 
@@ -303,7 +299,7 @@ def test_a_store_that_cannot_be_written_fails_alone_in_one_line_and_syncs_once_w
     assert again["devices"][ro_id]["error"] is None and again["devices"][ro_id]["pending_after"] == 0
     for store, device in ((other, rw_id), (ro, ro_id)):
         assert sorted(_central_copies(fresh_db, device)) == sorted(_local_sync_ids(store, "synced"))
-    assert [_synced(p) for p in (other, ro)] == [40, 30]
+    assert [synced_events(p) for p in (other, ro)] == [40, 30]
     assert _central_counts(fresh_db) == (70, 70)
 
 
@@ -318,7 +314,7 @@ def test_a_malformed_central_url_is_refused_before_any_event_is_touched(
     with device_store.open_store(store) as conn:
         counts = device_store.counts(conn)
         attempts = conn.execute("SELECT max(sync_attempts) FROM events").fetchone()[0]
-    assert (counts.pending, counts.failed, _synced(store), attempts) == (30, 0, 0, 0)
+    assert (counts.pending, counts.failed, synced_events(store), attempts) == (30, 0, 0, 0)
 
 
 def test_default_run_uses_configured_devices_and_records_state(
@@ -455,7 +451,7 @@ def test_downgrade_and_re_upgrade_never_duplicates_centrally(
     again = sync_devices(stores=[str(store)], central_url=fresh_db, batch_size=200)["devices"]["roundtrip"]
     counts = (again["uploaded"], again["duplicates"], again["failed"], again["pending_after"])
     assert counts == (30, 520, 0, 0)
-    assert _synced(store) == 550
+    assert synced_events(store) == 550
     with psycopg.connect(fresh_db) as conn:
         copies = conn.execute(
             "SELECT count(*), count(DISTINCT (device_id, local_id, occurred_at, event_type)) FROM devflow.events"
@@ -1165,7 +1161,7 @@ def test_a_known_device_whose_store_is_gone_fails_alone_while_the_others_sync(
         missing = f"cannot read device store {gone}: no such file; give the path of the device's SQLite file"
         assert str(error) == f"1 of 2 devices did not sync fully: gone: {missing}"
         assert error.result["devices"]["gone"] == {"error": missing}
-        assert error.result["devices"]["kept"]["uploaded"] == 30 and _synced(kept) == 30
+        assert error.result["devices"]["kept"]["uploaded"] == 30 and synced_events(kept) == 30
         history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
         assert (history["gone"].error, history["gone"].pending_before) == (missing, None)
         assert history["kept"].uploaded == 30 and history["kept"].error is None
@@ -1259,7 +1255,7 @@ def test_a_sync_role_given_a_ready_made_devflow_schema_syncs(
     result = sync_devices(stores=[str(store)], central_url=limited_role.url(fresh_db))
     outcome = result["devices"]["least-privilege"]
     assert (outcome["uploaded"], outcome["failed"], outcome["pending_after"], outcome["error"]) == (120, 0, 0, None)
-    assert _central_counts(fresh_db) == (120, 120) and _synced(store) == 120
+    assert _central_counts(fresh_db) == (120, 120) and synced_events(store) == 120
 
 
 def test_a_sync_role_refused_the_schema_fails_each_device_in_one_line_and_keeps_its_events(

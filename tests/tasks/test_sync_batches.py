@@ -39,6 +39,7 @@ from tasks.sync_batches import (
 )
 from tasks.sync_state import AlertThresholds
 from tests.conftest import Role
+from tests.sync_support import synced_events
 
 IDENTITY = Identity("dev-a", "alice", "proj")
 
@@ -64,11 +65,6 @@ def _local(store: Path) -> device_store.StoreCounts:
         return device_store.counts(conn)
 
 
-def _synced(store: Path) -> int:
-    with device_store.open_store(store) as conn:
-        return conn.execute("SELECT count(*) FROM events WHERE sync_status = 'synced'").fetchone()[0]
-
-
 def test_sync_uploads_filtered_events_in_batches(central: str, tmp_path: Path) -> None:
     store = make_store(tmp_path / "dev.db", 1234)
     report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=500, policy=PrivacyPolicy()))
@@ -76,7 +72,7 @@ def test_sync_uploads_filtered_events_in_batches(central: str, tmp_path: Path) -
     assert report.pending_after == 0 and report.last_local_id == 1234 and report.error is None
     assert report.lag_seconds is not None and report.lag_seconds > 86_400  # oldest event is days old
     assert _central_counts(central) == (1234, 1234)
-    assert _synced(store) == 1234
+    assert synced_events(store) == 1234
     with psycopg.connect(central) as conn:
         keys = conn.execute("SELECT DISTINCT jsonb_object_keys(event_data) FROM devflow.events").fetchall()
         identity = conn.execute(
@@ -108,7 +104,7 @@ def test_central_unreachable_loses_nothing_and_syncs_later(central: str, tmp_pat
     assert "cannot connect" in report.error and "\n" not in report.error
     assert report.final_batch_size == adapt_batch_size(100, "poor") == 10
     counts = _local(store)
-    assert (counts.pending, counts.failed, _synced(store)) == (200, 100, 0)
+    assert (counts.pending, counts.failed, synced_events(store)) == (200, 100, 0)
     with device_store.open_store(store) as conn:
         attempts = conn.execute(
             "SELECT DISTINCT sync_attempts, last_sync_error FROM events WHERE sync_status='failed'"
@@ -655,7 +651,7 @@ def test_a_refused_privilege_fails_the_batch_as_a_whole(
     assert report.error is not None and "\n" not in report.error
     assert "permission denied for table event_keys" in report.error
     counts = _local(store)
-    assert (counts.pending, counts.failed, _synced(store)) == (200, 100, 0)
+    assert (counts.pending, counts.failed, synced_events(store)) == (200, 100, 0)
     assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(sql.SQL("GRANT INSERT ON devflow.event_keys TO {}").format(role))
