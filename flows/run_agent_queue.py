@@ -186,13 +186,9 @@ def _claim(
     waiting = "waiting for it to claim the next tasks"
     if not running:
         return queue.riding_out(claim, setup.limits.lease_seconds, lambda exc: notice.lost(exc, waiting))
-    try:
+    with queue.skipping_outage(lambda exc: notice.lost(exc, f"the agents run on; {waiting}")):
         return claim()
-    except Exception as exc:
-        if not queue.unreachable(exc):
-            raise
-        notice.lost(exc, f"the agents run on; {waiting}")
-        return []
+    return []
 
 
 def _report(setup: AgentSetup, outcomes: dict[int, str], recovered: list[int]) -> dict[str, Any]:

@@ -259,59 +259,54 @@ class _Bookkeeping:
         self._task_id = task_id
         self._attempt = attempt
         self._reached = time.monotonic()  # the last write the database took
-        self.unsaved: list[dict[str, Any] | None] = []  # at most one: a checkpoint not yet written
+        self.unsaved: dict[str, Any] | None = None  # the newest checkpoint not yet written
         self._notice = OutageNotice(
             lambda level, text: log.write("flowyard", LogMessage(kind="log", level=level, message=text))
         )
         self.agent: AgentProcess | None = None
 
-    def checkpoint(self, state: dict[str, Any] | None) -> bool:
+    def checkpoint(self, state: dict[str, Any]) -> bool:
         """Record the agent's checkpoint; False when the attempt no longer holds the task."""
-        self.unsaved = [state]
-        try:
+        self.unsaved = state
+        with queue.skipping_outage(
+            lambda exc: self._notice.lost(exc, "the agent runs on; its checkpoint is written once it is back")
+        ):
             return self._save()
-        except Exception as exc:
-            if not queue.unreachable(exc):
-                raise
-            self._notice.lost(exc, "the agent runs on; its checkpoint is written once it is back")
-            return True
+        return True
 
     def heartbeat(self) -> bool:
         """Refresh the claim (writing a checkpoint the database could not take); False when the
         agent must stop: the task was cancelled or taken, or the database has been out of reach
         for longer than the lease."""
         url, setup = self._setup.database_url, self._setup
-        try:
+        lease = setup.limits.lease_seconds
+        away = f"the agent runs on for up to the lease ({lease:g}s) while it is away"
+        with queue.skipping_outage(lambda exc: self._notice.lost(exc, away)):
             held = self._save() and queue.heartbeat(url, self._task_id, setup.worker, self._attempt)
             self._reached_it()
-        except Exception as exc:
-            if not queue.unreachable(exc):
-                raise
-            lease = setup.limits.lease_seconds
-            self._notice.lost(exc, f"the agent runs on for up to the lease ({lease:g}s) while it is away")
-            if time.monotonic() - self._reached < lease:
-                return True
-            if self.agent is not None:
-                self.agent.request_stop(
-                    f"the state database was out of reach for longer than the lease ({lease:g}s): another "
-                    "run may take the task"
-                )
-            return False
-        return held
+            return held
+        if time.monotonic() - self._reached < lease:
+            return True
+        if self.agent is not None:
+            self.agent.request_stop(
+                f"the state database was out of reach for longer than the lease ({lease:g}s): another "
+                "run may take the task"
+            )
+        return False
 
     def flush(self) -> None:
         """Write a checkpoint still unsaved, waiting for the database for up to the lease: the next
         attempt resumes from it."""
-        if self.unsaved:
+        if self.unsaved is not None:
             self._setup.patiently(self._save)
 
     def _save(self) -> bool:
         """Write the unsaved checkpoint, if any; False when the attempt no longer holds the task."""
-        if not self.unsaved:
+        if self.unsaved is None:
             return True
         setup = self._setup
-        stored = queue.record_checkpoint(setup.database_url, self._task_id, setup.worker, self._attempt, self.unsaved[0])
-        self.unsaved = []
+        stored = queue.record_checkpoint(setup.database_url, self._task_id, setup.worker, self._attempt, self.unsaved)
+        self.unsaved = None
         self._reached_it()
         return stored
 
@@ -663,13 +658,10 @@ def _resumed_state(started: queue.Attempt | None) -> dict[str, Any] | None:
 
 def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid: int) -> None:
     current.reaper.watch(pgid)
-    try:
+    # The recorded group is for people only (recovery finds an agent by its mark): an outage of
+    # the state database must not stop the agent it would describe.
+    with queue.skipping_outage():
         queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
-    except Exception as exc:
-        # The recorded group is for people only (recovery finds an agent by its mark): an outage
-        # of the state database must not stop the agent it would describe.
-        if not queue.unreachable(exc):
-            raise
 
 
 def _finish(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -39,7 +40,7 @@ from tasks.agent_protocol import (
     parse_line,
 )
 from tasks.agent_queue import DEFAULT_LEASE_SECONDS, check_agent_type
-from tasks.agent_wire import TASK_ENV_VAR, TASK_FILE_PREFIX
+from tasks.agent_wire import KINDS, TASK_ENV_VAR, TASK_FILE_PREFIX
 from tasks.errors import (
     MAX_WAIT_SECONDS,
     UserError,
@@ -577,12 +578,11 @@ class AgentProcess:
         deadline = time.monotonic() + self.limits.timeout_seconds
         next_beat = time.monotonic() + self.limits.heartbeat_seconds
         selector = selectors.DefaultSelector()
-        buffers: dict[int, bytearray] = {}
         streams = {"stdout": proc.stdout, "stderr": proc.stderr}
+        readers = {name: _LineReader() for name in streams}
         for name, stream in streams.items():
             os.set_blocking(stream.fileno(), False)
             selector.register(stream, selectors.EVENT_READ, name)
-            buffers[stream.fileno()] = bytearray()
         exit_fd = _exit_fd(proc)
         try:
             if exit_fd is not None:
@@ -596,7 +596,7 @@ class AgentProcess:
                     if key.data == _EXITED:
                         selector.unregister(key.fileobj)  # readable for good from the exit on
                     else:
-                        self._read(streams[key.data], key.data, buffers, selector, state)
+                        self._read(streams[key.data], key.data, readers[key.data], selector, state)
                 now = time.monotonic()
                 # Only while the agent runs: one that exited in time is not timed out by flowyard's
                 # own handling of its output (a 50 MB line written to the logs took seconds, and an
@@ -635,32 +635,31 @@ class AgentProcess:
         self,
         stream: IO[bytes],
         name: str,
-        buffers: dict[int, bytearray],
+        reader: _LineReader,
         selector: selectors.BaseSelector,
         state: _RunState,
     ) -> None:
-        fd = stream.fileno()
-        chunk = os.read(fd, 65536)
-        buffer = buffers[fd]
-        if chunk:
-            buffer.extend(chunk)
-            if b"\n" not in chunk:  # a long line grows: splitting its whole buffer per chunk was quadratic
-                return
-            *lines, rest = buffer.split(b"\n")
-            buffers[fd] = bytearray(rest)
-        else:
+        chunk = os.read(stream.fileno(), 65536)
+        if not chunk:
             selector.unregister(stream)
-            lines, buffers[fd] = ([buffer] if buffer else []), bytearray()
-        for raw in lines:
-            self._line(name, raw, state)
+        for raw, dropped in reader.feed(chunk):
+            self._line(name, raw, dropped, state)
 
-    def _line(self, stream: str, raw: bytes | bytearray, state: _RunState) -> None:
+    def _line(self, stream: str, raw: bytes, dropped: int, state: _RunState) -> None:
+        """One line of the agent's output; ``dropped`` bytes of it were cut (:class:`_LineReader`)."""
         if stream == "stderr":
             text = raw.decode(errors="replace")
             state.stderr_tail.append(text)
             self._on_message("stderr", LogMessage(kind="log", level="stderr", message=text))
+            if dropped:
+                self._emit_flowyard(_cut_line("stderr", raw, dropped), level="warning")
             return
-        message = _stdout_message(raw)
+        message: AgentMessage
+        problem: str | None
+        if dropped:
+            message, problem = _raw_line(raw), _cut_line("stdout", raw, dropped)
+        else:
+            message, problem = _stdout_message(raw)
         if isinstance(message, CheckpointMessage):
             state.checkpoint = message.state
         elif isinstance(message, ResultMessage):
@@ -674,10 +673,8 @@ class AgentProcess:
             # then take this checkpoint, written before its request, for the answer.
             self._checkpoint_seen.set()
         self._on_message("stdout", message)
-        if isinstance(message, LogMessage) and message.level == "raw" and message.message == _text(raw):
-            problem = misread(message.message)  # the line itself, not a raw-level log it sent
-            if problem is not None:
-                self._emit_flowyard(problem, level="warning")
+        if problem is not None:  # after its line, which it explains
+            self._emit_flowyard(problem, level="warning")
 
     def _emit_flowyard(self, text: str, level: str = "info") -> None:
         self._on_message("flowyard", LogMessage(kind="log", level=level, message=text))
@@ -716,24 +713,119 @@ class AgentProcess:
         return terminate_group(self._proc.pid, grace_seconds, self.job.mark)
 
 
-def _stdout_message(raw: bytes | bytearray) -> AgentMessage:
-    """One stdout line as a message. JSON text is UTF-8: a line that is not is read with its bad
-    bytes as U+FFFD, and taken only as a log or error message, which are shown, never as a
+def _stdout_message(raw: bytes) -> tuple[AgentMessage, str | None]:
+    """One stdout line as a message, and why a line naming one of the protocol's kinds was not
+    taken as it (None for any other line). JSON text is UTF-8: a line that is not is read with its
+    bad bytes as U+FFFD, and taken only as a log or error message, which are shown, never as a
     checkpoint, result or artifact, whose data the task would store (and hand back on resume)
-    with those characters in place of what the agent wrote; such a line is a raw log line."""
+    with those characters in place of what the agent wrote; such a line is a raw log line, and
+    the warning says so (it was dropped in silence: the agent took its checkpoint for saved)."""
     try:
-        return parse_line(raw.decode())
-    except UnicodeDecodeError:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
         text = raw.decode(errors="replace")
-    message = parse_line(text)
-    if isinstance(message, LogMessage | ErrorMessage):
-        return message
-    return LogMessage(kind="log", message=text.rstrip("\r\n"), level="raw")
+        message = parse_line(text)
+        if not isinstance(message, LogMessage | ErrorMessage):
+            return _raw_line(raw), _not_utf8(message.kind, exc)
+    else:
+        message = parse_line(text)
+    # the line itself kept raw, not an agent's own log message of level raw
+    if isinstance(message, LogMessage) and message.level == "raw" and message.message == text.rstrip("\r\n"):
+        return message, misread(message.message)
+    return message, None
 
 
-def _text(raw: bytes | bytearray) -> str:
-    """A stdout line as :func:`_stdout_message` keeps it in a raw log line."""
-    return raw.decode(errors="replace").rstrip("\r\n")
+def _raw_line(raw: bytes) -> LogMessage:
+    """A stdout line kept as a raw log line, as it reads (bad bytes as U+FFFD)."""
+    return LogMessage(kind="log", message=raw.decode(errors="replace").rstrip("\r\n"), level="raw")
+
+
+def _not_utf8(kind: str, error: UnicodeDecodeError) -> str:
+    a = _article(kind)
+    return (
+        f"{a} {kind} line was kept as a raw log line, not taken as {a} {kind}: it is not UTF-8 "
+        f"(byte 0x{error.object[error.start]:02x} at offset {error.start}); JSON text must be UTF-8: "
+        "escape such characters as \\uXXXX or encode the data (as base64, for instance)"
+    )
+
+
+MAX_LINE_BYTES = 64 << 20
+"""The longest line of an agent's output that is read (bytes): the reader holds a line until its
+newline, and an agent writing without one (a binary dump, a runaway loop) grew the worker's memory
+without end, several copies of the line once it ended. Checkpoints and results of megabytes pass."""
+CUT_LINE_KEEPS = 64 << 10
+"""Bytes kept, for the logs, of a line over :data:`MAX_LINE_BYTES`: its start shows what it was."""
+
+
+@dataclass
+class _LineReader:
+    """One output stream of an agent, cut into lines. A line over :data:`MAX_LINE_BYTES` is kept
+    as its first :data:`CUT_LINE_KEEPS` bytes, the rest dropped (counted) up to its newline."""
+
+    held: bytearray = field(default_factory=bytearray)
+    """The line so far (its kept start, once it is cut)."""
+    dropped: int = 0
+    """Bytes of that line dropped past its kept start."""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, int]]:
+        """The lines ``chunk`` completes, each with how many of its bytes were dropped; an empty
+        ``chunk`` (the end of the stream) completes the last one. The newline is looked for in
+        the new chunk only: splitting a long line's whole buffer per read was quadratic."""
+        end = chunk.find(b"\n")
+        if end < 0:
+            self._hold(chunk)
+            return [self._take()] if not chunk and (self.held or self.dropped) else []
+        self._hold(chunk[:end])
+        lines = [self._take()]
+        *whole, rest = chunk[end + 1 :].split(b"\n")
+        lines.extend((line, 0) for line in whole)  # shorter than a chunk: never cut
+        self._hold(rest)
+        return lines
+
+    def _hold(self, part: bytes) -> None:
+        if self.dropped:
+            self.dropped += len(part)
+            return
+        self.held.extend(part)
+        if len(self.held) > MAX_LINE_BYTES:
+            self.dropped = len(self.held) - CUT_LINE_KEEPS
+            del self.held[CUT_LINE_KEEPS:]
+
+    def _take(self) -> tuple[bytes, int]:
+        line = (bytes(self.held), self.dropped)
+        self.held, self.dropped = bytearray(), 0
+        return line
+
+
+def _cut_line(stream: str, kept: bytes, dropped: int) -> str:
+    """The warning that follows a line :class:`_LineReader` cut: how long it was, what is kept of
+    it, and, on stdout, that it was taken as no message (a checkpoint or result that long is not)."""
+    size = f"{len(kept) + dropped:,} bytes"
+    if stream == "stderr":
+        return (
+            f"a stderr line of {size} was cut to its first {len(kept):,} bytes "
+            f"(lines over {MAX_LINE_BYTES:,} bytes are not kept whole)"
+        )
+    kind = _named_kind(kept)
+    what = f"{_article(kind)} {kind}" if kind else "a stdout"
+    return (
+        f"{what} line of {size} was cut to its first {len(kept):,} bytes and kept as a raw log line"
+        f"{f', not taken as {what}' if kind else ''}: a line over {MAX_LINE_BYTES:,} bytes is not read; "
+        "keep large data in files in the working directory"
+    )
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
+
+
+_KIND = re.compile(rb'^\s*\{\s*"kind"\s*:\s*"(%s)"' % "|".join(KINDS).encode())
+
+
+def _named_kind(line: bytes) -> str | None:
+    """The protocol kind a line starts by naming (``{"kind": "checkpoint", ...``), if any."""
+    found = _KIND.match(line)
+    return found.group(1).decode() if found else None
 
 
 _EXITED = "exited"

@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import from_json
 
-from tasks.agent_wire import CHECKPOINT_REQUEST, TASK_ENV_VAR
+from tasks.agent_wire import CHECKPOINT_REQUEST, KINDS, TASK_ENV_VAR
 from tasks.errors import validation_problem
 from tasks.json_values import has_non_finite, has_nul
 
@@ -118,9 +118,6 @@ def parse_line(line: str) -> AgentMessage:
     return LogMessage(kind="log", message=text, level="raw")
 
 
-_KINDS = frozenset(("log", "progress", "checkpoint", "artifact", "result", "error"))
-
-
 def misread(line: str) -> str | None:
     """Why a line naming one of the protocol's kinds was kept as a raw log line (:func:`parse_line`),
     or None for any other line. A checkpoint whose ``state`` is not an object, or a result whose
@@ -134,7 +131,7 @@ def misread(line: str) -> str | None:
         data = from_json(text)
     except ValueError:
         return None
-    if not isinstance(data, dict) or data.get("kind") not in _KINDS:
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
         return None
     kind = data["kind"]
     try:

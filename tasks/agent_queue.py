@@ -279,6 +279,20 @@ def riding_out(
         delay = min(2 * delay, 2.0)
 
 
+@contextmanager
+def skipping_outage(on_outage: Callable[[BaseException], None] | None = None) -> Iterator[None]:
+    """The block, cut short without an error when the state database is :func:`unreachable`
+    (``on_outage`` is told of it): for what a worker goes on without while the database is away (a
+    heartbeat, a claim, a checkpoint kept for later), as :func:`riding_out` is for what must wait."""
+    try:
+        yield
+    except Exception as exc:
+        if not unreachable(exc):
+            raise
+        if on_outage is not None:
+            on_outage(exc)
+
+
 def _task(row: dict[str, Any]) -> AgentTask:
     return AgentTask(**{**row, "blocked_by": tuple(row["blocked_by"])})
 
@@ -724,22 +738,37 @@ def start_attempt(
 ) -> Attempt:
     """Count a new attempt of a task this worker holds, with the lease the worker runs with and the
     claim it runs in. The task's last checkpoint comes back from the same statement: a retry
-    resumes from whatever the failed attempt saved."""
+    resumes from whatever the failed attempt saved.
+
+    An earlier attempt of the task that this worker left open is closed as ``interrupted``,
+    superseded: a start whose answer was lost with the connection and was made again
+    (:func:`riding_out`), or an attempt whose end could not be written before the retry, stayed
+    open for good beside its successor. It held up ``queue retry`` of the cancelled task as an
+    agent still stopping, and a later run's recovery closed it as if the worker were gone. A
+    worker runs one attempt of a task at a time, so that attempt's agent is gone (another
+    worker's attempts are recovery's: it also ends what their agents left)."""
     with _connection(url, durable=False) as conn:
         row = conn.execute(
             """
             WITH t AS (
                 UPDATE flowyard.agent_tasks SET attempts = attempts + 1, heartbeat_at = now(), updated_at = now()
-                 WHERE id = %s AND worker = %s AND status = 'in_progress'
+                 WHERE id = %(task)s AND worker = %(worker)s AND status = 'in_progress'
                 RETURNING id, attempts, claims, agent_type, last_checkpoint
             ), r AS (
                 INSERT INTO flowyard.agent_runs (task_id, attempt, claim, agent_type, worker, flow_run_id, lease_seconds)
-                SELECT id, attempts, claims, agent_type, %s, %s, %s FROM t
+                SELECT id, attempts, claims, agent_type, %(worker)s, %(flow_run)s, %(lease)s FROM t
                 RETURNING attempt, id
+            ), superseded AS (
+                UPDATE flowyard.agent_runs o
+                   SET outcome = 'interrupted', finished_at = now(),
+                       error = format('superseded by attempt %%s, started by the same worker', t.attempts),
+                       seconds = extract(epoch FROM now() - o.started_at)
+                  FROM t
+                 WHERE o.task_id = t.id AND o.worker = %(worker)s AND o.outcome IS NULL
             )
             SELECT r.attempt, r.id, t.last_checkpoint FROM r, t
             """,
-            (task_id, worker, worker, flow_run_id, lease_seconds),
+            {"task": task_id, "worker": worker, "flow_run": flow_run_id, "lease": lease_seconds},
         ).fetchone()
         if row is None:  # rare: one more statement only then
             _let_go_of_unstarted(conn, task_id, worker)

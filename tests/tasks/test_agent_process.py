@@ -698,6 +698,43 @@ def test_a_checkpoint_line_of_megabytes_read_in_many_chunks_is_taken_whole(tmp_p
     assert [m.message for s, m in seen if s == "stdout" and isinstance(m, LogMessage)] == ["after"]
 
 
+FLOODING_AGENT = textwrap.dedent(
+    """
+    import json, os
+    head = b'{"kind": "checkpoint", "state": {"blob": "'
+    os.write(1, head)
+    for _ in range(72):  # 72 MiB with no newline, over the 64 MiB a line may have
+        os.write(1, b"x" * (1 << 20))
+        os.write(2, b"e" * (1 << 20))
+    os.write(1, b'"}}\\n' + json.dumps({"kind": "result", "data": {"n": 1}}).encode() + b"\\n")
+    """
+)
+
+
+def test_a_line_over_64_mib_is_cut_and_the_output_after_it_is_kept(tmp_path: Path) -> None:
+    """An agent writing without a newline grew the worker's memory without end (the whole line
+    held, then copied several times once it ended). A line over 64 MiB keeps its first 64 KiB for
+    the logs, the rest is dropped, a warning says how long it was, and it is taken as no message
+    (a checkpoint that size is not stored); the lines after it are read as usual, on both streams."""
+    template = AgentTemplate(argv=[sys.executable, "-c", FLOODING_AGENT])
+    outcome, seen, _ = _run(_job(tmp_path, {}), template)
+    assert (outcome.outcome, outcome.result, outcome.checkpoint) == ("completed", {"n": 1}, None)
+    size = len('{"kind": "checkpoint", "state": {"blob": "') + (72 << 20) + len('"}}')
+    stdout = [m for s, m in seen if s == "stdout"]
+    assert [m.kind for m in stdout] == ["log", "result"]
+    assert isinstance(stdout[0], LogMessage) and stdout[0].level == "raw"
+    assert stdout[0].message == ('{"kind": "checkpoint", "state": {"blob": "' + "x" * (64 << 10))[: 64 << 10]
+    (stderr,) = [m.message for s, m in seen if s == "stderr"]
+    assert stderr == "e" * (64 << 10)
+    warnings = [m.message for s, m in seen if s == "flowyard" and isinstance(m, LogMessage) and m.level == "warning"]
+    assert sorted(warnings) == [  # the streams' ends may come in either order
+        f"a checkpoint line of {size:,} bytes was cut to its first 65,536 bytes and kept as a raw log line, not taken "
+        "as a checkpoint: a line over 67,108,864 bytes is not read; keep large data in files in the working directory",
+        f"a stderr line of {72 << 20:,} bytes was cut to its first 65,536 bytes (lines over 67,108,864 bytes are not "
+        "kept whole)",
+    ]
+
+
 REAL_TIME_SIGNAL_AGENT = textwrap.dedent(
     """
     import json, os, signal
@@ -745,6 +782,15 @@ def test_a_checkpoint_or_result_line_that_is_not_utf8_is_kept_as_a_raw_log_line(
         '{"kind": "checkpoint", "state": {"step": 1, "file": "caf\ufffd"}}',
         '{"kind": "result", "data": {"file": "caf\ufffd"}}',
     ]
+    # each followed by why it was not taken: the agent took both for saved, and the run said nothing
+    fix = "JSON text must be UTF-8: escape such characters as \\uXXXX or encode the data (as base64, for instance)"
+    shown = [(s, m.message) for s, m in seen if isinstance(m, LogMessage) and (m.level == "raw" or s == "flowyard")]
+    assert shown[-4:] == [
+        ("stdout", raw[0]),
+        ("flowyard", f"a checkpoint line was kept as a raw log line, not taken as a checkpoint: it is not UTF-8 (byte 0xe9 at offset 56); {fix}"),
+        ("stdout", raw[1]),
+        ("flowyard", f"a result line was kept as a raw log line, not taken as a result: it is not UTF-8 (byte 0xe9 at offset 40); {fix}"),
+    ]  # fmt: skip
 
 
 def test_reference_agent_starts_without_the_heavy_standard_modules(tmp_path: Path) -> None:

@@ -466,6 +466,38 @@ def test_a_cancelled_task_lets_go_of_its_worker_once_its_attempt_is_closed(qdb: 
     assert _open_attempts(qdb, task_id) == []
 
 
+def test_an_attempt_started_again_by_its_worker_closes_the_one_it_supersedes(qdb: str) -> None:
+    """A start whose answer was lost with the connection is made again (``riding_out``), and an
+    attempt whose end could not be written is followed by its retry: the earlier attempt stayed
+    open for good beside its successor. Cancelled, the task could not be retried ("its cancelled
+    attempt 1 is still stopping its agent") though no agent ran. The new start closes it as
+    superseded; an open attempt of another worker is left to recovery, which ends its agent too."""
+    worker, gone = queue.new_worker_id(), _dead_worker_id()
+    other = queue.create_task(qdb, _new("another worker's"))
+    queue.claim_ready(qdb, gone, 1)
+    queue.start_attempt(qdb, other, gone, None)
+    queue.cancel_task(qdb, other)
+    queue.retry_task(qdb, other)  # allowed: its worker is dead
+    task_id = queue.create_task(qdb, _new("started twice"))
+    assert [t.id for t in queue.claim_ready(qdb, worker, 2)] == [other, task_id]
+    queue.start_attempt(qdb, other, worker, None)
+    assert _open_attempts(qdb, other) == [1, 2], "the dead worker's attempt is recovery's to close"
+    queue.start_attempt(qdb, task_id, worker, None)
+    second = queue.start_attempt(qdb, task_id, worker, None)  # the first one's answer was lost
+    assert _open_attempts(qdb, task_id) == [2]
+    queue.cancel_task(qdb, task_id)
+    queue.finish_attempt(qdb, second.run_id, worker, "interrupted", error="cancelled")
+    assert queue.retry_task(qdb, task_id) == "pending"
+    with connection(qdb) as conn:
+        rows = conn.execute(
+            "SELECT attempt, outcome, error FROM flowyard.agent_runs WHERE task_id = %s ORDER BY id", (task_id,)
+        ).fetchall()
+    assert rows == [
+        (1, "interrupted", "superseded by attempt 2, started by the same worker"),
+        (2, "interrupted", "cancelled"),
+    ]
+
+
 def _reference_agent(task_id: int, mark: dict[str, str]) -> tuple[subprocess.Popen[bytes], list[int]]:
     """A long reference agent with a child in its group and one out of it, started with ``mark``
     as a worker would; returns it once both children are reported, with their pids."""
