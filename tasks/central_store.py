@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -406,23 +405,22 @@ def _partition_name(month: date) -> str:
     return f"events_y{month.year:04d}m{month.month:02d}"
 
 
-_PARTITION_NAME = re.compile(r"events_y(\d{4})m(\d{2})(?:_\d+)?")
-"""flowyard's name for a month's partition, with the suffix it adds when another table has the
-name already (see :meth:`CentralSession._free_partition_name`)."""
-
-
-def _partition_month(name: str) -> date | None:
-    """The month of one of flowyard's partitions; None for a partition a DBA attached under another
-    name (a DEFAULT partition, pg_partman's ``events_p2026_12``): its name says nothing of its
-    range, and reading one as flowyard's raised ``invalid literal for int()`` in every session,
-    which failed every device of every run."""
-    found = _PARTITION_NAME.fullmatch(name)
-    if found is None:
-        return None
-    try:
-        return date(int(found[1]), int(found[2]), 1)
-    except ValueError:  # month 00 or 13: not flowyard's
-        return None
+# Which of a batch's months (a date[]) a partition of devflow.events covers, wholly or in part, by
+# the bounds it was attached with, whatever its name: flowyard's (``events_y2026m12``, or
+# ``events_y2026m12_1`` when a detached table kept the name), a DBA's (pg_partman's
+# ``events_p2026_12``, a quarter, a MINVALUE/MAXVALUE range). pg_get_expr writes a bound in the
+# session's time zone (UTC) and style, which the cast reads back; a DEFAULT partition has none.
+_COVERED_MONTHS = r"""
+WITH ranges AS (
+    SELECT CASE b[1] WHEN 'MINVALUE' THEN '-infinity' ELSE btrim(b[1], '''') END::timestamptz AS lower,
+           CASE b[2] WHEN 'MAXVALUE' THEN 'infinity' ELSE btrim(b[2], '''') END::timestamptz AS upper
+    FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
+         regexp_match(pg_get_expr(c.relpartbound, c.oid), '^FOR VALUES FROM \((.+)\) TO \((.+)\)$') b
+    WHERE i.inhparent = 'devflow.events'::regclass AND b IS NOT NULL
+)
+SELECT m FROM unnest(%s::date[]) m
+WHERE EXISTS (SELECT FROM ranges WHERE lower < m + interval '1 month' AND upper > m)
+"""
 
 
 class CentralRefused(Exception):
@@ -479,7 +477,7 @@ class CentralSession:
             self._ensure_schema()
             self.conn.execute(_TEMP_TABLE)
             self.conn.commit()
-            self._months = self._existing_months()
+            self._months: set[date] = set()
         except BaseException:
             self.conn.close()  # a half-built session must not hold a server connection
             raise
@@ -503,18 +501,21 @@ class CentralSession:
     def close(self) -> None:
         self.conn.close()
 
-    def _existing_months(self) -> set[date]:
-        rows = self.conn.execute(
-            """
-            SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-            WHERE i.inhparent = 'devflow.events'::regclass
-            """
-        ).fetchall()
-        self.conn.commit()
-        return {month for (name,) in rows if (month := _partition_month(name)) is not None}
+    def _covered(self, months: set[date]) -> set[date]:
+        """Which of ``months`` an attached partition covers, by its bounds (:data:`_COVERED_MONTHS`).
+        Known by name, a partition of flowyard's name attached with another month's bounds hid
+        the month it names, whose every batch was then refused for want of a partition, every
+        run; and a DBA's partition of exactly one month under another name was created again by
+        every session, which failed only after locking all of ``devflow.events`` (a partition's
+        CREATE takes an ACCESS EXCLUSIVE lock), waiting for every upload under way and stopping
+        the others meanwhile."""
+        return {month for (month,) in self.conn.execute(_COVERED_MONTHS, (sorted(months),)).fetchall()}
 
     def ensure_partitions(self, timestamps_ms: Sequence[int]) -> None:
-        """Create the month partitions a batch needs (own short transaction, before the upload)."""
+        """Create the month partitions a batch needs (own short transaction, before the upload).
+
+        Only months no partition covers are created, under the partition lock, after looking
+        again there: another session may have made them meanwhile."""
         lo, hi = _month_range(timestamps_ms)
         if lo == hi and lo in self._months:
             return
@@ -522,51 +523,44 @@ class CentralSession:
         if not needed:
             return
         with self.conn.transaction():
-            self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
-            for month in sorted(needed):
-                self._create_partition(month)
+            if missing := needed - self._covered(needed):
+                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+                for month in sorted(missing - self._covered(missing)):
+                    self._create_partition(month)
         self._months |= needed
 
     def _create_partition(self, month: date) -> None:
-        """Attach a partition for ``month`` unless flowyard's is (under the partition lock).
+        """Attach a partition for ``month``, which no partition covers (under the partition lock).
 
         Its name may be held by a table that is no partition of ``devflow.events`` (one a DBA
         detached, or a partition of an ``events`` table renamed aside): the new partition then
         takes the next free name (``events_y2026m12_1``). ``CREATE TABLE IF NOT EXISTS`` skipped it
         silently, and every later event of that month was refused ("no partition of relation
-        events found for row"), one by one, on every run. A month that a partition a DBA made
-        covers (overlapping ours), or whose rows a DEFAULT partition already holds, is left to
-        that partition: its rows go there, where creating ours failed every batch of that month."""
-        name = self._free_partition_name(month)
-        if name is None:
-            return
+        events found for row"), one by one, on every run. A month whose rows a DEFAULT partition
+        already holds is left to that partition: its rows go there, where creating ours failed
+        every batch of that month."""
         lower, upper = _partition_bounds(month)
         try:
             with self.conn.transaction():
                 self.conn.execute(
                     sql.SQL("CREATE TABLE {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})").format(
-                        sql.Identifier(SCHEMA, name), sql.Literal(lower), sql.Literal(upper)
+                        sql.Identifier(SCHEMA, self._free_partition_name(month)), sql.Literal(lower), sql.Literal(upper)
                     )
                 )
         except (psycopg.errors.InvalidObjectDefinition, psycopg.errors.CheckViolation):
-            pass  # it would overlap a DBA's partition, or the DEFAULT partition holds rows of the month
+            pass  # a DBA attached an overlapping partition since, or the DEFAULT partition holds rows of the month
 
-    def _free_partition_name(self, month: date) -> str | None:
-        """The name to give ``month``'s new partition; None when flowyard's partition of it is
-        attached already (another session made it since this one listed them)."""
+    def _free_partition_name(self, month: date) -> str:
+        """flowyard's name for ``month``'s partition, with the first suffix no relation of the
+        schema has (a table a DBA detached keeps the name, and may even be attached again for
+        another range)."""
         base = _partition_name(month)
         rows = self.conn.execute(
-            """
-            SELECT c.relname, EXISTS (
-                SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid AND i.inhparent = 'devflow.events'::regclass)
-            FROM pg_class c
-            WHERE c.relnamespace = 'devflow'::regnamespace AND (c.relname = %s OR c.relname ~ %s)
-            """,
+            "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'devflow'::regnamespace "
+            "AND (c.relname = %s OR c.relname ~ %s)",
             (base, f"^{base}_[0-9]+$"),
         ).fetchall()
-        if any(attached for _, attached in rows):
-            return None
-        taken = {name for name, _ in rows}
+        taken = {name for (name,) in rows}
         return next(name for n in range(len(taken) + 1) if (name := f"{base}_{n}" if n else base) not in taken)
 
     def upload(self, rows: Sequence[UploadRow]) -> UploadResult:

@@ -852,7 +852,10 @@ def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
     ``seq``; 0 for none): downloads are saved page by page in seq order, so this is where the
     last one stopped. It falls behind the cursor flowyard recorded when the snapshots are gone
     (``migrate down --to=v1`` drops them, a store was recreated), and a download must then
-    start from here, or the projects that do not change again never reach the store.
+    start from here, or the projects that do not change again never reach the store. It is
+    ahead of that cursor when a download was killed after saving some pages, or its cursor
+    never reached the state database (down at the run's end): every snapshot up to here is in
+    the store, so the next download goes on from here instead of fetching them all again.
 
     0 too when the snapshots are another central's, or of no recorded one (saved before
     flowyard recorded it): a run into central B after A replaces the store's snapshots with B's,

@@ -237,11 +237,15 @@ def sync_device(
     """Sync every eligible pending event of one store; raises UserError for an unusable store.
 
     With ``download_since`` (a cursor in central ``download_central``), project status
-    snapshots changed after it (or after the store's own newest snapshot, when the store lost
-    the ones before) are pulled into the store afterwards and the new cursor is reported: also
-    after a refused event or batch (central answered), not after an upload that did not get
-    through (central unreachable). A cursor of another central, or of none recorded,
-    counts for 0 here: its seqs are no position in this central's sequence.
+    snapshots changed after the store's own newest snapshot of this central
+    (:func:`device_store.downloaded_through`) are pulled into the store afterwards and the new
+    cursor is reported: also after a refused event or batch (central answered), not after an
+    upload that did not get through (central unreachable). The store, not ``download_since``,
+    says where its download stopped: it is ahead of the recorded cursor after a download killed
+    part-way (or whose cursor the state database could not take), which must go on from there
+    rather than fetch every page again, and behind it when it lost its snapshots. A cursor of
+    another central, or of none recorded, is reported as 0 here: its seqs are no position in
+    this central's sequence.
     """
     with device_store.open_store(
         store, busy_timeout=options.busy_timeout, device_id=identity.device_id
@@ -310,7 +314,7 @@ def sync_device(
                     session = uploader.session_or_connect()
                     if (central := session.central_id()) != cursor_central:
                         cursor, cursor_central = 0, central
-                    since = min(cursor, device_store.downloaded_through(conn, central))
+                    since = device_store.downloaded_through(conn, central)
                     if since and not session.still_holds(device_store.newest_snapshot(conn)):
                         since = 0  # central went back (restored from a backup): mirror it anew
                     cursor = download_into_store(conn, session, since, central)

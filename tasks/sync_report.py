@@ -57,7 +57,7 @@ def settle_device(
     report = result if isinstance(result, DeviceReport) else None
     if isinstance(result, DeviceReport):
         error = result.error
-        sync_state.record_device_run(state_url, flow_run_id, result)
+        sync_state.record_device_run(state_url, flow_run_id, result, known=target.known)
     else:
         error = first_line(result)
         sync_state.record_device_error(state_url, flow_run_id, target, error)

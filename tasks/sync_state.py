@@ -217,6 +217,9 @@ class SyncTarget:
     download_since: int | None
     download_central: UUID | None = None
     """The central ``download_since`` counts in; None when none was recorded."""
+    known: bool = False
+    """flowyard had the device when the run resolved its targets: its row gone at the run's end
+    means ``configure --remove-store`` removed it meanwhile, and the run must not add it back."""
 
     @property
     def identity(self) -> Identity:
@@ -340,11 +343,12 @@ def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget
 def _target(store: str, identity: Identity, device: Device | None, pull: bool) -> SyncTarget:
     """A store's target, downloading (with ``pull``) from its device's recorded cursor and
     central, or from 0 for a device flowyard has not synced."""
-    if not pull:
-        return SyncTarget(store, *_identity_fields(identity), None)
+    fields = _identity_fields(identity)
     if device is None:
-        return SyncTarget(store, *_identity_fields(identity), 0)
-    return SyncTarget(store, *_identity_fields(identity), device.download_cursor, device.download_central)
+        return SyncTarget(store, *fields, 0 if pull else None)
+    if not pull:
+        return SyncTarget(store, *fields, None, known=True)
+    return SyncTarget(store, *fields, device.download_cursor, device.download_central, known=True)
 
 
 def check_stores(state: str, paths: list[Path]) -> dict[Path, Device | None]:
@@ -760,7 +764,17 @@ def device_for_store(db: Db, store: Path) -> Device | None:
         return None if key is None else next((d for d in list_devices(conn) if _file_key(Path(d.store_path)) == key), None)
 
 
-def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) -> None:
+_UNLESS_REMOVED = (
+    "WHERE NOT %(known)s OR EXISTS (SELECT FROM flowyard.sync_devices WHERE device_id = %(device_id)s FOR KEY SHARE)"
+)
+"""The end of a device row's ``INSERT … SELECT`` at a run's end: a device the run started with
+(``known``) whose row is gone was removed by ``configure --remove-store`` while the run synced
+it, and removal wins. Written back, it came back as ``configured=no``: listed by ``sync status``
+and its offline alert armed, for a device its owner had just removed. The row is locked while it
+is written: a removal committing between the check and the write waits for it, or is seen."""
+
+
+def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport, *, known: bool = False) -> None:
     """Store a device's outcome: cursors and status on the device row, plus a history row.
 
     The row takes the user and project ids recorded in the store, which its events carry, also
@@ -771,7 +785,8 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
 
     The download cursor only moves forward within one central; a cursor of another central
     replaces it with that central, since the two centrals' seqs cannot be compared. A report
-    without a central (no download) keeps both."""
+    without a central (no download) keeps both. A device removed during the run (``known``, see
+    :data:`_UNLESS_REMOVED`) gets its history row only."""
     succeeded = report.succeeded
     with connection(url) as conn:
         conn.execute(
@@ -779,8 +794,11 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
             INSERT INTO flowyard.sync_devices AS d
                 (device_id, store_path, user_id, project_id, last_local_id, download_cursor, download_central,
                  pending, last_attempt_at, last_success_at, last_error)
-            VALUES (%(device_id)s, %(store)s, %(user_id)s, %(project_id)s, %(last_id)s, coalesce(%(cursor)s, 0),
-                    %(central)s, %(pending)s, now(), CASE WHEN %(ok)s THEN now() END, %(error)s)
+            SELECT %(device_id)s, %(store)s, %(user_id)s, %(project_id)s, %(last_id)s, coalesce(%(cursor)s, 0),
+                   %(central)s, %(pending)s, now(), CASE WHEN %(ok)s THEN now() END, %(error)s
+            """
+            + _UNLESS_REMOVED
+            + """
             ON CONFLICT (device_id) DO UPDATE SET
                 last_local_id = greatest(d.last_local_id, EXCLUDED.last_local_id),
                 download_cursor = CASE
@@ -803,6 +821,7 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
                 "pending": report.pending_after,
                 "ok": succeeded,
                 "error": report.error,
+                "known": known,
             },
         )
         _insert_history(conn, flow_run_id, report.device_id, report, report.error)
@@ -810,16 +829,27 @@ def record_device_run(url: str, flow_run_id: UUID | None, report: DeviceReport) 
 
 def record_device_error(url: str, flow_run_id: UUID | None, target: SyncTarget, error: str) -> None:
     """A device whose store could not be used at all (corrupt, locked, missing); a device first
-    seen by this run gets the target's identity (what its store is or will be stamped with)."""
+    seen by this run gets the target's identity (what its store is or will be stamped with), one
+    removed during the run only its history row (:data:`_UNLESS_REMOVED`)."""
     with connection(url) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_devices AS d (device_id, store_path, user_id, project_id,
                                                    last_attempt_at, last_error)
-            VALUES (%s, %s, %s, %s, now(), %s)
+            SELECT %(device_id)s, %(store)s, %(user_id)s, %(project_id)s, now(), %(error)s
+            """
+            + _UNLESS_REMOVED
+            + """
             ON CONFLICT (device_id) DO UPDATE SET last_attempt_at = now(), last_error = EXCLUDED.last_error
             """,
-            (target.device_id, target.store, target.user_id, target.project_id, error),
+            {
+                "device_id": target.device_id,
+                "store": target.store,
+                "user_id": target.user_id,
+                "project_id": target.project_id,
+                "error": error,
+                "known": target.known,
+            },
         )
         _insert_history(conn, flow_run_id, target.device_id, None, error)
 

@@ -529,3 +529,38 @@ def test_a_new_events_table_gets_its_cursor_index_while_the_renamed_one_keeps_th
     central_store.ensure_schema(central)
     assert _keys(central, "events_old") == [("events_seq", False, "(seq)")]
     assert _keys(central, "events") == [("events_seq_idx", False, "(seq)")]
+
+
+def test_a_partition_is_known_by_its_bounds_not_its_name(central: str) -> None:
+    """A partition under flowyard's name for December but attached for November (a DBA's rename,
+    a table detached and attached again) hid December: no partition was made for it, and every
+    batch with a December event was refused for want of one, on every run."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE devflow.events_y2026m12 PARTITION OF devflow.events "
+            "FOR VALUES FROM ('2026-11-01 00:00+00') TO ('2026-12-01 00:00+00')"
+        )
+    assert _upload(central, [_row(_ms(2026, 12, 5)), _row(_ms(2026, 11, 5))]).inserted == 2
+    assert _partitions(central) == {"events_y2026m12": 1, "events_y2026m12_1": 1}
+
+
+def test_a_month_a_dbas_partition_covers_is_not_created_by_every_session(central: str) -> None:
+    """pg_partman names December's partition ``events_p2026_12``. Known by name, the month looked
+    missing to every session, whose CREATE … PARTITION OF (refused as an overlap) first waited for
+    an ACCESS EXCLUSIVE lock on devflow.events: behind any open reader of events, with every other
+    upload queued behind it. Now an upload takes no lock a reader holds up."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE devflow.events_p2026_12 PARTITION OF devflow.events "
+            "FOR VALUES FROM ('2026-12-01 00:00+00') TO ('2027-01-01 00:00+00')"
+        )
+    with psycopg.connect(central) as reader:
+        reader.execute("SELECT count(*) FROM devflow.events")  # a report's transaction, still open
+        session = CentralSession(central)
+        try:
+            session.conn.execute("SET lock_timeout = '2s'")  # waiting on the reader fails instead of hanging
+            session.conn.commit()
+            assert session.upload([_row(_ms(2026, 12, 5))]).inserted == 1
+        finally:
+            session.close()
+    assert _partitions(central) == {"events_p2026_12": 1}

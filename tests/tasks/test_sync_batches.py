@@ -852,3 +852,41 @@ def test_a_project_deleted_in_central_leaves_the_stores_that_downloaded_it(centr
     assert (again.error, again.download_cursor) == (None, first.download_cursor)
     with device_store.open_store(store) as conn:
         assert conn.execute("SELECT project_id FROM remote_project_status").fetchall() == [(IDENTITY.project_id,)]
+
+
+def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: str, tmp_path: Path) -> None:
+    """Each page of a download is saved in its own SQLite transaction, but the cursor reaches the
+    state database only at the run's end. A device killed after saving some pages (or whose run
+    could not record its cursor) downloaded every page again from the old cursor: from 0, and
+    100 pages, for a first download of 100,000 projects killed at its last page."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO devflow.project_status (project_id, status, updated_at, device_id, sync_id, seq) "
+            "SELECT 'p' || g, '{}', now(), 'dev-z', gen_random_uuid(), nextval('devflow.change_seq') "
+            "FROM generate_series(1, 2500) g"
+        )
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    here = _central_id(central)
+    session = central_store.CentralSession(central)
+    try:
+        first_page = session.download_updates(0)
+    finally:
+        session.close()
+    with device_store.open_store(store) as conn:  # the run killed after saving its first page
+        device_store.save_remote_status(
+            conn,
+            ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in first_page),
+            replace_for=here,
+        )
+        conn.execute("CREATE TABLE saved (project_id TEXT)")
+        conn.execute(
+            "CREATE TRIGGER count_saved AFTER INSERT ON remote_project_status "
+            "BEGIN INSERT INTO saved VALUES (NEW.project_id); END"
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0, download_central=here)
+    with device_store.open_store(store) as conn:
+        saved = conn.execute("SELECT count(*), count(DISTINCT project_id) FROM saved").fetchone()
+        held = device_store.snapshot_count(conn)
+    assert (report.error, report.download_central, held, saved) == (None, here, 2500, (1500, 1500))
+    with psycopg.connect(central) as conn:
+        assert report.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]

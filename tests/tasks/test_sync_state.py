@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import replace
@@ -355,3 +356,30 @@ def test_a_saved_section_no_option_replaces_is_one_line_saying_to_remove_it(stat
             ), message
     finally:
         sync_state.save_config(state_db, before)
+
+
+def test_a_device_removed_while_a_run_syncs_it_stays_removed(state_db: str, fresh_db: str, tmp_path: Path) -> None:
+    """`sync configure --remove-store` while a run synced the device: the run's end wrote the
+    device's row back, and it came back as `configured=no`, listed by `sync status` with its
+    offline alert armed. Removal wins, for a device that synced and for one whose store failed;
+    the run's history keeps what it did."""
+    central_store.ensure_schema(fresh_db)
+    stores = [make_store(tmp_path / f"{name}.db", 10) for name in ("removed-synced", "removed-failed")]
+    for store in stores:
+        sync_state.register_device(state_db, store, Identity(store.stem, "u", "p"))
+    synced, failed = _targets(state_db, *stores)
+    try:
+        report = sync_device(Path(synced.store), synced.identity, SyncOptions(fresh_db))
+        for target in (synced, failed):
+            sync_state.remove_device(state_db, target.device_id)
+        logger = logging.getLogger("test")
+        settle_device(state_db, None, synced, report, None, SyncConfig(), logger)
+        settle_device(state_db, None, failed, UserError("device store is locked"), None, SyncConfig(), logger)
+        devices = {d.device_id for d in sync_state.list_devices(state_db)}
+        history = [row.device_id for row in sync_state.history(state_db, limit=50)]
+        assert devices.isdisjoint({"removed-synced", "removed-failed"})
+        assert {"removed-synced", "removed-failed"} <= set(history)
+    finally:
+        for device_id in ("removed-synced", "removed-failed"):
+            with contextlib.suppress(UserError):
+                sync_state.remove_device(state_db, device_id)
