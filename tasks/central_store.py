@@ -12,7 +12,8 @@
 - A batch is COPY'd into a temporary table and moved with one ``INSERT … SELECT`` that
   also bumps the hourly/daily rollups by exactly the newly inserted rows, so a re-sent
   batch changes nothing.
-- ``devflow.events`` is indexed only by ``seq`` (the cursor). Counts by project, user and type
+- ``devflow.events`` is indexed only by ``seq``, for readers of central (taken without the lock
+  the snapshots' seq takes, so not in commit order: no download pages on it). Counts by project, user and type
   are read from the rollups. An index on ``(project_id, occurred_at)`` or ``(user_id,
   occurred_at)`` takes every upload of a project (or user) to the same, rightmost end of
   the index; the two of them cost 3-6 µs more server CPU per event, a sixth of the sync's
