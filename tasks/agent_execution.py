@@ -590,7 +590,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
                 else None
             )
             final = failure is not None and _gives_up(failure)
-            _finish(setup, task_id, attempt, run_id, outcome, final=final)
+            moved = _finish(setup, task_id, attempt, run_id, outcome, final=final)
             if failure is None or final:  # no retry follows: the agent's slot is free
                 current.free_slot(task_id)
     except _Stopping:
@@ -614,18 +614,25 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         current.remove(task_id)
     if failure is not None:
         raise failure
-    reported = setup.patiently(lambda: _reported_outcome(url, task_id, outcome.outcome))
+    # the task moved as the attempt's end said; else that end was not taken, and the run says why
+    reported = outcome.outcome if moved is not None else setup.patiently(lambda: _reported_outcome(url, run_id, outcome.outcome))
     return _attempt_result(task_id, started, reported, outcome.result, outcome.checkpoint)
 
 
-def _reported_outcome(url: str, task_id: int, outcome: str) -> str:
-    """What the run reports of an attempt: one whose agent was stopped because the user cancelled
-    its task is ``cancelled`` (the task is), as one cancelled while Prefect waited to retry is.
-    It was ``interrupted``, which ``queue run`` and the ``agent-queue-run`` artifact give for a
-    task back in the queue, to resume next run. The attempt itself stays ``interrupted``."""
-    if outcome == "interrupted" and queue.get_task(url, task_id).status == "cancelled":
+def _reported_outcome(url: str, run_id: int, outcome: str) -> str:
+    """What the run reports of an attempt: one whose task the user cancelled while its agent ran
+    is ``cancelled`` (the task is), as one cancelled while Prefect waited to retry is. It was
+    ``interrupted``, which ``queue run`` and the ``agent-queue-run`` artifact give for a task back
+    in the queue, to resume next run. The attempt itself stays ``interrupted``.
+
+    One another run's recovery closed first (this worker silent past its lease, its task handed
+    back and maybe running elsewhere) is ``released``, as a task reclaimed while Prefect waited to
+    retry is: its agent's end was not taken (see :func:`queue.finish_attempt`), and reporting it
+    ``completed`` told of a task that was not."""
+    recorded, status = queue.attempt_end(url, run_id)
+    if status == "cancelled":
         return "cancelled"
-    return outcome
+    return outcome if recorded == outcome else "released"
 
 
 def _attempt_result(
@@ -666,13 +673,14 @@ def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid
 
 def _finish(
     setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome, *, final: bool
-) -> None:
+) -> str | None:
     """Record the end of the attempt, waiting out an outage of the state database for up to the
     lease: an agent that finished while the database restarted had its result thrown away, and the
-    task ran again."""
+    task ran again. Returns the task's new status, None when the attempt no longer held the task
+    (:func:`queue.finish_attempt`)."""
     if outcome.outcome == "interrupted":
         setup.patiently(lambda: _record_interrupted(setup, task_id, attempt, outcome.checkpoint))
-    setup.patiently(
+    return setup.patiently(
         lambda: queue.finish_attempt(
             setup.database_url,
             run_id,

@@ -523,6 +523,19 @@ def test_an_attempt_records_the_lease_its_worker_runs_with(tmp_path: Path, qdb: 
         assert [row[0] for row in leases] == [45.0]
 
 
+def test_a_run_analyses_queue_tables_that_were_never_analysed_before_it_claims(tmp_path: Path, qdb: str) -> None:
+    """Without statistics the planner sorted every pending task for each claim: the run gives the
+    tables theirs before its first claim (here it claims none)."""
+    queue.create_task(qdb, _new("waits", {"steps": 1}))
+    run_agent_queue(max_agents=1, **_kw(tmp_path, qdb, max_tasks=0))
+    with connection(qdb) as conn:
+        analysed = conn.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = 'flowyard' "
+            "AND relname IN ('agent_tasks', 'agent_task_blocks') AND last_analyze IS NOT NULL ORDER BY relname"
+        ).fetchall()
+    assert analysed == [("agent_task_blocks",), ("agent_tasks",)]
+
+
 def test_a_drain_without_the_tasks_agent_type_leaves_it_for_one_that_has_it(tmp_path: Path, qdb: str) -> None:
     """The scheduled drain knows only the built-in agents: it must not fail a task of another type."""
     task_id = queue.create_task(qdb, queue.NewTask(title="custom", agent_type="coder", payload={"steps": 1}))

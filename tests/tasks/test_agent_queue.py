@@ -20,9 +20,10 @@ import psutil
 import psycopg
 import pytest
 from alembic import command
+from psycopg import sql
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import Recovery, recover_stale_tasks
+from tasks.agent_execution import Recovery, _reported_outcome, recover_stale_tasks
 from tasks.agent_process import REFERENCE_TEMPLATE, AgentLimits, agent_mark
 from tasks.db import connection
 from tasks.errors import UserError
@@ -975,3 +976,92 @@ def test_reasons_that_do_not_change_are_not_rewritten(qdb: str) -> None:
     assert queue.unrunnable(qdb).blocked[tail] == f"not run: dependency #{chain[-1]} 'link 19' is blocked"
     after = _row_versions(qdb)
     assert [t for t in chain[1:] if after[t] != before[t]] == []
+
+
+def _ready_plan(url: str) -> list[dict[str, Any]]:
+    """The nodes of the plan the claim of one task gets (``EXPLAIN``: nothing is claimed) that pick
+    the ready tasks: the ``ready`` CTE's."""
+    params = (["reference"], ["reference"], [], 1, "w-plan", 120.0)
+    with connection(url) as conn:
+        row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + queue._CLAIM, params).fetchone()
+    assert row is not None
+
+    def nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+        return [plan, *(node for child in plan.get("Plans", []) for node in nodes(child))]
+
+    ready = [n for n in nodes(row[0][0]["Plan"]) if n.get("Subplan Name") == "CTE ready"]
+    assert len(ready) == 1
+    return nodes(ready[0])
+
+
+@pytest.mark.parametrize("before", ["never-analysed", "analysed-empty"])
+def test_a_queue_filled_since_it_was_analysed_is_analysed_so_claims_walk_the_ready_index(
+    qdb: str, before: str
+) -> None:
+    """A queue filled at once (a bulk insert, many ``queue create``) before its tables ever had
+    statistics, or since they were analysed empty (a new install's first drain), had each claim
+    sort every pending task: the planner took them for almost none. Analysed before a run's
+    first claim, the claim takes the first ready tasks off the ready index, in its order; a queue
+    analysed since is left alone."""
+    with connection(qdb) as conn:  # autovacuum must not get to them first
+        for table in ("agent_tasks", "agent_task_blocks"):
+            name = sql.Identifier("flowyard", table)
+            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(name))
+    if before == "analysed-empty":
+        assert queue.analyse_if_stale(qdb) == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
+    with connection(qdb) as conn:
+        conn.execute(
+            "INSERT INTO flowyard.agent_tasks (title, agent_type, priority) "
+            "SELECT 'bulk ' || g, 'reference', (ARRAY['critical', 'high', 'medium', 'low'])[1 + g % 4] "
+            "FROM generate_series(1, 3000) g"
+        )
+        conn.execute(
+            "INSERT INTO flowyard.agent_task_blocks (blocker_id, blocked_id) "
+            "SELECT id, id + 1 FROM flowyard.agent_tasks WHERE id % 10 = 1"
+        )
+        conn.execute("SELECT pg_stat_force_next_flush()")  # what the run reads, as the inserting session ends
+    assert any(n["Node Type"] == "Sort" for n in _ready_plan(qdb)), "the planner no longer misjudges such a queue"
+    assert queue.analyse_if_stale(qdb) == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
+    plan = _ready_plan(qdb)
+    assert not any(n["Node Type"] == "Sort" for n in plan)
+    assert any(n["Node Type"] == "Index Scan" and n.get("Index Name") == "agent_tasks_ready" for n in plan)
+    assert queue.analyse_if_stale(qdb) == []
+    assert [t.priority for t in queue.claim_ready(qdb, "w1", 2, ["reference"])] == ["critical", "critical"]
+
+
+def test_a_late_end_of_an_attempt_recovery_closed_leaves_it_closed(qdb: str) -> None:
+    """A worker silent past its lease whose attempt another run's recovery closed (interrupted, the
+    task handed on and running again elsewhere), back to write its agent's end: that end rewrote the
+    closed attempt as completed (a finished attempt the task never got, in the metrics) and
+    dropped why it was closed, and its run reported the task completed. It changes nothing now, that
+    run reports the task released, and the new holder's attempts end as usual, also when an end is
+    written twice."""
+    silent = "another-host:4242:1700000000:cafe0009"
+    task_id = queue.create_task(qdb, _new("handed on"))
+    queue.claim_ready(qdb, silent, 1, lease_seconds=15)
+    first = queue.start_attempt(qdb, task_id, silent, None, lease_seconds=15)
+    _heartbeat_age(qdb, task_id, 60)
+    assert recover_stale_tasks(qdb, AgentLimits(lease_seconds=15)) == Recovery([task_id], {}, [])
+    queue.claim_ready(qdb, "w2", 1)
+    second = queue.start_attempt(qdb, task_id, "w2", None)
+    assert queue.finish_attempt(qdb, first.run_id, silent, "completed", result={"late": True}, final=True) is None
+    assert queue.finish_attempt(qdb, first.run_id, silent, "failed", error="late", final=True) is None
+    with connection(qdb) as conn:
+        runs = conn.execute(
+            "SELECT attempt, worker, outcome, error, final FROM flowyard.agent_runs ORDER BY id"
+        ).fetchall()
+    assert runs == [
+        (1, silent, "interrupted", f"recovered: worker {silent} is gone", False),
+        (2, "w2", None, None, False),
+    ]
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.worker, task.result) == ("in_progress", "w2", None)
+    # the silent worker's run does not report the task completed: it is another's now
+    assert _reported_outcome(qdb, first.run_id, "completed") == "released"
+    # an end tried again after its answer was lost still finds its attempt holding the task
+    for _ in range(2):
+        assert queue.finish_attempt(qdb, second.run_id, "w2", "failed", error="boom") == "in_progress"
+    third = queue.start_attempt(qdb, task_id, "w2", None)
+    assert queue.finish_attempt(qdb, third.run_id, "w2", "completed", result={"ok": 1}) == "completed"
+    assert _reported_outcome(qdb, third.run_id, "completed") == "completed"
+
