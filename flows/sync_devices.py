@@ -37,9 +37,9 @@ from tasks.task_runners import thread_pool
 DEVICE_LOCK_WAIT_SECONDS = 5.0
 
 
-Skipped = Literal["disabled", "busy"]
-"""Why a device's task left its store alone: disabled after the run resolved its targets, or
-synced by another run (its lock held for the whole wait)."""
+Skipped = Literal["disabled", "removed", "busy"]
+"""Why a device's task left its store alone: disabled or removed after the run resolved its
+targets, or synced by another run (its lock held for the whole wait)."""
 
 
 @task(name="sync-device", cache_policy=NO_CACHE, task_run_name="sync-device-{target.device_id}")
@@ -48,7 +48,9 @@ def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> De
 
     "disabled", with the store left unopened, when the device was disabled after the run resolved
     its targets (and the run is not forced): a task queued on the thread pool must not re-upgrade a
-    store that ``sync disable`` and ``migrate down`` have just rolled back to v1.
+    store that ``sync disable`` and ``migrate down`` have just rolled back to v1. "removed" likewise,
+    forced or not, for a device ``configure --remove-store`` removed meanwhile: its task synced the
+    store all the same (and upgraded it again), though the run then kept the device removed.
 
     "busy" when another run held the device's lock for the whole wait: that run is syncing the
     store's events, so this one has nothing to do for it. Recorded as an error, it failed the run
@@ -59,8 +61,8 @@ def sync_device_task(target: SyncTarget, options: SyncOptions, state: str) -> De
             held = stack.enter_context(advisory_lock(state, _device_lock(target), DEVICE_LOCK_WAIT_SECONDS))
         except LockTimeout:
             return "busy"
-        if not options.force and sync_state.disabled_devices(held, [target.device_id]):
-            return "disabled"
+        if (skipped := sync_state.left_out(held, target, force=options.force)) is not None:
+            return skipped
         return sync_device(
             Path(target.store), target.identity, options, target.download_since, target.download_central
         )
@@ -126,6 +128,7 @@ def sync_devices(
     target_of = {future.task_run_id: target for future, target in zip(futures, targets, strict=True)}
     outcomes = []
     busy: list[str] = []
+    removed: list[str] = []
     shown = 0
     for done, future in enumerate(as_completed(futures), start=1):
         target = target_of[future.task_run_id]
@@ -136,6 +139,9 @@ def sync_devices(
         elif result == "busy":
             busy.append(target.device_id)
             logger.info(_busy_note([target.device_id]))
+        elif result == "removed":
+            removed.append(target.device_id)
+            logger.info(_removed_note([target.device_id]))
         else:
             outcomes.append(
                 settle_device(
@@ -149,7 +155,11 @@ def sync_devices(
         description="Per-device sync results",
     )
     run_result: dict[str, Any] = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
-    notes = ([_disabled_note(sorted(disabled))] if disabled else []) + ([_busy_note(sorted(busy))] if busy else [])
+    notes = [
+        note(sorted(devices))
+        for note, devices in ((_disabled_note, disabled), (_removed_note, removed), (_busy_note, busy))
+        if devices
+    ]
     if notes:
         run_result["skipped"] = "; ".join(notes)
     errors = [f"{o.device_id}: {o.error}" for o in outcomes if o.error]
@@ -162,6 +172,11 @@ def sync_devices(
 def _disabled_note(devices: list[str]) -> str:
     """Why a run left devices out, and the two ways to include them."""
     return f"disabled devices not synced: {', '.join(devices)} (`flowyard sync enable DEVICE`, or force)"
+
+
+def _removed_note(devices: list[str]) -> str:
+    """Why a run left out devices it started with."""
+    return f"devices removed during the run, not synced: {', '.join(devices)}"
 
 
 def _busy_note(devices: list[str]) -> str:

@@ -24,6 +24,9 @@
 - Every snapshot change takes the next value of ``devflow.change_seq`` under a
   transaction-scoped advisory lock, so seq order equals commit order and a device can
   download "everything after cursor N" without missing a row committed late.
+- A snapshot deleted in central (``DELETE``, ``TRUNCATE``) leaves a tombstone in
+  ``devflow.project_deletions`` (:data:`_DELETIONS_DDL`), numbered by ``change_seq`` under the
+  same lock, so a download sees deletions and changes in one seq order.
 - ``devflow.central_identity`` holds the database's random id: a cursor counts in one
   central's ``change_seq``, and means nothing in another (``--central-url``), where the
   download must start again from 0.
@@ -97,9 +100,8 @@ _HAS_STATUS_LOCAL_ID = (
 )
 _STATUS_LOCAL_ID_UPGRADE = "ALTER TABLE devflow.project_status ADD COLUMN local_id bigint"
 
-# The central's identity, created last by the schema step (also in a central from before it), so
-# a session takes its presence for a complete schema. The row is written once: its id never changes.
-_IDENTITY = "devflow.central_identity"
+# The central's identity, added to a central from before it by the schema step. The row is written
+# once: its id never changes.
 _IDENTITY_DDL = (
     """
     CREATE TABLE IF NOT EXISTS devflow.central_identity (
@@ -108,6 +110,45 @@ _IDENTITY_DDL = (
     )
     """,
     "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING",
+)
+
+# Tombstones of deleted snapshots, created last by the schema step (also in a central from before
+# them), so a session takes their presence for a complete schema. A deleted project has no later
+# change, so without them a store kept its snapshot for good. A statement trigger takes the
+# sequencer lock before the DELETE (or TRUNCATE) locks any row, in the order an upload takes them
+# (lock, then rows: the other order deadlocks with an upload of a deleted project), and the
+# tombstones' seqs are then in commit order with every snapshot change. The first row, of no
+# project, marks where tombstones start: a deletion before it (a central from before them) was not
+# recorded, so a store whose cursor is below it downloads from 0 once (:data:`_RESUMABLE`).
+_DELETIONS = "devflow.project_deletions"
+_DELETIONS_DDL = (
+    f"SELECT pg_advisory_xact_lock({_SEQUENCER_LOCK})",
+    "CREATE TABLE devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)",
+    "INSERT INTO devflow.project_deletions (seq) VALUES (nextval('devflow.change_seq'))",
+    # An integer constant is the only value formatted in, hence the noqa.
+    f"""
+    CREATE OR REPLACE FUNCTION devflow.project_status_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock({_SEQUENCER_LOCK});
+        IF TG_OP = 'TRUNCATE' THEN  -- no transition table for TRUNCATE: every row goes
+            INSERT INTO devflow.project_deletions (seq, project_id)
+            SELECT nextval('devflow.change_seq'), project_id FROM devflow.project_status;
+        END IF;
+        RETURN NULL;
+    END $$
+    """,  # noqa: S608
+    """
+    CREATE OR REPLACE FUNCTION devflow.project_status_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        INSERT INTO devflow.project_deletions (seq, project_id)
+        SELECT nextval('devflow.change_seq'), project_id FROM gone;
+        RETURN NULL;
+    END $$
+    """,
+    "CREATE OR REPLACE TRIGGER project_status_lock BEFORE DELETE OR TRUNCATE ON devflow.project_status "
+    "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_lock()",
+    "CREATE OR REPLACE TRIGGER project_status_deleted AFTER DELETE ON devflow.project_status REFERENCING OLD TABLE AS gone "
+    "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_deleted()",
 )
 
 # The origin key, added in place to registries created before it existed. The origin is
@@ -304,14 +345,46 @@ class UploadResult:
 
 @dataclass(frozen=True)
 class StatusUpdate:
-    project_id: str
-    status: str
+    """A snapshot change, or with ``status`` None a tombstone: the project was deleted (none for
+    the tombstones' first row, which only moves the cursor)."""
+
+    project_id: str | None
+    status: str | None
     """The snapshot's JSON as central's jsonb writes it, stored in the device as is: read into
     Python and encoded again with orjson, an integer beyond 64 bits (the privacy filter keeps
     one, and a number beyond float64, to the last digit) failed the download."""
-    updated_at: datetime
-    device_id: str
+    updated_at: datetime | None
+    device_id: str | None
     seq: int
+
+    def store_row(self) -> tuple[str | None, str | None, str | None, str | None, int]:
+        """The row :func:`tasks.device_store.save_remote_status` stores."""
+        updated_at = None if self.updated_at is None else self.updated_at.isoformat()
+        return self.project_id, self.status, updated_at, self.device_id, self.seq
+
+
+_DOWNLOAD = """
+SELECT project_id, status, updated_at, device_id, seq FROM (
+    (SELECT project_id, status::text, updated_at, device_id, seq FROM devflow.project_status
+     WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
+    UNION ALL
+    (SELECT project_id, NULL, NULL, NULL, seq FROM devflow.project_deletions
+     WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
+) changes ORDER BY seq LIMIT %(limit)s
+"""
+
+# Whether a store's cursor (``since`` > 0) still counts here: false when tombstones start after it
+# (deletions before them went unrecorded), or when central no longer has the store's newest
+# snapshot, nor a tombstone of it (a restore from a backup, whose sequence restarts below the
+# device's cursor: the snapshots it takes next get seqs the device had passed, so a download from
+# that cursor missed them for good and kept projects central no longer has). A restore followed by
+# a new change of that very project before the device's next run goes unnoticed here.
+_RESUMABLE = """
+SELECT %(since)s >= (SELECT coalesce(min(seq), 0) FROM devflow.project_deletions)
+   AND (%(project)s::text IS NULL
+        OR EXISTS (SELECT FROM devflow.project_status WHERE project_id = %(project)s AND seq >= %(seq)s::bigint)
+        OR EXISTS (SELECT FROM devflow.project_deletions WHERE seq > %(seq)s::bigint AND project_id = %(project)s))
+"""
 
 
 def ensure_schema(url: str) -> None:
@@ -336,6 +409,25 @@ def ensure_schema(url: str) -> None:
             conn.execute(_STATUS_LOCAL_ID_UPGRADE)
         for statement in _IDENTITY_DDL:
             conn.execute(statement)
+        if one_row(conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is None:
+            _create_tombstones(conn)
+
+
+def _create_tombstones(conn: psycopg.Connection) -> None:
+    """Create :data:`_DELETIONS_DDL`. A role that neither owns ``devflow.project_status`` nor has
+    TRIGGER on it (a DBA made the table) cannot: without tombstones its stores would keep deleted
+    projects for good, so that is one line naming the grant instead, still the privilege error it
+    is (central answered, and refuses every batch alike until the grant)."""
+    try:
+        for statement in _DELETIONS_DDL:
+            conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        role = sql.Identifier(conn.info.user).as_string(conn)
+        raise psycopg.errors.InsufficientPrivilege(
+            f"central cannot record deleted projects ({first_line(exc)}); as the owner of devflow.project_status, "
+            f"run `GRANT TRIGGER ON devflow.project_status TO {role}` (and CREATE on schema devflow), or make "
+            f"{role} its owner"
+        ) from None
 
 
 def _missing_keys(conn: psycopg.Connection) -> list[_Key]:
@@ -485,11 +577,11 @@ class CentralSession:
 
     def _ensure_schema(self) -> None:
         """Create or upgrade the schema when it is missing: the run's own schema step could not
-        reach central, or the schema was dropped since. The central's identity is the last (and
+        reach central, or the schema was dropped since. The tombstones' table is the last (and
         newest) object :func:`ensure_schema` builds, in one transaction, so its presence means
         the schema is complete, upgrades included; checking it costs one catalog lookup per
         session, not the DDL's table locks."""
-        if one_row(self.conn, "SELECT to_regclass(%s)", (_IDENTITY,))[0] is None:
+        if one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is None:
             ensure_schema(self.url)
 
     def central_id(self) -> UUID:
@@ -620,39 +712,18 @@ class CentralSession:
                 changes = one_row(self.conn, _UPSERT_STATUS, (STATUS_EVENT,))[0]
         return UploadResult(inserted, len(rows) - inserted, changes)
 
-    def still_holds(self, snapshot: tuple[str, int] | None) -> bool:
-        """Whether this central still has the store's newest downloaded ``(project_id, seq)``
-        snapshot, or a later change of that project. A central restored from a backup keeps its
-        identity but not the changes after the backup, and its sequence restarts below the
-        device's cursor: the snapshots it takes next get seqs the device had already passed, so
-        a download from that cursor missed them for good and kept projects central no longer
-        has. A snapshot central lacks (or holds at a lower seq) can only be such a rollback; the
-        download then starts again from 0. A rollback followed by a new change of that very
-        project before the device's next run goes unnoticed here."""
-        if snapshot is None:
-            return True
-        project_id, seq = snapshot
-        row = self.conn.execute(
-            "SELECT seq >= %s FROM devflow.project_status WHERE project_id = %s", (seq, project_id)
-        ).fetchone()
+    def resumable(self, since: int, snapshot: tuple[str, int] | None) -> bool:
+        """Whether a download may go on from the store's cursor ``since`` in this central, whose
+        newest downloaded snapshot is ``snapshot`` (:data:`_RESUMABLE`); False means from 0."""
+        project, seq = snapshot or (None, None)
+        resumable = bool(one_row(self.conn, _RESUMABLE, {"since": since, "project": project, "seq": seq})[0])
         self.conn.commit()
-        return bool(row and row[0])
-
-    def project_count(self) -> int:
-        """How many projects central holds a snapshot of: fewer than a store that downloaded them
-        all holds means some were deleted here, which no later change brings to the store."""
-        count: int = one_row(self.conn, "SELECT count(*) FROM devflow.project_status")[0]
-        self.conn.commit()
-        return count
+        return resumable
 
     def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:
-        """Project status snapshots changed after cursor ``since`` (seed ``downloadUpdates``)."""
-        rows = self.conn.execute(
-            """
-            SELECT project_id, status::text, updated_at, device_id, seq FROM devflow.project_status
-            WHERE seq > %s ORDER BY seq LIMIT %s
-            """,
-            (since, limit),
-        ).fetchall()
+        """Project status snapshots changed, and tombstones of those deleted, after cursor
+        ``since``, in seq order (seed ``downloadUpdates``): each side's seq index reads ``limit``
+        rows at most."""
+        rows = self.conn.execute(_DOWNLOAD, {"since": since, "limit": limit}).fetchall()
         self.conn.commit()
         return [StatusUpdate(*row) for row in rows]

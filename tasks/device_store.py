@@ -83,6 +83,12 @@ _SNAPSHOTS_CENTRAL_TABLE = (
 )
 """The central whose snapshots ``remote_project_status`` holds; also made by the first download
 into a store upgraded before flowyard recorded it (see :func:`save_remote_status`)."""
+_DELETIONS_THROUGH_TABLE = (
+    "CREATE TABLE IF NOT EXISTS remote_status_deleted (only_row INTEGER PRIMARY KEY CHECK (only_row = 1), "
+    "seq INTEGER NOT NULL)"
+)
+"""The seq of the newest tombstone applied (a project deleted in central), made by the first download
+of one: no snapshot holds that seq, and the download must go on after it (:func:`downloaded_through`)."""
 # IF NOT EXISTS throughout: a store left part-way to v2 (an upgrade by other means interrupted,
 # an app that made one of these itself) may hold some of them already.
 _V2_OBJECTS = (
@@ -114,6 +120,7 @@ _V2_DOWN = (
     "DROP TABLE IF EXISTS sync_identity",
     "DROP TABLE IF EXISTS remote_project_status",
     "DROP TABLE IF EXISTS remote_status_central",
+    "DROP TABLE IF EXISTS remote_status_deleted",
     "ALTER TABLE events DROP COLUMN project_id",
     "ALTER TABLE events DROP COLUMN user_id",
     "ALTER TABLE events DROP COLUMN device_id",
@@ -496,8 +503,7 @@ def upgrade_to_v2(conn: sqlite3.Connection, identity: Identity) -> bool:
 
 def _upgrading(conn: sqlite3.Connection) -> bool:
     """Whether an upgrade began and has not finished (the store is still v1 then)."""
-    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_UPGRADE_PROGRESS,))
-    return found.fetchone() is not None
+    return _has_table(conn, _UPGRADE_PROGRESS)
 
 
 def _begin_upgrade(conn: sqlite3.Connection, identity: Identity) -> bool:
@@ -824,18 +830,26 @@ def mark_failed(conn: sqlite3.Connection, local_ids: Sequence[int], error: str, 
 
 
 def save_remote_status(
-    conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str, str, int]], *, replace_for: UUID | None = None
+    conn: sqlite3.Connection,
+    rows: Sequence[tuple[str | None, str | None, str | None, str | None, int]],
+    *,
+    replace_for: UUID | None = None,
 ) -> None:
-    """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots;
-    with ``replace_for`` (the central they come from), in place of every one held, in the same
-    transaction: a download from cursor 0 mirrors its central anew, so no snapshot of another
-    central stays behind, and a download that fails before its first page leaves the store's
-    snapshots as they were. The central is recorded in that transaction too: the cursor flowyard
-    records in its state database after the run may never get there (the state database down),
-    and only the store itself can tell which central its snapshots count in."""
+    """Store downloaded ``(project_id, status JSON, updated_at ISO, device_id, seq)`` snapshots,
+    and apply tombstones (status None: the project was deleted in central), in one transaction;
+    with ``replace_for`` (the central they come from), in place of every one held: a download from
+    cursor 0 mirrors its central anew, so no snapshot of another central stays behind, and a
+    download that fails before its first page leaves the store's snapshots as they were. The
+    central is recorded in that transaction too: the cursor flowyard records in its state database
+    after the run may never get there (the state database down), and only the store itself can
+    tell which central its snapshots count in. A tombstone removes only an older snapshot, so a
+    project deleted and created again in one page keeps its new one."""
+    snapshots = [row for row in rows if row[1] is not None]
+    tombstones = [(row[0], row[4]) for row in rows if row[1] is None]
     with write_transaction(conn):
         if replace_for is not None:
             conn.execute("DELETE FROM remote_project_status")
+            conn.execute("DROP TABLE IF EXISTS remote_status_deleted")
             conn.execute(_SNAPSHOTS_CENTRAL_TABLE)
             conn.execute(
                 "INSERT OR REPLACE INTO remote_status_central (only_row, central_id) VALUES (1, ?)", (str(replace_for),)
@@ -843,8 +857,12 @@ def save_remote_status(
         conn.executemany(
             "INSERT OR REPLACE INTO remote_project_status (project_id, status, updated_at, device_id, seq) "
             "VALUES (?, ?, ?, ?, ?)",
-            rows,
+            snapshots,
         )
+        if tombstones:
+            conn.executemany("DELETE FROM remote_project_status WHERE project_id = ? AND seq < ?", tombstones)
+            conn.execute(_DELETIONS_THROUGH_TABLE)
+            conn.execute("INSERT OR REPLACE INTO remote_status_deleted (only_row, seq) VALUES (1, ?)", (tombstones[-1][1],))
 
 
 def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
@@ -864,12 +882,10 @@ def downloaded_through(conn: sqlite3.Connection, central: UUID) -> int:
     top of B's snapshots; from 0, A's replace them."""
     if _snapshots_central(conn) != str(central):
         return 0
-    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
-
-
-def snapshot_count(conn: sqlite3.Connection) -> int:
-    """How many project snapshots the store holds."""
-    return int(conn.execute("SELECT count(*) FROM remote_project_status").fetchone()[0])
+    newest = int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_project_status").fetchone()[0])
+    if _has_table(conn, "remote_status_deleted"):
+        newest = max(newest, int(conn.execute("SELECT coalesce(max(seq), 0) FROM remote_status_deleted").fetchone()[0]))
+    return newest
 
 
 def newest_snapshot(conn: sqlite3.Connection) -> tuple[str, int] | None:
@@ -879,10 +895,14 @@ def newest_snapshot(conn: sqlite3.Connection) -> tuple[str, int] | None:
     return None if row is None else (str(row[0]), int(row[1]))
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
 def _snapshots_central(conn: sqlite3.Connection) -> str | None:
     """The central the store's snapshots were downloaded from; None when none is recorded (a
     store upgraded before flowyard recorded it, and not downloaded into since)."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'remote_status_central'").fetchone():
+    if not _has_table(conn, "remote_status_central"):
         return None
     row = conn.execute("SELECT central_id FROM remote_status_central").fetchone()
     return None if row is None else str(row[0])

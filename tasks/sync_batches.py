@@ -315,11 +315,9 @@ def sync_device(
                     if (central := session.central_id()) != cursor_central:
                         cursor, cursor_central = 0, central
                     since = device_store.downloaded_through(conn, central)
-                    if since and not session.still_holds(device_store.newest_snapshot(conn)):
-                        since = 0  # central went back (restored from a backup): mirror it anew
+                    if since and not session.resumable(since, device_store.newest_snapshot(conn)):
+                        since = 0  # central restored from a backup, or deletions before its tombstones: mirror it
                     cursor = download_into_store(conn, session, since, central)
-                    if since and device_store.snapshot_count(conn) > session.project_count():
-                        cursor = download_into_store(conn, session, 0, central)  # projects deleted in central
                     answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
                     failure = _one_line(exc, options.central_url, "download from")
@@ -367,8 +365,8 @@ def _central_answers(uploader: _Uploader) -> bool:
 
 
 def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int, central: UUID) -> int:
-    """Pull project status snapshots of ``central`` (the session's) changed after ``since`` into
-    the store; returns the new cursor.
+    """Pull project status snapshots of ``central`` (the session's) changed or deleted after
+    ``since`` into the store; returns the new cursor.
 
     A download from 0 replaces the store's snapshots with its first page (an empty one too):
     they may be another central's, whose projects this one may not have."""
@@ -376,11 +374,7 @@ def download_into_store(conn: sqlite3.Connection, session: CentralSession, since
     while True:
         updates = session.download_updates(since)
         if updates or replace_for is not None:
-            device_store.save_remote_status(
-                conn,
-                ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in updates),
-                replace_for=replace_for,
-            )
+            device_store.save_remote_status(conn, [u.store_row() for u in updates], replace_for=replace_for)
         if not updates:
             return since
         since, replace_for = updates[-1].seq, None

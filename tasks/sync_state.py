@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import psycopg
@@ -310,6 +310,19 @@ def disabled_devices(db: Db, device_ids: Collection[str]) -> set[str]:
             (list(device_ids),),
         ).fetchall()
     return {device_id for (device_id,) in rows}
+
+
+def left_out(db: Db, target: SyncTarget, *, force: bool) -> Literal["disabled", "removed"] | None:
+    """Why a run's task must leave ``target``'s store alone, read again once it holds the device's
+    lock: "removed" when ``configure --remove-store`` removed a device the run started with (also
+    when forced: its owner may have rolled the store back to v1 since, which the sync would upgrade
+    again; a device flowyard never had is no removal), "disabled" when ``sync disable`` switched it
+    off (unless forced); None to sync it."""
+    with using(db) as conn:
+        row = conn.execute("SELECT enabled FROM flowyard.sync_devices WHERE device_id = %s", (target.device_id,)).fetchone()
+    if row is None:
+        return "removed" if target.known else None
+    return "disabled" if not (row[0] or force) else None
 
 
 def _store_targets(state: str, stores: list[str], pull: bool) -> list[SyncTarget]:

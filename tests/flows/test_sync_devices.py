@@ -746,6 +746,7 @@ def test_a_central_restored_from_a_backup_is_downloaded_anew(fresh_db: str, tmp_
 
     with psycopg.connect(fresh_db, autocommit=True) as conn:  # the backup taken before beta, restored
         conn.execute("DELETE FROM devflow.project_status WHERE seq > %s", (backup,))
+        conn.execute("DELETE FROM devflow.project_deletions WHERE seq > %s", (backup,))  # a backup has no tombstone of it
         conn.execute("SELECT setval('devflow.change_seq', %s)", (backup,))
     _publish(fresh_db, tmp_path, "gamma", "green")
     again = sync_device(
@@ -1170,12 +1171,15 @@ def test_a_known_device_whose_store_is_gone_fails_alone_while_the_others_sync(
         sync_state.remove_device(state_db, "kept")
 
 
-def test_a_device_disabled_while_its_task_waits_is_skipped_and_its_store_left_alone(
-    fresh_db: str, state_db: str, tmp_path: Path
+@pytest.mark.parametrize("stop", ["disable", "remove", "remove, forced"])
+def test_a_device_disabled_or_removed_while_its_task_waits_is_skipped_and_its_store_left_alone(
+    fresh_db: str, state_db: str, tmp_path: Path, stop: str
 ) -> None:
     """`sync disable` stops a device at once, also for a run that resolved it before: its task,
     queued behind the device lock, re-reads the flag under the lock and leaves the store as it is
-    (here v1, as after `migrate down`), reported as skipped like a device disabled at the start."""
+    (here v1, as after `migrate down`), reported as skipped like a device disabled at the start.
+    `configure --remove-store` too, forced or not: the task synced the removed device's store,
+    upgrading it again, and sent its events to central."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flows.sync_devices import sync_devices
@@ -1187,22 +1191,28 @@ def test_a_device_disabled_while_its_task_waits_is_skipped_and_its_store_left_al
     try:
         with ThreadPoolExecutor(1) as pool, psycopg.connect(state_db, autocommit=True) as watch:
             with advisory_lock(state_db, lock):
-                run = pool.submit(sync_devices, stores=[str(store)], central_url=fresh_db)
+                run = pool.submit(sync_devices, stores=[str(store)], central_url=fresh_db, force=stop.endswith("forced"))
                 waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
-                deadline = time.monotonic() + 60
                 while one_row(watch, waiting, (f"flowyard lock {lock}",))[0] < 2:  # the task waits for it
-                    assert time.monotonic() < deadline and not run.done(), run.result()
+                    assert not run.done(), run.result()
                     time.sleep(0.01)
-                sync_state.set_enabled(state_db, "mid-run", False)
+                if stop == "disable":
+                    sync_state.set_enabled(state_db, "mid-run", False)
+                else:
+                    sync_state.remove_device(state_db, "mid-run")
             result = run.result()
         assert result["devices"] == {}
-        assert result["skipped"].startswith("disabled devices not synced: mid-run ")
+        assert result["skipped"].startswith(
+            "disabled devices not synced: mid-run " if stop == "disable" else "devices removed during the run, not synced: mid-run"
+        )
         with device_store.open_store(store) as conn:
             assert device_store.schema_version(conn) == device_store.V1
         assert _central_counts(fresh_db) == (0, 0)
         assert "mid-run" not in {row.device_id for row in sync_state.history(state_db, limit=1000)}
+        assert ("mid-run" in {d.device_id for d in sync_state.list_devices(state_db)}) == (stop == "disable")
     finally:
-        sync_state.remove_device(state_db, "mid-run")
+        if "mid-run" in {d.device_id for d in sync_state.list_devices(state_db)}:
+            sync_state.remove_device(state_db, "mid-run")
 
 
 def test_a_device_another_run_is_syncing_is_left_to_it_without_an_error(

@@ -139,7 +139,7 @@ def test_event_times_arrive_to_the_exact_millisecond(central: str) -> None:
     session = CentralSession(central)
     try:
         session.upload(events + snapshots)
-        downloaded = {u.project_id: u.updated_at for u in session.download_updates(0)}
+        downloaded = {u.project_id: u.updated_at for u in session.download_updates(0) if u.status is not None}
     finally:
         session.close()
     sent = {row[0]: Decimal(row[2]) for row in events + snapshots}
@@ -207,7 +207,7 @@ def test_last_write_wins_under_clock_skew_and_any_arrival_order(central: str) ->
     # The download cursor is strictly increasing and reflects each project's last change.
     seqs = [u.seq for u in updates]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert {u.project_id: orjson.loads(u.status)["status"] for u in updates} == final
+    assert {u.project_id: orjson.loads(u.status)["status"] for u in updates if u.status is not None} == final
 
 
 def test_a_devices_later_write_in_the_same_millisecond_wins(central: str) -> None:
@@ -341,8 +341,8 @@ def test_a_central_from_before_its_identity_gets_one_in_place_that_never_changes
     """A download cursor counts in one central, so every central needs an id: one created by an
     earlier flowyard gets it from a session (when the run's schema step could not reach it) or
     from the next schema step, which devices may run at once; later steps keep it."""
-    with psycopg.connect(central, autocommit=True) as conn:
-        conn.execute("DROP TABLE devflow.central_identity")
+    with psycopg.connect(central, autocommit=True) as conn:  # nor its tombstones, made after it
+        conn.execute("DROP TABLE devflow.central_identity, devflow.project_deletions")
     session = CentralSession(central)
     try:
         assert [session.central_id()] == _central_ids(central)
@@ -564,3 +564,51 @@ def test_a_month_a_dbas_partition_covers_is_not_created_by_every_session(central
         finally:
             session.close()
     assert _partitions(central) == {"events_p2026_12": 1}
+
+
+def test_deletions_and_a_truncate_download_as_tombstones_in_seq_order(central: str) -> None:
+    """A deleted snapshot has no later change: without a tombstone no download learnt of it."""
+    base = _ms(2026, 7, 1)
+    session = CentralSession(central)
+    try:
+        session.upload([_status("a", base, "one", "p1"), _status("a", base, "two", "p2"), _status("a", base, "three", "p3")])
+        cursor = max(u.seq for u in session.download_updates(0))
+        with psycopg.connect(central, autocommit=True) as conn:
+            conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'p2'")
+            conn.execute("TRUNCATE devflow.project_status")
+        session.upload([_status("a", base, "back", "p1")])
+        later = session.download_updates(cursor)
+    finally:
+        session.close()
+    seqs = [u.seq for u in later]
+    assert seqs == sorted(seqs) and seqs[0] > cursor
+    changes = [(u.project_id, u.status) for u in later]
+    assert changes[0] == ("p2", None) and changes[-1] == ("p1", '{"status": "back"}')
+    assert sorted(changes[1:-1]) == [("p1", None), ("p3", None)]
+
+
+def test_a_deletion_and_an_upload_of_its_project_commit_in_seq_order(central: str) -> None:
+    """A DELETE takes the sequencer lock before it locks a row, as an upload does: an upload of the
+    project being deleted waits for the deletion to commit (the other order deadlocks), and its
+    snapshot comes after the tombstone, so a store applying them in seq order keeps it."""
+    base = _ms(2026, 7, 1)
+    session, other = CentralSession(central), CentralSession(central)
+    results: list[central_store.UploadResult] = []
+    try:
+        session.upload([_status("a", base, "one", "p1")])
+        cursor = max(u.seq for u in session.download_updates(0))
+        writer = threading.Thread(target=lambda: results.append(other.upload([_status("b", base + 1, "two", "p1")])))
+        with psycopg.connect(central) as dba, psycopg.connect(central, autocommit=True) as watch:
+            dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'p1'")
+            writer.start()
+            waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+            while writer.is_alive() and not watch.execute(waiting, (other.conn.info.backend_pid,)).fetchone()[0]:
+                threading.Event().wait(0.01)
+            dba.commit()
+        writer.join()
+        later = session.download_updates(cursor)
+    finally:
+        session.close()
+        other.close()
+    assert [r.status_changes for r in results] == [1]
+    assert [(u.project_id, u.status) for u in later] == [("p1", None), ("p1", '{"status": "two"}')]

@@ -770,6 +770,29 @@ def test_a_download_central_refuses_is_contact_and_one_it_cannot_reach_is_not(
     assert [[alert.kind for alert in raised] for raised in alerts] == [[], ["offline"]]
 
 
+def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
+    """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
+    write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
+    central_store.ensure_schema(fresh_db)
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.project_deletions")
+        conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+        conn.execute("DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted")
+        for grant in (
+            "GRANT USAGE, CREATE ON SCHEMA devflow TO {}",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA devflow TO {}",
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA devflow TO {}",
+        ):
+            conn.execute(sql.SQL(grant).format(role))
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(limited_role.url(fresh_db)), download_since=0)
+    assert report.error is not None and "\n" not in report.error and (report.uploaded, report.reached_central) == (0, True)
+    assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in report.error
+    assert _local(store).failed == 30  # kept, retried after their backoff
+
+
 def test_a_download_from_a_central_without_snapshots_drops_another_centrals(central: str, tmp_path: Path) -> None:
     """The store's snapshots are those of the central its cursor counts in: a central that has
     none yet leaves it none, instead of another central's statuses."""
@@ -777,7 +800,7 @@ def test_a_download_from_a_central_without_snapshots_drops_another_centrals(cent
     with device_store.open_store(store) as conn:
         device_store.save_remote_status(conn, [("elsewhere", "{}", "2026-01-01T00:00:00+00:00", "other", 5)])
     report = sync_device(store, IDENTITY, SyncOptions(central), download_since=5, download_central=uuid.uuid4())
-    assert (report.download_cursor, report.download_central, report.error) == (0, _central_id(central), None)
+    assert (report.download_cursor, report.download_central, report.error) == (_newest_tombstone(central), _central_id(central), None)
     with device_store.open_store(store) as conn:
         assert conn.execute("SELECT * FROM remote_project_status").fetchall() == []
 
@@ -831,27 +854,98 @@ def test_a_snapshot_with_an_integer_beyond_64_bits_downloads_to_the_last_digit(
     assert downloaded == [(IDENTITY.project_id, status)]
 
 
-def test_a_project_deleted_in_central_leaves_the_stores_that_downloaded_it(central: str, tmp_path: Path) -> None:
-    """No later change of a deleted project reaches a store, so a download from the cursor kept it
-    for good (unless it was the store's newest snapshot, which reads as a central restored from a
-    backup): the store mirrors its central, deletions included."""
-    with psycopg.connect(central, autocommit=True) as conn:
+def _add_projects(url: str, *projects: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO devflow.project_status (project_id, status, updated_at, device_id, sync_id, seq) "
-            "VALUES ('retired', '{}', now(), 'dev-z', gen_random_uuid(), nextval('devflow.change_seq'))"
+            "SELECT p, '{}', now(), 'dev-z', gen_random_uuid(), nextval('devflow.change_seq') FROM unnest(%s::text[]) p",
+            (list(projects),),
         )
+
+
+def _count_saved_snapshots(store: Path) -> None:
+    """Record every snapshot the next downloads save into the store, in its table ``saved``."""
+    with device_store.open_store(store) as conn:
+        conn.execute("CREATE TABLE saved (project_id TEXT)")
+        conn.execute(
+            "CREATE TRIGGER count_saved AFTER INSERT ON remote_project_status "
+            "BEGIN INSERT INTO saved VALUES (NEW.project_id); END"
+        )
+
+
+def _held(store: Path) -> tuple[set[str], int]:
+    """The projects the store holds a snapshot of, and how many snapshots the downloads saved."""
+    with device_store.open_store(store) as conn:
+        held = {project for (project,) in conn.execute("SELECT project_id FROM remote_project_status")}
+        return held, conn.execute("SELECT count(*) FROM saved").fetchone()[0]
+
+
+def _newest_tombstone(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT max(seq) FROM devflow.project_deletions").fetchone()[0]
+
+
+def test_a_project_deleted_in_central_leaves_the_stores_by_its_tombstone_alone(central: str, tmp_path: Path) -> None:
+    """A deleted project has no later change to download: flowyard counted central's projects on
+    every download (a scan of them all) and, on finding fewer than the store held, downloaded every
+    snapshot again, 100,000 rows per device for one deleted project. Its tombstone removes it
+    alone, and the cursor goes past it."""
+    projects = {f"p{n}" for n in range(1, 1501)}
+    _add_projects(central, *sorted(projects))
     store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
     first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
-    with device_store.open_store(store) as conn:
-        assert device_store.snapshot_count(conn) == 2
+    _count_saved_snapshots(store)
     with psycopg.connect(central, autocommit=True) as conn:
-        conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'retired'")
+        conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'p7'")
+    _add_projects(central, "new")
     again = sync_device(
         store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
     )
-    assert (again.error, again.download_cursor) == (None, first.download_cursor)
-    with device_store.open_store(store) as conn:
-        assert conn.execute("SELECT project_id FROM remote_project_status").fetchall() == [(IDENTITY.project_id,)]
+    remaining = (projects - {"p7"}) | {IDENTITY.project_id, "new"}
+    assert (again.error, _held(store)) == (None, (remaining, 1))
+    later = sync_device(
+        store, IDENTITY, SyncOptions(central), download_since=again.download_cursor, download_central=first.download_central
+    )
+    assert (later.download_cursor, _held(store)) == (again.download_cursor, (remaining, 1))
+
+
+def test_a_project_deleted_and_created_again_keeps_its_new_snapshot(central: str, tmp_path: Path) -> None:
+    """The tombstone and the new snapshot arrive in one page, in seq order: the new one stays."""
+    _add_projects(central, "again", "gone", "stays")
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    _count_saved_snapshots(store)
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DELETE FROM devflow.project_status WHERE project_id IN ('again', 'gone')")
+    _add_projects(central, "again")
+    again = sync_device(
+        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
+    )
+    assert (again.error, _held(store)) == (None, ({"again", "stays"}, 1))
+    with psycopg.connect(central) as conn:
+        assert again.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]
+
+
+def test_a_store_from_before_the_tombstones_downloads_from_0_once(central: str, tmp_path: Path) -> None:
+    """A central from before its tombstones recorded no deletion: a store whose cursor is older
+    mirrors it once, and then goes on from its cursor."""
+    _add_projects(central, "kept", "gone")
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    with psycopg.connect(central, autocommit=True) as conn:  # the central before flowyard recorded deletions
+        conn.execute("DROP TABLE devflow.project_deletions")
+        conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+        conn.execute("DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted")
+        conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'gone'")
+    central_store.ensure_schema(central)
+    _count_saved_snapshots(store)
+    again = sync_device(
+        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
+    )
+    assert (again.error, _held(store), again.download_cursor) == (None, ({"kept"}, 1), _newest_tombstone(central))
+    sync_device(store, IDENTITY, SyncOptions(central), download_since=again.download_cursor, download_central=first.download_central)
+    assert _held(store) == ({"kept"}, 1)
 
 
 def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: str, tmp_path: Path) -> None:
@@ -873,20 +967,12 @@ def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: s
     finally:
         session.close()
     with device_store.open_store(store) as conn:  # the run killed after saving its first page
-        device_store.save_remote_status(
-            conn,
-            ((u.project_id, u.status, u.updated_at.isoformat(), u.device_id, u.seq) for u in first_page),
-            replace_for=here,
-        )
-        conn.execute("CREATE TABLE saved (project_id TEXT)")
-        conn.execute(
-            "CREATE TRIGGER count_saved AFTER INSERT ON remote_project_status "
-            "BEGIN INSERT INTO saved VALUES (NEW.project_id); END"
-        )
+        device_store.save_remote_status(conn, [u.store_row() for u in first_page], replace_for=here)
+    _count_saved_snapshots(store)
     report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0, download_central=here)
     with device_store.open_store(store) as conn:
         saved = conn.execute("SELECT count(*), count(DISTINCT project_id) FROM saved").fetchone()
-        held = device_store.snapshot_count(conn)
-    assert (report.error, report.download_central, held, saved) == (None, here, 2500, (1500, 1500))
+        held = conn.execute("SELECT count(*) FROM remote_project_status").fetchone()[0]
+    assert (report.error, report.download_central, held, saved) == (None, here, 2500, (1501, 1501))
     with psycopg.connect(central) as conn:
         assert report.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]
