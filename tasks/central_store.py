@@ -122,21 +122,20 @@ _IDENTITY_DDL = (
 # recorded, so a store whose cursor is below it downloads from 0 once (:data:`_RESUMABLE`).
 _DELETIONS = "devflow.project_deletions"
 _DELETIONS_DDL = (
-    f"SELECT pg_advisory_xact_lock({_SEQUENCER_LOCK})",
+    sql.SQL("SELECT pg_advisory_xact_lock({})").format(sql.Literal(_SEQUENCER_LOCK)),
     "CREATE TABLE devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)",
     "INSERT INTO devflow.project_deletions (seq) VALUES (nextval('devflow.change_seq'))",
-    # An integer constant is the only value formatted in, hence the noqa.
-    f"""
+    sql.SQL("""
     CREATE OR REPLACE FUNCTION devflow.project_status_lock() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        PERFORM pg_advisory_xact_lock({_SEQUENCER_LOCK});
+        PERFORM pg_advisory_xact_lock({lock});
         IF TG_OP = 'TRUNCATE' THEN  -- no transition table for TRUNCATE: every row goes
             INSERT INTO devflow.project_deletions (seq, project_id)
             SELECT nextval('devflow.change_seq'), project_id FROM devflow.project_status;
         END IF;
         RETURN NULL;
     END $$
-    """,  # noqa: S608
+    """).format(lock=sql.Literal(_SEQUENCER_LOCK)),
     """
     CREATE OR REPLACE FUNCTION devflow.project_status_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
