@@ -885,6 +885,13 @@ def _newest_tombstone(url: str) -> int:
         return conn.execute("SELECT max(seq) FROM devflow.project_deletions").fetchone()[0]
 
 
+def _sync_on(store: Path, central: str, before: DeviceReport) -> DeviceReport:
+    """The next run's sync of ``store``, downloading from where ``before`` left its cursor."""
+    return sync_device(
+        store, IDENTITY, SyncOptions(central), download_since=before.download_cursor, download_central=before.download_central
+    )
+
+
 def test_a_project_deleted_in_central_leaves_the_stores_by_its_tombstone_alone(central: str, tmp_path: Path) -> None:
     """A deleted project has no later change to download: flowyard counted central's projects on
     every download (a scan of them all) and, on finding fewer than the store held, downloaded every
@@ -898,14 +905,10 @@ def test_a_project_deleted_in_central_leaves_the_stores_by_its_tombstone_alone(c
     with psycopg.connect(central, autocommit=True) as conn:
         conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'p7'")
     _add_projects(central, "new")
-    again = sync_device(
-        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
-    )
+    again = _sync_on(store, central, first)
     remaining = (projects - {"p7"}) | {IDENTITY.project_id, "new"}
     assert (again.error, _held(store)) == (None, (remaining, 1))
-    later = sync_device(
-        store, IDENTITY, SyncOptions(central), download_since=again.download_cursor, download_central=first.download_central
-    )
+    later = _sync_on(store, central, again)
     assert (later.download_cursor, _held(store)) == (again.download_cursor, (remaining, 1))
 
 
@@ -918,9 +921,7 @@ def test_a_project_deleted_and_created_again_keeps_its_new_snapshot(central: str
     with psycopg.connect(central, autocommit=True) as conn:
         conn.execute("DELETE FROM devflow.project_status WHERE project_id IN ('again', 'gone')")
     _add_projects(central, "again")
-    again = sync_device(
-        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
-    )
+    again = _sync_on(store, central, first)
     assert (again.error, _held(store)) == (None, ({"again", "stays"}, 1))
     with psycopg.connect(central) as conn:
         assert again.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]
@@ -940,11 +941,9 @@ def test_a_store_from_before_the_tombstones_downloads_from_0_once(central: str, 
         conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'gone'")
     central_store.ensure_schema(central)
     _count_saved_snapshots(store)
-    again = sync_device(
-        store, IDENTITY, SyncOptions(central), download_since=first.download_cursor, download_central=first.download_central
-    )
+    again = _sync_on(store, central, first)
     assert (again.error, _held(store), again.download_cursor) == (None, ({"kept"}, 1), _newest_tombstone(central))
-    sync_device(store, IDENTITY, SyncOptions(central), download_since=again.download_cursor, download_central=first.download_central)
+    _sync_on(store, central, again)
     assert _held(store) == ({"kept"}, 1)
 
 
