@@ -702,16 +702,14 @@ def claim_ready(
     return [_task(r) for r in rows]
 
 
-_UNPLANNABLE_TABLES = sql.SQL(
-    """
+_UNPLANNABLE_TABLES = """
     SELECT s.schemaname, s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
      WHERE s.relid IN ('flowyard.agent_tasks'::regclass, 'flowyard.agent_task_blocks'::regclass)
        AND (coalesce(s.last_analyze, s.last_autoanalyze) IS NULL
             OR s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
                + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0))
      ORDER BY s.relname
-    """
-)
+"""
 
 
 def analyse_if_stale(url: str) -> list[str]:

@@ -885,6 +885,12 @@ def _newest_tombstone(url: str) -> int:
         return conn.execute("SELECT max(seq) FROM devflow.project_deletions").fetchone()[0]
 
 
+def _delete_projects(url: str, *project_ids: str) -> None:
+    """Delete projects in central, as its owner would (their tombstones follow)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM devflow.project_status WHERE project_id = ANY(%s)", (list(project_ids),))
+
+
 def _sync_on(store: Path, central: str, before: DeviceReport) -> DeviceReport:
     """The next run's sync of ``store``, downloading from where ``before`` left its cursor."""
     return sync_device(
@@ -902,8 +908,7 @@ def test_a_project_deleted_in_central_leaves_the_stores_by_its_tombstone_alone(c
     store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
     first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
     _count_saved_snapshots(store)
-    with psycopg.connect(central, autocommit=True) as conn:
-        conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'p7'")
+    _delete_projects(central, "p7")
     _add_projects(central, "new")
     again = _sync_on(store, central, first)
     remaining = (projects - {"p7"}) | {IDENTITY.project_id, "new"}
@@ -918,8 +923,7 @@ def test_a_project_deleted_and_created_again_keeps_its_new_snapshot(central: str
     store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
     first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
     _count_saved_snapshots(store)
-    with psycopg.connect(central, autocommit=True) as conn:
-        conn.execute("DELETE FROM devflow.project_status WHERE project_id IN ('again', 'gone')")
+    _delete_projects(central, "again", "gone")
     _add_projects(central, "again")
     again = _sync_on(store, central, first)
     assert (again.error, _held(store)) == (None, ({"again", "stays"}, 1))
