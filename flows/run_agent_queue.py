@@ -112,8 +112,11 @@ def run_agent_queue(
     for task_id, error in recovery.failed.items():
         logger.error("task %s failed: %s", task_id, error)
     # a queue filled since its tables were last analysed (if ever) had each claim sort every pending task
-    if analysed := queue.analyse_if_stale(url):
-        logger.info("analysed %s: their statistics were missing or out of date", ", ".join(analysed))
+    statistics = queue.analyse_if_stale(url)
+    if statistics.analysed:
+        logger.info("analysed %s: their statistics were missing or out of date", ", ".join(statistics.analysed))
+    if statistics.advice:
+        logger.warning(statistics.advice)
     attempt = _attempt_tasks(retries)
     cancel = CancelWatch()
     released: list[int] | None = None

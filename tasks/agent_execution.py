@@ -520,7 +520,8 @@ def _gives_up(error: BaseException) -> bool:
 def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     """One attempt of a queued task, run by the fleet of flow run ``worker``. Returns the task's
     outcome and last checkpoint (the Prefect result); raises :class:`AgentFailed` on failure
-    or timeout so Prefect retries it.
+    or timeout so Prefect retries it, unless the attempt no longer held its task (cancelled, or
+    recovered by another run): that is reported ``cancelled`` or ``released``, never retried.
 
     The fleet's :class:`AgentSetup` is looked up, not passed: Prefect walks every task
     parameter on every attempt (for futures and task inputs), and the worker id is all it
@@ -591,7 +592,8 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
             )
             final = failure is not None and _gives_up(failure)
             moved = _finish(setup, task_id, attempt, run_id, outcome, final=final)
-            if failure is None or final:  # no retry follows: the agent's slot is free
+            # a failure raised is retried unless final; one whose end was not taken is not raised
+            if failure is None or final or moved is None:  # no retry follows: the agent's slot is free
                 current.free_slot(task_id)
     except _Stopping:
         setup.patiently(
@@ -612,7 +614,11 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
         if process is not None and process.pgid is not None:
             current.reaper.unwatch(process.pgid)
         current.remove(task_id)
-    if failure is not None:
+    # A failure whose end was not taken (another run's recovery closed the attempt, its task
+    # handed back and maybe running elsewhere, or the user cancelled the task) is not raised:
+    # Prefect retried an attempt of a task no longer this worker's, and the run reported failed
+    # a task that was not. It is reported as a late completed end is.
+    if failure is not None and moved is not None:
         raise failure
     # the task moved as the attempt's end said; else that end was not taken, and the run says why
     reported = outcome.outcome if moved is not None else setup.patiently(lambda: _reported_outcome(url, run_id, outcome.outcome))
@@ -628,7 +634,7 @@ def _reported_outcome(url: str, run_id: int, outcome: str) -> str:
     One another run's recovery closed first (this worker silent past its lease, its task handed
     back and maybe running elsewhere) is ``released``, as a task reclaimed while Prefect waited to
     retry is: its agent's end was not taken (see :func:`queue.finish_attempt`), and reporting it
-    ``completed`` told of a task that was not."""
+    ``completed`` (or ``failed``) told of a task that was not."""
     recorded, status = queue.attempt_end(url, run_id)
     if status == "cancelled":
         return "cancelled"

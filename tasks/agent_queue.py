@@ -703,30 +703,71 @@ def claim_ready(
 
 
 _UNPLANNABLE_TABLES = """
-    SELECT s.schemaname, s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+    SELECT s.schemaname, s.relname,
+           pg_has_role(d.datdba, 'USAGE')
+           OR CASE WHEN current_setting('server_version_num')::int >= 170000
+                   THEN has_table_privilege(c.oid, 'MAINTAIN') ELSE pg_has_role(c.relowner, 'USAGE') END
+      FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+      JOIN pg_database d ON d.datname = current_database()
      WHERE s.relid IN ('flowyard.agent_tasks'::regclass, 'flowyard.agent_task_blocks'::regclass)
        AND (coalesce(s.last_analyze, s.last_autoanalyze) IS NULL
             OR s.n_mod_since_analyze > current_setting('autovacuum_analyze_threshold')::float8
                + current_setting('autovacuum_analyze_scale_factor')::float8 * greatest(c.reltuples, 0))
      ORDER BY s.relname
 """
+"""The queue tables :func:`analyse_if_stale` would analyse, and whether this role may: the
+database's owner may (its tables are never shared), else, from PostgreSQL 17, a role with the
+``MAINTAIN`` privilege (the owner's, unless revoked; ``pg_maintain``'s members), and before 17 the
+table's owner; a superuser always. ``MAINTAIN`` is only looked up on a server that knows it."""
 
 
-def analyse_if_stale(url: str) -> list[str]:
+@dataclass(frozen=True)
+class Statistics:
+    """What :func:`analyse_if_stale` did: the tables it analysed, and those it needed to but the
+    role may not analyse, with what to do about them (None when there are none)."""
+
+    analysed: list[str]
+    not_permitted: list[str]
+    advice: str | None
+
+
+def analyse_if_stale(url: str) -> Statistics:
     """ANALYZE the tables :func:`claim_ready` plans over when they have no statistics, or ones
-    autovacuum would now renew: returns the tables analysed. Without them (a queue just filled by
-    many ``queue create`` or a bulk insert, or filled since it was analysed empty, as a new
-    install's first drain leaves it) the planner guessed that almost no task is pending and sorted
-    every pending task for each claim (8 ms a claim at 5,000 tasks, 75 ms at 50,000, against 1 ms
-    walking the ready index) until autovacuum got to them, about a minute later. Once per run, before
-    its first claim; ``SKIP_LOCKED`` leaves a table that autovacuum (or another run) is analysing to
-    it, and a role that does not own the tables gets the server's warning, not an error."""
+    autovacuum would now renew. Without them (a queue just filled by many ``queue create`` or a
+    bulk insert, or filled since it was analysed empty, as a new install's first drain leaves it)
+    the planner guessed that almost no task is pending and sorted every pending task for each claim
+    (8 ms a claim at 5,000 tasks, 75 ms at 50,000, against 1 ms walking the ready index) until
+    autovacuum got to them, about a minute later. Once per run, before its first claim;
+    ``SKIP_LOCKED`` leaves a table that autovacuum (or another run) is analysing to it.
+
+    A table the role may not analyse (it does not own it, nor on PostgreSQL 17+ has ``MAINTAIN``
+    on it) is left out and reported: the server only warned and skipped it, and the run said it
+    had analysed it, every run, while its claims stayed slow."""
     with _connection(url) as conn:
-        tables = [(str(schema), str(name)) for schema, name in conn.execute(_UNPLANNABLE_TABLES)]
-        if tables:
-            names = sql.SQL(", ").join(sql.Identifier(*table) for table in tables)
+        rows = conn.execute(_UNPLANNABLE_TABLES).fetchall()
+        permitted = [(str(schema), str(name)) for schema, name, may in rows if may]
+        if permitted:
+            names = sql.SQL(", ").join(sql.Identifier(*table) for table in permitted)
             conn.execute(sql.SQL("ANALYZE (SKIP_LOCKED) {}").format(names))
-    return [".".join(table) for table in tables]
+        maintain = conn.info.server_version >= 170000
+        role = sql.Identifier(conn.info.user).as_string(conn)
+    refused = [f"{schema}.{name}" for schema, name, may in rows if not may]
+    advice = _analyse_advice(refused, role, maintain=maintain) if refused else None
+    return Statistics([".".join(table) for table in permitted], refused, advice)
+
+
+def _analyse_advice(tables: list[str], role: str, *, maintain: bool) -> str:
+    """The one line saying that ``role`` (quoted as SQL needs it) may not analyse ``tables``, and
+    what to do about it; ``maintain``: the server has the ``MAINTAIN`` privilege (PostgreSQL 17+)."""
+    names = ", ".join(tables)
+    if maintain:
+        fix = f"GRANT MAINTAIN ON TABLE {names} TO {role}"
+    else:
+        fix = "run the worker as their owner (before PostgreSQL 17 only it, the database owner or a superuser may)"
+    return (
+        f"could not analyse {names}: role {role} may not; claims sort every pending task until "
+        f"autovacuum analyses them (within about a minute); to let runs do it: {fix}"
+    )
 
 
 def waiting_for_agents(url: str, agent_types: Collection[str]) -> dict[int, str]:

@@ -1226,6 +1226,49 @@ def test_a_task_cancelled_while_its_agent_runs_is_reported_cancelled(tmp_path: P
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
 
 
+LATE_FAILURE_AGENT = textwrap.dedent(
+    """
+    import os, sys
+
+    sys.path.insert(0, sys.argv[3])
+    from tasks import agent_queue as queue
+
+    url, how = sys.argv[1], sys.argv[2]
+    task_id, worker = int(os.environ["FLOWYARD_TASK_ID"]), os.environ["FLOWYARD_WORKER"]
+    if how == "recovered":  # another run's recovery, this worker silent past its lease, then another claim
+        queue.release_task(url, task_id, worker, f"recovered: worker {worker} is gone")
+        queue.claim_ready(url, "elsewhere", 1)
+    else:
+        queue.cancel_task(url, task_id)
+    print("disk on fire", file=sys.stderr)
+    sys.exit(3)
+    """
+)
+
+
+@pytest.mark.parametrize("retries", [0, 1], ids=["final", "not-final"])
+@pytest.mark.parametrize(("how", "reported"), [("recovered", "released"), ("cancelled", "cancelled")])
+def test_a_late_failure_of_an_attempt_no_longer_holding_its_task_is_not_retried_nor_reported_failed(
+    tmp_path: Path, qdb: str, retries: int, how: str, reported: str
+) -> None:
+    """An agent that failed after its attempt lost the task (another run's recovery closed it and
+    handed the task on, or the user cancelled it): the run raised the failure, so Prefect retried
+    an attempt of a task no longer its worker's, and after its last attempt the run reported
+    ``failed`` a task running elsewhere or cancelled. It is reported as a late completed end is."""
+    task_id = queue.create_task(qdb, queue.NewTask(title="late", agent_type="late"))
+    agents = {"late": {"argv": [sys.executable, "-c", LATE_FAILURE_AGENT, qdb, how, str(ROOT)]}}
+    state = run_agent_queue(max_agents=1, agents=agents, retries=retries, return_state=True, **_kw(tmp_path, qdb))
+    assert state.result()["outcomes"] == {task_id: reported}
+    [run] = recorded_task_runs(state, "agent-", 1)
+    assert (run.state.is_completed(), run.run_count) == (True, 1), run.state
+    assert (run.state.result()["attempt"], run.state.result()["outcome"]) == (1, reported)
+    task = queue.get_task(qdb, task_id)
+    expected = ("in_progress", "elsewhere") if how == "recovered" else ("cancelled", None)
+    assert (task.status, task.worker) == expected
+    closed = "interrupted" if how == "recovered" else "failed"
+    assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, closed)]
+
+
 def test_a_task_waiting_for_a_draft_dependency_says_why_without_failing(tmp_path: Path, qdb: str) -> None:
     draft = queue.create_task(qdb, _new("draft dep", {"steps": 1}, draft=True))
     child = queue.create_task(qdb, _new("needs draft", {"steps": 1}, (draft,)))

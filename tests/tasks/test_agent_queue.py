@@ -29,6 +29,7 @@ from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
 from tasks.state import migration_config, state_url
+from tests.conftest import Role
 from tests.outage_support import outage_proxy
 
 
@@ -1008,7 +1009,7 @@ def test_a_queue_filled_since_it_was_analysed_is_analysed_so_claims_walk_the_rea
             name = sql.Identifier("flowyard", table)
             conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(name))
     if before == "analysed-empty":
-        assert queue.analyse_if_stale(qdb) == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
+        assert queue.analyse_if_stale(qdb).analysed == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
     with connection(qdb) as conn:
         conn.execute(
             "INSERT INTO flowyard.agent_tasks (title, agent_type, priority) "
@@ -1021,12 +1022,54 @@ def test_a_queue_filled_since_it_was_analysed_is_analysed_so_claims_walk_the_rea
         )
         conn.execute("SELECT pg_stat_force_next_flush()")  # what the run reads, as the inserting session ends
     assert any(n["Node Type"] == "Sort" for n in _ready_plan(qdb)), "the planner no longer misjudges such a queue"
-    assert queue.analyse_if_stale(qdb) == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
+    assert queue.analyse_if_stale(qdb).analysed == ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
     plan = _ready_plan(qdb)
     assert not any(n["Node Type"] == "Sort" for n in plan)
     assert any(n["Node Type"] == "Index Scan" and n.get("Index Name") == "agent_tasks_ready" for n in plan)
-    assert queue.analyse_if_stale(qdb) == []
+    assert queue.analyse_if_stale(qdb) == queue.Statistics([], [], None)
     assert [t.priority for t in queue.claim_ready(qdb, "w1", 2, ["reference"])] == ["critical", "critical"]
+
+
+def _never_analysed(url: str) -> list[str]:
+    with connection(url) as conn:
+        rows = conn.execute(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = 'flowyard' "
+            "AND relname IN ('agent_tasks', 'agent_task_blocks') AND last_analyze IS NULL ORDER BY relname"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_a_role_that_may_not_analyse_the_queue_tables_is_told_what_to_do(limited_role: Role, qdb: str) -> None:
+    """A worker whose role does not own the queue tables (nor, on PostgreSQL 17+, has MAINTAIN on
+    them): the server skipped them with a warning, and the run said it had analysed them, every
+    run, while its claims stayed slow. Only the tables the role may analyse are analysed; the others
+    are named, with what to do."""
+    role = sql.Identifier(limited_role.name)
+    with connection(qdb) as conn:
+        for table in ("agent_tasks", "agent_task_blocks"):  # autovacuum must not get to them first
+            name = sql.Identifier("flowyard", table)
+            conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(name))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA flowyard TO {}").format(role))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA flowyard TO {}").format(role))
+        maintain = conn.info.server_version >= 170000
+    worker_url = limited_role.url(qdb)
+    statistics = queue.analyse_if_stale(worker_url)
+    both = ["flowyard.agent_task_blocks", "flowyard.agent_tasks"]
+    assert (statistics.analysed, statistics.not_permitted) == ([], both)
+    assert statistics.advice is not None and "\n" not in statistics.advice
+    quoted = f'"{limited_role.name}"'  # as SQL takes it
+    assert statistics.advice.startswith(f"could not analyse {', '.join(both)}: role {quoted} may not;")
+    assert "autovacuum" in statistics.advice
+    if not maintain:
+        assert statistics.advice.endswith("the database owner or a superuser may)")
+        return
+    assert statistics.advice.endswith(f"GRANT MAINTAIN ON TABLE {', '.join(both)} TO {quoted}")
+    assert _never_analysed(qdb) == ["agent_task_blocks", "agent_tasks"]
+    with connection(qdb) as conn:
+        conn.execute(sql.SQL("GRANT MAINTAIN ON TABLE flowyard.agent_tasks TO {}").format(role))
+    statistics = queue.analyse_if_stale(worker_url)
+    assert (statistics.analysed, statistics.not_permitted) == (["flowyard.agent_tasks"], ["flowyard.agent_task_blocks"])
+    assert _never_analysed(qdb) == ["agent_task_blocks"]
 
 
 def test_a_late_end_of_an_attempt_recovery_closed_leaves_it_closed(qdb: str) -> None:
