@@ -26,7 +26,8 @@
   download "everything after cursor N" without missing a row committed late.
 - A snapshot deleted in central (``DELETE``, ``TRUNCATE``) leaves a tombstone in
   ``devflow.project_deletions`` (:data:`_DELETIONS_DDL`), numbered by ``change_seq`` under the
-  same lock, so a download sees deletions and changes in one seq order.
+  same lock, so a download sees deletions and changes in one seq order. Every path locks the
+  snapshot table before that lock.
 - ``devflow.central_identity`` holds the database's random id: a cursor counts in one
   central's ``change_seq``, and means nothing in another (``--central-url``), where the
   download must start again from 0.
@@ -117,14 +118,18 @@ _IDENTITY_DDL = (
 # change, so without them a store kept its snapshot for good. A statement trigger takes the
 # sequencer lock before the DELETE (or TRUNCATE) locks any row, in the order an upload takes them
 # (lock, then rows: the other order deadlocks with an upload of a deleted project), and the
-# tombstones' seqs are then in commit order with every snapshot change. The first row, of no
-# project, marks where tombstones start: a deletion before it (a central from before them) was not
-# recorded, so a store whose cursor is below it downloads from 0 once (:data:`_RESUMABLE`).
+# tombstones' seqs are then in commit order with every snapshot change. Every path takes the
+# snapshot table's lock before the sequencer lock (:data:`_SEQUENCE_SNAPSHOTS`; a DELETE or TRUNCATE
+# locks its table before its trigger runs; here, CREATE TRIGGER does): a TRUNCATE took the table
+# and waited for the lock an upload held, which then waited for the table, and PostgreSQL aborted
+# one of them. The first row, of no project, marks where tombstones start: a deletion before it (a
+# central from before them, or one made while a trigger was missing) was not recorded, so a store
+# whose cursor is below it downloads from 0 once (:data:`_RESUMABLE`); tombstones older than a new
+# first row tell a store nothing, and are deleted with its insert.
 _DELETIONS = "devflow.project_deletions"
+_DELETION_TRIGGERS = ("project_status_lock", "project_status_deleted")
 _DELETIONS_DDL = (
-    sql.SQL("SELECT pg_advisory_xact_lock({})").format(sql.Literal(_SEQUENCER_LOCK)),
-    "CREATE TABLE devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)",
-    "INSERT INTO devflow.project_deletions (seq) VALUES (nextval('devflow.change_seq'))",
+    "CREATE TABLE IF NOT EXISTS devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)",
     sql.SQL("""
     CREATE OR REPLACE FUNCTION devflow.project_status_lock() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -148,7 +153,25 @@ _DELETIONS_DDL = (
     "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_lock()",
     "CREATE OR REPLACE TRIGGER project_status_deleted AFTER DELETE ON devflow.project_status REFERENCING OLD TABLE AS gone "
     "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_deleted()",
+    sql.SQL("SELECT pg_advisory_xact_lock({})").format(sql.Literal(_SEQUENCER_LOCK)),
+    "DELETE FROM devflow.project_deletions",
+    "INSERT INTO devflow.project_deletions (seq) VALUES (nextval('devflow.change_seq'))",
 )
+
+# Whether the tombstones' table is there and both triggers fire (a trigger disabled, or firing only
+# in replica mode, records nothing either): one catalog lookup per schema step, which runs the DDL
+# above only when something is missing, since CREATE TRIGGER locks out every upload of a snapshot.
+_DELETIONS_READY = """
+SELECT to_regclass('devflow.project_deletions') IS NOT NULL
+   AND (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'devflow.project_status'::regclass
+        AND tgname = ANY(%(names)s) AND tgenabled IN ('O', 'A')) = cardinality(%(names)s::text[])
+"""
+
+# Every snapshot change takes its seq under the sequencer lock, after the snapshot table's lock (see
+# :data:`_DELETIONS_DDL`), in one round trip.
+_SEQUENCE_SNAPSHOTS = sql.SQL(
+    "LOCK TABLE devflow.project_status IN ROW EXCLUSIVE MODE; SELECT pg_advisory_xact_lock({})"
+).format(sql.Literal(_SEQUENCER_LOCK))
 
 # The origin key, added in place to registries created before it existed. The origin is
 # NULL on keys an older version registered until the backfill; of events already stored
@@ -408,15 +431,20 @@ def ensure_schema(url: str) -> None:
             conn.execute(_STATUS_LOCAL_ID_UPGRADE)
         for statement in _IDENTITY_DDL:
             conn.execute(statement)
-        if one_row(conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is None:
+        if not one_row(conn, _DELETIONS_READY, {"names": list(_DELETION_TRIGGERS)})[0]:
             _create_tombstones(conn)
 
 
 def _create_tombstones(conn: psycopg.Connection) -> None:
-    """Create :data:`_DELETIONS_DDL`. A role that neither owns ``devflow.project_status`` nor has
-    TRIGGER on it (a DBA made the table) cannot: without tombstones its stores would keep deleted
-    projects for good, so that is one line naming the grant instead, still the privilege error it
-    is (central answered, and refuses every batch alike until the grant)."""
+    """Create :data:`_DELETIONS_DDL`, or restore a trigger a DBA dropped or disabled (or a restore
+    left out): created only with their table, a dropped trigger was never restored, and deletions
+    stopped reaching the stores for good. Deletions made meanwhile were not recorded, so the record
+    starts again, and every store downloads from 0 once.
+
+    A role that neither owns ``devflow.project_status`` nor has TRIGGER on it (a DBA made the
+    table) cannot: without tombstones its stores would keep deleted projects for good, so that is
+    one line naming the grant instead, still the privilege error it is (central answered, and
+    refuses every batch alike until the grant)."""
     try:
         for statement in _DELETIONS_DDL:
             conn.execute(statement)
@@ -501,7 +529,11 @@ def _partition_name(month: date) -> str:
 # the bounds it was attached with, whatever its name: flowyard's (``events_y2026m12``, or
 # ``events_y2026m12_1`` when a detached table kept the name), a DBA's (pg_partman's
 # ``events_p2026_12``, a quarter, a MINVALUE/MAXVALUE range). pg_get_expr writes a bound in the
-# session's time zone (UTC) and style, which the cast reads back; a DEFAULT partition has none.
+# session's time zone (UTC) and style, which the cast reads back; a DEFAULT partition has none. A
+# month no range covers whose rows a DEFAULT partition holds already is that partition's too (only
+# it can hold them): creating one for it is refused, after an ACCESS EXCLUSIVE lock on
+# devflow.events that waited behind every open reader, with every upload queued behind it, in
+# every session. Reading the month's rows takes no such lock.
 _COVERED_MONTHS = r"""
 WITH ranges AS (
     SELECT CASE b[1] WHEN 'MINVALUE' THEN '-infinity' ELSE btrim(b[1], '''') END::timestamptz AS lower,
@@ -512,6 +544,7 @@ WITH ranges AS (
 )
 SELECT m FROM unnest(%s::date[]) m
 WHERE EXISTS (SELECT FROM ranges WHERE lower < m + interval '1 month' AND upper > m)
+   OR EXISTS (SELECT FROM devflow.events WHERE occurred_at >= m AND occurred_at < m + interval '1 month')
 """
 
 
@@ -707,7 +740,7 @@ class CentralSession:
             inserted = one_row(self.conn, _INSERT_EVENTS)[0]
             changes = 0
             if has_status:
-                self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SEQUENCER_LOCK,))
+                self.conn.execute(_SEQUENCE_SNAPSHOTS)
                 changes = one_row(self.conn, _UPSERT_STATUS, (STATUS_EVENT,))[0]
         return UploadResult(inserted, len(rows) - inserted, changes)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -566,6 +566,28 @@ def test_a_month_a_dbas_partition_covers_is_not_created_by_every_session(central
     assert _partitions(central) == {"events_p2026_12": 1}
 
 
+def test_a_month_the_default_partition_holds_takes_no_lock_readers_hold_up(central: str) -> None:
+    """Every session tried to create the month's partition, which PostgreSQL refuses while the
+    DEFAULT partition holds rows of it, but only after an ACCESS EXCLUSIVE lock on devflow.events:
+    behind any open reader, with every other upload queued behind it."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("CREATE TABLE devflow.events_default PARTITION OF devflow.events DEFAULT")
+    assert _upload(central, [_row(_ms(2026, 5, 5))]).inserted == 1
+    with psycopg.connect(central, autocommit=True) as conn:  # a DBA moves the month into DEFAULT
+        conn.execute("ALTER TABLE devflow.events DETACH PARTITION devflow.events_y2026m05")
+        conn.execute("INSERT INTO devflow.events SELECT * FROM devflow.events_y2026m05")
+    with psycopg.connect(central) as reader:
+        reader.execute("SELECT count(*) FROM devflow.events")  # a report's transaction, still open
+        session = CentralSession(central)
+        try:
+            session.conn.execute("SET lock_timeout = '2s'")  # waiting on the reader fails instead of hanging
+            session.conn.commit()
+            assert session.upload([_row(_ms(2026, 5, 6))]).inserted == 1
+        finally:
+            session.close()
+    assert _partitions(central) == {"events_default": 2}
+
+
 def test_deletions_and_a_truncate_download_as_tombstones_in_seq_order(central: str) -> None:
     """A deleted snapshot has no later change: without a tombstone no download learnt of it."""
     base = _ms(2026, 7, 1)
@@ -612,3 +634,78 @@ def test_a_deletion_and_an_upload_of_its_project_commit_in_seq_order(central: st
         other.close()
     assert [r.status_changes for r in results] == [1]
     assert [(u.project_id, u.status) for u in later] == [("p1", None), ("p1", '{"status": "two"}')]
+
+
+def _until_waiting(watch: psycopg.Connection, running: Future[object], pid: int | None = None) -> None:
+    """Until backend ``pid`` (or any backend of this database) waits for a lock, or ``running`` ended."""
+    waiting = (
+        "SELECT EXISTS (SELECT FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+        "WHERE NOT l.granted AND d.datname = current_database() AND (%(pid)s::int IS NULL OR l.pid = %(pid)s))"
+    )
+    while not running.done() and not watch.execute(waiting, {"pid": pid}).fetchone()[0]:
+        threading.Event().wait(0.01)
+
+
+def test_a_truncate_and_an_upload_queued_behind_a_deletion_both_commit_in_seq_order(central: str) -> None:
+    """An upload took the sequencer lock before the snapshot table, a TRUNCATE (its trigger) the
+    table before the lock: queued behind a DBA's open DELETE, both were granted at its commit, each
+    then waited for the other, and PostgreSQL aborted one ("deadlock detected"): an upload batch
+    failed, or the DBA's TRUNCATE. Every path now takes the table first, then the lock."""
+    base = _ms(2026, 7, 1)
+    session, uploader = CentralSession(central), CentralSession(central)
+    try:
+        session.upload([_status("a", base, "one", "p1"), _status("a", base, "two", "p2")])
+        cursor = max(u.seq for u in session.download_updates(0))
+        with (
+            psycopg.connect(central) as dba,
+            psycopg.connect(central, autocommit=True) as truncator,
+            psycopg.connect(central, autocommit=True) as watch,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'p1'")
+            upload = pool.submit(uploader.upload, [_status("b", base + 1, "three", "p3")])
+            _until_waiting(watch, upload, uploader.conn.info.backend_pid)
+            truncate = pool.submit(truncator.execute, "TRUNCATE devflow.project_status")
+            _until_waiting(watch, truncate, truncator.info.backend_pid)
+            dba.commit()
+            assert upload.result().status_changes == 1
+            truncate.result()
+        later = session.download_updates(cursor)
+    finally:
+        session.close()
+        uploader.close()
+    seqs = [u.seq for u in later]
+    assert seqs == sorted(seqs)  # the TRUNCATE, committed last, took the last seqs: p3's snapshot is gone too
+    changes = [(u.project_id, u.status) for u in later]
+    assert changes[0] == ("p1", None) and sorted(changes[1:]) == [("p2", None), ("p3", None)]
+
+
+def test_a_trigger_restored_while_a_snapshot_uploads_deadlocks_neither(central: str) -> None:
+    """Restoring a dropped trigger locks the snapshot table (CREATE TRIGGER) before the sequencer
+    lock, as an upload does: queued behind a DBA's open DELETE, the other order deadlocked with an
+    upload holding the table and waiting for the lock."""
+    session = CentralSession(central)
+    try:
+        session.upload([_status("a", _ms(2026, 7, 1), "one", "p1")])
+        with psycopg.connect(central, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+        with (
+            psycopg.connect(central) as dba,
+            psycopg.connect(central, autocommit=True) as watch,
+            ThreadPoolExecutor(2) as pool,
+        ):
+            dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'p1'")
+            schema = pool.submit(central_store.ensure_schema, central)
+            _until_waiting(watch, schema)
+            upload = pool.submit(session.upload, [_status("b", _ms(2026, 7, 2), "two", "p2")])
+            _until_waiting(watch, upload, session.conn.info.backend_pid)
+            dba.commit()
+            schema.result()
+            assert upload.result().status_changes == 1
+        assert [(u.project_id, u.status) for u in session.download_updates(0)] == [
+            (None, None), ("p2", '{"status": "two"}')
+        ]
+    finally:
+        session.close()
+    assert _scalar(central, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'devflow.project_status'::regclass "
+                   "AND tgname = 'project_status_deleted'") == 1

@@ -951,6 +951,37 @@ def test_a_store_from_before_the_tombstones_downloads_from_0_once(central: str, 
     assert _held(store) == ({"kept"}, 1)
 
 
+@pytest.mark.parametrize(
+    "unrecorded",
+    [
+        "DROP TRIGGER project_status_deleted ON devflow.project_status",
+        "ALTER TABLE devflow.project_status DISABLE TRIGGER project_status_deleted",
+        "DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted CASCADE",
+    ],
+)
+def test_a_tombstone_trigger_a_dba_dropped_is_restored_and_the_stores_drop_what_it_missed(
+    central: str, tmp_path: Path, unrecorded: str
+) -> None:
+    """The schema step created the triggers only with their table: one a DBA dropped or disabled
+    (or a restore left out) was never restored, and deletions stopped reaching the stores for good.
+    The next run restores it; a deletion made meanwhile was not recorded, so every store downloads
+    from 0 once, and only once."""
+    _add_projects(central, "kept", "gone", "later")
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(unrecorded)
+    _delete_projects(central, "gone")
+    central_store.ensure_schema(central)  # the next run's schema step
+    _count_saved_snapshots(store)
+    again = _sync_on(store, central, first)
+    assert (again.error, _held(store)) == (None, ({"kept", "later"}, 2))
+    _delete_projects(central, "later")
+    central_store.ensure_schema(central)  # nothing missing: the record goes on
+    last = _sync_on(store, central, again)
+    assert (last.error, _held(store), last.download_cursor) == (None, ({"kept"}, 2), _newest_tombstone(central))
+
+
 def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: str, tmp_path: Path) -> None:
     """Each page of a download is saved in its own SQLite transaction, but the cursor reaches the
     state database only at the run's end. A device killed after saving some pages (or whose run
