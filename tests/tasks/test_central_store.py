@@ -544,6 +544,20 @@ def test_a_partition_is_known_by_its_bounds_not_its_name(central: str) -> None:
     assert _partitions(central) == {"events_y2026m12": 1, "events_y2026m12_1": 1}
 
 
+def _upload_beside_a_reader(central: str, row: UploadRow) -> int:
+    """Upload ``row`` in a session that gives up after 2 s of waiting for a lock, while a report's
+    transaction holds devflow.events open: the number of events inserted."""
+    with psycopg.connect(central) as reader:
+        reader.execute("SELECT count(*) FROM devflow.events")
+        session = CentralSession(central)
+        try:
+            session.conn.execute("SET lock_timeout = '2s'")  # waiting on the reader fails instead of hanging
+            session.conn.commit()
+            return session.upload([row]).inserted
+        finally:
+            session.close()
+
+
 def test_a_month_a_dbas_partition_covers_is_not_created_by_every_session(central: str) -> None:
     """pg_partman names December's partition ``events_p2026_12``. Known by name, the month looked
     missing to every session, whose CREATE … PARTITION OF (refused as an overlap) first waited for
@@ -554,15 +568,7 @@ def test_a_month_a_dbas_partition_covers_is_not_created_by_every_session(central
             "CREATE TABLE devflow.events_p2026_12 PARTITION OF devflow.events "
             "FOR VALUES FROM ('2026-12-01 00:00+00') TO ('2027-01-01 00:00+00')"
         )
-    with psycopg.connect(central) as reader:
-        reader.execute("SELECT count(*) FROM devflow.events")  # a report's transaction, still open
-        session = CentralSession(central)
-        try:
-            session.conn.execute("SET lock_timeout = '2s'")  # waiting on the reader fails instead of hanging
-            session.conn.commit()
-            assert session.upload([_row(_ms(2026, 12, 5))]).inserted == 1
-        finally:
-            session.close()
+    assert _upload_beside_a_reader(central, _row(_ms(2026, 12, 5))) == 1
     assert _partitions(central) == {"events_p2026_12": 1}
 
 
@@ -576,15 +582,7 @@ def test_a_month_the_default_partition_holds_takes_no_lock_readers_hold_up(centr
     with psycopg.connect(central, autocommit=True) as conn:  # a DBA moves the month into DEFAULT
         conn.execute("ALTER TABLE devflow.events DETACH PARTITION devflow.events_y2026m05")
         conn.execute("INSERT INTO devflow.events SELECT * FROM devflow.events_y2026m05")
-    with psycopg.connect(central) as reader:
-        reader.execute("SELECT count(*) FROM devflow.events")  # a report's transaction, still open
-        session = CentralSession(central)
-        try:
-            session.conn.execute("SET lock_timeout = '2s'")  # waiting on the reader fails instead of hanging
-            session.conn.commit()
-            assert session.upload([_row(_ms(2026, 5, 6))]).inserted == 1
-        finally:
-            session.close()
+    assert _upload_beside_a_reader(central, _row(_ms(2026, 5, 6))) == 1
     assert _partitions(central) == {"events_default": 2}
 
 
