@@ -124,7 +124,7 @@ _IDENTITY_DDL = (
 # and waited for the lock an upload held, which then waited for the table, and PostgreSQL aborted
 # one of them. The first row, of no project, marks where tombstones start: a deletion before it (a
 # central from before them, or one made while a trigger was missing) was not recorded, so a store
-# whose cursor is below it downloads from 0 once (:data:`_RESUMABLE`); tombstones older than a new
+# whose cursor is below it downloads from 0 once (:class:`DownloadPage`); tombstones older than a new
 # first row tell a store nothing, and are deleted with its insert.
 _DELETIONS = "devflow.project_deletions"
 _DELETION_TRIGGERS = ("project_status_lock", "project_status_deleted")
@@ -385,27 +385,43 @@ class StatusUpdate:
         return self.project_id, self.status, updated_at, self.device_id, self.seq
 
 
+@dataclass(frozen=True)
+class DownloadPage:
+    """One page of a download, and where central's record of deletions started when it was read."""
+
+    updates: list[StatusUpdate]
+    record_start: int
+    """The seq of the tombstones' first row (0 for none): a deletion before it was not recorded, so
+    a cursor below it means nothing (:func:`tasks.sync_batches.download_into_store`)."""
+
+
+# A page, with the record's start read in the same statement (one snapshot): read apart, a record
+# started again between the two reads went unseen. A page with no change is one row of NULLs.
 _DOWNLOAD = """
-SELECT project_id, status, updated_at, device_id, seq FROM (
-    (SELECT project_id, status::text, updated_at, device_id, seq FROM devflow.project_status
-     WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
-    UNION ALL
-    (SELECT project_id, NULL, NULL, NULL, seq FROM devflow.project_deletions
-     WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
-) changes ORDER BY seq LIMIT %(limit)s
+SELECT start.seq, c.project_id, c.status, c.updated_at, c.device_id, c.seq
+FROM (SELECT coalesce(min(seq), 0) AS seq FROM devflow.project_deletions) start
+LEFT JOIN LATERAL (
+    SELECT * FROM (
+        (SELECT project_id, status::text AS status, updated_at, device_id, seq FROM devflow.project_status
+         WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
+        UNION ALL
+        (SELECT project_id, NULL, NULL, NULL, seq FROM devflow.project_deletions
+         WHERE seq > %(since)s ORDER BY seq LIMIT %(limit)s)
+    ) changes ORDER BY seq LIMIT %(limit)s
+) c ON true
+ORDER BY c.seq
 """
 
-# Whether a store's cursor (``since`` > 0) still counts here: false when tombstones start after it
-# (deletions before them went unrecorded), or when central no longer has the store's newest
-# snapshot, nor a tombstone of it (a restore from a backup, whose sequence restarts below the
-# device's cursor: the snapshots it takes next get seqs the device had passed, so a download from
-# that cursor missed them for good and kept projects central no longer has). A restore followed by
-# a new change of that very project before the device's next run goes unnoticed here.
+# Whether a store's cursor (``since`` > 0) still counts here: false when central no longer has the
+# store's newest snapshot, nor a tombstone of it (a restore from a backup, whose sequence restarts
+# below the device's cursor: the snapshots it takes next get seqs the device had passed, so a
+# download from that cursor missed them for good and kept projects central no longer has). A
+# restore followed by a new change of that very project before the device's next run goes unnoticed
+# here. A cursor below the tombstones' first row is the download's to notice, on every page.
 _RESUMABLE = """
-SELECT %(since)s >= (SELECT coalesce(min(seq), 0) FROM devflow.project_deletions)
-   AND (%(project)s::text IS NULL
-        OR EXISTS (SELECT FROM devflow.project_status WHERE project_id = %(project)s AND seq >= %(seq)s::bigint)
-        OR EXISTS (SELECT FROM devflow.project_deletions WHERE seq > %(seq)s::bigint AND project_id = %(project)s))
+SELECT %(project)s::text IS NULL
+    OR EXISTS (SELECT FROM devflow.project_status WHERE project_id = %(project)s AND seq >= %(seq)s::bigint)
+    OR EXISTS (SELECT FROM devflow.project_deletions WHERE seq > %(seq)s::bigint AND project_id = %(project)s)
 """
 
 
@@ -554,6 +570,25 @@ class CentralRefused(Exception):
     instead of being bisected into one failed event after another. The message names the fix."""
 
 
+class CentralBusy(Exception):
+    """A wait for a lock that central's ``lock_timeout`` (a DBA's setting for the sync role, the
+    database or the server) cut short: the batch waited for other devices' uploads of snapshots, a
+    partition being created or a DBA's open change. Central answered, so it is no outage (as
+    psycopg's OperationalError made it: an offline device, its download skipped); a later attempt
+    may get the lock. The message names the setting and how to raise it for the sync role only."""
+
+
+# The session's lock_timeout and where it comes from (pg_settings.source), in a DBA's words.
+_LOCK_TIMEOUT = "SELECT current_setting('lock_timeout'), source FROM pg_settings WHERE name = 'lock_timeout'"
+_SETTING_SOURCES = {
+    "user": "set for the role",
+    "database": "set for the database",
+    "database user": "set for the role in this database",
+    "configuration file": "set in postgresql.conf",
+    "client": "set in the central URL's options",
+}
+
+
 _FLOWYARD_COLUMNS = frozenset(
     {
         "seq", "sync_id", "local_id", "device_id", "user_id", "project_id", "event_type", "event_data",
@@ -640,7 +675,11 @@ class CentralSession:
         """Create the month partitions a batch needs (own short transaction, before the upload).
 
         Only months no partition covers are created, under the partition lock, after looking
-        again there: another session may have made them meanwhile."""
+        again there: another session may have made them meanwhile. The first look commits before
+        that lock is awaited: its read of ``devflow.events`` holds a lock on the table to the end
+        of its transaction, which the session creating a partition under the lock waited for
+        (CREATE takes an ACCESS EXCLUSIVE lock), while this one waited for the partition lock, and
+        PostgreSQL aborted one of them (two devices uploading the first events of a month)."""
         lo, hi = _month_range(timestamps_ms)
         if lo == hi and lo in self._months:
             return
@@ -648,7 +687,9 @@ class CentralSession:
         if not needed:
             return
         with self.conn.transaction():
-            if missing := needed - self._covered(needed):
+            missing = needed - self._covered(needed)
+        if missing:
+            with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
                 for month in sorted(missing - self._covered(missing)):
                     self._create_partition(month)
@@ -697,10 +738,32 @@ class CentralSession:
             return UploadResult(0, 0, 0)
         try:
             return self._upload(rows)
+        except psycopg.errors.LockNotAvailable as exc:
+            raise self._lock_timeout_refusal(exc) from None
         except psycopg.IntegrityError as exc:
             if (refusal := self._schema_refusal(exc)) is None:
                 raise
             raise refusal from None
+
+    def _lock_timeout_refusal(self, exc: psycopg.errors.LockNotAvailable) -> CentralBusy:
+        """``exc`` as :class:`CentralBusy`, naming the ``lock_timeout`` that cut the wait, where it is
+        set and the statement that raises it for the sync role alone (a setting for the role in this
+        database overrides the role's and the database's), leaving every other role's as it is."""
+        self.conn.rollback()
+        value, source = one_row(self.conn, _LOCK_TIMEOUT)
+        self.conn.rollback()
+        role = sql.Identifier(self.conn.info.user).as_string(self.conn)
+        database = sql.Identifier(self.conn.info.dbname).as_string(self.conn)
+        fix = (
+            "raise the lock_timeout in the options of the central URL, or drop it"
+            if source == "client"
+            else f"`ALTER ROLE {role} IN DATABASE {database} SET lock_timeout = '30s'` (0 waits as long as it takes)"
+        )
+        return CentralBusy(
+            f"{first_line(exc)}: central's lock_timeout for {role} is {value} ({_SETTING_SOURCES.get(source, source)}), shorter than "
+            f"an upload may wait for other devices' snapshot uploads, a new partition or a DBA's open change; "
+            f"for this role only, {fix}; the events are retried after their backoff"
+        )
 
     def _schema_refusal(self, exc: psycopg.IntegrityError) -> CentralRefused | None:
         """``exc`` as :class:`CentralRefused` when no event could pass, whatever its data: no
@@ -744,18 +807,18 @@ class CentralSession:
                 changes = one_row(self.conn, _UPSERT_STATUS, (STATUS_EVENT,))[0]
         return UploadResult(inserted, len(rows) - inserted, changes)
 
-    def resumable(self, since: int, snapshot: tuple[str, int] | None) -> bool:
-        """Whether a download may go on from the store's cursor ``since`` in this central, whose
-        newest downloaded snapshot is ``snapshot`` (:data:`_RESUMABLE`); False means from 0."""
+    def resumable(self, snapshot: tuple[str, int] | None) -> bool:
+        """Whether a download may go on from the cursor of a store whose newest downloaded snapshot
+        of this central is ``snapshot`` (:data:`_RESUMABLE`); False means from 0."""
         project, seq = snapshot or (None, None)
-        resumable = bool(one_row(self.conn, _RESUMABLE, {"since": since, "project": project, "seq": seq})[0])
+        resumable = bool(one_row(self.conn, _RESUMABLE, {"project": project, "seq": seq})[0])
         self.conn.commit()
         return resumable
 
-    def download_updates(self, since: int, limit: int = 1000) -> list[StatusUpdate]:
+    def download_updates(self, since: int, limit: int = 1000) -> DownloadPage:
         """Project status snapshots changed, and tombstones of those deleted, after cursor
         ``since``, in seq order (seed ``downloadUpdates``): each side's seq index reads ``limit``
         rows at most."""
         rows = self.conn.execute(_DOWNLOAD, {"since": since, "limit": limit}).fetchall()
         self.conn.commit()
-        return [StatusUpdate(*row) for row in rows]
+        return DownloadPage([StatusUpdate(*row[1:]) for row in rows if row[5] is not None], rows[0][0])

@@ -18,11 +18,10 @@ import re
 import shlex
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 import orjson
@@ -736,11 +735,25 @@ _PENDING_SQL = """
 """
 
 
+BATCH_DATA_CHARS = 64 * 2**20
+"""The event data a batch reads, at most, beyond its last event: a batch was ``limit`` events
+whatever their size, and a store of 1 MB events read 5,000 of them (5 GB, about 1.4 times that at
+the worker's peak) into memory at once."""
+
+
 def read_pending(
-    conn: sqlite3.Connection, after_id: float, limit: int, *, now_ms: int, force: bool = False
+    conn: sqlite3.Connection,
+    after_id: float,
+    limit: int,
+    *,
+    now_ms: int,
+    force: bool = False,
+    max_data_chars: int = BATCH_DATA_CHARS,
 ) -> list[LocalEvent]:
     """The next ``limit`` unsynced events after ``after_id`` (a local id, or :data:`BEFORE_FIRST_ID`
-    for the first batch), by local id.
+    for the first batch), by local id, fewer once their event data reaches ``max_data_chars``
+    characters (at least one event: SQLite holds none over 1 GB). SQLite reads rows as they are
+    fetched, so the events after that are not read at all.
 
     Failed events whose backoff has not elapsed are skipped unless ``force``. Each status is
     read as its own ordered range of ``idx_sync_status`` (status, id), so a batch costs
@@ -757,24 +770,33 @@ def read_pending(
     """
     params = {"after": after_id, "limit": limit, "force": force, "now": now_ms}
     try:
-        rows = conn.execute(_PENDING_SQL, params).fetchall()
+        return _fetch_up_to(conn.execute(_PENDING_SQL, params), max_data_chars)
     except sqlite3.OperationalError as exc:
         if not str(exc).startswith(_NOT_UTF8):
             raise
-        rows = _fetch_replacing_invalid_utf8(conn, _PENDING_SQL, params)
-    return rows
-
-
-def _fetch_replacing_invalid_utf8(
-    conn: sqlite3.Connection, query: str, params: Mapping[str, object]
-) -> list[Any]:
-    """The query's rows with every TEXT value decoded leniently; the connection's decoder is restored."""
     default = conn.text_factory
-    conn.text_factory = _decode_replacing
+    conn.text_factory = _decode_replacing  # the batch again, every TEXT value decoded leniently
     try:
-        return conn.execute(query, params).fetchall()
+        return _fetch_up_to(conn.execute(_PENDING_SQL, params), max_data_chars)
     finally:
         conn.text_factory = default
+
+
+def _fetch_up_to(rows: sqlite3.Cursor, max_data_chars: int) -> list[LocalEvent]:
+    """The cursor's events until their event data (the last column) reaches ``max_data_chars``. The
+    cursor is closed: a statement left unfinished holds the store's read lock, which the app's next
+    commit would wait for during the whole upload."""
+    batch: list[LocalEvent] = []
+    chars = 0
+    try:
+        for row in rows:
+            batch.append(row)
+            chars += len(row[-1] or "")
+            if chars >= max_data_chars:
+                break
+    finally:
+        rows.close()
+    return batch
 
 
 def _decode_replacing(raw: bytes) -> str:

@@ -27,7 +27,7 @@ from uuid import UUID
 import psycopg
 
 from tasks import device_store
-from tasks.central_store import CentralRefused, CentralSession, UploadResult, UploadRow
+from tasks.central_store import CentralBusy, CentralRefused, CentralSession, UploadResult, UploadRow
 from tasks.db import mask_url
 from tasks.device_store import Identity, LocalEvent
 from tasks.errors import ConnectionUnavailable, UserError, first_line
@@ -66,6 +66,8 @@ class SyncOptions:
     upload_attempts: int = 3
     reconnect_backoff_seconds: float = 0.5
     busy_timeout: float = device_store.DEFAULT_BUSY_TIMEOUT
+    batch_data_chars: int = device_store.BATCH_DATA_CHARS
+    """A batch's event data at most (see :func:`device_store.read_pending`), whatever its size in events."""
 
     def reconnect_waits(self) -> list[float]:
         """The pause after each failed upload attempt that another attempt follows, doubling; none
@@ -165,13 +167,19 @@ class _Uploader:
         """Upload one batch; raises a :data:`REFUSED_DATA` error for the caller to bisect, or
         :class:`_UploadFailed` when the batch as a whole cannot go now."""
         last_error: Exception | None = None
+        reached = False
         for wait in [*self.options.reconnect_waits(), None]:  # None: the last attempt
             try:
                 return self.session_or_connect().upload(rows)
             except REFUSED_DATA:
                 raise
+            except CentralBusy as exc:  # a DBA's lock_timeout cut a wait: central answered, the lock may come
+                last_error, reached = exc, True
+                if wait is None:
+                    break
+                time.sleep(wait)
             except CONNECTION_TROUBLE as exc:  # cut, refused, deadlock: reconnect
-                last_error = exc
+                last_error, reached = exc, False
                 self.close()
                 if wait is None or (isinstance(exc, ConnectionUnavailable) and exc.timed_out):
                     break  # the last attempt, or nothing answered for a whole connect timeout (another would wait as long)
@@ -179,7 +187,7 @@ class _Uploader:
             except (psycopg.Error, CentralRefused) as exc:  # schema or privileges: a retry would fail the same way
                 self.close()
                 raise _UploadFailed(_one_line(exc, self.options.central_url), reached_central=True) from None
-        raise _UploadFailed(_one_line(last_error, self.options.central_url), reached_central=False)
+        raise _UploadFailed(_one_line(last_error, self.options.central_url), reached_central=reached)
 
     def close(self) -> None:
         if self.session is not None:
@@ -271,6 +279,7 @@ def sync_device(
                     size,
                     now_ms=device_store.now_ms(),
                     force=options.force,
+                    max_data_chars=options.batch_data_chars,
                 )
                 if not events:
                     break
@@ -315,8 +324,8 @@ def sync_device(
                     if (central := session.central_id()) != cursor_central:
                         cursor, cursor_central = 0, central
                     since = device_store.downloaded_through(conn, central)
-                    if since and not session.resumable(since, device_store.newest_snapshot(conn)):
-                        since = 0  # central restored from a backup, or deletions before its tombstones: mirror it
+                    if since and not session.resumable(device_store.newest_snapshot(conn)):
+                        since = 0  # central restored from a backup: mirror it
                     cursor = download_into_store(conn, session, since, central)
                     answered = True
                 except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
@@ -369,10 +378,24 @@ def download_into_store(conn: sqlite3.Connection, session: CentralSession, since
     ``since`` into the store; returns the new cursor.
 
     A download from 0 replaces the store's snapshots with its first page (an empty one too):
-    they may be another central's, whose projects this one may not have."""
+    they may be another central's, whose projects this one may not have.
+
+    A page whose record of deletions starts after ``since`` (:attr:`DownloadPage.record_start`: a
+    central from before tombstones, a trigger restored, old tombstones deleted) starts again from 0:
+    a project deleted before that start has no tombstone, and a store going on from its cursor kept
+    it for good. That start is checked on every page, not once before the download: a run restoring
+    a trigger between the two was missed. A start this download has already seen on a page from 0
+    is no news (that page came after it), however many pages later its row comes."""
     replace_for = central if since == 0 else None
+    seen_start: int | None = None
     while True:
-        updates = session.download_updates(since)
+        page = session.download_updates(since)
+        if since == 0:
+            seen_start = page.record_start
+        elif page.record_start > since and page.record_start != seen_start:
+            since, replace_for = 0, central
+            continue
+        updates = page.updates
         if updates or replace_for is not None:
             device_store.save_remote_status(conn, [u.store_row() for u in updates], replace_for=replace_for)
         if not updates:

@@ -139,7 +139,7 @@ def test_event_times_arrive_to_the_exact_millisecond(central: str) -> None:
     session = CentralSession(central)
     try:
         session.upload(events + snapshots)
-        downloaded = {u.project_id: u.updated_at for u in session.download_updates(0) if u.status is not None}
+        downloaded = {u.project_id: u.updated_at for u in session.download_updates(0).updates if u.status is not None}
     finally:
         session.close()
     sent = {row[0]: Decimal(row[2]) for row in events + snapshots}
@@ -195,7 +195,7 @@ def test_last_write_wins_under_clock_skew_and_any_arrival_order(central: str) ->
         tie = [_status("ci", base, "ci", "tie"), _status("desktop", base, "desktop", "tie")]
         session.upload(tie[:1])
         session.upload(tie[1:])
-        updates = session.download_updates(0)
+        updates = session.download_updates(0).updates
     finally:
         session.close()
     with psycopg.connect(central) as conn:
@@ -257,13 +257,13 @@ def test_download_since_cursor_returns_only_newer_changes(central: str) -> None:
     session = CentralSession(central)
     try:
         session.upload([_status("a", base, "one", "p1"), _status("a", base, "two", "p2")])
-        cursor = max(u.seq for u in session.download_updates(0))
-        assert session.download_updates(cursor) == []
+        cursor = max(u.seq for u in session.download_updates(0).updates)
+        assert session.download_updates(cursor).updates == []
         result = session.upload([_status("b", base - 1, "stale", "p1")])  # older: no change
         assert result.status_changes == 0
-        assert session.download_updates(cursor) == []
+        assert session.download_updates(cursor).updates == []
         session.upload([_status("b", base + 1, "newer", "p1")])
-        later = session.download_updates(cursor)
+        later = session.download_updates(cursor).updates
     finally:
         session.close()
     assert [(u.project_id, u.status, u.device_id) for u in later] == [("p1", '{"status": "newer"}', "b")]
@@ -278,11 +278,11 @@ def test_an_event_back_under_a_new_sync_id_is_a_duplicate(central: str) -> None:
     session = CentralSession(central)
     try:
         assert session.upload(first).inserted == 100
-        cursor = max(u.seq for u in session.download_updates(0))
+        cursor = max(u.seq for u in session.download_updates(0).updates)
         again = [(str(uuid.uuid4()), *row[1:]) for row in first[:-1]]
         again.append(("ffffffff-ffff-4fff-bfff-ffffffffffff", *first[-1][1:]))  # wins any sync-id tie
         assert session.upload(again) == central_store.UploadResult(0, 100, 0)
-        assert session.download_updates(cursor) == []
+        assert session.download_updates(cursor).updates == []
         reused_id = (str(uuid.uuid4()), first[0][1], base - 1, *first[0][3:])
         assert session.upload([reused_id]).inserted == 1
     finally:
@@ -592,12 +592,12 @@ def test_deletions_and_a_truncate_download_as_tombstones_in_seq_order(central: s
     session = CentralSession(central)
     try:
         session.upload([_status("a", base, "one", "p1"), _status("a", base, "two", "p2"), _status("a", base, "three", "p3")])
-        cursor = max(u.seq for u in session.download_updates(0))
+        cursor = max(u.seq for u in session.download_updates(0).updates)
         with psycopg.connect(central, autocommit=True) as conn:
             conn.execute("DELETE FROM devflow.project_status WHERE project_id = 'p2'")
             conn.execute("TRUNCATE devflow.project_status")
         session.upload([_status("a", base, "back", "p1")])
-        later = session.download_updates(cursor)
+        later = session.download_updates(cursor).updates
     finally:
         session.close()
     seqs = [u.seq for u in later]
@@ -616,7 +616,7 @@ def test_a_deletion_and_an_upload_of_its_project_commit_in_seq_order(central: st
     results: list[central_store.UploadResult] = []
     try:
         session.upload([_status("a", base, "one", "p1")])
-        cursor = max(u.seq for u in session.download_updates(0))
+        cursor = max(u.seq for u in session.download_updates(0).updates)
         writer = threading.Thread(target=lambda: results.append(other.upload([_status("b", base + 1, "two", "p1")])))
         with psycopg.connect(central) as dba, psycopg.connect(central, autocommit=True) as watch:
             dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'p1'")
@@ -626,7 +626,7 @@ def test_a_deletion_and_an_upload_of_its_project_commit_in_seq_order(central: st
                 threading.Event().wait(0.01)
             dba.commit()
         writer.join()
-        later = session.download_updates(cursor)
+        later = session.download_updates(cursor).updates
     finally:
         session.close()
         other.close()
@@ -653,7 +653,7 @@ def test_a_truncate_and_an_upload_queued_behind_a_deletion_both_commit_in_seq_or
     session, uploader = CentralSession(central), CentralSession(central)
     try:
         session.upload([_status("a", base, "one", "p1"), _status("a", base, "two", "p2")])
-        cursor = max(u.seq for u in session.download_updates(0))
+        cursor = max(u.seq for u in session.download_updates(0).updates)
         with (
             psycopg.connect(central) as dba,
             psycopg.connect(central, autocommit=True) as truncator,
@@ -668,7 +668,7 @@ def test_a_truncate_and_an_upload_queued_behind_a_deletion_both_commit_in_seq_or
             dba.commit()
             assert upload.result().status_changes == 1
             truncate.result()
-        later = session.download_updates(cursor)
+        later = session.download_updates(cursor).updates
     finally:
         session.close()
         uploader.close()
@@ -700,7 +700,7 @@ def test_a_trigger_restored_while_a_snapshot_uploads_deadlocks_neither(central: 
             dba.commit()
             schema.result()
             assert upload.result().status_changes == 1
-        assert [(u.project_id, u.status) for u in session.download_updates(0)] == [
+        assert [(u.project_id, u.status) for u in session.download_updates(0).updates] == [
             (None, None), ("p2", '{"status": "two"}')
         ]
     finally:

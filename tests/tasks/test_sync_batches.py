@@ -34,6 +34,7 @@ from tasks.sync_batches import (
     SyncOptions,
     adapt_batch_size,
     classify,
+    download_into_store,
     sync_device,
     upload_rows,
 )
@@ -770,6 +771,28 @@ def test_a_download_central_refuses_is_contact_and_one_it_cannot_reach_is_not(
     assert [[alert.kind for alert in raised] for raised in alerts] == [[], ["offline"]]
 
 
+def test_a_dbas_lock_timeout_is_named_with_its_fix_and_is_no_outage(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
+    """A DBA's ``ALTER ROLE … SET lock_timeout`` cut an upload's wait for the snapshots' lock (held by
+    a DBA's open DELETE here; other devices' uploads, a new partition, alike): psycopg's
+    OperationalError made it an outage, so the device counted as offline, its download was
+    skipped, and its error said only "canceling statement due to lock timeout". Central answered:
+    the device gets its download, and one line names the setting and the statement that raises it
+    for the sync role alone."""
+    central = _central_owned_by(limited_role, fresh_db)
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET lock_timeout = '100ms'").format(role))
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
+    with psycopg.connect(fresh_db) as dba:
+        dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'nothing'")  # holds the snapshots' lock
+        report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert (report.uploaded, report.failed, report.reached_central, report.succeeded) == (0, 100, True, True)
+    assert report.download_cursor and report.error is not None and "\n" not in report.error
+    assert "lock_timeout for" in report.error and "is 100ms (set for the role)" in report.error
+    assert f"ALTER ROLE \"{limited_role.name}\" IN DATABASE \"{database_name(fresh_db)}\" SET lock_timeout" in report.error
+    assert _local(store).failed == 100  # kept, retried after their backoff
+
+
 def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
     """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
     write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
@@ -803,6 +826,22 @@ def test_a_download_from_a_central_without_snapshots_drops_another_centrals(cent
     assert (report.download_cursor, report.download_central, report.error) == (_newest_tombstone(central), _central_id(central), None)
     with device_store.open_store(store) as conn:
         assert conn.execute("SELECT * FROM remote_project_status").fetchall() == []
+
+
+def test_a_batch_reads_no_more_event_data_than_its_cap(central: str, tmp_path: Path) -> None:
+    """A batch was a number of events whatever their size: a store of 1 MB events read 5,000 of
+    them into the worker's memory at once (about 7 GB at its peak). It stops reading at its cap of
+    event data (lowered here from 64 MiB), and the rest follow in the next batches."""
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    data = json.dumps({"action": "x" * 990})  # 1,004 characters
+    with device_store.open_store(store) as conn:
+        conn.executemany(
+            "INSERT INTO events (timestamp, event_type, event_data) VALUES (?, 'big', ?)",
+            [(device_store.now_ms() + n, data) for n in range(30)],
+        )
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_data_chars=5000))
+    assert (report.uploaded, report.batches, report.pending_after, report.error) == (30, 6, 0, None)
+    assert _central_counts(central) == (30, 30)
 
 
 def test_a_refused_event_does_not_skip_the_download(central: str, tmp_path: Path) -> None:
@@ -982,6 +1021,34 @@ def test_a_tombstone_trigger_a_dba_dropped_is_restored_and_the_stores_drop_what_
     assert (last.error, _held(store), last.download_cursor) == (None, ({"kept"}, 2), _newest_tombstone(central))
 
 
+def test_a_download_that_passed_its_resume_check_as_a_trigger_was_restored_starts_again_once(
+    central: str, tmp_path: Path
+) -> None:
+    """A run restoring a dropped trigger starts the record again (a new first row), after which
+    every store downloads from 0 once. A device whose run had already passed the resume check went
+    on from its cursor, past that row, and kept for good a project deleted while the trigger was
+    missing. Its download now starts again from 0 on the row, and only once: the new record's first
+    row lies beyond the first page of that download (1,500 older snapshots), where it is no news."""
+    projects = {f"p{n}" for n in range(1, 1501)}
+    _add_projects(central, "gone", *sorted(projects))
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+    _delete_projects(central, "gone")
+    _count_saved_snapshots(store)
+    session = central_store.CentralSession(central)
+    try:
+        with device_store.open_store(store) as conn:
+            since = device_store.downloaded_through(conn, first.download_central)
+            assert since and session.resumable(device_store.newest_snapshot(conn))
+            central_store.ensure_schema(central)  # another run's schema step restores the trigger
+            cursor = download_into_store(conn, session, since, first.download_central)
+    finally:
+        session.close()
+    assert (cursor, _held(store)) == (_newest_tombstone(central), (projects, 1500))
+
+
 def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: str, tmp_path: Path) -> None:
     """Each page of a download is saved in its own SQLite transaction, but the cursor reaches the
     state database only at the run's end. A device killed after saving some pages (or whose run
@@ -997,7 +1064,7 @@ def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: s
     here = _central_id(central)
     session = central_store.CentralSession(central)
     try:
-        first_page = session.download_updates(0)
+        first_page = session.download_updates(0).updates
     finally:
         session.close()
     with device_store.open_store(store) as conn:  # the run killed after saving its first page
