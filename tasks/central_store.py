@@ -35,7 +35,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
@@ -572,10 +573,31 @@ class CentralRefused(Exception):
 
 class CentralBusy(Exception):
     """A wait for a lock that central's ``lock_timeout`` (a DBA's setting for the sync role, the
-    database or the server) cut short: the batch waited for other devices' uploads of snapshots, a
-    partition being created or a DBA's open change. Central answered, so it is no outage (as
-    psycopg's OperationalError made it: an offline device, its download skipped); a later attempt
-    may get the lock. The message names the setting and how to raise it for the sync role only."""
+    database or the server) cut short: a batch waited for other devices' uploads of snapshots, a
+    partition being created or a DBA's open change; a download for a DBA's open change of the
+    snapshots (a TRUNCATE, an ALTER TABLE). Central answered, so it is no outage (as psycopg's
+    OperationalError made it: an offline device, its download skipped); a later attempt may get the
+    lock. The message names the setting and how to raise it for the sync role only."""
+
+
+@dataclass(frozen=True)
+class _Waiter:
+    """What waited for a lock, in :class:`CentralBusy`'s words: what it may wait for, and what
+    becomes of the work the wait cut short."""
+
+    waits: str
+    then: str
+
+
+_UPLOAD_WAITER = _Waiter(
+    "an upload may wait for other devices' snapshot uploads, a new partition or a DBA's open change",
+    "the events are retried after their backoff",
+)
+_DOWNLOAD_WAITER = _Waiter(
+    "a download may wait for a DBA's open change of a table it reads "
+    "(a TRUNCATE or ALTER TABLE of devflow.project_status)",
+    "the next run downloads from the same cursor",
+)
 
 
 # The session's lock_timeout and where it comes from (pg_settings.source), in a DBA's words.
@@ -654,7 +676,8 @@ class CentralSession:
     def central_id(self) -> UUID:
         """The id of this central database, which a download cursor counts in: the seqs of
         another central are no position here."""
-        central: UUID = one_row(self.conn, "SELECT central_id FROM devflow.central_identity")[0]
+        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+            central: UUID = one_row(self.conn, "SELECT central_id FROM devflow.central_identity")[0]
         self.conn.commit()
         return central
 
@@ -737,15 +760,24 @@ class CentralSession:
         if not rows:
             return UploadResult(0, 0, 0)
         try:
-            return self._upload(rows)
-        except psycopg.errors.LockNotAvailable as exc:
-            raise self._lock_timeout_refusal(exc) from None
+            with self._busy_on_lock_timeout(_UPLOAD_WAITER):
+                return self._upload(rows)
         except psycopg.IntegrityError as exc:
             if (refusal := self._schema_refusal(exc)) is None:
                 raise
             raise refusal from None
 
-    def _lock_timeout_refusal(self, exc: psycopg.errors.LockNotAvailable) -> CentralBusy:
+    @contextmanager
+    def _busy_on_lock_timeout(self, waiter: _Waiter) -> Iterator[None]:
+        """Raise a wait that central's ``lock_timeout`` cut short as :class:`CentralBusy`, for
+        ``waiter`` (an upload, a download), instead of psycopg's OperationalError, which the sync
+        takes for central down."""
+        try:
+            yield
+        except psycopg.errors.LockNotAvailable as exc:
+            raise self._lock_timeout_refusal(exc, waiter) from None
+
+    def _lock_timeout_refusal(self, exc: psycopg.errors.LockNotAvailable, waiter: _Waiter) -> CentralBusy:
         """``exc`` as :class:`CentralBusy`, naming the ``lock_timeout`` that cut the wait, where it is
         set and the statement that raises it for the sync role alone (a setting for the role in this
         database overrides the role's and the database's), leaving every other role's as it is."""
@@ -761,8 +793,7 @@ class CentralSession:
         )
         return CentralBusy(
             f"{first_line(exc)}: central's lock_timeout for {role} is {value} ({_SETTING_SOURCES.get(source, source)}), shorter than "
-            f"an upload may wait for other devices' snapshot uploads, a new partition or a DBA's open change; "
-            f"for this role only, {fix}; the events are retried after their backoff"
+            f"{waiter.waits}; for this role only, {fix}; {waiter.then}"
         )
 
     def _schema_refusal(self, exc: psycopg.IntegrityError) -> CentralRefused | None:
@@ -811,7 +842,8 @@ class CentralSession:
         """Whether a download may go on from the cursor of a store whose newest downloaded snapshot
         of this central is ``snapshot`` (:data:`_RESUMABLE`); False means from 0."""
         project, seq = snapshot or (None, None)
-        resumable = bool(one_row(self.conn, _RESUMABLE, {"project": project, "seq": seq})[0])
+        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+            resumable = bool(one_row(self.conn, _RESUMABLE, {"project": project, "seq": seq})[0])
         self.conn.commit()
         return resumable
 
@@ -819,6 +851,7 @@ class CentralSession:
         """Project status snapshots changed, and tombstones of those deleted, after cursor
         ``since``, in seq order (seed ``downloadUpdates``): each side's seq index reads ``limit``
         rows at most."""
-        rows = self.conn.execute(_DOWNLOAD, {"since": since, "limit": limit}).fetchall()
+        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+            rows = self.conn.execute(_DOWNLOAD, {"since": since, "limit": limit}).fetchall()
         self.conn.commit()
         return DownloadPage([StatusUpdate(*row[1:]) for row in rows if row[5] is not None], rows[0][0])

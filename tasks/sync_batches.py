@@ -328,12 +328,13 @@ def sync_device(
                         since = 0  # central restored from a backup: mirror it
                     cursor = download_into_store(conn, session, since, central)
                     answered = True
-                except (psycopg.Error, UserError) as exc:  # the uploads stand; the cursor (0 in a new central) is kept
+                # The uploads stand; the cursor (0 in a new central) is kept.
+                except (psycopg.Error, UserError, CentralBusy) as exc:
                     failure = _one_line(exc, options.central_url, "download from")
                     error = failure if error is None else f"{error}; {failure}"
                     if isinstance(exc, CONNECTION_TROUBLE):
                         central_down = True
-                    else:  # central refused the download (a privilege, a missing table): contact all the same
+                    else:  # central refused it (a privilege, a missing table) or cut a lock wait: contact
                         answered = True
             elif not answered and not central_down and after.waiting:  # sent nothing, events wait: is central up?
                 answered = _central_answers(uploader)

@@ -793,6 +793,49 @@ def test_a_dbas_lock_timeout_is_named_with_its_fix_and_is_no_outage(limited_role
     assert _local(store).failed == 100  # kept, retried after their backoff
 
 
+def _store_snapshots(store: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The store's downloaded snapshots and the central it records them from."""
+    with device_store.open_store(store) as conn:
+        return (
+            conn.execute("SELECT * FROM remote_project_status ORDER BY seq").fetchall(),
+            conn.execute("SELECT * FROM remote_status_central").fetchall(),
+        )
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["from-its-cursor", "anew-from-0"])
+def test_a_download_cut_by_a_dbas_lock_timeout_is_named_and_is_no_outage(
+    limited_role: Role, fresh_db: str, tmp_path: Path, resume: bool
+) -> None:
+    """A download waiting on a DBA's exclusive lock of the snapshots (an open TRUNCATE or ALTER
+    TABLE) past the role's ``lock_timeout``: psycopg's OperationalError made the device offline
+    (its offline alert) with only "canceling statement due to lock timeout". Central answered: one
+    line names the setting and its fix, and the store's snapshots and cursor stay as they were,
+    whether the lock cut the check of its cursor or the first page of a download from 0."""
+    central = _central_owned_by(limited_role, fresh_db)
+    if resume:
+        store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)  # project_status at ids 50 and 100
+        first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+        assert first.error is None and first.download_cursor
+        since, since_central = first.download_cursor, first.download_central
+    else:  # another central's snapshots, which a first page from 0 would replace
+        store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+        with device_store.open_store(store) as conn:
+            device_store.save_remote_status(conn, [("elsewhere", "{}", "2026-01-01T00:00:00+00:00", "other", 5)])
+        since, since_central = 5, uuid.uuid4()
+    held = _store_snapshots(store)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET lock_timeout = '100ms'").format(sql.Identifier(limited_role.name)))
+    with psycopg.connect(fresh_db) as dba:
+        dba.execute("LOCK TABLE devflow.project_status IN ACCESS EXCLUSIVE MODE")
+        report = sync_device(store, IDENTITY, SyncOptions(central), download_since=since, download_central=since_central)
+    assert (report.reached_central, report.succeeded) == (True, True)
+    assert report.error is not None and "\n" not in report.error and report.error.startswith("download from ")
+    assert "lock_timeout for" in report.error and "is 100ms (set for the role)" in report.error
+    assert f"ALTER ROLE \"{limited_role.name}\" IN DATABASE \"{database_name(fresh_db)}\" SET lock_timeout" in report.error
+    assert (report.download_cursor, report.download_central) == ((since, since_central) if resume else (0, _central_id(central)))
+    assert _store_snapshots(store) == held
+
+
 def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
     """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
     write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
