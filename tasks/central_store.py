@@ -466,12 +466,17 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
         for statement in _DELETIONS_DDL:
             conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege as exc:
-        role = sql.Identifier(conn.info.user).as_string(conn)
+        role = _role(conn)
         raise psycopg.errors.InsufficientPrivilege(
             f"central cannot record deleted projects ({first_line(exc)}); as the owner of devflow.project_status, "
             f"run `GRANT TRIGGER ON devflow.project_status TO {role}` (and CREATE on schema devflow), or make "
             f"{role} its owner"
         ) from None
+
+
+def _role(conn: psycopg.Connection) -> str:
+    """The session's role as a DBA types it in the statement a refusal names."""
+    return sql.Identifier(conn.info.user).as_string(conn)
 
 
 def _missing_keys(conn: psycopg.Connection) -> list[_Key]:
@@ -566,18 +571,20 @@ WHERE EXISTS (SELECT FROM ranges WHERE lower < m + interval '1 month' AND upper 
 
 
 class CentralRefused(Exception):
-    """Central refused a batch for the way its schema was changed, not for the batch's data: every
-    event would be refused the same way, so the batch fails as a whole (as for a missing privilege)
-    instead of being bisected into one failed event after another. The message names the fix."""
+    """Central refused a batch for the way its schema was changed (or is owned: a sync role that
+    may not add a month's partition), not for the batch's data: every event would be refused the
+    same way, so the batch fails as a whole (as for a missing privilege) instead of being bisected
+    into one failed event after another. The message names the fix."""
 
 
 class CentralBusy(Exception):
     """A wait for a lock that central's ``lock_timeout`` (a DBA's setting for the sync role, the
     database or the server) cut short: a batch waited for other devices' uploads of snapshots, a
     partition being created or a DBA's open change; a download for a DBA's open change of the
-    snapshots (a TRUNCATE, an ALTER TABLE). Central answered, so it is no outage (as psycopg's
-    OperationalError made it: an offline device, its download skipped); a later attempt may get the
-    lock. The message names the setting and how to raise it for the sync role only."""
+    snapshots (a TRUNCATE, an ALTER TABLE); a connection completing the schema for a DBA's open
+    change of its tables. Central answered, so it is no outage (as psycopg's OperationalError made
+    it: an offline device, its download skipped); a later attempt may get the lock. The message
+    names the setting and how to raise it for the sync role only."""
 
 
 @dataclass(frozen=True)
@@ -597,6 +604,11 @@ _DOWNLOAD_WAITER = _Waiter(
     "a download may wait for a DBA's open change of a table it reads "
     "(a TRUNCATE or ALTER TABLE of devflow.project_status)",
     "the next run downloads from the same cursor",
+)
+_SCHEMA_WAITER = _Waiter(
+    "a connection that finds central's schema incomplete completes it, waiting for another run's schema step "
+    "or a DBA's open change of its tables",
+    "the events are retried after their backoff, and the next run completes the schema",
 )
 
 
@@ -669,9 +681,12 @@ class CentralSession:
         reach central, or the schema was dropped since. The tombstones' table is the last (and
         newest) object :func:`ensure_schema` builds, in one transaction, so its presence means
         the schema is complete, upgrades included; checking it costs one catalog lookup per
-        session, not the DDL's table locks."""
+        session, not the DDL's table locks. A wait there that central's ``lock_timeout`` cut short
+        is :class:`CentralBusy`, as an upload's or download's is: psycopg's OperationalError made it
+        an outage (an offline device, its download skipped)."""
         if one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is None:
-            ensure_schema(self.url)
+            with self._busy_on_lock_timeout(_SCHEMA_WAITER):
+                ensure_schema(self.url)
 
     def central_id(self) -> UUID:
         """The id of this central database, which a download cursor counts in: the seqs of
@@ -714,12 +729,40 @@ class CentralSession:
         if missing:
             with self.conn.transaction():
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
-                for month in sorted(missing - self._covered(missing)):
-                    self._create_partition(month)
+                creates = [self._partition_ddl(month) for month in sorted(missing - self._covered(missing))]
+                try:
+                    for create in creates:
+                        self._create_partition(create)
+                except psycopg.errors.InsufficientPrivilege as exc:
+                    raise self._partition_refusal(exc, creates) from None
         self._months |= needed
 
-    def _create_partition(self, month: date) -> None:
-        """Attach a partition for ``month``, which no partition covers (under the partition lock).
+    def _partition_refusal(
+        self, exc: psycopg.errors.InsufficientPrivilege, creates: list[sql.Composed]
+    ) -> CentralRefused:
+        """A sync role that may write to a central a DBA owns but not add partitions to its events
+        (``must be owner of table events``) as :class:`CentralRefused`, naming the statements that
+        give the batch its months (all of them: the transaction that made the first ones is undone
+        with it) and the lasting fix. PostgreSQL's words alone named no fix, while every batch of a
+        new month failed, run after run."""
+        statements = "; ".join(create.as_string(self.conn) for create in creates)
+        role = _role(self.conn)
+        return CentralRefused(
+            f"central refused a partition for these events' month ({first_line(exc)}); as the owner of "
+            f"devflow.events, run `{statements}`, or make {role} its owner (with CREATE on schema devflow) so "
+            "flowyard adds each month itself; the events are retried after their backoff"
+        )
+
+    def _partition_ddl(self, month: date) -> sql.Composed:
+        """The statement that attaches a partition for ``month`` (:meth:`_create_partition`)."""
+        lower, upper = _partition_bounds(month)
+        return sql.SQL("CREATE TABLE {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})").format(
+            sql.Identifier(SCHEMA, self._free_partition_name(month)), sql.Literal(lower), sql.Literal(upper)
+        )
+
+    def _create_partition(self, create: sql.Composed) -> None:
+        """Attach a month's partition (``create``, :meth:`_partition_ddl`), which no partition covers
+        (under the partition lock).
 
         Its name may be held by a table that is no partition of ``devflow.events`` (one a DBA
         detached, or a partition of an ``events`` table renamed aside): the new partition then
@@ -728,14 +771,9 @@ class CentralSession:
         events found for row"), one by one, on every run. A month whose rows a DEFAULT partition
         already holds is left to that partition: its rows go there, where creating ours failed
         every batch of that month."""
-        lower, upper = _partition_bounds(month)
         try:
             with self.conn.transaction():
-                self.conn.execute(
-                    sql.SQL("CREATE TABLE {} PARTITION OF devflow.events FOR VALUES FROM ({}) TO ({})").format(
-                        sql.Identifier(SCHEMA, self._free_partition_name(month)), sql.Literal(lower), sql.Literal(upper)
-                    )
-                )
+                self.conn.execute(create)
         except (psycopg.errors.InvalidObjectDefinition, psycopg.errors.CheckViolation):
             pass  # a DBA attached an overlapping partition since, or the DEFAULT partition holds rows of the month
 
@@ -784,7 +822,7 @@ class CentralSession:
         self.conn.rollback()
         value, source = one_row(self.conn, _LOCK_TIMEOUT)
         self.conn.rollback()
-        role = sql.Identifier(self.conn.info.user).as_string(self.conn)
+        role = _role(self.conn)
         database = sql.Identifier(self.conn.info.dbname).as_string(self.conn)
         fix = (
             "raise the lock_timeout in the options of the central URL, or drop it"

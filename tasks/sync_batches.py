@@ -369,6 +369,8 @@ def _central_answers(uploader: _Uploader) -> bool:
     due, and the run that next sends one records why it fails."""
     try:
         uploader.session_or_connect()
+    except CentralBusy:  # a lock wait of its schema step, cut by its lock_timeout: central answered
+        return True
     except (psycopg.Error, UserError):
         return False
     return True

@@ -793,6 +793,33 @@ def test_a_dbas_lock_timeout_is_named_with_its_fix_and_is_no_outage(limited_role
     assert _local(store).failed == 100  # kept, retried after their backoff
 
 
+def test_a_schema_step_cut_by_a_dbas_lock_timeout_is_named_and_is_no_outage(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A connection that finds central's record of deletions missing completes the schema, whose
+    trigger on the snapshots waits for a DBA's open change of them (an ALTER TABLE): the role's
+    ``lock_timeout`` cut that wait, which counted as central down (the device offline, its
+    download skipped), and a run sending nothing meanwhile stopped on it. Central answered: one line
+    names the setting and its fix, events kept."""
+    central = _central_owned_by(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.project_deletions")
+        conn.execute(sql.SQL("ALTER ROLE {} SET lock_timeout = '100ms'").format(sql.Identifier(limited_role.name)))
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    with psycopg.connect(fresh_db) as dba:
+        dba.execute("LOCK TABLE devflow.project_status IN ACCESS EXCLUSIVE MODE")
+        report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+        waiting = sync_device(store, IDENTITY, SyncOptions(central))  # sends nothing: does central answer?
+    assert (report.uploaded, report.failed, report.reached_central, report.succeeded) == (0, 30, True, True)
+    assert (waiting.pending_after, waiting.reached_central, waiting.error) == (30, True, None)
+    assert report.error is not None and "\n" not in report.error
+    assert "lock_timeout for" in report.error and "is 100ms (set for the role)" in report.error
+    assert f"ALTER ROLE \"{limited_role.name}\" IN DATABASE \"{database_name(fresh_db)}\" SET lock_timeout" in report.error
+    assert _local(store).failed == 30  # kept, retried after their backoff
+    later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (30, 0, 0, None)
+
+
 def _store_snapshots(store: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
     """The store's downloaded snapshots and the central it records them from."""
     with device_store.open_store(store) as conn:
@@ -836,27 +863,64 @@ def test_a_download_cut_by_a_dbas_lock_timeout_is_named_and_is_no_outage(
     assert _store_snapshots(store) == held
 
 
-def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
-    """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
-    write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
-    central_store.ensure_schema(fresh_db)
-    role = sql.Identifier(limited_role.name)
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        conn.execute("DROP TABLE devflow.project_deletions")
-        conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
-        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
-        conn.execute("DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted")
+def _central_of_a_dba(role: Role, database: str) -> str:
+    """The URL, as ``role``, of a central in ``database`` a DBA made (its tables theirs), where the
+    role may create in the schema and read and write the tables, as a DBA grants a sync role."""
+    central_store.ensure_schema(database)
+    with psycopg.connect(database, autocommit=True) as conn:
         for grant in (
             "GRANT USAGE, CREATE ON SCHEMA devflow TO {}",
             "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA devflow TO {}",
             "GRANT USAGE ON ALL SEQUENCES IN SCHEMA devflow TO {}",
         ):
-            conn.execute(sql.SQL(grant).format(role))
+            conn.execute(sql.SQL(grant).format(sql.Identifier(role.name)))
+    return role.url(database)
+
+
+def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
+    """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
+    write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
+    central = _central_of_a_dba(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE devflow.project_deletions")
+        conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+        conn.execute("DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted")
     store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
-    report = sync_device(store, IDENTITY, SyncOptions(limited_role.url(fresh_db)), download_since=0)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
     assert report.error is not None and "\n" not in report.error and (report.uploaded, report.reached_central) == (0, True)
     assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in report.error
     assert _local(store).failed == 30  # kept, retried after their backoff
+
+
+def test_a_role_that_cannot_add_a_months_partition_is_told_the_statements(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A central a DBA owns, for a sync role that may write to its events but not attach partitions
+    to them: each batch of a month no partition covers was refused with PostgreSQL's "must be owner
+    of table events" alone, naming no fix. One line names the statements that make the batch's
+    months (both, for a batch across a month's end), which the DBA can run as they are, or the
+    ownership that lets flowyard make them; the events wait to be retried and then sync."""
+    central = _central_of_a_dba(limited_role, fresh_db)
+    end = int(datetime(2026, 3, 2, tzinfo=UTC).timestamp() * 1000)  # 3 days: February and March
+    store = make_store(tmp_path / "dev.db", 30, end_ms=end, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert (report.uploaded, report.failed, report.reached_central, report.succeeded) == (0, 30, True, True)
+    assert report.error is not None and "\n" not in report.error and "must be owner of table events" in report.error
+    assert f'make "{limited_role.name}" its owner' in report.error
+    statements = report.error.split("`")[1]
+    assert statements == (
+        "CREATE TABLE \"devflow\".\"events_y2026m02\" PARTITION OF devflow.events "
+        "FOR VALUES FROM ('2026-02-01 00:00:00+00') TO ('2026-03-01 00:00:00+00'); "
+        "CREATE TABLE \"devflow\".\"events_y2026m03\" PARTITION OF devflow.events "
+        "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')"
+    )
+    assert _local(store).failed == 30  # kept, retried after their backoff
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(statements)
+    later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (30, 0, 0, None)
+    assert _central_counts(fresh_db) == (30, 30)
 
 
 def test_a_download_from_a_central_without_snapshots_drops_another_centrals(central: str, tmp_path: Path) -> None:
