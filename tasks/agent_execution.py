@@ -138,10 +138,24 @@ class TaskLog:
         self._lock = threading.Lock()
 
     def write(self, stream: str, message: AgentMessage) -> None:
+        """Append the record, and log it to the run. The file failing (its disk full, a file size
+        limit) fails the attempt in one line naming the log and the cause, not retried: it was
+        ``OSError: [Errno 28] No space left on device``, retried to the same end, naming neither.
+        The file is closed at once (closing it later tried the line again and raised the same
+        error over the first); what the agent writes while it is stopped goes to the run log only."""
         record = log_record(self._task_id, self._attempt, stream, message)
         with self._lock:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            if not self._file.closed:
+                try:
+                    self._file.write(json.dumps(record) + "\n")
+                    self._file.flush()
+                except OSError as exc:
+                    with suppress(OSError):  # its buffer still holds the line, which closing tries again
+                        self._file.close()
+                    raise UserError(
+                        f"cannot write the log of task {self._task_id} to {self.path}: {exc.strerror or exc}; "
+                        f"make room for it (or pass another --logs-dir / logs_dir), then retry the task"
+                    ) from None
         self._logger.log(*run_log_line(self._task_id, stream, message))
 
     def close(self) -> None:
@@ -239,6 +253,11 @@ class OutageNotice:
             self._since = time.monotonic()
             self._say("warning", f"the state database is unreachable ({first_line(error)}); {doing}")
 
+    @property
+    def away(self) -> bool:
+        """Whether the database is out of reach (or its tables locked) since the last notice."""
+        return self._since is not None
+
     def back(self) -> None:
         if self._since is not None:
             self._say("info", f"the state database is reachable again, after {time.monotonic() - self._since:.1f}s")
@@ -266,8 +285,12 @@ class _Bookkeeping:
         self.agent: AgentProcess | None = None
 
     def checkpoint(self, state: dict[str, Any]) -> bool:
-        """Record the agent's checkpoint; False when the attempt no longer holds the task."""
+        """Record the agent's checkpoint; False when the attempt no longer holds the task. While the
+        database is away it is only kept, for the next heartbeat: each write waited for it (up to
+        the lock timeout behind a locked table), and the agent's output was not read meanwhile."""
         self.unsaved = state
+        if self._notice.away:
+            return True
         with queue.skipping_outage(
             lambda exc: self._notice.lost(exc, "the agent runs on; its checkpoint is written once it is back")
         ):
@@ -634,11 +657,14 @@ def _reported_outcome(url: str, run_id: int, outcome: str) -> str:
     One another run's recovery closed first (this worker silent past its lease, its task handed
     back and maybe running elsewhere) is ``released``, as a task reclaimed while Prefect waited to
     retry is: its agent's end was not taken (see :func:`queue.finish_attempt`), and reporting it
-    ``completed`` (or ``failed``) told of a task that was not."""
-    recorded, status = queue.attempt_end(url, run_id)
+    ``completed`` (or ``failed``) told of a task that was not. So is one whose end closed it but
+    found its task moved on: cancelled and retried while the agent ran (its heartbeats held up past
+    the lease), pending again or claimed elsewhere; it was reported ``failed``, a task back in the
+    queue."""
+    recorded, status, taken = queue.attempt_end(url, run_id)
     if status == "cancelled":
         return "cancelled"
-    return outcome if recorded == outcome else "released"
+    return outcome if recorded == outcome and taken else "released"
 
 
 def _attempt_result(

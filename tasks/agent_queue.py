@@ -30,8 +30,16 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tasks.db import connect
-from tasks.errors import ConnectionUnavailable, UserError, control_character, is_utf8, one_line, printable
+from tasks.db import connect, connection
+from tasks.errors import (
+    ConnectionUnavailable,
+    UserError,
+    control_character,
+    first_line,
+    is_utf8,
+    one_line,
+    printable,
+)
 from tasks.json_values import any_scalar, has_non_finite, has_nul, nesting_depth, non_json_type
 from tasks.retry_policy import is_transient
 
@@ -180,6 +188,49 @@ _TASK_COLUMNS = sql.SQL(
 _SELECT_TASKS = sql.SQL("SELECT {columns} FROM flowyard.agent_tasks t").format(columns=_TASK_COLUMNS)
 
 
+LOCK_WAIT_SECONDS = 2.0
+"""How long a queue statement waits for a lock (``lock_timeout``). A DBA's ``LOCK TABLE``,
+``VACUUM FULL`` or ``ALTER TABLE`` on a queue table held every statement for as long as it lasted:
+a worker's heartbeat stopped the loop reading its agents' output (so the agents, and their
+timeouts), and ``queue`` commands hung without a word. Workers take a lock timeout for the state
+database being away for now (:func:`unreachable`); commands say who holds the lock."""
+
+_LOCK_TIMEOUT = f"{LOCK_WAIT_SECONDS * 1000:g}ms"
+
+_QUEUE_TABLES = ("agent_tasks", "agent_task_blocks", "agent_runs", "agent_checkpoints")
+
+
+class QueueLocked(UserError):
+    """A queue statement waited :data:`LOCK_WAIT_SECONDS` for a lock another session holds."""
+
+    def __init__(self, holders: str, error: str) -> None:
+        super().__init__(
+            f"the agent queue's tables are locked ({error}){holders}; "
+            "try again once that session is done (or end it: SELECT pg_terminate_backend(<pid>))"
+        )
+
+
+def _lock_holders(url: str) -> str:
+    """``: held by pid N (query, for 12s)`` for each other session holding a lock on a queue table
+    that keeps rows from being written, or ``""`` when none is found (a row lock, or the holder
+    gone already). Read on a connection of its own: the failed one may be in an aborted transaction."""
+    try:
+        with connection(url, autocommit=True) as conn:
+            rows = conn.execute(
+                """
+                SELECT DISTINCT a.pid, a.query, extract(epoch FROM now() - a.xact_start)::int
+                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.relation = ANY(%s::regclass[])
+                   AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+                 ORDER BY 1
+                """,
+                ([f"flowyard.{table}" for table in _QUEUE_TABLES],),
+            ).fetchall()
+    except psycopg.Error:
+        return ""
+    return "".join(f": held by pid {pid} ({printable(one_line(query))}, for {secs}s)" for pid, query, secs in rows)
+
+
 _IDLE: dict[tuple[str, bool], list[psycopg.Connection]] = {}
 _IDLE_LOCK = threading.Lock()
 _MAX_IDLE = 16
@@ -204,14 +255,19 @@ def _connection(url: str, *, atomic: bool = False, durable: bool = True) -> Iter
         conn = idle.pop() if idle else None
     if conn is None or conn.closed:
         conn = connect(url, autocommit=True)
-        if not durable:
-            conn.execute("SET synchronous_commit = off")
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, false)"
+            + ("" if durable else ", set_config('synchronous_commit', 'off', false)"),
+            (_LOCK_TIMEOUT,),
+        )
     try:
         if atomic:
             with conn.transaction():
                 yield conn
         else:
             yield conn
+    except psycopg.errors.LockNotAvailable as exc:
+        raise QueueLocked(_lock_holders(url), first_line(exc)) from exc
     except (psycopg.OperationalError, psycopg.InterfaceError):
         conn.close()
         # The server restarted (or dropped every session): the idle connections are dead too, and
@@ -247,8 +303,9 @@ def unreachable(error: BaseException) -> bool:
     down or out of connections, a deadlock): what a later try meets differently, as
     :func:`~tasks.retry_policy.is_transient` tells. A connection refused outright (a one-line
     :class:`~tasks.errors.ConnectionUnavailable`, which a wrong URL raises too) counts as well: to
-    a queue that has been working, it is a server down for now."""
-    return isinstance(error, ConnectionUnavailable) or is_transient(error)
+    a queue that has been working, it is a server down for now. So does a lock held on a queue table
+    (:class:`QueueLocked`): a worker cannot write until it is released, as in an outage."""
+    return isinstance(error, ConnectionUnavailable | QueueLocked) or is_transient(error)
 
 
 _T = TypeVar("_T")
@@ -1004,17 +1061,28 @@ def finish_attempt(
     return row[0] if row else None
 
 
-def attempt_end(url: str, run_id: int) -> tuple[str | None, str | None]:
-    """The outcome recorded for attempt ``run_id`` (None while it is open) and its task's status
-    now, which tell whose end it is, this worker's or a recovery's; (None, None) for a task deleted
+def attempt_end(url: str, run_id: int) -> tuple[str | None, str | None, bool]:
+    """The outcome recorded for attempt ``run_id`` (None while it is open), its task's status now,
+    and whether the task is where that outcome puts it, still this attempt's: ``completed`` or
+    ``review`` after a completion, ``pending`` after an interruption, held by the attempt's worker
+    after a failure. They tell whose end it is, this worker's or a recovery's, and whether the task
+    moved on without it: cancelled and retried while the attempt was open, its end closed the
+    attempt but left the task pending (or claimed elsewhere). (None, None, False) for a task deleted
     meanwhile."""
     with _connection(url) as conn:
         row = conn.execute(
-            "SELECT r.outcome, t.status FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id "
-            "WHERE r.id = %s",
+            """
+            SELECT r.outcome, t.status,
+                   t.attempts = r.attempt AND CASE r.outcome
+                       WHEN 'completed' THEN t.status IN ('completed', 'review')
+                       WHEN 'interrupted' THEN t.status = 'pending'
+                       ELSE t.status = 'in_progress' AND t.worker = r.worker END
+              FROM flowyard.agent_runs r JOIN flowyard.agent_tasks t ON t.id = r.task_id
+             WHERE r.id = %s
+            """,
             (run_id,),
         ).fetchone()
-    return (row[0], row[1]) if row is not None else (None, None)
+    return (row[0], row[1], bool(row[2])) if row is not None else (None, None, False)
 
 
 def _let_go_of_cancelled(conn: psycopg.Connection, run_id: int, worker: str) -> None:
@@ -1245,7 +1313,12 @@ def _mark_unrunnable(conn: psycopg.Connection) -> Unrunnable:
     reason one dependency level per statement, each joining the whole dependencies table, took
     seconds per ``queue create --after``, ``cancel`` or run's end behind a chain a thousand deep,
     and rewrote every held-up row each time."""
-    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (_REASONS_LOCK,))
+    # each pass waits its turn however long the one before takes; only a lock on a table is cut short
+    conn.execute(
+        "SELECT set_config('lock_timeout', '0', true), pg_advisory_xact_lock(hashtextextended(%s, 0)), "
+        "set_config('lock_timeout', %s, true)",
+        (_REASONS_LOCK, _LOCK_TIMEOUT),
+    )
     found: tuple[dict[int, str], dict[int, str]] = ({}, {})
     cancelled_only: list[int] = []
     for task_id, is_blocked, failed, reason in conn.execute(_MARK_UNRUNNABLE, prepare=False):

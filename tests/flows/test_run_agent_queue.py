@@ -1232,6 +1232,7 @@ LATE_FAILURE_AGENT = textwrap.dedent(
 
     sys.path.insert(0, sys.argv[3])
     from tasks import agent_queue as queue
+    from tasks.db import connection
 
     url, how = sys.argv[1], sys.argv[2]
     task_id, worker = int(os.environ["FLOWYARD_TASK_ID"]), os.environ["FLOWYARD_WORKER"]
@@ -1240,6 +1241,12 @@ LATE_FAILURE_AGENT = textwrap.dedent(
         queue.claim_ready(url, "elsewhere", 1)
     else:
         queue.cancel_task(url, task_id)
+    if how.startswith("retried"):  # its heartbeats held up past the lease (a lock), so `queue retry` went ahead
+        with connection(url) as conn:
+            conn.execute("UPDATE flowyard.agent_tasks SET heartbeat_at = now() - interval '1 day' WHERE id = %s", (task_id,))
+        queue.retry_task(url, task_id)
+    if how == "retried, claimed":
+        queue.claim_ready(url, "elsewhere", 1)
     print("disk on fire", file=sys.stderr)
     sys.exit(3)
     """
@@ -1247,24 +1254,36 @@ LATE_FAILURE_AGENT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("retries", [0, 1], ids=["final", "not-final"])
-@pytest.mark.parametrize(("how", "reported"), [("recovered", "released"), ("cancelled", "cancelled")])
+@pytest.mark.parametrize(
+    ("how", "reported", "left"),
+    [
+        ("recovered", "released", ("in_progress", "elsewhere")),
+        ("cancelled", "cancelled", ("cancelled", None)),
+        ("retried", "released", ("pending", None)),
+        ("retried, claimed", "released", ("in_progress", "elsewhere")),
+    ],
+)
 def test_a_late_failure_of_an_attempt_no_longer_holding_its_task_is_not_retried_nor_reported_failed(
-    tmp_path: Path, qdb: str, retries: int, how: str, reported: str
+    tmp_path: Path, qdb: str, retries: int, how: str, reported: str, left: tuple[str, str | None]
 ) -> None:
     """An agent that failed after its attempt lost the task (another run's recovery closed it and
     handed the task on, or the user cancelled it): the run raised the failure, so Prefect retried
     an attempt of a task no longer its worker's, and after its last attempt the run reported
-    ``failed`` a task running elsewhere or cancelled. It is reported as a late completed end is."""
+    ``failed`` a task running elsewhere or cancelled. It is reported as a late completed end is.
+    So is one whose task was cancelled and retried while the attempt was still open (pending again,
+    or claimed by another worker): the attempt's end, not a recovery's, closed it, and the run
+    reported ``failed`` a task back in the queue. The attempt keeps its failure; the task is left
+    where the retry (and the other claim) put it."""
     task_id = queue.create_task(qdb, queue.NewTask(title="late", agent_type="late"))
     agents = {"late": {"argv": [sys.executable, "-c", LATE_FAILURE_AGENT, qdb, how, str(ROOT)]}}
-    state = run_agent_queue(max_agents=1, agents=agents, retries=retries, return_state=True, **_kw(tmp_path, qdb))
+    kw = {**_kw(tmp_path, qdb), "max_tasks": 1}  # a task retried to pending is not claimed again
+    state = run_agent_queue(max_agents=1, agents=agents, retries=retries, return_state=True, **kw)
     assert state.result()["outcomes"] == {task_id: reported}
     [run] = recorded_task_runs(state, "agent-", 1)
     assert (run.state.is_completed(), run.run_count) == (True, 1), run.state
     assert (run.state.result()["attempt"], run.state.result()["outcome"]) == (1, reported)
     task = queue.get_task(qdb, task_id)
-    expected = ("in_progress", "elsewhere") if how == "recovered" else ("cancelled", None)
-    assert (task.status, task.worker) == expected
+    assert (task.status, task.worker, task.attempts) == (*left, 1)
     closed = "interrupted" if how == "recovered" else "failed"
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, closed)]
 
@@ -1443,3 +1462,90 @@ def test_a_database_restart_mid_run_neither_stops_the_agents_nor_loses_what_they
         assert (task.status, task.attempts, task.result["digest"]) == ("completed", 1, _digest(task_id, steps))
         assert task.result["resumed_from"] == 0, "the agent ran on: nothing started again"
     assert sorted((r["task_id"], r["outcome"]) for r in _runs(qdb)) == [(short, "completed"), (long, "completed")]
+
+
+LOCKED_OUTPUT_AGENT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    go, wrote = Path(sys.argv[1]), Path(sys.argv[2])
+    while not go.exists():
+        time.sleep(0.02)
+    print(json.dumps({"kind": "checkpoint", "state": {"step": 1}}), flush=True)
+    line = json.dumps({"kind": "log", "level": "info", "message": "x" * 1000})
+    for _ in range(200):  # 200 kB: more than a pipe holds, so the worker must read as it goes
+        print(line, flush=True)
+    wrote.touch()
+    print(json.dumps({"kind": "result", "data": {"ok": True}}), flush=True)
+    """
+)
+
+
+def test_a_lock_held_on_the_queue_table_does_not_stop_the_agents_output_being_read(tmp_path: Path, qdb: str) -> None:
+    """A DBA's ``LOCK TABLE flowyard.agent_tasks`` while an agent runs: the worker's write of the
+    agent's checkpoint (and its heartbeats) waited for the lock, in the loop that reads the agent's
+    output, so the agent blocked on a full pipe until the lock was released, its timeout and a
+    cancel unseen. The checkpoint is kept and written once the lock is gone; the output flows on."""
+    go, wrote = tmp_path / "go", tmp_path / "wrote"
+    task_id = queue.create_task(qdb, queue.NewTask(title="chatty", agent_type="chatty"))
+    agents = {"chatty": {"argv": [sys.executable, "-c", LOCKED_OUTPUT_AGENT, str(go), str(wrote)]}}
+
+    def lock_while_it_writes() -> None:
+        while not queue.get_task(qdb, task_id).agent_pgid:
+            time.sleep(0.02)
+        with connection(qdb) as dba:
+            dba.execute("LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE")
+            go.touch()
+            while not wrote.exists():  # the agent wrote all its output while the table was locked
+                time.sleep(0.02)
+
+    locker = threading.Thread(target=lock_while_it_writes, daemon=True)
+    locker.start()
+    summary = run_agent_queue(max_agents=1, agents=agents, **_kw(tmp_path, qdb))
+    locker.join()
+    assert summary["outcomes"] == {task_id: "completed"}
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.result, task.last_checkpoint) == (
+        "completed", {"ok": True}, {"attempt": 1, "kind": "agent", "state": {"step": 1}}
+    )
+
+
+@contextmanager
+def _full_disk(path: Path) -> Iterator[Path]:
+    """``path``, a 64 kB tmpfs already filled up (root only), unmounted after."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
+    try:
+        with suppress(OSError), (path / "filler").open("wb") as filler:
+            filler.write(b"\0" * 1_000_000)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_stops_the_agent(
+    tmp_path: Path, qdb: str
+) -> None:
+    """The logs directory's disk full (ENOSPC) when the agent's log is written: the attempt failed
+    with ``OSError: [Errno 28] No space left on device``, naming neither the log nor its disk, was
+    retried to the same end, and the log's close raised the error again over the first. It fails in
+    one line naming the log and the cause, without a retry; the agent is stopped, the log closed."""
+    task_id = queue.create_task(qdb, _new("chatty", {"steps": 100, "sleep": 0.05}))
+    with _full_disk(tmp_path / "logs") as logs:
+        summary = run_agent_queue(max_agents=1, retries=2, logs_dir=str(logs), **_kw(tmp_path, qdb))
+        fds = Path("/proc/self/fd")
+        assert [fd for fd in fds.iterdir() if str(logs) in str(fd.resolve())] == [], "the log is closed"
+    error = (
+        f"cannot write the log of task {task_id} to {logs}/{task_id}.jsonl: No space left on device; "
+        "make room for it (or pass another --logs-dir / logs_dir), then retry the task"
+    )
+    assert summary["outcomes"] == {task_id: f"failed: {error}"}
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.error) == ("failed", error)
+    assert [r["outcome"] for r in _runs(qdb)] == ["failed"]
+    with connection(qdb) as conn:
+        [worker] = [row[0] for row in conn.execute("SELECT DISTINCT worker FROM flowyard.agent_runs")]
+    assert marked_pids(agent_mark(worker)) == [], "no agent process survives"

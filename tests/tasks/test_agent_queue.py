@@ -12,6 +12,7 @@ import textwrap
 import threading
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tasks.db import connection
 from tasks.errors import UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
 from tasks.state import migration_config, state_url
-from tests.conftest import Role
+from tests.conftest import Role, run_cli
 from tests.outage_support import outage_proxy
 
 
@@ -1108,3 +1109,47 @@ def test_a_late_end_of_an_attempt_recovery_closed_leaves_it_closed(qdb: str) -> 
     assert queue.finish_attempt(qdb, third.run_id, "w2", "completed", result={"ok": 1}) == "completed"
     assert _reported_outcome(qdb, third.run_id, "completed") == "completed"
 
+
+
+def test_a_reasons_pass_waits_its_turn_past_the_lock_timeout(qdb: str) -> None:
+    """Queue statements give up on a lock after :data:`queue.LOCK_WAIT_SECONDS`, but the reasons
+    pass's own advisory lock is its turn, not a DBA's lock: a ``queue create --after`` or ``cancel``
+    behind a long pass (a chain thousands deep, at a run's end) must wait for it, not fail."""
+    with (
+        connection(qdb) as other_pass,
+        connection(qdb, autocommit=True) as watch,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        other_pass.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (queue._REASONS_LOCK,))
+        waiting = pool.submit(queue.unrunnable, qdb)
+        while not waiting.done() and not watch.execute(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)"
+        ).fetchone()[0]:
+            threading.Event().wait(0.01)
+        threading.Event().wait(queue.LOCK_WAIT_SECONDS + 0.5)  # past the lock timeout, still its turn to come
+        assert not waiting.done(), waiting.exception()
+        other_pass.commit()
+        assert waiting.result() == queue.Unrunnable(blocked={}, waiting={}, cancelled_only=())
+
+
+def test_a_locked_queue_table_hangs_neither_a_worker_nor_a_command(qdb: str) -> None:
+    """A DBA's ``LOCK TABLE`` (``VACUUM FULL``, ``ALTER TABLE``) on a queue table held every queue
+    statement for as long as it lasted: a worker's heartbeat stopped the loop reading its agents'
+    output, and ``queue list`` hung without a word. Now a statement waits for the lock timeout: a
+    worker takes it as the database away for now (riding it out, its agent running on for up to the
+    lease), and a command fails in one line naming the session holding the lock and its statement."""
+    task_id = queue.create_task(qdb, _new("under lock"))
+    queue.claim_ready(qdb, "w1", 1)
+    attempt = queue.start_attempt(qdb, task_id, "w1", None)
+    with connection(qdb) as dba:
+        dba.execute("LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE")
+        holder = dba.info.backend_pid
+        with pytest.raises(queue.QueueLocked) as beat:
+            queue.heartbeat(qdb, task_id, "w1", attempt.number)
+        assert queue.unreachable(beat.value)
+        listed = run_cli("queue", "list", "--database-url", qdb)
+    assert queue.heartbeat(qdb, task_id, "w1", attempt.number) is True  # the lock released
+    assert listed.returncode == UserError.exit_code and listed.stdout == ""
+    [line] = listed.stderr.splitlines()
+    assert line.startswith("flowyard: error: the agent queue's tables are locked (canceling statement due to lock timeout)")
+    assert f": held by pid {holder} (LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE, for " in line
