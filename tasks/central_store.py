@@ -129,10 +129,11 @@ _IDENTITY_DDL = (
 # first row tell a store nothing, and are deleted with its insert.
 _DELETIONS = "devflow.project_deletions"
 _DELETION_TRIGGERS = ("project_status_lock", "project_status_deleted")
-_DELETIONS_DDL = (
-    "CREATE TABLE IF NOT EXISTS devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)",
-    sql.SQL("""
-    CREATE OR REPLACE FUNCTION devflow.project_status_lock() RETURNS trigger LANGUAGE plpgsql AS $$
+_DELETIONS_TABLE = "CREATE TABLE IF NOT EXISTS devflow.project_deletions (seq bigint PRIMARY KEY, project_id text)"
+_DELETION_FUNCTIONS = (
+    (
+        "project_status_lock",
+        sql.SQL("""
     BEGIN
         PERFORM pg_advisory_xact_lock({lock});
         IF TG_OP = 'TRUNCATE' THEN  -- no transition table for TRUNCATE: every row goes
@@ -140,16 +141,23 @@ _DELETIONS_DDL = (
             SELECT nextval('devflow.change_seq'), project_id FROM devflow.project_status;
         END IF;
         RETURN NULL;
-    END $$
-    """).format(lock=sql.Literal(_SEQUENCER_LOCK)),
-    """
-    CREATE OR REPLACE FUNCTION devflow.project_status_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    END """).format(lock=sql.Literal(_SEQUENCER_LOCK)).as_string(),
+    ),
+    (
+        "project_status_deleted",
+        """
     BEGIN
         INSERT INTO devflow.project_deletions (seq, project_id)
         SELECT nextval('devflow.change_seq'), project_id FROM gone;
         RETURN NULL;
-    END $$
-    """,
+    END """,
+    ),
+)
+"""The trigger functions' names and plpgsql bodies (``pg_proc.prosrc``), made or replaced only when
+a body differs (:func:`_create_tombstones`)."""
+_FUNCTION_DDL = sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}")
+_FUNCTION_BODY = "SELECT (SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s))"
+_DELETIONS_DDL = (
     "CREATE OR REPLACE TRIGGER project_status_lock BEFORE DELETE OR TRUNCATE ON devflow.project_status "
     "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_lock()",
     "CREATE OR REPLACE TRIGGER project_status_deleted AFTER DELETE ON devflow.project_status REFERENCING OLD TABLE AS gone "
@@ -461,8 +469,15 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
     A role that neither owns ``devflow.project_status`` nor has TRIGGER on it (a DBA made the
     table) cannot: without tombstones its stores would keep deleted projects for good, so that is
     one line naming the grant instead, still the privilege error it is (central answered, and
-    refuses every batch alike until the grant)."""
+    refuses every batch alike until the grant). The trigger functions are replaced only when their
+    body differs from flowyard's: ``CREATE OR REPLACE FUNCTION`` needs their ownership, which that
+    grant does not give, so a role granted it was refused ("must be owner of function") and told
+    the same grant again on every run, the trigger never restored."""
     try:
+        conn.execute(_DELETIONS_TABLE)
+        for name, body in _DELETION_FUNCTIONS:
+            if one_row(conn, _FUNCTION_BODY, (f"{SCHEMA}.{name}()",))[0] != body:
+                conn.execute(_FUNCTION_DDL.format(sql.Identifier(SCHEMA, name), sql.Literal(body)))
         for statement in _DELETIONS_DDL:
             conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege as exc:

@@ -208,6 +208,11 @@ def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError
             else "check that the path names the device's SQLite file, or restore it from a backup"
         )
         return UserError(f"device store {path} is corrupt ({text}); {fix}")
+    if _disk_full(path, exc):
+        return UserError(
+            f"device store {path} cannot be written: its disk is full ({text}); free space on that disk "
+            "and sync again — its events stay pending, and central keeps one copy of any it already holds"
+        )
     if (reason := _unwritable(path, text)) is not None:
         return UserError(
             f"device store {path} cannot be written ({reason}); give the user flowyard runs as write access "
@@ -222,6 +227,28 @@ def _explain(path: Path, exc: sqlite3.Error, device_id: str | None) -> UserError
             "the next sync upgrades it again, central skipping the events it already holds"
         )
     return UserError(f"device store {path}: {text}")
+
+
+_NEARLY_FULL_BYTES = 1 << 20
+"""Room left on a store's file system below which an I/O error is taken for the disk being full."""
+
+
+def _disk_full(path: Path, exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed for want of room on the store's disk: ``SQLITE_FULL`` ("database or
+    disk is full"), or an I/O error while that file system is (nearly) full. A WAL store's first
+    write grows its ``-shm`` file, and SQLite reports that failing as ``SQLITE_IOERR_SHMSIZE``,
+    the bare "disk I/O error", which named neither the cause nor the fix. The code is absent on
+    errors of the driver itself (a closed connection)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code is None or code & 0xFF != sqlite3.SQLITE_IOERR:
+        return False
+    try:
+        room = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return room.f_bavail * room.f_frsize < _NEARLY_FULL_BYTES
 
 
 def _unwritable(path: Path, text: str) -> str | None:
@@ -359,14 +386,18 @@ def check_writable(conn: sqlite3.Connection) -> None:
 
 @contextmanager
 def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front, roll back on any error."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``: take the write lock up front, roll back on any error,
+    a failed ``COMMIT`` included. Only while the transaction is still open: on some errors (a full
+    disk, an I/O error) SQLite has rolled it back already, and a ``ROLLBACK`` then raised "cannot
+    rollback - no transaction is active" in place of the error that says what went wrong."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 def create_v1(path: Path) -> None:

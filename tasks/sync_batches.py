@@ -337,7 +337,7 @@ def sync_device(
                     else:  # central refused it (a privilege, a missing table) or cut a lock wait: contact
                         answered = True
             elif not answered and not central_down and after.waiting:  # sent nothing, events wait: is central up?
-                answered = _central_answers(uploader)
+                answered, error = _central_answers(uploader)
         finally:
             uploader.close()
     return DeviceReport(
@@ -362,18 +362,24 @@ def sync_device(
     )
 
 
-def _central_answers(uploader: _Uploader) -> bool:
-    """Whether central takes a connection now: all a run that sent nothing, its failed events
-    waiting out their backoff, can learn of central, and whether it counts as contact (see
-    :attr:`DeviceReport.succeeded`). A refused connection is no error of the run: no event was
-    due, and the run that next sends one records why it fails."""
+def _central_answers(uploader: _Uploader) -> tuple[bool, str | None]:
+    """Whether central takes a connection now, and the device's error: all a run that sent nothing,
+    its failed events waiting out their backoff, can learn of central, and whether it counts as
+    contact (see :attr:`DeviceReport.succeeded`). A connection that does not get through
+    (:data:`CONNECTION_TROUBLE`) is no error of the run: no event was due, and the run that next
+    sends one records why it fails. A session central refuses (a privilege its schema step needs,
+    a table it cannot make) is contact, and its one line the error: taken for no contact, with no
+    error, the device went "offline" with central up, and its record cleared the refusal that
+    ``sync status`` showed."""
     try:
         uploader.session_or_connect()
     except CentralBusy:  # a lock wait of its schema step, cut by its lock_timeout: central answered
-        return True
-    except (psycopg.Error, UserError):
-        return False
-    return True
+        return True, None
+    except CONNECTION_TROUBLE:
+        return False, None
+    except psycopg.Error as exc:
+        return True, _one_line(exc, uploader.options.central_url, "connect to")
+    return True, None
 
 
 def download_into_store(conn: sqlite3.Connection, session: CentralSession, since: int, central: UUID) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -26,3 +26,31 @@ def immutable(path: Path) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
+    """``path``, a new tmpfs of ``size`` (root only: skips the test when the mount is refused), a
+    disk a test can fill (:func:`fill_up`); unmounted after."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def fill_up(directory: Path, *, leave: int = 0) -> Path:
+    """Fill the file system of ``directory`` (a :func:`small_tmpfs`) with a filler file, all but
+    ``leave`` bytes (whole pages of it); returns the filler, whose removal frees the space again."""
+    reserve, filler = directory / "reserve", directory / "filler"
+    reserve.write_bytes(b"\0" * leave)
+    with suppress(OSError), filler.open("ab", buffering=0) as out:
+        while True:
+            out.write(b"\0" * 4096)
+    reserve.unlink()
+    return filler

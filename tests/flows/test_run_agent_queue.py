@@ -37,7 +37,7 @@ from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
-from tests.fs_support import immutable
+from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.outage_support import outage_proxy
 from tests.serve_support import served_agent_queue_run
 
@@ -1511,21 +1511,6 @@ def test_a_lock_held_on_the_queue_table_does_not_stop_the_agents_output_being_re
     )
 
 
-@contextmanager
-def _full_disk(path: Path) -> Iterator[Path]:
-    """``path``, a 64 kB tmpfs already filled up (root only), unmounted after."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
-    try:
-        with suppress(OSError), (path / "filler").open("wb") as filler:
-            filler.write(b"\0" * 1_000_000)
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
 def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_stops_the_agent(
     tmp_path: Path, qdb: str
 ) -> None:
@@ -1534,7 +1519,8 @@ def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_st
     retried to the same end, and the log's close raised the error again over the first. It fails in
     one line naming the log and the cause, without a retry; the agent is stopped, the log closed."""
     task_id = queue.create_task(qdb, _new("chatty", {"steps": 100, "sleep": 0.05}))
-    with _full_disk(tmp_path / "logs") as logs:
+    with small_tmpfs(tmp_path / "logs") as logs:
+        fill_up(logs)
         summary = run_agent_queue(max_agents=1, retries=2, logs_dir=str(logs), **_kw(tmp_path, qdb))
         fds = Path("/proc/self/fd")
         assert [fd for fd in fds.iterdir() if str(logs) in str(fd.resolve())] == [], "the log is closed"

@@ -35,7 +35,7 @@ from tasks.sample_devices import make_store
 from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
-from tests.fs_support import immutable
+from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.sync_support import synced_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -191,6 +191,34 @@ def test_sigkill_at_several_points_of_a_sync_then_rerun_leaves_everything_consis
     assert _local_sync_ids(store, "synced") == _central_sync_ids(fresh_db)
     assert _central_counts(fresh_db) == (total, total)
     _central_consistent(fresh_db)
+
+
+def test_a_full_disk_fails_its_device_alone_and_the_run_after_freeing_space_syncs_it(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A device store whose disk is full: that device gets one line naming its store, the full disk
+    and the fix (SQLite's bare "database or disk is full" named no fix), the other device syncs,
+    and once there is room the next run syncs every event, central holding one copy of each."""
+    from flows.sync_devices import sync_devices
+
+    good = make_store(tmp_path / "good.db", 400)
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
+        full = make_store(disk / "full.db", 400, seed=1)
+        filler = fill_up(disk)
+        stores = [str(good), str(full)]
+        run = sync_devices(stores=stores, central_url=fresh_db, return_state=True)
+        error = (
+            f"device store {full} cannot be written: its disk is full (database or disk is full); free space on "
+            "that disk and sync again — its events stay pending, and central keeps one copy of any it already holds"
+        )
+        assert run.is_failed()
+        assert str(run.result(raise_on_failure=False)) == f"1 of 2 devices did not sync fully: full: {error}"
+        history = {row.device_id: row for row in sync_state.history(state_db, limit=10)}
+        assert (history["good"].uploaded, history["good"].error, history["full"].error) == (400, None, error)
+        filler.unlink()
+        assert sync_devices(stores=stores, central_url=fresh_db)["devices"]["full"]["uploaded"] == 400
+        assert synced_events(full) == 400
+    assert _central_counts(fresh_db) == (800, 800)
 
 
 def test_corrupt_and_locked_stores_fail_alone_while_others_sync(

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import random
+import re
 import socket
 import sqlite3
 import string
@@ -25,7 +26,7 @@ from tasks import central_store, device_store, sync_alerts, sync_state
 from tasks.db import database_name
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
-from tasks.errors import INT64_MAX
+from tasks.errors import INT64_MAX, UserError
 from tasks.privacy_filter import PrivacyPolicy
 from tasks.sample_devices import make_store
 from tasks.sync_batches import (
@@ -40,6 +41,7 @@ from tasks.sync_batches import (
 )
 from tasks.sync_state import AlertThresholds
 from tests.conftest import Role
+from tests.fs_support import fill_up, small_tmpfs
 from tests.sync_support import synced_events
 
 IDENTITY = Identity("dev-a", "alice", "proj")
@@ -684,6 +686,48 @@ def test_a_not_null_column_a_dba_added_fails_the_batch_as_a_whole(central: str, 
     assert (later.uploaded, later.failed, later.pending_after, later.error) == (300, 0, 0, None)
 
 
+@pytest.mark.parametrize(
+    ("upgraded", "wal", "leave", "download"),
+    [
+        pytest.param(False, False, 0, False, id="at-the-upgrade"),
+        pytest.param(False, False, 64 * 1024, False, id="part-way-through-the-upgrade"),
+        pytest.param(False, True, 0, False, id="at-a-wal-stores-first-write"),
+        pytest.param(True, False, 16 * 1024, False, id="marking-an-uploaded-batch-synced"),
+        pytest.param(True, False, 0, True, id="saving-downloaded-snapshots"),
+    ],
+)
+def test_a_full_disk_fails_its_device_in_one_line_and_loses_nothing(
+    central: str, tmp_path: Path, upgraded: bool, wal: bool, leave: int, download: bool
+) -> None:
+    """The store's disk full: SQLite's bare "database or disk is full" named no fix; a WAL store
+    whose ``-shm`` could not grow got "disk I/O error"; and a write SQLite had already rolled back
+    (saving downloaded snapshots) ended in "cannot rollback - no transaction is active". One line
+    names the store, the full disk and the fix; the store stays whole (an upgrade part-way resumes),
+    and once there is room the next run syncs every event, central holding one copy of each."""
+    with small_tmpfs(tmp_path / "disk", "8m") as disk:
+        store = make_store(disk / "dev.db", 3000, identity=IDENTITY if upgraded else None)
+        if wal:
+            with device_store.open_store(store) as conn:
+                conn.execute("PRAGMA journal_mode = WAL")
+        if download:  # every event synced before: the run only downloads
+            assert sync_device(store, IDENTITY, SyncOptions(central)).uploaded == 3000
+        filler = fill_up(disk, leave=leave)
+        with pytest.raises(UserError) as full:
+            sync_device(store, IDENTITY, SyncOptions(central), download_since=0 if download else None)
+        assert str(full.value).startswith(f"device store {store} cannot be written: its disk is full (")
+        assert str(full.value).endswith(
+            "); free space on that disk and sync again — its events stay pending, "
+            "and central keeps one copy of any it already holds"
+        )
+        filler.unlink()
+        with device_store.open_store(store) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        later = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+        assert (later.error, later.pending_after, synced_events(store)) == (None, 0, 3000)
+        assert later.download_cursor and _store_snapshots(store)[0]
+    assert _central_counts(central) == (3000, 3000)
+
+
 def _recorded(state_db: str, report: DeviceReport) -> sync_state.Device:
     """The device row ``report`` leaves in flowyard's state, removed again so tests do not share it."""
     sync_state.record_device_run(state_db, None, report)
@@ -877,20 +921,75 @@ def _central_of_a_dba(role: Role, database: str) -> str:
     return role.url(database)
 
 
-def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
-    """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
-    write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
-    central = _central_of_a_dba(limited_role, fresh_db)
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
+def _central_of_a_dba_before_tombstones(role: Role, database: str) -> str:
+    """:func:`_central_of_a_dba`, from before tombstones: ``role`` may write to it, but not add the
+    triggers its snapshots need, so every session the role opens is refused."""
+    central = _central_of_a_dba(role, database)
+    with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("DROP TABLE devflow.project_deletions")
         conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
         conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
         conn.execute("DROP FUNCTION devflow.project_status_lock, devflow.project_status_deleted")
+    return central
+
+
+def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
+    """A central a DBA made (its tables theirs), from before tombstones, for a sync role that may
+    write to it but not add a trigger to its snapshots: one line naming the grant, events kept."""
+    central = _central_of_a_dba_before_tombstones(limited_role, fresh_db)
     store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
     report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
     assert report.error is not None and "\n" not in report.error and (report.uploaded, report.reached_central) == (0, True)
     assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in report.error
     assert _local(store).failed == 30  # kept, retried after their backoff
+
+
+def test_a_role_granted_trigger_as_told_restores_a_dropped_tombstone_trigger(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central that lost a tombstone trigger, for a sync role without TRIGGER on the
+    snapshots: the schema step names the grant. Granted, the role was refused all the same ("must be
+    owner of function project_status_lock": the step replaced the DBA's trigger functions too, which
+    only their owner may) and told the same grant on every run, the trigger never restored. It is
+    restored, and a project deleted after that leaves the store."""
+    central = _central_of_a_dba(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+    grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(grant)):
+        central_store.ensure_schema(central)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(grant)
+    central_store.ensure_schema(central)
+    _add_projects(fresh_db, "kept", "gone")
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    _delete_projects(fresh_db, "gone")
+    _count_saved_snapshots(store)
+    again = _sync_on(store, central, first)
+    assert (first.error, again.error, _held(store)) == (None, None, ({"kept"}, 0))
+
+
+def test_a_session_central_refuses_while_events_wait_is_contact_and_keeps_its_line(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A run with nothing due (its failed events waiting out their backoff, no download) only asks
+    central for a session; one central refused (a role that may not add the snapshots' triggers)
+    counted as no contact, with no error: the device went "offline" with central up, and its record
+    cleared the refusal ``sync status`` showed. Central answered: contact, with the refusal's line."""
+    central = _central_of_a_dba_before_tombstones(limited_role, fresh_db)
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (first.failed, first.reached_central) == (30, True)
+    waiting = sync_device(store, IDENTITY, SyncOptions(central))
+    assert (waiting.failed, waiting.waiting_after, waiting.reached_central, waiting.succeeded) == (0, 30, True, True)
+    assert waiting.error is not None and "\n" not in waiting.error
+    assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in waiting.error
+    device = _recorded(state_db, waiting)
+    assert device.last_success_at is not None and device.last_error == waiting.error
+    now = datetime.now(UTC)
+    alerts = sync_alerts.evaluate("d", waiting, now - timedelta(hours=2), AlertThresholds(offline_seconds=3600), now)
+    assert [alert.kind for alert in alerts] == []
 
 
 def test_a_role_that_cannot_add_a_months_partition_is_told_the_statements(
