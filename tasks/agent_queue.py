@@ -30,7 +30,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from tasks.db import connect, connection
+from tasks.db import connect, connection, read_only_refusal
 from tasks.errors import (
     ConnectionUnavailable,
     UserError,
@@ -268,6 +268,8 @@ def _connection(url: str, *, atomic: bool = False, durable: bool = True) -> Iter
             yield conn
     except psycopg.errors.LockNotAvailable as exc:
         raise QueueLocked(_lock_holders(url), first_line(exc)) from exc
+    except psycopg.errors.ReadOnlySqlTransaction as exc:  # a standby, a read-only role: no outage to ride out
+        raise read_only_refusal(url, exc) from None
     except (psycopg.OperationalError, psycopg.InterfaceError):
         conn.close()
         # The server restarted (or dropped every session): the idle connections are dead too, and

@@ -19,7 +19,9 @@ from psycopg.abc import Params, QueryNoTemplate
 from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 
 from tasks.errors import (
+    READ_ONLY_CAUSES,
     ConnectionUnavailable,
+    ServerReadOnly,
     UserError,
     check_utf8,
     control_character,
@@ -273,6 +275,15 @@ reads as another zone), and psycopg parses dates and intervals only in these for
 no value and no comparison, only text. (Any positive ``extra_float_digits`` prints the shortest
 exact float, since PostgreSQL 12.)"""
 
+SESSION_ISOLATION = {"default_transaction_isolation": "read committed"}
+"""The isolation of every flowyard transaction that asks for none itself, whatever the server,
+database or role sets: the queue's claims (``FOR UPDATE SKIP LOCKED``), the sync's ``INSERT … ON
+CONFLICT`` and last-write-wins upserts and the advisory-locked steps are written for READ
+COMMITTED, where a row another session changed meanwhile is read again. Under a DBA's
+``serializable`` or ``repeatable read`` default, two workers claiming at once, or two devices
+uploading at once, failed each other with serialization failures (SQLSTATE 40001), taken for the
+database being away. A step that needs a snapshot asks for it (a chunk's source read)."""
+
 UTC = {"TimeZone": "UTC"}
 """For sessions whose timestamptz text is compared with another session's text (checksums over
 row text, CSV streams): the same instant prints alike only in the same zone. Not pinned on every
@@ -294,8 +305,9 @@ def _default_connect_timeout(url: str) -> dict[str, Any]:
 def connect(
     url: str, *, autocommit: bool = False, application_name: str = "flowyard", utc: bool = False
 ) -> psycopg.Connection:
-    """Open a psycopg connection with flowyard's session settings (``TEXT_FORMS``, and the time
-    zone ``UTC`` when ``utc``), turning connection failures into a one-line UserError."""
+    """Open a psycopg connection with flowyard's session settings (``SESSION_ISOLATION``,
+    ``TEXT_FORMS``, and the time zone ``UTC`` when ``utc``), turning connection failures into a
+    one-line UserError."""
     target = validate_postgres_url(url)
     try:
         conn = psycopg.connect(
@@ -319,7 +331,7 @@ def connect(
     # As pg_dump and pg_restore do: a chunk copy, a checksum or an index build lasts as long as its
     # data, and a role's statement_timeout (common in production) would cancel it. Statements that
     # must stay short (online DDL, backfill batches, health queries) set their own limit.
-    settings = {"statement_timeout": "0", **TEXT_FORMS, **(UTC if utc else {})}
+    settings = {"statement_timeout": "0", **SESSION_ISOLATION, **TEXT_FORMS, **(UTC if utc else {})}
     calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in settings)
     conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in settings.items() for v in item])
     if not autocommit:
@@ -414,6 +426,65 @@ def using(db: Db) -> Iterator[psycopg.Connection]:
         return
     with connection(db) as conn:
         yield conn
+
+
+_READ_ONLY_CAUSE = """
+SELECT pg_is_in_recovery(), s.setting = 'on', s.source, current_user, current_database()
+  FROM pg_settings s WHERE s.name = 'default_transaction_read_only'
+"""
+
+
+def read_only_refusal(url: str, error: psycopg.errors.ReadOnlySqlTransaction) -> ServerReadOnly:
+    """A write ``url``'s server refused as read-only, as one line naming the URL, why and what to
+    do (:func:`read_only_reason`)."""
+    return ServerReadOnly(f"{mask_url(url)} {read_only_reason(url, error)}")
+
+
+def read_only_reason(url: str, error: psycopg.errors.ReadOnlySqlTransaction) -> str:
+    """``accepts no writes (<PostgreSQL's words>): <why>; <fix>`` for a write ``url``'s server
+    refused as read-only: PostgreSQL's words name neither a standby (in recovery, no writes at all)
+    nor where ``default_transaction_read_only`` is set (``pg_settings.source``: the role, the
+    database, the URL, the server's configuration). Asked on a connection of its own, which meets
+    the same role and database settings.
+
+    flowyard does not turn the setting off in its sessions, unlike the isolation level it pins: on
+    a standby that changes nothing, and a DBA who set it for flowyard's role or database meant it
+    (a freeze during maintenance, a reporting role), so overriding it would write where writes
+    were forbidden."""
+    try:
+        with connection(url, autocommit=True) as conn:
+            cause = _read_only_cause(conn, *one_row(conn, _READ_ONLY_CAUSE))
+    except (psycopg.Error, UserError):  # the server gone meanwhile: the refusal is still the news
+        cause = READ_ONLY_CAUSES
+    return f"accepts no writes ({first_line(error)}): {cause}"
+
+
+def _read_only_cause(
+    conn: psycopg.Connection, in_recovery: bool, read_only: bool, source: str, role: str, database: str
+) -> str:
+    """Why the server behind ``conn`` takes no writes and the fix (see :func:`read_only_refusal`)."""
+    if in_recovery:
+        return "it is a standby (in recovery); point the URL at the primary"
+    if not read_only:  # reset since the refusal, or made read-only some other way
+        return READ_ONLY_CAUSES
+    role_sql, database_sql = (sql.Identifier(name).as_string(conn) for name in (role, database))
+    where, fix = {
+        "user": (f"role {role}", f"run ALTER ROLE {role_sql} RESET default_transaction_read_only"),
+        "database user": (
+            f"role {role} in database {database}",
+            f"run ALTER ROLE {role_sql} IN DATABASE {database_sql} RESET default_transaction_read_only",
+        ),
+        "database": (f"database {database}", f"run ALTER DATABASE {database_sql} RESET default_transaction_read_only"),
+        "client": ("this connection (the URL's options or PGOPTIONS)", "remove -c default_transaction_read_only=on there"),
+        "configuration file": (
+            "the server (postgresql.conf or ALTER SYSTEM)",
+            "run ALTER SYSTEM RESET default_transaction_read_only and SELECT pg_reload_conf()",
+        ),
+    }.get(source, (f"the server ({source})", "turn it off there"))
+    return (
+        f"default_transaction_read_only is on, set for {where} (pg_settings.source: {source}); {fix} "
+        "if flowyard may write there, or point the URL at a role and database that may write"
+    )
 
 
 def one_row(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> tuple[Any, ...]:

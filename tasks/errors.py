@@ -50,6 +50,29 @@ class ConnectionUnavailable(UserError):
         self.timed_out = timed_out
 
 
+class ServerReadOnly(UserError):
+    """The server refused a write (SQLSTATE 25006, ``cannot execute INSERT in a read-only
+    transaction``): the URL points at a standby, or ``default_transaction_read_only`` is on for the
+    role, the database or the server. PostgreSQL's words named neither, nor the fix."""
+
+
+READ_ONLY_CAUSES = (
+    "it is a standby, or default_transaction_read_only is on; point the URL at the primary, or have a "
+    "DBA reset it for the role (ALTER ROLE ... RESET default_transaction_read_only)"
+)
+"""Why a server refuses writes and what to do, when which of the two is not known (see
+:func:`tasks.db.read_only_reason`, which finds out)."""
+
+
+def read_only_error(error: BaseException) -> psycopg.errors.ReadOnlySqlTransaction | None:
+    """psycopg's read-only refusal behind ``error``: itself, or the driver error SQLAlchemy wraps
+    (Alembic's migrations run through it); None for any other error."""
+    for candidate in (error, getattr(error, "orig", None), error.__cause__):
+        if isinstance(candidate, psycopg.errors.ReadOnlySqlTransaction):
+            return candidate
+    return None
+
+
 def first_line(error: BaseException | str) -> str:
     """The first line of an error message: PostgreSQL's add LINE/HINT/CONTEXT lines after it."""
     fallback = "" if isinstance(error, str) else type(error).__name__  # an exception without a message
@@ -299,7 +322,9 @@ def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
     """Run an entry point; a UserError becomes ``prog: error: <message>`` on stderr and its exit code.
 
     So does a privilege PostgreSQL refused (SQLSTATE 42501) wherever it surfaces: the role in
-    the URL lacks a grant or an ownership, which the user fixes, not flowyard."""
+    the URL lacks a grant or an ownership, which the user fixes, not flowyard. So does a write a
+    read-only server refused (SQLSTATE 25006, also wrapped by SQLAlchemy) that no caller turned
+    into a :class:`ServerReadOnly` naming why: Alembic's upgrade of a new state schema."""
     try:
         main()
     except UserError as exc:
@@ -309,6 +334,16 @@ def exit_on_user_error(main: Callable[[], None], prog: str) -> None:
         print(
             f"{prog}: error: PostgreSQL refused a privilege: {first_line(exc)} "
             "(grant it to the role in the database URL, or connect as a role that has it)",
+            file=sys.stderr,
+        )
+        sys.exit(UserError.exit_code)
+    except Exception as exc:
+        # a write the server refused as read-only where no caller said why (:class:`ServerReadOnly`)
+        refusal = read_only_error(exc)
+        if refusal is None:
+            raise
+        print(
+            f"{prog}: error: the database accepts no writes ({first_line(refusal)}): {READ_ONLY_CAUSES}",
             file=sys.stderr,
         )
         sys.exit(UserError.exit_code)

@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import DBAPIError
 
-from tasks.db import connect, database_name, mask_url, one_row, resolve_url, sqlalchemy_url
+from tasks.db import connect, database_name, mask_url, one_row, read_only_refusal, resolve_url, sqlalchemy_url
 from tasks.errors import UserError, first_line
 
 MIGRATIONS_DIR = Path(__file__).parent / "state_migrations"
@@ -53,6 +53,8 @@ def upgrade_state_schema(url: str) -> None:
     try:
         command.upgrade(migration_config(url), "heads")
     except DBAPIError as exc:
+        if isinstance(exc.orig, psycopg.errors.ReadOnlySqlTransaction):
+            raise read_only_refusal(url, exc.orig) from None
         if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
             raise
         raise UserError(

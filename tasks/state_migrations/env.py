@@ -20,7 +20,10 @@ def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     if url is None:
         raise RuntimeError("flowyard's state migrations need sqlalchemy.url (set by tasks.state)")
-    engine = create_engine(url, poolclass=None)
+    # READ COMMITTED whatever a DBA's default_transaction_isolation: under serializable or repeatable
+    # read, the process that waited for the lock below read the snapshot it took before the wait,
+    # missed what the first one made, and failed making it again (see tasks.db.SESSION_ISOLATION).
+    engine = create_engine(url, poolclass=None, isolation_level="READ COMMITTED")
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": LOCK_KEY})
         # Created only when missing: even with IF NOT EXISTS, CREATE SCHEMA needs CREATE on the

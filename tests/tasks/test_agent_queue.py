@@ -27,11 +27,12 @@ from tasks import agent_queue as queue
 from tasks.agent_execution import Recovery, _reported_outcome, recover_stale_tasks
 from tasks.agent_process import REFERENCE_TEMPLATE, AgentLimits, agent_mark
 from tasks.db import connection
-from tasks.errors import UserError
+from tasks.errors import ServerReadOnly, UserError
 from tasks.process_group import group_members, spawn_group, terminate_group
 from tasks.state import migration_config, state_url
 from tests.conftest import Role, run_cli
 from tests.outage_support import outage_proxy
+from tests.process_support import started_together
 
 
 @pytest.fixture()
@@ -299,21 +300,7 @@ def test_two_worker_processes_never_claim_the_same_task(qdb: str) -> None:
         queue.create_task(qdb, _new(f"t{i}", ("critical", "high", "medium", "low")[i % 4]))
         for i in range(300)
     }
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _CLAIMER, qdb, f"w{n}"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for n in range(2)
-    ]
-    # Interpreter start-up differs by tens of ms: without a common start one worker could
-    # drain the queue before the other has imported anything, and nothing would be concurrent.
-    assert [w.stdout.readline() for w in workers] == ["ready\n", "ready\n"]
-    for w in workers:
-        w.stdin.write("go\n")
-        w.stdin.flush()
+    workers = started_together(_CLAIMER, [qdb, "w0"], [qdb, "w1"])
     claims = [json.loads(w.communicate(timeout=300)[0]) for w in workers]
     assert all(w.returncode == 0 for w in workers)
     assert claims[0] and claims[1], "both workers claimed concurrently"
@@ -1153,3 +1140,57 @@ def test_a_locked_queue_table_hangs_neither_a_worker_nor_a_command(qdb: str) -> 
     [line] = listed.stderr.splitlines()
     assert line.startswith("flowyard: error: the agent queue's tables are locked (canceling statement due to lock timeout)")
     assert f": held by pid {holder} (LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE, for " in line
+
+
+@pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
+def test_a_dbas_default_isolation_leaves_two_workers_claiming_as_one(qdb: str, isolation: str) -> None:
+    """A DBA's ``ALTER DATABASE … SET default_transaction_isolation`` (common in shops that want
+    serializable everywhere) made every claim racing another worker's fail with a serialization
+    failure (SQLSTATE 40001), which a worker rides out as if the database were away: the queue's
+    statements are written for READ COMMITTED, and each session now pins it."""
+    with connection(qdb, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                sql.Identifier(conn.info.dbname), sql.Literal(isolation)
+            )
+        )
+    test_two_worker_processes_never_claim_the_same_task(qdb)
+
+
+def _read_only(url: str, target: sql.Composable) -> None:
+    """``ALTER <target> SET default_transaction_read_only = on``, as a DBA freezing writes does."""
+    with connection(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER {} SET default_transaction_read_only = on").format(target))
+
+
+def test_a_read_only_queue_database_is_one_line_naming_the_setting_and_its_fix(qdb: str) -> None:
+    """A state database a DBA made read-only: ``queue create`` was a traceback ending in
+    ``ReadOnlySqlTransaction: cannot execute INSERT in a read-only transaction``, and a worker's
+    claim the same from inside its flow. Both say where the setting is and how to reset it."""
+    before = run_cli("queue", "create", "before the freeze", "--database-url", qdb)  # this process pools none
+    task_id = int(before.stdout)
+    with connection(qdb) as conn:
+        database, role = conn.info.dbname, conn.info.user
+    _read_only(qdb, sql.SQL("ROLE {} IN DATABASE {}").format(sql.Identifier(role), sql.Identifier(database)))
+    created = run_cli("queue", "create", "frozen", "--database-url", qdb)
+    assert created.returncode == UserError.exit_code and created.stdout == ""
+    [line] = created.stderr.splitlines()
+    assert line.startswith(f"flowyard: error: {qdb} accepts no writes (cannot execute INSERT in a read-only transaction)")
+    assert f'(pg_settings.source: database user); run ALTER ROLE "{role}" IN DATABASE "{database}" RESET' in line
+    with pytest.raises(ServerReadOnly) as claim:
+        queue.claim_ready(qdb, "w1", 1)
+    assert not queue.unreachable(claim.value), "no outage to ride out for the lease"
+    assert queue.get_task(qdb, task_id).status == "pending"
+
+
+def test_a_read_only_database_without_the_queue_schema_is_one_line(fresh_db: str) -> None:
+    """Read-only before flowyard's schema was made: Alembic's ``CREATE SCHEMA`` failed as a
+    SQLAlchemy traceback."""
+    with connection(fresh_db) as conn:
+        database = conn.info.dbname
+    _read_only(fresh_db, sql.SQL("DATABASE {}").format(sql.Identifier(database)))
+    listed = run_cli("queue", "list", "--database-url", fresh_db)
+    assert listed.returncode == UserError.exit_code and listed.stdout == ""
+    [line] = listed.stderr.splitlines()
+    assert line.startswith(f"flowyard: error: {fresh_db} accepts no writes (cannot execute CREATE SCHEMA")
+    assert f'(pg_settings.source: database); run ALTER DATABASE "{database}" RESET default_transaction_read_only' in line

@@ -707,3 +707,18 @@ def test_a_trigger_restored_while_a_snapshot_uploads_deadlocks_neither(central: 
         session.close()
     assert _scalar(central, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'devflow.project_status'::regclass "
                    "AND tgname = 'project_status_deleted'") == 1
+
+
+@pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
+def test_a_dbas_default_isolation_leaves_concurrent_uploaders_one_copy_each(central: str, isolation: str) -> None:
+    """Under a database's ``default_transaction_isolation`` of serializable or repeatable read,
+    devices uploading at once failed each other's batches (SQLSTATE 40001, taken for central being
+    offline): the upload's ``ON CONFLICT`` and last-write-wins statements are written for READ
+    COMMITTED, which each session now pins."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                sql.Identifier(conn.info.dbname), sql.Literal(isolation)
+            )
+        )
+    test_concurrent_uploaders_of_overlapping_batches_keep_one_copy(central)

@@ -23,6 +23,7 @@ from tasks.embedded_pg import free_port
 from tasks.errors import ConnectionUnavailable, UserError
 from tasks.state import state_url
 from tests.conftest import run_cli
+from tests.process_support import started_together
 
 
 def test_unreachable_server_is_a_one_line_error_without_password():
@@ -354,3 +355,28 @@ def test_an_empty_database_url_names_what_was_given_empty_in_flows_and_commands_
     ]
     with pytest.raises(UserError, match=r"^database_url is only whitespace \(' '\); give a postgresql://"):
         resolve_url(" ")
+
+
+_MIGRATOR = """
+import sys
+from tasks.state import state_url
+print("ready", flush=True)
+sys.stdin.readline()  # both start from the same instant
+state_url(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
+def test_two_processes_migrating_at_once_under_a_dbas_default_isolation_both_succeed(fresh_db: str, isolation: str) -> None:
+    """The state migrations wait for each other on an advisory lock, then read what the first one
+    made: under a database's serializable or repeatable read default, the second read the snapshot
+    it took before the wait, missed the schema and its version, and failed making them again."""
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_isolation = {}").format(
+                sql.Identifier(database_name(fresh_db)), sql.Literal(isolation)
+            )
+        )
+    workers = started_together(_MIGRATOR, [fresh_db], [fresh_db])
+    errors = [w.communicate(timeout=300)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], errors

@@ -55,6 +55,34 @@ def test_a_refused_privilege_is_one_line_at_the_entry_point(limited_role, fresh_
     assert "permission denied for table secret" in err and "grant it to the role" in err
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["psycopg", "sqlalchemy"])
+def test_a_write_a_read_only_server_refused_is_one_line_at_the_entry_point(
+    fresh_db: str, capsys: pytest.CaptureFixture[str], wrapped: bool
+) -> None:
+    """A read-only server (a standby, ``default_transaction_read_only``) refusing a write no caller
+    explained, also inside SQLAlchemy's error (Alembic): a traceback, which named neither cause."""
+    from sqlalchemy import create_engine, text
+
+    from tasks.db import sqlalchemy_url
+
+    def entry_point() -> None:
+        if wrapped:
+            with create_engine(sqlalchemy_url(fresh_db)).connect() as sa:
+                sa.execute(text("SET TRANSACTION READ ONLY"))
+                sa.execute(text("CREATE TABLE t (id int)"))
+        with connect(fresh_db) as conn:
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute("CREATE TABLE t (id int)")
+
+    with pytest.raises(SystemExit) as exit_:
+        exit_on_user_error(entry_point, "prog")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("prog: error: the database accepts no writes (cannot execute CREATE TABLE in a read-only ")
+    assert "it is a standby, or default_transaction_read_only is on; point the URL at the primary" in err
+
+
 def test_a_directory_check_refuses_a_file_in_the_way_and_creates_nothing(tmp_path: Path) -> None:
     """check_user_dir says what make_user_dir would, without making anything (a preflight)."""
     a_file = tmp_path / "notes"

@@ -1283,3 +1283,29 @@ def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: s
     assert (report.error, report.download_central, held, saved) == (None, here, 2500, (1501, 1501))
     with psycopg.connect(central) as conn:
         assert report.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]
+
+
+def test_a_central_read_only_for_the_sync_role_is_named_with_its_fix_and_is_no_outage(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's ``ALTER ROLE … IN DATABASE … SET default_transaction_read_only = on`` for the sync
+    role: each device's error was PostgreSQL's ``cannot execute CREATE TABLE in a read-only
+    transaction`` (the session's temporary table), naming neither why nor the fix. It names the
+    setting, where it is set and the statement that resets it, and is contact, not an outage."""
+    central = _central_owned_by(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on").format(
+                sql.Identifier(limited_role.name), sql.Identifier(database_name(fresh_db))
+            )
+        )
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (report.uploaded, report.failed, report.reached_central) == (0, 30, True)
+    assert report.error is not None and "\n" not in report.error
+    assert "accepts no writes (cannot execute CREATE TABLE in a read-only transaction)" in report.error
+    assert (
+        f"set for role {limited_role.name} in database {database_name(fresh_db)} "
+        "(pg_settings.source: database user); run ALTER ROLE"
+    ) in report.error
+    assert "RESET default_transaction_read_only" in report.error
