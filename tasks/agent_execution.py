@@ -100,8 +100,17 @@ class AgentSetup:
     def patiently(self, call: Callable[[], _T]) -> _T:
         """``call()`` (a queue read, or a write fenced by worker and attempt), waiting out an
         outage of the state database (:func:`agent_queue.riding_out`) for up to the lease: the
-        longest this worker may go without reaching it before another run may take its tasks."""
-        return queue.riding_out(call, self.limits.lease_seconds)
+        longest this worker may go without reaching it before another run may take its tasks.
+        The run log says so, naming the holder of a lock it waits on: the run's own writes at its
+        end (the reasons pass, a task failed for good) rode out a lock on a task's row without a
+        word, for up to the lease."""
+        lease = self.limits.lease_seconds
+
+        def told(error: BaseException) -> None:
+            notice = OutageNotice(lambda level, text: getattr(get_run_logger(), level)(text))
+            notice.lost(error, f"waiting for it for up to the lease ({lease:g}s)")
+
+        return queue.riding_out(call, lease, told)
 
 
 class AgentFailed(Exception):
@@ -241,17 +250,25 @@ def publish_artifact(task_id: int, message: ArtifactMessage) -> str | None:
 
 
 class OutageNotice:
-    """Says once that the state database is unreachable, and once that it is back, however many
-    calls meet the outage in between."""
+    """Says once that the state database is unreachable (or that a lock holds up the queue's
+    writes), and once that it is back, however many calls meet the outage in between."""
 
     def __init__(self, say: Callable[[str, str], None]) -> None:
         self._say = say
         self._since: float | None = None
+        self._locked = False
 
     def lost(self, error: BaseException, doing: str) -> None:
+        """A lock another session holds (:class:`agent_queue.QueueLocked`) is named with its holder
+        and how to end it: it was told as the state database being unreachable, which sent an
+        operator after the server and the network instead of the psql session holding a task's row."""
         if self._since is None:
             self._since = time.monotonic()
-            self._say("warning", f"the state database is unreachable ({first_line(error)}); {doing}")
+            self._locked = isinstance(error, queue.QueueLocked)
+            if isinstance(error, queue.QueueLocked):
+                self._say("warning", f"waiting on a lock: {error.lock}; {doing} ({error.end_it})")
+            else:
+                self._say("warning", f"the state database is unreachable ({first_line(error)}); {doing}")
 
     @property
     def away(self) -> bool:
@@ -260,7 +277,8 @@ class OutageNotice:
 
     def back(self) -> None:
         if self._since is not None:
-            self._say("info", f"the state database is reachable again, after {time.monotonic() - self._since:.1f}s")
+            back = "the lock was released" if self._locked else "the state database is reachable again"
+            self._say("info", f"{back}, after {time.monotonic() - self._since:.1f}s")
             self._since = None
 
 
@@ -275,8 +293,8 @@ class _Bookkeeping:
 
     def __init__(self, setup: AgentSetup, task_id: int, attempt: int, log: TaskLog) -> None:
         self._setup = setup
-        self._task_id = task_id
-        self._attempt = attempt
+        self.task_id = task_id
+        self.attempt = attempt
         self._reached = time.monotonic()  # the last write the database took
         self.unsaved: dict[str, Any] | None = None  # the newest checkpoint not yet written
         self._notice = OutageNotice(
@@ -292,7 +310,7 @@ class _Bookkeeping:
         if self._notice.away:
             return True
         with queue.skipping_outage(
-            lambda exc: self._notice.lost(exc, "the agent runs on; its checkpoint is written once it is back")
+            lambda exc: self._notice.lost(exc, "the agent runs on; its checkpoint is written once it can be")
         ):
             return self._save()
         return True
@@ -303,17 +321,17 @@ class _Bookkeeping:
         for longer than the lease."""
         url, setup = self._setup.database_url, self._setup
         lease = setup.limits.lease_seconds
-        away = f"the agent runs on for up to the lease ({lease:g}s) while it is away"
+        away = f"the agent runs on for up to the lease ({lease:g}s) meanwhile"
         with queue.skipping_outage(lambda exc: self._notice.lost(exc, away)):
-            held = self._save() and queue.heartbeat(url, self._task_id, setup.worker, self._attempt)
+            held = self._save() and queue.heartbeat(url, self.task_id, setup.worker, self.attempt)
             self._reached_it()
             return held
         if time.monotonic() - self._reached < lease:
             return True
         if self.agent is not None:
             self.agent.request_stop(
-                f"the state database was out of reach for longer than the lease ({lease:g}s): another "
-                "run may take the task"
+                f"the state database was out of reach (or locked) for longer than the lease ({lease:g}s): "
+                "another run may take the task"
             )
         return False
 
@@ -321,14 +339,48 @@ class _Bookkeeping:
         """Write a checkpoint still unsaved, waiting for the database for up to the lease: the next
         attempt resumes from it."""
         if self.unsaved is not None:
-            self._setup.patiently(self._save)
+            self.patiently(self._save, "its checkpoint is written once it can be")
+
+    def finish(self, run_id: int, outcome: AgentOutcome, *, final: bool) -> str | None:
+        """Record the end of the attempt, waiting out an outage of the state database (or a lock)
+        for up to the lease: an agent that finished while the database restarted had its result
+        thrown away, and the task ran again. Returns the task's new status, None when the attempt
+        no longer held the task (:func:`queue.finish_attempt`)."""
+        setup = self._setup
+        if outcome.outcome == "interrupted":
+            self.patiently(
+                lambda: _record_interrupted(setup, self.task_id, self.attempt, outcome.checkpoint),
+                "its last checkpoint is written once it can be",
+            )
+        return self.patiently(
+            lambda: queue.finish_attempt(
+                setup.database_url,
+                run_id,
+                setup.worker,
+                outcome.outcome,
+                result=outcome.result if outcome.outcome == "completed" else None,
+                error=outcome.error,
+                final=final,
+            ),
+            "the attempt's end is written once it can be",
+        )
+
+    def patiently(self, call: Callable[[], _T], doing: str) -> _T:
+        """``call()``, waiting out an outage of the state database, or a lock on what it writes, for
+        up to the lease (:meth:`AgentSetup.patiently`), and saying so in the task's log: the end of
+        an attempt held up by a lock on its task's row waited without a word."""
+        done = queue.riding_out(
+            call, self._setup.limits.lease_seconds, lambda exc: self._notice.lost(exc, f"the agent has exited; {doing}")
+        )
+        self._reached_it()
+        return done
 
     def _save(self) -> bool:
         """Write the unsaved checkpoint, if any; False when the attempt no longer holds the task."""
         if self.unsaved is None:
             return True
         setup = self._setup
-        stored = queue.record_checkpoint(setup.database_url, self._task_id, setup.worker, self._attempt, self.unsaved)
+        stored = queue.record_checkpoint(setup.database_url, self.task_id, setup.worker, self.attempt, self.unsaved)
         self.unsaved = None
         self._reached_it()
         return stored
@@ -614,7 +666,7 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
                 else None
             )
             final = failure is not None and _gives_up(failure)
-            moved = _finish(setup, task_id, attempt, run_id, outcome, final=final)
+            moved = books.finish(run_id, outcome, final=final)
             # a failure raised is retried unless final; one whose end was not taken is not raised
             if failure is None or final or moved is None:  # no retry follows: the agent's slot is free
                 current.free_slot(task_id)
@@ -701,28 +753,6 @@ def _started(setup: AgentSetup, current: Fleet, task_id: int, attempt: int, pgid
     # the state database must not stop the agent it would describe.
     with queue.skipping_outage():
         queue.set_agent_pgid(setup.database_url, task_id, setup.worker, attempt, pgid)
-
-
-def _finish(
-    setup: AgentSetup, task_id: int, attempt: int, run_id: int, outcome: AgentOutcome, *, final: bool
-) -> str | None:
-    """Record the end of the attempt, waiting out an outage of the state database for up to the
-    lease: an agent that finished while the database restarted had its result thrown away, and the
-    task ran again. Returns the task's new status, None when the attempt no longer held the task
-    (:func:`queue.finish_attempt`)."""
-    if outcome.outcome == "interrupted":
-        setup.patiently(lambda: _record_interrupted(setup, task_id, attempt, outcome.checkpoint))
-    return setup.patiently(
-        lambda: queue.finish_attempt(
-            setup.database_url,
-            run_id,
-            setup.worker,
-            outcome.outcome,
-            result=outcome.result if outcome.outcome == "completed" else None,
-            error=outcome.error,
-            final=final,
-        )
-    )
 
 
 @dataclass(frozen=True)

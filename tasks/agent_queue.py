@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import threading
 import time
@@ -201,34 +202,74 @@ _QUEUE_TABLES = ("agent_tasks", "agent_task_blocks", "agent_runs", "agent_checkp
 
 
 class QueueLocked(UserError):
-    """A queue statement waited :data:`LOCK_WAIT_SECONDS` for a lock another session holds."""
+    """A queue statement waited :data:`LOCK_WAIT_SECONDS` for a lock another session holds: a lock
+    on a queue table, or on one of its rows. ``lock`` says which and who holds it, ``end_it`` how
+    to end that session; a worker says both in its log while it rides the lock out."""
 
-    def __init__(self, holders: str, error: str) -> None:
-        super().__init__(
-            f"the agent queue's tables are locked ({error}){holders}; "
-            "try again once that session is done (or end it: SELECT pg_terminate_backend(<pid>))"
-        )
+    def __init__(self, locked: str, holders: list[str], pids: list[int], error: str) -> None:
+        held = f": held by {'; '.join(holders)}" if holders else " (by a session that has ended since)"
+        self.lock = f"{locked} ({error}){held}"
+        terminate = ", ".join(f"pg_terminate_backend({pid})" for pid in pids) or "pg_terminate_backend(<pid>)"
+        self.end_it = f"end that session: SELECT {terminate}"
+        super().__init__(f"{self.lock}; try again once that session is done (or {self.end_it})")
 
 
-def _lock_holders(url: str) -> str:
-    """``: held by pid N (query, for 12s)`` for each other session holding a lock on a queue table
-    that keeps rows from being written, or ``""`` when none is found (a row lock, or the holder
-    gone already). Read on a connection of its own: the failed one may be in an aborted transaction."""
+_WAITED_ROW = re.compile(r'\((\d+),(\d+)\)(?: of tuple)? in relation "([^"]+)"')
+"""The row a lock timeout cut a wait for, in the error's context (``while updating tuple (0,5) in
+relation "agent_tasks"``): the server names it when the statement waited for the transaction that
+holds the row, not for a lock on the table."""
+
+_HOLDERS = sql.SQL(
+    """
+    SELECT DISTINCT a.pid, a.usename, a.application_name, a.state,
+           extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::int, a.query
+      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+     WHERE l.granted AND l.pid <> pg_backend_pid() AND {holds}
+     ORDER BY 1
+    """
+)
+_HOLDS_A_TABLE = sql.SQL(
+    "l.relation = ANY(%(tables)s::regclass[]) "
+    "AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
+)
+_HOLDS_THE_ROW = sql.SQL(
+    # the transaction in the row's xmax, holding a lock on its table too: a row several sessions
+    # lock has a multixact id there, which must not be taken for some other transaction's id
+    "l.locktype = 'transactionid' AND l.transactionid = (SELECT xmax FROM {table} WHERE ctid = %(ctid)s::tid) "
+    "AND l.pid IN (SELECT pid FROM pg_locks WHERE relation = %(table)s::regclass AND granted)"
+)
+
+
+def _queue_locked(url: str, error: psycopg.errors.LockNotAvailable) -> QueueLocked:
+    """What a lock timeout of a queue statement waited for (a row, named by the error's context,
+    else the queue's tables) and the sessions holding it, with who they are and what they run. Only
+    table locks were looked for: a session holding a task's row (``SELECT ... FOR UPDATE`` or an
+    ``UPDATE`` left open in psql) made ``queue cancel`` say the tables were locked, naming no one,
+    and a worker call the state database unreachable. Read on a connection of its own: the failed
+    one may be in an aborted transaction."""
+    row = _WAITED_ROW.search(error.diag.context or "")
+    values: dict[str, Any] = {"tables": [f"flowyard.{name}" for name in _QUEUE_TABLES]}
+    holds: sql.Composable
+    if row is not None and row[3] in _QUEUE_TABLES:
+        values |= {"table": f"flowyard.{row[3]}", "ctid": f"({row[1]},{row[2]})"}
+        locked = f"a row of {values['table']} is locked"
+        holds = _HOLDS_THE_ROW.format(table=sql.Identifier("flowyard", row[3]))
+    else:
+        locked = "the agent queue's tables are locked"
+        holds = _HOLDS_A_TABLE
     try:
         with connection(url, autocommit=True) as conn:
-            rows = conn.execute(
-                """
-                SELECT DISTINCT a.pid, a.query, extract(epoch FROM now() - a.xact_start)::int
-                  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.relation = ANY(%s::regclass[])
-                   AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
-                 ORDER BY 1
-                """,
-                ([f"flowyard.{table}" for table in _QUEUE_TABLES],),
-            ).fetchall()
+            # reading the row waits for no lock on its table longer than the statement that failed
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (_LOCK_TIMEOUT,))
+            rows = conn.execute(_HOLDERS.format(holds=holds), values).fetchall()
     except psycopg.Error:
-        return ""
-    return "".join(f": held by pid {pid} ({printable(one_line(query))}, for {secs}s)" for pid, query, secs in rows)
+        rows = []
+    holders = [
+        f"pid {pid} (user {user}, application {app or '-'!r}, {state}, in a transaction for {secs}s, "
+        f"its query: {printable(one_line(query))})"
+        for pid, user, app, state, secs, query in rows
+    ]
+    return QueueLocked(locked, holders, [int(r[0]) for r in rows], first_line(error))
 
 
 _IDLE: dict[tuple[str, bool], list[psycopg.Connection]] = {}
@@ -267,7 +308,7 @@ def _connection(url: str, *, atomic: bool = False, durable: bool = True) -> Iter
         else:
             yield conn
     except psycopg.errors.LockNotAvailable as exc:
-        raise QueueLocked(_lock_holders(url), first_line(exc)) from exc
+        raise _queue_locked(url, exc) from exc
     except psycopg.errors.ReadOnlySqlTransaction as exc:  # a standby, a read-only role: no outage to ride out
         raise read_only_refusal(url, exc) from None
     except (psycopg.OperationalError, psycopg.InterfaceError):

@@ -29,12 +29,15 @@ def immutable(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
+def small_tmpfs(path: Path, size: str = "64k", *, inodes: int | None = None) -> Iterator[Path]:
     """``path``, a new tmpfs of ``size`` (root only: skips the test when the mount is refused), a
-    disk a test can fill (:func:`fill_up`); unmounted after."""
+    disk a test can fill (:func:`fill_up`); unmounted after. A tmpfs takes a new directory or an
+    empty file on a full disk (they cost no data block), as most file systems do not: ``inodes``
+    caps its files (its root directory counts), so that making one more fails with ENOSPC too."""
     path.mkdir()
+    options = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True, check=False
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True, check=False
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs: {mounted.stderr.strip()}")
@@ -48,9 +51,10 @@ def fill_up(directory: Path, *, leave: int = 0) -> Path:
     """Fill the file system of ``directory`` (a :func:`small_tmpfs`) with a filler file, all but
     ``leave`` bytes (whole pages of it); returns the filler, whose removal frees the space again."""
     reserve, filler = directory / "reserve", directory / "filler"
-    reserve.write_bytes(b"\0" * leave)
+    if leave:
+        reserve.write_bytes(b"\0" * leave)
     with suppress(OSError), filler.open("ab", buffering=0) as out:
         while True:
             out.write(b"\0" * 4096)
-    reserve.unlink()
+    reserve.unlink(missing_ok=True)
     return filler

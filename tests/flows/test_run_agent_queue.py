@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from tasks import agent_queue as queue
 from tasks import services
 from tasks.agent_execution import run_log_line
 from tasks.agent_metrics import agent_metrics
-from tasks.agent_process import DEFAULT_TEMPLATES, agent_mark
+from tasks.agent_process import DEFAULT_TEMPLATES, ENVELOPE_FILE, INLINE_ENVELOPE_LIMIT, agent_mark
 from tasks.agent_protocol import parse_line
 from tasks.cancel_watch import CancelWatch
 from tasks.db import connection
@@ -1482,6 +1483,30 @@ LOCKED_OUTPUT_AGENT = textwrap.dedent(
 )
 
 
+def _locking_while_it_writes(
+    qdb: str, task_id: int, tmp_path: Path, lock: str, params: tuple[object, ...] = ()
+) -> tuple[threading.Thread, list[int]]:
+    """A thread that, once the agent of ``task_id`` (a :data:`LOCKED_OUTPUT_AGENT`) runs, takes
+    ``lock`` in a session of its own, lets the agent write (``go``) and holds the lock until the
+    agent has written all its output (``wrote``); and the list its session's pid is put in."""
+    go, wrote = tmp_path / "go", tmp_path / "wrote"
+    holder: list[int] = []
+
+    def lock_while_it_writes() -> None:
+        while not queue.get_task(qdb, task_id).agent_pgid:
+            time.sleep(0.02)
+        with connection(qdb) as dba:
+            dba.execute(lock, params)
+            holder.append(dba.info.backend_pid)
+            go.touch()
+            while not wrote.exists():  # the agent wrote all its output while the lock was held
+                time.sleep(0.02)
+
+    locker = threading.Thread(target=lock_while_it_writes, daemon=True)
+    locker.start()
+    return locker, holder
+
+
 def test_a_lock_held_on_the_queue_table_does_not_stop_the_agents_output_being_read(tmp_path: Path, qdb: str) -> None:
     """A DBA's ``LOCK TABLE flowyard.agent_tasks`` while an agent runs: the worker's write of the
     agent's checkpoint (and its heartbeats) waited for the lock, in the loop that reads the agent's
@@ -1491,17 +1516,7 @@ def test_a_lock_held_on_the_queue_table_does_not_stop_the_agents_output_being_re
     task_id = queue.create_task(qdb, queue.NewTask(title="chatty", agent_type="chatty"))
     agents = {"chatty": {"argv": [sys.executable, "-c", LOCKED_OUTPUT_AGENT, str(go), str(wrote)]}}
 
-    def lock_while_it_writes() -> None:
-        while not queue.get_task(qdb, task_id).agent_pgid:
-            time.sleep(0.02)
-        with connection(qdb) as dba:
-            dba.execute("LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE")
-            go.touch()
-            while not wrote.exists():  # the agent wrote all its output while the table was locked
-                time.sleep(0.02)
-
-    locker = threading.Thread(target=lock_while_it_writes, daemon=True)
-    locker.start()
+    locker, _ = _locking_while_it_writes(qdb, task_id, tmp_path, "LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE")
     summary = run_agent_queue(max_agents=1, agents=agents, **_kw(tmp_path, qdb))
     locker.join()
     assert summary["outcomes"] == {task_id: "completed"}
@@ -1509,6 +1524,81 @@ def test_a_lock_held_on_the_queue_table_does_not_stop_the_agents_output_being_re
     assert (task.status, task.result, task.last_checkpoint) == (
         "completed", {"ok": True}, {"attempt": 1, "kind": "agent", "state": {"step": 1}}
     )
+
+
+def test_a_row_lock_on_a_running_task_is_told_in_its_log_naming_the_session(tmp_path: Path, qdb: str) -> None:
+    """A DBA's ``SELECT ... FOR UPDATE`` of a running task left open in psql: the worker's checkpoint
+    write gave up after the lock timeout and its log said the state database was unreachable,
+    naming no one. It says it waits on a lock, held by that session (and how to end it), then that
+    the lock was released; the agent runs on and the attempt ends as usual."""
+    go, wrote = tmp_path / "go", tmp_path / "wrote"
+    task_id = queue.create_task(qdb, queue.NewTask(title="chatty", agent_type="chatty"))
+    agents = {"chatty": {"argv": [sys.executable, "-c", LOCKED_OUTPUT_AGENT, str(go), str(wrote)]}}
+    locker, holder = _locking_while_it_writes(
+        qdb, task_id, tmp_path, "SELECT id FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,)
+    )
+    summary = run_agent_queue(max_agents=1, agents=agents, **_kw(tmp_path, qdb))
+    locker.join()
+    assert summary["outcomes"] == {task_id: "completed"}
+    assert queue.get_task(qdb, task_id).last_checkpoint == {"attempt": 1, "kind": "agent", "state": {"step": 1}}
+    log = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
+    said = [r["message"] for r in map(json.loads, log.read_text().splitlines()) if r["stream"] == "flowyard"]
+    [waiting] = [line for line in said if line.startswith(("waiting on a lock", "the state database is unreachable"))]
+    assert waiting.startswith(
+        "waiting on a lock: a row of flowyard.agent_tasks is locked (canceling statement due to lock timeout): "
+        f"held by pid {holder[0]} (user "
+    )
+    assert waiting.endswith(
+        "its query: SELECT id FROM flowyard.agent_tasks WHERE id = $1 FOR UPDATE); the agent runs on; its checkpoint "
+        f"is written once it can be (end that session: SELECT pg_terminate_backend({holder[0]}))"
+    )
+    assert any(line.startswith("the lock was released, after ") for line in said)
+
+
+class _Told(logging.Handler):
+    """Sets ``seen`` once a record holding ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen, self.message = text, threading.Event(), ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage() and not self.seen.is_set():
+            self.message = record.getMessage()
+            self.seen.set()
+
+
+def test_a_row_lock_met_by_the_runs_end_is_told_in_the_run_log_naming_the_session(tmp_path: Path, qdb: str) -> None:
+    """A psql session holding the row of a task whose reason the run's end rewrites (its dependency
+    just failed): the run's end waited on it without a word, for up to the lease, then failed. The
+    run log says it waits on a lock held by that session, and the run ends once it is released."""
+    bad = queue.create_task(qdb, _new("bad", {"fail": "cannot reach repo"}))
+    child = queue.create_task(qdb, _new("child", {"steps": 1}, (bad,)))
+    told = _Told("waiting on a lock: a row of flowyard.agent_tasks is locked")
+    locked, holder = threading.Event(), []
+
+    def hold_the_childs_row_until_told() -> None:
+        with connection(qdb) as dba:
+            dba.execute("SELECT id FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (child,))
+            holder.append(dba.info.backend_pid)
+            locked.set()
+            told.seen.wait(120)  # a guard: without the line, the run gives up after its lease
+
+    locker = threading.Thread(target=hold_the_childs_row_until_told, daemon=True)
+    locker.start()
+    locked.wait()
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(told)
+    try:
+        summary = run_agent_queue(max_agents=1, retries=0, lease_seconds=15, **_kw(tmp_path, qdb))
+    finally:
+        logger.removeHandler(told)
+        locker.join()
+    assert told.seen.is_set()
+    assert f"held by pid {holder[0]} (user " in told.message
+    assert told.message.endswith(f"waiting for it for up to the lease (15s) (end that session: SELECT pg_terminate_backend({holder[0]}))")
+    assert summary["outcomes"][bad].startswith("failed")
+    assert summary["blocked"] == {child: f"not run: dependency #{bad} 'bad' is failed"}
 
 
 def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_stops_the_agent(
@@ -1535,3 +1625,45 @@ def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_st
     with connection(qdb) as conn:
         [worker] = [row[0] for row in conn.execute("SELECT DISTINCT worker FROM flowyard.agent_runs")]
     assert marked_pids(agent_mark(worker)) == [], "no agent process survives"
+
+
+@pytest.mark.parametrize("what", ["working directory", "envelope"])
+def test_a_full_disk_for_the_agents_output_fails_the_attempt_in_one_line_naming_the_path(
+    tmp_path: Path, qdb: str, what: str
+) -> None:
+    """The output directory's disk full when an attempt makes the agent's working directory, or
+    writes the file of an envelope too large for the environment: the task failed saying the
+    directory "cannot be used as a directory ... pass a directory path", or to remove what is in the
+    envelope file's place, and a partly written envelope file was left on the full disk. It fails in
+    one line naming the path and the full disk, without a retry (each would meet the same disk); no
+    agent is started and nothing is left there."""
+    output = tmp_path / "agents"
+    output.mkdir()
+    agents = {"bulky": {"argv": list(DEFAULT_TEMPLATES["reference"].argv), "delivery": "env"}}
+    payload = {"steps": 1, "blob": "x" * (INLINE_ENVELOPE_LIMIT + 1)}  # the envelope goes through a file
+    with small_tmpfs(output / "full", inodes=2 if what == "working directory" else None) as full:  # 2: root, filler
+        fill_up(full)
+        task_id = queue.create_task(
+            qdb, queue.NewTask(title="bulky", agent_type="bulky", payload=payload, workdir="full/work")
+        )
+        summary = run_agent_queue(
+            max_agents=1, retries=2, agents=agents, logs_dir=str(tmp_path / "logs"), **_kw(tmp_path, qdb)
+        )
+        workdir = output / "full" / "work"
+        assert not (workdir / ENVELOPE_FILE).exists(), "no partly written envelope is left on the full disk"
+    named = (
+        f"the working directory of task {task_id} {workdir}"
+        if what == "working directory"
+        else f"the envelope of task {task_id} to {workdir / ENVELOPE_FILE}"
+    )
+    error = (
+        f"cannot write {named}: No space left on device (disk full); make room for it "
+        "(or pass another --output-dir / output_dir), then retry the task"
+    )
+    assert summary["outcomes"] == {task_id: f"failed: {error}"}
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.error, task.worker) == ("failed", error, None)
+    assert [r["outcome"] for r in _runs(qdb)] == ["failed"]
+    with connection(qdb) as conn:
+        [worker] = [row[0] for row in conn.execute("SELECT DISTINCT worker FROM flowyard.agent_runs")]
+    assert marked_pids(agent_mark(worker)) == [], "no agent process was started"

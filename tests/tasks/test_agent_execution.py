@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import AgentSetup, Fleet, TaskLog, _finish, fleet, run_agent
+from tasks.agent_execution import AgentSetup, Fleet, TaskLog, _Bookkeeping, fleet, run_agent
 from tasks.agent_process import (
     DEFAULT_TEMPLATES,
     REFERENCE_TEMPLATE,
@@ -24,6 +24,7 @@ from tasks.agent_process import (
     AgentTemplate,
 )
 from tasks.agent_protocol import parse_line
+from tasks.db import connection
 from tasks.errors import LINE_LIMIT, UserError
 from tasks.state import state_url
 
@@ -51,7 +52,8 @@ def test_a_shutdown_reports_back_in_the_queue_only_the_tasks_that_are(fresh_db: 
         # each attempt's own bookkeeping settles its task, as run_agent does.
         queue.finish_attempt(url, runs[finished], setup.worker, "completed", result={})
         interrupted = AgentOutcome("interrupted", None, error="graceful_shutdown: test")
-        _finish(setup, stopped, 1, runs[stopped], interrupted, final=False)
+        with TaskLog(setup.logs_dir, stopped, 1, logging.getLogger("test")) as log:
+            _Bookkeeping(setup, stopped, 1, log).finish(runs[stopped], interrupted, final=False)
         for task_id in runs:
             fleet.remove(task_id)
         shutdown.join(60)
@@ -107,7 +109,8 @@ def test_a_graceful_shutdown_before_any_checkpoint_hands_the_next_attempt_no_che
     queue.claim_ready(url, setup.worker, 1)
     first = queue.start_attempt(url, task_id, setup.worker, None)
     stopped = AgentOutcome("interrupted", None, error="graceful_shutdown: test")
-    _finish(setup, task_id, first.number, first.run_id, stopped, final=False)
+    with TaskLog(setup.logs_dir, task_id, first.number, logging.getLogger("test")) as log:
+        _Bookkeeping(setup, task_id, first.number, log).finish(first.run_id, stopped, final=False)
     task = queue.get_task(url, task_id)
     assert (task.status, task.checkpoint_label) == ("pending", "graceful_shutdown@1")
     assert [(h["kind"], h["state"]) for h in queue.checkpoint_history(url, task_id)] == [("graceful_shutdown", None)]
@@ -300,3 +303,40 @@ def test_a_logs_directory_made_unusable_during_a_run_fails_the_attempt_in_one_li
         f"cannot write the log of task 7 to {logs / '7.jsonl'}: Is a directory; "
         "remove what is in its place and retry the task"
     )
+
+
+def test_an_attempts_end_held_up_by_a_row_lock_says_so_in_the_task_log_and_is_written_after(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """The end of an attempt whose task's row a psql session holds (``SELECT ... FOR UPDATE`` left
+    open) waited without a word in the task's log. It says it waits on that session's lock, and the
+    end is written once the lock is released: the attempt is neither failed nor lost."""
+    url = state_url(fresh_db)
+    setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
+    task_id = queue.create_task(url, queue.NewTask(title="row locked at its end", agent_type="reference"))
+    queue.claim_ready(url, setup.worker, 1)
+    attempt = queue.start_attempt(url, task_id, setup.worker, None)
+    log_path = setup.logs_dir / f"{task_id}.jsonl"
+    ended: list[str | None] = []
+    with connection(url) as dba, TaskLog(setup.logs_dir, task_id, attempt.number, logging.getLogger("test")) as log:
+        dba.execute("SELECT id FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,))
+        holder = dba.info.backend_pid
+        books = _Bookkeeping(setup, task_id, attempt.number, log)
+        done = AgentOutcome("completed", {"ok": True})
+        ending = threading.Thread(target=lambda: ended.append(books.finish(attempt.run_id, done, final=False)))
+        ending.start()
+        for _ in range(6000):  # until the log says it waits (a guard, not a limit of the behaviour)
+            if "waiting on a lock" in log_path.read_text():
+                break
+            threading.Event().wait(0.01)
+        assert ended == [], "the end waits for the lock"
+        dba.commit()
+        ending.join()
+    assert ended == ["completed"]
+    said = [json.loads(line)["message"] for line in log_path.read_text().splitlines()]
+    assert said[0].startswith(
+        "waiting on a lock: a row of flowyard.agent_tasks is locked (canceling statement due to lock timeout): "
+        f"held by pid {holder} (user "
+    )
+    assert "; the agent has exited; the attempt's end is written once it can be (end that session: " in said[0]
+    assert said[1].startswith("the lock was released, after ")

@@ -1139,7 +1139,11 @@ def test_a_locked_queue_table_hangs_neither_a_worker_nor_a_command(qdb: str) -> 
     assert listed.returncode == UserError.exit_code and listed.stdout == ""
     [line] = listed.stderr.splitlines()
     assert line.startswith("flowyard: error: the agent queue's tables are locked (canceling statement due to lock timeout)")
-    assert f": held by pid {holder} (LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE, for " in line
+    assert f": held by pid {holder} (user " in line
+    assert line.endswith(
+        "its query: LOCK TABLE flowyard.agent_tasks IN ACCESS EXCLUSIVE MODE); try again once that session is done "
+        f"(or end that session: SELECT pg_terminate_backend({holder}))"
+    )
 
 
 @pytest.mark.parametrize("isolation", ["serializable", "repeatable read"])
@@ -1194,3 +1198,37 @@ def test_a_read_only_database_without_the_queue_schema_is_one_line(fresh_db: str
     [line] = listed.stderr.splitlines()
     assert line.startswith(f"flowyard: error: {fresh_db} accepts no writes (cannot execute CREATE SCHEMA")
     assert f'(pg_settings.source: database); run ALTER DATABASE "{database}" RESET default_transaction_read_only' in line
+
+
+@pytest.mark.parametrize(
+    "hold",
+    ["SELECT id FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", "UPDATE flowyard.agent_tasks SET title = title WHERE id = %s"],
+)
+def test_a_row_lock_on_a_task_names_the_session_holding_it(qdb: str, hold: str) -> None:
+    """A DBA's ``SELECT ... FOR UPDATE`` (or ``UPDATE``) of a task left open in psql: ``queue cancel``
+    gave up after the lock timeout saying the queue's *tables* were locked, naming no one (only
+    table locks were looked up), and a worker's heartbeat called the state database unreachable.
+    Both now name the session holding the row (pid, user, application, its query) and how to end it."""
+    task_id = queue.create_task(qdb, _new("row locked"))
+    queue.claim_ready(qdb, "w1", 1)
+    attempt = queue.start_attempt(qdb, task_id, "w1", None)
+    with connection(qdb) as dba:
+        dba.execute("SET application_name = 'dba-psql'")
+        dba.execute(hold, (task_id,))
+        holder, user = dba.info.backend_pid, dba.info.user
+        held_by = (
+            f"a row of flowyard.agent_tasks is locked (canceling statement due to lock timeout): held by pid {holder} "
+            f"(user {user}, application 'dba-psql', idle in transaction, in a transaction for "
+        )
+        query = f"its query: {hold.replace('%s', '$1')})"  # as the server shows it
+        with pytest.raises(queue.QueueLocked) as beat:
+            queue.heartbeat(qdb, task_id, "w1", attempt.number)
+        assert queue.unreachable(beat.value)
+        assert beat.value.lock.startswith(held_by) and beat.value.lock.endswith(query)
+        assert beat.value.end_it == f"end that session: SELECT pg_terminate_backend({holder})"
+        cancelled = run_cli("queue", "cancel", str(task_id), "--database-url", qdb)
+    assert cancelled.returncode == UserError.exit_code and cancelled.stdout == ""
+    [line] = cancelled.stderr.splitlines()
+    assert line.startswith(f"flowyard: error: {held_by}")
+    assert line.endswith(f"{query}; try again once that session is done (or end that session: SELECT pg_terminate_backend({holder}))")
+    assert queue.cancel_task(qdb, task_id) == "cancelled"  # the lock released
