@@ -157,6 +157,8 @@ _DELETION_FUNCTIONS = (
 a body differs (:func:`_create_tombstones`)."""
 _FUNCTION_DDL = sql.SQL("CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS {}")
 _FUNCTION_BODY = "SELECT (SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure(%s))"
+# Whether the session's role may add the triggers (as the table's owner, or by a grant): no lock taken.
+_MAY_ADD_TRIGGERS = "SELECT has_table_privilege('devflow.project_status', 'TRIGGER')"
 _DELETIONS_DDL = (
     "CREATE OR REPLACE TRIGGER project_status_lock BEFORE DELETE OR TRUNCATE ON devflow.project_status "
     "FOR EACH STATEMENT EXECUTE FUNCTION devflow.project_status_lock()",
@@ -441,7 +443,15 @@ def ensure_schema(url: str) -> None:
     The origin-key and snapshot local-id upgrades run only while what they add is missing: their
     ALTER TABLE would otherwise take an exclusive lock at the start of every run. So does every
     index the sync relies on (:data:`_KEYS`), found by what it indexes, whatever its name.
+
+    What only a table's owner may do (a key, a column, the tombstones' trigger) runs in a savepoint:
+    a sync role that does not own a DBA's tables is told what to run once the rest of the step has
+    committed, in one privilege error. Refused as a whole, the step undid on every run all it had
+    done: a rollup table or the central's id restored (every batch then refused for the missing
+    table, every download for the missing id), a tombstone trigger a role granted TRIGGER restored
+    (its stores kept deleted projects for good, the warning naming only an index it may not build).
     """
+    refusals: list[str] = []
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
         if not one_row(conn, _HAS_SCHEMA, (SCHEMA,))[0]:
@@ -451,13 +461,36 @@ def ensure_schema(url: str) -> None:
         for name in ROLLUP_TABLES:
             conn.execute(_ROLLUP_DDL.format(sql.Identifier(SCHEMA, name)))
         for key in _missing_keys(conn):
-            _restore_key(conn, key)
+            refusals += _as_owner(conn, key.table, _key_statements(conn, key))
         if not one_row(conn, _HAS_STATUS_LOCAL_ID)[0]:
-            conn.execute(_STATUS_LOCAL_ID_UPGRADE)
+            refusals += _as_owner(conn, "project_status", [sql.SQL(_STATUS_LOCAL_ID_UPGRADE)])
         for statement in _IDENTITY_DDL:
             conn.execute(statement)
         if not one_row(conn, _DELETIONS_READY, {"names": list(_DELETION_TRIGGERS)})[0]:
-            _create_tombstones(conn)
+            try:
+                with conn.transaction():
+                    _create_tombstones(conn)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                refusals.append(str(exc))
+    if refusals:
+        raise psycopg.errors.InsufficientPrivilege("; ".join(refusals))
+
+
+def _as_owner(conn: psycopg.Connection, table: str, statements: list[sql.SQL | sql.Composed]) -> list[str]:
+    """Run ``statements``, which only the owner of ``devflow.<table>`` may, in a savepoint; for a
+    role refused them (a DBA's table), the line naming them for the owner, else nothing."""
+    try:
+        with conn.transaction():
+            for statement in statements:
+                conn.execute(statement)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        text = "; ".join(" ".join(statement.as_string(conn).split()) for statement in statements)
+        role = _role(conn)
+        return [
+            f"central's schema step may not change devflow.{table} ({first_line(exc)}); as its owner, run "
+            f"`{text}`, or make {role} its owner"
+        ]
+    return []
 
 
 def _create_tombstones(conn: psycopg.Connection) -> None:
@@ -472,7 +505,13 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
     refuses every batch alike until the grant). The trigger functions are replaced only when their
     body differs from flowyard's: ``CREATE OR REPLACE FUNCTION`` needs their ownership, which that
     grant does not give, so a role granted it was refused ("must be owner of function") and told
-    the same grant again on every run, the trigger never restored."""
+    the same grant again on every run, the trigger never restored.
+
+    That privilege is looked up first: ``CREATE TRIGGER`` checks it only once it holds a lock on
+    the table that waits for every open upload of a snapshot (and a DBA's open change), which every
+    later upload of one waits behind, only to be refused, on every run."""
+    if not one_row(conn, _MAY_ADD_TRIGGERS)[0]:
+        raise _tombstones_refused(conn, "no TRIGGER privilege on devflow.project_status")
     try:
         conn.execute(_DELETIONS_TABLE)
         for name, body in _DELETION_FUNCTIONS:
@@ -481,12 +520,17 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
         for statement in _DELETIONS_DDL:
             conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege as exc:
-        role = _role(conn)
-        raise psycopg.errors.InsufficientPrivilege(
-            f"central cannot record deleted projects ({first_line(exc)}); as the owner of devflow.project_status, "
-            f"run `GRANT TRIGGER ON devflow.project_status TO {role}` (and CREATE on schema devflow), or make "
-            f"{role} its owner"
-        ) from None
+        raise _tombstones_refused(conn, first_line(exc)) from None
+
+
+def _tombstones_refused(conn: psycopg.Connection, reason: str) -> psycopg.errors.InsufficientPrivilege:
+    """The privilege error that tells a role refused the tombstones (``reason``) the grant they need."""
+    role = _role(conn)
+    return psycopg.errors.InsufficientPrivilege(
+        f"central cannot record deleted projects ({reason}); as the owner of devflow.project_status, "
+        f"run `GRANT TRIGGER ON devflow.project_status TO {role}` (and CREATE on schema devflow), or make "
+        f"{role} its owner"
+    )
 
 
 def _role(conn: psycopg.Connection) -> str:
@@ -505,22 +549,19 @@ def _missing_keys(conn: psycopg.Connection) -> list[_Key]:
     ]
 
 
-def _restore_key(conn: psycopg.Connection, key: _Key) -> None:
-    """Build a missing key under its own name, or one PostgreSQL picks when a relation has that
-    name (the index of a table a DBA renamed aside keeps it). The origin key is first added with
-    its columns and filled in, for a registry from before it."""
-    if key.columns == _ORIGIN_COLUMNS:
-        for statement in _ORIGIN_BACKFILL:
-            conn.execute(statement)
+def _key_statements(conn: psycopg.Connection, key: _Key) -> list[sql.SQL | sql.Composed]:
+    """The statements that build a missing key under its own name, or one PostgreSQL picks when a
+    relation has that name (the index of a table a DBA renamed aside keeps it). The origin key is
+    first added with its columns and filled in, for a registry from before it."""
+    backfill = [sql.SQL(statement) for statement in _ORIGIN_BACKFILL] if key.columns == _ORIGIN_COLUMNS else []
     columns = sql.SQL(", ").join(map(sql.Identifier, key.columns))
     table = sql.Identifier(SCHEMA, key.table)
     if key.name is None:
-        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(table, columns))
-        return
+        return [*backfill, sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(table, columns)]
     taken = one_row(conn, "SELECT to_regclass(%s)", (f"{SCHEMA}.{key.name}",))[0] is not None
     name = sql.SQL("") if taken else sql.Identifier(key.name)
     kind = sql.SQL("UNIQUE INDEX" if key.unique else "INDEX")
-    conn.execute(sql.SQL("CREATE {} {} ON {} ({})").format(kind, name, table, columns))
+    return [*backfill, sql.SQL("CREATE {} {} ON {} ({})").format(kind, name, table, columns)]
 
 
 def month_start(ts_ms: int) -> date:
@@ -695,7 +736,8 @@ class CentralSession:
         """Create or upgrade the schema when it is missing: the run's own schema step could not
         reach central, or the schema was dropped since. The tombstones' table is the last (and
         newest) object :func:`ensure_schema` builds, in one transaction, so its presence means
-        the schema is complete, upgrades included; checking it costs one catalog lookup per
+        the schema is complete, upgrades included, but for what only a DBA may do for a role that
+        does not own their tables (each run's schema step names it); checking it costs one catalog lookup per
         session, not the DDL's table locks. A wait there that central's ``lock_timeout`` cut short
         is :class:`CentralBusy`, as an upload's or download's is: psycopg's OperationalError made it
         an outage (an offline device, its download skipped)."""

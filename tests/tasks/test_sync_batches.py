@@ -944,6 +944,27 @@ def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Rol
     assert _local(store).failed == 30  # kept, retried after their backoff
 
 
+def _assert_a_deleted_project_leaves_the_store(database: str, central: str, tmp_path: Path) -> None:
+    """Two projects in ``central`` reach a new store; after one is deleted there, the next run
+    leaves the store only the other (the tombstones work end to end)."""
+    _add_projects(database, "kept", "gone")
+    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
+    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    _delete_projects(database, "gone")
+    _count_saved_snapshots(store)
+    again = _sync_on(store, central, first)
+    assert (first.error, again.error, _held(store)) == (None, None, ({"kept"}, 0))
+
+
+def _central_of_a_dba_without_a_tombstone_trigger(role: Role, database: str) -> str:
+    """:func:`_central_of_a_dba` whose DBA dropped a tombstone trigger, for ``role``, which may not
+    restore it (no TRIGGER on the snapshots)."""
+    central = _central_of_a_dba(role, database)
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+    return central
+
+
 def test_a_role_granted_trigger_as_told_restores_a_dropped_tombstone_trigger(
     limited_role: Role, fresh_db: str, tmp_path: Path
 ) -> None:
@@ -952,22 +973,84 @@ def test_a_role_granted_trigger_as_told_restores_a_dropped_tombstone_trigger(
     owner of function project_status_lock": the step replaced the DBA's trigger functions too, which
     only their owner may) and told the same grant on every run, the trigger never restored. It is
     restored, and a project deleted after that leaves the store."""
-    central = _central_of_a_dba(limited_role, fresh_db)
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(grant)):
         central_store.ensure_schema(central)
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(grant)
     central_store.ensure_schema(central)
-    _add_projects(fresh_db, "kept", "gone")
-    store = make_store(tmp_path / "dev.db", 0, identity=IDENTITY)
-    first = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
-    _delete_projects(fresh_db, "gone")
-    _count_saved_snapshots(store)
-    again = _sync_on(store, central, first)
-    assert (first.error, again.error, _held(store)) == (None, None, ({"kept"}, 0))
+    _assert_a_deleted_project_leaves_the_store(fresh_db, central, tmp_path)
+
+
+def test_a_schema_step_refused_the_tombstone_trigger_completes_the_rest(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central that lost a tombstone trigger, for a role that may not restore it, and also
+    lost what the role may restore (a rollup table dropped, the central's id deleted): the refusal
+    undid the whole schema step, every run, so every batch was refused for the missing rollup table
+    and every download failed with a traceback, while the run's warning named only the grant. The
+    rest commits, the grant is still named, and the device syncs and downloads."""
+    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    end = int(datetime(2026, 3, 20, tzinfo=UTC).timestamp() * 1000)  # 3 days of March
+    store = make_store(tmp_path / "dev.db", 30, end_ms=end, identity=IDENTITY)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute("DROP TABLE devflow.rollup_hourly")
+        dba.execute("DELETE FROM devflow.central_identity")
+        dba.execute(  # the role does not own devflow.events: the DBA adds its months
+            "CREATE TABLE devflow.events_y2026m03 PARTITION OF devflow.events "
+            "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')"
+        )
+    grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(grant)):
+        central_store.ensure_schema(central)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert (report.error, report.uploaded, report.download_central) == (None, 30, _central_id(fresh_db))
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT sum(events) FROM devflow.rollup_hourly").fetchone() == (30,)
+
+
+def test_a_role_refused_the_tombstone_trigger_takes_no_lock_on_the_snapshots(
+    limited_role: Role, fresh_db: str
+) -> None:
+    """``CREATE TRIGGER`` checks its privilege only once it holds a lock on the snapshots, which waits
+    for a DBA's open change of them (or an upload of a snapshot) with every later upload of one
+    queued behind it: a role that may not restore the trigger waited there, on every run, only to be
+    refused (here cut by the role's lock_timeout, else for as long as the DBA's change stays open).
+    It is told the grant at once."""
+    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET lock_timeout = '100ms'").format(sql.Identifier(limited_role.name)))
+    grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
+    with psycopg.connect(fresh_db) as dba:
+        dba.execute("DELETE FROM devflow.project_status WHERE project_id = 'nothing'")  # holds the snapshots' lock
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(grant)):
+            central_store.ensure_schema(central)
+
+
+def test_an_index_a_role_may_not_build_leaves_the_rest_of_the_schema_step_done(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central that lost the index on ``events.seq`` (dropped by its DBA) and a tombstone
+    trigger, for a role granted TRIGGER but not owning ``devflow.events``: the index's refusal ("must
+    be owner of table events", naming no fix) undid the whole schema step, the restored trigger
+    with it, on every run, and a project deleted in central stayed in the stores for good. The
+    trigger is restored, and one line gives the owner the statement that builds the index."""
+    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute("DROP INDEX devflow.events_seq")
+        dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as refused:
+        central_store.ensure_schema(central)
+    message = str(refused.value)
+    assert "\n" not in message and "must be owner of table events" in message
+    assert f'make "{limited_role.name}" its owner' in message
+    statement = message.split("`")[1]
+    assert statement == 'CREATE INDEX "events_seq" ON "devflow"."events" ("seq")'
+    _assert_a_deleted_project_leaves_the_store(fresh_db, central, tmp_path)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(statement)
+    central_store.ensure_schema(central)  # nothing left to refuse
 
 
 def test_a_session_central_refuses_while_events_wait_is_contact_and_keeps_its_line(
