@@ -45,7 +45,7 @@ from tasks.chunk_load import ChunkJob, Mode, load_chunk
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
-from tasks.db import connection, mask_url
+from tasks.db import connection, mask_url, refuse_read_only
 from tasks.errors import UserError, first_line
 from tasks.flow_parameters import checked_flow
 from tasks.integrity import foreign_key_orphans, invalid_indexes, missing_indexes, missing_key
@@ -78,6 +78,7 @@ class BulkReport:
 @task(name="open-bulk-run")
 def open_bulk_run(target_url: str, config_hash: str, mode: str, restart: bool) -> RunHandle:
     with connection(target_url) as conn:
+        refuse_read_only(conn, target_url, "nothing was copied")
         return open_run(conn, config_hash, mode, restart)
 
 

@@ -193,6 +193,7 @@ def _run(
                 opts.target,
                 None if select is None else opts.backup_dir,
                 opts.max_active_connections,
+                writes=select is not None,
             )
             if select is None:
                 report.plan = plan_task(opts.url, opts.migrations_dir, preflight.status)

@@ -23,8 +23,8 @@ from prefect.runtime import flow_run
 
 from tasks import central_store, sync_state
 from tasks.advisory_lock import LockTimeout, advisory_lock
-from tasks.db import mask_url
-from tasks.errors import UserError, first_line
+from tasks.db import error_line, mask_url
+from tasks.errors import UserError
 from tasks.flow_parameters import checked_flow
 from tasks.prefect_artifacts import new_progress_artifact, show_whole_percent
 from tasks.settings import get_settings
@@ -118,7 +118,7 @@ def sync_devices(
     try:
         central_store.ensure_schema(central)
     except (UserError, psycopg.Error) as exc:  # unreachable, or a privilege refused: each device records it
-        logger.warning("central schema not ready on %s: %s", mask_url(central), first_line(exc))
+        logger.warning("central schema not ready on %s: %s", mask_url(central), error_line(central, exc))
     options = SyncOptions(
         central_url=central, batch_size=batch, policy=config.privacy, force=force
     )

@@ -87,6 +87,10 @@ def alembic_config(url: str, migrations_dir: str | Path, output: io.StringIO | N
     config = Config(output_buffer=output)
     config.set_main_option("script_location", str(check_migrations_dir(migrations_dir).resolve()))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
+    # As flowyard's own sessions (tasks.db.SESSION_ISOLATION), for an env.py that builds its engine
+    # from this section (``engine_from_config``, Alembic's template): a hot standby refuses a DBA's
+    # ``serializable`` default, so a status or a dry run of a replica failed at its first statement.
+    config.set_main_option("sqlalchemy.isolation_level", "READ COMMITTED")
     return config
 
 

@@ -286,10 +286,12 @@ def event_time(ms: sql.Composable) -> sql.Composed:
     ).format(ms=ms)
 
 
-# The event time is computed once per row, as the COPY stores it.
+# The event time is computed once per row, as the COPY stores it. Named in pg_temp wherever it is
+# used: a role's search_path listing pg_temp after a schema with its own upload_batch table sent
+# every batch to that table.
 _TEMP_TABLE = sql.SQL(
     """
-CREATE TEMP TABLE IF NOT EXISTS upload_batch (
+CREATE TEMP TABLE IF NOT EXISTS pg_temp.upload_batch (
     sync_id uuid, local_id bigint, ts_ms bigint, device_id text, user_id text,
     project_id text, event_type text, event_data jsonb,
     occurred_at timestamptz GENERATED ALWAYS AS ({}) STORED
@@ -306,7 +308,7 @@ UPLOAD_COLUMNS = (
     "event_type",
     "event_data",
 )
-_COPY = copy_in_statement(sql.Identifier("upload_batch"), UPLOAD_COLUMNS, "text")
+_COPY = copy_in_statement(sql.Identifier("pg_temp", "upload_batch"), UPLOAD_COLUMNS, "text")
 
 # Events, key registry and rollups in one statement: the rollups count only rows that were
 # really inserted, so a re-sent batch (crash before the local mark) adds nothing twice.
@@ -315,14 +317,14 @@ _COPY = copy_in_statement(sql.Identifier("upload_batch"), UPLOAD_COLUMNS, "text"
 _INSERT_EVENTS = """
 WITH fresh AS (
     INSERT INTO devflow.event_keys (sync_id, device_id, local_id, occurred_at, event_type)
-    SELECT sync_id, device_id, local_id, occurred_at, event_type FROM upload_batch
+    SELECT sync_id, device_id, local_id, occurred_at, event_type FROM pg_temp.upload_batch
     ON CONFLICT DO NOTHING
     RETURNING sync_id
 ), ins AS (
     INSERT INTO devflow.events
         (sync_id, local_id, device_id, user_id, project_id, event_type, event_data, occurred_at)
     SELECT b.sync_id, b.local_id, b.device_id, b.user_id, b.project_id, b.event_type, b.event_data, b.occurred_at
-    FROM upload_batch b JOIN fresh USING (sync_id)
+    FROM pg_temp.upload_batch b JOIN fresh USING (sync_id)
     RETURNING project_id, user_id, event_type, occurred_at
 ), hourly AS (
     INSERT INTO devflow.rollup_hourly AS r (bucket, project_id, user_id, event_type, events)
@@ -348,7 +350,7 @@ _UPSERT_STATUS = """
 WITH latest AS (
     SELECT DISTINCT ON (project_id)
            project_id, event_data, occurred_at AS updated_at, device_id, local_id, sync_id
-    FROM upload_batch b
+    FROM pg_temp.upload_batch b
     WHERE event_type = %s AND EXISTS (SELECT FROM devflow.event_keys k WHERE k.sync_id = b.sync_id)
     ORDER BY project_id, ts_ms DESC, device_id DESC, local_id DESC, sync_id DESC
 ), changed AS (

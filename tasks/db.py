@@ -27,6 +27,7 @@ from tasks.errors import (
     control_character,
     first_line,
     option_and_parameter,
+    read_only_error,
 )
 
 MIN_SERVER_VERSION = 140000
@@ -196,16 +197,36 @@ def with_database(url: str, database: str) -> str:
     return _unsplit(parts._replace(path=f"/{database}"))
 
 
-def libpq_target(url: str) -> tuple[str, dict[str, str]]:
+def libpq_target(url: str, *, reader: bool = False) -> tuple[str, dict[str, str]]:
     """For a client tool (pg_dump, psql...): the connection URI without its password, since argv
     is visible to every user of the machine, and this process's environment with the password in
-    ``PGPASSWORD``."""
+    ``PGPASSWORD``.
+
+    ``reader``: the tool only reads (pg_dump of a source), perhaps a hot standby, which refuses
+    a DBA's ``serializable`` default: the tool's first statements ran under it and failed
+    ("cannot use serializable mode in a hot standby"). There, and only there, it is given
+    :data:`SESSION_ISOLATION` as a startup option in ``PGOPTIONS``: the server is asked first,
+    since a pooler (pgbouncer) may refuse startup options."""
     parts = urlsplit(validate_postgres_url(url))
     env = {**os.environ}
     if parts.password is not None:
         env["PGPASSWORD"] = unquote(parts.password)
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
+    if reader and _standby_refusing_its_default(url):
+        escaped = {name: value.replace(" ", "\\ ") for name, value in SESSION_ISOLATION.items()}  # libpq's escape
+        env["PGOPTIONS"] = " ".join([env.get("PGOPTIONS", ""), *(f"-c {n}={v}" for n, v in escaped.items())]).strip()
     return _unsplit(parts), env
+
+
+def _standby_refusing_its_default(url: str) -> bool:
+    """Whether ``url``'s server is a hot standby whose default isolation for the URL's role and
+    database (``reset_val``: :func:`connect` has changed the session's own) is serializable."""
+    with connection(url, autocommit=True) as conn:
+        return one_row(
+            conn,
+            "SELECT pg_is_in_recovery() AND reset_val = 'serializable' FROM pg_settings"
+            " WHERE name = 'default_transaction_isolation'",
+        )[0]
 
 
 def database_name(url: str) -> str:
@@ -333,9 +354,13 @@ def connect(
     # must stay short (online DDL, backfill batches, health queries) set their own limit.
     settings = {"statement_timeout": "0", **SESSION_ISOLATION, **TEXT_FORMS, **(UTC if utc else {})}
     calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in settings)
-    conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in settings.items() for v in item])
-    if not autocommit:
-        conn.commit()
+    # The statement that pins the isolation must not run under the default it replaces: a hot
+    # standby refuses to start a transaction under a DBA's ``serializable`` default ("cannot use
+    # serializable mode in a hot standby"), so every connection to a replica failed, reads too.
+    # psycopg opens each transaction it starts (this one too, in autocommit) at the level set here.
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    with conn.transaction():
+        conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in settings.items() for v in item])
     return conn
 
 
@@ -428,19 +453,37 @@ def using(db: Db) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+ReadOnlyWords = psycopg.errors.ReadOnlySqlTransaction | str
+"""PostgreSQL's refusal of a write, or what stands for it when none was tried (:func:`refuse_read_only`)."""
+
 _READ_ONLY_CAUSE = """
 SELECT pg_is_in_recovery(), s.setting = 'on', s.source, current_user, current_database()
   FROM pg_settings s WHERE s.name = 'default_transaction_read_only'
 """
 
 
-def read_only_refusal(url: str, error: psycopg.errors.ReadOnlySqlTransaction) -> ServerReadOnly:
+def read_only_refusal(url: str, error: ReadOnlyWords, outcome: str = "") -> ServerReadOnly:
     """A write ``url``'s server refused as read-only, as one line naming the URL, why and what to
-    do (:func:`read_only_reason`)."""
-    return ServerReadOnly(f"{mask_url(url)} {read_only_reason(url, error)}")
+    do (:func:`read_only_reason`), then ``outcome`` (what was left undone) when given."""
+    return ServerReadOnly(f"{mask_url(url)} {read_only_reason(url, error)}{f'; {outcome}' if outcome else ''}")
 
 
-def read_only_reason(url: str, error: psycopg.errors.ReadOnlySqlTransaction) -> str:
+_TAKES_NO_WRITES = "transaction_read_only is on"
+""":func:`refuse_read_only`'s words in place of PostgreSQL's: the setting a standby and
+``default_transaction_read_only`` both turn on, read before any write was tried."""
+
+
+def refuse_read_only(conn: psycopg.Connection, url: str, outcome: str) -> None:
+    """Refuse ``url`` in :func:`read_only_refusal`'s words, then ``outcome``, when its server takes
+    no writes in ``conn``'s session (``transaction_read_only``: a standby, a DBA's
+    ``default_transaction_read_only``), for a command that writes only after slower steps: a
+    migration deploy met PostgreSQL's refusal at its first revision, after a backup, and then
+    rebuilt the database from that backup (ending its sessions) although nothing had been written."""
+    if one_row(conn, "SELECT current_setting('transaction_read_only')::boolean")[0]:
+        raise read_only_refusal(url, _TAKES_NO_WRITES, outcome)
+
+
+def read_only_reason(url: str, error: ReadOnlyWords) -> str:
     """``accepts no writes (<PostgreSQL's words>): <why>; <fix>`` for a write ``url``'s server
     refused as read-only: PostgreSQL's words name neither a standby (in recovery, no writes at all)
     nor where ``default_transaction_read_only`` is set (``pg_settings.source``: the role, the
@@ -457,6 +500,15 @@ def read_only_reason(url: str, error: psycopg.errors.ReadOnlySqlTransaction) -> 
     except (psycopg.Error, UserError):  # the server gone meanwhile: the refusal is still the news
         cause = READ_ONLY_CAUSES
     return f"accepts no writes ({first_line(error)}): {cause}"
+
+
+def error_line(url: str, error: BaseException) -> str:
+    """``error`` on one line (:func:`~tasks.errors.first_line`) for a report or a log about
+    ``url``; a write refused as read-only as ``the server`` and :func:`read_only_reason`'s words,
+    since PostgreSQL's (``cannot execute CREATE SEQUENCE in a read-only transaction``) name neither
+    a standby nor where the setting is, nor the fix."""
+    refusal = read_only_error(error)
+    return first_line(error) if refusal is None else f"the server {read_only_reason(url, refusal)}"
 
 
 def _read_only_cause(

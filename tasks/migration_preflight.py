@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 
 from tasks.alembic_deploy import MigrationStatus, migration_status
-from tasks.db import connection, one_row
+from tasks.db import connection, one_row, refuse_read_only
 from tasks.errors import UserError, check_user_dir, nearest_existing
 from tasks.integrity import IntegrityReport, check_integrity
 from tasks.pg_backup import pg_binaries
@@ -85,9 +85,16 @@ def run_preflight(
     target: str,
     backup_dir: Path | None,
     max_active_connections: int,
+    *,
+    writes: bool = True,
 ) -> Preflight:
-    """All checks; raises UserError on a hard problem. ``backup_dir`` None skips the backup checks."""
+    """All checks; raises UserError on a hard problem. ``backup_dir`` None skips the backup checks.
+    ``writes``: the run changes the database (not a dry run), so a server that takes no writes is
+    refused first, before a backup is taken for nothing (:func:`refuse_read_only`); a dry run may
+    read a standby."""
     with connection(url) as conn:
+        if writes:
+            refuse_read_only(conn, url, "nothing was changed (no backup taken, no revision run)")
         version = one_row(conn, "SHOW server_version")[0]
         major = conn.info.server_version // 10000
         size = one_row(conn, "SELECT pg_database_size(current_database())")[0]

@@ -54,7 +54,7 @@ def copy_table_ddl(source_url: str, target_url: str, tables: Sequence[TableInfo]
     if not tables:
         return
     patterns = _dump_patterns(source_url, tables)
-    source_uri, source_env = libpq_target(source_url)
+    source_uri, source_env = libpq_target(source_url, reader=True)
     dump = subprocess.run(
         [
             str(BIN_DIR / "pg_dump"),

@@ -28,9 +28,9 @@ import psycopg
 
 from tasks import device_store
 from tasks.central_store import CentralBusy, CentralRefused, CentralSession, UploadResult, UploadRow
-from tasks.db import mask_url, read_only_reason
+from tasks.db import error_line, mask_url
 from tasks.device_store import Identity, LocalEvent
-from tasks.errors import ConnectionUnavailable, UserError, first_line
+from tasks.errors import ConnectionUnavailable, UserError
 from tasks.privacy_filter import PrivacyPolicy, compile_filter
 
 PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
@@ -211,11 +211,7 @@ class _UploadFailed(Exception):
 def _one_line(exc: Exception | None, url: str, action: str = "upload to") -> str:
     """The error a report and the store record: PostgreSQL's LINE/DETAIL/CONTEXT lines dropped; a
     write refused as read-only says why (a standby, a role's setting) and the fix."""
-    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
-        text = f"the server {read_only_reason(url, exc)}"
-    else:
-        text = first_line(exc) if exc else "unknown error"
-    return f"{action} {mask_url(url)} failed: {text}"
+    return f"{action} {mask_url(url)} failed: {error_line(url, exc) if exc else 'unknown error'}"
 
 
 def _pause_for_crash_test() -> None:

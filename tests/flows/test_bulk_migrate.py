@@ -24,8 +24,9 @@ from psycopg import sql
 from flows.bulk_migrate import bulk_migrate
 from tasks.chunk_plan import Chunk
 from tasks.db import connect, database_name, drop_database, ensure_database
-from tasks.errors import UserError
+from tasks.errors import ServerReadOnly, UserError
 from tasks.process_group import spawn_group
+from tasks.state import state_url
 from tasks.table_checksum import Checksum, checksum
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs, run_cli
 
@@ -1402,3 +1403,23 @@ def test_quarantine_takes_file_rows_an_existing_target_column_rejects(target_db,
     assert _fetch(target_db, "SELECT row_data->>'code', row_data->>'rate' FROM flowyard.bulk_quarantine") == [
         ("XXX", "unknown")
     ]
+
+
+def test_a_target_made_read_only_once_it_holds_flowyards_schema_is_refused_in_one_line(fresh_db, target_db):
+    """The first copy made flowyard's schema in the target, then a DBA set
+    ``default_transaction_read_only`` on it: the next run's first write failed with PostgreSQL's
+    words and the fallback naming neither a standby nor where the setting is. It names both."""
+    _exec(fresh_db, "CREATE TABLE t (id int PRIMARY KEY)", "INSERT INTO t SELECT generate_series(1, 10)")
+    state_url(target_db)
+    database = database_name(target_db)
+    with psycopg.connect(target_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(database))
+        )
+    with pytest.raises(ServerReadOnly) as refused:
+        bulk_migrate(source_url=fresh_db, target_url=target_db)
+    assert str(refused.value).startswith(
+        f"{target_db} accepts no writes (transaction_read_only is on): default_transaction_read_only is on, "
+        f"set for database {database} (pg_settings.source: database)"
+    )
+    assert str(refused.value).endswith("; nothing was copied")

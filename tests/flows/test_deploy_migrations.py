@@ -10,10 +10,11 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from flows.deploy_migrations import MigrationFailed, deploy_migrations, migration_rollback, migration_status
 from tasks.db import database_name, with_database
-from tasks.errors import UserError
+from tasks.errors import ServerReadOnly, UserError
 from tasks.migration_report import artifact_key
 from tasks.revision_checksums import file_checksum
 from tests.conftest import run_cli
@@ -346,3 +347,32 @@ def test_a_failed_restore_is_reported_and_leaves_the_database_in_place(fresh_db,
 
     # The migration's transaction rolled back, and the database (renamed aside for the restore) is back.
     assert fingerprint(fresh_db) == before
+
+
+def test_a_read_only_target_is_refused_before_the_backup_and_a_dry_run_still_plans(fresh_db, tmp_path):
+    """A DBA's ``ALTER DATABASE … SET default_transaction_read_only = on``: a deploy took a backup,
+    met PostgreSQL's ``cannot execute CREATE TABLE in a read-only transaction`` at its first revision,
+    and then rebuilt the database from that backup (ending its sessions) though nothing was written.
+    It is refused first, naming the setting, its fix and that nothing was changed; a dry run reads."""
+    _seed_legacy(fresh_db)
+    database = database_name(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(database))
+        )
+        oid = conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone()
+    directory = migrations_dir(tmp_path)
+
+    with pytest.raises(ServerReadOnly) as refused:
+        _deploy(fresh_db, directory, tmp_path)
+
+    assert str(refused.value) == (
+        f"{fresh_db} accepts no writes (transaction_read_only is on): default_transaction_read_only is on, "
+        f'set for database {database} (pg_settings.source: database); run ALTER DATABASE "{database}" RESET '
+        "default_transaction_read_only if flowyard may write there, or point the URL at a role and database "
+        "that may write; nothing was changed (no backup taken, no revision run)"
+    )
+    assert not (tmp_path / "backups").exists()
+    with psycopg.connect(fresh_db) as conn:  # not rebuilt from a backup
+        assert conn.execute("SELECT oid FROM pg_database WHERE datname = current_database()").fetchone() == oid
+    assert "CREATE TABLE accounts" in _deploy(fresh_db, directory, tmp_path, dry_run=True).plan

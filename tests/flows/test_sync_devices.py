@@ -27,7 +27,7 @@ import pytest
 from psycopg import sql
 
 from tasks import central_store, device_store, sync_state
-from tasks.db import one_row
+from tasks.db import database_name, one_row
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
 from tasks.errors import UserError
@@ -1294,6 +1294,42 @@ def test_a_sync_role_given_a_ready_made_devflow_schema_syncs(
     outcome = result["devices"]["least-privilege"]
     assert (outcome["uploaded"], outcome["failed"], outcome["pending_after"], outcome["error"]) == (120, 0, 0, None)
     assert _central_counts(fresh_db) == (120, 120) and synced_events(store) == 120
+
+
+def test_a_central_read_only_for_the_sync_role_is_named_in_the_runs_schema_warning(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A DBA's ``ALTER ROLE … IN DATABASE … SET default_transaction_read_only = on`` for the sync
+    role: the run's warning was PostgreSQL's ``cannot execute CREATE SEQUENCE in a read-only
+    transaction``, naming neither the setting nor the fix, which each device's error names."""
+    from flows.sync_devices import sync_devices
+
+    central, database = limited_role.url(fresh_db), database_name(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA devflow AUTHORIZATION {}").format(sql.Identifier(limited_role.name)))
+        central_store.ensure_schema(central)
+        conn.execute(
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on").format(
+                sql.Identifier(limited_role.name), sql.Identifier(database)
+            )
+        )
+    store = make_store(tmp_path / "frozen.db", 30)
+    collect = _Collect()
+    logging.getLogger("prefect.flow_runs").addHandler(collect)
+    try:
+        run = sync_devices(stores=[str(store)], central_url=central, return_state=True)
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(collect)
+    assert run.is_failed()
+    [warning] = [m for m in collect.messages if m.startswith("central schema not ready")]
+    assert warning.startswith(
+        f"central schema not ready on {central.replace(limited_role.password, '***')}: the server accepts no "
+        "writes (cannot execute CREATE"
+    )
+    assert (
+        f"set for role {limited_role.name} in database {database} (pg_settings.source: database user); "
+        f'run ALTER ROLE "{limited_role.name}" IN DATABASE "{database}" RESET default_transaction_read_only'
+    ) in warning
 
 
 def test_a_sync_role_refused_the_schema_fails_each_device_in_one_line_and_keeps_its_events(

@@ -1368,6 +1368,28 @@ def test_a_download_cut_off_part_way_goes_on_from_the_last_page_saved(central: s
         assert report.download_cursor == conn.execute("SELECT max(seq) FROM devflow.project_status").fetchone()[0]
 
 
+def test_a_search_path_with_an_upload_batch_table_before_pg_temp_leaves_that_table_alone(
+    central: str, tmp_path: Path
+) -> None:
+    """A DBA's ``search_path = app, pg_temp, public`` over an ``app.upload_batch`` table: the
+    session's temporary batch table was created, but every later statement named the app's table,
+    so each batch was copied into it (or refused by it) instead."""
+    with psycopg.connect(central, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute("CREATE TABLE app.upload_batch (note text)")
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET search_path = app, pg_temp, public").format(
+                sql.Identifier(database_name(central))
+            )
+        )
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (report.uploaded, report.error) == (30, None)
+    assert _central_counts(central) == (30, 30)
+    with psycopg.connect(central) as conn:
+        assert conn.execute("SELECT count(*) FROM app.upload_batch").fetchone() == (0,)
+
+
 def test_a_central_read_only_for_the_sync_role_is_named_with_its_fix_and_is_no_outage(
     limited_role: Role, fresh_db: str, tmp_path: Path
 ) -> None:
