@@ -103,16 +103,16 @@ _HAS_STATUS_LOCAL_ID = (
 _STATUS_LOCAL_ID_UPGRADE = "ALTER TABLE devflow.project_status ADD COLUMN local_id bigint"
 
 # The central's identity, added to a central from before it by the schema step. The row is written
-# once: its id never changes.
-_IDENTITY_DDL = (
-    """
-    CREATE TABLE IF NOT EXISTS devflow.central_identity (
-        only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
-        central_id  uuid    NOT NULL DEFAULT gen_random_uuid()
-    )
-    """,
-    "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING",
+# once: its id never changes. It is inserted only while missing (a DBA deleted it, a restore left it
+# out), since the INSERT needs a privilege a DBA's sync role, which only reads it, may not have.
+_IDENTITY_DDL = """
+CREATE TABLE IF NOT EXISTS devflow.central_identity (
+    only_row    boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    central_id  uuid    NOT NULL DEFAULT gen_random_uuid()
 )
+"""
+_IDENTITY = "SELECT central_id FROM devflow.central_identity"
+_IDENTITY_ROW = sql.SQL("INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING")
 
 # Tombstones of deleted snapshots, created last by the schema step (also in a central from before
 # them), so a session takes their presence for a complete schema. A deleted project has no later
@@ -466,8 +466,9 @@ def ensure_schema(url: str) -> None:
             refusals += _as_owner(conn, key.table, _key_statements(conn, key))
         if not one_row(conn, _HAS_STATUS_LOCAL_ID)[0]:
             refusals += _as_owner(conn, "project_status", [sql.SQL(_STATUS_LOCAL_ID_UPGRADE)])
-        for statement in _IDENTITY_DDL:
-            conn.execute(statement)
+        conn.execute(_IDENTITY_DDL)
+        if conn.execute(_IDENTITY).fetchone() is None:
+            refusals += _as_owner(conn, "central_identity", [_IDENTITY_ROW])
         if not one_row(conn, _DELETIONS_READY, {"names": list(_DELETION_TRIGGERS)})[0]:
             try:
                 with conn.transaction():
@@ -486,13 +487,19 @@ def _as_owner(conn: psycopg.Connection, table: str, statements: list[sql.SQL | s
             for statement in statements:
                 conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege as exc:
-        text = "; ".join(" ".join(statement.as_string(conn).split()) for statement in statements)
-        role = _role(conn)
-        return [
-            f"central's schema step may not change devflow.{table} ({first_line(exc)}); as its owner, run "
-            f"`{text}`, or make {role} its owner"
-        ]
+        return [_owner_fix(conn, table, statements, first_line(exc))]
     return []
+
+
+def _owner_fix(conn: psycopg.Connection, table: str, statements: list[sql.SQL | sql.Composed], reason: str) -> str:
+    """The line telling the owner of ``devflow.<table>`` the ``statements`` the schema step may not run
+    (``reason``): the schema step's warning, and the refusal of every request that needs them done."""
+    text = "; ".join(" ".join(statement.as_string(conn).split()) for statement in statements)
+    role = _role(conn)
+    return (
+        f"central's schema step may not change devflow.{table} ({reason}); as its owner, run "
+        f"`{text}`, or make {role} its owner"
+    )
 
 
 def _create_tombstones(conn: psycopg.Connection) -> None:
@@ -751,9 +758,23 @@ class CentralSession:
         """The id of this central database, which a download cursor counts in: the seqs of
         another central are no position here."""
         with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
-            central: UUID = one_row(self.conn, "SELECT central_id FROM devflow.central_identity")[0]
+            row = self.conn.execute(_IDENTITY).fetchone()
         self.conn.commit()
+        if row is None:
+            raise self._identity_refusal()
+        central: UUID = row[0]
         return central
+
+    def _identity_refusal(self) -> CentralRefused:
+        """A central whose id is gone (a DBA deleted the row, a restore left it out) and that this
+        role's schema step could not restore (it may not insert into the table, or the step was refused
+        before it), with the statement that restores it: no cursor counts in a central without one,
+        and the download was a traceback (a bare "no row")."""
+        reason = "devflow.central_identity has no row, which the download's cursor counts in"
+        return CentralRefused(
+            f"{_owner_fix(self.conn, 'central_identity', [_IDENTITY_ROW], reason)}, or let a run of a role that "
+            "may insert into it restore it; the stores then download from 0"
+        )
 
     def close(self) -> None:
         self.conn.close()
@@ -853,7 +874,8 @@ class CentralSession:
         """COPY the batch into the temp table and insert it idempotently, in one transaction.
 
         Raises :class:`CentralRefused` when central refuses it for a change of its schema
-        (:meth:`_schema_refusal`), and the refused rows' error when it refuses their data."""
+        (:meth:`_schema_refusal`) or for an upgrade only the owner may make
+        (:meth:`_local_id_refusal`), and the refused rows' error when it refuses their data."""
         if not rows:
             return UploadResult(0, 0, 0)
         try:
@@ -863,6 +885,23 @@ class CentralSession:
             if (refusal := self._schema_refusal(exc)) is None:
                 raise
             raise refusal from None
+        except psycopg.errors.UndefinedColumn as exc:
+            has_local_id = one_row(self.conn, _HAS_STATUS_LOCAL_ID)[0]
+            self.conn.rollback()
+            if has_local_id:
+                raise
+            raise self._local_id_refusal(exc) from None
+
+    def _local_id_refusal(self, exc: psycopg.errors.UndefinedColumn) -> CentralRefused:
+        """A batch with snapshots, refused by a DBA's central from before the snapshots' local id,
+        which the sync role's schema step may not add (it does not own ``devflow.project_status``), as
+        :class:`CentralRefused` with the statement the schema step's warning names: PostgreSQL's
+        words alone (``column "local_id" … does not exist``) named no fix, on every batch with one."""
+        statements: list[sql.SQL | sql.Composed] = [sql.SQL(_STATUS_LOCAL_ID_UPGRADE)]
+        return CentralRefused(
+            f"{_owner_fix(self.conn, 'project_status', statements, first_line(exc))}; "
+            "the events are retried after their backoff"
+        )
 
     @contextmanager
     def _busy_on_lock_timeout(self, waiter: _Waiter) -> Iterator[None]:

@@ -374,8 +374,8 @@ def check_writable(conn: sqlite3.Connection) -> None:
     first uploaded batch was marked synced, after that batch had reached central, so every run
     sent it again. A write of the store's header that is rolled back finds both at once and
     leaves the store as it was (in a rollback-journal store it needs the journal it creates
-    beside the file). A WAL store whose directory cannot be written still passes: its first
-    write needs the -wal file only at commit."""
+    beside the file; in a WAL store, its -wal and -shm files, which a directory that cannot be
+    written fails at the store's first read already, when one of them is missing)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("PRAGMA user_version = 2")  # any value: it is rolled back

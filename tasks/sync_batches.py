@@ -329,7 +329,7 @@ def sync_device(
                     cursor = download_into_store(conn, session, since, central)
                     answered = True
                 # The uploads stand; the cursor (0 in a new central) is kept.
-                except (psycopg.Error, UserError, CentralBusy) as exc:
+                except (psycopg.Error, UserError, CentralBusy, CentralRefused) as exc:
                     failure = _one_line(exc, options.central_url, "download from")
                     error = failure if error is None else f"{error}; {failure}"
                     if isinstance(exc, CONNECTION_TROUBLE):

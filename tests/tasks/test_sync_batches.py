@@ -1105,6 +1105,77 @@ def test_a_role_that_cannot_add_a_months_partition_is_told_the_statements(
     assert _central_counts(fresh_db) == (30, 30)
 
 
+def _march_store(database: str, tmp_path: Path, events: int) -> Path:
+    """A store of ``events`` over 3 days of March 2026, whose partition the DBA of ``database`` added
+    (a role that does not own ``devflow.events`` may not)."""
+    with psycopg.connect(database, autocommit=True) as dba:
+        dba.execute(
+            "CREATE TABLE devflow.events_y2026m03 PARTITION OF devflow.events "
+            "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')"
+        )
+    end = int(datetime(2026, 3, 20, tzinfo=UTC).timestamp() * 1000)
+    return make_store(tmp_path / "dev.db", events, end_ms=end, identity=IDENTITY)
+
+
+def test_a_central_whose_id_is_gone_for_good_is_named_with_its_fix(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central whose id row is gone (deleted, or left out by a restore), for a role that may
+    read the table but not insert into it: the run's schema step was refused as a whole ("permission
+    denied for table central_identity", no fix named), and each device's download was a traceback
+    (a bare "no row"). The schema step names the statement that restores it, the events upload, and
+    the download fails as contact, in one line naming the same statement; once run, it downloads."""
+    central = _central_of_a_dba(limited_role, fresh_db)
+    store = _march_store(fresh_db, tmp_path, 30)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute("DELETE FROM devflow.central_identity")
+        dba.execute(f'REVOKE INSERT ON devflow.central_identity FROM "{limited_role.name}"')
+        dba.execute("DROP TABLE devflow.rollup_daily")  # what the role may restore, with the refused step
+    restore = "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING"
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(f"as its owner, run `{restore}`")):
+        central_store.ensure_schema(central)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert (report.uploaded, report.failed, report.reached_central, report.download_cursor) == (30, 0, True, 0)
+    assert report.error is not None and "\n" not in report.error and report.error.startswith("download from")
+    assert "devflow.central_identity has no row" in report.error and report.error.split("`")[1] == restore
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(restore)
+    _add_projects(fresh_db, "web")
+    again = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    snapshots, _ = _store_snapshots(store)
+    assert (again.error, again.download_central, [row[0] for row in snapshots]) == (None, _central_id(fresh_db), ["web"])
+    central_store.ensure_schema(central)  # the row there, the role's step asks for no INSERT: nothing refused
+
+
+def test_a_dbas_central_from_before_the_snapshots_local_id_names_the_upgrade_on_each_batch(
+    limited_role: Role, fresh_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central from before the snapshots' local id, for a role granted TRIGGER that does not
+    own ``devflow.project_status``: the schema step names the ``ALTER TABLE`` for the owner, but each
+    batch with a snapshot failed with PostgreSQL's words alone (``column "local_id" … does not
+    exist``). The batch fails as a whole, once, in the schema step's line, and syncs after the fix."""
+    central = _central_of_a_dba(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute("ALTER TABLE devflow.project_status DROP COLUMN local_id")
+        dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')
+    store = _march_store(fresh_db, tmp_path, 100)  # a snapshot in every 50 events
+    with pytest.raises(psycopg.errors.InsufficientPrivilege) as warned:
+        central_store.ensure_schema(central)
+    upgrade = str(warned.value).split("`")[1]
+    assert upgrade == "ALTER TABLE devflow.project_status ADD COLUMN local_id bigint"
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=100))
+    assert (report.uploaded, report.failed, report.pending_after, report.reached_central) == (0, 100, 100, True)
+    assert report.error is not None and "\n" not in report.error and report.error.split("`")[1] == upgrade
+    assert f'make "{limited_role.name}" its owner' in report.error
+    assert {(attempts, error) for _, attempts, error in _failed_rows(store)} == {(1, report.error)}
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(upgrade)
+    later = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (later.uploaded, later.failed, later.pending_after, later.error) == (100, 0, 0, None)
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT local_id FROM devflow.project_status").fetchall() == [(100,)]
+
+
 def test_a_download_from_a_central_without_snapshots_drops_another_centrals(central: str, tmp_path: Path) -> None:
     """The store's snapshots are those of the central its cursor counts in: a central that has
     none yet leaves it none, instead of another central's statuses."""
