@@ -32,9 +32,11 @@ from tasks.agent_execution import (
     OutageNotice,
     agent_directories,
     fleet,
+    full_result_storage,
     left_to_recovery,
     recover_stale_tasks,
     run_agent,
+    run_agent_task,
     signals_deferred,
 )
 from tasks.agent_metrics import agent_metrics, metrics_table, publish_metrics
@@ -117,7 +119,11 @@ def run_agent_queue(
         logger.info("analysed %s: their statistics were missing or out of date", ", ".join(statistics.analysed))
     if statistics.advice:
         logger.warning(statistics.advice)
-    attempt = _attempt_tasks(retries)
+    # its result storage full, each task run logged an error naming no disk: said once, results not kept
+    full_storage = full_result_storage()
+    if full_storage is not None:
+        logger.warning(full_storage)
+    attempt = _attempt_tasks(retries, persist=full_storage is None)
     cancel = CancelWatch()
     released: list[int] | None = None
     # twice the agents: a task run whose agent is done may still be ending in Prefect when the
@@ -259,11 +265,12 @@ def _report_stopped(
         get_run_logger().warning("the stopped run's summary was not published: %s", reason)
 
 
-def _attempt_tasks(retries: int) -> Callable[[str], Task[..., dict[str, Any]]]:
-    """``run-agent`` per agent type, its runs named ``agent-<task id>-<agent type>``. One Task
-    object per type, not per task: building one reads and hashes the function's source
-    (~5 ms, in the loop that hands out every claim)."""
-    base = run_agent.with_options(retries=retries)
+def _attempt_tasks(retries: int, *, persist: bool = True) -> Callable[[str], Task[..., dict[str, Any]]]:
+    """``run-agent`` per agent type, its runs named ``agent-<task id>-<agent type>``, persisting
+    their results unless told not to (:func:`run_agent_task`). One Task object per type, not per
+    task: building one reads and hashes the function's source (~5 ms, in the loop that hands out
+    every claim)."""
+    base = (run_agent if persist else run_agent_task(persist=False)).with_options(retries=retries)
 
     @cache
     def for_type(agent_type: str) -> Task[..., dict[str, Any]]:

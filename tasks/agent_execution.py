@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,9 +25,11 @@ from uuid import UUID
 
 import httpx
 import psycopg
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+from prefect.results import get_result_store
 from prefect.runtime import flow_run
 from pydantic import ValidationError
 
@@ -43,7 +46,15 @@ from tasks.agent_process import (
 )
 from tasks.agent_protocol import AgentMessage, ArtifactMessage, CheckpointMessage, ErrorMessage, LogMessage
 from tasks.agent_reaper import Reaper
-from tasks.errors import ConnectionUnavailable, UserError, clipped, first_line, make_user_dir, printable
+from tasks.errors import (
+    ConnectionUnavailable,
+    UserError,
+    clipped,
+    disk_full,
+    first_line,
+    make_user_dir,
+    printable,
+)
 from tasks.process_group import terminate_groups
 from tasks.settings import get_settings
 
@@ -122,6 +133,10 @@ class AgentFailed(Exception):
         self.retryable = retryable
 
 
+_FULL_LOGS_FIX = " (or pass another --logs-dir / logs_dir), then retry the task"
+"""How to go on when the logs directory's disk is full (:func:`~tasks.errors.disk_full`)."""
+
+
 class TaskLog:
     """``<logs_dir>/<task_id>.jsonl`` plus the Prefect run log, for one attempt."""
 
@@ -132,14 +147,14 @@ class TaskLog:
         (a file put in the directory's place, a directory in the log's) fails the attempt in one
         line, not retried: it was Python's ``FileExistsError`` or ``IsADirectoryError``, retried
         to the same end until the task failed."""
-        make_user_dir(logs_dir, "the agents' logs directory (--logs-dir / logs_dir)")
+        make_user_dir(logs_dir, "the agents' logs directory (--logs-dir / logs_dir)", full_fix=_FULL_LOGS_FIX)
         self.path = logs_dir / f"{task_id}.jsonl"
+        self._what = f"the log of task {task_id} to {self.path}"
         try:
             self._file = self.path.open("a", encoding="utf-8")
-        except OSError as exc:
-            raise UserError(
-                f"cannot write the log of task {task_id} to {self.path}: {exc.strerror or exc}; "
-                "remove what is in its place and retry the task"
+        except OSError as exc:  # its disk full (no inode left) was told as something in its place
+            raise disk_full(exc, self._what, _FULL_LOGS_FIX) or UserError(
+                f"cannot write {self._what}: {exc.strerror or exc}; remove what is in its place and retry the task"
             ) from None
         self._task_id = task_id
         self._attempt = attempt
@@ -161,9 +176,8 @@ class TaskLog:
                 except OSError as exc:
                     with suppress(OSError):  # its buffer still holds the line, which closing tries again
                         self._file.close()
-                    raise UserError(
-                        f"cannot write the log of task {self._task_id} to {self.path}: {exc.strerror or exc}; "
-                        f"make room for it (or pass another --logs-dir / logs_dir), then retry the task"
+                    raise disk_full(exc, self._what, _FULL_LOGS_FIX) or UserError(
+                        f"cannot write {self._what}: {exc.strerror or exc}; make room for it{_FULL_LOGS_FIX}"
                     ) from None
         self._logger.log(*run_log_line(self._task_id, stream, message))
 
@@ -583,16 +597,7 @@ def _gives_up(error: BaseException) -> bool:
     return last_try or not _worth_retrying(error)
 
 
-@task(
-    name="run-agent",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=_retryable,
-    cache_key_fn=_result_key,
-    refresh_cache=True,
-    persist_result=True,
-)
-def run_agent(task_id: int, worker: str) -> dict[str, Any]:
+def _run_agent(task_id: int, worker: str) -> dict[str, Any]:
     """One attempt of a queued task, run by the fleet of flow run ``worker``. Returns the task's
     outcome and last checkpoint (the Prefect result); raises :class:`AgentFailed` on failure
     or timeout so Prefect retries it, unless the attempt no longer held its task (cancelled, or
@@ -698,6 +703,57 @@ def run_agent(task_id: int, worker: str) -> dict[str, Any]:
     # the task moved as the attempt's end said; else that end was not taken, and the run says why
     reported = outcome.outcome if moved is not None else setup.patiently(lambda: _reported_outcome(url, run_id, outcome.outcome))
     return _attempt_result(task_id, started, reported, outcome.result, outcome.checkpoint)
+
+
+def run_agent_task(*, persist: bool = True) -> Task[[int, str], dict[str, Any]]:
+    """The Prefect task ``run-agent`` (:func:`_run_agent`). ``persist``: keep each run's result in
+    Prefect's result storage, one record per task run (:func:`_result_key`); off for a run whose
+    storage has no room (:func:`full_result_storage`), where each task run, its agent done and its
+    task completed, logged an error that named no disk ("An error was encountered while committing
+    transaction 'agent-task-9-…'", read as the task or the database failing). Its cache key goes
+    with it: Prefect warns of a cache policy it ignores."""
+    keyed: dict[str, Any] = {"cache_key_fn": _result_key, "refresh_cache": True} if persist else {}
+    return task(
+        name="run-agent",
+        retries=2,
+        retry_delay_seconds=1,
+        retry_condition_fn=_retryable,
+        persist_result=persist,
+        **keyed,
+    )(_run_agent)
+
+
+run_agent = run_agent_task()
+
+
+_FULL_RESULTS_FIX = (
+    " (or set PREFECT_LOCAL_STORAGE_PATH to a directory on another disk); this run keeps its tasks' "
+    "outcomes and checkpoints in the queue only, not as Prefect results"
+)
+
+
+_PAGE = 4096
+"""Bytes a result takes at the least on disk: an empty file still fits on a full one."""
+
+
+def full_result_storage() -> str | None:
+    """One line when the local directory Prefect keeps ``run-agent`` results in has no room for one
+    (its disk full, the quota), else None, tried by writing a page to an unnamed file there (a
+    remote result storage is left to Prefect). A run that finds it full says so once and persists
+    no result (:func:`run_agent_task`): the queue, not Prefect, holds each task's outcome and
+    checkpoint, so the agents run on. ``run-agent`` has no storage of its own: it is the flow run's."""
+    storage = get_result_store().result_storage
+    if not isinstance(storage, LocalFileSystem) or storage.basepath is None:
+        return None
+    directory = Path(storage.basepath).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory, buffering=0) as probe:
+            probe.write(bytes(_PAGE))
+    except OSError as exc:
+        full = disk_full(exc, f"Prefect's result storage {directory}", _FULL_RESULTS_FIX)
+        return None if full is None else str(full)
+    return None
 
 
 def _reported_outcome(url: str, run_id: int, outcome: str) -> str:

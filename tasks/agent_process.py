@@ -11,7 +11,6 @@ the attempt's mark (:func:`agent_mark`).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -46,6 +45,7 @@ from tasks.errors import (
     MAX_WAIT_SECONDS,
     UserError,
     check_range,
+    disk_full,
     is_utf8,
     make_user_dir,
     resolve_user_path,
@@ -299,6 +299,11 @@ def command_for(template: AgentTemplate, job: AgentJob, task_json: str) -> tuple
     return argv, env
 
 
+_FULL_OUTPUT_FIX = " (or pass another --output-dir / output_dir), then retry the task"
+"""How to go on when the output directory's disk is full (:func:`~tasks.errors.disk_full`): the
+agent's working directory or its envelope file could not be written, and every attempt would fail alike."""
+
+
 @contextmanager
 def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> Iterator[str]:
     """The envelope as argv or the environment carry it, for the length of one attempt: itself,
@@ -319,7 +324,7 @@ def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> Iter
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:  # say, a directory an agent made under that name: every retry would fail alike
-        raise _disk_full(exc, what) or UserError(
+        raise disk_full(exc, what, _FULL_OUTPUT_FIX) or UserError(
             f"cannot write {what} ({exc.strerror or exc}); remove what is in its place and retry the task"
         ) from None
     try:
@@ -330,42 +335,15 @@ def task_json_for(template: AgentTemplate, job: AgentJob, envelope: str) -> Iter
     except OSError as exc:
         with suppress(OSError):  # the part written is ours (made above, no agent yet): not left on a full disk
             path.unlink()
-        raise _disk_full(exc, what) or UserError(f"cannot write {what} ({exc.strerror or exc}); retry the task") from None
+        raise disk_full(exc, what, _FULL_OUTPUT_FIX) or UserError(
+            f"cannot write {what} ({exc.strerror or exc}); retry the task"
+        ) from None
     try:
         yield TASK_FILE_PREFIX + str(path)
     finally:
         with suppress(OSError):  # best effort: the next attempt replaces a file left behind
             if _identity(path.lstat()) == written:
                 path.unlink()
-
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
-def _disk_full(error: OSError, what: str) -> UserError | None:
-    """The one line for ``what`` (``the working directory of task 9 …``) not written because its
-    disk (or the user's quota) is full, None for any other error. A workdir that could not be made
-    was said to be no directory, with "pass a directory path", and the envelope file to be in the
-    way of something to remove: advice that sent the operator after the wrong thing."""
-    if error.errno not in _DISK_FULL:
-        return None
-    return UserError(
-        f"cannot write {what}: {error.strerror} (disk full); make room for it (or pass another "
-        "--output-dir / output_dir), then retry the task"
-    )
-
-
-def _make_workdir(job: AgentJob) -> None:
-    """Create the attempt's working directory: a full disk in one line saying so (:func:`disk_full`),
-    and a file in the way as :func:`~tasks.errors.make_user_dir` says it, not retried (it was
-    Python's FileExistsError or NotADirectoryError, retried)."""
-    what = f"the working directory of task {job.task_id}"
-    try:
-        job.workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if (full := _disk_full(exc, f"{what} {job.workdir}")) is not None:
-            raise full from None
-    make_user_dir(job.workdir, what)
 
 
 def _identity(stat: os.stat_result) -> tuple[int, int, int]:
@@ -512,7 +490,8 @@ class AgentProcess:
 
     def run(self) -> AgentOutcome:
         envelope = self.job.envelope()
-        _make_workdir(self.job)
+        # a file in its way, or its disk full: one line, not retried (it was Python's FileExistsError, retried)
+        make_user_dir(self.job.workdir, f"the working directory of task {self.job.task_id}", full_fix=_FULL_OUTPUT_FIX)
         with task_json_for(self.template, self.job, envelope) as task_json:
             argv, env = command_for(self.template, self.job, task_json)
             # Under the stop lock, so that a stop is requested either before the start (the agent

@@ -234,33 +234,51 @@ def resolve_user_path(path: Path, what: str, fix: str) -> Path:
     raise UserError(f"{what} runs into a symlink loop; {fix}")
 
 
-def make_user_dir(path: str | Path, what: str, *, writable: bool = False) -> Path:
+DISK_FULL_FIX = " (or pass a directory on another disk)"
+"""How to go on from a full disk, after "make room for it": :func:`disk_full`'s default."""
+
+
+def disk_full(error: OSError, what: str, fix: str = DISK_FULL_FIX) -> UserError | None:
+    """The one line for ``what`` (named, with its path) not written because its disk, or the user's
+    quota, is full: ``cannot write {what}: No space left on device (disk full); make room for
+    it{fix}``; None for any other error. A directory that could not be made was said to be no
+    directory ("pass a directory path"), and a file to be in the way of something to remove:
+    advice that sent the operator after a typo rather than the disk."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return UserError(f"cannot write {what}: {error.strerror} (disk full); make room for it{fix}")
+
+
+def make_user_dir(path: str | Path, what: str, *, writable: bool = False, full_fix: str = DISK_FULL_FIX) -> Path:
     """The directory the user named, created if missing; one line when it cannot be (a file of
-    that name, no permission), said before a run changes or records anything rather than by the
-    step that writes there at its end.
+    that name, no permission, its disk full: :func:`disk_full`, ending with ``full_fix``), said
+    before a run changes or records anything rather than by the step that writes there at its end.
 
     ``writable``: refuse, in close words, one that exists but cannot take a new entry (immutable,
-    on a read-only file system, no permission), which ``mkdir`` lets through: see
+    on a read-only file system, no permission, no inode left), which ``mkdir`` lets through: see
     :func:`check_writable_dir`."""
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unusable_dir(what, directory, exc.strerror or first_line(exc)) from None
-    return check_writable_dir(directory, what) if writable else directory
+        raise disk_full(exc, f"{what} {directory}", full_fix) or _unusable_dir(
+            what, directory, exc.strerror or first_line(exc)
+        ) from None
+    return check_writable_dir(directory, what, full_fix) if writable else directory
 
 
-def check_writable_dir(directory: Path, what: str) -> Path:
+def check_writable_dir(directory: Path, what: str, full_fix: str = DISK_FULL_FIX) -> Path:
     """``directory`` if a file can be made in it, else one line: ``{what} {directory} cannot be
-    written: {reason}; pass a writable directory path``. Tried by making and removing an empty
-    file of its own (``.flowyard-write-check-*``), as the writers that come later will: neither
-    ``os.access`` nor the mode bits tell, since root passes every permission check yet cannot
-    write in an immutable directory (``chattr +i``), nor on a file system mounted read-only."""
+    written: {reason}; pass a writable directory path`` (a full disk as :func:`disk_full` says it).
+    Tried by making and removing an empty file of its own (``.flowyard-write-check-*``), as the
+    writers that come later will: neither ``os.access`` nor the mode bits tell, since root passes
+    every permission check yet cannot write in an immutable directory (``chattr +i``), nor on a
+    file system mounted read-only."""
     try:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".flowyard-write-check-"):
             pass
     except OSError as exc:
-        raise _unusable_dir(
+        raise disk_full(exc, f"{what} {directory}", full_fix) or _unusable_dir(
             what, directory, exc.strerror or first_line(exc), problem="cannot be written", fix="a writable directory path"
         ) from None
     return directory

@@ -16,7 +16,7 @@ from tasks.db import connection
 from tasks.errors import LINE_LIMIT, UserError, control_character
 from tasks.state import state_url
 from tests.conftest import ROOT, run_cli
-from tests.fs_support import immutable
+from tests.fs_support import fill_up, immutable, small_tmpfs
 
 
 @pytest.fixture()
@@ -214,6 +214,46 @@ def test_run_names_an_output_or_logs_dir_it_cannot_write_by_its_option(tmp_path,
             f"flowyard: error: {option} {locked} cannot be written: Operation not permitted; "
             "pass a writable directory path"
         )
+
+
+@pytest.mark.parametrize("made", [True, False], ids=["to-make", "existing"])
+def test_run_says_an_output_dir_on_a_full_disk_is_on_a_full_disk(tmp_path, made: bool) -> None:
+    """An output directory `queue run` could not make for want of space (or that exists but took no
+    file: its disk's inodes used up) was said to "cannot be used as a directory" or "cannot be
+    written", with "pass a (writable) directory path": advice that sent the operator after a typo.
+    Said before connecting: the URL here refuses every connection."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "FLOWYARD_HOME": str(tmp_path / "home")}
+    with small_tmpfs(tmp_path / "full", inodes=2) as full:  # 2: its root and the filler
+        fill_up(full)
+        output = full / "agents" if made else full
+        assert _user_error("run", "--output-dir", str(output), env=env).strip() == (
+            f"flowyard: error: cannot write --output-dir {output}: No space left on device (disk full); "
+            "make room for it (or pass a directory on another disk)"
+        )
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_a_full_prefect_result_storage_is_one_line_and_each_agent_runs_once(env: dict[str, str], tmp_path) -> None:
+    """Prefect's result storage on a full disk (the queue's database elsewhere and fine): each task
+    completed, its agent run once, but each task run then logged an error naming no disk ("An error
+    was encountered while committing transaction 'agent-task-9-…'"), read as the task failing. The
+    run says once that the storage is full, keeps no result there, and its tasks complete."""
+    tasks = [int(_ok("create", f"t{i}", "--payload", '{"steps": 2}', env=env)) for i in range(2)]
+    with small_tmpfs(tmp_path / "results") as results:
+        fill_up(results)
+        result = run_cli(
+            "queue", "run", "--output-dir", str(tmp_path / "out"), env={**env, "PREFECT_LOCAL_STORAGE_PATH": str(results)}
+        )
+    assert (result.returncode, result.stdout) == (0, "".join(f"task {t}: completed\n" for t in tasks)), result.stderr
+    told = (
+        f"cannot write Prefect's result storage {results}: No space left on device (disk full); make room for it "
+        "(or set PREFECT_LOCAL_STORAGE_PATH to a directory on another disk); this run keeps its tasks' outcomes "
+        "and checkpoints in the queue only, not as Prefect results"
+    )
+    assert result.stderr.count(told) == 1, result.stderr
+    assert "transaction" not in result.stderr and "Traceback" not in result.stderr
+    url = state_url(env["FLOWYARD_DATABASE_URL"])
+    assert [(queue.get_task(url, t).status, queue.get_task(url, t).attempts) for t in tasks] == [("completed", 1)] * 2
 
 
 @pytest.mark.parametrize("title", ["two\nlines", "tab\there", "over\rwritten", "\x1b[31mred", "par\u2029t"])

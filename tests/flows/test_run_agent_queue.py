@@ -1615,7 +1615,7 @@ def test_a_full_disk_for_the_agents_logs_fails_the_attempt_naming_the_log_and_st
         fds = Path("/proc/self/fd")
         assert [fd for fd in fds.iterdir() if str(logs) in str(fd.resolve())] == [], "the log is closed"
     error = (
-        f"cannot write the log of task {task_id} to {logs}/{task_id}.jsonl: No space left on device; "
+        f"cannot write the log of task {task_id} to {logs}/{task_id}.jsonl: No space left on device (disk full); "
         "make room for it (or pass another --logs-dir / logs_dir), then retry the task"
     )
     assert summary["outcomes"] == {task_id: f"failed: {error}"}

@@ -27,6 +27,7 @@ from tasks.agent_protocol import parse_line
 from tasks.db import connection
 from tasks.errors import LINE_LIMIT, UserError
 from tasks.state import state_url
+from tests.fs_support import fill_up, small_tmpfs
 
 
 def test_a_shutdown_reports_back_in_the_queue_only_the_tasks_that_are(fresh_db: str, tmp_path: Path) -> None:
@@ -302,6 +303,19 @@ def test_a_logs_directory_made_unusable_during_a_run_fails_the_attempt_in_one_li
     assert str(raised.value) == (
         f"cannot write the log of task 7 to {logs / '7.jsonl'}: Is a directory; "
         "remove what is in its place and retry the task"
+    )
+
+
+def test_a_task_log_its_full_disk_cannot_take_is_one_line_saying_the_disk_is_full(tmp_path: Path) -> None:
+    """The logs directory's disk with no inode left when an attempt opens its log: the task failed
+    saying to "remove what is in its place", though nothing was."""
+    with small_tmpfs(tmp_path / "logs", inodes=2) as logs:  # 2: its root and the filler
+        fill_up(logs)
+        with pytest.raises(UserError) as raised:
+            TaskLog(logs, 7, 1, logging.getLogger("test"))
+    assert str(raised.value) == (
+        f"cannot write the log of task 7 to {logs / '7.jsonl'}: No space left on device (disk full); "
+        "make room for it (or pass another --logs-dir / logs_dir), then retry the task"
     )
 
 
