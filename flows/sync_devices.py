@@ -115,10 +115,13 @@ def sync_devices(
         logger.info("no devices to sync; add one with `flowyard sync configure --add-store PATH`")
         return {"devices": {}, "skipped": "no devices"}
     central = sync_state.run_central_url(central_override, config.central_url, state)
+    schema_warning = None
     try:
         central_store.ensure_schema(central)
     except (UserError, psycopg.Error) as exc:  # unreachable, or a privilege refused: each device records it
-        logger.warning("central schema not ready on %s: %s", mask_url(central), error_line(central, exc))
+        schema_warning = error_line(central, exc)
+        logger.warning("central schema not ready on %s: %s", mask_url(central), schema_warning)
+    sync_state.record_schema_step(state, mask_url(central), schema_warning)
     options = SyncOptions(
         central_url=central, batch_size=batch, policy=config.privacy, force=force
     )
@@ -152,7 +155,8 @@ def sync_devices(
     create_table_artifact(
         sorted((o.row for o in outcomes), key=lambda r: r["device"]),
         key="sync-devices-run",
-        description="Per-device sync results",
+        description="Per-device sync results"
+        + (f"; central schema not ready: {schema_warning}" if schema_warning else ""),
     )
     run_result: dict[str, Any] = {"central": mask_url(central), "devices": {o.device_id: o.state for o in outcomes}}
     notes = [

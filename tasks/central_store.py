@@ -730,6 +730,7 @@ class CentralSession:
 
     def __init__(self, url: str, *, application_name: str = "flowyard-sync") -> None:
         self.url = url
+        self.schema_refusal: str | None = None
         self.conn: psycopg.Connection = connect(url, application_name=application_name)
         try:
             self.conn.execute("SET TIME ZONE 'UTC'")
@@ -749,10 +750,30 @@ class CentralSession:
         does not own their tables (each run's schema step names it); checking it costs one catalog lookup per
         session, not the DDL's table locks. A wait there that central's ``lock_timeout`` cut short
         is :class:`CentralBusy`, as an upload's or download's is: psycopg's OperationalError made it
-        an outage (an offline device, its download skipped)."""
-        if one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is None:
+        an outage (an offline device, its download skipped).
+
+        A step refused only what the owner may do (a key, a column, the central's id), once the rest
+        and the tombstones' table committed, leaves the session usable: its refusal is kept in
+        :attr:`schema_refusal` for the caller to warn of, and left to the batch or download that needs
+        what is missing to name (:meth:`_local_id_refusal`, :meth:`_identity_refusal`). Raised, it
+        failed that session's first batch (or download) with a line about an index none needed."""
+        if self._has_tombstones():
+            return
+        try:
             with self._busy_on_lock_timeout(_SCHEMA_WAITER):
                 ensure_schema(self.url)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if not self._has_tombstones():
+                raise
+            self.schema_refusal = str(exc)
+
+    def _has_tombstones(self) -> bool:
+        """Whether the tombstones' table, the last object :func:`ensure_schema` builds, is there. The
+        look's transaction ends with it: within it, a second look missed the table another connection
+        had made meanwhile (the catalog is read again only at a transaction's start)."""
+        has = one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is not None
+        self.conn.commit()
+        return has
 
     def central_id(self) -> UUID:
         """The id of this central database, which a download cursor counts in: the seqs of

@@ -16,6 +16,7 @@ not get through (:data:`CONNECTION_TROUBLE`) counts as central down.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
@@ -25,6 +26,8 @@ from typing import Literal
 from uuid import UUID
 
 import psycopg
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 
 from tasks import device_store
 from tasks.central_store import CentralBusy, CentralRefused, CentralSession, UploadResult, UploadRow
@@ -159,8 +162,13 @@ class _Uploader:
         self.session: CentralSession | None = None
 
     def session_or_connect(self) -> CentralSession:
+        """The open session, or a new one; a new one whose completion of central's schema was refused
+        only what no batch may need (:attr:`CentralSession.schema_refusal`) is warned of, as the run's
+        own schema step warns of it."""
         if self.session is None or self.session.conn.closed:
             self.session = CentralSession(self.options.central_url)
+            if self.session.schema_refusal is not None:
+                _warn(f"central schema not ready on {mask_url(self.options.central_url)}: {self.session.schema_refusal}")
         return self.session
 
     def upload(self, rows: list[UploadRow]) -> UploadResult:
@@ -196,6 +204,16 @@ class _Uploader:
             except psycopg.Error:
                 pass
             self.session = None
+
+
+def _warn(message: str) -> None:
+    """``message`` as a warning in the log of the run syncing the device (the task's), or of this module
+    when no run does (a call from Python)."""
+    try:
+        logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger(__name__)
+    logger.warning(message)
 
 
 class _UploadFailed(Exception):

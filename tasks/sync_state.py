@@ -867,6 +867,31 @@ def record_device_error(url: str, flow_run_id: UUID | None, target: SyncTarget, 
         _insert_history(conn, flow_run_id, target.device_id, None, error)
 
 
+def record_schema_step(url: str, central: str, warning: str | None) -> None:
+    """The outcome of a run's schema step on ``central`` (its masked URL): its warning, or None,
+    which clears the last one, when it completed. In the run's log alone, a refusal only central's
+    DBA can lift (the TRIGGER grant the tombstones need, a key only a table's owner may build) went
+    unseen by an operator reading ``sync status``, and deleted projects stayed in the stores."""
+    with connection(url) as conn:
+        conn.execute(
+            """
+            INSERT INTO flowyard.sync_schema_step (central, warning) VALUES (%s, %s)
+            ON CONFLICT (only_row) DO UPDATE
+            SET central = EXCLUDED.central, warning = EXCLUDED.warning, checked_at = now()
+            """,
+            (central, warning),
+        )
+
+
+def schema_warning(db: Db) -> str | None:
+    """``sync status``'s line for the last run's schema step when it warned, else None."""
+    with using(db) as conn:
+        row = conn.execute(
+            "SELECT central, warning, checked_at FROM flowyard.sync_schema_step WHERE warning IS NOT NULL"
+        ).fetchone()
+    return None if row is None else f"not ready on {row[0]} (run at {_when(row[2])}): {row[1]}"
+
+
 def _insert_history(
     conn: psycopg.Connection,
     flow_run_id: UUID | None,

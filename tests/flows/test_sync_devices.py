@@ -1352,3 +1352,37 @@ def test_a_sync_role_refused_the_schema_fails_each_device_in_one_line_and_keeps_
     assert (outcome["uploaded"], outcome["failed"], outcome["pending_after"]) == (0, 30, 30)
     with device_store.open_store(store) as conn:
         assert device_store.counts(conn).failed == 30
+
+
+def test_a_schema_step_warning_is_in_sync_status_and_the_runs_table_until_it_clears(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A DBA's central whose tombstone trigger was dropped, for a sync role that may not restore it:
+    each run's schema step warned of the grant in the run's log alone, while ``sync status`` and the
+    run's table showed a clean sync, so an operator never learnt that deleted projects stay in the
+    stores. Both name the grant until a run's schema step completes."""
+    from flows.sync_devices import sync_devices
+
+    central_store.ensure_schema(fresh_db)
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA devflow TO {}").format(role))
+        dba.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA devflow TO {}").format(role))
+        dba.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA devflow TO {}").format(role))
+        dba.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
+    central = limited_role.url(fresh_db)
+    store = make_store(tmp_path / "dba.db", 0)
+    grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
+    run = sync_devices(stores=[str(store)], central_url=central, return_state=True)
+    assert run.is_completed()
+    table = next(a for a in flow_run_artifacts(run) if a.type == "table")
+    assert grant in table.description
+    [line] = [line for line in run_cli("sync", "status").stdout.splitlines() if line.startswith("schema:")]
+    assert line.startswith(f"schema:     not ready on {central.replace(limited_role.password, '***')} (run at ")
+    assert grant in line
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(grant)
+    again = sync_devices(stores=[str(store)], central_url=central, return_state=True)
+    assert again.is_completed()
+    assert "schema:" not in run_cli("sync", "status").stdout
+    assert next(a for a in flow_run_artifacts(again) if a.type == "table").description == "Per-device sync results"

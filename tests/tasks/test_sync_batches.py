@@ -1075,6 +1075,50 @@ def test_a_session_central_refuses_while_events_wait_is_contact_and_keeps_its_li
     assert [alert.kind for alert in alerts] == []
 
 
+_RESTORE_ID = "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING"
+
+
+@pytest.mark.parametrize(
+    ("refused", "statement", "download_error"),
+    [
+        ("DROP INDEX devflow.events_seq", 'CREATE INDEX "events_seq" ON "devflow"."events" ("seq")', False),
+        ("DELETE FROM devflow.central_identity; REVOKE INSERT ON devflow.central_identity FROM {role}", _RESTORE_ID, True),
+    ],
+    ids=["index", "central-id"],
+)
+def test_a_sessions_schema_completion_refused_what_only_the_owner_may_do_keeps_the_session(
+    limited_role: Role,
+    fresh_db: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    refused: str,
+    statement: str,
+    download_error: bool,
+) -> None:
+    """A DBA's central that lost its tombstones' table and what only its owner may restore (the index
+    on ``events.seq``, the central's id row), for a role granted TRIGGER, and a run whose own schema
+    step did not reach central: the device's session completed the schema (the tombstones restored,
+    committed), then failed on the owner's part, so its first batch was marked failed with that line
+    although it needed none of it, and the device stopped for the run. The session is kept, every event
+    syncs, the line is a warning, once, and only the download that needs the id names it."""
+    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    store = _march_store(fresh_db, tmp_path, 30)
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')
+        dba.execute("DROP TABLE devflow.project_deletions")
+        dba.execute(refused.format(role=f'"{limited_role.name}"'))
+    with caplog.at_level("WARNING", logger="tasks.sync_batches"):
+        report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=10), download_since=0)
+    assert (report.uploaded, report.failed, report.pending_after, report.reached_central) == (30, 0, 0, True)
+    warnings = [record.getMessage() for record in caplog.records if record.name == "tasks.sync_batches"]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and warnings[0].startswith("central schema not ready on")
+    assert warnings[0].split("`")[1] == statement
+    if download_error:
+        assert report.error is not None and report.error.startswith("download from") and report.error.split("`")[1] == statement
+    else:
+        assert report.error is None
+
+
 def test_a_role_that_cannot_add_a_months_partition_is_told_the_statements(
     limited_role: Role, fresh_db: str, tmp_path: Path
 ) -> None:
@@ -1131,7 +1175,7 @@ def test_a_central_whose_id_is_gone_for_good_is_named_with_its_fix(
         dba.execute("DELETE FROM devflow.central_identity")
         dba.execute(f'REVOKE INSERT ON devflow.central_identity FROM "{limited_role.name}"')
         dba.execute("DROP TABLE devflow.rollup_daily")  # what the role may restore, with the refused step
-    restore = "INSERT INTO devflow.central_identity DEFAULT VALUES ON CONFLICT (only_row) DO NOTHING"
+    restore = _RESTORE_ID
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(f"as its owner, run `{restore}`")):
         central_store.ensure_schema(central)
     report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
