@@ -197,7 +197,9 @@ def with_database(url: str, database: str) -> str:
     return _unsplit(parts._replace(path=f"/{database}"))
 
 
-def libpq_target(url: str, *, reader: bool = False) -> tuple[str, dict[str, str]]:
+def libpq_target(
+    url: str, *, reader: bool = False, settings: dict[str, str] | None = None
+) -> tuple[str, dict[str, str]]:
     """For a client tool (pg_dump, psql...): the connection URI without its password, since argv
     is visible to every user of the machine, and this process's environment with the password in
     ``PGPASSWORD``.
@@ -206,14 +208,19 @@ def libpq_target(url: str, *, reader: bool = False) -> tuple[str, dict[str, str]
     a DBA's ``serializable`` default: the tool's first statements ran under it and failed
     ("cannot use serializable mode in a hot standby"). There, and only there, it is given
     :data:`SESSION_ISOLATION` as a startup option in ``PGOPTIONS``: the server is asked first,
-    since a pooler (pgbouncer) may refuse startup options."""
+    since a pooler (pgbouncer) may refuse startup options.
+
+    ``settings``: startup options every connection of the tool gets (``PGOPTIONS``), also the
+    ones it opens itself (``pg_restore --create`` reconnects to the database it created), and
+    which win over the role's and the database's own settings (see :data:`RESTORE_SETTINGS`)."""
     parts = urlsplit(validate_postgres_url(url))
     env = {**os.environ}
     if parts.password is not None:
         env["PGPASSWORD"] = unquote(parts.password)
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
-    if reader and _standby_refusing_its_default(url):
-        escaped = {name: value.replace(" ", "\\ ") for name, value in SESSION_ISOLATION.items()}  # libpq's escape
+    options = {**(SESSION_ISOLATION if reader and _standby_refusing_its_default(url) else {}), **(settings or {})}
+    if options:
+        escaped = {name: value.replace(" ", "\\ ") for name, value in options.items()}  # libpq's escape
         env["PGOPTIONS"] = " ".join([env.get("PGOPTIONS", ""), *(f"-c {n}={v}" for n, v in escaped.items())]).strip()
     return _unsplit(parts), env
 
@@ -305,6 +312,15 @@ COMMITTED, where a row another session changed meanwhile is read again. Under a 
 uploading at once, failed each other with serialization failures (SQLSTATE 40001), taken for the
 database being away. A step that needs a snapshot asks for it (a chunk's source read)."""
 
+RESTORE_SETTINGS = {"default_transaction_read_only": "off"}
+"""Startup options of ``pg_restore``: an archive restores its database's own settings (``ALTER
+DATABASE … SET``) before its contents, and ``pg_restore --create`` then reconnects under them,
+so a database a DBA had frozen (``default_transaction_read_only = on``) failed to restore at its
+first table ("cannot execute CREATE TABLE in a read-only transaction"); a deploy then failed
+without being put back. ``pg_dumpall``'s scripts turn it off the same way; the setting itself is
+restored, and holds for every later session. (``pg_restore`` pins the timeouts and
+``search_path`` itself, and a ``serializable`` default restores as it is.)"""
+
 UTC = {"TimeZone": "UTC"}
 """For sessions whose timestamptz text is compared with another session's text (checksums over
 row text, CSV streams): the same instant prints alike only in the same zone. Not pinned on every
@@ -352,7 +368,17 @@ def connect(
     # As pg_dump and pg_restore do: a chunk copy, a checksum or an index build lasts as long as its
     # data, and a role's statement_timeout (common in production) would cancel it. Statements that
     # must stay short (online DDL, backfill batches, health queries) set their own limit.
-    settings = {"statement_timeout": "0", **SESSION_ISOLATION, **TEXT_FORMS, **(UTC if utc else {})}
+    # Likewise a role's or database's idle_session_timeout: a flowyard session idles on purpose
+    # (an advisory lock held for a whole deploy, sync or bulk copy; a restore's maintenance session
+    # while pg_restore runs), and its end released the lock to a second run mid-way, or left a
+    # restore's renamed-aside copy behind and the run told the restore had failed.
+    settings = {
+        "statement_timeout": "0",
+        "idle_session_timeout": "0",
+        **SESSION_ISOLATION,
+        **TEXT_FORMS,
+        **(UTC if utc else {}),
+    }
     calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in settings)
     # The statement that pins the isolation must not run under the default it replaces: a hot
     # standby refuses to start a transaction under a DBA's ``serializable`` default ("cannot use

@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.db import (
+    RESTORE_SETTINGS,
     connect,
     connection,
     database_name,
@@ -180,7 +181,7 @@ def restore_database(url: str, backup: Backup) -> RestoreReport:
     name = database_name(url)
     aside = f"{name[:40]}_pre_restore_{uuid.uuid4().hex[:8]}"
     maintenance = maintenance_url(url)
-    uri, env = libpq_target(maintenance)
+    uri, env = libpq_target(maintenance, settings=RESTORE_SETTINGS)
     with connect(maintenance, autocommit=True) as conn:
         terminated = _rename(conn, name, aside)
         try:

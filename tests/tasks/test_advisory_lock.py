@@ -6,8 +6,11 @@ import threading
 import time
 
 import pytest
+from psycopg import sql
 
 from tasks.advisory_lock import LockTimeout, advisory_lock
+from tasks.db import connect
+from tests.conftest import Role, Server
 
 
 def test_second_holder_waits_then_times_out(fresh_db):
@@ -40,3 +43,14 @@ def test_waiter_gets_the_lock_when_released(fresh_db):
         order.append("second")
     thread.join()
     assert order == ["first", "first-done", "second"]
+
+
+def test_a_lock_outlives_a_roles_idle_session_timeout(limited_role: Role, fresh_db: str, pg: Server) -> None:
+    """A DBA's idle_session_timeout ended the idle session holding the lock: a second run got in."""
+    with connect(pg.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET idle_session_timeout = 50").format(sql.Identifier(limited_role.name)))
+    with advisory_lock(limited_role.url(fresh_db), "deploy"):
+        time.sleep(0.5)  # idle, as while a deploy's steps run on other sessions
+        with pytest.raises(LockTimeout):
+            with advisory_lock(fresh_db, "deploy", timeout_seconds=0.1):
+                pass

@@ -117,3 +117,44 @@ def test_an_unreadable_archive_is_refused(fresh_db, tmp_path):
     for broken in (cut, garbage):
         with pytest.raises(UserError, match=r"^pg_restore --list failed: "):
             archive_contents(BIN_DIR, broken)
+
+
+FROZEN = {
+    "default_transaction_read_only": "on",
+    "default_transaction_isolation": "serializable",
+    "search_path": "nowhere",
+}
+"""A DBA's database settings a restore recreates before the contents, and then restores under."""
+
+
+def _database_settings(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase"
+            " WHERE d.datname = current_database() AND s.setrole = 0"
+        ).fetchone()
+        return sorted(row[0])
+
+
+def test_a_database_frozen_read_only_is_restored_whole_and_stays_frozen(fresh_db: str, tmp_path: Path) -> None:
+    _populate(fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        for name, value in FROZEN.items():
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+                    sql.Identifier(conn.info.dbname), sql.Identifier(name), sql.Literal(value)
+                )
+            )
+    settings = _database_settings(fresh_db)
+    backup = backup_database(fresh_db, tmp_path)
+    before = fingerprint(fresh_db)
+    with psycopg.connect(fresh_db, options="-c default_transaction_read_only=off") as conn:
+        conn.execute("DELETE FROM public.notes")
+
+    report = restore_database(fresh_db, backup)
+
+    assert report.row_counts == {"app.items": 200, "public.notes": 2}
+    assert fingerprint(fresh_db) == before
+    assert _database_settings(fresh_db) == settings
+    with psycopg.connect(fresh_db) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("INSERT INTO public.notes VALUES (3, 3)")
