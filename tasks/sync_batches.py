@@ -26,8 +26,6 @@ from typing import Literal
 from uuid import UUID
 
 import psycopg
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
 
 from tasks import device_store
 from tasks.central_store import CentralBusy, CentralRefused, CentralSession, UploadResult, UploadRow
@@ -207,8 +205,14 @@ class _Uploader:
 
 
 def _warn(message: str) -> None:
-    """``message`` as a warning in the log of the run syncing the device (the task's), or of this module
-    when no run does (a call from Python)."""
+    """``message`` as a warning in the log of the run syncing the device (the task's), or of this
+    module when no run does (a call from Python). Prefect is imported here, not with the module:
+    the CLI imports this module (through ``tasks.sync_state``) before it points Prefect at
+    flowyard's server, and Prefect fixes its settings when first imported, so every command then
+    ran its flows on a temporary server of Prefect's own."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
     try:
         logger: logging.Logger | logging.LoggerAdapter = get_run_logger()
     except MissingContextError:
