@@ -116,12 +116,8 @@ class AgentSetup:
         end (the reasons pass, a task failed for good) rode out a lock on a task's row without a
         word, for up to the lease."""
         lease = self.limits.lease_seconds
-
-        def told(error: BaseException) -> None:
-            notice = OutageNotice(lambda level, text: getattr(get_run_logger(), level)(text))
-            notice.lost(error, f"waiting for it for up to the lease ({lease:g}s)")
-
-        return queue.riding_out(call, lease, told)
+        doing = f"waiting for it for up to the lease ({lease:g}s)"
+        return queue.riding_out(call, lease, lambda error: get_run_logger().warning(outage_line(error, doing)))
 
 
 class AgentFailed(Exception):
@@ -263,6 +259,16 @@ def publish_artifact(task_id: int, message: ArtifactMessage) -> str | None:
     return f"artifact {key!r} not published: {reason}"
 
 
+def outage_line(error: BaseException, doing: str) -> str:
+    """The warning for a queue call held up by ``error`` while the worker goes on ``doing``. A lock
+    another session holds (:class:`agent_queue.QueueLocked`) is named with its holder and how to
+    end it: it was told as the state database being unreachable, which sent an operator after the
+    server and the network instead of the psql session holding a task's row."""
+    if isinstance(error, queue.QueueLocked):
+        return f"waiting on a lock: {error.lock}; {doing} ({error.end_it})"
+    return f"the state database is unreachable ({first_line(error)}); {doing}"
+
+
 class OutageNotice:
     """Says once that the state database is unreachable (or that a lock holds up the queue's
     writes), and once that it is back, however many calls meet the outage in between."""
@@ -273,16 +279,10 @@ class OutageNotice:
         self._locked = False
 
     def lost(self, error: BaseException, doing: str) -> None:
-        """A lock another session holds (:class:`agent_queue.QueueLocked`) is named with its holder
-        and how to end it: it was told as the state database being unreachable, which sent an
-        operator after the server and the network instead of the psql session holding a task's row."""
         if self._since is None:
             self._since = time.monotonic()
             self._locked = isinstance(error, queue.QueueLocked)
-            if isinstance(error, queue.QueueLocked):
-                self._say("warning", f"waiting on a lock: {error.lock}; {doing} ({error.end_it})")
-            else:
-                self._say("warning", f"the state database is unreachable ({first_line(error)}); {doing}")
+            self._say("warning", outage_line(error, doing))
 
     @property
     def away(self) -> bool:
