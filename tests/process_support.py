@@ -1,9 +1,12 @@
-"""Python subprocesses started from one instant, for tests of work that must really overlap."""
+"""Python subprocesses for tests of work that must really overlap, or really be cut off."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
+
+import psycopg
 
 
 def started_together(script: str, *argvs: list[str]) -> list[subprocess.Popen[str]]:
@@ -28,3 +31,15 @@ def started_together(script: str, *argvs: list[str]) -> list[subprocess.Popen[st
         p.stdin.write("go\n")
         p.stdin.flush()
     return procs
+
+
+def until_its_sessions_end(url: str) -> None:
+    """Wait until no session but this one's is connected to ``url``'s database.
+
+    A process killed with SIGKILL may already have sent its COMMIT: the server still reads it
+    from the socket, and commits, after the process is gone. A test that reads what was
+    committed "before the kill" must wait for the killed process's sessions to end first."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    with psycopg.connect(url, autocommit=True) as conn:
+        while conn.execute(query).fetchone() != (0,):
+            time.sleep(0.01)

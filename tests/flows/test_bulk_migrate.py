@@ -29,6 +29,7 @@ from tasks.process_group import spawn_group
 from tasks.state import state_url
 from tasks.table_checksum import Checksum, checksum
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs, run_cli
+from tests.process_support import until_its_sessions_end
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -420,6 +421,7 @@ def test_sigkill_mid_run_then_rerun_loads_each_chunk_exactly_once(fresh_db, targ
         time.sleep(0.02)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
+    until_its_sessions_end(target_db)
     before = _committed(target_db)
     assert 3 <= len(before) < 30, "the kill must land while chunks are still in flight"
     assert _fetch(target_db, "SELECT count(*) FROM events")[0][0] < 300000
