@@ -43,7 +43,7 @@ def status() -> None:
     )
     typer.echo(f"sync:       {'enabled' if config.enabled else 'disabled'}")
     typer.echo(f"central:    {central}")
-    if (warning := sync_state.schema_warning(state)) is not None:
+    for warning in sync_state.schema_warnings(state):
         typer.echo(f"schema:     {printable(warning)}")
     # a field name may hold any character JSON allows: a newline or escape split or recoloured this line
     allowed = ", ".join(printable(name) for name in config.privacy.allowlist)

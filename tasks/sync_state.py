@@ -869,27 +869,29 @@ def record_device_error(url: str, flow_run_id: UUID | None, target: SyncTarget, 
 
 def record_schema_step(url: str, central: str, warning: str | None) -> None:
     """The outcome of a run's schema step on ``central`` (its masked URL): its warning, or None,
-    which clears the last one, when it completed. In the run's log alone, a refusal only central's
-    DBA can lift (the TRIGGER grant the tombstones need, a key only a table's owner may build) went
-    unseen by an operator reading ``sync status``, and deleted projects stayed in the stores."""
+    which clears that central's last one, when it completed. In the run's log alone, a refusal only
+    central's DBA can lift (the TRIGGER grant the tombstones need, a key only a table's owner may
+    build) went unseen by an operator reading ``sync status``, and deleted projects stayed in the
+    stores. Kept per central: runs name their own (``--central-url``), and one row for all of them let
+    a clean run into one central clear another's standing warning."""
     with connection(url) as conn:
         conn.execute(
             """
             INSERT INTO flowyard.sync_schema_step (central, warning) VALUES (%s, %s)
-            ON CONFLICT (only_row) DO UPDATE
-            SET central = EXCLUDED.central, warning = EXCLUDED.warning, checked_at = now()
+            ON CONFLICT (central) DO UPDATE SET warning = EXCLUDED.warning, checked_at = now()
             """,
             (central, warning),
         )
 
 
-def schema_warning(db: Db) -> str | None:
-    """``sync status``'s line for the last run's schema step when it warned, else None."""
+def schema_warnings(db: Db) -> list[str]:
+    """``sync status``'s line for each central whose last schema step warned, by central."""
     with using(db) as conn:
-        row = conn.execute(
-            "SELECT central, warning, checked_at FROM flowyard.sync_schema_step WHERE warning IS NOT NULL"
-        ).fetchone()
-    return None if row is None else f"not ready on {row[0]} (run at {_when(row[2])}): {row[1]}"
+        rows = conn.execute(
+            "SELECT central, warning, checked_at FROM flowyard.sync_schema_step WHERE warning IS NOT NULL "
+            "ORDER BY central"
+        ).fetchall()
+    return [f"not ready on {central} (run at {_when(at)}): {warning}" for central, warning, at in rows]
 
 
 def _insert_history(

@@ -27,7 +27,7 @@ import pytest
 from psycopg import sql
 
 from tasks import central_store, device_store, sync_state
-from tasks.db import database_name, one_row
+from tasks.db import database_name, mask_url, one_row
 from tasks.device_store import Identity
 from tasks.embedded_pg import free_port
 from tasks.errors import UserError
@@ -36,7 +36,7 @@ from tasks.sync_batches import PAUSE_AFTER_UPLOAD_ENV, SyncOptions, sync_device
 from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
 from tests.fs_support import fill_up, immutable, small_tmpfs
-from tests.sync_support import synced_events
+from tests.sync_support import central_of_a_dba_without_a_tombstone_trigger, synced_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -1363,26 +1363,54 @@ def test_a_schema_step_warning_is_in_sync_status_and_the_runs_table_until_it_cle
     stores. Both name the grant until a run's schema step completes."""
     from flows.sync_devices import sync_devices
 
-    central_store.ensure_schema(fresh_db)
-    role = sql.Identifier(limited_role.name)
-    with psycopg.connect(fresh_db, autocommit=True) as dba:
-        dba.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA devflow TO {}").format(role))
-        dba.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA devflow TO {}").format(role))
-        dba.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA devflow TO {}").format(role))
-        dba.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
-    central = limited_role.url(fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    shown = mask_url(central)
     store = make_store(tmp_path / "dba.db", 0)
     grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
     run = sync_devices(stores=[str(store)], central_url=central, return_state=True)
     assert run.is_completed()
     table = next(a for a in flow_run_artifacts(run) if a.type == "table")
     assert grant in table.description
-    [line] = [line for line in run_cli("sync", "status").stdout.splitlines() if line.startswith("schema:")]
-    assert line.startswith(f"schema:     not ready on {central.replace(limited_role.password, '***')} (run at ")
+    [line] = _schema_lines(shown)
+    assert line.startswith(f"schema:     not ready on {shown} (run at ")
     assert grant in line
     with psycopg.connect(fresh_db, autocommit=True) as dba:
         dba.execute(grant)
     again = sync_devices(stores=[str(store)], central_url=central, return_state=True)
     assert again.is_completed()
-    assert "schema:" not in run_cli("sync", "status").stdout
+    assert _schema_lines(shown) == []
     assert next(a for a in flow_run_artifacts(again) if a.type == "table").description == "Per-device sync results"
+
+
+def test_a_clean_run_into_another_central_leaves_a_centrals_schema_warning_standing(
+    pg: Server, limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """Runs name their central (``sync trigger --central-url``), and one state database serves them
+    all: the schema step's outcome was one row for all of them, so a clean run into central B cleared
+    central A's warning of the TRIGGER grant, and ``sync status`` went quiet while A's deleted projects
+    still stayed in the stores. Each central's warning stands until a run into that central clears it."""
+    from flows.sync_devices import sync_devices
+
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    shown = mask_url(central)
+    store = make_store(tmp_path / "two-centrals.db", 0)
+    assert sync_devices(stores=[str(store)], central_url=central, return_state=True).is_completed()
+    with scratch_database(pg) as other:
+        assert sync_devices(stores=[str(store)], central_url=other, return_state=True).is_completed()
+        assert _schema_lines(mask_url(other)) == []
+    [line] = _schema_lines(shown)
+    assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in line
+    with psycopg.connect(fresh_db, autocommit=True) as dba:
+        dba.execute(sql.SQL("GRANT TRIGGER ON devflow.project_status TO {}").format(sql.Identifier(limited_role.name)))
+    assert sync_devices(stores=[str(store)], central_url=central, return_state=True).is_completed()
+    assert _schema_lines(shown) == []
+
+
+def _schema_lines(central: str) -> list[str]:
+    """``sync status``'s schema-step lines for ``central`` (masked); the session's other tests leave
+    their own centrals' lines in the state database they share."""
+    return [
+        line
+        for line in run_cli("sync", "status").stdout.splitlines()
+        if line.startswith(f"schema:     not ready on {central} ")
+    ]

@@ -42,7 +42,7 @@ from tasks.sync_batches import (
 from tasks.sync_state import AlertThresholds
 from tests.conftest import Role
 from tests.fs_support import fill_up, small_tmpfs
-from tests.sync_support import synced_events
+from tests.sync_support import central_of_a_dba, central_of_a_dba_without_a_tombstone_trigger, synced_events
 
 IDENTITY = Identity("dev-a", "alice", "proj")
 
@@ -907,24 +907,10 @@ def test_a_download_cut_by_a_dbas_lock_timeout_is_named_and_is_no_outage(
     assert _store_snapshots(store) == held
 
 
-def _central_of_a_dba(role: Role, database: str) -> str:
-    """The URL, as ``role``, of a central in ``database`` a DBA made (its tables theirs), where the
-    role may create in the schema and read and write the tables, as a DBA grants a sync role."""
-    central_store.ensure_schema(database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        for grant in (
-            "GRANT USAGE, CREATE ON SCHEMA devflow TO {}",
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA devflow TO {}",
-            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA devflow TO {}",
-        ):
-            conn.execute(sql.SQL(grant).format(sql.Identifier(role.name)))
-    return role.url(database)
-
-
 def _central_of_a_dba_before_tombstones(role: Role, database: str) -> str:
-    """:func:`_central_of_a_dba`, from before tombstones: ``role`` may write to it, but not add the
+    """:func:`central_of_a_dba`, from before tombstones: ``role`` may write to it, but not add the
     triggers its snapshots need, so every session the role opens is refused."""
-    central = _central_of_a_dba(role, database)
+    central = central_of_a_dba(role, database)
     with psycopg.connect(database, autocommit=True) as conn:
         conn.execute("DROP TABLE devflow.project_deletions")
         conn.execute("DROP TRIGGER project_status_lock ON devflow.project_status")
@@ -956,15 +942,6 @@ def _assert_a_deleted_project_leaves_the_store(database: str, central: str, tmp_
     assert (first.error, again.error, _held(store)) == (None, None, ({"kept"}, 0))
 
 
-def _central_of_a_dba_without_a_tombstone_trigger(role: Role, database: str) -> str:
-    """:func:`_central_of_a_dba` whose DBA dropped a tombstone trigger, for ``role``, which may not
-    restore it (no TRIGGER on the snapshots)."""
-    central = _central_of_a_dba(role, database)
-    with psycopg.connect(database, autocommit=True) as conn:
-        conn.execute("DROP TRIGGER project_status_deleted ON devflow.project_status")
-    return central
-
-
 def test_a_role_granted_trigger_as_told_restores_a_dropped_tombstone_trigger(
     limited_role: Role, fresh_db: str, tmp_path: Path
 ) -> None:
@@ -973,7 +950,7 @@ def test_a_role_granted_trigger_as_told_restores_a_dropped_tombstone_trigger(
     owner of function project_status_lock": the step replaced the DBA's trigger functions too, which
     only their owner may) and told the same grant on every run, the trigger never restored. It is
     restored, and a project deleted after that leaves the store."""
-    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match=re.escape(grant)):
         central_store.ensure_schema(central)
@@ -991,7 +968,7 @@ def test_a_schema_step_refused_the_tombstone_trigger_completes_the_rest(
     undid the whole schema step, every run, so every batch was refused for the missing rollup table
     and every download failed with a traceback, while the run's warning named only the grant. The
     rest commits, the grant is still named, and the device syncs and downloads."""
-    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     end = int(datetime(2026, 3, 20, tzinfo=UTC).timestamp() * 1000)  # 3 days of March
     store = make_store(tmp_path / "dev.db", 30, end_ms=end, identity=IDENTITY)
     with psycopg.connect(fresh_db, autocommit=True) as dba:
@@ -1018,7 +995,7 @@ def test_a_role_refused_the_tombstone_trigger_takes_no_lock_on_the_snapshots(
     queued behind it: a role that may not restore the trigger waited there, on every run, only to be
     refused (here cut by the role's lock_timeout, else for as long as the DBA's change stays open).
     It is told the grant at once."""
-    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER ROLE {} SET lock_timeout = '100ms'").format(sql.Identifier(limited_role.name)))
     grant = f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"'
@@ -1036,7 +1013,7 @@ def test_an_index_a_role_may_not_build_leaves_the_rest_of_the_schema_step_done(
     be owner of table events", naming no fix) undid the whole schema step, the restored trigger
     with it, on every run, and a project deleted in central stayed in the stores for good. The
     trigger is restored, and one line gives the owner the statement that builds the index."""
-    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     with psycopg.connect(fresh_db, autocommit=True) as dba:
         dba.execute("DROP INDEX devflow.events_seq")
         dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')
@@ -1101,7 +1078,7 @@ def test_a_sessions_schema_completion_refused_what_only_the_owner_may_do_keeps_t
     committed), then failed on the owner's part, so its first batch was marked failed with that line
     although it needed none of it, and the device stopped for the run. The session is kept, every event
     syncs, the line is a warning, once, and only the download that needs the id names it."""
-    central = _central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
     store = _march_store(fresh_db, tmp_path, 30)
     with psycopg.connect(fresh_db, autocommit=True) as dba:
         dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')
@@ -1127,7 +1104,7 @@ def test_a_role_that_cannot_add_a_months_partition_is_told_the_statements(
     of table events" alone, naming no fix. One line names the statements that make the batch's
     months (both, for a batch across a month's end), which the DBA can run as they are, or the
     ownership that lets flowyard make them; the events wait to be retried and then sync."""
-    central = _central_of_a_dba(limited_role, fresh_db)
+    central = central_of_a_dba(limited_role, fresh_db)
     end = int(datetime(2026, 3, 2, tzinfo=UTC).timestamp() * 1000)  # 3 days: February and March
     store = make_store(tmp_path / "dev.db", 30, end_ms=end, identity=IDENTITY)
     report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
@@ -1169,7 +1146,7 @@ def test_a_central_whose_id_is_gone_for_good_is_named_with_its_fix(
     denied for table central_identity", no fix named), and each device's download was a traceback
     (a bare "no row"). The schema step names the statement that restores it, the events upload, and
     the download fails as contact, in one line naming the same statement; once run, it downloads."""
-    central = _central_of_a_dba(limited_role, fresh_db)
+    central = central_of_a_dba(limited_role, fresh_db)
     store = _march_store(fresh_db, tmp_path, 30)
     with psycopg.connect(fresh_db, autocommit=True) as dba:
         dba.execute("DELETE FROM devflow.central_identity")
@@ -1198,7 +1175,7 @@ def test_a_dbas_central_from_before_the_snapshots_local_id_names_the_upgrade_on_
     own ``devflow.project_status``: the schema step names the ``ALTER TABLE`` for the owner, but each
     batch with a snapshot failed with PostgreSQL's words alone (``column "local_id" … does not
     exist``). The batch fails as a whole, once, in the schema step's line, and syncs after the fix."""
-    central = _central_of_a_dba(limited_role, fresh_db)
+    central = central_of_a_dba(limited_role, fresh_db)
     with psycopg.connect(fresh_db, autocommit=True) as dba:
         dba.execute("ALTER TABLE devflow.project_status DROP COLUMN local_id")
         dba.execute(f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"')

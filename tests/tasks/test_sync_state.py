@@ -289,6 +289,32 @@ def test_recorded_download_cursors_keep_to_their_central_through_the_migration(f
     assert (columns, cursor) == ([("download_cursor",)], (2,))
 
 
+def test_each_centrals_schema_warning_stands_through_the_migration(fresh_db: str) -> None:
+    """sync_0005 keeps the schema step's outcome per central: the one row sync_0004 kept stays, under
+    its central, a clean step of another central leaves it standing, and a clean step of its own
+    clears it; the downgrade keeps the latest step's row."""
+    config = migration_config(fresh_db)
+    command.upgrade(config, "sync@sync_0004")
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("INSERT INTO flowyard.sync_schema_step (central, warning) VALUES ('postgresql://a', 'grant it')")
+    command.upgrade(config, "heads")
+    [kept] = sync_state.schema_warnings(fresh_db)
+    assert kept.startswith("not ready on postgresql://a (run at ") and kept.endswith("): grant it")
+    sync_state.record_schema_step(fresh_db, "postgresql://b", None)
+    sync_state.record_schema_step(fresh_db, "postgresql://c", "own it")
+    assert [line.split(" (run at ")[0] for line in sync_state.schema_warnings(fresh_db)] == [
+        "not ready on postgresql://a",
+        "not ready on postgresql://c",
+    ]
+    sync_state.record_schema_step(fresh_db, "postgresql://a", None)
+    [standing] = sync_state.schema_warnings(fresh_db)
+    assert standing.startswith("not ready on postgresql://c ")
+    command.downgrade(config, "sync@sync_0004")
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute("SELECT only_row, central, warning FROM flowyard.sync_schema_step").fetchall()
+    assert rows == [(True, "postgresql://a", None)]
+
+
 def test_a_disabled_device_is_left_out_wherever_its_store_is_named(state_db: str, tmp_path: Path) -> None:
     """Disabled is a device's, not a path's: the store of disabled device ``moved`` upgraded
     under its id at another path (a moved file, a bind mount) is left out too."""
