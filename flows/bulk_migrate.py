@@ -41,7 +41,7 @@ from tasks.chunk_checkpoint import (
     open_run,
     run_lock_name,
 )
-from tasks.chunk_load import ChunkJob, Mode, load_chunk
+from tasks.chunk_load import ChunkJob, Mode, load_chunk, target_session
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
 from tasks.copy_validation import CHECKS, TableValidation, validate_table
@@ -165,7 +165,7 @@ def copy_chunk(job: ChunkJob) -> ChunkCheckpoint:
 def seed_tables(jobs: list[ChunkJob]) -> list[ChunkCheckpoint]:
     """Seed 004: every table upserted in ONE transaction, so reference data changes all or nothing
     (parents before children: see tasks/seed_load.py)."""
-    with connection(jobs[0].target_url, utc=True) as target:
+    with target_session(jobs[0].target_url) as target:
         return load_seed(target, jobs, str(flow_run.id) if flow_run.id else None)
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -215,11 +216,27 @@ class ChunkJob:
 
 def load_chunk(job: ChunkJob, flow_run_id: str | None = None) -> ChunkCheckpoint:
     """Copy the chunk unless its checkpoint is already committed; return the checkpoint."""
-    with connection(job.target_url, utc=True) as target:
-        # The staging table is temporary: with the default 8 MB of temp buffers a 250k-row
-        # stage spills to disk and is read back by the checksum and the insert.
-        target.execute("SET temp_buffers = '128MB'")
+    with target_session(job.target_url) as target:
         return load_chunk_in(target, job, flow_run_id)
+
+
+@contextmanager
+def target_session(url: str) -> Iterator[psycopg.Connection]:
+    """A :func:`~tasks.db.connection` (in UTC) to a copy's target for loading or checking chunks.
+
+    Its transactions wait, idle, while the source is read on a session of its own (a chunk's
+    sorted read and checksum, a seed's tables one by one, a validation's source count or sample):
+    a DBA's ``idle_in_transaction_session_timeout`` ended them there ("terminating connection due
+    to idle-in-transaction timeout"), and every retry of the chunk failed alike; it is lifted for
+    this session. The staging table is temporary: with the default 8 MB of temp buffers a
+    250k-row stage spills to disk and is read back by the checksum and the insert."""
+    with connection(url, utc=True) as target:
+        with target.transaction():  # committed alone: the caller opens (and commits) its own transactions
+            target.execute(
+                "SELECT set_config('temp_buffers', '128MB', false),"
+                " set_config('idle_in_transaction_session_timeout', '0', false)"
+            )
+        yield target
 
 
 def load_chunk_in(target: psycopg.Connection, job: ChunkJob, flow_run_id: str | None) -> ChunkCheckpoint:

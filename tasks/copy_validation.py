@@ -28,7 +28,7 @@ from psycopg import sql
 from tasks.bulk_sources import row_count
 from tasks.bulk_tables import TablePlan
 from tasks.chunk_checkpoint import ChunkCheckpoint
-from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage
+from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage, target_session
 from tasks.chunk_plan import Chunk
 from tasks.db import connection, one_row
 from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
@@ -64,7 +64,7 @@ def validate_table(
 ) -> TableValidation:
     """Run the requested checks for one table; problems name the chunk bounds that differ."""
     result = TableValidation(plan.spec.source.qualified)
-    with connection(job.target_url, utc=True) as target:
+    with target_session(job.target_url) as target:
         if "checksum" in checks:
             _check_checksums(plan, job, committed, target, result)
         if "count" in checks:

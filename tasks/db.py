@@ -313,7 +313,8 @@ uploading at once, failed each other with serialization failures (SQLSTATE 40001
 database being away. A step that needs a snapshot asks for it (a chunk's source read)."""
 
 RESTORE_SETTINGS = {"default_transaction_read_only": "off"}
-"""Startup options of ``pg_restore``: an archive restores its database's own settings (``ALTER
+"""Startup options of ``pg_restore`` for the archive of a frozen database (only there, see
+:func:`tasks.pg_backup.restore_command`): an archive restores its database's own settings (``ALTER
 DATABASE … SET``) before its contents, and ``pg_restore --create`` then reconnects under them,
 so a database a DBA had frozen (``default_transaction_read_only = on``) failed to restore at its
 first table ("cannot execute CREATE TABLE in a read-only transaction"); a deploy then failed

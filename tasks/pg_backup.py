@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -35,6 +36,7 @@ from tasks.db import (
     connect,
     connection,
     database_name,
+    error_line,
     libpq_target,
     mask_url,
     one_row,
@@ -61,6 +63,10 @@ class Backup:
     contents: dict[str, int]
     """Archive entries by kind (TABLE, TABLE DATA, INDEX, ...), from ``pg_restore --list``."""
     seconds: float
+    read_only: bool
+    """Sessions of the database started read-only when it was backed up (a DBA's
+    ``default_transaction_read_only = on``): its archive restores that setting, so ``pg_restore``
+    needs :data:`~tasks.db.RESTORE_SETTINGS` (see :func:`restore_command`)."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,21 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
     _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(path), "-d", uri], env, "pg_dump")
     contents = archive_contents(bin_dir, path)
     return Backup(
-        str(path), name, path.stat().st_size, major, str(bin_dir), contents, time.monotonic() - started
+        str(path),
+        name,
+        path.stat().st_size,
+        major,
+        str(bin_dir),
+        contents,
+        time.monotonic() - started,
+        _starts_read_only(url),
     )
+
+
+def _starts_read_only(url: str) -> bool:
+    """Whether sessions of ``url``'s role and database start read-only (see :attr:`Backup.read_only`)."""
+    with connection(url) as conn:
+        return bool(one_row(conn, "SELECT current_setting('default_transaction_read_only')::boolean")[0])
 
 
 def _terminate_sessions(conn: psycopg.Connection, database: str) -> int:
@@ -175,29 +194,43 @@ def _rename(conn: psycopg.Connection, old: str, new: str) -> int:
     )
 
 
+def restore_command(maintenance: str, backup: Backup) -> tuple[list[str], dict[str, str]]:
+    """``pg_restore --create`` of ``backup`` through the maintenance database, and its environment.
+
+    :data:`~tasks.db.RESTORE_SETTINGS` go in ``PGOPTIONS`` only for an archive of a database that
+    was frozen read-only (:attr:`Backup.read_only`), the one case they are needed: a connection
+    pooler (pgbouncer) refuses startup options ("unsupported startup parameter: options"), and
+    every restore through one failed."""
+    uri, env = libpq_target(maintenance, settings=RESTORE_SETTINGS if backup.read_only else None)
+    tool = str(Path(backup.bin_dir) / "pg_restore")
+    return [tool, "--create", "--exit-on-error", "--no-password", "-d", uri, backup.path], env
+
+
+def _by_hand(argv: list[str], env: dict[str, str], backup: Backup) -> str:
+    """:func:`restore_command` as a shell line to run by hand (the password comes from ``PGPASSWORD``
+    or ``~/.pgpass``, never the line): a frozen database's restore needs its ``PGOPTIONS`` there too."""
+    options = f"PGOPTIONS={shlex.quote(env['PGOPTIONS'])} " if backup.read_only else ""
+    return options + shlex.join(argv)
+
+
 def restore_database(url: str, backup: Backup) -> RestoreReport:
     """Rebuild the database from ``backup`` so it equals the state the backup was taken in."""
     started = time.monotonic()
     name = database_name(url)
     aside = f"{name[:40]}_pre_restore_{uuid.uuid4().hex[:8]}"
     maintenance = maintenance_url(url)
-    uri, env = libpq_target(maintenance, settings=RESTORE_SETTINGS)
+    argv, env = restore_command(maintenance, backup)
     with connect(maintenance, autocommit=True) as conn:
-        terminated = _rename(conn, name, aside)
         try:
-            _run_tool(
-                [
-                    str(Path(backup.bin_dir) / "pg_restore"),
-                    "--create",
-                    "--exit-on-error",
-                    "--no-password",
-                    "-d",
-                    uri,
-                    backup.path,
-                ],
-                env,
-                f"pg_restore of {backup.path}",
-            )
+            terminated = _rename(conn, name, aside)
+        except psycopg.Error as exc:  # a role or server frozen read-only since the preflight: nothing changed yet
+            raise UserError(
+                f"cannot restore {name} from {backup.path}: {error_line(maintenance, exc)}; nothing was changed "
+                f"and the backup is kept at {backup.path}: once writes are allowed, restore it by hand (rename "
+                f"{name} aside, run {_by_hand(argv, env, backup)}, then drop the renamed copy)"
+            ) from None
+        try:
+            _run_tool(argv, env, f"pg_restore of {backup.path}")
         except BaseException:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
             conn.execute(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -10,9 +12,18 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tasks.db import database_name
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
-from tasks.pg_backup import backup_database, pg_binaries, restore_database, server_major
+from tasks.pg_backup import (
+    backup_database,
+    maintenance_url,
+    pg_binaries,
+    restore_command,
+    restore_database,
+    server_major,
+)
+from tests.conftest import Role, Server
 from tests.migration_helpers import fingerprint
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
@@ -158,3 +169,54 @@ def test_a_database_frozen_read_only_is_restored_whole_and_stays_frozen(fresh_db
     assert _database_settings(fresh_db) == settings
     with psycopg.connect(fresh_db) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         conn.execute("INSERT INTO public.notes VALUES (3, 3)")
+
+
+def test_pg_restore_gets_startup_options_only_for_a_frozen_database(fresh_db: str, tmp_path: Path) -> None:
+    """``PGOPTIONS`` went to every ``pg_restore``: a connection pooler (pgbouncer) refuses startup
+    options, so every restore through one failed, though only a frozen database's archive needs them."""
+    _populate(fresh_db)
+    maintenance = maintenance_url(fresh_db)
+    argv, env = restore_command(maintenance, backup_database(fresh_db, tmp_path))
+    assert env.get("PGOPTIONS") == os.environ.get("PGOPTIONS") and "default_transaction_read_only" not in " ".join(argv)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(conn.info.dbname))
+        )
+    _, env = restore_command(maintenance, backup_database(fresh_db, tmp_path))
+    assert env["PGOPTIONS"].endswith("-c default_transaction_read_only=off")
+
+
+def test_a_role_frozen_read_only_after_the_backup_is_told_in_one_line_and_nothing_changes(
+    limited_role: Role, fresh_db: str, pg: Server, tmp_path: Path
+) -> None:
+    """A DBA froze the deploy's role (``ALTER ROLE … SET default_transaction_read_only = on``)
+    after its backup: the restore's rename was refused with psycopg's raw ReadOnlySqlTransaction,
+    naming neither the setting, nor the backup kept, nor how to finish."""
+    role, database = sql.Identifier(limited_role.name), database_name(fresh_db)
+    with psycopg.connect(pg.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} CREATEDB").format(role))
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), role))
+    url = limited_role.url(fresh_db)
+    with psycopg.connect(url) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO notes VALUES (1), (2)")
+    backup = backup_database(url, tmp_path)
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO notes VALUES (3)")  # the failed run's change
+    before = fingerprint(fresh_db)
+    with psycopg.connect(pg.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(role))
+
+    with pytest.raises(UserError) as refused:
+        restore_database(url, backup)
+
+    argv, _ = restore_command(maintenance_url(url), backup)
+    assert str(refused.value) == (
+        f"cannot restore {database} from {backup.path}: the server accepts no writes (cannot execute ALTER "
+        f"DATABASE in a read-only transaction): default_transaction_read_only is on, set for role "
+        f'{limited_role.name} (pg_settings.source: user); run ALTER ROLE "{limited_role.name}" RESET '
+        "default_transaction_read_only if flowyard may write there, or point the URL at a role and database that "
+        f"may write; nothing was changed and the backup is kept at {backup.path}: once writes are allowed, "
+        f"restore it by hand (rename {database} aside, run {shlex.join(argv)}, then drop the renamed copy)"
+    )
+    assert fingerprint(fresh_db) == before and Path(backup.path).exists()
