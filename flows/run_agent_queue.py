@@ -35,6 +35,7 @@ from tasks.agent_execution import (
     full_result_storage,
     left_to_recovery,
     recover_stale_tasks,
+    result_storage_filling,
     run_agent,
     run_agent_task,
     signals_deferred,
@@ -132,7 +133,8 @@ def run_agent_queue(
     running: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
     notice = OutageNotice(lambda level, text: getattr(logger, level)(text))
     try:
-        with runner, fleet(setup) as agents_fleet:
+        # full since the check above, each task run logged a traceback naming no disk: said once
+        with result_storage_filling(logger.warning), runner, fleet(setup) as agents_fleet:
             finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
             claimed = 0
             while True:

@@ -85,11 +85,17 @@ def agent_directories(
     directory or its ``<id>.jsonl`` log cannot be made: an attempt used, and for the log, every
     retry too. The CLI calls it too, so that such a typo is one line before a flow run starts;
     ``names`` are what that line calls the two directories: the flow's parameters, or the options
-    the user of the CLI typed."""
+    the user of the CLI typed. A logs directory left to default under a given output directory is
+    named by that output directory's option: a ``logs`` file in ``--output-dir`` was told as a bad
+    ``--logs-dir``, an option the user never passed."""
     base = Path(output_dir) if output_dir else default_agents_dir()
+    output_name, logs_name = names
+    if output_dir and not logs_dir:
+        logs_name = f"the logs directory in {output_name} (no {logs_name} given)"
     directories = base, Path(logs_dir) if logs_dir else base / "logs"
     output, logs = (
-        make_user_dir(path, name, writable=True).resolve() for path, name in zip(directories, names, strict=True)
+        make_user_dir(path, name, writable=True).resolve()
+        for path, name in zip(directories, (output_name, logs_name), strict=True)
     )
     return output, logs
 
@@ -742,18 +748,84 @@ def full_result_storage() -> str | None:
     remote result storage is left to Prefect). A run that finds it full says so once and persists
     no result (:func:`run_agent_task`): the queue, not Prefect, holds each task's outcome and
     checkpoint, so the agents run on. ``run-agent`` has no storage of its own: it is the flow run's."""
-    storage = get_result_store().result_storage
-    if not isinstance(storage, LocalFileSystem) or storage.basepath is None:
+    directory = _local_result_storage()
+    if directory is None:
         return None
-    directory = Path(storage.basepath).expanduser()
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory, buffering=0) as probe:
             probe.write(bytes(_PAGE))
     except OSError as exc:
-        full = disk_full(exc, f"Prefect's result storage {directory}", _FULL_RESULTS_FIX)
-        return None if full is None else str(full)
+        return _result_storage_full(exc, directory)
     return None
+
+
+def _local_result_storage() -> Path | None:
+    """The local directory of the flow run's result storage; None for a remote one."""
+    storage = get_result_store().result_storage
+    if not isinstance(storage, LocalFileSystem) or storage.basepath is None:
+        return None
+    return Path(storage.basepath).expanduser()
+
+
+def _result_storage_full(error: OSError, directory: Path) -> str | None:
+    """The one line for a result storage found full, at the run's start or during it; else None."""
+    full = disk_full(error, f"Prefect's result storage {directory}", _FULL_RESULTS_FIX)
+    return None if full is None else str(full)
+
+
+_COMMIT_FAILED = "An error was encountered while committing transaction"
+"""How Prefect's log starts the error of a task run whose result could not be written."""
+
+
+class _ResultStorageFilling(logging.Filter):
+    """Drops, from the task runs of one flow run, Prefect's error for a result its storage had no
+    room for, having told the first in :func:`full_result_storage`'s line instead. Looks no further
+    than ``exc_info`` at any other record: it sees every log line of every task run."""
+
+    def __init__(self, flow_run_id: str, directory: Path, warn: Callable[[str], None]) -> None:
+        super().__init__()
+        self._flow_run_id = flow_run_id
+        self._directory = directory
+        self._warn = warn
+        self._told = False
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None or getattr(record, "flow_run_id", None) != self._flow_run_id:
+            return True
+        error = record.exc_info[1]
+        if not isinstance(error, OSError) or not str(record.msg).startswith(_COMMIT_FAILED):
+            return True
+        full = _result_storage_full(error, self._directory)
+        if full is None:
+            return True
+        with self._lock:  # task runs end on threads of their own
+            first, self._told = not self._told, True
+        if first:
+            self._warn(full)
+        return False
+
+
+@contextmanager
+def result_storage_filling(warn: Callable[[str], None]) -> Iterator[None]:
+    """While a flow run's task runs run: Prefect's result storage filling up after
+    :func:`full_result_storage` found room for them at the run's start made each task run, its agent
+    done and its task completed in the queue, log Prefect's commit error with a traceback naming no
+    disk. The first is told once, through ``warn``, as the probe's line; the rest are dropped, the
+    queue keeping every outcome and checkpoint. Costs nothing per task run until then but a look
+    at each of its log records' ``exc_info``."""
+    directory = _local_result_storage()
+    if directory is None:
+        yield
+        return
+    task_runs = logging.getLogger("prefect.task_runs")
+    dropping = _ResultStorageFilling(str(flow_run.get_id()), directory, warn)
+    task_runs.addFilter(dropping)
+    try:
+        yield
+    finally:
+        task_runs.removeFilter(dropping)
 
 
 def _reported_outcome(url: str, run_id: int, outcome: str) -> str:

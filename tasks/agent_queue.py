@@ -229,14 +229,24 @@ _HOLDERS = sql.SQL(
     """
 )
 _HOLDS_A_TABLE = sql.SQL(
-    "l.relation = ANY(%(tables)s::regclass[]) "
+    # a table's lock, not a row's tuple lock, which names the table too (in ExclusiveLock mode)
+    "l.locktype = 'relation' AND l.relation = ANY(%(tables)s::regclass[]) "
     "AND l.mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')"
 )
 _HOLDS_THE_ROW = sql.SQL(
-    # the transaction in the row's xmax, holding a lock on its table too: a row several sessions
+    # the transaction in the rows' xmax, holding a lock on their table too: a row several sessions
     # lock has a multixact id there, which must not be taken for some other transaction's id
-    "l.locktype = 'transactionid' AND l.transactionid = (SELECT xmax FROM {table} WHERE ctid = %(ctid)s::tid) "
+    "l.locktype = 'transactionid' AND l.transactionid IN (SELECT xmax FROM {table} WHERE ctid = ANY(%(ctids)s::tid[])) "
     "AND l.pid IN (SELECT pid FROM pg_locks WHERE relation = %(table)s::regclass AND granted)"
+)
+_ROWS_WAITED_AHEAD = sql.SQL(
+    # the rows of one queue table that sessions wait for, each holding the row's tuple lock meanwhile
+    """
+    SELECT c.relname, array_agg(DISTINCT format('(%%s,%%s)', l.page, l.tuple))
+      FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+     WHERE l.locktype = 'tuple' AND l.granted AND l.relation = ANY(%(tables)s::regclass[])
+     GROUP BY c.relname ORDER BY c.relname LIMIT 1
+    """
 )
 
 
@@ -246,24 +256,31 @@ def _queue_locked(url: str, error: psycopg.errors.LockNotAvailable) -> QueueLock
     table locks were looked for: a session holding a task's row (``SELECT ... FOR UPDATE`` or an
     ``UPDATE`` left open in psql) made ``queue cancel`` say the tables were locked, naming no one,
     and a worker call the state database unreachable. Read on a connection of its own: the failed
-    one may be in an aborted transaction."""
-    row = _WAITED_ROW.search(error.diag.context or "")
-    values: dict[str, Any] = {"tables": [f"flowyard.{name}" for name in _QUEUE_TABLES]}
-    holds: sql.Composable
-    if row is not None and row[3] in _QUEUE_TABLES:
-        values |= {"table": f"flowyard.{row[3]}", "ctid": f"({row[1]},{row[2]})"}
-        locked = f"a row of {values['table']} is locked"
-        holds = _HOLDS_THE_ROW.format(table=sql.Identifier("flowyard", row[3]))
-    else:
-        locked = "the agent queue's tables are locked"
-        holds = _HOLDS_A_TABLE
+    one may be in an aborted transaction.
+
+    A statement queued behind another waiter for the row (a second worker, a ``queue cancel``)
+    waits for that waiter's tuple lock, not for the holder's transaction, and the server names no
+    row then: it said the tables were locked, held by that waiter (its tuple lock taken for a lock
+    on the table), and told to end it, which only puts the statement next in line behind the same
+    holder. The row is then the one such a waiter holds the tuple lock of, and its holder the
+    transaction that waiter waits for (what ``pg_blocking_pids`` gives for it)."""
+    tables = [f"flowyard.{name}" for name in _QUEUE_TABLES]
+    context = _WAITED_ROW.search(error.diag.context or "")
+    waited = (context[3], [f"({context[1]},{context[2]})"]) if context and context[3] in _QUEUE_TABLES else None
     try:
         with connection(url, autocommit=True) as conn:
             # reading the row waits for no lock on its table longer than the statement that failed
             conn.execute("SELECT set_config('lock_timeout', %s, false)", (_LOCK_TIMEOUT,))
-            rows = conn.execute(_HOLDERS.format(holds=holds), values).fetchall()
+            waited = waited or conn.execute(_ROWS_WAITED_AHEAD, {"tables": tables}).fetchone()
+            if waited is None:
+                rows = conn.execute(_HOLDERS.format(holds=_HOLDS_A_TABLE), {"tables": tables}).fetchall()
+            else:
+                holds = _HOLDS_THE_ROW.format(table=sql.Identifier("flowyard", waited[0]))
+                values = {"table": f"flowyard.{waited[0]}", "ctids": waited[1]}
+                rows = conn.execute(_HOLDERS.format(holds=holds), values).fetchall()
     except psycopg.Error:
         rows = []
+    locked = f"a row of flowyard.{waited[0]} is locked" if waited else "the agent queue's tables are locked"
     holders = [
         f"pid {pid} (user {user}, application {app or '-'!r}, {state}, in a transaction for {secs}s, "
         f"its query: {printable(one_line(query))})"

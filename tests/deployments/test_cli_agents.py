@@ -216,6 +216,19 @@ def test_run_names_an_output_or_logs_dir_it_cannot_write_by_its_option(tmp_path,
         )
 
 
+def test_run_names_the_default_logs_dir_by_the_output_dir_given(tmp_path) -> None:
+    """Only --output-dir given, and its default logs directory cannot be made (a file ``logs`` in
+    it): the line named --logs-dir, an option the user never passed. Said before connecting: the
+    URL here refuses every connection."""
+    env = {"FLOWYARD_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "FLOWYARD_HOME": str(tmp_path / "home")}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "logs").write_text("not a directory")
+    assert _user_error("run", "--output-dir", str(tmp_path / "out"), env=env).strip() == (
+        f"flowyard: error: the logs directory in --output-dir (no --logs-dir given) {tmp_path / 'out' / 'logs'} "
+        "cannot be used as a directory: File exists; pass a directory path"
+    )
+
+
 @pytest.mark.parametrize("made", [True, False], ids=["to-make", "existing"])
 def test_run_says_an_output_dir_on_a_full_disk_is_on_a_full_disk(tmp_path, made: bool) -> None:
     """An output directory `queue run` could not make for want of space (or that exists but took no
@@ -233,14 +246,19 @@ def test_run_says_an_output_dir_on_a_full_disk_is_on_a_full_disk(tmp_path, made:
 
 
 @pytest.mark.usefixtures("prefect_api")
-def test_a_full_prefect_result_storage_is_one_line_and_each_agent_runs_once(env: dict[str, str], tmp_path) -> None:
+@pytest.mark.parametrize("leave", [0, 4096], ids=["full_at_the_start", "filling_during_the_run"])
+def test_a_full_prefect_result_storage_is_one_line_and_each_agent_runs_once(
+    env: dict[str, str], tmp_path, leave: int
+) -> None:
     """Prefect's result storage on a full disk (the queue's database elsewhere and fine): each task
     completed, its agent run once, but each task run then logged an error naming no disk ("An error
-    was encountered while committing transaction 'agent-task-9-…'"), read as the task failing. The
-    run says once that the storage is full, keeps no result there, and its tasks complete."""
-    tasks = [int(_ok("create", f"t{i}", "--payload", '{"steps": 2}', env=env)) for i in range(2)]
+    was encountered while committing transaction 'agent-task-9-…'", with a traceback), read as the
+    task failing. The run says once that the storage is full, and its tasks complete. Full at the
+    start, the run keeps no result there; with room for the run's probe at its start (one page left,
+    which the first result takes at most), it is full for the task runs after it."""
+    tasks = [int(_ok("create", f"t{i}", "--payload", '{"steps": 2}', env=env)) for i in range(3)]
     with small_tmpfs(tmp_path / "results") as results:
-        fill_up(results)
+        fill_up(results, leave=leave)
         result = run_cli(
             "queue", "run", "--output-dir", str(tmp_path / "out"), env={**env, "PREFECT_LOCAL_STORAGE_PATH": str(results)}
         )
@@ -253,7 +271,7 @@ def test_a_full_prefect_result_storage_is_one_line_and_each_agent_runs_once(env:
     assert result.stderr.count(told) == 1, result.stderr
     assert "transaction" not in result.stderr and "Traceback" not in result.stderr
     url = state_url(env["FLOWYARD_DATABASE_URL"])
-    assert [(queue.get_task(url, t).status, queue.get_task(url, t).attempts) for t in tasks] == [("completed", 1)] * 2
+    assert [(queue.get_task(url, t).status, queue.get_task(url, t).attempts) for t in tasks] == [("completed", 1)] * 3
 
 
 @pytest.mark.parametrize("title", ["two\nlines", "tab\there", "over\rwritten", "\x1b[31mred", "par\u2029t"])

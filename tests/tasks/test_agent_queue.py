@@ -1232,3 +1232,44 @@ def test_a_row_lock_on_a_task_names_the_session_holding_it(qdb: str, hold: str) 
     assert line.startswith(f"flowyard: error: {held_by}")
     assert line.endswith(f"{query}; try again once that session is done (or end that session: SELECT pg_terminate_backend({holder}))")
     assert queue.cancel_task(qdb, task_id) == "cancelled"  # the lock released
+
+
+def test_a_row_lock_names_its_holder_to_a_statement_queued_behind_another_waiter(qdb: str) -> None:
+    """A DBA holds a task's row and a second session (another worker, a ``queue cancel``) waits
+    for it: a third statement on the row queues behind that waiter, on its tuple lock, and the
+    server's error names no row then. A worker's heartbeat (and ``queue cancel``) said the queue's
+    *tables* were locked, held by the waiter (its tuple lock taken for a table lock), and to end
+    it: the DBA's session, the one to end, went unnamed."""
+    task_id = queue.create_task(qdb, _new("row locked twice"))
+    queue.claim_ready(qdb, "w1", 1)
+    attempt = queue.start_attempt(qdb, task_id, "w1", None)
+    # the DBA's session ends first, whatever fails: the waiter then gets the row and its thread ends
+    with (
+        ThreadPoolExecutor(1) as pool,
+        connection(qdb) as waiter,
+        connection(qdb) as dba,
+        connection(qdb, autocommit=True) as watch,
+    ):
+        dba.execute("SET application_name = 'dba-psql'")
+        dba.execute("SELECT id FROM flowyard.agent_tasks WHERE id = %s FOR UPDATE", (task_id,))
+        holder, second = dba.info.backend_pid, waiter.info.backend_pid
+        waiting = pool.submit(waiter.execute, "UPDATE flowyard.agent_tasks SET title = title WHERE id = %s", (task_id,))
+        while not watch.execute("SELECT %s = ANY(pg_blocking_pids(%s))", (holder, second)).fetchone()[0]:
+            threading.Event().wait(0.01)
+        held_by = (
+            f"a row of flowyard.agent_tasks is locked (canceling statement due to lock timeout): held by pid {holder} "
+            f"(user {dba.info.user}, application 'dba-psql', idle in transaction, in a transaction for "
+        )
+        with pytest.raises(queue.QueueLocked) as beat:
+            queue.heartbeat(qdb, task_id, "w1", attempt.number)
+        assert queue.unreachable(beat.value)
+        assert beat.value.lock.startswith(held_by) and beat.value.lock.endswith("FOR UPDATE)")
+        assert beat.value.end_it == f"end that session: SELECT pg_terminate_backend({holder})"
+        cancelled = run_cli("queue", "cancel", str(task_id), "--database-url", qdb)
+        dba.commit()
+        waiting.result()
+    assert cancelled.returncode == UserError.exit_code and cancelled.stdout == ""
+    [line] = cancelled.stderr.splitlines()
+    assert line.startswith(f"flowyard: error: {held_by}")
+    assert line.endswith(f"; try again once that session is done (or end that session: SELECT pg_terminate_backend({holder}))")
+    assert queue.cancel_task(qdb, task_id) == "cancelled"  # the locks released
