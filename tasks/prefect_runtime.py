@@ -14,9 +14,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
+from psycopg import sql
 
 from tasks import services
-from tasks.db import connection, ensure_database, mask_url, one_row, validate_postgres_url, with_database
+from tasks.db import (
+    connection,
+    ensure_database,
+    mask_url,
+    one_row,
+    refuse_read_only,
+    validate_postgres_url,
+    with_database,
+)
 from tasks.errors import UserError
 from tasks.settings import Settings
 
@@ -65,24 +74,47 @@ def server_database_url(settings: Settings, state_url: str) -> str:
     """Prefect's own database: ``FLOWYARD_PREFECT_DATABASE`` on the state database's server."""
     ensure_database(state_url, settings.prefect_database)
     url = with_database(validate_postgres_url(state_url), settings.prefect_database)
-    require_own_prefect_schema(url, settings.prefect_database)
+    require_usable_prefect_database(url, settings.prefect_database)
     return url.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
-def require_own_prefect_schema(url: str, database: str) -> None:
-    """On a server several people share, the Prefect database may hold another role's Prefect;
-    the server would then die at start-up on its migrations table, and only its log would say why."""
+_PREFECT_DATABASE_FIT = """
+SELECT to_regclass('public.alembic_version') IS NOT NULL
+       AND NOT has_table_privilege('public.alembic_version', 'UPDATE'),
+       to_regclass('public.alembic_version') IS NULL
+       AND NOT coalesce((SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = 'public'), false),
+       current_user
+"""
+
+
+def require_usable_prefect_database(url: str, database: str) -> None:
+    """Refuse a Prefect database the server could not work in, before it starts; else it dies at
+    start-up, or runs and fails every write, and only its log says why.
+
+    On a server several people share, the database may hold another role's Prefect: the server
+    dies on its migrations table. Or it is a DBA's, empty, with CREATE granted on the database
+    but not on its ``public`` schema (PostgreSQL 15 on), where Prefect's migrations create its
+    tables: the server died with "permission denied for schema public", naming neither role nor
+    fix. A DBA's ``default_transaction_read_only`` on flowyard's role or the database (a freeze, a
+    reporting role) reaches the server's sessions too (Prefect pins only their isolation level):
+    on a fresh database the server died at its first migration; on one migrated before, it
+    started, answered healthy, and every flow run then failed on 503s from its API (``flowyard
+    up`` said all was running)."""
     with connection(url) as conn:
-        (foreign,) = one_row(
-            conn,
-            "SELECT to_regclass('public.alembic_version') IS NOT NULL"
-            " AND NOT has_table_privilege('public.alembic_version', 'UPDATE')",
-        )
-    if foreign:
-        raise UserError(
-            f"database {database} ({mask_url(url)}) holds another role's Prefect schema; set "
-            "FLOWYARD_PREFECT_DATABASE to a database of your own, or connect as that role"
-        )
+        foreign, no_create, role = one_row(conn, _PREFECT_DATABASE_FIT)
+        where = f"database {database} ({mask_url(url)})"
+        if foreign:
+            raise UserError(
+                f"{where} holds another role's Prefect schema; set "
+                "FLOWYARD_PREFECT_DATABASE to a database of your own, or connect as that role"
+            )
+        refuse_read_only(conn, url, "the Prefect server, which writes every run's state there, was not started")
+        if no_create:
+            raise UserError(
+                f"{where} lets role {role} create no tables in schema public, where Prefect keeps its "
+                f"own; have the database's owner run GRANT CREATE ON SCHEMA public TO "
+                f"{sql.Identifier(role).as_string(conn)}, or set FLOWYARD_PREFECT_DATABASE to a database of your own"
+            )
 
 
 def server_service(settings: Settings, state_url: str) -> services.Service:

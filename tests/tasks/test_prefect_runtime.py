@@ -11,11 +11,15 @@ import httpx
 import psycopg
 import pytest
 from prefect import flow
+from psycopg import sql
 
 from tasks import services
-from tasks.errors import UserError
-from tasks.prefect_runtime import server_database_url
+from tasks.db import connect, database_name
+from tasks.embedded_pg import free_port
+from tasks.errors import ServerReadOnly, UserError
+from tasks.prefect_runtime import server_database_url, server_service
 from tasks.services import log_file
+from tasks.settings import Settings
 from tests.conftest import TEST_SETTINGS
 
 
@@ -51,6 +55,52 @@ def test_a_prefect_database_holding_another_roles_prefect_is_one_line(prefect_ap
     ):
         server_database_url(TEST_SETTINGS, limited_role.url(state_db))
     assert server_database_url(TEST_SETTINGS, state_db).startswith("postgresql+asyncpg://")
+
+
+def test_a_read_only_role_is_one_line_before_the_prefect_server_starts(state_db, limited_role, fresh_db, tmp_path):
+    """A DBA's ``ALTER ROLE … SET default_transaction_read_only = on`` reaches the Prefect server's
+    sessions too. On a Prefect database migrated before, the server started, answered healthy, and
+    every flow run then failed on 503s from its API; on a fresh one it died at its first migration,
+    and neither said where the setting was or how to fix it."""
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(limited_role.name))
+        )
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database_name(fresh_db))
+    with pytest.raises(ServerReadOnly) as err:
+        server_service(settings, limited_role.url(state_db))
+    line = str(err.value)
+    assert "\n" not in line
+    assert (
+        f"default_transaction_read_only is on, set for role {limited_role.name} (pg_settings.source: user); "
+        f'run ALTER ROLE "{limited_role.name}" RESET default_transaction_read_only'
+    ) in line
+    assert line.endswith("; the Prefect server, which writes every run's state there, was not started")
+
+
+def test_a_prefect_database_whose_public_schema_takes_no_tables_of_the_role_is_one_line(
+    state_db, limited_role, fresh_db, tmp_path
+):
+    """A DBA's empty database, with CONNECT and CREATE granted on it: since PostgreSQL 15 its
+    ``public`` schema, where Prefect's migrations create its tables, takes tables only from the
+    database's owner. The server died at start-up with "permission denied for schema public",
+    naming neither the role nor the fix."""
+    database = database_name(fresh_db)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(database), sql.Identifier(limited_role.name)
+            )
+        )
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
+    with pytest.raises(UserError) as err:
+        server_service(settings, limited_role.url(state_db))
+    assert str(err.value).startswith(f"database {database} (")
+    assert str(err.value).endswith(
+        f"lets role {limited_role.name} create no tables in schema public, where Prefect keeps its own; have "
+        f'the database\'s owner run GRANT CREATE ON SCHEMA public TO "{limited_role.name}", or set '
+        "FLOWYARD_PREFECT_DATABASE to a database of your own"
+    )
 
 
 def test_a_service_that_dies_at_start_up_names_its_root_cause(tmp_path):
