@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import psycopg
 
 
@@ -34,12 +35,20 @@ def started_together(script: str, *argvs: list[str]) -> list[subprocess.Popen[st
 
 
 def until_its_sessions_end(url: str) -> None:
-    """Wait until no session but this one's is connected to ``url``'s database.
+    """Wait until no session but this process's is connected to ``url``'s database.
 
     A process killed with SIGKILL may already have sent its COMMIT: the server still reads it
     from the socket, and commits, after the process is gone. A test that reads what was
-    committed "before the kill" must wait for the killed process's sessions to end first."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    committed "before the kill" must wait for the killed process's sessions to end first. The
+    test's own sessions may stay open meanwhile (a poll's connection; the idle pooled one of
+    each state-schema upgrade, whose engine is never disposed): they are told apart by their
+    client ports, those of this process's sockets."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND client_port <> ALL(%s)"
     with psycopg.connect(url, autocommit=True) as conn:
-        while conn.execute(query).fetchone() != (0,):
+        while conn.execute(query, (_own_ports(),)).fetchone() != (0,):
             time.sleep(0.01)
+
+
+def _own_ports() -> list[int]:
+    """The local ports of this process's TCP sockets (its database sessions' client ports)."""
+    return [c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.laddr]

@@ -40,6 +40,7 @@ from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.outage_support import outage_proxy
+from tests.process_support import until_its_sessions_end
 from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -901,6 +902,7 @@ def _kill_at(url: str, worker: subprocess.Popen[bytes], logs: Path, instant: Cal
         time.sleep(0.05)
     worker.kill()
     worker.wait(timeout=60)
+    until_its_sessions_end(url)  # a checkpoint's COMMIT it sent may land after the kill
 
 
 def test_sigkill_at_any_instant_then_two_recovering_workers_complete_each_task_once(tmp_path: Path, qdb: str) -> None:
