@@ -1131,13 +1131,13 @@ def test_cancel_then_retry_of_a_running_task_never_runs_two_agents(tmp_path: Pat
     with _agent_census(worker, task_id) as census:
         running = _wait_running(qdb, task_id)
         _wait_running(qdb, keeper)
-        queue.cancel_task(qdb, task_id)
         step = queue.get_task(qdb, task_id).last_checkpoint["state"]["step"]
         with connection(qdb) as conn:  # the next attempt finishes on its own, a few steps on
             conn.execute(
                 "UPDATE flowyard.agent_tasks SET payload = %s WHERE id = %s",
                 (json.dumps({"steps": step + 30, "sleep": 0.1}), task_id),
             )
+        queue.cancel_task(qdb, task_id)  # then the retry at once: the agent's stop takes longer
         refusals = []
         while True:
             try:
