@@ -21,9 +21,13 @@ from tasks.sync_setup import SetupChange, apply_setup, new_store
 @checked_flow(name="sync-status")
 def sync_status(state_database_url: str | None = None) -> list[dict[str, str]]:
     """Per device flowyard knows (configured, or only named by runs' store paths): enabled, queued
-    events (read live from the store), last success/error."""
-    rows = sync_state.status_rows(state_url(state_database_url, parameter="state_database_url"))
-    create_table_artifact(rows, key="sync-status", description="Devices")
+    events (read live from the store), last success/error. The artifact's description names each
+    central whose last schema step warned (``sync status``'s ``schema:`` lines): without them, one
+    watching the UI alone saw a clean status while, say, deleted projects stayed in the stores."""
+    state = state_url(state_database_url, parameter="state_database_url")
+    rows = sync_state.status_rows(state)
+    warnings = [f"central schema {warning}" for warning in sync_state.schema_warnings(state)]
+    create_table_artifact(rows, key="sync-status", description="; ".join(["Devices", *warnings]))
     return rows
 
 

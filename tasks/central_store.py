@@ -58,6 +58,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # which a sync role given a ready-made schema (``CREATE SCHEMA devflow AUTHORIZATION <role>``) may
 # not have; everything else below needs only the schema, which that role owns.
 _HAS_SCHEMA = "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)"
+_MAY_USE_SCHEMA = "SELECT coalesce((SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = %s), true)"
+"""Whether the session's role may use the schema (true while there is none: nothing to grant yet)."""
 _SCHEMA_DDL = "CREATE SCHEMA IF NOT EXISTS devflow"
 
 _DDL = (
@@ -454,7 +456,7 @@ def ensure_schema(url: str) -> None:
     (its stores kept deleted projects for good, the warning naming only an index it may not build).
     """
     refusals: list[str] = []
-    with connect(url) as conn, conn.transaction():
+    with connect(url) as conn, _usage_named(conn), conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
         if not one_row(conn, _HAS_SCHEMA, (SCHEMA,))[0]:
             conn.execute(_SCHEMA_DDL)
@@ -530,6 +532,25 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
             conn.execute(statement)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise _tombstones_refused(conn, first_line(exc)) from None
+
+
+@contextmanager
+def _usage_named(conn: psycopg.Connection) -> Iterator[None]:
+    """A privilege error of a role a DBA revoked USAGE on ``devflow`` from (every statement on it is
+    refused) as the same error naming the grant: PostgreSQL's words (``permission denied for schema
+    devflow``) named no fix, for every batch and download of every device. Looked up on ``conn``
+    only once refused, so a request that goes through costs nothing more."""
+    try:
+        yield
+    except psycopg.errors.InsufficientPrivilege as exc:
+        conn.rollback()
+        if one_row(conn, _MAY_USE_SCHEMA, (SCHEMA,))[0]:
+            raise
+        conn.rollback()
+        raise psycopg.errors.InsufficientPrivilege(
+            f"{first_line(exc)}; as the owner of schema {SCHEMA}, run `GRANT USAGE ON SCHEMA {SCHEMA} TO "
+            f"{_role(conn)}`"
+        ) from None
 
 
 def _tombstones_refused(conn: psycopg.Connection, reason: str) -> psycopg.errors.InsufficientPrivilege:
@@ -760,7 +781,7 @@ class CentralSession:
         if self._has_tombstones():
             return
         try:
-            with self._busy_on_lock_timeout(_SCHEMA_WAITER):
+            with self._central_refusals(_SCHEMA_WAITER):
                 ensure_schema(self.url)
         except psycopg.errors.InsufficientPrivilege as exc:
             if not self._has_tombstones():
@@ -771,14 +792,15 @@ class CentralSession:
         """Whether the tombstones' table, the last object :func:`ensure_schema` builds, is there. The
         look's transaction ends with it: within it, a second look missed the table another connection
         had made meanwhile (the catalog is read again only at a transaction's start)."""
-        has = one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is not None
+        with _usage_named(self.conn):
+            has = one_row(self.conn, "SELECT to_regclass(%s)", (_DELETIONS,))[0] is not None
         self.conn.commit()
         return has
 
     def central_id(self) -> UUID:
         """The id of this central database, which a download cursor counts in: the seqs of
         another central are no position here."""
-        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+        with self._central_refusals(_DOWNLOAD_WAITER):
             row = self.conn.execute(_IDENTITY).fetchone()
         self.conn.commit()
         if row is None:
@@ -900,7 +922,7 @@ class CentralSession:
         if not rows:
             return UploadResult(0, 0, 0)
         try:
-            with self._busy_on_lock_timeout(_UPLOAD_WAITER):
+            with self._central_refusals(_UPLOAD_WAITER):
                 return self._upload(rows)
         except psycopg.IntegrityError as exc:
             if (refusal := self._schema_refusal(exc)) is None:
@@ -925,12 +947,14 @@ class CentralSession:
         )
 
     @contextmanager
-    def _busy_on_lock_timeout(self, waiter: _Waiter) -> Iterator[None]:
+    def _central_refusals(self, waiter: _Waiter) -> Iterator[None]:
         """Raise a wait that central's ``lock_timeout`` cut short as :class:`CentralBusy`, for
         ``waiter`` (an upload, a download), instead of psycopg's OperationalError, which the sync
-        takes for central down."""
+        takes for central down; and a schema the role may no longer use as the grant it needs
+        (:func:`_usage_named`: revoked during a run, after the session's look at the schema)."""
         try:
-            yield
+            with _usage_named(self.conn):
+                yield
         except psycopg.errors.LockNotAvailable as exc:
             raise self._lock_timeout_refusal(exc, waiter) from None
 
@@ -999,7 +1023,7 @@ class CentralSession:
         """Whether a download may go on from the cursor of a store whose newest downloaded snapshot
         of this central is ``snapshot`` (:data:`_RESUMABLE`); False means from 0."""
         project, seq = snapshot or (None, None)
-        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+        with self._central_refusals(_DOWNLOAD_WAITER):
             resumable = bool(one_row(self.conn, _RESUMABLE, {"project": project, "seq": seq})[0])
         self.conn.commit()
         return resumable
@@ -1008,7 +1032,7 @@ class CentralSession:
         """Project status snapshots changed, and tombstones of those deleted, after cursor
         ``since``, in seq order (seed ``downloadUpdates``): each side's seq index reads ``limit``
         rows at most."""
-        with self._busy_on_lock_timeout(_DOWNLOAD_WAITER):
+        with self._central_refusals(_DOWNLOAD_WAITER):
             rows = self.conn.execute(_DOWNLOAD, {"since": since, "limit": limit}).fetchall()
         self.conn.commit()
         return DownloadPage([StatusUpdate(*row[1:]) for row in rows if row[5] is not None], rows[0][0])

@@ -233,7 +233,23 @@ class _UploadFailed(Exception):
 def _one_line(exc: Exception | None, url: str, action: str = "upload to") -> str:
     """The error a report and the store record: PostgreSQL's LINE/DETAIL/CONTEXT lines dropped; a
     write refused as read-only says why (a standby, a role's setting) and the fix."""
-    return f"{action} {mask_url(url)} failed: {error_line(url, exc) if exc else 'unknown error'}"
+    return _failed(action, url, error_line(url, exc) if exc else "unknown error")
+
+
+def _failed(action: str, url: str, reason: str) -> str:
+    """One request's failure as :func:`_one_line` words it."""
+    return f"{action} {mask_url(url)} failed: {reason}"
+
+
+def _with_download_failure(error: str | None, exc: Exception, url: str) -> str:
+    """The device's ``error`` once its download failed with ``exc`` too: after an upload that failed
+    alike (a refusal of the role, naming its grant), one clause for both, which said the same
+    reason and fix twice on one line."""
+    reason = error_line(url, exc)
+    if error == _failed("upload to", url, reason):
+        return _failed("upload to and download from", url, reason)
+    failure = _failed("download from", url, reason)
+    return failure if error is None else f"{error}; {failure}"
 
 
 def _pause_for_crash_test() -> None:
@@ -352,8 +368,7 @@ def sync_device(
                     answered = True
                 # The uploads stand; the cursor (0 in a new central) is kept.
                 except (psycopg.Error, UserError, CentralBusy, CentralRefused) as exc:
-                    failure = _one_line(exc, options.central_url, "download from")
-                    error = failure if error is None else f"{error}; {failure}"
+                    error = _with_download_failure(error, exc, options.central_url)
                     if isinstance(exc, CONNECTION_TROUBLE):
                         central_down = True
                     else:  # central refused it (a privilege, a missing table) or cut a lock wait: contact

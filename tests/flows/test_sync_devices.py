@@ -1384,6 +1384,25 @@ def test_a_schema_step_warning_is_in_sync_status_and_the_runs_table_until_it_cle
     assert next(a for a in flow_run_artifacts(again) if a.type == "table").description == "Per-device sync results"
 
 
+def test_the_sync_status_flow_names_a_standing_schema_step_warning(
+    limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """``sync status`` on the CLI names the grant a central's schema step was refused; the
+    ``sync-status`` flow's artifact said only "Devices", so one using the UI or REST alone saw a
+    clean status while deleted projects stayed in the stores."""
+    from flows.sync_controls import sync_status
+    from flows.sync_devices import sync_devices
+
+    central = central_of_a_dba_without_a_tombstone_trigger(limited_role, fresh_db)
+    store = make_store(tmp_path / "status.db", 0)
+    assert sync_devices(stores=[str(store)], central_url=central, return_state=True).is_completed()
+    run = sync_status(return_state=True)
+    assert run.is_completed()
+    table = next(a for a in flow_run_artifacts(run) if a.type == "table")
+    assert f"central schema not ready on {mask_url(central)} (run at " in table.description
+    assert f'GRANT TRIGGER ON devflow.project_status TO "{limited_role.name}"' in table.description
+
+
 def test_a_clean_run_into_another_central_leaves_a_centrals_schema_warning_standing(
     pg: Server, limited_role: Role, fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:

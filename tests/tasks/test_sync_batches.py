@@ -930,6 +930,21 @@ def test_a_role_that_cannot_record_deletions_is_told_the_grant(limited_role: Rol
     assert _local(store).failed == 30  # kept, retried after their backoff
 
 
+def test_a_role_refused_usage_on_the_schema_is_told_the_grant_once(limited_role: Role, fresh_db: str, tmp_path: Path) -> None:
+    """A sync role a DBA revoked USAGE on central's schema from: the upload and the download were
+    refused alike, in PostgreSQL's words twice on one line (``permission denied for schema devflow``),
+    naming no fix. Now one line names the grant once; the events are kept."""
+    central = central_of_a_dba(limited_role, fresh_db)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE USAGE ON SCHEMA devflow FROM {}").format(sql.Identifier(limited_role.name)))
+    store = make_store(tmp_path / "dev.db", 30, identity=IDENTITY)
+    report = sync_device(store, IDENTITY, SyncOptions(central), download_since=0)
+    assert report.error is not None and "\n" not in report.error and report.reached_central
+    grant = f'GRANT USAGE ON SCHEMA devflow TO "{limited_role.name}"'
+    assert report.error.count(grant) == 1 and report.error.count("permission denied for schema devflow") == 1
+    assert _local(store).failed == 30  # kept, retried after their backoff
+
+
 def _assert_a_deleted_project_leaves_the_store(database: str, central: str, tmp_path: Path) -> None:
     """Two projects in ``central`` reach a new store; after one is deleted there, the next run
     leaves the store only the other (the tombstones work end to end)."""
