@@ -120,7 +120,9 @@ def _batch_queries(target: BackfillTarget, first: bool) -> _BatchQueries:
     )
     update = sql.SQL("UPDATE {tbl} SET {assignments} WHERE {key} >= {start} AND {key} <= {end}").format(
         tbl=tbl,
-        assignments=sql.SQL(", ").join(sql.SQL(a) for a in target.assignments),
+        # the user's ``up`` as text; sent with bound keys, psycopg reads each ``%`` (modulo, a
+        # LIKE pattern) as a placeholder's, so it is doubled to reach the server as one
+        assignments=sql.SQL(", ").join(sql.SQL(a.replace("%", "%%")) for a in target.assignments),
         key=key,
         start=_row(target, "start"),
         end=_row(target, "end"),

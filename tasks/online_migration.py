@@ -22,7 +22,7 @@ from prefect.input import RunInput
 from psycopg import sql
 
 from tasks.advisory_lock import advisory_lock
-from tasks.db import connection
+from tasks.db import connection, refuse_read_only
 from tasks.ddl_lint import Finding, LintContext, lint_statements, split_statements
 from tasks.errors import UserError, first_line
 from tasks.online_catalog import snapshot
@@ -167,9 +167,15 @@ def _leading_number(key: list[str] | None) -> int:
 def run_online_phase(
     target_url: str, state: str, plan: Plan, phase: Phase, options: RunOptions, flow_run_id: str | None = None
 ) -> PhaseReport:
-    """Run one phase under the schema's advisory lock; start records (or resumes) the migration first."""
+    """Run one phase under the schema's advisory lock; start records (or resumes) the migration first.
+
+    A server that takes no writes (a standby, a DBA's ``default_transaction_read_only`` on the role
+    or the database) is refused first, in one line, from the lock's session, which meets the same
+    settings: its first step failed with PostgreSQL's words after start had recorded the migration
+    (or complete and rollback had moved its phase), and ``online status`` showed it under way."""
     target = target_key(target_url)
-    with advisory_lock(target_url, f"flowyard online-migrate {plan.schema_name}", timeout_seconds=10):
+    with advisory_lock(target_url, f"flowyard online-migrate {plan.schema_name}", timeout_seconds=10) as lock:
+        refuse_read_only(lock, target_url, f"{phase} of {plan.migration} was not begun (nothing changed or recorded)")
         if phase == "start":
             record = begin_migration(state, target, plan, flow_run_id)
         else:

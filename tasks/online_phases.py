@@ -78,7 +78,11 @@ def after_fix(phase: Phase, exc: Exception) -> str:
 @dataclass(frozen=True)
 class RunOptions:
     policy: LockPolicy = LockPolicy()
-    long_statement_timeout_ms: int = 3_600_000
+    long_statement_timeout_ms: int = 0
+    """statement_timeout of a step that reads a whole table (VALIDATE, a concurrent index build):
+    none, as in pg_restore, since it lasts as long as its data. A fixed cap (it was an hour) that no
+    option changed cancelled such a step on a big table at every resume, dropping and rebuilding its
+    invalid index each time; ``lock_timeout`` still bounds every wait for a lock."""
     backfill: BackfillOptions = BackfillOptions()
 
 

@@ -79,6 +79,14 @@ def widen(table: str, column: str) -> dict[str, Any]:
     }
 
 
+def add_column(name: str, table: str, column: str, type_: str, up: str) -> dict[str, Any]:
+    """A migration spec ``name`` of one add_column, backfilled with ``up``."""
+    return {
+        "name": name,
+        "operations": [{"add_column": {"table": table, "column": {"name": column, "type": type_}, "up": up}}],
+    }
+
+
 def make_schema(url: str, rows: int = 3000) -> None:
     with connect(url, autocommit=True) as conn:
         for statement in BASE_SCHEMA.strip().split(";\n"):

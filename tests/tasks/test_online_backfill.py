@@ -19,7 +19,7 @@ from tasks.online_phases import RunOptions
 from tasks.online_state import active_migration, target_key
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT
-from tests.online_support import checksum, make_schema, plan_for, run, schema_dump
+from tests.online_support import add_column, checksum, make_schema, plan_for, run, schema_dump
 
 SPEC = {
     "name": "kill_backfill",
@@ -233,18 +233,7 @@ def test_no_backfill_batch_scans_the_whole_table(fresh_db: str, state_db: str, a
             conn.execute("ANALYZE orders")
     updated = rows // 2 + rows // 3
     before = _flushed_stats(fresh_db, updated, SEQ_SCANS)
-    spec = {
-        "name": "add_score",
-        "operations": [
-            {
-                "add_column": {
-                    "table": "orders",
-                    "column": {"name": "score", "type": "int"},
-                    "up": "amount + 1",
-                }
-            }
-        ],
-    }
+    spec = add_column("add_score", "orders", "score", "int", "amount + 1")
     report = run(
         fresh_db,
         state_db,
@@ -259,3 +248,17 @@ def test_no_backfill_batch_scans_the_whole_table(fresh_db: str, state_db: str, a
             conn.execute("SELECT count(*) FROM orders WHERE score IS DISTINCT FROM amount + 1").fetchone()[0]
             == 0
         )
+
+
+def test_an_up_expression_with_a_percent_sign_is_backfilled(fresh_db: str, state_db: str) -> None:
+    """The backfill's UPDATE is sent with its key bounds as parameters, so psycopg read a ``%`` in
+    ``up`` (the modulo operator, a LIKE pattern) as a placeholder: start failed at the backfill
+    with "incomplete placeholder", after the expression had passed its checks."""
+    make_schema(fresh_db, rows=300)
+    up = "(amount % 10)::text || CASE WHEN note LIKE '%5' THEN '%' ELSE '' END"
+    spec = add_column("percent", "orders", "bucket", "text", up)
+    run(fresh_db, state_db, plan_for(fresh_db, state_db, spec), "start", RunOptions(backfill=BackfillOptions(batch_size=100)))
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM orders WHERE bucket IS DISTINCT FROM " + up
+        ).fetchone() == (0,)

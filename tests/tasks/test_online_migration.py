@@ -10,12 +10,14 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from tasks.backfill import BackfillOptions
-from tasks.db import connect
-from tasks.errors import UserError
-from tasks.online_migration import lint_plan, prepare_plan
+from tasks.db import connect, database_name
+from tasks.errors import ServerReadOnly, UserError
+from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
 from tasks.online_phases import RunOptions
+from tasks.online_state import active_migration, target_key
 from tests.online_support import make_schema, run, schema_dump
 
 
@@ -214,3 +216,70 @@ def test_a_typo_in_a_type_is_still_refused_before_start_without_raw_sql(
     make_schema(fresh_db, rows=10)
     with pytest.raises(UserError, match=r"field 'type': type \"order_state\" does not exist"):
         _prepare(fresh_db, state_db, tmp_path, _enum_status("status::order_state")[1:])
+
+
+def _set_read_only(url: str, target: str, value: str) -> None:
+    """``ALTER {target} SET default_transaction_read_only``: a DBA's freeze of new sessions."""
+    with connect(url, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")  # this session may still lift it
+        conn.execute(
+            sql.SQL("ALTER {} SET default_transaction_read_only = {}").format(
+                sql.SQL(target).format(sql.Identifier(database_name(url))), sql.SQL(value)
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("target", "where"),
+    [("DATABASE {}", "database"), ("ROLE CURRENT_USER IN DATABASE {}", "role")],
+)
+def test_a_frozen_database_or_role_is_refused_before_a_phase_records_or_runs_anything(
+    fresh_db: str, state_db: str, tmp_path: Path, target: str, where: str
+) -> None:
+    """A DBA's ``default_transaction_read_only``: start recorded the migration and complete moved
+    its phase before the first step met PostgreSQL's refusal (a traceback, and ``online status``
+    showed it under way). Both are refused in one line, with nothing recorded or moved."""
+    make_schema(fresh_db, rows=300)
+    plan = _prepare(fresh_db, state_db, tmp_path, [_widen()])
+    before = schema_dump(fresh_db)
+    _set_read_only(fresh_db, target, "on")
+    with pytest.raises(ServerReadOnly) as refused:
+        run_online_phase(fresh_db, state_db, plan, "start", RunOptions())
+    message = str(refused.value)
+    assert f"default_transaction_read_only is on, set for {where} " in message and "\n" not in message
+    assert message.endswith("start of checked was not begun (nothing changed or recorded)")
+    assert active_migration(state_db, target_key(fresh_db), "public") is None
+    assert schema_dump(fresh_db) == before
+
+    _set_read_only(fresh_db, target, "off")
+    run_online_phase(fresh_db, state_db, plan, "start", RunOptions())
+    _set_read_only(fresh_db, target, "on")
+    with pytest.raises(ServerReadOnly, match="complete of checked was not begun"):
+        run_online_phase(fresh_db, state_db, plan, "complete", RunOptions())
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "expanded" and record.steps_done("complete") == 0
+
+    _set_read_only(fresh_db, target, "off")
+    run_online_phase(fresh_db, state_db, plan, "complete", RunOptions())
+    assert active_migration(state_db, target_key(fresh_db), "public") is None
+
+
+def test_a_validate_or_index_build_runs_as_long_as_its_data(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    """A ``VALIDATE`` or a concurrent index build reads the whole table: it ran under a fixed 1-hour
+    statement_timeout that no option changed, so on a table that takes longer it was cancelled,
+    its invalid index dropped and rebuilt on every resume, and never finished. Like pg_restore's
+    index builds it runs without one (lock_timeout still bounds its waits). The CHECK below holds
+    only for a row read with no statement timeout."""
+    make_schema(fresh_db, rows=300)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            "CREATE FUNCTION untimed(int) RETURNS boolean LANGUAGE sql STABLE "
+            "AS $$ SELECT $1 IS NULL OR current_setting('statement_timeout') = '0' $$"
+        )
+    check = {"name": "amount_untimed", "constraint": "untimed(amount)"}
+    plan = _prepare(fresh_db, state_db, tmp_path, [{"alter_column": {"table": "orders", "column": "amount", "check": check}}])
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'amount_untimed'"
+        ).fetchone() == (True,)
