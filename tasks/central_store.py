@@ -534,6 +534,11 @@ def _create_tombstones(conn: psycopg.Connection) -> None:
         raise _tombstones_refused(conn, first_line(exc)) from None
 
 
+class _UsageRefused(psycopg.errors.InsufficientPrivilege):
+    """A refusal :func:`_usage_named` has worded with its grant already (the session's schema
+    step runs ``ensure_schema``, which words its own, inside the session's wording)."""
+
+
 @contextmanager
 def _usage_named(conn: psycopg.Connection) -> Iterator[None]:
     """A privilege error of a role a DBA revoked USAGE on ``devflow`` from (every statement on it is
@@ -543,13 +548,15 @@ def _usage_named(conn: psycopg.Connection) -> Iterator[None]:
     try:
         yield
     except psycopg.errors.InsufficientPrivilege as exc:
-        conn.rollback()
-        if one_row(conn, _MAY_USE_SCHEMA, (SCHEMA,))[0]:
+        if isinstance(exc, _UsageRefused):
             raise
         conn.rollback()
-        raise psycopg.errors.InsufficientPrivilege(
-            f"{first_line(exc)}; as the owner of schema {SCHEMA}, run `GRANT USAGE ON SCHEMA {SCHEMA} TO "
-            f"{_role(conn)}`"
+        role = None if one_row(conn, _MAY_USE_SCHEMA, (SCHEMA,))[0] else _role(conn)
+        conn.rollback()  # the look-ups' transaction ends here, whichever error goes on
+        if role is None:
+            raise
+        raise _UsageRefused(
+            f"{first_line(exc)}; as the owner of schema {SCHEMA}, run `GRANT USAGE ON SCHEMA {SCHEMA} TO {role}`"
         ) from None
 
 

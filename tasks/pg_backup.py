@@ -142,7 +142,9 @@ def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
 def backup_database(url: str, backup_dir: str | Path) -> Backup:
     """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``."""
     started = time.monotonic()
-    major = server_major(url)
+    with connection(url) as conn:
+        major = conn.info.server_version // 10000
+        read_only = bool(one_row(conn, "SELECT current_setting('default_transaction_read_only')::boolean")[0])
     bin_dir = pg_binaries(major)
     directory = make_user_dir(backup_dir, "backup directory")
     name = database_name(url)
@@ -158,14 +160,8 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
         str(bin_dir),
         contents,
         time.monotonic() - started,
-        _starts_read_only(url),
+        read_only,
     )
-
-
-def _starts_read_only(url: str) -> bool:
-    """Whether sessions of ``url``'s role and database start read-only (see :attr:`Backup.read_only`)."""
-    with connection(url) as conn:
-        return bool(one_row(conn, "SELECT current_setting('default_transaction_read_only')::boolean")[0])
 
 
 def _terminate_sessions(conn: psycopg.Connection, database: str) -> int:
