@@ -28,7 +28,7 @@ from tasks.errors import (
     first_line,
     option_and_parameter,
 )
-from tasks.online_plan import Phase, Step
+from tasks.online_plan import Phase, Step, sync_trigger_name
 from tasks.online_state import (
     BackfillCheckpoints,
     MigrationRecord,
@@ -65,12 +65,20 @@ AFTER_FIX: dict[Phase, str] = {
 }
 
 
-def after_fix(phase: Phase, exc: Exception) -> str:
-    """What to do after a step failed: a refused privilege is fixed by a grant, not in the data."""
+def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> str:
+    """What to do after a step failed: a refused privilege is fixed by a grant, not in the data; a
+    backfill batch cancelled by its statement_timeout by smaller batches, since no option sets that
+    limit (``--statement-timeout-ms`` is the short DDL's), so "fix the timeout" had no way to follow."""
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return (
             f"connect as the tables' owner (or grant the role in the URL that privilege) and run {phase} "
             "again to resume from this step"
+        )
+    if step.kind == "backfill" and isinstance(exc, psycopg.errors.QueryCanceled):
+        return (
+            f"a backfill batch may run {options.backfill.policy.statement_timeout_ms} ms; run start again with a "
+            f"smaller {option_and_parameter('batch_size')} to resume from this step, "
+            "or roll back (`flowyard online rollback`)"
         )
     return AFTER_FIX[phase]
 
@@ -172,12 +180,14 @@ def run_phase(
             f"(allowed from: {', '.join(ALLOWED_FROM[phase])})"
         )
     running, finished = PHASE_STATES[phase]
-    set_phase(state, record.id, running)
     steps = record.plan.steps(phase)
     report = PhaseReport(phase)
     checkpoints = BackfillCheckpoints(state, record.id)
     conn = connect(target_url, autocommit=True)
     try:
+        if phase == "complete" and record.steps_done(phase) == 0:
+            refuse_broken_sync(conn, record)
+        set_phase(state, record.id, running)
         for n in range(record.steps_done(phase), len(steps)):
             step = steps[n]
             if step.only_if and not one_row(conn, step.only_if)[0]:
@@ -188,7 +198,7 @@ def run_phase(
                 except USER_FIXABLE as exc:
                     raise UserError(
                         f"{record.name}: {phase} step {n + 1} ({step.title}) failed: {first_line(exc)}; "
-                        + after_fix(phase, exc)
+                        + after_fix(phase, exc, step, options)
                     ) from exc
                 report.steps_run += 1
             set_steps_done(state, record.id, phase, n + 1)
@@ -196,6 +206,58 @@ def run_phase(
         conn.close()
     set_phase(state, record.id, finished)
     return report
+
+
+SYNC_STATE = """
+SELECT w.tbl, w.col, t.tgenabled IS NOT NULL, coalesce(t.tgenabled IN ('O', 'A'), false),
+       w.col IS NULL OR a.attnum IS NOT NULL
+FROM unnest(%(tables)s::text[], %(columns)s::text[]) AS w (tbl, col)
+LEFT JOIN pg_trigger t ON t.tgrelid = to_regclass(format('%%I.%%I', %(schema)s::text, w.tbl)) AND t.tgname = %(trigger)s
+LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, w.tbl))
+    AND a.attname = w.col AND a.attnum > 0 AND NOT a.attisdropped
+"""
+"""Per backfilled table and column start filled: is the sync trigger there, does it fire for
+applications (``O``rigin or ``A``lways; ``D``isabled and ``R``eplica-only do not), is the column there."""
+
+
+def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord) -> None:
+    """Refuse complete, before it changes or records anything, when a sync trigger of the migration
+    is gone or disabled, or a column start filled is gone (dropped, renamed): complete dropped the
+    trigger "IF EXISTS" and swapped in columns that had missed every old-version write since, or
+    skipped a table whose shadow column it could not find, silently either way."""
+    pairs: list[tuple[str, str | None]] = []
+    for target in (step.backfill for step in record.plan.start if step.backfill is not None):
+        pairs += [(target.table, column) for column in target.columns] or [(target.table, None)]
+    if not pairs:
+        return
+    plan = record.plan
+    trigger = sync_trigger_name(plan.migration)
+    rows = conn.execute(
+        SYNC_STATE,
+        {
+            "tables": [t for t, _ in pairs],
+            "columns": [c for _, c in pairs],
+            "schema": plan.schema_name,
+            "trigger": trigger,
+        },
+    ).fetchall()
+    for table, column, exists, fires, has_column in rows:
+        name = f"{plan.schema_name}.{table}"
+        if not has_column:
+            problem = f"column {name}.{column}, which start added and filled, is gone (dropped or renamed)"
+        elif not exists:
+            problem = f"sync trigger {trigger} on {name} is gone, so old-version writes since did not reach its new columns"
+        elif not fires:
+            problem = (
+                f"sync trigger {trigger} on {name} is disabled, so old-version writes since did not reach its new columns"
+            )
+        else:
+            continue
+        raise UserError(
+            f"{plan.migration}: cannot complete, nothing was changed: {problem}; roll back "
+            "(`flowyard online rollback`: the old columns hold every old-version write) and run start again, "
+            "which re-creates it and backfills every row"
+        )
 
 
 def _run_step(

@@ -73,6 +73,9 @@ class BackfillTarget(BaseModel):
     """The primary key (or a unique NOT NULL key), in index order: batches compare it as a row value."""
     key_types: list[str]
     assignments: list[str]
+    columns: list[str] = []
+    """The columns the assignments fill (new and shadow columns), which complete swaps in: it checks
+    they are still there first. Plans persisted before it existed have none."""
 
     @model_validator(mode="before")
     @classmethod
@@ -147,6 +150,11 @@ def pg_name(text: str) -> str:
         return text
     digest = hashlib.sha256(raw).hexdigest()[:10]
     return raw[: _MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore") + "_" + digest
+
+
+def sync_trigger_name(migration: str) -> str:
+    """The name of the sync trigger ``migration`` puts on each table it keeps in sync."""
+    return pg_name(f"_fy_sync_{migration}")
 
 
 def version_schema_name(schema: str, migration: str) -> str:
@@ -1012,7 +1020,7 @@ class _Planner:
             "BEGIN IF coalesce((current_schemas(false))[1] = {}, false) THEN NEW := {}(NEW); "
             "ELSE NEW := {}(NEW); END IF; RETURN NEW; END"
         ).format(sql.Literal(self.vschema), functions["down"], functions["up"])
-        trigger = sql.Identifier(pg_name(f"_fy_sync_{self.spec.name}"))
+        trigger = sql.Identifier(sync_trigger_name(self.spec.name))
         return Step(
             title=f"sync trigger on {table}",
             statements=[
@@ -1037,7 +1045,7 @@ class _Planner:
         table = work.info.name
         statements = []
         if work.syncs:
-            trigger = sql.Identifier(pg_name(f"_fy_sync_{self.spec.name}"))
+            trigger = sql.Identifier(sync_trigger_name(self.spec.name))
             statements.append(
                 _render(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(trigger, self.tbl(table)))
             )
@@ -1099,6 +1107,7 @@ class _Planner:
                 for s in work.syncs
                 if not s.new_version
             ],
+            columns=[s.target for s in work.syncs if not s.new_version],
         )
         return Step(
             title=f"backfill {info.name} in keyset batches",

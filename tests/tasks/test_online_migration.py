@@ -14,6 +14,7 @@ from psycopg import sql
 
 from tasks.backfill import BackfillOptions
 from tasks.db import connect, database_name
+from tasks.ddl_retry import LockPolicy
 from tasks.errors import ServerReadOnly, UserError
 from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
 from tasks.online_phases import RunOptions
@@ -161,6 +162,32 @@ def test_a_backfill_that_hits_bad_data_is_one_line_and_resumes_after_the_fix(
         assert conn.execute(
             "SELECT count(*) FROM orders WHERE _fy_new_amount IS DISTINCT FROM amount"
         ).fetchone() == (0,)
+
+
+def test_a_backfill_batch_past_its_statement_timeout_names_the_batch_size_option(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """No option sets the batches' statement_timeout (``--statement-timeout-ms`` is the short DDL's):
+    the line said to fix "the timeout", which the user cannot, and not the batch size, which works."""
+    make_schema(fresh_db, rows=50)
+    with connect(fresh_db, autocommit=True) as conn:  # 10 ms a row: a 50-row batch runs 500 ms
+        conn.execute(
+            "CREATE FUNCTION slow_copy(v int) RETURNS int LANGUAGE plpgsql VOLATILE "
+            "AS $$BEGIN PERFORM pg_sleep(0.01); RETURN v; END$$"
+        )
+    copy = {"add_column": {"table": "orders", "column": {"name": "copy", "type": "int"}, "up": "slow_copy(amount)"}}
+    plan = _prepare(fresh_db, state_db, tmp_path, [copy])
+    limit = LockPolicy(statement_timeout_ms=100)
+    with pytest.raises(UserError) as error:
+        run(fresh_db, state_db, plan, "start", RunOptions(backfill=BackfillOptions(policy=limit)))
+    message = str(error.value)
+    assert "(backfill orders in keyset batches) failed: canceling statement due to statement timeout" in message
+    assert "a backfill batch may run 100 ms; run start again with a smaller --batch-size (batch_size)" in message
+    assert "the timeout" not in message and "\n" not in message
+
+    run(fresh_db, state_db, plan, "start", RunOptions(backfill=BackfillOptions(batch_size=1, policy=limit)))
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM orders WHERE copy IS DISTINCT FROM amount").fetchone() == (0,)
 
 
 def _enum_status(up: str) -> list[dict[str, Any]]:

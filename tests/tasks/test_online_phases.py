@@ -12,7 +12,8 @@ from tasks.db import connect
 from tasks.ddl_retry import LockPolicy
 from tasks.errors import UserError
 from tasks.online_phases import RunOptions
-from tests.online_support import make_schema, plan_for, run
+from tasks.online_state import active_migration, target_key
+from tests.online_support import WIDEN_AMOUNT, make_schema, plan_for, run, schema_dump
 
 
 def test_long_transaction_makes_start_retry_while_writers_keep_writing(fresh_db: str, state_db: str) -> None:
@@ -106,3 +107,46 @@ def test_a_privilege_the_role_lacks_is_one_line_saying_to_connect_as_the_owner(
     assert "step 1 (create version schema public_not_mine) failed: permission denied for database" in message
     assert "connect as the tables' owner (or grant the role in the URL that privilege)" in message
     assert "fix the data" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected", "app_writes"),
+    [
+        ("DROP TRIGGER _fy_sync_widen ON orders", "sync trigger _fy_sync_widen on public.orders is gone", True),
+        (
+            "ALTER TABLE orders DISABLE TRIGGER _fy_sync_widen",
+            "sync trigger _fy_sync_widen on public.orders is disabled",
+            True,
+        ),
+        (  # the trigger still names the column: application writes fail loudly, complete must too
+            "ALTER TABLE orders RENAME COLUMN _fy_new_amount TO amount_copy",
+            "column public.orders._fy_new_amount, which start added and filled, is gone",
+            False,
+        ),
+    ],
+)
+def test_complete_refuses_a_sync_someone_broke_after_start_and_loses_no_write(
+    fresh_db: str, state_db: str, tamper: str, expected: str, app_writes: bool
+) -> None:
+    """Complete dropped the trigger "IF EXISTS" and swapped in a shadow column that had missed the
+    writes since, or skipped the table whose shadow it could not find."""
+    make_schema(fresh_db, rows=100)
+    plan = plan_for(fresh_db, state_db, {"name": "widen", "operations": [WIDEN_AMOUNT]})
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as dba:
+        dba.execute(tamper)
+    if app_writes:
+        with connect(fresh_db, autocommit=True) as app:  # an old-version session writes after the change
+            app.execute("UPDATE orders SET amount = 4242 WHERE id = 7")
+    before = schema_dump(fresh_db)
+    with pytest.raises(UserError) as err:
+        run(fresh_db, state_db, plan, "complete")
+    message = str(err.value)
+    assert message.startswith(f"widen: cannot complete, nothing was changed: {expected}")
+    assert "roll back (`flowyard online rollback`" in message and "\n" not in message
+    assert schema_dump(fresh_db) == before
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "expanded"
+    run(fresh_db, state_db, plan, "rollback")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242 if app_writes else 8,)
