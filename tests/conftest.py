@@ -190,6 +190,21 @@ class Role:
         parts = urlsplit(url)
         return parts._replace(netloc=f"{self.name}:{self.password}@{parts.hostname}:{parts.port}").geturl()
 
+    def freeze_read_only(self, url: str) -> str:
+        """Freeze this role read-only as a DBA would (``ALTER ROLE … SET
+        default_transaction_read_only = on``, through ``url``, a superuser's), and return the words
+        every flowyard refusal of it must hold: where the setting is, and its ``RESET``."""
+        from tasks.db import connect
+
+        with connect(url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(self.name))
+            )
+        return (
+            f"default_transaction_read_only is on, set for role {self.name} (pg_settings.source: user); "
+            f'run ALTER ROLE "{self.name}" RESET default_transaction_read_only'
+        )
+
 
 @pytest.fixture()
 def limited_role(pg: Server) -> Iterator[Role]:

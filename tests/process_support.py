@@ -1,13 +1,35 @@
-"""Python subprocesses for tests of work that must really overlap, or really be cut off."""
+"""Python subprocesses for tests of work that must really overlap, or really be cut off, and
+the waits of such tests for what the other side did."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import psycopg
+
+GUARD_SECONDS = 120.0
+"""How long a test polls for something that is bound to come before it gives up. Only a guard
+against hanging forever, never a measure: CI runs the whole suite in one process on a 2-core
+machine, several times slower than a fast one, so a bound of a few seconds is a flake."""
+
+
+class Told(logging.Handler):
+    """Sets ``seen`` once a record holding ``text`` is logged: a test waits on that instead of
+    sleeping for as long as the code usually takes to get there."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen, self.message = text, threading.Event(), ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage() and not self.seen.is_set():
+            self.message = record.getMessage()
+            self.seen.set()
 
 
 def started_together(script: str, *argvs: list[str]) -> list[subprocess.Popen[str]]:

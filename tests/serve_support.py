@@ -1,4 +1,5 @@
-"""A real ``python -m deployments.serve`` serving run-agent-queue, and one run of it."""
+"""A real ``python -m deployments.serve`` serving run-agent-queue, and one run of it; what the
+real Prefect server stored."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from tests.conftest import ROOT
+from tests.process_support import GUARD_SECONDS
 
 AGENT_QUEUE_DEPLOYMENT = "run-agent-queue-test"
 
@@ -67,3 +71,25 @@ def served_agent_queue_run(
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
+
+
+def stored_events(api: str, event_filter: dict[str, Any], expected: int = 1) -> list[dict[str, Any]]:
+    """The events the Prefect server at ``api`` stored that match ``event_filter``, read once
+    there are ``expected`` of them (or after :data:`GUARD_SECONDS`: the caller's assertion then
+    shows what did arrive).
+
+    This process's event worker is drained first; the server then persists what it received in
+    batches, flushed every 5 s by default, so an emitted event is readable only seconds later,
+    more on a loaded machine."""
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    body = {"filter": event_filter, "limit": 50}
+    deadline = time.monotonic() + GUARD_SECONDS
+    while True:
+        response = httpx.post(f"{api}/events/filter", json=body, timeout=60)
+        response.raise_for_status()
+        events: list[dict[str, Any]] = response.json()["events"]
+        if len(events) >= expected or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)

@@ -3,6 +3,7 @@ chunk results Prefect still holds), and chunks whose connection the server refus
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from psycopg import sql
 from flows.bulk_migrate import bulk_migrate
 from tasks.db import connection, database_name, drop_database, ensure_database
 from tests.conftest import ROOT, recorded_task_runs, scratch_database
+from tests.process_support import Told
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -81,8 +83,8 @@ _ACTIVE_COPY = (
 def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fresh_db):
     """While the first chunk copies, the target role's CONNECTION LIMIT drops to the one
     connection the run's lock holds: the next chunk's connection is refused with SQLSTATE
-    53300, as by a server at max_connections. Two seconds after the first chunk committed the
-    limit is lifted, and the refused chunk gets in on a retry instead of failing the run."""
+    53300, as by a server at max_connections. Once the refused chunk's retry is logged the limit
+    is lifted, and the chunk gets in on that retry instead of failing the run."""
     role = sql.Identifier(limited_role.name)
     _exec(
         fresh_db,
@@ -91,6 +93,7 @@ def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fre
     target = limited_role.url(fresh_db)
     lowered = threading.Event()
     done = threading.Event()
+    refused = Told(" - Retry 1/")  # Prefect's line for a failed task run it retries
 
     def wait_for(admin: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> None:
         while not done.is_set() and admin.execute(query, params).fetchone() is None:
@@ -101,8 +104,8 @@ def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fre
             wait_for(admin, _ACTIVE_COPY, (limited_role.name,))
             admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(role))
             lowered.set()
-            wait_for(admin, "SELECT 1 FROM flowyard.bulk_chunks")
-            done.wait(2)
+            while not (done.is_set() or refused.seen.wait(0.05)):
+                pass  # the refusal, however long the next chunk takes to try (or the run's end)
             admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT -1").format(role))
 
     with scratch_database(pg) as source:
@@ -113,14 +116,21 @@ def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fre
         )
         limiter = threading.Thread(target=refuse_while_the_first_chunk_copies)
         limiter.start()
+        task_runs = logging.getLogger("prefect.task_runs")
+        level = task_runs.level
+        task_runs.setLevel(logging.INFO)  # the retry's line is INFO; the suite logs WARNING and up
+        task_runs.addHandler(refused)
         try:
             state = bulk_migrate(source, target, chunk_rows=100000, parallelism=1, return_state=True)
         finally:
+            task_runs.removeHandler(refused)
+            task_runs.setLevel(level)
             done.set()
             limiter.join()
 
     state.result()
     assert lowered.is_set(), "the limit was lowered while the first chunk copied"
+    assert "too many connections" in refused.message, refused.message
     assert _fetch_one(target, "SELECT count(*), count(DISTINCT id) FROM big") == (200000, 200000)
     runs = recorded_task_runs(state, "copy ", 2)
     assert sorted(r.run_count for r in runs)[-1] >= 2

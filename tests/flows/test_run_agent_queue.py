@@ -40,7 +40,7 @@ from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.outage_support import outage_proxy
-from tests.process_support import until_its_sessions_end
+from tests.process_support import Told, until_its_sessions_end
 from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -1557,26 +1557,13 @@ def test_a_row_lock_on_a_running_task_is_told_in_its_log_naming_the_session(tmp_
     assert any(line.startswith("the lock was released, after ") for line in said)
 
 
-class _Told(logging.Handler):
-    """Sets ``seen`` once a record holding ``text`` is logged."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text, self.seen, self.message = text, threading.Event(), ""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self.text in record.getMessage() and not self.seen.is_set():
-            self.message = record.getMessage()
-            self.seen.set()
-
-
 def test_a_row_lock_met_by_the_runs_end_is_told_in_the_run_log_naming_the_session(tmp_path: Path, qdb: str) -> None:
     """A psql session holding the row of a task whose reason the run's end rewrites (its dependency
     just failed): the run's end waited on it without a word, for up to the lease, then failed. The
     run log says it waits on a lock held by that session, and the run ends once it is released."""
     bad = queue.create_task(qdb, _new("bad", {"fail": "cannot reach repo"}))
     child = queue.create_task(qdb, _new("child", {"steps": 1}, (bad,)))
-    told = _Told("waiting on a lock: a row of flowyard.agent_tasks is locked")
+    told = Told("waiting on a lock: a row of flowyard.agent_tasks is locked")
     locked, holder = threading.Event(), []
 
     def hold_the_childs_row_until_told() -> None:

@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import orjson
 import psycopg
 import pytest
@@ -37,6 +36,7 @@ from tasks.sync_report import SyncIncomplete
 from tests.conftest import ROOT, Role, Server, flow_run_artifacts, run_cli, scratch_database
 from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.process_support import until_its_sessions_end
+from tests.serve_support import stored_events
 from tests.sync_support import central_of_a_dba_without_a_tombstone_trigger, synced_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -404,17 +404,6 @@ def test_default_run_uses_configured_devices_and_records_state(
         sync_state.save_config(state_db, saved)
 
 
-def _events_for(api: str, resource_id: str) -> set[str]:
-    """Event names the Prefect server has stored for a resource (events arrive asynchronously)."""
-    body = {"filter": {"resource": {"id": [resource_id]}}, "limit": 50}
-    for _ in range(100):
-        events = httpx.post(f"{api}/events/filter", json=body, timeout=10).json()["events"]
-        if events:
-            return {e["event"] for e in events}
-        time.sleep(0.2)
-    return set()
-
-
 class _Collect(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -445,7 +434,8 @@ def test_alerts_are_logged_and_emitted(
     warnings = [m for m in collect.messages if "sync alert" in m]
     assert any("queue-threshold" in w and "100 events still queued" in w for w in warnings)
     assert any("failure-rate" in w for w in warnings)
-    assert "flowyard.sync.queue-threshold" in _events_for(prefect_api, "flowyard.sync-device.alerty")
+    event_filter = {"event": {"name": ["flowyard.sync.queue-threshold"]}, "resource": {"id": ["flowyard.sync-device.alerty"]}}
+    assert stored_events(prefect_api, event_filter), "the queue-threshold alert reached the Prefect server"
     central_store.ensure_schema(fresh_db)
     sync_devices(stores=[str(store)], central_url=fresh_db, force=True)
     assert _central_counts(fresh_db) == (100, 100)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpx
 import pytest
 
 from quality.alerts import EVENT, AlertConfig, dispatch_alerts
 from quality.runner import RuleResult, SuiteResult
+from tests.serve_support import stored_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -94,7 +93,10 @@ def test_alert_fires_once_per_new_critical_violation(state_db, receiver):
 
     # The Prefect server received the events too (automations can match them).
     resource_id = f"flowyard.quality.{suite}.not_null_id"
-    assert _events_for(resource_id, expected=3) == 3
+    from prefect.settings import PREFECT_API_URL
+
+    event_filter = {"event": {"name": [EVENT]}, "resource": {"id": [resource_id]}}
+    assert len(stored_events(PREFECT_API_URL.value(), event_filter, expected=3)) == 3
 
 
 def test_failed_webhook_is_retried_next_run(state_db, receiver):
@@ -120,20 +122,3 @@ def test_alerts_can_be_disabled_or_retargeted(state_db, receiver):
     assert [a.rule for a in dispatch_alerts(state_db, [_result(suite, bad_ids=1)], high)] == ["valid_email"]
     assert [b["rule"] for b in receiver.bodies] == ["valid_email"]
 
-
-def _events_for(resource_id: str, expected: int) -> int:
-    """Count the server's stored events for a resource, waiting for the client's event worker to deliver."""
-    from prefect.events.worker import EventsWorker
-    from prefect.settings import PREFECT_API_URL
-
-    EventsWorker.drain_all()
-    body = {"filter": {"event": {"name": [EVENT]}, "resource": {"id": [resource_id]}}, "limit": 50}
-    count = 0
-    for _ in range(50):  # bounded poll: the server persists events asynchronously
-        response = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json=body, timeout=10)
-        response.raise_for_status()
-        count = len(response.json()["events"])
-        if count >= expected:
-            break
-        time.sleep(0.2)
-    return count

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -16,11 +17,11 @@ HOLD_SECONDS = 4.0
 
 
 class Writer(threading.Thread):
-    """Inserts as fast as it can and records each insert's latency and any failure."""
+    """Inserts as fast as it can and records when each insert started and ended, and any failure."""
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.stop, self.latencies, self.errors = url, threading.Event(), [], []
+        self.url, self.stop, self.spans, self.errors = url, threading.Event(), [], []
 
     def run(self) -> None:
         with connect(self.url, autocommit=True) as conn:
@@ -32,45 +33,83 @@ class Writer(threading.Thread):
                     conn.execute("INSERT INTO items (id, v) VALUES (%s, 1)", (n,))
                 except Exception as exc:  # noqa: BLE001 - any failed write is what we count
                     self.errors.append(exc)
-                self.latencies.append(time.monotonic() - started)
+                self.spans.append((started, time.monotonic()))
 
 
-def _scenario(url: str, policy: LockPolicy) -> tuple[Writer, int]:
+@dataclass
+class Scenario:
+    """What the writer did while a DDL met a long transaction, and the instants that tell whether
+    it was stalled: when the DDL was first seen waiting for its lock, and when the long
+    transaction ended (its lock released)."""
+
+    writer: Writer
+    lock_timeouts: int
+    ddl_waited: float
+    released: float
+
+    def writes_past_the_waiting_ddl(self) -> int:
+        """Inserts begun after the DDL queued for its lock and done before the holder let it go:
+        an insert queues behind a waiting DDL, so there are none unless the DDL gave way."""
+        return sum(self.ddl_waited < began and ended < self.released for began, ended in self.writer.spans)
+
+
+def _scenario(url: str, policy: LockPolicy) -> Scenario:
     with connect(url, autocommit=True) as conn:
         conn.execute("CREATE TABLE items (id bigint PRIMARY KEY, v int)")
     writer = Writer(url)
     writer.start()
     holder = connect(url)
     holder.execute("SELECT count(*) FROM items")  # a long transaction holding ACCESS SHARE
-    release = threading.Timer(HOLD_SECONDS, holder.commit)
-    release.start()
+    released: list[float] = []
+
+    def release() -> None:
+        released.append(time.monotonic())  # before the commit: whatever ended by now passed no DDL
+        holder.commit()
+
+    waited: list[float] = []
+
+    def watch(pid: int) -> None:
+        with connect(url, autocommit=True) as conn:
+            while not released and not waited:
+                if conn.execute(_WAITING_FOR_A_LOCK, (pid,)).fetchone():
+                    waited.append(time.monotonic())
+                time.sleep(0.005)
+
+    release_timer = threading.Timer(HOLD_SECONDS, release)
+    release_timer.start()
     time.sleep(0.3)
     try:
         with connect(url, autocommit=True) as ddl:
+            watcher = threading.Thread(target=watch, args=(ddl.info.backend_pid,), daemon=True)
+            watcher.start()
             stats = execute_with_lock_retry(ddl, ["ALTER TABLE items ADD COLUMN w int"], policy)
     finally:
-        release.join()
+        release_timer.join()
         holder.close()
         time.sleep(0.3)
         writer.stop.set()
         writer.join()
-    return writer, stats.lock_timeouts
+    watcher.join()
+    assert waited, "the DDL was seen waiting for its lock"
+    return Scenario(writer, stats.lock_timeouts, waited[0], released[0])
+
+
+_WAITING_FOR_A_LOCK = "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'"
 
 
 def test_ddl_retries_instead_of_stalling_writers(fresh_db: str) -> None:
-    writer, lock_timeouts = _scenario(fresh_db, LockPolicy(lock_timeout_ms=200, deadline_seconds=60))
-    assert lock_timeouts >= 1
-    assert writer.errors == []
-    assert len(writer.latencies) > 10
-    # Queued behind the waiting DDL for at most about one lock_timeout, never for the holder's 4 s.
-    assert max(writer.latencies) < HOLD_SECONDS / 2
+    scenario = _scenario(fresh_db, LockPolicy(lock_timeout_ms=200, deadline_seconds=60))
+    assert scenario.lock_timeouts >= 1
+    assert scenario.writer.errors == []
+    # Queued behind the waiting DDL for at most one lock_timeout at a time, never for the whole hold.
+    assert scenario.writes_past_the_waiting_ddl() > 0
 
 
 def test_without_lock_timeout_writers_queue_behind_the_ddl(fresh_db: str) -> None:
     """The contrast: a DDL with no lock_timeout stalls every writer until the long transaction ends."""
-    writer, lock_timeouts = _scenario(fresh_db, LockPolicy(lock_timeout_ms=0, deadline_seconds=60))
-    assert lock_timeouts == 0
-    assert max(writer.latencies) > HOLD_SECONDS / 2
+    scenario = _scenario(fresh_db, LockPolicy(lock_timeout_ms=0, deadline_seconds=60))
+    assert scenario.lock_timeouts == 0
+    assert scenario.writes_past_the_waiting_ddl() == 0
 
 
 def test_deadline_gives_a_one_line_user_error(fresh_db: str) -> None:

@@ -20,6 +20,7 @@ from tasks.online_state import active_migration, target_key
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT
 from tests.online_support import add_column, checksum, make_schema, plan_for, run, schema_dump
+from tests.process_support import GUARD_SECONDS
 
 SPEC = {
     "name": "kill_backfill",
@@ -174,7 +175,8 @@ def _flushed_stats(url: str, updates: int, counter: str) -> int:
     its client has closed the connection: the update count says the report has landed, so a
     zero count is a real zero and not a report still on its way.
     """
-    for _ in range(100):
+    deadline = time.monotonic() + GUARD_SECONDS
+    while time.monotonic() < deadline:
         with connect(url) as conn:
             done, value = conn.execute(
                 sql.SQL(

@@ -204,8 +204,7 @@ def test_a_role_frozen_read_only_after_the_backup_is_told_in_one_line_and_nothin
     with psycopg.connect(url) as conn:
         conn.execute("INSERT INTO notes VALUES (3)")  # the failed run's change
     before = fingerprint(fresh_db)
-    with psycopg.connect(pg.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(role))
+    advice = limited_role.freeze_read_only(pg.url())
 
     with pytest.raises(UserError) as refused:
         restore_database(url, backup)
@@ -213,9 +212,7 @@ def test_a_role_frozen_read_only_after_the_backup_is_told_in_one_line_and_nothin
     argv, _ = restore_command(maintenance_url(url), backup)
     assert str(refused.value) == (
         f"cannot restore {database} from {backup.path}: the server accepts no writes (cannot execute ALTER "
-        f"DATABASE in a read-only transaction): default_transaction_read_only is on, set for role "
-        f'{limited_role.name} (pg_settings.source: user); run ALTER ROLE "{limited_role.name}" RESET '
-        "default_transaction_read_only if flowyard may write there, or point the URL at a role and database that "
+        f"DATABASE in a read-only transaction): {advice} if flowyard may write there, or point the URL at a role and database that "
         f"may write; nothing was changed and the backup is kept at {backup.path}: once writes are allowed, "
         f"restore it by hand (rename {database} aside, run {shlex.join(argv)}, then drop the renamed copy)"
     )

@@ -62,19 +62,13 @@ def test_a_read_only_role_is_one_line_before_the_prefect_server_starts(state_db,
     sessions too. On a Prefect database migrated before, the server started, answered healthy, and
     every flow run then failed on 503s from its API; on a fresh one it died at its first migration,
     and neither said where the setting was or how to fix it."""
-    with connect(fresh_db, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(limited_role.name))
-        )
+    advice = limited_role.freeze_read_only(fresh_db)
     settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database_name(fresh_db))
     with pytest.raises(ServerReadOnly) as err:
         server_service(settings, limited_role.url(state_db))
     line = str(err.value)
     assert "\n" not in line
-    assert (
-        f"default_transaction_read_only is on, set for role {limited_role.name} (pg_settings.source: user); "
-        f'run ALTER ROLE "{limited_role.name}" RESET default_transaction_read_only'
-    ) in line
+    assert advice in line
     assert line.endswith("; the Prefect server, which writes every run's state there, was not started")
 
 
