@@ -34,7 +34,7 @@ from quality.steps import (
 )
 from quality.suite_spec import resolve_suites
 from quality.suites import present_entity_suites
-from tasks.db import resolve_url
+from tasks.db import connection, refuse_read_only, resolve_url
 from tasks.errors import make_user_dir
 from tasks.flow_parameters import checked_flow
 from tasks.settings import get_settings
@@ -63,6 +63,10 @@ def quality_check(
     hourly batch on each suite's timestamp column, the one holding ``window_start`` (default now)."""
     url = resolve_url(database_url)
     state = state_url(state_database_url, parameter="state_database_url")
+    # The run writes its scores and alert fingerprints there only after every check and profile:
+    # under a DBA's default_transaction_read_only that was a driver traceback at the end of the run.
+    with connection(state) as conn:
+        refuse_read_only(conn, state, "nothing was checked or recorded")
     table_suites = resolve_suites(suites) if suites is not None else present_entity_suites(url, table_schema)
     file_suites = [(suite, path) for ref, path in (files or {}).items() for suite in resolve_suites([ref])]
     time_window = TimeWindow.containing(window, window_start or dt.datetime.now(dt.UTC)) if window else None

@@ -1,8 +1,9 @@
 """Run suites with Great Expectations Core 1.x in an ephemeral context.
 
 PostgreSQL tables go through GX's SQL datasource, so every expectation is a query inside
-the database and no table is loaded into Python; a time window becomes a GX query asset
-over ``[start, end)`` of the suite's timestamp column. DataFrames and files go through
+the database and no table is loaded into Python; each is a GX query asset composed by
+psycopg (:meth:`~quality.sql_rules.TableSource.query`), over ``[start, end)`` of the suite's
+timestamp column for a time window. DataFrames and files go through
 GX's pandas datasource. Each rule maps to GX built-ins where GX has one, otherwise to an
 ``UnexpectedRowsExpectation`` built from the same SQL predicate the scorer uses.
 """
@@ -204,14 +205,7 @@ class GxSession:
         expectations = [e for r in suite.rules for e in expectations_for(r, "sql", source)]
         with self._lock:
             datasource = self._postgres(url)
-            if source.window is None:
-                asset = datasource.add_table_asset(
-                    self._unique(suite.name), table_name=source.table, schema_name=source.schema
-                )
-            else:
-                asset = datasource.add_query_asset(
-                    self._unique(suite.name), query=source.window_query().as_string(None)
-                )
+            asset = datasource.add_query_asset(self._unique(suite.name), query=source.query().as_string(None))
             validation = self._validation(suite, asset.add_batch_definition_whole_table("all"), expectations)
         result = validation.run(
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample_size}

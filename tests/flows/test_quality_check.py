@@ -9,11 +9,13 @@ import psycopg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from psycopg import sql
 
 from flows.quality_check import quality_check
 from quality.alerts import AlertConfig
 from quality.sample_data import DEMO_SCHEMA, demo_parameters
-from tasks.errors import UserError
+from tasks.errors import ServerReadOnly, UserError
+from tasks.state import state_url
 from tests.conftest import run_cli
 from tests.quality.test_alerts import Receiver
 
@@ -137,6 +139,39 @@ def test_output_dir_that_is_a_file_is_one_line_before_the_run_is_recorded(tmp_pa
         quality_check(suites=[], files={"users": str(path)}, output_dir=str(a_file), profile=False)
     with psycopg.connect(state_db) as conn:
         assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == before
+
+
+def test_a_read_only_state_role_is_one_line_before_anything_is_checked(limited_role, fresh_db, tmp_path):
+    """A DBA's ``ALTER ROLE … SET default_transaction_read_only = on`` for the role of the state
+    database: the run checked every table, then failed on the first score it recorded with the
+    driver's "cannot execute INSERT in a read-only transaction", naming neither the setting nor the
+    fix. It is one line before any check, and nothing is recorded."""
+    state_url(fresh_db)  # flowyard's schema, made by the database's owner
+    role = sql.Identifier(limited_role.name)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE items (id int)")
+        conn.execute("INSERT INTO items VALUES (1), (NULL)")
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA flowyard TO {}").format(role))
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA flowyard TO {}").format(role)
+        )
+        conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA flowyard TO {}").format(role))
+        conn.execute(sql.SQL("GRANT SELECT ON items TO {}").format(role))
+    advice = limited_role.freeze_read_only(fresh_db)
+    suite = tmp_path / "items.yaml"
+    suite.write_text(
+        "name: items\ntable: items\nrules:\n  - {name: id_present, check: not_null, column: id, severity: critical}\n"
+    )
+    url = limited_role.url(fresh_db)
+    with pytest.raises(ServerReadOnly) as err:
+        quality_check(database_url=url, suites=[str(suite)], state_database_url=url, output_dir=str(tmp_path))
+    line = str(err.value)
+    assert "\n" not in line
+    assert advice in line
+    assert line.endswith("; nothing was checked or recorded")
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM flowyard.quality_alerts").fetchone() == (0,)
 
 
 def test_cli_check_and_profile(fresh_db, tmp_path, state_db):

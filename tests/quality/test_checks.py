@@ -12,6 +12,7 @@ import pytest
 
 from quality.runner import GxSession, check_file, check_table, run_suites
 from quality.sql_rules import TimeWindow
+from quality.suite_spec import Rule, Suite
 from quality.suites import ENTITY_SUITES, USERS
 from tasks.errors import UserError
 from tests.quality.conftest import INFINITY, NOW, expected_for_users, injected_users, insert_users, uid
@@ -292,6 +293,40 @@ def test_a_table_the_role_may_not_read_is_one_line_naming_the_grant(limited_role
     with psycopg.connect(entity_db, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("GRANT SELECT ON projects TO {}").format(role))
     assert check_table(GxSession(), role_url, ENTITY_SUITES["tasks"]).row_count == 0
+
+
+def test_mixed_case_and_reserved_names_are_checked_as_named(fresh_db):
+    """GX's table asset lowercased an unquoted schema and never quoted the table, so a suite on
+    ``Shop.Orders`` had GX check ``shop.orders``, another table, while the score and row count
+    came from ``"Shop"."Orders"``: its broken rules passed."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "Shop"')
+        conn.execute('CREATE TABLE "Shop"."Orders" ("Id" int, "order" int)')
+        conn.execute('INSERT INTO "Shop"."Orders" VALUES (1, 1), (1, NULL), (NULL, 2)')
+        conn.execute("CREATE SCHEMA shop")
+        conn.execute('CREATE TABLE shop.orders ("Id" int, "order" int)')  # what the names fold to
+        conn.execute("INSERT INTO shop.orders VALUES (5, 5)")
+        conn.execute('CREATE TABLE "user" ("order" int)')
+        conn.execute('INSERT INTO "user" VALUES (1), (1), (2)')
+    rules = [
+        Rule(name="id_present", check="not_null", column="Id", severity="critical"),
+        Rule(name="id_unique", check="unique", column="Id", severity="critical"),
+        Rule(name="order_present", check="not_null", column="order", severity="high"),
+    ]
+    result = check_table(GxSession(), fresh_db, Suite(name="orders", table="Shop.Orders", rules=rules))
+    assert (result.target, result.row_count) == ("Shop.Orders", 3)
+    assert {r.rule: (r.success, r.unexpected_count) for r in result.rules} == {
+        "id_present": (False, 1),
+        "id_unique": (False, 2),
+        "order_present": (False, 1),
+    }
+    reserved = Suite(
+        name="user", table="user", rules=[Rule(name="order_unique", check="unique", column="order", severity="high")]
+    )
+    result = check_table(GxSession(), fresh_db, reserved)
+    assert [(r.rule, r.success, r.unexpected_count, r.error) for r in result.rules] == [
+        ("order_unique", False, 2, None)
+    ]
 
 
 def test_data_docs_are_written_only_where_asked(entity_db, tmp_path, monkeypatch):
