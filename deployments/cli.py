@@ -83,7 +83,7 @@ def _print_status() -> None:
     ]
     prefect = "stopped"
     if st.prefect_pid or st.prefect_healthy:
-        health = "healthy" if st.prefect_healthy else "not answering"
+        health = "not answering" if not st.prefect_healthy else st.prefect_unusable or "healthy"
         prefect = f"pid {st.prefect_pid}, {settings.prefect_api_url} ({health})"
     typer.echo(f"database:          {st.database}")
     typer.echo(f"embedded postgres: {embedded} ({settings.pgdata})")

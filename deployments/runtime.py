@@ -11,7 +11,16 @@ from deployments.trigger import deployment_exists
 from tasks import services
 from tasks.db import ensure_database, mask_url, with_database
 from tasks.embedded_pg import EmbeddedPostgres
-from tasks.prefect_runtime import SERVE, SERVER, api_healthy, serve_service, server_service, use_flowyard_api
+from tasks.errors import UserError
+from tasks.prefect_runtime import (
+    SERVE,
+    SERVER,
+    api_healthy,
+    require_writable_prefect_database,
+    serve_service,
+    server_service,
+    use_flowyard_api,
+)
 from tasks.settings import Settings
 from tasks.state import state_url
 
@@ -26,6 +35,8 @@ class RuntimeStatus:
     prefect_pid: int | None
     prefect_healthy: bool
     serve_pid: int | None
+    prefect_unusable: str | None = None
+    """Why a server that answers ``/health`` fails every flow run (:func:`unusable_reason`)."""
 
 
 def embedded(settings: Settings) -> EmbeddedPostgres:
@@ -33,9 +44,13 @@ def embedded(settings: Settings) -> EmbeddedPostgres:
 
 
 def ensure_prefect(settings: Settings) -> str:
-    """Start what is missing of PostgreSQL and the Prefect server; point this process at it."""
+    """Start what is missing of PostgreSQL and the Prefect server; point this process at it. A
+    server that runs already is refused when its database no longer takes writes (its start
+    checked that only once)."""
     url = state_url()
-    if not api_healthy(settings.prefect_api_url):
+    if api_healthy(settings.prefect_api_url):
+        require_writable_prefect_database(settings, url)
+    else:
         services.start(server_service(settings, url), settings.run_dir)
     use_flowyard_api(settings)
     return url
@@ -83,11 +98,23 @@ def down(settings: Settings) -> list[str]:
 
 def status(settings: Settings) -> RuntimeStatus:
     server = embedded(settings)
-    database = mask_url(settings.database_url) if settings.database_url else server.url("flowyard")
+    database = settings.database_url or server.url("flowyard")
+    healthy = api_healthy(settings.prefect_api_url)
     return RuntimeStatus(
-        database=database,
+        database=mask_url(database),
         embedded_running=None if settings.database_url else server.is_running(),
         prefect_pid=services.running_pid(settings.run_dir, SERVER),
-        prefect_healthy=api_healthy(settings.prefect_api_url),
+        prefect_healthy=healthy,
         serve_pid=services.running_pid(settings.run_dir, SERVE),
+        prefect_unusable=unusable_reason(settings, database) if healthy else None,
     )
+
+
+def unusable_reason(settings: Settings, database: str) -> str | None:
+    """:func:`require_writable_prefect_database`'s refusal, or None: ``status`` reports it rather
+    than failing, and neither starts nor migrates anything."""
+    try:
+        require_writable_prefect_database(settings, database)
+    except UserError as refused:
+        return str(refused)
+    return None

@@ -70,20 +70,45 @@ def api_healthy(api_url: str) -> bool:
         return False
 
 
-def server_database_url(settings: Settings, state_url: str) -> str:
+def prefect_database_url(settings: Settings, state_url: str) -> str:
     """Prefect's own database: ``FLOWYARD_PREFECT_DATABASE`` on the state database's server."""
+    return with_database(validate_postgres_url(state_url), settings.prefect_database)
+
+
+def server_database_url(settings: Settings, state_url: str) -> str:
+    """:func:`prefect_database_url` (created if missing, refused if unusable) for the server's SQLAlchemy."""
     ensure_database(state_url, settings.prefect_database)
-    url = with_database(validate_postgres_url(state_url), settings.prefect_database)
+    url = prefect_database_url(settings, state_url)
     require_usable_prefect_database(url, settings.prefect_database)
     return url.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
+RUNNING_SERVER_FAILS = (
+    "the Prefect server already running on it fails flow runs on each session it opens until then; restart "
+    "it afterwards (flowyard down, then flowyard up), since those sessions keep the setting"
+)
+
+
+def require_writable_prefect_database(settings: Settings, state_url: str) -> None:
+    """Refuse, in :func:`require_usable_prefect_database`'s words, a Prefect database a server that
+    runs already can no longer write in: a DBA's ``default_transaction_read_only`` set since it
+    started reaches each session it opens from then on (its pool's, once recycled or ended), while
+    ``/health`` still answers: ``flowyard up`` and ``status`` said it was healthy, and every flow
+    run failed on 503s. One new session, as the server opens them; the start-up checks (another
+    role's schema, CREATE) are not asked again: the server is migrated and runs."""
+    url = prefect_database_url(settings, state_url)
+    with connection(url) as conn:
+        refuse_read_only(conn, url, RUNNING_SERVER_FAILS)
+
+
+# Prefect's migrations name no schema: its tables go where the session's search_path puts them,
+# ``public`` unless the role's or the database's search_path names a schema before it.
 _PREFECT_DATABASE_FIT = """
-SELECT to_regclass('public.alembic_version') IS NOT NULL
-       AND NOT has_table_privilege('public.alembic_version', 'UPDATE'),
-       to_regclass('public.alembic_version') IS NULL
-       AND NOT coalesce((SELECT has_schema_privilege(oid, 'CREATE') FROM pg_namespace WHERE nspname = 'public'), false),
-       current_user
+SELECT to_regclass('alembic_version') IS NOT NULL
+       AND NOT has_table_privilege('alembic_version', 'UPDATE'),
+       to_regclass('alembic_version') IS NULL
+       AND NOT coalesce(has_schema_privilege(current_schema(), 'CREATE'), false),
+       current_user, coalesce(current_schema(), 'public')
 """
 
 
@@ -93,15 +118,15 @@ def require_usable_prefect_database(url: str, database: str) -> None:
 
     On a server several people share, the database may hold another role's Prefect: the server
     dies on its migrations table. Or it is a DBA's, empty, with CREATE granted on the database
-    but not on its ``public`` schema (PostgreSQL 15 on), where Prefect's migrations create its
-    tables: the server died with "permission denied for schema public", naming neither role nor
-    fix. A DBA's ``default_transaction_read_only`` on flowyard's role or the database (a freeze, a
-    reporting role) reaches the server's sessions too (Prefect pins only their isolation level):
-    on a fresh database the server died at its first migration; on one migrated before, it
-    started, answered healthy, and every flow run then failed on 503s from its API (``flowyard
-    up`` said all was running)."""
+    but not on its ``public`` schema (PostgreSQL 15 on) or the one the role's search_path names
+    first, where Prefect's migrations create its tables: the server died with "permission denied
+    for schema public", naming neither role nor fix. A DBA's ``default_transaction_read_only`` on
+    flowyard's role or the database (a freeze, a reporting role) reaches the server's sessions
+    too (Prefect pins only their isolation level): on a fresh database the server died at its
+    first migration; on one migrated before, it started, answered healthy, and every flow run
+    then failed on 503s from its API (``flowyard up`` said all was running)."""
     with connection(url) as conn:
-        foreign, no_create, role = one_row(conn, _PREFECT_DATABASE_FIT)
+        foreign, no_create, role, schema = one_row(conn, _PREFECT_DATABASE_FIT)
         where = f"database {database} ({mask_url(url)})"
         if foreign:
             raise UserError(
@@ -110,10 +135,11 @@ def require_usable_prefect_database(url: str, database: str) -> None:
             )
         refuse_read_only(conn, url, "the Prefect server, which writes every run's state there, was not started")
         if no_create:
+            role_sql, schema_sql = (sql.Identifier(name).as_string(conn) for name in (role, schema))
             raise UserError(
-                f"{where} lets role {role} create no tables in schema public, where Prefect keeps its "
-                f"own; have the database's owner run GRANT CREATE ON SCHEMA public TO "
-                f"{sql.Identifier(role).as_string(conn)}, or set FLOWYARD_PREFECT_DATABASE to a database of your own"
+                f"{where} lets role {role} create no tables in schema {schema}, where Prefect keeps its "
+                f"own; have the schema's owner run GRANT CREATE ON SCHEMA {schema_sql} TO {role_sql}, or set "
+                "FLOWYARD_PREFECT_DATABASE to a database of your own"
             )
 
 

@@ -14,13 +14,13 @@ from prefect import flow
 from psycopg import sql
 
 from tasks import services
-from tasks.db import connect, database_name
+from tasks.db import connect, database_name, one_row
 from tasks.embedded_pg import free_port
 from tasks.errors import ServerReadOnly, UserError
-from tasks.prefect_runtime import server_database_url, server_service
+from tasks.prefect_runtime import RUNNING_SERVER_FAILS, SERVE, server_database_url, server_service
 from tasks.services import log_file
 from tasks.settings import Settings
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_SETTINGS, run_cli
 
 
 @flow(name="hello-postgres")
@@ -72,6 +72,43 @@ def test_a_read_only_role_is_one_line_before_the_prefect_server_starts(state_db,
     assert line.endswith("; the Prefect server, which writes every run's state there, was not started")
 
 
+def test_up_and_status_on_a_running_server_whose_database_froze_since_say_so_in_one_line(state_db, fresh_db, tmp_path):
+    """A DBA's ``default_transaction_read_only``, set while the Prefect server runs, reaches every
+    session the server opens from then on (once its pool's are ended or recycled, every flow run
+    failed on 503s); its ``/health`` still answers, so ``flowyard up`` and ``status`` said it was
+    healthy."""
+    database = database_name(fresh_db)
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
+    env = {
+        "FLOWYARD_HOME": str(tmp_path),
+        "FLOWYARD_PREFECT_PORT": str(settings.prefect_port),
+        "FLOWYARD_PREFECT_DATABASE": database,
+    }
+    services.start(server_service(settings, state_db), settings.run_dir)
+    try:
+        with connect(fresh_db, autocommit=True) as conn:
+            role = one_row(conn, "SELECT current_user")[0]
+            conn.execute(
+                sql.SQL("ALTER ROLE {} IN DATABASE {} SET default_transaction_read_only = on").format(
+                    sql.Identifier(role), sql.Identifier(database)
+                )
+            )
+        frozen = (
+            f"default_transaction_read_only is on, set for role {role} in database {database} (pg_settings.source: "
+            f'database user); run ALTER ROLE "{role}" IN DATABASE "{database}" RESET default_transaction_read_only'
+        )
+        status = run_cli("status", env=env)
+        assert status.returncode == 0 and "(healthy)" not in status.stdout, status.stdout
+        server_line = next(line for line in status.stdout.splitlines() if line.startswith("prefect server:"))
+        assert frozen in server_line and server_line.endswith(f"{RUNNING_SERVER_FAILS})")
+        up = run_cli("up", env=env)
+        assert up.returncode == 2 and up.stdout == "" and up.stderr.count("\n") == 1, up.stderr
+        assert frozen in up.stderr and up.stderr.rstrip().endswith(RUNNING_SERVER_FAILS)
+        assert services.running_pid(settings.run_dir, SERVE) is None, "no deployment served on it"
+    finally:
+        assert run_cli("down", env=env).returncode == 0
+
+
 def test_a_prefect_database_whose_public_schema_takes_no_tables_of_the_role_is_one_line(
     state_db, limited_role, fresh_db, tmp_path
 ):
@@ -92,9 +129,41 @@ def test_a_prefect_database_whose_public_schema_takes_no_tables_of_the_role_is_o
     assert str(err.value).startswith(f"database {database} (")
     assert str(err.value).endswith(
         f"lets role {limited_role.name} create no tables in schema public, where Prefect keeps its own; have "
-        f'the database\'s owner run GRANT CREATE ON SCHEMA public TO "{limited_role.name}", or set '
+        f'the schema\'s owner run GRANT CREATE ON SCHEMA "public" TO "{limited_role.name}", or set '
         "FLOWYARD_PREFECT_DATABASE to a database of your own"
     )
+
+
+def test_the_schema_a_roles_search_path_gives_prefect_is_the_one_checked(state_db, limited_role, fresh_db, tmp_path):
+    """A role whose ``search_path`` names a schema of its own (a DBA's database: ``CREATE SCHEMA
+    prefect AUTHORIZATION …``, ``ALTER ROLE … SET search_path``) gets Prefect's tables there, not
+    in ``public``: such a database was refused for lacking CREATE on ``public``, and one whose
+    ``public`` took the role's tables passed though the server would die creating them in a
+    schema it could not create in."""
+    database = database_name(fresh_db)
+    with connect(fresh_db, autocommit=True) as conn:
+        role = sql.Identifier(limited_role.name)
+        conn.execute(sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(sql.Identifier(database), role))
+        conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(role))
+        conn.execute("CREATE SCHEMA prefect")
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA prefect TO {}").format(role))
+        conn.execute(
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET search_path = prefect, public").format(
+                role, sql.Identifier(database)
+            )
+        )
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
+    with pytest.raises(UserError) as err:
+        server_database_url(settings, limited_role.url(state_db))
+    assert str(err.value).endswith(
+        f"lets role {limited_role.name} create no tables in schema prefect, where Prefect keeps its own; have "
+        f'the schema\'s owner run GRANT CREATE ON SCHEMA "prefect" TO "{limited_role.name}", or set '
+        "FLOWYARD_PREFECT_DATABASE to a database of your own"
+    )
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))
+        conn.execute(sql.SQL("ALTER SCHEMA prefect OWNER TO {}").format(role))
+    assert server_database_url(settings, limited_role.url(state_db)).startswith("postgresql+asyncpg://")
 
 
 def test_a_service_that_dies_at_start_up_names_its_root_cause(tmp_path):
