@@ -72,17 +72,11 @@ class TableSource:
     def table_ref(self) -> sql.Composable:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.table))
 
-    def query(self) -> sql.Composable:
-        """``SELECT *`` of the rows under check: GX's query asset, quoted by psycopg. (GX's table
-        asset lowercases an unquoted schema and never quotes the table, so ``"Shop"."Orders"`` was
-        read as ``shop.orders``: another table, or none.) Window bounds are literals because GX
-        query assets take no parameters."""
-        rows = sql.SQL("SELECT * FROM {}").format(self.table_ref)
-        if self.window is None:
-            return rows
-        assert self.timestamp_column is not None, "for_suite requires a timestamp column for windows"
-        return sql.SQL("{} WHERE {col} >= {start} AND {col} < {end}").format(
-            rows,
+    def window_query(self) -> sql.Composable:
+        """``SELECT *`` of the window. Bounds are literals because GX query assets take no parameters."""
+        assert self.window is not None and self.timestamp_column is not None
+        return sql.SQL("SELECT * FROM {} WHERE {col} >= {start} AND {col} < {end}").format(
+            self.table_ref,
             col=sql.Identifier(self.timestamp_column),
             start=sql.Literal(self.window.start),
             end=sql.Literal(self.window.end),
@@ -90,7 +84,7 @@ class TableSource:
 
     def relation(self) -> sql.Composable:
         """A FROM item for the rows under check."""
-        return self.table_ref if self.window is None else sql.SQL("({})").format(self.query())
+        return self.table_ref if self.window is None else sql.SQL("({})").format(self.window_query())
 
 
 @dataclass(frozen=True)
