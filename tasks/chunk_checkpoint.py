@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from tasks.chunk_plan import Chunk
 from tasks.db import connection
-from tasks.errors import first_line
+from tasks.errors import ConnectionUnavailable, first_line
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def failure_recorded(target_url: str, run_key: str) -> Iterator[None]:
     """A run stopped by an error, a cancellation or Ctrl-C is recorded as ``failed`` with why,
     instead of staying ``running`` for ``flowyard bulk status`` to show forever. When the target
     itself is what failed, the record cannot be written; status then tells the run is gone by
-    its free advisory lock (:func:`run_lock_name`)."""
+    its free advisory lock (:func:`run_lock_name`), and the run's own error goes on: a refused
+    connection (:class:`ConnectionUnavailable`, not a ``psycopg.Error``) took its place."""
     try:
         yield
     except BaseException as exc:
@@ -104,7 +105,7 @@ def failure_recorded(target_url: str, run_key: str) -> Iterator[None]:
         try:
             with connection(target_url) as conn:
                 finish_run(conn, run_key, {}, error=why)
-        except psycopg.Error:
+        except (psycopg.Error, ConnectionUnavailable):
             pass
         raise
 
