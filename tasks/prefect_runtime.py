@@ -9,12 +9,15 @@ so the server always gets ``PREFECT_API_DATABASE_CONNECTION_URL`` pointing at a
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import httpx
 from psycopg import sql
+from psycopg.conninfo import timeout_from_conninfo
 
 from tasks import services
 from tasks.db import (
@@ -75,12 +78,105 @@ def prefect_database_url(settings: Settings, state_url: str) -> str:
     return with_database(validate_postgres_url(state_url), settings.prefect_database)
 
 
-def server_database_url(settings: Settings, state_url: str) -> str:
-    """:func:`prefect_database_url` (created if missing, refused if unusable) for the server's SQLAlchemy."""
-    ensure_database(state_url, settings.prefect_database)
+def server_database(settings: Settings, state_url: str) -> tuple[str, dict[str, str]]:
+    """:func:`prefect_database_url` (created if missing, refused if unusable) for the server's
+    SQLAlchemy, and the environment that carries the URL's libpq options (:func:`asyncpg_target`).
+    Those are refused before anything is created, as the server would die on them at start."""
     url = prefect_database_url(settings, state_url)
+    target = asyncpg_target(url)
+    ensure_database(state_url, settings.prefect_database)
     require_usable_prefect_database(url, settings.prefect_database)
-    return url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    return target
+
+
+_ASYNCPG_KEYWORDS = {
+    "host": "host",
+    "port": "port",
+    "user": "user",
+    "password": "password",
+    "passfile": "passfile",
+    "service": "service",
+    "krbsrvname": "krbsrvname",
+    "gsslib": "gsslib",
+    "target_session_attrs": "target_session_attrs",
+    "sslmode": "ssl",
+}
+"""libpq's options that ``asyncpg.connect`` takes as a keyword (its name here) with libpq's values:
+SQLAlchemy's asyncpg dialect hands every query parameter of the URL to it as a keyword, and one it
+has not (``sslmode``) killed the Prefect server at start ("unexpected keyword argument")."""
+
+_APPLICATION_NAME = "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_APPLICATION_NAME"
+_SERVER_ENV = {
+    "application_name": _APPLICATION_NAME,
+    "connect_timeout": "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcrl": "PGSSLCRL",
+    "sslnegotiation": "PGSSLNEGOTIATION",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+}
+"""libpq's options that reach the server's asyncpg sessions only through its environment: Prefect's
+settings (it passes its own connect ``timeout``, which overrides the URL's) and the libpq variables
+asyncpg reads when not given the keyword."""
+
+_SESSION_SETTINGS = {
+    "application_name": _APPLICATION_NAME,
+    "search_path": "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_SEARCH_PATH",
+}
+"""The settings of a URL's ``options`` (``-c name=value``) Prefect applies to its sessions
+(``server_settings``), with the setting it takes them from."""
+
+_ONE_URL = "one URL serves flowyard's sessions and the Prefect server's"
+
+
+def asyncpg_target(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` (``postgresql://``, validated) for SQLAlchemy's asyncpg dialect, and the Prefect
+    server's environment for the URL's libpq options asyncpg takes no keyword for
+    (:data:`_SERVER_ENV`, :data:`_SESSION_SETTINGS`). Any other option is refused in one line: the
+    server would die on it, and flowyard's own sessions keep the URL as it is."""
+    base, _, query = url.partition("?")
+    kept: dict[str, str] = {}  # the last of a repeated option wins, as in libpq
+    env: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):  # not parse_qsl: libpq reads '+' as itself
+        name, _, value = (unquote(part) for part in pair.partition("="))
+        if name in _ASYNCPG_KEYWORDS:
+            kept[_ASYNCPG_KEYWORDS[name]] = value
+        elif name == "connect_timeout":  # as psycopg reads it for flowyard (at least 2 s; 0: 130 s)
+            env[_SERVER_ENV[name]] = str(timeout_from_conninfo({name: value}))
+        elif name in _SERVER_ENV:
+            env[_SERVER_ENV[name]] = value
+        elif name == "options":
+            env.update(_session_settings(value))
+        else:
+            takes = ", ".join([*_ASYNCPG_KEYWORDS, *_SERVER_ENV, "options"])
+            raise UserError(
+                f"the Prefect server cannot take libpq's option {name} of FLOWYARD_DATABASE_URL ({_ONE_URL}; "
+                f"its driver, asyncpg, has no such option); remove it from the URL (the server takes {takes})"
+            )
+    query = "&".join(f"{keyword}={quote(value, safe='')}" for keyword, value in kept.items())
+    return base.replace("postgresql://", "postgresql+asyncpg://", 1) + (f"?{query}" if query else ""), env
+
+
+def _session_settings(options: str) -> dict[str, str]:
+    """The Prefect server's environment for a libpq ``options`` value, split as PostgreSQL splits it
+    (blanks, a backslash escaping the next character): ``-c name=value``, ``-cname=value`` or
+    ``--name=value`` of :data:`_SESSION_SETTINGS`; another setting or switch is refused."""
+    env: dict[str, str] = {}
+    tokens = iter(re.sub(r"\\(.)", r"\1", token) for token in re.findall(r"(?:\\.|[^\s\\])+", options))
+    for token in tokens:
+        setting = next(tokens, "") if token == "-c" else token[2:] if token.startswith(("-c", "--")) else ""
+        name, equals, value = setting.partition("=")
+        name = name.replace("-", "_")  # as PostgreSQL reads -c and -- names
+        if not equals or name not in _SESSION_SETTINGS:
+            raise UserError(
+                f"the Prefect server cannot take {f'the setting {name}' if equals else repr(token)} of the options "
+                f"of FLOWYARD_DATABASE_URL ({_ONE_URL}; it applies only -c {' and -c '.join(_SESSION_SETTINGS)}); "
+                "remove it from the URL, and set a setting for the role instead (ALTER ROLE ... SET name = value)"
+            )
+        env[_SESSION_SETTINGS[name]] = value
+    return env
 
 
 RUNNING_SERVER_FAILS = (
@@ -144,12 +240,15 @@ def require_usable_prefect_database(url: str, database: str) -> None:
 
 
 def server_service(settings: Settings, state_url: str) -> services.Service:
-    """``prefect server start`` on flowyard's PostgreSQL, with the task-run recorder batching."""
+    """``prefect server start`` on flowyard's PostgreSQL (its URL's libpq options in asyncpg's and
+    Prefect's forms, :func:`asyncpg_target`), with the task-run recorder batching."""
+    database_url, database_env = server_database(settings, state_url)
     env = {
         **TASK_RUN_RECORDER_BATCHING,
         **os.environ,
         **prefect_client_env(settings),
-        "PREFECT_API_DATABASE_CONNECTION_URL": server_database_url(settings, state_url),
+        **database_env,
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url,
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
     }

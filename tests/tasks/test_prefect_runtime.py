@@ -17,7 +17,7 @@ from tasks import services
 from tasks.db import connect, database_name, one_row
 from tasks.embedded_pg import free_port
 from tasks.errors import ServerReadOnly, UserError
-from tasks.prefect_runtime import RUNNING_SERVER_FAILS, SERVE, server_database_url, server_service
+from tasks.prefect_runtime import RUNNING_SERVER_FAILS, SERVE, SERVER, server_database, server_service
 from tasks.services import log_file
 from tasks.settings import Settings
 from tests.conftest import TEST_SETTINGS, run_cli
@@ -53,8 +53,8 @@ def test_a_prefect_database_holding_another_roles_prefect_is_one_line(prefect_ap
         UserError,
         match=r"^database prefect \(.*\) holds another role's Prefect schema; set FLOWYARD_PREFECT_DATABASE",
     ):
-        server_database_url(TEST_SETTINGS, limited_role.url(state_db))
-    assert server_database_url(TEST_SETTINGS, state_db).startswith("postgresql+asyncpg://")
+        server_database(TEST_SETTINGS, limited_role.url(state_db))
+    assert server_database(TEST_SETTINGS, state_db)[0].startswith("postgresql+asyncpg://")
 
 
 def test_a_read_only_role_is_one_line_before_the_prefect_server_starts(state_db, limited_role, fresh_db, tmp_path):
@@ -154,7 +154,7 @@ def test_the_schema_a_roles_search_path_gives_prefect_is_the_one_checked(state_d
         )
     settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
     with pytest.raises(UserError) as err:
-        server_database_url(settings, limited_role.url(state_db))
+        server_database(settings, limited_role.url(state_db))
     assert str(err.value).endswith(
         f"lets role {limited_role.name} create no tables in schema prefect, where Prefect keeps its own; have "
         f'the schema\'s owner run GRANT CREATE ON SCHEMA "prefect" TO "{limited_role.name}", or set '
@@ -163,7 +163,7 @@ def test_the_schema_a_roles_search_path_gives_prefect_is_the_one_checked(state_d
     with connect(fresh_db, autocommit=True) as conn:
         conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(role))
         conn.execute(sql.SQL("ALTER SCHEMA prefect OWNER TO {}").format(role))
-    assert server_database_url(settings, limited_role.url(state_db)).startswith("postgresql+asyncpg://")
+    assert server_database(settings, limited_role.url(state_db))[0].startswith("postgresql+asyncpg://")
 
 
 def test_a_service_that_dies_at_start_up_names_its_root_cause(tmp_path):
@@ -248,3 +248,49 @@ def test_two_processes_starting_a_service_at_once_start_it_once(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_the_prefect_server_starts_on_a_url_with_libpq_options(state_db, fresh_db, tmp_path):
+    """A managed PostgreSQL's URL carries libpq options (``sslmode``, ``application_name``,
+    ``connect_timeout``, ``options=-c search_path=…``, ``target_session_attrs``), which flowyard's
+    psycopg sessions take; SQLAlchemy's asyncpg dialect handed each to ``asyncpg.connect`` as a
+    keyword it has not, and the Prefect server died at start ("unexpected keyword argument")."""
+    database = database_name(fresh_db)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA prefect_tables")
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
+    options = (
+        "sslmode=prefer&application_name=flowyard-test&connect_timeout=10&target_session_attrs=read-write"
+        "&options=-c%20search_path%3Dprefect_tables,public"
+    )
+    services.start(server_service(settings, f"{state_db}?{options}"), settings.run_dir)
+    try:
+        assert httpx.get(f"{settings.prefect_api_url}/health").json() is True
+        with connect(fresh_db, autocommit=True) as conn:
+            assert one_row(conn, "SELECT to_regclass('prefect_tables.alembic_version') IS NOT NULL")[0]
+            names = conn.execute(
+                "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = %s", (database,)
+            ).fetchall()
+        assert ("flowyard-test",) in names
+    finally:
+        services.stop(settings.run_dir, SERVER)
+
+
+def test_a_libpq_option_the_prefect_server_cannot_take_is_one_line_before_anything_starts(state_db, tmp_path):
+    """An option of the URL asyncpg has no equivalent for (``keepalives``), or a session setting in
+    its ``options`` Prefect does not apply (``statement_timeout``): the server died at start on it,
+    after its database had been created, and only its log said why."""
+    database = "prefect_never_created"
+    settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
+    refusals = {
+        "keepalives=1": "the Prefect server cannot take libpq's option keepalives of FLOWYARD_DATABASE_URL (",
+        "options=-c%20statement_timeout%3D5s": "the Prefect server cannot take the setting statement_timeout of the "
+        "options of FLOWYARD_DATABASE_URL (",
+    }
+    for option, refusal in refusals.items():
+        with pytest.raises(UserError) as err:
+            server_service(settings, f"{state_db}?sslmode=disable&{option}")
+        assert str(err.value).startswith(refusal) and "\n" not in str(err.value)
+    assert not services.log_file(settings.run_dir, SERVER).exists()
+    with connect(state_db) as conn:
+        assert one_row(conn, "SELECT count(*) FROM pg_database WHERE datname = %s", (database,))[0] == 0
