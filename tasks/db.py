@@ -88,7 +88,8 @@ def validate_postgres_url(url: str) -> str:
         params = conninfo_to_dict(normalised)
         timeout_from_conninfo(params)
         reason = (
-            _bad_port(str(params.get("port") or ""))
+            _dbname_in_query(parts.query)
+            or _bad_port(str(params.get("port") or ""))
             or _bad_choice(params)
             or _bad_replication(params)
             or _bad_require_auth(params)
@@ -104,6 +105,15 @@ def validate_postgres_url(url: str) -> str:
             "(percent-encode special characters, e.g. %25 for %; keep to libpq's query parameters)"
         ) from None
     return normalised
+
+
+def _dbname_in_query(query: str) -> str | None:
+    """Why a URL naming its database in the query (``?dbname=``) is unusable, or None: libpq takes
+    it over the path's, while flowyard reads and replaces the path's (the Prefect database, the
+    maintenance database a restore drops and renames from), so those sessions reached the query's."""
+    if any(unquote(pair.partition("=")[0]) == "dbname" for pair in query.split("&")):
+        return "its query names the database (dbname=); give the database in the path instead (postgresql://host/database)"
+    return None
 
 
 def _bad_port(ports: str) -> str | None:

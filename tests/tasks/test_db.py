@@ -199,6 +199,7 @@ def test_a_url_libpq_cannot_parse_is_one_line_without_its_password(url, reason):
     ("query", "reason"),
     [
         ("sslmode=bogus", "sslmode 'bogus' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+        ("sslmode=prefer&dbname=other", "its query names the database (dbname=); give the database in the path"),
         ("sslmode=REQUIRE", "sslmode 'REQUIRE' is not one of disable, allow"),
         ("sslmode=", "sslmode '' is not one of disable, allow"),
         ("target_session_attrs=primary&gssencmode=maybe", "gssencmode 'maybe' is not one of disable, prefer, require"),
