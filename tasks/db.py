@@ -107,11 +107,20 @@ def validate_postgres_url(url: str) -> str:
     return normalised
 
 
+def query_options(query: str) -> list[tuple[str, str]]:
+    """A URL query's options in order, each name and value percent-decoded, as libpq reads them
+    (not :func:`urllib.parse.parse_qsl`, which takes ``+`` for a blank)."""
+    return [
+        (unquote(name), unquote(value))
+        for name, _, value in (pair.partition("=") for pair in query.split("&") if pair)
+    ]
+
+
 def _dbname_in_query(query: str) -> str | None:
     """Why a URL naming its database in the query (``?dbname=``) is unusable, or None: libpq takes
     it over the path's, while flowyard reads and replaces the path's (the Prefect database, the
     maintenance database a restore drops and renames from), so those sessions reached the query's."""
-    if any(unquote(pair.partition("=")[0]) == "dbname" for pair in query.split("&")):
+    if any(name == "dbname" for name, _ in query_options(query)):
         return "its query names the database (dbname=); give the database in the path instead (postgresql://host/database)"
     return None
 

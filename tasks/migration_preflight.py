@@ -19,7 +19,7 @@ from tasks.alembic_deploy import MigrationStatus, migration_status
 from tasks.db import connection, one_row, refuse_read_only
 from tasks.errors import UserError, check_user_dir, nearest_existing
 from tasks.integrity import IntegrityReport, check_integrity
-from tasks.pg_backup import pg_binaries
+from tasks.pg_backup import pg_binaries, server_major
 from tasks.revision_checksums import edited_revisions
 
 FREE_SPACE_FACTOR = 2
@@ -96,7 +96,7 @@ def run_preflight(
         if writes:
             refuse_read_only(conn, url, "nothing was changed (no backup taken, no revision run)")
         version = one_row(conn, "SHOW server_version")[0]
-        major = conn.info.server_version // 10000
+        major = server_major(conn)
         size = one_row(conn, "SELECT pg_database_size(current_database())")[0]
         sessions = active_connections(conn)
         unvalidated = unvalidated_constraints(conn)

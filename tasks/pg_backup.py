@@ -125,9 +125,9 @@ def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
     return out.decode(errors="replace")
 
 
-def server_major(url: str) -> int:
-    with connection(url) as conn:
-        return conn.info.server_version // 10000
+def server_major(conn: psycopg.Connection) -> int:
+    """The server's major version, whose ``pg_dump``/``pg_restore`` a backup needs (:func:`pg_binaries`)."""
+    return conn.info.server_version // 10000
 
 
 def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
@@ -143,7 +143,7 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
     """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``."""
     started = time.monotonic()
     with connection(url) as conn:
-        major = conn.info.server_version // 10000
+        major = server_major(conn)
         read_only = bool(one_row(conn, "SELECT current_setting('default_transaction_read_only')::boolean")[0])
     bin_dir = pg_binaries(major)
     directory = make_user_dir(backup_dir, "backup directory")

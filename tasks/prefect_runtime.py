@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import httpx
 from psycopg import sql
@@ -25,6 +25,7 @@ from tasks.db import (
     ensure_database,
     mask_url,
     one_row,
+    query_options,
     refuse_read_only,
     validate_postgres_url,
     with_database,
@@ -90,17 +91,9 @@ def server_database(settings: Settings, state_url: str) -> tuple[str, dict[str, 
 
 
 _ASYNCPG_KEYWORDS = {
-    "host": "host",
-    "port": "port",
-    "user": "user",
-    "password": "password",
-    "passfile": "passfile",
-    "service": "service",
-    "krbsrvname": "krbsrvname",
-    "gsslib": "gsslib",
-    "target_session_attrs": "target_session_attrs",
-    "sslmode": "ssl",
-}
+    name: name
+    for name in ("host", "port", "user", "password", "passfile", "service", "krbsrvname", "gsslib", "target_session_attrs")
+} | {"sslmode": "ssl"}
 """libpq's options that ``asyncpg.connect`` takes as a keyword (its name here) with libpq's values:
 SQLAlchemy's asyncpg dialect hands every query parameter of the URL to it as a keyword, and one it
 has not (``sslmode``) killed the Prefect server at start ("unexpected keyword argument")."""
@@ -139,8 +132,7 @@ def asyncpg_target(url: str) -> tuple[str, dict[str, str]]:
     base, _, query = url.partition("?")
     kept: dict[str, str] = {}  # the last of a repeated option wins, as in libpq
     env: dict[str, str] = {}
-    for pair in filter(None, query.split("&")):  # not parse_qsl: libpq reads '+' as itself
-        name, _, value = (unquote(part) for part in pair.partition("="))
+    for name, value in query_options(query):
         if name in _ASYNCPG_KEYWORDS:
             kept[_ASYNCPG_KEYWORDS[name]] = value
         elif name == "connect_timeout":  # as psycopg reads it for flowyard (at least 2 s; 0: 130 s)

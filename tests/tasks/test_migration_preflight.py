@@ -35,7 +35,8 @@ def test_preflight_reports_state_and_soft_problems(fresh_db, tmp_path):
     finally:
         bystander.close()
 
-    major = server_major(fresh_db)
+    with psycopg.connect(fresh_db) as conn:
+        major = server_major(conn)
     assert report.server_major == major and report.server_version.startswith(str(major))
     assert report.database_bytes > 0 and report.free_bytes >= 2 * report.database_bytes
     assert report.active_connections >= 1
