@@ -171,6 +171,13 @@ def _bad_require_auth(params: dict[str, Any]) -> str | None:
     return None
 
 
+def tls_version(value: str) -> str:
+    """A valid ``ssl_min_protocol_version`` or ``ssl_max_protocol_version`` spelt as
+    :data:`_TLS_VERSIONS` spells it (empty stays empty: unset). libpq takes any case; asyncpg, the
+    Prefect server's driver, only this one ("No such TLS version: tlsv1.2" at the server's start)."""
+    return _TLS_VERSIONS[_TLS_RANKS[value.lower()]] if value else value
+
+
 def _bad_tls_range(params: dict[str, Any]) -> str | None:
     """Why the URL's ``ssl_min_protocol_version`` or ``ssl_max_protocol_version`` is unusable (no
     TLS version of :data:`_TLS_VERSIONS`, or a minimum above the maximum), or None."""

@@ -27,6 +27,7 @@ from tasks.db import (
     one_row,
     query_options,
     refuse_read_only,
+    tls_version,
     validate_postgres_url,
     with_database,
 )
@@ -114,6 +115,15 @@ _SERVER_ENV = {
 settings (it passes its own connect ``timeout``, which overrides the URL's) and the libpq variables
 asyncpg reads when not given the keyword."""
 
+_SERVER_SPELLING: dict[str, Callable[[str], str]] = {
+    # as psycopg reads it for flowyard (at least 2 s; 0: 130 s)
+    "connect_timeout": lambda value: str(timeout_from_conninfo({"connect_timeout": value})),
+    "ssl_min_protocol_version": tls_version,
+    "ssl_max_protocol_version": tls_version,
+}
+"""How an option of :data:`_SERVER_ENV` is spelt for the server where libpq's spelling is not
+asyncpg's or Prefect's."""
+
 _SESSION_SETTINGS = {
     "application_name": _APPLICATION_NAME,
     "search_path": "PREFECT_SERVER_DATABASE_SQLALCHEMY_CONNECT_ARGS_SEARCH_PATH",
@@ -135,10 +145,8 @@ def asyncpg_target(url: str) -> tuple[str, dict[str, str]]:
     for name, value in query_options(query):
         if name in _ASYNCPG_KEYWORDS:
             kept[_ASYNCPG_KEYWORDS[name]] = value
-        elif name == "connect_timeout":  # as psycopg reads it for flowyard (at least 2 s; 0: 130 s)
-            env[_SERVER_ENV[name]] = str(timeout_from_conninfo({name: value}))
         elif name in _SERVER_ENV:
-            env[_SERVER_ENV[name]] = value
+            env[_SERVER_ENV[name]] = _SERVER_SPELLING.get(name, str)(value)
         elif name == "options":
             env.update(_session_settings(value))
         else:

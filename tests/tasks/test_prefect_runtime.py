@@ -252,16 +252,17 @@ def test_two_processes_starting_a_service_at_once_start_it_once(tmp_path):
 
 def test_the_prefect_server_starts_on_a_url_with_libpq_options(state_db, fresh_db, tmp_path):
     """A managed PostgreSQL's URL carries libpq options (``sslmode``, ``application_name``,
-    ``connect_timeout``, ``options=-c search_path=…``, ``target_session_attrs``), which flowyard's
-    psycopg sessions take; SQLAlchemy's asyncpg dialect handed each to ``asyncpg.connect`` as a
-    keyword it has not, and the Prefect server died at start ("unexpected keyword argument")."""
+    ``connect_timeout``, ``options=-c search_path=…``, ``target_session_attrs``, a TLS version in any
+    case), which flowyard's psycopg sessions take; SQLAlchemy's asyncpg dialect handed each to
+    ``asyncpg.connect`` as a keyword it has not, and the Prefect server died at start ("unexpected
+    keyword argument"; "No such TLS version: tlsv1.2" for the lower-case one libpq takes)."""
     database = database_name(fresh_db)
     with connect(fresh_db, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA prefect_tables")
     settings = Settings(home=tmp_path, prefect_port=free_port(), prefect_database=database)
     options = (
         "sslmode=prefer&application_name=flowyard-test&connect_timeout=10&target_session_attrs=read-write"
-        "&options=-c%20search_path%3Dprefect_tables,public"
+        "&options=-c%20search_path%3Dprefect_tables,public&ssl_min_protocol_version=tlsv1.2"
     )
     services.start(server_service(settings, f"{state_db}?{options}"), settings.run_dir)
     try:
