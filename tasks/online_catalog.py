@@ -133,6 +133,8 @@ class SchemaSnapshot:
     schema: str
     tables: dict[str, TableInfo]
     indexes: set[str]
+    server_version: int
+    """``server_version_num`` of the target: what its DDL may use (see ``_Planner.refuse_key_before_18``)."""
 
 
 _COLUMNS = """
@@ -253,4 +255,4 @@ def snapshot(conn: psycopg.Connection, schema: str) -> SchemaSnapshot:
             "SELECT indexname FROM pg_indexes WHERE schemaname = %s", (schema,)
         ).fetchall()
     }
-    return SchemaSnapshot(schema, tables, indexes)
+    return SchemaSnapshot(schema, tables, indexes, conn.info.server_version)

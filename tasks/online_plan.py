@@ -403,6 +403,18 @@ class _Planner:
     def alter(self, table: str, *actions: sql.Composable) -> str:
         return _render(sql.SQL("ALTER TABLE {} {}").format(self.tbl(table), sql.SQL(", ").join(actions)))
 
+    def refuse_key_before_18(self, where: str, table: str, name: str) -> None:
+        """PostgreSQL 14-17 refuse a foreign key ``NOT VALID`` on a partitioned table (18 takes it),
+        and one added valid would hold both tables' locks while it checks every row: such a key is
+        refused before anything runs, not at start's NOT VALID step after the schema was changed."""
+        info = self.snap.tables.get(table)
+        if self.snap.server_version < 180000 and info is not None and info.partitioned:
+            raise UserError(
+                f"{where}: foreign key {name} on partitioned table {self.schema}.{table} cannot be added "
+                f"NOT VALID before PostgreSQL 18 (this server runs PostgreSQL {self.snap.server_version // 10000}); add it to "
+                "each partition by hand instead, or upgrade the server"
+            )
+
     def add_not_valid(
         self,
         table: str,
@@ -459,7 +471,9 @@ class _Planner:
             ],
         )
 
-    def constraints(self, table: str, column: str, physical: str, col: Column | AlterColumn) -> None:
+    def constraints(
+        self, where: str, table: str, column: str, physical: str, col: Column | AlterColumn
+    ) -> None:
         """CHECK / FOREIGN KEY NOT VALID + VALIDATE, UNIQUE via a concurrent index attached at complete."""
         if col.check is not None:
             expression = rename_identifier(col.check.constraint, column, physical)
@@ -474,9 +488,11 @@ class _Planner:
                 w.info.name == ref.table for w in self.tables.values()
             ):
                 raise UserError(f"references: table {self.schema}.{ref.table} does not exist")
+            name = ref.name or f"{table}_{column}_fkey"
+            self.refuse_key_before_18(where, table, name)
             self.add_not_valid(
                 table,
-                ref.name or f"{table}_{column}_fkey",
+                name,
                 sql.SQL("FOREIGN KEY ({}) REFERENCES {} ({}) ON DELETE {}").format(
                     sql.Identifier(physical),
                     self.tbl(ref.table),
@@ -554,6 +570,7 @@ class _Planner:
             self.rebuild_index(where, work, index, column, shadow)
         for constraint in (c for c in info.constraints if column in c.columns):
             if constraint.type == "f":  # rename the referencing side only
+                self.refuse_key_before_18(where, table, constraint.name)
                 head, tail = _split_at(constraint.definition, "references")
                 definition = rename_identifier(head, column, shadow) + tail
             else:
@@ -673,6 +690,7 @@ class _Planner:
                 f"{where}: foreign key {fk.table}.{fk.name} references it from a table this migration also alters; "
                 "alter them in separate migrations"
             )
+        self.refuse_key_before_18(where, fk.table, fk.name)
         temp = _temp_name(fk.name)
         head, tail = _split_at(fk.definition, "references")
         definition = head + rename_identifier(tail, column, shadow)
@@ -727,7 +745,7 @@ class _Planner:
             )
             if not c.nullable:
                 self.not_null_check(work, c.name, c.name)
-        self.constraints(table, c.name, c.name, c)
+        self.constraints(f"operation {i} (add_column)", table, c.name, c.name, c)
 
     def drop_column(self, i: int, op: DropColumn) -> None:
         work = self.work(i, "drop_column", op.table)
@@ -841,7 +859,7 @@ class _Planner:
         if op.nullable is False or (op.nullable is None and info.not_null):
             self.not_null_check(work, op.column, shadow)
         self.rebuild_dependents(i, work, op.column, shadow, op.type)
-        self.constraints(table, op.column, shadow, op)
+        self.constraints(f"operation {i} (alter_column)", table, op.column, shadow, op)
 
     def create_index(self, i: int, op: CreateIndex) -> None:
         work = self.work(i, "create_index", op.table)

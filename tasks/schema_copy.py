@@ -536,8 +536,19 @@ def source_foreign_keys(
     return keys
 
 
+def _takes_not_valid_key(target: psycopg.Connection, table: sql.Identifier) -> bool:
+    """Whether ``table`` may get a foreign key ``NOT VALID``: PostgreSQL 14-17 refuse that on a
+    partitioned table ("cannot add NOT VALID foreign key on partitioned table"), which 18 allows."""
+    if target.info.server_version >= 180000:
+        return True
+    query = "SELECT relkind <> 'p' FROM pg_class WHERE oid = %s::regclass"
+    return bool(one_row(target, query, (table.as_string(target),))[0])
+
+
 def add_foreign_keys(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> list[str]:
     """Add each foreign key ``NOT VALID`` (instant), then ``VALIDATE`` it (no exclusive lock).
+    On a partitioned table of PostgreSQL 14-17, which refuse ``NOT VALID`` there, the key is added
+    validated in one statement (a key the source left unvalidated too: it cannot be otherwise).
 
     A key whose rows do not validate fails with a one-line message naming it.
     """
@@ -550,29 +561,32 @@ def add_foreign_keys(target: psycopg.Connection, keys: Sequence[ForeignKey]) -> 
         if exists:
             continue
         definition = key.definition.removesuffix(" NOT VALID")
+        validated_now = not _takes_not_valid_key(target, key.table)
         try:
             target.execute(
-                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
-                    key.table, sql.Identifier(key.name), sql.SQL(definition)
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}{}").format(
+                    key.table,
+                    sql.Identifier(key.name),
+                    sql.SQL(definition),
+                    sql.SQL("" if validated_now else " NOT VALID"),
                 )
             )
+            if not validated_now and definition == key.definition:
+                with target.transaction():
+                    target.execute(
+                        sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                            key.table, sql.Identifier(key.name)
+                        )
+                    )
         except psycopg.errors.UndefinedTable:
             continue  # the referenced table was not copied and does not exist in the target
-        if definition != key.definition:
-            continue
-        try:
-            with target.transaction():
-                target.execute(
-                    sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-                        key.table, sql.Identifier(key.name)
-                    )
-                )
         except psycopg.errors.ForeignKeyViolation as exc:
             raise UserError(
                 f"foreign key {key.name} on {key.table.as_string(target)} does not hold in the copied data: "
                 f"{exc.diag.message_detail or exc.diag.message_primary}; fix the source rows or leave the table out"
             ) from None
-        added.append(key.name)
+        if validated_now or definition == key.definition:
+            added.append(key.name)
     return added
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,34 @@ def test_operations_on_missing_or_indexed_columns_are_refused(fresh_db: str, sta
         conn.execute("CREATE INDEX parts_k ON parts (k)")
     with pytest.raises(UserError, match=r"parts.k is indexed \(parts_k\) on a partitioned table"):
         plan_for(fresh_db, state_db, {"name": "bad", "operations": [widen("parts", "k")]})
+
+
+@pytest.mark.parametrize("server", ["fresh_db", "older_db"])
+def test_a_foreign_key_on_a_partitioned_table_is_refused_before_postgresql_18(
+    server: str, state_db: str, request: pytest.FixtureRequest
+) -> None:
+    """PostgreSQL 14-17 refuse a foreign key NOT VALID on a partitioned table: the plan says so
+    in one line, before start changes anything (18 takes the key as on any table)."""
+    url = request.getfixturevalue(server)
+    with connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE owners (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE parts (id int PRIMARY KEY, k int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE parts_low PARTITION OF parts FOR VALUES FROM (0) TO (100)")
+        older = conn.info.server_version < 180000
+    column = {"name": "owner", "type": "int", "references": {"table": "owners", "column": "id"}}
+    spec = {"name": "pfk", "operations": [{"add_column": {"table": "parts", "column": column}}]}
+    if not older:
+        titles = [step.title for step in plan_for(url, state_db, spec).start]
+        assert "add constraint parts_owner_fkey NOT VALID on parts" in titles
+        return
+    with pytest.raises(UserError) as err:
+        plan_for(url, state_db, spec)
+    assert re.fullmatch(
+        r"operation 0 \(add_column\): foreign key parts_owner_fkey on partitioned table public\.parts "
+        r"cannot be added NOT VALID before PostgreSQL 18 \(this server runs PostgreSQL 1[4-7]\); add it to each "
+        r"partition .*",
+        str(err.value),
+    )
 
 
 def test_a_backfill_without_a_key_is_refused_in_one_line(fresh_db: str, state_db: str) -> None:

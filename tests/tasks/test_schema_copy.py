@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks.bulk_sources import Column, TableInfo
 from tasks.db import connection, database_name, drop_database, ensure_database
 from tasks.errors import UserError, tool_error
-from tasks.schema_copy import copy_table_ddl, create_mapped_table, replayable_on, table_exists
+from tasks.schema_copy import (
+    ForeignKey,
+    add_foreign_keys,
+    copy_table_ddl,
+    create_mapped_table,
+    replayable_on,
+    table_exists,
+)
 
 
 @pytest.mark.parametrize("pg_type", ["dubble", "integer); DROP TABLE victim; --"])
@@ -61,6 +69,35 @@ def test_replayable_on_drops_only_the_setting_older_servers_lack():
     script = "SET statement_timeout = 0;\nSET transaction_timeout = 0;\nCREATE TABLE t (a int);\n"
     assert replayable_on(script, 160004) == "SET statement_timeout = 0;\nCREATE TABLE t (a int);\n"
     assert replayable_on(script, 170000) == script
+
+
+@pytest.mark.parametrize("server", ["fresh_db", "older_db"])
+def test_foreign_key_of_a_partitioned_table_is_added_and_checked_on_every_server(server, request):
+    """PostgreSQL 14-17 refuse a foreign key ``NOT VALID`` on a partitioned table (18 takes it):
+    the copy's key is added there all the same, and rows it does not hold for are still named."""
+    url = request.getfixturevalue(server)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE owners (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE events (id int, owner int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100)")
+        conn.execute("CREATE TABLE visits (id int, owner int) PARTITION BY RANGE (id)")
+        conn.execute("CREATE TABLE visits_low PARTITION OF visits FOR VALUES FROM (0) TO (100)")
+        conn.execute("INSERT INTO owners VALUES (1)")
+        conn.execute("INSERT INTO events VALUES (5, 1)")
+        conn.execute("INSERT INTO visits VALUES (6, 2)")
+    definition = "FOREIGN KEY (owner) REFERENCES owners(id)"
+    keys = [
+        ForeignKey(sql.Identifier("public", t), f"{t}_owner_fkey", definition) for t in ("events", "visits")
+    ]
+    with connection(url, autocommit=True) as conn:
+        assert add_foreign_keys(conn, keys[:1]) == ["events_owner_fkey"]
+        validated = conn.execute(
+            "SELECT convalidated FROM pg_constraint WHERE conrelid = 'events'::regclass AND conname = %s",
+            (keys[0].name,),
+        ).fetchone()
+        with pytest.raises(UserError, match=r"^foreign key visits_owner_fkey on .*does not hold") as err:
+            add_foreign_keys(conn, keys[1:])
+    assert validated == (True,) and "\n" not in str(err.value)
 
 
 def test_a_source_table_the_role_may_not_read_names_the_cause_not_pg_dumps_context(limited_role, fresh_db):
