@@ -31,7 +31,7 @@ from tasks import device_store
 from tasks.central_store import CentralBusy, CentralRefused, CentralSession, UploadResult, UploadRow
 from tasks.db import error_line, mask_url
 from tasks.device_store import Identity, LocalEvent
-from tasks.errors import ConnectionUnavailable, UserError
+from tasks.errors import ConnectionUnavailable, UserError, printable
 from tasks.privacy_filter import PrivacyPolicy, compile_filter
 
 PAUSE_AFTER_UPLOAD_ENV = "FLOWYARD_SYNC_PAUSE_AFTER_UPLOAD"
@@ -236,6 +236,15 @@ def _one_line(exc: Exception | None, url: str, action: str = "upload to") -> str
     return _failed(action, url, error_line(url, exc) if exc else "unknown error")
 
 
+def _refused_event(event: LocalEvent, exc: Exception, url: str) -> str:
+    """Why one event bisected out of its batch was refused, naming it by its local id and sync id
+    (control characters escaped: the app wrote it). The line said only why, so which of a store's
+    events central refused, and why the others were, was for its user to look up in the store."""
+    sync_id, local_id = event[0], event[1]
+    reason = f"event {local_id} (sync id {printable(str(sync_id))}) refused: {error_line(url, exc)}"
+    return _failed("upload to", url, reason)
+
+
 def _failed(action: str, url: str, reason: str) -> str:
     """One request's failure as :func:`_one_line` words it."""
     return f"{action} {mask_url(url)} failed: {reason}"
@@ -338,9 +347,11 @@ def sync_device(
                     if len(ids) > 1:
                         size = max(1, len(ids) // 2)
                         continue
-                    error = _one_line(exc, options.central_url)
-                    device_store.mark_failed(conn, ids, error, now_ms=device_store.now_ms())
+                    refusal = _refused_event(events[0], exc, options.central_url)
+                    device_store.mark_failed(conn, ids, refusal, now_ms=device_store.now_ms())
                     failed += 1
+                    others = f" ({failed} events refused in this run, each with its error in the store)"
+                    error = refusal + others if failed > 1 else refusal
                     last_id = ids[-1]
                     answered = True
                     continue

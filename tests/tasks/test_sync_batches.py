@@ -167,6 +167,26 @@ def test_a_refused_event_is_isolated_and_the_rest_sync(central: str, tmp_path: P
     assert _central_counts(central) == (99, 99)
 
 
+def test_each_refused_event_is_named_by_its_local_and_sync_id(central: str, tmp_path: Path) -> None:
+    """The line of a refused event said only why ("invalid input syntax for type uuid"), and of a
+    run refusing several, only the last one's reason: which events they were, and why the others
+    were refused, was for the user to find in the store."""
+    store = make_store(tmp_path / "dev.db", 100, identity=IDENTITY)
+    with device_store.open_store(store) as conn:
+        conn.execute("UPDATE events SET sync_id = 'not-a-uuid' WHERE id = 30")
+        conn.execute("UPDATE events SET event_type = ? WHERE id = 70", ("build\x00x",))
+        nul_sync_id = conn.execute("SELECT sync_id FROM events WHERE id = 70").fetchone()[0]
+    report = sync_device(store, IDENTITY, SyncOptions(central, batch_size=40))
+    assert (report.uploaded, report.failed, report.pending_after) == (98, 2, 2)
+    [(_, _, uuid_error), (_, _, nul_error)] = _failed_rows(store)
+    assert "failed: event 30 (sync id not-a-uuid) refused: invalid input syntax for type uuid" in uuid_error
+    assert f"failed: event 70 (sync id {nul_sync_id}) refused: PostgreSQL text fields cannot contain NUL" in nul_error
+    assert report.error == f"{nul_error} (2 events refused in this run, each with its error in the store)"
+    again = sync_device(store, IDENTITY, SyncOptions(central, force=True))
+    assert (again.uploaded, again.duplicates, again.failed, again.pending_after) == (0, 0, 2, 2)
+    assert _central_counts(central) == (98, 98)
+
+
 def test_events_the_app_gave_zero_or_negative_ids_sync_with_the_rest(central: str, tmp_path: Path) -> None:
     """``INTEGER PRIMARY KEY`` takes any 64-bit id an app writes itself: the upgrade and the read
     cursor both started at 0, so events with ids at or below it got no sync id and stayed
