@@ -20,7 +20,7 @@ from psycopg import sql
 from quality.history import ScorePoint
 from quality.profiling import TableProfile
 from quality.runner import SuiteResult
-from quality.sql_rules import TableSource
+from quality.sql_rules import TableSource, bound
 from tasks.db import one_row
 
 OUTLIER_HIGH_SHARE = 0.1
@@ -69,13 +69,13 @@ def iqr_outliers(
             outside=outside, col=sql.Identifier(column.name), rel=source.relation()
         )
         bounds = {"lower": lower, "upper": upper}
-        count, non_null = one_row(conn, query, bounds)
+        count, non_null = one_row(conn, bound(query), bounds)
         if not count:
             continue
         sample_query = sql.SQL("SELECT b.{col} FROM {rel} AS b WHERE {outside} LIMIT %(limit)s").format(
             col=sql.Identifier(column.name), rel=source.relation(), outside=outside
         )
-        sample = [_number(r[0]) for r in conn.execute(sample_query, {**bounds, "limit": sample_size})]
+        sample = [_number(r[0]) for r in conn.execute(bound(sample_query), {**bounds, "limit": sample_size})]
         severity: Literal["high", "medium"] = "high" if count / non_null > OUTLIER_HIGH_SHARE else "medium"
         anomalies.append(Anomaly(suite, column.name, "outlier", severity, count, sample, bounds))
     return anomalies
@@ -111,9 +111,11 @@ def pattern_violations(
         if matching == non_null or matching / non_null < DOMINANT_SHARE:
             continue
         sample = conn.execute(
-            sql.SQL(
-                "SELECT b.{col} FROM {rel} AS b WHERE b.{col} IS NOT NULL AND {shape} <> %s LIMIT %s"
-            ).format(col=sql.Identifier(column.name), rel=source.relation(), shape=_shape(column.name)),
+            bound(
+                sql.SQL(
+                    "SELECT b.{col} FROM {rel} AS b WHERE b.{col} IS NOT NULL AND {shape} <> %s LIMIT %s"
+                ).format(col=sql.Identifier(column.name), rel=source.relation(), shape=_shape(column.name))
+            ),
             (shape, sample_size),
         ).fetchall()
         anomalies.append(

@@ -145,7 +145,7 @@ def render_markdown(report: QualityReport, chart_png: bytes | None = None) -> st
         ]
         for a in report.anomalies:
             lines.append(
-                f"| {a.suite} | {a.field} | {a.type} | {a.severity} | {a.count} | {_cell(', '.join(map(str, a.sample[:5])))} |"
+                f"| {a.suite} | {_cell(a.field)} | {a.type} | {a.severity} | {a.count} | {_cell(', '.join(map(str, a.sample[:5])))} |"
             )
     lines += ["", "## Recommendations", ""]
     lines += [

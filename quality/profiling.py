@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from quality.sql_rules import TableSource
+from quality.sql_rules import TableSource, bound
 from tasks.db import one_row
 from tasks.errors import UserError
 
@@ -67,6 +67,20 @@ def table_columns(conn: psycopg.Connection, schema: str, table: str) -> list[tup
     return [(name, type_, KIND_BY_CATEGORY.get(category, "other")) for name, type_, category in rows]
 
 
+def require_populated(conn: psycopg.Connection, schema: str, table: str) -> None:
+    """A materialized view created ``WITH NO DATA`` refuses every read until it is refreshed: say so
+    in one line rather than as the driver's error."""
+    row = conn.execute(
+        "SELECT relispopulated FROM pg_class WHERE oid = to_regclass(format('%%I.%%I', %s::text, %s::text))",
+        (schema, table),
+    ).fetchone()
+    if row is not None and not row[0]:
+        name = sql.Identifier(schema, table).as_string()
+        raise UserError(
+            f"materialized view {schema}.{table} has not been populated; run REFRESH MATERIALIZED VIEW {name} first"
+        )
+
+
 def _aggregates(name: str, kind: str) -> Sequence[tuple[str, sql.Composable]]:
     """(stat name, expression) for one column."""
     col = sql.Identifier(name)
@@ -112,7 +126,7 @@ def top_values(
     query = sql.SQL(
         "SELECT {col}, count(*) FROM {rel} AS b WHERE {col} IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT %s"
     ).format(col=sql.Identifier(column), rel=source.relation())
-    return [{"value": v, "count": n} for v, n in conn.execute(query, (limit,)).fetchall()]
+    return [{"value": v, "count": n} for v, n in conn.execute(bound(query), (limit,)).fetchall()]
 
 
 def profile_table(conn: psycopg.Connection, source: TableSource, top_n: int = 5) -> TableProfile:
@@ -120,6 +134,7 @@ def profile_table(conn: psycopg.Connection, source: TableSource, top_n: int = 5)
     columns = table_columns(conn, source.schema, source.table)
     if not columns:
         raise UserError(f"table {source.schema}.{source.table} not found; check the schema and table name")
+    require_populated(conn, source.schema, source.table)
     names: list[tuple[str, str]] = []
     expressions: list[sql.Composable] = [sql.SQL("count(*)")]
     for name, _type, kind in columns:

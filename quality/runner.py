@@ -10,10 +10,11 @@ GX's pandas datasource. Each rule maps to GX built-ins where GX has one, otherwi
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import functools
 import itertools
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from psycopg import sql
 from sqlalchemy import quoted_name
 
 from quality.data_files import read_data_file
-from quality.profiling import table_columns
+from quality.profiling import require_populated, table_columns
 from quality.scoring import TableScore, score_rows, score_table
 from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
 from quality.suite_spec import Rule, Suite
@@ -108,6 +109,11 @@ def expectations_for(
     match rule.check:
         case "not_null":
             return [gxe.ExpectColumnValuesToNotBeNull(column=column, meta=meta)]
+        case "unique" if backend == "sql" and '"' in column:
+            # GX's unique check drops NULLs through its condition language, col("..."), which has no
+            # escape for a double quote ("unable to parse condition"): the scorer's SQL checks it.
+            assert source is not None
+            return [UnexpectedRowsWithSample(unexpected_rows_query=gx_unexpected_rows_query(rule, source), meta=meta)]
         case "unique":
             return [gxe.ExpectColumnValuesToBeUnique(column=column, meta=meta)]
         case "in_set":
@@ -312,42 +318,58 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def require_columns(suite: Suite, columns: set[str], target: str) -> None:
-    """Fail before GX runs, naming the rule, when a rule's column does not exist."""
+def column_hint(name: str, columns: Sequence[Any]) -> str:
+    """The closest column (a slip of case or spelling: ``order date`` for ``Order Date``), else
+    every column, so a one-line error says what to write instead."""
+    by_folded = {str(c).casefold(): str(c) for c in columns}
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
+    if close:
+        return f"did you mean '{by_folded[close[0]]}'?"
+    return f"its columns: {', '.join(map(str, columns))}"
+
+
+def require_columns(suite: Suite, columns: Sequence[Any], target: str) -> None:
+    """Fail before GX runs, naming the rule and the closest column, when a rule's column does not exist."""
     for rule in suite.rules:
         if rule.column is not None and rule.column not in columns:
             raise UserError(
-                f"suite '{suite.name}' rule '{rule.name}': column '{rule.column}' is not in {target}; "
-                "fix the rule's column"
+                f"suite '{suite.name}' rule '{rule.name}': column '{rule.column}' is not in {target} "
+                f"({column_hint(rule.column, columns)}); fix the rule's column"
             )
 
 
 def require_table(url: str, suite: Suite, source: TableSource) -> None:
-    """The table, the rules' columns and foreign keys' targets exist and are readable (else a
-    one-line UserError)."""
+    """The table, the rules' and the window's columns and foreign keys' targets exist and are
+    readable (else a one-line UserError)."""
     with connection(url) as conn:
-        columns = {name for name, _type, _kind in table_columns(conn, source.schema, source.table)}
+        columns = [name for name, _type, _kind in table_columns(conn, source.schema, source.table)]
         references = {
             rule.name: (
                 rule.reference(source.schema),
-                table_columns(conn, *rule.reference(source.schema)[:2]),
+                [c[0] for c in table_columns(conn, *rule.reference(source.schema)[:2])],
             )
             for rule in suite.rules
             if rule.check == "foreign_key"
         }
+        target = f"{source.schema}.{source.table}"
         if not columns:
+            raise UserError(f"suite '{suite.name}': table {target} not found; check its table and the schema")
+        require_populated(conn, source.schema, source.table)
+        require_columns(suite, columns, target)
+        if suite.timestamp_column is not None and suite.timestamp_column not in columns:
             raise UserError(
-                f"suite '{suite.name}': table {source.schema}.{source.table} not found; check its table and the schema"
+                f"suite '{suite.name}': timestamp_column '{suite.timestamp_column}' is not in {target} "
+                f"({column_hint(suite.timestamp_column, columns)}); fix the suite's timestamp_column"
             )
-        require_columns(suite, columns, f"{source.schema}.{source.table}")
         used = {rule.column for rule in suite.rules if rule.column} | (
             {suite.timestamp_column} if suite.timestamp_column else set()
         )
         require_readable(conn, suite, source.schema, source.table, used)
         for name, ((schema, table, column), found) in references.items():
-            if column not in {c[0] for c in found}:
+            if column not in found:
+                hint = f" ({column_hint(column, found)})" if found else ""
                 raise UserError(
-                    f"suite '{suite.name}' rule '{name}': referenced {schema}.{table}.{column} not found; "
+                    f"suite '{suite.name}' rule '{name}': referenced {schema}.{table}.{column} not found{hint}; "
                     "fix 'references'"
                 )
             require_readable(conn, suite, schema, table, {column})
@@ -397,7 +419,7 @@ def check_frame(
 ) -> SuiteResult:
     """Validate a DataFrame with GX's pandas datasource; row scores come from GX's unexpected indexes."""
     frame = frame.reset_index(drop=True)
-    require_columns(suite, set(frame.columns), target)
+    require_columns(suite, list(frame.columns), target)
     for rule in suite.rules:
         if rule.check == "not_future":
             frame[rule.column] = pd.to_datetime(frame[rule.column], errors="coerce", utc=True, format="mixed")

@@ -15,7 +15,7 @@ from statistics import fmean
 
 from psycopg import sql
 
-from quality.sql_rules import TableSource, violation
+from quality.sql_rules import TableSource, bound, violation
 from quality.suite_spec import Rule, Suite
 from tasks.db import connection, one_row
 
@@ -69,7 +69,7 @@ def score_query(suite: Suite, source: TableSource) -> tuple[sql.Composed, list[o
 def score_table(url: str, suite: Suite, source: TableSource) -> TableScore:
     query, params = score_query(suite, source)
     with connection(url) as conn:
-        row = one_row(conn, query, params)
+        row = one_row(conn, bound(query), params)
     rules = row_rules(suite)
     return TableScore(
         row_count=row[0],

@@ -87,6 +87,21 @@ class TableSource:
         return self.table_ref if self.window is None else sql.SQL("({})").format(self.window_query())
 
 
+def bound(query: sql.Composed) -> sql.Composed:
+    """``query`` ready to run with parameters. psycopg then reads every ``%`` as a placeholder, also
+    one inside a quoted name or a literal (a column ``"Discount %"``): those are doubled. Only for
+    queries run with parameters; GX's queries go through SQLAlchemy, which escapes on its own."""
+    parts: list[Composable] = []
+    for part in query:
+        if isinstance(part, sql.Composed):
+            parts.append(bound(part))
+        elif isinstance(part, sql.Identifier | sql.Literal):
+            parts.append(sql.SQL(part.as_string().replace("%", "%%")))
+        else:
+            parts.append(part)
+    return sql.Composed(parts)
+
+
 @dataclass(frozen=True)
 class Predicate:
     """A boolean SQL expression over alias ``b`` that is true for a violating row, and its parameters.
@@ -164,10 +179,20 @@ def gx_unexpected_rows_query(rule: Rule, source: TableSource) -> str:
     Only the rule's column is selected, cast to text, so samples stay small and values like
     ``'infinity'`` (which Python datetimes cannot hold) still come back. GX substitutes
     ``{batch}`` with or without an alias depending on the asset, hence the extra sub-select.
+    A ``unique`` rule (on a column GX's own check cannot name) brings its join on the duplicated values.
     """
     predicate = violation(rule, source)
-    assert not predicate.params and predicate.join is None, "GX queries take neither parameters nor joins"
-    query = sql.SQL(
-        "SELECT CAST(b.{col} AS text) AS {col} FROM (SELECT * FROM {{batch}}) AS b WHERE {pred}"
-    ).format(col=sql.Identifier(rule.required_column), pred=predicate.sql)
-    return query.as_string(None)
+    assert not predicate.params, "GX queries take no parameters"
+    col = sql.Identifier(rule.required_column)
+    before = sql.SQL("SELECT CAST(b.{col} AS text) AS {col} FROM (SELECT * FROM ").format(col=col)
+    after = sql.SQL(") AS b{join} WHERE {pred}").format(
+        join=predicate.join or sql.SQL(""), pred=predicate.sql
+    )
+    return "{batch}".join(_gx_text(part) for part in (before, after))
+
+
+def _gx_text(query: Composable) -> str:
+    """SQL for GX, which fills ``{batch}`` with ``str.format`` and runs the result as SQLAlchemy
+    ``text()``: braces are doubled and colons escaped, so columns such as ``"a{b}"`` or ``"x :y"``
+    reach PostgreSQL as named instead of failing as a placeholder or a bind parameter."""
+    return query.as_string().replace("{", "{{").replace("}", "}}").replace(":", "\\:")

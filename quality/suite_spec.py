@@ -38,7 +38,9 @@ class Rule(BaseModel):
     name: str = Field(min_length=1)
     check: Check
     severity: Severity
-    column: str | None = None
+    column: str | None = Field(
+        default=None, min_length=1, description="any column of the table, exactly as named (quoted)"
+    )
     values: list[str | int | float | bool] | None = Field(default=None, description="in_set: allowed values")
     pattern: str | None = Field(default=None, description="regex: POSIX/Python-compatible pattern")
     min: float | None = Field(default=None, description="range / row_count: inclusive lower bound")
@@ -51,13 +53,6 @@ class Rule(BaseModel):
     def _name_is_identifier(cls, value: str) -> str:
         if not _IDENTIFIER.match(value):
             raise ValueError("must be letters, digits and underscores")
-        return value
-
-    @field_validator("column")
-    @classmethod
-    def _column_is_identifier(cls, value: str | None) -> str | None:
-        if value is not None and not _IDENTIFIER.match(value):
-            raise ValueError("must be a plain column name")
         return value
 
     @field_validator("pattern")
@@ -81,9 +76,11 @@ class Rule(BaseModel):
     @field_validator("references")
     @classmethod
     def _references_shape(cls, value: str | None) -> str | None:
+        # The column part may be any name (``customers.Customer Id``), as a rule's own column may;
+        # the check against the referenced table's columns happens before the run.
         if value is not None:
-            parts = value.split(".")
-            if len(parts) not in (2, 3) or not all(_IDENTIFIER.match(p) for p in parts):
+            *names, column = value.split(".")
+            if len(names) not in (1, 2) or not all(_IDENTIFIER.match(p) for p in names) or not column:
                 raise ValueError("must be table.column or schema.table.column")
         return value
 
@@ -134,7 +131,9 @@ class Suite(BaseModel):
 
     name: str = Field(min_length=1)
     table: str
-    timestamp_column: str | None = Field(default=None, description="column that time windows filter on")
+    timestamp_column: str | None = Field(
+        default=None, min_length=1, description="column that time windows filter on"
+    )
     rules: list[Rule] = Field(min_length=1)
 
     @field_validator("name")

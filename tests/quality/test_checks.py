@@ -10,9 +10,10 @@ import pandas as pd
 import psycopg
 import pytest
 
+from quality.profiling import profile_table
 from quality.runner import GxSession, check_file, check_table, run_suites
-from quality.sql_rules import TimeWindow
-from quality.suite_spec import Rule, Suite
+from quality.sql_rules import TableSource, TimeWindow
+from quality.suite_spec import Rule, Suite, parse_suite
 from quality.suites import ENTITY_SUITES, USERS
 from tasks.errors import UserError
 from tests.quality.conftest import INFINITY, NOW, expected_for_users, injected_users, insert_users, uid
@@ -345,3 +346,80 @@ def test_data_docs_are_written_only_where_asked(entity_db, tmp_path, monkeypatch
 
     assert index == tmp_path / "docs" / "index.html" and index.is_file()
     assert list(temp.iterdir()) == []
+
+
+def test_columns_named_as_real_tables_name_them_are_checked(fresh_db):
+    """A suite refused any column but a plain lowercase name ("must be a plain column name"), so
+    tables with columns such as "Order Date", "Total" or "select" could not be checked; past that,
+    GX's unique check cannot name a column holding a double quote, GX read braces in a column name
+    as query placeholders and a colon after a space as a bind parameter, and psycopg read the % of
+    "Discount %" as a placeholder in the score query. Each rule here counts its own column only
+    (``total`` beside ``Total`` would pass)."""
+    now = dt.datetime.now(dt.UTC)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE TABLE customers ("Customer Id" int)')
+        conn.execute("INSERT INTO customers VALUES (1), (2)")
+        conn.execute(
+            'CREATE TABLE orders ("Order Date" timestamptz, "Total" numeric, total numeric, "select" text, '
+            '"Customer ""Ref""" int, "Discount %" numeric, "Tag {x}" int, "ratio :r" int)'
+        )
+        conn.cursor().executemany(
+            "INSERT INTO orders VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (now - dt.timedelta(days=1), 10, 500, "EUR", 1, 5, 1, 1),
+                (now + dt.timedelta(days=400), 20, 500, "usd", 1, 50, 1, 2),
+                (None, 2000, 0, "EUR", 2, None, 5, 3),
+                (now - dt.timedelta(days=2), 30, 500, None, 7, 10, None, 3),
+            ],
+        )
+    rules = [
+        {"name": "date_present", "check": "not_null", "column": "Order Date", "severity": "critical"},
+        {"name": "date_past", "check": "not_future", "column": "Order Date", "severity": "high"},
+        {"name": "total_range", "check": "range", "column": "Total", "min": 0, "max": 1000, "severity": "medium"},
+        {"name": "currency", "check": "in_set", "column": "select", "values": ["EUR", "USD"], "severity": "low"},
+        {"name": "currency_shape", "check": "regex", "column": "select", "pattern": "^[A-Z]{3}$", "severity": "low"},
+        {"name": "ref_unique", "check": "unique", "column": 'Customer "Ref"', "severity": "high"},
+        {
+            "name": "ref_exists",
+            "check": "foreign_key",
+            "column": 'Customer "Ref"',
+            "references": "customers.Customer Id",
+            "severity": "high",
+        },
+        {"name": "discount_range", "check": "range", "column": "Discount %", "min": 0, "max": 20, "severity": "medium"},
+        {"name": "tag_exists", "check": "foreign_key", "column": "Tag {x}", "references": "customers.Customer Id", "severity": "low"},
+        {"name": "ratio_exists", "check": "foreign_key", "column": "ratio :r", "references": "customers.Customer Id", "severity": "low"},
+    ]
+    suite = parse_suite({"name": "orders", "table": "orders", "rules": rules})
+
+    result = check_table(GxSession(), fresh_db, suite)
+
+    assert {r.rule: (r.unexpected_count, r.error) for r in result.rules} == {
+        "date_present": (1, None),
+        "date_past": (2, None),
+        "total_range": (1, None),
+        "currency": (1, None),
+        "currency_shape": (1, None),
+        "ref_unique": (2, None),
+        "ref_exists": (1, None),
+        "discount_range": (1, None),
+        "tag_exists": (1, None),
+        "ratio_exists": (2, None),
+    }
+    # rows lose 5, 5+1+1+5+2, 10+5+2+1+1 and 5+1 points
+    assert (result.row_count, result.score) == (4, pytest.approx((95 + 86 + 81 + 94) / 4))
+
+
+def test_an_unpopulated_materialized_view_is_one_line_naming_the_refresh(fresh_db):
+    """A materialized view created WITH NO DATA refuses every read: the check and the profile
+    failed with the driver's ObjectNotInPrerequisiteState and its traceback."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int)")
+        conn.execute("CREATE MATERIALIZED VIEW later AS SELECT id FROM t WITH NO DATA")
+    suite = Suite(name="later", table="later", rules=[Rule(name="r", check="not_null", column="id", severity="low")])
+    expected = 'materialized view public.later has not been populated; run REFRESH MATERIALIZED VIEW "public"."later" first'
+    with pytest.raises(UserError) as checked:
+        check_table(GxSession(), fresh_db, suite)
+    with psycopg.connect(fresh_db) as conn, pytest.raises(UserError) as profiled:
+        profile_table(conn, TableSource("public", "later"))
+    assert str(checked.value) == str(profiled.value) == expected

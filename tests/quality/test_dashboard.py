@@ -8,7 +8,8 @@ import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import pytest
 
-from quality.dashboard import draw_score_chart, score_chart
+from quality.anomalies import Anomaly
+from quality.dashboard import QualityReport, draw_score_chart, render_markdown, score_chart
 from quality.history import ScorePoint
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
@@ -50,3 +51,11 @@ def test_many_runs_span_their_range_plus_five_percent():
 def test_png_is_written_even_without_history(tmp_path):
     png = score_chart({"users": []}, tmp_path / "chart" / "score_trend.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "chart" / "score_trend.png").read_bytes() == png
+
+
+def test_an_anomaly_on_a_column_named_with_a_pipe_keeps_its_table_row():
+    """Profiles cover every column, named however the table names them: a column "in|out" split
+    its anomaly row into one cell too many and shifted the type, severity and count columns."""
+    anomaly = Anomaly("m", "in|out", "outlier", "high", 2, [500, -300])
+    markdown = render_markdown(QualityReport(overall_score=100.0, results=[], anomalies=[anomaly]))
+    assert "| m | in\\|out | outlier | high | 2 | 500, -300 |" in markdown.splitlines()

@@ -88,6 +88,22 @@ def test_iqr_outliers_and_pattern_violations(measured):
     assert pattern.threshold["dominant_pattern"] == "a-9"
 
 
+def test_names_with_a_percent_sign_are_profiled(fresh_db):
+    """psycopg reads a % inside a quoted name as a placeholder in a query run with parameters: the
+    profile of any table with a column such as "Amount %" failed (its top values and anomaly
+    queries raised "only '%s', '%b', '%t' are allowed as placeholders")."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE TABLE m ("Amount %" numeric, "Code %" text)')
+        conn.cursor().executemany("INSERT INTO m VALUES (%s, %s)", list(zip(AMOUNTS, CODES, strict=True)))
+    source = TableSource("public", "m")
+    with psycopg.connect(fresh_db) as conn:
+        profile = profile_table(conn, source)
+        found = {a.type: a for a in anomalies.detect_anomalies(conn, "m", source, profile)}
+    assert len(profile.column("Code %").stats["top_values"]) == 5
+    assert (found["outlier"].field, sorted(found["outlier"].sample)) == ("Amount %", [-300, 500])
+    assert (found["pattern_violation"].field, found["pattern_violation"].sample) == ("Code %", ["zz_top"])
+
+
 def _result(suite: str, score: float) -> SuiteResult:
     rule = RuleResult("r", "not_null", "high", "id", score == 100, 0, 0.0)
     return SuiteResult(suite, "public.t", None, 10, score, [rule])

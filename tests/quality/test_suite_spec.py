@@ -190,7 +190,12 @@ def test_cli_validate_suite_reports_one_line(tmp_path):
         (
             "t",
             {"check": "not_null", "column": "nocol"},
-            "suite 'orders' rule 'r': column 'nocol' is not in public.t",
+            "suite 'orders' rule 'r': column 'nocol' is not in public.t (its columns: id); fix the rule's column",
+        ),
+        (
+            "t",
+            {"check": "not_null", "column": "ID"},
+            "suite 'orders' rule 'r': column 'ID' is not in public.t (did you mean 'id'?); fix the rule's column",
         ),
         (
             "t",
@@ -208,6 +213,27 @@ def test_suite_that_does_not_fit_the_database_fails_before_gx(fresh_db, table, r
     with pytest.raises(UserError) as info:
         check_table(GxSession(), fresh_db, suite)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_missing_timestamp_column_is_one_line_naming_the_closest(fresh_db):
+    """timestamp_column was never looked up: a misspelt one reached the privilege probe's SELECT and
+    every check of the suite failed with psycopg's UndefinedColumn and a traceback."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE TABLE t (id int, "Placed At" timestamptz)')
+    suite = parse_suite(
+        {
+            "name": "orders",
+            "table": "t",
+            "timestamp_column": "placed at",
+            "rules": [{"name": "r", "check": "not_null", "column": "id", "severity": "low"}],
+        }
+    )
+    with pytest.raises(UserError) as info:
+        check_table(GxSession(), fresh_db, suite)
+    assert str(info.value) == (
+        "suite 'orders': timestamp_column 'placed at' is not in public.t (did you mean 'Placed At'?); "
+        "fix the suite's timestamp_column"
+    )
 
 
 def test_file_missing_a_rule_column_is_a_user_error(tmp_path):
