@@ -87,6 +87,11 @@ def start(
     database_url: str | None = DATABASE_URL,
     schema: str = SCHEMA,
     batch_size: int = typer.Option(5000, help="Rows per backfill batch."),
+    batch_timeout_seconds: float = typer.Option(
+        60.0,
+        help="statement_timeout of each backfill batch; raise it when a single row's `up` takes longer.",
+        callback=finite(),
+    ),
     batch_delay_seconds: float = typer.Option(
         0.0, help="Pause between backfill batches.", callback=finite()
     ),
@@ -104,6 +109,7 @@ def start(
         database_url=database_url,
         schema=schema,
         batch_size=batch_size,
+        batch_timeout_seconds=batch_timeout_seconds,
         batch_delay_seconds=batch_delay_seconds,
         max_rows_per_second=max_rows_per_second,
         lock_timeout_ms=lock_timeout_ms,

@@ -50,6 +50,7 @@ def online_migrate(
     health_interval_seconds: float = 5.0,
     pause_timeout_seconds: int = 86_400,
     batch_size: int = 5000,
+    batch_timeout_seconds: float = 60.0,
     batch_delay_seconds: float = 0.0,
     max_rows_per_second: float | None = None,
     lock_timeout_ms: int = 200,
@@ -66,6 +67,7 @@ def online_migrate(
         lock_timeout_ms=lock_timeout_ms,
         statement_timeout_ms=statement_timeout_ms,
         retry_deadline_seconds=retry_deadline_seconds,
+        batch_timeout_seconds=batch_timeout_seconds,
     )
     if action in ("run", "start"):
         plan = plan_online_migration(target, state, migration_file, schema, lock_timeout_ms)

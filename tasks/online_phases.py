@@ -65,20 +65,31 @@ AFTER_FIX: dict[Phase, str] = {
 }
 
 
+CANCELLED_BY_ANOTHER_SESSION = "canceling statement due to user request"
+"""PostgreSQL's primary message for a statement cancelled by ``pg_cancel_backend`` or a client's
+cancel request. Its SQLSTATE, 57014 (QueryCanceled), is the same as a statement_timeout's
+("canceling statement due to statement timeout"): only the message tells them apart."""
+
+
 def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> str:
     """What to do after a step failed: a refused privilege is fixed by a grant, not in the data; a
-    backfill batch cancelled by its statement_timeout by smaller batches, since no option sets that
-    limit (``--statement-timeout-ms`` is the short DDL's), so "fix the timeout" had no way to follow."""
+    statement another session cancelled by running the phase again (it was no timeout, so neither the
+    data nor a limit needs a change); a backfill batch cancelled by its statement_timeout by smaller
+    batches, or by a longer batch limit when a single row's ``up`` outlasts it (no batch size helps
+    then; ``--statement-timeout-ms`` is the short DDL's)."""
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return (
             f"connect as the tables' owner (or grant the role in the URL that privilege) and run {phase} "
             "again to resume from this step"
         )
+    if isinstance(exc, psycopg.errors.QueryCanceled) and exc.diag.message_primary == CANCELLED_BY_ANOTHER_SESSION:
+        return f"another session cancelled it (pg_cancel_backend); run {phase} again to resume from this step"
     if step.kind == "backfill" and isinstance(exc, psycopg.errors.QueryCanceled):
         return (
-            f"a backfill batch may run {options.backfill.policy.statement_timeout_ms} ms; run start again with a "
-            f"smaller {option_and_parameter('batch_size')} to resume from this step, "
-            "or roll back (`flowyard online rollback`)"
+            f"a backfill batch may run {options.backfill.policy.statement_timeout_ms / 1000:g} s; run start again "
+            f"with a smaller {option_and_parameter('batch_size')}, or with a longer "
+            f"{option_and_parameter('batch_timeout_seconds')} if a single row takes that long, to resume from "
+            "this step, or roll back (`flowyard online rollback`)"
         )
     return AFTER_FIX[phase]
 
@@ -102,6 +113,7 @@ def run_options(
     lock_timeout_ms: int,
     statement_timeout_ms: int,
     retry_deadline_seconds: float,
+    batch_timeout_seconds: float,
 ) -> RunOptions:
     """The flow's parameters as run options; a value out of range is the user's one-line error,
     naming the ``flowyard online`` option and the flow parameter (:func:`option_and_parameter`).
@@ -116,6 +128,8 @@ def run_options(
     check_range(statement_timeout_ms, option_and_parameter("statement_timeout_ms"), 1, PG_MAX_MILLISECONDS)
     check_range(batch_delay_seconds, option_and_parameter("batch_delay_seconds"), 0, MAX_WAIT_SECONDS)
     check_range(retry_deadline_seconds, option_and_parameter("retry_deadline_seconds"), 0, MAX_WAIT_SECONDS)
+    # from 1 ms: a smaller value rounds to 0 ms, which PostgreSQL reads as no limit at all
+    check_range(batch_timeout_seconds, option_and_parameter("batch_timeout_seconds"), 0.001, PG_MAX_MILLISECONDS / 1000)
     if max_rows_per_second is not None and not max_rows_per_second > 0:  # not `<= 0`: nan passes that
         raise UserError(
             f"{option_and_parameter('max_rows_per_second')} {max_rows_per_second} is out of range; "
@@ -128,7 +142,7 @@ def run_options(
             batch_size,
             batch_delay_seconds,
             max_rows_per_second,
-            replace(policy, statement_timeout_ms=BackfillOptions.policy.statement_timeout_ms),
+            replace(policy, statement_timeout_ms=round(batch_timeout_seconds * 1000)),
         ),
     )
 
@@ -185,8 +199,8 @@ def run_phase(
     checkpoints = BackfillCheckpoints(state, record.id)
     conn = connect(target_url, autocommit=True)
     try:
-        if phase == "complete" and record.steps_done(phase) == 0:
-            refuse_broken_sync(conn, record)
+        if phase == "complete":
+            refuse_broken_sync(conn, record, contracted_tables(conn, record))
         set_phase(state, record.id, running)
         for n in range(record.steps_done(phase), len(steps)):
             step = steps[n]
@@ -220,14 +234,40 @@ LEFT JOIN pg_attribute a ON a.attrelid = to_regclass(format('%%I.%%I', %(schema)
 applications (``O``rigin or ``A``lways; ``D``isabled and ``R``eplica-only do not), is the column there."""
 
 
-def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord) -> None:
-    """Refuse complete, before it changes or records anything, when a sync trigger of the migration
-    is gone or disabled, or a column start filled is gone (dropped, renamed): complete dropped the
-    trigger "IF EXISTS" and swapped in columns that had missed every old-version write since, or
-    skipped a table whose shadow column it could not find, silently either way."""
+def contracted_tables(conn: psycopg.Connection, record: MigrationRecord) -> set[str]:
+    """The tables whose sync trigger complete already dropped, swapping in their columns, which its
+    check of the syncs passes over: none before complete began. A resumed complete (after a failed
+    step, e.g. a contract that could not take its lock, or a crash) passes over those of its
+    finished steps only: a trigger a DBA dropped or disabled meanwhile on a table still to contract
+    would otherwise lose that table's old-version writes since, as on a first run.
+
+    The step complete stopped at may have committed just before a crash, unrecorded: it counts as
+    done when its guard (its shadow column is gone) says so, or when it has none (a table given only
+    new columns), where the check could not tell the step's own drop of the trigger from a DBA's.
+    A plan persisted before steps named their table passes over every table, as resumes did."""
+    if record.phase == "expanded":
+        return set()
+    steps, done = record.plan.complete, record.steps_done("complete")
+    if not any(step.contracts for step in steps):
+        return {step.backfill.table for step in record.plan.start if step.backfill is not None}
+    contracted = {step.contracts for step in steps[:done] if step.contracts}
+    stopped = steps[done] if done < len(steps) else None
+    if stopped is not None and stopped.contracts and (stopped.only_if is None or not one_row(conn, stopped.only_if)[0]):
+        contracted.add(stopped.contracts)
+    return contracted
+
+
+def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> None:
+    """Refuse complete, before it changes or records anything more, when a sync trigger of the
+    migration on a table not yet ``contracted`` is gone or disabled, or a column start filled is gone
+    (dropped, renamed): complete dropped the trigger "IF EXISTS" and swapped in columns that had
+    missed every old-version write since, or skipped a table whose shadow column it could not find,
+    silently either way. Before complete began, rolling back loses nothing; once it began it cannot
+    roll back, so the line says how to put the sync back and refill the table."""
     pairs: list[tuple[str, str | None]] = []
     for target in (step.backfill for step in record.plan.start if step.backfill is not None):
-        pairs += [(target.table, column) for column in target.columns] or [(target.table, None)]
+        if target.table not in contracted:
+            pairs += [(target.table, column) for column in target.columns] or [(target.table, None)]
     if not pairs:
         return
     plan = record.plan
@@ -253,10 +293,18 @@ def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord) -> Non
             )
         else:
             continue
+        if record.phase == "expanded":
+            raise UserError(
+                f"{plan.migration}: cannot complete, nothing was changed: {problem}; roll back "
+                "(`flowyard online rollback`: the old columns hold every old-version write) and run start again, "
+                "which re-creates it and backfills every row"
+            )
         raise UserError(
-            f"{plan.migration}: cannot complete, nothing was changed: {problem}; roll back "
-            "(`flowyard online rollback`: the old columns hold every old-version write) and run start again, "
-            "which re-creates it and backfills every row"
+            f"{plan.migration}: cannot go on with complete, which began and can no longer roll back; nothing more "
+            f"was changed: {problem}; put it back (enable the trigger, re-create it as `flowyard online plan` "
+            f"prints it, or rename the column back), rewrite every row of {name} as the old version "
+            "(set each row's key to itself, with the old search_path), which refills its new columns, "
+            "then run complete again"
         )
 
 

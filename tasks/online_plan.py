@@ -101,6 +101,9 @@ class Step(BaseModel):
     unsafe: bool = False
     index: str | None = None
     backfill: BackfillTarget | None = None
+    contracts: str | None = None
+    """The table whose sync trigger this complete step drops: a resumed complete checks the sync of
+    the tables it has yet to contract. Plans persisted before it existed have none."""
 
 
 class ExpressionCheck(BaseModel):
@@ -1082,6 +1085,7 @@ class _Planner:
             title=f"contract {table}: drop sync trigger, switch to final columns",
             statements=statements,
             only_if=only_if,
+            contracts=table if work.syncs else None,
         )
 
     def backfilled(self) -> list[_TableWork]:

@@ -180,6 +180,8 @@ def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
     for option, value, message in (
         ("--lock-timeout-ms", "0", "--lock-timeout-ms (lock_timeout_ms) 0 is out of range; give 1 to 2147483647"),
         ("--batch-size", "-1", "--batch-size (batch_size) -1 is out of range; give 1 to 9223372036854775807"),
+        # below 1 ms: PostgreSQL would read the 0 ms it rounds to as no limit at all
+        ("--batch-timeout-seconds", "0.0004", "--batch-timeout-seconds (batch_timeout_seconds) 0.0004 is out of range; give 0.001 to 2147483.647"),
         ("--batch-delay-seconds", "-0.5", "--batch-delay-seconds (batch_delay_seconds) -0.5 is out of range; give 0 to 31536000"),
         # PostgreSQL takes at most 2^31-1 ms: a bigger value used to fail start's first step
         # with the migration already recorded as started.
@@ -196,11 +198,13 @@ def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
     assert "tuned" not in run_cli("online", "status").stdout, "a refused start records nothing"
     tuned = ("--lock-timeout-ms", "150", "--statement-timeout-ms", "5000", "--retry-deadline-seconds", "30")
     started = run_cli(
-        "online", "start", migration, "--database-url", fresh_db, "--batch-delay-seconds", "0.01", *tuned
+        "online", "start", migration, "--database-url", fresh_db, "--batch-delay-seconds", "0.01",
+        "--batch-timeout-seconds", "90", *tuned,
     )
     assert started.returncode == 0, started.stderr
     rolled_back = run_cli("online", "rollback", "--database-url", fresh_db, *tuned)
     assert rolled_back.returncode == 0, rolled_back.stderr
     (run,) = [r for r in _flow_runs_of(migration) if r.state_name == "Completed"]
     assert (run.parameters["lock_timeout_ms"], run.parameters["batch_delay_seconds"]) == (150, 0.01)
+    assert run.parameters["batch_timeout_seconds"] == 90.0
     assert (run.parameters["statement_timeout_ms"], run.parameters["retry_deadline_seconds"]) == (5000, 30.0)

@@ -4,6 +4,7 @@ would fail every application write to the table until rollback."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,9 @@ from psycopg import sql
 
 from tasks.backfill import BackfillOptions
 from tasks.db import connect, database_name
-from tasks.ddl_retry import LockPolicy
 from tasks.errors import ServerReadOnly, UserError
 from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
-from tasks.online_phases import RunOptions
+from tasks.online_phases import RunOptions, run_options
 from tasks.online_state import active_migration, target_key
 from tests.online_support import make_schema, run, schema_dump
 
@@ -164,30 +164,118 @@ def test_a_backfill_that_hits_bad_data_is_one_line_and_resumes_after_the_fix(
         ).fetchone() == (0,)
 
 
+SLOW_COPY = {"add_column": {"table": "orders", "column": {"name": "copy", "type": "int"}, "up": "slow_copy(amount)"}}
+"""An ``up`` that takes as long per row as :func:`_slow_copy` makes the function ``slow_copy`` sleep."""
+
+
+def _slow_copy(url: str, seconds_a_row: float) -> None:
+    with connect(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE OR REPLACE FUNCTION slow_copy(v int) RETURNS int LANGUAGE plpgsql VOLATILE "
+                "AS $$BEGIN PERFORM pg_sleep({}); RETURN v; END$$"
+            ).format(sql.Literal(seconds_a_row))
+        )
+
+
+def _copied(url: str) -> bool:
+    with connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM orders WHERE copy IS DISTINCT FROM amount").fetchone() == (0,)
+
+
+def _run_options(batch_size: int = 5000, batch_timeout_seconds: float = 60.0) -> RunOptions:
+    """The run options of the flow's parameters, as ``flowyard online start`` passes them."""
+    return run_options(
+        batch_size=batch_size,
+        batch_delay_seconds=0.0,
+        max_rows_per_second=None,
+        lock_timeout_ms=200,
+        statement_timeout_ms=10_000,
+        retry_deadline_seconds=300.0,
+        batch_timeout_seconds=batch_timeout_seconds,
+    )
+
+
 def test_a_backfill_batch_past_its_statement_timeout_names_the_batch_size_option(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
-    """No option sets the batches' statement_timeout (``--statement-timeout-ms`` is the short DDL's):
-    the line said to fix "the timeout", which the user cannot, and not the batch size, which works."""
+    """``--statement-timeout-ms`` is the short DDL's, not the batches': the line said to fix "the
+    timeout", which that option does not, and not the batch size, which works."""
     make_schema(fresh_db, rows=50)
-    with connect(fresh_db, autocommit=True) as conn:  # 10 ms a row: a 50-row batch runs 500 ms
-        conn.execute(
-            "CREATE FUNCTION slow_copy(v int) RETURNS int LANGUAGE plpgsql VOLATILE "
-            "AS $$BEGIN PERFORM pg_sleep(0.01); RETURN v; END$$"
-        )
-    copy = {"add_column": {"table": "orders", "column": {"name": "copy", "type": "int"}, "up": "slow_copy(amount)"}}
-    plan = _prepare(fresh_db, state_db, tmp_path, [copy])
-    limit = LockPolicy(statement_timeout_ms=100)
+    _slow_copy(fresh_db, 0.01)  # a 50-row batch runs 500 ms
+    plan = _prepare(fresh_db, state_db, tmp_path, [SLOW_COPY])
     with pytest.raises(UserError) as error:
-        run(fresh_db, state_db, plan, "start", RunOptions(backfill=BackfillOptions(policy=limit)))
+        run(fresh_db, state_db, plan, "start", _run_options(batch_timeout_seconds=0.1))
     message = str(error.value)
     assert "(backfill orders in keyset batches) failed: canceling statement due to statement timeout" in message
-    assert "a backfill batch may run 100 ms; run start again with a smaller --batch-size (batch_size)" in message
+    assert "a backfill batch may run 0.1 s; run start again with a smaller --batch-size (batch_size)" in message
     assert "the timeout" not in message and "\n" not in message
 
-    run(fresh_db, state_db, plan, "start", RunOptions(backfill=BackfillOptions(batch_size=1, policy=limit)))
-    with connect(fresh_db, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM orders WHERE copy IS DISTINCT FROM amount").fetchone() == (0,)
+    run(fresh_db, state_db, plan, "start", _run_options(batch_size=1, batch_timeout_seconds=0.1))
+    assert _copied(fresh_db)
+
+
+def test_a_row_slower_than_the_batch_limit_passes_with_a_longer_batch_timeout(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A single row whose ``up`` outlasts the batches' statement_timeout (an expensive function, a
+    huge jsonb transform) was cancelled even in one-row batches: the limit was a fixed 60 s that no
+    option changed, and the line named only ``--batch-size``, which cannot help."""
+    make_schema(fresh_db, rows=3)
+    _slow_copy(fresh_db, 0.3)
+    plan = _prepare(fresh_db, state_db, tmp_path, [SLOW_COPY])
+    with pytest.raises(UserError) as error:
+        run(fresh_db, state_db, plan, "start", _run_options(batch_size=1, batch_timeout_seconds=0.1))
+    message = str(error.value)
+    assert "failed: canceling statement due to statement timeout; a backfill batch may run 0.1 s;" in message
+    assert "or with a longer --batch-timeout-seconds (batch_timeout_seconds) if a single row takes that long" in message
+
+    run(fresh_db, state_db, plan, "start", _run_options(batch_size=1, batch_timeout_seconds=30.0))
+    assert _copied(fresh_db)
+
+
+def _cancel_update_of(url: str, table: str, stop: threading.Event) -> None:
+    """As a DBA would: ``pg_cancel_backend`` the first UPDATE of ``table`` seen running, from another
+    session; until ``stop`` is set."""
+    with connect(url, autocommit=True) as conn:
+        while not stop.is_set():
+            if conn.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state = 'active' AND query LIKE %s",
+                (f"UPDATE %{table}% SET %",),
+            ).fetchall():
+                return
+            stop.wait(0.01)
+
+
+def test_a_batch_another_session_cancels_is_no_timeout_and_start_resumes(
+    fresh_db: str, state_db: str, tmp_path: Path
+) -> None:
+    """A DBA's ``pg_cancel_backend`` raises QueryCanceled as a statement_timeout does (SQLSTATE
+    57014 both): the line said the batch may run 60 s and to take smaller batches, when neither
+    the batch size nor a limit had anything to do with it."""
+    make_schema(fresh_db, rows=5)
+    _slow_copy(fresh_db, 2.0)  # a 5-row batch runs 10 s unless cancelled
+    plan = _prepare(fresh_db, state_db, tmp_path, [SLOW_COPY])
+    stop = threading.Event()
+    canceller = threading.Thread(target=_cancel_update_of, args=(fresh_db, "orders", stop))
+    canceller.start()
+    try:
+        with pytest.raises(UserError) as error:
+            run(fresh_db, state_db, plan, "start", _run_options())
+    finally:
+        stop.set()
+        canceller.join()
+    message = str(error.value)
+    assert message.endswith(
+        "(backfill orders in keyset batches) failed: canceling statement due to user request; "
+        "another session cancelled it (pg_cancel_backend); run start again to resume from this step"
+    ), message
+    assert "\n" not in message
+
+    _slow_copy(fresh_db, 0.0)
+    run(fresh_db, state_db, plan, "start", _run_options())
+    assert _copied(fresh_db)
 
 
 def _enum_status(up: str) -> list[dict[str, Any]]:

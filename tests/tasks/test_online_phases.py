@@ -12,8 +12,9 @@ from tasks.db import connect
 from tasks.ddl_retry import LockPolicy
 from tasks.errors import UserError
 from tasks.online_phases import RunOptions
-from tasks.online_state import active_migration, target_key
-from tests.online_support import WIDEN_AMOUNT, make_schema, plan_for, run, schema_dump
+from tasks.online_plan import Plan
+from tasks.online_state import active_migration, set_steps_done, target_key
+from tests.online_support import WIDEN_AMOUNT, make_schema, plan_for, run, schema_dump, widen
 
 
 def test_long_transaction_makes_start_retry_while_writers_keep_writing(fresh_db: str, state_db: str) -> None:
@@ -150,3 +151,68 @@ def test_complete_refuses_a_sync_someone_broke_after_start_and_loses_no_write(
     run(fresh_db, state_db, plan, "rollback")
     with connect(fresh_db, autocommit=True) as conn:
         assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242 if app_writes else 8,)
+
+
+def _complete_stopped_before_tickets(url: str, state: str) -> Plan:
+    """Start a migration of orders and tickets, then a complete that contracts orders and fails on
+    tickets, whose contract cannot take its lock behind a long transaction."""
+    make_schema(url, rows=100)
+    plan = plan_for(url, state, {"name": "two", "operations": [WIDEN_AMOUNT, widen("tickets", "score")]})
+    run(url, state, plan, "start")
+    holder = connect(url)
+    holder.execute("SELECT count(*) FROM tickets")
+    try:
+        with pytest.raises(UserError, match="contract tickets: .* could not take its lock"):
+            run(url, state, plan, "complete", RunOptions(policy=LockPolicy(deadline_seconds=0)))
+    finally:
+        holder.close()
+    record = active_migration(state, target_key(url), "public")
+    assert record is not None and record.phase == "completing" and record.steps_done("complete") == 1
+    return plan
+
+
+def test_a_resumed_complete_refuses_a_sync_broken_since_it_began_and_loses_no_write(
+    fresh_db: str, state_db: str
+) -> None:
+    """Complete checked the syncs on its first run only: resumed after a step that failed, it dropped
+    the trigger a DBA had disabled meanwhile "IF EXISTS" and swapped in the shadow column that had
+    missed the writes since."""
+    plan = _complete_stopped_before_tickets(fresh_db, state_db)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE tickets DISABLE TRIGGER _fy_sync_two")  # a DBA, while complete waits
+        conn.execute("UPDATE tickets SET score = 4242 WHERE id = 7")  # an old-version write
+    before = schema_dump(fresh_db)
+    with pytest.raises(UserError) as err:
+        run(fresh_db, state_db, plan, "complete")
+    message = str(err.value)
+    assert message.startswith(
+        "two: cannot go on with complete, which began and can no longer roll back; nothing more was changed: "
+        "sync trigger _fy_sync_two on public.tickets is disabled"
+    ), message
+    assert "rewrite every row of public.tickets as the old version" in message and "\n" not in message
+    assert schema_dump(fresh_db) == before
+
+    with connect(fresh_db, autocommit=True) as conn:  # what the line says to do
+        conn.execute("ALTER TABLE tickets ENABLE TRIGGER _fy_sync_two")
+        conn.execute("UPDATE tickets SET id = id")
+    run(fresh_db, state_db, plan, "complete")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT score, pg_typeof(score)::text FROM tickets WHERE id = 7").fetchone() == (
+            4242,
+            "bigint",
+        )
+
+
+def test_a_complete_resumed_after_a_contract_committed_unrecorded_goes_on(fresh_db: str, state_db: str) -> None:
+    """A crash between a contract step's commit and its record in the state: the resumed complete
+    checked the sync of that table, whose trigger the step itself had dropped, and refused for good,
+    saying to roll back, which a begun complete cannot. The step's guard says it happened."""
+    plan = _complete_stopped_before_tickets(fresh_db, state_db)
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None
+    set_steps_done(state_db, record.id, "complete", 0)  # orders' contract committed, then the crash
+    run(fresh_db, state_db, plan, "complete")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT pg_typeof(amount)::text, pg_typeof(score)::text FROM orders, tickets LIMIT 1"
+        ).fetchone() == ("bigint", "bigint")
