@@ -9,13 +9,15 @@ value-based) hash function, no text conversion — about 2.5x cheaper than hashi
 a column type has no hash function (``json``, ``point``, ...), it falls back to
 ``hashtextextended(ROW(columns)::text, 0)``; both sides then pin the settings that change
 text forms (``db.TEXT_FORMS`` on every connection, and ``db.UTC``), so equal rows hash equally
-on any server.
+on any server. An enum's hash function hashes the value's ``pg_enum`` OID, which differs between
+databases, so a column holding enums (or arrays, domains, ranges or composites of them) is hashed
+as its text.
 Tables of equal column types make the same choice on both sides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -44,10 +46,44 @@ def row_hash(columns: Sequence[str], alias: str | None = None) -> sql.Composed:
     return sql.SQL("hashtextextended(ROW({})::text, 0)").format(sql.SQL(", ").join(refs))
 
 
-def record_hash(columns: Sequence[str]) -> sql.Composed:
-    """``hash_record_extended(ROW(c1, c2, ...), 0)``: per-type hashes, no text conversion."""
-    refs = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+def record_hash(columns: Sequence[str], as_text: Collection[str] = ()) -> sql.Composed:
+    """``hash_record_extended(ROW(c1, c2, ...), 0)``: per-type hashes, no text conversion but
+    for the ``as_text`` columns."""
+    refs = sql.SQL(", ").join(
+        sql.SQL("{}::text").format(sql.Identifier(c)) if c in as_text else sql.Identifier(c) for c in columns
+    )
     return sql.SQL("hash_record_extended(ROW({}), 0)").format(refs)
+
+
+# The types each given type is made of, down to the scalars: a domain's base, an array's element,
+# a range's or multirange's subtype, a composite's attributes; those given that hold an enum.
+_HOLDS_ENUM = """
+    WITH RECURSIVE parts(top, part) AS (
+        SELECT t, t FROM unnest(%s::oid[]) t
+        UNION
+        SELECT p.top, inner_type.oid
+          FROM parts p JOIN pg_type y ON y.oid = p.part
+         CROSS JOIN LATERAL (
+               SELECT y.typbasetype UNION ALL SELECT y.typelem
+               UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE y.oid IN (r.rngtypid, r.rngmultitypid)
+               UNION ALL SELECT a.atttypid FROM pg_attribute a
+                WHERE a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+         ) inner_type(oid)
+         WHERE inner_type.oid <> 0
+    )
+    SELECT DISTINCT p.top FROM parts p JOIN pg_type y ON y.oid = p.part WHERE y.typtype = 'e'
+"""
+
+
+def _enum_columns(conn: psycopg.Connection, table: sql.Composable, columns: Sequence[str]) -> set[str]:
+    """The ``columns`` of ``table`` whose values hold enums, which :func:`record_hash` must hash
+    as text: PostgreSQL hashes an enum by its ``pg_enum`` OID, so the same rows in two databases
+    (a bulk copy's source and target) summed to different checksums and every such copy failed
+    its validation."""
+    names = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    described = conn.execute(sql.SQL("SELECT {} FROM {} LIMIT 0").format(names, table)).description or []
+    holding = {row[0] for row in conn.execute(_HOLDS_ENUM, ([d.type_code for d in described],)).fetchall()}
+    return {d.name for d in described if d.type_code in holding}
 
 
 def checksum(
@@ -60,7 +96,7 @@ def checksum(
     """Count and hash-sum of the rows of ``table`` matching ``where``."""
     try:
         with conn.transaction():
-            return _summed(conn, table, record_hash(columns), where, params)
+            return _summed(conn, table, record_hash(columns, _enum_columns(conn, table, columns)), where, params)
     except psycopg.errors.UndefinedFunction:
         return _summed(conn, table, row_hash(columns), where, params)
 

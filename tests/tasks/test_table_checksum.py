@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tasks.db import connect
@@ -45,3 +46,26 @@ def test_types_without_hash_functions_fall_back_to_text_hashes(fresh_db):
         assert checksum(conn, sql.Identifier("j"), ["id", "doc", "p"]) != checksum(
             conn, sql.Identifier("k"), ["id", "doc", "p"]
         )
+
+
+@pytest.mark.parametrize("server", ["fresh_db", "older_db"])
+def test_enum_columns_hash_alike_whatever_their_types_oids(server, request):
+    """An enum hashes by its ``pg_enum`` OID: the same rows under two copies of the type (as in a
+    bulk copy's source and target databases) must still have one checksum."""
+    url = request.getfixturevalue(server)
+    with connect(url, utc=True) as conn:
+        for schema in ("one", "two"):
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE TYPE {}.mood AS ENUM ('ok', 'sad')").format(sql.Identifier(schema)))
+            conn.execute(
+                sql.SQL("CREATE TABLE {0}.t (id int, m {0}.mood, ms {0}.mood[])").format(sql.Identifier(schema))
+            )
+            conn.execute(
+                sql.SQL("INSERT INTO {}.t SELECT g, 'sad', ARRAY['ok', 'sad']::{}.mood[] FROM generate_series(1, 20) g")
+                .format(sql.Identifier(schema), sql.Identifier(schema))
+            )
+        columns = ["id", "m", "ms"]
+        first = checksum(conn, sql.Identifier("one", "t"), columns)
+        assert first == checksum(conn, sql.Identifier("two", "t"), columns) and first.rows == 20
+        conn.execute("UPDATE two.t SET m = 'ok' WHERE id = 3")
+        assert first != checksum(conn, sql.Identifier("two", "t"), columns)
