@@ -388,9 +388,11 @@ def connect(
             timed_out=_some_host_timed_out(exc),
         ) from None
     if conn.info.server_version < MIN_SERVER_VERSION:
+        version = conn.info.parameter_status("server_version") or str(conn.info.server_version)
         conn.close()
         raise UserError(
-            f"{mask_url(url)} runs PostgreSQL {conn.info.server_version}; flowyard needs 14 or newer"
+            f"{mask_url(url)} runs PostgreSQL {version.split(' ')[0]}; "
+            f"flowyard needs {MIN_SERVER_VERSION // 10000} or newer"
         )
     # As pg_dump and pg_restore do: a chunk copy, a checksum or an index build lasts as long as its
     # data, and a role's statement_timeout (common in production) would cancel it. Statements that

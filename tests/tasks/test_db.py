@@ -72,6 +72,14 @@ def test_missing_database_is_a_clear_error(pg):
         connect(pg.url("no_such_db"))
 
 
+def test_a_server_older_than_flowyard_supports_is_named_by_its_release(older_db, monkeypatch):
+    """The refusal names the release the user knows (15.18), not libpq's number (150018); a real
+    PostgreSQL 15 stands in for a too-old server by raising the floor above it."""
+    monkeypatch.setattr("tasks.db.MIN_SERVER_VERSION", 160000)
+    with pytest.raises(UserError, match=r"runs PostgreSQL 15\.\d+; flowyard needs 16 or newer$"):
+        connect(older_db)
+
+
 def test_ensure_database_is_idempotent(pg):
     ensure_database(pg.url(), "created_twice")
     ensure_database(pg.url(), "created_twice")
