@@ -35,6 +35,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ from psycopg import sql
 
 from tasks.copy_pipe import copy_in_statement
 from tasks.db import connect, one_row
-from tasks.errors import first_line
+from tasks.errors import first_line, printable
+from tasks.json_values import has_nul
 
 SCHEMA = "devflow"
 STATUS_EVENT = "project_status"
@@ -632,8 +634,37 @@ def _not_a_time(timestamps_ms: Sequence[object], exc: Exception) -> str:
     if any(ts is None for ts in timestamps_ms):
         return "the app wrote no time: timestamp is NULL"
     if any(isinstance(ts, str | bytes) for ts in timestamps_ms):
-        return "the app wrote it as text (or a BLOB), not as a number"
+        return "the app wrote it as text (or a BLOB) other than its Unix milliseconds in digits alone"
     return str(exc)
+
+
+def _nul_fields(rows: Sequence[UploadRow]) -> list[str]:
+    """The event data fields of ``rows`` that hold a NUL character (``\\u0000``: valid JSON, which
+    jsonb cannot store), by name. Looked for only once central refused a batch, so a batch that goes
+    through pays nothing. The privacy filter wrote each row's event data (an object); Python's
+    ``json`` reads what orjson refuses (a number beyond float64), and an object nested deeper than
+    the stack here reaches is left unnamed."""
+    fields: set[str] = set()
+    for row in rows:
+        if "\\u0000" in row[7]:
+            try:
+                data = json.loads(row[7])
+            except RecursionError:
+                continue
+            fields.update(name for name, value in data.items() if has_nul({name: value}))
+    return sorted(fields)
+
+
+def _nul_refusal(fields: Sequence[str]) -> str:
+    """Why central refuses event data with a NUL character in ``fields`` (allowlisted ones: the rest
+    were dropped or hashed), and the fix. PostgreSQL's words (``unsupported Unicode escape sequence``)
+    named neither the field nor the fix; removing the NUL on the way changed the value unannounced."""
+    named = ", ".join(repr(printable(field)) for field in fields)
+    return (
+        f"event_data field {named} holds a NUL character (\\u0000), which PostgreSQL's jsonb cannot store; "
+        "remove it from the event in the store, or the field from the allowlist (`flowyard sync configure "
+        "--allow …`, which replaces the list), then `flowyard sync trigger --force`"
+    )
 
 
 def _partition_name(month: date) -> str:
@@ -925,7 +956,8 @@ class CentralSession:
 
         Raises :class:`CentralRefused` when central refuses it for a change of its schema
         (:meth:`_schema_refusal`) or for an upgrade only the owner may make
-        (:meth:`_local_id_refusal`), and the refused rows' error when it refuses their data."""
+        (:meth:`_local_id_refusal`), and the refused rows' error when it refuses their data (event
+        data holding a NUL character as :func:`_nul_refusal` words it)."""
         if not rows:
             return UploadResult(0, 0, 0)
         try:
@@ -935,6 +967,10 @@ class CentralSession:
             if (refusal := self._schema_refusal(exc)) is None:
                 raise
             raise refusal from None
+        except psycopg.errors.UntranslatableCharacter:
+            if not (fields := _nul_fields(rows)):
+                raise
+            raise psycopg.DataError(_nul_refusal(fields)) from None
         except psycopg.errors.UndefinedColumn as exc:
             has_local_id = one_row(self.conn, _HAS_STATUS_LOCAL_ID)[0]
             self.conn.rollback()

@@ -177,8 +177,9 @@ class StoreCounts:
     waiting: int
     """The failed events whose retry backoff has not ended: a run leaves them unless forced."""
     oldest_pending_ms: float | None
-    """The oldest of the unsynced events' numeric times; None when they have none. SQLite keeps
-    a time the app wrote as text (``'2026-11-01T10:00'``) as text, which has no age."""
+    """The oldest of the unsynced events' times in Unix milliseconds (:data:`_EVENT_MS_SQL`: a
+    number, or text of digits alone); None when they have none. A time the app wrote as other text
+    (``'2026-11-01T10:00'``), which central refuses, has no age."""
 
 
 def remove_store_command(device_id: str, then_add: Path | None = None) -> str:
@@ -738,7 +739,13 @@ def insert_events(conn: sqlite3.Connection, events: Iterable[tuple[int, str, dic
 # truncated as SQLite's CAST does: central keeps Unix milliseconds (its upload column is a
 # bigint, which refused the REAL's text form, so every such event failed), and the sync id
 # carries the same millisecond (SQLite truncates a REAL the same way for the id's bit masks).
-# Other values, text included, are sent as stored: a text time stays its row's error.
+# A time the app wrote as text of digits alone (``'1700000000000'``: a v1 table whose column it
+# declared TEXT, or an untyped one it bound strings to; SQLite's affinity makes such text an integer
+# only in an INTEGER or NUMERIC column) is those Unix milliseconds, which nothing else digits could
+# mean, and is sent as that integer, the millisecond its sync id carries too (SQLite reads the text
+# as that number for the id's bit masks). A sign, a space, a fraction or an exponent leaves it text,
+# as any other text (``'2026-11-01T10:00'``) and a BLOB are: sent as stored, each its row's error.
+# Integers are tested first, so their one comparison is all they pay, as before.
 # The text columns are read as text: SQLite's TEXT affinity turns a number written to them into
 # text already, but keeps a BLOB (an app handing its driver bytes), which went to central as bytea
 # text (an event type '\x636f6d6d6974') or was refused as no uuid. Cast, it is the text its bytes
@@ -746,9 +753,17 @@ def insert_events(conn: sqlite3.Connection, events: Iterable[tuple[int, str, dic
 # TEXT value (or NULL) changes nothing and costs nothing measurable, where a CASE on typeof() cost
 # 0.1 µs per column per event; a number in an app's own untyped column becomes the text a TEXT
 # column would have stored.
-_PENDING_SQL = """
-    SELECT CAST(sync_id AS TEXT), id,
-           CASE typeof(timestamp) WHEN 'real' THEN CAST(timestamp AS INTEGER) ELSE timestamp END,
+_EVENT_MS_SQL = (
+    "CASE typeof(timestamp) WHEN 'integer' THEN timestamp WHEN 'real' THEN CAST(timestamp AS INTEGER) "
+    "WHEN 'text' THEN CASE WHEN timestamp <> '' AND timestamp NOT GLOB '*[^0-9]*' "
+    "THEN CAST(timestamp AS INTEGER) ELSE timestamp END ELSE timestamp END"
+)
+"""An event's time as central takes it: Unix milliseconds, or the value as stored when it is none."""
+# Constant SQL fragments only (no input is ever concatenated), hence the noqa.
+_PENDING_SQL = (
+    "SELECT CAST(sync_id AS TEXT), id, "  # noqa: S608
+    + _EVENT_MS_SQL
+    + """,
            CAST(device_id AS TEXT), CAST(user_id AS TEXT), CAST(project_id AS TEXT),
            CAST(event_type AS TEXT), CAST(event_data AS TEXT)
     FROM events WHERE id IN (
@@ -764,6 +779,7 @@ _PENDING_SQL = """
     )
     ORDER BY id LIMIT :limit
 """
+)
 
 
 BATCH_DATA_CHARS = 64 * 2**20
@@ -961,6 +977,15 @@ def _snapshots_central(conn: sqlite3.Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
+_COUNTS_SQL = (
+    "SELECT (SELECT count(*) FROM events WHERE sync_status = 'pending'), "  # noqa: S608 (constant fragments)
+    "(SELECT count(*) FROM events WHERE sync_status = 'failed'), "
+    "(SELECT count(*) FROM events WHERE sync_status = 'failed' AND next_retry_at > ?), "
+    "(SELECT min(ms) FROM (SELECT " + _EVENT_MS_SQL + " AS ms FROM events WHERE sync_status IN ('pending', 'failed')) "
+    "WHERE typeof(ms) = 'integer')"
+)
+
+
 def counts(conn: sqlite3.Connection) -> StoreCounts:
     """The store's unsynced events now; ``waiting`` by the rule :func:`read_pending` applies.
 
@@ -968,16 +993,7 @@ def counts(conn: sqlite3.Connection) -> StoreCounts:
     O(unsynced events), whatever the store has synced. A ``sum()`` over every row of ``events``
     read the whole table twice a run and once per ``sync status``: 0.27 s for a store of a million
     synced events, a shared lock the app's commits wait out in a rollback-journal store."""
-    row = conn.execute(
-        """
-        SELECT (SELECT count(*) FROM events WHERE sync_status = 'pending'),
-               (SELECT count(*) FROM events WHERE sync_status = 'failed'),
-               (SELECT count(*) FROM events WHERE sync_status = 'failed' AND next_retry_at > ?),
-               (SELECT min(timestamp) FROM events
-                WHERE sync_status IN ('pending', 'failed') AND typeof(timestamp) IN ('integer', 'real'))
-        """,
-        (now_ms(),),
-    ).fetchone()
+    row = conn.execute(_COUNTS_SQL, (now_ms(),)).fetchone()
     return StoreCounts(*row)
 
 

@@ -155,13 +155,14 @@ def test_a_store_downgraded_while_a_run_holds_it_is_one_line_saying_so(tmp_path:
 
 def test_the_oldest_unsynced_time_counts_numeric_times_only(tmp_path: Path) -> None:
     """SQLite keeps a time the app wrote as text as text, which has no age: the oldest unsynced
-    time was that text when no other unsynced event had a number, and the lag failed the device."""
+    time was that text when no other unsynced event had a number, and the lag failed the device.
+    A REAL time counts as the millisecond it is sent as."""
     store = make_store(tmp_path / "dev.db", 10, identity=IDENTITY)
     with device_store.open_store(store) as conn:
         conn.execute("UPDATE events SET timestamp = '2026-11-01T10:00' WHERE id = 3")
         conn.execute("UPDATE events SET timestamp = 1700000000000.5 WHERE id = 6")
         _mark_synced(conn, [1, 2, 4, 5, 7, 8, 9, 10])
-        assert device_store.counts(conn).oldest_pending_ms == 1_700_000_000_000.5
+        assert device_store.counts(conn).oldest_pending_ms == 1_700_000_000_000
         _mark_synced(conn, [6])
         counts = device_store.counts(conn)
     assert (counts.pending, counts.oldest_pending_ms) == (1, None)
