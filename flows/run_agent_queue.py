@@ -134,22 +134,23 @@ def run_agent_queue(
     notice = OutageNotice(lambda level, text: getattr(logger, level)(text))
     try:
         # full since the check above, each task run logged a traceback naming no disk: said once
-        with result_storage_filling(logger.warning), runner, fleet(setup) as agents_fleet:
+        with result_storage_filling(logger.warning), runner, fleet(setup, max_agents) as agents_fleet:
             finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]] = {}
             claimed = 0
             while True:
-                room = min(max_agents - agents_fleet.busy_slots(), 2 * max_agents - len(running))
+                most = 2 * max_agents - len(running)
                 if max_tasks is not None:
-                    room = min(room, max_tasks - claimed)
-                for task in _claim(setup, room, running, notice):
-                    claimed += 1
-                    agents_fleet.claimed(task)
-                    running[task.id] = future = runner.submit(
-                        attempt(task.agent_type),
-                        parameters={"task_id": task.id, "worker": setup.worker},
-                        wait_for=_dependency_runs(finished, running, task.blocked_by),
-                    )
-                    future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
+                    most = min(most, max_tasks - claimed)
+                with agents_fleet.claiming(most) as room:
+                    for task in _claim(setup, room, running, notice):
+                        claimed += 1
+                        agents_fleet.claimed(task)
+                        running[task.id] = future = runner.submit(
+                            attempt(task.agent_type),
+                            parameters={"task_id": task.id, "worker": setup.worker},
+                            wait_for=_dependency_runs(finished, running, task.blocked_by),
+                        )
+                        future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
                 if not running:
                     break
                 agents_fleet.wait_for_slot(timeout=1.0)

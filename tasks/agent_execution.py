@@ -419,21 +419,42 @@ class _Attempt:
 class Fleet:
     """The attempts one flow run is executing, so a shutdown can reach all of them."""
 
-    def __init__(self, setup: AgentSetup) -> None:
+    def __init__(self, setup: AgentSetup, max_agents: int) -> None:
         self.setup = setup
+        self.max_agents = max_agents
         self.stopping = threading.Event()
         self.reaper = Reaper(setup.limits.grace_seconds, agent_mark(setup.worker))
         self.tasks: dict[int, queue.AgentTask] = {}  # as claimed; see :meth:`claimed`
         self._attempts: dict[int, _Attempt] = {}
         self._lock = threading.Lock()
+        self._slot_change = threading.Condition(self._lock)
         self._slots: set[int] = set()  # tasks holding an agent slot; see :meth:`free_slot`
+        self._reserved = 0  # slots set aside for the claim in hand; see :meth:`claiming`
+        self._retries_waiting = 0  # retries waiting for a slot; see :meth:`take_slot`
         self._slot_freed = threading.Event()
 
+    @contextmanager
+    def claiming(self, most: int) -> Iterator[int]:
+        """How many tasks the flow may claim now, up to ``most``: the free slots, less one for each
+        retry waiting for a slot (a retry goes first: the next claim would take every slot it
+        frees). They stay set aside until the block ends, the tasks claimed in it (:meth:`claimed`)
+        counted twice meanwhile, so a retry taking a slot during the claim never makes one agent
+        too many: it waits for the claim to end."""
+        with self._lock:
+            free = self.max_agents - len(self._slots) - self._retries_waiting
+            self._reserved = room = max(0, min(most, free))
+        try:
+            yield room
+        finally:
+            with self._slot_change:
+                self._reserved = 0
+                self._slot_change.notify_all()
+
     def claimed(self, task: queue.AgentTask) -> None:
-        """A task the flow claimed for this fleet; it holds one of the run's agent slots until
-        :meth:`free_slot`. Its attempts take the fields that never change (agent type, payload,
-        working directory...) from this row instead of reading the task again; the checkpoint
-        to resume from comes fresh with each attempt."""
+        """A task the flow claimed for this fleet, in a slot :meth:`claiming` set aside; it holds
+        the slot until :meth:`free_slot`. Its attempts take the fields that never change (agent
+        type, payload, working directory...) from this row instead of reading the task again; the
+        checkpoint to resume from comes fresh with each attempt."""
         self.tasks[task.id] = task
         with self._lock:
             self._slots.add(task.id)
@@ -442,14 +463,34 @@ class Fleet:
         with self._lock:
             return len(self._slots)
 
+    def take_slot(self, task_id: int) -> bool:
+        """A slot for the task's attempt: at once for the claimed task's first attempt, which holds
+        one; a retry, whose failed attempt freed its slot for Prefect's retry delay, waits for one.
+        False when the fleet is stopping: no attempt starts then."""
+        with self._slot_change:
+            if task_id in self._slots:
+                return True
+            self._retries_waiting += 1
+            try:
+                while len(self._slots) + self._reserved >= self.max_agents and not self.stopping.is_set():
+                    self._slot_change.wait()
+            finally:
+                self._retries_waiting -= 1
+            if self.stopping.is_set():
+                return False
+            self._slots.add(task_id)
+            return True
+
     def free_slot(self, task_id: int) -> None:
-        """The task needs its agent slot no more: its last attempt's agent has exited and the
-        attempt is recorded, or its Prefect task run is over. Freeing the slot there, not when
-        Prefect has finished the task run (its final state, the persisted result, its events),
-        lets the next agent start while Prefect does that: the agents' limit still holds,
-        and a slot no longer idles through Prefect's bookkeeping."""
-        with self._lock:
+        """The task needs its agent slot no more: its attempt's agent has exited and the attempt
+        is recorded (a failure Prefect retries too: the retry takes a slot again after its delay,
+        :meth:`take_slot`, and ready tasks run meanwhile), or its Prefect task run is over.
+        Freeing the slot there, not when Prefect has finished the task run (its final state, the
+        persisted result, its events), lets the next agent start while Prefect does that: the
+        agents' limit still holds, and a slot no longer idles through Prefect's bookkeeping."""
+        with self._slot_change:
             self._slots.discard(task_id)
+            self._slot_change.notify_all()
         self._slot_freed.set()
 
     def wait_for_slot(self, timeout: float) -> None:
@@ -473,7 +514,8 @@ class Fleet:
         """Graceful shutdown of every running agent (in parallel), then release every task this
         worker still holds. Returns the ids of the tasks released back to the queue."""
         self.stopping.set()
-        with self._lock:
+        with self._slot_change:
+            self._slot_change.notify_all()  # retries waiting for a slot start no attempt
             attempts = dict(self._attempts)
         for attempt in attempts.values():
             attempt.process.request_stop(reason)
@@ -506,12 +548,12 @@ _FLEETS: dict[str, Fleet] = {}
 
 
 @contextmanager
-def fleet(setup: AgentSetup) -> Iterator[Fleet]:
+def fleet(setup: AgentSetup, max_agents: int) -> Iterator[Fleet]:
     """Register the flow run's fleet; on any BaseException (TerminationSignal from Prefect's
     SIGTERM bridge on cancellation or worker shutdown, KeyboardInterrupt on SIGINT) stop
     every agent gracefully before the exception leaves the flow. A reaper sidecar ends the
     agents even if this process is killed outright (see ``tasks.agent_reaper``)."""
-    current = _FLEETS[setup.worker] = Fleet(setup)
+    current = _FLEETS[setup.worker] = Fleet(setup, max_agents)
     try:
         yield current
     except BaseException as exc:
@@ -613,7 +655,7 @@ def _run_agent(task_id: int, worker: str) -> dict[str, Any]:
     parameter on every attempt (for futures and task inputs), and the worker id is all it
     needs to see."""
     current = _FLEETS.get(worker)
-    if current is None or current.stopping.is_set():
+    if current is None or current.stopping.is_set() or not current.take_slot(task_id):
         # the run is stopping (or over): its shutdown hands the task back, and no attempt starts
         return _attempt_result(task_id, None, "interrupted")
     setup = current.setup
@@ -678,9 +720,6 @@ def _run_agent(task_id: int, worker: str) -> dict[str, Any]:
             )
             final = failure is not None and _gives_up(failure)
             moved = books.finish(run_id, outcome, final=final)
-            # a failure raised is retried unless final; one whose end was not taken is not raised
-            if failure is None or final or moved is None:  # no retry follows: the agent's slot is free
-                current.free_slot(task_id)
     except _Stopping:
         setup.patiently(
             lambda: queue.finish_attempt(url, run_id, setup.worker, "interrupted", error="shutdown before start")
@@ -700,6 +739,8 @@ def _run_agent(task_id: int, worker: str) -> dict[str, Any]:
         if process is not None and process.pgid is not None:
             current.reaper.unwatch(process.pgid)
         current.remove(task_id)
+        # the agent is gone and the attempt closed: a retry takes a slot again after its delay
+        current.free_slot(task_id)
     # A failure whose end was not taken (another run's recovery closed the attempt, its task
     # handed back and maybe running elsewhere, or the user cancelled the task) is not raised:
     # Prefect retried an attempt of a task no longer this worker's, and the run reported failed

@@ -1054,6 +1054,10 @@ def checkpoint_history(url: str, task_id: int) -> list[dict[str, Any]]:
         ).fetchall()
 
 
+CANCELLED_AS_IT_COMPLETED = "its task was cancelled as the agent completed; the agent's result was not taken"
+"""The error of an attempt whose agent completed after its task was cancelled (:func:`finish_attempt`)."""
+
+
 def finish_attempt(
     url: str,
     run_id: int,
@@ -1077,19 +1081,34 @@ def finish_attempt(
     worker silent past the lease) or that its worker's next attempt superseded keeps that end. A
     worker back from such a silence rewrote it with its agent's outcome, ``completed`` for a task
     pending again or running elsewhere, which counted a finished attempt the task never got.
+
+    A completion whose task was cancelled first (``queue cancel`` committed between the agent's
+    exit and this end, before a heartbeat could stop the agent) closes the attempt as
+    ``interrupted``, as an agent the cancel stopped is: the task stays ``cancelled``, as the cancel
+    told the user and the task's dependents, and the agent's last checkpoint is what ``queue retry``
+    resumes from. It was recorded ``completed`` beside a cancelled task, a finished attempt in the
+    metrics whose result the task never took. The task's row is locked before the attempt is
+    closed, so a cancel committing while this statement runs is seen by both halves of it.
     """
     with _connection(url) as conn:
         row = conn.execute(
             """
-            WITH r AS (
+            WITH h AS (
+                SELECT t.status FROM flowyard.agent_runs o
+                  JOIN flowyard.agent_tasks t ON t.id = o.task_id AND t.attempts = o.attempt
+                 WHERE o.id = %(run)s AND t.worker = %(worker)s
+                   FOR UPDATE OF t
+            ), r AS (
                 UPDATE flowyard.agent_runs r
-                   SET finished_at = now(), outcome = %(outcome)s, error = %(error)s, final = %(final)s,
+                   SET finished_at = now(),
+                       outcome = CASE WHEN %(outcome)s = 'completed' AND h.status = 'cancelled'
+                                      THEN 'interrupted' ELSE %(outcome)s END,
+                       error = CASE WHEN %(outcome)s = 'completed' AND h.status = 'cancelled'
+                                    THEN %(cancelled)s ELSE %(error)s END,
+                       final = %(final)s,
                        seconds = extract(epoch FROM now() - r.started_at)
-                 WHERE r.id = %(run)s
-                   AND (r.outcome IS NULL OR EXISTS (
-                        SELECT 1 FROM flowyard.agent_tasks h
-                         WHERE h.id = r.task_id AND h.worker = %(worker)s AND h.attempts = r.attempt
-                           AND h.status = 'in_progress'))
+                  FROM (SELECT 1) one LEFT JOIN h ON true
+                 WHERE r.id = %(run)s AND (r.outcome IS NULL OR h.status = 'in_progress')
                 RETURNING r.task_id, r.attempt
             )
             UPDATE flowyard.agent_tasks t
@@ -1114,6 +1133,7 @@ def finish_attempt(
                 "result": Jsonb(result) if result is not None else None,
                 "worker": worker,
                 "final": final,
+                "cancelled": CANCELLED_AS_IT_COMPLETED,
             },
         ).fetchone()
         if row is None:  # rare: not this attempt's task any more; one more statement only then

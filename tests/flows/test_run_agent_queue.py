@@ -40,7 +40,7 @@ from tasks.state import state_url
 from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
 from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.outage_support import outage_proxy
-from tests.process_support import Told, until_its_sessions_end
+from tests.process_support import GUARD_SECONDS, Told, until_its_sessions_end
 from tests.serve_support import served_agent_queue_run
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -162,15 +162,17 @@ def test_concurrency_limit_is_respected(tmp_path: Path, qdb: str) -> None:
     assert peak == 2, f"at most 2 agents at once, and the limit was used: peak {peak}"
 
 
-def test_a_task_keeps_its_agent_slot_through_its_retry_delay(tmp_path: Path, qdb: str) -> None:
-    """A task's slot is freed as soon as its last attempt is recorded, before Prefect ends its task
-    run, but not after an attempt Prefect will retry: no other agent starts in the slot meanwhile."""
+def test_a_retry_waits_out_its_delay_without_holding_an_agent_slot(tmp_path: Path, qdb: str) -> None:
+    """A task's slot is freed as soon as its attempt is recorded, before Prefect ends its task run,
+    also after an attempt Prefect will retry: that one kept its slot through the retry delay, and
+    with one agent the ready task waited behind it while the slot idled. The ready task runs in the
+    delay now, and the retry waits for the slot: never two agents at once."""
     crashy = queue.create_task(qdb, _new("crashy", {"steps": 2, "crash_after": 1}, priority="critical"))
     other = queue.create_task(qdb, _new("other", {"steps": 1}, priority="low"))
     summary = run_agent_queue(max_agents=1, **_kw(tmp_path, qdb))
     assert summary["outcomes"] == {crashy: "completed", other: "completed"}
     runs = sorted(_runs(qdb), key=lambda r: r["started"])
-    assert [(r["task_id"], r["attempt"]) for r in runs] == [(crashy, 1), (crashy, 2), (other, 1)]
+    assert [(r["task_id"], r["attempt"]) for r in runs] == [(crashy, 1), (other, 1), (crashy, 2)]
     assert all(later["started"] >= earlier["finished"] for earlier, later in itertools.pairwise(runs))
 
 
@@ -861,15 +863,24 @@ def test_a_worker_killed_while_stopping_a_cancelled_task_leaves_no_attempt_open(
 LINGERING_AGENT = textwrap.dedent(
     """
     import json, sys, time
+    from pathlib import Path
+
+    gates = Path(sys.argv[1])
+
+    def linger(instant):  # for as long as the test holds the agent at this instant (see KILL_INSTANTS)
+        while (gates / instant).exists():
+            time.sleep(0.02)
 
     task = json.loads(sys.stdin.readline())
     start = task["checkpoint"]["state"]["step"] if task["checkpoint"] else 0
-    time.sleep(1.0)  # started, no checkpoint of this attempt yet
+    linger("agent started, no checkpoint yet")
     for step in range(start + 1, task["payload"]["steps"] + 1):
         time.sleep(0.2)
         print(json.dumps({"kind": "checkpoint", "state": {"step": step}}), flush=True)
+        if step >= 2:
+            linger("checkpointed")
     print(json.dumps({"kind": "result", "data": {"resumed_from": start}}), flush=True)
-    time.sleep(1.0)  # result sent; the task is completed only once the agent has exited
+    linger("result sent, not yet completed")  # the task is completed only once the agent has exited
     """
 )
 
@@ -886,7 +897,10 @@ KILL_INSTANTS: list[tuple[str, Callable[[queue.AgentTask, Path], bool]]] = [
     ("checkpointed", lambda t, logs: (t.last_checkpoint or {}).get("attempt") == t.attempts and t.last_checkpoint["state"]["step"] >= 2),
     ("result sent, not yet completed", lambda t, logs: _current_attempt_lines(logs, t, "result")),
 ]  # fmt: skip
-"""Instants of a worker's life to SIGKILL it at, each seen on an in-progress task."""
+"""Instants of a worker's life to SIGKILL it at, each seen on an in-progress task. A
+:data:`LINGERING_AGENT` stays at an instant while a file of its name is in its gates directory:
+it slept into a 1 s window there, which a slow phase of the machine could miss (the worker's agents
+then went past it, or the worker ended first), failing the test."""
 
 
 def _kill_at(url: str, worker: subprocess.Popen[bytes], logs: Path, instant: Callable[[queue.AgentTask, Path], bool]) -> None:
@@ -897,8 +911,10 @@ def _kill_at(url: str, worker: subprocess.Popen[bytes], logs: Path, instant: Cal
     def held(task: queue.AgentTask) -> bool:
         return task.worker is not None and task.worker.split(":")[1] == str(worker.pid)
 
+    deadline = time.monotonic() + GUARD_SECONDS
     while not any(held(t) and instant(t, logs) for t in queue.list_tasks(url, "in_progress")):
         assert worker.poll() is None, "the worker ended before the instant came"
+        assert time.monotonic() < deadline, "the instant never came"
         time.sleep(0.05)
     worker.kill()
     worker.wait(timeout=60)
@@ -911,12 +927,16 @@ def test_sigkill_at_any_instant_then_two_recovering_workers_complete_each_task_o
     together recover and finish. Each task completes exactly once, by one of them, resuming from
     its last checkpoint; every killed attempt is closed once as interrupted; no agent process of
     any worker survives."""
-    agents = {"linger": {"argv": [sys.executable, "-c", LINGERING_AGENT]}}
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    agents = {"linger": {"argv": [sys.executable, "-c", LINGERING_AGENT, str(gates)]}}
     ids = [queue.create_task(qdb, queue.NewTask(title=f"t{i}", agent_type="linger", payload={"steps": 8})) for i in range(2)]
     start = [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "2", json.dumps(agents)]
     logs = tmp_path / "agents" / "logs"
-    for _, instant in KILL_INSTANTS:
+    for name, instant in KILL_INSTANTS:
+        (gates / name).touch()  # the worker's agents stay at the instant until it is killed
         _kill_at(qdb, subprocess.Popen(start, cwd=ROOT), logs, instant)
+        (gates / name).unlink()
     resume_from = {t: (queue.get_task(qdb, t).last_checkpoint or {"state": {"step": 0}})["state"]["step"] for t in ids}
     killed_runs = len(_runs(qdb))
     pair = [subprocess.Popen(start, cwd=ROOT) for _ in range(2)]
@@ -1227,6 +1247,61 @@ def test_a_task_cancelled_while_its_agent_runs_is_reported_cancelled(tmp_path: P
     assert summary["outcomes"] == {task_id: "cancelled"}
     assert queue.get_task(qdb, task_id).status == "cancelled"
     assert [r["outcome"] for r in _runs(qdb)] == ["interrupted"]
+
+
+GATED_AGENT = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+
+    ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+    print(json.dumps({"kind": "checkpoint", "state": {"step": 1}}), flush=True)
+    ready.touch()
+    while not go.exists():  # the test says when the agent completes
+        time.sleep(0.02)
+    print(json.dumps({"kind": "result", "data": {"done": True}}), flush=True)
+    """
+)
+
+
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + GUARD_SECONDS
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never came"
+        time.sleep(0.02)
+
+
+def test_an_agent_completing_as_its_task_is_cancelled_leaves_task_and_attempt_agreeing(
+    tmp_path: Path, qdb: str
+) -> None:
+    """``queue cancel`` committed just before the agent completes, no heartbeat between them to stop
+    it: the attempt was recorded ``completed`` (a finished attempt in the metrics, its result never
+    taken) beside a ``cancelled`` task. The cancel was told to the user and the task's dependents,
+    so the task stays cancelled and its attempt is ``interrupted``, as an agent the cancel stopped;
+    its last checkpoint is kept for ``queue retry``."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    task_id = queue.create_task(qdb, queue.NewTask(title="done as cancelled", agent_type="gated"))
+    agents = {"gated": {"argv": [sys.executable, "-c", GATED_AGENT, str(ready), str(go)]}}
+
+    def cancel_then_complete() -> None:
+        _wait_for_file(ready)
+        queue.cancel_task(qdb, task_id)
+        go.touch()
+
+    canceller = threading.Thread(target=cancel_then_complete, daemon=True)
+    canceller.start()
+    summary = run_agent_queue(max_agents=1, agents=agents, **_kw(tmp_path, qdb))
+    canceller.join()
+    assert summary["outcomes"] == {task_id: "cancelled"}
+    task = queue.get_task(qdb, task_id)
+    assert (task.status, task.worker, task.result) == ("cancelled", None, None)
+    assert task.last_checkpoint == {"attempt": 1, "kind": "agent", "state": {"step": 1}}
+    with connection(qdb) as conn:
+        runs = conn.execute("SELECT outcome, error FROM flowyard.agent_runs WHERE task_id = %s", (task_id,)).fetchall()
+    assert [outcome for outcome, _ in runs] == ["interrupted"], runs
+    assert [error for _, error in runs] == [queue.CANCELLED_AS_IT_COMPLETED]
+    metrics = {m["agent_type"]: m for m in summary["metrics"]}["gated"]
+    assert (metrics["tasks_completed"], metrics["attempts"], metrics["interrupted"]) == (0, 0, 1)
 
 
 LATE_FAILURE_AGENT = textwrap.dedent(

@@ -41,7 +41,7 @@ def test_a_shutdown_reports_back_in_the_queue_only_the_tasks_that_are(fresh_db: 
     )
     queue.claim_ready(url, setup.worker, 2)
     runs = {t: queue.start_attempt(url, t, setup.worker, None).run_id for t in (finished, stopped)}
-    fleet = Fleet(setup)
+    fleet = Fleet(setup, max_agents=2)
     try:
         for task_id in runs:
             job = AgentJob(task_id, 1, "t", "task", "", {}, None, tmp_path / f"task-{task_id}", setup.worker)
@@ -73,7 +73,7 @@ def test_a_claimed_task_holds_its_agent_slot_until_freed_and_freeing_wakes_the_l
     setup = AgentSetup(url, queue.new_worker_id(), tmp_path, tmp_path / "logs", DEFAULT_TEMPLATES)
     for title in ("one", "two"):
         queue.create_task(url, queue.NewTask(title=title, agent_type="reference"))
-    fleet = Fleet(setup)
+    fleet = Fleet(setup, max_agents=2)
     try:
         one, two = queue.claim_ready(url, setup.worker, 2)
         fleet.claimed(one)
@@ -136,7 +136,7 @@ def test_an_attempt_stopped_before_its_agent_started_returns_what_every_attempt_
     assert queue.record_checkpoint(url, task_id, setup.worker, first.number, {"step": 3})
     queue.finish_attempt(url, first.run_id, setup.worker, "failed", error="crashed")
     start = queue.start_attempt
-    with fleet(setup) as current:
+    with fleet(setup, max_agents=1) as current:
         current.claimed(task)
 
         def start_then_stop(*args: Any, **kwargs: Any) -> queue.Attempt:
@@ -234,7 +234,7 @@ def test_a_run_of_a_task_that_starts_no_attempt_returns_what_every_attempt_retur
         queue.create_task(url, queue.NewTask(title=title, agent_type="reference", payload={"steps": 1}))
         for title in ("ran", "cancelled", "reclaimed", "stopped")
     )
-    with fleet(setup) as current:
+    with fleet(setup, max_agents=4) as current:
         for task in queue.claim_ready(url, setup.worker, 4):
             current.claimed(task)
         results = [run_agent(ran, setup.worker)]
