@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import typer
 
@@ -48,12 +47,23 @@ def plan(
 
 
 @app.command()
-def status() -> None:
-    """Which migration is in which phase, and how far each backfill has got."""
+def status(
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        help="Target PostgreSQL URL of the migrations: also check each table's sync trigger there, as complete does.",
+    ),
+) -> None:
+    """Which migration is in which phase, and how far each backfill has got; with `--database-url`,
+    also whether each table's sync trigger still carries old-version writes to the new columns."""
+    from tasks.db import DATABASE_URL_OPTION, resolve_url
+    from tasks.online_phases import ALLOWED_FROM
     from tasks.online_state import list_migrations
     from tasks.state import state_url
 
-    rows = list_migrations(state_url())
+    target = None if database_url is None else resolve_url(database_url, parameter=DATABASE_URL_OPTION)
+    state = state_url()
+    rows = list_migrations(state)
     if not rows:
         typer.echo("no online migrations yet")
     for row in rows:
@@ -63,6 +73,29 @@ def status() -> None:
         )
         for table, rows_done, done in row.backfill:
             typer.echo(f"    backfill {table}: {rows_done} rows{' (done)' if done else ''}")
+        if target is not None and row.phase in ALLOWED_FROM["complete"]:
+            for line in _sync_lines(target, state, row.target, row.schema_name):
+                typer.echo(f"    {line}")
+    if target is None and any(row.phase in ALLOWED_FROM["complete"] for row in rows):
+        typer.echo("(give --database-url to also check each table's sync trigger, as complete does)")
+
+
+def _sync_lines(target_url: str, state: str, target: str, schema: str) -> list[str]:
+    """Per table of the unfinished migration on ``target``'s ``schema``: its sync healthy, or broken
+    with what complete would say to do; none checked when ``target_url`` is another database."""
+    from tasks.online_phases import sync_health, sync_remedy
+    from tasks.online_state import active_migration, target_key
+
+    given = target_key(target_url)
+    if given != target:
+        return [f"syncs not checked: --database-url names {given}, not {target}"]
+    record = active_migration(state, target, schema)
+    if record is None:  # finished since the list was read
+        return []
+    return [
+        f"sync {name}: healthy" if problem is None else f"sync {name}: broken: {problem}; {sync_remedy(record, name)}"
+        for name, problem in sync_health(target_url, record).items()
+    ]
 
 
 def _run(**parameters: Any) -> None:
@@ -118,32 +151,31 @@ def start(
     )
 
 
-def _contract_or_rollback(action: Literal["complete", "rollback"]) -> Callable[..., None]:
-    """complete and rollback take the same options: one command body serves both."""
-
-    def command(
-        database_url: str | None = DATABASE_URL,
-        schema: str = SCHEMA,
-        lock_timeout_ms: int = LOCK_TIMEOUT_MS,
-        statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
-        retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,
-    ) -> None:
-        _run(
-            action=action,
-            database_url=database_url,
-            schema=schema,
-            lock_timeout_ms=lock_timeout_ms,
-            statement_timeout_ms=statement_timeout_ms,
-            retry_deadline_seconds=retry_deadline_seconds,
-        )
-
-    return command
+@app.command()
+def complete(
+    database_url: str | None = DATABASE_URL,
+    schema: str = SCHEMA,
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+    retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,
+) -> None:
+    """Contract: switch to the final names, drop triggers, shadow columns and the old version's views."""
+    _run(**locals(), action="complete")
 
 
-app.command(
-    "complete",
-    help="Contract: switch to the final names, drop triggers, shadow columns and the old version's views.",
-)(_contract_or_rollback("complete"))
-app.command("rollback", help="Undo everything start did, leaving schema and data as before.")(
-    _contract_or_rollback("rollback")
-)
+@app.command()
+def rollback(
+    database_url: str | None = DATABASE_URL,
+    schema: str = SCHEMA,
+    lock_timeout_ms: int = LOCK_TIMEOUT_MS,
+    statement_timeout_ms: int = STATEMENT_TIMEOUT_MS,
+    retry_deadline_seconds: float = RETRY_DEADLINE_SECONDS,
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Roll back even where a sync trigger is gone or disabled, dropping the new-version writes since "
+        "that only the new columns hold.",
+    ),
+) -> None:
+    """Undo everything start did, leaving schema and data as before."""
+    _run(**locals(), action="rollback")

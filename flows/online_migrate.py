@@ -56,8 +56,10 @@ def online_migrate(
     lock_timeout_ms: int = 200,
     statement_timeout_ms: int = 10_000,
     retry_deadline_seconds: float = 300.0,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run an online migration; ``action`` = run (all phases), start, complete or rollback."""
+    """Run an online migration; ``action`` = run (all phases), start, complete or rollback; ``force``
+    rolls back even where a broken sync trigger left new-version writes in columns rollback drops."""
     logger = get_run_logger()
     target, state = resolve_url(database_url), state_url()
     options = run_options(
@@ -68,6 +70,7 @@ def online_migrate(
         statement_timeout_ms=statement_timeout_ms,
         retry_deadline_seconds=retry_deadline_seconds,
         batch_timeout_seconds=batch_timeout_seconds,
+        force=force,
     )
     if action in ("run", "start"):
         plan = plan_online_migration(target, state, migration_file, schema, lock_timeout_ms)

@@ -58,6 +58,23 @@ class LockRetryDeadline(UserError):
     """The lock could not be taken before the deadline."""
 
 
+class CancelledByRequest(psycopg.errors.QueryCanceled):
+    """A statement cancelled by a cancel request (another session's ``pg_cancel_backend``, a
+    client's cancel), not by the policy's ``statement_timeout``.
+
+    Both raise SQLSTATE 57014 and only PostgreSQL's message tells them apart, which ``lc_messages``
+    translates (a German server says "storniere Anfrage wegen Benutzeraufforderung"), so advice
+    chosen by the English text told a cancelled backfill batch to take smaller batches. What the
+    attempt knows does not depend on the language: it ran under no limit, or for less time than the
+    limit as the client measures it (from before the statement is sent to after its error arrives,
+    so never less than the server's own statement clock), and the limit cannot have fired then."""
+
+
+def _cancelled_by_request(policy: LockPolicy, seconds: float) -> bool:
+    """Whether a QueryCanceled of an attempt that ran ``seconds`` under ``policy`` was no timeout."""
+    return policy.statement_timeout_ms == 0 or seconds * 1000 < policy.statement_timeout_ms
+
+
 def backoff_seconds(retry: int, policy: LockPolicy) -> float:
     """Exponential backoff with full jitter in [0.5, 1.5) x, capped at ``max_backoff_seconds``."""
     return min(policy.base_backoff_seconds * 2**retry, policy.max_backoff_seconds) * random.uniform(0.5, 1.5)
@@ -103,7 +120,8 @@ def with_lock_retry(
 
     ``conn`` must be in autocommit mode. With ``transactional`` each attempt is one transaction
     (``SET LOCAL`` timeouts); without it the timeouts are set on the session, for statements such
-    as ``CREATE INDEX CONCURRENTLY`` that cannot run in a transaction block.
+    as ``CREATE INDEX CONCURRENTLY`` that cannot run in a transaction block. A statement cancelled
+    by request rather than by the policy's statement_timeout raises :class:`CancelledByRequest`.
     """
     if not conn.autocommit:
         raise ValueError("with_lock_retry needs an autocommit connection")
@@ -111,6 +129,7 @@ def with_lock_retry(
     started = time.monotonic()
     while True:
         stats.attempts += 1
+        attempt_started = time.monotonic()
         try:
             if transactional:
                 with conn.transaction():
@@ -121,6 +140,10 @@ def with_lock_retry(
                 result = work(conn)
             stats.seconds = time.monotonic() - started
             return result, stats
+        except psycopg.errors.QueryCanceled as exc:
+            if not _cancelled_by_request(policy, time.monotonic() - attempt_started):
+                raise
+            raise CancelledByRequest(*exc.args, info=exc.pgresult, encoding=conn.info.encoding) from exc
         except psycopg.errors.LockNotAvailable:
             stats.lock_timeouts += 1
             elapsed = time.monotonic() - started

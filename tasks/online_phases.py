@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
-from tasks.db import connect, one_row
-from tasks.ddl_retry import LockPolicy, execute_with_lock_retry, with_lock_retry
+from tasks.db import connect, connection, one_row
+from tasks.ddl_retry import CancelledByRequest, LockPolicy, execute_with_lock_retry, with_lock_retry
 from tasks.errors import (
     INT64_MAX,
     MAX_WAIT_SECONDS,
@@ -28,7 +29,7 @@ from tasks.errors import (
     first_line,
     option_and_parameter,
 )
-from tasks.online_plan import Phase, Step, sync_trigger_name
+from tasks.online_plan import SHADOW_PREFIX, Phase, Step, sync_trigger_name
 from tasks.online_state import (
     BackfillCheckpoints,
     MigrationRecord,
@@ -54,7 +55,7 @@ USER_FIXABLE = (
     psycopg.errors.IntegrityError,  # class 23: existing rows break a new constraint or unique index
     psycopg.errors.ProgrammingError,  # class 42 and kin: SQL in the migration, privileges
     psycopg.errors.NotSupportedError,
-    psycopg.errors.QueryCanceled,  # statement_timeout
+    psycopg.errors.QueryCanceled,  # statement_timeout, or a cancel request (CancelledByRequest)
 )
 """Errors the same step would raise again on a retry: the user has to change something first."""
 AFTER_FIX: dict[Phase, str] = {
@@ -63,12 +64,6 @@ AFTER_FIX: dict[Phase, str] = {
     "complete": "fix it and run complete again to resume from this step",
     "rollback": "fix it and run rollback again to resume from this step",
 }
-
-
-CANCELLED_BY_ANOTHER_SESSION = "canceling statement due to user request"
-"""PostgreSQL's primary message for a statement cancelled by ``pg_cancel_backend`` or a client's
-cancel request. Its SQLSTATE, 57014 (QueryCanceled), is the same as a statement_timeout's
-("canceling statement due to statement timeout"): only the message tells them apart."""
 
 
 def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> str:
@@ -82,7 +77,7 @@ def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> 
             f"connect as the tables' owner (or grant the role in the URL that privilege) and run {phase} "
             "again to resume from this step"
         )
-    if isinstance(exc, psycopg.errors.QueryCanceled) and exc.diag.message_primary == CANCELLED_BY_ANOTHER_SESSION:
+    if isinstance(exc, CancelledByRequest):
         return f"another session cancelled it (pg_cancel_backend); run {phase} again to resume from this step"
     if step.kind == "backfill" and isinstance(exc, psycopg.errors.QueryCanceled):
         return (
@@ -103,6 +98,9 @@ class RunOptions:
     option changed cancelled such a step on a big table at every resume, dropping and rebuilding its
     invalid index each time; ``lock_timeout`` still bounds every wait for a lock."""
     backfill: BackfillOptions = BackfillOptions()
+    force: bool = False
+    """Roll back even where a broken sync left new-version writes in shadow columns only
+    (:func:`refuse_lossy_rollback`), dropping them."""
 
 
 def run_options(
@@ -114,6 +112,7 @@ def run_options(
     statement_timeout_ms: int,
     retry_deadline_seconds: float,
     batch_timeout_seconds: float,
+    force: bool = False,
 ) -> RunOptions:
     """The flow's parameters as run options; a value out of range is the user's one-line error,
     naming the ``flowyard online`` option and the flow parameter (:func:`option_and_parameter`).
@@ -144,6 +143,7 @@ def run_options(
             max_rows_per_second,
             replace(policy, statement_timeout_ms=round(batch_timeout_seconds * 1000)),
         ),
+        force=force,
     )
 
 
@@ -201,6 +201,8 @@ def run_phase(
     try:
         if phase == "complete":
             refuse_broken_sync(conn, record, contracted_tables(conn, record))
+        elif phase == "rollback" and not options.force:
+            refuse_lossy_rollback(conn, record)
         set_phase(state, record.id, running)
         for n in range(record.steps_done(phase), len(steps)):
             step = steps[n]
@@ -257,32 +259,35 @@ def contracted_tables(conn: psycopg.Connection, record: MigrationRecord) -> set[
     return contracted
 
 
-def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> None:
-    """Refuse complete, before it changes or records anything more, when a sync trigger of the
-    migration on a table not yet ``contracted`` is gone or disabled, or a column start filled is gone
-    (dropped, renamed): complete dropped the trigger "IF EXISTS" and swapped in columns that had
-    missed every old-version write since, or skipped a table whose shadow column it could not find,
-    silently either way. Before complete began, rolling back loses nothing; once it began it cannot
-    roll back, so the line says how to put the sync back and refill the table."""
+def _sync_state(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> list[tuple[Any, ...]]:
+    """The :data:`SYNC_STATE` rows of each backfilled table not yet ``contracted``: one catalog query."""
     pairs: list[tuple[str, str | None]] = []
     for target in (step.backfill for step in record.plan.start if step.backfill is not None):
         if target.table not in contracted:
             pairs += [(target.table, column) for column in target.columns] or [(target.table, None)]
     if not pairs:
-        return
-    plan = record.plan
-    trigger = sync_trigger_name(plan.migration)
-    rows = conn.execute(
+        return []
+    return conn.execute(
         SYNC_STATE,
         {
             "tables": [t for t, _ in pairs],
             "columns": [c for _, c in pairs],
-            "schema": plan.schema_name,
-            "trigger": trigger,
+            "schema": record.plan.schema_name,
+            "trigger": sync_trigger_name(record.plan.migration),
         },
     ).fetchall()
-    for table, column, exists, fires, has_column in rows:
+
+
+def sync_problems(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> dict[str, str | None]:
+    """Each backfilled table of the migration not yet ``contracted`` (schema-qualified) and what
+    breaks its sync, None when nothing does: its sync trigger is gone or disabled, or a column start
+    filled is gone (dropped, renamed). For complete's refusal and for ``flowyard online status``."""
+    plan = record.plan
+    trigger = sync_trigger_name(plan.migration)
+    problems: dict[str, str | None] = {}
+    for table, column, exists, fires, has_column in _sync_state(conn, record, contracted):
         name = f"{plan.schema_name}.{table}"
+        problem = None
         if not has_column:
             problem = f"column {name}.{column}, which start added and filled, is gone (dropped or renamed)"
         elif not exists:
@@ -291,21 +296,76 @@ def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contra
             problem = (
                 f"sync trigger {trigger} on {name} is disabled, so old-version writes since did not reach its new columns"
             )
-        else:
+        if problems.get(name) is None:
+            problems[name] = problem
+    return problems
+
+
+def sync_remedy(record: MigrationRecord, name: str) -> str:
+    """How to mend table ``name``'s broken sync: before complete began, roll back, as the old columns
+    hold every old-version write (rollback itself refuses where writes through the new version would
+    be lost, :func:`refuse_lossy_rollback`); once complete began it cannot roll back, so put the sync
+    back and refill the table."""
+    if record.phase == "expanded":
+        return (
+            "roll back (`flowyard online rollback`: the old columns hold every old-version write) and run start "
+            "again, which re-creates it and backfills every row"
+        )
+    return (
+        "put it back (enable the trigger, re-create it as `flowyard online plan` prints it, or rename the column "
+        f"back), rewrite every row of {name} as the old version (set each row's key to itself, with the old "
+        "search_path), which refills its new columns, then run complete again"
+    )
+
+
+def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> None:
+    """Refuse complete, before it changes or records anything more, when the sync of a table not
+    yet ``contracted`` is broken (:func:`sync_problems`): complete dropped the trigger "IF EXISTS"
+    and swapped in columns that had missed every old-version write since, or skipped a table whose
+    shadow column it could not find, silently either way."""
+    for name, problem in sync_problems(conn, record, contracted).items():
+        if problem is None:
             continue
         if record.phase == "expanded":
             raise UserError(
-                f"{plan.migration}: cannot complete, nothing was changed: {problem}; roll back "
-                "(`flowyard online rollback`: the old columns hold every old-version write) and run start again, "
-                "which re-creates it and backfills every row"
+                f"{record.plan.migration}: cannot complete, nothing was changed: {problem}; "
+                + sync_remedy(record, name)
             )
         raise UserError(
-            f"{plan.migration}: cannot go on with complete, which began and can no longer roll back; nothing more "
-            f"was changed: {problem}; put it back (enable the trigger, re-create it as `flowyard online plan` "
-            f"prints it, or rename the column back), rewrite every row of {name} as the old version "
-            "(set each row's key to itself, with the old search_path), which refills its new columns, "
-            "then run complete again"
+            f"{record.plan.migration}: cannot go on with complete, which began and can no longer roll back; "
+            f"nothing more was changed: {problem}; " + sync_remedy(record, name)
         )
+
+
+def refuse_lossy_rollback(conn: psycopg.Connection, record: MigrationRecord) -> None:
+    """Refuse rollback, changing nothing, where the sync trigger of a table with a shadow column (an
+    altered column) is gone or disabled: writes through the new version since then reached only the
+    shadow, never the old column through ``down``, and rollback drops the shadow, silently losing
+    them. Which rows they were the catalog cannot say, and the old-version writes since are only in
+    the old column, so neither holds every write: the user copies what matters, then gives ``force``.
+    Only an expanded migration is checked: mid-start the trigger may not exist yet, and a resumed
+    rollback may have dropped it itself."""
+    if record.phase != "expanded":
+        return
+    plan = record.plan
+    for table, column, exists, fires, has_column in _sync_state(conn, record, set()):
+        if (exists and fires) or not has_column or not (column or "").startswith(SHADOW_PREFIX):
+            continue
+        name = f"{plan.schema_name}.{table}"
+        raise UserError(
+            f"{plan.migration}: cannot roll back, nothing was changed: sync trigger {sync_trigger_name(plan.migration)} "
+            f"on {name} is {'disabled' if exists else 'gone'}, so writes through the new version "
+            f"(search_path={plan.version_schema}) since then reached only {name}.{column}, which rollback drops; "
+            "copy the ones to keep to the old column, then run rollback again with "
+            f"{option_and_parameter('force')} to drop it"
+        )
+
+
+def sync_health(target_url: str, record: MigrationRecord) -> dict[str, str | None]:
+    """What :func:`sync_problems` finds for the tables complete would check now (a resumed one
+    passes over those it contracted), read on ``target_url``: for ``flowyard online status``."""
+    with connection(target_url) as conn:
+        return sync_problems(conn, record, contracted_tables(conn, record))
 
 
 def _run_step(

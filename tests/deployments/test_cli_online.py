@@ -15,7 +15,7 @@ from tasks.db import connect
 from tasks.embedded_pg import free_port
 from tasks.online_state import target_key
 from tests.conftest import run_cli
-from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, schema_dump
+from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -154,6 +154,33 @@ def test_start_then_rollback(fresh_db: str, state_db: str, tmp_path: Path) -> No
     assert schema_dump(fresh_db) == before
     with connect(fresh_db) as conn:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (50,)
+
+
+def test_status_given_the_database_url_names_a_broken_sync(fresh_db: str, state_db: str) -> None:
+    """Status read only the state, which keeps no URL (it would hold a password): a sync trigger a
+    DBA dropped under a running migration, which complete refuses, showed nowhere before complete.
+    Rollback then refuses too (new-version writes since are only in the shadow column) until --force."""
+    make_schema(fresh_db, rows=10)
+    run(fresh_db, state_db, plan_for(fresh_db, state_db, {"name": "cli_sync", "operations": [WIDEN_AMOUNT]}), "start")
+    healthy = run_cli("online", "status", "--database-url", fresh_db)
+    assert healthy.returncode == 0, healthy.stderr
+    assert "\n    sync public.orders: healthy\n" in healthy.stdout
+
+    with connect(fresh_db, autocommit=True) as dba:
+        dba.execute("DROP TRIGGER _fy_sync_cli_sync ON orders")
+    broken = run_cli("online", "status", "--database-url", fresh_db)
+    assert broken.returncode == 0, broken.stderr
+    assert (
+        "\n    sync public.orders: broken: sync trigger _fy_sync_cli_sync on public.orders is gone, so old-version "
+        "writes since did not reach its new columns; roll back (`flowyard online rollback`"
+    ) in broken.stdout
+    without = run_cli("online", "status")
+    assert "sync public.orders" not in without.stdout
+    assert "(give --database-url to also check each table's sync trigger, as complete does)" in without.stdout
+
+    refused = run_cli("online", "rollback", "--database-url", fresh_db)
+    assert refused.returncode == 2 and "cli_sync: cannot roll back, nothing was changed: sync trigger" in refused.stderr
+    assert run_cli("online", "rollback", "--database-url", fresh_db, "--force").returncode == 0
 
 
 def test_an_empty_database_url_is_named_by_its_option_before_any_server_starts(tmp_path: Path) -> None:

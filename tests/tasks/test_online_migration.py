@@ -5,6 +5,7 @@ would fail every application write to the table until rollback."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from psycopg import sql
 
 from tasks.backfill import BackfillOptions
 from tasks.db import connect, database_name
+from tasks.embedded_pg import EmbeddedPostgres, free_port
 from tasks.errors import ServerReadOnly, UserError
 from tasks.online_migration import lint_plan, prepare_plan, run_online_phase
 from tasks.online_phases import RunOptions, run_options
 from tasks.online_state import active_migration, target_key
+from tests.conftest import older_server_bin_dir, scratch_database
 from tests.online_support import make_schema, run, schema_dump
 
 
@@ -248,25 +251,31 @@ def _cancel_update_of(url: str, table: str, stop: threading.Event) -> None:
             stop.wait(0.01)
 
 
+def _start_cancelled_by_another_session(url: str, state_db: str, tmp_path: Path) -> tuple[Any, str]:
+    """The plan of a slow backfill of 5 rows and the line its start fails with when another session
+    cancels its batch (:func:`_cancel_update_of`)."""
+    make_schema(url, rows=5)
+    _slow_copy(url, 2.0)  # a 5-row batch runs 10 s unless cancelled
+    plan = _prepare(url, state_db, tmp_path, [SLOW_COPY])
+    stop = threading.Event()
+    canceller = threading.Thread(target=_cancel_update_of, args=(url, "orders", stop))
+    canceller.start()
+    try:
+        with pytest.raises(UserError) as error:
+            run(url, state_db, plan, "start", _run_options())
+    finally:
+        stop.set()
+        canceller.join()
+    return plan, str(error.value)
+
+
 def test_a_batch_another_session_cancels_is_no_timeout_and_start_resumes(
     fresh_db: str, state_db: str, tmp_path: Path
 ) -> None:
     """A DBA's ``pg_cancel_backend`` raises QueryCanceled as a statement_timeout does (SQLSTATE
     57014 both): the line said the batch may run 60 s and to take smaller batches, when neither
     the batch size nor a limit had anything to do with it."""
-    make_schema(fresh_db, rows=5)
-    _slow_copy(fresh_db, 2.0)  # a 5-row batch runs 10 s unless cancelled
-    plan = _prepare(fresh_db, state_db, tmp_path, [SLOW_COPY])
-    stop = threading.Event()
-    canceller = threading.Thread(target=_cancel_update_of, args=(fresh_db, "orders", stop))
-    canceller.start()
-    try:
-        with pytest.raises(UserError) as error:
-            run(fresh_db, state_db, plan, "start", _run_options())
-    finally:
-        stop.set()
-        canceller.join()
-    message = str(error.value)
+    plan, message = _start_cancelled_by_another_session(fresh_db, state_db, tmp_path)
     assert message.endswith(
         "(backfill orders in keyset batches) failed: canceling statement due to user request; "
         "another session cancelled it (pg_cancel_backend); run start again to resume from this step"
@@ -276,6 +285,55 @@ def test_a_batch_another_session_cancels_is_no_timeout_and_start_resumes(
     _slow_copy(fresh_db, 0.0)
     run(fresh_db, state_db, plan, "start", _run_options())
     assert _copied(fresh_db)
+
+
+@pytest.fixture(scope="module")
+def german_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A server that words its messages in German, as one with ``lc_messages = 'de_DE.UTF-8'``
+    does: the machine's PostgreSQL package has the translations, but the machine no ``de_DE``
+    locale to set, so the server is started with ``LANGUAGE=de``, which gettext follows under any
+    ``lc_messages`` but C (this server's is initdb's C.UTF-8)."""
+    bin_dir = older_server_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL 14-17 server under /usr/lib/postgresql (apt-get install postgresql)")
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg-de") / "pg", free_port(), bin_dir)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LANGUAGE", "de")
+        server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_cancel_and_a_timeout_are_told_apart_in_any_language(
+    german_pg: EmbeddedPostgres, state_db: str, tmp_path: Path
+) -> None:
+    """A cancel and a statement_timeout differ only in their message (SQLSTATE 57014 both), and
+    the cancel was known by its English words: a server speaking another language got the
+    timeout's advice (smaller batches, a longer limit) for a batch another session cancelled."""
+    with scratch_database(german_pg) as url:
+        with connect(url, autocommit=True) as conn, pytest.raises(psycopg.errors.DivisionByZero) as german:
+            conn.execute("SELECT 1 / 0")
+        if "Division durch Null" not in str(german.value):
+            pytest.skip(f"{older_server_bin_dir()} has no German messages (built without NLS)")
+        plan, cancelled = _start_cancelled_by_another_session(url, state_db, tmp_path)
+        assert cancelled.endswith(
+            "(backfill orders in keyset batches) failed: storniere Anfrage wegen Benutzeraufforderung; "
+            "another session cancelled it (pg_cancel_backend); run start again to resume from this step"
+        ), cancelled
+
+        _slow_copy(url, 0.3)  # a 5-row batch runs 1.5 s
+        with pytest.raises(UserError) as timed_out:
+            run(url, state_db, plan, "start", _run_options(batch_timeout_seconds=0.1))
+        assert (
+            "failed: storniere Anfrage wegen Zeitüberschreitung der Anfrage; a backfill batch may run 0.1 s; "
+            "run start again with a smaller --batch-size (batch_size)"
+        ) in str(timed_out.value)
+
+        _slow_copy(url, 0.0)
+        run(url, state_db, plan, "start", _run_options())
+        assert _copied(url)
 
 
 def _enum_status(up: str) -> list[dict[str, Any]]:

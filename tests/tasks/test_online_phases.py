@@ -7,6 +7,7 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tasks.db import connect
 from tasks.ddl_retry import LockPolicy
@@ -148,9 +149,46 @@ def test_complete_refuses_a_sync_someone_broke_after_start_and_loses_no_write(
     assert schema_dump(fresh_db) == before
     record = active_migration(state_db, target_key(fresh_db), "public")
     assert record is not None and record.phase == "expanded"
-    run(fresh_db, state_db, plan, "rollback")
+    run(fresh_db, state_db, plan, "rollback", RunOptions(force=True))  # no new-version write to lose
     with connect(fresh_db, autocommit=True) as conn:
         assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242 if app_writes else 8,)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "state"),
+    [("DROP TRIGGER _fy_sync_widen ON orders", "gone"), ("ALTER TABLE orders DISABLE TRIGGER _fy_sync_widen", "disabled")],
+)
+def test_rollback_refuses_to_drop_new_version_writes_a_broken_sync_kept_from_the_old_column(
+    fresh_db: str, state_db: str, tamper: str, state: str
+) -> None:
+    """With the sync trigger gone, a write through the new version reaches only the shadow column,
+    never the old one through ``down``: rollback dropped the shadow and the write with it, silently
+    (the new version read 4242, the old version read 8 again after the rollback)."""
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(fresh_db, state_db, {"name": "widen", "operations": [WIDEN_AMOUNT]})
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(tamper)  # a DBA
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(plan.version_schema)))
+        conn.execute("UPDATE orders SET amount = 4242 WHERE id = 7")  # the new version writes
+    before = schema_dump(fresh_db)
+    with pytest.raises(UserError) as err:
+        run(fresh_db, state_db, plan, "rollback")
+    assert str(err.value) == (
+        f"widen: cannot roll back, nothing was changed: sync trigger _fy_sync_widen on public.orders is {state}, "
+        "so writes through the new version (search_path=public_widen) since then reached only "
+        "public.orders._fy_new_amount, which rollback drops; copy the ones to keep to the old column, then run "
+        "rollback again with --force (force) to drop it"
+    )
+    assert schema_dump(fresh_db) == before
+    record = active_migration(state_db, target_key(fresh_db), "public")
+    assert record is not None and record.phase == "expanded"
+
+    with connect(fresh_db, autocommit=True) as conn:  # the user keeps the write, as the line says
+        conn.execute("UPDATE orders SET amount = _fy_new_amount WHERE id = 7")
+    run(fresh_db, state_db, plan, "rollback", RunOptions(force=True))
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242,)
 
 
 def _complete_stopped_before_tickets(url: str, state: str) -> Plan:
