@@ -56,6 +56,12 @@ from tasks.state import state_url
 from tasks.task_runners import build_task_runner, check_task_runner, submit_bounded
 
 SEED_CHUNK_ROWS = 2**62
+# What a failed validation's line ends with: the copied rows stay, and nothing said how to check
+# them again or how to take their checksums afresh.
+REVALIDATE = (
+    "run the same copy again to validate it anew, or with restart=True (--restart) to copy and "
+    "checksum the tables afresh"
+)
 
 
 @dataclass
@@ -477,7 +483,7 @@ def bulk_migrate(
             report.integrity = check_integrity_task(source_url, target, plans)
             failures += [problem for found in report.integrity.values() for problem in found]
             publish_table_artifact(run.run_key, stats)
-            problem = f"validation failed: {'; '.join(failures)}" if failures else None
+            problem = f"validation failed: {'; '.join(failures)}; {REVALIDATE}" if failures else None
             with connection(target) as conn:
                 finish_run(conn, run.run_key, asdict(report), error=problem)
     if problem:

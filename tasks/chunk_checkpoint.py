@@ -27,6 +27,7 @@ from psycopg.types.json import Jsonb
 from tasks.chunk_plan import Chunk
 from tasks.db import connection
 from tasks.errors import ConnectionUnavailable, first_line
+from tasks.table_checksum import RECIPE
 
 
 @dataclass(frozen=True)
@@ -124,18 +125,22 @@ def save_plan(conn: psycopg.Connection, run_key: str, table: str, target: str, c
     )
 
 
-_CHUNK_COLUMNS = "chunk_id, rows_read, rows_written, quarantined, sent_checksum, cursor_max, seconds"
+_CHUNK_COLUMNS = "chunk_id, rows_read, rows_written, quarantined, sent_checksum, cursor_max, seconds, checksum_recipe"
 
 
 def _checkpoint(run_key: str, table: str, row: tuple[Any, ...]) -> ChunkCheckpoint:
-    digest = None if row[4] is None else int(row[4])
+    """The checkpoint of a ``bulk_chunks`` row; a sent checksum of another recipe than today's
+    (NULL: saved before recipes were recorded) is none, so validation recomputes it rather than
+    failing a copy whose rows are the same."""
+    digest = None if row[4] is None or row[7] != RECIPE else int(row[4])
     return ChunkCheckpoint(run_key, table, row[0], row[1], row[2], row[3], digest, row[5], row[6])
 
 
 def committed_chunks(
     conn: psycopg.Connection, run_key: str, table: str, chunk_id: str | None = None
 ) -> dict[str, ChunkCheckpoint]:
-    """The committed chunks of a table (or just ``chunk_id``), keyed by chunk id."""
+    """The committed chunks of a table (or just ``chunk_id``), keyed by chunk id; only checksums
+    computed by today's :data:`~tasks.table_checksum.RECIPE` are kept."""
     rows = conn.execute(
         "SELECT " + _CHUNK_COLUMNS + " FROM flowyard.bulk_chunks "  # noqa: S608 - constant column list
         "WHERE run_key = %s AND source_table = %s AND (%s::text IS NULL OR chunk_id = %s)",
@@ -150,8 +155,8 @@ def record_chunk(conn: psycopg.Connection, checkpoint: ChunkCheckpoint, flow_run
     conn.execute(
         """
         INSERT INTO flowyard.bulk_chunks (run_key, source_table, chunk_id, rows_read, rows_written, quarantined,
-                                          sent_checksum, cursor_max, seconds, flow_run_id)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                                          sent_checksum, cursor_max, seconds, flow_run_id, checksum_recipe)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         (
             c.run_key,
@@ -164,6 +169,7 @@ def record_chunk(conn: psycopg.Connection, checkpoint: ChunkCheckpoint, flow_run
             c.cursor_max,
             c.seconds,
             flow_run_id,
+            RECIPE,
         ),
     )
 

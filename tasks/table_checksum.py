@@ -26,6 +26,10 @@ from psycopg import sql
 from tasks.db import one_row
 
 ALL_ROWS = sql.SQL("true")
+RECIPE = 2
+"""How :func:`checksum` hashes a row, counted up whenever that changes (2: enum columns as text).
+A saved chunk checksum carries it, so one an older flowyard computed is recomputed, not compared
+with (see ``chunk_checkpoint.committed_chunks``)."""
 
 
 @dataclass(frozen=True)

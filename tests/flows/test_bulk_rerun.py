@@ -134,3 +134,35 @@ def test_a_chunk_the_server_turns_away_at_first_is_retried(limited_role, pg, fre
     assert _fetch_one(target, "SELECT count(*), count(DISTINCT id) FROM big") == (200000, 200000)
     runs = recorded_task_runs(state, "copy ", 2)
     assert sorted(r.run_count for r in runs)[-1] >= 2
+
+
+def test_a_copy_failed_by_checksums_of_an_older_recipe_validates_on_a_plain_rerun(pg, fresh_db):
+    """An enum was checksummed by its ``pg_enum`` OID until flowyard hashed it as text: a copy
+    validated before then saved its chunks' OID checksums, and every plain re-run compared the
+    target's text checksum with them and failed again (only ``restart`` passed). A saved checksum
+    of another recipe is recomputed instead."""
+    from alembic import command
+
+    from tasks.state import migration_config, upgrade_state_schema
+
+    _exec(
+        fresh_db,
+        "CREATE TYPE mood AS ENUM ('ok', 'sad')",
+        "CREATE TABLE moods (id int PRIMARY KEY, m mood)",
+        "INSERT INTO moods SELECT g, CASE WHEN g % 3 = 0 THEN 'sad' ELSE 'ok' END::mood FROM generate_series(1, 90) g",
+    )
+    with scratch_database(pg) as target:
+        _exec(target, "CREATE TYPE mood AS ENUM ('ok', 'sad')")  # a copy creates tables, not types
+        bulk_migrate(fresh_db, target, chunk_rows=1000, validate=["count", "checksum"])
+        # The state as an older flowyard left it: the OID checksum it took in the source, a failed run.
+        command.downgrade(migration_config(target), "bulk@bulk_0001")
+        old = _fetch_one(fresh_db, "SELECT sum(hash_record_extended(ROW(id, m), 0)) FROM moods")
+        _exec(
+            target,
+            sql.SQL("UPDATE flowyard.bulk_chunks SET sent_checksum = {}").format(sql.Literal(old[0] if old else None)),
+            "UPDATE flowyard.bulk_runs SET status = 'failed'",
+        )
+        upgrade_state_schema(target)
+
+        again = bulk_migrate(fresh_db, target, chunk_rows=1000, validate=["count", "checksum"])
+        assert again["resumed"] and "checksum: ok" in again["tables"][0]["validation"], again
