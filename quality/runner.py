@@ -33,7 +33,7 @@ from sqlalchemy import quoted_name
 from quality.data_files import read_data_file
 from quality.profiling import require_populated, table_columns
 from quality.scoring import TableScore, score_rows, score_table
-from quality.sql_rules import TableSource, TimeWindow, gx_unexpected_rows_query
+from quality.sql_rules import TableSource, TimeWindow, gx_query, gx_unexpected_rows_query, in_set_values
 from quality.suite_spec import Rule, Suite
 from tasks.db import connect, connection, sqlalchemy_url
 from tasks.errors import UserError, first_line
@@ -118,7 +118,7 @@ def expectations_for(
             return [gxe.ExpectColumnValuesToBeUnique(column=column, meta=meta)]
         case "in_set":
             return [
-                gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(rule.values or []), meta=meta)
+                gxe.ExpectColumnValuesToBeInSet(column=column, value_set=in_set_values(rule), meta=meta)
             ]
         case "regex":
             assert rule.pattern is not None, "validation requires a pattern for regex rules"
@@ -222,7 +222,7 @@ class GxSession:
                 )
             else:
                 asset = datasource.add_query_asset(
-                    self._unique(suite.name), query=source.window_query().as_string(None)
+                    self._unique(suite.name), query=gx_query(source.window_query())
                 )
             validation = self._validation(suite, asset.add_batch_definition_whole_table("all"), expectations)
         result = validation.run(
@@ -338,11 +338,58 @@ def require_columns(suite: Suite, columns: Sequence[Any], target: str) -> None:
             )
 
 
+def require_fitting_checks(suite: Suite, columns: Sequence[tuple[str, str, str]]) -> None:
+    """Fail before GX runs, naming the rule, its column and the column's type, when the rule's check
+    cannot compare that type: PostgreSQL has no ``integer ~ text`` nor ``text < double precision``,
+    and psycopg dumps no list mixing numbers and text, so GX and the score query each failed with
+    the driver's error (the score query with its traceback)."""
+    described = {name: (type_, kind) for name, type_, kind in columns}
+    for rule in suite.rules:
+        if rule.column is None:
+            continue
+        type_, kind = described[rule.column]
+        if misfit := _misfit(rule, type_, kind):
+            raise UserError(
+                f'suite \'{suite.name}\' rule \'{rule.name}\': {rule.check} on "{rule.column}" ({type_}) {misfit}'
+            )
+
+
+def _misfit(rule: Rule, type_: str, kind: str) -> str | None:
+    """What ``rule`` needs that a column of ``type_`` (of profile ``kind``) is not, and what would
+    fit; None when PostgreSQL compares them. ``money`` is a number without a comparison with the
+    double precision bounds a range has."""
+    numeric = kind == "number" and type_ != "money"
+    if rule.check == "regex" and kind != "string":
+        return "needs a text column; cast it in a view" + (" or use range" if numeric else "")
+    if rule.check == "range" and not numeric:
+        instead = "use regex or in_set" if kind == "string" else "cast it to a number in a view"
+        return f"needs a numeric column (its min and max are numbers); {instead}"
+    if rule.check != "in_set":
+        return None
+    given = {_value_kind(v) for v in rule.values or []}
+    if len(given) > 1:
+        fits = "numbers" if numeric else "text (quote the numbers: '1')" if kind == "string" else "text"
+        return f"mixes {' and '.join(sorted(given))} in its values; give them all as {fits}"
+    if given == {"numbers"} and not numeric:
+        return "has numbers, which its type does not compare with; quote them ('1') or check a numeric column"
+    if given == {"true/false"} and type_ != "boolean":
+        return "has true/false, which its type does not compare with; give values of its type"
+    return None
+
+
+def _value_kind(value: object) -> str:
+    """An in_set value as PostgreSQL compares it (a bool is checked first: it is an int in Python)."""
+    if isinstance(value, bool):
+        return "true/false"
+    return "numbers" if isinstance(value, int | float) else "text"
+
+
 def require_table(url: str, suite: Suite, source: TableSource) -> None:
     """The table, the rules' and the window's columns and foreign keys' targets exist and are
-    readable (else a one-line UserError)."""
+    readable, and each rule's check fits its column's type (else a one-line UserError)."""
     with connection(url) as conn:
-        columns = [name for name, _type, _kind in table_columns(conn, source.schema, source.table)]
+        described = table_columns(conn, source.schema, source.table)
+        columns = [name for name, _type, _kind in described]
         references = {
             rule.name: (
                 rule.reference(source.schema),
@@ -356,6 +403,7 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
             raise UserError(f"suite '{suite.name}': table {target} not found; check its table and the schema")
         require_populated(conn, source.schema, source.table)
         require_columns(suite, columns, target)
+        require_fitting_checks(suite, described)
         if suite.timestamp_column is not None and suite.timestamp_column not in columns:
             raise UserError(
                 f"suite '{suite.name}': timestamp_column '{suite.timestamp_column}' is not in {target} "

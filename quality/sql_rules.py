@@ -9,6 +9,7 @@ matching built-in expectation: column-map checks ignore NULLs, ``not_null`` coun
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,7 +125,7 @@ def violation(rule: Rule, source: TableSource) -> Predicate:
         case "unique":
             return _duplicated(rule, source, col)
         case "in_set":
-            return Predicate(sql.SQL("{}NOT ({} = ANY(%s))").format(present, col), (list(rule.values or []),))
+            return Predicate(sql.SQL("{}NOT ({} = ANY(%s))").format(present, col), (in_set_values(rule),))
         case "regex":
             return Predicate(sql.SQL("{}NOT ({} ~ %s)").format(present, col), (rule.pattern,))
         case "range":
@@ -134,6 +135,16 @@ def violation(rule: Rule, source: TableSource) -> Predicate:
         case "foreign_key":
             return Predicate(sql.SQL("{}").format(present) + foreign_key_missing_sql(rule, source, col))
     raise ValueError(f"rule {rule.name!r} ({rule.check}) has no row predicate")
+
+
+def in_set_values(rule: Rule) -> list[object]:
+    """An in_set rule's values, integers beside decimals all as floats: psycopg dumps no list
+    mixing ``int`` and ``float`` (the score query failed), and GX binds every value as the first
+    one's type (``[1, 2.5]`` checked 2.5 as 2)."""
+    values = rule.values or []
+    if {type(v) for v in values} == {int, float}:
+        return [float(v) for v in values]
+    return list(values)
 
 
 def _duplicated(rule: Rule, source: TableSource, col: sql.Composable) -> Predicate:
@@ -192,7 +203,32 @@ def gx_unexpected_rows_query(rule: Rule, source: TableSource) -> str:
 
 
 def _gx_text(query: Composable) -> str:
-    """SQL for GX, which fills ``{batch}`` with ``str.format`` and runs the result as SQLAlchemy
-    ``text()``: braces are doubled and colons escaped, so columns such as ``"a{b}"`` or ``"x :y"``
-    reach PostgreSQL as named instead of failing as a placeholder or a bind parameter."""
-    return query.as_string().replace("{", "{{").replace("}", "}}").replace(":", "\\:")
+    """SQL for GX, which fills ``{batch}`` with ``str.format`` (braces are doubled, so a column
+    such as ``"a{b}"`` is no placeholder) and runs the result as SQLAlchemy ``text()`` (see
+    :func:`gx_query`)."""
+    return gx_query(query).replace("{", "{{").replace("}", "}}")
+
+
+_QUOTED_NAME = re.compile(r'"(?:[^"]|"")*"')
+
+
+def gx_query(query: Composable) -> str:
+    """SQL for GX, which runs it as SQLAlchemy ``text()``, where ``:y`` is a bind parameter. A
+    window's query asset is parsed so twice: once as the asset, and again inside each check's
+    query that GX builds from the compiled asset, so an escaped ``\\:`` held for the first pass
+    only and a ``timestamp_column`` such as ``"x :y"`` failed every check of the window. A name
+    holding a colon is spelled as a Unicode escape instead (``U&"x \\003Ay"``), which no pass reads."""
+    if isinstance(query, sql.Composed):
+        return "".join(gx_query(part) for part in query)
+    text = query.as_string()
+    if not isinstance(query, sql.Identifier) or ":" not in text:
+        return text
+    return _QUOTED_NAME.sub(_colon_free, text)
+
+
+def _colon_free(name: re.Match[str]) -> str:
+    """One double-quoted name, as ``U&"..."`` with its colons (and the escape character) escaped."""
+    quoted = name.group(0)
+    if ":" not in quoted:
+        return quoted
+    return "U&" + quoted.replace("\\", "\\\\").replace(":", "\\003A")

@@ -227,3 +227,64 @@ def test_cli_refuses_a_data_file_that_is_a_directory_before_any_server_starts(tm
         "pass a .csv, .parquet, .json or .jsonl file\n"
     )
     assert not (tmp_path / "home" / "run").exists(), "no server started"
+
+
+_MISFITS = [
+    (
+        {"check": "regex", "column": "amount", "pattern": "^[0-9]+$"},
+        'regex on "amount" (integer) needs a text column; cast it in a view or use range',
+    ),
+    (
+        {"check": "range", "column": "code", "min": 0, "max": 9},
+        'range on "code" (text) needs a numeric column (its min and max are numbers); use regex or in_set',
+    ),
+    (
+        {"check": "range", "column": "placed", "max": 20240101},
+        'range on "placed" (date) needs a numeric column (its min and max are numbers); cast it to a number in a view',
+    ),
+    (
+        {"check": "in_set", "column": "code", "values": [1, "A"]},
+        "in_set on \"code\" (text) mixes numbers and text in its values; give them all as text (quote the numbers: '1')",
+    ),
+    (
+        {"check": "in_set", "column": "code", "values": [1, 2]},
+        "in_set on \"code\" (text) has numbers, which its type does not compare with; quote them ('1') or check a numeric column",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rule", "why"), _MISFITS, ids=[f"{r['check']}-{r['column']}" for r, _ in _MISFITS])
+def test_a_check_that_does_not_fit_its_columns_type_is_one_line_before_any_check(
+    fresh_db, tmp_path, state_db, rule, why
+):
+    """PostgreSQL has no ``integer ~ text`` nor ``text < double precision``, and psycopg dumps no list
+    of numbers and text: GX reported the driver's error as the rule's, and the score query failed
+    the run with its traceback. The suite check refuses such a rule, naming its column's type."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (amount int, code text, placed date)")
+        conn.execute("INSERT INTO orders VALUES (5, 'A', '2024-01-01')")
+    path = tmp_path / "orders.yaml"
+    path.write_text(json.dumps({"name": "orders", "table": "orders", "rules": [{"name": "r", "severity": "low", **rule}]}))
+    with psycopg.connect(state_db) as conn:
+        before = conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone()
+    with pytest.raises(UserError) as refused:
+        quality_check(database_url=fresh_db, suites=[str(path)], output_dir=str(tmp_path / "out"), profile=False)
+    assert str(refused.value) == f"suite 'orders' rule 'r': {why}"
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == before
+
+
+def test_cli_names_a_check_that_does_not_fit_its_columns_type_in_one_line(fresh_db, tmp_path, state_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (amount int)")
+    path = tmp_path / "orders.yaml"
+    path.write_text(
+        "name: orders\ntable: orders\nrules:\n"
+        "  - {name: amount_shape, check: regex, column: amount, pattern: '^[0-9]+$', severity: low}\n"
+    )
+    proc = run_cli("quality", "check", "--database-url", fresh_db, "-s", str(path), "--no-profile")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "flowyard: error: suite 'orders' rule 'amount_shape': regex on \"amount\" (integer) needs a text column; "
+        "cast it in a view or use range"
+    )

@@ -423,3 +423,68 @@ def test_an_unpopulated_materialized_view_is_one_line_naming_the_refresh(fresh_d
     with psycopg.connect(fresh_db) as conn, pytest.raises(UserError) as profiled:
         profile_table(conn, TableSource("public", "later"))
     assert str(checked.value) == str(profiled.value) == expected
+
+
+def test_checks_that_fit_their_columns_type_are_checked(fresh_db):
+    """What PostgreSQL compares is checked, not refused as a type misfit: ranges on integers and
+    numerics, in_set of integers on a bigint, regex on varchar, char and a domain over text; and
+    in_set of integers beside decimals, which psycopg could not send as one list (the score query
+    failed with "cannot dump lists of mixed types") and GX bound as the first value's type."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE DOMAIN sku AS text")
+        conn.execute("CREATE TABLE items (qty int, price numeric, id bigint, code varchar(5), kind char(3), ref sku)")
+        conn.execute(
+            "INSERT INTO items VALUES (1, 2.5, 10, 'A1', 'abc', 'S-1'), (50, 0.5, 11, 'b2', 'xyz', 'T-2'),"
+            " (NULL, 1, 99, NULL, NULL, NULL)"
+        )
+    rules = [
+        {"name": "qty_range", "check": "range", "column": "qty", "min": 0, "max": 10},
+        {"name": "price_range", "check": "range", "column": "price", "min": 1},
+        {"name": "id_known", "check": "in_set", "column": "id", "values": [10, 11]},
+        {"name": "price_known", "check": "in_set", "column": "price", "values": [1, 2.5]},
+        {"name": "code_shape", "check": "regex", "column": "code", "pattern": "^[A-Z][0-9]$"},
+        {"name": "kind_shape", "check": "regex", "column": "kind", "pattern": "^a"},
+        {"name": "ref_shape", "check": "regex", "column": "ref", "pattern": "^S-"},
+    ]
+    suite = parse_suite({"name": "items", "table": "items", "rules": [{**r, "severity": "low"} for r in rules]})
+
+    result = check_table(GxSession(), fresh_db, suite)
+
+    assert {r.rule: (r.unexpected_count, r.error) for r in result.rules} == {
+        "qty_range": (1, None),
+        "price_range": (1, None),
+        "id_known": (1, None),
+        "price_known": (1, None),
+        "code_shape": (1, None),
+        "kind_shape": (1, None),
+        "ref_shape": (1, None),
+    }
+
+
+def test_a_window_on_a_timestamp_column_holding_a_colon_is_checked(fresh_db):
+    """GX runs a window's query asset as SQLAlchemy ``text()``, then compiles it into each check's
+    query and parses that again, so ``"at :utc"`` was read as the bind parameter ``:utc`` and
+    every rule of the window failed (column "at NULL" does not exist)."""
+    day = TimeWindow.containing("day", NOW - dt.timedelta(days=1))
+    inside, outside = day.start + dt.timedelta(hours=1), day.start - dt.timedelta(hours=1)
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE TABLE events (id int, "at :utc" timestamptz, "done :at" timestamptz)')
+        conn.cursor().executemany(
+            "INSERT INTO events VALUES (%s, %s, %s)",
+            [(1, inside, inside), (None, inside, NOW + dt.timedelta(days=9)), (1, inside, None), (None, outside, None)],
+        )
+    rules = [
+        {"name": "id_present", "check": "not_null", "column": "id", "severity": "high"},
+        {"name": "id_unique", "check": "unique", "column": "id", "severity": "low"},
+        {"name": "done_past", "check": "not_future", "column": "done :at", "severity": "medium"},
+    ]
+    suite = parse_suite({"name": "events", "table": "events", "timestamp_column": "at :utc", "rules": rules})
+
+    result = check_table(GxSession(), fresh_db, suite, window=day)
+
+    assert result.row_count == 3
+    assert {r.rule: (r.unexpected_count, r.error) for r in result.rules} == {
+        "id_present": (1, None),
+        "id_unique": (2, None),
+        "done_past": (2, None),
+    }
