@@ -44,7 +44,7 @@ from tasks.chunk_checkpoint import (
 from tasks.chunk_load import ChunkJob, Mode, load_chunk, target_session
 from tasks.chunk_plan import DEFAULT_CHUNK_ROWS
 from tasks.column_mapping import parse_mapping
-from tasks.copy_validation import CHECKS, TableValidation, validate_table
+from tasks.copy_validation import CHECKS, RESTART, TableValidation, validate_table
 from tasks.db import connection, mask_url, refuse_read_only
 from tasks.errors import UserError, first_line
 from tasks.flow_parameters import checked_flow
@@ -58,10 +58,7 @@ from tasks.task_runners import build_task_runner, check_task_runner, submit_boun
 SEED_CHUNK_ROWS = 2**62
 # What a failed validation's line ends with: the copied rows stay, and nothing said how to check
 # them again or how to take their checksums afresh.
-REVALIDATE = (
-    "run the same copy again to validate it anew, or with restart=True (--restart) to copy and "
-    "checksum the tables afresh"
-)
+REVALIDATE = f"run the same copy again to validate it anew, or with {RESTART}"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import psycopg
 from psycopg import sql
 
-from tasks.bulk_sources import row_count
+from tasks.bulk_sources import row_count, source_kind
 from tasks.bulk_tables import TablePlan
 from tasks.chunk_checkpoint import ChunkCheckpoint
 from tasks.chunk_load import STAGE, ChunkJob, create_stage, fill_stage, target_session
@@ -34,6 +34,8 @@ from tasks.db import connection, one_row
 from tasks.table_checksum import ALL_ROWS, EMPTY, Checksum, checksum, row_hash, row_texts
 
 CHECKS = ("count", "checksum", "sample")
+RESTART = "restart=True (--restart) to copy and checksum the tables afresh"
+"""The remedy for checksums validation cannot compare: a restart takes them anew as it copies."""
 
 
 @dataclass
@@ -174,12 +176,28 @@ def _check_checksums(
         for c in committed.values()
         if c.sent_checksum is not None
     }
-    if (job.mode == "full" or plan.window is not None) and len(sent) == len(plan.chunks):
+    bounded = job.mode == "full" or plan.window is not None
+    if bounded and len(sent) == len(plan.chunks):
         _compare_with_sent(plan, job, sent, target, result)
     elif job.identical:
         _compare_both_sides(plan, job, committed, result)
+    elif bounded:  # each chunk of these loads saves its checksum: the missing ones an older flowyard took
+        result.results["checksum"] = (
+            f"skipped ({len(plan.chunks) - len(sent)}/{len(plan.chunks)} chunks' checksums were saved by an "
+            f"older flowyard, and the source of a copy {_source_unlike_target(job)} cannot be checksummed as the target "
+            f"holds it: rerun with {RESTART}; see sample)"
+        )
     else:
-        result.results["checksum"] = f"skipped ({job.mode} load with a mapping or retyped columns: see sample)"
+        result.results["checksum"] = f"skipped ({job.mode} load {_source_unlike_target(job)}: see sample)"
+
+
+def _source_unlike_target(job: ChunkJob) -> str:
+    """Why the source of a copy that is not identical cannot be checksummed like its target: a
+    file's rows are not PostgreSQL's, and a mapping or retyping changes them on the way."""
+    kind = source_kind(job.source_url)
+    if kind == "postgres":
+        return "with a mapping or retyped columns"
+    return "from a SQLite file" if kind == "sqlite" else "from files"
 
 
 def _compare_with_sent(
@@ -210,9 +228,13 @@ def _compare_both_sides(
     """Identical tables without sent checksums for every chunk (a first incremental pass, seed
     loads, chunks committed by an older version): checksum source and target over the same ranges."""
     columns = job.columns
-    per_chunk = (job.mode == "full" or plan.window is not None) and _target_key_chunks(plan, job)
+    bounded = job.mode == "full" or plan.window is not None  # whose chunks all save their checksums
+    per_chunk = bounded and _target_key_chunks(plan, job)
     if any(c.quarantined for c in committed.values()) and not per_chunk:
-        result.results["checksum"] = "skipped (rows quarantined: the whole table's source and target differ by them)"
+        older = f"; checksums saved by an older flowyard: rerun with {RESTART}" if bounded else ""
+        result.results["checksum"] = (
+            f"skipped (rows quarantined: the whole table's source and target differ by them{older})"
+        )
         return
     scopes: list[Chunk | None] = list(plan.chunks) if per_chunk else [None]
     ranges = [_rows_in_scope(plan, job, c) for c in scopes]
@@ -221,16 +243,27 @@ def _compare_both_sides(
         target_sums = pool.submit(_side_checksums, job.target_url, job.target_ident, columns, ranges)
         got_source, got_target = source_sums.result(), target_sums.result()
     ids = [c.chunk_id for c in plan.chunks] if per_chunk else [_whole(plan)]
-    differing = []
+    differing, unsaved = [], []
     for chunk_id, expected, got in zip(ids, got_source, got_target, strict=True):
         sent = committed.get(chunk_id)
         if sent is not None and sent.quarantined:
-            expected = Checksum(sent.rows_written, sent.sent_checksum or 0)
+            # The source's range holds the quarantined rows too: only the checksum saved of the
+            # rows loaded stands for the target's, and one an older flowyard saved is gone.
+            if sent.sent_checksum is None:
+                unsaved.append(chunk_id)
+                continue
+            expected = Checksum(sent.rows_written, sent.sent_checksum)
         if expected != got:
             differing.append(chunk_id)
     result.source_rows = sum(got_source, EMPTY).rows
     result.target_rows = sum(got_target, EMPTY).rows
-    _report_checksum(result, differing, len(ids))
+    _report_checksum(result, differing, len(ids) - len(unsaved))
+    if unsaved:
+        plural = "s" if len(unsaved) != 1 else ""
+        result.results["checksum"] += (
+            f"; {len(unsaved)} chunk{plural} with quarantined rows not compared (checksum{plural} saved by an "
+            f"older flowyard): rerun with {RESTART}"
+        )
 
 
 def _report_checksum(result: TableValidation, differing: list[str], total: int) -> None:

@@ -1,9 +1,12 @@
 """Bulk copies run again: into a target database that was dropped and re-created (whose old
-chunk results Prefect still holds), and chunks whose connection the server refused at first."""
+chunk results Prefect still holds), chunks whose connection the server refused at first, and
+copies whose chunk checksums an older flowyard saved."""
 
 from __future__ import annotations
 
 import logging
+import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -166,3 +169,99 @@ def test_a_copy_failed_by_checksums_of_an_older_recipe_validates_on_a_plain_reru
 
         again = bulk_migrate(fresh_db, target, chunk_rows=1000, validate=["count", "checksum"])
         assert again["resumed"] and "checksum: ok" in again["tables"][0]["validation"], again
+
+
+def _from_an_older_recipe(target: str) -> None:
+    """The state as an older flowyard left it: chunk checksums it took another way, with no
+    recipe recorded, and a failed run."""
+    _exec(
+        target,
+        "UPDATE flowyard.bulk_chunks SET checksum_recipe = NULL, sent_checksum = sent_checksum + 1",
+        "UPDATE flowyard.bulk_runs SET status = 'failed'",
+    )
+
+
+def test_a_quarantined_chunk_whose_checksum_an_older_recipe_saved_is_not_compared_with_zero(pg, fresh_db):
+    """A checksum of an older recipe is recomputed on both sides, but the source's range of a chunk
+    with quarantined rows holds those rows too: only its saved checksum stood for the rows loaded,
+    and with it gone the chunk was compared with 0, so a plain re-run of a good copy failed."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE pay (id int PRIMARY KEY, amount int)",
+        "INSERT INTO pay SELECT g, CASE WHEN g = 17 THEN -g ELSE g END FROM generate_series(1, 40) g",
+    )
+    options: dict[str, Any] = {"chunk_rows": 10, "quarantine": True, "validate": ["count", "checksum"]}
+    with scratch_database(pg) as target:
+        _exec(target, "CREATE TABLE pay (id int PRIMARY KEY, amount int CHECK (amount >= 0))")
+        assert "checksum: ok (4 chunks)" in bulk_migrate(fresh_db, target, **options)["tables"][0]["validation"]
+        _from_an_older_recipe(target)
+        again = bulk_migrate(fresh_db, target, **options)
+    assert again["tables"][0]["validation"] == (
+        "checksum: ok (3 chunks); 1 chunk with quarantined rows not compared (checksum saved by an older "
+        "flowyard): rerun with restart=True (--restart) to copy and checksum the tables afresh, count: ok (39)"
+    )
+
+
+def test_a_keyless_table_with_quarantined_rows_and_checksums_an_older_recipe_saved_names_restart(pg, fresh_db):
+    """Without a key, validation can only checksum both sides whole, which the quarantined rows
+    tell apart: the step was skipped as for a seed, nothing saying that the checksums it could
+    have compared were an older flowyard's, nor that a restart takes them anew."""
+    _exec(fresh_db, "CREATE TABLE logs (n int)", "INSERT INTO logs SELECT g - 3 FROM generate_series(1, 30) g")
+    options: dict[str, Any] = {"quarantine": True, "validate": ["count", "checksum"]}
+    with scratch_database(pg) as target:
+        _exec(target, "CREATE TABLE logs (n int CHECK (n >= 0))")
+        assert "checksum: ok" in bulk_migrate(fresh_db, target, **options)["tables"][0]["validation"]
+        _from_an_older_recipe(target)
+        again = bulk_migrate(fresh_db, target, **options)
+    assert again["tables"][0]["validation"] == (
+        "checksum: skipped (rows quarantined: the whole table's source and target differ by them; checksums "
+        "saved by an older flowyard: rerun with restart=True (--restart) to copy and checksum the tables "
+        "afresh), count: ok (28)"
+    )
+
+
+@pytest.mark.parametrize("kind", ["mapping", "sqlite", "files"])
+def test_a_copy_validation_cannot_checksum_again_names_its_older_checksums_and_restart(
+    pg, fresh_db, tmp_path, kind
+):
+    """A mapped copy's or a file's source cannot be checksummed as the target holds it, so checksums
+    an older flowyard saved cannot be taken again; the step said "skipped (full load with a mapping
+    or retyped columns: see sample)", of a copy from a file too, and nothing of why or what to do."""
+    _exec(
+        fresh_db,
+        "CREATE TABLE items (id int PRIMARY KEY, label text)",
+        "INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 30) g",
+    )
+    source, mapping, why = fresh_db, {"items": {"rename": {"label": "name"}}}, "with a mapping or retyped columns"
+    if kind == "sqlite":
+        source, mapping, why = f"sqlite:///{tmp_path / 'app.db'}", None, "from a SQLite file"
+        with sqlite3.connect(tmp_path / "app.db") as db:
+            db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, label TEXT)")
+            db.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"item {i}") for i in range(1, 31)])
+    elif kind == "files":
+        (tmp_path / "items.jsonl").write_text("".join(f'{{"id": {i}, "label": "item {i}"}}\n' for i in range(1, 31)))
+        source, mapping, why = str(tmp_path), None, "from files"
+    options: dict[str, Any] = {"mapping": mapping, "chunk_rows": 10, "validate": ["count", "checksum"]}
+    with scratch_database(pg) as target:
+        assert "checksum: ok" in bulk_migrate(source, target, **options)["tables"][0]["validation"]
+        _from_an_older_recipe(target)
+        again = bulk_migrate(source, target, **options)["tables"][0]["validation"]
+        afresh = bulk_migrate(source, target, **options, restart=True)["tables"][0]["validation"]
+    said = re.fullmatch(r"checksum: skipped \((\d+)/(\d+) chunks' (.*); see sample\), count: ok \(30\)", again)
+    assert said and said[1] == said[2], again
+    assert said[3] == (
+        f"checksums were saved by an older flowyard, and the source of a copy {why} cannot be checksummed as "
+        "the target holds it: rerun with restart=True (--restart) to copy and checksum the tables afresh"
+    )
+    assert afresh.startswith("checksum: ok"), afresh
+
+
+def test_a_seed_from_a_sqlite_file_says_why_its_checksum_is_skipped(pg, tmp_path):
+    """A seed's checksum step is skipped unless source and target can both be checksummed; from a
+    SQLite file without a mapping it said "seed load with a mapping or retyped columns"."""
+    with sqlite3.connect(tmp_path / "app.db") as db:
+        db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, label TEXT)")
+        db.executemany("INSERT INTO items VALUES (?, ?)", [(1, "a"), (2, "b")])
+    with scratch_database(pg) as target:
+        report = bulk_migrate(f"sqlite:///{tmp_path / 'app.db'}", target, mode="seed", validate=["checksum"])
+    assert report["tables"][0]["validation"] == "checksum: skipped (seed load from a SQLite file: see sample)"
