@@ -148,7 +148,7 @@ def run_agent_queue(
                         running[task.id] = future = runner.submit(
                             attempt(task.agent_type),
                             parameters={"task_id": task.id, "worker": setup.worker},
-                            wait_for=_dependency_runs(finished, running, task.blocked_by),
+                            wait_for=_dependency_runs(agents_fleet, finished, running, task.blocked_by),
                         )
                         future.wrapped_future.add_done_callback(_freeing(agents_fleet, task.id))
                 if not running:
@@ -289,6 +289,7 @@ def _freeing(agents_fleet: Fleet, task_id: int) -> Callable[[Future[Any]], None]
 
 
 def _dependency_runs(
+    agents_fleet: Fleet,
     finished: dict[int, PrefectConcurrentFuture[dict[str, Any]]],
     running: dict[int, PrefectConcurrentFuture[dict[str, Any]]],
     blocked_by: tuple[int, ...],
@@ -300,7 +301,12 @@ def _dependency_runs(
     ``NotReady`` without running it, failing a task whose dependencies are all done.
 
     A dependency whose agent is done can still be ending in Prefect (its slot is freed
-    first, see :meth:`Fleet.free_slot`): its run is waited for, a matter of milliseconds."""
+    first, see :meth:`Fleet.free_slot`): its run is waited for, a matter of milliseconds. So is
+    the retry of one completed elsewhere, which must not wait for a slot meanwhile
+    (:meth:`Fleet.completed_in_queue`)."""
+    for d in blocked_by:
+        if d in running:
+            agents_fleet.completed_in_queue(d)
     runs = [run for d in blocked_by if (run := running.get(d, finished.get(d))) is not None]
     for run in runs:
         run.wait()  # at once for a settled run

@@ -431,6 +431,7 @@ class Fleet:
         self._slots: set[int] = set()  # tasks holding an agent slot; see :meth:`free_slot`
         self._reserved = 0  # slots set aside for the claim in hand; see :meth:`claiming`
         self._retries_waiting = 0  # retries waiting for a slot; see :meth:`take_slot`
+        self._done_elsewhere: set[int] = set()  # see :meth:`completed_in_queue`
         self._slot_freed = threading.Event()
 
     @contextmanager
@@ -457,6 +458,7 @@ class Fleet:
         checkpoint to resume from comes fresh with each attempt."""
         self.tasks[task.id] = task
         with self._lock:
+            self._done_elsewhere.discard(task.id)  # claimed again: its retries run agents again
             self._slots.add(task.id)
 
     def busy_slots(self) -> int:
@@ -472,14 +474,30 @@ class Fleet:
                 return True
             self._retries_waiting += 1
             try:
-                while len(self._slots) + self._reserved >= self.max_agents and not self.stopping.is_set():
+                while (
+                    len(self._slots) + self._reserved >= self.max_agents
+                    and task_id not in self._done_elsewhere
+                    and not self.stopping.is_set()
+                ):
                     self._slot_change.wait()
             finally:
                 self._retries_waiting -= 1
             if self.stopping.is_set():
                 return False
-            self._slots.add(task_id)
+            if task_id not in self._done_elsewhere:  # else it starts no agent: the task is not held
+                self._slots.add(task_id)
             return True
+
+    def completed_in_queue(self, task_id: int) -> None:
+        """The queue says the task is completed while its task run here has not ended: the run is
+        ending in Prefect, or it is a retry (in its delay, or waiting for a slot) of a task that a
+        ``queue cancel`` and ``queue retry`` gave to another worker, which completed it. Such a
+        retry starts no attempt (the task is not this worker's), so it takes no slot: the loop
+        waits for the run before it submits the run's dependent, inside a claim whose slots the
+        retry waited for, and neither went on (the worker hung for good)."""
+        with self._slot_change:
+            self._done_elsewhere.add(task_id)
+            self._slot_change.notify_all()
 
     def free_slot(self, task_id: int) -> None:
         """The task needs its agent slot no more: its attempt's agent has exited and the attempt

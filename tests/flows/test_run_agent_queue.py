@@ -399,9 +399,14 @@ RETRY_ELSEWHERE_AGENT = textwrap.dedent(
     from tasks import agent_queue as queue
 
     url, dependency = os.environ["QUEUE_URL"], int(os.environ["DEPENDENCY"])
-    while queue.get_task(url, dependency).status != "failed":
+    if os.environ.get("IN_RETRY_DELAY"):  # its failed attempt is recorded: a person cancels it meanwhile
+        open(os.environ["IN_RETRY_DELAY"], "w").close()  # ready: the dependency's agent may fail now
+        while queue.get_task(url, dependency).error is None:
+            time.sleep(0.02)
+        queue.cancel_task(url, dependency)
+    while queue.get_task(url, dependency).status not in ("failed", "cancelled"):
         time.sleep(0.05)
-    # a person retries the failed dependency, and another worker completes it
+    # a person retries the failed (or cancelled) dependency, and another worker completes it
     queue.retry_task(url, dependency)
     queue.claim_ready(url, "other-worker", 1, ["fails"])
     attempt = queue.start_attempt(url, dependency, "other-worker", None)
@@ -435,6 +440,49 @@ def test_a_dependency_that_failed_in_the_run_then_completed_elsewhere_lets_its_d
     assert summary["outcomes"][dependency].startswith("failed")
     assert summary["outcomes"][helper] == summary["outcomes"][dependent] == "completed"
     assert queue.get_task(qdb, dependent).result == {"ran": True}
+
+
+def test_a_dependency_completed_elsewhere_during_its_retry_delay_lets_the_worker_run_its_dependent(
+    tmp_path: Path, qdb: str
+) -> None:
+    """The dependency's first attempt fails; in Prefect's retry delay it is cancelled, retried and
+    completed by another worker, and the run claims its dependent. The loop waited for the
+    dependency's task run inside that claim, and the retry waited for a slot the claim held: the
+    worker hung for good. The retry of a task completed elsewhere starts no agent and takes no slot."""
+    dependency = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="fails", priority="critical"))
+    helper = queue.create_task(qdb, queue.NewTask(title="retry it elsewhere", agent_type="elsewhere"))
+    dependent = queue.create_task(
+        qdb, queue.NewTask(title="after", agent_type="ok", blocked_by=(dependency,))
+    )
+    ready = tmp_path / "helper ready"
+    env = {
+        "FLOWYARD_ROOT": str(ROOT),
+        "QUEUE_URL": qdb,
+        "DEPENDENCY": str(dependency),
+        "IN_RETRY_DELAY": str(ready),
+    }
+    fail_once_ready = (  # fails once the helper is ready to act in the retry delay
+        "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.02)\nsys.exit(3)"
+    )
+    agents = {
+        "fails": {"argv": [sys.executable, "-c", fail_once_ready, str(ready)]},
+        "elsewhere": {"argv": [sys.executable, "-c", RETRY_ELSEWHERE_AGENT], "env": env},
+        "ok": {"argv": [sys.executable, "-c", 'print(\'{"kind": "result", "data": {"ran": true}}\')']},
+    }
+    start = [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "2", json.dumps(agents)]
+    worker = subprocess.Popen(start, cwd=ROOT)
+    try:
+        assert worker.wait(timeout=GUARD_SECONDS) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert queue.get_task(qdb, dependency).result == {"by": "other"}
+    assert queue.get_task(qdb, helper).status == "completed"
+    assert queue.get_task(qdb, dependent).result == {"ran": True}
+    # the retry here started no attempt: its first one failed, and the other worker's completed
+    attempts = [(r["attempt"], r["outcome"]) for r in _runs(qdb) if r["task_id"] == dependency]
+    assert attempts == [(1, "failed"), (2, "completed")]
 
 
 def test_the_run_artifact_escapes_control_characters_in_an_agents_error(tmp_path: Path, qdb: str) -> None:
@@ -1209,26 +1257,35 @@ def test_a_reclaimed_attempt_never_overwrites_the_new_holders_checkpoint(tmp_pat
 
 def test_cancelling_a_task_during_its_retry_delay_reports_it_cancelled(tmp_path: Path, qdb: str) -> None:
     """``queue cancel ID`` between a failed attempt and Prefect's retry: the run reports the task
-    cancelled, not failed (a failure would make ``queue run`` exit 1)."""
+    cancelled, not failed (a failure would make ``queue run`` exit 1), and no attempt starts. The
+    failed attempt frees the one slot and a gated task is claimed into it, so the retry waits for
+    the slot until the test lets that agent complete: the cancel lands there, not in a 1 s delay
+    polled every 20 ms, which a slow phase of the machine could miss."""
     import threading
 
     agent = tmp_path / "failing_agent.py"
     agent.write_text("import sys\nprint('disk on fire', file=sys.stderr)\nsys.exit(3)\n")
-    task_id = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="flaky"))
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    task_id = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="flaky", priority="critical"))
+    gated = queue.create_task(qdb, queue.NewTask(title="holds the slot", agent_type="gated", priority="low"))
 
-    def cancel_after_first_failure() -> None:
-        while [r["outcome"] for r in _runs(qdb)] != ["failed"]:
-            time.sleep(0.02)
+    def cancel_while_the_retry_waits() -> None:
+        _wait_for_file(ready)  # the gated agent holds the slot: the retry has none
         queue.cancel_task(qdb, task_id)
+        go.touch()
 
-    canceller = threading.Thread(target=cancel_after_first_failure, daemon=True)
+    canceller = threading.Thread(target=cancel_while_the_retry_waits, daemon=True)
     canceller.start()
-    agents = {"flaky": {"argv": [sys.executable, str(agent)]}}
+    agents = {
+        "flaky": {"argv": [sys.executable, str(agent)]},
+        "gated": {"argv": [sys.executable, "-c", GATED_AGENT, str(ready), str(go)]},
+    }
     summary = run_agent_queue(max_agents=1, retries=2, agents=agents, **_kw(tmp_path, qdb))
     canceller.join()
-    assert summary["outcomes"] == {task_id: "cancelled"}
+    assert summary["outcomes"] == {task_id: "cancelled", gated: "completed"}
     task = queue.get_task(qdb, task_id)
     assert task.status == "cancelled" and task.attempts == 1
+    assert [(r["task_id"], r["outcome"]) for r in _runs(qdb)] == [(task_id, "failed"), (gated, "completed")]
 
 
 def test_a_task_cancelled_while_its_agent_runs_is_reported_cancelled(tmp_path: Path, qdb: str) -> None:
