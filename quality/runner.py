@@ -24,6 +24,7 @@ import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
 import psycopg
+import sqlalchemy
 from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.datasource.fluent import PostgresDatasource
@@ -33,7 +34,15 @@ from sqlalchemy import quoted_name
 from quality.data_files import read_data_file
 from quality.profiling import require_populated, table_columns
 from quality.scoring import TableScore, score_rows, score_table
-from quality.sql_rules import TableSource, TimeWindow, gx_query, gx_unexpected_rows_query, in_set_values
+from quality.sql_rules import (
+    TableSource,
+    TimeWindow,
+    bound,
+    gx_query,
+    gx_unexpected_rows_query,
+    in_set_values,
+    violation,
+)
 from quality.suite_spec import Rule, Suite
 from tasks.db import connect, connection, sqlalchemy_url
 from tasks.errors import UserError, first_line
@@ -109,7 +118,7 @@ def expectations_for(
     match rule.check:
         case "not_null":
             return [gxe.ExpectColumnValuesToNotBeNull(column=column, meta=meta)]
-        case "unique" if backend == "sql" and '"' in column:
+        case "unique" if backend == "sql" and own_query(rule):
             # GX's unique check drops NULLs through its condition language, col("..."), which has no
             # escape for a double quote ("unable to parse condition"): the scorer's SQL checks it.
             assert source is not None
@@ -145,6 +154,12 @@ def expectations_for(
             query = gx_unexpected_rows_query(rule, source)
             return [UnexpectedRowsWithSample(unexpected_rows_query=query, meta=meta)]
     raise ValueError(f"unsupported check {rule.check!r}")
+
+
+def own_query(rule: Rule) -> bool:
+    """Whether a table's rule runs as flowyard's query (an ``UnexpectedRowsExpectation``) rather
+    than a GX built-in: GX writes the table's name into that query itself."""
+    return rule.check in ("not_future", "foreign_key") or (rule.check == "unique" and '"' in rule.required_column)
 
 
 def _row_bound(bound: float | None) -> int | None:
@@ -338,6 +353,24 @@ def require_columns(suite: Suite, columns: Sequence[Any], target: str) -> None:
             )
 
 
+def require_plain_name(suite: Suite, source: TableSource) -> None:
+    """Fail before GX runs, naming the rules and the remedy, when GX would misread the table's name
+    in the rules it runs as flowyard's query: GX writes the name into that query and runs it as
+    SQLAlchemy ``text()``, where a colon after a space or a sign (schema ``"shop :x"``) is a bind
+    parameter, so each such rule failed with "A value is required for bind parameter 'x'". A
+    window's query asset spells the name itself (:func:`quality.sql_rules.gx_query`), so it runs."""
+    if source.window is not None:
+        return
+    name = source.table_ref.as_string()
+    misread = sorted(sqlalchemy.text(name).compile().params)
+    rules = [f"'{rule.name}' ({rule.check})" for rule in suite.rules if own_query(rule)]
+    if misread and rules:
+        raise UserError(
+            f"suite '{suite.name}': {', '.join(rules)} cannot run on {name} (Great Expectations reads "
+            f"':{misread[0]}' in its name as a parameter); check a view of it under a plain name, or one window of it"
+        )
+
+
 def require_fitting_checks(suite: Suite, columns: Sequence[tuple[str, str, str]]) -> None:
     """Fail before GX runs, naming the rule, its column and the column's type, when the rule's check
     cannot compare that type: PostgreSQL has no ``integer ~ text`` nor ``text < double precision``,
@@ -386,7 +419,7 @@ def _value_kind(value: object) -> str:
 
 def require_table(url: str, suite: Suite, source: TableSource) -> None:
     """The table, the rules' and the window's columns and foreign keys' targets exist and are
-    readable, and each rule's check fits its column's type (else a one-line UserError)."""
+    readable, and each rule's check fits its column's type and values (else a one-line UserError)."""
     with connection(url) as conn:
         described = table_columns(conn, source.schema, source.table)
         columns = [name for name, _type, _kind in described]
@@ -402,6 +435,7 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
         if not columns:
             raise UserError(f"suite '{suite.name}': table {target} not found; check its table and the schema")
         require_populated(conn, source.schema, source.table)
+        require_plain_name(suite, source)
         require_columns(suite, columns, target)
         require_fitting_checks(suite, described)
         if suite.timestamp_column is not None and suite.timestamp_column not in columns:
@@ -413,6 +447,7 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
             {suite.timestamp_column} if suite.timestamp_column else set()
         )
         require_readable(conn, suite, source.schema, source.table, used)
+        require_comparable_values(conn, suite, source, described)
         for name, ((schema, table, column), found) in references.items():
             if column not in found:
                 hint = f" ({column_hint(column, found)})" if found else ""
@@ -437,6 +472,51 @@ def require_readable(conn: psycopg.Connection, suite: Suite, schema: str, table:
             f"suite '{suite.name}': {first_line(exc)} (role {conn.info.user}); "
             f"grant it SELECT on {schema}.{table}"
         ) from None
+
+
+# PostgreSQL's refusal of a value its column's type cannot read (22P02, 22008...) or of a
+# comparison its type has no operator for (json = json, oid < double precision).
+_INCOMPARABLE = (psycopg.errors.DataError, psycopg.errors.UndefinedFunction)
+
+
+def require_comparable_values(
+    conn: psycopg.Connection, suite: Suite, source: TableSource, columns: Sequence[tuple[str, str, str]]
+) -> None:
+    """Fail before GX runs, naming the rule, its column, the column's type and the value, when
+    PostgreSQL cannot compare an in_set value or a range bound with the column (``'abc'`` on an
+    integer, ``'2026-13-01'`` on a date, any value on json): GX reported the driver's error as the
+    rule's and the score query failed the run with its traceback. One query for the suite reads
+    every value as the score query does; only when it fails is each rule, then each value, tried
+    alone to name the one at fault."""
+    rules = [rule for rule in suite.rules if rule.check in ("in_set", "range")]
+    if not rules or _incomparable(conn, source, rules) is None:
+        return
+    types = {name: type_ for name, type_, _kind in columns}
+    for rule in rules:
+        if (error := _incomparable(conn, source, [rule])) is None:
+            continue
+        where = f'suite \'{suite.name}\' rule \'{rule.name}\': {rule.check} on "{rule.column}" ({types[rule.required_column]})'
+        if isinstance(error, psycopg.errors.UndefinedFunction):
+            raise UserError(f"{where} cannot be compared with its values ({first_line(error)}); cast it in a view")
+        # Only an in_set's text values are parsed as the column's type (a range's bounds are numbers).
+        alone = (v for v in rule.values or [] if _incomparable(conn, source, [rule.model_copy(update={"values": [v]})]))
+        named = "its values" if (value := next(alone, None)) is None else f"its value {value!r}"
+        raise UserError(f"{where} cannot read {named} ({first_line(error)}); give values of its type")
+
+
+def _incomparable(conn: psycopg.Connection, source: TableSource, rules: Sequence[Rule]) -> psycopg.Error | None:
+    """PostgreSQL's error for the rules' predicates over the table, as the score query states them,
+    or None. ``LIMIT 0`` reads no row: the values are parsed as the column's type when bound."""
+    predicates = [violation(rule, source) for rule in rules]
+    query = sql.SQL("SELECT {} FROM {} AS b LIMIT 0").format(
+        sql.SQL(", ").join(p.sql for p in predicates), source.table_ref
+    )
+    try:
+        with conn.transaction():
+            conn.execute(bound(query), [param for p in predicates for param in p.params])
+    except _INCOMPARABLE as exc:
+        return exc
+    return None
 
 
 def check_table(

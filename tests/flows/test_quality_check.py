@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -263,12 +264,17 @@ def test_a_check_that_does_not_fit_its_columns_type_is_one_line_before_any_check
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (amount int, code text, placed date)")
         conn.execute("INSERT INTO orders VALUES (5, 'A', '2024-01-01')")
+    _refused_before_any_score(fresh_db, tmp_path, state_db, [{"name": "r", "severity": "low", **rule}], why)
+
+
+def _refused_before_any_score(url: str, tmp_path: Path, state_db: str, rules: list[dict], why: str) -> None:
+    """A suite of ``rules`` on ``orders`` is refused with rule ``r``'s one line, and no score is recorded."""
     path = tmp_path / "orders.yaml"
-    path.write_text(json.dumps({"name": "orders", "table": "orders", "rules": [{"name": "r", "severity": "low", **rule}]}))
+    path.write_text(json.dumps({"name": "orders", "table": "orders", "rules": rules}))
     with psycopg.connect(state_db) as conn:
         before = conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone()
     with pytest.raises(UserError) as refused:
-        quality_check(database_url=fresh_db, suites=[str(path)], output_dir=str(tmp_path / "out"), profile=False)
+        quality_check(database_url=url, suites=[str(path)], output_dir=str(tmp_path / "out"), profile=False)
     assert str(refused.value) == f"suite 'orders' rule 'r': {why}"
     with psycopg.connect(state_db) as conn:
         assert conn.execute("SELECT count(*) FROM flowyard.quality_scores").fetchone() == before
@@ -287,4 +293,100 @@ def test_cli_names_a_check_that_does_not_fit_its_columns_type_in_one_line(fresh_
     assert proc.stderr.strip().splitlines()[-1] == (
         "flowyard: error: suite 'orders' rule 'amount_shape': regex on \"amount\" (integer) needs a text column; "
         "cast it in a view or use range"
+    )
+
+
+_UNREADABLE = [
+    (
+        {"check": "in_set", "column": "amount", "values": ["1", "abc"]},
+        'in_set on "amount" (integer) cannot read its value \'abc\' (invalid input syntax for type integer: "abc"); '
+        "give values of its type",
+    ),
+    (
+        {"check": "in_set", "column": "placed", "values": ["2026-13-01"]},
+        'in_set on "placed" (date) cannot read its value \'2026-13-01\' (date/time field value out of range: '
+        '"2026-13-01"); give values of its type',
+    ),
+    (
+        {"check": "in_set", "column": "ref", "values": ["abc"]},
+        'in_set on "ref" (uuid) cannot read its value \'abc\' (invalid input syntax for type uuid: "abc"); '
+        "give values of its type",
+    ),
+    (
+        {"check": "in_set", "column": "doc", "values": ["{}"]},
+        'in_set on "doc" (json) cannot be compared with its values (operator does not exist: json = unknown); '
+        "cast it in a view",
+    ),
+    (
+        {"check": "range", "column": "owner", "min": 1},
+        'range on "owner" (oid) cannot be compared with its values (operator does not exist: oid < double precision); '
+        "cast it in a view",
+    ),
+]
+
+
+@pytest.mark.parametrize(("rule", "why"), _UNREADABLE, ids=[r["column"] for r, _ in _UNREADABLE])
+def test_a_value_its_column_cannot_read_is_one_line_before_any_check(fresh_db, tmp_path, state_db, rule, why):
+    """PostgreSQL reads an in_set's text values as the column's type when the query is bound, and has
+    no json = json nor oid < double precision: GX reported the driver's error as the rule's and the
+    score query failed the run with its traceback. The suite is refused naming the value; the rules
+    beside it that PostgreSQL can compare (text values on text, integers on bigint) are not."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (amount int, placed date, ref uuid, doc json, owner oid, code text, big bigint)")
+        conn.execute("INSERT INTO orders VALUES (5, '2024-01-01', gen_random_uuid(), '{}', 1, '3', 7)")
+    near = [
+        {"name": "code_known", "check": "in_set", "column": "code", "values": ["1", "2"], "severity": "low"},
+        {"name": "big_known", "check": "in_set", "column": "big", "values": [1, 2], "severity": "low"},
+    ]
+    _refused_before_any_score(fresh_db, tmp_path, state_db, [*near, {"name": "r", "severity": "low", **rule}], why)
+
+
+def test_cli_names_an_unreadable_value_in_one_line_and_checks_the_comparable_ones(fresh_db, tmp_path, state_db):
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (amount int, code text, big bigint)")
+        conn.execute("INSERT INTO orders VALUES (5, '3', 7)")
+    near = (
+        "name: orders\ntable: orders\nrules:\n"
+        "  - {name: code_known, check: in_set, column: code, values: ['1', '2'], severity: low}\n"
+        "  - {name: big_known, check: in_set, column: big, values: [1, 2], severity: low}\n"
+    )
+    path = tmp_path / "orders.yaml"
+    path.write_text(near)
+    checked = run_cli("quality", "check", "--database-url", fresh_db, "-s", str(path), "--no-profile")
+    assert checked.returncode == 0, checked.stderr
+    assert "violations   2" in checked.stdout
+    path.write_text(near + "  - {name: amount_known, check: in_set, column: amount, values: [abc], severity: low}\n")
+    proc = run_cli("quality", "check", "--database-url", fresh_db, "-s", str(path), "--no-profile")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "flowyard: error: suite 'orders' rule 'amount_known': in_set on \"amount\" (integer) cannot read its value "
+        "'abc' (invalid input syntax for type integer: \"abc\"); give values of its type"
+    )
+
+
+def test_a_schema_name_gx_reads_a_parameter_in_is_one_line_naming_the_rules(fresh_db, tmp_path, state_db):
+    """GX writes the table's name into the query of the rules flowyard states itself (not_future,
+    foreign_key, unique on a quoted column) and runs it as SQLAlchemy text(), where ':x' of schema
+    "shop :x" is a bind parameter: each of those rules failed with "A value is required for bind
+    parameter 'x'" and counted nothing. The suite is refused up front, naming them and the remedy."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "shop :x"')
+        conn.execute('CREATE TABLE "shop :x".orders (id int, placed timestamptz, cust int)')
+        conn.execute('CREATE TABLE "shop :x".customers (id int)')
+        conn.execute("""INSERT INTO "shop :x".orders VALUES (1, now() + interval '9 days', 2)""")
+    rules = [
+        {"name": "id_present", "check": "not_null", "column": "id"},
+        {"name": "placed_ok", "check": "not_future", "column": "placed"},
+        {"name": "customer_exists", "check": "foreign_key", "column": "cust", "references": "customers.id"},
+    ]
+    path = tmp_path / "orders.yaml"
+    path.write_text(json.dumps({"name": "orders", "table": "orders", "rules": [{**r, "severity": "low"} for r in rules]}))
+    with pytest.raises(UserError) as refused:
+        quality_check(
+            database_url=fresh_db, suites=[str(path)], table_schema="shop :x", output_dir=str(tmp_path / "out"), profile=False
+        )
+    assert str(refused.value) == (
+        "suite 'orders': 'placed_ok' (not_future), 'customer_exists' (foreign_key) cannot run on \"shop :x\".\"orders\" "
+        "(Great Expectations reads ':x' in its name as a parameter); check a view of it under a plain name, "
+        "or one window of it"
     )
