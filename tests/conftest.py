@@ -206,18 +206,33 @@ class Role:
         )
 
 
+@contextmanager
+def login_role(server_url: str) -> Iterator[Role]:
+    """A new login role with no privileges beyond PUBLIC's on the server of ``server_url`` (a
+    superuser's), dropped on exit."""
+    from tasks.db import connect
+
+    role = Role(f"r_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex)
+    with connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role.name), role.password))
+    yield role
+    with connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role.name)))
+
+
 @pytest.fixture()
 def limited_role(pg: Server) -> Iterator[Role]:
     """A login role with no privileges beyond PUBLIC's. Request it before ``fresh_db``, so the
     database (and every grant and object of the role in it) is dropped before the role is."""
-    from tasks.db import connect
+    with login_role(pg.url()) as role:
+        yield role
 
-    role = Role(f"r_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex)
-    with connect(pg.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role.name), role.password))
-    yield role
-    with connect(pg.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role.name)))
+
+@pytest.fixture()
+def older_limited_role(older_pg: EmbeddedPostgres) -> Iterator[Role]:
+    """``limited_role`` on the older server: request it before ``older_db``."""
+    with login_role(older_pg.url()) as role:
+        yield role
 
 
 @pytest.fixture(scope="session")

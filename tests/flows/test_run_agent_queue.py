@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 from prefect.client.schemas.objects import State, StateType
+from psycopg import sql
 
 from flows.run_agent_queue import run_agent_queue
 from tasks import agent_queue as queue
@@ -37,7 +38,7 @@ from tasks.errors import UserError, control_character, printable
 from tasks.prefect_runtime import SERVE
 from tasks.process_group import group_members, marked_pids
 from tasks.state import state_url
-from tests.conftest import ROOT, flow_run_artifacts, recorded_task_runs
+from tests.conftest import ROOT, Role, flow_run_artifacts, recorded_task_runs
 from tests.fs_support import fill_up, immutable, small_tmpfs
 from tests.outage_support import outage_proxy
 from tests.process_support import GUARD_SECONDS, Told, until_its_sessions_end
@@ -586,6 +587,41 @@ def test_a_run_analyses_queue_tables_that_were_never_analysed_before_it_claims(t
             "AND relname IN ('agent_tasks', 'agent_task_blocks') AND last_analyze IS NOT NULL ORDER BY relname"
         ).fetchall()
     assert analysed == [("agent_task_blocks",), ("agent_tasks",)]
+
+
+def test_a_worker_on_an_older_server_runs_the_dag_with_its_retry_and_says_why_it_may_not_analyse(
+    tmp_path: Path, older_limited_role: Role, older_db: str
+) -> None:
+    """The queue on the oldest major flowyard is tested on (14-17; below 17 no MAINTAIN privilege),
+    its state reached the way a DBA sets a worker up: a role granted the queue tables, which owns
+    neither them nor the database. Dependencies run in order, the crash is retried from its
+    checkpoint, and the tables it may not analyse are named with the fix that server has."""
+    qdb = state_url(older_db)
+    crashy = queue.create_task(qdb, _new("crashy", {"steps": 2, "crash_after": 1}))
+    after = queue.create_task(qdb, _new("after", {"steps": 1}, (crashy,)))
+    role = sql.Identifier(older_limited_role.name)
+    with connection(qdb) as conn:
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA flowyard TO {}").format(role))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA flowyard TO {}").format(role))
+        conn.execute(sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA flowyard TO {}").format(role))
+        maintain = conn.info.server_version >= 170000
+    told = Told("could not analyse")
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(told)
+    try:
+        summary = run_agent_queue(max_agents=2, **_kw(tmp_path, older_limited_role.url(qdb)))
+    finally:
+        logger.removeHandler(told)
+    assert summary["outcomes"] == {crashy: "completed", after: "completed"}
+    runs = _runs(qdb)
+    assert [(r["task_id"], r["attempt"], r["outcome"]) for r in runs] == [
+        (crashy, 1, "failed"), (crashy, 2, "completed"), (after, 1, "completed")
+    ]  # fmt: skip
+    assert runs[2]["started"] >= runs[1]["finished"]
+    assert queue.get_task(qdb, crashy).result == {"digest": _digest(crashy, 2), "steps": 2, "resumed_from": 1}
+    fix = "GRANT MAINTAIN ON TABLE" if maintain else "run the worker as their owner (before PostgreSQL 17"
+    assert told.message.startswith("could not analyse flowyard.agent_task_blocks, flowyard.agent_tasks: role ")
+    assert fix in told.message
 
 
 def test_a_drain_without_the_tasks_agent_type_leaves_it_for_one_that_has_it(tmp_path: Path, qdb: str) -> None:

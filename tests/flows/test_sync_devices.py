@@ -1425,3 +1425,33 @@ def _schema_lines(central: str) -> list[str]:
         for line in run_cli("sync", "status").stdout.splitlines()
         if line.startswith(f"schema:     not ready on {central} ")
     ]
+
+
+def test_devices_sync_into_an_older_server_holding_central_and_flowyards_state(older_db: str, tmp_path: Path) -> None:
+    """Central and flowyard's state (its Alembic migrations) on the oldest major tested (14-17): a
+    first sync, a second after new events, where last write wins between two devices' snapshots
+    of one project, and a third device's download of the winner."""
+    from flows.sync_devices import sync_devices
+
+    names = ("older-a", "older-b", "older-c")
+    stores = [make_store(tmp_path / f"{n}.db", 40, seed=i, identity=Identity(n, "u", "older")) for i, n in enumerate(names)]
+
+    def sync(*synced: Path) -> dict[str, tuple[int, int, str | None]]:
+        run = sync_devices(
+            stores=[str(s) for s in synced], central_url=older_db, download_updates=True, state_database_url=older_db
+        )
+        return {d: (r["uploaded"], r["duplicates"], r["error"]) for d, r in run["devices"].items()}
+
+    assert sync(*stores) == dict.fromkeys(names, (40, 0, None))
+    now, hour = device_store.now_ms(), 3_600_000
+    _write_status(stores[0], now + hour, "green")  # the newer snapshot, though written first
+    _write_status(stores[1], now, "red")
+    assert sync(*stores) == {"older-a": (1, 0, None), "older-b": (1, 0, None), "older-c": (0, 0, None)}
+    _central_consistent(older_db)
+    assert _central_counts(older_db) == (122, 122)
+    assert sync(stores[2]) == {"older-c": (0, 0, None)}  # the download after both uploads
+    with device_store.open_store(stores[2]) as conn:
+        downloaded = conn.execute("SELECT status, device_id FROM remote_project_status WHERE project_id = 'older'")
+        assert downloaded.fetchall() == [('{"status": "green"}', "older-a")]
+    with psycopg.connect(older_db) as conn:
+        assert one_row(conn, "SELECT count(*) FROM flowyard.sync_runs")[0] == 7
