@@ -83,7 +83,7 @@ def status(
 def _sync_lines(target_url: str, state: str, target: str, schema: str) -> list[str]:
     """Per table of the unfinished migration on ``target``'s ``schema``: its sync healthy, or broken
     with what complete would say to do; none checked when ``target_url`` is another database."""
-    from tasks.online_phases import sync_health, sync_remedy
+    from tasks.online_phases import sync_health
     from tasks.online_state import active_migration, target_key
 
     given = target_key(target_url)
@@ -93,8 +93,8 @@ def _sync_lines(target_url: str, state: str, target: str, schema: str) -> list[s
     if record is None:  # finished since the list was read
         return []
     return [
-        f"sync {name}: healthy" if problem is None else f"sync {name}: broken: {problem}; {sync_remedy(record, name)}"
-        for name, problem in sync_health(target_url, record).items()
+        f"sync {name}: healthy" if broken is None else f"sync {name}: broken: {broken}"
+        for name, broken in sync_health(target_url, record).items()
     ]
 
 

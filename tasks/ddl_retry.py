@@ -60,19 +60,51 @@ class LockRetryDeadline(UserError):
 
 class CancelledByRequest(psycopg.errors.QueryCanceled):
     """A statement cancelled by a cancel request (another session's ``pg_cancel_backend``, a
-    client's cancel), not by the policy's ``statement_timeout``.
+    client's cancel), not by a ``statement_timeout``.
 
     Both raise SQLSTATE 57014 and only PostgreSQL's message tells them apart, which ``lc_messages``
     translates (a German server says "storniere Anfrage wegen Benutzeraufforderung"), so advice
     chosen by the English text told a cancelled backfill batch to take smaller batches. What the
     attempt knows does not depend on the language: it ran under no limit, or for less time than the
     limit as the client measures it (from before the statement is sent to after its error arrives,
-    so never less than the server's own statement clock), and the limit cannot have fired then."""
+    so never less than the server's own statement clock), and the limit cannot have fired then,
+    unless the work's own SQL set a shorter one (:class:`OwnStatementTimeout`)."""
 
 
-def _cancelled_by_request(policy: LockPolicy, seconds: float) -> bool:
-    """Whether a QueryCanceled of an attempt that ran ``seconds`` under ``policy`` was no timeout."""
-    return policy.statement_timeout_ms == 0 or seconds * 1000 < policy.statement_timeout_ms
+class OwnStatementTimeout(psycopg.errors.QueryCanceled):
+    """A statement cancelled by a ``statement_timeout`` the work's own SQL set (a migration's
+    ``raw_sql`` running ``SET [LOCAL] statement_timeout = '100ms'`` before a slower statement),
+    shorter than the policy's: it fires before the policy's limit could, as a cancel would."""
+
+
+def _timeout_message(conn: psycopg.Connection) -> str | None:
+    """PostgreSQL's message for a statement_timeout, in this session's ``lc_messages`` language,
+    from one provoked on purpose (1 ms on a sleep, in a transaction of its own); None where none
+    can be (``pg_sleep`` revoked). Where the work's SQL set a shorter limit, the clock cannot tell
+    its timeout from a cancel, and the limit itself is gone: a ``SET LOCAL``, or a ``SET`` in the
+    attempt's transaction, is undone by its rollback. The message is what is left."""
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 1")
+            conn.execute("SELECT pg_catalog.pg_sleep(1)")
+    except psycopg.errors.QueryCanceled as probe:
+        return probe.diag.message_primary
+    except psycopg.Error:  # pg_sleep revoked: told by the clock alone, as a cancel
+        pass
+    return None
+
+
+def _cancel_cause(
+    conn: psycopg.Connection, policy: LockPolicy, exc: psycopg.errors.QueryCanceled, seconds: float
+) -> type[psycopg.errors.QueryCanceled] | None:
+    """What cancelled an attempt that ran ``seconds`` under ``policy``: None for the policy's own
+    statement_timeout, which it ran long enough to meet; else a cancel request, or a shorter limit
+    the work's SQL set (only then is the server asked, :func:`_timeout_message`)."""
+    if policy.statement_timeout_ms != 0 and seconds * 1000 >= policy.statement_timeout_ms:
+        return None
+    if exc.diag.message_primary == _timeout_message(conn):
+        return OwnStatementTimeout
+    return CancelledByRequest
 
 
 def backoff_seconds(retry: int, policy: LockPolicy) -> float:
@@ -121,7 +153,8 @@ def with_lock_retry(
     ``conn`` must be in autocommit mode. With ``transactional`` each attempt is one transaction
     (``SET LOCAL`` timeouts); without it the timeouts are set on the session, for statements such
     as ``CREATE INDEX CONCURRENTLY`` that cannot run in a transaction block. A statement cancelled
-    by request rather than by the policy's statement_timeout raises :class:`CancelledByRequest`.
+    by request rather than by the policy's statement_timeout raises :class:`CancelledByRequest`,
+    one cancelled by a shorter statement_timeout the work's own SQL set :class:`OwnStatementTimeout`.
     """
     if not conn.autocommit:
         raise ValueError("with_lock_retry needs an autocommit connection")
@@ -141,9 +174,10 @@ def with_lock_retry(
             stats.seconds = time.monotonic() - started
             return result, stats
         except psycopg.errors.QueryCanceled as exc:
-            if not _cancelled_by_request(policy, time.monotonic() - attempt_started):
+            cause = _cancel_cause(conn, policy, exc, time.monotonic() - attempt_started)
+            if cause is None:
                 raise
-            raise CancelledByRequest(*exc.args, info=exc.pgresult, encoding=conn.info.encoding) from exc
+            raise cause(*exc.args, info=exc.pgresult, encoding=conn.info.encoding) from exc
         except psycopg.errors.LockNotAvailable:
             stats.lock_timeouts += 1
             elapsed = time.monotonic() - started

@@ -19,7 +19,13 @@ from psycopg import sql
 
 from tasks.backfill import BackfillOptions, BackfillResult, backfill
 from tasks.db import connect, connection, one_row
-from tasks.ddl_retry import CancelledByRequest, LockPolicy, execute_with_lock_retry, with_lock_retry
+from tasks.ddl_retry import (
+    CancelledByRequest,
+    LockPolicy,
+    OwnStatementTimeout,
+    execute_with_lock_retry,
+    with_lock_retry,
+)
 from tasks.errors import (
     INT64_MAX,
     MAX_WAIT_SECONDS,
@@ -55,7 +61,7 @@ USER_FIXABLE = (
     psycopg.errors.IntegrityError,  # class 23: existing rows break a new constraint or unique index
     psycopg.errors.ProgrammingError,  # class 42 and kin: SQL in the migration, privileges
     psycopg.errors.NotSupportedError,
-    psycopg.errors.QueryCanceled,  # statement_timeout, or a cancel request (CancelledByRequest)
+    psycopg.errors.QueryCanceled,  # a statement_timeout (maybe OwnStatementTimeout), or CancelledByRequest
 )
 """Errors the same step would raise again on a retry: the user has to change something first."""
 AFTER_FIX: dict[Phase, str] = {
@@ -71,7 +77,9 @@ def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> 
     statement another session cancelled by running the phase again (it was no timeout, so neither the
     data nor a limit needs a change); a backfill batch cancelled by its statement_timeout by smaller
     batches, or by a longer batch limit when a single row's ``up`` outlasts it (no batch size helps
-    then; ``--statement-timeout-ms`` is the short DDL's)."""
+    then; ``--statement-timeout-ms`` is the short DDL's); a raw_sql step cancelled by a limit its own
+    SQL set by changing the migration file, since start resumes the persisted plan, which would
+    only time out again."""
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         return (
             f"connect as the tables' owner (or grant the role in the URL that privilege) and run {phase} "
@@ -79,6 +87,11 @@ def after_fix(phase: Phase, exc: Exception, step: Step, options: RunOptions) -> 
         )
     if isinstance(exc, CancelledByRequest):
         return f"another session cancelled it (pg_cancel_backend); run {phase} again to resume from this step"
+    if isinstance(exc, OwnStatementTimeout):
+        fired = f"a statement_timeout its own SQL sets cancelled it, not {option_and_parameter('statement_timeout_ms')}"
+        if phase != "start":
+            return f"{fired}; {AFTER_FIX[phase]}"
+        return f"{fired}; roll back (`flowyard online rollback`), raise or remove that limit in the migration file and start again"
     if step.kind == "backfill" and isinstance(exc, psycopg.errors.QueryCanceled):
         return (
             f"a backfill batch may run {options.backfill.policy.statement_timeout_ms / 1000:g} s; run start again "
@@ -260,11 +273,14 @@ def contracted_tables(conn: psycopg.Connection, record: MigrationRecord) -> set[
 
 
 def _sync_state(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> list[tuple[Any, ...]]:
-    """The :data:`SYNC_STATE` rows of each backfilled table not yet ``contracted``: one catalog query."""
+    """The :data:`SYNC_STATE` rows of each backfilled table not yet ``contracted`` and of each
+    column a drop's ``down`` fills (:attr:`Plan.down_filled`): one catalog query."""
+    plan = record.plan
     pairs: list[tuple[str, str | None]] = []
-    for target in (step.backfill for step in record.plan.start if step.backfill is not None):
+    for target in (step.backfill for step in plan.start if step.backfill is not None):
         if target.table not in contracted:
             pairs += [(target.table, column) for column in target.columns] or [(target.table, None)]
+    pairs += [(t, column) for t, columns in plan.down_filled.items() if t not in contracted for column in columns]
     if not pairs:
         return []
     return conn.execute(
@@ -272,8 +288,8 @@ def _sync_state(conn: psycopg.Connection, record: MigrationRecord, contracted: s
         {
             "tables": [t for t, _ in pairs],
             "columns": [c for _, c in pairs],
-            "schema": record.plan.schema_name,
-            "trigger": sync_trigger_name(record.plan.migration),
+            "schema": plan.schema_name,
+            "trigger": sync_trigger_name(plan.migration),
         },
     ).fetchall()
 
@@ -281,11 +297,15 @@ def _sync_state(conn: psycopg.Connection, record: MigrationRecord, contracted: s
 def sync_problems(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> dict[str, str | None]:
     """Each backfilled table of the migration not yet ``contracted`` (schema-qualified) and what
     breaks its sync, None when nothing does: its sync trigger is gone or disabled, or a column start
-    filled is gone (dropped, renamed). For complete's refusal and for ``flowyard online status``."""
+    filled is gone (dropped, renamed). For complete's refusal and for ``flowyard online status``.
+    A column a drop's ``down`` fills is rollback's concern only (:func:`rollback_losses`): complete
+    drops it, and what the new version's writes left in it with it."""
     plan = record.plan
     trigger = sync_trigger_name(plan.migration)
     problems: dict[str, str | None] = {}
     for table, column, exists, fires, has_column in _sync_state(conn, record, contracted):
+        if column in plan.down_filled.get(table, ()):
+            continue
         name = f"{plan.schema_name}.{table}"
         problem = None
         if not has_column:
@@ -301,16 +321,65 @@ def sync_problems(conn: psycopg.Connection, record: MigrationRecord, contracted:
     return problems
 
 
-def sync_remedy(record: MigrationRecord, name: str) -> str:
+@dataclass(frozen=True)
+class RollbackLoss:
+    """Writes through the new version that rollback would lose on a table whose sync trigger is
+    gone or disabled (:func:`rollback_losses`)."""
+
+    trigger: str
+    """How the trigger is broken: gone or disabled."""
+    lost: str
+    """Where those writes went, and what rollback does there."""
+    keep: str
+    """What the user does first to keep them."""
+
+
+def rollback_losses(conn: psycopg.Connection, record: MigrationRecord) -> dict[str, RollbackLoss]:
+    """Per table (schema-qualified) whose sync trigger is gone or disabled under an expanded
+    migration, the writes through the new version since then that rollback would lose: on an
+    altered column they reached only its shadow, never the old column through ``down``, and
+    rollback drops the shadow; on a column the migration drops they left it NULL where its ``down``
+    fills it, and rollback keeps it so. Which rows they were the catalog cannot say, and the
+    old-version writes since are only in the old columns, so neither side holds every write.
+    Only an expanded migration is checked: mid-start the trigger may not exist yet, and a resumed
+    rollback may have dropped it itself."""
+    if record.phase != "expanded":
+        return {}
+    plan = record.plan
+    writes = f"writes through the new version (search_path={plan.version_schema}) since then"
+    losses: dict[str, RollbackLoss] = {}
+    for table, column, exists, fires, has_column in _sync_state(conn, record, set()):
+        name = f"{plan.schema_name}.{table}"
+        if (exists and fires) or not has_column or name in losses:
+            continue
+        state = "disabled" if exists else "gone"
+        if column in plan.down_filled.get(table, ()):
+            losses[name] = RollbackLoss(
+                state,
+                f"{writes} left {name}.{column}, which that version drops and rollback keeps, NULL where its `down` fills it",
+                "set it from its `down` on the rows the new version wrote",
+            )
+        elif (column or "").startswith(SHADOW_PREFIX):
+            losses[name] = RollbackLoss(
+                state,
+                f"{writes} reached only {name}.{column}, which rollback drops",
+                "copy the ones to keep to the old column",
+            )
+    return losses
+
+
+def sync_remedy(record: MigrationRecord, name: str, loss: RollbackLoss | None) -> str:
     """How to mend table ``name``'s broken sync: before complete began, roll back, as the old columns
-    hold every old-version write (rollback itself refuses where writes through the new version would
-    be lost, :func:`refuse_lossy_rollback`); once complete began it cannot roll back, so put the sync
-    back and refill the table."""
+    hold every old-version write, saying first what of the new version's writes it would lose
+    (``loss``), since rollback then refuses until ``force``; once complete began it cannot roll back,
+    so put the sync back and refill the table."""
     if record.phase == "expanded":
-        return (
-            "roll back (`flowyard online rollback`: the old columns hold every old-version write) and run start "
-            "again, which re-creates it and backfills every row"
-        )
+        held = "the old columns hold every old-version write"
+        if loss is not None:
+            held += (
+                f", but {loss.lost}, so it refuses until you {loss.keep} and give {option_and_parameter('force')}"
+            )
+        return f"roll back (`flowyard online rollback`: {held}) and run start again, which re-creates it and backfills every row"
     return (
         "put it back (enable the trigger, re-create it as `flowyard online plan` prints it, or rename the column "
         f"back), rewrite every row of {name} as the old version (set each row's key to itself, with the old "
@@ -318,54 +387,50 @@ def sync_remedy(record: MigrationRecord, name: str) -> str:
     )
 
 
+def broken_syncs(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> dict[str, str | None]:
+    """Each table :func:`sync_problems` checks, with what breaks its sync and the remedy, None when
+    nothing does; what rollback would lose is read only when a sync is broken."""
+    problems = sync_problems(conn, record, contracted)
+    losses = rollback_losses(conn, record) if any(problems.values()) else {}
+    return {
+        name: None if problem is None else f"{problem}; {sync_remedy(record, name, losses.get(name))}"
+        for name, problem in problems.items()
+    }
+
+
 def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contracted: set[str]) -> None:
     """Refuse complete, before it changes or records anything more, when the sync of a table not
     yet ``contracted`` is broken (:func:`sync_problems`): complete dropped the trigger "IF EXISTS"
     and swapped in columns that had missed every old-version write since, or skipped a table whose
     shadow column it could not find, silently either way."""
-    for name, problem in sync_problems(conn, record, contracted).items():
-        if problem is None:
+    for broken in broken_syncs(conn, record, contracted).values():
+        if broken is None:
             continue
         if record.phase == "expanded":
-            raise UserError(
-                f"{record.plan.migration}: cannot complete, nothing was changed: {problem}; "
-                + sync_remedy(record, name)
-            )
+            raise UserError(f"{record.plan.migration}: cannot complete, nothing was changed: {broken}")
         raise UserError(
             f"{record.plan.migration}: cannot go on with complete, which began and can no longer roll back; "
-            f"nothing more was changed: {problem}; " + sync_remedy(record, name)
+            f"nothing more was changed: {broken}"
         )
 
 
 def refuse_lossy_rollback(conn: psycopg.Connection, record: MigrationRecord) -> None:
-    """Refuse rollback, changing nothing, where the sync trigger of a table with a shadow column (an
-    altered column) is gone or disabled: writes through the new version since then reached only the
-    shadow, never the old column through ``down``, and rollback drops the shadow, silently losing
-    them. Which rows they were the catalog cannot say, and the old-version writes since are only in
-    the old column, so neither holds every write: the user copies what matters, then gives ``force``.
-    Only an expanded migration is checked: mid-start the trigger may not exist yet, and a resumed
-    rollback may have dropped it itself."""
-    if record.phase != "expanded":
-        return
+    """Refuse rollback, changing nothing, where it would silently lose writes through the new
+    version (:func:`rollback_losses`): the user keeps what matters, then gives ``force``."""
     plan = record.plan
-    for table, column, exists, fires, has_column in _sync_state(conn, record, set()):
-        if (exists and fires) or not has_column or not (column or "").startswith(SHADOW_PREFIX):
-            continue
-        name = f"{plan.schema_name}.{table}"
+    for name, loss in rollback_losses(conn, record).items():
         raise UserError(
             f"{plan.migration}: cannot roll back, nothing was changed: sync trigger {sync_trigger_name(plan.migration)} "
-            f"on {name} is {'disabled' if exists else 'gone'}, so writes through the new version "
-            f"(search_path={plan.version_schema}) since then reached only {name}.{column}, which rollback drops; "
-            "copy the ones to keep to the old column, then run rollback again with "
-            f"{option_and_parameter('force')} to drop it"
+            f"on {name} is {loss.trigger}, so {loss.lost}; {loss.keep}, then run rollback again with "
+            f"{option_and_parameter('force')}"
         )
 
 
 def sync_health(target_url: str, record: MigrationRecord) -> dict[str, str | None]:
-    """What :func:`sync_problems` finds for the tables complete would check now (a resumed one
+    """What :func:`broken_syncs` finds for the tables complete would check now (a resumed one
     passes over those it contracted), read on ``target_url``: for ``flowyard online status``."""
     with connection(target_url) as conn:
-        return sync_problems(conn, record, contracted_tables(conn, record))
+        return broken_syncs(conn, record, contracted_tables(conn, record))
 
 
 def _run_step(

@@ -132,6 +132,11 @@ class Plan(BaseModel):
     previous_schema: str | None
     checks: list[ExpressionCheck] = []
     """Run read-only before start; plans persisted before they existed have none."""
+    down_filled: dict[str, list[str]] = {}
+    """Per table, the nullable columns the migration drops that the sync trigger fills through
+    their ``down`` for writes through the new version, which no longer has them. Rollback keeps
+    them, so it checks that trigger first (a NOT NULL one refuses such writes instead of losing
+    them). Plans persisted before it existed have none."""
     start: list[Step]
     complete: list[Step]
     rollback: list[Step]
@@ -292,6 +297,7 @@ class _Planner:
             for name, info in snap.tables.items()
         }
         self.checks: list[ExpressionCheck] = []
+        self.down_filled: dict[str, list[str]] = {}
         self.raw_sql_seen = False
         self.structural: list[Step] = []
         self.not_valid: list[Step] = []
@@ -764,6 +770,8 @@ class _Planner:
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
             work.syncs.append(self.sync(op.column, op.down, True, True, f"operation {i} (drop_column): field 'down'"))
+            if not info.not_null:
+                self.down_filled.setdefault(work.info.name, []).append(op.column)
         self.complete_late.append(
             Step(
                 title=f"drop column {op.table}.{op.column}",
@@ -1245,6 +1253,7 @@ class _Planner:
             version_schema=self.vschema,
             previous_schema=self.previous,
             checks=checks,
+            down_filled=self.down_filled,
             start=start,
             complete=complete,
             rollback=rollback,

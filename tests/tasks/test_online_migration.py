@@ -336,6 +336,25 @@ def test_a_cancel_and_a_timeout_are_told_apart_in_any_language(
         assert _copied(url)
 
 
+@pytest.mark.parametrize("set_command", ["SET", "SET LOCAL"])
+def test_a_raw_sql_step_its_own_statement_timeout_cancels_names_that_limit(
+    fresh_db: str, state_db: str, tmp_path: Path, set_command: str
+) -> None:
+    """A raw_sql that sets a statement_timeout shorter than flowyard's is cancelled by it sooner
+    than flowyard's limit could fire, which the attempt's clock took for another session's cancel:
+    the line said to run start again, where the same limit fires again."""
+    make_schema(fresh_db, rows=5)
+    up = f"{set_command} statement_timeout = '100ms'; SELECT pg_sleep(2)"
+    plan = _prepare(fresh_db, state_db, tmp_path, [{"raw_sql": {"up": up}}])
+    with pytest.raises(UserError) as error:
+        run(fresh_db, state_db, plan, "start", _run_options())
+    assert str(error.value) == (
+        "checked: start step 2 (raw_sql operation 0) failed: canceling statement due to statement timeout; "
+        "a statement_timeout its own SQL sets cancelled it, not --statement-timeout-ms (statement_timeout_ms); "
+        "roll back (`flowyard online rollback`), raise or remove that limit in the migration file and start again"
+    )
+
+
 def _enum_status(up: str) -> list[dict[str, Any]]:
     """Seed 000's type change to an enum: a raw_sql operation creates the type the next one uses."""
     return [

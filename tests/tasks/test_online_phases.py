@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -146,6 +147,12 @@ def test_complete_refuses_a_sync_someone_broke_after_start_and_loses_no_write(
     message = str(err.value)
     assert message.startswith(f"widen: cannot complete, nothing was changed: {expected}")
     assert "roll back (`flowyard online rollback`" in message and "\n" not in message
+    rollback_refuses = (  # only where the trigger is broken: new-version writes since are in the shadow only
+        "but writes through the new version (search_path=public_widen) since then reached only "
+        "public.orders._fy_new_amount, which rollback drops, so it refuses until you copy the ones to keep to "
+        "the old column and give --force (force)) and run start again"
+    )
+    assert (rollback_refuses in message) == ("TRIGGER" in tamper), message
     assert schema_dump(fresh_db) == before
     record = active_migration(state_db, target_key(fresh_db), "public")
     assert record is not None and record.phase == "expanded"
@@ -164,31 +171,67 @@ def test_rollback_refuses_to_drop_new_version_writes_a_broken_sync_kept_from_the
     """With the sync trigger gone, a write through the new version reaches only the shadow column,
     never the old one through ``down``: rollback dropped the shadow and the write with it, silently
     (the new version read 4242, the old version read 8 again after the rollback)."""
-    make_schema(fresh_db, rows=10)
-    plan = plan_for(fresh_db, state_db, {"name": "widen", "operations": [WIDEN_AMOUNT]})
-    run(fresh_db, state_db, plan, "start")
-    with connect(fresh_db, autocommit=True) as conn:
-        conn.execute(tamper)  # a DBA
-        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(plan.version_schema)))
-        conn.execute("UPDATE orders SET amount = 4242 WHERE id = 7")  # the new version writes
-    before = schema_dump(fresh_db)
-    with pytest.raises(UserError) as err:
-        run(fresh_db, state_db, plan, "rollback")
-    assert str(err.value) == (
+    refused = _rollback_refused_then_forced(
+        fresh_db, state_db, {"name": "widen", "operations": [WIDEN_AMOUNT]}, tamper,
+        write="UPDATE orders SET amount = 4242 WHERE id = 7",
+        keep="UPDATE orders SET amount = _fy_new_amount WHERE id = 7",  # the user keeps the write, as the line says
+    )  # fmt: skip
+    assert refused == (
         f"widen: cannot roll back, nothing was changed: sync trigger _fy_sync_widen on public.orders is {state}, "
         "so writes through the new version (search_path=public_widen) since then reached only "
         "public.orders._fy_new_amount, which rollback drops; copy the ones to keep to the old column, then run "
-        "rollback again with --force (force) to drop it"
+        "rollback again with --force (force)"
     )
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242,)
+
+
+def _rollback_refused_then_forced(
+    fresh_db: str, state_db: str, migration: dict[str, Any], tamper: str, write: str, keep: str
+) -> str:
+    """Start ``migration``, break its sync trigger (``tamper``, as a DBA might), ``write`` through
+    the new version; rollback must refuse, changing nothing and leaving the migration expanded.
+    Then ``keep`` what the line says to keep and roll back with ``force``. Returns the refusal."""
+    make_schema(fresh_db, rows=10)
+    plan = plan_for(fresh_db, state_db, migration)
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute(tamper)
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(plan.version_schema)))
+        conn.execute(write)
+    before = schema_dump(fresh_db)
+    with pytest.raises(UserError) as err:
+        run(fresh_db, state_db, plan, "rollback")
     assert schema_dump(fresh_db) == before
     record = active_migration(state_db, target_key(fresh_db), "public")
     assert record is not None and record.phase == "expanded"
-
-    with connect(fresh_db, autocommit=True) as conn:  # the user keeps the write, as the line says
-        conn.execute("UPDATE orders SET amount = _fy_new_amount WHERE id = 7")
-    run(fresh_db, state_db, plan, "rollback", RunOptions(force=True))
     with connect(fresh_db, autocommit=True) as conn:
-        assert conn.execute("SELECT amount FROM orders WHERE id = 7").fetchone() == (4242,)
+        conn.execute(keep)
+    run(fresh_db, state_db, plan, "rollback", RunOptions(force=True))
+    return str(err.value)
+
+
+def test_rollback_refuses_to_keep_a_dropped_column_null_where_a_broken_sync_skipped_its_down(
+    fresh_db: str, state_db: str
+) -> None:
+    """A drop_column's ``down`` fills the column for inserts through the new version, which no
+    longer has it; with the sync trigger gone they left it NULL, and rollback, which keeps the
+    column, went through: the old version read NULL where ``down`` gave a value. The refusal
+    covered altered columns only."""
+    drop = {"drop_column": {"table": "orders", "column": "legacy", "down": "'new ' || id"}}
+    refused = _rollback_refused_then_forced(
+        fresh_db, state_db, {"name": "drop_legacy", "operations": [drop]}, "DROP TRIGGER _fy_sync_drop_legacy ON orders",
+        write="INSERT INTO orders (id, amount) VALUES (1001, 5)",
+        keep="UPDATE orders SET legacy = 'new ' || id WHERE id = 1001",  # the user fills it, as the line says
+    )  # fmt: skip
+    assert refused == (
+        "drop_legacy: cannot roll back, nothing was changed: sync trigger _fy_sync_drop_legacy on public.orders "
+        "is gone, so writes through the new version (search_path=public_drop_legacy) since then left "
+        "public.orders.legacy, which that version drops and rollback keeps, NULL where its `down` fills it; "
+        "set it from its `down` on the rows the new version wrote, then run rollback again with --force (force)"
+    )
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT legacy FROM orders WHERE id = 1001").fetchone() == ("new 1001",)
 
 
 def _complete_stopped_before_tickets(url: str, state: str) -> Plan:
