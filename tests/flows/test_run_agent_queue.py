@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -449,7 +450,12 @@ def test_a_dependency_completed_elsewhere_during_its_retry_delay_lets_the_worker
     """The dependency's first attempt fails; in Prefect's retry delay it is cancelled, retried and
     completed by another worker, and the run claims its dependent. The loop waited for the
     dependency's task run inside that claim, and the retry waited for a slot the claim held: the
-    worker hung for good. The retry of a task completed elsewhere starts no agent and takes no slot."""
+    worker hung for good. The retry of a task completed elsewhere starts no agent and takes no slot.
+
+    Only a claim made within Prefect's 1 s retry delay can hang: a machine slow enough to claim the
+    dependent after the retry ran passed the test without it: it is skipped unless the retry's
+    ``Retrying`` state, which Prefect sets as the delay ends, comes after the claim (the dependent's
+    ``started_at``)."""
     dependency = queue.create_task(qdb, queue.NewTask(title="flaky", agent_type="fails", priority="critical"))
     helper = queue.create_task(qdb, queue.NewTask(title="retry it elsewhere", agent_type="elsewhere"))
     dependent = queue.create_task(
@@ -484,6 +490,28 @@ def test_a_dependency_completed_elsewhere_during_its_retry_delay_lets_the_worker
     # the retry here started no attempt: its first one failed, and the other worker's completed
     attempts = [(r["attempt"], r["outcome"]) for r in _runs(qdb) if r["task_id"] == dependency]
     assert attempts == [(1, "failed"), (2, "completed")]
+    claimed_at = queue.get_task(qdb, dependent).started_at
+    retried_at = _retry_started_at(qdb, dependency)
+    assert claimed_at is not None
+    if retried_at <= claimed_at:  # a machine too slow for the window: nothing was proved, say so
+        pytest.skip(f"the retry started at {retried_at:%H:%M:%S.%f}, before the dependent's claim at {claimed_at:%H:%M:%S.%f}")
+
+
+def _retry_started_at(url: str, task_id: int) -> datetime:
+    """When the task's retry in the flow run of its first attempt started: its ``Retrying`` state,
+    which Prefect sets as the retry delay ends, just before the retry runs."""
+    from prefect.client.orchestration import get_client
+
+    with connection(url) as conn:
+        row = conn.execute(
+            "SELECT flow_run_id FROM flowyard.agent_runs WHERE task_id = %s AND attempt = 1", (task_id,)
+        ).fetchone()
+    assert row is not None
+    [task_run] = recorded_task_runs(_flow_run_state(row[0]), f"agent-{task_id}-", 1)
+    with get_client(sync_client=True) as client:
+        states = client.read_task_run_states(task_run.id)
+    [retrying] = [state for state in states if state.name == "Retrying"]
+    return retrying.timestamp
 
 
 def test_the_run_artifact_escapes_control_characters_in_an_agents_error(tmp_path: Path, qdb: str) -> None:
@@ -705,7 +733,11 @@ _WORKER = textwrap.dedent(
     max_agents = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     agents = json.loads(sys.argv[4]) if len(sys.argv) > 4 else None
     run_agent_queue(
-        max_agents=max_agents, database_url=sys.argv[1], output_dir=sys.argv[2], grace_seconds=2, agents=agents
+        max_agents=max_agents,
+        database_url=sys.argv[1],
+        output_dir=sys.argv[2],
+        grace_seconds=float(sys.argv[5]) if len(sys.argv) > 5 else 2,
+        agents=agents,
     )
     """
 )
@@ -900,21 +932,59 @@ def _flow_run_state(flow_run_id: uuid.UUID) -> State:
     return state
 
 
+TERM_ONCE_AGENT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    sys.path.insert(0, sys.argv[2])
+    from _signal import SIG_DFL, SIGTERM, signal
+    from _thread import start_new_thread
+
+    from tasks.reference_agent import ReferenceAgent, read_envelope
+
+    told = Path(sys.argv[1])
+
+    def stuck(signum, frame):  # the worker's SIGTERM: not obeyed, told, and nothing more is written
+        signal(SIGTERM, SIG_DFL)  # the next one, the reaper's once the worker is gone, ends the agent
+        told.touch()
+        time.sleep(600)
+
+    agent = ReferenceAgent(read_envelope(sys.argv[:1]))
+    signal(SIGTERM, stuck)
+    start_new_thread(agent.listen, ())
+    sys.exit(agent.run())
+    """
+)
+"""The reference agent, but stuck from the first SIGTERM on (the worker's graceful stop), which
+it tells by the file ``argv[1]``: it neither exits nor writes (a write to the dead worker's pipe
+would end it), and only the next SIGTERM, the reaper's once the worker is dead, ends it. Its
+worker, given a grace period no test outlasts, waits for it until the test kills the worker."""
+
+
 def test_sigkill_during_the_workers_graceful_shutdown_leaves_no_orphans_and_the_task_resumes(
     tmp_path: Path, qdb: str
 ) -> None:
     """SIGTERM starts the graceful stop, and SIGKILL lands while the worker waits out the grace
-    period of an agent that ignores SIGTERM: the reaper ends the agent, and the next run closes
-    the attempt once, as interrupted, and resumes the task from its last checkpoint."""
-    task_id = queue.create_task(qdb, _new("stubborn", {**LONG, "ignore_term": True}))
-    worker = subprocess.Popen([sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents")], cwd=ROOT)
-    running, children = _running_with_children(tmp_path, qdb, task_id)
-    worker.send_signal(signal.SIGTERM)
-    log = tmp_path / "agents" / "logs" / f"{task_id}.jsonl"
-    while "stopping agent (graceful_shutdown" not in log.read_text():
-        time.sleep(0.05)
-    worker.kill()
-    worker.wait(timeout=60)
+    period of an agent that ignores its SIGTERM: the reaper ends the agent, and the next run closes
+    the attempt once, as interrupted, and resumes the task from its last checkpoint. The agent says
+    when the worker's SIGTERM came, and the worker's grace period outlasts the test: it was 2 s
+    after a log line, a window a slow phase of the machine could miss (the worker then killed the
+    agent and released the task itself before the test's SIGKILL)."""
+    told = tmp_path / "the worker's SIGTERM came"
+    agents = {"reference": {"argv": [sys.executable, "-c", TERM_ONCE_AGENT, str(told), str(ROOT)]}}
+    task_id = queue.create_task(qdb, _new("stubborn", LONG))
+    start = [sys.executable, "-c", _WORKER, qdb, str(tmp_path / "agents"), "1", json.dumps(agents), "3600"]
+    worker = subprocess.Popen(start, cwd=ROOT)
+    try:
+        running, children = _running_with_children(tmp_path, qdb, task_id)
+        worker.send_signal(signal.SIGTERM)
+        _wait_for_file(told)
+    finally:
+        worker.kill()
+        worker.wait(timeout=60)
+    log = (tmp_path / "agents" / "logs" / f"{task_id}.jsonl").read_text()
+    assert "stopping agent (graceful_shutdown" in log and "sent SIGKILL" not in log
     assert queue.get_task(qdb, task_id).status == "in_progress", "killed before it released the task"
     _assert_reaped_then_resumed(tmp_path, qdb, running, children)
     assert [(r["attempt"], r["outcome"]) for r in _runs(qdb)] == [(1, "interrupted"), (2, "completed")]
