@@ -40,6 +40,7 @@ from quality.sql_rules import (
     bound,
     gx_query,
     gx_unexpected_rows_query,
+    gx_value_set,
     in_set_values,
     violation,
 )
@@ -126,9 +127,8 @@ def expectations_for(
         case "unique":
             return [gxe.ExpectColumnValuesToBeUnique(column=column, meta=meta)]
         case "in_set":
-            return [
-                gxe.ExpectColumnValuesToBeInSet(column=column, value_set=in_set_values(rule), meta=meta)
-            ]
+            values = gx_value_set(rule) if backend == "sql" else in_set_values(rule)
+            return [gxe.ExpectColumnValuesToBeInSet(column=column, value_set=values, meta=meta)]
         case "regex":
             assert rule.pattern is not None, "validation requires a pattern for regex rules"
             return [gxe.ExpectColumnValuesToMatchRegex(column=column, regex=rule.pattern, meta=meta)]
@@ -357,17 +357,20 @@ def require_plain_name(suite: Suite, source: TableSource) -> None:
     """Fail before GX runs, naming the rules and the remedy, when GX would misread the table's name
     in the rules it runs as flowyard's query: GX writes the name into that query and runs it as
     SQLAlchemy ``text()``, where a colon after a space or a sign (schema ``"shop :x"``) is a bind
-    parameter, so each such rule failed with "A value is required for bind parameter 'x'". A
-    window's query asset spells the name itself (:func:`quality.sql_rules.gx_query`), so it runs."""
+    parameter, so each such rule failed with "A value is required for bind parameter 'x'", and a
+    ``%`` is doubled for psycopg's placeholders that GX then does not fill (relation "a%%b" does
+    not exist). A window's query asset spells the name itself (:func:`quality.sql_rules.gx_query`),
+    so it runs."""
     if source.window is not None:
         return
     name = source.table_ref.as_string()
-    misread = sorted(sqlalchemy.text(name).compile().params)
+    params = sorted(sqlalchemy.text(name).compile().params)
+    misread = f"reads ':{params[0]}' in its name as a parameter" if params else "doubles the '%' in its name"
     rules = [f"'{rule.name}' ({rule.check})" for rule in suite.rules if own_query(rule)]
-    if misread and rules:
+    if (params or "%" in name) and rules:
         raise UserError(
-            f"suite '{suite.name}': {', '.join(rules)} cannot run on {name} (Great Expectations reads "
-            f"':{misread[0]}' in its name as a parameter); check a view of it under a plain name, or one window of it"
+            f"suite '{suite.name}': {', '.join(rules)} cannot run on {name} (Great Expectations {misread}); "
+            "check a view of it under a plain name, or one window of it"
         )
 
 

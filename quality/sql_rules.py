@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 from psycopg import sql
@@ -147,6 +148,36 @@ def in_set_values(rule: Rule) -> list[object]:
     return list(values)
 
 
+class ColumnTyped(str):
+    """An in_set text value that SQLAlchemy binds without a cast, as psycopg binds the score
+    query's: PostgreSQL then reads it as the column's type (``'2024-01-01'`` as a date, ``'ok'`` as
+    an enum label, ``'abc'`` as citext). SQLAlchemy casts a plain ``str`` to ``VARCHAR`` (its
+    psycopg dialect renders a cast for every typed bind), and PostgreSQL has no ``date <> varchar``
+    nor ``enum <> varchar`` and compares citext with varchar as text, case-sensitively; a subclass
+    of ``str`` is no type SQLAlchemy knows, so it is bound untyped (its ``NullType``)."""
+
+    __slots__ = ()
+
+
+_INT32 = range(-(2**31), 2**31)
+
+
+def gx_value_set(rule: Rule) -> list[object]:
+    """An in_set rule's values for GX's SQL check, compared as the score query compares them. GX's
+    ``IN`` binds every value with the first one's type: text is bound untyped (:class:`ColumnTyped`),
+    and integers that do not all fit ``INTEGER`` as decimals, since a cast to ``INTEGER`` (first
+    value ``1``) or ``BIGINT`` (first value ``2**40``) failed the rule with "integer out of range"
+    for a later ``2**40`` or ``10**20``; ``NUMERIC`` holds them all and compares exactly with any
+    number column, so a value no integer column holds is simply not in its set."""
+    values = in_set_values(rule)
+    if all(isinstance(v, str) for v in values):
+        return [ColumnTyped(v) for v in values]
+    integers = [v for v in values if type(v) is int]
+    if len(integers) == len(values) and not all(v in _INT32 for v in integers):
+        return [Decimal(v) for v in integers]
+    return values
+
+
 def _duplicated(rule: Rule, source: TableSource, col: sql.Composable) -> Predicate:
     """Rows whose value occurs more than once: a join on the duplicated values.
 
@@ -217,18 +248,24 @@ def gx_query(query: Composable) -> str:
     window's query asset is parsed so twice: once as the asset, and again inside each check's
     query that GX builds from the compiled asset, so an escaped ``\\:`` held for the first pass
     only and a ``timestamp_column`` such as ``"x :y"`` failed every check of the window. A name
-    holding a colon is spelled as a Unicode escape instead (``U&"x \\003Ay"``), which no pass reads."""
+    holding a colon is spelled as a Unicode escape instead (``U&"x \\003Ay"``), which no pass reads.
+    So is a ``%``: SQLAlchemy doubles it for psycopg's placeholders, but GX runs the query without
+    parameters, so psycopg sent ``"a%%b"`` and every check of a window of table ``a%b`` failed."""
     if isinstance(query, sql.Composed):
         return "".join(gx_query(part) for part in query)
     text = query.as_string()
-    if not isinstance(query, sql.Identifier) or ":" not in text:
+    if not isinstance(query, sql.Identifier) or not _MISREAD.search(text):
         return text
-    return _QUOTED_NAME.sub(_colon_free, text)
+    return _QUOTED_NAME.sub(_escaped, text)
 
 
-def _colon_free(name: re.Match[str]) -> str:
-    """One double-quoted name, as ``U&"..."`` with its colons (and the escape character) escaped."""
+_MISREAD = re.compile("[:%]")
+
+
+def _escaped(name: re.Match[str]) -> str:
+    """One double-quoted name, as ``U&"..."`` with its colons and percent signs (and the escape
+    character) escaped."""
     quoted = name.group(0)
-    if ":" not in quoted:
+    if not _MISREAD.search(quoted):
         return quoted
-    return "U&" + quoted.replace("\\", "\\\\").replace(":", "\\003A")
+    return "U&" + quoted.replace("\\", "\\\\").replace(":", "\\003A").replace("%", "\\0025")

@@ -80,7 +80,7 @@ class Rule(BaseModel):
         # the check against the referenced table's columns happens before the run.
         if value is not None:
             *names, column = value.split(".")
-            if len(names) not in (1, 2) or not all(_IDENTIFIER.match(p) for p in names) or not column:
+            if len(names) not in (1, 2) or not all(names) or not column:
                 raise ValueError("must be table.column or schema.table.column")
         return value
 
@@ -146,8 +146,10 @@ class Suite(BaseModel):
     @field_validator("table")
     @classmethod
     def _table_shape(cls, value: str) -> str:
+        # A name may hold any character but the dot that parts it (``order lines``, ``Order-Lines``):
+        # it is quoted wherever it is used.
         parts = value.split(".")
-        if len(parts) not in (1, 2) or not all(_IDENTIFIER.match(p) for p in parts):
+        if len(parts) not in (1, 2) or not all(parts):
             raise ValueError("must be table or schema.table")
         return value
 

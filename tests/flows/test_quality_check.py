@@ -440,3 +440,65 @@ def test_a_windowed_suite_on_an_older_server_is_scored_and_recorded_there(older_
         recorded = conn.execute("SELECT score, row_count, details FROM flowyard.quality_scores").fetchall()
     counts = {"amount_range": 1, "id_unique": 2, "status_known": 1, "id_present": 1, "code_shape": 1}
     assert recorded == [(97.25, 4, {**counts, "customer_exists": 1, "placed_ok": 4, "window": day.label})]
+
+
+def _in_set_results(url: str, tmp_path: Path, column_type: str, rows: list[str], rules: dict[str, list]) -> tuple[dict, dict]:
+    """The suite's summary and each rule's row of ``quality-rules`` for in_set ``rules`` (name ->
+    values, severity low) over column ``v`` of ``orders`` holding ``rows`` and a NULL, through the flow."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('ok', 'bad', 'meh')")
+        conn.execute(sql.SQL("CREATE TABLE orders (v {})").format(sql.SQL(column_type)))
+        conn.cursor().executemany("INSERT INTO orders VALUES (%s)", [(v,) for v in [*rows, None]])
+    suite = {
+        "name": "orders",
+        "table": "orders",
+        "rules": [{"name": n, "check": "in_set", "column": "v", "values": v, "severity": "low"} for n, v in rules.items()],
+    }
+    path = tmp_path / "orders.yaml"
+    path.write_text(json.dumps(suite))
+    state = quality_check(
+        database_url=url, suites=[str(path)], output_dir=str(tmp_path / "out"), profile=False, return_state=True
+    )
+    artifacts = asyncio.run(_artifacts(state.state_details.flow_run_id))
+    checked = {r["rule"]: r for r in json.loads(artifacts["quality-rules"].data)}
+    return state.result()["suites"]["orders"], checked
+
+
+_TYPED_ROWS = [("date", ["2024-01-01", "2024-01-02", "2024-03-01"]), ("integer", ["1", "2", "3"]), ("mood", ["ok", "bad", "meh"])]
+
+
+@pytest.mark.parametrize(("column_type", "rows"), _TYPED_ROWS, ids=[t for t, _ in _TYPED_ROWS])
+def test_in_set_text_values_on_a_column_that_is_not_text_count_as_the_score_does(
+    fresh_db, tmp_path, state_db, column_type, rows
+):
+    """PostgreSQL reads an in_set's quoted values as the column's type in the score query, but GX's
+    own check bound them as varchar (SQLAlchemy's psycopg dialect casts every str): "operator does
+    not exist: date <> character varying", and the rule was reported failed with 0 failing rows. The
+    rule now fails with the one row outside its set, as the score counts it, and a set holding every
+    row passes."""
+    summary, checked = _in_set_results(fresh_db, tmp_path, column_type, rows, {"known": rows[:2], "all_known": rows})
+    assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
+        "known": (False, 1, rows[2], ""),
+        "all_known": (True, 0, "", ""),
+    }
+    assert summary["score"] == pytest.approx((4 * 100 - 1) / 4)
+
+
+def test_an_in_set_number_no_integer_column_holds_is_not_in_its_set(fresh_db, tmp_path, state_db):
+    """SQLAlchemy casts every value of GX's IN to the first one's type: ``INTEGER`` for 1, where
+    ``10**20`` or ``2**40`` is out of range, so GX failed the rule with "integer out of range" (or
+    "bigint out of range") and 0 failing rows while the score counted the row outside the set. A
+    number the column cannot hold can never match: the rule counts that row, and a set holding
+    every row beside it passes."""
+    summary, checked = _in_set_results(
+        fresh_db,
+        tmp_path,
+        "integer",
+        ["1", "2", "3"],
+        {"known": [1, 2, 2**40, 10**20], "all_known": [10**20, 1, 2, 3]},
+    )
+    assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
+        "known": (False, 1, "3", ""),
+        "all_known": (True, 0, "", ""),
+    }
+    assert summary["score"] == pytest.approx((4 * 100 - 1) / 4)

@@ -12,7 +12,7 @@ import pytest
 
 from quality.profiling import profile_table
 from quality.runner import GxSession, check_file, check_table, run_suites
-from quality.sql_rules import TableSource, TimeWindow
+from quality.sql_rules import TableSource, TimeWindow, bound
 from quality.suite_spec import Rule, Suite, parse_suite
 from quality.suites import ENTITY_SUITES, USERS
 from tasks.errors import UserError
@@ -488,3 +488,78 @@ def test_a_window_on_a_timestamp_column_holding_a_colon_is_checked(fresh_db):
         "id_unique": (2, None),
         "done_past": (2, None),
     }
+
+
+_EVERY_KIND = [
+    {"name": "id_present", "check": "not_null", "column": "id"},
+    {"name": "id_unique", "check": "unique", "column": "id"},
+    {"name": "code_known", "check": "in_set", "column": "code", "values": ["A", "B"]},
+    {"name": "code_shape", "check": "regex", "column": "code", "pattern": "^[A-Z]$"},
+    {"name": "amount_range", "check": "range", "column": "amount", "min": 0, "max": 10},
+    {"name": "placed_past", "check": "not_future", "column": "placed"},
+    {"name": "customer_exists", "check": "foreign_key", "column": "cust", "references": "customers.id"},
+    {"name": "size", "check": "row_count", "max": 2},
+]
+
+
+def _table_of_every_kind(url: str, name: str) -> Suite:
+    """Table ``name`` (and ``customers``) holding two rows of today and one of tomorrow; the suite of
+    :data:`_EVERY_KIND` on it."""
+    today = TimeWindow.containing("day", NOW).start
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE customers (id int)")
+        conn.execute("INSERT INTO customers VALUES (1)")
+        table = psycopg.sql.Identifier(name)
+        conn.execute(
+            psycopg.sql.SQL("CREATE TABLE {} (id int, code text, amount int, placed timestamptz, cust int)").format(table)
+        )
+        conn.cursor().executemany(
+            bound(psycopg.sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(table)),
+            [(1, "A", 5, today, 1), (1, "c", 50, today, 2), (None, "B", 7, today + dt.timedelta(days=1), 1)],
+        )
+    rules = [{**r, "severity": "low"} for r in _EVERY_KIND]
+    return parse_suite({"name": "lines", "table": name, "timestamp_column": "placed", "rules": rules})
+
+
+def _counts(result) -> dict[str, tuple[bool, int, str | None]]:
+    return {r.rule: (r.success, r.unexpected_count, r.error) for r in result.rules}
+
+
+# (success, unexpected count, error) of each rule over the whole table and over today's window.
+_WHOLE = {
+    "id_present": (False, 1, None),
+    "id_unique": (False, 2, None),
+    "code_known": (False, 1, None),
+    "code_shape": (False, 1, None),
+    "amount_range": (False, 1, None),
+    "placed_past": (False, 1, None),
+    "customer_exists": (False, 1, None),
+    "size": (False, 0, None),
+}
+_TODAY = {**_WHOLE, "id_present": (True, 0, None), "placed_past": (True, 0, None), "size": (True, 0, None)}
+
+
+def test_a_table_name_holding_a_space_is_checked_by_every_rule_kind(fresh_db):
+    """A table is named as written (``"order lines"``), but a suite's ``table`` had to be a plain
+    identifier: "suite 'lines' field 'table': must be table or schema.table", whatever its rules. GX
+    quotes the name in its own checks and flowyard in its queries, so each kind counts its rows,
+    with and without a window."""
+    suite = _table_of_every_kind(fresh_db, "order lines")
+    assert _counts(check_table(GxSession(), fresh_db, suite)) == _WHOLE
+    assert _counts(check_table(GxSession(), fresh_db, suite, window=TimeWindow.containing("day", NOW))) == _TODAY
+
+
+def test_a_table_name_holding_a_percent_sign_is_checked_in_a_window_and_refused_whole(fresh_db):
+    """SQLAlchemy doubles a ``%`` for psycopg's placeholders and GX runs its queries without
+    parameters, so PostgreSQL looked for ``"margin %%"``: every rule of a window failed, as did the
+    rules flowyard states itself over the whole table, where GX spells the table's name. A window
+    spells it as a Unicode escape and is checked; the whole table is one line naming those rules."""
+    suite = _table_of_every_kind(fresh_db, "margin %")
+    assert _counts(check_table(GxSession(), fresh_db, suite, window=TimeWindow.containing("day", NOW))) == _TODAY
+    with pytest.raises(UserError) as refused:
+        check_table(GxSession(), fresh_db, suite)
+    assert str(refused.value) == (
+        "suite 'lines': 'placed_past' (not_future), 'customer_exists' (foreign_key) cannot run on "
+        "\"public\".\"margin %\" (Great Expectations doubles the '%' in its name); check a view of it under a "
+        "plain name, or one window of it"
+    )

@@ -105,7 +105,7 @@ def test_python_suites_resolve_by_module_attribute():
         (
             {
                 "name": "orders",
-                "table": "orders; drop",
+                "table": "shop.orders.x",
                 "rules": [{"name": "id", "check": "not_null", "column": "id", "severity": "low"}],
             },
             "suite 'orders' field 'table': must be table or schema.table",
