@@ -339,33 +339,45 @@ def rollback_losses(conn: psycopg.Connection, record: MigrationRecord) -> dict[s
     migration, the writes through the new version since then that rollback would lose: on an
     altered column they reached only its shadow, never the old column through ``down``, and
     rollback drops the shadow; on a column the migration drops they left it NULL where its ``down``
-    fills it, and rollback keeps it so. Which rows they were the catalog cannot say, and the
-    old-version writes since are only in the old columns, so neither side holds every write.
-    Only an expanded migration is checked: mid-start the trigger may not exist yet, and a resumed
-    rollback may have dropped it itself."""
+    fills it, and rollback keeps it so. Every such column of the table is named: one left out
+    was lost silently under the ``force`` the line asks for once the others are kept. Which rows
+    they were the catalog cannot say, and the old-version writes since are only in the old
+    columns, so neither side holds every write. Only an expanded migration is checked: mid-start
+    the trigger may not exist yet, and a resumed rollback may have dropped it itself."""
     if record.phase != "expanded":
         return {}
     plan = record.plan
-    writes = f"writes through the new version (search_path={plan.version_schema}) since then"
-    losses: dict[str, RollbackLoss] = {}
+    broken: dict[str, tuple[str, list[str], list[str]]] = {}
     for table, column, exists, fires, has_column in _sync_state(conn, record, set()):
-        name = f"{plan.schema_name}.{table}"
-        if (exists and fires) or not has_column or name in losses:
+        if (exists and fires) or not has_column:
             continue
-        state = "disabled" if exists else "gone"
+        name = f"{plan.schema_name}.{table}"
+        _, shadows, dropped = broken.setdefault(name, ("disabled" if exists else "gone", [], []))
         if column in plan.down_filled.get(table, ()):
-            losses[name] = RollbackLoss(
-                state,
-                f"{writes} left {name}.{column}, which that version drops and rollback keeps, NULL where its `down` fills it",
-                "set it from its `down` on the rows the new version wrote",
-            )
+            dropped.append(f"{name}.{column}")
         elif (column or "").startswith(SHADOW_PREFIX):
-            losses[name] = RollbackLoss(
-                state,
-                f"{writes} reached only {name}.{column}, which rollback drops",
-                "copy the ones to keep to the old column",
-            )
-    return losses
+            shadows.append(f"{name}.{column}")
+    writes = f"writes through the new version (search_path={plan.version_schema}) since then"
+    return {
+        name: _rollback_loss(writes, state, shadows, dropped)
+        for name, (state, shadows, dropped) in broken.items()
+        if shadows or dropped
+    }
+
+
+def _rollback_loss(writes: str, trigger: str, shadows: list[str], dropped: list[str]) -> RollbackLoss:
+    """The :class:`RollbackLoss` of a table's ``writes`` that reached only its ``shadows`` and
+    left its ``dropped`` columns NULL (either list may be empty, not both)."""
+    lost, keep = [], []
+    if shadows:
+        lost.append(f"reached only {', '.join(shadows)}, which rollback drops")
+        keep.append(f"copy the ones to keep to the old column{'s' if len(shadows) > 1 else ''}")
+    if dropped:
+        lost.append(
+            f"left {', '.join(dropped)}, which that version drops and rollback keeps, NULL where its `down` fills it"
+        )
+        keep.append(f"set {'it' if len(dropped) == 1 else 'each'} from its `down` on the rows the new version wrote")
+    return RollbackLoss(trigger, f"{writes} {', and '.join(lost)}", " and ".join(keep))
 
 
 def sync_remedy(record: MigrationRecord, name: str, loss: RollbackLoss | None) -> str:
@@ -416,12 +428,18 @@ def refuse_broken_sync(conn: psycopg.Connection, record: MigrationRecord, contra
 
 def refuse_lossy_rollback(conn: psycopg.Connection, record: MigrationRecord) -> None:
     """Refuse rollback, changing nothing, where it would silently lose writes through the new
-    version (:func:`rollback_losses`): the user keeps what matters, then gives ``force``."""
+    version (:func:`rollback_losses`), naming every table in one line (a table left out lost its
+    writes under the ``force`` given once the named ones were kept): the user keeps what matters,
+    then gives ``force``."""
     plan = record.plan
-    for name, loss in rollback_losses(conn, record).items():
+    trigger = sync_trigger_name(plan.migration)
+    losses = "; ".join(
+        f"sync trigger {trigger} on {name} is {loss.trigger}, so {loss.lost}; {loss.keep}"
+        for name, loss in rollback_losses(conn, record).items()
+    )
+    if losses:
         raise UserError(
-            f"{plan.migration}: cannot roll back, nothing was changed: sync trigger {sync_trigger_name(plan.migration)} "
-            f"on {name} is {loss.trigger}, so {loss.lost}; {loss.keep}, then run rollback again with "
+            f"{plan.migration}: cannot roll back, nothing was changed: {losses}, then run rollback again with "
             f"{option_and_parameter('force')}"
         )
 

@@ -136,7 +136,8 @@ class Plan(BaseModel):
     """Per table, the nullable columns the migration drops that the sync trigger fills through
     their ``down`` for writes through the new version, which no longer has them. Rollback keeps
     them, so it checks that trigger first (a NOT NULL one refuses such writes instead of losing
-    them). Plans persisted before it existed have none."""
+    them; one with a default gets it, and the trigger fills only a NULL, so it loses nothing).
+    Plans persisted before it existed have none."""
     start: list[Step]
     complete: list[Step]
     rollback: list[Step]
@@ -770,7 +771,7 @@ class _Planner:
         work.view_columns = {k: v for k, v in work.view_columns.items() if v != op.column}
         if op.down is not None:
             work.syncs.append(self.sync(op.column, op.down, True, True, f"operation {i} (drop_column): field 'down'"))
-            if not info.not_null:
+            if not info.not_null and info.default is None:
                 self.down_filled.setdefault(work.info.name, []).append(op.column)
         self.complete_late.append(
             Step(

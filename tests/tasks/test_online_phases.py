@@ -234,6 +234,86 @@ def test_rollback_refuses_to_keep_a_dropped_column_null_where_a_broken_sync_skip
         assert conn.execute("SELECT legacy FROM orders WHERE id = 1001").fetchone() == ("new 1001",)
 
 
+DROP_LEGACY = {"drop_column": {"table": "orders", "column": "legacy", "down": "'new ' || id"}}
+WRITES = "writes through the new version (search_path=public_lossy) since then"
+
+
+@pytest.mark.parametrize(
+    ("operations", "tamper", "write", "keep", "lost", "kept"),
+    [
+        (  # an altered and a dropped column on one table: the refusal named the shadow only
+            [WIDEN_AMOUNT, DROP_LEGACY],
+            "DROP TRIGGER _fy_sync_lossy ON orders",
+            "INSERT INTO orders (id, amount) VALUES (1001, 4242)",
+            "UPDATE orders SET amount = _fy_new_amount, legacy = 'new ' || id WHERE id = 1001",
+            "sync trigger _fy_sync_lossy on public.orders is gone, so " + WRITES + " reached only "
+            "public.orders._fy_new_amount, which rollback drops, and left public.orders.legacy, which that version "
+            "drops and rollback keeps, NULL where its `down` fills it; copy the ones to keep to the old column and "
+            "set it from its `down` on the rows the new version wrote",
+            ("SELECT amount, legacy FROM orders WHERE id = 1001", (4242, "new 1001")),
+        ),
+        (  # two dropped columns on one table: the refusal named the first only
+            [DROP_LEGACY, {"drop_column": {"table": "orders", "column": "note", "down": "'n ' || id"}}],
+            "ALTER TABLE orders DISABLE TRIGGER _fy_sync_lossy",
+            "INSERT INTO orders (id, amount) VALUES (1001, 5)",
+            "UPDATE orders SET legacy = 'new ' || id, note = 'n ' || id WHERE id = 1001",
+            "sync trigger _fy_sync_lossy on public.orders is disabled, so " + WRITES + " left public.orders.legacy, "
+            "public.orders.note, which that version drops and rollback keeps, NULL where its `down` fills it; "
+            "set each from its `down` on the rows the new version wrote",
+            ("SELECT legacy, note FROM orders WHERE id = 1001", ("new 1001", "n 1001")),
+        ),
+        (  # two tables: the refusal named the first only
+            [WIDEN_AMOUNT, widen("tickets", "score")],
+            "DROP TRIGGER _fy_sync_lossy ON orders; DROP TRIGGER _fy_sync_lossy ON tickets",
+            "UPDATE orders SET amount = 4242 WHERE id = 7; UPDATE tickets SET score = 4243 WHERE id = 7",
+            "UPDATE orders SET amount = _fy_new_amount WHERE id = 7; UPDATE tickets SET score = _fy_new_score WHERE id = 7",
+            "sync trigger _fy_sync_lossy on public.orders is gone, so " + WRITES + " reached only "
+            "public.orders._fy_new_amount, which rollback drops; copy the ones to keep to the old column; "
+            "sync trigger _fy_sync_lossy on public.tickets is gone, so " + WRITES + " reached only "
+            "public.tickets._fy_new_score, which rollback drops; copy the ones to keep to the old column",
+            ("SELECT o.amount, t.score FROM orders o, tickets t WHERE o.id = 7 AND t.id = 7", (4242, 4243)),
+        ),
+    ],
+)
+def test_rollback_refusal_names_every_column_and_table_a_broken_sync_loses(
+    fresh_db: str,
+    state_db: str,
+    operations: list[dict[str, Any]],
+    tamper: str,
+    write: str,
+    keep: str,
+    lost: str,
+    kept: tuple[str, tuple[Any, ...]],
+) -> None:
+    """The refusal named the first loss it met: the user kept that one, rollback refused again
+    with the same line (the catalog cannot tell a kept write), and the ``--force`` it asks for
+    then dropped or left NULL what it never named."""
+    refused = _rollback_refused_then_forced(
+        fresh_db, state_db, {"name": "lossy", "operations": operations}, tamper, write, keep
+    )
+    assert refused == f"lossy: cannot roll back, nothing was changed: {lost}, then run rollback again with --force (force)"
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute(kept[0]).fetchone() == kept[1]
+
+
+def test_rollback_of_a_dropped_column_its_default_fills_needs_no_force(fresh_db: str, state_db: str) -> None:
+    """A new-version insert gives a dropped column its default, which the sync trigger keeps (its
+    ``down`` fills a NULL only): a broken trigger loses nothing there, yet rollback refused, saying
+    the column was left NULL, until ``--force``."""
+    make_schema(fresh_db, rows=10)
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE orders ALTER COLUMN legacy SET DEFAULT 'd'")
+    plan = plan_for(fresh_db, state_db, {"name": "drop_legacy", "operations": [DROP_LEGACY]})
+    run(fresh_db, state_db, plan, "start")
+    with connect(fresh_db, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER _fy_sync_drop_legacy ON orders")
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.Identifier(plan.version_schema)))
+        conn.execute("INSERT INTO orders (id, amount) VALUES (1001, 5)")
+    run(fresh_db, state_db, plan, "rollback")
+    with connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT legacy FROM orders WHERE id = 1001").fetchone() == ("d",)
+
+
 def _complete_stopped_before_tickets(url: str, state: str) -> Plan:
     """Start a migration of orders and tickets, then a complete that contracts orders and fails on
     tickets, whose contract cannot take its lock behind a long transaction."""
