@@ -8,6 +8,13 @@ returned so the caller can record them.
 
 from __future__ import annotations
 
+# The gate is imported on its own (a script, a notebook, a user's flow module), not through a
+# flow, and Prefect fixes its API URL when first imported: ``flows`` points it at flowyard's
+# server first, or a call outside flowyard's flows started Prefect's ephemeral SQLite server
+# ("database is locked" under concurrent task runs).
+import flows  # noqa: F401
+
+# isort: split
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 

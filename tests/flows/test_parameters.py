@@ -11,6 +11,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
+from tasks.settings import get_settings
 from tests.conftest import ROOT
 
 
@@ -62,3 +63,18 @@ def test_a_prefect_api_url_set_in_the_environment_wins(tmp_path):
     env = _plain_python_env(str(tmp_path)) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "http://127.0.0.1:9/api"
+
+
+def test_the_quality_gate_imported_into_plain_python_reports_to_flowyards_server(tmp_path):
+    """docs/quality.md's gate snippet, run as a script: the gate is a task imported without a flow,
+    and without flowyard's API URL it started Prefect's ephemeral SQLite server."""
+    script = "import quality.gate\nfrom prefect.settings import get_current_settings\nprint(get_current_settings().api.url)\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=_plain_python_env(str(tmp_path)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip() == get_settings().prefect_api_url
