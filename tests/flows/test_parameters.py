@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -28,11 +29,18 @@ def test_parameters_named_like_pydantic_attributes_validate_without_warnings():
     assert "shadows an attribute" not in done.stderr
 
 
-def _plain_python_env(home: str) -> dict[str, str]:
-    """This process's environment as a user's shell has it: flowyard's settings, no Prefect ones."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["HOME"] = home  # where Prefect's default profile and its SQLite database would live
-    return env
+def _in_plain_python(script: str, home: Path, **env: str) -> str:
+    """What ``script`` prints, run by a fresh interpreter in this process's environment as a user's
+    shell has it (flowyard's settings, no Prefect ones, plus ``env``)."""
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    plain["HOME"] = str(home)  # where Prefect's default profile and its SQLite database would live
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=plain | env, capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+_API_URL = "from prefect.settings import get_current_settings\nprint(get_current_settings().api.url)\n"
 
 
 def test_a_flow_imported_into_plain_python_runs_on_flowyards_server_not_an_ephemeral_sqlite_one(
@@ -43,15 +51,7 @@ def test_a_flow_imported_into_plain_python_runs_on_flowyards_server_not_an_ephem
         "state = sync_status(return_state=True)\n"
         "print(state.name, state.state_details.flow_run_id)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=_plain_python_env(str(tmp_path)),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    name, flow_run_id = done.stdout.split()
+    name, flow_run_id = _in_plain_python(script, tmp_path).split()
     assert name == "Completed"
     with get_client(sync_client=True) as client:  # the test session's flowyard server
         assert client.read_flow_run(UUID(flow_run_id)).name
@@ -59,22 +59,11 @@ def test_a_flow_imported_into_plain_python_runs_on_flowyards_server_not_an_ephem
 
 
 def test_a_prefect_api_url_set_in_the_environment_wins(tmp_path):
-    script = "import flows\nfrom prefect.settings import get_current_settings\nprint(get_current_settings().api.url)\n"
-    env = _plain_python_env(str(tmp_path)) | {"PREFECT_API_URL": "http://127.0.0.1:9/api"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "http://127.0.0.1:9/api"
+    printed = _in_plain_python("import flows\n" + _API_URL, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert printed.strip() == "http://127.0.0.1:9/api"
 
 
 def test_the_quality_gate_imported_into_plain_python_reports_to_flowyards_server(tmp_path):
     """docs/quality.md's gate snippet, run as a script: the gate is a task imported without a flow,
     and without flowyard's API URL it started Prefect's ephemeral SQLite server."""
-    script = "import quality.gate\nfrom prefect.settings import get_current_settings\nprint(get_current_settings().api.url)\n"
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env=_plain_python_env(str(tmp_path)),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert done.stdout.strip() == get_settings().prefect_api_url
+    assert _in_plain_python("import quality.gate\n" + _API_URL, tmp_path).strip() == get_settings().prefect_api_url
