@@ -13,10 +13,12 @@ import datetime as dt
 import difflib
 import functools
 import itertools
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,13 @@ from great_expectations.core.expectation_validation_result import ExpectationVal
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from great_expectations.datasource.fluent import PostgresDatasource
 from psycopg import sql
+from psycopg.abc import Buffer
+from psycopg.postgres import types as pg_types
+from psycopg.types.datetime import DateLoader, TimestampLoader, TimestamptzLoader
+from psycopg.types.multirange import MultirangeInfo
+from psycopg.types.numeric import NumericLoader
+from psycopg.types.range import RangeInfo
+from psycopg.types.string import TextLoader
 from sqlalchemy import quoted_name
 
 from quality.data_files import read_data_file
@@ -208,7 +217,7 @@ class GxSession:
                 connection_string=sqlalchemy_url(url),
                 # GX's SQLAlchemy sessions are opened by flowyard's ``connect`` like every other:
                 # a role's statement_timeout is lifted (a check lasts as long as its table).
-                kwargs={"creator": functools.partial(connect, url)},
+                kwargs={"creator": functools.partial(_gx_connect, url)},
             )
             self._datasources[url] = self.context.data_sources.add_postgres(datasource=datasource)
         return self._datasources[url]
@@ -271,6 +280,53 @@ class GxSession:
         return self.docs_dir / "index.html"
 
 
+_AS_TEXT = ["interval", "inet", "cidr", "bytea", "json", "jsonb"]
+"""Types GX gets as PostgreSQL prints them: it never compares their values in Python, and it
+cannot write timedelta, IPv4Address or Range values into its results ("... is of type timedelta
+which cannot be serialized" ended the whole run); bytes and dicts were samples in Python's spelling."""
+
+
+class _TextBeyondPython:
+    """A loader that gives the value as PostgreSQL prints it where Python has no such value: a
+    date or timestamp ``infinity`` failed GX's query ("date too large"), a numeric ``NaN`` failed
+    GX's own handling of it (decimal.InvalidOperation), each reported as the rule's error with no
+    failing rows."""
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            value = super().load(data)  # type: ignore[misc]
+        except psycopg.DataError:
+            return bytes(data).decode()
+        return str(value) if isinstance(value, Decimal) and value.is_nan() else value
+
+
+class _Date(_TextBeyondPython, DateLoader): ...
+
+
+class _Timestamp(_TextBeyondPython, TimestampLoader): ...
+
+
+class _Timestamptz(_TextBeyondPython, TimestamptzLoader): ...
+
+
+class _Numeric(_TextBeyondPython, NumericLoader): ...
+
+
+def _gx_connect(url: str) -> psycopg.Connection:
+    """A connection for GX (see :func:`tasks.db.connect`) whose values GX can serialise into its
+    results: the types of :data:`_AS_TEXT`, their arrays and every range type load as text, and an
+    infinite date or timestamp or a numeric NaN as text too. Only GX's queries read so; common
+    types (numbers, text, dates, uuids) load as before."""
+    conn = connect(url)
+    for info in pg_types:
+        if info.name in _AS_TEXT or isinstance(info, RangeInfo | MultirangeInfo):
+            conn.adapters.register_loader(info.oid, TextLoader)
+            conn.adapters.register_loader(info.array_oid, TextLoader)
+    for name, loader in (("date", _Date), ("timestamp", _Timestamp), ("timestamptz", _Timestamptz), ("numeric", _Numeric)):
+        conn.adapters.register_loader(name, loader)
+    return conn
+
+
 def _error(result: ExpectationValidationResult) -> str | None:
     info = result.exception_info or {}
     entries = [info] if "raised_exception" in info else list(info.values())
@@ -325,11 +381,15 @@ def collect(suite: Suite, gx_results: Iterable[Any], row_count: int, sample_size
 
 
 def _plain(value: Any) -> Any:
-    """JSON-friendly sample values (timestamps, UUIDs, numpy scalars become str/float/int)."""
+    """JSON-friendly sample values (timestamps, UUIDs, numpy scalars become str/float/int; a float
+    NaN or infinity is spelled as PostgreSQL prints it: JSON has no such number, and the state
+    database refused the alert holding one, failing the run)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     if value is None or isinstance(value, str | int | float | bool):
         return value
-    if hasattr(value, "item"):
-        return value.item()
     return str(value)
 
 
@@ -402,6 +462,10 @@ def _misfit(rule: Rule, type_: str, kind: str) -> str | None:
         return f"needs a numeric column (its min and max are numbers); {instead}"
     if rule.check != "in_set":
         return None
+    if type_.endswith("[]"):
+        # psycopg sends the values as one array to ``= ANY(%s)``: an array of arrays, which
+        # PostgreSQL refused ("could not find array type") and the score query failed the run.
+        return "cannot list whole arrays as values; check its elements in a view (unnest)"
     given = {_value_kind(v) for v in rule.values or []}
     if len(given) > 1:
         fits = "numbers" if numeric else "text (quote the numbers: '1')" if kind == "string" else "text"

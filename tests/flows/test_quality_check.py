@@ -253,6 +253,10 @@ _MISFITS = [
         {"check": "in_set", "column": "code", "values": [1, 2]},
         "in_set on \"code\" (text) has numbers, which its type does not compare with; quote them ('1') or check a numeric column",
     ),
+    (
+        {"check": "in_set", "column": "tags", "values": ["{1,2}"]},
+        'in_set on "tags" (integer[]) cannot list whole arrays as values; check its elements in a view (unnest)',
+    ),
 ]
 
 
@@ -264,7 +268,7 @@ def test_a_check_that_does_not_fit_its_columns_type_is_one_line_before_any_check
     of numbers and text: GX reported the driver's error as the rule's, and the score query failed
     the run with its traceback. The suite check refuses such a rule, naming its column's type."""
     with psycopg.connect(fresh_db, autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders (amount int, code text, placed date)")
+        conn.execute("CREATE TABLE orders (amount int, code text, placed date, tags int[])")
         conn.execute("INSERT INTO orders VALUES (5, 'A', '2024-01-01')")
     _refused_before_any_score(fresh_db, tmp_path, state_db, [{"name": "r", "severity": "low", **rule}], why)
 
@@ -443,19 +447,21 @@ def test_a_windowed_suite_on_an_older_server_is_scored_and_recorded_there(older_
 
 
 def _in_set_results(url: str, tmp_path: Path, column_type: str, rows: list[str], rules: dict[str, list]) -> tuple[dict, dict]:
-    """The suite's summary and each rule's row of ``quality-rules`` for in_set ``rules`` (name ->
-    values, severity low) over column ``v`` of ``orders`` holding ``rows`` and a NULL, through the flow."""
+    """:func:`_rule_results` of in_set ``rules`` (name -> values, severity low) over column ``v`` of
+    ``orders`` holding ``rows`` and a NULL."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE TYPE mood AS ENUM ('ok', 'bad', 'meh')")
         conn.execute(sql.SQL("CREATE TABLE orders (v {})").format(sql.SQL(column_type)))
         conn.cursor().executemany("INSERT INTO orders VALUES (%s)", [(v,) for v in [*rows, None]])
-    suite = {
-        "name": "orders",
-        "table": "orders",
-        "rules": [{"name": n, "check": "in_set", "column": "v", "values": v, "severity": "low"} for n, v in rules.items()],
-    }
+    in_sets = [{"name": n, "check": "in_set", "column": "v", "values": v, "severity": "low"} for n, v in rules.items()]
+    return _rule_results(url, tmp_path, in_sets)
+
+
+def _rule_results(url: str, tmp_path: Path, rules: list[dict]) -> tuple[dict, dict]:
+    """The summary of suite ``orders`` of ``rules`` on table ``orders``, and each rule's row of the
+    ``quality-rules`` artifact, through the flow."""
     path = tmp_path / "orders.yaml"
-    path.write_text(json.dumps(suite))
+    path.write_text(json.dumps({"name": "orders", "table": "orders", "rules": rules}))
     state = quality_check(
         database_url=url, suites=[str(path)], output_dir=str(tmp_path / "out"), profile=False, return_state=True
     )
@@ -502,3 +508,46 @@ def test_an_in_set_number_no_integer_column_holds_is_not_in_its_set(fresh_db, tm
         "all_known": (True, 0, "", ""),
     }
     assert summary["score"] == pytest.approx((4 * 100 - 1) / 4)
+
+
+# A duplicated value of each type whose Python value (as psycopg returns it) GX could not write
+# into its results, as PostgreSQL prints it, and another value of the type for an in_set.
+_UNSERIALISED = [
+    ("interval", "1 day 02:00:00", "00:00:01"),
+    ("inet", "10.0.0.1", "10.0.0.2"),
+    ("cidr", "10.0.0.0/8", "11.0.0.0/8"),
+    ("bytea", "\\x0102", None),
+    ("int4range", "[1,5)", "[1,6)"),
+    ("daterange", "[2024-01-01,2024-01-05)", "empty"),
+    ("interval[]", "{01:00:00}", None),
+    ("numeric", "NaN", None),
+    ("double precision", "NaN", "1"),
+    ("date", "infinity", "2024-01-01"),
+    ("timestamp", "-infinity", "2024-01-01 00:00:00"),
+    ("jsonb", '{"a": [1, 2.5]}', None),
+]
+
+
+@pytest.mark.parametrize(("column_type", "value", "other"), _UNSERIALISED, ids=[f"{t}-{v}" for t, v, _ in _UNSERIALISED])
+def test_a_failing_rule_on_a_value_gx_cannot_serialise_is_reported_with_a_readable_sample(
+    fresh_db, tmp_path, state_db, column_type, value, other
+):
+    """GX writes each rule's unexpected values into its results as JSON: a failing unique (or
+    in_set) on an interval, inet, range... column ended the whole run with "... is of type timedelta
+    which cannot be serialized"; an infinite date or a numeric NaN failed GX's query or its handling
+    (the rule's error, 0 rows); a float NaN failed the alert's write to the state database; bytea and
+    jsonb samples were in Python's spelling. The rule fails with its count and the values as
+    PostgreSQL prints them."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE TABLE orders (v {})").format(sql.SQL(column_type)))
+        conn.cursor().executemany(
+            sql.SQL("INSERT INTO orders VALUES (%s::text::{})").format(sql.SQL(column_type)),
+            [(value,), (value,), (None,)],
+        )
+    rules = [{"name": "v_unique", "check": "unique", "column": "v", "severity": "critical"}]
+    if other is not None:
+        rules.append({"name": "v_known", "check": "in_set", "column": "v", "values": [other], "severity": "low"})
+    _, checked = _rule_results(fresh_db, tmp_path, rules)
+    assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
+        rule["name"]: (False, 2, f"{value}, {value}", "") for rule in rules
+    }
