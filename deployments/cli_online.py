@@ -55,15 +55,17 @@ def status(
     ),
 ) -> None:
     """Which migration is in which phase, and how far each backfill has got; with `--database-url`,
-    also whether each table's sync trigger still carries old-version writes to the new columns."""
+    also whether a process still runs each phase under way, and whether each table's sync trigger
+    still carries old-version writes to the new columns."""
     from tasks.db import DATABASE_URL_OPTION, resolve_url
-    from tasks.online_phases import ALLOWED_FROM
+    from tasks.online_phases import ALLOWED_FROM, PHASE_STATES
     from tasks.online_state import list_migrations
     from tasks.state import state_url
 
     target = None if database_url is None else resolve_url(database_url, parameter=DATABASE_URL_OPTION)
     state = state_url()
     rows = list_migrations(state)
+    running = {under_way: phase for phase, (under_way, _) in PHASE_STATES.items()}
     if not rows:
         typer.echo("no online migrations yet")
     for row in rows:
@@ -73,11 +75,41 @@ def status(
         )
         for table, rows_done, done in row.backfill:
             typer.echo(f"    backfill {table}: {rows_done} rows{' (done)' if done else ''}")
+        if target is not None and row.phase in running:
+            typer.echo(f"    {_run_line(target, row.target, row.schema_name, running[row.phase])}")
         if target is not None and row.phase in ALLOWED_FROM["complete"]:
             for line in _sync_lines(target, state, row.target, row.schema_name):
                 typer.echo(f"    {line}")
+    if target is None and any(row.phase in running for row in rows):
+        typer.echo("(give --database-url to also see whether a process still runs each phase under way)")
     if target is None and any(row.phase in ALLOWED_FROM["complete"] for row in rows):
         typer.echo("(give --database-url to also check each table's sync trigger, as complete does)")
+
+
+def _run_line(target_url: str, target: str, schema: str, phase: str) -> str:
+    """Whether a process still runs the ``phase`` under way on ``target``'s ``schema``. A run killed
+    mid-phase (SIGKILL, a lost host) leaves it recorded as running, as a live run is, but its lock
+    went with its session; without this, status showed a dead phase as under way for good."""
+    from tasks.advisory_lock import lock_holder
+    from tasks.db import connection
+    from tasks.online_state import lock_name, target_key
+
+    given = target_key(target_url)
+    if given != target:
+        return f"run not checked: --database-url names {given}, not {target}"
+    with connection(target_url) as conn:
+        holder = lock_holder(conn, lock_name(schema))
+    if holder is not None:
+        return f"{phase} is running (pid {holder[0]} holds its lock)"
+    command = f"flowyard online {phase}{' FILE' if phase == 'start' else ''}"
+    if schema != "public":
+        command += f" --schema {schema}"
+    resume = {
+        "start": f"run `{command}` with the same file again to resume it, or roll it back",
+        "complete": f"run `{command}` again to finish it (it can no longer roll back)",
+        "rollback": f"run `{command}` again to finish it",
+    }[phase]
+    return f"{phase} stopped before it finished (no process holds its lock: it failed or was killed); {resume}"
 
 
 def _sync_lines(target_url: str, state: str, target: str, schema: str) -> list[str]:

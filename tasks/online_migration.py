@@ -35,6 +35,7 @@ from tasks.online_state import (
     another_migration_runs,
     begin_migration,
     current_version_schema,
+    lock_name,
     target_key,
 )
 from tasks.prefect_artifacts import new_progress_artifact
@@ -174,7 +175,7 @@ def run_online_phase(
     settings: its first step failed with PostgreSQL's words after start had recorded the migration
     (or complete and rollback had moved its phase), and ``online status`` showed it under way."""
     target = target_key(target_url)
-    with advisory_lock(target_url, f"flowyard online-migrate {plan.schema_name}", timeout_seconds=10) as lock:
+    with advisory_lock(target_url, lock_name(plan.schema_name), timeout_seconds=10) as lock:
         refuse_read_only(lock, target_url, f"{phase} of {plan.migration} was not begun (nothing changed or recorded)")
         if phase == "start":
             record = begin_migration(state, target, plan, flow_run_id)

@@ -22,6 +22,13 @@ from tasks.online_plan import Phase, Plan
 ACTIVE_PHASES = ("starting", "expanded", "completing", "rolling_back")
 
 
+def lock_name(schema: str) -> str:
+    """The advisory lock a phase of a migration on ``schema`` holds on the target while its process
+    lives: a process killed mid-phase (SIGKILL, a lost host) leaves the phase recorded as running,
+    so ``flowyard online status`` asks the lock whether a process still runs it."""
+    return f"flowyard online-migrate {schema}"
+
+
 def target_key(url: str) -> str:
     """How a target database is named in the state: host:port/database (no user, no password)."""
     parts = urlsplit(url)

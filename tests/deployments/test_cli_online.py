@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,12 @@ from prefect.client.schemas.objects import FlowRun
 
 from tasks.db import connect
 from tasks.embedded_pg import free_port
-from tasks.online_state import target_key
-from tests.conftest import run_cli
+from tasks.online_phases import PHASE_STATES
+from tasks.online_state import active_migration, target_key
+from tasks.process_group import spawn_group
+from tests.conftest import ROOT, run_cli
 from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
+from tests.process_support import GUARD_SECONDS, until_its_sessions_end
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -235,3 +241,102 @@ def test_lock_and_backfill_options_reach_the_flow_and_bad_values_are_one_line(
     assert (run.parameters["lock_timeout_ms"], run.parameters["batch_delay_seconds"]) == (150, 0.01)
     assert run.parameters["batch_timeout_seconds"] == 90.0
     assert (run.parameters["statement_timeout_ms"], run.parameters["retry_deadline_seconds"]) == (5000, 30.0)
+
+
+def _left(url: str) -> tuple[bool, bool, bool, bool]:
+    """What a phase of cli_widen has done to the schema: its version schema, the shadow column,
+    the sync trigger, the renamed column."""
+    with connect(url) as conn:
+        row = conn.execute(
+            """
+            SELECT to_regnamespace('public_cli_widen') IS NOT NULL,
+                   EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'orders'::regclass
+                           AND attname = '_fy_new_amount' AND NOT attisdropped),
+                   EXISTS (SELECT FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND tgname = '_fy_sync_cli_widen'),
+                   EXISTS (SELECT FROM pg_attribute WHERE attrelid = 'orders'::regclass
+                           AND attname = 'comment' AND NOT attisdropped)
+            """
+        ).fetchone()
+    return row[0], row[1], row[2], row[3]
+
+
+def _waits_for_orders(url: str) -> bool:
+    """Does a session wait for a lock on orders (the CLI's DDL, behind the test's lock)?"""
+    with connect(url) as conn:
+        return bool(
+            conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'orders'::regclass AND NOT granted)"
+            ).fetchone()[0]
+        )
+
+
+EXPANDED = (True, True, True, False)
+
+
+@pytest.mark.parametrize(
+    ("phase", "steps_done", "at_kill", "finished"),
+    [
+        ("start", 1, (True, False, False, False), EXPANDED),  # waits to add the shadow column
+        ("complete", 0, EXPANDED, (True, False, False, True)),  # waits to contract orders
+        ("rollback", 0, EXPANDED, None),  # waits to drop the version schema and with it the trigger on orders
+    ],
+)
+def test_a_phase_killed_while_its_ddl_waits_for_a_lock_is_stopped_in_status_and_finished_by_running_it_again(
+    fresh_db: str,
+    state_db: str,
+    tmp_path: Path,
+    phase: str,
+    steps_done: int,
+    at_kill: tuple[bool, bool, bool, bool],
+    finished: tuple[bool, bool, bool, bool] | None,
+) -> None:
+    """The real CLI, SIGKILLed with its process group while the phase's DDL waits in pg_locks for
+    the test's lock on orders: the state names the phase under way and the steps the schema shows
+    done, status tells that no process runs it any more (it said "starting" / "completing" /
+    "rolling_back" as for a live run, for good), and the same command again finishes it."""
+    make_schema(fresh_db, rows=300)
+    before, data = schema_dump(fresh_db), checksum(fresh_db, "SELECT id, amount::bigint, note FROM orders")
+    migration = _file(tmp_path, SPEC)
+    if phase != "start":
+        run(fresh_db, state_db, plan_for(fresh_db, state_db, SPEC), "start")
+    command = ("online", phase, *([migration] if phase == "start" else []), "--database-url", fresh_db)
+    log = tmp_path / "cli.log"
+    with connect(fresh_db) as holder:
+        holder.execute("LOCK TABLE orders IN ACCESS SHARE MODE")
+        with log.open("wb") as out:
+            cli = spawn_group(
+                [sys.executable, "-m", "deployments.cli", *command], cwd=ROOT, env=os.environ, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + GUARD_SECONDS
+        while not _waits_for_orders(fresh_db):
+            assert cli.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the CLI never waited for its lock on orders"
+            time.sleep(0.05)
+        alive = run_cli("online", "status", "--database-url", fresh_db)
+        assert f"\n    {phase} is running (pid " in alive.stdout, alive.stdout + alive.stderr
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+        until_its_sessions_end(fresh_db)
+        record = active_migration(state_db, target_key(fresh_db), "public")
+        assert record is not None and record.phase == PHASE_STATES[phase][0]
+        assert record.steps_done(phase) == steps_done
+        assert _left(fresh_db) == at_kill
+
+    status = run_cli("online", "status", "--database-url", fresh_db)
+    assert status.returncode == 0, status.stderr
+    assert PHASE_STATES[phase][0] in _status_line(fresh_db)
+    assert (
+        f"\n    {phase} stopped before it finished (no process holds its lock: it failed or was killed); "
+        f"run `flowyard online {phase}"
+    ) in status.stdout, status.stdout
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    assert f"cli_widen: {PHASE_STATES[phase][1]}" in again.stdout
+    assert PHASE_STATES[phase][1] in _status_line(fresh_db)
+    if finished is None:
+        assert schema_dump(fresh_db) == before
+        assert checksum(fresh_db, "SELECT id, amount::bigint, note FROM orders") == data
+    else:
+        assert _left(fresh_db) == finished
+        select = "SELECT id, _fy_new_amount, note FROM orders" if phase == "start" else "SELECT id, amount, comment FROM orders"
+        assert checksum(fresh_db, select) == data
