@@ -3,9 +3,10 @@
 Each alerting violation gets a fingerprint (suite, window, rule, unexpected count, error). The
 fingerprint is claimed in ``flowyard.quality_alerts`` with one upsert that only succeeds
 when it differs from the stored one, so an unchanged violation is not re-sent on every
-hourly run and two concurrent runs cannot both send it. When a rule passes again its row
-is removed, so a recurrence alerts again. A failed webhook releases the claim so the next
-run retries. Prefect automations can match the ``flowyard.quality.violation`` event.
+hourly run and two concurrent runs cannot both send it. The claim commits only once the alert
+is out: a failed webhook rolls it back, and so does a run killed while sending, so the next run
+sends it (at worst twice, never not at all). When a rule passes again its row is removed, so a
+recurrence alerts again. Prefect automations can match the ``flowyard.quality.violation`` event.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import httpx
+import psycopg
 from prefect.events import emit_event
 from prefect.logging import get_logger
 from psycopg.types.json import Jsonb
@@ -77,28 +79,21 @@ def _payload(result: SuiteResult, rule: RuleResult) -> dict[str, object]:
     }
 
 
-def _claim(state: str, result: SuiteResult, rule: RuleResult, print_: str) -> bool:
-    """Store the new fingerprint; true only if it was absent or different (i.e. this run must send)."""
-    with connection(state) as conn:
-        row = conn.execute(
-            """
-            INSERT INTO flowyard.quality_alerts (suite, rule, fingerprint, details) VALUES (%s, %s, %s, %s)
-            ON CONFLICT (suite, rule) DO UPDATE
-                SET fingerprint = EXCLUDED.fingerprint, details = EXCLUDED.details, sent_at = now()
-                WHERE quality_alerts.fingerprint <> EXCLUDED.fingerprint
-            RETURNING 1
-            """,
-            (result.suite, rule.rule, print_, Jsonb(_payload(result, rule))),
-        ).fetchone()
+def _claim(conn: psycopg.Connection, result: SuiteResult, rule: RuleResult, print_: str) -> bool:
+    """Store the new fingerprint in ``conn``'s open transaction; true only if it was absent or
+    different (i.e. this run must send). A concurrent run's claim of the same rule waits for this
+    transaction, then finds the fingerprint stored (sent) or absent again (not sent)."""
+    row = conn.execute(
+        """
+        INSERT INTO flowyard.quality_alerts (suite, rule, fingerprint, details) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (suite, rule) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, details = EXCLUDED.details, sent_at = now()
+            WHERE quality_alerts.fingerprint <> EXCLUDED.fingerprint
+        RETURNING 1
+        """,
+        (result.suite, rule.rule, print_, Jsonb(_payload(result, rule))),
+    ).fetchone()
     return row is not None
-
-
-def _release(state: str, result: SuiteResult, rule: RuleResult, print_: str) -> None:
-    with connection(state) as conn:
-        conn.execute(
-            "DELETE FROM flowyard.quality_alerts WHERE suite = %s AND rule = %s AND fingerprint = %s",
-            (result.suite, rule.rule, print_),
-        )
 
 
 def _forget_resolved(state: str, result: SuiteResult, active: list[str]) -> None:
@@ -141,18 +136,20 @@ def dispatch_alerts(state: str, results: list[SuiteResult], config: AlertConfig)
     for result in results:
         alerting = [r for r in result.violations if r.severity in config.severities]
         for rule in alerting:
-            print_ = fingerprint(result, rule)
-            if not _claim(state, result, rule, print_):
-                continue
-            try:
-                sent.append(_send(config, result, rule))
-            except httpx.HTTPError as exc:
-                _release(state, result, rule, print_)
-                logger.warning(
-                    "quality alert for %s.%s not delivered (%s); retried next run",
-                    result.suite,
-                    rule.rule,
-                    exc,
-                )
+            # One transaction per alert, committed after the send: a claim committed first was
+            # lost with a run killed before its webhook answered (the next runs saw it as sent).
+            with connection(state) as conn:
+                if not _claim(conn, result, rule, fingerprint(result, rule)):
+                    continue
+                try:
+                    sent.append(_send(config, result, rule))
+                except httpx.HTTPError as exc:
+                    conn.rollback()  # not delivered: the next run claims and sends it again
+                    logger.warning(
+                        "quality alert for %s.%s not delivered (%s); retried next run",
+                        result.suite,
+                        rule.rule,
+                        exc,
+                    )
         _forget_resolved(state, result, [r.rule for r in alerting])
     return sent

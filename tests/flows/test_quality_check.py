@@ -5,6 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -18,8 +24,10 @@ from quality.alerts import AlertConfig
 from quality.sample_data import DEMO_SCHEMA, demo_parameters
 from quality.sql_rules import TimeWindow
 from tasks.errors import ServerReadOnly, UserError
+from tasks.process_group import spawn_group
 from tasks.state import state_url
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
+from tests.process_support import GUARD_SECONDS, until_its_sessions_end
 from tests.quality.test_alerts import Receiver
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -551,3 +559,126 @@ def test_a_failing_rule_on_a_value_gx_cannot_serialise_is_reported_with_a_readab
     assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
         rule["name"]: (False, 2, f"{value}, {value}", "") for rule in rules
     }
+
+
+GATE_KEY = 4242
+"""The advisory lock a test holds to stop a check's reads of ``orders_checked`` where they are."""
+
+
+def _crash_suite(url: str, tmp_path: Path) -> tuple[str, Path]:
+    """A unique suite name and its YAML: several rules over ``orders_checked``, a view of 200 rows of
+    ``orders`` whose reads wait while the test holds the advisory lock ``GATE_KEY`` (flowyard's own
+    checks before GX read no row, so only GX's validation queries wait). 3 NULL ids and 2 equal ones
+    break the critical rules, 20 amounts the high one: rows score 90 (5), 95 (20) or 100, 99.25 in all."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int, amount int, sku text)")
+        conn.execute(
+            "INSERT INTO orders SELECT CASE WHEN g <= 3 THEN NULL WHEN g = 4 THEN 5 ELSE g END,"
+            " CASE WHEN g % 10 = 0 THEN -1 ELSE g END, 'SKU-' || lpad(g::text, 4, '0') FROM generate_series(1, 200) g"
+        )
+        conn.execute(
+            sql.SQL(
+                "CREATE FUNCTION gate() RETURNS boolean LANGUAGE plpgsql VOLATILE AS"
+                " $$ BEGIN PERFORM pg_advisory_xact_lock_shared({}); RETURN true; END $$"
+            ).format(sql.Literal(GATE_KEY))
+        )
+        conn.execute("CREATE VIEW orders_checked AS SELECT * FROM orders WHERE gate()")
+    name = f"crash_{uuid.uuid4().hex[:8]}"  # the state database is the session's: other runs' rows stay apart
+    rules = [
+        {"name": "id_present", "check": "not_null", "column": "id", "severity": "critical"},
+        {"name": "id_unique", "check": "unique", "column": "id", "severity": "critical"},
+        {"name": "amount_range", "check": "range", "column": "amount", "min": 0, "max": 1000, "severity": "high"},
+        {"name": "sku_shape", "check": "regex", "column": "sku", "pattern": "^SKU-[0-9]{4}$", "severity": "medium"},
+        {"name": "size", "check": "row_count", "min": 1, "max": 1000, "severity": "low"},
+    ]
+    path = tmp_path / "orders.yaml"
+    path.write_text(json.dumps({"name": name, "table": "orders_checked", "rules": rules}))
+    return name, path
+
+
+def _check_args(url: str, suite: Path, tmp_path: Path) -> list[str]:
+    return ["quality", "check", "--database-url", url, "-s", str(suite), "--output-dir", str(tmp_path / "out"), "--no-profile"]
+
+
+def _kill_check_once(args: list[str], webhook: str, reached: Callable[[], bool], log: Path) -> None:
+    """Run the real ``flowyard quality check`` in its own process group; SIGKILL the group once ``reached()``."""
+    with log.open("wb") as out:
+        child = spawn_group(
+            [sys.executable, "-m", "deployments.cli", *args],
+            cwd=ROOT,
+            env={**os.environ, "FLOWYARD_QUALITY_WEBHOOK_URL": webhook},
+            stdout=out,
+            stderr=out,
+        )
+    guard = time.monotonic() + GUARD_SECONDS
+    while not reached():
+        assert child.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < guard, "the check never got there"
+        time.sleep(0.02)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def _recorded(state: str, suite: str) -> tuple[list[tuple], list[str]]:
+    """The suite's score rows (score, rows, violations) and its claimed alert rules."""
+    with psycopg.connect(state) as conn:
+        scores = conn.execute(
+            "SELECT score, row_count, violations FROM flowyard.quality_scores WHERE suite = %s ORDER BY id", (suite,)
+        ).fetchall()
+        alerts = conn.execute("SELECT rule FROM flowyard.quality_alerts WHERE suite = %s ORDER BY rule", (suite,))
+        return scores, [rule for (rule,) in alerts]
+
+
+def _rerun_alerts(args: list[str], receiver: Receiver) -> list[tuple[str, int]]:
+    """Check again after the kill; returns the (rule, unexpected count) of every alert received."""
+    proc = run_cli(*args, env={"FLOWYARD_QUALITY_WEBHOOK_URL": receiver.url})
+    assert proc.returncode == 0, proc.stderr
+    assert "99.25" in proc.stdout
+    return sorted((b["rule"], b["unexpected_count"]) for b in receiver.bodies)
+
+
+def test_sigkill_while_gx_validates_records_nothing_and_the_rerun_scores_and_alerts(fresh_db, tmp_path, state_db):
+    suite, path = _crash_suite(fresh_db, tmp_path)
+    args = _check_args(fresh_db, path, tmp_path)
+    receiver = Receiver()
+    waiting = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid::bigint = %s AND NOT granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    try:
+        with psycopg.connect(fresh_db, autocommit=True) as gate:
+            gate.execute("SELECT pg_advisory_lock(%s)", (GATE_KEY,))
+            _kill_check_once(
+                args, receiver.url, lambda: gate.execute(waiting, (GATE_KEY,)).fetchone() != (0,), tmp_path / "check.log"
+            )
+            # A backend waiting for a lock does not notice its client is gone: let it go, and end.
+            gate.execute("SELECT pg_advisory_unlock(%s)", (GATE_KEY,))
+            until_its_sessions_end(fresh_db)
+        assert _recorded(state_db, suite) == ([], [])
+        assert receiver.bodies == []
+        assert _rerun_alerts(args, receiver) == [("id_present", 3), ("id_unique", 2)]
+        assert _recorded(state_db, suite) == ([(99.25, 200, 3)], ["id_present", "id_unique"])
+    finally:
+        receiver.server.shutdown()
+
+
+def test_sigkill_while_an_alert_is_sent_sends_it_on_the_rerun(fresh_db, tmp_path, state_db):
+    """The first critical rule's claim used to commit before its webhook was called: a run killed before
+    the webhook answered left the alert marked sent, and no later run sent it (the second rule's was)."""
+    suite, path = _crash_suite(fresh_db, tmp_path)
+    args = _check_args(fresh_db, path, tmp_path)
+    receiver = Receiver()
+    receiver.hold = True
+    try:
+        _kill_check_once(args, receiver.url, receiver.holding.is_set, tmp_path / "check.log")
+        receiver.hold = False
+        receiver.let_go.set()
+        # Every score of the run was measured before any alert: they are recorded, all of them.
+        assert _recorded(state_db, suite) == ([(99.25, 200, 3)], [])
+        assert _rerun_alerts(args, receiver) == [("id_present", 3), ("id_unique", 2)]
+        assert _recorded(state_db, suite)[1] == ["id_present", "id_unique"]
+        assert run_cli(*args, env={"FLOWYARD_QUALITY_WEBHOOK_URL": receiver.url}).returncode == 0
+        assert len(receiver.bodies) == 2, "an alert sent once is not sent again"
+    finally:
+        receiver.let_go.set()
+        receiver.server.shutdown()

@@ -17,16 +17,22 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 class Receiver:
-    """A local webhook endpoint that records every JSON body; ``fail`` makes it answer 500."""
+    """A local webhook endpoint that records every JSON body; ``fail`` makes it answer 500, ``hold``
+    never answer (``holding`` is set once a request waits there, until ``let_go``)."""
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
-        self.fail = False
+        self.fail = self.hold = False
+        self.holding, self.let_go = threading.Event(), threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if receiver.hold:
+                    receiver.holding.set()
+                    receiver.let_go.wait()
+                    return
                 if receiver.fail:
                     self.send_response(500)
                 else:
