@@ -109,9 +109,18 @@ def profile(
     typer.echo(f"{result.target}: {result.row_count} rows")
     for c in result.columns:
         stats = ", ".join(f"{k}={v}" for k, v in c.stats.items() if k != "top_values")
+        top = ", ".join(f"{_shown(t['value'])} {t['count']}" for t in c.stats.get("top_values", []))
         typer.echo(
             f"  {c.name:<20} {c.type:<26} nulls {c.null_count:>8}  distinct {c.distinct_count:>8}  {stats}"
+            + (f"  top: {top}" if top else "")
         )
+
+
+def _shown(value: object, width: int = 30) -> str:
+    """A top value on the profile's one line per column: quoted and escaped (a newline in it would
+    break the line), cut to ``width`` characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command("validate-suite")

@@ -14,6 +14,7 @@ import difflib
 import functools
 import itertools
 import math
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -178,6 +179,14 @@ def _row_bound(bound: float | None) -> int | None:
 
 _DOCS_SITE = "flowyard"
 
+_SQL_RESULT_FORMAT = {"result_format": "SUMMARY", "return_unexpected_index_query": False}
+"""GX's summary of a table's checks, without the copy-pasteable query of each check's failing rows,
+which flowyard never shows: GX writes the values into it with ``repr`` through ``re.sub``, so a
+value holding a backslash (an in_set ``'\\x0102'`` on a bytea column, ``'a\\b'`` on text) came out
+changed, GX fell back to rendering the values as SQL literals, and an untyped
+:class:`~quality.sql_rules.ColumnTyped` value has none: "No literal value renderer is available
+... NULL" was the rule's error, with no failing rows."""
+
 
 class GxSession:
     """One ephemeral GX context shared by concurrent checks; its configuration is guarded by a lock.
@@ -249,9 +258,7 @@ class GxSession:
                     self._unique(suite.name), query=gx_query(source.window_query())
                 )
             validation = self._validation(suite, asset.add_batch_definition_whole_table("all"), expectations)
-        result = validation.run(
-            result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample_size}
-        )
+        result = validation.run(result_format=_SQL_RESULT_FORMAT | {"partial_unexpected_count": sample_size})
         return list(result.results)
 
     def validate_frame(self, suite: Suite, frame: pd.DataFrame, sample_size: int) -> list[Any]:
@@ -484,9 +491,10 @@ def _value_kind(value: object) -> str:
     return "numbers" if isinstance(value, int | float) else "text"
 
 
-def require_table(url: str, suite: Suite, source: TableSource) -> None:
+def require_table(url: str, suite: Suite, source: TableSource) -> Suite:
     """The table, the rules' and the window's columns and foreign keys' targets exist and are
-    readable, and each rule's check fits its column's type and values (else a one-line UserError)."""
+    readable, and each rule's check fits its column's type and values (else a one-line UserError).
+    Returns the suite as it is checked: see :func:`integers_as_given`."""
     with connection(url) as conn:
         described = table_columns(conn, source.schema, source.table)
         columns = [name for name, _type, _kind in described]
@@ -505,6 +513,7 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
         require_plain_name(suite, source)
         require_columns(suite, columns, target)
         require_fitting_checks(suite, described)
+        suite = integers_as_given(suite, described)
         if suite.timestamp_column is not None and suite.timestamp_column not in columns:
             raise UserError(
                 f"suite '{suite.name}': timestamp_column '{suite.timestamp_column}' is not in {target} "
@@ -523,6 +532,30 @@ def require_table(url: str, suite: Suite, source: TableSource) -> None:
                     "fix 'references'"
                 )
             require_readable(conn, suite, schema, table, {column})
+    return suite
+
+
+_INTEGER_TYPES = ("smallint", "integer", "bigint")
+_DECIMAL_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+def integers_as_given(suite: Suite, columns: Sequence[tuple[str, str, str]]) -> Suite:
+    """``suite`` with the in_set values of an integer column that are all written as decimal
+    integers (``'99999999999'``) as those integers: PostgreSQL reads such text as the column's type,
+    so a number beyond its range was refused as a value the column cannot read ("value ... is out of
+    range for type integer"), where the same number given unquoted is simply not in the set
+    (:func:`quality.sql_rules.gx_value_set`). Any other spelling (``'0x1F'``, ``'abc'``) is left
+    to PostgreSQL's reading, and its refusal."""
+    integer_columns = {name for name, type_, _kind in columns if type_ in _INTEGER_TYPES}
+    rules = [
+        rule.model_copy(update={"values": [int(v) for v in rule.values or []]})
+        if rule.check == "in_set"
+        and rule.column in integer_columns
+        and all(isinstance(v, str) and _DECIMAL_INTEGER.fullmatch(v) for v in rule.values or [])
+        else rule
+        for rule in suite.rules
+    ]
+    return suite.model_copy(update={"rules": rules})
 
 
 def require_readable(conn: psycopg.Connection, suite: Suite, schema: str, table: str, columns: set[str]) -> None:
@@ -596,7 +629,7 @@ def check_table(
 ) -> SuiteResult:
     """Validate a PostgreSQL table (or one window of it) and score it, all inside the database."""
     source = TableSource.for_suite(suite, schema, window)
-    require_table(url, suite, source)
+    suite = require_table(url, suite, source)
     gx_results = session.validate_table(url, suite, source, sample_size)
     score: TableScore = score_table(url, suite, source)
     return SuiteResult(

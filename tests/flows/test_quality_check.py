@@ -478,7 +478,12 @@ def _rule_results(url: str, tmp_path: Path, rules: list[dict]) -> tuple[dict, di
     return state.result()["suites"]["orders"], checked
 
 
-_TYPED_ROWS = [("date", ["2024-01-01", "2024-01-02", "2024-03-01"]), ("integer", ["1", "2", "3"]), ("mood", ["ok", "bad", "meh"])]
+_TYPED_ROWS = [
+    ("date", ["2024-01-01", "2024-01-02", "2024-03-01"]),
+    ("integer", ["1", "2", "3"]),
+    ("mood", ["ok", "bad", "meh"]),
+    ("bytea", ["\\x0102", "\\x0a", "\\x0304"]),
+]
 
 
 @pytest.mark.parametrize(("column_type", "rows"), _TYPED_ROWS, ids=[t for t, _ in _TYPED_ROWS])
@@ -487,9 +492,11 @@ def test_in_set_text_values_on_a_column_that_is_not_text_count_as_the_score_does
 ):
     """PostgreSQL reads an in_set's quoted values as the column's type in the score query, but GX's
     own check bound them as varchar (SQLAlchemy's psycopg dialect casts every str): "operator does
-    not exist: date <> character varying", and the rule was reported failed with 0 failing rows. The
-    rule now fails with the one row outside its set, as the score counts it, and a set holding every
-    row passes."""
+    not exist: date <> character varying", and the rule was reported failed with 0 failing rows. A
+    bytea value in PostgreSQL's hex spelling (``'\\x0102'``) failed so too, with "No literal value
+    renderer is available ... NULL": GX's query for the failing rows, which flowyard never shows,
+    lost the backslash. The rule now fails with the one row outside its set, as the score counts
+    it, and a set holding every row passes."""
     summary, checked = _in_set_results(fresh_db, tmp_path, column_type, rows, {"known": rows[:2], "all_known": rows})
     assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
         "known": (False, 1, rows[2], ""),
@@ -498,18 +505,22 @@ def test_in_set_text_values_on_a_column_that_is_not_text_count_as_the_score_does
     assert summary["score"] == pytest.approx((4 * 100 - 1) / 4)
 
 
-def test_an_in_set_number_no_integer_column_holds_is_not_in_its_set(fresh_db, tmp_path, state_db):
+_BEYOND_INTEGER = {
+    "numbers": ([1, 2, 2**40, 10**20], [10**20, 1, 2, 3]),
+    "text": (["1", "2", "99999999999", " 100000000000000000000"], ["99999999999", "1", "2", "3"]),
+}
+
+
+@pytest.mark.parametrize(("known", "all_known"), list(_BEYOND_INTEGER.values()), ids=list(_BEYOND_INTEGER))
+def test_an_in_set_number_no_integer_column_holds_is_not_in_its_set(fresh_db, tmp_path, state_db, known, all_known):
     """SQLAlchemy casts every value of GX's IN to the first one's type: ``INTEGER`` for 1, where
     ``10**20`` or ``2**40`` is out of range, so GX failed the rule with "integer out of range" (or
-    "bigint out of range") and 0 failing rows while the score counted the row outside the set. A
-    number the column cannot hold can never match: the rule counts that row, and a set holding
-    every row beside it passes."""
+    "bigint out of range") and 0 failing rows while the score counted the row outside the set; the
+    same numbers quoted were refused before the run as values the column cannot read ("value
+    "99999999999" is out of range for type integer"). A number the column cannot hold can never
+    match: the rule counts that row, and a set holding every row beside it passes."""
     summary, checked = _in_set_results(
-        fresh_db,
-        tmp_path,
-        "integer",
-        ["1", "2", "3"],
-        {"known": [1, 2, 2**40, 10**20], "all_known": [10**20, 1, 2, 3]},
+        fresh_db, tmp_path, "integer", ["1", "2", "3"], {"known": known, "all_known": all_known}
     )
     assert {name: (r["success"], r["unexpected_count"], r["sample"], r["error"]) for name, r in checked.items()} == {
         "known": (False, 1, "3", ""),

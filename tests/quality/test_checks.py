@@ -461,14 +461,20 @@ def test_checks_that_fit_their_columns_type_are_checked(fresh_db):
     }
 
 
-def test_a_window_on_a_timestamp_column_holding_a_colon_is_checked(fresh_db):
+@pytest.mark.parametrize("at", ["at :utc", "at 50%"])
+def test_a_window_on_a_timestamp_column_gx_would_misread_is_checked(fresh_db, at):
     """GX runs a window's query asset as SQLAlchemy ``text()``, then compiles it into each check's
     query and parses that again, so ``"at :utc"`` was read as the bind parameter ``:utc`` and
-    every rule of the window failed (column "at NULL" does not exist)."""
+    every rule of the window failed (column "at NULL" does not exist); SQLAlchemy doubles the ``%``
+    of ``"at 50%"`` for psycopg, which GX's parameterless queries send as written."""
     day = TimeWindow.containing("day", NOW - dt.timedelta(days=1))
     inside, outside = day.start + dt.timedelta(hours=1), day.start - dt.timedelta(hours=1)
     with psycopg.connect(fresh_db, autocommit=True) as conn:
-        conn.execute('CREATE TABLE events (id int, "at :utc" timestamptz, "done :at" timestamptz)')
+        conn.execute(
+            psycopg.sql.SQL('CREATE TABLE events (id int, {} timestamptz, "done :at" timestamptz)').format(
+                psycopg.sql.Identifier(at)
+            )
+        )
         conn.cursor().executemany(
             "INSERT INTO events VALUES (%s, %s, %s)",
             [(1, inside, inside), (None, inside, NOW + dt.timedelta(days=9)), (1, inside, None), (None, outside, None)],
@@ -478,7 +484,7 @@ def test_a_window_on_a_timestamp_column_holding_a_colon_is_checked(fresh_db):
         {"name": "id_unique", "check": "unique", "column": "id", "severity": "low"},
         {"name": "done_past", "check": "not_future", "column": "done :at", "severity": "medium"},
     ]
-    suite = parse_suite({"name": "events", "table": "events", "timestamp_column": "at :utc", "rules": rules})
+    suite = parse_suite({"name": "events", "table": "events", "timestamp_column": at, "rules": rules})
 
     result = check_table(GxSession(), fresh_db, suite, window=day)
 

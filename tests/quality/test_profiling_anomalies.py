@@ -13,6 +13,7 @@ from quality.anomalies import trends
 from quality.profiling import profile_table
 from quality.runner import RuleResult, SuiteResult
 from quality.sql_rules import TableSource
+from tests.conftest import run_cli
 
 AMOUNTS = [10, 12, 11, 13, 9, 10, 12, 11, 500, -300, 10, 11]
 CODES = [
@@ -125,3 +126,20 @@ def test_trends_over_several_runs(state_db):
     assert seen[4][0] == "stable" and seen[4][1] == pytest.approx(0.005)
     stored = history.score_history(state_db, [suite], limit=3)[suite]
     assert [p.score for p in stored] == [95.0, 80.0, 80.005]
+
+
+def test_cli_profile_text_shows_the_top_values_of_text_columns(fresh_db):
+    """``--json`` listed a text column's most frequent values, the text output left them out: they
+    follow each text column's statistics, quoted (a newline stays on the line) and cut when long."""
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (status text, note text, n int)")
+        conn.cursor().executemany(
+            "INSERT INTO orders VALUES (%s, %s, %s)",
+            [("open", "a\nb", 1), ("open", "x" * 50, 2), ("lost", None, 3)],
+        )
+    proc = run_cli("quality", "profile", "orders", "--database-url", fresh_db)
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert lines["status"].endswith("mean_length=4.0  top: 'open' 2, 'lost' 1")
+    assert lines["note"].endswith(f"  top: 'a\\nb' 1, '{'x' * 28}… 1")
+    assert "top:" not in lines["n"]
