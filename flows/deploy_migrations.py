@@ -25,15 +25,15 @@ from prefect.cache_policies import NO_CACHE
 
 from quality.gate import quality_gate
 from tasks import alembic_deploy, migration_report, revision_checksums
-from tasks.advisory_lock import advisory_lock
+from tasks.advisory_lock import advisory_lock, lock_holder
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
-from tasks.db import database_name, mask_url, resolve_url
+from tasks.db import connection, database_name, mask_url, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range
 from tasks.flow_parameters import checked_flow
 from tasks.migration_preflight import Preflight, run_preflight
 from tasks.migration_report import MigrationReport
 from tasks.migration_validation import require_valid, validate
-from tasks.pg_backup import backup_database, maintenance_url, restore_database
+from tasks.pg_backup import backup_database, interrupted_restore, maintenance_url, restore_database
 from tasks.settings import get_settings
 from tasks.task_runners import thread_pool
 
@@ -95,13 +95,25 @@ class RunOptions:
     max_active_connections: int
 
 
+def _lock_name(url: str) -> str:
+    return f"flowyard.deploy:{database_name(url)}"
+
+
 def deploy_lock(url: str, timeout: float) -> AbstractContextManager[psycopg.Connection]:
     """One deploy or rollback at a time per database.
 
     The lock lives in the maintenance database, not the target: a restore rebuilds the
     target database, which would end a lock session held inside it and let a waiting run in.
     """
-    return advisory_lock(maintenance_url(url), f"flowyard.deploy:{database_name(url)}", timeout)
+    return advisory_lock(maintenance_url(url), _lock_name(url), timeout)
+
+
+def refuse_interrupted_restore(conn: psycopg.Connection, url: str) -> None:
+    """A one-line UserError saying how to finish it when a killed run's restore of the database was
+    cut off: the database may be half restored, and a run or a status would take it as it is."""
+    note = interrupted_restore(conn, database_name(url))
+    if note:
+        raise UserError(f"{note}; nothing was changed")
 
 
 def _options(
@@ -186,7 +198,8 @@ def _run(
     """Lock, preflight, then a dry-run plan (``select`` None) or the protected change; always publish."""
     report = MigrationReport(action, mask_url(opts.url), opts.migrations_dir)
     try:
-        with deploy_lock(opts.url, opts.lock_timeout):
+        with deploy_lock(opts.url, opts.lock_timeout) as lock:
+            refuse_interrupted_restore(lock, opts.url)
             report.preflight = preflight = preflight_task(
                 opts.url,
                 opts.migrations_dir,
@@ -285,6 +298,9 @@ def migration_status(
 
     url = resolve_url(database_url)
     alembic_deploy.check_migrations_dir(migrations_dir)
+    with connection(maintenance_url(url)) as conn:
+        if lock_holder(conn, _lock_name(url)) is None:  # else a run holds it: its restore is not cut off
+            refuse_interrupted_restore(conn, url)
     status = status_task(url, migrations_dir, target)
     create_markdown_artifact(
         migration_report.status_markdown(mask_url(url), status),

@@ -10,7 +10,9 @@ of restoring into it: other sessions are terminated, the database is renamed asi
 ``pg_restore --create`` recreates it (with its database-level settings), and only then is
 the renamed copy dropped; if the restore itself fails the copy is renamed back. This needs
 the ``postgres`` maintenance database and a role that owns the database and may create
-databases.
+databases. A restore cut off by a kill leaves the renamed copy behind with a comment saying how to
+finish it, which :func:`interrupted_restore` reads back, so the next run refuses to build on a
+half-restored database.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from tasks.db import (
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError, make_user_dir, tool_error
 from tasks.integrity import row_counts
-from tasks.process_group import spawn_group, terminate_group
 
 _TOC_LINE = re.compile(
     r"^\d+; \d+ \d+ (TABLE DATA|SEQUENCE SET|SEQUENCE OWNED BY|FK CONSTRAINT|DEFAULT ACL|"
@@ -113,12 +114,17 @@ def pg_binaries(server_major: int, search_path: str | None = None) -> Path:
 
 
 def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
-    """Run a client tool in its own process group (killed with us if the run is cancelled)."""
-    proc = spawn_group(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Run a client tool in our own process group, and kill it if the run is cancelled.
+
+    Not in a session of its own: a SIGKILL of the CLI's group (no handler runs) left it running
+    as an orphan, a pg_dump writing a backup no run would use, or a pg_restore still rebuilding
+    the database after the run that started it was gone."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = proc.communicate()
     except BaseException:
-        terminate_group(proc.pid)
+        proc.kill()
+        proc.wait()
         raise
     if proc.returncode != 0:
         raise UserError(f"{what} failed: {tool_error(err.decode(errors='replace'), proc.returncode)}")
@@ -140,7 +146,11 @@ def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
 
 
 def backup_database(url: str, backup_dir: str | Path) -> Backup:
-    """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``."""
+    """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``.
+
+    The dump is written as ``<name>.dump.partial`` and renamed to ``<name>.dump`` only once it is
+    verified: a run killed mid-dump left a truncated ``.dump`` among the good ones, which a
+    restore by hand could take for the latest backup."""
     started = time.monotonic()
     with connection(url) as conn:
         major = server_major(conn)
@@ -150,8 +160,10 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
     name = database_name(url)
     path = directory / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.dump"
     uri, env = libpq_target(url)
-    _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(path), "-d", uri], env, "pg_dump")
-    contents = archive_contents(bin_dir, path)
+    partial = path.with_name(f"{path.name}.partial")
+    _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(partial), "-d", uri], env, "pg_dump")
+    contents = archive_contents(bin_dir, partial)
+    partial.rename(path)
     return Backup(
         str(path),
         name,
@@ -173,15 +185,20 @@ def _terminate_sessions(conn: psycopg.Connection, database: str) -> int:
     return int(row[0])
 
 
-def _rename(conn: psycopg.Connection, old: str, new: str) -> int:
-    """Rename a database, terminating its sessions first (again, if some reconnect meanwhile)."""
+def _rename(conn: psycopg.Connection, old: str, new: str, comment: str | None) -> int:
+    """Rename a database and set its comment in one transaction, terminating its sessions first
+    (again, if some reconnect meanwhile)."""
     terminated = 0
     for attempt in range(20):
         terminated += _terminate_sessions(conn, old)
         try:
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
-            )
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new))
+                )
+                conn.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(new), sql.Literal(comment))
+                )
             return terminated
         except psycopg.errors.ObjectInUse:
             time.sleep(0.05 * (attempt + 1))
@@ -209,16 +226,59 @@ def _by_hand(argv: list[str], env: dict[str, str], backup: Backup) -> str:
     return options + shlex.join(argv)
 
 
+def _aside_prefix(name: str) -> str:
+    """How the name of the copy a restore of database ``name`` renames it to begins."""
+    return f"{name[:40]}_pre_restore_"
+
+
+def _cut_off_note(conn: psycopg.Connection, maintenance: str, aside: str, backup: Backup) -> str:
+    """What the copy renamed aside says while a restore runs: if the run is killed meanwhile, the
+    database is missing or half restored, and this (read by :func:`interrupted_restore`) is how to
+    finish the restore, as one shell line: drop it, run the restore, drop the copy."""
+    name = backup.database
+    argv, env = restore_command(maintenance, backup)
+    uri, _ = libpq_target(maintenance)
+    psql = str(Path(backup.bin_dir) / "psql")
+
+    def drop(database: str) -> str:
+        statement = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
+        return shlex.join([psql, "-d", uri, "-c", statement.as_string(conn)])
+
+    return (
+        f"a restore of {name} from {backup.path} was cut off (its run was killed): {name} may be missing or "
+        f"half restored, and the database as it was before the restore is kept as {aside}; finish the restore "
+        f"first: {drop(name)} && {_by_hand(argv, env, backup)} && {drop(aside)}"
+    )
+
+
+def interrupted_restore(conn: psycopg.Connection, name: str) -> str | None:
+    """How to finish a restore of database ``name`` that was cut off, or None if there is none.
+
+    ``conn`` may be connected to any database of the server (``pg_database`` is shared). A run that
+    holds the deploy lock is the only one restoring, so a note it finds is a dead run's."""
+    row = conn.execute(
+        """
+        SELECT note FROM (SELECT datname, shobj_description(oid, 'pg_database') AS note FROM pg_database) d
+        WHERE starts_with(datname, %s) AND starts_with(note, %s) ORDER BY datname LIMIT 1
+        """,
+        (_aside_prefix(name), f"a restore of {name} from "),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def restore_database(url: str, backup: Backup) -> RestoreReport:
     """Rebuild the database from ``backup`` so it equals the state the backup was taken in."""
     started = time.monotonic()
     name = database_name(url)
-    aside = f"{name[:40]}_pre_restore_{uuid.uuid4().hex[:8]}"
+    aside = f"{_aside_prefix(name)}{uuid.uuid4().hex[:8]}"
     maintenance = maintenance_url(url)
     argv, env = restore_command(maintenance, backup)
     with connect(maintenance, autocommit=True) as conn:
+        comment = one_row(
+            conn, "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        )[0]
         try:
-            terminated = _rename(conn, name, aside)
+            terminated = _rename(conn, name, aside, _cut_off_note(conn, maintenance, aside, backup))
         except psycopg.Error as exc:  # a role or server frozen read-only since the preflight: nothing changed yet
             raise UserError(
                 f"cannot restore {name} from {backup.path}: {error_line(maintenance, exc)}; nothing was changed "
@@ -229,9 +289,7 @@ def restore_database(url: str, backup: Backup) -> RestoreReport:
             _run_tool(argv, env, f"pg_restore of {backup.path}")
         except BaseException:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(
-                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(aside), sql.Identifier(name))
-            )
+            _rename(conn, aside, name, comment)
             raise
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(aside)))
     with connection(url) as conn:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
 import psycopg
 import pytest
+from psycopg import sql
 
+from tasks.advisory_lock import lock_holder
+from tasks.db import database_name, with_database
 from tasks.embedded_pg import free_port
-from tests.conftest import run_cli
-from tests.migration_helpers import fingerprint, migrations_dir, write_revision
+from tasks.process_group import spawn_group
+from tests.conftest import ROOT, run_cli
+from tests.migration_helpers import fingerprint, migrations_dir, tables, write_revision
+from tests.process_support import GUARD_SECONDS, until_its_sessions_end
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -167,3 +181,229 @@ def test_deploy_status_rollback_and_a_failing_deploy(tmp_path, fresh_db):
     line = _one_line_error(failed, "upgrade bad failed: ")
     assert "DivisionByZero" in line and "; restored " in line
     assert fingerprint(fresh_db) == before
+
+
+# SIGKILL of a running `flowyard migrate deploy`: the real CLI in its own process group, killed
+# whole once the database shows it at the stage under test (a session of it waiting on what the
+# test holds), never after a sleep.
+
+
+def _start(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    log = (tmp_path / "cli.log").open("wb")
+    argv = [sys.executable, "-m", "deployments.cli", "migrate", *args]
+    return spawn_group(argv, cwd=ROOT, env=os.environ, stdout=log, stderr=log)
+
+
+def _kill_when_waiting(cli: subprocess.Popen[bytes], tmp_path: Path, url: str, app: str, query: str) -> None:
+    """SIGKILL the CLI's group once a session named ``app`` runs a statement like ``query`` and
+    waits (on a lock, or in the test's gate)."""
+    seen = (
+        "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s"
+        " AND wait_event_type IN ('Lock', 'Timeout')"
+    )
+    deadline = time.monotonic() + GUARD_SECONDS
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
+        while not conn.execute(seen, (app, query)).fetchone()[0]:
+            assert cli.poll() is None, (tmp_path / "cli.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no {app} session ran {query}"
+            time.sleep(0.02)
+    os.killpg(cli.pid, signal.SIGKILL)
+    assert cli.wait() == -signal.SIGKILL
+
+
+def _nothing_left_behind(tmp_path: Path, url: str) -> None:
+    """No pg_dump/pg_restore of the killed run still runs, and its deploy lock is free (its session
+    ends once the server reads the closed socket)."""
+    tools = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"]
+        and Path(p.info["cmdline"][0]).name in ("pg_dump", "pg_restore")
+        and any(str(tmp_path) in arg for arg in p.info["cmdline"])
+    ]
+    assert tools == [], "orphaned client tools outlived the killed run"
+    deadline = time.monotonic() + GUARD_SECONDS
+    with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
+        while lock_holder(conn, f"flowyard.deploy:{database_name(url)}") is not None:
+            assert time.monotonic() < deadline, "the killed run's deploy lock is still held"
+            time.sleep(0.02)
+
+
+def _deploy_args(url: str, directory: Path, backups: Path) -> tuple[str, ...]:
+    return ("-d", url, "-m", str(directory), "--backup-dir", str(backups))
+
+
+def test_sigkill_during_the_backup_leaves_no_dump_that_passes_for_a_backup(tmp_path, fresh_db):
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA flowyard")
+        conn.execute("CREATE TABLE flowyard.dump_gate (id int)")
+    # The preflight counts no table of the flowyard schema; pg_dump locks every table, so it waits here.
+    holder = psycopg.connect(fresh_db)
+    holder.execute("LOCK TABLE flowyard.dump_gate IN ACCESS EXCLUSIVE MODE")
+    cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
+    _kill_when_waiting(cli, tmp_path, fresh_db, "pg_dump", "%")
+
+    _nothing_left_behind(tmp_path, fresh_db)
+    holder.rollback()
+    holder.close()
+    until_its_sessions_end(fresh_db)
+    assert list(backups.glob("*.dump")) == [], "a truncated dump is named like a good backup"
+    assert "public.accounts" not in tables(fresh_db)
+
+    rerun = run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Migration deploy: completed" in rerun.stdout
+    assert len(list(backups.glob("*.dump"))) == 1
+
+
+def _three_revisions(directory: Path) -> None:
+    """x1..x3 after the demo's d003; x2's ALTER TABLE accounts (both ways) waits while the test reads accounts."""
+    write_revision(directory, "x1", "d003", ["CREATE TABLE t1 (id int)"], ["DROP TABLE t1"])
+    write_revision(
+        directory,
+        "x2",
+        "x1",
+        ["CREATE TABLE t2 (id int)", "ALTER TABLE accounts ADD COLUMN note text"],
+        ["DROP TABLE t2", "ALTER TABLE accounts DROP COLUMN note"],
+    )
+    write_revision(directory, "x3", "x2", ["CREATE TABLE t3 (id int)"], ["DROP TABLE t3"])
+
+
+def _note_columns(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'accounts' AND column_name = 'note'"
+        ).fetchone()[0]
+
+
+def _version(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version_num FROM alembic_version").fetchall()
+
+
+@pytest.mark.parametrize(
+    ("stage", "app", "query"),
+    [
+        ("inside x2, after its first statement", "", "ALTER TABLE accounts%"),
+        ("between x1 and x2, recording x1's checksum", "flowyard", "%INSERT INTO flowyard.applied_revisions%"),
+    ],
+)
+def test_sigkill_inside_or_between_revisions_leaves_a_whole_revision_and_a_rerun_finishes(
+    stage, app, query, tmp_path, fresh_db
+):
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    assert run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups)).returncode == 0
+    _three_revisions(directory)
+    holder = psycopg.connect(fresh_db)
+    if app:  # x1's checksum waits for the test's uncommitted row of the same revision
+        holder.execute(
+            "INSERT INTO flowyard.applied_revisions (revision, filename, sha256) VALUES ('x1', 'x1.py', '')"
+        )
+    else:  # x2's ALTER TABLE waits for the test's read of accounts
+        holder.execute("SELECT count(*) FROM accounts")
+    cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
+    _kill_when_waiting(cli, tmp_path, fresh_db, app, query)
+
+    _nothing_left_behind(tmp_path, fresh_db)
+    holder.rollback()
+    holder.close()
+    until_its_sessions_end(fresh_db)
+    assert _version(fresh_db) == [("x1",)] and _note_columns(fresh_db) == 0, stage
+    assert {"public.t1"} <= tables(fresh_db) and not {"public.t2", "public.t3"} & tables(fresh_db)
+    status = run_cli("migrate", "status", "-d", fresh_db, "-m", str(directory))
+    assert status.returncode == 0 and "- current: `x1`" in status.stdout, status.stderr
+
+    dumps = len(list(backups.glob("*.dump")))
+    rerun = run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups))
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Migration deploy: completed" in rerun.stdout
+    assert len(list(backups.glob("*.dump"))) == dumps + 1, "the re-run took a fresh backup"
+    assert _version(fresh_db) == [("x3",)]
+    assert {"x1", "x2", "x3"} <= _recorded(fresh_db)
+
+
+def _recorded(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        return {r[0] for r in conn.execute("SELECT revision FROM flowyard.applied_revisions")}
+
+
+def test_sigkill_inside_a_downgrade_leaves_a_whole_revision(tmp_path, fresh_db):
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    _three_revisions(directory)
+    assert run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups)).returncode == 0
+    holder = psycopg.connect(fresh_db)
+    holder.execute("SELECT count(*) FROM accounts")
+    cli = _start(tmp_path, "rollback", "--steps", "2", *_deploy_args(fresh_db, directory, backups))
+    _kill_when_waiting(cli, tmp_path, fresh_db, "", "ALTER TABLE accounts%")
+
+    _nothing_left_behind(tmp_path, fresh_db)
+    holder.rollback()
+    holder.close()
+    until_its_sessions_end(fresh_db)
+    # x3 was undone and committed; x2's downgrade (its DROP TABLE t2 too) rolled back whole.
+    assert _version(fresh_db) == [("x2",)] and _note_columns(fresh_db) == 1
+    assert "public.t2" in tables(fresh_db) and "public.t3" not in tables(fresh_db)
+    assert "x3" not in _recorded(fresh_db)
+
+    rerun = run_cli("migrate", "rollback", "--steps", "1", *_deploy_args(fresh_db, directory, backups))
+    assert rerun.returncode == 0, rerun.stderr
+    assert _version(fresh_db) == [("x1",)] and _note_columns(fresh_db) == 0
+
+
+def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_path, fresh_db):
+    """Revision x2 fails; the restore is killed while pg_restore loads the gated table, whose CHECK
+    waits while the test's role exists, in a pg_restore session only (the original's rows passed)."""
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    gate = f"gate_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION public.restore_gate(role text) RETURNS boolean LANGUAGE plpgsql AS $$
+            BEGIN
+                WHILE current_setting('application_name') = 'pg_restore'
+                      AND EXISTS (SELECT FROM pg_roles WHERE rolname = role) LOOP
+                    PERFORM pg_sleep(0.01);
+                END LOOP;
+                RETURN true;
+            END $$
+            """
+        )
+        conn.execute(
+            sql.SQL("CREATE TABLE gated (id int PRIMARY KEY CHECK (public.restore_gate({})))").format(
+                sql.Literal(gate)
+            )
+        )
+        conn.execute("INSERT INTO gated VALUES (1), (2)")
+    write_revision(directory, "x1", "d003", ["CREATE TABLE t1 (id int)"], ["DROP TABLE t1"])
+    write_revision(directory, "x2", "x1", ["SELECT 1/0"], [])
+    before = fingerprint(fresh_db)
+    server = with_database(fresh_db, "postgres")
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(gate)))
+    try:
+        cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
+        _kill_when_waiting(cli, tmp_path, fresh_db, "pg_restore", "COPY public.gated%")
+        _nothing_left_behind(tmp_path, fresh_db)
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(gate)))
+    until_its_sessions_end(fresh_db)
+
+    name = database_name(fresh_db)
+    status_args = ("status", "-d", fresh_db, "-m", str(directory))
+    for args in [status_args, ("deploy", *_deploy_args(fresh_db, directory, backups))]:
+        line = _one_line_error(run_cli("migrate", *args), f"a restore of {name} from {backups}")
+        assert "was cut off" in line and "; nothing was changed" in line
+    assert "public.t1" not in tables(fresh_db), "the refused deploy built on the half-restored database"
+    with psycopg.connect(fresh_db) as conn:  # half restored: the post-data section (keys) never ran
+        keys = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'gated'::regclass AND contype = 'p'"
+        assert conn.execute(keys).fetchone() == (0,)
+    assert len(list(backups.glob("*.dump"))) == 1
+
+    finish = line.split("finish the restore first: ", 1)[1].removesuffix("; nothing was changed")
+    done = subprocess.run(finish, shell=True, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert fingerprint(fresh_db) == before
+    status = run_cli("migrate", *status_args)
+    assert status.returncode == 0 and "- current: none" in status.stdout, status.stderr
