@@ -16,6 +16,7 @@ from tasks.prefect_runtime import (
     SERVE,
     SERVER,
     api_healthy,
+    keep_zombie_automation,
     require_writable_prefect_database,
     serve_service,
     server_service,
@@ -43,16 +44,24 @@ def embedded(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(settings.pgdata, settings.pg_port)
 
 
-def ensure_prefect(settings: Settings) -> str:
+def ensure_prefect(settings: Settings, *, keep_automation: bool = False) -> str:
     """Start what is missing of PostgreSQL and the Prefect server; point this process at it. A
     server that runs already is refused when its database no longer takes writes (its start
-    checked that only once)."""
+    checked that only once).
+
+    A server started here gets flowyard's zombie-flow automation (:func:`keep_zombie_automation`);
+    one running already only when ``keep_automation`` (``flowyard up``), not at every command:
+    the check is an API round trip or two per command for a definition that changes only with a
+    setting."""
     url = state_url()
-    if api_healthy(settings.prefect_api_url):
+    running = api_healthy(settings.prefect_api_url)
+    if running:
         require_writable_prefect_database(settings, url)
     else:
         services.start(server_service(settings, url), settings.run_dir)
     use_flowyard_api(settings)
+    if keep_automation or not running:
+        keep_zombie_automation(settings)
     return url
 
 
@@ -76,7 +85,7 @@ def demo_database_url(state: str) -> str:
 
 
 def up(settings: Settings) -> str:
-    url = ensure_prefect(settings)
+    url = ensure_prefect(settings, keep_automation=True)
     demo_env = {"FLOWYARD_DEMO_DATABASE_URL": demo_database_url(url)}
     specs = read_deployments(PROJECT_DIR / "prefect.yaml")
 

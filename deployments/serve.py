@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from tasks.agent_process import AgentLimits
 from tasks.errors import UserError, exit_on_user_error
+from tasks.prefect_runtime import HEARTBEAT_SECONDS
 
 if TYPE_CHECKING:
     from prefect.runner import Runner
@@ -182,7 +183,9 @@ def graceful_runner(limit: int) -> Runner:
             await flow_runs_ended(runs, FLOW_RUNS_STOP_SECONDS)
             await self.astop()
 
-    runner = GracefulRunner(limit=limit)
+    # Every flow-run process it starts heartbeats as flowyard's CLI runs do, also when this module
+    # is run by hand, with an environment that does not say so.
+    runner = GracefulRunner(limit=limit, heartbeat_seconds=HEARTBEAT_SECONDS)
     signal.signal(signal.SIGINT, runner.handle_sigterm)
     return runner
 

@@ -1,9 +1,10 @@
 """Flow runs whose process is gone, marked Crashed in Prefect by the run that found out.
 
 A worker killed with SIGKILL (or lost with its host) never reports an end, so its ``queue run``
-flow run stays Running in the UI and the API for good: Prefect's own zombie detection needs an
-automation on heartbeat events, which a plain installation does not have. The next run's
-recovery, which hands that worker's tasks back, knows the worker is gone, and says so there.
+flow run stays Running in the UI and the API until flowyard's zombie-flow automation marks it,
+one window after its last heartbeat (``tasks.prefect_runtime.keep_zombie_automation``; none on a
+Prefect server flowyard did not start). The next run's recovery, which hands that worker's tasks
+back, knows the worker is gone, and says so there at once, naming the worker.
 """
 
 from __future__ import annotations

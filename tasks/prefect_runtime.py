@@ -12,7 +12,9 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -32,7 +34,11 @@ from tasks.db import (
     with_database,
 )
 from tasks.errors import UserError
+from tasks.file_lock import exclusive
 from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from prefect.events.schemas.automations import AutomationCore
 
 SERVER = "prefect-server"
 SERVE = "deployments"
@@ -49,13 +55,26 @@ TASK_RUN_RECORDER_BATCHING = {
 }
 
 
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+HEARTBEAT_SECONDS = 30
+"""Seconds between a flowyard flow run's heartbeat events: Prefect's minimum. Its default, 180 s,
+would leave a killed run Running for 9 minutes under a window of three missed heartbeats. The cost
+is one event per run every 30 s, from a thread that does not hold up the flow's end
+(``tasks/flow_heartbeat.py``)."""
+
+ZOMBIE_AUTOMATION = "flowyard: crash flow runs whose heartbeats stopped"
+
+
 def prefect_client_env(settings: Settings) -> dict[str, str]:
-    """Environment that points Prefect clients (flows, CLI, serve) at flowyard's server."""
+    """Environment that points Prefect clients (flows, CLI, serve) at flowyard's server, with
+    flowyard's heartbeat frequency: one in the environment is overridden, since a run that beats
+    less often than :func:`keep_zombie_automation`'s window would be marked Crashed while alive."""
     return {
         "PREFECT_API_URL": settings.prefect_api_url,
         "PREFECT_HOME": str(settings.home_dir / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        HEARTBEAT_ENV: str(HEARTBEAT_SECONDS),
     }
 
 
@@ -66,6 +85,79 @@ def use_flowyard_api(settings: Settings) -> None:
     machine where flowyard has not run yet the parents are missing."""
     os.environ.update(prefect_client_env(settings))
     (settings.home_dir / "prefect").mkdir(parents=True, exist_ok=True)
+
+
+def zombie_automation(window_seconds: int) -> AutomationCore:
+    """Prefect's documented zombie-flow automation ("detect zombie flows") with flowyard's window:
+    after each heartbeat of a flow run, another heartbeat or a final state is expected within
+    ``window_seconds``; if none comes, the run is set Crashed. Not forced: Prefect refuses to crash
+    a run already final, so a heartbeat sent as a run finished cannot crash it afterwards."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    heartbeat = "prefect.flow-run.heartbeat"
+    return AutomationCore(
+        name=ZOMBIE_AUTOMATION,
+        description=(
+            f"Set by flowyard (FLOWYARD_ZOMBIE_WINDOW_SECONDS, 0 removes it): marks a flow run Crashed "
+            f"when it sent no heartbeat for {window_seconds} s (flowyard's runs send one every {HEARTBEAT_SECONDS} s)."
+        ),
+        enabled=True,
+        trigger=EventTrigger(
+            after={heartbeat},
+            expect={heartbeat, *(f"prefect.flow-run.{end}" for end in ("Completed", "Failed", "Cancelled", "Crashed"))},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=window_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                name=None,  # the state type's own name: Crashed
+                state=StateType.CRASHED,
+                force=False,
+                message=(
+                    f"no heartbeat for {window_seconds} s: the flow run's process is gone (killed, out of "
+                    f"memory, or its host lost); marked by the automation {ZOMBIE_AUTOMATION!r}"
+                ),
+            )
+        ],
+    )
+
+
+def keep_zombie_automation(settings: Settings) -> None:
+    """Make the server's :func:`zombie_automation` match ``settings``: created if missing, updated
+    if its definition changed (its enabled switch is the user's: one disabled in the UI stays
+    disabled), removed when the window is 0. Under a lock: two commands at once on a new server
+    would both find none and create two.
+
+    Only on a server flowyard started (its pid file): a Prefect server found on flowyard's port
+    is someone else's, whose own clients may beat every 180 s (Prefect's default) and whose
+    live runs the window would crash."""
+    if services.running_pid(settings.run_dir, SERVER) is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    window = settings.zombie_window_seconds
+    wanted = zombie_automation(window) if window else None
+    lock = services.lock_file(settings.run_dir, "zombie-automation")
+    with exclusive(lock), get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        if wanted is None:
+            for automation in found:
+                client.delete_automation(automation.id)
+        elif not found:
+            client.create_automation(wanted)
+        elif _definition(found[0]) != _definition(wanted):
+            client.update_automation(found[0].id, wanted.model_copy(update={"enabled": found[0].enabled}))
+
+
+def _definition(automation: AutomationCore) -> dict[str, Any]:
+    """What flowyard sets of an automation (its sets compared as sets, not in an order)."""
+    return automation.model_dump(include={"description", "trigger", "actions"})
 
 
 def api_healthy(api_url: str) -> bool:

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_workers: int = Field(
         default=4, ge=1, description="Default bound for Prefect thread-pool task runners."
     )
+    zombie_window_seconds: int = Field(
+        default=90,
+        description="Seconds without a heartbeat after which flowyard's Prefect server marks a flow run "
+        "Crashed (tasks.prefect_runtime.keep_zombie_automation); 0: no such automation.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -36,6 +41,15 @@ class Settings(BaseSettings):
         from tasks.db import validate_postgres_url
 
         return validate_postgres_url(value)
+
+    @field_validator("zombie_window_seconds")
+    @classmethod
+    def _check_zombie_window(cls, value: int) -> int:
+        """A window under two heartbeats (30 s apart) would mark live runs Crashed whenever one
+        heartbeat is late."""
+        if value != 0 and value < 60:
+            raise ValueError(f"{value} is neither 0 (off) nor at least 60 (two 30 s flow-run heartbeats)")
+        return value
 
     @property
     def home_dir(self) -> Path:

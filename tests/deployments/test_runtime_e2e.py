@@ -19,6 +19,7 @@ from deployments.trigger import create_flow_run, wait_for_flow_run
 from tasks.db import ensure_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
 from tasks.errors import UserError
+from tasks.prefect_runtime import ZOMBIE_AUTOMATION
 from tests.conftest import run_cli
 
 ENV_PY = """
@@ -88,6 +89,10 @@ def test_up_trigger_over_rest_down(tmp_path):
             and "(healthy)" in status
             and "deployments:       pid" in status
         )
+
+        # `up` gave the server it started the zombie-flow automation (killed runs stayed Running).
+        automations = httpx.post(f"{api}/automations/filter", json={}, timeout=10).json()
+        assert [(a["name"], a["enabled"]) for a in automations] == [(ZOMBIE_AUTOMATION, True)]
 
         server = EmbeddedPostgres(home / "pg", pg_port)
         with psycopg.connect(server.url("prefect")) as conn:

@@ -2,25 +2,46 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
+from uuid import UUID
 
 import httpx
 import psycopg
 import pytest
+import yaml
 from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
 from psycopg import sql
 
 from tasks import services
 from tasks.db import connect, database_name, one_row
 from tasks.embedded_pg import free_port
 from tasks.errors import ServerReadOnly, UserError
-from tasks.prefect_runtime import RUNNING_SERVER_FAILS, SERVE, SERVER, server_database, server_service
+from tasks.prefect_runtime import (
+    RUNNING_SERVER_FAILS,
+    SERVE,
+    SERVER,
+    ZOMBIE_AUTOMATION,
+    keep_zombie_automation,
+    server_database,
+    server_service,
+    zombie_automation,
+)
+from tasks.process_group import spawn_group
 from tasks.services import log_file
 from tasks.settings import Settings
-from tests.conftest import TEST_SETTINGS, run_cli
+from tests.conftest import ROOT, TEST_SETTINGS, run_cli
+from tests.online_support import WIDEN_AMOUNT, make_schema
+from tests.process_support import GUARD_SECONDS
 
 
 @flow(name="hello-postgres")
@@ -295,3 +316,136 @@ def test_a_libpq_option_the_prefect_server_cannot_take_is_one_line_before_anythi
     assert not services.log_file(settings.run_dir, SERVER).exists()
     with connect(state_db) as conn:
         assert one_row(conn, "SELECT count(*) FROM pg_database WHERE datname = %s", (database,))[0] == 0
+
+
+T = TypeVar("T")
+
+
+def _until(
+    probe: Callable[[], T | None], what: str, cli: subprocess.Popen[bytes] | None = None, log: Path | None = None
+) -> T:
+    """``probe``'s first answer that is not None (or False), polled; a guard against hanging, not a
+    measure. ``cli`` must stay alive meanwhile (its ``log`` says why it did not)."""
+    deadline = time.monotonic() + TEST_SETTINGS.zombie_window_seconds + GUARD_SECONDS
+    while not (answer := probe()):
+        assert cli is None or cli.poll() is None, log.read_text()[-2000:] if log else "the CLI ended"
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.5)
+    return answer
+
+
+def _running_online_run(pg, since: datetime) -> UUID | None:
+    with psycopg.connect(pg.url("prefect")) as conn:
+        row = conn.execute(
+            "SELECT r.id FROM flow_run r JOIN flow f ON f.id = r.flow_id"
+            " WHERE f.name = 'online-migrate' AND r.state_type = 'RUNNING' AND r.start_time >= %s",
+            (since,),
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _first_heartbeat(api: str, flow_run_id: UUID) -> datetime | None:
+    """When the flow run's first heartbeat the server received occurred, or None."""
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+            "order": "ASC",
+        },
+        "limit": 1,
+    }
+    events = httpx.post(f"{api}/events/filter", json=body, timeout=10).raise_for_status().json()["events"]
+    return datetime.fromisoformat(events[0]["occurred"]) if events else None
+
+
+def _flow_run_state(flow_run_id: UUID):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def _bucket_open(pg, flow_run_id: UUID) -> bool:
+    """Does the server's trigger still wait for this run's next heartbeat or final state?"""
+    with psycopg.connect(pg.url("prefect")) as conn:
+        return bool(
+            conn.execute(
+                "SELECT EXISTS (SELECT FROM automation_bucket WHERE bucketing_key::jsonb ? %s)",
+                (f"prefect.flow-run.{flow_run_id}",),
+            ).fetchone()[0]
+        )
+
+
+@flow(name="zombie-finished")
+def _finished() -> int:
+    return 1
+
+
+def test_a_killed_cli_flow_run_is_crashed_by_the_zombie_automation_and_a_finished_one_is_not(
+    prefect_api, pg, fresh_db, tmp_path
+):
+    """A flow run whose process is SIGKILLed (an OOM kill, a lost host) reports no end: it stayed
+    Running in the UI and the API for good, in every pipeline but the agent queue (whose next run
+    recovers it). Its heartbeats stop now, and the automation flowyard gives the server it starts
+    marks it Crashed one window after its last one; a run that ended is left as it ended."""
+    keep_zombie_automation(TEST_SETTINGS)  # as ensure_prefect does when it starts the server
+    make_schema(fresh_db, rows=300)
+    spec = tmp_path / "m.yaml"
+    spec.write_text(yaml.safe_dump({"name": "zombie_widen", "operations": [WIDEN_AMOUNT]}))
+    log = tmp_path / "cli.log"
+    since = datetime.now().astimezone()
+    with connect(fresh_db) as holder:
+        holder.execute("LOCK TABLE orders IN ACCESS SHARE MODE")  # the run's DDL waits on it
+        with log.open("wb") as out:
+            cli = spawn_group(
+                [sys.executable, "-m", "deployments.cli", "online", "start", str(spec), "--database-url", fresh_db],
+                cwd=ROOT,
+                env=os.environ,
+                stdout=out,
+                stderr=out,
+            )
+        killed = _until(lambda: _running_online_run(pg, since), "the CLI's flow run ran", cli, log)
+        _until(lambda: _first_heartbeat(prefect_api, killed), "its heartbeat reached the server", cli, log)
+        finished = _finished(return_state=True).state_details.flow_run_id
+        finished_beat = _until(lambda: _first_heartbeat(prefect_api, finished), "the finished run's heartbeat")
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+    assert _flow_run_state(killed).type == StateType.RUNNING, "nothing else may have marked it"
+
+    crashed = _until(
+        lambda: (state := _flow_run_state(killed)).type == StateType.CRASHED and state, "the killed run Crashed"
+    )
+    assert crashed.message == zombie_automation(TEST_SETTINGS.zombie_window_seconds).actions[0].message
+
+    window_end = finished_beat + timedelta(seconds=TEST_SETTINGS.zombie_window_seconds)
+    time.sleep(max((window_end - datetime.now().astimezone()).total_seconds(), 0))
+    _until(lambda: not _bucket_open(pg, finished), "the finished run's window evaluated")
+    assert _flow_run_state(finished).type == StateType.COMPLETED
+
+
+def _zombie_automations() -> list[tuple[UUID | None, bool, float]]:
+    with get_client(sync_client=True) as client:
+        found = client.read_automations_by_name(ZOMBIE_AUTOMATION)
+    return [(a.id, a.enabled, a.trigger.within.total_seconds()) for a in found]
+
+
+def test_the_zombie_automation_is_made_once_follows_its_window_keeps_its_switch_and_goes_at_0(prefect_api):
+    """Starting the server and `flowyard up` keep the automation: made once, not on each call; a
+    new FLOWYARD_ZOMBIE_WINDOW_SECONDS updates it in place (left disabled if the UI disabled it); 0
+    removes it."""
+    keep_zombie_automation(TEST_SETTINGS)
+    keep_zombie_automation(TEST_SETTINGS)
+    [(made, enabled, window)] = _zombie_automations()
+    assert (enabled, window) == (True, 90)
+    with get_client(sync_client=True) as client:
+        client.pause_automation(made)
+    keep_zombie_automation(TEST_SETTINGS.model_copy(update={"zombie_window_seconds": 120}))
+    assert _zombie_automations() == [(made, False, 120)]
+    keep_zombie_automation(TEST_SETTINGS.model_copy(update={"zombie_window_seconds": 0}))
+    assert _zombie_automations() == []
+    keep_zombie_automation(TEST_SETTINGS)
+    assert [(enabled, window) for _, enabled, window in _zombie_automations()] == [(True, 90)]
+
+
+def test_a_zombie_window_under_two_heartbeats_is_one_line():
+    result = run_cli("status", env={"FLOWYARD_ZOMBIE_WINDOW_SECONDS": "45"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "invalid FLOWYARD_ZOMBIE_WINDOW_SECONDS: 45 is neither 0 (off) nor at least 60" in result.stderr
