@@ -139,6 +139,12 @@ def dispatch_alerts(state: str, results: list[SuiteResult], config: AlertConfig)
             # One transaction per alert, committed after the send: a claim committed first was
             # lost with a run killed before its webhook answered (the next runs saw it as sent).
             with connection(state) as conn:
+                # The transaction idles while the webhook answers: a DBA's shorter
+                # idle_in_transaction_session_timeout ended it there, losing the delivered alert's
+                # claim (the run failed on it, and every later run sent the alert again). Lifted for
+                # this transaction only: the webhook's timeout bounds it, and a killed run's idle
+                # session ends at once (the server reads its socket while idle).
+                conn.execute("SELECT set_config('idle_in_transaction_session_timeout', '0', true)")
                 if not _claim(conn, result, rule, fingerprint(result, rule)):
                     continue
                 try:

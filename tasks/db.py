@@ -354,6 +354,24 @@ row text, CSV streams): the same instant prints alike only in the same zone. Not
 connection, as it changes what ``date_trunc`` and ``::date`` mean for timestamptz."""
 
 
+CLIENT_CHECK_INTERVAL = "5s"
+"""``client_connection_check_interval`` of every flowyard session (PostgreSQL 14+): while a
+statement runs, the server polls the session's socket this often and ends the backend once the
+client is gone. Without it a process killed mid-statement (SIGKILL, the OOM killer) left its
+statement running, holding its locks: an online step's VALIDATE or ``raw_sql``, a chunk load, a
+GX query ran on, and a lock wait waited on, since the server only notices a closed socket at its
+next read or write. A re-run then waited behind the orphan. The poll costs a timer signal per
+interval while a statement runs, and no round trip. A DBA's own non-zero setting is kept. A
+closed socket is all it sees (a host lost without one is left to TCP keepalives)."""
+
+_CLIENT_CHECK = sql.SQL(
+    "CASE WHEN current_setting('client_connection_check_interval') = '0'"
+    " THEN set_config('client_connection_check_interval', %s, false) END"
+)
+"""Sets :data:`CLIENT_CHECK_INTERVAL` in the statement that pins the other session settings (no
+round trip of its own) unless the server already has an interval."""
+
+
 DEFAULT_CONNECT_TIMEOUT = 10
 """Seconds to wait for a server that does not answer, unless the URL (``?connect_timeout=``) or
 ``PGCONNECT_TIMEOUT`` says otherwise: psycopg's own default is 130 s per host."""
@@ -370,8 +388,8 @@ def connect(
     url: str, *, autocommit: bool = False, application_name: str = "flowyard", utc: bool = False
 ) -> psycopg.Connection:
     """Open a psycopg connection with flowyard's session settings (``SESSION_ISOLATION``,
-    ``TEXT_FORMS``, and the time zone ``UTC`` when ``utc``), turning connection failures into a
-    one-line UserError."""
+    ``TEXT_FORMS``, :data:`CLIENT_CHECK_INTERVAL`, and the time zone ``UTC`` when ``utc``),
+    turning connection failures into a one-line UserError."""
     target = validate_postgres_url(url)
     try:
         conn = psycopg.connect(
@@ -408,15 +426,30 @@ def connect(
         **TEXT_FORMS,
         **(UTC if utc else {}),
     }
-    calls = sql.SQL(", ").join(sql.SQL("set_config(%s, %s, false)") for _ in settings)
     # The statement that pins the isolation must not run under the default it replaces: a hot
     # standby refuses to start a transaction under a DBA's ``serializable`` default ("cannot use
     # serializable mode in a hot standby"), so every connection to a replica failed, reads too.
     # psycopg opens each transaction it starts (this one too, in autocommit) at the level set here.
     conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-    with conn.transaction():
-        conn.execute(sql.SQL("SELECT {}").format(calls), [v for item in settings.items() for v in item])
+    try:
+        _pin_settings(conn, settings, client_check=True)
+    except psycopg.errors.InvalidParameterValue:  # a server whose platform cannot poll a socket for its close (Windows)
+        _pin_settings(conn, settings, client_check=False)
     return conn
+
+
+def _pin_settings(conn: psycopg.Connection, settings: dict[str, str], *, client_check: bool) -> None:
+    """Set ``settings`` on ``conn``'s session, and :data:`CLIENT_CHECK_INTERVAL` when
+    ``client_check``, in one statement. The interval is the one a server may refuse: it takes only
+    0 where its platform has no way to see a client's socket close (Windows), and connecting must
+    not fail there, so :func:`connect` pins the rest again without it."""
+    calls = [sql.SQL("set_config(%s, %s, false)") for _ in settings]
+    values = [v for item in settings.items() for v in item]
+    if client_check:
+        calls.append(_CLIENT_CHECK)
+        values.append(CLIENT_CHECK_INTERVAL)
+    with conn.transaction():
+        conn.execute(sql.SQL("SELECT {}").format(sql.SQL(", ").join(calls)), values)
 
 
 _ATTEMPT_TIMED_OUT = ": connection timeout expired"

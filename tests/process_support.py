@@ -4,13 +4,19 @@ the waits of such tests for what the other side did."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import psycopg
+
+from tasks.process_group import spawn_group
+from tests.conftest import ROOT
 
 GUARD_SECONDS = 120.0
 """How long a test polls for something that is bound to come before it gives up. Only a guard
@@ -66,11 +72,34 @@ def until_its_sessions_end(url: str) -> None:
     each state-schema upgrade, whose engine is never disposed): they are told apart by their
     client ports, those of this process's sockets."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND client_port <> ALL(%s)"
+    deadline = time.monotonic() + GUARD_SECONDS
     with psycopg.connect(url, autocommit=True) as conn:
         while conn.execute(query, (_own_ports(),)).fetchone() != (0,):
+            assert time.monotonic() < deadline, "a session of the killed process is still there"
             time.sleep(0.01)
 
 
 def _own_ports() -> list[int]:
     """The local ports of this process's TCP sockets (its database sessions' client ports)."""
     return [c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.laddr]
+
+
+def cli_until(command: tuple[str, ...], log: Path, reached: Callable[[], bool]) -> subprocess.Popen[bytes]:
+    """The real ``flowyard`` CLI running ``command`` in its own process group (for the test to
+    SIGKILL), once ``reached()``; fails, with the CLI's output, if it ends first."""
+    with log.open("wb") as out:
+        cli = spawn_group([sys.executable, "-m", "deployments.cli", *command], cwd=ROOT, env=os.environ, stdout=out, stderr=out)
+    deadline = time.monotonic() + GUARD_SECONDS
+    while not reached():
+        assert cli.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"the CLI never got there; its output:\n{log.read_text()[-2000:]}"
+        time.sleep(0.05)
+    return cli
+
+
+def until_not(holds: Callable[[], bool], what: str) -> None:
+    """Wait until ``holds()`` no longer does; fail with ``what`` (what still holds) after :data:`GUARD_SECONDS`."""
+    deadline = time.monotonic() + GUARD_SECONDS
+    while holds():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)

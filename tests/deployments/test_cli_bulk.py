@@ -21,6 +21,7 @@ from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT, run_cli
+from tests.process_support import cli_until, until_not
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -184,3 +185,24 @@ def test_a_mapping_file_that_is_not_yaml_says_what_is_wrong_and_where(tmp_path: 
     assert str(info.value) == (
         f"cannot read mapping file {broken}: expected ',' or ']', but got '<stream end>' at line 3, column 1"
     )
+
+
+def _waits_for_events(url: str) -> bool:
+    """Does a session wait for a lock on events (the CLI's, behind the test's)?"""
+    query = "SELECT EXISTS (SELECT FROM pg_locks WHERE relation = 'events'::regclass AND NOT granted)"
+    return bool(_one(url, query)[0])
+
+
+def test_a_copy_killed_while_it_waits_for_a_lock_leaves_no_session_waiting(fresh_db, tmp_path):
+    """The real CLI, SIGKILLed with its process group while its restart waits to empty events behind
+    the test's lock: its backend leaves the lock queue. A backend waiting for a lock never reads
+    its socket, so it waited on for as long as the lock was held, and then emptied the table the
+    resumed run (or anyone) had loaded meanwhile; every writer queued behind it."""
+    args = ("bulk", "copy", str(BULK_DEMO_ASSETS), "--target", fresh_db, "--table", "events")
+    assert run_cli(*args).returncode == 0
+    with psycopg.connect(fresh_db) as holder:
+        holder.execute("LOCK TABLE events IN ACCESS SHARE MODE")
+        cli = cli_until((*args, "--restart"), tmp_path / "cli.log", lambda: _waits_for_events(fresh_db))
+        os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
+        until_not(lambda: _waits_for_events(fresh_db), "the killed CLI's session still waits for its lock")

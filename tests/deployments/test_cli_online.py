@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,10 +16,9 @@ from tasks.db import connect
 from tasks.embedded_pg import free_port
 from tasks.online_phases import PHASE_STATES
 from tasks.online_state import active_migration, target_key
-from tasks.process_group import spawn_group
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
-from tests.process_support import GUARD_SECONDS, until_its_sessions_end
+from tests.process_support import cli_until, until_its_sessions_end, until_not
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -300,18 +297,9 @@ def test_a_phase_killed_while_its_ddl_waits_for_a_lock_is_stopped_in_status_and_
     if phase != "start":
         run(fresh_db, state_db, plan_for(fresh_db, state_db, SPEC), "start")
     command = ("online", phase, *([migration] if phase == "start" else []), "--database-url", fresh_db)
-    log = tmp_path / "cli.log"
     with connect(fresh_db) as holder:
         holder.execute("LOCK TABLE orders IN ACCESS SHARE MODE")
-        with log.open("wb") as out:
-            cli = spawn_group(
-                [sys.executable, "-m", "deployments.cli", *command], cwd=ROOT, env=os.environ, stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + GUARD_SECONDS
-        while not _waits_for_orders(fresh_db):
-            assert cli.poll() is None, log.read_text()[-2000:]
-            assert time.monotonic() < deadline, "the CLI never waited for its lock on orders"
-            time.sleep(0.05)
+        cli = cli_until(command, tmp_path / "cli.log", lambda: _waits_for_orders(fresh_db))
         alive = run_cli("online", "status", "--database-url", fresh_db)
         assert f"\n    {phase} is running (pid " in alive.stdout, alive.stdout + alive.stderr
         os.killpg(cli.pid, signal.SIGKILL)
@@ -340,3 +328,29 @@ def test_a_phase_killed_while_its_ddl_waits_for_a_lock_is_stopped_in_status_and_
         assert _left(fresh_db) == finished
         select = "SELECT id, _fy_new_amount, note FROM orders" if phase == "start" else "SELECT id, amount, comment FROM orders"
         assert checksum(fresh_db, select) == data
+
+
+_SLEEP = "SELECT pg_sleep(600)"
+"""A raw_sql step far longer than :data:`GUARD_SECONDS`: its backend ending at all, before the
+guard, proves the server ended it, not the statement."""
+
+
+def _sleeps(url: str) -> bool:
+    """Does a session of ``url``'s database run :data:`_SLEEP`?"""
+    with connect(url) as conn:
+        query = "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database() AND query = %s)"
+        return bool(conn.execute(query, (_SLEEP,)).fetchone()[0])
+
+
+def test_a_start_killed_mid_statement_leaves_no_statement_running(fresh_db: str, state_db: str, tmp_path: Path) -> None:
+    """The real CLI, SIGKILLed with its process group while a raw_sql step runs: the step's backend
+    ends. The server notices a gone client only at its next read or write, so the statement ran on
+    (600 s here; a VALIDATE or a backfill batch as long as its table), holding its locks, and the
+    re-run after the kill waited behind it."""
+    make_schema(fresh_db, rows=10)
+    spec = {"name": "cli_sleep", "operations": [{"raw_sql": {"up": _SLEEP, "down": "SELECT 1"}}]}
+    command = ("online", "start", _file(tmp_path, spec), "--database-url", fresh_db, "--statement-timeout-ms", "3600000")
+    cli = cli_until(command, tmp_path / "cli.log", lambda: _sleeps(fresh_db))
+    os.killpg(cli.pid, signal.SIGKILL)
+    cli.wait()
+    until_not(lambda: _sleeps(fresh_db), "the killed CLI's statement still runs on the server")

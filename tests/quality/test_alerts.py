@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from quality.alerts import EVENT, AlertConfig, dispatch_alerts
 from quality.runner import RuleResult, SuiteResult
+from tasks.db import database_name
+from tests.process_support import GUARD_SECONDS
 from tests.serve_support import stored_events
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -18,11 +23,12 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 class Receiver:
     """A local webhook endpoint that records every JSON body; ``fail`` makes it answer 500, ``hold``
-    never answer (``holding`` is set once a request waits there, until ``let_go``)."""
+    never answer (``holding`` is set once a request waits there, until ``let_go``), or answer
+    only once let go with ``answer_after_hold`` too (a slow webhook)."""
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
-        self.fail = self.hold = False
+        self.fail = self.hold = self.answer_after_hold = False
         self.holding, self.let_go = threading.Event(), threading.Event()
         receiver = self
 
@@ -32,7 +38,8 @@ class Receiver:
                 if receiver.hold:
                     receiver.holding.set()
                     receiver.let_go.wait()
-                    return
+                    if not receiver.answer_after_hold:
+                        return
                 if receiver.fail:
                     self.send_response(500)
                 else:
@@ -128,3 +135,37 @@ def test_alerts_can_be_disabled_or_retargeted(state_db, receiver):
     assert [a.rule for a in dispatch_alerts(state_db, [_result(suite, bad_ids=1)], high)] == ["valid_email"]
     assert [b["rule"] for b in receiver.bodies] == ["valid_email"]
 
+
+
+def test_an_alert_outlives_an_idle_in_transaction_timeout_while_its_webhook_answers(state_db, receiver):
+    """The claim's transaction stays open, idle, until the webhook answers: a DBA's shorter
+    idle_in_transaction_session_timeout ended it there, so the delivered alert's claim was lost
+    with the session (the run failed on it) and every later run sent the alert again."""
+    suite = f"alerts-{uuid.uuid4().hex[:8]}"
+    config = AlertConfig(webhook_url=receiver.url, emit_event=False)
+    receiver.hold = receiver.answer_after_hold = True
+    outcome: list[object] = []
+
+    def dispatch() -> None:
+        try:
+            outcome.append([a.rule for a in dispatch_alerts(state_db, [_result(suite, bad_ids=1)], config)])
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(exc)
+
+    timeout = sql.SQL("ALTER DATABASE {} SET idle_in_transaction_session_timeout = {}")
+    with psycopg.connect(state_db, autocommit=True) as admin:
+        database = sql.Identifier(database_name(state_db))
+        admin.execute(timeout.format(database, sql.Literal(50)))
+        try:
+            sender = threading.Thread(target=dispatch)
+            sender.start()
+            assert receiver.holding.wait(GUARD_SECONDS), "the alert never reached the webhook"
+            time.sleep(0.5)  # the claim's transaction idles past the timeout meanwhile
+            receiver.let_go.set()
+            sender.join()
+        finally:
+            admin.execute(sql.SQL("ALTER DATABASE {} RESET idle_in_transaction_session_timeout").format(database))
+    assert outcome == [["not_null_id"]]
+    receiver.hold = False
+    assert dispatch_alerts(state_db, [_result(suite, bad_ids=1)], config) == []
+    assert len(receiver.bodies) == 1
