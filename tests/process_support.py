@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psutil
@@ -84,17 +85,33 @@ def _own_ports() -> list[int]:
     return [c.laddr.port for c in psutil.Process().net_connections(kind="tcp") if c.laddr]
 
 
-def cli_until(command: tuple[str, ...], log: Path, reached: Callable[[], bool]) -> subprocess.Popen[bytes]:
+def cli_until(
+    command: tuple[str, ...], log: Path, reached: Callable[[], bool], env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """The real ``flowyard`` CLI running ``command`` in its own process group (for the test to
-    SIGKILL), once ``reached()``; fails, with the CLI's output, if it ends first."""
+    SIGKILL), once ``reached()``; fails, with the CLI's output, if it ends first. ``env``: variables
+    added to this process's environment."""
     with log.open("wb") as out:
-        cli = spawn_group([sys.executable, "-m", "deployments.cli", *command], cwd=ROOT, env=os.environ, stdout=out, stderr=out)
+        cli = spawn_group(
+            [sys.executable, "-m", "deployments.cli", *command],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=out,
+        )
     deadline = time.monotonic() + GUARD_SECONDS
     while not reached():
         assert cli.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, f"the CLI never got there; its output:\n{log.read_text()[-2000:]}"
         time.sleep(0.05)
     return cli
+
+
+def sigkill(cli: subprocess.Popen[bytes]) -> int:
+    """SIGKILL ``cli``'s whole process group, as the OOM killer or a ``kill -9`` would (no handler
+    runs, no child is told), and reap it; returns its exit status."""
+    os.killpg(cli.pid, signal.SIGKILL)
+    return cli.wait()
 
 
 def until_not(holds: Callable[[], bool], what: str) -> None:

@@ -21,7 +21,7 @@ from tasks.embedded_pg import free_port
 from tasks.errors import UserError
 from tasks.process_group import spawn_group
 from tests.conftest import ROOT, run_cli
-from tests.process_support import cli_until, until_not
+from tests.process_support import cli_until, sigkill, until_not
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -202,7 +202,5 @@ def test_a_copy_killed_while_it_waits_for_a_lock_leaves_no_session_waiting(fresh
     assert run_cli(*args).returncode == 0
     with psycopg.connect(fresh_db) as holder:
         holder.execute("LOCK TABLE events IN ACCESS SHARE MODE")
-        cli = cli_until((*args, "--restart"), tmp_path / "cli.log", lambda: _waits_for_events(fresh_db))
-        os.killpg(cli.pid, signal.SIGKILL)
-        cli.wait()
+        sigkill(cli_until((*args, "--restart"), tmp_path / "cli.log", lambda: _waits_for_events(fresh_db)))
         until_not(lambda: _waits_for_events(fresh_db), "the killed CLI's session still waits for its lock")

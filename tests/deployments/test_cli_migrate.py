@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,10 +16,9 @@ from psycopg import sql
 from tasks.advisory_lock import lock_holder
 from tasks.db import database_name, with_database
 from tasks.embedded_pg import free_port
-from tasks.process_group import spawn_group
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 from tests.migration_helpers import fingerprint, migrations_dir, tables, write_revision
-from tests.process_support import GUARD_SECONDS, until_its_sessions_end
+from tests.process_support import GUARD_SECONDS, cli_until, sigkill, until_its_sessions_end
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -188,27 +185,16 @@ def test_deploy_status_rollback_and_a_failing_deploy(tmp_path, fresh_db):
 # test holds), never after a sleep.
 
 
-def _start(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
-    log = (tmp_path / "cli.log").open("wb")
-    argv = [sys.executable, "-m", "deployments.cli", "migrate", *args]
-    return spawn_group(argv, cwd=ROOT, env=os.environ, stdout=log, stderr=log)
-
-
-def _kill_when_waiting(cli: subprocess.Popen[bytes], tmp_path: Path, url: str, app: str, query: str) -> None:
-    """SIGKILL the CLI's group once a session named ``app`` runs a statement like ``query`` and
-    waits (on a lock, or in the test's gate)."""
+def _kill_when_waiting(tmp_path: Path, url: str, app: str, query: str, *args: str) -> None:
+    """Run ``flowyard migrate *args`` and SIGKILL its group once a session named ``app`` runs a
+    statement like ``query`` and waits (on a lock, or in the test's gate)."""
     seen = (
         "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s"
         " AND wait_event_type IN ('Lock', 'Timeout')"
     )
-    deadline = time.monotonic() + GUARD_SECONDS
     with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
-        while not conn.execute(seen, (app, query)).fetchone()[0]:
-            assert cli.poll() is None, (tmp_path / "cli.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"no {app} session ran {query}"
-            time.sleep(0.02)
-    os.killpg(cli.pid, signal.SIGKILL)
-    assert cli.wait() == -signal.SIGKILL
+        cli = cli_until(("migrate", *args), tmp_path / "cli.log", lambda: conn.execute(seen, (app, query)).fetchone()[0])
+    assert sigkill(cli) == -signal.SIGKILL
 
 
 def _nothing_left_behind(tmp_path: Path, url: str) -> None:
@@ -241,8 +227,7 @@ def test_sigkill_during_the_backup_leaves_no_dump_that_passes_for_a_backup(tmp_p
     # The preflight counts no table of the flowyard schema; pg_dump locks every table, so it waits here.
     holder = psycopg.connect(fresh_db)
     holder.execute("LOCK TABLE flowyard.dump_gate IN ACCESS EXCLUSIVE MODE")
-    cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
-    _kill_when_waiting(cli, tmp_path, fresh_db, "pg_dump", "%")
+    _kill_when_waiting(tmp_path, fresh_db, "pg_dump", "%", "deploy", *_deploy_args(fresh_db, directory, backups))
 
     _nothing_left_behind(tmp_path, fresh_db)
     holder.rollback()
@@ -302,8 +287,7 @@ def test_sigkill_inside_or_between_revisions_leaves_a_whole_revision_and_a_rerun
         )
     else:  # x2's ALTER TABLE waits for the test's read of accounts
         holder.execute("SELECT count(*) FROM accounts")
-    cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
-    _kill_when_waiting(cli, tmp_path, fresh_db, app, query)
+    _kill_when_waiting(tmp_path, fresh_db, app, query, "deploy", *_deploy_args(fresh_db, directory, backups))
 
     _nothing_left_behind(tmp_path, fresh_db)
     holder.rollback()
@@ -334,8 +318,7 @@ def test_sigkill_inside_a_downgrade_leaves_a_whole_revision(tmp_path, fresh_db):
     assert run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups)).returncode == 0
     holder = psycopg.connect(fresh_db)
     holder.execute("SELECT count(*) FROM accounts")
-    cli = _start(tmp_path, "rollback", "--steps", "2", *_deploy_args(fresh_db, directory, backups))
-    _kill_when_waiting(cli, tmp_path, fresh_db, "", "ALTER TABLE accounts%")
+    _kill_when_waiting(tmp_path, fresh_db, "", "ALTER TABLE accounts%", "rollback", "--steps", "2", *_deploy_args(fresh_db, directory, backups))
 
     _nothing_left_behind(tmp_path, fresh_db)
     holder.rollback()
@@ -382,8 +365,7 @@ def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(gate)))
     try:
-        cli = _start(tmp_path, "deploy", *_deploy_args(fresh_db, directory, backups))
-        _kill_when_waiting(cli, tmp_path, fresh_db, "pg_restore", "COPY public.gated%")
+        _kill_when_waiting(tmp_path, fresh_db, "pg_restore", "COPY public.gated%", "deploy", *_deploy_args(fresh_db, directory, backups))
         _nothing_left_behind(tmp_path, fresh_db)
     finally:
         with psycopg.connect(server, autocommit=True) as conn:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from tasks.online_phases import PHASE_STATES
 from tasks.online_state import active_migration, target_key
 from tests.conftest import run_cli
 from tests.online_support import WIDEN_AMOUNT, checksum, make_schema, plan_for, run, schema_dump
-from tests.process_support import cli_until, until_its_sessions_end, until_not
+from tests.process_support import cli_until, sigkill, until_its_sessions_end, until_not
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -302,8 +301,7 @@ def test_a_phase_killed_while_its_ddl_waits_for_a_lock_is_stopped_in_status_and_
         cli = cli_until(command, tmp_path / "cli.log", lambda: _waits_for_orders(fresh_db))
         alive = run_cli("online", "status", "--database-url", fresh_db)
         assert f"\n    {phase} is running (pid " in alive.stdout, alive.stdout + alive.stderr
-        os.killpg(cli.pid, signal.SIGKILL)
-        cli.wait()
+        sigkill(cli)
         until_its_sessions_end(fresh_db)
         record = active_migration(state_db, target_key(fresh_db), "public")
         assert record is not None and record.phase == PHASE_STATES[phase][0]
@@ -350,7 +348,5 @@ def test_a_start_killed_mid_statement_leaves_no_statement_running(fresh_db: str,
     make_schema(fresh_db, rows=10)
     spec = {"name": "cli_sleep", "operations": [{"raw_sql": {"up": _SLEEP, "down": "SELECT 1"}}]}
     command = ("online", "start", _file(tmp_path, spec), "--database-url", fresh_db, "--statement-timeout-ms", "3600000")
-    cli = cli_until(command, tmp_path / "cli.log", lambda: _sleeps(fresh_db))
-    os.killpg(cli.pid, signal.SIGKILL)
-    cli.wait()
+    sigkill(cli_until(command, tmp_path / "cli.log", lambda: _sleeps(fresh_db)))
     until_not(lambda: _sleeps(fresh_db), "the killed CLI's statement still runs on the server")

@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
-import signal
-import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +20,9 @@ from quality.alerts import AlertConfig
 from quality.sample_data import DEMO_SCHEMA, demo_parameters
 from quality.sql_rules import TimeWindow
 from tasks.errors import ServerReadOnly, UserError
-from tasks.process_group import spawn_group
 from tasks.state import state_url
-from tests.conftest import ROOT, run_cli
-from tests.process_support import GUARD_SECONDS, until_its_sessions_end
+from tests.conftest import run_cli
+from tests.process_support import cli_until, sigkill, until_its_sessions_end
 from tests.quality.test_alerts import Receiver
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -613,21 +608,7 @@ def _check_args(url: str, suite: Path, tmp_path: Path) -> list[str]:
 
 def _kill_check_once(args: list[str], webhook: str, reached: Callable[[], bool], log: Path) -> None:
     """Run the real ``flowyard quality check`` in its own process group; SIGKILL the group once ``reached()``."""
-    with log.open("wb") as out:
-        child = spawn_group(
-            [sys.executable, "-m", "deployments.cli", *args],
-            cwd=ROOT,
-            env={**os.environ, "FLOWYARD_QUALITY_WEBHOOK_URL": webhook},
-            stdout=out,
-            stderr=out,
-        )
-    guard = time.monotonic() + GUARD_SECONDS
-    while not reached():
-        assert child.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < guard, "the check never got there"
-        time.sleep(0.02)
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
+    sigkill(cli_until(tuple(args), log, reached, env={"FLOWYARD_QUALITY_WEBHOOK_URL": webhook}))
 
 
 def _recorded(state: str, suite: str) -> tuple[list[tuple], list[str]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,12 +34,11 @@ from tasks.prefect_runtime import (
     server_service,
     zombie_automation,
 )
-from tasks.process_group import spawn_group
 from tasks.services import log_file
 from tasks.settings import Settings
-from tests.conftest import ROOT, TEST_SETTINGS, run_cli
+from tests.conftest import TEST_SETTINGS, run_cli
 from tests.online_support import WIDEN_AMOUNT, make_schema
-from tests.process_support import GUARD_SECONDS
+from tests.process_support import GUARD_SECONDS, cli_until, sigkill
 
 
 @flow(name="hello-postgres")
@@ -394,20 +391,13 @@ def test_a_killed_cli_flow_run_is_crashed_by_the_zombie_automation_and_a_finishe
     since = datetime.now().astimezone()
     with connect(fresh_db) as holder:
         holder.execute("LOCK TABLE orders IN ACCESS SHARE MODE")  # the run's DDL waits on it
-        with log.open("wb") as out:
-            cli = spawn_group(
-                [sys.executable, "-m", "deployments.cli", "online", "start", str(spec), "--database-url", fresh_db],
-                cwd=ROOT,
-                env=os.environ,
-                stdout=out,
-                stderr=out,
-            )
-        killed = _until(lambda: _running_online_run(pg, since), "the CLI's flow run ran", cli, log)
+        command = ("online", "start", str(spec), "--database-url", fresh_db)
+        cli = cli_until(command, log, lambda: _running_online_run(pg, since) is not None)
+        killed = _running_online_run(pg, since)
         _until(lambda: _first_heartbeat(prefect_api, killed), "its heartbeat reached the server", cli, log)
         finished = _finished(return_state=True).state_details.flow_run_id
         finished_beat = _until(lambda: _first_heartbeat(prefect_api, finished), "the finished run's heartbeat")
-        os.killpg(cli.pid, signal.SIGKILL)
-        cli.wait()
+        sigkill(cli)
     assert _flow_run_state(killed).type == StateType.RUNNING, "nothing else may have marked it"
 
     crashed = _until(
