@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -203,13 +203,31 @@ def _unsplit(parts: SplitResult) -> str:
     return urlunsplit(parts._replace(path="//" + parts.path)) if not parts.netloc else urlunsplit(parts)
 
 
+def _query_password(query: str) -> tuple[str, str | None]:
+    """A URL query without its ``password=`` option (libpq takes one there as well as before the
+    ``@``), and that password, percent-decoded (None if the query has none)."""
+    kept, password = [], None
+    for pair in query.split("&") if query else []:
+        name, _, value = pair.partition("=")
+        if unquote(name) == "password":
+            password = unquote(value)
+        else:
+            kept.append(pair)
+    return "&".join(kept), password
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for messages and logs."""
+    """The URL with its password replaced by ``***``, for messages and logs: the one before the
+    ``@`` and one given as ``?password=``, which went into logs, artifacts and errors as typed."""
     parts = urlsplit(url)
-    if parts.password is None:
+    query, in_query = _query_password(parts.query)
+    if parts.password is None and in_query is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return _unsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1))
+    if in_query is not None:
+        parts = parts._replace(query="&".join(filter(None, [query, "password=***"])))
+    return _unsplit(parts)
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -218,9 +236,10 @@ def sqlalchemy_url(url: str) -> str:
 
 
 def with_database(url: str, database: str) -> str:
-    """The URL pointing at another database on the same server."""
+    """The URL pointing at another database on the same server (its name percent-encoded, as
+    :func:`database_name` decodes it)."""
     parts = urlsplit(validate_postgres_url(url))
-    return _unsplit(parts._replace(path=f"/{database}"))
+    return _unsplit(parts._replace(path=f"/{quote(database, safe='')}"))
 
 
 def libpq_target(
@@ -244,6 +263,10 @@ def libpq_target(
     if parts.password is not None:
         env["PGPASSWORD"] = unquote(parts.password)
         parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@", 1))
+    query, in_query = _query_password(parts.query)
+    if in_query is not None:  # libpq's own order: the query's password wins
+        env["PGPASSWORD"] = in_query
+        parts = parts._replace(query=query)
     options = {**(SESSION_ISOLATION if reader and _standby_refusing_its_default(url) else {}), **(settings or {})}
     if options:
         escaped = {name: value.replace(" ", "\\ ") for name, value in options.items()}  # libpq's escape
@@ -263,7 +286,10 @@ def _standby_refusing_its_default(url: str) -> bool:
 
 
 def database_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
+    """The database ``url`` names, percent-decoded as libpq reads it: ``my%20db`` is ``my db``,
+    which the deploy lock, a restore's renames and its note must name (they named ``my%20db``,
+    a database that does not exist)."""
+    return unquote(urlsplit(url).path.lstrip("/"))
 
 
 DATABASE_URL_OPTION = option_and_parameter("database_url")

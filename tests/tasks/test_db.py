@@ -97,6 +97,18 @@ def test_explicit_url_wins_and_is_normalised(pg):
     assert mask_url("postgresql://u:p@h/d") == "postgresql://u:***@h/d"
 
 
+def test_a_password_given_in_the_query_is_masked_and_a_database_name_is_percent_decoded():
+    """libpq takes ``?password=`` as well as ``user:password@``: it went into logs, artifacts and
+    errors as typed. A database name percent-encoded in the path is the decoded one to libpq, and
+    to the deploy lock and a restore's renames, which named ``my%20db``."""
+    url = "postgresql://u@h/my%20db?sslmode=disable&password=s%40cret"
+    assert mask_url(url) == "postgresql://u@h/my%20db?sslmode=disable&password=***"
+    assert mask_url("postgresql://u:p@h/d?password=q") == "postgresql://u:***@h/d?password=***"
+    assert database_name(url) == "my db"
+    assert with_database(url, "other db") == "postgresql://u@h/other%20db?sslmode=disable&password=s%40cret"
+    assert database_name(with_database(url, "a/b%c")) == "a/b%c"
+
+
 def test_state_schema_migrated_once(state_db):
     from tasks.state import state_url
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from tasks.db import database_name
+from tasks.db import database_name, drop_database, ensure_database
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError
 from tasks.pg_backup import (
@@ -115,6 +117,29 @@ def test_password_goes_to_the_environment_not_the_command_line():
     uri, env = libpq_target("postgresql://app:p%40ss%25w@db.example:5433/app?sslmode=require")
     assert uri == "postgresql://app@db.example:5433/app?sslmode=require"
     assert env["PGPASSWORD"] == "p@ss%w"
+    # Given as a query option instead, it was left in the URI: in pg_dump's argv, and in the note a
+    # cut-off restore leaves on the database, which any role can read.
+    uri, env = libpq_target("postgresql://app@db.example/app?password=p%40ss&sslmode=require")
+    assert uri == "postgresql://app@db.example/app?sslmode=require"
+    assert env["PGPASSWORD"] == "p@ss"
+
+
+def test_a_database_whose_name_needs_percent_encoding_is_backed_up_and_restored(pg, tmp_path):
+    """Its URL names it ``with%20space``: the restore renamed a database of that literal name,
+    which does not exist, and failed."""
+    name = f"with space {uuid.uuid4().hex[:6]}"
+    ensure_database(pg.url(), name)
+    url = pg.url(quote(name))
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 5) g")
+        backup = backup_database(url, tmp_path)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM t")
+        report = restore_database(url, backup)
+        assert report.row_counts == {"public.t": 5}
+    finally:
+        drop_database(pg.url(), name)
 
 
 def test_an_unreadable_archive_is_refused(fresh_db, tmp_path):
