@@ -231,8 +231,11 @@ def mask_url(url: str) -> str:
 
 
 def sqlalchemy_url(url: str) -> str:
-    """The same URL for SQLAlchemy's psycopg 3 dialect."""
-    return validate_postgres_url(url).replace("postgresql://", "postgresql+psycopg://", 1)
+    """The same URL for SQLAlchemy's psycopg 3 dialect, its database name decoded: SQLAlchemy takes
+    the path as written (it percent-decodes the user and the password only), so ``D%C3%A9`` reached
+    the server as the name of a database that does not exist, where libpq reads ``Dé``."""
+    parts = urlsplit(validate_postgres_url(url))
+    return _unsplit(parts._replace(scheme="postgresql+psycopg", path="/" + database_name(url)))
 
 
 def with_database(url: str, database: str) -> str:

@@ -105,6 +105,7 @@ def test_a_password_given_in_the_query_is_masked_and_a_database_name_is_percent_
     assert mask_url(url) == "postgresql://u@h/my%20db?sslmode=disable&password=***"
     assert mask_url("postgresql://u:p@h/d?password=q") == "postgresql://u:***@h/d?password=***"
     assert database_name(url) == "my db"
+    assert sqlalchemy_url(url) == "postgresql+psycopg://u@h/my db?sslmode=disable&password=s%40cret"  # SQLAlchemy does not decode it
     assert with_database(url, "other db") == "postgresql://u@h/other%20db?sslmode=disable&password=s%40cret"
     assert database_name(with_database(url, "a/b%c")) == "a/b%c"
 
