@@ -27,8 +27,8 @@ from quality.gate import quality_gate
 from tasks import alembic_deploy, migration_report, revision_checksums
 from tasks.advisory_lock import advisory_lock, lock_holder
 from tasks.alembic_deploy import MigrationStatus, Revision, RevisionRun
-from tasks.db import connection, database_name, mask_url, resolve_url
-from tasks.errors import MAX_WAIT_SECONDS, UserError, check_range
+from tasks.db import connect, database_name, mask_url, resolve_url
+from tasks.errors import MAX_WAIT_SECONDS, ConnectionUnavailable, UserError, check_range
 from tasks.flow_parameters import checked_flow
 from tasks.migration_preflight import Preflight, run_preflight
 from tasks.migration_report import MigrationReport
@@ -114,6 +114,23 @@ def refuse_interrupted_restore(conn: psycopg.Connection, url: str) -> None:
     note = interrupted_restore(conn, database_name(url))
     if note:
         raise UserError(f"{note}; nothing was changed")
+
+
+def _shared_catalogs(url: str) -> psycopg.Connection:
+    """A connection to read the server's shared catalogs from (a cut-off restore's note, the deploy
+    lock) for a status: to the database itself, which a status needs anyway, not the maintenance
+    database, which a role may not connect to (REVOKE CONNECT ON DATABASE postgres FROM PUBLIC) and
+    a status otherwise needs nothing from; there only when the database is missing, as a restore
+    cut off between renaming it aside and recreating it leaves it."""
+    try:
+        return connect(url)
+    except ConnectionUnavailable as missing:
+        if missing.timed_out:  # no server answered: the maintenance database would wait as long
+            raise
+        try:
+            return connect(maintenance_url(url))
+        except ConnectionUnavailable:
+            raise missing from None
 
 
 def _options(
@@ -298,7 +315,7 @@ def migration_status(
 
     url = resolve_url(database_url)
     alembic_deploy.check_migrations_dir(migrations_dir)
-    with connection(maintenance_url(url)) as conn:
+    with _shared_catalogs(url) as conn:
         if lock_holder(conn, _lock_name(url)) is None:  # else a run holds it: its restore is not cut off
             refuse_interrupted_restore(conn, url)
     status = status_task(url, migrations_dir, target)

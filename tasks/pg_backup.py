@@ -114,7 +114,7 @@ def pg_binaries(server_major: int, search_path: str | None = None) -> Path:
 
 
 def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
-    """Run a client tool in our own process group, and kill it if the run is cancelled.
+    """Run a client tool in our own process group, and stop it (:func:`_stop_tool`) if the run is cancelled.
 
     Not in a session of its own: a SIGKILL of the CLI's group (no handler runs) left it running
     as an orphan, a pg_dump writing a backup no run would use, or a pg_restore still rebuilding
@@ -123,12 +123,30 @@ def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
     try:
         out, err = proc.communicate()
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _stop_tool(proc)
         raise
     if proc.returncode != 0:
         raise UserError(f"{what} failed: {tool_error(err.decode(errors='replace'), proc.returncode)}")
     return out.decode(errors="replace")
+
+
+TOOL_STOP_SECONDS = 5.0
+"""How long a stopped ``pg_dump``/``pg_restore`` may take to cancel its statement and exit before SIGKILL."""
+
+
+def _stop_tool(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the tool, SIGKILL it if it has not exited after :data:`TOOL_STOP_SECONDS`.
+
+    On SIGTERM (or SIGINT) ``pg_dump`` and ``pg_restore`` cancel their running statement on the
+    server before exiting. Killed outright, they did not: a pg_dump waiting for a table lock left
+    its session waiting there, holding the locks of every table it had locked (a re-run's
+    migrations queued behind them) until that lock was free."""
+    proc.terminate()
+    try:
+        proc.wait(TOOL_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def server_major(conn: psycopg.Connection) -> int:
@@ -227,8 +245,11 @@ def _by_hand(argv: list[str], env: dict[str, str], backup: Backup) -> str:
 
 
 def _aside_prefix(name: str) -> str:
-    """How the name of the copy a restore of database ``name`` renames it to begins."""
-    return f"{name[:40]}_pre_restore_"
+    """How the name of the copy a restore of database ``name`` renames it to begins: ``name`` cut at
+    40 bytes, not characters, so that with its 21 more the copy's name keeps within PostgreSQL's 63.
+    Cut at 40 characters, a name of accented letters went past them, the server cut the copy's name
+    (its random part too), and :func:`interrupted_restore` never found a cut-off restore of it."""
+    return f"{name.encode()[:40].decode(errors='ignore')}_pre_restore_"
 
 
 def _cut_off_note(conn: psycopg.Connection, maintenance: str, aside: str, backup: Backup) -> str:

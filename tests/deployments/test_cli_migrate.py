@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -14,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from tasks.advisory_lock import lock_holder
-from tasks.db import database_name, with_database
+from tasks.db import database_name, mask_url, with_database
 from tasks.embedded_pg import free_port
 from tests.conftest import run_cli
 from tests.migration_helpers import fingerprint, migrations_dir, tables, write_revision
@@ -185,16 +187,24 @@ def test_deploy_status_rollback_and_a_failing_deploy(tmp_path, fresh_db):
 # test holds), never after a sleep.
 
 
-def _kill_when_waiting(tmp_path: Path, url: str, app: str, query: str, *args: str) -> None:
-    """Run ``flowyard migrate *args`` and SIGKILL its group once a session named ``app`` runs a
-    statement like ``query`` and waits (on a lock, or in the test's gate)."""
+def _kill_when_waiting(
+    tmp_path: Path,
+    url: str,
+    app: str,
+    query: str,
+    *args: str,
+    stop: Callable[[subprocess.Popen[bytes]], int] = sigkill,
+) -> int:
+    """Run ``flowyard migrate *args``, and once a session named ``app`` runs a statement like
+    ``query`` and waits (on a lock, or in the test's gate), ``stop`` it (SIGKILL its group unless
+    told otherwise); return its exit status."""
     seen = (
         "SELECT count(*) > 0 FROM pg_stat_activity WHERE application_name = %s AND query LIKE %s"
         " AND wait_event_type IN ('Lock', 'Timeout')"
     )
     with psycopg.connect(with_database(url, "postgres"), autocommit=True) as conn:
         cli = cli_until(("migrate", *args), tmp_path / "cli.log", lambda: conn.execute(seen, (app, query)).fetchone()[0])
-    assert sigkill(cli) == -signal.SIGKILL
+    return stop(cli)
 
 
 def _nothing_left_behind(tmp_path: Path, url: str) -> None:
@@ -219,14 +229,20 @@ def _deploy_args(url: str, directory: Path, backups: Path) -> tuple[str, ...]:
     return ("-d", url, "-m", str(directory), "--backup-dir", str(backups))
 
 
-def test_sigkill_during_the_backup_leaves_no_dump_that_passes_for_a_backup(tmp_path, fresh_db):
-    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
+def _dump_gate(url: str) -> psycopg.Connection:
+    """A session holding a table pg_dump must lock, so that a backup waits there. The preflight
+    counts no table of the flowyard schema; pg_dump locks every table."""
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE SCHEMA flowyard")
         conn.execute("CREATE TABLE flowyard.dump_gate (id int)")
-    # The preflight counts no table of the flowyard schema; pg_dump locks every table, so it waits here.
-    holder = psycopg.connect(fresh_db)
+    holder = psycopg.connect(url)
     holder.execute("LOCK TABLE flowyard.dump_gate IN ACCESS EXCLUSIVE MODE")
+    return holder
+
+
+def test_sigkill_during_the_backup_leaves_no_dump_that_passes_for_a_backup(tmp_path, fresh_db):
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    holder = _dump_gate(fresh_db)
     _kill_when_waiting(tmp_path, fresh_db, "pg_dump", "%", "deploy", *_deploy_args(fresh_db, directory, backups))
 
     _nothing_left_behind(tmp_path, fresh_db)
@@ -334,9 +350,34 @@ def test_sigkill_inside_a_downgrade_leaves_a_whole_revision(tmp_path, fresh_db):
     assert _version(fresh_db) == [("x1",)] and _note_columns(fresh_db) == 0
 
 
-def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_path, fresh_db):
+ODD_NAME = "Dé'Q'" + "é" * 28
+"""62 bytes in 33 characters: the copy's name, cut at 40 characters, went past PostgreSQL's 63 bytes
+and was cut by the server, so no restore of it was ever found cut off."""
+
+
+@pytest.fixture()
+def restored_db(request, fresh_db):
+    """``fresh_db``, or (param ``odd``) a database named :data:`ODD_NAME` on its server with a
+    sibling sharing the first 40 bytes of its name; yields the URL and the sibling's (or None)."""
+    if request.param != "odd":
+        yield fresh_db, None
+        return
+    names = [ODD_NAME, ODD_NAME[:-1] + "x"]
+    server = with_database(fresh_db, "postgres")
+    with psycopg.connect(server, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield with_database(fresh_db, names[0]), with_database(fresh_db, names[1])
+    with psycopg.connect(server, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.mark.parametrize("restored_db", ["fresh", "odd"], indirect=True)
+def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_path, restored_db):
     """Revision x2 fails; the restore is killed while pg_restore loads the gated table, whose CHECK
     waits while the test's role exists, in a pg_restore session only (the original's rows passed)."""
+    fresh_db, sibling = restored_db
     directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
     gate = f"gate_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(fresh_db, autocommit=True) as conn:
@@ -358,6 +399,7 @@ def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_
             )
         )
         conn.execute("INSERT INTO gated VALUES (1), (2)")
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS 'its own'").format(sql.Identifier(database_name(fresh_db))))
     write_revision(directory, "x1", "d003", ["CREATE TABLE t1 (id int)"], ["DROP TABLE t1"])
     write_revision(directory, "x2", "x1", ["SELECT 1/0"], [])
     before = fingerprint(fresh_db)
@@ -382,6 +424,9 @@ def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_
         keys = "SELECT count(*) FROM pg_constraint WHERE conrelid = 'gated'::regclass AND contype = 'p'"
         assert conn.execute(keys).fetchone() == (0,)
     assert len(list(backups.glob("*.dump"))) == 1
+    if sibling is not None:  # the other database whose copy's name begins the same is not refused
+        other = run_cli("migrate", "status", "-d", sibling, "-m", str(directory))
+        assert other.returncode == 0 and "- current: none" in other.stdout, other.stderr
 
     finish = line.split("finish the restore first: ", 1)[1].removesuffix("; nothing was changed")
     done = subprocess.run(finish, shell=True, capture_output=True, text=True)
@@ -389,3 +434,57 @@ def test_sigkill_during_the_restore_is_refused_until_it_is_finished_as_told(tmp_
     assert fingerprint(fresh_db) == before
     status = run_cli("migrate", *status_args)
     assert status.returncode == 0 and "- current: none" in status.stdout, status.stderr
+    with psycopg.connect(fresh_db) as conn:
+        comment = "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = current_database()"
+        assert conn.execute(comment).fetchone() == ("its own",)
+
+
+def _sigterm(cli: subprocess.Popen[bytes]) -> int:
+    """SIGTERM to the CLI's process only, and its exit status."""
+    os.kill(cli.pid, signal.SIGTERM)
+    return cli.wait()
+
+
+def test_sigterm_during_the_backup_leaves_no_pg_dump_session_holding_locks(tmp_path, fresh_db):
+    """SIGTERM to the CLI's process only, as a supervisor or a Prefect cancellation sends it: the
+    run stops its pg_dump, which must cancel its statement on the server. Killed outright, it left
+    its session waiting on the gate, holding the ACCESS SHARE locks of every table it had locked
+    (which blocked the re-run's migrations), for as long as the gate was held."""
+    directory, backups = migrations_dir(tmp_path), tmp_path / "backups"
+    holder = _dump_gate(fresh_db)
+    code = _kill_when_waiting(
+        tmp_path, fresh_db, "pg_dump", "%", "deploy", *_deploy_args(fresh_db, directory, backups), stop=_sigterm
+    )
+    assert code == -signal.SIGTERM, (tmp_path / "cli.log").read_text()[-3000:]
+
+    _nothing_left_behind(tmp_path, fresh_db)
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_dump' AND datname = %s"
+    deadline = time.monotonic() + GUARD_SECONDS
+    with psycopg.connect(with_database(fresh_db, "postgres"), autocommit=True) as conn:
+        while conn.execute(sessions, (database_name(fresh_db),)).fetchone() != (0,):
+            assert time.monotonic() < deadline, "the stopped pg_dump's session still waits, holding its locks"
+            time.sleep(0.02)
+    holder.rollback()
+    holder.close()
+    assert list(backups.glob("*.dump")) == []
+
+
+def test_status_works_for_a_role_that_may_not_connect_to_the_maintenance_database(limited_role, tmp_path, fresh_db):
+    """Status checks for a cut-off restore through the database itself (the catalogs it reads are
+    shared): a role a DBA keeps out of ``postgres`` (REVOKE CONNECT ... FROM PUBLIC) had its status
+    fail, which needs nothing there. A deploy does need it (its lock and a restore live there)."""
+    directory = migrations_dir(tmp_path)
+    role_url = limited_role.url(fresh_db)
+    server = with_database(fresh_db, "postgres")
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+    try:
+        status = run_cli("migrate", "status", "-d", role_url, "-m", str(directory))
+        deploy = run_cli("migrate", "deploy", *_deploy_args(role_url, directory, tmp_path / "backups"))
+    finally:
+        with psycopg.connect(server, autocommit=True) as conn:
+            conn.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
+    assert status.returncode == 0 and "- current: none" in status.stdout, status.stderr
+    assert limited_role.password not in deploy.stderr
+    _one_line_error(deploy, f"cannot connect to {mask_url(with_database(role_url, 'postgres'))}: ")
+    assert 'permission denied for database "postgres"' in deploy.stderr
