@@ -230,12 +230,13 @@ def mask_url(url: str) -> str:
     return _unsplit(parts)
 
 
-def sqlalchemy_url(url: str) -> str:
-    """The same URL for SQLAlchemy's psycopg 3 dialect, its database name decoded: SQLAlchemy takes
-    the path as written (it percent-decodes the user and the password only), so ``D%C3%A9`` reached
-    the server as the name of a database that does not exist, where libpq reads ``Dé``."""
+def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
+    """The same URL for SQLAlchemy's dialect of ``driver`` (psycopg 3; the Prefect server's asyncpg),
+    its database name decoded: SQLAlchemy takes the path as written (it percent-decodes the user and
+    the password only), so ``D%C3%A9`` reached the server as the name of a database that does not
+    exist, where libpq reads ``Dé``."""
     parts = urlsplit(validate_postgres_url(url))
-    return _unsplit(parts._replace(scheme="postgresql+psycopg", path="/" + database_name(url)))
+    return _unsplit(parts._replace(scheme=f"postgresql+{driver}", path="/" + database_name(url)))
 
 
 def with_database(url: str, database: str) -> str:

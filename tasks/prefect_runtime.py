@@ -29,6 +29,7 @@ from tasks.db import (
     one_row,
     query_options,
     refuse_read_only,
+    sqlalchemy_url,
     tls_version,
     validate_postgres_url,
     with_database,
@@ -248,7 +249,7 @@ def asyncpg_target(url: str) -> tuple[str, dict[str, str]]:
                 f"its driver, asyncpg, has no such option); remove it from the URL (the server takes {takes})"
             )
     query = "&".join(f"{keyword}={quote(value, safe='')}" for keyword, value in kept.items())
-    return base.replace("postgresql://", "postgresql+asyncpg://", 1) + (f"?{query}" if query else ""), env
+    return sqlalchemy_url(base, driver="asyncpg") + (f"?{query}" if query else ""), env
 
 
 def _session_settings(options: str) -> dict[str, str]:
