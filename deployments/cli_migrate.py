@@ -13,7 +13,7 @@ from typing import Annotated, TypedDict
 import typer
 
 from deployments.cli_options import command_group, finite
-from tasks.alembic_deploy import check_migrations_dir
+from tasks.alembic_deploy import check_migrations_dir, check_rollback_choice
 from tasks.db import DATABASE_URL_OPTION, resolve_url
 from tasks.errors import MAX_WAIT_SECONDS, check_range
 
@@ -123,7 +123,17 @@ def status(
 
 @app.command()
 def rollback(
-    steps: Annotated[int, typer.Option(min=1, help="How many revisions to undo (Alembic downgrade).")] = 1,
+    steps: Annotated[
+        int | None, typer.Option(help="How many of the newest revisions to undo (default 1).", show_default=False)
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="REV",
+            help="Undo every revision applied after REV (base: all). Safe to re-run after an interrupted rollback.",
+        ),
+    ] = None,
     database_url: DatabaseUrl = None,
     migrations_dir: MigrationsDir = Path("migrations"),
     no_backup: NoBackup = False,
@@ -132,12 +142,14 @@ def rollback(
     lock_timeout: LockTimeout = 60.0,
     backup_dir: BackupDir = None,
 ) -> None:
-    """Undo the last N revisions, with the same lock, backup, validation and restore as a deploy."""
+    """Undo the last N revisions, or those after REV, with the same lock, backup, validation and restore as a deploy."""
+    check_rollback_choice(steps, to)
     url = _prepare(database_url, migrations_dir, lock_timeout)
     from flows.deploy_migrations import migration_rollback
 
     report = migration_rollback(
         steps=steps,
+        to=to,
         database_url=url,
         migrations_dir=str(migrations_dir),
         **_protection(no_backup, no_restore, validate, lock_timeout, backup_dir),

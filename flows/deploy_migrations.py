@@ -281,7 +281,8 @@ def deploy_migrations(
 
 @checked_flow(name="migration-rollback", task_runner=thread_pool(2), log_prints=True)
 def migration_rollback(
-    steps: int = 1,
+    steps: int | None = None,
+    to: str | None = None,
     database_url: str | None = None,
     migrations_dir: str = DEFAULT_MIGRATIONS_DIR,
     backup: bool = True,
@@ -291,7 +292,9 @@ def migration_rollback(
     backup_dir: str | None = None,
     max_active_connections: int = 50,
 ) -> MigrationReport:
-    """Undo the ``steps`` most recent revisions (Alembic downgrade), protected like a deploy."""
+    """Undo the ``steps`` (default 1) most recent revisions, or every one applied after revision
+    ``to`` (``base``: all), by Alembic downgrades protected like a deploy. Prefer ``to`` where a
+    run may be killed: run again, it stops at the same revision."""
     opts = _options(
         database_url,
         migrations_dir,
@@ -303,7 +306,7 @@ def migration_rollback(
         lock_timeout,
         max_active_connections,
     )
-    return _run("rollback", opts, partial(alembic_deploy.rollback_revisions, steps=steps), downgrade_task)
+    return _run("rollback", opts, partial(alembic_deploy.rollback_revisions, steps=steps, to=to), downgrade_task)
 
 
 @checked_flow(name="migration-status", task_runner=thread_pool(1))

@@ -174,17 +174,41 @@ def downgrade_revision(url: str, migrations_dir: str | Path, revision: Revision)
     return RevisionRun(revision.revision, revision.doc, "downgrade", seconds)
 
 
-def rollback_revisions(status: MigrationStatus, steps: int) -> list[Revision]:
-    """The ``steps`` most recent applied revisions, newest first; UserError when that many are not applied."""
-    if steps < 1:
+def check_rollback_choice(steps: int | None, to: str | None) -> None:
+    """Refuse a rollback asked for both ways, or by fewer than one step (before any lock or backup)."""
+    if steps is not None and to is not None:
+        raise UserError(
+            "give --steps or --to, not both: --steps N undoes the N newest revisions, --to REV every one applied after REV"
+        )
+    if steps is not None and steps < 1:
         raise UserError(f"--steps must be at least 1, got {steps}")
+
+
+def rollback_revisions(status: MigrationStatus, steps: int | None = None, to: str | None = None) -> list[Revision]:
+    """The revisions a rollback undoes, newest first: the ``steps`` (default 1) most recent applied
+    ones, or every one applied after ``to`` (an applied revision or a unique prefix of one; ``base``
+    undoes them all). ``to`` makes a rollback safe to re-run: one killed halfway and run again stops
+    at the same revision, where ``steps`` would count again from wherever the first run stopped.
+    UserError when they cannot be undone."""
+    check_rollback_choice(steps, to)
     if len(status.current) > 1:
         raise UserError(
             f"the database has several current heads ({', '.join(status.current)}); roll back with alembic"
         )
-    if steps > len(status.applied):
-        raise UserError(f"cannot roll back {steps} revisions: only {len(status.applied)} are applied")
-    return list(reversed(status.applied))[:steps]
+    newest_first = list(reversed(status.applied))
+    if to is None:
+        count = 1 if steps is None else steps
+        if count > len(newest_first):
+            raise UserError(f"cannot roll back {count} revisions: only {len(newest_first)} are applied")
+        return newest_first[:count]
+    if to == "base":
+        return newest_first
+    matches = [i for i, r in enumerate(newest_first) if r.revision.startswith(to)]
+    if len(matches) != 1:
+        applied = ", ".join(r.revision for r in status.applied) or "none"
+        why = "matches several applied revisions" if matches else "is not an applied revision"
+        raise UserError(f"cannot roll back to {to!r}: it {why} (applied: {applied}); give one of them, or base")
+    return newest_first[: matches[0]]
 
 
 def offline_plan(url: str, migrations_dir: str | Path, status: MigrationStatus) -> str:

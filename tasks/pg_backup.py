@@ -17,6 +17,8 @@ half-restored database.
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
 import re
 import shlex
@@ -25,6 +27,8 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -47,6 +51,8 @@ from tasks.db import (
 from tasks.embedded_pg import BIN_DIR
 from tasks.errors import UserError, make_user_dir, tool_error
 from tasks.integrity import row_counts
+
+log = logging.getLogger(__name__)
 
 _TOC_LINE = re.compile(
     r"^\d+; \d+ \d+ (TABLE DATA|SEQUENCE SET|SEQUENCE OWNED BY|FK CONSTRAINT|DEFAULT ACL|"
@@ -113,13 +119,13 @@ def pg_binaries(server_major: int, search_path: str | None = None) -> Path:
     )
 
 
-def _run_tool(argv: list[str], env: dict[str, str], what: str) -> str:
+def _run_tool(argv: list[str], env: dict[str, str], what: str, pass_fds: tuple[int, ...] = ()) -> str:
     """Run a client tool in our own process group, and stop it (:func:`_stop_tool`) if the run is cancelled.
 
     Not in a session of its own: a SIGKILL of the CLI's group (no handler runs) left it running
     as an orphan, a pg_dump writing a backup no run would use, or a pg_restore still rebuilding
     the database after the run that started it was gone."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
     try:
         out, err = proc.communicate()
     except BaseException:
@@ -163,12 +169,67 @@ def archive_contents(bin_dir: Path, path: Path) -> dict[str, int]:
     return dict(sorted(kinds.items()))
 
 
+PARTIAL = ".partial"
+"""Suffix of a dump being written (:func:`backup_database`)."""
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def _locked_partial(path: Path) -> Iterator[int]:
+    """``path`` created and ``flock``-ed for a dump to be written, yielding the locked descriptor.
+
+    Passed on to ``pg_dump``, the lock lasts as long as this process or the tool holds it, so
+    :func:`remove_stale_partials` never takes a live dump for a killed run's. If such a cleanup
+    removed the file between its creation and the lock, it is created again."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _still_named(fd, path):
+            break
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove the partial dumps in ``directory`` that no process holds: those of backups cut off by
+    a kill, which nothing else would ever remove. A dump another run is writing keeps its lock."""
+    removed = []
+    for partial in sorted(directory.glob(f"*.dump{PARTIAL}")):
+        try:
+            fd = os.open(partial, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _still_named(fd, partial):
+                partial.unlink()
+                removed.append(partial)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d partial dump(s) of killed backups: %s", len(removed), ", ".join(map(str, removed)))
+    return removed
+
+
 def backup_database(url: str, backup_dir: str | Path) -> Backup:
     """``pg_dump -Fc`` the database into ``backup_dir`` and verify the archive with ``pg_restore --list``.
 
     The dump is written as ``<name>.dump.partial`` and renamed to ``<name>.dump`` only once it is
     verified: a run killed mid-dump left a truncated ``.dump`` among the good ones, which a
-    restore by hand could take for the latest backup."""
+    restore by hand could take for the latest backup. Such a killed run's ``.partial`` is removed
+    by the next backup into the same directory (:func:`remove_stale_partials`)."""
     started = time.monotonic()
     with connection(url) as conn:
         major = server_major(conn)
@@ -178,10 +239,17 @@ def backup_database(url: str, backup_dir: str | Path) -> Backup:
     name = database_name(url)
     path = directory / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}.dump"
     uri, env = libpq_target(url)
-    partial = path.with_name(f"{path.name}.partial")
-    _run_tool([str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(partial), "-d", uri], env, "pg_dump")
-    contents = archive_contents(bin_dir, partial)
-    partial.rename(path)
+    partial = path.with_name(f"{path.name}{PARTIAL}")
+    remove_stale_partials(directory)
+    with _locked_partial(partial) as fd:
+        dump = [str(bin_dir / "pg_dump"), "-Fc", "--no-password", "-f", str(partial), "-d", uri]
+        try:
+            _run_tool(dump, env, "pg_dump", pass_fds=(fd,))
+            contents = archive_contents(bin_dir, partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(path)
     return Backup(
         str(path),
         name,

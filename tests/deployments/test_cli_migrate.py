@@ -127,8 +127,11 @@ def test_migrations_dir_that_is_a_file_is_named_so(tmp_path, fresh_db):
 
 def test_bad_steps_and_unknown_target(tmp_path, fresh_db):
     directory = migrations_dir(tmp_path)
-    result = run_cli("migrate", "rollback", "--steps", "0", "-d", fresh_db, "-m", str(directory))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    for asked, error in (
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--steps", "1", "--to", "d001"], "give --steps or --to, not both"),
+    ):
+        _one_line_error(run_cli("migrate", "rollback", *asked, "-d", fresh_db, "-m", str(directory)), error)
     _one_line_error(
         run_cli("migrate", "deploy", "-d", fresh_db, "-m", str(directory), "--target", "zzz"),
         "Can't locate revision identified by 'zzz'",
@@ -250,12 +253,14 @@ def test_sigkill_during_the_backup_leaves_no_dump_that_passes_for_a_backup(tmp_p
     holder.close()
     until_its_sessions_end(fresh_db)
     assert list(backups.glob("*.dump")) == [], "a truncated dump is named like a good backup"
+    assert len(list(backups.glob("*.dump.partial"))) == 1
     assert "public.accounts" not in tables(fresh_db)
 
     rerun = run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups))
     assert rerun.returncode == 0, rerun.stderr
     assert "Migration deploy: completed" in rerun.stdout
     assert len(list(backups.glob("*.dump"))) == 1
+    assert list(backups.glob("*.partial")) == [], "the killed run's partial dump was never removed"
 
 
 def _three_revisions(directory: Path) -> None:
@@ -334,7 +339,8 @@ def test_sigkill_inside_a_downgrade_leaves_a_whole_revision(tmp_path, fresh_db):
     assert run_cli("migrate", "deploy", *_deploy_args(fresh_db, directory, backups)).returncode == 0
     holder = psycopg.connect(fresh_db)
     holder.execute("SELECT count(*) FROM accounts")
-    _kill_when_waiting(tmp_path, fresh_db, "", "ALTER TABLE accounts%", "rollback", "--steps", "2", *_deploy_args(fresh_db, directory, backups))
+    rollback = ("migrate", "rollback", "--to", "x1", *_deploy_args(fresh_db, directory, backups))
+    _kill_when_waiting(tmp_path, fresh_db, "", "ALTER TABLE accounts%", *rollback[1:])
 
     _nothing_left_behind(tmp_path, fresh_db)
     holder.rollback()
@@ -345,9 +351,13 @@ def test_sigkill_inside_a_downgrade_leaves_a_whole_revision(tmp_path, fresh_db):
     assert "public.t2" in tables(fresh_db) and "public.t3" not in tables(fresh_db)
     assert "x3" not in _recorded(fresh_db)
 
-    rerun = run_cli("migrate", "rollback", "--steps", "1", *_deploy_args(fresh_db, directory, backups))
-    assert rerun.returncode == 0, rerun.stderr
-    assert _version(fresh_db) == [("x1",)] and _note_columns(fresh_db) == 0
+    # The same command again finishes the rollback at x1 (`--steps 2` would now undo x1 too), and
+    # once there, undoes nothing.
+    for _ in range(2):
+        rerun = run_cli(*rollback)
+        assert rerun.returncode == 0, rerun.stderr
+        assert _version(fresh_db) == [("x1",)] and _note_columns(fresh_db) == 0
+        assert "public.t1" in tables(fresh_db) and "public.t2" not in tables(fresh_db)
 
 
 ODD_NAME = "Dé'Q'" + "é" * 28
@@ -466,7 +476,7 @@ def test_sigterm_during_the_backup_leaves_no_pg_dump_session_holding_locks(tmp_p
             time.sleep(0.02)
     holder.rollback()
     holder.close()
-    assert list(backups.glob("*.dump")) == []
+    assert list(backups.iterdir()) == [], "the stopped run left its partial dump"
 
 
 def test_status_works_for_a_role_that_may_not_connect_to_the_maintenance_database(limited_role, tmp_path, fresh_db):

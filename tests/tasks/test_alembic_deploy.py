@@ -6,6 +6,8 @@ import psycopg
 import pytest
 
 from tasks.alembic_deploy import (
+    MigrationStatus,
+    Revision,
     check_migrations_dir,
     downgrade_revision,
     migration_status,
@@ -87,3 +89,22 @@ def test_branches_are_applied_parents_first(fresh_db, tmp_path):
     assert sorted(after.current) == ["left", "right"] and after.pending == ()
     with pytest.raises(UserError, match="several current heads"):
         rollback_revisions(after, 1)
+
+
+def test_rollback_to_a_revision_a_prefix_or_base():
+    applied = tuple(Revision(r, "", "") for r in ("ae1f", "b27c", "b2d0"))
+    status = MigrationStatus(("b2d0",), ("b2d0",), applied, (), "heads")
+
+    def undone(to: str) -> list[str]:
+        return [r.revision for r in rollback_revisions(status, to=to)]
+
+    assert undone("ae") == ["b2d0", "b27c"] and undone("b27c") == ["b2d0"] and undone("b2d0") == []
+    assert undone("base") == ["b2d0", "b27c", "ae1f"]
+    assert [r.revision for r in rollback_revisions(status)] == ["b2d0"]
+    applied_list = r"\(applied: ae1f, b27c, b2d0\); give one of them, or base$"
+    with pytest.raises(UserError, match=r"^cannot roll back to 'b2': it matches several applied revisions " + applied_list):
+        undone("b2")
+    with pytest.raises(UserError, match=r"^cannot roll back to 'c0': it is not an applied revision " + applied_list):
+        undone("c0")
+    with pytest.raises(UserError, match=r"^give --steps or --to, not both"):
+        rollback_revisions(status, 1, "ae1f")

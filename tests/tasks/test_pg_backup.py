@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import quote
@@ -21,12 +22,14 @@ from tasks.pg_backup import (
     backup_database,
     maintenance_url,
     pg_binaries,
+    remove_stale_partials,
     restore_command,
     restore_database,
     server_major,
 )
 from tests.conftest import Role, Server
 from tests.migration_helpers import fingerprint
+from tests.process_support import until_not
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
 
@@ -244,3 +247,27 @@ def test_a_role_frozen_read_only_after_the_backup_is_told_in_one_line_and_nothin
         f"restore it by hand (rename {database} aside, run {shlex.join(argv)}, then drop the renamed copy)"
     )
     assert fingerprint(fresh_db) == before and Path(backup.path).exists()
+
+
+def test_a_backup_removes_a_killed_runs_partial_dump_never_one_being_written(fresh_db, tmp_path):
+    """A real backup, held in its pg_dump by a table lock, keeps its partial dump through a
+    cleanup, while the partial of a backup no process writes any more is removed."""
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    stale = backups / f"{database_name(fresh_db)}-20260101T000000-0a1b2c.dump.partial"
+    stale.write_bytes(b"PGDMP, cut off by a kill")
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute("CREATE TABLE gate (id int)")
+    holder = psycopg.connect(fresh_db)
+    holder.execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_dump' AND wait_event_type = 'Lock'"
+    with ThreadPoolExecutor(1) as pool, psycopg.connect(fresh_db, autocommit=True) as watch:
+        running = pool.submit(backup_database, fresh_db, backups)
+        until_not(lambda: watch.execute(waiting).fetchone() == (0,) and not running.done(), "pg_dump never waited")
+        assert not stale.exists(), "the backup left a killed run's partial dump"
+        [live] = backups.glob("*.dump.partial")
+        assert remove_stale_partials(backups) == [] and live.exists()
+        holder.rollback()
+        backup = running.result()
+    holder.close()
+    assert [p.name for p in backups.iterdir()] == [Path(backup.path).name]
