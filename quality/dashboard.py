@@ -35,6 +35,7 @@ from quality.history import ScorePoint  # noqa: E402
 from quality.profiling import TableProfile  # noqa: E402
 from quality.recommendations import Recommendation  # noqa: E402
 from quality.runner import SuiteResult  # noqa: E402
+from tasks.file_replace import replace_file  # noqa: E402
 
 _ARROWS = {"up": "↑ up", "down": "↓ down", "stable": "→ stable"}
 
@@ -101,8 +102,7 @@ def score_chart(history: dict[str, list[ScorePoint]], path: Path) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buffer.getvalue())
+    replace_file(path, buffer.getvalue())
     return buffer.getvalue()
 
 
@@ -194,7 +194,7 @@ def publish(report: QualityReport, history: dict[str, list[ScorePoint]], output_
     chart_path = output_dir / "score_trend.png"
     chart = score_chart(history, chart_path)
     markdown = render_markdown(report, chart)
-    (output_dir / "dashboard.md").write_text(markdown)
+    replace_file(output_dir / "dashboard.md", markdown.encode())
     create_markdown_artifact(markdown, key="quality-dashboard", description="Data-quality dashboard")
     create_image_artifact(data_uri(chart), key="quality-score-trend", description="Score per suite over runs")
     create_table_artifact(rule_rows(report.results), key="quality-rules", description="Result of every rule")
