@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks import services
 from tasks.db import drop_database, ensure_database
 from tasks.embedded_pg import EmbeddedPostgres, free_port
-from tasks.prefect_runtime import SERVER, server_service, use_flowyard_api
+from tasks.prefect_runtime import SERVER, keep_zombie_automation, server_service, use_flowyard_api
 from tasks.settings import Settings, get_settings
 
 
@@ -122,7 +122,12 @@ def bench_runtime(keep_dir: Path | None = None, with_prefect: bool = True) -> It
         )
         get_settings.cache_clear()
         if with_prefect:
+            # As `flowyard up` sets it up: the zombie-flow automation makes the server weigh every
+            # event against its trigger, a cost users pay too (FLOWYARD_ZOMBIE_WINDOW_SECONDS=0: none).
             services.start(server_service(settings, state), settings.run_dir)
+            keep_zombie_automation(settings)
+            window = settings.zombie_window_seconds
+            print(f"Prefect server: zombie-flow automation {f'of {window} s' if window else 'off'}")
         try:
             yield BenchRuntime(server, settings, state)
         finally:
