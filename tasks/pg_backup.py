@@ -202,19 +202,21 @@ def _locked_partial(path: Path) -> Iterator[int]:
 
 def remove_stale_partials(directory: Path) -> list[Path]:
     """Remove the partial dumps in ``directory`` that no process holds: those of backups cut off by
-    a kill, which nothing else would ever remove. A dump another run is writing keeps its lock."""
+    a kill, which nothing else would ever remove. A dump another run is writing keeps its lock.
+    Only a tidy-up: a file that cannot be opened or removed (another user's) is left, and the
+    backup goes on."""
     removed = []
     for partial in sorted(directory.glob(f"*.dump{PARTIAL}")):
         try:
             fd = os.open(partial, os.O_RDONLY)
-        except FileNotFoundError:
+        except OSError:  # removed meanwhile, or not readable by this user
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a dump being written
             if _still_named(fd, partial):
                 partial.unlink()
                 removed.append(partial)
-        except BlockingIOError:
+        except OSError:
             continue
         finally:
             os.close(fd)
