@@ -217,7 +217,7 @@ def remove_stale_partials(directory: Path) -> list[Path]:
                 partial.unlink()
                 removed.append(partial)
         except OSError:
-            continue
+            pass
         finally:
             os.close(fd)
     if removed:
