@@ -48,7 +48,10 @@ os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("FLOWYARD_DATABASE_URL", None)
 
 
-EXTERNAL_POSTGRES_URL = os.environ.pop("FLOWYARD_TEST_POSTGRES_URL", None)
+EXTERNAL_POSTGRES_URL = os.environ.get("FLOWYARD_TEST_POSTGRES_URL")
+# ``make test`` runs the suite in pytest-xdist workers, each with its own servers (this module is
+# imported once per worker); on an external server they share, each keeps its own state database.
+STATE_DATABASE = "_".join(filter(None, ("flowyard", os.environ.get("PYTEST_XDIST_WORKER"))))
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -154,8 +157,8 @@ def state_db(pg: Server) -> Iterator[str]:
     from tasks.db import ensure_database
     from tasks.state import state_url
 
-    ensure_database(pg.url(), "flowyard")
-    url = pg.url("flowyard")
+    ensure_database(pg.url(), STATE_DATABASE)
+    url = pg.url(STATE_DATABASE)
     os.environ["FLOWYARD_DATABASE_URL"] = url
     get_settings.cache_clear()
     yield state_url(url)
