@@ -16,8 +16,9 @@ def command_group(help: str, **settings: Any) -> typer.Typer:
     """A ``flowyard`` command group, whose commands' help is Markdown: a docstring's lines join
     into paragraphs the terminal wraps, and ``code`` shows as code. Typer's default ("rich") kept
     every line break of the source, cutting sentences in two at any terminal width, and showed
-    doubled backticks as they are written."""
-    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="markdown", **settings)
+    doubled backticks as they are written. No group offers shell completion, which would have
+    to import every group to complete a command (see ``deployments.cli``)."""
+    return typer.Typer(help=help, no_args_is_help=True, rich_markup_mode="markdown", add_completion=False, **settings)
 
 
 def finite(unit: str = "seconds") -> Callable[[typer.CallbackParam, float | None], float | None]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from deployments.cli import app
+from deployments.cli import SUBCOMMANDS, app
 from tasks.embedded_pg import free_port
 from tests.conftest import ROOT, run_cli
 
@@ -30,6 +31,37 @@ def test_every_command_has_help():
         assert result.exit_code == 0, (path, result.output)
         assert "Usage" in result.output, path
         assert "``" not in result.output, path  # a docstring's code shows as code
+
+
+_LIST_MODULES_AT_EXIT = """
+import atexit, runpy, sys
+atexit.register(lambda: print("imported:", *sorted(sys.modules), file=sys.stderr))
+sys.argv[0] = "flowyard"
+runpy.run_module("deployments.cli", run_name="__main__")
+"""
+
+
+def _imported(*args: str) -> tuple[set[str], str]:
+    """The modules a real ``flowyard *args`` run has imported when it exits, and its stderr."""
+    run = subprocess.run(
+        [sys.executable, "-c", _LIST_MODULES_AT_EXIT, *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    listed = [line for line in run.stderr.splitlines() if line.startswith("imported: ")]
+    assert len(listed) == 1, run.stderr
+    return set(listed[0].split()[1:]), run.stderr
+
+
+def test_a_command_imports_the_group_it_names_and_no_other():
+    groups = {f"deployments.{module}" for module, _ in SUBCOMMANDS}
+
+    queue, _ = _imported("queue", "--help")
+    typo, stderr = _imported("queu")
+    everything, _ = _imported("--help")
+
+    assert queue & groups == {"deployments.cli_agents"}
+    assert "alembic" not in queue
+    assert typo & groups == set() and "Did you mean 'queue'?" in stderr
+    assert everything >= groups
 
 
 def test_help_joins_a_docstrings_lines_into_paragraphs_and_keeps_placeholders():
