@@ -160,7 +160,7 @@ def create(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Add a task to the queue."""
-    from tasks.agent_execution import check_new_workdir
+    from tasks.agent_dirs import check_new_workdir
 
     new = queue.NewTask.from_input(
         title,
@@ -328,7 +328,7 @@ def run(
     """Drain the queue now (Ctrl-C stops the agents gracefully; their tasks resume next run).
     Exits 1 when a task failed or is blocked by a failed or cancelled dependency."""
     from deployments.runtime import prepare_flow_run
-    from tasks.agent_execution import agent_directories
+    from tasks.agent_dirs import agent_directories
     from tasks.agent_process import AgentLimits, check_drain
     from tasks.settings import get_settings
 

@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic_core import to_jsonable_python
 
 from tasks import agent_queue as queue
-from tasks.agent_execution import check_new_workdir
+from tasks.agent_dirs import check_new_workdir
 from tasks.flow_parameters import checked_flow
 from tasks.state import state_url
 

@@ -25,12 +25,12 @@ from prefect.states import Cancelled, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import agent_queue as queue
+from tasks.agent_dirs import agent_directories
 from tasks.agent_execution import (
     AgentFailed,
     AgentSetup,
     Fleet,
     OutageNotice,
-    agent_directories,
     fleet,
     full_result_storage,
     left_to_recovery,

@@ -57,11 +57,13 @@ def test_a_command_imports_the_group_it_names_and_no_other():
     queue, _ = _imported("queue", "--help")
     typo, stderr = _imported("queu")
     everything, _ = _imported("--help")
+    create, refused = _imported("queue", "create", "x", "--workdir", "../elsewhere")
 
     assert queue & groups == {"deployments.cli_agents"}
     assert "alembic" not in queue
     assert typo & groups == set() and "Did you mean 'queue'?" in stderr
     assert everything >= groups
+    assert "outside the agent output directory" in refused and "prefect" not in create  # checked without Prefect
 
 
 def test_help_joins_a_docstrings_lines_into_paragraphs_and_keeps_placeholders():
