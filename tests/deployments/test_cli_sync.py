@@ -1235,6 +1235,8 @@ def test_trigger_counts_events_waiting_out_their_backoff_apart_from_pending(
         down = run_cli("sync", "trigger", "--store", str(store), "--central-url", dead, "--batch-size", "10")
         assert down.returncode == 2, down.stderr
         assert "backoff: uploaded=0 duplicates=0 failed=10 pending=30 waiting_out_backoff=10 error=" in down.stdout
+        with sqlite3.connect(store) as conn:  # the 30 s backoff, an hour on: the next two runs may take longer
+            conn.execute("UPDATE events SET next_retry_at = next_retry_at + 3600000 WHERE sync_status = 'failed'")
         back = run_cli("sync", "trigger", "--store", str(store), "--central-url", fresh_db)
         assert back.returncode == 0, back.stderr
         assert "backoff: uploaded=30 duplicates=0 failed=0 pending=0 waiting_out_backoff=10" in back.stdout
