@@ -36,7 +36,22 @@ from tasks.settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="flowyard-tests-"))
-TEST_SETTINGS = Settings(home=_SESSION_DIR / "home", prefect_port=free_port(), pg_port=free_port())
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def _per_worker(database: str) -> str:
+    """``make test`` runs the suite in pytest-xdist workers, each with its own servers (this
+    module is imported once per worker); on an external server they share, each keeps its own
+    databases, so no two Prefect servers migrate or hold one database."""
+    return "_".join(filter(None, (database, _WORKER)))
+
+
+TEST_SETTINGS = Settings(
+    home=_SESSION_DIR / "home",
+    prefect_port=free_port(),
+    pg_port=free_port(),
+    prefect_database=_per_worker("prefect"),
+)
 
 from tasks.prefect_runtime import use_flowyard_api  # noqa: E402
 
@@ -44,14 +59,13 @@ use_flowyard_api(TEST_SETTINGS)
 os.environ["FLOWYARD_HOME"] = str(TEST_SETTINGS.home)
 os.environ["FLOWYARD_PG_PORT"] = str(TEST_SETTINGS.pg_port)
 os.environ["FLOWYARD_PREFECT_PORT"] = str(TEST_SETTINGS.prefect_port)
+os.environ["FLOWYARD_PREFECT_DATABASE"] = TEST_SETTINGS.prefect_database
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ.pop("FLOWYARD_DATABASE_URL", None)
 
 
 EXTERNAL_POSTGRES_URL = os.environ.get("FLOWYARD_TEST_POSTGRES_URL")
-# ``make test`` runs the suite in pytest-xdist workers, each with its own servers (this module is
-# imported once per worker); on an external server they share, each keeps its own state database.
-STATE_DATABASE = "_".join(filter(None, ("flowyard", os.environ.get("PYTEST_XDIST_WORKER"))))
+STATE_DATABASE = _per_worker("flowyard")
 
 
 def _interrupt(signum: int, frame: object) -> None:

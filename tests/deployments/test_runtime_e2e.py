@@ -76,6 +76,7 @@ def test_up_trigger_over_rest_down(tmp_path):
         "FLOWYARD_HOME": str(home),
         "FLOWYARD_PG_PORT": str(pg_port),
         "FLOWYARD_PREFECT_PORT": str(prefect_port),
+        "FLOWYARD_PREFECT_DATABASE": "prefect",  # the default a user's shell leaves (each worker of the suite has its own)
         "FLOWYARD_DATABASE_URL": "",
         "PREFECT_API_URL": api,
         "PREFECT_HOME": str(home / "prefect"),

@@ -49,7 +49,7 @@ def _hello(n: int) -> int:
 def test_prefect_server_stores_runs_in_postgres(prefect_api, pg):
     assert httpx.get(f"{prefect_api}/health").json() is True
     assert _hello(21) == 42
-    with psycopg.connect(pg.url("prefect")) as conn:
+    with psycopg.connect(pg.url(TEST_SETTINGS.prefect_database)) as conn:
         states = conn.execute(
             "SELECT r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id WHERE f.name = %s",
             ("hello-postgres",),
@@ -69,7 +69,7 @@ def test_a_prefect_database_holding_another_roles_prefect_is_one_line(prefect_ap
     Prefect server would die at start-up on its migrations table, and only its log would say why."""
     with pytest.raises(
         UserError,
-        match=r"^database prefect \(.*\) holds another role's Prefect schema; set FLOWYARD_PREFECT_DATABASE",
+        match=rf"^database {TEST_SETTINGS.prefect_database} \(.*\) holds another role's Prefect schema; set FLOWYARD_PREFECT_DATABASE",
     ):
         server_database(TEST_SETTINGS, limited_role.url(state_db))
     assert server_database(TEST_SETTINGS, state_db)[0].startswith("postgresql+asyncpg://")
@@ -332,7 +332,7 @@ def _until(
 
 
 def _running_online_run(pg, since: datetime) -> UUID | None:
-    with psycopg.connect(pg.url("prefect")) as conn:
+    with psycopg.connect(pg.url(TEST_SETTINGS.prefect_database)) as conn:
         row = conn.execute(
             "SELECT r.id FROM flow_run r JOIN flow f ON f.id = r.flow_id"
             " WHERE f.name = 'online-migrate' AND r.state_type = 'RUNNING' AND r.start_time >= %s",
@@ -362,7 +362,7 @@ def _flow_run_state(flow_run_id: UUID):
 
 def _bucket_open(pg, flow_run_id: UUID) -> bool:
     """Does the server's trigger still wait for this run's next heartbeat or final state?"""
-    with psycopg.connect(pg.url("prefect")) as conn:
+    with psycopg.connect(pg.url(TEST_SETTINGS.prefect_database)) as conn:
         return bool(
             conn.execute(
                 "SELECT EXISTS (SELECT FROM automation_bucket WHERE bucketing_key::jsonb ? %s)",
